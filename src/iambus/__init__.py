@@ -1,0 +1,54 @@
+"""iambus: an asyncio message bus for events, commands and queries.
+
+``import iambus`` does no work and imports no broker driver.
+"""
+
+from .dispatcher import Dispatcher
+from .errors import (
+    DispatcherStopped,
+    HandlerAlreadyBound,
+    HandlerDoesNotExist,
+    HandlerIsSync,
+    HandlerSignatureError,
+    IambusError,
+    ImproperlyConfigured,
+    ProviderConflict,
+    RegistrationClosed,
+)
+from .handlers import AbstractHandler, Handler, HandlerProtocol
+from .messages import Command, Query
+from .middleware import CallNext, Context, Middleware
+from .providers import Factory, Singleton
+from .routers import EventRouter, RequestRouter
+
+__version__ = "0.3.0.dev0"
+
+dispatcher = Dispatcher()
+"""A ready default dispatcher: ``from iambus import dispatcher as dp``."""
+
+__all__ = [
+    "AbstractHandler",
+    "CallNext",
+    "Command",
+    "Context",
+    "Dispatcher",
+    "DispatcherStopped",
+    "EventRouter",
+    "Factory",
+    "Handler",
+    "HandlerAlreadyBound",
+    "HandlerDoesNotExist",
+    "HandlerIsSync",
+    "HandlerProtocol",
+    "HandlerSignatureError",
+    "IambusError",
+    "ImproperlyConfigured",
+    "Middleware",
+    "ProviderConflict",
+    "Query",
+    "RegistrationClosed",
+    "RequestRouter",
+    "Singleton",
+    "__version__",
+    "dispatcher",
+]

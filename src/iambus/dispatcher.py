@@ -1,0 +1,770 @@
+"""The dispatcher: starts, sends messages to their handlers, and stops.
+
+::
+
+    dp = Dispatcher()
+
+    @dp.queries.register(GetUser)
+    async def get_user(query: GetUser) -> User: ...
+
+    async with dp:                       # start(); on exit, stop() drains background work
+        user = await dp.query(GetUser(7))
+
+Sending:
+
+* ``await dp.publish(event)`` runs every handler of the event concurrently and returns
+  when all have run; failures are raised together as an ``ExceptionGroup``.
+* ``await dp.execute(command)`` / ``await dp.query(query)`` run the one handler and return
+  its result, or raise its exception.
+* ``await dp.handle(message, key=None, wait_for_response=False)`` finds the message in the
+  events, commands, then queries router. Without ``wait_for_response`` it queues the
+  message for the background workers and returns once queued; failures go to the
+  ``error_handler``. With it, it behaves as the explicit form above.
+* ``key=...`` (any form): messages with the same key are handled one at a time, in the
+  order they were sent.
+
+Events a handler emits (returned, or collected with ``add_event``) are published after
+the handler — and its middleware — succeeded, and before the send that caused them
+returns. Their handlers' failures go to the ``error_handler``: the command did succeed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import logging
+import signal
+import types
+from collections.abc import Awaitable, Callable, Coroutine, Generator
+from types import TracebackType
+from typing import Any, Literal, TypeVar, overload
+
+from .engine import Engine, JobFn
+from .errors import (
+    DispatcherStopped,
+    HandlerDoesNotExist,
+    ImproperlyConfigured,
+    RegistrationClosed,
+)
+from .handlers import Handler, Invoke, Kind
+from .messages import Command, MessageKey, Query, describe, message_key
+from .middleware import Chain, Context, Middleware, check_middleware, compose
+from .providers import ProviderRegistry
+from .routers import EventRouter, RequestRouter, Router
+
+__all__ = ["Dispatcher", "ErrorHandler"]
+
+logger = logging.getLogger(__name__)
+
+R = TypeVar("R")
+ErrorHandler = Callable[[BaseException, Any, Context], Awaitable[None] | None]
+
+_NEW, _STARTED, _STOPPING, _STOPPED = "new", "started", "stopping", "stopped"
+
+
+async def log_error(exc: BaseException, message: Any, context: Context) -> None:
+    """The default error handler: log the failure with its traceback."""
+    logger.error(
+        "%s handler %s failed on %s%s",
+        context.kind,
+        context.handler,
+        describe(message_key(message)),
+        "" if context.key is None else f" (key {context.key!r})",
+        exc_info=exc,
+    )
+
+
+class Route:
+    """A handler compiled for sending: its middleware chain and what it emits."""
+
+    __slots__ = (
+        "chain",
+        "collects",
+        "context",
+        "dispatcher",
+        "handler",
+        "invoke",
+        "kind",
+        "name",
+        "plain",
+        "response_event",
+    )
+
+    def __init__(self, dispatcher: Dispatcher, handler: Handler, chain: Chain, plain: bool):
+        self.dispatcher = dispatcher
+        self.handler = handler
+        self.kind = handler.kind
+        self.name = handler.name
+        self.invoke = handler.invoke
+        self.chain = chain
+        # ``plain``: no middleware and no event collection, so a send may call
+        # ``invoke`` directly and skip ``run``.
+        self.plain = plain
+        self.collects = handler.collects_events
+        self.response_event = handler.response_event
+        self.context = Context(handler.kind, handler.name, None)
+
+    def context_for(self, key: str | None) -> Context:
+        return self.context if key is None else Context(self.kind, self.name, key)
+
+    async def run(self, message: Any, key: str | None) -> Any:
+        sink: list[Any] | None = [] if self.collects else None
+        result = await self.chain(message, self.context_for(key), sink)
+        # ``result is not message``: an event handler handing its event back must not
+        # publish it again (and again).
+        if sink or (result is not None and result is not message):
+            await self.dispatcher.emit(self, result if result is not message else None, sink, key)
+        return result
+
+
+class Dispatcher:
+    """Routes events, commands and queries to their handlers, in this process."""
+
+    def __init__(
+        self,
+        *,
+        events_router_cls: type[EventRouter] | None = None,
+        commands_router_cls: type[RequestRouter] | None = None,
+        queries_router_cls: type[RequestRouter] | None = None,
+        engine_workers: int = 8,
+        max_pending: int = 10_000,
+        error_handler: ErrorHandler | None = None,
+        listen_for_signals: bool = False,
+        shutdown_timeout: float | None = 30.0,
+    ) -> None:
+        if engine_workers < 1:
+            raise ImproperlyConfigured(f"engine_workers must be at least 1, got {engine_workers}")
+        if max_pending < 1:
+            raise ImproperlyConfigured(f"max_pending must be at least 1, got {max_pending}")
+        for option, cls, base in (
+            ("events_router_cls", events_router_cls, EventRouter),
+            ("commands_router_cls", commands_router_cls, RequestRouter),
+            ("queries_router_cls", queries_router_cls, RequestRouter),
+        ):
+            if cls is not None and not (isinstance(cls, type) and issubclass(cls, base)):
+                raise ImproperlyConfigured(
+                    f"{option} must be a subclass of {base.__name__}, got {cls!r}"
+                )
+        self._router_classes: dict[Kind, type[Router]] = {
+            "event": events_router_cls or EventRouter,
+            "command": commands_router_cls or RequestRouter,
+            "query": queries_router_cls or RequestRouter,
+        }
+        self._routers: dict[Kind, Router] = {}
+        self.providers = ProviderRegistry()
+        self.middleware: list[Middleware] = []
+        self.engine_workers = engine_workers
+        self.max_pending = max_pending
+        self.error_handler: ErrorHandler = error_handler or log_error
+        self.listen_for_signals = listen_for_signals
+        self.shutdown_timeout = shutdown_timeout
+
+        self._state = _NEW
+        # True only while started: the one check on the hot path.
+        self._open = False
+        self._commands: dict[MessageKey, Route] = {}
+        self._queries: dict[MessageKey, Route] = {}
+        # Handler calls of plain routes by message type, only while open (see query()).
+        self._fast_commands: dict[MessageKey, Invoke] = {}
+        self._fast_queries: dict[MessageKey, Invoke] = {}
+        self._event_routes: dict[MessageKey, tuple[Route, ...]] = {}
+        # Event routes by the type actually sent, subclass handlers included. Filled at
+        # start for bound keys and on first sight of any other type, never per message.
+        self._event_cache: dict[MessageKey, tuple[Route, ...]] = {}
+        # Types seen to have no event handlers: a returned value of one is never
+        # published, which a set membership test tells fastest.
+        self._quiet: set[type] = set()
+        self._engine: Engine | None = None
+        self._shutdown: asyncio.Event | None = None
+        self._signal_loop: asyncio.AbstractEventLoop | None = None
+        self._stop_task: asyncio.Task[None] | None = None
+
+    # -- routers and registration ---------------------------------------------------
+
+    @property
+    def events(self) -> EventRouter:
+        """The event router (created on first use)."""
+        return self._router("event")  # type: ignore[return-value]
+
+    @property
+    def commands(self) -> RequestRouter:
+        """The command router (created on first use)."""
+        return self._router("command")  # type: ignore[return-value]
+
+    @property
+    def queries(self) -> RequestRouter:
+        """The query router (created on first use)."""
+        return self._router("query")  # type: ignore[return-value]
+
+    def _router(self, kind: Kind) -> Router:
+        router = self._routers.get(kind)
+        if router is None:
+            router = self._routers[kind] = self._router_classes[kind](self, kind=kind)
+        return router
+
+    def register_event_handler(
+        self, message: MessageKey, /, handler: Any, **kwargs: Any
+    ) -> Handler:
+        """Same as ``dp.events.bind(message, handler, **kwargs)``."""
+        return self.events.bind(message, handler, **kwargs)
+
+    def register_command_handler(
+        self, message: MessageKey, /, handler: Any, **kwargs: Any
+    ) -> Handler:
+        """Same as ``dp.commands.bind(message, handler, **kwargs)``."""
+        return self.commands.bind(message, handler, **kwargs)
+
+    def register_query_handler(
+        self, message: MessageKey, /, handler: Any, **kwargs: Any
+    ) -> Handler:
+        """Same as ``dp.queries.bind(message, handler, **kwargs)``."""
+        return self.queries.bind(message, handler, **kwargs)
+
+    def add_middleware(self, middleware: Middleware) -> None:
+        """Run ``middleware`` around every handler call, outside router middleware."""
+        if self.started:
+            raise RegistrationClosed(
+                "cannot add middleware: the dispatcher has started; add it before "
+                "dp.start(), the first send, or `async with dp`"
+            )
+        check_middleware(middleware)
+        self.middleware.append(middleware)
+
+    def request_handler(self, key: MessageKey) -> Handler | None:
+        """The command or query handler bound to ``key``, if any."""
+        for kind in ("command", "query"):
+            router = self._routers.get(kind)
+            if isinstance(router, RequestRouter) and key in router.map:
+                return router.map[key]
+        return None
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        """True once started (and after a stop): registration is closed."""
+        return self._state != _NEW
+
+    def start(self) -> None:
+        """Finalise the handler maps. Works with or without a running event loop.
+
+        Binding afterwards raises ``RegistrationClosed``. With nothing bound it logs a
+        warning and does nothing, leaving registration open. Sending starts the
+        dispatcher implicitly; calling ``start()`` again is harmless, and after
+        ``stop()`` it reopens the dispatcher.
+        """
+        if self._state in (_STARTED, _STOPPING):
+            return
+        if self._state == _NEW:
+            if not any(router.handlers() for router in self._routers.values()):
+                logger.warning("iambus: no handlers registered; the dispatcher was not started")
+                return
+            self._compile()
+        self._state = _STARTED
+        self._open = True
+        self._fast_commands = _fast(self._commands)
+        self._fast_queries = _fast(self._queries)
+        self._shutdown = None
+        if self.listen_for_signals:
+            self._install_signals()
+        logger.debug("iambus: dispatcher started")
+
+    def _compile(self) -> None:
+        for kind, router in self._routers.items():
+            chain_mw = [*self.middleware, *router.middleware]
+            routes = [self._route(h, chain_mw) for h in router.handlers()]
+            if kind == "event":
+                grouped: dict[MessageKey, list[Route]] = {}
+                for route in routes:
+                    grouped.setdefault(route.handler.message, []).append(route)
+                self._event_routes = {k: tuple(v) for k, v in grouped.items()}
+                self._event_cache = {}
+                for key in self._event_routes:
+                    if isinstance(key, str):
+                        self._event_cache[key] = self._event_routes[key]
+                    else:
+                        self._resolve_events(key)  # a bound type has its bases' handlers too
+            else:
+                target = self._commands if kind == "command" else self._queries
+                target.update((route.handler.message, route) for route in routes)
+
+    def _route(self, handler: Handler, middleware: list[Middleware]) -> Route:
+        chain = compose(middleware, handler.invoke, handler.collects_events)
+        return Route(self, handler, chain, plain=not middleware and not handler.collects_events)
+
+    async def __aenter__(self) -> Dispatcher:
+        self.start()
+        if self.listen_for_signals:
+            self._install_signals()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop taking messages, let queued and running background work finish, stop.
+
+        Waits at most ``timeout`` seconds (default: ``shutdown_timeout``); what is still
+        queued or running then is cancelled, and logged as lost. Messages that handlers
+        send while the dispatcher drains are still accepted.
+        """
+        if self._state in (_NEW, _STOPPED):
+            self._signal_shutdown()  # nothing runs; a NEW dispatcher stays open to binding
+            return
+        self._state = _STOPPING
+        self._open = False
+        timeout = self.shutdown_timeout if timeout is None else timeout
+        engine = self._engine
+        try:
+            if engine is not None and engine.loop is asyncio.get_running_loop():
+                try:
+                    async with asyncio.timeout(timeout):
+                        await engine.join()
+                except TimeoutError:
+                    logger.warning(
+                        "iambus: stop timed out after %ss with %d background message(s) "
+                        "queued or running; they are cancelled and lost",
+                        timeout,
+                        engine.pending,
+                    )
+                await engine.close()
+        finally:
+            self._engine = None
+            self._state = _STOPPED
+            self._fast_commands, self._fast_queries = {}, {}
+            self._remove_signals()
+            self._signal_shutdown()
+        logger.debug("iambus: dispatcher stopped")
+
+    async def join(self) -> None:
+        """Return once all background work — and what it cascaded — has finished."""
+        engine = self._engine
+        if engine is not None and engine.loop is asyncio.get_running_loop():
+            await engine.join()
+
+    async def wait_for_shutdown(self) -> None:
+        """Return when ``stop()`` has finished, or a signal stopped the dispatcher."""
+        if self.listen_for_signals and self._state == _STARTED:
+            self._install_signals()
+        if self._state == _STOPPED:
+            return
+        await self._shutdown_event().wait()
+
+    def _shutdown_event(self) -> asyncio.Event:
+        if self._shutdown is None:
+            self._shutdown = asyncio.Event()
+        return self._shutdown
+
+    def _signal_shutdown(self) -> None:
+        if self._shutdown is not None:
+            self._shutdown.set()
+
+    def _install_signals(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # installed when the dispatcher is first used inside a loop
+        if self._signal_loop is loop:
+            return
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        self._signal_loop = loop
+
+    def _remove_signals(self) -> None:
+        loop, self._signal_loop = self._signal_loop, None
+        if loop is not None and not loop.is_closed():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+
+    def _on_signal(self, signum: int) -> None:
+        logger.info("iambus: received %s, stopping", signal.Signals(signum).name)
+        if self._stop_task is None or self._stop_task.done():
+            self._stop_task = asyncio.get_running_loop().create_task(self.stop())
+
+    def _ensure_open(self) -> None:
+        # Called only when ``_open`` is false: not started yet, draining, or stopped.
+        if self._state == _NEW:
+            self.start()
+        elif self._state == _STOPPED:
+            raise DispatcherStopped(
+                "the dispatcher was stopped and takes no more messages; call dp.start() "
+                "(or enter `async with dp`) to use it again"
+            )
+
+    # -- sending --------------------------------------------------------------------
+
+    @overload
+    async def query(self, query: Query[R], /, *, key: str | None = None) -> R: ...
+
+    @overload
+    async def query(self, query: Any, /, *, key: str | None = None) -> Any: ...
+
+    async def query(self, query: Any, /, *, key: str | None = None) -> Any:
+        """Run the query's handler and return its result."""
+        # The hot path: the fast map holds the handler call of each plain route (no
+        # middleware, no event collection, no response_event) only while the dispatcher
+        # is open, so one lookup answers "open, known, plain"; the rest goes the long way.
+        invoke = self._fast_queries.get(type(query))
+        if invoke is None or key is not None:
+            return await self._send_request("query", query, key)
+        result = await invoke(query)
+        if result is not None and type(result) not in self._quiet:
+            await self._emit_result(self._queries[type(query)], result, None)
+        return result
+
+    @overload
+    async def execute(self, command: Command[R], /, *, key: str | None = None) -> R: ...
+
+    @overload
+    async def execute(self, command: Any, /, *, key: str | None = None) -> Any: ...
+
+    async def execute(self, command: Any, /, *, key: str | None = None) -> Any:
+        """Run the command's handler and return its result.
+
+        Events it emits have been published (their handlers have run) when this returns.
+        """
+        invoke = self._fast_commands.get(type(command))
+        if invoke is None or key is not None:
+            return await self._send_request("command", command, key)
+        result = await invoke(command)
+        if result is not None and type(result) not in self._quiet:
+            await self._emit_result(self._commands[type(command)], result, None)
+        return result
+
+    async def publish(self, event: Any, /, *, key: str | None = None) -> None:
+        """Run every handler of ``event`` concurrently; return when all have run.
+
+        Raises an ``ExceptionGroup`` of the failures, if any, after all have run. An
+        event nobody handles is fine.
+        """
+        if not self._open:
+            self._ensure_open()
+        if key is not None:
+            await self._through_lane(self._publish_raising, event, key)
+            return
+        mkey = event if type(event) is str else type(event)
+        routes = self._event_cache.get(mkey)
+        if routes is None:
+            routes = self._resolve_events(mkey)
+        if routes:
+            await self._deliver(routes, event, None, False)
+
+    @overload
+    async def handle(
+        self,
+        message: Query[R] | Command[R],
+        /,
+        *,
+        key: str | None = None,
+        wait_for_response: Literal[True],
+    ) -> R: ...
+
+    @overload
+    async def handle(
+        self, message: Any, /, *, key: str | None = None, wait_for_response: bool = False
+    ) -> Any: ...
+
+    async def handle(
+        self, message: Any, /, *, key: str | None = None, wait_for_response: bool = False
+    ) -> Any:
+        """Send ``message`` to whichever router knows it: events, commands, then queries.
+
+        ``wait_for_response=False`` queues it for the background workers and returns
+        once queued (waiting for room if ``max_pending`` messages are pending).
+        ``wait_for_response=True`` returns the command's or query's result, or waits for
+        an event's handlers, raising failures as ``publish``/``execute``/``query`` do.
+        """
+        if not self._open:
+            self._ensure_open()
+        mkey = message_key(message)
+        job: JobFn
+        if self._event_handlers(mkey):
+            if wait_for_response:
+                return await self.publish(message, key=key)
+            job = self._publish_reporting
+        elif mkey in self._commands or mkey in self._queries:
+            if wait_for_response:
+                if key is not None:
+                    return await self._through_lane(self._request, message, key)
+                return await self._request(message, None)
+            job = self._request_reporting
+        else:
+            raise HandlerDoesNotExist(
+                f"no event, command or query handler is bound for {describe(mkey)}; "
+                f"bind one with dp.events / dp.commands / dp.queries .register(...) "
+                f"before sending it"
+            )
+        await self._background().put((job, message, key, None), key)
+
+    # -- internals: routes, emitting, delivering ---------------------------------------
+
+    def _send_request(self, kind: Kind, message: Any, key: str | None) -> Awaitable[Any]:
+        # Not async: it hands back the coroutine to await, one layer fewer per call.
+        if not self._open:
+            self._ensure_open()
+        routes = self._queries if kind == "query" else self._commands
+        mkey = message_key(message)
+        if mkey not in routes:
+            raise self._missing(kind, message)
+        if key is not None:
+            return self._through_lane(self._request, message, key)
+        return routes[mkey].run(message, None)
+
+    def _missing(self, kind: Kind, message: Any) -> HandlerDoesNotExist:
+        mkey = message_key(message)
+        router, other, other_kind = (
+            ("queries", self._commands, "command")
+            if kind == "query"
+            else ("commands", self._queries, "query")
+        )
+        hint = f" (it has a {other_kind} handler: send it with that)" if mkey in other else ""
+        return HandlerDoesNotExist(
+            f"no {kind} handler is bound for {describe(mkey)}{hint}; bind one with "
+            f"@dp.{router}.register(...) before sending it"
+        )
+
+    def _event_handlers(self, mkey: MessageKey) -> tuple[Route, ...]:
+        routes = self._event_cache.get(mkey)
+        if routes is None:
+            routes = self._resolve_events(mkey)
+        return routes
+
+    def _resolve_events(self, mkey: MessageKey) -> tuple[Route, ...]:
+        if isinstance(mkey, str):
+            return ()  # strings match exactly; unknown ones are not cached
+        found = [r for base in mkey.__mro__ for r in self._event_routes.get(base, ())]
+        routes = self._event_cache[mkey] = tuple(found)
+        return routes
+
+    async def emit(
+        self, route: Route, result: Any, sink: list[Any] | None, key: str | None
+    ) -> None:
+        """Publish what a handler emitted; failures go to the error handler."""
+        if sink:
+            for event in sink:
+                await self._publish_reporting(event, key)
+        if result is not None:
+            await self._emit_result(route, result, key)
+
+    async def _emit_result(self, route: Route, result: Any, key: str | None) -> None:
+        if route.response_event is not None and not isinstance(result, route.response_event):
+            return
+        routes = self._event_handlers(type(result))
+        if routes:
+            await self._deliver(routes, result, key, True)
+        elif type(result) is not str:
+            self._quiet.add(type(result))
+
+    async def _request(self, message: Any, key: str | None) -> Any:
+        mkey = message_key(message)
+        route = self._commands.get(mkey) or self._queries[mkey]
+        return await route.run(message, key)
+
+    async def _request_reporting(self, message: Any, key: str | None) -> None:
+        mkey = message_key(message)
+        route = self._commands.get(mkey) or self._queries[mkey]
+        try:
+            await route.run(message, key)
+        except Exception as exc:
+            await self._report(exc, message, route.context_for(key))
+
+    async def _publish_raising(self, event: Any, key: str | None) -> None:
+        routes = self._event_handlers(message_key(event))
+        if routes:
+            await self._deliver(routes, event, key, False)
+
+    async def _publish_reporting(self, event: Any, key: str | None) -> None:
+        routes = self._event_handlers(message_key(event))
+        if routes:
+            await self._deliver(routes, event, key, True)
+
+    async def _deliver(
+        self, routes: tuple[Route, ...], event: Any, key: str | None, report: bool
+    ) -> None:
+        """Run ``routes`` on ``event``; report failures, or raise them as a group."""
+        if len(routes) == 1:
+            route = routes[0]
+            try:
+                if route.plain:
+                    result = await route.invoke(event)
+                    if (
+                        result is not None
+                        and result is not event
+                        and (route.response_event is not None or type(result) not in self._quiet)
+                    ):
+                        await self._emit_result(route, result, key)
+                else:
+                    await route.run(event, key)
+            except Exception as exc:
+                if report:
+                    await self._report(exc, event, route.context_for(key))
+                    return
+                raise _group(event, 1, [(route, exc)]) from None
+            return
+
+        # Several handlers: a driver runs them one after another while they complete
+        # without suspending. When one suspends, its driver becomes a task that finishes
+        # that handler, and a new driver goes on with the next: every handler starts
+        # right away and they run concurrently whenever one waits, yet the common case
+        # costs one generator per event instead of one task per handler.
+        fan = _FanOut(routes, event, key)
+        tasks: list[asyncio.Task[Any]] = []
+        try:
+            while fan.next < fan.total:
+                driver = self._drive(fan)
+                context = contextvars.copy_context()
+                try:
+                    yielded = context.run(driver.send, None)
+                except StopIteration:
+                    break
+                tasks.append(
+                    asyncio.get_running_loop().create_task(
+                        _resume(driver, yielded), context=context
+                    )
+                )
+            if tasks:
+                await asyncio.wait(tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
+        # A driver records the failure of the handler it was running, even a
+        # cancellation, so the tasks themselves need no inspection.
+        if not fan.failures:
+            return
+        if report:
+            for route, error in fan.failures:
+                await self._report(error, event, route.context_for(key))
+            return
+        raise _group(event, fan.total, fan.failures)
+
+    @types.coroutine
+    def _drive(self, fan: _FanOut) -> Generator[Any, Any, None]:
+        routes, event, key = fan.routes, fan.event, fan.key
+        while fan.next < fan.total:
+            route = routes[fan.next]
+            fan.next += 1
+            try:
+                if route.plain:
+                    # invoke() returns a coroutine: awaitable by ``yield from`` here
+                    result = yield from route.invoke(event)  # type: ignore[misc]
+                    if (
+                        result is not None
+                        and result is not event
+                        and (route.response_event is not None or type(result) not in self._quiet)
+                    ):
+                        yield from self._emit_result(route, result, key)
+                else:
+                    yield from route.run(event, key)
+            except Exception as exc:
+                fan.failures.append((route, exc))
+            except BaseException as exc:
+                fan.failures.append((route, exc))
+                raise
+
+    async def _report(self, exc: BaseException, message: Any, context: Context) -> None:
+        try:
+            outcome = self.error_handler(exc, message, context)
+            if inspect.isawaitable(outcome):
+                await outcome
+        except Exception:
+            logger.exception(
+                "iambus: error_handler %r failed while reporting an error of %s",
+                self.error_handler,
+                context.handler,
+            )
+            await log_error(exc, message, context)
+
+    # -- internals: background ------------------------------------------------------
+
+    def _background(self) -> Engine:
+        engine = self._engine
+        loop = asyncio.get_running_loop()
+        if engine is None or engine.loop is not loop:
+            if engine is not None and engine.pending:
+                logger.warning(
+                    "iambus: %d background message(s) of a previous event loop are lost",
+                    engine.pending,
+                )
+            engine = self._engine = Engine(
+                workers=self.engine_workers, max_pending=self.max_pending
+            )
+            if self.listen_for_signals:
+                self._install_signals()
+        return engine
+
+    async def _through_lane(self, job: JobFn, message: Any, key: str) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        await self._background().put((job, message, key, future), key)
+        return await future
+
+
+def _fast(routes: dict[MessageKey, Route]) -> dict[MessageKey, Invoke]:
+    return {
+        key: route.invoke
+        for key, route in routes.items()
+        if route.plain and route.response_event is None and not isinstance(key, str)
+    }
+
+
+class _FanOut:
+    """One event on its way to several handlers, shared by the drivers running them."""
+
+    __slots__ = ("event", "failures", "key", "next", "routes", "total")
+
+    def __init__(self, routes: tuple[Route, ...], event: Any, key: str | None) -> None:
+        self.routes = routes
+        self.event = event
+        self.key = key
+        self.total = len(routes)
+        self.next = 0
+        self.failures: list[tuple[Route, BaseException]] = []
+
+
+def _group(
+    event: Any, total: int, failures: list[tuple[Route, BaseException]]
+) -> BaseExceptionGroup[Any]:
+    names = ", ".join(route.name for route, _ in failures)
+    return BaseExceptionGroup(
+        f"{len(failures)} of {total} handler(s) of {describe(message_key(event))} failed: {names}",
+        [exc for _, exc in failures],
+    )
+
+
+class _Resume:
+    """Awaitable that carries on a coroutine already stepped once by ``_fan_out``."""
+
+    __slots__ = ("coro", "yielded")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], yielded: Any) -> None:
+        self.coro = coro
+        self.yielded = yielded
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, yielded = self.coro, self.yielded
+        while True:
+            try:
+                sent = yield yielded
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:
+                try:
+                    yielded = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    yielded = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+
+async def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Any:
+    return await _Resume(coro, yielded)

@@ -1,0 +1,67 @@
+"""Every error iambus raises, in one place.
+
+The tree::
+
+    IambusError
+    ├── ImproperlyConfigured          wrong set-up, found at registration or start
+    │   ├── HandlerIsSync             the handler is not a coroutine function
+    │   ├── HandlerSignatureError     the handler cannot receive the message as bound
+    │   ├── HandlerAlreadyBound       a second handler for one command or query
+    │   ├── ProviderConflict          one provider name, two providers
+    │   └── RegistrationClosed        binding or adding middleware after start
+    ├── HandlerDoesNotExist           a message that needs a handler has none
+    └── DispatcherStopped             sending to a dispatcher after stop()
+
+Messages say what was wrong, where (the handler's qualified name, the parameter, the
+message type) and how to fix it. Catch ``IambusError`` to catch them all.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DispatcherStopped",
+    "HandlerAlreadyBound",
+    "HandlerDoesNotExist",
+    "HandlerIsSync",
+    "HandlerSignatureError",
+    "IambusError",
+    "ImproperlyConfigured",
+    "ProviderConflict",
+    "RegistrationClosed",
+]
+
+
+class IambusError(Exception):
+    """Base class of every error raised by iambus."""
+
+
+class ImproperlyConfigured(IambusError):
+    """The dispatcher, a router or a handler is set up in a way that cannot work."""
+
+
+class HandlerIsSync(ImproperlyConfigured):
+    """A handler (function, ``__call__`` or ``handle``) is not ``async def``."""
+
+
+class HandlerSignatureError(ImproperlyConfigured):
+    """A handler's parameters cannot receive the message with the arguments bound to it."""
+
+
+class HandlerAlreadyBound(ImproperlyConfigured):
+    """A command or query already has its one handler."""
+
+
+class ProviderConflict(ImproperlyConfigured):
+    """A provider name is reused with another provider type or another function."""
+
+
+class RegistrationClosed(ImproperlyConfigured):
+    """The dispatcher has started: its handler maps and middleware are final."""
+
+
+class HandlerDoesNotExist(IambusError):
+    """No handler is bound for a message that needs one."""
+
+
+class DispatcherStopped(IambusError):
+    """The dispatcher was stopped and takes no more messages until it is started again."""

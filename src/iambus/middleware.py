@@ -1,0 +1,87 @@
+"""Middleware: code that runs around every handler call, of every kind.
+
+A middleware is an async callable ``mw(message, call_next, context)``. ``await
+call_next(message)`` runs the rest of the chain and the handler and returns the
+handler's result; the middleware returns what the caller (or the event bus) gets::
+
+    async def timing(message, call_next, context):
+        started = time.perf_counter()
+        try:
+            return await call_next(message)
+        finally:
+            log.info("%s took %.1f ms", context.handler, (time.perf_counter() - started) * 1e3)
+
+    dp.add_middleware(timing)              # every handler of every kind
+    dp.commands.add_middleware(in_transaction)   # command handlers only
+
+It can time, log, retry (call ``call_next`` again), wrap a transaction, or stop the call
+(return without calling ``call_next``). Chains are composed once, when the dispatcher
+starts: dispatcher-wide middleware run outside router middleware, each list in the order
+it was added. Events a handler emits are published after the whole chain returned, so a
+transaction middleware that fails on commit stops them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ImproperlyConfigured
+from .handlers import Invoke, Kind
+
+__all__ = ["CallNext", "Context", "Middleware"]
+
+CallNext = Callable[[Any], Awaitable[Any]]
+Middleware = Callable[[Any, CallNext, "Context"], Awaitable[Any]]
+# The composed chain: (message, context, sink) -> result; ``sink`` collects the events of
+# a class handler that implements ``dump_events`` (else it is None).
+Chain = Callable[[Any, "Context", "list[Any] | None"], Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What a middleware or error handler is told about the call."""
+
+    kind: Kind
+    """``"event"``, ``"command"`` or ``"query"``."""
+    handler: str
+    """The qualified name of the handler being called."""
+    key: str | None
+    """The ordering key the message was sent with, if any."""
+
+
+def check_middleware(mw: Any) -> None:
+    target = mw if inspect.isroutine(mw) else getattr(mw, "__call__", None)  # noqa: B004
+    if target is None or not inspect.iscoroutinefunction(target):
+        raise ImproperlyConfigured(
+            f"middleware {mw!r} must be an async callable: "
+            f"`async def mw(message, call_next, context)`"
+        )
+
+
+def compose(middleware: Sequence[Middleware], invoke: Invoke, collects: bool) -> Chain:
+    """Wrap ``invoke`` in ``middleware``, outermost first."""
+    chain: Chain
+    if collects:
+
+        def chain(message: Any, context: Context, sink: list[Any] | None) -> Awaitable[Any]:
+            return invoke(message, sink)
+
+    else:
+
+        def chain(message: Any, context: Context, sink: list[Any] | None) -> Awaitable[Any]:
+            return invoke(message)
+
+    for mw in reversed(middleware):
+        chain = _link(mw, chain)
+    return chain
+
+
+def _link(mw: Middleware, inner: Chain) -> Chain:
+    # A plain function returning the middleware's coroutine: no frame of ours in between.
+    def chain(message: Any, context: Context, sink: list[Any] | None) -> Awaitable[Any]:
+        return mw(message, lambda msg: inner(msg, context, sink), context)
+
+    return chain

@@ -1,0 +1,689 @@
+import asyncio
+import contextvars
+import logging
+import os
+import signal
+from dataclasses import dataclass
+
+import pytest
+
+from iambus import (
+    Command,
+    Context,
+    Dispatcher,
+    DispatcherStopped,
+    HandlerDoesNotExist,
+    ImproperlyConfigured,
+    Query,
+    RegistrationClosed,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class GetUser(Query[str]):
+    user_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rename(Command[int]):
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Renamed:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Base:
+    n: int
+
+
+@dataclass(frozen=True, slots=True)
+class Child(Base):
+    pass
+
+
+class Boom(Exception):
+    pass
+
+
+# -- start, implicit start, stop ------------------------------------------------------
+
+
+def test_start_without_running_loop_closes_registration():
+    dp = Dispatcher()
+
+    @dp.queries.register(GetUser)
+    async def get_user(query: GetUser) -> str:
+        return "ann"
+
+    dp.start()
+    assert dp.started
+    with pytest.raises(RegistrationClosed, match="has started"):
+        dp.queries.bind(Rename, get_user)
+    assert asyncio.run(dp.query(GetUser(1))) == "ann"
+
+
+def test_start_with_nothing_registered_warns_and_keeps_registration_open(caplog):
+    dp = Dispatcher()
+    with caplog.at_level(logging.WARNING, logger="iambus"):
+        dp.start()
+    assert "no handlers registered" in caplog.text
+    assert not dp.started
+
+    async def get_user(query: GetUser) -> str:
+        return "bob"
+
+    dp.queries.bind(GetUser, get_user)  # still open
+    assert asyncio.run(dp.query(GetUser(1))) == "bob"
+
+
+async def test_first_send_starts_implicitly():
+    dp = Dispatcher()
+
+    @dp.queries.register(GetUser)
+    async def get_user(query: GetUser) -> str:
+        return f"user {query.user_id}"
+
+    assert not dp.started
+    assert await dp.query(GetUser(3)) == "user 3"
+    assert dp.started
+    with pytest.raises(RegistrationClosed):
+        dp.events.bind(Renamed, get_user)
+
+
+async def test_sending_after_stop_raises_and_start_reopens():
+    dp = Dispatcher()
+
+    @dp.queries.register(GetUser)
+    async def get_user(query: GetUser) -> str:
+        return "x"
+
+    async with dp:
+        assert await dp.query(GetUser(1)) == "x"
+    for send in (
+        dp.query(GetUser(1)),
+        dp.handle(GetUser(1)),
+        dp.publish(Renamed("a")),
+        dp.execute(Rename("a")),
+    ):
+        with pytest.raises(DispatcherStopped, match=r"dp\.start"):
+            await send
+    dp.start()
+    assert await dp.query(GetUser(1)) == "x"
+
+
+def test_invalid_options_are_rejected():
+    with pytest.raises(ImproperlyConfigured, match="engine_workers"):
+        Dispatcher(engine_workers=0)
+    with pytest.raises(ImproperlyConfigured, match="max_pending"):
+        Dispatcher(max_pending=0)
+
+
+# -- sending ------------------------------------------------------------------------
+
+
+async def test_query_and_execute_return_results_and_raise_handler_errors():
+    dp = Dispatcher()
+
+    @dp.queries.register(GetUser)
+    async def get_user(query: GetUser) -> str:
+        if query.user_id < 0:
+            raise Boom("no such user")
+        return "ann"
+
+    @dp.commands.register(Rename)
+    async def rename(command: Rename) -> int:
+        return len(command.name)
+
+    assert await dp.query(GetUser(1)) == "ann"
+    assert await dp.execute(Rename("abcd")) == 4
+    with pytest.raises(Boom, match="no such user"):
+        await dp.query(GetUser(-1))
+
+
+async def test_missing_handlers_raise_handler_does_not_exist_naming_the_type():
+    dp = Dispatcher()
+
+    @dp.commands.register(Rename)
+    async def rename(command: Rename) -> int:
+        return 1
+
+    with pytest.raises(HandlerDoesNotExist, match=r"no query handler .*GetUser"):
+        await dp.query(GetUser(1))
+    with pytest.raises(HandlerDoesNotExist, match=r"it has a command handler"):
+        await dp.query(Rename("x"))
+    with pytest.raises(HandlerDoesNotExist, match=r"no command handler .*GetUser"):
+        await dp.execute(GetUser(1))
+    with pytest.raises(HandlerDoesNotExist, match=r"no event, command or query handler .*Renamed"):
+        await dp.handle(Renamed("x"))
+    with pytest.raises(HandlerDoesNotExist, match="'nobody'"):
+        await dp.handle("nobody", wait_for_response=True)
+    await dp.publish(Renamed("x"))  # an event with no handlers is fine for publish
+
+
+async def test_handle_looks_in_events_then_commands_then_queries():
+    dp = Dispatcher()
+    seen = []
+
+    @dp.events.register(Renamed)
+    async def on_renamed(event: Renamed) -> None:
+        seen.append(event)
+
+    @dp.commands.register(Rename)
+    async def rename(command: Rename) -> int:
+        return 7
+
+    @dp.queries.register(GetUser)
+    async def get_user(query: GetUser) -> str:
+        return "ann"
+
+    @dp.events.register("on startup")
+    async def on_start() -> None:
+        seen.append("started")
+
+    assert await dp.handle(Rename("x"), wait_for_response=True) == 7
+    assert await dp.handle(GetUser(1), wait_for_response=True) == "ann"
+    assert await dp.handle(Renamed("y"), wait_for_response=True) is None
+    assert await dp.handle("on startup", wait_for_response=True) is None
+    assert seen == [Renamed("y"), "started"]
+
+
+async def test_handle_without_wait_queues_and_returns_before_handling():
+    dp = Dispatcher()
+    gate = asyncio.Event()
+    done = []
+
+    @dp.commands.register(Rename)
+    async def rename(command: Rename) -> int:
+        await gate.wait()
+        done.append(command.name)
+        return 1
+
+    assert await dp.handle(Rename("a")) is None
+    assert done == []
+    gate.set()
+    await dp.join()
+    assert done == ["a"]
+
+
+async def test_string_messages_are_their_own_key():
+    dp = Dispatcher()
+    seen = []
+
+    @dp.events.register("on startup")
+    async def on_start() -> None:
+        seen.append("start")
+
+    @dp.queries.register("ping")
+    async def ping() -> str:
+        return "pong"
+
+    await dp.publish("on startup")
+    await dp.publish("on shutdown")  # nobody listens: fine
+    assert await dp.query("ping") == "pong"
+    assert seen == ["start"]
+
+
+async def test_event_handlers_of_a_base_class_receive_subclasses():
+    dp = Dispatcher()
+    seen = []
+
+    @dp.events.register(Base)
+    async def on_base(event: Base) -> None:
+        seen.append(("base", type(event).__name__))
+
+    @dp.events.register(Child)
+    async def on_child(event: Child) -> None:
+        seen.append(("child", type(event).__name__))
+
+    @dp.events.register(object)
+    async def on_anything(event: object) -> None:
+        seen.append(("object", type(event).__name__))
+
+    await dp.publish(Child(1))
+    await dp.publish(Base(2))
+    await dp.publish(Child(3))
+    assert seen == [
+        ("child", "Child"),
+        ("base", "Child"),
+        ("object", "Child"),
+        ("base", "Base"),
+        ("object", "Base"),
+        ("child", "Child"),
+        ("base", "Child"),
+        ("object", "Child"),
+    ]
+    # resolved once per type and cached, not per message
+    assert Child in dp._event_cache
+
+
+# -- cascaded events ------------------------------------------------------------------
+
+
+async def test_returned_event_is_published_before_execute_returns():
+    dp = Dispatcher()
+    seen = []
+
+    @dp.commands.register(Rename)
+    async def rename(command: Rename) -> Renamed:
+        return Renamed(command.name)
+
+    @dp.events.register(Renamed)
+    async def on_renamed(event: Renamed) -> None:
+        await asyncio.sleep(0)
+        seen.append(event.name)
+
+    assert await dp.execute(Rename("zed")) == Renamed("zed")
+    assert seen == ["zed"]
+
+
+async def test_events_are_not_emitted_when_the_handler_raises():
+    dp = Dispatcher()
+    seen = []
+
+    @dp.commands.register(Rename, response_event=Renamed)
+    async def rename(command: Rename) -> Renamed:
+        raise Boom("db down")
+
+    @dp.events.register(Renamed)
+    async def on_renamed(event: Renamed) -> None:
+        seen.append(event)
+
+    with pytest.raises(Boom):
+        await dp.execute(Rename("x"))
+    assert seen == []
+
+
+async def test_cascaded_handler_failure_goes_to_error_handler_not_to_the_caller():
+    reported = []
+
+    async def on_error(exc: BaseException, message: object, context: Context) -> None:
+        reported.append((type(exc).__name__, message, context.kind, context.handler))
+
+    dp = Dispatcher(error_handler=on_error)
+
+    @dp.commands.register(Rename)
+    async def rename(command: Rename) -> Renamed:
+        return Renamed(command.name)
+
+    @dp.events.register(Renamed)
+    async def on_renamed(event: Renamed) -> None:
+        raise Boom("mail server down")
+
+    assert await dp.execute(Rename("x")) == Renamed("x")
+    assert reported == [("Boom", Renamed("x"), "event", f"{__name__}.{on_renamed.__qualname__}")]
+
+
+# -- event fan-out ---------------------------------------------------------------------
+
+
+async def test_publish_runs_handlers_concurrently_when_they_wait():
+    dp = Dispatcher()
+    order = []
+    first_waiting = asyncio.Event()
+
+    @dp.events.register(Renamed)
+    async def slow(event: Renamed) -> None:
+        order.append("slow start")
+        first_waiting.set()
+        await asyncio.sleep(0.01)
+        order.append("slow end")
+
+    @dp.events.register(Renamed)
+    async def waits_for_slow(event: Renamed) -> None:
+        # deadlocks if handlers ran one after another
+        await asyncio.wait_for(first_waiting.wait(), 1)
+        order.append("second")
+
+    @dp.events.register(Renamed)
+    async def quick(event: Renamed) -> None:
+        order.append("quick")
+
+    await dp.publish(Renamed("x"))
+    # every handler started and finished while the slow one was still waiting
+    assert order[0] == "slow start"
+    assert order[-1] == "slow end"
+    assert sorted(order[1:3]) == ["quick", "second"]
+
+
+async def test_publish_runs_all_handlers_and_raises_a_group_of_failures():
+    dp = Dispatcher()
+    ran = []
+
+    @dp.events.register(Renamed)
+    async def fails_now(event: Renamed) -> None:
+        ran.append("now")
+        raise Boom("first")
+
+    @dp.events.register(Renamed)
+    async def succeeds(event: Renamed) -> None:
+        await asyncio.sleep(0)
+        ran.append("ok")
+
+    @dp.events.register(Renamed)
+    async def fails_later(event: Renamed) -> None:
+        await asyncio.sleep(0)
+        ran.append("later")
+        raise ValueError("second")
+
+    with pytest.raises(ExceptionGroup, match=r"2 of 3 handler\(s\) of .*Renamed failed") as info:
+        await dp.publish(Renamed("x"))
+    assert sorted(ran) == ["later", "now", "ok"]
+    assert [type(e) for e in info.value.exceptions] == [Boom, ValueError]
+
+
+async def test_single_failing_event_handler_raises_a_group_too():
+    dp = Dispatcher()
+
+    @dp.events.register(Renamed)
+    async def fails(event: Renamed) -> None:
+        raise Boom("x")
+
+    with pytest.raises(ExceptionGroup) as info:
+        await dp.publish(Renamed("x"))
+    assert info.group_contains(Boom)
+
+
+async def test_handlers_do_not_leak_context_variables_to_the_publisher():
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="publisher")
+    dp = Dispatcher()
+
+    async def sets(event: Renamed) -> None:
+        var.set("handler")
+
+    dp.events.bind(Renamed, sets)
+    dp.events.bind(Renamed, sets)
+    await dp.publish(Renamed("x"))
+    assert var.get() == "publisher"
+
+
+async def test_cancelling_a_publish_cancels_its_waiting_handlers():
+    dp = Dispatcher()
+    cancelled = []
+    started = asyncio.Event()
+
+    async def waits(event: Renamed) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    dp.events.bind(Renamed, waits)
+    dp.events.bind(Renamed, waits)
+    task = asyncio.create_task(dp.publish(Renamed("x")))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cancelled == [True, True]
+
+
+# -- background work ------------------------------------------------------------------
+
+
+async def test_failing_background_handler_goes_to_error_handler_and_workers_survive():
+    reported = []
+
+    async def on_error(exc: BaseException, message: object, context: Context) -> None:
+        reported.append((str(exc), message, context))
+
+    dp = Dispatcher(engine_workers=1, error_handler=on_error)
+    handled = []
+
+    @dp.commands.register(Rename)
+    async def rename(command: Rename) -> int:
+        if command.name == "bad":
+            raise Boom("bad name")
+        handled.append(command.name)
+        return 1
+
+    await dp.handle(Rename("bad"), key="k1")
+    await dp.handle(Rename("good"))
+    await dp.join()
+    assert handled == ["good"]
+    name = f"{__name__}.{rename.__qualname__}"
+    assert reported == [("bad name", Rename("bad"), Context("command", name, "k1"))]
+
+
+async def test_default_error_handler_logs_message_type_and_handler(caplog):
+    dp = Dispatcher()
+
+    @dp.events.register(Renamed)
+    async def explode(event: Renamed) -> None:
+        raise Boom("kaput")
+
+    with caplog.at_level(logging.ERROR, logger="iambus"):
+        await dp.handle(Renamed("x"))
+        await dp.join()
+    record = caplog.records[-1]
+    assert "explode" in record.getMessage()
+    assert "Renamed" in record.getMessage()
+    assert record.exc_info is not None
+    assert record.exc_info[0] is Boom
+
+
+async def test_a_failing_error_handler_is_logged_and_the_error_still_reported(caplog):
+    async def broken(exc: BaseException, message: object, context: Context) -> None:
+        raise RuntimeError("error handler bug")
+
+    dp = Dispatcher(error_handler=broken)
+
+    @dp.events.register(Renamed)
+    async def explode(event: Renamed) -> None:
+        raise Boom("kaput")
+
+    with caplog.at_level(logging.ERROR, logger="iambus"):
+        await dp.handle(Renamed("x"))
+        await dp.join()
+    text = caplog.text
+    assert "error_handler" in text
+    assert "error handler bug" in text
+    assert "kaput" in text
+
+
+async def test_sync_error_handler_is_called():
+    reported = []
+    dp = Dispatcher(error_handler=lambda exc, message, context: reported.append(str(exc)))
+
+    @dp.events.register(Renamed)
+    async def explode(event: Renamed) -> None:
+        raise Boom("kaput")
+
+    await dp.handle(Renamed("x"))
+    await dp.join()
+    assert reported == ["kaput"]
+
+
+async def test_key_orders_awaited_and_background_sends_alike():
+    dp = Dispatcher(engine_workers=4)
+    log = []
+
+    @dp.commands.register(Rename)
+    async def rename(command: Rename) -> int:
+        await asyncio.sleep(0.001 * (5 - int(command.name[-1])))
+        log.append(command.name)
+        return int(command.name[-1])
+
+    await dp.handle(Rename("k0"), key="k")
+    await dp.handle(Rename("k1"), key="k")
+    # an awaited send with the same key waits its turn behind the queued ones
+    assert await dp.execute(Rename("k2"), key="k") == 2
+    assert log == ["k0", "k1", "k2"]
+    assert await dp.handle(Rename("k3"), key="k", wait_for_response=True) == 3
+
+
+async def test_awaited_keyed_query_and_publish_raise_like_unkeyed_ones():
+    dp = Dispatcher()
+
+    @dp.queries.register(GetUser)
+    async def get_user(query: GetUser) -> str:
+        raise Boom("gone")
+
+    @dp.events.register(Renamed)
+    async def on_renamed(event: Renamed) -> None:
+        raise Boom("gone too")
+
+    with pytest.raises(Boom, match="gone"):
+        await dp.query(GetUser(1), key="user-1")
+    with pytest.raises(ExceptionGroup):
+        await dp.publish(Renamed("x"), key="user-1")
+    with pytest.raises(HandlerDoesNotExist):
+        await dp.execute(GetUser(1), key="user-1")
+
+
+async def test_stop_drains_queued_work():
+    dp = Dispatcher(engine_workers=2)
+    done = []
+
+    @dp.commands.register(Rename)
+    async def rename(command: Rename) -> int:
+        await asyncio.sleep(0.002)
+        done.append(command.name)
+        return 1
+
+    async with dp:
+        for i in range(10):
+            await dp.handle(Rename(str(i)))
+    assert sorted(done) == [str(i) for i in range(10)]
+
+
+async def test_stop_timeout_cancels_what_is_left_and_says_so(caplog):
+    dp = Dispatcher(engine_workers=1)
+
+    @dp.commands.register(Rename)
+    async def rename(command: Rename) -> int:
+        await asyncio.sleep(10)
+        return 1
+
+    dp.start()
+    await dp.handle(Rename("a"))
+    await dp.handle(Rename("b"))
+    with caplog.at_level(logging.WARNING, logger="iambus"):
+        await dp.stop(timeout=0.05)
+    assert "timed out" in caplog.text
+    assert "2 background message(s)" in caplog.text
+
+
+async def test_handlers_may_send_while_the_dispatcher_drains():
+    dp = Dispatcher()
+    seen = []
+
+    @dp.commands.register(Rename)
+    async def rename(command: Rename) -> int:
+        await asyncio.sleep(0.01)
+        await dp.handle(Renamed(command.name))
+        return 1
+
+    @dp.events.register(Renamed)
+    async def on_renamed(event: Renamed) -> None:
+        seen.append(event.name)
+
+    dp.start()
+    await dp.handle(Rename("late"))
+    await dp.stop()
+    assert seen == ["late"]
+
+
+async def test_wait_for_shutdown_returns_after_stop():
+    dp = Dispatcher()
+
+    @dp.events.register("tick")
+    async def tick() -> None:
+        pass
+
+    dp.start()
+    waiter = asyncio.create_task(dp.wait_for_shutdown())
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    await dp.stop()
+    await asyncio.wait_for(waiter, 1)
+    await asyncio.wait_for(dp.wait_for_shutdown(), 1)  # already stopped: returns at once
+
+
+async def test_signals_are_opt_in():
+    dp = Dispatcher()
+
+    @dp.events.register("tick")
+    async def tick() -> None:
+        pass
+
+    loop = asyncio.get_running_loop()
+    async with dp:
+        # nothing installed: the default SIGTERM handler is still the loop-less default
+        assert not loop.remove_signal_handler(signal.SIGTERM)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_listen_for_signals_stops_gracefully_on_signal(signum):
+    dp = Dispatcher(listen_for_signals=True)
+    done = []
+
+    @dp.commands.register(Rename)
+    async def rename(command: Rename) -> int:
+        await asyncio.sleep(0.02)
+        done.append(command.name)
+        return 1
+
+    async with dp:
+        await dp.handle(Rename("in flight"))
+        os.kill(os.getpid(), signum)
+        await asyncio.wait_for(dp.wait_for_shutdown(), 2)
+        assert done == ["in flight"]  # drained before shutdown was signalled
+        with pytest.raises(DispatcherStopped):
+            await dp.handle(Rename("after"))
+    # handlers are removed again: the loop no longer has one for this signal
+    assert not asyncio.get_running_loop().remove_signal_handler(signum)
+
+
+def test_default_dispatcher_is_a_dispatcher():
+    import iambus
+
+    assert isinstance(iambus.dispatcher, Dispatcher)
+
+
+def test_background_engine_follows_the_event_loop():
+    dp = Dispatcher()
+    seen = []
+
+    @dp.events.register("tick")
+    async def tick() -> None:
+        seen.append(1)
+
+    async def main() -> None:
+        await dp.handle("tick")
+        await dp.join()
+
+    asyncio.run(main())
+    asyncio.run(main())  # a new loop gets new workers
+    assert seen == [1, 1]
+
+
+async def test_an_event_handler_returning_its_event_does_not_republish_it():
+    dp = Dispatcher()
+    calls = []
+
+    @dp.events.register(Renamed)
+    async def passthrough(event: Renamed) -> Renamed:
+        calls.append(event)
+        return event
+
+    @dp.events.register(Renamed)
+    async def other(event: Renamed) -> None:
+        calls.append("other")
+
+    async def mw(message, call_next, context):
+        return await call_next(message)
+
+    await dp.publish(Renamed("x"))
+    assert calls == [Renamed("x"), "other"]
+
+    dp2 = Dispatcher()
+    dp2.events.bind(Renamed, passthrough)
+    dp2.events.add_middleware(mw)  # the non-plain path guards too
+    calls.clear()
+    await dp2.publish(Renamed("y"))
+    assert calls == [Renamed("y")]

@@ -1,0 +1,152 @@
+"""The background engine, through the dispatcher API users call."""
+
+import asyncio
+import random
+from dataclasses import dataclass
+
+from iambus import Dispatcher
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    key: str
+    seq: int
+    delay: float = 0.0
+
+
+def make_dispatcher(log: list[tuple[str, int]], **options: object) -> Dispatcher:
+    dp = Dispatcher(**options)  # type: ignore[arg-type]
+
+    @dp.commands.register(Job)
+    async def run(job: Job) -> None:
+        await asyncio.sleep(job.delay)
+        log.append((job.key, job.seq))
+
+    return dp
+
+
+async def test_same_key_runs_in_order_with_many_workers():
+    log: list[tuple[str, int]] = []
+    dp = make_dispatcher(log, engine_workers=8)
+    rng = random.Random(7)
+    for seq in range(200):
+        key = f"k{seq % 5}"
+        await dp.handle(Job(key, seq, rng.random() / 1000), key=key)
+    await dp.join()
+    assert len(log) == 200
+    for k in range(5):
+        seqs = [seq for key, seq in log if key == f"k{k}"]
+        assert seqs == sorted(seqs)
+
+
+async def test_a_busy_key_does_not_block_other_keys():
+    gate = asyncio.Event()
+    fast_done = asyncio.Event()
+    log: list[str] = []
+    dp = Dispatcher(engine_workers=2)
+
+    @dp.commands.register(Job)
+    async def run(job: Job) -> None:
+        if job.key == "slow":
+            await gate.wait()
+        log.append(f"{job.key}{job.seq}")
+        if log == ["fast0", "fast1", "fast2"]:
+            fast_done.set()
+
+    for seq in range(3):
+        await dp.handle(Job("slow", seq), key="slow")
+    for seq in range(3):
+        await dp.handle(Job("fast", seq), key="fast")
+    # the slow key's queued jobs hold no worker: the second worker serves "fast"
+    await asyncio.wait_for(fast_done.wait(), 1)
+    assert log == ["fast0", "fast1", "fast2"]
+    gate.set()
+    await dp.join()
+    assert log[3:] == ["slow0", "slow1", "slow2"]
+
+
+async def test_workers_bound_concurrency():
+    running = 0
+    peak = 0
+    dp = Dispatcher(engine_workers=3)
+
+    @dp.commands.register(Job)
+    async def run(job: Job) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.002)
+        running -= 1
+
+    for seq in range(20):
+        await dp.handle(Job("x", seq))
+    await dp.join()
+    assert peak == 3
+
+
+async def test_max_pending_makes_handle_wait():
+    gate = asyncio.Event()
+    dp = Dispatcher(engine_workers=1, max_pending=3)
+
+    @dp.commands.register(Job)
+    async def run(job: Job) -> None:
+        await gate.wait()
+
+    for seq in range(3):
+        await dp.handle(Job("x", seq))
+    fourth = asyncio.create_task(dp.handle(Job("x", 3)))
+    await asyncio.sleep(0.01)
+    assert not fourth.done()  # backpressure: no room until one finishes
+    gate.set()
+    await asyncio.wait_for(fourth, 1)
+    await dp.join()
+
+
+async def test_a_handler_may_queue_work_when_the_pool_is_full():
+    # Handlers that send in the background from a full pool would deadlock waiting on
+    # their own workers; their sends are admitted over the limit instead.
+    log: list[tuple[str, int]] = []
+    dp = Dispatcher(engine_workers=1, max_pending=1)
+
+    @dp.commands.register(Job)
+    async def run(job: Job) -> None:
+        log.append((job.key, job.seq))
+        if job.seq < 3:
+            await dp.handle(Job(job.key, job.seq + 1))
+
+    await dp.handle(Job("chain", 0))
+    await asyncio.wait_for(dp.join(), 1)
+    assert log == [("chain", 0), ("chain", 1), ("chain", 2), ("chain", 3)]
+
+
+async def test_a_handler_cancelling_itself_does_not_kill_the_worker(caplog):
+    log: list[tuple[str, int]] = []
+    dp = Dispatcher(engine_workers=1)
+
+    @dp.commands.register(Job)
+    async def run(job: Job) -> None:
+        if job.seq == 0:
+            raise asyncio.CancelledError
+        log.append((job.key, job.seq))
+
+    await dp.handle(Job("x", 0))
+    await dp.handle(Job("x", 1))
+    await asyncio.wait_for(dp.join(), 1)
+    assert log == [("x", 1)]
+    assert "cancelled" in caplog.text
+
+
+async def test_join_waits_for_work_queued_by_work():
+    log: list[tuple[str, int]] = []
+    dp = Dispatcher()
+
+    @dp.commands.register(Job)
+    async def run(job: Job) -> None:
+        await asyncio.sleep(0.001)
+        log.append((job.key, job.seq))
+        if job.seq < 5:
+            await dp.handle(Job(job.key, job.seq + 1))
+
+    await dp.handle(Job("a", 0))
+    await dp.join()
+    assert [seq for _, seq in log] == [0, 1, 2, 3, 4, 5]

@@ -1,0 +1,145 @@
+"""Messages: routing keys, readable names, and the optional Command[R] / Query[R] markers."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+import iambus
+from iambus import Command, Dispatcher, Query
+from iambus.messages import describe, message_key
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    user_id: int
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class GetUser(Query[User]):
+    user_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class RenameUser(Command[int]):
+    user_id: int
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class PlainEvent:
+    value: int
+
+
+class Outer:
+    class Inner:
+        pass
+
+
+# -- Command[R] / Query[R] ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("message", "marker"), [(GetUser(1), Query), (RenameUser(1, "ann"), Command)]
+)
+def test_markers_are_usable_as_slotted_frozen_dataclass_bases(message: Any, marker: type) -> None:
+    assert isinstance(message, marker)
+    assert not hasattr(message, "__dict__")  # slots=True still holds through the marker
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        message.user_id = 2
+    assert dataclasses.fields(message)[0].name == "user_id"
+
+
+def test_markers_are_generic() -> None:
+    alias = Query[User]
+
+    assert typing.get_origin(alias) is Query
+    assert typing.get_args(alias) == (User,)
+    assert typing.get_args(Command[int]) == (int,)
+    assert typing.get_origin(GetUser.__orig_bases__[0]) is Query  # type: ignore[attr-defined]
+
+
+def test_markers_add_no_state() -> None:
+    assert Command.__slots__ == ()
+    assert Query.__slots__ == ()
+    assert not hasattr(Query(), "__dict__")
+
+
+async def test_marked_messages_are_routed_by_their_type() -> None:
+    dp = Dispatcher()
+    users = {1: User(1, "ann")}
+
+    @dp.queries.register(GetUser)
+    async def get_user(query: GetUser) -> User:
+        return users[query.user_id]
+
+    @dp.commands.register(RenameUser)
+    async def rename(command: RenameUser) -> int:
+        users[command.user_id] = User(command.user_id, command.name)
+        return command.user_id
+
+    assert await dp.query(GetUser(1)) == User(1, "ann")
+    assert await dp.execute(RenameUser(1, "bea")) == 1
+    assert await dp.query(GetUser(1)) == User(1, "bea")
+
+
+async def test_markers_are_optional() -> None:
+    dp = Dispatcher()
+
+    @dp.queries.register(PlainEvent)
+    async def double(query: PlainEvent) -> int:
+        return query.value * 2
+
+    assert await dp.query(PlainEvent(4)) == 8
+
+
+def test_markers_are_exported() -> None:
+    assert iambus.Command is Command
+    assert iambus.Query is Query
+    assert {"Command", "Query"} <= set(iambus.__all__)
+
+
+# -- message_key ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["on startup", "", "GetUser"])
+def test_message_key_of_a_string_is_the_string(text: str) -> None:
+    assert message_key(text) is text
+
+
+@pytest.mark.parametrize(
+    ("message", "key"),
+    [
+        (GetUser(1), GetUser),
+        (RenameUser(1, "x"), RenameUser),
+        (PlainEvent(0), PlainEvent),
+        (Outer.Inner(), Outer.Inner),
+        (42, int),
+        (None, type(None)),
+        (b"on startup", bytes),
+    ],
+)
+def test_message_key_of_anything_else_is_its_type(message: Any, key: type) -> None:
+    assert message_key(message) is key
+
+
+# -- describe -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "text"),
+    [
+        ("on startup", "'on startup'"),
+        ("", "''"),
+        (GetUser, f"{__name__}.GetUser"),
+        (Outer.Inner, f"{__name__}.Outer.Inner"),
+        (int, "builtins.int"),
+    ],
+)
+def test_describe(key: Any, text: str) -> None:
+    assert describe(key) == text
