@@ -110,11 +110,20 @@ class Route:
 
     async def run(self, message: Any, key: str | None) -> Any:
         sink: list[Any] | None = [] if self.collects else None
-        result = await self.chain(message, self.context_for(key), sink)
+        context = self.context if key is None else Context(self.kind, self.name, key)
+        result = await self.chain(message, context, sink)
         # ``result is not message``: an event handler handing its event back must not
         # publish it again (and again).
-        if sink or (result is not None and result is not message):
-            await self.dispatcher.emit(self, result if result is not message else None, sink, key)
+        if result is message or (
+            result is not None
+            and self.response_event is None
+            and type(result) in self.dispatcher.quiet
+        ):
+            result_to_emit = None
+        else:
+            result_to_emit = result
+        if sink or result_to_emit is not None:
+            await self.dispatcher.emit(self, result_to_emit, sink, key)
         return result
 
 
@@ -174,7 +183,7 @@ class Dispatcher:
         self._event_cache: dict[MessageKey, tuple[Route, ...]] = {}
         # Types seen to have no event handlers: a returned value of one is never
         # published, which a set membership test tells fastest.
-        self._quiet: set[type] = set()
+        self.quiet: set[type] = set()  # internal: read by Route.run
         self._engine: Engine | None = None
         self._shutdown: asyncio.Event | None = None
         self._signal_loop: asyncio.AbstractEventLoop | None = None
@@ -414,7 +423,7 @@ class Dispatcher:
         if invoke is None or key is not None:
             return await self._send_request("query", query, key)
         result = await invoke(query)
-        if result is not None and type(result) not in self._quiet:
+        if result is not None and type(result) not in self.quiet:
             await self._emit_result(self._queries[type(query)], result, None)
         return result
 
@@ -433,7 +442,7 @@ class Dispatcher:
         if invoke is None or key is not None:
             return await self._send_request("command", command, key)
         result = await invoke(command)
-        if result is not None and type(result) not in self._quiet:
+        if result is not None and type(result) not in self.quiet:
             await self._emit_result(self._commands[type(command)], result, None)
         return result
 
@@ -559,7 +568,7 @@ class Dispatcher:
         if routes:
             await self._deliver(routes, result, key, True)
         elif type(result) is not str:
-            self._quiet.add(type(result))
+            self.quiet.add(type(result))
 
     async def _request(self, message: Any, key: str | None) -> Any:
         mkey = message_key(message)
@@ -596,7 +605,7 @@ class Dispatcher:
                     if (
                         result is not None
                         and result is not event
-                        and (route.response_event is not None or type(result) not in self._quiet)
+                        and (route.response_event is not None or type(result) not in self.quiet)
                     ):
                         await self._emit_result(route, result, key)
                 else:
@@ -657,7 +666,7 @@ class Dispatcher:
                     if (
                         result is not None
                         and result is not event
-                        and (route.response_event is not None or type(result) not in self._quiet)
+                        and (route.response_event is not None or type(result) not in self.quiet)
                     ):
                         yield from self._emit_result(route, result, key)
                 else:
