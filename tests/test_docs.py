@@ -154,7 +154,7 @@ def test_the_doc_files_are_found() -> None:
     names = {p.name for p in doc_files()}
     expected = {
         "index.md",
-        "dispatcher.md",
+        "dispatching.md",
         "routers.md",
         "handlers.md",
         "providers.md",

@@ -19,6 +19,7 @@ from iambus.errors import (
     ImproperlyConfigured,
     ProviderConflict,
     RegistrationClosed,
+    WouldDeadlock,
 )
 
 ALL_ERRORS = [
@@ -31,6 +32,7 @@ ALL_ERRORS = [
     ImproperlyConfigured,
     ProviderConflict,
     RegistrationClosed,
+    WouldDeadlock,
 ]
 
 IMPROPERLY_CONFIGURED = [
@@ -77,7 +79,9 @@ def test_improperly_configured_family(cls: type) -> None:
     assert issubclass(cls, ImproperlyConfigured)
 
 
-@pytest.mark.parametrize("cls", [HandlerDoesNotExist, DispatcherStopped], ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "cls", [HandlerDoesNotExist, DispatcherStopped, WouldDeadlock], ids=lambda c: c.__name__
+)
 def test_runtime_errors_are_not_configuration_errors(cls: type) -> None:
     assert not issubclass(cls, ImproperlyConfigured)
 

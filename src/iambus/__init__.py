@@ -3,7 +3,7 @@
 ``import iambus`` does no work and imports no broker driver.
 """
 
-from .dispatcher import Dispatcher
+from .dispatching import Dispatcher
 from .errors import (
     DispatcherStopped,
     HandlerAlreadyBound,
@@ -14,6 +14,7 @@ from .errors import (
     ImproperlyConfigured,
     ProviderConflict,
     RegistrationClosed,
+    WouldDeadlock,
 )
 from .handlers import AbstractHandler, Handler, HandlerProtocol
 from .messages import Command, Query
@@ -49,6 +50,7 @@ __all__ = [
     "RegistrationClosed",
     "RequestRouter",
     "Singleton",
+    "WouldDeadlock",
     "__version__",
     "dispatcher",
 ]

@@ -30,7 +30,11 @@ JobFn = Callable[[Any, Any], Awaitable[Any]]
 # (what to run, message, key, future for an awaiting caller or None)
 Job = tuple[JobFn, Any, Any, "asyncio.Future[Any] | None"]
 
-_in_worker: contextvars.ContextVar[bool] = contextvars.ContextVar("iambus_in_worker", default=False)
+in_worker: contextvars.ContextVar[bool] = contextvars.ContextVar("iambus_in_worker", default=False)
+# The key of the job the current worker runs (None outside keyed jobs).
+current_key: contextvars.ContextVar[Hashable | None] = contextvars.ContextVar(
+    "iambus_current_key", default=None
+)
 
 
 class Engine:
@@ -44,6 +48,7 @@ class Engine:
         self._pending = 0
         self._room: deque[asyncio.Future[None]] = deque()
         self._idle: asyncio.Future[None] | None = None
+        self._closing = False
 
     @property
     def pending(self) -> int:
@@ -51,7 +56,7 @@ class Engine:
         return self._pending
 
     async def put(self, job: Job, key: Hashable | None) -> None:
-        if self._pending >= self._max_pending and not _in_worker.get():
+        if self._pending >= self._max_pending and not in_worker.get():
             while self._pending >= self._max_pending:
                 room = self.loop.create_future()
                 self._room.append(room)
@@ -81,6 +86,7 @@ class Engine:
     async def close(self) -> int:
         """Cancel the workers; return how many jobs were left unfinished."""
         left = self._pending
+        self._closing = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -100,7 +106,7 @@ class Engine:
 
     def _start(self) -> None:
         context = contextvars.copy_context()
-        context.run(_in_worker.set, True)
+        context.run(in_worker.set, True)
         self._tasks = [
             self.loop.create_task(self._work(), name=f"iambus-worker-{n}", context=context.copy())
             for n in range(self._workers)
@@ -111,7 +117,12 @@ class Engine:
         me = asyncio.current_task()
         assert me is not None
         while True:
-            fn, message, key, future = await ready.get()
+            try:
+                fn, message, key, future = await ready.get()
+            except asyncio.CancelledError:
+                self._lost_with_the_loop()
+                raise
+            token = current_key.set(key)
             try:
                 if future is None:
                     await fn(message, key)
@@ -126,7 +137,8 @@ class Engine:
                             future.set_result(result)
             except asyncio.CancelledError:
                 if me.cancelling():
-                    raise  # the engine is closing
+                    self._lost_with_the_loop()
+                    raise  # the engine is closing, or the event loop is ending
                 # A handler raised CancelledError of its own: a failure of that job only.
                 logger.error("iambus: a background job for %r was cancelled", message)
                 if future is not None and not future.done():
@@ -136,7 +148,20 @@ class Engine:
                 # last line of defence so that a worker never dies.
                 logger.exception("iambus: unexpected error in a background job for %r", message)
             finally:
+                current_key.reset(token)
                 self._finish(key)
+
+    def _lost_with_the_loop(self) -> None:
+        # Workers cancelled by someone else than close(): the event loop is shutting
+        # down (asyncio.run() returning) with work still queued. Say so, once.
+        if not self._closing and self._pending:
+            self._closing = True
+            logger.warning(
+                "iambus: the event loop is ending with %d background message(s) queued or "
+                "running; they are lost. Await dp.stop() (or use `async with dp`) before "
+                "the loop ends to let them finish",
+                self._pending,
+            )
 
     def _finish(self, key: Hashable | None) -> None:
         if key is not None:

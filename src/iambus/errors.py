@@ -10,7 +10,8 @@ The tree::
     │   ├── ProviderConflict          one provider name, two providers
     │   └── RegistrationClosed        binding or adding middleware after start
     ├── HandlerDoesNotExist           a message that needs a handler has none
-    └── DispatcherStopped             sending to a dispatcher after stop()
+    ├── DispatcherStopped             sending to a dispatcher that is stopping or stopped
+    └── WouldDeadlock                 awaiting a send that can only run after the caller
 
 Messages say what was wrong, where (the handler's qualified name, the parameter, the
 message type) and how to fix it. Catch ``IambusError`` to catch them all.
@@ -28,6 +29,7 @@ __all__ = [
     "ImproperlyConfigured",
     "ProviderConflict",
     "RegistrationClosed",
+    "WouldDeadlock",
 ]
 
 
@@ -64,4 +66,8 @@ class HandlerDoesNotExist(IambusError):
 
 
 class DispatcherStopped(IambusError):
-    """The dispatcher was stopped and takes no more messages until it is started again."""
+    """The dispatcher is stopping or stopped and takes no more messages from outside."""
+
+
+class WouldDeadlock(IambusError):
+    """The send would wait for work that cannot start before the waiting caller ends."""

@@ -26,7 +26,7 @@ from .messages import MessageKey, describe
 from .middleware import Middleware, check_middleware
 
 if TYPE_CHECKING:
-    from .dispatcher import Dispatcher
+    from .dispatching import Dispatcher
 
 __all__ = ["EventRouter", "RequestRouter", "Router"]
 

@@ -16,6 +16,7 @@ from iambus import (
     ImproperlyConfigured,
     Query,
     RegistrationClosed,
+    WouldDeadlock,
 )
 
 
@@ -687,3 +688,180 @@ async def test_an_event_handler_returning_its_event_does_not_republish_it():
     calls.clear()
     await dp2.publish(Renamed("y"))
     assert calls == [Renamed("y")]
+
+
+async def test_a_stopping_dispatcher_turns_away_outside_senders():
+    dp = Dispatcher()
+    gate = asyncio.Event()
+
+    @dp.commands.register(Rename)
+    async def rename(command: Rename) -> int:
+        await gate.wait()
+        return 1
+
+    dp.start()
+    await dp.handle(Rename("slow"))
+    stopping = asyncio.create_task(dp.stop())
+    await asyncio.sleep(0.01)
+    with pytest.raises(DispatcherStopped, match="is stopping"):
+        await dp.handle(Rename("too late"))
+    with pytest.raises(DispatcherStopped, match="is stopping"):
+        await dp.execute(Rename("too late"))
+    gate.set()
+    await stopping
+
+
+async def test_awaiting_a_send_on_the_handlers_own_key_is_refused_not_a_hang():
+    dp = Dispatcher()
+    outcome = []
+
+    @dp.commands.register(Rename)
+    async def rename(command: Rename) -> int:
+        if command.name == "outer":
+            try:
+                await dp.execute(Rename("inner"), key="k")
+            except WouldDeadlock as exc:
+                outcome.append(str(exc))
+            await dp.handle(Rename("queued"), key="k")  # without waiting: fine
+        outcome.append(command.name)
+        return 1
+
+    await asyncio.wait_for(dp.execute(Rename("outer"), key="k"), 1)
+    await dp.join()
+    assert "with the same key" in outcome[0]
+    assert "dp.handle(message, key='k')" in outcome[0]
+    assert outcome[1:] == ["outer", "queued"]
+
+
+def test_queued_work_lost_with_the_event_loop_is_logged(caplog):
+    dp = Dispatcher()
+
+    @dp.commands.register(Rename)
+    async def rename(command: Rename) -> int:
+        await asyncio.sleep(10)
+        return 1
+
+    async def main() -> None:
+        await dp.handle(Rename("a"))
+        await dp.handle(Rename("b"))
+        # returns without stop(): asyncio.run cancels the workers
+
+    with caplog.at_level(logging.WARNING, logger="iambus"):
+        asyncio.run(main())
+    assert "event loop is ending with 2 background message(s)" in caplog.text
+    assert "dp.stop()" in caplog.text
+
+
+async def test_catch_all_event_handlers_do_not_turn_results_into_events():
+    dp = Dispatcher()
+    audited = []
+
+    @dp.events.register(object)
+    async def audit(event: object) -> None:
+        audited.append(event)
+
+    @dp.queries.register(GetUser)
+    async def get_user(query: GetUser) -> str:
+        return "ann"
+
+    @dp.commands.register(Rename)
+    async def rename(command: Rename) -> Renamed:
+        return Renamed(command.name)
+
+    assert await dp.query(GetUser(1)) == "ann"
+    assert await dp.execute(Rename("x")) == Renamed("x")
+    assert audited == []  # neither a str nor Renamed has handlers of its own
+    await dp.publish(Renamed("y"))
+    assert audited == [Renamed("y")]  # a published event does reach catch-all handlers
+
+
+async def test_background_event_reports_each_failing_handler():
+    reported = []
+
+    async def on_error(exc: BaseException, message: object, context: Context) -> None:
+        reported.append((str(exc), context.handler.rsplit(".", 1)[-1], context.key))
+
+    dp = Dispatcher(error_handler=on_error)
+    ran = []
+
+    @dp.events.register(Renamed)
+    async def fails_now(event: Renamed) -> None:
+        raise Boom("now")
+
+    @dp.events.register(Renamed)
+    async def fails_after_waiting(event: Renamed) -> None:
+        await asyncio.sleep(0)
+        raise Boom("later")
+
+    @dp.events.register(Renamed)
+    async def works(event: Renamed) -> None:
+        await asyncio.sleep(0)
+        ran.append(event.name)
+
+    await dp.handle(Renamed("x"), key="k")
+    await dp.join()
+    assert ran == ["x"]
+    assert sorted(reported) == [("later", "fails_after_waiting", "k"), ("now", "fails_now", "k")]
+
+
+async def test_an_awaited_keyed_send_still_queued_at_stop_timeout_is_cancelled():
+    dp = Dispatcher(engine_workers=1)
+
+    @dp.commands.register(Rename)
+    async def rename(command: Rename) -> int:
+        await asyncio.sleep(10)
+        return 1
+
+    dp.start()
+    await dp.handle(Rename("running"), key="k")
+    waiting = asyncio.create_task(dp.execute(Rename("queued"), key="k"))
+    await asyncio.sleep(0.01)
+    await dp.stop(timeout=0.01)
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+
+
+async def test_a_handler_may_clean_up_when_its_publish_is_cancelled():
+    dp = Dispatcher()
+    started = asyncio.Event()
+    cleaned = []
+
+    async def waits(event: Renamed) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0)  # async clean-up while being cancelled
+            cleaned.append(event.name)
+            raise
+
+    async def quick(event: Renamed) -> None:
+        pass
+
+    dp.events.bind(Renamed, waits)
+    dp.events.bind(Renamed, quick)
+    task = asyncio.create_task(dp.publish(Renamed("x")))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cleaned == ["x"]
+
+
+def test_signal_handlers_wait_for_a_loop_when_started_without_one():
+    dp = Dispatcher(listen_for_signals=True)
+
+    @dp.events.register("tick")
+    async def tick() -> None:
+        pass
+
+    dp.start()  # no running loop yet: nothing to install on
+
+    async def main() -> None:
+        await dp.handle("tick")  # first use inside the loop installs them
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(dp.wait_for_shutdown(), 2)
+
+    asyncio.run(main())
+    with pytest.raises(DispatcherStopped):
+        asyncio.run(dp.publish("tick"))

@@ -40,12 +40,13 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
-from .engine import Engine, JobFn
+from .engine import Engine, JobFn, current_key, in_worker
 from .errors import (
     DispatcherStopped,
     HandlerDoesNotExist,
     ImproperlyConfigured,
     RegistrationClosed,
+    WouldDeadlock,
 )
 from .handlers import Handler, Invoke, Kind
 from .messages import Command, MessageKey, Query, describe, message_key
@@ -320,14 +321,17 @@ class Dispatcher:
         """Stop taking messages, let queued and running background work finish, stop.
 
         Waits at most ``timeout`` seconds (default: ``shutdown_timeout``); what is still
-        queued or running then is cancelled, and logged as lost. Messages that handlers
-        send while the dispatcher drains are still accepted.
+        queued or running then is cancelled, and logged as lost. While it drains, sends
+        from the background handlers being drained are accepted (they are part of the
+        work); any other send raises ``DispatcherStopped``.
         """
         if self._state in (_NEW, _STOPPED):
             self._signal_shutdown()  # nothing runs; a NEW dispatcher stays open to binding
             return
         self._state = _STOPPING
         self._open = False
+        # Every send now takes the checked path, which admits only drained handlers.
+        self._fast_commands, self._fast_queries = {}, {}
         timeout = self.shutdown_timeout if timeout is None else timeout
         engine = self._engine
         try:
@@ -346,7 +350,6 @@ class Dispatcher:
         finally:
             self._engine = None
             self._state = _STOPPED
-            self._fast_commands, self._fast_queries = {}, {}
             self._remove_signals()
             self._signal_shutdown()
         logger.debug("iambus: dispatcher stopped")
@@ -404,6 +407,13 @@ class Dispatcher:
             raise DispatcherStopped(
                 "the dispatcher was stopped and takes no more messages; call dp.start() "
                 "(or enter `async with dp`) to use it again"
+            )
+        elif self._state == _STOPPING and not in_worker.get():
+            # While draining, only the background handlers being drained may still send:
+            # what they send is part of the work. Everyone else is turned away.
+            raise DispatcherStopped(
+                "the dispatcher is stopping and takes no new messages; send before "
+                "dp.stop(), or start it again once stopped"
             )
 
     # -- sending --------------------------------------------------------------------
@@ -562,13 +572,17 @@ class Dispatcher:
             await self._emit_result(route, result, key)
 
     async def _emit_result(self, route: Route, result: Any, key: str | None) -> None:
-        if route.response_event is not None and not isinstance(result, route.response_event):
+        if route.response_event is None:
+            # Implicitly, a value is an event if its own type or a base has handlers;
+            # catch-all handlers bound to ``object`` do not make every result one.
+            if not any(base in self._event_routes for base in type(result).__mro__[:-1]):
+                self.quiet.add(type(result))
+                return
+        elif not isinstance(result, route.response_event):
             return
         routes = self._event_handlers(type(result))
         if routes:
             await self._deliver(routes, result, key, True)
-        elif type(result) is not str:
-            self.quiet.add(type(result))
 
     async def _request(self, message: Any, key: str | None) -> Any:
         mkey = message_key(message)
@@ -640,8 +654,12 @@ class Dispatcher:
             if tasks:
                 await asyncio.wait(tasks)
         except BaseException:
+            # Like a TaskGroup: cancelled with us, the handlers still waiting are
+            # cancelled too, and we return only once their clean-up has run.
             for task in tasks:
                 task.cancel()
+            if tasks:
+                await asyncio.wait(tasks)
             raise
         # A driver records the failure of the handler it was running, even a
         # cancellation, so the tasks themselves need no inspection.
@@ -709,6 +727,13 @@ class Dispatcher:
         return engine
 
     async def _through_lane(self, job: JobFn, message: Any, key: str) -> Any:
+        if current_key.get() == key:
+            raise WouldDeadlock(
+                f"a handler running under key {key!r} awaits a send of "
+                f"{describe(message_key(message))} with the same key, which can only run "
+                f"after that handler returns; send it without waiting "
+                f"(await dp.handle(message, key={key!r})), or emit it as an event"
+            )
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         await self._background().put((job, message, key, future), key)
         return await future
