@@ -110,11 +110,15 @@ def short_error(exc: BaseException) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-async def run(settings: Settings) -> tuple[list[Peer], dict[tuple[str, str], Cell]]:
+async def run(
+    settings: Settings, only: set[str] | None = None
+) -> tuple[list[Peer], dict[tuple[str, str], Cell]]:
     tally = Tally()
     built: list[Peer] = []
     cells: dict[tuple[str, str], Cell] = {}
     for name, build in peers.BUILDERS:
+        if only is not None and name not in only:
+            continue
         try:
             peer = await build(tally)
         except Exception as exc:  # a broken peer must not stop the others
@@ -255,7 +259,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: few, short rounds")
     parser.add_argument("--rounds", type=int, help="number of timed rounds")
+    names = [name for name, _ in peers.BUILDERS]
+    parser.add_argument(
+        "--only",
+        help=f"comma-separated implementations to run (default: all of {','.join(names)})",
+    )
     args = parser.parse_args()
+    only = set(args.only.split(",")) if args.only else None
+    if only is not None and not only <= set(names):
+        parser.error(f"--only: unknown {sorted(only - set(names))}; choose from {names}")
     if args.quick:
         settings = Settings(rounds=3, round_seconds=0.01, calibrate_seconds=0.002)
     else:
@@ -266,7 +278,7 @@ def main() -> None:
     async def go() -> str:
         loop = asyncio.get_running_loop()
         loop_name = f"{type(loop).__module__}.{type(loop).__qualname__}"
-        built, cells = await run(settings)
+        built, cells = await run(settings, only)
         return render(built, cells, settings, loop_name)
 
     print(asyncio.run(go()))

@@ -240,17 +240,8 @@ async def build_iambus(tally: Tally) -> Peer:
 
 
 async def _shutdown(dp: Any) -> None:
-    """Best-effort stop for a dispatcher whose shutdown API may still change."""
-    join = getattr(dp, "join", None)
-    if join is not None:
-        await join()
-    for name in ("aclose", "close", "stop"):
-        stop = getattr(dp, name, None)
-        if callable(stop):
-            result = stop()
-            if asyncio.iscoroutine(result):
-                await result
-            return
+    await dp.join()
+    await dp.stop()
 
 
 # -- seed: iambus 0.2.1 from PyPI, renamed seediambus by setup.sh ------------------

@@ -47,3 +47,18 @@ def test_pybus_is_a_deprecated_alias():
     import pybus.routers  # a submodule is the very iambus module, not a copy
 
     assert pybus.routers is sys.modules["iambus.routers"]
+
+
+def test_every_module_has_its_docs_page_and_test_file():
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    modules = sorted(p.stem for p in (root / "src" / "iambus").glob("*.py") if p.stem != "__init__")
+    assert "dispatching" in modules
+    missing = [
+        path
+        for name in modules
+        for path in (f"docs/{name}.md", f"tests/test_{name}.py")
+        if not (root / path).exists()
+    ]
+    assert missing == []

@@ -185,6 +185,7 @@ class Dispatcher:
         # Types seen to have no event handlers: a returned value of one is never
         # published, which a set membership test tells fastest.
         self.quiet: set[type] = set()  # internal: read by Route.run
+        self._implicit: dict[type, tuple[Route, ...]] = {}
         self._engine: Engine | None = None
         self._shutdown: asyncio.Event | None = None
         self._signal_loop: asyncio.AbstractEventLoop | None = None
@@ -434,7 +435,13 @@ class Dispatcher:
             return await self._send_request("query", query, key)
         result = await invoke(query)
         if result is not None and type(result) not in self.quiet:
-            await self._emit_result(self._queries[type(query)], result, None)
+            # Plain routes have no response_event: the result is an event if its type
+            # has handlers of its own (see _implicit_routes).
+            routes = self._implicit.get(type(result))
+            if routes is None:
+                routes = self._implicit_routes(type(result))
+            if routes:
+                await self._deliver(routes, result, None, True)
         return result
 
     @overload
@@ -453,7 +460,13 @@ class Dispatcher:
             return await self._send_request("command", command, key)
         result = await invoke(command)
         if result is not None and type(result) not in self.quiet:
-            await self._emit_result(self._commands[type(command)], result, None)
+            # Plain routes have no response_event: the result is an event if its type
+            # has handlers of its own (see _implicit_routes).
+            routes = self._implicit.get(type(result))
+            if routes is None:
+                routes = self._implicit_routes(type(result))
+            if routes:
+                await self._deliver(routes, result, None, True)
         return result
 
     async def publish(self, event: Any, /, *, key: str | None = None) -> None:
@@ -573,16 +586,29 @@ class Dispatcher:
 
     async def _emit_result(self, route: Route, result: Any, key: str | None) -> None:
         if route.response_event is None:
-            # Implicitly, a value is an event if its own type or a base has handlers;
-            # catch-all handlers bound to ``object`` do not make every result one.
-            if not any(base in self._event_routes for base in type(result).__mro__[:-1]):
-                self.quiet.add(type(result))
-                return
-        elif not isinstance(result, route.response_event):
+            routes = self._implicit.get(type(result))
+            if routes is None:
+                routes = self._implicit_routes(type(result))
+        elif isinstance(result, route.response_event):
+            routes = self._event_handlers(type(result))
+        else:
             return
-        routes = self._event_handlers(type(result))
         if routes:
             await self._deliver(routes, result, key, True)
+
+    def _implicit_routes(self, rtype: type) -> tuple[Route, ...]:
+        """The routes a returned value of ``rtype`` is published to without response_event.
+
+        A value is an event if its own type or a base has handlers; catch-all handlers
+        bound to ``object`` do not make every result one. Cached per type.
+        """
+        if any(base in self._event_routes for base in rtype.__mro__[:-1]):
+            routes = self._event_handlers(rtype)
+        else:
+            routes = ()
+            self.quiet.add(rtype)
+        self._implicit[rtype] = routes
+        return routes
 
     async def _request(self, message: Any, key: str | None) -> Any:
         mkey = message_key(message)
