@@ -515,6 +515,56 @@ async def build_blinker(tally: Tally) -> Peer:
     )
 
 
+async def build_blinker_sync(tally: Tally) -> Peer:
+    """blinker's synchronous ``send`` with plain (sync) receivers: its fastest path."""
+    from blinker import Signal
+
+    query, command, created, viewed = GetUser(1), CreateUser(1), UserCreated(1), PageViewed("/")
+    get_user_signal = Signal("get-user")
+    create_user_signal = Signal("create-user")
+    user_created_signal = Signal("user-created")
+    page_viewed_signal = Signal("page-viewed")
+
+    def get_user_sync(q: GetUser) -> int:
+        return ANSWER
+
+    def count(event: Any) -> None:
+        tally.n += 1
+
+    def create_user(cmd: CreateUser) -> None:
+        user_created_signal.send(created)
+
+    get_user_signal.connect(get_user_sync, weak=False)
+    create_user_signal.connect(create_user, weak=False)
+    user_created_signal.connect(count, weak=False)
+    for _ in range(FANOUT):
+        # distinct functions: blinker keeps one connection per receiver
+        page_viewed_signal.connect(lambda event: count(event), weak=False)
+
+    # The harness awaits every operation; these coroutines only wrap the sync send.
+    async def s1() -> int:
+        [(_receiver, value)] = get_user_signal.send(query)
+        return value
+
+    async def s2() -> None:
+        page_viewed_signal.send(viewed)
+
+    async def s3() -> None:
+        create_user_signal.send(command)
+
+    return Peer(
+        name="blinker-sync",
+        version=_version("blinker"),
+        ops={"S1": s1, "S2": s2, "S3": s3, "S4": gather_op(s1)},
+        na={"S1+mw": "blinker signals have no middleware."},
+        notes=[
+            "blinker-sync: `Signal.send(msg)` with synchronous receivers, wrapped in one "
+            "coroutine per operation so the harness can await it; the handlers cannot "
+            "await anything, so this is an upper bound for blinker, not async handling."
+        ],
+    )
+
+
 BUILDERS: list[tuple[str, Callable[[Tally], Awaitable[Peer]]]] = [
     ("direct", build_direct),
     ("iambus", build_iambus),
@@ -522,4 +572,5 @@ BUILDERS: list[tuple[str, Callable[[Tally], Awaitable[Peer]]]] = [
     ("python-cqrs", build_cqrs),
     ("lato", build_lato),
     ("blinker", build_blinker),
+    ("blinker-sync", build_blinker_sync),
 ]
