@@ -115,13 +115,6 @@ async def test_sending_after_stop_raises_and_start_reopens():
     assert await dp.query(GetUser(1)) == "x"
 
 
-def test_invalid_options_are_rejected():
-    with pytest.raises(ImproperlyConfigured, match="engine_workers"):
-        Dispatcher(engine_workers=0)
-    with pytest.raises(ImproperlyConfigured, match="max_pending"):
-        Dispatcher(max_pending=0)
-
-
 # -- sending ------------------------------------------------------------------------
 
 
@@ -387,17 +380,78 @@ async def test_single_failing_event_handler_raises_a_group_too():
     assert info.group_contains(Boom)
 
 
-async def test_handlers_do_not_leak_context_variables_to_the_publisher():
-    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="publisher")
+async def test_handlers_see_the_senders_context_variables():
+    request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+    dp = Dispatcher()
+    seen = []
+
+    async def waits(event: Renamed) -> None:
+        await asyncio.sleep(0)  # from here on, the others start as tasks
+        seen.append(("waits", request_id.get()))
+
+    async def after(event: Renamed) -> None:
+        seen.append(("after", request_id.get()))
+
+    dp.events.bind(Renamed, waits)
+    dp.events.bind(Renamed, after)
+    request_id.set("req-7")
+    await dp.publish(Renamed("x"))
+    assert sorted(seen) == [("after", "req-7"), ("waits", "req-7")]
+
+
+async def test_timeouts_inside_event_handlers_do_not_cancel_the_publisher():
+    # Handlers run in the sending task or in tasks of their own, never in a borrowed
+    # one: asyncio.timeout() in a handler cancels that handler only.
+    dp = Dispatcher()
+    outcome = []
+
+    async def times_out(event: Renamed) -> None:
+        try:
+            async with asyncio.timeout(0.01):
+                await asyncio.sleep(1)
+        except TimeoutError:
+            outcome.append("timed out")
+
+    async def other(event: Renamed) -> None:
+        await asyncio.sleep(0.03)
+        outcome.append("other")
+
+    async def third(event: Renamed) -> None:
+        async with asyncio.timeout(0.01):
+            await asyncio.sleep(1)
+
+    dp.events.bind(Renamed, times_out)
+    dp.events.bind(Renamed, other)
+    dp.events.bind(Renamed, third)
+    with pytest.raises(ExceptionGroup) as info:
+        await dp.publish(Renamed("x"))
+    assert sorted(outcome) == ["other", "timed out"]
+    assert [type(e) for e in info.value.exceptions] == [TimeoutError]
+    assert asyncio.current_task().cancelling() == 0
+
+
+async def test_task_groups_inside_event_handlers_raise_their_group():
     dp = Dispatcher()
 
-    async def sets(event: Renamed) -> None:
-        var.set("handler")
+    async def fails() -> None:
+        raise Boom("child")
 
-    dp.events.bind(Renamed, sets)
-    dp.events.bind(Renamed, sets)
-    await dp.publish(Renamed("x"))
-    assert var.get() == "publisher"
+    async def with_group(event: Renamed) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(fails())
+            await asyncio.sleep(1)
+
+    async def other(event: Renamed) -> None:
+        await asyncio.sleep(0)
+
+    dp.events.bind(Renamed, other)
+    dp.events.bind(Renamed, with_group)
+    with pytest.raises(ExceptionGroup) as info:
+        await dp.publish(Renamed("x"))
+    [inner] = info.value.exceptions
+    assert isinstance(inner, ExceptionGroup)
+    assert [type(e) for e in inner.exceptions] == [Boom]
+    assert asyncio.current_task().cancelling() == 0
 
 
 async def test_cancelling_a_publish_cancels_its_waiting_handlers():
@@ -865,3 +919,132 @@ def test_signal_handlers_wait_for_a_loop_when_started_without_one():
     asyncio.run(main())
     with pytest.raises(DispatcherStopped):
         asyncio.run(dp.publish("tick"))
+
+
+async def test_handle_prefers_a_command_or_query_over_catch_all_event_handlers():
+    dp = Dispatcher()
+    seen = []
+
+    @dp.events.register(object)
+    async def audit(event: object) -> None:
+        seen.append(("audit", event))
+
+    @dp.queries.register(GetUser)
+    async def get_user(query: GetUser) -> str:
+        return "ann"
+
+    @dp.commands.register(Rename)
+    async def rename(command: Rename) -> int:
+        seen.append(("rename", command))
+        return 1
+
+    assert await dp.handle(GetUser(1), wait_for_response=True) == "ann"
+    assert await dp.handle(Rename("a"), wait_for_response=True) == 1
+    await dp.handle(Renamed("b"), wait_for_response=True)  # no own handler: catch-all
+    assert seen == [("rename", Rename("a")), ("audit", Renamed("b"))]
+
+
+async def test_join_from_a_background_handler_is_refused_and_stop_is_deferred():
+    dp = Dispatcher()
+    outcome = []
+
+    @dp.commands.register(Rename)
+    async def rename(command: Rename) -> int:
+        if command.name == "join":
+            with pytest.raises(WouldDeadlock, match="wait for that handler itself"):
+                await dp.join()
+            outcome.append("refused")
+        else:
+            await dp.stop()  # returns at once; the stop happens once this returns
+            outcome.append("stop requested")
+        return 1
+
+    await dp.handle(Rename("join"))
+    await dp.join()
+    await dp.handle(Rename("stop"))
+    await asyncio.wait_for(dp.wait_for_shutdown(), 2)
+    assert outcome == ["refused", "stop requested"]
+
+
+@pytest.mark.parametrize("key", [["t"], 7, b"k"])
+async def test_a_key_must_be_a_string(key):
+    dp = Dispatcher()
+
+    @dp.commands.register(Rename)
+    async def rename(command: Rename) -> int:
+        return 1
+
+    with pytest.raises(TypeError, match="key must be a string"):
+        await dp.handle(Rename("a"), key=key)
+    with pytest.raises(TypeError, match="key must be a string"):
+        await dp.execute(Rename("a"), key=key)
+    await asyncio.wait_for(dp.join(), 1)  # nothing was left half-queued
+
+
+async def test_a_keyed_send_whose_caller_left_still_reports_its_failure():
+    reported = []
+
+    async def on_error(exc: BaseException, message: object, context: Context) -> None:
+        reported.append((str(exc), context.key))
+
+    dp = Dispatcher(error_handler=on_error)
+
+    @dp.commands.register(Rename)
+    async def rename(command: Rename) -> int:
+        await asyncio.sleep(0.02)
+        raise Boom("declined")
+
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(dp.execute(Rename("a"), key="card"), 0.005)
+    await dp.join()
+    assert reported == [("declined", "card")]
+
+
+async def test_wait_for_shutdown_from_before_the_start_is_woken():
+    dp = Dispatcher()
+
+    @dp.queries.register(GetUser)
+    async def get_user(query: GetUser) -> str:
+        return "x"
+
+    waiter = asyncio.create_task(dp.wait_for_shutdown())
+    await asyncio.sleep(0)
+    await dp.query(GetUser(1))  # implicit start
+    await dp.stop()
+    await asyncio.wait_for(waiter, 1)
+
+
+async def test_start_while_stopping_is_refused():
+    dp = Dispatcher()
+    gate = asyncio.Event()
+
+    @dp.commands.register(Rename)
+    async def rename(command: Rename) -> int:
+        await gate.wait()
+        return 1
+
+    dp.start()
+    await dp.handle(Rename("a"))
+    stopping = asyncio.create_task(dp.stop())
+    await asyncio.sleep(0.01)
+    with pytest.raises(DispatcherStopped, match="is stopping"):
+        dp.start()
+    gate.set()
+    await stopping
+    dp.start()  # once stopped, it reopens
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"engine_workers": "4"}, "engine_workers must be an int"),
+        ({"engine_workers": True}, "engine_workers must be an int"),
+        ({"max_pending": 0}, "max_pending must be an int of at least 1"),
+        ({"shutdown_timeout": -1}, "shutdown_timeout must be seconds"),
+        ({"shutdown_timeout": "30"}, "shutdown_timeout must be seconds"),
+        ({"error_handler": "log"}, "error_handler must be callable"),
+    ],
+)
+def test_bad_options_are_named(options, match):
+    with pytest.raises(ImproperlyConfigured, match=match):
+        Dispatcher(**options)

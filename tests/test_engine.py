@@ -150,3 +150,80 @@ async def test_join_waits_for_work_queued_by_work():
     await dp.handle(Job("a", 0))
     await dp.join()
     assert [seq for _, seq in log] == [0, 1, 2, 3, 4, 5]
+
+
+async def test_an_awaited_keyed_send_running_at_stop_timeout_is_cancelled():
+    import pytest
+
+    dp = Dispatcher()
+
+    @dp.commands.register(Job)
+    async def run(job: Job) -> None:
+        await asyncio.sleep(10)
+
+    dp.start()
+    waiting = asyncio.create_task(dp.execute(Job("k", 0), key="k"))
+    await asyncio.sleep(0.01)
+    await dp.stop(timeout=0.02)
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(waiting, 1)
+
+
+async def test_producers_waiting_for_room_at_stop_are_turned_away():
+    import pytest
+
+    from iambus import DispatcherStopped
+
+    dp = Dispatcher(max_pending=1)
+
+    @dp.commands.register(Job)
+    async def run(job: Job) -> None:
+        await asyncio.sleep(10)
+
+    dp.start()
+    await dp.handle(Job("x", 1))
+    second = asyncio.create_task(dp.handle(Job("x", 2)))
+    third = asyncio.create_task(dp.handle(Job("x", 3)))
+    await asyncio.sleep(0.01)
+    await dp.stop(timeout=0.02)
+    for producer in (second, third):
+        with pytest.raises(DispatcherStopped):
+            await asyncio.wait_for(producer, 1)
+
+
+async def test_a_cancelled_producer_passes_its_room_on():
+    gate = asyncio.Event()
+    dp = Dispatcher(max_pending=1, engine_workers=1)
+
+    @dp.commands.register(Job)
+    async def run(job: Job) -> None:
+        if job.seq == 1:
+            await gate.wait()
+
+    await dp.handle(Job("x", 1))
+    first = asyncio.create_task(dp.handle(Job("x", 2)))
+    second = asyncio.create_task(dp.handle(Job("x", 3)))
+    await asyncio.sleep(0.01)
+    gate.set()
+    await asyncio.sleep(0)  # the job finishes and wakes `first`...
+    first.cancel()  # ...which is cancelled before it can take the room
+    await asyncio.wait_for(second, 1)  # the room went to the next producer
+    await dp.join()
+
+
+async def test_a_handler_swallowing_cancellation_does_not_hang_stop():
+    log: list[tuple[str, int]] = []
+    dp = Dispatcher(engine_workers=1)
+
+    @dp.commands.register(Job)
+    async def run(job: Job) -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            log.append((job.key, job.seq))  # swallowed: returns normally
+
+    dp.start()
+    await dp.handle(Job("x", 0))
+    await dp.handle(Job("x", 1))
+    await asyncio.wait_for(dp.stop(timeout=0.02), 2)
+    assert log == [("x", 0)]  # the queued job was not started after the stop

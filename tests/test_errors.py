@@ -19,6 +19,10 @@ from iambus.errors import (
     ImproperlyConfigured,
     ProviderConflict,
     RegistrationClosed,
+    RemoteError,
+    RequestTimeout,
+    SerializationError,
+    TransportError,
     WouldDeadlock,
 )
 
@@ -32,6 +36,10 @@ ALL_ERRORS = [
     ImproperlyConfigured,
     ProviderConflict,
     RegistrationClosed,
+    RemoteError,
+    RequestTimeout,
+    SerializationError,
+    TransportError,
     WouldDeadlock,
 ]
 
@@ -80,7 +88,9 @@ def test_improperly_configured_family(cls: type) -> None:
 
 
 @pytest.mark.parametrize(
-    "cls", [HandlerDoesNotExist, DispatcherStopped, WouldDeadlock], ids=lambda c: c.__name__
+    "cls",
+    [HandlerDoesNotExist, DispatcherStopped, SerializationError, WouldDeadlock],
+    ids=lambda c: c.__name__,
 )
 def test_runtime_errors_are_not_configuration_errors(cls: type) -> None:
     assert not issubclass(cls, ImproperlyConfigured)

@@ -826,3 +826,17 @@ def test_handler_record_of_a_class_handler() -> None:
     assert record.kind == "command"
     assert record.message is CreateUser
     assert "CreateUserHandler" in repr(record)
+
+
+def test_binding_an_instance_of_a_class_handler_says_to_bind_the_class() -> None:
+    from iambus import AbstractHandler, HandlerSignatureError
+
+    class Refund(AbstractHandler):
+        async def handle(self, command: object) -> None:
+            pass
+
+    dp = Dispatcher()
+    with pytest.raises(
+        HandlerSignatureError, match=r"instance of the class handler .*Refund; bind the class"
+    ):
+        dp.commands.bind("refund", Refund())

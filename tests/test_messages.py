@@ -143,3 +143,79 @@ def test_message_key_of_anything_else_is_its_type(message: Any, key: type) -> No
 )
 def test_describe(key: Any, text: str) -> None:
     assert describe(key) == text
+
+
+# -- names ----------------------------------------------------------------------------
+
+from iambus.errors import ImproperlyConfigured as _ImproperlyConfigured  # noqa: E402
+from iambus.messages import (  # noqa: E402
+    MessageRegistry,
+    contract,
+    message_name,
+    result_type,
+)
+
+
+def test_default_name_is_the_qualname_and_contract_overrides_it() -> None:
+    @dataclass
+    class Placed:
+        pass
+
+    @contract("orders.Placed.v2")
+    @dataclass
+    class Renamed:
+        pass
+
+    class Sub(Renamed):
+        pass
+
+    assert (
+        message_name(Placed)
+        == "test_default_name_is_the_qualname_and_contract_overrides_it.<locals>.Placed"
+    )
+    assert message_name(Renamed) == "orders.Placed.v2"
+    assert message_name(Sub).endswith("Sub")  # a subclass is another message
+    assert message_name("on startup") == "on startup"
+
+
+def test_contract_needs_a_name() -> None:
+    with pytest.raises(_ImproperlyConfigured, match="non-empty string"):
+        contract("")
+
+
+def test_registry_refuses_two_types_with_one_name() -> None:
+    @contract("Same")
+    class A:
+        pass
+
+    @contract("Same")
+    class B:
+        pass
+
+    registry = MessageRegistry([A])
+    assert registry.name_of(A) == "Same"
+    assert registry.key_of("Same") is A
+    assert registry.key_of("Unknown") is None
+    with pytest.raises(_ImproperlyConfigured, match=r"two messages are named 'Same'.*@contract"):
+        registry.add(B)
+    assert registry.names() == ["Same"]
+
+
+def test_result_type_comes_from_the_markers() -> None:
+    @dataclass
+    class GetIds(Query[list[int]]):
+        pass
+
+    @dataclass
+    class Charge(Command[bool]):
+        pass
+
+    class Plain:
+        pass
+
+    from typing import Any
+
+    assert result_type(GetIds) == list[int]
+    assert result_type(Charge) is bool
+    assert result_type(Plain) is Any
+    assert result_type("name") is Any

@@ -194,3 +194,56 @@ async def test_callable_object_middleware():
         return 1
 
     assert await dp.query(Ping(1)) == ("tagged", 1)
+
+
+async def test_a_retried_chain_publishes_the_events_of_the_successful_attempt_only():
+    dp = Dispatcher()
+    published: list[Pinged] = []
+    attempt = 0
+
+    class Counting(AbstractHandler):
+        async def handle(self, command: Count) -> int:
+            nonlocal attempt
+            attempt += 1
+            await self.add_event(Pinged(attempt))
+            return attempt
+
+    async def retry(message, call_next, context):
+        try:
+            return await call_next(message)
+        except RuntimeError:
+            return await call_next(message)
+
+    async def commit_fails_once(message, call_next, context):
+        result = await call_next(message)
+        if result == 1:
+            raise RuntimeError("commit failed")
+        return result
+
+    dp.commands.add_middleware(retry)
+    dp.commands.add_middleware(commit_fails_once)
+    dp.commands.bind(Count, Counting)
+
+    @dp.events.register(Pinged)
+    async def on_pinged(event: Pinged) -> None:
+        published.append(event)
+
+    assert await dp.execute(Count()) == 2
+    assert published == [Pinged(2)]
+
+
+async def test_a_partial_of_an_async_function_is_a_middleware():
+    import functools
+
+    dp = Dispatcher()
+
+    async def tag(label, message, call_next, context):
+        return (label, await call_next(message))
+
+    dp.add_middleware(functools.partial(tag, "tagged"))
+
+    @dp.queries.register(Ping)
+    async def ping(query: Ping) -> int:
+        return 1
+
+    assert await dp.query(Ping(1)) == ("tagged", 1)

@@ -545,3 +545,35 @@ async def test_router_middleware_runs_around_its_handlers(router: str) -> None:
     assert seen == [
         ({"events": "event", "commands": "command"}.get(router, "query"), qualified(echo))
     ]
+
+
+def test_a_failed_bind_binds_nothing_not_even_its_providers() -> None:
+    from iambus import HandlerSignatureError, Singleton
+
+    dp = Dispatcher()
+
+    def v1() -> int:
+        return 1
+
+    def v2() -> int:
+        return 2
+
+    async def broken(query: GetUser, repo: int, other: int) -> int:
+        return repo
+
+    async def fixed(query: GetUser, repo: int) -> int:
+        return repo
+
+    with pytest.raises(HandlerSignatureError):
+        dp.queries.bind(GetUser, broken, repo=Singleton["repo":v1])
+    dp.queries.bind(GetUser, fixed, repo=Singleton["repo":v2])  # no ProviderConflict
+
+
+def test_binding_a_union_is_a_clear_error() -> None:
+    dp = Dispatcher()
+
+    async def handler(event: object) -> None:
+        pass
+
+    with pytest.raises(ImproperlyConfigured, match="bind each message type separately"):
+        dp.events.bind(UserCreated | CreateUser, handler)  # type: ignore[arg-type]

@@ -14,6 +14,10 @@ from .errors import (
     ImproperlyConfigured,
     ProviderConflict,
     RegistrationClosed,
+    RemoteError,
+    RequestTimeout,
+    SerializationError,
+    TransportError,
     WouldDeadlock,
 )
 from .handlers import AbstractHandler, Handler, HandlerProtocol
@@ -48,8 +52,12 @@ __all__ = [
     "ProviderConflict",
     "Query",
     "RegistrationClosed",
+    "RemoteError",
     "RequestRouter",
+    "RequestTimeout",
+    "SerializationError",
     "Singleton",
+    "TransportError",
     "WouldDeadlock",
     "__version__",
     "dispatcher",

@@ -31,16 +31,14 @@ returns. Their handlers' failures go to the ``error_handler``: the command did s
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import inspect
 import logging
 import signal
-import types
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
-from .engine import Engine, JobFn, current_key, in_worker
+from .engine import Engine, JobFn, current_key, in_worker, outside_workers
 from .errors import (
     DispatcherStopped,
     HandlerDoesNotExist,
@@ -143,10 +141,21 @@ class Dispatcher:
         listen_for_signals: bool = False,
         shutdown_timeout: float | None = 30.0,
     ) -> None:
-        if engine_workers < 1:
-            raise ImproperlyConfigured(f"engine_workers must be at least 1, got {engine_workers}")
-        if max_pending < 1:
-            raise ImproperlyConfigured(f"max_pending must be at least 1, got {max_pending}")
+        for option, value in (("engine_workers", engine_workers), ("max_pending", max_pending)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ImproperlyConfigured(f"{option} must be an int of at least 1, got {value!r}")
+        if shutdown_timeout is not None and (
+            not isinstance(shutdown_timeout, int | float) or shutdown_timeout < 0
+        ):
+            raise ImproperlyConfigured(
+                f"shutdown_timeout must be seconds (>= 0) or None for no limit, "
+                f"got {shutdown_timeout!r}"
+            )
+        if error_handler is not None and not callable(error_handler):
+            raise ImproperlyConfigured(
+                f"error_handler must be callable as fn(exc, message, context), "
+                f"got {error_handler!r}"
+            )
         for option, cls, base in (
             ("events_router_cls", events_router_cls, EventRouter),
             ("commands_router_cls", commands_router_cls, RequestRouter),
@@ -265,8 +274,13 @@ class Dispatcher:
         dispatcher implicitly; calling ``start()`` again is harmless, and after
         ``stop()`` it reopens the dispatcher.
         """
-        if self._state in (_STARTED, _STOPPING):
+        if self._state == _STARTED:
             return
+        if self._state == _STOPPING:
+            raise DispatcherStopped(
+                "the dispatcher is stopping; await dp.stop() (or dp.wait_for_shutdown()) "
+                "before starting it again"
+            )
         if self._state == _NEW:
             if not any(router.handlers() for router in self._routers.values()):
                 logger.warning("iambus: no handlers registered; the dispatcher was not started")
@@ -276,7 +290,8 @@ class Dispatcher:
         self._open = True
         self._fast_commands = _fast(self._commands)
         self._fast_queries = _fast(self._queries)
-        self._shutdown = None
+        if self._shutdown is not None:
+            self._shutdown.clear()  # waiters from before the start keep waiting on it
         if self.listen_for_signals:
             self._install_signals()
         logger.debug("iambus: dispatcher started")
@@ -329,6 +344,17 @@ class Dispatcher:
         if self._state in (_NEW, _STOPPED):
             self._signal_shutdown()  # nothing runs; a NEW dispatcher stays open to binding
             return
+        if in_worker.get():
+            # From a background handler: draining would wait for this very handler, so
+            # the stop runs in a task of its own; this call returns at once.
+            if self._stop_task is None or self._stop_task.done():
+                self._stop_task = asyncio.get_running_loop().create_task(
+                    self.stop(timeout), context=outside_workers()
+                )
+            return
+        if self._state == _STOPPING:
+            await self.wait_for_shutdown()
+            return
         self._state = _STOPPING
         self._open = False
         # Every send now takes the checked path, which admits only drained handlers.
@@ -357,6 +383,11 @@ class Dispatcher:
 
     async def join(self) -> None:
         """Return once all background work — and what it cascaded — has finished."""
+        if in_worker.get():
+            raise WouldDeadlock(
+                "dp.join() from a background handler would wait for that handler itself; "
+                "call it from the code that sent the messages"
+            )
         engine = self._engine
         if engine is not None and engine.loop is asyncio.get_running_loop():
             await engine.join()
@@ -515,8 +546,14 @@ class Dispatcher:
         if not self._open:
             self._ensure_open()
         mkey = message_key(message)
+        _check_key(key)
         job: JobFn
-        if self._event_handlers(mkey):
+        # Events bound to this very type first (the seed's order: events, commands,
+        # queries); handlers bound to a base class (or ``object``) only when no command or
+        # query handler claims the type, so a catch-all audit handler never swallows one.
+        if mkey in self._event_routes or (
+            mkey not in self._commands and mkey not in self._queries and self._event_handlers(mkey)
+        ):
             if wait_for_response:
                 return await self.publish(message, key=key)
             job = self._publish_reporting
@@ -657,69 +694,77 @@ class Dispatcher:
                 raise _group(event, 1, [(route, exc)]) from None
             return
 
-        # Several handlers: a driver runs them one after another while they complete
-        # without suspending. When one suspends, its driver becomes a task that finishes
-        # that handler, and a new driver goes on with the next: every handler starts
-        # right away and they run concurrently whenever one waits, yet the common case
-        # costs one generator per event instead of one task per handler.
+        # Several handlers. They are awaited one after another by the sending task
+        # itself, as direct calls are, so current_task(), asyncio.timeout() and task
+        # groups inside a handler behave exactly as for a direct call. A callback armed
+        # beforehand can only run if a handler suspends: it then starts the remaining
+        # handlers as tasks, so they run concurrently with the waiting one. When no
+        # handler suspends (the common case), the callback is cancelled unrun: no task.
         fan = _FanOut(routes, event, key)
-        tasks: list[asyncio.Task[Any]] = []
+        armed = asyncio.get_running_loop().call_soon(self._spread, fan)
         try:
-            while fan.next < fan.total:
-                driver = self._drive(fan)
-                context = contextvars.copy_context()
+            quiet = self.quiet
+            while fan.next < fan.total and fan.tasks is None:
+                route = routes[fan.next]
+                fan.next += 1
                 try:
-                    yielded = context.run(driver.send, None)
-                except StopIteration:
-                    break
-                tasks.append(
-                    asyncio.get_running_loop().create_task(
-                        _resume(driver, yielded), context=context
-                    )
-                )
-            if tasks:
-                await asyncio.wait(tasks)
+                    if route.plain:  # _run_one, inlined: one coroutine less per handler
+                        result = await route.invoke(event)
+                        if (
+                            result is not None
+                            and result is not event
+                            and (route.response_event is not None or type(result) not in quiet)
+                        ):
+                            await self._emit_result(route, result, key)
+                    else:
+                        await route.run(event, key)
+                except Exception as exc:
+                    fan.failures.append((route, exc))
+            armed.cancel()
+            if fan.tasks:
+                await asyncio.wait(fan.tasks)
         except BaseException:
-            # Like a TaskGroup: cancelled with us, the handlers still waiting are
-            # cancelled too, and we return only once their clean-up has run.
-            for task in tasks:
-                task.cancel()
-            if tasks:
-                await asyncio.wait(tasks)
+            armed.cancel()
+            # Like a TaskGroup: cancelled with us, the started handlers are cancelled
+            # too, and we return only once their clean-up has run.
+            if fan.tasks:
+                for task in fan.tasks:
+                    task.cancel()
+                await asyncio.wait(fan.tasks)
             raise
-        # A driver records the failure of the handler it was running, even a
-        # cancellation, so the tasks themselves need no inspection.
+        if fan.tasks:
+            for route, task in zip(routes[fan.total - len(fan.tasks) :], fan.tasks, strict=True):
+                if task.cancelled():
+                    fan.failures.append((route, asyncio.CancelledError()))
+                elif (error := task.exception()) is not None:
+                    fan.failures.append((route, error))
         if not fan.failures:
             return
         if report:
-            for route, error in fan.failures:
-                await self._report(error, event, route.context_for(key))
+            for route, failure in fan.failures:
+                await self._report(failure, event, route.context_for(key))
             return
         raise _group(event, fan.total, fan.failures)
 
-    @types.coroutine
-    def _drive(self, fan: _FanOut) -> Generator[Any, Any, None]:
-        routes, event, key = fan.routes, fan.event, fan.key
-        while fan.next < fan.total:
-            route = routes[fan.next]
-            fan.next += 1
-            try:
-                if route.plain:
-                    # invoke() returns a coroutine: awaitable by ``yield from`` here
-                    result = yield from route.invoke(event)  # type: ignore[misc]
-                    if (
-                        result is not None
-                        and result is not event
-                        and (route.response_event is not None or type(result) not in self.quiet)
-                    ):
-                        yield from self._emit_result(route, result, key)
-                else:
-                    yield from route.run(event, key)
-            except Exception as exc:
-                fan.failures.append((route, exc))
-            except BaseException as exc:
-                fan.failures.append((route, exc))
-                raise
+    def _spread(self, fan: _FanOut) -> None:
+        # Runs only if a handler of ``fan`` suspended: start the rest as tasks.
+        fan.tasks = [
+            _start_task(self._run_one(route, fan.event, fan.key))
+            for route in fan.routes[fan.next :]
+        ]
+        fan.next = fan.total
+
+    async def _run_one(self, route: Route, event: Any, key: str | None) -> None:
+        if not route.plain:
+            await route.run(event, key)
+            return
+        result = await route.invoke(event)
+        if (
+            result is not None
+            and result is not event
+            and (route.response_event is not None or type(result) not in self.quiet)
+        ):
+            await self._emit_result(route, result, key)
 
     async def _report(self, exc: BaseException, message: Any, context: Context) -> None:
         try:
@@ -746,13 +791,26 @@ class Dispatcher:
                     engine.pending,
                 )
             engine = self._engine = Engine(
-                workers=self.engine_workers, max_pending=self.max_pending
+                workers=self.engine_workers, max_pending=self.max_pending, orphaned=self._orphaned
             )
             if self.listen_for_signals:
                 self._install_signals()
         return engine
 
+    async def _orphaned(self, exc: BaseException, message: Any, key: Any) -> None:
+        # An awaited keyed send whose caller stopped waiting (timeout, cancellation)
+        # still failed: nobody will see the exception, so report it.
+        mkey = message_key(message)
+        route = self._commands.get(mkey) or self._queries.get(mkey)
+        context = (
+            route.context_for(key)
+            if route is not None
+            else Context("event", f"handlers of {describe(mkey)}", key)
+        )
+        await self._report(exc, message, context)
+
     async def _through_lane(self, job: JobFn, message: Any, key: str) -> Any:
+        _check_key(key)
         if current_key.get() == key:
             raise WouldDeadlock(
                 f"a handler running under key {key!r} awaits a send of "
@@ -765,6 +823,14 @@ class Dispatcher:
         return await future
 
 
+def _check_key(key: object) -> None:
+    if key is not None and not isinstance(key, str):
+        raise TypeError(
+            f"key must be a string (messages with equal keys are handled in order), "
+            f"got {key!r}; pass str(...) of what identifies the sequence"
+        )
+
+
 def _fast(routes: dict[MessageKey, Route]) -> dict[MessageKey, Invoke]:
     return {
         key: route.invoke
@@ -774,9 +840,9 @@ def _fast(routes: dict[MessageKey, Route]) -> dict[MessageKey, Invoke]:
 
 
 class _FanOut:
-    """One event on its way to several handlers, shared by the drivers running them."""
+    """One event on its way to several handlers."""
 
-    __slots__ = ("event", "failures", "key", "next", "routes", "total")
+    __slots__ = ("event", "failures", "key", "next", "routes", "tasks", "total")
 
     def __init__(self, routes: tuple[Route, ...], event: Any, key: str | None) -> None:
         self.routes = routes
@@ -784,7 +850,21 @@ class _FanOut:
         self.key = key
         self.total = len(routes)
         self.next = 0
+        self.tasks: list[asyncio.Task[None]] | None = None
         self.failures: list[tuple[Route, BaseException]] = []
+
+
+_eager = getattr(asyncio, "eager_task_factory", None)
+
+
+def _start_task(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    # 3.12+: an eager task runs its first step at once; a handler that does not wait
+    # then finishes without ever being scheduled. 3.11 has only plain tasks.
+    loop = asyncio.get_running_loop()
+    if _eager is not None:
+        task: asyncio.Task[None] = _eager(loop, coro)
+        return task
+    return loop.create_task(coro)
 
 
 def _group(
@@ -795,36 +875,3 @@ def _group(
         f"{len(failures)} of {total} handler(s) of {describe(message_key(event))} failed: {names}",
         [exc for _, exc in failures],
     )
-
-
-class _Resume:
-    """Awaitable that carries on a coroutine already stepped once by ``_fan_out``."""
-
-    __slots__ = ("coro", "yielded")
-
-    def __init__(self, coro: Coroutine[Any, Any, Any], yielded: Any) -> None:
-        self.coro = coro
-        self.yielded = yielded
-
-    def __await__(self) -> Generator[Any, Any, Any]:
-        coro, yielded = self.coro, self.yielded
-        while True:
-            try:
-                sent = yield yielded
-            except GeneratorExit:
-                coro.close()
-                raise
-            except BaseException as exc:
-                try:
-                    yielded = coro.throw(exc)
-                except StopIteration as stop:
-                    return stop.value
-            else:
-                try:
-                    yielded = coro.send(sent)
-                except StopIteration as stop:
-                    return stop.value
-
-
-async def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Any:
-    return await _Resume(coro, yielded)

@@ -10,7 +10,10 @@ through here. The rules:
 * at most ``max_pending`` jobs are queued or running; ``put`` waits for room
   (backpressure) — except when called from a job itself, which would deadlock a full pool
   waiting on its own workers; such a put is admitted over the limit;
-* a job that raises never ends its worker.
+* a job that raises never ends its worker;
+* once closing, ``put`` refuses new jobs (``DispatcherStopped``), waiting producers are
+  turned away too, and every job not run to its end is counted and its awaiting caller,
+  if any, cancelled.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
+from .errors import DispatcherStopped
+
 __all__ = ["Engine"]
 
 logger = logging.getLogger(__name__)
@@ -29,6 +34,8 @@ logger = logging.getLogger(__name__)
 JobFn = Callable[[Any, Any], Awaitable[Any]]
 # (what to run, message, key, future for an awaiting caller or None)
 Job = tuple[JobFn, Any, Any, "asyncio.Future[Any] | None"]
+# Called with (exception, message, key) when an awaited job fails after its caller left.
+Orphaned = Callable[[BaseException, Any, Any], Awaitable[None]]
 
 in_worker: contextvars.ContextVar[bool] = contextvars.ContextVar("iambus_in_worker", default=False)
 # The key of the job the current worker runs (None outside keyed jobs).
@@ -37,11 +44,20 @@ current_key: contextvars.ContextVar[Hashable | None] = contextvars.ContextVar(
 )
 
 
+def outside_workers() -> contextvars.Context:
+    """A copy of the current context as seen outside any worker (for tasks of our own)."""
+    context = contextvars.copy_context()
+    context.run(in_worker.set, False)
+    context.run(current_key.set, None)
+    return context
+
+
 class Engine:
-    def __init__(self, *, workers: int, max_pending: int) -> None:
+    def __init__(self, *, workers: int, max_pending: int, orphaned: Orphaned) -> None:
         self.loop = asyncio.get_running_loop()
         self._workers = workers
         self._max_pending = max_pending
+        self._orphaned = orphaned
         self._ready: asyncio.Queue[Job] = asyncio.Queue()
         self._lanes: dict[Hashable, deque[Job]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -56,15 +72,13 @@ class Engine:
         return self._pending
 
     async def put(self, job: Job, key: Hashable | None) -> None:
-        if self._pending >= self._max_pending and not in_worker.get():
-            while self._pending >= self._max_pending:
-                room = self.loop.create_future()
-                self._room.append(room)
-                try:
-                    await room
-                finally:
-                    if room in self._room:
-                        self._room.remove(room)
+        if not in_worker.get():
+            while self._pending >= self._max_pending and not self._closing:
+                await self._wait_for_room()
+        if self._closing:
+            raise DispatcherStopped(
+                "the dispatcher is stopping and takes no new messages; send before dp.stop()"
+            )
         if not self._tasks:
             self._start()
         self._pending += 1
@@ -75,6 +89,21 @@ class Engine:
         else:
             self._lanes[key] = deque()
             self._ready.put_nowait(job)
+
+    async def _wait_for_room(self) -> None:
+        room = self.loop.create_future()
+        self._room.append(room)
+        try:
+            await room
+        except asyncio.CancelledError:
+            # Woken, then cancelled before it could use the room: pass the wake-up on,
+            # or the next producer would wait for a room that is already free.
+            if room.done() and not room.cancelled():
+                self._wake_one()
+            raise
+        finally:
+            if room in self._room:
+                self._room.remove(room)
 
     async def join(self) -> None:
         """Return once no job is queued or running (including jobs put meanwhile)."""
@@ -87,18 +116,19 @@ class Engine:
         """Cancel the workers; return how many jobs were left unfinished."""
         left = self._pending
         self._closing = True
+        while self._room:  # producers waiting for room: they get DispatcherStopped
+            room = self._room.popleft()
+            if not room.done():
+                room.set_result(None)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         while not self._ready.empty():
-            _, _, _, future = self._ready.get_nowait()
-            if future is not None and not future.done():
-                future.cancel()
+            _cancel(self._ready.get_nowait())
         for lane in self._lanes.values():
-            for _, _, _, future in lane:
-                if future is not None and not future.done():
-                    future.cancel()
+            for job in lane:
+                _cancel(job)
         self._lanes.clear()
         self._pending = 0
         self._wake_idle()
@@ -116,33 +146,27 @@ class Engine:
         ready = self._ready
         me = asyncio.current_task()
         assert me is not None
-        while True:
+        while not self._closing:
             try:
-                fn, message, key, future = await ready.get()
+                job = await ready.get()
             except asyncio.CancelledError:
                 self._lost_with_the_loop()
                 raise
+            fn, message, key, future = job
             token = current_key.set(key)
             try:
                 if future is None:
                     await fn(message, key)
                 elif not future.cancelled():
-                    try:
-                        result = await fn(message, key)
-                    except Exception as exc:
-                        if not future.done():
-                            future.set_exception(exc)
-                    else:
-                        if not future.done():
-                            future.set_result(result)
+                    await self._answer(fn, message, key, future)
             except asyncio.CancelledError:
                 if me.cancelling():
+                    _cancel(job)
                     self._lost_with_the_loop()
                     raise  # the engine is closing, or the event loop is ending
                 # A handler raised CancelledError of its own: a failure of that job only.
                 logger.error("iambus: a background job for %r was cancelled", message)
-                if future is not None and not future.done():
-                    future.cancel()
+                _cancel(job)
             except Exception:
                 # Job functions report their handlers' errors themselves; this is a
                 # last line of defence so that a worker never dies.
@@ -150,6 +174,41 @@ class Engine:
             finally:
                 current_key.reset(token)
                 self._finish(key)
+            if me.cancelling():
+                # Cancelled while the job swallowed the cancellation: stop all the same.
+                self._lost_with_the_loop()
+                raise asyncio.CancelledError
+
+    async def _answer(self, fn: JobFn, message: Any, key: Any, future: asyncio.Future[Any]) -> None:
+        try:
+            result = await fn(message, key)
+        except Exception as exc:
+            if future.done():
+                await self._orphaned(exc, message, key)  # the caller left: still reported
+            else:
+                future.set_exception(exc)
+        else:
+            if not future.done():
+                future.set_result(result)
+
+    def _finish(self, key: Hashable | None) -> None:
+        if key is not None:
+            lane = self._lanes.get(key)
+            if lane:
+                self._ready.put_nowait(lane.popleft())
+            elif lane is not None:
+                del self._lanes[key]
+        self._pending -= 1
+        self._wake_one()
+        if not self._pending:
+            self._wake_idle()
+
+    def _wake_one(self) -> None:
+        while self._room:
+            room = self._room.popleft()
+            if not room.done():
+                room.set_result(None)
+                return
 
     def _lost_with_the_loop(self) -> None:
         # Workers cancelled by someone else than close(): the event loop is shutting
@@ -163,22 +222,12 @@ class Engine:
                 self._pending,
             )
 
-    def _finish(self, key: Hashable | None) -> None:
-        if key is not None:
-            lane = self._lanes.get(key)
-            if lane:
-                self._ready.put_nowait(lane.popleft())
-            elif lane is not None:
-                del self._lanes[key]
-        self._pending -= 1
-        while self._room:
-            room = self._room.popleft()
-            if not room.done():
-                room.set_result(None)
-                break
-        if not self._pending:
-            self._wake_idle()
-
     def _wake_idle(self) -> None:
         if self._idle is not None and not self._idle.done():
             self._idle.set_result(None)
+
+
+def _cancel(job: Job) -> None:
+    future = job[3]
+    if future is not None and not future.done():
+        future.cancel()

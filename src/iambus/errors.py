@@ -11,7 +11,11 @@ The tree::
     │   └── RegistrationClosed        binding or adding middleware after start
     ├── HandlerDoesNotExist           a message that needs a handler has none
     ├── DispatcherStopped             sending to a dispatcher that is stopping or stopped
-    └── WouldDeadlock                 awaiting a send that can only run after the caller
+    ├── WouldDeadlock                 awaiting a send that can only run after the caller
+    ├── SerializationError            a message or result that cannot be encoded or decoded
+    ├── TransportError                the broker failed or is unreachable (cause: driver error)
+    ├── RemoteError                   a remote handler failed; carries its type name and message
+    └── RequestTimeout                no answer to a remote query in time (also a TimeoutError)
 
 Messages say what was wrong, where (the handler's qualified name, the parameter, the
 message type) and how to fix it. Catch ``IambusError`` to catch them all.
@@ -29,6 +33,10 @@ __all__ = [
     "ImproperlyConfigured",
     "ProviderConflict",
     "RegistrationClosed",
+    "RemoteError",
+    "RequestTimeout",
+    "SerializationError",
+    "TransportError",
     "WouldDeadlock",
 ]
 
@@ -71,3 +79,31 @@ class DispatcherStopped(IambusError):
 
 class WouldDeadlock(IambusError):
     """The send would wait for work that cannot start before the waiting caller ends."""
+
+
+class SerializationError(IambusError):
+    """A message (or a query result) cannot be encoded, or a payload cannot be decoded.
+
+    The message says which message name and which field, and what was expected.
+    """
+
+
+class TransportError(IambusError):
+    """The broker failed or could not be reached; the driver's exception is the cause."""
+
+
+class RemoteError(IambusError):
+    """A handler in another process failed while answering.
+
+    ``error_type`` is the remote exception's qualified type name (e.g.
+    ``"billing.errors.CardDeclined"``) and ``remote_message`` its message.
+    """
+
+    def __init__(self, message: str, *, error_type: str, remote_message: str) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.remote_message = remote_message
+
+
+class RequestTimeout(IambusError, TimeoutError):
+    """A remote query got no answer within its timeout."""

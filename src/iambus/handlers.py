@@ -23,10 +23,9 @@ from .errors import HandlerIsSync, HandlerSignatureError, ImproperlyConfigured
 from .messages import MessageKey, describe
 from .providers import Provider, ProviderRegistry, ProviderState
 
-__all__ = ["AbstractHandler", "Handler", "HandlerProtocol", "HandlerType", "Kind"]
+__all__ = ["AbstractHandler", "Handler", "HandlerProtocol", "Kind"]
 
 Kind = Literal["event", "command", "query"]
-HandlerType = Callable[..., Awaitable[Any]] | type
 # ``invoke(message)`` runs the user's code and returns its result; for a handler that
 # collects events it is ``invoke(message, sink)`` and extends ``sink`` after success.
 Invoke = Callable[..., Awaitable[Any]]
@@ -137,6 +136,7 @@ def build_handler(
         )
     static = {k: v for k, v in initkwargs.items() if not isinstance(v, Provider)}
     provided = [(k, providers.resolve(v)) for k, v in initkwargs.items() if isinstance(v, Provider)]
+    # (the router undoes these provider registrations if binding fails after this point)
 
     if isinstance(fn, type):
         invoke, collects = _class_invoke(fn, name, argname, initkwargs, static, provided)
@@ -163,6 +163,12 @@ def _function_invoke(
     provided: list[tuple[str, ProviderState]],
 ) -> tuple[Invoke, bool]:
     if not callable(fn):
+        if callable(getattr(fn, "handle", None)):
+            raise HandlerSignatureError(
+                f"got an instance of the class handler {type(fn).__qualname__}; bind the "
+                f"class itself (iambus instantiates it for every message, with the bound "
+                f"arguments)"
+            )
         raise HandlerSignatureError(f"{name} is not callable; bind an async function or class")
     target = fn if inspect.isroutine(fn) or isinstance(fn, functools.partial) else fn.__call__
     if not inspect.iscoroutinefunction(target):
@@ -283,7 +289,9 @@ def _class_invoke(
         events = instance.dump_events()
         if inspect.isawaitable(events):
             events = await events
-        sink.extend(events)
+        # Replace, not extend: when middleware retries, only the events of the call
+        # whose result is returned are published, not those of a failed attempt.
+        sink[:] = events
         return result
 
     return call_collecting, True

@@ -4,23 +4,42 @@ Any object is a message. It is routed by its type — a dataclass, a pydantic mo
 msgspec Struct or a plain class instance alike — except a string, which is its own key
 (``dp.events.register("on startup")``).
 
-Subclassing ``Query[R]`` or ``Command[R]`` is optional. It only tells type checkers what
-``await dp.query(...)`` / ``await dp.execute(...)`` returns::
+Subclassing ``Query[R]`` or ``Command[R]`` is optional. It tells type checkers what
+``await dp.query(...)`` / ``await dp.execute(...)`` returns, and tells a transport what type
+to decode a remote query's result into::
 
     @dataclass(frozen=True, slots=True)
     class GetUser(Query[User]):
         user_id: int
 
     user = await dp.query(GetUser(7))   # a type checker sees ``User``
+
+A message that crosses processes travels under a stable *name*: by default its class's
+``__qualname__`` (``"OrderPlaced"``), or what its ``__message_name__`` says — set it
+directly or with ``@contract("orders.OrderPlaced")``. A string message's name is itself.
+Rename a class freely once it has an explicit name; without one, the name is the contract.
 """
 
 from __future__ import annotations
 
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, Generic, TypeVar, get_args, get_origin
 
-__all__ = ["Command", "Query", "describe", "message_key"]
+from .errors import ImproperlyConfigured
+
+__all__ = [
+    "Command",
+    "MessageRegistry",
+    "Query",
+    "contract",
+    "describe",
+    "message_key",
+    "message_name",
+    "result_type",
+]
 
 R = TypeVar("R", covariant=True)
+T = TypeVar("T", bound=type)
 
 MessageKey = type | str
 
@@ -47,3 +66,72 @@ def describe(key: MessageKey) -> str:
     if isinstance(key, str):
         return repr(key)
     return f"{key.__module__}.{key.__qualname__}"
+
+
+def contract(name: str) -> Callable[[T], T]:
+    """Give a message class a stable name for the wire; returns the class unchanged."""
+    if not isinstance(name, str) or not name:
+        raise ImproperlyConfigured(f"a message name must be a non-empty string, got {name!r}")
+
+    def decorate(cls: T) -> T:
+        cls.__message_name__ = name  # type: ignore[attr-defined]
+        return cls
+
+    return decorate
+
+
+def message_name(key: MessageKey) -> str:
+    """The wire name of a routing key: the string itself, or the class's contract name."""
+    if isinstance(key, str):
+        return key
+    # Read from the class itself, not inherited: a subclass is another message.
+    explicit = key.__dict__.get("__message_name__")
+    return explicit if isinstance(explicit, str) else key.__qualname__
+
+
+def result_type(key: MessageKey) -> Any:
+    """``R`` of a ``Query[R]`` / ``Command[R]`` subclass, or ``Any`` when not declared."""
+    if isinstance(key, type):
+        for klass in key.__mro__:
+            for base in getattr(klass, "__orig_bases__", ()):
+                if get_origin(base) in (Query, Command) and get_args(base):
+                    return get_args(base)[0]
+    return Any
+
+
+class MessageRegistry:
+    """Names to message types and back, for one dispatcher; refuses ambiguity."""
+
+    __slots__ = ("_by_key", "_by_name")
+
+    def __init__(self, keys: Iterable[MessageKey] = ()) -> None:
+        self._by_name: dict[str, MessageKey] = {}
+        self._by_key: dict[MessageKey, str] = {}
+        for key in keys:
+            self.add(key)
+
+    def add(self, key: MessageKey) -> str:
+        """Register ``key`` and return its name; a name taken by another type is refused."""
+        known = self._by_key.get(key)
+        if known is not None:
+            return known
+        name = message_name(key)
+        other = self._by_name.get(name)
+        if other is not None and other != key:
+            raise ImproperlyConfigured(
+                f"two messages are named {name!r}: {describe(other)} and {describe(key)}; "
+                f"give one a distinct name with @contract('...') or __message_name__"
+            )
+        self._by_name[name] = key
+        self._by_key[key] = name
+        return name
+
+    def name_of(self, key: MessageKey) -> str:
+        return self._by_key.get(key) or self.add(key)
+
+    def key_of(self, name: str) -> MessageKey | None:
+        """The type registered under ``name``, or None for a name this process does not know."""
+        return self._by_name.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._by_name)

@@ -23,6 +23,7 @@ transaction middleware that fails on commit stops them.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -53,7 +54,8 @@ class Context:
 
 
 def check_middleware(mw: Any) -> None:
-    target = mw if inspect.isroutine(mw) else getattr(mw, "__call__", None)  # noqa: B004
+    plain = inspect.isroutine(mw) or isinstance(mw, functools.partial)
+    target = mw if plain else getattr(mw, "__call__", None)  # noqa: B004
     if target is None or not inspect.iscoroutinefunction(target):
         raise ImproperlyConfigured(
             f"middleware {mw!r} must be an async callable: "

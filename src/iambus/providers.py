@@ -22,8 +22,9 @@ same function shares the object.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 from .errors import ProviderConflict
@@ -90,11 +91,10 @@ class Factory(Provider):
 class ProviderState:
     """What a dispatcher keeps for one provider name: how to get the value now."""
 
-    __slots__ = ("fn", "is_async", "ready", "value")
+    __slots__ = ("fn", "ready", "value")
 
     def __init__(self, fn: ProviderFn) -> None:
         self.fn = fn
-        self.is_async = inspect.iscoroutinefunction(fn)
         # ``ready`` means ``value`` can be used as is, with no call and no await.
         self.ready = False
         self.value: Any = None
@@ -165,6 +165,17 @@ class ProviderRegistry:
 
     def __init__(self) -> None:
         self._by_name: dict[str, tuple[Provider, ProviderState]] = {}
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Undo the names registered inside the block if it raises (a failed bind)."""
+        before = set(self._by_name)
+        try:
+            yield
+        except BaseException:
+            for name in set(self._by_name) - before:
+                del self._by_name[name]
+            raise
 
     def resolve(self, provider: Provider) -> ProviderState:
         known = self._by_name.get(provider.name)

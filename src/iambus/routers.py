@@ -16,9 +16,10 @@ commands_router_cls=..., queries_router_cls=...)`` to customise binding.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, Union, get_origin
 
 from .errors import HandlerAlreadyBound, ImproperlyConfigured, RegistrationClosed
 from .handlers import Handler, Kind, build_handler
@@ -66,21 +67,28 @@ class Router:
                 "the str type cannot be a message class: a string message is its own key, "
                 "so bind the name itself, e.g. register('on startup')"
             )
+        if isinstance(message, types.UnionType) or get_origin(message) is Union:
+            raise ImproperlyConfigured(
+                f"cannot bind the union {message!r}: bind each message type separately "
+                f"(the same handler may be bound to several)"
+            )
         if not _is_key(message):
             raise ImproperlyConfigured(
                 f"messages are bound by class or by string name, got the instance "
                 f"{message!r}; bind {type(message).__qualname__} instead"
             )
-        record = build_handler(
-            self.kind,
-            message,
-            handler,
-            argname=argname,
-            response_event=response_event,
-            initkwargs=initkwargs,
-            providers=self.dispatcher.providers,
-        )
-        self._add(record)
+        # A failed bind binds nothing: not even the provider names it registered.
+        with self.dispatcher.providers.transaction():
+            record = build_handler(
+                self.kind,
+                message,
+                handler,
+                argname=argname,
+                response_event=response_event,
+                initkwargs=initkwargs,
+                providers=self.dispatcher.providers,
+            )
+            self._add(record)
         return record
 
     def register(

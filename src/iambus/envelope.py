@@ -1,0 +1,125 @@
+"""The envelope: what travels through a transport around an encoded message.
+
+::
+
+    Envelope(
+        id="0193...",                # unique and time-ordered (a UUIDv7)
+        name="OrderPlaced",          # the message's contract name
+        payload=b'{"order_id":7}',   # the encoded message
+        content_type="application/json",
+        correlation_id="0193...",    # the conversation: inherited from the message being handled
+        causation_id="0193...",      # the id of the message whose handler sent this one
+        created_at=1764158400.123,   # unix time, seconds
+        reply_to=None,               # where a query's answer goes
+        key="order-7",               # the partition (ordering) key, if any
+        headers={"tenant": "acme"},  # user headers: str to str
+    )
+
+The delivery attempt is not in the envelope: it is counted by the broker and given with
+each delivery (``Delivery.attempt``), so it survives restarts and counts across
+instances.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .errors import SerializationError
+
+__all__ = ["Envelope", "new_id"]
+
+
+def new_id() -> str:
+    """A UUIDv7: 48 bits of unix milliseconds, then randomness; sorts by creation time."""
+    millis = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (millis & (1 << 48) - 1) << 80 | rand & ((1 << 80) - 1)
+    value = value & ~(0xF << 76) | 0x7 << 76  # version 7
+    value = value & ~(0x3 << 62) | 0x2 << 62  # RFC 4122 variant
+    return str(uuid.UUID(int=value))
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """An encoded message with its metadata."""
+
+    name: str
+    payload: bytes
+    content_type: str = "application/json"
+    id: str = field(default_factory=new_id)
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    created_at: float = field(default_factory=time.time)
+    reply_to: str | None = None
+    key: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def to_fields(self) -> dict[str, bytes | str]:
+        """Flat string fields, as stored in a Redis stream entry or sent as AMQP headers."""
+        fields: dict[str, bytes | str] = {
+            "id": self.id,
+            "name": self.name,
+            "ct": self.content_type,
+            "at": repr(self.created_at),
+            "payload": self.payload,
+        }
+        if self.correlation_id is not None:
+            fields["corr"] = self.correlation_id
+        if self.causation_id is not None:
+            fields["cause"] = self.causation_id
+        if self.reply_to is not None:
+            fields["reply"] = self.reply_to
+        if self.key is not None:
+            fields["key"] = self.key
+        if self.headers:
+            fields["headers"] = json.dumps(dict(self.headers), separators=(",", ":"))
+        return fields
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[bytes | str, bytes | str]) -> Envelope:
+        """The inverse of ``to_fields``; a missing or malformed field is a SerializationError."""
+        get = {_text(k): v for k, v in fields.items()}.get
+        try:
+            payload = _required(get("payload"), "payload")
+            headers = get("headers")
+            envelope = cls(
+                id=_text(_required(get("id"), "id")),
+                name=_text(_required(get("name"), "name")),
+                payload=payload.encode() if isinstance(payload, str) else payload,
+                content_type=_text(get("ct") or "application/json"),
+                created_at=float(_text(_required(get("at"), "at"))),
+                correlation_id=_optional(get("corr")),
+                causation_id=_optional(get("cause")),
+                reply_to=_optional(get("reply")),
+                key=_optional(get("key")),
+                headers=json.loads(headers) if headers else {},
+            )
+        except (ValueError, TypeError, UnicodeDecodeError) as exc:
+            raise SerializationError(f"malformed envelope {dict(fields)!r}: {exc}") from exc
+        if not isinstance(envelope.headers, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in envelope.headers.items()
+        ):
+            raise SerializationError(
+                f"malformed envelope headers {envelope.headers!r}: expected a JSON object of "
+                f"strings"
+            )
+        return envelope
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _required(value: bytes | str | None, name: str) -> bytes | str:
+    if value is None:
+        raise ValueError(f"the field {name!r} is missing")
+    return value
+
+
+def _optional(value: bytes | str | None) -> str | None:
+    return None if value is None else _text(value)

@@ -1,0 +1,289 @@
+"""Testing helpers, including the transport conformance suite.
+
+Check your own transport against the contract every iambus transport keeps::
+
+    from iambus.testing import check_transport
+
+    async def test_my_transport():
+        transport = MyTransport(..., claim_after=0.3)   # a short reclaim time keeps it quick
+        await transport.open()
+        try:
+            await check_transport(transport)
+        finally:
+            await transport.close()
+
+Each check uses addresses and groups with a random suffix, so it can run against a shared
+broker. ``TRANSPORT_CHECKS`` maps each check's name to its function, to run them one by
+one (e.g. ``pytest.mark.parametrize``). A failing check raises ``AssertionError`` saying
+what the transport did wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+
+from .envelope import Envelope
+from .transports import Delivery, Failure, Transport
+
+__all__ = ["TRANSPORT_CHECKS", "check_transport"]
+
+Check = Callable[[Transport], Awaitable[None]]
+
+
+def _names(prefix: str) -> tuple[str, str, str]:
+    suffix = uuid.uuid4().hex[:10]
+    return f"test.{prefix}.{suffix}", f"g1.{suffix}", f"g2.{suffix}"
+
+
+def _envelope(n: int, **fields: object) -> Envelope:
+    return Envelope(name="Ping", payload=f'{{"n":{n}}}'.encode(), **fields)  # type: ignore[arg-type]
+
+
+async def _receive_all(
+    transport: Transport, address: str, group: str, count: int, *, consumer: str = "c1"
+) -> list[Delivery]:
+    """Receive until ``count`` deliveries arrived (or 5 s passed)."""
+    got: list[Delivery] = []
+    deadline = time.monotonic() + 5
+    while len(got) < count and time.monotonic() < deadline:
+        got += await transport.receive(
+            address, group, consumer=consumer, limit=count - len(got), wait=0.5
+        )
+    assert len(got) == count, f"expected {count} deliveries on {address}/{group}, got {len(got)}"
+    return list(got)
+
+
+async def _nothing(transport: Transport, address: str, group: str, *, wait: float = 0.3) -> None:
+    extra = await transport.receive(address, group, consumer="c-check", limit=10, wait=wait)
+    assert not extra, f"{address}/{group}: expected no delivery, got {extra!r}"
+
+
+async def check_send_receive_ack(transport: Transport) -> None:
+    """Envelopes arrive once, in order, whole, with attempt 1; an ack settles them."""
+    address, group, _ = _names("basic")
+    await transport.declare(address, group, from_start=False)
+    sent = [
+        _envelope(0),
+        _envelope(1, correlation_id="corr-1", causation_id="cause-1", key="k-1"),
+        _envelope(2, reply_to="somewhere", headers={"tenant": "acme", "trace": "x y"}),
+    ]
+    for envelope in sent:
+        await transport.send(address, envelope)
+    got = await _receive_all(transport, address, group, 3)
+    assert [d.envelope for d in got] == sent, "envelopes changed in transit or came out of order"
+    assert [d.attempt for d in got] == [1, 1, 1], "first deliveries must have attempt 1"
+    for delivery in got:
+        await delivery.ack()
+    await _nothing(transport, address, group)
+
+
+async def check_every_group_gets_every_envelope(transport: Transport) -> None:
+    """Each group on an address receives each envelope once."""
+    address, g1, g2 = _names("groups")
+    await transport.declare(address, g1, from_start=False)
+    await transport.declare(address, g2, from_start=False)
+    await transport.declare(address, g2, from_start=False)  # declaring twice is harmless
+    for n in range(4):
+        await transport.send(address, _envelope(n))
+    for group in (g1, g2):
+        got = await _receive_all(transport, address, group, 4)
+        assert sorted(d.envelope.payload for d in got) == [_envelope(n).payload for n in range(4)]
+        for delivery in got:
+            await delivery.ack()
+        await _nothing(transport, address, group)
+
+
+async def check_consumers_of_a_group_compete(transport: Transport) -> None:
+    """Within one group, each envelope goes to one consumer only."""
+    address, group, _ = _names("compete")
+    await transport.declare(address, group, from_start=False)
+    for n in range(20):
+        await transport.send(address, _envelope(n))
+    seen: list[bytes] = []
+
+    async def consume(name: str) -> None:
+        deadline = time.monotonic() + 3
+        while len(seen) < 20 and time.monotonic() < deadline:
+            for delivery in await transport.receive(
+                address, group, consumer=name, limit=3, wait=0.2
+            ):
+                seen.append(delivery.envelope.payload)
+                await delivery.ack()
+
+    await asyncio.gather(consume("a"), consume("b"))
+    assert sorted(seen) == sorted(_envelope(n).payload for n in range(20)), (
+        "consumers of one group must share the envelopes: each exactly once"
+    )
+
+
+async def check_from_start(transport: Transport) -> None:
+    """A group declared ``from_start`` gets earlier envelopes; one declared without does not."""
+    address, g1, g2 = _names("start")
+    await transport.send(address, _envelope(1))
+    await transport.declare(address, g1, from_start=True)
+    await transport.declare(address, g2, from_start=False)
+    got = await _receive_all(transport, address, g1, 1)
+    assert got[0].envelope.payload == _envelope(1).payload
+    await got[0].ack()
+    await _nothing(transport, address, g2)
+
+
+async def check_retry_goes_to_one_group_after_its_delay(transport: Transport) -> None:
+    """``retry(delay)`` redelivers to that group only, not before ``delay``, attempt + 1."""
+    address, g1, g2 = _names("retry")
+    await transport.declare(address, g1, from_start=False)
+    await transport.declare(address, g2, from_start=False)
+    await transport.send(address, _envelope(7))
+    [first] = await _receive_all(transport, address, g1, 1)
+    [other] = await _receive_all(transport, address, g2, 1)
+    await other.ack()
+    retried_at = time.monotonic()
+    await first.retry(0.4)
+    [again] = await _receive_all(transport, address, g1, 1)
+    waited = time.monotonic() - retried_at
+    assert waited >= 0.35, f"the retry came after {waited:.3f}s, before its 0.4s delay"
+    assert again.attempt == 2, f"a retried delivery must have attempt 2, got {again.attempt}"
+    assert again.envelope == first.envelope
+    await again.retry(0.0)
+    [third] = await _receive_all(transport, address, g1, 1)
+    assert third.attempt == 3
+    await third.ack()
+    await _nothing(transport, address, g1)
+    await _nothing(transport, address, g2, wait=0.1)  # the group that acked never sees it again
+
+
+async def check_dead_letters(transport: Transport) -> None:
+    """``dead_letter`` parks with the failure and acks; replay goes to that group only."""
+    address, g1, g2 = _names("dead")
+    await transport.declare(address, g1, from_start=False)
+    await transport.declare(address, g2, from_start=False)
+    envelope = _envelope(9, correlation_id="c-9")
+    await transport.send(address, envelope)
+    [delivery] = await _receive_all(transport, address, g1, 1)
+    [other] = await _receive_all(transport, address, g2, 1)
+    await other.ack()
+    failure = Failure("builtins.ValueError", "bad card", "Traceback ...\nValueError", attempts=3)
+    await delivery.dead_letter(failure)
+    await _nothing(transport, address, g1)
+
+    [letter] = [d for d in await transport.dead_letters(limit=1000) if d.address == address]
+    assert (letter.group, letter.envelope, letter.failure) == (g1, envelope, failure), letter
+    assert letter.failed_at > 0
+
+    assert await transport.replay([letter.id]) == 1
+    [replayed] = await _receive_all(transport, address, g1, 1)
+    assert replayed.envelope == envelope
+    assert replayed.attempt == 1, "a replayed envelope starts counting attempts again"
+    await replayed.ack()
+    await _nothing(transport, address, g2, wait=0.1)
+    assert [d for d in await transport.dead_letters(limit=1000) if d.address == address] == []
+
+    await transport.send(address, _envelope(10))
+    [delivery] = await _receive_all(transport, address, g1, 1)
+    await delivery.dead_letter(failure)
+    [letter] = [d for d in await transport.dead_letters(limit=1000) if d.address == address]
+    assert await transport.purge([letter.id]) == 1
+    assert await transport.purge([letter.id]) == 0
+    assert await transport.replay([letter.id]) == 0
+
+
+async def check_unacked_deliveries_are_reclaimed(transport: Transport) -> None:
+    """A delivery its consumer never settles goes to another consumer after ``claim_after``."""
+    claim_after = float(getattr(transport, "claim_after", 0))
+    assert 0 < claim_after <= 2, "run the checks with claim_after between 0 and 2 seconds"
+    address, group, _ = _names("reclaim")
+    await transport.declare(address, group, from_start=False)
+    await transport.send(address, _envelope(3))
+    [lost] = await _receive_all(transport, address, group, 1, consumer="crashed")
+    [found] = await _receive_all(transport, address, group, 1, consumer="alive")
+    assert found.envelope == lost.envelope
+    assert found.attempt == 2, f"a reclaimed delivery must have attempt 2, got {found.attempt}"
+    await found.ack()
+    await _nothing(transport, address, group, wait=claim_after + 0.3)
+
+
+async def check_receive_waits_but_not_forever(transport: Transport) -> None:
+    """``receive`` returns [] after ``wait`` when idle, and early when an envelope arrives."""
+    address, group, _ = _names("wait")
+    await transport.declare(address, group, from_start=False)
+    started = time.monotonic()
+    assert await transport.receive(address, group, consumer="c", limit=5, wait=0.2) == []
+    assert 0.15 <= time.monotonic() - started < 2, "an idle receive must honour its wait"
+
+    async def late_send() -> None:
+        await asyncio.sleep(0.1)
+        await transport.send(address, _envelope(1))
+
+    sender = asyncio.create_task(late_send())
+    started = time.monotonic()
+    got: Sequence[Delivery] = []
+    while not got and time.monotonic() - started < 3:
+        got = await transport.receive(address, group, consumer="c", limit=5, wait=3)
+    await sender
+    assert len(got) == 1
+    assert time.monotonic() - started < 2.5, "receive must return when an envelope arrives"
+    await got[0].ack()
+
+
+async def check_request_reply(transport: Transport) -> None:
+    """A request gets the reply sent to its ``reply_to``; no reply is a TimeoutError."""
+    address, group, _ = _names("request")
+    await transport.declare(address, group, from_start=True)
+
+    async def responder() -> None:
+        [delivery] = await _receive_all(transport, address, group, 1)
+        request = delivery.envelope
+        assert request.reply_to, "request() must set reply_to on the request it sends"
+        answer = Envelope(name="Pong", payload=request.payload, correlation_id=request.id)
+        await transport.reply(request.reply_to, answer)
+        await delivery.ack()
+
+    serving = asyncio.create_task(responder())
+    request = _envelope(5)
+    reply = await transport.request(address, request, timeout=5)
+    await serving
+    assert (reply.name, reply.payload, reply.correlation_id) == (
+        "Pong",
+        request.payload,
+        request.id,
+    )
+
+    silent, _, _ = _names("silent")
+    started = time.monotonic()
+    try:
+        await transport.request(silent, _envelope(6), timeout=0.3)
+    except TimeoutError:
+        pass
+    else:  # pragma: no cover - only a broken transport gets here
+        raise AssertionError("a request nobody answers must raise TimeoutError")
+    assert time.monotonic() - started < 2, "a request must give up after its timeout"
+    # a reply to a requester that gave up is dropped, not an error
+    await transport.reply(request.reply_to or "nobody-waits-here", _envelope(0))
+
+
+TRANSPORT_CHECKS: dict[str, Check] = {
+    check.__name__.removeprefix("check_"): check
+    for check in (
+        check_send_receive_ack,
+        check_every_group_gets_every_envelope,
+        check_consumers_of_a_group_compete,
+        check_from_start,
+        check_retry_goes_to_one_group_after_its_delay,
+        check_dead_letters,
+        check_unacked_deliveries_are_reclaimed,
+        check_receive_waits_but_not_forever,
+        check_request_reply,
+    )
+}
+
+
+async def check_transport(transport: Transport) -> None:
+    """Run every conformance check against an opened ``transport``."""
+    for name, check in TRANSPORT_CHECKS.items():
+        try:
+            await check(transport)
+        except AssertionError as exc:
+            raise AssertionError(f"{type(transport).__name__} fails {name!r}: {exc}") from exc

@@ -1,0 +1,132 @@
+"""Transports: how envelopes travel between processes. ``Transport`` is the seam.
+
+A transport moves ``Envelope`` objects between *addresses* (one per message name and
+kind, e.g. ``"event.OrderPlaced"``) and *groups* (who consumes: every group on an address
+receives each envelope once; consumers within a group compete). Everything else — names,
+codecs, routing, retries, handlers — lives above the seam, so a transport stays small:
+
+* ``send(address, envelope)``: durably store; return once the broker has it.
+* ``declare(address, group, from_start=...)``: make sure the group exists (idempotent).
+* ``receive(address, group, consumer=..., limit=..., wait=...)``: up to ``limit``
+  deliveries, waiting at most ``wait`` seconds. Besides new envelopes this returns
+  retries that are due and envelopes whose consumer stopped acking for ``claim_after``
+  seconds (it crashed) — each with its ``attempt``, counted by the broker.
+* ``Delivery.ack()`` / ``.retry(delay)`` / ``.dead_letter(failure)``: settle one delivery.
+  A retry goes back to *that group only*; a dead letter is parked with the failure and
+  the delivery acked, in one step.
+* ``request(address, envelope, timeout=...)`` / ``reply(to, envelope)``: request/reply.
+* ``dead_letters()`` / ``replay(ids)`` / ``purge(ids)``: the parked ones.
+
+``MemoryTransport`` is the reference implementation and the embedded default;
+``iambus.testing.check_transport`` checks any implementation against this contract.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+from urllib.parse import urlsplit
+
+from ..envelope import Envelope
+from ..errors import ImproperlyConfigured
+
+__all__ = ["DeadLetter", "Delivery", "Failure", "Transport", "connect"]
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Why a delivery was dead-lettered."""
+
+    error_type: str
+    """Qualified name of the exception type, e.g. ``"builtins.ValueError"``."""
+    message: str
+    traceback: str
+    """The last frames of the traceback (an excerpt), or "" when there was none."""
+    attempts: int
+    handler: str | None = None
+    """The handler that failed, or None when the message never reached one."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A parked envelope, with where it was going and why it failed."""
+
+    id: str
+    address: str
+    group: str
+    envelope: Envelope
+    failure: Failure
+    failed_at: float
+
+
+@runtime_checkable
+class Delivery(Protocol):
+    """One envelope delivered to one consumer of a group, to be settled exactly once."""
+
+    @property
+    def envelope(self) -> Envelope: ...
+
+    @property
+    def attempt(self) -> int:
+        """1 on the first delivery to this group, 2 on the first redelivery, and so on."""
+        ...
+
+    async def ack(self) -> None:
+        """Done: never deliver this envelope to this group again."""
+
+    async def retry(self, delay: float) -> None:
+        """Deliver it again to this group (only) after ``delay`` seconds."""
+
+    async def dead_letter(self, failure: Failure) -> None:
+        """Park it with ``failure`` and ack it, atomically."""
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """The seam between iambus and a broker."""
+
+    url: str
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def send(self, address: str, envelope: Envelope) -> None: ...
+
+    async def declare(self, address: str, group: str, *, from_start: bool) -> None: ...
+
+    async def receive(
+        self, address: str, group: str, *, consumer: str, limit: int, wait: float
+    ) -> Sequence[Delivery]: ...
+
+    async def request(self, address: str, envelope: Envelope, *, timeout: float) -> Envelope: ...
+
+    async def reply(self, to: str, envelope: Envelope) -> None: ...
+
+    async def dead_letters(self, *, limit: int = 100) -> list[DeadLetter]: ...
+
+    async def replay(self, ids: Sequence[str]) -> int: ...
+
+    async def purge(self, ids: Sequence[str] | None = None) -> int: ...
+
+
+# scheme -> (module, class, the extra that installs its driver)
+_SCHEMES: dict[str, tuple[str, str, str | None]] = {
+    "memory": ("iambus.transports.memory", "MemoryTransport", None),
+    "redis": ("iambus.transports.redis", "RedisTransport", "redis"),
+    "rediss": ("iambus.transports.redis", "RedisTransport", "redis"),
+}
+
+
+def connect(url: str, **options: Any) -> Transport:
+    """The transport for ``url`` (``memory://``, ``redis://host:port/db``); not yet opened."""
+    scheme = urlsplit(url).scheme
+    if scheme not in _SCHEMES:
+        known = ", ".join(f"{s}://" for s in _SCHEMES)
+        raise ImproperlyConfigured(f"unknown transport URL {url!r}; iambus knows {known}")
+    module_name, class_name, _extra = _SCHEMES[scheme]
+    module = importlib.import_module(module_name)
+    transport: Transport = getattr(module, class_name)(url, **options)
+    return transport

@@ -1,0 +1,54 @@
+import time
+import uuid
+
+import pytest
+
+from iambus.envelope import Envelope, new_id
+from iambus.errors import SerializationError
+
+
+def test_ids_are_uuid7_unique_and_time_ordered() -> None:
+    ids = [new_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    parsed = [uuid.UUID(i) for i in ids]
+    assert {u.version for u in parsed} == {7}
+    millis = [u.int >> 80 for u in parsed]
+    assert millis == sorted(millis)
+    assert abs(millis[0] / 1000 - time.time()) < 5
+
+
+def test_fields_round_trip() -> None:
+    envelope = Envelope(
+        name="OrderPlaced",
+        payload=b'{"id":7}',
+        correlation_id="c",
+        causation_id="d",
+        reply_to="r",
+        key="order-7",
+        headers={"tenant": "acme"},
+    )
+    fields = envelope.to_fields()
+    as_redis_returns_them = {
+        k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in fields.items()
+    }
+    assert Envelope.from_fields(as_redis_returns_them) == envelope
+    assert Envelope.from_fields(fields) == envelope
+
+
+def test_minimal_envelope_has_no_optional_fields() -> None:
+    fields = Envelope(name="Ping", payload=b"{}").to_fields()
+    assert set(fields) == {"id", "name", "ct", "at", "payload"}
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"name": "x", "payload": "{}", "at": "1"}, "'id' is missing"),
+        ({"id": "1", "name": "x", "payload": "{}", "at": "soon"}, "could not convert"),
+        ({"id": "1", "name": "x", "payload": "{}", "at": "1", "headers": "[1]"}, "headers"),
+        ({"id": "1", "name": "x", "payload": "{}", "at": "1", "headers": "{"}, "malformed"),
+    ],
+)
+def test_malformed_fields_are_a_serialization_error(fields: dict[str, str], match: str) -> None:
+    with pytest.raises(SerializationError, match=match):
+        Envelope.from_fields(fields)
