@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Prepare the environment for benchmarks/inprocess.py.  Safe to run again.
+# Prepare the environment for benchmarks/inprocess.py and broker.py.  Safe to run again.
 #
 #   bash benchmarks/setup.sh                 # uses python3 from PATH
 #   PYTHON=python3.12 bash benchmarks/setup.sh
+#   REDIS_PY='redis==5.2.1' bash benchmarks/setup.sh   # another redis-py for broker.py
 #
 # It
 #   1. creates (or reuses) the virtualenv .venv-bench at the repository root,
 #   2. installs this repository in editable mode plus the peers we compare with
-#      (python-cqrs, lato, blinker) from PyPI,
+#      (python-cqrs, lato, blinker) from PyPI, and for broker.py redis-py,
+#      hiredis, faststream[redis] and uvloop,
 #   3. fetches the sdist of iambus 0.2.1 (the "seed": the release this project
 #      started from) into benchmarks/.seed/ and derives an importable copy of it
 #      named `seediambus`, so it can live next to our own `iambus` package.
@@ -36,6 +38,13 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 # 2. packages -----------------------------------------------------------------
 say "installing python-cqrs, lato, blinker"
 "${PIP[@]}" install python-cqrs lato blinker
+
+# For broker.py: the Redis client (with the hiredis parser), FastStream's
+# Redis broker and uvloop (for --loop uvloop).  REDIS_PY picks the redis-py
+# release, e.g. REDIS_PY='redis==5.2.1' (default: the newest).
+REDIS_PY="${REDIS_PY:-redis}"
+say "installing $REDIS_PY, hiredis, faststream[redis], uvloop"
+"${PIP[@]}" install "$REDIS_PY" hiredis "faststream[redis]" uvloop
 
 # The library is being written alongside the benchmark; when its packaging is
 # not installable yet, inprocess.py falls back to importing it from src/.
@@ -87,3 +96,4 @@ else
 fi
 
 say "done; run: $VENV/bin/python benchmarks/inprocess.py [--quick]"
+say "      or: $VENV/bin/python benchmarks/broker.py [--quick]  (needs Redis at 127.0.0.1:6379)"

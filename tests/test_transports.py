@@ -1,5 +1,6 @@
 """Every transport keeps the same contract: iambus.testing's conformance checks."""
 
+import uuid
 from collections.abc import AsyncIterator
 
 import pytest
@@ -9,12 +10,24 @@ from iambus.testing import TRANSPORT_CHECKS
 from iambus.transports import Transport, connect
 from iambus.transports.memory import MemoryTransport
 
+from .conftest import require
 
-@pytest.fixture(params=["memory"])
+
+@pytest.fixture(params=["memory", "redis"])
 async def transport(request: pytest.FixtureRequest) -> AsyncIterator[Transport]:
-    made = connect(f"{request.param}://", claim_after=0.3)
+    if request.param == "memory":
+        made: Transport = connect("memory://", claim_after=0.3)
+    else:
+        require("redis")
+        made = connect(
+            f"redis://127.0.0.1:6379/0?namespace=test-{uuid.uuid4().hex[:8]}",
+            claim_after=0.3,
+            block=0.1,
+        )
     await made.open()
     yield made
+    if request.param == "redis":
+        await made.destroy()  # type: ignore[attr-defined]
     await made.close()
 
 

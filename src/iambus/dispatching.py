@@ -34,23 +34,30 @@ import asyncio
 import inspect
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
+from .codecs import Codec, JsonCodec
 from .engine import Engine, JobFn, current_key, in_worker, outside_workers
 from .errors import (
     DispatcherStopped,
     HandlerDoesNotExist,
     ImproperlyConfigured,
     RegistrationClosed,
+    RequestTimeout,
     WouldDeadlock,
 )
 from .handlers import Handler, Invoke, Kind
 from .messages import Command, MessageKey, Query, describe, message_key
 from .middleware import Chain, Context, Middleware, check_middleware, compose
 from .providers import ProviderRegistry
+from .remote import Remote, RemoteRoute
+from .retry import Retry
 from .routers import EventRouter, RequestRouter, Router
+from .routing import Routes, address
+from .transports import Transport, connect
+from .worker import Subscription, Worker
 
 __all__ = ["Dispatcher", "ErrorHandler"]
 
@@ -140,6 +147,14 @@ class Dispatcher:
         error_handler: ErrorHandler | None = None,
         listen_for_signals: bool = False,
         shutdown_timeout: float | None = 30.0,
+        transport: Transport | str | None = None,
+        service: str | None = None,
+        routes: Mapping[type | str, str] | None = None,
+        codec: Codec | None = None,
+        retry: Retry | None = None,
+        retries: Mapping[MessageKey, Retry] | None = None,
+        concurrency: int = 32,
+        request_timeout: float = 10.0,
     ) -> None:
         for option, value in (("engine_workers", engine_workers), ("max_pending", max_pending)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -178,6 +193,31 @@ class Dispatcher:
         self.error_handler: ErrorHandler = error_handler or log_error
         self.listen_for_signals = listen_for_signals
         self.shutdown_timeout = shutdown_timeout
+        self.retry = retry or Retry()
+        self.retries = dict(retries or {})
+        self.concurrency = concurrency
+        # Across services: a transport and the routes that decide what uses it.
+        self.service = service
+        self.routes = Routes(routes)
+        self.remote: Remote | None = None
+        if transport is not None:
+            if service is not None and (not isinstance(service, str) or not service):
+                raise ImproperlyConfigured(f"service must be a non-empty name, got {service!r}")
+            self.remote = Remote(
+                connect(transport) if isinstance(transport, str) else transport,
+                service=service,
+                routes=self.routes,
+                codec=codec or JsonCodec(),
+                request_timeout=request_timeout,
+                owned=isinstance(transport, str),
+            )
+        elif self.routes:
+            raise ImproperlyConfigured(
+                "routes need a transport to send routed messages through: pass "
+                "transport='memory://' (or 'redis://...') with them"
+            )
+        self._worker: Worker | None = None
+        self._subscriptions: list[Subscription] = []
 
         self._state = _NEW
         # True only while started: the one check on the hot path.
@@ -282,7 +322,7 @@ class Dispatcher:
                 "before starting it again"
             )
         if self._state == _NEW:
-            if not any(router.handlers() for router in self._routers.values()):
+            if not self.routes and not any(r.handlers() for r in self._routers.values()):
                 logger.warning("iambus: no handlers registered; the dispatcher was not started")
                 return
             self._compile()
@@ -314,6 +354,95 @@ class Dispatcher:
             else:
                 target = self._commands if kind == "command" else self._queries
                 target.update((route.handler.message, route) for route in routes)
+        if self.remote is not None:
+            self._compile_remote()
+
+    def _compile_remote(self) -> None:
+        """Routed messages: handlers become subscriptions, sending goes to the transport."""
+        remote = self.remote
+        assert remote is not None
+        subs: list[Subscription] = []
+        tables: tuple[tuple[Kind, dict[MessageKey, Route]], ...] = (
+            ("command", self._commands),
+            ("query", self._queries),
+        )
+        for kind, table in tables:
+            for key, route in list(table.items()):
+                owner = self.routes.owner(key)
+                if owner is None:
+                    continue
+                if owner != self.service:
+                    raise ImproperlyConfigured(
+                        f"{describe(key)} is routed to service {owner!r}, but this dispatcher "
+                        f"(service {self.service!r}) binds {route.name} for it; a {kind} has "
+                        f"one owner: remove the handler here or change the route"
+                    )
+                name = remote.registry.add(key)
+                subs.append(self._subscription(kind, key, route, name, owner, from_start=True))
+                table[key] = RemoteRoute(remote, kind, key)  # type: ignore[assignment]
+        for key, routes in list(self._event_routes.items()):
+            if self.routes.owner(key) is None:
+                continue
+            if self.service is None:
+                raise ImproperlyConfigured(
+                    f"handlers of the routed event {describe(key)} need a service name to "
+                    f"subscribe under: pass Dispatcher(service=...)"
+                )
+            name = remote.registry.add(key)
+            for route in routes:
+                group = f"{self.service}.{route.name}"
+                subs.append(self._subscription("event", key, route, name, group, from_start=False))
+            self._event_routes[key] = (RemoteRoute(remote, "event", key),)  # type: ignore[assignment]
+        self._event_cache = {}
+        for key in self._event_routes:
+            self._resolve_events(key)
+        self._subscriptions = subs
+
+    def _subscription(
+        self, kind: Kind, key: MessageKey, route: Route, name: str, group: str, *, from_start: bool
+    ) -> Subscription:
+        return Subscription(
+            kind=kind,
+            address=address(kind, name),
+            group=group,
+            message=key,
+            route=route,
+            retry=route.handler.retry or self.retries.get(key) or self.retry,
+            from_start=from_start,
+        )
+
+    def _routed(self, key: MessageKey) -> RemoteRoute | None:
+        for table in (self._commands, self._queries):
+            route = table.get(key)
+            if route is not None:
+                return route if isinstance(route, RemoteRoute) else None
+        cached = self._event_cache.get(key)
+        if cached is not None:
+            return cached[0] if len(cached) == 1 and isinstance(cached[0], RemoteRoute) else None
+        if key in self._event_routes:
+            return None
+        return self._remote_route(key, None)
+
+    def _remote_route(self, key: MessageKey, kind: Kind | None) -> RemoteRoute | None:
+        """A route sending ``key`` to the transport, if it is routed (cached in the maps)."""
+        if self.remote is None or self.routes.owner(key) is None:
+            return None
+        if kind is None:  # only handle() does not say: the markers, or else an event
+            is_type = isinstance(key, type)
+            kind = (
+                "query"
+                if is_type and issubclass(key, Query)  # type: ignore[arg-type]
+                else "command"
+                if is_type and issubclass(key, Command)  # type: ignore[arg-type]
+                else "event"
+            )
+        route = RemoteRoute(self.remote, kind, key)
+        if kind == "event":
+            self._event_cache[key] = (route,)  # type: ignore[assignment]
+        else:
+            table = self._commands if kind == "command" else self._queries
+            table[key] = route  # type: ignore[assignment]
+        return route
 
     def _route(self, handler: Handler, middleware: list[Middleware]) -> Route:
         chain = compose(middleware, handler.invoke, handler.collects_events)
@@ -323,7 +452,32 @@ class Dispatcher:
         self.start()
         if self.listen_for_signals:
             self._install_signals()
+        await self._start_remote()
         return self
+
+    async def _start_remote(self) -> None:
+        if self.remote is None or self._state != _STARTED:
+            return
+        await self.remote.open()
+        if self._subscriptions and self._worker is None:
+            self._worker = Worker(
+                self.remote,
+                self._subscriptions,
+                concurrency=self.concurrency,
+                batch=min(32, self.concurrency),
+                report=self._report,
+            )
+            await self._worker.start()
+
+    async def run(self) -> None:
+        """Serve until stopped: start, consume from the transport, stop on SIGINT/SIGTERM.
+
+        The main loop of a worker process (``iambus worker`` calls it). Signal handling
+        is installed for the duration, whatever ``listen_for_signals`` says.
+        """
+        self.listen_for_signals = True
+        async with self:
+            await self.wait_for_shutdown()
 
     async def __aexit__(
         self,
@@ -362,6 +516,9 @@ class Dispatcher:
         timeout = self.shutdown_timeout if timeout is None else timeout
         engine = self._engine
         try:
+            if self._worker is not None:
+                worker, self._worker = self._worker, None
+                await worker.stop(timeout)
             if engine is not None and engine.loop is asyncio.get_running_loop():
                 try:
                     async with asyncio.timeout(timeout):
@@ -376,6 +533,8 @@ class Dispatcher:
                 await engine.close()
         finally:
             self._engine = None
+            if self.remote is not None:
+                await self.remote.close()
             self._state = _STOPPED
             self._remove_signals()
             self._signal_shutdown()
@@ -388,9 +547,17 @@ class Dispatcher:
                 "dp.join() from a background handler would wait for that handler itself; "
                 "call it from the code that sent the messages"
             )
-        engine = self._engine
-        if engine is not None and engine.loop is asyncio.get_running_loop():
-            await engine.join()
+        settle = getattr(self.remote.transport, "join", None) if self.remote else None
+        while True:
+            engine = self._engine
+            if engine is not None and engine.loop is asyncio.get_running_loop():
+                await engine.join()
+            if settle is None:
+                return
+            await settle()  # a MemoryTransport: every message between services settled
+            engine = self._engine
+            if engine is None or not engine.pending:
+                return
 
     async def wait_for_shutdown(self) -> None:
         """Return when ``stop()`` has finished, or a signal stopped the dispatcher."""
@@ -451,19 +618,29 @@ class Dispatcher:
     # -- sending --------------------------------------------------------------------
 
     @overload
-    async def query(self, query: Query[R], /, *, key: str | None = None) -> R: ...
+    async def query(
+        self, query: Query[R], /, *, key: str | None = None, timeout: float | None = None
+    ) -> R: ...
 
     @overload
-    async def query(self, query: Any, /, *, key: str | None = None) -> Any: ...
+    async def query(
+        self, query: Any, /, *, key: str | None = None, timeout: float | None = None
+    ) -> Any: ...
 
-    async def query(self, query: Any, /, *, key: str | None = None) -> Any:
-        """Run the query's handler and return its result."""
+    async def query(
+        self, query: Any, /, *, key: str | None = None, timeout: float | None = None
+    ) -> Any:
+        """Run the query's handler and return its result.
+
+        ``timeout`` (seconds) bounds the wait: ``RequestTimeout`` when it passes. A routed
+        query is a request to its owner service (default timeout: ``request_timeout``).
+        """
         # The hot path: the fast map holds the handler call of each plain route (no
         # middleware, no event collection, no response_event) only while the dispatcher
         # is open, so one lookup answers "open, known, plain"; the rest goes the long way.
         invoke = self._fast_queries.get(type(query))
-        if invoke is None or key is not None:
-            return await self._send_request("query", query, key)
+        if invoke is None or key is not None or timeout is not None:
+            return await self._send_request("query", query, key, timeout)
         result = await invoke(query)
         if result is not None and type(result) not in self.quiet:
             # Plain routes have no response_event: the result is an event if its type
@@ -547,6 +724,14 @@ class Dispatcher:
             self._ensure_open()
         mkey = message_key(message)
         _check_key(key)
+        if self.remote is not None:
+            remote = self._routed(mkey)
+            if remote is not None:
+                # Routed: handed to the broker now, whether or not the caller waits —
+                # durability is the broker's job, not an in-memory queue's. A routed
+                # query always waits for its answer.
+                result = await remote.run(message, key)
+                return result if wait_for_response else None
         job: JobFn
         # Events bound to this very type first (the seed's order: events, commands,
         # queries); handlers bound to a base class (or ``object``) only when no command or
@@ -573,17 +758,25 @@ class Dispatcher:
 
     # -- internals: routes, emitting, delivering ---------------------------------------
 
-    def _send_request(self, kind: Kind, message: Any, key: str | None) -> Awaitable[Any]:
+    def _send_request(
+        self, kind: Kind, message: Any, key: str | None, timeout: float | None = None
+    ) -> Awaitable[Any]:
         # Not async: it hands back the coroutine to await, one layer fewer per call.
         if not self._open:
             self._ensure_open()
         routes = self._queries if kind == "query" else self._commands
         mkey = message_key(message)
-        if mkey not in routes:
+        route = routes.get(mkey) or self._remote_route(mkey, kind)
+        if route is None:
             raise self._missing(kind, message)
+        _check_key(key)
+        if isinstance(route, RemoteRoute):
+            return route.run(message, key, timeout)  # ordered by the broker, not a lane
+        if timeout is not None:
+            return _within(timeout, self._send_request(kind, message, key), message)
         if key is not None:
             return self._through_lane(self._request, message, key)
-        return routes[mkey].run(message, None)
+        return route.run(message, None)
 
     def _missing(self, kind: Kind, message: Any) -> HandlerDoesNotExist:
         mkey = message_key(message)
@@ -605,6 +798,9 @@ class Dispatcher:
         return routes
 
     def _resolve_events(self, mkey: MessageKey) -> tuple[Route, ...]:
+        remote = self._remote_route(mkey, "event") if mkey not in self._event_routes else None
+        if remote is not None:
+            return (remote,)  # type: ignore[return-value]
         if isinstance(mkey, str):
             return ()  # strings match exactly; unknown ones are not cached
         found = [r for base in mkey.__mro__ for r in self._event_routes.get(base, ())]
@@ -639,7 +835,11 @@ class Dispatcher:
         A value is an event if its own type or a base has handlers; catch-all handlers
         bound to ``object`` do not make every result one. Cached per type.
         """
-        if any(base in self._event_routes for base in rtype.__mro__[:-1]):
+        if any(base in self._event_routes for base in rtype.__mro__[:-1]) or (
+            self.remote is not None
+            and self.routes.owner(rtype) is not None
+            and not issubclass(rtype, Command | Query)
+        ):
             routes = self._event_handlers(rtype)
         else:
             routes = ()
@@ -688,6 +888,8 @@ class Dispatcher:
                 else:
                     await route.run(event, key)
             except Exception as exc:
+                if isinstance(route, RemoteRoute):
+                    raise  # not handed to the transport: the sender must know (and retry)
                 if report:
                     await self._report(exc, event, route.context_for(key))
                     return
@@ -821,6 +1023,18 @@ class Dispatcher:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         await self._background().put((job, message, key, future), key)
         return await future
+
+
+async def _within(timeout: float, call: Awaitable[Any], message: Any) -> Any:
+    try:
+        async with asyncio.timeout(timeout) as scope:
+            return await call
+    except TimeoutError as exc:
+        if not scope.expired():
+            raise  # the handler's own TimeoutError
+        raise RequestTimeout(
+            f"{describe(message_key(message))} got no answer within {timeout}s"
+        ) from exc
 
 
 def _check_key(key: object) -> None:

@@ -22,6 +22,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from .errors import HandlerIsSync, HandlerSignatureError, ImproperlyConfigured
 from .messages import MessageKey, describe
 from .providers import Provider, ProviderRegistry, ProviderState
+from .retry import Retry
 
 __all__ = ["AbstractHandler", "Handler", "HandlerProtocol", "Kind"]
 
@@ -98,6 +99,8 @@ class Handler:
     collects_events: bool
     response_event: type | None
     initkwargs: Mapping[str, Any]
+    retry: Retry | None = None
+    """The retry policy for messages from a transport (None: the dispatcher's)."""
 
     def __repr__(self) -> str:
         return f"<Handler {self.kind} {describe(self.message)} -> {self.name}>"
@@ -121,9 +124,12 @@ def build_handler(
     response_event: type | None,
     initkwargs: Mapping[str, Any],
     providers: ProviderRegistry,
+    retry: Retry | None = None,
 ) -> Handler:
     """Check ``fn`` against the message and bound arguments, and compile its call."""
     name = qualified_name(fn)
+    if retry is not None and not isinstance(retry, Retry):
+        raise ImproperlyConfigured(f"retry of {name} must be a Retry(...), got {retry!r}")
     if response_event is not None and not isinstance(response_event, type):
         raise ImproperlyConfigured(
             f"response_event of {name} must be a class (the event type its return value "
@@ -151,6 +157,7 @@ def build_handler(
         collects_events=collects,
         response_event=response_event,
         initkwargs=dict(initkwargs),
+        retry=retry,
     )
 
 

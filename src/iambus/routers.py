@@ -25,6 +25,7 @@ from .errors import HandlerAlreadyBound, ImproperlyConfigured, RegistrationClose
 from .handlers import Handler, Kind, build_handler
 from .messages import MessageKey, describe
 from .middleware import Middleware, check_middleware
+from .retry import Retry
 
 if TYPE_CHECKING:
     from .dispatching import Dispatcher
@@ -53,13 +54,15 @@ class Router:
         *,
         argname: str | None = None,
         response_event: type | None = None,
+        retry: Retry | None = None,
         **initkwargs: Any,
     ) -> Handler:
         """Bind ``handler`` to ``message``; ``initkwargs`` are passed to it on every call.
 
         ``argname`` names the parameter that receives the message (needed when more than
         one required parameter is left unbound). ``response_event`` makes a returned
-        value of that type be published as an event.
+        value of that type be published as an event. ``retry`` is this handler's retry
+        policy for messages from a transport.
         """
         self._check_open(f"bind {describe(message) if _is_key(message) else message!r}")
         if message is str:
@@ -85,6 +88,7 @@ class Router:
                 handler,
                 argname=argname,
                 response_event=response_event,
+                retry=retry,
                 initkwargs=initkwargs,
                 providers=self.dispatcher.providers,
             )
@@ -98,6 +102,7 @@ class Router:
         *,
         argname: str | None = None,
         response_event: type | None = None,
+        retry: Retry | None = None,
         **initkwargs: Any,
     ) -> Callable[[H], H]:
         """Decorator form of ``bind``; returns the decorated handler unchanged."""
@@ -108,6 +113,7 @@ class Router:
                 handler,
                 argname=argname,
                 response_event=response_event,
+                retry=retry,
                 **initkwargs,
             )
             return handler

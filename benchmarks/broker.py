@@ -1,0 +1,419 @@
+"""iambus over Redis Streams next to raw redis-py and FastStream.
+
+    bash benchmarks/setup.sh                       # once: venv with redis, hiredis, faststream
+    .venv-bench/bin/python benchmarks/broker.py    # full run (Redis at 127.0.0.1:6379)
+    .venv-bench/bin/python benchmarks/broker.py --quick            # smoke run, seconds
+    .venv-bench/bin/python benchmarks/broker.py --only raw,iambus --loop uvloop
+
+Two measurements per implementation (columns), printed as a markdown table:
+
+1. end-to-end acked throughput: N events of ~200 bytes of JSON published with
+   at most K in flight while a consumer task in the same process handles and
+   acks them; messages / (first publish -> last ack).  Every run checks that
+   each event was handled exactly once and that nothing is left pending; a run
+   that fails the check makes its cell FAILED and the exit status 1.
+2. request/reply latency: M sequential requests, p50 and p99 in µs.
+
+Every cell is the median over several rounds; within a round the
+implementations take turns in rotating order.  Ratios are against raw redis-py
+in the same run.  How each implementation is driven is in broker_peers.py and
+under the table.  Keys carry a random per-run suffix and are deleted at exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import ipaddress
+import os
+import platform
+import secrets
+import socket
+import statistics
+import sys
+import traceback
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import broker_peers as peers
+from broker_peers import Ctx, Impl, ThroughputStats, VerificationError
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+LOAD_BEFORE = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+
+
+@dataclass
+class Settings:
+    rounds: int
+    messages: int
+    in_flight: int
+    requests: int
+    warmup_messages: int
+    warmup_requests: int
+
+
+@dataclass
+class Cell:
+    status: str = "ok"  # ok | error | FAILED
+    note: str = ""
+    throughput: list[ThroughputStats] = field(default_factory=list)
+    p50: list[float] = field(default_factory=list)  # seconds, one per round
+    p99: list[float] = field(default_factory=list)
+
+
+def short_error(exc: BaseException, limit: int = 160) -> str:
+    text = f"{type(exc).__name__}: {exc}".replace("|", "/").replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def percentile(samples: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    ordered = sorted(samples)
+    rank = max(1, -(-len(ordered) * q // 100))  # ceil(n * q / 100)
+    return ordered[int(rank) - 1]
+
+
+def client_url(url: str, in_flight: int) -> str:
+    """The URL every implementation connects with: the given one plus a pool size.
+
+    redis-py (8.x) caps a connection pool at 100 connections by default and raises
+    MaxConnectionsError past that instead of waiting; with 100 publishes in flight
+    plus a blocking consumer read (and FastStream's per-request pub/sub) a client
+    needs a few more.  Every implementation gets the same URL, so the same pool.
+    """
+    if "max_connections=" in url:
+        return url
+    size = max(128, in_flight + 28)
+    return f"{url}{'&' if '?' in url else '?'}max_connections={size}"
+
+
+def check_loopback(url: str) -> None:
+    host = urlparse(url).hostname or ""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except socket.gaierror as exc:
+        raise SystemExit(f"--url: cannot resolve {host!r}: {exc}") from exc
+    if not addresses or not all(ipaddress.ip_address(a).is_loopback for a in addresses):
+        raise SystemExit(
+            f"--url: {host} is not a loopback address; this benchmark only talks to 127.0.0.0/8"
+        )
+
+
+async def run(settings: Settings, ctx: Ctx, only: list[str]) -> tuple[list[Impl], dict[str, Cell]]:
+    impls: list[Impl] = []
+    cells: dict[str, Cell] = {}
+    for name, build in peers.BUILDERS:
+        if name not in only:
+            continue
+        try:
+            impl = await asyncio.wait_for(build(ctx), 30)
+        except Exception as exc:  # a broken implementation must not stop the others
+            impl = Impl(name=name, version=peers.version_of(name))
+            cells[name] = Cell(
+                status="error", note=f"{name} could not be set up: {short_error(exc)}"
+            )
+            if os.environ.get("BENCH_TRACEBACK"):
+                traceback.print_exc()
+        else:
+            cells[name] = Cell()
+        impls.append(impl)
+
+    def fail(name: str, exc: BaseException) -> None:
+        cell = cells[name]
+        if isinstance(exc, VerificationError):
+            text = str(exc) if str(exc).startswith(f"{name}: ") else f"{name}: {exc}"
+            cell.status, cell.note = "FAILED", text
+            print(f"VERIFICATION FAILED: {text}", file=sys.stderr)
+        else:
+            cell.status, cell.note = "error", f"{name}: {short_error(exc)}"
+        if os.environ.get("BENCH_TRACEBACK") or isinstance(exc, VerificationError):
+            traceback.print_exc()
+
+    def live(name: str) -> Impl | None:
+        impl = next(i for i in impls if i.name == name)
+        return impl if cells[name].status == "ok" else None
+
+    # Warm up (and check) each implementation once, untimed.
+    for impl in impls:
+        if live(impl.name) is None:
+            continue
+        try:
+            assert impl.throughput is not None
+            assert impl.latency is not None
+            await impl.throughput(settings.warmup_messages, settings.in_flight)
+            await impl.latency(settings.warmup_requests)
+        except Exception as exc:
+            fail(impl.name, exc)
+
+    names = [impl.name for impl in impls]
+    for round_no in range(settings.rounds):
+        shift = round_no % max(1, len(names))
+        order = names[shift:] + names[:shift]
+        for name in order:
+            impl = live(name)
+            if impl is None or impl.throughput is None:
+                continue
+            gc.collect()
+            try:
+                stats = await impl.throughput(settings.messages, settings.in_flight)
+            except Exception as exc:
+                fail(name, exc)
+                continue
+            cells[name].throughput.append(stats)
+        for name in order:
+            impl = live(name)
+            if impl is None or impl.latency is None:
+                continue
+            gc.collect()
+            try:
+                samples = await impl.latency(settings.requests)
+            except Exception as exc:
+                fail(name, exc)
+                continue
+            if len(samples) != settings.requests:
+                fail(name, VerificationError(f"{len(samples)} of {settings.requests} replies"))
+                continue
+            cells[name].p50.append(percentile(samples, 50))
+            cells[name].p99.append(percentile(samples, 99))
+
+    for impl in impls:
+        if impl.close is not None:
+            try:
+                await impl.close()
+            except Exception as exc:
+                print(f"warning: closing {impl.name} failed: {short_error(exc)}", file=sys.stderr)
+    return impls, cells
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def humanize(rate: float) -> str:
+    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if rate >= limit:
+            return f"{rate / limit:.3g}{suffix}"
+    return f"{rate:.3g}"
+
+
+def format_ratio(ratio: float) -> str:
+    return f"{ratio:.2f}x" if ratio >= 0.095 else f"{ratio:.2g}x"
+
+
+def render(impls: list[Impl], cells: dict[str, Cell], settings: Settings, header: list[str]) -> str:
+    s = settings
+    lines = ["# iambus broker benchmark (Redis Streams)", "", *header]
+    lines.append(
+        f"- median of {s.rounds} rounds; throughput ratio = rate / raw (higher is better), "
+        "latency ratio = latency / raw (lower is better)"
+    )
+    lines.append("")
+    footnotes: list[str] = []
+
+    def footnote(text: str) -> str:
+        if text not in footnotes:
+            footnotes.append(text)
+        return f"[{footnotes.index(text) + 1}]"
+
+    def bad(cell: Cell) -> str | None:
+        if cell.status == "ok":
+            return None
+        reason = cell.note.split(": ", 1)[1] if ": " in cell.note else cell.note
+        short = reason if len(reason) <= 90 else reason[:87] + "..."
+        label = "error" if cell.status == "error" else "FAILED"
+        return f"{label}: {short} {footnote(cell.note)}" if short != reason else f"{label}: {short}"
+
+    def rate(cell: Cell) -> float | None:
+        return statistics.median(t.rate for t in cell.throughput) if cell.throughput else None
+
+    def micros(values: list[float]) -> float | None:
+        return statistics.median(values) * 1e6 if values else None
+
+    raw = cells.get("raw")
+    rows: list[tuple[str, object]] = [
+        (
+            f"end-to-end acked throughput, msgs/s ({s.messages:,} x ~{peers.PAYLOAD_BYTES} B, "
+            f"{s.in_flight} in flight)",
+            ("rate", rate),
+        ),
+        (f"request/reply p50, µs ({s.requests:,} sequential)", ("lat", lambda c: micros(c.p50))),
+        (f"request/reply p99, µs ({s.requests:,} sequential)", ("lat", lambda c: micros(c.p99))),
+    ]
+    lines.append("| measurement | " + " | ".join(i.name for i in impls) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * len(impls)) + "|")
+    for label, (kind, value_of) in rows:  # type: ignore[misc]
+        base = value_of(raw) if raw is not None and raw.status == "ok" else None
+        row = [label]
+        for impl in impls:
+            cell = cells[impl.name]
+            problem = bad(cell)
+            value = value_of(cell)
+            if problem is not None:
+                row.append(problem)
+            elif value is None:
+                row.append("-")
+            elif kind == "rate":
+                ratio = f" ({format_ratio(value / base)})" if base else ""
+                row.append(f"{humanize(value)}{ratio}")
+            else:
+                ratio = f" ({value / base:.2f}x)" if base else ""
+                row.append(f"{value:,.0f}{ratio}")
+        lines.append("| " + " | ".join(row) + " |")
+
+    # The publish side alone, for context (not a separate target).
+    pub = []
+    for impl in impls:
+        cell = cells[impl.name]
+        if cell.status == "ok" and cell.throughput:
+            r = statistics.median(t.n / t.publish_elapsed for t in cell.throughput)
+            spread = [t.rate for t in cell.throughput]
+            pub.append(
+                f"{impl.name}: publishing alone finished at {humanize(r)} msgs/s; "
+                f"end-to-end rounds ranged {humanize(min(spread))}-{humanize(max(spread))} msgs/s"
+            )
+
+    lines.append("")
+    if footnotes:
+        lines += [f"{i}. {text}" for i, text in enumerate(footnotes, 1)]
+        lines.append("")
+    lines.append("Notes:")
+    lines += [f"- {note}" for impl in impls for note in impl.notes]
+    lines += [f"- {text}" for text in pub]
+    lines.append(
+        "- Every throughput run checks: each event handled exactly once (by sequence number), "
+        "no entry pending in any consumer group, all entries stored; every reply is checked."
+    )
+    return "\n".join(lines)
+
+
+async def environment(ctx: Ctx, loop_name: str, impls: list[Impl]) -> list[str]:
+    import redis
+    from redis.utils import HIREDIS_AVAILABLE
+
+    info = await ctx.checker.info("server")
+    versions = ", ".join(f"{i.name} {i.version}" for i in impls if i.name != "raw")
+    python = f"{platform.python_version()} ({platform.python_implementation()})"
+    parser = "hiredis" if HIREDIS_AVAILABLE else "pure Python"
+    return [
+        f"- Python {python} on {platform.platform()}",
+        f"- CPU: {cpu_model()} ({os.cpu_count()} logical CPUs, shared with the Redis server)",
+        f"- event loop: {loop_name}; load average before the run: {LOAD_BEFORE}",
+        f"- Redis {info.get('redis_version', '?')} at {ctx.url}; redis-py {redis.__version__}, "
+        f"parser: {parser} (same client settings for all)",
+        f"- versions: {versions}" if versions else "- versions: -",
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 2,000 messages, 200 requests, 1 round"
+    )
+    parser.add_argument("--rounds", type=int, help="timed rounds (default 5; --quick: 1)")
+    parser.add_argument("--messages", type=int, help="events per throughput run (default 20,000)")
+    parser.add_argument(
+        "--in-flight", type=int, default=100, help="publishes outstanding at once (100)"
+    )
+    parser.add_argument(
+        "--requests", type=int, help="sequential requests per latency run (default 2,000)"
+    )
+    names = [name for name, _ in peers.BUILDERS]
+    parser.add_argument(
+        "--only", help=f"comma-separated implementations (default: {','.join(names)})"
+    )
+    parser.add_argument(
+        "--loop", choices=["asyncio", "uvloop"], default="asyncio", help="event loop"
+    )
+    parser.add_argument(
+        "--raw-reply",
+        choices=["list", "pubsub"],
+        default="pubsub",
+        help="raw request/reply channel: a per-requester pub/sub channel the requester is "
+        "subscribed to once (default; ~15%% lower p50 here) or BLPOP on a per-requester list",
+    )
+    parser.add_argument(
+        "--url", default=DEFAULT_URL, help=f"Redis URL, loopback only ({DEFAULT_URL})"
+    )
+    args = parser.parse_args()
+
+    only = args.only.split(",") if args.only else names
+    if not set(only) <= set(names):
+        parser.error(f"--only: unknown {sorted(set(only) - set(names))}; choose from {names}")
+    check_loopback(args.url)
+    if args.quick:
+        settings = Settings(
+            rounds=1,
+            messages=2_000,
+            in_flight=args.in_flight,
+            requests=200,
+            warmup_messages=200,
+            warmup_requests=20,
+        )
+    else:
+        settings = Settings(
+            rounds=5,
+            messages=20_000,
+            in_flight=args.in_flight,
+            requests=2_000,
+            warmup_messages=2_000,
+            warmup_requests=200,
+        )
+    if args.rounds:
+        settings.rounds = args.rounds
+    if args.messages:
+        settings.messages = args.messages
+    if args.requests:
+        settings.requests = args.requests
+
+    async def go() -> tuple[str, bool]:
+        from redis.asyncio import Redis
+
+        loop = asyncio.get_running_loop()
+        loop_name = f"{type(loop).__module__}.{type(loop).__qualname__}"
+        if args.loop == "uvloop":
+            import uvloop
+
+            loop_name += f" (uvloop {uvloop.__version__})"
+        checker = Redis.from_url(args.url)
+        ctx = Ctx(
+            url=client_url(args.url, settings.in_flight),
+            suffix=secrets.token_hex(4),
+            checker=checker,
+            raw_reply=args.raw_reply,
+        )
+        try:
+            await checker.ping()
+            impls, cells = await run(settings, ctx, only)
+            header = await environment(ctx, loop_name, impls)
+        finally:
+            left = await ctx.delete_matching(f"*{ctx.suffix}*")
+            if left:
+                print(f"cleanup: deleted {left} leftover keys of this run", file=sys.stderr)
+            await checker.aclose()
+        ok = not any(
+            c.status == "FAILED" or (c.status == "error" and name != "iambus")
+            for name, c in cells.items()
+        )
+        return render(impls, cells, settings, header), ok
+
+    if args.loop == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            table, ok = runner.run(go())
+    else:
+        table, ok = asyncio.run(go())
+    print(table)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,865 @@
+"""Codecs: how a message becomes bytes on the wire, and comes back as its Python type.
+
+A ``Codec`` has a ``content_type`` and two methods::
+
+    codec = JsonCodec()
+    body = codec.encode(OrderPlaced(order_id=7, items=[...]))    # bytes (UTF-8 JSON)
+    event = codec.decode(body, OrderPlaced, name="OrderPlaced")  # an OrderPlaced again
+    books = codec.decode(body, list[Book], name="ListBooks result")
+
+``JsonCodec`` is the default and needs only the standard library. Encoding follows the
+value; decoding follows the type you ask for (a class, or a type expression such as
+``list[Book]``, ``Book | None`` or ``dict[str, int]``) and validates as it goes:
+dataclasses, Optional and unions, lists, tuples, sets, dicts, ``datetime``, ``date``,
+``time``, ``UUID``, ``Decimal``, enums, ``bytes``, ``Literal``, ``NewType``, ``Any``, and
+pydantic v2 models and msgspec Structs when those libraries are in use. What a type needs
+is worked out once, the first time the type is seen, and cached.
+
+Anything that cannot be encoded or decoded raises ``SerializationError`` naming the
+message, the field path (``OrderPlaced.items[2].price``) and what was expected. Unknown
+fields in a payload are ignored, so producers may add fields before consumers know them.
+
+Another format plugs in by implementing ``Codec``. See docs/codecs.md for the JSON
+representation of each type.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import enum
+import json
+import math
+import sys
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, MutableSequence, Sequence
+from collections.abc import MutableSet as AbstractMutableSet
+from collections.abc import Set as AbstractSet
+from datetime import date, datetime, time
+from decimal import Decimal
+from operator import attrgetter
+from typing import Any, Literal, Protocol, TypeVar, Union, runtime_checkable
+from uuid import UUID
+
+from .errors import SerializationError
+
+__all__ = ["Codec", "JsonCodec"]
+
+
+@runtime_checkable
+class Codec(Protocol):
+    """Turns a message (or a query result) into bytes, and bytes back into a value.
+
+    ``decode(data, into, name=...)`` returns a value of ``into``, which is a class or a
+    type expression (``list[Book]``, ``Book | None``); ``name`` is the message name used
+    in error messages. Both methods raise ``SerializationError`` on failure.
+    """
+
+    content_type: str
+
+    def encode(self, value: Any) -> bytes: ...
+
+    def decode(self, data: bytes, into: Any, *, name: str) -> Any: ...
+
+
+class JsonCodec:
+    """The default codec: JSON (UTF-8), with the standard library only.
+
+    ``JsonCodec()`` holds no state; the plans it compiles per type are shared by every
+    instance.
+    """
+
+    __slots__ = ()
+    content_type: str = "application/json"
+
+    def __repr__(self) -> str:
+        return "JsonCodec()"
+
+    def encode(self, value: Any) -> bytes:
+        try:
+            return _dumps(_encode(value)).encode()
+        except _Failure as failure:
+            raise failure.error("encode", type(value).__qualname__) from failure.cause
+        except ValueError as exc:
+            # allow_nan=False: only a NaN or an infinite float gets here.
+            where = _nonfinite_path(_encode(value))
+            raise SerializationError(
+                f"cannot encode {type(value).__qualname__}{where}: "
+                f"JSON has no NaN or Infinity ({exc})"
+            ) from exc
+        except RecursionError as exc:
+            raise SerializationError(
+                f"cannot encode {type(value).__qualname__}: nested too deeply (or cyclic)"
+            ) from exc
+
+    def decode(self, data: bytes, into: Any, *, name: str) -> Any:
+        try:
+            try:
+                decoder = _DECODERS.get(into, _MISSING)
+            except TypeError:  # an unhashable type expression
+                decoder = _MISSING
+            if decoder is _MISSING:
+                decoder = _decoder_for(into)
+            try:
+                value = _loads(data.decode())  # JSON between systems is UTF-8 (RFC 8259)
+            except ValueError as exc:
+                raise SerializationError(f"cannot decode {name}: invalid JSON: {exc}") from exc
+            return value if decoder is None else decoder(value)
+        except _Failure as failure:
+            raise failure.error("decode", name) from failure.cause
+        except RecursionError as exc:
+            raise SerializationError(f"cannot decode {name}: nested too deeply") from exc
+
+
+# Compact separators, real UTF-8 rather than \u escapes, and no NaN (not JSON). The
+# encoded tree is built fresh by _encode, so it cannot be cyclic: skip that check.
+_dumps = json.JSONEncoder(
+    separators=(",", ":"), ensure_ascii=False, allow_nan=False, check_circular=False
+).encode
+
+_loads = json.JSONDecoder().decode
+
+_Encoder = Callable[[Any], Any]
+# A decoder checks and converts one JSON value; None stands for "any JSON value as is".
+_Decoder = Callable[[Any], Any]
+
+_NoneType = type(None)
+_MISSING: Any = object()
+
+
+class _Failure(Exception):
+    """Why a value could not be encoded or decoded, and where (innermost segment first)."""
+
+    def __init__(self, reason: str, cause: BaseException | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.cause = cause
+        self.segments: list[str] = []
+
+    def error(self, action: str, root: str) -> SerializationError:
+        path = root + "".join(reversed(self.segments))
+        return SerializationError(f"cannot {action} {path}: {self.reason}")
+
+
+# --- encoding: follows the value's type ---------------------------------------------
+
+# Values that json handles as they are.
+_NATIVE = frozenset({str, int, bool, float, _NoneType})
+_ENCODERS: dict[type, _Encoder] = {}
+
+
+def _encode(value: Any) -> Any:
+    cls = type(value)
+    if cls in _NATIVE:
+        return value
+    encoder = _ENCODERS.get(cls) or _encoder_for(cls)
+    return encoder(value)
+
+
+def _encoder_for(cls: type) -> _Encoder:
+    encoder = _make_encoder(cls)
+    _ENCODERS[cls] = encoder
+    return encoder
+
+
+def _make_encoder(cls: type) -> _Encoder:
+    if issubclass(cls, enum.Enum):
+        return _encode_enum
+    if issubclass(cls, str | int | float):  # subclasses: json writes them as the base type
+        return _same
+    if dataclasses.is_dataclass(cls):
+        return _dataclass_encoder(cls)
+    if issubclass(cls, datetime | date | time):
+        return _isoformat
+    if issubclass(cls, UUID | Decimal):
+        return str
+    if issubclass(cls, bytes | bytearray):
+        return _encode_bytes
+    if issubclass(cls, list | tuple | set | frozenset):
+        return _encode_items
+    if issubclass(cls, Mapping):
+        return _encode_mapping
+    pydantic = sys.modules.get("pydantic")
+    if pydantic is not None and issubclass(cls, pydantic.BaseModel):
+        return _encode_pydantic
+    msgspec = sys.modules.get("msgspec")
+    if msgspec is not None and issubclass(cls, msgspec.Struct):
+        return _msgspec_encoder(msgspec)
+    raise _Failure(
+        f"{_describe(cls)} is not a dataclass, a pydantic model or a msgspec Struct; "
+        "make it a dataclass, or pass a codec that can encode it"
+    )
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _encode_enum(value: enum.Enum) -> Any:
+    return _encode(value._value_)
+
+
+def _isoformat(value: date | time) -> str:
+    return value.isoformat()
+
+
+def _encode_bytes(value: bytes) -> str:
+    return base64.b64encode(value).decode("ascii")
+
+
+def _dataclass_encoder(cls: type) -> _Encoder:
+    names = tuple(field.name for field in dataclasses.fields(cls))
+    if not names:
+        return lambda value: {}
+    # One C call fetches every field (a tuple; a bare value when there is one field).
+    get: Callable[[Any], Any] = attrgetter(*names)
+    single = len(names) == 1
+
+    def encode(value: Any) -> dict[str, Any]:
+        values = get(value)
+        if single:
+            values = (values,)
+        out = {}
+        for name, item in zip(names, values, strict=True):
+            cls = type(item)
+            if cls in _NATIVE:
+                out[name] = item
+                continue
+            try:
+                out[name] = (_ENCODERS.get(cls) or _encoder_for(cls))(item)
+            except _Failure as failure:
+                failure.segments.append("." + name)
+                raise
+        return out
+
+    return encode
+
+
+def _encode_items(value: Iterable[Any]) -> list[Any]:
+    try:
+        return [item if type(item) in _NATIVE else _encode(item) for item in value]
+    except _Failure as failure:
+        failure.segments.append(f"[{_failing_index(_encode, value)}]")
+        raise
+
+
+def _encode_mapping(value: Mapping[Any, Any]) -> dict[str, Any]:
+    out = {}
+    for key, item in value.items():
+        text = key if type(key) is str else _encode_key(key)
+        try:
+            out[text] = item if type(item) in _NATIVE else _encode(item)
+        except _Failure as failure:
+            failure.segments.append(f"[{text!r}]")
+            raise
+    return out
+
+
+def _encode_key(key: Any) -> str:
+    raw = key._value_ if isinstance(key, enum.Enum) else key
+    if isinstance(raw, str | int | UUID) and not isinstance(raw, bool):
+        return str(raw)
+    raise _Failure(
+        f"cannot encode the dict key {key!r} ({_describe(type(key))}): "
+        "keys must be str, int, UUID, or an Enum with str or int values"
+    )
+
+
+def _encode_pydantic(value: Any) -> Any:
+    try:
+        return value.model_dump(mode="json")
+    except Exception as exc:
+        raise _Failure(f"pydantic cannot encode it: {exc}", exc) from exc
+
+
+def _msgspec_encoder(msgspec: types.ModuleType) -> _Encoder:
+    to_builtins = msgspec.to_builtins
+
+    def encode(value: Any) -> Any:
+        try:
+            return to_builtins(value)
+        except (TypeError, ValueError) as exc:
+            raise _Failure(f"msgspec cannot encode it: {exc}", exc) from exc
+
+    return encode
+
+
+def _nonfinite_path(tree: Any) -> str:
+    """The path, in an encoded tree, of the first NaN or infinite float ("-": none)."""
+    if type(tree) is float and not math.isfinite(tree):
+        return ""
+    if type(tree) is dict:
+        items: Iterable[tuple[Any, Any]] = tree.items()
+    elif type(tree) is list:
+        items = enumerate(tree)
+    else:
+        return "-"
+    for key, item in items:
+        where = _nonfinite_path(item)
+        if where != "-":
+            if type(key) is int:
+                return f"[{key}]{where}"
+            return (f".{key}" if key.isidentifier() else f"[{key!r}]") + where
+    return "-"
+
+
+# --- decoding: follows the type asked for --------------------------------------------
+
+# The plans, by type expression. Python finds ``int | str == str | int``, but a union is
+# tried in the order written, so a type expression with a union in it is cached apart, under
+# a key that keeps the order of every argument.
+_DECODERS: dict[Any, _Decoder | None] = {}
+_ORDERED_DECODERS: dict[Any, _Decoder | None] = {}
+
+# While compiling: ordered key -> (type expression, decoder).
+_Pending = dict[Any, tuple[Any, _Decoder | None]]
+
+
+def _decoder_for(into: Any) -> _Decoder | None:
+    key = _ordered_key(into)
+    try:
+        if key in _ORDERED_DECODERS:
+            return _ORDERED_DECODERS[key]
+    except TypeError:  # unhashable: compile it, but it cannot be cached
+        return _build(into, {})
+    # Compile into a scratch dict and publish only whole plans: a dataclass that fails
+    # half-way must not leave behind decoders that refer to it.
+    pending: _Pending = {}
+    decoder = _compile(into, pending)
+    for pending_key, (tp, compiled) in pending.items():
+        if _has_union(tp):
+            _ORDERED_DECODERS[pending_key] = compiled
+        else:
+            _DECODERS[tp] = compiled
+    return decoder
+
+
+def _compile(tp: Any, pending: _Pending) -> _Decoder | None:
+    key = _ordered_key(tp)
+    try:
+        if tp in _DECODERS:
+            return _DECODERS[tp]
+        if key in _ORDERED_DECODERS:
+            return _ORDERED_DECODERS[key]
+        if key in pending:
+            return pending[key][1]
+    except TypeError:  # unhashable: compile it, but it cannot be cached
+        return _build(tp, pending)
+    decoder = _build(tp, pending)
+    pending[key] = (tp, decoder)
+    return decoder
+
+
+def _ordered_key(tp: Any) -> Any:
+    if isinstance(tp, type):
+        return tp
+    args = getattr(tp, "__args__", None)
+    if type(args) is not tuple:
+        return tp
+    return (tp, *[_ordered_key(arg) for arg in args])
+
+
+def _has_union(tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin is Union or origin is types.UnionType:
+        return True
+    return any(_has_union(arg) for arg in typing.get_args(tp))
+
+
+def _build(tp: Any, pending: _Pending) -> _Decoder | None:
+    if tp is Any or tp is object:
+        return None
+    if tp is None or tp is _NoneType:
+        return _decode_none
+    if isinstance(tp, typing.NewType):
+        return _compile(tp.__supertype__, pending)
+    if isinstance(tp, TypeVar):
+        return None if tp.__bound__ is None else _compile(tp.__bound__, pending)
+    alias_type = getattr(typing, "TypeAliasType", None)  # `type X = ...`, Python >= 3.12
+    if alias_type is not None and isinstance(tp, alias_type):  # pragma: no cover
+        return _compile(tp.__value__, pending)
+    origin = typing.get_origin(tp)
+    if origin is not None:
+        return _build_generic(tp, origin, typing.get_args(tp), pending)
+    if isinstance(tp, type):
+        return _build_class(tp, pending)
+    raise _unsupported(tp)
+
+
+def _build_generic(
+    tp: Any, origin: Any, args: tuple[Any, ...], pending: _Pending
+) -> _Decoder | None:
+    if origin is typing.Annotated:
+        return _compile(args[0], pending)
+    if origin is Union or origin is types.UnionType:
+        return _union_decoder(tp, args, pending)
+    if origin is Literal:
+        return _literal_decoder(args)
+    if origin in (list, Sequence, MutableSequence):
+        return _items_decoder(tp, list, _compile(args[0] if args else Any, pending))
+    if origin in (set, AbstractMutableSet):
+        return _items_decoder(tp, set, _compile(args[0] if args else Any, pending))
+    if origin in (frozenset, AbstractSet):
+        return _items_decoder(tp, frozenset, _compile(args[0] if args else Any, pending))
+    if origin is tuple:
+        if tp is typing.Tuple or (len(args) == 2 and args[1] is Ellipsis):  # noqa: UP006
+            return _items_decoder(tp, tuple, _compile(args[0] if args else Any, pending))
+        return _fixed_tuple_decoder(tp, [_compile(arg, pending) for arg in args])
+    if origin in (dict, Mapping, MutableMapping):
+        key, value = args or (Any, Any)
+        return _dict_decoder(tp, _compile_key(key), _compile(value, pending))
+    if isinstance(origin, type) and dataclasses.is_dataclass(origin):
+        return _dataclass_decoder(tp, origin, args, pending)
+    raise _unsupported(tp)
+
+
+def _build_class(cls: type, pending: _Pending) -> _Decoder | None:
+    if issubclass(cls, enum.Enum):
+        return _enum_decoder(cls)
+    simple = _SIMPLE.get(cls)
+    if simple is not None:
+        return simple
+    if dataclasses.is_dataclass(cls):
+        return _dataclass_decoder(cls, cls, (), pending)
+    if cls in _BARE:
+        return _compile(_BARE[cls], pending)
+    pydantic = sys.modules.get("pydantic")
+    if pydantic is not None and issubclass(cls, pydantic.BaseModel):
+        return _pydantic_decoder(cls, pydantic)
+    msgspec = sys.modules.get("msgspec")
+    if msgspec is not None and issubclass(cls, msgspec.Struct):
+        return _msgspec_decoder(cls, msgspec)
+    for base in (str, int, float):
+        if issubclass(cls, base):  # class UserId(str): check the base type, then wrap
+            return _subclass_decoder(cls, _SIMPLE[base])
+    raise _unsupported(cls)
+
+
+# A bare container holds anything.
+_BARE: dict[type, Any] = {
+    list: list[Any],
+    set: set[Any],
+    frozenset: frozenset[Any],
+    tuple: tuple[Any, ...],
+    dict: dict[Any, Any],
+}
+
+
+def _unsupported(tp: Any) -> _Failure:
+    return _Failure(
+        f"{_describe(tp)} is not a dataclass, a pydantic model, a msgspec Struct or another "
+        "supported type; make it a dataclass, or pass a codec that can decode it"
+    )
+
+
+def _expected(what: str, value: Any, cause: BaseException | None = None) -> _Failure:
+    return _Failure(f"expected {what}, got {_got(value)}", cause)
+
+
+# Simple types: the JSON type is checked exactly (``type(x) is int``, so a bool is not an
+# int), except that a float also accepts an integer.
+
+
+def _decode_none(value: Any) -> None:
+    if value is not None:
+        raise _expected("null", value)
+
+
+def _decode_str(value: Any) -> str:
+    if type(value) is str:
+        return value
+    raise _expected("str", value)
+
+
+def _decode_int(value: Any) -> int:
+    if type(value) is int:
+        return value
+    raise _expected("int", value)
+
+
+def _decode_bool(value: Any) -> bool:
+    if type(value) is bool:
+        return value
+    raise _expected("bool", value)
+
+
+def _decode_float(value: Any) -> float:
+    if type(value) is float:
+        return value
+    if type(value) is int:
+        return float(value)
+    raise _expected("float", value)
+
+
+def _parser(parse: Callable[[Any], Any], what: str, *, accept_int: bool = False) -> _Decoder:
+    def decode(value: Any) -> Any:
+        if type(value) is str or (accept_int and type(value) is int):
+            try:
+                return parse(value)
+            except (ValueError, ArithmeticError) as exc:  # decimal.InvalidOperation
+                raise _expected(what, value, exc) from exc
+        raise _expected(what, value)
+
+    return decode
+
+
+def _b64decode(text: str) -> bytes:
+    return base64.b64decode(text, validate=True)
+
+
+_decode_uuid = _parser(UUID, "UUID (a string)")
+
+_SIMPLE: dict[type, _Decoder] = {
+    str: _decode_str,
+    int: _decode_int,
+    bool: _decode_bool,
+    float: _decode_float,
+    datetime: _parser(datetime.fromisoformat, "datetime (an ISO 8601 string)"),
+    date: _parser(date.fromisoformat, "date (an ISO 8601 string)"),
+    time: _parser(time.fromisoformat, "time (an ISO 8601 string)"),
+    UUID: _decode_uuid,
+    Decimal: _parser(Decimal, "Decimal (a decimal string)", accept_int=True),
+    bytes: _parser(_b64decode, "bytes (a base64 string)"),
+}
+
+
+def _subclass_decoder(cls: type, base: _Decoder) -> _Decoder:
+    return lambda value: cls(base(value))
+
+
+def _enum_decoder(cls: type[enum.Enum]) -> _Decoder:
+    members = {(type(m._value_), m._value_): m for m in cls}
+    value_types = {type(m._value_) for m in cls}
+    choices = ", ".join(_json_text(m._value_) for m in cls)
+    what = f"{cls.__qualname__} (one of {choices})"
+
+    def decode(value: Any) -> enum.Enum:
+        try:
+            return members[type(value), value]
+        except (KeyError, TypeError):
+            pass
+        if type(value) in value_types:  # a Flag combination, or a _missing_ hook
+            try:
+                return cls(value)
+            except ValueError as exc:
+                raise _expected(what, value, exc) from exc
+        raise _expected(what, value)
+
+    return decode
+
+
+def _literal_decoder(args: tuple[Any, ...]) -> _Decoder:
+    allowed = {}
+    for arg in args:
+        raw = arg._value_ if isinstance(arg, enum.Enum) else arg
+        allowed[type(raw), raw] = arg
+    what = "one of " + ", ".join(_json_text(raw) for _, raw in allowed)
+
+    def decode(value: Any) -> Any:
+        try:
+            return allowed[type(value), value]
+        except (KeyError, TypeError):
+            raise _expected(what, value) from None
+
+    return decode
+
+
+def _union_decoder(tp: Any, args: tuple[Any, ...], pending: _Pending) -> _Decoder | None:
+    nullable = _NoneType in args
+    members = [(arg, _compile(arg, pending)) for arg in args if arg is not _NoneType]
+    if any(decoder is None for _, decoder in members):
+        return None  # Any in a union accepts everything
+    decoders = [decoder for _, decoder in members if decoder is not None]
+    if nullable and len(decoders) == 1:
+        only = decoders[0]
+        return lambda value: None if value is None else only(value)
+    what = _describe(tp)
+
+    def decode(value: Any) -> Any:
+        if value is None and nullable:
+            return None
+        notes = []
+        for (arg, _), decoder in zip(members, decoders, strict=True):
+            try:
+                return decoder(value)
+            except _Failure as failure:
+                if failure.segments:  # the shape fitted but a field did not: say which
+                    where = "".join(reversed(failure.segments))
+                    notes.append(f"as {_describe(arg)}: {where}: {failure.reason}")
+        details = f" ({'; '.join(notes)})" if notes else ""
+        raise _Failure(f"expected {what}, got {_got(value)}{details}")
+
+    return decode
+
+
+def _failing_index(convert: Callable[[Any], Any], items: Iterable[Any]) -> int:
+    """The index of the first item that ``convert`` rejects (the error path only)."""
+    for index, item in enumerate(items):
+        try:
+            convert(item)
+        except _Failure:
+            return index
+    return -1  # pragma: no cover - converters are deterministic
+
+
+def _items_decoder(tp: Any, kind: type, item: _Decoder | None) -> _Decoder:
+    what = f"{_describe(tp)} (an array)"
+
+    def decode(value: Any) -> Any:
+        if type(value) is not list:
+            raise _expected(what, value)
+        if item is None:
+            items = value
+        else:
+            try:
+                items = [item(x) for x in value]
+            except _Failure as failure:
+                failure.segments.append(f"[{_failing_index(item, value)}]")
+                raise
+        if kind is list:
+            return items
+        try:
+            return kind(items)
+        except TypeError as exc:  # set members must be hashable
+            raise _Failure(f"cannot build a {_describe(tp)}: {exc}", exc) from exc
+
+    return decode
+
+
+def _fixed_tuple_decoder(tp: Any, items: list[_Decoder | None]) -> _Decoder:
+    what = f"{_describe(tp)} (an array of {len(items)})"
+
+    def decode(value: Any) -> tuple[Any, ...]:
+        if type(value) is not list or len(value) != len(items):
+            got = f"an array of {len(value)}" if type(value) is list else _got(value)
+            raise _Failure(f"expected {what}, got {got}")
+        out = []
+        for index, (decoder, x) in enumerate(zip(items, value, strict=True)):
+            try:
+                out.append(x if decoder is None else decoder(x))
+            except _Failure as failure:
+                failure.segments.append(f"[{index}]")
+                raise
+        return tuple(out)
+
+    return decode
+
+
+def _compile_key(tp: Any) -> _Decoder | None:
+    """Decoders for dict keys, which JSON always writes as strings."""
+    if isinstance(tp, typing.NewType):
+        return _compile_key(tp.__supertype__)
+    if tp is str or tp is Any:
+        return None
+    if tp is int:
+        return _decode_int_key
+    if tp is UUID:
+        return _decode_uuid
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        members: list[enum.Enum] = list(tp)
+        by_text = {str(m._value_): m for m in members}
+        what = f"{tp.__qualname__} key (one of {', '.join(map(repr, by_text))})"
+
+        def decode(key: str) -> Any:
+            try:
+                return by_text[key]
+            except KeyError:
+                raise _expected(what, key) from None
+
+        return decode
+    if typing.get_origin(tp) is Literal and all(type(a) is str for a in typing.get_args(tp)):
+        return _literal_decoder(typing.get_args(tp))
+    raise _Failure(
+        f"cannot decode dict keys into {_describe(tp)}: keys must be str, int, UUID, an Enum "
+        "or a Literal of strings"
+    )
+
+
+def _decode_int_key(key: str) -> int:
+    try:
+        number = int(key)
+    except ValueError:
+        number = None
+    if number is None or str(number) != key:
+        raise _expected("int key (a decimal string)", key)
+    return number
+
+
+def _dict_decoder(tp: Any, key: _Decoder | None, item: _Decoder | None) -> _Decoder:
+    what = f"{_describe(tp)} (an object)"
+
+    def decode(value: Any) -> dict[Any, Any]:
+        if type(value) is not dict:
+            raise _expected(what, value)
+        if key is None and item is None:
+            return value
+        out = {}
+        for text, x in value.items():
+            try:
+                out[text if key is None else key(text)] = x if item is None else item(x)
+            except _Failure as failure:
+                failure.segments.append(f"[{text!r}]")
+                raise
+        return out
+
+    return decode
+
+
+def _dataclass_decoder(tp: Any, cls: type, args: tuple[Any, ...], pending: _Pending) -> _Decoder:
+    # (field name, JSON type taken as is, decoder, required), filled in below: the decoder
+    # is registered first so that a recursive type (children: list[Tree]) finds itself.
+    plan: list[tuple[str, type | None, _Decoder | None, bool]] = []
+    what = f"{_describe(tp)} (an object)"
+
+    def decode(value: Any) -> Any:
+        if type(value) is not dict:
+            raise _expected(what, value)
+        kwargs = {}
+        for name, exact, decoder, required in plan:
+            raw = value.get(name, _MISSING)
+            if type(raw) is exact:  # a str, int, bool or float field: no call needed
+                kwargs[name] = raw
+                continue
+            if raw is _MISSING:
+                if required:
+                    failure = _Failure("missing required field")
+                    failure.segments.append("." + name)
+                    raise failure
+                continue  # the dataclass fills in its default
+            if decoder is None:
+                kwargs[name] = raw
+                continue
+            try:
+                kwargs[name] = decoder(raw)
+            except _Failure as failure:
+                failure.segments.append("." + name)
+                raise
+        try:
+            return cls(**kwargs)
+        except Exception as exc:  # __post_init__ validation, typically
+            raise _Failure(f"{cls.__qualname__}() rejected it: {exc!r}", exc) from exc
+
+    pending[_ordered_key(tp)] = (tp, decode)
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception as exc:
+        raise _Failure(
+            f"cannot resolve the type hints of {cls.__qualname__}: {exc!r}; define the "
+            "types it refers to at module level",
+            exc,
+        ) from exc
+    typevars = dict(zip(getattr(cls, "__parameters__", ()), args, strict=False))
+    for field in dataclasses.fields(cls):
+        if not field.init:
+            continue
+        hint = hints.get(field.name, Any)
+        if typevars:
+            hint = _substitute(hint, typevars)
+        try:
+            decoder = _compile(hint, pending)
+        except _Failure as failure:
+            failure.segments.append("." + field.name)
+            raise
+        required = (
+            field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        )
+        exact = hint if hint in (str, int, bool, float) else None
+        plan.append((field.name, exact, decoder, required))
+    return decode
+
+
+def _substitute(hint: Any, typevars: dict[Any, Any]) -> Any:
+    """``list[T]`` with ``{T: Book}`` gives ``list[Book]``."""
+    if isinstance(hint, TypeVar):
+        return typevars.get(hint, hint)
+    params = getattr(hint, "__parameters__", ())
+    if params and typing.get_origin(hint) is not None:
+        return hint[tuple(typevars.get(p, p) for p in params)]
+    return hint
+
+
+def _pydantic_decoder(cls: type, pydantic: types.ModuleType) -> _Decoder:
+    validation_error = pydantic.ValidationError
+    validate = cls.model_validate  # type: ignore[attr-defined]
+
+    def decode(value: Any) -> Any:
+        try:
+            return validate(value)
+        except validation_error as exc:
+            first = exc.errors()[0]
+            reason = first["msg"]
+            if first["type"] != "missing":
+                reason += f", got {_got(first['input'])}"
+            if exc.error_count() > 1:
+                reason += f" (and {exc.error_count() - 1} more)"
+            failure = _Failure(reason, exc)
+            failure.segments.extend(
+                reversed([f"[{p}]" if type(p) is int else f".{p}" for p in first["loc"]])
+            )
+            raise failure from exc
+
+    return decode
+
+
+def _msgspec_decoder(cls: type, msgspec: types.ModuleType) -> _Decoder:
+    convert = msgspec.convert
+    validation_error = msgspec.ValidationError
+
+    def decode(value: Any) -> Any:
+        try:
+            return convert(value, cls)
+        except validation_error as exc:
+            # "Expected `int`, got `str` - at `$.items[0].price`"
+            reason, found, where = str(exc).partition(" - at `$")
+            failure = _Failure(reason, exc)
+            if found:
+                failure.segments.append(where.rstrip("`"))
+            raise failure from exc
+
+    return decode
+
+
+# --- error message helpers ---------------------------------------------------------------
+
+_JSON_KINDS = {str: "string", int: "integer", float: "number", bool: "boolean"}
+
+
+def _got(value: Any) -> str:
+    """How a JSON value is shown in an error: its JSON kind, and a short excerpt."""
+    if value is None:
+        return "null"
+    if type(value) is dict:
+        return "an object"
+    if type(value) is list:
+        return "an array"
+    kind = _JSON_KINDS.get(type(value), type(value).__qualname__)
+    text = _json_text(value)
+    return f"{kind} {text[:40] + '...' if len(text) > 43 else text}"
+
+
+def _json_text(value: Any) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _describe(tp: Any) -> str:
+    """A short readable name for a type expression: ``list[Book]``, ``int | None``."""
+    if tp is None or tp is _NoneType:
+        return "None"
+    if tp is Any:
+        return "Any"
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Union or origin is types.UnionType:
+        return " | ".join(_describe(arg) for arg in args)
+    if origin is Literal:
+        return f"Literal[{', '.join(map(repr, args))}]"
+    if origin is not None and args:
+        inner = ", ".join("..." if arg is Ellipsis else _describe(arg) for arg in args)
+        return f"{_describe(origin)}[{inner}]"
+    if isinstance(tp, type):
+        return tp.__qualname__
+    return repr(tp)

@@ -1,0 +1,294 @@
+"""The worker: runs a dispatcher's handlers on messages from its transport.
+
+``async with dp:`` (or ``await dp.run()``, or ``iambus worker module:dp``) starts it when
+the dispatcher has a transport and handlers for routed messages. It subscribes:
+
+* each event handler to its event, as group ``"<service>.<handler>"`` (new events only);
+* the service to each command and query it owns, as group ``"<service>"`` (backlog too).
+
+For every delivery it decodes the message, runs the handler (with middleware and
+cascades, exactly as in-process), and only then settles it:
+
+* success: events the handler emitted have been handed to the transport; then **ack**.
+  A query's answer is sent to its requester first.
+* failure: **retry** after the policy's backoff (that handler only); after the last
+  attempt, **dead-letter** with the error type, message, traceback excerpt and attempts,
+  and report it to the ``error_handler``. A failing query is answered with the error and
+  not retried: its caller is waiting.
+* a payload that does not decode: dead-letter at once, with the reason.
+
+At most ``concurrency`` handlers run at once. On stop it fetches nothing more, lets the
+handlers in flight finish (within the shutdown timeout) and settles them; what it could
+not finish stays unacked and is redelivered — to another instance — once the broker's
+``claim_after`` has passed. That is at-least-once delivery: a handler can see a message
+twice (a crash after the handler's work but before its ack), so make handlers idempotent
+or deduplicate by ``Envelope.id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .envelope import Envelope
+from .errors import SerializationError, TransportError
+from .handlers import Kind
+from .messages import MessageKey, describe
+from .remote import Remote, current_envelope
+from .retry import Retry
+from .transports import Delivery, Failure
+
+if TYPE_CHECKING:
+    from .dispatching import Route
+
+__all__ = ["Subscription", "Worker"]
+
+logger = logging.getLogger(__name__)
+
+Report = Callable[[BaseException, Any, Any], Any]
+RECEIVE_WAIT = 1.0  # seconds one receive may wait: also how long a stop may take to begin
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    """One handler (event) or one service (command, query) consuming one address."""
+
+    kind: Kind
+    address: str
+    group: str
+    message: MessageKey
+    route: Route
+    retry: Retry
+    from_start: bool
+
+    def describe(self) -> str:
+        return f"{self.kind} {describe(self.message)} -> {self.route.name} [{self.group}]"
+
+
+class Worker:
+    """Consumes ``subscriptions`` from ``remote``'s transport; see the module docstring."""
+
+    def __init__(
+        self,
+        remote: Remote,
+        subscriptions: list[Subscription],
+        *,
+        concurrency: int,
+        batch: int,
+        report: Report,
+    ) -> None:
+        self.remote = remote
+        self.subscriptions = subscriptions
+        self.concurrency = concurrency
+        self.batch = batch
+        self._report = report
+        self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._free = concurrency
+        self._room = asyncio.Event()
+        self._running = asyncio.Semaphore(concurrency)
+        self._loops: list[asyncio.Task[None]] = []
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._stopping = False
+
+    async def start(self) -> None:
+        await self.remote.open()
+        for sub in self.subscriptions:
+            await self.remote.transport.declare(sub.address, sub.group, from_start=sub.from_start)
+        loop = asyncio.get_running_loop()
+        self._loops = [
+            loop.create_task(self._consume(sub), name=f"iambus-consume-{sub.group}")
+            for sub in self.subscriptions
+        ]
+        lines = "\n".join(f"  {sub.describe()}" for sub in self.subscriptions)
+        logger.info(
+            "iambus worker %s (service %s) on %s, %d at once:\n%s",
+            self.consumer,
+            self.remote.service,
+            self.remote.transport.url,
+            self.concurrency,
+            lines,
+        )
+
+    async def stop(self, timeout: float | None) -> int:
+        """Fetch nothing more; finish what runs (within ``timeout``); return how many did not."""
+        # Receive loops stop by themselves between two receives (each returns within
+        # RECEIVE_WAIT): cancelling a read blocked in a driver is not reliable (redis-py
+        # can swallow it). Cancellation is only the fallback.
+        self._stopping = True
+        self._room.set()
+        if self._loops:
+            _, stuck = await asyncio.wait(self._loops, timeout=RECEIVE_WAIT + 2)
+            for task in stuck:
+                task.cancel()
+            if stuck:
+                await asyncio.wait(stuck, timeout=2)
+        self._loops = []
+        left = 0
+        if self._inflight:
+            _, pending = await asyncio.wait(self._inflight, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+                left = len(pending)
+                logger.warning(
+                    "iambus worker %s: %d handler(s) did not finish in time; their messages "
+                    "stay unacked and will be redelivered",
+                    self.consumer,
+                    left,
+                )
+        return left
+
+    async def _consume(self, sub: Subscription) -> None:
+        transport = self.remote.transport
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            # Fetch only while there is room. No slot is held while receiving (an idle
+            # subscription must not starve the others); the semaphore in _process bounds
+            # what runs, and a fetch overshoots by at most one batch per subscription.
+            while self._free <= 0 and not self._stopping:
+                self._room.clear()
+                await self._room.wait()
+            if self._stopping:
+                return
+            try:
+                deliveries = await transport.receive(
+                    sub.address,
+                    sub.group,
+                    consumer=self.consumer,
+                    limit=min(self.batch, self._free),
+                    wait=RECEIVE_WAIT,
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("iambus: receiving %s failed; retrying in 1s", sub.address)
+                await asyncio.sleep(1.0)
+                continue
+            self._free -= len(deliveries)
+            for delivery in deliveries:
+                task = loop.create_task(self._process(sub, delivery))
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
+
+    def _release(self, slots: int) -> None:
+        if slots:
+            self._free += slots
+            self._room.set()
+
+    async def _process(self, sub: Subscription, delivery: Delivery) -> None:
+        envelope = delivery.envelope
+        try:
+            async with self._running:
+                await self._handle(sub, delivery, envelope)
+        except asyncio.CancelledError:
+            raise  # stopping: left unacked, redelivered after claim_after
+        except Exception:
+            # The transport failed while settling: the delivery stays pending and is
+            # redelivered after claim_after, so nothing is lost.
+            logger.exception(
+                "iambus: could not settle %s %s (attempt %d); it will be redelivered",
+                sub.kind,
+                envelope.name,
+                delivery.attempt,
+            )
+        finally:
+            self._release(1)
+
+    async def _handle(self, sub: Subscription, delivery: Delivery, envelope: Envelope) -> None:
+        if sub.kind == "query" and _expired(envelope):
+            await delivery.ack()  # the requester has given up: nobody would read the answer
+            return
+        try:
+            message = self.remote.decode(envelope, sub.message)
+        except SerializationError as exc:
+            await delivery.dead_letter(_failure(exc, delivery.attempt, None))
+            logger.error(
+                "iambus: %s %s (id %s) does not decode; dead-lettered: %s",
+                sub.kind,
+                envelope.name,
+                envelope.id,
+                exc,
+            )
+            return
+        token = current_envelope.set(envelope)
+        try:
+            result = await sub.route.run(message, envelope.key)
+        except Exception as exc:
+            await self._failed(sub, delivery, message, exc)
+            return
+        finally:
+            current_envelope.reset(token)
+        if sub.kind == "query" and envelope.reply_to:
+            await self.remote.transport.reply(
+                envelope.reply_to, self.remote.answer(envelope, result)
+            )
+        await delivery.ack()
+
+    async def _failed(
+        self, sub: Subscription, delivery: Delivery, message: Any, exc: Exception
+    ) -> None:
+        envelope = delivery.envelope
+        context = sub.route.context_for(envelope.key)
+        if sub.kind == "query":
+            if envelope.reply_to:
+                await self.remote.transport.reply(
+                    envelope.reply_to, self.remote.failure(envelope, exc)
+                )
+            await delivery.ack()
+            await self._report(exc, message, context)
+            return
+        if isinstance(exc, TransportError):
+            # Emitting the handler's events failed: the handler's work is not complete.
+            logger.warning("iambus: %s: %s", sub.route.name, exc)
+        if delivery.attempt < sub.retry.attempts:
+            delay = sub.retry.delay(delivery.attempt)
+            logger.warning(
+                "iambus: %s failed on %s (attempt %d of %d), retrying in %.2fs: %s: %s",
+                sub.route.name,
+                envelope.name,
+                delivery.attempt,
+                sub.retry.attempts,
+                delay,
+                type(exc).__name__,
+                exc,
+            )
+            await delivery.retry(delay)
+            return
+        await delivery.dead_letter(_failure(exc, delivery.attempt, sub.route.name))
+        logger.error(
+            "iambus: %s failed on %s %d times; dead-lettered (id %s)",
+            sub.route.name,
+            envelope.name,
+            delivery.attempt,
+            envelope.id,
+        )
+        await self._report(exc, message, context)
+
+
+def _expired(envelope: Envelope) -> bool:
+    deadline = envelope.headers.get("deadline")
+    try:
+        return deadline is not None and float(deadline) < time.time()
+    except ValueError:
+        return False
+
+
+def _failure(exc: BaseException, attempts: int, handler: str | None) -> Failure:
+    kind = type(exc)
+    frames = traceback.format_exception(exc)
+    return Failure(
+        error_type=f"{kind.__module__}.{kind.__qualname__}",
+        message=str(exc),
+        traceback="".join(frames)[-4000:],  # an excerpt: the innermost frames
+        attempts=attempts,
+        handler=handler,
+    )

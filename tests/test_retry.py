@@ -1,0 +1,69 @@
+import pytest
+
+from iambus import ImproperlyConfigured
+from iambus.retry import Retry
+
+
+def test_delays_grow_exponentially_up_to_the_cap() -> None:
+    policy = Retry(backoff=0.5, factor=2, max_backoff=3, jitter=False)
+    assert [policy.delay(n) for n in (1, 2, 3, 4, 5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+
+
+def test_jitter_waits_half_to_all_of_the_delay() -> None:
+    policy = Retry(backoff=1.0, factor=1, jitter=True)
+    delays = [policy.delay(1) for _ in range(200)]
+    assert all(0.5 <= d <= 1.0 for d in delays)
+    assert len(set(delays)) > 100  # really random, so consumers do not retry in lockstep
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"attempts": 0}, "attempts must be an int >= 1"),
+        ({"attempts": 2.5}, "attempts must be an int >= 1"),
+        ({"backoff": -1}, "backoff must be a number >= 0"),
+        ({"max_backoff": "10"}, "max_backoff must be a number >= 0"),
+    ],
+)
+def test_bad_policies_are_named(options: dict[str, object], match: str) -> None:
+    with pytest.raises(ImproperlyConfigured, match=match):
+        Retry(**options)  # type: ignore[arg-type]
+
+
+def test_the_most_specific_policy_wins() -> None:
+    from dataclasses import dataclass
+
+    from iambus import Dispatcher
+
+    @dataclass
+    class Charge:
+        pass
+
+    @dataclass
+    class Refund:
+        pass
+
+    @dataclass
+    class Notify:
+        pass
+
+    dp = Dispatcher(
+        transport="memory://",
+        service="billing",
+        routes={Charge: "billing", Refund: "billing", Notify: "billing"},
+        retry=Retry(attempts=2),
+        retries={Refund: Retry(attempts=7)},
+    )
+
+    async def charge(command: Charge) -> None: ...
+    async def refund(command: Refund) -> None: ...
+    async def notify(command: Notify) -> None: ...
+
+    dp.commands.bind(Charge, charge, retry=Retry(attempts=9))
+    dp.commands.bind(Refund, refund)
+    dp.commands.bind(Notify, notify)
+    dp.start()
+    attempts = {sub.message: sub.retry.attempts for sub in dp._subscriptions}
+    assert attempts == {Charge: 9, Refund: 7, Notify: 2}
+    with pytest.raises(ImproperlyConfigured, match="must be a Retry"):
+        Dispatcher().commands.bind(Charge, charge, retry=3)  # type: ignore[arg-type]

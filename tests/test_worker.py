@@ -1,0 +1,303 @@
+"""Distributed scenarios, written once and run on every transport (see conftest.bus)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from iambus import (
+    Command,
+    Dispatcher,
+    ImproperlyConfigured,
+    Query,
+    RemoteError,
+    RequestTimeout,
+)
+from iambus.envelope import Envelope
+from iambus.remote import current_envelope
+from iambus.retry import Retry
+
+from .conftest import Bus
+
+
+@dataclass(frozen=True, slots=True)
+class PlaceOrder(Command[None]):
+    order_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class OrderPlaced:
+    order_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class GetInvoice(Query[str]):
+    order_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeCard(Command[None]):
+    order_id: int
+    amount: int
+
+
+ROUTES: dict[type | str, str] = {
+    PlaceOrder: "orders",
+    OrderPlaced: "orders",
+    GetInvoice: "billing",
+    ChargeCard: "billing",
+}
+FAST = Retry(attempts=3, backoff=0.05, jitter=False)
+
+
+def service(bus: Bus, name: str, **options: Any) -> Dispatcher:
+    options.setdefault("retry", FAST)
+    return Dispatcher(transport=bus.transport(), service=name, routes=ROUTES, **options)
+
+
+async def settle(bus: Bus, *dispatchers: Dispatcher, until: Any = None, timeout: float = 10):
+    """Wait until every message between the services is settled (or ``until()`` holds)."""
+    if bus.kind == "memory" and until is None:
+        await asyncio.wait_for(dispatchers[0].join(), timeout)
+        return
+    deadline = time.monotonic() + timeout
+    while not until():
+        assert time.monotonic() < deadline, "the services did not settle in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_every_service_gets_each_event_once_and_instances_compete(bus: Bus) -> None:
+    seen: Counter[tuple[str, int]] = Counter()
+    instances = []
+    for name in ("billing", "billing", "shipping", "shipping"):
+        dp = service(bus, name)
+
+        async def handler(event: OrderPlaced, name: str = name) -> None:
+            seen[name, event.order_id] += 1
+
+        dp.events.bind(OrderPlaced, handler)
+        instances.append(dp)
+    publisher = service(bus, "orders")
+    for dp in instances:
+        await dp.__aenter__()
+    try:
+        for n in range(20):
+            await publisher.publish(OrderPlaced(n))
+        await settle(bus, publisher, until=lambda: len(seen) == 40 and sum(seen.values()) >= 40)
+        await asyncio.sleep(0.2)  # let any duplicate show up
+    finally:
+        for dp in instances:
+            await dp.stop()
+        await publisher.stop()
+    assert seen == Counter({(name, n): 1 for name in ("billing", "shipping") for n in range(20)})
+
+
+async def test_a_command_goes_to_its_owner_and_its_events_follow(bus: Bus) -> None:
+    charged: list[int] = []
+    shipped: list[int] = []
+    orders = service(bus, "orders")
+    billing = service(bus, "billing")
+
+    @orders.commands.register(PlaceOrder)
+    async def place(command: PlaceOrder) -> OrderPlaced:
+        return OrderPlaced(command.order_id)  # routed: sent to the transport, then acked
+
+    @billing.events.register(OrderPlaced)
+    async def charge(event: OrderPlaced) -> None:
+        charged.append(event.order_id)
+
+    @billing.commands.register(ChargeCard)
+    async def charge_card(command: ChargeCard) -> None:
+        shipped.append(command.amount)
+
+    async with orders, billing:
+        assert await orders.execute(PlaceOrder(1)) is None  # remote: accepted by the broker
+        await orders.handle(ChargeCard(1, 50))  # handle() sends routed messages at once
+        await settle(bus, orders, until=lambda: charged and shipped)
+    assert (charged, shipped) == ([1], [50])
+
+
+def test_a_service_that_does_not_own_a_command_cannot_handle_it() -> None:
+    dp = Dispatcher(transport="memory://", service="orders", routes=ROUTES)
+
+    @dp.commands.register(ChargeCard)
+    async def charge(command: ChargeCard) -> None:
+        pass
+
+    with pytest.raises(ImproperlyConfigured, match=r"routed to service 'billing'.*one owner"):
+        dp.start()
+
+
+async def test_queries_answer_across_services_and_fail_clearly(bus: Bus) -> None:
+    orders = service(bus, "orders")
+    billing = service(bus, "billing")
+
+    @billing.queries.register(GetInvoice)
+    async def get_invoice(query: GetInvoice) -> str:
+        if query.order_id < 0:
+            raise KeyError(f"no order {query.order_id}")
+        return f"INV-{query.order_id}"
+
+    async with billing:
+        results = await asyncio.gather(*(orders.query(GetInvoice(n)) for n in range(10)))
+        assert results == [f"INV-{n}" for n in range(10)]  # many requests in flight at once
+        with pytest.raises(RemoteError, match=r"GetInvoice failed in service 'billing'") as info:
+            await orders.query(GetInvoice(-1), timeout=5)
+        assert info.value.error_type == "builtins.KeyError"
+        assert "no order -1" in info.value.remote_message
+    started = time.monotonic()
+    with pytest.raises(RequestTimeout, match=r"no answer to GetInvoice from service 'billing'"):
+        await orders.query(GetInvoice(1), timeout=0.3)  # billing has stopped
+    assert time.monotonic() - started < 2
+    await orders.stop()
+
+
+async def test_a_poison_message_is_dead_lettered_while_the_rest_flow(bus: Bus) -> None:
+    handled: list[int] = []
+    attempts: Counter[int] = Counter()
+    billing = service(bus, "billing")
+
+    @billing.events.register(OrderPlaced, retry=Retry(attempts=3, backoff=0.05, jitter=False))
+    async def charge(event: OrderPlaced) -> None:
+        attempts[event.order_id] += 1
+        if event.order_id == 13:
+            raise ValueError("card declined")
+        handled.append(event.order_id)
+
+    orders = service(bus, "orders")
+    async with billing:
+        for n in range(10, 17):
+            await orders.publish(OrderPlaced(n))
+        transport = billing.remote.transport  # type: ignore[union-attr]
+
+        async def parked() -> list[Any]:
+            return [d for d in await transport.dead_letters() if d.envelope.name == "OrderPlaced"]
+
+        deadline = time.monotonic() + 10
+        while not (len(handled) == 6 and await parked()):
+            assert time.monotonic() < deadline, (handled, attempts)
+            await asyncio.sleep(0.05)
+    await orders.stop()
+    assert sorted(handled) == [10, 11, 12, 14, 15, 16]
+    assert attempts[13] == 3
+    [letter] = await parked()
+    assert letter.failure.error_type == "builtins.ValueError"
+    assert letter.failure.message == "card declined"
+    assert letter.failure.attempts == 3
+    assert letter.failure.handler.endswith("charge")
+    assert "card declined" in letter.failure.traceback
+    assert letter.group == f"billing.{charge.__module__}.{charge.__qualname__}"
+    await transport.purge([letter.id])
+
+
+async def test_an_undecodable_payload_is_dead_lettered_with_the_reason(bus: Bus) -> None:
+    handled: list[int] = []
+    billing = service(bus, "billing")
+
+    @billing.events.register(OrderPlaced)
+    async def charge(event: OrderPlaced) -> None:
+        handled.append(event.order_id)
+
+    async with billing:
+        transport = billing.remote.transport  # type: ignore[union-attr]
+        bad = Envelope(name="OrderPlaced", payload=b'{"order_id": "seven"}')
+        await transport.send("event.OrderPlaced", bad)
+        await billing.publish(OrderPlaced(8))
+        deadline = time.monotonic() + 10
+        letters: list[Any] = []
+        while not (handled and letters):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+            letters = [d for d in await transport.dead_letters() if d.envelope.id == bad.id]
+    assert handled == [8]
+    [letter] = letters
+    assert letter.failure.error_type == "iambus.errors.SerializationError"
+    assert "order_id" in letter.failure.message
+    assert letter.failure.attempts == 1
+    await transport.purge([letter.id])
+
+
+async def test_a_failing_handler_is_retried_alone(bus: Bus) -> None:
+    calls: Counter[str] = Counter()
+    billing = service(bus, "billing")
+
+    @billing.events.register(OrderPlaced)
+    async def flaky(event: OrderPlaced) -> None:
+        calls["flaky"] += 1
+        if calls["flaky"] == 1:
+            raise ConnectionError("try later")
+
+    @billing.events.register(OrderPlaced)
+    async def steady(event: OrderPlaced) -> None:
+        calls["steady"] += 1
+
+    async with billing:
+        await billing.publish(OrderPlaced(1))
+        await settle(bus, billing, until=lambda: calls["flaky"] == 2 and calls["steady"] == 1)
+        await asyncio.sleep(0.2)
+    assert calls == Counter({"flaky": 2, "steady": 1})
+
+
+async def test_correlation_and_causation_follow_the_conversation(bus: Bus) -> None:
+    seen: dict[str, Envelope] = {}
+    orders = service(bus, "orders")
+    billing = service(bus, "billing")
+
+    @orders.commands.register(PlaceOrder)
+    async def place(command: PlaceOrder) -> OrderPlaced:
+        seen["command"] = current_envelope.get()  # type: ignore[assignment]
+        return OrderPlaced(command.order_id)
+
+    @billing.events.register(OrderPlaced)
+    async def charge(event: OrderPlaced) -> None:
+        seen["event"] = current_envelope.get()  # type: ignore[assignment]
+
+    async with orders, billing:
+        await orders.execute(PlaceOrder(5))
+        await settle(bus, orders, until=lambda: "event" in seen)
+    command, event = seen["command"], seen["event"]
+    assert command.correlation_id == command.id  # a new conversation
+    assert command.causation_id is None
+    assert event.correlation_id == command.id
+    assert event.causation_id == command.id
+
+
+async def test_stop_finishes_handlers_in_flight_and_acks_them(bus: Bus) -> None:
+    started = asyncio.Event()
+    finished: list[int] = []
+    billing = service(bus, "billing")
+
+    @billing.events.register(OrderPlaced)
+    async def slow(event: OrderPlaced) -> None:
+        started.set()
+        await asyncio.sleep(0.3)
+        finished.append(event.order_id)
+
+    await billing.__aenter__()
+    await billing.publish(OrderPlaced(1))
+    await asyncio.wait_for(started.wait(), 5)
+    await billing.stop(timeout=5)
+    assert finished == [1]
+    # nothing was left unacked: a new instance gets nothing to redo
+    again: list[int] = []
+    second = service(bus, "billing")
+
+    @second.events.register(OrderPlaced)
+    async def slow_again(event: OrderPlaced) -> None:
+        again.append(event.order_id)
+
+    # the same handler name is the same subscription
+    second.events.handlers()
+    async with second:
+        await asyncio.sleep(1.0)
+    assert again == []
+
+
+def test_routes_need_a_transport() -> None:
+    with pytest.raises(ImproperlyConfigured, match="routes need a transport"):
+        Dispatcher(routes=ROUTES)
