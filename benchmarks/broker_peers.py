@@ -578,11 +578,12 @@ async def build_iambus(ctx: Ctx) -> Impl:
     version = getattr(iambus, "__version__", None) or _version("iambus")
 
     def make_dispatcher(namespace: str, tracker: Tracker | None) -> Any:
+        separator = "&" if "?" in ctx.url else "?"
         dp = iambus.Dispatcher(
-            transport=ctx.url,
+            # the namespace is a transport setting: a URL parameter, like max_connections
+            transport=f"{ctx.url}{separator}namespace={namespace}",
             service="bench",
             routes={PageViewed: "bench", GetUser: "bench"},
-            namespace=namespace,
         )
 
         @dp.events.register(PageViewed)

@@ -140,6 +140,7 @@ class RedisTransport:
         self._sends = _Coalescer(self._flush_sends)
         self._acks = _Coalescer(self._flush_acks)
         self._last_reclaim: dict[tuple[str, str], float] = {}
+        self._next_due_check: dict[tuple[str, str], float] = {}
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -203,6 +204,13 @@ class RedisTransport:
         await self._sends.add((self._stream(address), envelope.to_fields()))
 
     async def _flush_sends(self, items: list[tuple[str, dict[str, bytes | str]]]) -> list[Any]:
+        if len(items) == 1:  # alone: a plain command costs less than a pipeline
+            stream, fields = items[0]
+            async with self._translate("XADD"):
+                one: Any = fields
+                return [
+                    await self._client().xadd(stream, one, maxlen=self.max_length, approximate=True)
+                ]
         async with self._translate("XADD"), self._client().pipeline(transaction=False) as pipe:
             for stream, fields in items:
                 pipe.xadd(stream, fields, maxlen=self.max_length, approximate=True)  # type: ignore[arg-type]
@@ -234,11 +242,17 @@ class RedisTransport:
         deadline = time.monotonic() + wait
         while True:
             out: list[Delivery] = []
-            async with self._translate("claim due retries"):
-                rows = await self._scripts["claim_due"](
-                    keys=[stream, direct, due], args=[group, consumer, limit]
-                )
-            out += self._deliveries(address, group, rows)
+            now = time.monotonic()
+            # Due retries are looked for at most every `block` seconds (and at once after
+            # this process parked one): a retry is late by at most that, and a busy
+            # consumer does not pay a round trip per batch for it.
+            if now >= self._next_due_check.get((address, group), 0.0):
+                self._next_due_check[address, group] = now + self.block
+                async with self._translate("claim due retries"):
+                    rows = await self._scripts["claim_due"](
+                        keys=[stream, direct, due], args=[group, consumer, limit]
+                    )
+                out += self._deliveries(address, group, rows)
             now = time.monotonic()
             if len(out) < limit and now - self._last_reclaim.get((address, group), 0) > min(
                 self.claim_after / 2, 5.0
@@ -292,6 +306,11 @@ class RedisTransport:
         await self._acks.add((self._key(address, group, mark), group, entry_id))
 
     async def _flush_acks(self, items: list[tuple[str, str, bytes]]) -> list[Any]:
+        if len(items) == 1:
+            key, group, entry_id = items[0]
+            async with self._translate("XACK"):
+                await self._client().xack(key, group, entry_id)
+            return [None]
         batches: dict[tuple[str, str], list[bytes]] = {}
         for key, group, entry_id in items:
             batches.setdefault((key, group), []).append(entry_id)
@@ -310,6 +329,9 @@ class RedisTransport:
                 keys=[self._key(address, group, mark), self._due(address, group)],
                 args=[group, entry_id, int(max(delay, 0) * 1000), member, RETRY_OWNER],
             )
+        due_at = time.monotonic() + max(delay, 0)
+        known = self._next_due_check.get((address, group), due_at)
+        self._next_due_check[address, group] = min(known, due_at)
 
     async def _park(
         self,
@@ -490,28 +512,42 @@ class _RedisDelivery:
 
 
 class _Coalescer:
-    """Gathers the items added in one event-loop turn and flushes them in one call."""
+    """Sends an item at once when nothing is in flight, else batches it with the others.
+
+    Idle, a send costs one round trip and no extra task; under load, everything added
+    while a flush is in flight goes out together in the next one (one pipeline).
+    """
 
     def __init__(self, flush: Callable[[list[Any]], Awaitable[list[Any]]]) -> None:
         self._flush = flush
+        self._busy = False
         self._items: list[Any] = []
         self._futures: list[asyncio.Future[Any]] = []
 
-    def add(self, item: Any) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        if not self._items:
-            loop.call_soon(self._start)
-        future: asyncio.Future[Any] = loop.create_future()
+    def add(self, item: Any) -> Awaitable[Any]:
+        if not self._busy:
+            self._busy = True
+            return self._alone(item)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._items.append(item)
         self._futures.append(future)
         return future
 
-    def _start(self) -> None:
+    async def _alone(self, item: Any) -> Any:
+        try:
+            return (await self._flush([item]))[0]
+        finally:
+            self._next()
+
+    def _next(self) -> None:
+        if not self._items:
+            self._busy = False
+            return
         items, futures = self._items, self._futures
         self._items, self._futures = [], []
-        asyncio.get_running_loop().create_task(self._run(items, futures))
+        asyncio.get_running_loop().create_task(self._batch(items, futures))
 
-    async def _run(self, items: list[Any], futures: list[asyncio.Future[Any]]) -> None:
+    async def _batch(self, items: list[Any], futures: list[asyncio.Future[Any]]) -> None:
         try:
             results = await self._flush(items)
         except BaseException as exc:
@@ -524,6 +560,8 @@ class _Coalescer:
             for future, result in zip(futures, results, strict=True):
                 if not future.done():
                     future.set_result(result)
+        finally:
+            self._next()
 
 
 def _text(value: bytes | str) -> str:

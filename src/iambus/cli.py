@@ -1,0 +1,624 @@
+"""The ``iambus`` command: run a worker, tend the dead letters.
+
+::
+
+    iambus worker myapp.worker:dp                     # or: python -m iambus worker ...
+    iambus worker myapp.worker:create --concurrency 64 --log-level DEBUG
+    iambus dlq list --transport redis://127.0.0.1:6379/0
+    iambus dlq show --transport redis://127.0.0.1:6379/0 1764158400123-0
+    iambus dlq replay --transport redis://127.0.0.1:6379/0 --all
+    iambus dlq purge --transport redis://127.0.0.1:6379/0 --all --yes
+
+``main(argv)`` runs it in-process and returns the exit status: 0 on success (a worker
+stopped by SIGINT or SIGTERM included), 1 when the work failed (an unknown dead letter
+id, an unreachable broker), 2 for a wrong invocation or set-up. Errors are one line on
+stderr, without a traceback — except an exception raised by the application's own code
+while it is imported or built, whose traceback is the useful part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import importlib
+import inspect
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from . import __version__
+from .dispatching import Dispatcher
+from .errors import IambusError, ImproperlyConfigured
+from .remote import Remote
+from .transports import DeadLetter, Transport, connect
+
+__all__ = ["main"]
+
+logger = logging.getLogger(__name__)
+
+PROG = "iambus"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+ALL = sys.maxsize  # dead_letters(limit=ALL): every one of them
+MESSAGE_WIDTH = 60  # the message column of `dlq list`
+
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+
+
+class CliError(Exception):
+    """Ends the command with ``status`` and the message on stderr, without a traceback."""
+
+    def __init__(self, message: str, status: int = 2) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``iambus`` with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error argparse printed
+        return exc.code if isinstance(exc.code, int) else 0
+    command: Callable[[argparse.Namespace], int] = args.command
+    try:
+        return command(args)
+    except CliError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.status
+
+
+# -- the parser -----------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Run iambus workers and manage dead letters.",
+        epilog="Run 'iambus COMMAND --help' for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    worker = commands.add_parser(
+        "worker",
+        help="run a dispatcher's handlers on messages from its transport",
+        description=(
+            "Import MODULE and serve its dispatcher ATTR until SIGINT or SIGTERM: consume "
+            "the messages routed to its handlers, then stop gracefully (in-flight handlers "
+            "finish within the shutdown timeout) and exit with status 0. ATTR is a "
+            "Dispatcher, or a function taking no arguments that returns one (an app "
+            "factory). The current directory is on the import path. --transport, --service, "
+            "--concurrency and --shutdown-timeout override what the dispatcher was built with."
+        ),
+        epilog="Example: iambus worker myapp.worker:dp --concurrency 64 --log-level DEBUG",
+    )
+    worker.add_argument("app", metavar="MODULE:ATTR", help="the dispatcher, e.g. myapp.worker:dp")
+    worker.add_argument(
+        "--transport",
+        metavar="URL",
+        help="consume from this transport instead of the dispatcher's own (redis://...)",
+    )
+    worker.add_argument(
+        "--service",
+        metavar="NAME",
+        type=_name,
+        help="serve as this service instead of the dispatcher's own",
+    )
+    worker.add_argument(
+        "--concurrency",
+        metavar="N",
+        type=_positive_int,
+        help="how many handlers may run at once (default: the dispatcher's, 32 unless set)",
+    )
+    worker.add_argument(
+        "--shutdown-timeout",
+        metavar="SECONDS",
+        type=_seconds,
+        help="how long in-flight handlers may take to finish on stop (default: the "
+        "dispatcher's, 30 unless set)",
+    )
+    worker.add_argument(
+        "--log-level",
+        metavar="LEVEL",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default="INFO",
+        help=f"{', '.join(LOG_LEVELS)} (default: INFO)",
+    )
+    worker.add_argument("--uvloop", action="store_true", help="run on uvloop (pip install uvloop)")
+    worker.set_defaults(command=_worker)
+
+    dlq = commands.add_parser(
+        "dlq",
+        help="list, show, replay or purge dead letters",
+        description=(
+            "Dead letters are messages a handler failed on after its last attempt, parked "
+            "with the failure. Each command connects to --transport, does its work and "
+            "disconnects."
+        ),
+    )
+    actions = dlq.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    broker = argparse.ArgumentParser(add_help=False)
+    broker.add_argument(
+        "--transport",
+        metavar="URL",
+        required=True,
+        help="the broker holding the dead letters, e.g. redis://127.0.0.1:6379/0?namespace=shop",
+    )
+
+    listing = actions.add_parser(
+        "list",
+        parents=[broker],
+        help="list dead letters, oldest first",
+        description="List dead letters, oldest first: a table, or one JSON object a line.",
+    )
+    listing.add_argument(
+        "--limit", metavar="N", type=_positive_int, default=100, help="at most N (default: 100)"
+    )
+    listing.add_argument("--json", action="store_true", help="print JSON lines")
+    listing.set_defaults(command=_dlq_list)
+
+    show = actions.add_parser(
+        "show",
+        parents=[broker],
+        help="show one dead letter in full",
+        description="Everything about one dead letter: where it was going, the failure with "
+        "its traceback excerpt, the envelope, its headers and payload.",
+    )
+    show.add_argument("id", metavar="ID", help="the dead letter's id (see 'iambus dlq list')")
+    show.add_argument("--json", action="store_true", help="print it as one JSON object")
+    show.set_defaults(command=_dlq_show)
+
+    replay = actions.add_parser(
+        "replay",
+        parents=[broker],
+        help="send dead letters back to the group that failed on them",
+        description="Send dead letters back to the group (the handler, or the service) that "
+        "failed on them, and only to it; they leave the dead letters.",
+    )
+    replay.add_argument("ids", metavar="ID", nargs="*", help="dead letter ids")
+    replay.add_argument("--all", action="store_true", help="replay every dead letter")
+    replay.set_defaults(command=_dlq_replay)
+
+    purge = actions.add_parser(
+        "purge",
+        parents=[broker],
+        help="delete dead letters",
+        description="Delete dead letters for good.",
+    )
+    purge.add_argument("ids", metavar="ID", nargs="*", help="dead letter ids")
+    purge.add_argument("--all", action="store_true", help="delete every dead letter")
+    purge.add_argument("-y", "--yes", action="store_true", help="confirm --all")
+    purge.set_defaults(command=_dlq_purge)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"expected seconds (a number >= 0), got {text!r}")
+    return value
+
+
+def _name(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a non-empty name")
+    return text
+
+
+# -- iambus worker --------------------------------------------------------------------
+
+
+def _worker(args: argparse.Namespace) -> int:
+    spec: str = args.app
+    logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
+    # Like `python -m` and uvicorn: the application is found from the current directory.
+    here = os.getcwd()
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    loop_factory = _loop_factory() if args.uvloop else None
+    dp = _load_dispatcher(spec)
+    _configure(dp, spec, args)
+    logger.info("iambus: serving %s; stop it with SIGINT (Ctrl-C) or SIGTERM", spec)
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(dp.run())
+    except ImproperlyConfigured as exc:  # found at start: e.g. a handler of another's command
+        raise CliError(f"{spec}: {exc}") from None
+    except IambusError as exc:  # e.g. the broker is unreachable
+        raise CliError(str(exc), status=1) from None
+    except KeyboardInterrupt:  # interrupted before the dispatcher took over the signals
+        return 130
+    logger.info("iambus: %s stopped", spec)
+    return 0
+
+
+def _load_dispatcher(spec: str) -> Dispatcher:
+    """The dispatcher ``spec`` (``"module:attr"``) names: the object, or what a factory returns.
+
+    Raises ``CliError`` (status 2) saying what is wrong.
+    """
+    module_name, colon, attr = spec.partition(":")
+    if not (colon and _dotted(module_name) and _dotted(attr)):
+        raise CliError(f"expected MODULE:ATTR, e.g. 'myapp.worker:dp', got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if module_name == missing or module_name.startswith(missing + "."):
+            raise CliError(
+                f"cannot import module {module_name!r}: {exc} (looked in the current "
+                f"directory {os.getcwd()} and on sys.path)"
+            ) from None
+        raise CliError(f"importing module {module_name!r} failed: {exc}") from None
+    except ImproperlyConfigured as exc:
+        raise CliError(f"importing module {module_name!r} failed: {exc}") from None
+    # Any other exception is a bug in the application: its traceback says where.
+
+    target: Any = module
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise CliError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if isinstance(target, Dispatcher):
+        return target
+    if not callable(target) or isinstance(target, type):
+        raise CliError(
+            f"{spec} is a {type(target).__name__}, not a Dispatcher (or a function taking "
+            f"no arguments that returns one)"
+        )
+    try:
+        inspect.signature(target).bind()
+    except TypeError:
+        raise CliError(
+            f"{spec} needs arguments; an app factory is called with none: give it defaults, "
+            f"or point at the Dispatcher itself"
+        ) from None
+    except ValueError:
+        pass  # no signature to read (a builtin): just call it
+    try:
+        made = target()
+    except ImproperlyConfigured as exc:
+        raise CliError(f"{spec}() failed: {exc}") from None
+    if inspect.iscoroutine(made):
+        made.close()  # never awaited: close it, or Python warns about it
+        raise CliError(f"{spec} is async; an app factory must be a plain function (def)")
+    if not isinstance(made, Dispatcher):
+        raise CliError(f"{spec}() returned a {type(made).__name__}, not a Dispatcher")
+    return made
+
+
+def _dotted(name: str) -> bool:
+    return all(part.isidentifier() for part in name.split("."))
+
+
+def _configure(dp: Dispatcher, spec: str, args: argparse.Namespace) -> None:
+    """Check that ``dp`` can serve, and apply the command line's overrides to it."""
+    if dp.remote is None and args.transport is None:
+        raise CliError(
+            f"{spec} has no transport, so there is nothing to consume: pass transport=... "
+            f"(with routes=...) to its Dispatcher, or --transport"
+        )
+    if not dp.routes:
+        raise CliError(
+            f"{spec} routes no messages, so a worker has nothing to consume: pass "
+            f"Dispatcher(transport=..., service=..., routes={{...}}) the messages its "
+            f"handlers serve"
+        )
+    if args.transport is not None or args.service is not None:
+        if dp.started:
+            raise CliError(
+                f"{spec} was started on import; --transport and --service only apply to a "
+                f"dispatcher that has not started yet"
+            )
+        # The transport is fixed when a Dispatcher is built: the link to it (its Remote)
+        # is built anew, exactly as Dispatcher.__init__ does, keeping the codec, the
+        # request timeout and the routes. Nothing has used the old link yet (not started),
+        # so dropping it loses nothing; one made from a URL was never opened.
+        old = dp.remote
+        assert old is not None  # checked above: no transport means no routes
+        transport, owned = old.transport, old.owned
+        if args.transport is not None:
+            transport, owned = _connect(args.transport), True
+        if args.service is not None:
+            dp.service = args.service
+        dp.remote = Remote(
+            transport,
+            service=dp.service,
+            routes=dp.routes,
+            codec=old.codec,
+            request_timeout=old.request_timeout,
+            owned=owned,
+        )
+    if args.concurrency is not None:
+        dp.concurrency = args.concurrency
+    if args.shutdown_timeout is not None:
+        dp.shutdown_timeout = args.shutdown_timeout
+
+
+def _loop_factory() -> LoopFactory:
+    try:
+        uvloop = importlib.import_module("uvloop")
+    except ImportError:
+        raise CliError(
+            "--uvloop needs uvloop, which is not installed: pip install uvloop"
+        ) from None
+    factory: LoopFactory = uvloop.new_event_loop
+    return factory
+
+
+# -- iambus dlq -----------------------------------------------------------------------
+
+
+def _dlq_list(args: argparse.Namespace) -> int:
+    async def work(transport: Transport) -> int:
+        letters = await transport.dead_letters(limit=args.limit)
+        if args.json:
+            for letter in letters:
+                print(json.dumps(_as_json(letter)))
+        elif letters:
+            print(_table(letters))
+        else:
+            print(f"no dead letters on {transport.url}")
+        if len(letters) == args.limit:
+            print(
+                f"(the first {args.limit}; there may be more: pass --limit to see them)",
+                file=sys.stderr,
+            )
+        return 0
+
+    return _with_transport(args.transport, work)
+
+
+def _dlq_show(args: argparse.Namespace) -> int:
+    async def work(transport: Transport) -> int:
+        letters = {letter.id: letter for letter in await transport.dead_letters(limit=ALL)}
+        letter = letters.get(args.id)
+        if letter is None:
+            raise CliError(
+                f"no dead letter {args.id!r} on {transport.url}; 'iambus dlq list' shows the ids",
+                status=1,
+            )
+        print(json.dumps(_as_json(letter), indent=2) if args.json else _details(letter))
+        return 0
+
+    return _with_transport(args.transport, work)
+
+
+def _dlq_replay(args: argparse.Namespace) -> int:
+    _check_selection(args, "replay")
+
+    async def work(transport: Transport) -> int:
+        ids, unknown = await _select(transport, args)
+        replayed = await transport.replay(ids) if ids else 0
+        print(f"replayed {_count(replayed)}")
+        return _report_unknown(unknown, transport)
+
+    return _with_transport(args.transport, work)
+
+
+def _dlq_purge(args: argparse.Namespace) -> int:
+    _check_selection(args, "purge")
+    if args.all and not args.yes:
+        raise CliError("purge --all deletes every dead letter for good: add --yes to confirm")
+
+    async def work(transport: Transport) -> int:
+        if args.all:
+            print(f"purged {_count(await transport.purge(None))}")
+            return 0
+        ids, unknown = await _select(transport, args)
+        purged = await transport.purge(ids) if ids else 0
+        print(f"purged {_count(purged)}")
+        return _report_unknown(unknown, transport)
+
+    return _with_transport(args.transport, work)
+
+
+def _check_selection(args: argparse.Namespace, action: str) -> None:
+    if args.all and args.ids:
+        raise CliError(f"{action}: give dead letter ids or --all, not both")
+    if not args.all and not args.ids:
+        raise CliError(f"{action}: give the ids of the dead letters to {action}, or --all")
+
+
+async def _select(transport: Transport, args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The ids to act on, and the ids given that are not dead letters."""
+    # Checked against the list first: a broker may reject an id it cannot parse (Redis
+    # does), and an unknown id deserves its own message rather than a broker error.
+    known = [letter.id for letter in await transport.dead_letters(limit=ALL)]
+    if args.all:
+        return known, []
+    wanted = list(dict.fromkeys(args.ids))
+    present = set(known)
+    return [i for i in wanted if i in present], [i for i in wanted if i not in present]
+
+
+def _report_unknown(unknown: list[str], transport: Transport) -> int:
+    if not unknown:
+        return 0
+    print(
+        f"{PROG}: error: no dead letter {', '.join(map(repr, unknown))} on {transport.url}",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _with_transport(url: str, work: Callable[[Transport], Awaitable[int]]) -> int:
+    """Open the transport at ``url``, run ``work`` with it, close it."""
+    if urlsplit(url).scheme == "memory":
+        raise CliError(
+            "memory:// lives inside one process, so another process cannot see its dead "
+            "letters: use transport.dead_letters() there, or point --transport at a broker"
+        )
+    transport = _connect(url)
+
+    async def session() -> int:
+        await transport.open()
+        try:
+            return await work(transport)
+        finally:
+            await transport.close()
+
+    try:
+        return asyncio.run(session())
+    except ImproperlyConfigured as exc:
+        raise CliError(str(exc)) from None
+    except IambusError as exc:
+        raise CliError(str(exc), status=1) from None
+
+
+def _connect(url: str) -> Transport:
+    try:
+        return connect(url)
+    except (ImproperlyConfigured, ImportError) as exc:
+        raise CliError(str(exc)) from None
+
+
+# -- output ---------------------------------------------------------------------------
+
+
+def _table(letters: list[DeadLetter]) -> str:
+    now = time.time()
+    rows = [("ID", "ADDRESS", "GROUP", "ERROR", "MESSAGE", "ATTEMPTS", "AGE")]
+    rows += [
+        (
+            letter.id,
+            letter.address,
+            letter.group,
+            letter.failure.error_type.removeprefix("builtins."),
+            _clip(" ".join(letter.failure.message.split()), MESSAGE_WIDTH),
+            str(letter.failure.attempts),
+            _age(now - letter.failed_at),
+        )
+        for letter in letters
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def _details(letter: DeadLetter) -> str:
+    envelope, failure = letter.envelope, letter.failure
+    lines = [
+        f"id:        {letter.id}",
+        f"address:   {letter.address}",
+        f"group:     {letter.group}",
+        f"handler:   {failure.handler or '(none: it never reached one)'}",
+        f"failed at: {_when(letter.failed_at)} ({_age(time.time() - letter.failed_at)} ago)",
+        f"attempts:  {failure.attempts}",
+        # A message of several lines keeps its lines, aligned under the first.
+        f"error:     {failure.error_type}: {failure.message}".replace("\n", "\n" + " " * 11),
+        "",
+        "envelope:",
+        f"  id:             {envelope.id}",
+        f"  name:           {envelope.name}",
+        f"  created at:     {_when(envelope.created_at)}",
+        f"  key:            {_or_none(envelope.key)}",
+        f"  correlation id: {_or_none(envelope.correlation_id)}",
+        f"  causation id:   {_or_none(envelope.causation_id)}",
+        f"  reply to:       {_or_none(envelope.reply_to)}",
+        f"  content type:   {envelope.content_type}",
+        "headers:" if envelope.headers else "headers: (none)",
+        *(f"  {name}: {value}" for name, value in envelope.headers.items()),
+    ]
+    text = _text(envelope.payload)
+    if text is None:
+        lines.append(f"payload ({len(envelope.payload)} bytes, not UTF-8):")
+        lines.append(f"  {envelope.payload!r}")
+    else:
+        lines.append(f"payload ({len(envelope.payload)} bytes):")
+        lines += [f"  {line}" for line in text.splitlines() or [""]]
+    if failure.traceback:
+        lines.append("traceback (excerpt):")
+        lines += [f"  {line}" for line in failure.traceback.rstrip("\n").splitlines()]
+    else:
+        lines.append("traceback: (none)")
+    return "\n".join(lines)
+
+
+def _as_json(letter: DeadLetter) -> dict[str, Any]:
+    envelope, failure = letter.envelope, letter.failure
+    text = _text(envelope.payload)
+    payload: dict[str, Any] = (
+        {"payload": text}
+        if text is not None
+        else {"payload_base64": base64.b64encode(envelope.payload).decode("ascii")}
+    )
+    return {
+        "id": letter.id,
+        "address": letter.address,
+        "group": letter.group,
+        "failed_at": letter.failed_at,
+        "error_type": failure.error_type,
+        "message": failure.message,
+        "attempts": failure.attempts,
+        "handler": failure.handler,
+        "traceback": failure.traceback,
+        "envelope": {
+            "id": envelope.id,
+            "name": envelope.name,
+            "created_at": envelope.created_at,
+            "key": envelope.key,
+            "correlation_id": envelope.correlation_id,
+            "causation_id": envelope.causation_id,
+            "reply_to": envelope.reply_to,
+            "content_type": envelope.content_type,
+            "headers": dict(envelope.headers),
+            **payload,
+        },
+    }
+
+
+def _text(payload: bytes) -> str | None:
+    try:
+        return payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _age(seconds: float) -> str:
+    seconds = max(seconds, 0.0)
+    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def _when(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, tz=UTC).isoformat(timespec="seconds")
+
+
+def _or_none(value: str | None) -> str:
+    return "-" if value is None else value
+
+
+def _count(n: int) -> str:
+    return f"{n} dead letter{'' if n == 1 else 's'}"
