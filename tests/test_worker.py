@@ -301,3 +301,85 @@ async def test_stop_finishes_handlers_in_flight_and_acks_them(bus: Bus) -> None:
 def test_routes_need_a_transport() -> None:
     with pytest.raises(ImproperlyConfigured, match="routes need a transport"):
         Dispatcher(routes=ROUTES)
+
+
+async def test_a_handler_unfinished_at_stop_timeout_is_redelivered(caplog) -> None:
+    from iambus.transports.memory import MemoryTransport
+
+    bus = MemoryTransport(claim_after=0.3)
+    runs: list[str] = []
+    started = asyncio.Event()
+    first = Dispatcher(transport=bus, service="billing", routes=ROUTES)
+
+    @first.events.register(OrderPlaced)
+    async def slow(event: OrderPlaced) -> None:
+        runs.append("first")
+        started.set()
+        await asyncio.sleep(10)
+
+    await first.__aenter__()
+    await first.publish(OrderPlaced(1))
+    await asyncio.wait_for(started.wait(), 5)
+    await first.stop(timeout=0.05)
+    assert "did not finish in time" in caplog.text
+
+    second = Dispatcher(transport=bus, service="billing", routes=ROUTES)
+
+    @second.events.register(OrderPlaced)
+    async def slow(event: OrderPlaced) -> None:  # noqa: F811 - the same subscription name
+        runs.append("second")
+
+    async with second:
+        await asyncio.wait_for(second.join(), 5)
+    assert runs == ["first", "second"]
+
+
+async def test_an_expired_query_is_not_handled() -> None:
+    from iambus.transports.memory import MemoryTransport
+
+    bus = MemoryTransport()
+    billing = Dispatcher(transport=bus, service="billing", routes=ROUTES)
+    handled: list[int] = []
+
+    @billing.queries.register(GetInvoice)
+    async def get_invoice(query: GetInvoice) -> str:
+        handled.append(query.order_id)
+        return "x"
+
+    async with billing:
+        stale = Envelope(
+            name="GetInvoice",
+            payload=b'{"order_id":1}',
+            headers={"deadline": repr(time.time() - 1)},
+        )
+        await bus.send("query.GetInvoice", stale)
+        await asyncio.wait_for(billing.join(), 5)  # settled: acked, not handled
+    assert handled == []
+
+
+async def test_a_failure_to_settle_is_logged_and_the_message_redelivered(caplog) -> None:
+    from iambus import TransportError
+    from iambus.transports.memory import MemoryTransport
+
+    class FlakyAcks(MemoryTransport):
+        failures = 1
+
+        async def _settle(self, address: str, group: str, token: int):  # type: ignore[no-untyped-def]
+            if self.failures:
+                self.failures -= 1
+                raise TransportError("connection reset while acking")
+            return await super()._settle(address, group, token)
+
+    bus = FlakyAcks(claim_after=0.2)
+    handled: list[int] = []
+    billing = Dispatcher(transport=bus, service="billing", routes=ROUTES)
+
+    @billing.events.register(OrderPlaced)
+    async def charge(event: OrderPlaced) -> None:
+        handled.append(event.order_id)
+
+    async with billing:
+        await billing.publish(OrderPlaced(4))
+        await asyncio.wait_for(billing.join(), 5)
+    assert "could not settle event OrderPlaced" in caplog.text
+    assert handled == [4, 4]  # at least once: handled again after the lost ack

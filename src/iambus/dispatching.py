@@ -459,7 +459,14 @@ class Dispatcher:
         if self.remote is None or self._state != _STARTED:
             return
         await self.remote.open()
-        if self._subscriptions and self._worker is None:
+        if not self._subscriptions:
+            logger.info(
+                "iambus: service %s sends routed messages through %s; it binds no handler "
+                "for one, so it consumes nothing",
+                self.service,
+                self.remote.transport.url,
+            )
+        elif self._worker is None:
             self._worker = Worker(
                 self.remote,
                 self._subscriptions,

@@ -119,17 +119,19 @@ class Worker:
 
     async def stop(self, timeout: float | None) -> int:
         """Fetch nothing more; finish what runs (within ``timeout``); return how many did not."""
-        # Receive loops stop by themselves between two receives (each returns within
-        # RECEIVE_WAIT): cancelling a read blocked in a driver is not reliable (redis-py
-        # can swallow it). Cancellation is only the fallback.
+        # Receive loops are cancelled, and also stop by themselves between two receives
+        # (each returns within RECEIVE_WAIT): cancelling a read blocked in a driver is not
+        # reliable (redis-py can swallow it), so the flag bounds the wait either way.
         self._stopping = True
         self._room.set()
         if self._loops:
-            _, stuck = await asyncio.wait(self._loops, timeout=RECEIVE_WAIT + 2)
-            for task in stuck:
+            for task in self._loops:
                 task.cancel()
-            if stuck:
-                await asyncio.wait(stuck, timeout=2)
+            _, stuck = await asyncio.wait(self._loops, timeout=RECEIVE_WAIT + 2)
+            if stuck:  # pragma: no cover - only a driver that ignores both ways
+                logger.warning(
+                    "iambus worker %s: %d receive loop(s) did not stop", self.consumer, len(stuck)
+                )
         self._loops = []
         left = 0
         if self._inflight:

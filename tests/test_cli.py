@@ -1,0 +1,664 @@
+"""The ``iambus`` command: ``worker`` and ``dlq``, run in-process through ``main(argv)``.
+
+Dead letters and the worker subprocess need a broker another process can reach: Redis
+(they skip locally, and fail in CI, when it is down).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import logging
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import iambus
+from iambus import Dispatcher
+from iambus.cli import main
+from iambus.envelope import Envelope
+from iambus.transports import DeadLetter, Failure
+
+from .conftest import require
+
+# An application module, as a user would write it. DEFAULTS is replaced per test.
+APP = """
+from dataclasses import dataclass
+
+from iambus import Command, Dispatcher
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    n: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeCard(Command[None]):
+    amount: int
+
+
+CONFIG = {"not": "a dispatcher"}
+dp = Dispatcher(DEFAULTS)
+
+
+@dp.events.register(Ping)
+async def record(event: Ping) -> None:
+    with open(HANDLED, "a") as log:
+        log.write(f"{event.n}\\n")
+
+
+@dp.commands.register(ChargeCard)
+async def charge(command: ChargeCard) -> None:
+    pass
+
+
+def create() -> Dispatcher:
+    return dp
+"""
+UNREACHABLE = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+
+
+@dataclass
+class Apps:
+    """Writes application modules into a directory that is the current one."""
+
+    root: Path
+    names: list[str]
+
+    def write(self, source: str, *, name: str | None = None) -> str:
+        name = name or f"app_{uuid.uuid4().hex[:8]}"
+        (self.root / f"{name}.py").write_text(source, encoding="utf-8")
+        importlib.invalidate_caches()
+        self.names.append(name)
+        return name
+
+    def app(self, defaults: str = "", handled: Path | None = None) -> str:
+        """An APP module whose dispatcher is ``Dispatcher(<defaults>)``."""
+        handled = handled or self.root / "handled.txt"
+        source = APP.replace("DEFAULTS", defaults).replace("HANDLED", repr(str(handled)))
+        return self.write(source)
+
+
+@pytest.fixture
+def apps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Apps]:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # main() puts the cwd on it
+    made = Apps(tmp_path, [])
+    yield made
+    for name in made.names:
+        sys.modules.pop(name, None)
+
+
+ORDERS = 'transport="redis://127.0.0.1:1/0", service="orders", routes={ChargeCard: "billing"}'
+
+
+# -- the command itself -----------------------------------------------------------------
+
+
+def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"iambus {iambus.__version__}\n"
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "worker" in out
+    assert "dlq" in out
+
+    assert main(["worker", "--help"]) == 0
+    out = capsys.readouterr().out
+    for option in ("MODULE:ATTR", "app", "factory", "--transport", "--concurrency", "--uvloop"):
+        assert option in out
+
+    assert main(["dlq", "purge", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--all" in out
+    assert "--yes" in out
+
+
+def test_a_command_is_required(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "required: COMMAND" in capsys.readouterr().err
+    assert main(["dlq"]) == 2
+    assert main(["dlq", "list"]) == 2  # --transport is required
+    assert "--transport" in capsys.readouterr().err
+
+
+def test_the_package_runs_as_the_command(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["iambus", "--version"])
+    monkeypatch.delitem(sys.modules, "iambus.__main__", raising=False)
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_module("iambus", run_name="__main__")
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"iambus {iambus.__version__}\n"
+
+
+def test_python_m_iambus_and_the_console_script_are_the_same_command() -> None:
+    expected = f"iambus {iambus.__version__}\n"
+    for command in (
+        [sys.executable, "-m", "iambus", "--version"],
+        [str(Path(sys.executable).with_name("iambus")), "--version"],
+    ):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=20, check=False)
+        assert (done.returncode, done.stdout) == (0, expected), done.stderr
+
+
+# -- worker: what it refuses, and why ---------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", ["app", "app:", ":dp", "my-app:dp", "app:dp:x", "app:1dp"])
+def test_worker_wants_module_colon_attribute(spec: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["worker", spec]) == 2
+    err = capsys.readouterr().err
+    assert f"expected MODULE:ATTR, e.g. 'myapp.worker:dp', got {spec!r}" in err
+    assert "Traceback" not in err
+
+
+def test_worker_says_which_module_it_cannot_import(
+    apps: Apps, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["worker", "no_such_module_xyz.worker:dp"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot import module 'no_such_module_xyz.worker'" in err
+    assert str(apps.root) in err  # where it looked
+
+    name = apps.write("import a_dependency_that_is_not_installed\n")
+    assert main(["worker", f"{name}:dp"]) == 2
+    err = capsys.readouterr().err
+    assert f"importing module {name!r} failed: No module named 'a_dependency_" in err
+    assert "Traceback" not in err
+
+
+def test_worker_reports_a_misconfigured_module_without_a_traceback(
+    apps: Apps, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = apps.write("from iambus import Dispatcher\ndp = Dispatcher(routes={'Ping': 'x'})\n")
+    assert main(["worker", f"{name}:dp"]) == 2
+    err = capsys.readouterr().err
+    assert f"importing module {name!r} failed: routes need a transport" in err
+    assert "Traceback" not in err
+
+
+def test_worker_lets_a_bug_in_the_module_raise_with_its_traceback(apps: Apps) -> None:
+    name = apps.write("dp = 1 / 0\n")
+    with pytest.raises(ZeroDivisionError):
+        main(["worker", f"{name}:dp"])
+
+
+@pytest.mark.parametrize(
+    ("attr", "message"),
+    [
+        ("nope", "has no attribute 'nope'"),
+        ("dp.nope", "has no attribute 'dp.nope'"),
+        ("CONFIG", "is a dict, not a Dispatcher (or a function taking no arguments"),
+        ("Ping", "is a type, not a Dispatcher"),
+    ],
+)
+def test_worker_wants_a_dispatcher(
+    apps: Apps, attr: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = apps.app(ORDERS)
+    assert main(["worker", f"{name}:{attr}"]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        ("def make():\n    return 'dp'\n", "make() returned a str, not a Dispatcher"),
+        ("def make(settings):\n    return dp\n", "make needs arguments"),
+        ("async def make():\n    return dp\n", "make is async"),
+        (
+            "def make():\n    return Dispatcher(routes={'Ping': 'x'})\n",
+            "make() failed: routes need a transport",
+        ),
+    ],
+)
+def test_worker_wants_a_factory_to_return_a_dispatcher(
+    apps: Apps, factory: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = apps.write(f"from iambus import Dispatcher\ndp = Dispatcher()\n{factory}")
+    assert main(["worker", f"{name}:make"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_worker_wants_a_transport_and_routes(
+    apps: Apps, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = apps.app()  # Dispatcher(): in-process only
+    assert main(["worker", f"{name}:dp"]) == 2
+    err = capsys.readouterr().err
+    assert "has no transport, so there is nothing to consume: pass transport=" in err
+    assert "or --transport" in err
+
+    # A transport alone does not make anything travel through it.
+    assert main(["worker", f"{name}:dp", "--transport", "memory://"]) == 2
+    assert "routes no messages, so a worker has nothing to consume" in capsys.readouterr().err
+
+
+def test_worker_refuses_an_unknown_transport(
+    apps: Apps, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = apps.app(ORDERS)
+    assert main(["worker", f"{name}:dp", "--transport", "kafka://x"]) == 2
+    assert "unknown transport URL 'kafka://x'" in capsys.readouterr().err
+
+
+def test_worker_cannot_override_a_dispatcher_started_on_import(
+    apps: Apps, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = apps.write(
+        "from iambus import Dispatcher\n"
+        "dp = Dispatcher(transport='memory://', service='worker', routes={'Ping': 'tester'})\n"
+        "dp.start()\n"
+    )
+    assert main(["worker", f"{name}:dp", "--service", "billing"]) == 2
+    assert "was started on import; --transport and --service only apply" in (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--concurrency", "0"),
+        ("--concurrency", "many"),
+        ("--shutdown-timeout", "-1"),
+        ("--shutdown-timeout", "nan"),
+        ("--shutdown-timeout", "soon"),
+        ("--log-level", "LOUD"),
+        ("--service", ""),
+    ],
+)
+def test_worker_checks_its_options(
+    option: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["worker", "app:dp", option, value]) == 2
+    assert f"argument {option}" in capsys.readouterr().err
+
+
+def test_worker_uvloop_needs_uvloop(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # importing it fails, installed or not
+    assert main(["worker", "app:dp", "--uvloop"]) == 2
+    assert "--uvloop needs uvloop, which is not installed: pip install uvloop" in (
+        capsys.readouterr().err
+    )
+
+
+def test_worker_reports_a_set_up_error_found_at_start(
+    apps: Apps, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # ChargeCard is routed to billing, but the dispatcher serves as orders.
+    name = apps.app(ORDERS)
+    assert main(["worker", f"{name}:dp", "--transport", "memory://"]) == 2
+    err = capsys.readouterr().err
+    assert f"{name}:dp: {name}.ChargeCard is routed to service 'billing'" in err
+    assert "Traceback" not in err
+
+
+def test_worker_reports_an_unreachable_broker(
+    apps: Apps, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = apps.app(ORDERS)
+    assert main(["worker", f"{name}:dp", "--service", "billing"]) == 1
+    err = capsys.readouterr().err
+    assert f"iambus: error: {UNREACHABLE}: connect failed" in err
+    assert "Traceback" not in err
+
+
+# -- worker: serving --------------------------------------------------------------------
+
+
+def test_worker_serves_with_the_overrides_until_sigterm(
+    apps: Apps, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Built for an unreachable Redis as service "orders" (which cannot serve ChargeCard):
+    # it only runs if --transport and --service really replace what it was built with.
+    name = apps.app(ORDERS)
+    apps.write(
+        "import asyncio\nmade = []\n\n"
+        "def new_event_loop():\n    made.append(asyncio.new_event_loop())\n    return made[-1]\n",
+        name="uvloop",
+    )
+    caplog.set_level(logging.INFO)
+    argv = ["worker", f"{name}:create", "--transport", "memory://", "--service", "billing"]
+    argv += ["--concurrency", "3", "--shutdown-timeout", "1.5", "--uvloop"]
+    code = run_until_sigterm(argv, caplog)
+
+    assert code == 0
+    dp: Dispatcher = sys.modules[name].dp
+    assert dp.remote is not None
+    assert (dp.remote.transport.url, dp.remote.service, dp.service) == (
+        "memory://",
+        "billing",
+        "billing",
+    )
+    assert (dp.concurrency, dp.shutdown_timeout) == (3, 1.5)
+    assert len(sys.modules["uvloop"].made) == 1  # the loop came from --uvloop's factory
+    text = caplog.text
+    assert "(service billing) on memory://, 3 at once" in text
+    assert f"command {name}.ChargeCard -> {name}.charge [billing]" in text
+    assert "received SIGTERM, stopping" in text
+    assert f"{name}:create stopped" in text
+
+
+def run_until_sigterm(argv: list[str], caplog: pytest.LogCaptureFixture) -> int:
+    """``main(argv)``, with SIGTERM sent to this process once the worker is serving."""
+    returned = threading.Event()
+
+    def stop_when_serving() -> None:
+        while not returned.wait(0.02):
+            # The worker logs its subscriptions once the dispatcher handles SIGTERM; a
+            # worker that never gets there returns by itself (no signal then: the default
+            # action would end the test run).
+            if any(r.getMessage().startswith("iambus worker") for r in list(caplog.records)):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    stopper = threading.Thread(target=stop_when_serving, daemon=True)
+    stopper.start()
+    try:
+        return main(argv)
+    finally:
+        returned.set()
+        stopper.join()
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:  # the app's Ping on the wire: same name, same fields
+    n: int
+
+
+def test_python_m_iambus_worker_serves_until_sigterm(redis_url: str, tmp_path: Path) -> None:
+    handled = tmp_path / "handled.txt"
+    source = APP.replace(
+        "DEFAULTS", 'transport="memory://", service="worker", routes={Ping: "tester"}'
+    )
+    (tmp_path / "app.py").write_text(source.replace("HANDLED", repr(str(handled))))
+    log = tmp_path / "worker.log"
+    with log.open("w") as output:
+        # --transport: the module's memory:// would be out of the test's reach.
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "iambus", "worker", "app:dp", "--transport", redis_url],
+            cwd=tmp_path,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        # Event groups see only new events: publish once the worker has subscribed.
+        wait_until(lambda: "iambus worker" in log.read_text(), what=log)
+        asyncio.run(publish(redis_url, Ping(1), Ping(2)))
+        wait_until(
+            lambda: handled.exists() and sorted(handled.read_text().split()) == ["1", "2"],
+            what=log,
+        )
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=10) == 0, log.read_text()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    text = log.read_text()
+    assert "(service worker) on redis://" in text
+    assert "event app.Ping -> app.record [worker.app.record]" in text  # the subscriptions
+    assert "received SIGTERM, stopping" in text
+    assert "Traceback" not in text
+
+
+async def publish(url: str, *events: object) -> None:
+    tester = Dispatcher(transport=url, service="tester", routes={Ping: "tester"})
+    async with tester:
+        for event in events:
+            await tester.publish(event)
+
+
+def wait_until(condition: Callable[[], bool], *, what: Path, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out; the worker said:\n{what.read_text()}"
+        time.sleep(0.05)
+
+
+# -- dlq --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    require("redis")
+    from iambus.transports.redis import RedisTransport
+
+    namespace = f"test-{uuid.uuid4().hex[:10]}"
+    yield f"redis://127.0.0.1:6379/0?namespace={namespace}"
+
+    async def destroy() -> None:
+        cleaner = RedisTransport("redis://127.0.0.1:6379/0", namespace=namespace)
+        await cleaner.open()
+        try:
+            await cleaner.destroy()
+        finally:
+            await cleaner.close()
+
+    asyncio.run(destroy())
+
+
+ADDRESS, GROUP = "event.Ping", "billing.app.record"
+
+
+def park(url: str, *envelopes: Envelope) -> list[DeadLetter]:
+    """Deliver ``envelopes`` to GROUP and dead-letter each; return the dead letters."""
+
+    async def run() -> list[DeadLetter]:
+        from iambus.transports.redis import RedisTransport
+
+        transport = RedisTransport(url, block=0.1)
+        await transport.open()
+        try:
+            await transport.declare(ADDRESS, GROUP, from_start=False)
+            for envelope in envelopes:
+                await transport.send(ADDRESS, envelope)
+            deliveries = await transport.receive(
+                ADDRESS, GROUP, consumer="test", limit=len(envelopes), wait=2
+            )
+            assert len(deliveries) == len(envelopes)
+            for n, delivery in enumerate(deliveries):
+                await delivery.dead_letter(
+                    Failure(
+                        error_type="builtins.ValueError",
+                        message=f"card declined\n(try {n})",
+                        traceback='Traceback (most recent call last):\n  File "app.py"\n'
+                        "ValueError: card declined\n",
+                        attempts=3,
+                        handler="app.record",
+                    )
+                )
+            return await transport.dead_letters()
+        finally:
+            await transport.close()
+
+    return asyncio.run(run())
+
+
+def receive(url: str) -> list[Envelope]:
+    """What GROUP gets now."""
+
+    async def run() -> list[Envelope]:
+        from iambus.transports.redis import RedisTransport
+
+        transport = RedisTransport(url, block=0.1)
+        await transport.open()
+        try:
+            deliveries = await transport.receive(
+                ADDRESS, GROUP, consumer="test", limit=10, wait=0.5
+            )
+            for delivery in deliveries:
+                await delivery.ack()
+            return [delivery.envelope for delivery in deliveries]
+        finally:
+            await transport.close()
+
+    return asyncio.run(run())
+
+
+def ping(n: int, **fields: object) -> Envelope:
+    return Envelope(name="Ping", payload=f'{{"n": {n}}}'.encode(), **fields)  # type: ignore[arg-type]
+
+
+def test_dlq_list_shows_a_table(redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["dlq", "list", "--transport", redis_url]) == 0
+    assert capsys.readouterr().out == f"no dead letters on {redis_url}\n"
+
+    first, second = park(redis_url, ping(1), ping(2))
+    assert main(["dlq", "list", "--transport", redis_url]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert header.split() == ["ID", "ADDRESS", "GROUP", "ERROR", "MESSAGE", "ATTEMPTS", "AGE"]
+    assert [row.split()[:3] for row in rows] == [
+        [first.id, ADDRESS, GROUP],
+        [second.id, ADDRESS, GROUP],
+    ]
+    assert rows[0].split()[3:] == ["ValueError", "card", "declined", "(try", "0)", "3", "0s"]
+
+
+def test_dlq_list_limit_and_json(redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    first, _ = park(redis_url, ping(1, key="order-1"), ping(2))
+    assert main(["dlq", "list", "--transport", redis_url, "--limit", "1", "--json"]) == 0
+    out, err = capsys.readouterr()
+    [line] = out.splitlines()
+    record = json.loads(line)
+    assert record["id"] == first.id
+    assert (record["address"], record["group"], record["handler"]) == (ADDRESS, GROUP, "app.record")
+    assert (record["error_type"], record["attempts"]) == ("builtins.ValueError", 3)
+    assert record["message"] == "card declined\n(try 0)"
+    assert record["envelope"]["key"] == "order-1"
+    assert json.loads(record["envelope"]["payload"]) == {"n": 1}
+    assert "pass --limit to see them" in err
+
+
+def test_dlq_show_tells_everything(redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    envelope = ping(7, key="order-7", headers={"tenant": "acme"}, correlation_id="conv-1")
+    [letter] = park(redis_url, envelope)
+    assert main(["dlq", "show", "--transport", redis_url, letter.id]) == 0
+    out = capsys.readouterr().out
+    for expected in (
+        f"id:        {letter.id}",
+        f"address:   {ADDRESS}",
+        f"group:     {GROUP}",
+        "handler:   app.record",
+        "attempts:  3",
+        "error:     builtins.ValueError: card declined\n           (try 0)\n",
+        f"  id:             {envelope.id}",
+        "  name:           Ping",
+        "  key:            order-7",
+        "  correlation id: conv-1",
+        "headers:\n  tenant: acme\n",
+        'payload (8 bytes):\n  {"n": 7}\n',
+        "traceback (excerpt):\n  Traceback (most recent call last):",
+        "  ValueError: card declined",
+    ):
+        assert expected in out
+
+    assert main(["dlq", "show", "--transport", redis_url, letter.id, "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["envelope"]["headers"] == {"tenant": "acme"}
+    assert record["traceback"].endswith("ValueError: card declined\n")
+
+
+def test_dlq_show_a_payload_that_is_not_text(
+    redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    [letter] = park(redis_url, Envelope(name="Blob", payload=b"\xff\x00", content_type="x/bin"))
+    assert main(["dlq", "show", "--transport", redis_url, letter.id]) == 0
+    assert "payload (2 bytes, not UTF-8):\n  b'\\xff\\x00'" in capsys.readouterr().out
+    assert main(["dlq", "show", "--transport", redis_url, letter.id, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["envelope"]["payload_base64"] == "/wA="
+
+
+def test_dlq_show_an_unknown_id(redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    park(redis_url, ping(1))
+    for unknown in ("0-1", "not-an-id"):
+        assert main(["dlq", "show", "--transport", redis_url, unknown]) == 1
+        err = capsys.readouterr().err
+        assert f"no dead letter {unknown!r} on {redis_url}; 'iambus dlq list' shows" in err
+
+
+def test_dlq_replay_sends_them_back_to_their_group(
+    redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first, second, third = park(redis_url, ping(1), ping(2), ping(3))
+    assert main(["dlq", "replay", "--transport", redis_url, first.id]) == 0
+    assert capsys.readouterr().out == "replayed 1 dead letter\n"
+    assert [e.id for e in receive(redis_url)] == [first.envelope.id]
+
+    # Unknown ids are named and fail the command; the known ones are replayed anyway.
+    assert main(["dlq", "replay", "--transport", redis_url, second.id, "nope", first.id]) == 1
+    out, err = capsys.readouterr()
+    assert out == "replayed 1 dead letter\n"
+    assert f"no dead letter 'nope', {first.id!r} on {redis_url}" in err
+    assert [e.id for e in receive(redis_url)] == [second.envelope.id]
+
+    assert main(["dlq", "replay", "--transport", redis_url, "--all"]) == 0
+    assert capsys.readouterr().out == "replayed 1 dead letter\n"
+    assert [e.id for e in receive(redis_url)] == [third.envelope.id]
+    assert main(["dlq", "list", "--transport", redis_url]) == 0
+    assert capsys.readouterr().out.startswith("no dead letters")
+
+
+def test_dlq_purge_deletes_them(redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    first, second, third = park(redis_url, ping(1), ping(2), ping(3))
+    assert main(["dlq", "purge", "--transport", redis_url, first.id]) == 0
+    assert capsys.readouterr().out == "purged 1 dead letter\n"
+
+    assert main(["dlq", "purge", "--transport", redis_url, "--all"]) == 2
+    assert "add --yes to confirm" in capsys.readouterr().err
+    assert main(["dlq", "list", "--transport", redis_url, "--json"]) == 0
+    remaining = [json.loads(line)["id"] for line in capsys.readouterr().out.splitlines()]
+    assert remaining == [second.id, third.id]  # nothing purged without --yes
+
+    assert main(["dlq", "purge", "--transport", redis_url, first.id]) == 1  # gone already
+    assert capsys.readouterr().out == "purged 0 dead letters\n"
+
+    assert main(["dlq", "purge", "--transport", redis_url, "--all", "--yes"]) == 0
+    assert capsys.readouterr().out == "purged 2 dead letters\n"
+    assert receive(redis_url) == []  # purged is not replayed
+
+
+@pytest.mark.parametrize("action", ["replay", "purge"])
+def test_dlq_replay_and_purge_want_ids_or_all(
+    action: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = "redis://127.0.0.1:6379/0"  # not reached: the command line is wrong
+    assert main(["dlq", action, "--transport", url]) == 2
+    assert f"give the ids of the dead letters to {action}, or --all" in capsys.readouterr().err
+    assert main(["dlq", action, "--transport", url, "--all", "1-0"]) == 2
+    assert "give dead letter ids or --all, not both" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("url", "status", "message"),
+    [
+        ("memory://", 2, "memory:// lives inside one process"),
+        ("kafka://x", 2, "unknown transport URL 'kafka://x'"),
+        (UNREACHABLE, 1, f"{UNREACHABLE}: connect failed"),
+    ],
+)
+def test_dlq_needs_a_reachable_broker(
+    url: str, status: int, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["dlq", "list", "--transport", url]) == status
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
