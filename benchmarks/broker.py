@@ -38,6 +38,7 @@ from urllib.parse import urlparse
 
 import broker_peers as peers
 from broker_peers import Ctx, Impl, ThroughputStats, VerificationError
+from report import cpu_model, format_ratio, humanize, short_error
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 LOAD_BEFORE = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
@@ -60,11 +61,6 @@ class Cell:
     throughput: list[ThroughputStats] = field(default_factory=list)
     p50: list[float] = field(default_factory=list)  # seconds, one per round
     p99: list[float] = field(default_factory=list)
-
-
-def short_error(exc: BaseException, limit: int = 160) -> str:
-    text = f"{type(exc).__name__}: {exc}".replace("|", "/").replace("\n", " ")
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -184,28 +180,6 @@ async def run(settings: Settings, ctx: Ctx, only: list[str]) -> tuple[list[Impl]
             except Exception as exc:
                 print(f"warning: closing {impl.name} failed: {short_error(exc)}", file=sys.stderr)
     return impls, cells
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def humanize(rate: float) -> str:
-    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if rate >= limit:
-            return f"{rate / limit:.3g}{suffix}"
-    return f"{rate:.3g}"
-
-
-def format_ratio(ratio: float) -> str:
-    return f"{ratio:.2f}x" if ratio >= 0.095 else f"{ratio:.2g}x"
 
 
 def render(impls: list[Impl], cells: dict[str, Cell], settings: Settings, header: list[str]) -> str:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import peers
 from peers import ANSWER, BATCH, FANOUT, Op, Peer, Tally
+from report import cpu_model, format_ratio, humanize, short_error
 
 SCENARIOS: list[tuple[str, str, int]] = [
     # (key, description, messages per operation)
@@ -105,11 +106,6 @@ async def calibrate(op: Op, settings: Settings) -> int:
     return max(1, round(n / elapsed * settings.round_seconds))
 
 
-def short_error(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".replace("|", "/").replace("\n", " ")
-    return text if len(text) <= 160 else text[:157] + "..."
-
-
 async def run(
     settings: Settings, only: set[str] | None = None
 ) -> tuple[list[Peer], dict[tuple[str, str], Cell]]:
@@ -177,29 +173,6 @@ async def run(
             except Exception as exc:
                 print(f"warning: closing {peer.name} failed: {short_error(exc)}", file=sys.stderr)
     return built, cells
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def humanize(rate: float) -> str:
-    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if rate >= limit:
-            return f"{rate / limit:.3g}{suffix}"
-    return f"{rate:.3g}"
-
-
-def format_ratio(ratio: float) -> str:
-    """Two decimals, or two significant digits for ratios well below 0.1."""
-    return f"{ratio:.2f}x" if ratio >= 0.095 else f"{ratio:.2g}x"
 
 
 def render(
