@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import require
+
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 EXPECTED = {
@@ -16,15 +18,28 @@ EXPECTED = {
         'announce: new book "Philosopher\'s Stone" by J. K. Rowling',
         "query: found [Book(title=\"Philosopher's Stone\", author='J. K. Rowling', year=1997)]",
     ],
+    "two_services/main.py": [
+        "main: sending PlaceOrder(order_id=1, amount_cents=4200) to orders",
+        "orders: placed order 1; publishing OrderPlaced",
+        "billing: invoiced order 1: INV-1 for 42.00 EUR",
+        "main: billing answered GetInvoice(order_id=1): INV-1 for 42.00 EUR",
+        "main: both services stopped, and the run's keys deleted",
+    ],
 }
+# The brokers an example needs (see conftest.require).
+NEEDS = {"two_services/main.py": "redis"}
 
 
 def test_every_example_is_checked():
-    assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(EXPECTED)
+    # single-file examples, and main.py of the examples that are a folder
+    found = [*EXAMPLES.glob("*.py"), *EXAMPLES.glob("*/main.py")]
+    assert sorted(p.relative_to(EXAMPLES).as_posix() for p in found) == sorted(EXPECTED)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_example_runs(name: str) -> None:
+    if name in NEEDS:
+        require(NEEDS[name])
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, timeout=60
     )
