@@ -52,3 +52,15 @@ def test_minimal_envelope_has_no_optional_fields() -> None:
 def test_malformed_fields_are_a_serialization_error(fields: dict[str, str], match: str) -> None:
     with pytest.raises(SerializationError, match=match):
         Envelope.from_fields(fields)
+
+
+def test_bytes_fields_as_a_driver_returns_them_are_checked_the_same() -> None:
+    good = {
+        k.encode(): v if isinstance(v, bytes) else v.encode()
+        for k, v in Envelope(name="Ping", payload=b"{}", key="k").to_fields().items()
+    }
+    assert Envelope.from_fields(good).key == "k"
+    with pytest.raises(SerializationError, match="'at' is missing"):
+        Envelope.from_fields({k: v for k, v in good.items() if k != b"at"})
+    with pytest.raises(SerializationError, match="headers"):
+        Envelope.from_fields({**good, b"headers": b'{"a": 1}'})

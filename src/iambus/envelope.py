@@ -23,9 +23,8 @@ instances.
 from __future__ import annotations
 
 import json
-import os
+import random
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -37,11 +36,12 @@ __all__ = ["Envelope", "new_id"]
 def new_id() -> str:
     """A UUIDv7: 48 bits of unix milliseconds, then randomness; sorts by creation time."""
     millis = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
-    value = (millis & (1 << 48) - 1) << 80 | rand & ((1 << 80) - 1)
+    # `random` is reseeded in forked children, so worker processes do not repeat ids.
+    value = (millis & (1 << 48) - 1) << 80 | random.getrandbits(80)
     value = value & ~(0xF << 76) | 0x7 << 76  # version 7
     value = value & ~(0x3 << 62) | 0x2 << 62  # RFC 4122 variant
-    return str(uuid.UUID(int=value))
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +83,8 @@ class Envelope:
     @classmethod
     def from_fields(cls, fields: Mapping[bytes | str, bytes | str]) -> Envelope:
         """The inverse of ``to_fields``; a missing or malformed field is a SerializationError."""
+        if b"id" in fields:  # the bytes keys a driver returns: read them as they are
+            return _from_bytes(cls, fields)  # type: ignore[arg-type]
         get = {_text(k): v for k, v in fields.items()}.get
         try:
             payload = _required(get("payload"), "payload")
@@ -101,14 +103,46 @@ class Envelope:
             )
         except (ValueError, TypeError, UnicodeDecodeError) as exc:
             raise SerializationError(f"malformed envelope {dict(fields)!r}: {exc}") from exc
-        if not isinstance(envelope.headers, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in envelope.headers.items()
-        ):
+        if not _string_map(envelope.headers):
             raise SerializationError(
                 f"malformed envelope headers {envelope.headers!r}: expected a JSON object of "
                 f"strings"
             )
         return envelope
+
+
+def _from_bytes(cls: type[Envelope], fields: Mapping[bytes, bytes]) -> Envelope:
+    # The per-message path of a consumer: direct lookups, no intermediate dict.
+    try:
+        headers = fields.get(b"headers")
+        corr, cause = fields.get(b"corr"), fields.get(b"cause")
+        reply, key = fields.get(b"reply"), fields.get(b"key")
+        envelope = cls(
+            id=fields[b"id"].decode(),
+            name=fields[b"name"].decode(),
+            payload=fields[b"payload"],
+            content_type=(fields.get(b"ct") or b"application/json").decode(),
+            created_at=float(fields[b"at"]),
+            correlation_id=corr.decode() if corr is not None else None,
+            causation_id=cause.decode() if cause is not None else None,
+            reply_to=reply.decode() if reply is not None else None,
+            key=key.decode() if key is not None else None,
+            headers=json.loads(headers) if headers else {},
+        )
+    except (KeyError, ValueError, TypeError, UnicodeDecodeError, AttributeError):
+        # Let the general path name exactly what is wrong.
+        return Envelope.from_fields({_text(k): v for k, v in fields.items()})
+    if headers and not _string_map(envelope.headers):
+        raise SerializationError(
+            f"malformed envelope headers {envelope.headers!r}: expected a JSON object of strings"
+        )
+    return envelope
+
+
+def _string_map(value: object) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    )
 
 
 def _text(value: bytes | str) -> str:
