@@ -241,8 +241,11 @@ def test_worker_wants_a_transport_and_routes(
     name = apps.app()  # Dispatcher(): in-process only
     assert main(["worker", f"{name}:dp"]) == 2
     err = capsys.readouterr().err
-    assert "has no transport, so there is nothing to consume: pass transport=" in err
-    assert "or --transport" in err
+    assert (
+        "has no transport, so there is nothing to consume: build its Dispatcher with transport="
+        in err
+    )
+    assert "--transport can then point it at another broker" in err
 
     # A transport alone does not make anything travel through it.
     assert main(["worker", f"{name}:dp", "--transport", "memory://"]) == 2

@@ -87,3 +87,91 @@ def _ping(n: int = 0):  # type: ignore[no-untyped-def]
     from iambus.envelope import Envelope
 
     return Envelope(name="Ping", payload=str(n).encode())
+
+
+# -- Redis specifics ----------------------------------------------------------------
+
+
+async def _redis(claim_after: float = 0.3):  # type: ignore[no-untyped-def]
+    require("redis")
+    from iambus.transports.redis import RedisTransport
+
+    made = RedisTransport(
+        f"redis://127.0.0.1:6379/0?namespace=test-{uuid.uuid4().hex[:8]}",
+        claim_after=claim_after,
+        block=0.1,
+    )
+    await made.open()
+    return made
+
+
+async def test_redis_parks_an_entry_that_is_no_envelope_and_delivers_the_rest() -> None:
+    transport = await _redis()
+    try:
+        await transport.declare("a", "g", from_start=False)
+        await transport.send("a", _ping(1))
+        client = transport._client()
+        await client.xadd(
+            transport._stream("a"),
+            {"id": "x", "name": "Ping", "at": "1", "payload": "{}", "headers": "[1]"},
+        )
+        await transport.send("a", _ping(2))
+        got = await transport.receive("a", "g", consumer="c", limit=10, wait=1)
+        assert [d.envelope.payload for d in got] == [b"1", b"2"]
+        for delivery in got:
+            await delivery.ack()
+        [letter] = await transport.dead_letters()
+        assert letter.failure.error_type == "iambus.errors.SerializationError"
+        assert "headers" in letter.failure.message
+        assert await client.xpending(transport._stream("a"), "g") == {
+            "pending": 0,
+            "min": None,
+            "max": None,
+            "consumers": [],
+        }
+    finally:
+        await transport.destroy()
+        await transport.close()
+
+
+async def test_redis_reclaims_a_crashed_consumers_entry_past_parked_retries() -> None:
+    transport = await _redis(claim_after=0.3)
+    try:
+        await transport.declare("a", "g", from_start=False)
+        for n in range(3):
+            await transport.send("a", _ping(n))
+        first, second, third = await transport.receive("a", "g", consumer="A", limit=3, wait=1)
+        await first.retry(300)  # parked for a long time
+        await second.retry(300)
+        # consumer A "crashes" holding `third`; B must get it although retries are older
+        [found] = await _receive(transport, "B", wait=3)
+        assert (found.envelope, found.attempt) == (third.envelope, 2)
+        await found.ack()
+    finally:
+        await transport.destroy()
+        await transport.close()
+
+
+async def test_redis_declares_a_lost_group_again() -> None:
+    transport = await _redis()
+    try:
+        await transport.declare("a", "g", from_start=False)
+        client = transport._client()
+        await client.xgroup_destroy(transport._stream("a"), "g")  # as after a FLUSHDB
+        await transport.send("a", _ping(5))
+        got = await _receive(transport, "c", wait=3)
+        assert [d.envelope.payload for d in got] == [b"5"]
+    finally:
+        await transport.destroy()
+        await transport.close()
+
+
+async def _receive(transport, consumer: str, *, wait: float):  # type: ignore[no-untyped-def]
+    import time
+
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        got = await transport.receive("a", "g", consumer=consumer, limit=10, wait=0.2)
+        if got:
+            return got
+    return []

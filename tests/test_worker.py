@@ -383,3 +383,218 @@ async def test_a_failure_to_settle_is_logged_and_the_message_redelivered(caplog)
         await asyncio.wait_for(billing.join(), 5)
     assert "could not settle event OrderPlaced" in caplog.text
     assert handled == [4, 4]  # at least once: handled again after the lost ack
+
+
+# -- findings of the review of the distributed code -----------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Shipped:
+    order_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class BaseEvent:
+    n: int
+
+
+@dataclass(frozen=True, slots=True)
+class SubEvent(BaseEvent):
+    pass
+
+
+async def test_a_routed_event_goes_only_to_the_transport_even_with_catch_all_handlers() -> None:
+    from iambus import TransportError
+    from iambus.transports.memory import MemoryTransport
+
+    class FailingSend(MemoryTransport):
+        async def send(self, address: str, envelope: Envelope) -> None:
+            if address == "event.Shipped":
+                raise TransportError("broker down")
+            await super().send(address, envelope)
+
+    bus = FailingSend(claim_after=0.3)
+    routes = {**ROUTES, Shipped: "orders"}
+    orders = Dispatcher(transport=bus, service="orders", routes=routes, retry=FAST)
+    audited: list[object] = []
+
+    @orders.events.register(object)
+    async def audit(event: object) -> None:
+        audited.append(event)
+
+    @orders.commands.register(PlaceOrder)
+    async def place(command: PlaceOrder) -> Shipped:
+        return Shipped(command.order_id)
+
+    async with orders:
+        await orders.execute(PlaceOrder(1))
+        await asyncio.wait_for(orders.join(), 5)
+    [letter] = await bus.dead_letters()  # retried, then parked: never acked and forgotten
+    assert letter.failure.error_type == "iambus.errors.TransportError"
+    assert letter.failure.attempts == FAST.attempts
+    assert audited == []  # the routed event did not run local catch-all handlers
+
+
+async def test_a_routed_base_class_does_not_send_its_subclasses() -> None:
+    from iambus.transports.memory import MemoryTransport
+
+    bus = MemoryTransport()
+    dp = Dispatcher(transport=bus, service="s", routes={BaseEvent: "s"})
+    await dp.publish(SubEvent(1))
+    await dp.publish(BaseEvent(2))
+    assert "event.SubEvent" not in bus._streams  # not sent under a name nobody consumes
+    assert [e.name for e in bus._streams["event.BaseEvent"].entries] == ["BaseEvent"]
+
+
+async def test_transport_handlers_may_send_while_draining_and_stop_from_inside() -> None:
+    from iambus.transports.memory import MemoryTransport
+
+    bus = MemoryTransport()
+    billing = Dispatcher(transport=bus, service="billing", routes=ROUTES)
+    started = asyncio.Event()
+    sent: list[int] = []
+
+    @billing.events.register(OrderPlaced)
+    async def charge(event: OrderPlaced) -> None:
+        started.set()
+        await asyncio.sleep(0.1)
+        await billing.handle(ChargeCard(event.order_id, 10))  # while the dispatcher drains
+        sent.append(event.order_id)
+
+    @billing.commands.register(ChargeCard)
+    async def charge_card(command: ChargeCard) -> None:
+        await billing.stop()  # from a handler: deferred, does not wait for itself
+
+    await billing.__aenter__()
+    await billing.publish(OrderPlaced(3))
+    await asyncio.wait_for(started.wait(), 5)
+    await asyncio.wait_for(billing.stop(timeout=5), 5)
+    assert sent == [3]
+    assert bus.unsettled() == 1  # the command was sent during the drain: kept, not lost
+    await billing.__aenter__()  # the command's handler stops the dispatcher itself
+    await asyncio.wait_for(billing.wait_for_shutdown(), 5)
+    assert bus.unsettled() == 0
+
+
+async def test_handlers_with_the_same_name_get_their_own_subscriptions() -> None:
+    from iambus.transports.memory import MemoryTransport
+
+    bus = MemoryTransport()
+    billing = Dispatcher(transport=bus, service="billing", routes=ROUTES)
+    seen: list[str] = []
+
+    def make(label: str) -> Any:
+        async def on_placed(event: OrderPlaced) -> None:
+            seen.append(label)
+
+        return on_placed
+
+    billing.events.bind(OrderPlaced, make("audit"))
+    billing.events.bind(OrderPlaced, make("email"))
+    async with billing:
+        for n in range(3):
+            await billing.publish(OrderPlaced(n))
+        await asyncio.wait_for(billing.join(), 5)
+    assert sorted(seen) == ["audit"] * 3 + ["email"] * 3
+    groups = sorted(sub.group for sub in billing._subscriptions)
+    assert groups[1] == groups[0] + "#2"
+
+
+async def test_background_sends_keep_the_conversation_that_queued_them() -> None:
+    from iambus.transports.memory import MemoryTransport
+
+    @dataclass(frozen=True, slots=True)
+    class Audit:
+        order_id: int
+
+    bus = MemoryTransport()
+    orders = Dispatcher(transport=bus, service="orders", routes=ROUTES)
+    billing = Dispatcher(transport=bus, service="billing", routes=ROUTES)
+    seen: dict[int, Envelope] = {}
+    commands: dict[int, Envelope] = {}
+
+    @orders.commands.register(PlaceOrder)
+    async def place(command: PlaceOrder) -> None:
+        commands[command.order_id] = current_envelope.get()  # type: ignore[assignment]
+        await orders.handle(Audit(command.order_id))  # local, queued in the background
+
+    @orders.events.register(Audit)
+    async def audit(event: Audit) -> None:
+        await orders.publish(OrderPlaced(event.order_id))  # routed: sent from the job
+
+    @billing.events.register(OrderPlaced)
+    async def charge(event: OrderPlaced) -> None:
+        seen[event.order_id] = current_envelope.get()  # type: ignore[assignment]
+
+    async with orders, billing:
+        for n in (1, 2):
+            await orders.execute(PlaceOrder(n))
+        await orders.publish(OrderPlaced(3))  # from outside any handler
+        await settle(Bus("memory", lambda: bus), orders, until=lambda: len(seen) == 3)
+    for n in (1, 2):
+        assert seen[n].correlation_id == commands[n].correlation_id
+    assert seen[3].correlation_id == seen[3].id  # a conversation of its own
+    assert seen[1].correlation_id != seen[2].correlation_id
+
+
+async def test_a_query_that_does_not_decode_is_answered_with_the_error() -> None:
+    from iambus.transports.memory import MemoryTransport
+
+    bus = MemoryTransport()
+    billing = Dispatcher(transport=bus, service="billing", routes=ROUTES)
+
+    @billing.queries.register(GetInvoice)
+    async def get_invoice(query: GetInvoice) -> str:
+        return "x"
+
+    async with billing:
+        bad = Envelope(name="GetInvoice", payload=b'{"order_id": "one"}')
+        started = time.monotonic()
+        reply = await bus.request("query.GetInvoice", bad, timeout=5)
+    assert time.monotonic() - started < 2  # not the full timeout
+    assert reply.headers["iambus-status"] == "error"
+    assert b"SerializationError" in reply.payload
+
+
+async def test_stop_timeout_is_one_deadline_for_worker_and_background_work() -> None:
+    from iambus.transports.memory import MemoryTransport
+
+    bus = MemoryTransport()
+    billing = Dispatcher(transport=bus, service="billing", routes=ROUTES)
+    started = asyncio.Event()
+
+    @billing.events.register(OrderPlaced)
+    async def slow(event: OrderPlaced) -> None:
+        started.set()
+        await billing.handle(ChargeLocally(1))
+        await asyncio.sleep(10)
+
+    @billing.commands.register(ChargeLocally)
+    async def local(command: ChargeLocally) -> None:
+        await asyncio.sleep(10)
+
+    await billing.__aenter__()
+    await billing.publish(OrderPlaced(1))
+    await asyncio.wait_for(started.wait(), 5)
+    began = time.monotonic()
+    await billing.stop(timeout=0.5)
+    assert time.monotonic() - began < 1.2
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeLocally:
+    n: int
+
+
+def test_each_subscription_fetches_a_fair_share() -> None:
+    from iambus.worker import Worker
+
+    worker = Worker.__new__(Worker)
+    worker.concurrency, worker.batch, worker._free = 8, 32, 8
+    worker.subscriptions = [object()] * 4  # type: ignore[list-item]
+    assert worker._share() == 2
+    worker._free = 1
+    assert worker._share() == 1
+    worker.subscriptions = [object()] * 20  # type: ignore[list-item]
+    worker._free = 8
+    assert worker._share() == 1

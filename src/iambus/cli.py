@@ -318,8 +318,9 @@ def _configure(dp: Dispatcher, spec: str, args: argparse.Namespace) -> None:
     """Check that ``dp`` can serve, and apply the command line's overrides to it."""
     if dp.remote is None and args.transport is None:
         raise CliError(
-            f"{spec} has no transport, so there is nothing to consume: pass transport=... "
-            f"(with routes=...) to its Dispatcher, or --transport"
+            f"{spec} has no transport, so there is nothing to consume: build its "
+            f"Dispatcher with transport=... and routes={{...}} (--transport can then "
+            f"point it at another broker)"
         )
     if not dp.routes:
         raise CliError(

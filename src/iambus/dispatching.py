@@ -40,6 +40,7 @@ from typing import Any, Literal, TypeVar, overload
 
 from .codecs import Codec, JsonCodec
 from .engine import Engine, JobFn, current_key, in_worker, outside_workers
+from .envelope import current_envelope
 from .errors import (
     DispatcherStopped,
     HandlerDoesNotExist,
@@ -389,8 +390,14 @@ class Dispatcher:
                     f"subscribe under: pass Dispatcher(service=...)"
                 )
             name = remote.registry.add(key)
+            seen: dict[str, int] = {}
             for route in routes:
-                group = f"{self.service}.{route.name}"
+                # Each handler is its own subscription, named after it; two handlers with
+                # one name (made by a factory, a class bound twice) get "#2", "#3"... in
+                # binding order, so they never share a group and compete.
+                seen[route.name] = seen.get(route.name, 0) + 1
+                suffix = "" if seen[route.name] == 1 else f"#{seen[route.name]}"
+                group = f"{self.service}.{route.name}{suffix}"
                 subs.append(self._subscription("event", key, route, name, group, from_start=False))
             self._event_routes[key] = (RemoteRoute(remote, "event", key),)  # type: ignore[assignment]
         self._event_cache = {}
@@ -523,12 +530,15 @@ class Dispatcher:
         timeout = self.shutdown_timeout if timeout is None else timeout
         engine = self._engine
         try:
+            loop = asyncio.get_running_loop()
+            deadline = None if timeout is None else loop.time() + timeout
             if self._worker is not None:
                 worker, self._worker = self._worker, None
                 await worker.stop(timeout)
-            if engine is not None and engine.loop is asyncio.get_running_loop():
+            if engine is not None and engine.loop is loop:
                 try:
-                    async with asyncio.timeout(timeout):
+                    # One deadline for the worker and the engine together.
+                    async with asyncio.timeout_at(deadline):
                         await engine.join()
                 except TimeoutError:
                     logger.warning(
@@ -761,7 +771,7 @@ class Dispatcher:
                 f"bind one with dp.events / dp.commands / dp.queries .register(...) "
                 f"before sending it"
             )
-        await self._background().put((job, message, key, None), key)
+        await self._background().put((job, message, key, None, current_envelope.get()), key)
 
     # -- internals: routes, emitting, delivering ---------------------------------------
 
@@ -805,12 +815,27 @@ class Dispatcher:
         return routes
 
     def _resolve_events(self, mkey: MessageKey) -> tuple[Route, ...]:
-        remote = self._remote_route(mkey, "event") if mkey not in self._event_routes else None
-        if remote is not None:
+        if self.remote is not None and self.routes.owner(mkey) is not None:
+            # A routed event goes to the transport, and only there: local handlers of
+            # its base classes (an `object` audit handler, say) do not run in the sender,
+            # and a failure to send is the sender's, never reported and forgotten.
+            own = self._event_routes.get(mkey)
+            if own and isinstance(own[0], RemoteRoute):
+                self._event_cache[mkey] = own
+                return own
+            remote = self._remote_route(mkey, "event")
+            assert remote is not None
             return (remote,)  # type: ignore[return-value]
         if isinstance(mkey, str):
             return ()  # strings match exactly; unknown ones are not cached
-        found = [r for base in mkey.__mro__ for r in self._event_routes.get(base, ())]
+        # A routed base class does not cover its subclasses: its transport route is
+        # never borrowed (it would send the subclass under the subclass's own name).
+        found = [
+            r
+            for base in mkey.__mro__
+            for r in self._event_routes.get(base, ())
+            if not isinstance(r, RemoteRoute)
+        ]
         routes = self._event_cache[mkey] = tuple(found)
         return routes
 
@@ -1028,7 +1053,7 @@ class Dispatcher:
                 f"(await dp.handle(message, key={key!r})), or emit it as an event"
             )
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        await self._background().put((job, message, key, future), key)
+        await self._background().put((job, message, key, future, current_envelope.get()), key)
         return await future
 
 

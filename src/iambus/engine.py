@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
+from .envelope import Envelope, current_envelope
 from .errors import DispatcherStopped
 
 __all__ = ["Engine"]
@@ -32,8 +33,9 @@ __all__ = ["Engine"]
 logger = logging.getLogger(__name__)
 
 JobFn = Callable[[Any, Any], Awaitable[Any]]
-# (what to run, message, key, future for an awaiting caller or None)
-Job = tuple[JobFn, Any, Any, "asyncio.Future[Any] | None"]
+# (what to run, message, key, future for an awaiting caller or None, the envelope being
+# handled when the job was put: its handler's sends keep that conversation's ids)
+Job = tuple[JobFn, Any, Any, "asyncio.Future[Any] | None", Envelope | None]
 # Called with (exception, message, key) when an awaited job fails after its caller left.
 Orphaned = Callable[[BaseException, Any, Any], Awaitable[None]]
 
@@ -49,6 +51,7 @@ def outside_workers() -> contextvars.Context:
     context = contextvars.copy_context()
     context.run(in_worker.set, False)
     context.run(current_key.set, None)
+    context.run(current_envelope.set, None)
     return context
 
 
@@ -135,7 +138,7 @@ class Engine:
         return left
 
     def _start(self) -> None:
-        context = contextvars.copy_context()
+        context = outside_workers()
         context.run(in_worker.set, True)
         self._tasks = [
             self.loop.create_task(self._work(), name=f"iambus-worker-{n}", context=context.copy())
@@ -152,8 +155,9 @@ class Engine:
             except asyncio.CancelledError:
                 self._lost_with_the_loop()
                 raise
-            fn, message, key, future = job
+            fn, message, key, future, envelope = job
             token = current_key.set(key)
+            conversation = current_envelope.set(envelope)
             try:
                 if future is None:
                     await fn(message, key)
@@ -172,6 +176,7 @@ class Engine:
                 # last line of defence so that a worker never dies.
                 logger.exception("iambus: unexpected error in a background job for %r", message)
             finally:
+                current_envelope.reset(conversation)
                 current_key.reset(token)
                 self._finish(key)
             if me.cancelling():

@@ -22,6 +22,7 @@ instances.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import random
 import time
@@ -30,7 +31,13 @@ from dataclasses import dataclass, field
 
 from .errors import SerializationError
 
-__all__ = ["Envelope", "new_id"]
+__all__ = ["Envelope", "current_envelope", "new_id"]
+
+
+# The envelope whose handler is running (set by the worker), for correlation.
+current_envelope: contextvars.ContextVar[Envelope | None] = contextvars.ContextVar(
+    "iambus_current_envelope", default=None
+)
 
 
 def new_id() -> str:

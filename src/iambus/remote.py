@@ -12,13 +12,12 @@ raised here as ``RemoteError``, no answer in time as ``RequestTimeout``.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import json
 import time
 from typing import Any
 
 from .codecs import Codec
-from .envelope import Envelope, new_id
+from .envelope import Envelope, current_envelope, new_id
 from .errors import RemoteError, RequestTimeout, TransportError
 from .handlers import Kind
 from .messages import MessageKey, MessageRegistry, message_key, result_type
@@ -27,10 +26,6 @@ from .transports import Transport
 
 __all__ = ["Remote", "RemoteRoute", "current_envelope"]
 
-# The envelope whose handler is running (set by the worker), for correlation.
-current_envelope: contextvars.ContextVar[Envelope | None] = contextvars.ContextVar(
-    "iambus_current_envelope", default=None
-)
 
 STATUS, ERROR_TYPE = "iambus-status", "iambus-error-type"
 

@@ -38,11 +38,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .envelope import Envelope
+from .engine import in_worker, outside_workers
+from .envelope import Envelope, current_envelope
 from .errors import SerializationError, TransportError
 from .handlers import Kind
 from .messages import MessageKey, describe
-from .remote import Remote, current_envelope
+from .remote import Remote
 from .retry import Retry
 from .transports import Delivery, Failure
 
@@ -152,6 +153,11 @@ class Worker:
     async def _consume(self, sub: Subscription) -> None:
         transport = self.remote.transport
         loop = asyncio.get_running_loop()
+        # Handlers run marked as "in a worker": while the dispatcher drains they may
+        # still send (what they send is part of the work), and a stop() from one of them
+        # is deferred instead of waiting for itself.
+        context = outside_workers()
+        context.run(in_worker.set, True)
         while not self._stopping:
             # Fetch only while there is room. No slot is held while receiving (an idle
             # subscription must not starve the others); the semaphore in _process bounds
@@ -166,7 +172,7 @@ class Worker:
                     sub.address,
                     sub.group,
                     consumer=self.consumer,
-                    limit=min(self.batch, self._free),
+                    limit=self._share(),
                     wait=RECEIVE_WAIT,
                 )
             except asyncio.CancelledError:
@@ -177,9 +183,16 @@ class Worker:
                 continue
             self._free -= len(deliveries)
             for delivery in deliveries:
-                task = loop.create_task(self._process(sub, delivery))
+                task = loop.create_task(self._process(sub, delivery), context=context.copy())
                 self._inflight.add(task)
                 task.add_done_callback(self._inflight.discard)
+
+    def _share(self) -> int:
+        # A fair share of the free slots per subscription (at least one), so that all
+        # subscriptions fetching at once never hold much more than `concurrency`
+        # deliveries: one waiting too long for a slot would look abandoned elsewhere.
+        share = max(1, self.concurrency // max(1, len(self.subscriptions)))
+        return max(1, min(self.batch, self._free, share))
 
     def _release(self, slots: int) -> None:
         if slots:
@@ -212,6 +225,11 @@ class Worker:
         try:
             message = self.remote.decode(envelope, sub.message)
         except SerializationError as exc:
+            if sub.kind == "query" and envelope.reply_to:
+                # The requester waits: tell it now rather than let it time out.
+                await self.remote.transport.reply(
+                    envelope.reply_to, self.remote.failure(envelope, exc)
+                )
             await delivery.dead_letter(_failure(exc, delivery.attempt, None))
             logger.error(
                 "iambus: %s %s (id %s) does not decode; dead-lettered: %s",
@@ -230,9 +248,12 @@ class Worker:
         finally:
             current_envelope.reset(token)
         if sub.kind == "query" and envelope.reply_to:
-            await self.remote.transport.reply(
-                envelope.reply_to, self.remote.answer(envelope, result)
-            )
+            try:
+                answer = self.remote.answer(envelope, result)
+            except SerializationError as exc:
+                await self._failed(sub, delivery, message, exc)  # answered with the error
+                return
+            await self.remote.transport.reply(envelope.reply_to, answer)
         await delivery.ack()
 
     async def _failed(

@@ -41,7 +41,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..envelope import Envelope
-from ..errors import ImproperlyConfigured, TransportError
+from ..errors import ImproperlyConfigured, SerializationError, TransportError
 from . import DeadLetter, Delivery, Failure
 
 try:
@@ -78,17 +78,28 @@ return out
 """
 
 # Claim abandoned deliveries: KEYS = stream, direct stream;
-# ARGV = group, consumer, min idle ms, limit, the retry owner to skip.
+# ARGV = group, consumer, min idle ms, limit, the retry owner to skip. Looks consumer by
+# consumer, so that entries parked for a retry never crowd out a crashed consumer's.
 _RECLAIM = """
 local out = {}
 local marks = {'m', 'd'}
+local limit = tonumber(ARGV[4])
 for k, key in ipairs(KEYS) do
-  local pending = redis.call('XPENDING', key, ARGV[1], 'IDLE', ARGV[3], '-', '+', ARGV[4])
-  for _, entry in ipairs(pending) do
-    if entry[2] ~= ARGV[5] then
-      local claimed = redis.call('XCLAIM', key, ARGV[1], ARGV[2], ARGV[3], entry[1])
-      if claimed[1] then
-        table.insert(out, {marks[k], claimed[1][1], claimed[1][2], entry[4] + 1})
+  local consumers = redis.call('XINFO', 'CONSUMERS', key, ARGV[1])
+  for _, info in ipairs(consumers) do
+    local name, pending = nil, 0
+    for i = 1, #info, 2 do
+      if info[i] == 'name' then name = info[i + 1] end
+      if info[i] == 'pending' then pending = tonumber(info[i + 1]) end
+    end
+    if name ~= ARGV[5] and name ~= ARGV[2] and pending > 0 and #out < limit then
+      local entries = redis.call(
+        'XPENDING', key, ARGV[1], 'IDLE', ARGV[3], '-', '+', limit - #out, name)
+      for _, entry in ipairs(entries) do
+        local claimed = redis.call('XCLAIM', key, ARGV[1], ARGV[2], ARGV[3], entry[1])
+        if claimed[1] then
+          table.insert(out, {marks[k], claimed[1][1], claimed[1][2], entry[4] + 1})
+        end
       end
     end
   end
@@ -233,69 +244,124 @@ class RedisTransport:
     async def receive(
         self, address: str, group: str, *, consumer: str, limit: int, wait: float
     ) -> Sequence[Delivery]:
-        client = self._client()
+        self._client()  # a closed transport says so before anything else
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                out = await self._receive_once(address, group, consumer, limit, deadline)
+            except TransportError as exc:
+                if "NOGROUP" not in str(exc.__cause__):
+                    raise
+                # The group is gone (FLUSHDB, a restart without persistence): declare it
+                # again from the start of what the stream holds now, and go on.
+                logger.warning(
+                    "iambus: group %s on %s was lost; declaring it again", group, address
+                )
+                await self.declare(address, group, from_start=True)
+                continue
+            if out or time.monotonic() >= deadline:
+                return out
+
+    async def _receive_once(
+        self, address: str, group: str, consumer: str, limit: int, deadline: float
+    ) -> list[Delivery]:
         stream, direct, due = (
             self._stream(address),
             self._direct(address, group),
             self._due(address, group),
         )
-        deadline = time.monotonic() + wait
-        while True:
-            out: list[Delivery] = []
-            now = time.monotonic()
-            # Due retries are looked for at most every `block` seconds (and at once after
-            # this process parked one): a retry is late by at most that, and a busy
-            # consumer does not pay a round trip per batch for it.
-            if now >= self._next_due_check.get((address, group), 0.0):
-                self._next_due_check[address, group] = now + self.block
-                async with self._translate("claim due retries"):
-                    rows = await self._scripts["claim_due"](
-                        keys=[stream, direct, due], args=[group, consumer, limit]
-                    )
-                out += self._deliveries(address, group, rows)
-            now = time.monotonic()
-            if len(out) < limit and now - self._last_reclaim.get((address, group), 0) > min(
-                self.claim_after / 2, 5.0
-            ):
-                self._last_reclaim[address, group] = now
-                async with self._translate("reclaim"):
-                    rows = await self._scripts["reclaim"](
-                        keys=[stream, direct],
-                        args=[
-                            group,
-                            consumer,
-                            int(self.claim_after * 1000),
-                            limit - len(out),
-                            RETRY_OWNER,
-                        ],
-                    )
-                out += self._deliveries(address, group, rows)
-            if len(out) < limit:
-                remaining = deadline - time.monotonic()
-                block = None if out else max(int(min(remaining, self.block) * 1000), 1)
-                async with self._translate("XREADGROUP"):
-                    read = await client.xreadgroup(
+        out: list[Delivery] = []
+        now = time.monotonic()
+        # Due retries (and replays, on the group's direct stream) are looked for at most
+        # every `block` seconds, and at once after this process parked a retry: one is
+        # late by at most that, and a busy consumer does not pay a round trip per batch.
+        checked_due = now >= self._next_due_check.get((address, group), 0.0)
+        if checked_due:
+            self._next_due_check[address, group] = now + self.block
+            async with self._translate("claim due retries"):
+                rows = await self._scripts["claim_due"](
+                    keys=[stream, direct, due], args=[group, consumer, limit]
+                )
+            out += await self._deliveries(address, group, rows)
+        now = time.monotonic()
+        if len(out) < limit and now - self._last_reclaim.get((address, group), 0) > min(
+            self.claim_after / 2, 5.0
+        ):
+            self._last_reclaim[address, group] = now
+            async with self._translate("reclaim"):
+                rows = await self._scripts["reclaim"](
+                    keys=[stream, direct],
+                    args=[
                         group,
                         consumer,
-                        streams={stream: ">", direct: ">"},
-                        count=limit - len(out),
-                        block=block,
-                    )
-                for key, entries in _streams(read):
-                    mark = "d" if key == direct.encode() else "m"
-                    out += [
-                        _RedisDelivery(self, address, group, mark, entry_id, fields, 1)
-                        for entry_id, fields in entries
-                        if fields  # a trimmed entry still pending has no fields
-                    ]
-            if out or time.monotonic() >= deadline:
-                return out
+                        int(self.claim_after * 1000),
+                        limit - len(out),
+                        RETRY_OWNER,
+                    ],
+                )
+            out += await self._deliveries(address, group, rows)
+        if len(out) < limit and checked_due:
+            out += await self._read(address, group, direct, "d", consumer, limit - len(out), None)
+        if len(out) < limit:
+            remaining = deadline - time.monotonic()
+            block = None if out else max(int(min(remaining, self.block) * 1000), 1)
+            out += await self._read(address, group, stream, "m", consumer, limit - len(out), block)
+        return out
 
-    def _deliveries(self, address: str, group: str, rows: list[Any]) -> list[Delivery]:
-        return [
-            _RedisDelivery(self, address, group, _text(mark), entry_id, _pairs(fields), int(count))
-            for mark, entry_id, fields, count in rows
-        ]
+    async def _read(
+        self,
+        address: str,
+        group: str,
+        key: str,
+        mark: str,
+        consumer: str,
+        count: int,
+        block: int | None,
+    ) -> list[Delivery]:
+        async with self._translate("XREADGROUP"):
+            read = await self._client().xreadgroup(
+                group, consumer, streams={key: ">"}, count=count, block=block
+            )
+        out: list[Delivery] = []
+        for _, entries in _streams(read):
+            for entry_id, fields in entries:
+                if fields:  # a trimmed entry still pending has no fields
+                    delivery = await self._delivery(address, group, mark, entry_id, fields, 1)
+                    if delivery is not None:
+                        out.append(delivery)
+        return out
+
+    async def _delivery(
+        self, address: str, group: str, mark: str, entry_id: bytes, fields: Any, attempt: int
+    ) -> Delivery | None:
+        """A delivery, or None when the entry is not an envelope: that one is parked at once."""
+        try:
+            return _RedisDelivery(self, address, group, mark, entry_id, fields, attempt)
+        except SerializationError as exc:
+            raw = {_text(k): _text(v) for k, v in _pairs(fields).items()}
+            logger.error(
+                "iambus: %s on %s is no envelope; dead-lettered: %s", _text(entry_id), address, exc
+            )
+            # Parked as a well-formed envelope carrying the raw fields, so that listing
+            # the dead letters never trips over it.
+            parked = Envelope(
+                name=raw.get("name", "?"),
+                payload=json.dumps(raw).encode(),
+                content_type="application/x-iambus-raw-fields",
+            )
+            failure = Failure("iambus.errors.SerializationError", str(exc), "", attempt)
+            await self._park_fields(address, group, mark, entry_id, parked.to_fields(), failure)
+            return None
+
+    async def _deliveries(self, address: str, group: str, rows: list[Any]) -> list[Delivery]:
+        out: list[Delivery] = []
+        for mark, entry_id, fields, count in rows:
+            delivery = await self._delivery(
+                address, group, _text(mark), entry_id, _pairs(fields), int(count)
+            )
+            if delivery is not None:
+                out.append(delivery)
+        return out
 
     # -- settling (called by deliveries) ----------------------------------------------
 
@@ -342,8 +408,19 @@ class RedisTransport:
         envelope: Envelope,
         failure: Failure,
     ) -> None:
+        await self._park_fields(address, group, mark, entry_id, envelope.to_fields(), failure)
+
+    async def _park_fields(
+        self,
+        address: str,
+        group: str,
+        mark: str,
+        entry_id: bytes,
+        fields: Any,
+        failure: Failure,
+    ) -> None:
         record = {
-            **envelope.to_fields(),
+            **fields,
             "dl.address": address,
             "dl.group": group,
             "dl.at": repr(time.time()),
@@ -361,7 +438,7 @@ class RedisTransport:
             self._translate("dead-letter"),
             self._client().pipeline(transaction=True) as pipe,
         ):
-            pipe.xadd(self._dead(), record)  # type: ignore[arg-type]
+            pipe.xadd(self._dead(), record)
             pipe.xack(self._key(address, group, mark), group, entry_id)
             await pipe.execute()
 
@@ -412,7 +489,11 @@ class RedisTransport:
                 raise
             except Exception as exc:
                 if not self._listening.done():
-                    self._listening.set_exception(TransportError(f"{self.url}: {exc}"))
+                    error = TransportError(f"{self.url}: subscribing for replies failed: {exc}")
+                    error.__cause__ = exc
+                    self._listening.set_exception(error)
+                    # The next request starts a new listener instead of failing forever.
+                    self._listening = self._listener = None
                     return
                 logger.warning(
                     "iambus: reply listener on %s lost: %s; resubscribing", self.url, exc
