@@ -586,15 +586,16 @@ class ChargeLocally:
     n: int
 
 
-def test_each_subscription_fetches_a_fair_share() -> None:
+def test_each_busy_subscription_fetches_a_fair_share() -> None:
     from iambus.worker import Worker
 
     worker = Worker.__new__(Worker)
     worker.concurrency, worker.batch, worker._free = 8, 32, 8
-    worker.subscriptions = [object()] * 4  # type: ignore[list-item]
-    assert worker._share() == 2
+    subs = [object() for _ in range(4)]
+    worker._busy = set()  # type: ignore[assignment]
+    assert worker._share(subs[0]) == 1  # idle: fetch one to find out
+    worker._busy = {subs[0], subs[1]}  # type: ignore[assignment]
+    assert worker._share(subs[0]) == 4  # busy: the slots split among the busy ones
+    assert worker._share(subs[2]) == 1
     worker._free = 1
-    assert worker._share() == 1
-    worker.subscriptions = [object()] * 20  # type: ignore[list-item]
-    worker._free = 8
-    assert worker._share() == 1
+    assert worker._share(subs[0]) == 1

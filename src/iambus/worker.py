@@ -98,6 +98,7 @@ class Worker:
         self._loops: list[asyncio.Task[None]] = []
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self._busy: set[Subscription] = set()
 
     async def start(self) -> None:
         await self.remote.open()
@@ -172,7 +173,7 @@ class Worker:
                     sub.address,
                     sub.group,
                     consumer=self.consumer,
-                    limit=self._share(),
+                    limit=self._share(sub),
                     wait=RECEIVE_WAIT,
                 )
             except asyncio.CancelledError:
@@ -182,16 +183,23 @@ class Worker:
                 await asyncio.sleep(1.0)
                 continue
             self._free -= len(deliveries)
+            if deliveries:
+                self._busy.add(sub)
+            else:
+                self._busy.discard(sub)
             for delivery in deliveries:
                 task = loop.create_task(self._process(sub, delivery), context=context.copy())
                 self._inflight.add(task)
                 task.add_done_callback(self._inflight.discard)
 
-    def _share(self) -> int:
-        # A fair share of the free slots per subscription (at least one), so that all
-        # subscriptions fetching at once never hold much more than `concurrency`
-        # deliveries: one waiting too long for a slot would look abandoned elsewhere.
-        share = max(1, self.concurrency // max(1, len(self.subscriptions)))
+    def _share(self, sub: Subscription) -> int:
+        # The free slots are shared among the subscriptions that are busy (their last
+        # fetch returned something); an idle one fetches one to find out. All fetching
+        # at once, a worker never holds much more than `concurrency` deliveries: one
+        # waiting too long for a slot would look abandoned to other instances.
+        if sub not in self._busy:
+            return 1
+        share = max(1, self.concurrency // len(self._busy))
         return max(1, min(self.batch, self._free, share))
 
     def _release(self, slots: int) -> None:
