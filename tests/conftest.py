@@ -24,6 +24,13 @@ SERVICES = {
         6379,
         "redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save '' --appendonly no",
     ),
+    "rabbitmq": ("127.0.0.1", 5672, "rabbitmq-server -detached"),
+    "nats": (
+        "127.0.0.1",
+        4222,
+        "start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- "
+        "-a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log",
+    ),
 }
 
 
@@ -61,11 +68,19 @@ class Bus:
         return transport
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "rabbitmq", "nats"])
 async def bus(request: pytest.FixtureRequest) -> AsyncIterator[Bus]:
     if request.param == "memory":
         shared = MemoryTransport(claim_after=0.5)
         yield Bus("memory", lambda: shared)
+        return
+    if request.param == "nats":
+        async for made in _nats_bus():
+            yield made
+        return
+    if request.param == "rabbitmq":
+        async for made in _rabbitmq_bus():
+            yield made
         return
     require("redis")
     from iambus.transports.redis import RedisTransport
@@ -82,6 +97,47 @@ async def bus(request: pytest.FixtureRequest) -> AsyncIterator[Bus]:
     for transport in made.made:
         await transport.close()
     cleaner = RedisTransport("redis://127.0.0.1:6379/0", namespace=namespace)
+    await cleaner.open()
+    await cleaner.destroy()
+    await cleaner.close()
+
+
+async def _rabbitmq_bus() -> AsyncIterator[Bus]:
+    require("rabbitmq")
+    from iambus.transports.rabbitmq import RabbitMQTransport
+
+    namespace = f"test-{uuid.uuid4().hex[:10]}"
+
+    def make() -> Transport:
+        return RabbitMQTransport(
+            "amqp://guest:guest@127.0.0.1:5672/", namespace=namespace, claim_after=0.5
+        )
+
+    made = Bus("rabbitmq", make)
+    yield made
+    # RabbitMQ cannot list queues over AMQP: each transport deletes the ones it declared.
+    for transport in made.made:
+        assert isinstance(transport, RabbitMQTransport)
+        await transport.close()
+        await transport.open()
+        await transport.destroy()
+        await transport.close()
+
+
+async def _nats_bus() -> AsyncIterator[Bus]:
+    require("nats")
+    from iambus.transports.nats import NatsTransport
+
+    namespace = f"test-{uuid.uuid4().hex[:10]}"
+
+    def make() -> Transport:
+        return NatsTransport("nats://127.0.0.1:4222", namespace=namespace, claim_after=0.5)
+
+    made = Bus("nats", make)
+    yield made
+    for transport in made.made:
+        await transport.close()
+    cleaner = NatsTransport("nats://127.0.0.1:4222", namespace=namespace)
     await cleaner.open()
     await cleaner.destroy()
     await cleaner.close()

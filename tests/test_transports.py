@@ -13,10 +13,21 @@ from iambus.transports.memory import MemoryTransport
 from .conftest import require
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "rabbitmq", "nats"])
 async def transport(request: pytest.FixtureRequest) -> AsyncIterator[Transport]:
     if request.param == "memory":
         made: Transport = connect("memory://", claim_after=0.3)
+    elif request.param == "nats":
+        require("nats")
+        made = connect(
+            f"nats://127.0.0.1:4222?namespace=test-{uuid.uuid4().hex[:8]}", claim_after=0.3
+        )
+    elif request.param == "rabbitmq":
+        require("rabbitmq")
+        made = connect(
+            f"amqp://guest:guest@127.0.0.1:5672/?namespace=test-{uuid.uuid4().hex[:8]}",
+            claim_after=0.3,
+        )
     else:
         require("redis")
         made = connect(
@@ -26,7 +37,7 @@ async def transport(request: pytest.FixtureRequest) -> AsyncIterator[Transport]:
         )
     await made.open()
     yield made
-    if request.param == "redis":
+    if request.param in ("redis", "rabbitmq", "nats"):
         await made.destroy()  # type: ignore[attr-defined]
     await made.close()
 

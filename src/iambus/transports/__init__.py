@@ -117,6 +117,9 @@ _SCHEMES: dict[str, tuple[str, str, str | None]] = {
     "memory": ("iambus.transports.memory", "MemoryTransport", None),
     "redis": ("iambus.transports.redis", "RedisTransport", "redis"),
     "rediss": ("iambus.transports.redis", "RedisTransport", "redis"),
+    "amqp": ("iambus.transports.rabbitmq", "RabbitMQTransport", "rabbitmq"),
+    "amqps": ("iambus.transports.rabbitmq", "RabbitMQTransport", "rabbitmq"),
+    "nats": ("iambus.transports.nats", "NatsTransport", "nats"),
 }
 
 

@@ -1,0 +1,874 @@
+"""``RabbitMQTransport``: RabbitMQ over AMQP 0-9-1 (``pip install 'iambus[rabbitmq]'``).
+
+``amqp://guest:guest@127.0.0.1:5672/?namespace=shop`` — every exchange and queue name
+starts with the namespace (default ``iambus``). How the seam maps onto RabbitMQ:
+
+* ``send`` publishes a persistent message to the topic exchange ``<ns>`` with the
+  address as routing key, and waits for the publisher confirm;
+* a group is a durable *quorum* queue ``<ns>.<address>.<group>``, bound to ``<ns>`` by
+  the address and to the direct exchange ``<ns>.direct`` by ``<address>@<group>`` —
+  the key that retries and replays use, so that they reach that group only;
+* an address no group is bound to yet: ``<ns>`` has the alternate exchange
+  ``<ns>.unrouted``, where such messages wait in ``<ns>.held.<address>`` (at most
+  ``max_length``); the first group declared with ``from_start=True`` takes them;
+* ``receive`` reads from one consumer (its own channel, with a prefetch of ``prefetch``
+  or else the first ``limit`` asked for) per (address, group, consumer name);
+* the attempt is ``x-iambus-attempt`` (1 when absent) plus the quorum queue's own
+  ``x-delivery-count``: a message whose consumer died unacked counts as a further attempt;
+* ``retry(delay)`` publishes a copy, its attempt header incremented, to a delay queue
+  ``<ns>.delay.<ms>`` (a per-queue TTL, dead-lettered to ``<ns>.direct`` under
+  ``<address>@<group>``), waits for the confirm, then acks the original: a crash in
+  between gives a duplicate, never a loss;
+* a consumer that neither receives nor settles for ``claim_after`` seconds is considered
+  dead: its channel is closed, so RabbitMQ hands what it held to the others;
+* dead letters are records in the stream queue ``<ns>.dead``; replaying or purging one
+  appends a tombstone, so listing them never takes them from anyone;
+* ``request`` / ``reply`` use direct reply-to (``amq.rabbitmq.reply-to``): no queue per
+  requester.
+
+See ``docs/rabbitmq.md`` for the reasons and the limits. Driver errors surface as
+``TransportError``; a lost connection is reopened in the background (robust connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import hashlib
+import json
+import logging
+import math
+import string
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from ..envelope import Envelope, new_id
+from ..errors import ImproperlyConfigured, SerializationError, TransportError
+from . import DeadLetter, Delivery, Failure
+
+try:
+    import aio_pika
+    import aiormq
+    from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+    from aiormq.abc import DeliveredMessage
+    from pamqp import commands as spec
+except ImportError as exc:  # pragma: no cover - exercised without the extra installed
+    raise ImportError(
+        "the RabbitMQ transport needs aio-pika: pip install 'iambus[rabbitmq]'"
+    ) from exc
+
+__all__ = ["RabbitMQTransport"]
+
+logger = logging.getLogger(__name__)
+
+REPLY_TO = "amq.rabbitmq.reply-to"
+PERSISTENT = 2
+
+# Headers iambus writes; every other envelope field is an AMQP property.
+H_AT = "x-iambus-at"
+H_CAUSE = "x-iambus-cause"
+H_KEY = "x-iambus-key"
+H_HEADERS = "x-iambus-headers"
+H_ATTEMPT = "x-iambus-attempt"
+H_DELAY = "iambus-delay"  # no "x-": a headers exchange ignores x- binding arguments
+# Records of the dead-letter stream.
+H_DEAD = "x-iambus-dead"
+H_SETTLED = "x-iambus-settled"
+H_MARK = "x-iambus-mark"
+H_FAILURE = (
+    ("x-iambus-error-type", "error_type"),
+    ("x-iambus-error-message", "message"),
+    ("x-iambus-traceback", "traceback"),
+    ("x-iambus-attempts", "attempts"),
+    ("x-iambus-handler", "handler"),
+)
+_PLAIN = frozenset(string.ascii_letters + string.digits + "-_.#,/+ ")
+MAX_HEADER_TEXT = 16_000  # an AMQP header frame must fit in one frame (128 KiB)
+
+
+@dataclass(eq=False)
+class _Consumer:
+    """One consumer name on one group: its channel, and what it was sent but not given."""
+
+    key: tuple[str, str, str]
+    queue: str
+    channel: AbstractRobustChannel
+    inbox: deque[DeliveredMessage] = field(default_factory=deque)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    consuming_on: Any = None  # the AMQP channel the consume was issued on
+    last_seen: float = field(default_factory=time.monotonic)
+    receiving: int = 0
+
+
+class RabbitMQTransport:
+    """RabbitMQ transport; see the module docstring and ``docs/rabbitmq.md``."""
+
+    def __init__(
+        self,
+        url: str = "amqp://guest:guest@127.0.0.1:5672/",
+        *,
+        namespace: str | None = None,
+        claim_after: float = 60.0,
+        prefetch: int | None = None,
+        max_length: int = 10_000,
+        timeout: float = 10.0,
+        reconnect_interval: float = 1.0,
+    ) -> None:
+        parts = urlsplit(url)
+        query = dict(parse_qsl(parts.query))
+        self.namespace = namespace or query.pop("namespace", None) or "iambus"
+        if not set(self.namespace) <= _PLAIN:
+            raise ImproperlyConfigured(
+                f"a RabbitMQ namespace holds letters, digits and '-_.#,/+ ' only: "
+                f"{self.namespace!r}"
+            )
+        self._driver_url = urlunsplit(parts._replace(query=urlencode(query)))
+        self.url = url
+        self.claim_after = claim_after
+        self.prefetch = prefetch
+        self.max_length = max_length
+        self.timeout = timeout
+        self.reconnect_interval = reconnect_interval
+        self._connection: AbstractRobustConnection | None = None
+        self._publisher: AbstractRobustChannel | None = None
+        self._admin: AbstractRobustChannel | None = None
+        self._replier: AbstractRobustChannel | None = None
+        self._reply_consuming_on: Any = None
+        self._reply_lock = asyncio.Lock()
+        self._waiting: dict[str, asyncio.Future[Envelope]] = {}
+        self._consumers: dict[tuple[str, str, str], _Consumer] = {}
+        self._consumer_lock = asyncio.Lock()
+        self._held: set[str] = set()
+        self._delays: dict[int, float] = {}  # delay bucket (ms) -> when last declared
+        self._declared: set[str] = set()  # queue names, for destroy()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # -- names ------------------------------------------------------------------------
+
+    @property
+    def _direct(self) -> str:
+        return f"{self.namespace}.direct"
+
+    @property
+    def _unrouted(self) -> str:
+        return f"{self.namespace}.unrouted"
+
+    @property
+    def _delay_exchange(self) -> str:
+        return f"{self.namespace}.delay"
+
+    @property
+    def _dead(self) -> str:
+        return f"{self.namespace}.dead"
+
+    def _queue(self, address: str, group: str) -> str:
+        # Also the routing key of the group's binding to <ns>.direct: unique per group.
+        return _fit(f"{self.namespace}.{_escape(address)}@{_escape(group)}")
+
+    def _held_queue(self, address: str) -> str:
+        return _fit(f"{self.namespace}.held.{_escape(address)}")
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._connection is not None:
+            return
+        async with self._translate("connect"):
+            connection = await aio_pika.connect_robust(
+                self._driver_url, reconnect_interval=self.reconnect_interval
+            )
+            try:
+                self._publisher = await connection.channel(publisher_confirms=True)
+                self._admin = await connection.channel(publisher_confirms=True)
+                self._replier = await connection.channel(publisher_confirms=True)
+                self._connection = connection
+                await self._declare_topology()
+            except BaseException:
+                self._connection = None
+                await connection.close()
+                raise
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def _declare_topology(self) -> None:
+        ch = await self._ready(self._admin)
+        await ch.exchange_declare(self._unrouted, exchange_type="direct", durable=True)
+        await ch.exchange_declare(
+            self.namespace,
+            exchange_type="topic",
+            durable=True,
+            arguments={"alternate-exchange": self._unrouted},
+        )
+        await ch.exchange_declare(self._direct, exchange_type="direct", durable=True)
+        await ch.exchange_declare(self._delay_exchange, exchange_type="headers", durable=True)
+        await ch.queue_declare(self._dead, durable=True, arguments={"x-queue-type": "stream"})
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+            self._sweeper = None
+        for consumer in list(self._consumers.values()):
+            with contextlib.suppress(TransportError):
+                await self._retire(consumer)
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(TransportError(f"{self.url}: closed while waiting"))
+        connection, self._connection = self._connection, None
+        self._publisher = self._admin = self._replier = None
+        self._reply_consuming_on = None
+        self._held.clear()
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    async def destroy(self) -> int:
+        """Delete this namespace's exchanges and the queues this instance declared (tests)."""
+        for consumer in list(self._consumers.values()):
+            # Everything goes: nothing to hand back first.
+            del self._consumers[consumer.key]
+            with contextlib.suppress(Exception):
+                await consumer.channel.close()
+        ch = await self._ready(self._admin)
+        names = {*self._declared, self._dead}
+        names |= {f"{self.namespace}.delay.{ms}" for ms in self._delays}
+        async with self._translate("destroy"):
+            for name in sorted(names):
+                await ch.queue_delete(name)
+            for exchange in (self.namespace, self._unrouted, self._direct, self._delay_exchange):
+                await ch.exchange_delete(exchange)
+        self._declared.clear()
+        self._held.clear()
+        self._delays.clear()
+        return len(names)
+
+    # -- sending and declaring --------------------------------------------------------
+
+    async def send(self, address: str, envelope: Envelope) -> None:
+        if address not in self._held:
+            await self._declare_held(address)
+        await self._publish(self.namespace, address, envelope, None)
+
+    async def _declare_held(self, address: str) -> None:
+        # Where an address's messages wait while no group is bound to it (the exchange's
+        # alternate exchange routes them here): a later `from_start` group takes them.
+        ch = await self._ready(self._admin)
+        name = self._held_queue(address)
+        async with self._translate(f"declare {name}"):
+            await ch.queue_declare(name, durable=True, arguments={"x-max-length": self.max_length})
+            await ch.queue_bind(name, self._unrouted, routing_key=address)
+        self._held.add(address)
+        self._declared.add(name)
+
+    async def declare(self, address: str, group: str, *, from_start: bool) -> None:
+        ch = await self._ready(self._admin)
+        name = self._queue(address, group)
+        async with self._translate(f"declare {name}"):
+            await ch.queue_declare(name, durable=True, arguments={"x-queue-type": "quorum"})
+            await ch.queue_bind(name, self.namespace, routing_key=address)
+            await ch.queue_bind(name, self._direct, routing_key=self._queue(address, group))
+        self._declared.add(name)
+        if from_start:
+            await self._take_held(address, group)
+
+    async def _take_held(self, address: str, group: str) -> None:
+        if address not in self._held:
+            await self._declare_held(address)
+        ch = await self._ready(self._admin)
+        held = self._held_queue(address)
+        moved = 0
+        async with self._translate(f"move {held}"):
+            while True:
+                message = await ch.basic_get(held, no_ack=False)
+                if not isinstance(message.delivery, spec.Basic.GetOk):
+                    break
+                # Copy, confirmed, then ack: a crash in between duplicates, never loses.
+                await self._publish_raw(
+                    self._direct,
+                    self._queue(address, group),
+                    message.body,
+                    message.header.properties,
+                )
+                await ch.basic_ack(_tag(message))
+                moved += 1
+        if moved:
+            logger.info("iambus: %d held message(s) on %s went to %s", moved, address, group)
+
+    async def _publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        envelope: Envelope,
+        extra: Mapping[str, Any] | None,
+        *,
+        channel: aiormq.abc.AbstractChannel | None = None,
+    ) -> None:
+        await self._publish_raw(
+            exchange, routing_key, envelope.payload, _properties(envelope, extra), channel=channel
+        )
+
+    async def _publish_raw(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: spec.Basic.Properties,
+        *,
+        channel: aiormq.abc.AbstractChannel | None = None,
+    ) -> None:
+        ch = channel or await self._ready(self._publisher)
+        async with self._translate(f"publish to {exchange or 'the default exchange'}"):
+            confirm = await ch.basic_publish(
+                body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=properties,
+                timeout=self.timeout,
+            )
+        if not isinstance(confirm, spec.Basic.Ack):
+            raise TransportError(f"{self.url}: the broker did not confirm a message: {confirm!r}")
+
+    # -- receiving --------------------------------------------------------------------
+
+    async def receive(
+        self, address: str, group: str, *, consumer: str, limit: int, wait: float
+    ) -> Sequence[Delivery]:
+        self._check_open()
+        state = await self._consumer(address, group, consumer, limit)
+        state.receiving += 1
+        try:
+            await self._consume(state)
+            out: list[Delivery] = []
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + wait
+            while len(out) < limit:
+                if not state.inbox:
+                    if out or loop.time() >= deadline:
+                        break
+                    state.arrived.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(deadline - loop.time()):
+                            await state.arrived.wait()
+                    continue
+                message = state.inbox.popleft()
+                if message.channel.is_closed:
+                    continue  # its channel is gone: the broker has requeued it
+                delivery = await self._delivery(state, address, group, message)
+                if delivery is not None:
+                    out.append(delivery)
+            return out
+        finally:
+            state.receiving -= 1
+            state.last_seen = time.monotonic()
+
+    async def _consumer(self, address: str, group: str, consumer: str, limit: int) -> _Consumer:
+        key = (address, group, consumer)
+        state = self._consumers.get(key)
+        if state is not None:
+            return state
+        async with self._consumer_lock:
+            state = self._consumers.get(key)
+            if state is not None:
+                return state
+            channel = await self._new_channel()
+            async with self._translate("set a consumer's prefetch"):
+                await channel.set_qos(prefetch_count=self.prefetch or max(limit, 1))
+            state = _Consumer(key, self._queue(address, group), channel)
+            self._consumers[key] = state
+            return state
+
+    async def _consume(self, state: _Consumer) -> None:
+        """Start consuming on the consumer's channel, again when it was reopened."""
+        ch = await self._ready(state.channel)
+        if state.consuming_on is ch:
+            return
+        state.inbox.clear()  # from a channel that is gone: requeued by the broker
+        try:
+            async with self._translate(f"consume {state.queue}"):
+                await ch.basic_consume(state.queue, _putter(state), no_ack=False)
+        except TransportError as exc:
+            if isinstance(exc.__cause__, aiormq.exceptions.ChannelNotFoundEntity):
+                address, group, _ = state.key
+                raise ImproperlyConfigured(
+                    f"{self.url}: no group {group!r} on {address!r}; declare() it before receiving"
+                ) from exc
+            raise
+        state.consuming_on = ch
+
+    async def _delivery(
+        self, state: _Consumer, address: str, group: str, message: DeliveredMessage
+    ) -> Delivery | None:
+        """A delivery, or None when the message is no envelope: that one is parked at once."""
+        properties = message.header.properties
+        headers = properties.headers or {}
+        attempt = _attempt(headers)
+        try:
+            envelope = _envelope(properties, message.body)
+        except SerializationError as exc:
+            logger.error("iambus: a message on %s is no envelope; dead-lettered: %s", address, exc)
+            raw = Envelope(
+                name=str(properties.message_type or "?"),
+                payload=message.body,
+                content_type="application/x-iambus-raw-message",
+            )
+            failure = Failure("iambus.errors.SerializationError", str(exc), "", attempt)
+            await self._park(
+                _RabbitDelivery(self, state, address, group, message, raw, attempt), failure
+            )
+            return None
+        return _RabbitDelivery(self, state, address, group, message, envelope, attempt)
+
+    # -- settling (called by deliveries) ----------------------------------------------
+
+    async def _ack(self, delivery: _RabbitDelivery) -> None:
+        delivery._consumer.last_seen = time.monotonic()
+        message = delivery._message
+        if message.channel.is_closed:
+            raise TransportError(
+                f"{self.url}: cannot ack {delivery!r}: its channel closed (a lost connection, "
+                f"or the consumer idled past claim_after); the broker delivers it again"
+            )
+        async with self._translate("ack"):
+            await message.channel.basic_ack(_tag(message))
+
+    async def _retry(self, delivery: _RabbitDelivery, delay: float) -> None:
+        delivery._consumer.last_seen = time.monotonic()
+        extra: dict[str, Any] = {H_ATTEMPT: delivery.attempt + 1}
+        target = self._queue(delivery._address, delivery._group)
+        if delay <= 0:
+            await self._publish(self._direct, target, delivery.envelope, extra)
+        else:
+            # Rounded up to two significant digits: never early, and a bounded number of
+            # delay queues (each one has a fixed TTL, so its head always expires first).
+            ms = _bucket(delay)
+            await self._declare_delay(ms)
+            extra[H_DELAY] = str(ms)
+            await self._publish(self._delay_exchange, target, delivery.envelope, extra)
+        await self._ack(delivery)
+
+    async def _declare_delay(self, ms: int) -> None:
+        now = time.monotonic()
+        if now - self._delays.get(ms, -math.inf) < 30:
+            return
+        # x-expires removes a delay queue unused for a minute past its TTL; it is declared
+        # again at least every 30 s while used, so it never expires under a waiting message.
+        ch = await self._ready(self._admin)
+        name = f"{self.namespace}.delay.{ms}"
+        async with self._translate(f"declare {name}"):
+            await ch.queue_declare(
+                name,
+                durable=True,
+                arguments={
+                    "x-message-ttl": ms,
+                    "x-dead-letter-exchange": self._direct,
+                    "x-expires": ms + 60_000,
+                },
+            )
+            await ch.queue_bind(
+                name,
+                self._delay_exchange,
+                arguments={"x-match": "all", H_DELAY: str(ms)},
+            )
+        self._delays[ms] = now
+
+    async def _park(self, delivery: _RabbitDelivery, failure: Failure) -> None:
+        delivery._consumer.last_seen = time.monotonic()
+        extra: dict[str, Any] = {
+            H_DEAD: new_id(),
+            "x-iambus-address": delivery._address,
+            "x-iambus-group": delivery._group,
+            "x-iambus-failed-at": repr(time.time()),
+        }
+        for header, name in H_FAILURE:
+            value = getattr(failure, name)
+            if value is not None:
+                extra[header] = value[:MAX_HEADER_TEXT] if isinstance(value, str) else value
+        await self._publish("", self._dead, delivery.envelope, extra)
+        await self._ack(delivery)
+
+    # -- reclaiming from consumers that stopped ---------------------------------------
+
+    async def _sweep(self) -> None:
+        interval = min(max(self.claim_after / 4, 0.05), 1.0)
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for state in list(self._consumers.values()):
+                if not state.receiving and now - state.last_seen > self.claim_after:
+                    try:
+                        await self._retire(state)
+                    except TransportError as exc:
+                        logger.warning("iambus: retiring consumer %s: %s", state.key, exc)
+
+    async def _retire(self, state: _Consumer) -> None:
+        """Close a consumer's channel: RabbitMQ redelivers what it held to the others.
+
+        What it was sent but never handed out goes back first, as a copy with the same
+        attempt — closing the channel would count it as a failed attempt.
+        """
+        if self._consumers.get(state.key) is state:
+            del self._consumers[state.key]
+        address, group, _ = state.key
+        ch = state.consuming_on
+        try:
+            if ch is not None and not ch.is_closed:
+                async with self._translate("cancel a consumer"):
+                    for tag in list(ch.consumers):
+                        await ch.basic_cancel(tag)
+                while state.inbox:
+                    message = state.inbox.popleft()
+                    if message.channel.is_closed:
+                        continue
+                    headers = dict(message.header.properties.headers or {})
+                    headers[H_ATTEMPT] = _attempt(headers)
+                    headers.pop("x-delivery-count", None)
+                    message.header.properties.headers = headers
+                    await self._publish_raw(
+                        self._direct,
+                        self._queue(address, group),
+                        message.body,
+                        message.header.properties,
+                    )
+                    async with self._translate("ack"):
+                        await message.channel.basic_ack(_tag(message))
+        finally:
+            with contextlib.suppress(Exception):
+                await state.channel.close()
+
+    # -- request/reply --------------------------------------------------------------
+
+    async def request(self, address: str, envelope: Envelope, *, timeout: float) -> Envelope:
+        self._check_open()
+        ch = await self._reply_channel()
+        future: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
+        self._waiting[envelope.id] = future
+        try:
+            if address not in self._held:
+                await self._declare_held(address)
+            # Published on the channel that consumes amq.rabbitmq.reply-to, as direct
+            # reply-to requires; RabbitMQ rewrites reply_to to this channel's own name.
+            await self._publish(self.namespace, address, _with_reply_to(envelope), None, channel=ch)
+            async with asyncio.timeout(timeout):
+                return await future
+        finally:
+            self._waiting.pop(envelope.id, None)
+
+    async def _reply_channel(self) -> aiormq.abc.AbstractChannel:
+        async with self._reply_lock:
+            ch = await self._ready(self._replier)
+            if self._reply_consuming_on is not ch:
+                async with self._translate("consume replies"):
+                    await ch.basic_consume(REPLY_TO, self._on_reply, no_ack=True)
+                self._reply_consuming_on = ch
+            return ch
+
+    async def _on_reply(self, message: DeliveredMessage) -> None:
+        try:
+            answer = _envelope(message.header.properties, message.body)
+        except SerializationError as exc:
+            logger.error("iambus: a reply on %s is no envelope: %s", self.url, exc)
+            return
+        waiting = self._waiting.get(answer.correlation_id or "")
+        if waiting is not None and not waiting.done():
+            waiting.set_result(answer)
+
+    async def reply(self, to: str, envelope: Envelope) -> None:
+        # The default exchange routes by queue name; a requester that is gone has no
+        # queue, and RabbitMQ drops the answer.
+        await self._publish("", to, envelope, None)
+
+    # -- dead letters -----------------------------------------------------------------
+
+    async def dead_letters(self, *, limit: int = 100) -> list[DeadLetter]:
+        return list((await self._read_dead()).values())[:limit]
+
+    async def replay(self, ids: Sequence[str]) -> int:
+        live = await self._read_dead()
+        replayed: list[str] = []
+        for letter_id in ids:
+            letter = live.pop(letter_id, None)
+            if letter is None:
+                continue
+            await self.declare(letter.address, letter.group, from_start=False)
+            # No attempt header: a replayed envelope starts counting again.
+            await self._publish(
+                self._direct, self._queue(letter.address, letter.group), letter.envelope, None
+            )
+            await self._settle_dead([letter_id])
+            replayed.append(letter_id)
+        return len(replayed)
+
+    async def purge(self, ids: Sequence[str] | None = None) -> int:
+        live = await self._read_dead()
+        gone = list(live) if ids is None else [i for i in dict.fromkeys(ids) if i in live]
+        if gone:
+            await self._settle_dead(gone)
+        return len(gone)
+
+    async def _settle_dead(self, ids: list[str]) -> None:
+        properties = spec.Basic.Properties(
+            delivery_mode=PERSISTENT, headers={H_SETTLED: 1}, content_type="application/json"
+        )
+        await self._publish_raw("", self._dead, json.dumps(ids).encode(), properties)
+
+    async def _read_dead(self) -> dict[str, DeadLetter]:
+        """Read the dead-letter stream from its start up to a mark written just now."""
+        self._check_open()
+        mark = uuid.uuid4().hex
+        await self._publish_raw(
+            "",
+            self._dead,
+            b"",
+            spec.Basic.Properties(delivery_mode=PERSISTENT, headers={H_MARK: mark}),
+        )
+        live: dict[str, DeadLetter] = {}
+        inbox: asyncio.Queue[DeliveredMessage] = asyncio.Queue()
+
+        async def put(message: DeliveredMessage) -> None:
+            inbox.put_nowait(message)
+
+        channel = await self._new_channel()
+        async with self._translate("read dead letters"):
+            try:
+                await channel.set_qos(prefetch_count=500)
+                ch = await channel.get_underlay_channel()
+                await ch.basic_consume(
+                    self._dead,
+                    put,
+                    no_ack=False,
+                    arguments={"x-stream-offset": "first"},
+                )
+                while True:
+                    async with asyncio.timeout(self.timeout):
+                        message = await inbox.get()
+                    await ch.basic_ack(_tag(message))
+                    headers = message.header.properties.headers or {}
+                    if headers.get(H_MARK) == mark:
+                        break
+                    if H_SETTLED in headers:
+                        for letter_id in json.loads(message.body):
+                            live.pop(letter_id, None)
+                    elif H_DEAD in headers:
+                        letter = _dead_letter(message)
+                        if letter is not None:
+                            live[letter.id] = letter
+            finally:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+        return live
+
+    # -- internals --------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._connection is None:
+            raise TransportError(f"{self.url} is not open; await transport.open() first")
+
+    async def _new_channel(self) -> AbstractRobustChannel:
+        """A new channel, once the connection is up (waiting at most ``timeout``)."""
+        connection = self._connection
+        if connection is None:
+            raise TransportError(f"{self.url} is not open; await transport.open() first")
+        async with self._translate("open a channel"):
+            async with asyncio.timeout(self.timeout):
+                await connection.ready()
+            try:
+                return await connection.channel(publisher_confirms=False)
+            except RuntimeError as exc:  # aio-pika: "Connection was not opened" (reconnecting)
+                raise TransportError(f"{self.url}: open a channel failed: {exc}") from exc
+
+    async def _ready(self, channel: AbstractRobustChannel | None) -> aiormq.abc.AbstractChannel:
+        """The live AMQP channel under ``channel``; waits at most ``timeout`` for a reconnect."""
+        if channel is None or self._connection is None:
+            raise TransportError(f"{self.url} is not open; await transport.open() first")
+        async with self._translate("wait for the connection"):
+            async with asyncio.timeout(self.timeout):
+                await channel.ready()
+            return await channel.get_underlay_channel()
+
+    @contextlib.asynccontextmanager
+    async def _translate(self, what: str) -> AsyncIterator[None]:
+        try:
+            yield
+        except (aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPException) as exc:
+            raise TransportError(f"{self.url}: {what} failed: {exc!r}") from exc
+        except (OSError, TimeoutError) as exc:
+            raise TransportError(f"{self.url}: {what} failed: {exc!r}") from exc
+
+
+class _RabbitDelivery:
+    __slots__ = (
+        "_address",
+        "_consumer",
+        "_group",
+        "_message",
+        "_transport",
+        "attempt",
+        "envelope",
+    )
+
+    def __init__(
+        self,
+        transport: RabbitMQTransport,
+        consumer: _Consumer,
+        address: str,
+        group: str,
+        message: DeliveredMessage,
+        envelope: Envelope,
+        attempt: int,
+    ) -> None:
+        self._transport = transport
+        self._consumer = consumer
+        self._address = address
+        self._group = group
+        self._message = message
+        self.envelope = envelope
+        self.attempt = attempt
+
+    async def ack(self) -> None:
+        await self._transport._ack(self)
+
+    async def retry(self, delay: float) -> None:
+        await self._transport._retry(self, delay)
+
+    async def dead_letter(self, failure: Failure) -> None:
+        await self._transport._park(self, failure)
+
+    def __repr__(self) -> str:
+        return f"<delivery {self.envelope.name} #{self.attempt} to {self._group}@{self._address}>"
+
+
+def _putter(state: _Consumer) -> Any:
+    async def put(message: DeliveredMessage) -> None:
+        state.inbox.append(message)
+        state.arrived.set()
+
+    return put
+
+
+def _escape(text: str) -> str:
+    """``text`` with every character an AMQP name may not hold (and ':', '@') as ':xx'."""
+    return "".join(c if c in _PLAIN else "".join(f":{b:02x}" for b in c.encode()) for c in text)
+
+
+def _fit(name: str) -> str:
+    # AMQP names are short strings (255 bytes): a longer one keeps its start and a digest.
+    if len(name) <= 255:
+        return name
+    return name[:190] + ":" + hashlib.sha256(name.encode()).hexdigest()
+
+
+def _tag(message: DeliveredMessage) -> int:
+    tag = message.delivery_tag
+    assert tag is not None, "a message from basic.deliver or basic.get has a delivery tag"
+    return tag
+
+
+def _attempt(headers: Mapping[str, Any]) -> int:
+    # x-delivery-count: how often a quorum queue handed it out before and got it back.
+    return int(headers.get(H_ATTEMPT, 1)) + int(headers.get("x-delivery-count", 0))
+
+
+def _bucket(delay: float) -> int:
+    ms = max(math.ceil(delay * 1000), 1)
+    step = 10 ** max(len(str(ms)) - 2, 0)
+    return int(-(-ms // step) * step)
+
+
+def _properties(envelope: Envelope, extra: Mapping[str, Any] | None) -> spec.Basic.Properties:
+    headers: dict[str, Any] = {H_AT: repr(envelope.created_at)}
+    if envelope.causation_id is not None:
+        headers[H_CAUSE] = envelope.causation_id
+    if envelope.key is not None:
+        headers[H_KEY] = envelope.key
+    if envelope.headers:
+        headers[H_HEADERS] = json.dumps(dict(envelope.headers), separators=(",", ":"))
+    if extra:
+        headers.update(extra)
+    return spec.Basic.Properties(
+        content_type=envelope.content_type,
+        delivery_mode=PERSISTENT,
+        headers=headers,
+        message_id=envelope.id,
+        correlation_id=envelope.correlation_id,
+        reply_to=envelope.reply_to,
+        timestamp=datetime.datetime.fromtimestamp(int(envelope.created_at), datetime.UTC),
+        message_type=envelope.name,
+    )
+
+
+def _envelope(properties: spec.Basic.Properties, body: bytes) -> Envelope:
+    headers = properties.headers or {}
+    try:
+        if not properties.message_id or not properties.message_type:
+            raise ValueError("no message_id or type property")
+        user = headers.get(H_HEADERS)
+        envelope = Envelope(
+            id=properties.message_id,
+            name=properties.message_type,
+            payload=body,
+            content_type=properties.content_type or "application/json",
+            created_at=float(_text(headers[H_AT])),
+            correlation_id=properties.correlation_id,
+            causation_id=_optional(headers.get(H_CAUSE)),
+            reply_to=properties.reply_to,
+            key=_optional(headers.get(H_KEY)),
+            headers=json.loads(_text(user)) if user else {},
+        )
+    except (KeyError, ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise SerializationError(
+            f"malformed envelope (AMQP properties {properties!r}): {exc}"
+        ) from exc
+    if not isinstance(envelope.headers, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in envelope.headers.items()
+    ):
+        raise SerializationError(
+            f"malformed envelope headers {envelope.headers!r}: expected a JSON object of strings"
+        )
+    return envelope
+
+
+def _with_reply_to(envelope: Envelope) -> Envelope:
+    import dataclasses
+
+    return dataclasses.replace(envelope, reply_to=REPLY_TO)
+
+
+def _dead_letter(message: DeliveredMessage) -> DeadLetter | None:
+    properties = message.header.properties
+    headers = properties.headers or {}
+    try:
+        failure = {name: headers.get(header) for header, name in H_FAILURE}
+        return DeadLetter(
+            id=_text(headers[H_DEAD]),
+            address=_text(headers["x-iambus-address"]),
+            group=_text(headers["x-iambus-group"]),
+            envelope=_envelope(properties, message.body),
+            failure=Failure(
+                error_type=_text(failure["error_type"]),
+                message=_text(failure["message"]),
+                traceback=_text(failure["traceback"]),
+                attempts=int(failure["attempts"]),  # type: ignore[arg-type]
+                handler=_optional(failure["handler"]),
+            ),
+            failed_at=float(_text(headers["x-iambus-failed-at"])),
+        )
+    except (KeyError, ValueError, TypeError, SerializationError) as exc:
+        logger.error("iambus: a record in the dead-letter stream is unreadable: %s", exc)
+        return None
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {value!r}")
+    return value
+
+
+def _optional(value: Any) -> str | None:
+    return None if value is None else _text(value)
