@@ -110,7 +110,7 @@ async def _rabbitmq_bus() -> AsyncIterator[Bus]:
 
     def make() -> Transport:
         return RabbitMQTransport(
-            "amqp://guest:guest@127.0.0.1:5672/", namespace=namespace, claim_after=0.5
+            "amqp://guest:guest@127.0.0.1:5672/", namespace=namespace, claim_after=1.0
         )
 
     made = Bus("rabbitmq", make)
@@ -131,7 +131,7 @@ async def _nats_bus() -> AsyncIterator[Bus]:
     namespace = f"test-{uuid.uuid4().hex[:10]}"
 
     def make() -> Transport:
-        return NatsTransport("nats://127.0.0.1:4222", namespace=namespace, claim_after=0.5)
+        return NatsTransport("nats://127.0.0.1:4222", namespace=namespace, claim_after=1.0)
 
     made = Bus("nats", make)
     yield made
