@@ -286,3 +286,47 @@ async def _rabbitmqctl(*args: str) -> None:
     )
     _, err = await process.communicate()
     assert process.returncode == 0, f"rabbitmqctl {' '.join(args)}: {err.decode()}"
+
+
+async def test_a_worker_runs_as_many_handlers_at_once_as_its_concurrency() -> None:
+    # Without an explicit prefetch, it follows the largest batch the worker asks for:
+    # a first fetch of one (an idle subscription) must not pin it to one at a time.
+    from dataclasses import dataclass
+
+    from iambus import Dispatcher
+
+    @dataclass(frozen=True, slots=True)
+    class Job:
+        n: int
+
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    dp = Dispatcher(
+        transport=f"{URL}?namespace={namespace}",
+        service="jobs",
+        routes={Job: "jobs"},
+        concurrency=10,
+    )
+    running = peak = 0
+    done: list[int] = []
+
+    @dp.commands.register(Job)
+    async def work(job: Job) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.3)
+        running -= 1
+        done.append(job.n)
+
+    async with dp:
+        await asyncio.sleep(0.2)  # the first (idle) fetch asks for one
+        for n in range(10):
+            await dp.execute(Job(n))
+        for _ in range(200):  # up to 10 s
+            if len(done) == 10:
+                break
+            await asyncio.sleep(0.05)
+        transport = dp.remote.transport  # type: ignore[union-attr]
+        assert sorted(done) == list(range(10))
+        assert peak >= 5, f"at most {peak} handler(s) ran at once with concurrency=10"
+        await transport.destroy()  # type: ignore[attr-defined]

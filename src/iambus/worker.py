@@ -101,6 +101,10 @@ class Worker:
         self._busy: set[Subscription] = set()
 
     async def start(self) -> None:
+        # A transport may size itself by the worker (RabbitMQ: its consumers' prefetch).
+        tune = getattr(self.remote.transport, "tune", None)
+        if tune is not None:
+            tune(concurrency=self.concurrency)
         await self.remote.open()
         for sub in self.subscriptions:
             await self.remote.transport.declare(sub.address, sub.group, from_start=sub.from_start)

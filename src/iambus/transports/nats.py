@@ -302,6 +302,9 @@ class NatsTransport:
                     ack_policy=AckPolicy.EXPLICIT,
                     ack_wait=self.claim_after,
                     max_deliver=-1,
+                    # Messages waiting out a retry's delay count as pending acks: with the
+                    # server's default cap (1,000) a burst of retries would freeze the group.
+                    max_ack_pending=-1,
                 )
                 try:
                     await js.add_consumer(self.stream, config)

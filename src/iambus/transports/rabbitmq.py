@@ -335,6 +335,13 @@ class RabbitMQTransport:
 
     # -- receiving --------------------------------------------------------------------
 
+    def tune(self, *, concurrency: int) -> None:
+        """Called by a worker before it consumes: without an explicit ``prefetch``,
+        each consumer may hold as many unacked deliveries as the worker runs at once
+        (a consumer's prefetch cannot change once it consumes)."""
+        if self.prefetch is None:
+            self.prefetch = concurrency
+
     async def receive(
         self, address: str, group: str, *, consumer: str, limit: int, wait: float
     ) -> Sequence[Delivery]:
@@ -436,7 +443,18 @@ class RabbitMQTransport:
         async with self._translate("ack"):
             await message.channel.basic_ack(_tag(message))
 
+    def _check_settleable(self, delivery: _RabbitDelivery, action: str) -> None:
+        # A delivery whose channel closed is already back in its queue: publishing a
+        # retry copy or a dead letter for it too would leave two live copies.
+        if delivery._message.channel.is_closed:
+            raise TransportError(
+                f"{self.url}: cannot {action} {delivery!r}: its channel closed (a lost "
+                f"connection, or the consumer idled past claim_after); the broker delivers "
+                f"it again"
+            )
+
     async def _retry(self, delivery: _RabbitDelivery, delay: float) -> None:
+        self._check_settleable(delivery, "retry")
         delivery._consumer.last_seen = time.monotonic()
         extra: dict[str, Any] = {H_ATTEMPT: delivery.attempt + 1}
         target = self._queue(delivery._address, delivery._group)
@@ -477,6 +495,7 @@ class RabbitMQTransport:
         self._delays[ms] = now
 
     async def _park(self, delivery: _RabbitDelivery, failure: Failure) -> None:
+        self._check_settleable(delivery, "dead-letter")
         delivery._consumer.last_seen = time.monotonic()
         extra: dict[str, Any] = {
             H_DEAD: new_id(),

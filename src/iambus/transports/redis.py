@@ -79,7 +79,8 @@ return out
 
 # Claim abandoned deliveries: KEYS = stream, direct stream;
 # ARGV = group, consumer, min idle ms, limit, the retry owner to skip. Looks consumer by
-# consumer, so that entries parked for a retry never crowd out a crashed consumer's.
+# consumer, so that entries parked for a retry never crowd out a crashed consumer's. The
+# caller's own entries count too: an ack lost with a killed connection must come back.
 _RECLAIM = """
 local out = {}
 local marks = {'m', 'd'}
@@ -92,7 +93,7 @@ for k, key in ipairs(KEYS) do
       if info[i] == 'name' then name = info[i + 1] end
       if info[i] == 'pending' then pending = tonumber(info[i + 1]) end
     end
-    if name ~= ARGV[5] and name ~= ARGV[2] and pending > 0 and #out < limit then
+    if name ~= ARGV[5] and pending > 0 and #out < limit then
       local entries = redis.call(
         'XPENDING', key, ARGV[1], 'IDLE', ARGV[3], '-', '+', limit - #out, name)
       for _, entry in ipairs(entries) do
