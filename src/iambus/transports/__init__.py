@@ -17,6 +17,9 @@ codecs, routing, retries, handlers — lives above the seam, so a transport stay
 * ``request(address, envelope, timeout=...)`` / ``reply(to, envelope)``: request/reply.
 * ``dead_letters()`` / ``replay(ids)`` / ``purge(ids)``: the parked ones.
 
+A transport may also define ``tune(concurrency=...)``: a worker calls it before it
+consumes, with how many handlers it runs at once (RabbitMQ sizes its prefetch by it).
+
 ``MemoryTransport`` is the reference implementation and the embedded default;
 ``iambus.testing.check_transport`` checks any implementation against this contract.
 """
