@@ -1,23 +1,29 @@
-"""iambus over Redis Streams next to raw redis-py and FastStream.
+"""iambus next to each broker's raw client and FastStream: Redis Streams, RabbitMQ, NATS JetStream.
 
-    bash benchmarks/setup.sh                       # once: venv with redis, hiredis, faststream
-    .venv-bench/bin/python benchmarks/broker.py    # full run (Redis at 127.0.0.1:6379)
+    bash benchmarks/setup.sh                       # once: the bench venv with every client
+    .venv-bench/bin/python benchmarks/broker.py    # every broker, full run
     .venv-bench/bin/python benchmarks/broker.py --quick            # smoke run, seconds
-    .venv-bench/bin/python benchmarks/broker.py --only raw,iambus --loop uvloop
+    .venv-bench/bin/python benchmarks/broker.py --broker nats --only raw,iambus --loop uvloop
 
-Two measurements per implementation (columns), printed as a markdown table:
+Brokers (loopback only): Redis 127.0.0.1:6379, RabbitMQ 127.0.0.1:5672 (guest/guest; the
+checks also need rabbitmqctl), NATS with JetStream 127.0.0.1:4222.
+
+Two measurements per implementation (columns), one markdown table per broker:
 
 1. end-to-end acked throughput: N events of ~200 bytes of JSON published with
    at most K in flight while a consumer task in the same process handles and
-   acks them; messages / (first publish -> last ack).  Every run checks that
-   each event was handled exactly once and that nothing is left pending; a run
-   that fails the check makes its cell FAILED and the exit status 1.
+   acks them; messages / (first publish -> last event handled and acked).
+   Every run checks that each event was handled exactly once and that nothing
+   is left unacked; a run that fails the check makes its cell FAILED and the
+   exit status 1.
 2. request/reply latency: M sequential requests, p50 and p99 in µs.
 
 Every cell is the median over several rounds; within a round the
-implementations take turns in rotating order.  Ratios are against raw redis-py
-in the same run.  How each implementation is driven is in broker_peers.py and
-under the table.  Keys carry a random per-run suffix and are deleted at exit.
+implementations take turns in rotating order.  Ratios are against the raw
+client in the same run.  How each implementation is driven is in
+broker_redis.py, broker_rabbitmq.py and broker_nats.py (shared parts, iambus
+included, in broker_common.py) and under each table.  Names carry a random
+per-run suffix; what a run creates is deleted at exit.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import importlib
 import ipaddress
 import os
 import platform
@@ -34,13 +41,15 @@ import statistics
 import sys
 import traceback
 from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
 from urllib.parse import urlparse
 
-import broker_peers as peers
-from broker_peers import Ctx, Impl, ThroughputStats, VerificationError
+from broker_common import PAYLOAD_BYTES, Impl, ThroughputStats, VerificationError, version
 from report import cpu_model, format_ratio, humanize, short_error
 
-DEFAULT_URL = "redis://127.0.0.1:6379/0"
+BROKERS = {"redis": "broker_redis", "rabbitmq": "broker_rabbitmq", "nats": "broker_nats"}
+NAMES = ["raw", "faststream", "iambus"]
 LOAD_BEFORE = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
 
 
@@ -70,42 +79,43 @@ def percentile(samples: list[float], q: float) -> float:
     return ordered[int(rank) - 1]
 
 
-def client_url(url: str, in_flight: int) -> str:
-    """The URL every implementation connects with: the given one plus a pool size.
-
-    redis-py (8.x) caps a connection pool at 100 connections by default and raises
-    MaxConnectionsError past that instead of waiting; with 100 publishes in flight
-    plus a blocking consumer read (and FastStream's per-request pub/sub) a client
-    needs a few more.  Every implementation gets the same URL, so the same pool.
-    """
-    if "max_connections=" in url:
-        return url
-    size = max(128, in_flight + 28)
-    return f"{url}{'&' if '?' in url else '?'}max_connections={size}"
-
-
-def check_loopback(url: str) -> None:
+def check_loopback(option: str, url: str) -> None:
     host = urlparse(url).hostname or ""
     try:
         addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
     except socket.gaierror as exc:
-        raise SystemExit(f"--url: cannot resolve {host!r}: {exc}") from exc
+        raise SystemExit(f"{option}: cannot resolve {host!r}: {exc}") from exc
     if not addresses or not all(ipaddress.ip_address(a).is_loopback for a in addresses):
         raise SystemExit(
-            f"--url: {host} is not a loopback address; this benchmark only talks to 127.0.0.0/8"
+            f"{option}: {host} is not a loopback address; this benchmark only talks to 127.0.0.0/8"
         )
 
 
-async def run(settings: Settings, ctx: Ctx, only: list[str]) -> tuple[list[Impl], dict[str, Cell]]:
+def version_of(module: ModuleType, name: str) -> str:
+    """The installed version behind an implementation, for the header."""
+    if name == "iambus":
+        from broker_common import iambus_version
+
+        return iambus_version()
+    if name == "faststream":
+        return version("faststream")
+    return {"broker_redis": version("redis"), "broker_rabbitmq": version("aio-pika")}.get(
+        module.__name__, version("nats-py")
+    )
+
+
+async def run(
+    settings: Settings, module: ModuleType, ctx: Any, only: list[str]
+) -> tuple[list[Impl], dict[str, Cell]]:
     impls: list[Impl] = []
     cells: dict[str, Cell] = {}
-    for name, build in peers.BUILDERS:
+    for name, build in module.BUILDERS:
         if name not in only:
             continue
         try:
             impl = await asyncio.wait_for(build(ctx), 30)
         except Exception as exc:  # a broken implementation must not stop the others
-            impl = Impl(name=name, version=peers.version_of(name))
+            impl = Impl(name=name, version=version_of(module, name))
             cells[name] = Cell(
                 status="error", note=f"{name} could not be set up: {short_error(exc)}"
             )
@@ -182,9 +192,16 @@ async def run(settings: Settings, ctx: Ctx, only: list[str]) -> tuple[list[Impl]
     return impls, cells
 
 
-def render(impls: list[Impl], cells: dict[str, Cell], settings: Settings, header: list[str]) -> str:
+def render(
+    title: str,
+    impls: list[Impl],
+    cells: dict[str, Cell],
+    settings: Settings,
+    header: list[str],
+    verified: str,
+) -> str:
     s = settings
-    lines = ["# iambus broker benchmark (Redis Streams)", "", *header]
+    lines = [f"# iambus broker benchmark ({title})", "", *header]
     lines.append(
         f"- median of {s.rounds} rounds; throughput ratio = rate / raw (higher is better), "
         "latency ratio = latency / raw (lower is better)"
@@ -214,7 +231,7 @@ def render(impls: list[Impl], cells: dict[str, Cell], settings: Settings, header
     raw = cells.get("raw")
     rows: list[tuple[str, object]] = [
         (
-            f"end-to-end acked throughput, msgs/s ({s.messages:,} x ~{peers.PAYLOAD_BYTES} B, "
+            f"end-to-end acked throughput, msgs/s ({s.messages:,} x ~{PAYLOAD_BYTES} B, "
             f"{s.in_flight} in flight)",
             ("rate", rate),
         ),
@@ -261,29 +278,64 @@ def render(impls: list[Impl], cells: dict[str, Cell], settings: Settings, header
     lines.append("Notes:")
     lines += [f"- {note}" for impl in impls for note in impl.notes]
     lines += [f"- {text}" for text in pub]
-    lines.append(
-        "- Every throughput run checks: each event handled exactly once (by sequence number), "
-        "no entry pending in any consumer group, all entries stored; every reply is checked."
-    )
+    lines.append(f"- Every throughput run checks: {verified}")
     return "\n".join(lines)
 
 
-async def environment(ctx: Ctx, loop_name: str, impls: list[Impl]) -> list[str]:
-    import redis
-    from redis.utils import HIREDIS_AVAILABLE
-
-    info = await ctx.checker.info("server")
+async def environment(module: ModuleType, ctx: Any, loop_name: str, impls: list[Impl]) -> list[str]:
     versions = ", ".join(f"{i.name} {i.version}" for i in impls if i.name != "raw")
     python = f"{platform.python_version()} ({platform.python_implementation()})"
-    parser = "hiredis" if HIREDIS_AVAILABLE else "pure Python"
     return [
         f"- Python {python} on {platform.platform()}",
-        f"- CPU: {cpu_model()} ({os.cpu_count()} logical CPUs, shared with the Redis server)",
+        f"- CPU: {cpu_model()} ({os.cpu_count()} logical CPUs, shared with the broker)",
         f"- event loop: {loop_name}; load average before the run: {LOAD_BEFORE}",
-        f"- Redis {info.get('redis_version', '?')} at {ctx.url}; redis-py {redis.__version__}, "
-        f"parser: {parser} (same client settings for all)",
+        *await module.environment(ctx),
         f"- versions: {versions}" if versions else "- versions: -",
     ]
+
+
+async def bench_broker(
+    broker: str, url: str, settings: Settings, only: list[str], args: argparse.Namespace
+) -> tuple[str, bool]:
+    """Run one broker's table; return it and whether every check passed."""
+    module = importlib.import_module(BROKERS[broker])
+    loop = asyncio.get_running_loop()
+    loop_name = f"{type(loop).__module__}.{type(loop).__qualname__}"
+    if args.loop == "uvloop":
+        import uvloop
+
+        loop_name += f" (uvloop {uvloop.__version__})"
+    suffix = secrets.token_hex(4)
+    try:
+        ctx = await asyncio.wait_for(module.open_ctx(url, suffix, args), 15)
+    except Exception as exc:
+        if os.environ.get("BENCH_TRACEBACK"):
+            traceback.print_exc()
+        text = f"# iambus broker benchmark ({module.TITLE})\n\n{broker} at {url}: " + short_error(
+            exc
+        )
+        return text, False
+    try:
+        impls, cells = await run(settings, module, ctx, only)
+        header = await environment(module, ctx, loop_name, impls)
+    finally:
+        try:
+            left = await ctx.cleanup(suffix)
+            if left:
+                print(f"cleanup: deleted {left} leftovers of this {broker} run", file=sys.stderr)
+        except Exception as exc:  # report, and go on with the next broker
+            print(f"warning: {broker} clean-up failed: {short_error(exc)}", file=sys.stderr)
+        try:
+            await module.close_ctx(ctx)
+        except Exception as exc:
+            print(
+                f"warning: closing the {broker} checker failed: {short_error(exc)}", file=sys.stderr
+            )
+    ok = not any(
+        c.status == "FAILED" or (c.status == "error" and name != "iambus")
+        for name, c in cells.items()
+    )
+    return render(module.TITLE, impls, cells, settings, header, module.VERIFIED), ok
 
 
 def main() -> int:
@@ -299,9 +351,15 @@ def main() -> int:
     parser.add_argument(
         "--requests", type=int, help="sequential requests per latency run (default 2,000)"
     )
-    names = [name for name, _ in peers.BUILDERS]
+    names = NAMES
     parser.add_argument(
         "--only", help=f"comma-separated implementations (default: {','.join(names)})"
+    )
+    parser.add_argument(
+        "--broker",
+        choices=[*BROKERS, "all"],
+        default="all",
+        help="which broker's table(s) to run (default: all, one after another)",
     )
     parser.add_argument(
         "--loop", choices=["asyncio", "uvloop"], default="asyncio", help="event loop"
@@ -310,18 +368,36 @@ def main() -> int:
         "--raw-reply",
         choices=["list", "pubsub"],
         default="pubsub",
-        help="raw request/reply channel: a per-requester pub/sub channel the requester is "
-        "subscribed to once (default; ~15%% lower p50 here) or BLPOP on a per-requester list",
+        help="Redis raw request/reply channel: a per-requester pub/sub channel the requester "
+        "is subscribed to once (default; ~15%% lower p50 here) or BLPOP on a per-requester list",
     )
     parser.add_argument(
-        "--url", default=DEFAULT_URL, help=f"Redis URL, loopback only ({DEFAULT_URL})"
+        "--amqp-queue",
+        choices=["classic", "quorum"],
+        default="classic",
+        help="RabbitMQ queue type of the raw and FastStream runs (default classic; iambus "
+        "always declares quorum queues)",
     )
+    urls = {
+        "redis": ("--url", "redis_url"),
+        "rabbitmq": ("--amqp-url", "amqp_url"),
+        "nats": ("--nats-url", "nats_url"),
+    }
+    for broker, (option, dest) in urls.items():
+        default = importlib.import_module(BROKERS[broker]).DEFAULT_URL
+        flags = [option, "--redis-url"] if broker == "redis" else [option]
+        parser.add_argument(
+            *flags, dest=dest, default=default, help=f"{broker} URL, loopback only ({default})"
+        )
     args = parser.parse_args()
 
     only = args.only.split(",") if args.only else names
     if not set(only) <= set(names):
         parser.error(f"--only: unknown {sorted(set(only) - set(names))}; choose from {names}")
-    check_loopback(args.url)
+    brokers = list(BROKERS) if args.broker == "all" else [args.broker]
+    for broker in brokers:
+        option, dest = urls[broker]
+        check_loopback(option, getattr(args, dest))
     if args.quick:
         settings = Settings(
             rounds=1,
@@ -347,45 +423,23 @@ def main() -> int:
     if args.requests:
         settings.requests = args.requests
 
-    async def go() -> tuple[str, bool]:
-        from redis.asyncio import Redis
-
-        loop = asyncio.get_running_loop()
-        loop_name = f"{type(loop).__module__}.{type(loop).__qualname__}"
-        if args.loop == "uvloop":
-            import uvloop
-
-            loop_name += f" (uvloop {uvloop.__version__})"
-        checker = Redis.from_url(args.url)
-        ctx = Ctx(
-            url=client_url(args.url, settings.in_flight),
-            suffix=secrets.token_hex(4),
-            checker=checker,
-            raw_reply=args.raw_reply,
-        )
-        try:
-            await checker.ping()
-            impls, cells = await run(settings, ctx, only)
-            header = await environment(ctx, loop_name, impls)
-        finally:
-            left = await ctx.delete_matching(f"*{ctx.suffix}*")
-            if left:
-                print(f"cleanup: deleted {left} leftover keys of this run", file=sys.stderr)
-            await checker.aclose()
-        ok = not any(
-            c.status == "FAILED" or (c.status == "error" and name != "iambus")
-            for name, c in cells.items()
-        )
-        return render(impls, cells, settings, header), ok
+    async def go() -> bool:
+        ok = True
+        for i, broker in enumerate(brokers):
+            table, good = await bench_broker(
+                broker, getattr(args, urls[broker][1]), settings, only, args
+            )
+            print(("\n" if i else "") + table, flush=True)
+            ok = ok and good
+        return ok
 
     if args.loop == "uvloop":
         import uvloop
 
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            table, ok = runner.run(go())
+            ok = runner.run(go())
     else:
-        table, ok = asyncio.run(go())
-    print(table)
+        ok = asyncio.run(go())
     return 0 if ok else 1
 
 

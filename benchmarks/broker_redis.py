@@ -1,132 +1,63 @@
-"""The implementations compared by benchmarks/broker.py, over Redis Streams.
+"""Redis Streams for benchmarks/broker.py: raw redis-py, FastStream's Redis broker, iambus.
 
-Every ``build_*`` coroutine takes the run's :class:`Ctx` and returns an
-:class:`Impl` carrying two coroutine functions:
-
-* ``throughput(n, in_flight) -> ThroughputStats``: publish ``n`` events
-  (``~PAYLOAD_BYTES`` of JSON each) with at most ``in_flight`` publishes
-  outstanding, while a consumer in the same process (its own task) handles and
-  acks them.  Timed from the first publish until every event has been handled
-  *and* its stream shows no pending entry.  It verifies that every event was
-  handled exactly once and acked, and raises :class:`VerificationError` if not.
-* ``latency(n) -> list[float]``: ``n`` sequential request/reply round trips,
-  one duration in seconds each; every reply is checked.
-
-Each call uses fresh keys (the run's random suffix plus a counter), so rounds
-do not see each other's messages; it deletes the keys it made when it ends,
-and the harness deletes whatever is left under the run's suffix at exit.
-
-Handlers are async and trivial: the event handler records the event's
-sequence number, the query handler returns ``ANSWER``.
+See broker_common.py for what a builder returns and what every run verifies.
+Here the checks read the consumer groups: a throughput run ends when every event
+was handled *and* no stream of its scope shows a pending entry (XINFO GROUPS),
+and after the consumer stopped nothing may be pending and every entry must be
+stored.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
-from importlib import metadata
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-
-ANSWER = 42
-PAYLOAD_BYTES = 200  # target size of one event, JSON-encoded
-GROUP = "bench"
-READ_COUNT = 100  # XREADGROUP COUNT for the consumers we configure
-BLOCK_MS = 100  # XREADGROUP BLOCK for the consumers we configure
-STALL_SECONDS = 10.0  # fail a run that makes no progress for this long
-REPLY_TIMEOUT = 2.0  # seconds a single request may take
-
-
-class VerificationError(AssertionError):
-    """A run lost, duplicated or failed to ack messages: it has no valid number."""
-
-
-# -- messages ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class PageViewed:
-    seq: int
-    user_id: int
-    page: str
-    referrer: str
-    ts: float
-    pad: str
-
-
-@dataclass(frozen=True, slots=True)
-class GetUser:
-    user_id: int
-
-
-_PAGE, _REFERRER, _TS = (
-    "/products/widgets/42",
-    "https://example.com/search?q=widgets",
-    1764000000.125,
+from broker_common import (
+    ANSWER,
+    BATCH,
+    REPLY_TIMEOUT,
+    STALL_SECONDS,
+    GetUser,
+    Impl,
+    PageViewed,
+    ThroughputStats,
+    Tracker,
+    VerificationError,
+    build_iambus,
+    event_fields,
+    pump,
+    stop_task,
+    version,
 )
 
+TITLE = "Redis Streams"
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+GROUP = "bench"
+READ_COUNT = BATCH  # XREADGROUP COUNT for the consumers we configure
+BLOCK_MS = 100  # XREADGROUP BLOCK for the consumers we configure
 
-def _pad_length() -> int:
-    probe = {
-        "seq": 10_000,
-        "user_id": 123,
-        "page": _PAGE,
-        "referrer": _REFERRER,
-        "ts": _TS,
-        "pad": "",
-    }
-    return max(0, PAYLOAD_BYTES - len(json.dumps(probe)))
+_version = version
 
 
-PAD = "x" * _pad_length()
+def client_url(url: str, in_flight: int) -> str:
+    """The URL every implementation connects with: the given one plus a pool size.
+
+    redis-py (8.x) caps a connection pool at 100 connections by default and raises
+    MaxConnectionsError past that instead of waiting; with 100 publishes in flight
+    plus a blocking consumer read (and FastStream's per-request pub/sub) a client
+    needs a few more.  Every implementation gets the same URL, so the same pool.
+    """
+    if "max_connections=" in url:
+        return url
+    size = max(128, in_flight + 28)
+    return f"{url}{'&' if '?' in url else '?'}max_connections={size}"
 
 
-def event_fields(seq: int) -> dict[str, Any]:
-    """The event as a plain dict (what goes on the wire as JSON, ~200 bytes)."""
-    return {
-        "seq": seq,
-        "user_id": seq % 1000,
-        "page": _PAGE,
-        "referrer": _REFERRER,
-        "ts": _TS,
-        "pad": PAD,
-    }
-
-
-# -- run context, results, checks ------------------------------------------------------
-
-
-@dataclass
-class ThroughputStats:
-    n: int
-    elapsed: float  # first publish -> last ack observed
-    publish_elapsed: float  # first publish -> last publish accepted
-
-    @property
-    def rate(self) -> float:
-        return self.n / self.elapsed
-
-
-Throughput = Callable[[int, int], Awaitable[ThroughputStats]]
-Latency = Callable[[int], Awaitable[list[float]]]
-
-
-@dataclass
-class Impl:
-    name: str
-    version: str
-    throughput: Throughput | None = None
-    latency: Latency | None = None
-    notes: list[str] = field(default_factory=list)
-    close: Callable[[], Awaitable[None]] | None = None
+# -- run context and checks -------------------------------------------------------------
 
 
 @dataclass
@@ -147,6 +78,10 @@ class Ctx:
     def namespace(self, what: str) -> str:
         self._counter += 1
         return f"bench-{self.suffix}-{what}{self._counter}"
+
+    def iambus_url(self, namespace: str) -> str:
+        # the namespace is a transport setting: a URL parameter, like max_connections
+        return f"{self.url}{'&' if '?' in self.url else '?'}namespace={namespace}"
 
     async def delete_matching(self, pattern: str) -> int:
         keys = [k async for k in self.checker.scan_iter(match=pattern, count=1000)]
@@ -170,78 +105,58 @@ class Ctx:
             total += sum(int(g["pending"]) for g in groups)
         return total
 
+    # The Checks protocol (broker_common), by scope: every stream whose name holds it.
 
-class Tracker:
-    """Counts handled events by sequence number; flags duplicates and strays."""
+    async def finish(self, tracker: Tracker, scope: str, what: str) -> float:
+        async def streams() -> list[str]:
+            return await self.streams_matching(f"*{scope}*")
 
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.seen = bytearray(n)
-        self.handled = 0
-        self.duplicates = 0
-        self.strays = 0
-        self.done = asyncio.Event()
+        return await finish(self, tracker, streams, what)
 
-    def hit(self, seq: int) -> None:
-        if not 0 <= seq < self.n:
-            self.strays += 1
-            return
-        if self.seen[seq]:
-            self.duplicates += 1
-            return
-        self.seen[seq] = 1
-        self.handled += 1
-        if self.handled == self.n:
-            self.done.set()
+    async def verify_after(self, tracker: Tracker, scope: str, what: str) -> None:
+        await verify_after(self, tracker, await self.streams_matching(f"*{scope}*"), what)
 
-    async def wait(self, what: str) -> None:
-        """Wait until all n were handled; fail after STALL_SECONDS without progress."""
-        last = -1
-        while not self.done.is_set():
-            if self.handled == last:
-                raise VerificationError(
-                    f"{what}: handled {self.handled:,} of {self.n:,} events, "
-                    f"no progress for {STALL_SECONDS:.0f} s (messages lost?)"
-                )
-            last = self.handled
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.done.wait(), STALL_SECONDS)
+    async def verify_requests(self, scope: str, what: str) -> None:
+        if left := await self.pending(await self.streams_matching(f"*{scope}*")):
+            raise VerificationError(f"{what}: {left} requests not acked")
 
-    def check(self, what: str) -> None:
-        problems = []
-        if self.handled != self.n:
-            problems.append(f"handled {self.handled:,} of {self.n:,}")
-        if self.duplicates:
-            problems.append(f"{self.duplicates:,} handled more than once")
-        if self.strays:
-            problems.append(f"{self.strays:,} unknown sequence numbers")
-        if problems:
-            raise VerificationError(f"{what}: " + ", ".join(problems))
+    async def cleanup(self, scope: str) -> int:
+        return await self.delete_matching(f"*{scope}*")
 
 
-async def pump(n: int, in_flight: int, publish: Callable[[int], Awaitable[Any]]) -> None:
-    """Call publish(0..n-1) with at most in_flight calls outstanding (sliding window)."""
-    window = asyncio.Semaphore(in_flight)
-    running: set[asyncio.Task[Any]] = set()
-    failed: list[BaseException] = []
+async def open_ctx(url: str, suffix: str, options: Any) -> Ctx:
+    from redis.asyncio import Redis
 
-    def finished(task: asyncio.Task[Any]) -> None:
-        running.discard(task)
-        window.release()
-        if not task.cancelled() and task.exception() is not None:
-            failed.append(task.exception())  # type: ignore[arg-type]
+    checker = Redis.from_url(url)
+    await checker.ping()
+    return Ctx(
+        url=client_url(url, options.in_flight),
+        suffix=suffix,
+        checker=checker,
+        raw_reply=options.raw_reply,
+    )
 
-    for seq in range(n):
-        await window.acquire()
-        if failed:
-            break
-        task = asyncio.ensure_future(publish(seq))
-        running.add(task)
-        task.add_done_callback(finished)
-    if running:
-        await asyncio.wait(running)
-    if failed:
-        raise failed[0]
+
+async def close_ctx(ctx: Ctx) -> None:
+    await ctx.checker.aclose()
+
+
+async def environment(ctx: Ctx) -> list[str]:
+    import redis
+    from redis.utils import HIREDIS_AVAILABLE
+
+    info = await ctx.checker.info("server")
+    parser = "hiredis" if HIREDIS_AVAILABLE else "pure Python"
+    return [
+        f"- Redis {info.get('redis_version', '?')} at {ctx.url}; redis-py {redis.__version__}, "
+        f"parser: {parser} (same client settings for all)",
+    ]
+
+
+VERIFIED = (
+    "each event handled exactly once (by sequence number), no entry pending in any "
+    "consumer group, all entries stored; every reply is checked."
+)
 
 
 async def finish(
@@ -279,26 +194,12 @@ async def verify_after(ctx: Ctx, tracker: Tracker, streams: list[str], what: str
         raise VerificationError(f"{what}: streams hold {stored:,} entries, expected {tracker.n:,}")
 
 
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "?"
-
-
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
 async def _stop_task(task: asyncio.Task[Any], stop: asyncio.Event) -> None:
-    """Ask a consumer loop to stop (it notices within one BLOCK), cancel if it hangs."""
-    stop.set()
-    try:
-        await asyncio.wait_for(asyncio.shield(task), timeout=2 * BLOCK_MS / 1000 + 1)
-    except TimeoutError:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    await stop_task(task, stop, grace=2 * BLOCK_MS / 1000 + 1)
 
 
 # -- raw: redis-py, the baseline ---------------------------------------------------------
@@ -556,119 +457,6 @@ async def build_faststream(ctx: Ctx) -> Impl:
             "handler's return value PUBLISHed there, then UNSUBSCRIBEs."
         ],
     )
-
-
-# -- iambus: this repository (its Redis transport is being written) ------------------------
-
-
-def import_ours() -> Any:
-    """Import this repository's iambus, preferring the working tree's src/."""
-    src = ROOT / "src"
-    if (src / "iambus").is_dir() and str(src) not in sys.path:
-        sys.path.insert(0, str(src))
-    import iambus
-
-    if not hasattr(iambus, "Dispatcher"):
-        raise ImportError(f"iambus at {getattr(iambus, '__file__', '?')} has no Dispatcher")
-    return iambus
-
-
-async def build_iambus(ctx: Ctx) -> Impl:
-    iambus = import_ours()
-    version = getattr(iambus, "__version__", None) or _version("iambus")
-
-    def make_dispatcher(namespace: str, tracker: Tracker | None) -> Any:
-        separator = "&" if "?" in ctx.url else "?"
-        dp = iambus.Dispatcher(
-            # the namespace is a transport setting: a URL parameter, like max_connections
-            transport=f"{ctx.url}{separator}namespace={namespace}",
-            service="bench",
-            routes={PageViewed: "bench", GetUser: "bench"},
-        )
-
-        @dp.events.register(PageViewed)
-        async def on_viewed(event: PageViewed) -> None:
-            if tracker is not None:
-                tracker.hit(event.seq)
-
-        @dp.queries.register(GetUser)
-        async def get_user(query: GetUser) -> int:
-            return ANSWER
-
-        return dp
-
-    # Fail at build time (not in the middle of a timed round) if the API is not there.
-    make_dispatcher(ctx.namespace("probe"), None)
-
-    async def throughput(n: int, in_flight: int) -> ThroughputStats:
-        namespace = ctx.namespace("tp")
-        pattern = f"*{namespace}*"
-        tracker = Tracker(n)
-        try:
-            dp = make_dispatcher(namespace, tracker)
-            async with dp:
-
-                async def publish(seq: int) -> None:
-                    await dp.publish(PageViewed(**event_fields(seq)))
-
-                start = time.perf_counter()
-                await pump(n, in_flight, publish)
-                published = time.perf_counter()
-
-                async def streams() -> list[str]:
-                    return await ctx.streams_matching(pattern)
-
-                end = await finish(ctx, tracker, streams, "iambus")
-            await verify_after(ctx, tracker, await ctx.streams_matching(pattern), "iambus")
-            return ThroughputStats(n, end - start, published - start)
-        finally:
-            await ctx.delete_matching(pattern)
-
-    async def latency(n: int) -> list[float]:
-        namespace = ctx.namespace("rr")
-        pattern = f"*{namespace}*"
-        query = GetUser(1)
-        samples: list[float] = []
-        try:
-            dp = make_dispatcher(namespace, None)
-            async with dp:
-                for i in range(n):
-                    t0 = time.perf_counter()
-                    result = await dp.query(query, timeout=REPLY_TIMEOUT)
-                    t1 = time.perf_counter()
-                    if result != ANSWER:
-                        raise VerificationError(f"iambus: request {i} got {result!r}")
-                    samples.append(t1 - t0)
-            if left := await ctx.pending(await ctx.streams_matching(pattern)):
-                raise VerificationError(f"iambus: {left} requests not acked")
-            return samples
-        finally:
-            await ctx.delete_matching(pattern)
-
-    return Impl(
-        name="iambus",
-        version=str(version),
-        throughput=throughput,
-        latency=latency,
-        notes=[
-            "iambus: `Dispatcher(transport=url, service='bench', routes={PageViewed: 'bench', "
-            "GetUser: 'bench'}, namespace=...)` (a fresh dispatcher per measurement, entered "
-            "with `async with` before the clock); `await dp.publish(PageViewed(...))` with the "
-            "same sliding window, `await dp.query(GetUser(1), timeout=2)`. Acks are checked on "
-            "every stream whose name contains the namespace."
-        ],
-    )
-
-
-def version_of(name: str) -> str:
-    """The installed version behind an implementation, for the header."""
-    if name == "iambus":
-        try:
-            iambus = import_ours()
-        except Exception:
-            return _version("iambus")
-        return str(getattr(iambus, "__version__", None) or _version("iambus"))
-    return _version({"raw": "redis"}.get(name, name))
 
 
 BUILDERS: list[tuple[str, Callable[[Ctx], Awaitable[Impl]]]] = [

@@ -9,7 +9,8 @@
 #   1. creates (or reuses) the virtualenv .venv-bench at the repository root,
 #   2. installs this repository in editable mode plus the peers we compare with
 #      (python-cqrs, lato, blinker) from PyPI, and for broker.py redis-py,
-#      hiredis, faststream[redis] and uvloop,
+#      hiredis, aio-pika (RabbitMQ), nats-py (NATS JetStream),
+#      faststream[redis,rabbit,nats], uvloop and pyinstrument (profiling),
 #   3. fetches the sdist of iambus 0.2.1 (the "seed": the release this project
 #      started from) into benchmarks/.seed/ and derives an importable copy of it
 #      named `seediambus`, so it can live next to our own `iambus` package.
@@ -39,12 +40,14 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 say "installing python-cqrs, lato, blinker"
 "${PIP[@]}" install python-cqrs lato blinker
 
-# For broker.py: the Redis client (with the hiredis parser), FastStream's
-# Redis broker and uvloop (for --loop uvloop).  REDIS_PY picks the redis-py
-# release, e.g. REDIS_PY='redis==5.2.1' (default: the newest).
+# For broker.py: the raw clients (redis-py with the hiredis parser, aio-pika
+# for RabbitMQ, nats-py for NATS JetStream), FastStream's Redis, RabbitMQ and
+# NATS brokers, uvloop (for --loop uvloop) and pyinstrument (to profile a
+# run).  REDIS_PY picks the redis-py release, e.g. REDIS_PY='redis==5.2.1'
+# (default: the newest).  pip leaves what already satisfies these alone.
 REDIS_PY="${REDIS_PY:-redis}"
-say "installing $REDIS_PY, hiredis, faststream[redis], uvloop"
-"${PIP[@]}" install "$REDIS_PY" hiredis "faststream[redis]" uvloop
+say "installing $REDIS_PY, hiredis, aio-pika, nats-py, faststream[redis,rabbit,nats], uvloop, pyinstrument"
+"${PIP[@]}" install "$REDIS_PY" hiredis aio-pika nats-py "faststream[redis,rabbit,nats]" uvloop pyinstrument
 
 # The library is being written alongside the benchmark; when its packaging is
 # not installable yet, inprocess.py falls back to importing it from src/.
@@ -96,4 +99,5 @@ else
 fi
 
 say "done; run: $VENV/bin/python benchmarks/inprocess.py [--quick]"
-say "      or: $VENV/bin/python benchmarks/broker.py [--quick]  (needs Redis at 127.0.0.1:6379)"
+say "      or: $VENV/bin/python benchmarks/broker.py [--quick] [--broker redis|rabbitmq|nats|all]"
+say "          (needs Redis 127.0.0.1:6379, RabbitMQ 127.0.0.1:5672, NATS with JetStream 127.0.0.1:4222)"

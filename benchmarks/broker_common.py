@@ -1,0 +1,372 @@
+"""What every broker of benchmarks/broker.py shares: messages, results, checks, iambus.
+
+A broker module (``broker_redis``, ``broker_rabbitmq``, ``broker_nats``) provides
+
+* ``TITLE`` and ``DEFAULT_URL``;
+* ``open_ctx(url, suffix, options) -> ctx``: connects the harness' own checker
+  client; the ctx implements :class:`Checks` (broker-side verification and
+  clean-up, by a *scope*: a name every resource of one measurement contains);
+* ``BUILDERS``: ``[(name, build)]``, ``build(ctx) -> Impl``, in column order;
+* ``environment(ctx) -> list[str]``: header lines (server and client versions).
+
+Every ``Impl`` carries two coroutine functions:
+
+* ``throughput(n, in_flight) -> ThroughputStats``: publish ``n`` events
+  (``~PAYLOAD_BYTES`` of JSON each) with at most ``in_flight`` publishes
+  outstanding, while a consumer in the same process (its own task) handles and
+  acks them. It verifies that every event was handled exactly once (by sequence
+  number) and that nothing is left unacked, and raises
+  :class:`VerificationError` if not.
+* ``latency(n) -> list[float]``: ``n`` sequential request/reply round trips,
+  one duration in seconds each; every reply is checked.
+
+Each call uses fresh names (the run's random suffix plus a counter), so rounds
+do not see each other's messages, and deletes what it made when it ends; the
+harness deletes whatever is left under the run's suffix at exit.
+
+Handlers are async and trivial: the event handler records the event's sequence
+number, the query handler returns ``ANSWER``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Protocol
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+ANSWER = 42
+PAYLOAD_BYTES = 200  # target size of one event, JSON-encoded
+BATCH = 100  # batch size / prefetch of the consumers we configure
+STALL_SECONDS = 10.0  # fail a run that makes no progress for this long
+REPLY_TIMEOUT = 2.0  # seconds a single request may take
+
+
+class VerificationError(AssertionError):
+    """A run lost, duplicated or failed to ack messages: it has no valid number."""
+
+
+# -- messages ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PageViewed:
+    seq: int
+    user_id: int
+    page: str
+    referrer: str
+    ts: float
+    pad: str
+
+
+@dataclass(frozen=True, slots=True)
+class GetUser:
+    user_id: int
+
+
+_PAGE, _REFERRER, _TS = (
+    "/products/widgets/42",
+    "https://example.com/search?q=widgets",
+    1764000000.125,
+)
+
+
+def _pad_length() -> int:
+    probe = {
+        "seq": 10_000,
+        "user_id": 123,
+        "page": _PAGE,
+        "referrer": _REFERRER,
+        "ts": _TS,
+        "pad": "",
+    }
+    return max(0, PAYLOAD_BYTES - len(json.dumps(probe)))
+
+
+PAD = "x" * _pad_length()
+
+
+def event_fields(seq: int) -> dict[str, Any]:
+    """The event as a plain dict (what goes on the wire as JSON, ~200 bytes)."""
+    return {
+        "seq": seq,
+        "user_id": seq % 1000,
+        "page": _PAGE,
+        "referrer": _REFERRER,
+        "ts": _TS,
+        "pad": PAD,
+    }
+
+
+# -- results -------------------------------------------------------------------------
+
+
+@dataclass
+class ThroughputStats:
+    n: int
+    elapsed: float  # first publish -> last event handled (and acked, where observable)
+    publish_elapsed: float  # first publish -> last publish accepted
+
+    @property
+    def rate(self) -> float:
+        return self.n / self.elapsed
+
+
+Throughput = Callable[[int, int], Awaitable[ThroughputStats]]
+Latency = Callable[[int], Awaitable[list[float]]]
+
+
+@dataclass
+class Impl:
+    name: str
+    version: str
+    throughput: Throughput | None = None
+    latency: Latency | None = None
+    notes: list[str] = field(default_factory=list)
+    close: Callable[[], Awaitable[None]] | None = None
+
+
+class Checks(Protocol):
+    """Broker-side checks and clean-up of one run's resources, by scope (a name part)."""
+
+    suffix: str
+
+    def namespace(self, what: str) -> str:
+        """A fresh scope for one measurement; contains the run's suffix."""
+        ...
+
+    def iambus_url(self, namespace: str) -> str:
+        """The transport URL an iambus dispatcher of that namespace is given."""
+        ...
+
+    async def finish(self, tracker: Tracker, scope: str, what: str) -> float:
+        """Wait until every event was handled and acked; return the perf_counter then."""
+        ...
+
+    async def verify_after(self, tracker: Tracker, scope: str, what: str) -> None:
+        """Once the consumer is stopped: nothing handled twice, nothing left unacked."""
+        ...
+
+    async def verify_requests(self, scope: str, what: str) -> None:
+        """Once the responder is stopped: no request left unacked (where they are acked)."""
+        ...
+
+    async def cleanup(self, scope: str) -> int:
+        """Delete what holds ``scope`` in its name; return how many things were deleted."""
+        ...
+
+
+# -- checks ---------------------------------------------------------------------------
+
+
+class Tracker:
+    """Counts handled events by sequence number; flags duplicates and strays."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.seen = bytearray(n)
+        self.handled = 0
+        self.duplicates = 0
+        self.strays = 0
+        self.done = asyncio.Event()
+
+    def hit(self, seq: int) -> None:
+        if not 0 <= seq < self.n:
+            self.strays += 1
+            return
+        if self.seen[seq]:
+            self.duplicates += 1
+            return
+        self.seen[seq] = 1
+        self.handled += 1
+        if self.handled == self.n:
+            self.done.set()
+
+    async def wait(self, what: str) -> None:
+        """Wait until all n were handled; fail after STALL_SECONDS without progress."""
+        last = -1
+        while not self.done.is_set():
+            if self.handled == last:
+                raise VerificationError(
+                    f"{what}: handled {self.handled:,} of {self.n:,} events, "
+                    f"no progress for {STALL_SECONDS:.0f} s (messages lost?)"
+                )
+            last = self.handled
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.done.wait(), STALL_SECONDS)
+
+    def check(self, what: str) -> None:
+        problems = []
+        if self.handled != self.n:
+            problems.append(f"handled {self.handled:,} of {self.n:,}")
+        if self.duplicates:
+            problems.append(f"{self.duplicates:,} handled more than once")
+        if self.strays:
+            problems.append(f"{self.strays:,} unknown sequence numbers")
+        if problems:
+            raise VerificationError(f"{what}: " + ", ".join(problems))
+
+
+async def pump(n: int, in_flight: int, publish: Callable[[int], Awaitable[Any]]) -> None:
+    """Call publish(0..n-1) with at most in_flight calls outstanding (sliding window)."""
+    window = asyncio.Semaphore(in_flight)
+    running: set[asyncio.Task[Any]] = set()
+    failed: list[BaseException] = []
+
+    def finished(task: asyncio.Task[Any]) -> None:
+        running.discard(task)
+        window.release()
+        if not task.cancelled() and task.exception() is not None:
+            failed.append(task.exception())  # type: ignore[arg-type]
+
+    for seq in range(n):
+        await window.acquire()
+        if failed:
+            break
+        task = asyncio.ensure_future(publish(seq))
+        running.add(task)
+        task.add_done_callback(finished)
+    if running:
+        await asyncio.wait(running)
+    if failed:
+        raise failed[0]
+
+
+async def poll_until(
+    probe: Callable[[], Awaitable[str | None]], timeout: float, interval: float
+) -> str | None:
+    """Call probe() until it returns None (all good); after timeout return its last complaint."""
+    deadline = time.perf_counter() + timeout
+    while True:
+        complaint = await probe()
+        if complaint is None or time.perf_counter() > deadline:
+            return complaint
+        await asyncio.sleep(interval)
+
+
+async def stop_task(task: asyncio.Task[Any], stop: asyncio.Event, grace: float = 2.0) -> None:
+    """Ask a consumer loop to stop (it notices within one poll), cancel it if it hangs."""
+    stop.set()
+    try:
+        await asyncio.wait_for(asyncio.shield(task), timeout=grace)
+    except TimeoutError:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
+# -- iambus: the same code on every broker, only the URL differs ----------------------
+
+
+def import_ours() -> Any:
+    """Import this repository's iambus, preferring the working tree's src/."""
+    src = ROOT / "src"
+    if (src / "iambus").is_dir() and str(src) not in sys.path:
+        sys.path.insert(0, str(src))
+    import iambus
+
+    if not hasattr(iambus, "Dispatcher"):
+        raise ImportError(f"iambus at {getattr(iambus, '__file__', '?')} has no Dispatcher")
+    return iambus
+
+
+def iambus_version() -> str:
+    try:
+        iambus = import_ours()
+    except Exception:
+        return version("iambus")
+    return str(getattr(iambus, "__version__", None) or version("iambus"))
+
+
+async def build_iambus(ctx: Checks) -> Impl:
+    iambus = import_ours()
+
+    def make_dispatcher(namespace: str, tracker: Tracker | None) -> Any:
+        dp = iambus.Dispatcher(
+            transport=ctx.iambus_url(namespace),
+            service="bench",
+            routes={PageViewed: "bench", GetUser: "bench"},
+        )
+
+        @dp.events.register(PageViewed)
+        async def on_viewed(event: PageViewed) -> None:
+            if tracker is not None:
+                tracker.hit(event.seq)
+
+        @dp.queries.register(GetUser)
+        async def get_user(query: GetUser) -> int:
+            return ANSWER
+
+        return dp
+
+    # Fail at build time (not in the middle of a timed round) if the API is not there.
+    make_dispatcher(ctx.namespace("probe"), None)
+
+    async def throughput(n: int, in_flight: int) -> ThroughputStats:
+        namespace = ctx.namespace("tp")
+        tracker = Tracker(n)
+        try:
+            dp = make_dispatcher(namespace, tracker)
+            async with dp:
+
+                async def publish(seq: int) -> None:
+                    await dp.publish(PageViewed(**event_fields(seq)))
+
+                start = time.perf_counter()
+                await pump(n, in_flight, publish)
+                published = time.perf_counter()
+                end = await ctx.finish(tracker, namespace, "iambus")
+            await ctx.verify_after(tracker, namespace, "iambus")
+            return ThroughputStats(n, end - start, published - start)
+        finally:
+            await ctx.cleanup(namespace)
+
+    async def latency(n: int) -> list[float]:
+        namespace = ctx.namespace("rr")
+        query = GetUser(1)
+        samples: list[float] = []
+        try:
+            dp = make_dispatcher(namespace, None)
+            async with dp:
+                for i in range(n):
+                    t0 = time.perf_counter()
+                    result = await dp.query(query, timeout=REPLY_TIMEOUT)
+                    t1 = time.perf_counter()
+                    if result != ANSWER:
+                        raise VerificationError(f"iambus: request {i} got {result!r}")
+                    samples.append(t1 - t0)
+            await ctx.verify_requests(namespace, "iambus")
+            return samples
+        finally:
+            await ctx.cleanup(namespace)
+
+    return Impl(
+        name="iambus",
+        version=iambus_version(),
+        throughput=throughput,
+        latency=latency,
+        notes=[
+            "iambus: `Dispatcher(transport=url + '?namespace=<fresh>', service='bench', "
+            "routes={PageViewed: 'bench', GetUser: 'bench'})` (a fresh dispatcher per "
+            "measurement, entered with `async with` before the clock); "
+            "`await dp.publish(PageViewed(...))` with the same sliding window, "
+            "`await dp.query(GetUser(1), timeout=2)`. Acks are checked on everything whose "
+            "name contains the namespace."
+        ],
+    )
