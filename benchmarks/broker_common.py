@@ -294,6 +294,36 @@ def iambus_version() -> str:
     return str(getattr(iambus, "__version__", None) or version("iambus"))
 
 
+async def timed_publish(
+    ctx: Checks,
+    tracker: Tracker,
+    scope: str,
+    what: str,
+    n: int,
+    in_flight: int,
+    publish: Callable[[int], Awaitable[Any]],
+) -> ThroughputStats:
+    """Publish ``n`` events (``in_flight`` at most) and wait until all were handled."""
+    start = time.perf_counter()
+    await pump(n, in_flight, publish)
+    published = time.perf_counter()
+    end = await ctx.finish(tracker, scope, what)
+    return ThroughputStats(n, end - start, published - start)
+
+
+async def timed_requests(n: int, what: str, ask: Callable[[], Awaitable[Any]]) -> list[float]:
+    """Send ``n`` requests one after another; their latencies, each answer checked."""
+    samples: list[float] = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        result = await ask()
+        t1 = time.perf_counter()
+        if result != ANSWER:
+            raise VerificationError(f"{what}: request {i} got {result!r}")
+        samples.append(t1 - t0)
+    return samples
+
+
 async def build_iambus(ctx: Checks) -> Impl:
     iambus = import_ours()
 
@@ -328,12 +358,11 @@ async def build_iambus(ctx: Checks) -> Impl:
                 async def publish(seq: int) -> None:
                     await dp.publish(PageViewed(**event_fields(seq)))
 
-                start = time.perf_counter()
-                await pump(n, in_flight, publish)
-                published = time.perf_counter()
-                end = await ctx.finish(tracker, namespace, "iambus")
+                stats = await timed_publish(
+                    ctx, tracker, namespace, "iambus", n, in_flight, publish
+                )
             await ctx.verify_after(tracker, namespace, "iambus")
-            return ThroughputStats(n, end - start, published - start)
+            return stats
         finally:
             await ctx.cleanup(namespace)
 
@@ -344,13 +373,12 @@ async def build_iambus(ctx: Checks) -> Impl:
         try:
             dp = make_dispatcher(namespace, None)
             async with dp:
-                for i in range(n):
-                    t0 = time.perf_counter()
+
+                async def ask() -> Any:
                     result = await dp.query(query, timeout=REPLY_TIMEOUT)
-                    t1 = time.perf_counter()
-                    if result != ANSWER:
-                        raise VerificationError(f"iambus: request {i} got {result!r}")
-                    samples.append(t1 - t0)
+                    return result
+
+                samples.extend(await timed_requests(n, "iambus", ask))
             await ctx.verify_requests(namespace, "iambus")
             return samples
         finally:

@@ -34,8 +34,9 @@ from broker_common import (
     build_iambus,
     event_fields,
     poll_until,
-    pump,
     stop_task,
+    timed_publish,
+    timed_requests,
     version,
 )
 
@@ -195,15 +196,12 @@ async def build_raw(ctx: Ctx) -> Impl:
                 await js.publish(subject, json.dumps(event_fields(seq)).encode())  # PubAck
 
             try:
-                start = time.perf_counter()
-                await pump(n, in_flight, publish)
-                published = time.perf_counter()
-                end = await ctx.finish(tracker, stream, "raw")
+                stats = await timed_publish(ctx, tracker, stream, "raw", n, in_flight, publish)
             finally:
                 await stop_task(task, stop, grace=FETCH_TIMEOUT + 2)
                 await psub.unsubscribe()
             await ctx.verify_after(tracker, stream, "raw")
-            return ThroughputStats(n, end - start, published - start)
+            return stats
         finally:
             await ctx.cleanup(stream)
 
@@ -290,14 +288,11 @@ async def build_faststream(ctx: Ctx) -> Impl:
                 async def publish(seq: int) -> None:
                     await publisher.publish(event_fields(seq))
 
-                start = time.perf_counter()
-                await pump(n, in_flight, publish)
-                published = time.perf_counter()
-                end = await ctx.finish(tracker, name, "faststream")
+                stats = await timed_publish(ctx, tracker, name, "faststream", n, in_flight, publish)
             finally:
                 await broker.stop()
             await ctx.verify_after(tracker, name, "faststream")
-            return ThroughputStats(n, end - start, published - start)
+            return stats
         finally:
             await ctx.cleanup(name)
 
@@ -313,14 +308,13 @@ async def build_faststream(ctx: Ctx) -> Impl:
         samples: list[float] = []
         await asyncio.wait_for(broker.start(), 10)
         try:
-            for i in range(n):
-                t0 = time.perf_counter()
+
+            async def ask() -> Any:
                 response = await broker.request(query, subject, timeout=REPLY_TIMEOUT)
                 result = await response.decode()
-                t1 = time.perf_counter()
-                if result != ANSWER:
-                    raise VerificationError(f"faststream: request {i} got {result!r}")
-                samples.append(t1 - t0)
+                return result
+
+            samples.extend(await timed_requests(n, "faststream", ask))
         finally:
             await broker.stop()
         return samples

@@ -39,8 +39,9 @@ from broker_common import (
     build_iambus,
     event_fields,
     poll_until,
-    pump,
     stop_task,
+    timed_publish,
+    timed_requests,
     version,
 )
 
@@ -281,16 +282,13 @@ async def build_raw(ctx: Ctx) -> Impl:
                 await exchange.publish(message, routing_key=name)  # waits for the confirm
 
             try:
-                start = time.perf_counter()
-                await pump(n, in_flight, publish)
-                published = time.perf_counter()
-                end = await ctx.finish(tracker, name, "raw")
+                stats = await timed_publish(ctx, tracker, name, "raw", n, in_flight, publish)
             finally:
                 await stop_task(task, stop)
                 await queue.cancel(tag)
                 await consumer.close()
             await ctx.verify_after(tracker, name, "raw")
-            return ThroughputStats(n, end - start, published - start)
+            return stats
         finally:
             await publisher.close()
             if not consumer.is_closed:
@@ -419,14 +417,11 @@ async def build_faststream(ctx: Ctx) -> Impl:
                 async def publish(seq: int) -> None:
                     await publisher.publish(event_fields(seq))
 
-                start = time.perf_counter()
-                await pump(n, in_flight, publish)
-                published = time.perf_counter()
-                end = await ctx.finish(tracker, name, "faststream")
+                stats = await timed_publish(ctx, tracker, name, "faststream", n, in_flight, publish)
             finally:
                 await broker.stop()
             await ctx.verify_after(tracker, name, "faststream")
-            return ThroughputStats(n, end - start, published - start)
+            return stats
         finally:
             await ctx.cleanup(name)
 
@@ -443,16 +438,15 @@ async def build_faststream(ctx: Ctx) -> Impl:
         try:
             await asyncio.wait_for(broker.start(), 10)
             try:
-                for i in range(n):
-                    t0 = time.perf_counter()
+
+                async def ask() -> Any:
                     response = await broker.request(
                         query, queue=name, timeout=REPLY_TIMEOUT, persist=True
                     )
                     result = await response.decode()
-                    t1 = time.perf_counter()
-                    if result != ANSWER:
-                        raise VerificationError(f"faststream: request {i} got {result!r}")
-                    samples.append(t1 - t0)
+                    return result
+
+                samples.extend(await timed_requests(n, "faststream", ask))
             finally:
                 await broker.stop()
             await ctx.verify_requests(name, "faststream")
