@@ -21,6 +21,7 @@ from .envelope import Envelope, current_envelope, new_id
 from .errors import RemoteError, RequestTimeout, TransportError
 from .handlers import Kind
 from .messages import MessageKey, MessageRegistry, message_key, result_type
+from .middleware import Context
 from .routing import Routes, address
 from .transports import Transport
 
@@ -160,17 +161,13 @@ class RemoteRoute:
     is_remote = True
 
     def __init__(self, remote: Remote, kind: Kind, message: MessageKey) -> None:
-        from .middleware import Context
-
         self.remote = remote
         self.kind = kind
         self.message = message
         self.name = f"{kind} {remote.registry.name_of(message)} -> {remote.routes.owner(message)}"
         self.context = Context(kind, self.name, None)
 
-    def context_for(self, key: str | None) -> Any:
-        from .middleware import Context
-
+    def context_for(self, key: str | None) -> Context:
         return self.context if key is None else Context(self.kind, self.name, key)
 
     async def run(self, message: Any, key: str | None, timeout: float | None = None) -> Any:
