@@ -46,8 +46,18 @@ async def transport(request: pytest.FixtureRequest) -> AsyncIterator[Transport]:
     await made.close()
 
 
+# Brokers whose per-key ordering (iambus.partitions) is still being built.
+KEYS_PENDING: set[str] = {"redis", "rabbitmq", "nats"}
+KEY_CHECKS = {"keys_keep_their_order", "a_retry_holds_its_key", "a_lost_key_passes_on_in_order"}
+
+
 @pytest.mark.parametrize("check", sorted(TRANSPORT_CHECKS))
-async def test_conformance(transport: Transport, check: str) -> None:
+async def test_conformance(
+    transport: Transport, check: str, request: pytest.FixtureRequest
+) -> None:
+    broker = request.node.callspec.params["transport"]
+    if check in KEY_CHECKS and broker in KEYS_PENDING:
+        request.applymarker(pytest.mark.xfail(reason="per-key ordering not built yet", strict=True))
     await TRANSPORT_CHECKS[check](transport)
 
 

@@ -21,11 +21,13 @@ what the transport did wrong.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 
 from .envelope import Envelope
+from .partitions import partition
 from .transports import Delivery, Failure, Transport
 
 __all__ = ["TRANSPORT_CHECKS", "check_transport"]
@@ -264,6 +266,116 @@ async def check_request_reply(transport: Transport) -> None:
     await transport.reply(request.reply_to or "nobody-waits-here", _envelope(0))
 
 
+def _distinct_keys(transport: Transport, count: int) -> list[str]:
+    """``count`` keys in different partitions of ``transport`` (so none waits for another)."""
+    partitions = int(getattr(transport, "partitions", 0) or 0)
+    keys: list[str] = []
+    taken: set[int] = set()
+    n = 0
+    while len(keys) < count:
+        key = f"key-{n}"
+        n += 1
+        slot = partition(key, partitions) if partitions else n
+        if slot not in taken:
+            taken.add(slot)
+            keys.append(key)
+    return keys
+
+
+def _n(delivery: Delivery) -> int:
+    return int(json.loads(delivery.envelope.payload)["n"])
+
+
+async def check_keys_keep_their_order(transport: Transport) -> None:
+    """Envelopes of one key go out one at a time, in send order; other keys run meanwhile."""
+    # Deliveries are held across two receives: keep well inside claim_after.
+    wait = min(0.2, float(getattr(transport, "claim_after", 1)) / 4)
+    address, group, _ = _names("keyed")
+    await transport.declare(address, group, from_start=False)
+    keys = _distinct_keys(transport, 3)
+    per_key = 6
+    for n in range(per_key):
+        for key in keys:
+            await transport.send(address, _envelope(n, key=key))
+    await transport.send(address, _envelope(100))  # no key: never held up by keyed ones
+    seen: dict[str | None, list[int]] = {key: [] for key in (*keys, None)}
+    most_at_once = 0
+    deadline = time.monotonic() + 15
+    while sum(map(len, seen.values())) < per_key * len(keys) + 1:
+        assert time.monotonic() < deadline, f"deliveries missing after 15 s; got {seen}"
+        out: list[Delivery] = []
+        for consumer in ("c1", "c2"):  # two consumers of the group, both holding theirs
+            out += await transport.receive(address, group, consumer=consumer, limit=10, wait=wait)
+        held = [d.envelope.key for d in out if d.envelope.key is not None]
+        assert len(held) == len(set(held)), f"one key delivered twice at once: {sorted(held)}"
+        most_at_once = max(most_at_once, len(held))
+        for delivery in reversed(out):  # settling out of order must not matter
+            assert delivery.attempt == 1, f"{delivery!r} was redelivered"
+            seen[delivery.envelope.key].append(_n(delivery))
+            await delivery.ack()
+    for key in keys:
+        assert seen[key] == list(range(per_key)), f"key {key!r} out of order: {seen[key]}"
+    assert seen[None] == [100]
+    assert most_at_once > 1, "envelopes of different keys must be delivered in parallel"
+    await _nothing(transport, address, group)
+
+
+async def check_a_retry_holds_its_key(transport: Transport) -> None:
+    """A retried keyed envelope comes back before its key's next one; a dead letter doesn't."""
+    wait = min(0.3, float(getattr(transport, "claim_after", 1)) / 3)
+    address, group, _ = _names("keyretry")
+    await transport.declare(address, group, from_start=False)
+    [key] = _distinct_keys(transport, 1)
+    for n in range(3):
+        await transport.send(address, _envelope(n, key=key))
+    [first] = await _receive_all(transport, address, group, 1)
+    assert (_n(first), first.attempt) == (0, 1)
+    held = await transport.receive(address, group, consumer="c2", limit=10, wait=wait)
+    assert held == [], f"the key's next envelope went out while its first was: {held!r}"
+    await first.retry(0.2)
+    [again] = await _receive_all(transport, address, group, 1)
+    assert (_n(again), again.attempt) == (0, 2), f"expected n=0 attempt 2, got {again!r}"
+    failure = Failure("builtins.ValueError", "bad", "", attempts=2)
+    await again.dead_letter(failure)
+    [second] = await _receive_all(transport, address, group, 1)
+    assert (_n(second), second.attempt) == (1, 1), f"expected n=1 attempt 1, got {second!r}"
+    await second.ack()
+    [third] = await _receive_all(transport, address, group, 1)
+    assert _n(third) == 2
+    await third.ack()
+    await _nothing(transport, address, group)
+    letters = [d.id for d in await transport.dead_letters(limit=1000) if d.address == address]
+    assert len(letters) == 1, f"expected the one dead letter of {address}, got {letters}"
+    assert await transport.purge(letters) == 1
+
+
+async def check_a_lost_key_passes_on_in_order(transport: Transport) -> None:
+    """A key whose delivery is never settled passes on after ``claim_after``, in order."""
+    claim_after = float(getattr(transport, "claim_after", 0))
+    assert 0 < claim_after <= 2, "run the checks with claim_after between 0 and 2 seconds"
+    address, group, _ = _names("keylost")
+    await transport.declare(address, group, from_start=False)
+    [key] = _distinct_keys(transport, 1)
+    for n in range(3):
+        await transport.send(address, _envelope(n, key=key))
+    [lost] = await _receive_all(transport, address, group, 1, consumer="crashed")
+    assert _n(lost) == 0
+    early = await transport.receive(
+        address, group, consumer="alive", limit=10, wait=claim_after / 3
+    )
+    assert early == [], f"the key moved on before claim_after: {early!r}"
+    got: list[tuple[int, int]] = []
+    deadline = time.monotonic() + claim_after + 10
+    while len(got) < 3 and time.monotonic() < deadline:
+        for delivery in await transport.receive(
+            address, group, consumer="alive", limit=10, wait=0.5
+        ):
+            got.append((_n(delivery), delivery.attempt))
+            await delivery.ack()
+    assert got == [(0, 2), (1, 1), (2, 1)], f"expected n=0 (attempt 2), 1, 2; got {got}"
+    await _nothing(transport, address, group, wait=claim_after + 0.3)
+
+
 TRANSPORT_CHECKS: dict[str, Check] = {
     check.__name__.removeprefix("check_"): check
     for check in (
@@ -276,6 +388,9 @@ TRANSPORT_CHECKS: dict[str, Check] = {
         check_unacked_deliveries_are_reclaimed,
         check_receive_waits_but_not_forever,
         check_request_reply,
+        check_keys_keep_their_order,
+        check_a_retry_holds_its_key,
+        check_a_lost_key_passes_on_in_order,
     )
 }
 

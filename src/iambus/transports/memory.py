@@ -7,6 +7,10 @@ share one instance, and ``await transport.join()`` returns once every envelope s
 between them has been settled (acked or dead-lettered), which makes multi-service tests
 deterministic without a broker.
 
+Envelopes with a ``key`` are ordered per key and group: at most one of a key is out at a
+time (unsettled or waiting out its retry's delay); the ones behind it wait, in order, and
+other keys are not held up (see ``iambus.partitions``).
+
 It is not durable: a process crash loses everything in it. Entries every declared group
 has received are dropped; an address nobody has declared a group on keeps its last
 ``max_length`` entries (a group declared later with ``from_start=True`` sees those).
@@ -45,6 +49,8 @@ class _Group:
     cursor: int  # the stream position of the next new entry for this group
     pending: dict[int, _Pending] = field(default_factory=dict)
     direct: deque[Envelope] = field(default_factory=deque)  # replayed to this group only
+    # Keyed envelopes waiting for an earlier one of their key to be settled, per key.
+    held: dict[str, deque[Envelope]] = field(default_factory=dict)
 
 
 @dataclass(slots=True, eq=False)
@@ -156,11 +162,30 @@ class MemoryTransport:
                 pending.consumer, pending.delivered_at, pending.due = consumer, now, 0.0
                 pending.count += 1
                 out.append(_MemoryDelivery(self, address, group, token, pending))
-        while len(out) < limit and state.direct:
-            out.append(self._deliver(address, group, state, state.direct.popleft(), consumer))
-        while len(out) < limit and state.cursor < stream.end:
-            envelope = stream.entries[state.cursor - stream.first]
-            state.cursor += 1
+        # A key has at most one envelope out (pending or waiting for its retry); the
+        # ones behind it wait in ``held``, in order.
+        busy = {p.envelope.key for p in state.pending.values() if p.envelope.key is not None}
+        for held in list(state.held):
+            if len(out) >= limit:
+                break
+            if held not in busy:
+                queue = state.held[held]
+                out.append(self._deliver(address, group, state, queue.popleft(), consumer))
+                busy.add(held)
+                if not queue:
+                    del state.held[held]
+        while len(out) < limit and (state.direct or state.cursor < stream.end):
+            if state.direct:
+                envelope = state.direct.popleft()
+            else:
+                envelope = stream.entries[state.cursor - stream.first]
+                state.cursor += 1
+            key = envelope.key
+            if key is not None and (key in busy or key in state.held):
+                state.held.setdefault(key, deque()).append(envelope)
+                continue
+            if key is not None:
+                busy.add(key)
             out.append(self._deliver(address, group, state, envelope, consumer))
         if out:
             self._trim(stream)
@@ -257,7 +282,10 @@ class MemoryTransport:
     def unsettled(self) -> int:
         """Envelopes sent to a group and not yet acked or dead-lettered."""
         return sum(
-            (stream.end - state.cursor) + len(state.pending) + len(state.direct)
+            (stream.end - state.cursor)
+            + len(state.pending)
+            + len(state.direct)
+            + sum(map(len, state.held.values()))
             for stream in self._streams.values()
             for state in stream.groups.values()
         )
