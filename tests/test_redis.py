@@ -10,6 +10,7 @@ end of a test is killed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import subprocess
@@ -519,3 +520,269 @@ async def test_a_query_is_answered_by_another_process(services: Services) -> Non
         with pytest.raises(RequestTimeout, match=r"no answer to GetInvoice from service 'billing'"):
             await orders.query(GetInvoice(8), timeout=0.5)
         assert time.monotonic() - started < 2
+
+
+# -- per-key ordering: partition streams, pointers, hand-overs --------------------------
+
+
+def transport_for(namespace: str, **options: Any) -> Any:
+    from iambus.transports.redis import RedisTransport
+
+    options.setdefault("claim_after", 1.0)
+    options.setdefault("block", 0.1)
+    return RedisTransport(f"{REDIS}?namespace={namespace}", **options)
+
+
+@contextlib.asynccontextmanager
+async def opened(**options: Any) -> AsyncIterator[Any]:
+    """An open RedisTransport on a namespace of its own, destroyed at the end."""
+    require("redis")
+    made = transport_for(f"test-{uuid.uuid4().hex[:12]}", **options)
+    await made.open()
+    try:
+        yield made
+    finally:
+        await made.destroy()
+        await made.close()
+
+
+@pytest.fixture
+async def keyed() -> AsyncIterator[Any]:
+    """An open RedisTransport with 4 partitions and claim_after 1 s (no hand-over by
+    accident on a loaded machine: the tests that want one wait for it)."""
+    async with opened(partitions=4) as made:
+        yield made
+
+
+def ping(n: int, key: str | None = None) -> Any:
+    from iambus.envelope import Envelope
+
+    return Envelope(name="Ping", payload=json.dumps({"n": n}).encode(), key=key)
+
+
+def number(delivery: Any) -> int:
+    return int(json.loads(delivery.envelope.payload)["n"])
+
+
+def key_in(transport: Any, lane: int) -> str:
+    """A key of partition ``lane`` of ``transport``."""
+    from iambus.partitions import partition
+
+    return next(f"k{n}" for n in range(10_000) if partition(f"k{n}", transport.partitions) == lane)
+
+
+async def receive_some(transport: Any, consumer: str, *, wait: float = 5) -> list[Any]:
+    """What one consumer gets within ``wait`` seconds (returns at the first non-empty receive)."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        got = await transport.receive("a", "g", consumer=consumer, limit=10, wait=0.2)
+        if got:
+            return list(got)
+    return []
+
+
+async def nothing_for(transport: Any, consumer: str, seconds: float, group: str = "g") -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        got = await transport.receive("a", group, consumer=consumer, limit=10, wait=0.1)
+        assert not got, f"expected nothing for {group}, got {got!r}"
+
+
+def test_redis_partitions_come_from_the_constructor_or_the_url_and_are_checked() -> None:
+    from iambus.errors import ImproperlyConfigured
+    from iambus.partitions import PARTITIONS
+    from iambus.transports.redis import RedisTransport
+
+    assert RedisTransport(REDIS).partitions == PARTITIONS
+    assert RedisTransport(f"{REDIS}?partitions=4").partitions == 4
+    assert RedisTransport(f"{REDIS}?partitions=4", partitions=8).partitions == 8  # like namespace
+    for bad in ("0", "1025", "four", " "):
+        with pytest.raises(ImproperlyConfigured, match=r"partitions must be a whole number from 1"):
+            RedisTransport(f"{REDIS}?partitions={bad}")
+    with pytest.raises(ImproperlyConfigured, match=r"got True; every process of a namespace"):
+        RedisTransport(REDIS, partitions=True)
+
+
+async def test_redis_the_partitions_option_does_not_reach_the_driver() -> None:
+    require("redis")
+    from iambus.transports.redis import RedisTransport
+
+    namespace = f"test-{uuid.uuid4().hex[:12]}"
+    transport = RedisTransport(f"{REDIS}?partitions=2&namespace={namespace}", block=0.1)
+    await transport.open()  # redis-py would refuse an option it does not know
+    try:
+        assert transport.partitions == 2
+        await transport.declare("a", "g", from_start=False)
+        await transport.send("a", ping(1, key="k"))
+        [got] = await receive_some(transport, "c")
+        assert (number(got), got.envelope.key) == (1, "k")
+        await got.ack()
+    finally:
+        await transport.destroy()
+        await transport.close()
+
+
+async def test_redis_declare_makes_each_partition_stream_and_destroy_removes_them(
+    keyed: Any,
+) -> None:
+    client = keyed._client()
+    await keyed.declare("a", "g", from_start=False)
+    await keyed.declare("a", "g", from_start=False)  # again: harmless
+    await keyed.declare("a", "h", from_start=True)
+    for lane in range(4):
+        groups = await client.xinfo_groups(f"{keyed.namespace}:a#{lane}")
+        assert sorted(g["name"] for g in groups) == [b"g", b"h"]
+    assert not await client.exists(f"{keyed.namespace}:a#4")
+    assert await keyed.destroy() >= 7  # the stream, 2 direct streams, 4 partition streams
+    assert [k async for k in client.scan_iter(match=f"{keyed.namespace}:*")] == []
+
+
+async def test_redis_a_group_without_keyed_traffic_leaves_the_partitions_alone(
+    keyed: Any,
+) -> None:
+    client = keyed._client()
+    await keyed.declare("a", "g", from_start=False)
+    for n in range(3):
+        await keyed.send("a", ping(n))
+    got = await receive_some(keyed, "c")
+    assert [number(d) for d in got] == [0, 1, 2]
+    for delivery in got:
+        await delivery.ack()
+    await nothing_for(keyed, "c", 0.5)  # a few sweeps of the partitions
+    for lane in range(4):
+        stream = f"{keyed.namespace}:a#{lane}"
+        assert await client.xlen(stream) == 0
+        # nothing was read from them: not even the consumer was registered there
+        assert await client.xinfo_consumers(stream, "g") == []
+
+
+async def test_redis_sends_keyed_and_unkeyed_envelopes_together(keyed: Any) -> None:
+    await keyed.declare("a", "g", from_start=False)
+    keys = [key_in(keyed, lane) for lane in range(3)]
+    sent = [ping(n, key=keys[n % 4] if n % 4 < 3 else None) for n in range(40)]
+    # all at once: they go out in coalesced pipelines, pointers beside the keyed ones
+    await asyncio.gather(*(keyed.send("a", envelope) for envelope in sent))
+    seen: dict[str | None, list[int]] = {}
+    deadline = time.monotonic() + 10
+    while sum(map(len, seen.values())) < len(sent):
+        assert time.monotonic() < deadline, seen
+        for delivery in await keyed.receive("a", "g", consumer="c", limit=10, wait=0.2):
+            seen.setdefault(delivery.envelope.key, []).append(number(delivery))
+            await delivery.ack()
+    for key in keys:
+        assert seen[key] == [n for n, e in enumerate(sent) if e.key == key]
+    assert sorted(seen[None]) == [n for n, e in enumerate(sent) if e.key is None]
+
+
+async def test_redis_a_late_settle_of_a_handed_over_key_is_ignored(
+    keyed: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from iambus.transports import Failure
+
+    await keyed.declare("a", "g", from_start=False)
+    key = key_in(keyed, 1)
+    for n in range(2):
+        await keyed.send("a", ping(n, key=key))
+    [slow] = await receive_some(keyed, "slow")
+    [taken] = await receive_some(keyed, "other", wait=8)  # after claim_after
+    assert (number(taken), taken.attempt) == (0, 2)
+    # the slow handler finishes now: its settling must not release the partition,
+    # which would let n=1 out while the other consumer still runs n=0
+    with caplog.at_level("WARNING", logger="iambus.transports.redis"):
+        await slow.ack()
+        await slow.retry(0)
+        await slow.dead_letter(Failure("builtins.ValueError", "late", "", 1))
+    ignored = [r.message for r in caplog.records if "handed to another consumer" in r.message]
+    what = [m.removeprefix("iambus: ").split(" of ")[0] for m in ignored]
+    assert what == ["ack", "retry", "dead-letter"]
+    assert all("claim_after=1.0s" in m for m in ignored), ignored
+    assert await keyed.dead_letters() == []
+    await nothing_for(keyed, "third", 0.2)
+    await taken.ack()
+    [after] = await receive_some(keyed, "third")
+    assert (number(after), after.attempt) == (1, 1)
+    await after.ack()
+    await nothing_for(keyed, "third", 0.5)
+
+
+async def test_redis_a_keyed_entry_whose_pointer_was_lost_is_swept_up(keyed: Any) -> None:
+    await keyed.declare("a", "g", from_start=False)
+    client = keyed._client()
+    # as if the connection dropped between the entry's XADD and its pointer's
+    await client.xadd(f"{keyed.namespace}:a#2", ping(7, key=key_in(keyed, 2)).to_fields())
+    [got] = await receive_some(keyed, "c")
+    assert (number(got), got.attempt) == (7, 1)
+    await got.ack()
+    await nothing_for(keyed, "c", 0.5)
+
+
+async def test_redis_a_lost_partition_group_is_declared_again(keyed: Any) -> None:
+    await keyed.declare("a", "g", from_start=False)
+    await keyed._client().delete(f"{keyed.namespace}:a#3")  # as after a FLUSHDB
+    await keyed.send("a", ping(8, key=key_in(keyed, 3)))
+    [got] = await receive_some(keyed, "c")
+    assert number(got) == 8
+    await got.ack()
+
+
+async def test_redis_replays_a_keyed_dead_letter_to_its_group_behind_its_partition(
+    keyed: Any,
+) -> None:
+    from iambus.transports import Failure
+
+    client = keyed._client()
+    await keyed.declare("a", "g", from_start=False)
+    await keyed.declare("a", "h", from_start=False)
+    key = key_in(keyed, 0)
+    for n in range(2):
+        await keyed.send("a", ping(n, key=key))
+    [first] = await receive_some(keyed, "c")
+    await first.dead_letter(Failure("builtins.ValueError", "bad", "", 1))
+    [second] = await receive_some(keyed, "c")
+    assert number(second) == 1
+    [letter] = await keyed.dead_letters()
+    assert await keyed.replay([letter.id]) == 1
+    await nothing_for(keyed, "c", 0.2)  # n=1 is still out: the replay waits behind it
+    await second.ack()
+    [replayed] = await receive_some(keyed, "c")
+    assert (number(replayed), replayed.attempt) == (0, 1)
+    await replayed.ack()
+    # the other group gets the key's envelopes once each, and skips the replay
+    got: list[Any] = []
+    deadline = time.monotonic() + 5
+    while len(got) < 2 and time.monotonic() < deadline:
+        for delivery in await keyed.receive("a", "h", consumer="c", limit=10, wait=0.2):
+            got.append(delivery)
+            await delivery.ack()
+    assert [number(d) for d in got] == [0, 1]
+    await nothing_for(keyed, "c", 0.5, group="h")
+    for group in ("g", "h"):  # every pointer and entry settled, the skipped ones too
+        for stream in (f"{keyed.namespace}:a", f"{keyed.namespace}:a#0"):
+            assert (await client.xpending(stream, group))["pending"] == 0, (stream, group)
+
+
+async def test_redis_a_pointer_to_a_partition_this_process_lacks_is_reported(
+    keyed: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    await keyed.declare("a", "g", from_start=False)
+    wider = transport_for(keyed.namespace, partitions=16)  # a misconfigured sender
+    await wider.open()
+    try:
+        beyond = next(f"k{n}" for n in range(1000) if partition_of(f"k{n}", 16) >= 4)
+        with caplog.at_level("ERROR", logger="iambus.transports.redis"):
+            await wider.send("a", ping(1, key=beyond))
+            await wider.send("a", ping(2, key=beyond))
+            started = time.monotonic()
+            await nothing_for(keyed, "c", 0.5)  # no loop re-declaring a missing group
+            assert time.monotonic() - started < 3
+        [error] = [r for r in caplog.records if "names partition" in r.message]
+        assert "partitions=4" in error.message
+        assert "the same partitions" in error.message
+    finally:
+        await wider.close()
+
+
+def partition_of(key: str, count: int) -> int:
+    from iambus.partitions import partition
+
+    return partition(key, count)

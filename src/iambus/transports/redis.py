@@ -1,7 +1,7 @@
 """``RedisTransport``: Redis Streams (``pip install 'iambus[redis]'``).
 
-``redis://127.0.0.1:6379/0?namespace=shop`` — every key starts with the namespace
-(default ``iambus``). How the seam maps onto Redis:
+``redis://127.0.0.1:6379/0?namespace=shop&partitions=16`` — every key starts with the
+namespace (default ``iambus``). How the seam maps onto Redis:
 
 * an address is a stream ``<ns>:<address>``; a group is a consumer group on it, created
   at ``$`` (new entries) or ``0`` (``from_start``), with ``MKSTREAM``;
@@ -22,10 +22,51 @@
 * concurrent sends and acks are coalesced: all issued in one event-loop turn go out in one
   pipeline, which is what makes throughput close to the raw client's.
 
+Per-key ordering (``iambus.partitions``): an envelope with a ``key`` goes to the
+*partition stream* ``<ns>:<address>#<n>``, ``n = partition(key, partitions)``, and a
+*pointer* entry (``@p = n``) to the address's stream, in the same pipeline. ``declare``
+creates the group on the stream, the direct stream and all ``partitions`` partition
+streams (one Lua script; so ``partitions`` small streams per address, made even if no
+key is ever sent). The lock is the group's pending list: it holds at most one entry of
+each partition stream, and every step that reads or changes that is one Lua script, so
+the rule holds across all consumers and processes:
+
+* a consumer that reads pointers runs *take* (which also acks them): per partition
+  named, if the group has nothing of it pending, its next entry is read
+  (``XREADGROUP COUNT 1``), in stream order; else nothing — the settle hands it on.
+  The keyed delivery takes its pointer's place in what ``receive`` returns;
+* ``ack`` / ``dead_letter`` of a keyed delivery (one script: dead letter, ``XACK``)
+  add a pointer for that group only (``@g``) when the partition holds more for it, so a
+  consumer blocked on the stream wakes up and takes the next entry;
+* ``retry`` parks it as above: still pending, so the partition stays blocked until the
+  entry is claimed back when due (attempt + 1) and settled;
+* every ``min(claim_after / 2, 5)`` s, a receive with room (per transport and group)
+  *sweeps* the partition streams that have entries, after reading the stream: a keyed
+  delivery left unsettled for ``claim_after`` is claimed (``XCLAIM``: attempt + 1)
+  and comes first, then the rest in order; an entry whose pointer was lost (trimmed,
+  a connection dropped between the two ``XADD``) is picked up;
+* only the holder of a keyed delivery (same consumer, same delivery count) settles it:
+  the ack, retry or dead letter of a handler that outlived ``claim_after`` is ignored
+  and logged, so it never releases the partition while the new holder has the entry
+  out (their two runs of it may overlap; the next entry waits for the new holder);
+* ``replay`` of a keyed dead letter appends it to its partition stream marked ``@g``
+  with its group, behind what the partition holds; other groups ack and skip it.
+
+No leases: any consumer of the group takes any free partition whose pointer it reads,
+so one instance may hold many (up to all) partitions of a group at once. Limits: keyed
+and unkeyed envelopes are not ordered relative to each other; a hand-over pointer is
+read (and skipped) by every other group of the address too; a crashed holder's
+partition waits ``claim_after`` plus up to one sweep interval. Every process of a
+namespace must use the same ``partitions``: a pointer to a partition this transport did
+not declare is logged (once) and acked, and its entries wait for a transport that has
+it.
+
 Trimming: each stream is capped near ``max_length`` entries (``XADD MAXLEN ~``, default
 1,000,000). Entries stay in the stream after they are acked, until the cap pushes them
 out; a group lagging more than ``max_length`` entries behind would lose the oldest, so
-size it well above any backlog you expect. Driver errors surface as ``TransportError``.
+size it well above any backlog you expect (pointers count toward the address's
+stream). Driver errors surface as ``TransportError``. The Lua scripts touch several keys
+each: the transport needs a single Redis (or a replicated primary), not Redis Cluster.
 """
 
 from __future__ import annotations
@@ -37,11 +78,12 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..envelope import Envelope
 from ..errors import ImproperlyConfigured, SerializationError, TransportError
+from ..partitions import PARTITIONS, check_partitions, partition
 from . import DeadLetter, Delivery, Failure
 
 try:
@@ -56,8 +98,14 @@ logger = logging.getLogger(__name__)
 
 RETRY_OWNER = "__retry__"
 
-# Claim due retries: KEYS = stream, direct stream, due set; ARGV = group, consumer, limit.
-# Members of the due set are "m:<id>" (entry in the stream) or "d:<id>" (direct stream).
+# A send waiting in the coalescer: stream, fields, and for a keyed one its pointer
+# (the address's stream, the pointer's fields).
+_Send = tuple[str, dict[str, bytes | str], tuple[str, dict[str, str]] | None]
+
+# Claim due retries: KEYS = stream, direct stream, due set; ARGV = group, consumer, limit,
+# the prefix of the partition streams. Members of the due set are "<mark>:<id>", the mark
+# naming the stream that holds the entry: "m" the stream, "d" the direct stream, "p<n>"
+# partition stream n.
 _CLAIM_DUE = """
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
@@ -65,13 +113,18 @@ local members = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now_ms, 'LIMIT', 0,
 local out = {}
 for _, member in ipairs(members) do
   redis.call('ZREM', KEYS[3], member)
+  local colon = string.find(member, ':', 1, true)
+  local mark, id = string.sub(member, 1, colon - 1), string.sub(member, colon + 1)
   local key = KEYS[1]
-  if string.sub(member, 1, 1) == 'd' then key = KEYS[2] end
-  local id = string.sub(member, 3)
+  if mark == 'd' then
+    key = KEYS[2]
+  elseif mark ~= 'm' then
+    key = ARGV[4] .. string.sub(mark, 2)
+  end
   local claimed = redis.call('XCLAIM', key, ARGV[1], ARGV[2], 0, id)
   if claimed[1] then
     local pending = redis.call('XPENDING', key, ARGV[1], id, id, 1)
-    table.insert(out, {string.sub(member, 1, 1), claimed[1][1], claimed[1][2], pending[1][4]})
+    table.insert(out, {mark, claimed[1][1], claimed[1][2], pending[1][4]})
   end
 end
 return out
@@ -109,14 +162,116 @@ return out
 """
 
 # Park an entry for a retry: KEYS = stream holding it, due set;
-# ARGV = group, id, delay ms, member, the retry owner.
+# ARGV = group, id, delay ms, member, the retry owner, and for a keyed delivery its
+# consumer and delivery count: parked only if it is still that consumer's (returns 0 if not).
 _PARK_FOR_RETRY = """
+if ARGV[6] then
+  local held = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)[1]
+  if not held or held[2] ~= ARGV[6] or held[4] ~= tonumber(ARGV[7]) then return 0 end
+end
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[5], 0, ARGV[2], 'JUSTID')
 redis.call('ZADD', KEYS[2], now_ms + tonumber(ARGV[3]), ARGV[4])
 return 1
 """
+
+# Create a group on every stream of an address, idempotently: KEYS = stream, direct
+# stream, partition streams; ARGV = group, where it starts (the direct stream: at "0").
+_DECLARE = """
+for i, key in ipairs(KEYS) do
+  local start = ARGV[2]
+  if i == 2 then start = '0' end
+  local made = redis.pcall('XGROUP', 'CREATE', key, ARGV[1], start, 'MKSTREAM')
+  if type(made) == 'table' and made.err and not string.find(made.err, 'BUSYGROUP', 1, true) then
+    return made
+  end
+end
+return #KEYS
+"""
+
+# Take keyed entries for a group: KEYS = the stream, then partition streams; ARGV = group,
+# consumer, claim ms, the retry owner, limit, then ids of pointers on the stream to ack.
+# The group has at most one entry of a partition stream pending. With none, the next
+# entry is read (entries replayed to another group, marked "@g", are acked and skipped);
+# with one that its consumer left for claim ms (not one parked for a retry), it is
+# claimed. Returns {index of the partition stream, id, fields, delivery count} each.
+_TAKE = """
+local group, consumer, parked = ARGV[1], ARGV[2], ARGV[4]
+local claim_ms, limit = tonumber(ARGV[3]), tonumber(ARGV[5])
+local out = {}
+for i = 2, #KEYS do
+  if #out >= limit then break end
+  local key = KEYS[i]
+  if redis.call('XLEN', key) > 0 then
+    local free = true
+    local held = redis.call('XPENDING', key, group, '-', '+', 1)[1]
+    if held then
+      free = false
+      if held[2] ~= parked and held[3] >= claim_ms then
+        local claimed = redis.call('XCLAIM', key, group, consumer, claim_ms, held[1])
+        if claimed[1] then
+          table.insert(out, {i - 1, claimed[1][1], claimed[1][2], held[4] + 1})
+        else
+          free = true -- trimmed away while pending: XCLAIM dropped it from the group
+        end
+      end
+    end
+    local skipped = 0
+    while free and skipped < 1000 do
+      local read = redis.call(
+        'XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', key, '>')
+      if not read then break end
+      local entry = read[1][2][1]
+      local target = nil
+      for f = 1, #entry[2], 2 do
+        if entry[2][f] == '@g' then target = entry[2][f + 1] end
+      end
+      if target == nil or target == group then
+        table.insert(out, {i - 1, entry[1], entry[2], 1})
+        break
+      end
+      redis.call('XACK', key, group, entry[1])
+      skipped = skipped + 1
+    end
+  end
+end
+if #ARGV > 5 then redis.call('XACK', KEYS[1], group, unpack(ARGV, 6)) end
+return out
+"""
+
+# Settle a keyed delivery: KEYS = its partition stream, the stream, the dead-letter
+# stream; ARGV = group, id, consumer, delivery count, partition, max length, then (to
+# dead-letter it) the dead letter's fields and values. Only the delivery's holder may
+# settle it: returns 0 if it is no longer pending with that consumer and count. Once
+# acked, if the partition stream has more for the group, a pointer for the group wakes
+# one of its consumers.
+_RELEASE = """
+local group = ARGV[1]
+local held = redis.call('XPENDING', KEYS[1], group, ARGV[2], ARGV[2], 1)[1]
+if not held or held[2] ~= ARGV[3] or held[4] ~= tonumber(ARGV[4]) then return 0 end
+if #ARGV > 6 then redis.call('XADD', KEYS[3], '*', unpack(ARGV, 7)) end
+redis.call('XACK', KEYS[1], group, ARGV[2])
+local last = nil
+for _, info in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local name, delivered = nil, nil
+  for f = 1, #info, 2 do
+    if info[f] == 'name' then name = info[f + 1] end
+    if info[f] == 'last-delivered-id' then delivered = info[f + 1] end
+  end
+  if name == group then last = delivered end
+end
+if last and redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', 1)[1] then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', '@p', ARGV[5], '@g', group)
+end
+return 1
+"""
+
+# A pointer entry on an address's stream: "@p" = the partition, "@g" = the one group it
+# is for (a hand-over), absent when it is for every group (a send).
+_POINTER = "@p"
+_TARGET = "@g"
+_AS_BYTES = {_POINTER: _POINTER.encode(), _TARGET: _TARGET.encode()}
 
 
 class RedisTransport:
@@ -131,12 +286,17 @@ class RedisTransport:
         block: float = 1.0,
         max_length: int = 1_000_000,
         max_connections: int = 64,
+        partitions: int | None = None,
     ) -> None:
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
         self.namespace = namespace or query.pop("namespace", None) or "iambus"
         if ":" in self.namespace or not self.namespace:
             raise ImproperlyConfigured(f"a Redis namespace may not contain ':': {namespace!r}")
+        in_url = query.pop("partitions", None)
+        self.partitions = check_partitions(
+            partitions if partitions is not None else PARTITIONS if in_url is None else in_url
+        )
         self._driver_url = urlunsplit(parts._replace(query=urlencode(query)))
         self.url = url
         self.claim_after = claim_after
@@ -152,7 +312,10 @@ class RedisTransport:
         self._sends = _Coalescer(self._flush_sends)
         self._acks = _Coalescer(self._flush_acks)
         self._last_reclaim: dict[tuple[str, str], float] = {}
+        self._last_sweep: dict[tuple[str, str], float] = {}
         self._next_due_check: dict[tuple[str, str], float] = {}
+        self._lanes: dict[str, list[str]] = {}  # address -> its partition streams
+        self._strays: set[tuple[str, int]] = set()  # pointers to undeclared partitions
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -172,6 +335,9 @@ class RedisTransport:
             "claim_due": client.register_script(_CLAIM_DUE),
             "reclaim": client.register_script(_RECLAIM),
             "park": client.register_script(_PARK_FOR_RETRY),
+            "declare": client.register_script(_DECLARE),
+            "take": client.register_script(_TAKE),
+            "release": client.register_script(_RELEASE),
         }
 
     async def close(self) -> None:
@@ -209,38 +375,57 @@ class RedisTransport:
     def _dead(self) -> str:
         return f"{self.namespace}:dead"
 
+    def _lane_prefix(self, address: str) -> str:
+        return f"{self.namespace}:{address}#"
+
+    def _lane(self, address: str, partition: int) -> str:
+        return f"{self._lane_prefix(address)}{partition}"
+
+    def _lanes_of(self, address: str) -> list[str]:
+        lanes = self._lanes.get(address)
+        if lanes is None:
+            lanes = self._lanes[address] = [self._lane(address, n) for n in range(self.partitions)]
+        return lanes
+
     # -- sending and receiving --------------------------------------------------------
 
     async def send(self, address: str, envelope: Envelope) -> None:
         self._client()
-        await self._sends.add((self._stream(address), envelope.to_fields()))
+        if envelope.key is None:
+            await self._sends.add((self._stream(address), envelope.to_fields(), None))
+            return
+        # Keyed: to its partition stream, and a pointer to it on the address's stream.
+        lane = partition(envelope.key, self.partitions)
+        pointer = (self._stream(address), {_POINTER: str(lane)})
+        await self._sends.add((self._lane(address, lane), envelope.to_fields(), pointer))
 
-    async def _flush_sends(self, items: list[tuple[str, dict[str, bytes | str]]]) -> list[Any]:
-        if len(items) == 1:  # alone: a plain command costs less than a pipeline
-            stream, fields = items[0]
+    async def _flush_sends(self, items: list[_Send]) -> list[Any]:
+        if len(items) == 1 and items[0][2] is None:  # alone: a plain command costs less
+            stream, fields, _ = items[0]
             async with self._translate("XADD"):
                 one: Any = fields
                 return [
                     await self._client().xadd(stream, one, maxlen=self.max_length, approximate=True)
                 ]
         async with self._translate("XADD"), self._client().pipeline(transaction=False) as pipe:
-            for stream, fields in items:
+            for stream, fields, pointer in items:
                 pipe.xadd(stream, fields, maxlen=self.max_length, approximate=True)  # type: ignore[arg-type]
+                if pointer is not None:
+                    pipe.xadd(pointer[0], pointer[1], maxlen=self.max_length, approximate=True)  # type: ignore[arg-type]
             results: list[Any] = await pipe.execute()
+        if len(results) == len(items):
             return results
+        out, at = [], 0
+        for _, _, pointer in items:  # each item's own XADD, not its pointer's
+            out.append(results[at])
+            at += 1 if pointer is None else 2
+        return out
 
     async def declare(self, address: str, group: str, *, from_start: bool) -> None:
-        client = self._client()
-        for stream, start in (
-            (self._stream(address), "0" if from_start else "$"),
-            (self._direct(address, group), "0"),
-        ):
-            try:
-                async with self._translate("XGROUP CREATE"):
-                    await client.xgroup_create(stream, group, id=start, mkstream=True)
-            except TransportError as exc:
-                if "BUSYGROUP" not in str(exc.__cause__):
-                    raise
+        self._client()
+        keys = [self._stream(address), self._direct(address, group), *self._lanes_of(address)]
+        async with self._translate("XGROUP CREATE"):
+            await self._scripts["declare"](keys=keys, args=[group, "0" if from_start else "$"])
 
     async def receive(
         self, address: str, group: str, *, consumer: str, limit: int, wait: float
@@ -271,7 +456,7 @@ class RedisTransport:
             self._direct(address, group),
             self._due(address, group),
         )
-        out: list[Delivery] = []
+        rows: list[Any] = []
         now = time.monotonic()
         # Due retries (and replays, on the group's direct stream) are looked for at most
         # every `block` seconds, and at once after this process parked a retry: one is
@@ -280,64 +465,153 @@ class RedisTransport:
         if checked_due:
             self._next_due_check[address, group] = now + self.block
             async with self._translate("claim due retries"):
-                rows = await self._scripts["claim_due"](
-                    keys=[stream, direct, due], args=[group, consumer, limit]
+                rows += await self._scripts["claim_due"](
+                    keys=[stream, direct, due],
+                    args=[group, consumer, limit, self._lane_prefix(address)],
                 )
-            out += await self._deliveries(address, group, rows)
+        # Abandoned deliveries are looked for every min(claim_after / 2, 5) seconds, by a
+        # receive that has room for them (partitions: after the stream, below).
         now = time.monotonic()
-        if len(out) < limit and now - self._last_reclaim.get((address, group), 0) > min(
-            self.claim_after / 2, 5.0
-        ):
+        every = min(self.claim_after / 2, 5.0)
+        if len(rows) < limit and now - self._last_reclaim.get((address, group), 0) > every:
             self._last_reclaim[address, group] = now
             async with self._translate("reclaim"):
-                rows = await self._scripts["reclaim"](
+                rows += await self._scripts["reclaim"](
                     keys=[stream, direct],
                     args=[
                         group,
                         consumer,
                         int(self.claim_after * 1000),
-                        limit - len(out),
+                        limit - len(rows),
                         RETRY_OWNER,
                     ],
                 )
-            out += await self._deliveries(address, group, rows)
-        if len(out) < limit and checked_due:
-            out += await self._read(address, group, direct, "d", consumer, limit - len(out), None)
-        if len(out) < limit:
+        if len(rows) < limit and checked_due:
+            rows += await self._read(group, direct, "d", consumer, limit - len(rows), None)
+        if len(rows) < limit:
             remaining = deadline - time.monotonic()
-            block = None if out else max(int(min(remaining, self.block) * 1000), 1)
-            out += await self._read(address, group, stream, "m", consumer, limit - len(out), block)
+            block = None if rows else max(int(min(remaining, self.block) * 1000), 1)
+            rows += await self._read(group, stream, "m", consumer, limit - len(rows), block)
+        out = await self._deliveries(address, group, consumer, rows)
+        now = time.monotonic()
+        if len(out) < limit and now - self._last_sweep.get((address, group), 0) > every:
+            # The sweep of the partitions: after the stream, so that a receive keeps the
+            # order of what it read there (a keyed delivery takes its pointer's place).
+            self._last_sweep[address, group] = now
+            out += await self._take(
+                address, group, consumer, self._lanes_of(address), [], limit - len(out)
+            )
         return out
 
     async def _read(
-        self,
-        address: str,
-        group: str,
-        key: str,
-        mark: str,
-        consumer: str,
-        count: int,
-        block: int | None,
-    ) -> list[Delivery]:
+        self, group: str, key: str, mark: str, consumer: str, count: int, block: int | None
+    ) -> list[Any]:
         async with self._translate("XREADGROUP"):
             read = await self._client().xreadgroup(
                 group, consumer, streams={key: ">"}, count=count, block=block
             )
-        out: list[Delivery] = []
-        for _, entries in _streams(read):
-            for entry_id, fields in entries:
-                if fields:  # a trimmed entry still pending has no fields
-                    delivery = await self._delivery(address, group, mark, entry_id, fields, 1)
-                    if delivery is not None:
-                        out.append(delivery)
+        return [
+            (mark, entry_id, fields, 1)
+            for _, entries in _streams(read)
+            for entry_id, fields in entries
+            if fields  # a trimmed entry still pending has no fields
+        ]
+
+    async def _deliveries(
+        self, address: str, group: str, consumer: str, rows: list[Any]
+    ) -> list[Delivery]:
+        """Deliveries of ``rows`` (mark, id, fields, delivery count); pointers taken in place."""
+        out: list[Delivery | int] = []
+        pointers: list[bytes] = []
+        lanes: list[int] = []
+        for mark, entry_id, flat, count in rows:
+            fields = _pairs(flat)
+            mark = _text(mark)
+            lane = _field(fields, _POINTER) if mark == "m" else None
+            if lane is None:
+                delivery = await self._delivery(
+                    address, group, consumer, mark, entry_id, fields, int(count)
+                )
+                if delivery is not None:
+                    out.append(delivery)
+                continue
+            pointers.append(entry_id)
+            target = _field(fields, _TARGET)
+            if target is not None and target != group:
+                continue  # another group's hand-over
+            n = int(lane) if lane.isdigit() else -1
+            if not 0 <= n < self.partitions:
+                self._stray(address, n)
+            elif n not in lanes:
+                lanes.append(n)
+                out.append(n)  # where its entry goes, if the partition is free
+        if not pointers:
+            return cast(list[Delivery], out)
+        taken = await self._take(
+            address, group, consumer, [self._lane(address, n) for n in lanes], pointers, len(lanes)
+        )
+        by_lane = {int(d._mark[1:]): d for d in taken}
+        return [d for d in (by_lane.get(x) if isinstance(x, int) else x for x in out) if d]
+
+    async def _take(
+        self,
+        address: str,
+        group: str,
+        consumer: str,
+        lanes: list[str],
+        pointers: list[bytes],
+        limit: int,
+    ) -> list[_RedisDelivery]:
+        """The next entries of free partition ``lanes`` (and stale ones); acks ``pointers``."""
+        async with self._translate("take keyed"):
+            rows = await self._scripts["take"](
+                keys=[self._stream(address), *lanes],
+                args=[
+                    group,
+                    consumer,
+                    int(self.claim_after * 1000),
+                    RETRY_OWNER,
+                    limit,
+                    *pointers,
+                ],
+            )
+        prefix = len(self._lane_prefix(address))
+        out: list[_RedisDelivery] = []
+        for index, entry_id, fields, count in rows:
+            mark = "p" + lanes[int(index) - 1][prefix:]
+            delivery = await self._delivery(
+                address, group, consumer, mark, entry_id, _pairs(fields), int(count)
+            )
+            if delivery is not None:
+                out.append(delivery)
         return out
 
+    def _stray(self, address: str, lane: int) -> None:
+        if (address, lane) not in self._strays:
+            self._strays.add((address, lane))
+            logger.error(
+                "iambus: a pointer on %s names partition %s, but this transport has "
+                "partitions=%d: give every process of namespace %r the same partitions; "
+                "the keyed envelopes of that partition wait until then",
+                address,
+                lane,
+                self.partitions,
+                self.namespace,
+            )
+
     async def _delivery(
-        self, address: str, group: str, mark: str, entry_id: bytes, fields: Any, attempt: int
-    ) -> Delivery | None:
+        self,
+        address: str,
+        group: str,
+        consumer: str,
+        mark: str,
+        entry_id: bytes,
+        fields: Any,
+        attempt: int,
+    ) -> _RedisDelivery | None:
         """A delivery, or None when the entry is not an envelope: that one is parked at once."""
         try:
-            return _RedisDelivery(self, address, group, mark, entry_id, fields, attempt)
+            return _RedisDelivery(self, address, group, consumer, mark, entry_id, fields, attempt)
         except SerializationError as exc:
             raw = {_text(k): _text(v) for k, v in _pairs(fields).items()}
             logger.error(
@@ -351,23 +625,19 @@ class RedisTransport:
                 content_type="application/x-iambus-raw-fields",
             )
             failure = Failure("iambus.errors.SerializationError", str(exc), "", attempt)
-            await self._park_fields(address, group, mark, entry_id, parked.to_fields(), failure)
-            return None
-
-    async def _deliveries(self, address: str, group: str, rows: list[Any]) -> list[Delivery]:
-        out: list[Delivery] = []
-        for mark, entry_id, fields, count in rows:
-            delivery = await self._delivery(
-                address, group, _text(mark), entry_id, _pairs(fields), int(count)
+            await self._park_fields(
+                address, group, consumer, mark, entry_id, attempt, parked.to_fields(), failure
             )
-            if delivery is not None:
-                out.append(delivery)
-        return out
+            return None
 
     # -- settling (called by deliveries) ----------------------------------------------
 
     def _key(self, address: str, group: str, mark: str) -> str:
-        return self._direct(address, group) if mark == "d" else self._stream(address)
+        if mark == "m":
+            return self._stream(address)
+        if mark == "d":
+            return self._direct(address, group)
+        return self._lane(address, int(mark[1:]))
 
     async def _ack(self, address: str, group: str, mark: str, entry_id: bytes) -> None:
         await self._acks.add((self._key(address, group, mark), group, entry_id))
@@ -387,15 +657,62 @@ class RedisTransport:
             await pipe.execute()
         return [None] * len(items)
 
+    async def _release(
+        self,
+        address: str,
+        group: str,
+        consumer: str,
+        mark: str,
+        entry_id: bytes,
+        attempt: int,
+        dead: dict[str, Any] | None = None,
+    ) -> None:
+        """Ack (or dead-letter) a keyed delivery, and hand its partition on."""
+        args: list[Any] = [group, entry_id, consumer, attempt, mark[1:], self.max_length]
+        for name, value in (dead or {}).items():
+            args += [name, value]
+        keys = [self._key(address, group, mark), self._stream(address), self._dead()]
+        async with self._translate("dead-letter" if dead else "ack"):
+            settled = await self._scripts["release"](keys=keys, args=args)
+        if not settled:
+            self._not_held(address, group, consumer, entry_id, "dead-letter" if dead else "ack")
+
+    def _not_held(
+        self, address: str, group: str, consumer: str, entry_id: bytes, what: str
+    ) -> None:
+        logger.warning(
+            "iambus: %s of keyed entry %s on %s for group %s by %s ignored: it was handed to "
+            "another consumer (its handler ran longer than claim_after=%ss, or the consumer "
+            "was taken for dead), which settles it now",
+            what,
+            _text(entry_id),
+            address,
+            group,
+            consumer,
+            self.claim_after,
+        )
+
     async def _retry(
-        self, address: str, group: str, mark: str, entry_id: bytes, delay: float
+        self,
+        address: str,
+        group: str,
+        consumer: str,
+        mark: str,
+        entry_id: bytes,
+        attempt: int,
+        delay: float,
     ) -> None:
         member = f"{mark}:{_text(entry_id)}"
+        args: list[Any] = [group, entry_id, int(max(delay, 0) * 1000), member, RETRY_OWNER]
+        if mark[0] == "p":  # keyed: only while it is still this consumer's
+            args += [consumer, attempt]
         async with self._translate("retry"):
-            await self._scripts["park"](
-                keys=[self._key(address, group, mark), self._due(address, group)],
-                args=[group, entry_id, int(max(delay, 0) * 1000), member, RETRY_OWNER],
+            parked = await self._scripts["park"](
+                keys=[self._key(address, group, mark), self._due(address, group)], args=args
             )
+        if not parked:
+            self._not_held(address, group, consumer, entry_id, "retry")
+            return
         due_at = time.monotonic() + max(delay, 0)
         known = self._next_due_check.get((address, group), due_at)
         self._next_due_check[address, group] = min(known, due_at)
@@ -404,19 +721,25 @@ class RedisTransport:
         self,
         address: str,
         group: str,
+        consumer: str,
         mark: str,
         entry_id: bytes,
+        attempt: int,
         envelope: Envelope,
         failure: Failure,
     ) -> None:
-        await self._park_fields(address, group, mark, entry_id, envelope.to_fields(), failure)
+        await self._park_fields(
+            address, group, consumer, mark, entry_id, attempt, envelope.to_fields(), failure
+        )
 
     async def _park_fields(
         self,
         address: str,
         group: str,
+        consumer: str,
         mark: str,
         entry_id: bytes,
+        attempt: int,
         fields: Any,
         failure: Failure,
     ) -> None:
@@ -435,6 +758,9 @@ class RedisTransport:
                 }
             ),
         }
+        if mark[0] == "p":
+            await self._release(address, group, consumer, mark, entry_id, attempt, record)
+            return
         async with (
             self._translate("dead-letter"),
             self._client().pipeline(transaction=True) as pipe,
@@ -520,9 +846,25 @@ class RedisTransport:
                 if not rows:
                     continue
                 letter = _dead_letter(*rows[0])
+                fields: Any = letter.envelope.to_fields()
                 async with client.pipeline(transaction=True) as pipe:
-                    fields: Any = letter.envelope.to_fields()
-                    pipe.xadd(self._direct(letter.address, letter.group), fields)
+                    if letter.envelope.key is None:
+                        pipe.xadd(self._direct(letter.address, letter.group), fields)
+                    else:  # behind what its partition holds, for its group only
+                        lane = str(partition(letter.envelope.key, self.partitions))
+                        target: Any = {_TARGET: letter.group}
+                        pipe.xadd(
+                            self._lane(letter.address, int(lane)),
+                            {**fields, **target},
+                            maxlen=self.max_length,
+                            approximate=True,
+                        )
+                        pipe.xadd(
+                            self._stream(letter.address),
+                            {_POINTER: lane, **target},
+                            maxlen=self.max_length,
+                            approximate=True,
+                        )
                     pipe.xdel(self._dead(), letter_id)
                     await pipe.execute()
             replayed += 1
@@ -558,13 +900,23 @@ class RedisTransport:
 
 
 class _RedisDelivery:
-    __slots__ = ("_address", "_entry_id", "_group", "_mark", "_transport", "attempt", "envelope")
+    __slots__ = (
+        "_address",
+        "_consumer",
+        "_entry_id",
+        "_group",
+        "_mark",
+        "_transport",
+        "attempt",
+        "envelope",
+    )
 
     def __init__(
         self,
         transport: RedisTransport,
         address: str,
         group: str,
+        consumer: str,
         mark: str,
         entry_id: bytes,
         fields: dict[bytes, bytes],
@@ -573,20 +925,41 @@ class _RedisDelivery:
         self._transport = transport
         self._address = address
         self._group = group
-        self._mark = mark
+        self._consumer = consumer
+        self._mark = mark  # "m" the stream, "d" the direct stream, "p<n>" partition n
         self._entry_id = entry_id
         self.envelope = Envelope.from_fields(fields)  # type: ignore[arg-type]
         self.attempt = attempt
 
     async def ack(self) -> None:
-        await self._transport._ack(self._address, self._group, self._mark, self._entry_id)
+        if self._mark[0] == "p":
+            await self._transport._release(
+                self._address, self._group, self._consumer, self._mark, self._entry_id, self.attempt
+            )
+        else:
+            await self._transport._ack(self._address, self._group, self._mark, self._entry_id)
 
     async def retry(self, delay: float) -> None:
-        await self._transport._retry(self._address, self._group, self._mark, self._entry_id, delay)
+        await self._transport._retry(
+            self._address,
+            self._group,
+            self._consumer,
+            self._mark,
+            self._entry_id,
+            self.attempt,
+            delay,
+        )
 
     async def dead_letter(self, failure: Failure) -> None:
         await self._transport._park(
-            self._address, self._group, self._mark, self._entry_id, self.envelope, failure
+            self._address,
+            self._group,
+            self._consumer,
+            self._mark,
+            self._entry_id,
+            self.attempt,
+            self.envelope,
+            failure,
         )
 
     def __repr__(self) -> str:
@@ -648,6 +1021,14 @@ class _Coalescer:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _field(fields: dict[Any, Any], name: str) -> str | None:
+    """A field's value as text, whether the driver returned bytes or text keys."""
+    value = fields.get(_AS_BYTES[name])
+    if value is None:
+        value = fields.get(name)
+    return None if value is None else _text(value)
 
 
 def _pairs(flat: Any) -> dict[bytes, bytes]:
