@@ -254,6 +254,11 @@ async def test_persistent_messages_survive_a_broker_restart(
         await transport.send("a", _ping(n))  # confirmed: on disk before the restart
     [first] = await _take(transport, 1)
     await first.ack()
+    await transport.declare("b", "g", from_start=False)
+    for n in range(3):
+        await transport.send("b", _keyed(n, "k"))
+    [out] = await _take(transport, 1, address="b")  # out (never settled) across the restart
+    assert out.envelope.payload == b"0"
     try:
         await _rabbitmqctl("stop_app")
         with pytest.raises(TransportError):
@@ -275,6 +280,13 @@ async def test_persistent_messages_survive_a_broker_restart(
     [after] = await _take(transport, 1)
     assert after.envelope.payload == b"5"
     await after.ack()
+    # The key's order and attempts survive too: the one out comes back first, counted.
+    keyed: list[tuple[bytes, int]] = []
+    while len(keyed) < 3 and time.monotonic() < deadline + 10:
+        for delivery in await transport.receive("b", "g", consumer="c", limit=10, wait=0.5):
+            keyed.append((delivery.envelope.payload, delivery.attempt))
+            await delivery.ack()
+    assert keyed == [(b"0", 2), (b"1", 1), (b"2", 1)]
 
 
 async def _rabbitmqctl(*args: str) -> None:
@@ -330,3 +342,299 @@ async def test_a_worker_runs_as_many_handlers_at_once_as_its_concurrency() -> No
         assert sorted(done) == list(range(10))
         assert peak >= 5, f"at most {peak} handler(s) ran at once with concurrency=10"
         await transport.destroy()  # type: ignore[attr-defined]
+
+
+# -- per-key ordering (partition queues) and names ------------------------------------
+
+
+def _keyed(n: int, key: str) -> Envelope:
+    return Envelope(name="Ping", payload=str(n).encode(), key=key)
+
+
+def _apart(transport: RabbitMQTransport, count: int) -> list[str]:
+    """``count`` keys in different partitions of ``transport``."""
+    from iambus.partitions import partition
+
+    keys: dict[int, str] = {}
+    n = 0
+    while len(keys) < count:
+        keys.setdefault(partition(f"k{n}", transport.partitions), f"k{n}")
+        n += 1
+    return list(keys.values())
+
+
+def _what(deliveries: list[Delivery]) -> list[tuple[str | None, bytes, int]]:
+    return [(d.envelope.key, d.envelope.payload, d.attempt) for d in deliveries]
+
+
+async def _open(namespace: str, partitions: int | None = None) -> RabbitMQTransport:
+    made = RabbitMQTransport(URL, namespace=namespace, claim_after=0.3, partitions=partitions)
+    await made.open()
+    return made
+
+
+def test_partitions_come_from_the_constructor_or_the_url() -> None:
+    assert RabbitMQTransport(URL).partitions == 16
+    from_url = RabbitMQTransport(f"{URL}?partitions=4&namespace=shop")
+    assert (from_url.partitions, from_url.namespace) == (4, "shop")
+    assert "partitions" not in from_url._driver_url  # not a driver option
+    assert RabbitMQTransport(f"{URL}?partitions=4", partitions=8).partitions == 8
+    with pytest.raises(ImproperlyConfigured, match="partitions must be a whole number"):
+        RabbitMQTransport(f"{URL}?partitions=0")
+
+
+def test_a_namespace_too_long_for_exchange_names_is_refused() -> None:
+    RabbitMQTransport(URL, namespace="n" * 200)
+    with pytest.raises(ImproperlyConfigured, match=r"at most 200 bytes.*'nnn.*has 201"):
+        RabbitMQTransport(URL, namespace="n" * 201)
+
+
+async def test_long_addresses_and_groups_get_the_same_short_names_everywhere(
+    transport: RabbitMQTransport,
+) -> None:
+    address, group = "é" * 200, "g" * 300  # 400 and 300 bytes: too long for AMQP names
+    other = await _open(transport.namespace)  # another process declares the group
+    try:
+        await other.declare(address, group, from_start=False)
+    finally:
+        await other.close()
+    await transport.send(address, _ping(1))
+    await transport.send(address, _keyed(2, "k"))
+    got = await _take(transport, 2, address=address, group=group)
+    assert sorted(_what(got), key=str) == [("k", b"2", 1), (None, b"1", 1)]
+    for delivery in got:
+        await delivery.ack()
+    # Sent before any group, to another long address: held, then taken, keyed or not.
+    await transport.send("x" * 300, _keyed(3, "k"))
+    await transport.declare("x" * 300, "g", from_start=True)
+    [held] = await _take(transport, 1, address="x" * 300)
+    assert _what([held]) == [("k", b"3", 1)]
+    await held.ack()
+
+
+async def test_a_message_name_too_long_for_amqp_is_a_clear_error(
+    transport: RabbitMQTransport,
+) -> None:
+    await transport.declare("a", "g", from_start=False)
+    with pytest.raises(ImproperlyConfigured, match=r"message name .* is 300 bytes.* at most 255"):
+        await transport.send("a", Envelope(name="N" * 300, payload=b"0"))
+    with pytest.raises(ImproperlyConfigured, match=r"correlation id .* is 256 bytes"):
+        await transport.send("a", Envelope(name="Ping", payload=b"0", correlation_id="c" * 256))
+    await transport.send("a", _ping(1))  # the channel and its confirms are still in step
+    [delivery] = await _take(transport, 1)
+    assert delivery.envelope.payload == b"1"
+    await delivery.ack()
+
+
+async def test_a_group_declared_with_other_partitions_is_a_clear_error(
+    transport: RabbitMQTransport,
+) -> None:
+    other = await _open(transport.namespace, partitions=4)
+    try:
+        await other.declare("a", "g", from_start=False)
+    finally:
+        await other.close()
+    with pytest.raises(ImproperlyConfigured, match=r"same partitions \(here 16\)"):
+        await transport.receive("a", "g", consumer="c", limit=1, wait=0)
+
+
+async def test_keyed_messages_sent_before_any_group_wait_in_order(
+    transport: RabbitMQTransport,
+) -> None:
+    for n in range(3):
+        await transport.send("early", _keyed(n, "k"))
+    await transport.send("early", _ping(9))
+    await transport.declare("early", "first", from_start=True)
+    await transport.declare("early", "second", from_start=True)  # the first took them
+    seen: list[tuple[str | None, bytes, int]] = []
+    for _ in range(20):
+        got = list(await transport.receive("early", "first", consumer="c", limit=5, wait=0.3))
+        assert sum(d.envelope.key is not None for d in got) <= 1, "two of one key out at once"
+        seen += _what(got)
+        for delivery in got:
+            await delivery.ack()
+        if len(seen) == 4:
+            break
+    assert [s for s in seen if s[0]] == [("k", b"0", 1), ("k", b"1", 1), ("k", b"2", 1)]
+    assert (None, b"9", 1) in seen
+    assert await _take(transport, 1, address="early", group="second", within=0.3) == []
+
+
+async def test_a_retired_consumer_hands_its_partitions_on_without_counting_or_doubling(
+    transport: RabbitMQTransport,
+) -> None:
+    await transport.declare("a", "g", from_start=False)
+    held_key, buffered_key = _apart(transport, 2)
+    await transport.send("a", _keyed(0, held_key))
+    for n in range(2):
+        await transport.send("a", _keyed(n, buffered_key))
+    [held] = await _take(transport, 1, consumer="stalled")
+    await asyncio.sleep(0.2)  # the other partition's first message waits in its buffer
+    [(_, lane)] = transport._consumers[("a", "g", "stalled")].inbox
+    assert lane is not None
+    seen: list[tuple[str | None, bytes, int]] = []
+    deadline = time.monotonic() + 10
+    while len(seen) < 3 and time.monotonic() < deadline:
+        for delivery in await transport.receive("a", "g", consumer="alive", limit=10, wait=0.2):
+            seen.append((delivery.envelope.key, delivery.envelope.payload, delivery.attempt))
+            await delivery.ack()
+    [other_key] = {held_key, buffered_key} - {held.envelope.key}
+    first = held.envelope.payload
+    expected_held = [(held.envelope.key, first, 2)]  # handed out, never settled: counted
+    if held.envelope.key == buffered_key:  # its successor follows it
+        expected_held.append((buffered_key, b"1", 1))
+    expected_other = [(other_key, b"0", 1)]  # buffered only: the same attempt
+    if other_key == buffered_key:
+        expected_other.append((buffered_key, b"1", 1))
+    assert [s for s in seen if s[0] == held.envelope.key] == expected_held
+    assert [s for s in seen if s[0] == other_key] == expected_other
+    # ... and the original of the handed-back one is not delivered a second time.
+    assert await transport.receive("a", "g", consumer="alive", limit=10, wait=0.5) == []
+    with pytest.raises(TransportError, match="channel closed"):
+        await held.ack()
+
+
+async def test_keyed_attempts_count_every_lost_delivery_and_a_pending_retry(
+    transport: RabbitMQTransport,
+) -> None:
+    await transport.declare("a", "g", from_start=False)
+    for n in range(2):
+        await transport.send("a", _keyed(n, "k"))
+    attempts = []
+    for _ in range(2):  # two processes die holding it (closed without settling)
+        other = await _open(transport.namespace)
+        [lost] = await _take(other, 1, consumer="doomed")
+        attempts.append((lost.envelope.payload, lost.attempt))
+        await other.close()
+    other = await _open(transport.namespace)
+    [again] = await _take(other, 1, consumer="doomed")
+    attempts.append((again.envelope.payload, again.attempt))
+    await again.retry(60)  # its process stops while the retry waits: back at once, counted
+    await other.close()
+    [last] = await _take(transport, 1)
+    attempts.append((last.envelope.payload, last.attempt))
+    assert attempts == [(b"0", 1), (b"0", 2), (b"0", 3), (b"0", 4)]
+    await last.ack()
+    [successor] = await _take(transport, 1)
+    assert (successor.envelope.payload, successor.attempt) == (b"1", 1)
+    await successor.ack()
+
+
+async def test_a_replayed_keyed_letter_goes_behind_its_partition(
+    transport: RabbitMQTransport,
+) -> None:
+    transport.claim_after = 10  # `second` stays out while the dead letters are read
+    await transport.declare("a", "g", from_start=False)
+    for n in range(2):
+        await transport.send("a", _keyed(n, "k"))
+    [first] = await _take(transport, 1)
+    await first.dead_letter(Failure("builtins.ValueError", "no", "", attempts=1))
+    [second] = await _take(transport, 1)
+    [letter] = await transport.dead_letters()
+    assert await transport.replay([letter.id]) == 1
+    assert await _take(transport, 1, consumer="other", within=0.5) == []  # `second` is out
+    await second.ack()
+    [replayed] = await _take(transport, 1)
+    assert _what([replayed]) == [("k", b"0", 1)]
+    await replayed.ack()
+
+
+async def test_a_keyed_request_is_answered_through_its_partition(
+    transport: RabbitMQTransport,
+) -> None:
+    await transport.declare("q", "g", from_start=False)
+
+    async def serve() -> None:
+        [delivery] = await _take(transport, 1, address="q")
+        assert delivery.envelope.key == "k"
+        answer = Envelope(name="Pong", payload=b"ok", correlation_id=delivery.envelope.id)
+        await transport.reply(delivery.envelope.reply_to or "", answer)
+        await delivery.ack()
+
+    serving = asyncio.create_task(serve())
+    reply = await transport.request("q", _keyed(1, "k"), timeout=5)
+    await serving
+    assert reply.payload == b"ok"
+
+
+async def test_deliveries_never_handed_out_are_not_counted_after_a_reconnect(
+    transport: RabbitMQTransport,
+) -> None:
+    transport.claim_after = 10  # not retired while it sits still below
+    await transport.declare("a", "g", from_start=False)
+    transport.prefetch = 5
+    keys = _apart(transport, 2)
+    for n in range(2):
+        await transport.send("a", _ping(n))
+        await transport.send("a", _keyed(10 + n, keys[n]))
+    handed = await transport.receive("a", "g", consumer="c", limit=1, wait=5)
+    await asyncio.sleep(0.3)
+    state = transport._consumers[("a", "g", "c")]
+    assert len(handed) + len(state.inbox) == 4
+    # Both of the consumer's channels fail (as in a lost connection) and are reopened.
+    for channel in (state.channel, state.lanes):
+        underlay = await channel.get_underlay_channel()
+        with pytest.raises(Exception, match="NOT_FOUND"):
+            await underlay.queue_declare(f"missing-{uuid.uuid4().hex}", passive=True)
+    got = await _take(transport, 4)
+    attempts = {d.envelope.payload: d.attempt for d in got}
+    expected = dict.fromkeys([b"0", b"1", b"10", b"11"], 1)
+    expected[handed[0].envelope.payload] = 2  # it was out: maybe handled, so counted
+    assert attempts == expected
+    for delivery in got:
+        await delivery.ack()
+    with pytest.raises(TransportError, match="channel closed"):
+        await handed[0].ack()
+
+
+async def test_destroy_deletes_the_partition_queues() -> None:
+    require("rabbitmq")
+    made = await _open(f"test-{uuid.uuid4().hex[:8]}", partitions=2)
+    await made.declare("a", "g", from_start=False)
+    lanes = [made._lane("a", "g", n) for n in range(2)]
+    assert set(lanes) <= made._declared
+    await made.destroy()
+    assert made._connection is not None
+    channel = await made._connection.channel()
+    for name in lanes:
+        with pytest.raises(Exception, match="NOT_FOUND"):
+            await channel.declare_queue(name, passive=True)
+        channel = await made._connection.channel()
+    await made.close()
+
+
+async def test_a_hand_back_handed_back_again_is_still_delivered_once(
+    transport: RabbitMQTransport,
+) -> None:
+    # Two consumers retired one after the other (two instances stopping at once): the
+    # second still holds the first one's hand-back copy, which (a copy at priority 1)
+    # returns to its place, before anything else; the original behind it is dropped.
+    transport.claim_after = 60  # retired below, by hand, in a fixed order
+    await transport.declare("a", "g", from_start=False)
+    one, two = _apart(transport, 2)
+    await transport.send("a", _keyed(0, one))
+    for n in range(2):
+        await transport.send("a", _keyed(n, two))
+    [held] = await _take(transport, 1, consumer="s1")
+    await asyncio.sleep(0.2)  # the other partition's first message is in s1's buffer
+    assert await transport.receive("a", "g", consumer="s2", limit=1, wait=0) == []
+    first, second = (transport._consumers[("a", "g", name)] for name in ("s1", "s2"))
+    await transport._retire(first)  # s2 is the only one waiting: it gets both partitions
+    for _ in range(50):
+        if len(second.inbox) == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert len(second.inbox) == 2
+    assert await transport.receive("a", "g", consumer="s3", limit=1, wait=0) == []
+    await transport._retire(second)
+    seen: dict[str, list[tuple[bytes, int]]] = {one: [], two: []}
+    deadline = time.monotonic() + 10
+    while sum(map(len, seen.values())) < 3 and time.monotonic() < deadline:
+        for delivery in await transport.receive("a", "g", consumer="s3", limit=10, wait=0.2):
+            seen[delivery.envelope.key or ""].append((delivery.envelope.payload, delivery.attempt))
+            await delivery.ack()
+    assert await transport.receive("a", "g", consumer="s3", limit=10, wait=0.5) == []
+    handed, other = held.envelope.key, ({one, two} - {held.envelope.key}).pop()
+    assert seen[handed][0] == (b"0", 2)  # it was out: counted
+    assert seen[other][0] == (b"0", 1)  # only ever buffered: not counted, and once
+    assert seen[two] == [(b"0", seen[two][0][1]), (b"1", 1)]

@@ -44,6 +44,14 @@ def _envelope(n: int, **fields: object) -> Envelope:
     return Envelope(name="Ping", payload=f'{{"n":{n}}}'.encode(), **fields)  # type: ignore[arg-type]
 
 
+def _payload_n(envelope: Envelope) -> int:
+    return int(json.loads(envelope.payload)["n"])
+
+
+def _n(delivery: Delivery) -> int:
+    return _payload_n(delivery.envelope)
+
+
 async def _receive_all(
     transport: Transport, address: str, group: str, count: int, *, consumer: str = "c1"
 ) -> list[Delivery]:
@@ -64,19 +72,27 @@ async def _nothing(transport: Transport, address: str, group: str, *, wait: floa
 
 
 async def check_send_receive_ack(transport: Transport) -> None:
-    """Envelopes arrive once, in order, whole, with attempt 1; an ack settles them."""
+    """Envelopes arrive once, in order, whole, with attempt 1; an ack settles them.
+
+    Envelopes without a key keep their send order; a keyed one may travel apart from them
+    (its order is its key's), so it is compared whole but not placed among them.
+    """
     address, group, _ = _names("basic")
     await transport.declare(address, group, from_start=False)
     sent = [
         _envelope(0),
         _envelope(1, correlation_id="corr-1", causation_id="cause-1", key="k-1"),
         _envelope(2, reply_to="somewhere", headers={"tenant": "acme", "trace": "x y"}),
+        _envelope(3),
     ]
     for envelope in sent:
         await transport.send(address, envelope)
-    got = await _receive_all(transport, address, group, 3)
-    assert [d.envelope for d in got] == sent, "envelopes changed in transit or came out of order"
-    assert [d.attempt for d in got] == [1, 1, 1], "first deliveries must have attempt 1"
+    got = await _receive_all(transport, address, group, len(sent))
+    envelopes = [d.envelope for d in got]
+    assert sorted(envelopes, key=_payload_n) == sent, "envelopes changed in transit"
+    unkeyed = [e for e in envelopes if e.key is None]
+    assert unkeyed == [e for e in sent if e.key is None], "envelopes came out of order"
+    assert [d.attempt for d in got] == [1] * len(sent), "first deliveries must have attempt 1"
     for delivery in got:
         await delivery.ack()
     await _nothing(transport, address, group)
@@ -280,10 +296,6 @@ def _distinct_keys(transport: Transport, count: int) -> list[str]:
             taken.add(slot)
             keys.append(key)
     return keys
-
-
-def _n(delivery: Delivery) -> int:
-    return int(json.loads(delivery.envelope.payload)["n"])
 
 
 async def check_keys_keep_their_order(transport: Transport) -> None:

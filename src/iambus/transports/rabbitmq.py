@@ -1,13 +1,13 @@
 """``RabbitMQTransport``: RabbitMQ over AMQP 0-9-1 (``pip install 'iambus[rabbitmq]'``).
 
-``amqp://guest:guest@127.0.0.1:5672/?namespace=shop`` — every exchange and queue name
-starts with the namespace (default ``iambus``). How the seam maps onto RabbitMQ:
+``amqp://guest:guest@127.0.0.1:5672/?namespace=shop&partitions=16`` — every exchange and
+queue name starts with the namespace (default ``iambus``). How the seam maps onto RabbitMQ:
 
 * ``send`` publishes a persistent message to the topic exchange ``<ns>`` with the
   address as routing key, and waits for the publisher confirm;
-* a group is a durable *quorum* queue ``<ns>.<address>.<group>``, bound to ``<ns>`` by
-  the address and to the direct exchange ``<ns>.direct`` by ``<address>@<group>`` —
-  the key that retries and replays use, so that they reach that group only;
+* a group is a durable *quorum* queue ``<ns>.<address>@<group>``, bound to ``<ns>`` by
+  the address and to the direct exchange ``<ns>.direct`` by its own name — the key that
+  retries and replays use, so that they reach that group only;
 * an address no group is bound to yet: ``<ns>`` has the alternate exchange
   ``<ns>.unrouted``, where such messages wait in ``<ns>.held.<address>`` (at most
   ``max_length``); the first group declared with ``from_start=True`` takes them;
@@ -17,39 +17,67 @@ starts with the namespace (default ``iambus``). How the seam maps onto RabbitMQ:
   ``x-delivery-count``: a message whose consumer died unacked counts as a further attempt;
 * ``retry(delay)`` publishes a copy, its attempt header incremented, to a delay queue
   ``<ns>.delay.<ms>`` (a per-queue TTL, dead-lettered to ``<ns>.direct`` under
-  ``<address>@<group>``), waits for the confirm, then acks the original: a crash in
+  the group's name), waits for the confirm, then acks the original: a crash in
   between gives a duplicate, never a loss;
 * a consumer that neither receives nor settles for ``claim_after`` seconds is considered
-  dead: its channel is closed, so RabbitMQ hands what it held to the others;
+  dead: its channels are closed, so RabbitMQ hands what it held to the others;
 * dead letters are records in the stream queue ``<ns>.dead``; replaying or purging one
   appends a tombstone, so listing them never takes them from anyone;
 * ``request`` / ``reply`` use direct reply-to (``amq.rabbitmq.reply-to``): no queue per
   requester.
 
-See ``docs/rabbitmq.md`` for the reasons and the limits. Driver errors surface as
-``TransportError``; a lost connection is reopened in the background (robust connection).
+Per-key ordering (``iambus.partitions``): an envelope with a ``key`` is published to the
+direct exchange ``<ns>.keyed`` under ``<address>.<n>``, ``n = partition(key,
+partitions)``. ``declare`` gives the group a *partition queue* ``<ns>.<address>@<group>@<n>``
+per partition, bound by that key: a durable *classic* queue with a single active
+consumer and two priorities (``x-max-priority: 1``). Each consumer name consumes all of
+them on a second channel, with a prefetch of 1 per consumer: RabbitMQ gives a partition
+queue to one consumer at a time, which gets its next message only once it settled the
+previous one — so each (group, partition) has at most one delivery out in the cluster.
+
+* ``retry(delay)`` of a keyed delivery keeps it unacked through the delay, then publishes
+  a copy with attempt + 1 at priority 1 — ahead of everything queued — and acks it;
+* the attempt is ``x-iambus-attempt`` alone: a classic queue only flags a redelivery, so
+  a redelivered message (its consumer died or was retired) is not handed out but replaced
+  by such a copy with attempt + 1;
+* a retired consumer first gives back what it buffered unhandled as *hand-back* copies
+  (same attempt, priority 1; a copy already at priority 1 just returns to its place, as
+  a classic queue does), then closes the channel: RabbitMQ activates the waiting
+  consumer with the highest (random) ``x-priority``, which gets the copy or the returned
+  delivery first; an original returning behind its hand-back copy is dropped there;
+* keyed sends to an address no group is bound to wait in its held queue too (the
+  alternate exchange of ``<ns>.keyed`` is the topic exchange ``<ns>.keyed.unrouted``);
+* a replayed keyed dead letter is published to its partition queue, at the back.
+
+Names longer than AMQP's 255 bytes (queues, routing keys) keep their start and a SHA-256
+digest, the same in every process. See ``docs/rabbitmq.md`` for the reasons and the
+limits. Driver errors surface as ``TransportError``; a lost connection is reopened in
+the background (robust connection).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import datetime
 import hashlib
 import json
 import logging
 import math
+import random
 import string
 import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..envelope import Envelope, new_id
 from ..errors import ImproperlyConfigured, SerializationError, TransportError
+from ..partitions import PARTITIONS, check_partitions, partition
 from . import DeadLetter, Delivery, Failure
 
 try:
@@ -77,6 +105,7 @@ H_KEY = "x-iambus-key"
 H_HEADERS = "x-iambus-headers"
 H_ATTEMPT = "x-iambus-attempt"
 H_DELAY = "iambus-delay"  # no "x-": a headers exchange ignores x- binding arguments
+H_HANDBACK = "x-iambus-handback"  # a lane copy handed back unhandled: its original follows
 # Records of the dead-letter stream.
 H_DEAD = "x-iambus-dead"
 H_SETTLED = "x-iambus-settled"
@@ -90,20 +119,33 @@ H_FAILURE = (
 )
 _PLAIN = frozenset(string.ascii_letters + string.digits + "-_.#,/+ ")
 MAX_HEADER_TEXT = 16_000  # an AMQP header frame must fit in one frame (128 KiB)
+MAX_NAME = 255  # bytes in an AMQP short string: queue and exchange names, routing keys
+MAX_NAMESPACE = 200  # it starts every exchange name: room for the longest suffix
+LANE_ARGUMENTS: dict[str, Any] = {"x-single-active-consumer": True, "x-max-priority": 1}
+FIRST = 1  # the priority of a lane copy that must come before everything queued
+DECLARERS = 4  # channels that declare a group's partition queues side by side
+_REMEMBERED = 10_000  # entries in each per-process memory of returned deliveries
 
 
 @dataclass(eq=False)
 class _Consumer:
-    """One consumer name on one group: its channel, and what it was sent but not given."""
+    """One consumer name on one group: its channels, and what it was sent but not given.
+
+    ``inbox`` holds (message, lane): ``lane`` is the partition queue it came from, or
+    None for the group's queue.
+    """
 
     key: tuple[str, str, str]
     queue: str
     channel: AbstractRobustChannel
-    inbox: deque[DeliveredMessage] = field(default_factory=deque)
+    lanes: AbstractRobustChannel  # prefetch 1 per consumer: one consumer per partition
+    inbox: deque[tuple[DeliveredMessage, str | None]] = field(default_factory=deque)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     consuming_on: Any = None  # the AMQP channel the consume was issued on
+    lanes_on: Any = None  # the AMQP channel the partition queues are consumed on
     last_seen: float = field(default_factory=time.monotonic)
     receiving: int = 0
+    retrying: set[asyncio.Task[None]] = field(default_factory=set)  # keyed retries waiting
 
 
 class RabbitMQTransport:
@@ -119,15 +161,27 @@ class RabbitMQTransport:
         max_length: int = 10_000,
         timeout: float = 10.0,
         reconnect_interval: float = 1.0,
+        partitions: int | None = None,
     ) -> None:
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
-        self.namespace = namespace or query.pop("namespace", None) or "iambus"
+        in_url = query.pop("namespace", None)
+        self.namespace = namespace or in_url or "iambus"
         if not set(self.namespace) <= _PLAIN:
             raise ImproperlyConfigured(
                 f"a RabbitMQ namespace holds letters, digits and '-_.#,/+ ' only: "
                 f"{self.namespace!r}"
             )
+        if len(self.namespace) > MAX_NAMESPACE:
+            raise ImproperlyConfigured(
+                f"a RabbitMQ namespace is at most {MAX_NAMESPACE} bytes (it starts every "
+                f"exchange name, and AMQP names hold {MAX_NAME}); "
+                f"{self.namespace[:40]!r}... has {len(self.namespace)}"
+            )
+        in_url = query.pop("partitions", None)
+        self.partitions = check_partitions(
+            partitions if partitions is not None else PARTITIONS if in_url is None else in_url
+        )
         self._driver_url = urlunsplit(parts._replace(query=urlencode(query)))
         self.url = url
         self.claim_after = claim_after
@@ -139,15 +193,24 @@ class RabbitMQTransport:
         self._publisher: AbstractRobustChannel | None = None
         self._admin: AbstractRobustChannel | None = None
         self._replier: AbstractRobustChannel | None = None
+        self._declarers: list[AbstractRobustChannel] = []  # with _admin: partition queues
         self._reply_consuming_on: Any = None
         self._reply_lock = asyncio.Lock()
         self._waiting: dict[str, asyncio.Future[Envelope]] = {}
         self._consumers: dict[tuple[str, str, str], _Consumer] = {}
         self._consumer_lock = asyncio.Lock()
-        self._held: set[str] = set()
+        self._held: dict[str, str] = {}  # address -> its routing key, held queue declared
+        self._held_keyed: dict[str, str] = {}  # address -> its lanes' routing-key prefix
+        self._lanes: set[tuple[str, str]] = set()  # (address, group): partition queues declared
         self._delays: dict[int, float] = {}  # delay bucket (ms) -> when last declared
         self._declared: set[str] = set()  # queue names, for destroy()
         self._sweeper: asyncio.Task[None] | None = None
+        # Deliveries this process received and gave back without handing them out, so
+        # that their return is not counted as an attempt when it comes back here:
+        # (queue, message id, attempt header, hand-back copy?) -> how many times.
+        self._unhanded: dict[tuple[str, str | None, int, bool], int] = {}
+        # Lane deliveries whose hand-back copy came first: the original is dropped.
+        self._superseded: dict[tuple[str, str | None, int], int] = {}
 
     # -- names ------------------------------------------------------------------------
 
@@ -167,9 +230,21 @@ class RabbitMQTransport:
     def _dead(self) -> str:
         return f"{self.namespace}.dead"
 
+    @property
+    def _keyed(self) -> str:
+        return f"{self.namespace}.keyed"
+
+    @property
+    def _keyed_unrouted(self) -> str:
+        return f"{self.namespace}.keyed.unrouted"
+
     def _queue(self, address: str, group: str) -> str:
         # Also the routing key of the group's binding to <ns>.direct: unique per group.
         return _fit(f"{self.namespace}.{_escape(address)}@{_escape(group)}")
+
+    def _lane(self, address: str, group: str, n: int) -> str:
+        # A second '@' (escaped everywhere else): never the name of a group's queue.
+        return _fit(f"{self.namespace}.{_escape(address)}@{_escape(group)}@{n}")
 
     def _held_queue(self, address: str) -> str:
         return _fit(f"{self.namespace}.held.{_escape(address)}")
@@ -206,6 +281,15 @@ class RabbitMQTransport:
         )
         await ch.exchange_declare(self._direct, exchange_type="direct", durable=True)
         await ch.exchange_declare(self._delay_exchange, exchange_type="headers", durable=True)
+        # Keyed sends: routing key "<address>.<partition>"; one with no partition queue
+        # bound goes to the address's held queue, bound by "<address>.*".
+        await ch.exchange_declare(self._keyed_unrouted, exchange_type="topic", durable=True)
+        await ch.exchange_declare(
+            self._keyed,
+            exchange_type="direct",
+            durable=True,
+            arguments={"alternate-exchange": self._keyed_unrouted},
+        )
         await ch.queue_declare(self._dead, durable=True, arguments={"x-queue-type": "stream"})
 
     async def close(self) -> None:
@@ -214,6 +298,10 @@ class RabbitMQTransport:
             await asyncio.gather(self._sweeper, return_exceptions=True)
             self._sweeper = None
         for consumer in list(self._consumers.values()):
+            # A keyed retry still waiting goes back with its channel: attempt + 1, now.
+            for task in list(consumer.retrying):
+                task.cancel()
+            await asyncio.gather(*consumer.retrying, return_exceptions=True)
             with contextlib.suppress(TransportError):
                 await self._retire(consumer)
         for future in self._waiting.values():
@@ -221,8 +309,11 @@ class RabbitMQTransport:
                 future.set_exception(TransportError(f"{self.url}: closed while waiting"))
         connection, self._connection = self._connection, None
         self._publisher = self._admin = self._replier = None
+        self._declarers = []
         self._reply_consuming_on = None
         self._held.clear()
+        self._held_keyed.clear()
+        self._lanes.clear()
         if connection is not None:
             with contextlib.suppress(Exception):
                 await connection.close()
@@ -232,49 +323,116 @@ class RabbitMQTransport:
         for consumer in list(self._consumers.values()):
             # Everything goes: nothing to hand back first.
             del self._consumers[consumer.key]
-            with contextlib.suppress(Exception):
-                await consumer.channel.close()
+            for task in consumer.retrying:
+                task.cancel()
+            for channel in (consumer.channel, consumer.lanes):
+                with contextlib.suppress(Exception):
+                    await channel.close()
         ch = await self._ready(self._admin)
         names = {*self._declared, self._dead}
         names |= {f"{self.namespace}.delay.{ms}" for ms in self._delays}
+        exchanges = (
+            self.namespace,
+            self._unrouted,
+            self._direct,
+            self._delay_exchange,
+            self._keyed,
+            self._keyed_unrouted,
+        )
         async with self._translate("destroy"):
             for name in sorted(names):
                 await ch.queue_delete(name)
-            for exchange in (self.namespace, self._unrouted, self._direct, self._delay_exchange):
+            for exchange in exchanges:
                 await ch.exchange_delete(exchange)
         self._declared.clear()
         self._held.clear()
+        self._held_keyed.clear()
+        self._lanes.clear()
         self._delays.clear()
         return len(names)
 
     # -- sending and declaring --------------------------------------------------------
 
     async def send(self, address: str, envelope: Envelope) -> None:
-        if address not in self._held:
-            await self._declare_held(address)
-        await self._publish(self.namespace, address, envelope, None)
+        if envelope.key is None:
+            route = self._held.get(address)
+            if route is None:
+                route = await self._declare_held(address)
+            await self._publish(self.namespace, route, envelope, None)
+        else:
+            route = await self._lane_route(address, envelope.key)
+            await self._publish(self._keyed, route, envelope, None)
 
-    async def _declare_held(self, address: str) -> None:
+    async def _lane_route(self, address: str, key: str) -> str:
+        """The routing key of ``key``'s partition of ``address`` on ``<ns>.keyed``."""
+        prefix = self._held_keyed.get(address)
+        if prefix is None:
+            prefix = await self._declare_held_keyed(address)
+        return f"{prefix}.{partition(key, self.partitions)}"
+
+    async def _declare_held(self, address: str) -> str:
         # Where an address's messages wait while no group is bound to it (the exchange's
         # alternate exchange routes them here): a later `from_start` group takes them.
+        route = _shorten(address, MAX_NAME)
+        await self._held_queue_bound(address, self._unrouted, route)
+        self._held[address] = route
+        return route
+
+    async def _declare_held_keyed(self, address: str) -> str:
+        # The same held queue, for keyed sends no group's partition queue is bound to:
+        # one queue, so held messages keep their send order whatever their key.
+        prefix = _shorten(address, MAX_NAME - 5)  # room for ".<partition>"
+        await self._held_queue_bound(address, self._keyed_unrouted, f"{prefix}.*")
+        self._held_keyed[address] = prefix
+        return prefix
+
+    async def _held_queue_bound(self, address: str, exchange: str, route: str) -> None:
         ch = await self._ready(self._admin)
         name = self._held_queue(address)
         async with self._translate(f"declare {name}"):
             await ch.queue_declare(name, durable=True, arguments={"x-max-length": self.max_length})
-            await ch.queue_bind(name, self._unrouted, routing_key=address)
-        self._held.add(address)
+            await ch.queue_bind(name, exchange, routing_key=route)
         self._declared.add(name)
 
     async def declare(self, address: str, group: str, *, from_start: bool) -> None:
         ch = await self._ready(self._admin)
         name = self._queue(address, group)
+        route = _shorten(address, MAX_NAME)
         async with self._translate(f"declare {name}"):
             await ch.queue_declare(name, durable=True, arguments={"x-queue-type": "quorum"})
-            await ch.queue_bind(name, self.namespace, routing_key=address)
+            await ch.queue_bind(name, self.namespace, routing_key=route)
             await ch.queue_bind(name, self._direct, routing_key=self._queue(address, group))
         self._declared.add(name)
+        if (address, group) not in self._lanes:
+            await self._declare_lanes(address, group)
         if from_start:
             await self._take_held(address, group)
+
+    async def _declare_lanes(self, address: str, group: str) -> None:
+        """The group's partition queues, bound to ``<ns>.keyed`` by ``<address>.<n>``:
+        over a few channels at once (a channel waits for each reply), 2-3 times faster."""
+        if not self._declarers:
+            self._declarers = [await self._new_channel() for _ in range(DECLARERS - 1)]
+        channels = [await self._ready(c) for c in (self._admin, *self._declarers)]
+        prefix = _shorten(address, MAX_NAME - 5)
+
+        async def declare(ch: aiormq.abc.AbstractChannel, numbers: range) -> None:
+            for n in numbers:
+                name = self._lane(address, group, n)
+                async with self._translate(f"declare {name}"):
+                    await ch.queue_declare(name, durable=True, arguments=LANE_ARGUMENTS)
+                    await ch.queue_bind(name, self._keyed, routing_key=f"{prefix}.{n}")
+                self._declared.add(name)
+
+        step = len(channels)
+        done = await asyncio.gather(
+            *(declare(ch, range(i, self.partitions, step)) for i, ch in enumerate(channels)),
+            return_exceptions=True,
+        )
+        for outcome in done:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        self._lanes.add((address, group))
 
     async def _take_held(self, address: str, group: str) -> None:
         if address not in self._held:
@@ -288,12 +446,13 @@ class RabbitMQTransport:
                 if not isinstance(message.delivery, spec.Basic.GetOk):
                     break
                 # Copy, confirmed, then ack: a crash in between duplicates, never loses.
-                await self._publish_raw(
-                    self._direct,
-                    self._queue(address, group),
-                    message.body,
-                    message.header.properties,
-                )
+                key = (message.header.properties.headers or {}).get(H_KEY)
+                if key is None:
+                    exchange, route = self._direct, self._queue(address, group)
+                else:  # to the back of its partition, by name (the default exchange)
+                    n = partition(_text(key), self.partitions)
+                    exchange, route = "", self._lane(address, group, n)
+                await self._publish_raw(exchange, route, message.body, message.header.properties)
                 await ch.basic_ack(_tag(message))
                 moved += 1
         if moved:
@@ -323,13 +482,19 @@ class RabbitMQTransport:
     ) -> None:
         ch = channel or await self._ready(self._publisher)
         async with self._translate(f"publish to {exchange or 'the default exchange'}"):
-            confirm = await ch.basic_publish(
-                body,
-                exchange=exchange,
-                routing_key=routing_key,
-                properties=properties,
-                timeout=self.timeout,
-            )
+            try:
+                confirm = await ch.basic_publish(
+                    body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=properties,
+                    timeout=self.timeout,
+                )
+            except (TypeError, ValueError) as exc:  # pamqp: a short string is too long
+                problem = _too_long(routing_key, properties)
+                if problem is None:
+                    raise
+                raise ImproperlyConfigured(f"{self.url}: cannot publish: {problem}") from exc
         if not isinstance(confirm, spec.Basic.Ack):
             raise TransportError(f"{self.url}: the broker did not confirm a message: {confirm!r}")
 
@@ -362,10 +527,11 @@ class RabbitMQTransport:
                         async with asyncio.timeout(deadline - loop.time()):
                             await state.arrived.wait()
                     continue
-                message = state.inbox.popleft()
+                message, lane = state.inbox.popleft()
                 if message.channel.is_closed:
-                    continue  # its channel is gone: the broker has requeued it
-                delivery = await self._delivery(state, address, group, message)
+                    self._unhand(state, message, lane)  # the broker has requeued it
+                    continue
+                delivery = await self._delivery(state, address, group, message, lane)
                 if delivery is not None:
                     out.append(delivery)
             return out
@@ -383,37 +549,112 @@ class RabbitMQTransport:
             if state is not None:
                 return state
             channel = await self._new_channel()
-            async with self._translate("set a consumer's prefetch"):
-                await channel.set_qos(prefetch_count=self.prefetch or max(limit, 1))
-            state = _Consumer(key, self._queue(address, group), channel)
+            try:
+                lanes = await self._new_channel()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+                raise
+            try:
+                async with self._translate("set a consumer's prefetch"):
+                    await channel.set_qos(prefetch_count=self.prefetch or max(limit, 1))
+                    # Per consumer (global=False): one unacked delivery per partition queue.
+                    await lanes.set_qos(prefetch_count=1)
+            except BaseException:
+                for made in (channel, lanes):
+                    with contextlib.suppress(Exception):
+                        await made.close()
+                raise
+            state = _Consumer(key, self._queue(address, group), channel, lanes)
             self._consumers[key] = state
             return state
 
     async def _consume(self, state: _Consumer) -> None:
-        """Start consuming on the consumer's channel, again when it was reopened."""
-        ch = await self._ready(state.channel)
-        if state.consuming_on is ch:
+        """Start consuming on the consumer's channels, again when one was reopened."""
+        if _live(state.consuming_on) and _live(state.lanes_on):
             return
-        state.inbox.clear()  # from a channel that is gone: requeued by the broker
+        self._drop_closed(state)  # from a channel that is gone: requeued by the broker
+        address, group, _ = state.key
+        ch = await self._ready(state.channel)
+        if state.consuming_on is not ch:
+            await self._subscribe(state, ch, state.queue, None)
+            state.consuming_on = ch
+        lanes = await self._ready(state.lanes)
+        if state.lanes_on is not lanes:
+            # Single active consumer: the first consumer of a partition queue has it until
+            # its channel closes; then the waiting one with the highest x-priority takes
+            # over. Random priorities (and order) spread the partitions over the others.
+            start = random.randrange(self.partitions)
+            for i in range(self.partitions):
+                name = self._lane(address, group, (start + i) % self.partitions)
+                await self._subscribe(state, lanes, name, name)
+            state.lanes_on = lanes
+
+    async def _subscribe(
+        self, state: _Consumer, ch: aiormq.abc.AbstractChannel, queue: str, lane: str | None
+    ) -> None:
+        arguments: dict[str, Any] | None = None
+        if lane is not None:
+            arguments = {"x-priority": random.randrange(1 << 16)}
         try:
-            async with self._translate(f"consume {state.queue}"):
-                await ch.basic_consume(state.queue, _putter(state), no_ack=False)
+            async with self._translate(f"consume {queue}"):
+                await ch.basic_consume(queue, _putter(state, lane), arguments=arguments)
         except TransportError as exc:
             if isinstance(exc.__cause__, aiormq.exceptions.ChannelNotFoundEntity):
                 address, group, _ = state.key
+                if lane is None:
+                    raise ImproperlyConfigured(
+                        f"{self.url}: no group {group!r} on {address!r}; declare() it before "
+                        f"receiving"
+                    ) from exc
                 raise ImproperlyConfigured(
-                    f"{self.url}: no group {group!r} on {address!r}; declare() it before receiving"
+                    f"{self.url}: no partition queue {queue!r} for group {group!r} on "
+                    f"{address!r}; declare() the group with this version, and give every "
+                    f"process of namespace {self.namespace!r} the same partitions "
+                    f"(here {self.partitions})"
                 ) from exc
             raise
-        state.consuming_on = ch
+
+    def _drop_closed(self, state: _Consumer) -> None:
+        if any(message.channel.is_closed for message, _ in state.inbox):
+            kept: deque[tuple[DeliveredMessage, str | None]] = deque()
+            for message, lane in state.inbox:
+                if message.channel.is_closed:
+                    self._unhand(state, message, lane)
+                else:
+                    kept.append((message, lane))
+            state.inbox = kept
+
+    def _unhand(self, state: _Consumer, message: DeliveredMessage, lane: str | None) -> None:
+        """``message`` was never handed out and its channel is gone: the broker returns it
+        counted as a delivery. Remember it, not to count that if it comes back here."""
+        if lane is not None and _redelivered(message):
+            return  # an earlier return of it is still to be counted, where it arrives
+        key = _returned(lane or state.queue, message)
+        _remember(self._unhanded, key, self._unhanded.get(key, 0) + 1)
 
     async def _delivery(
-        self, state: _Consumer, address: str, group: str, message: DeliveredMessage
+        self,
+        state: _Consumer,
+        address: str,
+        group: str,
+        message: DeliveredMessage,
+        lane: str | None,
     ) -> Delivery | None:
-        """A delivery, or None when the message is no envelope: that one is parked at once."""
+        """A delivery, or None: a message that is no envelope is parked at once; one from a
+        partition queue may be replaced by a copy counting its attempt (``_lane_attempt``)."""
         properties = message.header.properties
-        headers = properties.headers or {}
-        attempt = _attempt(headers)
+        headers: Mapping[str, Any] = properties.headers or {}
+        attempt = _own_attempt(headers)
+        returned = None
+        if lane is not None:
+            counted = await self._lane_attempt(message, lane, attempt)
+            if counted is None:
+                return None
+            attempt = counted
+        elif "x-delivery-count" in headers:  # the quorum queue had it out before
+            returned = _returned(state.queue, message)
+            attempt += int(headers["x-delivery-count"]) - self._unhanded.get(returned, 0)
         try:
             envelope = _envelope(properties, message.body)
         except SerializationError as exc:
@@ -425,10 +666,65 @@ class RabbitMQTransport:
             )
             failure = Failure("iambus.errors.SerializationError", str(exc), "", attempt)
             await self._park(
-                _RabbitDelivery(self, state, address, group, message, raw, attempt), failure
+                _RabbitDelivery(self, state, address, group, message, raw, attempt, lane, returned),
+                failure,
             )
             return None
-        return _RabbitDelivery(self, state, address, group, message, envelope, attempt)
+        return _RabbitDelivery(
+            self, state, address, group, message, envelope, attempt, lane, returned
+        )
+
+    async def _lane_attempt(self, message: DeliveredMessage, lane: str, attempt: int) -> int | None:
+        """The attempt of a message from a partition queue, or None if it is not handed out.
+
+        A classic queue says *redelivered*, not how often: a redelivered message is
+        replaced by a copy carrying its attempt + 1, at the head of the queue (priority
+        ``FIRST``), which is handed out instead. Not counted: one this process gave back
+        unhandled, and one whose hand-back copy came first (dropped: a duplicate).
+        """
+        handback = H_HANDBACK in (message.header.properties.headers or {})
+        original = (lane, message.header.properties.message_id, attempt)
+        if handback:
+            _remember(self._superseded, original, 1)
+        if not _redelivered(message):
+            return attempt
+        if not handback and self._superseded.pop(original, 0):
+            await self._ack_message(message)
+            return None
+        if self._unhanded.pop(_returned(lane, message), 0):
+            return attempt
+        await self._pass_on(message, lane, attempt + 1)
+        return None
+
+    async def _pass_on(
+        self, message: DeliveredMessage, lane: str, attempt: int, *, handback: bool = False
+    ) -> None:
+        """A copy of ``message`` with ``attempt`` at the head of its partition queue
+        (confirmed), then ``message`` acked: a crash in between duplicates, never reorders.
+
+        A hand-back copy leaves ``message`` unacked: its channel is closing, and acking
+        would only bring the copy to it. The original comes back behind the copy, and is
+        dropped where the copy was delivered (``_lane_attempt``).
+        """
+        properties = copy.copy(message.header.properties)
+        headers = dict(properties.headers or {})
+        headers[H_ATTEMPT] = attempt
+        headers.pop("x-delivery-count", None)
+        if handback:
+            headers[H_HANDBACK] = 1
+        else:
+            headers.pop(H_HANDBACK, None)
+        properties.headers = headers
+        properties.priority = FIRST
+        await self._publish_raw("", lane, message.body, properties)
+        if not handback:
+            await self._ack_message(message)
+
+    async def _ack_message(self, message: DeliveredMessage) -> None:
+        if message.channel.is_closed:
+            return  # the broker has it back
+        async with self._translate("ack"):
+            await message.channel.basic_ack(_tag(message))
 
     # -- settling (called by deliveries) ----------------------------------------------
 
@@ -442,6 +738,8 @@ class RabbitMQTransport:
             )
         async with self._translate("ack"):
             await message.channel.basic_ack(_tag(message))
+        if delivery._returned is not None:
+            self._unhanded.pop(delivery._returned, None)
 
     def _check_settleable(self, delivery: _RabbitDelivery, action: str) -> None:
         # A delivery whose channel closed is already back in its queue: publishing a
@@ -456,6 +754,9 @@ class RabbitMQTransport:
     async def _retry(self, delivery: _RabbitDelivery, delay: float) -> None:
         self._check_settleable(delivery, "retry")
         delivery._consumer.last_seen = time.monotonic()
+        if delivery._lane is not None:
+            await self._retry_keyed(delivery, delivery._lane, delay)
+            return
         extra: dict[str, Any] = {H_ATTEMPT: delivery.attempt + 1}
         target = self._queue(delivery._address, delivery._group)
         if delay <= 0:
@@ -468,6 +769,28 @@ class RabbitMQTransport:
             extra[H_DELAY] = str(ms)
             await self._publish(self._delay_exchange, target, delivery.envelope, extra)
         await self._ack(delivery)
+
+    async def _retry_keyed(self, delivery: _RabbitDelivery, lane: str, delay: float) -> None:
+        # The partition stays blocked: the delivery stays unacked through the delay (a
+        # delay queue would put it behind its successors), then its copy goes first.
+        if delay <= 0:
+            await self._pass_on(delivery._message, lane, delivery.attempt + 1)
+            return
+        state = delivery._consumer
+        task = asyncio.get_running_loop().create_task(self._retry_later(delivery, lane, delay))
+        state.retrying.add(task)
+        task.add_done_callback(state.retrying.discard)
+
+    async def _retry_later(self, delivery: _RabbitDelivery, lane: str, delay: float) -> None:
+        await asyncio.sleep(delay)
+        try:
+            # A closed channel gave it back already, counted: that is this retry.
+            if not delivery._message.channel.is_closed:
+                await self._pass_on(delivery._message, lane, delivery.attempt + 1)
+        except Exception:
+            logger.exception("iambus: retrying %r failed; it is redelivered later", delivery)
+        finally:
+            delivery._consumer.last_seen = time.monotonic()
 
     async def _declare_delay(self, ms: int) -> None:
         now = time.monotonic()
@@ -518,33 +841,65 @@ class RabbitMQTransport:
             await asyncio.sleep(interval)
             now = time.monotonic()
             for state in list(self._consumers.values()):
-                if not state.receiving and now - state.last_seen > self.claim_after:
+                if (
+                    not state.receiving
+                    and not state.retrying
+                    and now - state.last_seen > self.claim_after
+                ):
                     try:
                         await self._retire(state)
                     except TransportError as exc:
                         logger.warning("iambus: retiring consumer %s: %s", state.key, exc)
 
     async def _retire(self, state: _Consumer) -> None:
-        """Close a consumer's channel: RabbitMQ redelivers what it held to the others.
+        """Close a consumer's channels: RabbitMQ redelivers what it held to the others.
 
-        What it was sent but never handed out goes back first, as a copy with the same
-        attempt — closing the channel would count it as a failed attempt.
+        What it was sent but never handed out goes back first with the same attempt
+        (closing the channel would count it as a failed attempt): from the group's queue
+        as a copy, acked; from a partition queue as a hand-back copy at the head of it
+        (see ``_pass_on``) — unless it is a copy at priority 1 already: a classic queue
+        returns a message to its place, which would put it before its hand-back copy, so
+        it simply returns (counted, except where this process gets it again).
+
+        Partition consumers are closed with their channel, never cancelled: after a
+        cancel, RabbitMQ 3.10 keeps a single-active-consumer classic queue on the
+        cancelled consumer while its channel lives (and that queue process crashes on the
+        next message).
         """
         if self._consumers.get(state.key) is state:
             del self._consumers[state.key]
         address, group, _ = state.key
+        buffered = list(state.inbox)
+        state.inbox.clear()
         ch = state.consuming_on
         try:
+            try:
+                for message, lane in buffered:
+                    if lane is None or _redelivered(message):
+                        continue  # a redelivered one still has a return to count
+                    if message.channel.is_closed or message.header.properties.priority:
+                        # A copy (priority 1) returns to its place, first, and counted
+                        # (its hand-back copy would come after it); here, not counted.
+                        self._unhand(state, message, lane)
+                        continue
+                    attempt = _own_attempt(message.header.properties.headers or {})
+                    await self._pass_on(message, lane, attempt, handback=True)
+            finally:
+                with contextlib.suppress(Exception):
+                    await state.lanes.close()
             if ch is not None and not ch.is_closed:
                 async with self._translate("cancel a consumer"):
                     for tag in list(ch.consumers):
                         await ch.basic_cancel(tag)
-                while state.inbox:
-                    message = state.inbox.popleft()
+                for message, lane in buffered:
+                    if lane is not None:
+                        continue
                     if message.channel.is_closed:
+                        self._unhand(state, message, lane)
                         continue
                     headers = dict(message.header.properties.headers or {})
-                    headers[H_ATTEMPT] = _attempt(headers)
+                    given_back = self._unhanded.pop(_returned(state.queue, message), 0)
+                    headers[H_ATTEMPT] = _attempt(headers) - given_back
                     headers.pop("x-delivery-count", None)
                     message.header.properties.headers = headers
                     await self._publish_raw(
@@ -553,8 +908,7 @@ class RabbitMQTransport:
                         message.body,
                         message.header.properties,
                     )
-                    async with self._translate("ack"):
-                        await message.channel.basic_ack(_tag(message))
+                    await self._ack_message(message)
         finally:
             with contextlib.suppress(Exception):
                 await state.channel.close()
@@ -567,11 +921,14 @@ class RabbitMQTransport:
         future: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
         self._waiting[envelope.id] = future
         try:
-            if address not in self._held:
-                await self._declare_held(address)
+            if envelope.key is not None:
+                exchange, route = self._keyed, await self._lane_route(address, envelope.key)
+            else:
+                exchange, held = self.namespace, self._held.get(address)
+                route = held if held is not None else await self._declare_held(address)
             # Published on the channel that consumes amq.rabbitmq.reply-to, as direct
             # reply-to requires; RabbitMQ rewrites reply_to to this channel's own name.
-            await self._publish(self.namespace, address, _with_reply_to(envelope), None, channel=ch)
+            await self._publish(exchange, route, _with_reply_to(envelope), None, channel=ch)
             async with asyncio.timeout(timeout):
                 return await future
         finally:
@@ -614,10 +971,15 @@ class RabbitMQTransport:
             if letter is None:
                 continue
             await self.declare(letter.address, letter.group, from_start=False)
-            # No attempt header: a replayed envelope starts counting again.
-            await self._publish(
-                self._direct, self._queue(letter.address, letter.group), letter.envelope, None
-            )
+            # No attempt header: a replayed envelope starts counting again. A keyed one
+            # goes behind what its partition queue holds (by name: the default exchange).
+            key = letter.envelope.key
+            if key is None:
+                exchange, route = self._direct, self._queue(letter.address, letter.group)
+            else:
+                n = partition(key, self.partitions)
+                exchange, route = "", self._lane(letter.address, letter.group, n)
+            await self._publish(exchange, route, letter.envelope, None)
             await self._settle_dead([letter_id])
             replayed.append(letter_id)
         return len(replayed)
@@ -724,7 +1086,9 @@ class _RabbitDelivery:
         "_address",
         "_consumer",
         "_group",
+        "_lane",
         "_message",
+        "_returned",
         "_transport",
         "attempt",
         "envelope",
@@ -739,6 +1103,8 @@ class _RabbitDelivery:
         message: DeliveredMessage,
         envelope: Envelope,
         attempt: int,
+        lane: str | None,
+        returned: tuple[str, str | None, int, bool] | None,
     ) -> None:
         self._transport = transport
         self._consumer = consumer
@@ -747,6 +1113,8 @@ class _RabbitDelivery:
         self._message = message
         self.envelope = envelope
         self.attempt = attempt
+        self._lane = lane  # the partition queue it came from, or None
+        self._returned = returned  # its key in the transport's _unhanded, if redelivered
 
     async def ack(self) -> None:
         await self._transport._ack(self)
@@ -761,12 +1129,36 @@ class _RabbitDelivery:
         return f"<delivery {self.envelope.name} #{self.attempt} to {self._group}@{self._address}>"
 
 
-def _putter(state: _Consumer) -> Any:
+def _putter(state: _Consumer, lane: str | None) -> Any:
     async def put(message: DeliveredMessage) -> None:
-        state.inbox.append(message)
+        state.inbox.append((message, lane))
         state.arrived.set()
 
     return put
+
+
+def _redelivered(message: DeliveredMessage) -> bool:
+    return bool(getattr(message.delivery, "redelivered", False))
+
+
+def _live(channel: aiormq.abc.AbstractChannel | None) -> bool:
+    return channel is not None and not channel.is_closed
+
+
+_K = TypeVar("_K")
+
+
+def _remember(memory: dict[_K, int], key: _K, value: int) -> None:
+    memory[key] = value
+    if len(memory) > _REMEMBERED:
+        del memory[next(iter(memory))]  # the oldest
+
+
+def _returned(queue: str, message: DeliveredMessage) -> tuple[str, str | None, int, bool]:
+    """Which delivery ``message`` is, across its returns to ``queue``."""
+    headers = message.header.properties.headers or {}
+    attempt = _own_attempt(headers)
+    return (queue, message.header.properties.message_id, attempt, H_HANDBACK in headers)
 
 
 def _escape(text: str) -> str:
@@ -774,17 +1166,48 @@ def _escape(text: str) -> str:
     return "".join(c if c in _PLAIN else "".join(f":{b:02x}" for b in c.encode()) for c in text)
 
 
+def _shorten(text: str, limit: int) -> str:
+    """``text`` if it fits in ``limit`` UTF-8 bytes, else its start and its SHA-256: the
+    same on every process, and never the same for two texts."""
+    raw = text.encode()
+    if len(raw) <= limit:
+        return text
+    digest = hashlib.sha256(raw).hexdigest()
+    return raw[: limit - len(digest) - 1].decode(errors="ignore") + ":" + digest
+
+
 def _fit(name: str) -> str:
     # AMQP names are short strings (255 bytes): a longer one keeps its start and a digest.
-    if len(name) <= 255:
-        return name
-    return name[:190] + ":" + hashlib.sha256(name.encode()).hexdigest()
+    return _shorten(name, MAX_NAME)
+
+
+def _too_long(routing_key: str, properties: spec.Basic.Properties) -> str | None:
+    """Which field of a publish does not fit in an AMQP short string, or None."""
+    for what, value in (
+        ("routing key", routing_key),
+        ("message name (the AMQP type)", properties.message_type),
+        ("envelope id (the AMQP message_id)", properties.message_id),
+        ("correlation id", properties.correlation_id),
+        ("reply_to", properties.reply_to),
+        ("content type", properties.content_type),
+    ):
+        if isinstance(value, str) and len(value.encode()) > MAX_NAME:
+            return (
+                f"its {what} {value[:40]!r}... is {len(value.encode())} bytes, and AMQP "
+                f"allows at most {MAX_NAME}; shorten it"
+            )
+    return None
 
 
 def _tag(message: DeliveredMessage) -> int:
     tag = message.delivery_tag
     assert tag is not None, "a message from basic.deliver or basic.get has a delivery tag"
     return tag
+
+
+def _own_attempt(headers: Mapping[str, Any]) -> int:
+    """The attempt iambus wrote (1 when absent): what a partition queue counts by."""
+    return int(headers.get(H_ATTEMPT, 1))
 
 
 def _attempt(headers: Mapping[str, Any]) -> int:
