@@ -1,7 +1,7 @@
 """The ``iambus`` command: ``worker`` and ``dlq``, run in-process through ``main(argv)``.
 
-Dead letters and the worker subprocess need a broker another process can reach: Redis
-(they skip locally, and fail in CI, when it is down).
+The dead-letter commands run on every broker (Redis, RabbitMQ, NATS); the worker
+subprocess on Redis. A test skips locally, and fails in CI, when its broker is down.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -28,9 +29,10 @@ import iambus
 from iambus import Dispatcher
 from iambus.cli import main
 from iambus.envelope import Envelope
-from iambus.transports import DeadLetter, Failure
+from iambus.transports import DeadLetter, Delivery, Failure, Transport, connect
 
 from .conftest import require
+from .processes import BROKERS
 
 # An application module, as a user would write it. DEFAULTS is replaced per test.
 APP = """
@@ -460,73 +462,107 @@ def redis_url() -> Iterator[str]:
 
 
 ADDRESS, GROUP = "event.Ping", "billing.app.record"
+T = TypeVar("T")
 
 
-def park(url: str, *envelopes: Envelope) -> list[DeadLetter]:
+@dataclass
+class Broker:
+    """A namespace on one broker for the dlq commands, and the test's own transport there.
+
+    ``main`` runs its own event loop, so the test's transport is opened and closed around
+    each use, in a loop of its own. It stays one instance all along: RabbitMQ's
+    ``destroy`` deletes the queues the destroying instance declared.
+    """
+
+    url: str
+    transport: Transport
+
+    def run(self, work: Callable[[Transport], Awaitable[T]]) -> T:
+        async def session() -> T:
+            await self.transport.open()
+            try:
+                await self.transport.declare(ADDRESS, GROUP, from_start=False)
+                return await work(self.transport)
+            finally:
+                await self.transport.close()
+
+        return asyncio.run(session())
+
+
+@pytest.fixture(params=sorted(BROKERS))
+def dlq(request: pytest.FixtureRequest) -> Iterator[Broker]:
+    """A fresh namespace on Redis, RabbitMQ and NATS in turn; destroyed at the end."""
+    require(request.param)
+    url = f"{BROKERS[request.param]}?namespace=test-{uuid.uuid4().hex[:10]}"
+    made = Broker(url, connect(url, claim_after=5))
+    made.run(lambda transport: asyncio.sleep(0))  # GROUP exists before anything is sent
+    yield made
+
+    async def destroy(transport: Transport) -> None:
+        await transport.destroy()  # type: ignore[attr-defined]
+
+    made.run(destroy)
+
+
+async def take(transport: Transport, *, count: int, wait: float) -> list[Delivery]:
+    """What GROUP gets within ``wait`` s (up to ``count``), and whatever follows at once."""
+    got: list[Delivery] = []
+    deadline = time.monotonic() + wait
+    while len(got) < count:
+        more = await transport.receive(ADDRESS, GROUP, consumer="test", limit=count, wait=0.2)
+        got += more
+        if not more and (got or time.monotonic() > deadline):
+            break
+    return got
+
+
+def park(broker: Broker, *envelopes: Envelope) -> list[DeadLetter]:
     """Deliver ``envelopes`` to GROUP and dead-letter each; return the dead letters."""
 
-    async def run() -> list[DeadLetter]:
-        from iambus.transports.redis import RedisTransport
-
-        transport = RedisTransport(url, block=0.1)
-        await transport.open()
-        try:
-            await transport.declare(ADDRESS, GROUP, from_start=False)
-            for envelope in envelopes:
-                await transport.send(ADDRESS, envelope)
-            deliveries = await transport.receive(
-                ADDRESS, GROUP, consumer="test", limit=len(envelopes), wait=2
-            )
-            assert len(deliveries) == len(envelopes)
-            for n, delivery in enumerate(deliveries):
-                await delivery.dead_letter(
-                    Failure(
-                        error_type="builtins.ValueError",
-                        message=f"card declined\n(try {n})",
-                        traceback='Traceback (most recent call last):\n  File "app.py"\n'
-                        "ValueError: card declined\n",
-                        attempts=3,
-                        handler="app.record",
-                    )
+    async def work(transport: Transport) -> list[DeadLetter]:
+        for envelope in envelopes:
+            await transport.send(ADDRESS, envelope)
+        deliveries = {d.envelope.id: d for d in await take(transport, count=len(envelopes), wait=5)}
+        assert set(deliveries) == {e.id for e in envelopes}
+        for n, envelope in enumerate(envelopes):  # in this order, whatever the broker's
+            await deliveries[envelope.id].dead_letter(
+                Failure(
+                    error_type="builtins.ValueError",
+                    message=f"card declined\n(try {n})",
+                    traceback='Traceback (most recent call last):\n  File "app.py"\n'
+                    "ValueError: card declined\n",
+                    attempts=3,
+                    handler="app.record",
                 )
-            return await transport.dead_letters()
-        finally:
-            await transport.close()
-
-    return asyncio.run(run())
-
-
-def receive(url: str) -> list[Envelope]:
-    """What GROUP gets now."""
-
-    async def run() -> list[Envelope]:
-        from iambus.transports.redis import RedisTransport
-
-        transport = RedisTransport(url, block=0.1)
-        await transport.open()
-        try:
-            deliveries = await transport.receive(
-                ADDRESS, GROUP, consumer="test", limit=10, wait=0.5
             )
-            for delivery in deliveries:
-                await delivery.ack()
-            return [delivery.envelope for delivery in deliveries]
-        finally:
-            await transport.close()
+        return await transport.dead_letters()
 
-    return asyncio.run(run())
+    return broker.run(work)
+
+
+def receive(broker: Broker) -> list[Envelope]:
+    """What GROUP gets now, acked (a replay may take a second to show up: Redis looks for
+    replays every ``block`` seconds, 1 by default)."""
+
+    async def work(transport: Transport) -> list[Envelope]:
+        deliveries = await take(transport, count=10, wait=2.5)
+        for delivery in deliveries:
+            await delivery.ack()
+        return [delivery.envelope for delivery in deliveries]
+
+    return broker.run(work)
 
 
 def ping(n: int, **fields: object) -> Envelope:
     return Envelope(name="Ping", payload=f'{{"n": {n}}}'.encode(), **fields)  # type: ignore[arg-type]
 
 
-def test_dlq_list_shows_a_table(redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["dlq", "list", "--transport", redis_url]) == 0
-    assert capsys.readouterr().out == f"no dead letters on {redis_url}\n"
+def test_dlq_list_shows_a_table(dlq: Broker, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["dlq", "list", "--transport", dlq.url]) == 0
+    assert capsys.readouterr().out == f"no dead letters on {dlq.url}\n"
 
-    first, second = park(redis_url, ping(1), ping(2))
-    assert main(["dlq", "list", "--transport", redis_url]) == 0
+    first, second = park(dlq, ping(1), ping(2))
+    assert main(["dlq", "list", "--transport", dlq.url]) == 0
     header, *rows = capsys.readouterr().out.splitlines()
     assert header.split() == ["ID", "ADDRESS", "GROUP", "ERROR", "MESSAGE", "ATTEMPTS", "AGE"]
     assert [row.split()[:3] for row in rows] == [
@@ -536,9 +572,9 @@ def test_dlq_list_shows_a_table(redis_url: str, capsys: pytest.CaptureFixture[st
     assert rows[0].split()[3:] == ["ValueError", "card", "declined", "(try", "0)", "3", "0s"]
 
 
-def test_dlq_list_limit_and_json(redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
-    first, _ = park(redis_url, ping(1, key="order-1"), ping(2))
-    assert main(["dlq", "list", "--transport", redis_url, "--limit", "1", "--json"]) == 0
+def test_dlq_list_limit_and_json(dlq: Broker, capsys: pytest.CaptureFixture[str]) -> None:
+    first, _ = park(dlq, ping(1, key="order-1"), ping(2))
+    assert main(["dlq", "list", "--transport", dlq.url, "--limit", "1", "--json"]) == 0
     out, err = capsys.readouterr()
     [line] = out.splitlines()
     record = json.loads(line)
@@ -551,10 +587,10 @@ def test_dlq_list_limit_and_json(redis_url: str, capsys: pytest.CaptureFixture[s
     assert "pass --limit to see them" in err
 
 
-def test_dlq_show_tells_everything(redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_dlq_show_tells_everything(dlq: Broker, capsys: pytest.CaptureFixture[str]) -> None:
     envelope = ping(7, key="order-7", headers={"tenant": "acme"}, correlation_id="conv-1")
-    [letter] = park(redis_url, envelope)
-    assert main(["dlq", "show", "--transport", redis_url, letter.id]) == 0
+    [letter] = park(dlq, envelope)
+    assert main(["dlq", "show", "--transport", dlq.url, letter.id]) == 0
     out = capsys.readouterr().out
     for expected in (
         f"id:        {letter.id}",
@@ -574,69 +610,69 @@ def test_dlq_show_tells_everything(redis_url: str, capsys: pytest.CaptureFixture
     ):
         assert expected in out
 
-    assert main(["dlq", "show", "--transport", redis_url, letter.id, "--json"]) == 0
+    assert main(["dlq", "show", "--transport", dlq.url, letter.id, "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["envelope"]["headers"] == {"tenant": "acme"}
     assert record["traceback"].endswith("ValueError: card declined\n")
 
 
 def test_dlq_show_a_payload_that_is_not_text(
-    redis_url: str, capsys: pytest.CaptureFixture[str]
+    dlq: Broker, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    [letter] = park(redis_url, Envelope(name="Blob", payload=b"\xff\x00", content_type="x/bin"))
-    assert main(["dlq", "show", "--transport", redis_url, letter.id]) == 0
+    [letter] = park(dlq, Envelope(name="Blob", payload=b"\xff\x00", content_type="x/bin"))
+    assert main(["dlq", "show", "--transport", dlq.url, letter.id]) == 0
     assert "payload (2 bytes, not UTF-8):\n  b'\\xff\\x00'" in capsys.readouterr().out
-    assert main(["dlq", "show", "--transport", redis_url, letter.id, "--json"]) == 0
+    assert main(["dlq", "show", "--transport", dlq.url, letter.id, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["envelope"]["payload_base64"] == "/wA="
 
 
-def test_dlq_show_an_unknown_id(redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
-    park(redis_url, ping(1))
+def test_dlq_show_an_unknown_id(dlq: Broker, capsys: pytest.CaptureFixture[str]) -> None:
+    park(dlq, ping(1))
     for unknown in ("0-1", "not-an-id"):
-        assert main(["dlq", "show", "--transport", redis_url, unknown]) == 1
+        assert main(["dlq", "show", "--transport", dlq.url, unknown]) == 1
         err = capsys.readouterr().err
-        assert f"no dead letter {unknown!r} on {redis_url}; 'iambus dlq list' shows" in err
+        assert f"no dead letter {unknown!r} on {dlq.url}; 'iambus dlq list' shows" in err
 
 
 def test_dlq_replay_sends_them_back_to_their_group(
-    redis_url: str, capsys: pytest.CaptureFixture[str]
+    dlq: Broker, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    first, second, third = park(redis_url, ping(1), ping(2), ping(3))
-    assert main(["dlq", "replay", "--transport", redis_url, first.id]) == 0
+    first, second, third = park(dlq, ping(1), ping(2), ping(3))
+    assert main(["dlq", "replay", "--transport", dlq.url, first.id]) == 0
     assert capsys.readouterr().out == "replayed 1 dead letter\n"
-    assert [e.id for e in receive(redis_url)] == [first.envelope.id]
+    assert [e.id for e in receive(dlq)] == [first.envelope.id]
 
     # Unknown ids are named and fail the command; the known ones are replayed anyway.
-    assert main(["dlq", "replay", "--transport", redis_url, second.id, "nope", first.id]) == 1
+    assert main(["dlq", "replay", "--transport", dlq.url, second.id, "nope", first.id]) == 1
     out, err = capsys.readouterr()
     assert out == "replayed 1 dead letter\n"
-    assert f"no dead letter 'nope', {first.id!r} on {redis_url}" in err
-    assert [e.id for e in receive(redis_url)] == [second.envelope.id]
+    assert f"no dead letter 'nope', {first.id!r} on {dlq.url}" in err
+    assert [e.id for e in receive(dlq)] == [second.envelope.id]
 
-    assert main(["dlq", "replay", "--transport", redis_url, "--all"]) == 0
+    assert main(["dlq", "replay", "--transport", dlq.url, "--all"]) == 0
     assert capsys.readouterr().out == "replayed 1 dead letter\n"
-    assert [e.id for e in receive(redis_url)] == [third.envelope.id]
-    assert main(["dlq", "list", "--transport", redis_url]) == 0
+    assert [e.id for e in receive(dlq)] == [third.envelope.id]
+    assert main(["dlq", "list", "--transport", dlq.url]) == 0
     assert capsys.readouterr().out.startswith("no dead letters")
 
 
-def test_dlq_purge_deletes_them(redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
-    first, second, third = park(redis_url, ping(1), ping(2), ping(3))
-    assert main(["dlq", "purge", "--transport", redis_url, first.id]) == 0
+def test_dlq_purge_deletes_them(dlq: Broker, capsys: pytest.CaptureFixture[str]) -> None:
+    first, second, third = park(dlq, ping(1), ping(2), ping(3))
+    assert main(["dlq", "purge", "--transport", dlq.url, first.id]) == 0
     assert capsys.readouterr().out == "purged 1 dead letter\n"
 
-    assert main(["dlq", "purge", "--transport", redis_url, "--all"]) == 2
+    assert main(["dlq", "purge", "--transport", dlq.url, "--all"]) == 2
     assert "add --yes to confirm" in capsys.readouterr().err
-    assert main(["dlq", "list", "--transport", redis_url, "--json"]) == 0
+    assert main(["dlq", "list", "--transport", dlq.url, "--json"]) == 0
     remaining = [json.loads(line)["id"] for line in capsys.readouterr().out.splitlines()]
     assert remaining == [second.id, third.id]  # nothing purged without --yes
 
-    assert main(["dlq", "purge", "--transport", redis_url, first.id]) == 1  # gone already
+    assert main(["dlq", "purge", "--transport", dlq.url, first.id]) == 1  # gone already
     assert capsys.readouterr().out == "purged 0 dead letters\n"
 
-    assert main(["dlq", "purge", "--transport", redis_url, "--all", "--yes"]) == 0
+    assert main(["dlq", "purge", "--transport", dlq.url, "--all", "--yes"]) == 0
     assert capsys.readouterr().out == "purged 2 dead letters\n"
-    assert receive(redis_url) == []  # purged is not replayed
+    assert receive(dlq) == []  # purged is not replayed
 
 
 @pytest.mark.parametrize("action", ["replay", "purge"])
@@ -656,6 +692,8 @@ def test_dlq_replay_and_purge_want_ids_or_all(
         ("memory://", 2, "memory:// lives inside one process"),
         ("kafka://x", 2, "unknown transport URL 'kafka://x'"),
         (UNREACHABLE, 1, f"{UNREACHABLE}: connect failed"),
+        ("amqp://guest:guest@127.0.0.1:1/", 1, "amqp://guest:guest@127.0.0.1:1/: connect failed"),
+        ("nats://127.0.0.1:1", 1, "nats://127.0.0.1:1: connect failed"),
     ],
 )
 def test_dlq_needs_a_reachable_broker(

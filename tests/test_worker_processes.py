@@ -1,0 +1,498 @@
+"""Worker processes on every broker: crashes, graceful stops, competing instances, queries,
+and the order of keyed messages across a cluster that loses an instance.
+
+Each test runs ``iambus worker app:dp`` subprocesses (``APP``, written to ``tmp_path``) on
+one broker and a namespace of its own, and reads the step log they share; the harness
+is ``tests.processes``. Parametrized over Redis, RabbitMQ and NATS: each skips locally,
+and fails in CI, when its broker is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import random
+import time
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from iambus import Command, Dispatcher, Query, RemoteError, RequestTimeout
+
+from .conftest import require
+from .processes import BROKERS, Cluster, Step, collapse, until
+
+CLAIM_AFTER = 1.0  # the workers' (and the test's) transports
+ORDERING_CLAIM_AFTER = 2.0  # a loaded machine must not look like a crash
+ACKS_SENT = 0.5  # how long a worker may take to ack, once its handler has returned
+
+# Brokers whose per-key ordering (iambus.partitions) is still being built: their
+# ordering test is expected to fail.
+ORDERING_PENDING: set[str] = set()
+
+
+# The message contracts, as the workers define them too: they travel by name.
+@dataclass(frozen=True, slots=True)
+class OrderPlaced:
+    order_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeCard(Command[None]):
+    order_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class GetInvoice(Query[str]):
+    order_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class SeatBooked:
+    flight: str
+    seq: int
+
+
+ROUTES: dict[type | str, str] = {
+    OrderPlaced: "orders",
+    ChargeCard: "billing",
+    GetInvoice: "billing",
+    SeatBooked: "orders",
+}
+
+# The application: ``config`` and ``record`` come from tests.processes.APP_PRELUDE.
+APP = """
+import asyncio
+import os
+import random
+from dataclasses import dataclass
+
+from iambus import Command, Dispatcher, Query
+from iambus.transports import connect
+
+
+@dataclass(frozen=True, slots=True)
+class OrderPlaced:
+    order_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeCard(Command[None]):
+    order_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class GetInvoice(Query[str]):
+    order_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class SeatBooked:
+    flight: str
+    seq: int
+
+
+ROUTES = {OrderPlaced: "orders", ChargeCard: "billing", GetInvoice: "billing", SeatBooked: "orders"}
+
+dp = Dispatcher(
+    transport=connect(config["url"], claim_after=config["claim_after"]),
+    service=config["service"],
+    routes=ROUTES,
+)
+
+
+async def work(kind, ident):
+    record("start", kind, ident)
+    await asyncio.sleep(config.get("slow", {}).get(str(ident), config.get("pause", 0)))
+    record("done", kind, ident)
+
+
+if "events" in config["handlers"]:
+
+    @dp.events.register(OrderPlaced)
+    async def on_order_placed(event: OrderPlaced) -> None:
+        await work("event", event.order_id)
+
+
+if "billing" in config["handlers"]:  # the service that owns ChargeCard and GetInvoice
+
+    @dp.commands.register(ChargeCard)
+    async def charge_card(command: ChargeCard) -> None:
+        await work("command", command.order_id)
+
+    @dp.queries.register(GetInvoice)
+    async def get_invoice(query: GetInvoice) -> str:
+        record("done", "query", query.order_id)
+        if query.order_id < 0:
+            raise LookupError(f"no order {query.order_id}")
+        return f"INV-{query.order_id}"
+
+
+def first_time(path):  # True for the first caller to ask, in any process
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL))
+        return True
+    except FileExistsError:
+        return False
+
+
+if "seats" in config["handlers"]:
+
+    @dp.events.register(SeatBooked)
+    async def on_seat_booked(event: SeatBooked) -> None:
+        record("start", event.flight, event.seq)
+        if [event.flight, event.seq] == config.get("hang") and first_time(config["log"] + ".hung"):
+            await asyncio.sleep(60)  # the first run of this one hangs: the test kills it
+        await asyncio.sleep(random.uniform(0, 0.003))  # so that handlers interleave
+        record("done", event.flight, event.seq)
+"""
+
+EVENTS = "event.OrderPlaced"
+COMMANDS = ("command.ChargeCard", "billing")  # (address, group): the owner service
+QUERIES = ("query.GetInvoice", "billing")
+SEATS = ("event.SeatBooked", "ledger.app.on_seat_booked")
+
+
+def on_events(service: str) -> tuple[str, str]:
+    """The group of the app's OrderPlaced handler in ``service``."""
+    return EVENTS, f"{service}.app.on_order_placed"
+
+
+@pytest.fixture(params=sorted(BROKERS))
+def broker(request: pytest.FixtureRequest) -> str:
+    require(request.param)
+    return str(request.param)
+
+
+@pytest.fixture
+async def cluster(broker: str, tmp_path: Path) -> AsyncIterator[Cluster]:
+    async with Cluster(broker, tmp_path, APP, claim_after=CLAIM_AFTER) as made:
+        yield made
+
+
+def sender(cluster: Cluster) -> Dispatcher:
+    """The test's own dispatcher, service orders: it publishes and asks, consumes nothing."""
+    return Dispatcher(transport=cluster.transport, service="orders", routes=ROUTES)
+
+
+def kinds(steps: list[Step], *kind: str) -> list[tuple[str, str, str]]:
+    return [(s.role, s.step, s.ident) for s in steps if s.kind in kind]
+
+
+async def test_a_worker_killed_mid_handler_loses_nothing(cluster: Cluster) -> None:
+    group = on_events("billing")
+    cluster.watch(*group, from_start=False)
+    cluster.spawn("A", service="billing", handlers=["events"], slow={5: 60.0})  # stuck on 5
+    await cluster.ready("A")
+    async with sender(cluster) as orders:
+        for n in range(10):
+            await orders.publish(OrderPlaced(n))
+
+        def a_is_stuck_on_5() -> bool:
+            steps = [s for s in cluster.steps() if s.role == "A"]
+            started = {s.ident for s in steps if s.step == "start"}
+            finished = {s.ident for s in steps if s.step == "done"}
+            return "5" in started and finished == {str(n) for n in range(10) if n != 5}
+
+        await until(a_is_stuck_on_5, 15, "A to finish all but order 5", detail=cluster.report)
+        await asyncio.sleep(ACKS_SENT)  # A's acks of the others reach the broker
+        killed_at = cluster.kill("A")
+
+        cluster.spawn("B", service="billing", handlers=["events"])
+        await cluster.ready("B")
+        for n in range(10, 15):
+            await orders.publish(OrderPlaced(n))
+        every = {str(n) for n in range(15)}
+        await until(
+            lambda: set(cluster.done("event")) == every,
+            CLAIM_AFTER + 15,
+            "B to finish order 5 and 10-14",
+            detail=cluster.report,
+        )
+    assert await cluster.stop("B") == {"B": 0}
+    await cluster.nothing_left(group)
+    steps = cluster.steps()
+    # Order 5 was started by A, never finished there, and redone by B after the kill
+    # (once A's delivery was handed over: at once on RabbitMQ, whose connection died with
+    # A, after claim_after elsewhere). Had A been killed after its side effects but before
+    # its ack, B would have redone them: delivery is at least once.
+    assert kinds([s for s in steps if s.ident == "5"], "event") == [
+        ("A", "start", "5"),
+        ("B", "start", "5"),
+        ("B", "done", "5"),
+    ]
+    assert next(s.at for s in steps if s.ident == "5" and s.role == "B") > killed_at
+    # Everything else was handled exactly once: 0-9 by A before the kill, 10-14 by B.
+    assert cluster.done("event") == Counter(every)
+    assert cluster.done("event", "B") == Counter(str(n) for n in (5, *range(10, 15)))
+
+
+async def test_sigterm_lets_the_handler_in_flight_finish_and_ack(cluster: Cluster) -> None:
+    cluster.watch(*COMMANDS, from_start=True)
+    cluster.watch(*QUERIES, from_start=True)
+    cluster.spawn("A", service="billing", handlers=["billing"], slow={1: 1.0})
+    await cluster.ready("A")
+    async with sender(cluster) as orders:
+        await orders.execute(ChargeCard(1))  # routed: returns once the broker has it
+        await until(lambda: bool(cluster.steps()), 15, "A to start 1", detail=cluster.report)
+        sigterm_at = time.time()
+        assert await cluster.stop("A") == {"A": 0}
+        start, done = cluster.steps()
+        assert kinds([start, done], "command") == [("A", "start", "1"), ("A", "done", "1")]
+        # The SIGTERM came while the handler ran, and the handler got its full second.
+        assert start.at < sigterm_at < done.at
+        assert done.at - start.at >= 0.95
+        output = cluster.output("A")
+        assert "received SIGTERM, stopping" in output
+        assert "Traceback" not in output, output
+        assert "did not finish in time" not in output, output
+
+        # A new worker of the service gets the next command, and not that one again.
+        cluster.spawn("B", service="billing", handlers=["billing"])
+        await cluster.ready("B")
+        await orders.execute(ChargeCard(2))
+        await until(
+            lambda: cluster.done("command", "B") == Counter(["2"]),
+            15,
+            "B to run 2",
+            detail=cluster.report,
+        )
+    assert await cluster.stop("B") == {"B": 0}
+    await cluster.nothing_left(COMMANDS)  # A acked order 1: nobody gets it again
+    assert [(s.role, s.ident) for s in cluster.steps() if s.step == "start"] == [
+        ("A", "1"),
+        ("B", "2"),
+    ]
+
+
+async def test_two_services_of_two_instances_each_get_every_event_once(cluster: Cluster) -> None:
+    roles = ("billing-1", "billing-2", "shipping-1", "shipping-2")
+    for service in ("billing", "shipping"):
+        cluster.watch(*on_events(service), from_start=False)
+    for role in roles:
+        # A small concurrency (hence prefetch and batch): one instance cannot take all.
+        service = role.split("-")[0]
+        cluster.spawn(role, service=service, handlers=["events"], pause=0.01, concurrency=4)
+    await cluster.ready(*roles)
+    every = {str(n) for n in range(50)}
+    async with sender(cluster) as orders:
+        for n in range(50):
+            await orders.publish(OrderPlaced(n))
+
+        def both_done() -> bool:
+            return all(set(cluster.done("event", s)) == every for s in ("billing", "shipping"))
+
+        await until(both_done, 20, "billing and shipping to handle all 50", detail=cluster.report)
+    assert await cluster.stop(*roles) == dict.fromkeys(roles, 0)
+    await cluster.nothing_left(on_events("billing"), on_events("shipping"))
+    for service in ("billing", "shipping"):  # once per service, no duplicates
+        assert cluster.done("event", service) == Counter(every), service
+    by_instance = {role: cluster.done("event", role).total() for role in roles}
+    assert all(by_instance.values()), f"an instance did no work: {by_instance}"  # competed
+
+
+async def test_a_query_is_answered_by_another_process(cluster: Cluster) -> None:
+    cluster.watch(*QUERIES, from_start=True)
+    cluster.watch(*COMMANDS, from_start=True)
+    cluster.spawn("billing", service="billing", handlers=["billing"])
+    await cluster.ready("billing")
+    async with sender(cluster) as orders:
+        assert await orders.query(GetInvoice(7), timeout=10) == "INV-7"
+        [answered] = cluster.steps()
+        assert (answered.role, answered.ident) == ("billing", "7")
+        assert answered.pid not in (os.getpid(), 0)
+        answers = await asyncio.gather(
+            *(orders.query(GetInvoice(n), timeout=10) for n in range(10))
+        )
+        assert answers == [f"INV-{n}" for n in range(10)]
+        with pytest.raises(RemoteError, match=r"GetInvoice failed in service 'billing'") as info:
+            await orders.query(GetInvoice(-1), timeout=10)
+        assert info.value.error_type == "builtins.LookupError"
+        assert info.value.remote_message == "no order -1"
+
+        assert await cluster.stop("billing") == {"billing": 0}
+        started = time.monotonic()
+        with pytest.raises(RequestTimeout, match=r"no answer to GetInvoice from service 'billing'"):
+            await orders.query(GetInvoice(8), timeout=0.5)
+        assert time.monotonic() - started < 3
+    assert cluster.done("query").total() == 12  # each asked once, answered once
+
+
+# -- keys: one at a time, in order, across the cluster ----------------------------------
+
+FLIGHTS = 50
+BOOKINGS = 2000
+
+
+def bookings() -> list[SeatBooked]:
+    """BOOKINGS events over FLIGHTS keys, in a shuffled order, numbered per key from 0."""
+    rng = random.Random(20240607)
+    sent: list[SeatBooked] = []
+    counts: Counter[str] = Counter()
+    for _ in range(BOOKINGS):
+        flight = f"LH-{rng.randrange(FLIGHTS):02d}"
+        sent.append(SeatBooked(flight, counts[flight]))
+        counts[flight] += 1
+    return sent
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """One handler run of a keyed event: its start and done lines (done None if killed)."""
+
+    role: str
+    flight: str
+    seq: int
+    start: float
+    done: float | None
+
+
+def runs(steps: list[Step]) -> list[Run]:
+    started: dict[tuple[str, str, int], float] = {}
+    out: list[Run] = []
+    for s in steps:
+        slot = (s.role, s.kind, int(s.ident))
+        if s.step == "start":
+            assert slot not in started, f"{slot} started twice in one process"
+            started[slot] = s.at
+        else:
+            out.append(Run(s.role, s.kind, int(s.ident), started.pop(slot), s.at))
+    out += [Run(role, flight, seq, at, None) for (role, flight, seq), at in started.items()]
+    return sorted(out, key=lambda run: run.start)
+
+
+def done_at(run: Run) -> float:
+    assert run.done is not None
+    return run.done
+
+
+def in_order_so_far(steps: list[Step]) -> int:
+    """How many distinct events are done; fails at once if a key's order broke."""
+    per_key: dict[str, list[int]] = defaultdict(list)
+    for s in steps:
+        if s.step == "done":
+            per_key[s.kind].append(int(s.ident))
+    for flight, seqs in per_key.items():
+        handled = collapse(seqs)
+        assert handled == list(range(len(handled))), f"{flight} out of order: {seqs}"
+    return sum(len(set(seqs)) for seqs in per_key.values())
+
+
+def most_keys_at_once(all_runs: list[Run]) -> int:
+    """The most different keys whose handlers ran at the same moment (finished runs)."""
+    moments = sorted(
+        (at, step, run.flight)
+        for run in all_runs
+        if run.done is not None
+        for at, step in ((run.start, 1), (run.done, -1))
+    )
+    running: Counter[str] = Counter()
+    most = 0
+    for _, step, flight in moments:  # at one moment, ends (-1) sort before starts
+        running[flight] += step
+        most = max(most, sum(1 for n in running.values() if n > 0))
+    return most
+
+
+async def test_keys_keep_their_order_across_processes_and_a_kill(
+    broker: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if broker in ORDERING_PENDING:
+        request.applymarker(pytest.mark.xfail(reason="per-key ordering not built yet", strict=True))
+    plan = bookings()
+    wanted = {(e.flight, e.seq) for e in plan}
+    # About halfway, the handler of one booking hangs (the first time it runs), and the
+    # worker running it is killed: its keys must go on elsewhere, that booking first.
+    counts = Counter(e.flight for e in plan)
+    middling = sorted(counts, key=counts.__getitem__)[len(counts) // 2]
+    hang = SeatBooked(middling, counts[middling] // 2)
+    roles = ("w1", "w2", "w3")
+    async with Cluster(broker, tmp_path, APP, claim_after=ORDERING_CLAIM_AFTER) as cluster:
+        cluster.watch(*SEATS, from_start=False)
+        for role in roles:
+            cluster.spawn(role, service="ledger", handlers=["seats"], hang=[hang.flight, hang.seq])
+        await cluster.ready(*roles)
+        async with sender(cluster) as orders:
+
+            async def publish(flight: str) -> None:
+                # One key's bookings one after the other, in order; keys side by side.
+                for event in plan:
+                    if event.flight == flight:
+                        await orders.publish(event, key=flight)
+
+            flights = sorted({event.flight for event in plan})
+            publishing = asyncio.ensure_future(asyncio.gather(*map(publish, flights)))
+
+            def handled(count: int) -> bool:
+                if publishing.done():
+                    publishing.result()  # raises what failed the publisher, if anything
+                return in_order_so_far(cluster.steps()) >= count
+
+            def hung() -> list[str]:
+                """Who started the booking that hangs (fails if a key's order broke)."""
+                steps = cluster.steps()
+                in_order_so_far(steps)
+                slot = (hang.flight, str(hang.seq))
+                return [s.role for s in steps if (s.kind, s.ident) == slot]
+
+            try:
+                await until(lambda: bool(hung()), 30, f"{hang} to start", detail=cluster.report)
+                [victim] = hung()
+                half = in_order_so_far(cluster.steps())
+                killed_at = cluster.kill(victim)
+                await until(
+                    lambda: handled(BOOKINGS),
+                    ORDERING_CLAIM_AFTER + 30,
+                    f"every booking, after the kill of {victim}",
+                    detail=cluster.report,
+                )
+                await publishing
+            finally:
+                publishing.cancel()
+                await asyncio.gather(publishing, return_exceptions=True)
+        survivors = tuple(role for role in roles if role != victim)
+        assert await cluster.stop(*survivors) == dict.fromkeys(survivors, 0)
+        await cluster.nothing_left(SEATS)
+        steps = cluster.steps()
+
+    all_runs = runs(steps)
+    done = Counter((run.flight, run.seq) for run in all_runs if run.done is not None)
+    # (a) every booking was handled, at least once
+    assert set(done) == wanted
+    # (b) per key, in order: a booking handled twice is one the victim had in flight
+    for flight in {e.flight for e in plan}:
+        mine = [run for run in all_runs if run.flight == flight]  # by start
+        finished = sorted((run for run in mine if run.done is not None), key=done_at)
+        for what, seqs in (("start", [r.seq for r in mine]), ("done", [r.seq for r in finished])):
+            assert collapse(seqs) == sorted(set(seqs)), f"{flight} {what}s out of order: {seqs}"
+        # ... and one at a time, across processes: each run ended before the next began
+        for before, after in itertools.pairwise(finished):
+            assert before.done is not None
+            assert after.start >= before.done, f"{flight}: {before} overlaps {after}"
+    twice = {slot: n for slot, n in done.items() if n > 1}
+    for (flight, seq), n in twice.items():
+        by = [run.role for run in all_runs if (run.flight, run.seq) == (flight, seq)]
+        assert n == 2, f"{flight} #{seq} handled {n} times, by {by}"
+        assert victim in by, f"{flight} #{seq} handled twice, by {by}, not by {victim}"
+    unfinished = [run for run in all_runs if run.done is None]
+    assert {run.role for run in unfinished} <= {victim}, unfinished
+    # The booking that hung was run again elsewhere once its worker was gone, and its
+    # key's next booking only after that (checked above, with every other run).
+    again = [run for run in all_runs if (run.flight, run.seq) == (hang.flight, hang.seq)]
+    assert [(run.role == victim, run.done is None) for run in again] == [
+        (True, True),
+        (False, False),
+    ], again
+    assert again[1].start > killed_at
+    assert BOOKINGS / 4 < half < BOOKINGS * 3 / 4, f"killed after {half} bookings"
+    # (c) the keys the victim held went on elsewhere: both survivors worked after the kill
+    after_kill = Counter(run.role for run in all_runs if run.start > killed_at)
+    assert set(after_kill) == set(survivors), (
+        f"after the kill of {victim}: {dict(after_kill)} handled by each"
+    )
+    # (d) different keys ran in parallel
+    assert most_keys_at_once(all_runs) >= 2
