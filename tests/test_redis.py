@@ -1,10 +1,10 @@
-"""Redis Streams, end to end: real Redis, real worker processes, no mocks.
+"""Redis Streams, end to end: real Redis, no mocks — what only Redis has.
 
-Each test gets a namespace of its own (``test-<uuid>``) whose keys are deleted at the end.
-Workers run ``APP`` (written to ``tmp_path``) as subprocesses; their handlers append one
-line per step to a shared log file (``<role> <start|done> <kind> <id> <time>``), which the
-tests read to see who did what. Every wait is bounded, and every worker still alive at the
-end of a test is killed.
+The scenarios every broker shares (worker processes killed or stopped, two services of
+two instances, queries across processes, per-key order across processes) are in
+``tests/test_worker_processes.py``. Here: connections killed under a running worker and
+requester (``CLIENT KILL``), and the Redis layout of per-key ordering. Each test gets a
+namespace of its own (``test-<uuid>``) whose keys are deleted at the end.
 """
 
 from __future__ import annotations
@@ -12,63 +12,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from iambus import Command, Dispatcher, Query, RemoteError, RequestTimeout, TransportError
+from iambus import Dispatcher, Query, RemoteError, RequestTimeout, TransportError
 
 from .conftest import require, service_up
+from .processes import until
 
 REDIS = "redis://127.0.0.1:6379/0"
 CLAIM_AFTER = 1.0  # the workers' RedisTransport(claim_after=...)
-HANDLER = "__main__.on_order_placed"  # the event handler's qualified name in APP
-
-
-# The message contracts, as the workers define them too: they travel by name.
-@dataclass(frozen=True, slots=True)
-class OrderPlaced:
-    order_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class ChargeCard(Command[None]):
-    order_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class GetInvoice(Query[str]):
-    order_id: int
-
-
-ROUTES: dict[type | str, str] = {
-    OrderPlaced: "orders",
-    ChargeCard: "billing",
-    GetInvoice: "billing",
-}
-
-APP = '''
-"""A worker process: python app.py '<json config>'."""
-
-import asyncio
-import json
-import sys
-import time
-from dataclasses import dataclass
-
-from iambus import Command, Dispatcher, Query
-from iambus.transports.redis import RedisTransport
-
-config = json.loads(sys.argv[1])
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,76 +36,19 @@ class OrderPlaced:
 
 
 @dataclass(frozen=True, slots=True)
-class ChargeCard(Command[None]):
-    order_id: int
-
-
-@dataclass(frozen=True, slots=True)
 class GetInvoice(Query[str]):
     order_id: int
 
 
-ROUTES = {OrderPlaced: "orders", ChargeCard: "billing", GetInvoice: "billing"}
-
-
-def record(step, kind, order_id):
-    with open(config["log"], "a") as log:
-        log.write(f"{config['role']} {step} {kind} {order_id} {time.time():.4f}\\n")
-
-
-async def work(kind, order_id):
-    record("start", kind, order_id)
-    await asyncio.sleep(config["slow"].get(str(order_id), config["pause"]))
-    record("done", kind, order_id)
-
-
-transport = RedisTransport(config["url"], claim_after=config["claim_after"], block=0.2)
-dp = Dispatcher(
-    transport=transport,
-    service=config["service"],
-    routes=ROUTES,
-    concurrency=config["concurrency"],
-)
-
-
-@dp.events.register(OrderPlaced)
-async def on_order_placed(event: OrderPlaced) -> None:
-    await work("event", event.order_id)
-
-
-if config["service"] == "billing":  # the owner of ChargeCard and GetInvoice
-
-    @dp.commands.register(ChargeCard)
-    async def charge_card(command: ChargeCard) -> None:
-        await work("command", command.order_id)
-
-    @dp.queries.register(GetInvoice)
-    async def get_invoice(query: GetInvoice) -> str:
-        if query.order_id < 0:
-            raise LookupError(f"no order {query.order_id}")
-        return f"INV-{query.order_id}"
-
-
-asyncio.run(dp.run())
-'''
-
-
-@dataclass(frozen=True)
-class Step:
-    role: str
-    step: str
-    kind: str
-    order_id: int
-    at: float
+ROUTES: dict[type | str, str] = {OrderPlaced: "orders", GetInvoice: "billing"}
+EVENTS = "event.OrderPlaced"
 
 
 @dataclass
 class Services:
-    """Worker processes of one test, on one namespace, logging to one file."""
+    """One test's namespace, and a plain redis-py client to look at it and kill clients."""
 
-    tmp: Path
-    namespace: str = field(default_factory=lambda: f"test-{uuid.uuid4().hex[:12]}")
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    namespace: str
     _admin: Any = None
 
     @property
@@ -154,73 +56,12 @@ class Services:
         return f"{REDIS}?namespace={self.namespace}"
 
     @property
-    def log(self) -> Path:
-        return self.tmp / "steps.log"
-
-    @property
     def admin(self) -> Any:
-        """A plain redis-py client, to look at the namespace's keys."""
         if self._admin is None:
             import redis.asyncio
 
             self._admin = redis.asyncio.Redis.from_url(REDIS)
         return self._admin
-
-    def key(self, address: str) -> str:
-        return f"{self.namespace}:{address}"
-
-    def spawn(
-        self,
-        role: str,
-        service: str,
-        *,
-        slow: dict[int, float] | None = None,
-        pause: float = 0.0,
-        concurrency: int = 32,
-    ) -> subprocess.Popen[bytes]:
-        app = self.tmp / "app.py"
-        if not app.exists():
-            app.write_text(APP)
-        config = {
-            # Named connections: the tests can tell whose they are (CLIENT LIST).
-            "url": f"{self.url}&client_name={self.client_name(role)}",
-            "service": service,
-            "role": role,
-            "log": str(self.log),
-            "slow": {str(k): v for k, v in (slow or {}).items()},
-            "pause": pause,
-            "concurrency": concurrency,
-            "claim_after": CLAIM_AFTER,
-        }
-        with open(self.tmp / f"{role}.out", "wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, str(app), json.dumps(config)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=self.tmp,
-            )
-        self.procs[role] = proc
-        return proc
-
-    def output(self, role: str) -> str:
-        path = self.tmp / f"{role}.out"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def steps(self) -> list[Step]:
-        if not self.log.exists():
-            return []
-        out = []
-        for line in self.log.read_text().split("\n")[:-1]:  # whole lines only
-            role, step, kind, order_id, at = line.split()
-            out.append(Step(role, step, kind, int(order_id), float(at)))
-        return out
-
-    def done(self, kind: str, role_prefix: str = "") -> Counter[int]:
-        return Counter(
-            s.order_id
-            for s in self.steps()
-            if s.step == "done" and s.kind == kind and s.role.startswith(role_prefix)
-        )
 
     def client_name(self, role: str) -> str:
         return f"{self.namespace}-{role}"
@@ -236,43 +77,11 @@ class Services:
             await self.admin.client_kill_filter(_id=connection["id"])
         return len(connections)
 
-    async def ready(self, role: str) -> None:
-        """Wait until ``role``'s worker reads its streams (its groups are all declared then)."""
-        proc = self.procs[role]
-
-        async def reading() -> bool:
-            assert proc.poll() is None, f"{role} exited early:\n{self.output(role)}"
-            connections = await self.connections(self.client_name(role))
-            return any(c.get("cmd") == "xreadgroup" for c in connections)
-
-        await until(reading, 10, f"{role} to read its streams")
-
-    async def pending(self, address: str, group: str) -> int:
-        summary = await self.admin.xpending(self.key(address), group)
-        return int(summary["pending"])
-
-    async def pending_is(self, count: int, address: str, group: str) -> bool:
-        return await self.pending(address, group) == count
-
     async def settled(self, address: str, group: str) -> bool:
-        return await self.pending_is(0, address, group)
-
-    async def stop(self, *roles: str, timeout: float = 10) -> dict[str, int]:
-        """SIGTERM ``roles`` at once; wait for each to exit; their exit codes."""
-        for role in roles:
-            self.procs[role].send_signal(signal.SIGTERM)
-        codes = {}
-        for role in roles:
-            proc = self.procs[role]
-            await until(lambda p=proc: p.poll() is not None, timeout, f"{role} to exit")
-            codes[role] = proc.returncode
-        return codes
+        summary = await self.admin.xpending(f"{self.namespace}:{address}", group)
+        return int(summary["pending"]) == 0
 
     async def close(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=5)
         if self._admin is not None:
             await self._admin.aclose()
         if service_up("redis"):
@@ -285,78 +94,23 @@ class Services:
 
 
 @pytest.fixture
-async def services(tmp_path: Path) -> AsyncIterator[Services]:
-    made = Services(tmp_path)
+async def services() -> AsyncIterator[Services]:
+    made = Services(f"test-{uuid.uuid4().hex[:12]}")
     try:
         yield made
     finally:
         await made.close()
 
 
-async def until(condition: Callable[[], bool | Awaitable[bool]], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        outcome = condition()
-        if not isinstance(outcome, bool):
-            outcome = await outcome
-        if outcome:
-            return
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        await asyncio.sleep(0.02)
+def dispatcher(services: Services, role: str, service: str, **options: Any) -> Dispatcher:
+    """A dispatcher whose Redis connections carry the name of ``role``."""
+    url = f"{services.url}&client_name={services.client_name(role)}"
+    return Dispatcher(transport=url, service=service, routes=ROUTES, **options)
 
 
 def sender(services: Services) -> Dispatcher:
     """The test's own dispatcher: service orders, publishing and asking."""
-    url = f"{services.url}&client_name={services.client_name('orders')}"
-    return Dispatcher(transport=url, service="orders", routes=ROUTES)
-
-
-EVENTS = "event.OrderPlaced"
-
-
-async def test_a_worker_killed_mid_handler_loses_nothing(services: Services) -> None:
-    require("redis")
-    group = f"billing.{HANDLER}"
-    services.spawn("A", "billing", slow={5: 5.0})  # 5 s on order 5: it never gets there
-    await services.ready("A")
-    async with sender(services) as orders:
-        for n in range(10):
-            await orders.publish(OrderPlaced(n))
-
-        def a_is_stuck_on_5() -> bool:
-            steps = services.steps()
-            started = {s.order_id for s in steps if s.role == "A" and s.step == "start"}
-            finished = {s.order_id for s in steps if s.role == "A" and s.step == "done"}
-            return 5 in started and finished == set(range(10)) - {5}
-
-        await until(a_is_stuck_on_5, 10, "A to finish all but order 5")
-        # A's acks of the others have reached Redis: only order 5 is pending
-        await until(lambda: services.pending_is(1, EVENTS, group), 5, "A's acks")
-        services.procs["A"].send_signal(signal.SIGKILL)
-        services.procs["A"].wait(timeout=5)
-        assert await services.pending(EVENTS, group) == 1  # order 5, still A's
-
-        services.spawn("B", "billing")
-        await services.ready("B")
-        for n in range(10, 15):
-            await orders.publish(OrderPlaced(n))
-        await until(
-            lambda: set(services.done("event")) == set(range(15)), 10, "B to finish order 5"
-        )
-        await until(lambda: services.settled(EVENTS, group), 5, "every delivery acked")
-    steps = services.steps()
-    # Order 5 was started by A, never finished there, and finished once, by B, only after
-    # it had been idle for claim_after. Had A been killed *after* its side effects but
-    # before its ack, B would have redone them: delivery is at least once, so handlers
-    # must be idempotent (or deduplicate by Envelope.id).
-    fives = [(s.role, s.step) for s in steps if s.order_id == 5]
-    assert fives == [("A", "start"), ("B", "start"), ("B", "done")]
-    a_start, b_start = (s.at for s in steps if s.order_id == 5 and s.step == "start")
-    assert b_start - a_start >= CLAIM_AFTER - 0.1
-    # Everything else was handled exactly once: 0-9 by A before the kill, 10-14 by B.
-    assert services.done("event") == Counter(range(15))
-    assert services.done("event", "B") == Counter([5, *range(10, 15)])
-    assert await services.pending(EVENTS, group) == 0
+    return dispatcher(services, "orders", "orders")
 
 
 async def test_a_worker_whose_connections_are_killed_reconnects(services: Services) -> None:
@@ -427,79 +181,22 @@ async def test_a_worker_whose_connections_are_killed_reconnects(services: Servic
     assert sum(duplicates.values()) <= concurrency * len(killed), (killed, duplicates)
 
 
-async def test_sigterm_lets_the_handler_in_flight_finish_and_ack(services: Services) -> None:
-    require("redis")
-    commands = "command.ChargeCard"  # group: the owner service, "billing"
-    services.spawn("A", "billing", slow={1: 1.0})
-    await services.ready("A")
-    async with sender(services) as orders:
-        await orders.execute(ChargeCard(1))  # routed: returns once Redis has it
-        await until(lambda: any(s.step == "start" for s in services.steps()), 10, "A to start")
-        started = time.monotonic()
-        assert await services.stop("A") == {"A": 0}
-        stopped_after = time.monotonic() - started
-        assert [(s.role, s.step) for s in services.steps()] == [("A", "start"), ("A", "done")]
-        assert "Traceback" not in services.output("A"), services.output("A")
-        assert stopped_after >= 0.5  # it did wait for the handler (1 s from its start)
-        # acked: delivered to the group, and nothing pending in it
-        [info] = await services.admin.xinfo_groups(services.key(commands))
-        [(entry_id, _)] = await services.admin.xrange(services.key(commands))
-        assert (info["name"], info["last-delivered-id"]) == (b"billing", entry_id)
-        assert await services.pending(commands, "billing") == 0
-
-        # a new worker of the service gets the next command, and not that one again
-        services.spawn("B", "billing")
-        await services.ready("B")
-        await orders.execute(ChargeCard(2))
-        await until(lambda: services.done("command", "B") == Counter([2]), 10, "B to run 2")
-        await asyncio.sleep(CLAIM_AFTER)  # a claim of anything abandoned would show by now
-    assert [(s.role, s.order_id) for s in services.steps() if s.step == "start"] == [
-        ("A", 1),
-        ("B", 2),
-    ]
-    assert await services.stop("B") == {"B": 0}
-
-
-async def test_two_services_of_two_instances_each_get_every_event_once(
+async def test_a_requester_whose_connections_are_killed_reconnects(
     services: Services,
 ) -> None:
     require("redis")
-    roles = ("billing-1", "billing-2", "shipping-1", "shipping-2")
-    for role in roles:
-        # a small concurrency (and batch) so that one instance cannot grab everything
-        services.spawn(role, role.split("-")[0], pause=0.01, concurrency=4)
-    for role in roles:
-        await services.ready(role)
-    async with sender(services) as orders:
-        for n in range(50):
-            await orders.publish(OrderPlaced(n))
-        for service in ("billing", "shipping"):
-            await until(
-                lambda s=service: len(services.done("event", s)) == 50, 15, f"{service} done"
-            )
-            await until(
-                lambda s=service: services.settled(EVENTS, f"{s}.{HANDLER}"), 5, f"{service} acked"
-            )
-    await asyncio.sleep(0.2)  # a duplicate would show up now
-    for service in ("billing", "shipping"):  # once per service, no duplicates
-        assert services.done("event", service) == Counter(range(50)), service
-    by_instance = {role: sum(services.done("event", role).values()) for role in roles}
-    assert all(by_instance.values()), f"an instance did no work: {by_instance}"  # competed
-    assert await services.stop(*roles) == dict.fromkeys(roles, 0)
+    billing = dispatcher(services, "billing", "billing")
 
+    @billing.queries.register(GetInvoice)
+    async def get_invoice(query: GetInvoice) -> str:
+        if query.order_id < 0:
+            raise LookupError(f"no order {query.order_id}")
+        return f"INV-{query.order_id}"
 
-async def test_a_query_is_answered_by_another_process(services: Services) -> None:
-    require("redis")
-    services.spawn("billing", "billing")
-    await services.ready("billing")
-    async with sender(services) as orders:
+    async with billing, sender(services) as orders:
         assert await orders.query(GetInvoice(7), timeout=5) == "INV-7"
-        answers = await asyncio.gather(*(orders.query(GetInvoice(n), timeout=5) for n in range(10)))
-        assert answers == [f"INV-{n}" for n in range(10)]
-        with pytest.raises(RemoteError, match=r"GetInvoice failed in service 'billing'") as info:
+        with pytest.raises(RemoteError, match=r"GetInvoice failed in service 'billing'"):
             await orders.query(GetInvoice(-1), timeout=5)
-        assert info.value.error_type == "builtins.LookupError"
-        assert info.value.remote_message == "no order -1"
 
         # The requester's connections dropped (its reply subscription too), it reconnects:
         # the request in flight at that moment may fail (TransportError: redis-py does not
@@ -515,11 +212,6 @@ async def test_a_query_is_answered_by_another_process(services: Services) -> Non
 
         await until(answered, 5, "an answer after the requester reconnected")
         assert await orders.query(GetInvoice(4), timeout=5) == "INV-4"
-        assert await services.stop("billing") == {"billing": 0}
-        started = time.monotonic()
-        with pytest.raises(RequestTimeout, match=r"no answer to GetInvoice from service 'billing'"):
-            await orders.query(GetInvoice(8), timeout=0.5)
-        assert time.monotonic() - started < 2
 
 
 # -- per-key ordering: partition streams, pointers, hand-overs --------------------------
