@@ -30,7 +30,7 @@ import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..envelope import Envelope
 from ..errors import ImproperlyConfigured
@@ -127,12 +127,36 @@ _SCHEMES: dict[str, tuple[str, str, str | None]] = {
 
 
 def connect(url: str, **options: Any) -> Transport:
-    """The transport for ``url`` (``memory://``, ``redis://host:port/db``); not yet opened."""
-    scheme = urlsplit(url).scheme
+    """The transport for ``url`` (``memory://``, ``redis://host:port/db``); not yet opened.
+
+    ``?claim_after=SECONDS`` in the URL is taken out of it and given to the transport as
+    the ``claim_after`` option (which ``options`` may also set; the URL's wins), so that a
+    URL alone — ``iambus worker --transport`` — can set it.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme
     if scheme not in _SCHEMES:
         known = ", ".join(f"{s}://" for s in _SCHEMES)
         raise ImproperlyConfigured(f"unknown transport URL {url!r}; iambus knows {known}")
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    claim_after = [value for name, value in query if name == "claim_after"]
+    if claim_after:
+        options["claim_after"] = _seconds(claim_after[-1], url)
+        rest = [(name, value) for name, value in query if name != "claim_after"]
+        url = urlunsplit(parts._replace(query=urlencode(rest)))
     module_name, class_name, _extra = _SCHEMES[scheme]
     module = importlib.import_module(module_name)
     transport: Transport = getattr(module, class_name)(url, **options)
     return transport
+
+
+def _seconds(text: str, url: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise ImproperlyConfigured(
+            f"claim_after in {url!r} must be a positive number of seconds, got {text!r}"
+        )
+    return value
