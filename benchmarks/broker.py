@@ -49,7 +49,7 @@ from broker_common import PAYLOAD_BYTES, Impl, ThroughputStats, VerificationErro
 from report import cpu_model, format_ratio, humanize, short_error
 
 BROKERS = {"redis": "broker_redis", "rabbitmq": "broker_rabbitmq", "nats": "broker_nats"}
-NAMES = ["raw", "faststream", "iambus"]
+NAMES = ["raw", "faststream", "iambus", "iambus-keyed"]
 LOAD_BEFORE = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
 
 
@@ -145,10 +145,10 @@ async def run(
         if live(impl.name) is None:
             continue
         try:
-            assert impl.throughput is not None
-            assert impl.latency is not None
-            await impl.throughput(settings.warmup_messages, settings.in_flight)
-            await impl.latency(settings.warmup_requests)
+            if impl.throughput is not None:
+                await impl.throughput(settings.warmup_messages, settings.in_flight)
+            if impl.latency is not None:
+                await impl.latency(settings.warmup_requests)
         except Exception as exc:
             fail(impl.name, exc)
 

@@ -324,10 +324,26 @@ async def timed_requests(n: int, what: str, ask: Callable[[], Awaitable[Any]]) -
     return samples
 
 
+KEYS = 50  # the keyed column spreads its events over this many keys
+
+
 async def build_iambus(ctx: Checks) -> Impl:
+    """iambus publishing without a key: no ordering, every instance takes anything."""
+    return await _build_iambus(ctx, keyed=False)
+
+
+async def build_iambus_keyed(ctx: Checks) -> Impl:
+    """iambus publishing with ``key=`` over ``KEYS`` keys: what per-key ordering costs."""
+    return await _build_iambus(ctx, keyed=True)
+
+
+async def _build_iambus(ctx: Checks, *, keyed: bool) -> Impl:
     iambus = import_ours()
+    name = "iambus-keyed" if keyed else "iambus"
+    out_of_order: list[tuple[int, int]] = []
 
     def make_dispatcher(namespace: str, tracker: Tracker | None) -> Any:
+        last: dict[int, int] = {}
         dp = iambus.Dispatcher(
             transport=ctx.iambus_url(namespace),
             service="bench",
@@ -338,6 +354,11 @@ async def build_iambus(ctx: Checks) -> Impl:
         async def on_viewed(event: PageViewed) -> None:
             if tracker is not None:
                 tracker.hit(event.seq)
+            if keyed:  # the key is seq % KEYS: each key's seqs must come in order
+                before = last.get(event.seq % KEYS, -1)
+                if event.seq < before:
+                    out_of_order.append((before, event.seq))
+                last[event.seq % KEYS] = event.seq
 
         @dp.queries.register(GetUser)
         async def get_user(query: GetUser) -> int:
@@ -351,17 +372,36 @@ async def build_iambus(ctx: Checks) -> Impl:
     async def throughput(n: int, in_flight: int) -> ThroughputStats:
         namespace = ctx.namespace("tp")
         tracker = Tracker(n)
+        out_of_order.clear()
         try:
             dp = make_dispatcher(namespace, tracker)
             async with dp:
+                previous: dict[int, asyncio.Future[None]] = {}
 
                 async def publish(seq: int) -> None:
-                    await dp.publish(PageViewed(**event_fields(seq)))
+                    if not keyed:
+                        await dp.publish(PageViewed(**event_fields(seq)))
+                        return
+                    # A key's order is its publishes' order: one key's publishes must not
+                    # overlap, so each waits for the one before it of its key (the window
+                    # still holds `in_flight` publishes, of different keys).
+                    done = asyncio.get_running_loop().create_future()
+                    before = previous.get(seq % KEYS)
+                    previous[seq % KEYS] = done
+                    try:
+                        if before is not None:
+                            await before
+                        await dp.publish(PageViewed(**event_fields(seq)), key=f"user-{seq % KEYS}")
+                    finally:
+                        done.set_result(None)
 
-                stats = await timed_publish(
-                    ctx, tracker, namespace, "iambus", n, in_flight, publish
+                stats = await timed_publish(ctx, tracker, namespace, name, n, in_flight, publish)
+            await ctx.verify_after(tracker, namespace, name)
+            if out_of_order:
+                raise VerificationError(
+                    f"{name}: {len(out_of_order)} events handled before an earlier one of "
+                    f"their key, e.g. seq {out_of_order[0][1]} after {out_of_order[0][0]}"
                 )
-            await ctx.verify_after(tracker, namespace, "iambus")
             return stats
         finally:
             await ctx.cleanup(namespace)
@@ -378,14 +418,25 @@ async def build_iambus(ctx: Checks) -> Impl:
                     result = await dp.query(query, timeout=REPLY_TIMEOUT)
                     return result
 
-                samples.extend(await timed_requests(n, "iambus", ask))
-            await ctx.verify_requests(namespace, "iambus")
+                samples.extend(await timed_requests(n, name, ask))
+            await ctx.verify_requests(namespace, name)
             return samples
         finally:
             await ctx.cleanup(namespace)
 
+    if keyed:
+        return Impl(
+            name=name,
+            version=iambus_version(),
+            throughput=throughput,
+            notes=[
+                f"iambus-keyed: the same, with `dp.publish(event, key=f'user-{{seq % {KEYS}}}')`:"
+                " each key's events are handled one at a time in order (checked), different "
+                "keys in parallel (up to the transport's partitions); no request/reply column."
+            ],
+        )
     return Impl(
-        name="iambus",
+        name=name,
         version=iambus_version(),
         throughput=throughput,
         latency=latency,

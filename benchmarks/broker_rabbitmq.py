@@ -37,6 +37,7 @@ from broker_common import (
     Tracker,
     VerificationError,
     build_iambus,
+    build_iambus_keyed,
     event_fields,
     poll_until,
     stop_task,
@@ -476,4 +477,5 @@ BUILDERS: list[tuple[str, Callable[[Ctx], Awaitable[Impl]]]] = [
     ("raw", build_raw),
     ("faststream", build_faststream),
     ("iambus", build_iambus),
+    ("iambus-keyed", build_iambus_keyed),
 ]

@@ -28,6 +28,7 @@ from broker_common import (
     Tracker,
     VerificationError,
     build_iambus,
+    build_iambus_keyed,
     event_fields,
     pump,
     stop_task,
@@ -463,4 +464,5 @@ BUILDERS: list[tuple[str, Callable[[Ctx], Awaitable[Impl]]]] = [
     ("raw", build_raw),
     ("faststream", build_faststream),
     ("iambus", build_iambus),
+    ("iambus-keyed", build_iambus_keyed),
 ]
