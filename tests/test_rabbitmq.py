@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -18,7 +21,7 @@ from .conftest import require
 
 pytest.importorskip("aio_pika")
 
-from iambus.transports.rabbitmq import RabbitMQTransport
+from iambus.transports.rabbitmq import RabbitMQTransport, _properties
 
 URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -289,15 +292,16 @@ async def test_persistent_messages_survive_a_broker_restart(
     assert keyed == [(b"0", 2), (b"1", 1), (b"2", 1)]
 
 
-async def _rabbitmqctl(*args: str) -> None:
+async def _rabbitmqctl(*args: str) -> list[str]:
     process = await asyncio.create_subprocess_exec(
         "rabbitmqctl",
         *args,
-        stdout=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    _, err = await process.communicate()
+    out, err = await process.communicate()
     assert process.returncode == 0, f"rabbitmqctl {' '.join(args)}: {err.decode()}"
+    return out.decode().splitlines()
 
 
 async def test_a_worker_runs_as_many_handlers_at_once_as_its_concurrency() -> None:
@@ -396,20 +400,21 @@ async def test_long_addresses_and_groups_get_the_same_short_names_everywhere(
     other = await _open(transport.namespace)  # another process declares the group
     try:
         await other.declare(address, group, from_start=False)
+        await transport.send(address, _ping(1))
+        await transport.send(address, _keyed(2, "k"))
+        got = await _take(transport, 2, address=address, group=group)
+        assert sorted(_what(got), key=str) == [("k", b"2", 1), (None, b"1", 1)]
+        for delivery in got:
+            await delivery.ack()
+        # Sent before any group, to another long address: held, then taken, keyed or not.
+        await transport.send("x" * 300, _keyed(3, "k"))
+        await transport.declare("x" * 300, "g", from_start=True)
+        [held] = await _take(transport, 1, address="x" * 300)
+        assert _what([held]) == [("k", b"3", 1)]
+        await held.ack()
     finally:
+        await other.destroy()  # the queues it declared (last: the exchanges go too)
         await other.close()
-    await transport.send(address, _ping(1))
-    await transport.send(address, _keyed(2, "k"))
-    got = await _take(transport, 2, address=address, group=group)
-    assert sorted(_what(got), key=str) == [("k", b"2", 1), (None, b"1", 1)]
-    for delivery in got:
-        await delivery.ack()
-    # Sent before any group, to another long address: held, then taken, keyed or not.
-    await transport.send("x" * 300, _keyed(3, "k"))
-    await transport.declare("x" * 300, "g", from_start=True)
-    [held] = await _take(transport, 1, address="x" * 300)
-    assert _what([held]) == [("k", b"3", 1)]
-    await held.ack()
 
 
 async def test_a_message_name_too_long_for_amqp_is_a_clear_error(
@@ -432,10 +437,11 @@ async def test_a_group_declared_with_other_partitions_is_a_clear_error(
     other = await _open(transport.namespace, partitions=4)
     try:
         await other.declare("a", "g", from_start=False)
+        with pytest.raises(ImproperlyConfigured, match=r"same partitions \(here 16\)"):
+            await transport.receive("a", "g", consumer="c", limit=1, wait=0)
     finally:
+        await other.destroy()  # the queues it declared (last: the exchanges go too)
         await other.close()
-    with pytest.raises(ImproperlyConfigured, match=r"same partitions \(here 16\)"):
-        await transport.receive("a", "g", consumer="c", limit=1, wait=0)
 
 
 async def test_keyed_messages_sent_before_any_group_wait_in_order(
@@ -638,3 +644,208 @@ async def test_a_hand_back_handed_back_again_is_still_delivered_once(
     assert seen[handed][0] == (b"0", 2)  # it was out: counted
     assert seen[other][0] == (b"0", 1)  # only ever buffered: not counted, and once
     assert seen[two] == [(b"0", seen[two][0][1]), (b"1", 1)]
+
+
+@contextlib.asynccontextmanager
+async def _lanes_refuse_publishes(transport: RabbitMQTransport) -> AsyncIterator[None]:
+    """While inside, the broker nacks what is published to the group ``g`` of ``a``'s
+    partition queues that hold a message ready (a length-limit policy an operator might
+    set): a publish that fails while the consumer's channel stays open."""
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("needs rabbitmqctl to set a policy")
+    name = f"{transport.namespace}-full"
+    lanes = {transport._lane("a", "g", n) for n in range(transport.partitions)}
+    pattern = f"^{re.escape(transport._lane('a', 'g', 0))[:-1]}[0-9]+$"
+    definition = '{"max-length": 1, "overflow": "reject-publish"}'
+
+    async def applied() -> bool:
+        listing = await _rabbitmqctl("list_queues", "-q", "name", "policy")
+        return any(line.split("\t") == [lane, name] for line in listing for lane in lanes)
+
+    async def until(wanted: bool) -> None:  # policies apply asynchronously
+        for _ in range(60):
+            if await applied() == wanted:
+                return
+            await asyncio.sleep(0.5)
+        raise AssertionError(f"policy {name} still {'not ' if wanted else ''}applied")
+
+    await _rabbitmqctl("set_policy", "--apply-to", "queues", name, pattern, definition)
+    try:
+        await until(True)
+        yield
+    finally:
+        await _rabbitmqctl("clear_policy", name)
+        await until(False)
+
+
+async def _keyed_in_order(
+    transport: RabbitMQTransport, count: int, *, within: float = 15
+) -> list[tuple[bytes, int]]:
+    """What ``count`` receives of group ``g`` on ``a`` bring, acked, riding out errors."""
+    seen: list[tuple[bytes, int]] = []
+    deadline = time.monotonic() + within
+    while len(seen) < count and time.monotonic() < deadline:
+        try:
+            got = await transport.receive("a", "g", consumer="c", limit=10, wait=0.2)
+        except TransportError:
+            await asyncio.sleep(0.2)
+            continue
+        for delivery in got:
+            seen.append((delivery.envelope.payload, delivery.attempt))
+            await delivery.ack()
+    return seen
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("delay", [0, 0.3])
+async def test_a_keyed_retry_the_broker_refuses_gives_the_delivery_back(
+    transport: RabbitMQTransport, delay: float
+) -> None:
+    # The retry's copy was nacked and the delivery stayed unacked on a channel that stayed
+    # open: its partition was stuck for as long as the consumer kept receiving.
+    transport.claim_after = 60  # never retired: it keeps receiving
+    await transport.declare("a", "g", from_start=False)
+    for n in range(2):
+        await transport.send("a", _keyed(n, "k"))
+    [first] = await _take(transport, 1)
+    async with _lanes_refuse_publishes(transport):
+        if delay:
+            await first.retry(delay)
+            await asyncio.sleep(delay + 0.5)  # the copy, refused
+        else:
+            with pytest.raises(TransportError, match="Nack"):
+                await first.retry(0)
+        # still refused: a receive that needs a copy says so, and loses nothing
+        with contextlib.suppress(TransportError):
+            assert await transport.receive("a", "g", consumer="c", limit=10, wait=0.5) == []
+    assert await _keyed_in_order(transport, 2) == [(b"0", 2), (b"1", 1)]
+    assert await transport.receive("a", "g", consumer="c", limit=10, wait=0.5) == []
+
+
+async def test_a_keyed_message_with_a_malformed_attempt_header_does_not_stop_its_key(
+    transport: RabbitMQTransport,
+) -> None:
+    # int() of the header raised ValueError out of receive, after the message had left the
+    # consumer's buffer: never handed out nor acked, it held its partition for good.
+    from iambus.partitions import partition
+
+    await transport.declare("a", "g", from_start=False)
+    n = partition("k", transport.partitions)
+    properties = _properties(_keyed(0, "k"), {"x-iambus-attempt": "second"})
+    await transport._publish_raw(transport._keyed, f"a.{n}", b"0", properties)
+    await transport.send("a", _keyed(1, "k"))
+    assert await _keyed_in_order(transport, 2, within=5) == [(b"0", 1), (b"1", 1)]
+
+
+async def test_keyed_messages_sent_while_held_ones_move_come_after_them(
+    transport: RabbitMQTransport,
+) -> None:
+    # The first from_start group binds its partition queues, then moves the held messages
+    # in: what a sender publishes meanwhile went straight into a partition queue, ahead of
+    # the held messages of its key not yet moved.
+    held = 300
+    await asyncio.gather(*(transport.send("early", _keyed(n, "k")) for n in range(held)))
+    await asyncio.sleep(0.5)  # all in the held queue (confirmed, in this order)
+    sender = await _open(transport.namespace)
+    sent = held
+
+    async def keep_sending() -> None:
+        nonlocal sent
+        while True:
+            await sender.send("early", _keyed(sent, "k"))
+            sent += 1
+            await asyncio.sleep(0.005)
+
+    sending = asyncio.create_task(keep_sending())
+    try:
+        await transport.declare("early", "first", from_start=True)
+        await asyncio.sleep(0.2)
+    finally:
+        sending.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sending
+        await sender.close()
+    assert sent > held + 5, "nothing was sent while the held messages moved"
+    seen: list[int] = []
+    deadline = time.monotonic() + 30
+    while len(seen) < sent and time.monotonic() < deadline:
+        for delivery in await transport.receive("early", "first", consumer="c", limit=10, wait=0.2):
+            seen.append(int(delivery.envelope.payload))
+            await delivery.ack()
+    assert seen == list(range(sent))
+
+
+async def test_two_instances_moving_held_messages_at_once_keep_their_order(
+    transport: RabbitMQTransport,
+) -> None:
+    # Two instances of a service starting together both declare its group from_start and
+    # both moved the held messages: interleaved, their copies reordered a key.
+    held = 1500
+    await asyncio.gather(*(transport.send("early", _keyed(n, "k")) for n in range(held)))
+    await asyncio.sleep(0.5)
+    other = await _open(transport.namespace)
+    try:
+        await asyncio.gather(
+            transport.declare("early", "first", from_start=True),
+            other.declare("early", "first", from_start=True),
+        )
+    finally:
+        await other.close()  # the same queues as `transport`'s: its tear-down deletes them
+    seen: list[int] = []
+    deadline = time.monotonic() + 60
+    while len(seen) < held and time.monotonic() < deadline:
+        for delivery in await transport.receive("early", "first", consumer="c", limit=10, wait=0.2):
+            seen.append(int(delivery.envelope.payload))
+            await delivery.ack()
+    assert seen == list(range(held))
+
+
+async def test_the_sweeper_outlives_a_retirement_that_fails(
+    transport: RabbitMQTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # aiormq raises ChannelInvalidStateError (a RuntimeError, not an AMQPError) for a call
+    # on a channel that is closing under it — as a connection drops while a consumer is
+    # retired: it ended the sweeper, and no idle consumer was ever retired again.
+    import aiormq
+
+    await transport.declare("a", "g", from_start=False)
+    retire, failed = transport._retire, []
+
+    async def closing_under_it(state: Any) -> None:
+        if not failed:
+            failed.append(state.key)
+            raise aiormq.exceptions.ChannelInvalidStateError("<Channel: 7> closed")
+        await retire(state)
+
+    monkeypatch.setattr(transport, "_retire", closing_under_it)
+    await transport.receive("a", "g", consumer="idle", limit=1, wait=0)
+    for _ in range(100):  # 10 s
+        if ("a", "g", "idle") not in transport._consumers:
+            break
+        await asyncio.sleep(0.1)
+    assert failed == [("a", "g", "idle")]
+    assert ("a", "g", "idle") not in transport._consumers, "the sweeper is gone"
+
+
+async def test_a_keyed_dead_letter_replays_into_the_partition_it_came_from(
+    transport: RabbitMQTransport,
+) -> None:
+    # A replay by a process with another partition count (the dlq CLI without the
+    # workers' ?partitions=) put the envelope in a partition queue they never consume.
+    from iambus.partitions import partition
+
+    workers = await _open(transport.namespace, partitions=4)
+    try:
+        await workers.declare("a", "g", from_start=False)
+        key = next(f"k{n}" for n in range(1000) if partition(f"k{n}", 16) >= 4)
+        await workers.send("a", _keyed(0, key))
+        [failed] = await _take(workers, 1)
+        await failed.dead_letter(Failure("builtins.ValueError", "no", "", attempts=1))
+        [letter] = await transport.dead_letters()  # the default 16 partitions
+        assert await transport.replay([letter.id]) == 1
+        [replayed] = await _take(workers, 1)
+        assert _what([replayed]) == [(key, b"0", 1)]
+        await replayed.ack()
+    finally:
+        await workers.destroy()
+        await workers.close()

@@ -478,3 +478,85 @@ def partition_of(key: str, count: int) -> int:
     from iambus.partitions import partition
 
     return partition(key, count)
+
+
+async def test_redis_a_lost_key_passes_on_while_unkeyed_envelopes_keep_every_receive_full(
+    keyed: Any,
+) -> None:
+    # The sweep that claims an abandoned keyed delivery ran only in a receive that still had
+    # room after reading the stream: under a backlog of unkeyed envelopes every receive came
+    # back full, and the key stayed stuck until the backlog was gone.
+    await keyed.declare("a", "g", from_start=False)
+    key = key_in(keyed, 1)
+    for n in range(2):
+        await keyed.send("a", ping(n, key=key))
+    [lost] = await receive_some(keyed, "crashed")  # never settled
+    assert number(lost) == 0
+    backlog = 400
+    await asyncio.gather(*(keyed.send("a", ping(1000 + n)) for n in range(backlog)))
+    unkeyed = 0
+    keyed_seen: list[tuple[int, int, int]] = []  # (n, attempt, unkeyed seen before it)
+    deadline = time.monotonic() + 60
+    while unkeyed < backlog or len(keyed_seen) < 2:
+        assert time.monotonic() < deadline, (unkeyed, keyed_seen)
+        for delivery in await keyed.receive("a", "g", consumer="alive", limit=2, wait=0.2):
+            if delivery.envelope.key is None:
+                unkeyed += 1
+            else:
+                keyed_seen.append((number(delivery), delivery.attempt, unkeyed))
+            await delivery.ack()
+        await asyncio.sleep(0.03)  # a worker busy with its handlers
+    assert [(n, attempt) for n, attempt, _ in keyed_seen] == [(0, 2), (1, 1)]
+    assert keyed_seen[0][2] < backlog, "the key waited for the whole unkeyed backlog"
+
+
+async def test_redis_a_closing_transport_hands_its_unsettled_keyed_deliveries_on_at_once() -> None:
+    # A worker that stops cancels the handlers that outlive its shutdown timeout and
+    # closes its transport: their keyed deliveries held their partitions (every key in
+    # them) for claim_after more, as if the process had crashed.
+    async with opened(partitions=4, claim_after=30) as stopping:
+        await stopping.declare("a", "g", from_start=False)
+        key = key_in(stopping, 2)
+        for n in range(2):
+            await stopping.send("a", ping(n, key=key))
+        [cancelled] = await receive_some(stopping, "stopping")
+        assert number(cancelled) == 0
+        other = transport_for(stopping.namespace, partitions=4, claim_after=30)
+        await other.open()
+        try:
+            await stopping.close()  # the handler of n=0 was cancelled: never settled
+            seen: list[tuple[int, int]] = []
+            deadline = time.monotonic() + 10  # far below claim_after
+            while len(seen) < 2 and time.monotonic() < deadline:
+                for delivery in await other.receive("a", "g", consumer="c", limit=10, wait=0.2):
+                    seen.append((number(delivery), delivery.attempt))
+                    await delivery.ack()
+            assert seen == [(0, 2), (1, 1)]
+        finally:
+            await other.close()
+            await stopping.open()  # for the tear-down
+
+
+async def test_redis_a_keyed_dead_letter_replays_into_the_partition_it_came_from(
+    keyed: Any,
+) -> None:
+    # `iambus dlq replay --transport redis://...` without the workers' ?partitions= (they
+    # set it in code): the replay took the partition from its own count, and put the
+    # envelope in a partition stream the workers never read; the dead letter was gone.
+    from iambus.transports import Failure
+
+    await keyed.declare("a", "g", from_start=False)
+    key = next(f"k{n}" for n in range(1000) if partition_of(f"k{n}", 16) >= 4)
+    await keyed.send("a", ping(0, key=key))
+    [failed] = await receive_some(keyed, "c")
+    await failed.dead_letter(Failure("builtins.ValueError", "bad", "", 1))
+    replayer = transport_for(keyed.namespace)  # the default 16 partitions
+    await replayer.open()
+    try:
+        [letter] = await replayer.dead_letters()
+        assert await replayer.replay([letter.id]) == 1
+    finally:
+        await replayer.close()
+    [replayed] = await receive_some(keyed, "c")
+    assert (number(replayed), replayed.envelope.key) == (0, key)
+    await replayed.ack()

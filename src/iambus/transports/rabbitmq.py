@@ -10,7 +10,8 @@ queue name starts with the namespace (default ``iambus``). How the seam maps ont
   retries and replays use, so that they reach that group only;
 * an address no group is bound to yet: ``<ns>`` has the alternate exchange
   ``<ns>.unrouted``, where such messages wait in ``<ns>.held.<address>`` (at most
-  ``max_length``); the first group declared with ``from_start=True`` takes them;
+  ``max_length``); the first group declared with ``from_start=True`` takes them, one
+  instance at a time (the lock: an exclusive queue ``<ns>.held.<address>@@mover``);
 * ``receive`` reads from one consumer (its own channel, with a prefetch of ``prefetch``
   or else the first ``limit`` asked for) per (address, group, consumer name);
 * the attempt is ``x-iambus-attempt`` (1 when absent) plus the quorum queue's own
@@ -21,6 +22,10 @@ queue name starts with the namespace (default ``iambus``). How the seam maps ont
   between gives a duplicate, never a loss;
 * a consumer that neither receives nor settles for ``claim_after`` seconds is considered
   dead: its channels are closed, so RabbitMQ hands what it held to the others;
+* a retry or dead letter whose copy the broker does not confirm (a nack, a confirm
+  timeout) gives the delivery back (``basic.nack``, requeue) while its channel is open:
+  it comes again as a further attempt instead of staying with a consumer that lives on;
+  a message whose hand-out needs such a copy stays in the buffer for the next receive;
 * dead letters are records in the stream queue ``<ns>.dead``; replaying or purging one
   appends a tombstone, so listing them never takes them from anyone;
 * ``request`` / ``reply`` use direct reply-to (``amq.rabbitmq.reply-to``): no queue per
@@ -46,8 +51,11 @@ previous one — so each (group, partition) has at most one delivery out in the 
   consumer with the highest (random) ``x-priority``, which gets the copy or the returned
   delivery first; an original returning behind its hand-back copy is dropped there;
 * keyed sends to an address no group is bound to wait in its held queue too (the
-  alternate exchange of ``<ns>.keyed`` is the topic exchange ``<ns>.keyed.unrouted``);
-* a replayed keyed dead letter is published to its partition queue, at the back.
+  alternate exchange of ``<ns>.keyed`` is the topic exchange ``<ns>.keyed.unrouted``),
+  and are moved to their partition queues at priority 1: ahead of what is sent there
+  once the queues are bound;
+* a replayed keyed dead letter is published to the partition queue it came from
+  (recorded in the dead letter), at the back.
 
 Names longer than AMQP's 255 bytes (queues, routing keys) keep their start and a SHA-256
 digest, the same in every process. See ``docs/rabbitmq.md`` for the reasons and the
@@ -110,6 +118,7 @@ H_HANDBACK = "x-iambus-handback"  # a lane copy handed back unhandled: its origi
 H_DEAD = "x-iambus-dead"
 H_SETTLED = "x-iambus-settled"
 H_MARK = "x-iambus-mark"
+H_PARTITION = "x-iambus-partition"  # in a keyed dead letter: the partition it came from
 H_FAILURE = (
     ("x-iambus-error-type", "error_type"),
     ("x-iambus-error-message", "message"),
@@ -414,15 +423,10 @@ class RabbitMQTransport:
         if not self._declarers:
             self._declarers = [await self._new_channel() for _ in range(DECLARERS - 1)]
         channels = [await self._ready(c) for c in (self._admin, *self._declarers)]
-        prefix = _shorten(address, MAX_NAME - 5)
 
         async def declare(ch: aiormq.abc.AbstractChannel, numbers: range) -> None:
             for n in numbers:
-                name = self._lane(address, group, n)
-                async with self._translate(f"declare {name}"):
-                    await ch.queue_declare(name, durable=True, arguments=LANE_ARGUMENTS)
-                    await ch.queue_bind(name, self._keyed, routing_key=f"{prefix}.{n}")
-                self._declared.add(name)
+                await self._declare_lane(ch, address, group, n)
 
         step = len(channels)
         done = await asyncio.gather(
@@ -434,11 +438,58 @@ class RabbitMQTransport:
                 raise outcome
         self._lanes.add((address, group))
 
+    async def _declare_lane(
+        self, ch: aiormq.abc.AbstractChannel, address: str, group: str, n: int
+    ) -> str:
+        name = self._lane(address, group, n)
+        async with self._translate(f"declare {name}"):
+            await ch.queue_declare(name, durable=True, arguments=LANE_ARGUMENTS)
+            route = f"{_shorten(address, MAX_NAME - 5)}.{n}"
+            await ch.queue_bind(name, self._keyed, routing_key=route)
+        self._declared.add(name)
+        return name
+
     async def _take_held(self, address: str, group: str) -> None:
         if address not in self._held:
             await self._declare_held(address)
-        ch = await self._ready(self._admin)
         held = self._held_queue(address)
+        ch = await self._ready(self._admin)
+        async with self._translate(f"move {held}"):
+            waiting = await ch.queue_declare(held, passive=True)
+        if not waiting.message_count:
+            return
+        async with self._moving(held):
+            await self._move_held(address, group, held)
+
+    @contextlib.asynccontextmanager
+    async def _moving(self, held: str) -> AsyncIterator[None]:
+        """One mover of a held queue at a time, cluster-wide: two instances declaring the
+        first group at once would interleave their copies and reorder a key. The lock is
+        an exclusive queue (RabbitMQ deletes it with its connection, should that die)."""
+        lock = _fit(f"{held}@@mover")  # '@@': never the name of a queue of iambus's own
+        while True:
+            channel = await self._new_channel()
+            try:
+                ch = await self._ready(channel)
+                async with self._translate(f"lock {held}"):
+                    await ch.queue_declare(lock, exclusive=True)
+                break
+            except TransportError as exc:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+                if not isinstance(exc.__cause__, aiormq.exceptions.ChannelLockedResource):
+                    raise
+                await asyncio.sleep(0.5)  # another instance is moving them
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                await ch.queue_delete(lock)
+            with contextlib.suppress(Exception):
+                await channel.close()
+
+    async def _move_held(self, address: str, group: str, held: str) -> None:
+        ch = await self._ready(self._admin)
         moved = 0
         async with self._translate(f"move {held}"):
             while True:
@@ -446,13 +497,18 @@ class RabbitMQTransport:
                 if not isinstance(message.delivery, spec.Basic.GetOk):
                     break
                 # Copy, confirmed, then ack: a crash in between duplicates, never loses.
-                key = (message.header.properties.headers or {}).get(H_KEY)
+                properties = message.header.properties
+                key = (properties.headers or {}).get(H_KEY)
                 if key is None:
                     exchange, route = self._direct, self._queue(address, group)
-                else:  # to the back of its partition, by name (the default exchange)
+                else:  # to its partition queue, by name (the default exchange) ...
                     n = partition(_text(key), self.partitions)
                     exchange, route = "", self._lane(address, group, n)
-                await self._publish_raw(exchange, route, message.body, message.header.properties)
+                    # ... at priority 1: ahead of what senders put there since it was
+                    # bound (after everything held), behind what was moved before it.
+                    properties = copy.copy(properties)
+                    properties.priority = FIRST
+                await self._publish_raw(exchange, route, message.body, properties)
                 await ch.basic_ack(_tag(message))
                 moved += 1
         if moved:
@@ -531,7 +587,17 @@ class RabbitMQTransport:
                 if message.channel.is_closed:
                     self._unhand(state, message, lane)  # the broker has requeued it
                     continue
-                delivery = await self._delivery(state, address, group, message, lane)
+                try:
+                    delivery = await self._delivery(state, address, group, message, lane)
+                except TransportError as exc:
+                    # What handing it out needed (a copy, a dead letter) did not reach the
+                    # broker: it stays here, unacked, for a later receive to try again —
+                    # dropped, it would hold its partition (or a prefetch slot) for good.
+                    state.inbox.append((message, lane))
+                    if not out:
+                        raise
+                    logger.warning("iambus: %s; tried again at the next receive", exc)
+                    break
                 if delivery is not None:
                     out.append(delivery)
             return out
@@ -751,9 +817,29 @@ class RabbitMQTransport:
                 f"it again"
             )
 
+    async def _give_back(self, delivery: _RabbitDelivery) -> None:
+        """A settle failed while the delivery's channel is open: requeue it, so that it is
+        delivered again (a further attempt) instead of staying unacked with a consumer
+        that goes on living — for a keyed one, holding its partition for good."""
+        message = delivery._message
+        if message.channel.is_closed:
+            return  # the broker has it back
+        try:
+            async with self._translate("give back"):
+                await message.channel.basic_nack(_tag(message), requeue=True)
+        except TransportError as exc:
+            logger.warning("iambus: giving %r back failed: %s", delivery, exc)
+
     async def _retry(self, delivery: _RabbitDelivery, delay: float) -> None:
         self._check_settleable(delivery, "retry")
         delivery._consumer.last_seen = time.monotonic()
+        try:
+            await self._retry_unsafe(delivery, delay)
+        except TransportError:
+            await self._give_back(delivery)
+            raise
+
+    async def _retry_unsafe(self, delivery: _RabbitDelivery, delay: float) -> None:
         if delivery._lane is not None:
             await self._retry_keyed(delivery, delivery._lane, delay)
             return
@@ -788,7 +874,8 @@ class RabbitMQTransport:
             if not delivery._message.channel.is_closed:
                 await self._pass_on(delivery._message, lane, delivery.attempt + 1)
         except Exception:
-            logger.exception("iambus: retrying %r failed; it is redelivered later", delivery)
+            logger.exception("iambus: retrying %r failed; it is redelivered now", delivery)
+            await self._give_back(delivery)
         finally:
             delivery._consumer.last_seen = time.monotonic()
 
@@ -830,8 +917,26 @@ class RabbitMQTransport:
             value = getattr(failure, name)
             if value is not None:
                 extra[header] = value[:MAX_HEADER_TEXT] if isinstance(value, str) else value
+        if delivery._lane is not None:
+            came_from = self._lane_number(delivery._address, delivery._group, delivery._lane)
+            if came_from is not None:
+                extra[H_PARTITION] = came_from
         await self._publish("", self._dead, delivery.envelope, extra)
         await self._ack(delivery)
+
+    def _lane_number(self, address: str, group: str, lane: str) -> int | None:
+        """Which partition queue of the group ``lane`` is (one this process consumes)."""
+        for n in range(self.partitions):
+            if self._lane(address, group, n) == lane:
+                return n
+        return None
+
+    async def _dead_letter(self, delivery: _RabbitDelivery, failure: Failure) -> None:
+        try:
+            await self._park(delivery, failure)
+        except TransportError:
+            await self._give_back(delivery)
+            raise
 
     # -- reclaiming from consumers that stopped ---------------------------------------
 
@@ -848,8 +953,8 @@ class RabbitMQTransport:
                 ):
                     try:
                         await self._retire(state)
-                    except TransportError as exc:
-                        logger.warning("iambus: retiring consumer %s: %s", state.key, exc)
+                    except Exception as exc:  # the sweeper must outlive any one of them
+                        logger.warning("iambus: retiring consumer %s: %r", state.key, exc)
 
     async def _retire(self, state: _Consumer) -> None:
         """Close a consumer's channels: RabbitMQ redelivers what it held to the others.
@@ -964,7 +1069,8 @@ class RabbitMQTransport:
         return list((await self._read_dead()).values())[:limit]
 
     async def replay(self, ids: Sequence[str]) -> int:
-        live = await self._read_dead()
+        came_from: dict[str, int] = {}
+        live = await self._read_dead(came_from)
         replayed: list[str] = []
         for letter_id in ids:
             letter = live.pop(letter_id, None)
@@ -972,13 +1078,18 @@ class RabbitMQTransport:
                 continue
             await self.declare(letter.address, letter.group, from_start=False)
             # No attempt header: a replayed envelope starts counting again. A keyed one
-            # goes behind what its partition queue holds (by name: the default exchange).
+            # goes behind what its partition queue holds (by name: the default exchange):
+            # the queue it came from, whatever this process's count (the dlq CLI may not
+            # know the workers').
             key = letter.envelope.key
             if key is None:
                 exchange, route = self._direct, self._queue(letter.address, letter.group)
             else:
-                n = partition(key, self.partitions)
+                n = came_from.get(letter_id, partition(key, self.partitions))
                 exchange, route = "", self._lane(letter.address, letter.group, n)
+                if n >= self.partitions:  # not among what declare() made sure of
+                    admin = await self._ready(self._admin)
+                    await self._declare_lane(admin, letter.address, letter.group, n)
             await self._publish(exchange, route, letter.envelope, None)
             await self._settle_dead([letter_id])
             replayed.append(letter_id)
@@ -997,8 +1108,9 @@ class RabbitMQTransport:
         )
         await self._publish_raw("", self._dead, json.dumps(ids).encode(), properties)
 
-    async def _read_dead(self) -> dict[str, DeadLetter]:
-        """Read the dead-letter stream from its start up to a mark written just now."""
+    async def _read_dead(self, came_from: dict[str, int] | None = None) -> dict[str, DeadLetter]:
+        """Read the dead-letter stream from its start up to a mark written just now;
+        ``came_from`` gets the partition of each keyed letter that records it."""
         self._check_open()
         mark = uuid.uuid4().hex
         await self._publish_raw(
@@ -1038,6 +1150,9 @@ class RabbitMQTransport:
                         letter = _dead_letter(message)
                         if letter is not None:
                             live[letter.id] = letter
+                            n = _came_from(headers)
+                            if came_from is not None and n is not None:
+                                came_from[letter.id] = n
             finally:
                 with contextlib.suppress(Exception):
                     await channel.close()
@@ -1076,6 +1191,8 @@ class RabbitMQTransport:
         try:
             yield
         except (aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPException) as exc:
+            raise TransportError(f"{self.url}: {what} failed: {exc!r}") from exc
+        except aiormq.exceptions.ChannelInvalidStateError as exc:  # closing under the call
             raise TransportError(f"{self.url}: {what} failed: {exc!r}") from exc
         except (OSError, TimeoutError) as exc:
             raise TransportError(f"{self.url}: {what} failed: {exc!r}") from exc
@@ -1123,7 +1240,7 @@ class _RabbitDelivery:
         await self._transport._retry(self, delay)
 
     async def dead_letter(self, failure: Failure) -> None:
-        await self._transport._park(self, failure)
+        await self._transport._dead_letter(self, failure)
 
     def __repr__(self) -> str:
         return f"<delivery {self.envelope.name} #{self.attempt} to {self._group}@{self._address}>"
@@ -1206,13 +1323,25 @@ def _tag(message: DeliveredMessage) -> int:
 
 
 def _own_attempt(headers: Mapping[str, Any]) -> int:
-    """The attempt iambus wrote (1 when absent): what a partition queue counts by."""
-    return int(headers.get(H_ATTEMPT, 1))
+    """The attempt iambus wrote (1 when absent, or not a number: another producer's
+    header must not stop a queue): what a partition queue counts by."""
+    try:
+        return max(int(headers.get(H_ATTEMPT, 1)), 1)
+    except (TypeError, ValueError):
+        return 1
+
+
+def _came_from(headers: Mapping[str, Any]) -> int | None:
+    """The partition a keyed dead letter was taken from, if it says."""
+    try:
+        return int(headers[H_PARTITION])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _attempt(headers: Mapping[str, Any]) -> int:
     # x-delivery-count: how often a quorum queue handed it out before and got it back.
-    return int(headers.get(H_ATTEMPT, 1)) + int(headers.get("x-delivery-count", 0))
+    return _own_attempt(headers) + int(headers.get("x-delivery-count", 0))
 
 
 def _bucket(delay: float) -> int:

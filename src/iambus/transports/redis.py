@@ -41,7 +41,8 @@ the rule holds across all consumers and processes:
 * ``retry`` parks it as above: still pending, so the partition stays blocked until the
   entry is claimed back when due (attempt + 1) and settled;
 * every ``min(claim_after / 2, 5)`` s, a receive with room (per transport and group)
-  *sweeps* the partition streams that have entries, after reading the stream: a keyed
+  *sweeps* the partition streams that have entries, before reading the stream (so that
+  a backlog of unkeyed envelopes, filling every receive, cannot put it off): a keyed
   delivery left unsettled for ``claim_after`` is claimed (``XCLAIM``: attempt + 1)
   and comes first, then the rest in order; an entry whose pointer was lost (trimmed,
   a connection dropped between the two ``XADD``) is picked up;
@@ -49,8 +50,13 @@ the rule holds across all consumers and processes:
   the ack, retry or dead letter of a handler that outlived ``claim_after`` is ignored
   and logged, so it never releases the partition while the new holder has the entry
   out (their two runs of it may overlap; the next entry waits for the new holder);
-* ``replay`` of a keyed dead letter appends it to its partition stream marked ``@g``
-  with its group, behind what the partition holds; other groups ack and skip it.
+* ``replay`` of a keyed dead letter appends it to the partition stream it came from
+  (recorded in the dead letter, so a replaying process with another ``partitions``
+  still finds it) marked ``@g`` with its group, behind what the partition holds; other
+  groups ack and skip it;
+* ``close()`` parks the keyed deliveries it handed out and saw no settle of (a stopping
+  worker's cancelled handlers) as retries due at once, so that their partitions pass
+  on within ``block`` seconds, counted (attempt + 1), not after ``claim_after``.
 
 No leases: any consumer of the group takes any free partition whose pointer it reads,
 so one instance may hold many (up to all) partitions of a group at once. Limits: keyed
@@ -271,7 +277,8 @@ return 1
 # is for (a hand-over), absent when it is for every group (a send).
 _POINTER = "@p"
 _TARGET = "@g"
-_AS_BYTES = {_POINTER: _POINTER.encode(), _TARGET: _TARGET.encode()}
+_PARTITION = "dl.partition"  # in a keyed dead letter: the partition it came from
+_AS_BYTES = {name: name.encode() for name in (_POINTER, _TARGET, _PARTITION)}
 
 
 class RedisTransport:
@@ -316,6 +323,9 @@ class RedisTransport:
         self._next_due_check: dict[tuple[str, str], float] = {}
         self._lanes: dict[str, list[str]] = {}  # address -> its partition streams
         self._strays: set[tuple[str, int]] = set()  # pointers to undeclared partitions
+        # Keyed deliveries handed out and not yet settled, handed on by close():
+        # (address, group, mark, entry id) -> (consumer, attempt).
+        self._holding: dict[tuple[str, str, str, bytes], tuple[str, int]] = {}
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -348,9 +358,37 @@ class RedisTransport:
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(TransportError(f"{self.url}: closed while waiting"))
+        if self._redis is not None and self._holding:
+            await self._hand_on()
         client, self._redis = self._redis, None
         if client is not None:
             await client.aclose(close_connection_pool=True)
+
+    async def _hand_on(self) -> None:
+        """Park the keyed deliveries still held (a stopping worker's cancelled handlers) as
+        retries due now: another consumer claims each (attempt + 1) at its next check for
+        due retries, instead of its partition waiting ``claim_after``."""
+        holding, self._holding = self._holding, {}
+
+        async def hand_on(
+            address: str, group: str, mark: str, entry_id: bytes, consumer: str, attempt: int
+        ) -> None:
+            member = f"{mark}:{_text(entry_id)}"
+            args = [group, entry_id, 0, member, RETRY_OWNER, consumer, attempt]
+            keys = [self._key(address, group, mark), self._due(address, group)]
+            try:
+                async with self._translate("hand on"):
+                    await self._scripts["park"](keys=keys, args=args)
+            except TransportError as exc:
+                logger.warning(
+                    "iambus: closing, could not hand keyed entry %s on %s on (it passes on "
+                    "after claim_after): %s",
+                    _text(entry_id),
+                    address,
+                    exc,
+                )
+
+        await asyncio.gather(*(hand_on(*where, *holder) for where, holder in holding.items()))
 
     async def destroy(self) -> int:
         """Delete every key of this namespace (tests, tear-downs). Returns how many."""
@@ -470,7 +508,7 @@ class RedisTransport:
                     args=[group, consumer, limit, self._lane_prefix(address)],
                 )
         # Abandoned deliveries are looked for every min(claim_after / 2, 5) seconds, by a
-        # receive that has room for them (partitions: after the stream, below).
+        # receive that has room for them.
         now = time.monotonic()
         every = min(self.claim_after / 2, 5.0)
         if len(rows) < limit and now - self._last_reclaim.get((address, group), 0) > every:
@@ -486,22 +524,23 @@ class RedisTransport:
                         RETRY_OWNER,
                     ],
                 )
-        if len(rows) < limit and checked_due:
-            rows += await self._read(group, direct, "d", consumer, limit - len(rows), None)
-        if len(rows) < limit:
-            remaining = deadline - time.monotonic()
-            block = None if rows else max(int(min(remaining, self.block) * 1000), 1)
-            rows += await self._read(group, stream, "m", consumer, limit - len(rows), block)
-        out = await self._deliveries(address, group, consumer, rows)
-        now = time.monotonic()
-        if len(out) < limit and now - self._last_sweep.get((address, group), 0) > every:
-            # The sweep of the partitions: after the stream, so that a receive keeps the
-            # order of what it read there (a keyed delivery takes its pointer's place).
+        # The sweep of the partitions, likewise: before the stream, which a backlog of
+        # unkeyed envelopes would keep filling every receive with.
+        swept: list[Delivery] = []
+        if len(rows) < limit and now - self._last_sweep.get((address, group), 0) > every:
             self._last_sweep[address, group] = now
-            out += await self._take(
-                address, group, consumer, self._lanes_of(address), [], limit - len(out)
+            swept += await self._take(
+                address, group, consumer, self._lanes_of(address), [], limit - len(rows)
             )
-        return out
+        room = limit - len(rows) - len(swept)
+        if room > 0 and checked_due:
+            rows += await self._read(group, direct, "d", consumer, room, None)
+            room = limit - len(rows) - len(swept)
+        if room > 0:
+            remaining = deadline - time.monotonic()
+            block = None if rows or swept else max(int(min(remaining, self.block) * 1000), 1)
+            rows += await self._read(group, stream, "m", consumer, room, block)
+        return swept + await self._deliveries(address, group, consumer, rows)
 
     async def _read(
         self, group: str, key: str, mark: str, consumer: str, count: int, block: int | None
@@ -611,7 +650,12 @@ class RedisTransport:
     ) -> _RedisDelivery | None:
         """A delivery, or None when the entry is not an envelope: that one is parked at once."""
         try:
-            return _RedisDelivery(self, address, group, consumer, mark, entry_id, fields, attempt)
+            delivery = _RedisDelivery(
+                self, address, group, consumer, mark, entry_id, fields, attempt
+            )
+            if mark[0] == "p":
+                self._holding[address, group, mark, entry_id] = (consumer, attempt)
+            return delivery
         except SerializationError as exc:
             raw = {_text(k): _text(v) for k, v in _pairs(fields).items()}
             logger.error(
@@ -674,8 +718,16 @@ class RedisTransport:
         keys = [self._key(address, group, mark), self._stream(address), self._dead()]
         async with self._translate("dead-letter" if dead else "ack"):
             settled = await self._scripts["release"](keys=keys, args=args)
+        self._let_go(address, group, mark, entry_id, consumer, attempt)
         if not settled:
             self._not_held(address, group, consumer, entry_id, "dead-letter" if dead else "ack")
+
+    def _let_go(
+        self, address: str, group: str, mark: str, entry_id: bytes, consumer: str, attempt: int
+    ) -> None:
+        where = (address, group, mark, entry_id)
+        if self._holding.get(where) == (consumer, attempt):  # not a later claim of it
+            del self._holding[where]
 
     def _not_held(
         self, address: str, group: str, consumer: str, entry_id: bytes, what: str
@@ -710,6 +762,8 @@ class RedisTransport:
             parked = await self._scripts["park"](
                 keys=[self._key(address, group, mark), self._due(address, group)], args=args
             )
+        if mark[0] == "p":
+            self._let_go(address, group, mark, entry_id, consumer, attempt)
         if not parked:
             self._not_held(address, group, consumer, entry_id, "retry")
             return
@@ -759,6 +813,7 @@ class RedisTransport:
             ),
         }
         if mark[0] == "p":
+            record[_PARTITION] = mark[1:]  # where a replay puts it back, whatever its count
             await self._release(address, group, consumer, mark, entry_id, attempt, record)
             return
         async with (
@@ -851,7 +906,11 @@ class RedisTransport:
                     if letter.envelope.key is None:
                         pipe.xadd(self._direct(letter.address, letter.group), fields)
                     else:  # behind what its partition holds, for its group only
-                        lane = str(partition(letter.envelope.key, self.partitions))
+                        # The partition it was taken from, not this process's idea of it
+                        # (the dlq CLI may not know the workers' count).
+                        lane = _field(rows[0][1], _PARTITION) or str(
+                            partition(letter.envelope.key, self.partitions)
+                        )
                         target: Any = {_TARGET: letter.group}
                         pipe.xadd(
                             self._lane(letter.address, int(lane)),
@@ -1063,6 +1122,7 @@ def _dead_letter(entry_id: Any, fields: Any) -> DeadLetter:
     failure = json.loads(get.pop("dl.failure"))
     address, group = _text(get.pop("dl.address")), _text(get.pop("dl.group"))
     failed_at = float(_text(get.pop("dl.at")))
+    get.pop(_PARTITION, None)
     return DeadLetter(
         id=_text(entry_id),
         address=address,
