@@ -80,7 +80,7 @@ class Ctx:
         problems, consumers = [], 0
         for stream in await self.streams(scope):
             name = stream.config.name
-            if name.endswith("_dead"):
+            if _dead_letters(name):
                 if stream.state.messages:
                     problems.append(f"{name} holds {stream.state.messages} dead letter(s)")
                 continue
@@ -113,9 +113,7 @@ class Ctx:
         tracker.check(what)
         await self._settled(scope, what, "after the consumer stopped", True)
         stored = sum(
-            s.state.messages
-            for s in await self.streams(scope)
-            if not s.config.name.endswith("_dead")
+            s.state.messages for s in await self.streams(scope) if not _dead_letters(s.config.name)
         )
         if stored < tracker.n:
             raise VerificationError(
@@ -345,3 +343,8 @@ BUILDERS: list[tuple[str, Callable[[Ctx], Awaitable[Impl]]]] = [
     ("iambus", build_iambus),
     ("iambus-keyed", build_iambus_keyed),
 ]
+
+
+def _dead_letters(stream: str) -> bool:
+    """Whether ``stream`` is an iambus dead-letter stream (``D_<namespace>``)."""
+    return stream.startswith("D_")

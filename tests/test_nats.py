@@ -64,10 +64,11 @@ def test_the_url_picks_the_namespace_and_a_bad_one_is_refused() -> None:
     assert isinstance(transport, NatsTransport)
     assert (transport.namespace, transport.stream, transport.dead_stream) == (
         "shop",
-        "shop",
-        "shop_dead",
+        "M_shop",
+        "D_shop",
     )
     assert transport.subject("event.OrderPlaced") == "shop.m.event.OrderPlaced"
+    assert transport.partitions == 16
     with pytest.raises(ImproperlyConfigured, match="letters, digits"):
         NatsTransport("nats://127.0.0.1:4222", namespace="a.b")
     with pytest.raises(ImproperlyConfigured, match="cannot be a NATS subject"):
@@ -287,3 +288,289 @@ async def _retrying(call: Callable[[], Awaitable[T]]) -> T:
         except TransportError:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.1)
+
+
+# -- stream names, partitions, pulls -------------------------------------------------
+
+
+def test_partitions_come_from_the_url_or_the_keyword_and_a_bad_count_is_refused() -> None:
+    transport = connect("nats://127.0.0.1:4222?namespace=shop&partitions=4")
+    assert isinstance(transport, NatsTransport)
+    assert transport.partitions == 4
+    assert NatsTransport(NATS, partitions=2).partitions == 2
+    assert transport.keyed_subject("event.OrderPlaced", 3) == "shop.k.3.event.OrderPlaced"
+    assert NatsTransport.durable("a", "g", 3) == NatsTransport.durable("a", "g") + "-p3"
+    with pytest.raises(ImproperlyConfigured, match="partitions must be a whole number"):
+        NatsTransport(f"{NATS}?partitions=0")
+    with pytest.raises(ImproperlyConfigured, match="cannot be a NATS subject"):
+        transport.keyed_subject("a b", 1)
+
+
+async def test_a_namespace_ending_in_dead_has_streams_of_its_own() -> None:
+    require("nats")
+    base = f"test-{uuid.uuid4().hex[:10]}"
+    # Once, namespace X's dead letters were the stream "X_dead": namespace "X_dead" then
+    # took that stream for its messages.
+    first = NatsTransport(NATS, namespace=base, claim_after=0.5)
+    second = NatsTransport(NATS, namespace=f"{base}_dead", claim_after=0.5)
+    await first.open()
+    await second.open()
+    try:
+        assert {first.stream, first.dead_stream}.isdisjoint({second.stream, second.dead_stream})
+        failure = Failure("builtins.ValueError", "no", "", 1)
+        for transport, n in ((first, 1), (second, 2)):
+            await transport.declare("a", "g", from_start=False)
+            await transport.send("a", _ping(n))
+            [delivery] = await _receive(transport, 1)
+            await delivery.dead_letter(failure)
+        assert [d.envelope.payload for d in await first.dead_letters()] == [b"1"]
+        assert [d.envelope.payload for d in await second.dead_letters()] == [b"2"]
+    finally:
+        for transport in (first, second):
+            await transport.destroy()
+            await transport.close()
+
+
+async def test_a_stream_of_the_old_name_holding_the_subjects_is_a_clear_error() -> None:
+    require("nats")
+    namespace = f"test-{uuid.uuid4().hex[:10]}"
+    transport = NatsTransport(NATS, namespace=namespace)
+    import nats as nats_py
+
+    client = await nats_py.connect(NATS)
+    js = client.jetstream()
+    await js.add_stream(name=namespace, subjects=[f"{namespace}.m.>"])  # as iambus made it
+    try:
+        with pytest.raises(ImproperlyConfigured, match=rf"stream '{namespace}' already holds"):
+            await transport.open()
+        with pytest.raises(TransportError, match="not open"):
+            await transport.send("a", _ping(1))
+    finally:
+        await js.delete_stream(namespace)
+        await client.close()
+
+
+async def test_a_stream_made_before_keys_gets_the_keyed_subjects() -> None:
+    require("nats")
+    namespace = f"test-{uuid.uuid4().hex[:10]}"
+    import nats as nats_py
+
+    client = await nats_py.connect(NATS)
+    js = client.jetstream()
+    await js.add_stream(name=f"M_{namespace}", subjects=[f"{namespace}.m.>"])
+    transport = NatsTransport(NATS, namespace=namespace, claim_after=0.5)
+    try:
+        await transport.open()
+        info = await js.stream_info(transport.stream)
+        assert info.config.subjects == [f"{namespace}.m.>", f"{namespace}.k.>"]
+        await transport.declare("a", "g", from_start=False)
+        await transport.send("a", Envelope(name="Ping", payload=b"1", key="k"))
+        [delivery] = await _receive(transport, 1)
+        assert delivery.envelope.key == "k"
+        await delivery.ack()
+    finally:
+        await transport.destroy()
+        await transport.close()
+        await client.close()
+
+
+async def test_a_keyed_envelope_is_stored_on_its_partition_subject(
+    transport: NatsTransport,
+) -> None:
+    from iambus.partitions import partition
+
+    await transport.declare("a", "g", from_start=False)
+    await transport.send("a", Envelope(name="Ping", payload=b"1", key="order-7"))
+    subject = transport.keyed_subject("a", partition("order-7", transport.partitions))
+    stored = await transport._jetstream().get_last_msg(transport.stream, subject)
+    assert stored.data == b"1"
+
+
+async def test_destroy_deletes_the_streams_and_every_consumer_declare_made() -> None:
+    require("nats")
+    transport = NatsTransport(NATS, namespace=f"test-{uuid.uuid4().hex[:10]}", partitions=3)
+    await transport.open()
+    try:
+        await transport.declare("a", "g", from_start=False)
+        js = transport._jetstream()
+        names = [c.name for c in await js.consumers_info(transport.stream)]
+        assert sorted(names) == sorted(
+            [NatsTransport.durable("a", "g")]
+            + [NatsTransport.durable("a", "g", n) for n in range(3)]
+        )
+        assert await transport.destroy() == 2
+        from nats.js.errors import NotFoundError
+
+        for stream in (transport.stream, transport.dead_stream):
+            with pytest.raises(NotFoundError):
+                await js.stream_info(stream)
+    finally:
+        await transport.close()
+
+
+async def test_a_pull_stays_waiting_from_one_receive_to_the_next(
+    transport: NatsTransport,
+) -> None:
+    # nats-server 2.9 skips a redelivery that finds only expired pulls waiting, and counts
+    # it as an attempt: a delivery reclaimed just as a receive's pull ran out came back one
+    # claim_after later, as attempt 3. So a receive leaves its pull waiting (it expires
+    # long after), and the next receive uses it.
+    await transport.declare("a", "g", from_start=False)
+    js = transport._jetstream()
+    for _ in range(2):
+        assert await transport.receive("a", "g", consumer="c", limit=5, wait=0.3) == []
+        info = await js.consumer_info(transport.stream, transport.durable("a", "g"))
+        assert info.num_waiting == 1, "one pull waits between receives: not none, not more"
+    await transport.send("a", _ping(1))
+    [lost] = await _receive(transport, 1)
+    # A receive that ends just when the server reclaims it (claim_after = 0.3).
+    await transport.receive("a", "g", consumer="other", limit=5, wait=0.28)
+    [found] = await _receive(transport, 1)
+    assert (found.envelope, found.attempt) == (lost.envelope, 2)
+    await found.ack()
+
+
+async def test_a_cancelled_receive_strands_nothing() -> None:
+    require("nats")
+    namespace = f"test-{uuid.uuid4().hex[:10]}"
+    # claim_after is long: what a stopped worker's pulls caught must come back at once.
+    stopping = NatsTransport(NATS, namespace=namespace, claim_after=30)
+    other = NatsTransport(NATS, namespace=namespace, claim_after=30)
+    await stopping.open()
+    await other.open()
+    try:
+        await stopping.declare("a", "g", from_start=False)
+        waiting = asyncio.create_task(stopping.receive("a", "g", consumer="w", limit=10, wait=5))
+        await asyncio.sleep(0.3)  # its pulls are waiting on the server
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        sent = [_ping(n) for n in range(3)] + [
+            Envelope(name="Ping", payload=f"k{n}".encode(), key=f"key-{n}") for n in range(3)
+        ]
+        for envelope in sent:
+            await stopping.send("a", envelope)
+        got = await _receive(other, len(sent), wait=5)
+        assert sorted(d.envelope.payload for d in got) == sorted(e.payload for e in sent)
+        for delivery in got:
+            await delivery.ack()
+        # A receive after the cancelled one works as before.
+        await stopping.send("a", _ping(9))
+        [late] = await _receive_any(stopping, other)
+        assert late.envelope.payload == b"9"
+    finally:
+        await stopping.destroy()
+        for transport in (stopping, other):
+            await transport.close()
+
+
+async def _receive_any(*transports: NatsTransport) -> list[Delivery]:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        for transport in transports:
+            got = await transport.receive("a", "g", consumer="c", limit=1, wait=0.2)
+            if got:
+                return list(got)
+    return []
+
+
+async def test_what_no_receive_takes_goes_back_after_half_of_claim_after() -> None:
+    require("nats")
+    namespace = f"test-{uuid.uuid4().hex[:10]}"
+    greedy = NatsTransport(NATS, namespace=namespace, claim_after=4)
+    other = NatsTransport(NATS, namespace=namespace, claim_after=4)
+    await greedy.open()
+    await other.open()
+    try:
+        await greedy.declare("a", "g", from_start=False)
+        keys = ["key-0", "key-1", "key-2"]  # three partitions of 16
+        for key in keys:
+            await greedy.send("a", Envelope(name="Ping", payload=key.encode(), key=key))
+        # One receive pulls on every partition and takes one; it never receives again.
+        [taken] = await _receive(greedy, 1)
+        started = time.monotonic()
+        got = await _receive(other, 2, wait=8)
+        assert sorted(d.envelope.payload for d in got) == sorted(
+            k.encode() for k in keys if k.encode() != taken.envelope.payload
+        )
+        # handed back after claim_after / 2 (2 s), not reclaimed after claim_after (4 s)
+        assert 1.5 < time.monotonic() - started < 3.5
+        assert {d.attempt for d in got} == {2}  # they were delivered to `greedy` first
+    finally:
+        await greedy.destroy()
+        for transport in (greedy, other):
+            await transport.close()
+
+
+async def test_a_keyed_replay_goes_to_its_group_behind_its_partition() -> None:
+    require("nats")
+    # claim_after is long enough to hold a delivery across a receive.
+    transport = NatsTransport(NATS, namespace=f"test-{uuid.uuid4().hex[:10]}", claim_after=5)
+    await transport.open()
+    try:
+        await _replay_behind_the_partition(transport)
+    finally:
+        await transport.destroy()
+        await transport.close()
+
+
+async def _replay_behind_the_partition(transport: NatsTransport) -> None:
+    await transport.declare("a", "g", from_start=False)
+    await transport.declare("a", "other", from_start=False)
+
+    def keyed(n: int) -> Envelope:
+        return Envelope(name="Ping", payload=str(n).encode(), key="k")
+
+    await transport.send("a", keyed(0))
+    [first] = await _receive(transport, 1)
+    [elsewhere] = await _receive(transport, 1, group="other")
+    await elsewhere.ack()
+    await first.dead_letter(Failure("builtins.ValueError", "no", "", 1))
+    await transport.send("a", keyed(1))
+    [second] = await _receive(transport, 1)  # holds the partition while the replay comes
+    [letter] = await transport.dead_letters()
+    assert await transport.replay([letter.id]) == 1
+    assert await transport.receive("a", "g", consumer="c", limit=5, wait=0.3) == []
+    await second.ack()
+    [replayed] = await _receive(transport, 1)
+    assert (replayed.envelope.payload, replayed.attempt) == (b"0", 1)
+    await replayed.ack()
+    [other] = await _receive(transport, 1, group="other")
+    assert other.envelope.payload == b"1"  # the replay is for "g" only
+    await other.ack()
+    assert await _receive(transport, 1, group="other", wait=0.5) == []
+
+
+async def test_a_deleted_stream_is_made_again_by_the_next_send(transport: NatsTransport) -> None:
+    await transport.declare("a", "g", from_start=False)
+    assert await transport.receive("a", "g", consumer="c", limit=5, wait=0.1) == []
+    await transport._jetstream().delete_stream(transport.stream)  # its consumers go too
+    await transport.send("a", _ping(1))  # no stream takes it: made again, then stored
+    await transport.send("a", Envelope(name="Ping", payload=b"2", key="k"))
+    got = await _receive(transport, 2)
+    assert sorted(d.envelope.payload for d in got) == [b"1", b"2"]
+    for delivery in got:
+        await delivery.ack()
+
+
+async def test_what_a_closed_transport_fetched_and_never_handed_out_goes_back() -> None:
+    require("nats")
+    namespace = f"test-{uuid.uuid4().hex[:10]}"
+    closing = NatsTransport(NATS, namespace=namespace, claim_after=30)
+    other = NatsTransport(NATS, namespace=namespace, claim_after=30)
+    await closing.open()
+    await other.open()
+    try:
+        await closing.declare("a", "g", from_start=False)
+        keys = ["key-0", "key-1", "key-2"]  # three partitions of 16
+        for key in keys:
+            await closing.send("a", Envelope(name="Ping", payload=key.encode(), key=key))
+        [taken] = await _receive(closing, 1)  # its pulls fetched the other two as well
+        await closing.close()
+        got = await _receive(other, 2, wait=5)  # well before claim_after
+        assert sorted(d.envelope.payload for d in got) == sorted(
+            k.encode() for k in keys if k.encode() != taken.envelope.payload
+        )
+    finally:
+        await other.destroy()
+        await other.close()

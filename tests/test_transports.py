@@ -47,7 +47,7 @@ async def transport(request: pytest.FixtureRequest) -> AsyncIterator[Transport]:
 
 
 # Brokers whose per-key ordering (iambus.partitions) is still being built.
-KEYS_PENDING: set[str] = {"redis", "rabbitmq", "nats"}
+KEYS_PENDING: set[str] = set()
 KEY_CHECKS = {"keys_keep_their_order", "a_retry_holds_its_key", "a_lost_key_passes_on_in_order"}
 
 
@@ -59,6 +59,20 @@ async def test_conformance(
     if check in KEY_CHECKS and broker in KEYS_PENDING:
         request.applymarker(pytest.mark.xfail(reason="per-key ordering not built yet", strict=True))
     await TRANSPORT_CHECKS[check](transport)
+
+
+def test_claim_after_can_come_with_the_url() -> None:
+    assert connect("memory://?claim_after=2.5").claim_after == 2.5  # type: ignore[attr-defined]
+    pytest.importorskip("redis")
+    redis = connect("redis://127.0.0.1:6379/0?namespace=shop&claim_after=3", claim_after=9)
+    assert (redis.claim_after, redis.namespace) == (3.0, "shop")  # type: ignore[attr-defined]
+    assert "claim_after" not in redis.url
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "soon", "", "inf", "nan"])
+def test_a_bad_claim_after_in_the_url_is_a_clear_error(bad: str) -> None:
+    with pytest.raises(ImproperlyConfigured, match=r"claim_after in .* positive number of sec"):
+        connect(f"memory://?claim_after={bad}")
 
 
 def test_unknown_url_scheme_is_a_clear_error() -> None:

@@ -1,51 +1,96 @@
 """``NatsTransport``: NATS JetStream (``pip install 'iambus[nats]'``).
 
-``nats://127.0.0.1:4222?namespace=shop`` — every stream and subject starts with the
-namespace (default ``iambus``; letters, digits, ``_`` and ``-``). How the seam maps onto
-JetStream:
+``nats://127.0.0.1:4222?namespace=shop&partitions=16`` — every stream and subject starts
+with the namespace (default ``iambus``; letters, digits, ``_`` and ``-``). How the seam
+maps onto JetStream:
 
-* the namespace is one stream ``<ns>`` (file storage) holding the subjects ``<ns>.m.>``;
-  an address is the subject ``<ns>.m.<address>``. ``send`` publishes there and returns
-  once the stream acknowledged it (the PubAck). The envelope travels as the message body
-  (its payload) and one header ``Iambus-Envelope`` (the other fields, as JSON);
-  ``Nats-Msg-Id`` is ``<address>:<envelope id>``, so a send repeated within the stream's
-  duplicate window (2 minutes) is stored once;
+* the namespace is one stream ``M_<ns>`` (file storage) holding the subjects ``<ns>.m.>``
+  and ``<ns>.k.>``; an address is the subject ``<ns>.m.<address>``. ``send`` publishes
+  there and returns once the stream acknowledged it (the PubAck, awaited on an inbox of
+  the transport). The envelope travels as the message body (its payload) and one header
+  ``Iambus-Envelope`` (the other fields, as JSON); ``Nats-Msg-Id`` is ``<address>:<envelope
+  id>``, so a send repeated within the stream's duplicate window (2 minutes) is stored
+  once;
 * a group is a durable pull consumer on that subject, named after the address and group
   (sanitized, with a hash: ``<address>__<group>_<hash>``), with explicit acks, delivering
   everything (``from_start``) or only what comes after it was declared, and
   ``ack_wait = claim_after``: a delivery its consumer neither settles nor retries within
   ``claim_after`` seconds (a crash, a ``SIGKILL``, a handler slower than that) is
   delivered again, to whichever consumer of the group asks next;
-* ``receive`` takes what is there at once (a ``no_wait`` pull of up to ``limit``), and
-  when nothing is, waits for one message at most ``wait`` seconds (a pull that expires
-  then) and takes what followed it; the attempt is JetStream's delivery counter of the
-  message for that consumer (``num_delivered``), which survives restarts;
-* ``ack`` is a synchronous ack (the server confirms it, so an acked delivery is not
-  redelivered); ``retry(delay)`` is a ``NAK`` with that delay, which redelivers to that
+* ``receive`` keeps a pull request of one waiting on each of the group's consumers (its
+  *lanes*: the one above and one per partition); when the unkeyed lane has traffic, it
+  adds a *batch* pull of what the caller has room for, which waits 50 ms at most. Every
+  pull has a reply subject of its own (``<inbox>.<kind>.<n>``: one wildcard subscription
+  for batch pulls, two for standing ones, renewed in turn), so a status ("408 Request
+  Timeout", "409 Consumer Deleted") ends only its own request, and a message is counted
+  against the pull that brought it. A standing pull lives 10 seconds and a receive renews
+  it before it ends, so one is always waiting from one receive to the next: nats-server
+  2.9 skips a redelivery that finds only expired pulls waiting, and counts it as an
+  attempt (the message came back one ``claim_after`` later, as attempt 3). What the
+  pulls bring is buffered per group, shared by every consumer name of the transport,
+  and handed out in stream order; a receive that finds nothing waits at most ``wait``
+  seconds for the next message. What no receive takes within ``claim_after / 2`` (a
+  worker busy elsewhere, or gone) is handed back (a ``NAK`` without delay: counted as an
+  attempt) rather than left until ``claim_after``; so is whatever comes after a receive
+  was cancelled (a worker stopping), until the next receive of the group, and what the
+  buffer holds at ``close``. A lane's messages are handed back only once no pull of this
+  transport waits on it, or the server would give them right back;
+* the attempt is JetStream's delivery counter of the message for that consumer
+  (``num_delivered``), which survives restarts;
+* ``ack`` publishes the ack and returns once a round trip to the server (a ``PING``,
+  shared by all the acks published meanwhile) showed the server received it;
+  ``retry(delay)`` is a ``NAK`` with that delay, which redelivers to that
   group only; consumers have no ``max_deliver``: iambus decides when to dead-letter;
 * ``dead_letter`` publishes the envelope with its failure to ``<ns>.dead``, in a stream of
-  its own, ``<ns>_dead``, then acks the delivery. It is two steps: a crash in between
+  its own, ``D_<ns>``, then acks the delivery. It is two steps: a crash in between
   leaves the delivery to be redelivered, and its dead letter is not stored twice
-  (``Nats-Msg-Id``) when that happens within the duplicate window;
-* a dead letter's id is its sequence in ``<ns>_dead``. ``replay`` publishes the envelope
-  again to its address with the header ``Iambus-Group`` naming the group it goes to;
-  the consumers of the other groups on that address ack it and skip it (a consumer has a
-  single subject filter on NATS 2.9, so the replay cannot have a subject of its own
-  without a second consumer per group). ``purge`` deletes dead letters by sequence;
+  (``Nats-Msg-Id``) when that happens within the duplicate window. (Stream names start
+  with ``M_`` and ``D_`` so that no namespace's stream is another's: the dead stream of
+  ``x`` was once ``x_dead``, the message stream of the namespace ``x_dead``);
+* a dead letter's id is its sequence in ``D_<ns>``. ``replay`` publishes the envelope
+  again to its address (a keyed one to its partition's subject, behind what the partition
+  holds) with the header ``Iambus-Group`` naming the group it goes to; the consumers of
+  the other groups on that address ack it and skip it (a consumer has a single subject
+  filter on NATS 2.9, so the replay cannot have a subject of its own without a second
+  consumer per group). ``purge`` deletes dead letters by sequence;
 * ``request`` publishes the request into the stream (so the owner's durable consumer
   gets it, even if it starts later) with ``reply_to`` set to an inbox of this transport
   instance, on core NATS; ``reply`` is a core NATS publish there (not durable: a reply
   nobody waits for is dropped);
 * a message on an address that is no envelope is dead-lettered at once, with its raw
-  headers; the rest of the batch flows. A consumer or stream that vanished (deleted, or a
-  server restarted without its JetStream store) is declared again, from the start of
-  what the stream holds.
+  headers; the rest of the batch flows. A consumer that is missing (deleted, or a server
+  restarted without its JetStream store) is declared again, from the start of what the
+  stream holds: a receive checks once per group, after a reconnect, when a pull reports
+  its consumer deleted, and when a pull ended without a word.
 
-The stream keeps at most ``max_length`` messages per address (``max_msgs_per_subject``,
-default 1,000,000), acked or not: a group lagging further behind loses the oldest. The
-connection reconnects by itself (forever); while it is down, calls fail with
-``TransportError`` and the worker tries again. Driver errors surface as
-``TransportError``.
+Per-key ordering (``iambus.partitions``): an envelope with a ``key`` is published to
+``<ns>.k.<n>.<address>``, ``n = partition(key, partitions)``. ``declare`` makes, besides
+the group's consumer, one durable pull consumer per partition
+(``<address>__<group>_<hash>-p<n>``, filtered on that subject) with ``max_ack_pending =
+1``: the server lets one message of the partition out at a time for the group, across
+all clients, in stream order. A retry (``NAK`` with a delay) keeps the message pending,
+so the partition waits for it; an ack or a dead letter releases it; an unsettled one is
+redelivered after ``ack_wait = claim_after`` (attempt + 1) before anything behind it.
+A partition's next pull is made as soon as a receive hands out its message, so the
+next one comes right after the settle. So ``partitions + 1`` consumers per group, made
+even if no key is ever sent; an idle group costs no round trip per receive (its pulls
+wait on the server, renewed every few seconds). Limits: keyed and unkeyed
+envelopes are not ordered relative to each other (a receive hands out what it holds in
+stream order, but the lanes deliver independently); a delivery handed back unread (see
+above) counts an attempt; a buffered keyed message holds its partition until a receive
+takes it or it is handed back. Every process of a namespace must use the same
+``partitions``.
+
+On nats-server 2.9, pulls that outlive their client (a ``close``, a crash) stay waiting
+until they expire (10 s): a redelivery due in that window on a consumer nobody else pulls
+from is skipped once (delivered later, with a wrong attempt count); the 2.10 series
+fixed that in 2024.
+
+The stream keeps at most ``max_length`` messages per subject (``max_msgs_per_subject``,
+default 1,000,000: per address, and per address and partition), acked or not: a group
+lagging further behind loses the oldest. The connection reconnects by itself (forever);
+while it is down, calls fail with ``TransportError`` and the worker tries again. Driver
+errors surface as ``TransportError``.
 """
 
 from __future__ import annotations
@@ -56,21 +101,25 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..envelope import Envelope
 from ..errors import ImproperlyConfigured, SerializationError, TransportError
+from ..partitions import PARTITIONS, check_partitions, partition
 from . import DeadLetter, Delivery, Failure
 
 try:
     import nats
     from nats.aio.client import Client
     from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription
     from nats.errors import Error as NatsError
     from nats.js import JetStreamContext
     from nats.js.api import (
@@ -81,7 +130,7 @@ try:
         StorageType,
         StreamConfig,
     )
-    from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
+    from nats.js.errors import APIError, NotFoundError
 except ImportError as exc:  # pragma: no cover - exercised without the extra installed
     raise ImportError("the NATS transport needs nats-py: pip install 'iambus[nats]'") from exc
 
@@ -99,29 +148,72 @@ _NOT_IN_NAME = re.compile(r"[^A-Za-z0-9_-]")
 _BAD_SUBJECT = re.compile(r"[\s*>]|^\.|\.$|\.\.")
 _NO_MESSAGE = (10037, 10057)  # "no message found" (get, delete)
 _STREAM_IN_USE = 10058  # "stream name already in use" (a concurrent create)
+_SUBJECTS_OVERLAP = 10065  # "subjects overlap with an existing stream"
 _CONSUMER_EXISTS = (10013, 10148)  # "consumer name already in use" / "already exists"
-_GRACE = 1.0  # how long past a pull's expiry to wait for the server's answer
+_COVER = 10.0  # how long a standing pull waits; a receive renews it well before its end
+_RENEW = 1.0  # renewed when it would end less than this after the receive's wait
+_FETCH = 0.05  # how long a batch pull waits for more than the backlog holds
+_SETTLE = 0.01  # after pulling on several lanes at once, how long to let their answers in
+_SILENT = 2.0  # a pull that ended this long ago without a word: is its consumer gone?
+_BATCH = 2  # the subscription of batch pulls (0 and 1: standing pulls, renewed in turn)
 
 
 @dataclass(slots=True, eq=False)
-class _Puller:
-    """One consumer's inbox for the messages its pull requests fetch."""
+class _Pull:
+    """One pull request to one consumer, open until its batch is in or it expires."""
 
-    inbox: str
-    queue: asyncio.Queue[Msg] = field(default_factory=asyncio.Queue)
+    token: str  # the last token of its reply subject
+    lane: _Lane
+    kind: int  # its subscription: 0 or 1 (standing, renewed in turn), or _BATCH
+    remaining: int
+    ends: float  # monotonic time the server lets it expire
+
+
+@dataclass(slots=True, eq=False)
+class _Lane:
+    """One consumer of a group: its lane for envelopes without a key, or one partition."""
+
+    group: _Group
+    durable: str
+    partition: int | None
+    # A standing pull of one waits on every lane; renewing it makes the next one in the
+    # other slot. Each slot answers to a subscription of its own, so a message is always
+    # counted against the pull that brought it.
+    standing: list[_Pull | None] = field(default_factory=lambda: [None, None])
+    batch: _Pull | None = None  # the unkeyed lane's batch pull, while it is open
+
+    def newest(self) -> _Pull | None:
+        pulls = [pull for pull in self.standing if pull is not None]
+        return max(pulls, key=lambda pull: pull.ends) if pulls else None
+
+
+class _Held(NamedTuple):
+    """A message a pull brought, until a receive hands it out."""
+
+    message: Msg
+    arrived: float  # monotonic
+    lane: _Lane
+    sequence: int  # in the stream: the order it was sent in
+    attempt: int  # the server's delivery count
+
+
+@dataclass(slots=True, eq=False)
+class _Group:
+    """What this transport pulled for one group (all consumer names share it)."""
+
+    address: str
+    group: str
+    lanes: list[_Lane] = field(default_factory=list)  # unkeyed, then partitions 0..n-1
+    buffer: deque[_Held] = field(default_factory=deque)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    async def put(self, message: Msg) -> None:
-        self.queue.put_nowait(message)
-
-    def leftovers(self, limit: int) -> list[Msg]:
-        """What earlier pulls brought after their receive gave up (delivered to us)."""
-        out: list[Msg] = []
-        while len(out) < limit and not self.queue.empty():
-            message = self.queue.get_nowait()
-            if _status(message) is None:  # a late "no messages" or "expired" is stale
-                out.append(message)
-        return out
+    receiving: bool = False
+    parked: bool = False  # a receive was cancelled: hand back whatever comes
+    busy: bool = True  # the unkeyed lane had traffic: the next receive pulls a batch
+    bare: set[_Lane] = field(default_factory=set)  # lanes with no standing pull of ours
+    renew: float = 0.0  # when the first standing pull needs renewing (monotonic)
+    check: bool = True  # make sure the consumers exist before the next receive
+    timer: asyncio.TimerHandle | None = None
 
 
 class NatsTransport:
@@ -135,6 +227,7 @@ class NatsTransport:
         claim_after: float = 60.0,
         max_length: int = 1_000_000,
         timeout: float = 5.0,
+        partitions: int | None = None,
     ) -> None:
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
@@ -144,6 +237,10 @@ class NatsTransport:
             raise ImproperlyConfigured(
                 f"a NATS namespace is letters, digits, '_' and '-' only: {self.namespace!r}"
             )
+        in_url = query.pop("partitions", None)
+        self.partitions = check_partitions(
+            partitions if partitions is not None else PARTITIONS if in_url is None else in_url
+        )
         self._driver_url = urlunsplit(parts._replace(query=urlencode(query)))
         self.url = url
         self.claim_after = claim_after
@@ -152,37 +249,57 @@ class NatsTransport:
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._inbox = ""
+        self._pull_inbox = ""
+        self._ack_inbox = ""
+        self._pull_subs: list[Subscription] = []
+        self._stored: dict[str, asyncio.Future[Msg]] = {}  # token -> the PubAck awaited
+        self._store_deadlines: deque[tuple[float, str]] = deque()
+        self._sweeping: asyncio.TimerHandle | None = None
         self._waiting: dict[str, asyncio.Future[Envelope]] = {}
-        self._pullers: dict[tuple[str, str, str], _Puller] = {}
-        self._declared: dict[tuple[str, str], bool] = {}
+        self._groups: dict[tuple[str, str], _Group] = {}
+        self._lanes: dict[str, _Lane] = {}  # consumer name -> lane
+        self._pulls: dict[str, _Pull] = {}  # reply token -> open pull
+        self._tokens = 0
+        self._background: set[asyncio.Task[None]] = set()
+        self._confirming: asyncio.Future[None] | None = None  # the next round trip's
+        self._round_trips: asyncio.Task[None] | None = None
         self._streams_ready = False
 
     # -- names ------------------------------------------------------------------------
 
     @property
     def stream(self) -> str:
-        return self.namespace
+        """The namespace's message stream (``M_<ns>``: no namespace's dead stream)."""
+        return f"M_{self.namespace}"
 
     @property
     def dead_stream(self) -> str:
-        return f"{self.namespace}_dead"
+        """The namespace's dead letters (``D_<ns>``)."""
+        return f"D_{self.namespace}"
 
     def subject(self, address: str) -> str:
+        """The subject of ``address``'s envelopes without a key."""
         if not address or _BAD_SUBJECT.search(address):
             raise ImproperlyConfigured(
                 f"{address!r} cannot be a NATS subject: no spaces, '*', '>' or empty tokens"
             )
         return f"{self.namespace}.m.{address}"
 
+    def keyed_subject(self, address: str, partition: int) -> str:
+        """The subject of ``address``'s keyed envelopes in ``partition``."""
+        self.subject(address)  # the same rules
+        return f"{self.namespace}.k.{partition}.{address}"
+
     def _dead_subject(self) -> str:
         return f"{self.namespace}.dead"
 
     @staticmethod
-    def durable(address: str, group: str) -> str:
-        """The durable consumer's name of ``group`` on ``address``."""
+    def durable(address: str, group: str, partition: int | None = None) -> str:
+        """The durable consumer's name of ``group`` on ``address`` (or of one partition)."""
         digest = hashlib.sha1(f"{address}\0{group}".encode(), usedforsecurity=False)
         readable = _NOT_IN_NAME.sub("_", f"{address}__{group}")[:80]
-        return f"{readable}_{digest.hexdigest()[:12]}"
+        name = f"{readable}_{digest.hexdigest()[:12]}"
+        return name if partition is None else f"{name}-p{partition}"
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -206,26 +323,61 @@ class NatsTransport:
             raise TransportError(f"{self.url}: connect failed: {_describe(exc)}") from exc
         self._nc, self._js = nc, nc.jetstream(timeout=self.timeout)
         self._inbox = nc.new_inbox()
-        async with self._translate("subscribe for replies"):
-            await nc.subscribe(self._inbox, cb=self._on_reply)
+        self._pull_inbox = nc.new_inbox()
+        self._ack_inbox = nc.new_inbox()
+        try:
+            async with self._translate("subscribe"):
+                await nc.subscribe(self._inbox, cb=self._on_reply)
+                await nc.subscribe(f"{self._ack_inbox}.*", cb=self._on_stored)
+                for kind in (0, 1, _BATCH):
+                    self._pull_subs.append(
+                        await nc.subscribe(f"{self._pull_inbox}.{kind}.*", cb=self._pulled(kind))
+                    )
             await self._ensure_streams()
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
-        for future in self._waiting.values():
+        waiting: list[asyncio.Future[Any]] = [*self._waiting.values(), *self._stored.values()]
+        for future in waiting:
             if not future.done():
                 future.set_exception(TransportError(f"{self.url}: closed while waiting"))
+        if self._sweeping is not None:
+            self._sweeping.cancel()
+            self._sweeping = None
+        self._store_deadlines.clear()
+        held: list[Msg] = []
+        for state in self._groups.values():
+            held += (entry.message for entry in state.buffer)
+            state.buffer.clear()
+            if state.timer is not None:
+                state.timer.cancel()
+            state.arrived.set()  # a receive waiting returns (and finds the transport closed)
         nc, self._nc, self._js = self._nc, None, None
-        self._pullers.clear()
-        self._declared.clear()
+        self._groups.clear()
+        self._lanes.clear()
+        self._pulls.clear()
         self._streams_ready = False
+        subscriptions, self._pull_subs = self._pull_subs, []
         if nc is not None:
+            # Our pulls stop taking first (the server passes over them), then what they
+            # fetched and nobody was handed goes back, to another consumer.
+            for subscription in subscriptions:
+                with contextlib.suppress(NatsError, OSError, TimeoutError):
+                    await subscription.unsubscribe()
+            for message in held:
+                with contextlib.suppress(NatsError, OSError, TimeoutError):
+                    await message.nak()
             with contextlib.suppress(NatsError, OSError, TimeoutError):
                 await nc.flush(timeout=1)  # acks and replies published but not yet sent
             with contextlib.suppress(NatsError, OSError, TimeoutError):
                 await nc.close()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
 
     async def destroy(self) -> int:
-        """Delete this namespace's streams (tests, tear-downs). Returns how many."""
+        """Delete this namespace's streams, and so their consumers. Returns how many streams."""
         js = self._jetstream()
         deleted = 0
         for name in (self.stream, self.dead_stream):
@@ -240,167 +392,451 @@ class NatsTransport:
 
     async def _ensure_streams(self) -> None:
         js = self._jetstream()
-        for name, subject in (
-            (self.stream, f"{self.namespace}.m.>"),
-            (self.dead_stream, self._dead_subject()),
-        ):
+        wanted = (
+            (self.stream, [f"{self.namespace}.m.>", f"{self.namespace}.k.>"], self.max_length),
+            (self.dead_stream, [self._dead_subject()], -1),
+        )
+        for name, subjects, per_subject in wanted:
             async with self._translate("create stream"):
                 try:
-                    await js.stream_info(name)
-                    continue
+                    info = await js.stream_info(name)
                 except NotFoundError:
                     pass
+                else:
+                    have = list(info.config.subjects or [])
+                    if not set(subjects) <= set(have):  # made before keyed subjects existed
+                        config = dataclasses.replace(
+                            info.config, subjects=have + [s for s in subjects if s not in have]
+                        )
+                        await js.update_stream(config)
+                    continue
                 config = StreamConfig(
                     name=name,
-                    subjects=[subject],
+                    subjects=subjects,
                     retention=RetentionPolicy.LIMITS,
                     storage=StorageType.FILE,
-                    max_msgs_per_subject=self.max_length if name == self.stream else -1,
+                    max_msgs_per_subject=per_subject,
                     duplicate_window=120.0,
                 )
                 try:
                     await js.add_stream(config)
                 except APIError as exc:
+                    if exc.err_code == _SUBJECTS_OVERLAP:
+                        raise await self._overlap(name, subjects) from exc
                     if exc.err_code != _STREAM_IN_USE:  # created meanwhile by another one
                         raise
         self._streams_ready = True
 
+    async def _overlap(self, name: str, subjects: list[str]) -> ImproperlyConfigured:
+        owner = "another stream"
+        for subject in subjects:
+            with contextlib.suppress(NatsError):
+                owner = f"stream {await self._jetstream().find_stream_name_by_subject(subject)!r}"
+                break
+        return ImproperlyConfigured(
+            f"{self.url}: cannot create stream {name!r}: {owner} already holds its subjects "
+            f"{', '.join(subjects)}. Before iambus named its streams M_<namespace> and "
+            f"D_<namespace>, they were <namespace> and <namespace>_dead: let the old ones "
+            f"drain, then delete them (nats stream rm), or pick another namespace"
+        )
+
     # -- sending and receiving --------------------------------------------------------
 
     async def send(self, address: str, envelope: Envelope) -> None:
+        if envelope.key is None:
+            subject = self.subject(address)
+        else:
+            subject = self.keyed_subject(address, partition(envelope.key, self.partitions))
         headers = {MSG_ID: f"{address}:{envelope.id}", ENVELOPE: _fields(envelope)}
-        await self._publish(self.subject(address), envelope.payload, headers)
+        await self._publish(subject, envelope.payload, headers)
 
     async def _publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> None:
-        js = self._jetstream()
+        if await self._store(subject, payload, headers):
+            return
+        # No stream takes the subject: it was deleted, or the server restarted without
+        # its store. Create it again and publish once more.
+        logger.warning("iambus: stream %s on %s was lost; creating it", self.stream, self.url)
+        await self._ensure_streams()
+        if not await self._store(subject, payload, headers):
+            raise TransportError(f"{self.url}: publish failed: no stream takes {subject!r}")
+
+    async def _store(self, subject: str, payload: bytes, headers: dict[str, str]) -> bool:
+        """Publish into the stream and wait for its PubAck; False: no stream took it."""
+        nc = self._client()
+        self._tokens += 1
+        token = format(self._tokens, "x")
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Msg] = loop.create_future()
+        # No timer per publish: one sweep a second fails those waiting past the timeout.
+        self._stored[token] = answer
+        self._store_deadlines.append((loop.time() + self.timeout, token))
+        if self._sweeping is None:
+            self._sweeping = loop.call_later(1.0, self._sweep_stored)
         try:
-            async with self._translate("publish"):
-                await js.publish(subject, payload, headers=headers)
-        except TransportError as exc:
-            if not isinstance(exc.__cause__, NoStreamResponseError):
-                raise
-            # No stream takes the subject: it was deleted, or the server restarted
-            # without its store. Create it again and publish once more.
-            logger.warning("iambus: stream %s on %s was lost; creating it", self.stream, self.url)
-            await self._ensure_streams()
-            async with self._translate("publish"):
-                await js.publish(subject, payload, headers=headers)
+            await nc.publish(subject, payload, reply=f"{self._ack_inbox}.{token}", headers=headers)
+            reply = await answer
+        except (NatsError, OSError, TimeoutError) as exc:
+            raise TransportError(f"{self.url}: publish failed: {_describe(exc)}") from exc
+        finally:
+            self._stored.pop(token, None)
+        if _status(reply) == "503":  # no responders: no stream on that subject
+            return False
+        if b'"error"' in reply.data:
+            error = json.loads(reply.data).get("error") or {}
+            raise TransportError(
+                f"{self.url}: publish failed: {error.get('description', reply.data)!r}"
+            )
+        return True
+
+    def _sweep_stored(self) -> None:
+        now = asyncio.get_running_loop().time()
+        deadlines = self._store_deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, token = deadlines.popleft()
+            answer = self._stored.get(token)
+            if answer is not None and not answer.done():
+                answer.set_exception(TimeoutError(f"no PubAck within {self.timeout}s"))
+        while deadlines and deadlines[0][1] not in self._stored:
+            deadlines.popleft()  # answered
+        self._sweeping = None
+        if deadlines:
+            self._sweeping = asyncio.get_running_loop().call_later(1.0, self._sweep_stored)
+
+    async def _on_stored(self, message: Msg) -> None:
+        answer = self._stored.get(message.subject.rpartition(".")[2])
+        if answer is not None and not answer.done():
+            answer.set_result(message)
 
     async def declare(self, address: str, group: str, *, from_start: bool) -> None:
-        js = self._jetstream()
+        await self._declare(address, group, from_start=from_start)
+
+    async def _declare(self, address: str, group: str, *, from_start: bool) -> set[str]:
+        """Declare the group's consumers; returns the names of those it had to create."""
         if not self._streams_ready:
             await self._ensure_streams()
-        durable = self.durable(address, group)
+        lanes: list[tuple[str, str, bool]] = [
+            (self.durable(address, group), self.subject(address), False)
+        ]
+        for n in range(self.partitions):
+            lanes.append((self.durable(address, group, n), self.keyed_subject(address, n), True))
+        created = await asyncio.gather(
+            *(self._declare_consumer(*lane, from_start=from_start) for lane in lanes)
+        )
+        return {name for (name, _, _), made in zip(lanes, created, strict=True) if made}
+
+    async def _declare_consumer(
+        self, durable: str, subject: str, keyed: bool, *, from_start: bool
+    ) -> bool:
+        js = self._jetstream()
         async with self._translate("create consumer"):
             try:
                 await js.consumer_info(self.stream, durable)
+                return False
             except NotFoundError:
-                config = ConsumerConfig(
-                    durable_name=durable,
-                    filter_subject=self.subject(address),
-                    deliver_policy=DeliverPolicy.ALL if from_start else DeliverPolicy.NEW,
-                    ack_policy=AckPolicy.EXPLICIT,
-                    ack_wait=self.claim_after,
-                    max_deliver=-1,
-                    # Messages waiting out a retry's delay count as pending acks: with the
-                    # server's default cap (1,000) a burst of retries would freeze the group.
-                    max_ack_pending=-1,
-                )
-                try:
-                    await js.add_consumer(self.stream, config)
-                except APIError as exc:
-                    if exc.err_code not in _CONSUMER_EXISTS:  # created meanwhile
-                        raise
-        self._declared[address, group] = from_start
+                pass
+            config = ConsumerConfig(
+                durable_name=durable,
+                filter_subject=subject,
+                deliver_policy=DeliverPolicy.ALL if from_start else DeliverPolicy.NEW,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=self.claim_after,
+                max_deliver=-1,
+                # A partition has one delivery out at a time; a retry waiting out its
+                # delay still counts, so the partition waits for it. Without a key no cap:
+                # with the server's default (1,000) a burst of retries would freeze the group.
+                max_ack_pending=1 if keyed else -1,
+            )
+            try:
+                await js.add_consumer(self.stream, config)
+            except APIError as exc:
+                if exc.err_code not in _CONSUMER_EXISTS:  # created meanwhile
+                    raise
+                return False
+            return True
 
     async def receive(
         self, address: str, group: str, *, consumer: str, limit: int, wait: float
     ) -> Sequence[Delivery]:
-        puller = await self._puller(address, group, consumer)
-        deadline = time.monotonic() + max(wait, 0.0)
-        async with puller.lock:
-            while True:
-                messages = await self._pull(address, group, puller, limit, deadline)
-                out: list[Delivery] = []
-                for message in messages:
-                    delivery = await self._delivery(address, group, message)
-                    if delivery is not None:
-                        out.append(delivery)
-                if out or time.monotonic() >= deadline:
-                    return out
-
-    async def _puller(self, address: str, group: str, consumer: str) -> _Puller:
-        nc = self._client()
-        puller = self._pullers.get((address, group, consumer))
-        if puller is None:
-            puller = _Puller(nc.new_inbox())
-            async with self._translate("subscribe"):
-                await nc.subscribe(puller.inbox, cb=puller.put)
-            self._pullers[address, group, consumer] = puller
-        return puller
-
-    async def _pull(
-        self, address: str, group: str, puller: _Puller, limit: int, deadline: float
-    ) -> list[Msg]:
-        messages = puller.leftovers(limit)
-        if len(messages) < limit:
-            messages += await self._request(address, group, puller, limit - len(messages), 0)
-        remaining = deadline - time.monotonic()
-        if not messages and remaining > 0.001:
-            # Nothing there: wait for one message (a pull for one is done when it comes,
-            # so none is left over), then take what else came with it.
-            messages = await self._request(address, group, puller, 1, remaining)
-            if messages and limit > 1:
-                messages += await self._request(address, group, puller, limit - 1, 0)
-        return messages
-
-    async def _request(
-        self, address: str, group: str, puller: _Puller, batch: int, expires: float
-    ) -> list[Msg]:
-        nc = self._client()
-        request: dict[str, Any] = {"batch": batch}
-        if expires > 0:
-            request["expires"] = int(expires * 1e9)
-        else:
-            request["no_wait"] = True
-        subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.durable(address, group)}"
-        async with self._translate("pull"):
-            await nc.publish(subject, json.dumps(request).encode(), reply=puller.inbox)
-        give_up = time.monotonic() + expires + _GRACE
-        out: list[Msg] = []
-        while len(out) < batch:
+        self._client()
+        state = self._group(address, group)
+        wait = max(wait, 0.0)
+        deadline = time.monotonic() + wait
+        async with state.lock:
+            state.receiving, state.parked = True, False
             try:
-                async with asyncio.timeout(give_up - time.monotonic()):
-                    message = await puller.queue.get()
-            except TimeoutError:
-                # No answer at all, not even "no messages": is the consumer gone?
-                await self._redeclare(address, group)
-                break
-            status = _status(message)
-            if status is None:
-                out.append(message)
-            elif status == "409":
-                # e.g. "Consumer Deleted", "Exceeded MaxWaiting": this request is over.
-                logger.debug("iambus: pull on %s/%s: %s", address, group, message.headers)
-                break
-            elif status != "100":  # 404 no messages, 408 expired; 100 is a heartbeat
-                break
+                spread = await self._cover(state, wait) > 1
+                pulled = time.monotonic()
+                while True:
+                    if spread and state.buffer:
+                        # Lanes answer on their own: let the others' answers in, so that
+                        # what this receive returns comes in the order it was sent.
+                        spread = False
+                        await asyncio.sleep(pulled + _SETTLE - time.monotonic())
+                    messages = await self._take(state, limit)
+                    unkeyed = state.lanes[0]
+                    room = limit - len(messages) - len(state.buffer)
+                    room -= sum(pull.remaining for pull in unkeyed.standing if pull is not None)
+                    if room > 0 and state.busy and unkeyed.batch is None:
+                        # Traffic: a batch pull of what there is room for. It waits a
+                        # moment only; what it brings after this receive is buffered.
+                        state.busy = False
+                        await self._request(unkeyed, _BATCH, room, _FETCH)
+                    if not messages:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            return []
+                        state.arrived.clear()
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(remaining):
+                                await state.arrived.wait()
+                        self._client()  # closed meanwhile
+                        continue
+                    out: list[Delivery] = []
+                    for entry in messages:
+                        delivery = await self._delivery(address, group, entry)
+                        if delivery is not None:
+                            out.append(delivery)
+                    if out or time.monotonic() >= deadline:
+                        return out
+            except asyncio.CancelledError:
+                # The worker stops. Pulls stay open on the server (there is no cancelling
+                # them): hand back what they bring until a receive comes again.
+                state.parked = True
+                self._release_stale(state, everything=True)
+                raise
+            finally:
+                state.receiving = False
+                self._schedule_release(state)
+
+    def _group(self, address: str, group: str) -> _Group:
+        state = self._groups.get((address, group))
+        if state is None:
+            self.subject(address)  # a clear error for an address that cannot be a subject
+            state = _Group(address, group)
+            names = [self.durable(address, group)]
+            names += (self.durable(address, group, n) for n in range(self.partitions))
+            for n, name in enumerate(names):
+                lane = _Lane(state, name, None if n == 0 else n - 1)
+                state.lanes.append(lane)
+                self._lanes[name] = lane
+            self._groups[address, group] = state
+        return state
+
+    async def _cover(self, state: _Group, wait: float) -> int:
+        """Keep a pull waiting on every lane, renewed before it ends; how many it made."""
+        now = time.monotonic()
+        due = now + wait + _RENEW
+        if due < state.renew and not state.check:
+            lanes = list(state.bare)  # the usual case: only lanes whose pull was answered
+        else:  # look at them all: renew what ends soon, forget what went silent
+            lanes = state.lanes
+            for lane in lanes:
+                for pull in (*lane.standing, lane.batch):
+                    if pull is not None and pull.ends < now - _SILENT:
+                        # Expired without a word: the server dropped it, or its consumer
+                        # is gone.
+                        self._forget(pull)
+                        state.check = True
+            if state.check:
+                await self._declare_again(state)
+        made = 0
+        life = max(_COVER, wait + 3 * _RENEW)
+        for lane in lanes:
+            newest = lane.newest()
+            if newest is not None and newest.ends > due:
+                continue
+            if lane.partition is not None and any(e.lane is lane for e in state.buffer):
+                continue  # its next one comes when a receive takes the one it holds
+            await self._stand(lane, life)
+            made += 1
+        if lanes is state.lanes:
+            state.renew = min(
+                (newest.ends for lane in lanes if (newest := lane.newest()) is not None),
+                default=now,
+            )
+        return made
+
+    async def _stand(self, lane: _Lane, life: float) -> None:
+        """A standing pull of one on ``lane``: in the slot that is free, or was first."""
+        first, second = lane.standing
+        if first is None or second is None:
+            slot = 0 if first is None else 1
+        else:  # both open: the older is all but over; what it still brings is buffered
+            older = first if first.ends < second.ends else second
+            slot = older.kind
+            self._forget(older)
+        await self._request(lane, slot, 1, life)
+
+    async def _request(self, lane: _Lane, kind: int, batch: int, expires: float) -> None:
+        nc = self._client()
+        self._tokens += 1
+        token = format(self._tokens, "x")
+        pull = _Pull(token, lane, kind, batch, time.monotonic() + expires)
+        self._pulls[token] = pull
+        if kind == _BATCH:
+            lane.batch = pull
+        else:
+            lane.standing[kind] = pull
+            lane.group.bare.discard(lane)
+            lane.group.renew = min(lane.group.renew, pull.ends)
+        body = json.dumps({"batch": batch, "expires": int(expires * 1e9)}).encode()
+        try:
+            async with self._translate("pull"):
+                await nc.publish(
+                    f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{lane.durable}",
+                    body,
+                    reply=f"{self._pull_inbox}.{kind}.{token}",
+                )
+        except BaseException:
+            self._forget(pull)
+            raise
+
+    def _forget(self, pull: _Pull) -> None:
+        self._pulls.pop(pull.token, None)
+        lane = pull.lane
+        if lane.batch is pull:
+            lane.batch = None
+        elif pull.kind != _BATCH and lane.standing[pull.kind] is pull:
+            lane.standing[pull.kind] = None
+            if lane.standing[1 - pull.kind] is None:
+                lane.group.bare.add(lane)
+
+    async def _take(self, state: _Group, limit: int) -> list[_Held]:
+        """Up to ``limit`` buffered messages, in the order they were sent (stream order)."""
+        out: list[_Held] = []
+        now = time.monotonic()
+        hold = self.claim_after / 2
+        while state.buffer and len(out) < limit:
+            entry = state.buffer.popleft()
+            message, arrived, lane = entry.message, entry.arrived, entry.lane
+            if now - arrived < hold:
+                out.append(entry)
+                if lane.partition is not None and lane.newest() is None:
+                    # Pull the partition's next one now: the server holds it back until
+                    # this one is settled, then sends it without waiting for a receive.
+                    await self._stand(lane, _COVER)
+            elif now - arrived < self.claim_after * 0.8:
+                self._release(message)  # held too long: another consumer may have it now
+            # else: the server gives it to someone else anyway; a NAK now could come late
+        if len(out) > 1:
+            out.sort(key=lambda entry: entry.sequence)
         return out
 
-    async def _redeclare(self, address: str, group: str) -> None:
-        js = self._jetstream()
-        async with self._translate("consumer info"):
-            try:
-                await js.consumer_info(self.stream, self.durable(address, group))
-                return  # it is there; the server was slow
-            except NotFoundError:
-                pass
-        logger.warning("iambus: consumer of %s on %s was lost; declaring it again", group, address)
-        self._streams_ready = False
-        await self.declare(address, group, from_start=True)
+    def _pulled(self, kind: int) -> Callable[[Msg], Awaitable[None]]:
+        async def callback(message: Msg) -> None:
+            self._on_pulled(message, kind)
 
-    async def _delivery(self, address: str, group: str, message: Msg) -> Delivery | None:
+        return callback
+
+    def _on_pulled(self, message: Msg, kind: int) -> None:
+        """Everything pulls bring: messages, and statuses ending a pull."""
+        status = _status(message)
+        if status is not None:
+            pull = self._pulls.get(message.subject.rpartition(".")[2])
+            if pull is None:
+                return  # a pull already forgotten
+            self._forget(pull)
+            state = pull.lane.group
+            if status == "409" and "deleted" in str(_header(message, "Description")).lower():
+                state.check = True
+            elif status not in ("404", "408"):
+                logger.debug("iambus: pull on %s: %s", pull.lane.durable, message.headers)
+            if state.parked:  # what its lane held can go now
+                self._release_stale(state, everything=True)
+            return
+        try:
+            consumer, attempt, sequence = _ack_subject(message.reply)
+        except (ValueError, IndexError):  # pragma: no cover - not a JetStream message
+            return
+        lane = self._lanes.get(consumer)
+        if lane is None:  # the transport forgot the group (closed): let someone else have it
+            self._release(message)
+            return
+        pull = lane.batch if kind == _BATCH else lane.standing[kind]
+        if pull is not None:
+            pull.remaining -= 1
+            if pull.remaining <= 0:  # its batch is in: it is over
+                self._forget(pull)
+        state = lane.group
+        if lane.partition is None and kind != _BATCH:
+            state.busy = True  # the standing pull brought one: there may be more
+        state.buffer.append(_Held(message, time.monotonic(), lane, sequence, attempt))
+        state.arrived.set()
+        if state.parked:
+            self._release_stale(state, everything=True)
+        elif not state.receiving:
+            self._schedule_release(state)
+
+    def _schedule_release(self, state: _Group, later: bool = False) -> None:
+        """Hand back what no receive took within claim_after / 2 (``later``: look again)."""
+        if state.timer is not None or not state.buffer or state.receiving:
+            return
+        hold = self.claim_after / 2
+        delay = state.buffer[0].arrived + hold - time.monotonic()
+        if later:
+            delay = max(delay, min(hold / 4, 1.0))
+        state.timer = asyncio.get_running_loop().call_later(
+            max(delay, 0.0), self._release_stale, state
+        )
+
+    def _release_stale(self, state: _Group, everything: bool = False) -> None:
+        """Hand back what waited claim_after / 2 (or everything, once a receive is cancelled).
+
+        Only from lanes with no pull of this transport open: the server would give it
+        right back to that pull. The rest goes when its lane's pull is over.
+        """
+        if state.timer is not None:
+            state.timer.cancel()
+            state.timer = None
+        if state.receiving and not everything:
+            return
+        cutoff = math.inf if everything else time.monotonic() - self.claim_after / 2 + 0.001
+        kept: deque[_Held] = deque()
+        for entry in state.buffer:
+            lane = entry.lane
+            if entry.arrived <= cutoff and lane.batch is None and lane.newest() is None:
+                self._release(entry.message)
+            else:
+                kept.append(entry)
+        state.buffer = kept
+        if not everything:
+            self._schedule_release(state, later=True)
+
+    def _release(self, message: Msg) -> None:
+        """NAK ``message`` without delay, in the background: another consumer gets it now."""
+        if self._nc is None or message._ackd:
+            return
+        task = asyncio.get_running_loop().create_task(self._nak_now(message))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _nak_now(self, message: Msg) -> None:
+        try:
+            await message.nak()
+        except (NatsError, OSError) as exc:  # it comes back after claim_after anyway
+            logger.debug("iambus: could not hand back a message: %r", exc)
+
+    async def _declare_again(self, state: _Group) -> None:
+        """Make sure a group's consumers exist; one that is missing is declared again."""
+        self._streams_ready = False  # it may have gone with its stream
+        missing = await self._declare(state.address, state.group, from_start=True)
+        state.check = False
+        if missing:
+            logger.warning(
+                "iambus: %d consumer(s) of %s on %s were missing; declared them again",
+                len(missing),
+                state.group,
+                state.address,
+            )
+        for lane in state.lanes:
+            if lane.durable in missing:
+                for pull in (*lane.standing, lane.batch):
+                    if pull is not None:
+                        self._forget(pull)  # it went to a consumer that was not there
+
+    async def _delivery(self, address: str, group: str, entry: _Held) -> Delivery | None:
         """A delivery, or None: a replay for another group (acked), or no envelope (parked)."""
+        message = entry.message
         headers = message.headers or {}
         only = headers.get(ONLY_GROUP)
         if only is not None and only != group:
@@ -418,16 +854,42 @@ class NatsTransport:
                 content_type="application/x-iambus-raw-message",
                 headers={k: v for k, v in headers.items() if isinstance(v, str)},
             )
-            failure = Failure("iambus.errors.SerializationError", str(exc), "", _attempt(message))
+            failure = Failure("iambus.errors.SerializationError", str(exc), "", entry.attempt)
             await self._park(address, group, message, parked, failure)
             return None
-        return _NatsDelivery(self, address, group, message, envelope)
+        return _NatsDelivery(self, address, group, message, envelope, entry.attempt)
 
     # -- settling (called by deliveries) ----------------------------------------------
 
     async def _ack(self, message: Msg) -> None:
-        async with self._translate("ack"):
-            await message.ack_sync(timeout=self.timeout)
+        try:
+            await message.ack()
+        except (NatsError, OSError) as exc:
+            raise TransportError(f"{self.url}: ack failed: {_describe(exc)}") from exc
+        await asyncio.shield(self._round_trip())  # shared: one caller's cancel is its own
+
+    def _round_trip(self) -> asyncio.Future[None]:
+        """Done once the server has everything published so far (one PING for many acks)."""
+        if self._confirming is None:
+            self._confirming = asyncio.get_running_loop().create_future()
+            if self._round_trips is None:
+                self._round_trips = asyncio.get_running_loop().create_task(self._ping())
+        return self._confirming
+
+    async def _ping(self) -> None:
+        try:
+            while self._confirming is not None:
+                waiting, self._confirming = self._confirming, None
+                try:
+                    await self._client().flush(timeout=max(math.ceil(self.timeout), 1))
+                except (NatsError, OSError, TimeoutError, TransportError) as exc:
+                    waiting.set_exception(
+                        TransportError(f"{self.url}: ack not confirmed: {_describe(exc)}")
+                    )
+                else:
+                    waiting.set_result(None)
+        finally:
+            self._round_trips = None
 
     async def _retry(self, message: Msg, delay: float) -> None:
         async with self._translate("nak"):
@@ -521,7 +983,13 @@ class NatsTransport:
                 ENVELOPE: _fields(letter.envelope),
                 ONLY_GROUP: letter.group,
             }
-            await self._publish(self.subject(letter.address), letter.envelope.payload, headers)
+            key = letter.envelope.key
+            subject = (
+                self.subject(letter.address)
+                if key is None  # a keyed one goes behind what its partition holds
+                else self.keyed_subject(letter.address, partition(key, self.partitions))
+            )
+            await self._publish(subject, letter.envelope.payload, headers)
             await self._delete_dead(int(letter_id))
             replayed += 1
         return replayed
@@ -578,6 +1046,12 @@ class NatsTransport:
 
     async def _on_reconnect(self) -> None:
         logger.info("iambus: reconnected to %s", self.url)
+        # A restarted server forgot the waiting pulls (and, without its store, the
+        # consumers): pull anew, and declare the groups again before their next receive.
+        for pull in list(self._pulls.values()):
+            self._forget(pull)
+        for state in self._groups.values():
+            state.check = True
 
 
 class _NatsDelivery:
@@ -590,13 +1064,14 @@ class _NatsDelivery:
         group: str,
         message: Msg,
         envelope: Envelope,
+        attempt: int,
     ) -> None:
         self._transport = transport
         self._address = address
         self._group = group
         self._message = message
         self.envelope = envelope
-        self.attempt = _attempt(message)
+        self.attempt = attempt
 
     async def ack(self) -> None:
         await self._transport._ack(self._message)
@@ -613,11 +1088,14 @@ class _NatsDelivery:
         return f"<delivery {self.envelope.name} #{self.attempt} to {self._group}@{self._address}>"
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
 def _fields(envelope: Envelope) -> str:
     fields = envelope.to_fields()
     del fields["payload"]
     # ASCII JSON: one header line whatever the values hold (newlines, non-ASCII).
-    return json.dumps(fields, separators=(",", ":"))
+    return _COMPACT.encode(fields)
 
 
 def _envelope(headers: dict[str, str], payload: bytes) -> Envelope:
@@ -634,8 +1112,13 @@ def _envelope(headers: dict[str, str], payload: bytes) -> Envelope:
     return Envelope.from_fields(fields)
 
 
-def _attempt(message: Msg) -> int:
-    return int(message.metadata.num_delivered or 1)
+def _ack_subject(reply: str) -> tuple[str, int, int]:
+    """(consumer, delivery count, stream sequence) from a message's ack subject."""
+    # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>,
+    # or with <domain>.<account hash> after ACK (and a random token at the end).
+    tokens = reply.split(".")
+    at = 3 if len(tokens) == 9 else 5
+    return tokens[at], int(tokens[at + 1]), int(tokens[at + 2])
 
 
 def _describe(exc: BaseException) -> str:
@@ -644,7 +1127,11 @@ def _describe(exc: BaseException) -> str:
 
 def _status(message: Msg) -> str | None:
     """The status of a pull's control message ("404", "408", ...), None for a message."""
-    return message.headers.get("Status") if message.headers else None
+    return _header(message, "Status")
+
+
+def _header(message: Msg, name: str) -> str | None:
+    return message.headers.get(name) if message.headers else None
 
 
 def _dead_letter(seq: int, headers: dict[str, str], payload: bytes) -> DeadLetter:
