@@ -849,3 +849,186 @@ async def test_a_keyed_dead_letter_replays_into_the_partition_it_came_from(
     finally:
         await workers.destroy()
         await workers.close()
+
+
+# -- failures users see: what they name, what is left behind ---------------------------
+
+
+@contextlib.asynccontextmanager
+async def _side_channel() -> AsyncIterator[Any]:
+    """A plain aio-pika channel on a connection of its own (not the transport's)."""
+    import aio_pika
+
+    connection = await aio_pika.connect(URL)
+    try:
+        yield await connection.channel()
+    finally:
+        await connection.close()
+
+
+async def test_an_open_that_fails_midway_leaves_the_transport_closed_and_can_be_retried() -> None:
+    # An exchange of the namespace already declared otherwise (an operator's, an older
+    # version's): open() fails naming the mismatch, and keeps no half-open connection.
+    import aio_pika
+
+    require("rabbitmq")
+    made = RabbitMQTransport(URL, namespace=f"test-{uuid.uuid4().hex[:8]}")
+    async with _side_channel() as channel:
+        theirs = await channel.declare_exchange(made._unrouted, aio_pika.ExchangeType.FANOUT)
+        with pytest.raises(TransportError, match=r"connect failed: .*PRECONDITION_FAILED"):
+            await made.open()
+        assert made._connection is None
+        assert made._sweeper is None
+        with pytest.raises(TransportError, match="not open"):
+            await made.send("a", _ping(0))
+        await theirs.delete()
+    # Once the conflict is gone, a second open() succeeds.
+    await made.open()
+    try:
+        await made.declare("a", "g", from_start=False)
+        await made.send("a", _ping(1))
+        [delivery] = await _take(made, 1)
+        await delivery.ack()
+    finally:
+        await made.destroy()
+        await made.close()
+
+
+async def test_a_send_the_broker_refuses_is_an_error_and_the_next_sends_go_through(
+    transport: RabbitMQTransport,
+) -> None:
+    # A queue that rejects publishes (full, "overflow: reject-publish") makes the broker
+    # nack the send: the sender must learn it was not stored, not believe it was.
+    await transport.declare("a", "g", from_start=False)
+    async with _side_channel() as channel:
+        full = await channel.declare_queue(
+            f"{transport.namespace}.full",
+            auto_delete=True,
+            arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
+        )
+        await full.bind(transport.namespace, routing_key="a")
+        with pytest.raises(TransportError, match=r"publish to test-\w+ failed: .*Nack"):
+            await transport.send("a", _ping(1))
+        await full.delete()
+    await transport.send("a", _ping(2))
+    got = await _take(transport, 2, within=1)
+    # The nacked send reached the group's queue all the same (at least once), the next
+    # one too: the publisher channel is still in step with its confirms.
+    assert sorted(d.envelope.payload for d in got) == [b"1", b"2"]
+    for delivery in got:
+        await delivery.ack()
+
+
+async def test_a_delivery_kept_past_claim_after_cannot_be_retried_or_dead_lettered(
+    transport: RabbitMQTransport,
+) -> None:
+    # Its consumer was retired (claim_after 0.3 s): the broker has it back. A retry copy
+    # or a dead letter made now would be a second live copy of it.
+    await transport.declare("a", "g", from_start=False)
+    await transport.send("a", _ping(1))
+    [late] = await _take(transport, 1, consumer="slow")
+    for _ in range(50):
+        if ("a", "g", "slow") not in transport._consumers:
+            break
+        await asyncio.sleep(0.1)
+    with pytest.raises(TransportError, match=r"cannot retry <delivery Ping #1 .*channel closed"):
+        await late.retry(0)
+    with pytest.raises(TransportError, match=r"cannot dead-letter .*delivers it again"):
+        await late.dead_letter(Failure("builtins.ValueError", "no", "", attempts=1))
+    [again] = await _take(transport, 1, consumer="fast")
+    assert (again.envelope.payload, again.attempt) == (b"1", 2)
+    await again.ack()
+    assert await transport.dead_letters() == []
+    assert await _take(transport, 1, consumer="fast", within=0.5) == []
+
+
+async def test_a_dead_letter_that_cannot_be_written_gives_the_delivery_back(
+    transport: RabbitMQTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The dead letter's publish fails while the consumer lives on: the delivery must not
+    # stay unacked with it (holding a prefetch slot) but come again, a further attempt.
+    await transport.declare("a", "g", from_start=False)
+    await transport.send("a", _ping(1))
+    [delivery] = await _take(transport, 1)
+    publish, failed = transport._publish, []
+
+    async def refused(exchange: str, routing_key: str, *args: Any, **kwargs: Any) -> None:
+        if routing_key == transport._dead and not failed:
+            failed.append(routing_key)
+            raise TransportError("publish to the default exchange failed: refused")
+        await publish(exchange, routing_key, *args, **kwargs)
+
+    monkeypatch.setattr(transport, "_publish", refused)
+    with pytest.raises(TransportError, match="refused"):
+        await delivery.dead_letter(Failure("builtins.ValueError", "no", "", attempts=1))
+    assert failed
+    [again] = await _take(transport, 1, within=2)
+    assert (again.envelope.payload, again.attempt) == (b"1", 2)
+    await again.dead_letter(Failure("builtins.ValueError", "no", "", attempts=2))
+    [letter] = await transport.dead_letters()
+    assert (letter.envelope.payload, letter.failure.attempts) == (b"1", 2)
+
+
+async def test_the_first_group_waits_for_another_instance_moving_the_held_messages(
+    transport: RabbitMQTransport,
+) -> None:
+    # Another instance holds the mover's lock (an exclusive queue): declare() waits for
+    # it to go instead of interleaving its copies with the other's, or failing.
+    for n in range(3):
+        await transport.send("early", _ping(n))
+    lock = f"{transport._held_queue('early')}@@mover"
+    async with _side_channel() as channel:
+        await channel.declare_queue(lock, exclusive=True)
+        declaring = asyncio.create_task(transport.declare("early", "first", from_start=True))
+        await asyncio.sleep(1.2)
+        assert not declaring.done()
+    async with asyncio.timeout(3):
+        await declaring
+    got = await _take(transport, 3, address="early", group="first")
+    assert [d.envelope.payload for d in got] == [b"0", b"1", b"2"]
+    for delivery in got:
+        await delivery.ack()
+
+
+async def test_a_reply_that_is_no_envelope_is_logged_and_the_request_still_answered(
+    transport: RabbitMQTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    import aio_pika
+
+    await transport.declare("q", "g", from_start=False)
+    question = _ping(1)
+    asking = asyncio.create_task(transport.request("q", question, timeout=3))
+    [delivery] = await _take(transport, 1, address="q")
+    to = delivery.envelope.reply_to
+    assert to is not None
+    async with _side_channel() as channel:
+        await channel.default_exchange.publish(aio_pika.Message(b"junk"), routing_key=to)
+    await asyncio.sleep(0.2)
+    assert not asking.done()
+    answer = Envelope(name="Pong", payload=b"2", correlation_id=question.id)
+    await transport.reply(to, answer)
+    await delivery.ack()
+    assert (await asking).payload == b"2"
+    assert "a reply on" in caplog.text
+    assert "is no envelope" in caplog.text
+
+
+async def test_an_unreadable_dead_letter_record_is_skipped_and_logged(
+    transport: RabbitMQTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Another producer (or an older version) wrote a record listing cannot read: the
+    # others are still listed, replayable and purgeable.
+    import aio_pika
+
+    await transport.declare("a", "g", from_start=False)
+    await transport.send("a", _ping(1))
+    async with _side_channel() as channel:
+        odd = aio_pika.Message(b"?", headers={"x-iambus-dead": "odd-1"})
+        await channel.default_exchange.publish(odd, routing_key=transport._dead)
+    [delivery] = await _take(transport, 1)
+    await delivery.dead_letter(Failure("builtins.ValueError", "no", "", attempts=1))
+    [letter] = await transport.dead_letters()
+    assert letter.envelope.payload == b"1"
+    assert "a record in the dead-letter stream is unreadable" in caplog.text
+    assert await transport.purge() == 1
+    assert await transport.dead_letters() == []

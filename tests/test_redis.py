@@ -560,3 +560,89 @@ async def test_redis_a_keyed_dead_letter_replays_into_the_partition_it_came_from
     [replayed] = await receive_some(keyed, "c")
     assert (number(replayed), replayed.envelope.key) == (0, key)
     await replayed.ack()
+
+
+# -- configuration, lifecycle and failures ----------------------------------------------
+
+
+def test_redis_a_namespace_with_a_colon_is_refused_naming_it() -> None:
+    from iambus.errors import ImproperlyConfigured
+    from iambus.transports.redis import RedisTransport
+
+    with pytest.raises(ImproperlyConfigured, match=r"may not contain ':': 'shop:eu'"):
+        RedisTransport(REDIS, namespace="shop:eu")
+
+
+def test_redis_a_namespace_with_a_colon_in_the_url_is_refused_naming_it() -> None:
+    from iambus.errors import ImproperlyConfigured
+    from iambus.transports.redis import RedisTransport
+
+    with pytest.raises(ImproperlyConfigured, match=r"'shop:eu'"):
+        RedisTransport(f"{REDIS}?namespace=shop:eu")
+
+
+async def test_redis_a_transport_not_open_says_so_and_opening_twice_is_harmless() -> None:
+    require("redis")
+    made = transport_for(f"test-{uuid.uuid4().hex[:12]}")
+    with pytest.raises(TransportError, match=r"not open; await transport\.open\(\)"):
+        await made.dead_letters()
+    await made.open()
+    client = made._redis
+    await made.open()
+    assert made._redis is client, "a second open() replaced the connection pool"
+    await made.close()
+    with pytest.raises(TransportError, match="not open"):
+        await made.purge()
+
+
+async def test_redis_closing_fails_a_request_still_waiting_for_its_answer() -> None:
+    async with opened() as made:
+        waiting = asyncio.create_task(made.request("nobody.listens", ping(0), timeout=5))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        await made.close()
+        started = time.monotonic()
+        with pytest.raises(TransportError, match="closed while waiting"):
+            await waiting
+        assert time.monotonic() - started < 1, "the request waited for its timeout"
+        await made.open()  # for the tear-down's destroy()
+
+
+async def test_redis_purging_nothing_keeps_the_dead_letters_and_purging_all_counts_them() -> None:
+    from iambus.transports import Failure
+
+    async with opened() as made:
+        await made.declare("a", "g", from_start=False)
+        for n in range(2):
+            await made.send("a", ping(n))
+        deliveries = await receive_some(made, "c")
+        assert len(deliveries) == 2
+        for delivery in deliveries:
+            await delivery.dead_letter(Failure("builtins.ValueError", "no", "", attempts=1))
+        assert len(await made.dead_letters()) == 2
+        assert await made.purge([]) == 0
+        assert len(await made.dead_letters()) == 2
+        assert await made.purge() == 2
+        assert await made.dead_letters() == []
+        assert await made.purge() == 0
+
+
+async def test_redis_every_send_of_a_failed_batch_fails_and_later_sends_flow() -> None:
+    # Sends made at once go out in one pipeline: one that fails (here the address's key
+    # holds a string, WRONGTYPE) must fail each of its senders, not leave one waiting.
+    async with opened() as made:
+        assert made._redis is not None
+        await made._redis.set(made._stream("broken"), "not a stream")
+        outcomes = await asyncio.gather(
+            *(made.send("broken", ping(n)) for n in range(6)), return_exceptions=True
+        )
+        assert all(isinstance(o, TransportError) for o in outcomes), outcomes
+        assert all("XADD failed" in str(o) and "WRONGTYPE" in str(o) for o in outcomes)
+        await made.declare("a", "g", from_start=False)
+        async with asyncio.timeout(3):
+            await asyncio.gather(*(made.send("a", ping(n)) for n in range(6)))
+        got = []
+        deadline = time.monotonic() + 5
+        while len(got) < 6 and time.monotonic() < deadline:
+            got += await made.receive("a", "g", consumer="c", limit=10, wait=0.2)
+        assert sorted(number(d) for d in got) == list(range(6))

@@ -299,7 +299,7 @@ class RedisTransport:
         query = dict(parse_qsl(parts.query))
         self.namespace = namespace or query.pop("namespace", None) or "iambus"
         if ":" in self.namespace or not self.namespace:
-            raise ImproperlyConfigured(f"a Redis namespace may not contain ':': {namespace!r}")
+            raise ImproperlyConfigured(f"a Redis namespace may not contain ':': {self.namespace!r}")
         in_url = query.pop("partitions", None)
         self.partitions = check_partitions(
             partitions if partitions is not None else PARTITIONS if in_url is None else in_url
