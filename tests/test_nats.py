@@ -574,3 +574,209 @@ async def test_what_a_closed_transport_fetched_and_never_handed_out_goes_back() 
     finally:
         await other.destroy()
         await other.close()
+
+
+# -- requests over core NATS --------------------------------------------------------
+
+
+async def _stored(transport: NatsTransport) -> int:
+    """How many messages the namespace's message stream holds."""
+    info = await transport._jetstream().stream_info(transport.stream)
+    return int(info.state.messages)
+
+
+async def _until_stored(transport: NatsTransport, count: int) -> int:
+    """Wait (5 s at most) until the message stream holds ``count`` messages; how many it does."""
+    for _ in range(100):
+        if await _stored(transport) >= count:
+            break
+        await asyncio.sleep(0.05)
+    return await _stored(transport)
+
+
+async def _answer(transport: NatsTransport, count: int, *, wait: float = 5) -> list[Delivery]:
+    """Receive ``count`` requests on ``a``/``g`` and answer each with its own payload."""
+    got = await _receive(transport, count, wait=wait)
+    for delivery in got:
+        request = delivery.envelope
+        assert request.reply_to
+        answer = Envelope(name="Pong", payload=request.payload, correlation_id=request.id)
+        await transport.reply(request.reply_to, answer)
+        await delivery.ack()
+    return got
+
+
+async def test_an_unkeyed_request_goes_over_core_nats_and_the_stream_holds_nothing(
+    transport: NatsTransport,
+) -> None:
+    assert transport.request_subject("a") == f"{transport.namespace}.r.a"
+    await transport.declare("a", "g", from_start=True)
+    assert await transport.receive("a", "g", consumer="c", limit=1, wait=0.1) == []  # listens
+    serving = asyncio.create_task(_answer(transport, 3))
+    replies = await asyncio.gather(*(transport.request("a", _ping(n), timeout=5) for n in range(3)))
+    assert sorted(reply.payload for reply in replies) == [b"0", b"1", b"2"]
+    got = await serving
+    assert [d.attempt for d in got] == [1, 1, 1]
+    assert await _stored(transport) == 0  # it never went through the stream
+
+
+async def test_a_request_nobody_listens_for_waits_in_the_stream_for_its_worker(
+    transport: NatsTransport,
+) -> None:
+    await transport.declare("a", "g", from_start=True)
+    asking = asyncio.create_task(transport.request("a", _ping(7), timeout=10))
+    # the server said "no responders": into the stream with it
+    assert await _until_stored(transport, 1) == 1
+    assert not asking.done()
+    [delivery] = await _answer(transport, 1)  # the worker starts: it gets it from the stream
+    assert (await asking).payload == b"7"
+    assert delivery.attempt == 1
+
+
+async def test_a_keyed_request_goes_through_the_stream_even_with_a_listener(
+    transport: NatsTransport,
+) -> None:
+    await transport.declare("a", "g", from_start=True)
+    assert await transport.receive("a", "g", consumer="c", limit=1, wait=0.1) == []
+    serving = asyncio.create_task(_answer(transport, 1))
+    keyed = Envelope(name="Ping", payload=b"k", key="key-1")
+    assert (await transport.request("a", keyed, timeout=5)).payload == b"k"
+    await serving
+    info = await transport._jetstream().stream_info(transport.stream, subjects_filter=">")
+    assert info.state.subjects == {transport.keyed_subject("a", partition_of("key-1")): 1}
+
+
+def partition_of(key: str) -> int:
+    from iambus.partitions import PARTITIONS, partition
+
+    return partition(key, PARTITIONS)
+
+
+async def test_a_core_request_that_fails_is_dead_lettered_and_retried_in_memory(
+    transport: NatsTransport,
+) -> None:
+    await transport.declare("a", "g", from_start=True)
+    assert await transport.receive("a", "g", consumer="c", limit=1, wait=0.1) == []
+    asking = asyncio.create_task(transport.request("a", _ping(3), timeout=10))
+    [first] = await _receive(transport, 1)
+    await first.retry(0.2)  # back to this transport's group, after its delay
+    started = time.monotonic()
+    [again] = await _receive(transport, 1)
+    assert time.monotonic() - started >= 0.15
+    assert (again.envelope.id, again.attempt) == (first.envelope.id, 2)
+    failure = Failure("builtins.ValueError", "no", "", again.attempt)
+    await again.dead_letter(failure)
+    await again.dead_letter(failure)  # parked twice (a retried settle): stored once
+    [letter] = await transport.dead_letters()
+    assert (letter.address, letter.group, letter.failure) == ("a", "g", failure)
+    assert letter.envelope.payload == b"3"
+    assert letter.envelope.reply_to
+    assert await _stored(transport) == 0
+    asking.cancel()
+
+
+async def test_a_core_request_that_is_no_envelope_is_dead_lettered(
+    transport: NatsTransport,
+) -> None:
+    await transport.declare("a", "g", from_start=True)
+    assert await transport.receive("a", "g", consumer="c", limit=1, wait=0.1) == []
+    nc = transport._client()
+    await nc.publish(transport.request_subject("a"), b"junk", headers={"X": "1"})
+    serving = asyncio.create_task(_answer(transport, 1))
+    assert (await transport.request("a", _ping(1), timeout=5)).payload == b"1"  # flows on
+    await serving
+    [letter] = await transport.dead_letters()
+    assert letter.envelope.payload == b"junk"
+    assert letter.failure.error_type == "iambus.errors.SerializationError"
+
+
+async def test_a_stopped_worker_stops_listening_and_hands_its_requests_to_the_stream() -> None:
+    require("nats")
+    namespace = f"test-{uuid.uuid4().hex[:10]}"
+    stopping = NatsTransport(NATS, namespace=namespace, claim_after=30)
+    other = NatsTransport(NATS, namespace=namespace, claim_after=30)
+    await stopping.open()
+    await other.open()
+    try:
+        await stopping.declare("a", "g", from_start=True)
+        assert await stopping.receive("a", "g", consumer="w", limit=1, wait=0.1) == []
+        # Listening, but no receive running: a request waits in its buffer...
+        first = asyncio.create_task(other.request("a", _ping(1), timeout=10))
+        await asyncio.sleep(0.3)
+        assert await _stored(other) == 0
+        waiting = asyncio.create_task(stopping.receive("a", "g", consumer="w", limit=0, wait=5))
+        await asyncio.sleep(0.2)
+        waiting.cancel()  # ...the worker stops: it goes into the stream
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await asyncio.sleep(0.3)  # and the listener is gone: this one goes there too
+        second = asyncio.create_task(other.request("a", _ping(2), timeout=10))
+        assert await _until_stored(other, 2) == 2
+        got = await _answer(other, 2)
+        assert sorted(d.envelope.payload for d in got) == [b"1", b"2"]
+        assert [(await first).payload, (await second).payload] == [b"1", b"2"]
+    finally:
+        await other.destroy()
+        for transport in (stopping, other):
+            await transport.close()
+
+
+async def test_a_closed_transport_hands_its_unread_requests_to_the_stream() -> None:
+    require("nats")
+    namespace = f"test-{uuid.uuid4().hex[:10]}"
+    closing = NatsTransport(NATS, namespace=namespace, claim_after=30)
+    other = NatsTransport(NATS, namespace=namespace, claim_after=30)
+    await closing.open()
+    await other.open()
+    try:
+        await closing.declare("a", "g", from_start=True)
+        assert await closing.receive("a", "g", consumer="w", limit=1, wait=0.1) == []
+        asking = asyncio.create_task(other.request("a", _ping(5), timeout=10))
+        await asyncio.sleep(0.3)  # it reached the listener, which no receive reads
+        assert await _stored(other) == 0
+        await closing.close()
+        [delivery] = await _answer(other, 1)
+        assert delivery.envelope.payload == b"5"
+        assert (await asking).payload == b"5"
+    finally:
+        await other.destroy()
+        await other.close()
+
+
+async def test_an_undecodable_query_over_core_nats_is_answered_and_dead_lettered() -> None:
+    require("nats")
+    from iambus import Dispatcher
+
+    from .test_worker import ROUTES, GetInvoice
+
+    namespace = f"test-{uuid.uuid4().hex[:10]}"
+    transport = NatsTransport(NATS, namespace=namespace)
+    await transport.open()
+    billing = Dispatcher(transport=transport, service="billing", routes=ROUTES)
+
+    @billing.queries.register(GetInvoice)
+    async def get_invoice(query: GetInvoice) -> str:
+        return f"INV-{query.order_id}"
+
+    try:
+        async with billing:
+            for _ in range(100):  # the worker's first receive subscribes to the requests
+                group = transport._groups.get(("query.GetInvoice", "billing"))
+                if group is not None and group.listener is not None:
+                    break
+                await asyncio.sleep(0.05)
+            good = Envelope(name="GetInvoice", payload=b'{"order_id": 1}')
+            assert (await transport.request("query.GetInvoice", good, timeout=10)).payload
+            bad = Envelope(name="GetInvoice", payload=b'{"order_id": "one"}')
+            started = time.monotonic()
+            reply = await transport.request("query.GetInvoice", bad, timeout=10)
+            assert time.monotonic() - started < 2  # answered, not timed out
+            assert reply.headers["iambus-status"] == "error"
+            assert b"SerializationError" in reply.payload
+            [letter] = await transport.dead_letters()
+            assert letter.envelope.id == bad.id
+            assert letter.failure.error_type == "iambus.errors.SerializationError"
+            assert await _stored(transport) == 0  # both went over core NATS
+    finally:
+        await transport.destroy()
+        await transport.close()

@@ -53,10 +53,21 @@ maps onto JetStream:
   the other groups on that address ack it and skip it (a consumer has a single subject
   filter on NATS 2.9, so the replay cannot have a subject of its own without a second
   consumer per group). ``purge`` deletes dead letters by sequence;
-* ``request`` publishes the request into the stream (so the owner's durable consumer
-  gets it, even if it starts later) with ``reply_to`` set to an inbox of this transport
-  instance, on core NATS; ``reply`` is a core NATS publish there (not durable: a reply
-  nobody waits for is dropped);
+* ``request`` sets ``reply_to`` to an inbox of this transport instance, on core NATS;
+  ``reply`` is a core NATS publish there (not durable: a reply nobody waits for is
+  dropped). A request without a key is published on core NATS to ``<ns>.r.<address>``
+  (no stream holds it; ``r`` is no ``m`` nor ``k``), with the envelope's headers and a
+  NATS reply subject of its own: a group's first ``receive`` subscribes there, in a
+  queue group named after its consumer, so that one instance of each group gets it, and
+  ``receive`` hands it out with the rest (attempt 1). When nobody listens, the server
+  answers "no responders" (503) on that reply subject and the request goes into the
+  stream as a send (so the owner's durable consumer gets it, even if it starts later);
+  a keyed request always does (its partition's order). Such a delivery's ``ack`` does
+  nothing, ``retry(delay)`` gives it to a receive of this transport again after the
+  delay (in memory, attempt + 1), ``dead_letter`` stores it in the dead stream. What a
+  cancelled receive (a worker stopping; it unsubscribes), ``close``, or no receive
+  within ``claim_after / 2`` leaves unread goes into the stream. Not durable: a request
+  in flight when the process that received it dies is lost, and its requester times out;
 * a message on an address that is no envelope is dead-lettered at once, with its raw
   headers; the rest of the batch flows. A consumer that is missing (deleted, or a server
   restarted without its JetStream store) is declared again, from the start of what the
@@ -105,7 +116,7 @@ import math
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -156,6 +167,7 @@ _FETCH = 0.05  # how long a batch pull waits for more than the backlog holds
 _SETTLE = 0.01  # after pulling on several lanes at once, how long to let their answers in
 _SILENT = 2.0  # a pull that ended this long ago without a word: is its consumer gone?
 _BATCH = 2  # the subscription of batch pulls (0 and 1: standing pulls, renewed in turn)
+_NO_RESPONDERS = "503"  # the server's answer to a core request nobody is subscribed to
 
 
 @dataclass(slots=True, eq=False)
@@ -187,6 +199,15 @@ class _Lane:
         return max(pulls, key=lambda pull: pull.ends) if pulls else None
 
 
+@dataclass(slots=True, eq=False)
+class _Asked:
+    """A request that came over core NATS, until a receive hands it out."""
+
+    message: Msg
+    due: float  # monotonic: when it arrived, or when its retry is due
+    attempt: int
+
+
 class _Held(NamedTuple):
     """A message a pull brought, until a receive hands it out."""
 
@@ -214,6 +235,10 @@ class _Group:
     renew: float = 0.0  # when the first standing pull needs renewing (monotonic)
     check: bool = True  # make sure the consumers exist before the next receive
     timer: asyncio.TimerHandle | None = None
+    # Requests over core NATS: the subscription to the address's request subject (in a
+    # queue group named after the group, made by a receive), and what it brought.
+    listener: Subscription | None = None
+    asked: list[_Asked] = field(default_factory=list)
 
 
 class NatsTransport:
@@ -256,6 +281,9 @@ class NatsTransport:
         self._store_deadlines: deque[tuple[float, str]] = deque()
         self._sweeping: asyncio.TimerHandle | None = None
         self._waiting: dict[str, asyncio.Future[Envelope]] = {}
+        self._ask_inbox = ""
+        # core requests not known to be heard: token -> (address, envelope)
+        self._unheard: dict[str, tuple[str, Envelope]] = {}
         self._groups: dict[tuple[str, str], _Group] = {}
         self._lanes: dict[str, _Lane] = {}  # consumer name -> lane
         self._pulls: dict[str, _Pull] = {}  # reply token -> open pull
@@ -289,6 +317,11 @@ class NatsTransport:
         """The subject of ``address``'s keyed envelopes in ``partition``."""
         self.subject(address)  # the same rules
         return f"{self.namespace}.k.{partition}.{address}"
+
+    def request_subject(self, address: str) -> str:
+        """The core NATS subject of ``address``'s requests (not in any stream)."""
+        self.subject(address)  # the same rules
+        return f"{self.namespace}.r.{address}"
 
     def _dead_subject(self) -> str:
         return f"{self.namespace}.dead"
@@ -325,9 +358,11 @@ class NatsTransport:
         self._inbox = nc.new_inbox()
         self._pull_inbox = nc.new_inbox()
         self._ack_inbox = nc.new_inbox()
+        self._ask_inbox = nc.new_inbox()
         try:
             async with self._translate("subscribe"):
                 await nc.subscribe(self._inbox, cb=self._on_reply)
+                await nc.subscribe(f"{self._ask_inbox}.*", cb=self._on_unheard)
                 await nc.subscribe(f"{self._ack_inbox}.*", cb=self._on_stored)
                 for kind in (0, 1, _BATCH):
                     self._pull_subs.append(
@@ -339,10 +374,28 @@ class NatsTransport:
             raise
 
     async def close(self) -> None:
+        if self._nc is not None:
+            # Requests that came over core NATS and were never handed out go into the
+            # stream, where another instance of their group gets them.
+            await asyncio.gather(*(self._unlisten(state) for state in self._groups.values()))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.timeout):
+                    await asyncio.gather(
+                        *(
+                            self._hand_over(state, asked)
+                            for state in self._groups.values()
+                            for asked in state.asked
+                        )
+                    )
+            for state in self._groups.values():
+                state.asked.clear()
         waiting: list[asyncio.Future[Any]] = [*self._waiting.values(), *self._stored.values()]
         for future in waiting:
             if not future.done():
                 future.set_exception(TransportError(f"{self.url}: closed while waiting"))
+                # A request still publishing when this happens never awaits its answer:
+                # no "exception never retrieved" for it (whoever awaits still gets it).
+                future.exception()
         if self._sweeping is not None:
             self._sweeping.cancel()
             self._sweeping = None
@@ -564,24 +617,27 @@ class NatsTransport:
         async with state.lock:
             state.receiving, state.parked = True, False
             try:
+                if state.listener is None:
+                    await self._listen(state)
                 spread = await self._cover(state, wait) > 1
                 pulled = time.monotonic()
                 while True:
-                    if spread and state.buffer:
+                    asked = self._take_asked(state, limit)
+                    if spread and state.buffer and not asked:
                         # Lanes answer on their own: let the others' answers in, so that
                         # what this receive returns comes in the order it was sent.
                         spread = False
                         await asyncio.sleep(pulled + _SETTLE - time.monotonic())
-                    messages = await self._take(state, limit)
+                    messages = await self._take(state, limit - len(asked))
                     unkeyed = state.lanes[0]
-                    room = limit - len(messages) - len(state.buffer)
+                    room = limit - len(asked) - len(messages) - len(state.buffer)
                     room -= sum(pull.remaining for pull in unkeyed.standing if pull is not None)
                     if room > 0 and state.busy and unkeyed.batch is None:
                         # Traffic: a batch pull of what there is room for. It waits a
                         # moment only; what it brings after this receive is buffered.
                         state.busy = False
                         await self._request(unkeyed, _BATCH, room, _FETCH)
-                    if not messages:
+                    if not messages and not asked:
                         remaining = deadline - time.monotonic()
                         if remaining <= 0:
                             return []
@@ -592,6 +648,10 @@ class NatsTransport:
                         self._client()  # closed meanwhile
                         continue
                     out: list[Delivery] = []
+                    for request in asked:
+                        delivery = await self._asked_delivery(state, request)
+                        if delivery is not None:
+                            out.append(delivery)
                     for entry in messages:
                         delivery = await self._delivery(address, group, entry)
                         if delivery is not None:
@@ -600,8 +660,13 @@ class NatsTransport:
                         return out
             except asyncio.CancelledError:
                 # The worker stops. Pulls stay open on the server (there is no cancelling
-                # them): hand back what they bring until a receive comes again.
+                # them): hand back what they bring until a receive comes again. Requests
+                # stop coming over core NATS (they go through the stream while nobody
+                # listens), and those it brought go into the stream.
                 state.parked = True
+                if state.listener is not None:
+                    self._background_task(self._drain(state.listener))
+                    state.listener = None
                 self._release_stale(state, everything=True)
                 raise
             finally:
@@ -769,10 +834,13 @@ class NatsTransport:
 
     def _schedule_release(self, state: _Group, later: bool = False) -> None:
         """Hand back what no receive took within claim_after / 2 (``later``: look again)."""
-        if state.timer is not None or not state.buffer or state.receiving:
+        if state.timer is not None or not (state.buffer or state.asked) or state.receiving:
             return
         hold = self.claim_after / 2
-        delay = state.buffer[0].arrived + hold - time.monotonic()
+        first = min(asked.due for asked in state.asked) if state.asked else math.inf
+        if state.buffer:
+            first = min(first, state.buffer[0].arrived)
+        delay = first + hold - time.monotonic()
         if later:
             delay = max(delay, min(hold / 4, 1.0))
         state.timer = asyncio.get_running_loop().call_later(
@@ -799,6 +867,13 @@ class NatsTransport:
             else:
                 kept.append(entry)
         state.buffer = kept
+        if state.asked:
+            asked, state.asked = state.asked, []
+            for request in asked:
+                if request.due <= cutoff:
+                    self._background_task(self._hand_over(state, request))
+                else:
+                    state.asked.append(request)
         if not everything:
             self._schedule_release(state, later=True)
 
@@ -806,7 +881,10 @@ class NatsTransport:
         """NAK ``message`` without delay, in the background: another consumer gets it now."""
         if self._nc is None or message._ackd:
             return
-        task = asyncio.get_running_loop().create_task(self._nak_now(message))
+        self._background_task(self._nak_now(message))
+
+    def _background_task(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -898,6 +976,15 @@ class NatsTransport:
     async def _park(
         self, address: str, group: str, message: Msg, envelope: Envelope, failure: Failure
     ) -> None:
+        # The same delivery parked twice (the ack below failed) is stored once.
+        key = f"dead:{self.durable(address, group)}:{message.metadata.sequence.stream}"
+        await self._bury(key, address, group, envelope, failure)
+        await self._ack(message)
+
+    async def _bury(
+        self, key: str, address: str, group: str, envelope: Envelope, failure: Failure
+    ) -> None:
+        """Store a dead letter (``key``: its ``Nats-Msg-Id``)."""
         record = {
             "address": address,
             "group": group,
@@ -905,13 +992,11 @@ class NatsTransport:
             "failure": dataclasses.asdict(failure),
         }
         headers = {
-            # The same delivery parked twice (the ack below failed) is stored once.
-            MSG_ID: f"dead:{self.durable(address, group)}:{message.metadata.sequence.stream}",
+            MSG_ID: key,
             ENVELOPE: _fields(envelope),
             DEAD_LETTER: json.dumps(record, separators=(",", ":")),
         }
         await self._publish(self._dead_subject(), envelope.payload, headers)
-        await self._ack(message)
 
     # -- request/reply --------------------------------------------------------------
 
@@ -919,12 +1004,146 @@ class NatsTransport:
         self._client()
         future: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
         self._waiting[envelope.id] = future
+        envelope = dataclasses.replace(envelope, reply_to=self._inbox)
+        self._tokens += 1
+        token = format(self._tokens, "x")
         try:
-            await self.send(address, dataclasses.replace(envelope, reply_to=self._inbox))
             async with asyncio.timeout(timeout):
+                # Without a key, over core NATS to whoever listens; a keyed request keeps
+                # its place in its partition, and one nobody listens for waits in the
+                # stream for the owner's worker to start.
+                if envelope.key is None:
+                    await self._ask(address, envelope, token)
+                else:
+                    await self.send(address, envelope)
                 return await future
         finally:
             self._waiting.pop(envelope.id, None)
+            self._unheard.pop(token, None)
+
+    async def _ask(self, address: str, envelope: Envelope, token: str) -> None:
+        """Publish a request over core NATS; if nobody listens, it goes into the stream."""
+        nc = self._client()
+        subject = self.request_subject(address)
+        self._unheard[token] = (address, envelope)
+        headers = {MSG_ID: f"{address}:{envelope.id}", ENVELOPE: _fields(envelope)}
+        async with self._translate("publish request"):
+            await nc.publish(
+                subject, envelope.payload, reply=f"{self._ask_inbox}.{token}", headers=headers
+            )
+
+    async def _on_unheard(self, message: Msg) -> None:
+        """The server's "no responders" to a core request: into the stream with it."""
+        if _status(message) != _NO_RESPONDERS:
+            return
+        asked = self._unheard.pop(message.subject.rpartition(".")[2], None)
+        if asked is not None:
+            self._background_task(self._send_unheard(*asked))
+
+    async def _send_unheard(self, address: str, envelope: Envelope) -> None:
+        answer = self._waiting.get(envelope.id)
+        if answer is None or answer.done():
+            return  # the requester gave up
+        try:
+            await self.send(address, envelope)
+        except (TransportError, ImproperlyConfigured) as exc:
+            if not answer.done():
+                answer.set_exception(exc)
+
+    async def _listen(self, state: _Group) -> None:
+        """Subscribe to the requests of the group's address (one member answers each)."""
+        nc = self._client()
+
+        async def callback(message: Msg) -> None:
+            self._on_asked(state, message)
+
+        async with self._translate("subscribe"):
+            state.listener = await nc.subscribe(
+                self.request_subject(state.address),
+                queue=self.durable(state.address, state.group),
+                cb=callback,
+            )
+
+    async def _unlisten(self, state: _Group) -> None:
+        listener, state.listener = state.listener, None
+        if listener is not None:
+            await self._drain(listener)
+
+    @staticmethod
+    async def _drain(listener: Subscription) -> None:
+        # Drained: what the subscription already got still reaches the callback.
+        with contextlib.suppress(NatsError, OSError, TimeoutError):
+            await listener.drain()  # type: ignore[no-untyped-call]
+
+    def _on_asked(self, state: _Group, message: Msg) -> None:
+        if self._groups.get((state.address, state.group)) is not state:
+            return  # closed: the requester times out
+        request = _Asked(message, time.monotonic(), 1)
+        if state.parked:  # no receive is coming: into the stream with it
+            self._background_task(self._hand_over(state, request))
+            return
+        state.asked.append(request)
+        state.arrived.set()
+        if not state.receiving:
+            self._schedule_release(state)
+
+    def _take_asked(self, state: _Group, limit: int) -> list[_Asked]:
+        """Up to ``limit`` core requests that are due (a retried one waits out its delay)."""
+        if not state.asked:
+            return []
+        now = time.monotonic()
+        out: list[_Asked] = []
+        kept: list[_Asked] = []
+        for request in state.asked:
+            (out if request.due <= now and len(out) < limit else kept).append(request)
+        state.asked = kept
+        return out
+
+    async def _asked_delivery(self, state: _Group, request: _Asked) -> Delivery | None:
+        """A delivery of a core request, or None: no envelope (dead-lettered)."""
+        message = request.message
+        headers = message.headers or {}
+        try:
+            envelope = _envelope(headers, message.data)
+        except SerializationError as exc:
+            logger.error(
+                "iambus: a request on %s is no envelope; dead-lettered: %s", state.address, exc
+            )
+            parked = Envelope(
+                name="?",
+                payload=message.data,
+                content_type="application/x-iambus-raw-message",
+                headers={k: v for k, v in headers.items() if isinstance(v, str)},
+            )
+            failure = Failure("iambus.errors.SerializationError", str(exc), "", request.attempt)
+            key = f"dead:{self.durable(state.address, state.group)}:r:{parked.id}"
+            await self._bury(key, state.address, state.group, parked, failure)
+            return None
+        return _AskedDelivery(self, state, request, envelope)
+
+    async def _hand_over(self, state: _Group, request: _Asked) -> None:
+        """Put a core request into the stream: the group's consumer delivers it from there."""
+        message = request.message
+        headers = dict(message.headers or {})
+        headers.setdefault(MSG_ID, f"{state.address}:r:{message.sid}:{time.time_ns()}")
+        try:
+            if not await self._store(self.subject(state.address), message.data, headers):
+                logger.warning("iambus: no stream to hand a request on %s to", state.address)
+        except (TransportError, ImproperlyConfigured) as exc:  # the requester times out
+            logger.warning("iambus: could not hand a request on %s over: %s", state.address, exc)
+
+    def _retry_asked(self, state: _Group, request: _Asked, delay: float) -> None:
+        """A core request tried again here after ``delay`` (in memory: not durable)."""
+        if self._groups.get((state.address, state.group)) is not state:
+            return
+        later = _Asked(request.message, time.monotonic() + max(delay, 0.0), request.attempt + 1)
+        if state.parked:
+            self._background_task(self._hand_over(state, later))
+            return
+        state.asked.append(later)
+        asyncio.get_running_loop().call_later(max(delay, 0.0), state.arrived.set)
+        if not state.receiving:
+            self._schedule_release(state)
 
     async def reply(self, to: str, envelope: Envelope) -> None:
         nc = self._client()
@@ -1086,6 +1305,36 @@ class _NatsDelivery:
 
     def __repr__(self) -> str:
         return f"<delivery {self.envelope.name} #{self.attempt} to {self._group}@{self._address}>"
+
+
+class _AskedDelivery:
+    """A request that came over core NATS: nothing to ack; not redelivered if lost."""
+
+    __slots__ = ("_request", "_state", "_transport", "attempt", "envelope")
+
+    def __init__(
+        self, transport: NatsTransport, state: _Group, request: _Asked, envelope: Envelope
+    ) -> None:
+        self._transport = transport
+        self._state = state
+        self._request = request
+        self.envelope = envelope
+        self.attempt = request.attempt
+
+    async def ack(self) -> None:
+        pass  # core NATS keeps nothing to settle
+
+    async def retry(self, delay: float) -> None:
+        self._transport._retry_asked(self._state, self._request, delay)
+
+    async def dead_letter(self, failure: Failure) -> None:
+        state = self._state
+        key = f"dead:{self._transport.durable(state.address, state.group)}:r:{self.envelope.id}"
+        await self._transport._bury(key, state.address, state.group, self.envelope, failure)
+
+    def __repr__(self) -> str:
+        state = self._state
+        return f"<request {self.envelope.name} #{self.attempt} to {state.group}@{state.address}>"
 
 
 _COMPACT = json.JSONEncoder(separators=(",", ":"))
