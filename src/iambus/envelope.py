@@ -40,6 +40,10 @@ current_envelope: contextvars.ContextVar[Envelope | None] = contextvars.ContextV
 )
 
 
+# One encoder for every envelope: json.dumps with separators builds a new one per call.
+_compact = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def new_id() -> str:
     """A UUIDv7: 48 bits of unix milliseconds, then randomness; sorts by creation time."""
     millis = time.time_ns() // 1_000_000
@@ -84,7 +88,8 @@ class Envelope:
         if self.key is not None:
             fields["key"] = self.key
         if self.headers:
-            fields["headers"] = json.dumps(dict(self.headers), separators=(",", ":"))
+            headers = self.headers
+            fields["headers"] = _compact(headers if type(headers) is dict else dict(headers))
         return fields
 
     @classmethod

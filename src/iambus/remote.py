@@ -96,16 +96,17 @@ class Remote:
     # -- sending ----------------------------------------------------------------------
 
     async def send(self, kind: Kind, message: Any, key: str | None) -> None:
-        await self.open()
+        if not self._opened:
+            await self.open()
         envelope = self.envelope(message, key)
         await self.transport.send(address(kind, envelope.name), envelope)
 
     async def request(self, query: Any, key: str | None, timeout: float | None) -> Any:
-        await self.open()
+        if not self._opened:
+            await self.open()
         timeout = self.request_timeout if timeout is None else timeout
         mkey = message_key(query)
         envelope = self.envelope(query, key, headers={"deadline": repr(time.time() + timeout)})
-        owner = self.routes.owner(mkey)
         try:
             answer = await self.transport.request(
                 address("query", envelope.name), envelope, timeout=timeout
@@ -113,11 +114,13 @@ class Remote:
         except TimeoutError as exc:
             if isinstance(exc, TransportError):
                 raise
+            owner = self.routes.owner(mkey)
             raise RequestTimeout(
                 f"no answer to {envelope.name} from service {owner!r} within {timeout}s; is a "
                 f"worker of {owner!r} running?"
             ) from exc
         if answer.headers.get(STATUS) == "error":
+            owner = self.routes.owner(mkey)
             details = json.loads(answer.payload)
             raise RemoteError(
                 f"{envelope.name} failed in service {owner!r}: "

@@ -195,6 +195,10 @@ class Worker:
                 task = loop.create_task(self._process(sub, delivery), context=context.copy())
                 self._inflight.add(task)
                 task.add_done_callback(self._inflight.discard)
+            if deliveries:
+                # Let the handlers just started run first (up to their first wait): the
+                # next receive's own work would otherwise delay a query's answer.
+                await asyncio.sleep(0)
 
     def _share(self, sub: Subscription) -> int:
         # The free slots are shared among the subscriptions that are busy (their last
