@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 
 from iambus.errors import ImproperlyConfigured
-from iambus.partitions import PARTITIONS, check_partitions, partition
+from iambus.partitions import PARTITIONS, check_partitions, partition, partitions_option
 
 
 def test_a_key_maps_to_the_same_partition_in_every_process_and_version() -> None:
@@ -33,3 +33,13 @@ def test_a_partition_count_from_code_or_a_url(given: object, count: int) -> None
 def test_a_bad_partition_count_says_what_is_allowed(given: object) -> None:
     with pytest.raises(ImproperlyConfigured, match=r"partitions must be a whole number from 1"):
         check_partitions(given)
+
+
+def test_a_transport_takes_its_count_from_the_keyword_then_the_url_then_the_default() -> None:
+    query = {"partitions": "8", "namespace": "shop"}
+    assert partitions_option(None, query) == 8
+    assert query == {"namespace": "shop"}, "partitions must not reach the driver"
+    assert partitions_option(4, {"partitions": "8"}) == 4
+    assert partitions_option(None, {}) == PARTITIONS
+    with pytest.raises(ImproperlyConfigured, match="partitions must be a whole number"):
+        partitions_option(None, {"partitions": "many"})

@@ -36,7 +36,7 @@ import zlib
 
 from .errors import ImproperlyConfigured
 
-__all__ = ["PARTITIONS", "check_partitions", "partition"]
+__all__ = ["PARTITIONS", "check_partitions", "partition", "partitions_option"]
 
 PARTITIONS = 16
 """The default number of partitions per group."""
@@ -62,3 +62,13 @@ def check_partitions(count: object) -> int:
             f"every process of a namespace must use the same count (default {PARTITIONS})"
         )
     return value
+
+
+def partitions_option(given: int | None, query: dict[str, str]) -> int:
+    """A transport's partition count: ``given`` (its keyword), else ``?partitions=`` of its
+    URL, else ``PARTITIONS``; checked. Takes ``partitions`` out of ``query`` (the URL's
+    parsed query, which then goes to the driver without it)."""
+    in_url = query.pop("partitions", None)
+    if given is not None:
+        return check_partitions(given)
+    return check_partitions(PARTITIONS if in_url is None else in_url)

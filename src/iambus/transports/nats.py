@@ -123,7 +123,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..envelope import Envelope
 from ..errors import ImproperlyConfigured, SerializationError, TransportError
-from ..partitions import PARTITIONS, check_partitions, partition
+from ..partitions import partition, partitions_option
 from . import DeadLetter, Delivery, Failure
 
 try:
@@ -262,10 +262,7 @@ class NatsTransport:
             raise ImproperlyConfigured(
                 f"a NATS namespace is letters, digits, '_' and '-' only: {self.namespace!r}"
             )
-        in_url = query.pop("partitions", None)
-        self.partitions = check_partitions(
-            partitions if partitions is not None else PARTITIONS if in_url is None else in_url
-        )
+        self.partitions = partitions_option(partitions, query)
         self._driver_url = urlunsplit(parts._replace(query=urlencode(query)))
         self.url = url
         self.claim_after = claim_after

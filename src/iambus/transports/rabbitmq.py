@@ -85,7 +85,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..envelope import Envelope, new_id
 from ..errors import ImproperlyConfigured, SerializationError, TransportError
-from ..partitions import PARTITIONS, check_partitions, partition
+from ..partitions import partition, partitions_option
 from . import DeadLetter, Delivery, Failure
 
 try:
@@ -187,10 +187,7 @@ class RabbitMQTransport:
                 f"exchange name, and AMQP names hold {MAX_NAME}); "
                 f"{self.namespace[:40]!r}... has {len(self.namespace)}"
             )
-        in_url = query.pop("partitions", None)
-        self.partitions = check_partitions(
-            partitions if partitions is not None else PARTITIONS if in_url is None else in_url
-        )
+        self.partitions = partitions_option(partitions, query)
         self._driver_url = urlunsplit(parts._replace(query=urlencode(query)))
         self.url = url
         self.claim_after = claim_after

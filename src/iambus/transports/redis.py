@@ -89,7 +89,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..envelope import Envelope
 from ..errors import ImproperlyConfigured, SerializationError, TransportError
-from ..partitions import PARTITIONS, check_partitions, partition
+from ..partitions import partition, partitions_option
 from . import DeadLetter, Delivery, Failure
 
 try:
@@ -300,10 +300,7 @@ class RedisTransport:
         self.namespace = namespace or query.pop("namespace", None) or "iambus"
         if ":" in self.namespace or not self.namespace:
             raise ImproperlyConfigured(f"a Redis namespace may not contain ':': {self.namespace!r}")
-        in_url = query.pop("partitions", None)
-        self.partitions = check_partitions(
-            partitions if partitions is not None else PARTITIONS if in_url is None else in_url
-        )
+        self.partitions = partitions_option(partitions, query)
         self._driver_url = urlunsplit(parts._replace(query=urlencode(query)))
         self.url = url
         self.claim_after = claim_after
