@@ -47,6 +47,11 @@ def test_minimal_envelope_has_no_optional_fields() -> None:
         ({"id": "1", "name": "x", "payload": "{}", "at": "soon"}, "could not convert"),
         ({"id": "1", "name": "x", "payload": "{}", "at": "1", "headers": "[1]"}, "headers"),
         ({"id": "1", "name": "x", "payload": "{}", "at": "1", "headers": "{"}, "malformed"),
+        # decoded JSON with the payload as bytes: the fast path, same checks
+        ({"id": "1", "name": "x", "payload": b"{}", "at": "soon"}, "could not convert"),
+        ({"id": "1", "name": "x", "payload": b"{}", "at": "1", "headers": "[1]"}, "headers"),
+        ({"id": "1", "name": "x", "payload": b"{}", "at": "1", "headers": "{"}, "malformed"),
+        ({"id": "1", "payload": b"{}", "at": "1"}, "'name' is missing"),
     ],
 )
 def test_malformed_fields_are_a_serialization_error(fields: dict[str, str], match: str) -> None:
@@ -64,3 +69,19 @@ def test_bytes_fields_as_a_driver_returns_them_are_checked_the_same() -> None:
         Envelope.from_fields({k: v for k, v in good.items() if k != b"at"})
     with pytest.raises(SerializationError, match="headers"):
         Envelope.from_fields({**good, b"headers": b'{"a": 1}'})
+
+
+def test_decoded_json_fields_of_other_types_take_the_general_path() -> None:
+    envelope = Envelope(name="Ping", payload=b"{}", key="k", headers={"a": "b"})
+    fields = {**envelope.to_fields(), "corr": b"c"}  # bytes where JSON gives str
+    assert Envelope.from_fields(fields) == Envelope(
+        name="Ping",
+        payload=b"{}",
+        key="k",
+        headers={"a": "b"},
+        id=envelope.id,
+        created_at=envelope.created_at,
+        correlation_id="c",
+    )
+    as_text = {**envelope.to_fields(), "payload": "{}"}  # a str payload is encoded
+    assert Envelope.from_fields(as_text) == envelope

@@ -9,6 +9,8 @@ that restarting it disturbs no one else; it stops that server before it ends.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import shutil
 import socket
 import time
@@ -26,6 +28,8 @@ from iambus.transports import Delivery, Failure, connect
 from .conftest import require
 
 pytest.importorskip("nats", reason="the NATS transport needs nats-py: pip install 'iambus[nats]'")
+
+from nats.aio.msg import Msg
 
 from iambus.transports.nats import NatsTransport
 
@@ -688,6 +692,71 @@ async def test_a_core_request_that_is_no_envelope_is_dead_lettered(
     [letter] = await transport.dead_letters()
     assert letter.envelope.payload == b"junk"
     assert letter.failure.error_type == "iambus.errors.SerializationError"
+
+
+async def test_core_requests_and_replies_carry_the_envelope_in_the_body(
+    transport: NatsTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    # No NATS headers: one JSON line of the envelope's fields, then the payload.
+    nc = transport._client()
+    seen: asyncio.Queue[Msg] = asyncio.Queue()
+    tap = await nc.subscribe(f"{transport.namespace}.r.a", cb=seen.put)
+    request = Envelope(name="Ping", payload=b"two\nlines", headers={"h": "v"})
+    asking = asyncio.create_task(transport.request("a", request, timeout=5))
+    sent = await asyncio.wait_for(seen.get(), 5)
+    await tap.unsubscribe()
+    assert not sent.headers
+    line, _, payload = sent.data.partition(b"\n")
+    assert payload == b"two\nlines"
+    assert json.loads(line)["headers"] == '{"h":"v"}'
+    inbox = json.loads(line)["reply"]
+    with caplog.at_level(logging.WARNING, logger="iambus"):
+        await nc.publish(inbox, b"no envelope here")  # a reply that is none: logged
+        await nc.flush()
+        for _ in range(100):
+            if "no envelope" in caplog.text:
+                break
+            await asyncio.sleep(0.01)
+    assert "a reply on" in caplog.text
+    assert "no envelope" in caplog.text
+    assert not asking.done()
+    answer = Envelope(name="Pong", payload=b"ok", correlation_id=request.id)
+    await transport.reply(inbox, answer)
+    assert (await asking).payload == b"ok"
+
+
+async def test_a_core_request_in_header_form_is_read_too(transport: NatsTransport) -> None:
+    await transport.declare("a", "g", from_start=True)
+    assert await transport.receive("a", "g", consumer="c", limit=1, wait=0.1) == []
+    nc = transport._client()
+    request = Envelope(name="Ping", payload=b"p", reply_to="elsewhere")
+    await nc.publish(
+        transport.request_subject("a"),
+        request.payload,
+        headers={
+            "Iambus-Envelope": json.dumps(
+                {k: v for k, v in request.to_fields().items() if k != "payload"}
+            )
+        },
+    )
+    [delivery] = await _receive(transport, 1)
+    assert delivery.envelope == request
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [(b"junk", "no envelope"), (b"{not json\npayload", "malformed envelope line")],
+)
+async def test_a_core_request_with_a_bad_envelope_line_is_dead_lettered_with_the_reason(
+    transport: NatsTransport, body: bytes, reason: str
+) -> None:
+    await transport.declare("a", "g", from_start=True)
+    assert await transport.receive("a", "g", consumer="c", limit=1, wait=0.1) == []
+    await transport._client().publish(transport.request_subject("a"), body)
+    assert await _receive(transport, 1, wait=1) == []
+    [letter] = await transport.dead_letters()
+    assert reason in letter.failure.message
+    assert letter.envelope.payload == body
 
 
 async def test_a_stopped_worker_stops_listening_and_hands_its_requests_to_the_stream() -> None:

@@ -97,30 +97,34 @@ class Envelope:
         """The inverse of ``to_fields``; a missing or malformed field is a SerializationError."""
         if b"id" in fields:  # the bytes keys a driver returns: read them as they are
             return _from_bytes(cls, fields)  # type: ignore[arg-type]
-        get = {_text(k): v for k, v in fields.items()}.get
-        try:
-            payload = _required(get("payload"), "payload")
-            headers = get("headers")
-            envelope = cls(
-                id=_text(_required(get("id"), "id")),
-                name=_text(_required(get("name"), "name")),
-                payload=payload.encode() if isinstance(payload, str) else payload,
-                content_type=_text(get("ct") or "application/json"),
-                created_at=float(_text(_required(get("at"), "at"))),
-                correlation_id=_optional(get("corr")),
-                causation_id=_optional(get("cause")),
-                reply_to=_optional(get("reply")),
-                key=_optional(get("key")),
-                headers=json.loads(headers) if headers else {},
-            )
-        except (ValueError, TypeError, UnicodeDecodeError) as exc:
-            raise SerializationError(f"malformed envelope {dict(fields)!r}: {exc}") from exc
-        if not _string_map(envelope.headers):
-            raise SerializationError(
-                f"malformed envelope headers {envelope.headers!r}: expected a JSON object of "
-                f"strings"
-            )
-        return envelope
+        if type(fields) is dict:  # decoded JSON, mostly: str keys and values
+            envelope = _from_text(cls, fields)
+            if envelope is not None:
+                return envelope
+        return _from_any(cls, fields)
+
+
+def _from_any(cls: type[Envelope], fields: Mapping[bytes | str, bytes | str]) -> Envelope:
+    # The general path: any mix of bytes and str; names what is wrong.
+    get = {_text(k): v for k, v in fields.items()}.get
+    try:
+        payload = _required(get("payload"), "payload")
+        headers = get("headers")
+        envelope = cls(
+            id=_text(_required(get("id"), "id")),
+            name=_text(_required(get("name"), "name")),
+            payload=payload.encode() if isinstance(payload, str) else payload,
+            content_type=_text(get("ct") or "application/json"),
+            created_at=float(_text(_required(get("at"), "at"))),
+            correlation_id=_optional(get("corr")),
+            causation_id=_optional(get("cause")),
+            reply_to=_optional(get("reply")),
+            key=_optional(get("key")),
+            headers=json.loads(headers) if headers else {},
+        )
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise SerializationError(f"malformed envelope {dict(fields)!r}: {exc}") from exc
+    return _checked(envelope)
 
 
 def _from_bytes(cls: type[Envelope], fields: Mapping[bytes, bytes]) -> Envelope:
@@ -142,9 +146,47 @@ def _from_bytes(cls: type[Envelope], fields: Mapping[bytes, bytes]) -> Envelope:
             headers=json.loads(headers) if headers else {},
         )
     except (KeyError, ValueError, TypeError, UnicodeDecodeError, AttributeError):
-        # Let the general path name exactly what is wrong.
-        return Envelope.from_fields({_text(k): v for k, v in fields.items()})
-    if headers and not _string_map(envelope.headers):
+        return _from_any(cls, fields)  # type: ignore[arg-type]
+    return _checked(envelope) if headers else envelope
+
+
+def _from_text(cls: type[Envelope], fields: dict[str, bytes | str]) -> Envelope | None:
+    # Decoded JSON plus the payload: taken as it is when every field has its type (None
+    # otherwise: the general path names the problem).
+    get = fields.get
+    payload, headers, at = get("payload"), get("headers"), get("at")
+    name, ct = get("name"), get("ct") or "application/json"
+    envelope_id, corr, cause = get("id"), get("corr"), get("cause")
+    reply, key = get("reply"), get("key")
+    if (
+        type(payload) is not bytes
+        or type(envelope_id) is not str
+        or type(name) is not str
+        or type(at) is not str
+        or type(ct) is not str
+        or not all(v is None or type(v) is str for v in (corr, cause, reply, key, headers))
+    ):
+        return None
+    try:
+        envelope = cls(
+            id=envelope_id,
+            name=name,
+            payload=payload,
+            content_type=ct,
+            created_at=float(at),
+            correlation_id=corr,  # type: ignore[arg-type]
+            causation_id=cause,  # type: ignore[arg-type]
+            reply_to=reply,  # type: ignore[arg-type]
+            key=key,  # type: ignore[arg-type]
+            headers=json.loads(headers) if headers else {},
+        )
+    except ValueError:
+        return None
+    return _checked(envelope) if headers else envelope
+
+
+def _checked(envelope: Envelope) -> Envelope:
+    if not _string_map(envelope.headers):
         raise SerializationError(
             f"malformed envelope headers {envelope.headers!r}: expected a JSON object of strings"
         )

@@ -56,7 +56,8 @@ maps onto JetStream:
 * ``request`` sets ``reply_to`` to an inbox of this transport instance, on core NATS;
   ``reply`` is a core NATS publish there (not durable: a reply nobody waits for is
   dropped). A request without a key is published on core NATS to ``<ns>.r.<address>``
-  (no stream holds it; ``r`` is no ``m`` nor ``k``), with the envelope's headers and a
+  (no stream holds it; ``r`` is no ``m`` nor ``k``; the envelope's fields as a JSON line
+  before the payload, no NATS headers: see ``_framed``), with a
   NATS reply subject of its own: a group's first ``receive`` subscribes there, in a
   queue group named after its consumer, so that one instance of each group gets it, and
   ``receive`` hands it out with the rest (attempt 1). When nobody listens, the server
@@ -1023,11 +1024,10 @@ class NatsTransport:
         nc = self._client()
         subject = self.request_subject(address)
         self._unheard[token] = (address, envelope)
-        headers = {MSG_ID: f"{address}:{envelope.id}", ENVELOPE: _fields(envelope)}
-        async with self._translate("publish request"):
-            await nc.publish(
-                subject, envelope.payload, reply=f"{self._ask_inbox}.{token}", headers=headers
-            )
+        try:
+            await nc.publish(subject, _framed(envelope), reply=f"{self._ask_inbox}.{token}")
+        except (NatsError, OSError, TimeoutError) as exc:
+            raise self._error("publish request", exc) from exc
 
     async def _on_unheard(self, message: Msg) -> None:
         """The server's "no responders" to a core request: into the stream with it."""
@@ -1101,7 +1101,7 @@ class NatsTransport:
         message = request.message
         headers = message.headers or {}
         try:
-            envelope = _envelope(headers, message.data)
+            envelope = _unframed(message)
         except SerializationError as exc:
             logger.error(
                 "iambus: a request on %s is no envelope; dead-lettered: %s", state.address, exc
@@ -1121,10 +1121,16 @@ class NatsTransport:
     async def _hand_over(self, state: _Group, request: _Asked) -> None:
         """Put a core request into the stream: the group's consumer delivers it from there."""
         message = request.message
-        headers = dict(message.headers or {})
-        headers.setdefault(MSG_ID, f"{state.address}:r:{message.sid}:{time.time_ns()}")
         try:
-            if not await self._store(self.subject(state.address), message.data, headers):
+            envelope = _unframed(message)
+        except SerializationError:  # stored as it came: the consumer dead-letters it
+            data, headers = message.data, dict(message.headers or {})
+            headers.setdefault(MSG_ID, f"{state.address}:r:{message.sid}:{time.time_ns()}")
+        else:
+            data = envelope.payload
+            headers = {MSG_ID: f"{state.address}:{envelope.id}", ENVELOPE: _fields(envelope)}
+        try:
+            if not await self._store(self.subject(state.address), data, headers):
                 logger.warning("iambus: no stream to hand a request on %s to", state.address)
         except (TransportError, ImproperlyConfigured) as exc:  # the requester times out
             logger.warning("iambus: could not hand a request on %s over: %s", state.address, exc)
@@ -1144,12 +1150,14 @@ class NatsTransport:
 
     async def reply(self, to: str, envelope: Envelope) -> None:
         nc = self._client()
-        async with self._translate("publish reply"):
-            await nc.publish(to, envelope.payload, headers={ENVELOPE: _fields(envelope)})
+        try:
+            await nc.publish(to, _framed(envelope))
+        except (NatsError, OSError, TimeoutError) as exc:
+            raise self._error("publish reply", exc) from exc
 
     async def _on_reply(self, message: Msg) -> None:
         try:
-            answer = _envelope(message.headers or {}, message.data)
+            answer = _unframed(message)
         except SerializationError as exc:
             logger.warning("iambus: a reply on %s is no envelope: %s", self.url, exc)
             return
@@ -1250,7 +1258,10 @@ class NatsTransport:
         try:
             yield
         except (NatsError, OSError, TimeoutError) as exc:
-            raise TransportError(f"{self.url}: {what} failed: {_describe(exc)}") from exc
+            raise self._error(what, exc) from exc
+
+    def _error(self, what: str, exc: BaseException) -> TransportError:
+        return TransportError(f"{self.url}: {what} failed: {_describe(exc)}")
 
     async def _on_error(self, exc: Exception) -> None:
         logger.warning("iambus: NATS connection %s: %r", self.url, exc)
@@ -1348,12 +1359,38 @@ def _envelope(headers: dict[str, str], payload: bytes) -> Envelope:
     raw = headers.get(ENVELOPE)
     if raw is None:
         raise SerializationError(f"no {ENVELOPE} header; headers: {headers!r}")
+    return _from_json(raw, payload, f"{ENVELOPE} header")
+
+
+def _framed(envelope: Envelope) -> bytes:
+    """A core request or reply: the envelope's fields as one JSON line, then its payload.
+
+    In the body rather than in a header: nats-py writes and parses headers in Python,
+    which is most of what a round trip costs beyond the client's own work. (The stream
+    keeps headers: they let a message be read without its payload.)"""
+    return b"%s\n%s" % (_fields(envelope).encode(), envelope.payload)
+
+
+def _unframed(message: Msg) -> Envelope:
+    """The envelope of a core request or reply (a header-style one is read too)."""
+    if message.headers and ENVELOPE in message.headers:
+        return _envelope(message.headers, message.data)
+    line, newline, payload = message.data.partition(b"\n")
+    if not newline:
+        raise SerializationError(
+            f"no envelope: neither a JSON line before the payload nor an {ENVELOPE} header "
+            f"(body {message.data[:80]!r})"
+        )
+    return _from_json(line, payload, "envelope line")
+
+
+def _from_json(raw: str | bytes, payload: bytes, what: str) -> Envelope:
     try:
         fields = json.loads(raw)
     except ValueError as exc:
-        raise SerializationError(f"malformed {ENVELOPE} header {raw!r}: {exc}") from exc
+        raise SerializationError(f"malformed {what} {raw!r}: {exc}") from exc
     if not isinstance(fields, dict):
-        raise SerializationError(f"malformed {ENVELOPE} header {raw!r}: not a JSON object")
+        raise SerializationError(f"malformed {what} {raw!r}: not a JSON object")
     fields["payload"] = payload
     return Envelope.from_fields(fields)
 
