@@ -375,8 +375,9 @@ def main() -> int:
         "--amqp-queue",
         choices=["classic", "quorum"],
         default="classic",
-        help="RabbitMQ queue type of the raw and FastStream runs (default classic; iambus "
-        "always declares quorum queues)",
+        help="RabbitMQ queue type of every run: raw and FastStream declare such queues, "
+        "iambus gets ?queue_type= (default classic, as aio-pika and FastStream declare "
+        "by default; iambus's own default is quorum)",
     )
     urls = {
         "redis": ("--url", "redis_url"),

@@ -67,7 +67,7 @@ VERIFIED = (
 class Ctx:
     url: str
     suffix: str
-    queue_type: str  # raw and faststream queues: "classic" or "quorum"
+    queue_type: str  # every column's queues: "classic" or "quorum" (iambus: ?queue_type=)
     connection: Any  # aio_pika connection of the harness' checks and clean-up
     channel: Any
     ctl: list[str]
@@ -84,7 +84,8 @@ class Ctx:
         return f"bench-{self.suffix}-{what}{self._counter}"
 
     def iambus_url(self, namespace: str) -> str:
-        return f"{self.url}{'&' if '?' in self.url else '?'}namespace={namespace}"
+        joint = "&" if "?" in self.url else "?"
+        return f"{self.url}{joint}namespace={namespace}&queue_type={self.queue_type}"
 
     @property
     def queue_arguments(self) -> dict[str, Any] | None:
@@ -211,8 +212,8 @@ async def environment(ctx: Ctx) -> list[str]:
         f"- {server} at {_redact(ctx.url)}; aio-pika {version('aio-pika')}, "
         f"aiormq {version('aiormq')}, pamqp {version('pamqp')} (raw, faststream and iambus "
         "all drive aio-pika)",
-        f"- raw and faststream queues: durable {ctx.queue_type} queues "
-        "(iambus declares quorum queues for its groups)",
+        f"- queues: durable {ctx.queue_type} queues in every column (iambus: "
+        f"`?queue_type={ctx.queue_type}` for its groups' queues; its own default is quorum)",
     ]
 
 

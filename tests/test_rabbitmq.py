@@ -1032,3 +1032,72 @@ async def test_an_unreadable_dead_letter_record_is_skipped_and_logged(
     assert "a record in the dead-letter stream is unreadable" in caplog.text
     assert await transport.purge() == 1
     assert await transport.dead_letters() == []
+
+
+# -- queue_type: classic queues for groups -------------------------------------------
+
+
+def test_queue_type_comes_from_the_constructor_or_the_url() -> None:
+    assert RabbitMQTransport(URL).queue_type == "quorum"
+    from_url = RabbitMQTransport(f"{URL}?queue_type=classic&namespace=shop")
+    assert (from_url.queue_type, from_url.namespace) == ("classic", "shop")
+    assert "queue_type" not in from_url._driver_url  # not a driver option
+    assert RabbitMQTransport(f"{URL}?queue_type=classic", queue_type="quorum").queue_type == (
+        "quorum"
+    )
+    with pytest.raises(ImproperlyConfigured, match=r"'quorum'.*'classic'.*not 'stream'"):
+        RabbitMQTransport(f"{URL}?queue_type=stream")
+
+
+async def test_a_group_declared_with_another_queue_type_is_a_clear_error(
+    transport: RabbitMQTransport,
+) -> None:
+    await transport.declare("a", "g", from_start=False)
+    other = RabbitMQTransport(URL, namespace=transport.namespace, queue_type="classic")
+    await other.open()
+    try:
+        with pytest.raises(ImproperlyConfigured, match=r"exists with other arguments.*classic"):
+            await other.declare("a", "g", from_start=False)
+        await other.declare("a", "other", from_start=False)  # the transport works on
+        await other.send("a", _ping(1))
+        [delivery] = await _take(other, 1, group="other")
+        await delivery.ack()
+    finally:
+        await other.destroy()
+        await other.close()
+
+
+async def test_a_classic_group_counts_every_lost_delivery_as_an_attempt() -> None:
+    # A classic queue only flags a redelivery: each one is replaced by a copy carrying
+    # attempt + 1, so that a message killing its workers still reaches its last attempt.
+    require("rabbitmq")
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    made: list[RabbitMQTransport] = []
+
+    def instance() -> RabbitMQTransport:
+        made.append(RabbitMQTransport(URL, namespace=namespace, queue_type="classic"))
+        return made[-1]
+
+    try:
+        first = instance()
+        await first.open()
+        await first.declare("a", "g", from_start=False)
+        await first.send("a", _ping(1))
+        attempts = []
+        for _ in range(3):
+            crashing = instance()
+            await crashing.open()
+            [delivery] = await _take(crashing, 1)
+            attempts.append(delivery.attempt)
+            await crashing.close()  # handed out, never settled: the broker requeues it
+        [last] = await _take(first, 1)
+        attempts.append(last.attempt)
+        await last.ack()
+        assert attempts == [1, 2, 3, 4]
+        assert await first.receive("a", "g", consumer="c", limit=1, wait=0.3) == []
+    finally:
+        cleaner = instance()
+        await cleaner.open()
+        await cleaner.destroy()
+        for transport in made:
+            await transport.close()

@@ -13,7 +13,7 @@ from iambus.transports.memory import MemoryTransport
 from .conftest import require
 
 
-@pytest.fixture(params=["memory", "redis", "rabbitmq", "nats"])
+@pytest.fixture(params=["memory", "redis", "rabbitmq", "rabbitmq-classic", "nats"])
 async def transport(request: pytest.FixtureRequest) -> AsyncIterator[Transport]:
     if request.param == "memory":
         made: Transport = connect("memory://", claim_after=0.3)
@@ -24,10 +24,13 @@ async def transport(request: pytest.FixtureRequest) -> AsyncIterator[Transport]:
             f"nats://127.0.0.1:4222?namespace=test-{uuid.uuid4().hex[:8]}",
             claim_after=1.0,
         )
-    elif request.param == "rabbitmq":
+    elif request.param.startswith("rabbitmq"):
         require("rabbitmq")
+        # rabbitmq-classic: the groups' queues are classic queues (queue_type=classic)
+        queue_type = "classic" if request.param == "rabbitmq-classic" else "quorum"
         made = connect(
-            f"amqp://guest:guest@127.0.0.1:5672/?namespace=test-{uuid.uuid4().hex[:8]}",
+            f"amqp://guest:guest@127.0.0.1:5672/?namespace=test-{uuid.uuid4().hex[:8]}"
+            f"&queue_type={queue_type}",
             # RabbitMQ recycles a consumer that settled nothing for claim_after: on a
             # loaded machine 0.3 s can pass between a check's receive and its ack.
             claim_after=1.0,
@@ -41,7 +44,7 @@ async def transport(request: pytest.FixtureRequest) -> AsyncIterator[Transport]:
         )
     await made.open()
     yield made
-    if request.param in ("redis", "rabbitmq", "nats"):
+    if request.param != "memory":
         await made.destroy()  # type: ignore[attr-defined]
     await made.close()
 

@@ -5,7 +5,8 @@ queue name starts with the namespace (default ``iambus``). How the seam maps ont
 
 * ``send`` publishes a persistent message to the topic exchange ``<ns>`` with the
   address as routing key, and waits for the publisher confirm;
-* a group is a durable *quorum* queue ``<ns>.<address>@<group>``, bound to ``<ns>`` by
+* a group is a durable *quorum* queue (``queue_type="classic"``: a classic one)
+  ``<ns>.<address>@<group>``, bound to ``<ns>`` by
   the address and to the direct exchange ``<ns>.direct`` by its own name — the key that
   retries and replays use, so that they reach that group only;
 * an address no group is bound to yet: ``<ns>`` has the alternate exchange
@@ -15,7 +16,9 @@ queue name starts with the namespace (default ``iambus``). How the seam maps ont
 * ``receive`` reads from one consumer (its own channel, with a prefetch of ``prefetch``
   or else the first ``limit`` asked for) per (address, group, consumer name);
 * the attempt is ``x-iambus-attempt`` (1 when absent) plus the quorum queue's own
-  ``x-delivery-count``: a message whose consumer died unacked counts as a further attempt;
+  ``x-delivery-count``: a message whose consumer died unacked counts as a further attempt
+  (a classic queue only flags a redelivery: such a message is replaced by a copy with
+  attempt + 1, at the back of the queue);
 * ``retry(delay)`` publishes a copy, its attempt header incremented, to a delay queue
   ``<ns>.delay.<ms>`` (a per-queue TTL, dead-lettered to ``<ns>.direct`` under
   the group's name), waits for the confirm, then acks the original: a crash in
@@ -130,6 +133,7 @@ _PLAIN = frozenset(string.ascii_letters + string.digits + "-_.#,/+ ")
 MAX_HEADER_TEXT = 16_000  # an AMQP header frame must fit in one frame (128 KiB)
 MAX_NAME = 255  # bytes in an AMQP short string: queue and exchange names, routing keys
 MAX_NAMESPACE = 200  # it starts every exchange name: room for the longest suffix
+QUEUE_TYPES = ("quorum", "classic")  # of a group's queue: the queue_type option
 LANE_ARGUMENTS: dict[str, Any] = {"x-single-active-consumer": True, "x-max-priority": 1}
 FIRST = 1  # the priority of a lane copy that must come before everything queued
 DECLARERS = 4  # channels that declare a group's partition queues side by side
@@ -171,10 +175,18 @@ class RabbitMQTransport:
         timeout: float = 10.0,
         reconnect_interval: float = 1.0,
         partitions: int | None = None,
+        queue_type: str | None = None,
     ) -> None:
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
         in_url = query.pop("namespace", None)
+        self.queue_type = queue_type or query.pop("queue_type", None) or "quorum"
+        query.pop("queue_type", None)
+        if self.queue_type not in QUEUE_TYPES:
+            raise ImproperlyConfigured(
+                f"queue_type is 'quorum' (the default: replicated, counts deliveries) or "
+                f"'classic' (one node, lower latency), not {self.queue_type!r}"
+            )
         self.namespace = namespace or in_url or "iambus"
         if not set(self.namespace) <= _PLAIN:
             raise ImproperlyConfigured(
@@ -404,8 +416,20 @@ class RabbitMQTransport:
         ch = await self._ready(self._admin)
         name = self._queue(address, group)
         route = _shorten(address, MAX_NAME)
+        try:
+            async with self._translate(f"declare {name}"):
+                arguments: dict[str, Any] = {"x-queue-type": self.queue_type}
+                await ch.queue_declare(name, durable=True, arguments=arguments)
+        except TransportError as exc:
+            if isinstance(exc.__cause__, aiormq.exceptions.ChannelPreconditionFailed):
+                raise ImproperlyConfigured(
+                    f"{self.url}: the queue {name!r} exists with other arguments than "
+                    f"queue_type={self.queue_type!r} gives it ({exc.__cause__}); every "
+                    f"process of a namespace must use the same queue_type (a queue's type "
+                    f"never changes: drain and delete the queue to switch)"
+                ) from exc.__cause__
+            raise
         async with self._translate(f"declare {name}"):
-            await ch.queue_declare(name, durable=True, arguments={"x-queue-type": "quorum"})
             await ch.queue_bind(name, self.namespace, routing_key=route)
             await ch.queue_bind(name, self._direct, routing_key=self._queue(address, group))
         self._declared.add(name)
@@ -718,6 +742,12 @@ class RabbitMQTransport:
         elif "x-delivery-count" in headers:  # the quorum queue had it out before
             returned = _returned(state.queue, message)
             attempt += int(headers["x-delivery-count"]) - self._unhanded.get(returned, 0)
+        elif _redelivered(message) and not self._unhanded.pop(_returned(state.queue, message), 0):
+            # A classic queue says "again", not how often: counted by a copy with attempt
+            # + 1 (at the back: the group's queue keeps no order), so that a message that
+            # kills its workers ends up dead-lettered instead of looping.
+            await self._pass_on(message, state.queue, attempt + 1)
+            return None
         try:
             envelope = _envelope(properties, message.body)
         except SerializationError as exc:
@@ -764,6 +794,7 @@ class RabbitMQTransport:
     ) -> None:
         """A copy of ``message`` with ``attempt`` at the head of its partition queue
         (confirmed), then ``message`` acked: a crash in between duplicates, never reorders.
+        (To a group's classic queue, ``lane`` being its name: at its back.)
 
         A hand-back copy leaves ``message`` unacked: its channel is closing, and acking
         would only bring the copy to it. The original comes back behind the copy, and is
@@ -1001,7 +1032,10 @@ class RabbitMQTransport:
                         continue
                     headers = dict(message.header.properties.headers or {})
                     given_back = self._unhanded.pop(_returned(state.queue, message), 0)
-                    headers[H_ATTEMPT] = _attempt(headers) - given_back
+                    if "x-delivery-count" in headers or not _redelivered(message):
+                        headers[H_ATTEMPT] = _attempt(headers) - given_back
+                    else:  # a classic queue's "again": one return, counted unless ours
+                        headers[H_ATTEMPT] = _attempt(headers) + (0 if given_back else 1)
                     headers.pop("x-delivery-count", None)
                     message.header.properties.headers = headers
                     await self._publish_raw(
@@ -1180,8 +1214,15 @@ class RabbitMQTransport:
             raise TransportError(f"{self.url} is not open; await transport.open() first")
         async with self._translate("wait for the connection"):
             async with asyncio.timeout(self.timeout):
-                await channel.ready()
-            return await channel.get_underlay_channel()
+                while True:
+                    await channel.ready()
+                    underlay = await channel.get_underlay_channel()
+                    if not underlay.is_closed:
+                        return underlay
+                    # Closed by the broker a moment ago (a channel error, such as a
+                    # declare with other arguments): aio-pika reopens it from a callback
+                    # that has not run yet.
+                    await asyncio.sleep(0.005)
 
     @contextlib.asynccontextmanager
     async def _translate(self, what: str) -> AsyncIterator[None]:
