@@ -387,7 +387,30 @@ async def test_a_keyed_envelope_is_stored_on_its_partition_subject(
     await transport.send("a", Envelope(name="Ping", payload=b"1", key="order-7"))
     subject = transport.keyed_subject("a", partition("order-7", transport.partitions))
     stored = await transport._jetstream().get_last_msg(transport.stream, subject)
-    assert stored.data == b"1"
+    line, _, payload = stored.data.partition(b"\n")
+    assert (json.loads(line)["key"], payload) == ("order-7", b"1")
+
+
+async def test_a_stored_message_is_its_envelope_framed_in_the_body_with_one_header(
+    transport: NatsTransport,
+) -> None:
+    sent = Envelope(name="Ping", payload=b"two\nlines", headers={"h": "v"}, correlation_id="c")
+    await transport.declare("a", "g", from_start=True)
+    await transport.send("a", sent)
+    stored = await transport._jetstream().get_last_msg(transport.stream, transport.subject("a"))
+    assert stored.headers == {"Nats-Msg-Id": f"a:{sent.id}"}
+    line, _, payload = stored.data.partition(b"\n")
+    assert (json.loads(line)["corr"], payload) == ("c", b"two\nlines")
+    # As iambus stored them before: the payload alone, the fields in a header.
+    old = Envelope(name="Ping", payload=b"old")
+    fields = {k: v for k, v in old.to_fields().items() if k != "payload"}
+    await transport._jetstream().publish(
+        transport.subject("a"), old.payload, headers={"Iambus-Envelope": json.dumps(fields)}
+    )
+    got = await _receive(transport, 2)
+    assert [d.envelope for d in got] == [sent, old]
+    for delivery in got:
+        await delivery.ack()
 
 
 async def test_destroy_deletes_the_streams_and_every_consumer_declare_made() -> None:
