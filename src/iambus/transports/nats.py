@@ -57,10 +57,10 @@ maps onto JetStream:
 * ``request`` sets ``reply_to`` to an inbox of this transport instance, on core NATS;
   ``reply`` is a core NATS publish there (not durable: a reply nobody waits for is
   dropped). A request without a key is published on core NATS to ``<ns>.r.<address>``
-  (no stream holds it; ``r`` is no ``m`` nor ``k``), framed the same way without
-  headers, with a NATS reply subject of its own: a group's first ``receive`` subscribes there, in a
-  queue group named after its consumer, so that one instance of each group gets it, and
-  ``receive`` hands it out with the rest (attempt 1). When nobody listens, the server
+  (no stream holds it; ``r`` is no ``m`` nor ``k``), framed the same way and without
+  headers, with a NATS reply subject of its own: a group's first ``receive`` subscribes
+  there, in a queue group named after its consumer, so that one instance of each group
+  gets it, and ``receive`` hands it out with the rest (attempt 1). When nobody listens, the server
   answers "no responders" (503) on that reply subject and the request goes into the
   stream as a send (so the owner's durable consumer gets it, even if it starts later);
   a keyed request always does (its partition's order). Such a delivery's ``ack`` does
