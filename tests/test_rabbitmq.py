@@ -1078,9 +1078,9 @@ async def test_a_classic_group_counts_every_lost_delivery_as_an_attempt() -> Non
         made.append(RabbitMQTransport(URL, namespace=namespace, queue_type="classic"))
         return made[-1]
 
+    first = instance()
+    await first.open()
     try:
-        first = instance()
-        await first.open()
         await first.declare("a", "g", from_start=False)
         await first.send("a", _ping(1))
         attempts = []
@@ -1096,8 +1096,6 @@ async def test_a_classic_group_counts_every_lost_delivery_as_an_attempt() -> Non
         assert attempts == [1, 2, 3, 4]
         assert await first.receive("a", "g", consumer="c", limit=1, wait=0.3) == []
     finally:
-        cleaner = instance()
-        await cleaner.open()
-        await cleaner.destroy()
+        await first.destroy()  # what it declared: the group's queues
         for transport in made:
             await transport.close()
