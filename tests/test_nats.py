@@ -9,6 +9,7 @@ that restarting it disturbs no one else; it stops that server before it ends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import shutil
@@ -51,6 +52,23 @@ async def transport() -> AsyncIterator[NatsTransport]:
 
 def _ping(n: int) -> Envelope:
     return Envelope(name="Ping", payload=str(n).encode())
+
+
+@contextlib.asynccontextmanager
+async def _two(*, claim_after: float) -> AsyncIterator[tuple[NatsTransport, NatsTransport]]:
+    """Two open transports on one fresh namespace (two processes); deleted and closed after."""
+    require("nats")
+    namespace = f"test-{uuid.uuid4().hex[:10]}"
+    first = NatsTransport(NATS, namespace=namespace, claim_after=claim_after)
+    second = NatsTransport(NATS, namespace=namespace, claim_after=claim_after)
+    await first.open()
+    await second.open()
+    try:
+        yield first, second
+    finally:
+        await second.destroy()  # the first may be closed by then: a test of closing
+        for transport in (first, second):
+            await transport.close()
 
 
 async def _receive(
@@ -458,14 +476,8 @@ async def test_a_pull_stays_waiting_from_one_receive_to_the_next(
 
 
 async def test_a_cancelled_receive_strands_nothing() -> None:
-    require("nats")
-    namespace = f"test-{uuid.uuid4().hex[:10]}"
     # claim_after is long: what a stopped worker's pulls caught must come back at once.
-    stopping = NatsTransport(NATS, namespace=namespace, claim_after=30)
-    other = NatsTransport(NATS, namespace=namespace, claim_after=30)
-    await stopping.open()
-    await other.open()
-    try:
+    async with _two(claim_after=30) as (stopping, other):
         await stopping.declare("a", "g", from_start=False)
         waiting = asyncio.create_task(stopping.receive("a", "g", consumer="w", limit=10, wait=5))
         await asyncio.sleep(0.3)  # its pulls are waiting on the server
@@ -485,10 +497,6 @@ async def test_a_cancelled_receive_strands_nothing() -> None:
         await stopping.send("a", _ping(9))
         [late] = await _receive_any(stopping, other)
         assert late.envelope.payload == b"9"
-    finally:
-        await stopping.destroy()
-        for transport in (stopping, other):
-            await transport.close()
 
 
 async def _receive_any(*transports: NatsTransport) -> list[Delivery]:
@@ -502,13 +510,7 @@ async def _receive_any(*transports: NatsTransport) -> list[Delivery]:
 
 
 async def test_what_no_receive_takes_goes_back_after_half_of_claim_after() -> None:
-    require("nats")
-    namespace = f"test-{uuid.uuid4().hex[:10]}"
-    greedy = NatsTransport(NATS, namespace=namespace, claim_after=4)
-    other = NatsTransport(NATS, namespace=namespace, claim_after=4)
-    await greedy.open()
-    await other.open()
-    try:
+    async with _two(claim_after=4) as (greedy, other):
         await greedy.declare("a", "g", from_start=False)
         keys = ["key-0", "key-1", "key-2"]  # three partitions of 16
         for key in keys:
@@ -523,10 +525,6 @@ async def test_what_no_receive_takes_goes_back_after_half_of_claim_after() -> No
         # handed back after claim_after / 2 (2 s), not reclaimed after claim_after (4 s)
         assert 1.5 < time.monotonic() - started < 3.5
         assert {d.attempt for d in got} == {2}  # they were delivered to `greedy` first
-    finally:
-        await greedy.destroy()
-        for transport in (greedy, other):
-            await transport.close()
 
 
 async def test_a_keyed_replay_goes_to_its_group_behind_its_partition() -> None:
@@ -581,13 +579,7 @@ async def test_a_deleted_stream_is_made_again_by_the_next_send(transport: NatsTr
 
 
 async def test_what_a_closed_transport_fetched_and_never_handed_out_goes_back() -> None:
-    require("nats")
-    namespace = f"test-{uuid.uuid4().hex[:10]}"
-    closing = NatsTransport(NATS, namespace=namespace, claim_after=30)
-    other = NatsTransport(NATS, namespace=namespace, claim_after=30)
-    await closing.open()
-    await other.open()
-    try:
+    async with _two(claim_after=30) as (closing, other):
         await closing.declare("a", "g", from_start=False)
         keys = ["key-0", "key-1", "key-2"]  # three partitions of 16
         for key in keys:
@@ -598,9 +590,6 @@ async def test_what_a_closed_transport_fetched_and_never_handed_out_goes_back() 
         assert sorted(d.envelope.payload for d in got) == sorted(
             k.encode() for k in keys if k.encode() != taken.envelope.payload
         )
-    finally:
-        await other.destroy()
-        await other.close()
 
 
 # -- requests over core NATS --------------------------------------------------------
@@ -783,13 +772,7 @@ async def test_a_core_request_with_a_bad_envelope_line_is_dead_lettered_with_the
 
 
 async def test_a_stopped_worker_stops_listening_and_hands_its_requests_to_the_stream() -> None:
-    require("nats")
-    namespace = f"test-{uuid.uuid4().hex[:10]}"
-    stopping = NatsTransport(NATS, namespace=namespace, claim_after=30)
-    other = NatsTransport(NATS, namespace=namespace, claim_after=30)
-    await stopping.open()
-    await other.open()
-    try:
+    async with _two(claim_after=30) as (stopping, other):
         await stopping.declare("a", "g", from_start=True)
         assert await stopping.receive("a", "g", consumer="w", limit=1, wait=0.1) == []
         # Listening, but no receive running: a request waits in its buffer...
@@ -807,20 +790,10 @@ async def test_a_stopped_worker_stops_listening_and_hands_its_requests_to_the_st
         got = await _answer(other, 2)
         assert sorted(d.envelope.payload for d in got) == [b"1", b"2"]
         assert [(await first).payload, (await second).payload] == [b"1", b"2"]
-    finally:
-        await other.destroy()
-        for transport in (stopping, other):
-            await transport.close()
 
 
 async def test_a_closed_transport_hands_its_unread_requests_to_the_stream() -> None:
-    require("nats")
-    namespace = f"test-{uuid.uuid4().hex[:10]}"
-    closing = NatsTransport(NATS, namespace=namespace, claim_after=30)
-    other = NatsTransport(NATS, namespace=namespace, claim_after=30)
-    await closing.open()
-    await other.open()
-    try:
+    async with _two(claim_after=30) as (closing, other):
         await closing.declare("a", "g", from_start=True)
         assert await closing.receive("a", "g", consumer="w", limit=1, wait=0.1) == []
         asking = asyncio.create_task(other.request("a", _ping(5), timeout=10))
@@ -830,9 +803,6 @@ async def test_a_closed_transport_hands_its_unread_requests_to_the_stream() -> N
         [delivery] = await _answer(other, 1)
         assert delivery.envelope.payload == b"5"
         assert (await asking).payload == b"5"
-    finally:
-        await other.destroy()
-        await other.close()
 
 
 async def test_an_undecodable_query_over_core_nats_is_answered_and_dead_lettered() -> None:
