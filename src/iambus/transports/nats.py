@@ -921,15 +921,7 @@ class NatsTransport:
             envelope = _unframed(headers, message.data)
         except SerializationError as exc:
             logger.error("iambus: a message on %s is no envelope; dead-lettered: %s", address, exc)
-            # Parked as a well-formed envelope carrying the raw message, so that listing
-            # the dead letters never trips over it.
-            parked = Envelope(
-                name="?",
-                payload=message.data,
-                content_type="application/x-iambus-raw-message",
-                headers={k: v for k, v in headers.items() if isinstance(v, str)},
-            )
-            failure = Failure("iambus.errors.SerializationError", str(exc), "", entry.attempt)
+            parked, failure = _raw_letter(message, exc, entry.attempt)
             await self._park(address, group, message, parked, failure)
             return None
         return _NatsDelivery(self, address, group, message, envelope, entry.attempt)
@@ -1094,20 +1086,13 @@ class NatsTransport:
     async def _asked_delivery(self, state: _Group, request: _Asked) -> Delivery | None:
         """A delivery of a core request, or None: no envelope (dead-lettered)."""
         message = request.message
-        headers = message.headers or {}
         try:
-            envelope = _unframed(headers, message.data)
+            envelope = _unframed(message.headers, message.data)
         except SerializationError as exc:
             logger.error(
                 "iambus: a request on %s is no envelope; dead-lettered: %s", state.address, exc
             )
-            parked = Envelope(
-                name="?",
-                payload=message.data,
-                content_type="application/x-iambus-raw-message",
-                headers={k: v for k, v in headers.items() if isinstance(v, str)},
-            )
-            failure = Failure("iambus.errors.SerializationError", str(exc), "", request.attempt)
+            parked, failure = _raw_letter(message, exc, request.attempt)
             key = f"dead:{self.durable(state.address, state.group)}:r:{parked.id}"
             await self._bury(key, state.address, state.group, parked, failure)
             return None
@@ -1366,6 +1351,18 @@ def _unframed(headers: dict[str, str] | None, data: bytes) -> Envelope:
             f"body {data[:80]!r}"
         )
     return _from_json(line, payload, "envelope line")
+
+
+def _raw_letter(message: Msg, exc: SerializationError, attempt: int) -> tuple[Envelope, Failure]:
+    """What a message that is no envelope is dead-lettered as: a well-formed envelope
+    carrying the raw body and headers (listing dead letters never trips over it)."""
+    parked = Envelope(
+        name="?",
+        payload=message.data,
+        content_type="application/x-iambus-raw-message",
+        headers={k: v for k, v in (message.headers or {}).items() if isinstance(v, str)},
+    )
+    return parked, Failure("iambus.errors.SerializationError", str(exc), "", attempt)
 
 
 def _from_json(raw: str | bytes, payload: bytes, what: str) -> Envelope:
