@@ -180,8 +180,8 @@ class RabbitMQTransport:
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
         in_url = query.pop("namespace", None)
-        self.queue_type = queue_type or query.pop("queue_type", None) or "quorum"
-        query.pop("queue_type", None)
+        type_in_url = query.pop("queue_type", None)
+        self.queue_type = queue_type or type_in_url or "quorum"
         if self.queue_type not in QUEUE_TYPES:
             raise ImproperlyConfigured(
                 f"queue_type is 'quorum' (the default: replicated, counts deliveries) or "
