@@ -1099,3 +1099,38 @@ async def test_a_classic_group_counts_every_lost_delivery_as_an_attempt() -> Non
         await first.destroy()  # what it declared: the group's queues
         for transport in made:
             await transport.close()
+
+
+async def test_a_classic_group_counts_a_loss_held_unhanded_by_a_retired_consumer() -> None:
+    # A redelivered message still in a retiring consumer's buffer has its loss counted on
+    # the copy that consumer hands back (a quorum queue would count it by itself).
+    require("rabbitmq")
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    holder = RabbitMQTransport(URL, namespace=namespace, queue_type="classic")
+    buffering = RabbitMQTransport(URL, namespace=namespace, queue_type="classic", prefetch=10)
+    after = RabbitMQTransport(URL, namespace=namespace, queue_type="classic")
+    for made in (holder, buffering, after):
+        await made.open()
+    try:
+        await holder.declare("a", "g", from_start=False)
+        for n in range(3):
+            await holder.send("a", _ping(n))
+        [lost] = await _take(holder, 1)  # prefetch 1: only the first
+        [handed] = await _take(buffering, 1)  # the second; the third waits in its buffer
+        await holder.close()  # the first comes back, redelivered, to `buffering`'s buffer
+        state = buffering._consumers[("a", "g", "c")]
+        for _ in range(100):
+            if len(state.inbox) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert [m.body for m, _ in state.inbox] == [b"2", b"0"]
+        await buffering.close()  # retired: the buffer goes back as copies, `handed` requeued
+        got = {d.envelope.payload: d.attempt for d in await _take(after, 3)}
+        assert (lost.envelope.payload, handed.envelope.payload) == (b"0", b"1")
+        assert got == {b"0": 2, b"1": 2, b"2": 1}
+        assert await after.receive("a", "g", consumer="c", limit=1, wait=0.3) == []
+    finally:
+        await holder.open()
+        await holder.destroy()
+        for made in (holder, buffering, after):
+            await made.close()
