@@ -18,16 +18,24 @@ find_python() {
     fi
 }
 
-# make_venv DIR PYTHON EXTRAS: create DIR with PYTHON if needed and install iambus into
-# it in editable mode with EXTRAS (e.g. "[dev]", or "" for none).
+# make_venv DIR PYTHON EXTRAS [latest]: create DIR with PYTHON if needed and install
+# iambus into it in editable mode with EXTRAS (e.g. "[dev]", or "" for none), every
+# dependency at the version constraints.txt pins; with "latest", at the newest release
+# instead (scripts/check --latest).
 make_venv() {
-    local dir=$1 python=$2 extras=$3
+    local dir=$1 python=$2 extras=$3 latest=${4:-}
     if [ ! -x "$dir/bin/python" ]; then
         echo "== creating $dir with $($python --version 2>&1)"
         $python -m venv "$dir"
-        "$dir/bin/python" -m pip install --quiet --upgrade pip
+        "$dir/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
     fi
-    "$dir/bin/python" -m pip install --quiet --disable-pip-version-check -e ".$extras"
+    if [ -n "$latest" ]; then
+        "$dir/bin/python" -m pip install --quiet --disable-pip-version-check \
+            --upgrade --upgrade-strategy eager -e ".$extras"
+    else
+        "$dir/bin/python" -m pip install --quiet --disable-pip-version-check \
+            -c constraints.txt -e ".$extras"
+    fi
 }
 
 default_python() {

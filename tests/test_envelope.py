@@ -1,3 +1,7 @@
+import os
+import random
+import subprocess
+import sys
 import time
 import uuid
 
@@ -15,6 +19,42 @@ def test_ids_are_uuid7_unique_and_time_ordered() -> None:
     millis = [u.int >> 80 for u in parsed]
     assert millis == sorted(millis)
     assert abs(millis[0] / 1000 - time.time()) < 5
+
+
+def _random_bits(envelope_id: str) -> int:
+    return uuid.UUID(envelope_id).int & ((1 << 80) - 1)
+
+
+def test_ids_do_not_follow_a_seed_of_the_global_random() -> None:
+    # Two processes seeding `random` alike (reproducible tests) must not repeat ids: a
+    # broker deduplicating by id (NATS) would drop the second process's messages.
+    random.seed(42)
+    first = [_random_bits(new_id()) for _ in range(5)]
+    random.seed(42)
+    second = [_random_bits(new_id()) for _ in range(5)]
+    assert not set(first) & set(second)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_does_not_repeat_its_parents_ids() -> None:
+    # In a fresh interpreter: forking this one, which may run threads, would warn.
+    script = """
+import os, random, uuid
+from iambus.envelope import new_id
+random.seed(7)
+read, write = os.pipe()
+if os.fork() == 0:
+    os.write(write, new_id().encode())
+    os._exit(0)
+os.close(write)
+child = os.read(read, 100).decode()
+os.wait()
+print(child, new_id())
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=20
+    ).stdout.split()
+    assert _random_bits(out[0]) != _random_bits(out[1])
 
 
 def test_fields_round_trip() -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import os
 import random
 import time
 from collections.abc import Mapping
@@ -40,6 +41,13 @@ current_envelope: contextvars.ContextVar[Envelope | None] = contextvars.ContextV
 )
 
 
+# Envelope ids draw from a generator of their own, seeded from the OS and reseeded in
+# every forked child: a program seeding the global `random` (for reproducible tests,
+# say) must not make two processes produce the same ids, which a broker that
+# deduplicates by id (NATS) would then drop.
+_ids = random.Random(os.urandom(32))
+os.register_at_fork(after_in_child=lambda: _ids.seed(os.urandom(32)))
+
 # One encoder for every envelope: json.dumps with separators builds a new one per call.
 _compact = json.JSONEncoder(separators=(",", ":")).encode
 
@@ -47,8 +55,7 @@ _compact = json.JSONEncoder(separators=(",", ":")).encode
 def new_id() -> str:
     """A UUIDv7: 48 bits of unix milliseconds, then randomness; sorts by creation time."""
     millis = time.time_ns() // 1_000_000
-    # `random` is reseeded in forked children, so worker processes do not repeat ids.
-    value = (millis & (1 << 48) - 1) << 80 | random.getrandbits(80)
+    value = (millis & (1 << 48) - 1) << 80 | _ids.getrandbits(80)
     value = value & ~(0xF << 76) | 0x7 << 76  # version 7
     value = value & ~(0x3 << 62) | 0x2 << 62  # RFC 4122 variant
     h = f"{value:032x}"

@@ -444,9 +444,12 @@ class RedisTransport:
                 ]
         async with self._translate("XADD"), self._client().pipeline(transaction=False) as pipe:
             for stream, fields, pointer in items:
-                pipe.xadd(stream, fields, maxlen=self.max_length, approximate=True)  # type: ignore[arg-type]
+                # Any: redis-py's annotation of the fields mapping changes between releases
+                entry: Any = fields
+                pipe.xadd(stream, entry, maxlen=self.max_length, approximate=True)
                 if pointer is not None:
-                    pipe.xadd(pointer[0], pointer[1], maxlen=self.max_length, approximate=True)  # type: ignore[arg-type]
+                    entry = pointer[1]
+                    pipe.xadd(pointer[0], entry, maxlen=self.max_length, approximate=True)
             results: list[Any] = await pipe.execute()
         if len(results) == len(items):
             return results
@@ -880,7 +883,9 @@ class RedisTransport:
                 await asyncio.sleep(0.5)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    # Any: aclose() is typed only in some redis-py releases
+                    closing: Any = pubsub
+                    await closing.aclose()
 
     # -- dead letters -----------------------------------------------------------------
 
