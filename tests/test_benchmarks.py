@@ -33,3 +33,14 @@ def test_unknown_implementation_is_a_clear_error():
     )
     assert result.returncode == 2
     assert "unknown ['nope']" in result.stderr
+
+
+def test_memory_benchmark_prints_every_row() -> None:
+    script = SCRIPT.parent / "memory.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--n", "2000"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "x |" in line]
+    assert len(rows) == 4, result.stdout
+    assert rows[0].split("|")[3].strip() == "1.00x"
