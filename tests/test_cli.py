@@ -774,3 +774,7 @@ async def test_status_shows_each_group_and_the_live_instances(
 def test_status_cannot_see_another_process_memory(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["status", "--transport", "memory://"]) == 2
     assert "cannot see its workers and queues" in capsys.readouterr().err
+    assert main(["status", "--transport", UNREACHABLE]) == 1
+    err = capsys.readouterr().err
+    assert f"{UNREACHABLE}: connect failed" in err
+    assert "Traceback" not in err

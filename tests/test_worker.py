@@ -21,9 +21,11 @@ from iambus import (
     RequestTimeout,
 )
 from iambus.envelope import Envelope
+from iambus.errors import TransportError
 from iambus.remote import current_envelope
 from iambus.retry import Retry
-from iambus.transports import Registry
+from iambus.transports import Instance, Registry
+from iambus.transports.memory import MemoryTransport
 
 from .conftest import Bus
 
@@ -779,3 +781,28 @@ async def test_a_routed_send_no_live_instance_handles_is_logged_once(
         "event.CardExpired now: a handler that subscribes later gets only the events sent "
         "after it started",
     ]
+
+
+async def test_a_worker_that_cannot_announce_itself_serves_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class NoRegistry(MemoryTransport):
+        async def announce(self, instance: Instance) -> None:
+            raise TransportError("memory://: announce failed: the registry is down")
+
+    transport = NoRegistry()
+    charged: list[int] = []
+    billing = Dispatcher(transport=transport, service="billing", routes=ROUTES)
+
+    @billing.commands.register(ChargeCard)
+    async def charge_card(command: ChargeCard) -> None:
+        charged.append(command.amount)
+
+    with caplog.at_level(logging.WARNING, logger="iambus.worker"):
+        async with billing:
+            await billing.handle(ChargeCard(1, 5))
+            await billing.join()
+    assert charged == [5]
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "iambus.worker"]
+    assert "could not announce it in the registry" in warning
+    assert "the registry is down" in warning

@@ -56,7 +56,8 @@ logger = logging.getLogger(__name__)
 
 Report = Callable[[BaseException, Any, Any], Any]
 RECEIVE_WAIT = 1.0  # seconds one receive may wait: also how long a stop may take to begin
-ANNOUNCE_TIMEOUT = 5.0  # seconds an announcement (or withdrawal) in the registry may take
+ANNOUNCE_TIMEOUT = 5.0  # seconds an announcement in the registry may take
+WITHDRAW_TIMEOUT = 2.0  # seconds a stopping worker's withdrawal may take (from its stop)
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,7 +357,7 @@ class _Presence:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         try:
-            async with asyncio.timeout(ANNOUNCE_TIMEOUT):
+            async with asyncio.timeout(WITHDRAW_TIMEOUT):
                 await self.registry.withdraw(self.instance)
         except Exception as exc:
             logger.warning(
