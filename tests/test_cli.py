@@ -29,7 +29,7 @@ import iambus
 from iambus import Dispatcher
 from iambus.cli import main
 from iambus.envelope import Envelope
-from iambus.transports import DeadLetter, Delivery, Failure, Transport, connect
+from iambus.transports import DeadLetter, Delivery, Failure, Instance, Registry, Transport, connect
 
 from .conftest import require
 from .processes import BROKERS
@@ -702,4 +702,79 @@ def test_dlq_needs_a_reachable_broker(
     assert main(["dlq", "list", "--transport", url]) == status
     err = capsys.readouterr().err
     assert message in err
+    assert "Traceback" not in err
+
+
+# -- status -----------------------------------------------------------------------------
+
+
+async def test_status_shows_each_group_and_the_live_instances(
+    dlq: Broker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await asyncio.to_thread(park, dlq, ping(1))  # a dead letter of GROUP
+    other = f"event.Shipped{uuid.uuid4().hex[:6]}"
+    transport = connect(dlq.url)
+    await transport.open()
+    try:
+        assert isinstance(transport, Registry)
+        await transport.declare(other, "billing.app.ship", from_start=False)
+        me = Instance(
+            "billing",
+            f"here-{os.getpid()}-status",
+            "here",
+            os.getpid(),
+            time.time() - 90,
+            ((ADDRESS, GROUP), (other, "billing.app.ship")),
+        )
+        await transport.announce(me)
+        for n in range(3):  # nobody consumes them
+            await transport.send(other, ping(n))
+        # The command runs its own event loop: in a thread, while this one holds `me`
+        # live (RabbitMQ: as long as this connection lives).
+        assert await asyncio.to_thread(main, ["status", "--transport", dlq.url]) == 0
+        out = capsys.readouterr().out
+        groups, instances = out.split("\n\n")
+        rows = [line.split() for line in groups.splitlines()]
+        assert rows[0] == [
+            "SERVICE", "GROUP", "ADDRESS", "INSTANCES", "WAITING", "IN", "FLIGHT", "RETRYING",
+            "DEAD",
+        ]  # fmt: skip
+        by_address = {row[2]: row for row in rows[1:]}
+        assert by_address[ADDRESS][:5] == ["billing", GROUP, ADDRESS, "1", "0"]
+        assert by_address[ADDRESS][-1] == "1"  # the dead letter
+        assert by_address[other][:5] == ["billing", "billing.app.ship", other, "1", "3"]
+        assert by_address[other][-1] == "0"
+        [header, row] = [line.split() for line in instances.splitlines()]
+        assert header == ["INSTANCE", "SERVICE", "HOST", "PID", "UP"]
+        assert row == [me.id, "billing", "here", str(os.getpid()), "1m"]
+
+        assert await asyncio.to_thread(main, ["status", "--transport", dlq.url, "--json"]) == 0
+        found = json.loads(capsys.readouterr().out)
+        [shipping] = [g for g in found["groups"] if g["address"] == other]
+        assert shipping == {
+            "service": "billing",
+            "group": "billing.app.ship",
+            "address": other,
+            "instances": [me.id],
+            "waiting": 3,
+            "in_flight": shipping["in_flight"],  # RabbitMQ cannot tell (None)
+            "retrying": shipping["retrying"],
+            "dead": 0,
+        }
+        assert shipping["in_flight"] in (0, None)
+        assert [i["id"] for i in found["instances"]] == [me.id]
+        await transport.withdraw(me)
+        assert await asyncio.to_thread(main, ["status", "--transport", dlq.url]) == 0
+        assert capsys.readouterr().out.endswith("\n\nno live instances\n")
+    finally:
+        await transport.destroy()  # type: ignore[attr-defined]  # RabbitMQ: what it declared
+        await transport.close()
+
+
+def test_status_cannot_see_another_process_memory(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", "--transport", "memory://"]) == 2
+    assert "cannot see its workers and queues" in capsys.readouterr().err
+    assert main(["status", "--transport", UNREACHABLE]) == 1
+    err = capsys.readouterr().err
+    assert f"{UNREACHABLE}: connect failed" in err
     assert "Traceback" not in err

@@ -646,3 +646,31 @@ async def test_redis_every_send_of_a_failed_batch_fails_and_later_sends_flow() -
         while len(got) < 6 and time.monotonic() < deadline:
             got += await made.receive("a", "g", consumer="c", limit=10, wait=0.2)
         assert sorted(number(d) for d in got) == list(range(6))
+
+
+async def test_backlog_counts_a_keyed_message_once_not_with_its_pointer(
+    services: Services,
+) -> None:
+    from iambus.envelope import Envelope
+    from iambus.transports.redis import RedisTransport
+
+    transport = RedisTransport(services.url)
+    await transport.open()
+    try:
+        await transport.declare(EVENTS, "billing.charge", from_start=False)
+        for n in range(4):  # two keyed: each is its partition's entry plus a pointer
+            key = f"order-{n}" if n % 2 else None
+            await transport.send(EVENTS, Envelope(name="OrderPlaced", payload=b"{}", key=key))
+        backlog = await transport.backlog(EVENTS, "billing.charge")
+        assert (backlog.waiting, backlog.in_flight, backlog.retrying) == (4, 0, 0)
+        deliveries = await transport.receive(
+            EVENTS, "billing.charge", consumer="c", limit=10, wait=1
+        )
+        assert len(deliveries) == 4  # the pointers were read: the keyed entries taken
+        backlog = await transport.backlog(EVENTS, "billing.charge")
+        assert (backlog.waiting, backlog.in_flight, backlog.retrying) == (0, 4, 0)
+        await deliveries[0].retry(30)
+        backlog = await transport.backlog(EVENTS, "billing.charge")
+        assert (backlog.waiting, backlog.in_flight, backlog.retrying) == (0, 3, 1)
+    finally:
+        await transport.close()

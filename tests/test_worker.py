@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -19,8 +21,11 @@ from iambus import (
     RequestTimeout,
 )
 from iambus.envelope import Envelope
+from iambus.errors import TransportError
 from iambus.remote import current_envelope
 from iambus.retry import Retry
+from iambus.transports import Instance, Registry
+from iambus.transports.memory import MemoryTransport
 
 from .conftest import Bus
 
@@ -657,3 +662,147 @@ async def test_a_key_is_handled_in_order_across_instances_through_retries(
         assert seen[flight] == list(range(per_flight)), f"{flight}: {seen[flight]}"
     assert len(failed_once) == len(flights)
     assert overlaps > 0, "different keys must be handled in parallel"
+
+
+# -- the registry: who runs, and what a sender is told --------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GetRefund(Query[str]):
+    order_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class RefundCard(Command[None]):
+    order_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class CardExpired:
+    order_id: int
+
+
+REGISTRY_ROUTES: dict[type | str, str] = {
+    **ROUTES,
+    GetRefund: "billing",
+    RefundCard: "billing",
+    CardExpired: "billing",
+}
+
+
+def billing_service(bus: Bus) -> Dispatcher:
+    """Billing as deployed: it handles ChargeCard and GetInvoice, not the refunds."""
+    billing = Dispatcher(
+        transport=bus.transport(), service="billing", routes=REGISTRY_ROUTES, retry=FAST
+    )
+
+    @billing.commands.register(ChargeCard)
+    async def charge_card(command: ChargeCard) -> None:
+        pass
+
+    @billing.queries.register(GetInvoice)
+    async def get_invoice(query: GetInvoice) -> str:
+        return "INV"
+
+    return billing
+
+
+async def test_a_running_worker_is_in_the_registry_until_it_stops(bus: Bus) -> None:
+    billing = billing_service(bus)
+    watcher = bus.transport()
+    await watcher.open()
+    try:
+        assert isinstance(watcher, Registry)
+        async with billing:
+            [instance] = [i for i in await watcher.instances() if i.service == "billing"]
+            assert set(instance.consumes) == {
+                ("command.ChargeCard", "billing"),
+                ("query.GetInvoice", "billing"),
+            }
+            assert instance.handles("query.GetInvoice")
+            assert not instance.handles("query.GetRefund")
+            assert instance.pid == os.getpid()
+            assert instance.started <= time.time()
+        assert [i for i in await watcher.instances() if i.service == "billing"] == []
+        known = await watcher.groups()
+        assert known[("command.ChargeCard", "billing")] == "billing"  # known after it stopped
+    finally:
+        await watcher.close()
+
+
+async def test_a_query_timeout_says_whether_its_owner_runs_and_what_it_handles(
+    bus: Bus,
+) -> None:
+    orders = Dispatcher(transport=bus.transport(), service="orders", routes=REGISTRY_ROUTES)
+    with pytest.raises(
+        RequestTimeout,
+        match=r"no answer to GetRefund from service 'billing' within 0\.3s; "
+        r"no live instance of service 'billing' is running",
+    ):
+        await orders.query(GetRefund(1), timeout=0.3)
+    async with billing_service(bus):
+        with pytest.raises(
+            RequestTimeout,
+            match=r"service 'billing' runs \(1 live instance\) but none of them handles "
+            r"query\.GetRefund \(it handles: command\.ChargeCard, query\.GetInvoice\)",
+        ):
+            await orders.query(GetRefund(1), timeout=0.3)
+    await orders.stop()
+
+
+async def test_a_routed_send_no_live_instance_handles_is_logged_once(
+    bus: Bus, caplog: pytest.LogCaptureFixture
+) -> None:
+    orders = Dispatcher(transport=bus.transport(), service="orders", routes=REGISTRY_ROUTES)
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+    async def checked() -> None:  # the look-ups the sends started, in the background
+        assert orders.remote is not None
+        await asyncio.gather(*orders.remote._checks)
+
+    caplog.set_level(logging.WARNING, logger="iambus.remote")
+    async with billing_service(bus):
+        await orders.execute(ChargeCard(1, 5))  # handled: nothing to say
+        await checked()
+        assert warnings() == []
+        await orders.execute(RefundCard(1))
+        await orders.execute(RefundCard(2))
+        await orders.publish(CardExpired(1))
+        await checked()
+    await orders.stop()
+    assert sorted(warnings()) == [
+        "iambus: sent command.RefundCard to service 'billing', where it waits: service "
+        "'billing' runs (1 live instance) but none of them handles command.RefundCard (it "
+        "handles: command.ChargeCard, query.GetInvoice); deploy a version that binds a "
+        "handler for it, or check the routes",
+        "iambus: sent event.CardExpired, but no live instance of any service handles "
+        "event.CardExpired now: a handler that subscribes later gets only the events sent "
+        "after it started",
+    ]
+
+
+async def test_a_worker_that_cannot_announce_itself_serves_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class NoRegistry(MemoryTransport):
+        async def announce(self, instance: Instance) -> None:
+            raise TransportError("memory://: announce failed: the registry is down")
+
+    transport = NoRegistry()
+    charged: list[int] = []
+    billing = Dispatcher(transport=transport, service="billing", routes=ROUTES)
+
+    @billing.commands.register(ChargeCard)
+    async def charge_card(command: ChargeCard) -> None:
+        charged.append(command.amount)
+
+    with caplog.at_level(logging.WARNING, logger="iambus.worker"):
+        async with billing:
+            await billing.handle(ChargeCard(1, 5))
+            await billing.join()
+    assert charged == [5]
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "iambus.worker"]
+    assert "could not announce it in the registry" in warning
+    assert "the registry is down" in warning

@@ -25,6 +25,7 @@ from .messages import Command, Query
 from .middleware import CallNext, Context, Middleware
 from .providers import Factory, Singleton
 from .routers import EventRouter, RequestRouter
+from .status import GroupStatus, Status, status
 
 __version__ = "0.3.0.dev0"
 
@@ -40,6 +41,7 @@ __all__ = [
     "DispatcherStopped",
     "EventRouter",
     "Factory",
+    "GroupStatus",
     "Handler",
     "HandlerAlreadyBound",
     "HandlerDoesNotExist",
@@ -57,8 +59,10 @@ __all__ = [
     "RequestTimeout",
     "SerializationError",
     "Singleton",
+    "Status",
     "TransportError",
     "WouldDeadlock",
     "__version__",
     "dispatcher",
+    "status",
 ]

@@ -1,4 +1,4 @@
-"""The ``iambus`` command: run a worker, tend the dead letters.
+"""The ``iambus`` command: run a worker, tend the dead letters, show what runs and waits.
 
 ::
 
@@ -8,6 +8,7 @@
     iambus dlq show --transport redis://127.0.0.1:6379/0 1764158400123-0
     iambus dlq replay --transport redis://127.0.0.1:6379/0 --all
     iambus dlq purge --transport redis://127.0.0.1:6379/0 --all --yes
+    iambus status --transport redis://127.0.0.1:6379/0
 
 ``main(argv)`` runs it in-process and returns the exit status: 0 on success (a worker
 stopped by SIGINT or SIGTERM included), 1 when the work failed (an unknown dead letter
@@ -37,7 +38,8 @@ from . import __version__
 from .dispatching import Dispatcher
 from .errors import IambusError, ImproperlyConfigured
 from .remote import Remote
-from .transports import DeadLetter, Transport, connect
+from .status import Status, status
+from .transports import DeadLetter, Instance, Transport, connect
 
 __all__ = ["main"]
 
@@ -81,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Run iambus workers and manage dead letters.",
+        description="Run iambus workers, manage dead letters, show what runs and waits.",
         epilog="Run 'iambus COMMAND --help' for the options of a command.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -198,6 +200,20 @@ def _parser() -> argparse.ArgumentParser:
     purge.add_argument("--all", action="store_true", help="delete every dead letter")
     purge.add_argument("-y", "--yes", action="store_true", help="confirm --all")
     purge.set_defaults(command=_dlq_purge)
+
+    state = commands.add_parser(
+        "status",
+        parents=[broker],
+        help="show the live instances and each group's backlog and dead letters",
+        description=(
+            "Per service and group: the live instances consuming it, and how many "
+            "messages wait for it, are in flight (delivered, not yet settled), wait out a "
+            "retry's delay, and are dead letters; '-' where the broker cannot tell (see "
+            "docs/cli.md). Then the live instances."
+        ),
+    )
+    state.add_argument("--json", action="store_true", help="print it as one JSON object")
+    state.set_defaults(command=_status)
     return parser
 
 
@@ -437,6 +453,80 @@ def _dlq_purge(args: argparse.Namespace) -> int:
     return _with_transport(args.transport, work)
 
 
+# -- iambus status ----------------------------------------------------------------------
+
+
+def _status(args: argparse.Namespace) -> int:
+    async def work(transport: Transport) -> int:
+        found = await status(transport)
+        print(json.dumps(_status_json(found)) if args.json else _status_table(found))
+        return 0
+
+    return _with_transport(args.transport, work, what="its workers and queues")
+
+
+def _status_table(found: Status) -> str:
+    if not found.groups and not found.instances:
+        return f"no groups and no live instances on {found.url}"
+    now = time.time()
+    rows: list[tuple[str, ...]] = [
+        ("SERVICE", "GROUP", "ADDRESS", "INSTANCES", "WAITING", "IN FLIGHT", "RETRYING", "DEAD")
+    ]
+    rows += [
+        (
+            group.service,
+            group.group,
+            group.address,
+            str(len(group.instances)),
+            _or_none(group.waiting),
+            _or_none(group.in_flight),
+            _or_none(group.retrying),
+            str(group.dead),
+        )
+        for group in found.groups
+    ]
+    lines = [_columns(rows)]
+    if found.instances:
+        members: list[tuple[str, ...]] = [("INSTANCE", "SERVICE", "HOST", "PID", "UP")]
+        members += [
+            (i.id, i.service, i.host, str(i.pid), _age(now - i.started)) for i in found.instances
+        ]
+        lines += ["", _columns(members)]
+    else:
+        lines += ["", "no live instances"]
+    return "\n".join(lines)
+
+
+def _status_json(found: Status) -> dict[str, Any]:
+    def instance(i: Instance) -> dict[str, Any]:
+        return {
+            "id": i.id,
+            "service": i.service,
+            "host": i.host,
+            "pid": i.pid,
+            "started": i.started,
+            "consumes": [list(pair) for pair in i.consumes],
+        }
+
+    return {
+        "url": found.url,
+        "groups": [
+            {
+                "service": g.service,
+                "group": g.group,
+                "address": g.address,
+                "instances": [i.id for i in g.instances],
+                "waiting": g.waiting,
+                "in_flight": g.in_flight,
+                "retrying": g.retrying,
+                "dead": g.dead,
+            }
+            for g in found.groups
+        ],
+        "instances": [instance(i) for i in found.instances],
+    }
+
+
 def _check_selection(args: argparse.Namespace, action: str) -> None:
     if args.all and args.ids:
         raise CliError(f"{action}: give dead letter ids or --all, not both")
@@ -466,12 +556,14 @@ def _report_unknown(unknown: list[str], transport: Transport) -> int:
     return 1
 
 
-def _with_transport(url: str, work: Callable[[Transport], Awaitable[int]]) -> int:
+def _with_transport(
+    url: str, work: Callable[[Transport], Awaitable[int]], *, what: str = "its dead letters"
+) -> int:
     """Open the transport at ``url``, run ``work`` with it, close it."""
     if urlsplit(url).scheme == "memory":
         raise CliError(
-            "memory:// lives inside one process, so another process cannot see its dead "
-            "letters: use transport.dead_letters() there, or point --transport at a broker"
+            f"memory:// lives inside one process, so another process cannot see {what}: "
+            f"use the transport's methods there, or point --transport at a broker"
         )
     transport = _connect(url)
 
@@ -500,6 +592,14 @@ def _connect(url: str) -> Transport:
 # -- output ---------------------------------------------------------------------------
 
 
+def _columns(rows: Sequence[tuple[str, ...]]) -> str:
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
 def _table(letters: list[DeadLetter]) -> str:
     now = time.time()
     rows = [("ID", "ADDRESS", "GROUP", "ERROR", "MESSAGE", "ATTEMPTS", "AGE")]
@@ -515,11 +615,7 @@ def _table(letters: list[DeadLetter]) -> str:
         )
         for letter in letters
     ]
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    )
+    return _columns(rows)
 
 
 def _details(letter: DeadLetter) -> str:
@@ -617,8 +713,8 @@ def _when(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, tz=UTC).isoformat(timespec="seconds")
 
 
-def _or_none(value: str | None) -> str:
-    return "-" if value is None else value
+def _or_none(value: str | int | None) -> str:
+    return "-" if value is None else str(value)
 
 
 def _count(n: int) -> str:

@@ -7,12 +7,19 @@ that message as their causation id, so a chain of messages can be traced across
 services. A routed query is a request: ``await dp.query(q, timeout=2)`` waits for the
 owner's answer and decodes it into the ``R`` of ``Query[R]``; a failure over there is
 raised here as ``RemoteError``, no answer in time as ``RequestTimeout``.
+
+When the transport keeps a registry of the live worker instances (every iambus transport
+does), a ``RequestTimeout`` says what it found there: no live instance of the owner, or
+live instances none of which handles the query (and what they do handle). The first
+send of each routed command and event looks there too, in the background, and logs a
+warning once when no live instance handles it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from typing import Any
 
@@ -23,9 +30,13 @@ from .handlers import Kind
 from .messages import MessageKey, MessageRegistry, message_key, result_type
 from .middleware import Context
 from .routing import Routes, address
-from .transports import Transport
+from .transports import Instance, Registry, Transport
 
 __all__ = ["Remote", "RemoteRoute", "current_envelope"]
+
+logger = logging.getLogger(__name__)
+
+LOOKUP_TIMEOUT = 2.0  # seconds a look in the registry may take
 
 
 STATUS, ERROR_TYPE = "iambus-status", "iambus-error-type"
@@ -55,6 +66,9 @@ class Remote:
         self.registry = MessageRegistry()
         self._opened = False
         self._opening: asyncio.Lock | None = None
+        self._checked: set[str] = set()  # addresses sent to whose handlers were looked up
+        self._checks: set[asyncio.Task[None]] = set()
+        self._census: asyncio.Future[list[Instance] | None] | None = None  # a read under way
 
     async def open(self) -> None:
         if self._opened:
@@ -67,6 +81,12 @@ class Remote:
                 self._opened = True
 
     async def close(self) -> None:
+        pending: list[asyncio.Future[Any]] = [*self._checks]
+        if self._census is not None:
+            pending.append(self._census)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         if self._opened:
             self._opened = False
             if self.owned:
@@ -99,7 +119,14 @@ class Remote:
         if not self._opened:
             await self.open()
         envelope = self.envelope(message, key)
-        await self.transport.send(address(kind, envelope.name), envelope)
+        to = address(kind, envelope.name)
+        await self.transport.send(to, envelope)
+        if to not in self._checked:
+            self._checked.add(to)
+            owner = self.routes.owner(message_key(message)) if kind == "command" else None
+            check = asyncio.get_running_loop().create_task(self._check(to, owner))
+            self._checks.add(check)
+            check.add_done_callback(self._checks.discard)
 
     async def request(self, query: Any, key: str | None, timeout: float | None) -> Any:
         if not self._opened:
@@ -115,9 +142,16 @@ class Remote:
             if isinstance(exc, TransportError):
                 raise
             owner = self.routes.owner(mkey)
+            to = address("query", envelope.name)
+            found = await self.handlers_of(to, owner)
+            if found is None:
+                why = f"is a worker of {owner!r} running?"
+            elif found[0]:
+                why = f"{found[1]}: busy, or is the handler slower than the timeout?"
+            else:
+                why = found[1]
             raise RequestTimeout(
-                f"no answer to {envelope.name} from service {owner!r} within {timeout}s; is a "
-                f"worker of {owner!r} running?"
+                f"no answer to {envelope.name} from service {owner!r} within {timeout}s; {why}"
             ) from exc
         if answer.headers.get(STATUS) == "error":
             owner = self.routes.owner(mkey)
@@ -129,6 +163,68 @@ class Remote:
                 remote_message=details["message"],
             )
         return self.codec.decode(answer.payload, result_type(mkey), name=f"{envelope.name} result")
+
+    # -- who handles what (the transport's registry) -----------------------------------
+
+    async def handlers_of(self, to: str, owner: str | None) -> tuple[bool, str] | None:
+        """Whether a live instance handles address ``to`` (of service ``owner``; None: of
+        any service, an event), and a sentence saying what the registry shows. None when
+        the transport keeps no registry or it could not be read."""
+        live = await self._live()
+        if live is None:
+            return None
+        if owner is None:
+            handling = [i for i in live if i.handles(to)]
+            if handling:
+                return True, f"{_instances(len(handling))} handle {to}"
+            return False, f"no live instance of any service handles {to}"
+        mine = [i for i in live if i.service == owner]
+        if not mine:
+            return False, f"no live instance of service {owner!r} is running"
+        handling = [i for i in mine if i.handles(to)]
+        if handling:
+            return True, f"{_instances(len(handling))} of {owner!r} handle it"
+        handled = sorted({consumed for i in mine for consumed, _ in i.consumes})
+        return False, (
+            f"service {owner!r} runs ({_instances(len(mine))}) but none of them handles "
+            f"{to} (it handles: {', '.join(handled) or 'nothing'}); deploy a version that "
+            f"binds a handler for it, or check the routes"
+        )
+
+    async def _live(self) -> list[Instance] | None:
+        """The live instances the registry shows; callers at the same time share a read."""
+        if self._census is None:
+            self._census = asyncio.ensure_future(self._read_live())
+            self._census.add_done_callback(self._census_done)
+        return await asyncio.shield(self._census)
+
+    def _census_done(self, _: asyncio.Future[list[Instance] | None]) -> None:
+        self._census = None
+
+    async def _read_live(self) -> list[Instance] | None:
+        transport = self.transport
+        if not isinstance(transport, Registry):
+            return None
+        try:
+            async with asyncio.timeout(LOOKUP_TIMEOUT):
+                return await transport.instances()
+        except Exception as exc:
+            logger.debug("iambus: could not read the registry of %s: %s", transport.url, exc)
+            return None
+
+    async def _check(self, to: str, owner: str | None) -> None:
+        found = await self.handlers_of(to, owner)
+        if found is None or found[0]:
+            return
+        if owner is None:
+            logger.warning(
+                "iambus: sent %s, but %s now: a handler that subscribes later gets only "
+                "the events sent after it started",
+                to,
+                found[1],
+            )
+        else:
+            logger.warning("iambus: sent %s to service %r, where it waits: %s", to, owner, found[1])
 
     def answer(self, request: Envelope, result: Any) -> Envelope:
         """The reply to ``request`` carrying ``result``."""
@@ -152,6 +248,10 @@ class Remote:
             causation_id=request.id,
             headers={STATUS: "error", ERROR_TYPE: details["type"]},
         )
+
+
+def _instances(n: int) -> str:
+    return f"{n} live instance{'' if n == 1 else 's'}"
 
 
 class RemoteRoute:

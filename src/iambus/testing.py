@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from .envelope import Envelope
 from .partitions import partition
-from .transports import Delivery, Failure, Transport
+from .transports import Delivery, Failure, Instance, Monitor, Registry, Transport
 
 __all__ = ["TRANSPORT_CHECKS", "check_transport"]
 
@@ -388,6 +388,68 @@ async def check_a_lost_key_passes_on_in_order(transport: Transport) -> None:
     await _nothing(transport, address, group, wait=claim_after + 0.3)
 
 
+async def check_registry(transport: Transport) -> None:
+    """``announce`` makes an instance live and its groups known; ``withdraw`` ends it,
+    its groups stay known. (Optional: for a transport that is a ``Registry``.)"""
+    assert isinstance(transport, Registry), "the transport is no Registry (optional part)"
+    address, g1, g2 = _names("registry")
+    suffix = g1.rpartition(".")[2]
+    one = Instance(f"one-{suffix}", f"h-1-{suffix}", "h", 1, time.time(), ((address, g1),))
+    two = Instance(
+        f"two-{suffix}", f"h-2-{suffix}", "h", 2, time.time(), ((address, g2), (address + ".x", g2))
+    )
+
+    async def live() -> dict[str, Instance]:
+        return {i.id: i for i in await transport.instances() if i.id in (one.id, two.id)}
+
+    assert await live() == {}
+    await transport.announce(one)
+    await transport.announce(two)
+    await transport.announce(one)  # again: a refresh, still one instance
+    assert await live() == {one.id: one, two.id: two}
+    known = await transport.groups()
+    assert known.get((address, g1)) == one.service, known
+    assert known.get((address, g2)) == known.get((address + ".x", g2)) == two.service, known
+    await transport.withdraw(one)
+    assert await live() == {two.id: two}, "a withdrawn instance must not be live"
+    assert (await transport.groups()).get((address, g1)) == one.service, "groups stay known"
+    await transport.withdraw(two)
+    await transport.withdraw(two)  # twice: harmless
+    assert await live() == {}
+
+
+async def check_backlog(transport: Transport) -> None:
+    """``backlog`` counts what waits for a group, what is out with a consumer and what
+    waits out a retry's delay; None only where the broker cannot tell. (Optional: for a
+    transport that is a ``Monitor``.)"""
+    assert isinstance(transport, Monitor), "the transport is no Monitor (optional part)"
+    address, g1, g2 = _names("backlog")
+    await transport.declare(address, g1, from_start=False)
+    empty = await transport.backlog(address, g1)
+    assert empty.waiting == 0, f"a new group has nothing: {empty}"
+    assert empty.in_flight in (0, None), f"a new group has nothing: {empty}"
+    assert empty.retrying in (0, None), f"a new group has nothing: {empty}"
+    for n in range(3):
+        await transport.send(address, _envelope(n))
+    deadline = time.monotonic() + 5
+    while (backlog := await transport.backlog(address, g1)).waiting != 3:
+        assert time.monotonic() < deadline, f"3 sent, none received: expected 3 waiting, {backlog}"
+        await asyncio.sleep(0.05)
+    [first] = await _receive_all(transport, address, g1, 1)
+    backlog = await transport.backlog(address, g1)
+    assert backlog.waiting is not None, backlog
+    assert backlog.waiting <= 2, backlog
+    if backlog.in_flight is not None:  # a consumer may hold more than it was handed
+        assert backlog.in_flight >= 1, backlog
+        assert backlog.waiting + backlog.in_flight == 3, backlog
+    await first.retry(30.0)
+    backlog = await transport.backlog(address, g1)
+    if backlog.retrying is not None:
+        assert backlog.retrying == 1, f"one delivery waits out its retry: {backlog}"
+    assert backlog.in_flight is None or backlog.in_flight <= 2, backlog
+    assert (await transport.backlog(address, g2)).waiting == 0, "an unknown group has nothing"
+
+
 TRANSPORT_CHECKS: dict[str, Check] = {
     check.__name__.removeprefix("check_"): check
     for check in (
@@ -403,13 +465,21 @@ TRANSPORT_CHECKS: dict[str, Check] = {
         check_keys_keep_their_order,
         check_a_retry_holds_its_key,
         check_a_lost_key_passes_on_in_order,
+        check_registry,
+        check_backlog,
     )
 }
+
+# Checks of the optional parts, which check_transport runs only on a transport that has them.
+OPTIONAL_CHECKS: dict[str, type] = {"registry": Registry, "backlog": Monitor}
 
 
 async def check_transport(transport: Transport) -> None:
     """Run every conformance check against an opened ``transport``."""
     for name, check in TRANSPORT_CHECKS.items():
+        part = OPTIONAL_CHECKS.get(name)
+        if part is not None and not isinstance(transport, part):
+            continue
         try:
             await check(transport)
         except AssertionError as exc:

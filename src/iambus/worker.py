@@ -45,7 +45,7 @@ from .handlers import Kind
 from .messages import MessageKey, describe
 from .remote import Remote
 from .retry import Retry
-from .transports import Delivery, Failure
+from .transports import ANNOUNCE_TTL, Delivery, Failure, Instance, Registry
 
 if TYPE_CHECKING:
     from .dispatching import Route
@@ -56,6 +56,8 @@ logger = logging.getLogger(__name__)
 
 Report = Callable[[BaseException, Any, Any], Any]
 RECEIVE_WAIT = 1.0  # seconds one receive may wait: also how long a stop may take to begin
+ANNOUNCE_TIMEOUT = 5.0  # seconds an announcement in the registry may take
+WITHDRAW_TIMEOUT = 2.0  # seconds a stopping worker's withdrawal may take (from its stop)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +94,7 @@ class Worker:
         self.batch = batch
         self._report = report
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.started = time.time()
         self._free = concurrency
         self._room = asyncio.Event()
         self._running = asyncio.Semaphore(concurrency)
@@ -99,6 +102,7 @@ class Worker:
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._busy: set[Subscription] = set()
+        self._presence: _Presence | None = None
 
     async def start(self) -> None:
         # A transport may size itself by the worker (RabbitMQ: its consumers' prefetch).
@@ -113,6 +117,9 @@ class Worker:
             loop.create_task(self._consume(sub), name=f"iambus-consume-{sub.group}")
             for sub in self.subscriptions
         ]
+        if isinstance(self.remote.transport, Registry):
+            self._presence = _Presence(self.remote.transport, self.instance())
+            await self._presence.start()
         lines = "\n".join(f"  {sub.describe()}" for sub in self.subscriptions)
         logger.info(
             "iambus worker %s (service %s) on %s, %d at once:\n%s",
@@ -130,6 +137,9 @@ class Worker:
         # reliable (redis-py can swallow it), so the flag bounds the wait either way.
         self._stopping = True
         self._room.set()
+        if self._presence is not None:
+            presence, self._presence = self._presence, None
+            await presence.stop()
         if self._loops:
             for task in self._loops:
                 task.cancel()
@@ -154,6 +164,17 @@ class Worker:
                     left,
                 )
         return left
+
+    def instance(self) -> Instance:
+        """This worker as it announces itself in the transport's registry."""
+        return Instance(
+            service=self.remote.service or "",
+            id=self.consumer,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started=self.started,
+            consumes=tuple(dict.fromkeys((sub.address, sub.group) for sub in self.subscriptions)),
+        )
 
     async def _consume(self, sub: Subscription) -> None:
         transport = self.remote.transport
@@ -311,6 +332,65 @@ class Worker:
             envelope.id,
         )
         await self._report(exc, message, context)
+
+
+class _Presence:
+    """Announces a worker in its transport's registry, again every third of
+    ``ANNOUNCE_TTL``, and withdraws it on stop. The registry only informs (``iambus
+    status``, a sender's errors): a failure to announce is logged once per outage and
+    never stops the worker."""
+
+    def __init__(self, registry: Registry, instance: Instance) -> None:
+        self.registry = registry
+        self.instance = instance
+        self._task: asyncio.Task[None] | None = None
+        self._failing = False
+
+    async def start(self) -> None:
+        await self._announce()
+        self._task = asyncio.get_running_loop().create_task(
+            self._refresh(), name=f"iambus-announce-{self.instance.id}"
+        )
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        try:
+            async with asyncio.timeout(WITHDRAW_TIMEOUT):
+                await self.registry.withdraw(self.instance)
+        except Exception as exc:
+            logger.warning(
+                "iambus worker %s: could not withdraw it from the registry (it counts as "
+                "live for up to %ss more): %s",
+                self.instance.id,
+                ANNOUNCE_TTL,
+                exc,
+            )
+
+    async def _refresh(self) -> None:
+        while True:
+            await asyncio.sleep(ANNOUNCE_TTL / 3)
+            await self._announce()
+
+    async def _announce(self) -> None:
+        try:
+            async with asyncio.timeout(ANNOUNCE_TIMEOUT):
+                await self.registry.announce(self.instance)
+        except Exception as exc:
+            if not self._failing:
+                logger.warning(
+                    "iambus worker %s: could not announce it in the registry (senders and "
+                    "'iambus status' may not see it; retrying every %ss): %s",
+                    self.instance.id,
+                    ANNOUNCE_TTL / 3,
+                    exc,
+                )
+            self._failing = True
+            return
+        if self._failing:
+            logger.info("iambus worker %s: announced in the registry again", self.instance.id)
+        self._failing = False
 
 
 def _expired(envelope: Envelope) -> bool:

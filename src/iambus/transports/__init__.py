@@ -20,6 +20,16 @@ codecs, routing, retries, handlers — lives above the seam, so a transport stay
 A transport may also define ``tune(concurrency=...)``: a worker calls it before it
 consumes, with how many handlers it runs at once (RabbitMQ sizes its prefetch by it).
 
+Two optional parts, which every transport of iambus implements, feed ``iambus status``
+and the errors of a sender whose message no running instance handles:
+
+* ``Registry``: ``announce(instance)`` / ``withdraw(instance)`` / ``instances()`` /
+  ``groups()``: which worker instances of which service are live, kept in the broker
+  (a worker announces itself at start, again every ``ANNOUNCE_TTL / 3`` seconds, and
+  withdraws on stop; one that stops announcing counts as gone after ``ANNOUNCE_TTL``);
+* ``Monitor``: ``backlog(address, group)``: how many envelopes wait for a group, are out
+  with its consumers, and wait out a retry's delay, as far as the broker can tell.
+
 ``MemoryTransport`` is the reference implementation and the embedded default;
 ``iambus.testing.check_transport`` checks any implementation against this contract.
 """
@@ -27,6 +37,7 @@ consumes, with how many handlers it runs at once (RabbitMQ sizes its prefetch by
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -35,7 +46,21 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from ..envelope import Envelope
 from ..errors import ImproperlyConfigured
 
-__all__ = ["DeadLetter", "Delivery", "Failure", "Transport", "connect"]
+__all__ = [
+    "ANNOUNCE_TTL",
+    "Backlog",
+    "DeadLetter",
+    "Delivery",
+    "Failure",
+    "Instance",
+    "Monitor",
+    "Registry",
+    "Transport",
+    "connect",
+]
+
+ANNOUNCE_TTL = 30.0
+"""Seconds an announced instance counts as live without announcing again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +138,92 @@ class Transport(Protocol):
     async def replay(self, ids: Sequence[str]) -> int: ...
 
     async def purge(self, ids: Sequence[str] | None = None) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """One running worker of a service, as it announces itself in the broker."""
+
+    service: str
+    id: str
+    """The worker's consumer name: ``<host>-<pid>-<random>``, unique per start."""
+    host: str
+    pid: int
+    started: float
+    """When the worker started (Unix time, the worker's clock)."""
+    consumes: tuple[tuple[str, str], ...]
+    """(address, group) of each subscription: ``("command.PlaceOrder", "orders")``."""
+
+    def handles(self, address: str) -> bool:
+        """Whether this instance consumes ``address`` (``"command.PlaceOrder"``)."""
+        return any(consumed == address for consumed, _ in self.consumes)
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "service": self.service,
+                "id": self.id,
+                "host": self.host,
+                "pid": self.pid,
+                "started": self.started,
+                "consumes": [list(pair) for pair in self.consumes],
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> Instance:
+        """The instance ``to_json`` wrote; ``ValueError`` if ``data`` is not one."""
+        try:
+            raw = json.loads(data)
+            return cls(
+                service=str(raw["service"]),
+                id=str(raw["id"]),
+                host=str(raw["host"]),
+                pid=int(raw["pid"]),
+                started=float(raw["started"]),
+                consumes=tuple((str(a), str(g)) for a, g in raw["consumes"]),
+            )
+        except (TypeError, KeyError, ValueError) as exc:
+            raise ValueError(f"not an announced instance: {data!r:.200}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """What one group has in the broker. None: this broker cannot tell (see docs/cli.md)."""
+
+    waiting: int | None
+    """Stored and not yet delivered to any consumer of the group (its lag)."""
+    in_flight: int | None
+    """Delivered to a consumer and not yet settled (acked, retried or dead-lettered)."""
+    retrying: int | None
+    """Waiting out a retry's delay before they are delivered to the group again."""
+
+
+@runtime_checkable
+class Registry(Protocol):
+    """Optional part of a transport: the live worker instances, kept in the broker."""
+
+    async def announce(self, instance: Instance) -> None:
+        """Record ``instance`` as live for ``ANNOUNCE_TTL`` seconds, and its groups for good."""
+
+    async def withdraw(self, instance: Instance) -> None:
+        """``instance`` stops: it is no longer live (its groups stay known)."""
+
+    async def instances(self) -> list[Instance]:
+        """The live instances, of every service."""
+        ...
+
+    async def groups(self) -> dict[tuple[str, str], str]:
+        """Every (address, group) an instance ever announced, with its service."""
+        ...
+
+
+@runtime_checkable
+class Monitor(Protocol):
+    """Optional part of a transport: what a group has in the broker."""
+
+    async def backlog(self, address: str, group: str) -> Backlog: ...
 
 
 # scheme -> (module, class, the extra that installs its driver)

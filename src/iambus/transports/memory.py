@@ -11,6 +11,9 @@ Envelopes with a ``key`` are ordered per key and group: at most one of a key is 
 time (unsettled or waiting out its retry's delay); the ones behind it wait, in order, and
 other keys are not held up (see ``iambus.partitions``).
 
+It keeps a registry of the workers announced on it (see ``iambus.transports.Registry``)
+and counts each group's backlog, as the brokers do.
+
 It is not durable: a process crash loses everything in it. Entries every declared group
 has received are dropped; an address nobody has declared a group on keeps its last
 ``max_length`` entries (a group declared later with ``from_start=True`` sees those).
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 
 from ..envelope import Envelope, new_id
 from ..errors import ImproperlyConfigured, TransportError
-from . import DeadLetter, Delivery, Failure
+from . import ANNOUNCE_TTL, Backlog, DeadLetter, Delivery, Failure, Instance
 
 __all__ = ["MemoryTransport"]
 
@@ -79,6 +82,8 @@ class MemoryTransport:
         self._tokens = 0
         self._closed = False
         self._changed: asyncio.Condition | None = None
+        self._live: dict[str, tuple[Instance, float]] = {}  # id -> (instance, live until)
+        self._known: dict[tuple[str, str], str] = {}  # (address, group) -> service
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -276,6 +281,39 @@ class MemoryTransport:
             self._dead.clear()
             return count
         return sum(self._dead.pop(letter_id, None) is not None for letter_id in ids)
+
+    # -- registry and backlog ---------------------------------------------------------
+
+    async def announce(self, instance: Instance) -> None:
+        self._live[instance.id] = (instance, time.monotonic() + ANNOUNCE_TTL)
+        for consumed in instance.consumes:
+            self._known[consumed] = instance.service
+
+    async def withdraw(self, instance: Instance) -> None:
+        self._live.pop(instance.id, None)
+
+    async def instances(self) -> list[Instance]:
+        now = time.monotonic()
+        for gone in [key for key, (_, until) in self._live.items() if until <= now]:
+            del self._live[gone]
+        return [instance for instance, _ in self._live.values()]
+
+    async def groups(self) -> dict[tuple[str, str], str]:
+        return dict(self._known)
+
+    async def backlog(self, address: str, group: str) -> Backlog:
+        stream = self._streams.get(address)
+        state = None if stream is None else stream.groups.get(group)
+        if stream is None or state is None:
+            return Backlog(waiting=0, in_flight=0, retrying=0)
+        retrying = sum(p.consumer is None for p in state.pending.values())
+        return Backlog(
+            waiting=(stream.end - state.cursor)
+            + len(state.direct)
+            + sum(map(len, state.held.values())),
+            in_flight=len(state.pending) - retrying,
+            retrying=retrying,
+        )
 
     # -- waiting for quiet ------------------------------------------------------------
 

@@ -93,6 +93,9 @@ above) counts an attempt; a buffered keyed message holds its partition until a r
 takes it or it is handed back. Every process of a namespace must use the same
 ``partitions``.
 
+The registry (``announce`` / ``instances``): the key-value bucket ``L_<ns>`` holds the
+live instances (its entries expire after ``ANNOUNCE_TTL``), ``G_<ns>`` the groups.
+
 On nats-server 2.9, pulls that outlive their client (a ``close``, a crash) stay waiting
 until they expire (10 s): a redelivery due in that window on a consumer nobody else pulls
 from is skipped once (delivered later, with a wrong attempt count); the 2.10 series
@@ -125,7 +128,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from ..envelope import Envelope
 from ..errors import ImproperlyConfigured, SerializationError, TransportError
 from ..partitions import partition, partitions_option
-from . import DeadLetter, Delivery, Failure
+from . import ANNOUNCE_TTL, Backlog, DeadLetter, Delivery, Failure, Instance
 
 try:
     import nats
@@ -138,11 +141,13 @@ try:
         AckPolicy,
         ConsumerConfig,
         DeliverPolicy,
+        KeyValueConfig,
         RetentionPolicy,
         StorageType,
         StreamConfig,
     )
-    from nats.js.errors import APIError, NotFoundError
+    from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
+    from nats.js.kv import KeyValue
 except ImportError as exc:  # pragma: no cover - exercised without the extra installed
     raise ImportError("the NATS transport needs nats-py: pip install 'iambus[nats]'") from exc
 
@@ -431,7 +436,7 @@ class NatsTransport:
         """Delete this namespace's streams, and so their consumers. Returns how many streams."""
         js = self._jetstream()
         deleted = 0
-        for name in (self.stream, self.dead_stream):
+        for name in (self.stream, self.dead_stream, *(f"KV_{b}" for b in self._buckets())):
             try:
                 async with self._translate("delete stream"):
                     deleted += bool(await js.delete_stream(name))
@@ -1218,6 +1223,96 @@ class NatsTransport:
                 return False
             raise
 
+    # -- registry and backlog ---------------------------------------------------------
+
+    def _buckets(self) -> tuple[str, str]:
+        """The key-value buckets of the live instances (entries expire) and of the groups."""
+        return f"L_{self.namespace}", f"G_{self.namespace}"
+
+    async def _bucket(self, name: str, ttl: float | None) -> KeyValue:
+        js = self._jetstream()
+        async with self._translate("open key-value bucket"):
+            try:
+                return await js.key_value(name)
+            except BucketNotFoundError:
+                pass
+            config = KeyValueConfig(bucket=name, history=1, ttl=ttl, storage=StorageType.FILE)
+            try:
+                return await js.create_key_value(config)
+            except APIError as exc:
+                if exc.err_code != _STREAM_IN_USE:  # created meanwhile by another one
+                    raise
+                return await js.key_value(name)
+
+    async def _entries(self, name: str, ttl: float | None) -> list[bytes]:
+        """The value of every key of bucket ``name``."""
+        bucket = await self._bucket(name, ttl)
+        values: list[bytes] = []
+        async with self._translate("read key-value bucket"), asyncio.timeout(self.timeout):
+            watcher = await bucket.watchall(ignore_deletes=True)
+            try:
+                async for entry in watcher:
+                    if entry is None:  # the end of what the bucket holds
+                        break
+                    if entry.value:
+                        values.append(entry.value)
+            finally:
+                stopping: Any = watcher  # stop() is untyped in nats-py
+                await stopping.stop()
+        return values
+
+    async def announce(self, instance: Instance) -> None:
+        live, groups = self._buckets()
+        bucket = await self._bucket(live, ANNOUNCE_TTL)
+        async with self._translate("announce"):
+            await bucket.put(_kv_key(instance.id), instance.to_json())
+        known = await self._bucket(groups, None)
+        for address, group in instance.consumes:
+            record = json.dumps([address, group, instance.service]).encode()
+            async with self._translate("announce"):
+                await known.put(_kv_key(f"{address}\0{group}"), record)
+
+    async def withdraw(self, instance: Instance) -> None:
+        bucket = await self._bucket(self._buckets()[0], ANNOUNCE_TTL)
+        async with self._translate("withdraw"):
+            await bucket.purge(_kv_key(instance.id))
+
+    async def instances(self) -> list[Instance]:
+        live: list[Instance] = []
+        for value in await self._entries(self._buckets()[0], ANNOUNCE_TTL):
+            try:
+                live.append(Instance.from_json(value))
+            except ValueError as exc:
+                logger.warning("iambus: %s: skipping a registry entry: %s", self.url, exc)
+        return live
+
+    async def groups(self) -> dict[tuple[str, str], str]:
+        known: dict[tuple[str, str], str] = {}
+        for value in await self._entries(self._buckets()[1], None):
+            with contextlib.suppress(ValueError, TypeError):
+                address, group, service = json.loads(value)
+                known[(str(address), str(group))] = str(service)
+        return known
+
+    async def backlog(self, address: str, group: str) -> Backlog:
+        js = self._jetstream()
+        names = [self.durable(address, group)]
+        names += [self.durable(address, group, n) for n in range(self.partitions)]
+        waiting = in_flight = 0
+        for name in names:
+            try:
+                async with self._translate("consumer info"):
+                    info = await js.consumer_info(self.stream, name)
+            except TransportError as exc:
+                if isinstance(exc.__cause__, NotFoundError):
+                    continue
+                raise
+            waiting += info.num_pending or 0
+            in_flight += info.num_ack_pending or 0
+        # A retry waiting out its delay (a NAK with a delay) stays ack-pending on the
+        # server: it is counted in flight.
+        return Backlog(waiting=waiting, in_flight=in_flight, retrying=None)
+
     # -- internals --------------------------------------------------------------------
 
     def _client(self) -> Client:
@@ -1398,6 +1493,12 @@ def _status(message: Msg) -> str | None:
 
 def _header(message: Msg, name: str) -> str | None:
     return message.headers.get(name) if message.headers else None
+
+
+def _kv_key(text: str) -> str:
+    """A key-value bucket's key for ``text``: readable, and unique by a digest."""
+    digest = hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()[:16]
+    return f"{_NOT_IN_NAME.sub('_', text)[:60]}_{digest}"
 
 
 def _dead_letter(seq: int, headers: dict[str, str], payload: bytes) -> DeadLetter:

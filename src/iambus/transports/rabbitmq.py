@@ -32,7 +32,11 @@ queue name starts with the namespace (default ``iambus``). How the seam maps ont
 * dead letters are records in the stream queue ``<ns>.dead``; replaying or purging one
   appends a tombstone, so listing them never takes them from anyone;
 * ``request`` / ``reply`` use direct reply-to (``amq.rabbitmq.reply-to``): no queue per
-  requester.
+  requester;
+* the registry (``announce`` / ``instances``): announcements and withdrawals are records
+  in the stream queue ``<ns>.registry`` (a week kept); an announced instance is live
+  while the exclusive queue ``<ns>.alive.<id>`` of its connection exists (a passive
+  declare from another connection finds it locked), so one killed is gone at once.
 
 Per-key ordering (``iambus.partitions``): an envelope with a ``key`` is published to the
 direct exchange ``<ns>.keyed`` under ``<address>.<n>``, ``n = partition(key,
@@ -89,7 +93,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from ..envelope import Envelope, new_id
 from ..errors import ImproperlyConfigured, SerializationError, TransportError
 from ..partitions import partition, partitions_option
-from . import DeadLetter, Delivery, Failure
+from . import Backlog, DeadLetter, Delivery, Failure, Instance
 
 try:
     import aio_pika
@@ -122,6 +126,15 @@ H_DEAD = "x-iambus-dead"
 H_SETTLED = "x-iambus-settled"
 H_MARK = "x-iambus-mark"
 H_PARTITION = "x-iambus-partition"  # in a keyed dead letter: the partition it came from
+# Records of the registry stream: an instance announced (its JSON), withdrawn (its id).
+H_ANNOUNCED = "x-iambus-announced"
+H_WITHDRAWN = "x-iambus-withdrawn"
+# The registry stream keeps a week of announcements (small segments, so that age counts).
+REGISTRY_ARGUMENTS: dict[str, Any] = {
+    "x-queue-type": "stream",
+    "x-max-age": "7D",
+    "x-stream-max-segment-size-bytes": 1_000_000,
+}
 H_FAILURE = (
     ("x-iambus-error-type", "error_type"),
     ("x-iambus-error-message", "message"),
@@ -229,6 +242,8 @@ class RabbitMQTransport:
         self._unhanded: dict[tuple[str, str | None, int, bool], int] = {}
         # Lane deliveries whose hand-back copy came first: the original is dropped.
         self._superseded: dict[tuple[str, str | None, int], int] = {}
+        # Instances announced here: id -> (the connection, the channel of its queue).
+        self._presences: dict[str, tuple[Any, AbstractRobustChannel]] = {}
 
     # -- names ------------------------------------------------------------------------
 
@@ -1140,29 +1155,47 @@ class RabbitMQTransport:
         await self._publish_raw("", self._dead, json.dumps(ids).encode(), properties)
 
     async def _read_dead(self, came_from: dict[str, int] | None = None) -> dict[str, DeadLetter]:
-        """Read the dead-letter stream from its start up to a mark written just now;
-        ``came_from`` gets the partition of each keyed letter that records it."""
+        """The dead letters not replayed nor purged; ``came_from`` gets the partition of
+        each keyed letter that records it."""
+        live: dict[str, DeadLetter] = {}
+        for message in await self._read_stream(self._dead, "read dead letters"):
+            headers = message.header.properties.headers or {}
+            if H_SETTLED in headers:
+                for letter_id in json.loads(message.body):
+                    live.pop(letter_id, None)
+            elif H_DEAD in headers:
+                letter = _dead_letter(message)
+                if letter is not None:
+                    live[letter.id] = letter
+                    n = _came_from(headers)
+                    if came_from is not None and n is not None:
+                        came_from[letter.id] = n
+        return live
+
+    async def _read_stream(self, queue: str, what: str) -> list[DeliveredMessage]:
+        """The records of the stream queue ``queue`` from its start up to a mark written
+        just now."""
         self._check_open()
         mark = uuid.uuid4().hex
         await self._publish_raw(
             "",
-            self._dead,
+            queue,
             b"",
             spec.Basic.Properties(delivery_mode=PERSISTENT, headers={H_MARK: mark}),
         )
-        live: dict[str, DeadLetter] = {}
+        records: list[DeliveredMessage] = []
         inbox: asyncio.Queue[DeliveredMessage] = asyncio.Queue()
 
         async def put(message: DeliveredMessage) -> None:
             inbox.put_nowait(message)
 
         channel = await self._new_channel()
-        async with self._translate("read dead letters"):
+        async with self._translate(what):
             try:
                 await channel.set_qos(prefetch_count=500)
                 ch = await channel.get_underlay_channel()
                 await ch.basic_consume(
-                    self._dead,
+                    queue,
                     put,
                     no_ack=False,
                     arguments={"x-stream-offset": "first"},
@@ -1174,20 +1207,132 @@ class RabbitMQTransport:
                     headers = message.header.properties.headers or {}
                     if headers.get(H_MARK) == mark:
                         break
-                    if H_SETTLED in headers:
-                        for letter_id in json.loads(message.body):
-                            live.pop(letter_id, None)
-                    elif H_DEAD in headers:
-                        letter = _dead_letter(message)
-                        if letter is not None:
-                            live[letter.id] = letter
-                            n = _came_from(headers)
-                            if came_from is not None and n is not None:
-                                came_from[letter.id] = n
+                    if H_MARK not in headers:
+                        records.append(message)
             finally:
                 with contextlib.suppress(Exception):
                     await channel.close()
-        return live
+        return records
+
+    # -- registry and backlog ---------------------------------------------------------
+
+    @property
+    def _registry(self) -> str:
+        return f"{self.namespace}.registry"
+
+    def _alive(self, instance_id: str) -> str:
+        return _fit(f"{self.namespace}.alive.{_escape(instance_id)}")
+
+    async def announce(self, instance: Instance) -> None:
+        held = self._presences.get(instance.id)
+        if held is not None and held[0] is self._connection:
+            return  # its queue lives as long as the connection (declared again on reconnect)
+        self._check_open()
+        admin = await self._ready(self._admin)
+        async with self._translate(f"declare {self._registry}"):
+            await admin.queue_declare(self._registry, durable=True, arguments=REGISTRY_ARGUMENTS)
+        self._declared.add(self._registry)
+        channel = await self._new_channel()
+        try:
+            async with self._translate("announce"):
+                await channel.declare_queue(self._alive(instance.id), exclusive=True)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await channel.close()
+            raise
+        self._presences[instance.id] = (self._connection, channel)
+        properties = spec.Basic.Properties(delivery_mode=PERSISTENT, headers={H_ANNOUNCED: 1})
+        await self._publish_raw("", self._registry, instance.to_json(), properties)
+
+    async def withdraw(self, instance: Instance) -> None:
+        held = self._presences.pop(instance.id, None)
+        if held is None:
+            return
+        self._check_open()
+        properties = spec.Basic.Properties(delivery_mode=PERSISTENT, headers={H_WITHDRAWN: 1})
+        await self._publish_raw("", self._registry, instance.id.encode(), properties)
+        channel = held[1]
+        with contextlib.suppress(Exception):
+            await channel.queue_delete(self._alive(instance.id))
+        with contextlib.suppress(Exception):
+            await channel.close()
+
+    async def _announced(self) -> dict[str, Instance]:
+        """Every instance the registry stream holds, by id; those that withdrew are
+        marked by an id mapped to None."""
+        admin = await self._ready(self._admin)
+        async with self._translate(f"declare {self._registry}"):
+            await admin.queue_declare(self._registry, durable=True, arguments=REGISTRY_ARGUMENTS)
+        self._declared.add(self._registry)
+        announced: dict[str, Instance] = {}
+        for message in await self._read_stream(self._registry, "read the registry"):
+            headers = message.header.properties.headers or {}
+            if H_WITHDRAWN in headers:
+                announced.pop(message.body.decode(errors="replace"), None)
+            elif H_ANNOUNCED in headers:
+                try:
+                    instance = Instance.from_json(message.body)
+                except ValueError as exc:
+                    logger.warning("iambus: %s: skipping a registry entry: %s", self.url, exc)
+                    continue
+                announced[instance.id] = instance
+        return announced
+
+    async def instances(self) -> list[Instance]:
+        announced = list((await self._announced()).values())
+        # Live while its exclusive queue exists: another connection holds it (locked),
+        # or this one does (declared).
+        found = await self._probe([self._alive(instance.id) for instance in announced])
+        return [instance for instance, ok in zip(announced, found, strict=True) if ok is not None]
+
+    async def groups(self) -> dict[tuple[str, str], str]:
+        known: dict[tuple[str, str], str] = {}
+        # Withdrawn ones included: read the records of every announcement kept.
+        for message in await self._read_stream(self._registry, "read the registry"):
+            if H_ANNOUNCED in (message.header.properties.headers or {}):
+                with contextlib.suppress(ValueError):
+                    instance = Instance.from_json(message.body)
+                    known.update(dict.fromkeys(instance.consumes, instance.service))
+        return known
+
+    async def backlog(self, address: str, group: str) -> Backlog:
+        names = [self._queue(address, group)]
+        names += [self._lane(address, group, n) for n in range(self.partitions)]
+        found = await self._probe(names)
+        waiting = sum(ok.message_count or 0 for ok in found if ok)
+        # Unacked counts need the management plugin (HTTP); retries wait in the delay
+        # queues, which every group shares.
+        return Backlog(waiting=waiting, in_flight=None, retrying=None)
+
+    async def _probe(self, names: Sequence[str]) -> list[Any]:
+        """Declare each queue passively: its ``DeclareOk``, None if there is no such
+        queue, or True if another connection holds it exclusively."""
+        connection = self._connection
+        if connection is None:
+            raise TransportError(f"{self.url} is not open; await transport.open() first")
+        found: list[Any] = []
+        channel: aiormq.abc.AbstractChannel | None = None
+        try:
+            for name in names:
+                async with self._translate(f"declare {name} (passive)"):
+                    if channel is None or channel.is_closed:
+                        async with asyncio.timeout(self.timeout):
+                            await connection.ready()
+                        underlay = connection.transport
+                        if underlay is None:
+                            raise TransportError(f"{self.url}: not connected")
+                        channel = await underlay.connection.channel()
+                    try:
+                        found.append(await channel.queue_declare(name, passive=True))
+                    except aiormq.exceptions.ChannelNotFoundEntity:
+                        found.append(None)
+                    except aiormq.exceptions.ChannelLockedResource:
+                        found.append(True)
+        finally:
+            if channel is not None and not channel.is_closed:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+        return found
 
     # -- internals --------------------------------------------------------------------
 

@@ -19,6 +19,10 @@ namespace (default ``iambus``). How the seam maps onto Redis:
 * ``dead_letter`` adds the entry and its failure to ``<ns>:dead`` and acks it in one
   ``MULTI``; ``replay`` moves a dead letter to its group's direct stream;
 * ``request`` / ``reply`` use a pub/sub channel per transport instance;
+* the registry (``announce`` / ``instances``): the hash ``<ns>:instances`` (id ->
+  instance), their expiries in the sorted set ``<ns>:instances:until`` (Redis's clock:
+  one Lua script drops the expired ones and records or reads), the groups in the hash
+  ``<ns>:groups``;
 * concurrent sends and acks are coalesced: all issued in one event-loop turn go out in one
   pipeline, which is what makes throughput close to the raw client's.
 
@@ -90,7 +94,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from ..envelope import Envelope
 from ..errors import ImproperlyConfigured, SerializationError, TransportError
 from ..partitions import partition, partitions_option
-from . import DeadLetter, Delivery, Failure
+from . import ANNOUNCE_TTL, Backlog, DeadLetter, Delivery, Failure, Instance
 
 try:
     import redis.asyncio as aioredis
@@ -272,6 +276,70 @@ if last and redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', 1)[1] then
 end
 return 1
 """
+
+# The registry: KEYS = the instances hash (id -> instance), their expiries (a sorted set,
+# Redis's clock), the groups hash ([address, group] -> service); ARGV = id, the
+# instance ("" to only read), its time to live in ms, then group, service pairs. Drops
+# the expired instances, records this one, returns the live ones.
+_ANNOUNCE = """
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now_ms)
+for _, id in ipairs(gone) do redis.call('HDEL', KEYS[1], id) end
+if #gone > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now_ms) end
+if ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('ZADD', KEYS[2], now_ms + tonumber(ARGV[3]), ARGV[1])
+  for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+end
+return redis.call('HVALS', KEYS[1])
+"""
+
+# A group's backlog: KEYS = the stream, the direct stream, the due set, the partition
+# streams; ARGV = group, how many entries of the stream to look at for pointers. Returns
+# waiting (lag, less the pointers among the unread entries of the stream; -1: unknown),
+# pending, due.
+_BACKLOG = """
+local function info(key)
+  local groups = redis.pcall('XINFO', 'GROUPS', key)
+  if type(groups) ~= 'table' or groups.err then return nil end
+  for _, g in ipairs(groups) do
+    local t = {}
+    for i = 1, #g, 2 do t[g[i]] = g[i + 1] end
+    if t['name'] == ARGV[1] then return t end
+  end
+  return nil
+end
+local waiting, pending, known = 0, 0, true
+local main = nil
+for i, key in ipairs(KEYS) do
+  if i ~= 3 then
+    local t = info(key)
+    if t then
+      pending = pending + t['pending']
+      if t['lag'] then waiting = waiting + t['lag'] else known = false end
+      if i == 1 then main = t end
+    end
+  end
+end
+if known and main and #KEYS > 3 and main['lag'] > 0 then
+  local count = math.min(main['lag'], tonumber(ARGV[2]))
+  local after = '(' .. main['last-delivered-id']
+  local entries = redis.call('XRANGE', KEYS[1], after, '+', 'COUNT', count)
+  for _, entry in ipairs(entries) do
+    local fields = entry[2]
+    for j = 1, #fields, 2 do
+      if fields[j] == '@p' then
+        waiting = waiting - 1
+        break
+      end
+    end
+  end
+end
+if not known then waiting = -1 end
+return {waiting, pending, redis.call('ZCARD', KEYS[3])}
+"""
+POINTERS_COUNTED = 10_000  # unread entries of a stream looked at for pointers by backlog()
 
 # A pointer entry on an address's stream: "@p" = the partition, "@g" = the one group it
 # is for (a hand-over), absent when it is for every group (a send).
@@ -942,6 +1010,72 @@ class RedisTransport:
                 return 0
             deleted: int = await client.xdel(self._dead(), *ids)
             return deleted
+
+    # -- registry and backlog ---------------------------------------------------------
+
+    def _registry_keys(self) -> list[str]:
+        ns = self.namespace
+        return [f"{ns}:instances", f"{ns}:instances:until", f"{ns}:groups"]
+
+    def _script(self, name: str, source: str) -> Any:
+        script = self._scripts.get(name)
+        if script is None:
+            script = self._scripts[name] = self._client().register_script(source)
+        return script
+
+    async def _registry(self, *args: Any) -> list[Instance]:
+        script = self._script("announce", _ANNOUNCE)
+        async with self._translate("registry"):
+            rows: Any = await script(keys=self._registry_keys(), args=list(args))
+        live: list[Instance] = []
+        for row in rows:
+            try:
+                live.append(Instance.from_json(row))
+            except ValueError as exc:
+                logger.warning("iambus: %s: skipping a registry entry: %s", self.url, exc)
+        return live
+
+    async def announce(self, instance: Instance) -> None:
+        pairs: list[str] = []
+        for consumed in instance.consumes:
+            pairs += [json.dumps(consumed), instance.service]
+        await self._registry(instance.id, instance.to_json(), int(ANNOUNCE_TTL * 1000), *pairs)
+
+    async def withdraw(self, instance: Instance) -> None:
+        instances, until, _ = self._registry_keys()
+        async with self._translate("withdraw"), self._client().pipeline() as pipe:
+            pipe.hdel(instances, instance.id)
+            pipe.zrem(until, instance.id)
+            await pipe.execute()
+
+    async def instances(self) -> list[Instance]:
+        return await self._registry("", "", 0)
+
+    async def groups(self) -> dict[tuple[str, str], str]:
+        async with self._translate("HGETALL"):
+            rows: Any = await self._client().hgetall(self._registry_keys()[2])
+        known: dict[tuple[str, str], str] = {}
+        for field, service in rows.items():
+            with contextlib.suppress(ValueError, TypeError):
+                address, group = json.loads(field)
+                known[(str(address), str(group))] = _text(service)
+        return known
+
+    async def backlog(self, address: str, group: str) -> Backlog:
+        keys = [
+            self._stream(address),
+            self._direct(address, group),
+            self._due(address, group),
+            *self._lanes_of(address),
+        ]
+        script = self._script("backlog", _BACKLOG)
+        async with self._translate("backlog"):
+            waiting, pending, due = await script(keys=keys, args=[group, POINTERS_COUNTED])
+        return Backlog(
+            waiting=None if waiting < 0 else int(waiting),
+            in_flight=max(int(pending) - int(due), 0),
+            retrying=int(due),
+        )
 
     # -- internals --------------------------------------------------------------------
 
