@@ -123,7 +123,7 @@ async def test_a_command_goes_to_its_owner_and_its_events_follow(bus: Bus) -> No
         shipped.append(command.amount)
 
     async with orders, billing:
-        assert await orders.execute(PlaceOrder(1)) is None  # remote: accepted by the broker
+        assert await orders.execute(PlaceOrder(1)) is None  # remote: the owner answered
         await orders.handle(ChargeCard(1, 50))  # handle() sends routed messages at once
         await settle(bus, orders, until=lambda: charged and shipped)
     assert (charged, shipped) == ([1], [50])
@@ -434,7 +434,7 @@ async def test_a_routed_event_goes_only_to_the_transport_even_with_catch_all_han
         return Shipped(command.order_id)
 
     async with orders:
-        await orders.execute(PlaceOrder(1))
+        await orders.send(PlaceOrder(1))  # not execute(): that would raise the failure
         await asyncio.wait_for(orders.join(), 5)
     [letter] = await bus.dead_letters()  # retried, then parked: never acked and forgotten
     assert letter.failure.error_type == "iambus.errors.TransportError"
