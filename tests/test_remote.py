@@ -17,10 +17,11 @@ from iambus import (
     Query,
     RemoteError,
     RequestTimeout,
+    Retry,
+    SerializationError,
 )
 from iambus.envelope import Envelope
 from iambus.remote import current_envelope
-from iambus.retry import Retry
 from iambus.transports.memory import MemoryTransport
 
 from .conftest import Bus, require
@@ -407,3 +408,43 @@ async def test_an_envelope_of_a_name_not_routed_here_is_refused() -> None:
     with pytest.raises(TypeError, match="id must be a non-empty string"):
         await dp.send(Charge(1, 1), id="")
     await dp.stop()
+
+
+@dataclass(frozen=True, slots=True)
+class Export(Command[Any]):
+    n: int
+
+
+@dataclass(frozen=True, slots=True)
+class Count(Command[int]):
+    n: int
+
+
+async def test_a_command_result_that_does_not_travel_is_an_error_and_not_a_retry() -> None:
+    bus = MemoryTransport()
+    routes: dict[type | str, str] = {Export: "files", Count: "files"}
+    files = Dispatcher(transport=bus, service="files", routes=routes, retry=QUICK)
+    app = Dispatcher(transport=bus, service="app", routes=routes)
+    runs: Counter[str] = Counter()
+    reported: list[BaseException] = []
+    files.error_handler = lambda exc, message, context: reported.append(exc)
+
+    @files.commands.register(Export)
+    async def export(command: Export) -> object:
+        runs["export"] += 1
+        return object()  # done, but no codec can encode the result
+
+    @files.commands.register(Count)
+    async def count(command: Count) -> str:
+        runs["count"] += 1
+        return "many"  # not the int that Count declares
+
+    async with files:
+        with pytest.raises(RemoteError) as info:
+            await app.execute(Export(1))
+        assert info.value.error_type == "iambus.errors.SerializationError"
+        with pytest.raises(SerializationError, match="was carried out by service 'files'"):
+            await app.execute(Count(1))
+    await app.stop()
+    assert runs == {"export": 1, "count": 1}  # neither was run again
+    assert [type(exc) for exc in reported] == [SerializationError]

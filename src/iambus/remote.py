@@ -136,8 +136,9 @@ class Remote:
             later = (
                 ""
                 if kind == "query"
-                else "; the command stays with the broker and may still be carried out, "
-                "so wait longer (execute(..., timeout=...)) or dp.send() it without waiting"
+                else " The command stays with the broker and may still be carried out: wait "
+                "longer (execute(..., timeout=...)), or dp.send() it to hand it over "
+                "without waiting."
             )
             raise RequestTimeout(
                 f"no answer to {envelope.name} from service {owner!r} within {timeout}s; is a "
