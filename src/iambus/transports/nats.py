@@ -1000,7 +1000,7 @@ class NatsTransport:
                 # in the stream for the owner's worker to start. A command always goes
                 # into the stream: it must outlive a crash of the worker handling it,
                 # and its retries must be durable (core NATS keeps nothing).
-                if envelope.key is None and address.startswith("query."):
+                if envelope.key is None and not address.startswith("command."):
                     await self._ask(address, envelope, token)
                 else:
                     await self.send(address, envelope)
