@@ -4,6 +4,7 @@ import logging
 import os
 import signal
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -17,6 +18,7 @@ from iambus import (
     Query,
     RegistrationClosed,
     WouldDeadlock,
+    contract,
 )
 
 
@@ -1032,3 +1034,45 @@ async def test_wait_for_shutdown_from_before_the_start_is_woken():
 def test_bad_options_are_named(options, match):
     with pytest.raises(ImproperlyConfigured, match=match):
         Dispatcher(**options)
+
+
+def _refund(module: str) -> type:
+    """A class named ``Refund`` defined in ``module``: same wire name, another class."""
+
+    @dataclass(frozen=True, slots=True)
+    class Refund:
+        order_id: int
+
+    Refund.__module__ = module
+    Refund.__qualname__ = "Refund"
+    return Refund
+
+
+def test_two_routed_classes_of_one_wire_name_fail_the_start() -> None:
+    v1, v2 = _refund("billing.v1"), _refund("billing.v2")
+    # A dispatcher that only sends them: both routed by class.
+    routes: dict[type | str, str] = {v1: "billing", v2: "billing"}
+    sender = Dispatcher(transport="memory://", service="shop", routes=routes)
+    with pytest.raises(
+        ImproperlyConfigured,
+        match=r"named 'Refund' on the wire: billing\.v1\.Refund and billing\.v2\.Refund.*"
+        r"@iambus\.contract\('\.\.\.'\)",
+    ):
+        sender.start()
+    assert not sender.started  # nothing half-started: fix the name and start again
+
+    # One handled here (routed by its module), the other routed by class.
+    owner = Dispatcher(
+        transport="memory://", service="billing", routes={"billing.*": "billing", v2: "billing"}
+    )
+
+    async def refund(command: Any) -> None:
+        pass
+
+    owner.commands.bind(v1, refund)
+    with pytest.raises(ImproperlyConfigured, match=r"billing\.v2\.Refund and billing\.v1\.Refund"):
+        owner.start()
+
+    # Named apart, they start.
+    contract("billing.Refund.v2")(v2)
+    Dispatcher(transport="memory://", service="shop", routes=routes).start()

@@ -22,6 +22,7 @@ EXPECTED = {
         "main: sending PlaceOrder(order_id=1, amount_cents=4200) to orders",
         "orders: placed order 1; publishing OrderPlaced",
         "billing: invoiced order 1: INV-1 for 42.00 EUR",
+        "main: orders answered OrderPlaced(order_id=1, amount_cents=4200)",
         "main: billing answered GetInvoice(order_id=1): INV-1 for 42.00 EUR",
         "main: both services stopped, and the run's keys deleted",
     ],

@@ -196,7 +196,9 @@ def test_registry_refuses_two_types_with_one_name() -> None:
     assert registry.name_of(A) == "Same"
     assert registry.key_of("Same") is A
     assert registry.key_of("Unknown") is None
-    with pytest.raises(_ImproperlyConfigured, match=r"two messages are named 'Same'.*@contract"):
+    with pytest.raises(
+        _ImproperlyConfigured, match=r"two message classes are named 'Same'.*@iambus\.contract"
+    ):
         registry.add(B)
     assert registry.names() == ["Same"]
 

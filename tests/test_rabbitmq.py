@@ -337,7 +337,7 @@ async def test_a_worker_runs_as_many_handlers_at_once_as_its_concurrency() -> No
     async with dp:
         await asyncio.sleep(0.2)  # the first (idle) fetch asks for one
         for n in range(10):
-            await dp.execute(Job(n))
+            await dp.send(Job(n))
         for _ in range(200):  # up to 10 s
             if len(done) == 10:
                 break

@@ -1,15 +1,30 @@
 """The sending side: envelopes, typed results, remote errors, timeouts."""
 
 import asyncio
+import time
+import uuid
+from collections import Counter
 from dataclasses import dataclass
 from datetime import date
+from typing import Any
 
 import pytest
 
-from iambus import Dispatcher, ImproperlyConfigured, Query, RequestTimeout
+from iambus import (
+    Command,
+    Dispatcher,
+    ImproperlyConfigured,
+    Query,
+    RemoteError,
+    RequestTimeout,
+    Retry,
+    SerializationError,
+)
 from iambus.envelope import Envelope
 from iambus.remote import current_envelope
 from iambus.transports.memory import MemoryTransport
+
+from .conftest import Bus, require
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,3 +126,325 @@ def test_service_must_be_a_name() -> None:
 
 def test_no_envelope_outside_a_handler() -> None:
     assert current_envelope.get() is None
+
+
+# -- location transparency: a routed command answers like a local one ----------------
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    charge_id: str
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class Charge(Command[Receipt]):
+    order_id: int
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class Charged:
+    order_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ship(Command[None]):
+    order_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup(Query[int]):
+    sku: str
+
+
+class Declined(Exception):
+    pass
+
+
+ROUTES: dict[type | str, str] = {Charge: "billing", Charged: "billing", Ship: "billing"}
+QUICK = Retry(attempts=3, backoff=0.05, jitter=False)
+
+
+def pair(bus: Bus, **options: Any) -> tuple[Dispatcher, Dispatcher]:
+    """billing (owns the commands) and shop (sends them), each on a transport of its own."""
+    options.setdefault("retry", QUICK)
+    billing = Dispatcher(transport=bus.transport(), service="billing", routes=ROUTES, **options)
+    shop = Dispatcher(transport=bus.transport(), service="shop", routes=ROUTES, **options)
+    return billing, shop
+
+
+async def test_execute_of_a_routed_command_returns_its_result(bus: Bus) -> None:
+    billing, shop = pair(bus)
+
+    @billing.commands.register(Charge)
+    async def charge(command: Charge) -> Receipt:
+        return Receipt(f"ch-{command.order_id}", command.amount)
+
+    async with billing, shop:
+        # Decoded into the R of Command[R], as a local handler's result would be.
+        assert await shop.execute(Charge(1, 500)) == Receipt("ch-1", 500)
+        assert await shop.execute(Charge(2, 700), key="order-2") == Receipt("ch-2", 700)
+        assert await shop.handle(Charge(3, 900), wait_for_response=True) == Receipt("ch-3", 900)
+
+
+async def test_execute_of_a_routed_command_raises_its_error_once_retries_are_spent(
+    bus: Bus,
+) -> None:
+    billing, shop = pair(bus)
+    tries: Counter[int] = Counter()
+
+    @billing.commands.register(Charge)
+    async def charge(command: Charge) -> Receipt:
+        tries[command.order_id] += 1
+        if command.order_id == 1 or tries[command.order_id] == 1:
+            raise Declined(f"card declined for order {command.order_id}")
+        return Receipt(f"ch-{command.order_id}", command.amount)
+
+    async with billing, shop:
+        with pytest.raises(RemoteError, match=r"after 3 attempt\(s\), dead-lettered") as info:
+            await shop.execute(Charge(1, 500))
+        assert info.value.error_type == f"{__name__}.Declined"
+        assert info.value.remote_message == "card declined for order 1"
+        assert tries[1] >= QUICK.attempts  # the error came with the last attempt
+        # A command that fails once and then succeeds answers with its result: the
+        # first failure is not the caller's to see (it would be a lie).
+        assert await shop.execute(Charge(2, 700)) == Receipt("ch-2", 700)
+        assert tries[2] >= 2
+
+
+async def test_a_routed_command_that_returns_an_event_for_command_none_gives_none(
+    bus: Bus,
+) -> None:
+    billing, shop = pair(bus)
+    seen: list[int] = []
+
+    @billing.commands.register(Ship)
+    async def ship(command: Ship) -> Charged:
+        return Charged(command.order_id)  # published (routed), and not the caller's result
+
+    @billing.events.register(Charged)
+    async def on_charged(event: Charged) -> None:
+        seen.append(event.order_id)
+
+    async with billing, shop:
+        assert await shop.execute(Ship(4)) is None
+        deadline = time.monotonic() + 10
+        while not seen:
+            assert time.monotonic() < deadline, "the event the command returned was not sent"
+            await asyncio.sleep(0.02)
+
+
+async def test_a_routed_command_nobody_answers_in_time_is_still_carried_out() -> None:
+    bus = MemoryTransport()
+    billing = Dispatcher(transport=bus, service="billing", routes=ROUTES)
+    shop = Dispatcher(transport=bus, service="shop", routes=ROUTES)
+    done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    @billing.commands.register(Charge)
+    async def charge(command: Charge) -> Receipt:
+        done.set_result(command.order_id)
+        return Receipt("ch", command.amount)
+
+    with pytest.raises(RequestTimeout, match="may still be carried out"):
+        await shop.execute(Charge(5, 100), timeout=0.05)  # billing is not running
+    async with billing:  # durable: the command waited for its owner
+        assert await asyncio.wait_for(done, 5) == 5
+    await shop.stop()
+
+
+async def test_a_routed_command_outlives_the_worker_that_took_it(bus: Bus) -> None:
+    if bus.kind == "memory":
+        pytest.skip("one MemoryTransport is the broker itself: closing it loses everything")
+    shop = Dispatcher(transport=bus.transport(), service="shop", routes=ROUTES)
+    crashing, taking_over = bus.transport(), bus.transport()
+    for transport in (crashing, taking_over):
+        await transport.open()
+        await transport.declare("command.Charge", "billing", from_start=True)
+    async with shop:
+        asking = asyncio.create_task(shop.execute(Charge(9, 1), timeout=30))
+        deadline = time.monotonic() + 10
+        taken: list[Any] = []
+        while not taken:  # the worker that takes it, then dies without settling it
+            assert time.monotonic() < deadline, "the command never arrived"
+            taken = list(
+                await crashing.receive("command.Charge", "billing", consumer="a", limit=1, wait=0.5)
+            )
+        await crashing.close()
+        again: list[Any] = []
+        while not again:  # another worker gets it once claim_after has passed
+            assert time.monotonic() < deadline + 10, "the command was lost with its worker"
+            again = list(
+                await taking_over.receive(
+                    "command.Charge", "billing", consumer="b", limit=1, wait=0.5
+                )
+            )
+        [delivery] = again
+        assert delivery.envelope.id == taken[0].envelope.id
+        assert delivery.envelope.reply_to  # and it still knows where to answer
+        await taking_over.reply(
+            delivery.envelope.reply_to,
+            Envelope(
+                name="Charge.result",
+                payload=b'{"charge_id":"ch-9","amount":1}',
+                correlation_id=delivery.envelope.id,
+                headers={"iambus-status": "ok"},
+            ),
+        )
+        await delivery.ack()
+        assert await asyncio.wait_for(asking, 10) == Receipt("ch-9", 1)
+
+
+async def test_send_returns_once_the_broker_has_it_without_waiting(bus: Bus) -> None:
+    billing, shop = pair(bus)
+    handled: asyncio.Future[Charge] = asyncio.get_running_loop().create_future()
+
+    @billing.commands.register(Charge)
+    async def charge(command: Charge) -> Receipt:
+        handled.set_result(command)
+        return Receipt("ch", command.amount)
+
+    async with shop:
+        assert await shop.send(Charge(6, 100)) is None  # billing is not even running
+        assert not handled.done()
+        async with billing:
+            assert await asyncio.wait_for(handled, 10) == Charge(6, 100)
+
+
+async def test_send_without_a_transport_queues_like_handle() -> None:
+    dp = Dispatcher()
+    handled: list[int] = []
+
+    @dp.commands.register(Charge)
+    async def charge(command: Charge) -> Receipt:
+        handled.append(command.order_id)
+        return Receipt("ch", command.amount)
+
+    async with dp:
+        await dp.send(Charge(7, 1), id="ignored-in-process")
+        await dp.join()
+    assert handled == [7]
+
+
+async def test_a_query_is_not_sent() -> None:
+    dp = Dispatcher(transport="memory://", service="shop", routes={Lookup: "catalog"})
+    local = Dispatcher()
+
+    @local.queries.register(Lookup)
+    async def lookup(query: Lookup) -> int:
+        return 1
+
+    for sender in (dp, local):
+        with pytest.raises(TypeError, match=r"is a query.*dp\.query"):
+            await sender.send(Lookup("tea"))
+        await sender.stop()
+
+
+# -- resending an envelope: the same id ---------------------------------------------
+
+
+async def test_send_with_an_id_or_an_envelope_keeps_its_id(bus: Bus) -> None:
+    transport = bus.transport()
+    shop = Dispatcher(transport=transport, service="shop", routes=ROUTES)
+    await transport.open()
+    await transport.declare("command.Charge", "billing", from_start=True)
+    given = str(uuid.uuid4())
+    async with shop:
+        await shop.send(Charge(8, 1), id=given, key="order-8")
+        ready = Envelope(name="Charge", payload=b'{"order_id":9,"amount":2}')
+        await shop.send(ready)  # an envelope kept from a send that raised: sent as it is
+        got: list[Envelope] = []
+        deadline = time.monotonic() + 10
+        while len(got) < 2:
+            assert time.monotonic() < deadline, f"got only {got}"
+            deliveries = await transport.receive(
+                "command.Charge", "billing", consumer="c", limit=2, wait=0.5
+            )
+            for delivery in deliveries:
+                got.append(delivery.envelope)
+                await delivery.ack()
+    by_id = {envelope.id: envelope for envelope in got}
+    assert set(by_id) == {given, ready.id}
+    assert by_id[given].key == "order-8"
+    assert by_id[ready.id].payload == ready.payload
+
+
+async def test_a_resend_of_the_same_id_is_stored_once_on_nats() -> None:
+    require("nats")
+    from iambus.transports.nats import NatsTransport
+
+    transport = NatsTransport("nats://127.0.0.1:4222", namespace=f"t{uuid.uuid4().hex[:10]}")
+    shop = Dispatcher(transport=transport, service="shop", routes=ROUTES)
+    try:
+        await transport.open()
+        await transport.declare("command.Charge", "billing", from_start=True)
+        async with shop:
+            await shop.send(Charge(1, 1), id="resent-1")
+            await shop.send(Charge(1, 1), id="resent-1")  # within the duplicate window
+            await shop.send(Charge(2, 2))  # stored after any duplicate: read up to it
+            ids: list[str] = []
+            deadline = time.monotonic() + 10
+            while not ids or ids[-1] == "resent-1":
+                assert time.monotonic() < deadline, f"got only {ids}"
+                for delivery in await transport.receive(
+                    "command.Charge", "billing", consumer="c", limit=3, wait=0.5
+                ):
+                    ids.append(delivery.envelope.id)
+                    await delivery.ack()
+        assert ids[0] == "resent-1"
+        assert ids.count("resent-1") == 1
+    finally:
+        await transport.open()
+        await transport.destroy()
+        await transport.close()
+
+
+async def test_an_envelope_of_a_name_not_routed_here_is_refused() -> None:
+    dp = Dispatcher(transport="memory://", service="shop", routes=ROUTES)
+    with pytest.raises(ImproperlyConfigured, match=r"'Refund'.*id='e-1'"):
+        await dp.send(Envelope(name="Refund", payload=b"{}", id="e-1"))
+    with pytest.raises(TypeError, match="neither key= nor id="):
+        await dp.send(Envelope(name="Charge", payload=b"{}"), id="e-2")
+    with pytest.raises(TypeError, match="id must be a non-empty string"):
+        await dp.send(Charge(1, 1), id="")
+    await dp.stop()
+
+
+@dataclass(frozen=True, slots=True)
+class Export(Command[Any]):
+    n: int
+
+
+@dataclass(frozen=True, slots=True)
+class Count(Command[int]):
+    n: int
+
+
+async def test_a_command_result_that_does_not_travel_is_an_error_and_not_a_retry() -> None:
+    bus = MemoryTransport()
+    routes: dict[type | str, str] = {Export: "files", Count: "files"}
+    files = Dispatcher(transport=bus, service="files", routes=routes, retry=QUICK)
+    app = Dispatcher(transport=bus, service="app", routes=routes)
+    runs: Counter[str] = Counter()
+    reported: list[BaseException] = []
+    files.error_handler = lambda exc, message, context: reported.append(exc)
+
+    @files.commands.register(Export)
+    async def export(command: Export) -> object:
+        runs["export"] += 1
+        return object()  # done, but no codec can encode the result
+
+    @files.commands.register(Count)
+    async def count(command: Count) -> str:
+        runs["count"] += 1
+        return "many"  # not the int that Count declares
+
+    async with files:
+        with pytest.raises(RemoteError) as info:
+            await app.execute(Export(1))
+        assert info.value.error_type == "iambus.errors.SerializationError"
+        with pytest.raises(SerializationError, match="was carried out by service 'files'"):
+            await app.execute(Count(1))
+    await app.stop()
+    assert runs == {"export": 1, "count": 1}  # neither was run again
+    assert [type(exc) for exc in reported] == [SerializationError]

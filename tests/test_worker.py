@@ -128,7 +128,7 @@ async def test_a_command_goes_to_its_owner_and_its_events_follow(bus: Bus) -> No
         shipped.append(command.amount)
 
     async with orders, billing:
-        assert await orders.execute(PlaceOrder(1)) is None  # remote: accepted by the broker
+        assert await orders.execute(PlaceOrder(1)) is None  # remote: the owner answered
         await orders.handle(ChargeCard(1, 50))  # handle() sends routed messages at once
         await settle(bus, orders, until=lambda: charged and shipped)
     assert (charged, shipped) == ([1], [50])
@@ -439,7 +439,7 @@ async def test_a_routed_event_goes_only_to_the_transport_even_with_catch_all_han
         return Shipped(command.order_id)
 
     async with orders:
-        await orders.execute(PlaceOrder(1))
+        await orders.send(PlaceOrder(1))  # not execute(): that would raise the failure
         await asyncio.wait_for(orders.join(), 5)
     [letter] = await bus.dead_letters()  # retried, then parked: never acked and forgotten
     assert letter.failure.error_type == "iambus.errors.TransportError"
@@ -764,11 +764,11 @@ async def test_a_routed_send_no_live_instance_handles_is_logged_once(
 
     caplog.set_level(logging.WARNING, logger="iambus.remote")
     async with billing_service(bus):
-        await orders.execute(ChargeCard(1, 5))  # handled: nothing to say
+        await orders.send(ChargeCard(1, 5))  # handled: nothing to say
         await checked()
         assert warnings() == []
-        await orders.execute(RefundCard(1))
-        await orders.execute(RefundCard(2))
+        await orders.send(RefundCard(1))
+        await orders.send(RefundCard(2))
         await orders.publish(CardExpired(1))
         await checked()
     await orders.stop()

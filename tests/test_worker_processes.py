@@ -237,7 +237,7 @@ async def test_sigterm_lets_the_handler_in_flight_finish_and_ack(cluster: Cluste
     cluster.spawn("A", service="billing", handlers=["billing"], slow={1: 1.0})
     await cluster.ready("A")
     async with sender(cluster) as orders:
-        await orders.execute(ChargeCard(1))  # routed: returns once the broker has it
+        await orders.send(ChargeCard(1))  # routed: returns once the broker has it
         await until(lambda: bool(cluster.steps()), 15, "A to start 1", detail=cluster.report)
         sigterm_at = time.time()
         assert await cluster.stop("A") == {"A": 0}
@@ -254,7 +254,7 @@ async def test_sigterm_lets_the_handler_in_flight_finish_and_ack(cluster: Cluste
         # A new worker of the service gets the next command, and not that one again.
         cluster.spawn("B", service="billing", handlers=["billing"])
         await cluster.ready("B")
-        await orders.execute(ChargeCard(2))
+        await orders.send(ChargeCard(2))
         await until(
             lambda: cluster.done("command", "B") == Counter(["2"]),
             15,

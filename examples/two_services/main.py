@@ -51,8 +51,10 @@ async def main() -> None:
         async with orders.create(url) as orders_dp, billing.create(url):
             command = PlaceOrder(order_id=1, amount_cents=4200)
             print(f"main: sending {command} to orders")
-            await orders_dp.execute(command)  # routed: returns once Redis has it
+            # Routed: a request through Redis; orders' worker answers with the result.
+            placed = await orders_dp.execute(command)
             answer = await invoice_of(orders_dp, 1)
+            print(f"main: orders answered {placed}")
             print(f"main: billing answered GetInvoice(order_id=1): {answer}")
     finally:
         keys = RedisTransport(url)

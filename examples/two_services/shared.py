@@ -15,16 +15,16 @@ REDIS_URL = os.environ.get("IAMBUS_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 @dataclass(frozen=True, slots=True)
-class PlaceOrder(Command[None]):
-    """Orders: take an order."""
+class OrderPlaced:
+    """Orders took an order: whoever cares reacts (billing invoices it)."""
 
     order_id: int
     amount_cents: int
 
 
 @dataclass(frozen=True, slots=True)
-class OrderPlaced:
-    """Orders took an order: whoever cares reacts (billing invoices it)."""
+class PlaceOrder(Command[OrderPlaced]):
+    """Orders: take an order; ``execute()`` returns the event it published."""
 
     order_id: int
     amount_cents: int

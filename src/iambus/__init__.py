@@ -3,7 +3,9 @@
 ``import iambus`` does no work and imports no broker driver.
 """
 
+from .codecs import Codec, JsonCodec
 from .dispatching import Dispatcher
+from .envelope import Envelope, current_envelope
 from .errors import (
     DispatcherStopped,
     HandlerAlreadyBound,
@@ -21,11 +23,14 @@ from .errors import (
     WouldDeadlock,
 )
 from .handlers import AbstractHandler, Handler, HandlerProtocol
-from .messages import Command, Query
+from .messages import Command, Query, contract
 from .middleware import CallNext, Context, Middleware
 from .providers import Factory, Singleton
+from .retry import Retry
 from .routers import EventRouter, RequestRouter
 from .status import GroupStatus, Status, status
+from .transports import Transport, connect
+from .transports.memory import MemoryTransport
 
 __version__ = "0.3.0.dev0"
 
@@ -35,10 +40,12 @@ dispatcher = Dispatcher()
 __all__ = [
     "AbstractHandler",
     "CallNext",
+    "Codec",
     "Command",
     "Context",
     "Dispatcher",
     "DispatcherStopped",
+    "Envelope",
     "EventRouter",
     "Factory",
     "GroupStatus",
@@ -50,6 +57,8 @@ __all__ = [
     "HandlerSignatureError",
     "IambusError",
     "ImproperlyConfigured",
+    "JsonCodec",
+    "MemoryTransport",
     "Middleware",
     "ProviderConflict",
     "Query",
@@ -57,12 +66,17 @@ __all__ = [
     "RemoteError",
     "RequestRouter",
     "RequestTimeout",
+    "Retry",
     "SerializationError",
     "Singleton",
     "Status",
+    "Transport",
     "TransportError",
     "WouldDeadlock",
     "__version__",
+    "connect",
+    "contract",
+    "current_envelope",
     "dispatcher",
     "status",
 ]

@@ -15,7 +15,11 @@ Sending:
 * ``await dp.publish(event)`` runs every handler of the event concurrently and returns
   when all have run; failures are raised together as an ``ExceptionGroup``.
 * ``await dp.execute(command)`` / ``await dp.query(query)`` run the one handler and return
-  its result, or raise its exception.
+  its result, or raise its exception — in this process, or in the service a route sends
+  it to (a request: the owner's worker answers).
+* ``await dp.send(message, key=None, id=None)`` hands a command or an event over without
+  waiting for its handlers: to the transport when routed (returns once the broker has
+  it), else to the background workers (as ``handle()`` does).
 * ``await dp.handle(message, key=None, wait_for_response=False)`` finds the message in the
   events, commands, then queries router. Without ``wait_for_response`` it queues the
   message for the background workers and returns once queued; failures go to the
@@ -40,7 +44,7 @@ from typing import Any, Literal, TypeVar, overload
 
 from .codecs import Codec, JsonCodec
 from .engine import Engine, JobFn, current_key, in_worker, outside_workers
-from .envelope import current_envelope
+from .envelope import Envelope, current_envelope
 from .errors import (
     DispatcherStopped,
     HandlerDoesNotExist,
@@ -362,6 +366,10 @@ class Dispatcher:
         """Routed messages: handlers become subscriptions, sending goes to the transport."""
         remote = self.remote
         assert remote is not None
+        # Every routed class this dispatcher knows of gets its wire name now, so that two
+        # classes of one name fail the start (naming both), not some later send.
+        for routed in self.routes.types():
+            remote.registry.add(routed)
         subs: list[Subscription] = []
         tables: tuple[tuple[Kind, dict[MessageKey, Route]], ...] = (
             ("command", self._commands),
@@ -670,19 +678,30 @@ class Dispatcher:
         return result
 
     @overload
-    async def execute(self, command: Command[R], /, *, key: str | None = None) -> R: ...
+    async def execute(
+        self, command: Command[R], /, *, key: str | None = None, timeout: float | None = None
+    ) -> R: ...
 
     @overload
-    async def execute(self, command: Any, /, *, key: str | None = None) -> Any: ...
+    async def execute(
+        self, command: Any, /, *, key: str | None = None, timeout: float | None = None
+    ) -> Any: ...
 
-    async def execute(self, command: Any, /, *, key: str | None = None) -> Any:
-        """Run the command's handler and return its result.
+    async def execute(
+        self, command: Any, /, *, key: str | None = None, timeout: float | None = None
+    ) -> Any:
+        """Run the command's handler and return its result, or raise its exception.
 
         Events it emits have been published (their handlers have run) when this returns.
+        A routed command is a request to its owner service: its result comes back
+        decoded into the ``R`` of ``Command[R]``, a failure as ``RemoteError`` once the
+        owner gave up retrying it, and ``RequestTimeout`` after ``timeout`` seconds
+        (default: ``request_timeout``). To hand a command over without waiting, use
+        ``send()``.
         """
         invoke = self._fast_commands.get(type(command))
-        if invoke is None or key is not None:
-            return await self._send_request("command", command, key)
+        if invoke is None or key is not None or timeout is not None:
+            return await self._send_request("command", command, key, timeout)
         result = await invoke(command)
         if result is not None and type(result) not in self.quiet:
             # Plain routes have no response_event: the result is an event if its type
@@ -733,7 +752,8 @@ class Dispatcher:
         """Send ``message`` to whichever router knows it: events, commands, then queries.
 
         ``wait_for_response=False`` queues it for the background workers and returns
-        once queued (waiting for room if ``max_pending`` messages are pending).
+        once queued (waiting for room if ``max_pending`` messages are pending); a routed
+        message is sent to the transport instead (``send()``).
         ``wait_for_response=True`` returns the command's or query's result, or waits for
         an event's handlers, raising failures as ``publish``/``execute``/``query`` do.
         """
@@ -747,8 +767,11 @@ class Dispatcher:
                 # Routed: handed to the broker now, whether or not the caller waits —
                 # durability is the broker's job, not an in-memory queue's. A routed
                 # query always waits for its answer.
-                result = await remote.run(message, key)
-                return result if wait_for_response else None
+                if wait_for_response or remote.kind == "query":
+                    result = await remote.run(message, key)
+                    return result if wait_for_response else None
+                await remote.send(message, key)
+                return None
         job: JobFn
         # Events bound to this very type first (the seed's order: events, commands,
         # queries); handlers bound to a base class (or ``object``) only when no command or
@@ -772,6 +795,68 @@ class Dispatcher:
                 f"before sending it"
             )
         await self._background().put((job, message, key, None, current_envelope.get()), key)
+
+    async def send(self, message: Any, /, *, key: str | None = None, id: str | None = None) -> None:
+        """Hand a command or an event over without waiting for its handlers.
+
+        Routed, it goes to the transport and this returns once the broker has it (the
+        owner's worker handles it, retries it, dead-letters it; nobody waits for its
+        result). Not routed, it is queued for the background workers, as
+        ``handle(message)`` does.
+
+        ``id`` gives the envelope that id instead of a new one, and ``message`` may be a
+        ready ``Envelope``: a send that raised ``TransportError`` may still have been
+        stored, and resending the same id lets a broker that deduplicates (NATS, within
+        its duplicate window) store it once. Queries are asked, not sent: ``query()``.
+        """
+        if isinstance(message, Envelope):
+            if key is not None or id is not None:
+                raise TypeError(
+                    "an Envelope is sent as it is, with its own id and key; pass neither "
+                    "key= nor id= with one"
+                )
+            await self._send_envelope(message)
+            return
+        if id is not None and (not isinstance(id, str) or not id):
+            raise TypeError(
+                f"id must be a non-empty string (the envelope id, e.g. one a failed send "
+                f"used), got {id!r}"
+            )
+        if not self._open:
+            self._ensure_open()
+        mkey = message_key(message)
+        _check_key(key)
+        if self.remote is not None:
+            routed = self._routed(mkey)
+            if routed is not None:
+                if routed.kind == "query":
+                    raise _not_sent(describe(mkey))
+                await routed.send(message, key, id)
+                return
+        if mkey in self._queries and mkey not in self._commands and mkey not in self._event_routes:
+            raise _not_sent(describe(mkey))  # what handle() would run is the query handler
+        await self.handle(message, key=key)
+
+    async def _send_envelope(self, envelope: Envelope) -> None:
+        remote = self.remote
+        if remote is None:
+            raise ImproperlyConfigured(
+                f"an Envelope ({envelope.name}) goes to a transport, and this dispatcher has "
+                f"none: pass Dispatcher(transport=..., routes=...)"
+            )
+        if not self._open:
+            self._ensure_open()
+        mkey = remote.registry.key_of(envelope.name)
+        route = self._routed(mkey) if mkey is not None else None
+        if route is None:
+            raise ImproperlyConfigured(
+                f"cannot send the envelope of {envelope.name!r}: no routed message of that "
+                f"name is known here. Route its class (routes={{MyMessage: 'service'}}), or "
+                f"send the message itself again with id={envelope.id!r}"
+            )
+        if route.kind == "query":
+            raise _not_sent(repr(envelope.name))
+        await remote.send_envelope(route.kind, envelope)
 
     # -- internals: routes, emitting, delivering ---------------------------------------
 
@@ -1067,6 +1152,12 @@ async def _within(timeout: float, call: Awaitable[Any], message: Any) -> Any:
         raise RequestTimeout(
             f"{describe(message_key(message))} got no answer within {timeout}s"
         ) from exc
+
+
+def _not_sent(what: str) -> TypeError:
+    return TypeError(
+        f"{what} is a query: a query is asked for its answer, not sent; use await dp.query(...)"
+    )
 
 
 def _check_key(key: object) -> None:

@@ -119,8 +119,10 @@ class MessageRegistry:
         other = self._by_name.get(name)
         if other is not None and other != key:
             raise ImproperlyConfigured(
-                f"two messages are named {name!r}: {describe(other)} and {describe(key)}; "
-                f"give one a distinct name with @contract('...') or __message_name__"
+                f"two message classes are named {name!r} on the wire: {describe(other)} and "
+                f"{describe(key)}, which would share one address and be decoded as each "
+                f"other; give one a distinct name with @iambus.contract('...') on the class "
+                f"(or a __message_name__ attribute)"
             )
         self._by_name[name] = key
         self._by_key[key] = name

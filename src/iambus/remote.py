@@ -1,16 +1,20 @@
 """The sending side of a dispatcher with a transport.
 
 Routed messages (see ``routing``) are encoded into an ``Envelope`` and handed to the
-transport; the send returns once the broker has them. Envelopes inherit their
-correlation id from the message being handled (the *conversation*), and carry the id of
-that message as their causation id, so a chain of messages can be traced across
-services. A routed query is a request: ``await dp.query(q, timeout=2)`` waits for the
-owner's answer and decodes it into the ``R`` of ``Query[R]``; a failure over there is
-raised here as ``RemoteError``, no answer in time as ``RequestTimeout``.
+transport. Envelopes inherit their correlation id from the message being handled (the
+*conversation*), and carry the id of that message as their causation id, so a chain of
+messages can be traced across services.
+
+Where the handler runs never changes what the caller sees: a routed command or query is
+a request. ``await dp.execute(cmd)`` and ``await dp.query(q, timeout=2)`` wait for the
+owner's answer and decode it into the ``R`` of ``Command[R]`` / ``Query[R]``; a failure
+over there is raised here as ``RemoteError``, no answer in time as ``RequestTimeout``.
+``await dp.send(msg)`` hands a command or an event to the transport and returns once the
+broker has it, without waiting for a handler.
 
 When the transport keeps a registry of the live worker instances (every iambus transport
 does), a ``RequestTimeout`` says what it found there: no live instance of the owner, or
-live instances none of which handles the query (and what they do handle). The first
+live instances none of which handles the message (and what they do handle). The first
 send of each routed command and event looks there too, in the background, and logs a
 warning once when no live instance handles it.
 """
@@ -25,7 +29,7 @@ from typing import Any
 
 from .codecs import Codec
 from .envelope import Envelope, current_envelope, new_id
-from .errors import RemoteError, RequestTimeout, TransportError
+from .errors import RemoteError, RequestTimeout, SerializationError, TransportError
 from .handlers import Kind
 from .messages import MessageKey, MessageRegistry, message_key, result_type
 from .middleware import Context
@@ -94,10 +98,12 @@ class Remote:
 
     # -- envelopes --------------------------------------------------------------------
 
-    def envelope(self, message: Any, key: str | None, **fields: Any) -> Envelope:
+    def envelope(
+        self, message: Any, key: str | None, *, id: str | None = None, **fields: Any
+    ) -> Envelope:
         name = self.registry.name_of(message_key(message))
         parent = current_envelope.get()
-        envelope_id = new_id()
+        envelope_id = new_id() if id is None else id
         return Envelope(
             id=envelope_id,
             name=name,
@@ -115,10 +121,10 @@ class Remote:
 
     # -- sending ----------------------------------------------------------------------
 
-    async def send(self, kind: Kind, message: Any, key: str | None) -> None:
+    async def send(self, kind: Kind, message: Any, key: str | None, id: str | None = None) -> None:
         if not self._opened:
             await self.open()
-        envelope = self.envelope(message, key)
+        envelope = self.envelope(message, key, id=id)
         to = address(kind, envelope.name)
         await self.transport.send(to, envelope)
         if to not in self._checked:
@@ -128,21 +134,33 @@ class Remote:
             self._checks.add(check)
             check.add_done_callback(self._checks.discard)
 
-    async def request(self, query: Any, key: str | None, timeout: float | None) -> Any:
+    async def send_envelope(self, kind: Kind, envelope: Envelope) -> None:
+        """Send a ready envelope as it is: a resend keeps its id (see ``Dispatcher.send``)."""
+        if not self._opened:
+            await self.open()
+        await self.transport.send(address(kind, envelope.name), envelope)
+
+    async def request(
+        self, kind: Kind, message: Any, key: str | None, timeout: float | None
+    ) -> Any:
+        """Send a command or query to its owner; return the answer, or raise its error."""
         if not self._opened:
             await self.open()
         timeout = self.request_timeout if timeout is None else timeout
-        mkey = message_key(query)
-        envelope = self.envelope(query, key, headers={"deadline": repr(time.time() + timeout)})
+        mkey = message_key(message)
+        # A query nobody answers in time is skipped by its owner; a late command is still
+        # carried out (it is durable, and maybe sent on purpose to a service that is down).
+        headers = {"deadline": repr(time.time() + timeout)} if kind == "query" else {}
+        envelope = self.envelope(message, key, headers=headers)
         try:
             answer = await self.transport.request(
-                address("query", envelope.name), envelope, timeout=timeout
+                address(kind, envelope.name), envelope, timeout=timeout
             )
         except TimeoutError as exc:
             if isinstance(exc, TransportError):
                 raise
             owner = self.routes.owner(mkey)
-            to = address("query", envelope.name)
+            to = address(kind, envelope.name)
             found = await self.handlers_of(to, owner)
             if found is None:
                 why = f"is a worker of {owner!r} running?"
@@ -150,19 +168,44 @@ class Remote:
                 why = f"{found[1]}: busy, or is the handler slower than the timeout?"
             else:
                 why = found[1]
+            later = (
+                ""
+                if kind == "query"
+                else " The command stays with the broker and may still be carried out: wait "
+                "longer (execute(..., timeout=...)), or dp.send() it to hand it over "
+                "without waiting."
+            )
             raise RequestTimeout(
-                f"no answer to {envelope.name} from service {owner!r} within {timeout}s; {why}"
+                f"no answer to {envelope.name} from service {owner!r} within {timeout}s; "
+                f"{why}{later}"
             ) from exc
         if answer.headers.get(STATUS) == "error":
             owner = self.routes.owner(mkey)
             details = json.loads(answer.payload)
+            attempts = details.get("attempts")
+            tried = "" if attempts is None else f" after {attempts} attempt(s), dead-lettered"
             raise RemoteError(
-                f"{envelope.name} failed in service {owner!r}: "
+                f"{envelope.name} failed in service {owner!r}{tried}: "
                 f"{details['type']}: {details['message']}",
                 error_type=details["type"],
                 remote_message=details["message"],
             )
-        return self.codec.decode(answer.payload, result_type(mkey), name=f"{envelope.name} result")
+        into = result_type(mkey)
+        if into is None or into is type(None):
+            # Command[None]: nothing to return, even if the handler returned an event (to
+            # publish it) or some value the caller declared it does not want.
+            return None
+        try:
+            return self.codec.decode(answer.payload, into, name=f"{envelope.name} result")
+        except SerializationError as exc:
+            if kind == "query":
+                raise
+            owner = self.routes.owner(mkey)
+            raise SerializationError(
+                f"{envelope.name} was carried out by service {owner!r}, but its result does "
+                f"not decode as declared: {exc}; make the R of Command[R] the type its "
+                f"handler returns"
+            ) from exc
 
     # -- who handles what (the transport's registry) -----------------------------------
 
@@ -237,10 +280,20 @@ class Remote:
             headers={STATUS: "ok"},
         )
 
-    def failure(self, request: Envelope, exc: BaseException) -> Envelope:
-        """The reply to ``request`` saying its handler raised ``exc``."""
+    def failure(
+        self, request: Envelope, exc: BaseException, *, attempts: int | None = None
+    ) -> Envelope:
+        """The reply to ``request`` saying its handler raised ``exc``.
+
+        ``attempts``: how often a command was tried before it was dead-lettered.
+        """
         kind = type(exc)
-        details = {"type": f"{kind.__module__}.{kind.__qualname__}", "message": str(exc)}
+        details: dict[str, Any] = {
+            "type": f"{kind.__module__}.{kind.__qualname__}",
+            "message": str(exc),
+        }
+        if attempts is not None:
+            details["attempts"] = attempts
         return Envelope(
             name=f"{request.name}.error",
             payload=json.dumps(details).encode(),
@@ -274,7 +327,12 @@ class RemoteRoute:
         return self.context if key is None else Context(self.kind, self.name, key)
 
     async def run(self, message: Any, key: str | None, timeout: float | None = None) -> Any:
-        if self.kind == "query":
-            return await self.remote.request(message, key, timeout)
-        await self.remote.send(self.kind, message, key)
-        return None
+        """A command or query: its owner's answer. An event: sent."""
+        if self.kind == "event":
+            await self.remote.send("event", message, key)
+            return None
+        return await self.remote.request(self.kind, message, key, timeout)
+
+    async def send(self, message: Any, key: str | None, id: str | None = None) -> None:
+        """Hand the message to the transport; return once the broker has it."""
+        await self.remote.send(self.kind, message, key, id)

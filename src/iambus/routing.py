@@ -73,6 +73,10 @@ class Routes:
     def __bool__(self) -> bool:
         return bool(self._by_key or self._by_name or self._modules)
 
+    def types(self) -> list[type]:
+        """The message classes routed by class (not by name or module)."""
+        return list(self._by_key)
+
     def owner(self, key: MessageKey) -> str | None:
         """The service owning ``key``, or None when it stays in-process. Cached."""
         try:

@@ -10,11 +10,13 @@ For every delivery it decodes the message, runs the handler (with middleware and
 cascades, exactly as in-process), and only then settles it:
 
 * success: events the handler emitted have been handed to the transport; then **ack**.
-  A query's answer is sent to its requester first.
+  The answer to a query, or to a command sent by ``execute()``, is sent to its
+  requester first.
 * failure: **retry** after the policy's backoff (that handler only); after the last
   attempt, **dead-letter** with the error type, message, traceback excerpt and attempts,
   and report it to the ``error_handler``. A failing query is answered with the error and
-  not retried: its caller is waiting.
+  not retried: its caller is waiting. A command's requester gets the error only with the
+  dead letter, after the last attempt (a retry that succeeds answers with the result).
 * a payload that does not decode: dead-letter at once, with the reason.
 
 At most ``concurrency`` handlers run at once. On stop it fetches nothing more, lets the
@@ -262,7 +264,7 @@ class Worker:
         try:
             message = self.remote.decode(envelope, sub.message)
         except SerializationError as exc:
-            if sub.kind == "query" and envelope.reply_to:
+            if envelope.reply_to:
                 # The requester waits: tell it now rather than let it time out.
                 await self.remote.transport.reply(
                     envelope.reply_to, self.remote.failure(envelope, exc)
@@ -284,11 +286,20 @@ class Worker:
             return
         finally:
             current_envelope.reset(token)
-        if sub.kind == "query" and envelope.reply_to:
+        if envelope.reply_to:  # a query, or a command sent by execute(): the answer first
             try:
                 answer = self.remote.answer(envelope, result)
             except SerializationError as exc:
-                await self._failed(sub, delivery, message, exc)  # answered with the error
+                if sub.kind == "query":
+                    await self._failed(sub, delivery, message, exc)  # answered with the error
+                    return
+                # The command did its work: running it again would not make its result
+                # encodable. The requester gets the error; the error_handler hears of it.
+                await self.remote.transport.reply(
+                    envelope.reply_to, self.remote.failure(envelope, exc)
+                )
+                await delivery.ack()
+                await self._report(exc, message, sub.route.context_for(envelope.key))
                 return
             await self.remote.transport.reply(envelope.reply_to, answer)
         await delivery.ack()
@@ -323,6 +334,13 @@ class Worker:
             )
             await delivery.retry(delay)
             return
+        if envelope.reply_to:
+            # A command's requester (execute()) hears of its failure once it is final:
+            # a retry that succeeds answers with the result instead.
+            await self.remote.transport.reply(
+                envelope.reply_to,
+                self.remote.failure(envelope, exc, attempts=delivery.attempt),
+            )
         await delivery.dead_letter(_failure(exc, delivery.attempt, sub.route.name))
         logger.error(
             "iambus: %s failed on %s %d times; dead-lettered (id %s)",

@@ -39,6 +39,8 @@ async def main() -> None:
     assert_type(await get_user(GetUser(1)), User)
     assert_type(await dp.query(GetUser(7)), User)
     assert_type(await dp.execute(CreateUser("ann")), int)
+    assert_type(await dp.execute(CreateUser("ann"), timeout=2), int)
+    assert_type(await dp.send(CreateUser("ann"), id="x"), None)
     assert_type(await dp.handle(GetUser(7), wait_for_response=True), User)
     assert_type(await dp.query(Untyped()), Any)
     assert_type(await dp.publish(Untyped()), None)

@@ -56,14 +56,15 @@ maps onto JetStream:
   consumer per group). ``purge`` deletes dead letters by sequence;
 * ``request`` sets ``reply_to`` to an inbox of this transport instance, on core NATS;
   ``reply`` is a core NATS publish there (not durable: a reply nobody waits for is
-  dropped). A request without a key is published on core NATS to ``<ns>.r.<address>``
+  dropped). A query without a key is published on core NATS to ``<ns>.r.<address>``
   (no stream holds it; ``r`` is no ``m`` nor ``k``), framed the same way and without
   headers, with a NATS reply subject of its own: a group's first ``receive`` subscribes
   there, in a queue group named after its consumer, so that one instance of each group
   gets it, and ``receive`` hands it out with the rest (attempt 1). When nobody listens, the server
   answers "no responders" (503) on that reply subject and the request goes into the
   stream as a send (so the owner's durable consumer gets it, even if it starts later);
-  a keyed request always does (its partition's order). Such a delivery's ``ack`` does
+  a keyed request always does (its partition's order), and so does a command's request
+  (``execute()``), which must survive a crash of its worker. Such a delivery's ``ack`` does
   nothing, ``retry(delay)`` gives it to a receive of this transport again after the
   delay (in memory, attempt + 1), ``dead_letter`` stores it in the dead stream. What a
   cancelled receive (a worker stopping; it unsubscribes), ``close``, or no receive
@@ -999,10 +1000,12 @@ class NatsTransport:
         token = format(self._tokens, "x")
         try:
             async with asyncio.timeout(timeout):
-                # Without a key, over core NATS to whoever listens; a keyed request keeps
-                # its place in its partition, and one nobody listens for waits in the
-                # stream for the owner's worker to start.
-                if envelope.key is None:
+                # A query without a key goes over core NATS to whoever listens; a keyed
+                # one keeps its place in its partition, and one nobody listens for waits
+                # in the stream for the owner's worker to start. A command always goes
+                # into the stream: it must outlive a crash of the worker handling it,
+                # and its retries must be durable (core NATS keeps nothing).
+                if envelope.key is None and not address.startswith("command."):
                     await self._ask(address, envelope, token)
                 else:
                     await self.send(address, envelope)
