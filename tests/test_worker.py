@@ -657,3 +657,45 @@ async def test_a_key_is_handled_in_order_across_instances_through_retries(
         assert seen[flight] == list(range(per_flight)), f"{flight}: {seen[flight]}"
     assert len(failed_once) == len(flights)
     assert overlaps > 0, "different keys must be handled in parallel"
+
+
+# -- issue 9: trust at the edges ------------------------------------------------------
+
+
+async def parked_letters(transport: Any, name: str, timeout: float = 10) -> list[Any]:
+    """The dead letters of messages named ``name``, once there is one (or fail)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        letters = [d for d in await transport.dead_letters() if d.envelope.name == name]
+        if letters:
+            return letters
+        assert time.monotonic() < deadline, f"no dead letter of {name} in {timeout}s"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("bus", ["memory", "redis"], indirect=True)
+async def test_a_handler_raising_cancelled_error_fails_is_retried_and_dead_lettered(
+    bus: Bus,
+) -> None:
+    runs: Counter[int] = Counter()
+    reported: list[BaseException] = []
+    billing = service(bus, "billing", error_handler=lambda exc, m, c: reported.append(exc))
+
+    @billing.commands.register(ChargeCard)
+    async def charge(command: ChargeCard) -> None:
+        runs[command.order_id] += 1
+        # The handler's own code cancels (an inner task cancelled and awaited, say):
+        # a failure of the handler, not a stop of the worker.
+        inner = asyncio.get_running_loop().create_task(asyncio.sleep(10))
+        inner.cancel()
+        await inner
+
+    async with billing:
+        await billing.execute(ChargeCard(7, 100))
+        transport = billing.remote.transport  # type: ignore[union-attr]
+        [letter] = await parked_letters(transport, "ChargeCard")
+    assert runs[7] >= FAST.attempts  # at least: a redelivery may add a run
+    assert letter.failure.error_type == "asyncio.exceptions.CancelledError"
+    assert letter.failure.attempts == FAST.attempts
+    assert [type(exc) for exc in reported] == [asyncio.CancelledError]
+    await transport.purge([letter.id])

@@ -258,6 +258,13 @@ class Worker:
         token = current_envelope.set(envelope)
         try:
             result = await sub.route.run(message, envelope.key)
+        except asyncio.CancelledError as exc:
+            if _stopping():
+                raise  # the worker stops: left unacked, redelivered after claim_after
+            # The handler's own code raised it (a task of its own cancelled, say): a
+            # failure like any other, or the delivery would hang until claim_after.
+            await self._failed(sub, delivery, message, exc)
+            return
         except Exception as exc:
             await self._failed(sub, delivery, message, exc)
             return
@@ -273,7 +280,7 @@ class Worker:
         await delivery.ack()
 
     async def _failed(
-        self, sub: Subscription, delivery: Delivery, message: Any, exc: Exception
+        self, sub: Subscription, delivery: Delivery, message: Any, exc: BaseException
     ) -> None:
         envelope = delivery.envelope
         context = sub.route.context_for(envelope.key)
@@ -311,6 +318,12 @@ class Worker:
             envelope.id,
         )
         await self._report(exc, message, context)
+
+
+def _stopping() -> bool:
+    """Whether the running task is being cancelled (a stop), not hit by a handler's own."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _expired(envelope: Envelope) -> bool:
