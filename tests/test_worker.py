@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -699,3 +701,67 @@ async def test_a_handler_raising_cancelled_error_fails_is_retried_and_dead_lette
     assert letter.failure.attempts == FAST.attempts
     assert [type(exc) for exc in reported] == [asyncio.CancelledError]
     await transport.purge([letter.id])
+
+
+def query_from(sender_clock: float, *, timeout: float, sender: str | None) -> Envelope:
+    """A GetInvoice request as a sender whose clock reads ``sender_clock`` would send it."""
+    headers = {"deadline": repr(sender_clock + timeout)}
+    if sender is not None:
+        headers["iambus-sender"] = sender
+    return Envelope(
+        name="GetInvoice", payload=b'{"order_id":1}', created_at=sender_clock, headers=headers
+    )
+
+
+@pytest.mark.parametrize("sender", ["orders@host-a", None], ids=["sender", "old-sender"])
+@pytest.mark.parametrize("skew", [-60.0, 60.0], ids=["behind", "ahead"])
+async def test_a_fresh_query_is_answered_whatever_the_clock_skew(
+    skew: float, sender: str | None
+) -> None:
+    from iambus.transports.memory import MemoryTransport
+
+    bus = MemoryTransport()
+    billing = Dispatcher(transport=bus, service="billing", routes=ROUTES)
+
+    @billing.queries.register(GetInvoice)
+    async def get_invoice(query: GetInvoice) -> str:
+        return f"invoice {query.order_id}"
+
+    async with billing:
+        for _ in range(3):  # the sender's clock is off by more than its timeout, every time
+            fresh = query_from(time.time() + skew, timeout=2, sender=sender)
+            answer = await bus.request("query.GetInvoice", fresh, timeout=5)
+            assert answer.payload == b'"invoice 1"'
+
+
+async def test_an_expired_query_is_logged_with_its_age_name_and_sender(caplog) -> None:
+    from iambus.transports.memory import MemoryTransport
+
+    bus = MemoryTransport()
+    billing = Dispatcher(transport=bus, service="billing", routes=ROUTES)
+    orders = Dispatcher(transport=bus, service="orders", routes=ROUTES)
+    handled: list[int] = []
+    senders: list[str | None] = []
+
+    @billing.queries.register(GetInvoice)
+    async def get_invoice(query: GetInvoice) -> str:
+        handled.append(query.order_id)
+        senders.append(current_envelope.get().headers.get("iambus-sender"))  # type: ignore[union-attr]
+        return "x"
+
+    async with billing, orders:
+        assert await orders.query(GetInvoice(1), timeout=2) == "x"
+        assert senders == [f"orders@{socket.gethostname()}"]
+        # From the same sender (its header, its clock), sent 30 s before that one: its
+        # caller gave up long ago.
+        stale = query_from(time.time() - 30, timeout=2, sender=senders[0])
+        await bus.send("query.GetInvoice", stale)
+        await asyncio.wait_for(billing.join(), 5)  # settled: acked, not handled
+    assert handled == [1]
+    [record] = [r for r in caplog.records if "expired" in r.getMessage()]
+    assert record.levelname == "WARNING"
+    text = record.getMessage()
+    assert "query GetInvoice" in text
+    assert stale.id in text
+    assert "from service 'orders'" in text
+    assert re.search(r"waited (29|30)\.\d\ds, its caller 2\.00s", text), text

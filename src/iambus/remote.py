@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = ["Remote", "RemoteRoute", "current_envelope"]
 
 
 STATUS, ERROR_TYPE = "iambus-status", "iambus-error-type"
+SENDER = "iambus-sender"  # "<service>@<host>" of a request: who asks, and on which clock
 
 
 class Remote:
@@ -53,6 +55,7 @@ class Remote:
         self.codec = codec
         self.request_timeout = request_timeout
         self.registry = MessageRegistry()
+        self.sender = f"{service or ''}@{socket.gethostname()}"
         self._opened = False
         self._opening: asyncio.Lock | None = None
 
@@ -106,7 +109,8 @@ class Remote:
             await self.open()
         timeout = self.request_timeout if timeout is None else timeout
         mkey = message_key(query)
-        envelope = self.envelope(query, key, headers={"deadline": repr(time.time() + timeout)})
+        deadline = repr(time.time() + timeout)
+        envelope = self.envelope(query, key, headers={"deadline": deadline, SENDER: self.sender})
         try:
             answer = await self.transport.request(
                 address("query", envelope.name), envelope, timeout=timeout

@@ -43,7 +43,7 @@ from .envelope import Envelope, current_envelope
 from .errors import SerializationError, TransportError
 from .handlers import Kind
 from .messages import MessageKey, describe
-from .remote import Remote
+from .remote import SENDER, Remote
 from .retry import Retry
 from .transports import Delivery, Failure
 
@@ -56,6 +56,8 @@ logger = logging.getLogger(__name__)
 
 Report = Callable[[BaseException, Any, Any], Any]
 RECEIVE_WAIT = 1.0  # seconds one receive may wait: also how long a stop may take to begin
+RELEARN = 60.0  # seconds a sender's clock offset is trusted before it is learnt again
+SENDERS = 1024  # sender clocks remembered at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +101,7 @@ class Worker:
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._busy: set[Subscription] = set()
+        self._ages = _Ages()
 
     async def start(self) -> None:
         # A transport may size itself by the worker (RabbitMQ: its consumers' prefetch).
@@ -235,7 +238,7 @@ class Worker:
             self._release(1)
 
     async def _handle(self, sub: Subscription, delivery: Delivery, envelope: Envelope) -> None:
-        if sub.kind == "query" and _expired(envelope):
+        if sub.kind == "query" and self._expired(envelope):
             await delivery.ack()  # the requester has given up: nobody would read the answer
             return
         try:
@@ -278,6 +281,30 @@ class Worker:
                 return
             await self.remote.transport.reply(envelope.reply_to, answer)
         await delivery.ack()
+
+    def _expired(self, envelope: Envelope) -> bool:
+        deadline = envelope.headers.get("deadline")
+        if deadline is None:
+            return False
+        try:
+            # Both on the sender's clock: the caller's budget, whatever the skew.
+            budget = float(deadline) - envelope.created_at
+        except ValueError:
+            return False
+        age = self._ages.age(envelope, time.time())
+        if not age > budget:
+            return False
+        sender = envelope.headers.get(SENDER)
+        logger.warning(
+            "iambus: query %s (id %s) from %s expired before it was handled: it waited "
+            "%.2fs, its caller %.2fs; acked without an answer",
+            envelope.name,
+            envelope.id,
+            f"service {sender.rpartition('@')[0]!r}" if sender else "an unnamed sender",
+            age,
+            budget,
+        )
+        return True
 
     async def _failed(
         self, sub: Subscription, delivery: Delivery, message: Any, exc: BaseException
@@ -326,12 +353,34 @@ def _stopping() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-def _expired(envelope: Envelope) -> bool:
-    deadline = envelope.headers.get("deadline")
-    try:
-        return deadline is not None and float(deadline) < time.time()
-    except ValueError:
-        return False
+class _Ages:
+    """How long queries waited, told across hosts whose clocks disagree.
+
+    A query carries its send time (``created_at``) on its sender's clock. Its age is read
+    against the least (arrival - send time) lately seen from the same sender clock: that
+    is the skew plus the quickest passage, so the age found is never more than the true
+    one, and a skewed clock never makes a fresh query look old. A sender's least is
+    learnt again every ``RELEARN`` seconds, so a clock that was set back is followed.
+    """
+
+    def __init__(self) -> None:
+        self._least: dict[str, tuple[float, float]] = {}  # sender -> (least, since)
+
+    def age(self, envelope: Envelope, now: float) -> float:
+        # The sender's "<service>@<host>", or its reply address from a sender that does
+        # not say (one process): either way, one clock.
+        sender = envelope.headers.get(SENDER) or envelope.reply_to or ""
+        offset = now - envelope.created_at
+        known = self._least.get(sender)
+        if known is not None and now - known[1] < RELEARN:
+            if offset >= known[0]:
+                return offset - known[0]
+            self._least[sender] = (offset, known[1])
+            return 0.0
+        if known is None and len(self._least) >= SENDERS:
+            del self._least[next(iter(self._least))]  # the oldest
+        self._least[sender] = (offset, now)
+        return 0.0
 
 
 def _failure(exc: BaseException, attempts: int, handler: str | None) -> Failure:
