@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from iambus.envelope import Envelope
-from iambus.errors import ImproperlyConfigured, TransportError
+from iambus.errors import ImproperlyConfigured, TransportError, TransportRefused
 from iambus.transports import Delivery, Failure, connect
 
 from .conftest import require
@@ -91,6 +91,14 @@ async def test_opening_needs_a_broker_and_twice_is_harmless() -> None:
         await waiting
     with pytest.raises(TransportError, match="not open"):
         await made.dead_letters()
+
+
+async def test_wrong_credentials_are_refused_not_retried() -> None:
+    require("rabbitmq")
+    wrong = RabbitMQTransport("amqp://guest:wrong@127.0.0.1:5672/")
+    with pytest.raises(TransportRefused, match="connect refused") as info:
+        await wrong.open()
+    assert "check the user and password" in str(info.value)
 
 
 async def test_very_long_names_still_make_a_queue(transport: RabbitMQTransport) -> None:

@@ -15,6 +15,7 @@ import pytest
 from iambus import (
     Command,
     Dispatcher,
+    DispatcherStopped,
     ImproperlyConfigured,
     Query,
     RemoteError,
@@ -765,3 +766,63 @@ async def test_an_expired_query_is_logged_with_its_age_name_and_sender(caplog) -
     assert stale.id in text
     assert "from service 'orders'" in text
     assert re.search(r"waited (29|30)\.\d\ds, its caller 2\.00s", text), text
+
+
+async def test_a_receive_error_retrying_cannot_fix_stops_the_worker(caplog) -> None:
+    from iambus.transports.memory import MemoryTransport
+
+    class Misconfigured(MemoryTransport):
+        async def receive(self, *args: Any, **kwargs: Any) -> Any:
+            raise ImproperlyConfigured("memory://: no group 'g' on 'a'; declare() it first")
+
+    billing = Dispatcher(transport=Misconfigured(), service="billing", routes=ROUTES)
+
+    @billing.events.register(OrderPlaced)
+    async def charge(event: OrderPlaced) -> None: ...
+
+    with pytest.raises(ImproperlyConfigured, match="declare"):
+        await asyncio.wait_for(billing.run(), 10)  # stops by itself, raising the error
+    with pytest.raises(DispatcherStopped):
+        await billing.publish(OrderPlaced(1))  # stopped, not serving without consuming
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1
+    assert "retrying will not help; stopping" in errors[0].getMessage()
+    assert errors[0].exc_info is None  # one line: no traceback for a set-up error
+
+
+async def test_a_transient_receive_error_is_retried_and_logged_once_per_outage(caplog) -> None:
+    from iambus import TransportError
+    from iambus.transports.memory import MemoryTransport
+
+    class Flaky(MemoryTransport):
+        failures = 4
+
+        async def receive(self, *args: Any, **kwargs: Any) -> Any:
+            if self.failures:
+                self.failures -= 1
+                raise TransportError("memory://: connection reset")
+            return await super().receive(*args, **kwargs)
+
+    caplog.set_level("INFO", logger="iambus.worker")
+    bus = Flaky()
+    billing = Dispatcher(transport=bus, service="billing", routes=ROUTES)
+    handled: list[int] = []
+
+    @billing.events.register(OrderPlaced)
+    async def charge(event: OrderPlaced) -> None:
+        handled.append(event.order_id)
+
+    async with billing:
+        await billing.publish(OrderPlaced(1))
+        await asyncio.wait_for(billing.join(), 10)
+    assert handled == [1]
+    assert bus.failures == 0
+    worker = [r for r in caplog.records if r.name == "iambus.worker"]
+    warnings = [r.getMessage() for r in worker if r.levelname in ("WARNING", "ERROR")]
+    assert len(warnings) == 1, warnings
+    assert "receiving event.OrderPlaced failed; retrying" in warnings[0]
+    assert "connection reset" in warnings[0]
+    [recovered] = [r.getMessage() for r in worker if "works again" in r.getMessage()]
+    found = re.search(r"after (\d+\.\d)s and 4 failed receive\(s\)", recovered)
+    assert found, recovered
+    assert float(found[1]) >= 0.1 + 0.2 + 0.4 + 0.8 - 0.1  # a growing backoff, waited out

@@ -18,6 +18,7 @@ from .errors import (
     RequestTimeout,
     SerializationError,
     TransportError,
+    TransportRefused,
     WouldDeadlock,
 )
 from .handlers import AbstractHandler, Handler, HandlerProtocol
@@ -58,6 +59,7 @@ __all__ = [
     "SerializationError",
     "Singleton",
     "TransportError",
+    "TransportRefused",
     "WouldDeadlock",
     "__version__",
     "dispatcher",

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from .engine import in_worker, outside_workers
 from .envelope import Envelope, current_envelope
-from .errors import SerializationError, TransportError
+from .errors import ImproperlyConfigured, SerializationError, TransportError, TransportRefused
 from .handlers import Kind
 from .messages import MessageKey, describe
 from .remote import SENDER, Remote
@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 Report = Callable[[BaseException, Any, Any], Any]
 RECEIVE_WAIT = 1.0  # seconds one receive may wait: also how long a stop may take to begin
+RECEIVE_BACKOFF, RECEIVE_BACKOFF_MAX = 0.1, 5.0  # seconds between receives that failed
 RELEARN = 60.0  # seconds a sender's clock offset is trusted before it is learnt again
 SENDERS = 1024  # sender clocks remembered at most
 
@@ -87,12 +88,14 @@ class Worker:
         concurrency: int,
         batch: int,
         report: Report,
+        fatal: Callable[[BaseException], None] = lambda exc: None,
     ) -> None:
         self.remote = remote
         self.subscriptions = subscriptions
         self.concurrency = concurrency
         self.batch = batch
         self._report = report
+        self._fatal = fatal  # called once receiving failed in a way retrying cannot fix
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._free = concurrency
         self._room = asyncio.Event()
@@ -102,6 +105,8 @@ class Worker:
         self._stopping = False
         self._busy: set[Subscription] = set()
         self._ages = _Ages()
+        self._down: dict[Subscription, float] = {}  # failing to receive: its next backoff
+        self._outage = (0.0, 0)  # since when (monotonic), failed receives
 
     async def start(self) -> None:
         # A transport may size itself by the worker (RabbitMQ: its consumers' prefetch).
@@ -185,10 +190,14 @@ class Worker:
                 )
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                logger.exception("iambus: receiving %s failed; retrying in 1s", sub.address)
-                await asyncio.sleep(1.0)
+            except (ImproperlyConfigured, TransportRefused) as exc:
+                self._give_up(sub, exc)
+                return
+            except Exception as exc:
+                await self._receive_failed(sub, exc)
                 continue
+            if self._down:
+                self._receive_works(sub)
             self._free -= len(deliveries)
             if deliveries:
                 self._busy.add(sub)
@@ -202,6 +211,57 @@ class Worker:
                 # Let the handlers just started run first (up to their first wait): the
                 # next receive's own work would otherwise delay a query's answer.
                 await asyncio.sleep(0)
+
+    def _give_up(self, sub: Subscription, exc: BaseException) -> None:
+        # Retrying cannot fix a wrong set-up or refused credentials: stop the worker, and
+        # let the dispatcher raise it from run() / wait_for_shutdown().
+        logger.error(
+            "iambus worker %s: receiving %s for %s failed, and retrying will not help; "
+            "stopping: %s",
+            self.consumer,
+            sub.address,
+            sub.group,
+            exc,
+        )
+        self._stopping = True
+        self._room.set()
+        self._fatal(exc)
+
+    async def _receive_failed(self, sub: Subscription, exc: Exception) -> None:
+        # A broker down or a connection lost: retried with a growing backoff. An outage
+        # is logged once as it begins and once as it ends, not at every retry.
+        delay = self._down.get(sub)
+        if delay is None:
+            delay = RECEIVE_BACKOFF
+            if not self._down:
+                self._outage = (time.monotonic(), 0)
+                logger.warning(
+                    "iambus worker %s: receiving %s failed; retrying every %.1f-%.0fs until "
+                    "it works (logged again then): %s: %s",
+                    self.consumer,
+                    sub.address,
+                    RECEIVE_BACKOFF,
+                    RECEIVE_BACKOFF_MAX,
+                    type(exc).__name__,
+                    exc,
+                    # An error that is not the broker's is a bug: show where.
+                    exc_info=None if isinstance(exc, TransportError) else exc,
+                )
+        began, failures = self._outage
+        self._outage = (began, failures + 1)
+        self._down[sub] = min(delay * 2, RECEIVE_BACKOFF_MAX)
+        logger.debug("iambus: receiving %s failed again: %r", sub.address, exc)
+        await asyncio.sleep(delay)
+
+    def _receive_works(self, sub: Subscription) -> None:
+        if self._down.pop(sub, None) is not None and not self._down:
+            began, failures = self._outage
+            logger.info(
+                "iambus worker %s: receiving works again, after %.1fs and %d failed receive(s)",
+                self.consumer,
+                time.monotonic() - began,
+                failures,
+            )
 
     def _share(self, sub: Subscription) -> int:
         # The free slots are shared among the subscriptions that are busy (their last

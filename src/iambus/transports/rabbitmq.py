@@ -87,7 +87,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..envelope import Envelope, new_id
-from ..errors import ImproperlyConfigured, SerializationError, TransportError
+from ..errors import ImproperlyConfigured, SerializationError, TransportError, TransportRefused
 from ..partitions import partition, partitions_option
 from . import DeadLetter, Delivery, Failure
 
@@ -1228,6 +1228,15 @@ class RabbitMQTransport:
     async def _translate(self, what: str) -> AsyncIterator[None]:
         try:
             yield
+        except (
+            aiormq.exceptions.ProbableAuthenticationError,
+            aiormq.exceptions.AuthenticationError,
+            aiormq.exceptions.ChannelAccessRefused,
+        ) as exc:
+            raise TransportRefused(
+                f"{self.url}: {what} refused: {exc!r} (check the user and password in the URL, "
+                f"and the user's permissions on the virtual host)"
+            ) from exc
         except (aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPException) as exc:
             raise TransportError(f"{self.url}: {what} failed: {exc!r}") from exc
         except aiormq.exceptions.ChannelInvalidStateError as exc:  # closing under the call
