@@ -54,7 +54,7 @@ from .messages import Command, MessageKey, Query, describe, message_key
 from .middleware import Chain, Context, Middleware, check_middleware, compose
 from .providers import ProviderRegistry
 from .remote import Remote, RemoteRoute
-from .retry import Retry
+from .retry import Retry, checked_policy
 from .routers import EventRouter, RequestRouter, Router
 from .routing import Routes, address
 from .transports import Transport, connect
@@ -194,8 +194,16 @@ class Dispatcher:
         self.error_handler: ErrorHandler = error_handler or log_error
         self.listen_for_signals = listen_for_signals
         self.shutdown_timeout = shutdown_timeout
-        self.retry = retry or Retry()
-        self.retries = dict(retries or {})
+        self.retry = checked_policy("retry", retry) or Retry()
+        if retries is not None and not isinstance(retries, Mapping):
+            raise ImproperlyConfigured(
+                f"retries must map message types (or names) to Retry(...), got {retries!r}; "
+                f"e.g. retries={{ChargeCard: Retry(attempts=10)}}"
+            )
+        self.retries = {
+            key: checked_policy(f"retries[{describe(key)}]", policy)
+            for key, policy in (retries or {}).items()
+        }
         self.concurrency = concurrency
         # Across services: a transport and the routes that decide what uses it.
         self.service = service
