@@ -214,6 +214,33 @@ async def test_held_messages_go_to_the_first_group_declared_from_start(
         assert await _take(transport, 1, address="early", group=group, within=0.3) == []
 
 
+@pytest.mark.parametrize("settle", ["retry", "dead_letter"])
+async def test_a_settle_that_fails_unexpectedly_gives_the_delivery_back(
+    transport: RabbitMQTransport, monkeypatch: pytest.MonkeyPatch, settle: str
+) -> None:
+    await transport.declare("a", "g", from_start=False)
+    await transport.send("a", _ping(1))
+    [first] = await _take(transport, 1)
+
+    async def bug(*args: object) -> None:
+        raise RuntimeError("a bug while settling")  # not the broker's: no TransportError
+
+    monkeypatch.setattr(transport, "_publish", bug)
+    settling = (
+        first.retry(0)
+        if settle == "retry"
+        else first.dead_letter(Failure("builtins.ValueError", "no", "", 1))
+    )
+    with pytest.raises(RuntimeError, match="a bug while settling"):
+        await settling
+    monkeypatch.undo()
+    # Given back at once (the consumer goes on receiving, so it would never be reclaimed),
+    # as a further attempt; the worker settles a delivery only once, so nothing else does.
+    [again] = await _take(transport, 1)
+    assert (again.envelope.id, again.attempt) == (first.envelope.id, 2)
+    await again.ack()
+
+
 async def test_an_idle_consumer_gives_back_what_it_held(transport: RabbitMQTransport) -> None:
     await transport.declare("a", "g", from_start=False)
     for n in range(3):

@@ -826,3 +826,71 @@ async def test_a_transient_receive_error_is_retried_and_logged_once_per_outage(c
     found = re.search(r"after (\d+\.\d)s and 4 failed receive\(s\)", recovered)
     assert found, recovered
     assert float(found[1]) >= 0.1 + 0.2 + 0.4 + 0.8 - 0.1  # a growing backoff, waited out
+
+
+class BrokenPolicy(Retry):
+    """A retry policy with a bug in ``delay()`` (a subclass: refused nowhere)."""
+
+    def delay(self, attempt: int) -> float:
+        raise ZeroDivisionError("division by zero in a custom backoff")
+
+
+class NonsensePolicy(Retry):
+    def delay(self, attempt: int) -> float:
+        return "soon"  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("policy", [BrokenPolicy, NonsensePolicy])
+async def test_a_retry_policy_that_fails_still_ends_in_the_dead_letters(
+    policy: type[Retry], caplog
+) -> None:
+    from iambus.transports.memory import MemoryTransport
+
+    bus = MemoryTransport()  # claim_after 30 s: a delivery left unsettled would wait that long
+    billing = Dispatcher(
+        transport=bus, service="billing", routes=ROUTES, retry=policy(attempts=3, backoff=0.01)
+    )
+    runs: list[int] = []
+
+    @billing.commands.register(ChargeCard)
+    async def charge(command: ChargeCard) -> None:
+        runs.append(command.order_id)
+        raise ValueError("card declined")
+
+    async with billing:
+        await billing.execute(ChargeCard(1, 100))
+        [letter] = await parked_letters(bus, "ChargeCard")
+    assert len(runs) >= 3  # the attempts allowed, each retried although the policy failed
+    assert letter.failure.error_type == "builtins.ValueError"  # why the message failed
+    assert letter.failure.attempts == 3
+    settling = [r for r in caplog.records if "settling command ChargeCard" in r.getMessage()]
+    assert len(settling) == 2  # the policy's bug is logged at each retry, with its traceback
+    assert "(attempt 1 of 3) failed; retrying it" in settling[0].getMessage()
+    assert settling[0].exc_info is not None
+
+
+async def test_a_query_whose_failure_cannot_be_answered_is_dead_lettered(caplog) -> None:
+    from iambus.transports.memory import MemoryTransport
+
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("__str__ is broken")
+
+    bus = MemoryTransport(claim_after=1.0)  # a delivery left unsettled comes back, again
+    billing = Dispatcher(transport=bus, service="billing", routes=ROUTES)
+    orders = Dispatcher(transport=bus, service="orders", routes=ROUTES)
+    runs: list[int] = []
+
+    @billing.queries.register(GetInvoice)
+    async def get_invoice(query: GetInvoice) -> str:
+        runs.append(query.order_id)
+        raise Unprintable
+
+    async with billing, orders:
+        with pytest.raises(RequestTimeout):
+            await orders.query(GetInvoice(5), timeout=0.5)  # no answer could be built
+        [letter] = await parked_letters(bus, "GetInvoice")  # not redelivered for ever
+    assert runs[0] == 5
+    assert letter.failure.error_type == "builtins.RuntimeError"
+    assert letter.failure.message == "raised while settling: __str__ is broken"
+    assert "Unprintable" in letter.failure.traceback  # the handler's error, in the chain

@@ -28,6 +28,7 @@ or deduplicate by ``Envelope.id``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -280,22 +281,75 @@ class Worker:
 
     async def _process(self, sub: Subscription, delivery: Delivery) -> None:
         envelope = delivery.envelope
+        settling = _Settling(delivery)
         try:
             async with self._running:
-                await self._handle(sub, delivery, envelope)
+                await self._handle(sub, settling, envelope)
         except asyncio.CancelledError:
             raise  # stopping: left unacked, redelivered after claim_after
-        except Exception:
-            # The transport failed while settling: the delivery stays pending and is
-            # redelivered after claim_after, so nothing is lost.
+        except TransportError:
+            # The broker failed while settling: the delivery stays pending (or was given
+            # back) and is redelivered, so nothing is lost.
             logger.exception(
                 "iambus: could not settle %s %s (attempt %d); it will be redelivered",
                 sub.kind,
                 envelope.name,
                 delivery.attempt,
             )
+        except Exception as exc:
+            await self._settle_failed(sub, settling, exc)
         finally:
             self._release(1)
+
+    async def _settle_failed(self, sub: Subscription, settling: _Settling, exc: Exception) -> None:
+        """An unexpected error while settling: a bug in a retry policy, a codec, a reply,
+        or a transport. It must not turn into redelivery for ever."""
+        delivery, envelope = settling.delivery, settling.delivery.envelope
+        if settling.done:  # settled already; what failed came after
+            logger.error("iambus: after settling %s %s", sub.kind, envelope.name, exc_info=exc)
+            return
+        if settling.called:
+            # The transport's settle call raised something that is not a TransportError.
+            # What it did is unknown, and settling one delivery twice is not safe on every
+            # broker (RabbitMQ closes the channel on a tag settled twice): leave it. The
+            # transport gives it back, or the broker redelivers it after claim_after, with
+            # one more attempt; the last attempt dead-letters it.
+            logger.error(
+                "iambus: settling %s %s (attempt %d of %d) failed in the transport; it will "
+                "be redelivered",
+                sub.kind,
+                envelope.name,
+                delivery.attempt,
+                sub.retry.attempts,
+                exc_info=exc,
+            )
+            return
+        # Nothing was settled yet: this attempt failed, like a handler that raised.
+        # Retried while attempts are left (a query is not: its caller is waiting), then
+        # dead-lettered with this error as the reason.
+        retry = sub.kind != "query" and delivery.attempt < sub.retry.attempts
+        logger.error(
+            "iambus: settling %s %s (attempt %d of %d) failed; %s",
+            sub.kind,
+            envelope.name,
+            delivery.attempt,
+            sub.retry.attempts,
+            "retrying it" if retry else "dead-lettering it",
+            exc_info=exc,
+        )
+        try:
+            if retry:
+                await delivery.retry(_safe_delay(sub.retry, delivery.attempt))
+            else:
+                failure = _failure(exc, delivery.attempt, sub.route.name)
+                reason = f"raised while settling: {failure.message}"
+                await delivery.dead_letter(dataclasses.replace(failure, message=reason))
+        except Exception:
+            logger.exception(
+                "iambus: could not settle %s %s either; it will be redelivered",
+                sub.kind,
+                envelope.name,
+            )
 
     async def _handle(self, sub: Subscription, delivery: Delivery, envelope: Envelope) -> None:
         if sub.kind == "query" and self._expired(envelope):
@@ -384,6 +438,11 @@ class Worker:
             logger.warning("iambus: %s: %s", sub.route.name, exc)
         if delivery.attempt < sub.retry.attempts:
             delay = sub.retry.delay(delivery.attempt)
+            if not (isinstance(delay, int | float) and delay >= 0):
+                raise ImproperlyConfigured(
+                    f"{type(sub.retry).__qualname__}.delay({delivery.attempt}) returned "
+                    f"{delay!r}; it must return seconds (a number >= 0)"
+                )
             logger.warning(
                 "iambus: %s failed on %s (attempt %d of %d), retrying in %.2fs: %s: %s",
                 sub.route.name,
@@ -443,12 +502,61 @@ class _Ages:
         return 0.0
 
 
+def _safe_delay(policy: Retry, attempt: int) -> float:
+    """The policy's delay, or its first backoff when computing the delay fails."""
+    try:
+        delay = policy.delay(attempt)
+    except Exception:
+        delay = None
+    if isinstance(delay, int | float) and delay >= 0:
+        return float(delay)
+    backoff = policy.backoff
+    return float(backoff) if isinstance(backoff, int | float) and backoff >= 0 else 1.0
+
+
+class _Settling:
+    """A delivery that remembers whether a settle call was made on it, and returned."""
+
+    __slots__ = ("called", "delivery", "done")
+
+    def __init__(self, delivery: Delivery) -> None:
+        self.delivery = delivery
+        self.called = self.done = False
+
+    @property
+    def envelope(self) -> Envelope:
+        return self.delivery.envelope
+
+    @property
+    def attempt(self) -> int:
+        return self.delivery.attempt
+
+    async def ack(self) -> None:
+        self.called = True
+        await self.delivery.ack()
+        self.done = True
+
+    async def retry(self, delay: float) -> None:
+        self.called = True
+        await self.delivery.retry(delay)
+        self.done = True
+
+    async def dead_letter(self, failure: Failure) -> None:
+        self.called = True
+        await self.delivery.dead_letter(failure)
+        self.done = True
+
+
 def _failure(exc: BaseException, attempts: int, handler: str | None) -> Failure:
     kind = type(exc)
     frames = traceback.format_exception(exc)
+    try:
+        message = str(exc)
+    except Exception:  # an exception whose __str__ fails still gets its dead letter
+        message = f"<{kind.__qualname__}: str() failed>"
     return Failure(
         error_type=f"{kind.__module__}.{kind.__qualname__}",
-        message=str(exc),
+        message=message,
         traceback="".join(frames)[-4000:],  # an excerpt: the innermost frames
         attempts=attempts,
         handler=handler,

@@ -863,7 +863,9 @@ class RabbitMQTransport:
         delivery._consumer.last_seen = time.monotonic()
         try:
             await self._retry_unsafe(delivery, delay)
-        except TransportError:
+        except Exception:
+            # Any failure, not only the broker's: a delivery left unacked on a channel
+            # that lives on would never come back (nor, if keyed, its partition).
             await self._give_back(delivery)
             raise
 
@@ -962,7 +964,7 @@ class RabbitMQTransport:
     async def _dead_letter(self, delivery: _RabbitDelivery, failure: Failure) -> None:
         try:
             await self._park(delivery, failure)
-        except TransportError:
+        except Exception:  # as in _retry
             await self._give_back(delivery)
             raise
 
