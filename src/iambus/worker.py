@@ -16,6 +16,15 @@ cascades, exactly as in-process), and only then settles it:
   and report it to the ``error_handler``. A failing query is answered with the error and
   not retried: its caller is waiting.
 * a payload that does not decode: dead-letter at once, with the reason.
+* an unexpected error while settling (a retry policy, codec or reply that raises): a
+  failed attempt, retried and then dead-lettered with that error; a settle call of the
+  transport that raised is never followed by another (the delivery comes back).
+* a query whose caller has given up: acked unanswered, with a warning (its age is read
+  against the sender's own clock, so clock skew between hosts does not count).
+
+A receive that fails is retried with a growing backoff, logged once per outage; one that
+retrying cannot fix (``ImproperlyConfigured``, ``TransportRefused``) stops the worker,
+and the dispatcher's ``run()`` raises it.
 
 At most ``concurrency`` handlers run at once. On stop it fetches nothing more, lets the
 handlers in flight finish (within the shutdown timeout) and settles them; what it could
