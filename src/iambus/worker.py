@@ -417,13 +417,17 @@ class Worker:
         age = self._ages.age(envelope, time.time())
         if not age > budget:
             return False
-        sender = envelope.headers.get(SENDER)
+        service, _, host = envelope.headers.get(SENDER, "").rpartition("@")
         logger.warning(
             "iambus: query %s (id %s) from %s expired before it was handled: it waited "
             "%.2fs, its caller %.2fs; acked without an answer",
             envelope.name,
             envelope.id,
-            f"service {sender.rpartition('@')[0]!r}" if sender else "an unnamed sender",
+            f"service {service!r}"
+            if service
+            else f"host {host!r} (no service name)"
+            if host
+            else "a sender that does not say",
             age,
             budget,
         )
