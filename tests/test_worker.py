@@ -894,3 +894,27 @@ async def test_a_query_whose_failure_cannot_be_answered_is_dead_lettered(caplog)
     assert letter.failure.error_type == "builtins.RuntimeError"
     assert letter.failure.message == "raised while settling: __str__ is broken"
     assert "Unprintable" in letter.failure.traceback  # the handler's error, in the chain
+
+
+async def test_a_receiver_whose_clock_is_ahead_still_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import types
+
+    from iambus import worker
+    from iambus.transports.memory import MemoryTransport
+
+    # The receiving host's clock is a minute ahead; the query's timeout is 2 s.
+    ahead = types.SimpleNamespace(time=lambda: time.time() + 60, monotonic=time.monotonic)
+    monkeypatch.setattr(worker, "time", ahead)
+    bus = MemoryTransport()
+    billing = Dispatcher(transport=bus, service="billing", routes=ROUTES)
+    orders = Dispatcher(transport=bus, service="orders", routes=ROUTES)
+
+    @billing.queries.register(GetInvoice)
+    async def get_invoice(query: GetInvoice) -> str:
+        return f"invoice {query.order_id}"
+
+    async with billing, orders:
+        for n in range(3):
+            assert await orders.query(GetInvoice(n), timeout=2) == f"invoice {n}"
