@@ -326,6 +326,35 @@ def test_worker_reports_an_unreachable_broker(
     assert "Traceback" not in err
 
 
+def test_worker_stops_with_one_line_when_receiving_fails_for_good(
+    apps: Apps, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A set-up error met while serving (not at start): the worker stops and says so once,
+    # instead of retrying forever.
+    name = apps.app('transport="memory://", service="billing", routes={ChargeCard: "billing"}')
+    apps.write(
+        "from iambus import ImproperlyConfigured\n"
+        "from iambus.transports.memory import MemoryTransport\n"
+        f"from {name} import dp\n\n"
+        "class Misconfigured(MemoryTransport):\n"
+        "    async def receive(self, *args, **kwargs):\n"
+        "        raise ImproperlyConfigured(\"memory://: no group 'billing' on 'command."
+        "ChargeCard'; declare() it before receiving\")\n\n"
+        "dp.remote.transport = Misconfigured()\n",
+        name=f"{name}_broken",
+    )
+    deadline = time.monotonic() + 15  # a guard: a worker still serving then gets SIGTERM
+    code = main_with_sigterm(["worker", f"{name}_broken:dp"], lambda: time.monotonic() > deadline)
+    err = capsys.readouterr().err
+    assert code == 2, err  # a set-up error; SIGTERM (the test's guard) would give 0
+    lines = [line for line in err.splitlines() if line.startswith("iambus: error:")]
+    assert lines == [
+        f"iambus: error: {name}_broken:dp: memory://: no group 'billing' on "
+        f"'command.ChargeCard'; declare() it before receiving"
+    ]
+    assert "Traceback" not in err
+
+
 # -- worker: serving --------------------------------------------------------------------
 
 
@@ -364,18 +393,26 @@ def test_worker_serves_with_the_overrides_until_sigterm(
 
 def run_until_sigterm(argv: list[str], caplog: pytest.LogCaptureFixture) -> int:
     """``main(argv)``, with SIGTERM sent to this process once the worker is serving."""
+    # The worker logs its subscriptions once the dispatcher handles SIGTERM; a worker
+    # that never gets there returns by itself (no signal then: the default action would
+    # end the test run).
+    return main_with_sigterm(
+        argv,
+        lambda: any(r.getMessage().startswith("iambus worker") for r in list(caplog.records)),
+    )
+
+
+def main_with_sigterm(argv: list[str], when: Callable[[], bool]) -> int:
+    """``main(argv)``, with SIGTERM sent to this process once ``when()`` holds."""
     returned = threading.Event()
 
-    def stop_when_serving() -> None:
+    def stop_when() -> None:
         while not returned.wait(0.02):
-            # The worker logs its subscriptions once the dispatcher handles SIGTERM; a
-            # worker that never gets there returns by itself (no signal then: the default
-            # action would end the test run).
-            if any(r.getMessage().startswith("iambus worker") for r in list(caplog.records)):
+            if when():
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
 
-    stopper = threading.Thread(target=stop_when_serving, daemon=True)
+    stopper = threading.Thread(target=stop_when, daemon=True)
     stopper.start()
     try:
         return main(argv)

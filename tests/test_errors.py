@@ -23,6 +23,7 @@ from iambus.errors import (
     RequestTimeout,
     SerializationError,
     TransportError,
+    TransportRefused,
     WouldDeadlock,
 )
 
@@ -40,6 +41,7 @@ ALL_ERRORS = [
     RequestTimeout,
     SerializationError,
     TransportError,
+    TransportRefused,
     WouldDeadlock,
 ]
 

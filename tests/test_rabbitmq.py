@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from iambus.envelope import Envelope
-from iambus.errors import ImproperlyConfigured, TransportError
+from iambus.errors import ImproperlyConfigured, TransportError, TransportRefused
 from iambus.transports import Delivery, Failure, connect
 
 from .conftest import require
@@ -91,6 +91,14 @@ async def test_opening_needs_a_broker_and_twice_is_harmless() -> None:
         await waiting
     with pytest.raises(TransportError, match="not open"):
         await made.dead_letters()
+
+
+async def test_wrong_credentials_are_refused_not_retried() -> None:
+    require("rabbitmq")
+    wrong = RabbitMQTransport("amqp://guest:wrong@127.0.0.1:5672/")
+    with pytest.raises(TransportRefused, match="connect refused") as info:
+        await wrong.open()
+    assert "check the user and password" in str(info.value)
 
 
 async def test_very_long_names_still_make_a_queue(transport: RabbitMQTransport) -> None:
@@ -204,6 +212,33 @@ async def test_held_messages_go_to_the_first_group_declared_from_start(
         await delivery.ack()
     for group in ("late", "second"):
         assert await _take(transport, 1, address="early", group=group, within=0.3) == []
+
+
+@pytest.mark.parametrize("settle", ["retry", "dead_letter"])
+async def test_a_settle_that_fails_unexpectedly_gives_the_delivery_back(
+    transport: RabbitMQTransport, monkeypatch: pytest.MonkeyPatch, settle: str
+) -> None:
+    await transport.declare("a", "g", from_start=False)
+    await transport.send("a", _ping(1))
+    [first] = await _take(transport, 1)
+
+    async def bug(*args: object) -> None:
+        raise RuntimeError("a bug while settling")  # not the broker's: no TransportError
+
+    monkeypatch.setattr(transport, "_publish", bug)
+    settling = (
+        first.retry(0)
+        if settle == "retry"
+        else first.dead_letter(Failure("builtins.ValueError", "no", "", 1))
+    )
+    with pytest.raises(RuntimeError, match="a bug while settling"):
+        await settling
+    monkeypatch.undo()
+    # Given back at once (the consumer goes on receiving, so it would never be reclaimed),
+    # as a further attempt; the worker settles a delivery only once, so nothing else does.
+    [again] = await _take(transport, 1)
+    assert (again.envelope.id, again.attempt) == (first.envelope.id, 2)
+    await again.ack()
 
 
 async def test_an_idle_consumer_gives_back_what_it_held(transport: RabbitMQTransport) -> None:

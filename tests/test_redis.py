@@ -21,7 +21,14 @@ from typing import Any
 
 import pytest
 
-from iambus import Dispatcher, Query, RemoteError, RequestTimeout, TransportError
+from iambus import (
+    Dispatcher,
+    Query,
+    RemoteError,
+    RequestTimeout,
+    TransportError,
+    TransportRefused,
+)
 
 from .conftest import require, service_up
 from .processes import until
@@ -111,6 +118,38 @@ def dispatcher(services: Services, role: str, service: str, **options: Any) -> D
 def sender(services: Services) -> Dispatcher:
     """The test's own dispatcher: service orders, publishing and asking."""
     return dispatcher(services, "orders", "orders")
+
+
+async def test_redis_wrong_credentials_are_refused_not_retried() -> None:
+    require("redis")
+    from iambus.transports.redis import RedisTransport
+
+    wrong = RedisTransport(f"redis://nobody-{uuid.uuid4().hex[:8]}:wrong@127.0.0.1:6379/0")
+    with pytest.raises(TransportRefused, match="connect refused") as info:
+        await wrong.open()
+    assert "check the user and password" in str(info.value)
+
+
+async def test_redis_a_worker_whose_permissions_are_revoked_stops(services: Services) -> None:
+    require("redis")
+    user, password = f"iambus-test-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    admin = services.admin
+    await admin.execute_command("ACL", "SETUSER", user, "on", f">{password}", "~*", "&*", "+@all")
+    try:
+        url = f"redis://{user}:{password}@127.0.0.1:6379/0?namespace={services.namespace}"
+        billing = Dispatcher(transport=url, service="billing", routes=ROUTES)
+
+        @billing.events.register(OrderPlaced)
+        async def charge(event: OrderPlaced) -> None: ...
+
+        async with billing:
+            serving = asyncio.ensure_future(billing.wait_for_shutdown())
+            await admin.execute_command("ACL", "SETUSER", user, "-@all")  # revoked
+            # The worker stops by itself and says why, instead of retrying for ever.
+            with pytest.raises(TransportRefused, match=r"NOPERM|no permissions"):
+                await asyncio.wait_for(serving, 10)
+    finally:
+        await admin.execute_command("ACL", "DELUSER", user)
 
 
 async def test_a_worker_whose_connections_are_killed_reconnects(services: Services) -> None:

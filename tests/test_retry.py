@@ -67,3 +67,28 @@ def test_the_most_specific_policy_wins() -> None:
     assert attempts == {Charge: 9, Refund: 7, Notify: 2}
     with pytest.raises(ImproperlyConfigured, match="must be a Retry"):
         Dispatcher().commands.bind(Charge, charge, retry=3)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"retry": 3}, "retry must be a Retry(...), e.g. Retry(attempts=5, backoff=0.5)"),
+        ({"retry": {"attempts": 3}}, "retry must be a Retry(...)"),
+        ({"retries": {"Charge": 3}}, "retries['Charge'] must be a Retry(...)"),
+        ({"retries": {"Charge": Retry(), "Refund": "10"}}, "retries['Refund'] must be a Retry"),
+        ({"retries": [Retry()]}, "retries must map message types (or names) to Retry(...)"),
+    ],
+)
+def test_a_policy_that_is_not_a_retry_is_refused_at_construction(
+    options: dict[str, object], message: str
+) -> None:
+    from iambus import Dispatcher
+
+    with pytest.raises(ImproperlyConfigured) as info:
+        Dispatcher(transport="memory://", **options)  # type: ignore[arg-type]
+    text = str(info.value)
+    assert message in text
+    bad = options.get("retry", options.get("retries"))
+    if isinstance(bad, dict) and "retries" in options:
+        bad = next(v for v in bad.values() if not isinstance(v, Retry))
+    assert repr(bad) in text  # the value that was given

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ import pytest
 from iambus import (
     Command,
     Dispatcher,
+    DispatcherStopped,
     ImproperlyConfigured,
     Query,
     RemoteError,
@@ -806,3 +809,261 @@ async def test_a_worker_that_cannot_announce_itself_serves_and_says_so(
     [warning] = [r.getMessage() for r in caplog.records if r.name == "iambus.worker"]
     assert "could not announce it in the registry" in warning
     assert "the registry is down" in warning
+
+
+# -- issue 9: trust at the edges ------------------------------------------------------
+
+
+async def parked_letters(transport: Any, name: str, timeout: float = 10) -> list[Any]:
+    """The dead letters of messages named ``name``, once there is one (or fail)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        letters = [d for d in await transport.dead_letters() if d.envelope.name == name]
+        if letters:
+            return letters
+        assert time.monotonic() < deadline, f"no dead letter of {name} in {timeout}s"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("bus", ["memory", "redis"], indirect=True)
+async def test_a_handler_raising_cancelled_error_fails_is_retried_and_dead_lettered(
+    bus: Bus,
+) -> None:
+    runs: Counter[int] = Counter()
+    reported: list[BaseException] = []
+    billing = service(bus, "billing", error_handler=lambda exc, m, c: reported.append(exc))
+
+    @billing.commands.register(ChargeCard)
+    async def charge(command: ChargeCard) -> None:
+        runs[command.order_id] += 1
+        # The handler's own code cancels (an inner task cancelled and awaited, say):
+        # a failure of the handler, not a stop of the worker.
+        inner = asyncio.get_running_loop().create_task(asyncio.sleep(10))
+        inner.cancel()
+        await inner
+
+    async with billing:
+        await billing.send(ChargeCard(7, 100))
+        transport = billing.remote.transport  # type: ignore[union-attr]
+        [letter] = await parked_letters(transport, "ChargeCard")
+    assert runs[7] >= FAST.attempts  # at least: a redelivery may add a run
+    assert letter.failure.error_type == "asyncio.exceptions.CancelledError"
+    assert letter.failure.attempts == FAST.attempts
+    assert [type(exc) for exc in reported] == [asyncio.CancelledError]
+    await transport.purge([letter.id])
+
+
+def query_from(sender_clock: float, *, timeout: float, sender: str | None) -> Envelope:
+    """A GetInvoice request as a sender whose clock reads ``sender_clock`` would send it."""
+    headers = {"deadline": repr(sender_clock + timeout)}
+    if sender is not None:
+        headers["iambus-sender"] = sender
+    return Envelope(
+        name="GetInvoice", payload=b'{"order_id":1}', created_at=sender_clock, headers=headers
+    )
+
+
+@pytest.mark.parametrize("sender", ["orders@host-a", None], ids=["sender", "old-sender"])
+@pytest.mark.parametrize("skew", [-60.0, 60.0], ids=["behind", "ahead"])
+async def test_a_fresh_query_is_answered_whatever_the_clock_skew(
+    skew: float, sender: str | None
+) -> None:
+    from iambus.transports.memory import MemoryTransport
+
+    bus = MemoryTransport()
+    billing = Dispatcher(transport=bus, service="billing", routes=ROUTES)
+
+    @billing.queries.register(GetInvoice)
+    async def get_invoice(query: GetInvoice) -> str:
+        return f"invoice {query.order_id}"
+
+    async with billing:
+        for _ in range(3):  # the sender's clock is off by more than its timeout, every time
+            fresh = query_from(time.time() + skew, timeout=2, sender=sender)
+            answer = await bus.request("query.GetInvoice", fresh, timeout=5)
+            assert answer.payload == b'"invoice 1"'
+
+
+async def test_an_expired_query_is_logged_with_its_age_name_and_sender(caplog) -> None:
+    from iambus.transports.memory import MemoryTransport
+
+    bus = MemoryTransport()
+    billing = Dispatcher(transport=bus, service="billing", routes=ROUTES)
+    orders = Dispatcher(transport=bus, service="orders", routes=ROUTES)
+    handled: list[int] = []
+    senders: list[str | None] = []
+
+    @billing.queries.register(GetInvoice)
+    async def get_invoice(query: GetInvoice) -> str:
+        handled.append(query.order_id)
+        senders.append(current_envelope.get().headers.get("iambus-sender"))  # type: ignore[union-attr]
+        return "x"
+
+    async with billing, orders:
+        assert await orders.query(GetInvoice(1), timeout=2) == "x"
+        assert senders == [f"orders@{socket.gethostname()}"]
+        # From the same sender (its header, its clock), sent 30 s before that one: its
+        # caller gave up long ago.
+        stale = query_from(time.time() - 30, timeout=2, sender=senders[0])
+        await bus.send("query.GetInvoice", stale)
+        await asyncio.wait_for(billing.join(), 5)  # settled: acked, not handled
+    assert handled == [1]
+    [record] = [r for r in caplog.records if "expired" in r.getMessage()]
+    assert record.levelname == "WARNING"
+    text = record.getMessage()
+    assert "query GetInvoice" in text
+    assert stale.id in text
+    assert "from service 'orders'" in text
+    assert re.search(r"waited (29|30)\.\d\ds, its caller 2\.00s", text), text
+
+
+async def test_a_receive_error_retrying_cannot_fix_stops_the_worker(caplog) -> None:
+    from iambus.transports.memory import MemoryTransport
+
+    class Misconfigured(MemoryTransport):
+        async def receive(self, *args: Any, **kwargs: Any) -> Any:
+            raise ImproperlyConfigured("memory://: no group 'g' on 'a'; declare() it first")
+
+    billing = Dispatcher(transport=Misconfigured(), service="billing", routes=ROUTES)
+
+    @billing.events.register(OrderPlaced)
+    async def charge(event: OrderPlaced) -> None: ...
+
+    with pytest.raises(ImproperlyConfigured, match="declare"):
+        await asyncio.wait_for(billing.run(), 10)  # stops by itself, raising the error
+    with pytest.raises(DispatcherStopped):
+        await billing.publish(OrderPlaced(1))  # stopped, not serving without consuming
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1
+    assert "retrying will not help; stopping" in errors[0].getMessage()
+    assert errors[0].exc_info is None  # one line: no traceback for a set-up error
+
+
+async def test_a_transient_receive_error_is_retried_and_logged_once_per_outage(caplog) -> None:
+    from iambus import TransportError
+    from iambus.transports.memory import MemoryTransport
+
+    class Flaky(MemoryTransport):
+        failures = 4
+
+        async def receive(self, *args: Any, **kwargs: Any) -> Any:
+            if self.failures:
+                self.failures -= 1
+                raise TransportError("memory://: connection reset")
+            return await super().receive(*args, **kwargs)
+
+    caplog.set_level("INFO", logger="iambus.worker")
+    bus = Flaky()
+    billing = Dispatcher(transport=bus, service="billing", routes=ROUTES)
+    handled: list[int] = []
+
+    @billing.events.register(OrderPlaced)
+    async def charge(event: OrderPlaced) -> None:
+        handled.append(event.order_id)
+
+    async with billing:
+        await billing.publish(OrderPlaced(1))
+        await asyncio.wait_for(billing.join(), 10)
+    assert handled == [1]
+    assert bus.failures == 0
+    worker = [r for r in caplog.records if r.name == "iambus.worker"]
+    warnings = [r.getMessage() for r in worker if r.levelname in ("WARNING", "ERROR")]
+    assert len(warnings) == 1, warnings
+    assert "receiving event.OrderPlaced failed; retrying" in warnings[0]
+    assert "connection reset" in warnings[0]
+    [recovered] = [r.getMessage() for r in worker if "works again" in r.getMessage()]
+    found = re.search(r"after (\d+\.\d)s and 4 failed receive\(s\)", recovered)
+    assert found, recovered
+    assert float(found[1]) >= 0.1 + 0.2 + 0.4 + 0.8 - 0.1  # a growing backoff, waited out
+
+
+class BrokenPolicy(Retry):
+    """A retry policy with a bug in ``delay()`` (a subclass: refused nowhere)."""
+
+    def delay(self, attempt: int) -> float:
+        raise ZeroDivisionError("division by zero in a custom backoff")
+
+
+class NonsensePolicy(Retry):
+    def delay(self, attempt: int) -> float:
+        return "soon"  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("policy", [BrokenPolicy, NonsensePolicy])
+async def test_a_retry_policy_that_fails_still_ends_in_the_dead_letters(
+    policy: type[Retry], caplog
+) -> None:
+    from iambus.transports.memory import MemoryTransport
+
+    bus = MemoryTransport()  # claim_after 30 s: a delivery left unsettled would wait that long
+    billing = Dispatcher(
+        transport=bus, service="billing", routes=ROUTES, retry=policy(attempts=3, backoff=0.01)
+    )
+    runs: list[int] = []
+
+    @billing.commands.register(ChargeCard)
+    async def charge(command: ChargeCard) -> None:
+        runs.append(command.order_id)
+        raise ValueError("card declined")
+
+    async with billing:
+        await billing.send(ChargeCard(1, 100))
+        [letter] = await parked_letters(bus, "ChargeCard")
+    assert len(runs) >= 3  # the attempts allowed, each retried although the policy failed
+    assert letter.failure.error_type == "builtins.ValueError"  # why the message failed
+    assert letter.failure.attempts == 3
+    settling = [r for r in caplog.records if "settling command ChargeCard" in r.getMessage()]
+    assert len(settling) == 2  # the policy's bug is logged at each retry, with its traceback
+    assert "(attempt 1 of 3) failed; retrying it" in settling[0].getMessage()
+    assert settling[0].exc_info is not None
+
+
+async def test_a_query_whose_failure_cannot_be_answered_is_dead_lettered(caplog) -> None:
+    from iambus.transports.memory import MemoryTransport
+
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("__str__ is broken")
+
+    bus = MemoryTransport(claim_after=1.0)  # a delivery left unsettled comes back, again
+    billing = Dispatcher(transport=bus, service="billing", routes=ROUTES)
+    orders = Dispatcher(transport=bus, service="orders", routes=ROUTES)
+    runs: list[int] = []
+
+    @billing.queries.register(GetInvoice)
+    async def get_invoice(query: GetInvoice) -> str:
+        runs.append(query.order_id)
+        raise Unprintable
+
+    async with billing, orders:
+        with pytest.raises(RequestTimeout):
+            await orders.query(GetInvoice(5), timeout=0.5)  # no answer could be built
+        [letter] = await parked_letters(bus, "GetInvoice")  # not redelivered for ever
+    assert runs[0] == 5
+    assert letter.failure.error_type == "builtins.RuntimeError"
+    assert letter.failure.message == "raised while settling: __str__ is broken"
+    assert "Unprintable" in letter.failure.traceback  # the handler's error, in the chain
+
+
+async def test_a_receiver_whose_clock_is_ahead_still_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import types
+
+    from iambus import worker
+    from iambus.transports.memory import MemoryTransport
+
+    # The receiving host's clock is a minute ahead; the query's timeout is 2 s.
+    ahead = types.SimpleNamespace(time=lambda: time.time() + 60, monotonic=time.monotonic)
+    monkeypatch.setattr(worker, "time", ahead)
+    bus = MemoryTransport()
+    billing = Dispatcher(transport=bus, service="billing", routes=ROUTES)
+    orders = Dispatcher(transport=bus, service="orders", routes=ROUTES)
+
+    @billing.queries.register(GetInvoice)
+    async def get_invoice(query: GetInvoice) -> str:
+        return f"invoice {query.order_id}"
+
+    async with billing, orders:
+        for n in range(3):
+            assert await orders.query(GetInvoice(n), timeout=2) == f"invoice {n}"

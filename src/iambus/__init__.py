@@ -20,6 +20,7 @@ from .errors import (
     RequestTimeout,
     SerializationError,
     TransportError,
+    TransportRefused,
     WouldDeadlock,
 )
 from .handlers import AbstractHandler, Handler, HandlerProtocol
@@ -72,6 +73,7 @@ __all__ = [
     "Status",
     "Transport",
     "TransportError",
+    "TransportRefused",
     "WouldDeadlock",
     "__version__",
     "connect",

@@ -58,7 +58,7 @@ from .messages import Command, MessageKey, Query, describe, message_key
 from .middleware import Chain, Context, Middleware, check_middleware, compose
 from .providers import ProviderRegistry
 from .remote import Remote, RemoteRoute
-from .retry import Retry
+from .retry import Retry, checked_policy
 from .routers import EventRouter, RequestRouter, Router
 from .routing import Routes, address
 from .transports import Transport, connect
@@ -198,8 +198,16 @@ class Dispatcher:
         self.error_handler: ErrorHandler = error_handler or log_error
         self.listen_for_signals = listen_for_signals
         self.shutdown_timeout = shutdown_timeout
-        self.retry = retry or Retry()
-        self.retries = dict(retries or {})
+        self.retry = checked_policy("retry", retry) or Retry()
+        if retries is not None and not isinstance(retries, Mapping):
+            raise ImproperlyConfigured(
+                f"retries must map message types (or names) to Retry(...), got {retries!r}; "
+                f"e.g. retries={{ChargeCard: Retry(attempts=10)}}"
+            )
+        self.retries = {
+            key: checked_policy(f"retries[{describe(key)}]", policy)
+            for key, policy in (retries or {}).items()
+        }
         self.concurrency = concurrency
         # Across services: a transport and the routes that decide what uses it.
         self.service = service
@@ -244,6 +252,7 @@ class Dispatcher:
         self._shutdown: asyncio.Event | None = None
         self._signal_loop: asyncio.AbstractEventLoop | None = None
         self._stop_task: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None  # what stopped the worker, if anything
 
     # -- routers and registration ---------------------------------------------------
 
@@ -332,6 +341,7 @@ class Dispatcher:
                 return
             self._compile()
         self._state = _STARTED
+        self._failure = None
         self._open = True
         self._fast_commands = _fast(self._commands)
         self._fast_queries = _fast(self._queries)
@@ -488,14 +498,27 @@ class Dispatcher:
                 concurrency=self.concurrency,
                 batch=min(32, self.concurrency),
                 report=self._report,
+                fatal=self._worker_failed,
             )
             await self._worker.start()
+
+    def _worker_failed(self, exc: BaseException) -> None:
+        # The worker met an error retrying cannot fix: stop, and let run() and
+        # wait_for_shutdown() raise it.
+        if self._failure is None:
+            self._failure = exc
+        if self._stop_task is None or self._stop_task.done():
+            self._stop_task = asyncio.get_running_loop().create_task(
+                self.stop(), context=outside_workers()
+            )
 
     async def run(self) -> None:
         """Serve until stopped: start, consume from the transport, stop on SIGINT/SIGTERM.
 
         The main loop of a worker process (``iambus worker`` calls it). Signal handling
-        is installed for the duration, whatever ``listen_for_signals`` says.
+        is installed for the duration, whatever ``listen_for_signals`` says. When the
+        worker meets an error that retrying cannot fix (``ImproperlyConfigured``,
+        ``TransportRefused``), it stops and ``run()`` raises that error.
         """
         self.listen_for_signals = True
         async with self:
@@ -529,7 +552,7 @@ class Dispatcher:
                 )
             return
         if self._state == _STOPPING:
-            await self.wait_for_shutdown()
+            await self._shutdown_event().wait()
             return
         self._state = _STOPPING
         self._open = False
@@ -585,12 +608,16 @@ class Dispatcher:
                 return
 
     async def wait_for_shutdown(self) -> None:
-        """Return when ``stop()`` has finished, or a signal stopped the dispatcher."""
+        """Return when ``stop()`` has finished, or a signal stopped the dispatcher.
+
+        Raises the error that stopped the worker, if one did (see ``run()``).
+        """
         if self.listen_for_signals and self._state == _STARTED:
             self._install_signals()
-        if self._state == _STOPPED:
-            return
-        await self._shutdown_event().wait()
+        if self._state != _STOPPED:
+            await self._shutdown_event().wait()
+        if self._failure is not None:
+            raise self._failure
 
     def _shutdown_event(self) -> asyncio.Event:
         if self._shutdown is None:

@@ -14,6 +14,7 @@ The tree::
     ├── WouldDeadlock                 awaiting a send that can only run after the caller
     ├── SerializationError            a message or result that cannot be encoded or decoded
     ├── TransportError                the broker failed or is unreachable (cause: driver error)
+    │   └── TransportRefused          the broker refused us: credentials, permissions
     ├── RemoteError                   a remote handler failed; carries its type name and message
     └── RequestTimeout                no answer to a remote query in time (also a TimeoutError)
 
@@ -37,6 +38,7 @@ __all__ = [
     "RequestTimeout",
     "SerializationError",
     "TransportError",
+    "TransportRefused",
     "WouldDeadlock",
 ]
 
@@ -90,6 +92,15 @@ class SerializationError(IambusError):
 
 class TransportError(IambusError):
     """The broker failed or could not be reached; the driver's exception is the cause."""
+
+
+class TransportRefused(TransportError):
+    """The broker refused us for a reason that retrying will not fix.
+
+    Wrong credentials, or permissions the user lacks: fix the URL or the broker's
+    access rules. A worker meeting it while receiving stops, instead of retrying
+    forever (``iambus worker`` exits with status 1).
+    """
 
 
 class RemoteError(IambusError):

@@ -22,7 +22,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from .errors import HandlerIsSync, HandlerSignatureError, ImproperlyConfigured
 from .messages import MessageKey, describe
 from .providers import Provider, ProviderRegistry, ProviderState
-from .retry import Retry
+from .retry import Retry, checked_policy
 
 __all__ = ["AbstractHandler", "Handler", "HandlerProtocol", "Kind"]
 
@@ -128,8 +128,7 @@ def build_handler(
 ) -> Handler:
     """Check ``fn`` against the message and bound arguments, and compile its call."""
     name = qualified_name(fn)
-    if retry is not None and not isinstance(retry, Retry):
-        raise ImproperlyConfigured(f"retry of {name} must be a Retry(...), got {retry!r}")
+    checked_policy(f"retry of {name}", retry)
     if response_event is not None and not isinstance(response_event, type):
         raise ImproperlyConfigured(
             f"response_event of {name} must be a class (the event type its return value "

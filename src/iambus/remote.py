@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 from typing import Any
 
@@ -44,6 +45,7 @@ LOOKUP_TIMEOUT = 2.0  # seconds a look in the registry may take
 
 
 STATUS, ERROR_TYPE = "iambus-status", "iambus-error-type"
+SENDER = "iambus-sender"  # "<service>@<host>" of a request: who asks, and on which clock
 
 
 class Remote:
@@ -68,6 +70,7 @@ class Remote:
         self.codec = codec
         self.request_timeout = request_timeout
         self.registry = MessageRegistry()
+        self.sender = f"{service or ''}@{socket.gethostname()}"
         self._opened = False
         self._opening: asyncio.Lock | None = None
         self._checked: set[str] = set()  # addresses sent to whose handlers were looked up
@@ -150,7 +153,9 @@ class Remote:
         mkey = message_key(message)
         # A query nobody answers in time is skipped by its owner; a late command is still
         # carried out (it is durable, and maybe sent on purpose to a service that is down).
-        headers = {"deadline": repr(time.time() + timeout)} if kind == "query" else {}
+        headers = {SENDER: self.sender}
+        if kind == "query":
+            headers["deadline"] = repr(time.time() + timeout)
         envelope = self.envelope(message, key, headers=headers)
         try:
             answer = await self.transport.request(

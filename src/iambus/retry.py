@@ -51,3 +51,13 @@ class Retry:
         """Seconds to wait after delivery number ``attempt`` failed."""
         delay = min(self.max_backoff, self.backoff * self.factor ** max(attempt - 1, 0))
         return delay * random.uniform(0.5, 1.0) if self.jitter else delay
+
+
+def checked_policy(option: str, value: Retry | None) -> Retry | None:
+    """``value`` if it is a ``Retry`` or None; else ImproperlyConfigured naming ``option``."""
+    if value is not None and not isinstance(value, Retry):
+        raise ImproperlyConfigured(
+            f"{option} must be a Retry(...), e.g. Retry(attempts=5, backoff=0.5), or None "
+            f"for the policy further out; got {value!r} ({type(value).__name__})"
+        )
+    return value

@@ -18,6 +18,15 @@ cascades, exactly as in-process), and only then settles it:
   not retried: its caller is waiting. A command's requester gets the error only with the
   dead letter, after the last attempt (a retry that succeeds answers with the result).
 * a payload that does not decode: dead-letter at once, with the reason.
+* an unexpected error while settling (a retry policy, codec or reply that raises): a
+  failed attempt, retried and then dead-lettered with that error; a settle call of the
+  transport that raised is never followed by another (the delivery comes back).
+* a query whose caller has given up: acked unanswered, with a warning (its age is read
+  against the sender's own clock, so clock skew between hosts does not count).
+
+A receive that fails is retried with a growing backoff, logged once per outage; one that
+retrying cannot fix (``ImproperlyConfigured``, ``TransportRefused``) stops the worker,
+and the dispatcher's ``run()`` raises it.
 
 At most ``concurrency`` handlers run at once. On stop it fetches nothing more, lets the
 handlers in flight finish (within the shutdown timeout) and settles them; what it could
@@ -30,6 +39,7 @@ or deduplicate by ``Envelope.id``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -42,10 +52,10 @@ from typing import TYPE_CHECKING, Any
 
 from .engine import in_worker, outside_workers
 from .envelope import Envelope, current_envelope
-from .errors import SerializationError, TransportError
+from .errors import ImproperlyConfigured, SerializationError, TransportError, TransportRefused
 from .handlers import Kind
 from .messages import MessageKey, describe
-from .remote import Remote
+from .remote import SENDER, Remote
 from .retry import Retry
 from .transports import ANNOUNCE_TTL, Delivery, Failure, Instance, Registry
 
@@ -60,6 +70,9 @@ Report = Callable[[BaseException, Any, Any], Any]
 RECEIVE_WAIT = 1.0  # seconds one receive may wait: also how long a stop may take to begin
 ANNOUNCE_TIMEOUT = 5.0  # seconds an announcement in the registry may take
 WITHDRAW_TIMEOUT = 2.0  # seconds a stopping worker's withdrawal may take (from its stop)
+RECEIVE_BACKOFF, RECEIVE_BACKOFF_MAX = 0.1, 5.0  # seconds between receives that failed
+RELEARN = 60.0  # seconds a sender's clock offset is trusted before it is learnt again
+SENDERS = 1024  # sender clocks remembered at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,12 +102,14 @@ class Worker:
         concurrency: int,
         batch: int,
         report: Report,
+        fatal: Callable[[BaseException], None] = lambda exc: None,
     ) -> None:
         self.remote = remote
         self.subscriptions = subscriptions
         self.concurrency = concurrency
         self.batch = batch
         self._report = report
+        self._fatal = fatal  # called once receiving failed in a way retrying cannot fix
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.started = time.time()
         self._free = concurrency
@@ -105,6 +120,9 @@ class Worker:
         self._stopping = False
         self._busy: set[Subscription] = set()
         self._presence: _Presence | None = None
+        self._ages = _Ages()
+        self._down: dict[Subscription, float] = {}  # failing to receive: its next backoff
+        self._outage = (0.0, 0)  # since when (monotonic), failed receives
 
     async def start(self) -> None:
         # A transport may size itself by the worker (RabbitMQ: its consumers' prefetch).
@@ -205,10 +223,14 @@ class Worker:
                 )
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                logger.exception("iambus: receiving %s failed; retrying in 1s", sub.address)
-                await asyncio.sleep(1.0)
+            except (ImproperlyConfigured, TransportRefused) as exc:
+                self._give_up(sub, exc)
+                return
+            except Exception as exc:
+                await self._receive_failed(sub, exc)
                 continue
+            if self._down:
+                self._receive_works(sub)
             self._free -= len(deliveries)
             if deliveries:
                 self._busy.add(sub)
@@ -222,6 +244,57 @@ class Worker:
                 # Let the handlers just started run first (up to their first wait): the
                 # next receive's own work would otherwise delay a query's answer.
                 await asyncio.sleep(0)
+
+    def _give_up(self, sub: Subscription, exc: BaseException) -> None:
+        # Retrying cannot fix a wrong set-up or refused credentials: stop the worker, and
+        # let the dispatcher raise it from run() / wait_for_shutdown().
+        logger.error(
+            "iambus worker %s: receiving %s for %s failed, and retrying will not help; "
+            "stopping: %s",
+            self.consumer,
+            sub.address,
+            sub.group,
+            exc,
+        )
+        self._stopping = True
+        self._room.set()
+        self._fatal(exc)
+
+    async def _receive_failed(self, sub: Subscription, exc: Exception) -> None:
+        # A broker down or a connection lost: retried with a growing backoff. An outage
+        # is logged once as it begins and once as it ends, not at every retry.
+        delay = self._down.get(sub)
+        if delay is None:
+            delay = RECEIVE_BACKOFF
+            if not self._down:
+                self._outage = (time.monotonic(), 0)
+                logger.warning(
+                    "iambus worker %s: receiving %s failed; retrying every %.1f-%.0fs until "
+                    "it works (logged again then): %s: %s",
+                    self.consumer,
+                    sub.address,
+                    RECEIVE_BACKOFF,
+                    RECEIVE_BACKOFF_MAX,
+                    type(exc).__name__,
+                    exc,
+                    # An error that is not the broker's is a bug: show where.
+                    exc_info=None if isinstance(exc, TransportError) else exc,
+                )
+        began, failures = self._outage
+        self._outage = (began, failures + 1)
+        self._down[sub] = min(delay * 2, RECEIVE_BACKOFF_MAX)
+        logger.debug("iambus: receiving %s failed again: %r", sub.address, exc)
+        await asyncio.sleep(delay)
+
+    def _receive_works(self, sub: Subscription) -> None:
+        if self._down.pop(sub, None) is not None and not self._down:
+            began, failures = self._outage
+            logger.info(
+                "iambus worker %s: receiving works again, after %.1fs and %d failed receive(s)",
+                self.consumer,
+                time.monotonic() - began,
+                failures,
+            )
 
     def _share(self, sub: Subscription) -> int:
         # The free slots are shared among the subscriptions that are busy (their last
@@ -240,25 +313,78 @@ class Worker:
 
     async def _process(self, sub: Subscription, delivery: Delivery) -> None:
         envelope = delivery.envelope
+        settling = _Settling(delivery)
         try:
             async with self._running:
-                await self._handle(sub, delivery, envelope)
+                await self._handle(sub, settling, envelope)
         except asyncio.CancelledError:
             raise  # stopping: left unacked, redelivered after claim_after
-        except Exception:
-            # The transport failed while settling: the delivery stays pending and is
-            # redelivered after claim_after, so nothing is lost.
+        except TransportError:
+            # The broker failed while settling: the delivery stays pending (or was given
+            # back) and is redelivered, so nothing is lost.
             logger.exception(
                 "iambus: could not settle %s %s (attempt %d); it will be redelivered",
                 sub.kind,
                 envelope.name,
                 delivery.attempt,
             )
+        except Exception as exc:
+            await self._settle_failed(sub, settling, exc)
         finally:
             self._release(1)
 
+    async def _settle_failed(self, sub: Subscription, settling: _Settling, exc: Exception) -> None:
+        """An unexpected error while settling: a bug in a retry policy, a codec, a reply,
+        or a transport. It must not turn into redelivery for ever."""
+        delivery, envelope = settling.delivery, settling.delivery.envelope
+        if settling.done:  # settled already; what failed came after
+            logger.error("iambus: after settling %s %s", sub.kind, envelope.name, exc_info=exc)
+            return
+        if settling.called:
+            # The transport's settle call raised something that is not a TransportError.
+            # What it did is unknown, and settling one delivery twice is not safe on every
+            # broker (RabbitMQ closes the channel on a tag settled twice): leave it. The
+            # transport gives it back, or the broker redelivers it after claim_after, with
+            # one more attempt; the last attempt dead-letters it.
+            logger.error(
+                "iambus: settling %s %s (attempt %d of %d) failed in the transport; it will "
+                "be redelivered",
+                sub.kind,
+                envelope.name,
+                delivery.attempt,
+                sub.retry.attempts,
+                exc_info=exc,
+            )
+            return
+        # Nothing was settled yet: this attempt failed, like a handler that raised.
+        # Retried while attempts are left (a query is not: its caller is waiting), then
+        # dead-lettered with this error as the reason.
+        retry = sub.kind != "query" and delivery.attempt < sub.retry.attempts
+        logger.error(
+            "iambus: settling %s %s (attempt %d of %d) failed; %s",
+            sub.kind,
+            envelope.name,
+            delivery.attempt,
+            sub.retry.attempts,
+            "retrying it" if retry else "dead-lettering it",
+            exc_info=exc,
+        )
+        try:
+            if retry:
+                await delivery.retry(_safe_delay(sub.retry, delivery.attempt))
+            else:
+                failure = _failure(exc, delivery.attempt, sub.route.name)
+                reason = f"raised while settling: {failure.message}"
+                await delivery.dead_letter(dataclasses.replace(failure, message=reason))
+        except Exception:
+            logger.exception(
+                "iambus: could not settle %s %s either; it will be redelivered",
+                sub.kind,
+                envelope.name,
+            )
+
     async def _handle(self, sub: Subscription, delivery: Delivery, envelope: Envelope) -> None:
-        if sub.kind == "query" and _expired(envelope):
+        if sub.kind == "query" and self._expired(envelope):
             await delivery.ack()  # the requester has given up: nobody would read the answer
             return
         try:
@@ -281,6 +407,13 @@ class Worker:
         token = current_envelope.set(envelope)
         try:
             result = await sub.route.run(message, envelope.key)
+        except asyncio.CancelledError as exc:
+            if _stopping():
+                raise  # the worker stops: left unacked, redelivered after claim_after
+            # The handler's own code raised it (a task of its own cancelled, say): a
+            # failure like any other, or the delivery would hang until claim_after.
+            await self._failed(sub, delivery, message, exc)
+            return
         except Exception as exc:
             await self._failed(sub, delivery, message, exc)
             return
@@ -304,8 +437,36 @@ class Worker:
             await self.remote.transport.reply(envelope.reply_to, answer)
         await delivery.ack()
 
+    def _expired(self, envelope: Envelope) -> bool:
+        deadline = envelope.headers.get("deadline")
+        if deadline is None:
+            return False
+        try:
+            # Both on the sender's clock: the caller's budget, whatever the skew.
+            budget = float(deadline) - envelope.created_at
+        except ValueError:
+            return False
+        age = self._ages.age(envelope, time.time())
+        if not age > budget:
+            return False
+        service, _, host = envelope.headers.get(SENDER, "").rpartition("@")
+        logger.warning(
+            "iambus: query %s (id %s) from %s expired before it was handled: it waited "
+            "%.2fs, its caller %.2fs; acked without an answer",
+            envelope.name,
+            envelope.id,
+            f"service {service!r}"
+            if service
+            else f"host {host!r} (no service name)"
+            if host
+            else "a sender that does not say",
+            age,
+            budget,
+        )
+        return True
+
     async def _failed(
-        self, sub: Subscription, delivery: Delivery, message: Any, exc: Exception
+        self, sub: Subscription, delivery: Delivery, message: Any, exc: BaseException
     ) -> None:
         envelope = delivery.envelope
         context = sub.route.context_for(envelope.key)
@@ -322,6 +483,11 @@ class Worker:
             logger.warning("iambus: %s: %s", sub.route.name, exc)
         if delivery.attempt < sub.retry.attempts:
             delay = sub.retry.delay(delivery.attempt)
+            if not (isinstance(delay, int | float) and delay >= 0):
+                raise ImproperlyConfigured(
+                    f"{type(sub.retry).__qualname__}.delay({delivery.attempt}) returned "
+                    f"{delay!r}; it must return seconds (a number >= 0)"
+                )
             logger.warning(
                 "iambus: %s failed on %s (attempt %d of %d), retrying in %.2fs: %s: %s",
                 sub.route.name,
@@ -411,20 +577,97 @@ class _Presence:
         self._failing = False
 
 
-def _expired(envelope: Envelope) -> bool:
-    deadline = envelope.headers.get("deadline")
+def _stopping() -> bool:
+    """Whether the running task is being cancelled (a stop), not hit by a handler's own."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+class _Ages:
+    """How long queries waited, told across hosts whose clocks disagree.
+
+    A query carries its send time (``created_at``) on its sender's clock. Its age is read
+    against the least (arrival - send time) lately seen from the same sender clock: that
+    is the skew plus the quickest passage, so the age found is never more than the true
+    one, and a skewed clock never makes a fresh query look old. A sender's least is
+    learnt again every ``RELEARN`` seconds, so a clock that was set back is followed.
+    """
+
+    def __init__(self) -> None:
+        self._least: dict[str, tuple[float, float]] = {}  # sender -> (least, since)
+
+    def age(self, envelope: Envelope, now: float) -> float:
+        # The sender's "<service>@<host>", or its reply address from a sender that does
+        # not say (one process): either way, one clock.
+        sender = envelope.headers.get(SENDER) or envelope.reply_to or ""
+        offset = now - envelope.created_at
+        known = self._least.get(sender)
+        if known is not None and now - known[1] < RELEARN:
+            if offset >= known[0]:
+                return offset - known[0]
+            self._least[sender] = (offset, known[1])
+            return 0.0
+        if known is None and len(self._least) >= SENDERS:
+            del self._least[next(iter(self._least))]  # the oldest
+        self._least[sender] = (offset, now)
+        return 0.0
+
+
+def _safe_delay(policy: Retry, attempt: int) -> float:
+    """The policy's delay, or its first backoff when computing the delay fails."""
     try:
-        return deadline is not None and float(deadline) < time.time()
-    except ValueError:
-        return False
+        delay = policy.delay(attempt)
+    except Exception:
+        delay = None
+    if isinstance(delay, int | float) and delay >= 0:
+        return float(delay)
+    backoff = policy.backoff
+    return float(backoff) if isinstance(backoff, int | float) and backoff >= 0 else 1.0
+
+
+class _Settling:
+    """A delivery that remembers whether a settle call was made on it, and returned."""
+
+    __slots__ = ("called", "delivery", "done")
+
+    def __init__(self, delivery: Delivery) -> None:
+        self.delivery = delivery
+        self.called = self.done = False
+
+    @property
+    def envelope(self) -> Envelope:
+        return self.delivery.envelope
+
+    @property
+    def attempt(self) -> int:
+        return self.delivery.attempt
+
+    async def ack(self) -> None:
+        self.called = True
+        await self.delivery.ack()
+        self.done = True
+
+    async def retry(self, delay: float) -> None:
+        self.called = True
+        await self.delivery.retry(delay)
+        self.done = True
+
+    async def dead_letter(self, failure: Failure) -> None:
+        self.called = True
+        await self.delivery.dead_letter(failure)
+        self.done = True
 
 
 def _failure(exc: BaseException, attempts: int, handler: str | None) -> Failure:
     kind = type(exc)
     frames = traceback.format_exception(exc)
+    try:
+        message = str(exc)
+    except Exception:  # an exception whose __str__ fails still gets its dead letter
+        message = f"<{kind.__qualname__}: str() failed>"
     return Failure(
         error_type=f"{kind.__module__}.{kind.__qualname__}",
-        message=str(exc),
+        message=message,
         traceback="".join(frames)[-4000:],  # an excerpt: the innermost frames
         attempts=attempts,
         handler=handler,

@@ -17,6 +17,12 @@ codecs, routing, retries, handlers — lives above the seam, so a transport stay
 * ``request(address, envelope, timeout=...)`` / ``reply(to, envelope)``: request/reply.
 * ``dead_letters()`` / ``replay(ids)`` / ``purge(ids)``: the parked ones.
 
+Errors: ``TransportError`` for a broker that failed or is unreachable (the worker
+retries), ``TransportRefused`` for refused credentials or permissions and
+``ImproperlyConfigured`` for a set-up that cannot work (a worker meeting either while
+receiving stops). A settle call that fails leaves the delivery to come back (given back,
+or after ``claim_after``): the worker never settles one delivery twice.
+
 A transport may also define ``tune(concurrency=...)``: a worker calls it before it
 consumes, with how many handlers it runs at once (RabbitMQ sizes its prefetch by it).
 

@@ -91,7 +91,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..envelope import Envelope, new_id
-from ..errors import ImproperlyConfigured, SerializationError, TransportError
+from ..errors import ImproperlyConfigured, SerializationError, TransportError, TransportRefused
 from ..partitions import partition, partitions_option
 from . import Backlog, DeadLetter, Delivery, Failure, Instance
 
@@ -878,7 +878,9 @@ class RabbitMQTransport:
         delivery._consumer.last_seen = time.monotonic()
         try:
             await self._retry_unsafe(delivery, delay)
-        except TransportError:
+        except Exception:
+            # Any failure, not only the broker's: a delivery left unacked on a channel
+            # that lives on would never come back (nor, if keyed, its partition).
             await self._give_back(delivery)
             raise
 
@@ -977,7 +979,7 @@ class RabbitMQTransport:
     async def _dead_letter(self, delivery: _RabbitDelivery, failure: Failure) -> None:
         try:
             await self._park(delivery, failure)
-        except TransportError:
+        except Exception:  # as in _retry
             await self._give_back(delivery)
             raise
 
@@ -1373,6 +1375,15 @@ class RabbitMQTransport:
     async def _translate(self, what: str) -> AsyncIterator[None]:
         try:
             yield
+        except (
+            aiormq.exceptions.ProbableAuthenticationError,
+            aiormq.exceptions.AuthenticationError,
+            aiormq.exceptions.ChannelAccessRefused,
+        ) as exc:
+            raise TransportRefused(
+                f"{self.url}: {what} refused: {exc!r} (check the user and password in the URL, "
+                f"and the user's permissions on the virtual host)"
+            ) from exc
         except (aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPException) as exc:
             raise TransportError(f"{self.url}: {what} failed: {exc!r}") from exc
         except aiormq.exceptions.ChannelInvalidStateError as exc:  # closing under the call

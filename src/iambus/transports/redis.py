@@ -92,13 +92,13 @@ from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..envelope import Envelope
-from ..errors import ImproperlyConfigured, SerializationError, TransportError
+from ..errors import ImproperlyConfigured, SerializationError, TransportError, TransportRefused
 from ..partitions import partition, partitions_option
 from . import ANNOUNCE_TTL, Backlog, DeadLetter, Delivery, Failure, Instance
 
 try:
     import redis.asyncio as aioredis
-    from redis.exceptions import RedisError
+    from redis.exceptions import AuthenticationError, NoPermissionError, RedisError
 except ImportError as exc:  # pragma: no cover - exercised without the extra installed
     raise ImportError("the Redis transport needs redis-py: pip install 'iambus[redis]'") from exc
 
@@ -1088,6 +1088,11 @@ class RedisTransport:
     async def _translate(self, what: str) -> AsyncIterator[None]:
         try:
             yield
+        except (AuthenticationError, NoPermissionError) as exc:
+            raise TransportRefused(
+                f"{self.url}: {what} refused: {exc} (check the user and password in the URL, "
+                f"and the user's ACL rules)"
+            ) from exc
         except RedisError as exc:
             raise TransportError(f"{self.url}: {what} failed: {exc}") from exc
         except OSError as exc:
