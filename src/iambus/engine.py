@@ -8,8 +8,9 @@ through here. The rules:
   queued jobs never blocks another key (only the head of each key's lane is ever in the
   ready queue, so a free worker always finds other keys' work);
 * at most ``max_pending`` jobs are queued or running; ``put`` waits for room
-  (backpressure) — except when called from a job itself, which would deadlock a full pool
-  waiting on its own workers; such a put is admitted over the limit;
+  (backpressure), first come first served — except when called from a job itself, which
+  would deadlock a full pool waiting on its own workers; such a put is admitted over the
+  limit;
 * a job that raises never ends its worker;
 * once closing, ``put`` refuses new jobs (``DispatcherStopped``), waiting producers are
   turned away too, and every job not run to its end is counted and its awaiting caller,
@@ -65,26 +66,33 @@ class Engine:
         self._lanes: dict[Hashable, deque[Job]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._pending = 0
+        # Producers waiting for room, first come first served. A waiter is admitted by
+        # handing it a freed place (counted in _pending before it resumes), so a producer
+        # arriving meanwhile cannot take it. One that gave up waiting stays in the deque,
+        # cancelled, until a wake-up skips it (or a compaction, when they pile up): no
+        # removal from the middle, so waking and leaving are O(1) however many wait.
         self._room: deque[asyncio.Future[None]] = deque()
+        self._withdrawn = 0  # waiters cancelled since the last compaction
         self._idle: asyncio.Future[None] | None = None
         self._closing = False
 
     @property
     def pending(self) -> int:
-        """Jobs queued or running."""
+        """Jobs queued or running (and places handed to producers about to put)."""
         return self._pending
 
     async def put(self, job: Job, key: Hashable | None) -> None:
-        if not in_worker.get():
-            while self._pending >= self._max_pending and not self._closing:
-                await self._wait_for_room()
         if self._closing:
-            raise DispatcherStopped(
-                "the dispatcher is stopping and takes no new messages; send before dp.stop()"
-            )
+            raise _stopping()
+        room = self._room
+        while room and room[0].done():
+            room.popleft()  # a waiter that gave up
+        if (self._pending >= self._max_pending or room) and not in_worker.get():
+            await self._wait_for_room()  # returns with a place counted in _pending
+        else:
+            self._pending += 1
         if not self._tasks:
             self._start()
-        self._pending += 1
         if key is None:
             self._ready.put_nowait(job)
         elif (lane := self._lanes.get(key)) is not None:
@@ -99,14 +107,21 @@ class Engine:
         try:
             await room
         except asyncio.CancelledError:
-            # Woken, then cancelled before it could use the room: pass the wake-up on,
-            # or the next producer would wait for a room that is already free.
-            if room.done() and not room.cancelled():
-                self._wake_one()
+            if room.cancelled():
+                # Gave up while waiting: left in the deque, skipped when reached. Many
+                # gave up (a stuck engine, producers with timeouts): drop them in one
+                # pass, whose cost the cancellations since the last pass pay for.
+                self._withdrawn += 1
+                if self._withdrawn > 64 and self._withdrawn * 2 > len(self._room):
+                    self._room = deque(r for r in self._room if not r.done())
+                    self._withdrawn = 0
+            elif not self._closing:
+                # Admitted, then cancelled before it could use its place: pass it on, or
+                # the next producer would wait for a place that is already free.
+                self._release()
             raise
-        finally:
-            if room in self._room:
-                self._room.remove(room)
+        if self._closing:
+            raise _stopping()
 
     async def join(self) -> None:
         """Return once no job is queued or running (including jobs put meanwhile)."""
@@ -123,6 +138,7 @@ class Engine:
             room = self._room.popleft()
             if not room.done():
                 room.set_result(None)
+        self._withdrawn = 0
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -203,17 +219,21 @@ class Engine:
                 self._ready.put_nowait(lane.popleft())
             elif lane is not None:
                 del self._lanes[key]
+        self._release()
+
+    def _release(self) -> None:
+        # One place is free: hand it to the first waiting producer, if the limit allows
+        # (jobs' own puts may have taken the count over it), else let it go.
+        if self._pending <= self._max_pending:
+            room = self._room
+            while room:
+                waiter = room.popleft()
+                if not waiter.done():  # else it gave up waiting: skip it
+                    waiter.set_result(None)  # the place passes on: _pending unchanged
+                    return
         self._pending -= 1
-        self._wake_one()
         if not self._pending:
             self._wake_idle()
-
-    def _wake_one(self) -> None:
-        while self._room:
-            room = self._room.popleft()
-            if not room.done():
-                room.set_result(None)
-                return
 
     def _lost_with_the_loop(self) -> None:
         # Workers cancelled by someone else than close(): the event loop is shutting
@@ -230,6 +250,12 @@ class Engine:
     def _wake_idle(self) -> None:
         if self._idle is not None and not self._idle.done():
             self._idle.set_result(None)
+
+
+def _stopping() -> DispatcherStopped:
+    return DispatcherStopped(
+        "the dispatcher is stopping and takes no new messages; send before dp.stop()"
+    )
 
 
 def _cancel(job: Job) -> None:
