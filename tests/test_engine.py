@@ -290,3 +290,40 @@ async def test_producers_waiting_for_room_at_stop_are_turned_away():
     for producer in producers[1:150:2] + producers[150:]:
         with pytest.raises(DispatcherStopped):
             await asyncio.wait_for(producer, 1)
+
+
+async def test_follow_ups_of_a_delivery_dropped_at_close_are_reported_lost():
+    # The transport worker acks a delivery only if wait() says its follow-ups all ran;
+    # one cancelled mid-run, or never started, by a closing engine did not.
+    from iambus.engine import Engine, Followups, followups
+
+    gate = asyncio.Event()
+    started = asyncio.Event()
+
+    async def slow(message: object, key: object) -> None:
+        started.set()
+        await gate.wait()
+
+    async def orphaned(exc: BaseException, message: object, key: object) -> None:
+        raise AssertionError("no awaited job here")
+
+    engine = Engine(workers=1, max_pending=10, orphaned=orphaned)
+    running, queued = Followups(), Followups()
+    followups.set(running)
+    await engine.put(slow, "running", None, None)
+    followups.set(queued)
+    await engine.put(slow, "queued", None, None)
+    followups.set(None)
+    await asyncio.wait_for(started.wait(), 1)
+    assert await engine.close() == 2
+    assert await asyncio.wait_for(running.wait(), 1) is False
+    assert await asyncio.wait_for(queued.wait(), 1) is False
+
+    done = Followups()  # for contrast: follow-ups that ran
+    engine = Engine(workers=1, max_pending=10, orphaned=orphaned)
+    gate.set()
+    followups.set(done)
+    await engine.put(slow, "quick", None, None)
+    followups.set(None)
+    assert await asyncio.wait_for(done.wait(), 1) is True
+    await engine.close()

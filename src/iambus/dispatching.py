@@ -40,7 +40,6 @@ from typing import Any, Literal, TypeVar, overload
 
 from .codecs import Codec, JsonCodec
 from .engine import Engine, JobFn, current_key, in_worker, outside_workers
-from .envelope import current_envelope
 from .errors import (
     DispatcherStopped,
     HandlerDoesNotExist,
@@ -771,7 +770,7 @@ class Dispatcher:
                 f"bind one with dp.events / dp.commands / dp.queries .register(...) "
                 f"before sending it"
             )
-        await self._background().put((job, message, key, None, current_envelope.get()), key)
+        await self._background().put(job, message, key, None)
 
     # -- internals: routes, emitting, delivering ---------------------------------------
 
@@ -1053,7 +1052,7 @@ class Dispatcher:
                 f"(await dp.handle(message, key={key!r})), or emit it as an event"
             )
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        await self._background().put((job, message, key, future, current_envelope.get()), key)
+        await self._background().put(job, message, key, future)
         return await future
 
 

@@ -10,11 +10,15 @@ through here. The rules:
 * at most ``max_pending`` jobs are queued or running; ``put`` waits for room
   (backpressure), first come first served — except when called from a job itself, which
   would deadlock a full pool waiting on its own workers; such a put is admitted over the
-  limit;
+  limit. A handler run by the transport worker is no job: it waits for room like any
+  producer;
 * a job that raises never ends its worker;
+* a job put while ``followups`` holds a ``Followups`` (the transport worker sets one per
+  delivery) is counted there, and so is every job it puts in turn: the worker acks the
+  delivery once they have all run;
 * once closing, ``put`` refuses new jobs (``DispatcherStopped``), waiting producers are
-  turned away too, and every job not run to its end is counted and its awaiting caller,
-  if any, cancelled.
+  turned away too, and every job not run to its end is counted, its awaiting caller, if
+  any, cancelled, and its ``Followups`` marked lost.
 """
 
 from __future__ import annotations
@@ -29,30 +33,86 @@ from typing import Any
 from .envelope import Envelope, current_envelope
 from .errors import DispatcherStopped
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "Followups"]
 
 logger = logging.getLogger(__name__)
 
 JobFn = Callable[[Any, Any], Awaitable[Any]]
-# (what to run, message, key, future for an awaiting caller or None, the envelope being
-# handled when the job was put: its handler's sends keep that conversation's ids)
-Job = tuple[JobFn, Any, Any, "asyncio.Future[Any] | None", Envelope | None]
 # Called with (exception, message, key) when an awaited job fails after its caller left.
 Orphaned = Callable[[BaseException, Any, Any], Awaitable[None]]
 
+# Two flags, two meanings:
+# ``in_worker``: this code is part of the work ``dp.stop()`` drains — an engine job, or a
+# handler the transport worker runs. It may still send while the dispatcher stops, and a
+# ``stop()`` or ``join()`` from it would wait for itself.
 in_worker: contextvars.ContextVar[bool] = contextvars.ContextVar("iambus_in_worker", default=False)
+# ``in_job``: this code runs inside an engine job. Its puts are admitted over
+# ``max_pending``: waiting for room only the engine's own workers can make could deadlock.
+in_job: contextvars.ContextVar[bool] = contextvars.ContextVar("iambus_in_job", default=False)
 # The key of the job the current worker runs (None outside keyed jobs).
 current_key: contextvars.ContextVar[Hashable | None] = contextvars.ContextVar(
     "iambus_current_key", default=None
 )
 
 
+class Followups:
+    """The engine jobs one broker delivery's handler put, and the jobs those put in turn.
+
+    The transport worker sets one in ``followups`` before it runs a delivery's handler
+    and acks the delivery only once ``wait()`` says they all ran: work in an in-memory
+    queue is not acked away from the broker, where it would be lost with the process.
+    """
+
+    __slots__ = ("_done", "_left", "_lost")
+
+    def __init__(self) -> None:
+        self._left = 0
+        self._lost = False
+        self._done: asyncio.Future[None] | None = None
+
+    def add(self) -> None:
+        self._left += 1
+
+    def finish(self) -> None:
+        self._left -= 1
+        if not self._left:
+            self._wake()
+
+    def lose(self) -> None:
+        """A job counted here will not run to its end: the engine closed first."""
+        self._lost = True
+        self._wake()
+
+    async def wait(self) -> bool:
+        """Return once every job counted here has run: True; False once one was dropped."""
+        while self._left and not self._lost:
+            self._done = asyncio.get_running_loop().create_future()
+            await self._done
+        return not self._lost
+
+    def _wake(self) -> None:
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
+
+
+followups: contextvars.ContextVar[Followups | None] = contextvars.ContextVar(
+    "iambus_followups", default=None
+)
+
+# (what to run, message, key, future for an awaiting caller or None, the envelope being
+# handled when the job was put — its handler's sends keep that conversation's ids —, the
+# delivery's Followups it counts towards or None)
+Job = tuple[JobFn, Any, Any, "asyncio.Future[Any] | None", Envelope | None, Followups | None]
+
+
 def outside_workers() -> contextvars.Context:
     """A copy of the current context as seen outside any worker (for tasks of our own)."""
     context = contextvars.copy_context()
     context.run(in_worker.set, False)
+    context.run(in_job.set, False)
     context.run(current_key.set, None)
     context.run(current_envelope.set, None)
+    context.run(followups.set, None)
     return context
 
 
@@ -81,18 +141,24 @@ class Engine:
         """Jobs queued or running (and places handed to producers about to put)."""
         return self._pending
 
-    async def put(self, job: Job, key: Hashable | None) -> None:
+    async def put(
+        self, fn: JobFn, message: Any, key: Hashable | None, future: asyncio.Future[Any] | None
+    ) -> None:
         if self._closing:
             raise _stopping()
         room = self._room
         while room and room[0].done():
             room.popleft()  # a waiter that gave up
-        if (self._pending >= self._max_pending or room) and not in_worker.get():
+        if (self._pending >= self._max_pending or room) and not in_job.get():
             await self._wait_for_room()  # returns with a place counted in _pending
         else:
             self._pending += 1
         if not self._tasks:
             self._start()
+        tracker = followups.get()
+        if tracker is not None:
+            tracker.add()
+        job = (fn, message, key, future, current_envelope.get(), tracker)
         if key is None:
             self._ready.put_nowait(job)
         elif (lane := self._lanes.get(key)) is not None:
@@ -144,10 +210,10 @@ class Engine:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         while not self._ready.empty():
-            _cancel(self._ready.get_nowait())
+            _drop(self._ready.get_nowait())
         for lane in self._lanes.values():
             for job in lane:
-                _cancel(job)
+                _drop(job)
         self._lanes.clear()
         self._pending = 0
         self._wake_idle()
@@ -156,6 +222,7 @@ class Engine:
     def _start(self) -> None:
         context = outside_workers()
         context.run(in_worker.set, True)
+        context.run(in_job.set, True)
         self._tasks = [
             self.loop.create_task(self._work(), name=f"iambus-worker-{n}", context=context.copy())
             for n in range(self._workers)
@@ -171,9 +238,10 @@ class Engine:
             except asyncio.CancelledError:
                 self._lost_with_the_loop()
                 raise
-            fn, message, key, future, envelope = job
+            fn, message, key, future, envelope, tracker = job
             token = current_key.set(key)
             conversation = current_envelope.set(envelope)
+            counted = followups.set(tracker)  # what this job puts counts for its delivery
             try:
                 if future is None:
                     await fn(message, key)
@@ -181,7 +249,7 @@ class Engine:
                     await self._answer(fn, message, key, future)
             except asyncio.CancelledError:
                 if me.cancelling():
-                    _cancel(job)
+                    _drop(job)
                     self._lost_with_the_loop()
                     raise  # the engine is closing, or the event loop is ending
                 # A handler raised CancelledError of its own: a failure of that job only.
@@ -192,9 +260,12 @@ class Engine:
                 # last line of defence so that a worker never dies.
                 logger.exception("iambus: unexpected error in a background job for %r", message)
             finally:
+                followups.reset(counted)
                 current_envelope.reset(conversation)
                 current_key.reset(token)
                 self._finish(key)
+                if tracker is not None:
+                    tracker.finish()  # after _drop(), if dropped: lost stays lost
             if me.cancelling():
                 # Cancelled while the job swallowed the cancellation: stop all the same.
                 self._lost_with_the_loop()
@@ -262,3 +333,11 @@ def _cancel(job: Job) -> None:
     future = job[3]
     if future is not None and not future.done():
         future.cancel()
+
+
+def _drop(job: Job) -> None:
+    # Not run to its end: its awaiting caller is cancelled, its delivery is not acked.
+    _cancel(job)
+    tracker = job[5]
+    if tracker is not None:
+        tracker.lose()
