@@ -169,28 +169,6 @@ async def test_an_awaited_keyed_send_running_at_stop_timeout_is_cancelled():
         await asyncio.wait_for(waiting, 1)
 
 
-async def test_producers_waiting_for_room_at_stop_are_turned_away():
-    import pytest
-
-    from iambus import DispatcherStopped
-
-    dp = Dispatcher(max_pending=1)
-
-    @dp.commands.register(Job)
-    async def run(job: Job) -> None:
-        await asyncio.sleep(10)
-
-    dp.start()
-    await dp.handle(Job("x", 1))
-    second = asyncio.create_task(dp.handle(Job("x", 2)))
-    third = asyncio.create_task(dp.handle(Job("x", 3)))
-    await asyncio.sleep(0.01)
-    await dp.stop(timeout=0.02)
-    for producer in (second, third):
-        with pytest.raises(DispatcherStopped):
-            await asyncio.wait_for(producer, 1)
-
-
 async def test_a_cancelled_producer_passes_its_room_on():
     gate = asyncio.Event()
     dp = Dispatcher(max_pending=1, engine_workers=1)
@@ -227,3 +205,125 @@ async def test_a_handler_swallowing_cancellation_does_not_hang_stop():
     await dp.handle(Job("x", 1))
     await asyncio.wait_for(dp.stop(timeout=0.02), 2)
     assert log == [("x", 0)]  # the queued job was not started after the stop
+
+
+async def test_producers_waiting_for_room_get_it_first_come_first_served():
+    gate = asyncio.Event()
+    log: list[tuple[str, int]] = []
+    dp = Dispatcher(max_pending=1, engine_workers=1)
+
+    @dp.commands.register(Job)
+    async def run(job: Job) -> None:
+        if job.key == "blocker":
+            await gate.wait()
+        log.append((job.key, job.seq))
+
+    await dp.handle(Job("blocker", 0))
+    waiting = []
+    for seq in range(5):
+        waiting.append(asyncio.create_task(dp.handle(Job("waiter", seq))))
+        await asyncio.sleep(0)  # each producer queues up for room, in this order
+    gate.set()
+    await asyncio.sleep(0)  # the blocker finishes: its place goes to the first waiter...
+    # ...and a producer arriving before that waiter resumes does not take it: it queues
+    # up behind every waiter. (Awaited directly: wait_for() would defer it to a task.)
+    await dp.handle(Job("late", 0))
+    await asyncio.wait_for(asyncio.gather(*waiting), 1)
+    await dp.join()
+    assert log == [("blocker", 0)] + [("waiter", seq) for seq in range(5)] + [("late", 0)]
+
+
+async def test_producers_giving_up_on_room_lose_no_wake_up_of_the_others():
+    gate = asyncio.Event()
+    log: list[int] = []
+    dp = Dispatcher(max_pending=1, engine_workers=1)
+
+    @dp.commands.register(Job)
+    async def run(job: Job) -> None:
+        if job.seq < 0:
+            await gate.wait()
+        log.append(job.seq)
+
+    await dp.handle(Job("x", -1))
+    producers = []
+    for seq in range(300):
+        producers.append(asyncio.create_task(dp.handle(Job("x", seq))))
+        await asyncio.sleep(0)
+    # Most give up waiting (a timeout, a client gone): among them long runs, enough to
+    # make the engine sweep them out; the rest must still get in, in order.
+    kept = {seq for seq in range(300) if seq % 7 == 0 or seq > 280}
+    for seq, producer in enumerate(producers):
+        if seq not in kept:
+            producer.cancel()
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(*(producers[seq] for seq in sorted(kept))), 2)
+    await asyncio.wait_for(dp.join(), 2)
+    assert log == [-1, *sorted(kept)]
+    # the engine has room again: a new producer is not kept waiting
+    await asyncio.wait_for(dp.handle(Job("x", 1000)), 1)
+    await asyncio.wait_for(dp.join(), 1)
+
+
+async def test_producers_waiting_for_room_at_stop_are_turned_away():
+    import pytest
+
+    from iambus import DispatcherStopped
+
+    dp = Dispatcher(max_pending=1)
+
+    @dp.commands.register(Job)
+    async def run(job: Job) -> None:
+        await asyncio.sleep(10)
+
+    dp.start()
+    await dp.handle(Job("x", -1))
+    producers = []
+    for seq in range(200):
+        producers.append(asyncio.create_task(dp.handle(Job("x", seq))))
+        await asyncio.sleep(0)
+    for producer in producers[:150:2]:
+        producer.cancel()  # some gave up before the stop
+    await dp.stop(timeout=0.02)
+    for producer in producers[:150:2]:
+        with pytest.raises(asyncio.CancelledError):
+            await producer
+    for producer in producers[1:150:2] + producers[150:]:
+        with pytest.raises(DispatcherStopped):
+            await asyncio.wait_for(producer, 1)
+
+
+async def test_follow_ups_of_a_delivery_dropped_at_close_are_reported_lost():
+    # The transport worker acks a delivery only if wait() says its follow-ups all ran;
+    # one cancelled mid-run, or never started, by a closing engine did not.
+    from iambus.engine import Engine, Followups, followups
+
+    gate = asyncio.Event()
+    started = asyncio.Event()
+
+    async def slow(message: object, key: object) -> None:
+        started.set()
+        await gate.wait()
+
+    async def orphaned(exc: BaseException, message: object, key: object) -> None:
+        raise AssertionError("no awaited job here")
+
+    engine = Engine(workers=1, max_pending=10, orphaned=orphaned)
+    running, queued = Followups(), Followups()
+    followups.set(running)
+    await engine.put(slow, "running", None, None)
+    followups.set(queued)
+    await engine.put(slow, "queued", None, None)
+    followups.set(None)
+    await asyncio.wait_for(started.wait(), 1)
+    assert await engine.close() == 2
+    assert await asyncio.wait_for(running.wait(), 1) is False
+    assert await asyncio.wait_for(queued.wait(), 1) is False
+
+    done = Followups()  # for contrast: follow-ups that ran
+    engine = Engine(workers=1, max_pending=10, orphaned=orphaned)
+    gate.set()
+    followups.set(done)
+    await engine.put(slow, "quick", None, None)
+    followups.set(None)
+    assert await asyncio.wait_for(done.wait(), 1) is True
+    await engine.close()

@@ -1067,3 +1067,187 @@ async def test_a_receiver_whose_clock_is_ahead_still_answers(
     async with billing, orders:
         for n in range(3):
             assert await orders.query(GetInvoice(n), timeout=2) == f"invoice {n}"
+
+
+# -- background work a broker-driven handler queues in-process ------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Audit(Command[None]):  # not routed: handled in-process, in the background
+    order_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Archive(Command[None]):  # not routed: queued in turn by Audit's handler
+    order_id: int
+
+
+async def unacked(transport: Any, address: str, group: str) -> int:
+    """Deliveries to ``group`` of ``address`` not acked yet (memory: of all groups)."""
+    from iambus.transports.memory import MemoryTransport
+
+    if isinstance(transport, MemoryTransport):
+        return transport.unsettled()
+    import redis.asyncio
+
+    client = redis.asyncio.Redis.from_url("redis://127.0.0.1:6379/0")
+    try:
+        summary = await client.xpending(f"{transport.namespace}:{address}", group)
+    finally:
+        await client.aclose()
+    return int(summary["pending"])
+
+
+@pytest.mark.parametrize("bus", ["memory", "redis"], indirect=True)
+async def test_a_delivery_is_acked_once_the_background_work_its_handler_queued_has_run(
+    bus: Bus,
+) -> None:
+    gate = asyncio.Event()
+    archiving = asyncio.Event()
+    archived: list[int] = []
+    orders = service(bus, "orders")
+
+    @orders.commands.register(PlaceOrder)
+    async def place(command: PlaceOrder) -> None:
+        await orders.handle(Audit(command.order_id), key="audit")  # returns once queued
+
+    @orders.commands.register(Audit)
+    async def audit(command: Audit) -> None:
+        await orders.handle(Archive(command.order_id))  # queued by the queued work
+
+    @orders.commands.register(Archive)
+    async def archive(command: Archive) -> None:
+        archiving.set()
+        await gate.wait()
+        archived.append(command.order_id)
+
+    async with orders:
+        transport = orders.remote.transport  # type: ignore[union-attr]
+        await orders.handle(PlaceOrder(1))  # routed: handed to the transport
+        await asyncio.wait_for(archiving.wait(), 10)
+        # PlaceOrder's handler returned long ago; what it queued has not finished: the
+        # delivery stays unacked (a crash now redelivers it instead of losing Archive).
+        deadline = time.monotonic() + 0.3
+        while time.monotonic() < deadline:
+            assert await unacked(transport, "command.PlaceOrder", "orders") == 1
+            await asyncio.sleep(0.02)
+        gate.set()
+        deadline = time.monotonic() + 10
+        while await unacked(transport, "command.PlaceOrder", "orders"):
+            assert time.monotonic() < deadline, "not acked after its background work ran"
+            await asyncio.sleep(0.02)
+    assert archived
+    assert set(archived) == {1}
+
+
+async def test_a_delivery_whose_background_work_is_unfinished_at_stop_is_redelivered() -> None:
+    from iambus.transports.memory import MemoryTransport
+
+    bus = MemoryTransport(claim_after=0.3)
+    runs: list[str] = []
+    audits: list[str] = []
+    auditing = asyncio.Event()
+
+    def instance(label: str) -> Dispatcher:
+        orders = Dispatcher(transport=bus, service="orders", routes=ROUTES)
+
+        @orders.commands.register(PlaceOrder)
+        async def place(command: PlaceOrder) -> None:
+            runs.append(label)
+            await orders.handle(Audit(command.order_id), key="audit")
+
+        @orders.commands.register(Audit)
+        async def audit(command: Audit) -> None:
+            auditing.set()
+            if label == "first":
+                await asyncio.sleep(10)  # still running when the process stops
+            audits.append(label)
+
+        return orders
+
+    first = instance("first")
+    await first.__aenter__()
+    await first.handle(PlaceOrder(1))
+    await asyncio.wait_for(auditing.wait(), 5)
+    await first.stop(timeout=0.05)
+    assert bus.unsettled() == 1  # not acked: the queued Audit was lost with the stop
+
+    second = instance("second")
+    async with second:
+        await asyncio.wait_for(second.join(), 5)  # redelivered, handled, acked
+    assert bus.unsettled() == 0
+    assert runs[0] == "first"
+    assert "second" in runs
+    assert audits
+    assert set(audits) == {"second"}
+
+
+async def test_a_failing_background_follow_up_is_reported_and_its_delivery_acked() -> None:
+    # The handler succeeded; what it queued without waiting failed on its own. As for any
+    # background message, the failure goes to the error_handler, and the delivery is not
+    # redelivered: that would run the handler (and its other follow-ups) again.
+    from iambus.transports.memory import MemoryTransport
+
+    bus = MemoryTransport()
+    reports: list[str] = []
+    runs: list[int] = []
+
+    def on_error(exc: BaseException, message: object, context: Any) -> None:
+        reports.append(f"{type(message).__name__}: {exc}")
+
+    orders = Dispatcher(
+        transport=bus, service="orders", routes=ROUTES, retry=FAST, error_handler=on_error
+    )
+
+    @orders.commands.register(PlaceOrder)
+    async def place(command: PlaceOrder) -> None:
+        runs.append(command.order_id)
+        await orders.handle(Audit(command.order_id))
+
+    @orders.commands.register(Audit)
+    async def audit(command: Audit) -> None:
+        raise ConnectionError("audit log down")
+
+    async with orders:
+        await orders.handle(PlaceOrder(1))
+        await asyncio.wait_for(orders.join(), 5)
+        assert bus.unsettled() == 0
+    assert runs == [1]
+    assert reports == ["Audit: audit log down"]
+    assert await bus.dead_letters() == []
+
+
+async def test_a_transport_handler_waits_for_room_in_a_full_engine() -> None:
+    from iambus.transports.memory import MemoryTransport
+
+    bus = MemoryTransport()
+    orders = Dispatcher(
+        transport=bus, service="orders", routes=ROUTES, engine_workers=1, max_pending=2
+    )
+    gate = asyncio.Event()
+    handling = asyncio.Event()
+    queued = asyncio.Event()
+
+    @orders.commands.register(PlaceOrder)
+    async def place(command: PlaceOrder) -> None:
+        handling.set()
+        await orders.handle(Audit(command.order_id))  # the engine is full: waits
+        queued.set()
+
+    @orders.commands.register(Audit)
+    async def audit(command: Audit) -> None:
+        await gate.wait()
+
+    async with orders:
+        await orders.handle(Audit(-1))
+        await orders.handle(Audit(-2))  # max_pending reached
+        await orders.handle(PlaceOrder(1))
+        await asyncio.wait_for(handling.wait(), 5)
+        deadline = time.monotonic() + 0.2
+        while time.monotonic() < deadline:
+            assert not queued.is_set(), "admitted over max_pending"
+            await asyncio.sleep(0.02)
+        gate.set()  # room: the handler's send goes in, the delivery is acked
+        await asyncio.wait_for(queued.wait(), 5)
+        await asyncio.wait_for(orders.join(), 5)
+        assert bus.unsettled() == 0

@@ -44,7 +44,7 @@ from typing import Any, Literal, TypeVar, overload
 
 from .codecs import Codec, JsonCodec
 from .engine import Engine, JobFn, current_key, in_worker, outside_workers
-from .envelope import Envelope, current_envelope
+from .envelope import Envelope
 from .errors import (
     DispatcherStopped,
     HandlerDoesNotExist,
@@ -821,7 +821,7 @@ class Dispatcher:
                 f"bind one with dp.events / dp.commands / dp.queries .register(...) "
                 f"before sending it"
             )
-        await self._background().put((job, message, key, None, current_envelope.get()), key)
+        await self._background().put(job, message, key, None)
 
     async def send(self, message: Any, /, *, key: str | None = None, id: str | None = None) -> None:
         """Hand a command or an event over without waiting for its handlers.
@@ -1165,7 +1165,7 @@ class Dispatcher:
                 f"(await dp.handle(message, key={key!r})), or emit it as an event"
             )
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        await self._background().put((job, message, key, future, current_envelope.get()), key)
+        await self._background().put(job, message, key, future)
         return await future
 
 

@@ -8,12 +8,17 @@ through here. The rules:
   queued jobs never blocks another key (only the head of each key's lane is ever in the
   ready queue, so a free worker always finds other keys' work);
 * at most ``max_pending`` jobs are queued or running; ``put`` waits for room
-  (backpressure) — except when called from a job itself, which would deadlock a full pool
-  waiting on its own workers; such a put is admitted over the limit;
+  (backpressure), first come first served — except when called from a job itself, which
+  would deadlock a full pool waiting on its own workers; such a put is admitted over the
+  limit. A handler run by the transport worker is no job: it waits for room like any
+  producer;
 * a job that raises never ends its worker;
+* a job put while ``followups`` holds a ``Followups`` (the transport worker sets one per
+  delivery) is counted there, and so is every job it puts in turn: the worker acks the
+  delivery once they have all run;
 * once closing, ``put`` refuses new jobs (``DispatcherStopped``), waiting producers are
-  turned away too, and every job not run to its end is counted and its awaiting caller,
-  if any, cancelled.
+  turned away too, and every job not run to its end is counted, its awaiting caller, if
+  any, cancelled, and its ``Followups`` marked lost.
 """
 
 from __future__ import annotations
@@ -28,30 +33,86 @@ from typing import Any
 from .envelope import Envelope, current_envelope
 from .errors import DispatcherStopped
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "Followups"]
 
 logger = logging.getLogger(__name__)
 
 JobFn = Callable[[Any, Any], Awaitable[Any]]
-# (what to run, message, key, future for an awaiting caller or None, the envelope being
-# handled when the job was put: its handler's sends keep that conversation's ids)
-Job = tuple[JobFn, Any, Any, "asyncio.Future[Any] | None", Envelope | None]
 # Called with (exception, message, key) when an awaited job fails after its caller left.
 Orphaned = Callable[[BaseException, Any, Any], Awaitable[None]]
 
+# Two flags, two meanings:
+# ``in_worker``: this code is part of the work ``dp.stop()`` drains — an engine job, or a
+# handler the transport worker runs. It may still send while the dispatcher stops, and a
+# ``stop()`` or ``join()`` from it would wait for itself.
 in_worker: contextvars.ContextVar[bool] = contextvars.ContextVar("iambus_in_worker", default=False)
+# ``in_job``: this code runs inside an engine job. Its puts are admitted over
+# ``max_pending``: waiting for room only the engine's own workers can make could deadlock.
+in_job: contextvars.ContextVar[bool] = contextvars.ContextVar("iambus_in_job", default=False)
 # The key of the job the current worker runs (None outside keyed jobs).
 current_key: contextvars.ContextVar[Hashable | None] = contextvars.ContextVar(
     "iambus_current_key", default=None
 )
 
 
+class Followups:
+    """The engine jobs one broker delivery's handler put, and the jobs those put in turn.
+
+    The transport worker sets one in ``followups`` before it runs a delivery's handler
+    and acks the delivery only once ``wait()`` says they all ran: work in an in-memory
+    queue is not acked away from the broker, where it would be lost with the process.
+    """
+
+    __slots__ = ("_done", "_left", "_lost")
+
+    def __init__(self) -> None:
+        self._left = 0
+        self._lost = False
+        self._done: asyncio.Future[None] | None = None
+
+    def add(self) -> None:
+        self._left += 1
+
+    def finish(self) -> None:
+        self._left -= 1
+        if not self._left:
+            self._wake()
+
+    def lose(self) -> None:
+        """A job counted here will not run to its end: the engine closed first."""
+        self._lost = True
+        self._wake()
+
+    async def wait(self) -> bool:
+        """Return once every job counted here has run: True; False once one was dropped."""
+        while self._left and not self._lost:
+            self._done = asyncio.get_running_loop().create_future()
+            await self._done
+        return not self._lost
+
+    def _wake(self) -> None:
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
+
+
+followups: contextvars.ContextVar[Followups | None] = contextvars.ContextVar(
+    "iambus_followups", default=None
+)
+
+# (what to run, message, key, future for an awaiting caller or None, the envelope being
+# handled when the job was put — its handler's sends keep that conversation's ids —, the
+# delivery's Followups it counts towards or None)
+Job = tuple[JobFn, Any, Any, "asyncio.Future[Any] | None", Envelope | None, Followups | None]
+
+
 def outside_workers() -> contextvars.Context:
     """A copy of the current context as seen outside any worker (for tasks of our own)."""
     context = contextvars.copy_context()
     context.run(in_worker.set, False)
+    context.run(in_job.set, False)
     context.run(current_key.set, None)
     context.run(current_envelope.set, None)
+    context.run(followups.set, None)
     return context
 
 
@@ -65,26 +126,39 @@ class Engine:
         self._lanes: dict[Hashable, deque[Job]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._pending = 0
+        # Producers waiting for room, first come first served. A waiter is admitted by
+        # handing it a freed place (counted in _pending before it resumes), so a producer
+        # arriving meanwhile cannot take it. One that gave up waiting stays in the deque,
+        # cancelled, until a wake-up skips it (or a compaction, when they pile up): no
+        # removal from the middle, so waking and leaving are O(1) however many wait.
         self._room: deque[asyncio.Future[None]] = deque()
+        self._withdrawn = 0  # waiters cancelled since the last compaction
         self._idle: asyncio.Future[None] | None = None
         self._closing = False
 
     @property
     def pending(self) -> int:
-        """Jobs queued or running."""
+        """Jobs queued or running (and places handed to producers about to put)."""
         return self._pending
 
-    async def put(self, job: Job, key: Hashable | None) -> None:
-        if not in_worker.get():
-            while self._pending >= self._max_pending and not self._closing:
-                await self._wait_for_room()
+    async def put(
+        self, fn: JobFn, message: Any, key: Hashable | None, future: asyncio.Future[Any] | None
+    ) -> None:
         if self._closing:
-            raise DispatcherStopped(
-                "the dispatcher is stopping and takes no new messages; send before dp.stop()"
-            )
+            raise _stopping()
+        room = self._room
+        while room and room[0].done():
+            room.popleft()  # a waiter that gave up
+        if (self._pending >= self._max_pending or room) and not in_job.get():
+            await self._wait_for_room()  # returns with a place counted in _pending
+        else:
+            self._pending += 1
         if not self._tasks:
             self._start()
-        self._pending += 1
+        tracker = followups.get()
+        if tracker is not None:
+            tracker.add()
+        job = (fn, message, key, future, current_envelope.get(), tracker)
         if key is None:
             self._ready.put_nowait(job)
         elif (lane := self._lanes.get(key)) is not None:
@@ -99,14 +173,21 @@ class Engine:
         try:
             await room
         except asyncio.CancelledError:
-            # Woken, then cancelled before it could use the room: pass the wake-up on,
-            # or the next producer would wait for a room that is already free.
-            if room.done() and not room.cancelled():
-                self._wake_one()
+            if room.cancelled():
+                # Gave up while waiting: left in the deque, skipped when reached. Many
+                # gave up (a stuck engine, producers with timeouts): drop them in one
+                # pass, whose cost the cancellations since the last pass pay for.
+                self._withdrawn += 1
+                if self._withdrawn > 64 and self._withdrawn * 2 > len(self._room):
+                    self._room = deque(r for r in self._room if not r.done())
+                    self._withdrawn = 0
+            elif not self._closing:
+                # Admitted, then cancelled before it could use its place: pass it on, or
+                # the next producer would wait for a place that is already free.
+                self._release()
             raise
-        finally:
-            if room in self._room:
-                self._room.remove(room)
+        if self._closing:
+            raise _stopping()
 
     async def join(self) -> None:
         """Return once no job is queued or running (including jobs put meanwhile)."""
@@ -123,15 +204,16 @@ class Engine:
             room = self._room.popleft()
             if not room.done():
                 room.set_result(None)
+        self._withdrawn = 0
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         while not self._ready.empty():
-            _cancel(self._ready.get_nowait())
+            _drop(self._ready.get_nowait())
         for lane in self._lanes.values():
             for job in lane:
-                _cancel(job)
+                _drop(job)
         self._lanes.clear()
         self._pending = 0
         self._wake_idle()
@@ -140,6 +222,7 @@ class Engine:
     def _start(self) -> None:
         context = outside_workers()
         context.run(in_worker.set, True)
+        context.run(in_job.set, True)
         self._tasks = [
             self.loop.create_task(self._work(), name=f"iambus-worker-{n}", context=context.copy())
             for n in range(self._workers)
@@ -155,9 +238,10 @@ class Engine:
             except asyncio.CancelledError:
                 self._lost_with_the_loop()
                 raise
-            fn, message, key, future, envelope = job
+            fn, message, key, future, envelope, tracker = job
             token = current_key.set(key)
             conversation = current_envelope.set(envelope)
+            counted = followups.set(tracker)  # what this job puts counts for its delivery
             try:
                 if future is None:
                     await fn(message, key)
@@ -165,7 +249,7 @@ class Engine:
                     await self._answer(fn, message, key, future)
             except asyncio.CancelledError:
                 if me.cancelling():
-                    _cancel(job)
+                    _drop(job)
                     self._lost_with_the_loop()
                     raise  # the engine is closing, or the event loop is ending
                 # A handler raised CancelledError of its own: a failure of that job only.
@@ -176,9 +260,12 @@ class Engine:
                 # last line of defence so that a worker never dies.
                 logger.exception("iambus: unexpected error in a background job for %r", message)
             finally:
+                followups.reset(counted)
                 current_envelope.reset(conversation)
                 current_key.reset(token)
                 self._finish(key)
+                if tracker is not None:
+                    tracker.finish()  # after _drop(), if dropped: lost stays lost
             if me.cancelling():
                 # Cancelled while the job swallowed the cancellation: stop all the same.
                 self._lost_with_the_loop()
@@ -203,17 +290,21 @@ class Engine:
                 self._ready.put_nowait(lane.popleft())
             elif lane is not None:
                 del self._lanes[key]
+        self._release()
+
+    def _release(self) -> None:
+        # One place is free: hand it to the first waiting producer, if the limit allows
+        # (jobs' own puts may have taken the count over it), else let it go.
+        if self._pending <= self._max_pending:
+            room = self._room
+            while room:
+                waiter = room.popleft()
+                if not waiter.done():  # else it gave up waiting: skip it
+                    waiter.set_result(None)  # the place passes on: _pending unchanged
+                    return
         self._pending -= 1
-        self._wake_one()
         if not self._pending:
             self._wake_idle()
-
-    def _wake_one(self) -> None:
-        while self._room:
-            room = self._room.popleft()
-            if not room.done():
-                room.set_result(None)
-                return
 
     def _lost_with_the_loop(self) -> None:
         # Workers cancelled by someone else than close(): the event loop is shutting
@@ -232,7 +323,21 @@ class Engine:
             self._idle.set_result(None)
 
 
+def _stopping() -> DispatcherStopped:
+    return DispatcherStopped(
+        "the dispatcher is stopping and takes no new messages; send before dp.stop()"
+    )
+
+
 def _cancel(job: Job) -> None:
     future = job[3]
     if future is not None and not future.done():
         future.cancel()
+
+
+def _drop(job: Job) -> None:
+    # Not run to its end: its awaiting caller is cancelled, its delivery is not acked.
+    _cancel(job)
+    tracker = job[5]
+    if tracker is not None:
+        tracker.lose()

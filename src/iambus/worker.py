@@ -9,9 +9,10 @@ the dispatcher has a transport and handlers for routed messages. It subscribes:
 For every delivery it decodes the message, runs the handler (with middleware and
 cascades, exactly as in-process), and only then settles it:
 
-* success: events the handler emitted have been handed to the transport; then **ack**.
-  The answer to a query, or to a command sent by ``execute()``, is sent to its
-  requester first.
+* success: events the handler emitted have been handed to the transport, and the
+  background work it queued in-process (``dp.handle(...)`` without waiting, and what that
+  work queued in turn) has run; then **ack**. The answer to a query, or to a command sent
+  by ``execute()``, is sent to its requester first.
 * failure: **retry** after the policy's backoff (that handler only); after the last
   attempt, **dead-letter** with the error type, message, traceback excerpt and attempts,
   and report it to the ``error_handler``. A failing query is answered with the error and
@@ -50,7 +51,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .engine import in_worker, outside_workers
+from .engine import Followups, followups, in_worker, outside_workers
 from .envelope import Envelope, current_envelope
 from .errors import ImproperlyConfigured, SerializationError, TransportError, TransportRefused
 from .handlers import Kind
@@ -201,7 +202,8 @@ class Worker:
         loop = asyncio.get_running_loop()
         # Handlers run marked as "in a worker": while the dispatcher drains they may
         # still send (what they send is part of the work), and a stop() from one of them
-        # is deferred instead of waiting for itself.
+        # is deferred instead of waiting for itself. They are no engine jobs: their
+        # background sends wait for room under max_pending like any producer's.
         context = outside_workers()
         context.run(in_worker.set, True)
         while not self._stopping:
@@ -405,6 +407,8 @@ class Worker:
             )
             return
         token = current_envelope.set(envelope)
+        background = Followups()  # engine jobs the handler puts (and they put) count here
+        counted = followups.set(background)
         try:
             result = await sub.route.run(message, envelope.key)
         except asyncio.CancelledError as exc:
@@ -418,6 +422,7 @@ class Worker:
             await self._failed(sub, delivery, message, exc)
             return
         finally:
+            followups.reset(counted)
             current_envelope.reset(token)
         if envelope.reply_to:  # a query, or a command sent by execute(): the answer first
             try:
@@ -435,6 +440,17 @@ class Worker:
                 await self._report(exc, message, sub.route.context_for(envelope.key))
                 return
             await self.remote.transport.reply(envelope.reply_to, answer)
+        if not await background.wait():
+            # Work the handler queued in memory was dropped unrun (the dispatcher stopped
+            # first): acking would lose it with the process, so the delivery stays unacked.
+            logger.warning(
+                "iambus: %s %s (id %s): background work of its handler was cancelled at "
+                "stop; left unacked, it will be redelivered",
+                sub.kind,
+                envelope.name,
+                envelope.id,
+            )
+            return
         await delivery.ack()
 
     def _expired(self, envelope: Envelope) -> bool:
