@@ -1,5 +1,8 @@
 """Every transport keeps the same contract: iambus.testing's conformance checks."""
 
+import logging
+import socket
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -7,7 +10,7 @@ import pytest
 
 from iambus.errors import ImproperlyConfigured, TransportError
 from iambus.testing import TRANSPORT_CHECKS
-from iambus.transports import Transport, connect
+from iambus.transports import Transport, connect, redact
 from iambus.transports.memory import MemoryTransport
 
 from .conftest import require
@@ -81,6 +84,62 @@ def test_a_bad_claim_after_in_the_url_is_a_clear_error(bad: str) -> None:
 def test_unknown_url_scheme_is_a_clear_error() -> None:
     with pytest.raises(ImproperlyConfigured, match=r"unknown transport URL 'kafka://x'.*memory://"):
         connect("kafka://x")
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://u:s3cret@127.0.0.1:6379/0", "redis://u:***@127.0.0.1:6379/0"),
+        ("redis://:s3cret@127.0.0.1/0?namespace=a", "redis://:***@127.0.0.1/0?namespace=a"),
+        ("amqp://guest:guest@127.0.0.1:5672/", "amqp://guest:***@127.0.0.1:5672/"),
+        ("nats://t0k3n@127.0.0.1:4222", "nats://***@127.0.0.1:4222"),
+        ("redis://u@127.0.0.1/0", "redis://u@127.0.0.1/0"),  # a user name is no secret
+        ("redis://127.0.0.1/0?password=s3cret&db=1", "redis://127.0.0.1/0?password=***&db=1"),
+        ("memory://", "memory://"),
+        ("redis://u:s3cret@127.0.0.1:port/0", "redis://***"),  # unparseable: scheme only
+    ],
+)
+def test_redact_hides_the_password(url: str, shown: str) -> None:
+    assert redact(url) == shown
+
+
+def test_a_bad_url_is_reported_without_its_password() -> None:
+    with pytest.raises(ImproperlyConfigured) as info:
+        connect("kafka://u:s3cret@127.0.0.1:9092")
+    assert "kafka://u:***@127.0.0.1:9092" in str(info.value)
+    with pytest.raises(ImproperlyConfigured) as info:
+        connect("memory://u:s3cret@x?claim_after=soon")
+    assert "s3cret" not in str(info.value)
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:  # a loopback port nobody listens on once closed
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+@pytest.mark.parametrize("scheme", ["redis", "amqp", "nats"])
+async def test_an_unreachable_broker_is_named_at_once_and_its_password_never_shown(
+    scheme: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    pytest.importorskip({"redis": "redis", "amqp": "aio_pika", "nats": "nats"}[scheme])
+    port = _closed_port()
+    transport = connect(f"{scheme}://u:s3cret@127.0.0.1:{port}/0")
+    caplog.set_level(logging.DEBUG)
+    started = time.monotonic()
+    with pytest.raises(TransportError) as info:
+        await transport.open()
+    took = time.monotonic() - started
+    await transport.close()
+    message = str(info.value)
+    # The refused connection is named (not a timeout after retrying it), with the URL.
+    assert f"u:***@127.0.0.1:{port}" in message
+    assert "/0: connect failed: " in message
+    assert "Connect call failed" in message, message
+    assert took < 2.5  # at once: well before any connect timeout (5 s by default)
+    shown = [message, repr(info.value), repr(transport), transport.url, caplog.text]
+    assert not [text for text in shown if "s3cret" in text]
 
 
 async def test_memory_join_waits_until_everything_is_settled() -> None:

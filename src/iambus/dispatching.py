@@ -57,7 +57,7 @@ from .remote import Remote, RemoteRoute
 from .retry import Retry
 from .routers import EventRouter, RequestRouter, Router
 from .routing import Routes, address
-from .transports import Transport, connect
+from .transports import Transport, redact
 from .worker import Subscription, Worker
 
 __all__ = ["Dispatcher", "ErrorHandler"]
@@ -205,7 +205,7 @@ class Dispatcher:
             if service is not None and (not isinstance(service, str) or not service):
                 raise ImproperlyConfigured(f"service must be a non-empty name, got {service!r}")
             self.remote = Remote(
-                connect(transport) if isinstance(transport, str) else transport,
+                transport,
                 service=service,
                 routes=self.routes,
                 codec=codec or JsonCodec(),
@@ -471,7 +471,7 @@ class Dispatcher:
                 "iambus: service %s sends routed messages through %s; it binds no handler "
                 "for one, so it consumes nothing",
                 self.service,
-                self.remote.transport.url,
+                redact(self.remote.transport.url),
             )
         elif self._worker is None:
             self._worker = Worker(

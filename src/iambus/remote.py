@@ -23,7 +23,7 @@ from .handlers import Kind
 from .messages import MessageKey, MessageRegistry, message_key, result_type
 from .middleware import Context
 from .routing import Routes, address
-from .transports import Transport
+from .transports import Transport, connect, resolve
 
 __all__ = ["Remote", "RemoteRoute", "current_envelope"]
 
@@ -36,7 +36,7 @@ class Remote:
 
     def __init__(
         self,
-        transport: Transport,
+        transport: Transport | str,
         *,
         service: str | None,
         routes: Routes,
@@ -44,7 +44,13 @@ class Remote:
         request_timeout: float,
         owned: bool,
     ) -> None:
-        self.transport = transport
+        # What the dispatcher was given: a transport, or the URL of one. A URL is checked
+        # now and made into its transport on first use, so that building a dispatcher
+        # imports no broker driver: `iambus worker --transport` replaces it before that.
+        self.source = transport
+        self._transport = None if isinstance(transport, str) else transport
+        if isinstance(transport, str):
+            resolve(transport)
         # A transport made from a URL is ours to close; one passed in (maybe shared by
         # several dispatchers) is closed by whoever made it.
         self.owned = owned
@@ -55,6 +61,14 @@ class Remote:
         self.registry = MessageRegistry()
         self._opened = False
         self._opening: asyncio.Lock | None = None
+
+    @property
+    def transport(self) -> Transport:
+        """The transport; one given as a URL is made (its driver imported) on first use."""
+        if self._transport is None:
+            assert isinstance(self.source, str)
+            self._transport = connect(self.source)
+        return self._transport
 
     async def open(self) -> None:
         if self._opened:

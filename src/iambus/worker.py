@@ -45,7 +45,7 @@ from .handlers import Kind
 from .messages import MessageKey, describe
 from .remote import Remote
 from .retry import Retry
-from .transports import Delivery, Failure
+from .transports import Delivery, Failure, redact
 
 if TYPE_CHECKING:
     from .dispatching import Route
@@ -118,7 +118,7 @@ class Worker:
             "iambus worker %s (service %s) on %s, %d at once:\n%s",
             self.consumer,
             self.remote.service,
-            self.remote.transport.url,
+            redact(self.remote.transport.url),  # a transport of the user's may not redact
             self.concurrency,
             lines,
         )

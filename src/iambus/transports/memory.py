@@ -80,6 +80,9 @@ class MemoryTransport:
         self._closed = False
         self._changed: asyncio.Condition | None = None
 
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url}>"
+
     # -- lifecycle ------------------------------------------------------------------
 
     async def open(self) -> None:

@@ -89,7 +89,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from ..envelope import Envelope, new_id
 from ..errors import ImproperlyConfigured, SerializationError, TransportError
 from ..partitions import partition, partitions_option
-from . import DeadLetter, Delivery, Failure
+from . import DeadLetter, Delivery, Failure, redact
 
 try:
     import aio_pika
@@ -201,7 +201,7 @@ class RabbitMQTransport:
             )
         self.partitions = partitions_option(partitions, query)
         self._driver_url = urlunsplit(parts._replace(query=urlencode(query)))
-        self.url = url
+        self.url = redact(url)
         self.claim_after = claim_after
         self.prefetch = prefetch
         self.max_length = max_length
@@ -229,6 +229,9 @@ class RabbitMQTransport:
         self._unhanded: dict[tuple[str, str | None, int, bool], int] = {}
         # Lane deliveries whose hand-back copy came first: the original is dropped.
         self._superseded: dict[tuple[str, str | None, int], int] = {}
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url}>"
 
     # -- names ------------------------------------------------------------------------
 

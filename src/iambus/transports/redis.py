@@ -90,7 +90,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from ..envelope import Envelope
 from ..errors import ImproperlyConfigured, SerializationError, TransportError
 from ..partitions import partition, partitions_option
-from . import DeadLetter, Delivery, Failure
+from . import DeadLetter, Delivery, Failure, redact
 
 try:
     import redis.asyncio as aioredis
@@ -302,7 +302,7 @@ class RedisTransport:
             raise ImproperlyConfigured(f"a Redis namespace may not contain ':': {self.namespace!r}")
         self.partitions = partitions_option(partitions, query)
         self._driver_url = urlunsplit(parts._replace(query=urlencode(query)))
-        self.url = url
+        self.url = redact(url)
         self.claim_after = claim_after
         self.block = block
         self.max_length = max_length
@@ -323,6 +323,9 @@ class RedisTransport:
         # Keyed deliveries handed out and not yet settled, handed on by close():
         # (address, group, mark, entry id) -> (consumer, attempt).
         self._holding: dict[tuple[str, str, str, bytes], tuple[str, int]] = {}
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url}>"
 
     # -- lifecycle ------------------------------------------------------------------
 
