@@ -155,6 +155,17 @@ class Worker:
                 )
         return left
 
+    def abort(self) -> int:
+        """Stop at once: cancel the handlers running; return how many were (left unacked)."""
+        self._stopping = True
+        self._room.set()
+        for task in self._loops:
+            task.cancel()
+        running = [task for task in self._inflight if not task.done()]
+        for task in running:
+            task.cancel()
+        return len(running)
+
     async def _consume(self, sub: Subscription) -> None:
         transport = self.remote.transport
         loop = asyncio.get_running_loop()
