@@ -23,7 +23,7 @@ from .handlers import Kind
 from .messages import MessageKey, MessageRegistry, message_key, result_type
 from .middleware import Context
 from .routing import Routes, address
-from .transports import Transport, connect, resolve
+from .transports import Transport, client_name, connect, resolve
 
 __all__ = ["Remote", "RemoteRoute", "current_envelope"]
 
@@ -77,7 +77,11 @@ class Remote:
             self._opening = asyncio.Lock()
         async with self._opening:
             if not self._opened:
-                await self.transport.open()
+                transport: Any = self.transport
+                if getattr(transport, "client_name", "") is None:
+                    # A broker transport not named yet: its connections carry our service.
+                    transport.client_name = client_name(self.service)
+                await transport.open()
                 self._opened = True
 
     async def close(self) -> None:

@@ -21,6 +21,11 @@ codecs, routing, retries, handlers — lives above the seam, so a transport stay
 password (and any secret in its query) by ``***``, so logs and error messages never carry
 a secret.
 
+A broker transport names its connections ``client_name`` (``iambus:<service>:<host>:<pid>``,
+see ``client_name()``), so that operators can tell them apart in the broker's own
+listing; a dispatcher gives its service's name to a transport that has none before it
+opens it.
+
 A transport may also define ``tune(concurrency=...)``: a worker calls it before it
 consumes, with how many handlers it runs at once (RabbitMQ sizes its prefetch by it).
 
@@ -31,6 +36,9 @@ consumes, with how many handlers it runs at once (RabbitMQ sizes its prefetch by
 from __future__ import annotations
 
 import importlib
+import os
+import re
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -39,7 +47,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from ..envelope import Envelope
 from ..errors import ImproperlyConfigured
 
-__all__ = ["DeadLetter", "Delivery", "Failure", "Transport", "connect", "redact"]
+__all__ = ["DeadLetter", "Delivery", "Failure", "Transport", "client_name", "connect", "redact"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +171,16 @@ def resolve(url: str) -> tuple[str, str, str, dict[str, Any]]:
         url = urlunsplit(parts._replace(query=urlencode(rest)))
     module_name, class_name, _extra = _SCHEMES[scheme]
     return module_name, class_name, url, options
+
+
+def client_name(service: str | None = None) -> str:
+    """The name a connection gives the broker: ``iambus:<service>:<host>:<pid>``.
+
+    Without a service: ``iambus:<host>:<pid>``. Whitespace becomes ``_`` (Redis refuses
+    a client name with spaces).
+    """
+    parts = ["iambus", *([service] if service else []), socket.gethostname(), str(os.getpid())]
+    return ":".join(re.sub(r"\s+", "_", part) for part in parts)
 
 
 # Query parameters whose values are secrets (a driver may take credentials there).

@@ -125,7 +125,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from ..envelope import Envelope
 from ..errors import ImproperlyConfigured, SerializationError, TransportError
 from ..partitions import partition, partitions_option
-from . import DeadLetter, Delivery, Failure, redact
+from . import DeadLetter, Delivery, Failure, client_name, redact
 
 try:
     from nats.aio.client import Client
@@ -253,6 +253,7 @@ class NatsTransport:
         max_length: int = 1_000_000,
         timeout: float = 5.0,
         partitions: int | None = None,
+        client_name: str | None = None,
     ) -> None:
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
@@ -265,6 +266,7 @@ class NatsTransport:
         self.partitions = partitions_option(partitions, query)
         self._driver_url = urlunsplit(parts._replace(query=urlencode(query)))
         self.url = redact(url)
+        self.client_name = client_name  # None: the dispatcher's service names it on open
         self.claim_after = claim_after
         self.max_length = max_length
         self.timeout = timeout
@@ -347,7 +349,7 @@ class NatsTransport:
         self._first_error = failed = asyncio.get_running_loop().create_future()
         options: dict[str, Any] = {  # Any: nats-py types its seconds as int, takes floats
             "servers": [self._driver_url],
-            "name": f"iambus:{self.namespace}",
+            "name": self.client_name or client_name(),  # shown by the server's connz
             "max_reconnect_attempts": -1,
             "reconnect_time_wait": 0.5,
             "connect_timeout": min(self.timeout, 2.0),

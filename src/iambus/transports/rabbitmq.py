@@ -89,7 +89,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from ..envelope import Envelope, new_id
 from ..errors import ImproperlyConfigured, SerializationError, TransportError
 from ..partitions import partition, partitions_option
-from . import DeadLetter, Delivery, Failure, redact
+from . import DeadLetter, Delivery, Failure, client_name, redact
 
 try:
     import aio_pika
@@ -176,6 +176,7 @@ class RabbitMQTransport:
         reconnect_interval: float = 1.0,
         partitions: int | None = None,
         queue_type: str | None = None,
+        client_name: str | None = None,
     ) -> None:
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
@@ -202,6 +203,7 @@ class RabbitMQTransport:
         self.partitions = partitions_option(partitions, query)
         self._driver_url = urlunsplit(parts._replace(query=urlencode(query)))
         self.url = redact(url)
+        self.client_name = client_name  # None: the dispatcher's service names it on open
         self.claim_after = claim_after
         self.prefetch = prefetch
         self.max_length = max_length
@@ -277,7 +279,10 @@ class RabbitMQTransport:
             return
         async with self._translate("connect"):
             connection = await aio_pika.connect_robust(
-                self._driver_url, reconnect_interval=self.reconnect_interval
+                self._driver_url,
+                reconnect_interval=self.reconnect_interval,
+                # Shown by the management UI and `rabbitmqctl list_connections`.
+                client_properties={"connection_name": self.client_name or client_name()},
             )
             try:
                 self._publisher = await connection.channel(publisher_confirms=True)

@@ -90,7 +90,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from ..envelope import Envelope
 from ..errors import ImproperlyConfigured, SerializationError, TransportError
 from ..partitions import partition, partitions_option
-from . import DeadLetter, Delivery, Failure, redact
+from . import DeadLetter, Delivery, Failure, client_name, redact
 
 try:
     import redis.asyncio as aioredis
@@ -294,6 +294,7 @@ class RedisTransport:
         max_length: int = 1_000_000,
         max_connections: int = 64,
         partitions: int | None = None,
+        client_name: str | None = None,
     ) -> None:
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
@@ -303,6 +304,7 @@ class RedisTransport:
         self.partitions = partitions_option(partitions, query)
         self._driver_url = urlunsplit(parts._replace(query=urlencode(query)))
         self.url = redact(url)
+        self.client_name = client_name  # None: the dispatcher's service names it on open
         self.claim_after = claim_after
         self.block = block
         self.max_length = max_length
@@ -335,7 +337,10 @@ class RedisTransport:
         # A blocking pool: beyond max_connections, a command waits for a connection
         # instead of failing (redis-py's default pool raises at its limit).
         pool = aioredis.BlockingConnectionPool.from_url(
-            self._driver_url, max_connections=self.max_connections, timeout=None
+            self._driver_url,
+            max_connections=self.max_connections,
+            timeout=None,
+            client_name=self.client_name or client_name(),  # CLIENT SETNAME on each
         )
         client = aioredis.Redis(connection_pool=pool)
         async with self._translate("connect"):
