@@ -150,7 +150,7 @@ class Dispatcher:
         shutdown_timeout: float | None = 30.0,
         transport: Transport | str | None = None,
         service: str | None = None,
-        routes: Mapping[type | str, str] | None = None,
+        routes: Mapping[Any, str] | None = None,  # Any: a dict of classes is no Mapping[type]
         codec: Codec | None = None,
         retry: Retry | None = None,
         retries: Mapping[MessageKey, Retry] | None = None,

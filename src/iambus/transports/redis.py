@@ -997,7 +997,7 @@ class _RedisDelivery:
         self._consumer = consumer
         self._mark = mark  # "m" the stream, "d" the direct stream, "p<n>" partition n
         self._entry_id = entry_id
-        self.envelope = Envelope.from_fields(fields)  # type: ignore[arg-type]
+        self.envelope = Envelope.from_fields(fields)
         self.attempt = attempt
 
     async def ack(self) -> None:
@@ -1137,7 +1137,7 @@ def _dead_letter(entry_id: Any, fields: Any) -> DeadLetter:
         id=_text(entry_id),
         address=address,
         group=group,
-        envelope=Envelope.from_fields(get),  # type: ignore[arg-type]
+        envelope=Envelope.from_fields(get),
         failure=Failure(**failure),
         failed_at=failed_at,
     )
