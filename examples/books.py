@@ -46,7 +46,7 @@ async def get_storage() -> dict[str, Book]:
     return {}
 
 
-storage = Singleton["storage":get_storage]
+storage: Singleton = Singleton["storage":get_storage]  # annotated: not a type alias
 
 
 @dp.events.register("on startup")

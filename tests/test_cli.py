@@ -29,7 +29,16 @@ import iambus
 from iambus import Dispatcher
 from iambus.cli import main
 from iambus.envelope import Envelope
-from iambus.transports import DeadLetter, Delivery, Failure, Instance, Registry, Transport, connect
+from iambus.transports import (
+    DeadLetter,
+    Delivery,
+    Failure,
+    Instance,
+    Registry,
+    Transport,
+    connect,
+    redact,
+)
 
 from .conftest import require
 from .processes import BROKERS
@@ -355,6 +364,68 @@ def test_worker_stops_with_one_line_when_receiving_fails_for_good(
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("scheme", ["redis", "amqp", "nats"])
+def test_the_command_never_shows_a_password(
+    scheme: str, apps: Apps, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"{scheme}://u:s3cret@127.0.0.1:1/0"  # nothing listens on port 1
+    assert main(["dlq", "list", "--transport", url]) == 1
+    assert f"{scheme}://u:***@127.0.0.1:1/0: connect failed" in capsys.readouterr().err
+    name = apps.app(ORDERS)
+    assert main(["worker", f"{name}:dp", "--service", "billing", "--transport", url]) == 1
+    out = capsys.readouterr()
+    assert f"{scheme}://u:***@127.0.0.1:1/0: connect failed" in out.err
+    assert "s3cret" not in out.out + out.err + caplog.text
+
+
+# Runs the command with one driver's import blocked, as if it were not installed.
+WITHOUT = (
+    "import sys; sys.modules[sys.argv.pop(1)] = None; "
+    "from iambus.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+NATS_APP = 'transport="nats://127.0.0.1:4222", service="billing", routes={ChargeCard: "billing"}'
+
+
+def test_worker_transport_does_not_import_the_driver_of_the_modules_own(
+    apps: Apps,
+) -> None:
+    name = apps.app(NATS_APP)
+    command = [sys.executable, "-c", WITHOUT, "nats", "worker", f"{name}:dp"]
+    done = subprocess.run(
+        [*command, "--transport", UNREACHABLE, "--log-level", "WARNING"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=apps.root,
+        check=False,
+    )
+    # It got as far as the broker it was told to use: nats-py was never needed.
+    assert done.returncode == 1, done.stderr
+    assert (
+        done.stderr
+        == f"iambus: error: {UNREACHABLE}: connect failed: "
+        + (done.stderr.split("connect failed: ", 1)[-1])
+    )
+    assert "Traceback" not in done.stderr
+
+
+def test_worker_says_in_one_line_which_driver_is_missing(apps: Apps) -> None:
+    name = apps.app(NATS_APP)
+    command = [sys.executable, "-c", WITHOUT, "nats", "worker", f"{name}:dp"]
+    done = subprocess.run(
+        [*command, "--log-level", "WARNING"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=apps.root,
+        check=False,
+    )
+    assert (done.returncode, done.stderr) == (
+        2,
+        f"iambus: error: {name}:dp: the NATS transport needs nats-py: pip install 'iambus[nats]'\n",
+    )
+
+
 # -- worker: serving --------------------------------------------------------------------
 
 
@@ -596,7 +667,7 @@ def ping(n: int, **fields: object) -> Envelope:
 
 def test_dlq_list_shows_a_table(dlq: Broker, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["dlq", "list", "--transport", dlq.url]) == 0
-    assert capsys.readouterr().out == f"no dead letters on {dlq.url}\n"
+    assert capsys.readouterr().out == f"no dead letters on {redact(dlq.url)}\n"
 
     first, second = park(dlq, ping(1), ping(2))
     assert main(["dlq", "list", "--transport", dlq.url]) == 0
@@ -668,7 +739,7 @@ def test_dlq_show_an_unknown_id(dlq: Broker, capsys: pytest.CaptureFixture[str])
     for unknown in ("0-1", "not-an-id"):
         assert main(["dlq", "show", "--transport", dlq.url, unknown]) == 1
         err = capsys.readouterr().err
-        assert f"no dead letter {unknown!r} on {dlq.url}; 'iambus dlq list' shows" in err
+        assert f"no dead letter {unknown!r} on {redact(dlq.url)}; 'iambus dlq list' shows" in err
 
 
 def test_dlq_replay_sends_them_back_to_their_group(
@@ -683,7 +754,7 @@ def test_dlq_replay_sends_them_back_to_their_group(
     assert main(["dlq", "replay", "--transport", dlq.url, second.id, "nope", first.id]) == 1
     out, err = capsys.readouterr()
     assert out == "replayed 1 dead letter\n"
-    assert f"no dead letter 'nope', {first.id!r} on {dlq.url}" in err
+    assert f"no dead letter 'nope', {first.id!r} on {redact(dlq.url)}" in err
     assert [e.id for e in receive(dlq)] == [second.envelope.id]
 
     assert main(["dlq", "replay", "--transport", dlq.url, "--all"]) == 0
@@ -729,7 +800,7 @@ def test_dlq_replay_and_purge_want_ids_or_all(
         ("memory://", 2, "memory:// lives inside one process"),
         ("kafka://x", 2, "unknown transport URL 'kafka://x'"),
         (UNREACHABLE, 1, f"{UNREACHABLE}: connect failed"),
-        ("amqp://guest:guest@127.0.0.1:1/", 1, "amqp://guest:guest@127.0.0.1:1/: connect failed"),
+        ("amqp://guest:guest@127.0.0.1:1/", 1, "amqp://guest:***@127.0.0.1:1/: connect failed"),
         ("nats://127.0.0.1:1", 1, "nats://127.0.0.1:1: connect failed"),
     ],
 )

@@ -15,6 +15,12 @@ Conventions for the documentation (see also docs/index.md, "About the examples")
   ``asyncio.run`` itself).
 * Each file gets a fresh default dispatcher: ``iambus.dispatcher`` is replaced by a new
   ``Dispatcher()``, so ``from iambus import dispatcher as dp`` is not shared across files.
+* The blocks also pass ``mypy --strict`` (``test_code_blocks_pass_mypy_strict``, with
+  examples/): the runnable blocks of one file are checked together as one module (top-level
+  ``await`` and ``async with`` allowed); a ``# not run`` block is checked as a module of
+  its own. A block whose first line is ``# fragment`` (or ``# fragment: why``) is neither
+  run nor checked: use it for a signature listing or a few lines that use names defined
+  elsewhere, never for code a reader would copy as it is.
 
 A failing block is reported with the file and the line where the block starts; the
 traceback's line numbers are those of the Markdown file.
@@ -26,6 +32,7 @@ import ast
 import asyncio
 import inspect
 import re
+import subprocess
 import sys
 import textwrap
 import types
@@ -40,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 README = ROOT / "README.md"
 SKIP_MARKER = "# not run"
+FRAGMENT_MARKER = "# fragment"
 
 # An opening fence (optionally indented, e.g. inside a list item) with its info string,
 # and the matching closing fence: same indentation, same or longer run of backticks.
@@ -54,8 +62,15 @@ class Block:
 
     @property
     def skipped(self) -> bool:
+        return self._marked(SKIP_MARKER) or self.fragment
+
+    @property
+    def fragment(self) -> bool:
+        return self._marked(FRAGMENT_MARKER)
+
+    def _marked(self, marker: str) -> bool:
         first = self.code.lstrip("\n").split("\n", 1)[0].strip()
-        return first == SKIP_MARKER or first.startswith(SKIP_MARKER + ":")
+        return first == marker or first.startswith(marker + ":")
 
 
 def python_blocks(path: Path) -> list[Block]:
@@ -220,3 +235,72 @@ def test_block_parser_follows_the_conventions(tmp_path: Path) -> None:
     module = types.ModuleType("page")
     run_blocks(page, [b for b in blocks if not b.skipped], module)
     assert (module.y, module.z) == (2, 3)
+
+
+# Top-level await and `async with` are how the docs read (the run test allows them).
+MYPY = ["--strict", "--disable-error-code", "top-level-await", "--disable-error-code", "syntax"]
+
+
+def typed_modules(path: Path, into: Path) -> dict[Path, Path]:
+    """Write ``path``'s blocks as modules to check into ``into``: {module: Markdown file}.
+
+    Blank lines pad each block to its line in the Markdown file, so that mypy's line
+    numbers are the Markdown file's.
+    """
+    stem = "readme" if path == README else f"docs_{path.stem}"
+    together: list[str] = []
+    modules: dict[Path, Path] = {}
+    for block in python_blocks(path):
+        if block.fragment:
+            continue
+        if block.skipped:  # `# not run`: a module of its own
+            alone = into / f"{stem}_line{block.line}.py"
+            alone.write_text("\n" * (block.line - 1) + block.code + "\n", encoding="utf-8")
+            modules[alone] = path
+            continue
+        together += [""] * (block.line - 1 - len(together))
+        together += block.code.split("\n")
+    if together:
+        module = into / f"{stem}.py"
+        module.write_text("\n".join(together) + "\n", encoding="utf-8")
+        modules[module] = path
+    return modules
+
+
+@pytest.mark.timeout(180)  # a cold mypy cache on a loaded machine
+def test_code_blocks_pass_mypy_strict(tmp_path: Path) -> None:
+    modules: dict[Path, Path] = {}
+    for path in doc_files():
+        modules.update(typed_modules(path, tmp_path))
+    # One run for everything (fast, with the project's cache), examples/ included.
+    command = [sys.executable, "-m", "mypy", *MYPY, "--explicit-package-bases"]
+    done = subprocess.run(
+        [*command, *map(str, modules), "examples"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    report = done.stdout + done.stderr
+    for module, path in modules.items():  # name the Markdown file, not the module
+        report = report.replace(str(module), str(path.relative_to(ROOT)))
+    assert done.returncode == 0, f"mypy --strict on the docs' code:\n{report}"
+
+
+def test_a_fragment_is_neither_run_nor_checked(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(
+        "```python\nx: int = 1\n```\n\n"
+        "```python\n# fragment: a signature\nDispatcher(routes=...)\n```\n\n"
+        "```python\n# not run\ny: int = 2\n```\n",
+        encoding="utf-8",
+    )
+    blocks = python_blocks(page)
+    marks = [(b.skipped, b.fragment) for b in blocks]
+    assert marks == [(False, False), (True, True), (True, False)]
+    into = tmp_path / "typed"
+    into.mkdir()
+    modules = typed_modules(page, into)
+    assert sorted(m.name for m in modules) == ["docs_page.py", "docs_page_line11.py"]
+    assert (into / "docs_page.py").read_text() == "\nx: int = 1\n"  # at its Markdown line

@@ -1,13 +1,23 @@
 """Every transport keeps the same contract: iambus.testing's conformance checks."""
 
+import asyncio
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 
 import pytest
 
+from iambus import Dispatcher
 from iambus.errors import ImproperlyConfigured, TransportError
 from iambus.testing import TRANSPORT_CHECKS
-from iambus.transports import Transport, connect
+from iambus.transports import Transport, client_name, connect, redact
 from iambus.transports.memory import MemoryTransport
 
 from .conftest import require
@@ -81,6 +91,144 @@ def test_a_bad_claim_after_in_the_url_is_a_clear_error(bad: str) -> None:
 def test_unknown_url_scheme_is_a_clear_error() -> None:
     with pytest.raises(ImproperlyConfigured, match=r"unknown transport URL 'kafka://x'.*memory://"):
         connect("kafka://x")
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://u:s3cret@127.0.0.1:6379/0", "redis://u:***@127.0.0.1:6379/0"),
+        ("redis://:s3cret@127.0.0.1/0?namespace=a", "redis://:***@127.0.0.1/0?namespace=a"),
+        ("amqp://guest:guest@127.0.0.1:5672/", "amqp://guest:***@127.0.0.1:5672/"),
+        ("nats://t0k3n@127.0.0.1:4222", "nats://***@127.0.0.1:4222"),
+        ("redis://u@127.0.0.1/0", "redis://u@127.0.0.1/0"),  # a user name is no secret
+        ("redis://127.0.0.1/0?password=s3cret&db=1", "redis://127.0.0.1/0?password=***&db=1"),
+        ("memory://", "memory://"),
+        ("redis://u:s3cret@127.0.0.1:port/0", "redis://***"),  # unparseable: scheme only
+    ],
+)
+def test_redact_hides_the_password(url: str, shown: str) -> None:
+    assert redact(url) == shown
+
+
+def test_a_bad_url_is_reported_without_its_password() -> None:
+    with pytest.raises(ImproperlyConfigured) as info:
+        connect("kafka://u:s3cret@127.0.0.1:9092")
+    assert "kafka://u:***@127.0.0.1:9092" in str(info.value)
+    with pytest.raises(ImproperlyConfigured) as info:
+        connect("memory://u:s3cret@x?claim_after=soon")
+    assert "s3cret" not in str(info.value)
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:  # a loopback port nobody listens on once closed
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+@pytest.mark.parametrize("scheme", ["redis", "amqp", "nats"])
+async def test_an_unreachable_broker_is_named_at_once_and_its_password_never_shown(
+    scheme: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    pytest.importorskip({"redis": "redis", "amqp": "aio_pika", "nats": "nats"}[scheme])
+    port = _closed_port()
+    transport = connect(f"{scheme}://u:s3cret@127.0.0.1:{port}/0")
+    caplog.set_level(logging.DEBUG)
+    started = time.monotonic()
+    with pytest.raises(TransportError) as info:
+        await transport.open()
+    took = time.monotonic() - started
+    await transport.close()
+    message = str(info.value)
+    # The refused connection is named (not a timeout after retrying it), with the URL.
+    assert f"u:***@127.0.0.1:{port}" in message
+    assert "/0: connect failed: " in message
+    assert "Connect call failed" in message, message
+    assert took < 2.5  # at once: well before any connect timeout (5 s by default)
+    shown = [message, repr(info.value), repr(transport), transport.url, caplog.text]
+    assert not [text for text in shown if "s3cret" in text]
+
+
+def test_client_name_says_service_host_and_process() -> None:
+    host, pid = socket.gethostname(), os.getpid()
+    assert client_name("billing") == f"iambus:billing:{host}:{pid}"
+    assert client_name("a b") == f"iambus:a_b:{host}:{pid}"  # Redis refuses spaces
+    assert client_name() == f"iambus:{host}:{pid}"
+
+
+async def _redis_names(transport: Transport) -> list[str]:
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url("redis://127.0.0.1:6379/0")
+    try:
+        listing = await client.client_list()
+    finally:
+        await client.aclose()
+    return [entry["name"] for entry in listing]
+
+
+async def _rabbitmq_names(transport: Transport) -> list[str]:
+    ctl = shutil.which("rabbitmqctl")
+    if ctl is None:
+        pytest.skip("no rabbitmqctl here to list RabbitMQ's connections")
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [ctl, "list_connections", "client_properties", "--quiet", "--no-table-headers"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"rabbitmqctl cannot list connections here: {done.stderr.strip()}")
+    return done.stdout.splitlines()  # connection_name is among each one's properties
+
+
+def _connz() -> list[str]:
+    with urllib.request.urlopen("http://127.0.0.1:8222/connz?limit=4096", timeout=5) as got:
+        return [c.get("name", "") for c in json.load(got)["connections"]]
+
+
+async def _nats_names(transport: Transport) -> list[str]:
+    try:  # the server's own listing, when its monitoring port is on
+        return await asyncio.to_thread(_connz)
+    except OSError:  # monitoring off: the name nats-py sends in its CONNECT
+        return [transport._nc.options["name"]]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("url", "names"),
+    [
+        ("redis://127.0.0.1:6379/0", _redis_names),
+        ("amqp://guest:guest@127.0.0.1:5672/", _rabbitmq_names),
+        ("nats://127.0.0.1:4222", _nats_names),
+    ],
+    ids=["redis", "rabbitmq", "nats"],
+)
+async def test_connections_carry_the_service_name(url: str, names) -> None:  # type: ignore[no-untyped-def]
+    require({"redis": "redis", "amqp": "rabbitmq", "nats": "nats"}[url.partition(":")[0]])
+    service = f"billing-{uuid.uuid4().hex[:8]}"
+    dp = Dispatcher(transport=f"{url}?namespace=test-{service}", service=service, routes={})
+    assert dp.remote is not None
+    await dp.remote.open()  # what a dispatcher does when it starts (this one has no handler)
+    try:
+        expected = f"iambus:{service}:{socket.gethostname()}:{os.getpid()}"
+        assert dp.remote.transport.client_name == expected  # type: ignore[attr-defined]
+        listed = await names(dp.remote.transport)
+        assert [line for line in listed if expected in line], listed
+    finally:
+        await dp.remote.close()
+
+
+async def test_a_transport_given_a_name_keeps_it() -> None:
+    transport = connect("memory://")
+    dp = Dispatcher(transport=transport, service="billing", routes={})
+    async with dp:
+        pass  # memory has no connections to name: nothing is set on it
+    assert not hasattr(transport, "client_name")
+    pytest.importorskip("redis")
+    named = connect("redis://127.0.0.1:1/0", client_name="mine")
+    assert named.client_name == "mine"  # type: ignore[attr-defined]
 
 
 async def test_memory_join_waits_until_everything_is_settled() -> None:

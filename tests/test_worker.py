@@ -313,6 +313,26 @@ async def test_stop_finishes_handlers_in_flight_and_acks_them(bus: Bus) -> None:
     assert again == []
 
 
+async def test_the_start_lines_never_show_a_password(caplog: pytest.LogCaptureFixture) -> None:
+    from iambus.transports.memory import MemoryTransport
+
+    caplog.set_level("INFO")
+    # A transport of the user's that keeps its URL as given, password and all.
+    secret = MemoryTransport("memory://u:s3cret@bus")
+    serving = Dispatcher(transport=secret, service="billing", routes=ROUTES)
+
+    @serving.events.register(OrderPlaced)
+    async def noted(event: OrderPlaced) -> None:
+        pass
+
+    sending = Dispatcher(transport=secret, service="tester", routes=ROUTES)
+    async with serving, sending:
+        await sending.publish(OrderPlaced(1))
+    assert "on memory://u:***@bus" in caplog.text  # the worker's start line
+    assert "through memory://u:***@bus" in caplog.text  # a service that consumes nothing
+    assert "s3cret" not in caplog.text
+
+
 def test_routes_need_a_transport() -> None:
     with pytest.raises(ImproperlyConfigured, match="routes need a transport"):
         Dispatcher(routes=ROUTES)

@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import os
 import random
+import signal
 import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
@@ -267,6 +268,54 @@ async def test_sigterm_lets_the_handler_in_flight_finish_and_ack(cluster: Cluste
         ("A", "1"),
         ("B", "2"),
     ]
+
+
+async def test_a_second_sigterm_stops_at_once_and_the_message_is_redelivered(
+    cluster: Cluster,
+) -> None:
+    group = on_events("billing")
+    cluster.watch(*group, from_start=False)
+    # A's handler of order 1 blocks far longer than the test; its drain would wait for it.
+    cluster.spawn(
+        "A",
+        service="billing",
+        handlers=["events"],
+        slow={1: 600.0},
+        options=["--shutdown-timeout", "600"],
+    )
+    await cluster.ready("A")
+    a = cluster.procs["A"]
+    async with sender(cluster) as orders:
+        await orders.publish(OrderPlaced(1))
+        await until(lambda: cluster.steps() != [], 15, "A to start order 1", detail=cluster.report)
+        a.send_signal(signal.SIGTERM)
+        await until(
+            lambda: "received SIGTERM, stopping" in cluster.output("A"),
+            15,
+            "A to start draining",
+            detail=cluster.report,
+        )
+        a.send_signal(signal.SIGTERM)
+        await until(lambda: a.poll() is not None, 15, "A to exit", detail=cluster.report)
+        output = cluster.output("A")
+        assert (
+            "received SIGTERM again, stopping now: 1 message(s) from the transport stay "
+            "unacked and will be redelivered"
+        ) in output, output
+        assert a.returncode == 0, output
+        assert "Traceback" not in output, output
+
+        # Order 1 was not acked: another worker of the service gets it (at least once).
+        cluster.spawn("B", service="billing", handlers=["events"])
+        await cluster.ready("B")
+        await until(
+            lambda: cluster.done("event", "B")["1"] >= 1,
+            CLAIM_AFTER + 15,
+            "B to redo order 1",
+            detail=cluster.report,
+        )
+    assert await cluster.stop("B") == {"B": 0}
+    assert cluster.done("event", "A") == Counter()  # A never finished it
 
 
 async def test_two_services_of_two_instances_each_get_every_event_once(cluster: Cluster) -> None:

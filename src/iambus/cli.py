@@ -262,6 +262,8 @@ def _worker(args: argparse.Namespace) -> int:
             runner.run(dp.run())
     except ImproperlyConfigured as exc:  # found at start: e.g. a handler of another's command
         raise CliError(f"{spec}: {exc}") from None
+    except ImportError as exc:  # the driver of the dispatcher's transport is not installed
+        raise CliError(f"{spec}: {exc}") from None
     except IambusError as exc:  # e.g. the broker is unreachable
         raise CliError(str(exc), status=1) from None
     except KeyboardInterrupt:  # interrupted before the dispatcher took over the signals
@@ -356,7 +358,9 @@ def _configure(dp: Dispatcher, spec: str, args: argparse.Namespace) -> None:
         # so dropping it loses nothing; one made from a URL was never opened.
         old = dp.remote
         assert old is not None  # checked above: no transport means no routes
-        transport, owned = old.transport, old.owned
+        # old.source, not old.transport: the dispatcher's own transport is not made (nor
+        # its driver imported) when --transport replaces it.
+        transport, owned = old.source, old.owned
         if args.transport is not None:
             transport, owned = _connect(args.transport), True
         if args.service is not None:

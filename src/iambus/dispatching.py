@@ -61,7 +61,7 @@ from .remote import Remote, RemoteRoute
 from .retry import Retry, checked_policy
 from .routers import EventRouter, RequestRouter, Router
 from .routing import Routes, address
-from .transports import Transport, connect
+from .transports import Transport, redact
 from .worker import Subscription, Worker
 
 __all__ = ["Dispatcher", "ErrorHandler"]
@@ -154,7 +154,7 @@ class Dispatcher:
         shutdown_timeout: float | None = 30.0,
         transport: Transport | str | None = None,
         service: str | None = None,
-        routes: Mapping[type | str, str] | None = None,
+        routes: Mapping[Any, str] | None = None,  # Any: a dict of classes is no Mapping[type]
         codec: Codec | None = None,
         retry: Retry | None = None,
         retries: Mapping[MessageKey, Retry] | None = None,
@@ -217,7 +217,7 @@ class Dispatcher:
             if service is not None and (not isinstance(service, str) or not service):
                 raise ImproperlyConfigured(f"service must be a non-empty name, got {service!r}")
             self.remote = Remote(
-                connect(transport) if isinstance(transport, str) else transport,
+                transport,
                 service=service,
                 routes=self.routes,
                 codec=codec or JsonCodec(),
@@ -253,6 +253,9 @@ class Dispatcher:
         self._signal_loop: asyncio.AbstractEventLoop | None = None
         self._stop_task: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None  # what stopped the worker, if anything
+        self._draining: asyncio.Task[Any] | None = None  # the task running stop()'s drain
+        self._draining_worker: Worker | None = None
+        self._forced = False  # a second signal cut the drain short
 
     # -- routers and registration ---------------------------------------------------
 
@@ -489,7 +492,7 @@ class Dispatcher:
                 "iambus: service %s sends routed messages through %s; it binds no handler "
                 "for one, so it consumes nothing",
                 self.service,
-                self.remote.transport.url,
+                redact(self.remote.transport.url),
             )
         elif self._worker is None:
             self._worker = Worker(
@@ -560,12 +563,15 @@ class Dispatcher:
         self._fast_commands, self._fast_queries = {}, {}
         timeout = self.shutdown_timeout if timeout is None else timeout
         engine = self._engine
+        # A second SIGINT/SIGTERM cancels this drain (see _on_signal): what runs then
+        # stays unacked, and the transport is closed at once.
+        self._draining, self._forced = asyncio.current_task(), False
+        loop = asyncio.get_running_loop()
         try:
-            loop = asyncio.get_running_loop()
             deadline = None if timeout is None else loop.time() + timeout
             if self._worker is not None:
-                worker, self._worker = self._worker, None
-                await worker.stop(timeout)
+                self._draining_worker, self._worker = self._worker, None
+                await self._draining_worker.stop(timeout)
             if engine is not None and engine.loop is loop:
                 try:
                     # One deadline for the worker and the engine together.
@@ -579,7 +585,15 @@ class Dispatcher:
                         engine.pending,
                     )
                 await engine.close()
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not self._forced or current is None:
+                raise
+            current.uncancel()  # stopped at once, as asked: stop() itself returns normally
+            if engine is not None and engine.loop is loop:
+                await engine.close()
         finally:
+            self._draining = self._draining_worker = None
             self._engine = None
             if self.remote is not None:
                 await self.remote.close()
@@ -646,9 +660,32 @@ class Dispatcher:
                 loop.remove_signal_handler(signum)
 
     def _on_signal(self, signum: int) -> None:
-        logger.info("iambus: received %s, stopping", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        signalled = self._stop_task is not None and not self._stop_task.done()
+        if signalled and self._draining is not None and not self._forced:
+            self._force(name)
+            return
+        logger.info("iambus: received %s, stopping", name)
         if self._stop_task is None or self._stop_task.done():
             self._stop_task = asyncio.get_running_loop().create_task(self.stop())
+
+    def _force(self, name: str) -> None:
+        """A second signal while draining: stop now, leaving what runs unacked."""
+        assert self._draining is not None
+        self._forced = True
+        worker = self._draining_worker
+        unacked = worker.abort() if worker is not None else 0
+        engine = self._engine
+        lost = engine.pending if engine is not None else 0
+        logger.warning(
+            "iambus: received %s again, stopping now: %d message(s) from the transport stay "
+            "unacked and will be redelivered; %d background message(s) of this process "
+            "are dropped",
+            name,
+            unacked,
+            lost,
+        )
+        self._draining.cancel()
 
     def _ensure_open(self) -> None:
         # Called only when ``_open`` is false: not started yet, draining, or stopped.

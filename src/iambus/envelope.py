@@ -51,6 +51,9 @@ os.register_at_fork(after_in_child=lambda: _ids.seed(os.urandom(32)))
 # One encoder for every envelope: json.dumps with separators builds a new one per call.
 _compact = json.JSONEncoder(separators=(",", ":")).encode
 
+# What Envelope.from_fields reads: to_fields()'s str keys, a driver's bytes, or a mix.
+Fields = Mapping[str, bytes | str] | Mapping[bytes, bytes | str] | Mapping[bytes | str, bytes | str]
+
 
 def new_id() -> str:
     """A UUIDv7: 48 bits of unix milliseconds, then randomness; sorts by creation time."""
@@ -100,7 +103,7 @@ class Envelope:
         return fields
 
     @classmethod
-    def from_fields(cls, fields: Mapping[bytes | str, bytes | str]) -> Envelope:
+    def from_fields(cls, fields: Fields) -> Envelope:
         """The inverse of ``to_fields``; a missing or malformed field is a SerializationError."""
         if b"id" in fields:  # the bytes keys a driver returns: read them as they are
             return _from_bytes(cls, fields)  # type: ignore[arg-type]
@@ -111,7 +114,7 @@ class Envelope:
         return _from_any(cls, fields)
 
 
-def _from_any(cls: type[Envelope], fields: Mapping[bytes | str, bytes | str]) -> Envelope:
+def _from_any(cls: type[Envelope], fields: Fields) -> Envelope:
     # The general path: any mix of bytes and str; names what is wrong.
     get = {_text(k): v for k, v in fields.items()}.get
     try:
@@ -153,7 +156,7 @@ def _from_bytes(cls: type[Envelope], fields: Mapping[bytes, bytes]) -> Envelope:
             headers=json.loads(headers) if headers else {},
         )
     except (KeyError, ValueError, TypeError, UnicodeDecodeError, AttributeError):
-        return _from_any(cls, fields)  # type: ignore[arg-type]
+        return _from_any(cls, fields)
     return _checked(envelope) if headers else envelope
 
 

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import inspect
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from .errors import ProviderConflict
 
@@ -34,7 +34,27 @@ __all__ = ["Factory", "Provider", "Singleton"]
 ProviderFn = Callable[[], Any]
 
 
-class Provider:
+P = TypeVar("P", bound="Provider")
+
+
+class _Named(type):
+    """``Singleton["name": fn]``: on the metaclass, so that type checkers read it as a call."""
+
+    def __getitem__(cls: type[P], item: slice) -> P:  # type: ignore[misc]
+        if (
+            not isinstance(item, slice)
+            or item.step is not None
+            or item.stop is None
+            or not isinstance(item.start, str)
+        ):
+            raise TypeError(
+                f"{cls.__name__}[...] takes a slice of a name and a callable: "
+                f'{cls.__name__}["repo": get_repo], got {item!r}'
+            )
+        return cls(item.stop, name=str(item.start))
+
+
+class Provider(metaclass=_Named):
     """A named recipe for a value that handlers receive as an argument."""
 
     __slots__ = ("fn", "name")
@@ -47,19 +67,6 @@ class Provider:
             )
         self.fn = fn
         self.name = name if name is not None else getattr(fn, "__qualname__", repr(fn))
-
-    def __class_getitem__(cls, item: Any) -> Any:
-        if (
-            not isinstance(item, slice)
-            or item.step is not None
-            or item.stop is None
-            or not isinstance(item.start, str)
-        ):
-            raise TypeError(
-                f"{cls.__name__}[...] takes a slice of a name and a callable: "
-                f'{cls.__name__}["repo": get_repo], got {item!r}'
-            )
-        return cls(item.stop, name=str(item.start))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}[{self.name!r}: {self.fn!r}]"

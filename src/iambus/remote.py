@@ -35,7 +35,7 @@ from .handlers import Kind
 from .messages import MessageKey, MessageRegistry, message_key, result_type
 from .middleware import Context
 from .routing import Routes, address
-from .transports import Instance, Registry, Transport
+from .transports import Instance, Registry, Transport, client_name, connect, resolve
 
 __all__ = ["Remote", "RemoteRoute", "current_envelope"]
 
@@ -53,7 +53,7 @@ class Remote:
 
     def __init__(
         self,
-        transport: Transport,
+        transport: Transport | str,
         *,
         service: str | None,
         routes: Routes,
@@ -61,7 +61,13 @@ class Remote:
         request_timeout: float,
         owned: bool,
     ) -> None:
-        self.transport = transport
+        # What the dispatcher was given: a transport, or the URL of one. A URL is checked
+        # now and made into its transport on first use, so that building a dispatcher
+        # imports no broker driver: `iambus worker --transport` replaces it before that.
+        self.source = transport
+        self._transport = None if isinstance(transport, str) else transport
+        if isinstance(transport, str):
+            resolve(transport)
         # A transport made from a URL is ours to close; one passed in (maybe shared by
         # several dispatchers) is closed by whoever made it.
         self.owned = owned
@@ -77,6 +83,18 @@ class Remote:
         self._checks: set[asyncio.Task[None]] = set()
         self._census: asyncio.Future[list[Instance] | None] | None = None  # a read under way
 
+    @property
+    def transport(self) -> Transport:
+        """The transport; one given as a URL is made (its driver imported) on first use."""
+        if self._transport is None:
+            assert isinstance(self.source, str)
+            self._transport = connect(self.source)
+        return self._transport
+
+    @transport.setter
+    def transport(self, transport: Transport) -> None:
+        self.source = self._transport = transport
+
     async def open(self) -> None:
         if self._opened:
             return
@@ -84,7 +102,11 @@ class Remote:
             self._opening = asyncio.Lock()
         async with self._opening:
             if not self._opened:
-                await self.transport.open()
+                transport: Any = self.transport
+                if getattr(transport, "client_name", "") is None:
+                    # A broker transport not named yet: its connections carry our service.
+                    transport.client_name = client_name(self.service)
+                await transport.open()
                 self._opened = True
 
     async def close(self) -> None:

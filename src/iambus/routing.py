@@ -30,6 +30,7 @@ module prefix.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from .errors import ImproperlyConfigured
 from .messages import MessageKey, describe, message_name
@@ -47,7 +48,7 @@ class Routes:
 
     __slots__ = ("_by_key", "_by_name", "_modules", "_resolved")
 
-    def __init__(self, routes: Mapping[type | str, str] | None = None) -> None:
+    def __init__(self, routes: Mapping[Any, str] | None = None) -> None:
         self._by_key: dict[type, str] = {}
         self._by_name: dict[str, str] = {}
         self._modules: list[tuple[str, str]] = []

@@ -58,7 +58,7 @@ from .handlers import Kind
 from .messages import MessageKey, describe
 from .remote import SENDER, Remote
 from .retry import Retry
-from .transports import ANNOUNCE_TTL, Delivery, Failure, Instance, Registry
+from .transports import ANNOUNCE_TTL, Delivery, Failure, Instance, Registry, redact
 
 if TYPE_CHECKING:
     from .dispatching import Route
@@ -146,7 +146,7 @@ class Worker:
             "iambus worker %s (service %s) on %s, %d at once:\n%s",
             self.consumer,
             self.remote.service,
-            self.remote.transport.url,
+            redact(self.remote.transport.url),  # a transport of the user's may not redact
             self.concurrency,
             lines,
         )
@@ -196,6 +196,17 @@ class Worker:
             started=self.started,
             consumes=tuple(dict.fromkeys((sub.address, sub.group) for sub in self.subscriptions)),
         )
+
+    def abort(self) -> int:
+        """Stop at once: cancel the handlers running; return how many were (left unacked)."""
+        self._stopping = True
+        self._room.set()
+        for task in self._loops:
+            task.cancel()
+        running = [task for task in self._inflight if not task.done()]
+        for task in running:
+            task.cancel()
+        return len(running)
 
     async def _consume(self, sub: Subscription) -> None:
         transport = self.remote.transport

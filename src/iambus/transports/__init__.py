@@ -22,6 +22,14 @@ retries), ``TransportRefused`` for refused credentials or permissions and
 ``ImproperlyConfigured`` for a set-up that cannot work (a worker meeting either while
 receiving stops). A settle call that fails leaves the delivery to come back (given back,
 or after ``claim_after``): the worker never settles one delivery twice.
+``url`` is the URL a transport was made from, safe to show: ``redact()`` replaced its
+password (and any secret in its query) by ``***``, so logs and error messages never carry
+a secret.
+
+A broker transport names its connections ``client_name`` (``iambus:<service>:<host>:<pid>``,
+see ``client_name()``), so that operators can tell them apart in the broker's own
+listing; a dispatcher gives its service's name to a transport that has none before it
+opens it.
 
 A transport may also define ``tune(concurrency=...)``: a worker calls it before it
 consumes, with how many handlers it runs at once (RabbitMQ sizes its prefetch by it).
@@ -44,6 +52,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import re
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -62,7 +73,9 @@ __all__ = [
     "Monitor",
     "Registry",
     "Transport",
+    "client_name",
     "connect",
+    "redact",
 ]
 
 ANNOUNCE_TTL = 30.0
@@ -122,6 +135,7 @@ class Transport(Protocol):
     """The seam between iambus and a broker."""
 
     url: str
+    """Where it connects, safe to show: made with ``redact()``, without its secrets."""
 
     async def open(self) -> None: ...
 
@@ -250,11 +264,23 @@ def connect(url: str, **options: Any) -> Transport:
     the ``claim_after`` option (which ``options`` may also set; the URL's wins), so that a
     URL alone — ``iambus worker --transport`` — can set it.
     """
+    module_name, class_name, url, found = resolve(url)
+    module = importlib.import_module(module_name)
+    transport: Transport = getattr(module, class_name)(url, **{**options, **found})
+    return transport
+
+
+def resolve(url: str) -> tuple[str, str, str, dict[str, Any]]:
+    """Check ``url`` without importing a driver: (module, class, url, options from the URL).
+
+    Raises ``ImproperlyConfigured`` for an unknown scheme or a bad ``claim_after``.
+    """
     parts = urlsplit(url)
     scheme = parts.scheme
     if scheme not in _SCHEMES:
         known = ", ".join(f"{s}://" for s in _SCHEMES)
-        raise ImproperlyConfigured(f"unknown transport URL {url!r}; iambus knows {known}")
+        raise ImproperlyConfigured(f"unknown transport URL {redact(url)!r}; iambus knows {known}")
+    options: dict[str, Any] = {}
     query = parse_qsl(parts.query, keep_blank_values=True)
     claim_after = [value for name, value in query if name == "claim_after"]
     if claim_after:
@@ -262,9 +288,59 @@ def connect(url: str, **options: Any) -> Transport:
         rest = [(name, value) for name, value in query if name != "claim_after"]
         url = urlunsplit(parts._replace(query=urlencode(rest)))
     module_name, class_name, _extra = _SCHEMES[scheme]
-    module = importlib.import_module(module_name)
-    transport: Transport = getattr(module, class_name)(url, **options)
-    return transport
+    return module_name, class_name, url, options
+
+
+def client_name(service: str | None = None) -> str:
+    """The name a connection gives the broker: ``iambus:<service>:<host>:<pid>``.
+
+    Without a service: ``iambus:<host>:<pid>``. Whitespace becomes ``_`` (Redis refuses
+    a client name with spaces).
+    """
+    parts = ["iambus", *([service] if service else []), socket.gethostname(), str(os.getpid())]
+    return ":".join(re.sub(r"\s+", "_", part) for part in parts)
+
+
+# Query parameters whose values are secrets (a driver may take credentials there).
+_SECRET_PARAMETERS = ("password", "token", "secret", "key", "credential", "auth", "nkey")
+
+
+def redact(url: str) -> str:
+    """``url`` safe to show: its password, and secrets in its query, replaced by ``***``.
+
+    ``redis://user:s3cret@host:6379/0`` becomes ``redis://user:***@host:6379/0``; a NATS
+    token (``nats://t0ken@host``) becomes ``nats://***@host``. A URL that cannot be
+    parsed is shown as its scheme alone.
+    """
+    try:
+        parts = urlsplit(url)
+        _port = parts.port  # a malformed port raises here rather than later
+    except ValueError:
+        return url.partition(":")[0] + "://***"
+    netloc = parts.netloc
+    userinfo, at, host = netloc.rpartition("@")
+    if at:
+        user, colon, _password = userinfo.partition(":")
+        if colon:
+            userinfo = f"{user}:***"
+        elif parts.scheme == "nats":  # nats://TOKEN@host: the user part is the secret
+            userinfo = "***"
+        netloc = f"{userinfo}@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(_secret(name) for name, _value in pairs):
+            query = urlencode(
+                [(name, "***" if _secret(name) else value) for name, value in pairs], safe="*"
+            )
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url  # nothing secret (and "memory://" stays as written)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _secret(parameter: str) -> bool:
+    name = parameter.lower()
+    return any(word in name for word in _SECRET_PARAMETERS)
 
 
 def _seconds(text: str, url: str) -> float:
@@ -274,6 +350,6 @@ def _seconds(text: str, url: str) -> float:
         value = -1.0
     if not 0 < value < float("inf"):
         raise ImproperlyConfigured(
-            f"claim_after in {url!r} must be a positive number of seconds, got {text!r}"
+            f"claim_after in {redact(url)!r} must be a positive number of seconds, got {text!r}"
         )
     return value

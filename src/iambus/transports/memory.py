@@ -85,6 +85,9 @@ class MemoryTransport:
         self._live: dict[str, tuple[Instance, float]] = {}  # id -> (instance, live until)
         self._known: dict[tuple[str, str], str] = {}  # (address, group) -> service
 
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url}>"
+
     # -- lifecycle ------------------------------------------------------------------
 
     async def open(self) -> None:

@@ -129,10 +129,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from ..envelope import Envelope
 from ..errors import ImproperlyConfigured, SerializationError, TransportError
 from ..partitions import partition, partitions_option
-from . import ANNOUNCE_TTL, Backlog, DeadLetter, Delivery, Failure, Instance
+from . import ANNOUNCE_TTL, Backlog, DeadLetter, Delivery, Failure, Instance, client_name, redact
 
 try:
-    import nats
     from nats.aio.client import Client
     from nats.aio.msg import Msg
     from nats.aio.subscription import Subscription
@@ -260,6 +259,7 @@ class NatsTransport:
         max_length: int = 1_000_000,
         timeout: float = 5.0,
         partitions: int | None = None,
+        client_name: str | None = None,
     ) -> None:
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
@@ -271,7 +271,8 @@ class NatsTransport:
             )
         self.partitions = partitions_option(partitions, query)
         self._driver_url = urlunsplit(parts._replace(query=urlencode(query)))
-        self.url = url
+        self.url = redact(url)
+        self.client_name = client_name  # None: the dispatcher's service names it on open
         self.claim_after = claim_after
         self.max_length = max_length
         self.timeout = timeout
@@ -296,6 +297,10 @@ class NatsTransport:
         self._confirming: asyncio.Future[None] | None = None  # the next round trip's
         self._round_trips: asyncio.Task[None] | None = None
         self._streams_ready = False
+        self._first_error: asyncio.Future[Exception] | None = None  # while connecting
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url}>"
 
     # -- names ------------------------------------------------------------------------
 
@@ -343,21 +348,37 @@ class NatsTransport:
     async def open(self) -> None:
         if self._nc is not None:
             return
+        nc = Client()
+        # nats-py retries a first connection that fails for as long as it would reconnect
+        # (forever here): the first error it reports while connecting ends the attempt
+        # instead, so an unreachable server is named at once, as Redis and RabbitMQ do.
+        self._first_error = failed = asyncio.get_running_loop().create_future()
+        options: dict[str, Any] = {  # Any: nats-py types its seconds as int, takes floats
+            "servers": [self._driver_url],
+            "name": self.client_name or client_name(),  # shown by the server's connz
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.5,
+            "connect_timeout": min(self.timeout, 2.0),
+            "error_cb": self._on_error,
+            "disconnected_cb": self._on_disconnect,
+            "reconnected_cb": self._on_reconnect,
+        }
+        connecting = asyncio.ensure_future(nc.connect(**options))
         try:
-            # nats-py retries the first connection too when reconnecting forever: bound it.
             async with asyncio.timeout(self.timeout):
-                nc = await nats.connect(
-                    servers=[self._driver_url],
-                    name=f"iambus:{self.namespace}",
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
-                    connect_timeout=min(self.timeout, 2.0),
-                    error_cb=self._on_error,
-                    disconnected_cb=self._on_disconnect,
-                    reconnected_cb=self._on_reconnect,
-                )
-        except (NatsError, OSError, TimeoutError) as exc:
+                await asyncio.wait((connecting, failed), return_when=asyncio.FIRST_COMPLETED)
+            if not connecting.done():
+                raise failed.result()
+            connecting.result()
+        except Exception as exc:
+            connecting.cancel()
+            await asyncio.gather(connecting, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await nc.close()
             raise TransportError(f"{self.url}: connect failed: {_describe(exc)}") from exc
+        finally:
+            self._first_error = None
+            connecting.cancel()
         self._nc, self._js = nc, nc.jetstream(timeout=self.timeout)
         self._inbox = nc.new_inbox()
         self._pull_inbox = nc.new_inbox()
@@ -1339,6 +1360,10 @@ class NatsTransport:
         return TransportError(f"{self.url}: {what} failed: {_describe(exc)}")
 
     async def _on_error(self, exc: Exception) -> None:
+        if self._first_error is not None:  # connecting: open() reports it
+            if not self._first_error.done():
+                self._first_error.set_result(exc)
+            return
         logger.warning("iambus: NATS connection %s: %r", self.url, exc)
 
     async def _on_disconnect(self) -> None:

@@ -93,7 +93,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from ..envelope import Envelope, new_id
 from ..errors import ImproperlyConfigured, SerializationError, TransportError, TransportRefused
 from ..partitions import partition, partitions_option
-from . import Backlog, DeadLetter, Delivery, Failure, Instance
+from . import Backlog, DeadLetter, Delivery, Failure, Instance, client_name, redact
 
 try:
     import aio_pika
@@ -189,6 +189,7 @@ class RabbitMQTransport:
         reconnect_interval: float = 1.0,
         partitions: int | None = None,
         queue_type: str | None = None,
+        client_name: str | None = None,
     ) -> None:
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
@@ -214,7 +215,8 @@ class RabbitMQTransport:
             )
         self.partitions = partitions_option(partitions, query)
         self._driver_url = urlunsplit(parts._replace(query=urlencode(query)))
-        self.url = url
+        self.url = redact(url)
+        self.client_name = client_name  # None: the dispatcher's service names it on open
         self.claim_after = claim_after
         self.prefetch = prefetch
         self.max_length = max_length
@@ -244,6 +246,9 @@ class RabbitMQTransport:
         self._superseded: dict[tuple[str, str | None, int], int] = {}
         # Instances announced here: id -> (the connection, the channel of its queue).
         self._presences: dict[str, tuple[Any, AbstractRobustChannel]] = {}
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url}>"
 
     # -- names ------------------------------------------------------------------------
 
@@ -289,7 +294,10 @@ class RabbitMQTransport:
             return
         async with self._translate("connect"):
             connection = await aio_pika.connect_robust(
-                self._driver_url, reconnect_interval=self.reconnect_interval
+                self._driver_url,
+                reconnect_interval=self.reconnect_interval,
+                # Shown by the management UI and `rabbitmqctl list_connections`.
+                client_properties={"connection_name": self.client_name or client_name()},
             )
             try:
                 self._publisher = await connection.channel(publisher_confirms=True)

@@ -94,7 +94,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from ..envelope import Envelope
 from ..errors import ImproperlyConfigured, SerializationError, TransportError, TransportRefused
 from ..partitions import partition, partitions_option
-from . import ANNOUNCE_TTL, Backlog, DeadLetter, Delivery, Failure, Instance
+from . import ANNOUNCE_TTL, Backlog, DeadLetter, Delivery, Failure, Instance, client_name, redact
 
 try:
     import redis.asyncio as aioredis
@@ -362,6 +362,7 @@ class RedisTransport:
         max_length: int = 1_000_000,
         max_connections: int = 64,
         partitions: int | None = None,
+        client_name: str | None = None,
     ) -> None:
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
@@ -370,7 +371,8 @@ class RedisTransport:
             raise ImproperlyConfigured(f"a Redis namespace may not contain ':': {self.namespace!r}")
         self.partitions = partitions_option(partitions, query)
         self._driver_url = urlunsplit(parts._replace(query=urlencode(query)))
-        self.url = url
+        self.url = redact(url)
+        self.client_name = client_name  # None: the dispatcher's service names it on open
         self.claim_after = claim_after
         self.block = block
         self.max_length = max_length
@@ -392,6 +394,9 @@ class RedisTransport:
         # (address, group, mark, entry id) -> (consumer, attempt).
         self._holding: dict[tuple[str, str, str, bytes], tuple[str, int]] = {}
 
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url}>"
+
     # -- lifecycle ------------------------------------------------------------------
 
     async def open(self) -> None:
@@ -400,7 +405,10 @@ class RedisTransport:
         # A blocking pool: beyond max_connections, a command waits for a connection
         # instead of failing (redis-py's default pool raises at its limit).
         pool = aioredis.BlockingConnectionPool.from_url(
-            self._driver_url, max_connections=self.max_connections, timeout=None
+            self._driver_url,
+            max_connections=self.max_connections,
+            timeout=None,
+            client_name=self.client_name or client_name(),  # CLIENT SETNAME on each
         )
         client = aioredis.Redis(connection_pool=pool)
         async with self._translate("connect"):
@@ -1128,7 +1136,7 @@ class _RedisDelivery:
         self._consumer = consumer
         self._mark = mark  # "m" the stream, "d" the direct stream, "p<n>" partition n
         self._entry_id = entry_id
-        self.envelope = Envelope.from_fields(fields)  # type: ignore[arg-type]
+        self.envelope = Envelope.from_fields(fields)
         self.attempt = attempt
 
     async def ack(self) -> None:
@@ -1268,7 +1276,7 @@ def _dead_letter(entry_id: Any, fields: Any) -> DeadLetter:
         id=_text(entry_id),
         address=address,
         group=group,
-        envelope=Envelope.from_fields(get),  # type: ignore[arg-type]
+        envelope=Envelope.from_fields(get),
         failure=Failure(**failure),
         failed_at=failed_at,
     )
