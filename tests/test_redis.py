@@ -608,6 +608,48 @@ async def test_redis_closing_fails_a_request_still_waiting_for_its_answer() -> N
         await made.open()  # for the tear-down's destroy()
 
 
+async def test_redis_a_reply_that_is_no_envelope_is_skipped_and_the_next_reply_arrives(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Junk on the reply channel (another program, an older version) is logged once each
+    # and skipped: the listener stays subscribed, so the real answer right behind it is
+    # not lost while it would resubscribe.
+    import logging
+
+    from iambus.envelope import Envelope
+
+    junk = [
+        b"junk",  # no line of JSON
+        b"[1, 2]\n",  # JSON, not an object
+        b"\xff\n",  # not UTF-8
+        b'{"id": "x", "name": "Pong", "at": "1", "corr": ["a list"]}\npayload',
+    ]
+    async with opened() as made:
+        await made.declare("a", "g", from_start=False)
+        question = ping(1)
+        asking = asyncio.create_task(made.request("a", question, timeout=5))
+        [delivery] = await receive_some(made, "c")
+        to = delivery.envelope.reply_to
+        assert to is not None
+        with caplog.at_level(logging.WARNING, logger="iambus"):
+            for body in junk:
+                await made._client().publish(to, body)
+            await made.reply(to, Envelope(name="Pong", payload=b"ok", correlation_id=question.id))
+            assert (await asking).payload == b"ok"
+            await delivery.ack()
+            # Still listening: a second request is answered too.
+            again = ping(2)
+            asking = asyncio.create_task(made.request("a", again, timeout=5))
+            [delivery] = await receive_some(made, "c")
+            await made.reply(to, Envelope(name="Pong", payload=b"2", correlation_id=again.id))
+            assert (await asking).payload == b"2"
+        skipped = [r for r in caplog.records if "a reply on" in r.getMessage()]
+        assert [r.levelno for r in skipped] == [logging.WARNING] * len(junk), caplog.text
+        assert "no envelope" in skipped[0].getMessage()
+        assert "a list" in skipped[-1].getMessage()  # names what was wrong
+        assert "resubscribing" not in caplog.text
+
+
 async def test_redis_purging_nothing_keeps_the_dead_letters_and_purging_all_counts_them() -> None:
     from iambus.transports import Failure
 

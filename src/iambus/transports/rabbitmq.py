@@ -1083,7 +1083,7 @@ class RabbitMQTransport:
         try:
             answer = _envelope(message.header.properties, message.body)
         except SerializationError as exc:
-            logger.error("iambus: a reply on %s is no envelope: %s", self.url, exc)
+            logger.warning("iambus: a reply on %s is no envelope: %s", self.url, exc)
             return
         waiting = self._waiting.get(answer.correlation_id or "")
         if waiting is not None and not waiting.done():

@@ -860,10 +860,12 @@ class RedisTransport:
                 if not self._listening.done():
                     self._listening.set_result(None)
                 async for message in _messages(pubsub):
-                    header, _, payload = message.partition(b"\n")
-                    fields: dict[bytes | str, bytes | str] = json.loads(header)
-                    fields["payload"] = payload
-                    answer = Envelope.from_fields(fields)
+                    try:
+                        answer = _reply_of(message)
+                    except SerializationError as exc:
+                        # One bad message must not cost the others: the listener stays.
+                        logger.warning("iambus: a reply on %s is no envelope: %s", self.url, exc)
+                        continue
                     waiting = self._waiting.get(answer.correlation_id or "")
                     if waiting is not None and not waiting.done():
                         waiting.set_result(answer)
@@ -1111,6 +1113,21 @@ async def _messages(pubsub: Any) -> AsyncIterator[bytes]:
         message = await pubsub.get_message(timeout=1.0)
         if message is not None and message.get("type") == "message":
             yield message["data"]
+
+
+def _reply_of(message: bytes) -> Envelope:
+    """The envelope of a reply (``reply``: a JSON line of its fields, then the payload)."""
+    header, newline, payload = message.partition(b"\n")
+    try:
+        fields = json.loads(header) if newline else None
+    except ValueError as exc:
+        raise SerializationError(f"malformed envelope line {header[:200]!r}: {exc}") from exc
+    if not isinstance(fields, dict):
+        raise SerializationError(
+            f"no envelope: expected a JSON object, a newline and the payload; got {message[:80]!r}"
+        )
+    fields["payload"] = payload
+    return Envelope.from_fields(fields)
 
 
 def _with_reply_to(envelope: Envelope, channel: str) -> Envelope:
