@@ -214,6 +214,39 @@ async def test_a_requester_whose_connections_are_killed_reconnects(
         assert await orders.query(GetInvoice(4), timeout=5) == "INV-4"
 
 
+async def test_redis_sixty_retries_due_together_all_come_back_on_time(services: Services) -> None:
+    # 60 events fail at once on one worker, each retried after 2 s: all come back about
+    # 2 s later, not one per due-retry check (a quiet subscription fetches one at a time,
+    # and the due retries were looked for once per `block`: 60 s for the last).
+    require("redis")
+    from iambus.retry import Retry
+
+    retry = Retry(attempts=2, backoff=2, jitter=False)
+    worker = dispatcher(services, "billing", "billing", retry=retry)
+    failed: dict[int, float] = {}
+    retried: dict[int, float] = {}
+
+    @worker.events.register(OrderPlaced)
+    async def flaky(event: OrderPlaced) -> None:
+        if event.order_id not in failed:
+            failed[event.order_id] = time.monotonic()
+            raise RuntimeError("fails the first time")
+        retried.setdefault(event.order_id, time.monotonic())
+
+    total = 60
+    async with worker, sender(services) as orders:
+        await asyncio.gather(*(orders.publish(OrderPlaced(n)) for n in range(total)))
+        await until(lambda: len(failed) == total, 10, "every event to fail once")
+        await until(
+            lambda: len(retried) == total,
+            retry.backoff + 6,
+            "every event to be retried",
+            detail=lambda: f"{len(retried)} of {total} retried",
+        )
+    late = max(retried[n] - failed[n] for n in range(total))
+    assert late <= retry.backoff + 2, f"the last retry came {late:.1f}s after its failure"
+
+
 # -- per-key ordering: partition streams, pointers, hand-overs --------------------------
 
 

@@ -10,7 +10,9 @@ namespace (default ``iambus``). How the seam maps onto Redis:
   (where replayed dead letters go, so that they reach that group only);
 * ``retry(delay)`` parks the entry under the consumer ``__retry__`` and records its due
   time in the sorted set ``<ns>:due:<address>@<group>`` — one Lua script, so nothing is
-  lost in between; due entries are claimed back (``XCLAIM``) by the next ``receive``;
+  lost in between; due entries are claimed back (``XCLAIM``) by the next ``receive``,
+  which looks every ``block`` seconds and as soon as the due set says one is due (more
+  due than it has room for: the receive after it looks again at once);
 * the attempt is Redis's own delivery counter of the entry in the group's pending list:
   it survives restarts and counts across instances;
 * an entry a consumer neither acks nor retries for ``claim_after`` seconds (a crash,
@@ -111,7 +113,8 @@ _Send = tuple[str, dict[str, bytes | str], tuple[str, dict[str, str]] | None]
 # Claim due retries: KEYS = stream, direct stream, due set; ARGV = group, consumer, limit,
 # the prefix of the partition streams. Members of the due set are "<mark>:<id>", the mark
 # naming the stream that holds the entry: "m" the stream, "d" the direct stream, "p<n>"
-# partition stream n.
+# partition stream n. Returns the entries claimed and the ms until the next member is
+# due (0: more are due now; -1: none waits).
 _CLAIM_DUE = """
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
@@ -133,7 +136,9 @@ for _, member in ipairs(members) do
     table.insert(out, {mark, claimed[1][1], claimed[1][2], pending[1][4]})
   end
 end
-return out
+local next = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')[2]
+if next then return {out, math.max(tonumber(next) - now_ms, 0)} end
+return {out, -1}
 """
 
 # Claim abandoned deliveries: KEYS = stream, direct stream;
@@ -496,17 +501,25 @@ class RedisTransport:
         )
         rows: list[Any] = []
         now = time.monotonic()
-        # Due retries (and replays, on the group's direct stream) are looked for at most
-        # every `block` seconds, and at once after this process parked a retry: one is
-        # late by at most that, and a busy consumer does not pay a round trip per batch.
+        # Due retries (and replays, on the group's direct stream) are looked for every
+        # `block` seconds, and sooner when the due set says one is due sooner (or more are
+        # due than this receive had room for, which the next one claims at once): a
+        # retry is late by at most `block` (when another process parked it), and a busy
+        # consumer with none due does not pay a round trip per batch.
         checked_due = now >= self._next_due_check.get((address, group), 0.0)
         if checked_due:
-            self._next_due_check[address, group] = now + self.block
+            self._next_due_check[address, group] = now + self.block  # retries parked
+            # meanwhile lower it; so does what the due set says below
             async with self._translate("claim due retries"):
-                rows += await self._scripts["claim_due"](
+                claimed, wait_ms = await self._scripts["claim_due"](
                     keys=[stream, direct, due],
                     args=[group, consumer, limit, self._lane_prefix(address)],
                 )
+            rows += claimed
+            if wait_ms >= 0:
+                next_due = time.monotonic() + wait_ms / 1000
+                known = self._next_due_check[address, group]
+                self._next_due_check[address, group] = min(known, next_due)
         # Abandoned deliveries are looked for every min(claim_after / 2, 5) seconds, by a
         # receive that has room for them.
         now = time.monotonic()
@@ -537,8 +550,11 @@ class RedisTransport:
             rows += await self._read(group, direct, "d", consumer, room, None)
             room = limit - len(rows) - len(swept)
         if room > 0:
-            remaining = deadline - time.monotonic()
-            block = None if rows or swept else max(int(min(remaining, self.block) * 1000), 1)
+            now = time.monotonic()
+            # No longer than until the next check for due retries, so none waits on it.
+            until_due = self._next_due_check[address, group] - now
+            wait = min(deadline - now, self.block, until_due)
+            block = None if rows or swept else max(int(wait * 1000), 1)
             rows += await self._read(group, stream, "m", consumer, room, block)
         return swept + await self._deliveries(address, group, consumer, rows)
 
