@@ -721,3 +721,52 @@ async def test_redis_every_send_of_a_failed_batch_fails_and_later_sends_flow() -
         while len(got) < 6 and time.monotonic() < deadline:
             got += await made.receive("a", "g", consumer="c", limit=10, wait=0.2)
         assert sorted(number(d) for d in got) == list(range(6))
+
+
+async def test_redis_close_sends_what_was_sent_before_it_and_leaves_no_task_behind() -> None:
+    # Sends made at once: the first goes out alone, the rest queue behind it for a
+    # flush of their own (a task of the transport). close() in the middle waits for both:
+    # every send issued before it is stored, and no flush is left running after it.
+    async with opened() as made:
+        before = asyncio.all_tasks()
+        await made.declare("a", "g", from_start=False)
+        sends = [asyncio.create_task(made.send("a", ping(n))) for n in range(50)]
+        await asyncio.sleep(0)  # one loop turn: the sends start
+        assert len(made._sends._items) == 49, "expected one send in flight, 49 queued"
+        await made.close()
+        left = asyncio.all_tasks() - before - set(sends)
+        assert not left, f"tasks still running after close(): {left}"
+        outcomes = await asyncio.gather(*sends, return_exceptions=True)
+        assert outcomes == [None] * 50, outcomes
+        await made.open()
+        assert await made._client().xlen(made._stream("a")) == 50
+
+
+async def test_redis_a_flush_that_outlasts_close_fails_its_senders_and_ends() -> None:
+    # close() waits CLOSE_WAIT for a flush in flight at most: then its senders, and those
+    # queued behind it, get close()'s TransportError, and its task is gone.
+    from iambus.transports.redis import _Coalescer
+
+    flushed: list[list[int]] = []
+
+    async def flush(items: list[int]) -> list[int]:
+        flushed.append(items)
+        if len(items) > 1:
+            await asyncio.Event().wait()  # a batch hangs (a broker that stopped answering)
+        return items
+
+    sends = _Coalescer(flush)
+    before = asyncio.all_tasks()
+    first = asyncio.ensure_future(sends.add(1))
+    queued = [asyncio.ensure_future(sends.add(n)) for n in (2, 3)]
+    assert await first == 1  # alone, in its sender's task
+    await until(lambda: flushed == [[1], [2, 3]], 5, "the batch behind it to start")
+    late = asyncio.ensure_future(sends.add(4))  # queued behind the hanging batch
+    closed = TransportError("closed before it could send or ack")
+    await sends.drain(0.1, closed)
+    assert asyncio.all_tasks() - before - {first, late, *queued} == set()
+    for send in (*queued, late):
+        with pytest.raises(TransportError, match="closed before"):
+            await send
+    assert await sends.add(5) == 5  # and it works again (a transport opened again)
+    assert flushed[-1] == [5]

@@ -343,6 +343,7 @@ class RabbitMQTransport:
             del self._consumers[consumer.key]
             for task in consumer.retrying:
                 task.cancel()
+            await asyncio.gather(*consumer.retrying, return_exceptions=True)
             for channel in (consumer.channel, consumer.lanes):
                 with contextlib.suppress(Exception):
                     await channel.close()

@@ -22,7 +22,9 @@ namespace (default ``iambus``). How the seam maps onto Redis:
   ``MULTI``; ``replay`` moves a dead letter to its group's direct stream;
 * ``request`` / ``reply`` use a pub/sub channel per transport instance;
 * concurrent sends and acks are coalesced: all issued in one event-loop turn go out in one
-  pipeline, which is what makes throughput close to the raw client's.
+  pipeline, which is what makes throughput close to the raw client's. ``close()`` lets
+  the sends and acks issued before it go out (``CLOSE_WAIT`` = 5 s at most; those still
+  waiting then fail with ``TransportError``) and leaves no task of the transport running.
 
 Per-key ordering (``iambus.partitions``): an envelope with a ``key`` goes to the
 *partition stream* ``<ns>:<address>#<n>``, ``n = partition(key, partitions)``, and a
@@ -105,6 +107,7 @@ __all__ = ["RedisTransport"]
 logger = logging.getLogger(__name__)
 
 RETRY_OWNER = "__retry__"
+CLOSE_WAIT = 5.0  # seconds close() waits for the sends and acks in flight
 
 # A send waiting in the coalescer: stream, fields, and for a keyed one its pointer
 # (the address's stream, the pointer's fields).
@@ -357,6 +360,10 @@ class RedisTransport:
             self._listener.cancel()
             await asyncio.gather(self._listener, return_exceptions=True)
             self._listener = self._listening = None
+        # Sends and acks issued before close() go out (their flushes are not left running).
+        unsent = TransportError(f"{self.url}: closed before it could send or ack")
+        for coalescer in (self._sends, self._acks):
+            await coalescer.drain(CLOSE_WAIT, unsent)
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(TransportError(f"{self.url}: closed while waiting"))
@@ -1049,23 +1056,43 @@ class _Coalescer:
     """Sends an item at once when nothing is in flight, else batches it with the others.
 
     Idle, a send costs one round trip and no extra task; under load, everything added
-    while a flush is in flight goes out together in the next one (one pipeline).
+    while a flush is in flight goes out together in the next one (one pipeline). The
+    task of that flush is held, and ``drain()`` (on close) waits for it.
     """
 
     def __init__(self, flush: Callable[[list[Any]], Awaitable[list[Any]]]) -> None:
         self._flush = flush
         self._busy = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+        self._error: TransportError | None = None  # drain()'s, for a flush it cancels
         self._items: list[Any] = []
         self._futures: list[asyncio.Future[Any]] = []
 
     def add(self, item: Any) -> Awaitable[Any]:
         if not self._busy:
             self._busy = True
+            self._idle.clear()
             return self._alone(item)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._items.append(item)
         self._futures.append(future)
         return future
+
+    async def drain(self, timeout: float, error: TransportError) -> None:
+        """Wait (``timeout`` s at most) for the flushes in flight and those queued behind
+        them; then fail with ``error`` what is still waiting, and end the flush task."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        futures, self._items, self._futures = self._futures, [], []
+        _fail(futures, error)
+        self._error = error
+        while (task := self._task) is not None:  # (a send may have come in meanwhile)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self._error = None
 
     async def _alone(self, item: Any) -> Any:
         try:
@@ -1074,28 +1101,35 @@ class _Coalescer:
             self._next()
 
     def _next(self) -> None:
+        self._task = None
         if not self._items:
             self._busy = False
+            self._idle.set()
             return
         items, futures = self._items, self._futures
         self._items, self._futures = [], []
-        asyncio.get_running_loop().create_task(self._batch(items, futures))
+        self._task = asyncio.get_running_loop().create_task(self._batch(items, futures))
 
     async def _batch(self, items: list[Any], futures: list[asyncio.Future[Any]]) -> None:
         try:
             results = await self._flush(items)
-        except BaseException as exc:
-            for future in futures:
-                if not future.done():
-                    future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
+        except Exception as exc:
+            _fail(futures, exc)
+        except BaseException:  # cancelled: drain() gave up on it, its error goes to all
+            _fail(futures, self._error or TransportError("sending was cancelled"))
+            raise
         else:
             for future, result in zip(futures, results, strict=True):
                 if not future.done():
                     future.set_result(result)
         finally:
             self._next()
+
+
+def _fail(futures: list[asyncio.Future[Any]], error: Exception) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_exception(error)
 
 
 def _text(value: bytes | str) -> str:
