@@ -770,3 +770,60 @@ async def test_redis_a_flush_that_outlasts_close_fails_its_senders_and_ends() ->
             await send
     assert await sends.add(5) == 5  # and it works again (a transport opened again)
     assert flushed[-1] == [5]
+
+
+async def test_redis_a_reply_goes_out_before_its_ack_alone_or_when_closing() -> None:
+    # A reply goes out in one pipeline with the ack that follows it (the ack after it);
+    # with no ack behind it, on its own; and one made just before close(), still.
+    from iambus.envelope import Envelope
+
+    async with opened(partitions=4) as asker:
+        answering = transport_for(asker.namespace, partitions=4)
+        await answering.open()
+        try:
+            await answering.declare("a", "g", from_start=False)
+            for key in (None, "k"):  # a keyed delivery is settled by a script of its own
+                question = ping(1, key=key)
+                asking = asyncio.create_task(asker.request("a", question, timeout=5))
+                [delivery] = await receive_some(answering, "c")
+                to = delivery.envelope.reply_to
+                assert to is not None
+                answer = Envelope(name="Pong", payload=b"ok", correlation_id=question.id)
+                await answering.reply(to, answer)
+                await delivery.ack()
+                assert (await asking).payload == b"ok"
+            question = ping(2)
+            asking = asyncio.create_task(asker.request("a", question, timeout=5))
+            [delivery] = await receive_some(answering, "c")
+            answer = Envelope(name="Pong", payload=b"alone", correlation_id=question.id)
+            await answering.reply(delivery.envelope.reply_to or "", answer)  # no ack follows
+            assert (await asking).payload == b"alone"
+            await delivery.ack()
+            question = ping(3)
+            asking = asyncio.create_task(asker.request("a", question, timeout=5))
+            [delivery] = await receive_some(answering, "c")
+            answer = Envelope(name="Pong", payload=b"last", correlation_id=question.id)
+            await answering.reply(delivery.envelope.reply_to or "", answer)
+        finally:
+            await answering.close()
+        assert (await asking).payload == b"last"
+
+
+async def test_redis_a_reply_and_the_ack_after_it_go_out_in_one_flush_in_that_order() -> None:
+    # What makes a query's reply and its ack one round trip (a pipeline runs in order).
+    from iambus.transports.redis import _Coalescer
+
+    flushed: list[list[str]] = []
+
+    async def flush(items: list[str]) -> list[str]:
+        flushed.append(items)
+        return [f"{item} done" for item in items]
+
+    acks = _Coalescer(flush)
+    reply = acks.defer("reply")
+    assert await acks.add("ack") == "ack done"
+    assert flushed == [["reply", "ack"]]
+    assert await reply == "reply done"
+    alone = acks.defer("reply 2")  # nothing after it: it goes out on its own
+    assert await alone == "reply 2 done"
+    assert flushed[-1] == ["reply 2"]

@@ -20,7 +20,10 @@ namespace (default ``iambus``). How the seam maps onto Redis:
   re-checks the idle time, so two consumers never both win it);
 * ``dead_letter`` adds the entry and its failure to ``<ns>:dead`` and acks it in one
   ``MULTI``; ``replay`` moves a dead letter to its group's direct stream;
-* ``request`` / ``reply`` use a pub/sub channel per transport instance;
+* ``request`` / ``reply`` use a pub/sub channel per transport instance; a reply goes out
+  in one pipeline with the ack that follows it (``PUBLISH`` then ``XACK``: a delivery is
+  never acked before its reply is published), on its own if no ack follows in the same
+  turn of the loop;
 * concurrent sends and acks are coalesced: all issued in one event-loop turn go out in one
   pipeline, which is what makes throughput close to the raw client's. ``close()`` lets
   the sends and acks issued before it go out (``CLOSE_WAIT`` = 5 s at most; those still
@@ -112,6 +115,10 @@ CLOSE_WAIT = 5.0  # seconds close() waits for the sends and acks in flight
 # A send waiting in the coalescer: stream, fields, and for a keyed one its pointer
 # (the address's stream, the pointer's fields).
 _Send = tuple[str, dict[str, bytes | str], tuple[str, dict[str, str]] | None]
+
+# An ack or a reply waiting in the coalescer: (stream, group, entry id) or
+# (reply channel, None, the reply's bytes).
+_Settle = tuple[str, str | None, bytes]
 
 # Claim due retries: KEYS = stream, direct stream, due set; ARGV = group, consumer, limit,
 # the prefix of the partition streams. Members of the due set are "<mark>:<id>", the mark
@@ -322,7 +329,8 @@ class RedisTransport:
         self._listener: asyncio.Task[None] | None = None
         self._listening: asyncio.Future[None] | None = None
         self._sends = _Coalescer(self._flush_sends)
-        self._acks = _Coalescer(self._flush_acks)
+        self._acks = _Coalescer(self._flush_acks)  # and the replies before them
+        self._replies: set[asyncio.Future[Any]] = set()  # replies not yet sent
         self._last_reclaim: dict[tuple[str, str], float] = {}
         self._last_sweep: dict[tuple[str, str], float] = {}
         self._next_due_check: dict[tuple[str, str], float] = {}
@@ -709,16 +717,22 @@ class RedisTransport:
     async def _ack(self, address: str, group: str, mark: str, entry_id: bytes) -> None:
         await self._acks.add((self._key(address, group, mark), group, entry_id))
 
-    async def _flush_acks(self, items: list[tuple[str, str, bytes]]) -> list[Any]:
-        if len(items) == 1:
-            key, group, entry_id = items[0]
+    async def _flush_acks(self, items: list[_Settle]) -> list[Any]:
+        key, group, entry_id = items[0]
+        if len(items) == 1 and group is not None:
             async with self._translate("XACK"):
                 await self._client().xack(key, group, entry_id)
             return [None]
+        # The replies first: Redis runs a pipeline in order, so the ack of a query's
+        # delivery is done only once its reply has been published.
         batches: dict[tuple[str, str], list[bytes]] = {}
-        for key, group, entry_id in items:
-            batches.setdefault((key, group), []).append(entry_id)
-        async with self._translate("XACK"), self._client().pipeline(transaction=False) as pipe:
+        what = "XACK" if all(group for _, group, _ in items) else "PUBLISH reply, XACK"
+        async with self._translate(what), self._client().pipeline(transaction=False) as pipe:
+            for key, group, data in items:
+                if group is None:
+                    pipe.publish(key, data)
+                else:
+                    batches.setdefault((key, group), []).append(data)
             for (key, group), ids in batches.items():
                 pipe.xack(key, group, *ids)
             await pipe.execute()
@@ -735,6 +749,7 @@ class RedisTransport:
         dead: dict[str, Any] | None = None,
     ) -> None:
         """Ack (or dead-letter) a keyed delivery, and hand its partition on."""
+        await self._replied()
         args: list[Any] = [group, entry_id, consumer, attempt, mark[1:], self.max_length]
         for name, value in (dead or {}).items():
             args += [name, value]
@@ -777,6 +792,7 @@ class RedisTransport:
         attempt: int,
         delay: float,
     ) -> None:
+        await self._replied()
         member = f"{mark}:{_text(entry_id)}"
         args: list[Any] = [group, entry_id, int(max(delay, 0) * 1000), member, RETRY_OWNER]
         if mark[0] == "p":  # keyed: only while it is still this consumer's
@@ -820,6 +836,7 @@ class RedisTransport:
         fields: Any,
         failure: Failure,
     ) -> None:
+        await self._replied()
         record = {
             **fields,
             "dl.address": address,
@@ -861,12 +878,27 @@ class RedisTransport:
             self._waiting.pop(envelope.id, None)
 
     async def reply(self, to: str, envelope: Envelope) -> None:
+        self._client()  # a closed transport says so
         fields = envelope.to_fields()
         payload = fields.pop("payload")
         assert isinstance(payload, bytes)
         header = json.dumps({k: v for k, v in fields.items() if isinstance(v, str)})
-        async with self._translate("PUBLISH"):
-            await self._client().publish(to, header.encode() + b"\n" + payload)
+        # Not awaited: it goes out with the ack that follows it, in one pipeline where
+        # the ack comes after it, or on its own at the next turn of the loop. A settle
+        # that does not go through that pipeline waits for it first (_replied).
+        sent = self._acks.defer((to, None, header.encode() + b"\n" + payload))
+        self._replies.add(sent)
+        sent.add_done_callback(self._replied_to)
+
+    def _replied_to(self, sent: asyncio.Future[Any]) -> None:
+        self._replies.discard(sent)
+        if not sent.cancelled() and sent.exception() is not None:
+            logger.warning("iambus: a reply on %s was not sent: %s", self.url, sent.exception())
+
+    async def _replied(self) -> None:
+        """Once the replies sent so far are out: a delivery is settled after its reply."""
+        if self._replies:
+            await asyncio.gather(*self._replies)
 
     async def _listen(self) -> None:
         if self._listening is None:
@@ -1063,6 +1095,7 @@ class _Coalescer:
     def __init__(self, flush: Callable[[list[Any]], Awaitable[list[Any]]]) -> None:
         self._flush = flush
         self._busy = False
+        self._deferred = False  # busy with items deferred, not yet flushing
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
@@ -1075,10 +1108,33 @@ class _Coalescer:
             self._busy = True
             self._idle.clear()
             return self._alone(item)
+        if self._deferred:  # they go out now, with this one, in this task
+            self._deferred = False
+            items, futures = [*self._items, item], self._futures
+            self._items, self._futures = [], []
+            return self._together(items, futures)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._items.append(item)
         self._futures.append(future)
         return future
+
+    def defer(self, item: Any) -> asyncio.Future[Any]:
+        """Queue ``item`` without flushing now: it goes out with what is added in the
+        same turn of the loop (or behind the flush in flight)."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._items.append(item)
+        self._futures.append(future)
+        if not self._busy:
+            self._busy = True
+            self._deferred = True
+            self._idle.clear()
+            asyncio.get_running_loop().call_soon(self._kick)
+        return future
+
+    def _kick(self) -> None:
+        if self._deferred:  # nothing was added after them in their turn: they go alone
+            self._deferred = False
+            self._next()
 
     async def drain(self, timeout: float, error: TransportError) -> None:
         """Wait (``timeout`` s at most) for the flushes in flight and those queued behind
@@ -1093,6 +1149,23 @@ class _Coalescer:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         self._error = None
+
+    async def _together(self, items: list[Any], futures: list[asyncio.Future[Any]]) -> Any:
+        try:
+            results = await self._flush(items)
+        except Exception as exc:
+            _fail(futures, exc)
+            raise
+        except BaseException:  # this sender was cancelled: the others learn it was not sent
+            _fail(futures, TransportError("sending was cancelled"))
+            raise
+        else:
+            for future, result in zip(futures, results[:-1], strict=True):
+                if not future.done():
+                    future.set_result(result)
+            return results[-1]
+        finally:
+            self._next()
 
     async def _alone(self, item: Any) -> Any:
         try:
