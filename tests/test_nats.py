@@ -737,6 +737,39 @@ async def test_core_requests_and_replies_carry_the_envelope_in_the_body(
     assert (await asking).payload == b"ok"
 
 
+async def test_nats_each_bad_reply_is_one_warning_naming_it_and_replies_flow_on(
+    transport: NatsTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As on Redis and RabbitMQ: a reply that is no envelope is logged once, as a warning
+    # saying what was wrong, and skipped; the next reply still reaches its request.
+    await transport.declare("a", "g", from_start=False)
+    question = _ping(1)
+    asking = asyncio.create_task(transport.request("a", question, timeout=5))
+    [delivery] = await _receive(transport, 1)
+    to = delivery.envelope.reply_to
+    assert to is not None
+    nc = transport._client()
+    junk: list[tuple[bytes, dict[str, str] | None]] = [
+        (b"junk", None),  # no line of JSON
+        (b"[1]\npayload", None),  # JSON, not an object
+        (b"payload", {"Iambus-Envelope": "{"}),  # header form, cut short
+        (b'{"id": "x", "name": "Pong", "at": "1", "corr": ["a list"]}\npayload', None),
+    ]
+    with caplog.at_level(logging.WARNING, logger="iambus"):
+        for body, headers in junk:
+            await nc.publish(to, body, headers=headers)
+        answer = Envelope(name="Pong", payload=b"ok", correlation_id=question.id)
+        await transport.reply(to, answer)
+        assert (await asking).payload == b"ok"
+        await delivery.ack()
+    skipped = [r for r in caplog.records if "a reply on" in r.getMessage()]
+    assert [r.levelno for r in skipped] == [logging.WARNING] * len(junk), caplog.text
+    assert "no line of JSON" in skipped[0].getMessage()
+    assert "not a JSON object" in skipped[1].getMessage()
+    assert "Iambus-Envelope" in skipped[2].getMessage()
+    assert "a list" in skipped[3].getMessage()
+
+
 async def test_a_core_request_in_header_form_is_read_too(transport: NatsTransport) -> None:
     await transport.declare("a", "g", from_start=True)
     assert await transport.receive("a", "g", consumer="c", limit=1, wait=0.1) == []

@@ -1025,27 +1025,45 @@ async def test_the_first_group_waits_for_another_instance_moving_the_held_messag
         await delivery.ack()
 
 
-async def test_a_reply_that_is_no_envelope_is_logged_and_the_request_still_answered(
+async def test_rabbitmq_each_bad_reply_is_one_warning_naming_it_and_replies_flow_on(
     transport: RabbitMQTransport, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # As on Redis and NATS: a reply that is no envelope is logged once, as a warning
+    # saying what was wrong, and skipped; the consumer of replies stays.
+    import logging
+
     import aio_pika
 
     await transport.declare("q", "g", from_start=False)
     question = _ping(1)
-    asking = asyncio.create_task(transport.request("q", question, timeout=3))
+    asking = asyncio.create_task(transport.request("q", question, timeout=5))
     [delivery] = await _take(transport, 1, address="q")
     to = delivery.envelope.reply_to
     assert to is not None
-    async with _side_channel() as channel:
-        await channel.default_exchange.publish(aio_pika.Message(b"junk"), routing_key=to)
-    await asyncio.sleep(0.2)
-    assert not asking.done()
-    answer = Envelope(name="Pong", payload=b"2", correlation_id=question.id)
-    await transport.reply(to, answer)
-    await delivery.ack()
-    assert (await asking).payload == b"2"
-    assert "a reply on" in caplog.text
-    assert "is no envelope" in caplog.text
+    junk = [
+        aio_pika.Message(b"junk"),  # no message id, no type
+        aio_pika.Message(b"x", message_id="m", type="Pong", headers={"x-iambus-at": "soon"}),
+        aio_pika.Message(
+            b"x",
+            message_id="m",
+            type="Pong",
+            correlation_id=question.id,
+            headers={"x-iambus-at": "1", "x-iambus-headers": "[1]"},
+        ),
+    ]
+    with caplog.at_level(logging.WARNING, logger="iambus"):
+        async with _side_channel() as channel:
+            for message in junk:
+                await channel.default_exchange.publish(message, routing_key=to)
+        answer = Envelope(name="Pong", payload=b"ok", correlation_id=question.id)
+        await transport.reply(to, answer)
+        assert (await asking).payload == b"ok"
+        await delivery.ack()
+    skipped = [r for r in caplog.records if "a reply on" in r.getMessage()]
+    assert [r.levelno for r in skipped] == [logging.WARNING] * len(junk), caplog.text
+    assert "no message_id" in skipped[0].getMessage()
+    assert "soon" in skipped[1].getMessage()
+    assert "[1]" in skipped[2].getMessage()
 
 
 async def test_an_unreadable_dead_letter_record_is_skipped_and_logged(

@@ -253,6 +253,39 @@ async def test_a_requester_whose_connections_are_killed_reconnects(
         assert await orders.query(GetInvoice(4), timeout=5) == "INV-4"
 
 
+async def test_redis_sixty_retries_due_together_all_come_back_on_time(services: Services) -> None:
+    # 60 events fail at once on one worker, each retried after 2 s: all come back about
+    # 2 s later, not one per due-retry check (a quiet subscription fetches one at a time,
+    # and the due retries were looked for once per `block`: 60 s for the last).
+    require("redis")
+    from iambus.retry import Retry
+
+    retry = Retry(attempts=2, backoff=2, jitter=False)
+    worker = dispatcher(services, "billing", "billing", retry=retry)
+    failed: dict[int, float] = {}
+    retried: dict[int, float] = {}
+
+    @worker.events.register(OrderPlaced)
+    async def flaky(event: OrderPlaced) -> None:
+        if event.order_id not in failed:
+            failed[event.order_id] = time.monotonic()
+            raise RuntimeError("fails the first time")
+        retried.setdefault(event.order_id, time.monotonic())
+
+    total = 60
+    async with worker, sender(services) as orders:
+        await asyncio.gather(*(orders.publish(OrderPlaced(n)) for n in range(total)))
+        await until(lambda: len(failed) == total, 10, "every event to fail once")
+        await until(
+            lambda: len(retried) == total,
+            retry.backoff + 6,
+            "every event to be retried",
+            detail=lambda: f"{len(retried)} of {total} retried",
+        )
+    late = max(retried[n] - failed[n] for n in range(total))
+    assert late <= retry.backoff + 2, f"the last retry came {late:.1f}s after its failure"
+
+
 # -- per-key ordering: partition streams, pointers, hand-overs --------------------------
 
 
@@ -647,6 +680,48 @@ async def test_redis_closing_fails_a_request_still_waiting_for_its_answer() -> N
         await made.open()  # for the tear-down's destroy()
 
 
+async def test_redis_a_reply_that_is_no_envelope_is_skipped_and_the_next_reply_arrives(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Junk on the reply channel (another program, an older version) is logged once each
+    # and skipped: the listener stays subscribed, so the real answer right behind it is
+    # not lost while it would resubscribe.
+    import logging
+
+    from iambus.envelope import Envelope
+
+    junk = [
+        b"junk",  # no line of JSON
+        b"[1, 2]\n",  # JSON, not an object
+        b"\xff\n",  # not UTF-8
+        b'{"id": "x", "name": "Pong", "at": "1", "corr": ["a list"]}\npayload',
+    ]
+    async with opened() as made:
+        await made.declare("a", "g", from_start=False)
+        question = ping(1)
+        asking = asyncio.create_task(made.request("a", question, timeout=5))
+        [delivery] = await receive_some(made, "c")
+        to = delivery.envelope.reply_to
+        assert to is not None
+        with caplog.at_level(logging.WARNING, logger="iambus"):
+            for body in junk:
+                await made._client().publish(to, body)
+            await made.reply(to, Envelope(name="Pong", payload=b"ok", correlation_id=question.id))
+            assert (await asking).payload == b"ok"
+            await delivery.ack()
+            # Still listening: a second request is answered too.
+            again = ping(2)
+            asking = asyncio.create_task(made.request("a", again, timeout=5))
+            [delivery] = await receive_some(made, "c")
+            await made.reply(to, Envelope(name="Pong", payload=b"2", correlation_id=again.id))
+            assert (await asking).payload == b"2"
+        skipped = [r for r in caplog.records if "a reply on" in r.getMessage()]
+        assert [r.levelno for r in skipped] == [logging.WARNING] * len(junk), caplog.text
+        assert "no envelope" in skipped[0].getMessage()
+        assert "a list" in skipped[-1].getMessage()  # names what was wrong
+        assert "resubscribing" not in caplog.text
+
+
 async def test_redis_purging_nothing_keeps_the_dead_letters_and_purging_all_counts_them() -> None:
     from iambus.transports import Failure
 
@@ -713,3 +788,109 @@ async def test_backlog_counts_a_keyed_message_once_not_with_its_pointer(
         assert (backlog.waiting, backlog.in_flight, backlog.retrying) == (0, 3, 1)
     finally:
         await transport.close()
+
+
+async def test_redis_close_sends_what_was_sent_before_it_and_leaves_no_task_behind() -> None:
+    # Sends made at once: the first goes out alone, the rest queue behind it for a
+    # flush of their own (a task of the transport). close() in the middle waits for both:
+    # every send issued before it is stored, and no flush is left running after it.
+    async with opened() as made:
+        before = asyncio.all_tasks()
+        await made.declare("a", "g", from_start=False)
+        sends = [asyncio.create_task(made.send("a", ping(n))) for n in range(50)]
+        await asyncio.sleep(0)  # one loop turn: the sends start
+        assert len(made._sends._items) == 49, "expected one send in flight, 49 queued"
+        await made.close()
+        left = asyncio.all_tasks() - before - set(sends)
+        assert not left, f"tasks still running after close(): {left}"
+        outcomes = await asyncio.gather(*sends, return_exceptions=True)
+        assert outcomes == [None] * 50, outcomes
+        await made.open()
+        assert await made._client().xlen(made._stream("a")) == 50
+
+
+async def test_redis_a_flush_that_outlasts_close_fails_its_senders_and_ends() -> None:
+    # close() waits CLOSE_WAIT for a flush in flight at most: then its senders, and those
+    # queued behind it, get close()'s TransportError, and its task is gone.
+    from iambus.transports.redis import _Coalescer
+
+    flushed: list[list[int]] = []
+
+    async def flush(items: list[int]) -> list[int]:
+        flushed.append(items)
+        if len(items) > 1:
+            await asyncio.Event().wait()  # a batch hangs (a broker that stopped answering)
+        return items
+
+    sends = _Coalescer(flush)
+    before = asyncio.all_tasks()
+    first = asyncio.ensure_future(sends.add(1))
+    queued = [asyncio.ensure_future(sends.add(n)) for n in (2, 3)]
+    assert await first == 1  # alone, in its sender's task
+    await until(lambda: flushed == [[1], [2, 3]], 5, "the batch behind it to start")
+    late = asyncio.ensure_future(sends.add(4))  # queued behind the hanging batch
+    closed = TransportError("closed before it could send or ack")
+    await sends.drain(0.1, closed)
+    assert asyncio.all_tasks() - before - {first, late, *queued} == set()
+    for send in (*queued, late):
+        with pytest.raises(TransportError, match="closed before"):
+            await send
+    assert await sends.add(5) == 5  # and it works again (a transport opened again)
+    assert flushed[-1] == [5]
+
+
+async def test_redis_a_reply_goes_out_before_its_ack_alone_or_when_closing() -> None:
+    # A reply goes out in one pipeline with the ack that follows it (the ack after it);
+    # with no ack behind it, on its own; and one made just before close(), still.
+    from iambus.envelope import Envelope
+
+    async with opened(partitions=4) as asker:
+        answering = transport_for(asker.namespace, partitions=4)
+        await answering.open()
+        try:
+            await answering.declare("a", "g", from_start=False)
+            for key in (None, "k"):  # a keyed delivery is settled by a script of its own
+                question = ping(1, key=key)
+                asking = asyncio.create_task(asker.request("a", question, timeout=5))
+                [delivery] = await receive_some(answering, "c")
+                to = delivery.envelope.reply_to
+                assert to is not None
+                answer = Envelope(name="Pong", payload=b"ok", correlation_id=question.id)
+                await answering.reply(to, answer)
+                await delivery.ack()
+                assert (await asking).payload == b"ok"
+            question = ping(2)
+            asking = asyncio.create_task(asker.request("a", question, timeout=5))
+            [delivery] = await receive_some(answering, "c")
+            answer = Envelope(name="Pong", payload=b"alone", correlation_id=question.id)
+            await answering.reply(delivery.envelope.reply_to or "", answer)  # no ack follows
+            assert (await asking).payload == b"alone"
+            await delivery.ack()
+            question = ping(3)
+            asking = asyncio.create_task(asker.request("a", question, timeout=5))
+            [delivery] = await receive_some(answering, "c")
+            answer = Envelope(name="Pong", payload=b"last", correlation_id=question.id)
+            await answering.reply(delivery.envelope.reply_to or "", answer)
+        finally:
+            await answering.close()
+        assert (await asking).payload == b"last"
+
+
+async def test_redis_a_reply_and_the_ack_after_it_go_out_in_one_flush_in_that_order() -> None:
+    # What makes a query's reply and its ack one round trip (a pipeline runs in order).
+    from iambus.transports.redis import _Coalescer
+
+    flushed: list[list[str]] = []
+
+    async def flush(items: list[str]) -> list[str]:
+        flushed.append(items)
+        return [f"{item} done" for item in items]
+
+    acks = _Coalescer(flush)
+    reply = acks.defer("reply")
+    assert await acks.add("ack") == "ack done"
+    assert flushed == [["reply", "ack"]]
+    assert await reply == "reply done"
+    alone = acks.defer("reply 2")  # nothing after it: it goes out on its own
+    assert await alone == "reply 2 done"
+    assert flushed[-1] == ["reply 2"]

@@ -116,8 +116,8 @@ class Envelope:
 
 def _from_any(cls: type[Envelope], fields: Fields) -> Envelope:
     # The general path: any mix of bytes and str; names what is wrong.
-    get = {_text(k): v for k, v in fields.items()}.get
     try:
+        get = {_text(k): v for k, v in fields.items()}.get
         payload = _required(get("payload"), "payload")
         headers = get("headers")
         envelope = cls(
@@ -125,7 +125,7 @@ def _from_any(cls: type[Envelope], fields: Fields) -> Envelope:
             name=_text(_required(get("name"), "name")),
             payload=payload.encode() if isinstance(payload, str) else payload,
             content_type=_text(get("ct") or "application/json"),
-            created_at=float(_text(_required(get("at"), "at"))),
+            created_at=float(_number(_required(get("at"), "at"))),
             correlation_id=_optional(get("corr")),
             causation_id=_optional(get("cause")),
             reply_to=_optional(get("reply")),
@@ -209,8 +209,18 @@ def _string_map(value: object) -> bool:
     )
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, str):
+        return value
+    # Decoded JSON from elsewhere may hold anything: a list as a correlation id would
+    # pass through and break whoever looks it up.
+    raise TypeError(f"expected text, got {type(value).__name__} {value!r}")
+
+
+def _number(value: object) -> str | float:
+    return value if isinstance(value, int | float) else _text(value)
 
 
 def _required(value: bytes | str | None, name: str) -> bytes | str:

@@ -451,8 +451,11 @@ class NatsTransport:
                 await nc.flush(timeout=1)  # acks and replies published but not yet sent
             with contextlib.suppress(NatsError, OSError, TimeoutError):
                 await nc.close()
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        # The ack round trip (its flush fails or times out once the connection is closed)
+        # and the hand-backs in flight end before close() returns.
+        pending = [*self._background, *(t for t in [self._round_trips] if t is not None)]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
 
     async def destroy(self) -> int:
         """Delete this namespace's streams, and so their consumers. Returns how many streams."""

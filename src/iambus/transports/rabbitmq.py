@@ -366,6 +366,7 @@ class RabbitMQTransport:
             del self._consumers[consumer.key]
             for task in consumer.retrying:
                 task.cancel()
+            await asyncio.gather(*consumer.retrying, return_exceptions=True)
             for channel in (consumer.channel, consumer.lanes):
                 with contextlib.suppress(Exception):
                     await channel.close()
@@ -1108,7 +1109,7 @@ class RabbitMQTransport:
         try:
             answer = _envelope(message.header.properties, message.body)
         except SerializationError as exc:
-            logger.error("iambus: a reply on %s is no envelope: %s", self.url, exc)
+            logger.warning("iambus: a reply on %s is no envelope: %s", self.url, exc)
             return
         waiting = self._waiting.get(answer.correlation_id or "")
         if waiting is not None and not waiting.done():

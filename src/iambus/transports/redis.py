@@ -10,7 +10,9 @@ namespace (default ``iambus``). How the seam maps onto Redis:
   (where replayed dead letters go, so that they reach that group only);
 * ``retry(delay)`` parks the entry under the consumer ``__retry__`` and records its due
   time in the sorted set ``<ns>:due:<address>@<group>`` — one Lua script, so nothing is
-  lost in between; due entries are claimed back (``XCLAIM``) by the next ``receive``;
+  lost in between; due entries are claimed back (``XCLAIM``) by the next ``receive``,
+  which looks every ``block`` seconds and as soon as the due set says one is due (more
+  due than it has room for: the receive after it looks again at once);
 * the attempt is Redis's own delivery counter of the entry in the group's pending list:
   it survives restarts and counts across instances;
 * an entry a consumer neither acks nor retries for ``claim_after`` seconds (a crash,
@@ -18,13 +20,18 @@ namespace (default ``iambus``). How the seam maps onto Redis:
   re-checks the idle time, so two consumers never both win it);
 * ``dead_letter`` adds the entry and its failure to ``<ns>:dead`` and acks it in one
   ``MULTI``; ``replay`` moves a dead letter to its group's direct stream;
-* ``request`` / ``reply`` use a pub/sub channel per transport instance;
+* ``request`` / ``reply`` use a pub/sub channel per transport instance; a reply goes out
+  in one pipeline with the ack that follows it (``PUBLISH`` then ``XACK``: a delivery is
+  never acked before its reply is published), on its own if no ack follows in the same
+  turn of the loop;
 * the registry (``announce`` / ``instances``): the hash ``<ns>:instances`` (id ->
   instance), their expiries in the sorted set ``<ns>:instances:until`` (Redis's clock:
   one Lua script drops the expired ones and records or reads), the groups in the hash
   ``<ns>:groups``;
 * concurrent sends and acks are coalesced: all issued in one event-loop turn go out in one
-  pipeline, which is what makes throughput close to the raw client's.
+  pipeline, which is what makes throughput close to the raw client's. ``close()`` lets
+  the sends and acks issued before it go out (``CLOSE_WAIT`` = 5 s at most; those still
+  waiting then fail with ``TransportError``) and leaves no task of the transport running.
 
 Per-key ordering (``iambus.partitions``): an envelope with a ``key`` goes to the
 *partition stream* ``<ns>:<address>#<n>``, ``n = partition(key, partitions)``, and a
@@ -107,15 +114,21 @@ __all__ = ["RedisTransport"]
 logger = logging.getLogger(__name__)
 
 RETRY_OWNER = "__retry__"
+CLOSE_WAIT = 5.0  # seconds close() waits for the sends and acks in flight
 
 # A send waiting in the coalescer: stream, fields, and for a keyed one its pointer
 # (the address's stream, the pointer's fields).
 _Send = tuple[str, dict[str, bytes | str], tuple[str, dict[str, str]] | None]
 
+# An ack or a reply waiting in the coalescer: (stream, group, entry id) or
+# (reply channel, None, the reply's bytes).
+_Settle = tuple[str, str | None, bytes]
+
 # Claim due retries: KEYS = stream, direct stream, due set; ARGV = group, consumer, limit,
 # the prefix of the partition streams. Members of the due set are "<mark>:<id>", the mark
 # naming the stream that holds the entry: "m" the stream, "d" the direct stream, "p<n>"
-# partition stream n.
+# partition stream n. Returns the entries claimed and the ms until the next member is
+# due (0: more are due now; -1: none waits).
 _CLAIM_DUE = """
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
@@ -137,7 +150,9 @@ for _, member in ipairs(members) do
     table.insert(out, {mark, claimed[1][1], claimed[1][2], pending[1][4]})
   end
 end
-return out
+local next = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')[2]
+if next then return {out, math.max(tonumber(next) - now_ms, 0)} end
+return {out, -1}
 """
 
 # Claim abandoned deliveries: KEYS = stream, direct stream;
@@ -384,7 +399,8 @@ class RedisTransport:
         self._listener: asyncio.Task[None] | None = None
         self._listening: asyncio.Future[None] | None = None
         self._sends = _Coalescer(self._flush_sends)
-        self._acks = _Coalescer(self._flush_acks)
+        self._acks = _Coalescer(self._flush_acks)  # and the replies before them
+        self._replies: set[asyncio.Future[Any]] = set()  # replies not yet sent
         self._last_reclaim: dict[tuple[str, str], float] = {}
         self._last_sweep: dict[tuple[str, str], float] = {}
         self._next_due_check: dict[tuple[str, str], float] = {}
@@ -428,6 +444,10 @@ class RedisTransport:
             self._listener.cancel()
             await asyncio.gather(self._listener, return_exceptions=True)
             self._listener = self._listening = None
+        # Sends and acks issued before close() go out (their flushes are not left running).
+        unsent = TransportError(f"{self.url}: closed before it could send or ack")
+        for coalescer in (self._sends, self._acks):
+            await coalescer.drain(CLOSE_WAIT, unsent)
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(TransportError(f"{self.url}: closed while waiting"))
@@ -572,17 +592,25 @@ class RedisTransport:
         )
         rows: list[Any] = []
         now = time.monotonic()
-        # Due retries (and replays, on the group's direct stream) are looked for at most
-        # every `block` seconds, and at once after this process parked a retry: one is
-        # late by at most that, and a busy consumer does not pay a round trip per batch.
+        # Due retries (and replays, on the group's direct stream) are looked for every
+        # `block` seconds, and sooner when the due set says one is due sooner (or more are
+        # due than this receive had room for, which the next one claims at once): a
+        # retry is late by at most `block` (when another process parked it), and a busy
+        # consumer with none due does not pay a round trip per batch.
         checked_due = now >= self._next_due_check.get((address, group), 0.0)
         if checked_due:
-            self._next_due_check[address, group] = now + self.block
+            self._next_due_check[address, group] = now + self.block  # retries parked
+            # meanwhile lower it; so does what the due set says below
             async with self._translate("claim due retries"):
-                rows += await self._scripts["claim_due"](
+                claimed, wait_ms = await self._scripts["claim_due"](
                     keys=[stream, direct, due],
                     args=[group, consumer, limit, self._lane_prefix(address)],
                 )
+            rows += claimed
+            if wait_ms >= 0:
+                next_due = time.monotonic() + wait_ms / 1000
+                known = self._next_due_check[address, group]
+                self._next_due_check[address, group] = min(known, next_due)
         # Abandoned deliveries are looked for every min(claim_after / 2, 5) seconds, by a
         # receive that has room for them.
         now = time.monotonic()
@@ -613,8 +641,11 @@ class RedisTransport:
             rows += await self._read(group, direct, "d", consumer, room, None)
             room = limit - len(rows) - len(swept)
         if room > 0:
-            remaining = deadline - time.monotonic()
-            block = None if rows or swept else max(int(min(remaining, self.block) * 1000), 1)
+            now = time.monotonic()
+            # No longer than until the next check for due retries, so none waits on it.
+            until_due = self._next_due_check[address, group] - now
+            wait = min(deadline - now, self.block, until_due)
+            block = None if rows or swept else max(int(wait * 1000), 1)
             rows += await self._read(group, stream, "m", consumer, room, block)
         return swept + await self._deliveries(address, group, consumer, rows)
 
@@ -762,16 +793,22 @@ class RedisTransport:
     async def _ack(self, address: str, group: str, mark: str, entry_id: bytes) -> None:
         await self._acks.add((self._key(address, group, mark), group, entry_id))
 
-    async def _flush_acks(self, items: list[tuple[str, str, bytes]]) -> list[Any]:
-        if len(items) == 1:
-            key, group, entry_id = items[0]
+    async def _flush_acks(self, items: list[_Settle]) -> list[Any]:
+        key, group, entry_id = items[0]
+        if len(items) == 1 and group is not None:
             async with self._translate("XACK"):
                 await self._client().xack(key, group, entry_id)
             return [None]
+        # The replies first: Redis runs a pipeline in order, so the ack of a query's
+        # delivery is done only once its reply has been published.
         batches: dict[tuple[str, str], list[bytes]] = {}
-        for key, group, entry_id in items:
-            batches.setdefault((key, group), []).append(entry_id)
-        async with self._translate("XACK"), self._client().pipeline(transaction=False) as pipe:
+        what = "XACK" if all(group for _, group, _ in items) else "PUBLISH reply, XACK"
+        async with self._translate(what), self._client().pipeline(transaction=False) as pipe:
+            for key, group, data in items:
+                if group is None:
+                    pipe.publish(key, data)
+                else:
+                    batches.setdefault((key, group), []).append(data)
             for (key, group), ids in batches.items():
                 pipe.xack(key, group, *ids)
             await pipe.execute()
@@ -788,6 +825,7 @@ class RedisTransport:
         dead: dict[str, Any] | None = None,
     ) -> None:
         """Ack (or dead-letter) a keyed delivery, and hand its partition on."""
+        await self._replied()
         args: list[Any] = [group, entry_id, consumer, attempt, mark[1:], self.max_length]
         for name, value in (dead or {}).items():
             args += [name, value]
@@ -830,6 +868,7 @@ class RedisTransport:
         attempt: int,
         delay: float,
     ) -> None:
+        await self._replied()
         member = f"{mark}:{_text(entry_id)}"
         args: list[Any] = [group, entry_id, int(max(delay, 0) * 1000), member, RETRY_OWNER]
         if mark[0] == "p":  # keyed: only while it is still this consumer's
@@ -873,6 +912,7 @@ class RedisTransport:
         fields: Any,
         failure: Failure,
     ) -> None:
+        await self._replied()
         record = {
             **fields,
             "dl.address": address,
@@ -914,12 +954,27 @@ class RedisTransport:
             self._waiting.pop(envelope.id, None)
 
     async def reply(self, to: str, envelope: Envelope) -> None:
+        self._client()  # a closed transport says so
         fields = envelope.to_fields()
         payload = fields.pop("payload")
         assert isinstance(payload, bytes)
         header = json.dumps({k: v for k, v in fields.items() if isinstance(v, str)})
-        async with self._translate("PUBLISH"):
-            await self._client().publish(to, header.encode() + b"\n" + payload)
+        # Not awaited: it goes out with the ack that follows it, in one pipeline where
+        # the ack comes after it, or on its own at the next turn of the loop. A settle
+        # that does not go through that pipeline waits for it first (_replied).
+        sent = self._acks.defer((to, None, header.encode() + b"\n" + payload))
+        self._replies.add(sent)
+        sent.add_done_callback(self._replied_to)
+
+    def _replied_to(self, sent: asyncio.Future[Any]) -> None:
+        self._replies.discard(sent)
+        if not sent.cancelled() and sent.exception() is not None:
+            logger.warning("iambus: a reply on %s was not sent: %s", self.url, sent.exception())
+
+    async def _replied(self) -> None:
+        """Once the replies sent so far are out: a delivery is settled after its reply."""
+        if self._replies:
+            await asyncio.gather(*self._replies)
 
     async def _listen(self) -> None:
         if self._listening is None:
@@ -936,10 +991,12 @@ class RedisTransport:
                 if not self._listening.done():
                     self._listening.set_result(None)
                 async for message in _messages(pubsub):
-                    header, _, payload = message.partition(b"\n")
-                    fields: dict[bytes | str, bytes | str] = json.loads(header)
-                    fields["payload"] = payload
-                    answer = Envelope.from_fields(fields)
+                    try:
+                        answer = _reply_of(message)
+                    except SerializationError as exc:
+                        # One bad message must not cost the others: the listener stays.
+                        logger.warning("iambus: a reply on %s is no envelope: %s", self.url, exc)
+                        continue
                     waiting = self._waiting.get(answer.correlation_id or "")
                     if waiting is not None and not waiting.done():
                         waiting.set_result(answer)
@@ -1178,23 +1235,84 @@ class _Coalescer:
     """Sends an item at once when nothing is in flight, else batches it with the others.
 
     Idle, a send costs one round trip and no extra task; under load, everything added
-    while a flush is in flight goes out together in the next one (one pipeline).
+    while a flush is in flight goes out together in the next one (one pipeline). The
+    task of that flush is held, and ``drain()`` (on close) waits for it.
     """
 
     def __init__(self, flush: Callable[[list[Any]], Awaitable[list[Any]]]) -> None:
         self._flush = flush
         self._busy = False
+        self._deferred = False  # busy with items deferred, not yet flushing
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+        self._error: TransportError | None = None  # drain()'s, for a flush it cancels
         self._items: list[Any] = []
         self._futures: list[asyncio.Future[Any]] = []
 
     def add(self, item: Any) -> Awaitable[Any]:
         if not self._busy:
             self._busy = True
+            self._idle.clear()
             return self._alone(item)
+        if self._deferred:  # they go out now, with this one, in this task
+            self._deferred = False
+            items, futures = [*self._items, item], self._futures
+            self._items, self._futures = [], []
+            return self._together(items, futures)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._items.append(item)
         self._futures.append(future)
         return future
+
+    def defer(self, item: Any) -> asyncio.Future[Any]:
+        """Queue ``item`` without flushing now: it goes out with what is added in the
+        same turn of the loop (or behind the flush in flight)."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._items.append(item)
+        self._futures.append(future)
+        if not self._busy:
+            self._busy = True
+            self._deferred = True
+            self._idle.clear()
+            asyncio.get_running_loop().call_soon(self._kick)
+        return future
+
+    def _kick(self) -> None:
+        if self._deferred:  # nothing was added after them in their turn: they go alone
+            self._deferred = False
+            self._next()
+
+    async def drain(self, timeout: float, error: TransportError) -> None:
+        """Wait (``timeout`` s at most) for the flushes in flight and those queued behind
+        them; then fail with ``error`` what is still waiting, and end the flush task."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        futures, self._items, self._futures = self._futures, [], []
+        _fail(futures, error)
+        self._error = error
+        while (task := self._task) is not None:  # (a send may have come in meanwhile)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self._error = None
+
+    async def _together(self, items: list[Any], futures: list[asyncio.Future[Any]]) -> Any:
+        try:
+            results = await self._flush(items)
+        except Exception as exc:
+            _fail(futures, exc)
+            raise
+        except BaseException:  # this sender was cancelled: the others learn it was not sent
+            _fail(futures, TransportError("sending was cancelled"))
+            raise
+        else:
+            for future, result in zip(futures, results[:-1], strict=True):
+                if not future.done():
+                    future.set_result(result)
+            return results[-1]
+        finally:
+            self._next()
 
     async def _alone(self, item: Any) -> Any:
         try:
@@ -1203,28 +1321,35 @@ class _Coalescer:
             self._next()
 
     def _next(self) -> None:
+        self._task = None
         if not self._items:
             self._busy = False
+            self._idle.set()
             return
         items, futures = self._items, self._futures
         self._items, self._futures = [], []
-        asyncio.get_running_loop().create_task(self._batch(items, futures))
+        self._task = asyncio.get_running_loop().create_task(self._batch(items, futures))
 
     async def _batch(self, items: list[Any], futures: list[asyncio.Future[Any]]) -> None:
         try:
             results = await self._flush(items)
-        except BaseException as exc:
-            for future in futures:
-                if not future.done():
-                    future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
+        except Exception as exc:
+            _fail(futures, exc)
+        except BaseException:  # cancelled: drain() gave up on it, its error goes to all
+            _fail(futures, self._error or TransportError("sending was cancelled"))
+            raise
         else:
             for future, result in zip(futures, results, strict=True):
                 if not future.done():
                     future.set_result(result)
         finally:
             self._next()
+
+
+def _fail(futures: list[asyncio.Future[Any]], error: Exception) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_exception(error)
 
 
 def _text(value: bytes | str) -> str:
@@ -1258,6 +1383,21 @@ async def _messages(pubsub: Any) -> AsyncIterator[bytes]:
         message = await pubsub.get_message(timeout=1.0)
         if message is not None and message.get("type") == "message":
             yield message["data"]
+
+
+def _reply_of(message: bytes) -> Envelope:
+    """The envelope of a reply (``reply``: a JSON line of its fields, then the payload)."""
+    header, newline, payload = message.partition(b"\n")
+    try:
+        fields = json.loads(header) if newline else None
+    except ValueError as exc:
+        raise SerializationError(f"malformed envelope line {header[:200]!r}: {exc}") from exc
+    if not isinstance(fields, dict):
+        raise SerializationError(
+            f"no envelope: expected a JSON object, a newline and the payload; got {message[:80]!r}"
+        )
+    fields["payload"] = payload
+    return Envelope.from_fields(fields)
 
 
 def _with_reply_to(envelope: Envelope, channel: str) -> Envelope:
