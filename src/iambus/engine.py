@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import sys
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
@@ -45,6 +46,8 @@ Orphaned = Callable[[BaseException, Any, Any], Awaitable[None]]
 # ``in_worker``: this code is part of the work ``dp.stop()`` drains — an engine job, or a
 # handler the transport worker runs. It may still send while the dispatcher stops, and a
 # ``stop()`` or ``join()`` from it would wait for itself.
+_SMALL_DICT = sys.getsizeof(dict.fromkeys(range(8)))
+
 in_worker: contextvars.ContextVar[bool] = contextvars.ContextVar("iambus_in_worker", default=False)
 # ``in_job``: this code runs inside an engine job. Its puts are admitted over
 # ``max_pending``: waiting for room only the engine's own workers can make could deadlock.
@@ -123,7 +126,9 @@ class Engine:
         self._max_pending = max_pending
         self._orphaned = orphaned
         self._ready: asyncio.Queue[Job] = asyncio.Queue()
-        self._lanes: dict[Hashable, deque[Job]] = {}
+        # Per key with a job queued or running: the jobs waiting behind it, or None while
+        # there are none (most keys: a deque costs ~600 bytes, None nothing).
+        self._lanes: dict[Hashable, deque[Job] | None] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._pending = 0
         # Producers waiting for room, first come first served. A waiter is admitted by
@@ -161,10 +166,14 @@ class Engine:
         job = (fn, message, key, future, current_envelope.get(), tracker)
         if key is None:
             self._ready.put_nowait(job)
-        elif (lane := self._lanes.get(key)) is not None:
-            lane.append(job)
+        elif key in (lanes := self._lanes):
+            lane = lanes[key]
+            if lane is None:
+                lanes[key] = deque((job,))
+            else:
+                lane.append(job)
         else:
-            self._lanes[key] = deque()
+            lanes[key] = None
             self._ready.put_nowait(job)
 
     async def _wait_for_room(self) -> None:
@@ -212,9 +221,9 @@ class Engine:
         while not self._ready.empty():
             _drop(self._ready.get_nowait())
         for lane in self._lanes.values():
-            for job in lane:
+            for job in lane or ():
                 _drop(job)
-        self._lanes.clear()
+        self._lanes = {}
         self._pending = 0
         self._wake_idle()
         return left
@@ -285,11 +294,18 @@ class Engine:
 
     def _finish(self, key: Hashable | None) -> None:
         if key is not None:
-            lane = self._lanes.get(key)
+            lanes = self._lanes
+            lane = lanes.get(key)
             if lane:
                 self._ready.put_nowait(lane.popleft())
-            elif lane is not None:
-                del self._lanes[key]
+                if not lane:
+                    lanes[key] = None
+            else:
+                lanes.pop(key, None)
+                # A dict keeps its size once emptied: after a burst of many keys, let
+                # the table go instead of holding it for good.
+                if not lanes and sys.getsizeof(lanes) > _SMALL_DICT:
+                    self._lanes = {}
         self._release()
 
     def _release(self) -> None:
