@@ -1,6 +1,7 @@
 import asyncio
 import contextvars
 import logging
+import math
 import os
 import signal
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from iambus import (
     RegistrationClosed,
     WouldDeadlock,
 )
+from iambus.codecs import JsonCodec
+from iambus.transports.memory import MemoryTransport
 
 
 @dataclass(frozen=True, slots=True)
@@ -1018,15 +1021,63 @@ async def test_wait_for_shutdown_from_before_the_start_is_woken():
     await asyncio.wait_for(waiter, 1)
 
 
+class _NotACodec:
+    content_type = "text/plain"
+
+    def encode(self, value):  # no decode
+        return b""
+
+
+# Each bad value of each option: the error names the option, what it accepts, and the
+# value it got.
 @pytest.mark.parametrize(
     ("options", "match"),
     [
-        ({"engine_workers": "4"}, "engine_workers must be an int"),
-        ({"engine_workers": True}, "engine_workers must be an int"),
-        ({"max_pending": 0}, "max_pending must be an int of at least 1"),
-        ({"shutdown_timeout": -1}, "shutdown_timeout must be seconds"),
-        ({"shutdown_timeout": "30"}, "shutdown_timeout must be seconds"),
-        ({"error_handler": "log"}, "error_handler must be callable"),
+        ({"engine_workers": "4"}, r"engine_workers must be an int of at least 1, got '4'"),
+        ({"engine_workers": True}, r"engine_workers must be an int of at least 1, got True"),
+        ({"engine_workers": 0}, r"engine_workers must be an int of at least 1, got 0"),
+        ({"max_pending": 0}, r"max_pending must be an int of at least 1, got 0"),
+        ({"max_pending": 2.5}, r"max_pending must be an int of at least 1, got 2.5"),
+        ({"concurrency": 0}, r"concurrency must be an int of at least 1, got 0"),
+        ({"concurrency": "32"}, r"concurrency must be an int of at least 1, got '32'"),
+        ({"request_timeout": -1}, r"request_timeout must be seconds \(a number > 0\), got -1"),
+        ({"request_timeout": 0}, r"request_timeout must be seconds \(a number > 0\), got 0"),
+        ({"request_timeout": "10"}, r"request_timeout must be seconds \(a number > 0\)"),
+        ({"request_timeout": math.nan}, r"request_timeout must be seconds .*, got nan"),
+        ({"request_timeout": None}, r"request_timeout must be seconds .*, got None"),
+        (
+            {"shutdown_timeout": -1},
+            r"shutdown_timeout must be seconds \(a number >= 0\) or None for no limit, got -1",
+        ),
+        ({"shutdown_timeout": "30"}, r"shutdown_timeout must be seconds .* or None"),
+        ({"shutdown_timeout": math.inf}, r"shutdown_timeout must be seconds .*, got inf"),
+        ({"shutdown_timeout": True}, r"shutdown_timeout must be seconds .*, got True"),
+        ({"listen_for_signals": "yes"}, r"listen_for_signals must be True or False, got 'yes'"),
+        ({"listen_for_signals": 1}, r"listen_for_signals must be True or False, got 1"),
+        ({"service": ""}, r"service must be a non-empty name \(a str\), got ''"),
+        ({"service": "  "}, r"service must be a non-empty name \(a str\), got '  '"),
+        ({"service": 7}, r"service must be a non-empty name \(a str\), got 7"),
+        (
+            {"routes": ["billing.*"]},
+            r"routes must be a mapping of message classes, message names or 'module\.\*' "
+            r"patterns to the names of the services that own them, got \['billing\.\*'\]",
+        ),
+        (
+            {"transport": "memory://", "routes": {"Ping": ""}},
+            r"routes\['Ping'\] must be the name of the service that owns it, got ''",
+        ),
+        ({"codec": "json"}, r"codec must be a Codec: an object with a content_type .*got 'json'"),
+        ({"codec": _NotACodec()}, r"codec must be a Codec: .*decode\(data, into, \*, name\)"),
+        ({"codec": JsonCodec}, r"codec must be a Codec \(an instance: JsonCodec\(\)\)"),
+        (
+            {"transport": object()},
+            r"transport must be a Transport or a transport URL such as 'redis://127\.0\.0\.1"
+            r":6379/0' \(it has no url, open, close, send, .*purge\), got <object",
+        ),
+        ({"transport": MemoryTransport}, r"transport must be .*\(an instance, not the class"),
+        ({"transport": "kafka://x"}, r"unknown transport URL 'kafka://x'; iambus knows memory://"),
+        ({"error_handler": "log"}, r"error_handler must be callable as fn\(exc, message, context"),
+        ({"events_router_cls": dict}, r"events_router_cls must be a subclass of EventRouter"),
     ],
 )
 def test_bad_options_are_named(options, match):

@@ -48,6 +48,11 @@ from .errors import (
     RegistrationClosed,
     RequestTimeout,
     WouldDeadlock,
+    bad_option,
+    check_count,
+    check_flag,
+    check_name,
+    check_seconds,
 )
 from .handlers import Handler, Invoke, Kind
 from .messages import Command, MessageKey, Query, describe, message_key
@@ -57,7 +62,7 @@ from .remote import Remote, RemoteRoute
 from .retry import Retry
 from .routers import EventRouter, RequestRouter, Router
 from .routing import Routes, address
-from .transports import Transport, connect
+from .transports import Transport, check_transport_object, connect
 from .worker import Subscription, Worker
 
 __all__ = ["Dispatcher", "ErrorHandler"]
@@ -157,20 +162,28 @@ class Dispatcher:
         concurrency: int = 32,
         request_timeout: float = 10.0,
     ) -> None:
-        for option, value in (("engine_workers", engine_workers), ("max_pending", max_pending)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ImproperlyConfigured(f"{option} must be an int of at least 1, got {value!r}")
-        if shutdown_timeout is not None and (
-            not isinstance(shutdown_timeout, int | float) or shutdown_timeout < 0
-        ):
-            raise ImproperlyConfigured(
-                f"shutdown_timeout must be seconds (>= 0) or None for no limit, "
-                f"got {shutdown_timeout!r}"
+        check_count("engine_workers", engine_workers)
+        check_count("max_pending", max_pending)
+        check_count("concurrency", concurrency)
+        check_seconds("request_timeout", request_timeout)
+        check_flag("listen_for_signals", listen_for_signals)
+        check_seconds("shutdown_timeout", shutdown_timeout, zero=True, none="no limit")
+        if service is not None:
+            check_name("service", service)
+        if routes is not None and not isinstance(routes, Mapping):
+            raise bad_option(
+                "routes",
+                routes,
+                "a mapping of message classes, message names or 'module.*' patterns to "
+                "the names of the services that own them",
             )
+        if codec is not None:
+            _check_codec(codec)
+        if transport is not None and not isinstance(transport, str):
+            check_transport_object(transport)
         if error_handler is not None and not callable(error_handler):
-            raise ImproperlyConfigured(
-                f"error_handler must be callable as fn(exc, message, context), "
-                f"got {error_handler!r}"
+            raise bad_option(
+                "error_handler", error_handler, "callable as fn(exc, message, context)"
             )
         for option, cls, base in (
             ("events_router_cls", events_router_cls, EventRouter),
@@ -178,9 +191,7 @@ class Dispatcher:
             ("queries_router_cls", queries_router_cls, RequestRouter),
         ):
             if cls is not None and not (isinstance(cls, type) and issubclass(cls, base)):
-                raise ImproperlyConfigured(
-                    f"{option} must be a subclass of {base.__name__}, got {cls!r}"
-                )
+                raise bad_option(option, cls, f"a subclass of {base.__name__}")
         self._router_classes: dict[Kind, type[Router]] = {
             "event": events_router_cls or EventRouter,
             "command": commands_router_cls or RequestRouter,
@@ -202,8 +213,6 @@ class Dispatcher:
         self.routes = Routes(routes)
         self.remote: Remote | None = None
         if transport is not None:
-            if service is not None and (not isinstance(service, str) or not service):
-                raise ImproperlyConfigured(f"service must be a non-empty name, got {service!r}")
             self.remote = Remote(
                 connect(transport) if isinstance(transport, str) else transport,
                 service=service,
@@ -1067,6 +1076,24 @@ async def _within(timeout: float, call: Awaitable[Any], message: Any) -> Any:
         raise RequestTimeout(
             f"{describe(message_key(message))} got no answer within {timeout}s"
         ) from exc
+
+
+def _check_codec(codec: object) -> None:
+    if (
+        isinstance(codec, type)
+        or not isinstance(codec, Codec)
+        or not isinstance(codec.content_type, str)
+        or not codec.content_type
+        or not callable(codec.encode)
+        or not callable(codec.decode)
+    ):
+        hint = f" (an instance: {codec.__name__}())" if isinstance(codec, type) else ""
+        raise bad_option(
+            "codec",
+            codec,
+            f"a Codec{hint}: an object with a content_type (a non-empty str), "
+            f"encode(value) -> bytes and decode(data, into, *, name); e.g. JsonCodec()",
+        )
 
 
 def _check_key(key: object) -> None:

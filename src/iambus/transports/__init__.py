@@ -33,9 +33,9 @@ from typing import Any, Protocol, runtime_checkable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..envelope import Envelope
-from ..errors import ImproperlyConfigured
+from ..errors import ImproperlyConfigured, bad_option
 
-__all__ = ["DeadLetter", "Delivery", "Failure", "Transport", "connect"]
+__all__ = ["DeadLetter", "Delivery", "Failure", "Transport", "check_transport_object", "connect"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +114,27 @@ class Transport(Protocol):
 
     async def purge(self, ids: Sequence[str] | None = None) -> int: ...
 
+
+def check_transport_object(transport: object) -> Transport:
+    """``transport`` if it has everything ``Transport`` declares; else the error naming
+    what it lacks."""
+    lacks = [name for name in _MEMBERS if not hasattr(transport, name)]
+    if isinstance(transport, type) or lacks:
+        what = (
+            f"an instance, not the class {transport.__name__}"
+            if isinstance(transport, type)
+            else f"it has no {', '.join(lacks)}"
+        )
+        raise bad_option(
+            "transport",
+            transport,
+            f"a Transport or a transport URL such as 'redis://127.0.0.1:6379/0' ({what})",
+        )
+    return transport  # type: ignore[return-value]
+
+
+# What a Transport has: its attribute and methods, as the Protocol declares them.
+_MEMBERS = ("url", *(name for name in vars(Transport) if not name.startswith("_")))
 
 # scheme -> (module, class, the extra that installs its driver)
 _SCHEMES: dict[str, tuple[str, str, str | None]] = {

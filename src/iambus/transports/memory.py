@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..envelope import Envelope, new_id
-from ..errors import ImproperlyConfigured, TransportError
+from ..errors import ImproperlyConfigured, TransportError, check_count, check_seconds
 from . import DeadLetter, Delivery, Failure
 
 __all__ = ["MemoryTransport"]
@@ -71,8 +71,8 @@ class MemoryTransport:
         self, url: str = "memory://", *, claim_after: float = 30.0, max_length: int = 10_000
     ) -> None:
         self.url = url
-        self.claim_after = claim_after
-        self.max_length = max_length
+        self.claim_after = check_seconds("claim_after", claim_after)
+        self.max_length = check_count("max_length", max_length)
         self._streams: dict[str, _Stream] = {}
         self._dead: dict[str, DeadLetter] = {}
         self._replies: dict[str, asyncio.Future[Envelope]] = {}

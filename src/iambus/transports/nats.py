@@ -123,7 +123,14 @@ from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..envelope import Envelope
-from ..errors import ImproperlyConfigured, SerializationError, TransportError
+from ..errors import (
+    ImproperlyConfigured,
+    SerializationError,
+    TransportError,
+    check_count,
+    check_name,
+    check_seconds,
+)
 from ..partitions import partition, partitions_option
 from . import DeadLetter, Delivery, Failure
 
@@ -257,6 +264,8 @@ class NatsTransport:
     ) -> None:
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
+        if namespace is not None:
+            check_name("namespace", namespace)
         self.namespace = namespace or query.pop("namespace", None) or "iambus"
         query.pop("namespace", None)
         if not _NAME.fullmatch(self.namespace):
@@ -266,9 +275,9 @@ class NatsTransport:
         self.partitions = partitions_option(partitions, query)
         self._driver_url = urlunsplit(parts._replace(query=urlencode(query)))
         self.url = url
-        self.claim_after = claim_after
-        self.max_length = max_length
-        self.timeout = timeout
+        self.claim_after = check_seconds("claim_after", claim_after)
+        self.max_length = check_count("max_length", max_length)
+        self.timeout = check_seconds("timeout", timeout)
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._inbox = ""

@@ -87,7 +87,14 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..envelope import Envelope, new_id
-from ..errors import ImproperlyConfigured, SerializationError, TransportError
+from ..errors import (
+    ImproperlyConfigured,
+    SerializationError,
+    TransportError,
+    check_count,
+    check_name,
+    check_seconds,
+)
 from ..partitions import partition, partitions_option
 from . import DeadLetter, Delivery, Failure
 
@@ -179,6 +186,8 @@ class RabbitMQTransport:
     ) -> None:
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
+        if namespace is not None:
+            check_name("namespace", namespace)
         in_url = query.pop("namespace", None)
         type_in_url = query.pop("queue_type", None)
         self.queue_type = queue_type or type_in_url or "quorum"
@@ -202,11 +211,11 @@ class RabbitMQTransport:
         self.partitions = partitions_option(partitions, query)
         self._driver_url = urlunsplit(parts._replace(query=urlencode(query)))
         self.url = url
-        self.claim_after = claim_after
-        self.prefetch = prefetch
-        self.max_length = max_length
-        self.timeout = timeout
-        self.reconnect_interval = reconnect_interval
+        self.claim_after = check_seconds("claim_after", claim_after)
+        self.prefetch = None if prefetch is None else check_count("prefetch", prefetch)
+        self.max_length = check_count("max_length", max_length)
+        self.timeout = check_seconds("timeout", timeout)
+        self.reconnect_interval = check_seconds("reconnect_interval", reconnect_interval)
         self._connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None
         self._admin: AbstractRobustChannel | None = None

@@ -88,7 +88,14 @@ from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..envelope import Envelope
-from ..errors import ImproperlyConfigured, SerializationError, TransportError
+from ..errors import (
+    ImproperlyConfigured,
+    SerializationError,
+    TransportError,
+    check_count,
+    check_name,
+    check_seconds,
+)
 from ..partitions import partition, partitions_option
 from . import DeadLetter, Delivery, Failure
 
@@ -297,16 +304,18 @@ class RedisTransport:
     ) -> None:
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
+        if namespace is not None:
+            check_name("namespace", namespace)
         self.namespace = namespace or query.pop("namespace", None) or "iambus"
         if ":" in self.namespace or not self.namespace:
             raise ImproperlyConfigured(f"a Redis namespace may not contain ':': {self.namespace!r}")
         self.partitions = partitions_option(partitions, query)
         self._driver_url = urlunsplit(parts._replace(query=urlencode(query)))
         self.url = url
-        self.claim_after = claim_after
-        self.block = block
-        self.max_length = max_length
-        self.max_connections = max_connections
+        self.claim_after = check_seconds("claim_after", claim_after)
+        self.block = check_seconds("block", block)
+        self.max_length = check_count("max_length", max_length)
+        self.max_connections = check_count("max_connections", max_connections)
         self._redis: aioredis.Redis | None = None
         self._scripts: dict[str, Any] = {}
         self._reply_channel = f"{self.namespace}:reply:{uuid.uuid4().hex}"
