@@ -4,6 +4,7 @@ import logging
 import math
 import os
 import signal
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -626,6 +627,34 @@ async def test_stop_timeout_cancels_what_is_left_and_says_so(caplog):
     assert "2 background message(s)" in caplog.text
 
 
+async def test_stop_timeout_holds_when_background_work_ignores_its_cancellation(caplog):
+    dp = Dispatcher(engine_workers=1)
+    released = asyncio.Event()
+
+    @dp.commands.register(Rename)
+    async def stubborn(command: Rename) -> int:
+        while not released.is_set():
+            try:
+                await released.wait()
+            except asyncio.CancelledError:
+                continue  # ignores its cancellation
+        return 1
+
+    dp.start()
+    await dp.handle(Rename("a"))
+    await asyncio.sleep(0)  # it runs
+    began = time.monotonic()
+    try:
+        # Waiting for the cancelled job once had no bound: stop() never returned.
+        with caplog.at_level(logging.WARNING, logger="iambus"):
+            await asyncio.wait_for(dp.stop(timeout=0.5), 15)
+        took = time.monotonic() - began
+    finally:
+        released.set()
+    assert took < 0.5 + 3, f"stop(0.5) took {took:.1f}s"
+    assert "1 background job(s) ignored their cancellation; left behind" in caplog.text
+
+
 async def test_handlers_may_send_while_the_dispatcher_drains():
     dp = Dispatcher()
     seen = []
@@ -1028,6 +1057,23 @@ class _NotACodec:
         return b""
 
 
+class _NoLeave:
+    """A transport of before leave() joined the Transport protocol."""
+
+    url = "custom://"
+
+    async def open(self): ...
+    async def close(self): ...
+    async def send(self, address, envelope): ...
+    async def declare(self, address, group, *, from_start): ...
+    async def receive(self, address, group, *, consumer, limit, wait): ...
+    async def request(self, address, envelope, *, timeout): ...
+    async def reply(self, to, envelope): ...
+    async def dead_letters(self, *, limit=100): ...
+    async def replay(self, ids): ...
+    async def purge(self, ids=None): ...
+
+
 # Each bad value of each option: the error names the option, what it accepts, and the
 # value it got.
 @pytest.mark.parametrize(
@@ -1072,8 +1118,9 @@ class _NotACodec:
         (
             {"transport": object()},
             r"transport must be a Transport or a transport URL such as 'redis://127\.0\.0\.1"
-            r":6379/0' \(it has no url, open, close, send, .*purge\), got <object",
+            r":6379/0' \(it has no url, open, close, send, .*purge, leave\), got <object",
         ),
+        ({"transport": _NoLeave()}, r"transport must be a Transport .*\(it has no leave\)"),
         ({"transport": MemoryTransport}, r"transport must be .*\(an instance, not the class"),
         ({"transport": "kafka://x"}, r"unknown transport URL 'kafka://x'; iambus knows memory://"),
         ({"error_handler": "log"}, r"error_handler must be callable as fn\(exc, message, context"),

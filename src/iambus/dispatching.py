@@ -63,7 +63,7 @@ from .retry import Retry
 from .routers import EventRouter, RequestRouter, Router
 from .routing import Routes, address
 from .transports import Transport, check_transport_object, connect
-from .worker import Subscription, Worker
+from .worker import StopDeadline, Subscription, Worker, bounded, seconds_until
 
 __all__ = ["Dispatcher", "ErrorHandler"]
 
@@ -514,9 +514,12 @@ class Dispatcher:
         """Stop taking messages, let queued and running background work finish, stop.
 
         Waits at most ``timeout`` seconds (default: ``shutdown_timeout``); what is still
-        queued or running then is cancelled, and logged as lost. While it drains, sends
-        from the background handlers being drained are accepted (they are part of the
-        work); any other send raises ``DispatcherStopped``.
+        queued or running then is cancelled, and logged as lost. The one deadline covers
+        every wait — handlers fed by the transport, background work, giving back what the
+        worker holds, closing the transport — so it returns within ``timeout`` plus 2 s
+        whatever hangs (see ``StopDeadline``). While it drains, sends from the background
+        handlers being drained are accepted (they are part of the work); any other send
+        raises ``DispatcherStopped``.
         """
         if self._state in (_NEW, _STOPPED):
             self._signal_shutdown()  # nothing runs; a NEW dispatcher stays open to binding
@@ -538,16 +541,15 @@ class Dispatcher:
         self._fast_commands, self._fast_queries = {}, {}
         timeout = self.shutdown_timeout if timeout is None else timeout
         engine = self._engine
+        deadline = StopDeadline.after(timeout)  # one deadline for every wait below
         try:
             loop = asyncio.get_running_loop()
-            deadline = None if timeout is None else loop.time() + timeout
             if self._worker is not None:
                 worker, self._worker = self._worker, None
-                await worker.stop(timeout)
+                await worker.stop(deadline)
             if engine is not None and engine.loop is loop:
                 try:
-                    # One deadline for the worker and the engine together.
-                    async with asyncio.timeout_at(deadline):
+                    async with asyncio.timeout_at(deadline.drain):
                         await engine.join()
                 except TimeoutError:
                     logger.warning(
@@ -556,11 +558,14 @@ class Dispatcher:
                         timeout,
                         engine.pending,
                     )
-                await engine.close()
+                await engine.close(seconds_until(deadline.unwind))
         finally:
             self._engine = None
-            if self.remote is not None:
-                await self.remote.close()
+            if self.remote is not None and not await bounded(self.remote.close(), deadline.close):
+                logger.warning(
+                    "iambus: closing the transport %s took too long; left behind",
+                    self.remote.transport.url,
+                )
             self._state = _STOPPED
             self._remove_signals()
             self._signal_shutdown()

@@ -16,6 +16,12 @@ codecs, routing, retries, handlers — lives above the seam, so a transport stay
   the delivery acked, in one step.
 * ``request(address, envelope, timeout=...)`` / ``reply(to, envelope)``: request/reply.
 * ``dead_letters()`` / ``replay(ids)`` / ``purge(ids)``: the parked ones.
+* ``leave(consumer)``: the consumer is going away (its worker stopped; the transport may
+  live on, shared with others). What it holds goes to the group's other consumers at
+  once — its unsettled deliveries, the partitions (keys) they block, its broker-side
+  consumers — instead of after ``claim_after``. A worker calls it on stop, after its
+  handlers finished or were cancelled; a consumer name the transport never saw is a
+  no-op.
 
 A transport may also define ``tune(concurrency=...)``: a worker calls it before it
 consumes, with how many handlers it runs at once (RabbitMQ sizes its prefetch by it).
@@ -113,6 +119,8 @@ class Transport(Protocol):
     async def replay(self, ids: Sequence[str]) -> int: ...
 
     async def purge(self, ids: Sequence[str] | None = None) -> int: ...
+
+    async def leave(self, consumer: str) -> None: ...
 
 
 def check_transport_object(transport: object) -> Transport:

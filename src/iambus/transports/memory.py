@@ -232,6 +232,17 @@ class MemoryTransport:
             self._dead[letter.id] = letter
         await self._notify()
 
+    async def leave(self, consumer: str) -> None:
+        """Give back what ``consumer`` holds: each unsettled delivery goes to the group's
+        next receive at once (attempt + 1), and its key with it."""
+        now = asyncio.get_running_loop().time()
+        for stream in self._streams.values():
+            for state in stream.groups.values():
+                for pending in state.pending.values():
+                    if pending.consumer == consumer:
+                        pending.consumer, pending.due = None, now
+        await self._notify()
+
     # -- request/reply --------------------------------------------------------------
 
     async def request(self, address: str, envelope: Envelope, *, timeout: float) -> Envelope:

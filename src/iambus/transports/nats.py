@@ -38,6 +38,9 @@ maps onto JetStream:
   transport waits on it, or the server would give them right back;
 * the attempt is JetStream's delivery counter of the message for that consumer
   (``num_delivered``), which survives restarts;
+* ``leave(consumer)`` (a worker stopping) hands back what that consumer was given and
+  did not settle (a ``NAK`` without delay: attempt + 1), so that its partitions pass on
+  now instead of after ``ack_wait``;
 * ``ack`` publishes the ack and returns once a round trip to the server (a ``PING``,
   shared by all the acks published meanwhile) showed the server received it;
   ``retry(delay)`` is a ``NAK`` with that delay, which redelivers to that
@@ -292,6 +295,9 @@ class NatsTransport:
         # core requests not known to be heard: token -> (address, envelope)
         self._unheard: dict[str, tuple[str, Envelope]] = {}
         self._groups: dict[tuple[str, str], _Group] = {}
+        # Messages handed out to each consumer name and maybe not settled yet, for
+        # leave() (settled ones are dropped at the consumer's next receive).
+        self._handed: dict[str, list[Msg]] = {}
         self._lanes: dict[str, _Lane] = {}  # consumer name -> lane
         self._pulls: dict[str, _Pull] = {}  # reply token -> open pull
         self._tokens = 0
@@ -416,6 +422,7 @@ class NatsTransport:
             state.arrived.set()  # a receive waiting returns (and finds the transport closed)
         nc, self._nc, self._js = self._nc, None, None
         self._groups.clear()
+        self._handed.clear()
         self._lanes.clear()
         self._pulls.clear()
         self._streams_ready = False
@@ -662,6 +669,8 @@ class NatsTransport:
                         delivery = await self._delivery(address, group, entry)
                         if delivery is not None:
                             out.append(delivery)
+                    if out:
+                        self._hand(consumer, out)
                     if out or time.monotonic() >= deadline:
                         return out
             except asyncio.CancelledError:
@@ -678,6 +687,21 @@ class NatsTransport:
             finally:
                 state.receiving = False
                 self._schedule_release(state)
+
+    def _hand(self, consumer: str, out: list[Delivery]) -> None:
+        handed = [message for message in self._handed.get(consumer, ()) if not message.is_acked]
+        handed += (d._message for d in out if isinstance(d, _NatsDelivery))
+        self._handed[consumer] = handed
+
+    async def leave(self, consumer: str) -> None:
+        """Hand back (``NAK`` without delay: attempt + 1) what ``consumer`` was handed and
+        did not settle: its partitions pass on now, not after ``claim_after``."""
+        handed = self._handed.pop(consumer, [])
+        if self._nc is None:
+            return
+        for message in handed:
+            if not message.is_acked:
+                await self._nak_now(message)
 
     def _group(self, address: str, group: str) -> _Group:
         state = self._groups.get((address, group))

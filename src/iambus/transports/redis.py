@@ -56,7 +56,8 @@ the rule holds across all consumers and processes:
   groups ack and skip it;
 * ``close()`` parks the keyed deliveries it handed out and saw no settle of (a stopping
   worker's cancelled handlers) as retries due at once, so that their partitions pass
-  on within ``block`` seconds, counted (attempt + 1), not after ``claim_after``.
+  on within ``block`` seconds, counted (attempt + 1), not after ``claim_after``;
+  ``leave(consumer)`` does the same for one consumer's, on a transport that stays open.
 
 No leases: any consumer of the group takes any free partition whose pointer it reads,
 so one instance may hold many (up to all) partitions of a group at once. Limits: keyed
@@ -365,16 +366,27 @@ class RedisTransport:
             if not future.done():
                 future.set_exception(TransportError(f"{self.url}: closed while waiting"))
         if self._redis is not None and self._holding:
-            await self._hand_on()
+            holding, self._holding = self._holding, {}
+            await self._hand_on(holding)
         client, self._redis = self._redis, None
         if client is not None:
             await client.aclose(close_connection_pool=True)
 
-    async def _hand_on(self) -> None:
-        """Park the keyed deliveries still held (a stopping worker's cancelled handlers) as
+    async def leave(self, consumer: str) -> None:
+        """Hand on the keyed deliveries ``consumer`` holds, as ``close()`` does for all:
+        their partitions pass on within ``block`` seconds, not after ``claim_after``. (Its
+        unkeyed deliveries hold nothing up; they are reclaimed after ``claim_after``.)"""
+        mine = {where: held for where, held in self._holding.items() if held[0] == consumer}
+        if not mine or self._redis is None:
+            return
+        for where in mine:
+            del self._holding[where]
+        await self._hand_on(mine)
+
+    async def _hand_on(self, holding: dict[tuple[str, str, str, bytes], tuple[str, int]]) -> None:
+        """Park the keyed deliveries ``holding`` (a stopping worker's cancelled handlers) as
         retries due now: another consumer claims each (attempt + 1) at its next check for
         due retries, instead of its partition waiting ``claim_after``."""
-        holding, self._holding = self._holding, {}
 
         async def hand_on(
             address: str, group: str, mark: str, entry_id: bytes, consumer: str, attempt: int
