@@ -146,15 +146,26 @@ def check_seconds(
     or None, where ``none`` says what None means."""
     if value is None and none is not None:
         return None
-    if (
+    if _finite(value, zero):
+        return value  # type: ignore[return-value]
+    allowed = f"seconds (a number {'>= 0' if zero else '> 0'})"
+    raise bad_option(option, value, allowed if none is None else f"{allowed} or None for {none}")
+
+
+def check_number(option: str, value: object, *, zero: bool = False) -> float:
+    """``value`` if it is a finite number above 0 (or 0 too, with ``zero``)."""
+    if _finite(value, zero):
+        return value  # type: ignore[return-value]
+    raise bad_option(option, value, f"a number {'>= 0' if zero else '> 0'}")
+
+
+def _finite(value: object, zero: bool) -> bool:
+    return (
         isinstance(value, int | float)
         and not isinstance(value, bool)
         and math.isfinite(value)
         and (value > 0 or (zero and value == 0))
-    ):
-        return value
-    allowed = f"seconds (a number {'>= 0' if zero else '> 0'})"
-    raise bad_option(option, value, allowed if none is None else f"{allowed} or None for {none}")
+    )
 
 
 def check_flag(option: str, value: object) -> bool:
