@@ -293,6 +293,7 @@ def test_worker_cannot_override_a_dispatcher_started_on_import(
         ("--shutdown-timeout", "-1"),
         ("--shutdown-timeout", "nan"),
         ("--shutdown-timeout", "soon"),
+        ("--shutdown-timeout", "inf"),
         ("--log-level", "LOUD"),
         ("--service", ""),
     ],
@@ -301,7 +302,11 @@ def test_worker_checks_its_options(
     option: str, value: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["worker", "app:dp", option, value]) == 2
-    assert f"argument {option}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # One line, as every other error of the command: no usage block.
+    assert err.splitlines() == [err.rstrip("\n")]
+    assert err.startswith(f"iambus worker: error: argument {option}")
+    assert err.rstrip().endswith("(see 'iambus worker --help')")
 
 
 def test_worker_uvloop_needs_uvloop(

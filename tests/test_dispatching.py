@@ -1,8 +1,10 @@
 import asyncio
 import contextvars
 import logging
+import math
 import os
 import signal
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,8 @@ from iambus import (
     WouldDeadlock,
     contract,
 )
+from iambus.codecs import JsonCodec
+from iambus.transports.memory import MemoryTransport
 
 
 @dataclass(frozen=True, slots=True)
@@ -625,6 +629,34 @@ async def test_stop_timeout_cancels_what_is_left_and_says_so(caplog):
     assert "2 background message(s)" in caplog.text
 
 
+async def test_stop_timeout_holds_when_background_work_ignores_its_cancellation(caplog):
+    dp = Dispatcher(engine_workers=1)
+    released = asyncio.Event()
+
+    @dp.commands.register(Rename)
+    async def stubborn(command: Rename) -> int:
+        while not released.is_set():
+            try:
+                await released.wait()
+            except asyncio.CancelledError:
+                continue  # ignores its cancellation
+        return 1
+
+    dp.start()
+    await dp.handle(Rename("a"))
+    await asyncio.sleep(0)  # it runs
+    began = time.monotonic()
+    try:
+        # Waiting for the cancelled job once had no bound: stop() never returned.
+        with caplog.at_level(logging.WARNING, logger="iambus"):
+            await asyncio.wait_for(dp.stop(timeout=0.5), 15)
+        took = time.monotonic() - began
+    finally:
+        released.set()
+    assert took < 0.5 + 3, f"stop(0.5) took {took:.1f}s"
+    assert "1 background job(s) ignored their cancellation; left behind" in caplog.text
+
+
 async def test_handlers_may_send_while_the_dispatcher_drains():
     dp = Dispatcher()
     seen = []
@@ -1020,15 +1052,81 @@ async def test_wait_for_shutdown_from_before_the_start_is_woken():
     await asyncio.wait_for(waiter, 1)
 
 
+class _NotACodec:
+    content_type = "text/plain"
+
+    def encode(self, value):  # no decode
+        return b""
+
+
+class _NoLeave:
+    """A transport of before leave() joined the Transport protocol."""
+
+    url = "custom://"
+
+    async def open(self): ...
+    async def close(self): ...
+    async def send(self, address, envelope): ...
+    async def declare(self, address, group, *, from_start): ...
+    async def receive(self, address, group, *, consumer, limit, wait): ...
+    async def request(self, address, envelope, *, timeout): ...
+    async def reply(self, to, envelope): ...
+    async def dead_letters(self, *, limit=100): ...
+    async def replay(self, ids): ...
+    async def purge(self, ids=None): ...
+
+
+# Each bad value of each option: the error names the option, what it accepts, and the
+# value it got.
 @pytest.mark.parametrize(
     ("options", "match"),
     [
-        ({"engine_workers": "4"}, "engine_workers must be an int"),
-        ({"engine_workers": True}, "engine_workers must be an int"),
-        ({"max_pending": 0}, "max_pending must be an int of at least 1"),
-        ({"shutdown_timeout": -1}, "shutdown_timeout must be seconds"),
-        ({"shutdown_timeout": "30"}, "shutdown_timeout must be seconds"),
-        ({"error_handler": "log"}, "error_handler must be callable"),
+        ({"engine_workers": "4"}, r"engine_workers must be an int of at least 1, got '4'"),
+        ({"engine_workers": True}, r"engine_workers must be an int of at least 1, got True"),
+        ({"engine_workers": 0}, r"engine_workers must be an int of at least 1, got 0"),
+        ({"max_pending": 0}, r"max_pending must be an int of at least 1, got 0"),
+        ({"max_pending": 2.5}, r"max_pending must be an int of at least 1, got 2.5"),
+        ({"concurrency": 0}, r"concurrency must be an int of at least 1, got 0"),
+        ({"concurrency": "32"}, r"concurrency must be an int of at least 1, got '32'"),
+        ({"request_timeout": -1}, r"request_timeout must be seconds \(a number > 0\), got -1"),
+        ({"request_timeout": 0}, r"request_timeout must be seconds \(a number > 0\), got 0"),
+        ({"request_timeout": "10"}, r"request_timeout must be seconds \(a number > 0\)"),
+        ({"request_timeout": math.nan}, r"request_timeout must be seconds .*, got nan"),
+        ({"request_timeout": None}, r"request_timeout must be seconds .*, got None"),
+        (
+            {"shutdown_timeout": -1},
+            r"shutdown_timeout must be seconds \(a number >= 0\) or None for no limit, got -1",
+        ),
+        ({"shutdown_timeout": "30"}, r"shutdown_timeout must be seconds .* or None"),
+        ({"shutdown_timeout": math.inf}, r"shutdown_timeout must be seconds .*, got inf"),
+        ({"shutdown_timeout": True}, r"shutdown_timeout must be seconds .*, got True"),
+        ({"listen_for_signals": "yes"}, r"listen_for_signals must be True or False, got 'yes'"),
+        ({"listen_for_signals": 1}, r"listen_for_signals must be True or False, got 1"),
+        ({"service": ""}, r"service must be a non-empty name \(a str\), got ''"),
+        ({"service": "  "}, r"service must be a non-empty name \(a str\), got '  '"),
+        ({"service": 7}, r"service must be a non-empty name \(a str\), got 7"),
+        (
+            {"routes": ["billing.*"]},
+            r"routes must be a mapping of message classes, message names or 'module\.\*' "
+            r"patterns to the names of the services that own them, got \['billing\.\*'\]",
+        ),
+        (
+            {"transport": "memory://", "routes": {"Ping": ""}},
+            r"routes\['Ping'\] must be the name of the service that owns it, got ''",
+        ),
+        ({"codec": "json"}, r"codec must be a Codec: an object with a content_type .*got 'json'"),
+        ({"codec": _NotACodec()}, r"codec must be a Codec: .*decode\(data, into, \*, name\)"),
+        ({"codec": JsonCodec}, r"codec must be a Codec \(an instance: JsonCodec\(\)\)"),
+        (
+            {"transport": object()},
+            r"transport must be a Transport or a transport URL such as 'redis://127\.0\.0\.1"
+            r":6379/0' \(it has no url, open, close, send, .*purge, leave\), got <object",
+        ),
+        ({"transport": _NoLeave()}, r"transport must be a Transport .*\(it has no leave\)"),
+        ({"transport": MemoryTransport}, r"transport must be .*\(an instance, not the class"),
+        ({"transport": "kafka://x"}, r"unknown transport URL 'kafka://x'; iambus knows memory://"),
+        ({"error_handler": "log"}, r"error_handler must be callable as fn\(exc, message, context"),
+        ({"events_router_cls": dict}, r"events_router_cls must be a subclass of EventRouter"),
     ],
 )
 def test_bad_options_are_named(options, match):

@@ -19,10 +19,14 @@ def test_jitter_waits_half_to_all_of_the_delay() -> None:
 @pytest.mark.parametrize(
     ("options", "match"),
     [
-        ({"attempts": 0}, "attempts must be an int >= 1"),
-        ({"attempts": 2.5}, "attempts must be an int >= 1"),
-        ({"backoff": -1}, "backoff must be a number >= 0"),
-        ({"max_backoff": "10"}, "max_backoff must be a number >= 0"),
+        ({"attempts": 0}, r"Retry\.attempts must be an int of at least 1, got 0"),
+        ({"attempts": 2.5}, r"Retry\.attempts must be an int of at least 1, got 2\.5"),
+        ({"attempts": True}, r"Retry\.attempts must be an int of at least 1, got True"),
+        ({"backoff": -1}, r"Retry\.backoff must be seconds \(a number >= 0\), got -1"),
+        ({"backoff": float("nan")}, r"Retry\.backoff must be seconds \(a number >= 0\), got nan"),
+        ({"factor": float("inf")}, r"Retry\.factor must be a number >= 0, got inf"),
+        ({"max_backoff": "10"}, r"Retry\.max_backoff must be seconds .*, got '10'"),
+        ({"jitter": "no"}, r"Retry\.jitter must be True or False, got 'no'"),
     ],
 )
 def test_bad_policies_are_named(options: dict[str, object], match: str) -> None:

@@ -52,10 +52,11 @@ def test_string_names_route_string_messages() -> None:
 @pytest.mark.parametrize(
     ("routes", "match"),
     [
-        ({Charge: ""}, "must name the service"),
-        ({Charge: 3}, "must name the service"),
-        ({3: "billing"}, "message classes, message names or 'module.\\*'"),
-        ({"": "billing"}, "message classes, message names"),
+        ({Charge: ""}, r"routes\[<class .*Charge'>\] must be the name of the service .*got ''"),
+        ({Charge: " "}, r"routes\[.*\] must be the name of the service"),
+        ({Charge: 3}, r"routes\[.*\] must be the name of the service that owns it, got 3"),
+        ({3: "billing"}, r"each key of routes must be a message class, .*'module\.\*'.*got 3"),
+        ({"": "billing"}, "each key of routes must be a message class, a message name"),
     ],
 )
 def test_bad_routes_are_named(routes: dict[object, object], match: str) -> None:

@@ -73,6 +73,9 @@ async def test_check_transport_leaves_out_the_optional_parts_a_transport_has_not
                 address, group, consumer=consumer, limit=limit, wait=wait
             )
 
+        async def leave(self, consumer: str) -> None:
+            await self.inner.leave(consumer)
+
         async def request(self, address: str, envelope: Envelope, *, timeout: float) -> Envelope:
             return await self.inner.request(address, envelope, timeout=timeout)
 

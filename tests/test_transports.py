@@ -88,6 +88,54 @@ def test_a_bad_claim_after_in_the_url_is_a_clear_error(bad: str) -> None:
         connect(f"memory://?claim_after={bad}")
 
 
+_SECONDS = r"must be seconds \(a number > 0\), got "
+_COUNT = r"must be an int of at least 1, got "
+_NAME = r"must be a non-empty name \(a str\), got "
+
+
+# Every option of every transport's constructor: a bad value is refused when the
+# transport is made (not at its first use), naming the option and what it accepts.
+@pytest.mark.parametrize(
+    ("scheme", "option", "value", "match"),
+    [
+        *(
+            (scheme, "claim_after", bad, f"claim_after {_SECONDS}{shown}")
+            for scheme in ("memory", "redis", "amqp", "nats")
+            for bad, shown in ((0, "0"), (-1, "-1"), ("30", "'30'"), (float("nan"), "nan"))
+        ),
+        *(
+            (scheme, "max_length", bad, f"max_length {_COUNT}{shown}")
+            for scheme in ("memory", "redis", "amqp", "nats")
+            for bad, shown in ((0, "0"), (1.5, "1.5"), (True, "True"))
+        ),
+        *(
+            (scheme, "namespace", bad, f"namespace {_NAME}{shown}")
+            for scheme in ("redis", "amqp", "nats")
+            for bad, shown in (("", "''"), (7, "7"))
+        ),
+        *(
+            (scheme, "partitions", 0, "partitions must be a whole number from 1 to 1024, got 0")
+            for scheme in ("redis", "amqp", "nats")
+        ),
+        ("redis", "block", 0, f"block {_SECONDS}0"),
+        ("redis", "max_connections", 0, f"max_connections {_COUNT}0"),
+        ("amqp", "prefetch", 0, f"prefetch {_COUNT}0"),
+        ("amqp", "timeout", -1, f"timeout {_SECONDS}-1"),
+        ("amqp", "reconnect_interval", "1", f"reconnect_interval {_SECONDS}'1'"),
+        ("amqp", "queue_type", "stream", "queue_type is 'quorum' .* or 'classic' .*'stream'"),
+        ("nats", "timeout", 0, f"timeout {_SECONDS}0"),
+    ],
+)
+def test_bad_transport_options_are_named(
+    scheme: str, option: str, value: object, match: str
+) -> None:
+    pytest.importorskip(
+        {"memory": "iambus", "redis": "redis", "amqp": "aio_pika", "nats": "nats"}[scheme]
+    )
+    with pytest.raises(ImproperlyConfigured, match=match):
+        connect(f"{scheme}://127.0.0.1", **{option: value})
+
+
 def test_unknown_url_scheme_is_a_clear_error() -> None:
     with pytest.raises(ImproperlyConfigured, match=r"unknown transport URL 'kafka://x'.*memory://"):
         connect("kafka://x")

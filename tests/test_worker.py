@@ -1271,3 +1271,98 @@ async def test_a_transport_handler_waits_for_room_in_a_full_engine() -> None:
         await asyncio.wait_for(queued.wait(), 5)
         await asyncio.wait_for(orders.join(), 5)
         assert bus.unsettled() == 0
+
+
+async def test_stop_keeps_one_deadline_when_a_handler_a_receive_and_close_hang(caplog) -> None:
+    from iambus.transports.memory import MemoryTransport
+
+    hanging = asyncio.Event()  # set: receives hang, as a driver read ignoring its cancel
+    released = asyncio.Event()  # set at the end: whatever still hangs ends
+
+    async def hang() -> None:
+        while not released.is_set():
+            try:
+                await released.wait()
+            except asyncio.CancelledError:
+                continue  # ignores its cancellation
+
+    class Stuck(MemoryTransport):
+        async def receive(self, *args: Any, **kwargs: Any) -> Any:
+            if not hanging.is_set():
+                return await super().receive(*args, **kwargs)
+            await hang()
+            return []
+
+        async def close(self) -> None:
+            await hang()
+
+    billing = Dispatcher(transport="memory://", service="billing", routes=ROUTES)
+    assert billing.remote is not None
+    assert billing.remote.owned  # made from a URL: closed by the stop
+    billing.remote.transport = Stuck()
+    started = asyncio.Event()
+
+    @billing.events.register(OrderPlaced)
+    async def stubborn(event: OrderPlaced) -> None:
+        started.set()
+        hanging.set()
+        await hang()
+
+    await billing.__aenter__()
+    await billing.publish(OrderPlaced(1))
+    await asyncio.wait_for(started.wait(), 5)
+    timeout = 1.0
+    began = time.monotonic()
+    try:
+        # Each wait once had its own bound, or none: the receive loop 3 s, the handlers
+        # the timeout, then their cancellation and the transport's close without any.
+        await asyncio.wait_for(billing.stop(timeout=timeout), timeout + 20)
+        took = time.monotonic() - began
+    finally:
+        released.set()
+    assert timeout <= took < timeout + 3, f"stop({timeout}) took {took:.1f}s"
+    assert "1 handler(s) did not finish in time" in caplog.text
+    assert "2 cancelled handler(s) or receive loop(s) did not end; left behind" in caplog.text
+    assert "closing the transport memory:// took too long; left behind" in caplog.text
+
+
+async def test_a_stopped_instance_gives_back_its_key_at_once_on_a_shared_transport(
+    bus: Bus,
+) -> None:
+    # Two instances of one service on one transport object that neither opened: a stop
+    # does not close it. The first holds a key when it stops; the second gets the key's
+    # messages at once, not after claim_after (made far longer than the test).
+    transport = bus.transport()
+    transport.claim_after = 30.0  # type: ignore[attr-defined]
+    seen: list[tuple[str, int]] = []  # (instance, seq), every delivery
+    started = asyncio.Event()
+    both = asyncio.Event()
+
+    def instance(name: str) -> Dispatcher:
+        seats = Dispatcher(transport=transport, service="seats", routes=ROUTES, retry=FAST)
+
+        @seats.events.register(SeatBooked)
+        async def assign(event: SeatBooked) -> None:
+            seen.append((name, event.seq))
+            if name == "first":
+                started.set()
+                await asyncio.sleep(60)  # cancelled by the stop
+            elif {seq for who, seq in seen if who == "second"} >= {0, 1}:
+                both.set()
+
+        return seats
+
+    first, second = instance("first"), instance("second")
+    await first.__aenter__()
+    await first.publish(SeatBooked("FL-1", 0), key="FL-1")
+    await first.publish(SeatBooked("FL-1", 1), key="FL-1")
+    await asyncio.wait_for(started.wait(), 10)
+    async with second:
+        began = time.monotonic()
+        await first.stop(timeout=0.2)
+        await asyncio.wait_for(both.wait(), 10)
+        took = time.monotonic() - began
+    assert seen[0] == ("first", 0)
+    again = [seq for who, seq in seen if who == "second"]
+    assert again[:2] == [0, 1], f"the key's order was lost: {seen}"
+    assert took < 10, f"the key passed on after {took:.1f}s, not at once"

@@ -31,7 +31,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from . import __version__
@@ -80,8 +80,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 # -- the parser -----------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """Reports a wrong invocation as one line (and status 2), as every other error is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Run iambus workers, manage dead letters, show what runs and waits.",
         epilog="Run 'iambus COMMAND --help' for the options of a command.",
@@ -148,7 +155,7 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     actions = dlq.add_subparsers(title="commands", metavar="COMMAND", required=True)
-    broker = argparse.ArgumentParser(add_help=False)
+    broker = _Parser(add_help=False)
     broker.add_argument(
         "--transport",
         metavar="URL",
@@ -232,7 +239,7 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value >= 0:  # also rejects nan
+    if not 0 <= value < float("inf"):  # also rejects nan
         raise argparse.ArgumentTypeError(f"expected seconds (a number >= 0), got {text!r}")
     return value
 

@@ -52,6 +52,11 @@ from .errors import (
     RegistrationClosed,
     RequestTimeout,
     WouldDeadlock,
+    bad_option,
+    check_count,
+    check_flag,
+    check_name,
+    check_seconds,
 )
 from .handlers import Handler, Invoke, Kind
 from .messages import Command, MessageKey, Query, describe, message_key
@@ -61,8 +66,8 @@ from .remote import Remote, RemoteRoute
 from .retry import Retry, checked_policy
 from .routers import EventRouter, RequestRouter, Router
 from .routing import Routes, address
-from .transports import Transport, redact
-from .worker import Subscription, Worker
+from .transports import Transport, check_transport_object, redact
+from .worker import StopDeadline, Subscription, Worker, bounded, seconds_until
 
 __all__ = ["Dispatcher", "ErrorHandler"]
 
@@ -161,20 +166,28 @@ class Dispatcher:
         concurrency: int = 32,
         request_timeout: float = 10.0,
     ) -> None:
-        for option, value in (("engine_workers", engine_workers), ("max_pending", max_pending)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ImproperlyConfigured(f"{option} must be an int of at least 1, got {value!r}")
-        if shutdown_timeout is not None and (
-            not isinstance(shutdown_timeout, int | float) or shutdown_timeout < 0
-        ):
-            raise ImproperlyConfigured(
-                f"shutdown_timeout must be seconds (>= 0) or None for no limit, "
-                f"got {shutdown_timeout!r}"
+        check_count("engine_workers", engine_workers)
+        check_count("max_pending", max_pending)
+        check_count("concurrency", concurrency)
+        check_seconds("request_timeout", request_timeout)
+        check_flag("listen_for_signals", listen_for_signals)
+        check_seconds("shutdown_timeout", shutdown_timeout, zero=True, none="no limit")
+        if service is not None:
+            check_name("service", service)
+        if routes is not None and not isinstance(routes, Mapping):
+            raise bad_option(
+                "routes",
+                routes,
+                "a mapping of message classes, message names or 'module.*' patterns to "
+                "the names of the services that own them",
             )
+        if codec is not None:
+            _check_codec(codec)
+        if transport is not None and not isinstance(transport, str):
+            check_transport_object(transport)
         if error_handler is not None and not callable(error_handler):
-            raise ImproperlyConfigured(
-                f"error_handler must be callable as fn(exc, message, context), "
-                f"got {error_handler!r}"
+            raise bad_option(
+                "error_handler", error_handler, "callable as fn(exc, message, context)"
             )
         for option, cls, base in (
             ("events_router_cls", events_router_cls, EventRouter),
@@ -182,9 +195,7 @@ class Dispatcher:
             ("queries_router_cls", queries_router_cls, RequestRouter),
         ):
             if cls is not None and not (isinstance(cls, type) and issubclass(cls, base)):
-                raise ImproperlyConfigured(
-                    f"{option} must be a subclass of {base.__name__}, got {cls!r}"
-                )
+                raise bad_option(option, cls, f"a subclass of {base.__name__}")
         self._router_classes: dict[Kind, type[Router]] = {
             "event": events_router_cls or EventRouter,
             "command": commands_router_cls or RequestRouter,
@@ -214,8 +225,6 @@ class Dispatcher:
         self.routes = Routes(routes)
         self.remote: Remote | None = None
         if transport is not None:
-            if service is not None and (not isinstance(service, str) or not service):
-                raise ImproperlyConfigured(f"service must be a non-empty name, got {service!r}")
             self.remote = Remote(
                 transport,
                 service=service,
@@ -539,9 +548,12 @@ class Dispatcher:
         """Stop taking messages, let queued and running background work finish, stop.
 
         Waits at most ``timeout`` seconds (default: ``shutdown_timeout``); what is still
-        queued or running then is cancelled, and logged as lost. While it drains, sends
-        from the background handlers being drained are accepted (they are part of the
-        work); any other send raises ``DispatcherStopped``.
+        queued or running then is cancelled, and logged as lost. The one deadline covers
+        every wait — handlers fed by the transport, background work, giving back what the
+        worker holds, closing the transport — so it returns within ``timeout`` plus 2 s
+        whatever hangs (see ``StopDeadline``). While it drains, sends from the background
+        handlers being drained are accepted (they are part of the work); any other send
+        raises ``DispatcherStopped``.
         """
         if self._state in (_NEW, _STOPPED):
             self._signal_shutdown()  # nothing runs; a NEW dispatcher stays open to binding
@@ -563,19 +575,18 @@ class Dispatcher:
         self._fast_commands, self._fast_queries = {}, {}
         timeout = self.shutdown_timeout if timeout is None else timeout
         engine = self._engine
+        deadline = StopDeadline.after(timeout)  # one deadline for every wait below
         # A second SIGINT/SIGTERM cancels this drain (see _on_signal): what runs then
         # stays unacked, and the transport is closed at once.
         self._draining, self._forced = asyncio.current_task(), False
         loop = asyncio.get_running_loop()
         try:
-            deadline = None if timeout is None else loop.time() + timeout
             if self._worker is not None:
                 self._draining_worker, self._worker = self._worker, None
-                await self._draining_worker.stop(timeout)
+                await self._draining_worker.stop(deadline)
             if engine is not None and engine.loop is loop:
                 try:
-                    # One deadline for the worker and the engine together.
-                    async with asyncio.timeout_at(deadline):
+                    async with asyncio.timeout_at(deadline.drain):
                         await engine.join()
                 except TimeoutError:
                     logger.warning(
@@ -584,19 +595,22 @@ class Dispatcher:
                         timeout,
                         engine.pending,
                     )
-                await engine.close()
+                await engine.close(seconds_until(deadline.unwind))
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if not self._forced or current is None:
                 raise
             current.uncancel()  # stopped at once, as asked: stop() itself returns normally
             if engine is not None and engine.loop is loop:
-                await engine.close()
+                await engine.close(seconds_until(deadline.unwind))
         finally:
             self._draining = self._draining_worker = None
             self._engine = None
-            if self.remote is not None:
-                await self.remote.close()
+            if self.remote is not None and not await bounded(self.remote.close(), deadline.close):
+                logger.warning(
+                    "iambus: closing the transport %s took too long; left behind",
+                    self.remote.transport.url,
+                )
             self._state = _STOPPED
             self._remove_signals()
             self._signal_shutdown()
@@ -1222,6 +1236,24 @@ def _not_sent(what: str) -> TypeError:
     return TypeError(
         f"{what} is a query: a query is asked for its answer, not sent; use await dp.query(...)"
     )
+
+
+def _check_codec(codec: object) -> None:
+    if (
+        isinstance(codec, type)
+        or not isinstance(codec, Codec)
+        or not isinstance(codec.content_type, str)
+        or not codec.content_type
+        or not callable(codec.encode)
+        or not callable(codec.decode)
+    ):
+        hint = f" (an instance: {codec.__name__}())" if isinstance(codec, type) else ""
+        raise bad_option(
+            "codec",
+            codec,
+            f"a Codec{hint}: an object with a content_type (a non-empty str), "
+            f"encode(value) -> bytes and decode(data, into, *, name); e.g. JsonCodec()",
+        )
 
 
 def _check_key(key: object) -> None:

@@ -205,8 +205,11 @@ class Engine:
                 self._idle = self.loop.create_future()
             await asyncio.shield(self._idle)
 
-    async def close(self) -> int:
-        """Cancel the workers; return how many jobs were left unfinished."""
+    async def close(self, within: float | None = None) -> int:
+        """Cancel the workers; return how many jobs were left unfinished.
+
+        Waits ``within`` seconds at most (None: no limit) for the workers to end: a job
+        that ignores its cancellation is left behind."""
         left = self._pending
         self._closing = True
         while self._room:  # producers waiting for room: they get DispatcherStopped
@@ -216,7 +219,13 @@ class Engine:
         self._withdrawn = 0
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            _, stuck = await asyncio.wait(self._tasks, timeout=within)
+            if stuck:
+                logger.warning(
+                    "iambus: %d background job(s) ignored their cancellation; left behind",
+                    len(stuck),
+                )
         self._tasks.clear()
         while not self._ready.empty():
             _drop(self._ready.get_nowait())

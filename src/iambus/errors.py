@@ -19,10 +19,15 @@ The tree::
     └── RequestTimeout                no answer to a remote query in time (also a TimeoutError)
 
 Messages say what was wrong, where (the handler's qualified name, the parameter, the
-message type) and how to fix it. Catch ``IambusError`` to catch them all.
+message type) and how to fix it. Catch ``IambusError`` to catch them all. Options are
+checked when the object taking them is built, all in one wording:
+``"<option> must be <what is allowed>, got <the value>"``.
 """
 
 from __future__ import annotations
+
+import math
+from typing import overload
 
 __all__ = [
     "DispatcherStopped",
@@ -118,3 +123,71 @@ class RemoteError(IambusError):
 
 class RequestTimeout(IambusError, TimeoutError):
     """A remote query got no answer within its timeout."""
+
+
+# -- checking options -------------------------------------------------------------------
+# Every option of a Dispatcher, a transport and the worker is checked when it is built,
+# with these, so that each message names the option, what it accepts and what it got.
+
+
+def bad_option(option: str, value: object, allowed: str) -> ImproperlyConfigured:
+    """The error for ``option`` set to ``value``, which is not ``allowed``."""
+    return ImproperlyConfigured(f"{option} must be {allowed}, got {value!r}")
+
+
+def check_count(option: str, value: object, *, least: int = 1) -> int:
+    """``value`` if it is an int (not a bool) of at least ``least``."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= least:
+        return value
+    raise bad_option(option, value, f"an int of at least {least}")
+
+
+@overload
+def check_seconds(option: str, value: object, *, zero: bool = False) -> float: ...
+
+
+@overload
+def check_seconds(option: str, value: object, *, zero: bool = False, none: str) -> float | None: ...
+
+
+def check_seconds(
+    option: str, value: object, *, zero: bool = False, none: str | None = None
+) -> float | None:
+    """``value`` if it is a finite number of seconds above 0 (or 0 too, with ``zero``);
+    or None, where ``none`` says what None means."""
+    if value is None and none is not None:
+        return None
+    if _finite(value, zero):
+        return value  # type: ignore[return-value]
+    allowed = f"seconds (a number {'>= 0' if zero else '> 0'})"
+    raise bad_option(option, value, allowed if none is None else f"{allowed} or None for {none}")
+
+
+def check_number(option: str, value: object, *, zero: bool = False) -> float:
+    """``value`` if it is a finite number above 0 (or 0 too, with ``zero``)."""
+    if _finite(value, zero):
+        return value  # type: ignore[return-value]
+    raise bad_option(option, value, f"a number {'>= 0' if zero else '> 0'}")
+
+
+def _finite(value: object, zero: bool) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value > 0 or (zero and value == 0))
+    )
+
+
+def check_flag(option: str, value: object) -> bool:
+    """``value`` if it is True or False (not merely truthy)."""
+    if isinstance(value, bool):
+        return value
+    raise bad_option(option, value, "True or False")
+
+
+def check_name(option: str, value: object) -> str:
+    """``value`` if it is a non-empty str that is not only spaces."""
+    if isinstance(value, str) and value.strip():
+        return value
+    raise bad_option(option, value, "a non-empty name (a str)")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .errors import ImproperlyConfigured
+from .errors import bad_option, check_count, check_flag, check_number, check_seconds
 
 __all__ = ["Retry"]
 
@@ -40,12 +40,11 @@ class Retry:
     """Wait a random 50-100 % of the computed delay."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.attempts, int) or self.attempts < 1:
-            raise ImproperlyConfigured(f"Retry.attempts must be an int >= 1, got {self.attempts!r}")
-        for name in ("backoff", "factor", "max_backoff"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or value < 0:
-                raise ImproperlyConfigured(f"Retry.{name} must be a number >= 0, got {value!r}")
+        check_count("Retry.attempts", self.attempts)
+        check_seconds("Retry.backoff", self.backoff, zero=True)
+        check_number("Retry.factor", self.factor, zero=True)
+        check_seconds("Retry.max_backoff", self.max_backoff, zero=True)
+        check_flag("Retry.jitter", self.jitter)
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after delivery number ``attempt`` failed."""
@@ -56,8 +55,9 @@ class Retry:
 def checked_policy(option: str, value: Retry | None) -> Retry | None:
     """``value`` if it is a ``Retry`` or None; else ImproperlyConfigured naming ``option``."""
     if value is not None and not isinstance(value, Retry):
-        raise ImproperlyConfigured(
-            f"{option} must be a Retry(...), e.g. Retry(attempts=5, backoff=0.5), or None "
-            f"for the policy further out; got {value!r} ({type(value).__name__})"
+        raise bad_option(
+            option,
+            value,
+            "a Retry(...), e.g. Retry(attempts=5, backoff=0.5), or None for the policy further out",
         )
     return value

@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import ImproperlyConfigured
+from .errors import bad_option
 from .messages import MessageKey, describe, message_name
 
 __all__ = ["Routes", "address"]
@@ -54,9 +54,9 @@ class Routes:
         self._modules: list[tuple[str, str]] = []
         self._resolved: dict[MessageKey, str | None] = {}
         for target, service in (routes or {}).items():
-            if not isinstance(service, str) or not service:
-                raise ImproperlyConfigured(
-                    f"the route of {target!r} must name the service that owns it, got {service!r}"
+            if not isinstance(service, str) or not service.strip():
+                raise bad_option(
+                    f"routes[{target!r}]", service, "the name of the service that owns it"
                 )
             if isinstance(target, type):
                 self._by_key[target] = service
@@ -65,9 +65,10 @@ class Routes:
             elif isinstance(target, str) and target:
                 self._by_name[target] = service
             else:
-                raise ImproperlyConfigured(
-                    f"routes take message classes, message names or 'module.*' patterns as "
-                    f"keys, got {target!r}"
+                raise bad_option(
+                    "each key of routes",
+                    target,
+                    "a message class, a message name or a 'module.*' pattern",
                 )
         self._modules.sort(key=lambda item: -len(item[0]))  # longest prefix first
 

@@ -450,6 +450,41 @@ async def check_backlog(transport: Transport) -> None:
     assert (await transport.backlog(address, g2)).waiting == 0, "an unknown group has nothing"
 
 
+async def check_leave_gives_back_at_once(transport: Transport) -> None:
+    """What a consumer that leaves held goes to the others at once, its key with it.
+
+    ``leave(consumer)`` (a worker stopping) must not make its unsettled keyed delivery
+    wait for ``claim_after``: it comes again (attempt 2), then its key's next envelope.
+    Leaving as a consumer the transport never saw does nothing.
+    """
+    claim_after = float(getattr(transport, "claim_after", 0))
+    assert 0 < claim_after <= 2, "run the checks with claim_after between 0 and 2 seconds"
+    address, group, _ = _names("leave")
+    await transport.declare(address, group, from_start=False)
+    await transport.leave("never-seen")
+    [key] = _distinct_keys(transport, 1)
+    for n in range(2):
+        await transport.send(address, _envelope(n, key=key))
+    [held] = await _receive_all(transport, address, group, 1, consumer="leaving")
+    taken = time.monotonic()
+    assert _n(held) == 0
+    await transport.leave("leaving")
+    got: list[tuple[int, int]] = []
+    # A reclaim could only come claim_after after the broker handed the delivery out
+    # (just before ``taken``): until then, only leave() can have passed it on.
+    while len(got) < 2 and time.monotonic() < taken + 0.9 * claim_after:
+        for delivery in await transport.receive(
+            address, group, consumer="staying", limit=10, wait=0.05
+        ):
+            got.append((_n(delivery), delivery.attempt))
+            await delivery.ack()
+    assert got == [(0, 2), (1, 1)], (
+        f"after leave(), expected n=0 (attempt 2) then n=1 within claim_after "
+        f"({claim_after}s), not after it; got {got}"
+    )
+    await _nothing(transport, address, group, wait=claim_after + 0.3)
+
+
 TRANSPORT_CHECKS: dict[str, Check] = {
     check.__name__.removeprefix("check_"): check
     for check in (
@@ -467,6 +502,7 @@ TRANSPORT_CHECKS: dict[str, Check] = {
         check_a_lost_key_passes_on_in_order,
         check_registry,
         check_backlog,
+        check_leave_gives_back_at_once,
     )
 }
 

@@ -31,10 +31,12 @@ and the dispatcher's ``run()`` raises it.
 
 At most ``concurrency`` handlers run at once. On stop it fetches nothing more, lets the
 handlers in flight finish (within the shutdown timeout) and settles them; what it could
-not finish stays unacked and is redelivered — to another instance — once the broker's
-``claim_after`` has passed. That is at-least-once delivery: a handler can see a message
-twice (a crash after the handler's work but before its ack), so make handlers idempotent
-or deduplicate by ``Envelope.id``.
+not finish stays unacked, and the worker gives it back (``Transport.leave``): another
+instance gets it at once, with its partition, whether or not the transport is closed
+afterwards (a transport passed in, shared, lives on). What a crashed worker held waits
+for the broker's ``claim_after`` instead. That is at-least-once delivery: a handler can
+see a message twice (a crash after the handler's work but before its ack), so make
+handlers idempotent or deduplicate by ``Envelope.id``.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ import socket
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -63,7 +65,7 @@ from .transports import ANNOUNCE_TTL, Delivery, Failure, Instance, Registry, red
 if TYPE_CHECKING:
     from .dispatching import Route
 
-__all__ = ["Subscription", "Worker"]
+__all__ = ["StopDeadline", "Subscription", "Worker"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +76,51 @@ WITHDRAW_TIMEOUT = 2.0  # seconds a stopping worker's withdrawal may take (from 
 RECEIVE_BACKOFF, RECEIVE_BACKOFF_MAX = 0.1, 5.0  # seconds between receives that failed
 RELEARN = 60.0  # seconds a sender's clock offset is trusted before it is learnt again
 SENDERS = 1024  # sender clocks remembered at most
+STOP_GRACE = 1.0  # seconds a stop's deadline is followed by for each of its two clean-ups
+
+
+@dataclass(frozen=True, slots=True)
+class StopDeadline:
+    """The one deadline of a stop, in event-loop time (None: no limit).
+
+    Handlers and background work may finish until ``drain``; what is cancelled then gets
+    until ``unwind`` to end (a receive blocked in a driver, a handler that ignores its
+    cancellation are left behind then); giving back what the consumers hold and closing
+    the transport end by ``close``. So ``stop(timeout)`` returns within
+    ``timeout + 2 * STOP_GRACE`` seconds whatever hangs.
+    """
+
+    drain: float | None
+    unwind: float | None
+    close: float | None
+
+    @classmethod
+    def after(cls, timeout: float | None) -> StopDeadline:
+        if timeout is None:
+            return cls(None, None, None)
+        drain = asyncio.get_running_loop().time() + timeout
+        return cls(drain, drain + STOP_GRACE, drain + 2 * STOP_GRACE)
+
+
+def seconds_until(deadline: float | None) -> float | None:
+    """Seconds left until ``deadline`` (event-loop time), never negative; None: no limit."""
+    if deadline is None:
+        return None
+    return max(deadline - asyncio.get_running_loop().time(), 0.0)
+
+
+async def bounded(work: Awaitable[Any], deadline: float | None) -> bool:
+    """Await ``work`` until ``deadline``; past it, cancel it and leave it behind (it may
+    ignore the cancellation). True if it ended in time. Its errors are raised."""
+    task = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({task}, timeout=seconds_until(deadline))
+    if done:
+        task.result()
+        return True
+    task.cancel()
+    # Nobody awaits it any more: whatever it ends with is not "never retrieved".
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,8 +198,9 @@ class Worker:
             lines,
         )
 
-    async def stop(self, timeout: float | None) -> int:
-        """Fetch nothing more; finish what runs (within ``timeout``); return how many did not."""
+    async def stop(self, deadline: StopDeadline) -> int:
+        """Fetch nothing more; let what runs finish until ``deadline.drain``, then cancel
+        it; give back what this consumer holds. Returns how many handlers did not finish."""
         # Receive loops are cancelled, and also stop by themselves between two receives
         # (each returns within RECEIVE_WAIT): cancelling a read blocked in a driver is not
         # reliable (redis-py can swallow it), so the flag bounds the wait either way.
@@ -161,29 +209,60 @@ class Worker:
         if self._presence is not None:
             presence, self._presence = self._presence, None
             await presence.stop()
-        if self._loops:
-            for task in self._loops:
-                task.cancel()
-            _, stuck = await asyncio.wait(self._loops, timeout=RECEIVE_WAIT + 2)
-            if stuck:  # pragma: no cover - only a driver that ignores both ways
-                logger.warning(
-                    "iambus worker %s: %d receive loop(s) did not stop", self.consumer, len(stuck)
-                )
-        self._loops = []
+        loops, self._loops = self._loops, []
+        for task in loops:
+            task.cancel()
+        stuck: set[asyncio.Task[None]] = set()
+        if loops:
+            # First the loops: a receive ending now still starts its handlers.
+            by = asyncio.get_running_loop().time() + RECEIVE_WAIT + 2
+            _, stuck = await asyncio.wait(
+                loops, timeout=seconds_until(by if deadline.drain is None else deadline.drain)
+            )
         left = 0
         if self._inflight:
-            _, pending = await asyncio.wait(self._inflight, timeout=timeout)
-            for task in pending:
+            await asyncio.wait(self._inflight, timeout=seconds_until(deadline.drain))
+            left = len(self._inflight)
+        if left:
+            logger.warning(
+                "iambus worker %s: %d handler(s) did not finish in time; their messages "
+                "stay unacked and are given back",
+                self.consumer,
+                left,
+            )
+            for task in self._inflight:
                 task.cancel()
-            if pending:
-                await asyncio.wait(pending)
-                left = len(pending)
+        # Without a deadline, a loop gets RECEIVE_WAIT + 2 s (above) and is left behind.
+        unwinding = (stuck if deadline.unwind is not None else set()) | self._inflight
+        if stuck and deadline.unwind is None:
+            logger.warning("iambus worker %s: a receive loop did not stop", self.consumer)
+        if unwinding:
+            _, unwinding = await asyncio.wait(unwinding, timeout=seconds_until(deadline.unwind))
+            for task in self._inflight:  # started meanwhile by a receive that ended late
+                task.cancel()
+        if unwinding:
+            logger.warning(
+                "iambus worker %s: %d cancelled handler(s) or receive loop(s) did not end; "
+                "left behind",
+                self.consumer,
+                len(unwinding),
+            )
+        # What this consumer still holds (the cancelled handlers' messages, the partitions
+        # they block, its consumers on the broker) goes to the others now, whether or not
+        # the transport is closed next: a transport passed in lives on.
+        try:
+            if not await bounded(self.remote.transport.leave(self.consumer), deadline.close):
                 logger.warning(
-                    "iambus worker %s: %d handler(s) did not finish in time; their messages "
-                    "stay unacked and will be redelivered",
+                    "iambus worker %s: giving back what it holds took too long; the rest "
+                    "is redelivered after claim_after",
                     self.consumer,
-                    left,
                 )
+        except Exception:
+            logger.exception(
+                "iambus worker %s: could not give back what it holds; it is redelivered "
+                "after claim_after",
+                self.consumer,
+            )
         return left
 
     def instance(self) -> Instance:

@@ -16,6 +16,12 @@ codecs, routing, retries, handlers — lives above the seam, so a transport stay
   the delivery acked, in one step.
 * ``request(address, envelope, timeout=...)`` / ``reply(to, envelope)``: request/reply.
 * ``dead_letters()`` / ``replay(ids)`` / ``purge(ids)``: the parked ones.
+* ``leave(consumer)``: the consumer is going away (its worker stopped; the transport may
+  live on, shared with others). What it holds goes to the group's other consumers at
+  once — its unsettled deliveries, the partitions (keys) they block, its broker-side
+  consumers — instead of after ``claim_after``. A worker calls it on stop, after its
+  handlers finished or were cancelled; a consumer name the transport never saw is a
+  no-op.
 
 Errors: ``TransportError`` for a broker that failed or is unreachable (the worker
 retries), ``TransportRefused`` for refused credentials or permissions and
@@ -61,7 +67,7 @@ from typing import Any, Protocol, runtime_checkable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..envelope import Envelope
-from ..errors import ImproperlyConfigured
+from ..errors import ImproperlyConfigured, bad_option
 
 __all__ = [
     "ANNOUNCE_TTL",
@@ -73,6 +79,7 @@ __all__ = [
     "Monitor",
     "Registry",
     "Transport",
+    "check_transport_object",
     "client_name",
     "connect",
     "redact",
@@ -158,6 +165,30 @@ class Transport(Protocol):
     async def replay(self, ids: Sequence[str]) -> int: ...
 
     async def purge(self, ids: Sequence[str] | None = None) -> int: ...
+
+    async def leave(self, consumer: str) -> None: ...
+
+
+def check_transport_object(transport: object) -> Transport:
+    """``transport`` if it has everything ``Transport`` declares; else the error naming
+    what it lacks."""
+    lacks = [name for name in _MEMBERS if not hasattr(transport, name)]
+    if isinstance(transport, type) or lacks:
+        what = (
+            f"an instance, not the class {transport.__name__}"
+            if isinstance(transport, type)
+            else f"it has no {', '.join(lacks)}"
+        )
+        raise bad_option(
+            "transport",
+            transport,
+            f"a Transport or a transport URL such as 'redis://127.0.0.1:6379/0' ({what})",
+        )
+    return transport  # type: ignore[return-value]
+
+
+# What a Transport has: its attribute and methods, as the Protocol declares them.
+_MEMBERS = ("url", *(name for name in vars(Transport) if not name.startswith("_")))
 
 
 @dataclass(frozen=True, slots=True)

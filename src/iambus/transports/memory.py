@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..envelope import Envelope, new_id
-from ..errors import ImproperlyConfigured, TransportError
+from ..errors import ImproperlyConfigured, TransportError, check_count, check_seconds
 from . import ANNOUNCE_TTL, Backlog, DeadLetter, Delivery, Failure, Instance
 
 __all__ = ["MemoryTransport"]
@@ -74,8 +74,8 @@ class MemoryTransport:
         self, url: str = "memory://", *, claim_after: float = 30.0, max_length: int = 10_000
     ) -> None:
         self.url = url
-        self.claim_after = claim_after
-        self.max_length = max_length
+        self.claim_after = check_seconds("claim_after", claim_after)
+        self.max_length = check_count("max_length", max_length)
         self._streams: dict[str, _Stream] = {}
         self._dead: dict[str, DeadLetter] = {}
         self._replies: dict[str, asyncio.Future[Envelope]] = {}
@@ -238,6 +238,17 @@ class MemoryTransport:
         if pending is not None:
             letter = DeadLetter(new_id(), address, group, pending.envelope, failure, time.time())
             self._dead[letter.id] = letter
+        await self._notify()
+
+    async def leave(self, consumer: str) -> None:
+        """Give back what ``consumer`` holds: each unsettled delivery goes to the group's
+        next receive at once (attempt + 1), and its key with it."""
+        now = asyncio.get_running_loop().time()
+        for stream in self._streams.values():
+            for state in stream.groups.values():
+                for pending in state.pending.values():
+                    if pending.consumer == consumer:
+                        pending.consumer, pending.due = None, now
         await self._notify()
 
     # -- request/reply --------------------------------------------------------------

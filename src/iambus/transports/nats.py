@@ -38,6 +38,9 @@ maps onto JetStream:
   transport waits on it, or the server would give them right back;
 * the attempt is JetStream's delivery counter of the message for that consumer
   (``num_delivered``), which survives restarts;
+* ``leave(consumer)`` (a worker stopping) hands back what that consumer was given and
+  did not settle (a ``NAK`` without delay: attempt + 1), so that its partitions pass on
+  now instead of after ``ack_wait``;
 * ``ack`` publishes the ack and returns once a round trip to the server (a ``PING``,
   shared by all the acks published meanwhile) showed the server received it;
   ``retry(delay)`` is a ``NAK`` with that delay, which redelivers to that
@@ -127,7 +130,14 @@ from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..envelope import Envelope
-from ..errors import ImproperlyConfigured, SerializationError, TransportError
+from ..errors import (
+    ImproperlyConfigured,
+    SerializationError,
+    TransportError,
+    check_count,
+    check_name,
+    check_seconds,
+)
 from ..partitions import partition, partitions_option
 from . import ANNOUNCE_TTL, Backlog, DeadLetter, Delivery, Failure, Instance, client_name, redact
 
@@ -263,6 +273,8 @@ class NatsTransport:
     ) -> None:
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
+        if namespace is not None:
+            check_name("namespace", namespace)
         self.namespace = namespace or query.pop("namespace", None) or "iambus"
         query.pop("namespace", None)
         if not _NAME.fullmatch(self.namespace):
@@ -273,9 +285,9 @@ class NatsTransport:
         self._driver_url = urlunsplit(parts._replace(query=urlencode(query)))
         self.url = redact(url)
         self.client_name = client_name  # None: the dispatcher's service names it on open
-        self.claim_after = claim_after
-        self.max_length = max_length
-        self.timeout = timeout
+        self.claim_after = check_seconds("claim_after", claim_after)
+        self.max_length = check_count("max_length", max_length)
+        self.timeout = check_seconds("timeout", timeout)
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._inbox = ""
@@ -290,6 +302,9 @@ class NatsTransport:
         # core requests not known to be heard: token -> (address, envelope)
         self._unheard: dict[str, tuple[str, Envelope]] = {}
         self._groups: dict[tuple[str, str], _Group] = {}
+        # Messages handed out to each consumer name and maybe not settled yet, for
+        # leave() (settled ones are dropped at the consumer's next receive).
+        self._handed: dict[str, list[Msg]] = {}
         self._lanes: dict[str, _Lane] = {}  # consumer name -> lane
         self._pulls: dict[str, _Pull] = {}  # reply token -> open pull
         self._tokens = 0
@@ -434,6 +449,7 @@ class NatsTransport:
             state.arrived.set()  # a receive waiting returns (and finds the transport closed)
         nc, self._nc, self._js = self._nc, None, None
         self._groups.clear()
+        self._handed.clear()
         self._lanes.clear()
         self._pulls.clear()
         self._streams_ready = False
@@ -683,6 +699,8 @@ class NatsTransport:
                         delivery = await self._delivery(address, group, entry)
                         if delivery is not None:
                             out.append(delivery)
+                    if out:
+                        self._hand(consumer, out)
                     if out or time.monotonic() >= deadline:
                         return out
             except asyncio.CancelledError:
@@ -699,6 +717,21 @@ class NatsTransport:
             finally:
                 state.receiving = False
                 self._schedule_release(state)
+
+    def _hand(self, consumer: str, out: list[Delivery]) -> None:
+        handed = [message for message in self._handed.get(consumer, ()) if not message.is_acked]
+        handed += (d._message for d in out if isinstance(d, _NatsDelivery))
+        self._handed[consumer] = handed
+
+    async def leave(self, consumer: str) -> None:
+        """Hand back (``NAK`` without delay: attempt + 1) what ``consumer`` was handed and
+        did not settle: its partitions pass on now, not after ``claim_after``."""
+        handed = self._handed.pop(consumer, [])
+        if self._nc is None:
+            return
+        for message in handed:
+            if not message.is_acked:
+                await self._nak_now(message)
 
     def _group(self, address: str, group: str) -> _Group:
         state = self._groups.get((address, group))

@@ -25,6 +25,7 @@ queue name starts with the namespace (default ``iambus``). How the seam maps ont
   between gives a duplicate, never a loss;
 * a consumer that neither receives nor settles for ``claim_after`` seconds is considered
   dead: its channels are closed, so RabbitMQ hands what it held to the others;
+  ``leave(consumer)`` (a worker stopping) and ``close`` do the same at once;
 * a retry or dead letter whose copy the broker does not confirm (a nack, a confirm
   timeout) gives the delivery back (``basic.nack``, requeue) while its channel is open:
   it comes again as a further attempt instead of staying with a consumer that lives on;
@@ -91,7 +92,15 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..envelope import Envelope, new_id
-from ..errors import ImproperlyConfigured, SerializationError, TransportError, TransportRefused
+from ..errors import (
+    ImproperlyConfigured,
+    SerializationError,
+    TransportError,
+    TransportRefused,
+    check_count,
+    check_name,
+    check_seconds,
+)
 from ..partitions import partition, partitions_option
 from . import Backlog, DeadLetter, Delivery, Failure, Instance, client_name, redact
 
@@ -193,6 +202,8 @@ class RabbitMQTransport:
     ) -> None:
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
+        if namespace is not None:
+            check_name("namespace", namespace)
         in_url = query.pop("namespace", None)
         type_in_url = query.pop("queue_type", None)
         self.queue_type = queue_type or type_in_url or "quorum"
@@ -217,11 +228,11 @@ class RabbitMQTransport:
         self._driver_url = urlunsplit(parts._replace(query=urlencode(query)))
         self.url = redact(url)
         self.client_name = client_name  # None: the dispatcher's service names it on open
-        self.claim_after = claim_after
-        self.prefetch = prefetch
-        self.max_length = max_length
-        self.timeout = timeout
-        self.reconnect_interval = reconnect_interval
+        self.claim_after = check_seconds("claim_after", claim_after)
+        self.prefetch = None if prefetch is None else check_count("prefetch", prefetch)
+        self.max_length = check_count("max_length", max_length)
+        self.timeout = check_seconds("timeout", timeout)
+        self.reconnect_interval = check_seconds("reconnect_interval", reconnect_interval)
         self._connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None
         self._admin: AbstractRobustChannel | None = None
@@ -339,12 +350,7 @@ class RabbitMQTransport:
             await asyncio.gather(self._sweeper, return_exceptions=True)
             self._sweeper = None
         for consumer in list(self._consumers.values()):
-            # A keyed retry still waiting goes back with its channel: attempt + 1, now.
-            for task in list(consumer.retrying):
-                task.cancel()
-            await asyncio.gather(*consumer.retrying, return_exceptions=True)
-            with contextlib.suppress(TransportError):
-                await self._retire(consumer)
+            await self._leave(consumer)
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(TransportError(f"{self.url}: closed while waiting"))
@@ -358,6 +364,21 @@ class RabbitMQTransport:
         if connection is not None:
             with contextlib.suppress(Exception):
                 await connection.close()
+
+    async def leave(self, consumer: str) -> None:
+        """Retire ``consumer``'s consumers now (see ``_retire``), not after ``claim_after``:
+        what they held goes to the others, and each partition queue to the next consumer."""
+        for key, state in list(self._consumers.items()):
+            if key[2] == consumer:
+                await self._leave(state)
+
+    async def _leave(self, state: _Consumer) -> None:
+        # A keyed retry still waiting goes back with its channel: attempt + 1, now.
+        for task in list(state.retrying):
+            task.cancel()
+        await asyncio.gather(*state.retrying, return_exceptions=True)
+        with contextlib.suppress(TransportError):
+            await self._retire(state)
 
     async def destroy(self) -> int:
         """Delete this namespace's exchanges and the queues this instance declared (tests)."""

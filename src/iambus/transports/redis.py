@@ -67,7 +67,8 @@ the rule holds across all consumers and processes:
   groups ack and skip it;
 * ``close()`` parks the keyed deliveries it handed out and saw no settle of (a stopping
   worker's cancelled handlers) as retries due at once, so that their partitions pass
-  on within ``block`` seconds, counted (attempt + 1), not after ``claim_after``.
+  on within ``block`` seconds, counted (attempt + 1), not after ``claim_after``;
+  ``leave(consumer)`` does the same for one consumer's, on a transport that stays open.
 
 No leases: any consumer of the group takes any free partition whose pointer it reads,
 so one instance may hold many (up to all) partitions of a group at once. Limits: keyed
@@ -99,7 +100,15 @@ from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..envelope import Envelope
-from ..errors import ImproperlyConfigured, SerializationError, TransportError, TransportRefused
+from ..errors import (
+    ImproperlyConfigured,
+    SerializationError,
+    TransportError,
+    TransportRefused,
+    check_count,
+    check_name,
+    check_seconds,
+)
 from ..partitions import partition, partitions_option
 from . import ANNOUNCE_TTL, Backlog, DeadLetter, Delivery, Failure, Instance, client_name, redact
 
@@ -381,6 +390,8 @@ class RedisTransport:
     ) -> None:
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
+        if namespace is not None:
+            check_name("namespace", namespace)
         self.namespace = namespace or query.pop("namespace", None) or "iambus"
         if ":" in self.namespace or not self.namespace:
             raise ImproperlyConfigured(f"a Redis namespace may not contain ':': {self.namespace!r}")
@@ -388,10 +399,10 @@ class RedisTransport:
         self._driver_url = urlunsplit(parts._replace(query=urlencode(query)))
         self.url = redact(url)
         self.client_name = client_name  # None: the dispatcher's service names it on open
-        self.claim_after = claim_after
-        self.block = block
-        self.max_length = max_length
-        self.max_connections = max_connections
+        self.claim_after = check_seconds("claim_after", claim_after)
+        self.block = check_seconds("block", block)
+        self.max_length = check_count("max_length", max_length)
+        self.max_connections = check_count("max_connections", max_connections)
         self._redis: aioredis.Redis | None = None
         self._scripts: dict[str, Any] = {}
         self._reply_channel = f"{self.namespace}:reply:{uuid.uuid4().hex}"
@@ -452,16 +463,27 @@ class RedisTransport:
             if not future.done():
                 future.set_exception(TransportError(f"{self.url}: closed while waiting"))
         if self._redis is not None and self._holding:
-            await self._hand_on()
+            holding, self._holding = self._holding, {}
+            await self._hand_on(holding)
         client, self._redis = self._redis, None
         if client is not None:
             await client.aclose(close_connection_pool=True)
 
-    async def _hand_on(self) -> None:
-        """Park the keyed deliveries still held (a stopping worker's cancelled handlers) as
+    async def leave(self, consumer: str) -> None:
+        """Hand on the keyed deliveries ``consumer`` holds, as ``close()`` does for all:
+        their partitions pass on within ``block`` seconds, not after ``claim_after``. (Its
+        unkeyed deliveries hold nothing up; they are reclaimed after ``claim_after``.)"""
+        mine = {where: held for where, held in self._holding.items() if held[0] == consumer}
+        if not mine or self._redis is None:
+            return
+        for where in mine:
+            del self._holding[where]
+        await self._hand_on(mine)
+
+    async def _hand_on(self, holding: dict[tuple[str, str, str, bytes], tuple[str, int]]) -> None:
+        """Park the keyed deliveries ``holding`` (a stopping worker's cancelled handlers) as
         retries due now: another consumer claims each (attempt + 1) at its next check for
         due retries, instead of its partition waiting ``claim_after``."""
-        holding, self._holding = self._holding, {}
 
         async def hand_on(
             address: str, group: str, mark: str, entry_id: bytes, consumer: str, attempt: int
