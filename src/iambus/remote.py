@@ -16,7 +16,8 @@ When the transport keeps a registry of the live worker instances (every iambus t
 does), a ``RequestTimeout`` says what it found there: no live instance of the owner, or
 live instances none of which handles the message (and what they do handle). The first
 send of each routed command and event looks there too, in the background, and logs a
-warning once when no live instance handles it.
+warning once when its owner runs but none of its instances handles the command, or
+when no handler ever subscribed to the event.
 """
 
 from __future__ import annotations
@@ -283,18 +284,42 @@ class Remote:
             return None
 
     async def _check(self, to: str, owner: str | None) -> None:
-        found = await self.handlers_of(to, owner)
-        if found is None or found[0]:
-            return
         if owner is None:
+            # An event reaches every group on its address, running or not: a warning only
+            # when no handler ever subscribed to it (nobody will ever get this one). Groups
+            # are known for good, so a service that just stopped is no false alarm.
+            known = await self._groups()
+            if known is None or any(address == to for address, _ in known):
+                return
             logger.warning(
-                "iambus: sent %s, but %s now: a handler that subscribes later gets only "
-                "the events sent after it started",
+                "iambus: sent %s, but no handler of any service has ever subscribed to it: "
+                "nobody receives it, and a handler that subscribes later gets only the "
+                "events sent after it started",
                 to,
-                found[1],
             )
-        else:
-            logger.warning("iambus: sent %s to service %r, where it waits: %s", to, owner, found[1])
+            return
+        # A command waits in the broker for its owner: fine while no instance runs (that
+        # is what a durable send is for); a warning when the owner runs and none of its
+        # instances handles it (an old version, a wrong route), where it would sit.
+        found = await self.handlers_of(to, owner)
+        if found is None or found[0] or not await self._runs(owner):
+            return
+        logger.warning("iambus: sent %s to service %r, where it waits: %s", to, owner, found[1])
+
+    async def _runs(self, service: str) -> bool:
+        live = await self._live()
+        return live is not None and any(i.service == service for i in live)
+
+    async def _groups(self) -> dict[tuple[str, str], str] | None:
+        transport = self.transport
+        if not isinstance(transport, Registry):
+            return None
+        try:
+            async with asyncio.timeout(LOOKUP_TIMEOUT):
+                return await transport.groups()
+        except Exception as exc:
+            logger.debug("iambus: could not read the registry of %s: %s", transport.url, exc)
+            return None
 
     def answer(self, request: Envelope, result: Any) -> Envelope:
         """The reply to ``request`` carrying ``result``."""
