@@ -23,7 +23,7 @@ from typing import TypeVar
 import pytest
 
 from iambus.envelope import Envelope
-from iambus.errors import ImproperlyConfigured, TransportError
+from iambus.errors import ImproperlyConfigured, TransportError, TransportRefused
 from iambus.transports import Delivery, Failure, connect
 
 from .conftest import require
@@ -188,7 +188,8 @@ async def test_dead_letters_are_listed_in_order_and_purged_all_at_once(
 class _Server:
     """A nats-server with JetStream on a free loopback port, its store in ``store``."""
 
-    def __init__(self, store: Path) -> None:
+    def __init__(self, store: Path, *options: str) -> None:
+        self.options = options  # more command-line options, e.g. ("--user", "u", ...)
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
@@ -200,7 +201,7 @@ class _Server:
         return f"nats://127.0.0.1:{self.port}"
 
     async def start(self) -> None:
-        command = [NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.port), "-js"]
+        command = [NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.port), "-js", *self.options]
         self.process = await asyncio.create_subprocess_exec(
             *command,
             "-sd",
@@ -234,6 +235,28 @@ async def server(tmp_path: Path) -> AsyncIterator[_Server]:
         yield made
     finally:
         await made.stop()
+
+
+async def test_wrong_credentials_are_refused_not_retried(tmp_path: Path) -> None:
+    # A refused login is TransportRefused (the worker stops on it), named at once, with
+    # the password hidden: not a TransportError retried for ever.
+    if not HAS_SERVER:
+        pytest.skip(f"no nats-server at {NATS_SERVER} to start with a password")
+    guarded = _Server(tmp_path / "jetstream", "--user", "u", "--pass", "right")
+    await guarded.start()
+    try:
+        wrong = NatsTransport(f"nats://u:wrong@127.0.0.1:{guarded.port}", timeout=5)
+        started = time.monotonic()
+        with pytest.raises(TransportRefused, match="connect refused") as info:
+            await wrong.open()
+        assert time.monotonic() - started < 2
+        assert "check the user and password" in str(info.value)
+        assert "wrong" not in str(info.value)
+        right = NatsTransport(f"nats://u:right@127.0.0.1:{guarded.port}", timeout=5)
+        await right.open()
+        await right.close()
+    finally:
+        await guarded.stop()
 
 
 async def _receive_from(
