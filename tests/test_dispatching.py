@@ -18,6 +18,9 @@ from iambus import (
     RegistrationClosed,
     WouldDeadlock,
 )
+from iambus.dispatching import _STOPPING
+
+from .processes import until
 
 
 @dataclass(frozen=True, slots=True)
@@ -756,7 +759,7 @@ async def test_a_stopping_dispatcher_turns_away_outside_senders_and_restarts():
     dp.start()
     await dp.handle(Rename("slow"))
     stopping = asyncio.create_task(dp.stop())
-    await asyncio.sleep(0.01)
+    await until(lambda: dp._state == _STOPPING, 5, "the dispatcher to be stopping")
     with pytest.raises(DispatcherStopped, match="is stopping"):
         await dp.handle(Rename("too late"))
     with pytest.raises(DispatcherStopped, match="is stopping"):
@@ -873,7 +876,7 @@ async def test_an_awaited_keyed_send_still_queued_at_stop_timeout_is_cancelled()
     dp.start()
     await dp.handle(Rename("running"), key="k")
     waiting = asyncio.create_task(dp.execute(Rename("queued"), key="k"))
-    await asyncio.sleep(0.01)
+    await until(lambda: dp._engine.pending == 2, 5, "the second send to be queued")
     await dp.stop(timeout=0.01)
     with pytest.raises(asyncio.CancelledError):
         await waiting

@@ -18,6 +18,7 @@ from iambus.errors import ImproperlyConfigured, TransportError
 from iambus.transports import Delivery, Failure, connect
 
 from .conftest import require
+from .processes import until
 
 pytest.importorskip("aio_pika")
 
@@ -213,8 +214,8 @@ async def test_an_idle_consumer_gives_back_what_it_held(transport: RabbitMQTrans
     # Prefetch 3, but only one handed out: the other two wait in this consumer's buffer.
     transport.prefetch = 3
     [held] = await _take(transport, 1, consumer="stalled")
-    await asyncio.sleep(0.2)
-    assert len(transport._consumers[("a", "g", "stalled")].inbox) == 2
+    stalled = transport._consumers[("a", "g", "stalled")]
+    await until(lambda: len(stalled.inbox) == 2, 10, "the other two in the stalled buffer")
     got = await _take(transport, 3, consumer="alive")
     attempts = {d.envelope.payload: d.attempt for d in got}
     # The one handed out and never settled is a failed attempt; the buffered ones are not.
@@ -475,8 +476,10 @@ async def test_a_retired_consumer_hands_its_partitions_on_without_counting_or_do
     for n in range(2):
         await transport.send("a", _keyed(n, buffered_key))
     [held] = await _take(transport, 1, consumer="stalled")
-    await asyncio.sleep(0.2)  # the other partition's first message waits in its buffer
-    [(_, lane)] = transport._consumers[("a", "g", "stalled")].inbox
+    stalled = transport._consumers[("a", "g", "stalled")]
+    # the other partition's first message waits in its buffer
+    await until(lambda: bool(stalled.inbox), 10, "a message in the stalled buffer")
+    [(_, lane)] = stalled.inbox
     assert lane is not None
     seen: list[tuple[str | None, bytes, int]] = []
     deadline = time.monotonic() + 10
@@ -574,9 +577,8 @@ async def test_deliveries_never_handed_out_are_not_counted_after_a_reconnect(
         await transport.send("a", _ping(n))
         await transport.send("a", _keyed(10 + n, keys[n]))
     handed = await transport.receive("a", "g", consumer="c", limit=1, wait=5)
-    await asyncio.sleep(0.3)
     state = transport._consumers[("a", "g", "c")]
-    assert len(handed) + len(state.inbox) == 4
+    await until(lambda: len(handed) + len(state.inbox) == 4, 10, "all four at the consumer")
     # Both of the consumer's channels fail (as in a lost connection) and are reopened.
     for channel in (state.channel, state.lanes):
         underlay = await channel.get_underlay_channel()
@@ -622,7 +624,9 @@ async def test_a_hand_back_handed_back_again_is_still_delivered_once(
     for n in range(2):
         await transport.send("a", _keyed(n, two))
     [held] = await _take(transport, 1, consumer="s1")
-    await asyncio.sleep(0.2)  # the other partition's first message is in s1's buffer
+    s1 = transport._consumers[("a", "g", "s1")]
+    # the other partition's first message is in s1's buffer
+    await until(lambda: bool(s1.inbox), 10, "a message in s1's buffer")
     assert await transport.receive("a", "g", consumer="s2", limit=1, wait=0) == []
     first, second = (transport._consumers[("a", "g", name)] for name in ("s1", "s2"))
     await transport._retire(first)  # s2 is the only one waiting: it gets both partitions
@@ -980,7 +984,7 @@ async def test_the_first_group_waits_for_another_instance_moving_the_held_messag
     async with _side_channel() as channel:
         await channel.declare_queue(lock, exclusive=True)
         declaring = asyncio.create_task(transport.declare("early", "first", from_start=True))
-        await asyncio.sleep(1.2)
+        await asyncio.sleep(1.2)  # the behaviour under test: declare() waits all this while
         assert not declaring.done()
     async with asyncio.timeout(3):
         await declaring
@@ -1003,7 +1007,7 @@ async def test_a_reply_that_is_no_envelope_is_logged_and_the_request_still_answe
     assert to is not None
     async with _side_channel() as channel:
         await channel.default_exchange.publish(aio_pika.Message(b"junk"), routing_key=to)
-    await asyncio.sleep(0.2)
+    await until(lambda: "is no envelope" in caplog.text, 10, "the junk reply to be logged")
     assert not asking.done()
     answer = Envelope(name="Pong", payload=b"2", correlation_id=question.id)
     await transport.reply(to, answer)
