@@ -85,7 +85,7 @@ async def test_opening_needs_a_broker_and_twice_is_harmless() -> None:
     await made.open()
     await made.open()
     waiting = asyncio.create_task(made.request("nobody.listens", _ping(0), timeout=5))
-    await asyncio.sleep(0.2)
+    await _until_held(made, "nobody.listens", 1)  # sent: it waits for its answer
     await made.destroy()
     await made.close()
     with pytest.raises(TransportError, match="closed while waiting"):
@@ -715,7 +715,9 @@ async def test_a_keyed_retry_the_broker_refuses_gives_the_delivery_back(
     async with _lanes_refuse_publishes(transport):
         if delay:
             await first.retry(delay)
-            await asyncio.sleep(delay + 0.5)  # the copy, refused
+            # The copy waits out its delay, then its lane refuses it: nothing seen from
+            # here marks that moment, so this waits the delay and a margin.
+            await asyncio.sleep(delay + 0.5)
         else:
             with pytest.raises(TransportError, match="Nack"):
                 await first.retry(0)
@@ -749,7 +751,7 @@ async def test_keyed_messages_sent_while_held_ones_move_come_after_them(
     # the held messages of its key not yet moved.
     held = 300
     await asyncio.gather(*(transport.send("early", _keyed(n, "k")) for n in range(held)))
-    await asyncio.sleep(0.5)  # all in the held queue (confirmed, in this order)
+    await _until_held(transport, "early", held)  # all in the held queue, in this order
     sender = await _open(transport.namespace)
     sent = held
 
@@ -763,7 +765,7 @@ async def test_keyed_messages_sent_while_held_ones_move_come_after_them(
     sending = asyncio.create_task(keep_sending())
     try:
         await transport.declare("early", "first", from_start=True)
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # the behaviour under test: sends go on after the move
     finally:
         sending.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -786,7 +788,7 @@ async def test_two_instances_moving_held_messages_at_once_keep_their_order(
     # both moved the held messages: interleaved, their copies reordered a key.
     held = 1500
     await asyncio.gather(*(transport.send("early", _keyed(n, "k")) for n in range(held)))
-    await asyncio.sleep(0.5)
+    await _until_held(transport, "early", held)
     other = await _open(transport.namespace)
     try:
         await asyncio.gather(
@@ -856,6 +858,20 @@ async def test_a_keyed_dead_letter_replays_into_the_partition_it_came_from(
 
 
 # -- failures users see: what they name, what is left behind ---------------------------
+
+
+async def _until_held(transport: RabbitMQTransport, address: str, count: int) -> None:
+    """Wait (10 s at most) until the held queue of ``address`` holds ``count`` messages."""
+    name = transport._held_queue(address)
+    held = -1
+    async with _side_channel() as channel:
+        for _ in range(200):
+            queue = await channel.declare_queue(name, passive=True)
+            held = queue.declaration_result.message_count
+            if held >= count:
+                return
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"{name} holds {held} messages, not {count}")
 
 
 @contextlib.asynccontextmanager
