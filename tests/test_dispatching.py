@@ -23,7 +23,10 @@ from iambus import (
     contract,
 )
 from iambus.codecs import JsonCodec
+from iambus.dispatching import _STOPPING
 from iambus.transports.memory import MemoryTransport
+
+from .processes import until
 
 
 @dataclass(frozen=True, slots=True)
@@ -790,7 +793,7 @@ async def test_a_stopping_dispatcher_turns_away_outside_senders_and_restarts():
     dp.start()
     await dp.handle(Rename("slow"))
     stopping = asyncio.create_task(dp.stop())
-    await asyncio.sleep(0.01)
+    await until(lambda: dp._state == _STOPPING, 5, "the dispatcher to be stopping")
     with pytest.raises(DispatcherStopped, match="is stopping"):
         await dp.handle(Rename("too late"))
     with pytest.raises(DispatcherStopped, match="is stopping"):
@@ -907,7 +910,7 @@ async def test_an_awaited_keyed_send_still_queued_at_stop_timeout_is_cancelled()
     dp.start()
     await dp.handle(Rename("running"), key="k")
     waiting = asyncio.create_task(dp.execute(Rename("queued"), key="k"))
-    await asyncio.sleep(0.01)
+    await until(lambda: dp._engine.pending == 2, 5, "the second send to be queued")
     await dp.stop(timeout=0.01)
     with pytest.raises(asyncio.CancelledError):
         await waiting

@@ -670,7 +670,11 @@ async def test_redis_a_transport_not_open_says_so_and_opening_twice_is_harmless(
 async def test_redis_closing_fails_a_request_still_waiting_for_its_answer() -> None:
     async with opened() as made:
         waiting = asyncio.create_task(made.request("nobody.listens", ping(0), timeout=5))
-        await asyncio.sleep(0.3)
+
+        async def sent() -> bool:  # the request is in its stream: it waits for the answer
+            return bool(await made._client().xlen(made._stream("nobody.listens")))
+
+        await until(sent, 10, "the request to be sent")
         assert not waiting.done()
         await made.close()
         started = time.monotonic()
