@@ -318,6 +318,28 @@ async def keyed() -> AsyncIterator[Any]:
         yield made
 
 
+async def test_redis_a_dead_consumers_whole_batch_is_reclaimed_at_once() -> None:
+    # A consumer took 20 and died. A consumer asking for one at a time (a quiet
+    # subscription does) gets them all soon after claim_after, not one per reclaim
+    # interval (20 x 1 s here; 20 x 5 s with the default claim_after).
+    async with opened(claim_after=2.0, block=0.2) as made:
+        await made.declare("a", "g", from_start=False)
+        for n in range(20):
+            await made.send("a", ping(n))
+        taken = await made.receive("a", "g", consumer="dead", limit=20, wait=2)
+        assert len(taken) == 20
+        died = time.monotonic()
+        got: set[int] = set()
+        while len(got) < 20 and time.monotonic() < died + 15:
+            for delivery in await made.receive("a", "g", consumer="live", limit=1, wait=0.2):
+                assert delivery.attempt == 2
+                got.add(number(delivery))
+                await delivery.ack()
+        took = time.monotonic() - died
+        assert got == set(range(20)), f"reclaimed {len(got)} of 20 in {took:.1f}s"
+        assert took < 2.0 + 4, f"the 20 were reclaimed {took:.1f}s after the death"
+
+
 def ping(n: int, key: str | None = None) -> Any:
     from iambus.envelope import Envelope
 

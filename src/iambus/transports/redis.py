@@ -56,7 +56,9 @@ the rule holds across all consumers and processes:
   a backlog of unkeyed envelopes, filling every receive, cannot put it off): a keyed
   delivery left unsettled for ``claim_after`` is claimed (``XCLAIM``: attempt + 1)
   and comes first, then the rest in order; an entry whose pointer was lost (trimmed,
-  a connection dropped between the two ``XADD``) is picked up;
+  a connection dropped between the two ``XADD``) is picked up. The reclaim of unkeyed
+  deliveries runs as often; either looks again at the next receive when it found as
+  many as the receive had room for, so a dead consumer's whole batch comes back at once;
 * only the holder of a keyed delivery (same consumer, same delivery count) settles it:
   the ack, retry or dead letter of a handler that outlived ``claim_after`` is ignored
   and logged, so it never releases the partition while the new holder has the entry
@@ -639,25 +641,27 @@ class RedisTransport:
         every = min(self.claim_after / 2, 5.0)
         if len(rows) < limit and now - self._last_reclaim.get((address, group), 0) > every:
             self._last_reclaim[address, group] = now
+            room = limit - len(rows)
             async with self._translate("reclaim"):
-                rows += await self._scripts["reclaim"](
+                reclaimed = await self._scripts["reclaim"](
                     keys=[stream, direct],
-                    args=[
-                        group,
-                        consumer,
-                        int(self.claim_after * 1000),
-                        limit - len(rows),
-                        RETRY_OWNER,
-                    ],
+                    args=[group, consumer, int(self.claim_after * 1000), room, RETRY_OWNER],
                 )
+            rows += reclaimed
+            if len(reclaimed) >= room:
+                # As many as it had room for: more may be abandoned (a dead consumer's
+                # whole batch), and the next receive looks again at once, not after
+                # `every` (a quiet subscription asks for one at a time).
+                self._last_reclaim[address, group] = 0.0
         # The sweep of the partitions, likewise: before the stream, which a backlog of
         # unkeyed envelopes would keep filling every receive with.
         swept: list[Delivery] = []
         if len(rows) < limit and now - self._last_sweep.get((address, group), 0) > every:
             self._last_sweep[address, group] = now
-            swept += await self._take(
-                address, group, consumer, self._lanes_of(address), [], limit - len(rows)
-            )
+            room = limit - len(rows)
+            swept += await self._take(address, group, consumer, self._lanes_of(address), [], room)
+            if len(swept) >= room:
+                self._last_sweep[address, group] = 0.0  # more may wait: sweep again next time
         room = limit - len(rows) - len(swept)
         if room > 0 and checked_due:
             rows += await self._read(group, direct, "d", consumer, room, None)
