@@ -1014,3 +1014,29 @@ async def test_redis_close_refuses_a_reply_or_send_once_it_drained() -> None:
         await made.open()  # for the tear-down, and it sends again
         await made.send("a", ping(3))
         assert await pending(made, made._lane("a", partition_of("k", 4))) == 1, held
+
+
+@pytest.mark.parametrize("how", ["leave", "close"])
+async def test_redis_leave_or_close_hands_on_an_unkeyed_delivery_at_once(how: str) -> None:
+    # A stopping worker's consumer held one of 6: after leave() (or close()), another
+    # consumer gets all 6 long before claim_after, the one given back as a further attempt.
+    async with opened(claim_after=30) as made:
+        stopping = transport_for(made.namespace, claim_after=30)
+        await stopping.open()
+        try:
+            await made.declare("a", "g", from_start=False)
+            for n in range(6):
+                await made.send("a", ping(n))
+            [left] = await stopping.receive("a", "g", consumer="leaving", limit=1, wait=5)
+            await (stopping.leave("leaving") if how == "leave" else stopping.close())
+            seen: dict[int, int] = {}
+            deadline = time.monotonic() + 10
+            while len(seen) < 6 and time.monotonic() < deadline:
+                for delivery in await made.receive(
+                    "a", "g", consumer="staying", limit=10, wait=0.2
+                ):
+                    seen[number(delivery)] = delivery.attempt
+                    await delivery.ack()
+            assert seen == {n: 2 if n == number(left) else 1 for n in range(6)}
+        finally:
+            await stopping.close()

@@ -68,10 +68,11 @@ the rule holds across all consumers and processes:
   (recorded in the dead letter, so a replaying process with another ``partitions``
   still finds it) marked ``@g`` with its group, behind what the partition holds; other
   groups ack and skip it;
-* ``close()`` parks the keyed deliveries it handed out and saw no settle of (a stopping
-  worker's cancelled handlers) as retries due at once, so that their partitions pass
-  on within ``block`` seconds, counted (attempt + 1), not after ``claim_after``;
-  ``leave(consumer)`` does the same for one consumer's, on a transport that stays open.
+* ``close()`` parks the deliveries it handed out and saw no settle of (a stopping
+  worker's cancelled handlers), keyed or not, as retries due at once, so that they (and
+  their partitions) pass on within ``block`` seconds, counted (attempt + 1), not after
+  ``claim_after``; ``leave(consumer)`` does the same for one consumer's, on a transport
+  that stays open.
 
 No leases: any consumer of the group takes any free partition whose pointer it reads,
 so one instance may hold many (up to all) partitions of a group at once. Limits: keyed
@@ -420,7 +421,7 @@ class RedisTransport:
         self._next_due_check: dict[tuple[str, str], float] = {}
         self._lanes: dict[str, list[str]] = {}  # address -> its partition streams
         self._strays: set[tuple[str, int]] = set()  # pointers to undeclared partitions
-        # Keyed deliveries handed out and not yet settled, handed on by close():
+        # Deliveries handed out and not yet settled, handed on by close() and leave():
         # (address, group, mark, entry id) -> (consumer, attempt).
         self._holding: dict[tuple[str, str, str, bytes], tuple[str, int]] = {}
 
@@ -476,9 +477,9 @@ class RedisTransport:
             await client.aclose(close_connection_pool=True)
 
     async def leave(self, consumer: str) -> None:
-        """Hand on the keyed deliveries ``consumer`` holds, as ``close()`` does for all:
-        their partitions pass on within ``block`` seconds, not after ``claim_after``. (Its
-        unkeyed deliveries hold nothing up; they are reclaimed after ``claim_after``.)"""
+        """Hand on the deliveries ``consumer`` holds, as ``close()`` does for all: they
+        (and the partitions of the keyed ones) pass on within ``block`` seconds, not after
+        ``claim_after``."""
         mine = {where: held for where, held in self._holding.items() if held[0] == consumer}
         if not mine or self._redis is None:
             return
@@ -487,9 +488,10 @@ class RedisTransport:
         await self._hand_on(mine)
 
     async def _hand_on(self, holding: dict[tuple[str, str, str, bytes], tuple[str, int]]) -> None:
-        """Park the keyed deliveries ``holding`` (a stopping worker's cancelled handlers) as
+        """Park the deliveries ``holding`` (a stopping worker's cancelled handlers) as
         retries due now: another consumer claims each (attempt + 1) at its next check for
-        due retries, instead of its partition waiting ``claim_after``."""
+        due retries, instead of it (and a keyed one's partition) waiting ``claim_after``.
+        One claimed by another consumer meanwhile (its count moved on) is left alone."""
 
         async def hand_on(
             address: str, group: str, mark: str, entry_id: bytes, consumer: str, attempt: int
@@ -502,7 +504,7 @@ class RedisTransport:
                     await self._scripts["park"](keys=keys, args=args)
             except TransportError as exc:
                 logger.warning(
-                    "iambus: closing, could not hand keyed entry %s on %s on (it passes on "
+                    "iambus: closing, could not hand entry %s on %s on (it passes on "
                     "after claim_after): %s",
                     _text(entry_id),
                     address,
@@ -790,8 +792,7 @@ class RedisTransport:
             delivery = _RedisDelivery(
                 self, address, group, consumer, mark, entry_id, fields, attempt
             )
-            if mark[0] == "p":
-                self._holding[address, group, mark, entry_id] = (consumer, attempt)
+            self._holding[address, group, mark, entry_id] = (consumer, attempt)
             return delivery
         except SerializationError as exc:
             raw = {_text(k): _text(v) for k, v in _pairs(fields).items()}
@@ -820,9 +821,12 @@ class RedisTransport:
             return self._direct(address, group)
         return self._lane(address, int(mark[1:]))
 
-    async def _ack(self, address: str, group: str, mark: str, entry_id: bytes) -> None:
+    async def _ack(
+        self, address: str, group: str, consumer: str, mark: str, entry_id: bytes, attempt: int
+    ) -> None:
         self._open_for("ack")
         await self._acks.add((self._key(address, group, mark), group, entry_id))
+        self._let_go(address, group, mark, entry_id, consumer, attempt)
 
     async def _flush_acks(self, items: list[_Settle]) -> list[Any]:
         """Each item's result, or the error of its own command (as a value): a reply that
@@ -920,8 +924,7 @@ class RedisTransport:
             parked = await self._scripts["park"](
                 keys=[self._key(address, group, mark), self._due(address, group)], args=args
             )
-        if mark[0] == "p":
-            self._let_go(address, group, mark, entry_id, consumer, attempt)
+        self._let_go(address, group, mark, entry_id, consumer, attempt)
         if not parked:
             self._not_held(address, group, consumer, entry_id, "retry")
             return
@@ -981,6 +984,7 @@ class RedisTransport:
             pipe.xadd(self._dead(), record)
             pipe.xack(self._key(address, group, mark), group, entry_id)
             await pipe.execute()
+        self._let_go(address, group, mark, entry_id, consumer, attempt)
 
     # -- request/reply --------------------------------------------------------------
 
@@ -1243,7 +1247,9 @@ class _RedisDelivery:
                 self._address, self._group, self._consumer, self._mark, self._entry_id, self.attempt
             )
         else:
-            await self._transport._ack(self._address, self._group, self._mark, self._entry_id)
+            await self._transport._ack(
+                self._address, self._group, self._consumer, self._mark, self._entry_id, self.attempt
+            )
 
     async def retry(self, delay: float) -> None:
         await self._transport._retry(
