@@ -6,7 +6,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 from datetime import date
-from typing import Any
+from typing import Any, Generic, TypeVar, assert_type
 
 import pytest
 
@@ -448,3 +448,32 @@ async def test_a_command_result_that_does_not_travel_is_an_error_and_not_a_retry
     await app.stop()
     assert runs == {"export": 1, "count": 1}  # neither was run again
     assert [type(exc) for exc in reported] == [SerializationError]
+
+
+Traced_R = TypeVar("Traced_R")
+
+
+class Traced(Command[Traced_R], Generic[Traced_R]):
+    """A project's own generic base for its commands (tracing, auth...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Pay(Traced[Receipt]):
+    amount: int
+
+
+async def test_a_routed_command_through_a_generic_base_returns_its_declared_type() -> None:
+    # Once the R of Traced's own Command[T] was read: the TypeVar, so the answer came
+    # back as a dict where mypy and the in-process path say Receipt.
+    transport = MemoryTransport()
+    shop = Dispatcher(transport=transport, service="shop", routes={Pay: "billing"})
+    billing = Dispatcher(transport=transport, service="billing", routes={Pay: "billing"})
+
+    @billing.commands.register(Pay)
+    async def pay(command: Pay) -> Receipt:
+        return Receipt("c1", command.amount)
+
+    async with billing, shop:
+        result = await shop.execute(Pay(3), timeout=5)
+        assert_type(result, Receipt)
+    assert result == Receipt("c1", 3)
