@@ -657,6 +657,26 @@ async def test_stop_timeout_holds_when_background_work_ignores_its_cancellation(
     assert "1 background job(s) ignored their cancellation; left behind" in caplog.text
 
 
+async def test_a_bad_stop_timeout_is_refused_and_leaves_the_dispatcher_stoppable():
+    # Once the state was changed before the timeout was read: a TypeError, and every
+    # later stop() (async with's own exit too) waited for a shutdown never signalled.
+    dp = Dispatcher(transport=MemoryTransport(), service="users", routes={Rename: "users"})
+
+    @dp.commands.register(Rename)
+    async def rename(command: Rename) -> int:
+        return 1
+
+    await dp.__aenter__()
+    for bad in ("5", -1, math.nan):
+        with pytest.raises(ImproperlyConfigured, match=r"timeout.* got") as caught:
+            await dp.stop(bad)  # type: ignore[arg-type]
+        assert "seconds" in str(caught.value)
+    assert await dp.execute(Rename("still open")) == 1
+    await asyncio.wait_for(dp.stop(timeout=1), 5)
+    with pytest.raises(DispatcherStopped):
+        await dp.execute(Rename("stopped"))
+
+
 async def test_handlers_may_send_while_the_dispatcher_drains():
     dp = Dispatcher()
     seen = []

@@ -1,6 +1,7 @@
 """The sending side: envelopes, typed results, remote errors, timeouts."""
 
 import asyncio
+import math
 import time
 import uuid
 from collections import Counter
@@ -448,6 +449,38 @@ async def test_a_command_result_that_does_not_travel_is_an_error_and_not_a_retry
     await app.stop()
     assert runs == {"export": 1, "count": 1}  # neither was run again
     assert [type(exc) for exc in reported] == [SerializationError]
+
+
+@pytest.mark.parametrize("bad", ["5", -1, 0, math.inf])
+async def test_a_bad_per_call_timeout_is_refused_before_the_command_is_sent(bad: Any) -> None:
+    # Once the command was sent first: "5" raised a bare TypeError after the broker had
+    # stored it (a caller who fixed the call and retried ran it twice), -1 sent it and
+    # raised RequestTimeout at once.
+    transport = MemoryTransport()
+    routes: dict[type | str, str] = {**ROUTES, Lookup: "billing"}
+    shop = Dispatcher(transport=transport, service="shop", routes=routes)
+    billing = Dispatcher(transport=transport, service="billing", routes=routes)
+    shipped: list[int] = []
+    asked: list[str] = []
+
+    @billing.commands.register(Ship)
+    async def ship(command: Ship) -> None:
+        shipped.append(command.order_id)
+
+    @billing.queries.register(Lookup)
+    async def lookup(query: Lookup) -> int:
+        asked.append(query.sku)
+        return 1
+
+    async with shop:
+        with pytest.raises(ImproperlyConfigured, match=r"execute\(timeout=\.\.\.\) must be"):
+            await shop.execute(Ship(1), timeout=bad)
+        with pytest.raises(ImproperlyConfigured, match=r"query\(timeout=\.\.\.\) must be"):
+            await shop.query(Lookup("a"), timeout=bad)
+        async with billing:
+            await asyncio.wait_for(billing.join(), 5)
+    assert shipped == []
+    assert asked == []
 
 
 Traced_R = TypeVar("Traced_R")

@@ -555,6 +555,8 @@ class Dispatcher:
         handlers being drained are accepted (they are part of the work); any other send
         raises ``DispatcherStopped``.
         """
+        if timeout is not None:
+            check_seconds("stop(timeout=...)", timeout, zero=True)  # before any state changes
         if self._state in (_NEW, _STOPPED):
             self._signal_shutdown()  # nothing runs; a NEW dispatcher stays open to binding
             return
@@ -942,6 +944,11 @@ class Dispatcher:
         self, kind: Kind, message: Any, key: str | None, timeout: float | None = None
     ) -> Awaitable[Any]:
         # Not async: it hands back the coroutine to await, one layer fewer per call.
+        if timeout is not None:
+            # Checked before anything is sent (a routed command would be stored first).
+            check_seconds(
+                "query(timeout=...)" if kind == "query" else "execute(timeout=...)", timeout
+            )
         if not self._open:
             self._ensure_open()
         routes = self._queries if kind == "query" else self._commands

@@ -31,7 +31,13 @@ from typing import Any
 
 from .codecs import Codec
 from .envelope import Envelope, current_envelope, new_id
-from .errors import RemoteError, RequestTimeout, SerializationError, TransportError
+from .errors import (
+    RemoteError,
+    RequestTimeout,
+    SerializationError,
+    TransportError,
+    check_seconds,
+)
 from .handlers import Kind
 from .messages import MessageKey, MessageRegistry, message_key, result_type
 from .middleware import Context
@@ -170,9 +176,13 @@ class Remote:
         self, kind: Kind, message: Any, key: str | None, timeout: float | None
     ) -> Any:
         """Send a command or query to its owner; return the answer, or raise its error."""
+        timeout = (
+            self.request_timeout
+            if timeout is None
+            else check_seconds("timeout", timeout)  # before anything is sent
+        )
         if not self._opened:
             await self.open()
-        timeout = self.request_timeout if timeout is None else timeout
         mkey = message_key(message)
         # A query nobody answers in time is skipped by its owner; a late command is still
         # carried out (it is durable, and maybe sent on purpose to a service that is down).
