@@ -14,6 +14,7 @@ import pytest
 from iambus import (
     Command,
     Dispatcher,
+    DispatcherStopped,
     ImproperlyConfigured,
     Query,
     RemoteError,
@@ -23,6 +24,7 @@ from iambus import (
 )
 from iambus.envelope import Envelope
 from iambus.remote import current_envelope
+from iambus.transports import Instance
 from iambus.transports.memory import MemoryTransport
 
 from .conftest import Bus, require
@@ -510,3 +512,48 @@ async def test_a_routed_command_through_a_generic_base_returns_its_declared_type
         result = await shop.execute(Pay(3), timeout=5)
         assert_type(result, Receipt)
     assert result == Receipt("c1", 3)
+
+
+class SlowRegistry(MemoryTransport):
+    """A registry read that is slow (a broker under load): instances() takes 1.5 s."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading = asyncio.Event()
+
+    async def instances(self) -> list[Instance]:
+        self.reading.set()
+        await asyncio.sleep(1.5)
+        return await super().instances()
+
+
+async def test_a_request_timeout_is_raised_within_the_timeout_asked_for() -> None:
+    # Once the registry was read after the transport's timeout, for up to 2 s more to
+    # word the error: a 0.2 s timeout raised after 1.7 s.
+    shop = Dispatcher(transport=SlowRegistry(), service="shop", routes=ROUTES)
+    async with shop:
+        began = time.monotonic()
+        with pytest.raises(RequestTimeout, match=r"no answer .* is a worker of 'billing' running"):
+            await shop.execute(Ship(1), timeout=0.2)
+        took = time.monotonic() - began
+    assert took < 1.0, f"RequestTimeout after {took:.2f}s for a 0.2 s timeout"
+
+
+async def test_closing_neither_cancels_a_request_reading_the_registry_nor_reopens() -> None:
+    # Once close() cancelled the registry read a timed-out request shared (the caller
+    # got a CancelledError it never asked for), and a send during the close opened the
+    # transport again.
+    transport = SlowRegistry()
+    shop = Dispatcher(transport=transport, service="shop", routes=ROUTES)
+    await shop.__aenter__()
+    remote = shop.remote
+    assert remote is not None
+    census = asyncio.create_task(remote.handlers_of("command.Ship", "billing"))
+    await asyncio.wait_for(transport.reading.wait(), 5)
+    closing = asyncio.create_task(remote.close())
+    await asyncio.sleep(0)
+    with pytest.raises(DispatcherStopped, match="being closed"):
+        await remote.send("command", Ship(1), None)
+    await asyncio.wait_for(closing, 5)
+    assert await asyncio.wait_for(census, 5) is None  # could not be read: no error
+    await shop.stop()

@@ -32,6 +32,7 @@ from typing import Any
 from .codecs import Codec
 from .envelope import Envelope, current_envelope, new_id
 from .errors import (
+    DispatcherStopped,
     RemoteError,
     RequestTimeout,
     SerializationError,
@@ -42,13 +43,16 @@ from .handlers import Kind
 from .messages import MessageKey, MessageRegistry, message_key, result_type
 from .middleware import Context
 from .routing import Routes, address
-from .transports import Instance, Registry, Transport, client_name, connect, resolve
+from .transports import Instance, Registry, Transport, client_name, connect, redact, resolve
 
 __all__ = ["Remote", "RemoteRoute", "current_envelope"]
 
 logger = logging.getLogger(__name__)
 
 LOOKUP_TIMEOUT = 2.0  # seconds a look in the registry may take
+# A RequestTimeout words its cause from the registry, but keeps the caller's deadline: the
+# look may add at most this (or a quarter of the timeout, if less).
+LATE_LOOKUP = 0.1
 
 
 STATUS, ERROR_TYPE = "iambus-status", "iambus-error-type"
@@ -85,6 +89,7 @@ class Remote:
         self.registry = MessageRegistry()
         self.sender = f"{service or ''}@{socket.gethostname()}"
         self._opened = False
+        self._closing = False  # close() under way: nothing may open the transport again
         self._opening: asyncio.Lock | None = None
         self._checked: set[str] = set()  # addresses sent to whose handlers were looked up
         self._checks: set[asyncio.Task[None]] = set()
@@ -105,6 +110,12 @@ class Remote:
     async def open(self) -> None:
         if self._opened:
             return
+        if self._closing:
+            raise DispatcherStopped(
+                f"the transport {redact(self.transport.url)} is being closed (the dispatcher "
+                f"stops): nothing more is sent through it; send before dp.stop(), or start "
+                f"the dispatcher again once stopped"
+            )
         if self._opening is None:
             self._opening = asyncio.Lock()
         async with self._opening:
@@ -117,16 +128,19 @@ class Remote:
                 self._opened = True
 
     async def close(self) -> None:
-        pending: list[asyncio.Future[Any]] = [*self._checks]
-        if self._census is not None:
-            pending.append(self._census)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        if self._opened:
-            self._opened = False
-            if self.owned:
+        # Closing from the first line: a send meanwhile must not open the transport again.
+        opened, self._opened, self._closing = self._opened, False, True
+        try:
+            pending: list[asyncio.Future[Any]] = [*self._checks]
+            if self._census is not None:
+                pending.append(self._census)  # a request reading it gets None (see _live)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            if opened and self.owned:
                 await self.transport.close()
+        finally:
+            self._closing = False
 
     # -- envelopes --------------------------------------------------------------------
 
@@ -199,7 +213,11 @@ class Remote:
                 raise
             owner = self.routes.owner(mkey)
             to = address(kind, envelope.name)
-            found = await self.handlers_of(to, owner)
+            try:
+                async with asyncio.timeout(min(LATE_LOOKUP, timeout / 4)):
+                    found = await self.handlers_of(to, owner)
+            except TimeoutError:
+                found = None  # the registry is slow: the caller's deadline comes first
             if found is None:
                 why = f"is a worker of {owner!r} running?"
             elif found[0]:
@@ -274,10 +292,17 @@ class Remote:
 
     async def _live(self) -> list[Instance] | None:
         """The live instances the registry shows; callers at the same time share a read."""
-        if self._census is None:
-            self._census = asyncio.ensure_future(self._read_live())
-            self._census.add_done_callback(self._census_done)
-        return await asyncio.shield(self._census)
+        census = self._census
+        if census is None:
+            census = self._census = asyncio.ensure_future(self._read_live())
+            census.add_done_callback(self._census_done)
+        try:
+            return await asyncio.shield(census)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if census.cancelled() and current is not None and not current.cancelling():
+                return None  # close() stopped the read, not this caller's own cancellation
+            raise
 
     def _census_done(self, _: asyncio.Future[list[Instance] | None]) -> None:
         self._census = None
