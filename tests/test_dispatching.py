@@ -677,6 +677,78 @@ async def test_a_bad_stop_timeout_is_refused_and_leaves_the_dispatcher_stoppable
         await dp.execute(Rename("stopped"))
 
 
+async def test_a_second_signal_still_gives_back_what_the_worker_holds():
+    # Once the forced stop left Worker.stop before its transport.leave(): on a transport
+    # passed in (left open), the aborted handler's message waited for claim_after.
+    transport = MemoryTransport(claim_after=30.0)
+    seen: list[str] = []
+    started, again = asyncio.Event(), asyncio.Event()
+
+    def instance(name: str) -> Dispatcher:
+        dp = Dispatcher(transport=transport, service="users", routes={Rename: "users"})
+
+        @dp.commands.register(Rename)
+        async def rename(command: Rename) -> int:
+            seen.append(name)
+            if name == "first":
+                started.set()
+                await asyncio.sleep(60)
+            again.set()
+            return 1
+
+        return dp
+
+    first, second = instance("first"), instance("second")
+    await first.__aenter__()
+    await first.send(Rename("a"))
+    await asyncio.wait_for(started.wait(), 5)
+    async with second:
+        first._on_signal(signal.SIGTERM)  # a graceful stop begins (30 s shutdown_timeout)
+        await asyncio.sleep(0)  # the stop task starts: it drains
+        assert first._draining is not None
+        first._on_signal(signal.SIGTERM)  # a second signal: stop now
+        assert first._stop_task is not None
+        await asyncio.wait_for(first._stop_task, 5)
+        await asyncio.wait_for(again.wait(), 5)  # given back at once, not after 30 s
+    assert seen[:2] == ["first", "second"]
+
+
+class HangingClose(MemoryTransport):
+    """A broker whose connection never finishes closing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closing = asyncio.Event()
+
+    async def close(self) -> None:
+        self.closing.set()
+        await asyncio.sleep(60)
+
+
+async def test_a_second_signal_while_the_transport_closes_stops_at_once(caplog):
+    # Once the drain was marked over before the close: a second signal then did
+    # nothing, and stop() waited for the close until its deadline (here 30 s + 4 s).
+    dp = Dispatcher(transport="memory://", service="users", routes={Rename: "users"})
+    transport = HangingClose()
+    assert dp.remote is not None
+    dp.remote.transport = transport  # made from a URL: the dispatcher closes it
+
+    @dp.commands.register(Rename)
+    async def rename(command: Rename) -> int:
+        return 1
+
+    await dp.__aenter__()
+    dp._on_signal(signal.SIGTERM)
+    await asyncio.wait_for(transport.closing.wait(), 10)
+    with caplog.at_level(logging.WARNING, logger="iambus"):
+        dp._on_signal(signal.SIGTERM)
+        assert dp._stop_task is not None
+        await asyncio.wait_for(dp._stop_task, 5)
+    assert "interrupted by a second signal; left behind" in caplog.text
+    with pytest.raises(DispatcherStopped):
+        await dp.execute(Rename("stopped"))
+
+
 async def test_handlers_may_send_while_the_dispatcher_drains():
     dp = Dispatcher()
     seen = []

@@ -578,14 +578,16 @@ class Dispatcher:
         timeout = self.shutdown_timeout if timeout is None else timeout
         engine = self._engine
         deadline = StopDeadline.after(timeout)  # one deadline for every wait below
-        # A second SIGINT/SIGTERM cancels this drain (see _on_signal): what runs then
-        # stays unacked, and the transport is closed at once.
+        # A second SIGINT/SIGTERM cancels this drain, or the close after it (see
+        # _on_signal): what runs then stays unacked, and the transport is closed at once.
         self._draining, self._forced = asyncio.current_task(), False
         loop = asyncio.get_running_loop()
+        worker_stopped = False
         try:
             if self._worker is not None:
                 self._draining_worker, self._worker = self._worker, None
                 await self._draining_worker.stop(deadline)
+            worker_stopped = True
             if engine is not None and engine.loop is loop:
                 try:
                     async with asyncio.timeout_at(deadline.drain):
@@ -599,24 +601,66 @@ class Dispatcher:
                     )
                 await engine.close(seconds_until(deadline.unwind))
         except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if not self._forced or current is None:
+            if not self._stopped_at_once():
                 raise
-            current.uncancel()  # stopped at once, as asked: stop() itself returns normally
+            worker = self._draining_worker
+            if worker is not None and not worker_stopped:
+                await self._give_back(worker, deadline.close)  # the drain did not get there
             if engine is not None and engine.loop is loop:
                 await engine.close(seconds_until(deadline.unwind))
         finally:
-            self._draining = self._draining_worker = None
+            self._draining_worker = None
             self._engine = None
-            if self.remote is not None and not await bounded(self.remote.close(), deadline.close):
-                logger.warning(
-                    "iambus: closing the transport %s took too long; left behind",
-                    self.remote.transport.url,
-                )
-            self._state = _STOPPED
-            self._remove_signals()
-            self._signal_shutdown()
+            try:
+                await self._close_remote(deadline.close)
+            finally:
+                self._draining = None
+                self._state = _STOPPED
+                self._remove_signals()
+                self._signal_shutdown()
         logger.debug("iambus: dispatcher stopped")
+
+    def _stopped_at_once(self) -> bool:
+        # In stop(), on a CancelledError: True if it is a second signal's (see _force),
+        # taken back so that stop() returns normally; False if someone else cancelled.
+        current = asyncio.current_task()
+        if not self._forced or current is None or self._draining is not current:
+            return False
+        current.uncancel()
+        return True
+
+    async def _give_back(self, worker: Worker, by: float | None) -> None:
+        # A forced stop cut the worker's drain short: what its handlers held still goes
+        # to the other instances now, not after claim_after (a transport passed in lives on).
+        assert self.remote is not None
+        try:
+            if await bounded(self.remote.transport.leave(worker.consumer), by):
+                return
+            why = "took too long"
+        except Exception as exc:
+            why = f"failed ({exc})"
+        logger.warning(
+            "iambus: giving back what the worker held %s; it is redelivered after claim_after",
+            why,
+        )
+
+    async def _close_remote(self, by: float | None) -> None:
+        if self.remote is None:
+            return
+        forced = self._forced
+        closing = asyncio.ensure_future(self.remote.close())
+        try:
+            if await bounded(closing, by):
+                return
+            left = "took too long"
+        except asyncio.CancelledError:
+            if forced or not self._stopped_at_once():
+                raise
+            closing.cancel()  # a second signal while closing: stop now
+            left = "was interrupted by a second signal"
+        logger.warning(
+            "iambus: closing the transport %s %s; left behind", self.remote.transport.url, left
+        )
 
     async def join(self) -> None:
         """Return once all background work — and what it cascaded — has finished."""
