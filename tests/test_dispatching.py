@@ -23,6 +23,7 @@ from iambus import (
     contract,
 )
 from iambus.codecs import JsonCodec
+from iambus.errors import TransportError
 from iambus.transports.memory import MemoryTransport
 
 
@@ -747,6 +748,44 @@ async def test_a_second_signal_while_the_transport_closes_stops_at_once(caplog):
     assert "interrupted by a second signal; left behind" in caplog.text
     with pytest.raises(DispatcherStopped):
         await dp.execute(Rename("stopped"))
+
+
+class FlakyDeclare(MemoryTransport):
+    """A broker that fails once while the worker declares its groups (going down)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 1
+
+    async def declare(self, address: str, group: str, *, from_start: bool) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise TransportError(f"{self.url}: connection lost while declaring")
+        await super().declare(address, group, from_start=from_start)
+
+
+async def test_a_start_that_failed_in_the_worker_can_be_retried():
+    # Once the dispatcher kept the worker whose start() raised: entering again (a
+    # supervisor's retry of run()) skipped the start, and nothing was ever consumed.
+    dp = Dispatcher(transport=FlakyDeclare(), service="users", routes={Rename: "users"})
+    handled: list[str] = []
+    got = asyncio.Event()
+
+    @dp.commands.register(Rename)
+    async def rename(command: Rename) -> int:
+        handled.append(command.name)
+        got.set()
+        return 1
+
+    with pytest.raises(TransportError, match="connection lost while declaring"):
+        await dp.__aenter__()
+    await dp.__aenter__()  # the retry: the broker is back
+    try:
+        await dp.send(Rename("a"))
+        await asyncio.wait_for(got.wait(), 5)
+    finally:
+        await dp.stop(timeout=1)
+    assert set(handled) == {"a"}  # at least once
 
 
 async def test_handlers_may_send_while_the_dispatcher_drains():

@@ -504,7 +504,7 @@ class Dispatcher:
                 redact(self.remote.transport.url),
             )
         elif self._worker is None:
-            self._worker = Worker(
+            worker = Worker(
                 self.remote,
                 self._subscriptions,
                 concurrency=self.concurrency,
@@ -512,7 +512,14 @@ class Dispatcher:
                 report=self._report,
                 fatal=self._worker_failed,
             )
-            await self._worker.start()
+            try:
+                await worker.start()
+            except BaseException:
+                # A declare failed (the broker going down...): stop what did start, and
+                # keep no worker, so that entering again (a supervisor's retry) starts one.
+                await worker.stop(StopDeadline.after(0))
+                raise
+            self._worker = worker
 
     def _worker_failed(self, exc: BaseException) -> None:
         # The worker met an error retrying cannot fix: stop, and let run() and
