@@ -515,15 +515,16 @@ async def test_a_routed_command_through_a_generic_base_returns_its_declared_type
 
 
 class SlowRegistry(MemoryTransport):
-    """A registry read that is slow (a broker under load): instances() takes 1.5 s."""
+    """A registry read that is slow (a broker under load): instances() takes ``delay``."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 1.5) -> None:
         super().__init__()
+        self.delay = delay
         self.reading = asyncio.Event()
 
     async def instances(self) -> list[Instance]:
         self.reading.set()
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(self.delay)
         return await super().instances()
 
 
@@ -537,6 +538,15 @@ async def test_a_request_timeout_is_raised_within_the_timeout_asked_for() -> Non
             await shop.execute(Ship(1), timeout=0.2)
         took = time.monotonic() - began
     assert took < 1.0, f"RequestTimeout after {took:.2f}s for a 0.2 s timeout"
+
+
+async def test_a_request_timeout_says_what_a_registry_slower_than_its_margin_shows() -> None:
+    # The registry is read from halfway to the timeout: a read of 0.3 s is too slow to
+    # start once the timeout passed, and is ready by then.
+    shop = Dispatcher(transport=SlowRegistry(0.3), service="shop", routes=ROUTES)
+    async with shop:
+        with pytest.raises(RequestTimeout, match="no live instance of service 'billing'"):
+            await shop.execute(Ship(1), timeout=1.2)
 
 
 async def test_closing_neither_cancels_a_request_reading_the_registry_nor_reopens() -> None:

@@ -50,8 +50,10 @@ __all__ = ["Remote", "RemoteRoute", "current_envelope"]
 logger = logging.getLogger(__name__)
 
 LOOKUP_TIMEOUT = 2.0  # seconds a look in the registry may take
-# A RequestTimeout words its cause from the registry, but keeps the caller's deadline: the
-# look may add at most this (or a quarter of the timeout, if less).
+# A RequestTimeout words its cause from the registry, but keeps the caller's deadline: a
+# request still unanswered halfway to its timeout (at most LOOKUP_TIMEOUT before it) starts
+# reading the registry, and once the timeout passed the error waits at most LATE_LOOKUP
+# (or a quarter of the timeout, if less) more for that read.
 LATE_LOOKUP = 0.1
 
 
@@ -94,6 +96,7 @@ class Remote:
         self._checked: set[str] = set()  # addresses sent to whose handlers were looked up
         self._checks: set[asyncio.Task[None]] = set()
         self._census: asyncio.Future[list[Instance] | None] | None = None  # a read under way
+        self._recent: tuple[float, list[Instance] | None] | None = None  # (when, last read)
 
     @property
     def transport(self) -> Transport:
@@ -204,6 +207,8 @@ class Remote:
         if kind == "query":
             headers["deadline"] = repr(time.time() + timeout)
         envelope = self.envelope(message, key, headers=headers)
+        ahead = min(LOOKUP_TIMEOUT, timeout / 2)
+        look = asyncio.get_running_loop().call_later(timeout - ahead, self._look_ahead)
         try:
             answer = await self.transport.request(
                 address(kind, envelope.name), envelope, timeout=timeout
@@ -215,7 +220,7 @@ class Remote:
             to = address(kind, envelope.name)
             try:
                 async with asyncio.timeout(min(LATE_LOOKUP, timeout / 4)):
-                    found = await self.handlers_of(to, owner)
+                    found = await self.handlers_of(to, owner, fresh=ahead + LATE_LOOKUP)
             except TimeoutError:
                 found = None  # the registry is slow: the caller's deadline comes first
             if found is None:
@@ -235,6 +240,8 @@ class Remote:
                 f"no answer to {envelope.name} from service {owner!r} within {timeout}s; "
                 f"{why}{later}"
             ) from exc
+        finally:
+            look.cancel()
         if answer.headers.get(STATUS) == "error":
             owner = self.routes.owner(mkey)
             details = json.loads(answer.payload)
@@ -265,11 +272,14 @@ class Remote:
 
     # -- who handles what (the transport's registry) -----------------------------------
 
-    async def handlers_of(self, to: str, owner: str | None) -> tuple[bool, str] | None:
+    async def handlers_of(
+        self, to: str, owner: str | None, *, fresh: float = 0.0
+    ) -> tuple[bool, str] | None:
         """Whether a live instance handles address ``to`` (of service ``owner``; None: of
         any service, an event), and a sentence saying what the registry shows. None when
-        the transport keeps no registry or it could not be read."""
-        live = await self._live()
+        the transport keeps no registry or it could not be read. A read that ended at
+        most ``fresh`` seconds ago is used as it is."""
+        live = await self._live(fresh)
         if live is None:
             return None
         if owner is None:
@@ -290,12 +300,12 @@ class Remote:
             f"binds a handler for it, or check the routes"
         )
 
-    async def _live(self) -> list[Instance] | None:
+    async def _live(self, fresh: float = 0.0) -> list[Instance] | None:
         """The live instances the registry shows; callers at the same time share a read."""
-        census = self._census
-        if census is None:
-            census = self._census = asyncio.ensure_future(self._read_live())
-            census.add_done_callback(self._census_done)
+        recent = self._recent
+        if fresh and recent is not None and time.monotonic() - recent[0] <= fresh:
+            return recent[1]
+        census = self._census or self._read_census()
         try:
             return await asyncio.shield(census)
         except asyncio.CancelledError:
@@ -304,8 +314,21 @@ class Remote:
                 return None  # close() stopped the read, not this caller's own cancellation
             raise
 
-    def _census_done(self, _: asyncio.Future[list[Instance] | None]) -> None:
+    def _read_census(self) -> asyncio.Future[list[Instance] | None]:
+        census = self._census = asyncio.ensure_future(self._read_live())
+        census.add_done_callback(self._census_done)
+        return census
+
+    def _census_done(self, census: asyncio.Future[list[Instance] | None]) -> None:
         self._census = None
+        if not census.cancelled() and census.exception() is None:
+            self._recent = (time.monotonic(), census.result())
+
+    def _look_ahead(self) -> None:
+        # A request nears its timeout: read the registry now, so that a RequestTimeout
+        # can say what it shows without making the caller wait past the timeout.
+        if self._opened and self._census is None:
+            self._read_census()
 
     async def _read_live(self) -> list[Instance] | None:
         transport = self.transport
