@@ -402,6 +402,38 @@ async def test_a_resend_of_the_same_id_is_stored_once_on_nats() -> None:
         await transport.close()
 
 
+@pytest.mark.parametrize(
+    "routes", [{f"{__name__}.*": "billing"}, {"Ship": "billing"}], ids=["pattern", "name"]
+)
+async def test_a_kept_envelope_of_a_class_routed_by_pattern_is_resent_in_a_new_process(
+    routes: dict[type | str, str],
+) -> None:
+    # Once only classes routed by class, or sent once by this process, were known: an
+    # envelope kept across a restart was refused until its class happened to be sent.
+    transport = MemoryTransport()
+    shop = Dispatcher(transport=transport, service="shop", routes=routes)
+    billing = Dispatcher(transport=transport, service="billing", routes=routes)
+    shipped: list[int] = []
+
+    @billing.commands.register(Ship)
+    async def ship(command: Ship) -> None:
+        shipped.append(command.order_id)
+
+    kept = Envelope(name="Ship", payload=b'{"order_id": 4}')  # stored by an earlier process
+    async with shop:
+        await shop.send(kept)
+        async with billing:
+            await asyncio.wait_for(billing.join(), 5)
+    assert set(shipped) == {4}  # at least once
+
+
+async def test_an_envelope_routed_by_name_whose_class_is_not_imported_says_so() -> None:
+    dp = Dispatcher(transport="memory://", service="shop", routes={"Refund": "billing"})
+    with pytest.raises(ImproperlyConfigured, match=r"by name.*import the module.*id='e-1'"):
+        await dp.send(Envelope(name="Refund", payload=b"{}", id="e-1"))
+    await dp.stop()
+
+
 async def test_an_envelope_of_a_name_not_routed_here_is_refused() -> None:
     dp = Dispatcher(transport="memory://", service="shop", routes=ROUTES)
     with pytest.raises(ImproperlyConfigured, match=r"'Refund'.*id='e-1'"):

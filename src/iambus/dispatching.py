@@ -38,7 +38,8 @@ import asyncio
 import inspect
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
@@ -59,7 +60,7 @@ from .errors import (
     check_seconds,
 )
 from .handlers import Handler, Invoke, Kind
-from .messages import Command, MessageKey, Query, describe, message_key
+from .messages import Command, MessageKey, Query, describe, message_key, message_name
 from .middleware import Chain, Context, Middleware, check_middleware, compose
 from .providers import ProviderRegistry
 from .remote import Remote, RemoteRoute
@@ -978,16 +979,52 @@ class Dispatcher:
         if not self._open:
             self._ensure_open()
         mkey = remote.registry.key_of(envelope.name)
+        if mkey is None:
+            # Kept by an earlier process: its class may be routed by name or by module,
+            # and not sent by this process yet.
+            mkey = self._message_named(envelope.name)
+            if mkey is not None:
+                remote.registry.add(mkey)
         route = self._routed(mkey) if mkey is not None else None
         if route is None:
+            owner = self.routes.owner(envelope.name)
             raise ImproperlyConfigured(
-                f"cannot send the envelope of {envelope.name!r}: no routed message of that "
-                f"name is known here. Route its class (routes={{MyMessage: 'service'}}), or "
-                f"send the message itself again with id={envelope.id!r}"
+                f"cannot send the envelope of {envelope.name!r}: "
+                + (
+                    f"it is routed to {owner!r} by name, but whether it is a command or an "
+                    f"event comes from its class, and none of that name is imported here; "
+                    f"import the module that defines it before sending"
+                    if owner is not None
+                    else "no routed message of that name is known here. Route its class "
+                    "(routes={MyMessage: 'service'}, by name or 'module.*')"
+                )
+                + f", or send the message itself again with id={envelope.id!r}"
             )
         if route.kind == "query":
             raise _not_sent(repr(envelope.name))
         await remote.send_envelope(route.kind, envelope)
+
+    def _message_named(self, name: str) -> MessageKey | None:
+        """The routed message called ``name`` on the wire: bound here, or a loaded class
+        (a command or query by its marker, any message of a module routed by pattern)."""
+        for table in (self._commands, self._queries, self._event_routes):
+            for key in table:
+                if message_name(key) == name and self.routes.owner(key) is not None:
+                    return key
+        found = list(
+            dict.fromkeys(
+                cls
+                for cls in _loaded_messages(self.routes.patterns())
+                if message_name(cls) == name and self.routes.owner(cls) is not None
+            )
+        )
+        if len(found) > 1:
+            raise ImproperlyConfigured(
+                f"cannot send the envelope of {name!r}: several routed classes have that "
+                f"name ({', '.join(describe(cls) for cls in found)}); give each a distinct "
+                f"one with @iambus.contract('...')"
+            )
+        return found[0] if found else None
 
     # -- internals: routes, emitting, delivering ---------------------------------------
 
@@ -1288,6 +1325,27 @@ async def _within(timeout: float, call: Awaitable[Any], message: Any) -> Any:
         raise RequestTimeout(
             f"{describe(message_key(message))} got no answer within {timeout}s"
         ) from exc
+
+
+def _loaded_messages(patterns: list[str]) -> Iterator[type]:
+    # Every loaded subclass of Command or Query its module holds (not one replaced, as
+    # @dataclass(slots=True) does), then the classes defined in the loaded modules that
+    # match a routing pattern.
+    stack: list[type] = [Command, Query]
+    sub: type
+    while stack:
+        for sub in stack.pop().__subclasses__():
+            stack.append(sub)
+            held: Any = sys.modules.get(sub.__module__)
+            for part in sub.__qualname__.split("."):
+                held = getattr(held, part, None)
+            if held is sub:
+                yield sub
+    for module_name, module in list(sys.modules.items()):
+        if any(module_name == p or module_name.startswith(p + ".") for p in patterns):
+            for value in list(vars(module).values()):
+                if isinstance(value, type) and value.__module__ == module_name:
+                    yield value
 
 
 def _not_sent(what: str) -> TypeError:
