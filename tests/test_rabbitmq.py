@@ -1207,3 +1207,106 @@ async def test_a_classic_group_counts_a_loss_held_unhanded_by_a_retired_consumer
         await holder.destroy()
         for made in (holder, buffering, after):
             await made.close()
+
+
+class _Proxy:
+    """A TCP proxy to RabbitMQ whose ``cut()`` closes the client's side only, as a lost
+    route does: the broker keeps the old connections (and their exclusive queues) until
+    their heartbeat times out, or until ``release()``."""
+
+    def __init__(self) -> None:
+        self.pairs: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
+        self.pumps: set[asyncio.Task[None]] = set()
+        self.frozen: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", 5672)
+        self.pairs.append((writer, up_writer))
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                while data := await src.read(65536):
+                    dst.write(data)
+
+        self.pumps.add(asyncio.ensure_future(pump(reader, up_writer)))
+        self.pumps.add(asyncio.ensure_future(pump(up_reader, writer)))
+
+    def cut(self) -> None:
+        for task in self.pumps:
+            task.cancel()
+        self.pumps.clear()
+        for client, upstream in self.pairs:
+            client.close()  # the client sees its connection drop ...
+            self.frozen.append(upstream)  # ... the broker does not
+        self.pairs.clear()
+
+    def release(self) -> None:
+        """The broker's side of the cut connections closes: as a heartbeat timeout."""
+        for upstream in self.frozen:
+            upstream.close()
+        self.frozen.clear()
+
+    async def stop(self) -> None:
+        self.cut()
+        self.release()
+        self.server.close()
+
+
+async def test_a_lost_route_leaves_an_announced_transport_working() -> None:
+    # An announced instance's exclusive queue lives on a connection of its own: after a
+    # lost route the broker still holds the old connections (until their heartbeat times
+    # out), and the transport's reconnect must not wait for them. The instance stays
+    # listed meanwhile, and its next announce declares its queue again.
+    require("rabbitmq")
+    from iambus.transports import Instance
+
+    proxy = _Proxy()
+    port = await proxy.start()
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    url = f"amqp://guest:guest@127.0.0.1:{port}/"
+    made = RabbitMQTransport(url, namespace=namespace, reconnect_interval=0.2, timeout=2.0)
+    one = Instance("svc", f"h-1-{uuid.uuid4().hex[:6]}", "h", 1, time.time(), (("a", "g"),))
+    await made.open()
+    try:
+        await made.declare("a", "g", from_start=True)
+        await made.announce(one)
+        proxy.cut()
+
+        async def sent() -> bool:
+            try:
+                await made.send("a", _ping(1))
+            except TransportError:
+                return False
+            return True
+
+        await until(sent, 20, "a send after a lost route")
+        assert [i.id for i in await made.instances()] == [one.id]  # the old queue, held
+        with pytest.raises(TransportError, match="still holds"):
+            await made.announce(one)
+        proxy.release()
+
+        async def announced() -> bool:
+            try:
+                await made.announce(one)
+            except TransportError:
+                return False
+            return True
+
+        await until(announced, 20, "announcing again once the broker let go")
+        assert [i.id for i in await made.instances()] == [one.id]
+        [delivery] = await _take(made, 1)
+        await delivery.ack()
+    finally:
+        await proxy.stop()
+        async with asyncio.timeout(10):
+            await made.close()
+        cleaner = RabbitMQTransport(URL, namespace=namespace)
+        await cleaner.open()
+        await cleaner.declare("a", "g", from_start=False)
+        await cleaner.instances()  # declares the registry: destroyed with the rest
+        await cleaner.destroy()
+        await cleaner.close()

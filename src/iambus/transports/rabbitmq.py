@@ -107,7 +107,7 @@ from . import Backlog, DeadLetter, Delivery, Failure, Instance, client_name, red
 try:
     import aio_pika
     import aiormq
-    from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+    from aio_pika.abc import AbstractConnection, AbstractRobustChannel, AbstractRobustConnection
     from aiormq.abc import DeliveredMessage
     from pamqp import commands as spec
 except ImportError as exc:  # pragma: no cover - exercised without the extra installed
@@ -255,8 +255,12 @@ class RabbitMQTransport:
         self._unhanded: dict[tuple[str, str | None, int, bool], int] = {}
         # Lane deliveries whose hand-back copy came first: the original is dropped.
         self._superseded: dict[tuple[str, str | None, int], int] = {}
-        # Instances announced here: id -> (the connection, the channel of its queue).
-        self._presences: dict[str, tuple[Any, AbstractRobustChannel]] = {}
+        # The registry's own connection, not robust: it holds the exclusive queues of the
+        # instances announced here (their ids). A robust one would declare them again on
+        # every reconnect, which fails while the broker still holds the connection that
+        # was lost (RESOURCE_LOCKED): the transport's connection must never wait for that.
+        self._presence: AbstractConnection | None = None
+        self._presences: set[str] = set()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url}>"
@@ -355,6 +359,11 @@ class RabbitMQTransport:
             if not future.done():
                 future.set_exception(TransportError(f"{self.url}: closed while waiting"))
         connection, self._connection = self._connection, None
+        presence, self._presence = self._presence, None
+        self._presences.clear()
+        if presence is not None:
+            with contextlib.suppress(Exception):
+                await presence.close()
         self._publisher = self._admin = self._replier = None
         self._declarers = []
         self._reply_consuming_on = None
@@ -1256,46 +1265,82 @@ class RabbitMQTransport:
         return _fit(f"{self.namespace}.alive.{_escape(instance_id)}")
 
     async def announce(self, instance: Instance) -> None:
-        held = self._presences.get(instance.id)
-        if held is not None and held[0] is self._connection:
-            return  # its queue lives as long as the connection (declared again on reconnect)
         self._check_open()
+        presence = self._presence
+        lost = presence is None or presence.is_closed or not presence.connected.is_set()
+        if instance.id in self._presences and not lost:
+            return  # its queue lives as long as that connection
+        await self._declare_registry()
+        if presence is None or lost:
+            # Lost (or never made): the queues it held are gone, or will be once the
+            # broker notices; each instance is declared again by its next announce.
+            self._presence = None
+            self._presences.clear()
+            if presence is not None:
+                with contextlib.suppress(Exception):
+                    await presence.close()
+            presence = self._presence = await self._presence_connection()
+        name = self._alive(instance.id)
+        try:
+            async with self._translate("announce"), asyncio.timeout(self.timeout):
+                channel = await presence.channel()
+                try:
+                    await channel.declare_queue(name, exclusive=True)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await channel.close()
+        except TransportError as exc:
+            if isinstance(exc.__cause__, aiormq.exceptions.ChannelLockedResource):
+                raise TransportError(
+                    f"{self.url}: cannot announce {instance.id} again yet: the broker still "
+                    f"holds its queue {name!r} on the connection that was lost (until its "
+                    f"heartbeat times out); it is still listed as live meanwhile"
+                ) from exc.__cause__
+            raise
+        self._presences.add(instance.id)
+        properties = spec.Basic.Properties(delivery_mode=PERSISTENT, headers={H_ANNOUNCED: 1})
+        await self._publish_raw("", self._registry, instance.to_json(), properties)
+
+    async def _presence_connection(self) -> AbstractConnection:
+        name = f"{self.client_name or client_name()} (registry)"
+        async with self._translate("connect the registry"), asyncio.timeout(self.timeout):
+            return await aio_pika.connect(
+                self._driver_url, client_properties={"connection_name": name}
+            )
+
+    async def _declare_registry(self) -> None:
         admin = await self._ready(self._admin)
         async with self._translate(f"declare {self._registry}"):
             await admin.queue_declare(self._registry, durable=True, arguments=REGISTRY_ARGUMENTS)
         self._declared.add(self._registry)
-        channel = await self._new_channel()
-        try:
-            async with self._translate("announce"):
-                await channel.declare_queue(self._alive(instance.id), exclusive=True)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await channel.close()
-            raise
-        self._presences[instance.id] = (self._connection, channel)
-        properties = spec.Basic.Properties(delivery_mode=PERSISTENT, headers={H_ANNOUNCED: 1})
-        await self._publish_raw("", self._registry, instance.to_json(), properties)
 
     async def withdraw(self, instance: Instance) -> None:
-        held = self._presences.pop(instance.id, None)
-        if held is None:
+        if instance.id not in self._presences:
             return
+        self._presences.discard(instance.id)
         self._check_open()
         properties = spec.Basic.Properties(delivery_mode=PERSISTENT, headers={H_WITHDRAWN: 1})
         await self._publish_raw("", self._registry, instance.id.encode(), properties)
-        channel = held[1]
+        presence = self._presence
+        if presence is None:
+            return
+        if not self._presences:  # its last queue: closing the connection deletes it
+            self._presence = None
+            with contextlib.suppress(Exception):
+                await presence.close()
+            return
         with contextlib.suppress(Exception):
-            await channel.queue_delete(self._alive(instance.id))
-        with contextlib.suppress(Exception):
-            await channel.close()
+            async with asyncio.timeout(self.timeout):
+                channel = await presence.channel()
+                try:
+                    await channel.queue_delete(self._alive(instance.id))
+                finally:
+                    await channel.close()
 
     async def _announced(self) -> dict[str, Instance]:
         """Every instance the registry stream holds, by id; those that withdrew are
         marked by an id mapped to None."""
-        admin = await self._ready(self._admin)
-        async with self._translate(f"declare {self._registry}"):
-            await admin.queue_declare(self._registry, durable=True, arguments=REGISTRY_ARGUMENTS)
-        self._declared.add(self._registry)
+        await self._declare_registry()
         announced: dict[str, Instance] = {}
         for message in await self._read_stream(self._registry, "read the registry"):
             headers = message.header.properties.headers or {}
