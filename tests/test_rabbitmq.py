@@ -15,7 +15,7 @@ import pytest
 
 from iambus.envelope import Envelope
 from iambus.errors import ImproperlyConfigured, TransportError, TransportRefused
-from iambus.transports import Delivery, Failure, connect
+from iambus.transports import Delivery, Failure, Instance, connect
 
 from .conftest import require
 from .processes import until
@@ -1262,14 +1262,12 @@ async def test_a_lost_route_leaves_an_announced_transport_working() -> None:
     # out), and the transport's reconnect must not wait for them. The instance stays
     # listed meanwhile, and its next announce declares its queue again.
     require("rabbitmq")
-    from iambus.transports import Instance
-
     proxy = _Proxy()
     port = await proxy.start()
     namespace = f"test-{uuid.uuid4().hex[:8]}"
     url = f"amqp://guest:guest@127.0.0.1:{port}/"
     made = RabbitMQTransport(url, namespace=namespace, reconnect_interval=0.2, timeout=2.0)
-    one = Instance("svc", f"h-1-{uuid.uuid4().hex[:6]}", "h", 1, time.time(), (("a", "g"),))
+    one = _instance(1)
     await made.open()
     try:
         await made.declare("a", "g", from_start=True)
@@ -1310,3 +1308,47 @@ async def test_a_lost_route_leaves_an_announced_transport_working() -> None:
         await cleaner.instances()  # declares the registry: destroyed with the rest
         await cleaner.destroy()
         await cleaner.close()
+
+
+def _instance(n: int, instance_id: str | None = None) -> Instance:
+    return Instance(
+        "svc", instance_id or f"h-{n}-{uuid.uuid4().hex[:6]}", "h", n, time.time(), (("a", "g"),)
+    )
+
+
+async def test_an_instance_found_gone_is_listed_again_once_it_announces_again(
+    transport: RabbitMQTransport,
+) -> None:
+    # A reader remembers the instances it found gone, not to probe them at every read;
+    # the same instance announcing again (a new registry connection) is live again.
+    namespace = transport.namespace
+    one = _instance(1)
+    for _ in range(2):
+        holder = RabbitMQTransport(URL, namespace=namespace)
+        await holder.open()
+        await holder.announce(one)
+        assert [i.id for i in await transport.instances()] == [one.id]
+        await holder.close()  # its queue goes with its connection: gone, not withdrawn
+        assert await transport.instances() == []
+        assert await transport.instances() == []  # remembered gone
+    assert await transport.groups() == {("a", "g"): "svc"}
+
+
+async def test_a_registry_made_by_an_older_version_is_used_as_it_is(
+    transport: RabbitMQTransport,
+) -> None:
+    import aio_pika
+
+    older = {"x-queue-type": "stream", "x-max-age": "7D", "x-stream-max-segment-size-bytes": 10**6}
+    connection = await aio_pika.connect(URL)
+    try:
+        channel = await connection.channel()
+        registry = f"{transport.namespace}.registry"
+        await channel.declare_queue(registry, durable=True, arguments=older)
+    finally:
+        await connection.close()
+    one = _instance(1)
+    await transport.announce(one)
+    assert [i.id for i in await transport.instances()] == [one.id]
+    await transport.withdraw(one)
+    assert await transport.instances() == []

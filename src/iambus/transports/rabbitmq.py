@@ -138,12 +138,15 @@ H_PARTITION = "x-iambus-partition"  # in a keyed dead letter: the partition it c
 # Records of the registry stream: an instance announced (its JSON), withdrawn (its id).
 H_ANNOUNCED = "x-iambus-announced"
 H_WITHDRAWN = "x-iambus-withdrawn"
-# The registry stream keeps a week of announcements (small segments, so that age counts).
+# The registry stream keeps a week of records: retention drops whole segments once they
+# are older, so they are small (each read appends a mark of about 100 bytes).
 REGISTRY_ARGUMENTS: dict[str, Any] = {
     "x-queue-type": "stream",
     "x-max-age": "7D",
-    "x-stream-max-segment-size-bytes": 1_000_000,
+    "x-stream-max-segment-size-bytes": 100_000,
 }
+# An instance's announcement is written again this often (seconds): older records go.
+REGISTRY_REFRESH = 86_400.0
 H_FAILURE = (
     ("x-iambus-error-type", "error_type"),
     ("x-iambus-error-message", "message"),
@@ -260,7 +263,10 @@ class RabbitMQTransport:
         # every reconnect, which fails while the broker still holds the connection that
         # was lost (RESOURCE_LOCKED): the transport's connection must never wait for that.
         self._presence: AbstractConnection | None = None
-        self._presences: set[str] = set()
+        self._presences: dict[str, float] = {}  # id -> when its announcement was written
+        # Instances found gone (their queue deleted): id -> the stream offset of the
+        # announcement that was probed; a later announcement of the id is probed again.
+        self._gone: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url}>"
@@ -1268,8 +1274,13 @@ class RabbitMQTransport:
         self._check_open()
         presence = self._presence
         lost = presence is None or presence.is_closed or not presence.connected.is_set()
-        if instance.id in self._presences and not lost:
-            return  # its queue lives as long as that connection
+        written = self._presences.get(instance.id)
+        if written is not None and not lost:
+            # Its queue lives as long as that connection; its record, a week.
+            if time.monotonic() - written > REGISTRY_REFRESH:
+                await self._publish_raw("", self._registry, instance.to_json(), _ANNOUNCED)
+                self._presences[instance.id] = time.monotonic()
+            return
         await self._declare_registry()
         if presence is None or lost:
             # Lost (or never made): the queues it held are gone, or will be once the
@@ -1297,9 +1308,8 @@ class RabbitMQTransport:
                     f"heartbeat times out); it is still listed as live meanwhile"
                 ) from exc.__cause__
             raise
-        self._presences.add(instance.id)
-        properties = spec.Basic.Properties(delivery_mode=PERSISTENT, headers={H_ANNOUNCED: 1})
-        await self._publish_raw("", self._registry, instance.to_json(), properties)
+        await self._publish_raw("", self._registry, instance.to_json(), _ANNOUNCED)
+        self._presences[instance.id] = time.monotonic()
 
     async def _presence_connection(self) -> AbstractConnection:
         name = f"{self.client_name or client_name()} (registry)"
@@ -1309,15 +1319,26 @@ class RabbitMQTransport:
             )
 
     async def _declare_registry(self) -> None:
-        admin = await self._ready(self._admin)
-        async with self._translate(f"declare {self._registry}"):
-            await admin.queue_declare(self._registry, durable=True, arguments=REGISTRY_ARGUMENTS)
+        if self._registry in self._declared:
+            return
+        try:
+            admin = await self._ready(self._admin)
+            async with self._translate(f"declare {self._registry}"):
+                await admin.queue_declare(
+                    self._registry, durable=True, arguments=REGISTRY_ARGUMENTS
+                )
+        except TransportError as exc:
+            if not isinstance(exc.__cause__, aiormq.exceptions.ChannelPreconditionFailed):
+                raise
+            # Made by an older iambus with other segments: used as it is.
+            admin = await self._ready(self._admin)
+            async with self._translate(f"declare {self._registry}"):
+                await admin.queue_declare(self._registry, passive=True)
         self._declared.add(self._registry)
 
     async def withdraw(self, instance: Instance) -> None:
-        if instance.id not in self._presences:
+        if self._presences.pop(instance.id, None) is None:
             return
-        self._presences.discard(instance.id)
         self._check_open()
         properties = spec.Basic.Properties(delivery_mode=PERSISTENT, headers={H_WITHDRAWN: 1})
         await self._publish_raw("", self._registry, instance.id.encode(), properties)
@@ -1337,11 +1358,11 @@ class RabbitMQTransport:
                 finally:
                     await channel.close()
 
-    async def _announced(self) -> dict[str, Instance]:
-        """Every instance the registry stream holds, by id; those that withdrew are
-        marked by an id mapped to None."""
+    async def _announced(self) -> dict[str, tuple[Instance, int]]:
+        """Every instance the registry stream holds that did not withdraw, by id, with
+        the stream offset of its latest announcement."""
         await self._declare_registry()
-        announced: dict[str, Instance] = {}
+        announced: dict[str, tuple[Instance, int]] = {}
         for message in await self._read_stream(self._registry, "read the registry"):
             headers = message.header.properties.headers or {}
             if H_WITHDRAWN in headers:
@@ -1352,15 +1373,26 @@ class RabbitMQTransport:
                 except ValueError as exc:
                     logger.warning("iambus: %s: skipping a registry entry: %s", self.url, exc)
                     continue
-                announced[instance.id] = instance
+                announced[instance.id] = (instance, _offset(headers))
         return announced
 
     async def instances(self) -> list[Instance]:
-        announced = list((await self._announced()).values())
         # Live while its exclusive queue exists: another connection holds it (locked),
-        # or this one does (declared).
-        found = await self._probe([self._alive(instance.id) for instance in announced])
-        return [instance for instance, ok in zip(announced, found, strict=True) if ok is not None]
+        # or this one does (declared). One found gone is not probed again, unless it
+        # announced again since (after a lost registry connection).
+        announced = [
+            (instance, offset)
+            for instance, offset in (await self._announced()).values()
+            if self._gone.get(instance.id) != offset
+        ]
+        found = await self._probe([self._alive(instance.id) for instance, _ in announced])
+        live: list[Instance] = []
+        for (instance, offset), ok in zip(announced, found, strict=True):
+            if ok is None:
+                _remember(self._gone, instance.id, offset)
+            else:
+                live.append(instance)
+        return live
 
     async def groups(self) -> dict[tuple[str, str], str]:
         known: dict[tuple[str, str], str] = {}
@@ -1521,6 +1553,17 @@ def _putter(state: _Consumer, lane: str | None) -> Any:
         state.arrived.set()
 
     return put
+
+
+_ANNOUNCED = spec.Basic.Properties(delivery_mode=PERSISTENT, headers={H_ANNOUNCED: 1})
+
+
+def _offset(headers: Mapping[str, Any]) -> int:
+    """The offset RabbitMQ gives a record of a stream queue (-1 if it says none)."""
+    try:
+        return int(headers["x-stream-offset"])
+    except (KeyError, TypeError, ValueError):
+        return -1
 
 
 def _redelivered(message: DeliveredMessage) -> bool:
