@@ -1352,3 +1352,23 @@ async def test_a_registry_made_by_an_older_version_is_used_as_it_is(
     assert [i.id for i in await transport.instances()] == [one.id]
     await transport.withdraw(one)
     assert await transport.instances() == []
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["unkeyed", "keyed"])
+async def test_leave_keeps_a_retry_delay(transport: RabbitMQTransport, keyed: bool) -> None:
+    # A delivery the leaving consumer retried is settled: leave() must not bring it back
+    # before its delay (a keyed one waits unacked on the partition channel: that channel
+    # stays until the retry fired), nor count an attempt more.
+    await transport.declare("a", "g", from_start=False)
+    await transport.send("a", Envelope(name="P", payload=b"{}", key="k" if keyed else None))
+    [delivery] = await _take(transport, 1, consumer="leaving")
+    retried = time.monotonic()
+    await delivery.retry(4.0)
+    await transport.leave("leaving")
+    early = await _take(transport, 1, consumer="staying", within=1.5)
+    assert time.monotonic() - retried < 4.0  # the check above ended before the delay
+    assert not early, f"retried with a 4 s delay, back at once after leave(): {early}"
+    [again] = await _take(transport, 1, consumer="staying", within=20)
+    assert time.monotonic() - retried >= 4.0
+    assert again.attempt == 2
+    await again.ack()

@@ -184,6 +184,7 @@ class _Consumer:
     last_seen: float = field(default_factory=time.monotonic)
     receiving: int = 0
     retrying: set[asyncio.Task[None]] = field(default_factory=set)  # keyed retries waiting
+    left: bool = False  # left while keyed retries waited: its partition channel closes after
 
 
 class RabbitMQTransport:
@@ -264,6 +265,8 @@ class RabbitMQTransport:
         # was lost (RESOURCE_LOCKED): the transport's connection must never wait for that.
         self._presence: AbstractConnection | None = None
         self._presences: dict[str, float] = {}  # id -> when its announcement was written
+        # Consumers that left while keyed retries waited: retired once those fired.
+        self._leaving: dict[_Consumer, asyncio.Task[None]] = {}
         # Instances found gone (their queue deleted): id -> the stream offset of the
         # announcement that was probed; a later announcement of the id is probed again.
         self._gone: dict[str, int] = {}
@@ -360,7 +363,11 @@ class RabbitMQTransport:
             await asyncio.gather(self._sweeper, return_exceptions=True)
             self._sweeper = None
         for consumer in list(self._consumers.values()):
+            for retry in consumer.retrying:  # they come back now, with the connection
+                retry.cancel()
+            await asyncio.gather(*consumer.retrying, return_exceptions=True)
             await self._leave(consumer)
+        await self._stop_leaving()
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(TransportError(f"{self.url}: closed while waiting"))
@@ -388,15 +395,42 @@ class RabbitMQTransport:
                 await self._leave(state)
 
     async def _leave(self, state: _Consumer) -> None:
-        # A keyed retry still waiting goes back with its channel: attempt + 1, now.
-        for task in list(state.retrying):
-            task.cancel()
-        await asyncio.gather(*state.retrying, return_exceptions=True)
+        if all(retry.done() for retry in state.retrying):
+            with contextlib.suppress(TransportError):
+                await self._retire(state)
+            return
+        # A keyed retry still waiting keeps its delivery unacked on the partition
+        # channel, its partition blocked, until it fires: closing that channel now would
+        # bring it back at once (attempt + 1). The group's queue goes now, the partition
+        # queues once the retries fired.
+        if self._consumers.get(state.key) is state:
+            del self._consumers[state.key]
+        state.left = True
         with contextlib.suppress(TransportError):
-            await self._retire(state)
+            await self._retire_group(state)
+        task = asyncio.get_running_loop().create_task(self._retire_lanes_later(state))
+        self._leaving[state] = task
+        task.add_done_callback(lambda _: self._leaving.pop(state, None))
+
+    async def _retire_lanes_later(self, state: _Consumer) -> None:
+        while not all(retry.done() for retry in state.retrying):
+            await asyncio.gather(*list(state.retrying), return_exceptions=True)
+        try:
+            await self._retire_lanes(state)
+        except Exception as exc:
+            logger.warning("iambus: retiring consumer %s: %r", state.key, exc)
+
+    async def _stop_leaving(self) -> None:
+        """Closing: the retries a left consumer still waits for come back now (as the
+        connection's close would bring them), what it buffered is handed back."""
+        for state in list(self._leaving):
+            for retry in state.retrying:
+                retry.cancel()
+        await asyncio.gather(*self._leaving.values(), return_exceptions=True)
 
     async def destroy(self) -> int:
         """Delete this namespace's exchanges and the queues this instance declared (tests)."""
+        await self._stop_leaving()
         for consumer in list(self._consumers.values()):
             # Everything goes: nothing to hand back first.
             del self._consumers[consumer.key]
@@ -960,8 +994,11 @@ class RabbitMQTransport:
     async def _retry_later(self, delivery: _RabbitDelivery, lane: str, delay: float) -> None:
         await asyncio.sleep(delay)
         try:
-            # A closed channel gave it back already, counted: that is this retry.
-            if not delivery._message.channel.is_closed:
+            # A closed channel gave it back already, counted: that is this retry. A
+            # consumer that left closes its channel once its retries are due: that gives
+            # it back, counted, at the head of its queue (a copy could go to that
+            # consumer again, as the partition is still its own until then).
+            if not delivery._message.channel.is_closed and not delivery._consumer.left:
                 await self._pass_on(delivery._message, lane, delivery.attempt + 1)
         except Exception:
             logger.exception("iambus: retrying %r failed; it is redelivered now", delivery)
@@ -1063,34 +1100,48 @@ class RabbitMQTransport:
         """
         if self._consumers.get(state.key) is state:
             del self._consumers[state.key]
+        try:
+            await self._retire_lanes(state)
+            await self._retire_group(state)
+        finally:
+            with contextlib.suppress(Exception):
+                await state.channel.close()
+
+    async def _retire_lanes(self, state: _Consumer) -> None:
+        """Hand back what the consumer buffered from partition queues, close their channel."""
+        buffered = [(message, lane) for message, lane in state.inbox if lane is not None]
+        state.inbox = deque((message, lane) for message, lane in state.inbox if lane is None)
+        try:
+            for message, lane in buffered:
+                assert lane is not None
+                if _redelivered(message):
+                    continue  # a redelivered one still has a return to count
+                if message.channel.is_closed or message.header.properties.priority:
+                    # A copy (priority 1) returns to its place, first, and counted
+                    # (its hand-back copy would come after it); here, not counted.
+                    self._unhand(state, message, lane)
+                    continue
+                attempt = _own_attempt(message.header.properties.headers or {})
+                await self._pass_on(message, lane, attempt, handback=True)
+        finally:
+            with contextlib.suppress(Exception):
+                await state.lanes.close()
+
+    async def _retire_group(self, state: _Consumer) -> None:
+        """Stop consuming the group's queue, give back what was buffered from it as copies
+        with their attempt, close the channel."""
         address, group, _ = state.key
-        buffered = list(state.inbox)
-        state.inbox.clear()
+        buffered = [message for message, lane in state.inbox if lane is None]
+        state.inbox = deque((message, lane) for message, lane in state.inbox if lane is not None)
         ch = state.consuming_on
         try:
-            try:
-                for message, lane in buffered:
-                    if lane is None or _redelivered(message):
-                        continue  # a redelivered one still has a return to count
-                    if message.channel.is_closed or message.header.properties.priority:
-                        # A copy (priority 1) returns to its place, first, and counted
-                        # (its hand-back copy would come after it); here, not counted.
-                        self._unhand(state, message, lane)
-                        continue
-                    attempt = _own_attempt(message.header.properties.headers or {})
-                    await self._pass_on(message, lane, attempt, handback=True)
-            finally:
-                with contextlib.suppress(Exception):
-                    await state.lanes.close()
             if ch is not None and not ch.is_closed:
                 async with self._translate("cancel a consumer"):
                     for tag in list(ch.consumers):
                         await ch.basic_cancel(tag)
-                for message, lane in buffered:
-                    if lane is not None:
-                        continue
+                for message in buffered:
                     if message.channel.is_closed:
-                        self._unhand(state, message, lane)
+                        self._unhand(state, message, None)
                         continue
                     headers = dict(message.header.properties.headers or {})
                     given_back = self._unhanded.pop(_returned(state.queue, message), 0)
