@@ -25,7 +25,8 @@ queue name starts with the namespace (default ``iambus``). How the seam maps ont
   between gives a duplicate, never a loss;
 * a consumer that neither receives nor settles for ``claim_after`` seconds is considered
   dead: its channels are closed, so RabbitMQ hands what it held to the others;
-  ``leave(consumer)`` (a worker stopping) and ``close`` do the same at once;
+  ``leave(consumer)`` (a worker stopping) and ``close`` do the same at once (``leave``
+  keeps a consumer's partition channel until a keyed retry it waits for is due);
 * a retry or dead letter whose copy the broker does not confirm (a nack, a confirm
   timeout) gives the delivery back (``basic.nack``, requeue) while its channel is open:
   it comes again as a further attempt instead of staying with a consumer that lives on;
@@ -36,8 +37,10 @@ queue name starts with the namespace (default ``iambus``). How the seam maps ont
   requester;
 * the registry (``announce`` / ``instances``): announcements and withdrawals are records
   in the stream queue ``<ns>.registry`` (a week kept); an announced instance is live
-  while the exclusive queue ``<ns>.alive.<id>`` of its connection exists (a passive
-  declare from another connection finds it locked), so one killed is gone at once.
+  while its exclusive queue ``<ns>.alive.<id>`` exists (a passive declare from another
+  connection finds it locked), so one killed is gone at once. Those queues live on a
+  registry connection of their own, not robust (opened again by the next announce), so
+  that the transport's reconnect never waits for the broker to drop a lost connection.
 
 Per-key ordering (``iambus.partitions``): an envelope with a ``key`` is published to the
 direct exchange ``<ns>.keyed`` under ``<address>.<n>``, ``n = partition(key,
