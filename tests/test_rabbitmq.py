@@ -1379,3 +1379,22 @@ async def test_leave_keeps_a_retry_delay(transport: RabbitMQTransport, keyed: bo
     assert time.monotonic() - retried >= 4.0
     assert again.attempt == 2
     await again.ack()
+
+
+async def test_a_registry_deleted_under_a_reader_is_declared_again(
+    transport: RabbitMQTransport,
+) -> None:
+    import aio_pika
+
+    assert await transport.instances() == []
+    connection = await aio_pika.connect(URL)
+    try:
+        channel = await connection.channel()
+        await channel.queue_delete(f"{transport.namespace}.registry")
+    finally:
+        await connection.close()
+    with contextlib.suppress(TransportError):  # this read finds it gone
+        await transport.instances()
+    one = _instance(1)
+    await transport.announce(one)
+    assert [i.id for i in await transport.instances()] == [one.id]

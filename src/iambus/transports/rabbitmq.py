@@ -1390,6 +1390,14 @@ class RabbitMQTransport:
                 await admin.queue_declare(self._registry, passive=True)
         self._declared.add(self._registry)
 
+    async def _read_registry(self) -> list[DeliveredMessage]:
+        await self._declare_registry()
+        try:
+            return await self._read_stream(self._registry, "read the registry")
+        except TransportError:
+            self._declared.discard(self._registry)  # deleted meanwhile? declared again
+            raise
+
     async def withdraw(self, instance: Instance) -> None:
         if self._presences.pop(instance.id, None) is None:
             return
@@ -1415,9 +1423,8 @@ class RabbitMQTransport:
     async def _announced(self) -> dict[str, tuple[Instance, int]]:
         """Every instance the registry stream holds that did not withdraw, by id, with
         the stream offset of its latest announcement."""
-        await self._declare_registry()
         announced: dict[str, tuple[Instance, int]] = {}
-        for message in await self._read_stream(self._registry, "read the registry"):
+        for message in await self._read_registry():
             headers = message.header.properties.headers or {}
             if H_WITHDRAWN in headers:
                 announced.pop(message.body.decode(errors="replace"), None)
@@ -1451,7 +1458,7 @@ class RabbitMQTransport:
     async def groups(self) -> dict[tuple[str, str], str]:
         known: dict[tuple[str, str], str] = {}
         # Withdrawn ones included: read the records of every announcement kept.
-        for message in await self._read_stream(self._registry, "read the registry"):
+        for message in await self._read_registry():
             if H_ANNOUNCED in (message.header.properties.headers or {}):
                 with contextlib.suppress(ValueError):
                     instance = Instance.from_json(message.body)
