@@ -908,3 +908,23 @@ async def test_an_undecodable_query_over_core_nats_is_answered_and_dead_lettered
     finally:
         await transport.destroy()
         await transport.close()
+
+
+READS = 150  # of each kind: one in several hundred missed before
+
+
+async def test_registry_reads_list_a_live_instance_every_time(transport: NatsTransport) -> None:
+    # A key-value watcher's end-of-data marker may come before the entries it pushed: a
+    # read that trusted it missed a live instance now and then.
+    from iambus.transports import Instance
+
+    one = Instance("svc", f"h-1-{uuid.uuid4().hex[:6]}", "h", 1, time.time(), (("a", "g"),))
+    await transport.announce(one)
+    misses = 0
+    for _ in range(READS):
+        misses += await transport.groups() != {("a", "g"): "svc"}
+        misses += [i.id for i in await transport.instances()] != [one.id]
+    assert misses == 0, f"{misses} of {2 * READS} registry reads missed the one live instance"
+    await transport.withdraw(one)
+    assert await transport.instances() == []
+    assert await transport.groups() == {("a", "g"): "svc"}

@@ -15,7 +15,7 @@ import pytest
 
 from iambus.envelope import Envelope
 from iambus.errors import ImproperlyConfigured, TransportError, TransportRefused
-from iambus.transports import Delivery, Failure, connect
+from iambus.transports import Delivery, Failure, Instance, connect
 
 from .conftest import require
 from .processes import until
@@ -1207,3 +1207,194 @@ async def test_a_classic_group_counts_a_loss_held_unhanded_by_a_retired_consumer
         await holder.destroy()
         for made in (holder, buffering, after):
             await made.close()
+
+
+class _Proxy:
+    """A TCP proxy to RabbitMQ whose ``cut()`` closes the client's side only, as a lost
+    route does: the broker keeps the old connections (and their exclusive queues) until
+    their heartbeat times out, or until ``release()``."""
+
+    def __init__(self) -> None:
+        self.pairs: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
+        self.pumps: set[asyncio.Task[None]] = set()
+        self.frozen: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", 5672)
+        self.pairs.append((writer, up_writer))
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                while data := await src.read(65536):
+                    dst.write(data)
+
+        self.pumps.add(asyncio.ensure_future(pump(reader, up_writer)))
+        self.pumps.add(asyncio.ensure_future(pump(up_reader, writer)))
+
+    def cut(self) -> None:
+        for task in self.pumps:
+            task.cancel()
+        self.pumps.clear()
+        for client, upstream in self.pairs:
+            client.close()  # the client sees its connection drop ...
+            self.frozen.append(upstream)  # ... the broker does not
+        self.pairs.clear()
+
+    def release(self) -> None:
+        """The broker's side of the cut connections closes: as a heartbeat timeout."""
+        for upstream in self.frozen:
+            upstream.close()
+        self.frozen.clear()
+
+    async def stop(self) -> None:
+        self.cut()
+        self.release()
+        self.server.close()
+
+
+async def test_a_lost_route_leaves_an_announced_transport_working() -> None:
+    # An announced instance's exclusive queue lives on a connection of its own: after a
+    # lost route the broker still holds the old connections (until their heartbeat times
+    # out), and the transport's reconnect must not wait for them. The instance stays
+    # listed meanwhile, and its next announce declares its queue again.
+    require("rabbitmq")
+    proxy = _Proxy()
+    port = await proxy.start()
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    url = f"amqp://guest:guest@127.0.0.1:{port}/"
+    made = RabbitMQTransport(url, namespace=namespace, reconnect_interval=0.2, timeout=2.0)
+    one = _instance(1)
+    await made.open()
+    try:
+        await made.declare("a", "g", from_start=True)
+        await made.announce(one)
+        proxy.cut()
+
+        async def sent() -> bool:
+            try:
+                await made.send("a", _ping(1))
+            except TransportError:
+                return False
+            return True
+
+        await until(sent, 20, "a send after a lost route")
+        assert [i.id for i in await made.instances()] == [one.id]  # the old queue, held
+
+        async def refused() -> bool:  # once the registry connection noticed its loss
+            try:
+                await made.announce(one)
+            except TransportError as exc:
+                return "still holds" in str(exc)
+            return False
+
+        await until(refused, 20, "announcing again to be refused while the broker holds on")
+        proxy.release()
+
+        async def announced() -> bool:
+            try:
+                await made.announce(one)
+            except TransportError:
+                return False
+            return True
+
+        await until(announced, 20, "announcing again once the broker let go")
+        assert [i.id for i in await made.instances()] == [one.id]
+        [delivery] = await _take(made, 1)
+        await delivery.ack()
+    finally:
+        await proxy.stop()
+        async with asyncio.timeout(10):
+            await made.close()
+        cleaner = RabbitMQTransport(URL, namespace=namespace)
+        await cleaner.open()
+        await cleaner.declare("a", "g", from_start=False)
+        await cleaner.instances()  # declares the registry: destroyed with the rest
+        await cleaner.destroy()
+        await cleaner.close()
+
+
+def _instance(n: int, instance_id: str | None = None) -> Instance:
+    return Instance(
+        "svc", instance_id or f"h-{n}-{uuid.uuid4().hex[:6]}", "h", n, time.time(), (("a", "g"),)
+    )
+
+
+async def test_an_instance_found_gone_is_listed_again_once_it_announces_again(
+    transport: RabbitMQTransport,
+) -> None:
+    # A reader remembers the instances it found gone, not to probe them at every read;
+    # the same instance announcing again (a new registry connection) is live again.
+    namespace = transport.namespace
+    one = _instance(1)
+    for _ in range(2):
+        holder = RabbitMQTransport(URL, namespace=namespace)
+        await holder.open()
+        await holder.announce(one)
+        assert [i.id for i in await transport.instances()] == [one.id]
+        await holder.close()  # its queue goes with its connection: gone, not withdrawn
+        assert await transport.instances() == []
+        assert await transport.instances() == []  # remembered gone
+    assert await transport.groups() == {("a", "g"): "svc"}
+
+
+async def test_a_registry_made_by_an_older_version_is_used_as_it_is(
+    transport: RabbitMQTransport,
+) -> None:
+    import aio_pika
+
+    older = {"x-queue-type": "stream", "x-max-age": "7D", "x-stream-max-segment-size-bytes": 10**6}
+    connection = await aio_pika.connect(URL)
+    try:
+        channel = await connection.channel()
+        registry = f"{transport.namespace}.registry"
+        await channel.declare_queue(registry, durable=True, arguments=older)
+    finally:
+        await connection.close()
+    one = _instance(1)
+    await transport.announce(one)
+    assert [i.id for i in await transport.instances()] == [one.id]
+    await transport.withdraw(one)
+    assert await transport.instances() == []
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["unkeyed", "keyed"])
+async def test_leave_keeps_a_retry_delay(transport: RabbitMQTransport, keyed: bool) -> None:
+    # A delivery the leaving consumer retried is settled: leave() must not bring it back
+    # before its delay (a keyed one waits unacked on the partition channel: that channel
+    # stays until the retry fired), nor count an attempt more.
+    await transport.declare("a", "g", from_start=False)
+    await transport.send("a", Envelope(name="P", payload=b"{}", key="k" if keyed else None))
+    [delivery] = await _take(transport, 1, consumer="leaving")
+    retried = time.monotonic()
+    await delivery.retry(4.0)
+    await transport.leave("leaving")
+    early = await _take(transport, 1, consumer="staying", within=1.5)
+    assert time.monotonic() - retried < 4.0  # the check above ended before the delay
+    assert not early, f"retried with a 4 s delay, back at once after leave(): {early}"
+    [again] = await _take(transport, 1, consumer="staying", within=20)
+    assert time.monotonic() - retried >= 4.0
+    assert again.attempt == 2
+    await again.ack()
+
+
+async def test_a_registry_deleted_under_a_reader_is_declared_again(
+    transport: RabbitMQTransport,
+) -> None:
+    import aio_pika
+
+    assert await transport.instances() == []
+    connection = await aio_pika.connect(URL)
+    try:
+        channel = await connection.channel()
+        await channel.queue_delete(f"{transport.namespace}.registry")
+    finally:
+        await connection.close()
+    with contextlib.suppress(TransportError):  # this read finds it gone
+        await transport.instances()
+    one = _instance(1)
+    await transport.announce(one)
+    assert [i.id for i in await transport.instances()] == [one.id]

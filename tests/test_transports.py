@@ -266,6 +266,7 @@ async def test_connections_carry_the_service_name(url: str, names) -> None:  # t
         listed = await names(dp.remote.transport)
         assert [line for line in listed if expected in line], listed
     finally:
+        await dp.remote.transport.destroy()  # type: ignore[attr-defined]  # its streams
         await dp.remote.close()
 
 

@@ -1311,21 +1311,27 @@ class NatsTransport:
                 return await js.key_value(name)
 
     async def _entries(self, name: str, ttl: float | None) -> list[bytes]:
-        """The value of every key of bucket ``name``."""
-        bucket = await self._bucket(name, ttl)
+        """The value of every key of bucket ``name``, read message by message from its
+        stream (each read a request and its answer: a watcher's end-of-data marker may
+        come before the entries it pushed, and a read would miss a live instance)."""
+        await self._bucket(name, ttl)
+        js = self._jetstream()
         values: list[bytes] = []
-        async with self._translate("read key-value bucket"), asyncio.timeout(self.timeout):
-            watcher = await bucket.watchall(ignore_deletes=True)
+        seq = 1
+        while True:
             try:
-                async for entry in watcher:
-                    if entry is None:  # the end of what the bucket holds
-                        break
-                    if entry.value:
-                        values.append(entry.value)
-            finally:
-                stopping: Any = watcher  # stop() is untyped in nats-py
-                await stopping.stop()
-        return values
+                async with self._translate("read key-value bucket"):
+                    raw = await js.get_msg(f"KV_{name}", seq, subject=f"$KV.{name}.>", next=True)
+            except TransportError as exc:
+                if isinstance(exc.__cause__, NotFoundError):
+                    return values  # nothing at or after seq: the end
+                raise
+            if raw.seq is None:  # pragma: no cover - the server always names it
+                return values
+            operation = (raw.headers or {}).get("KV-Operation")
+            if raw.data and operation not in ("DEL", "PURGE"):
+                values.append(raw.data)
+            seq = raw.seq + 1
 
     async def announce(self, instance: Instance) -> None:
         live, groups = self._buckets()

@@ -25,7 +25,8 @@ queue name starts with the namespace (default ``iambus``). How the seam maps ont
   between gives a duplicate, never a loss;
 * a consumer that neither receives nor settles for ``claim_after`` seconds is considered
   dead: its channels are closed, so RabbitMQ hands what it held to the others;
-  ``leave(consumer)`` (a worker stopping) and ``close`` do the same at once;
+  ``leave(consumer)`` (a worker stopping) and ``close`` do the same at once (``leave``
+  keeps a consumer's partition channel until a keyed retry it waits for is due);
 * a retry or dead letter whose copy the broker does not confirm (a nack, a confirm
   timeout) gives the delivery back (``basic.nack``, requeue) while its channel is open:
   it comes again as a further attempt instead of staying with a consumer that lives on;
@@ -36,8 +37,10 @@ queue name starts with the namespace (default ``iambus``). How the seam maps ont
   requester;
 * the registry (``announce`` / ``instances``): announcements and withdrawals are records
   in the stream queue ``<ns>.registry`` (a week kept); an announced instance is live
-  while the exclusive queue ``<ns>.alive.<id>`` of its connection exists (a passive
-  declare from another connection finds it locked), so one killed is gone at once.
+  while its exclusive queue ``<ns>.alive.<id>`` exists (a passive declare from another
+  connection finds it locked), so one killed is gone at once. Those queues live on a
+  registry connection of their own, not robust (opened again by the next announce), so
+  that the transport's reconnect never waits for the broker to drop a lost connection.
 
 Per-key ordering (``iambus.partitions``): an envelope with a ``key`` is published to the
 direct exchange ``<ns>.keyed`` under ``<address>.<n>``, ``n = partition(key,
@@ -107,7 +110,7 @@ from . import Backlog, DeadLetter, Delivery, Failure, Instance, client_name, red
 try:
     import aio_pika
     import aiormq
-    from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+    from aio_pika.abc import AbstractConnection, AbstractRobustChannel, AbstractRobustConnection
     from aiormq.abc import DeliveredMessage
     from pamqp import commands as spec
 except ImportError as exc:  # pragma: no cover - exercised without the extra installed
@@ -138,12 +141,15 @@ H_PARTITION = "x-iambus-partition"  # in a keyed dead letter: the partition it c
 # Records of the registry stream: an instance announced (its JSON), withdrawn (its id).
 H_ANNOUNCED = "x-iambus-announced"
 H_WITHDRAWN = "x-iambus-withdrawn"
-# The registry stream keeps a week of announcements (small segments, so that age counts).
+# The registry stream keeps a week of records: retention drops whole segments once they
+# are older, so they are small (each read appends a mark of about 100 bytes).
 REGISTRY_ARGUMENTS: dict[str, Any] = {
     "x-queue-type": "stream",
     "x-max-age": "7D",
-    "x-stream-max-segment-size-bytes": 1_000_000,
+    "x-stream-max-segment-size-bytes": 100_000,
 }
+# An instance's announcement is written again this often (seconds): older records go.
+REGISTRY_REFRESH = 86_400.0
 H_FAILURE = (
     ("x-iambus-error-type", "error_type"),
     ("x-iambus-error-message", "message"),
@@ -181,6 +187,7 @@ class _Consumer:
     last_seen: float = field(default_factory=time.monotonic)
     receiving: int = 0
     retrying: set[asyncio.Task[None]] = field(default_factory=set)  # keyed retries waiting
+    left: bool = False  # left while keyed retries waited: its partition channel closes after
 
 
 class RabbitMQTransport:
@@ -255,8 +262,17 @@ class RabbitMQTransport:
         self._unhanded: dict[tuple[str, str | None, int, bool], int] = {}
         # Lane deliveries whose hand-back copy came first: the original is dropped.
         self._superseded: dict[tuple[str, str | None, int], int] = {}
-        # Instances announced here: id -> (the connection, the channel of its queue).
-        self._presences: dict[str, tuple[Any, AbstractRobustChannel]] = {}
+        # The registry's own connection, not robust: it holds the exclusive queues of the
+        # instances announced here (their ids). A robust one would declare them again on
+        # every reconnect, which fails while the broker still holds the connection that
+        # was lost (RESOURCE_LOCKED): the transport's connection must never wait for that.
+        self._presence: AbstractConnection | None = None
+        self._presences: dict[str, float] = {}  # id -> when its announcement was written
+        # Consumers that left while keyed retries waited: retired once those fired.
+        self._leaving: dict[_Consumer, asyncio.Task[None]] = {}
+        # Instances found gone (their queue deleted): id -> the stream offset of the
+        # announcement that was probed; a later announcement of the id is probed again.
+        self._gone: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url}>"
@@ -350,11 +366,20 @@ class RabbitMQTransport:
             await asyncio.gather(self._sweeper, return_exceptions=True)
             self._sweeper = None
         for consumer in list(self._consumers.values()):
+            for retry in consumer.retrying:  # they come back now, with the connection
+                retry.cancel()
+            await asyncio.gather(*consumer.retrying, return_exceptions=True)
             await self._leave(consumer)
+        await self._stop_leaving()
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(TransportError(f"{self.url}: closed while waiting"))
         connection, self._connection = self._connection, None
+        presence, self._presence = self._presence, None
+        self._presences.clear()
+        if presence is not None:
+            with contextlib.suppress(Exception):
+                await presence.close()
         self._publisher = self._admin = self._replier = None
         self._declarers = []
         self._reply_consuming_on = None
@@ -373,15 +398,42 @@ class RabbitMQTransport:
                 await self._leave(state)
 
     async def _leave(self, state: _Consumer) -> None:
-        # A keyed retry still waiting goes back with its channel: attempt + 1, now.
-        for task in list(state.retrying):
-            task.cancel()
-        await asyncio.gather(*state.retrying, return_exceptions=True)
+        if all(retry.done() for retry in state.retrying):
+            with contextlib.suppress(TransportError):
+                await self._retire(state)
+            return
+        # A keyed retry still waiting keeps its delivery unacked on the partition
+        # channel, its partition blocked, until it fires: closing that channel now would
+        # bring it back at once (attempt + 1). The group's queue goes now, the partition
+        # queues once the retries fired.
+        if self._consumers.get(state.key) is state:
+            del self._consumers[state.key]
+        state.left = True
         with contextlib.suppress(TransportError):
-            await self._retire(state)
+            await self._retire_group(state)
+        task = asyncio.get_running_loop().create_task(self._retire_lanes_later(state))
+        self._leaving[state] = task
+        task.add_done_callback(lambda _: self._leaving.pop(state, None))
+
+    async def _retire_lanes_later(self, state: _Consumer) -> None:
+        while not all(retry.done() for retry in state.retrying):
+            await asyncio.gather(*list(state.retrying), return_exceptions=True)
+        try:
+            await self._retire_lanes(state)
+        except Exception as exc:
+            logger.warning("iambus: retiring consumer %s: %r", state.key, exc)
+
+    async def _stop_leaving(self) -> None:
+        """Closing: the retries a left consumer still waits for come back now (as the
+        connection's close would bring them), what it buffered is handed back."""
+        for state in list(self._leaving):
+            for retry in state.retrying:
+                retry.cancel()
+        await asyncio.gather(*self._leaving.values(), return_exceptions=True)
 
     async def destroy(self) -> int:
         """Delete this namespace's exchanges and the queues this instance declared (tests)."""
+        await self._stop_leaving()
         for consumer in list(self._consumers.values()):
             # Everything goes: nothing to hand back first.
             del self._consumers[consumer.key]
@@ -945,8 +997,11 @@ class RabbitMQTransport:
     async def _retry_later(self, delivery: _RabbitDelivery, lane: str, delay: float) -> None:
         await asyncio.sleep(delay)
         try:
-            # A closed channel gave it back already, counted: that is this retry.
-            if not delivery._message.channel.is_closed:
+            # A closed channel gave it back already, counted: that is this retry. A
+            # consumer that left closes its channel once its retries are due: that gives
+            # it back, counted, at the head of its queue (a copy could go to that
+            # consumer again, as the partition is still its own until then).
+            if not delivery._message.channel.is_closed and not delivery._consumer.left:
                 await self._pass_on(delivery._message, lane, delivery.attempt + 1)
         except Exception:
             logger.exception("iambus: retrying %r failed; it is redelivered now", delivery)
@@ -1048,34 +1103,48 @@ class RabbitMQTransport:
         """
         if self._consumers.get(state.key) is state:
             del self._consumers[state.key]
+        try:
+            await self._retire_lanes(state)
+            await self._retire_group(state)
+        finally:
+            with contextlib.suppress(Exception):
+                await state.channel.close()
+
+    async def _retire_lanes(self, state: _Consumer) -> None:
+        """Hand back what the consumer buffered from partition queues, close their channel."""
+        buffered = [(message, lane) for message, lane in state.inbox if lane is not None]
+        state.inbox = deque((message, lane) for message, lane in state.inbox if lane is None)
+        try:
+            for message, lane in buffered:
+                assert lane is not None
+                if _redelivered(message):
+                    continue  # a redelivered one still has a return to count
+                if message.channel.is_closed or message.header.properties.priority:
+                    # A copy (priority 1) returns to its place, first, and counted
+                    # (its hand-back copy would come after it); here, not counted.
+                    self._unhand(state, message, lane)
+                    continue
+                attempt = _own_attempt(message.header.properties.headers or {})
+                await self._pass_on(message, lane, attempt, handback=True)
+        finally:
+            with contextlib.suppress(Exception):
+                await state.lanes.close()
+
+    async def _retire_group(self, state: _Consumer) -> None:
+        """Stop consuming the group's queue, give back what was buffered from it as copies
+        with their attempt, close the channel."""
         address, group, _ = state.key
-        buffered = list(state.inbox)
-        state.inbox.clear()
+        buffered = [message for message, lane in state.inbox if lane is None]
+        state.inbox = deque((message, lane) for message, lane in state.inbox if lane is not None)
         ch = state.consuming_on
         try:
-            try:
-                for message, lane in buffered:
-                    if lane is None or _redelivered(message):
-                        continue  # a redelivered one still has a return to count
-                    if message.channel.is_closed or message.header.properties.priority:
-                        # A copy (priority 1) returns to its place, first, and counted
-                        # (its hand-back copy would come after it); here, not counted.
-                        self._unhand(state, message, lane)
-                        continue
-                    attempt = _own_attempt(message.header.properties.headers or {})
-                    await self._pass_on(message, lane, attempt, handback=True)
-            finally:
-                with contextlib.suppress(Exception):
-                    await state.lanes.close()
             if ch is not None and not ch.is_closed:
                 async with self._translate("cancel a consumer"):
                     for tag in list(ch.consumers):
                         await ch.basic_cancel(tag)
-                for message, lane in buffered:
-                    if lane is not None:
-                        continue
+                for message in buffered:
                     if message.channel.is_closed:
-                        self._unhand(state, message, lane)
+                        self._unhand(state, message, None)
                         continue
                     headers = dict(message.header.properties.headers or {})
                     given_back = self._unhanded.pop(_returned(state.queue, message), 0)
@@ -1273,48 +1342,106 @@ class RabbitMQTransport:
         return _fit(f"{self.namespace}.alive.{_escape(instance_id)}")
 
     async def announce(self, instance: Instance) -> None:
-        held = self._presences.get(instance.id)
-        if held is not None and held[0] is self._connection:
-            return  # its queue lives as long as the connection (declared again on reconnect)
         self._check_open()
-        admin = await self._ready(self._admin)
-        async with self._translate(f"declare {self._registry}"):
-            await admin.queue_declare(self._registry, durable=True, arguments=REGISTRY_ARGUMENTS)
-        self._declared.add(self._registry)
-        channel = await self._new_channel()
+        presence = self._presence
+        lost = presence is None or presence.is_closed or not presence.connected.is_set()
+        written = self._presences.get(instance.id)
+        if written is not None and not lost:
+            # Its queue lives as long as that connection; its record, a week.
+            if time.monotonic() - written > REGISTRY_REFRESH:
+                await self._publish_raw("", self._registry, instance.to_json(), _ANNOUNCED)
+                self._presences[instance.id] = time.monotonic()
+            return
+        await self._declare_registry()
+        if presence is None or lost:
+            # Lost (or never made): the queues it held are gone, or will be once the
+            # broker notices; each instance is declared again by its next announce.
+            self._presence = None
+            self._presences.clear()
+            if presence is not None:
+                with contextlib.suppress(Exception):
+                    await presence.close()
+            presence = self._presence = await self._presence_connection()
+        name = self._alive(instance.id)
         try:
-            async with self._translate("announce"):
-                await channel.declare_queue(self._alive(instance.id), exclusive=True)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await channel.close()
+            async with self._translate("announce"), asyncio.timeout(self.timeout):
+                channel = await presence.channel()
+                try:
+                    await channel.declare_queue(name, exclusive=True)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await channel.close()
+        except TransportError as exc:
+            if isinstance(exc.__cause__, aiormq.exceptions.ChannelLockedResource):
+                raise TransportError(
+                    f"{self.url}: cannot announce {instance.id} again yet: the broker still "
+                    f"holds its queue {name!r} on the connection that was lost (until its "
+                    f"heartbeat times out); it is still listed as live meanwhile"
+                ) from exc.__cause__
             raise
-        self._presences[instance.id] = (self._connection, channel)
-        properties = spec.Basic.Properties(delivery_mode=PERSISTENT, headers={H_ANNOUNCED: 1})
-        await self._publish_raw("", self._registry, instance.to_json(), properties)
+        await self._publish_raw("", self._registry, instance.to_json(), _ANNOUNCED)
+        self._presences[instance.id] = time.monotonic()
+
+    async def _presence_connection(self) -> AbstractConnection:
+        name = f"{self.client_name or client_name()} (registry)"
+        async with self._translate("connect the registry"), asyncio.timeout(self.timeout):
+            return await aio_pika.connect(
+                self._driver_url, client_properties={"connection_name": name}
+            )
+
+    async def _declare_registry(self) -> None:
+        if self._registry in self._declared:
+            return
+        try:
+            admin = await self._ready(self._admin)
+            async with self._translate(f"declare {self._registry}"):
+                await admin.queue_declare(
+                    self._registry, durable=True, arguments=REGISTRY_ARGUMENTS
+                )
+        except TransportError as exc:
+            if not isinstance(exc.__cause__, aiormq.exceptions.ChannelPreconditionFailed):
+                raise
+            # Made by an older iambus with other segments: used as it is.
+            admin = await self._ready(self._admin)
+            async with self._translate(f"declare {self._registry}"):
+                await admin.queue_declare(self._registry, passive=True)
+        self._declared.add(self._registry)
+
+    async def _read_registry(self) -> list[DeliveredMessage]:
+        await self._declare_registry()
+        try:
+            return await self._read_stream(self._registry, "read the registry")
+        except TransportError:
+            self._declared.discard(self._registry)  # deleted meanwhile? declared again
+            raise
 
     async def withdraw(self, instance: Instance) -> None:
-        held = self._presences.pop(instance.id, None)
-        if held is None:
+        if self._presences.pop(instance.id, None) is None:
             return
         self._check_open()
         properties = spec.Basic.Properties(delivery_mode=PERSISTENT, headers={H_WITHDRAWN: 1})
         await self._publish_raw("", self._registry, instance.id.encode(), properties)
-        channel = held[1]
+        presence = self._presence
+        if presence is None:
+            return
+        if not self._presences:  # its last queue: closing the connection deletes it
+            self._presence = None
+            with contextlib.suppress(Exception):
+                await presence.close()
+            return
         with contextlib.suppress(Exception):
-            await channel.queue_delete(self._alive(instance.id))
-        with contextlib.suppress(Exception):
-            await channel.close()
+            async with asyncio.timeout(self.timeout):
+                channel = await presence.channel()
+                try:
+                    await channel.queue_delete(self._alive(instance.id))
+                finally:
+                    await channel.close()
 
-    async def _announced(self) -> dict[str, Instance]:
-        """Every instance the registry stream holds, by id; those that withdrew are
-        marked by an id mapped to None."""
-        admin = await self._ready(self._admin)
-        async with self._translate(f"declare {self._registry}"):
-            await admin.queue_declare(self._registry, durable=True, arguments=REGISTRY_ARGUMENTS)
-        self._declared.add(self._registry)
-        announced: dict[str, Instance] = {}
-        for message in await self._read_stream(self._registry, "read the registry"):
+    async def _announced(self) -> dict[str, tuple[Instance, int]]:
+        """Every instance the registry stream holds that did not withdraw, by id, with
+        the stream offset of its latest announcement."""
+        announced: dict[str, tuple[Instance, int]] = {}
+        for message in await self._read_registry():
             headers = message.header.properties.headers or {}
             if H_WITHDRAWN in headers:
                 announced.pop(message.body.decode(errors="replace"), None)
@@ -1324,20 +1451,31 @@ class RabbitMQTransport:
                 except ValueError as exc:
                     logger.warning("iambus: %s: skipping a registry entry: %s", self.url, exc)
                     continue
-                announced[instance.id] = instance
+                announced[instance.id] = (instance, _offset(headers))
         return announced
 
     async def instances(self) -> list[Instance]:
-        announced = list((await self._announced()).values())
         # Live while its exclusive queue exists: another connection holds it (locked),
-        # or this one does (declared).
-        found = await self._probe([self._alive(instance.id) for instance in announced])
-        return [instance for instance, ok in zip(announced, found, strict=True) if ok is not None]
+        # or this one does (declared). One found gone is not probed again, unless it
+        # announced again since (after a lost registry connection).
+        announced = [
+            (instance, offset)
+            for instance, offset in (await self._announced()).values()
+            if self._gone.get(instance.id) != offset
+        ]
+        found = await self._probe([self._alive(instance.id) for instance, _ in announced])
+        live: list[Instance] = []
+        for (instance, offset), ok in zip(announced, found, strict=True):
+            if ok is None:
+                _remember(self._gone, instance.id, offset)
+            else:
+                live.append(instance)
+        return live
 
     async def groups(self) -> dict[tuple[str, str], str]:
         known: dict[tuple[str, str], str] = {}
         # Withdrawn ones included: read the records of every announcement kept.
-        for message in await self._read_stream(self._registry, "read the registry"):
+        for message in await self._read_registry():
             if H_ANNOUNCED in (message.header.properties.headers or {}):
                 with contextlib.suppress(ValueError):
                     instance = Instance.from_json(message.body)
@@ -1493,6 +1631,17 @@ def _putter(state: _Consumer, lane: str | None) -> Any:
         state.arrived.set()
 
     return put
+
+
+_ANNOUNCED = spec.Basic.Properties(delivery_mode=PERSISTENT, headers={H_ANNOUNCED: 1})
+
+
+def _offset(headers: Mapping[str, Any]) -> int:
+    """The offset RabbitMQ gives a record of a stream queue (-1 if it says none)."""
+    try:
+        return int(headers["x-stream-offset"])
+    except (KeyError, TypeError, ValueError):
+        return -1
 
 
 def _redelivered(message: DeliveredMessage) -> bool:
