@@ -321,11 +321,12 @@ class Remote:
             logger.debug("iambus: could not read the registry of %s: %s", transport.url, exc)
             return None
 
-    def answer(self, request: Envelope, result: Any) -> Envelope:
-        """The reply to ``request`` carrying ``result``."""
+    def answer(self, request: Envelope, result: Any, *, empty: bool = False) -> Envelope:
+        """The reply to ``request`` carrying ``result`` (``empty``: nothing, for a
+        requester that does not read it: a ``Command[None]``)."""
         return Envelope(
             name=f"{request.name}.result",
-            payload=self.codec.encode(result),
+            payload=b"" if empty else self.codec.encode(result),
             content_type=self.codec.content_type,
             correlation_id=request.id,
             causation_id=request.id,

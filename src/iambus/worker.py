@@ -57,7 +57,7 @@ from .engine import Followups, followups, in_worker, outside_workers
 from .envelope import Envelope, current_envelope
 from .errors import ImproperlyConfigured, SerializationError, TransportError, TransportRefused
 from .handlers import Kind
-from .messages import MessageKey, describe
+from .messages import MessageKey, describe, result_type
 from .remote import SENDER, Remote
 from .retry import Retry
 from .transports import ANNOUNCE_TTL, Delivery, Failure, Instance, Registry, redact
@@ -77,6 +77,7 @@ RECEIVE_BACKOFF, RECEIVE_BACKOFF_MAX = 0.1, 5.0  # seconds between receives that
 RELEARN = 60.0  # seconds a sender's clock offset is trusted before it is learnt again
 SENDERS = 1024  # sender clocks remembered at most
 STOP_GRACE = 1.0  # seconds a stop's deadline is followed by for each of its two clean-ups
+_DISCARDED = (None, type(None))  # result types whose value a requester does not read
 
 
 @dataclass(frozen=True, slots=True)
@@ -514,22 +515,22 @@ class Worker:
         finally:
             followups.reset(counted)
             current_envelope.reset(token)
+        unanswered: Exception | None = None
         if envelope.reply_to:  # a query, or a command sent by execute(): the answer first
             try:
-                answer = self.remote.answer(envelope, result)
-            except SerializationError as exc:
-                if sub.kind == "query":
-                    await self._failed(sub, delivery, message, exc)  # answered with the error
-                    return
-                # The command did its work: running it again would not make its result
-                # encodable. The requester gets the error; the error_handler hears of it.
                 await self.remote.transport.reply(
-                    envelope.reply_to, self.remote.failure(envelope, exc)
+                    envelope.reply_to, self._answer(sub, envelope, result)
                 )
-                await delivery.ack()
-                await self._report(exc, message, sub.route.context_for(envelope.key))
-                return
-            await self.remote.transport.reply(envelope.reply_to, answer)
+            except (SerializationError, TransportError) as exc:
+                # The result does not encode, or the broker refused the answer (over
+                # NATS's max_payload, say). A query fails (answered with the error). A
+                # command did its work: running it again would not make its answer
+                # travel, and its side effects would repeat; it is acked below, and its
+                # requester and the error_handler hear why there is no answer.
+                if sub.kind == "query":
+                    await self._failed(sub, delivery, message, exc)
+                    return
+                unanswered = exc
         if not await background.wait():
             # Work the handler queued in memory was dropped unrun (the dispatcher stopped
             # first): acking would lose it with the process, so the delivery stays unacked.
@@ -541,7 +542,40 @@ class Worker:
                 envelope.id,
             )
             return
+        if unanswered is not None:
+            await self._unanswered(sub, delivery, message, unanswered)
+            return
         await delivery.ack()
+
+    def _answer(self, sub: Subscription, request: Envelope, result: Any) -> Envelope:
+        if result_type(sub.message) in _DISCARDED:
+            # Command[None]: the requester returns None without reading the answer, so
+            # whatever the handler returned is not encoded (it may not encode at all).
+            return self.remote.answer(request, None, empty=True)
+        return self.remote.answer(request, result)
+
+    async def _unanswered(
+        self, sub: Subscription, delivery: Delivery, message: Any, exc: Exception
+    ) -> None:
+        """A command carried out whose answer could not be sent: acked (never run again
+        for it), its requester told why in a small answer, the error_handler too."""
+        envelope = delivery.envelope
+        why = f"{envelope.name} was carried out, but its answer could not be sent: {exc}"
+        logger.error("iambus: %s (id %s); acked", why, envelope.id)
+        assert envelope.reply_to is not None
+        try:
+            await self.remote.transport.reply(
+                envelope.reply_to, self.remote.failure(envelope, type(exc)(why))
+            )
+        except TransportError as refused:
+            logger.warning(
+                "iambus: could not tell the requester of %s (id %s) either: %s",
+                envelope.name,
+                envelope.id,
+                refused,
+            )
+        await delivery.ack()
+        await self._report(exc, message, sub.route.context_for(envelope.key))
 
     def _expired(self, envelope: Envelope) -> bool:
         deadline = envelope.headers.get("deadline")
