@@ -1169,6 +1169,74 @@ async def test_a_delivery_is_acked_once_the_background_work_its_handler_queued_h
     assert set(archived) == {1}
 
 
+@dataclass(frozen=True, slots=True)
+class Quote(Command[str]):  # routed to "orders" itself: execute() is a request
+    order_id: int
+
+
+def quoting(*, concurrency: int, reported: list[BaseException]) -> Dispatcher:
+    """An "orders" service that owns Quote; a request times out after 3 s, no retry."""
+    return Dispatcher(
+        transport=MemoryTransport(),
+        service="orders",
+        routes={**ROUTES, Quote: "orders"},
+        concurrency=concurrency,
+        request_timeout=3,
+        retry=Retry(attempts=1),
+        error_handler=lambda exc, message, context: reported.append(exc),
+    )
+
+
+async def test_a_handler_awaiting_a_command_of_its_own_service_lends_its_slot() -> None:
+    # Each PlaceOrder handler holds the worker's only slots and waits for a Quote that
+    # needs a slot of this same worker: lent while it waits, else all would time out.
+    reported: list[BaseException] = []
+    orders = quoting(concurrency=2, reported=reported)
+    quotes: list[str] = []
+
+    @orders.commands.register(PlaceOrder)
+    async def place(command: PlaceOrder) -> None:
+        quotes.append(await orders.execute(Quote(command.order_id)))
+
+    @orders.commands.register(Quote)
+    async def quote(command: Quote) -> str:
+        await asyncio.sleep(0.05)
+        return f"quote {command.order_id}"
+
+    async with orders:
+        for n in range(4):  # twice `concurrency`
+            await orders.send(PlaceOrder(n))
+        await asyncio.wait_for(orders.join(), 10)
+    assert reported == []
+    assert sorted(quotes) == [f"quote {n}" for n in range(4)]
+
+
+async def test_background_work_awaiting_a_command_of_its_own_service_lends_the_slot() -> None:
+    # The delivery holds its slot until its background work has run; that work awaits a
+    # Quote, which needs the worker's only slot.
+    reported: list[BaseException] = []
+    orders = quoting(concurrency=1, reported=reported)
+    quotes: list[str] = []
+
+    @orders.commands.register(PlaceOrder)
+    async def place(command: PlaceOrder) -> None:
+        await orders.handle(Audit(command.order_id))  # in-process, in the background
+
+    @orders.commands.register(Audit)
+    async def audit(command: Audit) -> None:
+        quotes.append(await orders.execute(Quote(command.order_id)))
+
+    @orders.commands.register(Quote)
+    async def quote(command: Quote) -> str:
+        return f"quote {command.order_id}"
+
+    async with orders:
+        await orders.send(PlaceOrder(1))
+        await asyncio.wait_for(orders.join(), 10)
+    assert reported == []
+    assert quotes == ["quote 1"]
+
+
 async def test_a_delivery_whose_background_work_is_unfinished_at_stop_is_redelivered() -> None:
     from iambus.transports.memory import MemoryTransport
 

@@ -23,6 +23,7 @@ when no handler ever subscribed to the event.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -30,6 +31,7 @@ import time
 from typing import Any
 
 from .codecs import Codec
+from .engine import followups
 from .envelope import Envelope, current_envelope, new_id
 from .errors import RemoteError, RequestTimeout, SerializationError, TransportError
 from .handlers import Kind
@@ -180,10 +182,14 @@ class Remote:
         if kind == "query":
             headers["deadline"] = repr(time.time() + timeout)
         envelope = self.envelope(message, key, headers=headers)
+        # Asked from a worker's delivery of this very service: the worker slot it holds is
+        # lent while it waits, or no slot could be left to answer it (see ``worker``).
+        delivery = followups.get() if self.routes.owner(mkey) == self.service else None
         try:
-            answer = await self.transport.request(
-                address(kind, envelope.name), envelope, timeout=timeout
-            )
+            async with contextlib.nullcontext() if delivery is None else delivery.lend():
+                answer = await self.transport.request(
+                    address(kind, envelope.name), envelope, timeout=timeout
+                )
         except TimeoutError as exc:
             if isinstance(exc, TransportError):
                 raise

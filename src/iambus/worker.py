@@ -42,6 +42,7 @@ handlers idempotent or deduplicate by ``Envelope.id``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -49,7 +50,7 @@ import socket
 import time
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -407,9 +408,10 @@ class Worker:
     async def _process(self, sub: Subscription, delivery: Delivery) -> None:
         envelope = delivery.envelope
         settling = _Settling(delivery)
+        slot = _Slot(self)  # counted in _free since the fetch; the semaphore is taken here
         try:
-            async with self._running:
-                await self._handle(sub, settling, envelope)
+            await slot.take()
+            await self._handle(sub, settling, envelope, slot)
         except asyncio.CancelledError:
             raise  # stopping: left unacked, redelivered after claim_after
         except TransportError:
@@ -424,7 +426,7 @@ class Worker:
         except Exception as exc:
             await self._settle_failed(sub, settling, exc)
         finally:
-            self._release(1)
+            slot.end()
 
     async def _settle_failed(self, sub: Subscription, settling: _Settling, exc: Exception) -> None:
         """An unexpected error while settling: a bug in a retry policy, a codec, a reply,
@@ -476,7 +478,9 @@ class Worker:
                 envelope.name,
             )
 
-    async def _handle(self, sub: Subscription, delivery: Delivery, envelope: Envelope) -> None:
+    async def _handle(
+        self, sub: Subscription, delivery: Delivery, envelope: Envelope, background: Followups
+    ) -> None:
         if sub.kind == "query" and self._expired(envelope):
             await delivery.ack()  # the requester has given up: nobody would read the answer
             return
@@ -498,8 +502,7 @@ class Worker:
             )
             return
         token = current_envelope.set(envelope)
-        background = Followups()  # engine jobs the handler puts (and they put) count here
-        counted = followups.set(background)
+        counted = followups.set(background)  # engine jobs the handler puts (and they put)
         try:
             result = await sub.route.run(message, envelope.key)
         except asyncio.CancelledError as exc:
@@ -751,6 +754,63 @@ class _Ages:
             del self._least[next(iter(self._least))]  # the oldest
         self._least[sender] = (offset, now)
         return 0.0
+
+
+class _Slot(Followups):
+    """The background work of one delivery, and the worker slot the delivery holds: a
+    place in ``concurrency`` (the semaphore) and in what the worker fetches (``_free``).
+
+    While the handler, or background work it queued, awaits an answer of its own service
+    (``Remote.request``), the slot is lent: the request needs a slot of this same worker,
+    and with every slot held by a delivery waiting so, none would be left to answer it.
+    It is taken back (waiting for a free one) before the handler goes on.
+    """
+
+    __slots__ = ("_counted", "_ended", "_held", "_lent", "_worker")
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__()
+        self._worker = worker
+        self._counted = True  # the fetch counted it in the worker's _free
+        self._held = False  # holds a place in the worker's semaphore
+        self._lent = 0  # how many of its awaits lend it now
+        self._ended = False
+
+    async def take(self) -> None:
+        if self._ended:
+            return
+        if not self._counted:
+            self._worker._free -= 1
+            self._counted = True
+        if not self._held:
+            await self._worker._running.acquire()
+            self._held = True
+            if self._lent:  # lent again while waiting for a place
+                self._give()
+
+    def end(self) -> None:
+        self._give()
+        self._ended = True
+
+    @contextlib.asynccontextmanager
+    async def lend(self) -> AsyncIterator[None]:
+        self._lent += 1
+        if self._lent == 1:
+            self._give()
+        try:
+            yield
+        finally:
+            self._lent -= 1
+            if not self._lent:
+                await self.take()
+
+    def _give(self) -> None:
+        if self._held:
+            self._held = False
+            self._worker._running.release()
+        if self._counted:
+            self._counted = False
+            self._worker._release(1)
 
 
 def _safe_delay(policy: Retry, attempt: int) -> float:
