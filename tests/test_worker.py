@@ -968,6 +968,29 @@ async def test_a_receive_error_retrying_cannot_fix_stops_the_worker(caplog) -> N
     assert errors[0].exc_info is None  # one line: no traceback for a set-up error
 
 
+async def test_a_receive_failing_for_good_by_a_bug_in_the_transport_stops_the_worker(
+    caplog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from iambus import worker
+
+    class Broken(MemoryTransport):
+        async def receive(self, *args: Any, **kwargs: Any) -> Any:
+            raise KeyError("offset")  # not the broker's error: a bug of the transport's
+
+    monkeypatch.setattr(worker, "BUG_SPAN", 0.2)  # instead of 30 s
+    monkeypatch.setattr(worker, "BUG_FAILURES", 3)
+    billing = Dispatcher(transport=Broken(), service="billing", routes=ROUTES)
+
+    @billing.events.register(OrderPlaced)
+    async def charge(event: OrderPlaced) -> None: ...
+
+    with pytest.raises(KeyError, match="offset"):
+        await asyncio.wait_for(billing.run(), 10)  # retried a while, then stops raising it
+    [stopping] = [r for r in caplog.records if "stopping" in r.getMessage()]
+    assert stopping.levelname == "ERROR"
+    assert "with an error that is not the broker's (KeyError" in stopping.getMessage()
+
+
 async def test_a_transient_receive_error_is_retried_and_logged_once_per_outage(caplog) -> None:
     from iambus import TransportError
     from iambus.transports.memory import MemoryTransport

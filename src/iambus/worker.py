@@ -77,6 +77,7 @@ WITHDRAW_TIMEOUT = 2.0  # seconds a stopping worker's withdrawal may take (from 
 RECEIVE_BACKOFF, RECEIVE_BACKOFF_MAX = 0.1, 5.0  # seconds between receives that failed
 RELEARN = 60.0  # seconds a sender's clock offset is trusted before it is learnt again
 SENDERS = 1024  # sender clocks remembered at most
+BUG_FAILURES, BUG_SPAN = 10, 30.0  # receives failing by a bug in a row, and for how long
 STOP_GRACE = 1.0  # seconds a stop's deadline is followed by for each of its two clean-ups
 _DISCARDED = (None, type(None))  # result types whose value a requester does not read
 
@@ -173,6 +174,7 @@ class Worker:
         self._ages = _Ages()
         self._down: dict[Subscription, float] = {}  # failing to receive: its next backoff
         self._outage = (0.0, 0)  # since when (monotonic), failed receives
+        self._bugs: dict[Subscription, tuple[float, int]] = {}  # failing not the broker's way
 
     async def start(self) -> None:
         # A transport may size itself by the worker (RabbitMQ: its consumers' prefetch).
@@ -321,6 +323,8 @@ class Worker:
                 self._give_up(sub, exc)
                 return
             except Exception as exc:
+                if self._a_bug_for_good(sub, exc):
+                    return
                 await self._receive_failed(sub, exc)
                 continue
             if self._down:
@@ -339,20 +343,41 @@ class Worker:
                 # next receive's own work would otherwise delay a query's answer.
                 await asyncio.sleep(0)
 
-    def _give_up(self, sub: Subscription, exc: BaseException) -> None:
+    def _give_up(
+        self, sub: Subscription, exc: BaseException, why: str = "retrying will not help"
+    ) -> None:
         # Retrying cannot fix a wrong set-up or refused credentials: stop the worker, and
         # let the dispatcher raise it from run() / wait_for_shutdown().
         logger.error(
-            "iambus worker %s: receiving %s for %s failed, and retrying will not help; "
-            "stopping: %s",
+            "iambus worker %s: receiving %s for %s failed, and %s; stopping: %s",
             self.consumer,
             sub.address,
             sub.group,
+            why,
             exc,
         )
         self._stopping = True
         self._room.set()
         self._fatal(exc)
+
+    def _a_bug_for_good(self, sub: Subscription, exc: Exception) -> bool:
+        """Whether receiving failed with an error that is not the broker's (a bug in the
+        transport) BUG_FAILURES times in a row over BUG_SPAN seconds: the worker stops
+        then, instead of retrying it for ever."""
+        if isinstance(exc, TransportError):
+            self._bugs.pop(sub, None)
+            return False
+        since, failures = self._bugs.get(sub, (time.monotonic(), 0))
+        self._bugs[sub] = (since, failures + 1)
+        if failures + 1 < BUG_FAILURES or time.monotonic() - since < BUG_SPAN:
+            return False
+        self._give_up(
+            sub,
+            exc,
+            f"{failures + 1} times in a row over {time.monotonic() - since:.0f}s with an "
+            f"error that is not the broker's ({type(exc).__name__}: a bug in the transport?)",
+        )
+        return True
 
     async def _receive_failed(self, sub: Subscription, exc: Exception) -> None:
         # A broker down or a connection lost: retried with a growing backoff. An outage
@@ -381,6 +406,7 @@ class Worker:
         await asyncio.sleep(delay)
 
     def _receive_works(self, sub: Subscription) -> None:
+        self._bugs.pop(sub, None)
         if self._down.pop(sub, None) is not None and not self._down:
             began, failures = self._outage
             logger.info(
