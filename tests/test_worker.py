@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -1424,6 +1425,79 @@ async def test_stop_keeps_one_deadline_when_a_handler_a_receive_and_close_hang(c
     assert "1 handler(s) did not finish in time" in caplog.text
     assert "2 cancelled handler(s) or receive loop(s) did not end; left behind" in caplog.text
     assert "closing the transport memory:// took too long; left behind" in caplog.text
+
+
+async def test_stop_keeps_its_deadline_when_an_announcement_in_the_registry_hangs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from iambus import worker
+
+    announcing = asyncio.Event()
+    released = asyncio.Event()
+
+    class Stuck(MemoryTransport):
+        announced = 0
+
+        async def announce(self, instance: Instance) -> None:
+            self.announced += 1
+            if self.announced == 1:
+                return await super().announce(instance)
+            announcing.set()
+            while not released.is_set():  # the refresh hangs, ignoring its cancellation
+                with contextlib.suppress(asyncio.CancelledError):
+                    await released.wait()
+
+    monkeypatch.setattr(worker, "ANNOUNCE_TTL", 0.3)  # announced again after 0.1 s
+    billing = Dispatcher(transport=Stuck(), service="billing", routes=ROUTES)
+
+    @billing.events.register(OrderPlaced)
+    async def charge(event: OrderPlaced) -> None: ...
+
+    await billing.__aenter__()
+    await asyncio.wait_for(announcing.wait(), 5)
+    began = time.monotonic()
+    try:
+        await asyncio.wait_for(billing.stop(timeout=0.5), 20)
+        took = time.monotonic() - began
+    finally:
+        released.set()
+    assert took < 0.5 + 2 * worker.STOP_GRACE + 1, f"stop(0.5) took {took:.1f}s"
+
+
+async def test_a_receive_ending_after_the_stop_starts_no_handler() -> None:
+    hanging = asyncio.Event()  # set: the next receive hangs, ignoring its cancellation
+    stuck = asyncio.Event()
+    released = asyncio.Event()
+
+    class Slow(MemoryTransport):
+        async def receive(self, *args: Any, **kwargs: Any) -> Any:
+            if hanging.is_set():
+                stuck.set()
+                while not released.is_set():
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await released.wait()
+            return await super().receive(*args, **kwargs)
+
+    bus = Slow()
+    billing = Dispatcher(transport=bus, service="billing", routes=ROUTES, shutdown_timeout=None)
+    ran = asyncio.Event()
+
+    @billing.events.register(OrderPlaced)
+    async def charge(event: OrderPlaced) -> None:
+        ran.set()
+
+    await billing.__aenter__()
+    hanging.set()
+    await asyncio.wait_for(stuck.wait(), 5)
+    await billing.publish(OrderPlaced(1))
+    assert billing._worker is not None
+    loops = list(billing._worker._loops)
+    await asyncio.wait_for(billing.stop(), 20)  # gives up on the loop after a few seconds
+    released.set()  # the receive ends now, with the event published above
+    await asyncio.wait(loops, timeout=5)
+    with pytest.raises(TimeoutError):  # an observation window: nothing may start in it
+        await asyncio.wait_for(ran.wait(), 0.5)
+    assert bus.unsettled() == 1  # not handled: redelivered later
 
 
 async def test_a_stopped_instance_gives_back_its_key_at_once_on_a_shared_transport(

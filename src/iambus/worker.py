@@ -169,6 +169,7 @@ class Worker:
         self._loops: list[asyncio.Task[None]] = []
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self._closed = False  # stopping, and no longer waiting for the receive loops
         self._busy: set[Subscription] = set()
         self._presence: _Presence | None = None
         self._ages = _Ages()
@@ -212,7 +213,10 @@ class Worker:
         self._room.set()
         if self._presence is not None:
             presence, self._presence = self._presence, None
-            await presence.stop()
+            withdrawn = asyncio.get_running_loop().time() + WITHDRAW_TIMEOUT
+            await presence.stop(
+                withdrawn if deadline.close is None else min(withdrawn, deadline.close)
+            )
         loops, self._loops = self._loops, []
         for task in loops:
             task.cancel()
@@ -223,6 +227,9 @@ class Worker:
             _, stuck = await asyncio.wait(
                 loops, timeout=seconds_until(by if deadline.drain is None else deadline.drain)
             )
+        # From now on a receive that ends late starts nothing: what it got is not run
+        # after the stop, and every handler that did start is in _inflight, below.
+        self._closed = True
         left = 0
         if self._inflight:
             await asyncio.wait(self._inflight, timeout=seconds_until(deadline.drain))
@@ -282,7 +289,7 @@ class Worker:
 
     def abort(self) -> int:
         """Stop at once: cancel the handlers running; return how many were (left unacked)."""
-        self._stopping = True
+        self._stopping = self._closed = True
         self._room.set()
         for task in self._loops:
             task.cancel()
@@ -327,6 +334,17 @@ class Worker:
                     return
                 await self._receive_failed(sub, exc)
                 continue
+            if self._closed:
+                if deliveries:
+                    logger.warning(
+                        "iambus worker %s: a receive of %s for %s ended after the stop; its "
+                        "%d message(s) are not handled here (redelivered)",
+                        self.consumer,
+                        sub.address,
+                        sub.group,
+                        len(deliveries),
+                    )
+                return
             if self._down:
                 self._receive_works(sub)
             self._free -= len(deliveries)
@@ -705,12 +723,14 @@ class _Presence:
             self._refresh(), name=f"iambus-announce-{self.instance.id}"
         )
 
-    async def stop(self) -> None:
+    async def stop(self, by: float) -> None:
+        """Stop announcing and withdraw, by ``by`` (event-loop time) whatever hangs."""
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            # An announcement that ignores its cancellation is left behind at ``by``.
+            await asyncio.wait({self._task}, timeout=seconds_until(by))
         try:
-            async with asyncio.timeout(WITHDRAW_TIMEOUT):
+            async with asyncio.timeout_at(by):
                 await self.registry.withdraw(self.instance)
         except Exception as exc:
             logger.warning(
