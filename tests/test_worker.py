@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -947,6 +948,34 @@ async def test_an_expired_query_is_logged_with_its_age_name_and_sender(caplog) -
     assert re.search(r"waited (29|30)\.\d\ds, its caller 2\.00s", text), text
 
 
+@pytest.mark.parametrize("host", ["this-host", "another-host"])
+async def test_a_backlog_of_expired_queries_is_not_handled_after_the_owner_starts(
+    host: str,
+) -> None:
+    bus = MemoryTransport()
+    handled: list[int] = []
+    # Sent while billing was down, by a sender whose callers gave up after 2 s: read
+    # oldest first, each is quicker than the last, and none was fresh.
+    sender = f"orders@{socket.gethostname() if host == 'this-host' else host}"
+    # On this host's one clock, any age tells; from another, past the skew allowed (5 min).
+    ages = [20, 15, 10, 5, 3] if host == "this-host" else [700, 600, 500, 400, 350]
+    for n, age in enumerate(ages):
+        stale = query_from(time.time() - age, timeout=2, sender=sender)
+        await bus.send(
+            "query.GetInvoice", dataclasses.replace(stale, payload=b'{"order_id":%d}' % n)
+        )
+    billing = Dispatcher(transport=bus, service="billing", routes=ROUTES)
+
+    @billing.queries.register(GetInvoice)
+    async def get_invoice(query: GetInvoice) -> str:
+        handled.append(query.order_id)
+        return "x"
+
+    async with billing:
+        await asyncio.wait_for(billing.join(), 5)  # all settled: acked
+    assert handled == []
+
+
 async def test_a_receive_error_retrying_cannot_fix_stops_the_worker(caplog) -> None:
     from iambus.transports.memory import MemoryTransport
 
@@ -1112,6 +1141,8 @@ async def test_a_receiver_whose_clock_is_ahead_still_answers(
     bus = MemoryTransport()
     billing = Dispatcher(transport=bus, service="billing", routes=ROUTES)
     orders = Dispatcher(transport=bus, service="orders", routes=ROUTES)
+    assert orders.remote is not None
+    orders.remote.sender = "orders@another-host"  # one host has one clock
 
     @billing.queries.register(GetInvoice)
     async def get_invoice(query: GetInvoice) -> str:

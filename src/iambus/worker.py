@@ -23,7 +23,8 @@ cascades, exactly as in-process), and only then settles it:
   failed attempt, retried and then dead-lettered with that error; a settle call of the
   transport that raised is never followed by another (the delivery comes back).
 * a query whose caller has given up: acked unanswered, with a warning (its age is read
-  against the sender's own clock, so clock skew between hosts does not count).
+  on one clock from a sender on this host, else against the sender's own clock, so that
+  clock skew between hosts up to ``SKEW`` does not count; see docs/remote.md).
 
 A receive that fails is retried with a growing backoff, logged once per outage; one that
 retrying cannot fix (``ImproperlyConfigured``, ``TransportRefused``) stops the worker,
@@ -77,6 +78,7 @@ WITHDRAW_TIMEOUT = 2.0  # seconds a stopping worker's withdrawal may take (from 
 RECEIVE_BACKOFF, RECEIVE_BACKOFF_MAX = 0.1, 5.0  # seconds between receives that failed
 RELEARN = 60.0  # seconds a sender's clock offset is trusted before it is learnt again
 SENDERS = 1024  # sender clocks remembered at most
+SKEW = 300.0  # seconds two hosts' clocks may disagree (Kerberos allows as much)
 BUG_FAILURES, BUG_SPAN = 10, 30.0  # receives failing by a bug in a row, and for how long
 STOP_GRACE = 1.0  # seconds a stop's deadline is followed by for each of its two clean-ups
 _DISCARDED = (None, type(None))  # result types whose value a requester does not read
@@ -172,7 +174,7 @@ class Worker:
         self._closed = False  # stopping, and no longer waiting for the receive loops
         self._busy: set[Subscription] = set()
         self._presence: _Presence | None = None
-        self._ages = _Ages()
+        self._ages = _Ages(socket.gethostname())
         self._down: dict[Subscription, float] = {}  # failing to receive: its next backoff
         self._outage = (0.0, 0)  # since when (monotonic), failed receives
         self._bugs: dict[Subscription, tuple[float, int]] = {}  # failing not the broker's way
@@ -775,31 +777,43 @@ def _stopping() -> bool:
 class _Ages:
     """How long queries waited, told across hosts whose clocks disagree.
 
-    A query carries its send time (``created_at``) on its sender's clock. Its age is read
-    against the least (arrival - send time) lately seen from the same sender clock: that
-    is the skew plus the quickest passage, so the age found is never more than the true
-    one, and a skewed clock never makes a fresh query look old. A sender's least is
-    learnt again every ``RELEARN`` seconds, so a clock that was set back is followed.
+    A query carries its send time (``created_at``) on its sender's clock, and its sender
+    (``"<service>@<host>"``). From a sender on this host (one clock) its age is read
+    directly. From another host it is read against the least (arrival - send time) lately
+    seen from the same sender clock: that is the skew plus the quickest passage, so the
+    age found is never more than the true one, and a skewed clock never makes a fresh
+    query look old. A sender's least is learnt again every ``RELEARN`` seconds, so a clock
+    that was set back is followed. That least says nothing of a backlog read oldest
+    first (each query is the quickest yet), so an age is also never less than the one
+    this host's clock reads, less ``SKEW`` seconds of skew allowed between hosts.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, host: str) -> None:
+        self._host = host
         self._least: dict[str, tuple[float, float]] = {}  # sender -> (least, since)
 
     def age(self, envelope: Envelope, now: float) -> float:
+        offset = now - envelope.created_at
+        stated = envelope.headers.get(SENDER)
+        if stated and stated.rpartition("@")[2] == self._host and offset > -SKEW:
+            # One clock (a query sent "in the future" says it is not one: read it below).
+            return max(offset, 0.0)
         # The sender's "<service>@<host>", or its reply address from a sender that does
         # not say (one process): either way, one clock.
-        sender = envelope.headers.get(SENDER) or envelope.reply_to or ""
-        offset = now - envelope.created_at
+        sender = stated or envelope.reply_to or ""
+        # Never less than its age on this host's clock less the skew allowed: a backlog
+        # read oldest first makes each query the quickest seen, which says nothing.
+        at_least = max(offset - SKEW, 0.0)
         known = self._least.get(sender)
         if known is not None and now - known[1] < RELEARN:
             if offset >= known[0]:
-                return offset - known[0]
+                return max(offset - known[0], at_least)
             self._least[sender] = (offset, known[1])
-            return 0.0
+            return at_least
         if known is None and len(self._least) >= SENDERS:
             del self._least[next(iter(self._least))]  # the oldest
         self._least[sender] = (offset, now)
-        return 0.0
+        return at_least
 
 
 class _Slot(Followups):
