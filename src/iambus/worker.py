@@ -19,6 +19,8 @@ cascades, exactly as in-process), and only then settles it:
   not retried: its caller is waiting. A command's requester gets the error only with the
   dead letter, after the last attempt (a retry that succeeds answers with the result).
 * a payload that does not decode: dead-letter at once, with the reason.
+* a command whose answer cannot be sent (it does not encode, or the broker refuses it):
+  acked all the same (it did its work), its requester told so, the error reported.
 * an unexpected error while settling (a retry policy, codec or reply that raises): a
   failed attempt, retried and then dead-lettered with that error; a settle call of the
   transport that raised is never followed by another (the delivery comes back).
@@ -30,7 +32,8 @@ A receive that fails is retried with a growing backoff, logged once per outage; 
 retrying cannot fix (``ImproperlyConfigured``, ``TransportRefused``) stops the worker,
 and the dispatcher's ``run()`` raises it.
 
-At most ``concurrency`` handlers run at once. On stop it fetches nothing more, lets the
+At most ``concurrency`` handlers run at once; one awaiting a command or query of its
+own service lends its slot meanwhile (``_Slot``). On stop it fetches nothing more, lets the
 handlers in flight finish (within the shutdown timeout) and settles them; what it could
 not finish stays unacked, and the worker gives it back (``Transport.leave``): another
 instance gets it at once, with its partition, whether or not the transport is closed
