@@ -36,21 +36,51 @@ SERVICES = {
 }
 
 
-def service_up(name: str) -> bool:
+PROBE_TIMEOUT = 2.0  # per attempt: a loaded 2-core machine can take over 0.5 s to accept
+PROBE_ATTEMPTS = 3
+
+
+def probe(name: str) -> str | None:
+    """Why the broker ``name`` cannot be reached, or None when it accepts a connection.
+
+    A refused connection means nothing listens: that is final at once. A connection that
+    times out is tried again (``PROBE_ATTEMPTS`` times, ``PROBE_TIMEOUT`` s each), since a
+    running broker on a loaded machine can be slow to accept; if it never answers, the
+    reason says "timed out", not "not running".
+    """
     host, port, _ = SERVICES[name]
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
+    for _ in range(PROBE_ATTEMPTS):
+        try:
+            with socket.create_connection((host, port), timeout=PROBE_TIMEOUT):
+                return None
+        except ConnectionRefusedError:
+            return "refused"
+        except TimeoutError:
+            continue
+        except OSError as exc:
+            return f"failed ({exc})"
+    return f"timed out {PROBE_ATTEMPTS} times ({PROBE_TIMEOUT:g} s each)"
+
+
+def service_up(name: str) -> bool:
+    return probe(name) is None
 
 
 def require(name: str) -> None:
     """Skip (locally) or fail (in CI) when the broker ``name`` is not reachable."""
-    if service_up(name):
+    reason = probe(name)
+    if reason is None:
         return
     host, port, start = SERVICES[name]
-    message = f"{name} is not running on {host}:{port}; start it with: {start}"
+    if reason == "refused":
+        message = (
+            f"{name} is not running on {host}:{port} (connection refused); start it with: {start}"
+        )
+    else:
+        message = (
+            f"{name} on {host}:{port} did not accept a connection: {reason}; it may be running "
+            f"on an overloaded machine (or start it with: {start})"
+        )
     if os.environ.get("CI") == "true":
         pytest.fail(f"CI needs {message}", pytrace=False)
     pytest.skip(message)

@@ -23,7 +23,11 @@ from iambus import (
     contract,
 )
 from iambus.codecs import JsonCodec
+from iambus.dispatching import _STOPPING
+from iambus.errors import TransportError
 from iambus.transports.memory import MemoryTransport
+
+from .processes import until
 
 
 @dataclass(frozen=True, slots=True)
@@ -657,6 +661,136 @@ async def test_stop_timeout_holds_when_background_work_ignores_its_cancellation(
     assert "1 background job(s) ignored their cancellation; left behind" in caplog.text
 
 
+async def test_a_bad_stop_timeout_is_refused_and_leaves_the_dispatcher_stoppable():
+    # Once the state was changed before the timeout was read: a TypeError, and every
+    # later stop() (async with's own exit too) waited for a shutdown never signalled.
+    dp = Dispatcher(transport=MemoryTransport(), service="users", routes={Rename: "users"})
+
+    @dp.commands.register(Rename)
+    async def rename(command: Rename) -> int:
+        return 1
+
+    await dp.__aenter__()
+    for bad in ("5", -1, math.nan):
+        with pytest.raises(ImproperlyConfigured, match=r"timeout.* got") as caught:
+            await dp.stop(bad)  # type: ignore[arg-type]
+        assert "seconds" in str(caught.value)
+    assert await dp.execute(Rename("still open")) == 1
+    await asyncio.wait_for(dp.stop(timeout=1), 5)
+    with pytest.raises(DispatcherStopped):
+        await dp.execute(Rename("stopped"))
+
+
+async def test_a_second_signal_still_gives_back_what_the_worker_holds():
+    # Once the forced stop left Worker.stop before its transport.leave(): on a transport
+    # passed in (left open), the aborted handler's message waited for claim_after.
+    transport = MemoryTransport(claim_after=30.0)
+    seen: list[str] = []
+    started, again = asyncio.Event(), asyncio.Event()
+
+    def instance(name: str) -> Dispatcher:
+        dp = Dispatcher(transport=transport, service="users", routes={Rename: "users"})
+
+        @dp.commands.register(Rename)
+        async def rename(command: Rename) -> int:
+            seen.append(name)
+            if name == "first":
+                started.set()
+                await asyncio.sleep(60)
+            again.set()
+            return 1
+
+        return dp
+
+    first, second = instance("first"), instance("second")
+    await first.__aenter__()
+    await first.send(Rename("a"))
+    await asyncio.wait_for(started.wait(), 5)
+    async with second:
+        first._on_signal(signal.SIGTERM)  # a graceful stop begins (30 s shutdown_timeout)
+        await asyncio.sleep(0)  # the stop task starts: it drains
+        assert first._draining is not None
+        first._on_signal(signal.SIGTERM)  # a second signal: stop now
+        assert first._stop_task is not None
+        await asyncio.wait_for(first._stop_task, 5)
+        await asyncio.wait_for(again.wait(), 5)  # given back at once, not after 30 s
+    assert seen[:2] == ["first", "second"]
+
+
+class HangingClose(MemoryTransport):
+    """A broker whose connection never finishes closing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closing = asyncio.Event()
+
+    async def close(self) -> None:
+        self.closing.set()
+        await asyncio.sleep(60)
+
+
+async def test_a_second_signal_while_the_transport_closes_stops_at_once(caplog):
+    # Once the drain was marked over before the close: a second signal then did
+    # nothing, and stop() waited for the close until its deadline (here 30 s + 4 s).
+    dp = Dispatcher(transport="memory://", service="users", routes={Rename: "users"})
+    transport = HangingClose()
+    assert dp.remote is not None
+    dp.remote.transport = transport  # made from a URL: the dispatcher closes it
+
+    @dp.commands.register(Rename)
+    async def rename(command: Rename) -> int:
+        return 1
+
+    await dp.__aenter__()
+    dp._on_signal(signal.SIGTERM)
+    await asyncio.wait_for(transport.closing.wait(), 10)
+    with caplog.at_level(logging.WARNING, logger="iambus"):
+        dp._on_signal(signal.SIGTERM)
+        assert dp._stop_task is not None
+        await asyncio.wait_for(dp._stop_task, 5)
+    assert "interrupted by a second signal; left behind" in caplog.text
+    with pytest.raises(DispatcherStopped):
+        await dp.execute(Rename("stopped"))
+
+
+class FlakyDeclare(MemoryTransport):
+    """A broker that fails once while the worker declares its groups (going down)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 1
+
+    async def declare(self, address: str, group: str, *, from_start: bool) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise TransportError(f"{self.url}: connection lost while declaring")
+        await super().declare(address, group, from_start=from_start)
+
+
+async def test_a_start_that_failed_in_the_worker_can_be_retried():
+    # Once the dispatcher kept the worker whose start() raised: entering again (a
+    # supervisor's retry of run()) skipped the start, and nothing was ever consumed.
+    dp = Dispatcher(transport=FlakyDeclare(), service="users", routes={Rename: "users"})
+    handled: list[str] = []
+    got = asyncio.Event()
+
+    @dp.commands.register(Rename)
+    async def rename(command: Rename) -> int:
+        handled.append(command.name)
+        got.set()
+        return 1
+
+    with pytest.raises(TransportError, match="connection lost while declaring"):
+        await dp.__aenter__()
+    await dp.__aenter__()  # the retry: the broker is back
+    try:
+        await dp.send(Rename("a"))
+        await asyncio.wait_for(got.wait(), 5)
+    finally:
+        await dp.stop(timeout=1)
+    assert set(handled) == {"a"}  # at least once
+
+
 async def test_handlers_may_send_while_the_dispatcher_drains():
     dp = Dispatcher()
     seen = []
@@ -790,7 +924,7 @@ async def test_a_stopping_dispatcher_turns_away_outside_senders_and_restarts():
     dp.start()
     await dp.handle(Rename("slow"))
     stopping = asyncio.create_task(dp.stop())
-    await asyncio.sleep(0.01)
+    await until(lambda: dp._state == _STOPPING, 5, "the dispatcher to be stopping")
     with pytest.raises(DispatcherStopped, match="is stopping"):
         await dp.handle(Rename("too late"))
     with pytest.raises(DispatcherStopped, match="is stopping"):
@@ -907,7 +1041,7 @@ async def test_an_awaited_keyed_send_still_queued_at_stop_timeout_is_cancelled()
     dp.start()
     await dp.handle(Rename("running"), key="k")
     waiting = asyncio.create_task(dp.execute(Rename("queued"), key="k"))
-    await asyncio.sleep(0.01)
+    await until(lambda: dp._engine.pending == 2, 5, "the second send to be queued")
     await dp.stop(timeout=0.01)
     with pytest.raises(asyncio.CancelledError):
         await waiting

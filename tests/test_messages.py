@@ -221,3 +221,33 @@ def test_result_type_comes_from_the_markers() -> None:
     assert result_type(Charge) is bool
     assert result_type(Plain) is Any
     assert result_type("name") is Any
+
+
+Traced_R = typing.TypeVar("Traced_R")
+Paged_T = typing.TypeVar("Paged_T")
+
+
+class Traced(Command[Traced_R], typing.Generic[Traced_R]):
+    """A project's own generic base for its commands (tracing, auth...)."""
+
+
+class Paged(Traced[list[Paged_T]], typing.Generic[Paged_T]):
+    pass
+
+
+def test_result_type_reads_through_a_generic_base() -> None:
+    # Once the first Command[...] met was Traced's own Command[T]: the TypeVar came back,
+    # and a routed execute() decoded into "anything" (a dict where mypy said User).
+    class Pay(Traced[User]):
+        pass
+
+    class Users(Paged[User]):
+        pass
+
+    class Again(Pay):
+        pass
+
+    assert result_type(Pay) is User
+    assert result_type(Again) is User
+    assert result_type(Users) == list[User]
+    assert result_type(Traced) is Any  # R never bound: nothing declared

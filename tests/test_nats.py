@@ -23,10 +23,11 @@ from typing import TypeVar
 import pytest
 
 from iambus.envelope import Envelope
-from iambus.errors import ImproperlyConfigured, TransportError
+from iambus.errors import ImproperlyConfigured, TransportError, TransportRefused
 from iambus.transports import Delivery, Failure, connect
 
 from .conftest import require
+from .processes import until
 
 pytest.importorskip("nats", reason="the NATS transport needs nats-py: pip install 'iambus[nats]'")
 
@@ -188,7 +189,8 @@ async def test_dead_letters_are_listed_in_order_and_purged_all_at_once(
 class _Server:
     """A nats-server with JetStream on a free loopback port, its store in ``store``."""
 
-    def __init__(self, store: Path) -> None:
+    def __init__(self, store: Path, *options: str) -> None:
+        self.options = options  # more command-line options, e.g. ("--user", "u", ...)
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
@@ -200,7 +202,7 @@ class _Server:
         return f"nats://127.0.0.1:{self.port}"
 
     async def start(self) -> None:
-        command = [NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.port), "-js"]
+        command = [NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.port), "-js", *self.options]
         self.process = await asyncio.create_subprocess_exec(
             *command,
             "-sd",
@@ -234,6 +236,28 @@ async def server(tmp_path: Path) -> AsyncIterator[_Server]:
         yield made
     finally:
         await made.stop()
+
+
+async def test_wrong_credentials_are_refused_not_retried(tmp_path: Path) -> None:
+    # A refused login is TransportRefused (the worker stops on it), named at once, with
+    # the password hidden: not a TransportError retried for ever.
+    if not HAS_SERVER:
+        pytest.skip(f"no nats-server at {NATS_SERVER} to start with a password")
+    guarded = _Server(tmp_path / "jetstream", "--user", "u", "--pass", "right")
+    await guarded.start()
+    try:
+        wrong = NatsTransport(f"nats://u:wrong@127.0.0.1:{guarded.port}", timeout=5)
+        started = time.monotonic()
+        with pytest.raises(TransportRefused, match="connect refused") as info:
+            await wrong.open()
+        assert time.monotonic() - started < 2
+        assert "check the user and password" in str(info.value)
+        assert "wrong" not in str(info.value)
+        right = NatsTransport(f"nats://u:right@127.0.0.1:{guarded.port}", timeout=5)
+        await right.open()
+        await right.close()
+    finally:
+        await guarded.stop()
 
 
 async def _receive_from(
@@ -480,7 +504,12 @@ async def test_a_cancelled_receive_strands_nothing() -> None:
     async with _two(claim_after=30) as (stopping, other):
         await stopping.declare("a", "g", from_start=False)
         waiting = asyncio.create_task(stopping.receive("a", "g", consumer="w", limit=10, wait=5))
-        await asyncio.sleep(0.3)  # its pulls are waiting on the server
+
+        def pulling() -> bool:  # its pulls are out, waiting on the server
+            group = stopping._groups.get(("a", "g"))
+            return group is not None and group.receiving and not group.bare
+
+        await until(pulling, 10, "the receive to pull")
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
@@ -810,14 +839,16 @@ async def test_a_stopped_worker_stops_listening_and_hands_its_requests_to_the_st
         assert await stopping.receive("a", "g", consumer="w", limit=1, wait=0.1) == []
         # Listening, but no receive running: a request waits in its buffer...
         first = asyncio.create_task(other.request("a", _ping(1), timeout=10))
-        await asyncio.sleep(0.3)
+        group = stopping._groups[("a", "g")]
+        await until(lambda: bool(group.asked), 10, "the request to reach the listener")
         assert await _stored(other) == 0
         waiting = asyncio.create_task(stopping.receive("a", "g", consumer="w", limit=0, wait=5))
-        await asyncio.sleep(0.2)
+        await until(lambda: group.receiving, 10, "the receive to run")
         waiting.cancel()  # ...the worker stops: it goes into the stream
         with pytest.raises(asyncio.CancelledError):
             await waiting
-        await asyncio.sleep(0.3)  # and the listener is gone: this one goes there too
+        # and the listener is gone: this one goes there too
+        await until(lambda: group.listener is None, 10, "the listener to go")
         second = asyncio.create_task(other.request("a", _ping(2), timeout=10))
         assert await _until_stored(other, 2) == 2
         got = await _answer(other, 2)
@@ -830,7 +861,9 @@ async def test_a_closed_transport_hands_its_unread_requests_to_the_stream() -> N
         await closing.declare("a", "g", from_start=True)
         assert await closing.receive("a", "g", consumer="w", limit=1, wait=0.1) == []
         asking = asyncio.create_task(other.request("a", _ping(5), timeout=10))
-        await asyncio.sleep(0.3)  # it reached the listener, which no receive reads
+        group = closing._groups[("a", "g")]
+        # it reached the listener, which no receive reads
+        await until(lambda: bool(group.asked), 10, "the request to reach the listener")
         assert await _stored(other) == 0
         await closing.close()
         [delivery] = await _answer(other, 1)

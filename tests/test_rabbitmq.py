@@ -18,6 +18,7 @@ from iambus.errors import ImproperlyConfigured, TransportError, TransportRefused
 from iambus.transports import Delivery, Failure, connect
 
 from .conftest import require
+from .processes import until
 
 pytest.importorskip("aio_pika")
 
@@ -84,7 +85,7 @@ async def test_opening_needs_a_broker_and_twice_is_harmless() -> None:
     await made.open()
     await made.open()
     waiting = asyncio.create_task(made.request("nobody.listens", _ping(0), timeout=5))
-    await asyncio.sleep(0.2)
+    await _until_held(made, "nobody.listens", 1)  # sent: it waits for its answer
     await made.destroy()
     await made.close()
     with pytest.raises(TransportError, match="closed while waiting"):
@@ -248,8 +249,8 @@ async def test_an_idle_consumer_gives_back_what_it_held(transport: RabbitMQTrans
     # Prefetch 3, but only one handed out: the other two wait in this consumer's buffer.
     transport.prefetch = 3
     [held] = await _take(transport, 1, consumer="stalled")
-    await asyncio.sleep(0.2)
-    assert len(transport._consumers[("a", "g", "stalled")].inbox) == 2
+    stalled = transport._consumers[("a", "g", "stalled")]
+    await until(lambda: len(stalled.inbox) == 2, 10, "the other two in the stalled buffer")
     got = await _take(transport, 3, consumer="alive")
     attempts = {d.envelope.payload: d.attempt for d in got}
     # The one handed out and never settled is a failed attempt; the buffered ones are not.
@@ -510,8 +511,10 @@ async def test_a_retired_consumer_hands_its_partitions_on_without_counting_or_do
     for n in range(2):
         await transport.send("a", _keyed(n, buffered_key))
     [held] = await _take(transport, 1, consumer="stalled")
-    await asyncio.sleep(0.2)  # the other partition's first message waits in its buffer
-    [(_, lane)] = transport._consumers[("a", "g", "stalled")].inbox
+    stalled = transport._consumers[("a", "g", "stalled")]
+    # the other partition's first message waits in its buffer
+    await until(lambda: bool(stalled.inbox), 10, "a message in the stalled buffer")
+    [(_, lane)] = stalled.inbox
     assert lane is not None
     seen: list[tuple[str | None, bytes, int]] = []
     deadline = time.monotonic() + 10
@@ -609,9 +612,8 @@ async def test_deliveries_never_handed_out_are_not_counted_after_a_reconnect(
         await transport.send("a", _ping(n))
         await transport.send("a", _keyed(10 + n, keys[n]))
     handed = await transport.receive("a", "g", consumer="c", limit=1, wait=5)
-    await asyncio.sleep(0.3)
     state = transport._consumers[("a", "g", "c")]
-    assert len(handed) + len(state.inbox) == 4
+    await until(lambda: len(handed) + len(state.inbox) == 4, 10, "all four at the consumer")
     # Both of the consumer's channels fail (as in a lost connection) and are reopened.
     for channel in (state.channel, state.lanes):
         underlay = await channel.get_underlay_channel()
@@ -657,7 +659,9 @@ async def test_a_hand_back_handed_back_again_is_still_delivered_once(
     for n in range(2):
         await transport.send("a", _keyed(n, two))
     [held] = await _take(transport, 1, consumer="s1")
-    await asyncio.sleep(0.2)  # the other partition's first message is in s1's buffer
+    s1 = transport._consumers[("a", "g", "s1")]
+    # the other partition's first message is in s1's buffer
+    await until(lambda: bool(s1.inbox), 10, "a message in s1's buffer")
     assert await transport.receive("a", "g", consumer="s2", limit=1, wait=0) == []
     first, second = (transport._consumers[("a", "g", name)] for name in ("s1", "s2"))
     await transport._retire(first)  # s2 is the only one waiting: it gets both partitions
@@ -746,7 +750,9 @@ async def test_a_keyed_retry_the_broker_refuses_gives_the_delivery_back(
     async with _lanes_refuse_publishes(transport):
         if delay:
             await first.retry(delay)
-            await asyncio.sleep(delay + 0.5)  # the copy, refused
+            # The copy waits out its delay, then its lane refuses it: nothing seen from
+            # here marks that moment, so this waits the delay and a margin.
+            await asyncio.sleep(delay + 0.5)
         else:
             with pytest.raises(TransportError, match="Nack"):
                 await first.retry(0)
@@ -780,7 +786,7 @@ async def test_keyed_messages_sent_while_held_ones_move_come_after_them(
     # the held messages of its key not yet moved.
     held = 300
     await asyncio.gather(*(transport.send("early", _keyed(n, "k")) for n in range(held)))
-    await asyncio.sleep(0.5)  # all in the held queue (confirmed, in this order)
+    await _until_held(transport, "early", held)  # all in the held queue, in this order
     sender = await _open(transport.namespace)
     sent = held
 
@@ -794,7 +800,7 @@ async def test_keyed_messages_sent_while_held_ones_move_come_after_them(
     sending = asyncio.create_task(keep_sending())
     try:
         await transport.declare("early", "first", from_start=True)
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # the behaviour under test: sends go on after the move
     finally:
         sending.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -817,7 +823,7 @@ async def test_two_instances_moving_held_messages_at_once_keep_their_order(
     # both moved the held messages: interleaved, their copies reordered a key.
     held = 1500
     await asyncio.gather(*(transport.send("early", _keyed(n, "k")) for n in range(held)))
-    await asyncio.sleep(0.5)
+    await _until_held(transport, "early", held)
     other = await _open(transport.namespace)
     try:
         await asyncio.gather(
@@ -887,6 +893,20 @@ async def test_a_keyed_dead_letter_replays_into_the_partition_it_came_from(
 
 
 # -- failures users see: what they name, what is left behind ---------------------------
+
+
+async def _until_held(transport: RabbitMQTransport, address: str, count: int) -> None:
+    """Wait (10 s at most) until the held queue of ``address`` holds ``count`` messages."""
+    name = transport._held_queue(address)
+    held = -1
+    async with _side_channel() as channel:
+        for _ in range(200):
+            queue = await channel.declare_queue(name, passive=True)
+            held = queue.declaration_result.message_count
+            if held >= count:
+                return
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"{name} holds {held} messages, not {count}")
 
 
 @contextlib.asynccontextmanager
@@ -1015,7 +1035,7 @@ async def test_the_first_group_waits_for_another_instance_moving_the_held_messag
     async with _side_channel() as channel:
         await channel.declare_queue(lock, exclusive=True)
         declaring = asyncio.create_task(transport.declare("early", "first", from_start=True))
-        await asyncio.sleep(1.2)
+        await asyncio.sleep(1.2)  # the behaviour under test: declare() waits all this while
         assert not declaring.done()
     async with asyncio.timeout(3):
         await declaring

@@ -318,6 +318,28 @@ async def keyed() -> AsyncIterator[Any]:
         yield made
 
 
+async def test_redis_a_dead_consumers_whole_batch_is_reclaimed_at_once() -> None:
+    # A consumer took 20 and died. A consumer asking for one at a time (a quiet
+    # subscription does) gets them all soon after claim_after, not one per reclaim
+    # interval (20 x 1 s here; 20 x 5 s with the default claim_after).
+    async with opened(claim_after=2.0, block=0.2) as made:
+        await made.declare("a", "g", from_start=False)
+        for n in range(20):
+            await made.send("a", ping(n))
+        taken = await made.receive("a", "g", consumer="dead", limit=20, wait=2)
+        assert len(taken) == 20
+        died = time.monotonic()
+        got: set[int] = set()
+        while len(got) < 20 and time.monotonic() < died + 15:
+            for delivery in await made.receive("a", "g", consumer="live", limit=1, wait=0.2):
+                assert delivery.attempt == 2
+                got.add(number(delivery))
+                await delivery.ack()
+        took = time.monotonic() - died
+        assert got == set(range(20)), f"reclaimed {len(got)} of 20 in {took:.1f}s"
+        assert took < 2.0 + 4, f"the 20 were reclaimed {took:.1f}s after the death"
+
+
 def ping(n: int, key: str | None = None) -> Any:
     from iambus.envelope import Envelope
 
@@ -670,7 +692,11 @@ async def test_redis_a_transport_not_open_says_so_and_opening_twice_is_harmless(
 async def test_redis_closing_fails_a_request_still_waiting_for_its_answer() -> None:
     async with opened() as made:
         waiting = asyncio.create_task(made.request("nobody.listens", ping(0), timeout=5))
-        await asyncio.sleep(0.3)
+
+        async def sent() -> bool:  # the request is in its stream: it waits for the answer
+            return bool(await made._client().xlen(made._stream("nobody.listens")))
+
+        await until(sent, 10, "the request to be sent")
         assert not waiting.done()
         await made.close()
         started = time.monotonic()
@@ -839,9 +865,9 @@ async def test_redis_a_flush_that_outlasts_close_fails_its_senders_and_ends() ->
     assert flushed[-1] == [5]
 
 
-async def test_redis_a_reply_goes_out_before_its_ack_alone_or_when_closing() -> None:
-    # A reply goes out in one pipeline with the ack that follows it (the ack after it);
-    # with no ack behind it, on its own; and one made just before close(), still.
+async def test_redis_a_reply_is_out_once_reply_returns_before_an_ack_or_close() -> None:
+    # reply() returns once its PUBLISH is done: before the ack that follows it (keyed or
+    # not), with no ack behind it, and just before close().
     from iambus.envelope import Envelope
 
     async with opened(partitions=4) as asker:
@@ -876,21 +902,141 @@ async def test_redis_a_reply_goes_out_before_its_ack_alone_or_when_closing() -> 
         assert (await asking).payload == b"last"
 
 
-async def test_redis_a_reply_and_the_ack_after_it_go_out_in_one_flush_in_that_order() -> None:
-    # What makes a query's reply and its ack one round trip (a pipeline runs in order).
-    from iambus.transports.redis import _Coalescer
+@contextlib.asynccontextmanager
+async def acl_user(*rules: str) -> AsyncIterator[str]:
+    """The URL of a Redis user of its own with ACL ``rules``, deleted at the end."""
+    import redis.asyncio
 
-    flushed: list[list[str]] = []
+    user, password = f"iambus-test-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    async with redis.asyncio.Redis.from_url(REDIS) as admin:
+        await admin.execute_command("ACL", "SETUSER", user, "on", f">{password}", *rules)
+        try:
+            yield f"redis://{user}:{password}@127.0.0.1:6379/0"
+        finally:
+            await admin.execute_command("ACL", "DELUSER", user)
 
-    async def flush(items: list[str]) -> list[str]:
-        flushed.append(items)
-        return [f"{item} done" for item in items]
 
-    acks = _Coalescer(flush)
-    reply = acks.defer("reply")
-    assert await acks.add("ack") == "ack done"
-    assert flushed == [["reply", "ack"]]
-    assert await reply == "reply done"
-    alone = acks.defer("reply 2")  # nothing after it: it goes out on its own
-    assert await alone == "reply 2 done"
-    assert flushed[-1] == ["reply 2"]
+async def pending(transport: Any, stream: str | None = None) -> int:
+    """How many entries group "g" has pending on ``stream`` (default: address "a"'s)."""
+    summary = await transport._client().xpending(stream or transport._stream("a"), "g")
+    return int(summary["pending"])
+
+
+async def test_redis_a_reply_that_cannot_be_published_raises_and_its_delivery_stays_unacked() -> (
+    None
+):
+    # A user without channel rights (Redis 7's default for a new user: resetchannels)
+    # cannot publish a reply: reply() says so, and the worker, which acks only once the
+    # reply is out, leaves the query's delivery unacked instead of losing its answer.
+    from iambus.envelope import Envelope
+
+    async with opened() as asker, acl_user("~*", "+@all", "resetchannels") as url:
+        answering = type(asker)(url, namespace=asker.namespace, block=0.1)
+        await answering.open()
+        try:
+            await answering.declare("a", "g", from_start=False)
+            question = ping(1)
+            asking = asyncio.create_task(asker.request("a", question, timeout=5))
+            [delivery] = await receive_some(answering, "c")
+            answer = Envelope(name="Pong", payload=b"ok", correlation_id=question.id)
+            with pytest.raises(TransportRefused, match="PUBLISH reply refused"):
+                await answering.reply(delivery.envelope.reply_to or "", answer)
+            assert await pending(asker) == 1
+            asking.cancel()
+        finally:
+            await answering.close()
+
+
+async def test_redis_a_reply_that_fails_fails_no_other_deliverys_settle() -> None:
+    # Replies and acks issued together share a pipeline: a reply that cannot be
+    # published (to a channel this user may not use) fails its own sender only, not a
+    # keyed ack or an unkeyed one made meanwhile.
+    from iambus.envelope import Envelope
+
+    async with opened(partitions=4) as made:
+        rules = ("~*", "+@all", "resetchannels", f"&{made.namespace}:*")
+        async with acl_user(*rules) as url:
+            worker = type(made)(url, namespace=made.namespace, partitions=4, block=0.1)
+            await worker.open()
+            try:
+                await worker.declare("a", "g", from_start=False)
+                await worker.send("a", ping(1))
+                await worker.send("a", ping(2, key="k"))
+                got: list[Any] = []
+                while len(got) < 2:
+                    more = await receive_some(worker, "c")
+                    assert more, f"got {got} of 2"
+                    got += more
+                foreign = Envelope(name="Pong", payload=b"1")
+                replying = asyncio.ensure_future(worker.reply("elsewhere:reply:x", foreign))
+                await asyncio.gather(*(delivery.ack() for delivery in got))
+                with pytest.raises(TransportRefused, match=r"NOPERM|no permissions"):
+                    await replying
+                assert await pending(made) == 0
+                assert await pending(made, made._lane("a", partition_of("k", 4))) == 0
+            finally:
+                await worker.close()
+
+
+async def test_redis_close_refuses_a_reply_or_send_once_it_drained() -> None:
+    # While close() hands on what it held, its sends and acks are drained: a reply or a
+    # send issued then would start a flush nobody waits for (a reply lost, a task that
+    # outlives close()). They are refused, and close() leaves no task behind.
+    from iambus.envelope import Envelope
+
+    async with opened(partitions=4) as made:
+        await made.declare("a", "g", from_start=False)
+        await made.send("a", ping(1, key="k"))
+        [held] = await receive_some(made, "c")
+        late: list[BaseException | None] = []
+        handing_on = made._hand_on
+
+        async def hand_on(holding: Any) -> None:
+            for attempt in (
+                made.reply(made._reply_channel, Envelope(name="Pong", payload=b"1")),
+                made.send("a", ping(2)),
+            ):
+                try:
+                    await attempt
+                    late.append(None)
+                except TransportError as exc:
+                    late.append(exc)
+            await handing_on(holding)
+
+        made._hand_on = hand_on
+        before = asyncio.all_tasks()
+        await made.close()
+        assert asyncio.all_tasks() - before == set()
+        assert [str(exc) for exc in late if exc] == [
+            f"{made.url}: closing, cannot {what} any more; {what} before close()"
+            for what in ("reply", "send")
+        ], late
+        await made.open()  # for the tear-down, and it sends again
+        await made.send("a", ping(3))
+        assert await pending(made, made._lane("a", partition_of("k", 4))) == 1, held
+
+
+@pytest.mark.parametrize("how", ["leave", "close"])
+async def test_redis_leave_or_close_hands_on_an_unkeyed_delivery_at_once(how: str) -> None:
+    # A stopping worker's consumer held one of 6: after leave() (or close()), another
+    # consumer gets all 6 long before claim_after, the one given back as a further attempt.
+    async with opened(claim_after=30) as made:
+        stopping = transport_for(made.namespace, claim_after=30)
+        await stopping.open()
+        try:
+            await made.declare("a", "g", from_start=False)
+            for n in range(6):
+                await made.send("a", ping(n))
+            [left] = await stopping.receive("a", "g", consumer="leaving", limit=1, wait=5)
+            await (stopping.leave("leaving") if how == "leave" else stopping.close())
+            seen: dict[int, int] = {}
+            deadline = time.monotonic() + 10
+            while len(seen) < 6 and time.monotonic() < deadline:
+                for delivery in await made.receive(
+                    "a", "g", consumer="staying", limit=10, wait=0.2
+                ):
+                    seen[number(delivery)] = delivery.attempt
+                    await delivery.ack()
+            assert seen == {n: 2 if n == number(left) else 1 for n in range(6)}
+        finally:
+            await stopping.close()

@@ -1,18 +1,20 @@
 """The sending side: envelopes, typed results, remote errors, timeouts."""
 
 import asyncio
+import math
 import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
 from datetime import date
-from typing import Any
+from typing import Any, Generic, TypeVar, assert_type
 
 import pytest
 
 from iambus import (
     Command,
     Dispatcher,
+    DispatcherStopped,
     ImproperlyConfigured,
     Query,
     RemoteError,
@@ -22,6 +24,7 @@ from iambus import (
 )
 from iambus.envelope import Envelope
 from iambus.remote import current_envelope
+from iambus.transports import Instance
 from iambus.transports.memory import MemoryTransport
 
 from .conftest import Bus, require
@@ -399,6 +402,38 @@ async def test_a_resend_of_the_same_id_is_stored_once_on_nats() -> None:
         await transport.close()
 
 
+@pytest.mark.parametrize(
+    "routes", [{f"{__name__}.*": "billing"}, {"Ship": "billing"}], ids=["pattern", "name"]
+)
+async def test_a_kept_envelope_of_a_class_routed_by_pattern_is_resent_in_a_new_process(
+    routes: dict[type | str, str],
+) -> None:
+    # Once only classes routed by class, or sent once by this process, were known: an
+    # envelope kept across a restart was refused until its class happened to be sent.
+    transport = MemoryTransport()
+    shop = Dispatcher(transport=transport, service="shop", routes=routes)
+    billing = Dispatcher(transport=transport, service="billing", routes=routes)
+    shipped: list[int] = []
+
+    @billing.commands.register(Ship)
+    async def ship(command: Ship) -> None:
+        shipped.append(command.order_id)
+
+    kept = Envelope(name="Ship", payload=b'{"order_id": 4}')  # stored by an earlier process
+    async with shop:
+        await shop.send(kept)
+        async with billing:
+            await asyncio.wait_for(billing.join(), 5)
+    assert set(shipped) == {4}  # at least once
+
+
+async def test_an_envelope_routed_by_name_whose_class_is_not_imported_says_so() -> None:
+    dp = Dispatcher(transport="memory://", service="shop", routes={"Refund": "billing"})
+    with pytest.raises(ImproperlyConfigured, match=r"by name.*import the module.*id='e-1'"):
+        await dp.send(Envelope(name="Refund", payload=b"{}", id="e-1"))
+    await dp.stop()
+
+
 async def test_an_envelope_of_a_name_not_routed_here_is_refused() -> None:
     dp = Dispatcher(transport="memory://", service="shop", routes=ROUTES)
     with pytest.raises(ImproperlyConfigured, match=r"'Refund'.*id='e-1'"):
@@ -448,6 +483,122 @@ async def test_a_command_result_that_does_not_travel_is_an_error_and_not_a_retry
     await app.stop()
     assert runs == {"export": 1, "count": 1}  # neither was run again
     assert [type(exc) for exc in reported] == [SerializationError]
+
+
+@pytest.mark.parametrize("bad", ["5", -1, 0, math.inf])
+async def test_a_bad_per_call_timeout_is_refused_before_the_command_is_sent(bad: Any) -> None:
+    # Once the command was sent first: "5" raised a bare TypeError after the broker had
+    # stored it (a caller who fixed the call and retried ran it twice), -1 sent it and
+    # raised RequestTimeout at once.
+    transport = MemoryTransport()
+    routes: dict[type | str, str] = {**ROUTES, Lookup: "billing"}
+    shop = Dispatcher(transport=transport, service="shop", routes=routes)
+    billing = Dispatcher(transport=transport, service="billing", routes=routes)
+    shipped: list[int] = []
+    asked: list[str] = []
+
+    @billing.commands.register(Ship)
+    async def ship(command: Ship) -> None:
+        shipped.append(command.order_id)
+
+    @billing.queries.register(Lookup)
+    async def lookup(query: Lookup) -> int:
+        asked.append(query.sku)
+        return 1
+
+    async with shop:
+        with pytest.raises(ImproperlyConfigured, match=r"execute\(timeout=\.\.\.\) must be"):
+            await shop.execute(Ship(1), timeout=bad)
+        with pytest.raises(ImproperlyConfigured, match=r"query\(timeout=\.\.\.\) must be"):
+            await shop.query(Lookup("a"), timeout=bad)
+        async with billing:
+            await asyncio.wait_for(billing.join(), 5)
+    assert shipped == []
+    assert asked == []
+
+
+Traced_R = TypeVar("Traced_R")
+
+
+class Traced(Command[Traced_R], Generic[Traced_R]):
+    """A project's own generic base for its commands (tracing, auth...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Pay(Traced[Receipt]):
+    amount: int
+
+
+async def test_a_routed_command_through_a_generic_base_returns_its_declared_type() -> None:
+    # Once the R of Traced's own Command[T] was read: the TypeVar, so the answer came
+    # back as a dict where mypy and the in-process path say Receipt.
+    transport = MemoryTransport()
+    shop = Dispatcher(transport=transport, service="shop", routes={Pay: "billing"})
+    billing = Dispatcher(transport=transport, service="billing", routes={Pay: "billing"})
+
+    @billing.commands.register(Pay)
+    async def pay(command: Pay) -> Receipt:
+        return Receipt("c1", command.amount)
+
+    async with billing, shop:
+        result = await shop.execute(Pay(3), timeout=5)
+        assert_type(result, Receipt)
+    assert result == Receipt("c1", 3)
+
+
+class SlowRegistry(MemoryTransport):
+    """A registry read that is slow (a broker under load): instances() takes ``delay``."""
+
+    def __init__(self, delay: float = 1.5) -> None:
+        super().__init__()
+        self.delay = delay
+        self.reading = asyncio.Event()
+
+    async def instances(self) -> list[Instance]:
+        self.reading.set()
+        await asyncio.sleep(self.delay)
+        return await super().instances()
+
+
+async def test_a_request_timeout_is_raised_within_the_timeout_asked_for() -> None:
+    # Once the registry was read after the transport's timeout, for up to 2 s more to
+    # word the error: a 0.2 s timeout raised after 1.7 s.
+    shop = Dispatcher(transport=SlowRegistry(), service="shop", routes=ROUTES)
+    async with shop:
+        began = time.monotonic()
+        with pytest.raises(RequestTimeout, match=r"no answer .* is a worker of 'billing' running"):
+            await shop.execute(Ship(1), timeout=0.2)
+        took = time.monotonic() - began
+    assert took < 1.0, f"RequestTimeout after {took:.2f}s for a 0.2 s timeout"
+
+
+async def test_a_request_timeout_says_what_a_registry_slower_than_its_margin_shows() -> None:
+    # The registry is read from halfway to the timeout: a read of 0.3 s is too slow to
+    # start once the timeout passed, and is ready by then.
+    shop = Dispatcher(transport=SlowRegistry(0.3), service="shop", routes=ROUTES)
+    async with shop:
+        with pytest.raises(RequestTimeout, match="no live instance of service 'billing'"):
+            await shop.execute(Ship(1), timeout=1.2)
+
+
+async def test_closing_neither_cancels_a_request_reading_the_registry_nor_reopens() -> None:
+    # Once close() cancelled the registry read a timed-out request shared (the caller
+    # got a CancelledError it never asked for), and a send during the close opened the
+    # transport again.
+    transport = SlowRegistry()
+    shop = Dispatcher(transport=transport, service="shop", routes=ROUTES)
+    await shop.__aenter__()
+    remote = shop.remote
+    assert remote is not None
+    census = asyncio.create_task(remote.handlers_of("command.Ship", "billing"))
+    await asyncio.wait_for(transport.reading.wait(), 5)
+    closing = asyncio.create_task(remote.close())
+    await asyncio.sleep(0)
+    with pytest.raises(DispatcherStopped, match="being closed"):
+        await remote.send("command", Ship(1), None)
+    await asyncio.wait_for(closing, 5)
+    assert await asyncio.wait_for(census, 5) is None  # could not be read: no error
+    await shop.stop()
 
 
 async def test_a_command_none_handler_returning_a_value_that_does_not_encode_answers() -> None:

@@ -12,7 +12,7 @@ import pytest
 from iambus import Command, Dispatcher, GroupStatus, ImproperlyConfigured, Status, status
 from iambus.envelope import Envelope
 from iambus.retry import Retry
-from iambus.transports import Instance, Transport
+from iambus.transports import DeadLetter, DeadLetterCounter, Instance, Transport
 
 from .conftest import Bus
 
@@ -96,3 +96,37 @@ async def test_status_needs_a_registry() -> None:
 
     with pytest.raises(ImproperlyConfigured, match="Plain keeps no registry of instances"):
         await status(Plain())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bus", ["memory", "redis", "rabbitmq"], indirect=True)
+async def test_status_counts_dead_letters_without_loading_them(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Once status loaded every dead letter (dead_letters(limit=sys.maxsize)) to count them.
+    monkeypatch.setattr("iambus.transports.redis.DEAD_PAGE", 2)  # Redis pages through
+    billing = Dispatcher(
+        transport=bus.transport(), service="billing", routes=ROUTES, retry=Retry(attempts=1)
+    )
+
+    @billing.commands.register(ChargeCard)
+    async def charge(command: ChargeCard) -> None:
+        raise ValueError("a negative amount")
+
+    watcher = bus.transport()
+    assert isinstance(watcher, DeadLetterCounter)
+    await watcher.open()
+    try:
+        async with billing:
+            for n in range(5):
+                await watcher.send(
+                    CHARGE, Envelope(name="ChargeCard", payload=b'{"amount": %d}' % n)
+                )
+
+            async def loaded(*, limit: int = 100) -> list[DeadLetter]:
+                raise AssertionError("status loaded the dead letters to count them")
+
+            monkeypatch.setattr(watcher, "dead_letters", loaded)
+            await until(watcher, lambda f: group(f, CHARGE).dead == 5)
+        assert await watcher.dead_letter_counts() == {(CHARGE, "billing"): 5}
+    finally:
+        await watcher.close()

@@ -96,3 +96,18 @@ async def test_check_transport_leaves_out_the_optional_parts_a_transport_has_not
     await check_transport(plain)
     with pytest.raises(AssertionError, match="no Registry"):
         await TRANSPORT_CHECKS["registry"](plain)
+
+
+async def test_the_compete_check_catches_consumers_that_each_get_every_envelope() -> None:
+    class EveryConsumerGetsAll(MemoryTransport):
+        async def receive(  # type: ignore[override]
+            self, address: str, group: str, *, consumer: str, limit: int, wait: float
+        ):
+            own = f"{group}.{consumer}"  # a group per consumer: a fan-out, not a competition
+            await self.declare(address, own, from_start=True)
+            return await super().receive(address, own, consumer=consumer, limit=limit, wait=wait)
+
+    transport = EveryConsumerGetsAll(claim_after=0.2)
+    await transport.open()
+    with pytest.raises(AssertionError, match="not each get them"):
+        await TRANSPORT_CHECKS["consumers_of_a_group_compete"](transport)

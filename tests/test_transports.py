@@ -21,6 +21,7 @@ from iambus.transports import Transport, client_name, connect, redact
 from iambus.transports.memory import MemoryTransport
 
 from .conftest import require
+from .processes import until
 
 
 @pytest.fixture(params=["memory", "redis", "rabbitmq", "rabbitmq-classic", "nats"])
@@ -311,7 +312,7 @@ async def test_a_closed_memory_transport_refuses_work_and_fails_waiting_requests
 
     transport = MemoryTransport()
     waiting = asyncio.create_task(transport.request("nobody", _ping(), timeout=5))
-    await asyncio.sleep(0.01)
+    await until(lambda: bool(transport._replies), 5, "the request to wait for its answer")
     await transport.close()
     with pytest.raises(TransportError, match="closed"):
         await waiting

@@ -33,6 +33,7 @@ from iambus.transports import Instance, Registry
 from iambus.transports.memory import MemoryTransport
 
 from .conftest import Bus
+from .processes import collapse
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +89,7 @@ async def settle(bus: Bus, *dispatchers: Dispatcher, until: Any = None, timeout:
         await asyncio.sleep(0.02)
 
 
-async def test_every_service_gets_each_event_once_and_instances_compete(bus: Bus) -> None:
+async def test_every_service_gets_each_event_and_instances_compete(bus: Bus) -> None:
     seen: Counter[tuple[str, int]] = Counter()
     instances = []
     for name in ("billing", "billing", "shipping", "shipping"):
@@ -105,13 +106,14 @@ async def test_every_service_gets_each_event_once_and_instances_compete(bus: Bus
     try:
         for n in range(20):
             await publisher.publish(OrderPlaced(n))
-        await settle(bus, publisher, until=lambda: len(seen) == 40 and sum(seen.values()) >= 40)
-        await asyncio.sleep(0.2)  # let any duplicate show up
+        await settle(bus, publisher, until=lambda: len(seen) == 40)
     finally:
         for dp in instances:
             await dp.stop()
         await publisher.stop()
-    assert seen == Counter({(name, n): 1 for name in ("billing", "shipping") for n in range(20)})
+    # Each service got each event, at least once (a late ack may bring one back), and
+    # nothing else.
+    assert set(seen) == {(name, n) for name in ("billing", "shipping") for n in range(20)}
 
 
 async def test_a_command_goes_to_its_owner_and_its_events_follow(bus: Bus) -> None:
@@ -255,9 +257,11 @@ async def test_a_failing_handler_is_retried_alone(bus: Bus) -> None:
 
     async with billing:
         await billing.publish(OrderPlaced(1))
-        await settle(bus, billing, until=lambda: calls["flaky"] == 2 and calls["steady"] == 1)
-        await asyncio.sleep(0.2)
-    assert calls == Counter({"flaky": 2, "steady": 1})
+        await settle(bus, billing, until=lambda: calls["flaky"] >= 2 and calls["steady"] >= 1)
+    # Stopped: every run that was coming has run. The retry ran flaky again, not steady
+    # (a redelivery of the whole message, at least once, would have run both).
+    assert calls["flaky"] >= 2
+    assert calls["flaky"] - calls["steady"] == 1, calls
 
 
 async def test_correlation_and_causation_follow_the_conversation(bus: Bus) -> None:
@@ -311,7 +315,9 @@ async def test_stop_finishes_handlers_in_flight_and_acks_them(bus: Bus) -> None:
     # the same handler name is the same subscription
     second.events.handlers()
     async with second:
-        await asyncio.sleep(1.0)
+        # An absence: what is left unacked is handed over after claim_after; nothing comes.
+        claim_after = getattr(second.remote.transport, "claim_after", 0.5)  # type: ignore[union-attr]
+        await asyncio.sleep(claim_after + 0.5)
     assert again == []
 
 
@@ -680,11 +686,11 @@ async def test_a_key_is_handled_in_order_across_instances_through_retries(
         await settle(
             bus,
             first,
-            until=lambda: all(len(s) == per_flight for s in seen.values()),
+            until=lambda: all(len(set(s)) == per_flight for s in seen.values()),
             timeout=30,
         )
-    for flight in flights:
-        assert seen[flight] == list(range(per_flight)), f"{flight}: {seen[flight]}"
+    for flight in flights:  # in order; a repeat right after itself is a redelivery
+        assert collapse(seen[flight]) == list(range(per_flight)), f"{flight}: {seen[flight]}"
     assert len(failed_once) == len(flights)
     assert overlaps > 0, "different keys must be handled in parallel"
 

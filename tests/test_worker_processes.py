@@ -29,7 +29,6 @@ from .processes import BROKERS, Cluster, Step, collapse, until
 
 CLAIM_AFTER = 1.0  # the workers' (and the test's) transports
 ORDERING_CLAIM_AFTER = 2.0  # a loaded machine must not look like a crash
-ACKS_SENT = 0.5  # how long a worker may take to ack, once its handler has returned
 
 # Brokers whose per-key ordering (iambus.partitions) is still being built: their
 # ordering test is expected to fail.
@@ -200,7 +199,8 @@ async def test_a_worker_killed_mid_handler_loses_nothing(cluster: Cluster) -> No
             return "5" in started and finished == {str(n) for n in range(10) if n != 5}
 
         await until(a_is_stuck_on_5, 15, "A to finish all but order 5", detail=cluster.report)
-        await asyncio.sleep(ACKS_SENT)  # A's acks of the others reach the broker
+        # A's acks of the others may not all have reached the broker: those come back, to
+        # B, with order 5 (at least once).
         killed_at = cluster.kill("A")
 
         cluster.spawn("B", service="billing", handlers=["events"])
@@ -219,17 +219,20 @@ async def test_a_worker_killed_mid_handler_loses_nothing(cluster: Cluster) -> No
     steps = cluster.steps()
     # Order 5 was started by A, never finished there, and redone by B after the kill
     # (once A's delivery was handed over: at once on RabbitMQ, whose connection died with
-    # A, after claim_after elsewhere). Had A been killed after its side effects but before
-    # its ack, B would have redone them: delivery is at least once.
-    assert kinds([s for s in steps if s.ident == "5"], "event") == [
-        ("A", "start", "5"),
-        ("B", "start", "5"),
-        ("B", "done", "5"),
-    ]
+    # A, after claim_after elsewhere). A may have started it more than once: a broker
+    # that redelivers while a handler hangs is within at least once.
+    five = kinds([s for s in steps if s.ident == "5"], "event")
+    assert {step for role, step, _ in five if role == "A"} == {"start"}, five
+    assert ("B", "done", "5") in five, five
     assert next(s.at for s in steps if s.ident == "5" and s.role == "B") > killed_at
-    # Everything else was handled exactly once: 0-9 by A before the kill, 10-14 by B.
-    assert cluster.done("event") == Counter(every)
-    assert cluster.done("event", "B") == Counter(str(n) for n in (5, *range(10, 15)))
+    # Everything was handled at least once, and nothing else: 0-9 by A before the kill,
+    # 10-14 and 5 by B. B may also have redone some of 0-9 whose ack A had not sent yet
+    # (at least once), but only those A had done.
+    assert set(cluster.done("event")) == every
+    by_a, by_b = set(cluster.done("event", "A")), set(cluster.done("event", "B"))
+    assert by_a == every - {str(n) for n in (5, *range(10, 15))}
+    assert by_b >= {str(n) for n in (5, *range(10, 15))}
+    assert by_b - {str(n) for n in (5, *range(10, 15))} <= by_a
 
 
 async def test_sigterm_lets_the_handler_in_flight_finish_and_ack(cluster: Cluster) -> None:
@@ -242,8 +245,12 @@ async def test_sigterm_lets_the_handler_in_flight_finish_and_ack(cluster: Cluste
         await until(lambda: bool(cluster.steps()), 15, "A to start 1", detail=cluster.report)
         sigterm_at = time.time()
         assert await cluster.stop("A") == {"A": 0}
-        start, done = cluster.steps()
-        assert kinds([start, done], "command") == [("A", "start", "1"), ("A", "done", "1")]
+        steps = cluster.steps()
+        # (A broker may redeliver to A while the handler runs, as at-least-once allows:
+        # the first start and the last done are the run that the SIGTERM let finish.)
+        start, done = steps[0], steps[-1]
+        assert {(s.role, s.kind, s.ident) for s in steps} == {("A", "command", "1")}, steps
+        assert (start.step, done.step) == ("start", "done")
         # The SIGTERM came while the handler ran, and the handler got its full second.
         assert start.at < sigterm_at < done.at
         assert done.at - start.at >= 0.95
@@ -318,7 +325,7 @@ async def test_a_second_sigterm_stops_at_once_and_the_message_is_redelivered(
     assert cluster.done("event", "A") == Counter()  # A never finished it
 
 
-async def test_two_services_of_two_instances_each_get_every_event_once(cluster: Cluster) -> None:
+async def test_two_services_of_two_instances_each_get_every_event(cluster: Cluster) -> None:
     roles = ("billing-1", "billing-2", "shipping-1", "shipping-2")
     for service in ("billing", "shipping"):
         cluster.watch(*on_events(service), from_start=False)
@@ -338,8 +345,8 @@ async def test_two_services_of_two_instances_each_get_every_event_once(cluster: 
         await until(both_done, 20, "billing and shipping to handle all 50", detail=cluster.report)
     assert await cluster.stop(*roles) == dict.fromkeys(roles, 0)
     await cluster.nothing_left(on_events("billing"), on_events("shipping"))
-    for service in ("billing", "shipping"):  # once per service, no duplicates
-        assert cluster.done("event", service) == Counter(every), service
+    for service in ("billing", "shipping"):  # each service got each, at least once
+        assert set(cluster.done("event", service)) == every, service
     by_instance = {role: cluster.done("event", role).total() for role in roles}
     assert all(by_instance.values()), f"an instance did no work: {by_instance}"  # competed
 
@@ -351,8 +358,8 @@ async def test_a_query_is_answered_by_another_process(cluster: Cluster) -> None:
     await cluster.ready("billing")
     async with sender(cluster) as orders:
         assert await orders.query(GetInvoice(7), timeout=10) == "INV-7"
-        [answered] = cluster.steps()
-        assert (answered.role, answered.ident) == ("billing", "7")
+        answered = cluster.steps()[0]  # (at least once: a redelivery would be a second)
+        assert {(s.role, s.ident) for s in cluster.steps()} == {("billing", "7")}
         assert answered.pid not in (os.getpid(), 0)
         answers = await asyncio.gather(
             *(orders.query(GetInvoice(n), timeout=10) for n in range(10))
@@ -368,7 +375,10 @@ async def test_a_query_is_answered_by_another_process(cluster: Cluster) -> None:
         with pytest.raises(RequestTimeout, match=r"no answer to GetInvoice from service 'billing'"):
             await orders.query(GetInvoice(8), timeout=0.5)
         assert time.monotonic() - started < 3
-    assert cluster.done("query").total() == 12  # each asked once, answered once
+    # Each asked was handled, at least as often as asked (7 twice), and nothing else.
+    asked = Counter(str(n) for n in (7, *range(10), -1))
+    assert cluster.done("query") >= asked, cluster.done("query")
+    assert set(cluster.done("query")) == set(asked)
 
 
 # -- keys: one at a time, in order, across the cluster ----------------------------------
@@ -522,17 +532,15 @@ async def test_keys_keep_their_order_across_processes_and_a_kill(
         for before, after in itertools.pairwise(finished):
             assert before.done is not None
             assert after.start >= before.done, f"{flight}: {before} overlaps {after}"
-    twice = {slot: n for slot, n in done.items() if n > 1}
-    for (flight, seq), n in twice.items():
-        by = [run.role for run in all_runs if (run.flight, run.seq) == (flight, seq)]
-        assert n == 2, f"{flight} #{seq} handled {n} times, by {by}"
-        assert victim in by, f"{flight} #{seq} handled twice, by {by}, not by {victim}"
+    # A booking handled more than once (the victim's in flight, or one whose ack came
+    # late) was handled again only after its first run ended (checked above): at least
+    # once, in order.
     unfinished = [run for run in all_runs if run.done is None]
     assert {run.role for run in unfinished} <= {victim}, unfinished
     # The booking that hung was run again elsewhere once its worker was gone, and its
     # key's next booking only after that (checked above, with every other run).
     again = [run for run in all_runs if (run.flight, run.seq) == (hang.flight, hang.seq)]
-    assert [(run.role == victim, run.done is None) for run in again] == [
+    assert [(run.role == victim, run.done is None) for run in again[:2]] == [
         (True, True),
         (False, False),
     ], again

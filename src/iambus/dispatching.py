@@ -38,7 +38,8 @@ import asyncio
 import inspect
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
@@ -59,7 +60,7 @@ from .errors import (
     check_seconds,
 )
 from .handlers import Handler, Invoke, Kind
-from .messages import Command, MessageKey, Query, describe, message_key
+from .messages import Command, MessageKey, Query, describe, message_key, message_name
 from .middleware import Chain, Context, Middleware, check_middleware, compose
 from .providers import ProviderRegistry
 from .remote import Remote, RemoteRoute
@@ -504,7 +505,7 @@ class Dispatcher:
                 redact(self.remote.transport.url),
             )
         elif self._worker is None:
-            self._worker = Worker(
+            worker = Worker(
                 self.remote,
                 self._subscriptions,
                 concurrency=self.concurrency,
@@ -512,7 +513,14 @@ class Dispatcher:
                 report=self._report,
                 fatal=self._worker_failed,
             )
-            await self._worker.start()
+            try:
+                await worker.start()
+            except BaseException:
+                # A declare failed (the broker going down...): stop what did start, and
+                # keep no worker, so that entering again (a supervisor's retry) starts one.
+                await worker.stop(StopDeadline.after(0))
+                raise
+            self._worker = worker
 
     def _worker_failed(self, exc: BaseException) -> None:
         # The worker met an error retrying cannot fix: stop, and let run() and
@@ -555,6 +563,8 @@ class Dispatcher:
         handlers being drained are accepted (they are part of the work); any other send
         raises ``DispatcherStopped``.
         """
+        if timeout is not None:
+            check_seconds("stop(timeout=...)", timeout, zero=True)  # before any state changes
         if self._state in (_NEW, _STOPPED):
             self._signal_shutdown()  # nothing runs; a NEW dispatcher stays open to binding
             return
@@ -576,14 +586,16 @@ class Dispatcher:
         timeout = self.shutdown_timeout if timeout is None else timeout
         engine = self._engine
         deadline = StopDeadline.after(timeout)  # one deadline for every wait below
-        # A second SIGINT/SIGTERM cancels this drain (see _on_signal): what runs then
-        # stays unacked, and the transport is closed at once.
+        # A second SIGINT/SIGTERM cancels this drain, or the close after it (see
+        # _on_signal): what runs then stays unacked, and the transport is closed at once.
         self._draining, self._forced = asyncio.current_task(), False
         loop = asyncio.get_running_loop()
+        worker_stopped = False
         try:
             if self._worker is not None:
                 self._draining_worker, self._worker = self._worker, None
                 await self._draining_worker.stop(deadline)
+            worker_stopped = True
             if engine is not None and engine.loop is loop:
                 try:
                     async with asyncio.timeout_at(deadline.drain):
@@ -597,24 +609,66 @@ class Dispatcher:
                     )
                 await engine.close(seconds_until(deadline.unwind))
         except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if not self._forced or current is None:
+            if not self._stopped_at_once():
                 raise
-            current.uncancel()  # stopped at once, as asked: stop() itself returns normally
+            worker = self._draining_worker
+            if worker is not None and not worker_stopped:
+                await self._give_back(worker, deadline.close)  # the drain did not get there
             if engine is not None and engine.loop is loop:
                 await engine.close(seconds_until(deadline.unwind))
         finally:
-            self._draining = self._draining_worker = None
+            self._draining_worker = None
             self._engine = None
-            if self.remote is not None and not await bounded(self.remote.close(), deadline.close):
-                logger.warning(
-                    "iambus: closing the transport %s took too long; left behind",
-                    self.remote.transport.url,
-                )
-            self._state = _STOPPED
-            self._remove_signals()
-            self._signal_shutdown()
+            try:
+                await self._close_remote(deadline.close)
+            finally:
+                self._draining = None
+                self._state = _STOPPED
+                self._remove_signals()
+                self._signal_shutdown()
         logger.debug("iambus: dispatcher stopped")
+
+    def _stopped_at_once(self) -> bool:
+        # In stop(), on a CancelledError: True if it is a second signal's (see _force),
+        # taken back so that stop() returns normally; False if someone else cancelled.
+        current = asyncio.current_task()
+        if not self._forced or current is None or self._draining is not current:
+            return False
+        current.uncancel()
+        return True
+
+    async def _give_back(self, worker: Worker, by: float | None) -> None:
+        # A forced stop cut the worker's drain short: what its handlers held still goes
+        # to the other instances now, not after claim_after (a transport passed in lives on).
+        assert self.remote is not None
+        try:
+            if await bounded(self.remote.transport.leave(worker.consumer), by):
+                return
+            why = "took too long"
+        except Exception as exc:
+            why = f"failed ({exc})"
+        logger.warning(
+            "iambus: giving back what the worker held %s; it is redelivered after claim_after",
+            why,
+        )
+
+    async def _close_remote(self, by: float | None) -> None:
+        if self.remote is None:
+            return
+        forced = self._forced
+        closing = asyncio.ensure_future(self.remote.close())
+        try:
+            if await bounded(closing, by):
+                return
+            left = "took too long"
+        except asyncio.CancelledError:
+            if forced or not self._stopped_at_once():
+                raise
+            closing.cancel()  # a second signal while closing: stop now
+            left = "was interrupted by a second signal"
+        logger.warning(
+            "iambus: closing the transport %s %s; left behind", self.remote.transport.url, left
+        )
 
     async def join(self) -> None:
         """Return once all background work — and what it cascaded — has finished."""
@@ -925,16 +979,52 @@ class Dispatcher:
         if not self._open:
             self._ensure_open()
         mkey = remote.registry.key_of(envelope.name)
+        if mkey is None:
+            # Kept by an earlier process: its class may be routed by name or by module,
+            # and not sent by this process yet.
+            mkey = self._message_named(envelope.name)
+            if mkey is not None:
+                remote.registry.add(mkey)
         route = self._routed(mkey) if mkey is not None else None
         if route is None:
+            owner = self.routes.owner(envelope.name)
             raise ImproperlyConfigured(
-                f"cannot send the envelope of {envelope.name!r}: no routed message of that "
-                f"name is known here. Route its class (routes={{MyMessage: 'service'}}), or "
-                f"send the message itself again with id={envelope.id!r}"
+                f"cannot send the envelope of {envelope.name!r}: "
+                + (
+                    f"it is routed to {owner!r} by name, but whether it is a command or an "
+                    f"event comes from its class, and none of that name is imported here; "
+                    f"import the module that defines it before sending"
+                    if owner is not None
+                    else "no routed message of that name is known here. Route its class "
+                    "(routes={MyMessage: 'service'}, by name or 'module.*')"
+                )
+                + f", or send the message itself again with id={envelope.id!r}"
             )
         if route.kind == "query":
             raise _not_sent(repr(envelope.name))
         await remote.send_envelope(route.kind, envelope)
+
+    def _message_named(self, name: str) -> MessageKey | None:
+        """The routed message called ``name`` on the wire: bound here, or a loaded class
+        (a command or query by its marker, any message of a module routed by pattern)."""
+        for table in (self._commands, self._queries, self._event_routes):
+            for key in table:
+                if message_name(key) == name and self.routes.owner(key) is not None:
+                    return key
+        found = list(
+            dict.fromkeys(
+                cls
+                for cls in _loaded_messages(self.routes.patterns())
+                if message_name(cls) == name and self.routes.owner(cls) is not None
+            )
+        )
+        if len(found) > 1:
+            raise ImproperlyConfigured(
+                f"cannot send the envelope of {name!r}: several routed classes have that "
+                f"name ({', '.join(describe(cls) for cls in found)}); give each a distinct "
+                f"one with @iambus.contract('...')"
+            )
+        return found[0] if found else None
 
     # -- internals: routes, emitting, delivering ---------------------------------------
 
@@ -942,6 +1032,11 @@ class Dispatcher:
         self, kind: Kind, message: Any, key: str | None, timeout: float | None = None
     ) -> Awaitable[Any]:
         # Not async: it hands back the coroutine to await, one layer fewer per call.
+        if timeout is not None:
+            # Checked before anything is sent (a routed command would be stored first).
+            check_seconds(
+                "query(timeout=...)" if kind == "query" else "execute(timeout=...)", timeout
+            )
         if not self._open:
             self._ensure_open()
         routes = self._queries if kind == "query" else self._commands
@@ -1230,6 +1325,27 @@ async def _within(timeout: float, call: Awaitable[Any], message: Any) -> Any:
         raise RequestTimeout(
             f"{describe(message_key(message))} got no answer within {timeout}s"
         ) from exc
+
+
+def _loaded_messages(patterns: list[str]) -> Iterator[type]:
+    # Every loaded subclass of Command or Query its module holds (not one replaced, as
+    # @dataclass(slots=True) does), then the classes defined in the loaded modules that
+    # match a routing pattern.
+    stack: list[type] = [Command, Query]
+    sub: type
+    while stack:
+        for sub in stack.pop().__subclasses__():
+            stack.append(sub)
+            held: Any = sys.modules.get(sub.__module__)
+            for part in sub.__qualname__.split("."):
+                held = getattr(held, part, None)
+            if held is sub:
+                yield sub
+    for module_name, module in list(sys.modules.items()):
+        if any(module_name == p or module_name.startswith(p + ".") for p in patterns):
+            for value in list(vars(module).values()):
+                if isinstance(value, type) and value.__module__ == module_name:
+                    yield value
 
 
 def _not_sent(what: str) -> TypeError:

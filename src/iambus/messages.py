@@ -90,13 +90,47 @@ def message_name(key: MessageKey) -> str:
 
 
 def result_type(key: MessageKey) -> Any:
-    """``R`` of a ``Query[R]`` / ``Command[R]`` subclass, or ``Any`` when not declared."""
+    """``R`` of a ``Query[R]`` / ``Command[R]`` subclass, or ``Any`` when not declared.
+
+    Read through generic bases too: with ``class Traced(Command[T], Generic[T])``,
+    ``class Pay(Traced[Receipt])`` declares ``Receipt``.
+    """
     if isinstance(key, type):
-        for klass in key.__mro__:
-            for base in getattr(klass, "__orig_bases__", ()):
-                if get_origin(base) in (Query, Command) and get_args(base):
-                    return get_args(base)[0]
+        found = _declared(key, {})
+        if found is not None and not isinstance(found, TypeVar):
+            return found
     return Any
+
+
+def _declared(cls: type, bound: dict[Any, Any]) -> Any:
+    # The R of the first Command[...] / Query[...] among the bases of ``cls``, in MRO
+    # order, each type variable replaced by what the subclass bound it to (``bound``).
+    for base in getattr(cls, "__orig_bases__", ()):
+        origin, args = get_origin(base) or base, get_args(base)
+        args = tuple(_bind(arg, bound) for arg in args)
+        if origin in (Query, Command):
+            if args:
+                return args[0]
+            continue
+        if not isinstance(origin, type) or origin is Generic:
+            continue
+        parameters = getattr(origin, "__parameters__", ())
+        found = _declared(origin, dict(zip(parameters, args, strict=False)))
+        if found is not None:
+            return found
+    return None
+
+
+def _bind(arg: Any, bound: dict[Any, Any]) -> Any:
+    if isinstance(arg, TypeVar):
+        return bound.get(arg, arg)
+    parameters = getattr(arg, "__parameters__", ())
+    if parameters and get_origin(arg) is not None:
+        try:
+            return arg[tuple(bound.get(p, p) for p in parameters)]
+        except TypeError:
+            return arg
+    return arg
 
 
 class MessageRegistry:

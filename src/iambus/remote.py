@@ -33,18 +33,30 @@ from typing import Any
 from .codecs import Codec
 from .engine import followups
 from .envelope import Envelope, current_envelope, new_id
-from .errors import RemoteError, RequestTimeout, SerializationError, TransportError
+from .errors import (
+    DispatcherStopped,
+    RemoteError,
+    RequestTimeout,
+    SerializationError,
+    TransportError,
+    check_seconds,
+)
 from .handlers import Kind
 from .messages import MessageKey, MessageRegistry, message_key, result_type
 from .middleware import Context
 from .routing import Routes, address
-from .transports import Instance, Registry, Transport, client_name, connect, resolve
+from .transports import Instance, Registry, Transport, client_name, connect, redact, resolve
 
 __all__ = ["Remote", "RemoteRoute", "current_envelope"]
 
 logger = logging.getLogger(__name__)
 
 LOOKUP_TIMEOUT = 2.0  # seconds a look in the registry may take
+# A RequestTimeout words its cause from the registry, but keeps the caller's deadline: a
+# request still unanswered halfway to its timeout (at most LOOKUP_TIMEOUT before it) starts
+# reading the registry, and once the timeout passed the error waits at most LATE_LOOKUP
+# (or a quarter of the timeout, if less) more for that read.
+LATE_LOOKUP = 0.1
 
 
 STATUS, ERROR_TYPE = "iambus-status", "iambus-error-type"
@@ -81,10 +93,12 @@ class Remote:
         self.registry = MessageRegistry()
         self.sender = f"{service or ''}@{socket.gethostname()}"
         self._opened = False
+        self._closing = False  # close() under way: nothing may open the transport again
         self._opening: asyncio.Lock | None = None
         self._checked: set[str] = set()  # addresses sent to whose handlers were looked up
         self._checks: set[asyncio.Task[None]] = set()
         self._census: asyncio.Future[list[Instance] | None] | None = None  # a read under way
+        self._recent: tuple[float, list[Instance] | None] | None = None  # (when, last read)
 
     @property
     def transport(self) -> Transport:
@@ -101,6 +115,12 @@ class Remote:
     async def open(self) -> None:
         if self._opened:
             return
+        if self._closing:
+            raise DispatcherStopped(
+                f"the transport {redact(self.transport.url)} is being closed (the dispatcher "
+                f"stops): nothing more is sent through it; send before dp.stop(), or start "
+                f"the dispatcher again once stopped"
+            )
         if self._opening is None:
             self._opening = asyncio.Lock()
         async with self._opening:
@@ -113,16 +133,19 @@ class Remote:
                 self._opened = True
 
     async def close(self) -> None:
-        pending: list[asyncio.Future[Any]] = [*self._checks]
-        if self._census is not None:
-            pending.append(self._census)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        if self._opened:
-            self._opened = False
-            if self.owned:
+        # Closing from the first line: a send meanwhile must not open the transport again.
+        opened, self._opened, self._closing = self._opened, False, True
+        try:
+            pending: list[asyncio.Future[Any]] = [*self._checks]
+            if self._census is not None:
+                pending.append(self._census)  # a request reading it gets None (see _live)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            if opened and self.owned:
                 await self.transport.close()
+        finally:
+            self._closing = False
 
     # -- envelopes --------------------------------------------------------------------
 
@@ -172,9 +195,13 @@ class Remote:
         self, kind: Kind, message: Any, key: str | None, timeout: float | None
     ) -> Any:
         """Send a command or query to its owner; return the answer, or raise its error."""
+        timeout = (
+            self.request_timeout
+            if timeout is None
+            else check_seconds("timeout", timeout)  # before anything is sent
+        )
         if not self._opened:
             await self.open()
-        timeout = self.request_timeout if timeout is None else timeout
         mkey = message_key(message)
         # A query nobody answers in time is skipped by its owner; a late command is still
         # carried out (it is durable, and maybe sent on purpose to a service that is down).
@@ -185,6 +212,8 @@ class Remote:
         # Asked from a worker's delivery of this very service: the worker slot it holds is
         # lent while it waits, or no slot could be left to answer it (see ``worker``).
         delivery = followups.get() if self.routes.owner(mkey) == self.service else None
+        ahead = min(LOOKUP_TIMEOUT, timeout / 2)
+        look = asyncio.get_running_loop().call_later(timeout - ahead, self._look_ahead)
         try:
             async with contextlib.nullcontext() if delivery is None else delivery.lend():
                 answer = await self.transport.request(
@@ -195,7 +224,11 @@ class Remote:
                 raise
             owner = self.routes.owner(mkey)
             to = address(kind, envelope.name)
-            found = await self.handlers_of(to, owner)
+            try:
+                async with asyncio.timeout(min(LATE_LOOKUP, timeout / 4)):
+                    found = await self.handlers_of(to, owner, fresh=ahead + LATE_LOOKUP)
+            except TimeoutError:
+                found = None  # the registry is slow: the caller's deadline comes first
             if found is None:
                 why = f"is a worker of {owner!r} running?"
             elif found[0]:
@@ -213,6 +246,8 @@ class Remote:
                 f"no answer to {envelope.name} from service {owner!r} within {timeout}s; "
                 f"{why}{later}"
             ) from exc
+        finally:
+            look.cancel()
         if answer.headers.get(STATUS) == "error":
             owner = self.routes.owner(mkey)
             details = json.loads(answer.payload)
@@ -243,11 +278,14 @@ class Remote:
 
     # -- who handles what (the transport's registry) -----------------------------------
 
-    async def handlers_of(self, to: str, owner: str | None) -> tuple[bool, str] | None:
+    async def handlers_of(
+        self, to: str, owner: str | None, *, fresh: float = 0.0
+    ) -> tuple[bool, str] | None:
         """Whether a live instance handles address ``to`` (of service ``owner``; None: of
         any service, an event), and a sentence saying what the registry shows. None when
-        the transport keeps no registry or it could not be read."""
-        live = await self._live()
+        the transport keeps no registry or it could not be read. A read that ended at
+        most ``fresh`` seconds ago is used as it is."""
+        live = await self._live(fresh)
         if live is None:
             return None
         if owner is None:
@@ -268,15 +306,35 @@ class Remote:
             f"binds a handler for it, or check the routes"
         )
 
-    async def _live(self) -> list[Instance] | None:
+    async def _live(self, fresh: float = 0.0) -> list[Instance] | None:
         """The live instances the registry shows; callers at the same time share a read."""
-        if self._census is None:
-            self._census = asyncio.ensure_future(self._read_live())
-            self._census.add_done_callback(self._census_done)
-        return await asyncio.shield(self._census)
+        recent = self._recent
+        if fresh and recent is not None and time.monotonic() - recent[0] <= fresh:
+            return recent[1]
+        census = self._census or self._read_census()
+        try:
+            return await asyncio.shield(census)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if census.cancelled() and current is not None and not current.cancelling():
+                return None  # close() stopped the read, not this caller's own cancellation
+            raise
 
-    def _census_done(self, _: asyncio.Future[list[Instance] | None]) -> None:
+    def _read_census(self) -> asyncio.Future[list[Instance] | None]:
+        census = self._census = asyncio.ensure_future(self._read_live())
+        census.add_done_callback(self._census_done)
+        return census
+
+    def _census_done(self, census: asyncio.Future[list[Instance] | None]) -> None:
         self._census = None
+        if not census.cancelled() and census.exception() is None:
+            self._recent = (time.monotonic(), census.result())
+
+    def _look_ahead(self) -> None:
+        # A request nears its timeout: read the registry now, so that a RequestTimeout
+        # can say what it shows without making the caller wait past the timeout.
+        if self._opened and self._census is None:
+            self._read_census()
 
     async def _read_live(self) -> list[Instance] | None:
         transport = self.transport

@@ -79,6 +79,10 @@ class Routes:
         """The message classes routed by class (not by name or module)."""
         return list(self._by_key)
 
+    def patterns(self) -> list[str]:
+        """The modules routed by a ``'module.*'`` pattern, longest first."""
+        return [prefix for prefix, _ in self._modules]
+
     def owner(self, key: MessageKey) -> str | None:
         """The service owning ``key``, or None when it stays in-process. Cached."""
         try:

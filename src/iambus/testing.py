@@ -115,25 +115,31 @@ async def check_every_group_gets_every_envelope(transport: Transport) -> None:
 
 
 async def check_consumers_of_a_group_compete(transport: Transport) -> None:
-    """Within one group, each envelope goes to one consumer only."""
+    """Within one group, each envelope goes to one consumer, not to each.
+
+    Delivery is at least once: an envelope whose ack comes after ``claim_after`` (a
+    stalled machine) may reach the other consumer too, so repeats are allowed, but not
+    every consumer getting every envelope.
+    """
     address, group, _ = _names("compete")
     await transport.declare(address, group, from_start=False)
+    sent = {_envelope(n).payload for n in range(20)}
     for n in range(20):
         await transport.send(address, _envelope(n))
-    seen: list[bytes] = []
-
-    async def consume(name: str) -> None:
-        deadline = time.monotonic() + 3
-        while len(seen) < 20 and time.monotonic() < deadline:
+    seen: dict[str, list[bytes]] = {"a": [], "b": []}
+    deadline = time.monotonic() + 3
+    while {*seen["a"], *seen["b"]} != sent and time.monotonic() < deadline:
+        for name in seen:  # in turns, a few at a time: each must get its own share
             for delivery in await transport.receive(
                 address, group, consumer=name, limit=3, wait=0.2
             ):
-                seen.append(delivery.envelope.payload)
+                seen[name].append(delivery.envelope.payload)
                 await delivery.ack()
-
-    await asyncio.gather(consume("a"), consume("b"))
-    assert sorted(seen) == sorted(_envelope(n).payload for n in range(20)), (
-        "consumers of one group must share the envelopes: each exactly once"
+    assert {*seen["a"], *seen["b"]} == sent, "every envelope must reach a consumer of the group"
+    both = set(seen["a"]) & set(seen["b"])
+    assert len(both) < len(sent) // 2, (
+        f"consumers of one group must share the envelopes, not each get them: "
+        f"{len(both)} of {len(sent)} went to both"
     )
 
 

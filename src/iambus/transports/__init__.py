@@ -48,7 +48,9 @@ and the errors of a sender whose message no running instance handles:
   (a worker announces itself at start, again every ``ANNOUNCE_TTL / 3`` seconds, and
   withdraws on stop; one that stops announcing counts as gone after ``ANNOUNCE_TTL``);
 * ``Monitor``: ``backlog(address, group)``: how many envelopes wait for a group, are out
-  with its consumers, and wait out a retry's delay, as far as the broker can tell.
+  with its consumers, and wait out a retry's delay, as far as the broker can tell;
+* ``DeadLetterCounter``: ``dead_letter_counts()``: how many dead letters each group has,
+  counted without loading them (``iambus.status`` loads them all without it).
 
 ``MemoryTransport`` is the reference implementation and the embedded default;
 ``iambus.testing.check_transport`` checks any implementation against this contract.
@@ -73,6 +75,7 @@ __all__ = [
     "ANNOUNCE_TTL",
     "Backlog",
     "DeadLetter",
+    "DeadLetterCounter",
     "Delivery",
     "Failure",
     "Instance",
@@ -275,6 +278,15 @@ class Monitor(Protocol):
     """Optional part of a transport: what a group has in the broker."""
 
     async def backlog(self, address: str, group: str) -> Backlog: ...
+
+
+@runtime_checkable
+class DeadLetterCounter(Protocol):
+    """Optional part of a transport: the dead letters of each group, counted cheaply."""
+
+    async def dead_letter_counts(self) -> dict[tuple[str, str], int]:
+        """(address, group) -> how many dead letters it has (not replayed nor purged)."""
+        ...
 
 
 # scheme -> (module, class, the extra that installs its driver)

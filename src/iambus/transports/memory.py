@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -275,6 +275,9 @@ class MemoryTransport:
 
     async def dead_letters(self, *, limit: int = 100) -> list[DeadLetter]:
         return list(self._dead.values())[:limit]
+
+    async def dead_letter_counts(self) -> dict[tuple[str, str], int]:
+        return dict(Counter((letter.address, letter.group) for letter in self._dead.values()))
 
     async def replay(self, ids: Sequence[str]) -> int:
         replayed = 0

@@ -134,6 +134,7 @@ from ..errors import (
     ImproperlyConfigured,
     SerializationError,
     TransportError,
+    TransportRefused,
     check_count,
     check_name,
     check_seconds,
@@ -390,6 +391,11 @@ class NatsTransport:
             await asyncio.gather(connecting, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await nc.close()
+            if _refused(exc):
+                raise TransportRefused(
+                    f"{self.url}: connect refused: {_describe(exc)}; check the user and "
+                    f"password (or token) in the URL, and what the server allows them"
+                ) from exc
             raise TransportError(f"{self.url}: connect failed: {_describe(exc)}") from exc
         finally:
             self._first_error = None
@@ -1574,4 +1580,17 @@ def _dead_letter(seq: int, headers: dict[str, str], payload: bytes) -> DeadLette
         envelope=_unframed(headers, payload),
         failure=Failure(**record["failure"]),
         failed_at=float(record["failed_at"]),
+    )
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether nats-py's ``exc`` says the server refused the credentials (nats-py reports
+    an authorization violation as a plain error carrying the server's words)."""
+    from nats.errors import AuthorizationError
+
+    text = str(exc).lower()
+    return (
+        isinstance(exc, AuthorizationError)
+        or "authorization violation" in text
+        or ("authentication" in text and ("expired" in text or "revoked" in text))
     )

@@ -85,7 +85,7 @@ import random
 import string
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -1185,6 +1185,23 @@ class RabbitMQTransport:
             delivery_mode=PERSISTENT, headers={H_SETTLED: 1}, content_type="application/json"
         )
         await self._publish_raw("", self._dead, json.dumps(ids).encode(), properties)
+
+    async def dead_letter_counts(self) -> dict[tuple[str, str], int]:
+        # The dead-letter stream is read as for dead_letters(), but only the headers are
+        # looked at: no envelope is decoded nor kept.
+        live: dict[str, tuple[str, str]] = {}
+        for message in await self._read_stream(self._dead, "count dead letters"):
+            headers = message.header.properties.headers or {}
+            if H_SETTLED in headers:
+                for letter_id in json.loads(message.body):
+                    live.pop(letter_id, None)
+            elif H_DEAD in headers:
+                with contextlib.suppress(KeyError, TypeError):
+                    live[_text(headers[H_DEAD])] = (
+                        _text(headers["x-iambus-address"]),
+                        _text(headers["x-iambus-group"]),
+                    )
+        return dict(Counter(live.values()))
 
     async def _read_dead(self, came_from: dict[str, int] | None = None) -> dict[str, DeadLetter]:
         """The dead letters not replayed nor purged; ``came_from`` gets the partition of

@@ -20,18 +20,19 @@ namespace (default ``iambus``). How the seam maps onto Redis:
   re-checks the idle time, so two consumers never both win it);
 * ``dead_letter`` adds the entry and its failure to ``<ns>:dead`` and acks it in one
   ``MULTI``; ``replay`` moves a dead letter to its group's direct stream;
-* ``request`` / ``reply`` use a pub/sub channel per transport instance; a reply goes out
-  in one pipeline with the ack that follows it (``PUBLISH`` then ``XACK``: a delivery is
-  never acked before its reply is published), on its own if no ack follows in the same
-  turn of the loop;
+* ``request`` / ``reply`` use a pub/sub channel per transport instance; ``reply`` returns
+  once its ``PUBLISH`` is done and raises if it failed (a user without the channel
+  right, say), so a delivery is acked only after its reply went out;
 * the registry (``announce`` / ``instances``): the hash ``<ns>:instances`` (id ->
   instance), their expiries in the sorted set ``<ns>:instances:until`` (Redis's clock:
   one Lua script drops the expired ones and records or reads), the groups in the hash
   ``<ns>:groups``;
-* concurrent sends and acks are coalesced: all issued in one event-loop turn go out in one
-  pipeline, which is what makes throughput close to the raw client's. ``close()`` lets
-  the sends and acks issued before it go out (``CLOSE_WAIT`` = 5 s at most; those still
-  waiting then fail with ``TransportError``) and leaves no task of the transport running.
+* concurrent sends, and concurrent replies and acks, are coalesced: all issued while a
+  flush is in flight go out together in the next one (one pipeline, each command's error
+  its own sender's only), which is what makes throughput close to the raw client's.
+  ``close()`` lets the sends, replies and acks issued before it go out (``CLOSE_WAIT`` =
+  5 s at most; those still waiting then fail with ``TransportError``), refuses those
+  issued after, and leaves no task of the transport running.
 
 Per-key ordering (``iambus.partitions``): an envelope with a ``key`` goes to the
 *partition stream* ``<ns>:<address>#<n>``, ``n = partition(key, partitions)``, and a
@@ -56,7 +57,9 @@ the rule holds across all consumers and processes:
   a backlog of unkeyed envelopes, filling every receive, cannot put it off): a keyed
   delivery left unsettled for ``claim_after`` is claimed (``XCLAIM``: attempt + 1)
   and comes first, then the rest in order; an entry whose pointer was lost (trimmed,
-  a connection dropped between the two ``XADD``) is picked up;
+  a connection dropped between the two ``XADD``) is picked up. The reclaim of unkeyed
+  deliveries runs as often; either looks again at the next receive when it found as
+  many as the receive had room for, so a dead consumer's whole batch comes back at once;
 * only the holder of a keyed delivery (same consumer, same delivery count) settles it:
   the ack, retry or dead letter of a handler that outlived ``claim_after`` is ignored
   and logged, so it never releases the partition while the new holder has the entry
@@ -65,10 +68,11 @@ the rule holds across all consumers and processes:
   (recorded in the dead letter, so a replaying process with another ``partitions``
   still finds it) marked ``@g`` with its group, behind what the partition holds; other
   groups ack and skip it;
-* ``close()`` parks the keyed deliveries it handed out and saw no settle of (a stopping
-  worker's cancelled handlers) as retries due at once, so that their partitions pass
-  on within ``block`` seconds, counted (attempt + 1), not after ``claim_after``;
-  ``leave(consumer)`` does the same for one consumer's, on a transport that stays open.
+* ``close()`` parks the deliveries it handed out and saw no settle of (a stopping
+  worker's cancelled handlers), keyed or not, as retries due at once, so that they (and
+  their partitions) pass on within ``block`` seconds, counted (attempt + 1), not after
+  ``claim_after``; ``leave(consumer)`` does the same for one consumer's, on a transport
+  that stays open.
 
 No leases: any consumer of the group takes any free partition whose pointer it reads,
 so one instance may hold many (up to all) partitions of a group at once. Limits: keyed
@@ -95,6 +99,7 @@ import json
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -130,7 +135,7 @@ CLOSE_WAIT = 5.0  # seconds close() waits for the sends and acks in flight
 _Send = tuple[str, dict[str, bytes | str], tuple[str, dict[str, str]] | None]
 
 # An ack or a reply waiting in the coalescer: (stream, group, entry id) or
-# (reply channel, None, the reply's bytes).
+# (reply channel, None, the reply's bytes). Each gets its own command's result, or error.
 _Settle = tuple[str, str | None, bytes]
 
 # Claim due retries: KEYS = stream, direct stream, due set; ARGV = group, consumer, limit,
@@ -371,6 +376,7 @@ _POINTER = "@p"
 _TARGET = "@g"
 _PARTITION = "dl.partition"  # in a keyed dead letter: the partition it came from
 _AS_BYTES = {name: name.encode() for name in (_POINTER, _TARGET, _PARTITION)}
+DEAD_PAGE = 1000  # dead letters counted per XRANGE
 
 
 class RedisTransport:
@@ -410,14 +416,14 @@ class RedisTransport:
         self._listener: asyncio.Task[None] | None = None
         self._listening: asyncio.Future[None] | None = None
         self._sends = _Coalescer(self._flush_sends)
-        self._acks = _Coalescer(self._flush_acks)  # and the replies before them
-        self._replies: set[asyncio.Future[Any]] = set()  # replies not yet sent
+        self._acks = _Coalescer(self._flush_acks)  # and the replies
+        self._closing = False  # close() drained the coalescers: no new send, reply, ack
         self._last_reclaim: dict[tuple[str, str], float] = {}
         self._last_sweep: dict[tuple[str, str], float] = {}
         self._next_due_check: dict[tuple[str, str], float] = {}
         self._lanes: dict[str, list[str]] = {}  # address -> its partition streams
         self._strays: set[tuple[str, int]] = set()  # pointers to undeclared partitions
-        # Keyed deliveries handed out and not yet settled, handed on by close():
+        # Deliveries handed out and not yet settled, handed on by close() and leave():
         # (address, group, mark, entry id) -> (consumer, attempt).
         self._holding: dict[tuple[str, str, str, bytes], tuple[str, int]] = {}
 
@@ -441,6 +447,7 @@ class RedisTransport:
         async with self._translate("connect"):
             await client.ping()
         self._redis = client
+        self._closing = False
         self._scripts = {
             "claim_due": client.register_script(_CLAIM_DUE),
             "reclaim": client.register_script(_RECLAIM),
@@ -459,6 +466,8 @@ class RedisTransport:
         unsent = TransportError(f"{self.url}: closed before it could send or ack")
         for coalescer in (self._sends, self._acks):
             await coalescer.drain(CLOSE_WAIT, unsent)
+        # Nothing new from here on: its flush would outlive close(), its reply be lost.
+        self._closing = True
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(TransportError(f"{self.url}: closed while waiting"))
@@ -470,9 +479,9 @@ class RedisTransport:
             await client.aclose(close_connection_pool=True)
 
     async def leave(self, consumer: str) -> None:
-        """Hand on the keyed deliveries ``consumer`` holds, as ``close()`` does for all:
-        their partitions pass on within ``block`` seconds, not after ``claim_after``. (Its
-        unkeyed deliveries hold nothing up; they are reclaimed after ``claim_after``.)"""
+        """Hand on the deliveries ``consumer`` holds, as ``close()`` does for all: they
+        (and the partitions of the keyed ones) pass on within ``block`` seconds, not after
+        ``claim_after``."""
         mine = {where: held for where, held in self._holding.items() if held[0] == consumer}
         if not mine or self._redis is None:
             return
@@ -481,9 +490,10 @@ class RedisTransport:
         await self._hand_on(mine)
 
     async def _hand_on(self, holding: dict[tuple[str, str, str, bytes], tuple[str, int]]) -> None:
-        """Park the keyed deliveries ``holding`` (a stopping worker's cancelled handlers) as
+        """Park the deliveries ``holding`` (a stopping worker's cancelled handlers) as
         retries due now: another consumer claims each (attempt + 1) at its next check for
-        due retries, instead of its partition waiting ``claim_after``."""
+        due retries, instead of it (and a keyed one's partition) waiting ``claim_after``.
+        One claimed by another consumer meanwhile (its count moved on) is left alone."""
 
         async def hand_on(
             address: str, group: str, mark: str, entry_id: bytes, consumer: str, attempt: int
@@ -496,7 +506,7 @@ class RedisTransport:
                     await self._scripts["park"](keys=keys, args=args)
             except TransportError as exc:
                 logger.warning(
-                    "iambus: closing, could not hand keyed entry %s on %s on (it passes on "
+                    "iambus: closing, could not hand entry %s on %s on (it passes on "
                     "after claim_after): %s",
                     _text(entry_id),
                     address,
@@ -543,7 +553,7 @@ class RedisTransport:
     # -- sending and receiving --------------------------------------------------------
 
     async def send(self, address: str, envelope: Envelope) -> None:
-        self._client()
+        self._open_for("send")
         if envelope.key is None:
             await self._sends.add((self._stream(address), envelope.to_fields(), None))
             return
@@ -639,25 +649,27 @@ class RedisTransport:
         every = min(self.claim_after / 2, 5.0)
         if len(rows) < limit and now - self._last_reclaim.get((address, group), 0) > every:
             self._last_reclaim[address, group] = now
+            room = limit - len(rows)
             async with self._translate("reclaim"):
-                rows += await self._scripts["reclaim"](
+                reclaimed = await self._scripts["reclaim"](
                     keys=[stream, direct],
-                    args=[
-                        group,
-                        consumer,
-                        int(self.claim_after * 1000),
-                        limit - len(rows),
-                        RETRY_OWNER,
-                    ],
+                    args=[group, consumer, int(self.claim_after * 1000), room, RETRY_OWNER],
                 )
+            rows += reclaimed
+            if len(reclaimed) >= room:
+                # As many as it had room for: more may be abandoned (a dead consumer's
+                # whole batch), and the next receive looks again at once, not after
+                # `every` (a quiet subscription asks for one at a time).
+                self._last_reclaim[address, group] = 0.0
         # The sweep of the partitions, likewise: before the stream, which a backlog of
         # unkeyed envelopes would keep filling every receive with.
         swept: list[Delivery] = []
         if len(rows) < limit and now - self._last_sweep.get((address, group), 0) > every:
             self._last_sweep[address, group] = now
-            swept += await self._take(
-                address, group, consumer, self._lanes_of(address), [], limit - len(rows)
-            )
+            room = limit - len(rows)
+            swept += await self._take(address, group, consumer, self._lanes_of(address), [], room)
+            if len(swept) >= room:
+                self._last_sweep[address, group] = 0.0  # more may wait: sweep again next time
         room = limit - len(rows) - len(swept)
         if room > 0 and checked_due:
             rows += await self._read(group, direct, "d", consumer, room, None)
@@ -782,8 +794,7 @@ class RedisTransport:
             delivery = _RedisDelivery(
                 self, address, group, consumer, mark, entry_id, fields, attempt
             )
-            if mark[0] == "p":
-                self._holding[address, group, mark, entry_id] = (consumer, attempt)
+            self._holding[address, group, mark, entry_id] = (consumer, attempt)
             return delivery
         except SerializationError as exc:
             raw = {_text(k): _text(v) for k, v in _pairs(fields).items()}
@@ -812,29 +823,47 @@ class RedisTransport:
             return self._direct(address, group)
         return self._lane(address, int(mark[1:]))
 
-    async def _ack(self, address: str, group: str, mark: str, entry_id: bytes) -> None:
+    async def _ack(
+        self, address: str, group: str, consumer: str, mark: str, entry_id: bytes, attempt: int
+    ) -> None:
+        self._open_for("ack")
         await self._acks.add((self._key(address, group, mark), group, entry_id))
+        self._let_go(address, group, mark, entry_id, consumer, attempt)
 
     async def _flush_acks(self, items: list[_Settle]) -> list[Any]:
-        key, group, entry_id = items[0]
-        if len(items) == 1 and group is not None:
-            async with self._translate("XACK"):
-                await self._client().xack(key, group, entry_id)
-            return [None]
-        # The replies first: Redis runs a pipeline in order, so the ack of a query's
-        # delivery is done only once its reply has been published.
-        batches: dict[tuple[str, str], list[bytes]] = {}
-        what = "XACK" if all(group for _, group, _ in items) else "PUBLISH reply, XACK"
-        async with self._translate(what), self._client().pipeline(transaction=False) as pipe:
-            for key, group, data in items:
+        """Each item's result, or the error of its own command (as a value): a reply that
+        could not be published fails its sender only, never an ack batched with it."""
+        key, group, data = items[0]
+        if len(items) == 1:
+            async with self._translate("XACK" if group else "PUBLISH reply"):
                 if group is None:
-                    pipe.publish(key, data)
+                    await self._client().publish(key, data)
                 else:
-                    batches.setdefault((key, group), []).append(data)
-            for (key, group), ids in batches.items():
-                pipe.xack(key, group, *ids)
-            await pipe.execute()
-        return [None] * len(items)
+                    await self._client().xack(key, group, data)
+            return [None]
+        # Pipeline order: the replies, then one XACK per stream and group. Its results are
+        # errors as values, each handed to the items of its own command.
+        replies = [n for n, (_, group, _) in enumerate(items) if group is None]
+        batches: dict[tuple[str, str], list[int]] = {}
+        for n, (key, group, _) in enumerate(items):
+            if group is not None:
+                batches.setdefault((key, group), []).append(n)
+        pipe = self._client().pipeline(transaction=False)
+        async with self._translate("PUBLISH reply, XACK"), pipe:
+            for n in replies:
+                pipe.publish(items[n][0], items[n][2])
+            for (key, group), ns in batches.items():
+                pipe.xack(key, group, *(items[n][2] for n in ns))
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        out: list[Any] = [None] * len(items)
+        commands = [[n] for n in replies] + list(batches.values())
+        for ns, result in zip(commands, results, strict=True):
+            for n in ns:
+                if isinstance(result, Exception):
+                    out[n] = self._translated("XACK" if items[n][1] else "PUBLISH reply", result)
+                else:
+                    out[n] = result
+        return out
 
     async def _release(
         self,
@@ -847,7 +876,6 @@ class RedisTransport:
         dead: dict[str, Any] | None = None,
     ) -> None:
         """Ack (or dead-letter) a keyed delivery, and hand its partition on."""
-        await self._replied()
         args: list[Any] = [group, entry_id, consumer, attempt, mark[1:], self.max_length]
         for name, value in (dead or {}).items():
             args += [name, value]
@@ -890,7 +918,6 @@ class RedisTransport:
         attempt: int,
         delay: float,
     ) -> None:
-        await self._replied()
         member = f"{mark}:{_text(entry_id)}"
         args: list[Any] = [group, entry_id, int(max(delay, 0) * 1000), member, RETRY_OWNER]
         if mark[0] == "p":  # keyed: only while it is still this consumer's
@@ -899,8 +926,7 @@ class RedisTransport:
             parked = await self._scripts["park"](
                 keys=[self._key(address, group, mark), self._due(address, group)], args=args
             )
-        if mark[0] == "p":
-            self._let_go(address, group, mark, entry_id, consumer, attempt)
+        self._let_go(address, group, mark, entry_id, consumer, attempt)
         if not parked:
             self._not_held(address, group, consumer, entry_id, "retry")
             return
@@ -934,7 +960,6 @@ class RedisTransport:
         fields: Any,
         failure: Failure,
     ) -> None:
-        await self._replied()
         record = {
             **fields,
             "dl.address": address,
@@ -961,6 +986,7 @@ class RedisTransport:
             pipe.xadd(self._dead(), record)
             pipe.xack(self._key(address, group, mark), group, entry_id)
             await pipe.execute()
+        self._let_go(address, group, mark, entry_id, consumer, attempt)
 
     # -- request/reply --------------------------------------------------------------
 
@@ -976,27 +1002,14 @@ class RedisTransport:
             self._waiting.pop(envelope.id, None)
 
     async def reply(self, to: str, envelope: Envelope) -> None:
-        self._client()  # a closed transport says so
+        self._open_for("reply")
         fields = envelope.to_fields()
         payload = fields.pop("payload")
         assert isinstance(payload, bytes)
         header = json.dumps({k: v for k, v in fields.items() if isinstance(v, str)})
-        # Not awaited: it goes out with the ack that follows it, in one pipeline where
-        # the ack comes after it, or on its own at the next turn of the loop. A settle
-        # that does not go through that pipeline waits for it first (_replied).
-        sent = self._acks.defer((to, None, header.encode() + b"\n" + payload))
-        self._replies.add(sent)
-        sent.add_done_callback(self._replied_to)
-
-    def _replied_to(self, sent: asyncio.Future[Any]) -> None:
-        self._replies.discard(sent)
-        if not sent.cancelled() and sent.exception() is not None:
-            logger.warning("iambus: a reply on %s was not sent: %s", self.url, sent.exception())
-
-    async def _replied(self) -> None:
-        """Once the replies sent so far are out: a delivery is settled after its reply."""
-        if self._replies:
-            await asyncio.gather(*self._replies)
+        # Awaited, and its error raised: the caller acks the delivery only after this
+        # returns, so a delivery whose reply was not published stays unacked.
+        await self._acks.add((to, None, header.encode() + b"\n" + payload))
 
     async def _listen(self) -> None:
         if self._listening is None:
@@ -1048,6 +1061,23 @@ class RedisTransport:
         async with self._translate("XRANGE"):
             rows: Any = await self._client().xrange(self._dead(), count=limit)
         return [_dead_letter(entry_id, fields) for entry_id, fields in rows]
+
+    async def dead_letter_counts(self) -> dict[tuple[str, str], int]:
+        # Paged through the dead-letter stream reading two fields of each entry: nothing
+        # is decoded, and one page is held at a time, however many there are.
+        counts: Counter[tuple[str, str]] = Counter()
+        client, start = self._client(), "-"
+        while True:
+            async with self._translate("XRANGE"):
+                rows: Any = await client.xrange(self._dead(), min=start, count=DEAD_PAGE)
+            for _, fields in rows:
+                address = fields.get(b"dl.address", fields.get("dl.address"))
+                group = fields.get(b"dl.group", fields.get("dl.group"))
+                if address is not None and group is not None:
+                    counts[_text(address), _text(group)] += 1
+            if len(rows) < DEAD_PAGE:
+                return dict(counts)
+            start = f"({_text(rows[-1][0])}"
 
     async def replay(self, ids: Sequence[str]) -> int:
         client = self._client()
@@ -1171,19 +1201,31 @@ class RedisTransport:
             raise TransportError(f"{self.url} is not open; await transport.open() first")
         return self._redis
 
+    def _open_for(self, what: str) -> None:
+        self._client()  # a closed transport says so
+        if self._closing:
+            raise TransportError(
+                f"{self.url}: closing, cannot {what} any more; {what} before close()"
+            )
+
     @contextlib.asynccontextmanager
     async def _translate(self, what: str) -> AsyncIterator[None]:
         try:
             yield
-        except (AuthenticationError, NoPermissionError) as exc:
-            raise TransportRefused(
+        except (RedisError, OSError) as exc:
+            raise self._translated(what, exc) from exc
+
+    def _translated(self, what: str, exc: Exception) -> TransportError:
+        """The ``TransportError`` for a driver error ``exc`` of ``what``."""
+        if isinstance(exc, AuthenticationError | NoPermissionError):
+            error: TransportError = TransportRefused(
                 f"{self.url}: {what} refused: {exc} (check the user and password in the URL, "
                 f"and the user's ACL rules)"
-            ) from exc
-        except RedisError as exc:
-            raise TransportError(f"{self.url}: {what} failed: {exc}") from exc
-        except OSError as exc:
-            raise TransportError(f"{self.url}: {what} failed: {exc}") from exc
+            )
+        else:
+            error = TransportError(f"{self.url}: {what} failed: {exc}")
+        error.__cause__ = exc
+        return error
 
 
 class _RedisDelivery:
@@ -1224,7 +1266,9 @@ class _RedisDelivery:
                 self._address, self._group, self._consumer, self._mark, self._entry_id, self.attempt
             )
         else:
-            await self._transport._ack(self._address, self._group, self._mark, self._entry_id)
+            await self._transport._ack(
+                self._address, self._group, self._consumer, self._mark, self._entry_id, self.attempt
+            )
 
     async def retry(self, delay: float) -> None:
         await self._transport._retry(
@@ -1258,13 +1302,13 @@ class _Coalescer:
 
     Idle, a send costs one round trip and no extra task; under load, everything added
     while a flush is in flight goes out together in the next one (one pipeline). The
-    task of that flush is held, and ``drain()`` (on close) waits for it.
+    task of that flush is held, and ``drain()`` (on close) waits for it. A result that is
+    an exception is raised to that item's sender only.
     """
 
     def __init__(self, flush: Callable[[list[Any]], Awaitable[list[Any]]]) -> None:
         self._flush = flush
         self._busy = False
-        self._deferred = False  # busy with items deferred, not yet flushing
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
@@ -1277,33 +1321,10 @@ class _Coalescer:
             self._busy = True
             self._idle.clear()
             return self._alone(item)
-        if self._deferred:  # they go out now, with this one, in this task
-            self._deferred = False
-            items, futures = [*self._items, item], self._futures
-            self._items, self._futures = [], []
-            return self._together(items, futures)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._items.append(item)
         self._futures.append(future)
         return future
-
-    def defer(self, item: Any) -> asyncio.Future[Any]:
-        """Queue ``item`` without flushing now: it goes out with what is added in the
-        same turn of the loop (or behind the flush in flight)."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._items.append(item)
-        self._futures.append(future)
-        if not self._busy:
-            self._busy = True
-            self._deferred = True
-            self._idle.clear()
-            asyncio.get_running_loop().call_soon(self._kick)
-        return future
-
-    def _kick(self) -> None:
-        if self._deferred:  # nothing was added after them in their turn: they go alone
-            self._deferred = False
-            self._next()
 
     async def drain(self, timeout: float, error: TransportError) -> None:
         """Wait (``timeout`` s at most) for the flushes in flight and those queued behind
@@ -1319,28 +1340,14 @@ class _Coalescer:
             await asyncio.gather(task, return_exceptions=True)
         self._error = None
 
-    async def _together(self, items: list[Any], futures: list[asyncio.Future[Any]]) -> Any:
-        try:
-            results = await self._flush(items)
-        except Exception as exc:
-            _fail(futures, exc)
-            raise
-        except BaseException:  # this sender was cancelled: the others learn it was not sent
-            _fail(futures, TransportError("sending was cancelled"))
-            raise
-        else:
-            for future, result in zip(futures, results[:-1], strict=True):
-                if not future.done():
-                    future.set_result(result)
-            return results[-1]
-        finally:
-            self._next()
-
     async def _alone(self, item: Any) -> Any:
         try:
-            return (await self._flush([item]))[0]
+            result = (await self._flush([item]))[0]
         finally:
             self._next()
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     def _next(self) -> None:
         self._task = None
@@ -1362,7 +1369,11 @@ class _Coalescer:
             raise
         else:
             for future, result in zip(futures, results, strict=True):
-                if not future.done():
+                if future.done():
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
                     future.set_result(result)
         finally:
             self._next()
