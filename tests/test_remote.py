@@ -599,3 +599,49 @@ async def test_closing_neither_cancels_a_request_reading_the_registry_nor_reopen
     await asyncio.wait_for(closing, 5)
     assert await asyncio.wait_for(census, 5) is None  # could not be read: no error
     await shop.stop()
+
+
+async def test_a_command_none_handler_returning_a_value_that_does_not_encode_answers() -> None:
+    bus = MemoryTransport()
+    billing = Dispatcher(transport=bus, service="billing", routes=ROUTES)
+    shop = Dispatcher(transport=bus, service="shop", routes=ROUTES)
+    shipped: list[int] = []
+
+    @billing.commands.register(Ship)
+    async def ship(command: Ship) -> None:
+        shipped.append(command.order_id)
+        return object()  # type: ignore[return-value]  # an ORM row, say: no codec takes it
+
+    async with billing, shop:
+        # Command[None]: the value is discarded, in-process and routed alike.
+        assert await shop.execute(Ship(1)) is None  # type: ignore[func-returns-value]
+    assert shipped == [1]
+
+
+@dataclass(frozen=True, slots=True)
+class Report(Command[str]):
+    n: int
+
+
+@pytest.mark.parametrize("bus", ["nats"], indirect=True)
+async def test_a_command_whose_answer_the_broker_refuses_is_not_run_again(bus: Bus) -> None:
+    routes: dict[type | str, str] = {Report: "reports"}
+    reports = Dispatcher(transport=bus.transport(), service="reports", routes=routes, retry=QUICK)
+    shop = Dispatcher(transport=bus.transport(), service="shop", routes=routes)
+    runs: list[int] = []
+    reported: list[BaseException] = []
+    reports.error_handler = lambda exc, message, context: reported.append(exc)
+
+    @reports.commands.register(Report)
+    async def report(command: Report) -> str:
+        runs.append(command.n)  # a side effect: a file written, a mail sent...
+        return "x" * 2_000_000 if command.n == 1 else "small"  # over NATS's max_payload
+
+    async with reports, shop:
+        with pytest.raises(RemoteError, match="was carried out, but its answer could not be"):
+            await shop.execute(Report(1), timeout=5)
+        # Acked: not redelivered after claim_after (1 s here), nor dead-lettered.
+        await asyncio.sleep(2.5)  # an observation window: nothing may happen in it
+        assert await shop.execute(Report(2), timeout=5) == "small"
+    assert runs == [1, 2]
+    assert [type(exc).__name__ for exc in reported] == ["TransportError"]

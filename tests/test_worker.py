@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -952,6 +954,34 @@ async def test_an_expired_query_is_logged_with_its_age_name_and_sender(caplog) -
     assert re.search(r"waited (29|30)\.\d\ds, its caller 2\.00s", text), text
 
 
+@pytest.mark.parametrize("host", ["this-host", "another-host"])
+async def test_a_backlog_of_expired_queries_is_not_handled_after_the_owner_starts(
+    host: str,
+) -> None:
+    bus = MemoryTransport()
+    handled: list[int] = []
+    # Sent while billing was down, by a sender whose callers gave up after 2 s: read
+    # oldest first, each is quicker than the last, and none was fresh.
+    sender = f"orders@{socket.gethostname() if host == 'this-host' else host}"
+    # On this host's one clock, any age tells; from another, past the skew allowed (5 min).
+    ages = [20, 15, 10, 5, 3] if host == "this-host" else [700, 600, 500, 400, 350]
+    for n, age in enumerate(ages):
+        stale = query_from(time.time() - age, timeout=2, sender=sender)
+        await bus.send(
+            "query.GetInvoice", dataclasses.replace(stale, payload=b'{"order_id":%d}' % n)
+        )
+    billing = Dispatcher(transport=bus, service="billing", routes=ROUTES)
+
+    @billing.queries.register(GetInvoice)
+    async def get_invoice(query: GetInvoice) -> str:
+        handled.append(query.order_id)
+        return "x"
+
+    async with billing:
+        await asyncio.wait_for(billing.join(), 5)  # all settled: acked
+    assert handled == []
+
+
 async def test_a_receive_error_retrying_cannot_fix_stops_the_worker(caplog) -> None:
     from iambus.transports.memory import MemoryTransport
 
@@ -972,6 +1002,29 @@ async def test_a_receive_error_retrying_cannot_fix_stops_the_worker(caplog) -> N
     assert len(errors) == 1
     assert "retrying will not help; stopping" in errors[0].getMessage()
     assert errors[0].exc_info is None  # one line: no traceback for a set-up error
+
+
+async def test_a_receive_failing_for_good_by_a_bug_in_the_transport_stops_the_worker(
+    caplog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from iambus import worker
+
+    class Broken(MemoryTransport):
+        async def receive(self, *args: Any, **kwargs: Any) -> Any:
+            raise KeyError("offset")  # not the broker's error: a bug of the transport's
+
+    monkeypatch.setattr(worker, "BUG_SPAN", 0.2)  # instead of 30 s
+    monkeypatch.setattr(worker, "BUG_FAILURES", 3)
+    billing = Dispatcher(transport=Broken(), service="billing", routes=ROUTES)
+
+    @billing.events.register(OrderPlaced)
+    async def charge(event: OrderPlaced) -> None: ...
+
+    with pytest.raises(KeyError, match="offset"):
+        await asyncio.wait_for(billing.run(), 10)  # retried a while, then stops raising it
+    [stopping] = [r for r in caplog.records if "stopping" in r.getMessage()]
+    assert stopping.levelname == "ERROR"
+    assert "with an error that is not the broker's (KeyError" in stopping.getMessage()
 
 
 async def test_a_transient_receive_error_is_retried_and_logged_once_per_outage(caplog) -> None:
@@ -1094,6 +1147,8 @@ async def test_a_receiver_whose_clock_is_ahead_still_answers(
     bus = MemoryTransport()
     billing = Dispatcher(transport=bus, service="billing", routes=ROUTES)
     orders = Dispatcher(transport=bus, service="orders", routes=ROUTES)
+    assert orders.remote is not None
+    orders.remote.sender = "orders@another-host"  # one host has one clock
 
     @billing.queries.register(GetInvoice)
     async def get_invoice(query: GetInvoice) -> str:
@@ -1173,6 +1228,74 @@ async def test_a_delivery_is_acked_once_the_background_work_its_handler_queued_h
             await asyncio.sleep(0.02)
     assert archived
     assert set(archived) == {1}
+
+
+@dataclass(frozen=True, slots=True)
+class Quote(Command[str]):  # routed to "orders" itself: execute() is a request
+    order_id: int
+
+
+def quoting(*, concurrency: int, reported: list[BaseException]) -> Dispatcher:
+    """An "orders" service that owns Quote; a request times out after 3 s, no retry."""
+    return Dispatcher(
+        transport=MemoryTransport(),
+        service="orders",
+        routes={**ROUTES, Quote: "orders"},
+        concurrency=concurrency,
+        request_timeout=3,
+        retry=Retry(attempts=1),
+        error_handler=lambda exc, message, context: reported.append(exc),
+    )
+
+
+async def test_a_handler_awaiting_a_command_of_its_own_service_lends_its_slot() -> None:
+    # Each PlaceOrder handler holds the worker's only slots and waits for a Quote that
+    # needs a slot of this same worker: lent while it waits, else all would time out.
+    reported: list[BaseException] = []
+    orders = quoting(concurrency=2, reported=reported)
+    quotes: list[str] = []
+
+    @orders.commands.register(PlaceOrder)
+    async def place(command: PlaceOrder) -> None:
+        quotes.append(await orders.execute(Quote(command.order_id)))
+
+    @orders.commands.register(Quote)
+    async def quote(command: Quote) -> str:
+        await asyncio.sleep(0.05)
+        return f"quote {command.order_id}"
+
+    async with orders:
+        for n in range(4):  # twice `concurrency`
+            await orders.send(PlaceOrder(n))
+        await asyncio.wait_for(orders.join(), 10)
+    assert reported == []
+    assert sorted(quotes) == [f"quote {n}" for n in range(4)]
+
+
+async def test_background_work_awaiting_a_command_of_its_own_service_lends_the_slot() -> None:
+    # The delivery holds its slot until its background work has run; that work awaits a
+    # Quote, which needs the worker's only slot.
+    reported: list[BaseException] = []
+    orders = quoting(concurrency=1, reported=reported)
+    quotes: list[str] = []
+
+    @orders.commands.register(PlaceOrder)
+    async def place(command: PlaceOrder) -> None:
+        await orders.handle(Audit(command.order_id))  # in-process, in the background
+
+    @orders.commands.register(Audit)
+    async def audit(command: Audit) -> None:
+        quotes.append(await orders.execute(Quote(command.order_id)))
+
+    @orders.commands.register(Quote)
+    async def quote(command: Quote) -> str:
+        return f"quote {command.order_id}"
+
+    async with orders:
+        await orders.send(PlaceOrder(1))
+        await asyncio.wait_for(orders.join(), 10)
+    assert reported == []
+    assert quotes == ["quote 1"]
 
 
 async def test_a_delivery_whose_background_work_is_unfinished_at_stop_is_redelivered() -> None:
@@ -1339,6 +1462,79 @@ async def test_stop_keeps_one_deadline_when_a_handler_a_receive_and_close_hang(c
     assert "1 handler(s) did not finish in time" in caplog.text
     assert "2 cancelled handler(s) or receive loop(s) did not end; left behind" in caplog.text
     assert "closing the transport memory:// took too long; left behind" in caplog.text
+
+
+async def test_stop_keeps_its_deadline_when_an_announcement_in_the_registry_hangs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from iambus import worker
+
+    announcing = asyncio.Event()
+    released = asyncio.Event()
+
+    class Stuck(MemoryTransport):
+        announced = 0
+
+        async def announce(self, instance: Instance) -> None:
+            self.announced += 1
+            if self.announced == 1:
+                return await super().announce(instance)
+            announcing.set()
+            while not released.is_set():  # the refresh hangs, ignoring its cancellation
+                with contextlib.suppress(asyncio.CancelledError):
+                    await released.wait()
+
+    monkeypatch.setattr(worker, "ANNOUNCE_TTL", 0.3)  # announced again after 0.1 s
+    billing = Dispatcher(transport=Stuck(), service="billing", routes=ROUTES)
+
+    @billing.events.register(OrderPlaced)
+    async def charge(event: OrderPlaced) -> None: ...
+
+    await billing.__aenter__()
+    await asyncio.wait_for(announcing.wait(), 5)
+    began = time.monotonic()
+    try:
+        await asyncio.wait_for(billing.stop(timeout=0.5), 20)
+        took = time.monotonic() - began
+    finally:
+        released.set()
+    assert took < 0.5 + 2 * worker.STOP_GRACE + 1, f"stop(0.5) took {took:.1f}s"
+
+
+async def test_a_receive_ending_after_the_stop_starts_no_handler() -> None:
+    hanging = asyncio.Event()  # set: the next receive hangs, ignoring its cancellation
+    stuck = asyncio.Event()
+    released = asyncio.Event()
+
+    class Slow(MemoryTransport):
+        async def receive(self, *args: Any, **kwargs: Any) -> Any:
+            if hanging.is_set():
+                stuck.set()
+                while not released.is_set():
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await released.wait()
+            return await super().receive(*args, **kwargs)
+
+    bus = Slow()
+    billing = Dispatcher(transport=bus, service="billing", routes=ROUTES, shutdown_timeout=None)
+    ran = asyncio.Event()
+
+    @billing.events.register(OrderPlaced)
+    async def charge(event: OrderPlaced) -> None:
+        ran.set()
+
+    await billing.__aenter__()
+    hanging.set()
+    await asyncio.wait_for(stuck.wait(), 5)
+    await billing.publish(OrderPlaced(1))
+    assert billing._worker is not None
+    loops = list(billing._worker._loops)
+    await asyncio.wait_for(billing.stop(), 20)  # gives up on the loop after a few seconds
+    released.set()  # the receive ends now, with the event published above
+    await asyncio.wait(loops, timeout=5)
+    with pytest.raises(TimeoutError):  # an observation window: nothing may start in it
+        await asyncio.wait_for(ran.wait(), 0.5)
+    assert bus.unsettled() == 1  # not handled: redelivered later
 
 
 async def test_a_stopped_instance_gives_back_its_key_at_once_on_a_shared_transport(

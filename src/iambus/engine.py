@@ -24,6 +24,7 @@ through here. The rules:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import sys
@@ -96,6 +97,11 @@ class Followups:
     def _wake(self) -> None:
         if self._done is not None and not self._done.done():
             self._done.set_result(None)
+
+    def lend(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Entered while work counted here awaits an answer of its own service: the
+        transport worker lends the delivery's slot meanwhile (``worker._Slot``)."""
+        return contextlib.nullcontext()
 
 
 followups: contextvars.ContextVar[Followups | None] = contextvars.ContextVar(

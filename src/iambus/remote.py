@@ -23,6 +23,7 @@ when no handler ever subscribed to the event.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -30,6 +31,7 @@ import time
 from typing import Any
 
 from .codecs import Codec
+from .engine import followups
 from .envelope import Envelope, current_envelope, new_id
 from .errors import (
     DispatcherStopped,
@@ -207,12 +209,16 @@ class Remote:
         if kind == "query":
             headers["deadline"] = repr(time.time() + timeout)
         envelope = self.envelope(message, key, headers=headers)
+        # Asked from a worker's delivery of this very service: the worker slot it holds is
+        # lent while it waits, or no slot could be left to answer it (see ``worker``).
+        delivery = followups.get() if self.routes.owner(mkey) == self.service else None
         ahead = min(LOOKUP_TIMEOUT, timeout / 2)
         look = asyncio.get_running_loop().call_later(timeout - ahead, self._look_ahead)
         try:
-            answer = await self.transport.request(
-                address(kind, envelope.name), envelope, timeout=timeout
-            )
+            async with contextlib.nullcontext() if delivery is None else delivery.lend():
+                answer = await self.transport.request(
+                    address(kind, envelope.name), envelope, timeout=timeout
+                )
         except TimeoutError as exc:
             if isinstance(exc, TransportError):
                 raise
@@ -379,11 +385,12 @@ class Remote:
             logger.debug("iambus: could not read the registry of %s: %s", transport.url, exc)
             return None
 
-    def answer(self, request: Envelope, result: Any) -> Envelope:
-        """The reply to ``request`` carrying ``result``."""
+    def answer(self, request: Envelope, result: Any, *, empty: bool = False) -> Envelope:
+        """The reply to ``request`` carrying ``result`` (``empty``: nothing, for a
+        requester that does not read it: a ``Command[None]``)."""
         return Envelope(
             name=f"{request.name}.result",
-            payload=self.codec.encode(result),
+            payload=b"" if empty else self.codec.encode(result),
             content_type=self.codec.content_type,
             correlation_id=request.id,
             causation_id=request.id,

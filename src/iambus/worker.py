@@ -19,17 +19,21 @@ cascades, exactly as in-process), and only then settles it:
   not retried: its caller is waiting. A command's requester gets the error only with the
   dead letter, after the last attempt (a retry that succeeds answers with the result).
 * a payload that does not decode: dead-letter at once, with the reason.
+* a command whose answer cannot be sent (it does not encode, or the broker refuses it):
+  acked all the same (it did its work), its requester told so, the error reported.
 * an unexpected error while settling (a retry policy, codec or reply that raises): a
   failed attempt, retried and then dead-lettered with that error; a settle call of the
   transport that raised is never followed by another (the delivery comes back).
 * a query whose caller has given up: acked unanswered, with a warning (its age is read
-  against the sender's own clock, so clock skew between hosts does not count).
+  on one clock from a sender on this host, else against the sender's own clock, so that
+  clock skew between hosts up to ``SKEW`` does not count; see docs/remote.md).
 
 A receive that fails is retried with a growing backoff, logged once per outage; one that
 retrying cannot fix (``ImproperlyConfigured``, ``TransportRefused``) stops the worker,
 and the dispatcher's ``run()`` raises it.
 
-At most ``concurrency`` handlers run at once. On stop it fetches nothing more, lets the
+At most ``concurrency`` handlers run at once; one awaiting a command or query of its
+own service lends its slot meanwhile (``_Slot``). On stop it fetches nothing more, lets the
 handlers in flight finish (within the shutdown timeout) and settles them; what it could
 not finish stays unacked, and the worker gives it back (``Transport.leave``): another
 instance gets it at once, with its partition, whether or not the transport is closed
@@ -42,6 +46,7 @@ handlers idempotent or deduplicate by ``Envelope.id``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -49,7 +54,7 @@ import socket
 import time
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -57,7 +62,7 @@ from .engine import Followups, followups, in_worker, outside_workers
 from .envelope import Envelope, current_envelope
 from .errors import ImproperlyConfigured, SerializationError, TransportError, TransportRefused
 from .handlers import Kind
-from .messages import MessageKey, describe
+from .messages import MessageKey, describe, result_type
 from .remote import SENDER, Remote
 from .retry import Retry
 from .transports import ANNOUNCE_TTL, Delivery, Failure, Instance, Registry, redact
@@ -76,7 +81,10 @@ WITHDRAW_TIMEOUT = 2.0  # seconds a stopping worker's withdrawal may take (from 
 RECEIVE_BACKOFF, RECEIVE_BACKOFF_MAX = 0.1, 5.0  # seconds between receives that failed
 RELEARN = 60.0  # seconds a sender's clock offset is trusted before it is learnt again
 SENDERS = 1024  # sender clocks remembered at most
+SKEW = 300.0  # seconds two hosts' clocks may disagree (Kerberos allows as much)
+BUG_FAILURES, BUG_SPAN = 10, 30.0  # receives failing by a bug in a row, and for how long
 STOP_GRACE = 1.0  # seconds a stop's deadline is followed by for each of its two clean-ups
+_DISCARDED = (None, type(None))  # result types whose value a requester does not read
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,11 +174,13 @@ class Worker:
         self._loops: list[asyncio.Task[None]] = []
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self._closed = False  # stopping, and no longer waiting for the receive loops
         self._busy: set[Subscription] = set()
         self._presence: _Presence | None = None
-        self._ages = _Ages()
+        self._ages = _Ages(socket.gethostname())
         self._down: dict[Subscription, float] = {}  # failing to receive: its next backoff
         self._outage = (0.0, 0)  # since when (monotonic), failed receives
+        self._bugs: dict[Subscription, tuple[float, int]] = {}  # failing not the broker's way
 
     async def start(self) -> None:
         # A transport may size itself by the worker (RabbitMQ: its consumers' prefetch).
@@ -208,7 +218,10 @@ class Worker:
         self._room.set()
         if self._presence is not None:
             presence, self._presence = self._presence, None
-            await presence.stop()
+            withdrawn = asyncio.get_running_loop().time() + WITHDRAW_TIMEOUT
+            await presence.stop(
+                withdrawn if deadline.close is None else min(withdrawn, deadline.close)
+            )
         loops, self._loops = self._loops, []
         for task in loops:
             task.cancel()
@@ -219,6 +232,9 @@ class Worker:
             _, stuck = await asyncio.wait(
                 loops, timeout=seconds_until(by if deadline.drain is None else deadline.drain)
             )
+        # From now on a receive that ends late starts nothing: what it got is not run
+        # after the stop, and every handler that did start is in _inflight, below.
+        self._closed = True
         left = 0
         if self._inflight:
             await asyncio.wait(self._inflight, timeout=seconds_until(deadline.drain))
@@ -278,7 +294,7 @@ class Worker:
 
     def abort(self) -> int:
         """Stop at once: cancel the handlers running; return how many were (left unacked)."""
-        self._stopping = True
+        self._stopping = self._closed = True
         self._room.set()
         for task in self._loops:
             task.cancel()
@@ -319,8 +335,21 @@ class Worker:
                 self._give_up(sub, exc)
                 return
             except Exception as exc:
+                if self._a_bug_for_good(sub, exc):
+                    return
                 await self._receive_failed(sub, exc)
                 continue
+            if self._closed:
+                if deliveries:
+                    logger.warning(
+                        "iambus worker %s: a receive of %s for %s ended after the stop; its "
+                        "%d message(s) are not handled here (redelivered)",
+                        self.consumer,
+                        sub.address,
+                        sub.group,
+                        len(deliveries),
+                    )
+                return
             if self._down:
                 self._receive_works(sub)
             self._free -= len(deliveries)
@@ -337,20 +366,41 @@ class Worker:
                 # next receive's own work would otherwise delay a query's answer.
                 await asyncio.sleep(0)
 
-    def _give_up(self, sub: Subscription, exc: BaseException) -> None:
+    def _give_up(
+        self, sub: Subscription, exc: BaseException, why: str = "retrying will not help"
+    ) -> None:
         # Retrying cannot fix a wrong set-up or refused credentials: stop the worker, and
         # let the dispatcher raise it from run() / wait_for_shutdown().
         logger.error(
-            "iambus worker %s: receiving %s for %s failed, and retrying will not help; "
-            "stopping: %s",
+            "iambus worker %s: receiving %s for %s failed, and %s; stopping: %s",
             self.consumer,
             sub.address,
             sub.group,
+            why,
             exc,
         )
         self._stopping = True
         self._room.set()
         self._fatal(exc)
+
+    def _a_bug_for_good(self, sub: Subscription, exc: Exception) -> bool:
+        """Whether receiving failed with an error that is not the broker's (a bug in the
+        transport) BUG_FAILURES times in a row over BUG_SPAN seconds: the worker stops
+        then, instead of retrying it for ever."""
+        if isinstance(exc, TransportError):
+            self._bugs.pop(sub, None)
+            return False
+        since, failures = self._bugs.get(sub, (time.monotonic(), 0))
+        self._bugs[sub] = (since, failures + 1)
+        if failures + 1 < BUG_FAILURES or time.monotonic() - since < BUG_SPAN:
+            return False
+        self._give_up(
+            sub,
+            exc,
+            f"{failures + 1} times in a row over {time.monotonic() - since:.0f}s with an "
+            f"error that is not the broker's ({type(exc).__name__}: a bug in the transport?)",
+        )
+        return True
 
     async def _receive_failed(self, sub: Subscription, exc: Exception) -> None:
         # A broker down or a connection lost: retried with a growing backoff. An outage
@@ -379,6 +429,7 @@ class Worker:
         await asyncio.sleep(delay)
 
     def _receive_works(self, sub: Subscription) -> None:
+        self._bugs.pop(sub, None)
         if self._down.pop(sub, None) is not None and not self._down:
             began, failures = self._outage
             logger.info(
@@ -406,9 +457,10 @@ class Worker:
     async def _process(self, sub: Subscription, delivery: Delivery) -> None:
         envelope = delivery.envelope
         settling = _Settling(delivery)
+        slot = _Slot(self)  # counted in _free since the fetch; the semaphore is taken here
         try:
-            async with self._running:
-                await self._handle(sub, settling, envelope)
+            await slot.take()
+            await self._handle(sub, settling, envelope, slot)
         except asyncio.CancelledError:
             raise  # stopping: left unacked, redelivered after claim_after
         except TransportError:
@@ -423,7 +475,7 @@ class Worker:
         except Exception as exc:
             await self._settle_failed(sub, settling, exc)
         finally:
-            self._release(1)
+            slot.end()
 
     async def _settle_failed(self, sub: Subscription, settling: _Settling, exc: Exception) -> None:
         """An unexpected error while settling: a bug in a retry policy, a codec, a reply,
@@ -475,7 +527,9 @@ class Worker:
                 envelope.name,
             )
 
-    async def _handle(self, sub: Subscription, delivery: Delivery, envelope: Envelope) -> None:
+    async def _handle(
+        self, sub: Subscription, delivery: Delivery, envelope: Envelope, background: Followups
+    ) -> None:
         if sub.kind == "query" and self._expired(envelope):
             await delivery.ack()  # the requester has given up: nobody would read the answer
             return
@@ -497,8 +551,7 @@ class Worker:
             )
             return
         token = current_envelope.set(envelope)
-        background = Followups()  # engine jobs the handler puts (and they put) count here
-        counted = followups.set(background)
+        counted = followups.set(background)  # engine jobs the handler puts (and they put)
         try:
             result = await sub.route.run(message, envelope.key)
         except asyncio.CancelledError as exc:
@@ -514,22 +567,22 @@ class Worker:
         finally:
             followups.reset(counted)
             current_envelope.reset(token)
+        unanswered: Exception | None = None
         if envelope.reply_to:  # a query, or a command sent by execute(): the answer first
             try:
-                answer = self.remote.answer(envelope, result)
-            except SerializationError as exc:
-                if sub.kind == "query":
-                    await self._failed(sub, delivery, message, exc)  # answered with the error
-                    return
-                # The command did its work: running it again would not make its result
-                # encodable. The requester gets the error; the error_handler hears of it.
                 await self.remote.transport.reply(
-                    envelope.reply_to, self.remote.failure(envelope, exc)
+                    envelope.reply_to, self._answer(sub, envelope, result)
                 )
-                await delivery.ack()
-                await self._report(exc, message, sub.route.context_for(envelope.key))
-                return
-            await self.remote.transport.reply(envelope.reply_to, answer)
+            except (SerializationError, TransportError) as exc:
+                # The result does not encode, or the broker refused the answer (over
+                # NATS's max_payload, say). A query fails (answered with the error). A
+                # command did its work: running it again would not make its answer
+                # travel, and its side effects would repeat; it is acked below, and its
+                # requester and the error_handler hear why there is no answer.
+                if sub.kind == "query":
+                    await self._failed(sub, delivery, message, exc)
+                    return
+                unanswered = exc
         if not await background.wait():
             # Work the handler queued in memory was dropped unrun (the dispatcher stopped
             # first): acking would lose it with the process, so the delivery stays unacked.
@@ -541,7 +594,40 @@ class Worker:
                 envelope.id,
             )
             return
+        if unanswered is not None:
+            await self._unanswered(sub, delivery, message, unanswered)
+            return
         await delivery.ack()
+
+    def _answer(self, sub: Subscription, request: Envelope, result: Any) -> Envelope:
+        if result_type(sub.message) in _DISCARDED:
+            # Command[None]: the requester returns None without reading the answer, so
+            # whatever the handler returned is not encoded (it may not encode at all).
+            return self.remote.answer(request, None, empty=True)
+        return self.remote.answer(request, result)
+
+    async def _unanswered(
+        self, sub: Subscription, delivery: Delivery, message: Any, exc: Exception
+    ) -> None:
+        """A command carried out whose answer could not be sent: acked (never run again
+        for it), its requester told why in a small answer, the error_handler too."""
+        envelope = delivery.envelope
+        why = f"{envelope.name} was carried out, but its answer could not be sent: {exc}"
+        logger.error("iambus: %s (id %s); acked", why, envelope.id)
+        assert envelope.reply_to is not None
+        try:
+            await self.remote.transport.reply(
+                envelope.reply_to, self.remote.failure(envelope, type(exc)(why))
+            )
+        except TransportError as refused:
+            logger.warning(
+                "iambus: could not tell the requester of %s (id %s) either: %s",
+                envelope.name,
+                envelope.id,
+                refused,
+            )
+        await delivery.ack()
+        await self._report(exc, message, sub.route.context_for(envelope.key))
 
     def _expired(self, envelope: Envelope) -> bool:
         deadline = envelope.headers.get("deadline")
@@ -642,12 +728,14 @@ class _Presence:
             self._refresh(), name=f"iambus-announce-{self.instance.id}"
         )
 
-    async def stop(self) -> None:
+    async def stop(self, by: float) -> None:
+        """Stop announcing and withdraw, by ``by`` (event-loop time) whatever hangs."""
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            # An announcement that ignores its cancellation is left behind at ``by``.
+            await asyncio.wait({self._task}, timeout=seconds_until(by))
         try:
-            async with asyncio.timeout(WITHDRAW_TIMEOUT):
+            async with asyncio.timeout_at(by):
                 await self.registry.withdraw(self.instance)
         except Exception as exc:
             logger.warning(
@@ -692,31 +780,100 @@ def _stopping() -> bool:
 class _Ages:
     """How long queries waited, told across hosts whose clocks disagree.
 
-    A query carries its send time (``created_at``) on its sender's clock. Its age is read
-    against the least (arrival - send time) lately seen from the same sender clock: that
-    is the skew plus the quickest passage, so the age found is never more than the true
-    one, and a skewed clock never makes a fresh query look old. A sender's least is
-    learnt again every ``RELEARN`` seconds, so a clock that was set back is followed.
+    A query carries its send time (``created_at``) on its sender's clock, and its sender
+    (``"<service>@<host>"``). From a sender on this host (one clock) its age is read
+    directly. From another host it is read against the least (arrival - send time) lately
+    seen from the same sender clock: that is the skew plus the quickest passage, so the
+    age found is never more than the true one, and a skewed clock never makes a fresh
+    query look old. A sender's least is learnt again every ``RELEARN`` seconds, so a clock
+    that was set back is followed. That least says nothing of a backlog read oldest
+    first (each query is the quickest yet), so an age is also never less than the one
+    this host's clock reads, less ``SKEW`` seconds of skew allowed between hosts.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, host: str) -> None:
+        self._host = host
         self._least: dict[str, tuple[float, float]] = {}  # sender -> (least, since)
 
     def age(self, envelope: Envelope, now: float) -> float:
+        offset = now - envelope.created_at
+        stated = envelope.headers.get(SENDER)
+        if stated and stated.rpartition("@")[2] == self._host and offset > -SKEW:
+            # One clock (a query sent "in the future" says it is not one: read it below).
+            return max(offset, 0.0)
         # The sender's "<service>@<host>", or its reply address from a sender that does
         # not say (one process): either way, one clock.
-        sender = envelope.headers.get(SENDER) or envelope.reply_to or ""
-        offset = now - envelope.created_at
+        sender = stated or envelope.reply_to or ""
+        # Never less than its age on this host's clock less the skew allowed: a backlog
+        # read oldest first makes each query the quickest seen, which says nothing.
+        at_least = max(offset - SKEW, 0.0)
         known = self._least.get(sender)
         if known is not None and now - known[1] < RELEARN:
             if offset >= known[0]:
-                return offset - known[0]
+                return max(offset - known[0], at_least)
             self._least[sender] = (offset, known[1])
-            return 0.0
+            return at_least
         if known is None and len(self._least) >= SENDERS:
             del self._least[next(iter(self._least))]  # the oldest
         self._least[sender] = (offset, now)
-        return 0.0
+        return at_least
+
+
+class _Slot(Followups):
+    """The background work of one delivery, and the worker slot the delivery holds: a
+    place in ``concurrency`` (the semaphore) and in what the worker fetches (``_free``).
+
+    While the handler, or background work it queued, awaits an answer of its own service
+    (``Remote.request``), the slot is lent: the request needs a slot of this same worker,
+    and with every slot held by a delivery waiting so, none would be left to answer it.
+    It is taken back (waiting for a free one) before the handler goes on.
+    """
+
+    __slots__ = ("_counted", "_ended", "_held", "_lent", "_worker")
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__()
+        self._worker = worker
+        self._counted = True  # the fetch counted it in the worker's _free
+        self._held = False  # holds a place in the worker's semaphore
+        self._lent = 0  # how many of its awaits lend it now
+        self._ended = False
+
+    async def take(self) -> None:
+        if self._ended:
+            return
+        if not self._counted:
+            self._worker._free -= 1
+            self._counted = True
+        if not self._held:
+            await self._worker._running.acquire()
+            self._held = True
+            if self._lent:  # lent again while waiting for a place
+                self._give()
+
+    def end(self) -> None:
+        self._give()
+        self._ended = True
+
+    @contextlib.asynccontextmanager
+    async def lend(self) -> AsyncIterator[None]:
+        self._lent += 1
+        if self._lent == 1:
+            self._give()
+        try:
+            yield
+        finally:
+            self._lent -= 1
+            if not self._lent:
+                await self.take()
+
+    def _give(self) -> None:
+        if self._held:
+            self._held = False
+            self._worker._running.release()
+        if self._counted:
+            self._counted = False
+            self._worker._release(1)
 
 
 def _safe_delay(policy: Retry, attempt: int) -> float:
