@@ -424,6 +424,13 @@ class NatsTransport:
             # Requests that came over core NATS and were never handed out go into the
             # stream, where another instance of their group gets them.
             await asyncio.gather(*(self._unlisten(state) for state in self._groups.values()))
+            # Our pulls stop taking first (the server passes over them): what is handed
+            # to the stream next, or given back below, must not be fetched by us again
+            # (it would sit in a buffer closed meanwhile until claim_after).
+            subscriptions, self._pull_subs = self._pull_subs, []
+            for subscription in subscriptions:
+                with contextlib.suppress(NatsError, OSError, TimeoutError):
+                    await subscription.unsubscribe()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.timeout):
                     await asyncio.gather(
@@ -459,13 +466,8 @@ class NatsTransport:
         self._lanes.clear()
         self._pulls.clear()
         self._streams_ready = False
-        subscriptions, self._pull_subs = self._pull_subs, []
         if nc is not None:
-            # Our pulls stop taking first (the server passes over them), then what they
-            # fetched and nobody was handed goes back, to another consumer.
-            for subscription in subscriptions:
-                with contextlib.suppress(NatsError, OSError, TimeoutError):
-                    await subscription.unsubscribe()
+            # What our pulls fetched and nobody was handed goes back, to another consumer.
             for message in held:
                 with contextlib.suppress(NatsError, OSError, TimeoutError):
                     await message.nak()
