@@ -1398,3 +1398,19 @@ async def test_a_registry_deleted_under_a_reader_is_declared_again(
     one = _instance(1)
     await transport.announce(one)
     assert [i.id for i in await transport.instances()] == [one.id]
+
+
+async def test_two_first_announces_at_once_share_one_registry_connection(
+    transport: RabbitMQTransport,
+) -> None:
+    # Two dispatchers sharing one transport announce at the same moment: one registry
+    # connection, closed with the transport, so neither stays listed as live.
+    holder = RabbitMQTransport(URL, namespace=transport.namespace)
+    await holder.open()
+    one, two = _instance(1), _instance(2)
+    try:
+        await asyncio.gather(holder.announce(one), holder.announce(two))
+        assert {i.id for i in await transport.instances()} == {one.id, two.id}
+    finally:
+        await holder.close()
+    assert [i.id for i in await transport.instances()] == []

@@ -429,7 +429,9 @@ async def test_a_kept_envelope_of_a_class_routed_by_pattern_is_resent_in_a_new_p
 
 async def test_an_envelope_routed_by_name_whose_class_is_not_imported_says_so() -> None:
     dp = Dispatcher(transport="memory://", service="shop", routes={"Refund": "billing"})
-    with pytest.raises(ImproperlyConfigured, match=r"by name.*import the module.*id='e-1'"):
+    with pytest.raises(
+        ImproperlyConfigured, match=r"by name.*once its module is imported.*id='e-1'"
+    ):
         await dp.send(Envelope(name="Refund", payload=b"{}", id="e-1"))
     await dp.stop()
 

@@ -33,7 +33,7 @@ from iambus.transports import Instance, Registry
 from iambus.transports.memory import MemoryTransport
 
 from .conftest import Bus
-from .processes import collapse
+from .processes import collapse, until
 
 
 @dataclass(frozen=True, slots=True)
@@ -1577,3 +1577,106 @@ async def test_a_stopped_instance_gives_back_its_key_at_once_on_a_shared_transpo
     again = [seq for who, seq in seen if who == "second"]
     assert again[:2] == [0, 1], f"the key's order was lost: {seen}"
     assert took < 10, f"the key passed on after {took:.1f}s, not at once"
+
+
+# -- the slot a delivery lends while it awaits its own service ------------------------
+
+
+class _Places:
+    """What a _Slot uses of its worker: the places (semaphore) and the fetch count."""
+
+    def __init__(self, places: int) -> None:
+        self._running = asyncio.Semaphore(places)
+        self._free = places - 1  # one delivery fetched: the slot's
+
+    def _release(self, slots: int) -> None:
+        self._free += slots
+
+
+async def _lent_until(slot: Any, answered: asyncio.Event) -> None:
+    async with slot.lend():  # as Remote.request does while it waits for its own service
+        await answered.wait()
+
+
+@pytest.mark.parametrize("places", [1, 2])
+async def test_two_tasks_of_a_delivery_taking_its_slot_back_take_one_place(places: int) -> None:
+    from iambus.worker import _Slot
+
+    worker = _Places(places)
+    slot = _Slot(worker)  # type: ignore[arg-type]
+    await slot.take()
+    first, second = asyncio.Event(), asyncio.Event()
+    one = asyncio.create_task(_lent_until(slot, first))
+    await asyncio.sleep(0)
+    for _ in range(places):  # other deliveries take every free place
+        await worker._running.acquire()
+    first.set()
+    await until(lambda: slot._taking is not None, 5, "the first task to wait for a place")
+    two = asyncio.create_task(_lent_until(slot, second))
+    await asyncio.sleep(0)
+    second.set()
+    await asyncio.sleep(0.01)  # the second asks for its place back too
+    for _ in range(places):
+        worker._running.release()  # the other deliveries end
+    async with asyncio.timeout(5):  # one place is enough for both: no hang
+        await asyncio.gather(one, two)
+    slot.end()
+    assert worker._running._value == places, "a place in concurrency was lost for good"
+    assert worker._free == places
+
+
+async def test_a_delivery_ending_while_its_background_work_waits_for_a_place_keeps_none() -> None:
+    from iambus.worker import _Slot
+
+    worker = _Places(1)
+    slot = _Slot(worker)  # type: ignore[arg-type]
+    await slot.take()
+    answered = asyncio.Event()
+    job = asyncio.create_task(_lent_until(slot, answered))
+    await asyncio.sleep(0)
+    await worker._running.acquire()  # another delivery runs in the lent place
+    answered.set()
+    await until(lambda: slot._taking is not None, 5, "the job to wait for a place")
+    slot.end()  # the handler failed: its delivery is settled, the job goes on
+    worker._running.release()  # the other delivery ends
+    async with asyncio.timeout(5):
+        await job
+    assert worker._running._value == 1, "the ended delivery kept a place"
+
+
+@dataclass(frozen=True, slots=True)
+class Boom(Command[str]):
+    n: int
+
+
+class _RefusingReplies(MemoryTransport):
+    """A broker that takes messages but refuses this worker's answers (an ACL without
+    the reply channel, an answer over the broker's size limit)."""
+
+    async def reply(self, to: str, envelope: Envelope) -> None:
+        raise TransportError("memory://: reply refused")
+
+
+async def test_a_failing_command_whose_error_answer_is_refused_is_still_dead_lettered() -> None:
+    bus = _RefusingReplies(claim_after=0.3)
+    routes: dict[type | str, str] = {Boom: "svc"}
+    svc = Dispatcher(transport=bus, service="svc", routes=routes, retry=Retry(attempts=1))
+    shop = Dispatcher(transport=bus, service="shop", routes=routes)
+    runs: list[int] = []
+
+    @svc.commands.register(Boom)
+    async def boom(command: Boom) -> str:
+        runs.append(command.n)
+        raise ValueError("always")
+
+    async with svc, shop:
+        with pytest.raises(RequestTimeout):  # its answer could not reach it
+            await shop.execute(Boom(1), timeout=0.5)
+        deadline = time.monotonic() + 10
+        while not (dead := await bus.dead_letters()):
+            assert time.monotonic() < deadline, f"not dead-lettered; ran {len(runs)} times"
+            await asyncio.sleep(0.05)
+        ran = len(runs)
+        await asyncio.sleep(1.0)  # three claim_afters: it must not come back
+        assert len(runs) == ran, "a dead-lettered command ran again"
+    assert [letter.failure.error_type for letter in dead] == ["builtins.ValueError"]

@@ -992,8 +992,9 @@ class Dispatcher:
                 f"cannot send the envelope of {envelope.name!r}: "
                 + (
                     f"it is routed to {owner!r} by name, but whether it is a command or an "
-                    f"event comes from its class, and none of that name is imported here; "
-                    f"import the module that defines it before sending"
+                    f"event comes from its class, which is not found by that name here "
+                    f"(a Command or Query subclass is found once its module is imported; "
+                    f"a plain event class only when routed by class or by 'module.*')"
                     if owner is not None
                     else "no routed message of that name is known here. Route its class "
                     "(routes={MyMessage: 'service'}, by name or 'module.*')"

@@ -580,24 +580,48 @@ class Worker:
                 # travel, and its side effects would repeat; it is acked below, and its
                 # requester and the error_handler hear why there is no answer.
                 if sub.kind == "query":
-                    await self._failed(sub, delivery, message, exc)
+                    # Answered with the error and acked: its background work first.
+                    if await self._ran(background, sub, envelope):
+                        await self._failed(sub, delivery, message, exc)
                     return
                 unanswered = exc
-        if not await background.wait():
-            # Work the handler queued in memory was dropped unrun (the dispatcher stopped
-            # first): acking would lose it with the process, so the delivery stays unacked.
-            logger.warning(
-                "iambus: %s %s (id %s): background work of its handler was cancelled at "
-                "stop; left unacked, it will be redelivered",
-                sub.kind,
-                envelope.name,
-                envelope.id,
-            )
+        if not await self._ran(background, sub, envelope):
             return
         if unanswered is not None:
             await self._unanswered(sub, delivery, message, unanswered)
             return
         await delivery.ack()
+
+    @staticmethod
+    async def _ran(background: Followups, sub: Subscription, envelope: Envelope) -> bool:
+        """Whether the background work the handler queued has run (it may be acked)."""
+        if await background.wait():
+            return True
+        # Work the handler queued in memory was dropped unrun (the dispatcher stopped
+        # first): acking would lose it with the process, so the delivery stays unacked.
+        logger.warning(
+            "iambus: %s %s (id %s): background work of its handler was cancelled at "
+            "stop; left unacked, it will be redelivered",
+            sub.kind,
+            envelope.name,
+            envelope.id,
+        )
+        return False
+
+    async def _tell(self, request: Envelope, answer: Envelope) -> None:
+        """Send ``answer`` to the requester of ``request`` if the broker takes it: a
+        requester that cannot be told times out, which must not keep a message that is
+        settled anyway (acked, dead-lettered) coming back."""
+        assert request.reply_to is not None
+        try:
+            await self.remote.transport.reply(request.reply_to, answer)
+        except TransportError as refused:
+            logger.warning(
+                "iambus: could not answer the requester of %s (id %s): %s",
+                request.name,
+                request.id,
+                refused,
+            )
 
     def _answer(self, sub: Subscription, request: Envelope, result: Any) -> Envelope:
         if result_type(sub.message) in _DISCARDED:
@@ -614,18 +638,7 @@ class Worker:
         envelope = delivery.envelope
         why = f"{envelope.name} was carried out, but its answer could not be sent: {exc}"
         logger.error("iambus: %s (id %s); acked", why, envelope.id)
-        assert envelope.reply_to is not None
-        try:
-            await self.remote.transport.reply(
-                envelope.reply_to, self.remote.failure(envelope, type(exc)(why))
-            )
-        except TransportError as refused:
-            logger.warning(
-                "iambus: could not tell the requester of %s (id %s) either: %s",
-                envelope.name,
-                envelope.id,
-                refused,
-            )
+        await self._tell(envelope, self.remote.failure(envelope, type(exc)(why)))
         await delivery.ack()
         await self._report(exc, message, sub.route.context_for(envelope.key))
 
@@ -694,10 +707,10 @@ class Worker:
             return
         if envelope.reply_to:
             # A command's requester (execute()) hears of its failure once it is final:
-            # a retry that succeeds answers with the result instead.
-            await self.remote.transport.reply(
-                envelope.reply_to,
-                self.remote.failure(envelope, exc, attempts=delivery.attempt),
+            # a retry that succeeds answers with the result instead. An answer the
+            # broker refuses does not stop the dead letter (it would come back for ever).
+            await self._tell(
+                envelope, self.remote.failure(envelope, exc, attempts=delivery.attempt)
             )
         await delivery.dead_letter(_failure(exc, delivery.attempt, sub.route.name))
         logger.error(
@@ -829,7 +842,7 @@ class _Slot(Followups):
     It is taken back (waiting for a free one) before the handler goes on.
     """
 
-    __slots__ = ("_counted", "_ended", "_held", "_lent", "_worker")
+    __slots__ = ("_counted", "_ended", "_held", "_lent", "_taking", "_worker")
 
     def __init__(self, worker: Worker) -> None:
         super().__init__()
@@ -838,6 +851,7 @@ class _Slot(Followups):
         self._held = False  # holds a place in the worker's semaphore
         self._lent = 0  # how many of its awaits lend it now
         self._ended = False
+        self._taking: asyncio.Future[None] | None = None  # a wait for a place under way
 
     async def take(self) -> None:
         if self._ended:
@@ -845,13 +859,34 @@ class _Slot(Followups):
         if not self._counted:
             self._worker._free -= 1
             self._counted = True
-        if not self._held:
+        if self._held:
+            return
+        # One wait for a place per delivery, shared: two of its tasks taking the slot
+        # back at once (both asked their own service) must not take two places.
+        if self._taking is None:
+            self._taking = asyncio.ensure_future(self._acquire())
+        try:
+            await asyncio.shield(self._taking)
+        except asyncio.CancelledError:
+            if self._ended and not _stopping():
+                return  # the delivery ended (end() called the wait off): nothing to take
+            raise
+
+    async def _acquire(self) -> None:
+        try:
             await self._worker._running.acquire()
-            self._held = True
-            if self._lent:  # lent again while waiting for a place
-                self._give()
+        finally:
+            self._taking = None
+        if self._held or self._ended:  # the delivery ended meanwhile: not ours to keep
+            self._worker._running.release()
+            return
+        self._held = True
+        if self._lent:  # lent again while waiting for a place
+            self._give()
 
     def end(self) -> None:
+        if self._taking is not None:
+            self._taking.cancel()  # a take still waiting for a place: no longer wanted
         self._give()
         self._ended = True
 

@@ -268,6 +268,7 @@ class RabbitMQTransport:
         # was lost (RESOURCE_LOCKED): the transport's connection must never wait for that.
         self._presence: AbstractConnection | None = None
         self._presences: dict[str, float] = {}  # id -> when its announcement was written
+        self._announcing = asyncio.Lock()
         # Consumers that left while keyed retries waited: retired once those fired.
         self._leaving: dict[_Consumer, asyncio.Task[None]] = {}
         # Instances found gone (their queue deleted): id -> the stream offset of the
@@ -1342,6 +1343,12 @@ class RabbitMQTransport:
         return _fit(f"{self.namespace}.alive.{_escape(instance_id)}")
 
     async def announce(self, instance: Instance) -> None:
+        # One at a time: two first announces at once (two dispatchers sharing this
+        # transport) would each open a registry connection, one of them never closed.
+        async with self._announcing:
+            await self._announce(instance)
+
+    async def _announce(self, instance: Instance) -> None:
         self._check_open()
         presence = self._presence
         lost = presence is None or presence.is_closed or not presence.connected.is_set()
@@ -1416,6 +1423,10 @@ class RabbitMQTransport:
             raise
 
     async def withdraw(self, instance: Instance) -> None:
+        async with self._announcing:
+            await self._withdraw(instance)
+
+    async def _withdraw(self, instance: Instance) -> None:
         if self._presences.pop(instance.id, None) is None:
             return
         self._check_open()
