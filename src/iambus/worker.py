@@ -861,6 +861,11 @@ class _Slot(Followups):
             self._counted = True
         if self._held:
             return
+        running = self._worker._running
+        if self._taking is None and not running.locked():
+            await running.acquire()  # a place is free: taken at once, without a task
+            self._got()
+            return
         # One wait for a place per delivery, shared: two of its tasks taking the slot
         # back at once (both asked their own service) must not take two places.
         if self._taking is None:
@@ -877,6 +882,10 @@ class _Slot(Followups):
             await self._worker._running.acquire()
         finally:
             self._taking = None
+        self._got()
+
+    def _got(self) -> None:
+        """A place was acquired for this slot: keep it, unless it is no longer wanted."""
         if self._held or self._ended:  # the delivery ended meanwhile: not ours to keep
             self._worker._running.release()
             return
