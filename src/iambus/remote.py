@@ -28,7 +28,8 @@ import json
 import logging
 import socket
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from .codecs import Codec
 from .engine import followups
@@ -50,6 +51,8 @@ from .transports import Instance, Registry, Transport, client_name, connect, red
 __all__ = ["Remote", "RemoteRoute", "current_envelope"]
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 LOOKUP_TIMEOUT = 2.0  # seconds a look in the registry may take
 # A RequestTimeout words its cause from the registry, but keeps the caller's deadline: a
@@ -337,12 +340,17 @@ class Remote:
             self._read_census()
 
     async def _read_live(self) -> list[Instance] | None:
+        return await self._from_registry(lambda registry: registry.instances())
+
+    async def _from_registry(self, read: Callable[[Registry], Awaitable[_T]]) -> _T | None:
+        """What ``read`` finds in the transport's registry; None when the transport keeps
+        none, or it could not be read within LOOKUP_TIMEOUT (it only informs)."""
         transport = self.transport
         if not isinstance(transport, Registry):
             return None
         try:
             async with asyncio.timeout(LOOKUP_TIMEOUT):
-                return await transport.instances()
+                return await read(transport)
         except Exception as exc:
             logger.debug("iambus: could not read the registry of %s: %s", transport.url, exc)
             return None
@@ -375,15 +383,7 @@ class Remote:
         return live is not None and any(i.service == service for i in live)
 
     async def _groups(self) -> dict[tuple[str, str], str] | None:
-        transport = self.transport
-        if not isinstance(transport, Registry):
-            return None
-        try:
-            async with asyncio.timeout(LOOKUP_TIMEOUT):
-                return await transport.groups()
-        except Exception as exc:
-            logger.debug("iambus: could not read the registry of %s: %s", transport.url, exc)
-            return None
+        return await self._from_registry(lambda registry: registry.groups())
 
     def answer(self, request: Envelope, result: Any, *, empty: bool = False) -> Envelope:
         """The reply to ``request`` carrying ``result`` (``empty``: nothing, for a
