@@ -1257,38 +1257,43 @@ class RabbitMQTransport:
         await self._publish_raw("", self._dead, json.dumps(ids).encode(), properties)
 
     async def dead_letter_counts(self) -> dict[tuple[str, str], int]:
-        # The dead-letter stream is read as for dead_letters(), but only the headers are
-        # looked at: no envelope is decoded nor kept.
-        live: dict[str, tuple[str, str]] = {}
-        for message in await self._read_stream(self._dead, "count dead letters"):
+        # Only the headers of each record are looked at: no envelope is decoded nor kept.
+        counts: Counter[tuple[str, str]] = Counter()
+        for message in (await self._unsettled_dead("count dead letters")).values():
             headers = message.header.properties.headers or {}
-            if H_SETTLED in headers:
-                for letter_id in json.loads(message.body):
-                    live.pop(letter_id, None)
-            elif H_DEAD in headers:
-                with contextlib.suppress(KeyError, TypeError):
-                    live[_text(headers[H_DEAD])] = (
-                        _text(headers["x-iambus-address"]),
-                        _text(headers["x-iambus-group"]),
-                    )
-        return dict(Counter(live.values()))
+            with contextlib.suppress(KeyError, TypeError):
+                address, group = headers["x-iambus-address"], headers["x-iambus-group"]
+                counts[_text(address), _text(group)] += 1
+        return dict(counts)
 
     async def _read_dead(self, came_from: dict[str, int] | None = None) -> dict[str, DeadLetter]:
         """The dead letters not replayed nor purged; ``came_from`` gets the partition of
         each keyed letter that records it."""
         live: dict[str, DeadLetter] = {}
-        for message in await self._read_stream(self._dead, "read dead letters"):
+        for message in (await self._unsettled_dead("read dead letters")).values():
+            letter = _dead_letter(message)
+            if letter is not None:
+                live[letter.id] = letter
+                n = _came_from(message.header.properties.headers or {})
+                if came_from is not None and n is not None:
+                    came_from[letter.id] = n
+        return live
+
+    async def _unsettled_dead(self, what: str) -> dict[str, DeliveredMessage]:
+        """The records of the dead-letter stream not replayed nor purged since, by id."""
+        live: dict[str, DeliveredMessage] = {}
+        for message in await self._read_stream(self._dead, what):
             headers = message.header.properties.headers or {}
             if H_SETTLED in headers:
                 for letter_id in json.loads(message.body):
                     live.pop(letter_id, None)
             elif H_DEAD in headers:
-                letter = _dead_letter(message)
-                if letter is not None:
-                    live[letter.id] = letter
-                    n = _came_from(headers)
-                    if came_from is not None and n is not None:
-                        came_from[letter.id] = n
+                try:
+                    live[_text(headers[H_DEAD])] = message
+                except (TypeError, ValueError) as exc:
+                    logger.error(
+                        "iambus: a record in the dead-letter stream is unreadable: %s", exc
+                    )
         return live
 
     async def _read_stream(self, queue: str, what: str) -> list[DeliveredMessage]:
