@@ -1607,15 +1607,15 @@ async def test_two_tasks_of_a_delivery_taking_its_slot_back_take_one_place(place
     await slot.take()
     first, second = asyncio.Event(), asyncio.Event()
     one = asyncio.create_task(_lent_until(slot, first))
-    await asyncio.sleep(0)
+    await until(lambda: slot._lent == 1, 5, "the first task to lend the slot")
     for _ in range(places):  # other deliveries take every free place
         await worker._running.acquire()
     first.set()
     await until(lambda: slot._taking is not None, 5, "the first task to wait for a place")
     two = asyncio.create_task(_lent_until(slot, second))
-    await asyncio.sleep(0)
+    await until(lambda: slot._lent == 1, 5, "the second task to lend the slot")
     second.set()
-    await asyncio.sleep(0.01)  # the second asks for its place back too
+    await until(lambda: slot._lent == 0, 5, "the second to ask for its place back too")
     for _ in range(places):
         worker._running.release()  # the other deliveries end
     async with asyncio.timeout(5):  # one place is enough for both: no hang
@@ -1633,7 +1633,7 @@ async def test_a_delivery_ending_while_its_background_work_waits_for_a_place_kee
     await slot.take()
     answered = asyncio.Event()
     job = asyncio.create_task(_lent_until(slot, answered))
-    await asyncio.sleep(0)
+    await until(lambda: slot._lent == 1, 5, "the job to lend the slot")
     await worker._running.acquire()  # another delivery runs in the lent place
     answered.set()
     await until(lambda: slot._taking is not None, 5, "the job to wait for a place")
