@@ -22,6 +22,7 @@ Rename a class freely once it has an explicit name; without one, the name is the
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar, get_args, get_origin
 
@@ -89,6 +90,7 @@ def message_name(key: MessageKey) -> str:
     return explicit if isinstance(explicit, str) else key.__qualname__
 
 
+@functools.cache  # read for every routed request and every answer; a class's R is fixed
 def result_type(key: MessageKey) -> Any:
     """``R`` of a ``Query[R]`` / ``Command[R]`` subclass, or ``Any`` when not declared.
 
