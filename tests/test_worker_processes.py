@@ -336,19 +336,32 @@ async def test_two_services_of_two_instances_each_get_every_event(cluster: Clust
     await cluster.ready(*roles)
     every = {str(n) for n in range(50)}
     async with sender(cluster) as orders:
+        # A worker logs that it is ready once its groups exist; on a push broker (RabbitMQ)
+        # it gets deliveries only once its consumer is attached, which on a loaded machine
+        # can come after another instance has taken all 50. So first warm up: one event at
+        # a time (negative ids) until every instance has handled one: they compete.
+        warm_up = itertools.count(-1, -1)
+
+        async def each_instance_took_one() -> bool:
+            if all(cluster.done("event", role) for role in roles):
+                return True
+            await orders.publish(OrderPlaced(next(warm_up)))
+            return False
+
+        await until(
+            each_instance_took_one, 20, "each instance to take a share", detail=cluster.report
+        )
         for n in range(50):
             await orders.publish(OrderPlaced(n))
 
         def both_done() -> bool:
-            return all(set(cluster.done("event", s)) == every for s in ("billing", "shipping"))
+            return all(every <= set(cluster.done("event", s)) for s in ("billing", "shipping"))
 
         await until(both_done, 20, "billing and shipping to handle all 50", detail=cluster.report)
     assert await cluster.stop(*roles) == dict.fromkeys(roles, 0)
     await cluster.nothing_left(on_events("billing"), on_events("shipping"))
     for service in ("billing", "shipping"):  # each service got each, at least once
-        assert set(cluster.done("event", service)) == every, service
-    by_instance = {role: cluster.done("event", role).total() for role in roles}
-    assert all(by_instance.values()), f"an instance did no work: {by_instance}"  # competed
+        assert {i for i in cluster.done("event", service) if int(i) >= 0} == every, service
 
 
 async def test_a_query_is_answered_by_another_process(cluster: Cluster) -> None:
