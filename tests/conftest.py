@@ -17,8 +17,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from iambus.database import Database
 from iambus.transports import Transport
 from iambus.transports.memory import MemoryTransport
+
+POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
 SERVICES = {
     "redis": (
@@ -32,6 +35,11 @@ SERVICES = {
         4222,
         "start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- "
         "-a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log",
+    ),
+    "postgres": (
+        "127.0.0.1",
+        5432,
+        "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
     ),
 }
 
@@ -183,3 +191,17 @@ async def _nats_bus() -> AsyncIterator[Bus]:
     await cleaner.open()
     await cleaner.destroy()
     await cleaner.close()
+
+
+@pytest.fixture
+async def database() -> AsyncIterator[Database]:
+    """A ``Database`` on the local PostgreSQL, with iambus's tables in a schema of its own
+    (random name), dropped at the end."""
+    require("postgres")
+    schema = f"test_{uuid.uuid4().hex[:10]}"
+    db = Database(POSTGRES_DSN, schema=schema)
+    await db.create()
+    yield db
+    async with db.connection() as conn:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    await db.close()

@@ -1,0 +1,320 @@
+"""The PostgreSQL database of a dispatcher: where its units of work, outbox and inbox live.
+
+::
+
+    from iambus.database import Database
+
+    db = Database("postgresql://app@127.0.0.1/shop")          # asyncpg, pooled
+    db = Database(create_async_engine("postgresql+asyncpg://app@127.0.0.1/shop"))
+    dp = Dispatcher(transport="redis://...", service="orders", routes=ROUTES, database=db)
+
+A ``Database`` is made from a DSN (an asyncpg pool is made when it opens), an
+``asyncpg.Pool``, or a SQLAlchemy ``AsyncEngine`` on the asyncpg driver; ``import iambus``
+imports neither driver. It hands out transactions to units of work (``unit_of_work``),
+and plain connections to the relay (``relay``).
+
+Its tables are two, named by ``schema`` and ``prefix`` (``iambus_outbox``,
+``iambus_inbox`` by default): ``iambus db init`` creates them, ``Database.ddl()`` is the
+same SQL for a migration tool, and ``Database.metadata()`` the same tables as SQLAlchemy
+``MetaData`` for Alembic. What the columns mean is in docs/outbox.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import zlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from .errors import ImproperlyConfigured, bad_option, check_seconds
+
+__all__ = ["Database"]
+
+DEFAULT_PREFIX = "iambus_"
+INBOX_RETENTION = 7 * 24 * 3600.0  # seconds an inbox record is kept: a week of redeliveries
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+# (column, SQL type and constraints) of each table: the one description DDL, the SQLAlchemy
+# metadata and the shape check are all made from.
+OUTBOX_COLUMNS = (
+    ("position", "bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY"),
+    ("lane", "smallint NOT NULL"),
+    ("address", "text NOT NULL"),
+    ("message_id", "text NOT NULL"),
+    ("name", "text NOT NULL"),
+    ("message_key", "text"),
+    ("payload", "bytea NOT NULL"),
+    ("content_type", "text NOT NULL"),
+    ("correlation_id", "text"),
+    ("causation_id", "text"),
+    ("headers", "jsonb NOT NULL DEFAULT '{}'"),
+    ("created_at", "double precision NOT NULL"),
+    ("stored_at", "timestamptz NOT NULL DEFAULT now()"),
+    ("attempts", "integer NOT NULL DEFAULT 0"),
+    ("last_error", "text"),
+    ("parked_at", "timestamptz"),
+)
+INBOX_COLUMNS = (
+    ("message_id", "text NOT NULL"),
+    ("handler", "text NOT NULL"),
+    ("handled_at", "timestamptz NOT NULL DEFAULT now()"),
+)
+
+
+class Database:
+    """A PostgreSQL database, its connections and the names of iambus's tables in it."""
+
+    def __init__(
+        self,
+        source: Any,
+        *,
+        schema: str | None = None,
+        prefix: str = DEFAULT_PREFIX,
+        inbox_retention: float = INBOX_RETENTION,
+    ) -> None:
+        if schema is not None and not _IDENTIFIER.match(str(schema)):
+            raise bad_option(
+                "schema", schema, "None or a plain SQL identifier ([A-Za-z_][A-Za-z0-9_]*)"
+            )
+        if not isinstance(prefix, str) or not (prefix == "" or _IDENTIFIER.match(prefix)):
+            raise bad_option(
+                "prefix", prefix, "'' or a plain SQL identifier ([A-Za-z_][A-Za-z0-9_]*)"
+            )
+        check_seconds("inbox_retention", inbox_retention)
+        self.kind = _kind_of(source)
+        self.source = source
+        self.schema = schema
+        self.prefix = prefix
+        self.inbox_retention = float(inbox_retention)
+        self._pool: Any = source if self.kind == "asyncpg-pool" else None
+        self._owned_pool = False
+
+    def __repr__(self) -> str:
+        return f"<Database {self.kind} {self.outbox}>"
+
+    # -- names ------------------------------------------------------------------------
+
+    def _table(self, name: str) -> str:
+        table = f'"{self.prefix}{name}"'
+        return table if self.schema is None else f'"{self.schema}".{table}'
+
+    @property
+    def outbox(self) -> str:
+        """The outbox table's quoted, qualified name (for SQL)."""
+        return self._table("outbox")
+
+    @property
+    def inbox(self) -> str:
+        """The inbox table's quoted, qualified name (for SQL)."""
+        return self._table("inbox")
+
+    @property
+    def channel(self) -> str:
+        """The ``NOTIFY`` channel a commit that wrote outbox rows wakes the relays on."""
+        return f"{self.schema or 'public'}.{self.prefix}outbox"[:63]
+
+    @property
+    def lock_space(self) -> int:
+        """The first key of the relays' two-key advisory locks (per outbox table)."""
+        return _int32(zlib.crc32(self.outbox.encode()))
+
+    # -- schema -----------------------------------------------------------------------
+
+    def ddl(self) -> str:
+        """The SQL that creates iambus's tables (idempotent: ``IF NOT EXISTS``)."""
+        lines = []
+        if self.schema is not None:
+            lines.append(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}";')
+        lines.append(_create(self.outbox, OUTBOX_COLUMNS))
+        lines.append(
+            f'CREATE INDEX IF NOT EXISTS "{self.prefix}outbox_lane" ON {self.outbox} '
+            f"(lane, position) WHERE parked_at IS NULL;"
+        )
+        lines.append(_create(self.inbox, INBOX_COLUMNS, primary_key="message_id, handler"))
+        lines.append(
+            f'CREATE INDEX IF NOT EXISTS "{self.prefix}inbox_handled_at" ON {self.inbox} '
+            f"(handled_at);"
+        )
+        return "\n".join(lines) + "\n"
+
+    def metadata(self, metadata: Any = None) -> Any:
+        """iambus's tables as SQLAlchemy ``Table`` objects in ``metadata`` (a new
+        ``MetaData`` if None), for Alembic's autogenerate. Needs SQLAlchemy."""
+        try:
+            import sqlalchemy as sa
+            from sqlalchemy.dialects import postgresql
+        except ImportError as exc:  # pragma: no cover - the extra is installed in tests
+            raise ImproperlyConfigured(
+                "Database.metadata() needs SQLAlchemy: pip install 'iambus[sqlalchemy]'"
+            ) from exc
+        metadata = sa.MetaData() if metadata is None else metadata
+        sa.Table(
+            f"{self.prefix}outbox",
+            metadata,
+            sa.Column("position", sa.BigInteger, sa.Identity(always=True), primary_key=True),
+            sa.Column("lane", sa.SmallInteger, nullable=False),
+            sa.Column("address", sa.Text, nullable=False),
+            sa.Column("message_id", sa.Text, nullable=False),
+            sa.Column("name", sa.Text, nullable=False),
+            sa.Column("message_key", sa.Text),
+            sa.Column("payload", sa.LargeBinary, nullable=False),
+            sa.Column("content_type", sa.Text, nullable=False),
+            sa.Column("correlation_id", sa.Text),
+            sa.Column("causation_id", sa.Text),
+            sa.Column("headers", postgresql.JSONB, nullable=False, server_default=sa.text("'{}'")),
+            sa.Column("created_at", sa.Double, nullable=False),
+            sa.Column(
+                "stored_at",
+                sa.DateTime(timezone=True),
+                nullable=False,
+                server_default=sa.func.now(),
+            ),
+            sa.Column("attempts", sa.Integer, nullable=False, server_default=sa.text("0")),
+            sa.Column("last_error", sa.Text),
+            sa.Column("parked_at", sa.DateTime(timezone=True)),
+            sa.Index(
+                f"{self.prefix}outbox_lane",
+                "lane",
+                "position",
+                postgresql_where=sa.text("parked_at IS NULL"),
+            ),
+            schema=self.schema,
+        )
+        sa.Table(
+            f"{self.prefix}inbox",
+            metadata,
+            sa.Column("message_id", sa.Text, primary_key=True),
+            sa.Column("handler", sa.Text, primary_key=True),
+            sa.Column(
+                "handled_at",
+                sa.DateTime(timezone=True),
+                nullable=False,
+                server_default=sa.func.now(),
+            ),
+            sa.Index(f"{self.prefix}inbox_handled_at", "handled_at"),
+            schema=self.schema,
+        )
+        return metadata
+
+    async def create(self) -> None:
+        """Create iambus's tables if they do not exist (``iambus db init``)."""
+        async with self.connection() as conn:
+            await conn.execute(self.ddl())
+
+    async def check(self) -> None:
+        """Raise ``ImproperlyConfigured`` naming what is missing when a table is absent or
+        lacks a column iambus uses, with the command that creates them."""
+        async with self.connection() as conn:
+            for table, columns in (
+                (f"{self.prefix}outbox", OUTBOX_COLUMNS),
+                (f"{self.prefix}inbox", INBOX_COLUMNS),
+            ):
+                rows = await conn.fetch(
+                    "SELECT column_name FROM information_schema.columns "
+                    "WHERE table_schema = coalesce($1, current_schema()) AND table_name = $2",
+                    self.schema,
+                    table,
+                )
+                found = {row["column_name"] for row in rows}
+                where = f"{self.schema}.{table}" if self.schema else table
+                if not found:
+                    raise ImproperlyConfigured(
+                        f"the table {where} does not exist; create iambus's tables with "
+                        f"`iambus db init --database DSN{self._options()}` (or apply "
+                        f"Database.ddl() / Database.metadata() in your migrations)"
+                    )
+                missing = [name for name, _ in columns if name not in found]
+                if missing:
+                    raise ImproperlyConfigured(
+                        f"the table {where} has no column(s) {', '.join(missing)}: it was "
+                        f"made by another version or by hand; compare it with "
+                        f"Database.ddl(), and migrate it (or drop it and run `iambus db "
+                        f"init`)"
+                    )
+
+    def _options(self) -> str:
+        schema = f" --schema {self.schema}" if self.schema else ""
+        prefix = f" --prefix {self.prefix}" if self.prefix != DEFAULT_PREFIX else ""
+        return schema + prefix
+
+    # -- connections ------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Make the pool of a DSN (a pool or engine passed in is used as it is)."""
+        if self.kind == "dsn" and self._pool is None:
+            asyncpg = _asyncpg()
+            self._pool = await asyncpg.create_pool(self.source, min_size=1, max_size=10)
+            self._owned_pool = True
+
+    async def close(self) -> None:
+        """Close the pool this database made (never one passed in)."""
+        pool, self._pool = self._pool, (None if self._owned_pool else self._pool)
+        if self._owned_pool and pool is not None:
+            self._owned_pool = False
+            await pool.close()
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[Any]:
+        """An asyncpg connection of this database, outside any transaction of ours."""
+        if self.kind == "sqlalchemy":
+            async with self.source.connect() as sa_conn:
+                raw = await sa_conn.get_raw_connection()
+                yield raw.driver_connection
+            return
+        if self._pool is None:
+            await self.open()
+        async with self._pool.acquire() as conn:
+            yield conn
+
+
+def _create(table: str, columns: tuple[tuple[str, str], ...], primary_key: str = "") -> str:
+    body = [f"    {name} {sql}" for name, sql in columns]
+    if primary_key:
+        body.append(f"    PRIMARY KEY ({primary_key})")
+    return f"CREATE TABLE IF NOT EXISTS {table} (\n" + ",\n".join(body) + "\n);"
+
+
+def _int32(value: int) -> int:
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def _kind_of(source: Any) -> str:
+    """What ``source`` is, by its class's module: no driver is imported to tell."""
+    if isinstance(source, str):
+        if not source.startswith(("postgresql://", "postgres://")):
+            raise bad_option(
+                "database",
+                source,
+                "a DSN 'postgresql://user@host/db', an asyncpg.Pool, or a SQLAlchemy "
+                "AsyncEngine on the asyncpg driver",
+            )
+        return "dsn"
+    module = type(source).__module__
+    if module.startswith("asyncpg") and hasattr(source, "acquire"):
+        return "asyncpg-pool"
+    if module.startswith("sqlalchemy") and hasattr(source, "sync_engine"):
+        driver = source.sync_engine.dialect.driver
+        if driver != "asyncpg":
+            raise ImproperlyConfigured(
+                f"iambus's outbox and inbox run on the asyncpg driver, and this engine "
+                f"uses {driver!r}: create it with "
+                f"create_async_engine('postgresql+asyncpg://...')"
+            )
+        return "sqlalchemy"
+    raise bad_option(
+        "database",
+        source,
+        "a DSN 'postgresql://user@host/db', an asyncpg.Pool, or a SQLAlchemy AsyncEngine "
+        "on the asyncpg driver",
+    )
+
+
+def _asyncpg() -> Any:
+    try:
+        import asyncpg
+    except ImportError as exc:  # pragma: no cover - the extra is installed in tests
+        raise ImproperlyConfigured(
+            "a Database needs asyncpg: pip install 'iambus[postgres]'"
+        ) from exc
+    return asyncpg

@@ -1,0 +1,153 @@
+"""The outbox: messages written in the sender's database transaction, sent after commit.
+
+A unit of work (``unit_of_work``) does not hand its messages to the transport: it writes
+each as one row of the outbox table, in the transaction of the handler's own writes, so
+both commit or neither does. The relay (``relay``) sends committed rows to the transport
+with their envelope unchanged (same id: a resend is recognisably the same message), then
+deletes them.
+
+Ordering. Every row gets a ``lane`` (one of ``LANES``): its key's lane, or a random one
+for a message without a key. A relay takes a lane at a time (an advisory lock), and sends
+its rows in ``position`` order. Writers of one key serialise on an advisory lock of that
+key taken just before their rows get their positions, so that, per key, position order
+is commit order: rows of one key are sent in the order they were committed, whichever
+relay sends them. (The lock is held until commit; transactions writing rows of one key
+queue behind each other, as they would on the row of the aggregate they change.)
+
+Nothing is skipped. The relay keeps no high-water mark: each pass reads every committed
+row still in the table. A long transaction that commits rows with lower positions than
+rows already sent is read on the next pass (its commit's ``NOTIFY``, or polling).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .database import Database
+from .envelope import Envelope
+from .errors import SerializationError
+
+__all__ = ["LANES", "Outgoing", "envelope_of", "lane_of", "write"]
+
+LANES = 16  # lanes of one outbox table: fixed, as rows already written carry theirs
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A message a unit of work sends: where to, and its envelope."""
+
+    address: str
+    envelope: Envelope
+
+
+def lane_of(key: str | None) -> int:
+    """The lane of a message with ``key``: the same for every row of one key."""
+    if key is None:
+        return random.randrange(LANES)
+    return zlib.crc32(key.encode()) % LANES
+
+
+def key_lock(database: Database, key: str) -> int:
+    """The advisory lock (one bigint) writers of ``key`` in ``database``'s outbox share."""
+    digest = hashlib.blake2b(f"{database.outbox}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _insert(database: Database, locked: bool) -> str:
+    # One statement per row: the NOTIFY (delivered at commit; repeats within one
+    # transaction fold into one) and, for a keyed row, the key's lock, are taken in the
+    # FROM clause, so before the row is formed and its position drawn.
+    lock = ", pg_advisory_xact_lock($13::bigint)" if locked else ""
+    return (
+        f"INSERT INTO {database.outbox} (lane, address, message_id, name, message_key, "
+        f"payload, content_type, correlation_id, causation_id, headers, created_at) "
+        f"SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb, $11 "
+        f"FROM (SELECT pg_notify($12, ''){lock}) AS woken"
+    )
+
+
+async def write(conn: Any, database: Database, outgoing: Sequence[Outgoing]) -> None:
+    """Write ``outgoing`` as outbox rows on the asyncpg connection ``conn``, in the
+    transaction it is in (the caller's; its commit sends them)."""
+    if not outgoing:
+        return
+    plain: list[tuple[Any, ...]] = []
+    keyed: list[tuple[Any, ...]] = []
+    channel = database.channel
+    for out in outgoing:
+        e = out.envelope
+        row = (
+            lane_of(e.key),
+            out.address,
+            e.id,
+            e.name,
+            e.key,
+            e.payload,
+            e.content_type,
+            e.correlation_id,
+            e.causation_id,
+            json.dumps(dict(e.headers)),
+            e.created_at,
+            channel,
+        )
+        if e.key is None:
+            plain.append(row)
+        else:
+            keyed.append((*row, key_lock(database, e.key)))
+    # Keyed rows are written in the order of their key's lock: two transactions locking
+    # two keys in opposite orders would deadlock. The sort is stable, so the rows of one
+    # key keep the order they were sent in.
+    keyed.sort(key=lambda row: row[12])
+    if keyed:
+        await _run(conn, _insert(database, True), keyed)
+    if plain:
+        await _run(conn, _insert(database, False), plain)
+
+
+async def _run(conn: Any, sql: str, rows: list[tuple[Any, ...]]) -> None:
+    if len(rows) == 1:
+        await conn.execute(sql, *rows[0])
+    else:
+        await conn.executemany(sql, rows)
+
+
+# What the relay selects, in this order, to rebuild a row's envelope with envelope_of().
+ROW_COLUMNS = (
+    "position, address, message_id, name, message_key, payload, content_type, "
+    "correlation_id, causation_id, headers, created_at, attempts"
+)
+
+
+def envelope_of(row: Mapping[str, Any]) -> Envelope:
+    """The envelope an outbox row holds (a ``SerializationError`` naming the row if a
+    column does not hold what a writer of this version writes)."""
+    try:
+        headers = row["headers"]
+        if isinstance(headers, str):
+            headers = json.loads(headers)
+        if not isinstance(headers, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+        ):
+            raise ValueError(f"headers must be a JSON object of strings, got {headers!r}")
+        return Envelope(
+            id=row["message_id"],
+            name=row["name"],
+            payload=bytes(row["payload"]),
+            content_type=row["content_type"],
+            key=row["message_key"],
+            correlation_id=row["correlation_id"],
+            causation_id=row["causation_id"],
+            headers=headers,
+            created_at=float(row["created_at"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        position = row.get("position") if hasattr(row, "get") else None
+        raise SerializationError(
+            f"outbox row {position} does not hold an envelope iambus can send: {exc}"
+        ) from exc
