@@ -267,6 +267,21 @@ class Database:
         async with self._pool.acquire() as conn:
             yield conn
 
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[Any]:
+        """A new session (SQLAlchemy ``AsyncSession``) or pooled asyncpg connection, not
+        in a transaction yet: what a handler's unit of work runs on."""
+        if self.kind == "sqlalchemy":
+            from sqlalchemy.ext.asyncio import AsyncSession
+
+            async with AsyncSession(self.source, expire_on_commit=False) as session:
+                yield session
+            return
+        if self._pool is None:
+            await self.open()
+        async with self._pool.acquire() as conn:
+            yield conn
+
 
 def _create(table: str, columns: tuple[tuple[str, str], ...], primary_key: str = "") -> str:
     body = [f"    {name} {sql}" for name, sql in columns]

@@ -44,6 +44,7 @@ from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
 from .codecs import Codec, JsonCodec
+from .database import Database
 from .engine import Engine, JobFn, current_key, in_worker, outside_workers
 from .envelope import Envelope
 from .errors import (
@@ -61,13 +62,14 @@ from .errors import (
 )
 from .handlers import Handler, Invoke, Kind
 from .messages import Command, MessageKey, Query, describe, message_key, message_name
-from .middleware import Chain, Context, Middleware, check_middleware, compose
+from .middleware import Context, Middleware, check_middleware, compose
 from .providers import ProviderRegistry
 from .remote import Remote, RemoteRoute
 from .retry import Retry, checked_policy
 from .routers import EventRouter, RequestRouter, Router
 from .routing import Routes, address
 from .transports import Transport, check_transport_object, redact
+from .unit_of_work import Later, Scope, UnitOfWork, current_unit
 from .worker import StopDeadline, Subscription, Worker, bounded, seconds_until
 
 __all__ = ["Dispatcher", "ErrorHandler"]
@@ -93,7 +95,14 @@ async def log_error(exc: BaseException, message: Any, context: Context) -> None:
 
 
 class Route:
-    """A handler compiled for sending: its middleware chain and what it emits."""
+    """A handler compiled for sending: its middleware chain and what it emits.
+
+    The chain's innermost layer calls the handler and takes what it emitted (events it
+    returned or collected). When a unit of work is open there — the route's own (``unit``),
+    or one a middleware or a caller opened — the emitted messages go into it at once, so
+    that they commit with it; otherwise they are published once the whole chain returned,
+    so a middleware that fails after the handler stops them.
+    """
 
     __slots__ = (
         "chain",
@@ -106,42 +115,99 @@ class Route:
         "name",
         "plain",
         "response_event",
+        "unit",
     )
 
-    def __init__(self, dispatcher: Dispatcher, handler: Handler, chain: Chain, plain: bool):
+    def __init__(
+        self, dispatcher: Dispatcher, handler: Handler, middleware: list[Middleware], unit: bool
+    ) -> None:
         self.dispatcher = dispatcher
         self.handler = handler
         self.kind = handler.kind
         self.name = handler.name
         self.invoke = handler.invoke
-        self.chain = chain
-        # ``plain``: no middleware and no event collection, so a send may call
-        # ``invoke`` directly and skip ``run``.
-        self.plain = plain
         self.collects = handler.collects_events
         self.response_event = handler.response_event
+        self.unit = unit
+        self.chain = compose(middleware, self._in_unit if unit else self._innermost)
+        # ``plain``: no middleware, no event collection and no unit of work, so a send may
+        # call ``invoke`` directly and skip ``run``.
+        self.plain = not middleware and not self.collects and not unit
         self.context = Context(handler.kind, handler.name, None)
 
     def context_for(self, key: str | None) -> Context:
         return self.context if key is None else Context(self.kind, self.name, key)
 
-    async def run(self, message: Any, key: str | None) -> Any:
-        sink: list[Any] | None = [] if self.collects else None
+    async def run(self, message: Any, key: str | None, delivered: Envelope | None = None) -> Any:
+        """Run the chain on ``message``; ``delivered``: the envelope it came in, from a
+        transport (a unit of work records it in the inbox)."""
+        call = Call(key, delivered)
         context = self.context if key is None else Context(self.kind, self.name, key)
-        result = await self.chain(message, context, sink)
+        result = await self.chain(message, context, call)
+        if call.emitted is not None:
+            sink, emitted = call.emitted
+            await self.dispatcher.emit(self, emitted, sink, key)
+        for work in call.later:  # what a unit of work of this call deferred to its commit
+            await work()
+        return result
+
+    async def _innermost(self, message: Any, context: Context, call: Call) -> Any:
+        if self.collects:
+            sink: list[Any] | None = []
+            result = await self.invoke(message, sink)
+        else:
+            sink = None
+            result = await self.invoke(message)
         # ``result is not message``: an event handler handing its event back must not
         # publish it again (and again).
-        if result is message or (
-            result is not None
-            and self.response_event is None
-            and type(result) in self.dispatcher.quiet
-        ):
-            result_to_emit = None
+        emitted = (
+            None
+            if result is None
+            or result is message
+            or (self.response_event is None and type(result) in self.dispatcher.quiet)
+            else result
+        )
+        if not sink and emitted is None:
+            call.emitted = None
+        elif self.dispatcher._units and self.dispatcher.open_unit() is not None:
+            call.emitted = None
+            await self.dispatcher.emit(self, emitted, sink, call.key)  # into the unit
         else:
-            result_to_emit = result
-        if sink or result_to_emit is not None:
-            await self.dispatcher.emit(self, result_to_emit, sink, key)
+            # Replaced, not added to: when middleware calls again, only what the call
+            # whose result is returned emitted is published.
+            call.emitted = (sink, emitted)
         return result
+
+    async def _in_unit(self, message: Any, context: Context, call: Call) -> Any:
+        dispatcher = self.dispatcher
+        if dispatcher._units and dispatcher.open_unit() is not None:
+            return await self._innermost(message, context, call)  # joins the open one
+        database = dispatcher.database
+        assert database is not None  # checked at start
+        async with Scope(dispatcher, database, dispatcher.remote, later=call.later) as unit:
+            delivered = call.delivered
+            if delivered is not None and not await unit.claim(delivered.id, self.name):
+                logger.info(
+                    "iambus: %s already handled %s (id %s): a redelivery, acked without "
+                    "running it again",
+                    self.name,
+                    delivered.name,
+                    delivered.id,
+                )
+                return None
+            return await self._innermost(message, context, call)
+
+
+class Call:
+    """One run of a route: where its message came from, and what it leaves to do."""
+
+    __slots__ = ("delivered", "emitted", "key", "later")
+
+    def __init__(self, key: str | None, delivered: Envelope | None) -> None:
+        self.key = key
+        self.delivered = delivered
+        self.emitted: tuple[list[Any] | None, Any] | None = None
+        self.later: list[Later] = []
 
 
 class Dispatcher:
@@ -166,6 +232,9 @@ class Dispatcher:
         retries: Mapping[MessageKey, Retry] | None = None,
         concurrency: int = 32,
         request_timeout: float = 10.0,
+        database: Database | None = None,
+        unit_of_work: bool = False,
+        relay: bool = True,
     ) -> None:
         check_count("engine_workers", engine_workers)
         check_count("max_pending", max_pending)
@@ -186,6 +255,12 @@ class Dispatcher:
             _check_codec(codec)
         if transport is not None and not isinstance(transport, str):
             check_transport_object(transport)
+        if database is not None and not isinstance(database, Database):
+            raise bad_option(
+                "database", database, "an iambus.database.Database, e.g. Database(engine)"
+            )
+        check_flag("unit_of_work", unit_of_work)
+        check_flag("relay", relay)
         if error_handler is not None and not callable(error_handler):
             raise bad_option(
                 "error_handler", error_handler, "callable as fn(exc, message, context)"
@@ -241,6 +316,11 @@ class Dispatcher:
             )
         self._worker: Worker | None = None
         self._subscriptions: list[Subscription] = []
+        # The database of units of work (and of the outbox its relay sends from).
+        self.database = database
+        self._every_unit = unit_of_work  # Dispatcher(unit_of_work=True): every handler
+        self.relay = relay
+        self._units = 0  # units of work open on this dispatcher: 0 keeps sends on the fast path
 
         self._state = _NEW
         # True only while started: the one check on the hot path.
@@ -326,6 +406,24 @@ class Dispatcher:
                 return router.map[key]
         return None
 
+    # -- units of work --------------------------------------------------------------
+
+    def unit_of_work(self, session: Any = None) -> Scope:
+        """``async with dp.unit_of_work(session):`` sends into the transaction of
+        ``session`` (a SQLAlchemy ``AsyncSession`` or an asyncpg connection; None: a new
+        one of the dispatcher's database). See ``iambus.unit_of_work``."""
+        if self.database is None:
+            raise ImproperlyConfigured(
+                "dp.unit_of_work() writes to the outbox of the dispatcher's database, and it "
+                "has none: pass Dispatcher(database=Database(...)) (see iambus.database)"
+            )
+        return Scope(self, self.database, self.remote, session)
+
+    def open_unit(self) -> UnitOfWork | None:
+        """The unit of work of this dispatcher open where this is called, if any."""
+        unit = current_unit.get()
+        return unit if unit is not None and unit.owner is self else None
+
     # -- lifecycle ------------------------------------------------------------------
 
     @property
@@ -367,7 +465,7 @@ class Dispatcher:
     def _compile(self) -> None:
         for kind, router in self._routers.items():
             chain_mw = [*self.middleware, *router.middleware]
-            routes = [self._route(h, chain_mw) for h in router.handlers()]
+            routes = [self._route(h, chain_mw, router) for h in router.handlers()]
             if kind == "event":
                 grouped: dict[MessageKey, list[Route]] = {}
                 for route in routes:
@@ -482,9 +580,26 @@ class Dispatcher:
             table[key] = route  # type: ignore[assignment]
         return route
 
-    def _route(self, handler: Handler, middleware: list[Middleware]) -> Route:
-        chain = compose(middleware, handler.invoke, handler.collects_events)
-        return Route(self, handler, chain, plain=not middleware and not handler.collects_events)
+    def _route(self, handler: Handler, middleware: list[Middleware], router: Router) -> Route:
+        unit = next(
+            (
+                choice
+                for choice in (handler.unit_of_work, router.unit_of_work, self._every_unit)
+                if choice is not None
+            ),
+            False,
+        )
+        if unit and self.database is None:
+            why = (
+                "takes the unit of work's session or connection"
+                if handler.unit_of_work
+                else "runs in a unit of work"
+            )
+            raise ImproperlyConfigured(
+                f"{handler.kind} handler {handler.name} {why}, and the dispatcher has no "
+                f"database: pass Dispatcher(database=Database(...)) (see iambus.database)"
+            )
+        return Route(self, handler, middleware, unit)
 
     async def __aenter__(self) -> Dispatcher:
         self.start()
@@ -854,6 +969,8 @@ class Dispatcher:
         if not self._open:
             self._ensure_open()
         if key is not None:
+            if self._units and await self._into_unit(event, key, publish=True):
+                return
             await self._through_lane(self._publish_raising, event, key)
             return
         mkey = event if type(event) is str else type(event)
@@ -904,6 +1021,8 @@ class Dispatcher:
                     return result if wait_for_response else None
                 await remote.send(message, key)
                 return None
+        if self._units and not wait_for_response and await self._into_unit(message, key):
+            return None
         job: JobFn
         # Events bound to this very type first (the seed's order: events, commands,
         # queries); handlers bound to a base class (or ``object``) only when no command or
@@ -1165,6 +1284,11 @@ class Dispatcher:
         self, routes: tuple[Route, ...], event: Any, key: str | None, report: bool
     ) -> None:
         """Run ``routes`` on ``event``; report failures, or raise them as a group."""
+        if self._units and not isinstance(routes[0], RemoteRoute):
+            unit = self.open_unit()
+            if unit is not None:  # handled in-process once the unit has committed
+                unit.after_commit(lambda: self._deliver(routes, event, key, True))
+                return
         if len(routes) == 1:
             route = routes[0]
             try:
@@ -1258,6 +1382,35 @@ class Dispatcher:
             and (route.response_event is not None or type(result) not in self.quiet)
         ):
             await self._emit_result(route, result, key)
+
+    async def _into_unit(self, message: Any, key: str | None, *, publish: bool = False) -> bool:
+        """In a unit of work, an in-process send without waiting (``handle``) or a keyed
+        ``publish`` is left until the unit has committed, and a routed keyed event goes
+        into the unit's outbox: True when it went into the unit (see ``unit_of_work``)."""
+        unit = self.open_unit()
+        if unit is None:
+            return False
+        if not publish:
+
+            async def later() -> None:
+                await self.handle(message, key=key)
+
+            unit.after_commit(later)
+            return True
+        routes = self._event_handlers(message_key(message))
+        if routes and isinstance(routes[0], RemoteRoute):
+            await routes[0].send(message, key)  # not through a lane: the unit keeps order
+        elif routes:
+
+            async def later() -> None:
+                try:
+                    await self.publish(message, key=key)
+                except Exception as exc:
+                    name = f"handlers of {describe(message_key(message))}"
+                    await self._report(exc, message, Context("event", name, key))
+
+            unit.after_commit(later)
+        return True
 
     async def _report(self, exc: BaseException, message: Any, context: Context) -> None:
         try:

@@ -15,6 +15,7 @@ The tree::
     ├── SerializationError            a message or result that cannot be encoded or decoded
     ├── TransportError                the broker failed or is unreachable (cause: driver error)
     │   └── TransportRefused          the broker refused us: credentials, permissions
+    ├── TransactionFailed             a unit of work's transaction failed before it could commit
     ├── RemoteError                   a remote handler failed; carries its type name and message
     └── RequestTimeout                no answer to a remote query in time (also a TimeoutError)
 
@@ -42,6 +43,7 @@ __all__ = [
     "RemoteError",
     "RequestTimeout",
     "SerializationError",
+    "TransactionFailed",
     "TransportError",
     "TransportRefused",
     "WouldDeadlock",
@@ -106,6 +108,13 @@ class TransportRefused(TransportError):
     access rules. A worker meeting it while receiving stops, instead of retrying
     forever (``iambus worker`` exits with status 1).
     """
+
+
+class TransactionFailed(IambusError):
+    """A unit of work's transaction failed before its outbox rows could be written: a
+    statement in it raised (and was caught), so PostgreSQL rejects every further one.
+    The cause is the driver's error; the unit rolls back (or, joined, leaves the rollback
+    to its owner)."""
 
 
 class RemoteError(IambusError):

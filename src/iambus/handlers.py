@@ -23,6 +23,7 @@ from .errors import HandlerIsSync, HandlerSignatureError, ImproperlyConfigured
 from .messages import MessageKey, describe
 from .providers import Provider, ProviderRegistry, ProviderState
 from .retry import Retry, checked_policy
+from .unit_of_work import Connection, Session, providers_for
 
 __all__ = ["AbstractHandler", "Handler", "HandlerProtocol", "Kind"]
 
@@ -101,6 +102,8 @@ class Handler:
     initkwargs: Mapping[str, Any]
     retry: Retry | None = None
     """The retry policy for messages from a transport (None: the dispatcher's)."""
+    unit_of_work: bool | None = None
+    """Whether it runs in a unit of work (None: as its router, then its dispatcher, say)."""
 
     def __repr__(self) -> str:
         return f"<Handler {self.kind} {describe(self.message)} -> {self.name}>"
@@ -125,10 +128,33 @@ def build_handler(
     initkwargs: Mapping[str, Any],
     providers: ProviderRegistry,
     retry: Retry | None = None,
+    unit_of_work: bool | None = None,
 ) -> Handler:
-    """Check ``fn`` against the message and bound arguments, and compile its call."""
+    """Check ``fn`` against the message and bound arguments, and compile its call.
+
+    Parameters typed as a unit of work's session or connection (``AsyncSession``,
+    ``asyncpg.Connection``) that are not bound get it (``unit_of_work.Session`` /
+    ``Connection``), and the handler then runs in a unit of work.
+    """
     name = qualified_name(fn)
     checked_policy(f"retry of {name}", retry)
+    if unit_of_work is not None and not isinstance(unit_of_work, bool):
+        raise ImproperlyConfigured(
+            f"unit_of_work of {name} must be True, False or None (as its router), got "
+            f"{unit_of_work!r}"
+        )
+    taken = set(initkwargs) | ({argname} if isinstance(argname, str) else set())
+    injected = providers_for(fn, taken)
+    if injected:
+        initkwargs = {**initkwargs, **injected}
+    takes_unit = any(v is Session or v is Connection for v in initkwargs.values())
+    if takes_unit:
+        if unit_of_work is False:
+            raise ImproperlyConfigured(
+                f"{name} takes the unit of work's session or connection, and is registered "
+                f"with unit_of_work=False; drop one of the two"
+            )
+        unit_of_work = True
     if response_event is not None and not isinstance(response_event, type):
         raise ImproperlyConfigured(
             f"response_event of {name} must be a class (the event type its return value "
@@ -157,6 +183,7 @@ def build_handler(
         response_event=response_event,
         initkwargs=dict(initkwargs),
         retry=retry,
+        unit_of_work=unit_of_work,
     )
 
 

@@ -18,7 +18,9 @@ It can time, log, retry (call ``call_next`` again), wrap a transaction, or stop 
 (return without calling ``call_next``). Chains are composed once, when the dispatcher
 starts: dispatcher-wide middleware run outside router middleware, each list in the order
 it was added. Events a handler emits are published after the whole chain returned, so a
-transaction middleware that fails on commit stops them.
+transaction middleware that fails on commit stops them — unless a unit of work is open
+around the handler (a middleware may open one with ``dp.unit_of_work(session)``): then
+they go into it as the handler returns, and commit with it (see ``unit_of_work``).
 """
 
 from __future__ import annotations
@@ -30,15 +32,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ImproperlyConfigured
-from .handlers import Invoke, Kind
+from .handlers import Kind
 
 __all__ = ["CallNext", "Context", "Middleware"]
 
 CallNext = Callable[[Any], Awaitable[Any]]
 Middleware = Callable[[Any, CallNext, "Context"], Awaitable[Any]]
-# The composed chain: (message, context, sink) -> result; ``sink`` collects the events of
-# a class handler that implements ``dump_events`` (else it is None).
-Chain = Callable[[Any, "Context", "list[Any] | None"], Awaitable[Any]]
+# The composed chain: (message, context, call) -> result; ``call`` is the route's record of
+# this run (``dispatching.Call``: where the message came from, what the handler emitted).
+Chain = Callable[[Any, "Context", Any], Awaitable[Any]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,19 +65,9 @@ def check_middleware(mw: Any) -> None:
         )
 
 
-def compose(middleware: Sequence[Middleware], invoke: Invoke, collects: bool) -> Chain:
-    """Wrap ``invoke`` in ``middleware``, outermost first."""
-    chain: Chain
-    if collects:
-
-        def chain(message: Any, context: Context, sink: list[Any] | None) -> Awaitable[Any]:
-            return invoke(message, sink)
-
-    else:
-
-        def chain(message: Any, context: Context, sink: list[Any] | None) -> Awaitable[Any]:
-            return invoke(message)
-
+def compose(middleware: Sequence[Middleware], inner: Chain) -> Chain:
+    """Wrap ``inner`` (the call of the handler) in ``middleware``, outermost first."""
+    chain = inner
     for mw in reversed(middleware):
         chain = _link(mw, chain)
     return chain
@@ -83,7 +75,7 @@ def compose(middleware: Sequence[Middleware], invoke: Invoke, collects: bool) ->
 
 def _link(mw: Middleware, inner: Chain) -> Chain:
     # A plain function returning the middleware's coroutine: no frame of ours in between.
-    def chain(message: Any, context: Context, sink: list[Any] | None) -> Awaitable[Any]:
-        return mw(message, lambda msg: inner(msg, context, sink), context)
+    def chain(message: Any, context: Context, call: Any) -> Awaitable[Any]:
+        return mw(message, lambda msg: inner(msg, context, call), context)
 
     return chain

@@ -40,13 +40,15 @@ from .errors import (
     RequestTimeout,
     SerializationError,
     TransportError,
+    WouldDeadlock,
     check_seconds,
 )
 from .handlers import Kind
-from .messages import MessageKey, MessageRegistry, message_key, result_type
+from .messages import MessageKey, MessageRegistry, describe, message_key, result_type
 from .middleware import Context
 from .routing import Routes, address
 from .transports import Instance, Registry, Transport, client_name, connect, redact, resolve
+from .unit_of_work import current_unit
 
 __all__ = ["Remote", "RemoteRoute", "current_envelope"]
 
@@ -176,6 +178,12 @@ class Remote:
     # -- sending ----------------------------------------------------------------------
 
     async def send(self, kind: Kind, message: Any, key: str | None, id: str | None = None) -> None:
+        unit = current_unit.get()
+        if unit is not None and unit.remote is self:
+            # In a unit of work: an outbox row, sent by the relay once committed.
+            envelope = self.envelope(message, key, id=id)
+            unit.send(address(kind, envelope.name), envelope)
+            return
         if not self._opened:
             await self.open()
         envelope = self.envelope(message, key, id=id)
@@ -190,6 +198,10 @@ class Remote:
 
     async def send_envelope(self, kind: Kind, envelope: Envelope) -> None:
         """Send a ready envelope as it is: a resend keeps its id (see ``Dispatcher.send``)."""
+        unit = current_unit.get()
+        if unit is not None and unit.remote is self:
+            unit.send(address(kind, envelope.name), envelope)
+            return
         if not self._opened:
             await self.open()
         await self.transport.send(address(kind, envelope.name), envelope)
@@ -198,6 +210,14 @@ class Remote:
         self, kind: Kind, message: Any, key: str | None, timeout: float | None
     ) -> Any:
         """Send a command or query to its owner; return the answer, or raise its error."""
+        if kind == "command":
+            unit = current_unit.get()
+            if unit is not None and unit.remote is self:
+                raise WouldDeadlock(
+                    f"execute({describe(message_key(message))}) inside a unit of work waits for "
+                    f"an answer to a command that is only sent once the unit commits; send it "
+                    f"with dp.send() (it goes to the outbox), or execute it after the unit"
+                )
         timeout = (
             self.request_timeout
             if timeout is None

@@ -45,6 +45,8 @@ class Router:
             self.kind = kind
         self.dispatcher = dispatcher
         self.middleware: list[Middleware] = []
+        self.unit_of_work: bool | None = None
+        """Whether this router's handlers run in a unit of work (None: as the dispatcher)."""
 
     def bind(
         self,
@@ -55,6 +57,7 @@ class Router:
         argname: str | None = None,
         response_event: type | None = None,
         retry: Retry | None = None,
+        unit_of_work: bool | None = None,
         **initkwargs: Any,
     ) -> Handler:
         """Bind ``handler`` to ``message``; ``initkwargs`` are passed to it on every call.
@@ -62,7 +65,8 @@ class Router:
         ``argname`` names the parameter that receives the message (needed when more than
         one required parameter is left unbound). ``response_event`` makes a returned
         value of that type be published as an event. ``retry`` is this handler's retry
-        policy for messages from a transport.
+        policy for messages from a transport. ``unit_of_work`` runs it in a unit of work
+        (None: as the router, then the dispatcher, say; see ``iambus.unit_of_work``).
         """
         self._check_open(f"bind {describe(message) if _is_key(message) else message!r}")
         if message is str:
@@ -89,6 +93,7 @@ class Router:
                 argname=argname,
                 response_event=response_event,
                 retry=retry,
+                unit_of_work=unit_of_work,
                 initkwargs=initkwargs,
                 providers=self.dispatcher.providers,
             )
@@ -103,6 +108,7 @@ class Router:
         argname: str | None = None,
         response_event: type | None = None,
         retry: Retry | None = None,
+        unit_of_work: bool | None = None,
         **initkwargs: Any,
     ) -> Callable[[H], H]:
         """Decorator form of ``bind``; returns the decorated handler unchanged."""
@@ -114,6 +120,7 @@ class Router:
                 argname=argname,
                 response_event=response_event,
                 retry=retry,
+                unit_of_work=unit_of_work,
                 **initkwargs,
             )
             return handler

@@ -553,7 +553,7 @@ class Worker:
         token = current_envelope.set(envelope)
         counted = followups.set(background)  # engine jobs the handler puts (and they put)
         try:
-            result = await sub.route.run(message, envelope.key)
+            result = await sub.route.run(message, envelope.key, envelope)
         except asyncio.CancelledError as exc:
             if _stopping():
                 raise  # the worker stops: left unacked, redelivered after claim_after

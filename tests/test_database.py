@@ -1,0 +1,94 @@
+"""Database: its sources, table names, DDL, SQLAlchemy metadata and the shape check."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from iambus import ImproperlyConfigured
+from iambus.database import Database
+
+from .conftest import POSTGRES_DSN, require
+
+
+def test_names_follow_schema_and_prefix() -> None:
+    db = Database(POSTGRES_DSN, schema="shop", prefix="bus_")
+    assert db.outbox == '"shop"."bus_outbox"'
+    assert db.inbox == '"shop"."bus_inbox"'
+    assert db.channel == "shop.bus_outbox"
+    assert Database(POSTGRES_DSN).outbox == '"iambus_outbox"'
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"schema": "a;drop"}, "schema"),
+        ({"prefix": "x y"}, "prefix"),
+        ({"inbox_retention": 0}, "inbox_retention"),
+    ],
+)
+def test_bad_options_are_named(options: dict[str, object], named: str) -> None:
+    with pytest.raises(ImproperlyConfigured, match=rf"^{named} must be"):
+        Database(POSTGRES_DSN, **options)  # type: ignore[arg-type]
+
+
+def test_a_source_that_is_no_database_is_refused() -> None:
+    with pytest.raises(ImproperlyConfigured, match="database must be a DSN 'postgresql://"):
+        Database("mysql://localhost/x")
+    with pytest.raises(ImproperlyConfigured, match="database must be a DSN"):
+        Database(object())
+
+
+def test_an_engine_on_another_driver_is_refused() -> None:
+    # (psycopg is not installed here: an asyncpg engine stands in, told it is another)
+    engine = create_async_engine("postgresql+asyncpg://u@127.0.0.1/x")
+    engine.sync_engine.dialect.driver = "psycopg"
+    with pytest.raises(ImproperlyConfigured, match=r"on the asyncpg driver.*'psycopg'"):
+        Database(engine)
+
+
+def test_metadata_matches_the_ddl() -> None:
+    db = Database(POSTGRES_DSN, schema="s", prefix="p_")
+    metadata = db.metadata()
+    assert sorted(metadata.tables) == ["s.p_inbox", "s.p_outbox"]
+    outbox = metadata.tables["s.p_outbox"]
+    for line in db.ddl().split("CREATE TABLE")[1].split(");")[0].splitlines()[1:]:
+        column = line.split()[0]
+        assert column in outbox.columns, column
+
+
+async def test_create_is_idempotent_and_check_names_what_is_missing() -> None:
+    require("postgres")
+    schema = f"test_{uuid.uuid4().hex[:10]}"
+    db = Database(POSTGRES_DSN, schema=schema, prefix="t_")
+    try:
+        with pytest.raises(
+            ImproperlyConfigured,
+            match=rf"{schema}.t_outbox does not exist.*"
+            rf"iambus db init --database DSN --schema {schema} --prefix t_",
+        ):
+            await db.check()
+        await db.create()
+        await db.create()  # again: nothing happens
+        await db.check()
+        async with db.connection() as conn:
+            await conn.execute(f"ALTER TABLE {db.inbox} DROP COLUMN handled_at")
+        with pytest.raises(ImproperlyConfigured, match=r"t_inbox has no column\(s\) handled_at"):
+            await db.check()
+    finally:
+        async with db.connection() as conn:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await db.close()
+
+
+async def test_an_engine_gives_its_driver_connection(database: Database) -> None:
+    engine = create_async_engine(POSTGRES_DSN.replace("postgresql://", "postgresql+asyncpg://"))
+    try:
+        db = Database(engine, schema=database.schema)
+        await db.check()
+        async with db.connection() as conn:
+            assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        await engine.dispose()

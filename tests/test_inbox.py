@@ -1,0 +1,102 @@
+"""The inbox on the real PostgreSQL: a redelivered message is not applied twice."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import asyncpg
+
+from iambus import Command, Dispatcher, Retry
+from iambus.database import Database
+from iambus.inbox import claim, purge
+from iambus.transports.memory import MemoryTransport
+
+
+@dataclass(frozen=True, slots=True)
+class Charge(Command[None]):
+    order_id: int
+    fail_first: bool = False
+
+
+def billing(database: Database, runs: list[int]) -> Dispatcher:
+    """Service billing: its Charge handler records the charge in its table, and in ``runs``
+    each time it runs; it fails on the first run of a ``fail_first`` charge."""
+    dp = Dispatcher(
+        transport=MemoryTransport(),
+        service="billing",
+        routes={Charge: "billing"},
+        database=database,
+        relay=False,
+        retry=Retry(attempts=3, backoff=0.01),
+    )
+
+    @dp.commands.register(Charge)
+    async def charge(command: Charge, conn: asyncpg.Connection) -> None:
+        runs.append(command.order_id)
+        await conn.execute(f'INSERT INTO "{database.schema}".charges VALUES ($1)', command.order_id)
+        if command.fail_first and len(runs) == 1:
+            raise RuntimeError("card network down")
+
+    return dp
+
+
+async def charges(database: Database) -> list[int]:
+    async with database.connection() as conn:
+        rows = await conn.fetch(f'SELECT order_id FROM "{database.schema}".charges ORDER BY 1')
+    return [row["order_id"] for row in rows]
+
+
+async def inbox(database: Database) -> list[tuple[str, str]]:
+    async with database.connection() as conn:
+        rows = await conn.fetch(f"SELECT message_id, handler FROM {database.inbox} ORDER BY 1")
+    return [(row["message_id"], row["handler"]) for row in rows]
+
+
+async def make_charges(database: Database) -> None:
+    async with database.connection() as conn:
+        await conn.execute(f'CREATE TABLE "{database.schema}".charges (order_id int)')
+
+
+async def test_a_redelivery_is_acked_without_running_the_handler_again(database: Database) -> None:
+    await make_charges(database)
+    runs: list[int] = []
+    dp = billing(database, runs)
+    async with dp:
+        # The broker delivers one message twice (at least once), here at the same time:
+        # the second waits on the first's inbox record, then finds it.
+        await dp.send(Charge(1), id="m-1")
+        await dp.send(Charge(1), id="m-1")
+        await dp.send(Charge(2), id="m-2")
+        await dp.join()  # every delivery settled: acked
+    assert sorted(runs) == [1, 2]
+    assert await charges(database) == [1, 2]
+    name = f"{__name__}.billing.<locals>.charge"
+    assert await inbox(database) == [("m-1", name), ("m-2", name)]
+
+
+async def test_a_failed_attempt_leaves_no_record_and_is_retried(database: Database) -> None:
+    await make_charges(database)
+    runs: list[int] = []
+    dp = billing(database, runs)
+    async with dp:
+        await dp.send(Charge(3, fail_first=True), id="m-3")
+        await dp.join()
+    assert runs == [3, 3]  # the retry ran: the failed attempt's record rolled back
+    assert await charges(database) == [3]
+    assert [message for message, _ in await inbox(database)] == ["m-3"]
+
+
+async def test_claim_and_purge(database: Database) -> None:
+    async with database.connection() as conn:
+        async with conn.transaction():
+            assert await claim(conn, database, "m", "h") is True
+            assert await claim(conn, database, "m", "h") is False
+            assert await claim(conn, database, "m", "other") is True
+        await conn.execute(
+            f"UPDATE {database.inbox} SET handled_at = now() - interval '8 days' "
+            f"WHERE handler = 'h'"
+        )
+        assert await purge(conn, database) == 1  # older than the week kept by default
+        assert [r["handler"] for r in await conn.fetch(f"SELECT * FROM {database.inbox}")] == [
+            "other"
+        ]

@@ -1,0 +1,417 @@
+"""Units of work on the real PostgreSQL: a handler's writes and its messages commit together.
+
+Every test has a schema of its own (the ``database`` fixture) with iambus's tables and an
+``orders`` table standing for the application's own. Routed messages go to a
+``MemoryTransport``; nothing relays here (``relay=False``), so what a unit sent is read
+from the outbox table itself (the relay has tests of its own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+
+from iambus import (
+    AbstractHandler,
+    Command,
+    Dispatcher,
+    Envelope,
+    ImproperlyConfigured,
+    Query,
+    TransactionFailed,
+    WouldDeadlock,
+)
+from iambus.database import Database
+from iambus.transports.memory import MemoryTransport
+from iambus.unit_of_work import Connection, Session
+
+from .conftest import POSTGRES_DSN
+
+
+@dataclass(frozen=True, slots=True)
+class PlaceOrder(Command[int]):
+    order_id: int
+    fail: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class OrderPlaced:
+    order_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class ShipOrder(Command[None]):
+    order_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class CancelOrder(Command[None]):
+    order_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class CountOrders(Query[int]):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Noted:  # an in-process event: nobody routes it
+    order_id: int
+
+
+ROUTES: dict[Any, str] = {OrderPlaced: "shop", ShipOrder: "shipping"}
+
+
+@pytest.fixture
+async def orders(database: Database) -> Database:
+    async with database.connection() as conn:
+        await conn.execute(f'CREATE TABLE "{database.schema}".orders (id int PRIMARY KEY)')
+    return database
+
+
+@pytest.fixture
+async def engine() -> AsyncIterator[AsyncEngine]:
+    made = create_async_engine(POSTGRES_DSN.replace("postgresql://", "postgresql+asyncpg://"))
+    yield made
+    await made.dispose()
+
+
+def shop(database: Database, **options: Any) -> Dispatcher:
+    return Dispatcher(
+        transport=MemoryTransport(),
+        service="shop",
+        routes=ROUTES,
+        database=database,
+        relay=False,
+        **options,
+    )
+
+
+async def outbox(database: Database) -> list[asyncpg.Record]:
+    async with database.connection() as conn:
+        return list(await conn.fetch(f"SELECT * FROM {database.outbox} ORDER BY position"))
+
+
+async def order_ids(database: Database) -> list[int]:
+    async with database.connection() as conn:
+        rows = await conn.fetch(f'SELECT id FROM "{database.schema}".orders ORDER BY id')
+    return [row["id"] for row in rows]
+
+
+# -- a handler's unit of work ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "sqlalchemy"])
+async def test_a_handlers_writes_and_its_events_commit_together(
+    orders: Database, engine: AsyncEngine, driver: str
+) -> None:
+    database = orders if driver == "asyncpg" else Database(engine, schema=orders.schema)
+    dp = shop(database)
+    table = f'"{orders.schema}".orders'
+    if driver == "asyncpg":
+
+        @dp.commands.register(PlaceOrder)
+        async def place(command: PlaceOrder, conn: asyncpg.Connection) -> int:
+            await conn.execute(f"INSERT INTO {table} VALUES ($1)", command.order_id)
+            await dp.publish(OrderPlaced(command.order_id))
+            if command.fail:
+                raise RuntimeError("card declined")
+            return command.order_id
+
+    else:
+
+        @dp.commands.register(PlaceOrder)
+        async def place(command: PlaceOrder, session: AsyncSession) -> int:
+            await session.execute(
+                text(f"INSERT INTO {table} VALUES (:id)"), {"id": command.order_id}
+            )
+            await dp.publish(OrderPlaced(command.order_id))
+            if command.fail:
+                raise RuntimeError("card declined")
+            return command.order_id
+
+    async with dp:
+        assert await dp.execute(PlaceOrder(1)) == 1
+        with pytest.raises(RuntimeError, match="card declined"):
+            await dp.execute(PlaceOrder(2, fail=True))
+    assert await order_ids(orders) == [1]  # the failed one left nothing behind
+    rows = await outbox(orders)
+    assert [(r["address"], r["name"], json.loads(r["payload"])) for r in rows] == [
+        ("event.OrderPlaced", "OrderPlaced", {"order_id": 1})
+    ]
+    # Nothing reached the transport: the relay sends it, once committed.
+    assert dp.remote is not None
+
+
+async def test_a_routed_message_in_a_unit_goes_to_the_outbox_not_the_broker(
+    orders: Database,
+) -> None:
+    transport = MemoryTransport()
+    dp = Dispatcher(
+        transport=transport, service="shop", routes=ROUTES, database=orders, relay=False
+    )
+    seen: list[Envelope] = []
+
+    @dp.commands.register(PlaceOrder)
+    async def place(command: PlaceOrder, conn: asyncpg.Connection) -> int:
+        await dp.publish(OrderPlaced(command.order_id), key="o-1")
+        await dp.send(ShipOrder(command.order_id), key="o-1")
+        return 0
+
+    async with dp:
+        await transport.declare("event.OrderPlaced", "audit", from_start=True)
+        await dp.execute(PlaceOrder(5))
+        got = await transport.receive(
+            "event.OrderPlaced", "audit", consumer="t", limit=10, wait=0.05
+        )
+        seen.extend(d.envelope for d in got)
+    assert seen == []
+    rows = await outbox(orders)
+    assert [(r["address"], r["message_key"]) for r in rows] == [
+        ("event.OrderPlaced", "o-1"),
+        ("command.ShipOrder", "o-1"),
+    ]
+    assert rows[0]["lane"] == rows[1]["lane"]  # one key, one lane: sent in this order
+
+
+async def test_returned_and_collected_events_go_into_the_unit(orders: Database) -> None:
+    dp = shop(orders)
+
+    @dp.commands.register(PlaceOrder)
+    class Place(AbstractHandler):
+        def __init__(self, conn: asyncpg.Connection) -> None:
+            self.conn = conn
+
+        async def handle(self, command: PlaceOrder) -> int:
+            await self.conn.execute(
+                f'INSERT INTO "{orders.schema}".orders VALUES ($1)', command.order_id
+            )
+            await self.add_event(OrderPlaced(command.order_id))
+            return command.order_id
+
+    @dp.commands.register(CancelOrder, unit_of_work=True)
+    async def cancel(command: CancelOrder) -> OrderPlaced:
+        return OrderPlaced(-command.order_id)  # a returned event
+
+    async with dp:
+        await dp.execute(PlaceOrder(3))
+        await dp.execute(CancelOrder(4))
+    rows = await outbox(orders)
+    assert [json.loads(r["payload"]) for r in rows] == [{"order_id": 3}, {"order_id": -4}]
+
+
+async def test_in_process_events_run_after_the_commit_and_never_after_a_rollback(
+    orders: Database,
+) -> None:
+    dp = shop(orders)
+    seen: list[tuple[int, list[int]]] = []
+
+    @dp.commands.register(PlaceOrder)
+    async def place(command: PlaceOrder, conn: asyncpg.Connection) -> int:
+        await conn.execute(f'INSERT INTO "{orders.schema}".orders VALUES ($1)', command.order_id)
+        await dp.publish(Noted(command.order_id))  # handled after the commit
+        await dp.handle(Noted(-command.order_id))  # queued after the commit
+        if command.fail:
+            raise RuntimeError("no")
+        return command.order_id
+
+    @dp.events.register(Noted)
+    async def on_noted(event: Noted) -> None:
+        # What it sees is committed: read on another connection.
+        seen.append((event.order_id, await order_ids(orders)))
+
+    async with dp:
+        await dp.execute(PlaceOrder(7))
+        with pytest.raises(RuntimeError):
+            await dp.execute(PlaceOrder(8, fail=True))
+        await dp.join()
+    assert sorted(seen) == [(-7, [7]), (7, [7])]
+
+
+# -- the caller's own unit of work ---------------------------------------------------------
+
+
+async def test_dp_unit_of_work_commits_what_it_began(orders: Database, engine: AsyncEngine) -> None:
+    dp = shop(Database(engine, schema=orders.schema))
+    async with dp:
+        async with AsyncSession(engine) as session:
+            async with dp.unit_of_work(session):
+                await session.execute(text(f'INSERT INTO "{orders.schema}".orders VALUES (1)'))
+                await dp.publish(OrderPlaced(1))
+            assert not session.in_transaction()
+        async with AsyncSession(engine) as session:
+            with pytest.raises(ZeroDivisionError):  # noqa: PT012 - raised at the end of the unit
+                async with dp.unit_of_work(session):
+                    await session.execute(text(f'INSERT INTO "{orders.schema}".orders VALUES (2)'))
+                    await dp.publish(OrderPlaced(2))
+                    1 / 0  # noqa: B018
+    assert await order_ids(orders) == [1]
+    assert [json.loads(r["payload"])["order_id"] for r in await outbox(orders)] == [1]
+
+
+async def test_dp_unit_of_work_joins_a_transaction_already_open(orders: Database) -> None:
+    dp = shop(orders)
+    async with dp, orders.connection() as conn:
+        async with conn.transaction():
+            async with dp.unit_of_work(conn):
+                await dp.publish(OrderPlaced(1))
+            # Written into the caller's transaction, which is not committed yet.
+            assert conn.is_in_transaction()
+            assert len(await conn.fetch(f"SELECT * FROM {orders.outbox}")) == 1
+            assert await outbox(orders) == []  # invisible elsewhere until the commit
+        assert len(await outbox(orders)) == 1
+
+
+async def test_a_middleware_opening_a_unit_gets_the_emitted_events_before_its_commit(
+    orders: Database,
+) -> None:
+    dp = shop(orders)
+    committed: list[int] = []
+
+    async def in_transaction(message: Any, call_next: Any, context: Any) -> Any:
+        async with orders.connection() as conn, dp.unit_of_work(conn) as unit:
+            result = await call_next(message)
+            # The handler returned an event: it is in this unit already.
+            committed.append(len(unit.outgoing))
+            return result
+
+    dp.commands.add_middleware(in_transaction)
+
+    @dp.commands.register(PlaceOrder)
+    async def place(command: PlaceOrder) -> OrderPlaced:
+        return OrderPlaced(command.order_id)
+
+    async with dp:
+        await dp.execute(PlaceOrder(9))
+    assert committed == [1]
+    assert [json.loads(r["payload"]) for r in await outbox(orders)] == [{"order_id": 9}]
+
+
+# -- what cannot work, said clearly ----------------------------------------------------------
+
+
+async def test_awaiting_a_routed_command_inside_a_unit_would_deadlock(orders: Database) -> None:
+    dp = shop(orders)
+
+    @dp.commands.register(PlaceOrder)
+    async def place(command: PlaceOrder, conn: asyncpg.Connection) -> int:
+        await dp.execute(ShipOrder(command.order_id), timeout=1)
+        return 0
+
+    async with dp:
+        with pytest.raises(WouldDeadlock, match=r"execute\(.*ShipOrder\) inside a unit of work"):
+            await dp.execute(PlaceOrder(1))
+    assert await outbox(orders) == []
+
+
+async def test_a_handler_taking_a_session_needs_a_database() -> None:
+    dp = Dispatcher()
+
+    @dp.commands.register(PlaceOrder)
+    async def place(command: PlaceOrder, session: AsyncSession) -> int:  # pragma: no cover
+        return 0
+
+    with pytest.raises(
+        ImproperlyConfigured,
+        match=r"place takes the unit of work's session.*"
+        r"Dispatcher\(database=Database",
+    ):
+        dp.start()
+
+
+async def test_a_session_parameter_and_unit_of_work_false_contradict() -> None:
+    dp = Dispatcher()
+    with pytest.raises(ImproperlyConfigured, match="unit_of_work=False; drop one"):
+
+        @dp.commands.register(PlaceOrder, unit_of_work=False)
+        async def place(command: PlaceOrder, session: AsyncSession) -> int:  # pragma: no cover
+            return 0
+
+
+async def test_the_outbox_table_missing_says_how_to_create_it(database: Database) -> None:
+    async with database.connection() as conn:
+        await conn.execute(f"DROP TABLE {database.outbox}")
+    dp = shop(database)
+
+    @dp.commands.register(PlaceOrder, conn=Connection)
+    async def place(command: PlaceOrder, conn: Any) -> int:
+        await dp.publish(OrderPlaced(1))
+        return 0
+
+    async with dp:
+        with pytest.raises(ImproperlyConfigured, match="iambus db init"):
+            await dp.execute(PlaceOrder(1))
+
+
+async def test_a_failed_transaction_is_named_and_rolled_back(orders: Database) -> None:
+    dp = shop(orders)
+
+    @dp.commands.register(PlaceOrder)
+    async def place(command: PlaceOrder, conn: asyncpg.Connection) -> int:
+        await conn.execute(f'INSERT INTO "{orders.schema}".orders VALUES (1)')
+        with contextlib.suppress(asyncpg.DivisionByZeroError):
+            await conn.execute("SELECT 1/0")  # caught: the transaction is aborted all the same
+        await dp.publish(OrderPlaced(1))
+        return 0
+
+    async with dp:
+        with pytest.raises(TransactionFailed, match="had failed already"):
+            await dp.execute(PlaceOrder(1))
+    assert await order_ids(orders) == []
+
+
+# -- joining, nesting, providers --------------------------------------------------------------
+
+
+async def test_a_nested_execute_joins_the_unit_and_shares_its_session(
+    orders: Database, engine: AsyncEngine
+) -> None:
+    dp = shop(Database(engine, schema=orders.schema))
+    sessions: list[AsyncSession] = []
+
+    @dp.commands.register(PlaceOrder, session=Session)
+    async def place(command: PlaceOrder, session: Any) -> int:
+        sessions.append(session)
+        await session.execute(text(f'INSERT INTO "{orders.schema}".orders VALUES (1)'))
+        return await dp.query(CountOrders())
+
+    @dp.queries.register(CountOrders)
+    async def count(query: CountOrders, session: AsyncSession) -> int:
+        sessions.append(session)
+        result = await session.execute(text(f'SELECT count(*) FROM "{orders.schema}".orders'))
+        return int(result.scalar_one())
+
+    async with dp:
+        assert await dp.execute(PlaceOrder(1)) == 1  # sees the uncommitted row: one session
+    assert sessions[0] is sessions[1]
+
+
+async def test_concurrent_units_keep_apart(orders: Database) -> None:
+    dp = shop(orders)
+
+    @dp.commands.register(PlaceOrder)
+    async def place(command: PlaceOrder, conn: asyncpg.Connection) -> int:
+        await conn.execute(f'INSERT INTO "{orders.schema}".orders VALUES ($1)', command.order_id)
+        await asyncio.sleep(0)  # interleave with the others
+        await dp.publish(OrderPlaced(command.order_id))
+        if command.order_id % 3 == 0:
+            raise ValueError(command.order_id)
+        return command.order_id
+
+    async with dp:
+        results = await asyncio.gather(
+            *(dp.execute(PlaceOrder(n)) for n in range(1, 10)), return_exceptions=True
+        )
+    kept = [n for n in range(1, 10) if n % 3]
+    assert [r for r in results if not isinstance(r, BaseException)] == kept
+    assert await order_ids(orders) == kept
+    assert sorted(json.loads(r["payload"])["order_id"] for r in await outbox(orders)) == kept
