@@ -67,7 +67,7 @@ def test_the_most_specific_policy_wins() -> None:
     dp.commands.bind(Refund, refund)
     dp.commands.bind(Notify, notify)
     dp.start()
-    attempts = {sub.message: sub.retry.attempts for sub in dp._subscriptions}
+    attempts = {sub.message: sub.retry.attempts for sub in dp._table.subscriptions}
     assert attempts == {Charge: 9, Refund: 7, Notify: 2}
     with pytest.raises(ImproperlyConfigured, match="must be a Retry"):
         Dispatcher().commands.bind(Charge, charge, retry=3)  # type: ignore[arg-type]

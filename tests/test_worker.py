@@ -539,7 +539,7 @@ async def test_handlers_with_the_same_name_get_their_own_subscriptions() -> None
             await billing.publish(OrderPlaced(n))
         await asyncio.wait_for(billing.join(), 5)
     assert sorted(seen) == ["audit"] * 3 + ["email"] * 3
-    groups = sorted(sub.group for sub in billing._subscriptions)
+    groups = sorted(sub.group for sub in billing._table.subscriptions)
     assert groups[1] == groups[0] + "#2"
 
 

@@ -39,7 +39,7 @@ import inspect
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
@@ -60,17 +60,18 @@ from .errors import (
     check_name,
     check_seconds,
 )
-from .handlers import Handler, Invoke, Kind
+from .handlers import Handler, Kind
 from .messages import Command, MessageKey, Query, describe, message_key, message_name
-from .middleware import Context, Middleware, check_middleware, compose
+from .middleware import Context, Middleware, check_middleware
 from .providers import ProviderRegistry
 from .remote import Remote, RemoteRoute
 from .retry import Retry, checked_policy
 from .routers import EventRouter, RequestRouter, Router
-from .routing import Routes, address
+from .routes import RouteTable
+from .routing import Routes
 from .transports import Transport, check_transport_object, redact
-from .unit_of_work import Later, Scope, UnitOfWork, current_unit
-from .worker import StopDeadline, Subscription, Worker, bounded, seconds_until
+from .unit_of_work import Scope, UnitOfWork
+from .worker import StopDeadline, Worker, bounded, seconds_until
 
 __all__ = ["Dispatcher", "ErrorHandler"]
 
@@ -92,122 +93,6 @@ async def log_error(exc: BaseException, message: Any, context: Context) -> None:
         "" if context.key is None else f" (key {context.key!r})",
         exc_info=exc,
     )
-
-
-class Route:
-    """A handler compiled for sending: its middleware chain and what it emits.
-
-    The chain's innermost layer calls the handler and takes what it emitted (events it
-    returned or collected). When a unit of work is open there — the route's own (``unit``),
-    or one a middleware or a caller opened — the emitted messages go into it at once, so
-    that they commit with it; otherwise they are published once the whole chain returned,
-    so a middleware that fails after the handler stops them.
-    """
-
-    __slots__ = (
-        "chain",
-        "collects",
-        "context",
-        "dispatcher",
-        "handler",
-        "invoke",
-        "kind",
-        "name",
-        "plain",
-        "response_event",
-        "unit",
-    )
-
-    def __init__(
-        self, dispatcher: Dispatcher, handler: Handler, middleware: list[Middleware], unit: bool
-    ) -> None:
-        self.dispatcher = dispatcher
-        self.handler = handler
-        self.kind = handler.kind
-        self.name = handler.name
-        self.invoke = handler.invoke
-        self.collects = handler.collects_events
-        self.response_event = handler.response_event
-        self.unit = unit
-        self.chain = compose(middleware, self._in_unit if unit else self._innermost)
-        # ``plain``: no middleware, no event collection and no unit of work, so a send may
-        # call ``invoke`` directly and skip ``run``.
-        self.plain = not middleware and not self.collects and not unit
-        self.context = Context(handler.kind, handler.name, None)
-
-    def context_for(self, key: str | None) -> Context:
-        return self.context if key is None else Context(self.kind, self.name, key)
-
-    async def run(self, message: Any, key: str | None, delivered: Envelope | None = None) -> Any:
-        """Run the chain on ``message``; ``delivered``: the envelope it came in, from a
-        transport (a unit of work records it in the inbox)."""
-        call = Call(key, delivered)
-        context = self.context if key is None else Context(self.kind, self.name, key)
-        result = await self.chain(message, context, call)
-        if call.emitted is not None:
-            sink, emitted = call.emitted
-            await self.dispatcher.emit(self, emitted, sink, key)
-        for work in call.later:  # what a unit of work of this call deferred to its commit
-            await work()
-        return result
-
-    async def _innermost(self, message: Any, context: Context, call: Call) -> Any:
-        if self.collects:
-            sink: list[Any] | None = []
-            result = await self.invoke(message, sink)
-        else:
-            sink = None
-            result = await self.invoke(message)
-        # ``result is not message``: an event handler handing its event back must not
-        # publish it again (and again).
-        emitted = (
-            None
-            if result is None
-            or result is message
-            or (self.response_event is None and type(result) in self.dispatcher.quiet)
-            else result
-        )
-        if not sink and emitted is None:
-            call.emitted = None
-        elif self.dispatcher._units and self.dispatcher.open_unit() is not None:
-            call.emitted = None
-            await self.dispatcher.emit(self, emitted, sink, call.key)  # into the unit
-        else:
-            # Replaced, not added to: when middleware calls again, only what the call
-            # whose result is returned emitted is published.
-            call.emitted = (sink, emitted)
-        return result
-
-    async def _in_unit(self, message: Any, context: Context, call: Call) -> Any:
-        dispatcher = self.dispatcher
-        if dispatcher._units and dispatcher.open_unit() is not None:
-            return await self._innermost(message, context, call)  # joins the open one
-        database = dispatcher.database
-        assert database is not None  # checked at start
-        async with Scope(dispatcher, database, dispatcher.remote, later=call.later) as unit:
-            delivered = call.delivered
-            if delivered is not None and not await unit.claim(delivered.id, self.name):
-                logger.info(
-                    "iambus: %s already handled %s (id %s): a redelivery, acked without "
-                    "running it again",
-                    self.name,
-                    delivered.name,
-                    delivered.id,
-                )
-                return None
-            return await self._innermost(message, context, call)
-
-
-class Call:
-    """One run of a route: where its message came from, and what it leaves to do."""
-
-    __slots__ = ("delivered", "emitted", "key", "later")
-
-    def __init__(self, key: str | None, delivered: Envelope | None) -> None:
-        self.key = key
-        self.delivered = delivered
-        self.emitted: tuple[list[Any] | None, Any] | None = None
-        self.later: list[Later] = []
 
 
 class Dispatcher:
@@ -315,29 +200,24 @@ class Dispatcher:
                 "transport='memory://' (or 'redis://...') with them"
             )
         self._worker: Worker | None = None
-        self._subscriptions: list[Subscription] = []
         # The database of units of work (and of the outbox its relay sends from).
         self.database = database
         self._every_unit = unit_of_work  # Dispatcher(unit_of_work=True): every handler
         self.relay = relay
-        self._units = 0  # units of work open on this dispatcher: 0 keeps sends on the fast path
 
         self._state = _NEW
         # True only while started: the one check on the hot path.
         self._open = False
-        self._commands: dict[MessageKey, Route] = {}
-        self._queries: dict[MessageKey, Route] = {}
-        # Handler calls of plain routes by message type, only while open (see query()).
-        self._fast_commands: dict[MessageKey, Invoke] = {}
-        self._fast_queries: dict[MessageKey, Invoke] = {}
-        self._event_routes: dict[MessageKey, tuple[Route, ...]] = {}
-        # Event routes by the type actually sent, subclass handlers included. Filled at
-        # start for bound keys and on first sight of any other type, never per message.
-        self._event_cache: dict[MessageKey, tuple[Route, ...]] = {}
-        # Types seen to have no event handlers: a returned value of one is never
-        # published, which a set membership test tells fastest.
-        self.quiet: set[type] = set()  # internal: read by Route.run
-        self._implicit: dict[type, tuple[Route, ...]] = {}
+        # What runs for each message type, compiled at start (see iambus.routes). The
+        # sending fast paths read its maps through these names: the same objects, which
+        # the table fills in place, so that a send is a dict lookup and a call.
+        table = self._table = RouteTable(self._report)
+        self._fast_commands = table.fast_commands
+        self._fast_queries = table.fast_queries
+        self._event_cache = table.event_cache
+        self._quiet = table.quiet
+        self._published_to = table.published_to
+        self._deliver = table.deliver
         self._engine: Engine | None = None
         self._shutdown: asyncio.Event | None = None
         self._signal_loop: asyncio.AbstractEventLoop | None = None
@@ -417,12 +297,11 @@ class Dispatcher:
                 "dp.unit_of_work() writes to the outbox of the dispatcher's database, and it "
                 "has none: pass Dispatcher(database=Database(...)) (see iambus.database)"
             )
-        return Scope(self, self.database, self.remote, session)
+        return Scope(self._table, self.database, self.remote, session)
 
     def open_unit(self) -> UnitOfWork | None:
         """The unit of work of this dispatcher open where this is called, if any."""
-        unit = current_unit.get()
-        return unit if unit is not None and unit.owner is self else None
+        return self._table.open_unit()
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -450,156 +329,24 @@ class Dispatcher:
             if not self.routes and not any(r.handlers() for r in self._routers.values()):
                 logger.warning("iambus: no handlers registered; the dispatcher was not started")
                 return
-            self._compile()
+            self._table.compile(
+                self._routers,
+                self.middleware,
+                remote=self.remote,
+                database=self.database,
+                every_unit=self._every_unit,
+                retry=self.retry,
+                retry_for=self.retries,
+            )
         self._state = _STARTED
         self._failure = None
         self._open = True
-        self._fast_commands = _fast(self._commands)
-        self._fast_queries = _fast(self._queries)
+        self._table.open()
         if self._shutdown is not None:
             self._shutdown.clear()  # waiters from before the start keep waiting on it
         if self.listen_for_signals:
             self._install_signals()
         logger.debug("iambus: dispatcher started")
-
-    def _compile(self) -> None:
-        for kind, router in self._routers.items():
-            chain_mw = [*self.middleware, *router.middleware]
-            routes = [self._route(h, chain_mw, router) for h in router.handlers()]
-            if kind == "event":
-                grouped: dict[MessageKey, list[Route]] = {}
-                for route in routes:
-                    grouped.setdefault(route.handler.message, []).append(route)
-                self._event_routes = {k: tuple(v) for k, v in grouped.items()}
-                self._event_cache = {}
-                for key in self._event_routes:
-                    if isinstance(key, str):
-                        self._event_cache[key] = self._event_routes[key]
-                    else:
-                        self._resolve_events(key)  # a bound type has its bases' handlers too
-            else:
-                target = self._commands if kind == "command" else self._queries
-                target.update((route.handler.message, route) for route in routes)
-        if self.remote is not None:
-            self._compile_remote()
-
-    def _compile_remote(self) -> None:
-        """Routed messages: handlers become subscriptions, sending goes to the transport."""
-        remote = self.remote
-        assert remote is not None
-        # Every routed class this dispatcher knows of gets its wire name now, so that two
-        # classes of one name fail the start (naming both), not some later send.
-        for routed in self.routes.types():
-            remote.registry.add(routed)
-        subs: list[Subscription] = []
-        tables: tuple[tuple[Kind, dict[MessageKey, Route]], ...] = (
-            ("command", self._commands),
-            ("query", self._queries),
-        )
-        for kind, table in tables:
-            for key, route in list(table.items()):
-                owner = self.routes.owner(key)
-                if owner is None:
-                    continue
-                if owner != self.service:
-                    raise ImproperlyConfigured(
-                        f"{describe(key)} is routed to service {owner!r}, but this dispatcher "
-                        f"(service {self.service!r}) binds {route.name} for it; a {kind} has "
-                        f"one owner: remove the handler here or change the route"
-                    )
-                name = remote.registry.add(key)
-                subs.append(self._subscription(kind, key, route, name, owner, from_start=True))
-                table[key] = RemoteRoute(remote, kind, key)  # type: ignore[assignment]
-        for key, routes in list(self._event_routes.items()):
-            if self.routes.owner(key) is None:
-                continue
-            if self.service is None:
-                raise ImproperlyConfigured(
-                    f"handlers of the routed event {describe(key)} need a service name to "
-                    f"subscribe under: pass Dispatcher(service=...)"
-                )
-            name = remote.registry.add(key)
-            seen: dict[str, int] = {}
-            for route in routes:
-                # Each handler is its own subscription, named after it; two handlers with
-                # one name (made by a factory, a class bound twice) get "#2", "#3"... in
-                # binding order, so they never share a group and compete.
-                seen[route.name] = seen.get(route.name, 0) + 1
-                suffix = "" if seen[route.name] == 1 else f"#{seen[route.name]}"
-                group = f"{self.service}.{route.name}{suffix}"
-                subs.append(self._subscription("event", key, route, name, group, from_start=False))
-            self._event_routes[key] = (RemoteRoute(remote, "event", key),)  # type: ignore[assignment]
-        self._event_cache = {}
-        for key in self._event_routes:
-            self._resolve_events(key)
-        self._subscriptions = subs
-
-    def _subscription(
-        self, kind: Kind, key: MessageKey, route: Route, name: str, group: str, *, from_start: bool
-    ) -> Subscription:
-        return Subscription(
-            kind=kind,
-            address=address(kind, name),
-            group=group,
-            message=key,
-            route=route,
-            retry=route.handler.retry or self.retries.get(key) or self.retry,
-            from_start=from_start,
-        )
-
-    def _routed(self, key: MessageKey) -> RemoteRoute | None:
-        for table in (self._commands, self._queries):
-            route = table.get(key)
-            if route is not None:
-                return route if isinstance(route, RemoteRoute) else None
-        cached = self._event_cache.get(key)
-        if cached is not None:
-            return cached[0] if len(cached) == 1 and isinstance(cached[0], RemoteRoute) else None
-        if key in self._event_routes:
-            return None
-        return self._remote_route(key, None)
-
-    def _remote_route(self, key: MessageKey, kind: Kind | None) -> RemoteRoute | None:
-        """A route sending ``key`` to the transport, if it is routed (cached in the maps)."""
-        if self.remote is None or self.routes.owner(key) is None:
-            return None
-        if kind is None:  # only handle() does not say: the markers, or else an event
-            is_type = isinstance(key, type)
-            kind = (
-                "query"
-                if is_type and issubclass(key, Query)  # type: ignore[arg-type]
-                else "command"
-                if is_type and issubclass(key, Command)  # type: ignore[arg-type]
-                else "event"
-            )
-        route = RemoteRoute(self.remote, kind, key)
-        if kind == "event":
-            self._event_cache[key] = (route,)  # type: ignore[assignment]
-        else:
-            table = self._commands if kind == "command" else self._queries
-            table[key] = route  # type: ignore[assignment]
-        return route
-
-    def _route(self, handler: Handler, middleware: list[Middleware], router: Router) -> Route:
-        unit = next(
-            (
-                choice
-                for choice in (handler.unit_of_work, router.unit_of_work, self._every_unit)
-                if choice is not None
-            ),
-            False,
-        )
-        if unit and self.database is None:
-            why = (
-                "takes the unit of work's session or connection"
-                if handler.unit_of_work
-                else "runs in a unit of work"
-            )
-            raise ImproperlyConfigured(
-                f"{handler.kind} handler {handler.name} {why}, and the dispatcher has no "
-                f"database: pass Dispatcher(database=Database(...)) (see iambus.database)"
-            )
-        return Route(self, handler, middleware, unit)
 
     async def __aenter__(self) -> Dispatcher:
         self.start()
@@ -612,7 +359,7 @@ class Dispatcher:
         if self.remote is None or self._state != _STARTED:
             return
         await self.remote.open()
-        if not self._subscriptions:
+        if not self._table.subscriptions:
             logger.info(
                 "iambus: service %s sends routed messages through %s; it binds no handler "
                 "for one, so it consumes nothing",
@@ -622,7 +369,7 @@ class Dispatcher:
         elif self._worker is None:
             worker = Worker(
                 self.remote,
-                self._subscriptions,
+                self._table.subscriptions,
                 concurrency=self.concurrency,
                 batch=min(32, self.concurrency),
                 report=self._report,
@@ -697,7 +444,7 @@ class Dispatcher:
         self._state = _STOPPING
         self._open = False
         # Every send now takes the checked path, which admits only drained handlers.
-        self._fast_commands, self._fast_queries = {}, {}
+        self._table.close()
         timeout = self.shutdown_timeout if timeout is None else timeout
         engine = self._engine
         deadline = StopDeadline.after(timeout)  # one deadline for every wait below
@@ -914,12 +661,10 @@ class Dispatcher:
         if invoke is None or key is not None or timeout is not None:
             return await self._send_request("query", query, key, timeout)
         result = await invoke(query)
-        if result is not None and type(result) not in self.quiet:
-            # Plain routes have no response_event: the result is an event if its type
-            # has handlers of its own (see _implicit_routes).
-            routes = self._implicit.get(type(result))
-            if routes is None:
-                routes = self._implicit_routes(type(result))
+        # Plain routes have no response_event, so a result of a type in ``quiet`` is no
+        # event: that set lookup spares most calls the call deciding it (see routes).
+        if result is not None and type(result) not in self._quiet:
+            routes = self._published_to(result, query, None)
             if routes:
                 await self._deliver(routes, result, None, True)
         return result
@@ -950,12 +695,10 @@ class Dispatcher:
         if invoke is None or key is not None or timeout is not None:
             return await self._send_request("command", command, key, timeout)
         result = await invoke(command)
-        if result is not None and type(result) not in self.quiet:
-            # Plain routes have no response_event: the result is an event if its type
-            # has handlers of its own (see _implicit_routes).
-            routes = self._implicit.get(type(result))
-            if routes is None:
-                routes = self._implicit_routes(type(result))
+        # Plain routes have no response_event, so a result of a type in ``quiet`` is no
+        # event: that set lookup spares most calls the call deciding it (see routes).
+        if result is not None and type(result) not in self._quiet:
+            routes = self._published_to(result, command, None)
             if routes:
                 await self._deliver(routes, result, None, True)
         return result
@@ -969,14 +712,14 @@ class Dispatcher:
         if not self._open:
             self._ensure_open()
         if key is not None:
-            if self._units and await self._into_unit(event, key, publish=True):
+            if self._table.units and await self._into_unit(event, key, publish=True):
                 return
-            await self._through_lane(self._publish_raising, event, key)
+            await self._through_lane(self._table.publish_raising, event, key)
             return
         mkey = event if type(event) is str else type(event)
         routes = self._event_cache.get(mkey)
         if routes is None:
-            routes = self._resolve_events(mkey)
+            routes = self._table.event_handlers(mkey)
         if routes:
             await self._deliver(routes, event, None, False)
 
@@ -1010,8 +753,9 @@ class Dispatcher:
             self._ensure_open()
         mkey = message_key(message)
         _check_key(key)
+        table = self._table
         if self.remote is not None:
-            remote = self._routed(mkey)
+            remote = table.routed(mkey)
             if remote is not None:
                 # Routed: handed to the broker now, whether or not the caller waits —
                 # durability is the broker's job, not an in-memory queue's. A routed
@@ -1021,19 +765,20 @@ class Dispatcher:
                     return result if wait_for_response else None
                 await remote.send(message, key)
                 return None
-        if self._units and not wait_for_response and await self._into_unit(message, key):
+        if table.units and not wait_for_response and await self._into_unit(message, key):
             return None
         job: JobFn
         # Events bound to this very type first (the seed's order: events, commands,
         # queries); handlers bound to a base class (or ``object``) only when no command or
         # query handler claims the type, so a catch-all audit handler never swallows one.
-        if mkey in self._event_routes or (
-            mkey not in self._commands and mkey not in self._queries and self._event_handlers(mkey)
+        commands, queries = table.commands, table.queries
+        if mkey in table.events or (
+            mkey not in commands and mkey not in queries and table.event_handlers(mkey)
         ):
             if wait_for_response:
                 return await self.publish(message, key=key)
-            job = self._publish_reporting
-        elif mkey in self._commands or mkey in self._queries:
+            job = table.publish_reporting
+        elif mkey in commands or mkey in queries:
             if wait_for_response:
                 if key is not None:
                     return await self._through_lane(self._request, message, key)
@@ -1077,14 +822,15 @@ class Dispatcher:
             self._ensure_open()
         mkey = message_key(message)
         _check_key(key)
+        table = self._table
         if self.remote is not None:
-            routed = self._routed(mkey)
+            routed = table.routed(mkey)
             if routed is not None:
                 if routed.kind == "query":
                     raise _not_sent(describe(mkey))
                 await routed.send(message, key, id)
                 return
-        if mkey in self._queries and mkey not in self._commands and mkey not in self._event_routes:
+        if mkey in table.queries and mkey not in table.commands and mkey not in table.events:
             raise _not_sent(describe(mkey))  # what handle() would run is the query handler
         await self.handle(message, key=key)
 
@@ -1104,7 +850,7 @@ class Dispatcher:
             mkey = self._message_named(envelope.name)
             if mkey is not None:
                 remote.registry.add(mkey)
-        route = self._routed(mkey) if mkey is not None else None
+        route = self._table.routed(mkey) if mkey is not None else None
         if route is None:
             owner = self.routes.owner(envelope.name)
             raise ImproperlyConfigured(
@@ -1127,7 +873,7 @@ class Dispatcher:
     def _message_named(self, name: str) -> MessageKey | None:
         """The routed message called ``name`` on the wire: bound here, or a loaded class
         (a command or query by its marker, any message of a module routed by pattern)."""
-        for table in (self._commands, self._queries, self._event_routes):
+        for table in (self._table.commands, self._table.queries, self._table.events):
             for key in table:
                 if message_name(key) == name and self.routes.owner(key) is not None:
                     return key
@@ -1146,7 +892,7 @@ class Dispatcher:
             )
         return found[0] if found else None
 
-    # -- internals: routes, emitting, delivering ---------------------------------------
+    # -- internals: requests, units of work, reporting ----------------------------------
 
     def _send_request(
         self, kind: Kind, message: Any, key: str | None, timeout: float | None = None
@@ -1159,9 +905,10 @@ class Dispatcher:
             )
         if not self._open:
             self._ensure_open()
-        routes = self._queries if kind == "query" else self._commands
+        table = self._table
+        routes = table.queries if kind == "query" else table.commands
         mkey = message_key(message)
-        route = routes.get(mkey) or self._remote_route(mkey, kind)
+        route = routes.get(mkey) or table.remote_route(mkey, kind)
         if route is None:
             raise self._missing(kind, message)
         _check_key(key)
@@ -1176,9 +923,9 @@ class Dispatcher:
     def _missing(self, kind: Kind, message: Any) -> HandlerDoesNotExist:
         mkey = message_key(message)
         router, other, other_kind = (
-            ("queries", self._commands, "command")
+            ("queries", self._table.commands, "command")
             if kind == "query"
-            else ("commands", self._queries, "query")
+            else ("commands", self._table.queries, "query")
         )
         hint = f" (it has a {other_kind} handler: send it with that)" if mkey in other else ""
         return HandlerDoesNotExist(
@@ -1186,202 +933,18 @@ class Dispatcher:
             f"@dp.{router}.register(...) before sending it"
         )
 
-    def _event_handlers(self, mkey: MessageKey) -> tuple[Route, ...]:
-        routes = self._event_cache.get(mkey)
-        if routes is None:
-            routes = self._resolve_events(mkey)
-        return routes
-
-    def _resolve_events(self, mkey: MessageKey) -> tuple[Route, ...]:
-        if self.remote is not None and self.routes.owner(mkey) is not None:
-            # A routed event goes to the transport, and only there: local handlers of
-            # its base classes (an `object` audit handler, say) do not run in the sender,
-            # and a failure to send is the sender's, never reported and forgotten.
-            own = self._event_routes.get(mkey)
-            if own and isinstance(own[0], RemoteRoute):
-                self._event_cache[mkey] = own
-                return own
-            remote = self._remote_route(mkey, "event")
-            assert remote is not None
-            return (remote,)  # type: ignore[return-value]
-        if isinstance(mkey, str):
-            return ()  # strings match exactly; unknown ones are not cached
-        # A routed base class does not cover its subclasses: its transport route is
-        # never borrowed (it would send the subclass under the subclass's own name).
-        found = [
-            r
-            for base in mkey.__mro__
-            for r in self._event_routes.get(base, ())
-            if not isinstance(r, RemoteRoute)
-        ]
-        routes = self._event_cache[mkey] = tuple(found)
-        return routes
-
-    async def emit(
-        self, route: Route, result: Any, sink: list[Any] | None, key: str | None
-    ) -> None:
-        """Publish what a handler emitted; failures go to the error handler."""
-        if sink:
-            for event in sink:
-                await self._publish_reporting(event, key)
-        if result is not None:
-            await self._emit_result(route, result, key)
-
-    async def _emit_result(self, route: Route, result: Any, key: str | None) -> None:
-        if route.response_event is None:
-            routes = self._implicit.get(type(result))
-            if routes is None:
-                routes = self._implicit_routes(type(result))
-        elif isinstance(result, route.response_event):
-            routes = self._event_handlers(type(result))
-        else:
-            return
-        if routes:
-            await self._deliver(routes, result, key, True)
-
-    def _implicit_routes(self, rtype: type) -> tuple[Route, ...]:
-        """The routes a returned value of ``rtype`` is published to without response_event.
-
-        A value is an event if its own type or a base has handlers; catch-all handlers
-        bound to ``object`` do not make every result one. Cached per type.
-        """
-        if any(base in self._event_routes for base in rtype.__mro__[:-1]) or (
-            self.remote is not None
-            and self.routes.owner(rtype) is not None
-            and not issubclass(rtype, Command | Query)
-        ):
-            routes = self._event_handlers(rtype)
-        else:
-            routes = ()
-            self.quiet.add(rtype)
-        self._implicit[rtype] = routes
-        return routes
-
     async def _request(self, message: Any, key: str | None) -> Any:
         mkey = message_key(message)
-        route = self._commands.get(mkey) or self._queries[mkey]
+        route = self._table.commands.get(mkey) or self._table.queries[mkey]
         return await route.run(message, key)
 
     async def _request_reporting(self, message: Any, key: str | None) -> None:
         mkey = message_key(message)
-        route = self._commands.get(mkey) or self._queries[mkey]
+        route = self._table.commands.get(mkey) or self._table.queries[mkey]
         try:
             await route.run(message, key)
         except Exception as exc:
             await self._report(exc, message, route.context_for(key))
-
-    async def _publish_raising(self, event: Any, key: str | None) -> None:
-        routes = self._event_handlers(message_key(event))
-        if routes:
-            await self._deliver(routes, event, key, False)
-
-    async def _publish_reporting(self, event: Any, key: str | None) -> None:
-        routes = self._event_handlers(message_key(event))
-        if routes:
-            await self._deliver(routes, event, key, True)
-
-    async def _deliver(
-        self, routes: tuple[Route, ...], event: Any, key: str | None, report: bool
-    ) -> None:
-        """Run ``routes`` on ``event``; report failures, or raise them as a group."""
-        if self._units and not isinstance(routes[0], RemoteRoute):
-            unit = self.open_unit()
-            if unit is not None:  # handled in-process once the unit has committed
-                unit.after_commit(lambda: self._deliver(routes, event, key, True))
-                return
-        if len(routes) == 1:
-            route = routes[0]
-            try:
-                if route.plain:
-                    result = await route.invoke(event)
-                    if (
-                        result is not None
-                        and result is not event
-                        and (route.response_event is not None or type(result) not in self.quiet)
-                    ):
-                        await self._emit_result(route, result, key)
-                else:
-                    await route.run(event, key)
-            except Exception as exc:
-                if isinstance(route, RemoteRoute):
-                    raise  # not handed to the transport: the sender must know (and retry)
-                if report:
-                    await self._report(exc, event, route.context_for(key))
-                    return
-                raise _group(event, 1, [(route, exc)]) from None
-            return
-
-        # Several handlers. They are awaited one after another by the sending task
-        # itself, as direct calls are, so current_task(), asyncio.timeout() and task
-        # groups inside a handler behave exactly as for a direct call. A callback armed
-        # beforehand can only run if a handler suspends: it then starts the remaining
-        # handlers as tasks, so they run concurrently with the waiting one. When no
-        # handler suspends (the common case), the callback is cancelled unrun: no task.
-        fan = _FanOut(routes, event, key)
-        armed = asyncio.get_running_loop().call_soon(self._spread, fan)
-        try:
-            quiet = self.quiet
-            while fan.next < fan.total and fan.tasks is None:
-                route = routes[fan.next]
-                fan.next += 1
-                try:
-                    if route.plain:  # _run_one, inlined: one coroutine less per handler
-                        result = await route.invoke(event)
-                        if (
-                            result is not None
-                            and result is not event
-                            and (route.response_event is not None or type(result) not in quiet)
-                        ):
-                            await self._emit_result(route, result, key)
-                    else:
-                        await route.run(event, key)
-                except Exception as exc:
-                    fan.failures.append((route, exc))
-            armed.cancel()
-            if fan.tasks:
-                await asyncio.wait(fan.tasks)
-        except BaseException:
-            armed.cancel()
-            # Like a TaskGroup: cancelled with us, the started handlers are cancelled
-            # too, and we return only once their clean-up has run.
-            if fan.tasks:
-                for task in fan.tasks:
-                    task.cancel()
-                await asyncio.wait(fan.tasks)
-            raise
-        if fan.tasks:
-            for route, task in zip(routes[fan.total - len(fan.tasks) :], fan.tasks, strict=True):
-                if task.cancelled():
-                    fan.failures.append((route, asyncio.CancelledError()))
-                elif (error := task.exception()) is not None:
-                    fan.failures.append((route, error))
-        if not fan.failures:
-            return
-        if report:
-            for route, failure in fan.failures:
-                await self._report(failure, event, route.context_for(key))
-            return
-        raise _group(event, fan.total, fan.failures)
-
-    def _spread(self, fan: _FanOut) -> None:
-        # Runs only if a handler of ``fan`` suspended: start the rest as tasks.
-        fan.tasks = [
-            _start_task(self._run_one(route, fan.event, fan.key))
-            for route in fan.routes[fan.next :]
-        ]
-        fan.next = fan.total
-
-    async def _run_one(self, route: Route, event: Any, key: str | None) -> None:
-        if not route.plain:
-            await route.run(event, key)
-            return
-        result = await route.invoke(event)
-        if (
-            result is not None
-            and result is not event
-            and (route.response_event is not None or type(result) not in self.quiet)
-        ):
-            await self._emit_result(route, result, key)
 
     async def _into_unit(self, message: Any, key: str | None, *, publish: bool = False) -> bool:
         """In a unit of work, an in-process send without waiting (``handle``) or a keyed
@@ -1397,7 +960,7 @@ class Dispatcher:
 
             unit.after_commit(later)
             return True
-        routes = self._event_handlers(message_key(message))
+        routes = self._table.event_handlers(message_key(message))
         if routes and isinstance(routes[0], RemoteRoute):
             await routes[0].send(message, key)  # not through a lane: the unit keeps order
         elif routes:
@@ -1447,7 +1010,7 @@ class Dispatcher:
         # An awaited keyed send whose caller stopped waiting (timeout, cancellation)
         # still failed: nobody will see the exception, so report it.
         mkey = message_key(message)
-        route = self._commands.get(mkey) or self._queries.get(mkey)
+        route = self._table.commands.get(mkey) or self._table.queries.get(mkey)
         context = (
             route.context_for(key)
             if route is not None
@@ -1532,49 +1095,3 @@ def _check_key(key: object) -> None:
             f"key must be a string (messages with equal keys are handled in order), "
             f"got {key!r}; pass str(...) of what identifies the sequence"
         )
-
-
-def _fast(routes: dict[MessageKey, Route]) -> dict[MessageKey, Invoke]:
-    return {
-        key: route.invoke
-        for key, route in routes.items()
-        if route.plain and route.response_event is None and not isinstance(key, str)
-    }
-
-
-class _FanOut:
-    """One event on its way to several handlers."""
-
-    __slots__ = ("event", "failures", "key", "next", "routes", "tasks", "total")
-
-    def __init__(self, routes: tuple[Route, ...], event: Any, key: str | None) -> None:
-        self.routes = routes
-        self.event = event
-        self.key = key
-        self.total = len(routes)
-        self.next = 0
-        self.tasks: list[asyncio.Task[None]] | None = None
-        self.failures: list[tuple[Route, BaseException]] = []
-
-
-_eager = getattr(asyncio, "eager_task_factory", None)
-
-
-def _start_task(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-    # 3.12+: an eager task runs its first step at once; a handler that does not wait
-    # then finishes without ever being scheduled. 3.11 has only plain tasks.
-    loop = asyncio.get_running_loop()
-    if _eager is not None:
-        task: asyncio.Task[None] = _eager(loop, coro)
-        return task
-    return loop.create_task(coro)
-
-
-def _group(
-    event: Any, total: int, failures: list[tuple[Route, BaseException]]
-) -> BaseExceptionGroup[Any]:
-    names = ", ".join(route.name for route, _ in failures)
-    return BaseExceptionGroup(
-        f"{len(failures)} of {total} handler(s) of {describe(message_key(event))} failed: {names}",
-        [exc for _, exc in failures],
-    )
