@@ -93,42 +93,58 @@ class Route:
     async def run(self, message: Any, key: str | None, delivered: Envelope | None = None) -> Any:
         """Run the chain on ``message``; ``delivered``: the envelope it came in, from a
         transport (a unit of work records it in the inbox)."""
-        call = Call(key, delivered)
+        call = Call()
+        if self.collects:
+            call.sink = []
+        if delivered is not None:
+            call.delivered = delivered
         context = self.context if key is None else Context(self.kind, self.name, key)
         result = await self.chain(message, context, call)
-        if call.emitted is not None:
-            sink, emitted, routes = call.emitted
-            await self.table.emit(sink, emitted, routes, key)
-        for work in call.later:  # what a unit of work of this call deferred to its commit
-            await work()
+        if not call.taken and (call.sink or result is not None):
+            table = self.table
+            routes = table.published_to(result, message, self.response_event)
+            if call.sink or routes:
+                await table.emit(call.sink, result, routes, key)
+        if call.later:  # what a unit of work of this call left to its commit
+            for work in call.later:
+                await work()
         return result
 
-    async def _innermost(self, message: Any, context: Context, call: Call) -> Any:
+    def _innermost(self, message: Any, context: Context, call: Call) -> Awaitable[Any]:
+        # A plain function handing back the handler's coroutine (no frame of ours in
+        # between), unless a unit of work may be open here to take what it emits.
+        if self.table.units:
+            return self._into_unit(message, context, call)
         if self.collects:
-            sink: list[Any] | None = []
-            result = await self.invoke(message, sink)
+            return self.invoke(message, call.sink)
+        return self.invoke(message)
+
+    async def _into_unit(self, message: Any, context: Context, call: Call) -> Any:
+        """Call the handler; if a unit of work is open here, what it emitted goes into it
+        now (so it commits with it), else it is left to ``run``, as without a unit."""
+        if self.collects:
+            result = await self.invoke(message, call.sink)
         else:
-            sink = None
             result = await self.invoke(message)
         table = self.table
-        routes = () if result is None else table.published_to(result, message, self.response_event)
-        if not sink and not routes:
-            call.emitted = None
-        elif table.units and table.open_unit() is not None:
-            call.emitted = None
-            await table.emit(sink, result, routes, call.key)  # into the unit
-        else:
-            # Replaced, not added to: when middleware calls again, only what the call
-            # whose result is returned emitted is published.
-            call.emitted = (sink, result, routes)
+        if table.open_unit() is not None:
+            routes = table.published_to(result, message, self.response_event)
+            sink = call.sink
+            call.taken = True
+            if self.collects:
+                call.sink = []  # a middleware calling again collects afresh
+            if sink or routes:
+                await table.emit(sink, result, routes, context.key)
         return result
 
     async def _in_unit(self, message: Any, context: Context, call: Call) -> Any:
         table = self.table
         if table.units and table.open_unit() is not None:
-            return await self._innermost(message, context, call)  # joins the open one
+            return await self._into_unit(message, context, call)  # joins the open one
         database = table.database
         assert database is not None  # checked when compiled
+        if call.later is None:
+            call.later = []
         async with Scope(table, database, table.remote, later=call.later) as unit:
             delivered = call.delivered
             if delivered is not None and not await unit.claim(delivered.id, self.name):
@@ -139,22 +155,22 @@ class Route:
                     delivered.name,
                     delivered.id,
                 )
+                call.taken = True
                 return None
-            return await self._innermost(message, context, call)
+            return await self._into_unit(message, context, call)
 
 
 class Call:
-    """One run of a route: where its message came from, and what it leaves to do."""
+    """One run of a route: where its message came from, and what it leaves to do.
 
-    __slots__ = ("delivered", "emitted", "key", "later")
+    Its fields default on the class, and a run sets only those it needs: made for every
+    call of a route with middleware, it must cost next to nothing.
+    """
 
-    def __init__(self, key: str | None, delivered: Envelope | None) -> None:
-        self.key = key
-        self.delivered = delivered
-        # What the handler emitted, published once the chain returned: the events it
-        # collected, its result, and the routes that result goes to.
-        self.emitted: tuple[list[Any] | None, Any, tuple[Route, ...]] | None = None
-        self.later: list[Later] = []
+    delivered: Envelope | None = None  # the envelope of a message from a transport
+    sink: list[Any] | None = None  # the events a collecting class handler adds
+    taken = False  # True once a unit of work took what the handler emitted
+    later: list[Later] | None = None  # in-process work a unit of work left to its commit
 
 
 @dataclass(frozen=True, slots=True)
