@@ -458,7 +458,7 @@ def test_worker_serves_with_the_overrides_until_sigterm(
         "billing",
         "billing",
     )
-    assert (dp.concurrency, dp.shutdown_timeout) == (3, 1.5)
+    assert (dp.limits.concurrency, dp.timeouts.shutdown) == (3, 1.5)
     assert len(sys.modules["uvloop"].made) == 1  # the loop came from --uvloop's factory
     text = caplog.text
     assert "(service billing) on memory://, 3 at once" in text

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import dataclasses
 import importlib
 import inspect
 import json
@@ -125,14 +126,15 @@ def _parser() -> argparse.ArgumentParser:
         "--concurrency",
         metavar="N",
         type=_positive_int,
-        help="how many handlers may run at once (default: the dispatcher's, 32 unless set)",
+        help="how many handlers may run at once (default: the dispatcher's "
+        "limits.concurrency, 32 unless set)",
     )
     worker.add_argument(
         "--shutdown-timeout",
         metavar="SECONDS",
         type=_seconds,
         help="how long in-flight handlers may take to finish on stop (default: the "
-        "dispatcher's, 30 unless set)",
+        "dispatcher's timeouts.shutdown, 30 unless set)",
     )
     worker.add_argument(
         "--log-level",
@@ -381,9 +383,9 @@ def _configure(dp: Dispatcher, spec: str, args: argparse.Namespace) -> None:
             owned=owned,
         )
     if args.concurrency is not None:
-        dp.concurrency = args.concurrency
+        dp.limits = dataclasses.replace(dp.limits, concurrency=args.concurrency)
     if args.shutdown_timeout is not None:
-        dp.shutdown_timeout = args.shutdown_timeout
+        dp.timeouts = dataclasses.replace(dp.timeouts, shutdown=args.shutdown_timeout)
 
 
 def _loop_factory() -> LoopFactory:

@@ -35,13 +35,16 @@ returns. Their handlers' failures go to the ``error_handler``: the command did s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import signal
 import sys
+import warnings
 from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, Literal, TypedDict, TypeVar, Unpack, overload
 
 from .codecs import Codec, JsonCodec
 from .database import Database
@@ -73,7 +76,7 @@ from .transports import Transport, check_transport_object, redact
 from .unit_of_work import Scope, UnitOfWork
 from .worker import StopDeadline, Worker, bounded, seconds_until
 
-__all__ = ["Dispatcher", "ErrorHandler"]
+__all__ = ["Dispatcher", "ErrorHandler", "Limits", "Timeouts"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,38 +98,123 @@ async def log_error(exc: BaseException, message: Any, context: Context) -> None:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """How much a dispatcher runs at once::
+
+        Dispatcher(limits=Limits(concurrency=64, background=4))
+
+    * ``concurrency``: handlers of messages from the transport running at once (the
+      worker fetches no more meanwhile);
+    * ``background``: handlers of this process's background work running at once — what
+      ``handle()`` and an unrouted ``send()`` queue (the engine's workers);
+    * ``max_pending``: background messages queued or running before ``handle()`` waits
+      for room.
+    """
+
+    concurrency: int = 32
+    background: int = 8
+    max_pending: int = 10_000
+
+    def __post_init__(self) -> None:
+        check_count("limits.concurrency", self.concurrency)
+        check_count("limits.background", self.background)
+        check_count("limits.max_pending", self.max_pending)
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """How long a dispatcher waits, in seconds::
+
+        Dispatcher(timeouts=Timeouts(request=5.0, shutdown=None))
+
+    * ``request``: for the answer to a routed command or query, unless the call passes
+      ``timeout=`` (a handler in this process is awaited as long as it takes);
+    * ``shutdown``: how long ``stop()`` lets work finish (None: no limit).
+    """
+
+    request: float = 10.0
+    shutdown: float | None = 30.0
+
+    def __post_init__(self) -> None:
+        check_seconds("timeouts.request", self.request)
+        check_seconds("timeouts.shutdown", self.shutdown, zero=True, none="no limit")
+
+
+class _Moved:
+    """An option's old attribute name: reads and sets its new place, with a warning."""
+
+    def __init__(self, group: str, field: str | None) -> None:
+        self.group = group
+        self.field = field
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, dispatcher: Any, owner: type | None = None) -> Any:
+        if dispatcher is None:
+            return self
+        _deprecated("Dispatcher attribute", self.name, stacklevel=2)
+        value = getattr(dispatcher, self.group)
+        return value if self.field is None else getattr(value, self.field)
+
+    def __set__(self, dispatcher: Any, value: Any) -> None:
+        _deprecated("Dispatcher attribute", self.name, stacklevel=2)
+        if self.field is None:
+            setattr(dispatcher, self.group, _policies(self.name, value))
+        else:
+            group = getattr(dispatcher, self.group)
+            setattr(dispatcher, self.group, dataclasses.replace(group, **{self.field: value}))
+
+
+class _Renamed(TypedDict, total=False):
+    """The options' old names: they still work, with a DeprecationWarning."""
+
+    engine_workers: int
+    max_pending: int
+    concurrency: int
+    request_timeout: float
+    shutdown_timeout: float | None
+    retries: Mapping[Any, Retry]
+
+
 class Dispatcher:
     """Routes events, commands and queries to their handlers, in this process."""
 
     def __init__(
         self,
         *,
+        # How much runs at once (transport handlers, background workers, queued background
+        # work) and how long to wait (for a routed request's answer, for stop() to drain).
+        limits: Limits | None = None,
+        timeouts: Timeouts | None = None,
+        # This process: failures nobody awaits, signals, custom router classes.
+        error_handler: ErrorHandler | None = None,
+        listen_for_signals: bool = False,
         events_router_cls: type[EventRouter] | None = None,
         commands_router_cls: type[RequestRouter] | None = None,
         queries_router_cls: type[RequestRouter] | None = None,
-        engine_workers: int = 8,
-        max_pending: int = 10_000,
-        error_handler: ErrorHandler | None = None,
-        listen_for_signals: bool = False,
-        shutdown_timeout: float | None = 30.0,
+        # Across services: the transport, this service's name, which service owns which
+        # message, and how messages are encoded.
         transport: Transport | str | None = None,
         service: str | None = None,
         routes: Mapping[Any, str] | None = None,  # Any: a dict of classes is no Mapping[type]
         codec: Codec | None = None,
+        # Retrying messages from the transport: the policy, and policies per message type.
         retry: Retry | None = None,
-        retries: Mapping[MessageKey, Retry] | None = None,
-        concurrency: int = 32,
-        request_timeout: float = 10.0,
+        retry_for: Mapping[Any, Retry] | None = None,
+        # The database: units of work, the outbox and its relay, the inbox.
         database: Database | None = None,
         unit_of_work: bool = False,
         relay: bool = True,
+        # Deprecated names: engine_workers, max_pending, concurrency (limits=Limits(...)),
+        # request_timeout, shutdown_timeout (timeouts=Timeouts(...)), retries (retry_for).
+        **renamed: Unpack[_Renamed],
     ) -> None:
-        check_count("engine_workers", engine_workers)
-        check_count("max_pending", max_pending)
-        check_count("concurrency", concurrency)
-        check_seconds("request_timeout", request_timeout)
+        if renamed:
+            limits, timeouts, retry_for = _renamed(renamed, limits, timeouts, retry_for)
         check_flag("listen_for_signals", listen_for_signals)
-        check_seconds("shutdown_timeout", shutdown_timeout, zero=True, none="no limit")
         if service is not None:
             check_name("service", service)
         if routes is not None and not isinstance(routes, Mapping):
@@ -157,6 +245,9 @@ class Dispatcher:
         ):
             if cls is not None and not (isinstance(cls, type) and issubclass(cls, base)):
                 raise bad_option(option, cls, f"a subclass of {base.__name__}")
+        self.remote: Remote | None = None
+        self.limits = Limits() if limits is None else limits
+        self.timeouts = Timeouts() if timeouts is None else timeouts
         self._router_classes: dict[Kind, type[Router]] = {
             "event": events_router_cls or EventRouter,
             "command": commands_router_cls or RequestRouter,
@@ -165,33 +256,20 @@ class Dispatcher:
         self._routers: dict[Kind, Router] = {}
         self.providers = ProviderRegistry()
         self.middleware: list[Middleware] = []
-        self.engine_workers = engine_workers
-        self.max_pending = max_pending
         self.error_handler: ErrorHandler = error_handler or log_error
         self.listen_for_signals = listen_for_signals
-        self.shutdown_timeout = shutdown_timeout
         self.retry = checked_policy("retry", retry) or Retry()
-        if retries is not None and not isinstance(retries, Mapping):
-            raise ImproperlyConfigured(
-                f"retries must map message types (or names) to Retry(...), got {retries!r}; "
-                f"e.g. retries={{ChargeCard: Retry(attempts=10)}}"
-            )
-        self.retries = {
-            key: checked_policy(f"retries[{describe(key)}]", policy)
-            for key, policy in (retries or {}).items()
-        }
-        self.concurrency = concurrency
+        self.retry_for = _policies("retries" if "retries" in renamed else "retry_for", retry_for)
         # Across services: a transport and the routes that decide what uses it.
         self.service = service
         self.routes = Routes(routes)
-        self.remote: Remote | None = None
         if transport is not None:
             self.remote = Remote(
                 transport,
                 service=service,
                 routes=self.routes,
                 codec=codec or JsonCodec(),
-                request_timeout=request_timeout,
+                request_timeout=self.timeouts.request,
                 owned=isinstance(transport, str),
             )
         elif self.routes:
@@ -226,6 +304,40 @@ class Dispatcher:
         self._draining: asyncio.Task[Any] | None = None  # the task running stop()'s drain
         self._draining_worker: Worker | None = None
         self._forced = False  # a second signal cut the drain short
+
+    # -- options --------------------------------------------------------------------
+
+    @property
+    def limits(self) -> Limits:
+        """How much runs at once (see ``Limits``); set it before the dispatcher starts."""
+        return self._limits
+
+    @limits.setter
+    def limits(self, limits: Limits) -> None:
+        if not isinstance(limits, Limits):
+            raise bad_option("limits", limits, "a Limits(...), e.g. Limits(concurrency=64)")
+        self._limits = limits
+
+    @property
+    def timeouts(self) -> Timeouts:
+        """How long to wait (see ``Timeouts``)."""
+        return self._timeouts
+
+    @timeouts.setter
+    def timeouts(self, timeouts: Timeouts) -> None:
+        if not isinstance(timeouts, Timeouts):
+            raise bad_option("timeouts", timeouts, "a Timeouts(...), e.g. Timeouts(request=5.0)")
+        self._timeouts = timeouts
+        if self.remote is not None:
+            self.remote.request_timeout = timeouts.request
+
+    # The old names of options, as attributes (deprecated, like the keywords).
+    engine_workers = _Moved("limits", "background")
+    max_pending = _Moved("limits", "max_pending")
+    concurrency = _Moved("limits", "concurrency")
+    request_timeout = _Moved("timeouts", "request")
+    shutdown_timeout = _Moved("timeouts", "shutdown")
+    retries = _Moved("retry_for", None)
 
     # -- routers and registration ---------------------------------------------------
 
@@ -336,7 +448,7 @@ class Dispatcher:
                 database=self.database,
                 every_unit=self._every_unit,
                 retry=self.retry,
-                retry_for=self.retries,
+                retry_for=self.retry_for,
             )
         self._state = _STARTED
         self._failure = None
@@ -370,8 +482,8 @@ class Dispatcher:
             worker = Worker(
                 self.remote,
                 self._table.subscriptions,
-                concurrency=self.concurrency,
-                batch=min(32, self.concurrency),
+                concurrency=self.limits.concurrency,
+                batch=min(32, self.limits.concurrency),
                 report=self._report,
                 fatal=self._worker_failed,
             )
@@ -417,7 +529,7 @@ class Dispatcher:
     async def stop(self, timeout: float | None = None) -> None:
         """Stop taking messages, let queued and running background work finish, stop.
 
-        Waits at most ``timeout`` seconds (default: ``shutdown_timeout``); what is still
+        Waits at most ``timeout`` seconds (default: ``timeouts.shutdown``); what is still
         queued or running then is cancelled, and logged as lost. The one deadline covers
         every wait — handlers fed by the transport, background work, giving back what the
         worker holds, closing the transport — so it returns within ``timeout`` plus 2 s
@@ -445,7 +557,7 @@ class Dispatcher:
         self._open = False
         # Every send now takes the checked path, which admits only drained handlers.
         self._table.close()
-        timeout = self.shutdown_timeout if timeout is None else timeout
+        timeout = self.timeouts.shutdown if timeout is None else timeout
         engine = self._engine
         deadline = StopDeadline.after(timeout)  # one deadline for every wait below
         # A second SIGINT/SIGTERM cancels this drain, or the close after it (see
@@ -652,7 +764,7 @@ class Dispatcher:
         """Run the query's handler and return its result.
 
         ``timeout`` (seconds) bounds the wait: ``RequestTimeout`` when it passes. A routed
-        query is a request to its owner service (default timeout: ``request_timeout``).
+        query is a request to its owner service (default timeout: ``timeouts.request``).
         """
         # The hot path: the fast map holds the handler call of each plain route (no
         # middleware, no event collection, no response_event) only while the dispatcher
@@ -688,7 +800,7 @@ class Dispatcher:
         A routed command is a request to its owner service: its result comes back
         decoded into the ``R`` of ``Command[R]``, a failure as ``RemoteError`` once the
         owner gave up retrying it, and ``RequestTimeout`` after ``timeout`` seconds
-        (default: ``request_timeout``). To hand a command over without waiting, use
+        (default: ``timeouts.request``). To hand a command over without waiting, use
         ``send()``.
         """
         invoke = self._fast_commands.get(type(command))
@@ -744,7 +856,7 @@ class Dispatcher:
         """Send ``message`` to whichever router knows it: events, commands, then queries.
 
         ``wait_for_response=False`` queues it for the background workers and returns
-        once queued (waiting for room if ``max_pending`` messages are pending); a routed
+        once queued (waiting for room if ``limits.max_pending`` messages are pending); a routed
         message is sent to the transport instead (``send()``).
         ``wait_for_response=True`` returns the command's or query's result, or waits for
         an event's handlers, raising failures as ``publish``/``execute``/``query`` do.
@@ -1000,7 +1112,9 @@ class Dispatcher:
                     engine.pending,
                 )
             engine = self._engine = Engine(
-                workers=self.engine_workers, max_pending=self.max_pending, orphaned=self._orphaned
+                workers=self.limits.background,
+                max_pending=self.limits.max_pending,
+                orphaned=self._orphaned,
             )
             if self.listen_for_signals:
                 self._install_signals()
@@ -1030,6 +1144,85 @@ class Dispatcher:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         await self._background().put(job, message, key, future)
         return await future
+
+
+# Old option name -> (group, field): limits=Limits(field=...), timeouts=Timeouts(field=...),
+# or (field None) retry_for= itself.
+_OLD_NAMES: dict[str, tuple[str, str | None]] = {
+    "engine_workers": ("limits", "background"),
+    "max_pending": ("limits", "max_pending"),
+    "concurrency": ("limits", "concurrency"),
+    "request_timeout": ("timeouts", "request"),
+    "shutdown_timeout": ("timeouts", "shutdown"),
+    "retries": ("retry_for", None),
+}
+_GROUPS = {"limits": "Limits", "timeouts": "Timeouts"}
+
+
+def _replacement(old: str) -> str:
+    group, field = _OLD_NAMES[old]
+    if field is None:
+        return f"{group}=..."
+    return f"{group}={_GROUPS[group]}({field}=...)"
+
+
+def _deprecated(what: str, old: str, stacklevel: int) -> None:
+    warnings.warn(
+        f"{what} {old} is deprecated; use {_replacement(old)} instead "
+        f"(see docs/dispatching.md#options)",
+        DeprecationWarning,
+        stacklevel=stacklevel + 1,
+    )
+
+
+def _renamed(
+    renamed: Mapping[str, Any],
+    limits: Limits | None,
+    timeouts: Timeouts | None,
+    retry_for: Mapping[Any, Retry] | None,
+) -> tuple[Limits | None, Timeouts | None, Mapping[Any, Retry] | None]:
+    """The options given by their old names, moved into their groups (with a warning)."""
+    fields: dict[str, dict[str, Any]] = {"limits": {}, "timeouts": {}}
+    given = {"limits": limits, "timeouts": timeouts, "retry_for": retry_for}
+    for old, value in renamed.items():
+        if old not in _OLD_NAMES:
+            raise TypeError(f"Dispatcher() got an unexpected keyword argument {old!r}")
+        _deprecated("Dispatcher(...) option", old, stacklevel=3)
+        group, field = _OLD_NAMES[old]
+        if given[group] is not None:
+            raise ImproperlyConfigured(
+                f"{old}= is the old name of {group}{'' if field is None else '.' + field}, "
+                f"and {group}= is given too: pass {_replacement(old)} alone"
+            )
+        if old == "request_timeout":
+            check_seconds(old, value)  # checked under the name it was given by
+        elif old == "shutdown_timeout":
+            check_seconds(old, value, zero=True, none="no limit")
+        elif field is not None:
+            check_count(old, value)
+        if field is None:
+            retry_for = value
+        else:
+            fields[group][field] = value
+    if fields["limits"]:
+        limits = Limits(**fields["limits"])
+    if fields["timeouts"]:
+        timeouts = Timeouts(**fields["timeouts"])
+    return limits, timeouts, retry_for
+
+
+def _policies(option: str, policies: object) -> dict[MessageKey, Retry | None]:
+    if policies is None:
+        return {}
+    if not isinstance(policies, Mapping):
+        raise ImproperlyConfigured(
+            f"{option} must map message types (or names) to Retry(...), got {policies!r}; "
+            f"e.g. {option}={{ChargeCard: Retry(attempts=10)}}"
+        )
+    return {
+        key: checked_policy(f"{option}[{describe(key)}]", policy)
+        for key, policy in policies.items()
+    }
 
 
 async def _within(timeout: float, call: Awaitable[Any], message: Any) -> Any:
