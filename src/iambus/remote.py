@@ -46,7 +46,16 @@ from .handlers import Kind
 from .messages import MessageKey, MessageRegistry, message_key, result_type
 from .middleware import Context
 from .routing import Routes, address
-from .transports import Instance, Registry, Transport, client_name, connect, redact, resolve
+from .transports import (
+    Instance,
+    Registry,
+    Transport,
+    check_requester,
+    client_name,
+    connect,
+    redact,
+    resolve,
+)
 
 __all__ = ["Remote", "RemoteRoute", "current_envelope"]
 
@@ -128,8 +137,8 @@ class Remote:
             self._opening = asyncio.Lock()
         async with self._opening:
             if not self._opened:
-                transport: Any = self.transport
-                if getattr(transport, "client_name", "") is None:
+                transport = self.transport
+                if transport.client_name is None:
                     # A broker transport not named yet: its connections carry our service.
                     transport.client_name = client_name(self.service)
                 await transport.open()
@@ -219,7 +228,7 @@ class Remote:
         look = asyncio.get_running_loop().call_later(timeout - ahead, self._look_ahead)
         try:
             async with contextlib.nullcontext() if delivery is None else delivery.lend():
-                answer = await self.transport.request(
+                answer = await check_requester(self.transport).request(
                     address(kind, envelope.name), envelope, timeout=timeout
                 )
         except TimeoutError as exc:
