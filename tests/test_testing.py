@@ -1,5 +1,6 @@
 """iambus.testing: the conformance suite itself must catch broken transports."""
 
+import dataclasses
 from collections.abc import Sequence
 
 import pytest
@@ -11,6 +12,7 @@ from iambus.transports import (
     Capability,
     DeadLetterStore,
     Delivery,
+    Failure,
     Instance,
     Monitor,
     Registry,
@@ -127,6 +129,51 @@ async def test_a_transport_failing_a_capability_it_declares_is_told_so() -> None
         capabilities = Capability.RECLAIM | Capability.KEY_ORDER  # no DELAYED_RETRY
 
     await TRANSPORT_CHECKS["retry_goes_to_one_group_after_its_delay"](Undeclared())
+
+
+class _Rekeyed:
+    """A delivery whose envelope got its key back (see ForgetsKeys)."""
+
+    def __init__(self, delivery: Delivery) -> None:
+        self.inner, headers = delivery, dict(delivery.envelope.headers)
+        key = headers.pop("x-key", None)
+        self.envelope = dataclasses.replace(delivery.envelope, key=key, headers=headers)
+        self.attempt = delivery.attempt
+
+    async def ack(self) -> None:
+        await self.inner.ack()
+
+    async def retry(self, delay: float) -> None:
+        await self.inner.retry(delay)
+
+    async def dead_letter(self, failure: Failure) -> None:
+        await self.inner.dead_letter(failure)
+
+
+async def test_check_transport_says_which_declared_capability_a_transport_fails() -> None:
+    class ForgetsKeys(Plain):
+        """Declares KEY_ORDER, but hides each key from the transport underneath."""
+
+        capabilities = Capability.KEY_ORDER
+
+        async def send(self, address: str, envelope: Envelope) -> None:
+            if envelope.key is not None:
+                headers = {**envelope.headers, "x-key": envelope.key}
+                envelope = dataclasses.replace(envelope, key=None, headers=headers)
+            await super().send(address, envelope)
+
+        async def receive(
+            self, address: str, group: str, *, consumer: str, limit: int, wait: float
+        ) -> Sequence[Delivery]:
+            got = await super().receive(address, group, consumer=consumer, limit=limit, wait=wait)
+            return [_Rekeyed(delivery) for delivery in got]
+
+    with pytest.raises(
+        AssertionError,
+        match=r"ForgetsKeys fails 'keys_keep_their_order', which it declares "
+        r"\(Capability\.KEY_ORDER\): one key delivered twice at once",
+    ):
+        await check_transport(ForgetsKeys())
 
 
 async def test_check_transport_refuses_what_lacks_part_of_the_seam() -> None:

@@ -57,14 +57,14 @@ logger = logging.getLogger(__name__)
 
 Check = Callable[[Transport], Awaitable[None]]
 
-NOTHING = Capability(0)
+_NOTHING = Capability(0)
 
 # What each check needs beyond the base seam: the capabilities a transport must declare,
 # the optional parts it must have. Filled in by @_needs.
 _NEEDS: dict[str, tuple[Capability, tuple[type, ...]]] = {}
 
 
-def _needs(declared: Capability = NOTHING, *parts: type) -> Callable[[Check], Check]:
+def _needs(declared: Capability = _NOTHING, *parts: type) -> Callable[[Check], Check]:
     """Mark a check as applying only to a transport that declares ``declared`` and has
     ``parts``; run directly on another, it fails saying why."""
 
@@ -240,7 +240,7 @@ async def check_retry_goes_to_one_group_after_its_delay(transport: Transport) ->
     await _nothing(transport, address, g2, wait=0.1)  # the group that acked never sees it again
 
 
-@_needs(NOTHING, DeadLetterStore)
+@_needs(_NOTHING, DeadLetterStore)
 async def check_dead_letters(transport: Transport) -> None:
     """``dead_letter`` parks with the failure and acks; replay goes to that group only.
     (For a ``DeadLetterStore``.)"""
@@ -317,7 +317,7 @@ async def check_receive_waits_but_not_forever(transport: Transport) -> None:
     await got[0].ack()
 
 
-@_needs(NOTHING, Requester)
+@_needs(_NOTHING, Requester)
 async def check_request_reply(transport: Transport) -> None:
     """A request gets the reply sent to its ``reply_to``; no reply is a TimeoutError.
     (For a ``Requester``.)"""
@@ -468,7 +468,7 @@ async def check_a_lost_key_passes_on_in_order(transport: Transport) -> None:
     await _nothing(transport, address, group, wait=claim_after + 0.3)
 
 
-@_needs(NOTHING, Registry)
+@_needs(_NOTHING, Registry)
 async def check_registry(transport: Transport) -> None:
     """``announce`` makes an instance live and its groups known; ``withdraw`` ends it,
     its groups stay known. (For a ``Registry``.)"""
@@ -499,7 +499,7 @@ async def check_registry(transport: Transport) -> None:
     assert await live() == {}
 
 
-@_needs(NOTHING, Monitor)
+@_needs(_NOTHING, Monitor)
 async def check_backlog(transport: Transport) -> None:
     """``backlog`` counts what waits for a group, what is out with a consumer and what
     waits out a retry's delay; None only where the broker cannot tell. (For a
@@ -609,7 +609,7 @@ def skip_reason(transport: Transport, check: str) -> str | None:
     """
     if check not in TRANSPORT_CHECKS:
         raise ValueError(f"no transport check {check!r}; there are {', '.join(TRANSPORT_CHECKS)}")
-    declared, parts = _NEEDS.get(check, (NOTHING, ()))
+    declared, parts = _NEEDS.get(check, (_NOTHING, ()))
     undeclared = declared & ~transport.capabilities
     missing = [part.__name__ for part in parts if not isinstance(transport, part)]
     why = [f"declares no {_flags(undeclared)}"] if undeclared else []
@@ -650,7 +650,7 @@ async def check_transport(transport: Transport) -> dict[str, str]:
         try:
             await check(transport)
         except AssertionError as exc:
-            declared, _ = _NEEDS.get(name, (NOTHING, ()))
+            declared, _ = _NEEDS.get(name, (_NOTHING, ()))
             which = f", which it declares ({_flags(declared)})" if declared else ""
             raise AssertionError(f"{kind} fails {name!r}{which}: {exc}") from exc
     return skipped
