@@ -813,7 +813,7 @@ class Dispatcher:
                 "dp.join() from a background handler would wait for that handler itself; "
                 "call it from the code that sent the messages"
             )
-        settle = getattr(self.remote.transport, "join", None) if self.remote else None
+        settle = self.remote.transport.join if self.remote else None
         while True:
             engine = self._engine
             if engine is not None and engine.loop is asyncio.get_running_loop():
