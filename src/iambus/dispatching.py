@@ -822,7 +822,9 @@ class Dispatcher:
                 return
             await settle()  # a MemoryTransport: every message between services settled
             engine = self._engine
-            if engine is None or not engine.pending:
+            if engine is None or engine.loop is not asyncio.get_running_loop():
+                return  # (an engine of another loop is not this loop's to wait for)
+            if not engine.pending:
                 return
 
     async def wait_for_shutdown(self) -> None:
