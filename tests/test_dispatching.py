@@ -1198,9 +1198,10 @@ class _NotACodec:
 
 
 class _NoLeave:
-    """A transport of before leave() joined the Transport protocol."""
+    """A transport of before leave() and the members with defaults joined Transport."""
 
     url = "custom://"
+    claim_after = 30.0
 
     async def open(self): ...
     async def close(self): ...
@@ -1241,9 +1242,15 @@ class _NoLeave:
         (
             {"transport": object()},
             r"transport must be a Transport or a transport URL such as 'redis://127\.0\.0\.1"
-            r":6379/0' \(it has no url, open, close, send, .*purge, leave\), got <object",
+            r":6379/0' \(it has no url, claim_after, .*, open, .*, leave, tune, join; subclass "
+            r"iambus\.transports\.Transport to inherit client_name, .*, join\), got <object",
         ),
-        ({"transport": _NoLeave()}, r"transport must be a Transport .*\(it has no leave\)"),
+        (
+            {"transport": _NoLeave()},
+            r"transport must be a Transport .*\(it has no client_name, partitions, "
+            r"capabilities, leave, tune, join; subclass iambus\.transports\.Transport to "
+            r"inherit client_name, partitions, capabilities, tune, join\)",
+        ),
         ({"transport": MemoryTransport}, r"transport must be .*\(an instance, not the class"),
         ({"transport": "kafka://x"}, r"unknown transport URL 'kafka://x'; iambus knows memory://"),
         ({"error_handler": "log"}, r"error_handler must be callable as fn\(exc, message, context"),

@@ -343,6 +343,20 @@ async def test_a_query_is_not_sent() -> None:
         await sender.stop()
 
 
+async def test_a_query_to_another_service_needs_a_transport_with_request_reply() -> None:
+    class NoRequests(MemoryTransport):
+        request = reply = None  # no Requester: the optional part taken away
+
+    dp = Dispatcher(transport=NoRequests(), service="shop", routes={Lookup: "catalog"})
+    async with dp:
+        with pytest.raises(
+            ImproperlyConfigured,
+            match=r"memory://: NoRequests has no request/reply \(iambus\.transports\.Requester"
+            r"\), so a command or query cannot be sent to another service and answered",
+        ):
+            await dp.query(Lookup("tea"))
+
+
 # -- resending an envelope: the same id ---------------------------------------------
 
 

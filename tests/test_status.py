@@ -13,6 +13,7 @@ from iambus import Command, Dispatcher, GroupStatus, ImproperlyConfigured, Statu
 from iambus.envelope import Envelope
 from iambus.retry import Retry
 from iambus.transports import DeadLetter, DeadLetterCounter, Instance, Transport
+from iambus.transports.memory import MemoryTransport
 
 from .conftest import Bus
 
@@ -96,6 +97,19 @@ async def test_status_needs_a_registry() -> None:
 
     with pytest.raises(ImproperlyConfigured, match="Plain keeps no registry of instances"):
         await status(Plain())  # type: ignore[arg-type]
+
+
+async def test_status_cannot_count_the_dead_letters_of_a_transport_that_keeps_none() -> None:
+    class NoDeadLetters(MemoryTransport):
+        # no DeadLetterStore nor DeadLetterCounter: the optional parts taken away
+        dead_letters = replay = purge = dead_letter_counts = None
+
+    transport = NoDeadLetters()
+    await transport.announce(
+        Instance("billing", "b-1", "h", 1, time.time(), ((CHARGE, "billing"),))
+    )
+    [charging] = (await status(transport)).groups
+    assert (charging.address, charging.waiting, charging.dead) == (CHARGE, 0, None)
 
 
 @pytest.mark.parametrize("bus", ["memory", "redis", "rabbitmq"], indirect=True)

@@ -16,8 +16,20 @@ import pytest
 
 from iambus import Dispatcher
 from iambus.errors import ImproperlyConfigured, TransportError
-from iambus.testing import TRANSPORT_CHECKS
-from iambus.transports import Transport, client_name, connect, redact
+from iambus.partitions import PARTITIONS
+from iambus.testing import TRANSPORT_CHECKS, skip_reason
+from iambus.transports import (
+    Capability,
+    DeadLetterCounter,
+    DeadLetterStore,
+    Monitor,
+    Registry,
+    Requester,
+    Transport,
+    client_name,
+    connect,
+    redact,
+)
 from iambus.transports.memory import MemoryTransport
 
 from .conftest import require
@@ -72,7 +84,25 @@ async def test_conformance(
     broker = request.node.callspec.params["transport"]
     if check in KEY_CHECKS and broker in KEYS_PENDING:
         request.applymarker(pytest.mark.xfail(reason="per-key ordering not built yet", strict=True))
+    assert skip_reason(transport, check) is None  # ours declare, and have, every part
     await TRANSPORT_CHECKS[check](transport)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["memory://", "redis://127.0.0.1:1/0", "amqp://127.0.0.1:1/", "nats://127.0.0.1:1"],
+    ids=["memory", "redis", "rabbitmq", "nats"],
+)
+def test_every_transport_declares_what_it_does(url: str) -> None:
+    transport = connect(url)  # not opened: what it declares needs no broker
+    assert transport.capabilities == (
+        Capability.RECLAIM | Capability.KEY_ORDER | Capability.DELAYED_RETRY
+    )
+    parts = (Requester, DeadLetterStore, Registry, Monitor)
+    assert all(isinstance(transport, part) for part in parts), transport
+    # NATS has no cheap per-group count of its dead letters (they share one subject).
+    assert isinstance(transport, DeadLetterCounter) == (not url.startswith("nats"))
+    assert transport.partitions == (None if url == "memory://" else PARTITIONS)
 
 
 def test_claim_after_can_come_with_the_url() -> None:
@@ -271,11 +301,14 @@ async def test_connections_carry_the_service_name(url: str, names) -> None:  # t
 
 
 async def test_a_transport_given_a_name_keeps_it() -> None:
-    transport = connect("memory://")
-    dp = Dispatcher(transport=transport, service="billing", routes={})
-    async with dp:
-        pass  # memory has no connections to name: nothing is set on it
-    assert not hasattr(transport, "client_name")
+    for given, kept in ((None, client_name("billing")), ("mine", "mine")):
+        transport = connect("memory://")  # no connections: the name shows nowhere
+        transport.client_name = given
+        dp = Dispatcher(transport=transport, service="billing", routes={})
+        assert dp.remote is not None
+        await dp.remote.open()  # what a starting dispatcher does
+        assert transport.client_name == kept
+        await dp.remote.close()
     pytest.importorskip("redis")
     named = connect("redis://127.0.0.1:1/0", client_name="mine")
     assert named.client_name == "mine"  # type: ignore[attr-defined]

@@ -40,7 +40,14 @@ from .dispatching import Dispatcher
 from .errors import IambusError, ImproperlyConfigured
 from .remote import Remote
 from .status import Status, status
-from .transports import DeadLetter, Instance, Transport, connect
+from .transports import (
+    DeadLetter,
+    DeadLetterStore,
+    Instance,
+    Transport,
+    check_dead_letter_store,
+    connect,
+)
 
 __all__ = ["main"]
 
@@ -404,7 +411,7 @@ def _loop_factory() -> LoopFactory:
 
 def _dlq_list(args: argparse.Namespace) -> int:
     async def work(transport: Transport) -> int:
-        letters = await transport.dead_letters(limit=args.limit)
+        letters = await check_dead_letter_store(transport).dead_letters(limit=args.limit)
         if args.json:
             for letter in letters:
                 print(json.dumps(_as_json(letter)))
@@ -424,7 +431,8 @@ def _dlq_list(args: argparse.Namespace) -> int:
 
 def _dlq_show(args: argparse.Namespace) -> int:
     async def work(transport: Transport) -> int:
-        letters = {letter.id: letter for letter in await transport.dead_letters(limit=ALL)}
+        store = check_dead_letter_store(transport)
+        letters = {letter.id: letter for letter in await store.dead_letters(limit=ALL)}
         letter = letters.get(args.id)
         if letter is None:
             raise CliError(
@@ -441,8 +449,9 @@ def _dlq_replay(args: argparse.Namespace) -> int:
     _check_selection(args, "replay")
 
     async def work(transport: Transport) -> int:
-        ids, unknown = await _select(transport, args)
-        replayed = await transport.replay(ids) if ids else 0
+        store = check_dead_letter_store(transport)
+        ids, unknown = await _select(store, args)
+        replayed = await store.replay(ids) if ids else 0
         print(f"replayed {_count(replayed)}")
         return _report_unknown(unknown, transport)
 
@@ -455,11 +464,12 @@ def _dlq_purge(args: argparse.Namespace) -> int:
         raise CliError("purge --all deletes every dead letter for good: add --yes to confirm")
 
     async def work(transport: Transport) -> int:
+        store = check_dead_letter_store(transport)
         if args.all:
-            print(f"purged {_count(await transport.purge(None))}")
+            print(f"purged {_count(await store.purge(None))}")
             return 0
-        ids, unknown = await _select(transport, args)
-        purged = await transport.purge(ids) if ids else 0
+        ids, unknown = await _select(store, args)
+        purged = await store.purge(ids) if ids else 0
         print(f"purged {_count(purged)}")
         return _report_unknown(unknown, transport)
 
@@ -494,7 +504,7 @@ def _status_table(found: Status) -> str:
             _or_none(group.waiting),
             _or_none(group.in_flight),
             _or_none(group.retrying),
-            str(group.dead),
+            _or_none(group.dead),
         )
         for group in found.groups
     ]
@@ -547,11 +557,11 @@ def _check_selection(args: argparse.Namespace, action: str) -> None:
         raise CliError(f"{action}: give the ids of the dead letters to {action}, or --all")
 
 
-async def _select(transport: Transport, args: argparse.Namespace) -> tuple[list[str], list[str]]:
+async def _select(store: DeadLetterStore, args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """The ids to act on, and the ids given that are not dead letters."""
     # Checked against the list first: a broker may reject an id it cannot parse (Redis
     # does), and an unknown id deserves its own message rather than a broker error.
-    known = [letter.id for letter in await transport.dead_letters(limit=ALL)]
+    known = [letter.id for letter in await store.dead_letters(limit=ALL)]
     if args.all:
         return known, []
     wanted = list(dict.fromkeys(args.ids))

@@ -651,7 +651,7 @@ class Dispatcher:
                 "dp.join() from a background handler would wait for that handler itself; "
                 "call it from the code that sent the messages"
             )
-        settle = getattr(self.remote.transport, "join", None) if self.remote else None
+        settle = self.remote.transport.join if self.remote else None
         while True:
             engine = self._engine
             if engine is not None and engine.loop is asyncio.get_running_loop():
@@ -660,7 +660,9 @@ class Dispatcher:
                 return
             await settle()  # a MemoryTransport: every message between services settled
             engine = self._engine
-            if engine is None or not engine.pending:
+            if engine is None or engine.loop is not asyncio.get_running_loop():
+                return  # (an engine of another loop is not this loop's to wait for)
+            if not engine.pending:
                 return
 
     async def wait_for_shutdown(self) -> None:

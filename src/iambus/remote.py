@@ -47,7 +47,16 @@ from .handlers import Kind
 from .messages import MessageKey, MessageRegistry, describe, message_key, result_type
 from .middleware import Context
 from .routing import Routes, address
-from .transports import Instance, Registry, Transport, client_name, connect, redact, resolve
+from .transports import (
+    Instance,
+    Registry,
+    Transport,
+    check_requester,
+    client_name,
+    connect,
+    redact,
+    resolve,
+)
 from .unit_of_work import current_unit
 
 __all__ = ["Remote", "RemoteRoute", "current_envelope"]
@@ -130,8 +139,8 @@ class Remote:
             self._opening = asyncio.Lock()
         async with self._opening:
             if not self._opened:
-                transport: Any = self.transport
-                if getattr(transport, "client_name", "") is None:
+                transport = self.transport
+                if transport.client_name is None:
                     # A broker transport not named yet: its connections carry our service.
                     transport.client_name = client_name(self.service)
                 await transport.open()
@@ -239,7 +248,7 @@ class Remote:
         look = asyncio.get_running_loop().call_later(timeout - ahead, self._look_ahead)
         try:
             async with contextlib.nullcontext() if delivery is None else delivery.lend():
-                answer = await self.transport.request(
+                answer = await check_requester(self.transport).request(
                     address(kind, envelope.name), envelope, timeout=timeout
                 )
         except TimeoutError as exc:

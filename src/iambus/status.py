@@ -8,7 +8,7 @@ ever announced (see ``iambus.transports.Registry``), and every group with dead l
   (stored, not yet delivered: its lag), are *in flight* (delivered to a consumer, not yet
   settled) and wait out a *retry*'s delay; None where the broker cannot tell
   (``docs/cli.md`` says what each number means on each broker);
-* how many *dead letters* it has.
+* how many *dead letters* it has (``iambus.transports.DeadLetterStore``; None without).
 
 ::
 
@@ -28,7 +28,15 @@ from collections import Counter
 from dataclasses import dataclass
 
 from .errors import ImproperlyConfigured
-from .transports import Backlog, DeadLetterCounter, Instance, Monitor, Registry, Transport
+from .transports import (
+    Backlog,
+    DeadLetterCounter,
+    DeadLetterStore,
+    Instance,
+    Monitor,
+    Registry,
+    Transport,
+)
 
 __all__ = ["GroupStatus", "Status", "status"]
 
@@ -50,8 +58,9 @@ class GroupStatus:
     """Delivered to a consumer and not yet settled."""
     retrying: int | None
     """Waiting out a retry's delay."""
-    dead: int
-    """Dead letters of this group (not replayed nor purged)."""
+    dead: int | None
+    """Dead letters of this group (not replayed nor purged); None when the transport keeps
+    none that iambus can read (no ``DeadLetterStore``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,12 +85,13 @@ async def status(transport: Transport) -> Status:
     for instance in live:
         for consumed in instance.consumes:
             known.setdefault(consumed, instance.service)
+    dead: Counter[tuple[str, str]] | None = None
     if isinstance(transport, DeadLetterCounter):
         dead = Counter(await transport.dead_letter_counts())
-    else:  # a transport of the user's without the count: every dead letter is read
+    elif isinstance(transport, DeadLetterStore):  # without the count: every one is read
         letters = await transport.dead_letters(limit=sys.maxsize)
         dead = Counter((letter.address, letter.group) for letter in letters)
-    for address, group in dead:
+    for address, group in dead or ():
         # A group no instance announced (an older worker): its service is what a
         # worker's group name starts with ("<service>" or "<service>.<handler>").
         known.setdefault((address, group), group.partition(".")[0])
@@ -99,7 +109,7 @@ async def status(transport: Transport) -> Status:
                 waiting=backlog.waiting,
                 in_flight=backlog.in_flight,
                 retrying=backlog.retrying,
-                dead=dead[address, group],
+                dead=None if dead is None else dead[address, group],
             )
         )
     groups.sort(key=lambda g: (g.service, g.group, g.address))

@@ -65,7 +65,15 @@ from .messages import result_type
 from .remote import SENDER, Remote
 from .retry import Retry
 from .routes import Subscription
-from .transports import ANNOUNCE_TTL, Delivery, Failure, Instance, Registry, redact
+from .transports import (
+    ANNOUNCE_TTL,
+    Delivery,
+    Failure,
+    Instance,
+    Registry,
+    check_requester,
+    redact,
+)
 
 __all__ = ["StopDeadline", "Subscription", "Worker"]
 
@@ -165,9 +173,7 @@ class Worker:
 
     async def start(self) -> None:
         # A transport may size itself by the worker (RabbitMQ: its consumers' prefetch).
-        tune = getattr(self.remote.transport, "tune", None)
-        if tune is not None:
-            tune(concurrency=self.concurrency)
+        self.remote.transport.tune(concurrency=self.concurrency)
         await self.remote.open()
         for sub in self.subscriptions:
             await self.remote.transport.declare(sub.address, sub.group, from_start=sub.from_start)
@@ -519,7 +525,7 @@ class Worker:
         except SerializationError as exc:
             if envelope.reply_to:
                 # The requester waits: tell it now rather than let it time out.
-                await self.remote.transport.reply(
+                await check_requester(self.remote.transport).reply(
                     envelope.reply_to, self.remote.failure(envelope, exc)
                 )
             await delivery.dead_letter(_failure(exc, delivery.attempt, None))
@@ -551,7 +557,7 @@ class Worker:
         unanswered: Exception | None = None
         if envelope.reply_to:  # a query, or a command sent by execute(): the answer first
             try:
-                await self.remote.transport.reply(
+                await check_requester(self.remote.transport).reply(
                     envelope.reply_to, self._answer(sub, envelope, result)
                 )
             except (SerializationError, TransportError) as exc:
@@ -595,7 +601,7 @@ class Worker:
         settled anyway (acked, dead-lettered) coming back."""
         assert request.reply_to is not None
         try:
-            await self.remote.transport.reply(request.reply_to, answer)
+            await check_requester(self.remote.transport).reply(request.reply_to, answer)
         except TransportError as refused:
             logger.warning(
                 "iambus: could not answer the requester of %s (id %s): %s",
@@ -658,7 +664,7 @@ class Worker:
         context = sub.route.context_for(envelope.key)
         if sub.kind == "query":
             if envelope.reply_to:
-                await self.remote.transport.reply(
+                await check_requester(self.remote.transport).reply(
                     envelope.reply_to, self.remote.failure(envelope, exc)
                 )
             await delivery.ack()

@@ -3,7 +3,14 @@
 A transport moves ``Envelope`` objects between *addresses* (one per message name and
 kind, e.g. ``"event.OrderPlaced"``) and *groups* (who consumes: every group on an address
 receives each envelope once; consumers within a group compete). Everything else — names,
-codecs, routing, retries, handlers — lives above the seam, so a transport stays small:
+codecs, routing, retries, handlers — lives above the seam, so a transport stays small.
+
+The seam is one protocol every transport implements and a few optional ones, so that a
+broker which cannot do everything (Kafka moves partitions, not messages, and has no
+request/reply; a PostgreSQL queue has no broker-side registry) is still a transport, and
+the worker never asks a transport what it has.
+
+``Transport`` (every transport): group delivery, what a worker and a sender use.
 
 * ``send(address, envelope)``: durably store; return once the broker has it.
 * ``declare(address, group, from_start=...)``: make sure the group exists (idempotent).
@@ -14,14 +21,44 @@ codecs, routing, retries, handlers — lives above the seam, so a transport stay
 * ``Delivery.ack()`` / ``.retry(delay)`` / ``.dead_letter(failure)``: settle one delivery.
   A retry goes back to *that group only*; a dead letter is parked with the failure and
   the delivery acked, in one step.
-* ``request(address, envelope, timeout=...)`` / ``reply(to, envelope)``: request/reply.
-* ``dead_letters()`` / ``replay(ids)`` / ``purge(ids)``: the parked ones.
 * ``leave(consumer)``: the consumer is going away (its worker stopped; the transport may
   live on, shared with others). What it holds goes to the group's other consumers at
   once — its unsettled deliveries, the partitions (keys) they block, its broker-side
   consumers — instead of after ``claim_after``. A worker calls it on stop, after its
   handlers finished or were cancelled; a consumer name the transport never saw is a
   no-op.
+* ``tune(concurrency=...)``: a worker calls it before it opens the transport, with how
+  many handlers it runs at once (RabbitMQ sizes its prefetch by it). Default: nothing.
+* ``join()``: return once every envelope sent through the transport has been settled, as
+  far as it can tell (``Dispatcher.join`` waits for it). ``MemoryTransport`` can tell; a
+  broker transport cannot, and returns at once (the default).
+* ``url``, ``claim_after``, ``client_name``, ``partitions`` and ``capabilities``: see
+  ``Transport``.
+
+``capabilities`` declares, as ``Capability`` flags, what only the transport's behaviour
+can show: an unsettled delivery reclaimed on its own (``RECLAIM``), keys kept in order
+(``KEY_ORDER``), retries that wait out their delay (``DELAYED_RETRY``).
+``iambus.testing.check_transport`` runs the checks of what a transport declares and skips
+the others, saying so.
+
+Optional parts, each a runtime-checkable protocol that iambus tests with ``isinstance``
+(having the methods is the declaration; every transport of iambus has them all):
+
+* ``Requester``: ``request(address, envelope, timeout=...)`` / ``reply(to, envelope)``:
+  request/reply, for ``execute()`` and ``query()`` across services (without it, they
+  raise ``ImproperlyConfigured``);
+* ``DeadLetterStore``: ``dead_letters()`` / ``replay(ids)`` / ``purge(ids)``: the parked
+  envelopes, for ``iambus dlq`` and ``iambus status``;
+* ``DeadLetterCounter``: ``dead_letter_counts()``: how many dead letters each group has,
+  counted without loading them (``iambus.status`` loads them all without it);
+* ``Registry``: ``announce(instance)`` / ``withdraw(instance)`` / ``instances()`` /
+  ``groups()``: which worker instances of which service are live, kept in the broker
+  (a worker announces itself at start, again every ``ANNOUNCE_TTL / 3`` seconds, and
+  withdraws on stop; one that stops announcing counts as gone after ``ANNOUNCE_TTL``);
+  it feeds ``iambus status`` and the errors of a sender whose message no running
+  instance handles;
+* ``Monitor``: ``backlog(address, group)``: how many envelopes wait for a group, are out
+  with its consumers, and wait out a retry's delay, as far as the broker can tell.
 
 Errors: ``TransportError`` for a broker that failed or is unreachable (the worker
 retries), ``TransportRefused`` for refused credentials or permissions and
@@ -32,32 +69,17 @@ or after ``claim_after``): the worker never settles one delivery twice.
 password (and any secret in its query) by ``***``, so logs and error messages never carry
 a secret.
 
-A broker transport names its connections ``client_name`` (``iambus:<service>:<host>:<pid>``,
-see ``client_name()``), so that operators can tell them apart in the broker's own
-listing; a dispatcher gives its service's name to a transport that has none before it
-opens it.
-
-A transport may also define ``tune(concurrency=...)``: a worker calls it before it
-consumes, with how many handlers it runs at once (RabbitMQ sizes its prefetch by it).
-
-Two optional parts, which every transport of iambus implements, feed ``iambus status``
-and the errors of a sender whose message no running instance handles:
-
-* ``Registry``: ``announce(instance)`` / ``withdraw(instance)`` / ``instances()`` /
-  ``groups()``: which worker instances of which service are live, kept in the broker
-  (a worker announces itself at start, again every ``ANNOUNCE_TTL / 3`` seconds, and
-  withdraws on stop; one that stops announcing counts as gone after ``ANNOUNCE_TTL``);
-* ``Monitor``: ``backlog(address, group)``: how many envelopes wait for a group, are out
-  with its consumers, and wait out a retry's delay, as far as the broker can tell;
-* ``DeadLetterCounter``: ``dead_letter_counts()``: how many dead letters each group has,
-  counted without loading them (``iambus.status`` loads them all without it).
-
 ``MemoryTransport`` is the reference implementation and the embedded default;
 ``iambus.testing.check_transport`` checks any implementation against this contract.
+Subclass ``Transport`` to inherit the defaults of ``tune``, ``join``, ``client_name``,
+``partitions`` and ``capabilities``; ``Dispatcher(transport=...)`` refuses an object that
+lacks a member of ``Transport``, naming it.
 """
 
 from __future__ import annotations
 
+import abc
+import enum
 import importlib
 import json
 import os
@@ -74,14 +96,19 @@ from ..errors import ImproperlyConfigured, bad_option
 __all__ = [
     "ANNOUNCE_TTL",
     "Backlog",
+    "Capability",
     "DeadLetter",
     "DeadLetterCounter",
+    "DeadLetterStore",
     "Delivery",
     "Failure",
     "Instance",
     "Monitor",
     "Registry",
+    "Requester",
     "Transport",
+    "check_dead_letter_store",
+    "check_requester",
     "check_transport_object",
     "client_name",
     "connect",
@@ -140,48 +167,128 @@ class Delivery(Protocol):
         """Park it with ``failure`` and ack it, atomically."""
 
 
+class Capability(enum.Flag):
+    """What a transport guarantees beyond the base contract, declared in its
+    ``capabilities`` (``Capability.RECLAIM | Capability.KEY_ORDER``).
+
+    Only behaviour shows these, so a transport says what it does and
+    ``iambus.testing.check_transport`` checks it; what a method shows (request/reply, dead
+    letters, a registry) is an optional protocol instead (``Requester``, ...).
+    """
+
+    RECLAIM = enum.auto()
+    """A delivery its consumer never settles goes, on its own, to another consumer of the
+    group ``claim_after`` seconds after it was handed out, with attempt + 1. (A broker that
+    moves whole partitions when a consumer stops, like Kafka, does not.)"""
+    KEY_ORDER = enum.auto()
+    """Envelopes sent with one ``key`` go out one at a time, in send order, across the
+    consumers of a group; a retried one holds its key, a dead-lettered one lets it move
+    on; envelopes without a key are never held up."""
+    DELAYED_RETRY = enum.auto()
+    """``Delivery.retry(delay)`` redelivers no sooner than ``delay`` seconds."""
+
+
 @runtime_checkable
 class Transport(Protocol):
-    """The seam between iambus and a broker."""
+    """The seam between iambus and a broker: group delivery (see the module docstring).
+
+    Subclass it to inherit the defaults below (a subclass sets ``url`` and ``claim_after``
+    and defines the abstract methods); an object that only matches it must define every
+    member itself.
+    """
 
     url: str
     """Where it connects, safe to show: made with ``redact()``, without its secrets."""
 
+    claim_after: float
+    """Seconds a delivery may stay unsettled before the broker gives it to another consumer
+    (or moves its partition): how long a crashed consumer holds up what it took."""
+
+    client_name: str | None = None
+    """The name its connections carry in the broker's own listing (``client_name()``).
+    None: not named yet — a dispatcher names it after its service before it opens it. A
+    transport without connections (memory) ignores it."""
+
+    partitions: int | None = None
+    """How many partitions a group's keyed envelopes are spread over
+    (``iambus.partitions.partition(key, partitions)``); None: each key on its own, or
+    no keys kept in order."""
+
+    capabilities: Capability = Capability(0)
+    """What it guarantees beyond the base contract; the default declares nothing."""
+
+    @abc.abstractmethod
     async def open(self) -> None: ...
 
+    @abc.abstractmethod
     async def close(self) -> None: ...
 
+    @abc.abstractmethod
     async def send(self, address: str, envelope: Envelope) -> None: ...
 
+    @abc.abstractmethod
     async def declare(self, address: str, group: str, *, from_start: bool) -> None: ...
 
+    @abc.abstractmethod
     async def receive(
         self, address: str, group: str, *, consumer: str, limit: int, wait: float
     ) -> Sequence[Delivery]: ...
 
-    async def request(self, address: str, envelope: Envelope, *, timeout: float) -> Envelope: ...
-
-    async def reply(self, to: str, envelope: Envelope) -> None: ...
-
-    async def dead_letters(self, *, limit: int = 100) -> list[DeadLetter]: ...
-
-    async def replay(self, ids: Sequence[str]) -> int: ...
-
-    async def purge(self, ids: Sequence[str] | None = None) -> int: ...
-
+    @abc.abstractmethod
     async def leave(self, consumer: str) -> None: ...
+
+    def tune(self, *, concurrency: int) -> None:
+        """A worker running ``concurrency`` handlers at once will consume: size for it.
+
+        Called before ``open()``. Default: nothing."""
+        return None  # a body: not abstract, a default
+
+    async def join(self) -> None:
+        """Return once every envelope sent through this transport has been settled, as far
+        as it can tell. Default: at once (a broker transport cannot tell)."""
+        return None
+
+
+@runtime_checkable
+class Requester(Protocol):
+    """Optional part of a transport: request/reply, for ``execute()`` and ``query()``
+    across services and for a worker answering them."""
+
+    async def request(self, address: str, envelope: Envelope, *, timeout: float) -> Envelope:
+        """Send ``envelope`` to ``address`` with a ``reply_to`` of this transport's, and
+        return the reply; ``TimeoutError`` when none comes within ``timeout`` seconds."""
+        ...
+
+    async def reply(self, to: str, envelope: Envelope) -> None:
+        """Send ``envelope`` to a request's ``reply_to``; dropped if nobody waits there."""
+
+
+@runtime_checkable
+class DeadLetterStore(Protocol):
+    """Optional part of a transport: the parked envelopes, listed, replayed and purged
+    (``iambus dlq``, ``iambus status``)."""
+
+    async def dead_letters(self, *, limit: int = 100) -> list[DeadLetter]:
+        """The oldest ``limit`` dead letters."""
+        ...
+
+    async def replay(self, ids: Sequence[str]) -> int:
+        """Send each one again to the group it failed in (only), attempt 1; how many."""
+        ...
+
+    async def purge(self, ids: Sequence[str] | None = None) -> int:
+        """Delete these dead letters (None: every one); how many were deleted."""
+        ...
 
 
 def check_transport_object(transport: object) -> Transport:
     """``transport`` if it has everything ``Transport`` declares; else the error naming
     what it lacks."""
-    lacks = [name for name in _MEMBERS if not hasattr(transport, name)]
-    if isinstance(transport, type) or lacks:
-        what = (
-            f"an instance, not the class {transport.__name__}"
-            if isinstance(transport, type)
-            else f"it has no {', '.join(lacks)}"
-        )
+    if isinstance(transport, type):
+        what: str | None = f"an instance, not the class {transport.__name__}"
+    else:
+        what = _lacking(transport)
+    if what is not None:
         raise bad_option(
             "transport",
             transport,
@@ -190,8 +297,64 @@ def check_transport_object(transport: object) -> Transport:
     return transport  # type: ignore[return-value]
 
 
-# What a Transport has: its attribute and methods, as the Protocol declares them.
-_MEMBERS = ("url", *(name for name in vars(Transport) if not name.startswith("_")))
+def check_requester(transport: Transport) -> Requester:
+    """``transport`` if it does request/reply; else the error saying so."""
+    if isinstance(transport, Requester):
+        return transport
+    raise ImproperlyConfigured(
+        f"{redact(transport.url)}: {type(transport).__name__} has no request/reply "
+        f"(iambus.transports.Requester), so a command or query cannot be sent to another "
+        f"service and answered: use a transport that has it, or send a command without "
+        f"waiting for its answer (dp.send)"
+    )
+
+
+def check_dead_letter_store(transport: Transport) -> DeadLetterStore:
+    """``transport`` if it keeps dead letters that can be listed, replayed and purged;
+    else the error saying so."""
+    if isinstance(transport, DeadLetterStore):
+        return transport
+    raise ImproperlyConfigured(
+        f"{redact(transport.url)}: {type(transport).__name__} keeps no dead letters iambus "
+        f"can list, replay or purge (iambus.transports.DeadLetterStore); use the broker's "
+        f"own tools"
+    )
+
+
+def _members(protocol: type) -> list[str]:
+    """What ``protocol`` declares: its attributes and methods, in order."""
+    methods = [name for name, value in vars(protocol).items() if callable(value)]
+    public = [*protocol.__annotations__, *methods]
+    return [name for name in dict.fromkeys(public) if not name.startswith("_")]
+
+
+def _lacks(candidate: object, protocol: type) -> list[str]:
+    """The members of ``protocol`` that ``candidate`` has not. A method set to None is
+    not there (as ``isinstance`` sees it: how a subclass takes an optional part away)."""
+    return [
+        name
+        for name in _members(protocol)
+        if getattr(candidate, name, None) is None
+        and (callable(getattr(protocol, name, None)) or not hasattr(candidate, name))
+    ]
+
+
+def _lacking(candidate: object) -> str | None:
+    """What ``candidate`` lacks of ``Transport``, for an error message; None: nothing."""
+    lacks = _lacks(candidate, Transport)
+    if not lacks:
+        return None
+    defaulted = [name for name in lacks if name in _DEFAULTED]
+    inherit = (
+        f"; subclass iambus.transports.Transport to inherit {', '.join(defaulted)}"
+        if defaulted
+        else ""
+    )
+    return f"it has no {', '.join(lacks)}{inherit}"
+
+
+# The members of Transport with a default that a subclass inherits.
+_DEFAULTED = ("client_name", "partitions", "capabilities", "tune", "join")
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from ..envelope import Envelope, new_id
 from ..errors import ImproperlyConfigured, TransportError, check_count, check_seconds
-from . import ANNOUNCE_TTL, Backlog, DeadLetter, Delivery, Failure, Instance
+from . import ANNOUNCE_TTL, Backlog, Capability, DeadLetter, Delivery, Failure, Instance, Transport
 
 __all__ = ["MemoryTransport"]
 
@@ -67,8 +67,10 @@ class _Stream:
         return self.first + len(self.entries)
 
 
-class MemoryTransport:
+class MemoryTransport(Transport):
     """In-process transport with broker semantics; see the module docstring."""
+
+    capabilities = Capability.RECLAIM | Capability.KEY_ORDER | Capability.DELAYED_RETRY
 
     def __init__(
         self, url: str = "memory://", *, claim_after: float = 30.0, max_length: int = 10_000

@@ -140,7 +140,18 @@ from ..errors import (
     check_seconds,
 )
 from ..partitions import partition, partitions_option
-from . import ANNOUNCE_TTL, Backlog, DeadLetter, Delivery, Failure, Instance, client_name, redact
+from . import (
+    ANNOUNCE_TTL,
+    Backlog,
+    Capability,
+    DeadLetter,
+    Delivery,
+    Failure,
+    Instance,
+    Transport,
+    client_name,
+    redact,
+)
 
 try:
     from nats.aio.client import Client
@@ -258,8 +269,11 @@ class _Group:
     asked: list[_Asked] = field(default_factory=list)
 
 
-class NatsTransport:
+class NatsTransport(Transport):
     """NATS JetStream transport; see the module docstring."""
+
+    capabilities = Capability.RECLAIM | Capability.KEY_ORDER | Capability.DELAYED_RETRY
+    partitions: int  # always partitioned (see iambus.partitions)
 
     def __init__(
         self,

@@ -105,7 +105,17 @@ from ..errors import (
     check_seconds,
 )
 from ..partitions import partition, partitions_option
-from . import Backlog, DeadLetter, Delivery, Failure, Instance, client_name, redact
+from . import (
+    Backlog,
+    Capability,
+    DeadLetter,
+    Delivery,
+    Failure,
+    Instance,
+    Transport,
+    client_name,
+    redact,
+)
 
 try:
     import aio_pika
@@ -190,8 +200,11 @@ class _Consumer:
     left: bool = False  # left while keyed retries waited: its partition channel closes after
 
 
-class RabbitMQTransport:
+class RabbitMQTransport(Transport):
     """RabbitMQ transport; see the module docstring and ``docs/rabbitmq.md``."""
+
+    capabilities = Capability.RECLAIM | Capability.KEY_ORDER | Capability.DELAYED_RETRY
+    partitions: int  # always partitioned (see iambus.partitions)
 
     def __init__(
         self,

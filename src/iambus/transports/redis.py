@@ -115,7 +115,18 @@ from ..errors import (
     check_seconds,
 )
 from ..partitions import partition, partitions_option
-from . import ANNOUNCE_TTL, Backlog, DeadLetter, Delivery, Failure, Instance, client_name, redact
+from . import (
+    ANNOUNCE_TTL,
+    Backlog,
+    Capability,
+    DeadLetter,
+    Delivery,
+    Failure,
+    Instance,
+    Transport,
+    client_name,
+    redact,
+)
 
 try:
     import redis.asyncio as aioredis
@@ -379,8 +390,11 @@ _AS_BYTES = {name: name.encode() for name in (_POINTER, _TARGET, _PARTITION)}
 DEAD_PAGE = 1000  # dead letters counted per XRANGE
 
 
-class RedisTransport:
+class RedisTransport(Transport):
     """Redis Streams transport; see the module docstring."""
+
+    capabilities = Capability.RECLAIM | Capability.KEY_ORDER | Capability.DELAYED_RETRY
+    partitions: int  # always partitioned (see iambus.partitions)
 
     def __init__(
         self,
