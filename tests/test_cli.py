@@ -28,7 +28,10 @@ import pytest
 import iambus
 from iambus import Dispatcher
 from iambus.cli import main
+from iambus.database import Database
 from iambus.envelope import Envelope
+from iambus.outbox import Outgoing, write
+from iambus.relay import OutboxStatus, outbox_status
 from iambus.transports import (
     DeadLetter,
     Delivery,
@@ -40,7 +43,7 @@ from iambus.transports import (
     redact,
 )
 
-from .conftest import require
+from .conftest import POSTGRES_DSN, require
 from .processes import BROKERS
 
 # An application module, as a user would write it. DEFAULTS is replaced per test.
@@ -891,3 +894,255 @@ def test_status_cannot_see_another_process_memory(capsys: pytest.CaptureFixture[
     err = capsys.readouterr().err
     assert f"{UNREACHABLE}: connect failed" in err
     assert "Traceback" not in err
+
+
+# -- db, relay, outbox (PostgreSQL) -----------------------------------------------------
+
+
+@pytest.fixture
+def schema() -> Iterator[str]:
+    """A schema name of its own for one test, dropped at the end."""
+    require("postgres")
+    name = f"test_{uuid.uuid4().hex[:10]}"
+    yield name
+
+    async def drop() -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(POSTGRES_DSN)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+        finally:
+            await conn.close()
+
+    asyncio.run(drop())
+
+
+def test_db_init_creates_the_tables(schema: str, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["db", "init", "--database", POSTGRES_DSN, "--schema", schema, "--prefix", "bus_"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out == (
+        f"iambus's tables are ready: {schema}.bus_outbox, {schema}.bus_inbox\n"
+    )
+    assert main(argv) == 0  # again: nothing to do
+
+    async def check() -> None:
+        database = Database(POSTGRES_DSN, schema=schema, prefix="bus_")
+        try:
+            await database.check()
+        finally:
+            await database.close()
+
+    asyncio.run(check())
+
+
+def test_db_init_sql_prints_the_tables_sql_without_a_database(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["db", "init", "--sql", "--schema", "shop", "--prefix", "bus_"]) == 0
+    expected = Database("postgresql://", schema="shop", prefix="bus_").ddl()
+    assert capsys.readouterr().out == expected
+    assert 'CREATE TABLE IF NOT EXISTS "shop"."bus_outbox"' in expected
+    assert main(["db", "init"]) == 2
+    assert "db init: give --database DSN (or --sql" in capsys.readouterr().err
+
+
+def test_db_init_finds_a_table_of_another_shape(
+    schema: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def make() -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(POSTGRES_DSN)
+        try:
+            await conn.execute(f'CREATE SCHEMA "{schema}"')
+            await conn.execute(f'CREATE TABLE "{schema}".iambus_outbox (position bigint)')
+        finally:
+            await conn.close()
+
+    asyncio.run(make())
+    assert main(["db", "init", "--database", POSTGRES_DSN, "--schema", schema]) == 2
+    err = capsys.readouterr().err
+    assert f"the table {schema}.iambus_outbox has no column(s) lane, address" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "status", "message"),
+    [
+        (
+            ["status", "--database", "postgresql://postgres:s3cret@127.0.0.1:1/test"],
+            1,
+            "the database postgresql://postgres:***@127.0.0.1:1/test failed: ",
+        ),
+        (
+            ["outbox", "list", "--database", "postgresql://postgres@127.0.0.1/no_such_db_xyz"],
+            1,
+            'database "no_such_db_xyz" does not exist',
+        ),
+        (
+            ["outbox", "retry", "--all", "--database", POSTGRES_DSN, "--schema", "no_such_xyz"],
+            2,
+            "the table no_such_xyz.iambus_outbox does not exist; create iambus's tables with "
+            "`iambus db init --database DSN --schema no_such_xyz`",
+        ),
+        (
+            ["relay", "--transport", UNREACHABLE, "--database", POSTGRES_DSN, "--prefix", "x_"],
+            2,
+            "the table x_outbox does not exist",
+        ),
+        (
+            ["db", "init", "--database", "mysql://root:s3cret@127.0.0.1/shop"],
+            2,
+            "database must be a DSN 'postgresql://user@host/db', an asyncpg.Pool, or a "
+            "SQLAlchemy AsyncEngine on the asyncpg driver, got 'mysql://root:***@127.0.0.1/shop'",
+        ),
+        (["outbox", "list"], 2, "--database DSN is required"),
+        (["status"], 2, "status: give --transport URL, --database DSN, or both"),
+        (
+            ["relay", "--transport", "memory://", "--database", POSTGRES_DSN],
+            2,
+            "memory:// lives inside one process",
+        ),
+        (["relay", "--transport", "x://", "--database", POSTGRES_DSN, "--poll", "0"], 2, "> 0"),
+    ],
+    ids=[
+        "unreachable",
+        "no-database",
+        "no-tables",
+        "relay-no-tables",
+        "not-postgres",
+        "no-dsn",
+        "status-needs-one",
+        "relay-memory",
+        "relay-poll",
+    ],
+)
+def test_database_commands_say_what_is_wrong_in_one_line(
+    argv: list[str], status: int, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if any(POSTGRES_DSN in arg or "no_such_db" in arg for arg in argv):
+        require("postgres")
+    assert main(argv) == status
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1, err
+    assert "s3cret" not in err
+
+
+async def commit_rows(database: Database, *envelopes: Envelope, address: str) -> None:
+    async with database.connection() as conn, conn.transaction():
+        await write(conn, database, [Outgoing(address, e) for e in envelopes])
+
+
+async def test_status_shows_the_outbox(
+    database: Database, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stuck = ping(2)
+    await commit_rows(database, ping(1), stuck, ping(3), address=ADDRESS)
+    async with database.connection() as conn:
+        await conn.execute(f"UPDATE {database.outbox} SET stored_at = now() - interval '2 minutes'")
+        await conn.execute(
+            f"UPDATE {database.outbox} SET parked_at = now() WHERE message_id = $1", stuck.id
+        )
+    argv = ["status", "--database", POSTGRES_DSN, "--schema", str(database.schema)]
+
+    assert await asyncio.to_thread(main, argv) == 0
+    [header, row] = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert header == ["OUTBOX", "BACKLOG", "OLDEST", "PARKED"]
+    assert row == [f"{database.schema}.iambus_outbox", "2", "2m", "1"]
+
+    assert await asyncio.to_thread(main, [*argv, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["outbox"]["table"] == f"{database.schema}.iambus_outbox"
+    assert (shown["outbox"]["backlog"], shown["outbox"]["parked"]) == (2, 1)
+    assert 120 <= shown["outbox"]["oldest_age"] < 180
+
+
+async def test_outbox_list_and_retry_the_parked_rows(
+    database: Database, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stuck = ping(1, key="order-7")
+    await commit_rows(database, stuck, address=ADDRESS)
+    async with database.connection() as conn:
+        position = await conn.fetchval(
+            f"UPDATE {database.outbox} SET parked_at = now(), attempts = 1, "
+            f"last_error = 'SerializationError: outbox row does not decode' RETURNING position"
+        )
+    where = ["--database", POSTGRES_DSN, "--schema", str(database.schema)]
+
+    assert await asyncio.to_thread(main, ["outbox", "list", *where]) == 0
+    [header, row] = [line.split(None, 7) for line in capsys.readouterr().out.splitlines()]
+    assert header[:4] == ["POSITION", "MESSAGE", "NAME", "ADDRESS"]
+    assert row == [
+        str(position), stuck.id, "Ping", ADDRESS, "order-7", "1", "0s",
+        "SerializationError: outbox row does not decode",
+    ]  # fmt: skip
+    assert await asyncio.to_thread(main, ["outbox", "list", *where, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["position"], shown["message_id"], shown["key"]) == (position, stuck.id, "order-7")
+
+    argv = ["outbox", "retry", *where, str(position), str(position + 99)]
+    assert await asyncio.to_thread(main, argv) == 1
+    out = capsys.readouterr()
+    assert out.out == "retrying 1 parked row\n"
+    assert f"no parked row at position {position + 99} in" in out.err
+    assert (await outbox_status(database)).parked == 0
+    assert await asyncio.to_thread(main, ["outbox", "list", *where]) == 0
+    assert capsys.readouterr().out.startswith("no parked rows in ")
+    assert await asyncio.to_thread(main, ["outbox", "retry", *where, "--all"]) == 0
+    assert capsys.readouterr().out == "retrying 0 parked rows\n"
+    assert await asyncio.to_thread(main, ["outbox", "retry", *where]) == 2
+    assert "give the positions of the parked rows" in capsys.readouterr().err
+
+
+async def test_python_m_iambus_relay_sends_until_sigterm(
+    database: Database, redis_url: str, tmp_path: Path
+) -> None:
+    receiver = connect(redis_url)
+    await receiver.open()
+    log = tmp_path / "relay.log"
+    try:
+        await receiver.declare(ADDRESS, GROUP, from_start=True)
+        await commit_rows(database, ping(1, key="k"), address=ADDRESS)  # waiting already
+        argv = ["relay", "--transport", redis_url, "--database", POSTGRES_DSN]
+        argv += ["--schema", str(database.schema), "--poll", "30"]
+        with log.open("w") as output:
+            relay = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "iambus", *argv, stdout=output, stderr=subprocess.STDOUT
+            )
+
+        def started() -> bool:
+            return "iambus relay:" in log.read_text()
+
+        try:
+            await asyncio.to_thread(wait_until, started, what=log)
+            await commit_rows(database, ping(2, key="k"), ping(3), address=ADDRESS)
+            got: list[Envelope] = []
+            deadline = time.monotonic() + 10
+            while len(got) < 3 and time.monotonic() < deadline:
+                for delivery in await receiver.receive(
+                    ADDRESS, GROUP, consumer="test", limit=3, wait=0.5
+                ):
+                    got.append(delivery.envelope)
+                    await delivery.ack()
+            assert sorted(_n(e) for e in got) == [1, 2, 3]
+            relay.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(relay.wait(), 10) == 0, log.read_text()
+        finally:
+            if relay.returncode is None:
+                relay.kill()
+                await relay.wait()
+    finally:
+        await receiver.close()
+    assert await outbox_status(database) == OutboxStatus(backlog=0, oldest_age=None, parked=0)
+    text = log.read_text()
+    assert f"{database.schema}.iambus_outbox -> {redact(redis_url)}" in text
+    assert "listening" in text
+    assert "received SIGTERM, stopping" in text
+    assert "iambus relay: stopped" in text
+    assert "Traceback" not in text
+
+
+def _n(envelope: Envelope) -> int:
+    return int(json.loads(envelope.payload)["n"])

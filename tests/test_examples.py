@@ -18,6 +18,16 @@ EXPECTED = {
         'announce: new book "Philosopher\'s Stone" by J. K. Rowling',
         "query: found [Book(title=\"Philosopher's Stone\", author='J. K. Rowling', year=1997)]",
     ],
+    "outbox.py": [
+        "orders: placed order 1",
+        "billing: invoiced order 1: 42.00 EUR",
+        "main: order 2: nothing to pay; rolled back, its event with it",
+        "orders: placed order 3",
+        "billing: invoiced order 3: 15.00 EUR",
+        "main: orders [1, 3]",
+        "main: invoices [1, 3]",
+        "main: done; the schema and the namespace are gone",
+    ],
     "two_services/main.py": [
         "main: sending PlaceOrder(order_id=1, amount_cents=4200) to orders",
         "orders: placed order 1; publishing OrderPlaced",
@@ -27,8 +37,8 @@ EXPECTED = {
         "main: both services stopped, and the run's keys deleted",
     ],
 }
-# The brokers an example needs (see conftest.require).
-NEEDS = {"two_services/main.py": "redis"}
+# The services an example needs (see conftest.require).
+NEEDS = {"two_services/main.py": ("redis",), "outbox.py": ("redis", "postgres")}
 
 
 def test_every_example_is_checked():
@@ -39,8 +49,8 @@ def test_every_example_is_checked():
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_example_runs(name: str) -> None:
-    if name in NEEDS:
-        require(NEEDS[name])
+    for service in NEEDS.get(name, ()):
+        require(service)
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, timeout=60
     )

@@ -8,11 +8,15 @@
     iambus dlq show --transport redis://127.0.0.1:6379/0 1764158400123-0
     iambus dlq replay --transport redis://127.0.0.1:6379/0 --all
     iambus dlq purge --transport redis://127.0.0.1:6379/0 --all --yes
-    iambus status --transport redis://127.0.0.1:6379/0
+    iambus status --transport redis://127.0.0.1:6379/0 --database postgresql://app@db/shop
+    iambus db init --database postgresql://app@127.0.0.1/shop      # --sql: print it instead
+    iambus relay --transport redis://127.0.0.1:6379/0 --database postgresql://app@db/shop
+    iambus outbox list --database postgresql://app@127.0.0.1/shop
+    iambus outbox retry --database postgresql://app@127.0.0.1/shop 1042
 
 ``main(argv)`` runs it in-process and returns the exit status: 0 on success (a worker
 stopped by SIGINT or SIGTERM included), 1 when the work failed (an unknown dead letter
-id, an unreachable broker), 2 for a wrong invocation or set-up. Errors are one line on
+id, an unreachable broker or database), 2 for a wrong invocation or set-up. Errors are one line on
 stderr, without a traceback — except an exception raised by the application's own code
 while it is imported or built, whose traceback is the useful part.
 """
@@ -28,16 +32,19 @@ import inspect
 import json
 import logging
 import os
+import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 from . import __version__
+from .database import Database
 from .dispatching import Dispatcher
 from .errors import IambusError, ImproperlyConfigured
+from .relay import OutboxStatus, ParkedRow, Relay, outbox_status, parked, release
 from .remote import Remote
 from .status import Status, status
 from .transports import (
@@ -47,6 +54,7 @@ from .transports import (
     Transport,
     check_dead_letter_store,
     connect,
+    redact,
 )
 
 __all__ = ["main"]
@@ -58,8 +66,10 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 ALL = sys.maxsize  # dead_letters(limit=ALL): every one of them
 MESSAGE_WIDTH = 60  # the message column of `dlq list`
+RELAY_SHUTDOWN = 10.0  # seconds `iambus relay` gives its batch to end on SIGINT/SIGTERM
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+T = TypeVar("T")
 
 
 class CliError(Exception):
@@ -172,17 +182,13 @@ def _parser() -> argparse.ArgumentParser:
         help="the broker holding the dead letters, e.g. redis://127.0.0.1:6379/0?namespace=shop",
     )
 
-    listing = actions.add_parser(
-        "list",
-        parents=[broker],
+    _list_command(
+        actions,
+        broker,
+        _dlq_list,
         help="list dead letters, oldest first",
         description="List dead letters, oldest first: a table, or one JSON object a line.",
     )
-    listing.add_argument(
-        "--limit", metavar="N", type=_positive_int, default=100, help="at most N (default: 100)"
-    )
-    listing.add_argument("--json", action="store_true", help="print JSON lines")
-    listing.set_defaults(command=_dlq_list)
 
     show = actions.add_parser(
         "show",
@@ -217,20 +223,163 @@ def _parser() -> argparse.ArgumentParser:
     purge.add_argument("-y", "--yes", action="store_true", help="confirm --all")
     purge.set_defaults(command=_dlq_purge)
 
+    database = _Parser(add_help=False)
+    database.add_argument(
+        "--database",
+        metavar="DSN",
+        help="the PostgreSQL database of the outbox, e.g. postgresql://app@127.0.0.1/shop",
+    )
+    database.add_argument(
+        "--schema", metavar="NAME", help="the schema of iambus's tables (default: the search path)"
+    )
+    database.add_argument(
+        "--prefix",
+        metavar="PREFIX",
+        default="iambus_",
+        help="the prefix of iambus's table names (default: iambus_)",
+    )
+
     state = commands.add_parser(
         "status",
-        parents=[broker],
-        help="show the live instances and each group's backlog and dead letters",
+        parents=[database],
+        help="show the live instances, each group's backlog and dead letters, the outbox",
         description=(
-            "Per service and group: the live instances consuming it, and how many "
-            "messages wait for it, are in flight (delivered, not yet settled), wait out a "
-            "retry's delay, and are dead letters; '-' where the broker cannot tell (see "
-            "docs/cli.md). Then the live instances."
+            "With --transport: per service and group, the live instances consuming it, and "
+            "how many messages wait for it, are in flight (delivered, not yet settled), "
+            "wait out a retry's delay, and are dead letters; '-' where the broker cannot "
+            "tell (see docs/cli.md); then the live instances. With --database: the "
+            "outbox's backlog (rows not yet sent), its oldest row's age, and its parked "
+            "rows. Either or both."
         ),
+    )
+    state.add_argument(
+        "--transport",
+        metavar="URL",
+        help="the broker, e.g. redis://127.0.0.1:6379/0?namespace=shop",
     )
     state.add_argument("--json", action="store_true", help="print it as one JSON object")
     state.set_defaults(command=_status)
+
+    _database_commands(commands, database)
     return parser
+
+
+def _database_commands(commands: Any, database: argparse.ArgumentParser) -> None:
+    """``iambus db``, ``iambus relay`` and ``iambus outbox``."""
+    db = commands.add_parser(
+        "db",
+        help="create iambus's tables (the outbox and the inbox)",
+        description="Manage iambus's tables in a PostgreSQL database.",
+    )
+    actions = db.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    init = actions.add_parser(
+        "init",
+        parents=[database],
+        help="create the outbox and inbox tables (or print their SQL)",
+        description=(
+            "Create iambus's tables (and the schema) if they do not exist, then check "
+            "their shape. --sql prints the SQL instead (for a migration), without "
+            "connecting; Database.metadata() gives the same tables to Alembic."
+        ),
+        epilog="Example: iambus db init --database postgresql://app@127.0.0.1/shop",
+    )
+    init.add_argument("--sql", action="store_true", help="print the SQL instead of running it")
+    init.set_defaults(command=_db_init)
+
+    relay = commands.add_parser(
+        "relay",
+        parents=[database],
+        help="send the outbox's committed messages to the broker",
+        description=(
+            "Send the messages units of work committed to the outbox to --transport, "
+            "then delete them, until SIGINT or SIGTERM (then finish the message being "
+            "sent and exit with status 0). Any number of relays may run at once: each "
+            "message is sent once in normal operation, a key's messages in commit order. "
+            "Woken by the database's NOTIFY at each commit; polls every --poll seconds too."
+        ),
+        epilog=(
+            "Example: iambus relay --transport redis://127.0.0.1:6379/0 "
+            "--database postgresql://app@127.0.0.1/shop"
+        ),
+    )
+    relay.add_argument(
+        "--transport", metavar="URL", required=True, help="the broker to send to (redis://...)"
+    )
+    relay.add_argument(
+        "--batch",
+        metavar="N",
+        type=_positive_int,
+        default=200,
+        help="rows sent and deleted per transaction (default: 200)",
+    )
+    relay.add_argument(
+        "--poll",
+        metavar="SECONDS",
+        type=_poll,
+        default=1.0,
+        help="seconds between two looks at the outbox without a notification (default: 1)",
+    )
+    relay.add_argument(
+        "--no-listen",
+        action="store_true",
+        help="do not LISTEN for commits, only poll (behind a transaction-pooling proxy, "
+        "notifications never arrive)",
+    )
+    relay.add_argument(
+        "--log-level",
+        metavar="LEVEL",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default="INFO",
+        help=f"{', '.join(LOG_LEVELS)} (default: INFO)",
+    )
+    relay.set_defaults(command=_relay)
+
+    outbox = commands.add_parser(
+        "outbox",
+        help="list or retry the outbox rows the relay parked",
+        description=(
+            "A row the relay cannot send (its envelope does not decode, the broker rejects "
+            "it) is parked: kept in the outbox with the reason, and not sent until retried."
+        ),
+    )
+    actions = outbox.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    _list_command(
+        actions,
+        database,
+        _outbox_list,
+        help="list the parked rows, oldest first",
+        description="List the parked outbox rows with the reason: a table, or JSON lines.",
+    )
+    retry = actions.add_parser(
+        "retry",
+        parents=[database],
+        help="give parked rows back to the relays",
+        description="Give parked rows back to the relays, which send them at once (and park "
+        "them again if the reason was not fixed).",
+    )
+    retry.add_argument(
+        "positions", metavar="POSITION", nargs="*", type=int, help="parked rows' positions"
+    )
+    retry.add_argument("--all", action="store_true", help="retry every parked row")
+    retry.set_defaults(command=_outbox_retry)
+
+
+def _list_command(
+    actions: Any,
+    parent: argparse.ArgumentParser,
+    command: Callable[[argparse.Namespace], int],
+    *,
+    help: str,
+    description: str,
+) -> None:
+    """A ``list`` command (``--limit``, ``--json``) under ``actions``."""
+    listing = actions.add_parser("list", parents=[parent], help=help, description=description)
+    listing.add_argument(
+        "--limit", metavar="N", type=_positive_int, default=100, help="at most N (default: 100)"
+    )
+    listing.add_argument("--json", action="store_true", help="print JSON lines")
+    listing.set_defaults(command=command)
 
 
 def _positive_int(text: str) -> int:
@@ -250,6 +399,13 @@ def _seconds(text: str) -> float:
         value = -1.0
     if not 0 <= value < float("inf"):  # also rejects nan
         raise argparse.ArgumentTypeError(f"expected seconds (a number >= 0), got {text!r}")
+    return value
+
+
+def _poll(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected seconds (a number > 0), got {text!r}")
     return value
 
 
@@ -412,21 +568,31 @@ def _loop_factory() -> LoopFactory:
 def _dlq_list(args: argparse.Namespace) -> int:
     async def work(transport: Transport) -> int:
         letters = await check_dead_letter_store(transport).dead_letters(limit=args.limit)
-        if args.json:
-            for letter in letters:
-                print(json.dumps(_as_json(letter)))
-        elif letters:
-            print(_table(letters))
-        else:
-            print(f"no dead letters on {transport.url}")
-        if len(letters) == args.limit:
-            print(
-                f"(the first {args.limit}; there may be more: pass --limit to see them)",
-                file=sys.stderr,
-            )
+        _listing(args, letters, _as_json, _table, f"no dead letters on {transport.url}")
         return 0
 
     return _with_transport(args.transport, work)
+
+
+def _listing(
+    args: argparse.Namespace,
+    items: list[T],
+    as_json: Callable[[T], dict[str, Any]],
+    table: Callable[[list[T]], str],
+    none: str,
+) -> None:
+    """Print ``items``: a table (``none`` when there is none), or JSON lines with --json;
+    say on stderr when --limit may have cut the list."""
+    if args.json:
+        for item in items:
+            print(json.dumps(as_json(item)))
+    else:
+        print(table(items) if items else none)
+    if len(items) == args.limit:
+        print(
+            f"(the first {args.limit}; there may be more: pass --limit to see them)",
+            file=sys.stderr,
+        )
 
 
 def _dlq_show(args: argparse.Namespace) -> int:
@@ -480,12 +646,38 @@ def _dlq_purge(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    async def work(transport: Transport) -> int:
-        found = await status(transport)
-        print(json.dumps(_status_json(found)) if args.json else _status_table(found))
-        return 0
+    if args.transport is None and args.database is None:
+        raise CliError("status: give --transport URL, --database DSN, or both")
+    found: Status | None = None
+    outbox: OutboxStatus | None = None
+    if args.transport is not None:
 
-    return _with_transport(args.transport, work, what="its workers and queues")
+        async def work(transport: Transport) -> int:
+            nonlocal found
+            found = await status(transport)
+            return 0
+
+        _with_transport(args.transport, work, what="its workers and queues")
+    table = ""
+    if args.database is not None:
+
+        async def look(database: Database) -> int:
+            nonlocal outbox, table
+            outbox, table = await outbox_status(database), _plain(database.outbox)
+            return 0
+
+        _with_database(args, look)
+    if args.json:
+        shown = {} if found is None else _status_json(found)
+        if outbox is not None:
+            shown["outbox"] = {"table": table, **_outbox_json(outbox)}
+        print(json.dumps(shown))
+        return 0
+    parts = [] if found is None else [_status_table(found)]
+    if outbox is not None:
+        parts.append(_outbox_table(table, outbox))
+    print("\n\n".join(parts))
+    return 0
 
 
 def _status_table(found: Status) -> str:
@@ -550,6 +742,224 @@ def _status_json(found: Status) -> dict[str, Any]:
     }
 
 
+def _outbox_table(table: str, found: OutboxStatus) -> str:
+    oldest = "-" if found.oldest_age is None else _age(found.oldest_age)
+    rows = [("OUTBOX", "BACKLOG", "OLDEST", "PARKED")]
+    rows.append((table, str(found.backlog), oldest, str(found.parked)))
+    return _columns(rows)
+
+
+def _outbox_json(found: OutboxStatus) -> dict[str, Any]:
+    return {"backlog": found.backlog, "oldest_age": found.oldest_age, "parked": found.parked}
+
+
+# -- iambus db, relay, outbox -----------------------------------------------------------
+
+
+def _db_init(args: argparse.Namespace) -> int:
+    if args.sql:
+        # The SQL needs no connection: any DSN makes the Database that writes it.
+        print(_database(args, "postgresql://").ddl(), end="")
+        return 0
+    if args.database is None:
+        raise CliError("db init: give --database DSN (or --sql to print the SQL instead)")
+
+    async def work(database: Database) -> int:
+        try:
+            await database.create()
+        except _database_errors():
+            # A table made before, by hand or by another version, may lack a column the
+            # indexes use: the check names what is missing (and the SQL rolled back).
+            await database.check()
+            raise
+        await database.check()  # a table of another shape that the SQL did not trip on
+        print(f"iambus's tables are ready: {_plain(database.outbox)}, {_plain(database.inbox)}")
+        return 0
+
+    return _with_database(args, work, check=False)
+
+
+def _relay(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
+    if urlsplit(args.transport).scheme == "memory":
+        raise CliError(
+            "memory:// lives inside one process, so a relay of its own sends to nobody: "
+            "point --transport at a broker"
+        )
+    transport = _connect(args.transport)
+
+    async def serve(database: Database) -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        signals = (signal.SIGINT, signal.SIGTERM)
+        for number in signals:
+            loop.add_signal_handler(number, _stop_on, number, stop)
+        try:
+            await transport.open()
+            try:
+                relay = Relay(
+                    database, transport, batch=args.batch, poll=args.poll, listen=not args.no_listen
+                )
+                await relay.start()
+                logger.info(
+                    "iambus relay: %s -> %s (batch %d, poll %g s, %s); stop it with SIGINT "
+                    "(Ctrl-C) or SIGTERM",
+                    _plain(database.outbox),
+                    transport.url,
+                    relay.batch,
+                    relay.poll,
+                    "listening" if relay.listening else "polling only",
+                )
+                await stop.wait()
+                await relay.stop(loop.time() + RELAY_SHUTDOWN)
+            finally:
+                await transport.close()
+        finally:
+            for number in signals:
+                loop.remove_signal_handler(number)
+        logger.info("iambus relay: stopped")
+        return 0
+
+    return _with_database(args, serve)
+
+
+def _stop_on(number: int, stop: asyncio.Event) -> None:
+    logger.info("iambus relay: received %s, stopping", signal.Signals(number).name)
+    stop.set()
+
+
+def _outbox_list(args: argparse.Namespace) -> int:
+    async def work(database: Database) -> int:
+        rows = await parked(database, limit=args.limit)
+        none = f"no parked rows in {_plain(database.outbox)}"
+        _listing(args, rows, _parked_json, _parked_table, none)
+        return 0
+
+    return _with_database(args, work)
+
+
+def _outbox_retry(args: argparse.Namespace) -> int:
+    if args.all and args.positions:
+        raise CliError("retry: give positions or --all, not both")
+    if not args.all and not args.positions:
+        raise CliError(
+            "retry: give the positions of the parked rows to retry ('iambus outbox list' "
+            "shows them), or --all"
+        )
+
+    async def work(database: Database) -> int:
+        wanted = None if args.all else list(dict.fromkeys(args.positions))
+        released = await release(database, wanted)
+        print(f"retrying {len(released)} parked row{'' if len(released) == 1 else 's'}")
+        unknown = [] if wanted is None else [p for p in wanted if p not in set(released)]
+        if unknown:
+            print(
+                f"{PROG}: error: no parked row at position {', '.join(map(str, unknown))} "
+                f"in {_plain(database.outbox)}",
+                file=sys.stderr,
+            )
+            return 1
+        return 0
+
+    return _with_database(args, work)
+
+
+def _parked_table(rows: list[ParkedRow]) -> str:
+    now = time.time()
+    table = [("POSITION", "MESSAGE", "NAME", "ADDRESS", "KEY", "ATTEMPTS", "AGE", "ERROR")]
+    table += [
+        (
+            str(row.position),
+            row.message_id,
+            row.name,
+            row.address,
+            _or_none(row.key),
+            str(row.attempts),
+            _age(now - row.parked_at),
+            _clip(" ".join(row.error.split()), MESSAGE_WIDTH),
+        )
+        for row in rows
+    ]
+    return _columns(table)
+
+
+def _parked_json(row: ParkedRow) -> dict[str, Any]:
+    return {
+        "position": row.position,
+        "message_id": row.message_id,
+        "name": row.name,
+        "address": row.address,
+        "key": row.key,
+        "attempts": row.attempts,
+        "error": row.error,
+        "parked_at": row.parked_at,
+    }
+
+
+def _database(args: argparse.Namespace, dsn: str | None = None) -> Database:
+    dsn = dsn or args.database
+    if dsn is None:
+        raise CliError(
+            "--database DSN is required: the PostgreSQL database of iambus's tables, e.g. "
+            "postgresql://app@127.0.0.1/shop"
+        )
+    try:
+        return Database(dsn, schema=args.schema, prefix=args.prefix)
+    except ImproperlyConfigured as exc:
+        raise CliError(str(exc).replace(dsn, redact(dsn))) from None
+
+
+def _with_database(
+    args: argparse.Namespace, work: Callable[[Database], Awaitable[int]], *, check: bool = True
+) -> int:
+    """Run ``work`` with the database of ``--database``, its tables checked first; close
+    it. Errors become one line: status 2 for a set-up to fix, 1 for a database that
+    failed or cannot be reached."""
+    database = _database(args)
+
+    async def session() -> int:
+        try:
+            if check:
+                await database.check()
+            return await work(database)
+        finally:
+            await database.close()
+
+    return _run(session(), dsn=args.database)
+
+
+def _run(session: Coroutine[Any, Any, int], *, dsn: str | None = None) -> int:
+    """``asyncio.run(session)``, its errors as one line: ``ImproperlyConfigured`` with
+    status 2, another iambus error (and with ``dsn``, a database's) with status 1."""
+    try:
+        return asyncio.run(session)
+    except ImproperlyConfigured as exc:
+        raise CliError(str(exc)) from None
+    except IambusError as exc:
+        raise CliError(str(exc), status=1) from None
+    except Exception as exc:
+        if dsn is None or not isinstance(exc, _database_errors()):
+            raise
+        raise CliError(
+            f"the database {redact(dsn)} failed: {type(exc).__name__}: {exc}", status=1
+        ) from None
+
+
+def _database_errors() -> tuple[type[Exception], ...]:
+    """What a database that failed or cannot be reached raises (asyncpg's errors, a
+    refused or lost connection)."""
+    try:
+        import asyncpg
+    except ImportError:  # pragma: no cover - Database.open() said which extra to install
+        return (OSError,)
+    return (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+def _plain(table: str) -> str:
+    """A quoted, qualified table name as a reader writes it: schema.table."""
+    return table.replace('"', "")
+
+
 def _check_selection(args: argparse.Namespace, action: str) -> None:
     if args.all and args.ids:
         raise CliError(f"{action}: give dead letter ids or --all, not both")
@@ -597,12 +1007,7 @@ def _with_transport(
         finally:
             await transport.close()
 
-    try:
-        return asyncio.run(session())
-    except ImproperlyConfigured as exc:
-        raise CliError(str(exc)) from None
-    except IambusError as exc:
-        raise CliError(str(exc), status=1) from None
+    return _run(session())
 
 
 def _connect(url: str) -> Transport:

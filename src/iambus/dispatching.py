@@ -67,6 +67,7 @@ from .handlers import Handler, Kind
 from .messages import Command, MessageKey, Query, describe, message_key, message_name
 from .middleware import Context, Middleware, check_middleware
 from .providers import ProviderRegistry
+from .relay import Relay
 from .remote import Remote, RemoteRoute
 from .retry import Retry, checked_policy
 from .routers import EventRouter, RequestRouter, Router
@@ -282,6 +283,7 @@ class Dispatcher:
         self.database = database
         self._every_unit = unit_of_work  # Dispatcher(unit_of_work=True): every handler
         self.relay = relay
+        self._relay: Relay | None = None  # sends the database's outbox while started
 
         self._state = _NEW
         # True only while started: the one check on the hot path.
@@ -471,6 +473,13 @@ class Dispatcher:
         if self.remote is None or self._state != _STARTED:
             return
         await self.remote.open()
+        if self.database is not None and self.relay and self._relay is None:
+            # Every started dispatcher with a database relays its outbox: several relays
+            # share the work, each lane held by one at a time (see iambus.relay). Started
+            # first: a database it cannot use fails the start before anything consumes.
+            relay = Relay(self.database, self.remote.transport)
+            await relay.start()
+            self._relay = relay
         if not self._table.subscriptions:
             logger.info(
                 "iambus: service %s sends routed messages through %s; it binds no handler "
@@ -594,6 +603,7 @@ class Dispatcher:
             self._draining_worker = None
             self._engine = None
             try:
+                await self._stop_relay(deadline)
                 await self._close_remote(deadline.close)
             finally:
                 self._draining = None
@@ -625,6 +635,17 @@ class Dispatcher:
             "iambus: giving back what the worker held %s; it is redelivered after claim_after",
             why,
         )
+
+    async def _stop_relay(self, deadline: StopDeadline) -> None:
+        # After the handlers: rows they committed while draining are sent, or stay in
+        # the outbox for the next relay; never lost.
+        relay, self._relay = self._relay, None
+        try:
+            if relay is not None:
+                await relay.stop(deadline.unwind)
+        finally:
+            if self.database is not None:
+                await self.database.close()
 
     async def _close_remote(self, by: float | None) -> None:
         if self.remote is None:

@@ -1,0 +1,541 @@
+"""The relay: sends the outbox's committed rows to the transport, then deletes them.
+
+::
+
+    from iambus.relay import Relay
+
+    relay = Relay(database, transport)          # both opened and closed by their owner
+    await relay.start()                         # runs in the background
+    ...
+    await relay.stop(loop.time() + 10)          # by this event-loop time at the latest
+
+``iambus relay --transport URL --database DSN`` runs one as a process of its own. Any
+number of relays may run on one outbox at once. docs/outbox.md tells the design.
+
+A *pass* visits each of the outbox's ``LANES`` lanes (starting at a random one). A lane
+is taken with a transaction-scoped advisory lock (``pg_try_advisory_xact_lock``); a lane
+another relay holds is skipped, so two relays never send the same lane's rows at once,
+and one lane's rows go out one after the other in ``position`` order: per key, the order
+the writers committed them (see ``outbox``). In that transaction the relay reads up to
+``batch`` rows, sends each with its envelope unchanged, deletes the sent ones and
+commits; a full batch is followed by another.
+
+No high-water mark: every pass reads every committed row still in the table, so a row a
+long transaction commits late, with a position lower than rows already sent, is read by
+the next pass (its commit's ``NOTIFY`` wakes the relays).
+
+Wake-up: a connection of its own ``LISTEN``s on the outbox's channel; each commit that
+wrote rows notifies it and a pass starts at once. Polling every ``poll`` seconds is the
+fallback, and runs whether or not the relay listens (behind a transaction-pooling proxy
+``LISTEN`` appears to work and no notification ever arrives).
+
+Failures never stop a relay. A broker that fails (``TransportError``) ends the pass: the
+rows sent so far are deleted, the rest stay in order; the relay retries after a growing
+delay (``RETRY_FIRST`` doubling up to ``RETRY_CAP``) and logs once per outage. A
+database error (a lost connection) is handled the same way. A row that can never be sent
+(its envelope does not decode, or the transport rejects it with ``SerializationError`` or
+``ImproperlyConfigured``) is *parked*: kept in the table with the reason, logged at
+ERROR, counted by ``outbox_status``, and sent again once ``release``\\ d
+(``iambus outbox retry``). A relay killed mid-batch loses nothing: its transaction rolls
+back and the batch is sent again (the same envelope ids: duplicates a consumer's inbox
+recognises).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import inbox
+from .database import Database
+from .errors import (
+    ImproperlyConfigured,
+    SerializationError,
+    check_count,
+    check_flag,
+    check_seconds,
+)
+from .outbox import LANES, ROW_COLUMNS, envelope_of
+from .transports import Transport
+
+__all__ = ["OutboxStatus", "ParkedRow", "Relay", "outbox_status", "parked", "release"]
+
+logger = logging.getLogger(__name__)
+
+RETRY_FIRST = 0.1
+"""Seconds before the first retry after a failed pass (or a lost ``LISTEN``); doubled
+after each failure that follows, up to ``RETRY_CAP``."""
+RETRY_CAP = 10.0
+LISTEN_CHECK = 30.0
+"""Seconds between two checks that the quiet ``LISTEN`` connection still answers (a
+connection the server closed is noticed at once; a silent network loss by this check)."""
+LISTEN_CHECK_TIMEOUT = 10.0
+START_LISTEN_WAIT = 5.0
+"""How long ``start()`` waits for the first ``LISTEN`` before it goes on with polling."""
+STOP_GRACE = 1.0
+"""Seconds a relay cut short at its deadline gets to unwind (its connections are closed
+first, so that nothing waits for the database)."""
+
+
+class Relay:
+    """Sends the committed outbox rows of ``database`` to ``transport``; see the module
+    docstring.
+
+    ``batch``: rows read (and deleted) per transaction. ``poll``: seconds between two
+    passes when no notification comes. ``listen``: wake up on the outbox's ``NOTIFY``
+    (off: poll only). ``purge_every``: seconds between two purges of old inbox records
+    (``inbox.purge``). The relay neither opens nor closes the transport or the database.
+    """
+
+    def __init__(
+        self,
+        database: Database,
+        transport: Transport,
+        *,
+        batch: int = 200,
+        poll: float = 1.0,
+        listen: bool = True,
+        purge_every: float = 3600.0,
+    ) -> None:
+        if not isinstance(database, Database):
+            raise ImproperlyConfigured(
+                f"database must be an iambus.database.Database, got {database!r}"
+            )
+        self.database = database
+        self.transport = transport
+        self.batch = check_count("batch", batch)
+        self.poll = check_seconds("poll", poll)
+        self.listen = check_flag("listen", listen)
+        self.purge_every = check_seconds("purge_every", purge_every)
+        outbox = database.outbox
+        self._lock_sql = "SELECT pg_try_advisory_xact_lock($1::int, $2::int)"
+        self._select_sql = (
+            f"SELECT {ROW_COLUMNS} FROM {outbox} WHERE lane = $1 AND parked_at IS NULL "
+            f"ORDER BY position LIMIT $2"
+        )
+        self._delete_sql = f"DELETE FROM {outbox} WHERE position = ANY($1::bigint[])"
+        self._park_sql = (
+            f"UPDATE {outbox} SET parked_at = now(), last_error = $2, "
+            f"attempts = attempts + 1 WHERE position = $1"
+        )
+        self._task: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()  # a notification came, or stop() was called
+        self._idle = asyncio.Event()  # the loop waits between passes (tests watch it)
+        self._listening = False
+        self._held: set[Any] = set()  # connections in use, closed by a stop cut short
+
+    def __repr__(self) -> str:
+        return f"<Relay {self.database.outbox} -> {self.transport.url}>"
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None
+
+    @property
+    def listening(self) -> bool:
+        """Whether a connection listens for the outbox's notifications right now."""
+        return self._listening
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Check the tables, then relay in the background until ``stop()``.
+
+        Raises ``ImproperlyConfigured`` when the tables are missing or of another shape
+        (``Database.check``), and the driver's error when the database cannot be reached.
+        Returns once the relay listens (or has failed to, and polls).
+        """
+        if self._task is not None:
+            raise ImproperlyConfigured(f"{self!r} is already running: stop() it first")
+        await self.database.check()
+        self._stopping.clear()
+        if self.listen:
+            ready = asyncio.Event()
+            self._listener = asyncio.create_task(self._listen(ready), name="iambus-relay-listen")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(START_LISTEN_WAIT):
+                    await ready.wait()
+        self._task = asyncio.create_task(self._run(), name="iambus-relay")
+
+    async def stop(self, deadline: float | None = None) -> None:
+        """Stop relaying: the batch being sent ends after its current row (the rows sent
+        are deleted). ``deadline`` (event-loop time; None: no limit) is when the relay
+        is cut short instead: its connections are closed, its transaction rolls back and
+        the rows of that batch are sent again by the next relay."""
+        tasks = [task for task in (self._task, self._listener) if task is not None]
+        self._task = self._listener = None
+        if not tasks:
+            return
+        self._stopping.set()
+        self._wake.set()
+        loop = asyncio.get_running_loop()
+        timeout = None if deadline is None else max(deadline - loop.time(), 0.0)
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        if not pending:
+            _retrieve(tasks)
+            self._stopping.clear()  # run_once() works on a stopped relay
+            return
+        logger.warning(
+            "relay %s: cut short at its stop deadline; the batch it was sending stays in "
+            "the outbox and is sent again (duplicates with the same envelope ids)",
+            self.database.outbox,
+        )
+        for conn in list(self._held):
+            conn.terminate()  # nothing waits for the database: its side rolls back
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=STOP_GRACE)
+        if pending:
+            logger.warning("relay %s: still unwinding after its stop", self.database.outbox)
+        _retrieve([task for task in tasks if task.done()])
+
+    async def __aenter__(self) -> Relay:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    # -- passes -------------------------------------------------------------------------
+
+    async def run_once(self) -> int:
+        """Send every row committed before this call (except parked ones and the lanes
+        another relay holds at the time); return how many were sent.
+
+        Raises the transport's or the database's error when one ends the pass, after
+        the rows sent so far were deleted.
+        """
+        sent = 0
+        more = True
+        while more:
+            count, more = await self._pass()
+            sent += count
+        return sent
+
+    async def _pass(self) -> tuple[int, bool]:
+        """One batch of each lane: (rows sent, whether a lane had more)."""
+        first = random.randrange(LANES)
+        sent = 0
+        more = False
+        for i in range(LANES):
+            if self._stopping.is_set():
+                break
+            taken, count = await self._batch((first + i) % LANES)
+            sent += count
+            more = more or taken == self.batch
+        return sent, more
+
+    async def _batch(self, lane: int) -> tuple[int, int]:
+        """Send one batch of ``lane``: (rows taken: sent or parked, rows sent)."""
+        failure: Exception | None = None
+        async with self._connection() as conn, conn.transaction():
+            if not await conn.fetchval(self._lock_sql, self.database.lock_space, lane):
+                return 0, 0  # another relay has this lane
+            rows = await conn.fetch(self._select_sql, lane, self.batch)
+            taken = 0
+            sent: list[int] = []
+            for row in rows:
+                if self._stopping.is_set():
+                    break
+                try:
+                    await self.transport.send(row["address"], envelope_of(row))
+                except (SerializationError, ImproperlyConfigured) as exc:
+                    await self._park(conn, row, exc)
+                except Exception as exc:
+                    # The broker failed: what was sent is deleted below, the rest stays,
+                    # in order, for the retry (raised once this is committed).
+                    failure = exc
+                    break
+                else:
+                    sent.append(row["position"])
+                taken += 1
+            if sent:
+                await conn.execute(self._delete_sql, sent)
+        if failure is not None:
+            raise failure
+        return taken, len(sent)
+
+    async def _park(self, conn: Any, row: Any, exc: Exception) -> None:
+        reason = f"{type(exc).__name__}: {exc}"
+        await conn.execute(self._park_sql, row["position"], reason)
+        logger.error(
+            "relay %s: outbox row %s (message %s, %s to %s) cannot be sent and is parked: "
+            "%s. It stays in the table, counted as parked by `iambus status --database`; "
+            "fix what the error names (a row changed by hand, a broker's limit), then "
+            "release it with `iambus outbox retry --database DSN %s`",
+            self.database.outbox,
+            row["position"],
+            row["message_id"],
+            row["name"],
+            row["address"],
+            reason,
+            row["position"],
+        )
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Any]:
+        async with self.database.connection() as conn:
+            self._held.add(conn)
+            try:
+                yield conn
+            finally:
+                self._held.discard(conn)
+
+    # -- the background loop ------------------------------------------------------------
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        where = f"relay {self.database.outbox} -> {self.transport.url}"
+        sending = _Outage(
+            f"{where}: a pass failed",
+            "the rows not sent stay in the outbox, in order",
+            f"{where}: relaying again",
+        )
+        next_purge = loop.time()
+        while not self._stopping.is_set():
+            if loop.time() >= next_purge:
+                await self._purge()
+                next_purge = loop.time() + self.purge_every
+            self._wake.clear()
+            try:
+                _, more = await self._pass()
+            except Exception as exc:
+                delay = sending.failed(exc)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._stopping.wait()
+                continue
+            sending.ended()
+            if more:
+                continue
+            self._idle.set()
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(self.poll, max(next_purge - loop.time(), 0))):
+                        await self._wake.wait()
+            finally:
+                self._idle.clear()
+
+    async def _purge(self) -> None:
+        try:
+            async with self._connection() as conn:
+                purged = await inbox.purge(conn, self.database)
+        except Exception as exc:  # the next purge tries again; relaying goes on
+            logger.warning(
+                "relay %s: purging the inbox %s failed: %s",
+                self.database.outbox,
+                self.database.inbox,
+                exc,
+            )
+            return
+        if purged:
+            logger.info("relay: purged %d inbox record(s) past their retention", purged)
+
+    async def _listen(self, ready: asyncio.Event) -> None:
+        where = f"relay {self.database.outbox}"
+        listening = _Outage(
+            f"{where}: listening on {self.database.channel!r} failed",
+            f"the relay polls every {self.poll:g} s meanwhile",
+            f"{where}: listening again",
+        )
+        while not self._stopping.is_set():
+            try:
+                async with self._connection() as conn:
+                    await self._listen_on(conn, listening, ready)
+                if self._stopping.is_set():
+                    return
+                raise ConnectionError("the database closed the listening connection")
+            except Exception as exc:
+                delay = listening.failed(exc)
+            ready.set()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._stopping.wait()
+
+    async def _listen_on(self, conn: Any, listening: _Outage, ready: asyncio.Event) -> None:
+        """Listen on ``conn`` until it is lost or the relay stops."""
+        channel = self.database.channel
+        lost = asyncio.Event()
+
+        def closed(_: object) -> None:
+            lost.set()
+
+        def notified(*_: object) -> None:
+            self._wake.set()
+
+        conn.add_termination_listener(closed)
+        try:
+            await conn.add_listener(channel, notified)
+            self._listening = True
+            listening.ended()
+            ready.set()
+            self._wake.set()  # rows committed while nobody listened
+            await self._hold(conn, lost)
+        finally:
+            self._listening = False
+            if not lost.is_set():  # (a closed connection has forgotten its listeners)
+                with contextlib.suppress(Exception):
+                    conn.remove_termination_listener(closed)
+                    await conn.remove_listener(channel, notified)
+
+    async def _hold(self, conn: Any, lost: asyncio.Event) -> None:
+        """Keep listening on ``conn`` until it is lost or the relay stops."""
+        while not (lost.is_set() or self._stopping.is_set()):
+            waits = [asyncio.ensure_future(lost.wait()), asyncio.ensure_future(self._wake_stop())]
+            try:
+                done, _ = await asyncio.wait(
+                    waits, timeout=LISTEN_CHECK, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                for waiting in waits:
+                    waiting.cancel()
+            if not done:
+                async with asyncio.timeout(LISTEN_CHECK_TIMEOUT):
+                    await conn.execute("SELECT 1")
+
+    async def _wake_stop(self) -> None:
+        await self._stopping.wait()
+
+
+def _retrieve(tasks: list[asyncio.Task[None]]) -> None:
+    """Collect how ``tasks`` ended (an error on the way out of a stop cut short is
+    expected: its connection was closed under it)."""
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            logger.debug("relay: %s ended with %r", task.get_name(), task.exception())
+
+
+class _Outage:
+    """Logs a failure once per outage (WARNING) and its end (INFO); says how long to wait
+    before the next attempt (``RETRY_FIRST``, doubling up to ``RETRY_CAP``)."""
+
+    def __init__(self, failing: str, meanwhile: str, again: str) -> None:
+        self.failing = failing  # "<what> failed"
+        self.meanwhile = meanwhile  # what happens until it works again
+        self.again = again  # "<what works again>"
+        self.failures = 0
+        self.since = 0.0
+
+    def failed(self, exc: Exception) -> float:
+        self.failures += 1
+        error = f"{type(exc).__name__}: {exc}"
+        if self.failures == 1:
+            self.since = asyncio.get_running_loop().time()
+            logger.warning(
+                "%s: %s; %s (trying again with growing delays, up to %g s; logged once "
+                "until it works again)",
+                self.failing,
+                error,
+                self.meanwhile,
+                RETRY_CAP,
+            )
+        else:
+            logger.debug("%s again: %s", self.failing, error)
+        return float(min(RETRY_FIRST * 2 ** (self.failures - 1), RETRY_CAP))
+
+    def ended(self) -> None:
+        if self.failures:
+            logger.info(
+                "%s, after %d failed attempt(s) over %.1f s",
+                self.again,
+                self.failures,
+                asyncio.get_running_loop().time() - self.since,
+            )
+            self.failures = 0
+
+
+# -- what the outbox holds ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStatus:
+    """What an outbox holds: ``iambus status --database DSN`` prints it."""
+
+    backlog: int
+    """Rows waiting to be sent (parked ones excluded)."""
+    oldest_age: float | None
+    """Seconds since the oldest waiting row was written (by the database's clock); None
+    when none waits. A growing age means no relay runs, or it cannot send."""
+    parked: int
+    """Rows that cannot be sent, kept with the reason (``iambus outbox list``)."""
+
+
+async def outbox_status(database: Database) -> OutboxStatus:
+    """The backlog, the oldest waiting row's age and the parked rows of ``database``'s
+    outbox."""
+    async with database.connection() as conn:
+        row = await conn.fetchrow(
+            f"SELECT count(*) FILTER (WHERE parked_at IS NULL) AS backlog, "
+            f"count(*) FILTER (WHERE parked_at IS NOT NULL) AS parked, "
+            f"extract(epoch FROM now() - min(stored_at) FILTER (WHERE parked_at IS NULL))"
+            f"::float8 AS oldest_age FROM {database.outbox}"
+        )
+    oldest = row["oldest_age"]
+    return OutboxStatus(
+        backlog=int(row["backlog"]),
+        oldest_age=None if oldest is None else max(float(oldest), 0.0),
+        parked=int(row["parked"]),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ParkedRow:
+    """An outbox row the relay could not send, kept with the reason."""
+
+    position: int
+    message_id: str
+    name: str
+    address: str
+    key: str | None
+    attempts: int
+    """How many times the relay parked it."""
+    error: str
+    parked_at: float
+    """Unix time."""
+
+
+async def parked(database: Database, *, limit: int = 100) -> list[ParkedRow]:
+    """The parked rows of ``database``'s outbox, oldest position first, at most ``limit``."""
+    check_count("limit", limit)
+    async with database.connection() as conn:
+        rows = await conn.fetch(
+            f"SELECT position, message_id, name, address, message_key, attempts, "
+            f"coalesce(last_error, '') AS error, extract(epoch FROM parked_at)::float8 AS at "
+            f"FROM {database.outbox} WHERE parked_at IS NOT NULL ORDER BY position LIMIT $1",
+            limit,
+        )
+    return [
+        ParkedRow(
+            position=row["position"],
+            message_id=row["message_id"],
+            name=row["name"],
+            address=row["address"],
+            key=row["message_key"],
+            attempts=row["attempts"],
+            error=row["error"],
+            parked_at=row["at"],
+        )
+        for row in rows
+    ]
+
+
+async def release(database: Database, positions: Sequence[int] | None = None) -> list[int]:
+    """Give parked rows back to the relays (all of them with None); the positions
+    released. A row that was not parked is left as it is (and not listed)."""
+    async with database.connection() as conn:
+        rows = await conn.fetch(
+            f"UPDATE {database.outbox} SET parked_at = NULL "
+            f"WHERE parked_at IS NOT NULL AND ($1::bigint[] IS NULL OR position = ANY($1)) "
+            f"RETURNING position",
+            None if positions is None else list(positions),
+        )
+        if rows:
+            await conn.execute("SELECT pg_notify($1, '')", database.channel)
+    return sorted(row["position"] for row in rows)

@@ -1,0 +1,637 @@
+"""The relay, on the real PostgreSQL: outbox rows reach the transport, once in normal
+operation, per key in commit order, and nothing is lost when the broker, the database or
+the relay itself fails.
+
+The transport is a ``MemoryTransport`` (a real transport; ``received`` reads what the
+relay sent through a group declared from the start), and Redis in one test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from iambus import Envelope, ImproperlyConfigured, SerializationError, TransportError
+from iambus.database import Database
+from iambus.outbox import Outgoing, lane_of, write
+from iambus.relay import (
+    STOP_GRACE,
+    OutboxStatus,
+    Relay,
+    outbox_status,
+    parked,
+    release,
+)
+from iambus.transports import Transport
+from iambus.transports.memory import MemoryTransport
+
+from .conftest import POSTGRES_DSN, require
+
+ADDRESS = "event.Thing"
+GROUP = "readers"
+
+
+def envelope(n: int, key: str | None = None, **fields: Any) -> Envelope:
+    return Envelope(name="Thing", payload=json.dumps({"n": n}).encode(), key=key, **fields)
+
+
+def n_of(e: Envelope) -> int:
+    return int(json.loads(e.payload)["n"])
+
+
+async def commit(database: Database, *envelopes: Envelope) -> None:
+    async with database.connection() as conn, conn.transaction():
+        await write(conn, database, [Outgoing(ADDRESS, e) for e in envelopes])
+
+
+async def count_rows(database: Database) -> int:
+    async with database.connection() as conn:
+        return int(await conn.fetchval(f"SELECT count(*) FROM {database.outbox}"))
+
+
+async def received(transport: Transport, count: int, *, wait: float = 5.0) -> list[Envelope]:
+    """The next ``count`` envelopes sent to ADDRESS, acked, in the order they came."""
+    got: list[Envelope] = []
+    deadline = time.monotonic() + wait
+    while len(got) < count:
+        left = deadline - time.monotonic()
+        assert left > 0, f"expected {count} envelopes, got {len(got)}: {got}"
+        for delivery in await transport.receive(
+            ADDRESS, GROUP, consumer="test", limit=count - len(got), wait=min(left, 0.5)
+        ):
+            got.append(delivery.envelope)
+            await delivery.ack()
+    return got
+
+
+async def rest(transport: Transport) -> list[Envelope]:
+    """Whatever else was sent (the relays are done: nothing more is on its way)."""
+    got: list[Envelope] = []
+    while batch := await transport.receive(ADDRESS, GROUP, consumer="test", limit=100, wait=0):
+        for delivery in batch:
+            got.append(delivery.envelope)
+            await delivery.ack()
+    return got
+
+
+async def until(holds: Callable[[], Any], what: str, wait: float = 5.0) -> None:
+    deadline = time.monotonic() + wait
+    while not await holds():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def transport() -> MemoryTransport:
+    made = MemoryTransport()
+    await made.declare(ADDRESS, GROUP, from_start=True)
+    return made
+
+
+@pytest.fixture
+async def relays() -> AsyncIterator[list[Relay]]:
+    """Relays a test starts; each is stopped at the end."""
+    made: list[Relay] = []
+    yield made
+    for relay in made:
+        await relay.stop(asyncio.get_running_loop().time() + 2)
+
+
+class Failing:
+    """A transport whose sends fail (``TransportError``) from the ``after``-th one on,
+    ``times`` times in a row; or raise ``error`` for the envelopes ``reject`` picks."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        after: int = 0,
+        times: int = 0,
+        reject: Callable[[Envelope], bool] = lambda _: False,
+        error: Exception | None = None,
+    ) -> None:
+        self.transport, self.after, self.times = transport, after, times
+        self.reject, self.error = reject, error
+        self.url = "failing+" + transport.url
+        self.calls = 0
+
+    async def send(self, address: str, envelope: Envelope) -> None:
+        self.calls += 1
+        if self.calls > self.after and self.times > 0:
+            self.times -= 1
+            raise TransportError("the broker is down (a test's doing)")
+        if self.reject(envelope):
+            assert self.error is not None
+            raise self.error
+        await self.transport.send(address, envelope)
+
+
+class Slow:
+    """A transport that takes a millisecond per send, as a broker across a network does
+    (so that two relays' batches overlap in time)."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self.url = "slow+" + transport.url
+
+    async def send(self, address: str, envelope: Envelope) -> None:
+        await asyncio.sleep(0.001)
+        await self.transport.send(address, envelope)
+
+
+class Stalling:
+    """A transport that sends ``through`` envelopes, then hangs on the next send until
+    ``go`` is set (and sends it)."""
+
+    def __init__(self, transport: Transport, through: int) -> None:
+        self.transport, self.through = transport, through
+        self.url = "stalling+" + transport.url
+        self.stalled = asyncio.Event()
+        self.go = asyncio.Event()
+        self.calls = 0
+
+    async def send(self, address: str, envelope: Envelope) -> None:
+        self.calls += 1
+        if self.calls > self.through and not self.go.is_set():
+            self.stalled.set()
+            await self.go.wait()
+        await self.transport.send(address, envelope)
+
+
+def relay_on(database: Database, transport: Any, relays: list[Relay], **options: Any) -> Relay:
+    relay = Relay(database, transport, **options)
+    relays.append(relay)
+    return relay
+
+
+def keys_in_one_lane(count: int) -> list[str]:
+    """``count`` distinct keys that share a lane."""
+    lane = lane_of("key-0")
+    return [k for k in (f"key-{i}" for i in range(1000)) if lane_of(k) == lane][:count]
+
+
+# -- sending ------------------------------------------------------------------------------
+
+
+async def test_rows_are_sent_with_their_envelope_then_deleted(
+    database: Database, transport: MemoryTransport
+) -> None:
+    keyed = envelope(
+        1,
+        key="order-7",
+        correlation_id="corr-1",
+        causation_id="cause-1",
+        headers={"tenant": "acme", "trace": "abc"},
+    )
+    plain = envelope(2, content_type="application/x-test")
+    await commit(database, keyed, plain)
+    relay = Relay(database, transport)
+
+    assert await relay.run_once() == 2
+
+    got = sorted(await received(transport, 2), key=n_of)
+    assert got == [keyed, plain]  # every field: id, name, payload, key, headers, created_at...
+    assert await count_rows(database) == 0
+    assert await relay.run_once() == 0
+    assert await rest(transport) == []
+
+
+async def test_a_row_committed_late_with_a_lower_position_is_not_skipped(
+    database: Database, transport: MemoryTransport
+) -> None:
+    early_key, late_key = keys_in_one_lane(2)  # one lane: the relay reads it twice
+    relay = Relay(database, transport)
+    async with database.connection() as long:
+        transaction = long.transaction()
+        await transaction.start()
+        await write(long, database, [Outgoing(ADDRESS, envelope(1, key=early_key))])
+        [first] = await long.fetch(f"SELECT position FROM {database.outbox}")
+        await commit(database, envelope(2, key=late_key))  # a higher position, committed first
+
+        assert await relay.run_once() == 1
+        assert [n_of(e) for e in await received(transport, 1)] == [2]
+        await transaction.commit()
+    async with database.connection() as conn:
+        assert await conn.fetchval(f"SELECT position FROM {database.outbox}") == first[0]
+
+    assert await relay.run_once() == 1
+    assert [n_of(e) for e in await received(transport, 1)] == [1]
+
+
+async def test_two_relays_send_every_row_once_and_each_key_in_commit_order(
+    database: Database, transport: MemoryTransport, relays: list[Relay]
+) -> None:
+    keys = [f"order-{i}" for i in range(24)]
+    per_key = 8
+    for _ in range(2):
+        await relay_on(database, Slow(transport), relays, batch=4, poll=0.05).start()
+
+    async def writer(key: str) -> None:  # one transaction per row, as handlers would
+        for n in range(per_key):
+            await commit(database, envelope(n, key=key))
+
+    async def plain_writer() -> None:
+        for n in range(20):
+            await commit(database, envelope(1000 + n), envelope(2000 + n))
+
+    async with asyncio.TaskGroup() as writers:
+        for key in keys:
+            writers.create_task(writer(key))
+        writers.create_task(plain_writer())
+    total = len(keys) * per_key + 40
+    got = await received(transport, total, wait=10)
+    await until(lambda: _empty(database), "the outbox emptied")
+    for relay in relays:
+        await relay.stop()
+    got += await rest(transport)
+
+    duplicates = [i for i, seen in Counter(e.id for e in got).items() if seen > 1]
+    assert duplicates == []
+    assert len(got) == total
+    for key in keys:
+        assert [n_of(e) for e in got if e.key == key] == list(range(per_key)), key
+
+
+async def _empty(database: Database) -> bool:
+    return await count_rows(database) == 0
+
+
+# -- waking up ----------------------------------------------------------------------------
+
+
+async def test_a_commit_wakes_a_listening_relay_at_once(
+    database: Database, transport: MemoryTransport, relays: list[Relay]
+) -> None:
+    relay = relay_on(database, transport, relays, poll=3600)  # no polling in this test
+    await relay.start()
+    assert relay.listening
+    await relay._idle.wait()  # its first pass is over: only a notification wakes it now
+
+    await commit(database, envelope(1, key="k"))
+    assert [n_of(e) for e in await received(transport, 1)] == [1]
+    await commit(database, envelope(2))
+    assert [n_of(e) for e in await received(transport, 1)] == [2]
+
+
+async def test_polling_finds_rows_without_notifications(
+    database: Database, transport: MemoryTransport, relays: list[Relay]
+) -> None:
+    relay = relay_on(database, transport, relays, poll=0.05, listen=False)
+    await relay.start()
+    assert not relay.listening
+    await relay._idle.wait()
+
+    await commit(database, envelope(1, key="k"), envelope(2))
+    assert sorted(n_of(e) for e in await received(transport, 2)) == [1, 2]
+
+
+async def test_a_relay_on_a_sqlalchemy_engine_listens_and_sends(
+    database: Database, transport: MemoryTransport, relays: list[Relay]
+) -> None:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(POSTGRES_DSN.replace("postgresql:", "postgresql+asyncpg:"))
+    try:
+        relay = relay_on(Database(engine, schema=database.schema), transport, relays, poll=3600)
+        await relay.start()
+        assert relay.listening
+        await relay._idle.wait()
+        await commit(database, envelope(1))
+        assert [n_of(e) for e in await received(transport, 1)] == [1]
+        await relay.stop()
+    finally:
+        await engine.dispose()
+
+
+# -- failures -----------------------------------------------------------------------------
+
+
+async def test_a_broker_failure_keeps_the_unsent_rows_in_order(
+    database: Database,
+    transport: MemoryTransport,
+    relays: list[Relay],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await commit(database, *(envelope(n, key="order-1") for n in range(8)))
+    failing = Failing(transport, after=2, times=3)
+    relay = relay_on(database, failing, relays, poll=3600)
+
+    with pytest.raises(TransportError, match="broker is down"):
+        await relay.run_once()
+    assert [n_of(e) for e in await rest(transport)] == [0, 1]  # sent, and deleted
+    assert await count_rows(database) == 6
+
+    caplog.set_level(logging.INFO, logger="iambus.relay")
+    await relay.start()  # it fails twice more, backs off, then gets through
+    assert [n_of(e) for e in await received(transport, 6)] == [2, 3, 4, 5, 6, 7]
+    await until(lambda: _empty(database), "the outbox emptied")
+    await relay.stop()
+    assert await rest(transport) == []
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "iambus.relay"]
+    warnings = [m for level, m in logged if level == "WARNING"]
+    assert len(warnings) == 1, logged  # once per outage, not once per attempt
+    assert "a pass failed: TransportError: the broker is down" in warnings[0]
+    assert any("relaying again, after 2 failed attempt(s)" in m for _, m in logged), logged
+
+
+async def test_a_row_that_does_not_decode_is_parked_and_can_be_released(
+    database: Database, transport: MemoryTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad = envelope(2, key="k")
+    await commit(database, envelope(1, key="k"), bad, envelope(3, key="k"))
+    async with database.connection() as conn:
+        await conn.execute(
+            f"""UPDATE {database.outbox} SET headers = '{{"tenant": 7}}' WHERE message_id = $1""",
+            bad.id,
+        )
+        position = await conn.fetchval(
+            f"SELECT position FROM {database.outbox} WHERE message_id = $1", bad.id
+        )
+    relay = Relay(database, transport)
+
+    assert await relay.run_once() == 2
+    assert [n_of(e) for e in await received(transport, 2)] == [1, 3]
+    [error] = [r for r in caplog.records if r.name == "iambus.relay"]
+    assert error.levelname == "ERROR"
+    assert f"outbox row {position} (message {bad.id}" in error.getMessage()
+    assert f"iambus outbox retry --database DSN {position}" in error.getMessage()
+    assert await outbox_status(database) == OutboxStatus(backlog=0, oldest_age=None, parked=1)
+    [row] = await parked(database)
+    assert (row.position, row.message_id, row.key, row.attempts) == (position, bad.id, "k", 1)
+    assert "headers must be a JSON object of strings" in row.error
+
+    assert await release(database, [position, position + 1000]) == [position]
+    assert (await outbox_status(database)).backlog == 1
+    assert await relay.run_once() == 0  # still corrupt: parked again
+    assert [row.attempts for row in await parked(database)] == [2]
+
+    async with database.connection() as conn:  # the fix: headers as this version writes them
+        await conn.execute(f"""UPDATE {database.outbox} SET headers = '{{"tenant": "7"}}'""")
+    assert await release(database) == [position]
+    assert await relay.run_once() == 1
+    [sent] = await received(transport, 1)
+    assert (sent.id, sent.headers) == (bad.id, {"tenant": "7"})
+    assert await count_rows(database) == 0
+
+
+@pytest.mark.parametrize(
+    "error",
+    [SerializationError("too large for the broker"), ImproperlyConfigured("no such stream")],
+    ids=["SerializationError", "ImproperlyConfigured"],
+)
+async def test_a_row_the_transport_rejects_is_parked(
+    database: Database, transport: MemoryTransport, error: Exception
+) -> None:
+    await commit(database, envelope(1), envelope(2), envelope(3))
+    rejecting = Failing(transport, reject=lambda e: n_of(e) == 2, error=error)
+
+    assert await Relay(database, rejecting).run_once() == 2
+    assert sorted(n_of(e) for e in await received(transport, 2)) == [1, 3]
+    [row] = await parked(database)
+    assert row.error == f"{type(error).__name__}: {error}"
+
+
+async def test_a_relay_cancelled_mid_batch_loses_nothing(
+    database: Database, transport: MemoryTransport
+) -> None:
+    await commit(database, *(envelope(n, key="order-1") for n in range(10)))
+    stalling = Stalling(transport, through=3)
+    killed = asyncio.create_task(Relay(database, stalling).run_once())
+    await stalling.stalled.wait()
+    killed.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await killed
+
+    assert await count_rows(database) == 10  # its transaction rolled back: nothing deleted
+    assert await Relay(database, transport).run_once() == 10
+    got = [n_of(e) for e in await rest(transport)]
+    assert got == [0, 1, 2, *range(10)]  # at least once: the 3 sent before are duplicates
+
+
+async def test_a_stop_cut_short_by_its_deadline_does_not_hang_and_loses_nothing(
+    database: Database, transport: MemoryTransport
+) -> None:
+    await commit(database, *(envelope(n, key="order-1") for n in range(5)))
+    stalling = Stalling(transport, through=2)
+    relay = Relay(database, stalling, poll=3600)
+    await relay.start()
+    await stalling.stalled.wait()
+    loop = asyncio.get_running_loop()
+
+    began = loop.time()
+    await relay.stop(began + 0.2)
+    assert loop.time() - began < 0.2 + STOP_GRACE + 1  # (+ 1: a loaded machine's lag)
+    assert not relay.running
+    assert await count_rows(database) == 5
+    assert await Relay(database, transport).run_once() == 5
+
+
+async def test_a_relay_whose_connections_are_terminated_carries_on(
+    database: Database,
+    transport: MemoryTransport,
+    relays: list[Relay],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import asyncpg
+
+    # A pool of its own, named, so that only this relay's connections are terminated.
+    name = f"iambus-relay-test-{uuid.uuid4().hex[:8]}"
+    pool = await asyncpg.create_pool(
+        POSTGRES_DSN, min_size=1, max_size=4, server_settings={"application_name": name}
+    )
+    own = Database(pool, schema=database.schema)
+    caplog.set_level(logging.INFO, logger="iambus.relay")
+    try:
+        await commit(database, *(envelope(n, key="order-1") for n in range(4)))
+        stalling = Stalling(transport, through=2)
+        relay = relay_on(own, stalling, relays, poll=3600)
+        await relay.start()
+        assert relay.listening
+        await stalling.stalled.wait()  # mid-batch, in its transaction
+
+        async with database.connection() as admin:
+            killed = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = $1",
+                name,
+            )
+        assert killed >= 2  # the listening connection and the sending one
+        stalling.go.set()
+
+        # The batch was sent, but its transaction is gone (the rows were not deleted):
+        # after a back-off, the rows are sent again, in order.
+        got = [n_of(e) for e in await received(transport, 8)]
+        assert got == [0, 1, 2, 3, 0, 1, 2, 3]
+        await until(lambda: _empty(database), "the outbox emptied")
+        await until(_true(lambda: relay.listening), "the relay listened again")
+        assert await rest(transport) == []
+
+        await relay._idle.wait()
+        await commit(database, envelope(9))  # woken by a notification again (no polling)
+        assert [n_of(e) for e in await received(transport, 1)] == [9]
+    finally:
+        for relay in relays:
+            await relay.stop()
+        await pool.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len([w for w in warnings if "listening on" in w]) == 1, warnings
+    assert len([w for w in warnings if "a pass failed" in w]) == 1, warnings
+    infos = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    assert any("listening again, after 1 failed attempt(s)" in i for i in infos), infos
+
+
+def _true(check: Callable[[], bool]) -> Callable[[], Any]:
+    async def holds() -> bool:
+        return check()
+
+    return holds
+
+
+# -- housekeeping -------------------------------------------------------------------------
+
+
+async def test_the_relay_purges_old_inbox_records(
+    database: Database, transport: MemoryTransport, relays: list[Relay]
+) -> None:
+    kept = Database(POSTGRES_DSN, schema=database.schema, inbox_retention=60)
+    try:
+
+        async def insert(message_id: str, age: float) -> None:
+            async with kept.connection() as conn:
+                await conn.execute(
+                    f"INSERT INTO {kept.inbox} (message_id, handler, handled_at) "
+                    f"VALUES ($1, 'h', now() - make_interval(secs => $2))",
+                    message_id,
+                    age,
+                )
+
+        async def ids() -> set[str]:
+            async with kept.connection() as conn:
+                return {r[0] for r in await conn.fetch(f"SELECT message_id FROM {kept.inbox}")}
+
+        await insert("old-1", 120)
+        await insert("fresh", 1)
+        await relay_on(kept, transport, relays, purge_every=0.05, listen=False).start()
+        await until(lambda: _is(ids, {"fresh"}), "the first purge")
+        await insert("old-2", 120)  # the next purge takes it
+        await until(lambda: _is(ids, {"fresh"}), "a later purge")
+    finally:
+        for relay in relays:
+            await relay.stop()
+        await kept.close()
+
+
+async def _is(read: Callable[[], Any], expected: set[str]) -> bool:
+    return bool(await read() == expected)
+
+
+async def test_outbox_status_counts_the_backlog_its_age_and_the_parked_rows(
+    database: Database,
+) -> None:
+    assert await outbox_status(database) == OutboxStatus(backlog=0, oldest_age=None, parked=0)
+    old, stuck = envelope(1), envelope(2)
+    await commit(database, old, stuck, envelope(3))
+    async with database.connection() as conn:
+        await conn.execute(
+            f"UPDATE {database.outbox} SET stored_at = now() - interval '90 seconds' "
+            f"WHERE message_id = $1",
+            old.id,
+        )
+        await conn.execute(
+            f"UPDATE {database.outbox} SET parked_at = now(), "
+            f"stored_at = now() - interval '1 hour' WHERE message_id = $1",
+            stuck.id,
+        )
+
+    found = await outbox_status(database)
+    assert (found.backlog, found.parked) == (2, 1)
+    assert found.oldest_age is not None
+    assert 90 <= found.oldest_age < 120  # the parked row, older still, does not count
+
+
+# -- set-up -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"batch": 0}, "batch must be an int of at least 1, got 0"),
+        ({"poll": 0}, "poll must be seconds (a number > 0), got 0"),
+        ({"listen": "yes"}, "listen must be True or False, got 'yes'"),
+        ({"purge_every": float("inf")}, "purge_every must be seconds (a number > 0), got inf"),
+    ],
+)
+def test_options_are_checked(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ImproperlyConfigured) as caught:
+        Relay(Database(POSTGRES_DSN), MemoryTransport(), **options)
+    assert str(caught.value) == message
+
+
+def test_the_database_must_be_a_database() -> None:
+    with pytest.raises(ImproperlyConfigured, match=r"iambus\.database\.Database"):
+        Relay(POSTGRES_DSN, MemoryTransport())  # type: ignore[arg-type]
+
+
+async def test_start_names_missing_tables_and_the_command_that_makes_them(
+    database: Database,
+) -> None:
+    elsewhere = Database(POSTGRES_DSN, schema=database.schema, prefix="other_")
+    relay = Relay(elsewhere, MemoryTransport())
+    try:
+        with pytest.raises(ImproperlyConfigured, match="iambus db init --database DSN"):
+            await relay.start()
+        assert not relay.running
+    finally:
+        await elsewhere.close()
+
+
+async def test_start_twice_is_an_error_and_stop_is_idempotent(
+    database: Database, transport: MemoryTransport
+) -> None:
+    async with Relay(database, transport, poll=3600) as relay:
+        assert relay.running
+        with pytest.raises(ImproperlyConfigured, match="already running"):
+            await relay.start()
+    assert not relay.running
+    await relay.stop()
+    await commit(database, envelope(0))
+    assert await relay.run_once() == 1  # a stopped relay still runs passes by hand
+    assert len(await received(transport, 1)) == 1
+    await relay.start()  # and starts again
+    await commit(database, envelope(1))
+    assert len(await received(transport, 1)) == 1
+    await relay.stop()
+
+
+# -- a real broker ------------------------------------------------------------------------
+
+
+async def test_the_relay_sends_to_redis(database: Database) -> None:
+    require("redis")
+    from iambus.transports.redis import RedisTransport
+
+    namespace = f"test-{uuid.uuid4().hex[:10]}"
+    redis = RedisTransport("redis://127.0.0.1:6379/0", namespace=namespace)
+    await redis.open()
+    try:
+        await redis.declare(ADDRESS, GROUP, from_start=True)
+        sent = [envelope(n, key=f"order-{n % 3}", headers={"n": str(n)}) for n in range(30)]
+        await commit(database, *sent)
+        assert await Relay(database, redis).run_once() == 30
+
+        got = await received(redis, 30)
+        assert sorted(got, key=n_of) == sent
+        for key in ("order-0", "order-1", "order-2"):
+            order = [n_of(e) for e in got if e.key == key]
+            assert order == sorted(order)
+    finally:
+        await redis.destroy()
+        await redis.close()
