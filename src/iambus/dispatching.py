@@ -206,7 +206,7 @@ class Dispatcher:
         retry: Retry | None = None,
         retry_for: Mapping[Any, Retry] | None = None,
         # The database: units of work, the outbox and its relay, the inbox.
-        database: Database | None = None,
+        database: Database | str | None = None,
         unit_of_work: bool = False,
         relay: bool = True,
         # Deprecated names: engine_workers, max_pending, concurrency (limits=Limits(...)),
@@ -229,9 +229,16 @@ class Dispatcher:
             _check_codec(codec)
         if transport is not None and not isinstance(transport, str):
             check_transport_object(transport)
+        # A DSN is made into a Database the dispatcher owns (and closes when it stops);
+        # a Database passed in may be shared, and is closed by whoever made it.
+        owns_database = isinstance(database, str)
+        if isinstance(database, str):
+            database = Database(database)
         if database is not None and not isinstance(database, Database):
             raise bad_option(
-                "database", database, "an iambus.database.Database, e.g. Database(engine)"
+                "database",
+                database,
+                "an iambus.database.Database (e.g. Database(engine)) or a PostgreSQL DSN",
             )
         check_flag("unit_of_work", unit_of_work)
         check_flag("relay", relay)
@@ -281,6 +288,7 @@ class Dispatcher:
         self._worker: Worker | None = None
         # The database of units of work (and of the outbox its relay sends from).
         self.database = database
+        self._owns_database = owns_database
         self._every_unit = unit_of_work  # Dispatcher(unit_of_work=True): every handler
         self.relay = relay
         self._relay: Relay | None = None  # sends the database's outbox while started
@@ -644,8 +652,8 @@ class Dispatcher:
             if relay is not None:
                 await relay.stop(deadline.unwind)
         finally:
-            if self.database is not None:
-                await self.database.close()
+            if self.database is not None and self._owns_database:
+                await self.database.close(seconds_until(deadline.close))
 
     async def _close_remote(self, by: float | None) -> None:
         if self.remote is None:
