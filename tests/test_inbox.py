@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
+import pytest
 
-from iambus import Command, Dispatcher, Retry
+from iambus import Command, Dispatcher, Query, RequestTimeout, Retry
 from iambus.database import Database
 from iambus.inbox import claim, purge
 from iambus.transports.memory import MemoryTransport
@@ -70,8 +72,8 @@ async def test_a_redelivery_is_acked_without_running_the_handler_again(database:
         await dp.join()  # every delivery settled: acked
     assert sorted(runs) == [1, 2]
     assert await charges(database) == [1, 2]
-    name = f"{__name__}.billing.<locals>.charge"
-    assert await inbox(database) == [("m-1", name), ("m-2", name)]
+    # Recorded under the subscription's group: for a command, its service.
+    assert await inbox(database) == [("m-1", "billing"), ("m-2", "billing")]
 
 
 async def test_a_failed_attempt_leaves_no_record_and_is_retried(database: Database) -> None:
@@ -100,3 +102,111 @@ async def test_claim_and_purge(database: Database) -> None:
         assert [r["handler"] for r in await conn.fetch(f"SELECT * FROM {database.inbox}")] == [
             "other"
         ]
+
+
+@dataclass(frozen=True, slots=True)
+class Charged:  # a routed event
+    order_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Balance(Query[int]):
+    pass
+
+
+CHARGED = {Charged: "billing"}
+
+
+async def test_two_handlers_of_one_name_each_have_their_record(database: Database) -> None:
+    await make_charges(database)
+    dp = Dispatcher(
+        transport=MemoryTransport(), service="billing", routes=CHARGED, database=database
+    )
+    seen: list[str] = []
+
+    class Audit:  # bound twice, with other arguments: one name, two handlers
+        def __init__(self, tag: str) -> None:
+            self.tag = tag
+
+        async def handle(self, event: Charged) -> None:
+            seen.append(self.tag)
+
+    dp.events.register(Charged, unit_of_work=True, tag="a")(Audit)
+    dp.events.register(Charged, unit_of_work=True, tag="b")(Audit)
+    async with dp:
+        await dp.send(Charged(1), id="m-1")
+        await dp.send(Charged(1), id="m-1")  # a redelivery: skipped by both
+        await dp.join()
+    assert sorted(seen) == ["a", "b"]
+    name = f"billing.{__name__}.test_two_handlers_of_one_name_each_have_their_record.<locals>.Audit"
+    assert await inbox(database) == [("m-1", name), ("m-1", f"{name}#2")]
+
+
+async def test_a_unit_opened_by_a_middleware_records_the_delivery(database: Database) -> None:
+    await make_charges(database)
+    dp = Dispatcher(
+        transport=MemoryTransport(), service="billing", routes=CHARGED, database=database
+    )
+    runs: list[int] = []
+
+    async def in_transaction(message: Any, call_next: Any, context: Any) -> Any:
+        async with database.connection() as conn, dp.unit_of_work(conn):
+            return await call_next(message)
+
+    dp.events.add_middleware(in_transaction)
+
+    @dp.events.register(Charged)
+    async def apply(event: Charged, conn: asyncpg.Connection) -> None:
+        runs.append(event.order_id)
+        await conn.execute(f'INSERT INTO "{database.schema}".charges VALUES ($1)', event.order_id)
+
+    async with dp:
+        await dp.send(Charged(1), id="m-1")
+        await dp.send(Charged(1), id="m-1")
+        await dp.join()
+    assert runs == [1]
+    assert await charges(database) == [1]
+
+
+async def test_a_skipped_redelivery_of_a_request_is_not_answered(database: Database) -> None:
+    """The first delivery committed, then a middleware failed: the retry finds the record
+    and is acked without an answer (the handler ran; no result is left to give)."""
+    await make_charges(database)
+    transport = MemoryTransport()
+    runs: list[int] = []
+    server = billing(database, runs)
+    server.remote.transport = transport  # type: ignore[union-attr]
+    client = Dispatcher(transport=transport, service="web", routes={Charge: "billing"})
+    failed = False
+
+    async def fails_once_after(message: Any, call_next: Any, context: Any) -> Any:
+        nonlocal failed
+        result = await call_next(message)  # the unit has committed here
+        if not failed:
+            failed = True
+            raise ConnectionError("an audit middleware failing once")
+        return result
+
+    server.commands.add_middleware(fails_once_after)
+    async with server, client:
+        with pytest.raises(RequestTimeout):
+            await client.execute(Charge(7), timeout=0.5)
+        await server.join()
+    assert runs == [7]
+    assert await charges(database) == [7]
+
+
+async def test_a_query_writes_no_inbox_record(database: Database) -> None:
+    transport = MemoryTransport()
+    server = Dispatcher(
+        transport=transport, service="billing", routes={Balance: "billing"}, database=database
+    )
+    client = Dispatcher(transport=transport, service="web", routes={Balance: "billing"})
+
+    @server.queries.register(Balance, unit_of_work=True)
+    async def balance(query: Balance) -> int:
+        return 5
+
+    async with server, client:
+        assert await client.query(Balance(), timeout=5) == 5
+    assert await inbox(database) == []

@@ -13,7 +13,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import asyncpg
 import pytest
@@ -25,6 +25,7 @@ from iambus import (
     Command,
     Dispatcher,
     Envelope,
+    HandlerDoesNotExist,
     ImproperlyConfigured,
     Query,
     TransactionFailed,
@@ -68,6 +69,11 @@ class Noted:  # an in-process event: nobody routes it
     order_id: int
 
 
+@dataclass(frozen=True, slots=True)
+class Unbound:  # nobody handles it
+    pass
+
+
 ROUTES: dict[Any, str] = {OrderPlaced: "shop", ShipOrder: "shipping"}
 
 
@@ -87,11 +93,14 @@ async def engine() -> AsyncIterator[AsyncEngine]:
 
 def shop(database: Database, **options: Any) -> Dispatcher:
     return Dispatcher(
-        transport=MemoryTransport(),
-        service="shop",
-        routes=ROUTES,
-        database=database,
-        **{"relay": False, **options},
+        **{
+            "transport": MemoryTransport(),
+            "service": "shop",
+            "routes": ROUTES,
+            "database": database,
+            "relay": False,
+            **options,
+        }
     )
 
 
@@ -447,3 +456,305 @@ async def test_a_dispatcher_given_a_dsn_owns_its_database(orders: Database) -> N
     async with dp:
         assert await dp.execute(PlaceOrder(4)) == 4
     assert dp.database._pool is None  # closed at the stop
+
+
+# -- review fixes: the unit's lifetime, rollback, nesting, joining ---------------------------
+
+
+class Recording(MemoryTransport):
+    """A memory transport that keeps what was sent to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[Envelope] = []
+
+    async def send(self, address: str, envelope: Envelope) -> None:
+        self.sent.append(envelope)
+        await super().send(address, envelope)
+
+
+def order_ids_of(envelopes: list[Envelope]) -> list[int]:
+    return [json.loads(envelope.payload)["order_id"] for envelope in envelopes]
+
+
+async def test_an_engine_started_inside_a_unit_does_not_keep_it(orders: Database) -> None:
+    transport = Recording()
+    dp = shop(orders, transport=transport)
+    done = asyncio.Event()
+
+    @dp.commands.register(PlaceOrder)
+    async def place(command: PlaceOrder) -> int:
+        await dp.send(ShipOrder(command.order_id))
+        if command.order_id == 2:
+            done.set()
+        return command.order_id
+
+    async with dp:
+        async with dp.unit_of_work():
+            await dp.execute(PlaceOrder(1), key="order-1")  # the engine's first use
+        await dp.handle(PlaceOrder(2))  # background, no unit open anywhere
+        await asyncio.wait_for(done.wait(), 2)
+        await dp.join()
+    assert order_ids_of(transport.sent) == [2]  # straight to the broker: no unit is open
+    assert [json.loads(r["payload"])["order_id"] for r in await outbox(orders)] == [1]
+
+
+async def test_a_unit_kept_after_its_block_refuses_sends(orders: Database) -> None:
+    dp = shop(orders)
+    dp.start()
+    async with dp.unit_of_work() as unit:
+        pass
+    assert dp.open_unit() is None
+    envelope = dp.remote.envelope(OrderPlaced(1), None)  # type: ignore[union-attr]
+    with pytest.raises(TransactionFailed, match="has ended"):
+        unit.send("event.OrderPlaced", envelope)
+    await dp.stop()
+
+
+async def test_a_retried_unit_runs_the_in_process_work_of_its_last_attempt_only(
+    orders: Database,
+) -> None:
+    dp = shop(orders)
+    seen: list[int] = []
+    attempts = 0
+
+    async def retry_once(message: Any, call_next: Any, context: Any) -> Any:
+        try:
+            return await call_next(message)
+        except RuntimeError:
+            return await call_next(message)
+
+    dp.commands.add_middleware(retry_once)
+
+    @dp.commands.register(PlaceOrder, unit_of_work=True)
+    async def place(command: PlaceOrder) -> int:
+        nonlocal attempts
+        attempts += 1
+        await dp.publish(Noted(attempts))
+        if attempts == 1:
+            raise RuntimeError("the first attempt rolls back")
+        return command.order_id
+
+    @dp.events.register(Noted)
+    async def on_noted(event: Noted) -> None:
+        seen.append(event.order_id)
+
+    async with dp:
+        assert await dp.execute(PlaceOrder(1)) == 1
+    assert seen == [2]
+
+
+async def test_committed_in_process_work_runs_when_a_middleware_fails_afterwards(
+    orders: Database,
+) -> None:
+    dp = shop(orders)
+    seen: list[int] = []
+
+    async def fails_after(message: Any, call_next: Any, context: Any) -> Any:
+        await call_next(message)  # the unit has committed here
+        raise ConnectionError("an audit middleware failing")
+
+    dp.commands.add_middleware(fails_after)
+
+    @dp.commands.register(PlaceOrder, unit_of_work=True)
+    async def place(command: PlaceOrder) -> int:
+        await dp.publish(Noted(command.order_id))
+        return command.order_id
+
+    @dp.events.register(Noted)
+    async def on_noted(event: Noted) -> None:
+        seen.append(event.order_id)
+
+    async with dp:
+        with pytest.raises(ConnectionError):
+            await dp.execute(PlaceOrder(5))
+    assert seen == [5]
+
+
+async def test_a_keyed_execute_in_a_unit_runs_inside_it(orders: Database) -> None:
+    transport = Recording()
+    dp = shop(orders, transport=transport)
+
+    @dp.commands.register(PlaceOrder)
+    async def place(command: PlaceOrder) -> int:
+        await dp.send(ShipOrder(command.order_id))  # an outbox row of the open unit
+        return command.order_id
+
+    async with dp:
+        await dp.execute(PlaceOrder(0), key="warm-up")  # the engine starts outside a unit
+        transport.sent.clear()
+        with pytest.raises(ZeroDivisionError):  # noqa: PT012 - raised at the end of the unit
+            async with dp.unit_of_work():
+                assert await dp.execute(PlaceOrder(1), key="order-1") == 1
+                assert await dp.handle(PlaceOrder(2), key="order-2", wait_for_response=True) == 2
+                1 / 0  # noqa: B018
+    assert transport.sent == []
+    assert await outbox(orders) == []  # rolled back with the unit
+
+
+async def test_a_nested_unit_of_work_is_part_of_the_outer_one(orders: Database) -> None:
+    dp = shop(orders)
+    seen: list[int] = []
+
+    @dp.events.register(Noted)
+    async def on_noted(event: Noted) -> None:
+        seen.append(event.order_id)
+
+    async with dp:
+        with pytest.raises(ZeroDivisionError):  # noqa: PT012 - raised at the end of the unit
+            async with dp.unit_of_work() as outer:
+                async with dp.unit_of_work() as inner:  # a service function's own block
+                    assert inner is outer
+                    await dp.publish(OrderPlaced(1))
+                    await dp.publish(Noted(1))
+                assert seen == []  # waits for the outer commit
+                1 / 0  # noqa: B018
+        await dp.join()
+        assert seen == []  # the outer one rolled back: its in-process work never runs
+        assert await outbox(orders) == []
+        async with dp.unit_of_work() as outer, dp.unit_of_work(outer.session):
+            await dp.publish(Noted(2))
+        assert seen == [2]
+    assert dp._table.units == 0
+
+
+async def test_a_unit_joined_to_a_sqlalchemy_transaction_runs_its_work_after_that_commit(
+    orders: Database, engine: AsyncEngine
+) -> None:
+    dp = shop(Database(engine, schema=orders.schema))
+    seen: list[tuple[int, list[int]]] = []
+    ran = asyncio.Event()
+
+    @dp.events.register(Noted)
+    async def on_noted(event: Noted) -> None:
+        seen.append((event.order_id, await order_ids(orders)))  # another connection
+        ran.set()
+
+    insert = f'INSERT INTO "{orders.schema}".orders VALUES (:id)'
+    async with dp:
+        async with AsyncSession(engine) as session:
+            await session.begin()
+            async with dp.unit_of_work(session):  # joins
+                await session.execute(text(insert), {"id": 1})
+                await dp.publish(Noted(1))
+            async with session.begin_nested():  # a savepoint's release is no commit
+                await session.execute(text(insert), {"id": 2})
+            assert seen == []  # not before the caller's commit
+            await session.commit()
+        await asyncio.wait_for(ran.wait(), 2)
+        async with AsyncSession(engine) as session:
+            await session.begin()
+            async with dp.unit_of_work(session):
+                await dp.publish(Noted(3))
+            await session.rollback()  # never after a rollback
+        async with AsyncSession(engine) as session:
+            await session.begin()
+            async with dp.unit_of_work(session):
+                await dp.publish(Noted(4))
+            # closed without a commit: rolled back
+        async with AsyncSession(engine) as session, session.begin():
+            pass  # a later commit of a session does not run the dropped work
+        await dp.join()
+    assert seen == [(1, [1, 2])]
+
+
+async def test_a_unit_joined_to_an_asyncpg_transaction_refuses_in_process_work(
+    orders: Database,
+) -> None:
+    dp = shop(orders)
+
+    @dp.events.register(Noted)
+    async def on_noted(event: Noted) -> None:  # pragma: no cover - refused
+        pass
+
+    async with dp, orders.connection() as conn, conn.transaction():
+        with pytest.raises(ImproperlyConfigured, match="cannot wait for the commit"):
+            async with dp.unit_of_work(conn):
+                await dp.publish(Noted(1))
+
+
+async def test_handle_of_an_unbound_message_in_a_unit_fails_before_the_commit(
+    orders: Database,
+) -> None:
+    dp = shop(orders)
+
+    @dp.commands.register(PlaceOrder)
+    async def place(command: PlaceOrder, conn: asyncpg.Connection) -> int:
+        await conn.execute(f'INSERT INTO "{orders.schema}".orders VALUES ($1)', command.order_id)
+        await dp.handle(Unbound())
+        return command.order_id
+
+    async with dp:
+        with pytest.raises(HandlerDoesNotExist, match="Unbound"):
+            await dp.execute(PlaceOrder(1))
+    assert await order_ids(orders) == []
+
+
+async def test_an_async_session_parameter_on_an_asyncpg_database_fails_the_start(
+    database: Database,
+) -> None:
+    dp = shop(database)
+
+    @dp.commands.register(PlaceOrder)
+    async def place(command: PlaceOrder, session: AsyncSession) -> int:  # pragma: no cover
+        return 1
+
+    with pytest.raises(ImproperlyConfigured, match=r"place takes a SQLAlchemy AsyncSession"):
+        dp.start()
+
+
+async def test_an_optional_session_parameter_gets_the_units(orders: Database) -> None:
+    dp = shop(orders)
+    got: list[Any] = []
+
+    @dp.commands.register(PlaceOrder)
+    async def place(command: PlaceOrder, conn: asyncpg.Connection | None = None) -> int:
+        got.append(conn)
+        return 1
+
+    @dp.commands.register(CancelOrder)
+    async def cancel(command: CancelOrder, conn: Optional[asyncpg.Connection] = None) -> None:  # noqa: UP045
+        got.append(conn)
+
+    async with dp:
+        await dp.execute(PlaceOrder(1))
+        await dp.execute(CancelOrder(1))
+    assert [type(conn).__module__.split(".")[0] for conn in got] == ["asyncpg", "asyncpg"]
+
+
+class NoDeclare(MemoryTransport):
+    async def declare(self, address: str, group: str, *, from_start: bool) -> None:
+        raise ConnectionError("the broker went away")
+
+
+async def test_a_start_that_fails_after_the_relay_started_stops_it(database: Database) -> None:
+    dp = Dispatcher(
+        transport=NoDeclare(), service="shop", routes={OrderPlaced: "shop"}, database=database
+    )
+
+    @dp.events.register(OrderPlaced)
+    async def on(event: OrderPlaced) -> None:  # pragma: no cover - never started
+        pass
+
+    before = asyncio.all_tasks()
+    with pytest.raises(ConnectionError):
+        async with dp:
+            pass
+    assert dp._relay is None
+    assert [t.get_name() for t in asyncio.all_tasks() - before if not t.done()] == []
+
+
+async def test_a_unit_exited_in_another_context_still_rolls_back_and_releases(
+    orders: Database,
+) -> None:
+    dp = shop(orders)
+    dp.start()
+    scope = dp.unit_of_work()
+    await scope.__aenter__()
+    with pytest.raises(ValueError, match="different Context"):  # set in another context
+        await asyncio.create_task(scope.__aexit__(None, None, None))
+    pool = orders._pool
+    assert pool is not None
+    assert dp._table.units == 0
+    assert pool.get_idle_size() == pool.get_size()
+    await dp.stop()

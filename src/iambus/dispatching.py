@@ -488,6 +488,17 @@ class Dispatcher:
             relay = Relay(self.database, self.remote.transport)
             await relay.start()
             self._relay = relay
+        try:
+            await self._start_worker()
+        except BaseException:
+            # The start failed after the relay started: stop it too (and close a database
+            # of our own), so that nothing of this start is left running; entering again
+            # starts a new one.
+            await self._stop_relay(StopDeadline.after(0))
+            raise
+
+    async def _start_worker(self) -> None:
+        assert self.remote is not None
         if not self._table.subscriptions:
             logger.info(
                 "iambus: service %s sends routed messages through %s; it binds no handler "
@@ -908,8 +919,6 @@ class Dispatcher:
                     return result if wait_for_response else None
                 await remote.send(message, key)
                 return None
-        if table.units and not wait_for_response and await self._into_unit(message, key):
-            return None
         job: JobFn
         # Events bound to this very type first (the seed's order: events, commands,
         # queries); handlers bound to a base class (or ``object``) only when no command or
@@ -923,16 +932,19 @@ class Dispatcher:
             job = table.publish_reporting
         elif mkey in commands or mkey in queries:
             if wait_for_response:
-                if key is not None:
+                if key is not None and not (table.units and table.open_unit() is not None):
                     return await self._through_lane(self._request, message, key)
-                return await self._request(message, None)
+                return await self._request(message, key)  # in a unit: inline, joining it
             job = self._request_reporting
         else:
+            # Before a unit of work defers it: the error belongs to the sender, now.
             raise HandlerDoesNotExist(
                 f"no event, command or query handler is bound for {describe(mkey)}; "
                 f"bind one with dp.events / dp.commands / dp.queries .register(...) "
                 f"before sending it"
             )
+        if table.units and await self._into_unit(message, key):
+            return None
         await self._background().put(job, message, key, None)
 
     async def send(self, message: Any, /, *, key: str | None = None, id: str | None = None) -> None:
@@ -1059,9 +1071,11 @@ class Dispatcher:
             return route.run(message, key, timeout)  # ordered by the broker, not a lane
         if timeout is not None:
             return _within(timeout, self._send_request(kind, message, key), message)
-        if key is not None:
+        if key is not None and not (table.units and table.open_unit() is not None):
             return self._through_lane(self._request, message, key)
-        return route.run(message, None)
+        # In a unit of work, inline even with a key: it joins the unit (a lane's task
+        # would run it outside), and is not queued behind other work of its key.
+        return route.run(message, key)
 
     def _missing(self, kind: Kind, message: Any) -> HandlerDoesNotExist:
         mkey = message_key(message)

@@ -34,6 +34,7 @@ from typing import Any
 
 from .envelope import Envelope, current_envelope
 from .errors import DispatcherStopped
+from .unit_of_work import current_unit
 
 __all__ = ["Engine", "Followups"]
 
@@ -122,6 +123,9 @@ def outside_workers() -> contextvars.Context:
     context.run(current_key.set, None)
     context.run(current_envelope.set, None)
     context.run(followups.set, None)
+    # A task of ours outlives the code that started it: a unit of work open there has
+    # ended by the time the task sends (it would collect into a unit that never flushes).
+    context.run(current_unit.set, None)
     return context
 
 

@@ -1,7 +1,9 @@
 """The inbox: which messages a handler has already applied, kept in the handler's database.
 
-A handler run in a unit of work on a message from a transport first records (envelope
-id, handler) in the inbox table, in the same transaction as its writes. A redelivery of
+A handler run in a unit of work on a command or event from a transport first records
+(envelope id, its subscription's group — ``"<service>.<handler>[#n]"`` for an event, the
+service for a command; stored in the ``handler`` column) in the inbox table, in the same
+transaction as its writes. A redelivery of
 that message (the broker's at-least-once) finds the record and is acked without running
 the handler again; one delivered twice at once waits on the first's uncommitted record,
 then finds it. If the handler fails, its transaction rolls back, record included, and the
@@ -22,8 +24,8 @@ __all__ = ["claim", "purge"]
 
 
 async def claim(conn: Any, database: Database, message_id: str, handler: str) -> bool:
-    """Record that ``handler`` applies message ``message_id``, in ``conn``'s transaction;
-    False when it was recorded already (the message is a redelivery: skip it)."""
+    """Record that ``handler`` (a subscription's group) applies message ``message_id``, in
+    ``conn``'s transaction; False when it was recorded already (a redelivery: skip it)."""
     status = await conn.execute(
         f"INSERT INTO {database.inbox} (message_id, handler) VALUES ($1, $2) "
         f"ON CONFLICT DO NOTHING",

@@ -57,7 +57,7 @@ from .transports import (
     redact,
     resolve,
 )
-from .unit_of_work import current_unit
+from .unit_of_work import unit_of
 
 __all__ = ["Remote", "RemoteRoute", "current_envelope"]
 
@@ -187,8 +187,8 @@ class Remote:
     # -- sending ----------------------------------------------------------------------
 
     async def send(self, kind: Kind, message: Any, key: str | None, id: str | None = None) -> None:
-        unit = current_unit.get()
-        if unit is not None and unit.remote is self:
+        unit = unit_of(self)
+        if unit is not None:
             # In a unit of work: an outbox row, sent by the relay once committed.
             envelope = self.envelope(message, key, id=id)
             unit.send(address(kind, envelope.name), envelope)
@@ -207,8 +207,8 @@ class Remote:
 
     async def send_envelope(self, kind: Kind, envelope: Envelope) -> None:
         """Send a ready envelope as it is: a resend keeps its id (see ``Dispatcher.send``)."""
-        unit = current_unit.get()
-        if unit is not None and unit.remote is self:
+        unit = unit_of(self)
+        if unit is not None:
             unit.send(address(kind, envelope.name), envelope)
             return
         if not self._opened:
@@ -219,14 +219,12 @@ class Remote:
         self, kind: Kind, message: Any, key: str | None, timeout: float | None
     ) -> Any:
         """Send a command or query to its owner; return the answer, or raise its error."""
-        if kind == "command":
-            unit = current_unit.get()
-            if unit is not None and unit.remote is self:
-                raise WouldDeadlock(
-                    f"execute({describe(message_key(message))}) inside a unit of work waits for "
-                    f"an answer to a command that is only sent once the unit commits; send it "
-                    f"with dp.send() (it goes to the outbox), or execute it after the unit"
-                )
+        if kind == "command" and unit_of(self) is not None:
+            raise WouldDeadlock(
+                f"execute({describe(message_key(message))}) inside a unit of work waits for "
+                f"an answer to a command that is only sent once the unit commits; send it "
+                f"with dp.send() (it goes to the outbox), or execute it after the unit"
+            )
         timeout = (
             self.request_timeout
             if timeout is None

@@ -36,7 +36,7 @@ from .remote import Remote, RemoteRoute
 from .retry import Retry
 from .routers import Router
 from .routing import address
-from .unit_of_work import Later, Scope, UnitOfWork, current_unit
+from .unit_of_work import Later, Scope, Session, UnitOfWork, open_unit, run_later
 
 __all__ = ["Call", "Route", "RouteTable", "Subscription"]
 
@@ -90,16 +90,32 @@ class Route:
     def context_for(self, key: str | None) -> Context:
         return self.context if key is None else Context(self.kind, self.name, key)
 
-    async def run(self, message: Any, key: str | None, delivered: Envelope | None = None) -> Any:
+    async def run(
+        self,
+        message: Any,
+        key: str | None,
+        delivered: Envelope | None = None,
+        inbox: str | None = None,
+    ) -> Any:
         """Run the chain on ``message``; ``delivered``: the envelope it came in, from a
-        transport (a unit of work records it in the inbox)."""
+        transport, recorded in the inbox under ``inbox`` (the subscription's group: one
+        per handler and service) by a unit of work. Returns ``ALREADY_HANDLED`` when the
+        inbox found it applied already (a redelivery: nothing ran)."""
         call = Call()
         if self.collects:
             call.sink = []
         if delivered is not None:
             call.delivered = delivered
+            call.inbox = inbox
         context = self.context if key is None else Context(self.kind, self.name, key)
-        result = await self.chain(message, context, call)
+        try:
+            result = await self.chain(message, context, call)
+        except Exception:
+            if call.later:  # a unit of work committed before a middleware raised
+                await run_later(call.later)
+            raise
+        if call.skipped:
+            return ALREADY_HANDLED
         if not call.taken and (call.sink or result is not None):
             table = self.table
             # A result of a type in ``quiet`` is no event without a response_event: that
@@ -109,8 +125,7 @@ class Route:
                 if call.sink or routes:
                     await table.emit(call.sink, result, routes, key)
         if call.later:  # what a unit of work of this call left to its commit
-            for work in call.later:
-                await work()
+            await run_later(call.later)
         return result
 
     def _innermost(self, message: Any, context: Context, call: Call) -> Awaitable[Any]:
@@ -123,14 +138,25 @@ class Route:
         return self.invoke(message)
 
     async def _into_unit(self, message: Any, context: Context, call: Call) -> Any:
-        """Call the handler; if a unit of work is open here, what it emitted goes into it
-        now (so it commits with it), else it is left to ``run``, as without a unit."""
+        """Call the handler; if a unit of work is open here, the delivery is recorded in
+        its inbox first, and what the handler emitted goes into it (so it commits with
+        it), else it is left to ``run``, as without a unit."""
+        table = self.table
+        unit = table.open_unit()
+        # The inbox records what changes something: commands and events, not queries.
+        if (
+            unit is not None
+            and call.delivered is not None
+            and self.kind != "query"
+            and not await self._claim(unit, call.delivered, call.inbox or self.name)
+        ):
+            call.taken = call.skipped = True
+            return None
         if self.collects:
             result = await self.invoke(message, call.sink)
         else:
             result = await self.invoke(message)
-        table = self.table
-        if table.open_unit() is not None:
+        if unit is not None:
             routes = table.published_to(result, message, self.response_event)
             sink = call.sink
             call.taken = True
@@ -140,6 +166,17 @@ class Route:
                 await table.emit(sink, result, routes, context.key)
         return result
 
+    async def _claim(self, unit: UnitOfWork, delivered: Envelope, inbox: str) -> bool:
+        if await unit.claim(delivered.id, inbox):
+            return True
+        logger.info(
+            "iambus: %s already handled %s (id %s): a redelivery, acked without running it again",
+            inbox,
+            delivered.name,
+            delivered.id,
+        )
+        return False
+
     async def _in_unit(self, message: Any, context: Context, call: Call) -> Any:
         table = self.table
         if table.units and table.open_unit() is not None:
@@ -148,19 +185,19 @@ class Route:
         assert database is not None  # checked when compiled
         if call.later is None:
             call.later = []
-        async with Scope(table, database, table.remote, later=call.later) as unit:
-            delivered = call.delivered
-            if delivered is not None and not await unit.claim(delivered.id, self.name):
-                logger.info(
-                    "iambus: %s already handled %s (id %s): a redelivery, acked without "
-                    "running it again",
-                    self.name,
-                    delivered.name,
-                    delivered.id,
-                )
-                call.taken = True
-                return None
+        async with Scope(table, database, table.remote, later=call.later):
             return await self._into_unit(message, context, call)
+
+
+class _AlreadyHandled:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "ALREADY_HANDLED"
+
+
+ALREADY_HANDLED: Any = _AlreadyHandled()
+"""What ``Route.run`` returns for a delivery the inbox found applied already."""
 
 
 class Call:
@@ -172,7 +209,9 @@ class Call:
 
     delivered: Envelope | None = None  # the envelope of a message from a transport
     sink: list[Any] | None = None  # the events a collecting class handler adds
+    inbox: str | None = None  # the name the inbox records ``delivered`` under
     taken = False  # True once a unit of work took what the handler emitted
+    skipped = False  # True when the inbox found ``delivered`` applied already
     later: list[Later] | None = None  # in-process work a unit of work left to its commit
 
 
@@ -281,6 +320,16 @@ class RouteTable:
                 f"{handler.kind} handler {handler.name} {why}, and the dispatcher has no "
                 f"database: pass Dispatcher(database=Database(...)) (see iambus.database)"
             )
+        if unit and self.database is not None and self.database.kind != "sqlalchemy":
+            wants = [k for k, v in handler.initkwargs.items() if v is Session]
+            if wants:
+                raise ImproperlyConfigured(
+                    f"{handler.kind} handler {handler.name} takes a SQLAlchemy AsyncSession "
+                    f"({', '.join(wants)}), and the dispatcher's database runs on asyncpg "
+                    f"alone: type the parameter asyncpg.Connection (or bind it to "
+                    f"iambus.unit_of_work.Connection), or give the Database a SQLAlchemy "
+                    f"AsyncEngine: Database(create_async_engine('postgresql+asyncpg://...'))"
+                )
         return Route(self, handler, middleware, unit)
 
     def _compile_remote(
@@ -479,8 +528,7 @@ class RouteTable:
 
     def open_unit(self) -> UnitOfWork | None:
         """The unit of work of this table (its dispatcher) open where this is called."""
-        unit = current_unit.get()
-        return unit if unit is not None and unit.owner is self else None
+        return open_unit(self)
 
     # -- delivering -------------------------------------------------------------------
 

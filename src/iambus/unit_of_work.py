@@ -19,12 +19,13 @@ adds, commands it sends, messages it hands over with ``handle()`` — is collect
 
 On success the unit writes its outbox rows and commits; on an exception nothing is
 written, the transaction rolls back, and the exception goes on (a delivery from a
-transport is retried as always). On a delivery from a transport, the unit first records
-the envelope id with the handler's name in the inbox (``inbox``): a redelivery whose
-record exists is acked without running the handler again.
+transport is retried as always). On a delivery from a transport (a command or an event),
+the unit first records the envelope id with the handler's subscription in the inbox
+(``inbox``): a redelivery whose record exists is acked without running the handler again.
 
-``execute()`` and ``query()`` of an in-process handler run at once, inside the unit (a
-handler of theirs that takes a session gets the same one, and joins the same unit). A
+``execute()`` and ``query()`` of an in-process handler run at once, inside the unit, with
+a key too (a handler of theirs that takes a session gets the same one, and joins the same
+unit). A
 routed query is asked at once. A routed *command* cannot be awaited inside a unit: it is
 only sent when the unit commits (``WouldDeadlock``); ``send()`` it instead.
 
@@ -39,14 +40,19 @@ on the caller's own session or connection::
 The block commits the transaction it began, and rolls it back if the block raises. If the
 session is already in a transaction when the block starts, the block joins it: the
 outbox rows are written into it when the block ends, and committing is left to the
-caller; in-process messages are then handled when the block ends, before that commit.
+caller; in-process messages are handled once that commit is done (SQLAlchemy's
+``after_commit``), and refused on an asyncpg connection (nothing tells when it commits).
+A block opened inside a unit of the same dispatcher is part of it. A unit ends with its
+block: a task that outlives it finds no unit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import inspect
 import logging
+import types
 import typing
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -79,7 +85,18 @@ class Owner(Protocol):
 class UnitOfWork:
     """One open transaction and what was sent in it (see the module's docstring)."""
 
-    __slots__ = ("_raw", "database", "later", "outgoing", "owner", "remote", "session")
+    __slots__ = (
+        "_claimed",
+        "_raw",
+        "closed",
+        "database",
+        "later",
+        "no_later",
+        "outgoing",
+        "owner",
+        "remote",
+        "session",
+    )
 
     def __init__(self, owner: Owner, database: Database, remote: object, session: Any):
         self.owner = owner
@@ -91,6 +108,13 @@ class UnitOfWork:
         """What the handler gets: an ``AsyncSession``, or an asyncpg connection."""
         self.outgoing: list[Outgoing] = []
         self.later: list[Later] = []  # in-process work, run once committed
+        # Set once the block ended: a task started inside it that outlives it (an engine
+        # worker, a task of the handler's) finds no unit there any more.
+        self.closed = False
+        # Why in-process work cannot wait for this unit's commit (a joined asyncpg
+        # transaction: nothing tells when the caller commits), or None.
+        self.no_later: str | None = None
+        self._claimed: set[tuple[str, str]] = set()
         self._raw: Any = None if _is_sqlalchemy(session) else session
 
     async def connection(self) -> Any:
@@ -104,10 +128,18 @@ class UnitOfWork:
 
     def send(self, address: str, envelope: Envelope) -> None:
         """Collect a routed message: written to the outbox when the unit flushes."""
+        if self.closed:  # only through a unit kept after its block: see open_unit()
+            raise TransactionFailed(
+                f"cannot send {envelope.name} into a unit of work that has ended (its "
+                f"transaction committed or rolled back): send it inside the block, or with "
+                f"dp.send() after it"
+            )
         self.outgoing.append(Outgoing(address, envelope))
 
     def after_commit(self, work: Later) -> None:
         """Run ``work`` (in-process handling) once the unit has committed."""
+        if self.no_later is not None:
+            raise ImproperlyConfigured(self.no_later)
         self.later.append(work)
 
     async def flush(self) -> None:
@@ -120,11 +152,30 @@ class UnitOfWork:
                 raise explained(exc, self.database, "write to the outbox") from exc
 
     async def claim(self, message_id: str, handler: str) -> bool:
-        """Record ``handler`` applying ``message_id`` in the inbox; False: it did already."""
+        """Record ``handler`` applying ``message_id`` in the inbox; False: it did already
+        (in an earlier transaction: a claim made in this one is this attempt's own, as
+        when a middleware runs the handler again inside one unit)."""
+        if (message_id, handler) in self._claimed:
+            return True
         try:
-            return await claim(await self.connection(), self.database, message_id, handler)
+            new = await claim(await self.connection(), self.database, message_id, handler)
         except Exception as exc:
             raise explained(exc, self.database, "record the message in the inbox") from exc
+        if new:
+            self._claimed.add((message_id, handler))
+        return new
+
+
+def open_unit(owner: object) -> UnitOfWork | None:
+    """The unit of work of ``owner`` (a route table) open where this is called, if any."""
+    unit = current_unit.get()
+    return unit if unit is not None and unit.owner is owner and not unit.closed else None
+
+
+def unit_of(remote: object) -> UnitOfWork | None:
+    """The open unit of work whose outbox ``remote``'s routed sends go to, if any."""
+    unit = current_unit.get()
+    return unit if unit is not None and unit.remote is remote and not unit.closed else None
 
 
 def explained(exc: Exception, database: Database, doing: str) -> Exception:
@@ -147,9 +198,14 @@ def explained(exc: Exception, database: Database, doing: str) -> Exception:
 
 class Scope:
     """``async with``: a unit of work open on ``session`` (None: a new one of the
-    database's), the current one until the block ends. See the module's docstring."""
+    database's), the current one until the block ends. See the module's docstring.
+
+    Opened where a unit of the same dispatcher is open already, on no session or on that
+    unit's own, it joins it: the block is part of the outer unit (no transaction of its
+    own, no commit; its sends and in-process work go to the outer unit)."""
 
     __slots__ = (
+        "_joined",
         "_later",
         "_made",
         "_owns",
@@ -183,10 +239,16 @@ class Scope:
         self._later = later
         self._made: Any = None  # the context manager of a session made here
         self._owns = False
+        self._joined = False  # part of an outer unit of the same dispatcher
         self._tx: Any = None
         self._token: contextvars.Token[UnitOfWork | None] | None = None
 
     async def __aenter__(self) -> UnitOfWork:
+        outer = open_unit(self.owner)
+        if outer is not None and (self.session is None or self.session is outer.session):
+            self._joined = True
+            self.unit = outer
+            return outer
         session = self.session
         if session is None:
             self._made = self.database.session()
@@ -203,6 +265,15 @@ class Scope:
             await self._release(None)
             raise
         self.unit = UnitOfWork(self.owner, self.database, self.remote, session)
+        if not self._owns and not _is_sqlalchemy(session):
+            self.unit.no_later = (
+                "in-process work (an in-process event's handlers, handle() without "
+                "waiting) cannot wait for the commit of an asyncpg transaction the unit of "
+                "work joined: nothing tells iambus when you commit it, and run before, it "
+                "would see none of the transaction's writes and could wait on its locks. "
+                "Let dp.unit_of_work(conn) begin the transaction (call it on a connection "
+                "not in one), use a SQLAlchemy AsyncSession, or send the work after the commit"
+            )
         self._token = current_unit.set(self.unit)
         self.owner.units += 1
         return self.unit
@@ -212,11 +283,16 @@ class Scope:
     ) -> None:
         unit = self.unit
         assert unit is not None
+        if self._joined:
+            return  # the outer unit writes, commits and runs what this block left to it
         assert self._token is not None
-        current_unit.reset(self._token)
-        self.owner.units -= 1
+        unit.closed = True
         failed = exc
         try:
+            try:
+                current_unit.reset(self._token)
+            finally:
+                self.owner.units -= 1
             if exc is None:
                 await unit.flush()
                 if self._owns:
@@ -230,14 +306,15 @@ class Scope:
                     await self._rollback(unit.session)
             finally:
                 await self._release(failed)
+        if failed is not None or not unit.later:
+            return  # rolled back (or left to the caller, who did): its work is dropped
+        if not self._owns:  # joined a SQLAlchemy transaction: its work waits for its commit
+            _after_commit_of(unit.session, unit.later)
+            return
         if self._later is not None:
             self._later.extend(unit.later)
             return
-        for work in unit.later:  # committed: what was handled in-process runs now
-            try:
-                await work()
-            except Exception:
-                logger.exception("iambus: in-process work sent in a unit of work failed")
+        await run_later(unit.later)
 
     async def _commit(self, session: Any) -> None:
         if _is_sqlalchemy(session):
@@ -258,6 +335,53 @@ class Scope:
         made, self._made = self._made, None
         if made is not None:
             await made.__aexit__(type(exc) if exc else None, exc, None)
+
+
+async def run_later(later: list[Later]) -> None:
+    """Run the in-process work of a committed unit; a failure is logged, not raised (the
+    unit committed: its caller succeeded)."""
+    for work in later:
+        try:
+            await work()
+        except Exception:
+            logger.exception("iambus: in-process work sent in a unit of work failed")
+
+
+_pending: set[asyncio.Task[None]] = set()  # work scheduled by a commit, held until it ran
+
+
+def _after_commit_of(session: Any, later: list[Later]) -> None:
+    """Run ``later`` once the transaction ``session`` is in commits (SQLAlchemy's
+    session events); drop it if it ends otherwise (rollback, close)."""
+    from sqlalchemy import event
+
+    sync = session.sync_session
+    loop = asyncio.get_running_loop()
+    context = contextvars.copy_context()  # the unit is no longer current here
+    committed = ended = False
+
+    def on_commit(_: Any) -> None:
+        nonlocal committed
+        if not sync.in_nested_transaction():  # a savepoint's release is no commit
+            committed = True
+
+    def on_end(_: Any, transaction: Any) -> None:
+        nonlocal ended
+        if ended or transaction.parent is not None:
+            return
+        ended = True
+        loop.call_soon(forget)  # not while SQLAlchemy iterates over its listeners
+        if committed:
+            task = loop.create_task(run_later(later), context=context)
+            _pending.add(task)
+            task.add_done_callback(_pending.discard)
+
+    def forget() -> None:
+        event.remove(sync, "after_commit", on_commit)
+        event.remove(sync, "after_transaction_end", on_end)
+
+    event.listen(sync, "after_commit", on_commit)
+    event.listen(sync, "after_transaction_end", on_end)
 
 
 def current_session() -> Any:
@@ -327,7 +451,11 @@ def providers_for(fn: Any, taken: set[str]) -> dict[str, Factory]:
 
 def _provider_of(annotation: Any) -> Factory | None:
     if isinstance(annotation, str):
-        return _BY_NAME.get(annotation.strip())
+        return _BY_NAME.get(_without_none(annotation))
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        # Optional[AsyncSession], asyncpg.Connection | None: the one session type in it.
+        found = {_provider_of(arg) for arg in typing.get_args(annotation)} - {None}
+        return found.pop() if len(found) == 1 else None
     if not isinstance(annotation, type):
         return None
     for cls in annotation.__mro__:
@@ -336,6 +464,16 @@ def _provider_of(annotation: Any) -> Factory | None:
         if provider is not None:
             return provider
     return None
+
+
+def _without_none(text: str) -> str:
+    """``"AsyncSession"`` of ``"AsyncSession | None"`` or ``"Optional[AsyncSession]"``."""
+    text = text.strip()
+    if text.startswith("Optional[") and text.endswith("]"):
+        return text[len("Optional[") : -1].strip()
+    parts = [part.strip() for part in text.split("|")]
+    named = [part for part in parts if part != "None"]
+    return named[0] if len(named) == 1 else text
 
 
 def _is_sqlalchemy(session: Any) -> bool:

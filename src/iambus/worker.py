@@ -19,6 +19,8 @@ cascades, exactly as in-process), and only then settles it:
   not retried: its caller is waiting. A command's requester gets the error only with the
   dead letter, after the last attempt (a retry that succeeds answers with the result).
 * a payload that does not decode: dead-letter at once, with the reason.
+* a redelivery the inbox of a unit of work recorded as applied: acked without running
+  the handler, and never answered (the first delivery answered its requester).
 * a command whose answer cannot be sent (it does not encode, or the broker refuses it):
   acked all the same (it did its work), its requester told so, the error reported.
 * an unexpected error while settling (a retry policy, codec or reply that raises): a
@@ -64,7 +66,7 @@ from .errors import ImproperlyConfigured, SerializationError, TransportError, Tr
 from .messages import result_type
 from .remote import SENDER, Remote
 from .retry import Retry
-from .routes import Subscription
+from .routes import ALREADY_HANDLED, Subscription
 from .transports import (
     ANNOUNCE_TTL,
     Delivery,
@@ -540,7 +542,7 @@ class Worker:
         token = current_envelope.set(envelope)
         counted = followups.set(background)  # engine jobs the handler puts (and they put)
         try:
-            result = await sub.route.run(message, envelope.key, envelope)
+            result = await sub.route.run(message, envelope.key, envelope, sub.group)
         except asyncio.CancelledError as exc:
             if _stopping():
                 raise  # the worker stops: left unacked, redelivered after claim_after
@@ -554,6 +556,12 @@ class Worker:
         finally:
             followups.reset(counted)
             current_envelope.reset(token)
+        if result is ALREADY_HANDLED:
+            # A redelivery the inbox recorded as applied: nothing ran. Not answered: the
+            # first delivery answered its requester (or it has given up waiting), and an
+            # answer from here would have no result to give.
+            await delivery.ack()
+            return
         unanswered: Exception | None = None
         if envelope.reply_to:  # a query, or a command sent by execute(): the answer first
             try:
