@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import time
 import uuid
 from collections import Counter
@@ -166,6 +167,30 @@ class Stalling:
         await self.transport.send(address, envelope)
 
 
+class Overlapping:
+    """A transport whose sends take a random few milliseconds (so that they return in
+    another order than they went out), counting how many are outstanding at once."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self.url = "overlapping+" + transport.url
+        self.now = self.most = 0
+        self.keys_now: Counter[str | None] = Counter()
+
+    async def send(self, address: str, envelope: Envelope) -> None:
+        self.now += 1
+        self.most = max(self.most, self.now)
+        self.keys_now[envelope.key] += 1
+        if envelope.key is not None:
+            assert self.keys_now[envelope.key] == 1, f"two sends of {envelope.key} at once"
+        try:
+            await asyncio.sleep(random.uniform(0, 0.003))
+            await self.transport.send(address, envelope)
+        finally:
+            self.now -= 1
+            self.keys_now[envelope.key] -= 1
+
+
 def relay_on(database: Database, transport: Any, relays: list[Relay], **options: Any) -> Relay:
     relay = Relay(database, transport, **options)
     relays.append(relay)
@@ -258,6 +283,65 @@ async def test_two_relays_send_every_row_once_and_each_key_in_commit_order(
     assert len(got) == total
     for key in keys:
         assert [n_of(e) for e in got if e.key == key] == list(range(per_key)), key
+
+
+async def test_a_batch_sends_different_keys_at_once_and_each_key_in_order(
+    database: Database, transport: MemoryTransport
+) -> None:
+    keys = keys_in_one_lane(4)  # one lane, so one batch holds them all
+    await commit(database, *(envelope(n, key=key) for n in range(6) for key in keys))
+    overlapping = Overlapping(transport)
+
+    assert await Relay(database, overlapping).run_once() == 24
+
+    assert overlapping.most == len(keys)  # a send per key outstanding, never two of one key
+    got = await rest(transport)
+    for key in keys:
+        assert [n_of(e) for e in got if e.key == key] == list(range(6)), key
+
+    await commit(database, *(envelope(n, key=key) for n in range(2) for key in keys))
+    one_at_a_time = Overlapping(transport)
+    assert await Relay(database, one_at_a_time, in_flight=1).run_once() == 8
+    assert one_at_a_time.most == 1
+
+
+async def test_rows_without_a_key_are_sent_at_once_up_to_in_flight(
+    database: Database, transport: MemoryTransport
+) -> None:
+    async with database.connection() as conn, conn.transaction():  # all in one lane
+        await write(conn, database, [Outgoing(ADDRESS, envelope(n)) for n in range(30)])
+        await conn.execute(f"UPDATE {database.outbox} SET lane = 0")
+    overlapping = Overlapping(transport)
+
+    assert await Relay(database, overlapping, in_flight=10).run_once() == 30
+
+    assert overlapping.most == 10
+    assert sorted(n_of(e) for e in await rest(transport)) == list(range(30))
+
+
+async def test_a_broker_failure_stops_every_key_and_keeps_each_keys_order(
+    database: Database, transport: MemoryTransport
+) -> None:
+    first, second = keys_in_one_lane(2)
+    await commit(database, *(envelope(n, key=key) for n in range(5) for key in (first, second)))
+    failing = Failing(  # the first key's third row meets a broker that fails
+        Overlapping(transport),
+        reject=lambda e: e.key == first and n_of(e) == 2,
+        error=TransportError("the broker is down (a test's doing)"),
+    )
+
+    with pytest.raises(TransportError, match="broker is down"):
+        await Relay(database, failing).run_once()
+    before = await rest(transport)
+    assert [n_of(e) for e in before if e.key == first] == [0, 1]
+    sent_of_second = [n_of(e) for e in before if e.key == second]
+    assert sent_of_second == list(range(len(sent_of_second)))  # a prefix, in order
+    assert await count_rows(database) == 10 - len(before)  # the sent ones were deleted
+
+    assert await Relay(database, transport).run_once() == 10 - len(before)
+    after = await rest(transport)
+    assert [n_of(e) for e in before + after if e.key == first] == list(range(5))
+    assert [n_of(e) for e in before + after if e.key == second] == list(range(5))
 
 
 async def _empty(database: Database) -> bool:
@@ -567,6 +651,7 @@ async def test_outbox_status_counts_the_backlog_its_age_and_the_parked_rows(
         ({"poll": 0}, "poll must be seconds (a number > 0), got 0"),
         ({"listen": "yes"}, "listen must be True or False, got 'yes'"),
         ({"purge_every": float("inf")}, "purge_every must be seconds (a number > 0), got inf"),
+        ({"in_flight": 0}, "in_flight must be an int of at least 1, got 0"),
     ],
 )
 def test_options_are_checked(options: dict[str, Any], message: str) -> None:

@@ -15,10 +15,13 @@ number of relays may run on one outbox at once. docs/outbox.md tells the design.
 A *pass* visits each of the outbox's ``LANES`` lanes (starting at a random one). A lane
 is taken with a transaction-scoped advisory lock (``pg_try_advisory_xact_lock``); a lane
 another relay holds is skipped, so two relays never send the same lane's rows at once,
-and one lane's rows go out one after the other in ``position`` order: per key, the order
-the writers committed them (see ``outbox``). In that transaction the relay reads up to
-``batch`` rows, sends each with its envelope unchanged, deletes the sent ones and
-commits; a full batch is followed by another.
+and one lane's rows go out in ``position`` order: per key, the order the writers
+committed them (see ``outbox``). In that transaction the relay reads up to ``batch``
+rows, sends each with its envelope unchanged, deletes the sent ones and commits; a full
+batch is followed by another. Within a batch the rows of one key are sent one after the
+other (each send returns once the broker has the message), while other keys' rows and
+rows without a key are sent at the same time, up to ``in_flight`` at once: a broker's
+round trip is paid per key, not per row.
 
 No high-water mark: every pass reads every committed row still in the table, so a row a
 long transaction commits late, with a position lower than rows already sent, is read by
@@ -48,7 +51,7 @@ import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import inbox
@@ -89,7 +92,9 @@ class Relay:
     ``batch``: rows read (and deleted) per transaction. ``poll``: seconds between two
     passes when no notification comes. ``listen``: wake up on the outbox's ``NOTIFY``
     (off: poll only). ``purge_every``: seconds between two purges of old inbox records
-    (``inbox.purge``). The relay neither opens nor closes the transport or the database.
+    (``inbox.purge``). ``in_flight``: sends outstanding at once within a batch (rows of
+    different keys; one key's rows are sent one after the other). The relay neither
+    opens nor closes the transport or the database.
     """
 
     def __init__(
@@ -101,6 +106,7 @@ class Relay:
         poll: float = 1.0,
         listen: bool = True,
         purge_every: float = 3600.0,
+        in_flight: int = 100,
     ) -> None:
         if not isinstance(database, Database):
             raise ImproperlyConfigured(
@@ -112,6 +118,7 @@ class Relay:
         self.poll = check_seconds("poll", poll)
         self.listen = check_flag("listen", listen)
         self.purge_every = check_seconds("purge_every", purge_every)
+        self.in_flight = check_count("in_flight", in_flight)
         outbox = database.outbox
         self._lock_sql = "SELECT pg_try_advisory_xact_lock($1::int, $2::int)"
         self._select_sql = (
@@ -165,10 +172,10 @@ class Relay:
         self._task = asyncio.create_task(self._run(), name="iambus-relay")
 
     async def stop(self, deadline: float | None = None) -> None:
-        """Stop relaying: the batch being sent ends after its current row (the rows sent
-        are deleted). ``deadline`` (event-loop time; None: no limit) is when the relay
-        is cut short instead: its connections are closed, its transaction rolls back and
-        the rows of that batch are sent again by the next relay."""
+        """Stop relaying: the batch being sent ends once the sends in flight have returned
+        (the rows sent are deleted). ``deadline`` (event-loop time; None: no limit) is
+        when the relay is cut short instead: its connections are closed, its transaction
+        rolls back and the rows of that batch are sent again by the next relay."""
         tasks = [task for task in (self._task, self._listener) if task is not None]
         self._task = self._listener = None
         if not tasks:
@@ -234,33 +241,64 @@ class Relay:
 
     async def _batch(self, lane: int) -> tuple[int, int]:
         """Send one batch of ``lane``: (rows taken: sent or parked, rows sent)."""
-        failure: Exception | None = None
         async with self._connection() as conn, conn.transaction():
             if not await conn.fetchval(self._lock_sql, self.database.lock_space, lane):
                 return 0, 0  # another relay has this lane
             rows = await conn.fetch(self._select_sql, lane, self.batch)
-            taken = 0
-            sent: list[int] = []
-            for row in rows:
-                if self._stopping.is_set():
-                    break
-                try:
-                    await self.transport.send(row["address"], envelope_of(row))
-                except (SerializationError, ImproperlyConfigured) as exc:
-                    await self._park(conn, row, exc)
-                except Exception as exc:
-                    # The broker failed: what was sent is deleted below, the rest stays,
-                    # in order, for the retry (raised once this is committed).
-                    failure = exc
-                    break
-                else:
-                    sent.append(row["position"])
-                taken += 1
-            if sent:
-                await conn.execute(self._delete_sql, sent)
-        if failure is not None:
-            raise failure
-        return taken, len(sent)
+            outcome = await self._send(rows)
+            for row, exc in outcome.parked:
+                await self._park(conn, row, exc)
+            if outcome.sent:
+                await conn.execute(self._delete_sql, outcome.sent)
+        if outcome.failure is not None:
+            # The broker failed: what was sent is deleted (committed above); the rest
+            # stays, each key's rows in order, for the retry.
+            raise outcome.failure
+        return len(outcome.sent) + len(outcome.parked), len(outcome.sent)
+
+    async def _send(self, rows: Sequence[Any]) -> _Sent:
+        """Send ``rows`` (one lane's, in position order): the rows of one key one after
+        the other, in order; different keys, and rows without a key, at the same time
+        (up to ``in_flight`` sends outstanding). A broker's failure stops every chain
+        before its next send; a stop, the same."""
+        outcome = _Sent()
+        chains: list[list[Any]] = []
+        by_key: dict[str, list[Any]] = {}
+        for row in rows:
+            key = row["message_key"]
+            if key is None:
+                chains.append([row])
+            elif key in by_key:
+                by_key[key].append(row)
+            else:
+                by_key[key] = chain = [row]
+                chains.append(chain)
+        todo = iter(chains)
+        send = self.transport.send
+        stopping = self._stopping
+
+        async def sender() -> None:
+            for chain in todo:
+                for row in chain:
+                    if outcome.failure is not None or stopping.is_set():
+                        return
+                    try:
+                        await send(row["address"], envelope_of(row))
+                    except (SerializationError, ImproperlyConfigured) as exc:
+                        outcome.parked.append((row, exc))  # the chain goes on without it
+                    except Exception as exc:
+                        if outcome.failure is None:
+                            outcome.failure = exc
+                        return
+                    else:
+                        outcome.sent.append(row["position"])
+
+        senders = min(self.in_flight, len(chains))
+        if senders <= 1:
+            await sender()
+        else:
+            await asyncio.gather(*(sender() for _ in range(senders)))
+        return outcome
 
     async def _park(self, conn: Any, row: Any, exc: Exception) -> None:
         reason = f"{type(exc).__name__}: {exc}"
@@ -410,6 +448,15 @@ def _retrieve(tasks: list[asyncio.Task[None]]) -> None:
     for task in tasks:
         if not task.cancelled() and task.exception() is not None:
             logger.debug("relay: %s ended with %r", task.get_name(), task.exception())
+
+
+@dataclass(slots=True)
+class _Sent:
+    """What the sends of one batch came to."""
+
+    sent: list[int] = field(default_factory=list)  # positions
+    parked: list[tuple[Any, Exception]] = field(default_factory=list)
+    failure: Exception | None = None  # the broker's error that stopped the batch
 
 
 class _Outage:
