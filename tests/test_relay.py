@@ -305,6 +305,50 @@ async def test_a_batch_sends_different_keys_at_once_and_each_key_in_order(
     assert one_at_a_time.most == 1
 
 
+def keys_in_lanes(count: int) -> list[str]:
+    """``count`` keys, each in a lane of its own."""
+    by_lane: dict[int, str] = {}
+    for key in (f"key-{i}" for i in range(1000)):
+        by_lane.setdefault(lane_of(key), key)
+    return list(by_lane.values())[:count]
+
+
+async def test_a_batch_takes_every_free_lane_and_skips_those_another_relay_holds(
+    database: Database, transport: MemoryTransport
+) -> None:
+    held, *free = keys_in_lanes(5)
+    await commit(database, *(envelope(n, key=key) for n in range(3) for key in [held, *free]))
+    overlapping = Overlapping(transport)
+    async with database.connection() as other, other.transaction():  # another relay's lane
+        await other.execute(
+            "SELECT pg_advisory_xact_lock($1::int, $2::int)", database.lock_space, lane_of(held)
+        )
+        assert await Relay(database, overlapping).run_once() == 12
+
+        assert overlapping.most == 4  # the four free lanes' keys, in one batch
+        got = await rest(transport)
+        assert {e.key for e in got} == set(free)
+    assert await Relay(database, transport).run_once() == 3  # released: its rows now
+    assert [n_of(e) for e in await rest(transport)] == [0, 1, 2]
+
+
+async def test_a_batch_reads_its_rows_in_position_order_not_the_whole_backlog(
+    database: Database,
+) -> None:
+    # A backlog in a table whose statistics say it is empty (never analyzed, as after a
+    # quiet spell): the batch's select must walk the primary key and stop after `batch`
+    # rows, not read and sort the whole backlog for every batch.
+    async with database.connection() as conn, conn.transaction():
+        await write(conn, database, [Outgoing(ADDRESS, envelope(n)) for n in range(3000)])
+    relay = Relay(database, MemoryTransport())
+    async with database.connection() as conn, conn.transaction():
+        lanes = await conn.fetchval(relay._lock_sql, database.lock_space)
+        plan = [row[0] for row in await conn.fetch("EXPLAIN " + relay._select_sql, lanes, 200)]
+    assert sorted(lanes) == list(range(16))
+    assert not any("Sort" in line for line in plan), plan
+    assert "Index Scan using" in plan[1], plan
+
+
 async def test_rows_without_a_key_are_sent_at_once_up_to_in_flight(
     database: Database, transport: MemoryTransport
 ) -> None:

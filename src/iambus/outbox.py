@@ -7,12 +7,13 @@ with their envelope unchanged (same id: a resend is recognisably the same messag
 deletes them.
 
 Ordering. Every row gets a ``lane`` (one of ``LANES``): its key's lane, or a random one
-for a message without a key. A relay takes a lane at a time (an advisory lock), and sends
-its rows in ``position`` order. Writers of one key serialise on an advisory lock of that
-key taken just before their rows get their positions, so that, per key, position order
-is commit order: rows of one key are sent in the order they were committed, whichever
-relay sends them. (The lock is held until commit; transactions writing rows of one key
-queue behind each other, as they would on the row of the aggregate they change.)
+for a message without a key. One relay at a time holds a lane (an advisory lock), and
+sends a key's rows one after the other in ``position`` order. Writers of one key
+serialise on an advisory lock of that key taken just before their rows get their
+positions, so that, per key, position order is commit order: rows of one key are sent in
+the order they were committed, whichever relay sends them. (The lock is held until
+commit; transactions writing rows of one key queue behind each other, as they would on
+the row of the aggregate they change.)
 
 Nothing is skipped. The relay keeps no high-water mark: each pass reads every committed
 row still in the table. A long transaction that commits rows with lower positions than

@@ -12,16 +12,17 @@
 ``iambus relay --transport URL --database DSN`` runs one as a process of its own. Any
 number of relays may run on one outbox at once. docs/outbox.md tells the design.
 
-A *pass* visits each of the outbox's ``LANES`` lanes (starting at a random one). A lane
-is taken with a transaction-scoped advisory lock (``pg_try_advisory_xact_lock``); a lane
-another relay holds is skipped, so two relays never send the same lane's rows at once,
-and one lane's rows go out in ``position`` order: per key, the order the writers
-committed them (see ``outbox``). In that transaction the relay reads up to ``batch``
-rows, sends each with its envelope unchanged, deletes the sent ones and commits; a full
-batch is followed by another. Within a batch the rows of one key are sent one after the
-other (each send returns once the broker has the message), while other keys' rows and
-rows without a key are sent at the same time, up to ``in_flight`` at once: a broker's
-round trip is paid per key, not per row.
+A *pass* is one transaction. It first takes every lane (one of the outbox's ``LANES``)
+no other relay holds, each with a transaction-scoped advisory lock
+(``pg_try_advisory_xact_lock``), so two relays never send the same lane's rows at once.
+It reads the oldest ``batch`` rows of those lanes in ``position`` order, sends each with
+its envelope unchanged, deletes the sent ones and commits, which releases the lanes; a
+full batch is followed by another pass. A key's rows are all in its lane, so they go out
+in ``position`` order: per key, the order the writers committed them (see ``outbox``).
+Within a batch the rows of one key are sent one after the other (each send returns once
+the broker has the message), while other keys' rows and rows without a key are sent at
+the same time, up to ``in_flight`` at once: a broker's round trip is paid per key, not
+per row.
 
 No high-water mark: every pass reads every committed row still in the table, so a row a
 long transaction commits late, with a position lower than rows already sent, is read by
@@ -49,7 +50,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,10 +120,21 @@ class Relay:
         self.purge_every = check_seconds("purge_every", purge_every)
         self.in_flight = check_count("in_flight", in_flight)
         outbox = database.outbox
-        self._lock_sql = "SELECT pg_try_advisory_xact_lock($1::int, $2::int)"
+        # The lanes no other relay holds, each locked until this transaction ends. And,
+        # for this transaction only, no sorts: the select below then walks the primary
+        # key in position order and stops after ``batch`` rows. The planner would
+        # otherwise, with statistics taken while the outbox was nearly empty (its usual
+        # state), read and sort the whole backlog for every batch (70 ms a batch for a
+        # backlog of 100,000 rows, instead of under 1 ms).
+        self._lock_sql = (
+            f"SELECT (SELECT array_agg(lane) FROM generate_series(0, {LANES - 1}) AS lane "
+            f"WHERE pg_try_advisory_xact_lock($1::int, lane)), "
+            f"set_config('enable_sort', 'off', true), "
+            f"set_config('max_parallel_workers_per_gather', '0', true)"
+        )
         self._select_sql = (
-            f"SELECT {ROW_COLUMNS} FROM {outbox} WHERE lane = $1 AND parked_at IS NULL "
-            f"ORDER BY position LIMIT $2"
+            f"SELECT {ROW_COLUMNS} FROM {outbox} WHERE lane = ANY($1::int[]) "
+            f"AND parked_at IS NULL ORDER BY position LIMIT $2"
         )
         self._delete_sql = f"DELETE FROM {outbox} WHERE position = ANY($1::bigint[])"
         self._park_sql = (
@@ -227,24 +238,15 @@ class Relay:
         return sent
 
     async def _pass(self) -> tuple[int, bool]:
-        """One batch of each lane: (rows sent, whether a lane had more)."""
-        first = random.randrange(LANES)
-        sent = 0
-        more = False
-        for i in range(LANES):
-            if self._stopping.is_set():
-                break
-            taken, count = await self._batch((first + i) % LANES)
-            sent += count
-            more = more or taken == self.batch
-        return sent, more
-
-    async def _batch(self, lane: int) -> tuple[int, int]:
-        """Send one batch of ``lane``: (rows taken: sent or parked, rows sent)."""
+        """One batch, from every lane no other relay holds: (rows sent, whether a full
+        batch was taken, so more may wait)."""
+        if self._stopping.is_set():
+            return 0, False
         async with self._connection() as conn, conn.transaction():
-            if not await conn.fetchval(self._lock_sql, self.database.lock_space, lane):
-                return 0, 0  # another relay has this lane
-            rows = await conn.fetch(self._select_sql, lane, self.batch)
+            lanes = await conn.fetchval(self._lock_sql, self.database.lock_space)
+            if not lanes:
+                return 0, False  # other relays hold every lane
+            rows = await conn.fetch(self._select_sql, lanes, self.batch)
             outcome = await self._send(rows)
             for row, exc in outcome.parked:
                 await self._park(conn, row, exc)
@@ -254,10 +256,10 @@ class Relay:
             # The broker failed: what was sent is deleted (committed above); the rest
             # stays, each key's rows in order, for the retry.
             raise outcome.failure
-        return len(outcome.sent) + len(outcome.parked), len(outcome.sent)
+        return len(outcome.sent), len(outcome.sent) + len(outcome.parked) == self.batch
 
     async def _send(self, rows: Sequence[Any]) -> _Sent:
-        """Send ``rows`` (one lane's, in position order): the rows of one key one after
+        """Send ``rows`` (in position order): the rows of one key one after
         the other, in order; different keys, and rows without a key, at the same time
         (up to ``in_flight`` sends outstanding). A broker's failure stops every chain
         before its next send; a stop, the same."""
