@@ -31,6 +31,7 @@ from iambus import (
     WouldDeadlock,
 )
 from iambus.database import Database
+from iambus.relay import Relay
 from iambus.transports.memory import MemoryTransport
 from iambus.unit_of_work import Connection, Session
 
@@ -269,6 +270,34 @@ async def test_dp_unit_of_work_joins_a_transaction_already_open(orders: Database
             assert len(await conn.fetch(f"SELECT * FROM {orders.outbox}")) == 1
             assert await outbox(orders) == []  # invisible elsewhere until the commit
         assert len(await outbox(orders)) == 1
+
+
+@pytest.mark.parametrize("joined", [False, True], ids=["its-own-commit", "the-callers-commit"])
+async def test_a_committed_unit_wakes_a_listening_relay(orders: Database, joined: bool) -> None:
+    # A relay of another process (a Database of its own) that only a notification wakes.
+    transport = MemoryTransport()
+    await transport.declare("event.OrderPlaced", "readers", from_start=True)
+    other = Database(POSTGRES_DSN, schema=orders.schema)
+    relay = Relay(other, transport, poll=3600)
+    dp = shop(orders)
+    try:
+        await relay.start()
+        assert relay.listening
+        await relay._idle.wait()  # its first pass is over
+        async with dp, orders.connection() as conn:
+            if joined:
+                async with conn.transaction(), dp.unit_of_work(conn):
+                    await dp.publish(OrderPlaced(1))
+            else:
+                async with dp.unit_of_work(conn):
+                    await dp.publish(OrderPlaced(1))
+        [delivery] = await transport.receive(
+            "event.OrderPlaced", "readers", consumer="test", limit=1, wait=5
+        )
+        assert json.loads(delivery.envelope.payload) == {"order_id": 1}
+    finally:
+        await relay.stop()
+        await other.close()
 
 
 async def test_a_middleware_opening_a_unit_gets_the_emitted_events_before_its_commit(

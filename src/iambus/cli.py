@@ -290,10 +290,10 @@ def _database_commands(commands: Any, database: argparse.ArgumentParser) -> None
         help="send the outbox's committed messages to the broker",
         description=(
             "Send the messages units of work committed to the outbox to --transport, "
-            "then delete them, until SIGINT or SIGTERM (then finish the message being "
-            "sent and exit with status 0). Any number of relays may run at once: each "
+            "then delete them, until SIGINT or SIGTERM (then finish the sends in flight "
+            "and exit with status 0). Any number of relays may run at once: each "
             "message is sent once in normal operation, a key's messages in commit order. "
-            "Woken by the database's NOTIFY at each commit; polls every --poll seconds too."
+            "Woken by the NOTIFY that follows each commit; polls every --poll seconds too."
         ),
         epilog=(
             "Example: iambus relay --transport redis://127.0.0.1:6379/0 "

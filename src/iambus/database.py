@@ -21,7 +21,9 @@ same SQL for a migration tool, and ``Database.metadata()`` the same tables as SQ
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import re
 import zlib
 from collections.abc import AsyncIterator
@@ -31,8 +33,14 @@ from .errors import ImproperlyConfigured, bad_option, check_seconds
 
 __all__ = ["Database"]
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_PREFIX = "iambus_"
 INBOX_RETENTION = 7 * 24 * 3600.0  # seconds an inbox record is kept: a week of redeliveries
+NOTIFY_WAIT = 5.0  # seconds close() gives a wake-up of the relays on its way
+NOTIFY_INTERVAL = 0.005
+"""Seconds from one ``NOTIFY`` of ``notify_relays()`` to the next: the commits meanwhile
+share the one that follows (a relay wakes at most this much later than it could)."""
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 # (column, SQL type and constraints) of each table: the one description DDL, the SQLAlchemy
@@ -89,6 +97,8 @@ class Database:
         self.inbox_retention = float(inbox_retention)
         self._pool: Any = source if self.kind == "asyncpg-pool" else None
         self._owned_pool = False
+        self._notifying: asyncio.Task[None] | None = None  # a NOTIFY on its way
+        self._notify_again = False  # asked for while one was on its way
 
     def __repr__(self) -> str:
         return f"<Database {self.kind} {self.outbox}>"
@@ -248,11 +258,45 @@ class Database:
             self._owned_pool = True
 
     async def close(self) -> None:
-        """Close the pool this database made (never one passed in)."""
+        """Close the pool this database made (never one passed in), once a wake-up of
+        the relays on its way has gone out."""
+        notifying = self._notifying
+        if notifying is not None:
+            _, late = await asyncio.wait([notifying], timeout=NOTIFY_WAIT)
+            for task in late:
+                task.cancel()
         pool, self._pool = self._pool, (None if self._owned_pool else self._pool)
         if self._owned_pool and pool is not None:
             self._owned_pool = False
             await pool.close()
+
+    def notify_relays(self) -> None:
+        """Wake the relays: rows were committed to the outbox (a ``NOTIFY`` on
+        ``channel``). It is sent in the background, on a connection of this database, at
+        once unless one went out less than ``NOTIFY_INTERVAL`` ago; the calls made
+        meanwhile share the next. One that fails is logged at DEBUG: the relays poll."""
+        if self._notifying is not None:
+            self._notify_again = True
+            return
+        self._notifying = asyncio.get_running_loop().create_task(
+            self._notify(), name="iambus-notify-relays"
+        )
+
+    async def _notify(self) -> None:
+        try:
+            again = True
+            while again:
+                self._notify_again = False
+                async with self.connection() as conn:
+                    await conn.execute("SELECT pg_notify($1, '')", self.channel)
+                await asyncio.sleep(NOTIFY_INTERVAL)
+                # No await between reading the flag and the end of the task: a call that
+                # comes after this read starts a task of its own.
+                again = self._notify_again
+        except Exception as exc:
+            logger.debug("iambus: waking the relays of %s failed: %r", self.outbox, exc)
+        finally:
+            self._notifying = None
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Any]:

@@ -26,10 +26,11 @@ per row.
 
 No high-water mark: every pass reads every committed row still in the table, so a row a
 long transaction commits late, with a position lower than rows already sent, is read by
-the next pass (its commit's ``NOTIFY`` wakes the relays).
+the next pass (the ``NOTIFY`` after its commit wakes the relays).
 
 Wake-up: a connection of its own ``LISTEN``s on the outbox's channel; each commit that
-wrote rows notifies it and a pass starts at once. Polling every ``poll`` seconds is the
+wrote rows is followed by a ``NOTIFY`` (``Database.notify_relays``, or in the
+transaction: ``outbox.write``) and a pass starts at once. Polling every ``poll`` seconds is the
 fallback, and runs whether or not the relay listens (behind a transaction-pooling proxy
 ``LISTEN`` appears to work and no notification ever arrives).
 

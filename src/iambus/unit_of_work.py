@@ -75,7 +75,16 @@ current_unit: contextvars.ContextVar[UnitOfWork | None] = contextvars.ContextVar
 class UnitOfWork:
     """One open transaction and what was sent in it (see the module's docstring)."""
 
-    __slots__ = ("_raw", "database", "later", "outgoing", "owner", "remote", "session")
+    __slots__ = (
+        "_raw",
+        "database",
+        "later",
+        "outgoing",
+        "owner",
+        "remote",
+        "session",
+        "wrote",
+    )
 
     def __init__(self, owner: object, database: Database, remote: Remote | None, session: Any):
         self.owner = owner  # the dispatcher whose sends it collects
@@ -85,6 +94,7 @@ class UnitOfWork:
         """What the handler gets: an ``AsyncSession``, or an asyncpg connection."""
         self.outgoing: list[Outgoing] = []
         self.later: list[Later] = []  # in-process work, run once committed
+        self.wrote = False  # outbox rows were written
         self._raw: Any = None if _is_sqlalchemy(session) else session
 
     async def connection(self) -> Any:
@@ -104,14 +114,17 @@ class UnitOfWork:
         """Run ``work`` (in-process handling) once the unit has committed."""
         self.later.append(work)
 
-    async def flush(self) -> None:
-        """Write the collected messages to the outbox, in the unit's transaction."""
+    async def flush(self, *, notify: bool = True) -> None:
+        """Write the collected messages to the outbox, in the unit's transaction.
+        ``notify``: the transaction wakes the relays at its commit (False: the caller
+        does, once it has committed; see ``outbox.write``)."""
         if self.outgoing:
             outgoing, self.outgoing = self.outgoing, []
             try:
-                await write(await self.connection(), self.database, outgoing)
+                await write(await self.connection(), self.database, outgoing, notify=notify)
             except Exception as exc:
                 raise explained(exc, self.database, "write to the outbox") from exc
+            self.wrote = True
 
     async def claim(self, message_id: str, handler: str) -> bool:
         """Record ``handler`` applying ``message_id`` in the inbox; False: it did already."""
@@ -212,9 +225,13 @@ class Scope:
         failed = exc
         try:
             if exc is None:
-                await unit.flush()
+                # A unit that commits wakes the relays after its commit; one that joined
+                # the caller's transaction has its NOTIFY delivered at the caller's.
+                await unit.flush(notify=not self._owns)
                 if self._owns:
                     await self._commit(unit.session)
+                    if unit.wrote:
+                        self.database.notify_relays()
         except BaseException as error:
             failed = error
             raise
