@@ -149,7 +149,9 @@ async def produce() -> None:
             except RolledBack:
                 print("unit rolled back on purpose", flush=True)
                 full = False
-            except Exception as exc:  # a terminated connection: the unit rolled back
+            except Exception as exc:
+                # A terminated connection: the unit rolled back (or, cut off in its
+                # commit, committed: what counts is what the database holds).
                 print(f"unit failed: {type(exc).__name__}: {exc}", flush=True)
                 traceback.print_exc()
                 await asyncio.sleep(0.05)
