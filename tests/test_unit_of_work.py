@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import traceback
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -366,6 +367,24 @@ async def test_a_failed_transaction_is_named_and_rolled_back(orders: Database) -
         with pytest.raises(TransactionFailed, match="had failed already"):
             await dp.execute(PlaceOrder(1))
     assert await order_ids(orders) == []
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "sqlalchemy"])
+async def test_a_handlers_error_keeps_its_traceback(
+    orders: Database, engine: AsyncEngine, driver: str
+) -> None:
+    # The unit's session is given back on the way out with the error: its traceback must
+    # still say where the handler raised it (what the worker logs of a failed delivery).
+    dp = shop(orders if driver == "asyncpg" else Database(engine, schema=orders.schema))
+
+    @dp.commands.register(PlaceOrder, unit_of_work=True)
+    async def declined(command: PlaceOrder) -> int:
+        raise RuntimeError("card declined")
+
+    async with dp:
+        with pytest.raises(RuntimeError, match="card declined") as raised:
+            await dp.execute(PlaceOrder(1))
+    assert "declined" in [frame.name for frame in traceback.extract_tb(raised.value.__traceback__)]
 
 
 # -- joining, nesting, providers --------------------------------------------------------------

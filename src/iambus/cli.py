@@ -440,6 +440,16 @@ def _worker(args: argparse.Namespace) -> int:
         raise CliError(str(exc), status=1) from None
     except KeyboardInterrupt:  # interrupted before the dispatcher took over the signals
         return 130
+    except Exception as exc:
+        # The dispatcher's database, unreachable or failing as its relay starts: one line,
+        # as `iambus relay` says it (a supervisor restarts the worker).
+        if dp.database is None or not isinstance(exc, _database_errors()):
+            raise
+        where = dp.database.source if dp.database.kind == "dsn" else repr(dp.database)
+        raise CliError(
+            f"{spec}: the database {redact(str(where))} failed: {type(exc).__name__}: {exc}",
+            status=1,
+        ) from None
     logger.info("iambus: %s stopped", spec)
     return 0
 

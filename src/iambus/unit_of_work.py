@@ -257,7 +257,10 @@ class Scope:
     async def _release(self, exc: BaseException | None) -> None:
         made, self._made = self._made, None
         if made is not None:
-            await made.__aexit__(type(exc) if exc else None, exc, None)
+            # With its traceback: a context manager given none sets the error's to None,
+            # and the handler's frames would be lost from what the worker logs.
+            tb = exc.__traceback__ if exc else None
+            await made.__aexit__(type(exc) if exc else None, exc, tb)
 
 
 def current_session() -> Any:
