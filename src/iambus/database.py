@@ -288,9 +288,7 @@ class Database:
             async with asyncio.timeout(timeout):
                 await pool.close()
         except TimeoutError:
-            logger.warning(
-                "iambus: %r: connections still lent out at its close were closed", self
-            )
+            logger.warning("iambus: %r: connections still lent out at its close were closed", self)
             pool.terminate()
 
     @contextlib.asynccontextmanager
