@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from report import cpu_model, humanize
 
 import iambus
-from iambus import Dispatcher
+from iambus import Dispatcher, Limits
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +37,7 @@ class Job:
 
 async def drain(waiters: int, max_pending: int, workers: int) -> float:
     done = 0
-    dp = Dispatcher(max_pending=max_pending, engine_workers=workers)
+    dp = Dispatcher(limits=Limits(max_pending=max_pending, background=workers))
 
     @dp.commands.register(Job)
     async def run(job: Job) -> None:
@@ -63,7 +63,7 @@ def main() -> None:
         help="comma-separated producer counts (default: 10000,30000,100000)",
     )
     parser.add_argument("--max-pending", type=int, default=100)
-    parser.add_argument("--workers", type=int, default=8, help="engine_workers")
+    parser.add_argument("--workers", type=int, default=8, help="limits.background")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     try:
@@ -91,7 +91,7 @@ def main() -> None:
     print(f"- CPU: {cpu_model()}")
     print(f"- iambus from {iambus.__file__.rsplit('/', 1)[0]}")
     print(
-        f"- max_pending={args.max_pending}, engine_workers={args.workers}, "
+        f"- Limits(max_pending={args.max_pending}, background={args.workers}), "
         f"median of {args.rounds} round(s)\n"
     )
     print("| waiting producers | drain time | per producer | producers/s |")

@@ -21,7 +21,7 @@ import tracemalloc
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from iambus import Dispatcher
+from iambus import Dispatcher, Limits
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +63,7 @@ async def bare_queue(messages: list[Ping]) -> tuple[int, int]:
 
 async def dispatcher(messages: list[Ping], keys: list[str | None]) -> tuple[int, int]:
     gate = asyncio.Event()
-    dp = Dispatcher(engine_workers=1, max_pending=len(messages) + 10)
+    dp = Dispatcher(limits=Limits(background=1, max_pending=len(messages) + 10))
 
     @dp.events.register(Ping)
     async def on_ping(event: Ping) -> None:

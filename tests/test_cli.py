@@ -343,6 +343,25 @@ def test_worker_reports_an_unreachable_broker(
     assert "Traceback" not in err
 
 
+def test_worker_reports_an_unreachable_database(
+    apps: Apps, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Its relay starts with the dispatcher: a database that fails then (down, or its
+    # connection terminated) ends the worker with one line, as `iambus relay`.
+    dsn = "postgresql://postgres:s3cret@127.0.0.1:1/test"  # nothing listens on port 1
+    source = APP.replace("DEFAULTS", f'{ORDERS}, database=Database("{dsn}")')
+    source = source.replace("HANDLED", "'handled.txt'")
+    name = apps.write("from iambus.database import Database\n" + source)
+    argv = ["worker", f"{name}:dp", "--transport", "memory://", "--service", "billing"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert (
+        f"iambus: error: {name}:dp: the database postgresql://postgres:***@127.0.0.1:1/test "
+        f"failed: " in err
+    )
+    assert "Traceback" not in err
+
+
 def test_worker_stops_with_one_line_when_receiving_fails_for_good(
     apps: Apps, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -461,7 +480,7 @@ def test_worker_serves_with_the_overrides_until_sigterm(
         "billing",
         "billing",
     )
-    assert (dp.concurrency, dp.shutdown_timeout) == (3, 1.5)
+    assert (dp.limits.concurrency, dp.timeouts.shutdown) == (3, 1.5)
     assert len(sys.modules["uvloop"].made) == 1  # the loop came from --uvloop's factory
     text = caplog.text
     assert "(service billing) on memory://, 3 at once" in text

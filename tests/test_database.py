@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 
 import asyncpg
@@ -119,3 +120,70 @@ async def test_notify_relays_folds_the_calls_made_before_the_notify_goes_out(
         assert heard == [database.channel, database.channel]
     finally:
         await listener.close()
+
+
+def test_a_prefix_too_long_for_postgresql_is_refused() -> None:
+    with pytest.raises(ImproperlyConfigured, match="prefix must be at most 40 characters"):
+        Database(POSTGRES_DSN, prefix="p" * 41)
+
+
+def test_a_dsn_of_another_scheme_is_named_without_its_password() -> None:
+    with pytest.raises(ImproperlyConfigured) as info:
+        Database("postgresql+asyncpg://app:s3cret@127.0.0.1/shop")
+    assert "s3cret" not in str(info.value)
+    assert "app:***@127.0.0.1" in str(info.value)
+
+
+def test_pool_options_are_for_a_dsn_only() -> None:
+    assert Database(POSTGRES_DSN, pool={"max_size": 3}).pool_options["max_size"] == 3
+    engine = create_async_engine(POSTGRES_DSN.replace("postgresql://", "postgresql+asyncpg://"))
+    with pytest.raises(ImproperlyConfigured, match="size it where you make it"):
+        Database(engine, pool={"max_size": 3})
+
+
+async def test_first_uses_at_once_make_one_pool(database: Database) -> None:
+    db = Database(POSTGRES_DSN, schema=database.schema)
+    try:
+
+        async def use() -> object:
+            async with db.connection() as conn:
+                await conn.fetchval("SELECT 1")
+            return db._pool
+
+        pools = await asyncio.gather(*(use() for _ in range(5)))
+        assert len({id(pool) for pool in pools}) == 1
+    finally:
+        await db.close()
+
+
+async def test_close_does_not_wait_for_ever_on_a_connection_lent_out(database: Database) -> None:
+    db = Database(POSTGRES_DSN, schema=database.schema)
+    held = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hold() -> None:
+        async with db.connection() as conn:
+            await conn.fetchval("SELECT 1")
+            held.set()
+            await release.wait()
+
+    holder = asyncio.create_task(hold())
+    await held.wait()
+    await asyncio.wait_for(db.close(timeout=0.2), 5)  # returns: the held one is closed
+    release.set()
+    with contextlib.suppress(Exception):
+        await holder
+
+
+async def test_a_terminated_driver_connection_is_not_lent_again(database: Database) -> None:
+    engine = create_async_engine(
+        POSTGRES_DSN.replace("postgresql://", "postgresql+asyncpg://"), pool_size=1
+    )
+    db = Database(engine, schema=database.schema)
+    try:
+        async with db.connection() as conn:
+            conn.terminate()  # as a relay cut short at its stop does
+        async with db.connection() as conn:
+            assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        await engine.dispose()

@@ -3,6 +3,7 @@ import contextvars
 import logging
 import math
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -17,8 +18,11 @@ from iambus import (
     DispatcherStopped,
     HandlerDoesNotExist,
     ImproperlyConfigured,
+    Limits,
     Query,
     RegistrationClosed,
+    Retry,
+    Timeouts,
     WouldDeadlock,
     contract,
 )
@@ -496,7 +500,7 @@ async def test_failing_background_handler_goes_to_error_handler_and_workers_surv
     async def on_error(exc: BaseException, message: object, context: Context) -> None:
         reported.append((str(exc), message, context))
 
-    dp = Dispatcher(engine_workers=1, error_handler=on_error)
+    dp = Dispatcher(limits=Limits(background=1), error_handler=on_error)
     handled = []
 
     @dp.commands.register(Rename)
@@ -564,7 +568,7 @@ async def test_sync_error_handler_is_called():
 
 
 async def test_key_orders_awaited_and_background_sends_alike():
-    dp = Dispatcher(engine_workers=4)
+    dp = Dispatcher(limits=Limits(background=4))
     log = []
 
     @dp.commands.register(Rename)
@@ -601,7 +605,7 @@ async def test_awaited_keyed_query_and_publish_raise_like_unkeyed_ones():
 
 
 async def test_stop_drains_queued_work():
-    dp = Dispatcher(engine_workers=2)
+    dp = Dispatcher(limits=Limits(background=2))
     done = []
 
     @dp.commands.register(Rename)
@@ -617,7 +621,7 @@ async def test_stop_drains_queued_work():
 
 
 async def test_stop_timeout_cancels_what_is_left_and_says_so(caplog):
-    dp = Dispatcher(engine_workers=1)
+    dp = Dispatcher(limits=Limits(background=1))
 
     @dp.commands.register(Rename)
     async def rename(command: Rename) -> int:
@@ -634,7 +638,7 @@ async def test_stop_timeout_cancels_what_is_left_and_says_so(caplog):
 
 
 async def test_stop_timeout_holds_when_background_work_ignores_its_cancellation(caplog):
-    dp = Dispatcher(engine_workers=1)
+    dp = Dispatcher(limits=Limits(background=1))
     released = asyncio.Event()
 
     @dp.commands.register(Rename)
@@ -1031,7 +1035,7 @@ async def test_background_event_reports_each_failing_handler():
 
 
 async def test_an_awaited_keyed_send_still_queued_at_stop_timeout_is_cancelled():
-    dp = Dispatcher(engine_workers=1)
+    dp = Dispatcher(limits=Limits(background=1))
 
     @dp.commands.register(Rename)
     async def rename(command: Rename) -> int:
@@ -1216,25 +1220,8 @@ class _NoLeave:
 @pytest.mark.parametrize(
     ("options", "match"),
     [
-        ({"engine_workers": "4"}, r"engine_workers must be an int of at least 1, got '4'"),
-        ({"engine_workers": True}, r"engine_workers must be an int of at least 1, got True"),
-        ({"engine_workers": 0}, r"engine_workers must be an int of at least 1, got 0"),
-        ({"max_pending": 0}, r"max_pending must be an int of at least 1, got 0"),
-        ({"max_pending": 2.5}, r"max_pending must be an int of at least 1, got 2.5"),
-        ({"concurrency": 0}, r"concurrency must be an int of at least 1, got 0"),
-        ({"concurrency": "32"}, r"concurrency must be an int of at least 1, got '32'"),
-        ({"request_timeout": -1}, r"request_timeout must be seconds \(a number > 0\), got -1"),
-        ({"request_timeout": 0}, r"request_timeout must be seconds \(a number > 0\), got 0"),
-        ({"request_timeout": "10"}, r"request_timeout must be seconds \(a number > 0\)"),
-        ({"request_timeout": math.nan}, r"request_timeout must be seconds .*, got nan"),
-        ({"request_timeout": None}, r"request_timeout must be seconds .*, got None"),
-        (
-            {"shutdown_timeout": -1},
-            r"shutdown_timeout must be seconds \(a number >= 0\) or None for no limit, got -1",
-        ),
-        ({"shutdown_timeout": "30"}, r"shutdown_timeout must be seconds .* or None"),
-        ({"shutdown_timeout": math.inf}, r"shutdown_timeout must be seconds .*, got inf"),
-        ({"shutdown_timeout": True}, r"shutdown_timeout must be seconds .*, got True"),
+        ({"limits": 32}, r"limits must be a Limits\(...\), e\.g\. .*, got 32"),
+        ({"timeouts": 10.0}, r"timeouts must be a Timeouts\(...\), e\.g\. .*, got 10\.0"),
         ({"listen_for_signals": "yes"}, r"listen_for_signals must be True or False, got 'yes'"),
         ({"listen_for_signals": 1}, r"listen_for_signals must be True or False, got 1"),
         ({"service": ""}, r"service must be a non-empty name \(a str\), got ''"),
@@ -1273,6 +1260,115 @@ class _NoLeave:
 def test_bad_options_are_named(options, match):
     with pytest.raises(ImproperlyConfigured, match=match):
         Dispatcher(**options)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: Limits(concurrency=0), r"limits\.concurrency must be an int of at least 1, got 0"),
+        (lambda: Limits(background="4"), r"limits\.background must be an int .*, got '4'"),
+        (lambda: Limits(background=True), r"limits\.background must be an int .*, got True"),
+        (lambda: Limits(max_pending=2.5), r"limits\.max_pending must be an int .*, got 2\.5"),
+        (lambda: Timeouts(request=0), r"timeouts\.request must be seconds \(a number > 0\), got 0"),
+        (lambda: Timeouts(request=math.nan), r"timeouts\.request must be seconds .*, got nan"),
+        (lambda: Timeouts(request=None), r"timeouts\.request must be seconds .*, got None"),
+        (
+            lambda: Timeouts(shutdown=-1),
+            r"timeouts\.shutdown must be seconds \(a number >= 0\) or None for no limit, got -1",
+        ),
+        (lambda: Timeouts(shutdown=math.inf), r"timeouts\.shutdown must be seconds .*, got inf"),
+    ],
+)
+def test_bad_limits_and_timeouts_are_named(make, match):
+    with pytest.raises(ImproperlyConfigured, match=match):
+        make()
+
+
+async def test_limits_and_timeouts_are_what_the_dispatcher_uses(caplog):
+    limits, timeouts = Limits(background=1, max_pending=2), Timeouts(shutdown=0.05)
+    dp = Dispatcher(limits=limits, timeouts=timeouts)
+    started = asyncio.Event()
+
+    @dp.commands.register(Rename)
+    async def rename(command: Rename) -> int:
+        started.set()
+        await asyncio.Event().wait()  # never returns
+        return 0
+
+    async with dp:
+        await dp.handle(Rename("a"))  # runs on the one background worker...
+        await started.wait()
+        second = asyncio.ensure_future(dp.handle(Rename("b")))  # ...this one is pending...
+        third = asyncio.ensure_future(dp.handle(Rename("c")))  # ...and this one waits
+        await asyncio.sleep(0)
+        assert second.done()
+        assert not third.done()
+        third.cancel()
+    # Leaving the block stopped the dispatcher within timeouts.shutdown, saying so.
+    assert "stop timed out after 0.05s" in caplog.text
+    assert (dp.limits, dp.timeouts) == (limits, timeouts)
+
+
+@pytest.mark.parametrize(
+    ("old", "value", "new", "now"),
+    [
+        ("engine_workers", 2, "limits=Limits(background=...)", lambda dp: dp.limits.background),
+        ("max_pending", 5, "limits=Limits(max_pending=...)", lambda dp: dp.limits.max_pending),
+        ("concurrency", 4, "limits=Limits(concurrency=...)", lambda dp: dp.limits.concurrency),
+        ("request_timeout", 3.0, "timeouts=Timeouts(request=...)", lambda dp: dp.timeouts.request),
+        (
+            "shutdown_timeout",
+            None,
+            "timeouts=Timeouts(shutdown=...)",
+            lambda dp: dp.timeouts.shutdown,
+        ),
+        ("retries", {"Charge": Retry(attempts=3)}, "retry_for=...", lambda dp: dp.retry_for),
+    ],
+)
+def test_the_old_option_names_still_work_and_warn(old, value, new, now):
+    expected = f"Dispatcher(...) option {old} is deprecated; use {new} instead"
+    with pytest.warns(DeprecationWarning, match=re.escape(expected)) as warned:
+        dp = Dispatcher(**{old: value})
+    assert warned[0].filename == __file__  # the warning points at the caller
+    assert now(dp) == value
+    with pytest.warns(DeprecationWarning, match=f"attribute {old} is deprecated"):
+        assert getattr(dp, old) == value
+
+
+def test_old_limits_are_checked_under_their_old_names_and_combine():
+    with (
+        pytest.warns(DeprecationWarning, match="engine_workers is deprecated"),
+        pytest.raises(ImproperlyConfigured, match="engine_workers must be an int of at least 1"),
+    ):
+        Dispatcher(engine_workers=0)
+    with pytest.warns(DeprecationWarning, match="is deprecated") as warned:
+        dp = Dispatcher(engine_workers=2, max_pending=7, request_timeout=1.5)
+    assert len(warned) == 3
+    assert dp.limits == Limits(background=2, max_pending=7)
+    assert dp.timeouts == Timeouts(request=1.5)
+
+
+def test_an_old_name_and_its_group_together_are_refused():
+    with (
+        pytest.warns(DeprecationWarning, match="concurrency is deprecated"),
+        pytest.raises(ImproperlyConfigured, match=r"concurrency= is the old name of limits\."),
+    ):
+        Dispatcher(limits=Limits(), concurrency=4)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'engine_threads'"):
+        Dispatcher(engine_threads=4)  # type: ignore[call-arg]
+
+
+async def test_setting_an_old_attribute_sets_its_group():
+    dp = Dispatcher(transport="memory://")
+    with pytest.warns(DeprecationWarning, match="shutdown_timeout is deprecated"):
+        dp.shutdown_timeout = 5.0
+    with pytest.warns(DeprecationWarning, match="concurrency is deprecated"):
+        dp.concurrency = 3
+    assert dp.timeouts.shutdown == 5.0
+    assert dp.limits.concurrency == 3
+    dp.timeouts = Timeouts(request=2.0)  # the request timeout of the transport's requests
+    assert dp.remote is not None
+    assert dp.remote.request_timeout == 2.0
 
 
 def _refund(module: str) -> type:

@@ -4,7 +4,7 @@ import asyncio
 import random
 from dataclasses import dataclass
 
-from iambus import Dispatcher
+from iambus import Dispatcher, Limits
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +27,7 @@ def make_dispatcher(log: list[tuple[str, int]], **options: object) -> Dispatcher
 
 async def test_same_key_runs_in_order_with_many_workers():
     log: list[tuple[str, int]] = []
-    dp = make_dispatcher(log, engine_workers=8)
+    dp = make_dispatcher(log, limits=Limits(background=8))
     rng = random.Random(7)
     for seq in range(200):
         key = f"k{seq % 5}"
@@ -43,7 +43,7 @@ async def test_a_busy_key_does_not_block_other_keys():
     gate = asyncio.Event()
     fast_done = asyncio.Event()
     log: list[str] = []
-    dp = Dispatcher(engine_workers=2)
+    dp = Dispatcher(limits=Limits(background=2))
 
     @dp.commands.register(Job)
     async def run(job: Job) -> None:
@@ -68,7 +68,7 @@ async def test_a_busy_key_does_not_block_other_keys():
 async def test_workers_bound_concurrency():
     running = 0
     peak = 0
-    dp = Dispatcher(engine_workers=3)
+    dp = Dispatcher(limits=Limits(background=3))
 
     @dp.commands.register(Job)
     async def run(job: Job) -> None:
@@ -86,7 +86,7 @@ async def test_workers_bound_concurrency():
 
 async def test_max_pending_makes_handle_wait():
     gate = asyncio.Event()
-    dp = Dispatcher(engine_workers=1, max_pending=3)
+    dp = Dispatcher(limits=Limits(background=1, max_pending=3))
 
     @dp.commands.register(Job)
     async def run(job: Job) -> None:
@@ -106,7 +106,7 @@ async def test_a_handler_may_queue_work_when_the_pool_is_full():
     # Handlers that send in the background from a full pool would deadlock waiting on
     # their own workers; their sends are admitted over the limit instead.
     log: list[tuple[str, int]] = []
-    dp = Dispatcher(engine_workers=1, max_pending=1)
+    dp = Dispatcher(limits=Limits(background=1, max_pending=1))
 
     @dp.commands.register(Job)
     async def run(job: Job) -> None:
@@ -121,7 +121,7 @@ async def test_a_handler_may_queue_work_when_the_pool_is_full():
 
 async def test_a_handler_cancelling_itself_does_not_kill_the_worker(caplog):
     log: list[tuple[str, int]] = []
-    dp = Dispatcher(engine_workers=1)
+    dp = Dispatcher(limits=Limits(background=1))
 
     @dp.commands.register(Job)
     async def run(job: Job) -> None:
@@ -171,7 +171,7 @@ async def test_an_awaited_keyed_send_running_at_stop_timeout_is_cancelled():
 
 async def test_a_cancelled_producer_passes_its_room_on():
     gate = asyncio.Event()
-    dp = Dispatcher(max_pending=1, engine_workers=1)
+    dp = Dispatcher(limits=Limits(max_pending=1, background=1))
 
     @dp.commands.register(Job)
     async def run(job: Job) -> None:
@@ -191,7 +191,7 @@ async def test_a_cancelled_producer_passes_its_room_on():
 
 async def test_a_handler_swallowing_cancellation_does_not_hang_stop():
     log: list[tuple[str, int]] = []
-    dp = Dispatcher(engine_workers=1)
+    dp = Dispatcher(limits=Limits(background=1))
 
     @dp.commands.register(Job)
     async def run(job: Job) -> None:
@@ -210,7 +210,7 @@ async def test_a_handler_swallowing_cancellation_does_not_hang_stop():
 async def test_producers_waiting_for_room_get_it_first_come_first_served():
     gate = asyncio.Event()
     log: list[tuple[str, int]] = []
-    dp = Dispatcher(max_pending=1, engine_workers=1)
+    dp = Dispatcher(limits=Limits(max_pending=1, background=1))
 
     @dp.commands.register(Job)
     async def run(job: Job) -> None:
@@ -236,7 +236,7 @@ async def test_producers_waiting_for_room_get_it_first_come_first_served():
 async def test_producers_giving_up_on_room_lose_no_wake_up_of_the_others():
     gate = asyncio.Event()
     log: list[int] = []
-    dp = Dispatcher(max_pending=1, engine_workers=1)
+    dp = Dispatcher(limits=Limits(max_pending=1, background=1))
 
     @dp.commands.register(Job)
     async def run(job: Job) -> None:
@@ -269,7 +269,7 @@ async def test_producers_waiting_for_room_at_stop_are_turned_away():
 
     from iambus import DispatcherStopped
 
-    dp = Dispatcher(max_pending=1)
+    dp = Dispatcher(limits=Limits(max_pending=1))
 
     @dp.commands.register(Job)
     async def run(job: Job) -> None:

@@ -107,3 +107,69 @@ def test_the_docs_import_everyday_names_from_iambus_itself():
         if module != "iambus" and name in iambus.__all__
     )
     assert roundabout == []
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """Each module of the package, with the package modules it imports anywhere: at the
+    top, inside functions, and under ``if TYPE_CHECKING:`` (a cycle there still ties the
+    modules together for a reader and for mypy)."""
+    import ast
+    from pathlib import Path
+
+    package = Path(iambus.__file__).parent
+    modules = {p.stem for p in package.glob("*.py")} | {
+        p.name for p in package.iterdir() if (p / "__init__.py").exists()
+    }
+    graph: dict[str, set[str]] = {}
+    for path in package.glob("*.py"):
+        imported: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names = [node.module] if node.module else [a.name for a in node.names]
+                imported.update(name.split(".")[0] for name in names)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("iambus."):
+                imported.add((node.module or "").split(".")[1])
+            elif isinstance(node, ast.Import):
+                imported.update(
+                    a.name.split(".")[1] for a in node.names if a.name.startswith("iambus.")
+                )
+        graph[path.stem] = imported & modules - {path.stem}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle of ``graph`` (its modules in import order, the first repeated), or None."""
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> list[str] | None:
+        if module in path:
+            return [*path[path.index(module) :], module]
+        if module in done:
+            return None
+        for imported in sorted(graph.get(module, ())):
+            found = visit(imported, [*path, module])
+            if found:
+                return found
+        done.add(module)
+        return None
+
+    for module in sorted(graph):
+        found = visit(module, [])
+        if found:
+            return found
+    return None
+
+
+def test_the_modules_import_one_another_without_cycles():
+    graph = _module_imports()
+    # The modules a message passes through: dependencies point one way, from the
+    # dispatcher down (docs/routes.md), never back.
+    assert graph["dispatching"] >= {"routes", "routers", "worker", "remote", "unit_of_work"}
+    assert "dispatching" not in graph["worker"] | graph["routers"] | graph["routes"]
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph) or [])
+
+
+def test_a_cycle_is_found_and_named():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _cycle(graph) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None

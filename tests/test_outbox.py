@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import dataclass
 
 import pytest
 
-from iambus import SerializationError
+from iambus import Dispatcher, SerializationError
 from iambus.database import Database
 from iambus.envelope import Envelope
 from iambus.outbox import LANES, ROW_COLUMNS, Outgoing, envelope_of, lane_of, write
+from iambus.relay import Relay
+from iambus.transports.memory import MemoryTransport
 
 
 def test_one_key_one_lane() -> None:
@@ -76,3 +79,41 @@ async def test_writers_of_one_key_take_positions_in_commit_order(database: Datab
         await writing
         rows = await a.fetch(f"SELECT payload FROM {database.outbox} ORDER BY position")
     assert [bytes(r["payload"]) for r in rows] == [b"1", b"2"]
+
+
+@dataclass(frozen=True, slots=True)
+class OrderPlaced:
+    order_id: int
+
+
+async def test_a_row_whose_payload_no_longer_decodes_ends_in_the_dead_letters(
+    database: Database,
+) -> None:
+    """The relay sends a row as it is (it does not decode payloads); the consumer that
+    cannot decode it dead-letters it with the reason: nothing is lost, nothing loops."""
+    transport = MemoryTransport()
+    dp = Dispatcher(
+        transport=transport,
+        service="billing",
+        routes={OrderPlaced: "shop"},
+        database=database,
+        relay=False,
+    )
+    handled: list[OrderPlaced] = []
+
+    @dp.events.register(OrderPlaced)
+    async def invoice(event: OrderPlaced) -> None:
+        handled.append(event)
+
+    async with dp:
+        bad = Envelope(name="OrderPlaced", payload=b'{"order_id": "seven"}')
+        good = Envelope(name="OrderPlaced", payload=b'{"order_id": 7}')
+        async with database.connection() as conn, conn.transaction():
+            outgoing = [Outgoing("event.OrderPlaced", e) for e in (bad, good)]
+            await write(conn, database, outgoing)
+        assert await Relay(database, transport).run_once() == 2
+        await dp.join()
+    assert handled == [OrderPlaced(7)]
+    [letter] = await transport.dead_letters()
+    assert letter.envelope.id == bad.id
+    assert "order_id" in letter.failure.message

@@ -345,7 +345,7 @@ async def test_a_worker_runs_as_many_handlers_at_once_as_its_concurrency() -> No
     # a first fetch of one (an idle subscription) must not pin it to one at a time.
     from dataclasses import dataclass
 
-    from iambus import Dispatcher
+    from iambus import Dispatcher, Limits
 
     @dataclass(frozen=True, slots=True)
     class Job:
@@ -356,7 +356,7 @@ async def test_a_worker_runs_as_many_handlers_at_once_as_its_concurrency() -> No
         transport=f"{URL}?namespace={namespace}",
         service="jobs",
         routes={Job: "jobs"},
-        concurrency=10,
+        limits=Limits(concurrency=10),
     )
     running = peak = 0
     done: list[int] = []

@@ -23,6 +23,7 @@ import pytest
 
 from iambus import (
     Dispatcher,
+    Limits,
     Query,
     RemoteError,
     RequestTimeout,
@@ -171,7 +172,10 @@ async def test_a_worker_whose_connections_are_killed_reconnects(services: Servic
         f"{services.url}&client_name={name}", claim_after=CLAIM_AFTER, block=0.2
     )
     worker = Dispatcher(
-        transport=transport, service="billing", routes=ROUTES, concurrency=concurrency
+        transport=transport,
+        service="billing",
+        routes=ROUTES,
+        limits=Limits(concurrency=concurrency),
     )
     seen: Counter[int] = Counter()
 

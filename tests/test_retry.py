@@ -56,7 +56,7 @@ def test_the_most_specific_policy_wins() -> None:
         service="billing",
         routes={Charge: "billing", Refund: "billing", Notify: "billing"},
         retry=Retry(attempts=2),
-        retries={Refund: Retry(attempts=7)},
+        retry_for={Refund: Retry(attempts=7)},
     )
 
     async def charge(command: Charge) -> None: ...
@@ -67,7 +67,7 @@ def test_the_most_specific_policy_wins() -> None:
     dp.commands.bind(Refund, refund)
     dp.commands.bind(Notify, notify)
     dp.start()
-    attempts = {sub.message: sub.retry.attempts for sub in dp._subscriptions}
+    attempts = {sub.message: sub.retry.attempts for sub in dp._table.subscriptions}
     assert attempts == {Charge: 9, Refund: 7, Notify: 2}
     with pytest.raises(ImproperlyConfigured, match="must be a Retry"):
         Dispatcher().commands.bind(Charge, charge, retry=3)  # type: ignore[arg-type]
@@ -78,9 +78,12 @@ def test_the_most_specific_policy_wins() -> None:
     [
         ({"retry": 3}, "retry must be a Retry(...), e.g. Retry(attempts=5, backoff=0.5)"),
         ({"retry": {"attempts": 3}}, "retry must be a Retry(...)"),
-        ({"retries": {"Charge": 3}}, "retries['Charge'] must be a Retry(...)"),
-        ({"retries": {"Charge": Retry(), "Refund": "10"}}, "retries['Refund'] must be a Retry"),
-        ({"retries": [Retry()]}, "retries must map message types (or names) to Retry(...)"),
+        ({"retry_for": {"Charge": 3}}, "retry_for['Charge'] must be a Retry(...)"),
+        (
+            {"retry_for": {"Charge": Retry(), "Refund": "10"}},
+            "retry_for['Refund'] must be a Retry",
+        ),
+        ({"retry_for": [Retry()]}, "retry_for must map message types (or names) to Retry(...)"),
     ],
 )
 def test_a_policy_that_is_not_a_retry_is_refused_at_construction(
@@ -92,7 +95,7 @@ def test_a_policy_that_is_not_a_retry_is_refused_at_construction(
         Dispatcher(transport="memory://", **options)  # type: ignore[arg-type]
     text = str(info.value)
     assert message in text
-    bad = options.get("retry", options.get("retries"))
-    if isinstance(bad, dict) and "retries" in options:
+    bad = options.get("retry", options.get("retry_for"))
+    if isinstance(bad, dict) and "retry_for" in options:
         bad = next(v for v in bad.values() if not isinstance(v, Retry))
     assert repr(bad) in text  # the value that was given

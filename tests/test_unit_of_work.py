@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import traceback
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -92,8 +93,7 @@ def shop(database: Database, **options: Any) -> Dispatcher:
         service="shop",
         routes=ROUTES,
         database=database,
-        relay=False,
-        **options,
+        **{"relay": False, **options},
     )
 
 
@@ -398,6 +398,24 @@ async def test_a_failed_transaction_is_named_and_rolled_back(orders: Database) -
     assert await order_ids(orders) == []
 
 
+@pytest.mark.parametrize("driver", ["asyncpg", "sqlalchemy"])
+async def test_a_handlers_error_keeps_its_traceback(
+    orders: Database, engine: AsyncEngine, driver: str
+) -> None:
+    # The unit's session is given back on the way out with the error: its traceback must
+    # still say where the handler raised it (what the worker logs of a failed delivery).
+    dp = shop(orders if driver == "asyncpg" else Database(engine, schema=orders.schema))
+
+    @dp.commands.register(PlaceOrder, unit_of_work=True)
+    async def declined(command: PlaceOrder) -> int:
+        raise RuntimeError("card declined")
+
+    async with dp:
+        with pytest.raises(RuntimeError, match="card declined") as raised:
+            await dp.execute(PlaceOrder(1))
+    assert "declined" in [frame.name for frame in traceback.extract_tb(raised.value.__traceback__)]
+
+
 # -- joining, nesting, providers --------------------------------------------------------------
 
 
@@ -444,3 +462,36 @@ async def test_concurrent_units_keep_apart(orders: Database) -> None:
     assert [r for r in results if not isinstance(r, BaseException)] == kept
     assert await order_ids(orders) == kept
     assert sorted(json.loads(r["payload"])["order_id"] for r in await outbox(orders)) == kept
+
+
+async def test_a_shared_database_outlives_a_dispatcher_that_stops(orders: Database) -> None:
+    """A Database passed in may serve several dispatchers (a modular monolith): stopping
+    one neither closes it under the other nor waits for the other's connections."""
+    first, second = shop(orders, relay=True), shop(orders, relay=True)
+    async with first:
+        async with second:
+            pass
+        async with orders.connection() as conn:  # still open for the first
+            assert await conn.fetchval("SELECT 1") == 1
+    async with orders.connection() as conn:
+        assert await conn.fetchval("SELECT 1") == 1  # and for its owner
+
+
+async def test_a_dispatcher_given_a_dsn_owns_its_database(orders: Database) -> None:
+    assert orders.schema is not None
+    dp = Dispatcher(
+        transport=MemoryTransport(),
+        service="shop",
+        routes=ROUTES,
+        database=POSTGRES_DSN,
+        relay=False,  # (its tables are not made: the relay would refuse to start)
+    )
+    assert isinstance(dp.database, Database)
+
+    @dp.commands.register(PlaceOrder)
+    async def place(command: PlaceOrder, conn: asyncpg.Connection) -> int:
+        return int(await conn.fetchval("SELECT $1::int", command.order_id))
+
+    async with dp:
+        assert await dp.execute(PlaceOrder(4)) == 4
+    assert dp.database._pool is None  # closed at the stop

@@ -21,9 +21,11 @@ from iambus import (
     Dispatcher,
     DispatcherStopped,
     ImproperlyConfigured,
+    Limits,
     Query,
     RemoteError,
     RequestTimeout,
+    Timeouts,
 )
 from iambus.envelope import Envelope
 from iambus.errors import TransportError
@@ -539,7 +541,7 @@ async def test_handlers_with_the_same_name_get_their_own_subscriptions() -> None
             await billing.publish(OrderPlaced(n))
         await asyncio.wait_for(billing.join(), 5)
     assert sorted(seen) == ["audit"] * 3 + ["email"] * 3
-    groups = sorted(sub.group for sub in billing._subscriptions)
+    groups = sorted(sub.group for sub in billing._table.subscriptions)
     assert groups[1] == groups[0] + "#2"
 
 
@@ -1241,8 +1243,8 @@ def quoting(*, concurrency: int, reported: list[BaseException]) -> Dispatcher:
         transport=MemoryTransport(),
         service="orders",
         routes={**ROUTES, Quote: "orders"},
-        concurrency=concurrency,
-        request_timeout=3,
+        limits=Limits(concurrency=concurrency),
+        timeouts=Timeouts(request=3),
         retry=Retry(attempts=1),
         error_handler=lambda exc, message, context: reported.append(exc),
     )
@@ -1380,7 +1382,7 @@ async def test_a_transport_handler_waits_for_room_in_a_full_engine() -> None:
 
     bus = MemoryTransport()
     orders = Dispatcher(
-        transport=bus, service="orders", routes=ROUTES, engine_workers=1, max_pending=2
+        transport=bus, service="orders", routes=ROUTES, limits=Limits(background=1, max_pending=2)
     )
     gate = asyncio.Event()
     handling = asyncio.Event()
@@ -1516,7 +1518,9 @@ async def test_a_receive_ending_after_the_stop_starts_no_handler() -> None:
             return await super().receive(*args, **kwargs)
 
     bus = Slow()
-    billing = Dispatcher(transport=bus, service="billing", routes=ROUTES, shutdown_timeout=None)
+    billing = Dispatcher(
+        transport=bus, service="billing", routes=ROUTES, timeouts=Timeouts(shutdown=None)
+    )
     ran = asyncio.Event()
 
     @billing.events.register(OrderPlaced)

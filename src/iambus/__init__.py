@@ -4,7 +4,7 @@
 """
 
 from .codecs import Codec, JsonCodec
-from .dispatching import Dispatcher
+from .dispatching import Dispatcher, Limits, Timeouts
 from .envelope import Envelope, current_envelope
 from .errors import (
     DispatcherStopped,
@@ -60,6 +60,7 @@ __all__ = [
     "IambusError",
     "ImproperlyConfigured",
     "JsonCodec",
+    "Limits",
     "MemoryTransport",
     "Middleware",
     "ProviderConflict",
@@ -72,6 +73,7 @@ __all__ = [
     "SerializationError",
     "Singleton",
     "Status",
+    "Timeouts",
     "TransactionFailed",
     "Transport",
     "TransportError",

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import dataclasses
 import importlib
 import inspect
 import json
@@ -142,14 +143,15 @@ def _parser() -> argparse.ArgumentParser:
         "--concurrency",
         metavar="N",
         type=_positive_int,
-        help="how many handlers may run at once (default: the dispatcher's, 32 unless set)",
+        help="how many handlers may run at once (default: the dispatcher's "
+        "limits.concurrency, 32 unless set)",
     )
     worker.add_argument(
         "--shutdown-timeout",
         metavar="SECONDS",
         type=_seconds,
         help="how long in-flight handlers may take to finish on stop (default: the "
-        "dispatcher's, 30 unless set)",
+        "dispatcher's timeouts.shutdown, 30 unless set)",
     )
     worker.add_argument(
         "--log-level",
@@ -438,6 +440,16 @@ def _worker(args: argparse.Namespace) -> int:
         raise CliError(str(exc), status=1) from None
     except KeyboardInterrupt:  # interrupted before the dispatcher took over the signals
         return 130
+    except Exception as exc:
+        # The dispatcher's database, unreachable or failing as its relay starts: one line,
+        # as `iambus relay` says it (a supervisor restarts the worker).
+        if dp.database is None or not isinstance(exc, _database_errors()):
+            raise
+        where = dp.database.source if dp.database.kind == "dsn" else repr(dp.database)
+        raise CliError(
+            f"{spec}: the database {redact(str(where))} failed: {type(exc).__name__}: {exc}",
+            status=1,
+        ) from None
     logger.info("iambus: %s stopped", spec)
     return 0
 
@@ -544,9 +556,9 @@ def _configure(dp: Dispatcher, spec: str, args: argparse.Namespace) -> None:
             owned=owned,
         )
     if args.concurrency is not None:
-        dp.concurrency = args.concurrency
+        dp.limits = dataclasses.replace(dp.limits, concurrency=args.concurrency)
     if args.shutdown_timeout is not None:
-        dp.shutdown_timeout = args.shutdown_timeout
+        dp.timeouts = dataclasses.replace(dp.timeouts, shutdown=args.shutdown_timeout)
 
 
 def _loop_factory() -> LoopFactory:

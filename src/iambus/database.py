@@ -26,16 +26,18 @@ import contextlib
 import logging
 import re
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from .errors import ImproperlyConfigured, bad_option, check_seconds
+from .transports import redact
 
 __all__ = ["Database"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "iambus_"
+MAX_PREFIX = 40
 INBOX_RETENTION = 7 * 24 * 3600.0  # seconds an inbox record is kept: a week of redeliveries
 NOTIFY_WAIT = 5.0  # seconds close() gives a wake-up of the relays on its way
 NOTIFY_INTERVAL = 0.005
@@ -80,6 +82,7 @@ class Database:
         schema: str | None = None,
         prefix: str = DEFAULT_PREFIX,
         inbox_retention: float = INBOX_RETENTION,
+        pool: Mapping[str, Any] | None = None,
     ) -> None:
         if schema is not None and not _IDENTIFIER.match(str(schema)):
             raise bad_option(
@@ -89,8 +92,26 @@ class Database:
             raise bad_option(
                 "prefix", prefix, "'' or a plain SQL identifier ([A-Za-z_][A-Za-z0-9_]*)"
             )
+        if len(prefix) > MAX_PREFIX:
+            raise bad_option(
+                "prefix",
+                prefix,
+                f"at most {MAX_PREFIX} characters (PostgreSQL names are 63 at most, and "
+                f"iambus adds its own to the prefix)",
+            )
         check_seconds("inbox_retention", inbox_retention)
+        if pool is not None and not isinstance(pool, Mapping):
+            raise bad_option("pool", pool, "None or a mapping of asyncpg.create_pool() options")
         self.kind = _kind_of(source)
+        if pool is not None and self.kind != "dsn":
+            raise ImproperlyConfigured(
+                "pool= sets up the pool a Database makes from a DSN; a pool or engine of "
+                "yours is used as it is: size it where you make it"
+            )
+        # The pool made from a DSN: big enough for a worker's handlers (Limits.concurrency
+        # of 32 by default) and its relay (one listening connection, one for a pass).
+        self.pool_options = {"min_size": 1, "max_size": 40, **(pool or {})}
+        self._opening = asyncio.Lock()
         self.source = source
         self.schema = schema
         self.prefix = prefix
@@ -252,23 +273,35 @@ class Database:
 
     async def open(self) -> None:
         """Make the pool of a DSN (a pool or engine passed in is used as it is)."""
-        if self.kind == "dsn" and self._pool is None:
-            asyncpg = _asyncpg()
-            self._pool = await asyncpg.create_pool(self.source, min_size=1, max_size=10)
-            self._owned_pool = True
+        if self.kind != "dsn" or self._pool is not None:
+            return
+        async with self._opening:  # first uses at once make one pool
+            if self._pool is None:
+                asyncpg = _asyncpg()
+                self._pool = await asyncpg.create_pool(self.source, **self.pool_options)
+                self._owned_pool = True
 
-    async def close(self) -> None:
-        """Close the pool this database made (never one passed in), once a wake-up of
-        the relays on its way has gone out."""
+    async def close(self, timeout: float | None = None) -> None:
+        """Close the pool this database made from a DSN (never one passed in), once a
+        wake-up of the relays on its way has gone out.
+
+        It waits for the connections lent out to come back, ``timeout`` seconds at most
+        (None: no limit); then it closes those too (their transactions roll back)."""
         notifying = self._notifying
         if notifying is not None:
             _, late = await asyncio.wait([notifying], timeout=NOTIFY_WAIT)
             for task in late:
                 task.cancel()
         pool, self._pool = self._pool, (None if self._owned_pool else self._pool)
-        if self._owned_pool and pool is not None:
-            self._owned_pool = False
-            await pool.close()
+        if not self._owned_pool or pool is None:
+            return
+        self._owned_pool = False
+        try:
+            async with asyncio.timeout(timeout):
+                await pool.close()
+        except TimeoutError:
+            logger.warning("iambus: %r: connections still lent out at its close were closed", self)
+            pool.terminate()
 
     def notify_relays(self) -> None:
         """Wake the relays: rows were committed to the outbox (a ``NOTIFY`` on
@@ -304,7 +337,14 @@ class Database:
         if self.kind == "sqlalchemy":
             async with self.source.connect() as sa_conn:
                 raw = await sa_conn.get_raw_connection()
-                yield raw.driver_connection
+                driver = raw.driver_connection
+                try:
+                    yield driver
+                finally:
+                    if driver.is_closed():
+                        # Terminated (by the server, or by a relay cut short): the engine
+                        # must not lend it again.
+                        await sa_conn.invalidate()
             return
         if self._pool is None:
             await self.open()
@@ -344,7 +384,7 @@ def _kind_of(source: Any) -> str:
         if not source.startswith(("postgresql://", "postgres://")):
             raise bad_option(
                 "database",
-                source,
+                redact(source),
                 "a DSN 'postgresql://user@host/db', an asyncpg.Pool, or a SQLAlchemy "
                 "AsyncEngine on the asyncpg driver",
             )

@@ -35,13 +35,16 @@ returns. Their handlers' failures go to the ``error_handler``: the command did s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
+import warnings
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, Literal, TypedDict, TypeVar, Unpack, overload
 
 from .codecs import Codec, JsonCodec
 from .database import Database
@@ -60,20 +63,21 @@ from .errors import (
     check_name,
     check_seconds,
 )
-from .handlers import Handler, Invoke, Kind
+from .handlers import Handler, Kind
 from .messages import Command, MessageKey, Query, describe, message_key, message_name
-from .middleware import Context, Middleware, check_middleware, compose
+from .middleware import Context, Middleware, check_middleware
 from .providers import ProviderRegistry
 from .relay import Relay
 from .remote import Remote, RemoteRoute
 from .retry import Retry, checked_policy
 from .routers import EventRouter, RequestRouter, Router
-from .routing import Routes, address
+from .routes import RouteTable
+from .routing import Routes
 from .transports import Transport, check_transport_object, redact
-from .unit_of_work import Later, Scope, UnitOfWork, current_unit
-from .worker import StopDeadline, Subscription, Worker, bounded, seconds_until
+from .unit_of_work import Scope, UnitOfWork
+from .worker import StopDeadline, Worker, bounded, seconds_until
 
-__all__ = ["Dispatcher", "ErrorHandler"]
+__all__ = ["Dispatcher", "ErrorHandler", "Limits", "Timeouts"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,141 +99,85 @@ async def log_error(exc: BaseException, message: Any, context: Context) -> None:
     )
 
 
-class Route:
-    """A handler compiled for sending: its middleware chain and what it emits.
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """How much a dispatcher runs at once::
 
-    The chain's innermost layer calls the handler and takes what it emitted (events it
-    returned or collected). When a unit of work is open there — the route's own (``unit``),
-    or one a middleware or a caller opened — the emitted messages go into it at once, so
-    that they commit with it; otherwise they are published once the whole chain returned,
-    so a middleware that fails after the handler stops them.
+        Dispatcher(limits=Limits(concurrency=64, background=4))
+
+    * ``concurrency``: handlers of messages from the transport running at once (the
+      worker fetches no more meanwhile);
+    * ``background``: handlers of this process's background work running at once — what
+      ``handle()`` and an unrouted ``send()`` queue (the engine's workers);
+    * ``max_pending``: background messages queued or running before ``handle()`` waits
+      for room.
     """
 
-    __slots__ = (
-        "chain",
-        "collects",
-        "context",
-        "dispatcher",
-        "handler",
-        "invoke",
-        "kind",
-        "name",
-        "plain",
-        "response_event",
-        "unit",
-    )
+    concurrency: int = 32
+    background: int = 8
+    max_pending: int = 10_000
 
-    def __init__(
-        self, dispatcher: Dispatcher, handler: Handler, middleware: list[Middleware], unit: bool
-    ) -> None:
-        self.dispatcher = dispatcher
-        self.handler = handler
-        self.kind = handler.kind
-        self.name = handler.name
-        self.invoke = handler.invoke
-        self.collects = handler.collects_events
-        self.response_event = handler.response_event
-        self.unit = unit
-        self.chain = compose(middleware, self._in_unit if unit else self._innermost)
-        # ``plain``: no middleware, no event collection and no unit of work, so a send may
-        # call ``invoke`` directly and skip ``run``.
-        self.plain = not middleware and not self.collects and not unit
-        self.context = Context(handler.kind, handler.name, None)
+    def __post_init__(self) -> None:
+        check_count("limits.concurrency", self.concurrency)
+        check_count("limits.background", self.background)
+        check_count("limits.max_pending", self.max_pending)
 
-    def context_for(self, key: str | None) -> Context:
-        return self.context if key is None else Context(self.kind, self.name, key)
 
-    def emitted(self, result: Any, message: Any) -> Any:
-        """What of ``result`` is published as an event: ``result``, or None."""
-        # ``result is not message``: an event handler handing its event back must not
-        # publish it again (and again).
-        if (
-            result is None
-            or result is message
-            or (self.response_event is None and type(result) in self.dispatcher.quiet)
-        ):
-            return None
-        return result
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """How long a dispatcher waits, in seconds::
 
-    async def run(self, message: Any, key: str | None, delivered: Envelope | None = None) -> Any:
-        """Run the chain on ``message``; ``delivered``: the envelope it came in, from a
-        transport (a unit of work records it in the inbox)."""
-        call = Call()
-        if self.collects:
-            call.sink = []
-        if delivered is not None:
-            call.delivered = delivered
-        context = self.context if key is None else Context(self.kind, self.name, key)
-        result = await self.chain(message, context, call)
-        if not call.taken and (call.sink or result is not None):
-            emitted = self.emitted(result, message)
-            if call.sink or emitted is not None:
-                await self.dispatcher.emit(self, emitted, call.sink, key)
-        if call.later:  # what a unit of work of this call left to its commit
-            for work in call.later:
-                await work()
-        return result
+        Dispatcher(timeouts=Timeouts(request=5.0, shutdown=None))
 
-    def _innermost(self, message: Any, context: Context, call: Call) -> Awaitable[Any]:
-        # A plain function handing back the handler's coroutine (no frame of ours in
-        # between), unless a unit of work may be open here to take what it emits.
-        if self.dispatcher._units:
-            return self._into_unit(message, context, call)
-        if self.collects:
-            return self.invoke(message, call.sink)
-        return self.invoke(message)
+    * ``request``: for the answer to a routed command or query, unless the call passes
+      ``timeout=`` (a handler in this process is awaited as long as it takes);
+    * ``shutdown``: how long ``stop()`` lets work finish (None: no limit).
+    """
 
-    async def _into_unit(self, message: Any, context: Context, call: Call) -> Any:
-        """Call the handler; if a unit of work is open here, what it emitted goes into it
-        now (so it commits with it), else it is left to ``run``, as without a unit."""
-        if self.collects:
-            result = await self.invoke(message, call.sink)
+    request: float = 10.0
+    shutdown: float | None = 30.0
+
+    def __post_init__(self) -> None:
+        check_seconds("timeouts.request", self.request)
+        check_seconds("timeouts.shutdown", self.shutdown, zero=True, none="no limit")
+
+
+class _Moved:
+    """An option's old attribute name: reads and sets its new place, with a warning."""
+
+    def __init__(self, group: str, field: str | None) -> None:
+        self.group = group
+        self.field = field
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, dispatcher: Any, owner: type | None = None) -> Any:
+        if dispatcher is None:
+            return self
+        _deprecated("Dispatcher attribute", self.name, stacklevel=2)
+        value = getattr(dispatcher, self.group)
+        return value if self.field is None else getattr(value, self.field)
+
+    def __set__(self, dispatcher: Any, value: Any) -> None:
+        _deprecated("Dispatcher attribute", self.name, stacklevel=2)
+        if self.field is None:
+            setattr(dispatcher, self.group, _policies(self.name, value))
         else:
-            result = await self.invoke(message)
-        if self.dispatcher.open_unit() is not None:
-            emitted = self.emitted(result, message)
-            sink = call.sink
-            call.taken = True
-            if self.collects:
-                call.sink = []  # a middleware calling again collects afresh
-            if sink or emitted is not None:
-                await self.dispatcher.emit(self, emitted, sink, context.key)
-        return result
-
-    async def _in_unit(self, message: Any, context: Context, call: Call) -> Any:
-        dispatcher = self.dispatcher
-        if dispatcher._units and dispatcher.open_unit() is not None:
-            return await self._into_unit(message, context, call)  # joins the open one
-        database = dispatcher.database
-        assert database is not None  # checked at start
-        if call.later is None:
-            call.later = []
-        async with Scope(dispatcher, database, dispatcher.remote, later=call.later) as unit:
-            delivered = call.delivered
-            if delivered is not None and not await unit.claim(delivered.id, self.name):
-                logger.info(
-                    "iambus: %s already handled %s (id %s): a redelivery, acked without "
-                    "running it again",
-                    self.name,
-                    delivered.name,
-                    delivered.id,
-                )
-                call.taken = True
-                return None
-            return await self._into_unit(message, context, call)
+            group = getattr(dispatcher, self.group)
+            setattr(dispatcher, self.group, dataclasses.replace(group, **{self.field: value}))
 
 
-class Call:
-    """One run of a route: where its message came from, and what it leaves to do.
+class _Renamed(TypedDict, total=False):
+    """The options' old names: they still work, with a DeprecationWarning."""
 
-    Its fields default on the class, and a run sets only those it needs: made for every
-    call of a route with middleware, it must cost next to nothing.
-    """
-
-    delivered: Envelope | None = None  # the envelope of a message from a transport
-    sink: list[Any] | None = None  # the events a collecting class handler adds
-    taken = False  # True once a unit of work took what the handler emitted
-    later: list[Later] | None = None  # in-process work a unit of work left to its commit
+    engine_workers: int
+    max_pending: int
+    concurrency: int
+    request_timeout: float
+    shutdown_timeout: float | None
+    retries: Mapping[Any, Retry]
 
 
 class Dispatcher:
@@ -238,32 +186,36 @@ class Dispatcher:
     def __init__(
         self,
         *,
+        # How much runs at once (transport handlers, background workers, queued background
+        # work) and how long to wait (for a routed request's answer, for stop() to drain).
+        limits: Limits | None = None,
+        timeouts: Timeouts | None = None,
+        # This process: failures nobody awaits, signals, custom router classes.
+        error_handler: ErrorHandler | None = None,
+        listen_for_signals: bool = False,
         events_router_cls: type[EventRouter] | None = None,
         commands_router_cls: type[RequestRouter] | None = None,
         queries_router_cls: type[RequestRouter] | None = None,
-        engine_workers: int = 8,
-        max_pending: int = 10_000,
-        error_handler: ErrorHandler | None = None,
-        listen_for_signals: bool = False,
-        shutdown_timeout: float | None = 30.0,
+        # Across services: the transport, this service's name, which service owns which
+        # message, and how messages are encoded.
         transport: Transport | str | None = None,
         service: str | None = None,
         routes: Mapping[Any, str] | None = None,  # Any: a dict of classes is no Mapping[type]
         codec: Codec | None = None,
+        # Retrying messages from the transport: the policy, and policies per message type.
         retry: Retry | None = None,
-        retries: Mapping[MessageKey, Retry] | None = None,
-        concurrency: int = 32,
-        request_timeout: float = 10.0,
-        database: Database | None = None,
+        retry_for: Mapping[Any, Retry] | None = None,
+        # The database: units of work, the outbox and its relay, the inbox.
+        database: Database | str | None = None,
         unit_of_work: bool = False,
         relay: bool = True,
+        # Deprecated names: engine_workers, max_pending, concurrency (limits=Limits(...)),
+        # request_timeout, shutdown_timeout (timeouts=Timeouts(...)), retries (retry_for).
+        **renamed: Unpack[_Renamed],
     ) -> None:
-        check_count("engine_workers", engine_workers)
-        check_count("max_pending", max_pending)
-        check_count("concurrency", concurrency)
-        check_seconds("request_timeout", request_timeout)
+        if renamed:
+            limits, timeouts, retry_for = _renamed(renamed, limits, timeouts, retry_for)
         check_flag("listen_for_signals", listen_for_signals)
-        check_seconds("shutdown_timeout", shutdown_timeout, zero=True, none="no limit")
         if service is not None:
             check_name("service", service)
         if routes is not None and not isinstance(routes, Mapping):
@@ -277,9 +229,16 @@ class Dispatcher:
             _check_codec(codec)
         if transport is not None and not isinstance(transport, str):
             check_transport_object(transport)
+        # A DSN is made into a Database the dispatcher owns (and closes when it stops);
+        # a Database passed in may be shared, and is closed by whoever made it.
+        owns_database = isinstance(database, str)
+        if isinstance(database, str):
+            database = Database(database)
         if database is not None and not isinstance(database, Database):
             raise bad_option(
-                "database", database, "an iambus.database.Database, e.g. Database(engine)"
+                "database",
+                database,
+                "an iambus.database.Database (e.g. Database(engine)) or a PostgreSQL DSN",
             )
         check_flag("unit_of_work", unit_of_work)
         check_flag("relay", relay)
@@ -294,6 +253,9 @@ class Dispatcher:
         ):
             if cls is not None and not (isinstance(cls, type) and issubclass(cls, base)):
                 raise bad_option(option, cls, f"a subclass of {base.__name__}")
+        self.remote: Remote | None = None
+        self.limits = Limits() if limits is None else limits
+        self.timeouts = Timeouts() if timeouts is None else timeouts
         self._router_classes: dict[Kind, type[Router]] = {
             "event": events_router_cls or EventRouter,
             "command": commands_router_cls or RequestRouter,
@@ -302,33 +264,20 @@ class Dispatcher:
         self._routers: dict[Kind, Router] = {}
         self.providers = ProviderRegistry()
         self.middleware: list[Middleware] = []
-        self.engine_workers = engine_workers
-        self.max_pending = max_pending
         self.error_handler: ErrorHandler = error_handler or log_error
         self.listen_for_signals = listen_for_signals
-        self.shutdown_timeout = shutdown_timeout
         self.retry = checked_policy("retry", retry) or Retry()
-        if retries is not None and not isinstance(retries, Mapping):
-            raise ImproperlyConfigured(
-                f"retries must map message types (or names) to Retry(...), got {retries!r}; "
-                f"e.g. retries={{ChargeCard: Retry(attempts=10)}}"
-            )
-        self.retries = {
-            key: checked_policy(f"retries[{describe(key)}]", policy)
-            for key, policy in (retries or {}).items()
-        }
-        self.concurrency = concurrency
+        self.retry_for = _policies("retries" if "retries" in renamed else "retry_for", retry_for)
         # Across services: a transport and the routes that decide what uses it.
         self.service = service
         self.routes = Routes(routes)
-        self.remote: Remote | None = None
         if transport is not None:
             self.remote = Remote(
                 transport,
                 service=service,
                 routes=self.routes,
                 codec=codec or JsonCodec(),
-                request_timeout=request_timeout,
+                request_timeout=self.timeouts.request,
                 owned=isinstance(transport, str),
             )
         elif self.routes:
@@ -337,30 +286,26 @@ class Dispatcher:
                 "transport='memory://' (or 'redis://...') with them"
             )
         self._worker: Worker | None = None
-        self._subscriptions: list[Subscription] = []
         # The database of units of work (and of the outbox its relay sends from).
         self.database = database
+        self._owns_database = owns_database
         self._every_unit = unit_of_work  # Dispatcher(unit_of_work=True): every handler
         self.relay = relay
-        self._units = 0  # units of work open on this dispatcher: 0 keeps sends on the fast path
         self._relay: Relay | None = None  # sends the database's outbox while started
 
         self._state = _NEW
         # True only while started: the one check on the hot path.
         self._open = False
-        self._commands: dict[MessageKey, Route] = {}
-        self._queries: dict[MessageKey, Route] = {}
-        # Handler calls of plain routes by message type, only while open (see query()).
-        self._fast_commands: dict[MessageKey, Invoke] = {}
-        self._fast_queries: dict[MessageKey, Invoke] = {}
-        self._event_routes: dict[MessageKey, tuple[Route, ...]] = {}
-        # Event routes by the type actually sent, subclass handlers included. Filled at
-        # start for bound keys and on first sight of any other type, never per message.
-        self._event_cache: dict[MessageKey, tuple[Route, ...]] = {}
-        # Types seen to have no event handlers: a returned value of one is never
-        # published, which a set membership test tells fastest.
-        self.quiet: set[type] = set()  # internal: read by Route.run
-        self._implicit: dict[type, tuple[Route, ...]] = {}
+        # What runs for each message type, compiled at start (see iambus.routes). The
+        # sending fast paths read its maps through these names: the same objects, which
+        # the table fills in place, so that a send is a dict lookup and a call.
+        table = self._table = RouteTable(self._report)
+        self._fast_commands = table.fast_commands
+        self._fast_queries = table.fast_queries
+        self._event_cache = table.event_cache
+        self._quiet = table.quiet
+        self._published_to = table.published_to
+        self._deliver = table.deliver
         self._engine: Engine | None = None
         self._shutdown: asyncio.Event | None = None
         self._signal_loop: asyncio.AbstractEventLoop | None = None
@@ -369,6 +314,40 @@ class Dispatcher:
         self._draining: asyncio.Task[Any] | None = None  # the task running stop()'s drain
         self._draining_worker: Worker | None = None
         self._forced = False  # a second signal cut the drain short
+
+    # -- options --------------------------------------------------------------------
+
+    @property
+    def limits(self) -> Limits:
+        """How much runs at once (see ``Limits``); set it before the dispatcher starts."""
+        return self._limits
+
+    @limits.setter
+    def limits(self, limits: Limits) -> None:
+        if not isinstance(limits, Limits):
+            raise bad_option("limits", limits, "a Limits(...), e.g. Limits(concurrency=64)")
+        self._limits = limits
+
+    @property
+    def timeouts(self) -> Timeouts:
+        """How long to wait (see ``Timeouts``)."""
+        return self._timeouts
+
+    @timeouts.setter
+    def timeouts(self, timeouts: Timeouts) -> None:
+        if not isinstance(timeouts, Timeouts):
+            raise bad_option("timeouts", timeouts, "a Timeouts(...), e.g. Timeouts(request=5.0)")
+        self._timeouts = timeouts
+        if self.remote is not None:
+            self.remote.request_timeout = timeouts.request
+
+    # The old names of options, as attributes (deprecated, like the keywords).
+    engine_workers = _Moved("limits", "background")
+    max_pending = _Moved("limits", "max_pending")
+    concurrency = _Moved("limits", "concurrency")
+    request_timeout = _Moved("timeouts", "request")
+    shutdown_timeout = _Moved("timeouts", "shutdown")
+    retries = _Moved("retry_for", None)
 
     # -- routers and registration ---------------------------------------------------
 
@@ -440,12 +419,11 @@ class Dispatcher:
                 "dp.unit_of_work() writes to the outbox of the dispatcher's database, and it "
                 "has none: pass Dispatcher(database=Database(...)) (see iambus.database)"
             )
-        return Scope(self, self.database, self.remote, session)
+        return Scope(self._table, self.database, self.remote, session)
 
     def open_unit(self) -> UnitOfWork | None:
         """The unit of work of this dispatcher open where this is called, if any."""
-        unit = current_unit.get()
-        return unit if unit is not None and unit.owner is self else None
+        return self._table.open_unit()
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -473,156 +451,24 @@ class Dispatcher:
             if not self.routes and not any(r.handlers() for r in self._routers.values()):
                 logger.warning("iambus: no handlers registered; the dispatcher was not started")
                 return
-            self._compile()
+            self._table.compile(
+                self._routers,
+                self.middleware,
+                remote=self.remote,
+                database=self.database,
+                every_unit=self._every_unit,
+                retry=self.retry,
+                retry_for=self.retry_for,
+            )
         self._state = _STARTED
         self._failure = None
         self._open = True
-        self._fast_commands = _fast(self._commands)
-        self._fast_queries = _fast(self._queries)
+        self._table.open()
         if self._shutdown is not None:
             self._shutdown.clear()  # waiters from before the start keep waiting on it
         if self.listen_for_signals:
             self._install_signals()
         logger.debug("iambus: dispatcher started")
-
-    def _compile(self) -> None:
-        for kind, router in self._routers.items():
-            chain_mw = [*self.middleware, *router.middleware]
-            routes = [self._route(h, chain_mw, router) for h in router.handlers()]
-            if kind == "event":
-                grouped: dict[MessageKey, list[Route]] = {}
-                for route in routes:
-                    grouped.setdefault(route.handler.message, []).append(route)
-                self._event_routes = {k: tuple(v) for k, v in grouped.items()}
-                self._event_cache = {}
-                for key in self._event_routes:
-                    if isinstance(key, str):
-                        self._event_cache[key] = self._event_routes[key]
-                    else:
-                        self._resolve_events(key)  # a bound type has its bases' handlers too
-            else:
-                target = self._commands if kind == "command" else self._queries
-                target.update((route.handler.message, route) for route in routes)
-        if self.remote is not None:
-            self._compile_remote()
-
-    def _compile_remote(self) -> None:
-        """Routed messages: handlers become subscriptions, sending goes to the transport."""
-        remote = self.remote
-        assert remote is not None
-        # Every routed class this dispatcher knows of gets its wire name now, so that two
-        # classes of one name fail the start (naming both), not some later send.
-        for routed in self.routes.types():
-            remote.registry.add(routed)
-        subs: list[Subscription] = []
-        tables: tuple[tuple[Kind, dict[MessageKey, Route]], ...] = (
-            ("command", self._commands),
-            ("query", self._queries),
-        )
-        for kind, table in tables:
-            for key, route in list(table.items()):
-                owner = self.routes.owner(key)
-                if owner is None:
-                    continue
-                if owner != self.service:
-                    raise ImproperlyConfigured(
-                        f"{describe(key)} is routed to service {owner!r}, but this dispatcher "
-                        f"(service {self.service!r}) binds {route.name} for it; a {kind} has "
-                        f"one owner: remove the handler here or change the route"
-                    )
-                name = remote.registry.add(key)
-                subs.append(self._subscription(kind, key, route, name, owner, from_start=True))
-                table[key] = RemoteRoute(remote, kind, key)  # type: ignore[assignment]
-        for key, routes in list(self._event_routes.items()):
-            if self.routes.owner(key) is None:
-                continue
-            if self.service is None:
-                raise ImproperlyConfigured(
-                    f"handlers of the routed event {describe(key)} need a service name to "
-                    f"subscribe under: pass Dispatcher(service=...)"
-                )
-            name = remote.registry.add(key)
-            seen: dict[str, int] = {}
-            for route in routes:
-                # Each handler is its own subscription, named after it; two handlers with
-                # one name (made by a factory, a class bound twice) get "#2", "#3"... in
-                # binding order, so they never share a group and compete.
-                seen[route.name] = seen.get(route.name, 0) + 1
-                suffix = "" if seen[route.name] == 1 else f"#{seen[route.name]}"
-                group = f"{self.service}.{route.name}{suffix}"
-                subs.append(self._subscription("event", key, route, name, group, from_start=False))
-            self._event_routes[key] = (RemoteRoute(remote, "event", key),)  # type: ignore[assignment]
-        self._event_cache = {}
-        for key in self._event_routes:
-            self._resolve_events(key)
-        self._subscriptions = subs
-
-    def _subscription(
-        self, kind: Kind, key: MessageKey, route: Route, name: str, group: str, *, from_start: bool
-    ) -> Subscription:
-        return Subscription(
-            kind=kind,
-            address=address(kind, name),
-            group=group,
-            message=key,
-            route=route,
-            retry=route.handler.retry or self.retries.get(key) or self.retry,
-            from_start=from_start,
-        )
-
-    def _routed(self, key: MessageKey) -> RemoteRoute | None:
-        for table in (self._commands, self._queries):
-            route = table.get(key)
-            if route is not None:
-                return route if isinstance(route, RemoteRoute) else None
-        cached = self._event_cache.get(key)
-        if cached is not None:
-            return cached[0] if len(cached) == 1 and isinstance(cached[0], RemoteRoute) else None
-        if key in self._event_routes:
-            return None
-        return self._remote_route(key, None)
-
-    def _remote_route(self, key: MessageKey, kind: Kind | None) -> RemoteRoute | None:
-        """A route sending ``key`` to the transport, if it is routed (cached in the maps)."""
-        if self.remote is None or self.routes.owner(key) is None:
-            return None
-        if kind is None:  # only handle() does not say: the markers, or else an event
-            is_type = isinstance(key, type)
-            kind = (
-                "query"
-                if is_type and issubclass(key, Query)  # type: ignore[arg-type]
-                else "command"
-                if is_type and issubclass(key, Command)  # type: ignore[arg-type]
-                else "event"
-            )
-        route = RemoteRoute(self.remote, kind, key)
-        if kind == "event":
-            self._event_cache[key] = (route,)  # type: ignore[assignment]
-        else:
-            table = self._commands if kind == "command" else self._queries
-            table[key] = route  # type: ignore[assignment]
-        return route
-
-    def _route(self, handler: Handler, middleware: list[Middleware], router: Router) -> Route:
-        unit = next(
-            (
-                choice
-                for choice in (handler.unit_of_work, router.unit_of_work, self._every_unit)
-                if choice is not None
-            ),
-            False,
-        )
-        if unit and self.database is None:
-            why = (
-                "takes the unit of work's session or connection"
-                if handler.unit_of_work
-                else "runs in a unit of work"
-            )
-            raise ImproperlyConfigured(
-                f"{handler.kind} handler {handler.name} {why}, and the dispatcher has no "
-                f"database: pass Dispatcher(database=Database(...)) (see iambus.database)"
-            )
-        return Route(self, handler, middleware, unit)
 
     async def __aenter__(self) -> Dispatcher:
         self.start()
@@ -642,7 +488,7 @@ class Dispatcher:
             relay = Relay(self.database, self.remote.transport)
             await relay.start()
             self._relay = relay
-        if not self._subscriptions:
+        if not self._table.subscriptions:
             logger.info(
                 "iambus: service %s sends routed messages through %s; it binds no handler "
                 "for one, so it consumes nothing",
@@ -652,9 +498,9 @@ class Dispatcher:
         elif self._worker is None:
             worker = Worker(
                 self.remote,
-                self._subscriptions,
-                concurrency=self.concurrency,
-                batch=min(32, self.concurrency),
+                self._table.subscriptions,
+                concurrency=self.limits.concurrency,
+                batch=min(32, self.limits.concurrency),
                 report=self._report,
                 fatal=self._worker_failed,
             )
@@ -700,7 +546,7 @@ class Dispatcher:
     async def stop(self, timeout: float | None = None) -> None:
         """Stop taking messages, let queued and running background work finish, stop.
 
-        Waits at most ``timeout`` seconds (default: ``shutdown_timeout``); what is still
+        Waits at most ``timeout`` seconds (default: ``timeouts.shutdown``); what is still
         queued or running then is cancelled, and logged as lost. The one deadline covers
         every wait — handlers fed by the transport, background work, giving back what the
         worker holds, closing the transport — so it returns within ``timeout`` plus 2 s
@@ -727,8 +573,8 @@ class Dispatcher:
         self._state = _STOPPING
         self._open = False
         # Every send now takes the checked path, which admits only drained handlers.
-        self._fast_commands, self._fast_queries = {}, {}
-        timeout = self.shutdown_timeout if timeout is None else timeout
+        self._table.close()
+        timeout = self.timeouts.shutdown if timeout is None else timeout
         engine = self._engine
         deadline = StopDeadline.after(timeout)  # one deadline for every wait below
         # A second SIGINT/SIGTERM cancels this drain, or the close after it (see
@@ -806,8 +652,8 @@ class Dispatcher:
             if relay is not None:
                 await relay.stop(deadline.unwind)
         finally:
-            if self.database is not None:
-                await self.database.close()
+            if self.database is not None and self._owns_database:
+                await self.database.close(seconds_until(deadline.close))
 
     async def _close_remote(self, by: float | None) -> None:
         if self.remote is None:
@@ -949,7 +795,7 @@ class Dispatcher:
         """Run the query's handler and return its result.
 
         ``timeout`` (seconds) bounds the wait: ``RequestTimeout`` when it passes. A routed
-        query is a request to its owner service (default timeout: ``request_timeout``).
+        query is a request to its owner service (default timeout: ``timeouts.request``).
         """
         # The hot path: the fast map holds the handler call of each plain route (no
         # middleware, no event collection, no response_event) only while the dispatcher
@@ -958,12 +804,10 @@ class Dispatcher:
         if invoke is None or key is not None or timeout is not None:
             return await self._send_request("query", query, key, timeout)
         result = await invoke(query)
-        if result is not None and type(result) not in self.quiet:
-            # Plain routes have no response_event: the result is an event if its type
-            # has handlers of its own (see _implicit_routes).
-            routes = self._implicit.get(type(result))
-            if routes is None:
-                routes = self._implicit_routes(type(result))
+        # Plain routes have no response_event, so a result of a type in ``quiet`` is no
+        # event: that set lookup spares most calls the call deciding it (see routes).
+        if result is not None and type(result) not in self._quiet:
+            routes = self._published_to(result, query, None)
             if routes:
                 await self._deliver(routes, result, None, True)
         return result
@@ -987,19 +831,17 @@ class Dispatcher:
         A routed command is a request to its owner service: its result comes back
         decoded into the ``R`` of ``Command[R]``, a failure as ``RemoteError`` once the
         owner gave up retrying it, and ``RequestTimeout`` after ``timeout`` seconds
-        (default: ``request_timeout``). To hand a command over without waiting, use
+        (default: ``timeouts.request``). To hand a command over without waiting, use
         ``send()``.
         """
         invoke = self._fast_commands.get(type(command))
         if invoke is None or key is not None or timeout is not None:
             return await self._send_request("command", command, key, timeout)
         result = await invoke(command)
-        if result is not None and type(result) not in self.quiet:
-            # Plain routes have no response_event: the result is an event if its type
-            # has handlers of its own (see _implicit_routes).
-            routes = self._implicit.get(type(result))
-            if routes is None:
-                routes = self._implicit_routes(type(result))
+        # Plain routes have no response_event, so a result of a type in ``quiet`` is no
+        # event: that set lookup spares most calls the call deciding it (see routes).
+        if result is not None and type(result) not in self._quiet:
+            routes = self._published_to(result, command, None)
             if routes:
                 await self._deliver(routes, result, None, True)
         return result
@@ -1013,14 +855,14 @@ class Dispatcher:
         if not self._open:
             self._ensure_open()
         if key is not None:
-            if self._units and await self._into_unit(event, key, publish=True):
+            if self._table.units and await self._into_unit(event, key, publish=True):
                 return
-            await self._through_lane(self._publish_raising, event, key)
+            await self._through_lane(self._table.publish_raising, event, key)
             return
         mkey = event if type(event) is str else type(event)
         routes = self._event_cache.get(mkey)
         if routes is None:
-            routes = self._resolve_events(mkey)
+            routes = self._table.event_handlers(mkey)
         if routes:
             await self._deliver(routes, event, None, False)
 
@@ -1045,7 +887,7 @@ class Dispatcher:
         """Send ``message`` to whichever router knows it: events, commands, then queries.
 
         ``wait_for_response=False`` queues it for the background workers and returns
-        once queued (waiting for room if ``max_pending`` messages are pending); a routed
+        once queued (waiting for room if ``limits.max_pending`` messages are pending); a routed
         message is sent to the transport instead (``send()``).
         ``wait_for_response=True`` returns the command's or query's result, or waits for
         an event's handlers, raising failures as ``publish``/``execute``/``query`` do.
@@ -1054,8 +896,9 @@ class Dispatcher:
             self._ensure_open()
         mkey = message_key(message)
         _check_key(key)
+        table = self._table
         if self.remote is not None:
-            remote = self._routed(mkey)
+            remote = table.routed(mkey)
             if remote is not None:
                 # Routed: handed to the broker now, whether or not the caller waits —
                 # durability is the broker's job, not an in-memory queue's. A routed
@@ -1065,19 +908,20 @@ class Dispatcher:
                     return result if wait_for_response else None
                 await remote.send(message, key)
                 return None
-        if self._units and not wait_for_response and await self._into_unit(message, key):
+        if table.units and not wait_for_response and await self._into_unit(message, key):
             return None
         job: JobFn
         # Events bound to this very type first (the seed's order: events, commands,
         # queries); handlers bound to a base class (or ``object``) only when no command or
         # query handler claims the type, so a catch-all audit handler never swallows one.
-        if mkey in self._event_routes or (
-            mkey not in self._commands and mkey not in self._queries and self._event_handlers(mkey)
+        commands, queries = table.commands, table.queries
+        if mkey in table.events or (
+            mkey not in commands and mkey not in queries and table.event_handlers(mkey)
         ):
             if wait_for_response:
                 return await self.publish(message, key=key)
-            job = self._publish_reporting
-        elif mkey in self._commands or mkey in self._queries:
+            job = table.publish_reporting
+        elif mkey in commands or mkey in queries:
             if wait_for_response:
                 if key is not None:
                     return await self._through_lane(self._request, message, key)
@@ -1121,14 +965,15 @@ class Dispatcher:
             self._ensure_open()
         mkey = message_key(message)
         _check_key(key)
+        table = self._table
         if self.remote is not None:
-            routed = self._routed(mkey)
+            routed = table.routed(mkey)
             if routed is not None:
                 if routed.kind == "query":
                     raise _not_sent(describe(mkey))
                 await routed.send(message, key, id)
                 return
-        if mkey in self._queries and mkey not in self._commands and mkey not in self._event_routes:
+        if mkey in table.queries and mkey not in table.commands and mkey not in table.events:
             raise _not_sent(describe(mkey))  # what handle() would run is the query handler
         await self.handle(message, key=key)
 
@@ -1148,7 +993,7 @@ class Dispatcher:
             mkey = self._message_named(envelope.name)
             if mkey is not None:
                 remote.registry.add(mkey)
-        route = self._routed(mkey) if mkey is not None else None
+        route = self._table.routed(mkey) if mkey is not None else None
         if route is None:
             owner = self.routes.owner(envelope.name)
             raise ImproperlyConfigured(
@@ -1171,7 +1016,7 @@ class Dispatcher:
     def _message_named(self, name: str) -> MessageKey | None:
         """The routed message called ``name`` on the wire: bound here, or a loaded class
         (a command or query by its marker, any message of a module routed by pattern)."""
-        for table in (self._commands, self._queries, self._event_routes):
+        for table in (self._table.commands, self._table.queries, self._table.events):
             for key in table:
                 if message_name(key) == name and self.routes.owner(key) is not None:
                     return key
@@ -1190,7 +1035,7 @@ class Dispatcher:
             )
         return found[0] if found else None
 
-    # -- internals: routes, emitting, delivering ---------------------------------------
+    # -- internals: requests, units of work, reporting ----------------------------------
 
     def _send_request(
         self, kind: Kind, message: Any, key: str | None, timeout: float | None = None
@@ -1203,9 +1048,10 @@ class Dispatcher:
             )
         if not self._open:
             self._ensure_open()
-        routes = self._queries if kind == "query" else self._commands
+        table = self._table
+        routes = table.queries if kind == "query" else table.commands
         mkey = message_key(message)
-        route = routes.get(mkey) or self._remote_route(mkey, kind)
+        route = routes.get(mkey) or table.remote_route(mkey, kind)
         if route is None:
             raise self._missing(kind, message)
         _check_key(key)
@@ -1220,9 +1066,9 @@ class Dispatcher:
     def _missing(self, kind: Kind, message: Any) -> HandlerDoesNotExist:
         mkey = message_key(message)
         router, other, other_kind = (
-            ("queries", self._commands, "command")
+            ("queries", self._table.commands, "command")
             if kind == "query"
-            else ("commands", self._queries, "query")
+            else ("commands", self._table.queries, "query")
         )
         hint = f" (it has a {other_kind} handler: send it with that)" if mkey in other else ""
         return HandlerDoesNotExist(
@@ -1230,202 +1076,18 @@ class Dispatcher:
             f"@dp.{router}.register(...) before sending it"
         )
 
-    def _event_handlers(self, mkey: MessageKey) -> tuple[Route, ...]:
-        routes = self._event_cache.get(mkey)
-        if routes is None:
-            routes = self._resolve_events(mkey)
-        return routes
-
-    def _resolve_events(self, mkey: MessageKey) -> tuple[Route, ...]:
-        if self.remote is not None and self.routes.owner(mkey) is not None:
-            # A routed event goes to the transport, and only there: local handlers of
-            # its base classes (an `object` audit handler, say) do not run in the sender,
-            # and a failure to send is the sender's, never reported and forgotten.
-            own = self._event_routes.get(mkey)
-            if own and isinstance(own[0], RemoteRoute):
-                self._event_cache[mkey] = own
-                return own
-            remote = self._remote_route(mkey, "event")
-            assert remote is not None
-            return (remote,)  # type: ignore[return-value]
-        if isinstance(mkey, str):
-            return ()  # strings match exactly; unknown ones are not cached
-        # A routed base class does not cover its subclasses: its transport route is
-        # never borrowed (it would send the subclass under the subclass's own name).
-        found = [
-            r
-            for base in mkey.__mro__
-            for r in self._event_routes.get(base, ())
-            if not isinstance(r, RemoteRoute)
-        ]
-        routes = self._event_cache[mkey] = tuple(found)
-        return routes
-
-    async def emit(
-        self, route: Route, result: Any, sink: list[Any] | None, key: str | None
-    ) -> None:
-        """Publish what a handler emitted; failures go to the error handler."""
-        if sink:
-            for event in sink:
-                await self._publish_reporting(event, key)
-        if result is not None:
-            await self._emit_result(route, result, key)
-
-    async def _emit_result(self, route: Route, result: Any, key: str | None) -> None:
-        if route.response_event is None:
-            routes = self._implicit.get(type(result))
-            if routes is None:
-                routes = self._implicit_routes(type(result))
-        elif isinstance(result, route.response_event):
-            routes = self._event_handlers(type(result))
-        else:
-            return
-        if routes:
-            await self._deliver(routes, result, key, True)
-
-    def _implicit_routes(self, rtype: type) -> tuple[Route, ...]:
-        """The routes a returned value of ``rtype`` is published to without response_event.
-
-        A value is an event if its own type or a base has handlers; catch-all handlers
-        bound to ``object`` do not make every result one. Cached per type.
-        """
-        if any(base in self._event_routes for base in rtype.__mro__[:-1]) or (
-            self.remote is not None
-            and self.routes.owner(rtype) is not None
-            and not issubclass(rtype, Command | Query)
-        ):
-            routes = self._event_handlers(rtype)
-        else:
-            routes = ()
-            self.quiet.add(rtype)
-        self._implicit[rtype] = routes
-        return routes
-
     async def _request(self, message: Any, key: str | None) -> Any:
         mkey = message_key(message)
-        route = self._commands.get(mkey) or self._queries[mkey]
+        route = self._table.commands.get(mkey) or self._table.queries[mkey]
         return await route.run(message, key)
 
     async def _request_reporting(self, message: Any, key: str | None) -> None:
         mkey = message_key(message)
-        route = self._commands.get(mkey) or self._queries[mkey]
+        route = self._table.commands.get(mkey) or self._table.queries[mkey]
         try:
             await route.run(message, key)
         except Exception as exc:
             await self._report(exc, message, route.context_for(key))
-
-    async def _publish_raising(self, event: Any, key: str | None) -> None:
-        routes = self._event_handlers(message_key(event))
-        if routes:
-            await self._deliver(routes, event, key, False)
-
-    async def _publish_reporting(self, event: Any, key: str | None) -> None:
-        routes = self._event_handlers(message_key(event))
-        if routes:
-            await self._deliver(routes, event, key, True)
-
-    async def _deliver(
-        self, routes: tuple[Route, ...], event: Any, key: str | None, report: bool
-    ) -> None:
-        """Run ``routes`` on ``event``; report failures, or raise them as a group."""
-        if self._units and not isinstance(routes[0], RemoteRoute):
-            unit = self.open_unit()
-            if unit is not None:  # handled in-process once the unit has committed
-                unit.after_commit(lambda: self._deliver(routes, event, key, True))
-                return
-        if len(routes) == 1:
-            route = routes[0]
-            try:
-                if route.plain:
-                    result = await route.invoke(event)
-                    if (
-                        result is not None
-                        and result is not event
-                        and (route.response_event is not None or type(result) not in self.quiet)
-                    ):
-                        await self._emit_result(route, result, key)
-                else:
-                    await route.run(event, key)
-            except Exception as exc:
-                if isinstance(route, RemoteRoute):
-                    raise  # not handed to the transport: the sender must know (and retry)
-                if report:
-                    await self._report(exc, event, route.context_for(key))
-                    return
-                raise _group(event, 1, [(route, exc)]) from None
-            return
-
-        # Several handlers. They are awaited one after another by the sending task
-        # itself, as direct calls are, so current_task(), asyncio.timeout() and task
-        # groups inside a handler behave exactly as for a direct call. A callback armed
-        # beforehand can only run if a handler suspends: it then starts the remaining
-        # handlers as tasks, so they run concurrently with the waiting one. When no
-        # handler suspends (the common case), the callback is cancelled unrun: no task.
-        fan = _FanOut(routes, event, key)
-        armed = asyncio.get_running_loop().call_soon(self._spread, fan)
-        try:
-            quiet = self.quiet
-            while fan.next < fan.total and fan.tasks is None:
-                route = routes[fan.next]
-                fan.next += 1
-                try:
-                    if route.plain:  # _run_one, inlined: one coroutine less per handler
-                        result = await route.invoke(event)
-                        if (
-                            result is not None
-                            and result is not event
-                            and (route.response_event is not None or type(result) not in quiet)
-                        ):
-                            await self._emit_result(route, result, key)
-                    else:
-                        await route.run(event, key)
-                except Exception as exc:
-                    fan.failures.append((route, exc))
-            armed.cancel()
-            if fan.tasks:
-                await asyncio.wait(fan.tasks)
-        except BaseException:
-            armed.cancel()
-            # Like a TaskGroup: cancelled with us, the started handlers are cancelled
-            # too, and we return only once their clean-up has run.
-            if fan.tasks:
-                for task in fan.tasks:
-                    task.cancel()
-                await asyncio.wait(fan.tasks)
-            raise
-        if fan.tasks:
-            for route, task in zip(routes[fan.total - len(fan.tasks) :], fan.tasks, strict=True):
-                if task.cancelled():
-                    fan.failures.append((route, asyncio.CancelledError()))
-                elif (error := task.exception()) is not None:
-                    fan.failures.append((route, error))
-        if not fan.failures:
-            return
-        if report:
-            for route, failure in fan.failures:
-                await self._report(failure, event, route.context_for(key))
-            return
-        raise _group(event, fan.total, fan.failures)
-
-    def _spread(self, fan: _FanOut) -> None:
-        # Runs only if a handler of ``fan`` suspended: start the rest as tasks.
-        fan.tasks = [
-            _start_task(self._run_one(route, fan.event, fan.key))
-            for route in fan.routes[fan.next :]
-        ]
-        fan.next = fan.total
-
-    async def _run_one(self, route: Route, event: Any, key: str | None) -> None:
-        if not route.plain:
-            await route.run(event, key)
-            return
-        result = await route.invoke(event)
-        if (
-            result is not None
-            and result is not event
-            and (route.response_event is not None or type(result) not in self.quiet)
-        ):
-            await self._emit_result(route, result, key)
 
     async def _into_unit(self, message: Any, key: str | None, *, publish: bool = False) -> bool:
         """In a unit of work, an in-process send without waiting (``handle``) or a keyed
@@ -1441,7 +1103,7 @@ class Dispatcher:
 
             unit.after_commit(later)
             return True
-        routes = self._event_handlers(message_key(message))
+        routes = self._table.event_handlers(message_key(message))
         if routes and isinstance(routes[0], RemoteRoute):
             await routes[0].send(message, key)  # not through a lane: the unit keeps order
         elif routes:
@@ -1481,7 +1143,9 @@ class Dispatcher:
                     engine.pending,
                 )
             engine = self._engine = Engine(
-                workers=self.engine_workers, max_pending=self.max_pending, orphaned=self._orphaned
+                workers=self.limits.background,
+                max_pending=self.limits.max_pending,
+                orphaned=self._orphaned,
             )
             if self.listen_for_signals:
                 self._install_signals()
@@ -1491,7 +1155,7 @@ class Dispatcher:
         # An awaited keyed send whose caller stopped waiting (timeout, cancellation)
         # still failed: nobody will see the exception, so report it.
         mkey = message_key(message)
-        route = self._commands.get(mkey) or self._queries.get(mkey)
+        route = self._table.commands.get(mkey) or self._table.queries.get(mkey)
         context = (
             route.context_for(key)
             if route is not None
@@ -1511,6 +1175,85 @@ class Dispatcher:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         await self._background().put(job, message, key, future)
         return await future
+
+
+# Old option name -> (group, field): limits=Limits(field=...), timeouts=Timeouts(field=...),
+# or (field None) retry_for= itself.
+_OLD_NAMES: dict[str, tuple[str, str | None]] = {
+    "engine_workers": ("limits", "background"),
+    "max_pending": ("limits", "max_pending"),
+    "concurrency": ("limits", "concurrency"),
+    "request_timeout": ("timeouts", "request"),
+    "shutdown_timeout": ("timeouts", "shutdown"),
+    "retries": ("retry_for", None),
+}
+_GROUPS = {"limits": "Limits", "timeouts": "Timeouts"}
+
+
+def _replacement(old: str) -> str:
+    group, field = _OLD_NAMES[old]
+    if field is None:
+        return f"{group}=..."
+    return f"{group}={_GROUPS[group]}({field}=...)"
+
+
+def _deprecated(what: str, old: str, stacklevel: int) -> None:
+    warnings.warn(
+        f"{what} {old} is deprecated; use {_replacement(old)} instead "
+        f"(see docs/dispatching.md#options)",
+        DeprecationWarning,
+        stacklevel=stacklevel + 1,
+    )
+
+
+def _renamed(
+    renamed: Mapping[str, Any],
+    limits: Limits | None,
+    timeouts: Timeouts | None,
+    retry_for: Mapping[Any, Retry] | None,
+) -> tuple[Limits | None, Timeouts | None, Mapping[Any, Retry] | None]:
+    """The options given by their old names, moved into their groups (with a warning)."""
+    fields: dict[str, dict[str, Any]] = {"limits": {}, "timeouts": {}}
+    given = {"limits": limits, "timeouts": timeouts, "retry_for": retry_for}
+    for old, value in renamed.items():
+        if old not in _OLD_NAMES:
+            raise TypeError(f"Dispatcher() got an unexpected keyword argument {old!r}")
+        _deprecated("Dispatcher(...) option", old, stacklevel=3)
+        group, field = _OLD_NAMES[old]
+        if given[group] is not None:
+            raise ImproperlyConfigured(
+                f"{old}= is the old name of {group}{'' if field is None else '.' + field}, "
+                f"and {group}= is given too: pass {_replacement(old)} alone"
+            )
+        if old == "request_timeout":
+            check_seconds(old, value)  # checked under the name it was given by
+        elif old == "shutdown_timeout":
+            check_seconds(old, value, zero=True, none="no limit")
+        elif field is not None:
+            check_count(old, value)
+        if field is None:
+            retry_for = value
+        else:
+            fields[group][field] = value
+    if fields["limits"]:
+        limits = Limits(**fields["limits"])
+    if fields["timeouts"]:
+        timeouts = Timeouts(**fields["timeouts"])
+    return limits, timeouts, retry_for
+
+
+def _policies(option: str, policies: object) -> dict[MessageKey, Retry | None]:
+    if policies is None:
+        return {}
+    if not isinstance(policies, Mapping):
+        raise ImproperlyConfigured(
+            f"{option} must map message types (or names) to Retry(...), got {policies!r}; "
+            f"e.g. {option}={{ChargeCard: Retry(attempts=10)}}"
+        )
+    return {
+        key: checked_policy(f"{option}[{describe(key)}]", policy)
+        for key, policy in policies.items()
+    }
 
 
 async def _within(timeout: float, call: Awaitable[Any], message: Any) -> Any:
@@ -1576,49 +1319,3 @@ def _check_key(key: object) -> None:
             f"key must be a string (messages with equal keys are handled in order), "
             f"got {key!r}; pass str(...) of what identifies the sequence"
         )
-
-
-def _fast(routes: dict[MessageKey, Route]) -> dict[MessageKey, Invoke]:
-    return {
-        key: route.invoke
-        for key, route in routes.items()
-        if route.plain and route.response_event is None and not isinstance(key, str)
-    }
-
-
-class _FanOut:
-    """One event on its way to several handlers."""
-
-    __slots__ = ("event", "failures", "key", "next", "routes", "tasks", "total")
-
-    def __init__(self, routes: tuple[Route, ...], event: Any, key: str | None) -> None:
-        self.routes = routes
-        self.event = event
-        self.key = key
-        self.total = len(routes)
-        self.next = 0
-        self.tasks: list[asyncio.Task[None]] | None = None
-        self.failures: list[tuple[Route, BaseException]] = []
-
-
-_eager = getattr(asyncio, "eager_task_factory", None)
-
-
-def _start_task(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-    # 3.12+: an eager task runs its first step at once; a handler that does not wait
-    # then finishes without ever being scheduled. 3.11 has only plain tasks.
-    loop = asyncio.get_running_loop()
-    if _eager is not None:
-        task: asyncio.Task[None] = _eager(loop, coro)
-        return task
-    return loop.create_task(coro)
-
-
-def _group(
-    event: Any, total: int, failures: list[tuple[Route, BaseException]]
-) -> BaseExceptionGroup[Any]:
-    names = ", ".join(route.name for route, _ in failures)
-    return BaseExceptionGroup(
-        f"{len(failures)} of {total} handler(s) of {describe(message_key(event))} failed: {names}",
-        [exc for _, exc in failures],
-    )

@@ -7,7 +7,7 @@ dead-lettered with the error. The attempt count is kept by the broker, so it sur
 restarts and counts across all instances of a service::
 
     Dispatcher(transport=..., retry=Retry(attempts=5, backoff=0.5))     # every handler
-    Dispatcher(transport=..., retries={ChargeCard: Retry(attempts=10)})  # one message type
+    Dispatcher(transport=..., retry_for={ChargeCard: Retry(attempts=10)})  # one message type
     @dp.commands.register(ChargeCard, retry=Retry(attempts=3))          # one handler
 
 The most specific wins: handler, then message type, then the dispatcher's ``retry``.

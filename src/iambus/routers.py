@@ -19,20 +19,32 @@ from __future__ import annotations
 import types
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, TypeVar, Union, get_origin
+from typing import Any, Protocol, TypeVar, Union, get_origin
 
 from .errors import HandlerAlreadyBound, ImproperlyConfigured, RegistrationClosed
 from .handlers import Handler, Kind, build_handler
 from .messages import MessageKey, describe
 from .middleware import Middleware, check_middleware
+from .providers import ProviderRegistry
 from .retry import Retry
 
-if TYPE_CHECKING:
-    from .dispatching import Dispatcher
-
-__all__ = ["EventRouter", "RequestRouter", "Router"]
+__all__ = ["EventRouter", "Owner", "RequestRouter", "Router"]
 
 H = TypeVar("H")
+
+
+class Owner(Protocol):
+    """What a router needs of its dispatcher (a ``Dispatcher`` is one): the providers
+    handlers draw on, whether registration has closed, and the command or query handler
+    bound elsewhere (a message has one, across both request routers)."""
+
+    @property
+    def providers(self) -> ProviderRegistry: ...
+
+    @property
+    def started(self) -> bool: ...
+
+    def request_handler(self, key: MessageKey) -> Handler | None: ...
 
 
 class Router:
@@ -40,7 +52,7 @@ class Router:
 
     kind: Kind
 
-    def __init__(self, dispatcher: Dispatcher, *, kind: Kind | None = None) -> None:
+    def __init__(self, dispatcher: Owner, *, kind: Kind | None = None) -> None:
         if kind is not None:
             self.kind = kind
         self.dispatcher = dispatcher
@@ -154,7 +166,7 @@ class EventRouter(Router):
 
     kind = "event"
 
-    def __init__(self, dispatcher: Dispatcher, *, kind: Kind | None = None) -> None:
+    def __init__(self, dispatcher: Owner, *, kind: Kind | None = None) -> None:
         super().__init__(dispatcher, kind=kind)
         self._map: dict[MessageKey, list[Handler]] = {}
 
@@ -175,7 +187,7 @@ class RequestRouter(Router):
 
     kind = "command"
 
-    def __init__(self, dispatcher: Dispatcher, *, kind: Kind | None = None) -> None:
+    def __init__(self, dispatcher: Owner, *, kind: Kind | None = None) -> None:
         super().__init__(dispatcher, kind=kind)
         self._map: dict[MessageKey, Handler] = {}
 

@@ -49,7 +49,7 @@ import inspect
 import logging
 import typing
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .database import Database
 from .envelope import Envelope
@@ -57,9 +57,6 @@ from .errors import ImproperlyConfigured, TransactionFailed
 from .inbox import claim
 from .outbox import Outgoing, write
 from .providers import Factory
-
-if TYPE_CHECKING:
-    from .remote import Remote
 
 __all__ = ["Connection", "Session", "UnitOfWork", "current_unit"]
 
@@ -70,6 +67,13 @@ Later = Callable[[], Awaitable[Any]]
 current_unit: contextvars.ContextVar[UnitOfWork | None] = contextvars.ContextVar(
     "iambus_current_unit", default=None
 )
+
+
+class Owner(Protocol):
+    """Whose sends a unit of work collects (a dispatcher's route table): it counts the
+    units open on it, so that while none is, its sends skip looking for one."""
+
+    units: int
 
 
 class UnitOfWork:
@@ -86,9 +90,11 @@ class UnitOfWork:
         "wrote",
     )
 
-    def __init__(self, owner: object, database: Database, remote: Remote | None, session: Any):
-        self.owner = owner  # the dispatcher whose sends it collects
+    def __init__(self, owner: Owner, database: Database, remote: object, session: Any):
+        self.owner = owner
         self.database = database
+        # The dispatcher's link to its transport (a Remote, or None): its routed sends
+        # go to this unit's outbox, and only its (a unit belongs to one dispatcher).
         self.remote = remote
         self.session = session
         """What the handler gets: an ``AsyncSession``, or an asyncpg connection."""
@@ -171,9 +177,9 @@ class Scope:
 
     def __init__(
         self,
-        owner: Any,
+        owner: Owner,
         database: Database,
-        remote: Remote | None,
+        remote: object,
         session: Any = None,
         *,
         later: list[Later] | None = None,
@@ -211,7 +217,7 @@ class Scope:
             raise
         self.unit = UnitOfWork(self.owner, self.database, self.remote, session)
         self._token = current_unit.set(self.unit)
-        self.owner._units += 1
+        self.owner.units += 1
         return self.unit
 
     async def __aexit__(
@@ -221,7 +227,7 @@ class Scope:
         assert unit is not None
         assert self._token is not None
         current_unit.reset(self._token)
-        self.owner._units -= 1
+        self.owner.units -= 1
         failed = exc
         try:
             if exc is None:
@@ -268,7 +274,10 @@ class Scope:
     async def _release(self, exc: BaseException | None) -> None:
         made, self._made = self._made, None
         if made is not None:
-            await made.__aexit__(type(exc) if exc else None, exc, None)
+            # With its traceback: a context manager given none sets the error's to None,
+            # and the handler's frames would be lost from what the worker logs.
+            tb = exc.__traceback__ if exc else None
+            await made.__aexit__(type(exc) if exc else None, exc, tb)
 
 
 def current_session() -> Any:

@@ -56,15 +56,15 @@ import traceback
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .engine import Followups, followups, in_worker, outside_workers
 from .envelope import Envelope, current_envelope
 from .errors import ImproperlyConfigured, SerializationError, TransportError, TransportRefused
-from .handlers import Kind
-from .messages import MessageKey, describe, result_type
+from .messages import result_type
 from .remote import SENDER, Remote
 from .retry import Retry
+from .routes import Subscription
 from .transports import (
     ANNOUNCE_TTL,
     Delivery,
@@ -74,9 +74,6 @@ from .transports import (
     check_requester,
     redact,
 )
-
-if TYPE_CHECKING:
-    from .dispatching import Route
 
 __all__ = ["StopDeadline", "Subscription", "Worker"]
 
@@ -137,22 +134,6 @@ async def bounded(work: Awaitable[Any], deadline: float | None) -> bool:
     # Nobody awaits it any more: whatever it ends with is not "never retrieved".
     task.add_done_callback(lambda t: t.cancelled() or t.exception())
     return False
-
-
-@dataclass(frozen=True, slots=True)
-class Subscription:
-    """One handler (event) or one service (command, query) consuming one address."""
-
-    kind: Kind
-    address: str
-    group: str
-    message: MessageKey
-    route: Route
-    retry: Retry
-    from_start: bool
-
-    def describe(self) -> str:
-        return f"{self.kind} {describe(self.message)} -> {self.route.name} [{self.group}]"
 
 
 class Worker:
