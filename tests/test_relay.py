@@ -24,6 +24,7 @@ from iambus import Envelope, ImproperlyConfigured, SerializationError, Transport
 from iambus.database import Database
 from iambus.outbox import Outgoing, lane_of, write
 from iambus.relay import (
+    FAILED_SENDS,
     STOP_GRACE,
     OutboxStatus,
     Relay,
@@ -363,29 +364,66 @@ async def test_rows_without_a_key_are_sent_at_once_up_to_in_flight(
     assert sorted(n_of(e) for e in await rest(transport)) == list(range(30))
 
 
-async def test_a_broker_failure_stops_every_key_and_keeps_each_keys_order(
+async def test_a_send_that_fails_stops_its_key_only_and_keeps_its_order(
     database: Database, transport: MemoryTransport
 ) -> None:
     first, second = keys_in_one_lane(2)
     await commit(database, *(envelope(n, key=key) for n in range(5) for key in (first, second)))
-    failing = Failing(  # the first key's third row meets a broker that fails
+    failing = Failing(  # the first key's third row meets a broker that refuses it
         Overlapping(transport),
         reject=lambda e: e.key == first and n_of(e) == 2,
-        error=TransportError("the broker is down (a test's doing)"),
+        error=TransportError("maximum payload exceeded (a test's doing)"),
     )
 
-    with pytest.raises(TransportError, match="broker is down"):
-        await Relay(database, failing).run_once()
+    assert await Relay(database, failing).run_once() == 7  # the other key goes on
     before = await rest(transport)
     assert [n_of(e) for e in before if e.key == first] == [0, 1]
-    sent_of_second = [n_of(e) for e in before if e.key == second]
-    assert sent_of_second == list(range(len(sent_of_second)))  # a prefix, in order
-    assert await count_rows(database) == 10 - len(before)  # the sent ones were deleted
+    assert [n_of(e) for e in before if e.key == second] == list(range(5))
+    assert await count_rows(database) == 3  # the sent ones were deleted
 
-    assert await Relay(database, transport).run_once() == 10 - len(before)
+    assert await Relay(database, transport).run_once() == 3
     after = await rest(transport)
     assert [n_of(e) for e in before + after if e.key == first] == list(range(5))
-    assert [n_of(e) for e in before + after if e.key == second] == list(range(5))
+
+
+async def test_a_row_the_broker_keeps_refusing_is_parked_and_the_others_go_on(
+    database: Database, transport: MemoryTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    poison, healthy = keys_in_lanes(2)  # other lanes: a lane is not held up either
+    refused = envelope(0, key=poison)
+    await commit(database, refused, envelope(1, key=poison))
+    failing = Failing(
+        transport,
+        reject=lambda e: e.id == refused.id,
+        error=TransportError("nats: maximum payload exceeded"),
+    )
+    relay = Relay(database, failing)
+    for n in range(FAILED_SENDS):
+        await commit(database, envelope(100 + n, key=healthy))
+        assert await relay.run_once() == 1
+        assert [n_of(e) for e in await rest(transport)] == [100 + n]
+    [row] = await parked(database)
+    assert (row.message_id, row.attempts) == (refused.id, FAILED_SENDS)
+    assert row.error == "TransportError: nats: maximum payload exceeded"
+    [error] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert f"outbox row {row.position}" in error.getMessage()
+    assert await relay.run_once() == 1  # the key's next row, behind it until it was parked
+    assert [n_of(e) for e in await rest(transport)] == [1]
+
+
+async def test_a_broker_that_takes_nothing_parks_nothing(
+    database: Database, transport: MemoryTransport
+) -> None:
+    await commit(database, envelope(0, key="a"), envelope(1, key="b"))
+    down = Failing(transport, times=10**9)
+    relay = Relay(database, down)
+    for _ in range(FAILED_SENDS + 1):
+        with pytest.raises(TransportError, match="broker is down"):
+            await relay.run_once()
+    assert await parked(database) == []
+    async with database.connection() as conn:
+        assert await conn.fetchval(f"SELECT max(attempts) FROM {database.outbox}") == 0
+    assert await Relay(database, transport).run_once() == 2
 
 
 async def _empty(database: Database) -> bool:
@@ -449,14 +487,16 @@ async def test_a_broker_failure_keeps_the_unsent_rows_in_order(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     await commit(database, *(envelope(n, key="order-1") for n in range(8)))
-    failing = Failing(transport, after=2, times=3)
+    failing = Failing(transport, after=2, times=4)
     relay = relay_on(database, failing, relays, poll=3600)
 
-    with pytest.raises(TransportError, match="broker is down"):
-        await relay.run_once()
+    assert await relay.run_once() == 2  # the broker took some: the pass is no outage
     assert [n_of(e) for e in await rest(transport)] == [0, 1]  # sent, and deleted
     assert await count_rows(database) == 6
+    with pytest.raises(TransportError, match="broker is down"):  # it takes nothing
+        await relay.run_once()
 
+    caplog.clear()
     caplog.set_level(logging.INFO, logger="iambus.relay")
     await relay.start()  # it fails twice more, backs off, then gets through
     assert [n_of(e) for e in await received(transport, 6)] == [2, 3, 4, 5, 6, 7]
@@ -468,6 +508,30 @@ async def test_a_broker_failure_keeps_the_unsent_rows_in_order(
     assert len(warnings) == 1, logged  # once per outage, not once per attempt
     assert "a pass failed: TransportError: the broker is down" in warnings[0]
     assert any("relaying again, after 2 failed attempt(s)" in m for _, m in logged), logged
+
+
+async def test_an_outage_is_logged_once_while_another_relay_holds_the_failing_lane(
+    database: Database,
+    transport: MemoryTransport,
+    relays: list[Relay],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="iambus.relay")
+    await commit(database, envelope(1, key="k"))
+    down = Failing(transport, times=10**9)
+    relay = relay_on(database, down, relays, poll=0.02, listen=False)
+    await relay.start()
+    await until(_true(lambda: down.calls > 0), "a failed pass")
+    async with database.connection() as other, other.transaction():  # another relay's lane
+        await other.execute(
+            "SELECT pg_advisory_xact_lock($1::int, $2::int)", database.lock_space, lane_of("k")
+        )
+        await relay._idle.wait()  # a pass that found nothing it could take: no success
+    calls = down.calls
+    await until(_true(lambda: down.calls > calls), "a failed pass after the lane came free")
+    await relay.stop()
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "iambus.relay"]
+    assert [level for level, _ in logged] == ["WARNING"], logged
 
 
 async def test_a_row_that_does_not_decode_is_parked_and_can_be_released(

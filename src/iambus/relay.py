@@ -34,16 +34,20 @@ transaction: ``outbox.write``) and a pass starts at once. Polling every ``poll``
 fallback, and runs whether or not the relay listens (behind a transaction-pooling proxy
 ``LISTEN`` appears to work and no notification ever arrives).
 
-Failures never stop a relay. A broker that fails (``TransportError``) ends the pass: the
-rows sent so far are deleted, the rest stay in order; the relay retries after a growing
-delay (``RETRY_FIRST`` doubling up to ``RETRY_CAP``) and logs once per outage. A
-database error (a lost connection) is handled the same way. A row that can never be sent
+Failures never stop a relay. A send that fails (``TransportError``, or any error) ends
+its key's chain: the key's later rows wait behind it, in order; the other keys go on.
+If the broker took nothing in the pass, it is an outage: the relay retries after a
+growing delay (``RETRY_FIRST`` doubling up to ``RETRY_CAP``) and logs once per outage. A
+database error (a lost connection) is handled the same way. If the broker took other
+rows, the refused row is charged a failed attempt (``attempts``, with ``last_error``,
+committed with the pass); its ``FAILED_SENDS``-th parks it (a row too large for the
+broker is refused for ever, and would hold its key up). A row that can never be sent
 (its envelope does not decode, or the transport rejects it with ``SerializationError`` or
-``ImproperlyConfigured``) is *parked*: kept in the table with the reason, logged at
-ERROR, counted by ``outbox_status``, and sent again once ``release``\\ d
-(``iambus outbox retry``). A relay killed mid-batch loses nothing: its transaction rolls
-back and the batch is sent again (the same envelope ids: duplicates a consumer's inbox
-recognises).
+``ImproperlyConfigured``) is parked at once. A parked row is kept in the table with the
+reason, logged at ERROR, counted by ``outbox_status``, and sent again once
+``release``\\ d (``iambus outbox retry``). A relay killed mid-batch loses nothing: its
+transaction rolls back and the batch is sent again (the same envelope ids: duplicates a
+consumer's inbox recognises).
 """
 
 from __future__ import annotations
@@ -81,6 +85,9 @@ connection the server closed is noticed at once; a silent network loss by this c
 LISTEN_CHECK_TIMEOUT = 10.0
 START_LISTEN_WAIT = 5.0
 """How long ``start()`` waits for the first ``LISTEN`` before it goes on with polling."""
+FAILED_SENDS = 5
+"""Failed sends after which a row is parked, counted only in passes where the broker took
+other rows (a broker that takes nothing is an outage, and parks nothing)."""
 STOP_GRACE = 1.0
 """Seconds a relay cut short at its deadline gets to unwind (its connections are closed
 first, so that nothing waits for the database)."""
@@ -141,6 +148,11 @@ class Relay:
         self._park_sql = (
             f"UPDATE {outbox} SET parked_at = now(), last_error = $2, "
             f"attempts = attempts + 1 WHERE position = $1"
+        )
+        self._charge_sql = (
+            f"UPDATE {outbox} SET attempts = attempts + 1, last_error = $2, "
+            f"parked_at = CASE WHEN attempts + 1 >= $3 THEN now() END "
+            f"WHERE position = $1 RETURNING attempts"
         )
         self._task: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
@@ -253,17 +265,22 @@ class Relay:
                 await self._park(conn, row, exc)
             if outcome.sent:
                 await conn.execute(self._delete_sql, outcome.sent)
-        if outcome.failure is not None:
-            # The broker failed: what was sent is deleted (committed above); the rest
-            # stays, each key's rows in order, for the retry.
-            raise outcome.failure
-        return len(outcome.sent), len(outcome.sent) + len(outcome.parked) == self.batch
+                # The broker takes the other rows: those it refused are charged an
+                # attempt (committed with the deletes), and parked after FAILED_SENDS.
+                # With nothing sent it is an outage, and nobody's fault.
+                if outcome.failed:
+                    await self._charge(conn, outcome.failed)
+        if outcome.failed and not outcome.sent:
+            # The broker failed: the rows stay, each key's in order, for the retry.
+            raise outcome.failed[0][1]
+        return len(outcome.sent), len(rows) == self.batch
 
     async def _send(self, rows: Sequence[Any]) -> _Sent:
         """Send ``rows`` (in position order): the rows of one key one after
         the other, in order; different keys, and rows without a key, at the same time
-        (up to ``in_flight`` sends outstanding). A broker's failure stops every chain
-        before its next send; a stop, the same."""
+        (up to ``in_flight`` sends outstanding). A send that fails ends its key's chain
+        (the key's later rows wait behind it) and no other; a stop ends every chain
+        before its next send."""
         outcome = _Sent()
         chains: list[list[Any]] = []
         by_key: dict[str, list[Any]] = {}
@@ -283,16 +300,15 @@ class Relay:
         async def sender() -> None:
             for chain in todo:
                 for row in chain:
-                    if outcome.failure is not None or stopping.is_set():
+                    if stopping.is_set():
                         return
                     try:
                         await send(row["address"], envelope_of(row))
                     except (SerializationError, ImproperlyConfigured) as exc:
                         outcome.parked.append((row, exc))  # the chain goes on without it
                     except Exception as exc:
-                        if outcome.failure is None:
-                            outcome.failure = exc
-                        return
+                        outcome.failed.append((row, exc))
+                        break  # the key's next rows wait behind this one
                     else:
                         outcome.sent.append(row["position"])
 
@@ -303,9 +319,39 @@ class Relay:
             await asyncio.gather(*(sender() for _ in range(senders)))
         return outcome
 
+    async def _charge(self, conn: Any, failed: list[tuple[Any, Exception]]) -> None:
+        """Rows the broker refused while it took others: one more failed attempt each;
+        the ``FAILED_SENDS``-th parks the row (one too large for the broker fails for
+        ever). One warning for the pass, not one per row."""
+        counts = []
+        for row, exc in failed:
+            reason = f"{type(exc).__name__}: {exc}"
+            attempts = await conn.fetchval(self._charge_sql, row["position"], reason, FAILED_SENDS)
+            counts.append(attempts)
+            if attempts >= FAILED_SENDS:
+                self._log_parked(row, reason)
+        row, exc = failed[0]
+        logger.warning(
+            "relay %s: %d row(s) failed to send while other rows went out: they stay, in "
+            "order, and a row is parked after %d such failures (the first: row %s, message "
+            "%s to %s, failure %d: %s: %s)",
+            self.database.outbox,
+            len(failed),
+            FAILED_SENDS,
+            row["position"],
+            row["message_id"],
+            row["address"],
+            counts[0],
+            type(exc).__name__,
+            exc,
+        )
+
     async def _park(self, conn: Any, row: Any, exc: Exception) -> None:
         reason = f"{type(exc).__name__}: {exc}"
         await conn.execute(self._park_sql, row["position"], reason)
+        self._log_parked(row, reason)
+
+    def _log_parked(self, row: Any, reason: str) -> None:
         logger.error(
             "relay %s: outbox row %s (message %s, %s to %s) cannot be sent and is parked: "
             "%s. It stays in the table, counted as parked by `iambus status --database`; "
@@ -346,14 +392,15 @@ class Relay:
                 next_purge = loop.time() + self.purge_every
             self._wake.clear()
             try:
-                _, more = await self._pass()
+                sent, more = await self._pass()
             except Exception as exc:
                 delay = sending.failed(exc)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
                         await self._stopping.wait()
                 continue
-            sending.ended()
+            if sent:  # (a pass that found the failing lanes held by another relay: not yet)
+                sending.ended()
             if more:
                 continue
             self._idle.set()
@@ -459,7 +506,7 @@ class _Sent:
 
     sent: list[int] = field(default_factory=list)  # positions
     parked: list[tuple[Any, Exception]] = field(default_factory=list)
-    failure: Exception | None = None  # the broker's error that stopped the batch
+    failed: list[tuple[Any, Exception]] = field(default_factory=list)  # the broker refused
 
 
 class _Outage:
@@ -545,7 +592,8 @@ class ParkedRow:
     address: str
     key: str | None
     attempts: int
-    """How many times the relay parked it."""
+    """Its failed attempts: sends the broker refused while it took other rows, and the
+    times it was parked for a reason that needs no second try."""
     error: str
     parked_at: float
     """Unix time."""
