@@ -332,8 +332,29 @@ class Database:
             self._notifying = None
 
     @contextlib.asynccontextmanager
-    async def connection(self) -> AsyncIterator[Any]:
-        """An asyncpg connection of this database, outside any transaction of ours."""
+    async def connection(self, timeout: float | None = None) -> AsyncIterator[Any]:
+        """An asyncpg connection of this database, outside any transaction of ours.
+
+        ``timeout``: seconds to wait for a connection (None: as long as it takes); then
+        ``TimeoutError`` saying the pool is too small for its users."""
+        async with contextlib.AsyncExitStack() as stack:
+            waiting = asyncio.timeout(timeout)
+            try:
+                async with waiting:
+                    conn = await stack.enter_async_context(self._lend())
+            except TimeoutError:
+                if not waiting.expired():  # the driver's own (connecting, say)
+                    raise
+                raise TimeoutError(
+                    f"no connection of {self!r} came free within {timeout:g} s: its pool "
+                    f"is too small for all that use it (a worker's handlers and its relay): "
+                    f"give it more with Database(dsn, pool={{'max_size': N}}), or where you "
+                    f"make your pool or engine (docs/database.md)"
+                ) from None
+            yield conn
+
+    @contextlib.asynccontextmanager
+    async def _lend(self) -> AsyncIterator[Any]:
         if self.kind == "sqlalchemy":
             async with self.source.connect() as sa_conn:
                 raw = await sa_conn.get_raw_connection()

@@ -12,17 +12,22 @@
 ``iambus relay --transport URL --database DSN`` runs one as a process of its own. Any
 number of relays may run on one outbox at once. docs/outbox.md tells the design.
 
-A *pass* is one transaction. It first takes every lane (one of the outbox's ``LANES``)
-no other relay holds, each with a transaction-scoped advisory lock
+A *pass* first asks which lanes (of the outbox's ``LANES``) hold rows to send: one
+statement, outside any transaction, all that an idle pass costs. Then, in one READ
+COMMITTED transaction (whatever the database's default), it takes every one of those
+lanes no other relay holds, each with a transaction-scoped advisory lock
 (``pg_try_advisory_xact_lock``), so two relays never send the same lane's rows at once.
-It reads the oldest ``batch`` rows of those lanes in ``position`` order, sends each with
-its envelope unchanged, deletes the sent ones and commits, which releases the lanes; a
-full batch is followed by another pass. A key's rows are all in its lane, so they go out
-in ``position`` order: per key, the order the writers committed them (see ``outbox``).
-Within a batch the rows of one key are sent one after the other (each send returns once
-the broker has the message), while other keys' rows and rows without a key are sent at
-the same time, up to ``in_flight`` at once: a broker's round trip is paid per key, not
-per row.
+It reads the oldest ``batch`` rows of those lanes in ``position`` order (and no more
+than ``BATCH_BYTES`` of payload, one row at least), sends each with its envelope
+unchanged, deletes the sent ones and commits, which releases the lanes; a full batch is
+followed by another pass. A batch starts sends for ``BATCH_SECONDS`` at most (or half
+the server's ``idle_in_transaction_session_timeout``, if shorter): then it commits what
+was sent and the next pass goes on, so a slow broker never keeps a transaction open long.
+A key's rows are all in its lane, so they go out in ``position`` order: per key, the
+order the writers committed them (see ``outbox``). Within a batch the rows of one key
+are sent one after the other (each send returns once the broker has the message), while
+other keys' rows and rows without a key are sent at the same time, up to ``in_flight``
+at once: a broker's round trip is paid per key, not per row.
 
 No high-water mark: every pass reads every committed row still in the table, so a row a
 long transaction commits late, with a position lower than rows already sent, is read by
@@ -30,9 +35,14 @@ the next pass (the ``NOTIFY`` after its commit wakes the relays).
 
 Wake-up: a connection of its own ``LISTEN``s on the outbox's channel; each commit that
 wrote rows is followed by a ``NOTIFY`` (``Database.notify_relays``, or in the
-transaction: ``outbox.write``) and a pass starts at once. Polling every ``poll`` seconds is the
-fallback, and runs whether or not the relay listens (behind a transaction-pooling proxy
-``LISTEN`` appears to work and no notification ever arrives).
+transaction: ``outbox.write``) and a pass starts at once. Polling every ``poll`` seconds
+is the fallback, and runs whether or not the relay listens (behind a transaction-pooling
+proxy ``LISTEN`` appears to work and no notification ever arrives).
+
+Connections: one listens, one makes the passes, one purges the inbox now and then (a
+task of its own: ``inbox.purge``). Each is asked of the database's pool with a timeout
+(``ACQUIRE_TIMEOUT``): a pool too small for the handlers and the relay fails the pass
+with an error saying so, logged once, instead of a relay that waits without a word.
 
 Failures never stop a relay. A send that fails (``TransportError``, or any error) ends
 its key's chain: the key's later rows wait behind it, in order; the other keys go on.
@@ -85,9 +95,22 @@ connection the server closed is noticed at once; a silent network loss by this c
 LISTEN_CHECK_TIMEOUT = 10.0
 START_LISTEN_WAIT = 5.0
 """How long ``start()`` waits for the first ``LISTEN`` before it goes on with polling."""
+BATCH_SECONDS = 1.0
+"""Seconds a batch starts sends for, at most (and half the server's
+``idle_in_transaction_session_timeout``, if shorter): what was sent is committed, and
+the next pass goes on, so a slow broker never holds a transaction open for long."""
+BATCH_BYTES = 16 * 1024 * 1024
+"""Payload bytes a batch reads at most (and one row, however large): ``batch`` rows of
+large messages would otherwise all be in memory at once."""
+ACQUIRE_TIMEOUT = 10.0
+"""Seconds the relay waits for a connection of the database's pool; then the pass fails
+(logged once, naming the pool's size as the likely cause) and is tried again."""
 FAILED_SENDS = 5
 """Failed sends after which a row is parked, counted only in passes where the broker took
 other rows (a broker that takes nothing is an outage, and parks nothing)."""
+STOP_MOMENT = 0.05
+"""Seconds ``stop()`` waits at least, however late its deadline: an idle relay stops in
+far less, and is not cut short (no warning, no connection closed)."""
 STOP_GRACE = 1.0
 """Seconds a relay cut short at its deadline gets to unwind (its connections are closed
 first, so that nothing waits for the database)."""
@@ -128,21 +151,35 @@ class Relay:
         self.purge_every = check_seconds("purge_every", purge_every)
         self.in_flight = check_count("in_flight", in_flight)
         outbox = database.outbox
-        # The lanes no other relay holds, each locked until this transaction ends. And,
-        # for this transaction only, no sorts: the select below then walks the primary
-        # key in position order and stops after ``batch`` rows. The planner would
+        # The lanes that hold rows to send: one statement, outside any transaction (an
+        # idle pass is this one statement), one probe of the lane index per lane.
+        self._busy_sql = (
+            f"SELECT array_agg(g.lane) FROM generate_series(0, {LANES - 1}) AS g(lane) "
+            f"WHERE EXISTS (SELECT FROM {outbox} AS o "
+            f"WHERE o.lane = g.lane AND o.parked_at IS NULL)"
+        )
+        # Of those, the lanes no other relay holds, each locked until this transaction
+        # ends; the server's idle-in-transaction timeout (a batch sends within half of
+        # it). And, for this transaction only, no sorts: the select below then walks the
+        # primary key in position order and stops after ``batch`` rows. The planner would
         # otherwise, with statistics taken while the outbox was nearly empty (its usual
         # state), read and sort the whole backlog for every batch (70 ms a batch for a
         # backlog of 100,000 rows, instead of under 1 ms).
         self._lock_sql = (
-            f"SELECT (SELECT array_agg(lane) FROM generate_series(0, {LANES - 1}) AS lane "
-            f"WHERE pg_try_advisory_xact_lock($1::int, lane)), "
-            f"set_config('enable_sort', 'off', true), "
-            f"set_config('max_parallel_workers_per_gather', '0', true)"
+            "SELECT (SELECT array_agg(lane) FROM unnest($2::int[]) AS lane "
+            "WHERE pg_try_advisory_xact_lock($1::int, lane)), "
+            "extract(epoch FROM current_setting('idle_in_transaction_session_timeout')"
+            "::interval)::float8, "
+            "set_config('enable_sort', 'off', true), "
+            "set_config('max_parallel_workers_per_gather', '0', true)"
         )
+        # The oldest rows of those lanes, up to ``batch`` rows and as many as fit in
+        # BATCH_BYTES of payload (the first one always: a batch always progresses).
         self._select_sql = (
-            f"SELECT {ROW_COLUMNS} FROM {outbox} WHERE lane = ANY($1::int[]) "
-            f"AND parked_at IS NULL ORDER BY position LIMIT $2"
+            f"SELECT * FROM (SELECT {ROW_COLUMNS}, sum(octet_length(payload)) "
+            f"OVER (ORDER BY position) AS upto FROM {outbox} WHERE lane = ANY($1::int[]) "
+            f"AND parked_at IS NULL ORDER BY position LIMIT $2) AS head "
+            f"WHERE upto - octet_length(payload) < $3 ORDER BY position"
         )
         self._delete_sql = f"DELETE FROM {outbox} WHERE position = ANY($1::bigint[])"
         self._park_sql = (
@@ -156,6 +193,7 @@ class Relay:
         )
         self._task: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
+        self._purger: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()  # a notification came, or stop() was called
         self._idle = asyncio.Event()  # the loop waits between passes (tests watch it)
@@ -194,20 +232,23 @@ class Relay:
                 async with asyncio.timeout(START_LISTEN_WAIT):
                     await ready.wait()
         self._task = asyncio.create_task(self._run(), name="iambus-relay")
+        self._purger = asyncio.create_task(self._purge_every(), name="iambus-relay-purge")
 
     async def stop(self, deadline: float | None = None) -> None:
         """Stop relaying: the batch being sent ends once the sends in flight have returned
         (the rows sent are deleted). ``deadline`` (event-loop time; None: no limit) is
         when the relay is cut short instead: its connections are closed, its transaction
-        rolls back and the rows of that batch are sent again by the next relay."""
-        tasks = [task for task in (self._task, self._listener) if task is not None]
-        self._task = self._listener = None
+        rolls back and the rows of that batch are sent again by the next relay. It
+        returns by ``deadline + STOP_GRACE`` at the latest (a deadline already past
+        still gives the relay ``STOP_MOMENT`` to stop as an idle one does)."""
+        tasks = [t for t in (self._task, self._listener, self._purger) if t is not None]
+        self._task = self._listener = self._purger = None
         if not tasks:
             return
         self._stopping.set()
         self._wake.set()
         loop = asyncio.get_running_loop()
-        timeout = None if deadline is None else max(deadline - loop.time(), 0.0)
+        timeout = None if deadline is None else max(deadline - loop.time(), STOP_MOMENT)
         _, pending = await asyncio.wait(tasks, timeout=timeout)
         if not pending:
             _retrieve(tasks)
@@ -251,36 +292,57 @@ class Relay:
         return sent
 
     async def _pass(self) -> tuple[int, bool]:
-        """One batch, from every lane no other relay holds: (rows sent, whether a full
-        batch was taken, so more may wait)."""
+        """One batch, from every lane with rows no other relay holds: (rows sent,
+        whether more may wait)."""
         if self._stopping.is_set():
             return 0, False
-        async with self._connection() as conn, conn.transaction():
-            lanes = await conn.fetchval(self._lock_sql, self.database.lock_space)
-            if not lanes:
-                return 0, False  # other relays hold every lane
-            rows = await conn.fetch(self._select_sql, lanes, self.batch)
-            outcome = await self._send(rows)
-            for row, exc in outcome.parked:
-                await self._park(conn, row, exc)
-            if outcome.sent:
-                await conn.execute(self._delete_sql, outcome.sent)
-                # The broker takes the other rows: those it refused are charged an
-                # attempt (committed with the deletes), and parked after FAILED_SENDS.
-                # With nothing sent it is an outage, and nobody's fault.
-                if outcome.failed:
-                    await self._charge(conn, outcome.failed)
+        async with self._connection() as conn:
+            busy = await conn.fetchval(self._busy_sql)
+            if not busy:
+                return 0, False  # nothing to send: the one statement of an idle pass
+            try:
+                # READ COMMITTED whatever the database's default: each statement sees
+                # what committed before it, so the select sees the deletes of the relay
+                # that held a lane until just before this one took it.
+                async with conn.transaction(isolation="read_committed"):
+                    lanes, idle_limit, *_ = await conn.fetchrow(
+                        self._lock_sql, self.database.lock_space, busy
+                    )
+                    if not lanes:
+                        return 0, False  # other relays hold every lane with rows
+                    rows = await conn.fetch(self._select_sql, lanes, self.batch, BATCH_BYTES)
+                    outcome = await self._send(rows, _time_for(idle_limit))
+                    for row, exc in outcome.parked:
+                        await self._park(conn, row, exc)
+                    if outcome.sent:
+                        await conn.execute(self._delete_sql, outcome.sent)
+                        # The broker takes the other rows: those it refused are charged
+                        # an attempt (committed with the deletes), and parked after
+                        # FAILED_SENDS. With nothing sent it is an outage, nobody's fault.
+                        if outcome.failed:
+                            await self._charge(conn, outcome.failed)
+            except Exception as exc:
+                if not _lost(conn):
+                    raise
+                raise ConnectionError(
+                    f"the database closed the relay's connection during a batch (it "
+                    f"was terminated, the server restarted, or the batch was idle in "
+                    f"its transaction longer than the server's "
+                    f"idle_in_transaction_session_timeout): {type(exc).__name__}: {exc}"
+                ) from exc
         if outcome.failed and not outcome.sent:
             # The broker failed: the rows stay, each key's in order, for the retry.
             raise outcome.failed[0][1]
-        return len(outcome.sent), len(rows) == self.batch
+        full = bool(rows) and (len(rows) == self.batch or rows[-1]["upto"] >= BATCH_BYTES)
+        return len(outcome.sent), full or outcome.cut
 
-    async def _send(self, rows: Sequence[Any]) -> _Sent:
+    async def _send(self, rows: Sequence[Any], seconds: float) -> _Sent:
         """Send ``rows`` (in position order): the rows of one key one after
         the other, in order; different keys, and rows without a key, at the same time
         (up to ``in_flight`` sends outstanding). A send that fails ends its key's chain
         (the key's later rows wait behind it) and no other; a stop ends every chain
-        before its next send."""
+        before its next send, and so does the end of ``seconds`` once a row was sent
+        (what was sent is then committed, and the next pass goes on)."""
         outcome = _Sent()
         chains: list[list[Any]] = []
         by_key: dict[str, list[Any]] = {}
@@ -296,11 +358,16 @@ class Relay:
         todo = iter(chains)
         send = self.transport.send
         stopping = self._stopping
+        loop = asyncio.get_running_loop()
+        until = loop.time() + seconds
 
         async def sender() -> None:
             for chain in todo:
                 for row in chain:
                     if stopping.is_set():
+                        return
+                    if outcome.sent and loop.time() >= until:
+                        outcome.cut = True
                         return
                     try:
                         await send(row["address"], envelope_of(row))
@@ -368,7 +435,7 @@ class Relay:
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[Any]:
-        async with self.database.connection() as conn:
+        async with self.database.connection(ACQUIRE_TIMEOUT) as conn:
             self._held.add(conn)
             try:
                 yield conn
@@ -378,18 +445,13 @@ class Relay:
     # -- the background loop ------------------------------------------------------------
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         where = f"relay {self.database.outbox} -> {self.transport.url}"
         sending = _Outage(
             f"{where}: a pass failed",
             "the rows not sent stay in the outbox, in order",
             f"{where}: relaying again",
         )
-        next_purge = loop.time()
         while not self._stopping.is_set():
-            if loop.time() >= next_purge:
-                await self._purge()
-                next_purge = loop.time() + self.purge_every
             self._wake.clear()
             try:
                 sent, more = await self._pass()
@@ -406,15 +468,24 @@ class Relay:
             self._idle.set()
             try:
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(min(self.poll, max(next_purge - loop.time(), 0))):
+                    async with asyncio.timeout(self.poll):
                         await self._wake.wait()
             finally:
                 self._idle.clear()
 
+    async def _purge_every(self) -> None:
+        """Purge the inbox at start, then every ``purge_every`` seconds: a task of its
+        own, so that relaying goes on meanwhile."""
+        while not self._stopping.is_set():
+            await self._purge()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.purge_every):
+                    await self._stopping.wait()
+
     async def _purge(self) -> None:
         try:
             async with self._connection() as conn:
-                purged = await inbox.purge(conn, self.database)
+                purged = await inbox.purge(conn, self.database, stopping=self._stopping)
         except Exception as exc:  # the next purge tries again; relaying goes on
             logger.warning(
                 "relay %s: purging the inbox %s failed: %s",
@@ -492,6 +563,21 @@ class Relay:
         await self._stopping.wait()
 
 
+def _lost(conn: Any) -> bool:
+    """Whether ``conn`` was closed under us (a pool's proxy of one is detached)."""
+    try:
+        return bool(conn.is_closed())
+    except Exception:
+        return True
+
+
+def _time_for(idle_limit: float | None) -> float:
+    """Seconds a batch may send for, given the server's idle-in-transaction timeout."""
+    if not idle_limit:  # 0: none
+        return BATCH_SECONDS
+    return min(BATCH_SECONDS, idle_limit / 2)
+
+
 def _retrieve(tasks: list[asyncio.Task[None]]) -> None:
     """Collect how ``tasks`` ended (an error on the way out of a stop cut short is
     expected: its connection was closed under it)."""
@@ -507,6 +593,7 @@ class _Sent:
     sent: list[int] = field(default_factory=list)  # positions
     parked: list[tuple[Any, Exception]] = field(default_factory=list)
     failed: list[tuple[Any, Exception]] = field(default_factory=list)  # the broker refused
+    cut: bool = False  # the batch's time ran out before every row was sent
 
 
 class _Outage:
