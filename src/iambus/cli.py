@@ -779,8 +779,12 @@ def _db_init(args: argparse.Namespace) -> int:
             await database.create()
         except _database_errors():
             # A table made before, by hand or by another version, may lack a column the
-            # indexes use: the check names what is missing (and the SQL rolled back).
-            await database.check()
+            # indexes use: the check names what is missing (and the SQL rolled back). No
+            # table at all: the driver's error says why (no right to create, say).
+            async with database.connection() as conn:
+                there = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", database.outbox)
+            if there:
+                await database.check()
             raise
         await database.check()  # a table of another shape that the SQL did not trip on
         print(f"iambus's tables are ready: {_plain(database.outbox)}, {_plain(database.inbox)}")
@@ -914,9 +918,21 @@ def _database(args: argparse.Namespace, dsn: str | None = None) -> Database:
             "postgresql://app@127.0.0.1/shop"
         )
     try:
-        return Database(dsn, schema=args.schema, prefix=args.prefix)
+        database = Database(dsn, schema=args.schema, prefix=args.prefix)
     except ImproperlyConfigured as exc:
         raise CliError(str(exc).replace(dsn, redact(dsn))) from None
+    _check_hosts(dsn)
+    return database
+
+
+def _check_hosts(dsn: str) -> None:
+    """A DSN's hosts and ports that the driver would fail on with a traceback (a port over
+    65535, a broken IPv6 address): one line, without the password."""
+    try:
+        for host in urlsplit(dsn).netloc.rpartition("@")[2].split(","):  # hosts: h1,h2:5433
+            urlsplit(f"//{host}").port  # noqa: B018 - parsing is the check
+    except ValueError as exc:
+        raise CliError(f"--database {redact(dsn)} is not a valid DSN: {exc}") from None
 
 
 def _with_database(
