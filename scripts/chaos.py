@@ -28,6 +28,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ BROKERS = {
     "nats": ("nats://127.0.0.1:4222", 4222),
 }
 WORKERS = ("w1", "w2", "w3")
+WORKER = ("-m", "iambus", "worker", "chaos_app:create")
 READY = "iambus worker "  # what the command logs once its worker has declared every group
 CLAIM_AFTER = 3.0  # a worker that died leaves its deliveries to the others after this
 
@@ -102,28 +104,47 @@ class Row:
 
 
 class Workers:
-    """The 3 worker processes of one run: started, SIGKILLed, restarted, stopped."""
+    """The processes of one kind in a run (workers, here): started, SIGKILLed, restarted,
+    stopped. Each gets ``settings`` as JSON in ``IAMBUS_CHAOS``, runs in the run's folder
+    with this folder on its import path, and writes its output to ``<role>.<n>.out``.
 
-    def __init__(self, url: str, run: Path) -> None:
-        self.url, self.run = url, run
+    ``ready``: what a process prints once it is ready. A process that exits with status 0
+    after it was ready has ``finished`` its work when ``finish`` is set (it is not
+    restarted); any other exit this script did not cause is ``unexpected``, and the
+    process is restarted, unless it ended before it was ready with output naming one of
+    ``refusals``: a start refused by a service that was down, counted in ``refused``.
+    """
+
+    def __init__(
+        self,
+        run: Path,
+        settings: dict[str, Any],
+        command: tuple[str, ...] = WORKER,
+        *,
+        ready: str = READY,
+        finish: bool = False,
+        refusals: tuple[str, ...] = ("connect failed",),
+    ) -> None:
+        self.run, self.settings, self.command = run, settings, command
+        self.ready_text, self.finish, self.refusals = ready, finish, refusals
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.starts: Counter[str] = Counter()
         self.exits: list[int] = []  # of every process that ended, as it ended
         self.unexpected: list[str] = []
         self.killing: set[int] = set()  # pids this script SIGKILLed
-        self.refused = 0  # starts that found the broker down
+        self.refused = 0  # starts that found a service down
+        self.finished: set[str] = set()
 
     def output(self, role: str) -> Path:
         return self.run / f"{role}.{self.starts[role]}.out"
 
     def start(self, role: str) -> None:
         self.starts[role] += 1
-        settings = {"url": self.url, "claim_after": CLAIM_AFTER, "log": str(self.run / "handled")}
-        env = {**os.environ, "IAMBUS_CHAOS": json.dumps(settings)}
+        env = {**os.environ, "IAMBUS_CHAOS": json.dumps(self.settings)}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
         with open(self.output(role), "wb") as out:
             self.procs[role] = subprocess.Popen(
-                [sys.executable, "-m", "iambus", "worker", "chaos_app:create"],
+                [sys.executable, *self.command],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=self.run,
@@ -133,16 +154,20 @@ class Workers:
     async def ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         for role in list(self.procs):
-            while READY not in self.output(role).read_text(errors="replace"):
+            while role in self.procs and self.ready_text not in self.said(role):
                 self.reap()
                 if time.monotonic() > deadline:
                     raise RuntimeError(
-                        f"worker {role} did not start in {timeout:g} s; see {self.run}"
+                        f"{role} did not start in {timeout:g} s; see {self.output(role)}"
                     )
                 await asyncio.sleep(0.1)
 
+    def said(self, role: str) -> str:
+        return self.output(role).read_text(errors="replace")
+
     def reap(self) -> None:
-        """Note workers that ended; restart those that ended by themselves (a failure)."""
+        """Note processes that ended; restart those that ended by themselves (a failure),
+        except those that finished their work."""
         for role, proc in list(self.procs.items()):
             code = proc.poll()
             if code is None:
@@ -151,10 +176,14 @@ class Workers:
             del self.procs[role]
             if proc.pid in self.killing:
                 continue
-            said = self.output(role).read_text(errors="replace")
-            if READY not in said and "connect failed" in said:
-                # Started while the broker was down (restarting): the command refuses to
-                # start then, as it should. Not a crash; said in the notes.
+            said = self.said(role)
+            if self.finish and code == 0 and self.ready_text in said:
+                self.finished.add(role)
+                continue
+            if self.ready_text not in said and any(text in said for text in self.refusals):
+                # Started while a service was down (a broker restarting, a database
+                # connection terminated): the command refuses to start then, as it
+                # should. Not a crash; said in the notes.
                 self.refused += 1
             else:
                 where = self.output(role)
@@ -391,7 +420,8 @@ async def one_broker(broker: str, plan: Plan, keep: bool) -> Row:
     namespace = f"chaos-{uuid.uuid4().hex[:10]}"
     url = f"{BROKERS[broker][0]}?namespace={namespace}"
     run_dir = Path(tempfile.mkdtemp(prefix=f"iambus-chaos-{broker}-"))
-    workers = Workers(url, run_dir)
+    settings = {"url": url, "claim_after": CLAIM_AFTER, "log": str(run_dir / "handled")}
+    workers = Workers(run_dir, settings)
     admin = await admin_for(broker)
     transport = connect(url, claim_after=CLAIM_AFTER)
     sent: set[tuple[str, ...]] = set()
@@ -479,63 +509,81 @@ async def one_broker(broker: str, plan: Plan, keep: bool) -> Row:
 # -- the report -------------------------------------------------------------------------
 
 
-def table(rows: list[Row]) -> str:
-    head = (
-        "broker",
-        "sent",
-        "handled (unique)",
-        "lost",
-        "duplicated",
-        "order violations",
-        "poison dead-lettered",
-        "SIGKILLs / connections killed",
-        "worker exit codes",
-        "drain",
-        "result",
-    )
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for r in rows:
-        drain = f"{r.drain:.1f} s" if r.drain is not None else "did not drain"
-        cells = (
-            r.broker,
-            r.sent,
-            r.handled,
-            r.lost,
-            r.duplicated,
-            r.order,
-            r.poison,
-            f"{r.kills} / {r.conn_kills}",
-            r.exits,
-            drain,
-            "ok" if r.ok else "FAILED",
-        )
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
+HEAD = (
+    "broker",
+    "sent",
+    "handled (unique)",
+    "lost",
+    "duplicated",
+    "order violations",
+    "poison dead-lettered",
+    "SIGKILLs / connections killed",
+    "worker exit codes",
+)
+
+
+def cells(r: Row) -> tuple[object, ...]:
+    kills = f"{r.kills} / {r.conn_kills}"
+    return (r.broker, r.sent, r.handled, r.lost, r.duplicated, r.order, r.poison, kills, r.exits)
+
+
+def markdown(
+    head: tuple[str, ...], cells: Callable[[Any], tuple[object, ...]], rows: list[Any]
+) -> str:
+    """The table of a chaos run: a line per broker's row, ``cells(row)`` then the drain
+    (``row.drain``: seconds, or None) and the result (``row.ok``)."""
+    lines = ["| " + " | ".join((*head, "drain", "result")) + " |", "|" + " --- |" * (len(head) + 2)]
+    for row in rows:
+        drain = f"{row.drain:.1f} s" if row.drain is not None else "did not drain"
+        line = (*cells(row), drain, "ok" if row.ok else "FAILED")
+        lines.append("| " + " | ".join(map(str, line)) + " |")
     return "\n".join(lines)
 
 
-async def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="scripts/chaos", description=__doc__.split("\n\n")[0])
+async def each_broker(
+    argv: list[str],
+    prog: str,
+    doc: str,
+    one: Callable[[str, Any, bool], Awaitable[Any]],
+    plans: tuple[Any, Any],
+    table: tuple[tuple[str, ...], Callable[[Any], tuple[object, ...]]],
+    failed: Callable[..., Any],
+    short: str,
+) -> int:
+    """The command line of a chaos run (this one, scripts/outbox_chaos.py): for each broker
+    asked (all by default), ``one(broker, plan, keep)`` with the short or the full one of
+    ``plans`` gives its row (``ok``, ``drain``, ``notes``), or ``failed(broker, notes=...)``
+    (the row's class) one for a run that could not even start; prints each one's notes, then the
+    ``markdown`` table of the rows (``table``: its head and cells). Exit status 1 unless
+    every row is ok."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
     parser.add_argument("--broker", choices=sorted(BROKERS), action="append", help="(repeatable)")
-    parser.add_argument("--short", action="store_true", help="about a minute per broker")
+    parser.add_argument("--short", action="store_true", help=short)
     parser.add_argument("--keep", action="store_true", help="keep the run's files even if ok")
     args = parser.parse_args(argv)
-    plan = SHORT if args.short else FULL
     rows = []
     started = time.monotonic()
     for broker in args.broker or sorted(BROKERS):
         began = time.monotonic()
         try:
-            row = await one_broker(broker, plan, args.keep)
+            row = await one(broker, plans[0] if args.short else plans[1], args.keep)
         except Exception as exc:  # a run that could not even start is a failure, said so
-            row = Row(broker, notes=[f"{type(exc).__name__}: {exc}"])
+            row = failed(broker, notes=[f"{type(exc).__name__}: {exc}"])
         rows.append(row)
         print(f"== {broker}: {'ok' if row.ok else 'FAILED'} in {time.monotonic() - began:.0f} s")
         for note in row.notes:
             print(f"   {note}")
     print()
-    print(table(rows))
+    print(markdown(*table, rows))
     print(f"\n{'short' if args.short else 'full'} run, {time.monotonic() - started:.0f} s in all")
     return 0 if all(row.ok for row in rows) else 1
+
+
+async def main(argv: list[str]) -> int:
+    short = "about a minute per broker"
+    return await each_broker(
+        argv, "scripts/chaos", __doc__, one_broker, (SHORT, FULL), (HEAD, cells), Row, short
+    )
 
 
 if __name__ == "__main__":

@@ -343,6 +343,25 @@ def test_worker_reports_an_unreachable_broker(
     assert "Traceback" not in err
 
 
+def test_worker_reports_an_unreachable_database(
+    apps: Apps, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Its relay starts with the dispatcher: a database that fails then (down, or its
+    # connection terminated) ends the worker with one line, as `iambus relay`.
+    dsn = "postgresql://postgres:s3cret@127.0.0.1:1/test"  # nothing listens on port 1
+    source = APP.replace("DEFAULTS", f'{ORDERS}, database=Database("{dsn}")')
+    source = source.replace("HANDLED", "'handled.txt'")
+    name = apps.write("from iambus.database import Database\n" + source)
+    argv = ["worker", f"{name}:dp", "--transport", "memory://", "--service", "billing"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert (
+        f"iambus: error: {name}:dp: the database postgresql://postgres:***@127.0.0.1:1/test "
+        f"failed: " in err
+    )
+    assert "Traceback" not in err
+
+
 def test_worker_stops_with_one_line_when_receiving_fails_for_good(
     apps: Apps, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -967,6 +986,31 @@ def test_db_init_finds_a_table_of_another_shape(
     assert "Traceback" not in err
 
 
+def test_db_init_without_the_right_to_create_says_why(
+    schema: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    role = f"norights_{uuid.uuid4().hex[:8]}"
+
+    async def admin(sql: str) -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(POSTGRES_DSN)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f"CREATE ROLE {role} LOGIN"))
+    try:
+        dsn = POSTGRES_DSN.replace("postgres@", f"{role}@")
+        assert main(["db", "init", "--database", dsn, "--schema", schema]) == 1
+    finally:
+        asyncio.run(admin(f"DROP ROLE {role}"))
+    err = capsys.readouterr().err
+    assert "InsufficientPrivilegeError: permission denied for database" in err, err
+    assert err.count("\n") == 1, err
+
+
 @pytest.mark.parametrize(
     ("argv", "status", "message"),
     [
@@ -1005,6 +1049,16 @@ def test_db_init_finds_a_table_of_another_shape(
             "memory:// lives inside one process",
         ),
         (["relay", "--transport", "x://", "--database", POSTGRES_DSN, "--poll", "0"], 2, "> 0"),
+        (
+            ["status", "--database", "postgresql://app:s3cret@127.0.0.1:99999/shop"],
+            2,
+            "--database postgresql://*** is not a valid DSN: Port out of range 0-65535",
+        ),
+        (
+            ["outbox", "list", "--database", "postgresql://app:s3cret@[::1/shop"],
+            2,
+            "is not a valid DSN: Invalid IPv6 URL",
+        ),
     ],
     ids=[
         "unreachable",
@@ -1016,6 +1070,8 @@ def test_db_init_finds_a_table_of_another_shape(
         "status-needs-one",
         "relay-memory",
         "relay-poll",
+        "port-out-of-range",
+        "broken-ipv6",
     ],
 )
 def test_database_commands_say_what_is_wrong_in_one_line(

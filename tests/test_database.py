@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import uuid
 
+import asyncpg
 import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -94,6 +95,31 @@ async def test_an_engine_gives_its_driver_connection(database: Database) -> None
             assert await conn.fetchval("SELECT 1") == 1
     finally:
         await engine.dispose()
+
+
+async def test_notify_relays_folds_the_calls_made_before_the_notify_goes_out(
+    database: Database,
+) -> None:
+    heard: list[str] = []
+    listener = await asyncpg.connect(POSTGRES_DSN)
+
+    async def hear(count: int) -> None:
+        deadline = asyncio.get_running_loop().time() + 5
+        while len(heard) < count:
+            assert asyncio.get_running_loop().time() < deadline, heard
+            await listener.execute("SELECT 1")  # notifications arrive between statements
+
+    try:
+        await listener.add_listener(database.channel, lambda *args: heard.append(args[2]))
+        for _ in range(20):  # twenty commits in a row: one NOTIFY, sent after them all
+            database.notify_relays()
+        await hear(1)
+        database.notify_relays()  # a commit right after it: not lost, a NOTIFY follows
+        await database.close()  # it lets the wake-up on its way go out first
+        await hear(2)
+        assert heard == [database.channel, database.channel]
+    finally:
+        await listener.close()
 
 
 def test_a_prefix_too_long_for_postgresql_is_refused() -> None:

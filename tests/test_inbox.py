@@ -210,3 +210,19 @@ async def test_a_query_writes_no_inbox_record(database: Database) -> None:
     async with server, client:
         assert await client.query(Balance(), timeout=5) == 5
     assert await inbox(database) == []
+
+
+async def test_purge_deletes_in_chunks_and_not_while_another_purges(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("iambus.inbox.PURGE_CHUNK", 2)
+    async with database.connection() as conn:
+        await conn.execute(
+            f"INSERT INTO {database.inbox} (message_id, handler, handled_at) "
+            f"SELECT 'm-' || n, 'h', now() - interval '8 days' FROM generate_series(1, 5) AS n"
+        )
+        async with database.connection() as other, other.transaction():  # another purge
+            await other.execute("SELECT pg_advisory_xact_lock($1::int, -1)", database.lock_space)
+            assert await purge(conn, database) == 0
+        assert await purge(conn, database) == 5  # 2 + 2 + 1
+        assert await conn.fetchval(f"SELECT count(*) FROM {database.inbox}") == 0

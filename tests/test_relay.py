@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import time
 import uuid
 from collections import Counter
@@ -23,6 +24,7 @@ from iambus import Envelope, ImproperlyConfigured, SerializationError, Transport
 from iambus.database import Database
 from iambus.outbox import Outgoing, lane_of, write
 from iambus.relay import (
+    FAILED_SENDS,
     STOP_GRACE,
     OutboxStatus,
     Relay,
@@ -166,6 +168,30 @@ class Stalling:
         await self.transport.send(address, envelope)
 
 
+class Overlapping:
+    """A transport whose sends take a random few milliseconds (so that they return in
+    another order than they went out), counting how many are outstanding at once."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self.url = "overlapping+" + transport.url
+        self.now = self.most = 0
+        self.keys_now: Counter[str | None] = Counter()
+
+    async def send(self, address: str, envelope: Envelope) -> None:
+        self.now += 1
+        self.most = max(self.most, self.now)
+        self.keys_now[envelope.key] += 1
+        if envelope.key is not None:
+            assert self.keys_now[envelope.key] == 1, f"two sends of {envelope.key} at once"
+        try:
+            await asyncio.sleep(random.uniform(0, 0.003))
+            await self.transport.send(address, envelope)
+        finally:
+            self.now -= 1
+            self.keys_now[envelope.key] -= 1
+
+
 def relay_on(database: Database, transport: Any, relays: list[Relay], **options: Any) -> Relay:
     relay = Relay(database, transport, **options)
     relays.append(relay)
@@ -260,6 +286,149 @@ async def test_two_relays_send_every_row_once_and_each_key_in_commit_order(
         assert [n_of(e) for e in got if e.key == key] == list(range(per_key)), key
 
 
+async def test_a_batch_sends_different_keys_at_once_and_each_key_in_order(
+    database: Database, transport: MemoryTransport
+) -> None:
+    keys = keys_in_one_lane(4)  # one lane, so one batch holds them all
+    await commit(database, *(envelope(n, key=key) for n in range(6) for key in keys))
+    overlapping = Overlapping(transport)
+
+    assert await Relay(database, overlapping).run_once() == 24
+
+    assert overlapping.most == len(keys)  # a send per key outstanding, never two of one key
+    got = await rest(transport)
+    for key in keys:
+        assert [n_of(e) for e in got if e.key == key] == list(range(6)), key
+
+    await commit(database, *(envelope(n, key=key) for n in range(2) for key in keys))
+    one_at_a_time = Overlapping(transport)
+    assert await Relay(database, one_at_a_time, in_flight=1).run_once() == 8
+    assert one_at_a_time.most == 1
+
+
+def keys_in_lanes(count: int) -> list[str]:
+    """``count`` keys, each in a lane of its own."""
+    by_lane: dict[int, str] = {}
+    for key in (f"key-{i}" for i in range(1000)):
+        by_lane.setdefault(lane_of(key), key)
+    return list(by_lane.values())[:count]
+
+
+async def test_a_batch_takes_every_free_lane_and_skips_those_another_relay_holds(
+    database: Database, transport: MemoryTransport
+) -> None:
+    held, *free = keys_in_lanes(5)
+    await commit(database, *(envelope(n, key=key) for n in range(3) for key in [held, *free]))
+    overlapping = Overlapping(transport)
+    async with database.connection() as other, other.transaction():  # another relay's lane
+        await other.execute(
+            "SELECT pg_advisory_xact_lock($1::int, $2::int)", database.lock_space, lane_of(held)
+        )
+        assert await Relay(database, overlapping).run_once() == 12
+
+        assert overlapping.most == 4  # the four free lanes' keys, in one batch
+        got = await rest(transport)
+        assert {e.key for e in got} == set(free)
+    assert await Relay(database, transport).run_once() == 3  # released: its rows now
+    assert [n_of(e) for e in await rest(transport)] == [0, 1, 2]
+
+
+async def test_a_batch_reads_its_rows_in_position_order_not_the_whole_backlog(
+    database: Database,
+) -> None:
+    # A backlog in a table whose statistics say it is empty (never analyzed, as after a
+    # quiet spell): the batch's select must walk the primary key and stop after `batch`
+    # rows, not read and sort the whole backlog for every batch.
+    async with database.connection() as conn, conn.transaction():
+        await write(conn, database, [Outgoing(ADDRESS, envelope(n)) for n in range(3000)])
+    relay = Relay(database, MemoryTransport())
+    async with database.connection() as conn, conn.transaction():
+        busy = await conn.fetchval(relay._busy_sql)
+        lanes, *_ = await conn.fetchrow(relay._lock_sql, database.lock_space, busy)
+        plan = [
+            row[0] for row in await conn.fetch("EXPLAIN " + relay._select_sql, lanes, 200, 1 << 24)
+        ]
+    assert sorted(lanes) == list(range(16))
+    assert not any("Sort" in line for line in plan), plan
+    assert any("Index Scan using" in line for line in plan), plan
+
+
+async def test_rows_without_a_key_are_sent_at_once_up_to_in_flight(
+    database: Database, transport: MemoryTransport
+) -> None:
+    async with database.connection() as conn, conn.transaction():  # all in one lane
+        await write(conn, database, [Outgoing(ADDRESS, envelope(n)) for n in range(30)])
+        await conn.execute(f"UPDATE {database.outbox} SET lane = 0")
+    overlapping = Overlapping(transport)
+
+    assert await Relay(database, overlapping, in_flight=10).run_once() == 30
+
+    assert overlapping.most == 10
+    assert sorted(n_of(e) for e in await rest(transport)) == list(range(30))
+
+
+async def test_a_send_that_fails_stops_its_key_only_and_keeps_its_order(
+    database: Database, transport: MemoryTransport
+) -> None:
+    first, second = keys_in_one_lane(2)
+    await commit(database, *(envelope(n, key=key) for n in range(5) for key in (first, second)))
+    failing = Failing(  # the first key's third row meets a broker that refuses it
+        Overlapping(transport),
+        reject=lambda e: e.key == first and n_of(e) == 2,
+        error=TransportError("maximum payload exceeded (a test's doing)"),
+    )
+
+    assert await Relay(database, failing).run_once() == 7  # the other key goes on
+    before = await rest(transport)
+    assert [n_of(e) for e in before if e.key == first] == [0, 1]
+    assert [n_of(e) for e in before if e.key == second] == list(range(5))
+    assert await count_rows(database) == 3  # the sent ones were deleted
+
+    assert await Relay(database, transport).run_once() == 3
+    after = await rest(transport)
+    assert [n_of(e) for e in before + after if e.key == first] == list(range(5))
+
+
+async def test_a_row_the_broker_keeps_refusing_is_parked_and_the_others_go_on(
+    database: Database, transport: MemoryTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    poison, healthy = keys_in_lanes(2)  # other lanes: a lane is not held up either
+    refused = envelope(0, key=poison)
+    await commit(database, refused, envelope(1, key=poison))
+    failing = Failing(
+        transport,
+        reject=lambda e: e.id == refused.id,
+        error=TransportError("nats: maximum payload exceeded"),
+    )
+    relay = Relay(database, failing)
+    for n in range(FAILED_SENDS):
+        await commit(database, envelope(100 + n, key=healthy))
+        assert await relay.run_once() == 1
+        assert [n_of(e) for e in await rest(transport)] == [100 + n]
+    [row] = await parked(database)
+    assert (row.message_id, row.attempts) == (refused.id, FAILED_SENDS)
+    assert row.error == "TransportError: nats: maximum payload exceeded"
+    [error] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert f"outbox row {row.position}" in error.getMessage()
+    assert await relay.run_once() == 1  # the key's next row, behind it until it was parked
+    assert [n_of(e) for e in await rest(transport)] == [1]
+
+
+async def test_a_broker_that_takes_nothing_parks_nothing(
+    database: Database, transport: MemoryTransport
+) -> None:
+    await commit(database, envelope(0, key="a"), envelope(1, key="b"))
+    down = Failing(transport, times=10**9)
+    relay = Relay(database, down)
+    for _ in range(FAILED_SENDS + 1):
+        with pytest.raises(TransportError, match="broker is down"):
+            await relay.run_once()
+    assert await parked(database) == []
+    async with database.connection() as conn:
+        assert await conn.fetchval(f"SELECT max(attempts) FROM {database.outbox}") == 0
+    assert await Relay(database, transport).run_once() == 2
+
+
 async def _empty(database: Database) -> bool:
     return await count_rows(database) == 0
 
@@ -321,14 +490,16 @@ async def test_a_broker_failure_keeps_the_unsent_rows_in_order(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     await commit(database, *(envelope(n, key="order-1") for n in range(8)))
-    failing = Failing(transport, after=2, times=3)
+    failing = Failing(transport, after=2, times=4)
     relay = relay_on(database, failing, relays, poll=3600)
 
-    with pytest.raises(TransportError, match="broker is down"):
-        await relay.run_once()
+    assert await relay.run_once() == 2  # the broker took some: the pass is no outage
     assert [n_of(e) for e in await rest(transport)] == [0, 1]  # sent, and deleted
     assert await count_rows(database) == 6
+    with pytest.raises(TransportError, match="broker is down"):  # it takes nothing
+        await relay.run_once()
 
+    caplog.clear()
     caplog.set_level(logging.INFO, logger="iambus.relay")
     await relay.start()  # it fails twice more, backs off, then gets through
     assert [n_of(e) for e in await received(transport, 6)] == [2, 3, 4, 5, 6, 7]
@@ -340,6 +511,30 @@ async def test_a_broker_failure_keeps_the_unsent_rows_in_order(
     assert len(warnings) == 1, logged  # once per outage, not once per attempt
     assert "a pass failed: TransportError: the broker is down" in warnings[0]
     assert any("relaying again, after 2 failed attempt(s)" in m for _, m in logged), logged
+
+
+async def test_an_outage_is_logged_once_while_another_relay_holds_the_failing_lane(
+    database: Database,
+    transport: MemoryTransport,
+    relays: list[Relay],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="iambus.relay")
+    await commit(database, envelope(1, key="k"))
+    down = Failing(transport, times=10**9)
+    relay = relay_on(database, down, relays, poll=0.02, listen=False)
+    await relay.start()
+    await until(_true(lambda: down.calls > 0), "a failed pass")
+    async with database.connection() as other, other.transaction():  # another relay's lane
+        await other.execute(
+            "SELECT pg_advisory_xact_lock($1::int, $2::int)", database.lock_space, lane_of("k")
+        )
+        await relay._idle.wait()  # a pass that found nothing it could take: no success
+    calls = down.calls
+    await until(_true(lambda: down.calls > calls), "a failed pass after the lane came free")
+    await relay.stop()
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "iambus.relay"]
+    assert [level for level, _ in logged] == ["WARNING"], logged
 
 
 async def test_a_row_that_does_not_decode_is_parked_and_can_be_released(
@@ -495,6 +690,150 @@ def _true(check: Callable[[], bool]) -> Callable[[], Any]:
     return holds
 
 
+async def test_an_idle_relay_stopped_past_its_deadline_is_not_cut_short(
+    database: Database, transport: MemoryTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    relay = Relay(database, transport, poll=3600)
+    await relay.start()
+    await relay._idle.wait()
+    await relay.stop(asyncio.get_running_loop().time() - 1)
+    assert not relay.running
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+@pytest.fixture
+async def own_pool() -> AsyncIterator[Callable[..., Any]]:
+    """Makes asyncpg pools of the test's own (closed at the end)."""
+    import asyncpg
+
+    made: list[Any] = []
+
+    async def make(**options: Any) -> Any:
+        made.append(await asyncpg.create_pool(POSTGRES_DSN, min_size=1, **options))
+        return made[-1]
+
+    yield make
+    for pool in made:
+        pool.terminate()
+
+
+async def test_an_idle_pass_is_one_statement(
+    database: Database, transport: MemoryTransport, own_pool: Callable[..., Any]
+) -> None:
+    statements: list[str] = []
+
+    async def init(conn: Any) -> None:
+        conn.add_query_logger(lambda record: statements.append(record.query))
+
+    pool = await own_pool(max_size=2, init=init)
+    relay = Relay(Database(pool, schema=database.schema), transport)
+    await relay.run_once()
+    statements.clear()
+    assert await relay.run_once() == 0
+    assert len([s for s in statements if database.outbox in s]) == 1, statements
+    assert not any("BEGIN" in s for s in statements), statements
+
+
+async def test_a_pass_reads_committed_rows_whatever_the_default_isolation(
+    database: Database, transport: MemoryTransport, own_pool: Callable[..., Any]
+) -> None:
+    # Under REPEATABLE READ a pass's snapshot would be taken before it took its lanes: it
+    # could read rows that the relay which held them until then had sent and deleted.
+    pool = await own_pool(
+        max_size=2, server_settings={"default_transaction_isolation": "repeatable read"}
+    )
+    relay = Relay(Database(pool, schema=database.schema), transport)
+    seen: list[str] = []
+
+    class Watching:
+        url = "watching+memory://"
+
+        async def send(self, address: str, envelope: Envelope) -> None:
+            [conn] = relay._held  # the pass's connection, in its transaction
+            seen.append(await conn.fetchval("SHOW transaction_isolation"))
+            await transport.send(address, envelope)
+
+    relay.transport = Watching()  # type: ignore[assignment]
+    await commit(database, envelope(1))
+    assert await relay.run_once() == 1
+    assert seen == ["read committed"]
+
+
+async def test_a_slow_batch_commits_within_the_servers_idle_in_transaction_timeout(
+    database: Database, transport: MemoryTransport, own_pool: Callable[..., Any]
+) -> None:
+    pool = await own_pool(
+        max_size=2, server_settings={"idle_in_transaction_session_timeout": "300"}
+    )
+    own = Database(pool, schema=database.schema)
+    pause = 0.03
+
+    class Slowish:
+        url = "slowish+memory://"
+        calls = 0
+
+        async def send(self, address: str, envelope: Envelope) -> None:
+            Slowish.calls += 1
+            await asyncio.sleep(pause)
+            await transport.send(address, envelope)
+
+    await commit(database, *(envelope(n, key="k") for n in range(12)))  # 0.36 s of sends
+    assert await Relay(own, Slowish()).run_once() == 12  # in passes of ~0.15 s each
+    assert Slowish.calls == 12  # none sent twice
+    assert [n_of(e) for e in await rest(transport)] == list(range(12))
+
+    pause = 0.5  # one send longer than the timeout: the error says what closed it
+    await commit(database, envelope(0))
+    with pytest.raises(ConnectionError, match="idle_in_transaction_session_timeout"):
+        await Relay(own, Slowish()).run_once()
+
+
+async def test_a_batch_reads_a_bounded_number_of_payload_bytes(
+    database: Database, transport: MemoryTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("iambus.relay.BATCH_BYTES", 50)
+    await commit(database, *(envelope(n, key="k") for n in range(10)))  # 8 bytes each
+    relay = Relay(database, transport)
+    assert await relay._pass() == (7, True)  # 0 to 48 bytes before it: the 7th starts at 48
+    assert await relay.run_once() == 3
+    async with database.connection() as conn, conn.transaction():
+        large = [
+            Envelope(name="Thing", payload=json.dumps({"n": n, "x": "x" * 90}).encode())
+            for n in (1, 2)
+        ]
+        await write(conn, database, [Outgoing(ADDRESS, e) for e in large])
+    assert await relay._pass() == (1, True)  # a row larger than the bound goes on its own
+    assert await relay.run_once() == 1
+    got = await rest(transport)
+    assert [n_of(e) for e in got if e.key == "k"] == list(range(10))
+    assert sorted(n_of(e) for e in got if e.key is None) == [1, 2]
+
+
+async def test_a_relay_on_a_pool_too_small_says_so_once(
+    database: Database,
+    transport: MemoryTransport,
+    own_pool: Callable[..., Any],
+    relays: list[Relay],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr("iambus.relay.ACQUIRE_TIMEOUT", 0.05)
+    pool = await own_pool(max_size=1)  # the listening connection takes it
+    relay = relay_on(Database(pool, schema=database.schema), transport, relays, poll=0.02)
+    await relay.start()
+    assert relay.listening
+
+    caplog.set_level(logging.DEBUG, logger="iambus.relay")
+
+    def logged(level: int) -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno == level]
+
+    await until(_true(lambda: len(logged(logging.DEBUG)) >= 2), "passes failing again")
+    [warning] = [m for m in logged(logging.WARNING) if "a pass failed" in m]
+    assert "no connection of <Database asyncpg-pool" in warning
+    assert "came free within 0.05 s: its pool is too small" in warning
+
+
 # -- housekeeping -------------------------------------------------------------------------
 
 
@@ -527,6 +866,28 @@ async def test_the_relay_purges_old_inbox_records(
         for relay in relays:
             await relay.stop()
         await kept.close()
+
+
+async def test_relaying_goes_on_while_the_inbox_purge_waits(
+    database: Database, transport: MemoryTransport, relays: list[Relay]
+) -> None:
+    async with database.connection() as conn:
+        await conn.execute(
+            f"INSERT INTO {database.inbox} (message_id, handler, handled_at) "
+            f"VALUES ('old', 'h', now() - interval '8 days')"
+        )
+    async with database.connection() as holder, holder.transaction():  # a row lock
+        await holder.execute(f"SELECT * FROM {database.inbox} FOR UPDATE")
+        relay = relay_on(database, transport, relays, poll=3600)
+        await relay.start()  # its purge waits for the lock
+        await commit(database, envelope(1))
+        assert [n_of(e) for e in await received(transport, 1)] == [1]
+    await until(lambda: _no_inbox(database), "the purge, once the lock was released")
+
+
+async def _no_inbox(database: Database) -> bool:
+    async with database.connection() as conn:
+        return not await conn.fetchval(f"SELECT count(*) FROM {database.inbox}")
 
 
 async def _is(read: Callable[[], Any], expected: set[str]) -> bool:
@@ -567,6 +928,7 @@ async def test_outbox_status_counts_the_backlog_its_age_and_the_parked_rows(
         ({"poll": 0}, "poll must be seconds (a number > 0), got 0"),
         ({"listen": "yes"}, "listen must be True or False, got 'yes'"),
         ({"purge_every": float("inf")}, "purge_every must be seconds (a number > 0), got inf"),
+        ({"in_flight": 0}, "in_flight must be an int of at least 1, got 0"),
     ],
 )
 def test_options_are_checked(options: dict[str, Any], message: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import traceback
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -32,6 +33,7 @@ from iambus import (
     WouldDeadlock,
 )
 from iambus.database import Database
+from iambus.relay import Relay
 from iambus.transports.memory import MemoryTransport
 from iambus.unit_of_work import Connection, Session
 
@@ -279,6 +281,34 @@ async def test_dp_unit_of_work_joins_a_transaction_already_open(orders: Database
         assert len(await outbox(orders)) == 1
 
 
+@pytest.mark.parametrize("joined", [False, True], ids=["its-own-commit", "the-callers-commit"])
+async def test_a_committed_unit_wakes_a_listening_relay(orders: Database, joined: bool) -> None:
+    # A relay of another process (a Database of its own) that only a notification wakes.
+    transport = MemoryTransport()
+    await transport.declare("event.OrderPlaced", "readers", from_start=True)
+    other = Database(POSTGRES_DSN, schema=orders.schema)
+    relay = Relay(other, transport, poll=3600)
+    dp = shop(orders)
+    try:
+        await relay.start()
+        assert relay.listening
+        await relay._idle.wait()  # its first pass is over
+        async with dp, orders.connection() as conn:
+            if joined:
+                async with conn.transaction(), dp.unit_of_work(conn):
+                    await dp.publish(OrderPlaced(1))
+            else:
+                async with dp.unit_of_work(conn):
+                    await dp.publish(OrderPlaced(1))
+        [delivery] = await transport.receive(
+            "event.OrderPlaced", "readers", consumer="test", limit=1, wait=5
+        )
+        assert json.loads(delivery.envelope.payload) == {"order_id": 1}
+    finally:
+        await relay.stop()
+        await other.close()
+
+
 async def test_a_middleware_opening_a_unit_gets_the_emitted_events_before_its_commit(
     orders: Database,
 ) -> None:
@@ -375,6 +405,24 @@ async def test_a_failed_transaction_is_named_and_rolled_back(orders: Database) -
         with pytest.raises(TransactionFailed, match="had failed already"):
             await dp.execute(PlaceOrder(1))
     assert await order_ids(orders) == []
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "sqlalchemy"])
+async def test_a_handlers_error_keeps_its_traceback(
+    orders: Database, engine: AsyncEngine, driver: str
+) -> None:
+    # The unit's session is given back on the way out with the error: its traceback must
+    # still say where the handler raised it (what the worker logs of a failed delivery).
+    dp = shop(orders if driver == "asyncpg" else Database(engine, schema=orders.schema))
+
+    @dp.commands.register(PlaceOrder, unit_of_work=True)
+    async def declined(command: PlaceOrder) -> int:
+        raise RuntimeError("card declined")
+
+    async with dp:
+        with pytest.raises(RuntimeError, match="card declined") as raised:
+            await dp.execute(PlaceOrder(1))
+    assert "declined" in [frame.name for frame in traceback.extract_tb(raised.value.__traceback__)]
 
 
 # -- joining, nesting, providers --------------------------------------------------------------

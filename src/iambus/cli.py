@@ -292,10 +292,10 @@ def _database_commands(commands: Any, database: argparse.ArgumentParser) -> None
         help="send the outbox's committed messages to the broker",
         description=(
             "Send the messages units of work committed to the outbox to --transport, "
-            "then delete them, until SIGINT or SIGTERM (then finish the message being "
-            "sent and exit with status 0). Any number of relays may run at once: each "
+            "then delete them, until SIGINT or SIGTERM (then finish the sends in flight "
+            "and exit with status 0). Any number of relays may run at once: each "
             "message is sent once in normal operation, a key's messages in commit order. "
-            "Woken by the database's NOTIFY at each commit; polls every --poll seconds too."
+            "Woken by the NOTIFY that follows each commit; polls every --poll seconds too."
         ),
         epilog=(
             "Example: iambus relay --transport redis://127.0.0.1:6379/0 "
@@ -440,6 +440,16 @@ def _worker(args: argparse.Namespace) -> int:
         raise CliError(str(exc), status=1) from None
     except KeyboardInterrupt:  # interrupted before the dispatcher took over the signals
         return 130
+    except Exception as exc:
+        # The dispatcher's database, unreachable or failing as its relay starts: one line,
+        # as `iambus relay` says it (a supervisor restarts the worker).
+        if dp.database is None or not isinstance(exc, _database_errors()):
+            raise
+        where = dp.database.source if dp.database.kind == "dsn" else repr(dp.database)
+        raise CliError(
+            f"{spec}: the database {redact(str(where))} failed: {type(exc).__name__}: {exc}",
+            status=1,
+        ) from None
     logger.info("iambus: %s stopped", spec)
     return 0
 
@@ -769,8 +779,12 @@ def _db_init(args: argparse.Namespace) -> int:
             await database.create()
         except _database_errors():
             # A table made before, by hand or by another version, may lack a column the
-            # indexes use: the check names what is missing (and the SQL rolled back).
-            await database.check()
+            # indexes use: the check names what is missing (and the SQL rolled back). No
+            # table at all: the driver's error says why (no right to create, say).
+            async with database.connection() as conn:
+                there = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", database.outbox)
+            if there:
+                await database.check()
             raise
         await database.check()  # a table of another shape that the SQL did not trip on
         print(f"iambus's tables are ready: {_plain(database.outbox)}, {_plain(database.inbox)}")
@@ -904,9 +918,21 @@ def _database(args: argparse.Namespace, dsn: str | None = None) -> Database:
             "postgresql://app@127.0.0.1/shop"
         )
     try:
-        return Database(dsn, schema=args.schema, prefix=args.prefix)
+        database = Database(dsn, schema=args.schema, prefix=args.prefix)
     except ImproperlyConfigured as exc:
         raise CliError(str(exc).replace(dsn, redact(dsn))) from None
+    _check_hosts(dsn)
+    return database
+
+
+def _check_hosts(dsn: str) -> None:
+    """A DSN's hosts and ports that the driver would fail on with a traceback (a port over
+    65535, a broken IPv6 address): one line, without the password."""
+    try:
+        for host in urlsplit(dsn).netloc.rpartition("@")[2].split(","):  # hosts: h1,h2:5433
+            urlsplit(f"//{host}").port  # noqa: B018 - parsing is the check
+    except ValueError as exc:
+        raise CliError(f"--database {redact(dsn)} is not a valid DSN: {exc}") from None
 
 
 def _with_database(

@@ -39,6 +39,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_PREFIX = "iambus_"
 MAX_PREFIX = 40
 INBOX_RETENTION = 7 * 24 * 3600.0  # seconds an inbox record is kept: a week of redeliveries
+NOTIFY_WAIT = 5.0  # seconds close() gives a wake-up of the relays on its way
+NOTIFY_INTERVAL = 0.005
+"""Seconds from one ``NOTIFY`` of ``notify_relays()`` to the next: the commits meanwhile
+share the one that follows (a relay wakes at most this much later than it could)."""
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 # (column, SQL type and constraints) of each table: the one description DDL, the SQLAlchemy
@@ -114,6 +118,8 @@ class Database:
         self.inbox_retention = float(inbox_retention)
         self._pool: Any = source if self.kind == "asyncpg-pool" else None
         self._owned_pool = False
+        self._notifying: asyncio.Task[None] | None = None  # a NOTIFY on its way
+        self._notify_again = False  # asked for while one was on its way
 
     def __repr__(self) -> str:
         return f"<Database {self.kind} {self.outbox}>"
@@ -276,10 +282,16 @@ class Database:
                 self._owned_pool = True
 
     async def close(self, timeout: float | None = None) -> None:
-        """Close the pool this database made from a DSN (never one passed in).
+        """Close the pool this database made from a DSN (never one passed in), once a
+        wake-up of the relays on its way has gone out.
 
         It waits for the connections lent out to come back, ``timeout`` seconds at most
         (None: no limit); then it closes those too (their transactions roll back)."""
+        notifying = self._notifying
+        if notifying is not None:
+            _, late = await asyncio.wait([notifying], timeout=NOTIFY_WAIT)
+            for task in late:
+                task.cancel()
         pool, self._pool = self._pool, (None if self._owned_pool else self._pool)
         if not self._owned_pool or pool is None:
             return
@@ -288,14 +300,61 @@ class Database:
             async with asyncio.timeout(timeout):
                 await pool.close()
         except TimeoutError:
-            logger.warning(
-                "iambus: %r: connections still lent out at its close were closed", self
-            )
+            logger.warning("iambus: %r: connections still lent out at its close were closed", self)
             pool.terminate()
 
+    def notify_relays(self) -> None:
+        """Wake the relays: rows were committed to the outbox (a ``NOTIFY`` on
+        ``channel``). It is sent in the background, on a connection of this database, at
+        once unless one went out less than ``NOTIFY_INTERVAL`` ago; the calls made
+        meanwhile share the next. One that fails is logged at DEBUG: the relays poll."""
+        if self._notifying is not None:
+            self._notify_again = True
+            return
+        self._notifying = asyncio.get_running_loop().create_task(
+            self._notify(), name="iambus-notify-relays"
+        )
+
+    async def _notify(self) -> None:
+        try:
+            again = True
+            while again:
+                self._notify_again = False
+                async with self.connection() as conn:
+                    await conn.execute("SELECT pg_notify($1, '')", self.channel)
+                await asyncio.sleep(NOTIFY_INTERVAL)
+                # No await between reading the flag and the end of the task: a call that
+                # comes after this read starts a task of its own.
+                again = self._notify_again
+        except Exception as exc:
+            logger.debug("iambus: waking the relays of %s failed: %r", self.outbox, exc)
+        finally:
+            self._notifying = None
+
     @contextlib.asynccontextmanager
-    async def connection(self) -> AsyncIterator[Any]:
-        """An asyncpg connection of this database, outside any transaction of ours."""
+    async def connection(self, timeout: float | None = None) -> AsyncIterator[Any]:
+        """An asyncpg connection of this database, outside any transaction of ours.
+
+        ``timeout``: seconds to wait for a connection (None: as long as it takes); then
+        ``TimeoutError`` saying the pool is too small for its users."""
+        async with contextlib.AsyncExitStack() as stack:
+            waiting = asyncio.timeout(timeout)
+            try:
+                async with waiting:
+                    conn = await stack.enter_async_context(self._lend())
+            except TimeoutError:
+                if not waiting.expired():  # the driver's own (connecting, say)
+                    raise
+                raise TimeoutError(
+                    f"no connection of {self!r} came free within {timeout:g} s: its pool "
+                    f"is too small for all that use it (a worker's handlers and its relay): "
+                    f"give it more with Database(dsn, pool={{'max_size': N}}), or where you "
+                    f"make your pool or engine (docs/database.md)"
+                ) from None
+            yield conn
+
+    @contextlib.asynccontextmanager
+    async def _lend(self) -> AsyncIterator[Any]:
         if self.kind == "sqlalchemy":
             async with self.source.connect() as sa_conn:
                 raw = await sa_conn.get_raw_connection()

@@ -10,17 +10,21 @@ then finds it. If the handler fails, its transaction rolls back, record included
 message is retried as any other. So a message's effects in the database are applied once.
 
 Records are kept ``Database(inbox_retention=...)`` seconds (a week by default), longer
-than any broker redelivers a message; ``purge`` deletes older ones (the relay does it
-once an hour).
+than any broker redelivers a message; ``purge`` deletes older ones (each relay does it
+once an hour, in a task of its own, in chunks, skipped while another relay purges).
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from .database import Database
 
 __all__ = ["claim", "purge"]
+
+PURGE_CHUNK = 10_000  # records deleted per statement
+PURGE_LOCK = -1  # the second key of the purge's advisory lock (the relays' lanes are 0..15)
 
 
 async def claim(conn: Any, database: Database, message_id: str, handler: str) -> bool:
@@ -35,10 +39,23 @@ async def claim(conn: Any, database: Database, message_id: str, handler: str) ->
     return bool(status == "INSERT 0 1")
 
 
-async def purge(conn: Any, database: Database) -> int:
-    """Delete the inbox records older than the retention; how many were deleted."""
-    status = await conn.execute(
-        f"DELETE FROM {database.inbox} WHERE handled_at < now() - make_interval(secs => $1)",
-        database.inbox_retention,
+async def purge(conn: Any, database: Database, *, stopping: asyncio.Event | None = None) -> int:
+    """Delete the inbox records older than the retention; how many were deleted.
+
+    In statements of ``PURGE_CHUNK`` records, each its own transaction, so that no lock
+    is held long; each takes a transaction-scoped advisory lock, and the purge ends when
+    another purge (another relay's) holds it. ``stopping`` set ends it between two
+    statements."""
+    sql = (
+        f"DELETE FROM {database.inbox} WHERE (SELECT pg_try_advisory_xact_lock($1::int, "
+        f"{PURGE_LOCK})) AND ctid IN (SELECT ctid FROM {database.inbox} "
+        f"WHERE handled_at < now() - make_interval(secs => $2) LIMIT $3)"
     )
-    return int(status.rpartition(" ")[2] or 0)
+    purged = 0
+    while stopping is None or not stopping.is_set():
+        status = await conn.execute(sql, database.lock_space, database.inbox_retention, PURGE_CHUNK)
+        deleted = int(status.rpartition(" ")[2] or 0)
+        purged += deleted
+        if deleted < PURGE_CHUNK:
+            break
+    return purged

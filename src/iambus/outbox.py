@@ -7,12 +7,13 @@ with their envelope unchanged (same id: a resend is recognisably the same messag
 deletes them.
 
 Ordering. Every row gets a ``lane`` (one of ``LANES``): its key's lane, or a random one
-for a message without a key. A relay takes a lane at a time (an advisory lock), and sends
-its rows in ``position`` order. Writers of one key serialise on an advisory lock of that
-key taken just before their rows get their positions, so that, per key, position order
-is commit order: rows of one key are sent in the order they were committed, whichever
-relay sends them. (The lock is held until commit; transactions writing rows of one key
-queue behind each other, as they would on the row of the aggregate they change.)
+for a message without a key. One relay at a time holds a lane (an advisory lock), and
+sends a key's rows one after the other in ``position`` order. Writers of one key
+serialise on an advisory lock of that key taken just before their rows get their
+positions, so that, per key, position order is commit order: rows of one key are sent in
+the order they were committed, whichever relay sends them. (The lock is held until
+commit; transactions writing rows of one key queue behind each other, as they would on
+the row of the aggregate they change.)
 
 Nothing is skipped. The relay keeps no high-water mark: each pass reads every committed
 row still in the table. A long transaction that commits rows with lower positions than
@@ -59,27 +60,38 @@ def key_lock(database: Database, key: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-def _insert(database: Database, locked: bool) -> str:
+def _insert(database: Database, locked: bool, notify: bool) -> str:
     # One statement per row: the NOTIFY (delivered at commit; repeats within one
     # transaction fold into one) and, for a keyed row, the key's lock, are taken in the
     # FROM clause, so before the row is formed and its position drawn.
-    lock = ", pg_advisory_xact_lock($13::bigint)" if locked else ""
+    taken = ["pg_notify($12, '')"] if notify else []
+    if locked:
+        taken.append(f"pg_advisory_xact_lock(${12 + len(taken)}::bigint)")
+    source = f" FROM (SELECT {', '.join(taken)}) AS taken" if taken else ""
     return (
         f"INSERT INTO {database.outbox} (lane, address, message_id, name, message_key, "
         f"payload, content_type, correlation_id, causation_id, headers, created_at) "
-        f"SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb, $11 "
-        f"FROM (SELECT pg_notify($12, ''){lock}) AS woken"
+        f"SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb, $11{source}"
     )
 
 
-async def write(conn: Any, database: Database, outgoing: Sequence[Outgoing]) -> None:
+async def write(
+    conn: Any, database: Database, outgoing: Sequence[Outgoing], *, notify: bool = True
+) -> None:
     """Write ``outgoing`` as outbox rows on the asyncpg connection ``conn``, in the
-    transaction it is in (the caller's; its commit sends them)."""
+    transaction it is in (the caller's; its commit sends them).
+
+    ``notify``: the transaction also sends the relays' ``NOTIFY``, delivered at its
+    commit. False: the caller wakes the relays itself once it has committed
+    (``Database.notify_relays()``), which keeps the commit out of PostgreSQL's one lock
+    for notifying commits (held through the commit's WAL flush, so notifying
+    transactions commit one at a time, across the whole server).
+    """
     if not outgoing:
         return
     plain: list[tuple[Any, ...]] = []
     keyed: list[tuple[Any, ...]] = []
-    channel = database.channel
+    channel: tuple[str, ...] = (database.channel,) if notify else ()
     for out in outgoing:
         e = out.envelope
         row = (
@@ -94,7 +106,7 @@ async def write(conn: Any, database: Database, outgoing: Sequence[Outgoing]) -> 
             e.causation_id,
             json.dumps(dict(e.headers)),
             e.created_at,
-            channel,
+            *channel,
         )
         if e.key is None:
             plain.append(row)
@@ -103,11 +115,11 @@ async def write(conn: Any, database: Database, outgoing: Sequence[Outgoing]) -> 
     # Keyed rows are written in the order of their key's lock: two transactions locking
     # two keys in opposite orders would deadlock. The sort is stable, so the rows of one
     # key keep the order they were sent in.
-    keyed.sort(key=lambda row: row[12])
+    keyed.sort(key=lambda row: row[-1])
     if keyed:
-        await _run(conn, _insert(database, True), keyed)
+        await _run(conn, _insert(database, True, notify), keyed)
     if plain:
-        await _run(conn, _insert(database, False), plain)
+        await _run(conn, _insert(database, False, notify), plain)
 
 
 async def _run(conn: Any, sql: str, rows: list[tuple[Any, ...]]) -> None:

@@ -96,6 +96,7 @@ class UnitOfWork:
         "owner",
         "remote",
         "session",
+        "wrote",
     )
 
     def __init__(self, owner: Owner, database: Database, remote: object, session: Any):
@@ -115,6 +116,7 @@ class UnitOfWork:
         # transaction: nothing tells when the caller commits), or None.
         self.no_later: str | None = None
         self._claimed: set[tuple[str, str]] = set()
+        self.wrote = False  # outbox rows were written
         self._raw: Any = None if _is_sqlalchemy(session) else session
 
     async def connection(self) -> Any:
@@ -142,14 +144,17 @@ class UnitOfWork:
             raise ImproperlyConfigured(self.no_later)
         self.later.append(work)
 
-    async def flush(self) -> None:
-        """Write the collected messages to the outbox, in the unit's transaction."""
+    async def flush(self, *, notify: bool = True) -> None:
+        """Write the collected messages to the outbox, in the unit's transaction.
+        ``notify``: the transaction wakes the relays at its commit (False: the caller
+        does, once it has committed; see ``outbox.write``)."""
         if self.outgoing:
             outgoing, self.outgoing = self.outgoing, []
             try:
-                await write(await self.connection(), self.database, outgoing)
+                await write(await self.connection(), self.database, outgoing, notify=notify)
             except Exception as exc:
                 raise explained(exc, self.database, "write to the outbox") from exc
+            self.wrote = True
 
     async def claim(self, message_id: str, handler: str) -> bool:
         """Record ``handler`` applying ``message_id`` in the inbox; False: it did already
@@ -294,9 +299,13 @@ class Scope:
             finally:
                 self.owner.units -= 1
             if exc is None:
-                await unit.flush()
+                # A unit that commits wakes the relays after its commit; one that joined
+                # the caller's transaction has its NOTIFY delivered at the caller's.
+                await unit.flush(notify=not self._owns)
                 if self._owns:
                     await self._commit(unit.session)
+                    if unit.wrote:
+                        self.database.notify_relays()
         except BaseException as error:
             failed = error
             raise
@@ -334,7 +343,10 @@ class Scope:
     async def _release(self, exc: BaseException | None) -> None:
         made, self._made = self._made, None
         if made is not None:
-            await made.__aexit__(type(exc) if exc else None, exc, None)
+            # With its traceback: a context manager given none sets the error's to None,
+            # and the handler's frames would be lost from what the worker logs.
+            tb = exc.__traceback__ if exc else None
+            await made.__aexit__(type(exc) if exc else None, exc, tb)
 
 
 async def run_later(later: list[Later]) -> None:
