@@ -309,8 +309,8 @@ def _database_commands(commands: Any, database: argparse.ArgumentParser) -> None
         "--batch",
         metavar="N",
         type=_positive_int,
-        default=200,
-        help="rows sent and deleted per transaction (default: 200)",
+        default=1000,
+        help="rows sent and deleted per transaction (default: 1000)",
     )
     relay.add_argument(
         "--poll",

@@ -133,7 +133,7 @@ class Relay:
         database: Database,
         transport: Transport,
         *,
-        batch: int = 200,
+        batch: int = 1000,
         poll: float = 1.0,
         listen: bool = True,
         purge_every: float = 3600.0,
