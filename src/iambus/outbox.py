@@ -141,12 +141,15 @@ def envelope_of(row: Mapping[str, Any]) -> Envelope:
     column does not hold what a writer of this version writes)."""
     try:
         headers = row["headers"]
-        if isinstance(headers, str):
-            headers = json.loads(headers)
-        if not isinstance(headers, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
-        ):
-            raise ValueError(f"headers must be a JSON object of strings, got {headers!r}")
+        if headers == "{}":  # what most rows hold (asyncpg gives jsonb as its text)
+            headers = {}
+        else:
+            if isinstance(headers, str):
+                headers = json.loads(headers)
+            if not isinstance(headers, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+            ):
+                raise ValueError(f"headers must be a JSON object of strings, got {headers!r}")
         return Envelope(
             id=row["message_id"],
             name=row["name"],
