@@ -346,7 +346,8 @@ async def test_a_batch_reads_its_rows_in_position_order_not_the_whole_backlog(
         busy = await conn.fetchval(relay._busy_sql)
         lanes, *_ = await conn.fetchrow(relay._lock_sql, database.lock_space, busy)
         plan = [
-            row[0] for row in await conn.fetch("EXPLAIN " + relay._select_sql, lanes, 200, 1 << 24)
+            row[0]
+            for row in await conn.fetch("EXPLAIN " + relay._select_sql, lanes, 200, 1 << 24, 0)
         ]
     assert sorted(lanes) == list(range(16))
     assert not any("Sort" in line for line in plan), plan
@@ -387,6 +388,72 @@ async def test_a_send_that_fails_stops_its_key_only_and_keeps_its_order(
     assert await Relay(database, transport).run_once() == 3
     after = await rest(transport)
     assert [n_of(e) for e in before + after if e.key == first] == list(range(5))
+
+
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches read 3 rows at a time and delete every 2 sent: a batch of a few rows
+    spans chunks."""
+    monkeypatch.setattr("iambus.relay.CHUNK", 3)
+    monkeypatch.setattr("iambus.relay.DELETE_CHUNK", 2)
+
+
+@pytest.mark.usefixtures("small_chunks")
+async def test_a_batch_read_in_chunks_sends_each_row_once_and_each_key_in_order(
+    database: Database, transport: MemoryTransport
+) -> None:
+    keys = keys_in_one_lane(3)
+    await commit(database, *(envelope(n, key=key) for n in range(7) for key in keys))
+    await commit(database, *(envelope(100 + n) for n in range(5)))
+    overlapping = Overlapping(transport)
+
+    assert await Relay(database, overlapping, batch=1000).run_once() == 26
+
+    got = await rest(transport)
+    assert len(got) == len({e.id for e in got}) == 26
+    for key in keys:
+        assert [n_of(e) for e in got if e.key == key] == list(range(7)), key
+    assert await count_rows(database) == 0
+
+
+@pytest.mark.usefixtures("small_chunks")
+async def test_a_key_that_fails_in_one_chunk_keeps_its_later_chunks_back(
+    database: Database, transport: MemoryTransport
+) -> None:
+    first, second = keys_in_one_lane(2)
+    await commit(database, *(envelope(n, key=key) for n in range(6) for key in (first, second)))
+    failing = Failing(
+        transport,
+        reject=lambda e: e.key == first and n_of(e) == 1,
+        error=TransportError("refused (a test's doing)"),
+    )
+
+    assert await Relay(database, failing).run_once() == 7  # first: 0; second: all six
+    before = await rest(transport)
+    assert [n_of(e) for e in before if e.key == first] == [0]
+    assert [n_of(e) for e in before if e.key == second] == list(range(6))
+    assert await count_rows(database) == 5
+
+    assert await Relay(database, transport).run_once() == 5
+    after = await rest(transport)
+    assert [n_of(e) for e in after] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.usefixtures("small_chunks")
+async def test_a_batch_cut_off_after_its_deletes_began_loses_nothing(
+    database: Database, transport: MemoryTransport
+) -> None:
+    await commit(database, *(envelope(n, key="order-1") for n in range(10)))
+    stalling = Stalling(transport, through=5)  # 2 deletes made, in the open transaction
+    killed = asyncio.create_task(Relay(database, stalling).run_once())
+    await stalling.stalled.wait()
+    killed.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await killed
+
+    assert await count_rows(database) == 10  # rolled back, its deletes with it
+    assert await Relay(database, transport).run_once() == 10
+    assert [n_of(e) for e in await rest(transport)] == [*range(5), *range(10)]
 
 
 async def test_a_row_the_broker_keeps_refusing_is_parked_and_the_others_go_on(

@@ -20,9 +20,12 @@ lanes no other relay holds, each with a transaction-scoped advisory lock
 It reads the oldest ``batch`` rows of those lanes in ``position`` order (and no more
 than ``BATCH_BYTES`` of payload, one row at least), sends each with its envelope
 unchanged, deletes the sent ones and commits, which releases the lanes; a full batch is
-followed by another pass. A batch starts sends for ``BATCH_SECONDS`` at most (or half
-the server's ``idle_in_transaction_session_timeout``, if shorter): then it commits what
-was sent and the next pass goes on, so a slow broker never keeps a transaction open long.
+followed by another pass. The batch is read ``CHUNK`` rows at a time, each chunk while
+the rows before it are being sent, and the sent rows are deleted ``DELETE_CHUNK`` at a
+time while the others are sent: the connection works while the broker does. A batch
+starts sends for ``BATCH_SECONDS`` at most (or half the server's
+``idle_in_transaction_session_timeout``, if shorter): then it commits what was sent and
+the next pass goes on, so a slow broker never keeps a transaction open long.
 A key's rows are all in its lane, so they go out in ``position`` order: per key, the
 order the writers committed them (see ``outbox``). Within a batch the rows of one key
 are sent one after the other (each send returns once the broker has the message), while
@@ -63,6 +66,7 @@ consumer's inbox recognises).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -102,6 +106,11 @@ the next pass goes on, so a slow broker never holds a transaction open for long.
 BATCH_BYTES = 16 * 1024 * 1024
 """Payload bytes a batch reads at most (and one row, however large): ``batch`` rows of
 large messages would otherwise all be in memory at once."""
+CHUNK = 250
+"""Rows a batch reads at a time (the next chunk is read while the rows before it are
+sent)."""
+DELETE_CHUNK = 250
+"""Rows sent in a batch after which they are deleted, while its other sends go on."""
 ACQUIRE_TIMEOUT = 10.0
 """Seconds the relay waits for a connection of the database's pool; then the pass fails
 (logged once, naming the pool's size as the likely cause) and is tried again."""
@@ -178,7 +187,7 @@ class Relay:
         self._select_sql = (
             f"SELECT * FROM (SELECT {ROW_COLUMNS}, sum(octet_length(payload)) "
             f"OVER (ORDER BY position) AS upto FROM {outbox} WHERE lane = ANY($1::int[]) "
-            f"AND parked_at IS NULL ORDER BY position LIMIT $2) AS head "
+            f"AND parked_at IS NULL AND position > $4 ORDER BY position LIMIT $2) AS head "
             f"WHERE upto - octet_length(payload) < $3 ORDER BY position"
         )
         self._delete_sql = f"DELETE FROM {outbox} WHERE position = ANY($1::bigint[])"
@@ -310,17 +319,15 @@ class Relay:
                     )
                     if not lanes:
                         return 0, False  # other relays hold every lane with rows
-                    rows = await conn.fetch(self._select_sql, lanes, self.batch, BATCH_BYTES)
-                    outcome = await self._send(rows, _time_for(idle_limit))
+                    batch = _Batch(self, conn, lanes, _time_for(idle_limit))
+                    outcome = await batch.run()
                     for row, exc in outcome.parked:
                         await self._park(conn, row, exc)
-                    if outcome.sent:
-                        await conn.execute(self._delete_sql, outcome.sent)
-                        # The broker takes the other rows: those it refused are charged
-                        # an attempt (committed with the deletes), and parked after
-                        # FAILED_SENDS. With nothing sent it is an outage, nobody's fault.
-                        if outcome.failed:
-                            await self._charge(conn, outcome.failed)
+                    # The broker takes the other rows: those it refused are charged an
+                    # attempt (committed with the deletes), and parked after
+                    # FAILED_SENDS. With nothing sent it is an outage, nobody's fault.
+                    if outcome.sent and outcome.failed:
+                        await self._charge(conn, outcome.failed)
             except Exception as exc:
                 if not _lost(conn):
                     raise
@@ -333,58 +340,7 @@ class Relay:
         if outcome.failed and not outcome.sent:
             # The broker failed: the rows stay, each key's in order, for the retry.
             raise outcome.failed[0][1]
-        full = bool(rows) and (len(rows) == self.batch or rows[-1]["upto"] >= BATCH_BYTES)
-        return len(outcome.sent), full or outcome.cut
-
-    async def _send(self, rows: Sequence[Any], seconds: float) -> _Sent:
-        """Send ``rows`` (in position order): the rows of one key one after
-        the other, in order; different keys, and rows without a key, at the same time
-        (up to ``in_flight`` sends outstanding). A send that fails ends its key's chain
-        (the key's later rows wait behind it) and no other; a stop ends every chain
-        before its next send, and so does the end of ``seconds`` once a row was sent
-        (what was sent is then committed, and the next pass goes on)."""
-        outcome = _Sent()
-        chains: list[list[Any]] = []
-        by_key: dict[str, list[Any]] = {}
-        for row in rows:
-            key = row["message_key"]
-            if key is None:
-                chains.append([row])
-            elif key in by_key:
-                by_key[key].append(row)
-            else:
-                by_key[key] = chain = [row]
-                chains.append(chain)
-        todo = iter(chains)
-        send = self.transport.send
-        stopping = self._stopping
-        loop = asyncio.get_running_loop()
-        until = loop.time() + seconds
-
-        async def sender() -> None:
-            for chain in todo:
-                for row in chain:
-                    if stopping.is_set():
-                        return
-                    if outcome.sent and loop.time() >= until:
-                        outcome.cut = True
-                        return
-                    try:
-                        await send(row["address"], envelope_of(row))
-                    except (SerializationError, ImproperlyConfigured) as exc:
-                        outcome.parked.append((row, exc))  # the chain goes on without it
-                    except Exception as exc:
-                        outcome.failed.append((row, exc))
-                        break  # the key's next rows wait behind this one
-                    else:
-                        outcome.sent.append(row["position"])
-
-        senders = min(self.in_flight, len(chains))
-        if senders <= 1:
-            await sender()
-        else:
-            await asyncio.gather(*(sender() for _ in range(senders)))
-        return outcome
+        return len(outcome.sent), outcome.full or outcome.cut
 
     async def _charge(self, conn: Any, failed: list[tuple[Any, Exception]]) -> None:
         """Rows the broker refused while it took others: one more failed attempt each;
@@ -594,6 +550,143 @@ class _Sent:
     parked: list[tuple[Any, Exception]] = field(default_factory=list)
     failed: list[tuple[Any, Exception]] = field(default_factory=list)  # the broker refused
     cut: bool = False  # the batch's time ran out before every row was sent
+    full: bool = False  # the batch read all it may (rows or bytes): more may wait
+
+
+class _Batch:
+    """The rows of one pass: read ``CHUNK`` at a time, each chunk while the rows before
+    it are sent, and deleted ``DELETE_CHUNK`` at a time as they are sent, all in the
+    pass's transaction (one connection: it reads and deletes while the broker works).
+
+    The rows of one key form a chain, sent one after the other by one sender; rows of
+    the key read while its chain is being sent join the chain. Rows without a key are a
+    chain each. Up to ``in_flight`` senders take the chains in position order. A send
+    that fails ends its key's chain, and the key's rows read after it are left in the
+    table behind it; a stop ends every chain before its next send, and so does the end
+    of ``seconds`` once a row was sent (what was sent is committed, the next pass goes
+    on). Each chunk reads the rows after the last one read (the lanes are this pass's
+    until it commits, and a key's later rows have later positions: see ``outbox``); a
+    row committed meanwhile with a lower position is read by the next pass."""
+
+    def __init__(self, relay: Relay, conn: Any, lanes: list[int], seconds: float) -> None:
+        self.relay = relay
+        self.conn = conn
+        self.lanes = lanes
+        self.loop = asyncio.get_running_loop()
+        self.until = self.loop.time() + seconds
+        self.outcome = _Sent()
+        self.chains: collections.deque[list[Any]] = collections.deque()
+        self.keys: dict[str, list[Any]] = {}  # the chain of a key, until it is sent
+        self.failed: set[str] = set()  # keys whose chain a failed send ended
+        self.senders: list[asyncio.Task[None]] = []
+        self.arrived = asyncio.Event()  # rows were read (or the last of them)
+        self.sent_more = asyncio.Event()  # DELETE_CHUNK more rows were sent
+        self.read = self.bytes = self.deleted = 0
+        self.made = 0  # chains made
+        self.after = 0  # the position of the last row read
+        self.done = False  # no more rows will be read
+
+    async def run(self) -> _Sent:
+        """Read, send and delete the batch's rows (the caller commits)."""
+        try:
+            while not self.done:
+                await self._read()
+                await self._delete()
+            self.arrived.set()
+            senders = asyncio.gather(*self.senders)
+            while True:
+                more = asyncio.ensure_future(self.sent_more.wait())
+                await asyncio.wait((senders, more), return_when=asyncio.FIRST_COMPLETED)
+                more.cancel()
+                if senders.done():
+                    senders.result()  # (a bug of a sender's is raised, not lost)
+                    break
+                self.sent_more.clear()
+                await self._delete()
+            await self._delete()
+            return self.outcome
+        finally:
+            # A read or a delete failed, or the pass is cancelled: no sender outlives it.
+            stray = [task for task in self.senders if not task.done()]
+            for task in stray:
+                task.cancel()
+            await asyncio.gather(*stray, return_exceptions=True)
+
+    async def _read(self) -> None:
+        relay = self.relay
+        limit = min(CHUNK, relay.batch - self.read)
+        rows = await self.conn.fetch(
+            relay._select_sql, self.lanes, limit, BATCH_BYTES - self.bytes, self.after
+        )
+        self.read += len(rows)
+        if rows:
+            self.after = rows[-1]["position"]
+            self.bytes += rows[-1]["upto"]
+        self.outcome.full = self.read >= relay.batch or self.bytes >= BATCH_BYTES
+        self.done = (
+            len(rows) < limit
+            or self.outcome.full
+            or relay._stopping.is_set()
+            or self.loop.time() >= self.until
+        )
+        for row in rows:
+            key = row["message_key"]
+            if key is None:
+                self.chains.append([row])
+                self.made += 1
+            elif key in self.failed:
+                continue  # behind a row of its key that failed: it waits in the table
+            elif (chain := self.keys.get(key)) is not None:
+                chain.append(row)  # its sender comes to it, in order
+            else:
+                self.keys[key] = chain = [row]
+                self.chains.append(chain)
+                self.made += 1
+        # A sender per chain so far, up to in_flight (a sender takes the next chain once
+        # it has sent one).
+        while len(self.senders) < min(relay.in_flight, self.made):
+            self.senders.append(asyncio.create_task(self._sender()))
+        self.arrived.set()
+
+    async def _delete(self) -> None:
+        sent = self.outcome.sent
+        if len(sent) > self.deleted:
+            chunk = sent[self.deleted :]
+            await self.conn.execute(self.relay._delete_sql, chunk)
+            self.deleted += len(chunk)
+
+    async def _sender(self) -> None:
+        outcome, send = self.outcome, self.relay.transport.send
+        stopping = self.relay._stopping
+        while True:
+            while self.chains:
+                chain = self.chains.popleft()
+                key = chain[0]["message_key"]
+                for row in chain:  # (rows read meanwhile join a key's chain)
+                    if stopping.is_set():
+                        return
+                    if outcome.sent and self.loop.time() >= self.until:
+                        outcome.cut = True
+                        return
+                    try:
+                        await send(row["address"], envelope_of(row))
+                    except (SerializationError, ImproperlyConfigured) as exc:
+                        outcome.parked.append((row, exc))  # the chain goes on without it
+                    except Exception as exc:
+                        outcome.failed.append((row, exc))
+                        if key is not None:
+                            self.failed.add(key)
+                        break  # the key's next rows wait behind this one
+                    else:
+                        outcome.sent.append(row["position"])
+                        if len(outcome.sent) % DELETE_CHUNK == 0:
+                            self.sent_more.set()
+                if key is not None and self.keys.get(key) is chain:
+                    del self.keys[key]  # (no await since its last row: none joins it now)
+            if self.done:
+                return
+            self.arrived.clear()
+            await self.arrived.wait()
 
 
 class _Outage:
