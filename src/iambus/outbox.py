@@ -71,7 +71,7 @@ def _insert(database: Database, locked: bool, notify: bool) -> str:
     return (
         f"INSERT INTO {database.outbox} (lane, address, message_id, name, message_key, "
         f"payload, content_type, correlation_id, causation_id, headers, created_at) "
-        f"SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb, $11{source}"
+        f"SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, COALESCE($10::jsonb, '{{}}'), $11{source}"
     )
 
 
@@ -104,7 +104,7 @@ async def write(
             e.content_type,
             e.correlation_id,
             e.causation_id,
-            json.dumps(dict(e.headers)),
+            json.dumps(dict(e.headers)) if e.headers else None,  # (most have none)
             e.created_at,
             *channel,
         )
