@@ -346,8 +346,7 @@ async def test_a_batch_reads_its_rows_in_position_order_not_the_whole_backlog(
         busy = await conn.fetchval(relay._busy_sql)
         lanes, *_ = await conn.fetchrow(relay._lock_sql, database.lock_space, busy)
         plan = [
-            row[0]
-            for row in await conn.fetch("EXPLAIN " + relay._select_sql, lanes, 200, 1 << 24, 0)
+            row[0] for row in await conn.fetch("EXPLAIN " + relay._select_sql, lanes, 200, 1 << 24)
         ]
     assert sorted(lanes) == list(range(16))
     assert not any("Sort" in line for line in plan), plan
@@ -454,6 +453,59 @@ async def test_a_batch_cut_off_after_its_deletes_began_loses_nothing(
     assert await count_rows(database) == 10  # rolled back, its deletes with it
     assert await Relay(database, transport).run_once() == 10
     assert [n_of(e) for e in await rest(transport)] == [*range(5), *range(10)]
+
+
+async def test_a_key_whose_row_commits_late_between_chunks_keeps_its_order(
+    database: Database, transport: MemoryTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key's row with a low position commits while a pass reads its chunks, and the
+    key's next row right after it: the chunks come from one snapshot, so the pass sees
+    neither, and the next pass sends both, in order. (Each chunk a query of its own
+    would see the second, not the first, and send them the wrong way round.)"""
+    import iambus.relay as relay_module
+
+    monkeypatch.setattr("iambus.relay.CHUNK", 2)
+    late, other = keys_in_one_lane(2)
+    async with database.connection() as held:
+        tx = held.transaction()
+        await tx.start()
+        await write(held, database, [Outgoing(ADDRESS, envelope(0, key=late))])  # lowest
+        await commit(database, envelope(1, key=other), envelope(2, key=other), envelope(3))
+        read = relay_module._Batch._read
+        reads = 0
+
+        async def read_then_commit(batch: Any) -> None:
+            nonlocal reads
+            await read(batch)
+            reads += 1
+            if reads == 1:  # between the pass's first chunk and its second
+                await tx.commit()
+                await commit(database, envelope(1, key=late))
+
+        monkeypatch.setattr(relay_module._Batch, "_read", read_then_commit)
+        assert await Relay(database, transport).run_once() == 3  # neither of the late key
+    assert await Relay(database, transport).run_once() == 2
+    got = await rest(transport)
+    assert [n_of(e) for e in got if e.key == late] == [0, 1]
+
+
+async def test_a_pass_cancelled_mid_batch_leaves_no_task_behind(
+    database: Database, transport: MemoryTransport
+) -> None:
+    await commit(database, *(envelope(n, key="order-1") for n in range(10)))
+    stalling = Stalling(transport, through=5)
+    before = asyncio.all_tasks()
+    killed = asyncio.create_task(Relay(database, stalling).run_once())
+    await stalling.stalled.wait()  # the pass waits for its senders
+    killed.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await killed
+
+    def stray() -> list[asyncio.Task[Any]]:
+        return [task for task in asyncio.all_tasks() - before if not task.done()]
+
+    await until(_true(lambda: not stray()), "the pass's tasks ended")
+    assert await count_rows(database) == 10
 
 
 async def test_a_row_the_broker_keeps_refusing_is_parked_and_the_others_go_on(

@@ -20,8 +20,9 @@ lanes no other relay holds, each with a transaction-scoped advisory lock
 It reads the oldest ``batch`` rows of those lanes in ``position`` order (and no more
 than ``BATCH_BYTES`` of payload, one row at least), sends each with its envelope
 unchanged, deletes the sent ones and commits, which releases the lanes; a full batch is
-followed by another pass. The batch is read ``CHUNK`` rows at a time, each chunk while
-the rows before it are being sent, and the sent rows are deleted ``DELETE_CHUNK`` at a
+followed by another pass. The batch is read ``CHUNK`` rows at a time from one cursor
+(one snapshot, as one select would read it), each chunk while the rows before it are
+being sent, and the sent rows are deleted ``DELETE_CHUNK`` at a
 time while the others are sent: the connection works while the broker does. A batch
 starts sends for ``BATCH_SECONDS`` at most (or half the server's
 ``idle_in_transaction_session_timeout``, if shorter): then it commits what was sent and
@@ -187,7 +188,7 @@ class Relay:
         self._select_sql = (
             f"SELECT * FROM (SELECT {ROW_COLUMNS}, sum(octet_length(payload)) "
             f"OVER (ORDER BY position) AS upto FROM {outbox} WHERE lane = ANY($1::int[]) "
-            f"AND parked_at IS NULL AND position > $4 ORDER BY position LIMIT $2) AS head "
+            f"AND parked_at IS NULL ORDER BY position LIMIT $2) AS head "
             f"WHERE upto - octet_length(payload) < $3 ORDER BY position"
         )
         self._delete_sql = f"DELETE FROM {outbox} WHERE position = ANY($1::bigint[])"
@@ -557,6 +558,9 @@ class _Batch:
     """The rows of one pass: read ``CHUNK`` at a time, each chunk while the rows before
     it are sent, and deleted ``DELETE_CHUNK`` at a time as they are sent, all in the
     pass's transaction (one connection: it reads and deletes while the broker works).
+    The chunks come from one cursor, so from one snapshot: what one select of the whole
+    batch would read (a key's row that commits late, below rows read already, is read
+    by the next pass with the rows of its key that follow it, never after them).
 
     The rows of one key form a chain, sent one after the other by one sender; rows of
     the key read while its chain is being sent join the chain. Rows without a key are a
@@ -564,9 +568,7 @@ class _Batch:
     that fails ends its key's chain, and the key's rows read after it are left in the
     table behind it; a stop ends every chain before its next send, and so does the end
     of ``seconds`` once a row was sent (what was sent is committed, the next pass goes
-    on). Each chunk reads the rows after the last one read (the lanes are this pass's
-    until it commits, and a key's later rows have later positions: see ``outbox``); a
-    row committed meanwhile with a lower position is read by the next pass."""
+    on)."""
 
     def __init__(self, relay: Relay, conn: Any, lanes: list[int], seconds: float) -> None:
         self.relay = relay
@@ -581,28 +583,35 @@ class _Batch:
         self.senders: list[asyncio.Task[None]] = []
         self.arrived = asyncio.Event()  # rows were read (or the last of them)
         self.sent_more = asyncio.Event()  # DELETE_CHUNK more rows were sent
-        self.read = self.bytes = self.deleted = 0
+        self.read = self.deleted = 0
         self.made = 0  # chains made
-        self.after = 0  # the position of the last row read
+        self.cursor: Any = None
         self.done = False  # no more rows will be read
 
     async def run(self) -> _Sent:
         """Read, send and delete the batch's rows (the caller commits)."""
+        relay = self.relay
         try:
+            self.cursor = await self.conn.cursor(
+                relay._select_sql, self.lanes, relay.batch, BATCH_BYTES
+            )
             while not self.done:
                 await self._read()
                 await self._delete()
             self.arrived.set()
-            senders = asyncio.gather(*self.senders)
-            while True:
+            senders = asyncio.gather(*self.senders, return_exceptions=True)
+            while not senders.done():
                 more = asyncio.ensure_future(self.sent_more.wait())
-                await asyncio.wait((senders, more), return_when=asyncio.FIRST_COMPLETED)
-                more.cancel()
-                if senders.done():
-                    senders.result()  # (a bug of a sender's is raised, not lost)
-                    break
-                self.sent_more.clear()
-                await self._delete()
+                try:
+                    await asyncio.wait((senders, more), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    more.cancel()
+                if not senders.done():
+                    self.sent_more.clear()
+                    await self._delete()
+            for error in senders.result():
+                if isinstance(error, BaseException):
+                    raise error  # (a bug of a sender's is raised, not lost)
             await self._delete()
             return self.outcome
         finally:
@@ -614,21 +623,13 @@ class _Batch:
 
     async def _read(self) -> None:
         relay = self.relay
-        limit = min(CHUNK, relay.batch - self.read)
-        rows = await self.conn.fetch(
-            relay._select_sql, self.lanes, limit, BATCH_BYTES - self.bytes, self.after
-        )
+        rows = await self.cursor.fetch(CHUNK)
         self.read += len(rows)
-        if rows:
-            self.after = rows[-1]["position"]
-            self.bytes += rows[-1]["upto"]
-        self.outcome.full = self.read >= relay.batch or self.bytes >= BATCH_BYTES
-        self.done = (
-            len(rows) < limit
-            or self.outcome.full
-            or relay._stopping.is_set()
-            or self.loop.time() >= self.until
-        )
+        outcome = self.outcome
+        outcome.full = self.read >= relay.batch or (bool(rows) and rows[-1]["upto"] >= BATCH_BYTES)
+        self.done = len(rows) < CHUNK or outcome.full or relay._stopping.is_set()
+        if not self.done and self.loop.time() >= self.until:
+            self.done = outcome.cut = True  # rows may wait unread: the next pass goes on
         for row in rows:
             key = row["message_key"]
             if key is None:
