@@ -448,6 +448,28 @@ async def test_the_endpoint_shares_the_units_session(orders: Database, engine: A
     assert await order_ids(orders) == [5]  # written on the session, committed by the unit
 
 
+async def test_a_unit_joins_the_transaction_the_session_dependency_began(
+    orders: Database, engine: AsyncEngine
+) -> None:
+    async def get_session() -> AsyncIterator[AsyncSession]:
+        async with AsyncSession(engine) as session, session.begin():  # commits: ours
+            yield session
+
+    table = f'"{orders.schema}".orders'
+    noted: list[int] = []
+    dp = shop(Database(engine, schema=orders.schema), noted)
+    app = order_app(dp, table, unit_of_work(get_session), insert=sqlalchemy_insert(table))
+    async with serving(app), client(app) as http:
+        assert (await http.post("/orders/1")).status_code == 201
+        with pytest.raises(RuntimeError, match="card declined"):
+            await http.post("/orders/2", params={"fail": "error"})
+        await dp.join()
+    # The dependency's commit took the outbox row with it; its rollback, order 2's.
+    assert await order_ids(orders) == [1]
+    assert await outbox_names(orders) == ["OrderPlaced"]
+    assert noted == [1]  # in-process work waited for that commit
+
+
 async def test_a_failed_commit_is_an_error_response_not_a_success(engine: AsyncEngine) -> None:
     # iambus's tables are missing: writing the outbox row fails when the unit ends, which
     # FastAPI runs before the response is sent.

@@ -39,7 +39,7 @@ from .dispatching import Dispatcher
 from .errors import ImproperlyConfigured, bad_option
 from .unit_of_work import UnitOfWork
 
-__all__ = ["DispatcherDep", "get_dispatcher", "lifespan", "unit_of_work"]
+__all__ = ["STATE", "DispatcherDep", "get_dispatcher", "lifespan", "unit_of_work"]
 
 if "scope" not in inspect.signature(Depends).parameters:  # pragma: no cover - old FastAPI
     raise ImportError(
