@@ -18,6 +18,17 @@ EXPECTED = {
         'announce: new book "Philosopher\'s Stone" by J. K. Rowling',
         "query: found [Book(title=\"Philosopher's Stone\", author='J. K. Rowling', year=1997)]",
     ],
+    "fastapi_app.py": [
+        "main: POST /orders -> 201",
+        "billing: invoiced order 1",
+        "main: GET /orders/1/invoice -> INV-1 for 42.00 EUR",
+        "main: POST /orders -> 422 order 2: nothing to pay",
+        "billing: invoiced order 3",
+        "main: GET /orders/3/invoice -> INV-3 for 15.00 EUR",
+        "main: GET /orders/2/invoice -> 404",
+        "main: orders in the database [1, 3]",
+        "main: done; the schema and the namespace are gone",
+    ],
     "outbox.py": [
         "orders: placed order 1",
         "billing: invoiced order 1: 42.00 EUR",
@@ -38,7 +49,11 @@ EXPECTED = {
     ],
 }
 # The services an example needs (see conftest.require).
-NEEDS = {"two_services/main.py": ("redis",), "outbox.py": ("redis", "postgres")}
+NEEDS = {
+    "two_services/main.py": ("redis",),
+    "outbox.py": ("redis", "postgres"),
+    "fastapi_app.py": ("redis", "postgres"),
+}
 
 
 def test_every_example_is_checked():
