@@ -145,6 +145,7 @@ class Proxy:
     def __init__(self, port: int) -> None:
         self.target = port
         self.port = 0
+        self.url = ""  # the broker's URL through it, with {port}
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.StreamWriter] = set()
 
@@ -180,10 +181,19 @@ class Proxy:
         self._links -= {writer, up_writer}
 
 
-@pytest.fixture
-async def proxy() -> AsyncIterator[Proxy]:
-    require("redis")
-    made = Proxy(6379)
+# broker -> (its port, the URL of a transport through a proxy on {port})
+THROUGH = {
+    "redis": (6379, "redis://127.0.0.1:{port}/0"),
+    "rabbitmq": (5672, "amqp://guest:guest@127.0.0.1:{port}/"),
+    "nats": (4222, "nats://127.0.0.1:{port}"),
+}
+
+
+@pytest.fixture(params=sorted(THROUGH))
+async def proxy(request: pytest.FixtureRequest) -> AsyncIterator[Proxy]:
+    require(request.param)
+    made = Proxy(THROUGH[request.param][0])
+    made.url = THROUGH[request.param][1]
     await made.start()
     yield made
     if made._server is not None:
@@ -193,7 +203,7 @@ async def proxy() -> AsyncIterator[Proxy]:
 async def test_health_follows_an_outage_of_the_broker(proxy: Proxy) -> None:
     namespace = f"test-{os.urandom(5).hex()}"
     billing = Dispatcher(
-        transport=f"redis://127.0.0.1:{proxy.port}/0?namespace={namespace}",
+        transport=f"{proxy.url.format(port=proxy.port)}?namespace={namespace}",
         service="billing",
         routes=ROUTES,
     )
@@ -230,7 +240,10 @@ async def test_health_follows_an_outage_of_the_broker(proxy: Proxy) -> None:
             health = billing.health()
             assert health is not None
             assert health.consuming
-            assert health.failed_receives >= 1
+            assert health.down_for > 0
+            if proxy.target == 6379:  # Redis's receives fail; RabbitMQ's and NATS's wait
+                # while their driver reconnects (the transport, a Link, says it is down).
+                assert health.failed_receives >= 1
             found = await scrape(server.url)  # answers, within the broker timeout
             assert value(found, "iambus_broker_up", service="billing") == 0
             assert value(found, "iambus_worker_receive_down_seconds", service="billing") > 0  # type: ignore[operator]
@@ -426,3 +439,30 @@ async def test_worker_processes_share_one_metrics_port_in_multiprocess_mode(
         # The stopped process's live gauges leave the merged output (mark_process_dead).
         await until(one_left, 10, "the stopped worker to leave the scrape")
         assert (await cluster.stop("w2")) == {"w2": 0}
+
+
+async def test_a_collector_that_raises_makes_a_500_and_the_server_serves_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from prometheus_client import REGISTRY
+
+    class Broken:
+        registered = False
+
+        def collect(self) -> list[object]:
+            if not self.registered:  # registering reads it once
+                self.registered = True
+                return []
+            raise RuntimeError("a collector's bug")
+
+    dp = Dispatcher(service="billing")
+    broken = Broken()
+    async with Server(dp, port=0) as server, httpx.AsyncClient() as client:
+        REGISTRY.register(broken)  # type: ignore[arg-type]
+        try:
+            response = await client.get(f"{server.url}/metrics")
+        finally:
+            REGISTRY.unregister(broken)  # type: ignore[arg-type]
+        assert response.status_code == 500
+        assert "a collector's bug" in caplog.text
+        assert (await client.get(f"{server.url}/metrics")).status_code == 200

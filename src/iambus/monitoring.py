@@ -95,15 +95,15 @@ def liveness(dp: Dispatcher, *, unhealthy_after: float = UNHEALTHY_AFTER) -> tup
 
 
 def readiness(dp: Dispatcher) -> tuple[bool, str]:
-    """Whether the worker consumes, and why not: started, not stopping, and its
-    receives working (the transport connected)."""
+    """Whether the worker consumes, and why not: started, not stopping, and the
+    transport up (its receives working, its connection not lost)."""
     health = dp.health()
     if health is None or not health.consuming:
         return False, "the worker is not consuming (starting, stopping or stopped)"
     if health.down_for > 0:
         return False, (
-            f"receiving has failed for {health.down_for:.1f}s "
-            f"({health.failed_receives} failed receives): the transport is down"
+            f"the transport is down: for {health.down_for:.1f}s "
+            f"({health.failed_receives} failed receives)"
         )
     return True, "consuming"
 
@@ -417,7 +417,11 @@ class Server:
                 asyncio.LimitOverrunError,
             ):
                 return  # not an HTTP request: nothing to answer
-            code, kind, body = await self._answer(method, target.partition("?")[0])
+            try:
+                code, kind, body = await self._answer(method, target.partition("?")[0])
+            except Exception:  # a collector of the process's that raised, say
+                logger.exception("iambus: answering %s %s failed", method, target)
+                code, kind, body = 500, "text/plain", b"internal error (logged)\n"
             writer.write(
                 f"HTTP/1.1 {code} {_REASONS[code]}\r\nContent-Type: {kind}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
@@ -456,4 +460,10 @@ class Server:
         return exposition.CONTENT_TYPE_LATEST, body
 
 
-_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+_REASONS = {
+    200: "OK",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}

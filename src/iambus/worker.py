@@ -73,6 +73,7 @@ from .transports import (
     Delivery,
     Failure,
     Instance,
+    Link,
     Registry,
     check_requester,
     redact,
@@ -146,8 +147,8 @@ class WorkerHealth:
     consuming: bool
     """Started and not stopping: its receive loops run."""
     down_for: float
-    """Seconds its receives have been failing (the transport down or unreachable);
-    0.0 while they work."""
+    """Seconds the transport has been down: its receives failing, or its connection
+    lost (``iambus.transports.Link``); 0.0 while it is up."""
     failed_receives: int
     """How many receives failed since the outage began; 0 while they work."""
 
@@ -285,14 +286,16 @@ class Worker:
         return left
 
     def health(self) -> WorkerHealth:
-        """Whether it consumes, and for how long receiving has been failing (read-only)."""
+        """Whether it consumes, and for how long the transport has been down (read-only):
+        its receives failing, or its connection lost while the driver reconnects (a
+        ``Link``: receives then wait instead of failing)."""
         consuming = bool(self._loops) and not self._stopping
-        if not self._down:
-            return WorkerHealth(consuming=consuming, down_for=0.0, failed_receives=0)
-        began, failures = self._outage
-        return WorkerHealth(
-            consuming=consuming, down_for=time.monotonic() - began, failed_receives=failures
-        )
+        now = time.monotonic()
+        began, failures = self._outage if self._down else (now, 0)
+        transport = self.remote.transport
+        if isinstance(transport, Link) and (lost := transport.down_since) is not None:
+            began = min(began, lost)
+        return WorkerHealth(consuming=consuming, down_for=now - began, failed_receives=failures)
 
     def _fields(
         self, sub: Subscription, delivery: Delivery, outcome: str, **more: Any
