@@ -13,6 +13,7 @@ import logging
 import os
 import runpy
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -299,6 +300,11 @@ def test_worker_cannot_override_a_dispatcher_started_on_import(
         ("--shutdown-timeout", "inf"),
         ("--log-level", "LOUD"),
         ("--service", ""),
+        ("--metrics-port", "70000"),
+        ("--metrics-port", "http"),
+        ("--health-port", "-1"),
+        ("--unhealthy-after", "0"),
+        ("--log-format", "xml"),
     ],
 )
 def test_worker_checks_its_options(
@@ -320,6 +326,28 @@ def test_worker_uvloop_needs_uvloop(
     assert "--uvloop needs uvloop, which is not installed: pip install uvloop" in (
         capsys.readouterr().err
     )
+
+
+def test_worker_metrics_need_prometheus_client_and_a_free_port(
+    apps: Apps, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = apps.app('transport="memory://", service="billing", routes={ChargeCard: "billing"}')
+    with monkeypatch.context() as patched:
+        patched.setitem(sys.modules, "prometheus_client", None)  # not installed
+        assert main(["worker", f"{name}:dp", "--metrics-port", "0"]) == 2
+        assert (
+            "--metrics-port: iambus's Prometheus metrics need prometheus_client, which is "
+            "not installed: pip install 'iambus[prometheus]'"
+        ) in capsys.readouterr().err
+    assert main(["worker", f"{name}:dp", "--metrics-port", "9", "--health-port", "9"]) == 2
+    assert "--health-port 9 is --metrics-port too" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["worker", f"{name}:dp", "--health-port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"iambus: error: --health-port {port}: cannot listen on 127.0.0.1:{port}: " in err
 
 
 def test_worker_reports_a_set_up_error_found_at_start(

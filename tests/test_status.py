@@ -12,7 +12,7 @@ import pytest
 from iambus import Command, Dispatcher, GroupStatus, ImproperlyConfigured, Status, status
 from iambus.envelope import Envelope
 from iambus.retry import Retry
-from iambus.transports import DeadLetter, DeadLetterCounter, Instance, Transport
+from iambus.transports import Backlog, DeadLetter, DeadLetterCounter, Instance, Transport
 from iambus.transports.memory import MemoryTransport
 
 from .conftest import Bus
@@ -144,3 +144,25 @@ async def test_status_counts_dead_letters_without_loading_them(
         assert await watcher.dead_letter_counts() == {(CHARGE, "billing"): 5}
     finally:
         await watcher.close()
+
+
+async def test_status_of_one_service_asks_the_broker_about_its_groups_only() -> None:
+    asked: list[tuple[str, str]] = []
+
+    class Watched(MemoryTransport):
+        async def backlog(self, address: str, group: str) -> Backlog:
+            asked.append((address, group))
+            return await super().backlog(address, group)
+
+    transport = Watched()
+    for service, address in (("billing", CHARGE), ("shipping", SHIP)):
+        await transport.declare(address, service, from_start=True)
+        await transport.announce(
+            Instance(service, f"{service}-1", "h", 1, time.time(), ((address, service),))
+        )
+    found = await status(transport, service="billing")
+    assert [(g.service, g.address) for g in found.groups] == [("billing", CHARGE)]
+    assert [i.service for i in found.instances] == ["billing"]
+    assert asked == [(CHARGE, "billing")]
+    everything = await status(transport)
+    assert [g.service for g in everything.groups] == ["billing", "shipping"]

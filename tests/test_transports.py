@@ -22,6 +22,7 @@ from iambus.transports import (
     Capability,
     DeadLetterCounter,
     DeadLetterStore,
+    Link,
     Monitor,
     Registry,
     Requester,
@@ -448,3 +449,24 @@ async def _receive(transport, consumer: str, *, wait: float):  # type: ignore[no
         if got:
             return got
     return []
+
+
+@pytest.mark.parametrize(
+    ("url", "link"),
+    [
+        ("memory://", False),
+        ("redis://127.0.0.1:6379/0", False),  # its receives fail while it is down
+        ("amqp://guest:guest@127.0.0.1:5672/", True),
+        ("nats://127.0.0.1:4222", True),
+    ],
+)
+def test_the_transports_whose_receives_wait_through_an_outage_are_links(
+    url: str, link: bool
+) -> None:
+    pytest.importorskip({"redis": "redis", "amqp": "aio_pika", "nats": "nats"}.get(
+        url.partition(":")[0], "asyncio"
+    ))  # fmt: skip
+    transport = connect(url)
+    assert isinstance(transport, Link) is link
+    if link:
+        assert transport.down_since is None  # type: ignore[attr-defined]  # not open: not lost

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import importlib
 import inspect
@@ -44,6 +45,8 @@ from . import __version__
 from .database import Database
 from .dispatching import Dispatcher
 from .errors import IambusError, ImproperlyConfigured
+from .logs import JsonFormatter, TextFormatter
+from .monitoring import UNHEALTHY_AFTER, Server
 from .relay import OutboxStatus, ParkedRow, Relay, outbox_status, parked, release
 from .remote import Remote
 from .status import Status, status
@@ -161,7 +164,37 @@ def _parser() -> argparse.ArgumentParser:
         default="INFO",
         help=f"{', '.join(LOG_LEVELS)} (default: INFO)",
     )
+    _log_format(worker)
     worker.add_argument("--uvloop", action="store_true", help="run on uvloop (pip install uvloop)")
+    worker.add_argument(
+        "--metrics-port",
+        metavar="N",
+        type=_port,
+        help="serve Prometheus metrics on this port at /metrics, and the health probes "
+        "/health/live and /health/ready (pip install 'iambus[prometheus]'; 0: any free port)",
+    )
+    worker.add_argument(
+        "--metrics-host",
+        metavar="HOST",
+        default="127.0.0.1",
+        help="the address --metrics-port and --health-port listen on (default: 127.0.0.1; "
+        "0.0.0.0 for every interface, as in a container)",
+    )
+    worker.add_argument(
+        "--health-port",
+        metavar="N",
+        type=_port,
+        help="serve the health probes alone on this port (no extra needed); with "
+        "--metrics-port, only here",
+    )
+    worker.add_argument(
+        "--unhealthy-after",
+        metavar="SECONDS",
+        type=_poll,
+        default=UNHEALTHY_AFTER,
+        help=f"/health/live fails once the transport has been down this long (default: "
+        f"{UNHEALTHY_AFTER:g})",
+    )
     worker.set_defaults(command=_worker)
 
     dlq = commands.add_parser(
@@ -333,6 +366,7 @@ def _database_commands(commands: Any, database: argparse.ArgumentParser) -> None
         default="INFO",
         help=f"{', '.join(LOG_LEVELS)} (default: INFO)",
     )
+    _log_format(relay)
     relay.set_defaults(command=_relay)
 
     outbox = commands.add_parser(
@@ -382,6 +416,34 @@ def _list_command(
     listing.set_defaults(command=command)
 
 
+def _log_format(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text lines, or one JSON object per line (default: text; see iambus.logs)",
+    )
+
+
+def _logging(args: argparse.Namespace) -> None:
+    """Log to stderr at ``--log-level``, as ``--log-format`` says; a URL's password is
+    never shown, whoever logs it (see iambus.logs)."""
+    handler = logging.StreamHandler()
+    json_lines = args.log_format == "json"
+    handler.setFormatter(JsonFormatter() if json_lines else TextFormatter(LOG_FORMAT))
+    logging.basicConfig(level=args.log_level, handlers=[handler])
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port (0 to 65535), got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -420,7 +482,7 @@ def _name(text: str) -> str:
 
 def _worker(args: argparse.Namespace) -> int:
     spec: str = args.app
-    logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
+    _logging(args)
     # Like `python -m` and uvicorn: the application is found from the current directory.
     here = os.getcwd()
     if here not in sys.path:
@@ -428,10 +490,11 @@ def _worker(args: argparse.Namespace) -> int:
     loop_factory = _loop_factory() if args.uvloop else None
     dp = _load_dispatcher(spec)
     _configure(dp, spec, args)
+    servers = _servers(dp, args)
     logger.info("iambus: serving %s; stop it with SIGINT (Ctrl-C) or SIGTERM", spec)
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(dp.run())
+            runner.run(_serve(dp, servers))
     except ImproperlyConfigured as exc:  # found at start: e.g. a handler of another's command
         raise CliError(f"{spec}: {exc}") from None
     except ImportError as exc:  # the driver of the dispatcher's transport is not installed
@@ -452,6 +515,56 @@ def _worker(args: argparse.Namespace) -> int:
         ) from None
     logger.info("iambus: %s stopped", spec)
     return 0
+
+
+def _servers(dp: Dispatcher, args: argparse.Namespace) -> list[Server]:
+    """The HTTP servers of ``--metrics-port`` and ``--health-port``, not yet listening."""
+    servers: list[Server] = []
+    host: str = args.metrics_host
+    if args.metrics_port is not None:
+        try:
+            servers.append(
+                Server(
+                    dp,
+                    host=host,
+                    port=args.metrics_port,
+                    health=args.health_port is None,
+                    unhealthy_after=args.unhealthy_after,
+                )
+            )
+        except (ImportError, NotADirectoryError) as exc:
+            raise CliError(f"--metrics-port: {exc}") from None
+    if args.health_port is not None:
+        if args.health_port == args.metrics_port and args.health_port != 0:
+            raise CliError(
+                f"--health-port {args.health_port} is --metrics-port too: leave --health-port "
+                f"out (the metrics port serves the probes), or give it another port"
+            )
+        servers.append(
+            Server(
+                dp,
+                host=host,
+                port=args.health_port,
+                metrics=False,
+                unhealthy_after=args.unhealthy_after,
+            )
+        )
+    return servers
+
+
+async def _serve(dp: Dispatcher, servers: list[Server]) -> None:
+    """Run ``dp`` with ``servers`` listening from before it starts until it stopped."""
+    async with contextlib.AsyncExitStack() as stack:
+        for server in servers:
+            try:
+                await stack.enter_async_context(server)
+            except OSError as exc:
+                flag = "--metrics-port" if server.metrics else "--health-port"
+                raise CliError(
+                    f"{flag} {server.port}: cannot listen on {server.host}:{server.port}: "
+                    f"{exc.strerror or exc}"
+                ) from None
+        await dp.run()
 
 
 def _load_dispatcher(spec: str) -> Dispatcher:
@@ -794,7 +907,7 @@ def _db_init(args: argparse.Namespace) -> int:
 
 
 def _relay(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
+    _logging(args)
     if urlsplit(args.transport).scheme == "memory":
         raise CliError(
             "memory:// lives inside one process, so a relay of its own sends to nobody: "

@@ -75,7 +75,7 @@ from .routes import RouteTable
 from .routing import Routes
 from .transports import Transport, check_transport_object, redact
 from .unit_of_work import Scope, UnitOfWork
-from .worker import StopDeadline, Worker, bounded, seconds_until
+from .worker import StopDeadline, Worker, WorkerHealth, bounded, seconds_until
 
 __all__ = ["Dispatcher", "ErrorHandler", "Limits", "Timeouts"]
 
@@ -431,6 +431,13 @@ class Dispatcher:
     def started(self) -> bool:
         """True once started (and after a stop): registration is closed."""
         return self._state != _NEW
+
+    def health(self) -> WorkerHealth | None:
+        """What its worker is doing (consuming? receiving failing for how long?), for a
+        health probe; None when no worker runs (not started, stopped, or nothing to
+        consume). See ``iambus.monitoring``."""
+        worker = self._worker
+        return worker.health() if worker is not None else None
 
     def start(self) -> None:
         """Finalise the handler maps. Works with or without a running event loop.

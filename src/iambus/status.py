@@ -73,8 +73,12 @@ class Status:
     """Ordered by service, then group, then address."""
 
 
-async def status(transport: Transport) -> Status:
-    """The live instances and each group's numbers on the (opened) ``transport``."""
+async def status(transport: Transport, *, service: str | None = None) -> Status:
+    """The live instances and each group's numbers on the (opened) ``transport``.
+
+    With ``service``, only that service's groups and instances: the broker is asked
+    about none of the others' (how ``iambus worker --metrics-port`` reads its gauges).
+    """
     if not isinstance(transport, Registry):
         raise ImproperlyConfigured(
             f"{transport.url}: {type(transport).__name__} keeps no registry of instances "
@@ -95,14 +99,17 @@ async def status(transport: Transport) -> Status:
         # A group no instance announced (an older worker): its service is what a
         # worker's group name starts with ("<service>" or "<service>.<handler>").
         known.setdefault((address, group), group.partition(".")[0])
+    if service is not None:
+        live = [i for i in live if i.service == service]
+        known = {where: owner for where, owner in known.items() if owner == service}
     groups: list[GroupStatus] = []
-    for (address, group), service in known.items():
+    for (address, group), owner in known.items():
         backlog = (
             await transport.backlog(address, group) if isinstance(transport, Monitor) else UNKNOWN
         )
         groups.append(
             GroupStatus(
-                service=service,
+                service=owner,
                 address=address,
                 group=group,
                 instances=tuple(i for i in live if (address, group) in i.consumes),

@@ -63,6 +63,7 @@ from typing import Any
 from .engine import Followups, followups, in_worker, outside_workers
 from .envelope import Envelope, current_envelope
 from .errors import ImproperlyConfigured, SerializationError, TransportError, TransportRefused
+from .logs import message_fields
 from .messages import result_type
 from .remote import SENDER, Remote
 from .retry import Retry
@@ -72,12 +73,13 @@ from .transports import (
     Delivery,
     Failure,
     Instance,
+    Link,
     Registry,
     check_requester,
     redact,
 )
 
-__all__ = ["StopDeadline", "Subscription", "Worker"]
+__all__ = ["StopDeadline", "Subscription", "Worker", "WorkerHealth"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +138,19 @@ async def bounded(work: Awaitable[Any], deadline: float | None) -> bool:
     # Nobody awaits it any more: whatever it ends with is not "never retrieved".
     task.add_done_callback(lambda t: t.cancelled() or t.exception())
     return False
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerHealth:
+    """What a worker is doing, for a health probe (``Dispatcher.health()``)."""
+
+    consuming: bool
+    """Started and not stopping: its receive loops run."""
+    down_for: float
+    """Seconds the transport has been down: its receives failing, or its connection
+    lost (``iambus.transports.Link``); 0.0 while it is up."""
+    failed_receives: int
+    """How many receives failed since the outage began; 0 while they work."""
 
 
 class Worker:
@@ -269,6 +284,33 @@ class Worker:
                 self.consumer,
             )
         return left
+
+    def health(self) -> WorkerHealth:
+        """Whether it consumes, and for how long the transport has been down (read-only):
+        its receives failing, or its connection lost while the driver reconnects (a
+        ``Link``: receives then wait instead of failing)."""
+        consuming = bool(self._loops) and not self._stopping
+        now = time.monotonic()
+        began, failures = self._outage if self._down else (now, 0)
+        transport = self.remote.transport
+        if isinstance(transport, Link) and (lost := transport.down_since) is not None:
+            began = min(began, lost)
+        return WorkerHealth(consuming=consuming, down_for=now - began, failed_receives=failures)
+
+    def _fields(
+        self, sub: Subscription, delivery: Delivery, outcome: str, **more: Any
+    ) -> dict[str, Any]:
+        """The ``extra=`` of a log line about ``delivery`` (see ``iambus.logs``)."""
+        return message_fields(
+            delivery.envelope,
+            outcome=outcome,
+            kind=sub.kind,
+            service=self.remote.service,
+            handler=more.pop("handler", sub.route.name),
+            attempt=delivery.attempt,
+            attempts=sub.retry.attempts,
+            **more,
+        )
 
     def instance(self) -> Instance:
         """This worker as it announces itself in the transport's registry."""
@@ -455,11 +497,14 @@ class Worker:
         except TransportError:
             # The broker failed while settling: the delivery stays pending (or was given
             # back) and is redelivered, so nothing is lost.
+            fields = self._fields(sub, delivery, "unsettled")
             logger.exception(
-                "iambus: could not settle %s %s (attempt %d); it will be redelivered",
+                "iambus: could not settle %s %s (attempt %d); it will be redelivered%s",
                 sub.kind,
                 envelope.name,
                 delivery.attempt,
+                _about(fields),
+                extra=fields,
             )
         except Exception as exc:
             await self._settle_failed(sub, settling, exc)
@@ -471,7 +516,15 @@ class Worker:
         or a transport. It must not turn into redelivery for ever."""
         delivery, envelope = settling.delivery, settling.delivery.envelope
         if settling.done:  # settled already; what failed came after
-            logger.error("iambus: after settling %s %s", sub.kind, envelope.name, exc_info=exc)
+            fields = self._fields(sub, delivery, "failed", error=exc)
+            logger.error(
+                "iambus: after settling %s %s%s",
+                sub.kind,
+                envelope.name,
+                _about(fields),
+                exc_info=exc,
+                extra=fields,
+            )
             return
         if settling.called:
             # The transport's settle call raised something that is not a TransportError.
@@ -479,28 +532,34 @@ class Worker:
             # broker (RabbitMQ closes the channel on a tag settled twice): leave it. The
             # transport gives it back, or the broker redelivers it after claim_after, with
             # one more attempt; the last attempt dead-letters it.
+            fields = self._fields(sub, delivery, "unsettled", error=exc)
             logger.error(
                 "iambus: settling %s %s (attempt %d of %d) failed in the transport; it will "
-                "be redelivered",
+                "be redelivered%s",
                 sub.kind,
                 envelope.name,
                 delivery.attempt,
                 sub.retry.attempts,
+                _about(fields),
                 exc_info=exc,
+                extra=fields,
             )
             return
         # Nothing was settled yet: this attempt failed, like a handler that raised.
         # Retried while attempts are left (a query is not: its caller is waiting), then
         # dead-lettered with this error as the reason.
         retry = sub.kind != "query" and delivery.attempt < sub.retry.attempts
+        fields = self._fields(sub, delivery, "retry" if retry else "dead_letter", error=exc)
         logger.error(
-            "iambus: settling %s %s (attempt %d of %d) failed; %s",
+            "iambus: settling %s %s (attempt %d of %d) failed; %s%s",
             sub.kind,
             envelope.name,
             delivery.attempt,
             sub.retry.attempts,
             "retrying it" if retry else "dead-lettering it",
+            _about(fields),
             exc_info=exc,
+            extra=fields,
         )
         try:
             if retry:
@@ -519,7 +578,7 @@ class Worker:
     async def _handle(
         self, sub: Subscription, delivery: Delivery, envelope: Envelope, background: Followups
     ) -> None:
-        if sub.kind == "query" and self._expired(envelope):
+        if sub.kind == "query" and self._expired(sub, delivery):
             await delivery.ack()  # the requester has given up: nobody would read the answer
             return
         try:
@@ -531,12 +590,15 @@ class Worker:
                     envelope.reply_to, self.remote.failure(envelope, exc)
                 )
             await delivery.dead_letter(_failure(exc, delivery.attempt, None))
+            fields = self._fields(sub, delivery, "undecodable", handler=None, error=exc)
             logger.error(
-                "iambus: %s %s (id %s) does not decode; dead-lettered: %s",
+                "iambus: %s %s (id %s) does not decode; dead-lettered: %s%s",
                 sub.kind,
                 envelope.name,
                 envelope.id,
                 exc,
+                _about(fields),
+                extra=fields,
             )
             return
         token = current_envelope.set(envelope)
@@ -632,12 +694,14 @@ class Worker:
         for it), its requester told why in a small answer, the error_handler too."""
         envelope = delivery.envelope
         why = f"{envelope.name} was carried out, but its answer could not be sent: {exc}"
-        logger.error("iambus: %s (id %s); acked", why, envelope.id)
+        fields = self._fields(sub, delivery, "failed", error=exc)
+        logger.error("iambus: %s (id %s); acked%s", why, envelope.id, _about(fields), extra=fields)
         await self._tell(envelope, self.remote.failure(envelope, type(exc)(why)))
         await delivery.ack()
         await self._report(exc, message, sub.route.context_for(envelope.key))
 
-    def _expired(self, envelope: Envelope) -> bool:
+    def _expired(self, sub: Subscription, delivery: Delivery) -> bool:
+        envelope = delivery.envelope
         deadline = envelope.headers.get("deadline")
         if deadline is None:
             return False
@@ -650,9 +714,10 @@ class Worker:
         if not age > budget:
             return False
         service, _, host = envelope.headers.get(SENDER, "").rpartition("@")
+        fields = self._fields(sub, delivery, "expired")
         logger.warning(
             "iambus: query %s (id %s) from %s expired before it was handled: it waited "
-            "%.2fs, its caller %.2fs; acked without an answer",
+            "%.2fs, its caller %.2fs; acked without an answer%s",
             envelope.name,
             envelope.id,
             f"service {service!r}"
@@ -662,6 +727,8 @@ class Worker:
             else "a sender that does not say",
             age,
             budget,
+            _about(fields),
+            extra=fields,
         )
         return True
 
@@ -676,6 +743,16 @@ class Worker:
                     envelope.reply_to, self.remote.failure(envelope, exc)
                 )
             await delivery.ack()
+            fields = self._fields(sub, delivery, "failed", error=exc)
+            logger.warning(
+                "iambus: %s failed on query %s; answered with the error, not retried: %s: %s%s",
+                sub.route.name,
+                envelope.name,
+                type(exc).__name__,
+                fields["error"],
+                _about(fields),
+                extra=fields,
+            )
             await self._report(exc, message, context)
             return
         if isinstance(exc, TransportError):
@@ -688,15 +765,18 @@ class Worker:
                     f"{type(sub.retry).__qualname__}.delay({delivery.attempt}) returned "
                     f"{delay!r}; it must return seconds (a number >= 0)"
                 )
+            fields = self._fields(sub, delivery, "retry", retry_delay=float(delay), error=exc)
             logger.warning(
-                "iambus: %s failed on %s (attempt %d of %d), retrying in %.2fs: %s: %s",
+                "iambus: %s failed on %s (attempt %d of %d), retrying in %.2fs: %s: %s%s",
                 sub.route.name,
                 envelope.name,
                 delivery.attempt,
                 sub.retry.attempts,
                 delay,
                 type(exc).__name__,
-                exc,
+                fields["error"],
+                _about(fields),
+                extra=fields,
             )
             await delivery.retry(delay)
             return
@@ -708,12 +788,17 @@ class Worker:
                 envelope, self.remote.failure(envelope, exc, attempts=delivery.attempt)
             )
         await delivery.dead_letter(_failure(exc, delivery.attempt, sub.route.name))
+        fields = self._fields(sub, delivery, "dead_letter", error=exc)
         logger.error(
-            "iambus: %s failed on %s %d times; dead-lettered (id %s)",
+            "iambus: %s failed on %s %d times; dead-lettered (id %s): %s: %s%s",
             sub.route.name,
             envelope.name,
             delivery.attempt,
             envelope.id,
+            type(exc).__name__,
+            fields["error"],
+            _about(fields),
+            extra=fields,
         )
         await self._report(exc, message, context)
 
@@ -958,6 +1043,15 @@ class _Settling:
         self.called = True
         await self.delivery.dead_letter(failure)
         self.done = True
+
+
+def _about(fields: dict[str, Any]) -> str:
+    """The fields of a log line in its text too: `` [id=... correlation=... ...]``."""
+    return (
+        f" [id={fields['message_id']} correlation={fields['correlation_id']} "
+        f"handler={fields['handler']} attempt={fields['attempt']}/{fields['attempts']} "
+        f"service={fields['service']}]"
+    )
 
 
 def _failure(exc: BaseException, attempts: int, handler: str | None) -> Failure:

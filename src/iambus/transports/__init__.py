@@ -58,7 +58,10 @@ Optional parts, each a runtime-checkable protocol that iambus tests with ``isins
   it feeds ``iambus status`` and the errors of a sender whose message no running
   instance handles;
 * ``Monitor``: ``backlog(address, group)``: how many envelopes wait for a group, are out
-  with its consumers, and wait out a retry's delay, as far as the broker can tell.
+  with its consumers, and wait out a retry's delay, as far as the broker can tell;
+* ``Link``: ``down_since``: since when its connection to the broker has been lost while
+  its driver reconnects, for a transport whose receives wait through an outage instead
+  of failing (RabbitMQ, NATS); the worker's health reads it (``Dispatcher.health()``).
 
 Errors: ``TransportError`` for a broker that failed or is unreachable (the worker
 retries), ``TransportRefused`` for refused credentials or permissions and
@@ -103,6 +106,7 @@ __all__ = [
     "Delivery",
     "Failure",
     "Instance",
+    "Link",
     "Monitor",
     "Registry",
     "Requester",
@@ -441,6 +445,17 @@ class Monitor(Protocol):
     """Optional part of a transport: what a group has in the broker."""
 
     async def backlog(self, address: str, group: str) -> Backlog: ...
+
+
+@runtime_checkable
+class Link(Protocol):
+    """Optional part of a transport: whether its connection to the broker is up."""
+
+    @property
+    def down_since(self) -> float | None:
+        """Since when (``time.monotonic()``) the connection has been lost, its driver
+        reconnecting; None while connected."""
+        ...
 
 
 @runtime_checkable

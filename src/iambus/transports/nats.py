@@ -328,6 +328,7 @@ class NatsTransport(Transport):
         self._round_trips: asyncio.Task[None] | None = None
         self._streams_ready = False
         self._first_error: asyncio.Future[Exception] | None = None  # while connecting
+        self._lost: float | None = None  # disconnected since (monotonic), reconnecting
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url}>"
@@ -1430,12 +1431,21 @@ class NatsTransport(Transport):
             return
         logger.warning("iambus: NATS connection %s: %r", self.url, exc)
 
+    @property
+    def down_since(self) -> float | None:
+        """Since when (``time.monotonic()``) the connection has been lost, reconnecting;
+        None while connected (``iambus.transports.Link``)."""
+        return self._lost if self._nc is not None else None
+
     async def _on_disconnect(self) -> None:
         if self._nc is None:  # closing
             return
+        if self._lost is None:
+            self._lost = time.monotonic()
         logger.warning("iambus: disconnected from %s; reconnecting", self.url)
 
     async def _on_reconnect(self) -> None:
+        self._lost = None
         logger.info("iambus: reconnected to %s", self.url)
         # A restarted server forgot the waiting pulls (and, without its store, the
         # consumers): pull anew, and declare the groups again before their next receive.

@@ -269,6 +269,7 @@ class RabbitMQTransport(Transport):
         self._delays: dict[int, float] = {}  # delay bucket (ms) -> when last declared
         self._declared: set[str] = set()  # queue names, for destroy()
         self._sweeper: asyncio.Task[None] | None = None
+        self._lost: float | None = None  # the connection lost since (monotonic)
         # Deliveries this process received and gave back without handing them out, so
         # that their return is not counted as an attempt when it comes back here:
         # (queue, message id, attempt header, hand-back copy?) -> how many times.
@@ -340,6 +341,8 @@ class RabbitMQTransport(Transport):
                 # Shown by the management UI and `rabbitmqctl list_connections`.
                 client_properties={"connection_name": self.client_name or client_name()},
             )
+            connection.close_callbacks.add(self._on_lost)
+            connection.reconnect_callbacks.add(self._on_back)
             try:
                 self._publisher = await connection.channel(publisher_confirms=True)
                 self._admin = await connection.channel(publisher_confirms=True)
@@ -351,6 +354,22 @@ class RabbitMQTransport(Transport):
                 await connection.close()
                 raise
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    @property
+    def down_since(self) -> float | None:
+        """Since when (``time.monotonic()``) the connection has been lost, reconnecting;
+        None while connected (``iambus.transports.Link``)."""
+        connection = self._connection
+        if connection is None or connection.connected.is_set():
+            return None
+        return self._lost if self._lost is not None else time.monotonic()
+
+    def _on_lost(self, *_: Any) -> None:
+        if self._lost is None:
+            self._lost = time.monotonic()
+
+    def _on_back(self, *_: Any) -> None:
+        self._lost = None
 
     async def _declare_topology(self) -> None:
         ch = await self._ready(self._admin)
