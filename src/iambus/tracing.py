@@ -1,0 +1,167 @@
+"""OpenTelemetry tracing: spans per the messaging semantic conventions (``iambus[otel]``).
+
+::
+
+    from iambus.tracing import Tracing
+
+    dp.instrument(Tracing())  # the global TracerProvider, or Tracing(tracer_provider=...)
+
+Spans (names ``{operation} {destination}``, destination = the address, e.g.
+``event.OrderPlaced``):
+
+* ``send``/``request`` (PRODUCER): ``dp.send``, ``publish``; ``execute``/``query`` (the
+  span lasts until the answer arrives). ``create`` (PRODUCER): a routed message written
+  to the outbox in a unit of work; the relay's later send of it is a ``send`` span (CLIENT)
+  in the same trace. ``reply`` (PRODUCER): a worker's answer.
+* ``process`` (CONSUMER): a worker handles a delivery; a child of the message's creation
+  context (the producer's span, carried in ``traceparent``/``tracestate`` headers), with
+  a link to it as well.
+* ``ack``, ``retry``, ``dead_letter`` (CLIENT, operation type ``settle``): children of the
+  ``process`` span.
+
+The trace context travels in the envelope's headers, injected and extracted with the
+global propagator (``opentelemetry.propagate``), so a propagator the application set is
+used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+try:
+    from opentelemetry import propagate, trace
+    from opentelemetry.trace import Link, Span, SpanKind, StatusCode, TracerProvider
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "iambus.tracing needs OpenTelemetry's API: pip install 'iambus[otel]'"
+    ) from exc
+
+from .telemetry import Observer, Processing, Sending, Settlement, error_type
+
+__all__ = ["DELIVERY_ATTEMPT", "Tracing"]
+
+DELIVERY_ATTEMPT = "messaging.iambus.message.delivery_attempt"
+"""The span attribute of a delivery's attempt (1 for the first delivery); the conventions
+have none that is not a broker's own."""
+
+
+class Tracing(Observer):
+    """Spans for each message sent, processed and settled; see the module docstring.
+
+    ``tracer_provider``: where the spans go (default: the global one).
+    """
+
+    def __init__(self, *, tracer_provider: TracerProvider | None = None) -> None:
+        from . import __version__
+
+        self.tracer = trace.get_tracer("iambus", __version__, tracer_provider=tracer_provider)
+
+    @contextlib.contextmanager
+    def send(self, sending: Sending) -> Iterator[None]:
+        envelope = sending.envelope
+        operation = sending.operation
+        attributes: dict[str, Any] = {
+            "messaging.system": sending.system,
+            "messaging.operation.name": operation,
+            "messaging.operation.type": "create" if operation == "create" else "send",
+            "messaging.destination.name": sending.address,
+            "messaging.message.id": envelope.id,
+        }
+        if envelope.correlation_id is not None:
+            attributes["messaging.message.conversation_id"] = envelope.correlation_id
+        if sending.destination is None:
+            attributes["messaging.destination.temporary"] = True
+            name: str = operation
+        else:
+            name = f"{operation} {sending.destination}"
+        if sending.relayed:
+            # The relay sends a message made earlier: its creation context came with it.
+            context = propagate.extract(envelope.headers)
+            kind = SpanKind.CLIENT
+        else:
+            context, kind = None, SpanKind.PRODUCER
+        with self._span(name, kind, attributes, context) as span:
+            if not sending.relayed:
+                propagate.inject(sending.headers)
+            try:
+                yield
+            except BaseException as exc:
+                _failed(span, exc)
+                raise
+
+    @contextlib.contextmanager
+    def process(self, processing: Processing) -> Iterator[None]:
+        envelope = processing.envelope
+        attributes: dict[str, Any] = {
+            "messaging.system": processing.system,
+            "messaging.operation.name": "process",
+            "messaging.operation.type": "process",
+            "messaging.destination.name": processing.destination,
+            "messaging.consumer.group.name": processing.group,
+            "messaging.message.id": envelope.id,
+            DELIVERY_ATTEMPT: processing.attempt,
+        }
+        if envelope.correlation_id is not None:
+            attributes["messaging.message.conversation_id"] = envelope.correlation_id
+        context = propagate.extract(envelope.headers) if envelope.headers else None
+        created = trace.get_current_span(context).get_span_context() if context else None
+        links = [Link(created)] if created is not None and created.is_valid else None
+        name = f"process {processing.destination}"
+        with self._span(name, SpanKind.CONSUMER, attributes, context, links) as span:
+            try:
+                yield
+            except BaseException as exc:
+                _failed(span, exc)
+                raise
+            if processing.error is not None:
+                _failed(span, processing.error)
+
+    @contextlib.contextmanager
+    def settle(self, settlement: Settlement) -> Iterator[None]:
+        processing = settlement.processing
+        attributes: dict[str, Any] = {
+            "messaging.system": processing.system,
+            "messaging.operation.name": settlement.outcome,
+            "messaging.operation.type": "settle",
+            "messaging.destination.name": processing.destination,
+            "messaging.consumer.group.name": processing.group,
+            "messaging.message.id": processing.envelope.id,
+            DELIVERY_ATTEMPT: processing.attempt,
+        }
+        if settlement.delay is not None:
+            attributes["messaging.iambus.retry.delay"] = settlement.delay
+        name = f"{settlement.outcome} {processing.destination}"
+        with self._span(name, SpanKind.CLIENT, attributes, None) as span:
+            try:
+                yield
+            except BaseException as exc:
+                _failed(span, exc)
+                raise
+
+    def _span(
+        self,
+        name: str,
+        kind: SpanKind,
+        attributes: dict[str, Any],
+        context: Any,
+        links: list[Link] | None = None,
+    ) -> contextlib.AbstractContextManager[Span]:
+        # Errors are recorded by the callers (with error.type), once.
+        return self.tracer.start_as_current_span(
+            name,
+            context=context,
+            kind=kind,
+            attributes=attributes,
+            links=links,
+            record_exception=False,
+            set_status_on_exception=False,
+        )
+
+
+def _failed(span: Span, exc: BaseException) -> None:
+    kind = error_type(exc)
+    span.set_attribute("error.type", kind)
+    span.record_exception(exc)
+    span.set_status(StatusCode.ERROR, f"{kind}: {exc}")
