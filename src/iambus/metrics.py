@@ -79,15 +79,29 @@ class Metrics(Observer):
 
         metrics = _need("otel", "opentelemetry.metrics")
         meter = metrics.get_meter("iambus", __version__, meter_provider=meter_provider)
-        self.sent = meter.create_counter(
-            "messaging.client.sent.messages",
+        # The counters are tallies of our own, read when the SDK collects (observable
+        # instruments): a message costs a dict update instead of an SDK measurement
+        # (about 14 µs each, measured in benchmarks/telemetry.py).
+        observation = metrics.Observation
+        self.sent = _Tally(observation)
+        self.consumed = _Tally(observation)
+        self.retries = _Tally(observation)
+        self.dead_letters = _Tally(observation)
+        self.in_flight = _Tally(observation)
+        for name, tally, description in (
+            ("messaging.client.sent.messages", self.sent, "Messages sent (or tried)."),
+            ("messaging.client.consumed.messages", self.consumed, "Messages delivered."),
+            ("iambus.retries", self.retries, "Deliveries set to be retried."),
+            ("iambus.dead_letters", self.dead_letters, "Deliveries dead-lettered."),
+        ):
+            meter.create_observable_counter(
+                name, [tally.observe], unit="{message}", description=description
+            )
+        meter.create_observable_up_down_counter(
+            "iambus.handlers.in_flight",
+            [self.in_flight.observe],
             unit="{message}",
-            description="Messages a producer sent (or tried to).",
-        )
-        self.consumed = meter.create_counter(
-            "messaging.client.consumed.messages",
-            unit="{message}",
-            description="Messages delivered to a handler.",
+            description="Deliveries being processed now.",
         )
         self.operation_duration = meter.create_histogram(
             "messaging.client.operation.duration",
@@ -101,19 +115,7 @@ class Metrics(Observer):
             description="Duration of processing a delivery (decoding, handler, reply).",
             explicit_bucket_boundaries_advisory=_SECONDS,
         )
-        self.retries = meter.create_counter(
-            "iambus.retries", unit="{message}", description="Deliveries set to be retried."
-        )
-        self.dead_letters = meter.create_counter(
-            "iambus.dead_letters", unit="{message}", description="Deliveries dead-lettered."
-        )
-        self.in_flight = meter.create_up_down_counter(
-            "iambus.handlers.in_flight",
-            unit="{message}",
-            description="Deliveries being processed now.",
-        )
         self._outbox: OutboxStatus | None = None
-        observation = metrics.Observation
 
         def outbox(field: str) -> Any:
             def observe(_: Any) -> Iterable[Any]:
@@ -168,14 +170,14 @@ class Metrics(Observer):
             raise
         finally:
             self.operation_duration.record(time.perf_counter() - start, attributes)
-            self.sent.add(1, attributes)
+            self.sent.add(attributes)
 
     @contextlib.contextmanager
     def process(self, processing: Processing) -> Iterator[None]:
         attributes = _consumer_attributes(processing, "process", "process")
-        self.consumed.add(1, attributes)
+        self.consumed.add(attributes)
         flight = {"messaging.destination.name": processing.destination}
-        self.in_flight.add(1, flight)
+        self.in_flight.add(flight)
         start = time.perf_counter()
         try:
             yield
@@ -183,7 +185,7 @@ class Metrics(Observer):
             processing.error = processing.error or exc
             raise
         finally:
-            self.in_flight.add(-1, flight)
+            self.in_flight.add(flight, -1)
             if processing.error is not None:
                 attributes["error.type"] = error_type(processing.error)
             self.process_duration.record(time.perf_counter() - start, attributes)
@@ -201,9 +203,27 @@ class Metrics(Observer):
         finally:
             self.operation_duration.record(time.perf_counter() - start, attributes)
         if settlement.outcome == "retry":
-            self.retries.add(1, attributes)
+            self.retries.add(attributes)
         elif settlement.outcome == "dead_letter":
-            self.dead_letters.add(1, attributes)
+            self.dead_letters.add(attributes)
+
+
+class _Tally:
+    """Counts by attributes, reported by an observable instrument's callback."""
+
+    __slots__ = ("counts", "observation")
+
+    def __init__(self, observation: Any) -> None:
+        self.observation = observation
+        self.counts: dict[tuple[tuple[str, Any], ...], int] = {}
+
+    def add(self, attributes: dict[str, Any], n: int = 1) -> None:
+        key = tuple(attributes.items())
+        self.counts[key] = self.counts.get(key, 0) + n
+
+    def observe(self, _: Any) -> Iterable[Any]:
+        # Called from the reader's thread, maybe: list() copies the dict in one step.
+        return [self.observation(n, dict(key)) for key, n in list(self.counts.items())]
 
 
 class PrometheusMetrics(Observer):

@@ -31,7 +31,7 @@ import dataclasses
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from .envelope import Envelope
 from .errors import bad_option
@@ -138,10 +138,12 @@ class Observer:
 class Telemetry:
     """The observers attached to a dispatcher (or a relay), called as one."""
 
-    __slots__ = ("observers",)
+    __slots__ = ("observers", "single")
 
     def __init__(self, observers: tuple[Observer, ...]) -> None:
         self.observers = observers
+        # One observer (the usual case) is called directly: no ExitStack per point.
+        self.single = observers[0] if len(observers) == 1 else None
 
     @classmethod
     def of(cls, *observers: object, before: Telemetry | None = None) -> Telemetry | None:
@@ -158,28 +160,57 @@ class Telemetry:
         every = (before.observers if before is not None else ()) + observers
         return cls(every) if every else None  # type: ignore[arg-type]
 
-    @contextlib.contextmanager
-    def send(self, sending: Sending) -> Iterator[Envelope]:
+    def send(self, sending: Sending) -> AbstractContextManager[Envelope]:
         """Around a send; gives the envelope to send (with the headers observers added)."""
+        if self.single is not None:
+            return _Stamping(self.single.send(sending), sending)
+        return self._send_all(sending)
+
+    @contextlib.contextmanager
+    def _send_all(self, sending: Sending) -> Iterator[Envelope]:
         with contextlib.ExitStack() as stack:
             for observer in self.observers:
                 stack.enter_context(observer.send(sending))
-            envelope = sending.envelope
-            if sending.headers:
-                headers = {**envelope.headers, **sending.headers}
-                envelope = dataclasses.replace(envelope, headers=headers)
-            yield envelope
+            yield _stamped(sending)
+
+    def process(self, processing: Processing) -> AbstractContextManager[object]:
+        if self.single is not None:
+            return self.single.process(processing)
+        return self._all("process", processing)
+
+    def settle(self, settlement: Settlement) -> AbstractContextManager[object]:
+        if self.single is not None:
+            return self.single.settle(settlement)
+        return self._all("settle", settlement)
 
     @contextlib.contextmanager
-    def process(self, processing: Processing) -> Iterator[Processing]:
+    def _all(self, hook: str, point: Processing | Settlement) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
             for observer in self.observers:
-                stack.enter_context(observer.process(processing))
-            yield processing
-
-    @contextlib.contextmanager
-    def settle(self, settlement: Settlement) -> Iterator[None]:
-        with contextlib.ExitStack() as stack:
-            for observer in self.observers:
-                stack.enter_context(observer.settle(settlement))
+                stack.enter_context(getattr(observer, hook)(point))
             yield
+
+
+def _stamped(sending: Sending) -> Envelope:
+    envelope = sending.envelope
+    if sending.headers:
+        headers = {**envelope.headers, **sending.headers}
+        envelope = dataclasses.replace(envelope, headers=headers)
+    return envelope
+
+
+class _Stamping:
+    """One observer's ``send`` block, giving the envelope with the headers it added."""
+
+    __slots__ = ("manager", "sending")
+
+    def __init__(self, manager: AbstractContextManager[object], sending: Sending) -> None:
+        self.manager = manager
+        self.sending = sending
+
+    def __enter__(self) -> Envelope:
+        self.manager.__enter__()
+        return _stamped(self.sending)
+
+    def __exit__(self, *exc_info: Any) -> bool | None:
+        return self.manager.__exit__(*exc_info)

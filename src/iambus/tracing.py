@@ -82,14 +82,18 @@ class Tracing(Observer):
             kind = SpanKind.CLIENT
         else:
             context, kind = None, SpanKind.PRODUCER
-        with self._span(name, kind, attributes, context) as span:
+        # Not made the current span: nothing runs inside it that makes spans (the
+        # consumer's come through the headers), and attaching it costs time per message.
+        span = self.tracer.start_span(name, context, kind, attributes)
+        try:
             if not sending.relayed:
-                propagate.inject(sending.headers)
-            try:
-                yield
-            except BaseException as exc:
-                _failed(span, exc)
-                raise
+                propagate.inject(sending.headers, trace.set_span_in_context(span))
+            yield
+        except BaseException as exc:
+            _failed(span, exc)
+            raise
+        finally:
+            span.end()
 
     @contextlib.contextmanager
     def process(self, processing: Processing) -> Iterator[None]:
@@ -109,7 +113,17 @@ class Tracing(Observer):
         created = trace.get_current_span(context).get_span_context() if context else None
         links = [Link(created)] if created is not None and created.is_valid else None
         name = f"process {processing.destination}"
-        with self._span(name, SpanKind.CONSUMER, attributes, context, links) as span:
+        # The current span while the handler runs: what it sends and does is its child.
+        # Errors are recorded here (with error.type), once.
+        with self.tracer.start_as_current_span(
+            name,
+            context=context,
+            kind=SpanKind.CONSUMER,
+            attributes=attributes,
+            links=links,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
             try:
                 yield
             except BaseException as exc:
@@ -133,31 +147,14 @@ class Tracing(Observer):
         if settlement.delay is not None:
             attributes["messaging.iambus.retry.delay"] = settlement.delay
         name = f"{settlement.outcome} {processing.destination}"
-        with self._span(name, SpanKind.CLIENT, attributes, None) as span:
-            try:
-                yield
-            except BaseException as exc:
-                _failed(span, exc)
-                raise
-
-    def _span(
-        self,
-        name: str,
-        kind: SpanKind,
-        attributes: dict[str, Any],
-        context: Any,
-        links: list[Link] | None = None,
-    ) -> contextlib.AbstractContextManager[Span]:
-        # Errors are recorded by the callers (with error.type), once.
-        return self.tracer.start_as_current_span(
-            name,
-            context=context,
-            kind=kind,
-            attributes=attributes,
-            links=links,
-            record_exception=False,
-            set_status_on_exception=False,
-        )
+        span = self.tracer.start_span(name, None, SpanKind.CLIENT, attributes)  # (see send)
+        try:
+            yield
+        except BaseException as exc:
+            _failed(span, exc)
+            raise
+        finally:
+            span.end()
 
 
 def _failed(span: Span, exc: BaseException) -> None:

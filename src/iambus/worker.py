@@ -467,7 +467,8 @@ class Worker:
                     envelope,
                     delivery.attempt,
                 )
-                with telemetry.process(processing) as settling.processing:
+                settling.processing = processing
+                with telemetry.process(processing):
                     await self._handle(sub, settling, envelope, slot)
         except asyncio.CancelledError:
             raise  # stopping: left unacked, redelivered after claim_after
@@ -968,7 +969,9 @@ class _Settling:
         if self.processing is not None:
             self.processing.error = exc
 
-    def _settle(self, outcome: Outcome, delay: float | None = None) -> AbstractContextManager[None]:
+    def _settle(
+        self, outcome: Outcome, delay: float | None = None
+    ) -> AbstractContextManager[object]:
         assert self.telemetry is not None
         assert self.processing is not None
         return self.telemetry.settle(Settlement(self.processing, outcome, delay))
