@@ -1,14 +1,17 @@
-"""Telemetry's cost: events through a broker with tracing and metrics off, then on.
+"""Telemetry's cost: in-process with tracing off and on; events through a broker with
+tracing and metrics off, then on.
 
     .venv/bin/python benchmarks/telemetry.py                 # memory, redis, rabbitmq, nats
     .venv/bin/python benchmarks/telemetry.py --broker redis --n 5000 --rounds 3
 
-Each round sends ``n`` events (100 sends in flight) from one dispatcher to a handler of
-another, and counts events handled per second from the first send to the last handler
-call; "off" and "on" alternate within the run, and the best round of each is printed with
-the ratio on/off. "on" attaches ``Tracing`` (an SDK TracerProvider whose batch processor
-hands the spans to an exporter that drops them) and ``Metrics`` (an SDK MeterProvider,
-read once at the end) to both dispatchers.
+In-process: ``10 n`` queries answered by an in-process handler, plain and with the
+``Tracing.handlers`` middleware. Through a broker: each round sends ``n`` events (100
+sends in flight) from one dispatcher to a handler of another, and counts events handled
+per second from the first send to the last handler call. "off" and "on" alternate within
+the run, and the best round of each is printed with the ratio on/off. "on" attaches
+``Tracing`` (an SDK TracerProvider whose batch processor hands the spans to an exporter
+that drops them) and ``Metrics`` (an SDK MeterProvider, read once at the end) to both
+dispatchers.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
-from iambus import Dispatcher, Limits
+from iambus import Dispatcher, Limits, Query
 from iambus.metrics import Metrics
 from iambus.tracing import Tracing
 from iambus.transports import Transport, connect
@@ -99,12 +102,51 @@ async def one_round(broker: str, n: int, on: bool) -> float:
     return n / elapsed
 
 
+@dataclass(frozen=True, slots=True)
+class Balance(Query[int]):
+    account: int
+
+
+async def in_process(n: int, traced: bool) -> float:
+    """Queries per second through an in-process handler (S1 of inprocess.py)."""
+    dp = Dispatcher()
+    provider: TracerProvider | None = None
+    if traced:
+        provider = TracerProvider()
+        provider.add_span_processor(BatchSpanProcessor(Dropping(), max_queue_size=65536))
+        dp.add_middleware(Tracing(tracer_provider=provider).handlers)
+
+    @dp.queries.register(Balance)
+    async def balance(query: Balance) -> int:
+        return 1
+
+    message = Balance(1)
+    async with dp:
+        query = dp.query
+        start = time.perf_counter()
+        for _ in range(n):
+            await query(message)
+        elapsed = time.perf_counter() - start
+    if provider is not None:
+        provider.shutdown()
+    return n / elapsed
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--broker", action="append", choices=sorted(URLS))
     parser.add_argument("--n", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    best = {False: 0.0, True: 0.0}
+    for _ in range(args.rounds):
+        for traced in (False, True):
+            best[traced] = max(best[traced], await in_process(args.n * 10, traced))
+    print("| in-process: query round trip (S1) | off (queries/s) | on: tracing.handlers |")
+    print("|---|---:|---:|")
+    ratio = best[True] / best[False]
+    print(f"| iambus | {best[False]:,.0f} (1.00x) | {best[True]:,.0f} ({ratio:.2f}x) |")
+    print()
     print("| broker | off (events/s) | on: tracing + metrics (events/s) |")
     print("|---|---:|---:|")
     for broker in args.broker or list(URLS):

@@ -238,3 +238,38 @@ async def test_an_outbox_relayed_event_is_consumed_in_the_producers_trace(
     assert relayed.attributes is not None
     assert create.attributes["messaging.operation.type"] == "create"
     assert relayed.attributes["messaging.message.id"] == create.attributes["messaging.message.id"]
+
+
+async def test_in_process_handlers_are_traced_only_with_the_middleware(
+    exporter: InMemorySpanExporter,
+) -> None:
+    provider = provider_of(exporter)
+    tracing = Tracing(tracer_provider=provider)
+    plain, traced = Dispatcher(), Dispatcher()
+    traced.add_middleware(tracing.handlers)
+    for dp in (plain, traced):
+
+        @dp.queries.register(GetBalance)
+        async def balance(query: GetBalance) -> int:
+            if query.account < 0:
+                raise Broken("no such account")
+            return 1
+
+    tracer = provider.get_tracer("test")
+    async with plain, traced:
+        with tracer.start_as_current_span("caller") as caller:
+            assert await plain.query(GetBalance(1)) == 1
+            assert not exporter.get_finished_spans()  # off: nothing made
+            assert await traced.query(GetBalance(1)) == 1
+            with pytest.raises(Broken):
+                await traced.query(GetBalance(-1))
+    ok, failed = [s for s in exporter.get_finished_spans() if s.name == "handle GetBalance"]
+    assert ok.kind is failed.kind is SpanKind.INTERNAL
+    assert parent_of(ok) == parent_of(failed) == caller.get_span_context().span_id
+    assert ok.attributes is not None
+    assert ok.attributes["iambus.message.kind"] == "query"
+    assert str(ok.attributes["iambus.handler"]).endswith("balance")
+    assert ok.status.status_code is StatusCode.UNSET
+    assert failed.status.status_code is StatusCode.ERROR
+    assert failed.attributes is not None
+    assert failed.attributes["error.type"] == f"{__name__}.Broken"

@@ -38,6 +38,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "iambus.tracing needs OpenTelemetry's API: pip install 'iambus[otel]'"
     ) from exc
 
+from .middleware import CallNext, Context
 from .telemetry import Observer, Processing, Sending, Settlement, error_type
 
 __all__ = ["DELIVERY_ATTEMPT", "Tracing"]
@@ -155,6 +156,24 @@ class Tracing(Observer):
             raise
         finally:
             span.end()
+
+    async def handlers(self, message: Any, call_next: CallNext, context: Context) -> Any:
+        """Middleware: a span (INTERNAL) around each handler call, in-process ones too.
+        Opt-in, ``dp.add_middleware(tracing.handlers)``: a dispatcher without it pays
+        nothing for tracing on its in-process path."""
+        kind = type(message)
+        with self.tracer.start_as_current_span(
+            f"handle {kind.__qualname__}",
+            kind=SpanKind.INTERNAL,
+            attributes={"iambus.handler": context.handler, "iambus.message.kind": context.kind},
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                return await call_next(message)
+            except Exception as exc:
+                _failed(span, exc)
+                raise
 
 
 def _failed(span: Span, exc: BaseException) -> None:
