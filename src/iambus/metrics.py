@@ -280,40 +280,73 @@ class PrometheusMetrics(Observer):
             multiprocess_mode="livesum",
             **common,
         )
+        self._senders: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
+        self._consumers: dict[tuple[str, str, str], _Consumer] = {}
 
     @contextlib.contextmanager
     def send(self, sending: Sending) -> Iterator[None]:
         if sending.operation == "create":  # written to the outbox: counted when relayed
             yield
             return
-        name = sending.envelope.name
-        outcome = "error"
+        labels = (sending.kind, sending.envelope.name)
+        children = self._senders.get(labels)
+        if children is None:
+            children = self._senders[labels] = (
+                self.send_duration.labels(*labels),
+                self.sent.labels(*labels, "ok"),
+                self.sent.labels(*labels, "error"),
+            )
+        duration, ok, error = children
         start = time.perf_counter()
         try:
             yield
-            outcome = "ok"
+        except BaseException:
+            error.inc()
+            raise
+        else:
+            ok.inc()
         finally:
-            self.send_duration.labels(sending.kind, name).observe(time.perf_counter() - start)
-            self.sent.labels(sending.kind, name, outcome).inc()
+            duration.observe(time.perf_counter() - start)
 
     @contextlib.contextmanager
     def process(self, processing: Processing) -> Iterator[None]:
-        labels = (processing.kind, processing.envelope.name, processing.group)
-        in_flight = self.in_flight.labels(*labels)
-        in_flight.inc()
+        children = self._consumer(processing)
+        children.in_flight.inc()
         start = time.perf_counter()
         failed = True
         try:
             yield
             failed = processing.error is not None
         finally:
-            in_flight.dec()
-            self.process_duration.labels(*labels).observe(time.perf_counter() - start)
-            self.processed.labels(*labels, "error" if failed else "ok").inc()
+            children.in_flight.dec()
+            children.duration.observe(time.perf_counter() - start)
+            (children.failed if failed else children.ok).inc()
 
     @contextlib.contextmanager
     def settle(self, settlement: Settlement) -> Iterator[None]:
         yield
-        processing = settlement.processing
+        self._consumer(settlement.processing).settled[settlement.outcome].inc()
+
+    def _consumer(self, processing: Processing) -> _Consumer:
         labels = (processing.kind, processing.envelope.name, processing.group)
-        self.settled.labels(*labels, settlement.outcome).inc()
+        children = self._consumers.get(labels)
+        if children is None:
+            children = self._consumers[labels] = _Consumer(self, labels)
+        return children
+
+
+class _Consumer:
+    """One consumer's labelled metrics, looked up once (``labels()`` takes a lock and
+    builds a key per call)."""
+
+    __slots__ = ("duration", "failed", "in_flight", "ok", "settled")
+
+    def __init__(self, metrics: PrometheusMetrics, labels: tuple[str, str, str]) -> None:
+        self.in_flight = metrics.in_flight.labels(*labels)
+        self.duration = metrics.process_duration.labels(*labels)
+        self.ok = metrics.processed.labels(*labels, "ok")
+        self.failed = metrics.processed.labels(*labels, "error")
+        self.settled = {
+            outcome: metrics.settled.labels(*labels, outcome)
+            for outcome in ("ack", "retry", "dead_letter")
+        }
