@@ -11,7 +11,7 @@ per second from the first send to the last handler call. "off" and "on" alternat
 the run, and the best round of each is printed with the ratio on/off. "on" attaches
 ``Tracing`` (an SDK TracerProvider whose batch processor hands the spans to an exporter
 that drops them) and ``Metrics`` (an SDK MeterProvider, read once at the end) to both
-dispatchers.
+dispatchers; a third column attaches ``PrometheusMetrics`` alone.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from prometheus_client import CollectorRegistry
 
 from iambus import Dispatcher, Limits, Query
-from iambus.metrics import Metrics
+from iambus.metrics import Metrics, PrometheusMetrics
 from iambus.tracing import Tracing
 from iambus.transports import Transport, connect
 
@@ -61,7 +62,7 @@ def transports(broker: str) -> tuple[Transport, Transport, list[Transport]]:
     return made[0], made[1], made
 
 
-async def one_round(broker: str, n: int, on: bool) -> float:
+async def one_round(broker: str, n: int, mode: str) -> float:
     sending, consuming, made = transports(broker)
     routes = {Ticked: "clock"}
     clock = Dispatcher(
@@ -69,7 +70,10 @@ async def one_round(broker: str, n: int, on: bool) -> float:
     )
     shop = Dispatcher(transport=sending, service="shop", routes=routes)
     traces: TracerProvider | None = None
-    if on:
+    if mode == "prometheus":
+        for dp in (clock, shop):
+            dp.instrument(PrometheusMetrics(registry=CollectorRegistry()))
+    if mode == "otel":
         traces = TracerProvider()
         traces.add_span_processor(BatchSpanProcessor(Dropping(), max_queue_size=65536))
         meters = MeterProvider(metric_readers=[InMemoryMetricReader()])
@@ -147,15 +151,16 @@ async def main() -> None:
     ratio = best[True] / best[False]
     print(f"| iambus | {best[False]:,.0f} (1.00x) | {best[True]:,.0f} ({ratio:.2f}x) |")
     print()
-    print("| broker | off (events/s) | on: tracing + metrics (events/s) |")
-    print("|---|---:|---:|")
+    modes = ("off", "otel", "prometheus")
+    print("| broker | off (events/s) | tracing + metrics (OTel) | PrometheusMetrics |")
+    print("|---|---:|---:|---:|")
     for broker in args.broker or list(URLS):
-        best = {False: 0.0, True: 0.0}
+        rates = dict.fromkeys(modes, 0.0)
         for _ in range(args.rounds):
-            for on in (False, True):
-                best[on] = max(best[on], await one_round(broker, args.n, on))
-        ratio = best[True] / best[False]
-        print(f"| {broker} | {best[False]:,.0f} (1.00x) | {best[True]:,.0f} ({ratio:.2f}x) |")
+            for mode in modes:
+                rates[mode] = max(rates[mode], await one_round(broker, args.n, mode))
+        cells = [f"{rates[m]:,.0f} ({rates[m] / rates['off']:.2f}x)" for m in modes]
+        print(f"| {broker} | {' | '.join(cells)} |")
 
 
 if __name__ == "__main__":
