@@ -73,6 +73,7 @@ from .retry import Retry, checked_policy
 from .routers import EventRouter, RequestRouter, Router
 from .routes import RouteTable
 from .routing import Routes
+from .telemetry import Observer, Telemetry
 from .transports import Transport, check_transport_object, redact
 from .unit_of_work import Scope, UnitOfWork
 from .worker import StopDeadline, Worker, WorkerHealth, bounded, seconds_until
@@ -286,6 +287,7 @@ class Dispatcher:
                 "transport='memory://' (or 'redis://...') with them"
             )
         self._worker: Worker | None = None
+        self.telemetry: Telemetry | None = None  # observers: see instrument()
         # The database of units of work (and of the outbox its relay sends from).
         self.database = database
         self._owns_database = owns_database
@@ -400,6 +402,19 @@ class Dispatcher:
         check_middleware(middleware)
         self.middleware.append(middleware)
 
+    def instrument(self, *observers: Observer) -> None:
+        """Attach ``observers`` (``iambus.tracing.Tracing()``, ``iambus.metrics.Metrics()``,
+        ...): each watches every message this dispatcher sends through its transport,
+        processes from it and settles, and its relay sends. See ``iambus.telemetry``."""
+        if self.started:
+            raise RegistrationClosed(
+                "cannot instrument the dispatcher: it has started; attach observers before "
+                "dp.start(), the first send, or `async with dp`"
+            )
+        self.telemetry = Telemetry.of(*observers, before=self.telemetry)
+        if self.remote is not None:
+            self.remote.telemetry = self.telemetry
+
     def request_handler(self, key: MessageKey) -> Handler | None:
         """The command or query handler bound to ``key``, if any."""
         for kind in ("command", "query"):
@@ -492,7 +507,8 @@ class Dispatcher:
             # Every started dispatcher with a database relays its outbox: several relays
             # share the work, each lane held by one at a time (see iambus.relay). Started
             # first: a database it cannot use fails the start before anything consumes.
-            relay = Relay(self.database, self.remote.transport)
+            observers = () if self.telemetry is None else self.telemetry.observers
+            relay = Relay(self.database, self.remote.transport, observers=observers)
             await relay.start()
             self._relay = relay
         try:

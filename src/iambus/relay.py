@@ -84,6 +84,7 @@ from .errors import (
     check_seconds,
 )
 from .outbox import LANES, ROW_COLUMNS, envelope_of
+from .telemetry import Observer, Sending, Telemetry, system_of
 from .transports import Transport
 
 __all__ = ["OutboxStatus", "ParkedRow", "Relay", "outbox_status", "parked", "release"]
@@ -134,8 +135,9 @@ class Relay:
     passes when no notification comes. ``listen``: wake up on the outbox's ``NOTIFY``
     (off: poll only). ``purge_every``: seconds between two purges of old inbox records
     (``inbox.purge``). ``in_flight``: sends outstanding at once within a batch (rows of
-    different keys; one key's rows are sent one after the other). The relay neither
-    opens nor closes the transport or the database.
+    different keys; one key's rows are sent one after the other). ``observers``: the
+    telemetry that watches its sends (see ``iambus.telemetry``; a dispatcher's relay gets
+    the dispatcher's). The relay neither opens nor closes the transport or the database.
     """
 
     def __init__(
@@ -148,6 +150,7 @@ class Relay:
         listen: bool = True,
         purge_every: float = 3600.0,
         in_flight: int = 100,
+        observers: Sequence[Observer] = (),
     ) -> None:
         if not isinstance(database, Database):
             raise ImproperlyConfigured(
@@ -160,6 +163,8 @@ class Relay:
         self.listen = check_flag("listen", listen)
         self.purge_every = check_seconds("purge_every", purge_every)
         self.in_flight = check_count("in_flight", in_flight)
+        self.telemetry = Telemetry.of(*observers)
+        self._system = system_of(transport.url)
         outbox = database.outbox
         # The lanes that hold rows to send: one statement, outside any transaction (an
         # idle pass is this one statement), one probe of the lane index per lane.
@@ -658,6 +663,7 @@ class _Batch:
 
     async def _sender(self) -> None:
         outcome, send = self.outcome, self.relay.transport.send
+        telemetry = self.relay.telemetry
         stopping = self.relay._stopping
         while True:
             while self.chains:
@@ -670,7 +676,10 @@ class _Batch:
                         outcome.cut = True
                         return
                     try:
-                        await send(row["address"], envelope_of(row))
+                        if telemetry is None:
+                            await send(row["address"], envelope_of(row))
+                        else:
+                            await self._observed(telemetry, row)
                     except (SerializationError, ImproperlyConfigured) as exc:
                         outcome.parked.append((row, exc))  # the chain goes on without it
                     except Exception as exc:
@@ -688,6 +697,13 @@ class _Batch:
                 return
             self.arrived.clear()
             await self.arrived.wait()
+
+    async def _observed(self, telemetry: Telemetry, row: Any) -> None:
+        to, envelope = row["address"], envelope_of(row)
+        kind = to.partition(".")[0]
+        sending = Sending("send", self.relay._system, kind, to, to, envelope, relayed=True)
+        with telemetry.send(sending) as envelope:
+            await self.relay.transport.send(to, envelope)
 
 
 class _Outage:

@@ -47,6 +47,7 @@ from .handlers import Kind
 from .messages import MessageKey, MessageRegistry, describe, message_key, result_type
 from .middleware import Context
 from .routing import Routes, address
+from .telemetry import Operation, Sending, Telemetry, system_of
 from .transports import (
     Instance,
     Registry,
@@ -57,7 +58,7 @@ from .transports import (
     redact,
     resolve,
 )
-from .unit_of_work import unit_of
+from .unit_of_work import UnitOfWork, unit_of
 
 __all__ = ["Remote", "RemoteRoute", "current_envelope"]
 
@@ -113,6 +114,7 @@ class Remote:
         self._checks: set[asyncio.Task[None]] = set()
         self._census: asyncio.Future[list[Instance] | None] | None = None  # a read under way
         self._recent: tuple[float, list[Instance] | None] | None = None  # (when, last read)
+        self.telemetry: Telemetry | None = None  # observers (Dispatcher.instrument)
 
     @property
     def transport(self) -> Transport:
@@ -191,13 +193,22 @@ class Remote:
         if unit is not None:
             # In a unit of work: an outbox row, sent by the relay once committed.
             envelope = self.envelope(message, key, id=id)
+            if self.telemetry is not None:
+                to = address(kind, envelope.name)
+                with self.telemetry.send(self.sending("create", kind, to, envelope)) as envelope:
+                    unit.send(to, envelope)
+                return
             unit.send(address(kind, envelope.name), envelope)
             return
         if not self._opened:
             await self.open()
         envelope = self.envelope(message, key, id=id)
         to = address(kind, envelope.name)
-        await self.transport.send(to, envelope)
+        if self.telemetry is None:
+            await self.transport.send(to, envelope)
+        else:
+            with self.telemetry.send(self.sending("send", kind, to, envelope)) as envelope:
+                await self.transport.send(to, envelope)
         if to not in self._checked:
             self._checked.add(to)
             owner = self.routes.owner(message_key(message)) if kind == "command" else None
@@ -208,12 +219,33 @@ class Remote:
     async def send_envelope(self, kind: Kind, envelope: Envelope) -> None:
         """Send a ready envelope as it is: a resend keeps its id (see ``Dispatcher.send``)."""
         unit = unit_of(self)
+        to = address(kind, envelope.name)
+        if self.telemetry is not None:
+            operation: Operation = "send" if unit is None else "create"
+            with self.telemetry.send(self.sending(operation, kind, to, envelope)) as envelope:
+                await self._hand_over(unit, to, envelope)
+        else:
+            await self._hand_over(unit, to, envelope)
+
+    async def _hand_over(self, unit: UnitOfWork | None, to: str, envelope: Envelope) -> None:
         if unit is not None:
-            unit.send(address(kind, envelope.name), envelope)
+            unit.send(to, envelope)
             return
         if not self._opened:
             await self.open()
-        await self.transport.send(address(kind, envelope.name), envelope)
+        await self.transport.send(to, envelope)
+
+    def sending(self, operation: Operation, kind: str, to: str, envelope: Envelope) -> Sending:
+        """What the telemetry's ``send`` hook is told of a message about to leave."""
+        reply = operation == "reply"
+        return Sending(
+            operation,
+            system_of(self.transport.url),
+            kind,
+            None if reply else to,
+            to,
+            envelope,
+        )
 
     async def request(
         self, kind: Kind, message: Any, key: str | None, timeout: float | None
@@ -244,16 +276,23 @@ class Remote:
         delivery = followups.get() if self.routes.owner(mkey) == self.service else None
         ahead = min(LOOKUP_TIMEOUT, timeout / 2)
         look = asyncio.get_running_loop().call_later(timeout - ahead, self._look_ahead)
+        to = address(kind, envelope.name)
         try:
             async with contextlib.nullcontext() if delivery is None else delivery.lend():
-                answer = await check_requester(self.transport).request(
-                    address(kind, envelope.name), envelope, timeout=timeout
-                )
+                if self.telemetry is None:
+                    answer = await check_requester(self.transport).request(
+                        to, envelope, timeout=timeout
+                    )
+                else:
+                    sending = self.sending("request", kind, to, envelope)
+                    with self.telemetry.send(sending) as envelope:
+                        answer = await check_requester(self.transport).request(
+                            to, envelope, timeout=timeout
+                        )
         except TimeoutError as exc:
             if isinstance(exc, TransportError):
                 raise
             owner = self.routes.owner(mkey)
-            to = address(kind, envelope.name)
             try:
                 async with asyncio.timeout(min(LATE_LOOKUP, timeout / 4)):
                     found = await self.handlers_of(to, owner, fresh=ahead + LATE_LOOKUP)

@@ -57,6 +57,7 @@ import time
 import traceback
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +69,7 @@ from .messages import result_type
 from .remote import SENDER, Remote
 from .retry import Retry
 from .routes import ALREADY_HANDLED, Subscription
+from .telemetry import Outcome, Processing, Settlement, Telemetry, system_of
 from .transports import (
     ANNOUNCE_TTL,
     Delivery,
@@ -187,10 +189,12 @@ class Worker:
         self._down: dict[Subscription, float] = {}  # failing to receive: its next backoff
         self._outage = (0.0, 0)  # since when (monotonic), failed receives
         self._bugs: dict[Subscription, tuple[float, int]] = {}  # failing not the broker's way
+        self._system = ""  # the transport's messaging.system, for the telemetry (at start)
 
     async def start(self) -> None:
         # A transport may size itself by the worker (RabbitMQ: its consumers' prefetch).
         self.remote.transport.tune(concurrency=self.concurrency)
+        self._system = system_of(self.remote.transport.url)  # for the telemetry
         await self.remote.open()
         for sub in self.subscriptions:
             await self.remote.transport.declare(sub.address, sub.group, from_start=sub.from_start)
@@ -489,9 +493,25 @@ class Worker:
         envelope = delivery.envelope
         settling = _Settling(delivery)
         slot = _Slot(self)  # counted in _free since the fetch; the semaphore is taken here
+        telemetry = self.remote.telemetry
         try:
             await slot.take()
-            await self._handle(sub, settling, envelope, slot)
+            if telemetry is None:
+                await self._handle(sub, settling, envelope, slot)
+            else:
+                settling.telemetry = telemetry
+                processing = Processing(
+                    self._system,
+                    sub.kind,
+                    sub.address,
+                    sub.group,
+                    sub.route.name,
+                    envelope,
+                    delivery.attempt,
+                )
+                settling.processing = processing
+                with telemetry.process(processing):
+                    await self._handle(sub, settling, envelope, slot)
         except asyncio.CancelledError:
             raise  # stopping: left unacked, redelivered after claim_after
         except TransportError:
@@ -576,7 +596,7 @@ class Worker:
             )
 
     async def _handle(
-        self, sub: Subscription, delivery: Delivery, envelope: Envelope, background: Followups
+        self, sub: Subscription, delivery: _Settling, envelope: Envelope, background: Followups
     ) -> None:
         if sub.kind == "query" and self._expired(sub, delivery):
             await delivery.ack()  # the requester has given up: nobody would read the answer
@@ -584,11 +604,10 @@ class Worker:
         try:
             message = self.remote.decode(envelope, sub.message)
         except SerializationError as exc:
+            delivery.failed(exc)
             if envelope.reply_to:
                 # The requester waits: tell it now rather than let it time out.
-                await check_requester(self.remote.transport).reply(
-                    envelope.reply_to, self.remote.failure(envelope, exc)
-                )
+                await self._reply(envelope.reply_to, self.remote.failure(envelope, exc))
             await delivery.dead_letter(_failure(exc, delivery.attempt, None))
             fields = self._fields(sub, delivery, "undecodable", handler=None, error=exc)
             logger.error(
@@ -627,9 +646,7 @@ class Worker:
         unanswered: Exception | None = None
         if envelope.reply_to:  # a query, or a command sent by execute(): the answer first
             try:
-                await check_requester(self.remote.transport).reply(
-                    envelope.reply_to, self._answer(sub, envelope, result)
-                )
+                await self._reply(envelope.reply_to, self._answer(sub, envelope, result))
             except (SerializationError, TransportError) as exc:
                 # The result does not encode, or the broker refused the answer (over
                 # NATS's max_payload, say). A query fails (answered with the error). A
@@ -665,13 +682,22 @@ class Worker:
         )
         return False
 
+    async def _reply(self, to: str, answer: Envelope) -> None:
+        telemetry = self.remote.telemetry
+        requester = check_requester(self.remote.transport)
+        if telemetry is None:
+            await requester.reply(to, answer)
+        else:
+            with telemetry.send(self.remote.sending("reply", "reply", to, answer)) as answer:
+                await requester.reply(to, answer)
+
     async def _tell(self, request: Envelope, answer: Envelope) -> None:
         """Send ``answer`` to the requester of ``request`` if the broker takes it: a
         requester that cannot be told times out, which must not keep a message that is
         settled anyway (acked, dead-lettered) coming back."""
         assert request.reply_to is not None
         try:
-            await check_requester(self.remote.transport).reply(request.reply_to, answer)
+            await self._reply(request.reply_to, answer)
         except TransportError as refused:
             logger.warning(
                 "iambus: could not answer the requester of %s (id %s): %s",
@@ -688,7 +714,7 @@ class Worker:
         return self.remote.answer(request, result)
 
     async def _unanswered(
-        self, sub: Subscription, delivery: Delivery, message: Any, exc: Exception
+        self, sub: Subscription, delivery: _Settling, message: Any, exc: Exception
     ) -> None:
         """A command carried out whose answer could not be sent: acked (never run again
         for it), its requester told why in a small answer, the error_handler too."""
@@ -733,15 +759,14 @@ class Worker:
         return True
 
     async def _failed(
-        self, sub: Subscription, delivery: Delivery, message: Any, exc: BaseException
+        self, sub: Subscription, delivery: _Settling, message: Any, exc: BaseException
     ) -> None:
+        delivery.failed(exc)
         envelope = delivery.envelope
         context = sub.route.context_for(envelope.key)
         if sub.kind == "query":
             if envelope.reply_to:
-                await check_requester(self.remote.transport).reply(
-                    envelope.reply_to, self.remote.failure(envelope, exc)
-                )
+                await self._reply(envelope.reply_to, self.remote.failure(envelope, exc))
             await delivery.ack()
             fields = self._fields(sub, delivery, "failed", error=exc)
             logger.warning(
@@ -1013,13 +1038,28 @@ def _safe_delay(policy: Retry, attempt: int) -> float:
 
 
 class _Settling:
-    """A delivery that remembers whether a settle call was made on it, and returned."""
+    """A delivery that remembers whether a settle call was made on it, and returned
+    (and tells the telemetry, if any, how it was settled)."""
 
-    __slots__ = ("called", "delivery", "done")
+    __slots__ = ("called", "delivery", "done", "processing", "telemetry")
 
     def __init__(self, delivery: Delivery) -> None:
         self.delivery = delivery
         self.called = self.done = False
+        self.telemetry: Telemetry | None = None
+        self.processing: Processing | None = None
+
+    def failed(self, exc: BaseException) -> None:
+        """The handler (or decoding) raised ``exc``: the telemetry records it."""
+        if self.processing is not None:
+            self.processing.error = exc
+
+    def _settle(
+        self, outcome: Outcome, delay: float | None = None
+    ) -> AbstractContextManager[object]:
+        assert self.telemetry is not None
+        assert self.processing is not None
+        return self.telemetry.settle(Settlement(self.processing, outcome, delay))
 
     @property
     def envelope(self) -> Envelope:
@@ -1031,17 +1071,29 @@ class _Settling:
 
     async def ack(self) -> None:
         self.called = True
-        await self.delivery.ack()
+        if self.telemetry is None:
+            await self.delivery.ack()
+        else:
+            with self._settle("ack"):
+                await self.delivery.ack()
         self.done = True
 
     async def retry(self, delay: float) -> None:
         self.called = True
-        await self.delivery.retry(delay)
+        if self.telemetry is None:
+            await self.delivery.retry(delay)
+        else:
+            with self._settle("retry", delay):
+                await self.delivery.retry(delay)
         self.done = True
 
     async def dead_letter(self, failure: Failure) -> None:
         self.called = True
-        await self.delivery.dead_letter(failure)
+        if self.telemetry is None:
+            await self.delivery.dead_letter(failure)
+        else:
+            with self._settle("dead_letter"):
+                await self.delivery.dead_letter(failure)
         self.done = True
 
 

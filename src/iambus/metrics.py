@@ -1,0 +1,352 @@
+"""Metrics: OpenTelemetry (``iambus[otel]``) and Prometheus (``iambus[prometheus]``).
+
+::
+
+    from iambus.metrics import Metrics, PrometheusMetrics
+
+    dp.instrument(Metrics())  # the global MeterProvider, or Metrics(meter_provider=...)
+    dp.instrument(PrometheusMetrics())  # prometheus_client's REGISTRY, or registry=...
+
+``Metrics`` records the messaging conventions' instruments, ``messaging.client.sent.
+messages``, ``messaging.client.consumed.messages``, ``messaging.client.operation.duration``
+and ``messaging.process.duration``, plus iambus's own: ``iambus.retries``,
+``iambus.dead_letters``, ``iambus.handlers.in_flight``, and the outbox's backlog
+(``iambus.outbox.backlog``, ``iambus.outbox.parked``, ``iambus.outbox.oldest_age``) while
+``watch_outbox(database)`` runs.
+
+``PrometheusMetrics`` keeps the same per-message figures in prometheus_client metrics,
+which work in its multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``): see docs/metrics.md.
+Each module imports its package only when its class is made, so either extra is enough.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from .database import Database
+from .relay import OutboxStatus, outbox_status
+from .telemetry import Observer, Processing, Sending, Settlement, error_type
+
+__all__ = ["Metrics", "PrometheusMetrics"]
+
+_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def _need(extra: str, package: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(package)
+    except ImportError as exc:
+        raise ImportError(
+            f"iambus.metrics needs {package.partition('.')[0]}: pip install 'iambus[{extra}]'"
+        ) from exc
+
+
+def _send_attributes(sending: Sending) -> dict[str, Any]:
+    attributes: dict[str, Any] = {
+        "messaging.system": sending.system,
+        "messaging.operation.name": sending.operation,
+        "messaging.operation.type": "send",
+    }
+    if sending.destination is not None:  # a reply's address is the requester's own
+        attributes["messaging.destination.name"] = sending.destination
+    return attributes
+
+
+def _consumer_attributes(processing: Processing, operation: str, kind: str) -> dict[str, Any]:
+    return {
+        "messaging.system": processing.system,
+        "messaging.operation.name": operation,
+        "messaging.operation.type": kind,
+        "messaging.destination.name": processing.destination,
+        "messaging.consumer.group.name": processing.group,
+    }
+
+
+class Metrics(Observer):
+    """OpenTelemetry instruments for every message; see the module docstring.
+
+    ``meter_provider``: where they are recorded (default: the global one).
+    """
+
+    def __init__(self, *, meter_provider: Any = None) -> None:
+        from . import __version__
+
+        metrics = _need("otel", "opentelemetry.metrics")
+        meter = metrics.get_meter("iambus", __version__, meter_provider=meter_provider)
+        # The counters are tallies of our own, read when the SDK collects (observable
+        # instruments): a message costs a dict update instead of an SDK measurement
+        # (about 14 µs each, measured in benchmarks/telemetry.py).
+        observation = metrics.Observation
+        self.sent = _Tally(observation)
+        self.consumed = _Tally(observation)
+        self.retries = _Tally(observation)
+        self.dead_letters = _Tally(observation)
+        self.in_flight = _Tally(observation)
+        for name, tally, description in (
+            ("messaging.client.sent.messages", self.sent, "Messages sent (or tried)."),
+            ("messaging.client.consumed.messages", self.consumed, "Messages delivered."),
+            ("iambus.retries", self.retries, "Deliveries set to be retried."),
+            ("iambus.dead_letters", self.dead_letters, "Deliveries dead-lettered."),
+        ):
+            meter.create_observable_counter(
+                name, [tally.observe], unit="{message}", description=description
+            )
+        meter.create_observable_up_down_counter(
+            "iambus.handlers.in_flight",
+            [self.in_flight.observe],
+            unit="{message}",
+            description="Deliveries being processed now.",
+        )
+        self.operation_duration = meter.create_histogram(
+            "messaging.client.operation.duration",
+            unit="s",
+            description="Duration of a send or settle operation.",
+            explicit_bucket_boundaries_advisory=_SECONDS,
+        )
+        self.process_duration = meter.create_histogram(
+            "messaging.process.duration",
+            unit="s",
+            description="Duration of processing a delivery (decoding, handler, reply).",
+            explicit_bucket_boundaries_advisory=_SECONDS,
+        )
+        self._outbox: OutboxStatus | None = None
+
+        def outbox(field: str) -> Any:
+            def observe(_: Any) -> Iterable[Any]:
+                status = self._outbox
+                value = None if status is None else getattr(status, field)
+                return () if value is None else (observation(value),)
+
+            return observe
+
+        meter.create_observable_gauge(
+            "iambus.outbox.backlog",
+            [outbox("backlog")],
+            unit="{message}",
+            description="Outbox rows waiting to be sent.",
+        )
+        meter.create_observable_gauge(
+            "iambus.outbox.parked",
+            [outbox("parked")],
+            unit="{message}",
+            description="Outbox rows that cannot be sent.",
+        )
+        meter.create_observable_gauge(
+            "iambus.outbox.oldest_age",
+            [outbox("oldest_age")],
+            unit="s",
+            description="Seconds since the oldest waiting outbox row was written.",
+        )
+
+    async def watch_outbox(self, database: Database, *, every: float = 15.0) -> None:
+        """Read ``database``'s outbox status every ``every`` seconds, for the outbox
+        gauges (which report the last reading); runs until cancelled."""
+        while True:
+            await self.read_outbox(database)
+            await asyncio.sleep(every)
+
+    async def read_outbox(self, database: Database) -> OutboxStatus:
+        """Read ``database``'s outbox status once, for the outbox gauges."""
+        self._outbox = status = await outbox_status(database)
+        return status
+
+    @contextlib.contextmanager
+    def send(self, sending: Sending) -> Iterator[None]:
+        if sending.operation == "create":  # written to the outbox: counted when relayed
+            yield
+            return
+        attributes = _send_attributes(sending)
+        start = time.perf_counter()
+        try:
+            yield
+        except BaseException as exc:
+            attributes["error.type"] = error_type(exc)
+            raise
+        finally:
+            self.operation_duration.record(time.perf_counter() - start, attributes)
+            self.sent.add(attributes)
+
+    @contextlib.contextmanager
+    def process(self, processing: Processing) -> Iterator[None]:
+        attributes = _consumer_attributes(processing, "process", "process")
+        self.consumed.add(attributes)
+        flight = {"messaging.destination.name": processing.destination}
+        self.in_flight.add(flight)
+        start = time.perf_counter()
+        try:
+            yield
+        except BaseException as exc:
+            processing.error = processing.error or exc
+            raise
+        finally:
+            self.in_flight.add(flight, -1)
+            if processing.error is not None:
+                attributes["error.type"] = error_type(processing.error)
+            self.process_duration.record(time.perf_counter() - start, attributes)
+
+    @contextlib.contextmanager
+    def settle(self, settlement: Settlement) -> Iterator[None]:
+        processing = settlement.processing
+        attributes = _consumer_attributes(processing, settlement.outcome, "settle")
+        start = time.perf_counter()
+        try:
+            yield
+        except BaseException as exc:
+            attributes["error.type"] = error_type(exc)
+            raise
+        finally:
+            self.operation_duration.record(time.perf_counter() - start, attributes)
+        if settlement.outcome == "retry":
+            self.retries.add(attributes)
+        elif settlement.outcome == "dead_letter":
+            self.dead_letters.add(attributes)
+
+
+class _Tally:
+    """Counts by attributes, reported by an observable instrument's callback."""
+
+    __slots__ = ("counts", "observation")
+
+    def __init__(self, observation: Any) -> None:
+        self.observation = observation
+        self.counts: dict[tuple[tuple[str, Any], ...], int] = {}
+
+    def add(self, attributes: dict[str, Any], n: int = 1) -> None:
+        key = tuple(attributes.items())
+        self.counts[key] = self.counts.get(key, 0) + n
+
+    def observe(self, _: Any) -> Iterable[Any]:
+        # Called from the reader's thread, maybe: list() copies the dict in one step.
+        return [self.observation(n, dict(key)) for key, n in list(self.counts.items())]
+
+
+class PrometheusMetrics(Observer):
+    """prometheus_client metrics for every message, registered in ``registry`` (default
+    ``prometheus_client.REGISTRY``); see docs/metrics.md for their names and labels.
+
+    Made before the worker processes fork (or in each), they work in prometheus_client's
+    multiprocess mode: set ``PROMETHEUS_MULTIPROC_DIR`` before the process starts, and
+    serve a registry with a ``MultiProcessCollector``. One per registry.
+    """
+
+    def __init__(self, *, registry: Any = None, namespace: str = "iambus") -> None:
+        prometheus = _need("prometheus", "prometheus_client")
+        if registry is None:
+            registry = prometheus.REGISTRY
+        common = {"namespace": namespace, "registry": registry}
+        consumer = ("kind", "message", "group")
+        self.sent = prometheus.Counter(
+            "messages_sent",
+            "Messages sent (or tried), by outcome (ok, error).",
+            ("kind", "message", "outcome"),
+            **common,
+        )
+        self.send_duration = prometheus.Histogram(
+            "send_duration_seconds",
+            "Seconds a send took (a request's: until its answer came).",
+            ("kind", "message"),
+            buckets=_SECONDS,
+            **common,
+        )
+        self.processed = prometheus.Counter(
+            "messages_processed",
+            "Deliveries processed, by outcome (ok, error: the handler raised).",
+            (*consumer, "outcome"),
+            **common,
+        )
+        self.process_duration = prometheus.Histogram(
+            "process_duration_seconds",
+            "Seconds processing a delivery took (decoding, handler, reply).",
+            consumer,
+            buckets=_SECONDS,
+            **common,
+        )
+        self.settled = prometheus.Counter(
+            "messages_settled",
+            "Deliveries settled, by outcome (ack, retry, dead_letter).",
+            (*consumer, "outcome"),
+            **common,
+        )
+        self.in_flight = prometheus.Gauge(
+            "handlers_in_flight",
+            "Deliveries being processed now.",
+            consumer,
+            multiprocess_mode="livesum",
+            **common,
+        )
+        self._senders: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
+        self._consumers: dict[tuple[str, str, str], _Consumer] = {}
+
+    @contextlib.contextmanager
+    def send(self, sending: Sending) -> Iterator[None]:
+        if sending.operation == "create":  # written to the outbox: counted when relayed
+            yield
+            return
+        labels = (sending.kind, sending.envelope.name)
+        children = self._senders.get(labels)
+        if children is None:
+            children = self._senders[labels] = (
+                self.send_duration.labels(*labels),
+                self.sent.labels(*labels, "ok"),
+                self.sent.labels(*labels, "error"),
+            )
+        duration, ok, error = children
+        start = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            error.inc()
+            raise
+        else:
+            ok.inc()
+        finally:
+            duration.observe(time.perf_counter() - start)
+
+    @contextlib.contextmanager
+    def process(self, processing: Processing) -> Iterator[None]:
+        children = self._consumer(processing)
+        children.in_flight.inc()
+        start = time.perf_counter()
+        failed = True
+        try:
+            yield
+            failed = processing.error is not None
+        finally:
+            children.in_flight.dec()
+            children.duration.observe(time.perf_counter() - start)
+            (children.failed if failed else children.ok).inc()
+
+    @contextlib.contextmanager
+    def settle(self, settlement: Settlement) -> Iterator[None]:
+        yield
+        self._consumer(settlement.processing).settled[settlement.outcome].inc()
+
+    def _consumer(self, processing: Processing) -> _Consumer:
+        labels = (processing.kind, processing.envelope.name, processing.group)
+        children = self._consumers.get(labels)
+        if children is None:
+            children = self._consumers[labels] = _Consumer(self, labels)
+        return children
+
+
+class _Consumer:
+    """One consumer's labelled metrics, looked up once (``labels()`` takes a lock and
+    builds a key per call)."""
+
+    __slots__ = ("duration", "failed", "in_flight", "ok", "settled")
+
+    def __init__(self, metrics: PrometheusMetrics, labels: tuple[str, str, str]) -> None:
+        self.in_flight = metrics.in_flight.labels(*labels)
+        self.duration = metrics.process_duration.labels(*labels)
+        self.ok = metrics.processed.labels(*labels, "ok")
+        self.failed = metrics.processed.labels(*labels, "error")
+        self.settled = {
+            outcome: metrics.settled.labels(*labels, outcome)
+            for outcome in ("ack", "retry", "dead_letter")
+        }

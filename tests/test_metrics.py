@@ -1,0 +1,210 @@
+"""OpenTelemetry and Prometheus metrics of every message, against the real brokers."""
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from iambus import Command, Dispatcher, Retry
+from iambus.database import Database
+from iambus.envelope import Envelope
+from iambus.metrics import Metrics, PrometheusMetrics
+from iambus.outbox import Outgoing, write
+from iambus.telemetry import Observer, Settlement
+
+from .conftest import Bus
+
+
+@dataclass(frozen=True, slots=True)
+class Reserve(Command[int]):
+    sku: str
+
+
+@dataclass(frozen=True, slots=True)
+class Restocked:
+    sku: str
+
+
+ROUTES: dict[type | str, str] = {Reserve: "stock", Restocked: "stock"}
+TWICE = Retry(attempts=2, backoff=0.01, jitter=False)
+
+
+class DeadLettered(Observer):
+    """Attached first (so told last): set once a delivery was dead-lettered."""
+
+    def __init__(self) -> None:
+        self.happened = asyncio.Event()
+
+    @contextlib.contextmanager
+    def settle(self, settlement: Settlement) -> Iterator[None]:
+        yield
+        if settlement.outcome == "dead_letter":
+            self.happened.set()
+
+
+async def traffic(bus: Bus, *observers: Observer) -> None:
+    """One command answered, one event retried once and then dead-lettered."""
+    stock = Dispatcher(transport=bus.transport(), service="stock", routes=ROUTES, retry=TWICE)
+    shop = Dispatcher(transport=bus.transport(), service="shop", routes=ROUTES)
+    dead = DeadLettered()
+    stock.instrument(dead, *observers)
+    shop.instrument(*observers)
+
+    @stock.commands.register(Reserve)
+    async def reserve(command: Reserve) -> int:
+        return 3
+
+    @stock.events.register(Restocked)
+    async def on_restocked(event: Restocked) -> None:
+        raise LookupError(event.sku)
+
+    async with stock, shop:
+        assert await shop.execute(Reserve("ab-1")) == 3
+        await shop.publish(Restocked("ab-1"))
+        await asyncio.wait_for(dead.happened.wait(), 15)
+
+
+def points(reader: InMemoryMetricReader) -> dict[str, list[Any]]:
+    data = reader.get_metrics_data()
+    found: dict[str, list[Any]] = {}
+    for resource in data.resource_metrics if data is not None else ():
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                found.setdefault(metric.name, []).extend(metric.data.data_points)
+    return found
+
+
+def total(found: dict[str, list[Any]], name: str, **attributes: Any) -> float:
+    """The sum of ``name``'s points (a histogram's: their count) with ``attributes``."""
+    return sum(
+        getattr(p, "count", None) or p.value
+        for p in found.get(name, [])
+        if all(p.attributes.get(k) == v for k, v in attributes.items())
+    )
+
+
+async def test_otel_metrics_count_sends_deliveries_retries_and_dead_letters(bus: Bus) -> None:
+    reader = InMemoryMetricReader()
+    await traffic(bus, Metrics(meter_provider=MeterProvider(metric_readers=[reader])))
+    found = points(reader)
+    system = "memory" if bus.kind == "memory" else bus.kind
+    sent = "messaging.client.sent.messages"
+    assert total(found, sent, **{"messaging.operation.name": "request"}) == 1
+    assert total(found, sent, **{"messaging.destination.name": "event.Restocked"}) == 1
+    assert total(found, sent, **{"messaging.operation.name": "reply"}) == 1
+    assert {p.attributes["messaging.system"] for p in found[sent]} == {system}
+    consumed = "messaging.client.consumed.messages"
+    assert total(found, consumed, **{"messaging.destination.name": "command.Reserve"}) == 1
+    assert total(found, consumed, **{"messaging.destination.name": "event.Restocked"}) == 2
+    process = "messaging.process.duration"
+    assert total(found, process, **{"error.type": "LookupError"}) == 2
+    assert total(found, process, **{"messaging.destination.name": "command.Reserve"}) == 1
+    assert all(p.sum >= 0 for p in found[process])
+    operation = "messaging.client.operation.duration"
+    assert total(found, operation, **{"messaging.operation.type": "settle"}) == 3
+    assert total(found, operation, **{"messaging.operation.type": "send"}) == 3
+    assert total(found, "iambus.retries") == 1
+    assert total(found, "iambus.dead_letters") == 1
+    assert total(found, "iambus.handlers.in_flight") == 0  # none left counted
+
+
+async def test_the_outbox_gauges_report_the_last_reading(database: Database) -> None:
+    reader = InMemoryMetricReader()
+    metrics = Metrics(meter_provider=MeterProvider(metric_readers=[reader]))
+    assert "iambus.outbox.backlog" not in points(reader)  # not read yet: no point
+    async with database.connection() as conn, conn.transaction():
+        rows = [Outgoing("event.Restocked", Envelope("Restocked", b"{}")) for _ in range(3)]
+        await write(conn, database, rows)
+    status = await metrics.read_outbox(database)
+    assert status.backlog == 3
+    found = points(reader)
+    assert total(found, "iambus.outbox.backlog") == 3
+    assert total(found, "iambus.outbox.parked") == 0
+    assert found["iambus.outbox.oldest_age"][0].value >= 0
+
+
+def scrape(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = generate_latest(registry).decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return sum(
+        v
+        for (n, found), v in samples.items()
+        if n == name and all(dict(found).get(k) == want for k, want in labels.items())
+    )
+
+
+async def test_prometheus_output_counts_every_message(bus: Bus) -> None:
+    registry = CollectorRegistry()
+    await traffic(bus, PrometheusMetrics(registry=registry))
+    samples = scrape(registry)
+    sent = "iambus_messages_sent_total"
+    assert value(samples, sent, kind="command", message="Reserve", outcome="ok") == 1
+    assert value(samples, sent, kind="event", message="Restocked", outcome="ok") == 1
+    assert value(samples, sent, kind="reply", message="Reserve.result", outcome="ok") == 1
+    processed = "iambus_messages_processed_total"
+    assert value(samples, processed, message="Reserve", outcome="ok") == 1
+    assert value(samples, processed, message="Restocked", outcome="error") == 2
+    settled = "iambus_messages_settled_total"
+    assert value(samples, settled, message="Reserve", outcome="ack") == 1
+    assert value(samples, settled, message="Restocked", outcome="retry") == 1
+    assert value(samples, settled, message="Restocked", outcome="dead_letter") == 1
+    assert value(samples, "iambus_process_duration_seconds_count", message="Restocked") == 2
+    assert value(samples, "iambus_send_duration_seconds_count", kind="command") == 1
+    assert value(samples, "iambus_handlers_in_flight") == 0
+    groups = {dict(labels)["group"] for (n, labels) in samples if n == processed}
+    assert len(groups) == 2  # the command's service, the event handler's group
+    assert not any("id" in dict(labels) for (_, labels) in samples)  # no unbounded label
+
+
+def test_prometheus_metrics_work_in_multiprocess_mode(tmp_path: Path) -> None:
+    code = (
+        "import contextlib\n"
+        "from prometheus_client import CollectorRegistry, generate_latest\n"
+        "from prometheus_client.multiprocess import MultiProcessCollector\n"
+        "from iambus.envelope import Envelope\n"
+        "from iambus.metrics import PrometheusMetrics\n"
+        "from iambus.telemetry import Processing\n"
+        "metrics = PrometheusMetrics(registry=CollectorRegistry())\n"
+        "p = Processing('redis', 'event', 'event.A', 'g', 'h', Envelope('A', b''), 1)\n"
+        "with metrics.process(p):\n"
+        "    pass\n"
+        "inflight = metrics.process(p)\n"
+        "inflight.__enter__()\n"  # one left in flight while this process lives
+        "served = CollectorRegistry()\n"
+        "MultiProcessCollector(served)\n"
+        "print(generate_latest(served).decode())\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    outputs = []
+    for _ in range(2):  # two worker processes on one host
+        done = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        outputs.append(done.stdout)
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(outputs[-1])
+        for s in family.samples
+    }
+    # Both processes' counts, read from the shared directory.
+    assert value(samples, "iambus_messages_processed_total", outcome="ok") == 2
+    # livesum: the gauge counts live processes only (the second one, still running).
+    assert value(samples, "iambus_handlers_in_flight") == 1

@@ -1,0 +1,158 @@
+"""The telemetry seam: observers see every message sent, processed and settled."""
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from iambus import Dispatcher, ImproperlyConfigured, Retry
+from iambus.errors import RegistrationClosed
+from iambus.telemetry import Observer, Processing, Sending, Settlement, system_of
+from iambus.transports.memory import MemoryTransport
+
+from .conftest import Bus
+
+
+@dataclass(frozen=True, slots=True)
+class Shipped:
+    order_id: int
+
+
+ROUTES: dict[type | str, str] = {Shipped: "warehouse"}
+
+
+class Recorder(Observer):
+    """Writes down each point it is told of, and adds a header to what is sent."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.seen: list[str] = []
+        self.headers: list[dict[str, str]] = []
+        self.second_done = asyncio.Event()  # the second attempt's processing ended
+
+    @contextlib.contextmanager
+    def send(self, sending: Sending) -> Iterator[None]:
+        sending.headers[f"x-{self.name}"] = sending.envelope.id
+        self.seen.append(f"{sending.operation} {sending.destination}")
+        yield
+
+    @contextlib.contextmanager
+    def process(self, processing: Processing) -> Iterator[None]:
+        self.headers.append(dict(processing.envelope.headers))
+        self.seen.append(f"process {processing.destination} #{processing.attempt}")
+        yield
+        self.seen.append(f"processed {type(processing.error).__name__}")
+        if processing.attempt == 2:
+            self.second_done.set()
+
+    @contextlib.contextmanager
+    def settle(self, settlement: Settlement) -> Iterator[None]:
+        yield
+        self.seen.append(f"{settlement.outcome} {settlement.delay}")
+
+
+async def test_every_observer_sees_each_send_delivery_and_settlement(bus: Bus) -> None:
+    warehouse = Dispatcher(
+        transport=bus.transport(),
+        service="warehouse",
+        routes=ROUTES,
+        retry=Retry(attempts=2, backoff=0.01, jitter=False),
+    )
+    shop = Dispatcher(transport=bus.transport(), service="shop", routes=ROUTES)
+    first, second, consumer = Recorder("first"), Recorder("second"), Recorder("consumer")
+    shop.instrument(first)
+    shop.instrument(second)  # added to the first, not instead
+    warehouse.instrument(consumer)
+
+    @warehouse.events.register(Shipped)
+    async def on_shipped(event: Shipped) -> None:
+        raise ValueError("no stock")
+
+    async with warehouse, shop:
+        await shop.send(Shipped(1))
+        await asyncio.wait_for(consumer.second_done.wait(), 15)
+
+    assert first.seen == second.seen == ["send event.Shipped"]
+    assert consumer.seen == [
+        "process event.Shipped #1",
+        "retry 0.01",  # settled inside the processing
+        "processed ValueError",
+        "process event.Shipped #2",
+        "dead_letter None",
+        "processed ValueError",
+    ]
+    # What the producer's observers added travelled in the envelope's headers.
+    [header] = {h["x-first"] for h in consumer.headers}
+    assert all(h["x-second"] == header for h in consumer.headers)
+
+
+def test_instrument_refuses_what_is_not_an_observer() -> None:
+    dp = Dispatcher()
+    with pytest.raises(ImproperlyConfigured, match=r"an iambus.telemetry.Observer .* got 'x'"):
+        dp.instrument(Recorder("ok"), "x")  # type: ignore[arg-type]
+    assert dp.telemetry is None  # nothing attached when one is wrong
+
+
+async def test_instrument_after_the_start_is_refused() -> None:
+    dp = Dispatcher(transport=MemoryTransport(), service="warehouse", routes=ROUTES)
+
+    @dp.events.register(Shipped)
+    async def on_shipped(event: Shipped) -> None: ...
+
+    async with dp:
+        with pytest.raises(RegistrationClosed, match="attach observers before"):
+            dp.instrument(Recorder("late"))
+
+
+def test_system_of_names_the_messaging_system() -> None:
+    assert system_of("redis://127.0.0.1:6379/0") == "redis"
+    assert system_of("rediss://host") == "redis"
+    assert system_of("amqp://guest:guest@127.0.0.1/") == "rabbitmq"
+    assert system_of("nats://127.0.0.1:4222") == "nats"
+    assert system_of("memory://") == "memory"
+
+
+def run(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
+    )
+
+
+def test_import_iambus_imports_no_telemetry_package() -> None:
+    done = run(
+        "import sys, iambus, iambus.telemetry\n"
+        "loaded = [m for m in sys.modules if m.split('.')[0] in "
+        "('opentelemetry', 'prometheus_client')]\n"
+        "print(loaded)"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("module", "make", "blocked", "extra"),
+    [
+        ("iambus.tracing", "Tracing()", "opentelemetry", "iambus[otel]"),
+        ("iambus.metrics", "Metrics()", "opentelemetry", "iambus[otel]"),
+        ("iambus.metrics", "PrometheusMetrics()", "prometheus_client", "iambus[prometheus]"),
+    ],
+)
+def test_a_missing_package_is_an_import_error_naming_the_extra(
+    module: str, make: str, blocked: str, extra: str
+) -> None:
+    done = run(
+        f"import sys\n"
+        f"sys.modules['{blocked}'] = None\n"  # as if not installed
+        f"sys.modules['{blocked}.metrics'] = None\n"
+        f"try:\n"
+        f"    from {module} import *\n"
+        f"    {make}\n"
+        f"except ImportError as exc:\n"
+        f"    print(exc)\n"
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"pip install '{extra}'" in done.stdout
