@@ -200,6 +200,51 @@ async def proxy(request: pytest.FixtureRequest) -> AsyncIterator[Proxy]:
         await made.cut()
 
 
+async def test_metrics_count_what_the_worker_sent_processed_and_settled(bus: Bus) -> None:
+    """The server started before the dispatcher (as `iambus worker --metrics-port` does)
+    attaches the per-message counters: a scrape shows each delivery processed and
+    settled, by outcome."""
+    billing = Dispatcher(
+        transport=bus.transport(), service="billing", routes=ROUTES, retry=Retry(attempts=1)
+    )
+
+    @billing.commands.register(ChargeCard)
+    async def charge(command: ChargeCard) -> None:
+        if command.amount < 0:
+            raise ValueError("a negative amount")
+
+    async with Server(billing, port=0, broker_cache=0) as server, billing:
+        before = await scrape(server.url)
+        labels = {"kind": "command", "message": "ChargeCard", "group": "billing"}
+
+        def count(samples: Samples, name: str, **more: str) -> float:
+            return value(samples, name, **labels, **more) or 0.0
+
+        await billing.send(ChargeCard(amount=5))
+        await billing.send(ChargeCard(amount=-1))
+        found: Samples = {}
+
+        async def shown() -> bool:
+            nonlocal found
+            found = await scrape(server.url)
+            settled = "iambus_messages_settled_total"
+            return (
+                count(found, settled, outcome="ack") - count(before, settled, outcome="ack") >= 1
+                and count(found, settled, outcome="dead_letter")
+                - count(before, settled, outcome="dead_letter")
+                >= 1
+            )
+
+        await until(shown, 15, "a delivery acked and one dead-lettered", detail=lambda: str(found))
+    processed = "iambus_messages_processed_total"
+    assert count(found, processed, outcome="ok") - count(before, processed, outcome="ok") >= 1
+    assert count(found, processed, outcome="error") - count(before, processed, outcome="error") >= 1
+    sent = value(found, "iambus_messages_sent_total", kind="command", message="ChargeCard",
+                 outcome="ok")  # fmt: skip
+    assert sent is not None
+    assert sent >= 2
+
+
 async def test_health_follows_an_outage_of_the_broker(proxy: Proxy) -> None:
     namespace = f"test-{os.urandom(5).hex()}"
     billing = Dispatcher(

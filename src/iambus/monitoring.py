@@ -238,12 +238,29 @@ def _instrument(dp: Dispatcher) -> Callable[[], None]:
     """Instrument this process's dispatcher for Prometheus; return what updates its
     gauges (called every ``REFRESH`` seconds and before each scrape).
 
-    For now: ``iambus_worker_consuming`` and ``iambus_worker_receive_down_seconds``,
-    from ``dp.health()``. In multiprocess mode every process keeps its own series
-    (``pid`` label), dropped when it stops.
+    The per-message counters and histograms (``iambus.metrics.PrometheusMetrics``, one
+    per process, in prometheus_client's default registry: in multiprocess mode their
+    values go to the shared directory), attached to ``dp`` unless it has them already;
+    and ``iambus_worker_consuming`` and ``iambus_worker_receive_down_seconds``, from
+    ``dp.health()``. In multiprocess mode every process keeps its own series (``pid``
+    label), dropped when it stops.
     """
     prometheus = _prometheus()
-    if not _GAUGES:
+    if "messages" not in _GAUGES:
+        from .metrics import PrometheusMetrics
+
+        _GAUGES["messages"] = PrometheusMetrics()
+    observers = () if dp.telemetry is None else dp.telemetry.observers
+    if _GAUGES["messages"] not in observers:
+        if dp.started:  # (observers are attached before the start)
+            logger.warning(
+                "iambus: the metrics server started after the dispatcher: it shows no "
+                "per-message counts (iambus_messages_*); start it first, as `iambus worker "
+                "--metrics-port` does, or attach iambus.metrics.PrometheusMetrics() yourself"
+            )
+        else:
+            dp.instrument(_GAUGES["messages"])
+    if "consuming" not in _GAUGES:
         _GAUGES["consuming"] = prometheus.Gauge(
             "iambus_worker_consuming",
             "1 while the worker consumes (started, not stopping), else 0",
