@@ -71,9 +71,8 @@ async def probe(url: str, path: str) -> tuple[int, dict[str, object]]:
     return response.status_code, response.json()
 
 
-async def test_metrics_show_each_group_backlog_and_dead_letters_read_from_the_broker(
-    bus: Bus,
-) -> None:
+def billing_on(bus: Bus) -> Dispatcher:
+    """Billing's worker: a charge of a negative amount fails, and is dead-lettered."""
     billing = Dispatcher(
         transport=bus.transport(), service="billing", routes=ROUTES, retry=Retry(attempts=1)
     )
@@ -83,6 +82,13 @@ async def test_metrics_show_each_group_backlog_and_dead_letters_read_from_the_br
         if command.amount < 0:
             raise ValueError("a negative amount")
 
+    return billing
+
+
+async def test_metrics_show_each_group_backlog_and_dead_letters_read_from_the_broker(
+    bus: Bus,
+) -> None:
+    billing = billing_on(bus)
     watcher = bus.transport()
     await watcher.open()
     try:
@@ -204,15 +210,7 @@ async def test_metrics_count_what_the_worker_sent_processed_and_settled(bus: Bus
     """The server started before the dispatcher (as `iambus worker --metrics-port` does)
     attaches the per-message counters: a scrape shows each delivery processed and
     settled, by outcome."""
-    billing = Dispatcher(
-        transport=bus.transport(), service="billing", routes=ROUTES, retry=Retry(attempts=1)
-    )
-
-    @billing.commands.register(ChargeCard)
-    async def charge(command: ChargeCard) -> None:
-        if command.amount < 0:
-            raise ValueError("a negative amount")
-
+    billing = billing_on(bus)
     async with Server(billing, port=0, broker_cache=0) as server, billing:
         before = await scrape(server.url)
         labels = {"kind": "command", "message": "ChargeCard", "group": "billing"}
