@@ -571,3 +571,28 @@ async def test_a_retry_the_clock_holds_is_given_back_when_its_worker_stops() -> 
             done = await watched.settled()
     assert attempts == [1, 1]
     assert done.handled() == ["ChargeCard"]
+
+
+async def test_settled_waits_for_background_work_and_says_when_it_does_not_end() -> None:
+    orders = Dispatcher(transport=MemoryTransport(), service="orders", routes=ROUTES)
+    release = asyncio.Event()
+    audited: list[int] = []
+
+    @orders.events.register(Audit)
+    async def audit(event: Audit) -> None:
+        await release.wait()
+        audited.append(event.order_id)
+
+    watched = watch(orders)
+    async with orders:
+        await orders.handle(Audit(1))  # in-process, in the background
+        with pytest.raises(NotSettled) as raised:
+            await watched.settled(timeout=0.2)
+        assert str(raised.value) == (
+            "not settled after 0.2s:\n"
+            "  no message is pending: background work (dp.join()) is not done"
+        )
+        release.set()
+        done = await watched.settled()
+        assert audited == [1]
+        assert done.settlements == ()  # nothing went through the transport

@@ -728,11 +728,12 @@ class FakeClock:
             self.now = max(self.now, due)
             return None
         waiter = asyncio.get_running_loop().create_future()
-        waiter.add_done_callback(
-            lambda _: setattr(self, "_held", [h for h in self._held if h[1] is not waiter])
-        )
+        waiter.add_done_callback(self._forget)  # released, or called off (a worker stops)
         self._held.append((due, waiter, go))
         return waiter
+
+    def _forget(self, waiter: asyncio.Future[None]) -> None:
+        self._held = [held for held in self._held if held[1] is not waiter]
 
     def __repr__(self) -> str:
         return f"FakeClock(now={self.now}, delays={self.delays}, auto={self.auto})"
@@ -1137,6 +1138,7 @@ class Watch:
         self.clock = clock
         self._ledger = _Ledger()
         self._seen = 0  # settlements already returned by settled()
+        self._backlog = 0  # outbox rows waiting, as last seen
 
     @property
     def pending(self) -> list[Pending]:
@@ -1166,7 +1168,7 @@ class Watch:
             async with asyncio.timeout(timeout):
                 await self._quiet()
         except TimeoutError:
-            raise NotSettled(await self._unsettled(timeout)) from None
+            raise NotSettled(self._unsettled(timeout)) from None
         settlements = tuple(self._ledger.settlements[self._seen :])
         self._seen = len(self._ledger.settlements)
         result = Settled(settlements, tuple(self._ledger.held()))
@@ -1185,7 +1187,8 @@ class Watch:
             await ledger.quiet()
             for dp in self.dispatchers:
                 await dp.join()  # its background work (and, under the watch, the ledger)
-            if await self._outbox_backlog():
+            self._backlog = await self._outbox_backlog()
+            if self._backlog:
                 # The relay sends the rows (a NOTIFY woke it): look again once it did, or
                 # shortly, for rows whose messages no watched group consumes.
                 with contextlib.suppress(TimeoutError):
@@ -1206,12 +1209,14 @@ class Watch:
             backlog += (await outbox_status(database)).backlog
         return backlog
 
-    async def _unsettled(self, timeout: float) -> str:
+    def _unsettled(self, timeout: float) -> str:
         busy = self._ledger.busy()
         lines = [f"not settled after {timeout}s:"]
         lines += [f"  {pending}" for pending in busy]
-        if not busy:
-            lines.append("  no message is pending; background work or the outbox is not done")
+        if self._backlog:
+            lines.append(f"  {self._backlog} outbox row(s) not sent yet (is a relay running?)")
+        elif not busy:
+            lines.append("  no message is pending: background work (dp.join()) is not done")
         for dp in self.dispatchers:
             if dp._state in (_STOPPING, _STOPPED):  # (no public word for it: a test's need)
                 lines.append(f"  {_describe(dp)} is stopped: it handles nothing")
