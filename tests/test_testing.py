@@ -596,3 +596,18 @@ async def test_settled_waits_for_background_work_and_says_when_it_does_not_end()
         done = await watched.settled()
         assert audited == [1]
         assert done.settlements == ()  # nothing went through the transport
+
+
+async def test_a_watched_transport_still_keeps_the_transport_contract() -> None:
+    # What watch() puts between a dispatcher and its transport changes nothing the
+    # worker relies on: it passes the checks the transport itself passes. (Not with a
+    # FakeClock: that one takes the delay out of retries, by design.)
+    dp = Dispatcher(transport=MemoryTransport(claim_after=0.2), service="orders", routes=ROUTES)
+    watch(dp)
+    assert dp.remote is not None
+    watched = dp.remote.transport
+    await watched.open()
+    try:
+        assert await check_transport(watched) == {}
+    finally:
+        await watched.close()
