@@ -10,6 +10,7 @@ import pytest
 import iambus
 from iambus import errors
 from iambus.errors import (
+    DeadLettered,
     DispatcherStopped,
     HandlerAlreadyBound,
     HandlerDoesNotExist,
@@ -17,6 +18,7 @@ from iambus.errors import (
     HandlerSignatureError,
     IambusError,
     ImproperlyConfigured,
+    NotSettled,
     ProviderConflict,
     RegistrationClosed,
     RemoteError,
@@ -29,6 +31,7 @@ from iambus.errors import (
 )
 
 ALL_ERRORS = [
+    DeadLettered,
     DispatcherStopped,
     HandlerAlreadyBound,
     HandlerDoesNotExist,
@@ -36,6 +39,7 @@ ALL_ERRORS = [
     HandlerSignatureError,
     IambusError,
     ImproperlyConfigured,
+    NotSettled,
     ProviderConflict,
     RegistrationClosed,
     RemoteError,
@@ -98,6 +102,13 @@ def test_improperly_configured_family(cls: type) -> None:
 )
 def test_runtime_errors_are_not_configuration_errors(cls: type) -> None:
     assert not issubclass(cls, ImproperlyConfigured)
+
+
+@pytest.mark.parametrize("cls", [NotSettled, DeadLettered], ids=lambda c: c.__name__)
+def test_a_failing_testing_helper_fails_the_test(cls: type) -> None:
+    # iambus.testing's settled() raises them: a test runner shows them as failures.
+    assert issubclass(cls, AssertionError)
+    assert issubclass(cls, IambusError)
 
 
 def test_iambus_error_is_the_root() -> None:

@@ -1,12 +1,17 @@
 """iambus.testing: the conformance suite itself must catch broken transports."""
 
+import asyncio
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
+from iambus import Command, Dispatcher, Retry
+from iambus.database import Database
 from iambus.envelope import Envelope
-from iambus.testing import TRANSPORT_CHECKS, check_transport, skip_reason
+from iambus.errors import DeadLettered, ImproperlyConfigured, NotSettled
+from iambus.testing import TRANSPORT_CHECKS, FakeClock, check_transport, skip_reason, watch
 from iambus.transports import (
     Backlog,
     Capability,
@@ -20,6 +25,8 @@ from iambus.transports import (
     Transport,
 )
 from iambus.transports.memory import MemoryTransport
+
+from .conftest import Bus
 
 
 async def test_check_transport_runs_every_check() -> None:
@@ -228,3 +235,379 @@ async def test_the_compete_check_catches_consumers_that_each_get_every_envelope(
     await transport.open()
     with pytest.raises(AssertionError, match="not each get them"):
         await TRANSPORT_CHECKS["consumers_of_a_group_compete"](transport)
+
+
+# -- watch(), settled() and FakeClock -------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PlaceOrder(Command[None]):
+    order_id: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OrderPlaced:
+    order_id: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChargeCard(Command[None]):
+    order_id: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CardCharged:
+    order_id: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Audit:  # in-process only: nobody routes it
+    order_id: int
+
+
+ROUTES: dict[Any, str] = {
+    PlaceOrder: "orders",
+    OrderPlaced: "orders",
+    ChargeCard: "billing",
+    CardCharged: "billing",
+}
+NO_JITTER = Retry(attempts=3, backoff=0.5, jitter=False)
+
+
+def services(bus: Bus, **options: Any) -> tuple[Dispatcher, Dispatcher]:
+    """orders and billing; ChargeCard fails on its first attempt."""
+    options.setdefault("retry", NO_JITTER)
+    orders = Dispatcher(transport=bus.transport(), service="orders", routes=ROUTES, **options)
+    billing = Dispatcher(transport=bus.transport(), service="billing", routes=ROUTES, **options)
+    return orders, billing
+
+
+async def test_settled_waits_for_cascades_between_services_and_retries(bus: Bus) -> None:
+    orders, billing = services(bus)
+    seen: list[str] = []
+    attempts: list[int] = []
+
+    @orders.commands.register(PlaceOrder)
+    async def place(command: PlaceOrder) -> OrderPlaced:
+        seen.append("placed")
+        return OrderPlaced(command.order_id)
+
+    @billing.events.register(OrderPlaced)
+    async def bill(event: OrderPlaced) -> None:
+        seen.append("billed")
+        await billing.send(ChargeCard(event.order_id))  # a command to a service of its own
+
+    @billing.commands.register(ChargeCard)
+    async def charge(command: ChargeCard) -> CardCharged:
+        attempts.append(command.order_id)
+        if len(attempts) == 1:
+            raise ConnectionError("card service down")
+        await billing.handle(Audit(command.order_id))  # in-process background work
+        return CardCharged(command.order_id)
+
+    @billing.events.register(Audit)
+    async def audit(event: Audit) -> None:
+        seen.append("audited")
+
+    @orders.events.register(CardCharged)
+    async def paid(event: CardCharged) -> None:
+        seen.append("paid")
+
+    clock = FakeClock()
+    watched = watch(orders, billing, clock=clock)
+    async with orders, billing:
+        await orders.send(PlaceOrder(7))  # returns once the broker has it: nothing ran yet
+        done = await watched.settled(timeout=10)
+        # No polling: everything the command caused has run once settled() returns.
+        assert seen == ["placed", "billed", "audited", "paid"]
+        assert attempts == [7, 7]
+        assert clock.delays == [0.5]  # asked for, and not waited out
+        assert [(s.name, s.attempt, s.delay) for s in done.retried] == [("ChargeCard", 1, 0.5)]
+        assert done.handled("billing") == ["ChargeCard"]
+        assert sorted(done.handled()) == sorted(
+            ["PlaceOrder", "OrderPlaced", "ChargeCard", "CardCharged"]
+        )
+        assert not done.dead_lettered
+        assert not done.waiting
+        assert not watched.pending
+        # A second call returns what settled since the first: here nothing.
+        assert (await watched.settled()).settlements == ()
+
+
+async def test_settled_waits_for_a_query_between_services(bus: Bus) -> None:
+    orders, billing = services(bus)
+    handled: list[int] = []
+
+    @billing.commands.register(ChargeCard)
+    async def charge(command: ChargeCard) -> None:
+        handled.append(command.order_id)
+
+    watched = watch(orders, billing)
+    async with orders, billing:
+        await orders.execute(ChargeCard(1))  # request/reply: answered, then acked
+        done = await watched.settled(timeout=10)
+    assert handled == [1]
+    assert done.handled("billing") == ["ChargeCard"]
+
+
+async def test_settled_raises_on_a_dead_letter_unless_told_to_expect_it(bus: Bus) -> None:
+    orders, billing = services(bus, retry=Retry(attempts=2, backoff=5, jitter=False))
+
+    @billing.commands.register(ChargeCard)
+    async def charge(command: ChargeCard) -> None:
+        raise ValueError(f"card {command.order_id} refused")
+
+    clock = FakeClock()
+    watched = watch(orders, billing, clock=clock)
+    async with orders, billing:
+        await orders.send(ChargeCard(1))
+        with pytest.raises(DeadLettered) as raised:
+            await watched.settled(timeout=10)
+        assert "ChargeCard" in str(raised.value)
+        assert "attempt 2: dead-lettered: builtins.ValueError: card 1 refused" in str(raised.value)
+        await orders.send(ChargeCard(2))
+        done = await watched.settled(timeout=10, dead_letters=True)
+    [dead] = done.dead_lettered
+    assert dead.failure is not None
+    assert dead.failure.attempts == 2
+    assert dead.group == "billing"
+    assert clock.delays == [5, 5]
+
+
+async def test_settled_waits_for_a_message_sent_before_its_consumer_started(bus: Bus) -> None:
+    orders, billing = services(bus)
+    handled: list[int] = []
+
+    @billing.commands.register(ChargeCard)
+    async def charge(command: ChargeCard) -> None:
+        handled.append(command.order_id)
+
+    watched = watch(orders, billing)
+    async with orders:
+        await orders.send(ChargeCard(3))  # billing's group is declared (backlog too) later
+        async with billing:
+            await watched.settled(timeout=10)
+            assert handled == [3]
+
+
+async def test_settled_times_out_listing_what_is_pending() -> None:
+    transport = MemoryTransport()
+    orders = Dispatcher(transport=transport, service="orders", routes=ROUTES)
+    billing = Dispatcher(transport=transport, service="billing", routes=ROUTES)
+    release = asyncio.Event()
+
+    @billing.commands.register(ChargeCard)
+    async def charge(command: ChargeCard) -> None:
+        await release.wait()
+
+    watched = watch(orders, billing)
+    async with orders, billing:
+        await orders.send(ChargeCard(1), id="charge-1")
+        with pytest.raises(NotSettled) as raised:
+            await watched.settled(timeout=0.3)
+        assert str(raised.value) == (
+            "not settled after 0.3s:\n"
+            "  ChargeCard (id charge-1) for group 'billing': attempt 1, handling"
+        )
+        release.set()
+        assert (await watched.settled()).handled() == ["ChargeCard"]
+
+
+async def test_settled_says_a_stopped_service_handles_nothing() -> None:
+    transport = MemoryTransport()
+    orders = Dispatcher(transport=transport, service="orders", routes=ROUTES)
+    billing = Dispatcher(transport=transport, service="billing", routes=ROUTES)
+
+    @billing.commands.register(ChargeCard)
+    async def charge(command: ChargeCard) -> None:
+        pass
+
+    watched = watch(orders, billing)
+    async with billing:
+        pass
+    async with orders:
+        await orders.send(ChargeCard(1), id="c1")
+        with pytest.raises(NotSettled) as raised:
+            await watched.settled(timeout=0.2)
+    assert "ChargeCard (id c1) for group 'billing': not received yet, sent" in str(raised.value)
+    assert "the dispatcher of service 'billing' is stopped" in str(raised.value)
+
+
+async def test_a_manual_clock_holds_retries_until_advanced() -> None:
+    transport = MemoryTransport()
+    orders, billing = services(Bus("memory", lambda: transport))
+    attempts: list[int] = []
+
+    @billing.commands.register(ChargeCard)
+    async def charge(command: ChargeCard) -> None:
+        attempts.append(command.order_id)
+        if len(attempts) < 3:
+            raise ConnectionError("down")
+
+    clock = FakeClock(auto=False)
+    watched = watch(orders, billing, clock=clock)
+    async with orders, billing:
+        await orders.send(ChargeCard(1))
+        done = await watched.settled()
+        assert attempts == [1]
+        assert clock.delays == [0.5]
+        assert [(p.name, p.attempt, p.state) for p in done.waiting] == [
+            ("ChargeCard", 1, "held by the clock")
+        ]
+        clock.advance(0.4)  # not due yet
+        assert (await watched.settled()).waiting
+        assert attempts == [1]
+        clock.advance(0.1)
+        done = await watched.settled()
+        assert attempts == [1, 1]
+        assert clock.delays == [0.5, 1.0]
+        assert clock.now == 0.5
+        clock.advance(1)
+        done = await watched.settled()
+        assert attempts == [1, 1, 1]
+        assert not done.waiting
+        assert done.handled() == ["ChargeCard"]
+
+
+async def test_settled_waits_for_the_outbox_relay(bus: Bus, database: Database) -> None:
+    _, billing = services(bus)
+    orders = Dispatcher(
+        transport=bus.transport(),
+        service="orders",
+        routes=ROUTES,
+        database=database,
+        unit_of_work=True,  # what a handler emits goes to the outbox, the relay sends it
+    )
+    billed: list[int] = []
+
+    @orders.commands.register(PlaceOrder)
+    async def place(command: PlaceOrder) -> OrderPlaced:
+        return OrderPlaced(command.order_id)
+
+    @billing.events.register(OrderPlaced)
+    async def bill(event: OrderPlaced) -> None:
+        billed.append(event.order_id)
+
+    watched = watch(orders, billing)
+    async with orders, billing:
+        await orders.send(PlaceOrder(5))
+        done = await watched.settled(timeout=10)
+        assert billed == [5]
+        assert done.handled() == ["PlaceOrder", "OrderPlaced"]
+
+
+async def test_watch_refuses_what_it_cannot_follow() -> None:
+    with pytest.raises(TypeError, match=r"watch\(\) needs the dispatchers"):
+        watch()
+    in_process = Dispatcher()
+    with pytest.raises(ImproperlyConfigured, match=r"has none; for in-process work await"):
+        watch(in_process)
+    routed = Dispatcher(transport="memory://", service="orders", routes=ROUTES)
+    with pytest.raises(ImproperlyConfigured, match=r"clock=\.\.\.\) must be a FakeClock"):
+        watch(routed, clock=1.0)  # type: ignore[arg-type]
+    watched = watch(routed)
+    with pytest.raises(ImproperlyConfigured, match="is watched already"):
+        watch(routed)
+    with pytest.raises(ImproperlyConfigured, match="never started"):
+        await watched.settled()
+    with pytest.raises(ImproperlyConfigured, match=r"timeout=\.\.\.\) must be a number"):
+        await watched.settled(timeout=0)
+
+    @routed.commands.register(PlaceOrder)
+    async def place(command: PlaceOrder) -> None:
+        pass
+
+    late = Dispatcher(transport="memory://", service="orders", routes=ROUTES)
+    late.commands.register(PlaceOrder)(place)
+    async with late:
+        with pytest.raises(ImproperlyConfigured, match="before it starts"):
+            watch(late)
+
+
+def test_a_fake_clock_refuses_time_going_back() -> None:
+    clock = FakeClock()
+    with pytest.raises(ImproperlyConfigured, match=r"advance\(seconds\) must be"):
+        clock.advance(-1)
+    with pytest.raises(ImproperlyConfigured, match=r"auto=\.\.\.\) must be True or False"):
+        FakeClock(auto="yes")  # type: ignore[arg-type]
+    clock.advance(2)
+    assert clock.now == 2
+    assert clock.delays == []
+
+
+async def test_a_watched_transport_keeps_the_optional_parts_of_its_own() -> None:
+    class Small(MemoryTransport):
+        request = reply = None  # type: ignore[assignment]
+
+    for transport, requester in ((MemoryTransport(), True), (Small(), False)):
+        dp = Dispatcher(transport=transport, service="orders", routes=ROUTES)
+        watch(dp)
+        assert dp.remote is not None
+        assert isinstance(dp.remote.transport, Requester) is requester
+        assert isinstance(dp.remote.transport, DeadLetterStore)
+        assert dp.remote.transport.url == transport.url
+
+
+async def test_a_retry_the_clock_holds_is_given_back_when_its_worker_stops() -> None:
+    transport = MemoryTransport()
+    orders, billing = services(Bus("memory", lambda: transport))
+    attempts: list[int] = []
+
+    @billing.commands.register(ChargeCard)
+    async def charge(command: ChargeCard) -> None:
+        attempts.append(command.order_id)
+        if len(attempts) == 1:
+            raise ConnectionError("down")
+
+    clock = FakeClock(auto=False)
+    watched = watch(orders, billing, clock=clock)
+    async with orders:
+        async with billing:
+            await orders.send(ChargeCard(1))
+            assert (await watched.settled()).waiting
+        # The stop did not wait for the clock; the delivery went back to the group.
+        assert [(p.name, p.state) for p in watched.pending] == [("ChargeCard", "given back")]
+        async with billing:
+            done = await watched.settled()
+    assert attempts == [1, 1]
+    assert done.handled() == ["ChargeCard"]
+
+
+async def test_settled_waits_for_background_work_and_says_when_it_does_not_end() -> None:
+    orders = Dispatcher(transport=MemoryTransport(), service="orders", routes=ROUTES)
+    release = asyncio.Event()
+    audited: list[int] = []
+
+    @orders.events.register(Audit)
+    async def audit(event: Audit) -> None:
+        await release.wait()
+        audited.append(event.order_id)
+
+    watched = watch(orders)
+    async with orders:
+        await orders.handle(Audit(1))  # in-process, in the background
+        with pytest.raises(NotSettled) as raised:
+            await watched.settled(timeout=0.2)
+        assert str(raised.value) == (
+            "not settled after 0.2s:\n"
+            "  no message is pending: background work (dp.join()) is not done"
+        )
+        release.set()
+        done = await watched.settled()
+        assert audited == [1]
+        assert done.settlements == ()  # nothing went through the transport
+
+
+async def test_a_watched_transport_still_keeps_the_transport_contract() -> None:
+    # What watch() puts between a dispatcher and its transport changes nothing the
+    # worker relies on: it passes the checks the transport itself passes. (Not with a
+    # FakeClock: that one takes the delay out of retries, by design.)
+    dp = Dispatcher(transport=MemoryTransport(claim_after=0.2), service="orders", routes=ROUTES)
+    watch(dp)
+    assert dp.remote is not None
+    watched = dp.remote.transport
+    await watched.open()
+    try:
+        assert await check_transport(watched) == {}
+    finally:
+        await watched.close()

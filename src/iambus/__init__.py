@@ -7,6 +7,7 @@ from .codecs import Codec, JsonCodec
 from .dispatching import Dispatcher, Limits, Timeouts
 from .envelope import Envelope, current_envelope
 from .errors import (
+    DeadLettered,
     DispatcherStopped,
     HandlerAlreadyBound,
     HandlerDoesNotExist,
@@ -14,6 +15,7 @@ from .errors import (
     HandlerSignatureError,
     IambusError,
     ImproperlyConfigured,
+    NotSettled,
     ProviderConflict,
     RegistrationClosed,
     RemoteError,
@@ -45,6 +47,7 @@ __all__ = [
     "Codec",
     "Command",
     "Context",
+    "DeadLettered",
     "Dispatcher",
     "DispatcherStopped",
     "Envelope",
@@ -63,6 +66,7 @@ __all__ = [
     "Limits",
     "MemoryTransport",
     "Middleware",
+    "NotSettled",
     "ProviderConflict",
     "Query",
     "RegistrationClosed",

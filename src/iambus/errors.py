@@ -17,7 +17,9 @@ The tree::
     │   └── TransportRefused          the broker refused us: credentials, permissions
     ├── TransactionFailed             a unit of work's transaction failed before it could commit
     ├── RemoteError                   a remote handler failed; carries its type name and message
-    └── RequestTimeout                no answer to a remote query in time (also a TimeoutError)
+    ├── RequestTimeout                no answer to a remote query in time (also a TimeoutError)
+    ├── NotSettled                    iambus.testing: messages still pending (AssertionError)
+    └── DeadLettered                  iambus.testing: a message was dead-lettered (same)
 
 Messages say what was wrong, where (the handler's qualified name, the parameter, the
 message type) and how to fix it. Catch ``IambusError`` to catch them all. Options are
@@ -31,6 +33,7 @@ import math
 from typing import overload
 
 __all__ = [
+    "DeadLettered",
     "DispatcherStopped",
     "HandlerAlreadyBound",
     "HandlerDoesNotExist",
@@ -38,6 +41,7 @@ __all__ = [
     "HandlerSignatureError",
     "IambusError",
     "ImproperlyConfigured",
+    "NotSettled",
     "ProviderConflict",
     "RegistrationClosed",
     "RemoteError",
@@ -132,6 +136,16 @@ class RemoteError(IambusError):
 
 class RequestTimeout(IambusError, TimeoutError):
     """A remote query got no answer within its timeout."""
+
+
+class NotSettled(IambusError, AssertionError):
+    """``iambus.testing.Watch.settled()``: messages were still pending at its timeout;
+    the message lists each (name, id, group, attempt, state)."""
+
+
+class DeadLettered(IambusError, AssertionError):
+    """``iambus.testing.Watch.settled()``: a message was dead-lettered, and the test did
+    not say it expects that (``settled(dead_letters=True)``)."""
 
 
 # -- checking options -------------------------------------------------------------------

@@ -1,4 +1,17 @@
-"""Testing helpers, including the transport conformance suite.
+"""Testing helpers: waiting for what a test sent, and the transport conformance suite.
+
+Test an app of several services (docs/testing.md has a full example)::
+
+    from iambus.testing import FakeClock, watch
+
+    async def test_an_order_is_paid():
+        clock = FakeClock()
+        watched = watch(orders, billing, clock=clock)   # before they start
+        async with orders, billing:
+            await orders.send(PlaceOrder(1))
+            done = await watched.settled(timeout=5)      # cascades, retries, the outbox
+        assert done.handled("billing") == ["ChargeCard"]
+        assert clock.delays == [0.5]                     # retried at once, delay recorded
 
 Check your own transport against the contract every iambus transport keeps::
 
@@ -25,15 +38,19 @@ A failing check raises ``AssertionError`` saying what the transport did wrong.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from .dispatching import _STOPPED, _STOPPING, Dispatcher
 from .envelope import Envelope
+from .errors import DeadLettered, ImproperlyConfigured, NotSettled, bad_option
 from .partitions import partition
 from .transports import (
     Capability,
@@ -51,7 +68,17 @@ from .transports import (
     _members,
 )
 
-__all__ = ["TRANSPORT_CHECKS", "check_transport", "skip_reason"]
+__all__ = [
+    "TRANSPORT_CHECKS",
+    "FakeClock",
+    "Pending",
+    "Settled",
+    "Settlement",
+    "Watch",
+    "check_transport",
+    "skip_reason",
+    "watch",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -654,3 +681,590 @@ async def check_transport(transport: Transport) -> dict[str, str]:
             which = f", which it declares ({_flags(declared)})" if declared else ""
             raise AssertionError(f"{kind} fails {name!r}{which}: {exc}") from exc
     return skipped
+
+
+# -- waiting for what a test sent: watch() and FakeClock ----------------------------------
+
+
+class FakeClock:
+    """Virtual time for the delays a retry asks for: ``watch(dp, clock=FakeClock())``.
+
+    Each delay a worker asks its transport for (``Retry`` backoffs) is recorded in
+    ``delays`` and the retry goes back to the broker with no delay, so a test of retries
+    takes no real time. With ``auto=False`` a retry is instead held until the test moves
+    virtual time past it with ``advance(seconds)``; ``Watch.settled()`` returns meanwhile,
+    listing it in ``Settled.waiting``.
+    """
+
+    def __init__(self, *, auto: bool = True) -> None:
+        if not isinstance(auto, bool):
+            raise bad_option("FakeClock(auto=...)", auto, "True or False")
+        self.auto = auto
+        self.now = 0.0
+        """Virtual seconds since the clock was made: moved by ``advance`` (and, with
+        ``auto``, to each retry's due time as it goes)."""
+        self.delays: list[float] = []
+        """Every delay asked for, in the order asked."""
+        self._held: list[tuple[float, asyncio.Future[None], Callable[[], None]]] = []
+
+    def advance(self, seconds: float) -> None:
+        """Move virtual time ``seconds`` on: the held retries now due go to the broker."""
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
+            raise bad_option("FakeClock.advance(seconds)", seconds, "a number of seconds >= 0")
+        self.now += seconds
+        due = [(waiter, go) for at, waiter, go in self._held if at <= self.now]
+        self._held = [held for held in self._held if held[0] > self.now]
+        for waiter, go in due:
+            if not waiter.done():
+                go()  # at once: a settled() called next must see it under way
+                waiter.set_result(None)
+
+    def _hold(self, delay: float, go: Callable[[], None]) -> asyncio.Future[None] | None:
+        """Record ``delay``; None when it passes at once (``auto``), else a future done
+        once it is due (``go`` is called as it is released)."""
+        self.delays.append(delay)
+        due = self.now + delay
+        if self.auto:
+            self.now = max(self.now, due)
+            return None
+        waiter = asyncio.get_running_loop().create_future()
+        waiter.add_done_callback(self._forget)  # released, or called off (a worker stops)
+        self._held.append((due, waiter, go))
+        return waiter
+
+    def _forget(self, waiter: asyncio.Future[None]) -> None:
+        self._held = [held for held in self._held if held[1] is not waiter]
+
+    def __repr__(self) -> str:
+        return f"FakeClock(now={self.now}, delays={self.delays}, auto={self.auto})"
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A message sent (or received) for a group of a watched dispatcher, not settled."""
+
+    name: str
+    id: str
+    address: str
+    group: str
+    attempt: int
+    """The delivery attempt last seen (0: not received yet)."""
+    state: str
+    """``"sent"`` (not received yet), ``"handling"``, ``"retrying"`` (waiting out its
+    delay on the broker) or ``"held by the clock"`` (a ``FakeClock(auto=False)``)."""
+
+    def __str__(self) -> str:
+        attempt = f"attempt {self.attempt}" if self.attempt else "not received yet"
+        return f"{self.name} (id {self.id}) for group {self.group!r}: {attempt}, {self.state}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """How one delivery to one group was settled."""
+
+    name: str
+    id: str
+    address: str
+    group: str
+    attempt: int
+    outcome: str
+    """``"acked"``, ``"retried"`` or ``"dead-lettered"``."""
+    delay: float | None = None
+    """For a retry: the delay the worker asked for (a ``FakeClock`` passed none on)."""
+    failure: Failure | None = None
+    """For a dead letter: why."""
+
+    def __str__(self) -> str:
+        why = f": {self.failure.error_type}: {self.failure.message}" if self.failure else ""
+        return (
+            f"{self.name} (id {self.id}) for group {self.group!r}, attempt {self.attempt}: "
+            f"{self.outcome}{why}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """What ``Watch.settled()`` saw settled since the previous call (or the watch began)."""
+
+    settlements: tuple[Settlement, ...]
+    waiting: tuple[Pending, ...] = ()
+    """Retries a ``FakeClock(auto=False)`` holds until it is advanced."""
+
+    @property
+    def acked(self) -> tuple[Settlement, ...]:
+        return tuple(s for s in self.settlements if s.outcome == "acked")
+
+    @property
+    def retried(self) -> tuple[Settlement, ...]:
+        return tuple(s for s in self.settlements if s.outcome == "retried")
+
+    @property
+    def dead_lettered(self) -> tuple[Settlement, ...]:
+        return tuple(s for s in self.settlements if s.outcome == "dead-lettered")
+
+    def handled(self, group: str | None = None) -> list[str]:
+        """Names of the messages acked (by ``group`` only, if given), in order."""
+        return [s.name for s in self.acked if group is None or s.group == group]
+
+
+@dataclass(slots=True)
+class _Entry:
+    name: str
+    id: str
+    address: str
+    group: str
+    expected: int = 1  # sends to this group not settled yet
+    attempt: int = 0
+    state: str = "sent"
+
+    def pending(self) -> Pending:
+        return Pending(self.name, self.id, self.address, self.group, self.attempt, self.state)
+
+
+class _Ledger:
+    """What the recording transports of one watch saw: groups, pending, settlements."""
+
+    def __init__(self) -> None:
+        self.groups: dict[str, set[str]] = {}
+        self.sent: dict[str, list[Envelope]] = {}  # per address, for groups declared later
+        self.pending: dict[tuple[str, str], _Entry] = {}
+        self.settlements: list[Settlement] = []
+        self.version = 0  # moves on every send, receive and settlement
+        self._changed: asyncio.Event | None = None
+
+    def changed(self) -> asyncio.Event:
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        return self._changed
+
+    def touch(self) -> None:
+        self.version += 1
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    def busy(self) -> list[Pending]:
+        return [e.pending() for e in self.pending.values() if e.state != _HELD]
+
+    def held(self) -> list[Pending]:
+        return [e.pending() for e in self.pending.values() if e.state == _HELD]
+
+    async def quiet(self) -> None:
+        while self.busy():
+            await self.changed().wait()
+
+    def declared(self, address: str, group: str, from_start: bool) -> None:
+        groups = self.groups.setdefault(address, set())
+        if group in groups:
+            return
+        groups.add(group)
+        if from_start:  # a new group that reads the backlog: earlier sends are its too
+            for envelope in self.sent.get(address, ()):
+                self._expect(address, group, envelope)
+        self.touch()
+
+    def sending(self, address: str, envelope: Envelope) -> None:
+        self.sent.setdefault(address, []).append(envelope)
+        for group in self.groups.get(address, ()):
+            self._expect(address, group, envelope)
+        self.touch()
+
+    def not_sent(self, address: str, envelope: Envelope) -> None:
+        sent = self.sent.get(address, [])
+        if envelope in sent:
+            sent.remove(envelope)
+        for group in self.groups.get(address, ()):
+            self._done(group, envelope.id)
+        self.touch()
+
+    def received(self, address: str, group: str, delivery: Delivery) -> None:
+        envelope = delivery.envelope
+        entry = self.pending.get((group, envelope.id))
+        if entry is None:  # sent before the watch, or a redelivery after its ack
+            entry = self.pending[group, envelope.id] = _Entry(
+                envelope.name, envelope.id, address, group
+            )
+        entry.attempt, entry.state = delivery.attempt, "handling"
+        self.touch()
+
+    def settled(
+        self,
+        address: str,
+        group: str,
+        delivery: Delivery,
+        outcome: str,
+        delay: float | None = None,
+        failure: Failure | None = None,
+    ) -> None:
+        envelope = delivery.envelope
+        self.settlements.append(
+            Settlement(
+                envelope.name,
+                envelope.id,
+                address,
+                group,
+                delivery.attempt,
+                outcome,
+                delay,
+                failure,
+            )
+        )
+        if outcome != "retried":
+            self._done(group, envelope.id)
+        self.touch()
+
+    def mark(self, group: str, id: str, state: str) -> None:
+        entry = self.pending.get((group, id))
+        if entry is not None:
+            entry.state = state
+            self.touch()
+
+    def _expect(self, address: str, group: str, envelope: Envelope) -> None:
+        entry = self.pending.get((group, envelope.id))
+        if entry is None:
+            self.pending[group, envelope.id] = _Entry(envelope.name, envelope.id, address, group)
+        else:
+            entry.expected += 1
+
+    def _done(self, group: str, id: str) -> None:
+        entry = self.pending.get((group, id))
+        if entry is None:
+            return  # settled twice (at least once: a reclaimed delivery acked late)
+        entry.expected -= 1
+        if entry.expected <= 0:
+            del self.pending[group, id]
+        else:
+            entry.attempt, entry.state = 0, "sent"
+
+
+_HELD = "held by the clock"
+
+
+class _RecordedDelivery:
+    """A delivery whose settlement the ledger hears of (and whose delay the clock takes)."""
+
+    __slots__ = ("_address", "_group", "_held", "_ledger", "_recording", "delivery")
+
+    def __init__(
+        self, delivery: Delivery, address: str, group: str, recording: _Recording, consumer: str
+    ) -> None:
+        self.delivery = delivery
+        self._address, self._group, self._recording = address, group, recording
+        self._ledger = recording._ledger
+        self._held = recording._held.setdefault(consumer, set())
+
+    @property
+    def envelope(self) -> Envelope:
+        return self.delivery.envelope
+
+    @property
+    def attempt(self) -> int:
+        return self.delivery.attempt
+
+    async def ack(self) -> None:
+        await self.delivery.ack()
+        self._ledger.settled(self._address, self._group, self.delivery, "acked")
+
+    async def retry(self, delay: float) -> None:
+        clock = self._recording._clock
+        if clock is None:
+            await self._retry(delay, delay, None)
+            return
+        retrying = functools.partial(self._ledger.mark, self._group, self.envelope.id, "retrying")
+        due = clock._hold(delay, retrying)
+        if due is None:
+            await self._retry(delay, 0.0, None)
+            return
+        # Held until the test advances the clock, by a task of its own: the worker goes
+        # on (its slot is free); a worker that stops gives the delivery back.
+        self._ledger.mark(self._group, self.envelope.id, _HELD)
+        task = asyncio.get_running_loop().create_task(self._retry(delay, 0.0, due))
+        self._held.add(task)
+        task.add_done_callback(self._held.discard)
+
+    async def _retry(self, asked: float, delay: float, due: asyncio.Future[None] | None) -> None:
+        if due is not None:
+            try:
+                await due
+            except asyncio.CancelledError:
+                due.cancel()
+                self._ledger.mark(self._group, self.envelope.id, "given back")
+                raise
+        self._ledger.mark(self._group, self.envelope.id, "retrying")
+        try:
+            await self.delivery.retry(delay)
+        except Exception:
+            if due is None:
+                raise
+            logger.exception("iambus.testing: a retry the clock released failed")
+            return
+        self._ledger.settled(self._address, self._group, self.delivery, "retried", asked)
+
+    async def dead_letter(self, failure: Failure) -> None:
+        await self.delivery.dead_letter(failure)
+        self._ledger.settled(
+            self._address, self._group, self.delivery, "dead-lettered", failure=failure
+        )
+
+
+class _Recording(Transport):
+    """A transport that passes everything to ``inner`` and tells a ledger what it sends,
+    declares and settles. Made by ``_recording`` with the optional parts ``inner`` has."""
+
+    def __init__(self, inner: Transport, ledger: _Ledger, clock: FakeClock | None) -> None:
+        self.inner, self._ledger, self._clock = inner, ledger, clock
+        self._held: dict[str, set[asyncio.Task[None]]] = {}  # retries the clock holds
+
+    def __repr__(self) -> str:
+        return f"<watched {self.inner!r}>"
+
+    # Attributes of the seam, read (and client_name set) on the inner transport.
+    url = property(lambda self: self.inner.url)
+    claim_after = property(lambda self: self.inner.claim_after)
+    partitions = property(lambda self: self.inner.partitions)
+    capabilities = property(lambda self: self.inner.capabilities)
+
+    @property
+    def client_name(self) -> str | None:
+        return self.inner.client_name
+
+    @client_name.setter
+    def client_name(self, name: str | None) -> None:
+        self.inner.client_name = name
+
+    async def open(self) -> None:
+        await self.inner.open()
+
+    async def close(self) -> None:
+        await self._let_go(list(self._held))
+        await self.inner.close()
+
+    async def _let_go(self, consumers: list[str]) -> None:
+        """Call off the retries the clock holds for ``consumers``: their deliveries are
+        given back by the transport (``leave``), or come back after ``claim_after``."""
+        tasks = [task for consumer in consumers for task in self._held.pop(consumer, ())]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
+    def tune(self, *, concurrency: int) -> None:
+        self.inner.tune(concurrency=concurrency)
+
+    async def send(self, address: str, envelope: Envelope) -> None:
+        self._ledger.sending(address, envelope)
+        try:
+            await self.inner.send(address, envelope)
+        except BaseException:
+            self._ledger.not_sent(address, envelope)
+            raise
+
+    async def declare(self, address: str, group: str, *, from_start: bool) -> None:
+        await self.inner.declare(address, group, from_start=from_start)
+        self._ledger.declared(address, group, from_start)
+
+    async def receive(
+        self, address: str, group: str, *, consumer: str, limit: int, wait: float
+    ) -> Sequence[Delivery]:
+        deliveries = await self.inner.receive(
+            address, group, consumer=consumer, limit=limit, wait=wait
+        )
+        recorded = []
+        for delivery in deliveries:
+            self._ledger.received(address, group, delivery)
+            recorded.append(_RecordedDelivery(delivery, address, group, self, consumer))
+        return recorded
+
+    async def leave(self, consumer: str) -> None:
+        await self._let_go([consumer])
+        await self.inner.leave(consumer)
+
+    async def join(self) -> None:
+        """Every message of the watched groups settled (or held by the clock)."""
+        await self._ledger.quiet()
+
+
+class _RecordingRequester:
+    inner: Any
+    _ledger: _Ledger
+
+    async def request(self, address: str, envelope: Envelope, *, timeout: float) -> Envelope:
+        # Pending for the group that answers it until that group settles it: a request
+        # that timed out unanswered stays listed by settled().
+        self._ledger.sending(address, envelope)
+        answer: Envelope = await self.inner.request(address, envelope, timeout=timeout)
+        return answer
+
+    async def reply(self, to: str, envelope: Envelope) -> None:
+        await self.inner.reply(to, envelope)
+
+
+def _delegate(name: str) -> Callable[..., Any]:
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.inner, name)(*args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
+_RECORDING_CLASSES: dict[tuple[type, ...], type[_Recording]] = {}
+
+
+def _recording(inner: Transport, ledger: _Ledger, clock: FakeClock | None) -> _Recording:
+    """A ``_Recording`` around ``inner`` that has exactly the optional parts ``inner`` has
+    (a protocol's ``isinstance`` reads the class, so each set of parts has its class)."""
+    parts = tuple(part for part in _PARTS if isinstance(inner, part))
+    cls = _RECORDING_CLASSES.get(parts)
+    if cls is None:
+        namespace: dict[str, Any] = {}
+        bases: list[type] = []
+        for part in parts:
+            if part is Requester:
+                bases.append(_RecordingRequester)
+                continue
+            for name in _members(part):
+                namespace[name] = _delegate(name)
+        cls = type("_Recording", (*bases, _Recording), namespace)
+        _RECORDING_CLASSES[parts] = cls
+    return cls(inner, ledger, clock)
+
+
+class Watch:
+    """Follows every message the watched dispatchers send through their transports, so a
+    test can wait until all of it — and all it caused — is handled. See ``watch()``."""
+
+    def __init__(self, dispatchers: Sequence[Dispatcher], clock: FakeClock | None) -> None:
+        self.dispatchers = tuple(dispatchers)
+        self.clock = clock
+        self._ledger = _Ledger()
+        self._seen = 0  # settlements already returned by settled()
+        self._backlog = 0  # outbox rows waiting, as last seen
+
+    @property
+    def pending(self) -> list[Pending]:
+        """What is sent or delivered to a watched group and not settled yet."""
+        return [entry.pending() for entry in self._ledger.pending.values()]
+
+    async def settled(self, *, timeout: float = 5.0, dead_letters: bool = False) -> Settled:
+        """Wait until every message sent through a watched dispatcher's transport — and
+        every message its handlers sent in turn, through each watched group that consumes
+        it, retries and outbox rows included — is settled (acked or dead-lettered), and
+        every watched dispatcher's background work has run. Returns what was settled since
+        the last call.
+
+        Raises ``NotSettled`` listing what is still pending after ``timeout`` seconds,
+        and ``DeadLettered`` if a message was dead-lettered, unless ``dead_letters`` is
+        True (then find them in ``Settled.dead_lettered``).
+        """
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+            raise bad_option("settled(timeout=...)", timeout, "a number of seconds > 0")
+        for dp in self.dispatchers:
+            if not dp.started:
+                raise ImproperlyConfigured(
+                    f"settled() on a dispatcher that was never started ({_describe(dp)}): "
+                    f"its messages would never be handled; start it first (async with dp:)"
+                )
+        try:
+            async with asyncio.timeout(timeout):
+                await self._quiet()
+        except TimeoutError:
+            raise NotSettled(self._unsettled(timeout)) from None
+        settlements = tuple(self._ledger.settlements[self._seen :])
+        self._seen = len(self._ledger.settlements)
+        result = Settled(settlements, tuple(self._ledger.held()))
+        if result.dead_lettered and not dead_letters:
+            lines = "\n".join(f"  {s}" for s in result.dead_lettered)
+            raise DeadLettered(
+                f"{len(result.dead_lettered)} message(s) were dead-lettered:\n{lines}\n"
+                f"(pass settled(dead_letters=True) to expect them)"
+            )
+        return result
+
+    async def _quiet(self) -> None:
+        ledger = self._ledger
+        while True:
+            version = ledger.version
+            await ledger.quiet()
+            for dp in self.dispatchers:
+                await dp.join()  # its background work (and, under the watch, the ledger)
+            self._backlog = await self._outbox_backlog()
+            if self._backlog:
+                # The relay sends the rows (a NOTIFY woke it): look again once it did, or
+                # shortly, for rows whose messages no watched group consumes.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.05):
+                        await ledger.changed().wait()
+                continue
+            if ledger.version == version and not ledger.busy():
+                return
+
+    async def _outbox_backlog(self) -> int:
+        from .relay import outbox_status
+
+        backlog = 0
+        for database in dict.fromkeys(
+            dp.database for dp in self.dispatchers if dp.database is not None and dp.relay
+        ):
+            assert database is not None
+            backlog += (await outbox_status(database)).backlog
+        return backlog
+
+    def _unsettled(self, timeout: float) -> str:
+        busy = self._ledger.busy()
+        lines = [f"not settled after {timeout}s:"]
+        lines += [f"  {pending}" for pending in busy]
+        if self._backlog:
+            lines.append(f"  {self._backlog} outbox row(s) not sent yet (is a relay running?)")
+        elif not busy:
+            lines.append("  no message is pending: background work (dp.join()) is not done")
+        for dp in self.dispatchers:
+            if dp._state in (_STOPPING, _STOPPED):  # (no public word for it: a test's need)
+                lines.append(f"  {_describe(dp)} is stopped: it handles nothing")
+        for pending in self._ledger.held():
+            lines.append(f"  (held by the clock, not waited for: {pending})")
+        return "\n".join(lines)
+
+
+def watch(*dispatchers: Dispatcher, clock: FakeClock | None = None) -> Watch:
+    """Watch what ``dispatchers`` send and settle, to wait until all of it is handled::
+
+        bus = watch(orders, billing, clock=FakeClock())   # before they start
+        async with orders, billing:
+            await orders.send(PlaceOrder(...))
+            done = await bus.settled(timeout=5)          # cascades and retries too
+        assert done.handled("billing") == ["OrderPlaced"]
+
+    Each dispatcher's transport is wrapped in a recording one (``dp.remote.transport``),
+    so call it before the dispatchers start, and give it every dispatcher of the test
+    that consumes: messages count as pending for the groups the watched dispatchers
+    declared. With ``clock``, retry delays go through the ``FakeClock``.
+    """
+    if not dispatchers:
+        raise TypeError("watch() needs the dispatchers to watch: watch(dp_a, dp_b, ...)")
+    if clock is not None and not isinstance(clock, FakeClock):
+        raise bad_option("watch(clock=...)", clock, "a FakeClock() or None")
+    watcher = Watch(dispatchers, clock)
+    for dp in dispatchers:
+        if not isinstance(dp, Dispatcher):
+            raise TypeError(f"watch() takes Dispatchers, got {dp!r}")
+        if dp.remote is None:
+            raise ImproperlyConfigured(
+                f"watch() follows messages through a transport, and {_describe(dp)} has "
+                f"none; for in-process work await dp.join(), or pass "
+                f"Dispatcher(transport='memory://', ...)"
+            )
+        if dp.started:
+            raise ImproperlyConfigured(
+                f"watch() {_describe(dp)} before it starts (before `async with dp:` or its "
+                f"first send): a started worker holds the transport it started with"
+            )
+        if isinstance(dp.remote.transport, _Recording):
+            raise ImproperlyConfigured(f"{_describe(dp)} is watched already: watch it once")
+    for dp in dispatchers:
+        assert dp.remote is not None
+        dp.remote.transport = _recording(dp.remote.transport, watcher._ledger, clock)
+    return watcher
+
+
+def _describe(dp: Dispatcher) -> str:
+    return f"the dispatcher of service {dp.service!r}" if dp.service else "a dispatcher"
