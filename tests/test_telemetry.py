@@ -10,8 +10,10 @@ from dataclasses import dataclass
 import pytest
 
 from iambus import Dispatcher, ImproperlyConfigured, Retry
+from iambus.database import Database
 from iambus.errors import RegistrationClosed
 from iambus.telemetry import Observer, Processing, Sending, Settlement, system_of
+from iambus.testing import watch
 from iambus.transports.memory import MemoryTransport
 
 from .conftest import Bus
@@ -156,3 +158,88 @@ def test_a_missing_package_is_an_import_error_naming_the_extra(
     )
     assert done.returncode == 0, done.stderr
     assert f"pip install '{extra}'" in done.stdout
+
+
+# -- an observer that fails ---------------------------------------------------------------
+
+
+class Faulty(Observer):
+    """An observer with a bug at one point (``where``), on entering its block or, for
+    ``after``, on leaving it once the work is done."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    @contextlib.contextmanager
+    def send(self, sending: Sending) -> Iterator[None]:
+        if self.where == "send":
+            raise RuntimeError("observer bug in send")
+        yield
+        if self.where == "after":
+            raise OSError("a metrics file write failed")
+
+    @contextlib.contextmanager
+    def process(self, processing: Processing) -> Iterator[None]:
+        if self.where == "process":
+            raise RuntimeError("observer bug in process")
+        yield
+        if self.where == "after":
+            raise OSError("a metrics file write failed")
+
+    @contextlib.contextmanager
+    def settle(self, settlement: Settlement) -> Iterator[None]:
+        if self.where == "settle":
+            raise RuntimeError("observer bug in settle")
+        yield
+        if self.where == "after":
+            raise OSError("a metrics file write failed")
+
+
+@pytest.mark.parametrize("where", ["send", "process", "settle", "after"])
+async def test_an_observer_that_raises_changes_nothing_for_the_message(
+    bus: Bus, where: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its error is logged; the message is sent, handled once and acked all the same
+    (it was: never acked, so handled again and again; or dead-lettered unhandled)."""
+    monkeypatch.setattr("iambus.telemetry._complained", {})  # (logged once a minute)
+    warehouse = Dispatcher(
+        transport=bus.transport(), service="warehouse", routes=ROUTES, retry=Retry(attempts=3)
+    )
+    shop = Dispatcher(transport=bus.transport(), service="shop", routes=ROUTES)
+    warehouse.instrument(Faulty(where))
+    shop.instrument(Faulty(where))
+    handled: list[int] = []
+
+    @warehouse.events.register(Shipped)
+    async def on_shipped(event: Shipped) -> None:
+        handled.append(event.order_id)
+
+    watched = watch(warehouse, shop)
+    async with warehouse, shop:
+        await shop.send(Shipped(1))
+        done = await watched.settled(timeout=20)
+    assert handled == [1]
+    assert [(s.outcome, s.attempt) for s in done.settlements] == [("acked", 1)]
+    assert any(f"failed in {where if where != 'after' else 'send'}()" in r.getMessage()
+               for r in caplog.records if r.levelname == "ERROR")  # fmt: skip
+
+
+async def test_a_relay_whose_observer_raises_after_a_send_sends_the_row_once(
+    bus: Bus, database: Database
+) -> None:
+    warehouse = Dispatcher(transport=bus.transport(), service="warehouse", routes=ROUTES)
+    shop = Dispatcher(transport=bus.transport(), service="shop", routes=ROUTES, database=database)
+    shop.instrument(Faulty("after"))
+    handled: list[int] = []
+
+    @warehouse.events.register(Shipped)
+    async def on_shipped(event: Shipped) -> None:
+        handled.append(event.order_id)
+
+    watched = watch(warehouse, shop)
+    async with warehouse, shop:
+        async with database.connection() as conn, shop.unit_of_work(conn):
+            await shop.publish(Shipped(7))
+        done = await watched.settled(timeout=20)  # the outbox emptied too
+    assert handled == [7]
+    assert [s.outcome for s in done.settlements] == ["acked"]

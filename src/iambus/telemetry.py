@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -35,6 +37,8 @@ from typing import Any, Literal
 
 from .envelope import Envelope
 from .errors import bad_option
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "Observer",
@@ -163,32 +167,88 @@ class Telemetry:
     def send(self, sending: Sending) -> AbstractContextManager[Envelope]:
         """Around a send; gives the envelope to send (with the headers observers added)."""
         if self.single is not None:
-            return _Stamping(self.single.send(sending), sending)
+            return _Stamping(_Guarded(self.single, "send", sending), sending)
         return self._send_all(sending)
 
     @contextlib.contextmanager
     def _send_all(self, sending: Sending) -> Iterator[Envelope]:
         with contextlib.ExitStack() as stack:
             for observer in self.observers:
-                stack.enter_context(observer.send(sending))
+                stack.enter_context(_Guarded(observer, "send", sending))
             yield _stamped(sending)
 
     def process(self, processing: Processing) -> AbstractContextManager[object]:
         if self.single is not None:
-            return self.single.process(processing)
+            return _Guarded(self.single, "process", processing)
         return self._all("process", processing)
 
     def settle(self, settlement: Settlement) -> AbstractContextManager[object]:
         if self.single is not None:
-            return self.single.settle(settlement)
+            return _Guarded(self.single, "settle", settlement)
         return self._all("settle", settlement)
 
     @contextlib.contextmanager
     def _all(self, hook: str, point: Processing | Settlement) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
             for observer in self.observers:
-                stack.enter_context(getattr(observer, hook)(point))
+                stack.enter_context(_Guarded(observer, hook, point))
             yield
+
+
+class _Guarded:
+    """One observer's block at one point, whose errors are the observer's own: logged
+    (once a minute per observer and hook), never raised into the message's path. A
+    tracer or a metrics file that fails must not change what happens to a message (a
+    delivery not acked, a relayed row sent again), nor swallow the error of the work
+    it watches."""
+
+    __slots__ = ("hook", "manager", "observer", "point")
+
+    def __init__(self, observer: Observer, hook: str, point: object) -> None:
+        self.observer = observer
+        self.hook = hook
+        self.point = point
+        self.manager: AbstractContextManager[object] | None = None
+
+    def __enter__(self) -> None:
+        try:
+            manager = getattr(self.observer, self.hook)(self.point)
+            manager.__enter__()
+        except Exception as exc:
+            _complain(self.observer, self.hook, exc)
+        else:
+            self.manager = manager
+
+    def __exit__(self, *exc_info: Any) -> None:
+        manager, self.manager = self.manager, None
+        if manager is not None:
+            try:
+                manager.__exit__(*exc_info)
+            except Exception as exc:
+                if exc is not exc_info[1]:
+                    _complain(self.observer, self.hook, exc)
+        # (None: the work's own error goes on, whatever the observer said)
+
+
+_complained: dict[tuple[type, str], float] = {}
+COMPLAIN_EVERY = 60.0
+"""Seconds between two log lines about one observer's failing hook."""
+
+
+def _complain(observer: Observer, hook: str, exc: Exception) -> None:
+    where = (type(observer), hook)
+    now = time.monotonic()
+    if now - _complained.get(where, -COMPLAIN_EVERY) < COMPLAIN_EVERY:
+        logger.debug("iambus: observer %r failed in %s() again", observer, hook, exc_info=exc)
+        return
+    _complained[where] = now
+    logger.error(
+        "iambus: observer %r failed in %s(); the message goes on without it (logged once a "
+        "minute while it fails)",
+        observer,
+        hook,
+        exc_info=exc,
+    )
 
 
 def _stamped(sending: Sending) -> Envelope:
