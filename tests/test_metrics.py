@@ -173,6 +173,35 @@ async def test_prometheus_output_counts_every_message(bus: Bus) -> None:
     assert not any("id" in dict(labels) for (_, labels) in samples)  # no unbounded label
 
 
+async def test_names_from_the_wire_make_no_new_series(bus: Bus) -> None:
+    """Envelopes with made-up names sent to a subscribed address are dead-lettered (they
+    do not decode), and counted under the subscription's message, not their own name."""
+    registry = CollectorRegistry()
+    stock = Dispatcher(transport=bus.transport(), service="stock", routes=ROUTES, retry=TWICE)
+    dead = DeadLettered()
+    stock.instrument(dead, PrometheusMetrics(registry=registry))
+
+    @stock.commands.register(Reserve)
+    async def reserve(command: Reserve) -> int:
+        return 3
+
+    sender = bus.transport()
+    await sender.open()
+    try:
+        async with stock:
+            for n in range(5):
+                dead.happened.clear()
+                await sender.send("command.Reserve", Envelope(name=f"Bogus{n}", payload=b"[]"))
+                await asyncio.wait_for(dead.happened.wait(), 15)
+    finally:
+        await sender.close()
+    samples = scrape(registry)
+    messages = {dict(labels).get("message") for (name, labels) in samples}
+    assert not any(str(m).startswith("Bogus") for m in messages), messages
+    settled = "iambus_messages_settled_total"
+    assert value(samples, settled, message="Reserve", outcome="dead_letter") == 5
+
+
 def test_prometheus_metrics_work_in_multiprocess_mode(tmp_path: Path) -> None:
     code = (
         "import contextlib\n"

@@ -328,7 +328,10 @@ class PrometheusMetrics(Observer):
         self._consumer(settlement.processing).settled[settlement.outcome].inc()
 
     def _consumer(self, processing: Processing) -> _Consumer:
-        labels = (processing.kind, processing.envelope.name, processing.group)
+        # The message's name as the subscription's address has it, not as the envelope
+        # says: names from the wire (anyone may write to an address) would make a new
+        # series each, without end.
+        labels = (processing.kind, processing.destination.split(".", 1)[-1], processing.group)
         children = self._consumers.get(labels)
         if children is None:
             children = self._consumers[labels] = _Consumer(self, labels)
