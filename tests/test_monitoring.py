@@ -512,3 +512,48 @@ async def test_a_collector_that_raises_makes_a_500_and_the_server_serves_on(
         assert response.status_code == 500
         assert "a collector's bug" in caplog.text
         assert (await client.get(f"{server.url}/metrics")).status_code == 200
+
+
+def _serving() -> list[asyncio.Task[object]]:
+    return [t for t in asyncio.all_tasks() if "Server._serve" in repr(t.get_coro())]
+
+
+async def test_a_stop_ends_the_connections_of_silent_clients_at_once() -> None:
+    dp = Dispatcher(transport="memory://", service="billing")
+    server = Server(dp, port=0, metrics=False)
+    await server.start()
+    _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET /health/live HTTP/1.1\r\n")  # and never the end of its head
+    await writer.drain()
+    await until(lambda: bool(_serving()), 5, "the connection served")
+    began = time.monotonic()
+    await server.stop()
+    assert time.monotonic() - began < 2  # (REQUEST_TIMEOUT is 5 s)
+    assert _serving() == []
+    writer.close()
+
+
+async def test_a_client_that_does_not_read_its_answer_is_cut_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("iambus.monitoring.REQUEST_TIMEOUT", 0.5)
+    dp = Dispatcher(transport="memory://", service="billing")
+    server = Server(dp, port=0, metrics=False)
+
+    async def huge(method: str, path: str) -> tuple[int, str, bytes]:
+        return 200, "text/plain", b"x" * (64 << 20)  # more than the socket buffers hold
+
+    monkeypatch.setattr(server, "_answer", huge)
+    await server.start()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", server.port))
+        await loop.sock_sendall(sock, b"GET /health/live HTTP/1.1\r\n\r\n")
+        await until(lambda: bool(_serving()), 5, "the connection served")
+        await until(lambda: not _serving(), 10, "the connection cut off")
+    finally:
+        sock.close()
+        await server.stop()

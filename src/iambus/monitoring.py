@@ -61,7 +61,8 @@ BROKER_CACHE = 2.0  # seconds one reading of the broker answers scrapes
 BROKER_TIMEOUT = 5.0  # seconds one reading of the broker may take
 UNHEALTHY_AFTER = 60.0  # seconds the transport may be down before /health/live fails
 REFRESH = 1.0  # seconds between two updates of this process's own gauges
-REQUEST_TIMEOUT = 5.0  # seconds a client may take to send its request
+REQUEST_TIMEOUT = 5.0  # seconds a client may take to send its request, and to read the answer
+MAX_CLIENTS = 64  # connections served at once; more are closed at once
 MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR"
 
 
@@ -151,6 +152,14 @@ class BrokerGauges:
         self.timeout = timeout
         self._reading = _Reading(at=-float("inf"), up=False, took=0.0, groups=())
         self._pending: asyncio.Task[None] | None = None
+
+    async def close(self) -> None:
+        """Cancel a broker read in progress (a stopping server waits for none)."""
+        pending, self._pending = self._pending, None
+        if pending is not None and not pending.done():
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pending
 
     async def refresh(self) -> None:
         if time.monotonic() - self._reading.at < self.cache:
@@ -351,6 +360,7 @@ class Server:
         self._update: Callable[[], None] = lambda: None
         self._registry: CollectorRegistry | None = None
         self._server: asyncio.Server | None = None
+        self._clients: set[asyncio.Task[Any]] = set()  # the connections being served
         self._refresh: asyncio.Task[None] | None = None
         self._multiprocess = False
         if metrics:
@@ -395,7 +405,12 @@ class Server:
         if self._server is not None:
             server, self._server = self._server, None
             server.close()
+            clients = list(self._clients)  # slow or silent ones do not hold the stop up
+            for client in clients:
+                client.cancel()
+            await asyncio.gather(*clients, return_exceptions=True)
             await server.wait_closed()
+        await self.broker.close()
         if self._multiprocess:
             from prometheus_client import multiprocess
 
@@ -422,6 +437,11 @@ class Server:
             self._update()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if len(self._clients) >= MAX_CLIENTS or task is None:
+            writer.transport.abort()
+            return
+        self._clients.add(task)
         try:
             try:
                 async with asyncio.timeout(REQUEST_TIMEOUT):
@@ -445,13 +465,19 @@ class Server:
             )
             if method != "HEAD":
                 writer.write(body)
-            await writer.drain()
-        except ConnectionError:
-            pass  # the client went away
+            async with asyncio.timeout(REQUEST_TIMEOUT):  # a client that does not read
+                await writer.drain()
+        except (ConnectionError, TimeoutError):
+            writer.transport.abort()  # the client went away, or does not read
         finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+            self._clients.discard(task)
+            if task.cancelling():  # the server stops: no waiting for the client
+                writer.transport.abort()
+            else:
+                writer.close()
+                with contextlib.suppress(ConnectionError, TimeoutError):
+                    async with asyncio.timeout(REQUEST_TIMEOUT):
+                        await writer.wait_closed()
 
     async def _answer(self, method: str, path: str) -> tuple[int, str, bytes]:
         if method not in ("GET", "HEAD"):
