@@ -470,3 +470,21 @@ def test_the_transports_whose_receives_wait_through_an_outage_are_links(
     assert isinstance(transport, Link) is link
     if link:
         assert transport.down_since is None  # type: ignore[attr-defined]  # not open: not lost
+
+
+@pytest.mark.parametrize("kind", ["rabbitmq", "nats"])
+async def test_a_reopened_link_forgets_the_outage_of_its_earlier_connection(kind: str) -> None:
+    """A close (or an outage it ended in) of an earlier connection is not this one's:
+    down_since must not report it at the next blip (liveness would fail at once)."""
+    require(kind)
+    url = {"rabbitmq": "amqp://guest:guest@127.0.0.1:5672/", "nats": "nats://127.0.0.1:4222"}
+    transport = connect(url[kind], namespace=f"link-{uuid.uuid4().hex[:8]}")
+    await transport.open()
+    transport._lost = 1.0  # type: ignore[attr-defined]  # as an outage before the close left it
+    await transport.close()
+    await transport.open()
+    try:
+        assert transport.down_since is None  # type: ignore[attr-defined]
+        assert transport._lost is None  # type: ignore[attr-defined]
+    finally:
+        await transport.close()

@@ -379,6 +379,7 @@ class NatsTransport(Transport):
     async def open(self) -> None:
         if self._nc is not None:
             return
+        self._lost = None  # (an outage of an earlier connection set it)
         nc = Client()
         # nats-py retries a first connection that fails for as long as it would reconnect
         # (forever here): the first error it reports while connecting ends the attempt
@@ -1435,7 +1436,10 @@ class NatsTransport(Transport):
     def down_since(self) -> float | None:
         """Since when (``time.monotonic()``) the connection has been lost, reconnecting;
         None while connected (``iambus.transports.Link``)."""
-        return self._lost if self._nc is not None else None
+        nc = self._nc
+        if nc is None or nc.is_connected:
+            return None
+        return self._lost if self._lost is not None else time.monotonic()
 
     async def _on_disconnect(self) -> None:
         if self._nc is None:  # closing

@@ -341,6 +341,7 @@ class RabbitMQTransport(Transport):
                 # Shown by the management UI and `rabbitmqctl list_connections`.
                 client_properties={"connection_name": self.client_name or client_name()},
             )
+            self._lost = None  # (a close of an earlier connection set it)
             connection.close_callbacks.add(self._on_lost)
             connection.reconnect_callbacks.add(self._on_back)
             try:
