@@ -328,6 +328,17 @@ def test_liveness_and_readiness_without_a_worker() -> None:
     assert readiness(dp)[0] is False
 
 
+async def test_a_service_that_consumes_nothing_is_ready_while_it_runs() -> None:
+    """A service that only sends (or runs only its relay) has no worker: it is ready
+    once started, and not once stopped."""
+    dp = Dispatcher(transport="memory://", service="shop", routes={ChargeCard: "billing"})
+    assert readiness(dp)[0] is False
+    async with dp:
+        assert dp.health() is None
+        assert readiness(dp) == (True, "running; it consumes nothing")
+    assert readiness(dp)[0] is False
+
+
 async def test_the_health_port_serves_the_probes_alone_without_the_extra() -> None:
     dp = Dispatcher(service="billing")
     async with Server(dp, port=0, metrics=False) as server, httpx.AsyncClient() as client:

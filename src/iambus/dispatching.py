@@ -447,6 +447,11 @@ class Dispatcher:
         """True once started (and after a stop): registration is closed."""
         return self._state != _NEW
 
+    @property
+    def running(self) -> bool:
+        """True from ``start()`` until ``stop()`` begins."""
+        return self._state == _STARTED
+
     def health(self) -> WorkerHealth | None:
         """What its worker is doing (consuming? receiving failing for how long?), for a
         health probe; None when no worker runs (not started, stopped, or nothing to

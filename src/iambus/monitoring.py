@@ -99,6 +99,9 @@ def readiness(dp: Dispatcher) -> tuple[bool, str]:
     """Whether the worker consumes, and why not: started, not stopping, and the
     transport up (its receives working, its connection not lost)."""
     health = dp.health()
+    if health is None and dp.running:
+        # Started with nothing to consume (a service that only sends, or runs a relay).
+        return True, "running; it consumes nothing"
     if health is None or not health.consuming:
         return False, "the worker is not consuming (starting, stopping or stopped)"
     if health.down_for > 0:

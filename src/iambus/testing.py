@@ -48,7 +48,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .dispatching import _STOPPED, _STOPPING, Dispatcher
+from .dispatching import Dispatcher
 from .envelope import Envelope
 from .errors import DeadLettered, ImproperlyConfigured, NotSettled, bad_option
 from .partitions import partition
@@ -1218,7 +1218,7 @@ class Watch:
         elif not busy:
             lines.append("  no message is pending: background work (dp.join()) is not done")
         for dp in self.dispatchers:
-            if dp._state in (_STOPPING, _STOPPED):  # (no public word for it: a test's need)
+            if dp.started and not dp.running:
                 lines.append(f"  {_describe(dp)} is stopped: it handles nothing")
         for pending in self._ledger.held():
             lines.append(f"  (held by the clock, not waited for: {pending})")
