@@ -157,6 +157,9 @@ def test_the_json_formatter_writes_one_object_with_the_fields() -> None:
         ("nats://s3cret@127.0.0.1:4222", "nats://***@127.0.0.1:4222"),
         ("http://127.0.0.1:8080/path@x redis://u@h", "http://127.0.0.1:8080/path@x redis://u@h"),
         ("no url here", "no url here"),
+        ("redis://app:p@ss@h/0 x", "redis://app:***@h/0 x"),
+        ("tls://s3cret@h:4222", "tls://***@h:4222"),
+        ("redis://h/0?password=s3cret&db=1", "redis://h/0?password=***&db=1"),
     ],
 )  # fmt: skip
 def test_scrub_masks_the_password_of_every_url_in_a_line(text: str, shown: str) -> None:

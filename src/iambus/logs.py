@@ -61,19 +61,24 @@ FIELDS = (
 _STANDARD = frozenset(
     vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys() | {"message", "asctime"}
 )
-# A password in a URL's userinfo: ``scheme://user:password@`` (the user part kept).
-_USERINFO = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/@]*:)[^\s@/]+@")
+# A password in a URL's userinfo: ``scheme://user:password@`` (the user part kept). It
+# runs to the last ``@`` before a ``/``: it may hold an ``@`` itself (a ``/`` in it must
+# be percent-encoded, or ``host:port/path@x`` could not be told from it).
+_USERINFO = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/@]*:)[^\s/]*@")
 # A NATS token: ``nats://TOKEN@host`` (a user without a password is the secret there).
-_TOKEN = re.compile(r"\b(?P<head>nats://)[^\s:/@]+@")
+_TOKEN = re.compile(r"\b(?P<head>(?:nats|tls)://)[^\s:/@]+@")
+# A secret in a URL's query: ``?password=...``, ``&token=...``.
+_QUERY = re.compile(r"(?P<head>[?&](?:password|passwd|pass|token|secret)=)[^\s&#]+", re.I)
 
 
 def scrub(text: str) -> str:
     """``text`` with the password of every ``scheme://user:password@host`` URL in it
-    replaced by ``***`` (``redis://app:***@host/0``), and a NATS token too
-    (``nats://***@host``)."""
+    replaced by ``***`` (``redis://app:***@host/0``), a NATS token too
+    (``nats://***@host``), and a ``password=``/``token=`` in a URL's query."""
     if "://" not in text:
         return text
-    return _TOKEN.sub(r"\g<head>***@", _USERINFO.sub(r"\g<head>***@", text))
+    text = _TOKEN.sub(r"\g<head>***@", _USERINFO.sub(r"\g<head>***@", text))
+    return _QUERY.sub(r"\g<head>***", text)
 
 
 def message_fields(
