@@ -228,3 +228,32 @@ async def test_the_worker_command_logs_json_lines_without_the_password(tmp_path:
         assert line["logger"] == "iambus.worker"
     assert (retry["attempt"], dead["attempt"]) == (1, 2)
     assert {line["level"] for line in lines} >= {"INFO", "WARNING", "ERROR"}
+
+
+def test_a_json_line_keeps_a_stack_and_a_record_whose_exception_was_formatted_before() -> None:
+    logger = logging.getLogger("iambus.test")
+    stacked = logger.makeRecord(logger.name, logging.INFO, __file__, 1, "here", (), None)
+    stacked.stack_info = "Stack (most recent call last):\n  frame"
+    assert json.loads(JsonFormatter().format(stacked))["stack"].endswith("frame")
+    formatted = logger.makeRecord(logger.name, logging.ERROR, __file__, 1, "oops", (), None)
+    formatted.exc_text = "Traceback: redis://app:s3cret@h/0 failed"
+    assert json.loads(JsonFormatter().format(formatted))["exception"] == (
+        "Traceback: redis://app:***@h/0 failed"
+    )
+
+
+def test_an_error_whose_str_fails_still_gets_its_fields() -> None:
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no")
+
+    fields = message_fields(
+        Envelope(name="Charge", payload=b"{}"),
+        outcome="failed",
+        kind="command",
+        service="billing",
+        handler="charge",
+        attempt=1,
+        error=Unprintable(),
+    )
+    assert fields["error"].endswith("Unprintable: str() failed>")

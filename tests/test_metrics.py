@@ -5,22 +5,30 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from iambus import Command, Dispatcher, Retry
+from iambus import Command, Dispatcher, Retry, TransportError
 from iambus.database import Database
 from iambus.envelope import Envelope
 from iambus.metrics import Metrics, PrometheusMetrics
 from iambus.outbox import Outgoing, write
 from iambus.telemetry import Observer, Settlement
+from iambus.tracing import Tracing
+from iambus.transports.memory import MemoryTransport
 
 from .conftest import Bus
 
@@ -237,3 +245,55 @@ def test_prometheus_metrics_work_in_multiprocess_mode(tmp_path: Path) -> None:
     assert value(samples, "iambus_messages_processed_total", outcome="ok") == 2
     # livesum: the gauge counts live processes only (the second one, still running).
     assert value(samples, "iambus_handlers_in_flight") == 1
+
+
+class Refusing(MemoryTransport):
+    """A broker that refuses every send."""
+
+    async def send(self, address: str, envelope: Envelope) -> None:
+        raise TransportError("the broker refused it (a test's doing)")
+
+
+async def test_a_send_the_broker_refuses_is_an_error_in_metrics_and_spans() -> None:
+    reader = InMemoryMetricReader()
+    registry = CollectorRegistry()
+    spans = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    shop = Dispatcher(transport=Refusing(), service="shop", routes=ROUTES)
+    shop.instrument(
+        Metrics(meter_provider=MeterProvider(metric_readers=[reader])),
+        PrometheusMetrics(registry=registry),
+        Tracing(tracer_provider=tracer_provider),
+    )
+    async with shop:
+        with pytest.raises(TransportError, match="refused"):
+            await shop.publish(Restocked("ab-1"))
+    found = points(reader)
+    sent = total(
+        found, "messaging.client.sent.messages", **{"error.type": "iambus.errors.TransportError"}
+    )
+    assert sent == 1
+    assert value(scrape(registry), "iambus_messages_sent_total", outcome="error") == 1
+    [span] = spans.get_finished_spans()
+    assert span.name == "send event.Restocked"
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.attributes is not None
+    assert span.attributes["error.type"] == "iambus.errors.TransportError"
+
+
+async def test_watch_outbox_reads_the_backlog_until_cancelled(database: Database) -> None:
+    reader = InMemoryMetricReader()
+    metrics = Metrics(meter_provider=MeterProvider(metric_readers=[reader]))
+    async with database.connection() as conn, conn.transaction():
+        await write(conn, database, [Outgoing("event.Restocked", Envelope(name="R", payload=b""))])
+    watching = asyncio.create_task(metrics.watch_outbox(database, every=0.01))
+    try:
+        deadline = time.monotonic() + 10
+        while total(points(reader), "iambus.outbox.backlog") != 1:
+            assert time.monotonic() < deadline, points(reader)
+            await asyncio.sleep(0.02)
+    finally:
+        watching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching

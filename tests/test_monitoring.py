@@ -568,3 +568,26 @@ async def test_a_client_that_does_not_read_its_answer_is_cut_off(
     finally:
         sock.close()
         await server.stop()
+
+
+async def test_connections_past_the_limit_and_requests_that_are_not_http_are_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("iambus.monitoring.MAX_CLIENTS", 1)
+    dp = Dispatcher(transport="memory://", service="billing")
+    async with Server(dp, port=0, metrics=False) as server:
+        _, first = await asyncio.open_connection("127.0.0.1", server.port)
+        first.write(b"GET /health/live HTTP/1.1\r\n")  # held open: the one allowed
+        await first.drain()
+        await until(lambda: bool(_serving()), 5, "the first connection served")
+        second, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        assert await asyncio.wait_for(second.read(), 5) == b""  # closed, unanswered
+        writer.close()
+        first.close()
+        await until(lambda: not _serving(), 10, "the first connection ended")
+        junk, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"NONSENSE\r\n\r\n")
+        assert await asyncio.wait_for(junk.read(), 5) == b""  # not HTTP: nothing to answer
+        writer.close()
+        code, _ = await probe(server.url, "/health/live")  # and it serves on
+        assert code == 200
