@@ -243,3 +243,47 @@ async def test_a_relay_whose_observer_raises_after_a_send_sends_the_row_once(
         done = await watched.settled(timeout=20)  # the outbox emptied too
     assert handled == [7]
     assert [s.outcome for s in done.settlements] == ["acked"]
+
+
+class Outcomes(Observer):
+    """Writes down each settlement's outcome; ``dead`` is set at a dead letter."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[str] = []
+        self.dead = asyncio.Event()
+
+    @contextlib.contextmanager
+    def settle(self, settlement: Settlement) -> Iterator[None]:
+        yield
+        self.outcomes.append(settlement.outcome)
+        if settlement.outcome == "dead_letter":
+            self.dead.set()
+
+
+@dataclass(frozen=True)
+class NegativeDelay(Retry):
+    """A policy with a bug: its delay is negative, which the worker refuses."""
+
+    def delay(self, attempt: int) -> float:
+        return -1.0
+
+
+async def test_a_settlement_made_after_a_failed_settle_is_observed_too(bus: Bus) -> None:
+    warehouse = Dispatcher(
+        transport=bus.transport(),
+        service="warehouse",
+        routes=ROUTES,
+        retry=NegativeDelay(attempts=2, backoff=0.01),
+    )
+    shop = Dispatcher(transport=bus.transport(), service="shop", routes=ROUTES)
+    seen = Outcomes()
+    warehouse.instrument(seen)
+
+    @warehouse.events.register(Shipped)
+    async def on_shipped(event: Shipped) -> None:
+        raise LookupError(event.order_id)
+
+    async with warehouse, shop:
+        await shop.send(Shipped(1))
+        await asyncio.wait_for(seen.dead.wait(), 20)
+    assert seen.outcomes == ["retry", "dead_letter"]

@@ -581,13 +581,13 @@ class Worker:
             exc_info=exc,
             extra=fields,
         )
-        try:
+        try:  # (through ``settling``: the telemetry sees this settlement too)
             if retry:
-                await delivery.retry(_safe_delay(sub.retry, delivery.attempt))
+                await settling.retry(_safe_delay(sub.retry, delivery.attempt))
             else:
                 failure = _failure(exc, delivery.attempt, sub.route.name)
                 reason = f"raised while settling: {failure.message}"
-                await delivery.dead_letter(dataclasses.replace(failure, message=reason))
+                await settling.dead_letter(dataclasses.replace(failure, message=reason))
         except Exception:
             logger.exception(
                 "iambus: could not settle %s %s either; it will be redelivered",
