@@ -171,28 +171,21 @@ class Faulty(Observer):
         self.where = where
 
     @contextlib.contextmanager
-    def send(self, sending: Sending) -> Iterator[None]:
-        if self.where == "send":
-            raise RuntimeError("observer bug in send")
+    def _block(self, hook: str) -> Iterator[None]:
+        if self.where == hook:
+            raise RuntimeError(f"observer bug in {hook}")
         yield
         if self.where == "after":
             raise OSError("a metrics file write failed")
 
-    @contextlib.contextmanager
-    def process(self, processing: Processing) -> Iterator[None]:
-        if self.where == "process":
-            raise RuntimeError("observer bug in process")
-        yield
-        if self.where == "after":
-            raise OSError("a metrics file write failed")
+    def send(self, sending: Sending) -> contextlib.AbstractContextManager[None]:
+        return self._block("send")
 
-    @contextlib.contextmanager
-    def settle(self, settlement: Settlement) -> Iterator[None]:
-        if self.where == "settle":
-            raise RuntimeError("observer bug in settle")
-        yield
-        if self.where == "after":
-            raise OSError("a metrics file write failed")
+    def process(self, processing: Processing) -> contextlib.AbstractContextManager[None]:
+        return self._block("process")
+
+    def settle(self, settlement: Settlement) -> contextlib.AbstractContextManager[None]:
+        return self._block("settle")
 
 
 @pytest.mark.parametrize("where", ["send", "process", "settle", "after"])
