@@ -28,6 +28,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from prometheus_client import CollectorRegistry
 
 from iambus import Dispatcher, Limits, Query
@@ -40,6 +41,16 @@ URLS = {
     "redis": "redis://127.0.0.1:6379/0",
     "rabbitmq": "amqp://guest:guest@127.0.0.1:5672/",
     "nats": "nats://127.0.0.1:4222",
+}
+
+
+MODES = {
+    "off": "off (events/s)",
+    "otel": "tracing + metrics (OTel)",
+    "sampled": "the same, 1 % of traces sampled",
+    "tracing": "tracing alone",
+    "metrics": "OTel metrics alone",
+    "prometheus": "PrometheusMetrics",
 }
 
 
@@ -73,12 +84,16 @@ async def one_round(broker: str, n: int, mode: str) -> float:
     if mode == "prometheus":
         for dp in (clock, shop):
             dp.instrument(PrometheusMetrics(registry=CollectorRegistry()))
-    if mode == "otel":
-        traces = TracerProvider()
+    if mode in ("otel", "sampled", "tracing"):
+        sampler = ParentBased(TraceIdRatioBased(0.01)) if mode == "sampled" else None
+        traces = TracerProvider(sampler=sampler)
         traces.add_span_processor(BatchSpanProcessor(Dropping(), max_queue_size=65536))
+        for dp in (clock, shop):
+            dp.instrument(Tracing(tracer_provider=traces))
+    if mode in ("otel", "sampled", "metrics"):
         meters = MeterProvider(metric_readers=[InMemoryMetricReader()])
         for dp in (clock, shop):
-            dp.instrument(Tracing(tracer_provider=traces), Metrics(meter_provider=meters))
+            dp.instrument(Metrics(meter_provider=meters))
     done = asyncio.Event()
     seen = 0
 
@@ -151,9 +166,9 @@ async def main() -> None:
     ratio = best[True] / best[False]
     print(f"| iambus | {best[False]:,.0f} (1.00x) | {best[True]:,.0f} ({ratio:.2f}x) |")
     print()
-    modes = ("off", "otel", "prometheus")
-    print("| broker | off (events/s) | tracing + metrics (OTel) | PrometheusMetrics |")
-    print("|---|---:|---:|---:|")
+    modes = tuple(MODES)
+    print(f"| broker | {' | '.join(MODES.values())} |")
+    print("|---|" + "---:|" * len(MODES))
     for broker in args.broker or list(URLS):
         rates = dict.fromkeys(modes, 0.0)
         for _ in range(args.rounds):

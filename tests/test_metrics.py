@@ -119,11 +119,23 @@ async def test_otel_metrics_count_sends_deliveries_retries_and_dead_letters(bus:
     assert total(found, process, **{"messaging.destination.name": "command.Reserve"}) == 1
     assert all(p.sum >= 0 for p in found[process])
     operation = "messaging.client.operation.duration"
-    assert total(found, operation, **{"messaging.operation.type": "settle"}) == 3
+    # A retry and a dead letter are timed; acks only with acks=True (below).
+    assert total(found, operation, **{"messaging.operation.type": "settle"}) == 2
+    assert total(found, operation, **{"messaging.operation.name": "ack"}) == 0
     assert total(found, operation, **{"messaging.operation.type": "send"}) == 3
     assert total(found, "iambus.retries") == 1
     assert total(found, "iambus.dead_letters") == 1
     assert total(found, "iambus.handlers.in_flight") == 0  # none left counted
+
+
+async def test_otel_metrics_time_every_ack_when_asked(bus: Bus) -> None:
+    reader = InMemoryMetricReader()
+    meters = MeterProvider(metric_readers=[reader])
+    await traffic(bus, Metrics(meter_provider=meters, acks=True))
+    found = points(reader)
+    operation = "messaging.client.operation.duration"
+    assert total(found, operation, **{"messaging.operation.type": "settle"}) == 3
+    assert total(found, operation, **{"messaging.operation.name": "ack"}) == 1
 
 
 async def test_the_outbox_gauges_report_the_last_reading(database: Database) -> None:
@@ -227,6 +239,9 @@ def test_prometheus_metrics_work_in_multiprocess_mode(tmp_path: Path) -> None:
         "served = CollectorRegistry()\n"
         "MultiProcessCollector(served)\n"
         "print(generate_latest(served).decode())\n"
+        "import os\n"
+        "from prometheus_client import multiprocess\n"
+        "multiprocess.mark_process_dead(os.getpid())\n"  # as a stopping worker does
     )
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     outputs = []
@@ -243,7 +258,8 @@ def test_prometheus_metrics_work_in_multiprocess_mode(tmp_path: Path) -> None:
     }
     # Both processes' counts, read from the shared directory.
     assert value(samples, "iambus_messages_processed_total", outcome="ok") == 2
-    # livesum: the gauge counts live processes only (the second one, still running).
+    # livesum: the gauge counts live processes only (the second one, still running; the
+    # first one's series left when it was marked dead).
     assert value(samples, "iambus_handlers_in_flight") == 1
 
 

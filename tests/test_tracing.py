@@ -85,7 +85,7 @@ async def test_a_query_across_two_services_is_one_trace(
     provider = provider_of(exporter)
     billing = Dispatcher(transport=bus.transport(), service="billing", routes=ROUTES)
     shop = Dispatcher(transport=bus.transport(), service="shop", routes=ROUTES)
-    billing.instrument(Tracing(tracer_provider=provider))
+    billing.instrument(Tracing(tracer_provider=provider, acks=True))
     shop.instrument(Tracing(tracer_provider=provider))
 
     @billing.queries.register(GetBalance)
@@ -238,6 +238,8 @@ async def test_an_outbox_relayed_event_is_consumed_in_the_producers_trace(
     assert relayed.attributes is not None
     assert create.attributes["messaging.operation.type"] == "create"
     assert relayed.attributes["messaging.message.id"] == create.attributes["messaging.message.id"]
+    # The ack ended the process span (acks=True would give it a span of its own).
+    assert not [s.name for s in exporter.get_finished_spans() if s.name.startswith("ack ")]
 
 
 async def test_in_process_handlers_are_traced_only_with_the_middleware(

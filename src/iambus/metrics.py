@@ -24,7 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from .database import Database
@@ -32,6 +33,8 @@ from .relay import OutboxStatus, outbox_status
 from .telemetry import Observer, Processing, Sending, Settlement, error_type
 
 __all__ = ["Metrics", "PrometheusMetrics"]
+
+_NOTHING = contextlib.nullcontext()
 
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -71,12 +74,17 @@ def _consumer_attributes(processing: Processing, operation: str, kind: str) -> d
 class Metrics(Observer):
     """OpenTelemetry instruments for every message; see the module docstring.
 
-    ``meter_provider``: where they are recorded (default: the global one).
+    ``meter_provider``: where they are recorded (default: the global one). ``acks``:
+    record each ack's duration in ``messaging.client.operation.duration`` too (off by
+    default: a histogram measurement costs about as much as the rest of an ack; acks are
+    counted in ``messaging.client.consumed.messages`` all the same, and retries and dead
+    letters are always timed).
     """
 
-    def __init__(self, *, meter_provider: Any = None) -> None:
+    def __init__(self, *, meter_provider: Any = None, acks: bool = False) -> None:
         from . import __version__
 
+        self.acks = acks
         metrics = _need("otel", "opentelemetry.metrics")
         meter = metrics.get_meter("iambus", __version__, meter_provider=meter_provider)
         # The counters are tallies of our own, read when the SDK collects (observable
@@ -156,56 +164,88 @@ class Metrics(Observer):
         self._outbox = status = await outbox_status(database)
         return status
 
-    @contextlib.contextmanager
-    def send(self, sending: Sending) -> Iterator[None]:
+    def send(self, sending: Sending) -> AbstractContextManager[object]:
         if sending.operation == "create":  # written to the outbox: counted when relayed
-            yield
-            return
-        attributes = _send_attributes(sending)
-        start = time.perf_counter()
-        try:
-            yield
-        except BaseException as exc:
-            attributes["error.type"] = error_type(exc)
-            raise
-        finally:
-            self.operation_duration.record(time.perf_counter() - start, attributes)
-            self.sent.add(attributes)
+            return _NOTHING
+        return _Timed(self.operation_duration, _send_attributes(sending), self.sent)
 
-    @contextlib.contextmanager
-    def process(self, processing: Processing) -> Iterator[None]:
-        attributes = _consumer_attributes(processing, "process", "process")
-        self.consumed.add(attributes)
-        flight = {"messaging.destination.name": processing.destination}
-        self.in_flight.add(flight)
-        start = time.perf_counter()
-        try:
-            yield
-        except BaseException as exc:
-            processing.error = processing.error or exc
-            raise
-        finally:
-            self.in_flight.add(flight, -1)
-            if processing.error is not None:
-                attributes["error.type"] = error_type(processing.error)
-            self.process_duration.record(time.perf_counter() - start, attributes)
+    def process(self, processing: Processing) -> AbstractContextManager[object]:
+        return _Processed(self, processing)
 
-    @contextlib.contextmanager
-    def settle(self, settlement: Settlement) -> Iterator[None]:
-        processing = settlement.processing
-        attributes = _consumer_attributes(processing, settlement.outcome, "settle")
-        start = time.perf_counter()
-        try:
-            yield
-        except BaseException as exc:
+    def settle(self, settlement: Settlement) -> AbstractContextManager[object]:
+        outcome = settlement.outcome
+        if outcome == "ack" and not self.acks:
+            return _NOTHING
+        attributes = _consumer_attributes(settlement.processing, outcome, "settle")
+        tally = (
+            self.retries
+            if outcome == "retry"
+            else self.dead_letters
+            if outcome == "dead_letter"
+            else None
+        )
+        return _Timed(self.operation_duration, attributes, tally, counted_on_error=False)
+
+
+class _Timed:
+    """A send's or a settlement's block: its duration recorded (with ``error.type`` if
+    it raised), and counted in ``tally``. (A class, not a generator: it runs for every
+    message.)"""
+
+    __slots__ = ("attributes", "counted_on_error", "histogram", "start", "tally")
+
+    def __init__(
+        self,
+        histogram: Any,
+        attributes: dict[str, Any],
+        tally: _Tally | None,
+        *,
+        counted_on_error: bool = True,
+    ) -> None:
+        self.histogram = histogram
+        self.attributes = attributes
+        self.tally = tally
+        self.counted_on_error = counted_on_error
+        self.start = 0.0
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        attributes = self.attributes
+        if exc is not None:
             attributes["error.type"] = error_type(exc)
-            raise
-        finally:
-            self.operation_duration.record(time.perf_counter() - start, attributes)
-        if settlement.outcome == "retry":
-            self.retries.add(attributes)
-        elif settlement.outcome == "dead_letter":
-            self.dead_letters.add(attributes)
+        self.histogram.record(time.perf_counter() - self.start, attributes)
+        if self.tally is not None and (exc is None or self.counted_on_error):
+            self.tally.add(attributes)
+
+
+class _Processed:
+    """A delivery's processing: consumed, in flight while it runs, then its duration."""
+
+    __slots__ = ("attributes", "flight", "metrics", "processing", "start")
+
+    def __init__(self, metrics: Metrics, processing: Processing) -> None:
+        self.metrics = metrics
+        self.processing = processing
+        self.attributes = _consumer_attributes(processing, "process", "process")
+        self.flight = {"messaging.destination.name": processing.destination}
+        self.start = 0.0
+
+    def __enter__(self) -> None:
+        metrics = self.metrics
+        metrics.consumed.add(self.attributes)
+        metrics.in_flight.add(self.flight)
+        self.start = time.perf_counter()
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        metrics, processing, attributes = self.metrics, self.processing, self.attributes
+        metrics.in_flight.add(self.flight, -1)
+        error = processing.error or exc
+        if error is not None:
+            processing.error = error
+            attributes["error.type"] = error_type(error)
+        metrics.process_duration.record(time.perf_counter() - self.start, attributes)
 
 
 class _Tally:
@@ -280,52 +320,23 @@ class PrometheusMetrics(Observer):
             multiprocess_mode="livesum",
             **common,
         )
-        self._senders: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
+        self._senders: dict[tuple[str, str], _Sender] = {}
         self._consumers: dict[tuple[str, str, str], _Consumer] = {}
 
-    @contextlib.contextmanager
-    def send(self, sending: Sending) -> Iterator[None]:
+    def send(self, sending: Sending) -> AbstractContextManager[object]:
         if sending.operation == "create":  # written to the outbox: counted when relayed
-            yield
-            return
+            return _NOTHING
         labels = (sending.kind, sending.envelope.name)
-        children = self._senders.get(labels)
-        if children is None:
-            children = self._senders[labels] = (
-                self.send_duration.labels(*labels),
-                self.sent.labels(*labels, "ok"),
-                self.sent.labels(*labels, "error"),
-            )
-        duration, ok, error = children
-        start = time.perf_counter()
-        try:
-            yield
-        except BaseException:
-            error.inc()
-            raise
-        else:
-            ok.inc()
-        finally:
-            duration.observe(time.perf_counter() - start)
+        sender = self._senders.get(labels)
+        if sender is None:
+            sender = self._senders[labels] = _Sender(self, labels)
+        return _Observed(sender.duration, sender.ok, sender.error)
 
-    @contextlib.contextmanager
-    def process(self, processing: Processing) -> Iterator[None]:
-        children = self._consumer(processing)
-        children.in_flight.inc()
-        start = time.perf_counter()
-        failed = True
-        try:
-            yield
-            failed = processing.error is not None
-        finally:
-            children.in_flight.dec()
-            children.duration.observe(time.perf_counter() - start)
-            (children.failed if failed else children.ok).inc()
+    def process(self, processing: Processing) -> AbstractContextManager[object]:
+        return _Handled(self._consumer(processing), processing)
 
-    @contextlib.contextmanager
-    def settle(self, settlement: Settlement) -> Iterator[None]:
-        yield
-        self._consumer(settlement.processing).settled[settlement.outcome].inc()
+    def settle(self, settlement: Settlement) -> AbstractContextManager[object]:
+        return _Counted(self._consumer(settlement.processing).settled[settlement.outcome])
 
     def _consumer(self, processing: Processing) -> _Consumer:
         # The message's name as the subscription's address has it, not as the envelope
@@ -336,6 +347,71 @@ class PrometheusMetrics(Observer):
         if children is None:
             children = self._consumers[labels] = _Consumer(self, labels)
         return children
+
+
+class _Sender:
+    """One message type's labelled send metrics, looked up once."""
+
+    __slots__ = ("duration", "error", "ok")
+
+    def __init__(self, metrics: PrometheusMetrics, labels: tuple[str, str]) -> None:
+        self.duration = metrics.send_duration.labels(*labels)
+        self.ok = metrics.sent.labels(*labels, "ok")
+        self.error = metrics.sent.labels(*labels, "error")
+
+
+class _Observed:
+    """A send's block: its duration observed, counted ok or error."""
+
+    __slots__ = ("duration", "error", "ok", "start")
+
+    def __init__(self, duration: Any, ok: Any, error: Any) -> None:
+        self.duration, self.ok, self.error = duration, ok, error
+        self.start = 0.0
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        (self.ok if exc is None else self.error).inc()
+        self.duration.observe(time.perf_counter() - self.start)
+
+
+class _Handled:
+    """A delivery's processing: in flight while it runs, then its duration and outcome."""
+
+    __slots__ = ("consumer", "processing", "start")
+
+    def __init__(self, consumer: _Consumer, processing: Processing) -> None:
+        self.consumer, self.processing = consumer, processing
+        self.start = 0.0
+
+    def __enter__(self) -> None:
+        self.consumer.in_flight.inc()
+        self.start = time.perf_counter()
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        consumer = self.consumer
+        consumer.in_flight.dec()
+        consumer.duration.observe(time.perf_counter() - self.start)
+        failed = exc is not None or self.processing.error is not None
+        (consumer.failed if failed else consumer.ok).inc()
+
+
+class _Counted:
+    """A settlement's block: counted once it returned."""
+
+    __slots__ = ("counter",)
+
+    def __init__(self, counter: Any) -> None:
+        self.counter = counter
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is None:
+            self.counter.inc()
 
 
 class _Consumer:

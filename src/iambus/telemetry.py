@@ -30,7 +30,6 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -168,31 +167,35 @@ class Telemetry:
         """Around a send; gives the envelope to send (with the headers observers added)."""
         if self.single is not None:
             return _Stamping(_Guarded(self.single, "send", sending), sending)
-        return self._send_all(sending)
-
-    @contextlib.contextmanager
-    def _send_all(self, sending: Sending) -> Iterator[Envelope]:
-        with contextlib.ExitStack() as stack:
-            for observer in self.observers:
-                stack.enter_context(_Guarded(observer, "send", sending))
-            yield _stamped(sending)
+        return _Stamping(_Each(self.observers, "send", sending), sending)
 
     def process(self, processing: Processing) -> AbstractContextManager[object]:
         if self.single is not None:
             return _Guarded(self.single, "process", processing)
-        return self._all("process", processing)
+        return _Each(self.observers, "process", processing)
 
     def settle(self, settlement: Settlement) -> AbstractContextManager[object]:
         if self.single is not None:
             return _Guarded(self.single, "settle", settlement)
-        return self._all("settle", settlement)
+        return _Each(self.observers, "settle", settlement)
 
-    @contextlib.contextmanager
-    def _all(self, hook: str, point: Processing | Settlement) -> Iterator[None]:
-        with contextlib.ExitStack() as stack:
-            for observer in self.observers:
-                stack.enter_context(_Guarded(observer, hook, point))
-            yield
+
+class _Each:
+    """Several observers' blocks at one point, entered in order and left in reverse
+    (an ExitStack per point cost more than the observers' own work)."""
+
+    __slots__ = ("guards",)
+
+    def __init__(self, observers: tuple[Observer, ...], hook: str, point: object) -> None:
+        self.guards = [_Guarded(observer, hook, point) for observer in observers]
+
+    def __enter__(self) -> None:
+        for guard in self.guards:
+            guard.__enter__()  # (never raises: an observer's error is its own)
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for guard in reversed(self.guards):
+            guard.__exit__(*exc_info)
 
 
 class _Guarded:

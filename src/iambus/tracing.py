@@ -27,10 +27,11 @@ used.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 try:
+    from opentelemetry import context as otel_context
     from opentelemetry import propagate, trace
     from opentelemetry.trace import Link, Span, SpanKind, StatusCode, TracerProvider
 except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -51,16 +52,21 @@ have none that is not a broker's own."""
 class Tracing(Observer):
     """Spans for each message sent, processed and settled; see the module docstring.
 
-    ``tracer_provider``: where the spans go (default: the global one).
+    ``tracer_provider``: where the spans go (default: the global one). ``acks``: a
+    ``settle`` span for every ack too (off by default: an ack is the end of the
+    ``process`` span, and a span per ack costs about a quarter of a message's tracing;
+    retries and dead letters always have their span).
     """
 
-    def __init__(self, *, tracer_provider: TracerProvider | None = None) -> None:
+    def __init__(
+        self, *, tracer_provider: TracerProvider | None = None, acks: bool = False
+    ) -> None:
         from . import __version__
 
         self.tracer = trace.get_tracer("iambus", __version__, tracer_provider=tracer_provider)
+        self.acks = acks
 
-    @contextlib.contextmanager
-    def send(self, sending: Sending) -> Iterator[None]:
+    def send(self, sending: Sending) -> AbstractContextManager[object]:
         envelope = sending.envelope
         operation = sending.operation
         attributes: dict[str, Any] = {
@@ -86,18 +92,11 @@ class Tracing(Observer):
         # Not made the current span: nothing runs inside it that makes spans (the
         # consumer's come through the headers), and attaching it costs time per message.
         span = self.tracer.start_span(name, context, kind, attributes)
-        try:
-            if not sending.relayed:
-                propagate.inject(sending.headers, trace.set_span_in_context(span))
-            yield
-        except BaseException as exc:
-            _failed(span, exc)
-            raise
-        finally:
-            span.end()
+        if not sending.relayed:
+            propagate.inject(sending.headers, trace.set_span_in_context(span))
+        return _Ending(span)
 
-    @contextlib.contextmanager
-    def process(self, processing: Processing) -> Iterator[None]:
+    def process(self, processing: Processing) -> AbstractContextManager[object]:
         envelope = processing.envelope
         attributes: dict[str, Any] = {
             "messaging.system": processing.system,
@@ -113,28 +112,22 @@ class Tracing(Observer):
         context = propagate.extract(envelope.headers) if envelope.headers else None
         created = trace.get_current_span(context).get_span_context() if context else None
         links = [Link(created)] if created is not None and created.is_valid else None
-        name = f"process {processing.destination}"
-        # The current span while the handler runs: what it sends and does is its child.
-        # Errors are recorded here (with error.type), once.
-        with self.tracer.start_as_current_span(
-            name,
-            context=context,
-            kind=SpanKind.CONSUMER,
-            attributes=attributes,
-            links=links,
+        span = self.tracer.start_span(
+            f"process {processing.destination}",
+            context,
+            SpanKind.CONSUMER,
+            attributes,
+            links,
             record_exception=False,
             set_status_on_exception=False,
-        ) as span:
-            try:
-                yield
-            except BaseException as exc:
-                _failed(span, exc)
-                raise
-            if processing.error is not None:
-                _failed(span, processing.error)
+        )
+        # The current span while the handler runs: what it sends and does is its child.
+        # Errors are recorded here (with error.type), once.
+        return _Current(span, processing)
 
-    @contextlib.contextmanager
-    def settle(self, settlement: Settlement) -> Iterator[None]:
+    def settle(self, settlement: Settlement) -> AbstractContextManager[object]:
+        if settlement.outcome == "ack" and not self.acks:
+            return _NOTHING
         processing = settlement.processing
         attributes: dict[str, Any] = {
             "messaging.system": processing.system,
@@ -148,14 +141,7 @@ class Tracing(Observer):
         if settlement.delay is not None:
             attributes["messaging.iambus.retry.delay"] = settlement.delay
         name = f"{settlement.outcome} {processing.destination}"
-        span = self.tracer.start_span(name, None, SpanKind.CLIENT, attributes)  # (see send)
-        try:
-            yield
-        except BaseException as exc:
-            _failed(span, exc)
-            raise
-        finally:
-            span.end()
+        return _Ending(self.tracer.start_span(name, None, SpanKind.CLIENT, attributes))
 
     async def handlers(self, message: Any, call_next: CallNext, context: Context) -> Any:
         """Middleware: a span (INTERNAL) around each handler call, in-process ones too.
@@ -174,6 +160,49 @@ class Tracing(Observer):
             except Exception as exc:
                 _failed(span, exc)
                 raise
+
+
+_NOTHING = contextlib.nullcontext()
+
+
+class _Ending:
+    """A span's block, not its current span: it ends with the block and records the
+    block's error. (A class, not a generator: it runs for every message.)"""
+
+    __slots__ = ("span",)
+
+    def __init__(self, span: Span) -> None:
+        self.span = span
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is not None:
+            _failed(self.span, exc)
+        self.span.end()
+
+
+class _Current:
+    """The ``process`` span's block: the current span while it runs; the handler's
+    error (which the worker caught and settled) or the block's own is recorded."""
+
+    __slots__ = ("processing", "span", "token")
+
+    def __init__(self, span: Span, processing: Processing) -> None:
+        self.span = span
+        self.processing = processing
+        self.token: object = None
+
+    def __enter__(self) -> None:
+        self.token = otel_context.attach(trace.set_span_in_context(self.span))
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        otel_context.detach(self.token)  # type: ignore[arg-type]
+        error = exc if exc is not None else self.processing.error
+        if error is not None:
+            _failed(self.span, error)
+        self.span.end()
 
 
 def _failed(span: Span, exc: BaseException) -> None:
