@@ -275,3 +275,28 @@ async def test_in_process_handlers_are_traced_only_with_the_middleware(
     assert failed.status.status_code is StatusCode.ERROR
     assert failed.attributes is not None
     assert failed.attributes["error.type"] == f"{__name__}.Broken"
+
+
+async def test_a_password_in_an_error_never_reaches_the_span(
+    exporter: InMemorySpanExporter,
+) -> None:
+    dp = Dispatcher()
+    dp.add_middleware(Tracing(tracer_provider=provider_of(exporter)).handlers)
+
+    @dp.queries.register(GetBalance)
+    async def balance(query: GetBalance) -> int:
+        raise Broken("cannot reach redis://app:s3cret@ledger:6379/0")
+
+    async with dp:
+        with pytest.raises(Broken, match="s3cret"):  # the error itself is the caller's
+            await dp.query(GetBalance(1))
+    [failed] = exporter.get_finished_spans()
+    assert failed.status.description == (
+        f"{__name__}.Broken: cannot reach redis://app:***@ledger:6379/0"
+    )
+    [event] = failed.events
+    assert event.attributes is not None
+    assert event.attributes["exception.message"] == "cannot reach redis://app:***@ledger:6379/0"
+    stack = str(event.attributes["exception.stacktrace"])
+    assert "redis://app:***@ledger" in stack
+    assert "s3cret" not in stack

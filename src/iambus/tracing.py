@@ -27,6 +27,7 @@ used.
 from __future__ import annotations
 
 import contextlib
+import traceback
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -39,6 +40,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "iambus.tracing needs OpenTelemetry's API: pip install 'iambus[otel]'"
     ) from exc
 
+from .logs import _text, scrub
 from .middleware import CallNext, Context
 from .telemetry import Observer, Processing, Sending, Settlement, error_type
 
@@ -206,7 +208,15 @@ class _Current:
 
 
 def _failed(span: Span, exc: BaseException) -> None:
+    """``exc`` on ``span``: ``error.type``, status ERROR, the exception event; the
+    message and the stack go through ``logs.scrub``, so that a URL's password in an
+    error (a refused connection) never reaches the trace backend."""
     kind = error_type(exc)
+    text = scrub(_text(exc))
     span.set_attribute("error.type", kind)
-    span.record_exception(exc)
-    span.set_status(StatusCode.ERROR, f"{kind}: {exc}")
+    if span.is_recording():
+        stack = "".join(traceback.format_exception(exc))
+        span.record_exception(
+            exc, {"exception.message": text, "exception.stacktrace": scrub(stack)}
+        )
+    span.set_status(StatusCode.ERROR, f"{kind}: {text}")
