@@ -313,3 +313,40 @@ async def test_watch_outbox_reads_the_backlog_until_cancelled(database: Database
         watching.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watching
+
+
+async def test_a_worker_stopping_mid_handler_records_no_failure() -> None:
+    """Stopping cancels a running handler; its delivery comes again. Not a failure: an
+    alert on failed deliveries must not fire on every deploy."""
+    registry, reader, exporter = CollectorRegistry(), InMemoryMetricReader(), InMemorySpanExporter()
+    traces = TracerProvider()
+    traces.add_span_processor(SimpleSpanProcessor(exporter))
+    bus = MemoryTransport()
+    stock = Dispatcher(transport=bus, service="stock", routes=ROUTES)
+    shop = Dispatcher(transport=bus, service="shop", routes=ROUTES)
+    stock.instrument(
+        PrometheusMetrics(registry=registry),
+        Metrics(meter_provider=MeterProvider(metric_readers=[reader])),
+        Tracing(tracer_provider=traces),
+    )
+    started = asyncio.Event()
+
+    @stock.events.register(Restocked)
+    async def on_restocked(event: Restocked) -> None:
+        started.set()
+        await asyncio.Event().wait()  # until the worker stops
+
+    async with shop, stock:
+        await shop.publish(Restocked("ab-1"))
+        await asyncio.wait_for(started.wait(), 5)
+        await stock.stop(timeout=0.1)
+    samples = scrape(registry)
+    assert value(samples, "iambus_handlers_in_flight") == 0
+    assert value(samples, "iambus_messages_processed_total") == 0
+    assert value(samples, "iambus_process_duration_seconds_count") == 0
+    found = points(reader)
+    assert total(found, "messaging.process.duration") == 0
+    assert total(found, "iambus.handlers.in_flight") == 0
+    [process] = [s for s in exporter.get_finished_spans() if s.name.startswith("process ")]
+    assert process.status.status_code is StatusCode.UNSET
+    assert [e.name for e in process.events] == ["iambus.cancelled"]

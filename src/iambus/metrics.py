@@ -241,6 +241,8 @@ class _Processed:
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
         metrics, processing, attributes = self.metrics, self.processing, self.attributes
         metrics.in_flight.add(self.flight, -1)
+        if processing.error is None and isinstance(exc, asyncio.CancelledError):
+            return  # the worker stopped: not processed, not failed; it comes again
         error = processing.error or exc
         if error is not None:
             processing.error = error
@@ -393,6 +395,8 @@ class _Handled:
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
         consumer = self.consumer
         consumer.in_flight.dec()
+        if self.processing.error is None and isinstance(exc, asyncio.CancelledError):
+            return  # the worker stopped: not processed, not failed; it comes again
         consumer.duration.observe(time.perf_counter() - self.start)
         failed = exc is not None or self.processing.error is not None
         (consumer.failed if failed else consumer.ok).inc()

@@ -26,6 +26,7 @@ used.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import traceback
 from contextlib import AbstractContextManager
@@ -187,7 +188,8 @@ class _Ending:
 
 class _Current:
     """The ``process`` span's block: the current span while it runs; the handler's
-    error (which the worker caught and settled) or the block's own is recorded."""
+    error (which the worker caught and settled) or the block's own is recorded, but not
+    the cancellation of a worker that stops."""
 
     __slots__ = ("processing", "span", "token")
 
@@ -201,9 +203,13 @@ class _Current:
 
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
         otel_context.detach(self.token)  # type: ignore[arg-type]
-        error = exc if exc is not None else self.processing.error
-        if error is not None:
-            _failed(self.span, error)
+        error = self.processing.error
+        if error is None and isinstance(exc, asyncio.CancelledError):
+            # The worker stopped: no failure (an alert on error spans would fire on every
+            # deploy); the delivery is left unsettled and comes again.
+            self.span.add_event("iambus.cancelled")
+        elif error is not None or exc is not None:
+            _failed(self.span, error or exc)  # type: ignore[arg-type]
         self.span.end()
 
 
