@@ -14,12 +14,16 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pytest
 
 from iambus.database import Database
 from iambus.transports import Transport
 from iambus.transports.memory import MemoryTransport
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -205,3 +209,14 @@ async def database() -> AsyncIterator[Database]:
     async with db.connection() as conn:
         await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     await db.close()
+
+
+@pytest.fixture
+async def engine() -> AsyncIterator[AsyncEngine]:
+    """A SQLAlchemy ``AsyncEngine`` (asyncpg) on the local PostgreSQL."""
+    require("postgres")
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    made = create_async_engine(POSTGRES_DSN.replace("postgresql://", "postgresql+asyncpg://"))
+    yield made
+    await made.dispose()

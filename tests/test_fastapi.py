@@ -27,7 +27,7 @@ import pytest
 from examples import fastapi_app
 from fastapi import Depends, FastAPI, HTTPException, WebSocket
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from iambus import Dispatcher, DispatcherStopped, ImproperlyConfigured, Query, Timeouts
 from iambus.database import Database
@@ -35,7 +35,7 @@ from iambus.fastapi import STATE, DispatcherDep, get_dispatcher, lifespan, unit_
 from iambus.transports.memory import MemoryTransport
 from iambus.unit_of_work import UnitOfWork
 
-from .conftest import POSTGRES_DSN, Bus, require
+from .conftest import Bus
 
 Message = MutableMapping[str, Any]
 
@@ -288,14 +288,6 @@ async def test_tests_can_override_the_dispatcher() -> None:
 
 
 # -- a unit of work per request (PostgreSQL) ---------------------------------------------
-
-
-@pytest.fixture
-async def engine() -> AsyncIterator[AsyncEngine]:
-    require("postgres")
-    made = create_async_engine(POSTGRES_DSN.replace("postgresql://", "postgresql+asyncpg://"))
-    yield made
-    await made.dispose()
 
 
 @pytest.fixture

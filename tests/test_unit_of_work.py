@@ -12,14 +12,13 @@ import asyncio
 import contextlib
 import json
 import traceback
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import asyncpg
 import pytest
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from iambus import (
     AbstractHandler,
@@ -84,13 +83,6 @@ async def orders(database: Database) -> Database:
     async with database.connection() as conn:
         await conn.execute(f'CREATE TABLE "{database.schema}".orders (id int PRIMARY KEY)')
     return database
-
-
-@pytest.fixture
-async def engine() -> AsyncIterator[AsyncEngine]:
-    made = create_async_engine(POSTGRES_DSN.replace("postgresql://", "postgresql+asyncpg://"))
-    yield made
-    await made.dispose()
 
 
 def shop(database: Database, **options: Any) -> Dispatcher:
