@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import uuid
 
 import asyncpg
@@ -132,6 +133,39 @@ def test_a_dsn_of_another_scheme_is_named_without_its_password() -> None:
         Database("postgresql+asyncpg://app:s3cret@127.0.0.1/shop")
     assert "s3cret" not in str(info.value)
     assert "app:***@127.0.0.1" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("dsn", "reason"),
+    [
+        ("postgresql://app:s3cret@127.0.0.1:fivefour/shop", "Port could not be cast"),
+        ("postgresql://app:s3cret@[::1/shop", "Invalid IPv6 URL"),
+    ],
+)
+def test_a_dsn_whose_address_cannot_be_read_is_refused_when_made(dsn: str, reason: str) -> None:
+    with pytest.raises(ImproperlyConfigured) as info:
+        Database(dsn)
+    assert str(info.value).startswith("database must be a DSN 'postgresql://user[:password]@")
+    assert reason in str(info.value)
+    assert "s3cret" not in str(info.value)
+
+
+def test_several_hosts_in_a_dsn_are_left_to_the_driver() -> None:
+    Database("postgresql://app@db1:5432,db2:5432/shop")  # asyncpg reads these itself
+
+
+async def test_a_database_that_refuses_says_which_it_was() -> None:
+    with socket.socket() as free:  # a port nothing listens on
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    database = Database(f"postgresql://app:s3cret@127.0.0.1:{port}/shop")
+    with pytest.raises(OSError) as info:  # the driver's error, as it is
+        async with database.connection():
+            pass
+    notes = getattr(info.value, "__notes__", [])
+    assert notes == [
+        f"iambus: connecting to the database postgresql://app:***@127.0.0.1:{port}/shop"
+    ]
 
 
 def test_pool_options_are_for_a_dsn_only() -> None:

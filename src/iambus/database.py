@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import urllib.parse
 import zlib
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -278,7 +279,13 @@ class Database:
         async with self._opening:  # first uses at once make one pool
             if self._pool is None:
                 asyncpg = _asyncpg()
-                self._pool = await asyncpg.create_pool(self.source, **self.pool_options)
+                try:
+                    self._pool = await asyncpg.create_pool(self.source, **self.pool_options)
+                except Exception as exc:
+                    # The driver's error, as it is (a caller may catch OSError), saying
+                    # which database it was about.
+                    exc.add_note(f"iambus: connecting to the database {redact(self.source)}")
+                    raise
                 self._owned_pool = True
 
     async def close(self, timeout: float | None = None) -> None:
@@ -399,6 +406,22 @@ def _int32(value: int) -> int:
     return value - (1 << 32) if value >= 1 << 31 else value
 
 
+def _check_dsn(dsn: str) -> None:
+    """A DSN whose address cannot be read (a port that is no number, an IPv6 address
+    without its closing bracket) is refused here, with the reason, rather than at the
+    first connection with a bare ValueError."""
+    try:
+        parts = urllib.parse.urlsplit(dsn)
+        if "," not in parts.netloc:  # (several hosts: asyncpg reads those itself)
+            parts.port  # noqa: B018 - read for its ValueError
+    except ValueError as exc:
+        raise bad_option(
+            "database",
+            redact(dsn),
+            f"a DSN 'postgresql://user[:password]@host[:port]/db' ({exc})",
+        ) from None
+
+
 def _kind_of(source: Any) -> str:
     """What ``source`` is, by its class's module: no driver is imported to tell."""
     if isinstance(source, str):
@@ -409,6 +432,7 @@ def _kind_of(source: Any) -> str:
                 "a DSN 'postgresql://user@host/db', an asyncpg.Pool, or a SQLAlchemy "
                 "AsyncEngine on the asyncpg driver",
             )
+        _check_dsn(source)
         return "dsn"
     module = type(source).__module__
     if module.startswith("asyncpg") and hasattr(source, "acquire"):
