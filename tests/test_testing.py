@@ -10,7 +10,7 @@ import pytest
 from iambus import Command, Dispatcher, Retry
 from iambus.database import Database
 from iambus.envelope import Envelope
-from iambus.errors import DeadLettered, ImproperlyConfigured, NotSettled
+from iambus.errors import DeadLettered, ImproperlyConfigured, NotSettled, SerializationError
 from iambus.testing import TRANSPORT_CHECKS, FakeClock, check_transport, skip_reason, watch
 from iambus.transports import (
     Backlog,
@@ -494,6 +494,39 @@ async def test_settled_waits_for_the_outbox_relay(bus: Bus, database: Database) 
         done = await watched.settled(timeout=10)
         assert billed == [5]
         assert done.handled() == ["PlaceOrder", "OrderPlaced"]
+
+
+class TooLarge(MemoryTransport):
+    """A broker that takes no OrderPlaced (too large for it, say)."""
+
+    async def send(self, address: str, envelope: Envelope) -> None:
+        if envelope.name.endswith("OrderPlaced"):
+            raise SerializationError("the message is larger than the broker takes")
+        await super().send(address, envelope)
+
+
+async def test_settled_says_an_outbox_row_was_parked(database: Database) -> None:
+    orders = Dispatcher(
+        transport=TooLarge(),
+        service="orders",
+        routes=ROUTES,
+        database=database,
+        unit_of_work=True,
+    )
+
+    @orders.commands.register(PlaceOrder)
+    async def place(command: PlaceOrder) -> OrderPlaced:
+        return OrderPlaced(command.order_id)
+
+    watched = watch(orders)
+    async with orders:
+        await orders.send(PlaceOrder(5))
+        with pytest.raises(DeadLettered, match=r"1 outbox row\(s\) were parked"):
+            await watched.settled(timeout=10)
+        await orders.send(PlaceOrder(6))
+        done = await watched.settled(timeout=10, dead_letters=True)
+        assert done.parked == 1  # the second one (the first was reported already)
+        assert done.handled() == ["PlaceOrder"]
 
 
 async def test_watch_refuses_what_it_cannot_follow() -> None:

@@ -789,6 +789,9 @@ class Settled:
     settlements: tuple[Settlement, ...]
     waiting: tuple[Pending, ...] = ()
     """Retries a ``FakeClock(auto=False)`` holds until it is advanced."""
+    parked: int = 0
+    """Outbox rows parked since the previous call: the relay could not send them (a
+    payload that no longer decodes, a broker refusing them); ``iambus outbox list``."""
 
     @property
     def acked(self) -> tuple[Settlement, ...]:
@@ -1139,6 +1142,8 @@ class Watch:
         self._ledger = _Ledger()
         self._seen = 0  # settlements already returned by settled()
         self._backlog = 0  # outbox rows waiting, as last seen
+        self._parked = 0  # outbox rows parked, as last seen
+        self._parked_before: int | None = None  # ... when settled() last returned
 
     @property
     def pending(self) -> list[Pending]:
@@ -1153,8 +1158,9 @@ class Watch:
         the last call.
 
         Raises ``NotSettled`` listing what is still pending after ``timeout`` seconds,
-        and ``DeadLettered`` if a message was dead-lettered, unless ``dead_letters`` is
-        True (then find them in ``Settled.dead_lettered``).
+        and ``DeadLettered`` if a message was dead-lettered or an outbox row parked (the
+        relay could not send it) since the watch began, unless ``dead_letters`` is True
+        (then find them in ``Settled.dead_lettered`` and ``Settled.parked``).
         """
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
             raise bad_option("settled(timeout=...)", timeout, "a number of seconds > 0")
@@ -1171,7 +1177,15 @@ class Watch:
             raise NotSettled(self._unsettled(timeout)) from None
         settlements = tuple(self._ledger.settlements[self._seen :])
         self._seen = len(self._ledger.settlements)
-        result = Settled(settlements, tuple(self._ledger.held()))
+        parked = self._parked - (self._parked_before or 0)
+        self._parked_before = self._parked
+        result = Settled(settlements, tuple(self._ledger.held()), parked)
+        if parked and not dead_letters:
+            raise DeadLettered(
+                f"{parked} outbox row(s) were parked: the relay could not send them (see "
+                f"them with `iambus outbox list`; pass settled(dead_letters=True) to "
+                f"expect them)"
+            )
         if result.dead_lettered and not dead_letters:
             lines = "\n".join(f"  {s}" for s in result.dead_lettered)
             raise DeadLettered(
@@ -1187,7 +1201,7 @@ class Watch:
             await ledger.quiet()
             for dp in self.dispatchers:
                 await dp.join()  # its background work (and, under the watch, the ledger)
-            self._backlog = await self._outbox_backlog()
+            self._backlog, self._parked = await self._outbox()
             if self._backlog:
                 # The relay sends the rows (a NOTIFY woke it): look again once it did, or
                 # shortly, for rows whose messages no watched group consumes.
@@ -1198,16 +1212,19 @@ class Watch:
             if ledger.version == version and not ledger.busy():
                 return
 
-    async def _outbox_backlog(self) -> int:
+    async def _outbox(self) -> tuple[int, int]:
+        """The watched outboxes' rows waiting, and parked."""
         from .relay import outbox_status
 
-        backlog = 0
+        backlog = parked = 0
         for database in dict.fromkeys(
             dp.database for dp in self.dispatchers if dp.database is not None and dp.relay
         ):
             assert database is not None
-            backlog += (await outbox_status(database)).backlog
-        return backlog
+            status = await outbox_status(database)
+            backlog += status.backlog
+            parked += status.parked
+        return backlog, parked
 
     def _unsettled(self, timeout: float) -> str:
         busy = self._ledger.busy()
