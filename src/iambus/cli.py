@@ -1034,18 +1034,7 @@ def _database(args: argparse.Namespace, dsn: str | None = None) -> Database:
         database = Database(dsn, schema=args.schema, prefix=args.prefix)
     except ImproperlyConfigured as exc:
         raise CliError(str(exc).replace(dsn, redact(dsn))) from None
-    _check_hosts(dsn)
     return database
-
-
-def _check_hosts(dsn: str) -> None:
-    """A DSN's hosts and ports that the driver would fail on with a traceback (a port over
-    65535, a broken IPv6 address): one line, without the password."""
-    try:
-        for host in urlsplit(dsn).netloc.rpartition("@")[2].split(","):  # hosts: h1,h2:5433
-            urlsplit(f"//{host}").port  # noqa: B018 - parsing is the check
-    except ValueError as exc:
-        raise CliError(f"--database {redact(dsn)} is not a valid DSN: {exc}") from None
 
 
 def _with_database(

@@ -407,18 +407,17 @@ def _int32(value: int) -> int:
 
 
 def _check_dsn(dsn: str) -> None:
-    """A DSN whose address cannot be read (a port that is no number, an IPv6 address
-    without its closing bracket) is refused here, with the reason, rather than at the
-    first connection with a bare ValueError."""
+    """A DSN whose hosts or ports the driver could not read (a port that is no number or
+    over 65535, an IPv6 address without its closing bracket) is refused here, with the
+    reason and without the password, rather than at the first connection with a bare
+    ValueError."""
     try:
-        parts = urllib.parse.urlsplit(dsn)
-        if "," not in parts.netloc:  # (several hosts: asyncpg reads those itself)
-            parts.port  # noqa: B018 - read for its ValueError
+        for host in urllib.parse.urlsplit(dsn).netloc.rpartition("@")[2].split(","):
+            urllib.parse.urlsplit(f"//{host}").port  # noqa: B018 - parsing is the check
     except ValueError as exc:
-        raise bad_option(
-            "database",
-            redact(dsn),
-            f"a DSN 'postgresql://user[:password]@host[:port]/db' ({exc})",
+        raise ImproperlyConfigured(
+            f"database {redact(dsn)} is not a valid DSN: {exc}; write it as "
+            f"postgresql://user[:password]@host[:port][,host2[:port2]...]/db"
         ) from None
 
 

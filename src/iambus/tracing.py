@@ -57,7 +57,7 @@ class Tracing(Observer):
 
     ``tracer_provider``: where the spans go (default: the global one). ``acks``: a
     ``settle`` span for every ack too (off by default: an ack is the end of the
-    ``process`` span, and a span per ack costs about a quarter of a message's tracing;
+    ``process`` span, and a span per ack costs about a third of a message's tracing;
     retries and dead letters always have their span).
     """
 
@@ -203,13 +203,13 @@ class _Current:
 
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
         otel_context.detach(self.token)  # type: ignore[arg-type]
-        error = self.processing.error
-        if error is None and isinstance(exc, asyncio.CancelledError):
+        error = self.processing.error if self.processing.error is not None else exc
+        if error is exc and isinstance(exc, asyncio.CancelledError):
             # The worker stopped: no failure (an alert on error spans would fire on every
             # deploy); the delivery is left unsettled and comes again.
             self.span.add_event("iambus.cancelled")
-        elif error is not None or exc is not None:
-            _failed(self.span, error or exc)  # type: ignore[arg-type]
+        elif error is not None:
+            _failed(self.span, error)
         self.span.end()
 
 
