@@ -123,6 +123,7 @@ async def test_otel_metrics_count_sends_deliveries_retries_and_dead_letters(bus:
     assert total(found, operation, **{"messaging.operation.type": "settle"}) == 2
     assert total(found, operation, **{"messaging.operation.name": "ack"}) == 0
     assert total(found, operation, **{"messaging.operation.type": "send"}) == 3
+    assert total(found, "iambus.acks") == 1  # counted though not timed
     assert total(found, "iambus.retries") == 1
     assert total(found, "iambus.dead_letters") == 1
     assert total(found, "iambus.handlers.in_flight") == 0  # none left counted
@@ -350,3 +351,29 @@ async def test_a_worker_stopping_mid_handler_records_no_failure() -> None:
     [process] = [s for s in exporter.get_finished_spans() if s.name.startswith("process ")]
     assert process.status.status_code is StatusCode.UNSET
     assert [e.name for e in process.events] == ["iambus.cancelled"]
+
+
+def test_a_settlement_or_reply_a_stopping_worker_cuts_short_is_not_counted() -> None:
+    from iambus.telemetry import Processing, Sending
+
+    reader, registry = InMemoryMetricReader(), CollectorRegistry()
+    otel = Metrics(meter_provider=MeterProvider(metric_readers=[reader]))
+    prometheus = PrometheusMetrics(registry=registry)
+    processing = Processing("memory", "event", "event.A", "g", "h", Envelope("A", b"{}"), 1)
+    reply = Sending("reply", "memory", "reply", None, "inbox.1", Envelope("A.result", b"1"))
+    for observer in (otel, prometheus):
+        with (
+            pytest.raises(asyncio.CancelledError),
+            observer.settle(Settlement(processing, "retry")),
+        ):
+            raise asyncio.CancelledError  # the worker stops while the retry is being made
+        with pytest.raises(asyncio.CancelledError), observer.send(reply):
+            raise asyncio.CancelledError
+    found = points(reader)
+    assert total(found, "iambus.retries") == 0
+    assert total(found, "messaging.client.operation.duration") == 0
+    assert total(found, "messaging.client.sent.messages") == 0
+    samples = scrape(registry)
+    assert value(samples, "iambus_messages_settled_total") == 0
+    assert value(samples, "iambus_messages_sent_total") == 0
+    assert value(samples, "iambus_send_duration_seconds_count") == 0

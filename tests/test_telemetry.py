@@ -280,3 +280,45 @@ async def test_a_settlement_made_after_a_failed_settle_is_observed_too(bus: Bus)
         await shop.send(Shipped(1))
         await asyncio.wait_for(seen.dead.wait(), 20)
     assert seen.outcomes == ["retry", "dead_letter"]
+
+
+class Noting(Observer):
+    """Notes its blocks (a class, not a generator, whose garbage collection would leave
+    the block all by itself)."""
+
+    def __init__(self, name: str, seen: list[str], interrupt: str | None = None) -> None:
+        self.name, self.seen, self.interrupt = name, seen, interrupt
+
+    def process(self, processing: Processing) -> "Noting":
+        return self
+
+    def __enter__(self) -> None:
+        if self.interrupt == "enter":
+            raise KeyboardInterrupt
+        self.seen.append(f"{self.name} in")
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.seen.append(f"{self.name} out")
+        if self.interrupt == "exit":
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("where", ["enter", "exit"])
+def test_an_interrupt_in_one_observer_still_ends_the_others_blocks(where: str) -> None:
+    """A KeyboardInterrupt is not an observer's own error (those are logged): it goes on,
+    but every block already entered is left, so spans end and gauges come back down."""
+    from iambus.envelope import Envelope
+    from iambus.telemetry import Telemetry
+
+    seen: list[str] = []
+    telemetry = Telemetry.of(
+        Noting("a", seen), Noting("b", seen, interrupt=where), Noting("c", seen)
+    )
+    assert telemetry is not None
+    point = Processing("memory", "event", "event.A", "g", "h", Envelope("A", b"{}"), 1)
+    with pytest.raises(KeyboardInterrupt), telemetry.process(point):
+        pass
+    if where == "enter":
+        assert seen == ["a in", "a out"]
+    else:
+        assert seen == ["a in", "b in", "c in", "c out", "b out", "a out"]

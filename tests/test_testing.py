@@ -11,6 +11,7 @@ from iambus import Command, Dispatcher, Retry
 from iambus.database import Database
 from iambus.envelope import Envelope
 from iambus.errors import DeadLettered, ImproperlyConfigured, NotSettled, SerializationError
+from iambus.outbox import Outgoing, write
 from iambus.testing import TRANSPORT_CHECKS, FakeClock, check_transport, skip_reason, watch
 from iambus.transports import (
     Backlog,
@@ -518,15 +519,22 @@ async def test_settled_says_an_outbox_row_was_parked(database: Database) -> None
     async def place(command: PlaceOrder) -> OrderPlaced:
         return OrderPlaced(command.order_id)
 
+    async with database.connection() as conn, conn.transaction():  # parked before the watch
+        await write(conn, database, [Outgoing("event.Old", Envelope("Old", b"{}"))])
+        await conn.execute(f"UPDATE {database.outbox} SET parked_at = now()")
+
     watched = watch(orders)
     async with orders:
         await orders.send(PlaceOrder(5))
-        with pytest.raises(DeadLettered, match=r"1 outbox row\(s\) were parked"):
+        with pytest.raises(DeadLettered, match=r"^1 outbox row\(s\) were parked"):
             await watched.settled(timeout=10)
         await orders.send(PlaceOrder(6))
         done = await watched.settled(timeout=10, dead_letters=True)
         assert done.parked == 1  # the second one (the first was reported already)
         assert done.handled() == ["PlaceOrder"]
+        async with database.connection() as conn:  # released (iambus outbox retry): gone
+            await conn.execute(f"DELETE FROM {database.outbox} WHERE parked_at IS NOT NULL")
+        assert (await watched.settled(timeout=10)).parked == 0
 
 
 async def test_watch_refuses_what_it_cannot_follow() -> None:

@@ -4,8 +4,11 @@ import asyncio
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
+from opentelemetry import propagate
+from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -13,7 +16,8 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from iambus import Dispatcher, Query, Retry
 from iambus.database import Database
-from iambus.tracing import DELIVERY_ATTEMPT, Tracing
+from iambus.tracing import CANCELLED, DELIVERY_ATTEMPT, Tracing
+from iambus.transports.memory import MemoryTransport
 
 from .conftest import Bus
 
@@ -300,3 +304,76 @@ async def test_a_password_in_an_error_never_reaches_the_span(
     stack = str(event.attributes["exception.stacktrace"])
     assert "redis://app:***@ledger" in stack
     assert "s3cret" not in stack
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no str")
+
+
+class Failing(TextMapPropagator):
+    """An application's propagator that fails to inject."""
+
+    def extract(self, carrier: Any, context: Any = None, getter: Any = None) -> Any:
+        return context
+
+    def inject(self, carrier: Any, context: Any = None, setter: Any = None) -> None:
+        raise RuntimeError("propagator broken")
+
+    @property
+    def fields(self) -> set[str]:
+        return set()
+
+
+async def test_every_span_ends_whatever_fails_in_it(exporter: InMemorySpanExporter) -> None:
+    """A propagator that raises (the send goes on without its context) and a handler's
+    exception whose str() fails: the spans end all the same, with the error."""
+    provider = provider_of(exporter)
+    bus = MemoryTransport()
+    billing = Dispatcher(transport=bus, service="billing", routes=ROUTES, retry=Retry(attempts=1))
+    shop = Dispatcher(transport=bus, service="shop", routes=ROUTES)
+    billing.instrument(Tracing(tracer_provider=provider))
+    shop.instrument(Tracing(tracer_provider=provider))
+
+    @billing.events.register(Deposited)
+    async def on_deposit(event: Deposited) -> None:
+        raise Unprintable
+
+    async with billing, shop:
+        before = propagate.get_global_textmap()
+        propagate.set_global_textmap(Failing())
+        try:
+            await shop.publish(Deposited(1))  # sent without its trace context
+        finally:
+            propagate.set_global_textmap(before)
+        spans = await spans_until(exporter, "send event.Deposited", "dead_letter event.Deposited")
+        spans |= await spans_until(exporter, "process event.Deposited")
+    send, process = spans["send event.Deposited"], spans["process event.Deposited"]
+    assert send.status.status_code is StatusCode.ERROR
+    assert send.status.description == "RuntimeError: propagator broken"
+    assert process.status.status_code is StatusCode.ERROR
+    assert process.status.description == f"{__name__}.Unprintable: <Unprintable: str() failed>"
+    [event] = process.events
+    assert event.attributes is not None
+    assert event.attributes["exception.type"] == f"{__name__}.Unprintable"
+
+
+def test_a_settlement_a_stopping_worker_cuts_short_is_no_failure(
+    exporter: InMemorySpanExporter,
+) -> None:
+    from iambus.envelope import Envelope
+    from iambus.telemetry import Processing, Settlement
+
+    tracing = Tracing(tracer_provider=provider_of(exporter))
+    processing = Processing("memory", "event", "event.A", "g", "h", Envelope("A", b"{}"), 1)
+    with (
+        pytest.raises(asyncio.CancelledError),
+        tracing.settle(Settlement(processing, "retry", 1.0)),
+    ):
+        raise asyncio.CancelledError  # the worker stops while the retry is being made
+    with pytest.raises(ConnectionError), tracing.settle(Settlement(processing, "dead_letter")):
+        raise ConnectionError("broker gone")
+    cut, failed = exporter.get_finished_spans()
+    assert cut.status.status_code is StatusCode.UNSET
+    assert [e.name for e in cut.events] == [CANCELLED]
+    assert failed.status.status_code is StatusCode.ERROR

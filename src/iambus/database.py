@@ -407,18 +407,36 @@ def _int32(value: int) -> int:
 
 
 def _check_dsn(dsn: str) -> None:
-    """A DSN whose hosts or ports the driver could not read (a port that is no number or
-    over 65535, an IPv6 address without its closing bracket) is refused here, with the
-    reason and without the password, rather than at the first connection with a bare
-    ValueError."""
-    try:
-        for host in urllib.parse.urlsplit(dsn).netloc.rpartition("@")[2].split(","):
-            urllib.parse.urlsplit(f"//{host}").port  # noqa: B018 - parsing is the check
-    except ValueError as exc:
+    """A DSN whose hosts or ports the driver could not read is refused here, saying why,
+    rather than at the first connection with a bare ValueError."""
+    problem = _dsn_problem(dsn)
+    if problem is not None:
         raise ImproperlyConfigured(
-            f"database {redact(dsn)} is not a valid DSN: {exc}; write it as "
+            f"database {redact(dsn)} is not a valid DSN: {problem} (percent-encode '@', "
+            f"':', '/', '?' and '#' in the user and password); write it as "
             f"postgresql://user[:password]@host[:port][,host2[:port2]...]/db"
-        ) from None
+        )
+
+
+def _dsn_problem(dsn: str) -> str | None:
+    """What keeps the driver from reading ``dsn``'s hosts and ports, in words of ours:
+    the parser's own quote the part it could not read, which may be the password's."""
+    try:
+        netloc = urllib.parse.urlsplit(dsn).netloc
+    except ValueError:  # (the only one urlsplit raises: a '[' without its ']')
+        return "an IPv6 address without its closing ']'"
+    if netloc.count("@") > 1:
+        return "more than one '@' before the host"
+    for host in netloc.rpartition("@")[2].split(","):  # several hosts: h1,h2:5433
+        try:
+            urllib.parse.urlsplit(f"//{host}").port  # noqa: B018 - parsing is the check
+        except ValueError as exc:
+            if "out of range" in str(exc):
+                return "a port over 65535"
+            if "IPv6" in str(exc):
+                return "an IPv6 address without its closing ']'"
+            return "a port that is not a number"
+    return None
 
 
 def _kind_of(source: Any) -> str:

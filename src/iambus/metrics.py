@@ -9,7 +9,7 @@
 
 ``Metrics`` records the messaging conventions' instruments, ``messaging.client.sent.
 messages``, ``messaging.client.consumed.messages``, ``messaging.client.operation.duration``
-and ``messaging.process.duration``, plus iambus's own: ``iambus.retries``,
+and ``messaging.process.duration``, plus iambus's own: ``iambus.acks``, ``iambus.retries``,
 ``iambus.dead_letters``, ``iambus.handlers.in_flight``, and the outbox's backlog
 (``iambus.outbox.backlog``, ``iambus.outbox.parked``, ``iambus.outbox.oldest_age``) while
 ``watch_outbox(database)`` runs.
@@ -77,8 +77,8 @@ class Metrics(Observer):
     ``meter_provider``: where they are recorded (default: the global one). ``acks``:
     record each ack's duration in ``messaging.client.operation.duration`` too (off by
     default: a histogram measurement costs about as much as the rest of an ack; acks are
-    counted in ``messaging.client.consumed.messages`` all the same, and retries and dead
-    letters are always timed).
+    counted in ``iambus.acks`` all the same, and retries and dead letters are always
+    timed).
     """
 
     def __init__(self, *, meter_provider: Any = None, acks: bool = False) -> None:
@@ -95,10 +95,12 @@ class Metrics(Observer):
         self.consumed = _Tally(observation)
         self.retries = _Tally(observation)
         self.dead_letters = _Tally(observation)
+        self.acked = _Tally(observation)
         self.in_flight = _Tally(observation)
         for name, tally, description in (
             ("messaging.client.sent.messages", self.sent, "Messages sent (or tried)."),
             ("messaging.client.consumed.messages", self.consumed, "Messages delivered."),
+            ("iambus.acks", self.acked, "Deliveries acked."),
             ("iambus.retries", self.retries, "Deliveries set to be retried."),
             ("iambus.dead_letters", self.dead_letters, "Deliveries dead-lettered."),
         ):
@@ -167,45 +169,49 @@ class Metrics(Observer):
     def send(self, sending: Sending) -> AbstractContextManager[object]:
         if sending.operation == "create":  # written to the outbox: counted when relayed
             return _NOTHING
-        return _Timed(self.operation_duration, _send_attributes(sending), self.sent)
+        # A reply is sent by a worker: cancelled, the worker is stopping (see _Timed).
+        stopping = sending.operation == "reply"
+        attributes = _send_attributes(sending)
+        return _Timed(self.operation_duration, attributes, self.sent, stopping=stopping)
 
     def process(self, processing: Processing) -> AbstractContextManager[object]:
         return _Processed(self, processing)
 
     def settle(self, settlement: Settlement) -> AbstractContextManager[object]:
         outcome = settlement.outcome
-        if outcome == "ack" and not self.acks:
-            return _NOTHING
         attributes = _consumer_attributes(settlement.processing, outcome, "settle")
-        tally = (
-            self.retries
-            if outcome == "retry"
-            else self.dead_letters
-            if outcome == "dead_letter"
-            else None
-        )
-        return _Timed(self.operation_duration, attributes, tally, counted_on_error=False)
+        if outcome == "ack":
+            histogram = self.operation_duration if self.acks else None
+            tally = self.acked
+        else:
+            histogram = self.operation_duration
+            tally = self.retries if outcome == "retry" else self.dead_letters
+        return _Timed(histogram, attributes, tally, counted_on_error=False, stopping=True)
 
 
 class _Timed:
-    """A send's or a settlement's block: its duration recorded (with ``error.type`` if
-    it raised), and counted in ``tally``. (A class, not a generator: it runs for every
+    """A send's or a settlement's block: its duration recorded in ``histogram`` (if any;
+    with ``error.type`` if it raised), and counted in ``tally``. ``stopping``: the block
+    runs in a worker (a settlement, a reply), where a cancellation means the worker is
+    stopping: neither recorded nor counted. (A class, not a generator: it runs for every
     message.)"""
 
-    __slots__ = ("attributes", "counted_on_error", "histogram", "start", "tally")
+    __slots__ = ("attributes", "counted_on_error", "histogram", "start", "stopping", "tally")
 
     def __init__(
         self,
         histogram: Any,
         attributes: dict[str, Any],
-        tally: _Tally | None,
+        tally: _Tally,
         *,
         counted_on_error: bool = True,
+        stopping: bool = False,
     ) -> None:
         self.histogram = histogram
         self.attributes = attributes
         self.tally = tally
         self.counted_on_error = counted_on_error
+        self.stopping = stopping
         self.start = 0.0
 
     def __enter__(self) -> None:
@@ -214,9 +220,12 @@ class _Timed:
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
         attributes = self.attributes
         if exc is not None:
+            if self.stopping and isinstance(exc, asyncio.CancelledError):
+                return
             attributes["error.type"] = error_type(exc)
-        self.histogram.record(time.perf_counter() - self.start, attributes)
-        if self.tally is not None and (exc is None or self.counted_on_error):
+        if self.histogram is not None:
+            self.histogram.record(time.perf_counter() - self.start, attributes)
+        if exc is None or self.counted_on_error:
             self.tally.add(attributes)
 
 
@@ -332,7 +341,7 @@ class PrometheusMetrics(Observer):
         sender = self._senders.get(labels)
         if sender is None:
             sender = self._senders[labels] = _Sender(self, labels)
-        return _Observed(sender.duration, sender.ok, sender.error)
+        return _Observed(sender, stopping=sending.operation == "reply")
 
     def process(self, processing: Processing) -> AbstractContextManager[object]:
         return _Handled(self._consumer(processing), processing)
@@ -363,20 +372,28 @@ class _Sender:
 
 
 class _Observed:
-    """A send's block: its duration observed, counted ok or error."""
+    """A send's block: its duration observed, counted ok or error (a reply cancelled by a
+    stopping worker: neither)."""
 
-    __slots__ = ("duration", "error", "ok", "start")
+    __slots__ = ("sender", "start", "stopping")
 
-    def __init__(self, duration: Any, ok: Any, error: Any) -> None:
-        self.duration, self.ok, self.error = duration, ok, error
+    def __init__(self, sender: _Sender, *, stopping: bool) -> None:
+        self.sender = sender
+        self.stopping = stopping
         self.start = 0.0
 
     def __enter__(self) -> None:
         self.start = time.perf_counter()
 
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
-        (self.ok if exc is None else self.error).inc()
-        self.duration.observe(time.perf_counter() - self.start)
+        sender = self.sender
+        if exc is None:
+            sender.ok.inc()
+        elif self.stopping and isinstance(exc, asyncio.CancelledError):
+            return
+        else:
+            sender.error.inc()
+        sender.duration.observe(time.perf_counter() - self.start)
 
 
 class _Handled:

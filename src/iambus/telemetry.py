@@ -190,12 +190,29 @@ class _Each:
         self.guards = [_Guarded(observer, hook, point) for observer in observers]
 
     def __enter__(self) -> None:
-        for guard in self.guards:
-            guard.__enter__()  # (never raises: an observer's error is its own)
+        for entered, guard in enumerate(self.guards):
+            try:
+                guard.__enter__()  # (an observer's Exception is its own: logged)
+            except BaseException as exc:  # KeyboardInterrupt, say: the entered ones end
+                _exit_all(self.guards[:entered], exc)
+                raise
 
     def __exit__(self, *exc_info: Any) -> None:
-        for guard in reversed(self.guards):
-            guard.__exit__(*exc_info)
+        _exit_all(self.guards, exc_info[1])
+
+
+def _exit_all(guards: list[_Guarded], exc: BaseException | None) -> None:
+    """Leave ``guards`` in reverse, each even if one before it raised (a BaseException:
+    an observer's Exception is logged by its guard); the first such is raised."""
+    raised: BaseException | None = None
+    info = (None, None, None) if exc is None else (type(exc), exc, exc.__traceback__)
+    for guard in reversed(guards):
+        try:
+            guard.__exit__(*info)
+        except BaseException as failure:
+            raised = raised or failure
+    if raised is not None:
+        raise raised
 
 
 class _Guarded:

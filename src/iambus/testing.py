@@ -790,8 +790,9 @@ class Settled:
     waiting: tuple[Pending, ...] = ()
     """Retries a ``FakeClock(auto=False)`` holds until it is advanced."""
     parked: int = 0
-    """Outbox rows parked since the previous call: the relay could not send them (a
-    payload that no longer decodes, a broker refusing them); ``iambus outbox list``."""
+    """Outbox rows of the watched dispatchers parked since the previous call (rows parked
+    before the watch began are not counted): the relay could not send them (a payload
+    that no longer decodes, a broker refusing them); ``iambus outbox list`` shows why."""
 
     @property
     def acked(self) -> tuple[Settlement, ...]:
@@ -834,6 +835,7 @@ class _Ledger:
         self.settlements: list[Settlement] = []
         self.version = 0  # moves on every send, receive and settlement
         self._changed: asyncio.Event | None = None
+        self.on_open: Callable[[], Awaitable[None]] | None = None  # a watched transport opens
 
     def changed(self) -> asyncio.Event:
         if self._changed is None:
@@ -1037,6 +1039,8 @@ class _Recording(Transport):
 
     async def open(self) -> None:
         await self.inner.open()
+        if self._ledger.on_open is not None:
+            await self._ledger.on_open()
 
     async def close(self) -> None:
         await self._let_go(list(self._held))
@@ -1142,8 +1146,10 @@ class Watch:
         self._ledger = _Ledger()
         self._seen = 0  # settlements already returned by settled()
         self._backlog = 0  # outbox rows waiting, as last seen
-        self._parked = 0  # outbox rows parked, as last seen
-        self._parked_before: int | None = None  # ... when settled() last returned
+        self._parked: set[tuple[int, int]] = set()  # outbox rows parked, as last seen
+        self._reported: set[tuple[int, int]] = set()  # ... told by settled() already
+        self._before: set[tuple[int, int]] | None = None  # ... when the watch began
+        self._ledger.on_open = self._begin
 
     @property
     def pending(self) -> list[Pending]:
@@ -1177,8 +1183,9 @@ class Watch:
             raise NotSettled(self._unsettled(timeout)) from None
         settlements = tuple(self._ledger.settlements[self._seen :])
         self._seen = len(self._ledger.settlements)
-        parked = self._parked - (self._parked_before or 0)
-        self._parked_before = self._parked
+        new = self._parked - self._reported - (self._before or set())
+        self._reported |= new
+        parked = len(new)
         result = Settled(settlements, tuple(self._ledger.held()), parked)
         if parked and not dead_letters:
             raise DeadLettered(
@@ -1212,18 +1219,30 @@ class Watch:
             if ledger.version == version and not ledger.busy():
                 return
 
-    async def _outbox(self) -> tuple[int, int]:
-        """The watched outboxes' rows waiting, and parked."""
+    async def _begin(self) -> None:
+        """When a watched dispatcher starts: the rows parked already, not to be told."""
+        if self._before is None:
+            self._before = set()
+            self._before |= (await self._outbox())[1]
+
+    async def _outbox(self) -> tuple[int, set[tuple[int, int]]]:
+        """The watched outboxes' rows waiting, and those parked (database, position)."""
         from .relay import outbox_status
 
-        backlog = parked = 0
+        backlog = 0
+        parked: set[tuple[int, int]] = set()
         for database in dict.fromkeys(
             dp.database for dp in self.dispatchers if dp.database is not None and dp.relay
         ):
             assert database is not None
             status = await outbox_status(database)
             backlog += status.backlog
-            parked += status.parked
+            if status.parked:
+                async with database.connection() as conn:
+                    positions = await conn.fetch(
+                        f"SELECT position FROM {database.outbox} WHERE parked_at IS NOT NULL"
+                    )
+                parked.update((id(database), row["position"]) for row in positions)
         return backlog, parked
 
     def _unsettled(self, timeout: float) -> str:

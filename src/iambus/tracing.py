@@ -16,8 +16,8 @@ Spans (names ``{operation} {destination}``, destination = the address, e.g.
 * ``process`` (CONSUMER): a worker handles a delivery; a child of the message's creation
   context (the producer's span, carried in ``traceparent``/``tracestate`` headers), with
   a link to it as well.
-* ``ack``, ``retry``, ``dead_letter`` (CLIENT, operation type ``settle``): children of the
-  ``process`` span.
+* ``retry``, ``dead_letter`` (CLIENT, operation type ``settle``): children of the
+  ``process`` span; ``ack`` too with ``Tracing(acks=True)``.
 
 The trace context travels in the envelope's headers, injected and extracted with the
 global propagator (``opentelemetry.propagate``), so a propagator the application set is
@@ -45,7 +45,11 @@ from .logs import _text, scrub
 from .middleware import CallNext, Context
 from .telemetry import Observer, Processing, Sending, Settlement, error_type
 
-__all__ = ["DELIVERY_ATTEMPT", "Tracing"]
+__all__ = ["CANCELLED", "DELIVERY_ATTEMPT", "Tracing"]
+
+CANCELLED = "iambus.cancelled"
+"""The event on a span whose work a stopping worker cancelled (its delivery comes again):
+not an error."""
 
 DELIVERY_ATTEMPT = "messaging.iambus.message.delivery_attempt"
 """The span attribute of a delivery's attempt (1 for the first delivery); the conventions
@@ -96,8 +100,14 @@ class Tracing(Observer):
         # consumer's come through the headers), and attaching it costs time per message.
         span = self.tracer.start_span(name, context, kind, attributes)
         if not sending.relayed:
-            propagate.inject(sending.headers, trace.set_span_in_context(span))
-        return _Ending(span)
+            try:
+                propagate.inject(sending.headers, trace.set_span_in_context(span))
+            except BaseException as exc:  # (a propagator of the application's that fails)
+                _failed(span, exc)
+                span.end()
+                raise
+        # A reply is sent by a worker: cancelled, the worker is stopping (see _Ending).
+        return _Ending(span, stopping=operation == "reply")
 
     def process(self, processing: Processing) -> AbstractContextManager[object]:
         envelope = processing.envelope
@@ -144,7 +154,8 @@ class Tracing(Observer):
         if settlement.delay is not None:
             attributes["messaging.iambus.retry.delay"] = settlement.delay
         name = f"{settlement.outcome} {processing.destination}"
-        return _Ending(self.tracer.start_span(name, None, SpanKind.CLIENT, attributes))
+        span = self.tracer.start_span(name, None, SpanKind.CLIENT, attributes)
+        return _Ending(span, stopping=True)
 
     async def handlers(self, message: Any, call_next: CallNext, context: Context) -> Any:
         """Middleware: a span (INTERNAL) around each handler call, in-process ones too.
@@ -170,20 +181,29 @@ _NOTHING = contextlib.nullcontext()
 
 class _Ending:
     """A span's block, not its current span: it ends with the block and records the
-    block's error. (A class, not a generator: it runs for every message.)"""
+    block's error. (A class, not a generator: it runs for every message.) ``stopping``:
+    the block runs in a worker (a settlement, a reply), where a cancellation means the
+    worker is stopping: not a failure (see ``_Current``)."""
 
-    __slots__ = ("span",)
+    __slots__ = ("span", "stopping")
 
-    def __init__(self, span: Span) -> None:
+    def __init__(self, span: Span, *, stopping: bool = False) -> None:
         self.span = span
+        self.stopping = stopping
 
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
-        if exc is not None:
-            _failed(self.span, exc)
-        self.span.end()
+        try:
+            if exc is None:
+                pass
+            elif self.stopping and isinstance(exc, asyncio.CancelledError):
+                self.span.add_event(CANCELLED)
+            else:
+                _failed(self.span, exc)
+        finally:
+            self.span.end()
 
 
 class _Current:
@@ -202,27 +222,35 @@ class _Current:
         self.token = otel_context.attach(trace.set_span_in_context(self.span))
 
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
-        otel_context.detach(self.token)  # type: ignore[arg-type]
-        error = self.processing.error if self.processing.error is not None else exc
-        if error is exc and isinstance(exc, asyncio.CancelledError):
-            # The worker stopped: no failure (an alert on error spans would fire on every
-            # deploy); the delivery is left unsettled and comes again.
-            self.span.add_event("iambus.cancelled")
-        elif error is not None:
-            _failed(self.span, error)
-        self.span.end()
+        try:
+            otel_context.detach(self.token)  # type: ignore[arg-type]
+            error = self.processing.error if self.processing.error is not None else exc
+            if error is exc and isinstance(exc, asyncio.CancelledError):
+                # The worker stopped: no failure (an alert on error spans would fire on
+                # every deploy); the delivery is left unsettled and comes again.
+                self.span.add_event(CANCELLED)
+            elif error is not None:
+                _failed(self.span, error)
+        finally:
+            self.span.end()
 
 
 def _failed(span: Span, exc: BaseException) -> None:
-    """``exc`` on ``span``: ``error.type``, status ERROR, the exception event; the
-    message and the stack go through ``logs.scrub``, so that a URL's password in an
-    error (a refused connection) never reaches the trace backend."""
+    """``exc`` on ``span``: ``error.type``, status ERROR, the ``exception`` event. Made
+    here rather than by ``span.record_exception``: the message and the stack go through
+    ``logs.scrub`` (a URL's password in an error, a refused connection's, never reaches
+    the trace backend), and an exception whose ``str()`` fails is recorded all the same."""
     kind = error_type(exc)
     text = scrub(_text(exc))
     span.set_attribute("error.type", kind)
     if span.is_recording():
-        stack = "".join(traceback.format_exception(exc))
-        span.record_exception(
-            exc, {"exception.message": text, "exception.stacktrace": scrub(stack)}
+        span.add_event(
+            "exception",
+            {
+                "exception.type": kind,
+                "exception.message": text,
+                "exception.stacktrace": scrub("".join(traceback.format_exception(exc))),
+                "exception.escaped": False,
+            },
         )
     span.set_status(StatusCode.ERROR, f"{kind}: {text}")
