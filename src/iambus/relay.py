@@ -675,6 +675,7 @@ class _Pass:
                     await self._settle(outcome)
                 self.sent += len(outcome.sent)
                 self.in_hand.difference_update(outcome.sent)  # deleted, committed
+                self.in_hand.difference_update(row["position"] for row, _ in outcome.parked)
                 if not handing:
                     self.more = outcome.full or outcome.cut
                     break
