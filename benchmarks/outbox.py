@@ -366,6 +366,17 @@ async def bench_unit_of_work(
 # -- 2. the relay -----------------------------------------------------------------------
 
 
+def row_writer(database: Database) -> Dispatcher:
+    """A dispatcher whose units of work write events as outbox rows (for write_rows)."""
+    return Dispatcher(
+        transport=MemoryTransport(),
+        service="bench",
+        routes={PageViewed: "bench"},
+        database=database,
+        relay=False,
+    )
+
+
 async def write_rows(dp: Dispatcher, n: int, keyed: bool, seqs: itertools.count[int]) -> None:
     """``n`` committed outbox rows of ~200-byte events, by units of work (untimed), in
     an outbox emptied first (rows a failed run left must not count in the next)."""
@@ -392,13 +403,7 @@ async def bench_relay(
     transport = connect(url, namespace=namespace, max_length=max(n, 2_000))
     await transport.open()
     database = Database(pool, schema=schema)
-    writer = Dispatcher(
-        transport=MemoryTransport(),
-        service="bench",
-        routes={PageViewed: "bench"},
-        database=database,
-        relay=False,
-    )
+    writer = row_writer(database)
     seqs = itertools.count()
 
     async def outbox_count() -> int:

@@ -344,9 +344,13 @@ async def test_a_batch_reads_its_rows_in_position_order_not_the_whole_backlog(
     relay = Relay(database, MemoryTransport())
     async with database.connection() as conn, conn.transaction():
         busy = await conn.fetchval(relay._busy_sql)
-        lanes, *_ = await conn.fetchrow(relay._lock_sql, database.lock_space, busy)
+        lanes, _ = await conn.fetchrow(relay._lock_sql, database.lock_space, busy)
+        await conn.execute(relay._plan_sql)
         plan = [
-            row[0] for row in await conn.fetch("EXPLAIN " + relay._select_sql, lanes, 200, 1 << 24)
+            row[0]
+            for row in await conn.fetch(
+                "EXPLAIN " + relay._select_sql, lanes, 200, 1 << 24, [1, 2, 3], 3
+            )
         ]
     assert sorted(lanes) == list(range(16))
     assert not any("Sort" in line for line in plan), plan
@@ -389,6 +393,21 @@ async def test_a_send_that_fails_stops_its_key_only_and_keeps_its_order(
     assert [n_of(e) for e in before + after if e.key == first] == list(range(5))
 
 
+async def two_keys_one_refused(
+    database: Database, transport: Transport, refused: int
+) -> tuple[str, str, Failing]:
+    """Rows 0 to 5 of two keys of one lane, committed; and a transport that refuses the
+    first key's row ``refused``."""
+    first, second = keys_in_one_lane(2)
+    await commit(database, *(envelope(n, key=key) for n in range(6) for key in (first, second)))
+    failing = Failing(
+        transport,
+        reject=lambda e: e.key == first and n_of(e) == refused,
+        error=TransportError("refused (a test's doing)"),
+    )
+    return first, second, failing
+
+
 @pytest.fixture
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Batches read 3 rows at a time and delete every 2 sent: a batch of a few rows
@@ -419,13 +438,7 @@ async def test_a_batch_read_in_chunks_sends_each_row_once_and_each_key_in_order(
 async def test_a_key_that_fails_in_one_chunk_keeps_its_later_chunks_back(
     database: Database, transport: MemoryTransport
 ) -> None:
-    first, second = keys_in_one_lane(2)
-    await commit(database, *(envelope(n, key=key) for n in range(6) for key in (first, second)))
-    failing = Failing(
-        transport,
-        reject=lambda e: e.key == first and n_of(e) == 1,
-        error=TransportError("refused (a test's doing)"),
-    )
+    first, second, failing = await two_keys_one_refused(database, transport, 1)
 
     assert await Relay(database, failing).run_once() == 7  # first: 0; second: all six
     before = await rest(transport)
@@ -471,7 +484,7 @@ async def test_a_key_whose_row_commits_late_between_chunks_keeps_its_order(
         await tx.start()
         await write(held, database, [Outgoing(ADDRESS, envelope(0, key=late))])  # lowest
         await commit(database, envelope(1, key=other), envelope(2, key=other), envelope(3))
-        read = relay_module._Batch._read
+        read = relay_module._Pass._read
         reads = 0
 
         async def read_then_commit(batch: Any) -> None:
@@ -482,11 +495,188 @@ async def test_a_key_whose_row_commits_late_between_chunks_keeps_its_order(
                 await tx.commit()
                 await commit(database, envelope(1, key=late))
 
-        monkeypatch.setattr(relay_module._Batch, "_read", read_then_commit)
+        monkeypatch.setattr(relay_module._Pass, "_read", read_then_commit)
         assert await Relay(database, transport).run_once() == 3  # neither of the late key
     assert await Relay(database, transport).run_once() == 2
     got = await rest(transport)
     assert [n_of(e) for e in got if e.key == late] == [0, 1]
+
+
+# -- a pass of several batches ------------------------------------------------------------
+
+
+@pytest.fixture
+def long_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass goes on from batch to batch however slow the machine (a test that counts
+    on one pass for all its rows must not see it end at PASS_SECONDS)."""
+    monkeypatch.setattr("iambus.relay.PASS_SECONDS", 60.0)
+
+
+async def lanes_free(database: Database) -> bool:
+    """Whether another session can take every lane's lock now."""
+    async with database.connection() as other, other.transaction():
+        taken = await other.fetchval(
+            "SELECT count(*) FILTER (WHERE pg_try_advisory_xact_lock($1::int, lane)) "
+            "FROM generate_series(0, 15) AS lane",
+            database.lock_space,
+        )
+    return bool(taken == 16)
+
+
+@pytest.mark.usefixtures("long_passes")
+async def test_a_full_batch_commits_while_its_last_sends_are_under_way(
+    database: Database, transport: MemoryTransport
+) -> None:
+    await commit(database, *(envelope(n) for n in range(40)))
+
+    class Holding:  # its third send waits until another connection sees a batch committed
+        url = "holding+memory://"
+        calls = 0
+
+        async def send(self, address: str, envelope: Envelope) -> None:
+            Holding.calls += 1
+            if Holding.calls == 3:
+                await until(lambda: _fewer_than(database, 40), "a commit while this send waited")
+            await transport.send(address, envelope)
+
+    relay = Relay(database, Holding(), batch=10, in_flight=4)
+    assert await relay._pass() == (40, False)  # one pass, batch after batch
+
+    got = await rest(transport)
+    assert sorted(n_of(e) for e in got) == list(range(40))  # each once
+    assert await count_rows(database) == 0
+    assert await lanes_free(database)
+
+
+async def _fewer_than(database: Database, count: int) -> bool:
+    return await count_rows(database) < count
+
+
+@pytest.mark.usefixtures("long_passes")
+async def test_a_pass_sends_each_row_once_and_each_key_in_order_across_its_batches(
+    database: Database, transport: MemoryTransport
+) -> None:
+    keys = keys_in_one_lane(3)
+    await commit(database, *(envelope(n, key=key) for n in range(20) for key in keys))
+    await commit(database, *(envelope(100 + n) for n in range(20)))
+    overlapping = Overlapping(transport)
+
+    assert await Relay(database, overlapping, batch=7, in_flight=5)._pass() == (80, False)
+
+    got = await rest(transport)
+    assert len(got) == len({e.id for e in got}) == 80
+    for key in keys:
+        assert [n_of(e) for e in got if e.key == key] == list(range(20)), key
+    assert overlapping.most == 5
+    assert await count_rows(database) == 0
+
+
+@pytest.mark.usefixtures("long_passes")
+async def test_a_key_whose_row_commits_late_between_batches_of_a_pass_keeps_its_order(
+    database: Database, transport: MemoryTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key's row with a position below rows the pass has in hand commits between two
+    of its batches, and the key's next row after it: the next batch reads both, in
+    order (it leaves out only the rows in hand, not every position below them)."""
+    import iambus.relay as relay_module
+
+    late, other = keys_in_one_lane(2)
+    async with database.connection() as held:
+        tx = held.transaction()
+        await tx.start()
+        await write(held, database, [Outgoing(ADDRESS, envelope(0, key=late))])  # lowest
+        await commit(database, *(envelope(n, key=other) for n in range(1, 7)))
+        handed = relay_module._Pass._batch
+        batches = 0
+
+        async def batch_then_commit(run: Any) -> bool:
+            nonlocal batches
+            handing = await handed(run)
+            batches += 1
+            if batches == 1:  # the first batch hands over; then the late rows commit
+                assert handing
+                await tx.commit()
+                await commit(database, envelope(1, key=late))
+            return handing
+
+        monkeypatch.setattr(relay_module._Pass, "_batch", batch_then_commit)
+        assert await Relay(database, transport, batch=2)._pass() == (8, False)
+    got = await rest(transport)
+    assert len(got) == len({e.id for e in got}) == 8
+    assert [n_of(e) for e in got if e.key == late] == [0, 1]
+    assert [n_of(e) for e in got if e.key == other] == list(range(1, 7))
+
+
+@pytest.mark.usefixtures("long_passes")
+async def test_a_key_that_fails_in_a_later_batch_of_a_pass_keeps_its_rows_back(
+    database: Database, transport: MemoryTransport
+) -> None:
+    first, second, failing = await two_keys_one_refused(database, transport, 3)
+
+    sent, more = await Relay(database, failing, batch=2)._pass()  # ends at the failure
+    before = await rest(transport)
+    assert [n_of(e) for e in before if e.key == first] == [0, 1, 2]
+    assert [n_of(e) for e in before if e.key == second] == list(range(len(before) - 3))
+    assert (sent, more) == (len(before), True)
+    async with database.connection() as conn:
+        charged = await conn.fetch(f"SELECT attempts FROM {database.outbox} WHERE attempts > 0")
+    assert [row["attempts"] for row in charged] == [1]  # the broker took other rows
+
+    assert await Relay(database, transport).run_once() == 12 - sent
+    after = await rest(transport)
+    for key in (first, second):
+        assert [n_of(e) for e in before + after if e.key == key] == list(range(6)), key
+
+
+async def test_a_pass_unlocks_its_lanes_when_it_ends_or_is_cancelled(
+    database: Database, transport: MemoryTransport, own_pool: Callable[..., Any]
+) -> None:
+    pool = await own_pool(max_size=2)  # the pass's connections go back to this pool
+    own = Database(pool, schema=database.schema)
+    await commit(database, *(envelope(n, key=f"k{n % 5}") for n in range(30)))
+    assert await Relay(own, transport, batch=4).run_once() == 30
+    assert await lanes_free(database)
+    assert len(await rest(transport)) == 30
+
+    await commit(database, *(envelope(n, key="k") for n in range(10)))
+    stalling = Stalling(transport, through=3)
+    killed = asyncio.create_task(Relay(own, stalling, batch=2).run_once())
+    await stalling.stalled.wait()  # in a later batch of its pass
+    assert not await lanes_free(database)
+    killed.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await killed
+    assert await lanes_free(database)  # (its connection was closed)
+    left = await count_rows(database)  # its batches committed before the stall are done
+    assert await Relay(own, transport).run_once() == left
+    assert [n_of(e) for e in await rest(transport)] == [0, 1, 2, *range(10 - left, 10)]
+
+
+async def test_a_pass_whose_lanes_are_let_go_starts_no_more_sends_and_loses_nothing(
+    database: Database, transport: MemoryTransport, own_pool: Callable[..., Any]
+) -> None:
+    name = f"iambus-relay-test-{uuid.uuid4().hex[:8]}"
+    pool = await own_pool(max_size=2, server_settings={"application_name": name})
+    await commit(database, *(envelope(n, key="k") for n in range(6)))
+    stalling = Stalling(transport, through=2)
+    relay = Relay(Database(pool, schema=database.schema), stalling)
+    passing = asyncio.create_task(relay.run_once())
+    await stalling.stalled.wait()
+    async with database.connection() as admin:  # the connection whose transaction holds them
+        assert await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = $1 AND query LIKE '%pg_try_advisory_xact_lock%'",
+            name,
+        )
+    await until(_true(lambda: any(_closed(c) for c in relay._held)), "the holder closed")
+    stalling.go.set()
+
+    with pytest.raises(ConnectionError, match="closed a connection of the relay"):
+        await passing
+    assert stalling.calls == 3  # the send under way returned; no other started
+    assert await count_rows(database) == 3  # and the sent rows were deleted
+    assert await Relay(database, transport).run_once() == 3
+    assert [n_of(e) for e in await rest(transport)] == list(range(6))
 
 
 async def test_a_pass_cancelled_mid_batch_leaves_no_task_behind(
@@ -780,13 +970,14 @@ async def test_a_relay_whose_connections_are_terminated_carries_on(
         assert killed >= 2  # the listening connection and the sending one
         stalling.go.set()
 
-        # The batch was sent, but its transaction is gone (the rows were not deleted):
-        # after a back-off, the rows are sent again, in order.
-        got = [n_of(e) for e in await received(transport, 8)]
-        assert got == [0, 1, 2, 3, 0, 1, 2, 3]
-        await until(lambda: _empty(database), "the outbox emptied")
+        # Rows were sent, but the batch's transaction is gone (they were not deleted):
+        # after a back-off, the rows are sent again, in order. (The pass starts no send
+        # once it has seen that the connection holding its lanes was closed; the send
+        # of row 3 may start before it has.)
+        await until(lambda: _empty(database), "the outbox emptied", wait=10)
+        got = [n_of(e) for e in await rest(transport)]
+        assert got in ([0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 0, 1, 2, 3])
         await until(_true(lambda: relay.listening), "the relay listened again")
-        assert await rest(transport) == []
 
         await relay._idle.wait()
         await commit(database, envelope(9))  # woken by a notification again (no polling)
@@ -800,6 +991,13 @@ async def test_a_relay_whose_connections_are_terminated_carries_on(
     assert len([w for w in warnings if "a pass failed" in w]) == 1, warnings
     infos = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
     assert any("listening again, after 1 failed attempt(s)" in i for i in infos), infos
+
+
+def _closed(conn: Any) -> bool:
+    try:
+        return bool(conn.is_closed())
+    except Exception:  # a pool's proxy of a closed connection is detached
+        return True
 
 
 def _true(check: Callable[[], bool]) -> Callable[[], Any]:
@@ -868,14 +1066,14 @@ async def test_a_pass_reads_committed_rows_whatever_the_default_isolation(
         url = "watching+memory://"
 
         async def send(self, address: str, envelope: Envelope) -> None:
-            [conn] = relay._held  # the pass's connection, in its transaction
-            seen.append(await conn.fetchval("SHOW transaction_isolation"))
+            for conn in relay._held:  # the lanes' holder and the batch's connection
+                seen.append(await conn.fetchval("SHOW transaction_isolation"))
             await transport.send(address, envelope)
 
     relay.transport = Watching()  # type: ignore[assignment]
     await commit(database, envelope(1))
     assert await relay.run_once() == 1
-    assert seen == ["read committed"]
+    assert seen == ["read committed"] * 2
 
 
 async def test_a_slow_batch_commits_within_the_servers_idle_in_transaction_timeout(
@@ -911,6 +1109,7 @@ async def test_a_batch_reads_a_bounded_number_of_payload_bytes(
     database: Database, transport: MemoryTransport, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("iambus.relay.BATCH_BYTES", 50)
+    monkeypatch.setattr("iambus.relay.PASS_SECONDS", 0)  # a pass of one batch
     await commit(database, *(envelope(n, key="k") for n in range(10)))  # 8 bytes each
     relay = Relay(database, transport)
     assert await relay._pass() == (7, True)  # 0 to 48 bytes before it: the 7th starts at 48

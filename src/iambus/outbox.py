@@ -22,6 +22,7 @@ rows already sent is read on the next pass (its commit's ``NOTIFY``, or polling)
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -129,6 +130,38 @@ async def _run(conn: Any, sql: str, rows: list[tuple[Any, ...]]) -> None:
         await conn.executemany(sql, rows)
 
 
+_ENVELOPE_FIELDS = (
+    "name",
+    "payload",
+    "content_type",
+    "id",
+    "correlation_id",
+    "causation_id",
+    "created_at",
+    "reply_to",
+    "key",
+    "headers",
+)
+# The relay rebuilds an envelope per row: the frozen dataclass's __init__ (one
+# object.__setattr__ per field) costs about 2 µs, a tenth of the relay's own time per
+# row; setting the slots through their descriptors, 0.6 µs. Every field is set; a field
+# added to Envelope stops this module from importing until it is set here too.
+_new = object.__new__
+(
+    _set_name,
+    _set_payload,
+    _set_content_type,
+    _set_id,
+    _set_correlation_id,
+    _set_causation_id,
+    _set_created_at,
+    _set_reply_to,
+    _set_key,
+    _set_headers,
+) = (vars(Envelope)[name].__set__ for name in _ENVELOPE_FIELDS)
+if tuple(f.name for f in dataclasses.fields(Envelope)) != _ENVELOPE_FIELDS:
+    raise ImportError(f"envelope_of() does not set every field of {Envelope!r}")
+
 # What the relay selects, in this order, to rebuild a row's envelope with envelope_of().
 ROW_COLUMNS = (
     "position, address, message_id, name, message_key, payload, content_type, "
@@ -150,17 +183,22 @@ def envelope_of(row: Mapping[str, Any]) -> Envelope:
                 isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
             ):
                 raise ValueError(f"headers must be a JSON object of strings, got {headers!r}")
-        return Envelope(
-            id=row["message_id"],
-            name=row["name"],
-            payload=bytes(row["payload"]),
-            content_type=row["content_type"],
-            key=row["message_key"],
-            correlation_id=row["correlation_id"],
-            causation_id=row["causation_id"],
-            headers=headers,
-            created_at=float(row["created_at"]),
-        )
+        payload = row["payload"]
+        created_at = row["created_at"]
+        if type(payload) is not bytes or type(created_at) is not float:
+            payload, created_at = bytes(payload), float(created_at)
+        envelope = _new(Envelope)
+        _set_name(envelope, row["name"])
+        _set_payload(envelope, payload)
+        _set_content_type(envelope, row["content_type"])
+        _set_id(envelope, row["message_id"])
+        _set_correlation_id(envelope, row["correlation_id"])
+        _set_causation_id(envelope, row["causation_id"])
+        _set_created_at(envelope, created_at)
+        _set_reply_to(envelope, None)
+        _set_key(envelope, row["message_key"])
+        _set_headers(envelope, headers)
+        return envelope
     except (KeyError, TypeError, ValueError) as exc:
         position = row.get("position") if hasattr(row, "get") else None
         raise SerializationError(

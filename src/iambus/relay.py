@@ -13,29 +13,54 @@
 number of relays may run on one outbox at once. docs/outbox.md tells the design.
 
 A *pass* first asks which lanes (of the outbox's ``LANES``) hold rows to send: one
-statement, outside any transaction, all that an idle pass costs. Then, in one READ
-COMMITTED transaction (whatever the database's default), it takes every one of those
-lanes no other relay holds, each with a transaction-scoped advisory lock
-(``pg_try_advisory_xact_lock``), so two relays never send the same lane's rows at once.
-It reads the oldest ``batch`` rows of those lanes in ``position`` order (and no more
-than ``BATCH_BYTES`` of payload, one row at least), sends each with its envelope
-unchanged, deletes the sent ones and commits, which releases the lanes; a full batch is
-followed by another pass. The batch is read ``CHUNK`` rows at a time from one cursor
-(one snapshot, as one select would read it), each chunk while the rows before it are
-being sent, and the sent rows are deleted ``DELETE_CHUNK`` at a
-time while the others are sent: the connection works while the broker does. A batch
-starts sends for ``BATCH_SECONDS`` at most (or half the server's
-``idle_in_transaction_session_timeout``, if shorter): then it commits what was sent and
-the next pass goes on, so a slow broker never keeps a transaction open long.
-A key's rows are all in its lane, so they go out in ``position`` order: per key, the
-order the writers committed them (see ``outbox``). Within a batch the rows of one key
-are sent one after the other (each send returns once the broker has the message), while
-other keys' rows and rows without a key are sent at the same time, up to ``in_flight``
-at once: a broker's round trip is paid per key, not per row.
+statement, outside any transaction, all that an idle pass costs. Then it takes every one
+of those lanes no other relay holds, each with an advisory lock
+(``pg_try_advisory_xact_lock``) held by a transaction of its own on that connection for
+the whole pass, so two relays never send the same lane's rows at once, and sends them
+in *batches* on a second connection, each one READ COMMITTED transaction (whatever the
+database's default; so is the lanes'). A batch reads the oldest ``batch`` rows of the lanes in
+``position`` order (and no more than ``BATCH_BYTES`` of payload, one row at least),
+sends each with its envelope unchanged, deletes the sent ones and commits. It is read
+``CHUNK`` rows at a time from one cursor (one snapshot, as one select would read it),
+each chunk while the rows before it are being sent, and the sent rows are deleted
+``DELETE_CHUNK`` at a time while the others are sent: the connection works while the
+broker does. A batch starts sends for ``BATCH_SECONDS`` at most (or half the server's
+``idle_in_transaction_session_timeout``, if shorter): then it commits what was sent, so
+a slow broker never keeps a transaction open long.
 
-No high-water mark: every pass reads every committed row still in the table, so a row a
-long transaction commits late, with a position lower than rows already sent, is read by
-the next pass (the ``NOTIFY`` after its commit wakes the relays).
+A full batch hands over to the next one of the pass: once all but half a batch of its
+rows are on their way, it deletes those sent and commits, and the next batch reads its
+rows while the last ones are still being sent (they are deleted by the next batch's
+transaction once their sends return). The broker's pipe never drains between two
+batches, and the statements between them (the commit, the next select) overlap the
+sends. Its lanes stay locked meanwhile (their transaction is not the batch's), so no
+other relay reads the rows in flight; the next batch's select leaves out the rows the
+pass has in hand (read, not yet deleted), and nothing else. A pass ends when a batch is
+not full, a send fails, a stop or a batch's time cuts it, or after ``PASS_SECONDS``:
+its last batch waits for every send and commits, then the lanes' transaction ends,
+which releases them (as a rollback does, or a connection closed). If the lanes'
+connection is closed under a pass, no send starts any more, and the pass fails once
+those under way have returned and were committed. (Not a session's locks, which would
+outlive each commit on one connection: behind a transaction-pooling proxy, a session's
+next transaction may run on another server connection, the locks staying in the first.)
+A pass that ended with a full batch is followed by another.
+
+A key's rows are all in its lane, so they go out in ``position`` order: per key, the
+order the writers committed them (see ``outbox``). The rows of one key are sent one
+after the other (each send returns once the broker has the message), across the
+batches of a pass too, while other keys' rows and rows without a key are sent at the
+same time, up to ``in_flight`` at once: a broker's round trip is paid per key, not per
+row. (A key's next row is not sent before the broker has confirmed the one before,
+even where one connection keeps the order on the wire, as NATS's does: a message the
+broker refuses, or whose answer never comes, must not let the key's next one through,
+as a later message the broker took cannot be taken back, and the earlier one, sent
+again, would come after it.)
+
+No high-water mark: every batch reads every committed row still in the table but those
+in hand, so a row a long transaction commits late, with a position lower than rows
+already sent, is read by the next batch, or the next pass (the ``NOTIFY`` after its
+commit wakes the relays). Per key it comes before the key's rows not yet read: they
+committed after it.
 
 Wake-up: a connection of its own ``LISTEN``s on the outbox's channel; each commit that
 wrote rows is followed by a ``NOTIFY`` (``Database.notify_relays``, or in the
@@ -119,6 +144,10 @@ ACQUIRE_TIMEOUT = 10.0
 FAILED_SENDS = 5
 """Failed sends after which a row is parked, counted only in passes where the broker took
 other rows (a broker that takes nothing is an outage, and parks nothing)."""
+PASS_SECONDS = 1.0
+"""Seconds a pass goes on from batch to batch for, at most: then it ends (its sends
+returned, its lanes unlocked), and the next pass takes the lanes with rows, those that
+filled meanwhile and those another relay let go of with them."""
 STOP_MOMENT = 0.05
 """Seconds ``stop()`` waits at least, however late its deadline: an idle relay stops in
 far less, and is not cut short (no warning, no connection closed)."""
@@ -173,27 +202,34 @@ class Relay:
             f"WHERE EXISTS (SELECT FROM {outbox} AS o "
             f"WHERE o.lane = g.lane AND o.parked_at IS NULL)"
         )
-        # Of those, the lanes no other relay holds, each locked until this transaction
-        # ends; the server's idle-in-transaction timeout (a batch sends within half of
-        # it). And, for this transaction only, no sorts: the select below then walks the
-        # primary key in position order and stops after ``batch`` rows. The planner would
-        # otherwise, with statistics taken while the outbox was nearly empty (its usual
-        # state), read and sort the whole backlog for every batch (70 ms a batch for a
-        # backlog of 100,000 rows, instead of under 1 ms).
+        # Of those, the lanes no other relay holds, each locked until the transaction
+        # that holds them for the pass ends; the server's idle-in-transaction timeout (a
+        # batch sends within half of it, and a pass lasts no longer).
         self._lock_sql = (
             "SELECT (SELECT array_agg(lane) FROM unnest($2::int[]) AS lane "
             "WHERE pg_try_advisory_xact_lock($1::int, lane)), "
             "extract(epoch FROM current_setting('idle_in_transaction_session_timeout')"
-            "::interval)::float8, "
-            "set_config('enable_sort', 'off', true), "
+            "::interval)::float8"
+        )
+        # For a batch's transaction only, no sorts: the select below then walks the
+        # primary key in position order and stops after ``batch`` rows. The planner
+        # would otherwise, with statistics taken while the outbox was nearly empty (its
+        # usual state), read and sort the whole backlog for every batch (70 ms a batch
+        # for a backlog of 100,000 rows, instead of under 1 ms).
+        self._plan_sql = (
+            "SELECT set_config('enable_sort', 'off', true), "
             "set_config('max_parallel_workers_per_gather', '0', true)"
         )
         # The oldest rows of those lanes, up to ``batch`` rows and as many as fit in
-        # BATCH_BYTES of payload (the first one always: a batch always progresses).
+        # BATCH_BYTES of payload (the first one always: a batch always progresses),
+        # except those the pass has in hand already (read by one of its earlier batches
+        # and not yet deleted: positions $4, all at most $5, so that the rows above
+        # cost no look at the array).
         self._select_sql = (
             f"SELECT * FROM (SELECT {ROW_COLUMNS}, sum(octet_length(payload)) "
             f"OVER (ORDER BY position) AS upto FROM {outbox} WHERE lane = ANY($1::int[]) "
-            f"AND parked_at IS NULL ORDER BY position LIMIT $2) AS head "
+            f"AND parked_at IS NULL AND (position > $5 OR position <> ALL($4::bigint[])) "
+            f"ORDER BY position LIMIT $2) AS head "
             f"WHERE upto - octet_length(payload) < $3 ORDER BY position"
         )
         self._delete_sql = f"DELETE FROM {outbox} WHERE position = ANY($1::bigint[])"
@@ -307,46 +343,44 @@ class Relay:
         return sent
 
     async def _pass(self) -> tuple[int, bool]:
-        """One batch, from every lane with rows no other relay holds: (rows sent,
-        whether more may wait)."""
+        """Batches from every lane with rows no other relay holds, while they fill up:
+        (rows sent, whether more may wait)."""
         if self._stopping.is_set():
             return 0, False
-        async with self._connection() as conn:
-            busy = await conn.fetchval(self._busy_sql)
+        run: _Pass | None = None
+        async with self._connection() as holder:
+            busy = await holder.fetchval(self._busy_sql)
             if not busy:
                 return 0, False  # nothing to send: the one statement of an idle pass
+            # The lanes are held by a transaction of their own for the whole pass, and
+            # released when it ends (committed, rolled back, or its connection closed),
+            # while the batches commit on another connection. (Not by a session's locks:
+            # behind a transaction-pooling proxy, the next transaction may run in
+            # another session, and the locks stay behind in the first.)
             try:
-                # READ COMMITTED whatever the database's default: each statement sees
-                # what committed before it, so the select sees the deletes of the relay
-                # that held a lane until just before this one took it.
-                async with conn.transaction(isolation="read_committed"):
-                    lanes, idle_limit, *_ = await conn.fetchrow(
+                async with holder.transaction(isolation="read_committed"):
+                    lanes, idle_limit = await holder.fetchrow(
                         self._lock_sql, self.database.lock_space, busy
                     )
                     if not lanes:
                         return 0, False  # other relays hold every lane with rows
-                    batch = _Batch(self, conn, lanes, _time_for(idle_limit))
-                    outcome = await batch.run()
-                    for row, exc in outcome.parked:
-                        await self._park(conn, row, exc)
-                    # The broker takes the other rows: those it refused are charged an
-                    # attempt (committed with the deletes), and parked after
-                    # FAILED_SENDS. With nothing sent it is an outage, nobody's fault.
-                    if outcome.sent and outcome.failed:
-                        await self._charge(conn, outcome.failed)
+                    async with self._connection() as conn:
+                        run = _Pass(self, conn, holder, lanes, idle_limit)
+                        await run.run()
             except Exception as exc:
-                if not _lost(conn):
+                if not (_lost(holder) or (run is not None and run.lost)):
                     raise
                 raise ConnectionError(
-                    f"the database closed the relay's connection during a batch (it "
-                    f"was terminated, the server restarted, or the batch was idle in "
-                    f"its transaction longer than the server's "
+                    f"the database closed a connection of the relay during a batch (it "
+                    f"was terminated, the server restarted, or it was idle in its "
+                    f"transaction longer than the server's "
                     f"idle_in_transaction_session_timeout): {type(exc).__name__}: {exc}"
                 ) from exc
-        if outcome.failed and not outcome.sent:
+        assert run is not None
+        if run.failure is not None and not run.sent:
             # The broker failed: the rows stay, each key's in order, for the retry.
-            raise outcome.failed[0][1]
-        return len(outcome.sent), outcome.full or outcome.cut
+            raise run.failure
+        return run.sent, run.more
 
     async def _charge(self, conn: Any, failed: list[tuple[Any, Exception]]) -> None:
         """Rows the broker refused while it took others: one more failed attempt each;
@@ -550,81 +584,178 @@ def _retrieve(tasks: list[asyncio.Task[None]]) -> None:
 
 @dataclass(slots=True)
 class _Sent:
-    """What the sends of one batch came to."""
+    """What the sends of one batch (one transaction) came to."""
 
     sent: list[int] = field(default_factory=list)  # positions
     parked: list[tuple[Any, Exception]] = field(default_factory=list)
     failed: list[tuple[Any, Exception]] = field(default_factory=list)  # the broker refused
+    deleted: int = 0  # of ``sent``, deleted so far (in the batch's transaction)
     cut: bool = False  # the batch's time ran out before every row was sent
     full: bool = False  # the batch read all it may (rows or bytes): more may wait
 
 
-class _Batch:
-    """The rows of one pass: read ``CHUNK`` at a time, each chunk while the rows before
-    it are sent, and deleted ``DELETE_CHUNK`` at a time as they are sent, all in the
-    pass's transaction (one connection: it reads and deletes while the broker works).
-    The chunks come from one cursor, so from one snapshot: what one select of the whole
-    batch would read (a key's row that commits late, below rows read already, is read
-    by the next pass with the rows of its key that follow it, never after them).
+class _Pass:
+    """The batches of one pass, each a transaction of ``conn``, while ``holder``'s
+    transaction holds the pass's ``lanes``. A batch's rows are read ``CHUNK`` at a time
+    from one cursor, each chunk while the rows before it are sent, and deleted
+    ``DELETE_CHUNK`` at a time as they are sent, in the batch's transaction.
 
     The rows of one key form a chain, sent one after the other by one sender; rows of
     the key read while its chain is being sent join the chain. Rows without a key are a
     chain each. Up to ``in_flight`` senders take the chains in position order. A send
     that fails ends its key's chain, and the key's rows read after it are left in the
     table behind it; a stop ends every chain before its next send, and so does the end
-    of ``seconds`` once a row was sent (what was sent is committed, the next pass goes
-    on)."""
+    of the batch's ``seconds`` once a row was sent (what was sent is committed).
 
-    def __init__(self, relay: Relay, conn: Any, lanes: list[int], seconds: float) -> None:
+    A full batch hands over to the next one without waiting for its sends: once all
+    but ``handover`` of its rows have been started, it deletes those sent and commits,
+    and the next batch begins while the rest are still being sent (they are deleted
+    by the transaction open when their send returns). The lanes stay locked meanwhile
+    (by ``holder``), so no other relay reads the rows in flight; the next batch's
+    select leaves out the rows the pass has in hand (read, not yet deleted), and its
+    rows of a key join the key's chain. The pass ends, every send returned, with a
+    batch that is not full, a failed send, a stop, a cut, or after ``PASS_SECONDS``
+    (and if ``holder`` is closed under it: its lanes are free then, so no send starts,
+    and the pass raises once those under way have returned and were committed)."""
+
+    def __init__(
+        self, relay: Relay, conn: Any, holder: Any, lanes: list[int], idle_limit: float | None
+    ) -> None:
         self.relay = relay
         self.conn = conn
+        self.holder = holder
         self.lanes = lanes
+        self.idle_limit = idle_limit
         self.loop = asyncio.get_running_loop()
-        self.until = self.loop.time() + seconds
-        self.outcome = _Sent()
+        self.began = self.loop.time()
+        self.seconds = _time_for(idle_limit)
+        self.until = self.began + self.seconds  # when the batch stops starting sends
+        self.outcome = _Sent()  # of the batch being sent (its transaction is open)
         self.chains: collections.deque[list[Any]] = collections.deque()
         self.keys: dict[str, list[Any]] = {}  # the chain of a key, until it is sent
         self.failed: set[str] = set()  # keys whose chain a failed send ended
+        self.in_hand: set[int] = set()  # positions read, not deleted by a commit yet
+        self.unstarted = 0  # rows read whose send has not started
+        # Rows still to start when a full batch hands over: enough for the sends to go on
+        # through the commit and the next select (at 20-40k sends/s, half a batch of
+        # 1000 is 12-25 ms of sends; fewer let the broker's pipe run low meanwhile, on
+        # a busy machine).
+        self.handover = max(1, relay.batch // 2)
         self.senders: list[asyncio.Task[None]] = []
+        self.active = 0  # senders running
+        self.open_chains = 0  # chains not sent to their end yet
         self.arrived = asyncio.Event()  # rows were read (or the last of them)
-        self.sent_more = asyncio.Event()  # DELETE_CHUNK more rows were sent
-        self.read = self.deleted = 0
-        self.made = 0  # chains made
+        self.changed = asyncio.Event()  # a sender has news for the batch (see _send)
+        self.read = 0  # rows the batch being read has read
         self.cursor: Any = None
-        self.done = False  # no more rows will be read
+        self.done = False  # the batch reads no more rows
+        self.sent = 0  # rows sent and deleted by committed batches
+        self.failure: Exception | None = None  # the first send that failed
+        self.more = False  # the last batch was full or cut: more may wait
+        self.unlocked = False  # ``holder`` was closed: the lanes are free
+        self.lost = False  # the pass failed as a connection of it was closed
 
-    async def run(self) -> _Sent:
-        """Read, send and delete the batch's rows (the caller commits)."""
-        relay = self.relay
+    async def run(self) -> None:
+        """Read, send, delete and commit batches."""
+        relay, conn = self.relay, self.conn
+        self.holder.add_termination_listener(self._unlock)
         try:
-            self.cursor = await self.conn.cursor(
-                relay._select_sql, self.lanes, relay.batch, BATCH_BYTES
-            )
-            while not self.done:
-                await self._read()
-                await self._delete()
-            self.arrived.set()
-            senders = asyncio.gather(*self.senders, return_exceptions=True)
-            while not senders.done():
-                more = asyncio.ensure_future(self.sent_more.wait())
-                try:
-                    await asyncio.wait((senders, more), return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    more.cancel()
-                if not senders.done():
-                    self.sent_more.clear()
-                    await self._delete()
-            for error in senders.result():
-                if isinstance(error, BaseException):
-                    raise error  # (a bug of a sender's is raised, not lost)
-            await self._delete()
-            return self.outcome
+            while True:
+                # READ COMMITTED whatever the database's default: each statement sees
+                # what committed before it, so the select sees the deletes of the relay
+                # that held a lane until just before this one took it.
+                async with conn.transaction(isolation="read_committed"):
+                    await conn.execute(relay._plan_sql)
+                    handing = await self._batch()
+                    outcome = self.outcome
+                    if handing:  # what is sent from now on is the next batch's
+                        self.outcome = _Sent()
+                        self.until = self.loop.time() + self.seconds
+                        self.done = False  # (senders out of rows wait for the next)
+                    await self._settle(outcome)
+                self.sent += len(outcome.sent)
+                self.in_hand.difference_update(outcome.sent)  # deleted, committed
+                self.in_hand.difference_update(row["position"] for row, _ in outcome.parked)
+                if not handing:
+                    self.more = outcome.full or outcome.cut
+                    break
+                if self.idle_limit:  # the holder's transaction is not idle for long
+                    await self.holder.execute("SELECT 1")
+            if self.unlocked:
+                raise ConnectionError("the connection that held the pass's lanes was closed")
+            for task in self.senders:
+                if task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]  # (a sender's bug, not lost)
+        except BaseException:
+            self.lost = self.unlocked or _lost(conn) or _lost(self.holder)
+            raise
         finally:
             # A read or a delete failed, or the pass is cancelled: no sender outlives it.
             stray = [task for task in self.senders if not task.done()]
             for task in stray:
                 task.cancel()
             await asyncio.gather(*stray, return_exceptions=True)
+            if not _lost(self.holder):
+                self.holder.remove_termination_listener(self._unlock)
+
+    def _unlock(self, _: object) -> None:
+        self.unlocked = True
+        self.changed.set()
+
+    async def _batch(self) -> bool:
+        """Read the batch's rows, send them (with those the batch before handed over)
+        and delete them as they are sent. True: the next batch takes over the sends
+        still under way; False: every send has returned, and the pass ends."""
+        relay = self.relay
+        self.read = 0
+        self.cursor = await self.conn.cursor(
+            relay._select_sql,
+            self.lanes,
+            relay.batch,
+            BATCH_BYTES,
+            list(self.in_hand),
+            max(self.in_hand, default=0),
+        )
+        self.done = False
+        while not self.done:
+            await self._read()
+            await self._delete(self.outcome)
+        self.arrived.set()
+        outcome = self.outcome
+        while True:
+            self.changed.clear()
+            if self.unstarted <= self.handover and self._goes_on():
+                return True
+            if not self.active:
+                return False
+            await self.changed.wait()
+            if len(outcome.sent) - outcome.deleted >= DELETE_CHUNK:
+                await self._delete(outcome)
+
+    def _goes_on(self) -> bool:
+        """Whether another batch follows this one in the pass."""
+        outcome = self.outcome
+        return (
+            outcome.full
+            and not outcome.cut
+            and self.failure is None
+            and not self.relay._stopping.is_set()
+            and not self.unlocked
+            and self.loop.time() - self.began < PASS_SECONDS
+        )
+
+    async def _settle(self, outcome: _Sent) -> None:
+        """Delete the rest of the batch's sent rows, park and charge the others (the
+        caller commits)."""
+        relay = self.relay
+        await self._delete(outcome)
+        for row, exc in outcome.parked:
+            await relay._park(self.conn, row, exc)
+        # The broker takes the other rows: those it refused are charged an attempt
+        # (committed with the deletes), and parked after FAILED_SENDS. With nothing sent
+        # in the pass it is an outage, nobody's fault.
+        if outcome.failed and (self.sent or outcome.sent):
+            await relay._charge(self.conn, outcome.failed)
 
     async def _read(self) -> None:
         relay = self.relay
@@ -635,34 +766,48 @@ class _Batch:
         self.done = len(rows) < CHUNK or outcome.full or relay._stopping.is_set()
         if not self.done and self.loop.time() >= self.until:
             self.done = outcome.cut = True  # rows may wait unread: the next pass goes on
+        chains, keys, failed, in_hand = self.chains, self.keys, self.failed, self.in_hand
         for row in rows:
             key = row["message_key"]
             if key is None:
-                self.chains.append([row])
-                self.made += 1
-            elif key in self.failed:
+                chains.append([row])
+                self.open_chains += 1
+            elif key in failed:
                 continue  # behind a row of its key that failed: it waits in the table
-            elif (chain := self.keys.get(key)) is not None:
+            elif (chain := keys.get(key)) is not None:
                 chain.append(row)  # its sender comes to it, in order
             else:
-                self.keys[key] = chain = [row]
-                self.chains.append(chain)
-                self.made += 1
-        # A sender per chain so far, up to in_flight (a sender takes the next chain once
-        # it has sent one).
-        while len(self.senders) < min(relay.in_flight, self.made):
+                keys[key] = chain = [row]
+                chains.append(chain)
+                self.open_chains += 1
+            in_hand.add(row["position"])
+            self.unstarted += 1
+        # A sender per chain not sent yet, up to in_flight (a sender takes the next
+        # chain once it has sent one).
+        while self.active < min(relay.in_flight, self.open_chains):
+            self.active += 1
             self.senders.append(asyncio.create_task(self._sender()))
         self.arrived.set()
 
-    async def _delete(self) -> None:
-        sent = self.outcome.sent
-        if len(sent) > self.deleted:
-            chunk = sent[self.deleted :]
+    async def _delete(self, outcome: _Sent) -> None:
+        sent = outcome.sent
+        if len(sent) > outcome.deleted:
+            chunk = sent[outcome.deleted :]
             await self.conn.execute(self.relay._delete_sql, chunk)
-            self.deleted += len(chunk)
+            outcome.deleted += len(chunk)
 
     async def _sender(self) -> None:
-        outcome, send = self.outcome, self.relay.transport.send
+        try:
+            await self._send()
+        finally:
+            self.active -= 1
+            if not self.active:
+                self.changed.set()
+
+    async def _send(self) -> None:
+        """Send chains until none is left. ``changed`` is set when ``DELETE_CHUNK``
+        more rows were sent, and when all but ``handover`` rows read were started."""
+        send = self.relay.transport.send
         telemetry = self.relay.telemetry
         stopping = self.relay._stopping
         while True:
@@ -670,29 +815,37 @@ class _Batch:
                 chain = self.chains.popleft()
                 key = chain[0]["message_key"]
                 for row in chain:  # (rows read meanwhile join a key's chain)
-                    if stopping.is_set():
+                    if stopping.is_set() or self.unlocked:
                         return
-                    if outcome.sent and self.loop.time() >= self.until:
-                        outcome.cut = True
+                    if self.outcome.sent and self.loop.time() >= self.until:
+                        self.outcome.cut = True
                         return
+                    self.unstarted -= 1
+                    if self.unstarted == self.handover:
+                        self.changed.set()
                     try:
                         if telemetry is None:
                             await send(row["address"], envelope_of(row))
                         else:
                             await self._observed(telemetry, row)
                     except (SerializationError, ImproperlyConfigured) as exc:
-                        outcome.parked.append((row, exc))  # the chain goes on without it
+                        self.outcome.parked.append((row, exc))  # the chain goes on
                     except Exception as exc:
-                        outcome.failed.append((row, exc))
+                        self.outcome.failed.append((row, exc))
+                        if self.failure is None:
+                            self.failure = exc
                         if key is not None:
                             self.failed.add(key)
                         break  # the key's next rows wait behind this one
                     else:
+                        # (the batch open now: the one before may have committed)
+                        outcome = self.outcome
                         outcome.sent.append(row["position"])
-                        if len(outcome.sent) % DELETE_CHUNK == 0:
-                            self.sent_more.set()
+                        if len(outcome.sent) - outcome.deleted == DELETE_CHUNK:
+                            self.changed.set()
                 if key is not None and self.keys.get(key) is chain:
                     del self.keys[key]  # (no await since its last row: none joins it now)
+                self.open_chains -= 1
             if self.done:
                 return
             self.arrived.clear()
