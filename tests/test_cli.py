@@ -1114,6 +1114,28 @@ def test_database_commands_say_what_is_wrong_in_one_line(
     assert "s3cret" not in err
 
 
+def test_a_connection_terminated_as_the_relay_starts_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What asyncpg raises when the server terminates a connection in the middle of an
+    operation (seen in the outbox crash run): a database failure, status 1, one line."""
+    import asyncpg
+
+    async def terminated(self: Database) -> None:
+        raise asyncpg.InternalClientError(
+            "cannot switch to state 12; another operation (2) is in progress"
+        )
+
+    monkeypatch.setattr(Database, "check", terminated)
+    dsn = "postgresql://app:s3cret@127.0.0.1:5432/shop"
+    assert main(["relay", "--transport", "redis://127.0.0.1:1/0", "--database", dsn]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "iambus: error: the database postgresql://app:***@127.0.0.1:5432/shop failed: "
+        "InternalClientError: cannot switch to state 12; another operation (2) is in progress\n"
+    )
+
+
 async def commit_rows(database: Database, *envelopes: Envelope, address: str) -> None:
     async with database.connection() as conn, conn.transaction():
         await write(conn, database, [Outgoing(address, e) for e in envelopes])

@@ -1075,12 +1075,13 @@ def _run(session: Coroutine[Any, Any, int], *, dsn: str | None = None) -> int:
 
 def _database_errors() -> tuple[type[Exception], ...]:
     """What a database that failed or cannot be reached raises (asyncpg's errors, a
-    refused or lost connection)."""
+    refused or lost connection; ``InternalClientError``: a connection terminated in the
+    middle of an operation, as when the server is restarted while a process starts)."""
     try:
         import asyncpg
     except ImportError:  # pragma: no cover - Database.open() said which extra to install
         return (OSError,)
-    return (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+    return (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
 
 
 def _plain(table: str) -> str:
