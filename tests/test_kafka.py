@@ -23,6 +23,7 @@ from iambus.errors import ImproperlyConfigured, TransportError
 from iambus.transports import Delivery, connect
 
 from .conftest import Bus, require
+from .processes import until
 
 pytest.importorskip(
     "aiokafka", reason="the Kafka transport needs aiokafka: pip install 'iambus[kafka]'"
@@ -207,18 +208,32 @@ async def test_keys_run_concurrently_within_one_partition_each_in_order() -> Non
 async def test_a_record_that_is_no_envelope_is_dead_lettered_and_the_rest_flows() -> None:
     async with _transports(1, partitions=1) as (transport,):
         await transport.declare("a", "g", from_start=False)
+        assert await transport.dead_letters() == []  # (and its topic made, one partition)
         producer = AIOKafkaProducer(bootstrap_servers=KAFKA, acks="all")
         await producer.start()
         try:
             await producer.send_and_wait(
                 transport.topic("a"), b"not an envelope", key=b"k", headers=[("x", b"y")]
             )
+            for bad in (b"{not json", b"[1, 2]"):
+                await producer.send_and_wait(
+                    transport.topic("a"), b"?", headers=[("iambus-envelope", bad)]
+                )
+            # a dead letter some other client wrote, not as iambus does: skipped when listed
+            await producer.send_and_wait(transport.dead_topic, b"?", key=b"odd", partition=0)
         finally:
             await producer.stop()
         await transport.send("a", _ping(1))
         [delivery] = await _receive(transport, 1)
         assert _n(delivery) == 1
         await delivery.ack()
+        deadline = time.monotonic() + 10
+        while len(letters := await transport.dead_letters()) < 3:
+            assert time.monotonic() < deadline, f"expected 3 dead letters, got {letters}"
+            await asyncio.sleep(0.05)
+        assert [d.failure.message.split(" ")[0] for d in letters[1:]] == ["malformed"] * 2
+        assert "not an object" in letters[2].failure.message
+        assert await transport.purge([d.id for d in letters[1:]]) == 2
         letters = [d for d in await transport.dead_letters() if d.address == "a"]
         [letter] = letters
         assert letter.group == "g"
@@ -324,3 +339,71 @@ async def test_workers_keep_each_key_in_order_through_retries(
 
     async with _bus() as bus:
         await test_a_key_is_handled_in_order_across_instances_through_retries(bus, request)
+
+
+async def test_a_rebalance_lets_handed_out_deliveries_settle_and_commits_them() -> None:
+    """Partitions revoked while a delivery is out: the consumer waits for it (within
+    min(claim_after / 2, 5) s), commits it, and the new owner does not get it again."""
+    async with _transports(2, partitions=2, claim_after=4.0) as (first, second):
+        await first.declare("a", "g", from_start=False)
+        for n in range(2):  # keys of both partitions
+            await first.send("a", _ping(n, key="k0" if n == 0 else "k2"))
+        held = await _receive(first, 2)
+        assert sorted(_n(d) for d in held) == [0, 1]
+
+        async def settle_later() -> None:
+            state = first._groups[("a", "g")]
+            await until(  # the rebalance has begun, and waits for these
+                lambda: any(part.leaving for part in state.parts.values()), 15, "a rebalance"
+            )
+            for delivery in held:
+                await delivery.ack()
+
+        settling = asyncio.create_task(settle_later())
+        deadline = time.monotonic() + 15
+        again: list[Delivery] = []
+        while not _owned(second):  # the group rebalances while the two are out
+            assert time.monotonic() < deadline, "the joining consumer got no partition"
+            again += await second.receive("a", "g", consumer="second", limit=5, wait=0.2)
+        await settling
+        again += await second.receive("a", "g", consumer="second", limit=5, wait=0.5)
+        assert again == [], f"settled during the rebalance, delivered again: {again}"
+
+
+async def test_fetching_pauses_at_the_buffer_and_goes_on_as_records_settle() -> None:
+    async with _transports(1, partitions=1) as (transport,):
+        transport.buffer = 2
+        transport.tune(concurrency=1)  # max(buffer, 4 * 1): 4 unsettled records at most
+        await transport.declare("a", "g", from_start=False)
+        for n in range(12):
+            await transport.send("a", _ping(n))
+        seen: list[int] = []
+        deadline = time.monotonic() + 15
+        while len(seen) < 12:
+            assert time.monotonic() < deadline, f"stuck after {seen}"
+            out = await transport.receive("a", "g", consumer="c", limit=20, wait=0.3)
+            assert len(out) <= 4, f"{len(out)} fetched past the buffer"
+            for delivery in out:
+                seen.append(_n(delivery))
+                await delivery.ack()
+        assert seen == list(range(12))
+
+
+async def test_settling_twice_and_after_close_changes_nothing() -> None:
+    async with _transports(1, partitions=1) as (transport,):
+        await transport.declare("a", "g", from_start=False)
+        await transport.send("a", _ping(1))
+        await transport.send("a", _ping(2))
+        first, second = await _receive(transport, 2)
+        assert repr(first) == "<delivery Ping #1 to g@a>"
+        await first.retry(30.0)  # waiting out its delay...
+        await first.ack()  # ...then acked: the retry is off
+        await first.ack()
+        await second.retry(30.0)
+        await second.retry(0.0)  # a second retry replaces the first
+        [again] = await _receive(transport, 1)
+        assert (_n(again), again.attempt) == (2, 3)
+        await again.retry(30.0)  # pending at close: dropped (uncommitted, redelivered)
+        await transport.open()  # open twice: nothing more
+    with pytest.raises(TransportError, match="not open"):
+        await transport.receive("a", "g", consumer="c", limit=1, wait=0)

@@ -28,9 +28,9 @@ How the seam maps onto Kafka (see docs/kafka.md):
   transport (subscribed to the topic, in the consumer group, sharing its partitions
   with the other processes' consumers; session timeout ``claim_after``), whose fetch
   task buffers what it reads per partition (fetching a partition pauses while it holds
-  ``max(256, 4 * concurrency)`` unsettled records); every consumer name of the
-  transport takes from that buffer. The consumer stays in its group until the
-  transport closes, receiving or not;
+  ``max(buffer, 4 * concurrency)`` unsettled records, ``buffer`` 256 by default);
+  every consumer name of the transport takes from that buffer. The consumer stays in
+  its group until the transport closes, receiving or not;
 * **per-key concurrency**: envelopes of one key, within a partition, go out one at a
   time in offset order (the next once the previous was acked or dead-lettered; a
   retried one holds its key); envelopes of other keys, and unkeyed ones, go out at
@@ -90,7 +90,6 @@ from ..errors import (
     ImproperlyConfigured,
     SerializationError,
     TransportError,
-    TransportRefused,
     check_count,
     check_flag,
     check_seconds,
@@ -112,7 +111,6 @@ try:
     from aiokafka.abc import ConsumerRebalanceListener
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import (
-        AuthenticationFailedError,
         KafkaError,
         TopicAlreadyExistsError,
         UnknownError,
@@ -207,6 +205,7 @@ class KafkaTransport(Transport):
         timeout: float = 10.0,
         idempotent: bool | None = None,
         replication: int | None = None,
+        buffer: int = 256,
         client_name: str | None = None,
     ) -> None:
         parts = urlsplit(url)
@@ -232,7 +231,8 @@ class KafkaTransport(Transport):
         self.client_name = client_name
         self.claim_after = check_seconds("claim_after", claim_after)
         self.timeout = check_seconds("timeout", timeout)
-        self._buffered = 256  # per partition: fetching pauses beyond it (see tune)
+        self.buffer = check_count("buffer", buffer)
+        self._buffered = self.buffer  # per partition: fetching pauses beyond it (see tune)
         self._producer: AIOKafkaProducer | None = None
         self._admin: AIOKafkaAdminClient | None = None
         self._topics: set[str] = set()  # created (or found) by this transport
@@ -266,7 +266,7 @@ class KafkaTransport(Transport):
         return f"{self.namespace}.{group}@{address}"
 
     def tune(self, *, concurrency: int) -> None:
-        self._buffered = max(256, 4 * concurrency)
+        self._buffered = max(self.buffer, 4 * concurrency)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -295,8 +295,6 @@ class KafkaTransport(Transport):
                 await producer.stop()
             with contextlib.suppress(Exception):
                 await admin.close()
-            if isinstance(exc, AuthenticationFailedError):
-                raise TransportRefused(f"{self.url}: connect refused: {exc}") from exc
             if isinstance(exc, UnknownError) and self.idempotent:
                 raise TransportError(
                     f"{self.url}: the broker refused the idempotent producer ({exc}); a "
@@ -501,7 +499,9 @@ class KafkaTransport(Transport):
         assert consumer is not None
         try:
             while True:
-                batches = await consumer.getmany(timeout_ms=_FETCH_MS)
+                # At most a buffer's worth at a time: the rest waits in aiokafka's fetch
+                # buffer, and a partition that holds a buffer's worth pauses below.
+                batches = await consumer.getmany(timeout_ms=_FETCH_MS, max_records=self._buffered)
                 for tp, records in batches.items():
                     part = state.parts.get(tp.partition)
                     if part is None or part.revoked:
@@ -604,6 +604,7 @@ class KafkaTransport(Transport):
                 self.dead_topic,
                 record.envelope.payload,
                 key=key.encode(),
+                partition=0,  # (should the topic have more, made by another client)
                 headers=[
                     (ENVELOPE, _fields(record.envelope)),
                     (DEAD_LETTER, _COMPACT.encode(letter).encode()),
@@ -790,7 +791,9 @@ class KafkaTransport(Transport):
 
     async def _tombstone(self, letter_id: str) -> None:
         async with self._translate("delete dead letter"):
-            await self._client().send_and_wait(self.dead_topic, None, key=letter_id.encode())
+            await self._client().send_and_wait(
+                self.dead_topic, None, key=letter_id.encode(), partition=0
+            )
 
     # -- internals --------------------------------------------------------------------
 
