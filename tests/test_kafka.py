@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 import time
 import uuid
@@ -339,6 +340,48 @@ async def test_workers_keep_each_key_in_order_through_retries(
 
     async with _bus() as bus:
         await test_a_key_is_handled_in_order_across_instances_through_retries(bus, request)
+
+
+async def test_commands_and_queries_are_answered_across_services() -> None:
+    """The shared scenarios of test_worker, on Kafka: routed execute() and query()."""
+    from .test_worker import (
+        test_a_command_goes_to_its_owner_and_its_events_follow,
+        test_queries_answer_across_services_and_fail_clearly,
+    )
+
+    async with _bus() as bus:
+        await test_a_command_goes_to_its_owner_and_its_events_follow(bus)
+    async with _bus() as bus:
+        await test_queries_answer_across_services_and_fail_clearly(bus)
+
+
+async def test_a_reply_nobody_waits_for_is_dropped_and_the_reply_topic_goes_at_close(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with _transports(2, partitions=1) as (asking, answering):
+        await answering.declare("a", "g", from_start=True)
+
+        async def answer() -> None:
+            [delivery] = await _receive(answering, 1)
+            assert delivery.envelope.reply_to is not None
+            await answering.reply(delivery.envelope.reply_to, _ping(99))
+            await delivery.ack()
+
+        serving = asyncio.create_task(answer())
+        reply = await asyncio.wait_for(asking.request("a", _ping(1), timeout=10), 15)
+        await serving
+        assert reply.payload == b"99"
+        gone = f"{asking._reply_topic}#x"
+        await asking.close()  # its reply topic is deleted with it
+        assert asking._reply_topic not in await answering._admin_client().list_topics()
+        caplog.set_level(logging.INFO, logger="iambus.transports.kafka")
+        started = time.monotonic()
+        # Nobody waits there: dropped (Kafka without auto.create.topics.enable has no such
+        # topic: "nobody waits there"; Tansu creates it again, and the reply goes there).
+        await answering.reply(gone, _ping(100))
+        await answering.reply("elsewhere", _ping(101))  # not a reply topic: dropped
+        assert time.monotonic() - started < 5
+        assert "not a reply topic" in caplog.text
 
 
 async def test_a_rebalance_lets_handed_out_deliveries_settle_and_commits_them() -> None:

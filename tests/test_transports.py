@@ -124,7 +124,8 @@ def test_kafka_declares_what_it_does() -> None:
     # Kafka moves partitions, not deliveries: no reclaim of one unsettled delivery.
     assert transport.capabilities == Capability.KEY_ORDER | Capability.DELAYED_RETRY
     assert isinstance(transport, DeadLetterStore)
-    parts = (Requester, DeadLetterCounter, Registry, Monitor, Link)
+    assert isinstance(transport, Requester)
+    parts = (DeadLetterCounter, Registry, Monitor, Link)
     assert not [part for part in parts if isinstance(transport, part)]
     assert transport.partitions == PARTITIONS
 

@@ -63,22 +63,31 @@ How the seam maps onto Kafka (see docs/kafka.md):
   it is for (the others settle it unseen), then writes a tombstone (the id as key, no
   value) that hides the dead letter; so does ``purge``;
 * a record on an address that is no envelope (no ``iambus-envelope`` header, or a bad
-  one) is dead-lettered at once with its raw value and headers, and the rest flows.
+  one) is dead-lettered at once with its raw value and headers, and the rest flows;
+* ``request`` sends the envelope like ``send``, with ``reply_to`` =
+  ``<reply topic>#<envelope id>``: the reply topic ``<ns>-reply-<random>`` (one
+  partition) is this transport's own, made at its first request and read from its start
+  by a consumer outside any group; ``close`` deletes it. ``reply`` produces the answer
+  there, keyed by the request's id; a reply to a topic that does not exist (its
+  requester closed) is dropped after ``min(timeout, 2)`` seconds, as is one to a
+  ``reply_to`` that is no reply topic of the namespace. A process that crashes leaves its
+  reply topic behind (``destroy()`` deletes them).
 
-Request/reply, the registry and the backlog are not built yet: ``execute()`` and
-``query()`` across services need another transport for now.
+The registry and the backlog are not built yet.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import random
 import re
 import time
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -134,6 +143,7 @@ _FETCH_MS = 200  # how long one fetch waits for records
 # broker that does not answer early when a record comes, as Tansu, adds up to this much
 # latency, and a seek waits for the fetch in flight).
 _FETCH_WAIT_MS = 100
+_REPLY_WAIT = 2.0  # how long a reply waits for its topic's metadata before it is dropped
 _GRACE = 5.0  # at most this long a rebalance waits for handed-out deliveries to settle
 _COMPACT = json.JSONEncoder(separators=(",", ":"))
 
@@ -239,6 +249,12 @@ class KafkaTransport(Transport):
         self._sticky: dict[str, int] = {}  # topic -> the partition of unkeyed envelopes
         self._groups: dict[tuple[str, str], _Group] = {}
         self._background: set[asyncio.Task[None]] = set()
+        # Request/reply: this transport's reply topic, its listener, the requests waiting.
+        self._reply_topic = f"{self.namespace}-reply-{uuid.uuid4().hex[:16]}"
+        self._replies: dict[str, asyncio.Future[Envelope]] = {}
+        self._listener: AIOKafkaConsumer | None = None
+        self._listening: asyncio.Task[None] | None = None
+        self._listen_lock = asyncio.Lock()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url}>"
@@ -309,6 +325,7 @@ class KafkaTransport(Transport):
         groups = list(self._groups.values())
         self._groups.clear()
         await asyncio.gather(*(self._stop_group(state) for state in groups))
+        await self._unlisten()
         producer, admin, self._producer, self._admin = self._producer, self._admin, None, None
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
@@ -330,7 +347,9 @@ class KafkaTransport(Transport):
         await asyncio.gather(*(self._stop_group(state) for state in groups))
         async with self._translate("list topics"):
             topics = await admin.list_topics()
-        mine = [t for t in topics if t.startswith((f"{self.namespace}.", self.dead_topic))]
+        await self._unlisten()
+        prefixes = (f"{self.namespace}.", self.dead_topic, f"{self.namespace}-reply-")
+        mine = [t for t in topics if t.startswith(prefixes)]
         if mine:
             async with self._translate("delete topics"):
                 await admin.delete_topics(mine)
@@ -712,6 +731,105 @@ class KafkaTransport(Transport):
         for tp in tps:
             if tp.partition not in state.parts:
                 state.parts[tp.partition] = _Partition(tp)
+
+    # -- request/reply --------------------------------------------------------------
+
+    async def request(self, address: str, envelope: Envelope, *, timeout: float) -> Envelope:
+        await self._listen()
+        answer: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
+        self._replies[envelope.id] = answer
+        try:
+            async with asyncio.timeout(timeout):
+                to = f"{self._reply_topic}#{envelope.id}"
+                await self.send(address, dataclasses.replace(envelope, reply_to=to))
+                return await answer
+        finally:
+            self._replies.pop(envelope.id, None)
+
+    async def reply(self, to: str, envelope: Envelope) -> None:
+        topic, _, token = to.partition("#")
+        if not topic.startswith(f"{self.namespace}-reply-") or not token:
+            logger.info("iambus: %s: dropping a reply to %r: not a reply topic", self.url, to)
+            return
+        producer = self._client()
+        try:
+            # A requester gone (its topic deleted when it closed) takes no reply: Kafka
+            # would wait for the topic's metadata until its request timeout.
+            async with asyncio.timeout(min(self.timeout, _REPLY_WAIT)):
+                await producer.partitions_for(topic)
+        except (KafkaError, TimeoutError):
+            logger.info("iambus: %s: dropping a reply to %r: nobody waits there", self.url, to)
+            return
+        async with self._translate("reply"):
+            await producer.send_and_wait(
+                topic,
+                envelope.payload,
+                key=token.encode(),
+                partition=0,
+                headers=[(ENVELOPE, _fields(envelope))],
+            )
+
+    async def _listen(self) -> None:
+        """Make this transport's reply topic, and read it from its start (it is new)."""
+        if self._listening is not None:
+            return
+        async with self._listen_lock:
+            if self._listening is not None:
+                return
+            await self._ensure_topic(self._reply_topic, 1)
+            listener = AIOKafkaConsumer(
+                bootstrap_servers=self.servers,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                fetch_max_wait_ms=_FETCH_WAIT_MS,
+                client_id=self.client_name or client_name(),
+                request_timeout_ms=int(self.timeout * 1000),
+            )
+            async with self._translate("listen for replies"):
+                await listener.start()
+            listener.assign([TopicPartition(self._reply_topic, 0)])
+            self._listener = listener
+            self._listening = asyncio.create_task(self._hear(listener))
+
+    async def _hear(self, listener: AIOKafkaConsumer) -> None:
+        while True:
+            try:
+                batches = await listener.getmany(timeout_ms=_FETCH_MS)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the next fetch tries again
+                logger.warning("iambus: %s: reading replies failed: %r", self.url, exc)
+                await asyncio.sleep(0.5)
+                continue
+            for records in batches.values():
+                for record in records:
+                    token = (record.key or b"").decode(errors="replace")
+                    answer = self._replies.get(token)
+                    if answer is None or answer.done():
+                        continue  # its requester gave up
+                    try:
+                        answer.set_result(_envelope(dict(record.headers or ()), record.value))
+                    except SerializationError as exc:
+                        logger.warning("iambus: %s: a reply that is no envelope: %s", self.url, exc)
+
+    async def _unlisten(self) -> None:
+        listening, listener = self._listening, self._listener
+        self._listening = self._listener = None
+        for answer in self._replies.values():
+            if not answer.done():
+                answer.set_exception(TransportError(f"{self.url}: closed while waiting"))
+                answer.exception()  # (retrieved: a request still sending never awaits it)
+        if listening is None or listener is None:
+            return
+        listening.cancel()
+        await asyncio.gather(listening, return_exceptions=True)
+        with contextlib.suppress(KafkaError, OSError):
+            await listener.stop()
+        if self._admin is not None:  # the reply topic goes with its listener
+            with contextlib.suppress(KafkaError, OSError, TimeoutError):
+                async with asyncio.timeout(self.timeout):
+                    await self._admin.delete_topics([self._reply_topic])
+            self._topics.discard(self._reply_topic)
 
     # -- dead letters -----------------------------------------------------------------
 
