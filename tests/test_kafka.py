@@ -21,7 +21,7 @@ import pytest
 
 from iambus.envelope import Envelope
 from iambus.errors import ImproperlyConfigured, TransportError
-from iambus.transports import Delivery, connect
+from iambus.transports import Delivery, Failure, connect
 
 from .conftest import Bus, require
 from .processes import until
@@ -249,8 +249,6 @@ async def test_a_record_that_is_no_envelope_is_dead_lettered_and_the_rest_flows(
 
 async def test_a_dead_letter_carries_its_failure_in_headers() -> None:
     """Readable by any Kafka client: the failure is JSON in the iambus-dead-letter header."""
-    from iambus.transports import Failure
-
     async with _transports(1, partitions=1) as (transport,):
         await transport.declare("a", "g", from_start=False)
         await transport.send("a", _ping(7))
@@ -447,6 +445,54 @@ async def test_settling_twice_and_after_close_changes_nothing() -> None:
         [again] = await _receive(transport, 1)
         assert (_n(again), again.attempt) == (2, 3)
         await again.retry(30.0)  # pending at close: dropped (uncommitted, redelivered)
+        await first.retry(0.0)  # settled: nothing more
+        await first.dead_letter(Failure("builtins.ValueError", "late", "", attempts=1))
+        assert await transport.dead_letters() == []
         await transport.open()  # open twice: nothing more
     with pytest.raises(TransportError, match="not open"):
         await transport.receive("a", "g", consumer="c", limit=1, wait=0)
+
+
+async def test_a_driver_failure_is_a_transport_error() -> None:
+    async with _transports(1, partitions=1) as (transport,):
+        await transport.declare("a", "g", from_start=False)
+        too_big = Envelope(name="Ping", payload=b"x" * 2_000_000)  # over max_request_size
+        with pytest.raises(TransportError, match="send failed"):
+            await transport.send("a", too_big)
+        assert await transport.receive("a", "g", consumer="c", limit=1, wait=0) == []
+        state = transport._groups[("a", "g")]
+        assert state.consumer is not None
+
+        async def broken(*args: object, **kwargs: object) -> None:
+            raise OSError("the fetch broke")
+
+        state.consumer.getmany = broken  # the driver fails under the fetch task
+        with pytest.raises(TransportError, match="fetch failed: the fetch broke"):
+            await transport.receive("a", "g", consumer="c", limit=1, wait=5)
+
+
+async def test_replies_find_their_request_and_a_close_ends_the_waiting_ones(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with _transports(1, partitions=1) as (transport,):
+        with pytest.raises(TimeoutError):
+            await transport.request("b", _ping(1), timeout=0.3)  # nobody answers
+        late = _ping(2)
+        waiting = asyncio.create_task(transport.request("b", late, timeout=10))
+        await until(lambda: late.id in transport._replies, 10, "the request sent")
+        to = f"{transport._reply_topic}#{late.id}"
+        producer = AIOKafkaProducer(bootstrap_servers=KAFKA, acks="all")
+        await producer.start()
+        try:  # a record on the reply topic that is no envelope: a warning, skipped
+            await producer.send_and_wait(transport._reply_topic, b"?", key=late.id.encode())
+        finally:
+            await producer.stop()
+        await transport.reply(f"{transport._reply_topic}#gone", _ping(3))  # gave up: skipped
+        await transport.reply(to, _ping(4))
+        assert (await asyncio.wait_for(waiting, 10)).payload == b"4"
+        assert "a reply that is no envelope" in caplog.text
+        pending = asyncio.create_task(transport.request("b", _ping(5), timeout=10))
+        await until(lambda: len(transport._replies) == 1, 10, "the request sent")
+        await transport.close()
+        with pytest.raises(TransportError, match="closed while waiting"):
+            await pending
