@@ -16,6 +16,8 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -24,7 +26,7 @@ from iambus.errors import ImproperlyConfigured, TransportError
 from iambus.transports import Delivery, Failure, connect
 
 from .conftest import Bus, require
-from .processes import until
+from .processes import Cluster, until
 
 pytest.importorskip(
     "aiokafka", reason="the Kafka transport needs aiokafka: pip install 'iambus[kafka]'"
@@ -469,6 +471,9 @@ async def test_a_driver_failure_is_a_transport_error() -> None:
         state.consumer.getmany = broken  # the driver fails under the fetch task
         with pytest.raises(TransportError, match="fetch failed: the fetch broke"):
             await transport.receive("a", "g", consumer="c", limit=1, wait=5)
+        await transport.send("a", _ping(1))  # the next receive starts another consumer
+        [delivery] = await _receive(transport, 1)
+        assert _n(delivery) == 1
 
 
 async def test_replies_find_their_request_and_a_close_ends_the_waiting_ones(
@@ -496,3 +501,78 @@ async def test_replies_find_their_request_and_a_close_ends_the_waiting_ones(
         await transport.close()
         with pytest.raises(TransportError, match="closed while waiting"):
             await pending
+
+
+@dataclass
+class _KafkaCluster(Cluster):
+    """``tests.processes.Cluster`` on Kafka (its URL: one of the test broker)."""
+
+    @property
+    def url(self) -> str:
+        return _url(self.namespace, 4)
+
+
+async def test_a_worker_killed_mid_handler_loses_nothing(tmp_path: Path) -> None:
+    """The shared process scenario on Kafka: a worker SIGKILLed with a handler hanging;
+    its partitions move to another worker after the session timeout, nothing is lost."""
+    from . import test_worker_processes as scenario
+
+    require("kafka")
+    cluster = _KafkaCluster("kafka", tmp_path, scenario.APP, claim_after=scenario.CLAIM_AFTER)
+    async with cluster:
+        await scenario.test_a_worker_killed_mid_handler_loses_nothing(cluster)
+
+
+async def test_a_failed_commit_dead_letter_or_reply_read_is_tried_again() -> None:
+    """Driver failures in the background (injected into aiokafka's calls) are retried: a
+    commit, the dead letter of a record that is no envelope, a fetch of replies."""
+    from aiokafka.errors import KafkaConnectionError
+
+    async with _transports(1, partitions=1) as (transport,):
+        await transport.declare("a", "g", from_start=False)
+        assert await transport.receive("a", "g", consumer="c", limit=1, wait=0) == []
+        state = transport._groups[("a", "g")]
+        assert state.consumer is not None
+        assert transport._producer is not None
+        failing = {"commit": 1, "send_and_wait": 1, "getmany": 1}
+
+        def once(target: object, name: str) -> None:
+            real = getattr(target, name)
+
+            async def flaky(*args: object, **kwargs: object) -> object:
+                if failing[name]:
+                    failing[name] -= 1
+                    raise KafkaConnectionError(f"{name} broke")
+                return await real(*args, **kwargs)
+
+            setattr(target, name, flaky)
+
+        once(state.consumer, "commit")
+        await transport.send("a", _ping(1))
+        [delivery] = await _receive(transport, 1)
+        await delivery.ack()
+        deadline = time.monotonic() + 10
+        while await _committed(transport, "g") != 1:  # the failed commit, made again
+            assert time.monotonic() < deadline, "the commit was not tried again"
+            await asyncio.sleep(0.05)
+
+        once(transport._producer, "send_and_wait")
+        producer = AIOKafkaProducer(bootstrap_servers=KAFKA, acks="all")
+        await producer.start()
+        try:
+            await producer.send_and_wait(transport.topic("a"), b"raw")
+        finally:
+            await producer.stop()
+        deadline = time.monotonic() + 10
+        while not await transport.dead_letters():  # parked once the producer works again
+            assert time.monotonic() < deadline, "the record was not dead-lettered"
+            await asyncio.sleep(0.05)
+
+        asking = asyncio.create_task(transport.request("b", _ping(2), timeout=10))
+        await until(lambda: transport._listener is not None, 10, "the reply listener")
+        once(transport._listener, "getmany")
+        await until(lambda: bool(transport._replies), 10, "the request sent")
+        [token] = transport._replies
+        await transport.reply(f"{transport._reply_topic}#{token}", _ping(3))
+        assert (await asyncio.wait_for(asking, 10)).payload == b"3"
+        assert failing == {"commit": 0, "send_and_wait": 0, "getmany": 0}

@@ -30,7 +30,8 @@ How the seam maps onto Kafka (see docs/kafka.md):
   task buffers what it reads per partition (fetching a partition pauses while it holds
   ``max(buffer, 4 * concurrency)`` unsettled records, ``buffer`` 256 by default);
   every consumer name of the transport takes from that buffer. The consumer stays in
-  its group until the transport closes, receiving or not;
+  its group until the transport closes, receiving or not; a fetch that fails makes the
+  next receive raise ``TransportError`` and close it (the receive after starts another);
 * **per-key concurrency**: envelopes of one key, within a partition, go out one at a
   time in offset order (the next once the previous was acked or dead-lettered; a
   retried one holds its key); envelopes of other keys, and unkeyed ones, go out at
@@ -105,6 +106,7 @@ from ..errors import (
 )
 from ..partitions import partition, partitions_option
 from . import (
+    Backlog,
     Capability,
     DeadLetter,
     Delivery,
@@ -143,6 +145,7 @@ _FETCH_MS = 200  # how long one fetch waits for records
 # broker that does not answer early when a record comes, as Tansu, adds up to this much
 # latency, and a seek waits for the fetch in flight).
 _FETCH_WAIT_MS = 100
+_RETRY_COMMIT = 0.5  # seconds before a failed commit is tried again
 _REPLY_WAIT = 2.0  # how long a reply waits for its topic's metadata before it is dropped
 _GRACE = 5.0  # at most this long a rebalance waits for handed-out deliveries to settle
 _COMPACT = json.JSONEncoder(separators=(",", ":"))
@@ -403,13 +406,7 @@ class KafkaTransport(Transport):
         # Commit the end of each partition that has no committed offset yet, so the
         # group starts after what was sent before it existed. (A group with members
         # already running refuses the commit: it has its offsets.)
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.servers,
-            group_id=self.group_id(address, group),
-            enable_auto_commit=False,
-            client_id=self.client_name or client_name(),
-            request_timeout_ms=int(self.timeout * 1000),
-        )
+        consumer = self._side_consumer(self.group_id(address, group))
         async with self._translate("declare group"):
             await consumer.start()
             try:
@@ -491,9 +488,13 @@ class KafkaTransport(Transport):
         deadline = time.monotonic() + max(wait, 0.0)
         while True:
             if state.failed is not None:
-                raise TransportError(
-                    f"{self.url}: fetch failed: {_describe(state.failed)}"
-                ) from state.failed
+                # Its consumer goes (committing what was settled); the next receive
+                # starts another one, from the committed offsets.
+                failed = state.failed
+                if self._groups.get((address, group)) is state:
+                    del self._groups[(address, group)]
+                await self._stop_group(state)
+                raise TransportError(f"{self.url}: fetch failed: {_describe(failed)}") from failed
             out: list[Delivery] = []
             while state.ready and len(out) < limit:
                 record = state.ready.popleft()
@@ -674,8 +675,11 @@ class KafkaTransport(Transport):
                 return
             try:
                 await self._commit(state, consumer)
-            except (KafkaError, OSError, TimeoutError) as exc:  # a rebalance: its listener commits
+            except (KafkaError, OSError, TimeoutError) as exc:
+                # A rebalance (its listener commits), or the broker away: try again soon.
                 logger.info("iambus: %s: commit failed: %r", self.url, exc)
+                await asyncio.sleep(_RETRY_COMMIT)
+                state.dirty.set()
 
     async def _commit(
         self, state: _Group, consumer: AIOKafkaConsumer, only: set[int] | None = None
@@ -777,14 +781,7 @@ class KafkaTransport(Transport):
             if self._listening is not None:
                 return
             await self._ensure_topic(self._reply_topic, 1)
-            listener = AIOKafkaConsumer(
-                bootstrap_servers=self.servers,
-                enable_auto_commit=False,
-                auto_offset_reset="earliest",
-                fetch_max_wait_ms=_FETCH_WAIT_MS,
-                client_id=self.client_name or client_name(),
-                request_timeout_ms=int(self.timeout * 1000),
-            )
+            listener = self._side_consumer()
             async with self._translate("listen for replies"):
                 await listener.start()
             listener.assign([TopicPartition(self._reply_topic, 0)])
@@ -831,19 +828,48 @@ class KafkaTransport(Transport):
                     await self._admin.delete_topics([self._reply_topic])
             self._topics.discard(self._reply_topic)
 
+    # -- backlog ----------------------------------------------------------------------
+
+    async def backlog(self, address: str, group: str) -> Backlog:
+        """What waits for ``group``: records after each partition's committed offset (or,
+        for a partition this transport consumes, after what it fetched); in flight and
+        retrying: what this transport holds (None when it consumes none of the group)."""
+        topic = self.topic(address)
+        await self._ensure_topic(topic, self.partitions)
+        consumer = self._side_consumer(self.group_id(address, group))
+        state = self._groups.get((address, group))
+        parts = {} if state is None else state.parts
+        waiting = 0
+        async with self._translate("backlog"):
+            await consumer.start()
+            try:
+                numbers = await self._client().partitions_for(topic)
+                tps = [TopicPartition(topic, n) for n in sorted(numbers)]
+                consumer.assign(tps)
+                ends = await consumer.end_offsets(tps)
+                for tp in tps:
+                    part = parts.get(tp.partition)
+                    if part is not None and part.fetched is not None:
+                        position: int | None = part.fetched
+                    else:
+                        position = await consumer.committed(tp)
+                    if position is not None:  # (None: a group that never committed)
+                        waiting += max(ends[tp] - position, 0)
+            finally:
+                await consumer.stop()
+        if state is None:
+            return Backlog(waiting=waiting, in_flight=None, retrying=None)
+        held = [record for part in parts.values() for record in part.unsettled.values()]
+        retrying = sum(record.timer is not None for record in held)
+        return Backlog(waiting=waiting, in_flight=len(held) - retrying, retrying=retrying)
+
     # -- dead letters -----------------------------------------------------------------
 
     async def _read_dead(self) -> dict[str, DeadLetter]:
         """Every dead letter not replayed nor purged, oldest first, by id."""
         await self._ensure_topic(self.dead_topic, 1)
         letters: dict[str, DeadLetter] = {}
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.servers,
-            enable_auto_commit=False,
-            fetch_max_wait_ms=_FETCH_WAIT_MS,
-            client_id=self.client_name or client_name(),
-            request_timeout_ms=int(self.timeout * 1000),
-        )
+        consumer = self._side_consumer()
         tp = TopicPartition(self.dead_topic, 0)
         async with self._translate("read dead letters"):
             await consumer.start()
@@ -914,6 +940,19 @@ class KafkaTransport(Transport):
             )
 
     # -- internals --------------------------------------------------------------------
+
+    def _side_consumer(self, group_id: str | None = None) -> AIOKafkaConsumer:
+        """A consumer assigned by hand (outside any group's membership): to read a topic
+        from its start, or to read and commit a group's offsets."""
+        return AIOKafkaConsumer(
+            bootstrap_servers=self.servers,
+            group_id=group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=_FETCH_WAIT_MS,
+            client_id=self.client_name or client_name(),
+            request_timeout_ms=int(self.timeout * 1000),
+        )
 
     def _client(self) -> AIOKafkaProducer:
         if self._producer is None:
