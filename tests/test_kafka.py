@@ -355,6 +355,14 @@ async def test_commands_and_queries_are_answered_across_services() -> None:
         await test_queries_answer_across_services_and_fail_clearly(bus)
 
 
+async def test_status_shows_kafka_instances_backlog_and_dead_letters() -> None:
+    """The shared scenario of test_status, on Kafka: the registry, backlog, dead letters."""
+    from .test_status import test_status_shows_instances_backlog_and_dead_letters
+
+    async with _bus() as bus:
+        await test_status_shows_instances_backlog_and_dead_letters(bus)
+
+
 async def test_a_reply_nobody_waits_for_is_dropped_and_the_reply_topic_goes_at_close(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -387,7 +395,7 @@ async def test_a_reply_nobody_waits_for_is_dropped_and_the_reply_topic_goes_at_c
 async def test_a_rebalance_lets_handed_out_deliveries_settle_and_commits_them() -> None:
     """Partitions revoked while a delivery is out: the consumer waits for it (within
     min(claim_after / 2, 5) s), commits it, and the new owner does not get it again."""
-    async with _transports(2, partitions=2, claim_after=4.0) as (first, second):
+    async with _transports(2, partitions=2, claim_after=2.0) as (first, second):
         await first.declare("a", "g", from_start=False)
         for n in range(2):  # keys of both partitions
             await first.send("a", _ping(n, key="k0" if n == 0 else "k2"))

@@ -21,9 +21,9 @@ How the seam maps onto Kafka (see docs/kafka.md):
   ``open()`` with a message saying so;
 * a group is the Kafka consumer group ``<ns>.<group>@<address>``, one per address and
   group, with its offsets committed by iambus (never automatically).
-  ``declare(from_start=False)`` commits the end of every partition that has no committed
-  offset yet, so the group starts from what is sent after it was declared; with
-  ``from_start=True`` a partition without a committed offset is read from its start;
+  ``declare`` commits, for every partition that has no committed offset yet, its end
+  (so the group starts from what is sent after it was declared) or, ``from_start``, its
+  start; a partition that still has none (made later) is read from its start;
 * ``receive`` starts, on a group's first receive, one Kafka consumer for it in this
   transport (subscribed to the topic, in the consumer group, sharing its partitions
   with the other processes' consumers; session timeout ``claim_after``), whose fetch
@@ -74,7 +74,9 @@ How the seam maps onto Kafka (see docs/kafka.md):
   ``reply_to`` that is no reply topic of the namespace. A process that crashes leaves its
   reply topic behind (``destroy()`` deletes them).
 
-The registry and the backlog are not built yet.
+The registry: topic ``<ns>-live`` holds a record per live instance (its id as key, its
+"live until" on the writer's clock; a tombstone when it withdraws), ``<ns>-groups`` one
+per (address, group); both are read from their start. The backlog: see ``backlog``.
 """
 
 from __future__ import annotations
@@ -106,11 +108,13 @@ from ..errors import (
 )
 from ..partitions import partition, partitions_option
 from . import (
+    ANNOUNCE_TTL,
     Backlog,
     Capability,
     DeadLetter,
     Delivery,
     Failure,
+    Instance,
     Transport,
     client_name,
     plain_namespace,
@@ -351,7 +355,12 @@ class KafkaTransport(Transport):
         async with self._translate("list topics"):
             topics = await admin.list_topics()
         await self._unlisten()
-        prefixes = (f"{self.namespace}.", self.dead_topic, f"{self.namespace}-reply-")
+        prefixes = (
+            f"{self.namespace}.",
+            self.dead_topic,
+            f"{self.namespace}-reply-",
+            *self.registry_topics,
+        )
         mine = [t for t in topics if t.startswith(prefixes)]
         if mine:
             async with self._translate("delete topics"):
@@ -401,11 +410,10 @@ class KafkaTransport(Transport):
     async def declare(self, address: str, group: str, *, from_start: bool) -> None:
         topic = self.topic(address)
         await self._ensure_topic(topic, self.partitions)
-        if from_start:
-            return  # a partition without a committed offset is read from its start
-        # Commit the end of each partition that has no committed offset yet, so the
-        # group starts after what was sent before it existed. (A group with members
-        # already running refuses the commit: it has its offsets.)
+        # Commit the start (from_start) or the end of each partition that has no
+        # committed offset yet: the group then exists for the broker (and its backlog),
+        # and starts where it should. (A group with members already running refuses the
+        # commit: it has its offsets.)
         consumer = self._side_consumer(self.group_id(address, group))
         async with self._translate("declare group"):
             await consumer.start()
@@ -413,8 +421,11 @@ class KafkaTransport(Transport):
                 partitions = await self._client().partitions_for(topic)
                 tps = [TopicPartition(topic, n) for n in sorted(partitions)]
                 consumer.assign(tps)
-                ends = await consumer.end_offsets(tps)
-                fresh = {tp: ends[tp] for tp in tps if await consumer.committed(tp) is None}
+                if from_start:
+                    starts = await consumer.beginning_offsets(tps)
+                else:
+                    starts = await consumer.end_offsets(tps)
+                fresh = {tp: starts[tp] for tp in tps if await consumer.committed(tp) is None}
                 if fresh:
                     with contextlib.suppress(KafkaError):
                         await consumer.commit(fresh)
@@ -828,6 +839,59 @@ class KafkaTransport(Transport):
                     await self._admin.delete_topics([self._reply_topic])
             self._topics.discard(self._reply_topic)
 
+    # -- registry -------------------------------------------------------------------
+
+    @property
+    def registry_topics(self) -> tuple[str, str]:
+        """The live instances (``<ns>-live``) and the groups they consume (``<ns>-groups``),
+        one record per instance or group, keyed; one partition each."""
+        return f"{self.namespace}-live", f"{self.namespace}-groups"
+
+    async def announce(self, instance: Instance) -> None:
+        live, groups = self.registry_topics
+        await self._write(live, instance.id, {"until": time.time() + ANNOUNCE_TTL}, instance)
+        for address, group in instance.consumes:
+            record = [address, group, instance.service]
+            await self._write(groups, f"{address}\0{group}", {"group": record})
+
+    async def withdraw(self, instance: Instance) -> None:
+        await self._write(self.registry_topics[0], instance.id, None)
+
+    async def instances(self) -> list[Instance]:
+        now = time.time()
+        live: list[Instance] = []
+        for record in (await self._latest(self.registry_topics[0])).values():
+            try:
+                entry = json.loads(record.value)
+                if float(entry["until"]) > now:
+                    live.append(Instance.from_json(entry["instance"]))
+            except (KeyError, TypeError, ValueError) as exc:
+                logger.warning("iambus: %s: skipping a registry entry: %s", self.url, exc)
+        return live
+
+    async def groups(self) -> dict[tuple[str, str], str]:
+        known: dict[tuple[str, str], str] = {}
+        for record in (await self._latest(self.registry_topics[1])).values():
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                address, group, service = json.loads(record.value)["group"]
+                known[(str(address), str(group))] = str(service)
+        return known
+
+    async def _write(
+        self,
+        topic: str,
+        key: str,
+        entry: dict[str, Any] | None,
+        instance: Instance | None = None,
+    ) -> None:
+        """Write ``entry`` (None: a tombstone) as the record of ``key`` in ``topic``."""
+        await self._ensure_topic(topic, 1)
+        if entry is not None and instance is not None:
+            entry = {**entry, "instance": instance.to_json().decode()}
+        value = None if entry is None else _COMPACT.encode(entry).encode()
+        async with self._translate(f"write {topic}"):
+            await self._client().send_and_wait(topic, value, key=key.encode(), partition=0)
+
     # -- backlog ----------------------------------------------------------------------
 
     async def backlog(self, address: str, group: str) -> Backlog:
@@ -867,11 +931,20 @@ class KafkaTransport(Transport):
 
     async def _read_dead(self) -> dict[str, DeadLetter]:
         """Every dead letter not replayed nor purged, oldest first, by id."""
-        await self._ensure_topic(self.dead_topic, 1)
         letters: dict[str, DeadLetter] = {}
+        for record in (await self._latest(self.dead_topic)).values():
+            self._read_letter(letters, record)
+        return letters
+
+    async def _latest(self, topic: str) -> dict[str, ConsumerRecord[Any, Any]]:
+        """The last record of each key of the one-partition ``topic``, read from its start,
+        in the order they were written; a key whose last record is a tombstone (no value)
+        is left out."""
+        await self._ensure_topic(topic, 1)
+        latest: dict[str, ConsumerRecord[Any, Any]] = {}
         consumer = self._side_consumer()
-        tp = TopicPartition(self.dead_topic, 0)
-        async with self._translate("read dead letters"):
+        tp = TopicPartition(topic, 0)
+        async with self._translate(f"read {topic}"):
             await consumer.start()
             try:
                 consumer.assign([tp])
@@ -881,20 +954,20 @@ class KafkaTransport(Transport):
                 deadline = time.monotonic() + self.timeout
                 while await consumer.position(tp) < end:
                     if time.monotonic() > deadline:
-                        raise TimeoutError(f"{self.dead_topic} not read to its end")
+                        raise TimeoutError(f"{topic} not read to its end")
                     batches = await consumer.getmany(tp, timeout_ms=_FETCH_MS)
                     for record in batches.get(tp, []):
-                        self._read_letter(letters, record)
+                        key = (record.key or b"").decode(errors="replace")
+                        latest.pop(key, None)  # a later one of the key replaces it
+                        if record.value is not None:
+                            latest[key] = record
             finally:
                 await consumer.stop()
-        return letters
+        return latest
 
     @staticmethod
     def _read_letter(letters: dict[str, DeadLetter], record: ConsumerRecord[Any, Any]) -> None:
         letter_id = (record.key or b"").decode(errors="replace")
-        letters.pop(letter_id, None)  # a tombstone; or a later one of the same id replaces
-        if record.value is None:
-            return
         headers = dict(record.headers or ())
         try:
             info = json.loads(headers[DEAD_LETTER])
