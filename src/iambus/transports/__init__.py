@@ -94,7 +94,7 @@ from typing import Any, Protocol, runtime_checkable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..envelope import Envelope
-from ..errors import ImproperlyConfigured, bad_option
+from ..errors import ImproperlyConfigured, bad_option, check_name
 
 __all__ = [
     "ANNOUNCE_TTL",
@@ -475,6 +475,7 @@ _SCHEMES: dict[str, tuple[str, str, str | None]] = {
     "amqp": ("iambus.transports.rabbitmq", "RabbitMQTransport", "rabbitmq"),
     "amqps": ("iambus.transports.rabbitmq", "RabbitMQTransport", "rabbitmq"),
     "nats": ("iambus.transports.nats", "NatsTransport", "nats"),
+    "kafka": ("iambus.transports.kafka", "KafkaTransport", "kafka"),
 }
 
 
@@ -512,6 +513,24 @@ def resolve(url: str) -> tuple[str, str, str, dict[str, Any]]:
     return module_name, class_name, url, options
 
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def plain_namespace(given: str | None, query: dict[str, str], broker: str) -> str:
+    """A transport's namespace of letters, digits, ``_`` and ``-`` (NATS, Kafka): ``given``
+    (its keyword), else ``?namespace=`` of its URL, else ``iambus``; checked. Takes
+    ``namespace`` out of ``query`` (the URL's parsed query)."""
+    if given is not None:
+        check_name("namespace", given)
+    in_url = query.pop("namespace", None)
+    namespace = given or in_url or "iambus"
+    if not _PLAIN_NAME.fullmatch(namespace):
+        raise ImproperlyConfigured(
+            f"a {broker} namespace is letters, digits, '_' and '-' only: {namespace!r}"
+        )
+    return namespace
+
+
 def client_name(service: str | None = None) -> str:
     """The name a connection gives the broker: ``iambus:<service>:<host>:<pid>``.
 
@@ -535,7 +554,8 @@ def redact(url: str) -> str:
     """
     try:
         parts = urlsplit(url)
-        _port = parts.port  # a malformed port raises here rather than later
+        if "," not in parts.netloc:  # (kafka://h1:9092,h2:9092 lists several hosts)
+            _port = parts.port  # a malformed port raises here rather than later
     except ValueError:
         return url.partition(":")[0] + "://***"
     netloc = parts.netloc

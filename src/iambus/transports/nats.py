@@ -136,7 +136,6 @@ from ..errors import (
     TransportError,
     TransportRefused,
     check_count,
-    check_name,
     check_seconds,
 )
 from ..partitions import partition, partitions_option
@@ -150,6 +149,7 @@ from . import (
     Instance,
     Transport,
     client_name,
+    plain_namespace,
     redact,
 )
 
@@ -182,7 +182,6 @@ ONLY_GROUP = "Iambus-Group"  # on a replayed message: the one group it is for
 DEAD_LETTER = "Iambus-Dead-Letter"  # on a dead letter: address, group, failure, time
 MSG_ID = "Nats-Msg-Id"
 
-_NAME = re.compile(r"[A-Za-z0-9_-]+")
 _NOT_IN_NAME = re.compile(r"[^A-Za-z0-9_-]")
 _BAD_SUBJECT = re.compile(r"[\s*>]|^\.|\.$|\.\.")
 _NO_MESSAGE = (10037, 10057)  # "no message found" (get, delete)
@@ -288,14 +287,7 @@ class NatsTransport(Transport):
     ) -> None:
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
-        if namespace is not None:
-            check_name("namespace", namespace)
-        self.namespace = namespace or query.pop("namespace", None) or "iambus"
-        query.pop("namespace", None)
-        if not _NAME.fullmatch(self.namespace):
-            raise ImproperlyConfigured(
-                f"a NATS namespace is letters, digits, '_' and '-' only: {self.namespace!r}"
-            )
+        self.namespace = plain_namespace(namespace, query, "NATS")
         self.partitions = partitions_option(partitions, query)
         self._driver_url = urlunsplit(parts._replace(query=urlencode(query)))
         self.url = redact(url)

