@@ -193,7 +193,7 @@ class Ctx(FreshNames, SettledChecks):
         return sum((await self.highwaters(topics)).values())
 
     async def cleanup(self, scope: str) -> int:
-        self.probe.unsubscribe()  # assign([]) : release what a check assigned
+        self.probe.unsubscribe()  # drop the partitions a check assigned it
         for group in [g for g in self.readers if scope in g]:
             await self.readers.pop(group).stop()
         topics = await self.topics(scope)
