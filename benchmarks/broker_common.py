@@ -23,7 +23,8 @@ Every ``Impl`` carries two coroutine functions:
 
 and may carry a third, ``keyed_slow(n, in_flight) -> ThroughputStats``: the same
 as ``throughput`` with ``KEYS`` keys and a handler that waits ``SLOW_HANDLER``
-seconds, each key's order checked (broker_kafka's second scenario). A builder
+seconds, each key's order checked, timing the consumer alone: the handlers wait at
+the tracker's gate until every event was sent (broker_kafka's second scenario). A builder
 that cannot run on this checkout raises :class:`Unavailable`; its cells say why.
 
 Each call uses fresh names (the run's random suffix plus a counter), so rounds
@@ -123,7 +124,7 @@ def event_fields(seq: int) -> dict[str, Any]:
 @dataclass
 class ThroughputStats:
     n: int
-    elapsed: float  # first publish -> last event handled (and acked, where observable)
+    elapsed: float  # first publish (or the gate opening) -> last event handled (and acked)
     publish_elapsed: float  # first publish -> last publish accepted
 
     @property
@@ -229,17 +230,27 @@ class Tracker:
     """Counts handled events by sequence number; flags duplicates and strays.
 
     Sequence number ``n`` is the priming event some modules send (and wait for) before
-    the clock starts: it sets ``primed`` and is not counted.
+    the clock starts: it sets ``primed`` and is not counted. ``held=True`` closes the
+    gate: handlers that ``await admit(seq)`` wait until :func:`timed_publish` has sent
+    every event and opens it (the clock then times the consumer alone).
     """
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, *, held: bool = False) -> None:
         self.n = n
+        self.gate = asyncio.Event()
+        if not held:
+            self.gate.set()
         self.seen = bytearray(n)
         self.handled = 0
         self.duplicates = 0
         self.strays = 0
         self.done = asyncio.Event()
         self.primed = asyncio.Event()
+
+    async def admit(self, seq: int) -> None:
+        """Wait for the gate (the priming event passes)."""
+        if seq != self.n and not self.gate.is_set():
+            await self.gate.wait()
 
     def hit(self, seq: int) -> None:
         if seq == self.n:
@@ -368,12 +379,19 @@ async def timed_publish(
     in_flight: int,
     publish: Callable[[int], Awaitable[Any]],
 ) -> ThroughputStats:
-    """Publish ``n`` events (``in_flight`` at most) and wait until all were handled."""
+    """Publish ``n`` events (``in_flight`` at most) and wait until all were handled.
+
+    The clock runs from the first publish; with the tracker's gate held, from the moment
+    the gate opens, once every event was sent.
+    """
     start = time.perf_counter()
     await pump(n, in_flight, publish)
-    published = time.perf_counter()
+    publishing = time.perf_counter() - start
+    if not tracker.gate.is_set():  # the consumer alone: from the gate opening
+        tracker.gate.set()
+        start = time.perf_counter()
     end = await ctx.finish(tracker, scope, what)
-    return ThroughputStats(n, end - start, published - start)
+    return ThroughputStats(n, end - start, publishing)
 
 
 async def timed_requests(n: int, what: str, ask: Callable[[], Awaitable[Any]]) -> list[float]:
@@ -483,7 +501,8 @@ async def build_iambus_with(
 
         @dp.events.register(PageViewed)
         async def on_viewed(event: PageViewed) -> None:
-            if delay:
+            if delay and tracker is not None:
+                await tracker.admit(event.seq)
                 await asyncio.sleep(delay)
             if tracker is not None:
                 tracker.hit(event.seq)
@@ -501,7 +520,7 @@ async def build_iambus_with(
 
     async def run(n: int, in_flight: int, what: str, delay: float) -> ThroughputStats:
         namespace = ctx.namespace("tp")
-        tracker, order = Tracker(n), KeyOrder(what)
+        tracker, order = Tracker(n, held=delay > 0), KeyOrder(what)
         try:
             dp = make_dispatcher(namespace, tracker, delay, order if keyed else None)
             async with dp:

@@ -8,20 +8,25 @@ partition, the partition's high watermark (nothing read and not committed);
 after the consumer stopped that must still hold, and iambus's dead-letter topic
 (``<namespace>-dead``) must be empty. The high watermark is read from a fetch
 response, not from ListOffsets: Tansu 0.6.0 answers "latest" with the base
-offset of the last batch, short of the end.
+offset of the last batch, short of the end. (Tansu also lists consumer group
+ids percent-encoded: they are decoded before their offsets are read.)
 
-Topics are made here (Tansu creates none on its own) with ``PARTITIONS``
-partitions and deleted when a measurement ends; iambus creates its own, told
-``partitions=PARTITIONS`` in its URL. Every consumer starts in a fresh consumer
-group, and each measurement first sends one priming event and waits for it, so
-that the group's join is not on the clock. Producers use ``acks=all`` without
-idempotence (Tansu refuses an idempotent producer).
+Topics are made here (a produce to a missing topic fails on Tansu) with
+``PARTITIONS`` partitions and deleted when a measurement ends (each measurement
+has its own producer: Tansu creates a topic a metadata request names, even a
+deleted one, and a producer keeps asking for the topics it sent to); iambus
+creates its own, told ``partitions=PARTITIONS`` in its URL. Every consumer
+starts in a fresh consumer group, and each measurement first sends one priming
+event and waits for it, so that the group's join is not on the clock. Producers
+use ``acks=all`` without idempotence (Tansu refuses an idempotent producer).
 
 There is no request/reply column: Kafka has no reply channel of its own, and
 iambus's Kafka transport does not answer queries yet.
 
 A second scenario, ``keyed_slow``: a handler that waits 1 ms, events keyed over
-``KEYS`` keys in ``PARTITIONS`` partitions, each key's order checked. Raw
+``KEYS`` keys in ``PARTITIONS`` partitions, each key's order checked; it times the
+consumer alone: every event is sent while the handlers wait at a gate, and the
+clock runs from the gate's opening until all are handled and committed. Raw
 aiokafka runs a task per partition, each handling its records in order and
 committing them per batch; FastStream runs its in-order concurrent consumer (``max_workers=4``
 with ``AckPolicy.ACK``: one consumer per worker in the group, each handling its
@@ -38,7 +43,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from broker_common import (
     BATCH,
@@ -109,7 +114,10 @@ class Ctx(FreshNames, SettledChecks):
         return sorted(t for t in await self.admin.list_topics() if scope in t)
 
     async def groups(self, scope: str) -> list[str]:
-        return sorted(g for g, *_ in await self.admin.list_consumer_groups() if scope in g)
+        # Tansu 0.6.0 lists group ids percent-encoded ("<locals>" as "%3Clocals%3E", in
+        # iambus's group names); its offsets are under the id as the consumer gave it.
+        listed = [unquote(g) for g, *_ in await self.admin.list_consumer_groups()]
+        return sorted(g for g in listed if scope in g)
 
     async def highwaters(self, topics: list[str]) -> dict[Any, int]:
         """Each partition's high watermark, from fetch responses (see the module doc)."""
@@ -289,11 +297,12 @@ async def build_raw(ctx: Ctx) -> Impl:
 
     async def run(n: int, in_flight: int, what: str, keyed: bool, delay: float) -> ThroughputStats:
         topic = ctx.name("raw-tp")
-        tracker, order = Tracker(n), KeyOrder(what)
+        tracker, order = Tracker(n, held=delay > 0), KeyOrder(what)
 
         async def handle(record: Any) -> None:
             event = json.loads(record.value)
             if delay:
+                await tracker.admit(event["seq"])
                 await asyncio.sleep(delay)
             tracker.hit(event["seq"])
             if keyed:
@@ -373,7 +382,7 @@ async def build_faststream(ctx: Ctx) -> Impl:
 
     async def run(n: int, in_flight: int, what: str, keyed: bool, delay: float) -> ThroughputStats:
         topic = ctx.name("faststream-tp")
-        tracker, order = Tracker(n), KeyOrder(what)
+        tracker, order = Tracker(n, held=delay > 0), KeyOrder(what)
         # logger=None: FastStream otherwise logs two INFO lines per message.
         broker = KafkaBroker(
             ctx.bootstrap,
@@ -393,6 +402,7 @@ async def build_faststream(ctx: Ctx) -> Impl:
         @subscriber
         async def on_viewed(event: PageViewed) -> None:
             if delay:
+                await tracker.admit(event.seq)
                 await asyncio.sleep(delay)
             tracker.hit(event.seq)
             if keyed:
