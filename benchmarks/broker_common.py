@@ -1,6 +1,7 @@
 """What every broker of benchmarks/broker.py shares: messages, results, checks, iambus.
 
-A broker module (``broker_redis``, ``broker_rabbitmq``, ``broker_nats``) provides
+A broker module (``broker_redis``, ``broker_rabbitmq``, ``broker_nats``, ``broker_kafka``)
+provides
 
 * ``TITLE`` and ``DEFAULT_URL``;
 * ``open_ctx(url, suffix, options) -> ctx``: connects the harness' own checker
@@ -19,6 +20,12 @@ Every ``Impl`` carries two coroutine functions:
   :class:`VerificationError` if not.
 * ``latency(n) -> list[float]``: ``n`` sequential request/reply round trips,
   one duration in seconds each; every reply is checked.
+
+and may carry a third, ``keyed_slow(n, in_flight) -> ThroughputStats``: the same
+as ``throughput`` with ``KEYS`` keys and a handler that waits ``SLOW_HANDLER``
+seconds, each key's order checked, timing the consumer alone: the handlers wait at
+the tracker's gate until every event was sent (broker_kafka's second scenario). A builder
+that cannot run on this checkout raises :class:`Unavailable`; its cells say why.
 
 Each call uses fresh names (the run's random suffix plus a counter), so rounds
 do not see each other's messages, and deletes what it made when it ends; the
@@ -53,6 +60,10 @@ REPLY_TIMEOUT = 2.0  # seconds a single request may take
 
 class VerificationError(AssertionError):
     """A run lost, duplicated or failed to ack messages: it has no valid number."""
+
+
+class Unavailable(Exception):
+    """An implementation this checkout cannot run (e.g. iambus has no such transport yet)."""
 
 
 # -- messages ------------------------------------------------------------------------
@@ -113,7 +124,7 @@ def event_fields(seq: int) -> dict[str, Any]:
 @dataclass
 class ThroughputStats:
     n: int
-    elapsed: float  # first publish -> last event handled (and acked, where observable)
+    elapsed: float  # first publish (or the gate opening) -> last event handled (and acked)
     publish_elapsed: float  # first publish -> last publish accepted
 
     @property
@@ -132,6 +143,7 @@ class Impl:
     throughput: Throughput | None = None
     latency: Latency | None = None
     notes: list[str] = field(default_factory=list)
+    keyed_slow: Throughput | None = None
     close: Callable[[], Awaitable[None]] | None = None
 
 
@@ -168,18 +180,82 @@ class Checks(Protocol):
 # -- checks ---------------------------------------------------------------------------
 
 
-class Tracker:
-    """Counts handled events by sequence number; flags duplicates and strays."""
+class FreshNames:
+    """``name``/``namespace`` for a ctx with a ``suffix`` and a ``_counter`` field."""
 
-    def __init__(self, n: int) -> None:
+    suffix: str
+    _counter: int
+
+    def name(self, what: str) -> str:
+        """A fresh name (no dots): bench-<suffix>-<what><counter>."""
+        self._counter += 1
+        return f"bench-{self.suffix}-{what}{self._counter}"
+
+    namespace = name
+
+
+class SettledChecks:
+    """The Checks protocol's waits for a broker whose counters say when a scope is settled.
+
+    A ctx provides ``settled`` (poll until nothing of the scope is left undelivered or
+    unacked, else raise :class:`VerificationError`) and ``stored`` (how many events the
+    scope's streams or topics hold); this derives ``finish`` (the clock stops once the
+    broker shows everything acked), ``verify_after`` and ``verify_requests``.
+    """
+
+    STORED = "messages in the streams"  # what ``stored`` counts, for the error
+
+    async def settled(self, scope: str, what: str, when: str, need_consumer: bool) -> None:
+        raise NotImplementedError
+
+    async def stored(self, scope: str) -> int:
+        raise NotImplementedError
+
+    async def finish(self, tracker: Tracker, scope: str, what: str) -> float:
+        await tracker.wait(what)
+        await self.settled(scope, what, "with the consumer running", True)
+        return time.perf_counter()
+
+    async def verify_after(self, tracker: Tracker, scope: str, what: str) -> None:
+        tracker.check(what)
+        await self.settled(scope, what, "after the consumer stopped", True)
+        if (stored := await self.stored(scope)) < tracker.n:
+            raise VerificationError(f"{what}: {stored:,} {self.STORED}, expected {tracker.n:,}")
+
+    async def verify_requests(self, scope: str, what: str) -> None:
+        await self.settled(scope, what, "requests after the responder stopped", False)
+
+
+class Tracker:
+    """Counts handled events by sequence number; flags duplicates and strays.
+
+    Sequence number ``n`` is the priming event some modules send (and wait for) before
+    the clock starts: it sets ``primed`` and is not counted. ``held=True`` closes the
+    gate: handlers that ``await admit(seq)`` wait until :func:`timed_publish` has sent
+    every event and opens it (the clock then times the consumer alone).
+    """
+
+    def __init__(self, n: int, *, held: bool = False) -> None:
         self.n = n
+        self.gate = asyncio.Event()
+        if not held:
+            self.gate.set()
         self.seen = bytearray(n)
         self.handled = 0
         self.duplicates = 0
         self.strays = 0
         self.done = asyncio.Event()
+        self.primed = asyncio.Event()
+
+    async def admit(self, seq: int) -> None:
+        """Wait for the gate (the priming event passes)."""
+        if seq != self.n and not self.gate.is_set():
+            await self.gate.wait()
 
     def hit(self, seq: int) -> None:
+        if seq == self.n:
+            self.primed.set()
+            return
         if not 0 <= seq < self.n:
             self.strays += 1
             return
@@ -303,12 +379,19 @@ async def timed_publish(
     in_flight: int,
     publish: Callable[[int], Awaitable[Any]],
 ) -> ThroughputStats:
-    """Publish ``n`` events (``in_flight`` at most) and wait until all were handled."""
+    """Publish ``n`` events (``in_flight`` at most) and wait until all were handled.
+
+    The clock runs from the first publish; with the tracker's gate held, from the moment
+    the gate opens, once every event was sent.
+    """
     start = time.perf_counter()
     await pump(n, in_flight, publish)
-    published = time.perf_counter()
+    publishing = time.perf_counter() - start
+    if not tracker.gate.is_set():  # the consumer alone: from the gate opening
+        tracker.gate.set()
+        start = time.perf_counter()
     end = await ctx.finish(tracker, scope, what)
-    return ThroughputStats(n, end - start, published - start)
+    return ThroughputStats(n, end - start, publishing)
 
 
 async def timed_requests(n: int, what: str, ask: Callable[[], Awaitable[Any]]) -> list[float]:
@@ -325,25 +408,91 @@ async def timed_requests(n: int, what: str, ask: Callable[[], Awaitable[Any]]) -
 
 
 KEYS = 50  # the keyed column spreads its events over this many keys
+SLOW_HANDLER = 0.001  # seconds the handler of the keyed_slow scenario waits
+PRIME_TIMEOUT = 30.0  # seconds a priming event may take (a consumer group joining)
+
+
+class KeyOrder:
+    """Checks that each key's events (key = seq % KEYS) are handled in publishing order."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.last: dict[int, int] = {}
+        self.violations: list[tuple[int, int]] = []
+
+    def hit(self, seq: int, n: int) -> None:
+        if seq >= n:  # the priming event
+            return
+        before = self.last.get(seq % KEYS, -1)
+        if seq < before:
+            self.violations.append((before, seq))
+        self.last[seq % KEYS] = seq
+
+    def check(self) -> None:
+        if self.violations:
+            before, seq = self.violations[0]
+            raise VerificationError(
+                f"{self.what}: {len(self.violations)} events handled before an earlier one "
+                f"of their key, e.g. seq {seq} after {before}"
+            )
+
+
+def per_key(publish: Callable[[int], Awaitable[Any]]) -> Callable[[int], Awaitable[None]]:
+    """``publish`` with one key's publishes (key = seq % KEYS) one after another.
+
+    A key's order is its publishes' order: one key's publishes must not overlap, so each
+    waits for the one before it of its key (the window still holds `in_flight`
+    publishes, of different keys).
+    """
+    previous: dict[int, asyncio.Future[None]] = {}
+
+    async def publish_in_order(seq: int) -> None:
+        done = asyncio.get_running_loop().create_future()
+        before = previous.get(seq % KEYS)
+        previous[seq % KEYS] = done
+        try:
+            if before is not None:
+                await before
+            await publish(seq)
+        finally:
+            done.set_result(None)
+
+    return publish_in_order
+
+
+async def prime(tracker: Tracker, what: str, publish: Callable[[int], Awaitable[Any]]) -> None:
+    """Send the priming event (seq n) and wait until it was handled: the consumer is live."""
+    await publish(tracker.n)
+    try:
+        await asyncio.wait_for(tracker.primed.wait(), PRIME_TIMEOUT)
+    except TimeoutError:
+        raise VerificationError(
+            f"{what}: the priming event was not handled within {PRIME_TIMEOUT:.0f} s"
+        ) from None
 
 
 async def build_iambus(ctx: Checks) -> Impl:
     """iambus publishing without a key: no ordering, every instance takes anything."""
-    return await _build_iambus(ctx, keyed=False)
+    return await build_iambus_with(ctx, keyed=False)
 
 
 async def build_iambus_keyed(ctx: Checks) -> Impl:
     """iambus publishing with ``key=`` over ``KEYS`` keys: what per-key ordering costs."""
-    return await _build_iambus(ctx, keyed=True)
+    return await build_iambus_with(ctx, keyed=True)
 
 
-async def _build_iambus(ctx: Checks, *, keyed: bool) -> Impl:
+async def build_iambus_with(
+    ctx: Checks, *, keyed: bool, primed: bool = False, slow: bool = False, queries: bool = True
+) -> Impl:
+    """The iambus column; ``primed``: send and await one event before each clock starts;
+    ``slow``: also the ``keyed_slow`` scenario (keyed columns only); ``queries``: measure
+    request/reply (unkeyed columns only)."""
     iambus = import_ours()
     name = "iambus-keyed" if keyed else "iambus"
-    out_of_order: list[tuple[int, int]] = []
 
-    def make_dispatcher(namespace: str, tracker: Tracker | None) -> Any:
-        last: dict[int, int] = {}
+    def make_dispatcher(
+        namespace: str, tracker: Tracker | None, delay: float = 0.0, order: KeyOrder | None = None
+    ) -> Any:
         dp = iambus.Dispatcher(
             transport=ctx.iambus_url(namespace),
             service="bench",
@@ -352,13 +501,13 @@ async def _build_iambus(ctx: Checks, *, keyed: bool) -> Impl:
 
         @dp.events.register(PageViewed)
         async def on_viewed(event: PageViewed) -> None:
+            if delay and tracker is not None:
+                await tracker.admit(event.seq)
+                await asyncio.sleep(delay)
             if tracker is not None:
                 tracker.hit(event.seq)
-            if keyed:  # the key is seq % KEYS: each key's seqs must come in order
-                before = last.get(event.seq % KEYS, -1)
-                if event.seq < before:
-                    out_of_order.append((before, event.seq))
-                last[event.seq % KEYS] = event.seq
+                if order is not None:  # the key is seq % KEYS: each key's seqs come in order
+                    order.hit(event.seq, tracker.n)
 
         @dp.queries.register(GetUser)
         async def get_user(query: GetUser) -> int:
@@ -369,42 +518,34 @@ async def _build_iambus(ctx: Checks, *, keyed: bool) -> Impl:
     # Fail at build time (not in the middle of a timed round) if the API is not there.
     make_dispatcher(ctx.namespace("probe"), None)
 
-    async def throughput(n: int, in_flight: int) -> ThroughputStats:
+    async def run(n: int, in_flight: int, what: str, delay: float) -> ThroughputStats:
         namespace = ctx.namespace("tp")
-        tracker = Tracker(n)
-        out_of_order.clear()
+        tracker, order = Tracker(n, held=delay > 0), KeyOrder(what)
         try:
-            dp = make_dispatcher(namespace, tracker)
+            dp = make_dispatcher(namespace, tracker, delay, order if keyed else None)
             async with dp:
-                previous: dict[int, asyncio.Future[None]] = {}
 
-                async def publish(seq: int) -> None:
-                    if not keyed:
-                        await dp.publish(PageViewed(**event_fields(seq)))
-                        return
-                    # A key's order is its publishes' order: one key's publishes must not
-                    # overlap, so each waits for the one before it of its key (the window
-                    # still holds `in_flight` publishes, of different keys).
-                    done = asyncio.get_running_loop().create_future()
-                    before = previous.get(seq % KEYS)
-                    previous[seq % KEYS] = done
-                    try:
-                        if before is not None:
-                            await before
+                async def send(seq: int) -> None:
+                    if keyed:
                         await dp.publish(PageViewed(**event_fields(seq)), key=f"user-{seq % KEYS}")
-                    finally:
-                        done.set_result(None)
+                    else:
+                        await dp.publish(PageViewed(**event_fields(seq)))
 
-                stats = await timed_publish(ctx, tracker, namespace, name, n, in_flight, publish)
-            await ctx.verify_after(tracker, namespace, name)
-            if out_of_order:
-                raise VerificationError(
-                    f"{name}: {len(out_of_order)} events handled before an earlier one of "
-                    f"their key, e.g. seq {out_of_order[0][1]} after {out_of_order[0][0]}"
-                )
+                if primed:
+                    await prime(tracker, what, send)
+                publish = per_key(send) if keyed else send
+                stats = await timed_publish(ctx, tracker, namespace, what, n, in_flight, publish)
+            await ctx.verify_after(tracker, namespace, what)
+            order.check()
             return stats
         finally:
             await ctx.cleanup(namespace)
+
+    async def throughput(n: int, in_flight: int) -> ThroughputStats:
+        return await run(n, in_flight, name, 0.0)
+
+    async def keyed_slow(n: int, in_flight: int) -> ThroughputStats:
+        return await run(n, in_flight, f"{name} (1 ms handler)", SLOW_HANDLER)
 
     async def latency(n: int) -> list[float]:
         namespace = ctx.namespace("rr")
@@ -429,6 +570,7 @@ async def _build_iambus(ctx: Checks, *, keyed: bool) -> Impl:
             name=name,
             version=iambus_version(),
             throughput=throughput,
+            keyed_slow=keyed_slow if slow else None,
             notes=[
                 f"iambus-keyed: the same, with `dp.publish(event, key=f'user-{{seq % {KEYS}}}')`:"
                 " each key's events are handled one at a time in order (checked), different "
@@ -439,7 +581,7 @@ async def _build_iambus(ctx: Checks, *, keyed: bool) -> Impl:
         name=name,
         version=iambus_version(),
         throughput=throughput,
-        latency=latency,
+        latency=latency if queries else None,
         notes=[
             "iambus: `Dispatcher(transport=url + '?namespace=<fresh>', service='bench', "
             "routes={PageViewed: 'bench', GetUser: 'bench'})` (a fresh dispatcher per "

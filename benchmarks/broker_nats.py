@@ -25,9 +25,11 @@ from broker_common import (
     BATCH,
     REPLY_TIMEOUT,
     STALL_SECONDS,
+    FreshNames,
     GetUser,
     Impl,
     PageViewed,
+    SettledChecks,
     ThroughputStats,
     Tracker,
     VerificationError,
@@ -43,6 +45,7 @@ from broker_common import (
 
 TITLE = "NATS JetStream"
 DEFAULT_URL = "nats://127.0.0.1:4222"
+CLIENT = "nats-py"  # the distribution of the raw client, for the header
 FETCH_TIMEOUT = 0.1  # seconds a pull waits when the stream has nothing for it
 
 VERIFIED = (
@@ -56,19 +59,12 @@ VERIFIED = (
 
 
 @dataclass
-class Ctx:
+class Ctx(FreshNames, SettledChecks):
     url: str
     suffix: str
     nc: Any  # nats.aio.client.Client of the harness' checks and clean-up
     js: Any
     _counter: int = 0
-
-    def name(self, what: str) -> str:
-        """A fresh stream name (no dots): bench-<suffix>-<what><counter>."""
-        self._counter += 1
-        return f"bench-{self.suffix}-{what}{self._counter}"
-
-    namespace = name
 
     def iambus_url(self, namespace: str) -> str:
         return f"{self.url}{'&' if '?' in self.url else '?'}namespace={namespace}"
@@ -95,33 +91,19 @@ class Ctx:
             problems.append(f"found no consumer on a stream holding {scope!r}")
         return "; ".join(problems) or None
 
-    async def _settled(self, scope: str, what: str, when: str, need_consumer: bool) -> None:
+    # The Checks protocol (broker_common), by scope: every stream whose name holds it.
+
+    async def settled(self, scope: str, what: str, when: str, need_consumer: bool) -> None:
         complaint = await poll_until(
             lambda: self._complaint(scope, need_consumer), STALL_SECONDS, 0.0002
         )
         if complaint is not None:
             raise VerificationError(f"{what}: {when}: {complaint}")
 
-    # The Checks protocol (broker_common), by scope: every stream whose name holds it.
-
-    async def finish(self, tracker: Tracker, scope: str, what: str) -> float:
-        await tracker.wait(what)
-        await self._settled(scope, what, "with the consumer running", True)
-        return time.perf_counter()
-
-    async def verify_after(self, tracker: Tracker, scope: str, what: str) -> None:
-        tracker.check(what)
-        await self._settled(scope, what, "after the consumer stopped", True)
-        stored = sum(
+    async def stored(self, scope: str) -> int:
+        return sum(
             s.state.messages for s in await self.streams(scope) if not _dead_letters(s.config.name)
         )
-        if stored < tracker.n:
-            raise VerificationError(
-                f"{what}: streams hold {stored:,} messages, expected {tracker.n:,}"
-            )
-
-    async def verify_requests(self, scope: str, what: str) -> None:
-        await self._settled(scope, what, "requests after the responder stopped", False)
 
     async def cleanup(self, scope: str) -> int:
         streams = await self.streams(scope)

