@@ -9,6 +9,7 @@ relay sent through a group declared from the start), and Redis in one test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -1315,3 +1316,98 @@ async def test_the_relay_sends_to_redis(database: Database) -> None:
     finally:
         await redis.destroy()
         await redis.close()
+
+
+async def test_a_send_the_driver_cancels_is_a_failed_send_not_the_relays_end(
+    database: Database, transport: MemoryTransport
+) -> None:
+    """A client library may cancel its own pending futures when its connection closes:
+    the row stays for the next pass, and the relay goes on."""
+
+    class Cancelling:
+        url = "cancelling+memory://"
+        cancelled = False
+
+        async def send(self, address: str, envelope: Envelope) -> None:
+            if not Cancelling.cancelled:
+                Cancelling.cancelled = True
+                raise asyncio.CancelledError  # not the relay's: its task is not cancelling
+            await transport.send(address, envelope)
+
+    await commit(database, envelope(1, key="k"), envelope(2, key="k"))
+    relay = Relay(database, Cancelling())
+    with pytest.raises(TransportError, match="the send was cancelled"):
+        await relay.run_once()  # nothing went out: an outage, the rows stay
+    assert await count_rows(database) == 2
+    assert await relay.run_once() == 2
+    assert [n_of(e) for e in await received(transport, 2)] == [1, 2]
+
+
+async def test_rows_in_hand_stay_within_about_a_batchs_bytes(
+    database: Database, transport: MemoryTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch full by bytes has few rows: it hands over only once half its bytes are
+    under way, so the rows read and not yet sent stay within BATCH_BYTES or so."""
+    import iambus.relay
+
+    limit = 64 * 1024
+    monkeypatch.setattr(iambus.relay, "BATCH_BYTES", limit)
+    size = 8 * 1024
+    rows = [Envelope(name="Big", payload=bytes([n % 256]) * size) for n in range(60)]
+    await commit(database, *rows)
+    most = 0
+
+    class Watching:
+        url = "watching+memory://"
+
+        async def send(self, address: str, envelope: Envelope) -> None:
+            nonlocal most
+            most = max(most, waiting.unstarted_bytes) if waiting is not None else most
+            await asyncio.sleep(0.002)
+            await transport.send(address, envelope)
+
+    waiting: Any = None
+    original = iambus.relay._Pass.__init__
+
+    def seen(self: Any, *args: Any, **kwargs: Any) -> None:
+        nonlocal waiting
+        original(self, *args, **kwargs)
+        waiting = self
+
+    monkeypatch.setattr(iambus.relay._Pass, "__init__", seen)
+    assert await Relay(database, Watching(), in_flight=4).run_once() == 60
+    assert len(await received(transport, 60)) == 60
+    assert 0 < most <= limit + size  # one batch's bytes (its last row may cross the line)
+
+
+async def test_a_relay_waiting_for_a_connection_holds_no_lane(
+    database: Database, transport: MemoryTransport
+) -> None:
+    """A pass takes its second connection before its lanes: a relay whose pool is busy
+    keeps no other relay from the rows meanwhile."""
+    await commit(database, *(envelope(n, key=f"k{n % 3}") for n in range(9)))
+    small = Database(POSTGRES_DSN, schema=database.schema, pool={"min_size": 1, "max_size": 2})
+    waiting = asyncio.Event()
+    starved = Relay(small, transport)
+    original = starved._connection
+    calls = 0
+
+    @contextlib.asynccontextmanager
+    async def connection() -> AsyncIterator[Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            waiting.set()  # the pass's second connection: the pool has none to give
+        async with original() as conn:
+            yield conn
+
+    starved._connection = connection  # type: ignore[method-assign]
+    try:
+        async with small.connection():  # one of its two connections taken
+            pending = asyncio.create_task(starved.run_once())
+            await asyncio.wait_for(waiting.wait(), 5)
+            assert await Relay(database, transport).run_once() == 9  # every lane free
+        assert await asyncio.wait_for(pending, 15) == 0  # nothing left for it
+    finally:
+        await small.close()
+    assert sorted(n_of(e) for e in await received(transport, 9)) == list(range(9))

@@ -104,6 +104,7 @@ from .database import Database
 from .errors import (
     ImproperlyConfigured,
     SerializationError,
+    TransportError,
     check_count,
     check_flag,
     check_seconds,
@@ -357,16 +358,20 @@ class Relay:
             # while the batches commit on another connection. (Not by a session's locks:
             # behind a transaction-pooling proxy, the next transaction may run in
             # another session, and the locks stay behind in the first.)
+            # The batches' connection first: the lanes are never held while the relay
+            # waits for a connection (other relays would wait for them meanwhile).
             try:
-                async with holder.transaction(isolation="read_committed"):
+                async with (
+                    self._connection() as conn,
+                    holder.transaction(isolation="read_committed"),
+                ):
                     lanes, idle_limit = await holder.fetchrow(
                         self._lock_sql, self.database.lock_space, busy
                     )
                     if not lanes:
                         return 0, False  # other relays hold every lane with rows
-                    async with self._connection() as conn:
-                        run = _Pass(self, conn, holder, lanes, idle_limit)
-                        await run.run()
+                    run = _Pass(self, conn, holder, lanes, idle_limit)
+                    await run.run()
             except Exception as exc:
                 if not (_lost(holder) or (run is not None and run.lost)):
                     raise
@@ -636,6 +641,8 @@ class _Pass:
         self.failed: set[str] = set()  # keys whose chain a failed send ended
         self.in_hand: set[int] = set()  # positions read, not deleted by a commit yet
         self.unstarted = 0  # rows read whose send has not started
+        self.unstarted_bytes = 0  # ... their payloads' size
+        self.budget = BATCH_BYTES  # the bytes of payload the batch being read may take
         # Rows still to start when a full batch hands over: enough for the sends to go on
         # through the commit and the next select (at 20-40k sends/s, half a batch of
         # 1000 is 12-25 ms of sends; fewer let the broker's pipe run low meanwhile, on
@@ -659,6 +666,8 @@ class _Pass:
         """Read, send, delete and commit batches."""
         relay, conn = self.relay, self.conn
         self.holder.add_termination_listener(self._unlock)
+        if _lost(self.holder):  # closed before it listened (a raw connection says nothing)
+            self._unlock(self.holder)
         try:
             while True:
                 # READ COMMITTED whatever the database's default: each statement sees
@@ -708,11 +717,14 @@ class _Pass:
         still under way; False: every send has returned, and the pass ends."""
         relay = self.relay
         self.read = 0
+        # The bytes the batch may read: what the rows in hand leave of BATCH_BYTES (at
+        # least half of it: a batch hands over only then, see _handing).
+        self.budget = max(1, BATCH_BYTES - self.unstarted_bytes)
         self.cursor = await self.conn.cursor(
             relay._select_sql,
             self.lanes,
             relay.batch,
-            BATCH_BYTES,
+            self.budget,
             list(self.in_hand),
             max(self.in_hand, default=0),
         )
@@ -724,13 +736,19 @@ class _Pass:
         outcome = self.outcome
         while True:
             self.changed.clear()
-            if self.unstarted <= self.handover and self._goes_on():
+            if self._handing() and self._goes_on():
                 return True
             if not self.active:
                 return False
             await self.changed.wait()
             if len(outcome.sent) - outcome.deleted >= DELETE_CHUNK:
                 await self._delete(outcome)
+
+    def _handing(self) -> bool:
+        """Whether few enough rows are left to start for the batch to hand over: half a
+        batch, and half of ``BATCH_BYTES`` (a batch full by bytes has few rows, and the
+        rows in hand must stay within about one batch's bytes)."""
+        return self.unstarted <= self.handover and self.unstarted_bytes <= BATCH_BYTES // 2
 
     def _goes_on(self) -> bool:
         """Whether another batch follows this one in the pass."""
@@ -762,7 +780,7 @@ class _Pass:
         rows = await self.cursor.fetch(CHUNK)
         self.read += len(rows)
         outcome = self.outcome
-        outcome.full = self.read >= relay.batch or (bool(rows) and rows[-1]["upto"] >= BATCH_BYTES)
+        outcome.full = self.read >= relay.batch or (bool(rows) and rows[-1]["upto"] >= self.budget)
         self.done = len(rows) < CHUNK or outcome.full or relay._stopping.is_set()
         if not self.done and self.loop.time() >= self.until:
             self.done = outcome.cut = True  # rows may wait unread: the next pass goes on
@@ -782,6 +800,7 @@ class _Pass:
                 self.open_chains += 1
             in_hand.add(row["position"])
             self.unstarted += 1
+            self.unstarted_bytes += len(row["payload"])
         # A sender per chain not sent yet, up to in_flight (a sender takes the next
         # chain once it has sent one).
         while self.active < min(relay.in_flight, self.open_chains):
@@ -820,14 +839,24 @@ class _Pass:
                     if self.outcome.sent and self.loop.time() >= self.until:
                         self.outcome.cut = True
                         return
+                    handing = self._handing()
                     self.unstarted -= 1
-                    if self.unstarted == self.handover:
+                    self.unstarted_bytes -= len(row["payload"])
+                    if not handing and self._handing():
                         self.changed.set()
                     try:
-                        if telemetry is None:
-                            await send(row["address"], envelope_of(row))
-                        else:
-                            await self._observed(telemetry, row)
+                        try:
+                            if telemetry is None:
+                                await send(row["address"], envelope_of(row))
+                            else:
+                                await self._observed(telemetry, row)
+                        except asyncio.CancelledError as exc:
+                            task = asyncio.current_task()
+                            if task is None or task.cancelling():
+                                raise  # the relay's own: it stops
+                            # A driver that cancelled its own future (its connection
+                            # closed): a failed send, not the relay's end.
+                            raise TransportError(f"the send was cancelled: {exc!r}") from exc
                     except (SerializationError, ImproperlyConfigured) as exc:
                         self.outcome.parked.append((row, exc))  # the chain goes on
                     except Exception as exc:
