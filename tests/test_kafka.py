@@ -584,3 +584,107 @@ async def test_a_failed_commit_dead_letter_or_reply_read_is_tried_again() -> Non
         await transport.reply(f"{transport._reply_topic}#{token}", _ping(3))
         assert (await asyncio.wait_for(asking, 10)).payload == b"3"
         assert failing == {"commit": 0, "send_and_wait": 0, "getmany": 0}
+
+
+async def test_a_record_with_null_headers_is_dead_lettered_not_committed_past() -> None:
+    """Kafka headers may have no value: such a record (no envelope of ours) is
+    dead-lettered, and one marked for a group with a null value is no replay for it."""
+    async with _transports(1, partitions=1) as (transport,):
+        await transport.declare("a", "g", from_start=False)
+        producer = AIOKafkaProducer(bootstrap_servers=KAFKA, acks="all")
+        await producer.start()
+        try:
+            topic = transport.topic("a")
+            await producer.send_and_wait(topic, b"raw", headers=[("x", None)])  # type: ignore[list-item]
+            await producer.send_and_wait(topic, b"raw", headers=[("iambus-group", None)])  # type: ignore[list-item]
+        finally:
+            await producer.stop()
+        await transport.send("a", _ping(7))
+        [delivery] = await _receive(transport, 1)
+        assert _n(delivery) == 7
+        await delivery.ack()
+        deadline = time.monotonic() + 10
+        while len(await transport.dead_letters()) < 2:
+            assert time.monotonic() < deadline, "the records with null headers were lost"
+            await asyncio.sleep(0.05)
+        letters = await transport.dead_letters()
+        assert {letter.envelope.headers.get("x") for letter in letters} == {"", None}
+        while await _committed(transport, "g") != 3:
+            assert time.monotonic() < deadline, "not committed once all three were settled"
+            await asyncio.sleep(0.05)
+
+
+async def test_a_dead_letter_that_could_not_be_stored_comes_back() -> None:
+    """Kafka gives back nothing by itself: a record whose dead letter failed to be
+    written is delivered again (its key waiting for it), not held for ever."""
+    from aiokafka.errors import KafkaConnectionError
+
+    async with _transports(1, partitions=1) as (transport,):
+        await transport.declare("a", "g", from_start=False)
+        await transport.send("a", _ping(1, key="k"))
+        await transport.send("a", _ping(2, key="k"))
+        [first] = await _receive(transport, 1)
+        assert transport._producer is not None
+        real = transport._producer.send_and_wait
+
+        async def broken(*args: object, **kwargs: object) -> object:
+            raise KafkaConnectionError("the broker went away")
+
+        transport._producer.send_and_wait = broken  # type: ignore[method-assign]
+        with pytest.raises(TransportError, match="the broker went away"):
+            await first.dead_letter(Failure("x.Error", "boom", "", 1))
+        transport._producer.send_and_wait = real  # type: ignore[method-assign]
+        [again] = await _receive(transport, 1)  # the same record, not its key's next one
+        assert (_n(again), again.attempt) == (1, first.attempt)
+        await again.dead_letter(Failure("x.Error", "boom", "", 1))
+        [second] = await _receive(transport, 1)
+        assert _n(second) == 2
+
+
+async def test_a_partition_back_with_a_delivery_still_out_keeps_its_key_waiting() -> None:
+    """A rebalance that gives a partition back to the consumer whose handler still holds
+    one of its records (past the grace): that record is not delivered again meanwhile,
+    nor its key's next one. (A partition that went to another consumer in between is
+    delivered anew: that is Kafka's.)"""
+    from iambus.partitions import partition
+
+    keys = {partition(f"k{n}", 2): f"k{n}" for n in range(20)}
+    async with _transports(2, partitions=2, claim_after=1.0) as (first, second):
+        await first.declare("a", "g", from_start=False)
+        for n, number in enumerate((0, 1, 0, 1)):  # 0, 1: first of each key; 2, 3: next
+            await first.send("a", _ping(n, key=keys[number]))
+        held = {d.envelope.key: d for d in await _receive(first, 2)}
+        assert sorted(_n(d) for d in held.values()) == [0, 1]
+        state = first._groups[("a", "g")]
+        joining = asyncio.create_task(second.receive("a", "g", consumer="s", limit=5, wait=10))
+        await until(lambda: len(state.parts) == 1, 20, "a rebalance")
+        [kept] = state.parts  # the partition the first consumer keeps
+        await joining
+        await second.close()  # the only member left: both partitions come back
+        await until(lambda: len(state.parts) == 2, 20, "the partitions back")
+        # The other partition's first record again (the second consumer left it unsettled),
+        # but nothing of the key whose record is still being handled.
+        meanwhile = await _receive(first, 1)
+        meanwhile += await first.receive("a", "g", consumer="c", limit=5, wait=0.5)
+        assert [_n(d) for d in meanwhile] == [1 - kept]
+        await held[keys[kept]].ack()
+        [after] = await _receive(first, 1)
+        assert _n(after) == 2 + kept
+
+
+async def test_a_buffer_of_one_record_still_goes_on() -> None:
+    async with _transports(1, partitions=1) as (made,):
+        transport = KafkaTransport(made.url, buffer=1)  # (no tune(): used directly)
+        await transport.open()
+        await transport.declare("a", "g", from_start=False)
+        for n in range(3):
+            await transport.send("a", _ping(n))
+        seen: list[int] = []
+        deadline = time.monotonic() + 10
+        while len(seen) < 3:
+            assert time.monotonic() < deadline, f"stuck after {seen}"
+            for delivery in await transport.receive("a", "g", consumer="c", limit=5, wait=0.3):
+                seen.append(_n(delivery))
+                await delivery.ack()
+        await transport.close()
+        assert seen == [0, 1, 2]

@@ -152,6 +152,7 @@ _FETCH_WAIT_MS = 100
 _RETRY_COMMIT = 0.5  # seconds before a failed commit is tried again
 _REPLY_WAIT = 2.0  # how long a reply waits for its topic's metadata before it is dropped
 _GRACE = 5.0  # at most this long a rebalance waits for handed-out deliveries to settle
+PARK_AGAIN = 1.0  # seconds before a record whose dead letter could not be stored comes back
 _COMPACT = json.JSONEncoder(separators=(",", ":"))
 
 
@@ -204,6 +205,10 @@ class _Group:
     committing: asyncio.Task[None] | None = None
     failed: BaseException | None = None  # what ended the fetch task
     starting: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Records still being handled when their partition was revoked (after the grace), by
+    # partition and offset: should the partition come back, they are the same deliveries
+    # (their keys wait for them), not new ones.
+    away: dict[int, dict[int, _Record]] = field(default_factory=dict)
 
 
 class KafkaTransport(Transport):
@@ -455,8 +460,12 @@ class KafkaTransport(Transport):
                 heartbeat_interval_ms=max(session // 3, 100),
                 request_timeout_ms=max(int(self.timeout * 1000), session + 5000),
             )
-            async with self._translate("start consumer"):
-                await consumer.start()
+            try:
+                async with self._translate("start consumer"):
+                    await consumer.start()
+            except BaseException:
+                await _stopped(consumer)  # (its connections and tasks, if any)
+                raise
             consumer.subscribe([topic], listener=_Rebalance(self, state))
             state.consumer = consumer
             state.failed = None
@@ -553,28 +562,55 @@ class KafkaTransport(Transport):
             state.arrived.set()
 
     def _take_in(self, state: _Group, part: _Partition, record: ConsumerRecord[Any, Any]) -> None:
-        part.fetched = record.offset + 1
-        headers = dict(record.headers or ())
+        # ``fetched`` (what a commit may pass when nothing is unsettled) moves only once
+        # the record is unsettled or skipped: nothing here may let a commit pass it.
+        if state.away and self._back(state, part, record.offset):
+            part.fetched = record.offset + 1
+            return
+        headers = {name: value or b"" for name, value in record.headers or ()}  # (None: b"")
         only = headers.get(ONLY_GROUP)
-        if only is not None and only.decode(errors="replace") != state.group:
+        if only and only.decode(errors="replace") != state.group:
+            part.fetched = record.offset + 1
             return  # a replay for another group: settled at once, unseen
         try:
             envelope = _envelope(headers, record.value)
-        except SerializationError as exc:
+        except Exception as exc:  # no envelope of ours, however malformed: dead-lettered
             parked = _raw(record, headers)
             entry = _Record(part, record.offset, parked, None)
             part.unsettled[record.offset] = entry
+            part.fetched = record.offset + 1
             failure = Failure("iambus.errors.SerializationError", str(exc), "", 1)
             self._spawn(self._park_raw(state, entry, failure))
             return
         entry = _Record(part, record.offset, envelope, envelope.key)
         part.unsettled[record.offset] = entry
+        part.fetched = record.offset + 1
         if entry.key is not None:
             queue = part.keys.setdefault(entry.key, deque())
             queue.append(entry)
             if len(queue) > 1:
                 return  # its key has one out: it waits its turn
         state.ready.append(entry)
+
+    def _back(self, state: _Group, part: _Partition, offset: int) -> bool:
+        """Whether the record at ``offset`` of a partition that came back is one of ours
+        still: settled while the partition was away (handled: skipped), or still being
+        handled (the same delivery again: its key waits for it, as before)."""
+        away = state.away.get(part.tp.partition)
+        old = None if away is None else away.pop(offset, None)
+        if away is not None and not away:
+            del state.away[part.tp.partition]
+        if old is None:
+            return False
+        if offset not in old.part.unsettled:
+            return True  # acked while away (its new owner would have delivered it again)
+        if old.holder is None:
+            return False  # given back while away (a retry, a leave): a delivery anew
+        old.part = part
+        part.unsettled[offset] = old
+        if old.key is not None:
+            part.keys.setdefault(old.key, deque()).append(old)
+        return True
 
     # -- settling (called by deliveries) ----------------------------------------------
 
@@ -595,7 +631,7 @@ class KafkaTransport(Transport):
                     state.arrived.set()
                 else:
                     del part.keys[record.key]
-        if part.paused and len(part.unsettled) < self._buffered // 2:
+        if part.paused and len(part.unsettled) <= self._buffered // 2:
             part.paused = False
             if state.consumer is not None:
                 state.consumer.resume(part.tp)
@@ -603,10 +639,14 @@ class KafkaTransport(Transport):
         state.settled.set()
 
     def _retry(self, state: _Group, record: _Record, delay: float) -> None:
-        if record.offset not in record.part.unsettled or record.part.revoked:
+        if record.part.revoked:
+            record.holder = None  # (should its partition come back: delivered anew)
+            return
+        if record.offset not in record.part.unsettled:
             return
         record.holder = None
         record.attempt += 1
+        state.settled.set()  # (a revoke waiting for handed-out records: one is back)
 
         def due() -> None:
             record.timer = None
@@ -619,7 +659,10 @@ class KafkaTransport(Transport):
         record.timer = asyncio.get_running_loop().call_later(max(delay, 0.0), due)
 
     async def _park(self, state: _Group, record: _Record, failure: Failure) -> None:
-        if record.offset not in record.part.unsettled or record.part.revoked:
+        if record.part.revoked:
+            record.holder = None  # its partition's owner delivers it again (us, maybe)
+            return
+        if record.offset not in record.part.unsettled:
             return
         letter = {
             "address": state.address,
@@ -628,6 +671,19 @@ class KafkaTransport(Transport):
             "failed_at": time.time(),
         }
         key = _letter_id(state.address, state.group, record.envelope.id)
+        try:
+            await self._store_letter(key, record, letter)
+        except BaseException:
+            # Not stored: the record comes back (its key held meanwhile), as a delivery
+            # whose settling failed does on every broker; Kafka reclaims none by itself.
+            if record.holder is not None:
+                record.holder = None
+                self._retry(state, record, PARK_AGAIN)
+                record.attempt -= 1  # (not a new attempt of the handler's)
+            raise
+        self._settle(state, record)
+
+    async def _store_letter(self, key: str, record: _Record, letter: dict[str, Any]) -> None:
         await self._ensure_topic(self.dead_topic, 1)
         producer = self._client()
         async with self._translate("dead letter"):
@@ -641,7 +697,6 @@ class KafkaTransport(Transport):
                     (DEAD_LETTER, _COMPACT.encode(letter).encode()),
                 ],
             )
-        self._settle(state, record)
 
     async def _park_raw(self, state: _Group, record: _Record, failure: Failure) -> None:
         """Dead-letter a record that is no envelope, trying again until it is stored (or
@@ -674,6 +729,7 @@ class KafkaTransport(Transport):
                 state.ready.appendleft(record)
             if back:
                 state.arrived.set()
+                state.settled.set()  # (a revoke waiting for handed-out records: back)
 
     # -- committing -----------------------------------------------------------------
 
@@ -740,9 +796,15 @@ class KafkaTransport(Transport):
             for record in part.unsettled.values():
                 if record.timer is not None:
                     record.timer.cancel()
+            held = {r.offset: r for r in part.unsettled.values() if r.holder is not None}
+            if held:
+                state.away[part.tp.partition] = held
             state.parts.pop(part.tp.partition, None)
 
     def _assigned(self, state: _Group, tps: list[TopicPartition]) -> None:
+        numbers = {tp.partition for tp in tps}
+        for number in [n for n in state.away if n not in numbers]:
+            del state.away[number]  # another consumer has it: it delivers them again
         for tp in tps:
             if tp.partition not in state.parts:
                 state.parts[tp.partition] = _Partition(tp)
@@ -793,8 +855,13 @@ class KafkaTransport(Transport):
                 return
             await self._ensure_topic(self._reply_topic, 1)
             listener = self._side_consumer()
-            async with self._translate("listen for replies"):
-                await listener.start()
+            try:
+                async with self._translate("listen for replies"):
+                    await listener.start()
+            except BaseException:
+                await _stopped(listener)
+                await self._drop_reply_topic()  # (made above: it goes with the failure)
+                raise
             listener.assign([TopicPartition(self._reply_topic, 0)])
             self._listener = listener
             self._listening = asyncio.create_task(self._hear(listener))
@@ -815,9 +882,10 @@ class KafkaTransport(Transport):
                     answer = self._replies.get(token)
                     if answer is None or answer.done():
                         continue  # its requester gave up
+                    headers = {name: value or b"" for name, value in record.headers or ()}
                     try:
-                        answer.set_result(_envelope(dict(record.headers or ()), record.value))
-                    except SerializationError as exc:
+                        answer.set_result(_envelope(headers, record.value))
+                    except Exception as exc:  # (however malformed: the listener stays)
                         logger.warning("iambus: %s: a reply that is no envelope: %s", self.url, exc)
 
     async def _unlisten(self) -> None:
@@ -831,9 +899,11 @@ class KafkaTransport(Transport):
             return
         listening.cancel()
         await asyncio.gather(listening, return_exceptions=True)
-        with contextlib.suppress(KafkaError, OSError):
-            await listener.stop()
-        if self._admin is not None:  # the reply topic goes with its listener
+        await _stopped(listener)
+        await self._drop_reply_topic()  # the reply topic goes with its listener
+
+    async def _drop_reply_topic(self) -> None:
+        if self._admin is not None:
             with contextlib.suppress(KafkaError, OSError, TimeoutError):
                 async with asyncio.timeout(self.timeout):
                     await self._admin.delete_topics([self._reply_topic])
@@ -1121,6 +1191,12 @@ def _raw(record: ConsumerRecord[Any, Any], headers: dict[str, bytes]) -> Envelop
         key=None if record.key is None else record.key.decode(errors="replace"),
         headers={k: v.decode(errors="replace") for k, v in headers.items() if k != ENVELOPE},
     )
+
+
+async def _stopped(consumer: AIOKafkaConsumer) -> None:
+    """Stop ``consumer``, whatever state it is in (one that failed to start too)."""
+    with contextlib.suppress(KafkaError, OSError):
+        await consumer.stop()
 
 
 def _letter_id(address: str, group: str, envelope_id: str) -> str:
