@@ -45,8 +45,18 @@ BROKERS = {
     "redis": ("redis://127.0.0.1:6379/0", 6379),
     "rabbitmq": ("amqp://guest:guest@127.0.0.1:5672/", 5672),
     "nats": ("nats://127.0.0.1:4222", 4222),
+    # Tansu, the test broker, refuses the idempotent producer (docs/kafka.md).
+    "kafka": ("kafka://127.0.0.1:9092?idempotent=false", 9092),
 }
 WORKERS = ("w1", "w2", "w3")
+
+
+def broker_url(broker: str, namespace: str) -> str:
+    """``broker``'s URL with ``namespace`` in its query."""
+    base = BROKERS[broker][0]
+    return f"{base}{'&' if '?' in base else '?'}namespace={namespace}"
+
+
 WORKER = ("-m", "iambus", "worker", "chaos_app:create")
 READY = "iambus worker "  # what the command logs once its worker has declared every group
 CLAIM_AFTER = 3.0  # a worker that died leaves its deliveries to the others after this
@@ -249,8 +259,9 @@ async def kill_connections(broker: str, pid: int, admin: Any) -> int:
             await run(["rabbitmqctl", "close_connection", name, "iambus chaos"])
         else:
             # NATS 2.9 kicks a client only through the system account, and the monitoring
-            # endpoint is not enabled here: the socket is aborted under the worker instead
-            # (ss -K, root), which the client sees as a dropped connection.
+            # endpoint is not enabled here; Kafka has no such call at all: the socket is
+            # aborted under the worker instead (ss -K, root), which the client sees as a
+            # dropped connection.
             await run(
                 ["ss", "-K", "dst", "127.0.0.1", "dport", "=", str(port), "sport", "=", str(local)]
             )
@@ -418,7 +429,7 @@ async def clean(broker: str, namespace: str, transport: Transport) -> None:
 async def one_broker(broker: str, plan: Plan, keep: bool) -> Row:
     row = Row(broker)
     namespace = f"chaos-{uuid.uuid4().hex[:10]}"
-    url = f"{BROKERS[broker][0]}?namespace={namespace}"
+    url = broker_url(broker, namespace)
     run_dir = Path(tempfile.mkdtemp(prefix=f"iambus-chaos-{broker}-"))
     settings = {"url": url, "claim_after": CLAIM_AFTER, "log": str(run_dir / "handled")}
     workers = Workers(run_dir, settings)

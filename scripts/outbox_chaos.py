@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from chaos import BROKERS, HERE, Workers, clean, each_broker  # shared with the broker run
+from chaos import HERE, Workers, broker_url, clean, each_broker  # shared with the broker run
 
 from iambus.database import Database
 from iambus.transports import connect
@@ -238,7 +238,7 @@ async def one_broker(broker: str, plan: Plan, keep: bool) -> Row:
     run_id = uuid.uuid4().hex[:10]
     namespace = f"ochaos-{run_id}"
     schema = f"outbox_chaos_{run_id}"
-    url = f"{BROKERS[broker][0]}?namespace={namespace}"
+    url = broker_url(broker, namespace)
     name = f"iambus-chaos-{run_id}"  # the application_name of the run's connections
     dsn = f"{DSN}?application_name={name}"
     start = time.monotonic()
