@@ -166,6 +166,8 @@ class Ctx(FreshNames, SettledChecks):
                 if stored:
                     problems.append(f"{topic} holds {stored} dead letter(s)")
                 continue
+            if _bookkeeping(topic):
+                continue  # iambus's own records, read by no group
             readers = 0
             for group in groups:
                 offsets = await self.committed(group, tps)
@@ -246,6 +248,13 @@ async def environment(ctx: Ctx) -> list[str]:
 def _dead_letters(topic: str) -> bool:
     """Whether ``topic`` is an iambus dead-letter topic (``<namespace>-dead``)."""
     return topic.endswith("-dead")
+
+
+def _bookkeeping(topic: str) -> bool:
+    """Whether ``topic`` holds iambus's own records, which no consumer group reads: the
+    registry (``<namespace>-live``, ``<namespace>-groups``) and reply topics
+    (``<namespace>-reply-<id>``)."""
+    return topic.endswith(("-live", "-groups")) or "-reply-" in topic
 
 
 def _key(seq: int) -> bytes:
