@@ -255,8 +255,13 @@ async def kill_connections(broker: str, pid: int, admin: Any) -> int:
             with contextlib.suppress(Exception):
                 await admin.execute_command("CLIENT", "KILL", "ADDR", f"127.0.0.1:{local}")
         elif broker == "rabbitmq":  # the server closes the connection, as an operator would
+            # (close_connection takes the connection's Erlang pid, found by its name)
             name = f"127.0.0.1:{local} -> 127.0.0.1:{port}"
-            await run(["rabbitmqctl", "close_connection", name, "iambus chaos"])
+            listing = ["rabbitmqctl", "list_connections", "-q", "--no-table-headers", "pid", "name"]
+            for line in (await run(listing)).splitlines():
+                pid_of, _, named = line.partition("\t")
+                if named.strip() == name:
+                    await run(["rabbitmqctl", "close_connection", pid_of.strip(), "iambus chaos"])
         else:
             # NATS 2.9 kicks a client only through the system account, and the monitoring
             # endpoint is not enabled here; Kafka has no such call at all: the socket is
