@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from iambus.database import Database
-from iambus.transports import Transport
+from iambus.transports import Delivery, Transport
 from iambus.transports.memory import MemoryTransport
 
 if TYPE_CHECKING:
@@ -227,3 +228,15 @@ async def engine() -> AsyncIterator[AsyncEngine]:
     made = create_async_engine(POSTGRES_DSN.replace("postgresql://", "postgresql+asyncpg://"))
     yield made
     await made.dispose()
+
+
+async def receive_some(
+    transport: Transport, count: int, *, group: str = "g", wait: float = 5
+) -> list[Delivery]:
+    """Up to ``count`` deliveries of address ``a`` to ``group``, taken until there are
+    that many or ``wait`` seconds have gone."""
+    got: list[Delivery] = []
+    deadline = time.monotonic() + wait
+    while len(got) < count and time.monotonic() < deadline:
+        got += await transport.receive("a", group, consumer="c", limit=count - len(got), wait=0.2)
+    return got

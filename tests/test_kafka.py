@@ -23,9 +23,9 @@ import pytest
 
 from iambus.envelope import Envelope
 from iambus.errors import ImproperlyConfigured, TransportError
-from iambus.transports import Delivery, Failure, connect
+from iambus.transports import Delivery, Failure, Transport, connect
 
-from .conftest import Bus, require
+from .conftest import Bus, receive_some, require
 from .processes import Cluster, until
 
 pytest.importorskip(
@@ -75,14 +75,8 @@ def _n(delivery: Delivery) -> int:
     return int(delivery.envelope.payload)
 
 
-async def _receive(
-    transport: KafkaTransport, count: int, *, group: str = "g", wait: float = 10
-) -> list[Delivery]:
-    got: list[Delivery] = []
-    deadline = time.monotonic() + wait
-    while len(got) < count and time.monotonic() < deadline:
-        got += await transport.receive("a", group, consumer="c", limit=count - len(got), wait=0.2)
-    return got
+async def _receive(transport: Transport, count: int, *, wait: float = 10) -> list[Delivery]:
+    return await receive_some(transport, count, wait=wait)  # (groups join slowly on Tansu)
 
 
 async def _committed(transport: KafkaTransport, group: str, partition: int = 0) -> int | None:

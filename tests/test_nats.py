@@ -26,7 +26,7 @@ from iambus.envelope import Envelope
 from iambus.errors import ImproperlyConfigured, TransportError, TransportRefused
 from iambus.transports import Delivery, Failure, connect
 
-from .conftest import require
+from .conftest import receive_some, require
 from .processes import until
 
 pytest.importorskip("nats", reason="the NATS transport needs nats-py: pip install 'iambus[nats]'")
@@ -70,16 +70,6 @@ async def _two(*, claim_after: float) -> AsyncIterator[tuple[NatsTransport, Nats
         await second.destroy()  # the first may be closed by then: a test of closing
         for transport in (first, second):
             await transport.close()
-
-
-async def _receive(
-    transport: NatsTransport, count: int, *, group: str = "g", wait: float = 5
-) -> list[Delivery]:
-    got: list[Delivery] = []
-    deadline = time.monotonic() + wait
-    while len(got) < count and time.monotonic() < deadline:
-        got += await transport.receive("a", group, consumer="c", limit=count - len(got), wait=0.2)
-    return got
 
 
 def test_the_url_picks_the_namespace_and_a_bad_one_is_refused() -> None:
@@ -135,7 +125,7 @@ async def test_a_message_that_is_no_envelope_is_parked_and_the_rest_flow(
     js = transport._jetstream()
     await js.publish(transport.subject("a"), b"raw", headers={"x-origin": "elsewhere"})
     await transport.send("a", _ping(2))
-    got = await _receive(transport, 2)
+    got = await receive_some(transport, 2)
     assert [d.envelope.payload for d in got] == [b"1", b"2"]
     for delivery in got:
         await delivery.ack()
@@ -143,7 +133,7 @@ async def test_a_message_that_is_no_envelope_is_parked_and_the_rest_flow(
     assert letter.failure.error_type == "iambus.errors.SerializationError"
     assert "Iambus-Envelope" in letter.failure.message
     assert (letter.envelope.payload, letter.envelope.headers["x-origin"]) == (b"raw", "elsewhere")
-    assert await _receive(transport, 1, wait=0.5) == []  # parked means acked
+    assert await receive_some(transport, 1, wait=0.5) == []  # parked means acked
 
 
 async def test_a_resend_of_the_same_envelope_is_stored_once(transport: NatsTransport) -> None:
@@ -151,16 +141,16 @@ async def test_a_resend_of_the_same_envelope_is_stored_once(transport: NatsTrans
     envelope = _ping(1)
     await transport.send("a", envelope)
     await transport.send("a", envelope)  # e.g. a send retried after a lost PubAck
-    [delivery] = await _receive(transport, 1)
+    [delivery] = await receive_some(transport, 1)
     await delivery.ack()
-    assert await _receive(transport, 1, wait=0.5) == []
+    assert await receive_some(transport, 1, wait=0.5) == []
 
 
 async def test_a_lost_consumer_is_declared_again(transport: NatsTransport) -> None:
     await transport.declare("a", "g", from_start=False)
     await transport._jetstream().delete_consumer(transport.stream, transport.durable("a", "g"))
     await transport.send("a", _ping(5))
-    got = await _receive(transport, 1, wait=5)
+    got = await receive_some(transport, 1, wait=5)
     assert [d.envelope.payload for d in got] == [b"5"]
 
 
@@ -171,7 +161,7 @@ async def test_dead_letters_are_listed_in_order_and_purged_all_at_once(
     for n in range(3):
         await transport.send("a", _ping(n))
     failure = Failure("builtins.ValueError", "bad\nline", "Traceback\n  ...", 3, "mod.handler")
-    for delivery in await _receive(transport, 3):
+    for delivery in await receive_some(transport, 3):
         await delivery.dead_letter(failure)
     letters = await transport.dead_letters()
     assert [d.envelope.payload for d in letters] == [b"0", b"1", b"2"]
@@ -367,7 +357,7 @@ async def test_a_namespace_ending_in_dead_has_streams_of_its_own() -> None:
         for transport, n in ((first, 1), (second, 2)):
             await transport.declare("a", "g", from_start=False)
             await transport.send("a", _ping(n))
-            [delivery] = await _receive(transport, 1)
+            [delivery] = await receive_some(transport, 1)
             await delivery.dead_letter(failure)
         assert [d.envelope.payload for d in await first.dead_letters()] == [b"1"]
         assert [d.envelope.payload for d in await second.dead_letters()] == [b"2"]
@@ -411,7 +401,7 @@ async def test_a_stream_made_before_keys_gets_the_keyed_subjects() -> None:
         assert info.config.subjects == [f"{namespace}.m.>", f"{namespace}.k.>"]
         await transport.declare("a", "g", from_start=False)
         await transport.send("a", Envelope(name="Ping", payload=b"1", key="k"))
-        [delivery] = await _receive(transport, 1)
+        [delivery] = await receive_some(transport, 1)
         assert delivery.envelope.key == "k"
         await delivery.ack()
     finally:
@@ -449,7 +439,7 @@ async def test_a_stored_message_is_its_envelope_framed_in_the_body_with_one_head
     await transport._jetstream().publish(
         transport.subject("a"), old.payload, headers={"Iambus-Envelope": json.dumps(fields)}
     )
-    got = await _receive(transport, 2)
+    got = await receive_some(transport, 2)
     assert [d.envelope for d in got] == [sent, old]
     for delivery in got:
         await delivery.ack()
@@ -491,10 +481,10 @@ async def test_a_pull_stays_waiting_from_one_receive_to_the_next(
         info = await js.consumer_info(transport.stream, transport.durable("a", "g"))
         assert info.num_waiting == 1, "one pull waits between receives: not none, not more"
     await transport.send("a", _ping(1))
-    [lost] = await _receive(transport, 1)
+    [lost] = await receive_some(transport, 1)
     # A receive that ends just when the server reclaims it (claim_after = 0.3).
     await transport.receive("a", "g", consumer="other", limit=5, wait=0.28)
-    [found] = await _receive(transport, 1)
+    [found] = await receive_some(transport, 1)
     assert (found.envelope, found.attempt) == (lost.envelope, 2)
     await found.ack()
 
@@ -518,7 +508,7 @@ async def test_a_cancelled_receive_strands_nothing() -> None:
         ]
         for envelope in sent:
             await stopping.send("a", envelope)
-        got = await _receive(other, len(sent), wait=5)
+        got = await receive_some(other, len(sent), wait=5)
         assert sorted(d.envelope.payload for d in got) == sorted(e.payload for e in sent)
         for delivery in got:
             await delivery.ack()
@@ -545,9 +535,9 @@ async def test_what_no_receive_takes_goes_back_after_half_of_claim_after() -> No
         for key in keys:
             await greedy.send("a", Envelope(name="Ping", payload=key.encode(), key=key))
         # One receive pulls on every partition and takes one; it never receives again.
-        [taken] = await _receive(greedy, 1)
+        [taken] = await receive_some(greedy, 1)
         started = time.monotonic()
-        got = await _receive(other, 2, wait=8)
+        got = await receive_some(other, 2, wait=8)
         assert sorted(d.envelope.payload for d in got) == sorted(
             k.encode() for k in keys if k.encode() != taken.envelope.payload
         )
@@ -576,23 +566,23 @@ async def _replay_behind_the_partition(transport: NatsTransport) -> None:
         return Envelope(name="Ping", payload=str(n).encode(), key="k")
 
     await transport.send("a", keyed(0))
-    [first] = await _receive(transport, 1)
-    [elsewhere] = await _receive(transport, 1, group="other")
+    [first] = await receive_some(transport, 1)
+    [elsewhere] = await receive_some(transport, 1, group="other")
     await elsewhere.ack()
     await first.dead_letter(Failure("builtins.ValueError", "no", "", 1))
     await transport.send("a", keyed(1))
-    [second] = await _receive(transport, 1)  # holds the partition while the replay comes
+    [second] = await receive_some(transport, 1)  # holds the partition while the replay comes
     [letter] = await transport.dead_letters()
     assert await transport.replay([letter.id]) == 1
     assert await transport.receive("a", "g", consumer="c", limit=5, wait=0.3) == []
     await second.ack()
-    [replayed] = await _receive(transport, 1)
+    [replayed] = await receive_some(transport, 1)
     assert (replayed.envelope.payload, replayed.attempt) == (b"0", 1)
     await replayed.ack()
-    [other] = await _receive(transport, 1, group="other")
+    [other] = await receive_some(transport, 1, group="other")
     assert other.envelope.payload == b"1"  # the replay is for "g" only
     await other.ack()
-    assert await _receive(transport, 1, group="other", wait=0.5) == []
+    assert await receive_some(transport, 1, group="other", wait=0.5) == []
 
 
 async def test_a_deleted_stream_is_made_again_by_the_next_send(transport: NatsTransport) -> None:
@@ -601,7 +591,7 @@ async def test_a_deleted_stream_is_made_again_by_the_next_send(transport: NatsTr
     await transport._jetstream().delete_stream(transport.stream)  # its consumers go too
     await transport.send("a", _ping(1))  # no stream takes it: made again, then stored
     await transport.send("a", Envelope(name="Ping", payload=b"2", key="k"))
-    got = await _receive(transport, 2)
+    got = await receive_some(transport, 2)
     assert sorted(d.envelope.payload for d in got) == [b"1", b"2"]
     for delivery in got:
         await delivery.ack()
@@ -613,9 +603,9 @@ async def test_what_a_closed_transport_fetched_and_never_handed_out_goes_back() 
         keys = ["key-0", "key-1", "key-2"]  # three partitions of 16
         for key in keys:
             await closing.send("a", Envelope(name="Ping", payload=key.encode(), key=key))
-        [taken] = await _receive(closing, 1)  # its pulls fetched the other two as well
+        [taken] = await receive_some(closing, 1)  # its pulls fetched the other two as well
         await closing.close()
-        got = await _receive(other, 2, wait=5)  # well before claim_after
+        got = await receive_some(other, 2, wait=5)  # well before claim_after
         assert sorted(d.envelope.payload for d in got) == sorted(
             k.encode() for k in keys if k.encode() != taken.envelope.payload
         )
@@ -641,7 +631,7 @@ async def _until_stored(transport: NatsTransport, count: int) -> int:
 
 async def _answer(transport: NatsTransport, count: int, *, wait: float = 5) -> list[Delivery]:
     """Receive ``count`` requests on ``a``/``g`` and answer each with its own payload."""
-    got = await _receive(transport, count, wait=wait)
+    got = await receive_some(transport, count, wait=wait)
     for delivery in got:
         request = delivery.envelope
         assert request.reply_to
@@ -703,10 +693,10 @@ async def test_a_core_request_that_fails_is_dead_lettered_and_retried_in_memory(
     await transport.declare("a", "g", from_start=True)
     assert await transport.receive("a", "g", consumer="c", limit=1, wait=0.1) == []
     asking = asyncio.create_task(transport.request("a", _ping(3), timeout=10))
-    [first] = await _receive(transport, 1)
+    [first] = await receive_some(transport, 1)
     await first.retry(0.2)  # back to this transport's group, after its delay
     started = time.monotonic()
-    [again] = await _receive(transport, 1)
+    [again] = await receive_some(transport, 1)
     assert time.monotonic() - started >= 0.15
     assert (again.envelope.id, again.attempt) == (first.envelope.id, 2)
     failure = Failure("builtins.ValueError", "no", "", again.attempt)
@@ -774,7 +764,7 @@ async def test_nats_each_bad_reply_is_one_warning_naming_it_and_replies_flow_on(
     await transport.declare("a", "g", from_start=False)
     question = _ping(1)
     asking = asyncio.create_task(transport.request("a", question, timeout=5))
-    [delivery] = await _receive(transport, 1)
+    [delivery] = await receive_some(transport, 1)
     to = delivery.envelope.reply_to
     assert to is not None
     nc = transport._client()
@@ -813,7 +803,7 @@ async def test_a_core_request_in_header_form_is_read_too(transport: NatsTranspor
             )
         },
     )
-    [delivery] = await _receive(transport, 1)
+    [delivery] = await receive_some(transport, 1)
     assert delivery.envelope == request
 
 
@@ -827,7 +817,7 @@ async def test_a_core_request_with_a_bad_envelope_line_is_dead_lettered_with_the
     await transport.declare("a", "g", from_start=True)
     assert await transport.receive("a", "g", consumer="c", limit=1, wait=0.1) == []
     await transport._client().publish(transport.request_subject("a"), body)
-    assert await _receive(transport, 1, wait=1) == []
+    assert await receive_some(transport, 1, wait=1) == []
     [letter] = await transport.dead_letters()
     assert reason in letter.failure.message
     assert letter.envelope.payload == body
