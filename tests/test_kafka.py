@@ -341,6 +341,20 @@ async def test_workers_keep_each_key_in_order_through_retries(
         await test_a_key_is_handled_in_order_across_instances_through_retries(bus, request)
 
 
+async def test_a_poison_message_is_retried_through_the_retry_topic_then_dead_lettered() -> None:
+    """The shared scenario of test_worker, on Kafka: its unkeyed retries go through the
+    handler group's retry topic, and the third attempt is dead-lettered."""
+    from .test_worker import test_a_poison_message_is_dead_lettered_while_the_rest_flow
+
+    async with _bus() as bus:
+        await test_a_poison_message_is_dead_lettered_while_the_rest_flow(bus)
+        [transport, *_] = bus.made
+        assert isinstance(transport, KafkaTransport)
+        [state] = [s for s in transport._groups.values() if s.group.startswith("billing.")]
+        retries = [part for part in state.parts.values() if part.tp.topic == state.retry_topic]
+        assert sum(part.fetched or 0 for part in retries) == 2  # attempts 2 and 3
+
+
 async def test_commands_and_queries_are_answered_across_services() -> None:
     """The shared scenarios of test_worker, on Kafka: routed execute() and query()."""
     from .test_worker import (

@@ -213,7 +213,6 @@ class _Group:
     address: str
     group: str
     consumer: AIOKafkaConsumer | None = None
-    topic: str = ""  # the address's topic
     retry_topic: str = ""  # the group's retry topic (its consumer reads both)
     parts: dict[TopicPartition, _Partition] = field(default_factory=dict)
     ready: deque[_Record] = field(default_factory=deque)  # to hand out, in order
@@ -482,7 +481,7 @@ class KafkaTransport(Transport):
             topic, retry_topic = self.topic(address), self.retry_topic(address, group)
             await self._ensure_topic(topic, self.partitions)
             await self._ensure_topic(retry_topic, self.partitions)
-            state.topic, state.retry_topic = topic, retry_topic
+            state.retry_topic = retry_topic
             session = int(self.claim_after * 1000)
             consumer = AIOKafkaConsumer(
                 bootstrap_servers=self.servers,
@@ -1089,9 +1088,9 @@ class KafkaTransport(Transport):
         if state is None:
             return Backlog(waiting=lag[topic], in_flight=None, retrying=lag[retry_topic])
         held = [record for part in parts.values() for record in part.unsettled.values()]
-        waiting = sum(record.timer is not None for record in held)
+        delayed = sum(record.timer is not None for record in held)
         return Backlog(
-            waiting=lag[topic], in_flight=len(held) - waiting, retrying=lag[retry_topic] + waiting
+            waiting=lag[topic], in_flight=len(held) - delayed, retrying=lag[retry_topic] + delayed
         )
 
     # -- dead letters -----------------------------------------------------------------
