@@ -115,6 +115,11 @@ def test_the_url_gives_servers_namespace_partitions_and_options() -> None:
         KafkaTransport("kafka://127.0.0.1", namespace="a.b")
     with pytest.raises(ImproperlyConfigured, match="cannot be part of a Kafka topic name"):
         default.topic("event.Order Placed")
+    assert (
+        default.retry_topic("event.A", "billing.app:run") == "iambus-retry.billing.app_run.event.A"
+    )
+    with pytest.raises(ImproperlyConfigured, match=r"retry topic .* longer than 249"):
+        default.retry_topic("event.A", "g" * 230)
     with pytest.raises(ImproperlyConfigured, match=r"kafka://u:\*\*\*@h.*not supported yet"):
         connect("kafka://u:s3cret@h:9092")
     with pytest.raises(ImproperlyConfigured, match="no Kafka bootstrap server"):
@@ -813,6 +818,28 @@ async def test_a_retry_waiting_out_its_delay_holds_its_retry_partition_only() ->
         assert (backlog.waiting, backlog.in_flight, backlog.retrying) == (0, 0, 1)
         await _until_committed(transport, "g", 2)
         assert state.parts[retry_tp].commit_point() == 0  # held at the retry
+
+
+async def test_a_retry_outlives_its_process_with_its_attempt() -> None:
+    """A retry read and waiting out its delay when its process goes is the next
+    consumer's, as the same attempt (not attempt 1 of the original)."""
+    async with _transports(2, partitions=1) as (first, second):
+        await first.declare("a", "g", from_start=False)
+        await first.send("a", _ping(1))
+        [delivery] = await _receive(first, 1)
+        await delivery.retry(1.0)
+        state = first._groups[("a", "g")]
+        retry_tp = TopicPartition(first.retry_topic("a", "g"), 0)
+        await until(
+            lambda: retry_tp in state.parts and bool(state.parts[retry_tp].unsettled),
+            10,
+            "the retry fetched",
+        )
+        await first.close()  # (a crash commits no more: the same from the next one's view)
+        [again] = await _receive(second, 1, wait=20)
+        assert (_n(again), again.attempt) == (1, 2)
+        await again.ack()
+        assert await second.receive("a", "g", consumer="c", limit=5, wait=0.5) == []
 
 
 async def test_a_retry_that_could_not_be_stored_stays_in_memory_unsettled() -> None:

@@ -47,9 +47,9 @@ How the seam maps onto Kafka (see docs/kafka.md):
   not handed out is dropped, the deliveries handed out get ``claim_after / 2`` (at most
   5 s) to settle, the committed offsets are written, then the partitions go. A
   delivery settled after its partition went is not committed here; the new owner
-  delivers it again (attempt 1). There is no per-delivery reclaim: an unsettled
-  delivery of a live consumer holds its key (and its partition's committed offset)
-  until it is settled or its process dies;
+  delivers it again (attempt 1, or its retry record's). There is no per-delivery
+  reclaim: an unsettled delivery of a live consumer holds its key (and its partition's
+  committed offset) until it is settled or its process dies;
 * ``retry(delay)`` of an **unkeyed** record produces it (``acks=all``) to the group's
   retry topic ``<ns>-retry.<group>.<address>`` (``partitions`` partitions, made when the
   group's consumer starts, which reads it besides the address's topic), with the headers
