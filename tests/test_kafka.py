@@ -16,8 +16,6 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -25,8 +23,8 @@ from iambus.envelope import Envelope
 from iambus.errors import ImproperlyConfigured, TransportError
 from iambus.transports import Delivery, Failure, Transport, connect
 
-from .conftest import Bus, receive_some, require
-from .processes import Cluster, until
+from .conftest import receive_some, require
+from .processes import until
 
 pytest.importorskip(
     "aiokafka", reason="the Kafka transport needs aiokafka: pip install 'iambus[kafka]'"
@@ -309,54 +307,6 @@ def _owned(transport: KafkaTransport) -> set[int]:
     return set() if state is None else set(state.parts)
 
 
-@contextlib.asynccontextmanager
-async def _bus(partitions: int = 4) -> AsyncIterator[Bus]:
-    """The distributed tests' ``Bus`` on Kafka: transports of one fresh namespace."""
-    require("kafka")
-    namespace = f"test-{uuid.uuid4().hex[:10]}"
-    made = Bus("kafka", lambda: KafkaTransport(_url(namespace, partitions), claim_after=2.0))
-    try:
-        yield made
-    finally:
-        for transport in made.made:
-            await transport.close()
-        cleaner = KafkaTransport(_url(namespace, partitions))
-        await cleaner.open()
-        await cleaner.destroy()
-        await cleaner.close()
-
-
-async def test_workers_keep_each_key_in_order_through_retries(
-    request: pytest.FixtureRequest,
-) -> None:
-    """The shared scenario of test_worker, on Kafka: two instances, six keys, a retry each."""
-    from .test_worker import test_a_key_is_handled_in_order_across_instances_through_retries
-
-    async with _bus() as bus:
-        await test_a_key_is_handled_in_order_across_instances_through_retries(bus, request)
-
-
-async def test_commands_and_queries_are_answered_across_services() -> None:
-    """The shared scenarios of test_worker, on Kafka: routed execute() and query()."""
-    from .test_worker import (
-        test_a_command_goes_to_its_owner_and_its_events_follow,
-        test_queries_answer_across_services_and_fail_clearly,
-    )
-
-    async with _bus() as bus:
-        await test_a_command_goes_to_its_owner_and_its_events_follow(bus)
-    async with _bus() as bus:
-        await test_queries_answer_across_services_and_fail_clearly(bus)
-
-
-async def test_status_shows_kafka_instances_backlog_and_dead_letters() -> None:
-    """The shared scenario of test_status, on Kafka: the registry, backlog, dead letters."""
-    from .test_status import test_status_shows_instances_backlog_and_dead_letters
-
-    async with _bus() as bus:
-        await test_status_shows_instances_backlog_and_dead_letters(bus)
-
-
 async def test_a_reply_nobody_waits_for_is_dropped_and_the_reply_topic_goes_at_close(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -503,26 +453,6 @@ async def test_replies_find_their_request_and_a_close_ends_the_waiting_ones(
         await transport.close()
         with pytest.raises(TransportError, match="closed while waiting"):
             await pending
-
-
-@dataclass
-class _KafkaCluster(Cluster):
-    """``tests.processes.Cluster`` on Kafka (its URL: one of the test broker)."""
-
-    @property
-    def url(self) -> str:
-        return _url(self.namespace, 4)
-
-
-async def test_a_worker_killed_mid_handler_loses_nothing(tmp_path: Path) -> None:
-    """The shared process scenario on Kafka: a worker SIGKILLed with a handler hanging;
-    its partitions move to another worker after the session timeout, nothing is lost."""
-    from . import test_worker_processes as scenario
-
-    require("kafka")
-    cluster = _KafkaCluster("kafka", tmp_path, scenario.APP, claim_after=scenario.CLAIM_AFTER)
-    async with cluster:
-        await scenario.test_a_worker_killed_mid_handler_loses_nothing(cluster)
 
 
 async def test_a_failed_commit_dead_letter_or_reply_read_is_tried_again() -> None:
