@@ -210,8 +210,10 @@ async def _nats_bus() -> AsyncIterator[Bus]:
     await cleaner.close()
 
 
-# The test broker (Tansu) refuses the idempotent producer; a new group's first join there
-# waits half the session timeout (claim_after), hence a short one.
+# The test broker (Tansu) refuses the idempotent producer. A consumer's join there takes
+# about max(1 s, claim_after / 2) (measured: 1.0 s for a session timeout of 0.3-2 s, 5 s
+# for aiokafka's default 10 s), so each Kafka case costs about a second; a claim_after
+# below 1 s would only make a busy machine look like a crash.
 KAFKA_URL = "kafka://127.0.0.1:9092?idempotent=false&partitions=4"
 KAFKA_CLAIM_AFTER = 1.0
 
