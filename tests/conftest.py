@@ -1,8 +1,9 @@
 """Shared fixtures: the brokers the distributed tests run against.
 
-``bus`` is parametrized over every transport. Memory always runs. A real broker is
-reached on loopback only; when it is down, its tests skip with one line saying what to
-start — except in CI (``CI=true``), where a missing broker fails the run.
+``bus`` is parametrized over every transport (Kafka: Tansu, the test broker). Memory
+always runs. A real broker is reached on loopback only; when it is down, its tests skip
+with one line saying what to start — except in CI (``CI=true``), where a missing broker
+fails the run.
 """
 
 from __future__ import annotations
@@ -120,11 +121,15 @@ class Bus:
         return transport
 
 
-@pytest.fixture(params=["memory", "redis", "rabbitmq", "nats"])
+@pytest.fixture(params=["memory", "redis", "rabbitmq", "nats", "kafka"])
 async def bus(request: pytest.FixtureRequest) -> AsyncIterator[Bus]:
     if request.param == "memory":
         shared = MemoryTransport(claim_after=0.5)
         yield Bus("memory", lambda: shared)
+        return
+    if request.param == "kafka":
+        async for made in _kafka_bus():
+            yield made
         return
     if request.param == "nats":
         async for made in _nats_bus():
@@ -202,6 +207,33 @@ async def _nats_bus() -> AsyncIterator[Bus]:
     cleaner = NatsTransport("nats://127.0.0.1:4222", namespace=namespace)
     await cleaner.open()
     await cleaner.destroy()
+    await cleaner.close()
+
+
+# The test broker (Tansu) refuses the idempotent producer. A consumer's join there takes
+# about max(1 s, claim_after / 2) (measured: 1.0 s for a session timeout of 0.3-2 s, 5 s
+# for aiokafka's default 10 s), so each Kafka case costs about a second; a claim_after
+# below 1 s would only make a busy machine look like a crash.
+KAFKA_URL = "kafka://127.0.0.1:9092?idempotent=false&partitions=4"
+KAFKA_CLAIM_AFTER = 1.0
+
+
+async def _kafka_bus() -> AsyncIterator[Bus]:
+    require("kafka")
+    from iambus.transports.kafka import KafkaTransport
+
+    url = f"{KAFKA_URL}&namespace=test-{uuid.uuid4().hex[:10]}"
+
+    def make() -> Transport:
+        return KafkaTransport(url, claim_after=KAFKA_CLAIM_AFTER)
+
+    made = Bus("kafka", make)
+    yield made
+    for transport in made.made:
+        await transport.close()
+    cleaner = KafkaTransport(url)
+    await cleaner.open()
+    await cleaner.destroy()  # the namespace's topics; the consumer groups stay
     await cleaner.close()
 
 

@@ -41,8 +41,19 @@ BROKERS = {
     "redis": "redis://127.0.0.1:6379/0",
     "rabbitmq": "amqp://guest:guest@127.0.0.1:5672/",
     "nats": "nats://127.0.0.1:4222",
+    # Tansu, the test broker, refuses the idempotent producer; 4 partitions so that a
+    # few workers share a group's partitions
+    "kafka": "kafka://127.0.0.1:9092?idempotent=false&partitions=4",
 }
 CONFIG_VARIABLE = "IAMBUS_TEST_WORKER"
+
+
+def broker_url(broker: str, namespace: str) -> str:
+    """The URL of ``broker`` (a key of ``BROKERS``) with ``namespace``."""
+    base = BROKERS[broker]
+    return f"{base}{'&' if '?' in base else '?'}namespace={namespace}"
+
+
 READY = "iambus worker "  # what the command logs once its worker has declared every group
 
 # The start of every app.py (as source: the workers do not have the tests on their path).
@@ -118,7 +129,7 @@ class Cluster:
 
     @property
     def url(self) -> str:
-        return f"{BROKERS[self.broker]}?namespace={self.namespace}"
+        return broker_url(self.broker, self.namespace)
 
     @property
     def log(self) -> Path:

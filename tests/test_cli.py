@@ -45,7 +45,7 @@ from iambus.transports import (
 )
 
 from .conftest import POSTGRES_DSN, require
-from .processes import BROKERS
+from .processes import BROKERS, broker_url
 
 # An application module, as a user would write it. DEFAULTS is replaced per test.
 APP = """
@@ -654,10 +654,12 @@ class Broker:
 
 @pytest.fixture(params=sorted(BROKERS))
 def dlq(request: pytest.FixtureRequest) -> Iterator[Broker]:
-    """A fresh namespace on Redis, RabbitMQ and NATS in turn; destroyed at the end."""
+    """A fresh namespace on each broker in turn; destroyed at the end."""
     require(request.param)
-    url = f"{BROKERS[request.param]}?namespace=test-{uuid.uuid4().hex[:10]}"
-    made = Broker(url, connect(url, claim_after=5))
+    url = broker_url(request.param, f"test-{uuid.uuid4().hex[:10]}")
+    # (Kafka: claim_after is the session timeout; each run() joins the group anew, which on
+    # the test broker waits half of it)
+    made = Broker(url, connect(url, claim_after=1 if request.param == "kafka" else 5))
     made.run(lambda transport: asyncio.sleep(0))  # GROUP exists before anything is sent
     yield made
 

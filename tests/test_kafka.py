@@ -16,8 +16,6 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,8 +25,7 @@ from iambus.errors import ImproperlyConfigured, TransportError
 from iambus.transports import Delivery, Failure, Transport, connect
 
 from .conftest import Bus, receive_some, require
-from .processes import Cluster, until
-from .test_cli import Broker
+from .processes import until
 
 pytest.importorskip(
     "aiokafka", reason="the Kafka transport needs aiokafka: pip install 'iambus[kafka]'"
@@ -336,16 +333,6 @@ async def _bus(partitions: int = 4) -> AsyncIterator[Bus]:
         await cleaner.close()
 
 
-async def test_workers_keep_each_key_in_order_through_retries(
-    request: pytest.FixtureRequest,
-) -> None:
-    """The shared scenario of test_worker, on Kafka: two instances, six keys, a retry each."""
-    from .test_worker import test_a_key_is_handled_in_order_across_instances_through_retries
-
-    async with _bus() as bus:
-        await test_a_key_is_handled_in_order_across_instances_through_retries(bus, request)
-
-
 async def test_a_poison_message_is_retried_through_the_retry_topic_then_dead_lettered() -> None:
     """The shared scenario of test_worker, on Kafka: its unkeyed retries go through the
     handler group's retry topic, and the third attempt is dead-lettered."""
@@ -358,27 +345,6 @@ async def test_a_poison_message_is_retried_through_the_retry_topic_then_dead_let
         [state] = [s for s in transport._groups.values() if s.group.startswith("billing.")]
         retries = [part for part in state.parts.values() if part.tp.topic == state.retry_topic]
         assert sum(part.fetched or 0 for part in retries) == 2  # attempts 2 and 3
-
-
-async def test_commands_and_queries_are_answered_across_services() -> None:
-    """The shared scenarios of test_worker, on Kafka: routed execute() and query()."""
-    from .test_worker import (
-        test_a_command_goes_to_its_owner_and_its_events_follow,
-        test_queries_answer_across_services_and_fail_clearly,
-    )
-
-    async with _bus() as bus:
-        await test_a_command_goes_to_its_owner_and_its_events_follow(bus)
-    async with _bus() as bus:
-        await test_queries_answer_across_services_and_fail_clearly(bus)
-
-
-async def test_status_shows_kafka_instances_backlog_and_dead_letters() -> None:
-    """The shared scenario of test_status, on Kafka: the registry, backlog, dead letters."""
-    from .test_status import test_status_shows_instances_backlog_and_dead_letters
-
-    async with _bus() as bus:
-        await test_status_shows_instances_backlog_and_dead_letters(bus)
 
 
 async def test_a_reply_nobody_waits_for_is_dropped_and_the_reply_topic_goes_at_close(
@@ -527,26 +493,6 @@ async def test_replies_find_their_request_and_a_close_ends_the_waiting_ones(
         await transport.close()
         with pytest.raises(TransportError, match="closed while waiting"):
             await pending
-
-
-@dataclass
-class _KafkaCluster(Cluster):
-    """``tests.processes.Cluster`` on Kafka (its URL: one of the test broker)."""
-
-    @property
-    def url(self) -> str:
-        return _url(self.namespace, 4)
-
-
-async def test_a_worker_killed_mid_handler_loses_nothing(tmp_path: Path) -> None:
-    """The shared process scenario on Kafka: a worker SIGKILLed with a handler hanging;
-    its partitions move to another worker after the session timeout, nothing is lost."""
-    from . import test_worker_processes as scenario
-
-    require("kafka")
-    cluster = _KafkaCluster("kafka", tmp_path, scenario.APP, claim_after=scenario.CLAIM_AFTER)
-    async with cluster:
-        await scenario.test_a_worker_killed_mid_handler_loses_nothing(cluster)
 
 
 async def test_a_failed_commit_dead_letter_or_reply_read_is_tried_again() -> None:
@@ -931,47 +877,3 @@ async def test_dead_letters_are_counted_per_group_and_a_retry_dead_letters_as_it
         state = transport._groups[("a", "g")]
         retry_tp = TopicPartition(transport.retry_topic("a", "g"), 0)
         await until(lambda: state.parts[retry_tp].committed == 1, 10, "the retry settled")
-
-
-# -- the dlq and status commands -------------------------------------------------------
-
-
-@pytest.fixture
-def kafka_dlq() -> Iterator[Broker]:
-    """``tests.test_cli``'s ``dlq`` fixture on Kafka: a fresh namespace, destroyed after."""
-    require("kafka")
-    url = _url(f"test-{uuid.uuid4().hex[:10]}", 1)
-    made = Broker(url, KafkaTransport(url, claim_after=2.0))
-    made.run(lambda transport: asyncio.sleep(0))  # the group exists before anything is sent
-    yield made
-
-    async def destroy(transport: Transport) -> None:
-        assert isinstance(transport, KafkaTransport)
-        await transport.destroy()
-
-    made.run(destroy)
-
-
-@pytest.mark.parametrize(
-    "scenario",
-    [
-        "test_dlq_list_shows_a_table",
-        "test_dlq_purge_deletes_them",
-        # (not test_dlq_replay_sends_them_back_to_their_group: it gives a consumer 2.5 s
-        # to receive, and a consumer joining a group again takes about 4 s on Tansu)
-    ],
-)
-def test_the_dlq_commands_work_on_kafka(
-    scenario: str, kafka_dlq: Broker, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from . import test_cli
-
-    getattr(test_cli, scenario)(kafka_dlq, capsys)
-
-
-async def test_the_status_command_works_on_kafka(
-    kafka_dlq: Broker, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from .test_cli import test_status_shows_each_group_and_the_live_instances as scenario
-
-    await scenario(kafka_dlq, capsys)

@@ -21,7 +21,13 @@ from iambus.transports.memory import MemoryTransport
 
 from .conftest import Bus
 
-SYSTEMS = {"memory": "memory", "redis": "redis", "rabbitmq": "rabbitmq", "nats": "nats"}
+SYSTEMS = {
+    "memory": "memory",
+    "redis": "redis",
+    "rabbitmq": "rabbitmq",
+    "nats": "nats",
+    "kafka": "kafka",
+}
 
 
 @dataclass(frozen=True, slots=True)
