@@ -34,6 +34,7 @@ pytest.importorskip(
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from iambus.transports import kafka
 from iambus.transports.kafka import KafkaTransport
 
 KAFKA = "127.0.0.1:9092"
@@ -485,6 +486,27 @@ async def test_partitions_all_held_for_a_while_are_paused_and_resumed_as_records
             await delivery.ack()
         await _ack_all(transport, seen, 12)
         assert sorted(seen) == list(range(12))
+
+
+async def test_leaving_commits_what_was_settled_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A worker that stops calls leave() and may leave the transport open (passed in,
+    # shared) while its process ends: what it settled must not wait for the commit loop.
+    monkeypatch.setattr(kafka, "_COMMIT_GAP", 60.0)
+    async with _transports(1, partitions=1) as (transport,):
+        await transport.declare("a", "g", from_start=False)
+        await transport.send("a", _ping(1))
+        [first] = await _receive(transport, 1)
+        await first.ack()  # the loop's first commit: at once
+
+        async def first_committed() -> bool:
+            return await _committed(transport, "g") == 1
+
+        await until(first_committed, 15, "the first commit")
+        await transport.send("a", _ping(2))
+        [second] = await _receive(transport, 1)
+        await second.ack()  # the loop waits out its gap
+        await transport.leave("c")
+        assert await _committed(transport, "g") == 2
 
 
 async def test_settling_twice_and_after_close_changes_nothing() -> None:

@@ -42,8 +42,8 @@ How the seam maps onto Kafka (see docs/kafka.md):
   settled; a settle removes one, and the partition's committed offset becomes the lowest
   offset not yet settled (or the next to fetch when none is left). So a crash
   redelivers what was not settled (and possibly some settled after it), never skips
-  one. Commits run in a background task per group, coalesced; ``close`` and a
-  rebalance commit before the partitions are given up;
+  one. Commits run in a background task per group, coalesced, one every 20 ms at
+  most; ``close``, ``leave`` (a stopping worker) and a rebalance commit at once;
 * **rebalancing**: when partitions are revoked (a process joined, left or was declared
   dead after ``claim_after`` = the consumer's session timeout), what was buffered and
   not handed out is dropped, the deliveries handed out get ``claim_after / 2`` (at most
@@ -152,6 +152,7 @@ _FETCH_MS = 200  # how long one fetch waits for records
 # latency, and a seek waits for the fetch in flight).
 _FETCH_WAIT_MS = 100
 _RETRY_COMMIT = 0.5  # seconds before a failed commit is tried again
+_COMMIT_GAP = 0.02  # seconds at least between two commits of the background loop
 _REPLY_WAIT = 2.0  # how long a reply waits for its topic's metadata before it is dropped
 _GRACE = 5.0  # at most this long a rebalance waits for handed-out deliveries to settle
 _HOLD = 1.0  # seconds every partition may be held before the consumer pauses them
@@ -770,7 +771,8 @@ class KafkaTransport(Transport):
 
     async def leave(self, consumer: str) -> None:
         """Give back what ``consumer`` holds unsettled: each goes to the group's next
-        receive at once, attempt + 1, still ahead of its key's next one."""
+        receive at once, attempt + 1, still ahead of its key's next one; then commit what
+        was settled."""
         for state in self._groups.values():
             back = [
                 record
@@ -785,6 +787,14 @@ class KafkaTransport(Transport):
             if back:
                 state.arrived.set()
                 state.settled.set()  # (a revoke waiting for handed-out records: back)
+        # What was settled is committed now, not at the commit loop's next turn: a worker
+        # that stops leaves a transport passed in open, and its process may end next.
+        for state in list(self._groups.values()):
+            if state.consumer is not None:
+                try:
+                    await self._commit(state, state.consumer)
+                except (KafkaError, OSError, TimeoutError) as exc:
+                    logger.warning("iambus: %s: commit on leave failed: %r", self.url, exc)
 
     # -- committing -----------------------------------------------------------------
 
@@ -802,6 +812,11 @@ class KafkaTransport(Transport):
                 logger.info("iambus: %s: commit failed: %r", self.url, exc)
                 await asyncio.sleep(_RETRY_COMMIT)
                 state.dirty.set()
+            else:
+                # What settles meanwhile goes into the next commit: one commit request per
+                # _COMMIT_GAP at most, not one per round trip. (A stop, a leave and a
+                # rebalance commit at once, without waiting for this loop.)
+                await asyncio.sleep(_COMMIT_GAP)
 
     async def _commit(
         self, state: _Group, consumer: AIOKafkaConsumer, only: set[int] | None = None
