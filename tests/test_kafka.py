@@ -15,9 +15,10 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,6 +28,7 @@ from iambus.transports import Delivery, Failure, Transport, connect
 
 from .conftest import Bus, receive_some, require
 from .processes import Cluster, until
+from .test_cli import Broker
 
 pytest.importorskip(
     "aiokafka", reason="the Kafka transport needs aiokafka: pip install 'iambus[kafka]'"
@@ -76,8 +78,10 @@ def _n(delivery: Delivery) -> int:
     return int(delivery.envelope.payload)
 
 
-async def _receive(transport: Transport, count: int, *, wait: float = 10) -> list[Delivery]:
-    return await receive_some(transport, count, wait=wait)  # (groups join slowly on Tansu)
+async def _receive(
+    transport: Transport, count: int, *, group: str = "g", wait: float = 10
+) -> list[Delivery]:
+    return await receive_some(transport, count, group=group, wait=wait)  # (slow joins on Tansu)
 
 
 async def _ack_all(transport: Transport, seen: list[int], count: int, *, limit: int = 20) -> None:
@@ -122,6 +126,11 @@ def test_the_url_gives_servers_namespace_partitions_and_options() -> None:
         KafkaTransport("kafka://127.0.0.1", namespace="a.b")
     with pytest.raises(ImproperlyConfigured, match="cannot be part of a Kafka topic name"):
         default.topic("event.Order Placed")
+    assert (
+        default.retry_topic("event.A", "billing.app:run") == "iambus-retry.billing.app_run.event.A"
+    )
+    with pytest.raises(ImproperlyConfigured, match=r"retry topic .* longer than 249"):
+        default.retry_topic("event.A", "g" * 230)
     with pytest.raises(ImproperlyConfigured, match=r"kafka://u:\*\*\*@h.*not supported yet"):
         connect("kafka://u:s3cret@h:9092")
     with pytest.raises(ImproperlyConfigured, match="no Kafka bootstrap server"):
@@ -317,7 +326,8 @@ async def test_partitions_move_to_a_consumer_that_joins_and_settled_ones_stay_se
 def _owned(transport: KafkaTransport) -> set[int]:
     """The partitions of address ``a`` the transport's consumer of group ``g`` holds."""
     state = transport._groups.get(("a", "g"))
-    return set() if state is None else set(state.parts)
+    topic = transport.topic("a")  # (not its retry topic's)
+    return set() if state is None else {tp.partition for tp in state.parts if tp.topic == topic}
 
 
 @contextlib.asynccontextmanager
@@ -345,6 +355,20 @@ async def test_workers_keep_each_key_in_order_through_retries(
 
     async with _bus() as bus:
         await test_a_key_is_handled_in_order_across_instances_through_retries(bus, request)
+
+
+async def test_a_poison_message_is_retried_through_the_retry_topic_then_dead_lettered() -> None:
+    """The shared scenario of test_worker, on Kafka: its unkeyed retries go through the
+    handler group's retry topic, and the third attempt is dead-lettered."""
+    from .test_worker import test_a_poison_message_is_dead_lettered_while_the_rest_flow
+
+    async with _bus() as bus:
+        await test_a_poison_message_is_dead_lettered_while_the_rest_flow(bus)
+        [transport, *_] = bus.made
+        assert isinstance(transport, KafkaTransport)
+        [state] = [s for s in transport._groups.values() if s.group.startswith("billing.")]
+        retries = [part for part in state.parts.values() if part.tp.topic == state.retry_topic]
+        assert sum(part.fetched or 0 for part in retries) == 2  # attempts 2 and 3
 
 
 async def test_commands_and_queries_are_answered_across_services() -> None:
@@ -458,7 +482,8 @@ async def test_a_partition_held_at_the_buffer_is_not_paused_while_another_has_ro
         state = transport._groups[("a", "g")]
         assert state.consumer is not None
         assert state.consumer.paused() == set()
-        assert [part.held for part in state.parts.values()] in ([True, False], [False, True])
+        held = [part.tp for part in state.parts.values() if part.held]
+        assert [tp.topic for tp in held] == [transport.topic("a")]  # (not its retry topic)
         deadline = time.monotonic() + 15
         while len(seen) < 12:
             assert time.monotonic() < deadline, f"stuck after {[_n(d) for d in seen]}"
@@ -467,25 +492,6 @@ async def test_a_partition_held_at_the_buffer_is_not_paused_while_another_has_ro
             seen += await transport.receive("a", "g", consumer="c", limit=20, wait=0.3)
         assert sorted(_n(d) for d in seen) == list(range(12))
         assert state.consumer.paused() == set()
-
-
-async def test_partitions_all_held_for_a_while_are_paused_and_resumed_as_records_settle() -> None:
-    async with _transports(1, partitions=1) as (transport,):
-        transport.buffer = 2
-        transport.tune(concurrency=1)
-        await transport.declare("a", "g", from_start=False)
-        for n in range(12):
-            await transport.send("a", _ping(n))
-        out = await _receive(transport, 4)
-        state = transport._groups[("a", "g")]
-        assert state.consumer is not None
-        consumer = state.consumer
-        await until(lambda: bool(consumer.paused()), 15, "the held partition paused")
-        seen = [_n(d) for d in out]
-        for delivery in out:
-            await delivery.ack()
-        await _ack_all(transport, seen, 12)
-        assert sorted(seen) == list(range(12))
 
 
 async def test_leaving_commits_what_was_settled_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -512,8 +518,8 @@ async def test_leaving_commits_what_was_settled_at_once(monkeypatch: pytest.Monk
 async def test_settling_twice_and_after_close_changes_nothing() -> None:
     async with _transports(1, partitions=1) as (transport,):
         await transport.declare("a", "g", from_start=False)
-        await transport.send("a", _ping(1))
-        await transport.send("a", _ping(2))
+        await transport.send("a", _ping(1, key="k1"))  # (keyed: retried in place)
+        await transport.send("a", _ping(2, key="k2"))
         first, second = await _receive(transport, 2)
         assert repr(first) == "<delivery Ping #1 to g@a>"
         await first.retry(30.0)  # waiting out its delay...
@@ -686,28 +692,37 @@ async def test_a_record_with_null_headers_is_dead_lettered_not_committed_past() 
 async def test_a_dead_letter_that_could_not_be_stored_comes_back() -> None:
     """Kafka gives back nothing by itself: a record whose dead letter failed to be
     written is delivered again (its key waiting for it), not held for ever."""
-    from aiokafka.errors import KafkaConnectionError
-
     async with _transports(1, partitions=1) as (transport,):
         await transport.declare("a", "g", from_start=False)
         await transport.send("a", _ping(1, key="k"))
         await transport.send("a", _ping(2, key="k"))
         [first] = await _receive(transport, 1)
-        assert transport._producer is not None
-        real = transport._producer.send_and_wait
-
-        async def broken(*args: object, **kwargs: object) -> object:
-            raise KafkaConnectionError("the broker went away")
-
-        transport._producer.send_and_wait = broken  # type: ignore[method-assign]
-        with pytest.raises(TransportError, match="the broker went away"):
+        failing = pytest.raises(TransportError, match="the broker went away")
+        with _producer_fails(transport), failing:
             await first.dead_letter(Failure("x.Error", "boom", "", 1))
-        transport._producer.send_and_wait = real  # type: ignore[method-assign]
         [again] = await _receive(transport, 1)  # the same record, not its key's next one
         assert (_n(again), again.attempt) == (1, first.attempt)
         await again.dead_letter(Failure("x.Error", "boom", "", 1))
         [second] = await _receive(transport, 1)
         assert _n(second) == 2
+
+
+@contextlib.contextmanager
+def _producer_fails(transport: KafkaTransport) -> Iterator[None]:
+    """Every produce of ``transport`` fails meanwhile, as with the broker away."""
+    from aiokafka.errors import KafkaConnectionError
+
+    producer = transport._client()
+    real = producer.send_and_wait
+
+    async def broken(*args: object, **kwargs: object) -> object:
+        raise KafkaConnectionError("the broker went away")
+
+    producer.send_and_wait = broken  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        producer.send_and_wait = real  # type: ignore[method-assign]
 
 
 async def test_a_partition_back_with_a_delivery_still_out_keeps_its_key_waiting() -> None:
@@ -724,13 +739,12 @@ async def test_a_partition_back_with_a_delivery_still_out_keeps_its_key_waiting(
             await first.send("a", _ping(n, key=keys[number]))
         held = {d.envelope.key: d for d in await _receive(first, 2)}
         assert sorted(_n(d) for d in held.values()) == [0, 1]
-        state = first._groups[("a", "g")]
         joining = asyncio.create_task(second.receive("a", "g", consumer="s", limit=5, wait=10))
-        await until(lambda: len(state.parts) == 1, 20, "a rebalance")
-        [kept] = state.parts  # the partition the first consumer keeps
+        await until(lambda: len(_owned(first)) == 1, 20, "a rebalance")
+        [kept] = _owned(first)  # the partition the first consumer keeps
         await joining
         await second.close()  # the only member left: both partitions come back
-        await until(lambda: len(state.parts) == 2, 20, "the partitions back")
+        await until(lambda: len(_owned(first)) == 2, 20, "the partitions back")
         # The other partition's first record again (the second consumer left it unsettled),
         # but nothing of the key whose record is still being handled.
         meanwhile = await _receive(first, 1)
@@ -752,3 +766,264 @@ async def test_a_buffer_of_one_record_still_goes_on() -> None:
         await _ack_all(transport, seen, 3, limit=5)
         await transport.close()
         assert seen == [0, 1, 2]
+
+
+# -- retries ---------------------------------------------------------------------------
+
+
+async def _read(topic: str, count: int) -> list[Any]:
+    """The first ``count`` records of partition 0 of ``topic``, read by another client."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=KAFKA, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        consumer.assign([TopicPartition(topic, 0)])
+        return [await asyncio.wait_for(consumer.getone(), 10) for _ in range(count)]
+    finally:
+        await consumer.stop()
+
+
+async def _ends(transport: KafkaTransport, topic: str) -> int:
+    """How many records ``topic`` has (all its partitions), as another client sees it."""
+    numbers = await transport._client().partitions_for(topic)
+    consumer = AIOKafkaConsumer(bootstrap_servers=KAFKA)
+    await consumer.start()
+    try:
+        ends = await consumer.end_offsets([TopicPartition(topic, n) for n in numbers])
+        return sum(ends.values())
+    finally:
+        await consumer.stop()
+
+
+async def _until_committed(transport: KafkaTransport, group: str, offset: int) -> None:
+    deadline = time.monotonic() + 10
+    while (committed := await _committed(transport, group)) != offset:
+        assert time.monotonic() < deadline, f"expected {offset} committed, got {committed}"
+        await asyncio.sleep(0.05)
+
+
+async def test_an_unkeyed_retry_goes_through_the_retry_topic_of_its_group_only() -> None:
+    """The retry is a record of the group's retry topic, with its attempt, due time and
+    origin in headers; the original is settled once it is stored; the retry comes back
+    after its delay, to that group only."""
+    async with _transports(1, partitions=1) as (transport,):
+        retry_topic = transport.retry_topic("a", "g")
+        assert retry_topic == f"{transport.namespace}-retry.g.a"
+        await transport.declare("a", "g", from_start=False)
+        await transport.declare("a", "h", from_start=False)
+        await transport.send("a", _ping(1))
+        [first] = await _receive(transport, 1)
+        [other] = await _receive(transport, 1, group="h")
+        await other.ack()
+        asked = time.time()
+        await first.retry(0.5)
+        await first.ack()  # settled by its retry already: nothing more
+        [record] = await _read(retry_topic, 1)
+        headers = dict(record.headers)
+        assert record.value == b"1"
+        assert headers["iambus-group"] == b"g"
+        assert headers["iambus-attempt"] == b"2"
+        assert float(headers["iambus-not-before"]) >= asked + 0.5
+        assert headers["iambus-origin"] == f"{transport.topic('a')}/0/0".encode()
+        await _until_committed(transport, "g", 1)  # the original is settled
+        [again] = await _receive(transport, 1)
+        assert time.time() >= asked + 0.5
+        assert (again.envelope, again.attempt) == (first.envelope, 2)
+        await again.retry(0.0)  # again through the retry topic, its origin kept
+        [third] = await _receive(transport, 1)
+        assert third.attempt == 3
+        [_, record] = await _read(retry_topic, 2)
+        assert dict(record.headers)["iambus-attempt"] == b"3"
+        assert dict(record.headers)["iambus-origin"] == headers["iambus-origin"]
+        await third.ack()
+        assert await transport.receive("a", "h", consumer="c", limit=5, wait=0.5) == []
+        assert await transport.receive("a", "g", consumer="c", limit=5, wait=0.3) == []
+
+
+async def _reach(*receivers: tuple[KafkaTransport, str], count: int) -> list[Delivery]:
+    """``count`` deliveries of address ``a``, each (transport, group) asked in turn."""
+    got: list[Delivery] = []
+    deadline = time.monotonic() + 15
+    while len(got) < count:
+        assert time.monotonic() < deadline, f"only {got}"
+        for transport, group in receivers:
+            got += await transport.receive("a", group, consumer="c", limit=count, wait=0.1)
+    return got
+
+
+async def test_a_retry_waiting_out_its_delay_holds_its_retry_partition_only() -> None:
+    """A retry not yet due waits in memory, its retry-topic offset not committed past it;
+    the address's records go on meanwhile, and a retry in another process (of the same
+    group) is delivered there too."""
+    async with _transports(1, partitions=1) as (transport,):
+        await transport.declare("a", "g", from_start=False)
+        await transport.send("a", _ping(1))
+        [first] = await _receive(transport, 1)
+        await first.retry(30.0)
+        await transport.send("a", _ping(2))
+        [second] = await _receive(transport, 1)
+        assert _n(second) == 2
+        await second.ack()
+        state = transport._groups[("a", "g")]
+        retry_tp = TopicPartition(transport.retry_topic("a", "g"), 0)
+        await until(lambda: bool(state.parts[retry_tp].unsettled), 10, "the retry fetched")
+        backlog = await transport.backlog("a", "g")
+        assert (backlog.waiting, backlog.in_flight, backlog.retrying) == (0, 0, 1)
+        await _until_committed(transport, "g", 2)
+        assert state.parts[retry_tp].commit_point() == 0  # held at the retry
+
+
+async def test_a_retry_outlives_its_process_with_its_attempt() -> None:
+    """A retry read and waiting out its delay when its process goes is the next
+    consumer's, as the same attempt (not attempt 1 of the original)."""
+    async with _transports(2, partitions=1) as (first, second):
+        await first.declare("a", "g", from_start=False)
+        await first.send("a", _ping(1))
+        [delivery] = await _receive(first, 1)
+        await delivery.retry(1.0)
+        state = first._groups[("a", "g")]
+        retry_tp = TopicPartition(first.retry_topic("a", "g"), 0)
+        await until(
+            lambda: retry_tp in state.parts and bool(state.parts[retry_tp].unsettled),
+            10,
+            "the retry fetched",
+        )
+        await first.close()  # (a crash commits no more: the same from the next one's view)
+        [again] = await _receive(second, 1, wait=20)
+        assert (_n(again), again.attempt) == (1, 2)
+        await again.ack()
+        assert await second.receive("a", "g", consumer="c", limit=5, wait=0.5) == []
+
+
+async def test_a_retry_that_could_not_be_stored_stays_in_memory_unsettled() -> None:
+    async with _transports(1, partitions=1) as (transport,):
+        await transport.declare("a", "g", from_start=False)
+        await transport.send("a", _ping(1))
+        [first] = await _receive(transport, 1)
+        with _producer_fails(transport):
+            await first.retry(0.1)  # no error: the retry stays in this process
+        await _until_committed(transport, "g", 0)  # not settled
+        [again] = await _receive(transport, 1)
+        assert (_n(again), again.attempt) == (1, 2)
+        assert await _ends(transport, transport.retry_topic("a", "g")) == 0
+        await again.ack()
+        await _until_committed(transport, "g", 1)
+
+
+async def test_a_close_between_the_retry_and_the_settle_redelivers() -> None:
+    """At least once: the retry is stored, then the process goes before the original is
+    settled; the group's next consumer gets both the original and its retry."""
+    async with _transports(2, partitions=1) as (first, second):
+        await first.declare("a", "g", from_start=False)
+        await first.send("a", _ping(1))
+        [delivery] = await _receive(first, 1)
+        assert first._producer is not None
+        real = first._producer.send_and_wait
+
+        async def stored_then_gone(*args: Any, **kwargs: Any) -> object:
+            result = await real(*args, **kwargs)
+            await first.close()  # a crash commits no more; a close commits the unsettled
+            return result
+
+        first._producer.send_and_wait = stored_then_gone  # type: ignore[method-assign]
+        await delivery.retry(0.0)
+        got = await _reach((second, "g"), count=2)
+        assert sorted((_n(d), d.attempt) for d in got) == [(1, 1), (1, 2)]
+
+
+async def test_a_keyed_retry_stays_in_place_and_holds_its_key_only() -> None:
+    async with _transports(1, partitions=1) as (transport,):
+        await transport.declare("a", "g", from_start=False)
+        await transport.send("a", _ping(0, key="k1"))
+        await transport.send("a", _ping(1, key="k1"))
+        await transport.send("a", _ping(2, key="k2"))
+        await transport.send("a", _ping(3))
+        out = await _receive(transport, 3)
+        assert sorted(_n(d) for d in out) == [0, 2, 3]
+        for delivery in out:
+            if _n(delivery) == 0:
+                await delivery.retry(0.3)
+            else:
+                await delivery.ack()
+        await transport.send("a", _ping(4, key="k2"))
+        [other] = await _receive(transport, 1)  # k2 goes on while k1 waits
+        assert _n(other) == 4
+        await other.ack()
+        [again] = await _receive(transport, 1)
+        assert (_n(again), again.attempt) == (0, 2)  # before its key's next one
+        assert await _ends(transport, transport.retry_topic("a", "g")) == 0  # not through the topic
+        await again.ack()
+        [last] = await _receive(transport, 1)
+        assert _n(last) == 1
+        await last.ack()
+
+
+async def test_dead_letters_are_counted_per_group_and_a_retry_dead_letters_as_its_group() -> None:
+    async with _transports(1, partitions=1) as (transport,):
+        assert await transport.dead_letter_counts() == {}
+        await transport.declare("a", "g", from_start=False)
+        await transport.declare("a", "h", from_start=False)
+        for n in range(2):
+            await transport.send("a", _ping(n))
+        failure = Failure("builtins.ValueError", "bad", "", attempts=2)
+        in_g = await _receive(transport, 2)
+        in_h = await _receive(transport, 2, group="h")
+        for delivery in in_g[1:]:
+            await delivery.retry(0.0)
+        [retried] = await _receive(transport, 1)
+        assert retried.attempt == 2
+        for delivery in [in_g[0], retried, in_h[0]]:
+            await delivery.dead_letter(failure)
+        await in_h[1].ack()
+        assert await transport.dead_letter_counts() == {("a", "g"): 2, ("a", "h"): 1}
+        letters = await transport.dead_letters()
+        assert sorted((d.address, d.group) for d in letters) == [("a", "g"), ("a", "g"), ("a", "h")]
+        assert await transport.purge([d.id for d in letters if d.group == "h"]) == 1
+        assert await transport.replay([letters[0].id]) == 1
+        assert await transport.dead_letter_counts() == {("a", "g"): 1}
+        state = transport._groups[("a", "g")]
+        retry_tp = TopicPartition(transport.retry_topic("a", "g"), 0)
+        await until(lambda: state.parts[retry_tp].committed == 1, 10, "the retry settled")
+
+
+# -- the dlq and status commands -------------------------------------------------------
+
+
+@pytest.fixture
+def kafka_dlq() -> Iterator[Broker]:
+    """``tests.test_cli``'s ``dlq`` fixture on Kafka: a fresh namespace, destroyed after."""
+    require("kafka")
+    url = _url(f"test-{uuid.uuid4().hex[:10]}", 1)
+    made = Broker(url, KafkaTransport(url, claim_after=2.0))
+    made.run(lambda transport: asyncio.sleep(0))  # the group exists before anything is sent
+    yield made
+
+    async def destroy(transport: Transport) -> None:
+        assert isinstance(transport, KafkaTransport)
+        await transport.destroy()
+
+    made.run(destroy)
+
+
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        "test_dlq_list_shows_a_table",
+        "test_dlq_purge_deletes_them",
+        # (not test_dlq_replay_sends_them_back_to_their_group: it gives a consumer 2.5 s
+        # to receive, and a consumer joining a group again takes about 4 s on Tansu)
+    ],
+)
+def test_the_dlq_commands_work_on_kafka(
+    scenario: str, kafka_dlq: Broker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from . import test_cli
+
+    getattr(test_cli, scenario)(kafka_dlq, capsys)
+
+
+async def test_the_status_command_works_on_kafka(
+    kafka_dlq: Broker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from .test_cli import test_status_shows_each_group_and_the_live_instances as scenario
+
+    await scenario(kafka_dlq, capsys)

@@ -181,38 +181,51 @@ class Telemetry:
 
 
 class _Each:
-    """Several observers' blocks at one point, entered in order and left in reverse
-    (an ExitStack per point cost more than the observers' own work)."""
+    """Several observers' blocks at one point, entered in order and left in reverse,
+    each guarded as ``_Guarded`` guards one (inline: an object per observer and point,
+    or an ExitStack, cost more than the observers' own work)."""
 
-    __slots__ = ("guards",)
+    __slots__ = ("entered", "hook", "observers", "point")
 
     def __init__(self, observers: tuple[Observer, ...], hook: str, point: object) -> None:
-        self.guards = [_Guarded(observer, hook, point) for observer in observers]
+        self.observers = observers
+        self.hook = hook
+        self.point = point
+        self.entered: list[tuple[Observer, AbstractContextManager[object]]] = []
 
     def __enter__(self) -> None:
-        for entered, guard in enumerate(self.guards):
+        hook, point, entered = self.hook, self.point, self.entered
+        for observer in self.observers:
             try:
-                guard.__enter__()  # (an observer's Exception is its own: logged)
+                manager = getattr(observer, hook)(point)
+                manager.__enter__()
+            except Exception as exc:  # the observer's own: logged
+                _complain(observer, hook, exc)
             except BaseException as exc:  # KeyboardInterrupt, say: the entered ones end
-                _exit_all(self.guards[:entered], exc)
+                self._leave(exc)
                 raise
+            else:
+                entered.append((observer, manager))
 
     def __exit__(self, *exc_info: Any) -> None:
-        _exit_all(self.guards, exc_info[1])
+        self._leave(exc_info[1])
 
-
-def _exit_all(guards: list[_Guarded], exc: BaseException | None) -> None:
-    """Leave ``guards`` in reverse, each even if one before it raised (a BaseException:
-    an observer's Exception is logged by its guard); the first such is raised."""
-    raised: BaseException | None = None
-    info = (None, None, None) if exc is None else (type(exc), exc, exc.__traceback__)
-    for guard in reversed(guards):
-        try:
-            guard.__exit__(*info)
-        except BaseException as failure:
-            raised = raised or failure
-    if raised is not None:
-        raise raised
+    def _leave(self, exc: BaseException | None) -> None:
+        """Leave the entered blocks in reverse, each even if one before it raised (a
+        BaseException: an observer's Exception is logged); the first such is raised."""
+        entered, self.entered = self.entered, []
+        raised: BaseException | None = None
+        info = (None, None, None) if exc is None else (type(exc), exc, exc.__traceback__)
+        for observer, manager in reversed(entered):
+            try:
+                manager.__exit__(*info)
+            except Exception as failure:
+                if failure is not exc:
+                    _complain(observer, self.hook, failure)
+            except BaseException as failure:
+                raised = raised or failure
+        if raised is not None:
+            raise raised
 
 
 class _Guarded:

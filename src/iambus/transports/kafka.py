@@ -49,14 +49,24 @@ How the seam maps onto Kafka (see docs/kafka.md):
   not handed out is dropped, the deliveries handed out get ``claim_after / 2`` (at most
   5 s) to settle, the committed offsets are written, then the partitions go. A
   delivery settled after its partition went is not committed here; the new owner
-  delivers it again (attempt 1). There is no per-delivery reclaim: an unsettled
-  delivery of a live consumer holds its key (and its partition's committed offset)
-  until it is settled or its process dies;
-* ``retry(delay)`` keeps the record in flight (its partition does not commit past it;
-  its key is held) and hands it out again after ``delay`` seconds, to the same group
-  only, with attempt + 1. The attempt is counted in this process: a record redelivered
-  after a crash or a rebalance starts again at 1. (Retry topics, which would survive
-  both, are not built yet.)
+  delivers it again (attempt 1, or its retry record's). There is no per-delivery
+  reclaim: an unsettled delivery of a live consumer holds its key (and its partition's
+  committed offset) until it is settled or its process dies;
+* ``retry(delay)`` of an **unkeyed** record produces it (``acks=all``) to the group's
+  retry topic ``<ns>-retry.<group>.<address>`` (``partitions`` partitions, made when the
+  group's consumer starts, which reads it besides the address's topic), with the headers
+  ``iambus-group`` (the group), ``iambus-attempt`` (attempt + 1), ``iambus-not-before``
+  (Unix time, the writer's clock) and ``iambus-origin`` (``<topic>/<partition>/<offset>``
+  where it was first read); only once that produce is confirmed is the record settled.
+  A retry record read before it is due waits in memory, unsettled (so its retry
+  partition does not commit past it, and counts toward the buffer). A produce that fails
+  leaves the record to retry in place (below), never settled without its retry stored.
+  A crash between the two delivers both: at least once;
+* ``retry(delay)`` of a **keyed** record keeps it in flight (its partition does not
+  commit past it; its key is held) and hands it out again after ``delay`` seconds, with
+  attempt + 1, counted in this process (a record redelivered after a crash or a
+  rebalance starts again at 1): moved to a retry topic and committed past, a crash would
+  let the key's next records (still in the address's topic) run before it;
 * ``dead_letter`` produces the envelope to the topic ``<ns>-dead`` (one partition) with
   the failure, address and group in the header ``iambus-dead-letter``, then settles the
   record. Two steps: a crash in between redelivers it, and dead-lettering it again
@@ -89,11 +99,12 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import random
 import re
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -142,8 +153,13 @@ logger = logging.getLogger(__name__)
 ENVELOPE = "iambus-envelope"  # the envelope's fields but its payload, as JSON
 ONLY_GROUP = "iambus-group"  # on a replayed record: the one group it is for
 DEAD_LETTER = "iambus-dead-letter"  # on a dead letter: address, group, failure, time
+# On a record of a retry topic (besides ONLY_GROUP, the group it is for):
+ATTEMPT = "iambus-attempt"  # the attempt it is delivered as (2 and up)
+NOT_BEFORE = "iambus-not-before"  # when it is due: Unix time in seconds, the writer's clock
+ORIGIN = "iambus-origin"  # where it was first read: "<topic>/<partition>/<offset>"
 
 _TOPIC = re.compile(r"[A-Za-z0-9._-]+")
+_UNFIT = re.compile(r"[^A-Za-z0-9._-]")  # what a topic name cannot hold
 _MAX_TOPIC = 249
 _TOPIC_EXISTS = TopicAlreadyExistsError.errno  # 36
 _FETCH_MS = 200  # how long one fetch waits for records
@@ -171,6 +187,7 @@ class _Record:
     attempt: int = 1
     holder: str | None = None  # the consumer name it was handed to; None: not out
     timer: asyncio.TimerHandle | None = None  # its retry, waiting out the delay
+    origin: bytes | None = None  # read from a retry topic: its ORIGIN header
 
 
 @dataclass(slots=True, eq=False)
@@ -201,7 +218,8 @@ class _Group:
     address: str
     group: str
     consumer: AIOKafkaConsumer | None = None
-    parts: dict[int, _Partition] = field(default_factory=dict)
+    retry_topic: str = ""  # the group's retry topic (its consumer reads both)
+    parts: dict[TopicPartition, _Partition] = field(default_factory=dict)
     ready: deque[_Record] = field(default_factory=deque)  # to hand out, in order
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     dirty: asyncio.Event = field(default_factory=asyncio.Event)  # something to commit
@@ -214,7 +232,7 @@ class _Group:
     # Records still being handled when their partition was revoked (after the grace), by
     # partition and offset: should the partition come back, they are the same deliveries
     # (their keys wait for them), not new ones.
-    away: dict[int, dict[int, _Record]] = field(default_factory=dict)
+    away: dict[TopicPartition, dict[int, _Record]] = field(default_factory=dict)
 
 
 class KafkaTransport(Transport):
@@ -299,6 +317,19 @@ class KafkaTransport(Transport):
         """The Kafka consumer group of ``group`` on ``address``."""
         return f"{self.namespace}.{group}@{address}"
 
+    def retry_topic(self, address: str, group: str) -> str:
+        """The retry topic of ``group`` on ``address``: ``<ns>-retry.<group>.<address>``
+        (a character of the group that a topic name cannot hold becomes ``_``). Only that
+        group's consumer group reads it."""
+        self.topic(address)  # (the address checked)
+        name = f"{self.namespace}-retry.{_UNFIT.sub('_', group)}.{address}"
+        if len(name) > _MAX_TOPIC:
+            raise ImproperlyConfigured(
+                f"group {group!r} on {address!r}: its Kafka retry topic {name[:60]}... would "
+                f"be longer than {_MAX_TOPIC} characters; use a shorter group or address"
+            )
+        return name
+
     def tune(self, *, concurrency: int) -> None:
         self._buffered = max(self.buffer, 4 * concurrency)
 
@@ -370,6 +401,7 @@ class KafkaTransport(Transport):
             f"{self.namespace}.",
             self.dead_topic,
             f"{self.namespace}-reply-",
+            f"{self.namespace}-retry.",
             *self.registry_topics,
         )
         mine = [t for t in topics if t.startswith(prefixes)]
@@ -452,8 +484,10 @@ class KafkaTransport(Transport):
         async with state.starting:
             if state.consumer is not None:
                 return state
-            topic = self.topic(address)
+            topic, retry_topic = self.topic(address), self.retry_topic(address, group)
             await self._ensure_topic(topic, self.partitions)
+            await self._ensure_topic(retry_topic, self.partitions)
+            state.retry_topic = retry_topic
             session = int(self.claim_after * 1000)
             consumer = AIOKafkaConsumer(
                 bootstrap_servers=self.servers,
@@ -472,7 +506,7 @@ class KafkaTransport(Transport):
             except BaseException:
                 await _stopped(consumer)  # (its connections and tasks, if any)
                 raise
-            consumer.subscribe([topic], listener=_Rebalance(self, state))
+            consumer.subscribe([topic, retry_topic], listener=_Rebalance(self, state))
             state.consumer = consumer
             state.failed = None
             state.fetching = asyncio.create_task(self._fetch(state), name=f"kafka fetch {topic}")
@@ -547,7 +581,7 @@ class KafkaTransport(Transport):
             while True:
                 batches = await self._next(state, consumer)
                 for tp, records in batches.items():
-                    part = state.parts.get(tp.partition)
+                    part = state.parts.get(tp)
                     if part is None or part.revoked:
                         continue  # (assigned again later: fetched anew from its commit)
                     for record in records:
@@ -622,9 +656,10 @@ class KafkaTransport(Transport):
             return
         headers = {name: value or b"" for name, value in record.headers or ()}  # (None: b"")
         only = headers.get(ONLY_GROUP)
-        if only and only.decode(errors="replace") != state.group:
+        retried = part.tp.topic == state.retry_topic
+        if (only.decode(errors="replace") != state.group) if only else retried:
             part.fetched = record.offset + 1
-            return  # a replay for another group: settled at once, unseen
+            return  # a replay or a retry for another group: settled at once, unseen
         try:
             envelope = _envelope(headers, record.value)
         except Exception as exc:  # no envelope of ours, however malformed: dead-lettered
@@ -635,9 +670,16 @@ class KafkaTransport(Transport):
             failure = Failure("iambus.errors.SerializationError", str(exc), "", 1)
             self._spawn(self._park_raw(state, entry, failure))
             return
-        entry = _Record(part, record.offset, envelope, envelope.key)
+        # A retry is unkeyed (keyed ones retry in place): one written here by someone else
+        # with a key is not ordered by it either.
+        entry = _Record(part, record.offset, envelope, None if retried else envelope.key)
         part.unsettled[record.offset] = entry
         part.fetched = record.offset + 1
+        if retried:
+            entry.attempt, due, entry.origin = _retry_headers(headers)
+            if due > time.time():  # (its offset is not committed past meanwhile)
+                self._later(state, entry, due - time.time())
+                return
         if entry.key is not None:
             queue = part.keys.setdefault(entry.key, deque())
             queue.append(entry)
@@ -649,10 +691,10 @@ class KafkaTransport(Transport):
         """Whether the record at ``offset`` of a partition that came back is one of ours
         still: settled while the partition was away (handled: skipped), or still being
         handled (the same delivery again: its key waits for it, as before)."""
-        away = state.away.get(part.tp.partition)
+        away = state.away.get(part.tp)
         old = None if away is None else away.pop(offset, None)
         if away is not None and not away:
-            del state.away[part.tp.partition]
+            del state.away[part.tp]
         if old is None:
             return False
         if offset not in old.part.unsettled:
@@ -694,7 +736,47 @@ class KafkaTransport(Transport):
         state.dirty.set()
         state.settled.set()
 
-    def _retry(self, state: _Group, record: _Record, delay: float) -> None:
+    async def _retry(self, state: _Group, record: _Record, delay: float) -> None:
+        """An unkeyed record goes to the group's retry topic, and is settled once that
+        record is stored; a keyed one (or one whose retry record could not be stored)
+        is retried in place (see ``_hold``)."""
+        part = record.part
+        if record.key is None and not part.revoked and record.offset in part.unsettled:
+            try:
+                await self._send_retry(state, record, delay)
+            except TransportError as exc:
+                logger.warning("iambus: %s: the retry stays in this process: %s", self.url, exc)
+            else:
+                # (Its partition gone meanwhile: this settle is ignored and the new owner
+                # delivers the record again, besides its retry: at least once.)
+                self._settle(state, record)
+                return
+        self._hold(state, record, delay)
+
+    async def _send_retry(self, state: _Group, record: _Record, delay: float) -> None:
+        """Produce ``record`` to its group's retry topic as attempt + 1, due in ``delay``
+        seconds; return once every in-sync replica has it."""
+        tp = record.part.tp
+        origin = record.origin or f"{tp.topic}/{tp.partition}/{record.offset}".encode()
+        producer = self._client()
+        async with self._translate(f"retry to {state.retry_topic}"):
+            count = len(await producer.partitions_for(state.retry_topic))
+            await producer.send_and_wait(
+                state.retry_topic,
+                record.envelope.payload,
+                partition=tp.partition % count,
+                headers=[
+                    (ENVELOPE, _fields(record.envelope)),
+                    (ONLY_GROUP, state.group.encode()),
+                    (ATTEMPT, str(record.attempt + 1).encode()),
+                    (NOT_BEFORE, f"{time.time() + max(delay, 0.0):.3f}".encode()),
+                    (ORIGIN, origin),
+                ],
+            )
+
+    def _hold(self, state: _Group, record: _Record, delay: float) -> None:
+        """Retry in place: the record stays unsettled (its key held, its offset not
+        committed past) and is handed out again after ``delay``, attempt + 1."""
         if record.part.revoked:
             record.holder = None  # (should its partition come back: delivered anew)
             return
@@ -703,6 +785,10 @@ class KafkaTransport(Transport):
         record.holder = None
         record.attempt += 1
         state.settled.set()  # (a revoke waiting for handed-out records: one is back)
+        self._later(state, record, delay)
+
+    def _later(self, state: _Group, record: _Record, delay: float) -> None:
+        """Hand the unsettled ``record`` out after ``delay`` seconds."""
 
         def due() -> None:
             record.timer = None
@@ -734,7 +820,7 @@ class KafkaTransport(Transport):
             # whose settling failed does on every broker; Kafka reclaims none by itself.
             if record.holder is not None:
                 record.holder = None
-                self._retry(state, record, PARK_AGAIN)
+                self._hold(state, record, PARK_AGAIN)
                 record.attempt -= 1  # (not a new attempt of the handler's)
             raise
         self._settle(state, record)
@@ -819,33 +905,33 @@ class KafkaTransport(Transport):
                 await asyncio.sleep(_COMMIT_GAP)
 
     async def _commit(
-        self, state: _Group, consumer: AIOKafkaConsumer, only: set[int] | None = None
+        self, state: _Group, consumer: AIOKafkaConsumer, only: set[TopicPartition] | None = None
     ) -> None:
         offsets: dict[TopicPartition, int] = {}
-        for number, part in state.parts.items():
-            point = part.commit_point()
-            if only is not None and number not in only:
+        for tp, part in state.parts.items():
+            if only is not None and tp not in only:
                 continue
+            point = part.commit_point()
             if point is not None and point != part.committed and not part.revoked:
-                offsets[part.tp] = point
+                offsets[tp] = point
         if not offsets:
             return
         async with asyncio.timeout(self.timeout):  # aiokafka retries some errors forever
             await consumer.commit(offsets)
         for tp, point in offsets.items():
-            done = state.parts.get(tp.partition)
+            done = state.parts.get(tp)
             if done is not None:
                 done.committed = point
 
     async def _revoked(self, state: _Group, tps: list[TopicPartition]) -> None:
         """Partitions go to another consumer: let what is out settle (briefly), commit."""
-        numbers = {tp.partition for tp in tps if tp.partition in state.parts}
-        if not numbers:
+        going = {tp for tp in tps if tp in state.parts}
+        if not going:
             return
-        gone = [state.parts[n] for n in numbers]
+        gone = [state.parts[tp] for tp in going]
         for part in gone:
             part.leaving = True
-        state.ready = deque(r for r in state.ready if r.part.tp.partition not in numbers)
+        state.ready = deque(r for r in state.ready if r.part.tp not in going)
         deadline = time.monotonic() + min(self.claim_after / 2, _GRACE)
         while any(r.holder is not None for p in gone for r in p.unsettled.values()):
             left = deadline - time.monotonic()
@@ -858,7 +944,7 @@ class KafkaTransport(Transport):
         consumer = state.consumer
         if consumer is not None:
             try:
-                await self._commit(state, consumer, numbers)
+                await self._commit(state, consumer, going)
             except (KafkaError, OSError, TimeoutError) as exc:
                 logger.warning("iambus: %s: commit before a rebalance failed: %r", self.url, exc)
         for part in gone:
@@ -868,17 +954,16 @@ class KafkaTransport(Transport):
                     record.timer.cancel()
             held = {r.offset: r for r in part.unsettled.values() if r.holder is not None}
             if held:
-                state.away[part.tp.partition] = held
-            state.parts.pop(part.tp.partition, None)
+                state.away[part.tp] = held
+            state.parts.pop(part.tp, None)
         state.room.set()  # (a fetch waiting for a held partition: it may be gone)
 
     def _assigned(self, state: _Group, tps: list[TopicPartition]) -> None:
-        numbers = {tp.partition for tp in tps}
-        for number in [n for n in state.away if n not in numbers]:
-            del state.away[number]  # another consumer has it: it delivers them again
+        for tp in [tp for tp in state.away if tp not in tps]:
+            del state.away[tp]  # another consumer has it: it delivers them again
         for tp in tps:
-            if tp.partition not in state.parts:
-                state.parts[tp.partition] = _Partition(tp)
+            if tp not in state.parts:
+                state.parts[tp] = _Partition(tp)
         state.room.set()  # (a fetch waiting for a held partition: fetch these too)
 
     # -- request/reply --------------------------------------------------------------
@@ -1038,36 +1123,47 @@ class KafkaTransport(Transport):
 
     async def backlog(self, address: str, group: str) -> Backlog:
         """What waits for ``group``: records after each partition's committed offset (or,
-        for a partition this transport consumes, after what it fetched); in flight and
-        retrying: what this transport holds (None when it consumes none of the group)."""
-        topic = self.topic(address)
+        for a partition this transport consumes, after what it fetched); in flight: what
+        this transport holds (None when it consumes none of the group); retrying: the
+        records of the group's retry topic after those offsets, and what this transport
+        holds waiting out a delay."""
+        topic, retry_topic = self.topic(address), self.retry_topic(address, group)
         await self._ensure_topic(topic, self.partitions)
+        await self._ensure_topic(retry_topic, self.partitions)
         consumer = self._side_consumer(self.group_id(address, group))
         state = self._groups.get((address, group))
         parts = {} if state is None else state.parts
-        waiting = 0
+        lag = {topic: 0, retry_topic: 0}
         async with self._translate("backlog"):
             await consumer.start()
             try:
-                numbers = await self._client().partitions_for(topic)
-                tps = [TopicPartition(topic, n) for n in sorted(numbers)]
+                tps = [
+                    TopicPartition(name, n)
+                    for name in lag
+                    for n in sorted(await self._client().partitions_for(name))
+                ]
                 consumer.assign(tps)
                 ends = await consumer.end_offsets(tps)
+                starts = await consumer.beginning_offsets(tps)
                 for tp in tps:
-                    part = parts.get(tp.partition)
+                    part = parts.get(tp)
                     if part is not None and part.fetched is not None:
                         position: int | None = part.fetched
                     else:
                         position = await consumer.committed(tp)
+                    if position is None and tp.topic == retry_topic:
+                        position = starts[tp]  # (a group reads its retry topic from its start)
                     if position is not None:  # (None: a group that never committed)
-                        waiting += max(ends[tp] - position, 0)
+                        lag[tp.topic] += max(ends[tp] - position, 0)
             finally:
                 await consumer.stop()
         if state is None:
-            return Backlog(waiting=waiting, in_flight=None, retrying=None)
+            return Backlog(waiting=lag[topic], in_flight=None, retrying=lag[retry_topic])
         held = [record for part in parts.values() for record in part.unsettled.values()]
-        retrying = sum(record.timer is not None for record in held)
-        return Backlog(waiting=waiting, in_flight=len(held) - retrying, retrying=retrying)
+        delayed = sum(record.timer is not None for record in held)
+        return Backlog(
+            waiting=lag[topic], in_flight=len(held) - delayed, retrying=lag[retry_topic] + delayed
+        )
 
     # -- dead letters -----------------------------------------------------------------
 
@@ -1126,6 +1222,16 @@ class KafkaTransport(Transport):
 
     async def dead_letters(self, *, limit: int = 100) -> list[DeadLetter]:
         return list((await self._read_dead()).values())[:limit]
+
+    async def dead_letter_counts(self) -> dict[tuple[str, str], int]:
+        # Read through like dead_letters(), but only the address and group of each
+        # letter's header are looked at: no envelope is decoded nor kept.
+        counts: Counter[tuple[str, str]] = Counter()
+        for record in (await self._latest(self.dead_topic)).values():
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                info = json.loads(dict(record.headers or ())[DEAD_LETTER])
+                counts[str(info["address"]), str(info["group"])] += 1
+        return dict(counts)
 
     async def replay(self, ids: Sequence[str]) -> int:
         letters = await self._read_dead()
@@ -1223,7 +1329,7 @@ class _KafkaDelivery:
         self._transport._settle(self._state, self._record)
 
     async def retry(self, delay: float) -> None:
-        self._transport._retry(self._state, self._record, delay)
+        await self._transport._retry(self._state, self._record, delay)
 
     async def dead_letter(self, failure: Failure) -> None:
         await self._transport._park(self._state, self._record, failure)
@@ -1251,6 +1357,20 @@ def _envelope(headers: dict[str, bytes], value: bytes | None) -> Envelope:
         raise SerializationError(f"malformed {ENVELOPE} header {raw!r:.200}: not an object")
     fields["payload"] = value or b""
     return Envelope.from_fields(fields)
+
+
+def _retry_headers(headers: dict[str, bytes]) -> tuple[int, float, bytes | None]:
+    """The attempt, due time and origin of a record of a retry topic (attempt 2, due at
+    once, when its headers say nothing readable)."""
+    try:
+        attempt = max(int(headers.get(ATTEMPT, b"")), 2)
+    except ValueError:
+        attempt = 2
+    try:
+        due = float(headers.get(NOT_BEFORE, b""))
+    except ValueError:
+        due = 0.0
+    return attempt, due if math.isfinite(due) else 0.0, headers.get(ORIGIN)
 
 
 def _raw(record: ConsumerRecord[Any, Any], headers: dict[str, bytes]) -> Envelope:
