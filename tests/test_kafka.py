@@ -33,6 +33,7 @@ pytest.importorskip(
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from iambus.transports import kafka
 from iambus.transports.kafka import KafkaTransport
 
 KAFKA = "127.0.0.1:9092"
@@ -78,6 +79,16 @@ async def _receive(
     transport: Transport, count: int, *, group: str = "g", wait: float = 10
 ) -> list[Delivery]:
     return await receive_some(transport, count, group=group, wait=wait)  # (slow joins on Tansu)
+
+
+async def _ack_all(transport: Transport, seen: list[int], count: int, *, limit: int = 20) -> None:
+    """Receive and ack until ``seen`` holds ``count`` records (their numbers, in order)."""
+    deadline = time.monotonic() + 15
+    while len(seen) < count:
+        assert time.monotonic() < deadline, f"stuck after {seen}"
+        for delivery in await transport.receive("a", "g", consumer="c", limit=limit, wait=0.3):
+            seen.append(_n(delivery))
+            await delivery.ack()
 
 
 async def _committed(transport: KafkaTransport, group: str, partition: int = 0) -> int | None:
@@ -424,6 +435,52 @@ async def test_fetching_pauses_at_the_buffer_and_goes_on_as_records_settle() -> 
         assert seen == list(range(12))
 
 
+async def test_a_partition_held_at_the_buffer_is_not_paused_while_another_has_room() -> None:
+    # Pausing a partition makes aiokafka drop what it prefetched of it (fetched again on
+    # resume): a partition at its buffer is left out of the fetch instead.
+    async with _transports(1, partitions=2) as (transport,):
+        transport.buffer = 2
+        transport.tune(concurrency=1)  # 4 unsettled records per partition at most
+        await transport.declare("a", "g", from_start=False)
+        for n in range(12):
+            await transport.send("a", _ping(n))  # unkeyed: all to one partition
+        seen = await _receive(transport, 4)
+        state = transport._groups[("a", "g")]
+        assert state.consumer is not None
+        assert state.consumer.paused() == set()
+        held = [part.tp for part in state.parts.values() if part.held]
+        assert [tp.topic for tp in held] == [transport.topic("a")]  # (not its retry topic)
+        deadline = time.monotonic() + 15
+        while len(seen) < 12:
+            assert time.monotonic() < deadline, f"stuck after {[_n(d) for d in seen]}"
+            for delivery in seen:
+                await delivery.ack()
+            seen += await transport.receive("a", "g", consumer="c", limit=20, wait=0.3)
+        assert sorted(_n(d) for d in seen) == list(range(12))
+        assert state.consumer.paused() == set()
+
+
+async def test_leaving_commits_what_was_settled_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A worker that stops calls leave() and may leave the transport open (passed in,
+    # shared) while its process ends: what it settled must not wait for the commit loop.
+    monkeypatch.setattr(kafka, "_COMMIT_GAP", 60.0)
+    async with _transports(1, partitions=1) as (transport,):
+        await transport.declare("a", "g", from_start=False)
+        await transport.send("a", _ping(1))
+        [first] = await _receive(transport, 1)
+        await first.ack()  # the loop's first commit: at once
+
+        async def first_committed() -> bool:
+            return await _committed(transport, "g") == 1
+
+        await until(first_committed, 15, "the first commit")
+        await transport.send("a", _ping(2))
+        [second] = await _receive(transport, 1)
+        await second.ack()  # the loop waits out its gap
+        await transport.leave("c")
+        assert await _committed(transport, "g") == 2
+
+
 async def test_settling_twice_and_after_close_changes_nothing() -> None:
     async with _transports(1, partitions=1) as (transport,):
         await transport.declare("a", "g", from_start=False)
@@ -652,12 +709,7 @@ async def test_a_buffer_of_one_record_still_goes_on() -> None:
         for n in range(3):
             await transport.send("a", _ping(n))
         seen: list[int] = []
-        deadline = time.monotonic() + 10
-        while len(seen) < 3:
-            assert time.monotonic() < deadline, f"stuck after {seen}"
-            for delivery in await transport.receive("a", "g", consumer="c", limit=5, wait=0.3):
-                seen.append(_n(delivery))
-                await delivery.ack()
+        await _ack_all(transport, seen, 3, limit=5)
         await transport.close()
         assert seen == [0, 1, 2]
 

@@ -27,11 +27,13 @@ How the seam maps onto Kafka (see docs/kafka.md):
 * ``receive`` starts, on a group's first receive, one Kafka consumer for it in this
   transport (subscribed to the topic, in the consumer group, sharing its partitions
   with the other processes' consumers; session timeout ``claim_after``), whose fetch
-  task buffers what it reads per partition (fetching a partition pauses while it holds
-  ``max(buffer, 4 * concurrency)`` unsettled records, ``buffer`` 256 by default);
-  every consumer name of the transport takes from that buffer. The consumer stays in
-  its group until the transport closes, receiving or not; a fetch that fails makes the
-  next receive raise ``TransportError`` and close it (the receive after starts another);
+  task buffers what it reads per partition (a partition that holds ``max(buffer, 4 *
+  concurrency)`` unsettled records, ``buffer`` 256 by default, is left out of the fetch
+  until half of them settle; the consumer pauses partitions only once all of them were
+  held for a second); every consumer name of the transport takes from that buffer. The
+  consumer stays in its group until the transport closes, receiving or not; a fetch that
+  fails makes the next receive raise ``TransportError`` and close it (the receive after
+  starts another);
 * **per-key concurrency**: envelopes of one key, within a partition, go out one at a
   time in offset order (the next once the previous was acked or dead-lettered; a
   retried one holds its key); envelopes of other keys, and unkeyed ones, go out at
@@ -40,8 +42,8 @@ How the seam maps onto Kafka (see docs/kafka.md):
   settled; a settle removes one, and the partition's committed offset becomes the lowest
   offset not yet settled (or the next to fetch when none is left). So a crash
   redelivers what was not settled (and possibly some settled after it), never skips
-  one. Commits run in a background task per group, coalesced; ``close`` and a
-  rebalance commit before the partitions are given up;
+  one. Commits run in a background task per group, coalesced, one every 20 ms at
+  most; ``close``, ``leave`` (a stopping worker) and a rebalance commit at once;
 * **rebalancing**: when partitions are revoked (a process joined, left or was declared
   dead after ``claim_after`` = the consumer's session timeout), what was buffered and
   not handed out is dropped, the deliveries handed out get ``claim_after / 2`` (at most
@@ -166,8 +168,10 @@ _FETCH_MS = 200  # how long one fetch waits for records
 # latency, and a seek waits for the fetch in flight).
 _FETCH_WAIT_MS = 100
 _RETRY_COMMIT = 0.5  # seconds before a failed commit is tried again
+_COMMIT_GAP = 0.02  # seconds at least between two commits of the background loop
 _REPLY_WAIT = 2.0  # how long a reply waits for its topic's metadata before it is dropped
 _GRACE = 5.0  # at most this long a rebalance waits for handed-out deliveries to settle
+_HOLD = 1.0  # seconds every partition may be held before the consumer pauses them
 PARK_AGAIN = 1.0  # seconds before a record whose dead letter could not be stored comes back
 _COMPACT = json.JSONEncoder(separators=(",", ":"))
 
@@ -197,7 +201,8 @@ class _Partition:
     keys: dict[str, deque[_Record]] = field(default_factory=dict)  # key -> its records
     fetched: int | None = None  # the offset after the last record fetched
     committed: int | None = None  # the offset last committed by this transport
-    paused: bool = False
+    held: bool = False  # holds a buffer's worth unsettled: not fetched until half settle
+    paused: bool = False  # held long enough that the consumer pauses it (see _next)
     leaving: bool = False  # being revoked: nothing more is handed out
     revoked: bool = False  # gone: its settles are ignored (the new owner delivers again)
 
@@ -219,6 +224,7 @@ class _Group:
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     dirty: asyncio.Event = field(default_factory=asyncio.Event)  # something to commit
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # a delivery settled
+    room: asyncio.Event = field(default_factory=asyncio.Event)  # a held partition let go
     fetching: asyncio.Task[None] | None = None
     committing: asyncio.Task[None] | None = None
     failed: BaseException | None = None  # what ended the fetch task
@@ -272,7 +278,7 @@ class KafkaTransport(Transport):
         self.claim_after = check_seconds("claim_after", claim_after)
         self.timeout = check_seconds("timeout", timeout)
         self.buffer = check_count("buffer", buffer)
-        self._buffered = self.buffer  # per partition: fetching pauses beyond it (see tune)
+        self._buffered = self.buffer  # per partition: not fetched beyond it (see tune)
         self._producer: AIOKafkaProducer | None = None
         self._admin: AIOKafkaAdminClient | None = None
         self._topics: set[str] = set()  # created (or found) by this transport
@@ -573,18 +579,15 @@ class KafkaTransport(Transport):
         assert consumer is not None
         try:
             while True:
-                # At most a buffer's worth at a time: the rest waits in aiokafka's fetch
-                # buffer, and a partition that holds a buffer's worth pauses below.
-                batches = await consumer.getmany(timeout_ms=_FETCH_MS, max_records=self._buffered)
+                batches = await self._next(state, consumer)
                 for tp, records in batches.items():
                     part = state.parts.get(tp)
                     if part is None or part.revoked:
                         continue  # (assigned again later: fetched anew from its commit)
                     for record in records:
                         self._take_in(state, part, record)
-                    if len(part.unsettled) >= self._buffered and not part.paused:
-                        part.paused = True
-                        consumer.pause(tp)
+                    if len(part.unsettled) >= self._buffered:
+                        part.held = True
                 if batches:
                     state.arrived.set()
                     state.dirty.set()  # skipped records may move a commit point
@@ -594,6 +597,56 @@ class KafkaTransport(Transport):
             logger.warning("iambus: %s: fetching %s failed: %r", self.url, state.address, exc)
             state.failed = exc
             state.arrived.set()
+
+    async def _next(
+        self, state: _Group, consumer: AIOKafkaConsumer
+    ) -> dict[TopicPartition, list[ConsumerRecord[Any, Any]]]:
+        """The next records to take in, from the partitions not held.
+
+        A held partition is left out of the fetch, not paused: aiokafka drops what it
+        prefetched of a partition it pauses and fetches it again on resume (Tansu sends
+        everything after the position again), so pausing at every buffer's worth cost a
+        fetch round trip per ``buffer`` records. Only when every partition has been held
+        for ``_HOLD`` seconds does the consumer pause them: it must go on fetching (from
+        none), or it would leave its group after aiokafka's ``max_poll_interval_ms``.
+        """
+        batches: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]
+        parts = list(state.parts.values())
+        free = [part for part in parts if not part.held]
+        if len(free) == len(parts):  # (none held; or none assigned yet: all of them)
+            batches = await consumer.getmany(timeout_ms=_FETCH_MS, max_records=self._buffered)
+            return batches
+        state.room.clear()
+        if not free:
+            if not any(part.paused for part in parts):
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_HOLD):
+                        await state.room.wait()
+                if state.room.is_set():  # (let go, or the assignment changed)
+                    return {}
+                assigned = consumer.assignment()
+                for part in state.parts.values():
+                    if part.held and part.tp in assigned:
+                        part.paused = True
+                        consumer.pause(part.tp)
+            batches = await consumer.getmany(timeout_ms=_FETCH_MS, max_records=self._buffered)
+            return batches
+        room = max(1, max(self._buffered - len(part.unsettled) for part in free))
+        tps = [part.tp for part in free]
+        getting = asyncio.ensure_future(
+            consumer.getmany(*tps, timeout_ms=_FETCH_MS, max_records=room)
+        )
+        woken = asyncio.ensure_future(state.room.wait())
+        try:  # until records come, or a held partition is let go (then fetch it too)
+            await asyncio.wait((getting, woken), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            woken.cancel()
+            getting.cancel()  # (getmany takes records only as it returns: none are lost)
+            await asyncio.wait((getting,))
+        if getting.cancelled():
+            return {}
+        batches = getting.result()
+        return batches
 
     def _take_in(self, state: _Group, part: _Partition, record: ConsumerRecord[Any, Any]) -> None:
         # ``fetched`` (what a commit may pass when nothing is unsettled) moves only once
@@ -673,10 +726,13 @@ class KafkaTransport(Transport):
                     state.arrived.set()
                 else:
                     del part.keys[record.key]
-        if part.paused and len(part.unsettled) <= self._buffered // 2:
-            part.paused = False
-            if state.consumer is not None:
-                state.consumer.resume(part.tp)
+        if part.held and len(part.unsettled) <= self._buffered // 2:
+            part.held = False
+            if part.paused:
+                part.paused = False
+                if state.consumer is not None:
+                    state.consumer.resume(part.tp)
+            state.room.set()
         state.dirty.set()
         state.settled.set()
 
@@ -801,7 +857,8 @@ class KafkaTransport(Transport):
 
     async def leave(self, consumer: str) -> None:
         """Give back what ``consumer`` holds unsettled: each goes to the group's next
-        receive at once, attempt + 1, still ahead of its key's next one."""
+        receive at once, attempt + 1, still ahead of its key's next one; then commit what
+        was settled."""
         for state in self._groups.values():
             back = [
                 record
@@ -816,6 +873,14 @@ class KafkaTransport(Transport):
             if back:
                 state.arrived.set()
                 state.settled.set()  # (a revoke waiting for handed-out records: back)
+        # What was settled is committed now, not at the commit loop's next turn: a worker
+        # that stops leaves a transport passed in open, and its process may end next.
+        for state in list(self._groups.values()):
+            if state.consumer is not None:
+                try:
+                    await self._commit(state, state.consumer)
+                except (KafkaError, OSError, TimeoutError) as exc:
+                    logger.warning("iambus: %s: commit on leave failed: %r", self.url, exc)
 
     # -- committing -----------------------------------------------------------------
 
@@ -833,6 +898,11 @@ class KafkaTransport(Transport):
                 logger.info("iambus: %s: commit failed: %r", self.url, exc)
                 await asyncio.sleep(_RETRY_COMMIT)
                 state.dirty.set()
+            else:
+                # What settles meanwhile goes into the next commit: one commit request per
+                # _COMMIT_GAP at most, not one per round trip. (A stop, a leave and a
+                # rebalance commit at once, without waiting for this loop.)
+                await asyncio.sleep(_COMMIT_GAP)
 
     async def _commit(
         self, state: _Group, consumer: AIOKafkaConsumer, only: set[TopicPartition] | None = None
@@ -886,6 +956,7 @@ class KafkaTransport(Transport):
             if held:
                 state.away[part.tp] = held
             state.parts.pop(part.tp, None)
+        state.room.set()  # (a fetch waiting for a held partition: it may be gone)
 
     def _assigned(self, state: _Group, tps: list[TopicPartition]) -> None:
         for tp in [tp for tp in state.away if tp not in tps]:
@@ -893,6 +964,7 @@ class KafkaTransport(Transport):
         for tp in tps:
             if tp not in state.parts:
                 state.parts[tp] = _Partition(tp)
+        state.room.set()  # (a fetch waiting for a held partition: fetch these too)
 
     # -- request/reply --------------------------------------------------------------
 
