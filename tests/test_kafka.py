@@ -9,6 +9,7 @@ producer: every transport here has ``idempotent=false``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -435,6 +436,20 @@ async def test_fetching_pauses_at_the_buffer_and_goes_on_as_records_settle() -> 
         assert seen == list(range(12))
 
 
+async def test_unkeyed_envelopes_go_to_every_partition_in_turn() -> None:
+    # Not all to one: every consumer of a group gets a share of one sender's unkeyed work.
+    async with _transports(1, partitions=4) as (transport,):
+        for n in range(8):
+            await transport.send("a", _ping(n))
+        records = await _read(transport.topic("a"), 8, partitions=4)
+        assert sorted(collections.Counter(r.partition for r in records).items()) == [
+            (0, 2),
+            (1, 2),
+            (2, 2),
+            (3, 2),
+        ]
+
+
 async def test_a_partition_held_at_the_buffer_is_not_paused_while_another_has_room() -> None:
     # Pausing a partition makes aiokafka drop what it prefetched of it (fetched again on
     # resume): a partition at its buffer is left out of the fetch instead.
@@ -442,8 +457,9 @@ async def test_a_partition_held_at_the_buffer_is_not_paused_while_another_has_ro
         transport.buffer = 2
         transport.tune(concurrency=1)  # 4 unsettled records per partition at most
         await transport.declare("a", "g", from_start=False)
-        for n in range(12):
-            await transport.send("a", _ping(n))  # unkeyed: all to one partition
+        keys = [k for k in map(str, range(100)) if kafka.partition(k, 2) == 0][:12]
+        for n, key in enumerate(keys):  # keys of one partition, out at once
+            await transport.send("a", _ping(n, key=key))
         seen = await _receive(transport, 4)
         state = transport._groups[("a", "g")]
         assert state.consumer is not None
@@ -717,12 +733,13 @@ async def test_a_buffer_of_one_record_still_goes_on() -> None:
 # -- retries ---------------------------------------------------------------------------
 
 
-async def _read(topic: str, count: int) -> list[Any]:
-    """The first ``count`` records of partition 0 of ``topic``, read by another client."""
+async def _read(topic: str, count: int, partitions: int = 1) -> list[Any]:
+    """The first ``count`` records of ``topic``'s first ``partitions`` partitions, read by
+    another client."""
     consumer = AIOKafkaConsumer(bootstrap_servers=KAFKA, auto_offset_reset="earliest")
     await consumer.start()
     try:
-        consumer.assign([TopicPartition(topic, 0)])
+        consumer.assign([TopicPartition(topic, n) for n in range(partitions)])
         return [await asyncio.wait_for(consumer.getone(), 10) for _ in range(count)]
     finally:
         await consumer.stop()

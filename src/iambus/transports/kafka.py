@@ -13,9 +13,9 @@ How the seam maps onto Kafka (see docs/kafka.md):
   (``acks=all``). The record's value is the payload; its key is the envelope's ``key``
   (UTF-8), and its header ``iambus-envelope`` holds the envelope's other fields as one
   line of JSON. A keyed envelope goes to partition ``iambus.partitions.partition(key,
-  count)`` (CRC-32, the same on every broker of iambus); the unkeyed ones of one
-  transport all go to one partition of the topic, picked at random when it first sends
-  there, so that they keep their send order (other transports pick their own);
+  count)`` (CRC-32, the same on every broker of iambus); the unkeyed ones go to the
+  topic's partitions in turn (from a random first, per transport), so that every
+  consumer of a group gets a share of them (they have no order: they run concurrently);
 * the producer is idempotent (``enable_idempotence``) unless ``idempotent=False``
   (``?idempotent=false``): a broker that refuses it (Tansu, the test broker) fails
   ``open()`` with a message saying so;
@@ -282,7 +282,7 @@ class KafkaTransport(Transport):
         self._producer: AIOKafkaProducer | None = None
         self._admin: AIOKafkaAdminClient | None = None
         self._topics: set[str] = set()  # created (or found) by this transport
-        self._sticky: dict[str, int] = {}  # topic -> the partition of unkeyed envelopes
+        self._turns: dict[str, int] = {}  # topic -> unkeyed envelopes sent to it so far
         self._groups: dict[tuple[str, str], _Group] = {}
         self._background: set[asyncio.Task[None]] = set()
         # Request/reply: this transport's reply topic, its listener, the requests waiting.
@@ -427,8 +427,12 @@ class KafkaTransport(Transport):
             count = len(await producer.partitions_for(topic))
             if key is not None:
                 slot = partition(key, count)
-            else:  # one partition per topic and transport: its unkeyed ones stay in order
-                slot = self._sticky.setdefault(topic, random.randrange(count))
+            else:  # in turn, from a random first: every consumer of a group gets a share
+                turn = self._turns.get(topic)
+                if turn is None:
+                    turn = random.randrange(count)
+                self._turns[topic] = turn + 1
+                slot = turn % count
             await producer.send_and_wait(
                 topic,
                 envelope.payload,
