@@ -110,7 +110,7 @@ async def test_conformance(
 def test_every_transport_declares_what_it_does(url: str) -> None:
     transport = connect(url)  # not opened: what it declares needs no broker
     assert transport.capabilities == (
-        Capability.RECLAIM | Capability.KEY_ORDER | Capability.DELAYED_RETRY
+        Capability.RECLAIM | Capability.KEY_ORDER | Capability.DELAYED_RETRY | Capability.SEND_ORDER
     )
     parts = (Requester, DeadLetterStore, Registry, Monitor)
     assert all(isinstance(transport, part) for part in parts), transport
@@ -122,7 +122,8 @@ def test_every_transport_declares_what_it_does(url: str) -> None:
 def test_kafka_declares_what_it_does() -> None:
     pytest.importorskip("aiokafka")
     transport = connect("kafka://127.0.0.1:1")
-    # Kafka moves partitions, not deliveries: no reclaim of one unsettled delivery.
+    # Kafka moves partitions, not deliveries: no reclaim of one unsettled delivery; and
+    # it spreads unkeyed envelopes over the partitions: no send order.
     assert transport.capabilities == Capability.KEY_ORDER | Capability.DELAYED_RETRY
     assert isinstance(transport, DeadLetterStore)
     assert isinstance(transport, Requester)

@@ -190,6 +190,10 @@ class Capability(enum.Flag):
     on; envelopes without a key are never held up."""
     DELAYED_RETRY = enum.auto()
     """``Delivery.retry(delay)`` redelivers no sooner than ``delay`` seconds."""
+    SEND_ORDER = enum.auto()
+    """Envelopes without a key that one transport sends to an address reach each group
+    in the order they were sent (a queue or a stream). (A partitioned log that spreads
+    them over its partitions so that every consumer gets a share, like Kafka, does not.)"""
 
 
 @runtime_checkable

@@ -70,7 +70,9 @@ class _Stream:
 class MemoryTransport(Transport):
     """In-process transport with broker semantics; see the module docstring."""
 
-    capabilities = Capability.RECLAIM | Capability.KEY_ORDER | Capability.DELAYED_RETRY
+    capabilities = (
+        Capability.RECLAIM | Capability.KEY_ORDER | Capability.DELAYED_RETRY | Capability.SEND_ORDER
+    )
 
     def __init__(
         self, url: str = "memory://", *, claim_after: float = 30.0, max_length: int = 10_000

@@ -271,7 +271,9 @@ class _Group:
 class NatsTransport(Transport):
     """NATS JetStream transport; see the module docstring."""
 
-    capabilities = Capability.RECLAIM | Capability.KEY_ORDER | Capability.DELAYED_RETRY
+    capabilities = (
+        Capability.RECLAIM | Capability.KEY_ORDER | Capability.DELAYED_RETRY | Capability.SEND_ORDER
+    )
     partitions: int  # always partitioned (see iambus.partitions)
 
     def __init__(

@@ -203,7 +203,9 @@ class _Consumer:
 class RabbitMQTransport(Transport):
     """RabbitMQ transport; see the module docstring and ``docs/rabbitmq.md``."""
 
-    capabilities = Capability.RECLAIM | Capability.KEY_ORDER | Capability.DELAYED_RETRY
+    capabilities = (
+        Capability.RECLAIM | Capability.KEY_ORDER | Capability.DELAYED_RETRY | Capability.SEND_ORDER
+    )
     partitions: int  # always partitioned (see iambus.partitions)
 
     def __init__(

@@ -393,7 +393,9 @@ DEAD_PAGE = 1000  # dead letters counted per XRANGE
 class RedisTransport(Transport):
     """Redis Streams transport; see the module docstring."""
 
-    capabilities = Capability.RECLAIM | Capability.KEY_ORDER | Capability.DELAYED_RETRY
+    capabilities = (
+        Capability.RECLAIM | Capability.KEY_ORDER | Capability.DELAYED_RETRY | Capability.SEND_ORDER
+    )
     partitions: int  # always partitioned (see iambus.partitions)
 
     def __init__(
