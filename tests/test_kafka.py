@@ -946,3 +946,115 @@ async def test_dead_letters_are_counted_per_group_and_a_retry_dead_letters_as_it
         state = transport._groups[("a", "g")]
         retry_tp = TopicPartition(transport.retry_topic("a", "g"), 0)
         await until(lambda: state.parts[retry_tp].committed == 1, 10, "the retry settled")
+
+
+# -- after the outside review of the retry topics and the fetch hold --------------------
+
+
+async def test_a_partition_resumed_after_the_pause_fallback_stays_within_its_buffer() -> None:
+    # Every partition held for a second: all paused. One let go, resumed and held again
+    # must be paused again, or the fetch of "every partition not paused" fills it on.
+    async with _transports(1, partitions=1) as (transport,):
+        transport.buffer = 2
+        transport.tune(concurrency=1)  # 4 unsettled per partition at most
+        await transport.declare("a", "g", from_start=False)
+        for n in range(4):
+            await transport.send("a", _ping(n))
+        for delivery in await _receive(transport, 4):
+            await delivery.retry(60.0)  # four retries waiting: the retry partition held
+        state = transport._groups[("a", "g")]
+        retry_tp = TopicPartition(transport.retry_topic("a", "g"), 0)
+        address_tp = TopicPartition(transport.topic("a"), 0)
+        await until(lambda: retry_tp in state.parts and state.parts[retry_tp].held, 15, "held")
+        for n in range(60):
+            await transport.send("a", _ping(100 + n, key="k"))  # one key: out one by one
+        assert state.consumer is not None
+        await until(lambda: len(state.consumer.paused()) == 2, 15, "both partitions paused")
+        most, done, deadline = 0, 0, time.monotonic() + 20
+        while done < 20:
+            assert time.monotonic() < deadline, f"{done} handled"
+            for delivery in await transport.receive("a", "g", consumer="c", limit=1, wait=0.3):
+                await delivery.ack()
+                done += 1
+            most = max(most, len(state.parts[address_tp].unsettled))
+        assert most <= 4 + 1, f"{most} unsettled records held for a buffer of 4"
+
+
+async def test_a_retry_record_due_absurdly_late_is_retried_now() -> None:
+    # A writer's clock far ahead (or milliseconds for seconds) must not hold a retry
+    # partition, and the retries behind it, for days.
+    async with _transports(1, partitions=1) as (transport,):
+        transport.buffer = 2
+        transport.tune(concurrency=1)
+        await transport.declare("a", "g", from_start=False)
+        await _receive(transport, 0, wait=0.5)  # the group's consumer, its retry topic
+        producer = AIOKafkaProducer(bootstrap_servers=KAFKA)
+        await producer.start()
+        try:
+            for n in range(3):
+                await producer.send_and_wait(
+                    transport.retry_topic("a", "g"),
+                    _ping(n).payload,
+                    partition=0,
+                    headers=[
+                        (kafka.ENVELOPE, kafka._fields(_ping(n))),
+                        (kafka.ONLY_GROUP, b"g"),
+                        (kafka.ATTEMPT, b"2"),
+                        (kafka.NOT_BEFORE, str(time.time() + 1e6).encode()),
+                    ],
+                )
+        finally:
+            await producer.stop()
+        for n in range(10, 16):
+            await transport.send("a", _ping(n))
+        again: list[int] = []
+        deadline = time.monotonic() + 15
+        while len(again) < 9:
+            assert time.monotonic() < deadline, f"only these came back: {again}"
+            for delivery in await transport.receive("a", "g", consumer="c", limit=10, wait=0.3):
+                if delivery.attempt == 1:
+                    await delivery.retry(0.0)
+                else:
+                    again.append(_n(delivery))
+                    await delivery.ack()
+        assert sorted(again) == [0, 1, 2, *range(10, 16)]
+
+
+async def test_a_record_of_the_retry_topic_without_its_group_is_dead_lettered() -> None:
+    async with _transports(1, partitions=1) as (transport,):
+        await transport.declare("a", "g", from_start=False)
+        await _receive(transport, 0, wait=0.5)  # the group's consumer, its retry topic
+        producer = AIOKafkaProducer(bootstrap_servers=KAFKA)
+        await producer.start()
+        try:
+            await producer.send_and_wait(
+                transport.retry_topic("a", "g"),
+                b"stray",
+                partition=0,
+                headers=[(kafka.ENVELOPE, kafka._fields(_ping(7)))],
+            )
+        finally:
+            await producer.stop()
+        deadline = time.monotonic() + 15
+        while not (letters := await transport.dead_letters()):
+            assert time.monotonic() < deadline, "the stray record was not dead-lettered"
+            assert await transport.receive("a", "g", consumer="c", limit=10, wait=0.3) == []
+        [letter] = letters
+        assert letter.failure.message.endswith(f"without {kafka.ONLY_GROUP!r}")
+        assert letter.envelope.payload == b"stray"
+
+
+@pytest.mark.parametrize("namespace", ["shop-retry", "shop-dead", "shop-live", "a-reply-x"])
+def test_a_namespace_that_names_another_ones_topics_is_refused(namespace: str) -> None:
+    with pytest.raises(ImproperlyConfigured, match=f"Kafka namespace '{namespace}'"):
+        KafkaTransport(f"kafka://127.0.0.1:1?namespace={namespace}")
+
+
+async def test_the_backlog_makes_no_topic() -> None:
+    async with _transports(1, partitions=1) as (transport,):
+        backlog = await transport.backlog("never-sent", "g")
+        assert (backlog.waiting, backlog.retrying) == (0, 0)
+        topics = await transport._admin_client().list_topics()
+        assert not {transport.topic("never-sent"), transport.retry_topic("never-sent", "g")} & set(
+            topics
+        )

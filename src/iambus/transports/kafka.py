@@ -172,6 +172,10 @@ _COMMIT_GAP = 0.02  # seconds at least between two commits of the background loo
 _REPLY_WAIT = 2.0  # how long a reply waits for its topic's metadata before it is dropped
 _GRACE = 5.0  # at most this long a rebalance waits for handed-out deliveries to settle
 _HOLD = 1.0  # seconds every partition may be held before the consumer pauses them
+# A retry record due later than this is taken as due now: its delay cannot be one a
+# Retry asked for (a writer's clock far ahead, milliseconds for seconds), and waiting it
+# out would hold its retry partition's buffer and commit for that long.
+_LONGEST_WAIT = 86_400.0
 PARK_AGAIN = 1.0  # seconds before a record whose dead letter could not be stored comes back
 _COMPACT = json.JSONEncoder(separators=(",", ":"))
 
@@ -257,6 +261,13 @@ class KafkaTransport(Transport):
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
         self.namespace = plain_namespace(namespace, query, "Kafka")
+        reserved = re.search(r"-(retry|reply-.*|dead|live|groups)$", self.namespace)
+        if reserved:
+            raise ImproperlyConfigured(
+                f"Kafka namespace {self.namespace!r}: it may not end in {reserved.group(0)!r}, "
+                "which names another namespace's own topics (retry, reply, dead letters, "
+                "registry); choose another"
+            )
         self.partitions = partitions_option(partitions, query)
         self.idempotent = check_flag("idempotent", _flag(idempotent, query.pop("idempotent", None)))
         in_url = query.pop("replication", None)
@@ -397,14 +408,9 @@ class KafkaTransport(Transport):
         async with self._translate("list topics"):
             topics = await admin.list_topics()
         await self._unlisten()
-        prefixes = (
-            f"{self.namespace}.",
-            self.dead_topic,
-            f"{self.namespace}-reply-",
-            f"{self.namespace}-retry.",
-            *self.registry_topics,
-        )
-        mine = [t for t in topics if t.startswith(prefixes)]
+        prefixes = (f"{self.namespace}.", f"{self.namespace}-reply-", f"{self.namespace}-retry.")
+        exact = {self.dead_topic, *self.registry_topics}
+        mine = [t for t in topics if t in exact or t.startswith(prefixes)]
         if mine:
             async with self._translate("delete topics"):
                 await admin.delete_topics(mine)
@@ -462,22 +468,18 @@ class KafkaTransport(Transport):
         # and starts where it should. (A group with members already running refuses the
         # commit: it has its offsets.)
         consumer = self._side_consumer(self.group_id(address, group))
-        async with self._translate("declare group"):
-            await consumer.start()
-            try:
-                partitions = await self._client().partitions_for(topic)
-                tps = [TopicPartition(topic, n) for n in sorted(partitions)]
-                consumer.assign(tps)
-                if from_start:
-                    starts = await consumer.beginning_offsets(tps)
-                else:
-                    starts = await consumer.end_offsets(tps)
-                fresh = {tp: starts[tp] for tp in tps if await consumer.committed(tp) is None}
-                if fresh:
-                    with contextlib.suppress(KafkaError):
-                        await consumer.commit(fresh)
-            finally:
-                await consumer.stop()
+        async with self._translate("declare group"), _running(consumer):
+            partitions = await self._client().partitions_for(topic)
+            tps = [TopicPartition(topic, n) for n in sorted(partitions)]
+            consumer.assign(tps)
+            if from_start:
+                starts = await consumer.beginning_offsets(tps)
+            else:
+                starts = await consumer.end_offsets(tps)
+            fresh = {tp: starts[tp] for tp in tps if await consumer.committed(tp) is None}
+            if fresh:
+                with contextlib.suppress(KafkaError):
+                    await consumer.commit(fresh)
 
     async def _group(self, address: str, group: str) -> _Group:
         state = self._groups.get((address, group))
@@ -510,6 +512,9 @@ class KafkaTransport(Transport):
             except BaseException:
                 await _stopped(consumer)  # (its connections and tasks, if any)
                 raise
+            if self._groups.get((address, group)) is not state:  # closed meanwhile
+                await _stopped(consumer)
+                raise TransportError(f"{self.url}: closed while a consumer of {topic} started")
             consumer.subscribe([topic, retry_topic], listener=_Rebalance(self, state))
             state.consumer = consumer
             state.failed = None
@@ -529,18 +534,20 @@ class KafkaTransport(Transport):
         consumer, state.consumer = state.consumer, None
         if consumer is None:
             return
-        with contextlib.suppress(KafkaError, OSError, TimeoutError):
+        try:
             await self._commit(state, consumer)  # before the partitions go to others
-        for part in state.parts.values():
-            part.revoked = True
-            for record in part.unsettled.values():
-                if record.timer is not None:
-                    record.timer.cancel()
-        state.parts.clear()
-        state.ready.clear()
-        state.arrived.set()
-        with contextlib.suppress(KafkaError, OSError):
-            await consumer.stop()
+        except (KafkaError, OSError, TimeoutError) as exc:
+            logger.warning("iambus: %s: commit on close failed: %r", self.url, exc)
+        finally:  # (cancelled meanwhile too: the consumer is stopped)
+            for part in state.parts.values():
+                part.revoked = True
+                for record in part.unsettled.values():
+                    if record.timer is not None:
+                        record.timer.cancel()
+            state.parts.clear()
+            state.ready.clear()
+            state.arrived.set()
+            await _stopped(consumer)
 
     # -- receiving ------------------------------------------------------------------
 
@@ -628,11 +635,13 @@ class KafkaTransport(Transport):
                         await state.room.wait()
                 if state.room.is_set():  # (let go, or the assignment changed)
                     return {}
-                assigned = consumer.assignment()
-                for part in state.parts.values():
-                    if part.held and part.tp in assigned:
-                        part.paused = True
-                        consumer.pause(part.tp)
+            # Every held partition paused (one resumed, then held again, too) before a
+            # fetch of every partition not paused: none of them may grow past its buffer.
+            assigned = consumer.assignment()
+            for part in state.parts.values():
+                if part.held and not part.paused and part.tp in assigned:
+                    part.paused = True
+                    consumer.pause(part.tp)
             batches = await consumer.getmany(timeout_ms=_FETCH_MS, max_records=self._buffered)
             return batches
         room = max(1, max(self._buffered - len(part.unsettled) for part in free))
@@ -661,10 +670,12 @@ class KafkaTransport(Transport):
         headers = {name: value or b"" for name, value in record.headers or ()}  # (None: b"")
         only = headers.get(ONLY_GROUP)
         retried = part.tp.topic == state.retry_topic
-        if (only.decode(errors="replace") != state.group) if only else retried:
+        if only and only.decode(errors="replace") != state.group:
             part.fetched = record.offset + 1
             return  # a replay or a retry for another group: settled at once, unseen
         try:
+            if retried and not only:
+                raise SerializationError(f"a record of {part.tp.topic} without {ONLY_GROUP!r}")
             envelope = _envelope(headers, record.value)
         except Exception as exc:  # no envelope of ours, however malformed: dead-lettered
             parked = _raw(record, headers)
@@ -681,8 +692,18 @@ class KafkaTransport(Transport):
         part.fetched = record.offset + 1
         if retried:
             entry.attempt, due, entry.origin = _retry_headers(headers)
-            if due > time.time():  # (its offset is not committed past meanwhile)
-                self._later(state, entry, due - time.time())
+            wait = due - time.time()
+            if wait > _LONGEST_WAIT:  # a writer's clock far ahead, or ms for seconds
+                logger.warning(
+                    "iambus: %s: retry record %s@%d is due in %.0f s, over %.0f s: retried now",
+                    self.url,
+                    part.tp.topic,
+                    record.offset,
+                    wait,
+                    _LONGEST_WAIT,
+                )
+            elif wait > 0:  # (its offset is not committed past meanwhile)
+                self._later(state, entry, wait)
                 return
         if entry.key is not None:
             queue = part.keys.setdefault(entry.key, deque())
@@ -1132,35 +1153,34 @@ class KafkaTransport(Transport):
         records of the group's retry topic after those offsets, and what this transport
         holds waiting out a delay."""
         topic, retry_topic = self.topic(address), self.retry_topic(address, group)
-        await self._ensure_topic(topic, self.partitions)
-        await self._ensure_topic(retry_topic, self.partitions)
+        # Topics not made yet have nothing waiting: asked for by name (metadata), a
+        # broker that creates topics on demand would make them, with its own counts.
+        async with self._translate("list topics"):
+            existing = set(await self._admin_client().list_topics())
         consumer = self._side_consumer(self.group_id(address, group))
         state = self._groups.get((address, group))
         parts = {} if state is None else state.parts
         lag = {topic: 0, retry_topic: 0}
-        async with self._translate("backlog"):
-            await consumer.start()
-            try:
-                tps = [
-                    TopicPartition(name, n)
-                    for name in lag
-                    for n in sorted(await self._client().partitions_for(name))
-                ]
-                consumer.assign(tps)
-                ends = await consumer.end_offsets(tps)
-                starts = await consumer.beginning_offsets(tps)
-                for tp in tps:
-                    part = parts.get(tp)
-                    if part is not None and part.fetched is not None:
-                        position: int | None = part.fetched
-                    else:
-                        position = await consumer.committed(tp)
-                    if position is None and tp.topic == retry_topic:
-                        position = starts[tp]  # (a group reads its retry topic from its start)
-                    if position is not None:  # (None: a group that never committed)
-                        lag[tp.topic] += max(ends[tp] - position, 0)
-            finally:
-                await consumer.stop()
+        async with self._translate("backlog"), _running(consumer):
+            tps = [
+                TopicPartition(name, n)
+                for name in lag
+                if name in existing
+                for n in sorted(await self._client().partitions_for(name))
+            ]
+            consumer.assign(tps)
+            ends = await consumer.end_offsets(tps)
+            starts = await consumer.beginning_offsets(tps)
+            for tp in tps:
+                part = parts.get(tp)
+                if part is not None and part.fetched is not None:
+                    position: int | None = part.fetched
+                else:
+                    position = await consumer.committed(tp)
+                if position is None and tp.topic == retry_topic:
+                    position = starts[tp]  # (a group reads its retry topic from its start)
+                if position is not None:  # (None: a group that never committed)
+                    lag[tp.topic] += max(ends[tp] - position, 0)
         if state is None:
             return Backlog(waiting=lag[topic], in_flight=None, retrying=lag[retry_topic])
         held = [record for part in parts.values() for record in part.unsettled.values()]
@@ -1186,25 +1206,21 @@ class KafkaTransport(Transport):
         latest: dict[str, ConsumerRecord[Any, Any]] = {}
         consumer = self._side_consumer()
         tp = TopicPartition(topic, 0)
-        async with self._translate(f"read {topic}"):
-            await consumer.start()
-            try:
-                consumer.assign([tp])
-                end = (await consumer.end_offsets([tp]))[tp]
-                # (seek_to_beginning waits half a second for the fetcher: ask instead)
-                consumer.seek(tp, (await consumer.beginning_offsets([tp]))[tp])
-                deadline = time.monotonic() + self.timeout
-                while await consumer.position(tp) < end:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"{topic} not read to its end")
-                    batches = await consumer.getmany(tp, timeout_ms=_FETCH_MS)
-                    for record in batches.get(tp, []):
-                        key = (record.key or b"").decode(errors="replace")
-                        latest.pop(key, None)  # a later one of the key replaces it
-                        if record.value is not None:
-                            latest[key] = record
-            finally:
-                await consumer.stop()
+        async with self._translate(f"read {topic}"), _running(consumer):
+            consumer.assign([tp])
+            end = (await consumer.end_offsets([tp]))[tp]
+            # (seek_to_beginning waits half a second for the fetcher: ask instead)
+            consumer.seek(tp, (await consumer.beginning_offsets([tp]))[tp])
+            deadline = time.monotonic() + self.timeout
+            while await consumer.position(tp) < end:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{topic} not read to its end")
+                batches = await consumer.getmany(tp, timeout_ms=_FETCH_MS)
+                for record in batches.get(tp, []):
+                    key = (record.key or b"").decode(errors="replace")
+                    latest.pop(key, None)  # a later one of the key replaces it
+                    if record.value is not None:
+                        latest[key] = record
         return latest
 
     @staticmethod
@@ -1393,6 +1409,17 @@ async def _stopped(consumer: AIOKafkaConsumer) -> None:
     """Stop ``consumer``, whatever state it is in (one that failed to start too)."""
     with contextlib.suppress(KafkaError, OSError):
         await consumer.stop()
+
+
+@contextlib.asynccontextmanager
+async def _running(consumer: AIOKafkaConsumer) -> AsyncIterator[AIOKafkaConsumer]:
+    """``consumer`` started, and stopped after the block, whatever happened: a start
+    that failed or was cancelled halfway leaves no connection or task behind."""
+    try:
+        await consumer.start()
+        yield consumer
+    finally:
+        await _stopped(consumer)
 
 
 def _letter_id(address: str, group: str, envelope_id: str) -> str:
