@@ -77,12 +77,10 @@ async def test_status_shows_instances_backlog_and_dead_letters(bus: Bus) -> None
                 "shipping",
                 (),
             )
-            assert (shipping.in_flight, shipping.retrying, shipping.dead) in (
-                (0, 0, 0),
-                (0, None, 0),
-                (None, None, 0),
-                (None, 0, 0),  # Kafka: none in flight known, none in the retry topic
-            )
+            # (Kafka: none in flight known, none in the retry topic)
+            kafka = bus.kind == "kafka"
+            allowed = [(None, 0, 0)] if kafka else [(0, 0, 0), (0, None, 0), (None, None, 0)]
+            assert (shipping.in_flight, shipping.retrying, shipping.dead) in allowed
             assert group(found, CHARGE).waiting == 0
         found = await status(watcher)
         assert found.instances == ()  # billing stopped: it withdrew
