@@ -306,6 +306,19 @@ async def test_a_tls_url_to_a_plaintext_listener_fails_open_clearly_and_soon() -
     await _open_fails(f"kafkas://{KAFKA}", 2, r"no answer over TLS within 2 s; does the", 5)
 
 
+async def test_a_sasl_url_does_the_handshake_and_a_refusal_fails_open_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Tansu has no SASL: it refuses each mechanism's handshake (a plaintext client would
+    have connected)."""
+    require("kafka")
+    for mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
+        url = f"kafka://app:s3cret@{KAFKA}?sasl_mechanism={mechanism}"
+        await _open_fails(url, 5, r"app:\*\*\*@.*connect failed: .*Unable to bootstrap", 4.5)
+    assert caplog.text.count("UnsupportedSaslMechanismError") >= 3
+    assert "s3cret" not in caplog.text
+
+
 async def test_a_closed_transport_says_so() -> None:
     transport = KafkaTransport(f"kafka://{KAFKA}", idempotent=False)
     with pytest.raises(TransportError, match="not open"):
