@@ -3,7 +3,8 @@
 ``kafka://127.0.0.1:9092,127.0.0.1:9093?namespace=shop&partitions=16`` — the bootstrap
 servers (comma-separated; port 9092 when none is given), and every topic and consumer
 group starts with the namespace (default ``iambus``; letters, digits, ``_`` and ``-``).
-How the seam maps onto Kafka (see docs/kafka.md):
+``kafkas://`` (or ``?tls=true``) is TLS and ``USER:PASSWORD@`` SASL, for every client
+(docs/kafka.md, "TLS and SASL"). How the seam maps onto Kafka (see docs/kafka.md):
 
 * an address is the topic ``<ns>.<address>``, created explicitly through the admin
   client the first time this transport sends to it or declares a group on it, with
