@@ -13,10 +13,14 @@ import collections
 import contextlib
 import json
 import logging
+import shutil
 import socket
+import ssl
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -129,14 +133,190 @@ def test_the_url_gives_servers_namespace_partitions_and_options() -> None:
     )
     with pytest.raises(ImproperlyConfigured, match=r"retry topic .* longer than 249"):
         default.retry_topic("event.A", "g" * 230)
-    with pytest.raises(ImproperlyConfigured, match=r"kafka://u:\*\*\*@h.*not supported yet"):
-        connect("kafka://u:s3cret@h:9092")
     with pytest.raises(ImproperlyConfigured, match="no Kafka bootstrap server"):
         connect("kafka://h1,")
     with pytest.raises(ImproperlyConfigured, match="idempotent must be True or False"):
         connect("kafka://h?idempotent=maybe")
     with pytest.raises(ImproperlyConfigured, match="replication must be an int"):
         connect("kafka://h?replication=many")
+
+
+def _security(url: str) -> dict[str, Any]:
+    transport = connect(url)
+    assert isinstance(transport, KafkaTransport)
+    return transport._security
+
+
+def test_credentials_in_the_url_mean_sasl_and_kafkas_or_tls_true_mean_tls() -> None:
+    assert _security("kafka://h") == {"security_protocol": "PLAINTEXT"}
+    sasl = _security("kafka://app:p%40ss%3Aw@h")  # percent-decoded
+    assert sasl == {
+        "security_protocol": "SASL_PLAINTEXT",
+        "sasl_mechanism": "PLAIN",
+        "sasl_plain_username": "app",
+        "sasl_plain_password": "p@ss:w",
+    }
+    for url in ("kafkas://h", "kafka://h?tls=true", "kafkas://h?tls=1"):
+        tls = _security(url)
+        assert tls.keys() == {"security_protocol", "ssl_context"}
+        assert tls["security_protocol"] == "SSL"
+        context = tls["ssl_context"]
+        assert context.verify_mode == ssl.CERT_REQUIRED
+        assert context.check_hostname
+    both = _security("kafkas://app:pw@h1,h2?sasl_mechanism=scram-sha-512&namespace=x")
+    assert both["security_protocol"] == "SASL_SSL"
+    assert (both["sasl_mechanism"], both["sasl_plain_username"]) == ("SCRAM-SHA-512", "app")
+    assert _security("kafka://a:b@h?sasl_mechanism=SCRAM-SHA-256")["sasl_mechanism"] == (
+        "SCRAM-SHA-256"
+    )
+
+
+@pytest.fixture(scope="module")
+def pem(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with a self-signed cert.pem, its key.pem and the key encrypted (locked.pem,
+    password "pw"), made by the openssl command."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    folder = tmp_path_factory.mktemp("pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+         "/CN=iambus-test", "-keyout", "key.pem", "-out", "cert.pem"],
+        cwd=folder, check=True, capture_output=True,
+    )  # fmt: skip
+    subprocess.run(
+        ["openssl", "pkey", "-in", "key.pem", "-aes256", "-passout", "pass:pw", "-out",
+         "locked.pem"],
+        cwd=folder, check=True, capture_output=True,
+    )  # fmt: skip
+    return folder
+
+
+def test_a_ca_file_replaces_the_system_store_and_a_client_certificate_is_loaded(pem: Path) -> None:
+    cert, key, locked = pem / "cert.pem", pem / "key.pem", pem / "locked.pem"
+    context = _security(f"kafkas://h?ca_file={cert}")["ssl_context"]
+    assert [ca["subject"] for ca in context.get_ca_certs()] == [((("commonName", "iambus-test"),),)]
+    _security(f"kafkas://h?cert_file={cert}&key_file={key}")
+    _security(f"kafka://h?tls=true&cert_file={cert}&key_file={locked}&key_password=pw")
+    # An encrypted key without its password is an error, never OpenSSL's prompt.
+    with pytest.raises(ImproperlyConfigured, match=r"cannot load the TLS files.*key_password"):
+        _security(f"kafkas://h?cert_file={cert}&key_file={locked}")
+    junk = pem / "junk.pem"
+    junk.write_text("not a certificate")
+    with pytest.raises(ImproperlyConfigured, match=r"cannot load the TLS files"):
+        _security(f"kafkas://h?ca_file={junk}")
+
+
+def test_bad_security_options_are_named_at_construction_without_the_password(
+    tmp_path: Path,
+) -> None:
+    missing = tmp_path / "ca.pem"
+    bad = {
+        "kafka://u:s3cret@h?sasl_mechanism=OAUTHBEARER": (
+            r"sasl_mechanism= must be one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, got "
+            r"'OAUTHBEARER' \(OAUTHBEARER and GSSAPI are not supported\)"
+        ),
+        "kafka://u:s3cret@h?sasl_mechanism=MD5": r"must be one of PLAIN,",
+        "kafka://h?sasl_mechanism=PLAIN": r"needs credentials: kafka://USER:PASSWORD@host",
+        "kafka://u@h": r"SASL needs a user name and a password",
+        "kafka://:s3cret@h": r"SASL needs a user name and a password",
+        f"kafkas://u:s3cret@h?ca_file={missing}": rf"\?ca_file= '{missing}' is not a file",
+        f"kafka://h?ca_file={missing}": r"\?ca_file= is a TLS option; use kafkas:// or \?tls=true",
+        "kafka://h?cert_file=c.pem": r"\?cert_file= is a TLS option",
+        "kafka://h?tls=yes": r"\?tls= must be true or false, got 'yes'",
+        "kafkas://h?tls=false": r"kafkas:// is TLS; \?tls=false contradicts it",
+        "kafkas://h?key_password=s3cret": r"\?key_file= and \?key_password= need \?cert_file=",
+    }
+    for url, message in bad.items():
+        with pytest.raises(ImproperlyConfigured, match=message) as raised:
+            connect(url)
+        assert "s3cret" not in str(raised.value), url
+    with pytest.raises(ImproperlyConfigured, match=r"starts with kafka:// or kafkas://"):
+        KafkaTransport("redis://h")
+
+
+def test_the_password_is_in_no_url_repr_or_error(pem: Path) -> None:
+    cert, locked = pem / "cert.pem", pem / "locked.pem"
+    url = "kafkas://app:s3cret@h:9093?sasl_mechanism=SCRAM-SHA-256&key_password=pw"
+    transport = connect(f"{url}&cert_file={cert}&key_file={locked}")
+    assert transport.url == (
+        "kafkas://app:***@h:9093?sasl_mechanism=SCRAM-SHA-256&key_password=***"
+        f"&cert_file={str(cert).replace('/', '%2F')}&key_file=***"
+    )
+    assert "s3cret" not in repr(transport)
+    with pytest.raises(ImproperlyConfigured) as raised:
+        connect(f"{url}&cert_file={cert}&key_file={cert}")  # the wrong key
+    assert "app:***@" in str(raised.value)
+    assert "s3cret" not in str(raised.value)
+    assert "key_password=***" in str(raised.value)
+
+
+async def test_every_client_gets_the_security_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The producer, the admin client, each group's consumer, the reply listener and the
+    side consumers (declare, backlog, dead letters) are made with the URL's TLS and SASL
+    options: the real aiokafka classes, recording what they were given."""
+    made: list[tuple[str, dict[str, Any]]] = []
+
+    def recording(cls: Any) -> Any:
+        class Recording(cls):  # type: ignore[misc, valid-type]
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                made.append((cls.__name__, kwargs))
+                super().__init__(*args, **kwargs)
+
+        return Recording
+
+    for name in ("AIOKafkaProducer", "AIOKafkaAdminClient", "AIOKafkaConsumer"):
+        monkeypatch.setattr(kafka, name, recording(getattr(kafka, name)))
+    async with _transports(1) as (transport,):
+        await transport.declare("a", "g", from_start=True)
+        await transport.send("a", _ping(1))
+        [delivery] = await _receive(transport, 1)
+        await delivery.ack()
+        with pytest.raises(TimeoutError):
+            await transport.request("b", _ping(2), timeout=0.1)
+        await transport.backlog("a", "g")
+        await transport.dead_letters()
+    assert {name for name, _ in made} == {
+        "AIOKafkaProducer",
+        "AIOKafkaAdminClient",
+        "AIOKafkaConsumer",
+    }
+    assert len(made) >= 7, made
+    for name, kwargs in made:
+        assert kwargs["security_protocol"] == "PLAINTEXT", name
+    made.clear()
+    tls = KafkaTransport("kafkas://u:s3cret@127.0.0.1:1", timeout=0.5)
+    with pytest.raises(TransportError) as raised:
+        await tls.open()
+    assert "u:***@" in str(raised.value)
+    assert "s3cret" not in str(raised.value)
+    assert [name for name, _ in made] == ["AIOKafkaProducer", "AIOKafkaAdminClient"]
+    for _name, kwargs in made:
+        assert kwargs["ssl_context"] is tls._security["ssl_context"]
+        assert (kwargs["security_protocol"], kwargs["sasl_plain_password"]) == (
+            "SASL_SSL",
+            "s3cret",
+        )
+    consumer = tls._side_consumer()
+    assert made[-1][1]["ssl_context"] is tls._security["ssl_context"]
+    await consumer.stop()
+
+
+async def test_a_tls_url_to_a_plaintext_listener_fails_open_clearly_and_soon() -> None:
+    require("kafka")
+    await _open_fails(f"kafkas://{KAFKA}", 2, r"no answer over TLS within 2 s; does the", 5)
+
+
+async def test_a_sasl_url_does_the_handshake_and_a_refusal_fails_open_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Tansu has no SASL: it refuses each mechanism's handshake (a plaintext client would
+    have connected)."""
+    require("kafka")
+    for mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
+        url = f"kafka://app:s3cret@{KAFKA}?sasl_mechanism={mechanism}"
+        await _open_fails(url, 5, r"app:\*\*\*@.*connect failed: .*Unable to bootstrap", 4.5)
+    assert caplog.text.count("UnsupportedSaslMechanismError") >= 3
+    assert "s3cret" not in caplog.text
 
 
 async def test_a_closed_transport_says_so() -> None:
@@ -149,11 +329,17 @@ async def test_an_unreachable_broker_is_a_transport_error_at_once() -> None:
     with socket.socket() as probe:  # a loopback port nobody listens on once closed
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    transport = KafkaTransport(f"kafka://127.0.0.1:{port}", idempotent=False, timeout=5)
+    await _open_fails(f"kafka://127.0.0.1:{port}", 5, rf"127.0.0.1:{port}: connect failed", 4.5)
+
+
+async def _open_fails(url: str, timeout: float, match: str, within: float) -> None:
+    """``open()`` of a transport on ``url`` raises a TransportError matching ``match``
+    within ``within`` seconds."""
+    transport = KafkaTransport(url, idempotent=False, timeout=timeout)
     started = time.monotonic()
-    with pytest.raises(TransportError, match=rf"kafka://127.0.0.1:{port}: connect failed"):
+    with pytest.raises(TransportError, match=match):
         await transport.open()
-    assert time.monotonic() - started < 4.5
+    assert time.monotonic() - started < within
     await transport.close()
 
 

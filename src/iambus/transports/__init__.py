@@ -480,6 +480,7 @@ _SCHEMES: dict[str, tuple[str, str, str | None]] = {
     "amqps": ("iambus.transports.rabbitmq", "RabbitMQTransport", "rabbitmq"),
     "nats": ("iambus.transports.nats", "NatsTransport", "nats"),
     "kafka": ("iambus.transports.kafka", "KafkaTransport", "kafka"),
+    "kafkas": ("iambus.transports.kafka", "KafkaTransport", "kafka"),
 }
 
 

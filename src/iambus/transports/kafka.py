@@ -3,7 +3,8 @@
 ``kafka://127.0.0.1:9092,127.0.0.1:9093?namespace=shop&partitions=16`` — the bootstrap
 servers (comma-separated; port 9092 when none is given), and every topic and consumer
 group starts with the namespace (default ``iambus``; letters, digits, ``_`` and ``-``).
-How the seam maps onto Kafka (see docs/kafka.md):
+``kafkas://`` (or ``?tls=true``) is TLS and ``USER:PASSWORD@`` SASL, for every client
+(docs/kafka.md, "TLS and SASL"). How the seam maps onto Kafka (see docs/kafka.md):
 
 * an address is the topic ``<ns>.<address>``, created explicitly through the admin
   client the first time this transport sends to it or declares a group on it, with
@@ -100,15 +101,17 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import re
+import ssl
 import time
 import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ..envelope import Envelope
 from ..errors import (
@@ -275,11 +278,9 @@ class KafkaTransport(Transport):
             "replication",
             replication if replication is not None else _whole(in_url) if in_url else 1,
         )
-        _userinfo, at, netloc = parts.netloc.rpartition("@")
-        if at:
-            raise ImproperlyConfigured(
-                f"{redact(url)}: credentials in a Kafka URL (SASL) are not supported yet"
-            )
+        userinfo, at, netloc = parts.netloc.rpartition("@")
+        # The TLS and SASL options every aiokafka client this transport makes is given.
+        self._security = _security(redact(url), parts.scheme, userinfo if at else None, query)
         hosts = [host.strip() for host in netloc.split(",")]
         if not all(hosts):
             raise ImproperlyConfigured(f"no Kafka bootstrap server in {redact(url)!r}")
@@ -358,9 +359,10 @@ class KafkaTransport(Transport):
             enable_idempotence=self.idempotent,
             request_timeout_ms=ms,
             linger_ms=0,
+            **self._security,
         )
         admin = AIOKafkaAdminClient(
-            bootstrap_servers=self.servers, client_id=name, request_timeout_ms=ms
+            bootstrap_servers=self.servers, client_id=name, request_timeout_ms=ms, **self._security
         )
         try:
             async with asyncio.timeout(self.timeout):
@@ -375,6 +377,11 @@ class KafkaTransport(Transport):
                 raise TransportError(
                     f"{self.url}: the broker refused the idempotent producer ({exc}); a "
                     f"broker without it (Tansu, the test broker) needs ?idempotent=false"
+                ) from exc
+            if isinstance(exc, TimeoutError) and "ssl_context" in self._security:
+                raise TransportError(
+                    f"{self.url}: connect failed: no answer over TLS within {self.timeout:g} s; "
+                    f"does the listener at {','.join(self.servers)} speak TLS?"
                 ) from exc
             if isinstance(exc, KafkaError | OSError | TimeoutError):
                 raise TransportError(f"{self.url}: connect failed: {_describe(exc)}") from exc
@@ -505,6 +512,7 @@ class KafkaTransport(Transport):
                 session_timeout_ms=session,
                 heartbeat_interval_ms=max(session // 3, 100),
                 request_timeout_ms=max(int(self.timeout * 1000), session + 5000),
+                **self._security,
             )
             try:
                 async with self._translate("start consumer"):
@@ -1293,6 +1301,7 @@ class KafkaTransport(Transport):
             fetch_max_wait_ms=_FETCH_WAIT_MS,
             client_id=self.client_name or client_name(),
             request_timeout_ms=int(self.timeout * 1000),
+            **self._security,
         )
 
     def _client(self) -> AIOKafkaProducer:
@@ -1434,6 +1443,82 @@ def _flag(given: bool | None, in_url: str | None) -> object:
     if in_url is None:
         return True
     return {"true": True, "1": True, "false": False, "0": False}.get(in_url.lower(), in_url)
+
+
+_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+_TLS_FILES = ("ca_file", "cert_file", "key_file", "key_password")
+
+
+def _security(
+    shown: str, scheme: str, userinfo: str | None, query: dict[str, str]
+) -> dict[str, Any]:
+    """The TLS and SASL options of every aiokafka client, from the URL (``shown``: redacted,
+    for errors): its scheme (``kafkas`` is TLS), its ``user:password@`` (SASL) and the
+    options taken out of ``query``. Checked here, so that a mistake fails at construction."""
+    if scheme not in ("kafka", "kafkas"):
+        raise ImproperlyConfigured(f"{shown}: a Kafka URL starts with kafka:// or kafkas:// (TLS)")
+    given = {
+        name: query.pop(name) for name in ("tls", "sasl_mechanism", *_TLS_FILES) if name in query
+    }
+    tls_flag = given.get("tls", "").lower()
+    if tls_flag not in ("", "true", "1", "false", "0"):
+        raise ImproperlyConfigured(f"{shown}: ?tls= must be true or false, got {given['tls']!r}")
+    if scheme == "kafkas" and tls_flag in ("false", "0"):
+        raise ImproperlyConfigured(f"{shown}: kafkas:// is TLS; ?tls=false contradicts it")
+    tls = scheme == "kafkas" or tls_flag in ("true", "1")
+    files = [name for name in _TLS_FILES if name in given]
+    if files and not tls:
+        raise ImproperlyConfigured(
+            f"{shown}: ?{files[0]}= is a TLS option; use kafkas:// or ?tls=true to turn TLS on"
+        )
+    options: dict[str, Any] = {"security_protocol": "SSL" if tls else "PLAINTEXT"}
+    if tls:
+        options["ssl_context"] = _tls_context(shown, given)
+    mechanism = given.get("sasl_mechanism")
+    if userinfo is None:
+        if mechanism is not None:
+            raise ImproperlyConfigured(
+                f"{shown}: ?sasl_mechanism= needs credentials: kafka://USER:PASSWORD@host"
+            )
+        return options
+    user, colon, password = userinfo.partition(":")
+    if not user or not colon or not password:
+        raise ImproperlyConfigured(
+            f"{shown}: SASL needs a user name and a password: kafka://USER:PASSWORD@host "
+            f"(percent-encode ':', '@', '/' in them)"
+        )
+    mechanism = (mechanism or "PLAIN").upper()
+    if mechanism not in _MECHANISMS:
+        raise ImproperlyConfigured(
+            f"{shown}: ?sasl_mechanism= must be one of {', '.join(_MECHANISMS)}, got "
+            f"{given['sasl_mechanism']!r} (OAUTHBEARER and GSSAPI are not supported)"
+        )
+    options["security_protocol"] = "SASL_SSL" if tls else "SASL_PLAINTEXT"
+    options["sasl_mechanism"] = mechanism
+    options["sasl_plain_username"] = unquote(user)
+    options["sasl_plain_password"] = unquote(password)
+    return options
+
+
+def _tls_context(shown: str, given: dict[str, str]) -> ssl.SSLContext:
+    """The client's TLS context: the system's CA store, or ``?ca_file=`` instead; with
+    ``?cert_file=`` (and ``?key_file=``, ``?key_password=``) a client certificate."""
+    for name in ("ca_file", "cert_file", "key_file"):
+        if name in given and not os.path.isfile(given[name]):
+            raise ImproperlyConfigured(f"{shown}: ?{name}= {given[name]!r} is not a file")
+    if "cert_file" not in given and ("key_file" in given or "key_password" in given):
+        raise ImproperlyConfigured(f"{shown}: ?key_file= and ?key_password= need ?cert_file=")
+    try:
+        context = ssl.create_default_context(cafile=given.get("ca_file"))
+        if "cert_file" in given:
+            password = given.get("key_password", "")  # never OpenSSL's prompt
+            context.load_cert_chain(given["cert_file"], given.get("key_file"), lambda: password)
+    except (ssl.SSLError, ValueError) as exc:
+        raise ImproperlyConfigured(
+            f"{shown}: cannot load the TLS files (?ca_file=, ?cert_file=, ?key_file=, "
+            f"?key_password=): {exc}"
+        ) from exc
+    return context
 
 
 def _whole(text: str) -> object:
