@@ -1244,3 +1244,33 @@ async def test_the_backlog_makes_no_topic() -> None:
         assert not {transport.topic("never-sent"), transport.retry_topic("never-sent", "g")} & set(
             topics
         )
+
+
+async def test_a_consumer_that_starts_while_its_transport_closes_is_stopped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A close while a group's consumer starts found no consumer to stop, and the one
+    # that started after it ran on, fetching, for ever. (The start is held until the
+    # close is done: the real consumer, started late.)
+    closed = asyncio.Event()
+    start = AIOKafkaConsumer.start
+
+    async def late_start(self: AIOKafkaConsumer) -> None:
+        await closed.wait()
+        await start(self)
+
+    async with _transports(1, partitions=1) as (transport,):
+        await transport.declare("a", "g", from_start=False)
+        monkeypatch.setattr(AIOKafkaConsumer, "start", late_start)
+        receiving = asyncio.ensure_future(
+            transport.receive("a", "g", consumer="c", limit=1, wait=5.0)
+        )
+        await until(lambda: ("a", "g") in transport._groups, 5, "the consumer to start")
+        state = transport._groups[("a", "g")]
+        await transport.close()
+        closed.set()
+        with pytest.raises(TransportError, match="closed while a consumer"):
+            await receiving
+        monkeypatch.undo()
+        assert state.consumer is None
+        assert state.fetching is None
