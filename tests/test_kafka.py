@@ -410,9 +410,7 @@ async def test_a_record_that_is_no_envelope_is_dead_lettered_and_the_rest_flows(
     async with _transports(1, partitions=1) as (transport,):
         await transport.declare("a", "g", from_start=False)
         assert await transport.dead_letters() == []  # (and its topic made, one partition)
-        producer = AIOKafkaProducer(bootstrap_servers=KAFKA, acks="all")
-        await producer.start()
-        try:
+        async with _producer() as producer:
             await producer.send_and_wait(
                 transport.topic("a"), b"not an envelope", key=b"k", headers=[("x", b"y")]
             )
@@ -422,8 +420,6 @@ async def test_a_record_that_is_no_envelope_is_dead_lettered_and_the_rest_flows(
                 )
             # a dead letter some other client wrote, not as iambus does: skipped when listed
             await producer.send_and_wait(transport.dead_topic, b"?", key=b"odd", partition=0)
-        finally:
-            await producer.stop()
         await transport.send("a", _ping(1))
         [delivery] = await _receive(transport, 1)
         assert _n(delivery) == 1
@@ -737,12 +733,9 @@ async def test_replies_find_their_request_and_a_close_ends_the_waiting_ones(
         waiting = asyncio.create_task(transport.request("b", late, timeout=10))
         await until(lambda: late.id in transport._replies, 10, "the request sent")
         to = f"{transport._reply_topic}#{late.id}"
-        producer = AIOKafkaProducer(bootstrap_servers=KAFKA, acks="all")
-        await producer.start()
-        try:  # a record on the reply topic that is no envelope: a warning, skipped
+        # a record on the reply topic that is no envelope: a warning, skipped
+        async with _producer() as producer:
             await producer.send_and_wait(transport._reply_topic, b"?", key=late.id.encode())
-        finally:
-            await producer.stop()
         await transport.reply(f"{transport._reply_topic}#gone", _ping(3))  # gave up: skipped
         await transport.reply(to, _ping(4))
         assert (await asyncio.wait_for(waiting, 10)).payload == b"4"
@@ -788,12 +781,8 @@ async def test_a_failed_commit_dead_letter_or_reply_read_is_tried_again() -> Non
             await asyncio.sleep(0.05)
 
         once(transport._producer, "send_and_wait")
-        producer = AIOKafkaProducer(bootstrap_servers=KAFKA, acks="all")
-        await producer.start()
-        try:
+        async with _producer() as producer:
             await producer.send_and_wait(transport.topic("a"), b"raw")
-        finally:
-            await producer.stop()
         deadline = time.monotonic() + 10
         while not await transport.dead_letters():  # parked once the producer works again
             assert time.monotonic() < deadline, "the record was not dead-lettered"
@@ -814,14 +803,10 @@ async def test_a_record_with_null_headers_is_dead_lettered_not_committed_past() 
     dead-lettered, and one marked for a group with a null value is no replay for it."""
     async with _transports(1, partitions=1) as (transport,):
         await transport.declare("a", "g", from_start=False)
-        producer = AIOKafkaProducer(bootstrap_servers=KAFKA, acks="all")
-        await producer.start()
-        try:
+        async with _producer() as producer:
             topic = transport.topic("a")
             await producer.send_and_wait(topic, b"raw", headers=[("x", None)])  # type: ignore[list-item]
             await producer.send_and_wait(topic, b"raw", headers=[("iambus-group", None)])  # type: ignore[list-item]
-        finally:
-            await producer.stop()
         await transport.send("a", _ping(7))
         [delivery] = await _receive(transport, 1)
         assert _n(delivery) == 7
@@ -917,6 +902,17 @@ async def test_a_buffer_of_one_record_still_goes_on() -> None:
 
 
 # -- retries ---------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _producer() -> AsyncIterator[AIOKafkaProducer]:
+    """A producer of another client (``acks=all``), stopped after the block."""
+    producer = AIOKafkaProducer(bootstrap_servers=KAFKA, acks="all")
+    await producer.start()
+    try:
+        yield producer
+    finally:
+        await producer.stop()
 
 
 async def _read(topic: str, count: int, partitions: int = 1) -> list[Any]:
@@ -1174,9 +1170,7 @@ async def test_a_retry_record_due_absurdly_late_is_retried_now() -> None:
         transport.tune(concurrency=1)
         await transport.declare("a", "g", from_start=False)
         await _receive(transport, 0, wait=0.5)  # the group's consumer, its retry topic
-        producer = AIOKafkaProducer(bootstrap_servers=KAFKA)
-        await producer.start()
-        try:
+        async with _producer() as producer:
             for n in range(3):
                 await producer.send_and_wait(
                     transport.retry_topic("a", "g"),
@@ -1189,8 +1183,6 @@ async def test_a_retry_record_due_absurdly_late_is_retried_now() -> None:
                         (kafka.NOT_BEFORE, str(time.time() + 1e6).encode()),
                     ],
                 )
-        finally:
-            await producer.stop()
         for n in range(10, 16):
             await transport.send("a", _ping(n))
         again: list[int] = []
@@ -1210,17 +1202,13 @@ async def test_a_record_of_the_retry_topic_without_its_group_is_dead_lettered() 
     async with _transports(1, partitions=1) as (transport,):
         await transport.declare("a", "g", from_start=False)
         await _receive(transport, 0, wait=0.5)  # the group's consumer, its retry topic
-        producer = AIOKafkaProducer(bootstrap_servers=KAFKA)
-        await producer.start()
-        try:
+        async with _producer() as producer:
             await producer.send_and_wait(
                 transport.retry_topic("a", "g"),
                 b"stray",
                 partition=0,
                 headers=[(kafka.ENVELOPE, kafka._fields(_ping(7)))],
             )
-        finally:
-            await producer.stop()
         deadline = time.monotonic() + 15
         while not (letters := await transport.dead_letters()):
             assert time.monotonic() < deadline, "the stray record was not dead-lettered"
