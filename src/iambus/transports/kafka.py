@@ -217,6 +217,13 @@ class _Partition:
         """The lowest offset not yet settled, or the next to fetch; None: nothing read."""
         return next(iter(self.unsettled), self.fetched)
 
+    def revoke(self) -> None:
+        """Gone: its settles are ignored from now on, and no delayed record comes due."""
+        self.revoked = True
+        for record in self.unsettled.values():
+            if record.timer is not None:
+                record.timer.cancel()
+
 
 @dataclass(slots=True, eq=False)
 class _Group:
@@ -548,10 +555,7 @@ class KafkaTransport(Transport):
             logger.warning("iambus: %s: commit on close failed: %r", self.url, exc)
         finally:  # (cancelled meanwhile too: the consumer is stopped)
             for part in state.parts.values():
-                part.revoked = True
-                for record in part.unsettled.values():
-                    if record.timer is not None:
-                        record.timer.cancel()
+                part.revoke()
             state.parts.clear()
             state.ready.clear()
             state.arrived.set()
@@ -981,10 +985,7 @@ class KafkaTransport(Transport):
             except (KafkaError, OSError, TimeoutError) as exc:
                 logger.warning("iambus: %s: commit before a rebalance failed: %r", self.url, exc)
         for part in gone:
-            part.revoked = True
-            for record in part.unsettled.values():
-                if record.timer is not None:
-                    record.timer.cancel()
+            part.revoke()
             held = {r.offset: r for r in part.unsettled.values() if r.holder is not None}
             if held:
                 state.away[part.tp] = held
