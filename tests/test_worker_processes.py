@@ -628,11 +628,19 @@ async def test_keys_keep_their_order_across_processes_and_a_kill(
     # on elsewhere.
     late = 0.99 if replayed else 0.85
     assert BOOKINGS * 0.15 < half < BOOKINGS * late, f"killed after {half} bookings"
-    # (c) the keys the victim held went on elsewhere: both survivors worked after the kill
+    # (c) the keys the victim held went on elsewhere, on the survivors only; and both
+    # survivors worked after the kill, where each delivery is reclaimed on its own. (Where
+    # whole partitions move, one survivor may have had none left with work by then: the
+    # kill can come late on Kafka, see above.)
+    victims = {run.flight for run in all_runs if run.role == victim and run.start < killed_at}
+    went_on = {run.role for run in all_runs if run.flight in victims and run.start > killed_at}
+    assert went_on, f"no key of {victim} went on after the kill"
+    assert went_on <= set(survivors), went_on
     after_kill = Counter(run.role for run in all_runs if run.start > killed_at)
-    assert set(after_kill) == set(survivors), (
-        f"after the kill of {victim}: {dict(after_kill)} handled by each"
-    )
+    if not replayed:
+        assert set(after_kill) == set(survivors), (
+            f"after the kill of {victim}: {dict(after_kill)} handled by each"
+        )
     # (d) different keys ran in parallel
     assert most_keys_at_once(all_runs) >= 2
 
