@@ -310,7 +310,7 @@ def _registry(broker: BrokerGauges) -> CollectorRegistry:
                 f"(empty) before the worker processes start, and empty it between runs"
             )
 
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call, unused-ignore]
     else:
         registry.register(_Proxy(prometheus.REGISTRY))
     registry.register(broker)
@@ -418,7 +418,7 @@ class Server:
             from prometheus_client import multiprocess
 
             # Its live gauges leave the merged output with it (prometheus_client's rule).
-            multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+            multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call, unused-ignore]
 
     async def __aenter__(self) -> Server:
         await self.start()

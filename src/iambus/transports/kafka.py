@@ -110,7 +110,7 @@ import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ..envelope import Envelope
@@ -152,6 +152,8 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra ins
 __all__ = ["KafkaTransport"]
 
 logger = logging.getLogger(__name__)
+
+_Client: TypeAlias = AIOKafkaProducer | AIOKafkaConsumer | AIOKafkaAdminClient
 
 ENVELOPE = "iambus-envelope"  # the envelope's fields but its payload, as JSON
 ONLY_GROUP = "iambus-group"  # on a replayed record: the one group it is for
@@ -371,15 +373,15 @@ class KafkaTransport(Transport):
         admin = AIOKafkaAdminClient(
             bootstrap_servers=self.servers, client_id=name, request_timeout_ms=ms, **self._security
         )
+        started: list[_Client] = []
         try:
             async with asyncio.timeout(self.timeout):
-                await producer.start()
-                await admin.start()
+                for client in (producer, admin):
+                    await self._start(client)  # (one that failed or was cut is stopped)
+                    started.append(client)
         except BaseException as exc:
-            with contextlib.suppress(Exception):
-                await producer.stop()
-            with contextlib.suppress(Exception):
-                await admin.close()
+            for client in started:
+                await _stopped(client)
             if isinstance(exc, UnknownError) and self.idempotent:
                 raise TransportError(
                     f"{self.url}: the broker refused the idempotent producer ({exc}); a "
@@ -482,7 +484,7 @@ class KafkaTransport(Transport):
         # and starts where it should. (A group with members already running refuses the
         # commit: it has its offsets.)
         consumer = self._side_consumer(self.group_id(address, group))
-        async with self._translate("declare group"), _running(consumer):
+        async with self._translate("declare group"), self._running(consumer):
             partitions = await self._client().partitions_for(topic)
             tps = [TopicPartition(topic, n) for n in sorted(partitions)]
             consumer.assign(tps)
@@ -521,12 +523,8 @@ class KafkaTransport(Transport):
                 request_timeout_ms=max(int(self.timeout * 1000), session + 5000),
                 **self._security,
             )
-            try:
-                async with self._translate("start consumer"):
-                    await consumer.start()
-            except BaseException:
-                await _stopped(consumer)  # (its connections and tasks, if any)
-                raise
+            async with self._translate("start consumer"):
+                await self._start(consumer)
             if self._groups.get((address, group)) is not state:  # closed meanwhile
                 await _stopped(consumer)
                 raise TransportError(f"{self.url}: closed while a consumer of {topic} started")
@@ -1048,9 +1046,8 @@ class KafkaTransport(Transport):
             listener = self._side_consumer()
             try:
                 async with self._translate("listen for replies"):
-                    await listener.start()
+                    await self._start(listener)
             except BaseException:
-                await _stopped(listener)
                 await self._drop_reply_topic()  # (made above: it goes with the failure)
                 raise
             listener.assign([TopicPartition(self._reply_topic, 0)])
@@ -1170,7 +1167,7 @@ class KafkaTransport(Transport):
         state = self._groups.get((address, group))
         parts = {} if state is None else state.parts
         lag = {topic: 0, retry_topic: 0}
-        async with self._translate("backlog"), _running(consumer):
+        async with self._translate("backlog"), self._running(consumer):
             tps = [
                 TopicPartition(name, n)
                 for name in lag
@@ -1215,7 +1212,7 @@ class KafkaTransport(Transport):
         latest: dict[str, ConsumerRecord[Any, Any]] = {}
         consumer = self._side_consumer()
         tp = TopicPartition(topic, 0)
-        async with self._translate(f"read {topic}"), _running(consumer):
+        async with self._translate(f"read {topic}"), self._running(consumer):
             consumer.assign([tp])
             end = (await consumer.end_offsets([tp]))[tp]
             # (seek_to_beginning waits half a second for the fetcher: ask instead)
@@ -1305,6 +1302,31 @@ class KafkaTransport(Transport):
             **self._security,
         )
 
+    async def _start(self, client: _Client) -> None:
+        """``client.start()``, never cut halfway: aiokafka loses the connection a start
+        was opening or asking for metadata when it is cancelled there (its socket is left
+        to the garbage collector). A cancelled start runs on as a background task that
+        stops the client once the start ended; ``close()`` waits for it. A start that
+        failed has its client stopped before the error goes on."""
+        starting = asyncio.ensure_future(client.start())
+        try:
+            await asyncio.shield(starting)
+        except BaseException:
+            if starting.done():
+                await _stopped(client)
+            else:
+                self._spawn(_finish(starting, client))
+            raise
+
+    @contextlib.asynccontextmanager
+    async def _running(self, consumer: AIOKafkaConsumer) -> AsyncIterator[AIOKafkaConsumer]:
+        """``consumer`` started, and stopped after the block, whatever happened."""
+        await self._start(consumer)
+        try:
+            yield consumer
+        finally:
+            await _stopped(consumer)
+
     def _client(self) -> AIOKafkaProducer:
         if self._producer is None:
             raise TransportError(f"{self.url} is not open; await transport.open() first")
@@ -1333,7 +1355,7 @@ class KafkaTransport(Transport):
             raise TransportError(f"{self.url}: {what} failed: {_describe(exc)}") from exc
 
 
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc, unused-ignore]
     def __init__(self, transport: KafkaTransport, state: _Group) -> None:
         self._transport = transport
         self._state = state
@@ -1415,21 +1437,20 @@ def _raw(record: ConsumerRecord[Any, Any], headers: dict[str, bytes]) -> Envelop
     )
 
 
-async def _stopped(consumer: AIOKafkaConsumer) -> None:
-    """Stop ``consumer``, whatever state it is in (one that failed to start too)."""
+async def _stopped(client: _Client) -> None:
+    """Stop ``client``, whatever state it is in (one that failed to start too)."""
     with contextlib.suppress(KafkaError, OSError):
-        await consumer.stop()
+        if isinstance(client, AIOKafkaAdminClient):
+            await client.close()
+        else:
+            await client.stop()
 
 
-@contextlib.asynccontextmanager
-async def _running(consumer: AIOKafkaConsumer) -> AsyncIterator[AIOKafkaConsumer]:
-    """``consumer`` started, and stopped after the block, whatever happened: a start
-    that failed or was cancelled halfway leaves no connection or task behind."""
-    try:
-        await consumer.start()
-        yield consumer
-    finally:
-        await _stopped(consumer)
+async def _finish(starting: asyncio.Future[None], client: _Client) -> None:
+    """Let a start that lost its caller end, then stop its client."""
+    with contextlib.suppress(BaseException):
+        await starting
+    await _stopped(client)
 
 
 def _letter_id(address: str, group: str, envelope_id: str) -> str:
