@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from iambus import Command, Dispatcher, Query, RequestTimeout, Retry
+from iambus import AlreadyApplied, Command, Dispatcher, Query, RemoteError, Retry
 from iambus.database import Database
 from iambus.inbox import claim, purge
 from iambus.transports.memory import MemoryTransport
@@ -20,13 +20,18 @@ class Charge(Command[None]):
     fail_first: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class RefundCharge(Command[int]):
+    order_id: int
+
+
 def billing(database: Database, runs: list[int]) -> Dispatcher:
     """Service billing: its Charge handler records the charge in its table, and in ``runs``
     each time it runs; it fails on the first run of a ``fail_first`` charge."""
     dp = Dispatcher(
         transport=MemoryTransport(),
         service="billing",
-        routes={Charge: "billing"},
+        routes={Charge: "billing", RefundCharge: "billing"},
         database=database,
         relay=False,
         retry=Retry(attempts=3, backoff=0.01),
@@ -168,18 +173,12 @@ async def test_a_unit_opened_by_a_middleware_records_the_delivery(database: Data
     assert await charges(database) == [1]
 
 
-async def test_a_skipped_redelivery_of_a_request_is_not_answered(database: Database) -> None:
-    """The first delivery committed, then a middleware failed: the retry finds the record
-    and is acked without an answer (the handler ran; no result is left to give)."""
-    await make_charges(database)
-    transport = MemoryTransport()
-    runs: list[int] = []
-    server = billing(database, runs)
-    server.remote.transport = transport  # type: ignore[union-attr]
-    client = Dispatcher(transport=transport, service="web", routes={Charge: "billing"})
+def fails_once_after_the_commit() -> Any:
+    """A middleware that fails the first message it sees once its unit has committed
+    (an audit log down, say): the delivery is retried, and the inbox skips it."""
     failed = False
 
-    async def fails_once_after(message: Any, call_next: Any, context: Any) -> Any:
+    async def middleware(message: Any, call_next: Any, context: Any) -> Any:
         nonlocal failed
         result = await call_next(message)  # the unit has committed here
         if not failed:
@@ -187,13 +186,53 @@ async def test_a_skipped_redelivery_of_a_request_is_not_answered(database: Datab
             raise ConnectionError("an audit middleware failing once")
         return result
 
-    server.commands.add_middleware(fails_once_after)
+    return middleware
+
+
+async def test_a_skipped_redelivery_of_a_command_without_result_answers_done(
+    database: Database,
+) -> None:
+    """The first delivery committed, then a middleware failed: the retry finds the record,
+    runs nothing, and tells the requester the command is done (a Command[None] returns)."""
+    await make_charges(database)
+    transport = MemoryTransport()
+    runs: list[int] = []
+    server = billing(database, runs)
+    server.remote.transport = transport  # type: ignore[union-attr]
+    client = Dispatcher(transport=transport, service="web", routes={Charge: "billing"})
+    server.commands.add_middleware(fails_once_after_the_commit())
     async with server, client:
-        with pytest.raises(RequestTimeout):
-            await client.execute(Charge(7), timeout=0.5)
+        assert await client.execute(Charge(7), timeout=5) is None
         await server.join()
     assert runs == [7]
     assert await charges(database) == [7]
+
+
+async def test_a_skipped_redelivery_of_a_command_with_a_result_raises_already_applied(
+    database: Database,
+) -> None:
+    await make_charges(database)
+    transport = MemoryTransport()
+    runs: list[int] = []
+    server = billing(database, runs)
+    server.remote.transport = transport  # type: ignore[union-attr]
+
+    @server.commands.register(RefundCharge)
+    async def refund(command: RefundCharge, conn: asyncpg.Connection) -> int:
+        runs.append(command.order_id)
+        await conn.execute(f'INSERT INTO "{database.schema}".charges VALUES ($1)', command.order_id)
+        return 42
+
+    server.commands.add_middleware(fails_once_after_the_commit())
+    client = Dispatcher(transport=transport, service="web", routes={RefundCharge: "billing"})
+    async with server, client:
+        with pytest.raises(AlreadyApplied, match="RefundCharge was carried out already") as raised:
+            await client.execute(RefundCharge(8), timeout=5)
+        assert isinstance(raised.value, RemoteError)  # caught as any remote failure too
+        assert await client.execute(RefundCharge(9), timeout=5) == 42  # a fresh one answers
+        await server.join()
+    assert runs == [8, 9]
+    assert await charges(database) == [8, 9]
 
 
 async def test_a_query_writes_no_inbox_record(database: Database) -> None:

@@ -7,6 +7,7 @@ from .codecs import Codec, JsonCodec
 from .dispatching import Dispatcher, Limits, Timeouts
 from .envelope import Envelope, current_envelope
 from .errors import (
+    AlreadyApplied,
     DeadLettered,
     DispatcherStopped,
     HandlerAlreadyBound,
@@ -43,6 +44,7 @@ dispatcher = Dispatcher()
 
 __all__ = [
     "AbstractHandler",
+    "AlreadyApplied",
     "CallNext",
     "Codec",
     "Command",

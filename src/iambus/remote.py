@@ -35,6 +35,7 @@ from .codecs import Codec
 from .engine import followups
 from .envelope import Envelope, current_envelope, new_id
 from .errors import (
+    AlreadyApplied,
     DispatcherStopped,
     RemoteError,
     RequestTimeout,
@@ -75,6 +76,7 @@ LATE_LOOKUP = 0.1
 
 
 STATUS, ERROR_TYPE = "iambus-status", "iambus-error-type"
+APPLIED = f"{AlreadyApplied.__module__}.{AlreadyApplied.__qualname__}"  # its answer's type
 SENDER = "iambus-sender"  # "<service>@<host>" of a request: who asks, and on which clock
 
 
@@ -317,9 +319,19 @@ class Remote:
             ) from exc
         finally:
             look.cancel()
+        into = result_type(mkey)
         if answer.headers.get(STATUS) == "error":
             owner = self.routes.owner(mkey)
             details = json.loads(answer.payload)
+            if details["type"] == APPLIED:
+                if into is None or into is type(None):
+                    return None  # done, and nothing was to be returned
+                raise AlreadyApplied(
+                    f"{envelope.name} was carried out already by service {owner!r} (an "
+                    f"earlier delivery, whose answer was lost); its result is not kept",
+                    error_type=details["type"],
+                    remote_message=details["message"],
+                )
             attempts = details.get("attempts")
             tried = "" if attempts is None else f" after {attempts} attempt(s), dead-lettered"
             raise RemoteError(
@@ -328,7 +340,6 @@ class Remote:
                 error_type=details["type"],
                 remote_message=details["message"],
             )
-        into = result_type(mkey)
         if into is None or into is type(None):
             # Command[None]: nothing to return, even if the handler returned an event (to
             # publish it) or some value the caller declared it does not want.

@@ -63,10 +63,16 @@ from typing import Any
 
 from .engine import Followups, followups, in_worker, outside_workers
 from .envelope import Envelope, current_envelope
-from .errors import ImproperlyConfigured, SerializationError, TransportError, TransportRefused
+from .errors import (
+    AlreadyApplied,
+    ImproperlyConfigured,
+    SerializationError,
+    TransportError,
+    TransportRefused,
+)
 from .logs import message_fields
 from .messages import result_type
-from .remote import SENDER, Remote
+from .remote import APPLIED, SENDER, Remote
 from .retry import Retry
 from .routes import ALREADY_HANDLED, Subscription
 from .telemetry import Outcome, Processing, Settlement, Telemetry, system_of
@@ -638,9 +644,17 @@ class Worker:
             followups.reset(counted)
             current_envelope.reset(token)
         if result is ALREADY_HANDLED:
-            # A redelivery the inbox recorded as applied: nothing ran. Not answered: the
-            # first delivery answered its requester (or it has given up waiting), and an
-            # answer from here would have no result to give.
+            # A redelivery the inbox recorded as applied: nothing ran. A requester still
+            # waiting lost the first run's answer (its worker died after the commit, or a
+            # middleware failed): it hears that the command is done, with no result (one
+            # that the first answer reached has stopped listening: this one is dropped).
+            if envelope.reply_to and sub.kind == "command":
+                done = AlreadyApplied(
+                    f"{envelope.name} (id {envelope.id}) was applied by an earlier delivery",
+                    error_type=APPLIED,
+                    remote_message="applied by an earlier delivery",
+                )
+                await self._tell(envelope, self.remote.failure(envelope, done))
             await delivery.ack()
             return
         unanswered: Exception | None = None
