@@ -1286,3 +1286,24 @@ async def test_a_read_cancelled_while_its_consumer_starts_leaves_no_connection(
         assert not transport._background
         gc.collect()
     assert leaked == []
+
+
+async def test_a_late_settle_of_a_delivery_given_back_changes_nothing() -> None:
+    # leave() gives a record back (the worker stops); its handler, still running, acks
+    # late. That ack settled the record while it was about to be handled again, and let
+    # its key's next record out beside it: two of one key at once.
+    async with _transports(1, partitions=1) as (transport,):
+        await transport.declare("a", "g", from_start=False)
+        await transport.send("a", _ping(1, key="k"))
+        await transport.send("a", _ping(2, key="k"))
+        [old] = await _receive(transport, 1)
+        await transport.leave("c")
+        await old.ack()
+        await old.retry(0.0)
+        await old.dead_letter(Failure("builtins.ValueError", "late", "", attempts=1))
+        again = await transport.receive("a", "g", consumer="d", limit=10, wait=1.0)
+        assert [(_n(d), d.attempt) for d in again] == [(1, 2)]  # its key's next waits
+        await again[0].ack()
+        [second] = await _receive(transport, 1)
+        assert _n(second) == 2
+        assert await transport.dead_letters() == []

@@ -195,6 +195,7 @@ class _Record:
     key: str | None
     attempt: int = 1
     holder: str | None = None  # the consumer name it was handed to; None: not out
+    handout: int = 0  # counts its hand-outs and give-backs: a delivery of an older is stale
     timer: asyncio.TimerHandle | None = None  # its retry, waiting out the delay
     origin: bytes | None = None  # read from a retry topic: its ORIGIN header
 
@@ -582,6 +583,7 @@ class KafkaTransport(Transport):
                 if record.part.leaving or record.part.revoked or record.holder is not None:
                     continue
                 record.holder = consumer
+                record.handout += 1
                 out.append(_KafkaDelivery(self, state, record))
             if out:
                 return out
@@ -903,6 +905,7 @@ class KafkaTransport(Transport):
             ]
             for record in reversed(back):
                 record.holder = None
+                record.handout += 1  # (a late settle of the delivery given back: ignored)
                 record.attempt += 1
                 state.ready.appendleft(record)
             if back:
@@ -1368,23 +1371,31 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc, unused-ignore
 
 
 class _KafkaDelivery:
-    __slots__ = ("_record", "_state", "_transport", "attempt", "envelope")
+    """A record handed out. Once given back (``leave()``), its settling does nothing: the
+    record is another delivery's, or will be (a late ack must not settle it, nor release
+    its key's next record while it is handled again)."""
+
+    __slots__ = ("_handout", "_record", "_state", "_transport", "attempt", "envelope")
 
     def __init__(self, transport: KafkaTransport, state: _Group, record: _Record) -> None:
         self._transport = transport
         self._state = state
         self._record = record
+        self._handout = record.handout
         self.envelope = record.envelope
         self.attempt = record.attempt
 
     async def ack(self) -> None:
-        self._transport._settle(self._state, self._record)
+        if self._record.handout == self._handout:
+            self._transport._settle(self._state, self._record)
 
     async def retry(self, delay: float) -> None:
-        await self._transport._retry(self._state, self._record, delay)
+        if self._record.handout == self._handout:
+            await self._transport._retry(self._state, self._record, delay)
 
     async def dead_letter(self, failure: Failure) -> None:
-        await self._transport._park(self._state, self._record, failure)
+        if self._record.handout == self._handout:
+            await self._transport._park(self._state, self._record, failure)
 
     def __repr__(self) -> str:
         state = self._state
