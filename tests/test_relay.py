@@ -1318,6 +1318,34 @@ async def test_the_relay_sends_to_redis(database: Database) -> None:
         await redis.close()
 
 
+async def test_a_row_too_large_for_nats_is_parked_at_once_even_alone(database: Database) -> None:
+    # Alone in its pass, a refused row looked like an outage (the broker took nothing)
+    # and was retried for ever, holding its key. The client refuses it by its size:
+    # MessageRefused, parked at once, and its key's next row goes on.
+    require("nats")
+    from iambus.transports.nats import NatsTransport
+
+    nats = NatsTransport(f"nats://127.0.0.1:4222?namespace=test-{uuid.uuid4().hex[:10]}")
+    await nats.open()
+    try:
+        await nats.declare(ADDRESS, GROUP, from_start=True)
+        pad = "x" * 2_000_000  # over the server's max_payload (1 MB by default)
+        huge = Envelope(name="Thing", payload=json.dumps({"n": 0, "pad": pad}).encode(), key="k")
+        await commit(database, huge)
+        relay = Relay(database, nats)
+        assert await relay.run_once() == 0
+        [row] = await parked(database)
+        assert row.message_id == huge.id
+        assert row.error.startswith("MessageRefused: ")
+        assert "larger than the server's max_payload (1,048,576 bytes)" in row.error
+        await commit(database, envelope(1, key="k"))
+        assert await relay.run_once() == 1
+        assert [n_of(e) for e in await received(nats, 1)] == [1]
+    finally:
+        await nats.destroy()
+        await nats.close()
+
+
 async def test_a_send_the_driver_cancels_is_a_failed_send_not_the_relays_end(
     database: Database, transport: MemoryTransport
 ) -> None:

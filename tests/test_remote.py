@@ -660,4 +660,4 @@ async def test_a_command_whose_answer_the_broker_refuses_is_not_run_again(bus: B
         await asyncio.sleep(2.5)  # an observation window: nothing may happen in it
         assert await shop.execute(Report(2), timeout=5) == "small"
     assert runs == [1, 2]
-    assert [type(exc).__name__ for exc in reported] == ["TransportError"]
+    assert [type(exc).__name__ for exc in reported] == ["MessageRefused"]  # a TransportError

@@ -42,6 +42,7 @@ __all__ = [
     "HandlerSignatureError",
     "IambusError",
     "ImproperlyConfigured",
+    "MessageRefused",
     "NotSettled",
     "ProviderConflict",
     "RegistrationClosed",
@@ -104,6 +105,12 @@ class SerializationError(IambusError):
 
 class TransportError(IambusError):
     """The broker failed or could not be reached; the driver's exception is the cause."""
+
+
+class MessageRefused(TransportError):
+    """The broker, or its client, refuses this one message for good: larger than it
+    takes, say. Sending it again fails the same way; other messages go through. The
+    outbox's relay parks such a row at once."""
 
 
 class TransportRefused(TransportError):

@@ -81,8 +81,9 @@ database error (a lost connection) is handled the same way. If the broker took o
 rows, the refused row is charged a failed attempt (``attempts``, with ``last_error``,
 committed with the pass); its ``FAILED_SENDS``-th parks it (a row too large for the
 broker is refused for ever, and would hold its key up). A row that can never be sent
-(its envelope does not decode, or the transport rejects it with ``SerializationError`` or
-``ImproperlyConfigured``) is parked at once. A parked row is kept in the table with the
+(its envelope does not decode, or the transport rejects it with ``SerializationError``,
+``ImproperlyConfigured`` or ``MessageRefused``: too large for the broker) is parked at
+once. A parked row is kept in the table with the
 reason, logged at ERROR, counted by ``outbox_status``, and sent again once
 ``release``\\ d (``iambus outbox retry``). A relay killed mid-batch loses nothing: its
 transaction rolls back and the batch is sent again (the same envelope ids: duplicates a
@@ -103,6 +104,7 @@ from . import inbox
 from .database import Database
 from .errors import (
     ImproperlyConfigured,
+    MessageRefused,
     SerializationError,
     TransportError,
     check_count,
@@ -875,7 +877,7 @@ class _Pass:
                             # A driver that cancelled its own future (its connection
                             # closed): a failed send, not the relay's end.
                             raise TransportError(f"the send was cancelled: {exc!r}") from exc
-                    except (SerializationError, ImproperlyConfigured) as exc:
+                    except (SerializationError, ImproperlyConfigured, MessageRefused) as exc:
                         self.outcome.parked.append((row, exc))  # the chain goes on
                     except Exception as exc:
                         self.outcome.failed.append((row, exc))

@@ -132,6 +132,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from ..envelope import Envelope
 from ..errors import (
     ImproperlyConfigured,
+    MessageRefused,
     SerializationError,
     TransportError,
     TransportRefused,
@@ -158,6 +159,7 @@ try:
     from nats.aio.msg import Msg
     from nats.aio.subscription import Subscription
     from nats.errors import Error as NatsError
+    from nats.errors import MaxPayloadError
     from nats.js import JetStreamContext
     from nats.js.api import (
         AckPolicy,
@@ -590,7 +592,7 @@ class NatsTransport(Transport):
             await nc.publish(subject, payload, reply=f"{self._ack_inbox}.{token}", headers=headers)
             reply = await answer
         except (NatsError, OSError, TimeoutError) as exc:
-            raise TransportError(f"{self.url}: publish failed: {_describe(exc)}") from exc
+            raise self._error("publish", exc) from exc
         finally:
             self._stored.pop(token, None)
         if _status(reply) == "503":  # no responders: no stream on that subject
@@ -1417,6 +1419,13 @@ class NatsTransport(Transport):
             raise self._error(what, exc) from exc
 
     def _error(self, what: str, exc: BaseException) -> TransportError:
+        if isinstance(exc, MaxPayloadError):
+            limit = "" if self._nc is None else f" ({self._nc.max_payload:,} bytes)"
+            return MessageRefused(
+                f"{self.url}: {what} failed: the message is larger than the server's "
+                f"max_payload{limit}; send a smaller one (a reference to the data, say) "
+                f"or raise max_payload in the server's configuration"
+            )
         return TransportError(f"{self.url}: {what} failed: {_describe(exc)}")
 
     async def _on_error(self, exc: Exception) -> None:
