@@ -375,6 +375,33 @@ async def test_settled_raises_on_a_dead_letter_unless_told_to_expect_it(bus: Bus
     assert clock.delays == [5, 5]
 
 
+async def test_settled_waits_for_a_dead_letter_replayed_through_a_watched_transport(
+    bus: Bus,
+) -> None:
+    orders, billing = services(bus, retry=Retry(attempts=1))
+    fixed = False
+    charged: list[int] = []
+
+    @billing.commands.register(ChargeCard)
+    async def charge(command: ChargeCard) -> None:
+        if not fixed:
+            raise ValueError("card network down")
+        charged.append(command.order_id)
+
+    watched = watch(orders, billing)
+    async with orders, billing:
+        await orders.send(ChargeCard(1))
+        [dead] = (await watched.settled(timeout=10, dead_letters=True)).dead_lettered
+        fixed = True
+        store = billing.remote.transport  # the watched one
+        assert isinstance(store, DeadLetterStore)
+        [letter] = [d for d in await store.dead_letters() if d.envelope.id == dead.id]
+        assert await store.replay([letter.id]) == 1
+        done = await watched.settled(timeout=10)  # the replay is handled, not only sent
+        assert charged == [1]
+    assert [(s.id, s.outcome) for s in done.settlements] == [(dead.id, "acked")]
+
+
 async def test_settled_waits_for_a_message_sent_before_its_consumer_started(bus: Bus) -> None:
     orders, billing = services(bus)
     handled: list[int] = []

@@ -54,6 +54,7 @@ from .errors import DeadLettered, ImproperlyConfigured, NotSettled, bad_option
 from .partitions import partition
 from .transports import (
     Capability,
+    DeadLetter,
     DeadLetterCounter,
     DeadLetterStore,
     Delivery,
@@ -884,6 +885,15 @@ class _Ledger:
             self._done(group, envelope.id)
         self.touch()
 
+    def replaying(self, address: str, group: str, envelope: Envelope) -> None:
+        """A dead letter of ``group`` is replayed: that group handles it again."""
+        self._expect(address, group, envelope)
+        self.touch()
+
+    def not_replayed(self, group: str, envelope: Envelope) -> None:
+        self._done(group, envelope.id)
+        self.touch()
+
     def received(self, address: str, group: str, delivery: Delivery) -> None:
         envelope = delivery.envelope
         entry = self.pending.get((group, envelope.id))
@@ -1108,6 +1118,34 @@ class _RecordingRequester:
         await self.inner.reply(to, envelope)
 
 
+class _RecordingDeadLetters:
+    inner: Any
+    _ledger: _Ledger
+
+    async def dead_letters(self, *, limit: int = 100) -> list[DeadLetter]:
+        letters: list[DeadLetter] = await self.inner.dead_letters(limit=limit)
+        return letters
+
+    async def replay(self, ids: Sequence[str]) -> int:
+        # A replayed letter is pending for its group until that group settles it again:
+        # settled() waits for its handling, not only for the replay.
+        wanted = set(ids)
+        letters = [d for d in await self.inner.dead_letters(limit=1_000_000) if d.id in wanted]
+        for letter in letters:
+            self._ledger.replaying(letter.address, letter.group, letter.envelope)
+        try:
+            replayed: int = await self.inner.replay(ids)
+        except BaseException:
+            for letter in letters:
+                self._ledger.not_replayed(letter.group, letter.envelope)
+            raise
+        return replayed
+
+    async def purge(self, ids: Sequence[str] | None = None) -> int:
+        purged: int = await self.inner.purge(ids)
+        return purged
+
+
 def _delegate(name: str) -> Callable[..., Any]:
     def method(self: Any, *args: Any, **kwargs: Any) -> Any:
         return getattr(self.inner, name)(*args, **kwargs)
@@ -1130,6 +1168,9 @@ def _recording(inner: Transport, ledger: _Ledger, clock: FakeClock | None) -> _R
         for part in parts:
             if part is Requester:
                 bases.append(_RecordingRequester)
+                continue
+            if part is DeadLetterStore:
+                bases.append(_RecordingDeadLetters)
                 continue
             for name in _members(part):
                 namespace[name] = _delegate(name)
