@@ -698,6 +698,38 @@ async def test_a_unit_joined_to_a_sqlalchemy_transaction_runs_its_work_after_tha
     assert seen == [(1, [1, 2])]
 
 
+async def test_join_and_stop_wait_for_the_work_a_joined_sqlalchemy_commit_set_running(
+    orders: Database, engine: AsyncEngine
+) -> None:
+    dp = shop(Database(engine, schema=orders.schema))
+    seen: list[int] = []
+    started = asyncio.Event()
+
+    @dp.events.register(Noted)
+    async def on_noted(event: Noted) -> None:
+        started.set()
+        await asyncio.sleep(0.2)  # a handler that takes a while, after the commit
+        seen.append(event.order_id)
+
+    async with dp:
+        async with AsyncSession(engine) as session:
+            await session.begin()
+            async with dp.unit_of_work(session):  # joins: its work waits for the commit
+                await dp.publish(Noted(1))
+            await session.commit()
+        await started.wait()
+        await dp.join()
+        assert seen == [1]  # join() waited for it
+        started.clear()
+        async with AsyncSession(engine) as session:
+            await session.begin()
+            async with dp.unit_of_work(session):
+                await dp.publish(Noted(2))
+            await session.commit()
+        await started.wait()
+    assert seen == [1, 2]  # the stop at the block's end drained it
+
+
 async def test_a_unit_joined_to_an_asyncpg_transaction_refuses_in_process_work(
     orders: Database,
 ) -> None:

@@ -626,6 +626,7 @@ class Dispatcher:
                 self._draining_worker, self._worker = self._worker, None
                 await self._draining_worker.stop(deadline)
             worker_stopped = True
+            await self._committed_work(seconds_until(deadline.drain))
             if engine is not None and engine.loop is loop:
                 try:
                     async with asyncio.timeout_at(deadline.drain):
@@ -720,17 +721,40 @@ class Dispatcher:
                 "call it from the code that sent the messages"
             )
         settle = self.remote.transport.join if self.remote else None
+        loop = asyncio.get_running_loop()
         while True:
+            await self._committed_work(None)
             engine = self._engine
-            if engine is not None and engine.loop is asyncio.get_running_loop():
+            if engine is not None and engine.loop is loop:
                 await engine.join()
-            if settle is None:
-                return
-            await settle()  # a MemoryTransport: every message between services settled
+            if settle is not None:
+                await settle()  # a MemoryTransport: every message between services settled
+            if any(task.get_loop() is loop for task in self._table.committed):
+                continue  # (work of a commit made meanwhile)
             engine = self._engine
-            if engine is None or engine.loop is not asyncio.get_running_loop():
+            if settle is None or engine is None or engine.loop is not loop:
                 return  # (an engine of another loop is not this loop's to wait for)
             if not engine.pending:
+                return
+
+    async def _committed_work(self, within: float | None) -> None:
+        """Wait for the in-process work that commits of callers' SQLAlchemy transactions
+        set running (see ``unit_of_work``), and what it set running in turn; past
+        ``within`` seconds (None: no limit), cancel what still runs, as lost."""
+        loop = asyncio.get_running_loop()
+        end = None if within is None else loop.time() + within
+        while tasks := [t for t in self._table.committed if t.get_loop() is loop and not t.done()]:
+            left = None if end is None else max(end - loop.time(), 0.0)
+            _, late = await asyncio.wait(tasks, timeout=left)
+            if late:
+                for task in late:
+                    task.cancel()
+                logger.warning(
+                    "iambus: stop timed out with %d in-process job(s) of committed units of "
+                    "work running; they are cancelled and lost",
+                    len(late),
+                )
+                await asyncio.wait(late, timeout=1.0)
                 return
 
     async def wait_for_shutdown(self) -> None:

@@ -260,6 +260,8 @@ class RouteTable:
         self.implicit: dict[type, tuple[Route, ...]] = {}
         self.subscriptions: list[Subscription] = []
         self.units = 0  # units of work open on this table: 0 keeps sends on the fast path
+        # In-process work a commit of a caller's SQLAlchemy transaction set running.
+        self.committed: set[asyncio.Task[None]] = set()
 
     # -- compiling --------------------------------------------------------------------
 

@@ -77,9 +77,12 @@ current_unit: contextvars.ContextVar[UnitOfWork | None] = contextvars.ContextVar
 
 class Owner(Protocol):
     """Whose sends a unit of work collects (a dispatcher's route table): it counts the
-    units open on it, so that while none is, its sends skip looking for one."""
+    units open on it, so that while none is, its sends skip looking for one, and holds
+    the in-process work a commit of a caller's SQLAlchemy transaction set running (its
+    dispatcher's ``join()`` and ``stop()`` wait for it)."""
 
     units: int
+    committed: set[asyncio.Task[None]]
 
 
 class UnitOfWork:
@@ -322,7 +325,7 @@ class Scope:
         if failed is not None or not unit.later:
             return  # rolled back (or left to the caller, who did): its work is dropped
         if not self._owns:  # joined a SQLAlchemy transaction: its work waits for its commit
-            _after_commit_of(unit.session, unit.later)
+            _after_commit_of(unit.session, unit.later, self.owner.committed)
             return
         if self._later is not None:
             self._later.extend(unit.later)
@@ -363,12 +366,10 @@ async def run_later(later: list[Later]) -> None:
             logger.exception("iambus: in-process work sent in a unit of work failed")
 
 
-_pending: set[asyncio.Task[None]] = set()  # work scheduled by a commit, held until it ran
-
-
-def _after_commit_of(session: Any, later: list[Later]) -> None:
+def _after_commit_of(session: Any, later: list[Later], tasks: set[asyncio.Task[None]]) -> None:
     """Run ``later`` once the transaction ``session`` is in commits (SQLAlchemy's
-    session events); drop it if it ends otherwise (rollback, close)."""
+    session events), as a task held in ``tasks`` until it ran; drop it if the
+    transaction ends otherwise (rollback, close)."""
     from sqlalchemy import event
 
     sync = session.sync_session
@@ -389,8 +390,8 @@ def _after_commit_of(session: Any, later: list[Later]) -> None:
         loop.call_soon(forget)  # not while SQLAlchemy iterates over its listeners
         if committed:
             task = loop.create_task(run_later(later), context=context)
-            _pending.add(task)
-            task.add_done_callback(_pending.discard)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
     def forget() -> None:
         event.remove(sync, "after_commit", on_commit)
