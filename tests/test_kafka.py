@@ -1307,3 +1307,82 @@ async def test_a_late_settle_of_a_delivery_given_back_changes_nothing() -> None:
         [second] = await _receive(transport, 1)
         assert _n(second) == 2
         assert await transport.dead_letters() == []
+
+
+async def test_a_dead_letter_being_stored_when_leave_gives_its_record_back_settles_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The settle's own check passed before the produce; leave() gave the record back
+    # during it: settling after it released the key's next record beside the redelivery.
+    async with _transports(1, partitions=1) as (transport,):
+        await transport.declare("a", "g", from_start=False)
+        await transport.send("a", _ping(1, key="k"))
+        await transport.send("a", _ping(2, key="k"))
+        [old] = await _receive(transport, 1)
+        store = transport._store_letter
+        storing = asyncio.Event()
+
+        async def slow_store(*args: Any) -> None:  # a produce that takes a while (acks=all)
+            storing.set()
+            await asyncio.sleep(0.3)
+            await store(*args)
+
+        monkeypatch.setattr(transport, "_store_letter", slow_store)
+        parking = asyncio.ensure_future(
+            old.dead_letter(Failure("builtins.ValueError", "late", "", attempts=1))
+        )
+        await storing.wait()
+        await transport.leave("c")  # the worker stops: the record is given back
+        [again] = await transport.receive("a", "g", consumer="d", limit=10, wait=1.0)
+        assert (_n(again), again.attempt) == (1, 2)
+        await parking
+        beside = await transport.receive("a", "g", consumer="d", limit=10, wait=0.5)
+        assert [_n(d) for d in beside] == []  # key k's next waits for record 1
+        await again.ack()
+        [second] = await _receive(transport, 1)
+        assert _n(second) == 2
+
+
+async def test_a_start_that_never_ends_is_cut_and_does_not_hold_close(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An idempotent producer whose id request keeps failing retriably starts for ever
+    # (aiokafka retries it): open() gives up at its timeout, and close() must not wait
+    # for that start without end.
+    require("kafka")
+    from aiokafka.producer.sender import Sender
+
+    async def never(self: Any, node_id: Any) -> bool:
+        await asyncio.sleep(0.05)
+        return False  # retriable, every time
+
+    monkeypatch.setattr(Sender, "_do_init_pid", never)
+    transport = KafkaTransport(f"kafka://{KAFKA}?namespace=test-{uuid.uuid4().hex[:10]}", timeout=1)
+    with pytest.raises(TransportError, match="connect failed"):
+        await transport.open()
+    async with asyncio.timeout(5):
+        await transport.close()
+    assert not transport._background
+
+
+async def test_a_close_while_the_reply_listener_starts_leaves_no_listener(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # close() found no listener yet and returned; the start then installed one, and its
+    # task, on the closed transport, never stopped.
+    async with _transports(1, partitions=1) as (transport,):
+        starting = asyncio.Event()
+        start = transport._start
+
+        async def watched_start(client: Any) -> None:
+            starting.set()
+            await start(client)
+
+        monkeypatch.setattr(transport, "_start", watched_start)
+        asking = asyncio.ensure_future(transport.request("a", _ping(1), timeout=3))
+        await starting.wait()
+        await transport.close()
+        with pytest.raises(TransportError):
+            await asking
+        assert transport._listening is None
+        assert transport._listener is None

@@ -7,7 +7,6 @@ from .codecs import Codec, JsonCodec
 from .dispatching import Dispatcher, Limits, Timeouts
 from .envelope import Envelope, current_envelope
 from .errors import (
-    AlreadyApplied,
     DeadLettered,
     DispatcherStopped,
     HandlerAlreadyBound,
@@ -45,7 +44,6 @@ dispatcher = Dispatcher()
 
 __all__ = [
     "AbstractHandler",
-    "AlreadyApplied",
     "CallNext",
     "Codec",
     "Command",

@@ -33,7 +33,6 @@ import math
 from typing import overload
 
 __all__ = [
-    "AlreadyApplied",
     "DeadLettered",
     "DispatcherStopped",
     "HandlerAlreadyBound",
@@ -140,14 +139,6 @@ class RemoteError(IambusError):
         super().__init__(message)
         self.error_type = error_type
         self.remote_message = remote_message
-
-
-class AlreadyApplied(RemoteError):
-    """``execute()`` of a routed command with a result: the command had been carried out
-    already in a unit of work, by an earlier delivery whose answer was lost (its worker
-    died, or a middleware failed, after the commit), and the inbox skipped the handler
-    this time. The command is done; its result is gone. (A ``Command[None]`` simply
-    returns: it has no result to lose.)"""
 
 
 class RequestTimeout(IambusError, TimeoutError):

@@ -35,7 +35,6 @@ from .codecs import Codec
 from .engine import followups
 from .envelope import Envelope, current_envelope, new_id
 from .errors import (
-    AlreadyApplied,
     DispatcherStopped,
     RemoteError,
     RequestTimeout,
@@ -76,7 +75,6 @@ LATE_LOOKUP = 0.1
 
 
 STATUS, ERROR_TYPE = "iambus-status", "iambus-error-type"
-APPLIED = f"{AlreadyApplied.__module__}.{AlreadyApplied.__qualname__}"  # its answer's type
 SENDER = "iambus-sender"  # "<service>@<host>" of a request: who asks, and on which clock
 
 
@@ -323,15 +321,6 @@ class Remote:
         if answer.headers.get(STATUS) == "error":
             owner = self.routes.owner(mkey)
             details = json.loads(answer.payload)
-            if details["type"] == APPLIED:
-                if into is None or into is type(None):
-                    return None  # done, and nothing was to be returned
-                raise AlreadyApplied(
-                    f"{envelope.name} was carried out already by service {owner!r} (an "
-                    f"earlier delivery, whose answer was lost); its result is not kept",
-                    error_type=details["type"],
-                    remote_message=details["message"],
-                )
             attempts = details.get("attempts")
             tried = "" if attempts is None else f" after {attempts} attempt(s), dead-lettered"
             raise RemoteError(

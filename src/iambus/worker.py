@@ -64,7 +64,6 @@ from typing import Any
 from .engine import Followups, followups, in_worker, outside_workers
 from .envelope import Envelope, current_envelope
 from .errors import (
-    AlreadyApplied,
     ImproperlyConfigured,
     SerializationError,
     TransportError,
@@ -72,7 +71,7 @@ from .errors import (
 )
 from .logs import message_fields
 from .messages import result_type
-from .remote import APPLIED, SENDER, Remote
+from .remote import SENDER, Remote
 from .retry import Retry
 from .routes import ALREADY_HANDLED, Subscription
 from .telemetry import Outcome, Processing, Settlement, Telemetry, system_of
@@ -644,17 +643,14 @@ class Worker:
             followups.reset(counted)
             current_envelope.reset(token)
         if result is ALREADY_HANDLED:
-            # A redelivery the inbox recorded as applied: nothing ran. A requester still
-            # waiting lost the first run's answer (its worker died after the commit, or a
-            # middleware failed): it hears that the command is done, with no result (one
-            # that the first answer reached has stopped listening: this one is dropped).
-            if envelope.reply_to and sub.kind == "command":
-                done = AlreadyApplied(
-                    f"{envelope.name} (id {envelope.id}) was applied by an earlier delivery",
-                    error_type=APPLIED,
-                    remote_message="applied by an earlier delivery",
-                )
-                await self._tell(envelope, self.remote.failure(envelope, done))
+            # A redelivery the inbox recorded as applied: nothing ran. A Command[None]'s
+            # requester still waiting (the first run's answer was lost: its worker died
+            # after the commit, or a middleware failed) is told it is done: the answer
+            # the first run gave or would give, so either may come first. A command with
+            # a result is not answered: its result was not kept, and an error could
+            # overtake the first run's answer on its way.
+            if envelope.reply_to and result_type(sub.message) in _DISCARDED:
+                await self._tell(envelope, self.remote.answer(envelope, None, empty=True))
             await delivery.ack()
             return
         unanswered: Exception | None = None

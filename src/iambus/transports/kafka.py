@@ -776,14 +776,20 @@ class KafkaTransport(Transport):
     async def _retry(self, state: _Group, record: _Record, delay: float) -> None:
         """An unkeyed record goes to the group's retry topic, and is settled once that
         record is stored; a keyed one (or one whose retry record could not be stored)
-        is retried in place (see ``_hold``)."""
+        is retried in place (see ``_hold``). Given back meanwhile (``leave()``), it is
+        another delivery's: left alone (its retry record, if stored, is a duplicate)."""
         part = record.part
         if record.key is None and not part.revoked and record.offset in part.unsettled:
+            handout = record.handout
             try:
                 await self._send_retry(state, record, delay)
             except TransportError as exc:
+                if record.handout != handout:
+                    return
                 logger.warning("iambus: %s: the retry stays in this process: %s", self.url, exc)
             else:
+                if record.handout != handout:
+                    return
                 # (Its partition gone meanwhile: this settle is ignored and the new owner
                 # delivers the record again, besides its retry: at least once.)
                 self._settle(state, record)
@@ -850,17 +856,19 @@ class KafkaTransport(Transport):
             "failed_at": time.time(),
         }
         key = _letter_id(state.address, state.group, record.envelope.id)
+        handout = record.handout
         try:
             await self._store_letter(key, record, letter)
         except BaseException:
             # Not stored: the record comes back (its key held meanwhile), as a delivery
             # whose settling failed does on every broker; Kafka reclaims none by itself.
-            if record.holder is not None:
+            if record.holder is not None and record.handout == handout:
                 record.holder = None
                 self._hold(state, record, PARK_AGAIN)
                 record.attempt -= 1  # (not a new attempt of the handler's)
             raise
-        self._settle(state, record)
+        if record.handout == handout:  # (given back meanwhile: another delivery's now)
+            self._settle(state, record)
 
     async def _store_letter(self, key: str, record: _Record, letter: dict[str, Any]) -> None:
         await self._ensure_topic(self.dead_topic, 1)
@@ -1010,7 +1018,23 @@ class KafkaTransport(Transport):
         try:
             async with asyncio.timeout(timeout):
                 to = f"{self._reply_topic}#{envelope.id}"
-                await self.send(address, dataclasses.replace(envelope, reply_to=to))
+                # The answer may end the wait before the send's ack does: a close fails
+                # it (a send into a closing producer can hang until its own timeout).
+                sending: asyncio.Future[None] = asyncio.ensure_future(
+                    self.send(address, dataclasses.replace(envelope, reply_to=to))
+                )
+                either: set[asyncio.Future[Any]] = {sending, answer}
+                failed: BaseException | None = None
+                try:
+                    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if not sending.done():
+                        sending.cancel()
+                        await asyncio.wait({sending})
+                    if not sending.cancelled():
+                        failed = sending.exception()  # (retrieved, whatever comes next)
+                if not answer.done() and failed is not None:
+                    raise failed
                 return await answer
         finally:
             self._replies.pop(envelope.id, None)
@@ -1080,8 +1104,9 @@ class KafkaTransport(Transport):
                         logger.warning("iambus: %s: a reply that is no envelope: %s", self.url, exc)
 
     async def _unlisten(self) -> None:
-        listening, listener = self._listening, self._listener
-        self._listening = self._listener = None
+        async with self._listen_lock:  # (a listener starting now: stopped once it started)
+            listening, listener = self._listening, self._listener
+            self._listening = self._listener = None
         for answer in self._replies.values():
             if not answer.done():
                 answer.set_exception(TransportError(f"{self.url}: closed while waiting"))
@@ -1309,8 +1334,10 @@ class KafkaTransport(Transport):
         """``client.start()``, never cut halfway: aiokafka loses the connection a start
         was opening or asking for metadata when it is cancelled there (its socket is left
         to the garbage collector). A cancelled start runs on as a background task that
-        stops the client once the start ended; ``close()`` waits for it. A start that
-        failed has its client stopped before the error goes on."""
+        stops the client once the start ended, or once ``timeout`` more seconds passed (a
+        start that never ends, an idempotent producer asking for its id again and again,
+        is cut then); ``close()`` waits for it. A start that failed has its client
+        stopped before the error goes on."""
         starting = asyncio.ensure_future(client.start())
         try:
             await asyncio.shield(starting)
@@ -1318,7 +1345,7 @@ class KafkaTransport(Transport):
             if starting.done():
                 await _stopped(client)
             else:
-                self._spawn(_finish(starting, client))
+                self._spawn(_finish(starting, client, self.timeout))
             raise
 
     @contextlib.asynccontextmanager
@@ -1457,11 +1484,20 @@ async def _stopped(client: _Client) -> None:
             await client.stop()
 
 
-async def _finish(starting: asyncio.Future[None], client: _Client) -> None:
-    """Let a start that lost its caller end, then stop its client."""
-    with contextlib.suppress(BaseException):
-        await starting
-    await _stopped(client)
+async def _finish(starting: asyncio.Future[None], client: _Client, within: float) -> None:
+    """Let a start that lost its caller end (within ``within`` seconds: cut after that),
+    then stop its client. Cancelled itself (the loop ends), it cuts the start and stops
+    the client before it ends."""
+    try:
+        await asyncio.wait({starting}, timeout=within)
+    finally:
+        if not starting.done():
+            starting.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.wait({starting}, timeout=1.0)
+        if starting.done() and not starting.cancelled():
+            starting.exception()  # (retrieved: the start's own failure is not news)
+        await _stopped(client)
 
 
 def _letter_id(address: str, group: str, envelope_id: str) -> str:
