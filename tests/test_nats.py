@@ -23,7 +23,7 @@ from typing import TypeVar
 import pytest
 
 from iambus.envelope import Envelope
-from iambus.errors import ImproperlyConfigured, TransportError, TransportRefused
+from iambus.errors import ImproperlyConfigured, MessageRefused, TransportError, TransportRefused
 from iambus.transports import Delivery, Failure, connect
 
 from .conftest import receive_some, require
@@ -918,3 +918,28 @@ async def test_registry_reads_list_a_live_instance_every_time(transport: NatsTra
     await transport.withdraw(one)
     assert await transport.instances() == []
     assert await transport.groups() == {("a", "g"): "svc"}
+
+
+async def test_a_message_over_max_payload_by_its_headers_is_refused_and_the_link_stays(
+    transport: NatsTransport,
+) -> None:
+    # nats-py checks the body alone; the server holds body and headers (Nats-Msg-Id) to
+    # max_payload and drops the connection of a client that goes over: a send just
+    # under by its body failed after the timeout, as an outage, for ever the same.
+    from iambus.transports import nats
+
+    await transport.declare("a", "g", from_start=True)
+    nc = transport._nc
+    assert nc is not None
+    base = Envelope(name="Ping", payload=b"")
+    headers = len(f"{nats.MSG_ID}: a:{base.id}\r\n") + nats._HEADER_FRAME
+    room = nc.max_payload - len(nats._framed(base)) - headers
+    at_limit = Envelope(name="Ping", payload=b"x" * room, id=base.id)
+    await transport.send("a", at_limit)  # exactly max_payload, headers included
+    over = Envelope(name="Ping", payload=b"x" * (room + 1), id=base.id)
+    with pytest.raises(MessageRefused, match=r"max_payload \(1,048,576 bytes\)"):
+        await transport.send("a", over)
+    assert nc.is_connected
+    assert nc.stats["reconnects"] == 0
+    [got] = await receive_some(transport, 1)
+    assert len(got.envelope.payload) == room

@@ -402,6 +402,30 @@ async def test_settled_waits_for_a_dead_letter_replayed_through_a_watched_transp
     assert [(s.id, s.outcome) for s in done.settlements] == [(dead.id, "acked")]
 
 
+async def test_a_replay_for_a_group_no_watched_dispatcher_consumes_is_not_waited_for() -> None:
+    transport = MemoryTransport()
+    orders = Dispatcher(transport=transport, service="orders", routes=ROUTES)
+    billing = Dispatcher(transport=transport, service="billing", routes=ROUTES, retry=Retry(1))
+    fixed = False
+
+    @billing.commands.register(ChargeCard)
+    async def charge(command: ChargeCard) -> None:
+        if not fixed:
+            raise ValueError("card network down")
+
+    async with billing:
+        await billing.send(ChargeCard(1))
+        await billing.join()
+    watched = watch(orders)  # billing is not watched
+    fixed = True
+    async with orders, billing:
+        store = orders.remote.transport
+        assert isinstance(store, DeadLetterStore)
+        [letter] = await store.dead_letters()
+        assert await store.replay([letter.id]) == 1
+        await watched.settled(timeout=2)  # billing's group is none of the watch's
+
+
 async def test_settled_waits_for_a_message_sent_before_its_consumer_started(bus: Bus) -> None:
     orders, billing = services(bus)
     handled: list[int] = []

@@ -1129,16 +1129,25 @@ class _RecordingDeadLetters:
     async def replay(self, ids: Sequence[str]) -> int:
         # A replayed letter is pending for its group until that group settles it again:
         # settled() waits for its handling, not only for the replay.
+        # (A group no watched dispatcher consumes is not waited for, as for any send.)
         wanted = set(ids)
-        letters = [d for d in await self.inner.dead_letters(limit=1_000_000) if d.id in wanted]
+        ledger = self._ledger
+        letters = [
+            d
+            for d in await self.inner.dead_letters(limit=1_000_000)
+            if d.id in wanted and d.group in ledger.groups.get(d.address, ())
+        ]
         for letter in letters:
-            self._ledger.replaying(letter.address, letter.group, letter.envelope)
+            ledger.replaying(letter.address, letter.group, letter.envelope)
+        kept: set[str] = {letter.id for letter in letters}  # (until the replay says)
         try:
             replayed: int = await self.inner.replay(ids)
-        except BaseException:
+            if letters:  # those still in the store were not replayed (taken meanwhile)
+                kept = {d.id for d in await self.inner.dead_letters(limit=1_000_000)}
+        finally:
             for letter in letters:
-                self._ledger.not_replayed(letter.group, letter.envelope)
-            raise
+                if letter.id in kept:
+                    ledger.not_replayed(letter.group, letter.envelope)
         return replayed
 
     async def purge(self, ids: Sequence[str] | None = None) -> int:

@@ -579,6 +579,11 @@ class NatsTransport(Transport):
     async def _store(self, subject: str, payload: bytes, headers: dict[str, str]) -> bool:
         """Publish into the stream and wait for its PubAck; False: no stream took it."""
         nc = self._client()
+        # The server holds headers and body together to max_payload, nats-py the body
+        # alone: a message over it by its headers would cost the connection.
+        size = len(payload) + _HEADER_FRAME + sum(len(k) + len(v) + 4 for k, v in headers.items())
+        if size > nc.max_payload:
+            raise self._error("publish", MaxPayloadError())
         self._tokens += 1
         token = format(self._tokens, "x")
         loop = asyncio.get_running_loop()
@@ -1534,6 +1539,9 @@ def _fields(envelope: Envelope) -> str:
     del fields["payload"]
     # ASCII JSON: one header line whatever the values hold (newlines, non-ASCII).
     return _COMPACT.encode(fields)
+
+
+_HEADER_FRAME = len(b"NATS/1.0\r\n\r\n")  # a header block's first line and its end
 
 
 def _framed(envelope: Envelope) -> bytes:
