@@ -268,6 +268,7 @@ class RabbitMQTransport(Transport):
         self._held: dict[str, str] = {}  # address -> its routing key, held queue declared
         self._held_keyed: dict[str, str] = {}  # address -> its lanes' routing-key prefix
         self._lanes: set[tuple[str, str]] = set()  # (address, group): partition queues declared
+        self._appended: set[str] = set()  # streams this process published to (_append)
         self._delays: dict[int, float] = {}  # delay bucket (ms) -> when last declared
         self._declared: set[str] = set()  # queue names, for destroy()
         self._sweeper: asyncio.Task[None] | None = None
@@ -499,6 +500,7 @@ class RabbitMQTransport(Transport):
         self._held.clear()
         self._held_keyed.clear()
         self._lanes.clear()
+        self._appended.clear()
         self._delays.clear()
         return len(names)
 
@@ -707,6 +709,48 @@ class RabbitMQTransport(Transport):
                 raise ImproperlyConfigured(f"{self.url}: cannot publish: {problem}") from exc
         if not isinstance(confirm, spec.Basic.Ack):
             raise TransportError(f"{self.url}: the broker did not confirm a message: {confirm!r}")
+
+    async def _append(self, stream: str, body: bytes, properties: spec.Basic.Properties) -> None:
+        """Publish a record to the stream queue ``stream``; this process's first one over a
+        connection of its own, sent again should that connection fail.
+
+        On RabbitMQ 3.10 a channel whose first publish to a stream comes before the broker
+        has noted the stream's leader (a stream another process declared a moment ago:
+        two workers starting on a new namespace) crashes, and takes its connection down
+        with it (``INTERNAL_ERROR``) — here a throwaway one, not the transport's. Once a
+        record went through, the leader is noted for good. (A record sent twice is read
+        twice: every reader of these streams takes that.)
+        """
+        if stream in self._appended:
+            await self._publish_raw("", stream, body, properties)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        while True:
+            connection: AbstractConnection | None = None
+            try:
+                async with self._translate(f"connect to publish to {stream}"):
+                    async with asyncio.timeout(self.timeout):
+                        connection = await aio_pika.connect(
+                            self._driver_url,
+                            client_properties={
+                                "connection_name": f"{self.client_name or client_name()} (once)"
+                            },
+                        )
+                    channel = await connection.channel(publisher_confirms=True)
+                    underlay = await channel.get_underlay_channel()
+                await self._publish_raw("", stream, body, properties, channel=underlay)
+                break
+            except TransportError as exc:
+                crashed = isinstance(exc.__cause__, aiormq.exceptions.ConnectionInternalError)
+                if not crashed or loop.time() >= deadline:
+                    raise
+            finally:
+                if connection is not None:
+                    with contextlib.suppress(Exception):
+                        await connection.close()
+            await asyncio.sleep(0.05)
+        self._appended.add(stream)
 
     # -- receiving --------------------------------------------------------------------
 
@@ -1289,7 +1333,7 @@ class RabbitMQTransport(Transport):
         properties = spec.Basic.Properties(
             delivery_mode=PERSISTENT, headers={H_SETTLED: 1}, content_type="application/json"
         )
-        await self._publish_raw("", self._dead, json.dumps(ids).encode(), properties)
+        await self._append(self._dead, json.dumps(ids).encode(), properties)
 
     async def dead_letter_counts(self) -> dict[tuple[str, str], int]:
         # Only the headers of each record are looked at: no envelope is decoded nor kept.
@@ -1336,8 +1380,7 @@ class RabbitMQTransport(Transport):
         just now."""
         self._check_open()
         mark = uuid.uuid4().hex
-        await self._publish_raw(
-            "",
+        await self._append(
             queue,
             b"",
             spec.Basic.Properties(delivery_mode=PERSISTENT, headers={H_MARK: mark}),
@@ -1396,7 +1439,7 @@ class RabbitMQTransport(Transport):
         if written is not None and not lost:
             # Its queue lives as long as that connection; its record, a week.
             if time.monotonic() - written > REGISTRY_REFRESH:
-                await self._publish_raw("", self._registry, instance.to_json(), _ANNOUNCED)
+                await self._append(self._registry, instance.to_json(), _ANNOUNCED)
                 self._presences[instance.id] = time.monotonic()
             return
         await self._declare_registry()
@@ -1426,7 +1469,7 @@ class RabbitMQTransport(Transport):
                     f"heartbeat times out); it is still listed as live meanwhile"
                 ) from exc.__cause__
             raise
-        await self._publish_raw("", self._registry, instance.to_json(), _ANNOUNCED)
+        await self._append(self._registry, instance.to_json(), _ANNOUNCED)
         self._presences[instance.id] = time.monotonic()
 
     async def _presence_connection(self) -> AbstractConnection:
@@ -1471,7 +1514,7 @@ class RabbitMQTransport(Transport):
             return
         self._check_open()
         properties = spec.Basic.Properties(delivery_mode=PERSISTENT, headers={H_WITHDRAWN: 1})
-        await self._publish_raw("", self._registry, instance.id.encode(), properties)
+        await self._append(self._registry, instance.id.encode(), properties)
         presence = self._presence
         if presence is None:
             return
