@@ -483,6 +483,25 @@ async def test_a_group_declared_with_other_partitions_is_a_clear_error(
         await other.close()
 
 
+async def test_a_keyed_sender_with_other_partitions_is_logged_where_its_address_is_consumed(
+    transport: RabbitMQTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    await transport.declare("a", "g", from_start=False)
+    await transport.send("a", _keyed(0, "k"))
+    [delivery] = await _take(transport, 1)
+    await delivery.ack()
+    other = await _open(transport.namespace, partitions=4)
+    try:
+        await other.send("a", _keyed(1, "k"))
+        await until(
+            lambda: "sent by a process with 4 partitions, here 16" in caplog.text,
+            5,
+            "the mismatch logged by the consuming process",
+        )
+    finally:
+        await other.close()
+
+
 async def test_keyed_messages_sent_before_any_group_wait_in_order(
     transport: RabbitMQTransport,
 ) -> None:

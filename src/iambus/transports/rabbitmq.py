@@ -893,11 +893,21 @@ class RabbitMQTransport(Transport):
                 self._groups.setdefault(address, set()).add(_text(headers[H_GROUP]))
             else:
                 began = address not in self._keyed_sends
-                self._keyed_sends[address] = int(headers[H_PARTITIONS])
-                if began:  # its consumers start consuming their partition queues
-                    for state in self._consumers.values():
-                        if state.key[0] == address:
-                            state.arrived.set()
+                partitions = self._keyed_sends[address] = int(headers[H_PARTITIONS])
+                consumers = [s for s in self._consumers.values() if s.key[0] == address]
+                if began:  # they start consuming their partition queues
+                    for state in consumers:
+                        state.arrived.set()
+                if consumers and partitions != self.partitions:
+                    logger.error(
+                        "iambus: keyed messages to %r are now sent by a process with %d "
+                        "partitions, here %d: some go to partition queues not consumed here; "
+                        "give every process of namespace %r the same partitions",
+                        address,
+                        partitions,
+                        self.partitions,
+                        self.namespace,
+                    )
         read = self._awaited.get(_text(headers.get(H_RECORD, "")))
         if read is not None and not read.done():
             read.set_result(None)
