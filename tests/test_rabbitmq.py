@@ -473,10 +473,32 @@ async def test_a_group_declared_with_other_partitions_is_a_clear_error(
     other = await _open(transport.namespace, partitions=4)
     try:
         await other.declare("a", "g", from_start=False)
-        with pytest.raises(ImproperlyConfigured, match=r"same partitions \(here 16\)"):
+        await other.send("a", _keyed(0, "k"))  # keyed sends begin: with 4 partitions
+        with pytest.raises(
+            ImproperlyConfigured, match=r"with 4 partitions, .*same partitions \(here 16\)"
+        ):
             await transport.receive("a", "g", consumer="c", limit=1, wait=0)
     finally:
         await other.destroy()  # the queues it declared (last: the exchanges go too)
+        await other.close()
+
+
+async def test_a_keyed_sender_with_other_partitions_is_logged_where_its_address_is_consumed(
+    transport: RabbitMQTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    await transport.declare("a", "g", from_start=False)
+    await transport.send("a", _keyed(0, "k"))
+    [delivery] = await _take(transport, 1)
+    await delivery.ack()
+    other = await _open(transport.namespace, partitions=4)
+    try:
+        await other.send("a", _keyed(1, "k"))
+        await until(
+            lambda: "sent by a process with 4 partitions, here 16" in caplog.text,
+            5,
+            "the mismatch logged by the consuming process",
+        )
+    finally:
         await other.close()
 
 
@@ -500,6 +522,201 @@ async def test_keyed_messages_sent_before_any_group_wait_in_order(
     assert [s for s in seen if s[0]] == [("k", b"0", 1), ("k", b"1", 1), ("k", b"2", 1)]
     assert (None, b"9", 1) in seen
     assert await _take(transport, 1, address="early", group="second", within=0.3) == []
+
+
+async def _lanes_found(transport: RabbitMQTransport, address: str, group: str) -> int:
+    """How many of the group's partition queues exist (passive declares)."""
+    names = [transport._lane(address, group, n) for n in range(transport.partitions)]
+    return sum(found is not None for found in await transport._probe(names))
+
+
+async def _keyed_seen(
+    transport: RabbitMQTransport, count: int, *, consumer: str = "c", within: float = 10
+) -> dict[str, list[bytes]]:
+    """The payloads of ``count`` deliveries of group ``g`` on ``a``, by key, acked."""
+    seen: dict[str, list[bytes]] = {}
+    deadline = time.monotonic() + within
+    while sum(map(len, seen.values())) < count and time.monotonic() < deadline:
+        for delivery in await transport.receive("a", "g", consumer=consumer, limit=10, wait=0.2):
+            seen.setdefault(delivery.envelope.key or "", []).append(delivery.envelope.payload)
+            await delivery.ack()
+    return seen
+
+
+async def test_a_group_that_gets_no_keyed_message_has_no_partition_queue(
+    transport: RabbitMQTransport,
+) -> None:
+    other = await _open(transport.namespace)  # another process of the group
+    try:
+        for made in (transport, other):
+            await made.declare("a", "g", from_start=False)
+        for n in range(3):
+            await other.send("a", _ping(n))
+        got = await _take(transport, 3)
+        assert sorted(d.envelope.payload for d in got) == [b"0", b"1", b"2"]
+        for delivery in got:
+            await delivery.ack()
+        assert await _lanes_found(transport, "a", "g") == 0
+        # Keyed sends to another address make only that address's group's.
+        await transport.declare("b", "g", from_start=False)
+        await other.send("b", _keyed(0, "k"))
+        assert await _lanes_found(transport, "b", "g") == transport.partitions
+        assert await _lanes_found(transport, "a", "g") == 0
+    finally:
+        await other.close()
+
+
+async def test_keyed_messages_sent_first_to_a_group_without_partitions_come_in_key_order(
+    transport: RabbitMQTransport,
+) -> None:
+    await transport.declare("a", "g", from_start=False)
+    await _take(transport, 1, within=0.3)  # consuming the group's queue, nothing else
+    assert await _lanes_found(transport, "a", "g") == 0
+    sender = await _open(transport.namespace)  # another process: it knows of no group
+    try:
+        keys = _apart(transport, 3)
+        for n in range(30):
+            await sender.send("a", _keyed(n, keys[n % 3]))
+        await sender.send("a", _ping(99))
+        seen = await _keyed_seen(transport, 31)
+        for i, key in enumerate(keys):
+            assert seen[key] == [str(n).encode() for n in range(i, 30, 3)]
+        assert seen[""] == [b"99"]
+    finally:
+        await sender.close()
+
+
+async def test_two_consumers_of_a_group_both_take_keys_once_keyed_sends_begin(
+    transport: RabbitMQTransport,
+) -> None:
+    other = await _open(transport.namespace)
+    sender = await _open(transport.namespace)
+    try:
+        for made in (transport, other):
+            await made.declare("a", "g", from_start=False)
+        keys = _apart(transport, transport.partitions)  # one key per partition
+        count = 3 * len(keys)
+
+        async def consume(made: RabbitMQTransport, name: str) -> dict[str, list[bytes]]:
+            seen: dict[str, list[bytes]] = {}
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and sum(map(len, both.values())) < count:
+                for d in await made.receive("a", "g", consumer=name, limit=10, wait=0.2):
+                    seen.setdefault(d.envelope.key or "", []).append(d.envelope.payload)
+                    both.setdefault(d.envelope.key or "", []).append(d.envelope.payload)
+                    await d.ack()
+            return seen
+
+        both: dict[str, list[bytes]] = {}
+        consuming = asyncio.gather(consume(transport, "one"), consume(other, "two"))
+        await asyncio.sleep(0.5)  # both consume the group's queue, waiting
+        for n in range(count):
+            await sender.send("a", _keyed(n, keys[n % len(keys)]))
+        one, two = await consuming
+        assert one, "the other consumer took every partition"
+        assert two, "the other consumer took every partition"
+        assert not set(one) & set(two), "a key went to both"
+        for i, key in enumerate(keys):
+            assert both[key] == [str(n).encode() for n in range(i, count, len(keys))]
+    finally:
+        await other.close()
+        await sender.close()
+
+
+async def test_a_group_declared_after_keyed_sends_began_gets_its_partitions_at_once(
+    transport: RabbitMQTransport,
+) -> None:
+    await transport.declare("a", "first", from_start=False)
+    await transport.send("a", _keyed(0, "k"))
+    later = await _open(transport.namespace)
+    try:
+        await later.declare("a", "g", from_start=False)
+        assert await _lanes_found(later, "a", "g") == later.partitions
+        await transport.send("a", _keyed(1, "k"))  # this sender made its queues before
+        assert await _keyed_seen(later, 1) == {"k": [b"1"]}
+    finally:
+        await later.close()
+
+
+async def test_a_group_declared_as_keyed_sends_begin_misses_nothing_sent_after(
+    transport: RabbitMQTransport,
+) -> None:
+    # Each side records itself in the directory, then reads it: one of them sees the
+    # other, and makes the group's partition queues before its declare or send returns.
+    sender = await _open(transport.namespace)
+    addresses = [f"a{n}" for n in range(8)]
+    try:
+        await asyncio.gather(
+            *(transport.declare(address, "g", from_start=False) for address in addresses),
+            *(sender.send(address, _keyed(0, "k")) for address in addresses),
+        )
+        for address in addresses:
+            await sender.send(address, _keyed(1, "k"))
+        for address in addresses:
+            got: list[bytes] = []
+            deadline = time.monotonic() + 10
+            while b"1" not in got and time.monotonic() < deadline:
+                for d in await transport.receive(address, "g", consumer="c", limit=5, wait=0.2):
+                    got.append(d.envelope.payload)
+                    await d.ack()
+            assert got in ([b"1"], [b"0", b"1"]), (address, got)
+    finally:
+        await sender.close()
+
+
+async def test_partition_queues_an_earlier_version_made_are_still_consumed(
+    transport: RabbitMQTransport,
+) -> None:
+    # Earlier versions made them with every group, and recorded nothing: the keyed
+    # messages waiting there, or sent there by such a version, are still handled.
+    from iambus.partitions import partition
+
+    old = await _open(transport.namespace)
+    try:
+        await old._declare_lanes("a", "g")
+        n = partition("k", old.partitions)
+        await old._publish_raw(old._keyed, f"a.{n}", b"0", _properties(_keyed(0, "k"), None))
+        await transport.declare("a", "g", from_start=False)
+        await transport.declare("a", "new", from_start=False)  # makes its queues too
+        assert await _lanes_found(transport, "a", "new") == transport.partitions
+        assert await _keyed_seen(transport, 1) == {"k": [b"0"]}
+        # Held by such a version before any group: moved into queues made for it.
+        await old._declare_held_keyed("early")
+        await old._publish_raw(old._keyed, f"early.{n}", b"1", _properties(_keyed(1, "k"), None))
+        await transport.declare("early", "g", from_start=True)
+        [held] = await _take(transport, 1, address="early")
+        assert _what([held]) == [("k", b"1", 1)]
+        await held.ack()
+    finally:
+        await old.destroy()  # the queues it declared (last: the exchanges go too)
+        await old.close()
+
+
+async def test_processes_starting_together_on_a_new_namespace_keep_their_connections() -> None:
+    # RabbitMQ 3.10 crashes a channel (and its connection) whose first publish to a stream
+    # comes before the broker noted the leader of a stream another connection has just
+    # declared: here the directory, which both declares write to at once.
+    require("rabbitmq")
+
+    async def later(made: RabbitMQTransport, pause: float) -> None:
+        await asyncio.sleep(pause)
+        await made.declare("b", "g", from_start=False)
+
+    for n in range(8):
+        namespace = f"test-{uuid.uuid4().hex[:8]}"
+        one, two = await _open(namespace), await _open(namespace)
+        try:
+            await asyncio.gather(one.declare("a", "g", from_start=False), later(two, n * 0.001))
+            await two.send("a", _ping(1))
+            [delivery] = await _take(one, 1)
+            await delivery.ack()
+            assert one._lost is None
+            assert two._lost is None
+        finally:
+            await one.destroy()
+            await two.destroy()
+            for made in (one, two):
+                await made.close()
 
 
 async def test_a_retired_consumer_hands_its_partitions_on_without_counting_or_doubling(
@@ -634,6 +851,7 @@ async def test_destroy_deletes_the_partition_queues() -> None:
     require("rabbitmq")
     made = await _open(f"test-{uuid.uuid4().hex[:8]}", partitions=2)
     await made.declare("a", "g", from_start=False)
+    await made.send("a", _keyed(0, "k"))  # the first keyed send makes them
     lanes = [made._lane("a", "g", n) for n in range(2)]
     assert set(lanes) <= made._declared
     await made.destroy()
@@ -771,6 +989,7 @@ async def test_a_keyed_message_with_a_malformed_attempt_header_does_not_stop_its
     from iambus.partitions import partition
 
     await transport.declare("a", "g", from_start=False)
+    await transport._ensure_keyed("a")  # the partition queues, as for a first keyed send
     n = partition("k", transport.partitions)
     properties = _properties(_keyed(0, "k"), {"x-iambus-attempt": "second"})
     await transport._publish_raw(transport._keyed, f"a.{n}", b"0", properties)

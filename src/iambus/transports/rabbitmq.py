@@ -44,13 +44,19 @@ queue name starts with the namespace (default ``iambus``). How the seam maps ont
 
 Per-key ordering (``iambus.partitions``): an envelope with a ``key`` is published to the
 direct exchange ``<ns>.keyed`` under ``<address>.<n>``, ``n = partition(key,
-partitions)``. ``declare`` gives the group a *partition queue* ``<ns>.<address>@<group>@<n>``
-per partition, bound by that key: a durable *classic* queue with a single active
-consumer and two priorities (``x-max-priority: 1``). Each consumer name consumes all of
-them on a second channel, with a prefetch of 1 per consumer: RabbitMQ gives a partition
-queue to one consumer at a time, which gets its next message only once it settled the
-previous one — so each (group, partition) has at most one delivery out in the cluster.
+partitions)``. A group of an address keyed envelopes are sent to has a *partition queue*
+``<ns>.<address>@<group>@<n>`` per partition, bound by that key: a durable *classic*
+queue with a single active consumer and two priorities (``x-max-priority: 1``). Each
+consumer name consumes all of them on a second channel, with a prefetch of 1 per
+consumer: RabbitMQ gives a partition queue to one consumer at a time, which gets its next
+message only once it settled the previous one — so each (group, partition) has at most
+one delivery out in the cluster.
 
+* partition queues are made on demand: the stream ``<ns>.directory`` records each group
+  (at its first ``declare``) and each address keyed envelopes go to (before the first
+  is sent); a sender makes the partition queues of every group recorded before that,
+  a group declared after it makes its own, and the consumers of an address, told by
+  the stream, start consuming theirs — a group that gets no keyed envelope has none;
 * ``retry(delay)`` of a keyed delivery keeps it unacked through the delay, then publishes
   a copy with attempt + 1 at priority 1 — ahead of everything queued — and acks it;
 * the attempt is ``x-iambus-attempt`` alone: a classic queue only flags a redelivery, so
@@ -148,6 +154,12 @@ H_DEAD = "x-iambus-dead"
 H_SETTLED = "x-iambus-settled"
 H_MARK = "x-iambus-mark"
 H_PARTITION = "x-iambus-partition"  # in a keyed dead letter: the partition it came from
+H_ADDRESS = "x-iambus-address"  # in a dead letter, and in a record of the directory
+H_GROUP = "x-iambus-group"  # (likewise)
+# Records of the directory stream: a group of an address (H_ADDRESS, H_GROUP), keyed
+# sends to an address (H_ADDRESS, H_PARTITIONS: the sender's count); each with its id.
+H_PARTITIONS = "x-iambus-partitions"
+H_RECORD = "x-iambus-record"
 # Records of the registry stream: an instance announced (its JSON), withdrawn (its id).
 H_ANNOUNCED = "x-iambus-announced"
 H_WITHDRAWN = "x-iambus-withdrawn"
@@ -175,6 +187,7 @@ QUEUE_TYPES = ("quorum", "classic")  # of a group's queue: the queue_type option
 LANE_ARGUMENTS: dict[str, Any] = {"x-single-active-consumer": True, "x-max-priority": 1}
 FIRST = 1  # the priority of a lane copy that must come before everything queued
 DECLARERS = 4  # channels that declare a group's partition queues side by side
+SPREAD = 0.3  # seconds over which running consumers take the partitions when keyed sends begin
 _REMEMBERED = 10_000  # entries in each per-process memory of returned deliveries
 
 
@@ -268,6 +281,20 @@ class RabbitMQTransport(Transport):
         self._held: dict[str, str] = {}  # address -> its routing key, held queue declared
         self._held_keyed: dict[str, str] = {}  # address -> its lanes' routing-key prefix
         self._lanes: set[tuple[str, str]] = set()  # (address, group): partition queues declared
+        self._lanes_lock = asyncio.Lock()
+        self._keyed_ready: set[str] = set()  # addresses whose groups' partition queues exist
+        self._keyed_lock = asyncio.Lock()
+        # What this process read of the directory stream (see _directory), kept up to date
+        # by a consumer of it: address -> its groups; address -> the partition count of its
+        # latest keyed-sends record; the offset to resume at; records awaited, by id.
+        self._groups: dict[str, set[str]] = {}
+        self._keyed_sends: dict[str, int] = {}
+        self._directory_next: int | None = None
+        self._awaited: dict[str, asyncio.Future[None]] = {}
+        self._follower: asyncio.Task[None] | None = None
+        self._following = asyncio.Lock()
+        self._caught_up = False  # read up to a record written when the following began
+        self._appended: set[str] = set()  # streams this process published to (_append)
         self._delays: dict[int, float] = {}  # delay bucket (ms) -> when last declared
         self._declared: set[str] = set()  # queue names, for destroy()
         self._sweeper: asyncio.Task[None] | None = None
@@ -330,6 +357,10 @@ class RabbitMQTransport(Transport):
 
     def _held_queue(self, address: str) -> str:
         return _fit(f"{self.namespace}.held.{_escape(address)}")
+
+    @property
+    def _directory_stream(self) -> str:
+        return f"{self.namespace}.directory"
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -401,6 +432,7 @@ class RabbitMQTransport(Transport):
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
             self._sweeper = None
+        await self._stop_following()
         for consumer in list(self._consumers.values()):
             for retry in consumer.retrying:  # they come back now, with the connection
                 retry.cancel()
@@ -422,6 +454,7 @@ class RabbitMQTransport(Transport):
         self._held.clear()
         self._held_keyed.clear()
         self._lanes.clear()
+        self._keyed_ready.clear()
         if connection is not None:
             with contextlib.suppress(Exception):
                 await connection.close()
@@ -470,6 +503,7 @@ class RabbitMQTransport(Transport):
     async def destroy(self) -> int:
         """Delete this namespace's exchanges and the queues this instance declared (tests)."""
         await self._stop_leaving()
+        await self._stop_following()
         for consumer in list(self._consumers.values()):
             # Everything goes: nothing to hand back first.
             del self._consumers[consumer.key]
@@ -499,6 +533,8 @@ class RabbitMQTransport(Transport):
         self._held.clear()
         self._held_keyed.clear()
         self._lanes.clear()
+        self._keyed_ready.clear()
+        self._appended.clear()
         self._delays.clear()
         return len(names)
 
@@ -515,11 +551,29 @@ class RabbitMQTransport(Transport):
             await self._publish(self._keyed, route, envelope, None)
 
     async def _lane_route(self, address: str, key: str) -> str:
-        """The routing key of ``key``'s partition of ``address`` on ``<ns>.keyed``."""
+        """The routing key of ``key``'s partition of ``address`` on ``<ns>.keyed``, once
+        every group of ``address`` has its partition queues."""
         prefix = self._held_keyed.get(address)
         if prefix is None:
             prefix = await self._declare_held_keyed(address)
+        if address not in self._keyed_ready:
+            await self._ensure_keyed(address)
         return f"{prefix}.{partition(key, self.partitions)}"
+
+    async def _ensure_keyed(self, address: str) -> None:
+        """Make sure every group of ``address`` has its partition queues (before this
+        process first sends a keyed envelope there): a group without them would not get
+        it. The groups are those the directory holds up to a keyed-sends record of
+        ``address``; a group recorded after that record saw it, and declared its own."""
+        async with self._keyed_lock:
+            if address in self._keyed_ready:
+                return
+            await self._directory()
+            if self._keyed_sends.get(address) != self.partitions:
+                await self._record({H_ADDRESS: address, H_PARTITIONS: self.partitions})
+            for group in sorted(self._groups.get(address, ())):
+                await self._declare_lanes(address, group)
+            self._keyed_ready.add(address)
 
     async def _declare_held(self, address: str) -> str:
         # Where an address's messages wait while no group is bound to it (the exchange's
@@ -566,14 +620,33 @@ class RabbitMQTransport(Transport):
             await ch.queue_bind(name, self.namespace, routing_key=route)
             await ch.queue_bind(name, self._direct, routing_key=self._queue(address, group))
         self._declared.add(name)
-        if (address, group) not in self._lanes:
+        await self._directory()
+        if group not in self._groups.get(address, ()):
+            # Recorded before it looks for keyed sends: a sender that records its keyed
+            # sends later finds the group, and makes its partition queues itself.
+            await self._record({H_ADDRESS: address, H_GROUP: group})
+        if address in self._keyed_sends:
             await self._declare_lanes(address, group)
+        elif (address, group) not in self._lanes:
+            [found] = await self._probe([self._lane(address, group, 0)])
+            if found is not None:
+                # Made by an iambus that declared them with every group: keyed messages may
+                # wait there, and senders of that version record nothing.
+                await self._ensure_keyed(address)
         if from_start:
             await self._take_held(address, group)
 
     async def _declare_lanes(self, address: str, group: str) -> None:
-        """The group's partition queues, bound to ``<ns>.keyed`` by ``<address>.<n>``:
-        over a few channels at once (a channel waits for each reply), 2-3 times faster."""
+        """The group's partition queues, bound to ``<ns>.keyed`` by ``<address>.<n>``
+        (once per process): over a few channels at once (a channel waits for each reply),
+        2-3 times faster."""
+        if (address, group) in self._lanes:
+            return
+        async with self._lanes_lock:
+            if (address, group) not in self._lanes:
+                await self._declare_lanes_now(address, group)
+
+    async def _declare_lanes_now(self, address: str, group: str) -> None:
         if not self._declarers:
             self._declarers = [await self._new_channel() for _ in range(DECLARERS - 1)]
         channels = [await self._ready(c) for c in (self._admin, *self._declarers)]
@@ -656,6 +729,8 @@ class RabbitMQTransport(Transport):
                 if key is None:
                     exchange, route = self._direct, self._queue(address, group)
                 else:  # to its partition queue, by name (the default exchange) ...
+                    if address not in self._keyed_ready:  # (an older iambus recorded none)
+                        await self._ensure_keyed(address)
                     n = partition(_text(key), self.partitions)
                     exchange, route = "", self._lane(address, group, n)
                     # ... at priority 1: ahead of what senders put there since it was
@@ -708,6 +783,190 @@ class RabbitMQTransport(Transport):
         if not isinstance(confirm, spec.Basic.Ack):
             raise TransportError(f"{self.url}: the broker did not confirm a message: {confirm!r}")
 
+    # -- the directory: the groups of each address, and the addresses sent keyed -------
+
+    async def _directory(self) -> None:
+        """Follow the directory stream ``<ns>.directory`` (from the first call on), and
+        wait until this process has read it up to a record written at that first call.
+
+        It holds a record per group (written by the first ``declare`` of it) and per
+        address keyed envelopes are sent to (written before the first is sent): RabbitMQ
+        tells no queue's bindings over AMQP, and a sender must find the groups that have
+        no partition queues yet. Its consumer here keeps ``_groups`` and
+        ``_keyed_sends`` up to date, and wakes an address's consumers when keyed sends
+        to it begin, to consume their partition queues.
+        """
+        if self._caught_up:
+            return
+        async with self._following:
+            if self._caught_up:
+                return
+            if self._follower is None:
+                ch = await self._ready(self._admin)
+                name = self._directory_stream
+                async with self._translate(f"declare {name}"):
+                    await ch.queue_declare(name, durable=True, arguments={"x-queue-type": "stream"})
+                self._declared.add(name)
+                self._follower = asyncio.get_running_loop().create_task(self._follow())
+            await self._record({})  # a mark: what came before it is known once it is read
+            self._caught_up = True
+
+    async def _record(self, headers: Mapping[str, Any]) -> None:
+        """Append a record to the directory stream, and wait until it is read here: every
+        record before it is known then."""
+        record = uuid.uuid4().hex
+        read = asyncio.get_running_loop().create_future()
+        self._awaited[record] = read
+        try:
+            properties = spec.Basic.Properties(
+                delivery_mode=PERSISTENT, headers={**headers, H_RECORD: record}
+            )
+            await self._append(self._directory_stream, b"", properties)
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await read
+            except TimeoutError:
+                raise TransportError(
+                    f"{self.url}: a record of {self._directory_stream} was not read back "
+                    f"within {self.timeout} s"
+                ) from None
+        finally:
+            self._awaited.pop(record, None)
+
+    async def _follow(self) -> None:
+        """Consume the directory stream while the transport is open; after a lost channel
+        or connection, again from the record after the last one read."""
+        name = self._directory_stream
+        failing = False
+        young = 0  # consumes refused as the stream has no running member here yet
+        while True:
+            pause = self.reconnect_interval
+            channel: AbstractRobustChannel | None = None
+            try:
+                channel = await self._new_channel()
+                async with self._translate(f"read {name}"):
+                    await channel.set_qos(prefetch_count=100)  # a stream consumer needs it
+                    ch = await channel.get_underlay_channel()
+                    start = self._directory_next
+                    await ch.basic_consume(
+                        name,
+                        self._on_record,
+                        arguments={"x-stream-offset": "first" if start is None else start},
+                    )
+                failing, young = False, 0
+                with contextlib.suppress(Exception):
+                    await ch.closing
+            except TransportError as exc:
+                if isinstance(exc.__cause__, aiormq.exceptions.ChannelPreconditionFailed):
+                    young += 1  # another process declared it a moment ago
+                if 0 < young < 20:
+                    pause = 0.05
+                elif not failing:
+                    logger.warning("iambus: %s; reading it again", exc)
+                    failing = True
+            finally:
+                if channel is not None:
+                    with contextlib.suppress(Exception):
+                        await channel.close()
+            await asyncio.sleep(pause)
+
+    async def _on_record(self, message: DeliveredMessage) -> None:
+        # Everything is taken in before the first await: the records are read in order.
+        headers = message.header.properties.headers or {}
+        offset = _offset(headers)
+        if offset < 0 or self._directory_next is None or offset >= self._directory_next:
+            if offset >= 0:
+                self._directory_next = offset + 1
+            try:
+                self._take_record(headers)
+            except (KeyError, TypeError, ValueError) as exc:
+                logger.error(
+                    "iambus: a record of %s is unreadable: %r", self._directory_stream, exc
+                )
+        with contextlib.suppress(Exception):
+            await message.channel.basic_ack(_tag(message))
+
+    def _take_record(self, headers: Mapping[str, Any]) -> None:
+        if H_ADDRESS in headers:
+            address = _text(headers[H_ADDRESS])
+            if H_GROUP in headers:
+                self._groups.setdefault(address, set()).add(_text(headers[H_GROUP]))
+            else:
+                began = address not in self._keyed_sends
+                partitions = self._keyed_sends[address] = int(headers[H_PARTITIONS])
+                consumers = [s for s in self._consumers.values() if s.key[0] == address]
+                if began:  # they start consuming their partition queues
+                    for state in consumers:
+                        state.arrived.set()
+                if consumers and partitions != self.partitions:
+                    logger.error(
+                        "iambus: keyed messages to %r are now sent by a process with %d "
+                        "partitions, here %d: some go to partition queues not consumed here; "
+                        "give every process of namespace %r the same partitions",
+                        address,
+                        partitions,
+                        self.partitions,
+                        self.namespace,
+                    )
+        read = self._awaited.get(_text(headers.get(H_RECORD, "")))
+        if read is not None and not read.done():
+            read.set_result(None)
+
+    async def _stop_following(self) -> None:
+        follower, self._follower = self._follower, None
+        if follower is not None:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
+        self._caught_up = False
+        self._directory_next = None
+        self._groups.clear()
+        self._keyed_sends.clear()
+        for read in self._awaited.values():
+            if not read.done():
+                read.set_exception(TransportError(f"{self.url}: closed"))
+
+    async def _append(self, stream: str, body: bytes, properties: spec.Basic.Properties) -> None:
+        """Publish a record to the stream queue ``stream``; this process's first one over a
+        connection of its own, sent again should that connection fail.
+
+        On RabbitMQ 3.10 a channel whose first publish to a stream comes before the broker
+        has noted the stream's leader (a stream another process declared a moment ago:
+        two workers starting on a new namespace) crashes, and takes its connection down
+        with it (``INTERNAL_ERROR``) — here a throwaway one, not the transport's. Once a
+        record went through, the leader is noted for good. (A record sent twice is read
+        twice: every reader of these streams takes that.)
+        """
+        if stream in self._appended:
+            await self._publish_raw("", stream, body, properties)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        while True:
+            connection: AbstractConnection | None = None
+            try:
+                async with self._translate(f"connect to publish to {stream}"):
+                    async with asyncio.timeout(self.timeout):
+                        connection = await aio_pika.connect(
+                            self._driver_url,
+                            client_properties={
+                                "connection_name": f"{self.client_name or client_name()} (once)"
+                            },
+                        )
+                    channel = await connection.channel(publisher_confirms=True)
+                    underlay = await channel.get_underlay_channel()
+                await self._publish_raw("", stream, body, properties, channel=underlay)
+                break
+            except TransportError as exc:
+                crashed = isinstance(exc.__cause__, aiormq.exceptions.ConnectionInternalError)
+                if not crashed or loop.time() >= deadline:
+                    raise
+            finally:
+                if connection is not None:
+                    with contextlib.suppress(Exception):
+                        await connection.close()
+            await asyncio.sleep(0.05)
+        self._appended.add(stream)
+
     # -- receiving --------------------------------------------------------------------
 
     def tune(self, *, concurrency: int) -> None:
@@ -736,6 +995,7 @@ class RabbitMQTransport(Transport):
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(deadline - loop.time()):
                             await state.arrived.wait()
+                    await self._consume(state)  # (woken by keyed sends that started)
                     continue
                 message, lane = state.inbox.popleft()
                 if message.channel.is_closed:
@@ -790,24 +1050,43 @@ class RabbitMQTransport(Transport):
             return state
 
     async def _consume(self, state: _Consumer) -> None:
-        """Start consuming on the consumer's channels, again when one was reopened."""
-        if _live(state.consuming_on) and _live(state.lanes_on):
-            return
-        self._drop_closed(state)  # from a channel that is gone: requeued by the broker
+        """Start consuming on the consumer's channels, again when one was reopened; the
+        partition queues once keyed envelopes are sent to the address."""
         address, group, _ = state.key
+        await self._directory()
+        keyed = address in self._keyed_sends or (address, group) in self._lanes
+        if _live(state.consuming_on) and (_live(state.lanes_on) or not keyed):
+            return
+        # Keyed sends began while it consumed: so did they for the group's other consumers.
+        began = state.consuming_on is not None and state.lanes_on is None
+        self._drop_closed(state)  # from a channel that is gone: requeued by the broker
         ch = await self._ready(state.channel)
         if state.consuming_on is not ch:
             await self._subscribe(state, ch, state.queue, None)
             state.consuming_on = ch
+        if not keyed:
+            return
+        sent_with = self._keyed_sends.get(address, self.partitions)
+        if sent_with != self.partitions:
+            raise ImproperlyConfigured(
+                f"{self.url}: keyed messages to {address!r} are sent by a process with "
+                f"{sent_with} partitions, here {self.partitions}: give every process of "
+                f"namespace {self.namespace!r} the same partitions (here {self.partitions})"
+            )
+        await self._declare_lanes(address, group)  # (a sender made them, or is making them)
         lanes = await self._ready(state.lanes)
         if state.lanes_on is not lanes:
             # Single active consumer: the first consumer of a partition queue has it until
             # its channel closes; then the waiting one with the highest x-priority takes
             # over. Random priorities (and order) spread the partitions over the others.
-            start = random.randrange(self.partitions)
-            for i in range(self.partitions):
-                name = self._lane(address, group, (start + i) % self.partitions)
+            # Woken together, the consumers of a group take them turn by turn, over
+            # SPREAD seconds: in a random order each, so that each gets some.
+            pause = SPREAD / self.partitions if began else 0.0
+            for n in random.sample(range(self.partitions), self.partitions):
+                name = self._lane(address, group, n)
                 await self._subscribe(state, lanes, name, name)
+                if pause:
+                    await asyncio.sleep(pause)
             state.lanes_on = lanes
 
     async def _subscribe(
@@ -1075,8 +1354,8 @@ class RabbitMQTransport(Transport):
         delivery._consumer.last_seen = time.monotonic()
         extra: dict[str, Any] = {
             H_DEAD: new_id(),
-            "x-iambus-address": delivery._address,
-            "x-iambus-group": delivery._group,
+            H_ADDRESS: delivery._address,
+            H_GROUP: delivery._group,
             "x-iambus-failed-at": repr(time.time()),
         }
         for header, name in H_FAILURE:
@@ -1087,6 +1366,7 @@ class RabbitMQTransport(Transport):
             came_from = self._lane_number(delivery._address, delivery._group, delivery._lane)
             if came_from is not None:
                 extra[H_PARTITION] = came_from
+        # (Not _append: the stream is declared when the transport opens, long before.)
         await self._publish("", self._dead, delivery.envelope, extra)
         await self._ack(delivery)
 
@@ -1270,9 +1550,9 @@ class RabbitMQTransport(Transport):
             else:
                 n = came_from.get(letter_id, partition(key, self.partitions))
                 exchange, route = "", self._lane(letter.address, letter.group, n)
-                if n >= self.partitions:  # not among what declare() made sure of
-                    admin = await self._ready(self._admin)
-                    await self._declare_lane(admin, letter.address, letter.group, n)
+                # (Declared again: n may be beyond this process's partitions.)
+                admin = await self._ready(self._admin)
+                await self._declare_lane(admin, letter.address, letter.group, n)
             await self._publish(exchange, route, letter.envelope, None)
             await self._settle_dead([letter_id])
             replayed.append(letter_id)
@@ -1289,7 +1569,7 @@ class RabbitMQTransport(Transport):
         properties = spec.Basic.Properties(
             delivery_mode=PERSISTENT, headers={H_SETTLED: 1}, content_type="application/json"
         )
-        await self._publish_raw("", self._dead, json.dumps(ids).encode(), properties)
+        await self._append(self._dead, json.dumps(ids).encode(), properties)
 
     async def dead_letter_counts(self) -> dict[tuple[str, str], int]:
         # Only the headers of each record are looked at: no envelope is decoded nor kept.
@@ -1297,7 +1577,7 @@ class RabbitMQTransport(Transport):
         for message in (await self._unsettled_dead("count dead letters")).values():
             headers = message.header.properties.headers or {}
             with contextlib.suppress(KeyError, TypeError):
-                address, group = headers["x-iambus-address"], headers["x-iambus-group"]
+                address, group = headers[H_ADDRESS], headers[H_GROUP]
                 counts[_text(address), _text(group)] += 1
         return dict(counts)
 
@@ -1336,8 +1616,7 @@ class RabbitMQTransport(Transport):
         just now."""
         self._check_open()
         mark = uuid.uuid4().hex
-        await self._publish_raw(
-            "",
+        await self._append(
             queue,
             b"",
             spec.Basic.Properties(delivery_mode=PERSISTENT, headers={H_MARK: mark}),
@@ -1396,7 +1675,7 @@ class RabbitMQTransport(Transport):
         if written is not None and not lost:
             # Its queue lives as long as that connection; its record, a week.
             if time.monotonic() - written > REGISTRY_REFRESH:
-                await self._publish_raw("", self._registry, instance.to_json(), _ANNOUNCED)
+                await self._append(self._registry, instance.to_json(), _ANNOUNCED)
                 self._presences[instance.id] = time.monotonic()
             return
         await self._declare_registry()
@@ -1426,7 +1705,7 @@ class RabbitMQTransport(Transport):
                     f"heartbeat times out); it is still listed as live meanwhile"
                 ) from exc.__cause__
             raise
-        await self._publish_raw("", self._registry, instance.to_json(), _ANNOUNCED)
+        await self._append(self._registry, instance.to_json(), _ANNOUNCED)
         self._presences[instance.id] = time.monotonic()
 
     async def _presence_connection(self) -> AbstractConnection:
@@ -1471,7 +1750,7 @@ class RabbitMQTransport(Transport):
             return
         self._check_open()
         properties = spec.Basic.Properties(delivery_mode=PERSISTENT, headers={H_WITHDRAWN: 1})
-        await self._publish_raw("", self._registry, instance.id.encode(), properties)
+        await self._append(self._registry, instance.id.encode(), properties)
         presence = self._presence
         if presence is None:
             return
@@ -1857,8 +2136,8 @@ def _dead_letter(message: DeliveredMessage) -> DeadLetter | None:
         failure = {name: headers.get(header) for header, name in H_FAILURE}
         return DeadLetter(
             id=_text(headers[H_DEAD]),
-            address=_text(headers["x-iambus-address"]),
-            group=_text(headers["x-iambus-group"]),
+            address=_text(headers[H_ADDRESS]),
+            group=_text(headers[H_GROUP]),
             envelope=_envelope(properties, message.body),
             failure=Failure(
                 error_type=_text(failure["error_type"]),
