@@ -22,6 +22,7 @@ from .processes import until
 
 pytest.importorskip("aio_pika")
 
+from iambus.transports import rabbitmq
 from iambus.transports.rabbitmq import RabbitMQTransport, _properties
 
 URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -467,17 +468,27 @@ async def test_a_message_name_too_long_for_amqp_is_a_clear_error(
     await delivery.ack()
 
 
-async def test_a_group_declared_with_other_partitions_is_a_clear_error(
-    transport: RabbitMQTransport,
+async def test_a_keyed_sender_with_other_partitions_is_an_error_logged_not_a_stop(
+    transport: RabbitMQTransport, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # One stray sender (a script with other settings) stopped every worker of the
+    # address at its next start (ImproperlyConfigured is permanent for a worker): it is
+    # logged once, and the consumer goes on with its own partitions.
     other = await _open(transport.namespace, partitions=4)
     try:
         await other.declare("a", "g", from_start=False)
         await other.send("a", _keyed(0, "k"))  # keyed sends begin: with 4 partitions
-        with pytest.raises(
-            ImproperlyConfigured, match=r"with 4 partitions, .*same partitions \(here 16\)"
-        ):
-            await transport.receive("a", "g", consumer="c", limit=1, wait=0)
+        await transport.receive("a", "g", consumer="c", limit=1, wait=0)
+        await transport.receive("a", "g", consumer="c", limit=1, wait=0)
+        said = [
+            r for r in caplog.records if "last sent by a process with 4 partitions" in r.message
+        ]
+        assert len(said) == 1
+        assert "here 16" in said[0].message
+        await transport.send("a", _keyed(1, "k"))  # sent with 16: consumed here
+        [delivery] = await _take(transport, 1)
+        assert delivery.envelope.payload == b"1"
+        await delivery.ack()
     finally:
         await other.destroy()  # the queues it declared (last: the exchanges go too)
         await other.close()
@@ -1633,3 +1644,42 @@ async def test_two_first_announces_at_once_share_one_registry_connection(
     finally:
         await holder.close()
     assert [i.id for i in await transport.instances()] == []
+
+
+async def test_a_group_recorded_after_the_first_keyed_send_misses_nothing_sent_later(
+    transport: RabbitMQTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The race of declare and a first keyed send, made to happen: the declarer looked at
+    # the directory (no keyed sends yet) before the sender's record went in, and its
+    # own record goes in after it. The declare must still make the partition queues.
+    sender = await _open(transport.namespace)
+    try:
+        await transport.declare("other", "x", from_start=False)  # both read the directory
+        await sender.send("other", _keyed(0, "k"))
+        written, recording = asyncio.Event(), asyncio.Event()
+        record = transport._record
+
+        async def late_record(headers: Any) -> None:
+            if rabbitmq.H_GROUP in headers:
+                recording.set()
+                await written.wait()
+            await record(headers)
+
+        monkeypatch.setattr(transport, "_record", late_record)
+
+        async def first_keyed_send() -> None:
+            await recording.wait()
+            await sender.send("a", _keyed(0, "k"))
+            written.set()  # its keyed-sends record is in, and read by the sender
+
+        await asyncio.gather(transport.declare("a", "g", from_start=False), first_keyed_send())
+        await sender.send("a", _keyed(1, "k"))
+        got: list[bytes] = []
+        deadline = time.monotonic() + 5
+        while b"1" not in got:
+            assert time.monotonic() < deadline, got
+            for delivery in await transport.receive("a", "g", consumer="c", limit=5, wait=0.2):
+                got.append(delivery.envelope.payload)
+                await delivery.ack()
+    finally:
+        await sender.close()

@@ -188,6 +188,7 @@ LANE_ARGUMENTS: dict[str, Any] = {"x-single-active-consumer": True, "x-max-prior
 FIRST = 1  # the priority of a lane copy that must come before everything queued
 DECLARERS = 4  # channels that declare a group's partition queues side by side
 SPREAD = 0.3  # seconds over which running consumers take the partitions when keyed sends begin
+DIRECTORY_PREFETCH = 2000  # records of the directory stream in flight to its reader
 _REMEMBERED = 10_000  # entries in each per-process memory of returned deliveries
 
 
@@ -289,6 +290,7 @@ class RabbitMQTransport(Transport):
         # latest keyed-sends record; the offset to resume at; records awaited, by id.
         self._groups: dict[str, set[str]] = {}
         self._keyed_sends: dict[str, int] = {}
+        self._mismatched: set[str] = set()  # addresses whose partitions mismatch was logged
         self._directory_next: int | None = None
         self._awaited: dict[str, asyncio.Future[None]] = {}
         self._follower: asyncio.Task[None] | None = None
@@ -729,15 +731,22 @@ class RabbitMQTransport(Transport):
                 if key is None:
                     exchange, route = self._direct, self._queue(address, group)
                 else:  # to its partition queue, by name (the default exchange) ...
-                    if address not in self._keyed_ready:  # (an older iambus recorded none)
-                        await self._ensure_keyed(address)
                     n = partition(_text(key), self.partitions)
                     exchange, route = "", self._lane(address, group, n)
                     # ... at priority 1: ahead of what senders put there since it was
                     # bound (after everything held), behind what was moved before it.
                     properties = copy.copy(properties)
                     properties.priority = FIRST
-                await self._publish_raw(exchange, route, message.body, properties)
+                try:
+                    if key is not None and address not in self._keyed_ready:
+                        await self._ensure_keyed(address)  # (an older iambus recorded none)
+                    await self._publish_raw(exchange, route, message.body, properties)
+                except BaseException:
+                    # Back to the head of the held queue at once (nothing else takes from
+                    # it while this holds its lock), not at the channel's close.
+                    with contextlib.suppress(Exception):
+                        await ch.basic_reject(_tag(message), requeue=True)
+                    raise
                 await ch.basic_ack(_tag(message))
                 moved += 1
         if moved:
@@ -822,14 +831,21 @@ class RabbitMQTransport(Transport):
                 delivery_mode=PERSISTENT, headers={**headers, H_RECORD: record}
             )
             await self._append(self._directory_stream, b"", properties)
-            try:
-                async with asyncio.timeout(self.timeout):
-                    await read
-            except TimeoutError:
-                raise TransportError(
-                    f"{self.url}: a record of {self._directory_stream} was not read back "
-                    f"within {self.timeout} s"
-                ) from None
+            # A long directory takes a while to read at a process's start: wait as long
+            # as the reading goes on, and give up after ``timeout`` without progress.
+            progress = self._directory_next
+            while True:
+                try:
+                    async with asyncio.timeout(self.timeout):
+                        await asyncio.shield(read)
+                    break
+                except TimeoutError:
+                    if self._directory_next == progress:
+                        raise TransportError(
+                            f"{self.url}: a record of {self._directory_stream} was not read "
+                            f"back within {self.timeout} s"
+                        ) from None
+                    progress = self._directory_next
         finally:
             self._awaited.pop(record, None)
 
@@ -839,13 +855,14 @@ class RabbitMQTransport(Transport):
         name = self._directory_stream
         failing = False
         young = 0  # consumes refused as the stream has no running member here yet
-        while True:
+        while self._connection is not None:  # (closed: a follower started late ends)
             pause = self.reconnect_interval
             channel: AbstractRobustChannel | None = None
             try:
                 channel = await self._new_channel()
                 async with self._translate(f"read {name}"):
-                    await channel.set_qos(prefetch_count=100)  # a stream consumer needs it
+                    # (a stream consumer needs one; a large one reads a long directory fast)
+                    await channel.set_qos(prefetch_count=DIRECTORY_PREFETCH)
                     ch = await channel.get_underlay_channel()
                     start = self._directory_next
                     await ch.basic_consume(
@@ -863,6 +880,10 @@ class RabbitMQTransport(Transport):
                     pause = 0.05
                 elif not failing:
                     logger.warning("iambus: %s; reading it again", exc)
+                    failing = True
+            except Exception as exc:  # a bug: logged, and read again, never left unread
+                if not failing:
+                    logger.exception("iambus: %s: reading %s failed: %r", self.url, name, exc)
                     failing = True
             finally:
                 if channel is not None:
@@ -883,8 +904,11 @@ class RabbitMQTransport(Transport):
                 logger.error(
                     "iambus: a record of %s is unreadable: %r", self._directory_stream, exc
                 )
-        with contextlib.suppress(Exception):
-            await message.channel.basic_ack(_tag(message))
+        # Acks only give the stream credit: one for many, half the prefetch at a time.
+        tag = _tag(message)
+        if tag % (DIRECTORY_PREFETCH // 2) == 0:
+            with contextlib.suppress(Exception):
+                await message.channel.basic_ack(tag, multiple=True)
 
     def _take_record(self, headers: Mapping[str, Any]) -> None:
         if H_ADDRESS in headers:
@@ -1067,11 +1091,20 @@ class RabbitMQTransport(Transport):
         if not keyed:
             return
         sent_with = self._keyed_sends.get(address, self.partitions)
-        if sent_with != self.partitions:
-            raise ImproperlyConfigured(
-                f"{self.url}: keyed messages to {address!r} are sent by a process with "
-                f"{sent_with} partitions, here {self.partitions}: give every process of "
-                f"namespace {self.namespace!r} the same partitions (here {self.partitions})"
+        if sent_with != self.partitions and address not in self._mismatched:
+            # One stray sender (a script with other settings) must not stop every worker
+            # of the address: this one consumes its own partitions, and says why some
+            # keyed messages may wait in queues nobody here consumes.
+            self._mismatched.add(address)
+            logger.error(
+                "iambus: %s: keyed messages to %r were last sent by a process with %d "
+                "partitions, here %d: those of partitions not consumed here wait; give "
+                "every process of namespace %r the same partitions",
+                self.url,
+                address,
+                sent_with,
+                self.partitions,
+                self.namespace,
             )
         await self._declare_lanes(address, group)  # (a sender made them, or is making them)
         lanes = await self._ready(state.lanes)
