@@ -415,9 +415,10 @@ async def test_a_record_that_is_no_envelope_is_dead_lettered_and_the_rest_flows(
             await producer.send_and_wait(
                 transport.topic("a"), b"not an envelope", key=b"k", headers=[("x", b"y")]
             )
-            for bad in (b"{not json", b"[1, 2]"):
+            fields = dict(kafka._headers(_ping(0)))
+            for name, bad in ((kafka.CREATED_AT, b"soon"), (kafka.HEADERS, b"[1, 2]")):
                 await producer.send_and_wait(
-                    transport.topic("a"), b"?", headers=[("iambus-envelope", bad)]
+                    transport.topic("a"), b"?", headers=list({**fields, name: bad}.items())
                 )
             # a dead letter some other client wrote, not as iambus does: skipped when listed
             await producer.send_and_wait(transport.dead_topic, b"?", key=b"odd", partition=0)
@@ -430,7 +431,8 @@ async def test_a_record_that_is_no_envelope_is_dead_lettered_and_the_rest_flows(
             assert time.monotonic() < deadline, f"expected 3 dead letters, got {letters}"
             await asyncio.sleep(0.05)
         assert [d.failure.message.split(" ")[0] for d in letters[1:]] == ["malformed"] * 2
-        assert "not an object" in letters[2].failure.message
+        assert "'soon'" in letters[1].failure.message
+        assert "not a JSON object of strings" in letters[2].failure.message
         assert await transport.purge([d.id for d in letters[1:]]) == 2
         letters = [d for d in await transport.dead_letters() if d.address == "a"]
         [letter] = letters
@@ -439,9 +441,48 @@ async def test_a_record_that_is_no_envelope_is_dead_lettered_and_the_rest_flows(
         assert letter.envelope.content_type == "application/x-iambus-raw-message"
         assert letter.envelope.headers == {"x": "y"}
         assert letter.failure.error_type == "iambus.errors.SerializationError"
-        assert "no iambus-envelope header" in letter.failure.message
+        assert "no iambus-id header" in letter.failure.message
         assert await transport.purge() == 1
         assert await transport.dead_letters() == []
+
+
+async def test_the_envelope_travels_as_the_value_and_a_header_per_field() -> None:
+    """Readable by any Kafka client: the payload is the record's value, and each field of
+    the envelope a header of its own (the optional ones only when set)."""
+    async with _transports(1, partitions=1) as (transport,):
+        await transport.declare("a", "g", from_start=False)
+        sent = Envelope(
+            name="Ping",
+            payload=b'{"n":1}',
+            key="k-\u00e9",
+            correlation_id="c-1",
+            causation_id="c-0",
+            created_at=1764158400.125,
+            headers={"tenant": "acme"},
+        )
+        bare = Envelope(name="Ping", payload=b"2", created_at=1.5)
+        await transport.send("a", sent)
+        await transport.send("a", bare)
+        first, second = await _read(transport.topic("a"), 2)
+        assert (first.value, first.key) == (b'{"n":1}', "k-\u00e9".encode())
+        assert dict(first.headers) == {
+            "iambus-id": sent.id.encode(),
+            "iambus-name": b"Ping",
+            "iambus-content-type": b"application/json",
+            "iambus-created-at": b"1764158400.125",
+            "iambus-correlation-id": b"c-1",
+            "iambus-causation-id": b"c-0",
+            "iambus-key": "k-\u00e9".encode(),
+            "iambus-headers": b'{"tenant":"acme"}',
+        }
+        assert [name for name, _ in second.headers] == [
+            "iambus-id",
+            "iambus-name",
+            "iambus-content-type",
+            "iambus-created-at",
+        ]
+        got = [d.envelope for d in await _receive(transport, 2)]
+        assert sorted(got, key=lambda e: e.payload) == sorted([sent, bare], key=lambda e: e.payload)
 
 
 async def test_a_dead_letter_carries_its_failure_in_headers() -> None:
@@ -1178,7 +1219,7 @@ async def test_a_retry_record_due_absurdly_late_is_retried_now() -> None:
                     _ping(n).payload,
                     partition=0,
                     headers=[
-                        (kafka.ENVELOPE, kafka._fields(_ping(n))),
+                        *kafka._headers(_ping(n)),
                         (kafka.ONLY_GROUP, b"g"),
                         (kafka.ATTEMPT, b"2"),
                         (kafka.NOT_BEFORE, str(time.time() + 1e6).encode()),
@@ -1208,7 +1249,7 @@ async def test_a_record_of_the_retry_topic_without_its_group_is_dead_lettered() 
                 transport.retry_topic("a", "g"),
                 b"stray",
                 partition=0,
-                headers=[(kafka.ENVELOPE, kafka._fields(_ping(7)))],
+                headers=kafka._headers(_ping(7)),
             )
         deadline = time.monotonic() + 15
         while not (letters := await transport.dead_letters()):
