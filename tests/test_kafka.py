@@ -38,6 +38,7 @@ pytest.importorskip(
 )
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaConnectionError
 
 from iambus.transports import kafka
 from iambus.transports.kafka import KafkaTransport
@@ -742,6 +743,36 @@ async def test_settling_twice_and_after_close_changes_nothing() -> None:
         await transport.open()  # open twice: nothing more
     with pytest.raises(TransportError, match="not open"):
         await transport.receive("a", "g", consumer="c", limit=1, wait=0)
+
+
+async def test_sends_of_one_turn_share_a_record_batch_and_each_waits_for_its_ack() -> None:
+    async with _transports(1, partitions=1) as (transport,):
+        await transport.declare("a", "g", from_start=False)
+        producer = transport._client()
+        real, batches = producer.send_batch, []
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            batches.append(args[0].record_count())
+            return await real(*args, **kwargs)
+
+        producer.send_batch = counted  # type: ignore[method-assign]
+        too_big = Envelope(name="Ping", payload=b"x" * 2_000_000)  # fails alone
+        sends = [transport.send("a", _ping(n)) for n in range(50)]
+        results = await asyncio.gather(*sends, transport.send("a", too_big), return_exceptions=True)
+        assert results[:50] == [None] * 50
+        assert isinstance(results[50], TransportError)
+        assert batches == [50]  # each send returned once the broker had acked its batch
+        assert [int(r.value) for r in await _read(transport.topic("a"), 50)] == list(range(50))
+
+        async def refused(*args: Any, **kwargs: Any) -> Any:
+            raise KafkaConnectionError("the broker went away")
+
+        producer.send_batch = refused  # type: ignore[method-assign]
+        results = await asyncio.gather(
+            *(transport.send("a", _ping(n)) for n in range(3)), return_exceptions=True
+        )
+        assert [type(r) for r in results] == [TransportError] * 3
+        assert all("send failed: " in str(r) and "went away" in str(r) for r in results)
 
 
 async def test_a_driver_failure_is_a_transport_error() -> None:
