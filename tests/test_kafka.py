@@ -775,6 +775,20 @@ async def test_sends_of_one_turn_share_a_record_batch_and_each_waits_for_its_ack
         assert all("send failed: " in str(r) and "went away" in str(r) for r in results)
 
 
+async def test_the_partition_count_is_read_again_after_the_metadata_changes() -> None:
+    """Sends keep a topic's partition count from the producer's metadata, not asking per
+    send; every metadata update (aiokafka's periodic refresh, or one after an error)
+    drops it, so partitions added to a topic are used from the next refresh on."""
+    async with _transports(1, partitions=2) as (transport,):
+        await transport.send("a", _ping(1))
+        topic = transport.topic("a")
+        assert transport._counts == {topic: 2}
+        await transport._client().client.force_metadata_update()
+        assert transport._counts == {}
+        await transport.send("a", _ping(2))
+        assert transport._counts == {topic: 2}
+
+
 async def test_a_driver_failure_is_a_transport_error() -> None:
     async with _transports(1, partitions=1) as (transport,):
         await transport.declare("a", "g", from_start=False)

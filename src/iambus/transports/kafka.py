@@ -10,10 +10,11 @@ group starts with the namespace (default ``iambus``; letters, digits, ``_`` and 
   client the first time this transport sends to it or declares a group on it, with
   ``partitions`` partitions (default 16) and replication factor ``replication`` (default
   1). A topic made before keeps its partition count; ``send`` reads it from the
-  metadata. ``send`` produces one record and returns once every in-sync replica has it
-  (``acks=all``); the sends of one turn of the event loop to one partition go as one
-  record batch (see ``_batched``). The record's value is the payload; its key is the
-  envelope's ``key`` (UTF-8), and the envelope's other fields are headers, one each
+  producer's metadata (again after each metadata refresh). ``send`` produces one record
+  and returns once every in-sync replica has it (``acks=all``); the sends of one turn of
+  the event loop to one partition go as one record batch (see ``_batched``). The
+  record's value is the payload; its key is the envelope's ``key`` (UTF-8), and the
+  envelope's other fields are headers, one each
   (``iambus-id``, ``iambus-name``, ``iambus-content-type``, ``iambus-created-at``; when
   set, ``iambus-correlation-id``, ``iambus-causation-id``, ``iambus-reply-to``,
   ``iambus-key`` and ``iambus-headers``, the envelope's headers as a JSON object). A
@@ -333,6 +334,7 @@ class KafkaTransport(Transport):
         self._topics: set[str] = set()  # created (or found) by this transport
         self._names: dict[str, str] = {}  # address -> its topic (checked once)
         self._outgoing: dict[tuple[str, int], _Outgoing] = {}  # (topic, partition) -> batch
+        self._counts: dict[str, int] = {}  # topic -> partitions, until the metadata changes
         self._turns: dict[str, int] = {}  # topic -> unkeyed envelopes sent to it so far
         self._groups: dict[tuple[str, str], _Group] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -426,7 +428,11 @@ class KafkaTransport(Transport):
             if isinstance(exc, KafkaError | OSError | TimeoutError):
                 raise TransportError(f"{self.url}: connect failed: {_describe(exc)}") from exc
             raise
+        producer.client.cluster.add_listener(self._metadata_changed)
         self._producer, self._admin = producer, admin
+
+    def _metadata_changed(self, _cluster: object) -> None:
+        self._counts.clear()  # (a topic may have more partitions now)
 
     async def close(self) -> None:
         groups = list(self._groups.values())
@@ -443,6 +449,7 @@ class KafkaTransport(Transport):
             with contextlib.suppress(KafkaError, OSError):
                 await admin.close()
         self._topics.clear()
+        self._counts.clear()
 
     async def destroy(self) -> int:
         """Delete this namespace's topics (the consumer groups stay). Returns how many.
@@ -462,6 +469,7 @@ class KafkaTransport(Transport):
             async with self._translate("delete topics"):
                 await admin.delete_topics(mine)
         self._topics.clear()
+        self._counts.clear()
         return len(mine)
 
     # -- sending ------------------------------------------------------------------------
@@ -486,10 +494,12 @@ class KafkaTransport(Transport):
         if extra:
             headers.extend(extra)
         try:
-            # The partition count as the producer's metadata has it (aiokafka refreshes
-            # it on its schedule and after errors); asked for only while unknown.
-            known = producer.client.cluster.partitions_for_topic(topic)
-            count = len(known) if known else len(await producer.partitions_for(topic))
+            # The partition count as the producer's metadata has it: kept until the
+            # metadata next changes (aiokafka refreshes it on its schedule and after
+            # errors; see open()).
+            count = self._counts.get(topic)
+            if count is None:
+                count = self._counts[topic] = len(await producer.partitions_for(topic))
             if key is not None:
                 slot = partition(key, count)
             else:  # in turn, from a random first: every consumer of a group gets a share
@@ -524,16 +534,17 @@ class KafkaTransport(Transport):
         every send in it.
         """
         value = envelope.payload
-        if DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers) > _MAX_REQUEST:
-            # Fits in no batch: aiokafka refuses it, saying why, without failing others.
-            await producer.send_and_wait(topic, value, key=key, partition=slot, headers=headers)
-            return
         loop = asyncio.get_running_loop()
         out = self._outgoing.get((topic, slot))
         if (
             out is None
             or out.builder.append(timestamp=None, key=key, value=value, headers=headers) is None
         ):  # none open, or that one is full
+            # The first record of a batch: an empty batch takes one of any size.
+            size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers)
+            if size > _MAX_REQUEST:  # aiokafka refuses it, saying why, failing no other
+                await producer.send_and_wait(topic, value, key=key, partition=slot, headers=headers)
+                return
             out = self._outgoing[(topic, slot)] = _Outgoing(producer.create_batch())
             loop.call_soon(self._flush, producer, topic, slot, out)
             out.builder.append(timestamp=None, key=key, value=value, headers=headers)
