@@ -745,7 +745,7 @@ async def test_settling_twice_and_after_close_changes_nothing() -> None:
         await transport.receive("a", "g", consumer="c", limit=1, wait=0)
 
 
-async def test_sends_of_one_turn_share_a_record_batch_and_each_waits_for_its_ack() -> None:
+async def test_sends_to_a_partition_share_a_record_batch_and_each_waits_for_its_ack() -> None:
     async with _transports(1, partitions=1) as (transport,):
         await transport.declare("a", "g", from_start=False)
         producer = transport._client()
@@ -763,6 +763,27 @@ async def test_sends_of_one_turn_share_a_record_batch_and_each_waits_for_its_ack
         assert isinstance(results[50], TransportError)
         assert batches == [50]  # each send returned once the broker had acked its batch
         assert [int(r.value) for r in await _read(transport.topic("a"), 50)] == list(range(50))
+
+        # While a partition's batch is with aiokafka, what is sent to it waits in the next
+        # one, whatever the turns it was sent in: one batch per round trip, as aiokafka's.
+        gate, batches[:] = asyncio.Event(), []
+
+        async def held(*args: Any, **kwargs: Any) -> Any:
+            batches.append(args[0].record_count())
+            if len(batches) == 1:
+                await gate.wait()
+            return await real(*args, **kwargs)
+
+        producer.send_batch = held  # type: ignore[method-assign]
+        first = asyncio.create_task(transport.send("a", _ping(50)))
+        await asyncio.sleep(0.05)
+        later = []
+        for n in range(51, 71):
+            later.append(asyncio.create_task(transport.send("a", _ping(n))))
+            await asyncio.sleep(0)  # a turn of the event loop each
+        gate.set()
+        await asyncio.gather(first, *later)
+        assert batches == [1, 20]
 
         async def refused(*args: Any, **kwargs: Any) -> Any:
             raise KafkaConnectionError("the broker went away")

@@ -11,8 +11,8 @@ group starts with the namespace (default ``iambus``; letters, digits, ``_`` and 
   ``partitions`` partitions (default 16) and replication factor ``replication`` (default
   1). A topic made before keeps its partition count; ``send`` reads it from the
   producer's metadata (again after each metadata refresh). ``send`` produces one record
-  and returns once every in-sync replica has it (``acks=all``); the sends of one turn of
-  the event loop to one partition go as one record batch (see ``_batched``). The
+  and returns once every in-sync replica has it (``acks=all``); sends to one partition
+  go as record batches built here, one at a time with aiokafka (see ``_batched``). The
   record's value is the payload; its key is the envelope's ``key`` (UTF-8), and the
   envelope's other fields are headers, one each
   (``iambus-id``, ``iambus-name``, ``iambus-content-type``, ``iambus-created-at``; when
@@ -205,9 +205,8 @@ _MAX_REQUEST = 1_048_576  # the producer's max_request_size (aiokafka's default,
 
 @dataclass(slots=True, eq=False)
 class _Outgoing:
-    """The records sent to one partition in one turn of the event loop: one record batch
-    (aiokafka's ``BatchBuilder``), produced once the turn ends; each send waits for the
-    broker's ack of the batch."""
+    """Records sent to one partition, as one record batch (aiokafka's ``BatchBuilder``);
+    each send waits for the broker's ack of the batch (see ``_batched``)."""
 
     builder: Any
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
@@ -333,7 +332,10 @@ class KafkaTransport(Transport):
         self._admin: AIOKafkaAdminClient | None = None
         self._topics: set[str] = set()  # created (or found) by this transport
         self._names: dict[str, str] = {}  # address -> its topic (checked once)
-        self._outgoing: dict[tuple[str, int], _Outgoing] = {}  # (topic, partition) -> batch
+        # (topic, partition) -> its batches not handed to aiokafka yet, and the partitions
+        # with a batch at aiokafka (see _batched).
+        self._outgoing: dict[tuple[str, int], deque[_Outgoing]] = {}
+        self._sending: set[tuple[str, int]] = set()
         self._counts: dict[str, int] = {}  # topic -> partitions, until the metadata changes
         self._turns: dict[str, int] = {}  # topic -> unkeyed envelopes sent to it so far
         self._groups: dict[tuple[str, str], _Group] = {}
@@ -445,6 +447,13 @@ class KafkaTransport(Transport):
         if producer is not None:
             with contextlib.suppress(KafkaError, OSError):
                 await producer.stop()
+        for queue in self._outgoing.values():  # (sends still waiting: none go now)
+            for out in queue:
+                for waiter in out.waiters:
+                    if not waiter.done():
+                        waiter.set_exception(TransportError(f"{self.url} closed"))
+        self._outgoing.clear()
+        self._sending.clear()
         if admin is not None:
             with contextlib.suppress(KafkaError, OSError):
                 await admin.close()
@@ -524,45 +533,58 @@ class KafkaTransport(Transport):
         headers: list[tuple[str, bytes]],
     ) -> None:
         """Produce one record and return once the broker acked it (``send_and_wait``, in
-        effect), in one record batch with the others sent to its partition in the same
-        turn of the event loop.
+        effect), in a record batch built here with the other records sent to its
+        partition meanwhile.
 
         aiokafka batches records too, but its per-record path (metadata checks, a future
         and a size estimate per record, ...) cost more CPU than the rest of a send here;
-        a batch built here goes through it once. Acks, retries and idempotence are
-        aiokafka's, per batch, as for its own batches: a batch the broker refuses fails
-        every send in it.
+        a batch built here goes through it once. As aiokafka does with its own batches,
+        a partition has one batch at a time with aiokafka (from the end of the turn of
+        the event loop that opened it until the broker acked it); what is sent to it
+        meanwhile waits in the next batch. Acks, retries and idempotence are aiokafka's,
+        per batch: a batch the broker refuses fails every send in it.
         """
         value = envelope.payload
-        loop = asyncio.get_running_loop()
-        out = self._outgoing.get((topic, slot))
+        tp = (topic, slot)
+        queue = self._outgoing.get(tp)
+        if queue is None:
+            queue = self._outgoing[tp] = deque()
         if (
-            out is None
-            or out.builder.append(timestamp=None, key=key, value=value, headers=headers) is None
-        ):  # none open, or that one is full
+            queue
+            and queue[-1].builder.append(timestamp=None, key=key, value=value, headers=headers)
+            is not None
+        ):
+            out = queue[-1]
+        else:  # none open, or that one is full
             # The first record of a batch: an empty batch takes one of any size.
             size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers)
             if size > _MAX_REQUEST:  # aiokafka refuses it, saying why, failing no other
                 await producer.send_and_wait(topic, value, key=key, partition=slot, headers=headers)
                 return
-            out = self._outgoing[(topic, slot)] = _Outgoing(producer.create_batch())
-            loop.call_soon(self._flush, producer, topic, slot, out)
+            out = _Outgoing(producer.create_batch())
             out.builder.append(timestamp=None, key=key, value=value, headers=headers)
-        waiter: asyncio.Future[None] = loop.create_future()
+            queue.append(out)
+            if tp not in self._sending:  # none with aiokafka: this one goes after this turn
+                self._sending.add(tp)
+                asyncio.get_running_loop().call_soon(self._flush, producer, tp)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         out.waiters.append(waiter)
         await waiter
 
-    def _flush(self, producer: AIOKafkaProducer, topic: str, slot: int, out: _Outgoing) -> None:
-        if self._outgoing.get((topic, slot)) is out:
-            del self._outgoing[(topic, slot)]
-        self._spawn(self._produce_batch(producer, topic, slot, out))
+    def _flush(self, producer: AIOKafkaProducer, tp: tuple[str, int]) -> None:
+        """Hand the next batch of ``tp`` to aiokafka, or mark it as having none there."""
+        queue = self._outgoing.get(tp)
+        if not queue:
+            self._outgoing.pop(tp, None)
+            self._sending.discard(tp)
+            return
+        self._spawn(self._produce_batch(producer, tp, queue.popleft()))
 
-    @staticmethod
     async def _produce_batch(
-        producer: AIOKafkaProducer, topic: str, slot: int, out: _Outgoing
+        self, producer: AIOKafkaProducer, tp: tuple[str, int], out: _Outgoing
     ) -> None:
         try:
-            acked = await producer.send_batch(out.builder, topic, partition=slot)
+            acked = await producer.send_batch(out.builder, tp[0], partition=tp[1])
             await acked
         except BaseException as exc:  # every send of the batch hears it
             for waiter in out.waiters:
@@ -574,10 +596,12 @@ class KafkaTransport(Transport):
                     waiter.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
-            return
-        for waiter in out.waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        else:
+            for waiter in out.waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+        finally:
+            self._flush(producer, tp)  # the partition's next batch, filled meanwhile
 
     async def _ensure_topic(self, topic: str, partitions: int) -> None:
         if topic in self._topics:
