@@ -38,6 +38,7 @@ pytest.importorskip(
 )
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaConnectionError
 
 from iambus.transports import kafka
 from iambus.transports.kafka import KafkaTransport
@@ -415,9 +416,10 @@ async def test_a_record_that_is_no_envelope_is_dead_lettered_and_the_rest_flows(
             await producer.send_and_wait(
                 transport.topic("a"), b"not an envelope", key=b"k", headers=[("x", b"y")]
             )
-            for bad in (b"{not json", b"[1, 2]"):
+            fields = dict(kafka._headers(_ping(0)))
+            for name, bad in ((kafka.CREATED_AT, b"soon"), (kafka.HEADERS, b"[1, 2]")):
                 await producer.send_and_wait(
-                    transport.topic("a"), b"?", headers=[("iambus-envelope", bad)]
+                    transport.topic("a"), b"?", headers=list({**fields, name: bad}.items())
                 )
             # a dead letter some other client wrote, not as iambus does: skipped when listed
             await producer.send_and_wait(transport.dead_topic, b"?", key=b"odd", partition=0)
@@ -430,7 +432,8 @@ async def test_a_record_that_is_no_envelope_is_dead_lettered_and_the_rest_flows(
             assert time.monotonic() < deadline, f"expected 3 dead letters, got {letters}"
             await asyncio.sleep(0.05)
         assert [d.failure.message.split(" ")[0] for d in letters[1:]] == ["malformed"] * 2
-        assert "not an object" in letters[2].failure.message
+        assert "'soon'" in letters[1].failure.message
+        assert "not a JSON object of strings" in letters[2].failure.message
         assert await transport.purge([d.id for d in letters[1:]]) == 2
         letters = [d for d in await transport.dead_letters() if d.address == "a"]
         [letter] = letters
@@ -439,9 +442,48 @@ async def test_a_record_that_is_no_envelope_is_dead_lettered_and_the_rest_flows(
         assert letter.envelope.content_type == "application/x-iambus-raw-message"
         assert letter.envelope.headers == {"x": "y"}
         assert letter.failure.error_type == "iambus.errors.SerializationError"
-        assert "no iambus-envelope header" in letter.failure.message
+        assert "no iambus-id header" in letter.failure.message
         assert await transport.purge() == 1
         assert await transport.dead_letters() == []
+
+
+async def test_the_envelope_travels_as_the_value_and_a_header_per_field() -> None:
+    """Readable by any Kafka client: the payload is the record's value, and each field of
+    the envelope a header of its own (the optional ones only when set)."""
+    async with _transports(1, partitions=1) as (transport,):
+        await transport.declare("a", "g", from_start=False)
+        sent = Envelope(
+            name="Ping",
+            payload=b'{"n":1}',
+            key="k-\u00e9",
+            correlation_id="c-1",
+            causation_id="c-0",
+            created_at=1764158400.125,
+            headers={"tenant": "acme"},
+        )
+        bare = Envelope(name="Ping", payload=b"2", created_at=1.5)
+        await transport.send("a", sent)
+        await transport.send("a", bare)
+        first, second = await _read(transport.topic("a"), 2)
+        assert (first.value, first.key) == (b'{"n":1}', "k-\u00e9".encode())
+        assert dict(first.headers) == {
+            "iambus-id": sent.id.encode(),
+            "iambus-name": b"Ping",
+            "iambus-content-type": b"application/json",
+            "iambus-created-at": b"1764158400.125",
+            "iambus-correlation-id": b"c-1",
+            "iambus-causation-id": b"c-0",
+            "iambus-key": "k-\u00e9".encode(),
+            "iambus-headers": b'{"tenant":"acme"}',
+        }
+        assert [name for name, _ in second.headers] == [
+            "iambus-id",
+            "iambus-name",
+            "iambus-content-type",
+            "iambus-created-at",
+        ]
+        got = [d.envelope for d in await _receive(transport, 2)]
+        assert sorted(got, key=lambda e: e.payload) == sorted([sent, bare], key=lambda e: e.payload)
 
 
 async def test_a_dead_letter_carries_its_failure_in_headers() -> None:
@@ -701,6 +743,71 @@ async def test_settling_twice_and_after_close_changes_nothing() -> None:
         await transport.open()  # open twice: nothing more
     with pytest.raises(TransportError, match="not open"):
         await transport.receive("a", "g", consumer="c", limit=1, wait=0)
+
+
+async def test_sends_to_a_partition_share_a_record_batch_and_each_waits_for_its_ack() -> None:
+    async with _transports(1, partitions=1) as (transport,):
+        await transport.declare("a", "g", from_start=False)
+        producer = transport._client()
+        real, batches = producer.send_batch, []
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            batches.append(args[0].record_count())
+            return await real(*args, **kwargs)
+
+        producer.send_batch = counted  # type: ignore[method-assign]
+        too_big = Envelope(name="Ping", payload=b"x" * 2_000_000)  # fails alone
+        sends = [transport.send("a", _ping(n)) for n in range(50)]
+        results = await asyncio.gather(*sends, transport.send("a", too_big), return_exceptions=True)
+        assert results[:50] == [None] * 50
+        assert isinstance(results[50], TransportError)
+        assert batches == [50]  # each send returned once the broker had acked its batch
+        assert [int(r.value) for r in await _read(transport.topic("a"), 50)] == list(range(50))
+
+        # While a partition's batch is with aiokafka, what is sent to it waits in the next
+        # one, whatever the turns it was sent in: one batch per round trip, as aiokafka's.
+        gate, batches[:] = asyncio.Event(), []
+
+        async def held(*args: Any, **kwargs: Any) -> Any:
+            batches.append(args[0].record_count())
+            if len(batches) == 1:
+                await gate.wait()
+            return await real(*args, **kwargs)
+
+        producer.send_batch = held  # type: ignore[method-assign]
+        first = asyncio.create_task(transport.send("a", _ping(50)))
+        await asyncio.sleep(0.05)
+        later = []
+        for n in range(51, 71):
+            later.append(asyncio.create_task(transport.send("a", _ping(n))))
+            await asyncio.sleep(0)  # a turn of the event loop each
+        gate.set()
+        await asyncio.gather(first, *later)
+        assert batches == [1, 20]
+
+        async def refused(*args: Any, **kwargs: Any) -> Any:
+            raise KafkaConnectionError("the broker went away")
+
+        producer.send_batch = refused  # type: ignore[method-assign]
+        results = await asyncio.gather(
+            *(transport.send("a", _ping(n)) for n in range(3)), return_exceptions=True
+        )
+        assert [type(r) for r in results] == [TransportError] * 3
+        assert all("send failed: " in str(r) and "went away" in str(r) for r in results)
+
+
+async def test_the_partition_count_is_read_again_after_the_metadata_changes() -> None:
+    """Sends keep a topic's partition count from the producer's metadata, not asking per
+    send; every metadata update (aiokafka's periodic refresh, or one after an error)
+    drops it, so partitions added to a topic are used from the next refresh on."""
+    async with _transports(1, partitions=2) as (transport,):
+        await transport.send("a", _ping(1))
+        topic = transport.topic("a")
+        assert transport._counts == {topic: 2}
+        await transport._client().client.force_metadata_update()
+        assert transport._counts == {}
+        await transport.send("a", _ping(2))
+        assert transport._counts == {topic: 2}
 
 
 async def test_a_driver_failure_is_a_transport_error() -> None:
@@ -1178,7 +1285,7 @@ async def test_a_retry_record_due_absurdly_late_is_retried_now() -> None:
                     _ping(n).payload,
                     partition=0,
                     headers=[
-                        (kafka.ENVELOPE, kafka._fields(_ping(n))),
+                        *kafka._headers(_ping(n)),
                         (kafka.ONLY_GROUP, b"g"),
                         (kafka.ATTEMPT, b"2"),
                         (kafka.NOT_BEFORE, str(time.time() + 1e6).encode()),
@@ -1208,7 +1315,7 @@ async def test_a_record_of_the_retry_topic_without_its_group_is_dead_lettered() 
                 transport.retry_topic("a", "g"),
                 b"stray",
                 partition=0,
-                headers=[(kafka.ENVELOPE, kafka._fields(_ping(7)))],
+                headers=kafka._headers(_ping(7)),
             )
         deadline = time.monotonic() + 15
         while not (letters := await transport.dead_letters()):

@@ -10,13 +10,18 @@ group starts with the namespace (default ``iambus``; letters, digits, ``_`` and 
   client the first time this transport sends to it or declares a group on it, with
   ``partitions`` partitions (default 16) and replication factor ``replication`` (default
   1). A topic made before keeps its partition count; ``send`` reads it from the
-  metadata. ``send`` produces one record and returns once every in-sync replica has it
-  (``acks=all``). The record's value is the payload; its key is the envelope's ``key``
-  (UTF-8), and its header ``iambus-envelope`` holds the envelope's other fields as one
-  line of JSON. A keyed envelope goes to partition ``iambus.partitions.partition(key,
-  count)`` (CRC-32, the same on every broker of iambus); the unkeyed ones go to the
-  topic's partitions in turn (from a random first, per transport), so that every
-  consumer of a group gets a share of them (they have no order: they run concurrently);
+  producer's metadata (again after each metadata refresh). ``send`` produces one record
+  and returns once every in-sync replica has it (``acks=all``); sends to one partition
+  go as record batches built here, one at a time with aiokafka (see ``_batched``). The
+  record's value is the payload; its key is the envelope's ``key`` (UTF-8), and the
+  envelope's other fields are headers, one each
+  (``iambus-id``, ``iambus-name``, ``iambus-content-type``, ``iambus-created-at``; when
+  set, ``iambus-correlation-id``, ``iambus-causation-id``, ``iambus-reply-to``,
+  ``iambus-key`` and ``iambus-headers``, the envelope's headers as a JSON object). A
+  keyed envelope goes to partition ``iambus.partitions.partition(key, count)`` (CRC-32,
+  the same on every broker of iambus); the unkeyed ones go to the topic's partitions in
+  turn (from a random first, per transport), so that every consumer of a group gets a
+  share of them (they have no order: they run concurrently);
 * the producer is idempotent (``enable_idempotence``) unless ``idempotent=False``
   (``?idempotent=false``): a broker that refuses it (Tansu, the test broker) fails
   ``open()`` with a message saying so;
@@ -76,8 +81,9 @@ group starts with the namespace (default ``iambus``; letters, digits, ``_`` and 
   envelope to its address again with the header ``iambus-group`` naming the one group
   it is for (the others settle it unseen), then writes a tombstone (the id as key, no
   value) that hides the dead letter; so does ``purge``;
-* a record on an address that is no envelope (no ``iambus-envelope`` header, or a bad
-  one) is dead-lettered at once with its raw value and headers, and the rest flows;
+* a record on an address that is no envelope (an ``iambus-id``, ``iambus-name`` or
+  ``iambus-created-at`` header missing, or one malformed) is dead-lettered at once with
+  its raw value and headers, and the rest flows;
 * ``request`` sends the envelope like ``send``, with ``reply_to`` =
   ``<reply topic>#<envelope id>``: the reply topic ``<ns>-reply-<random>`` (one
   partition) is this transport's own, made at its first request and read from its start
@@ -146,6 +152,7 @@ try:
         TopicAlreadyExistsError,
         UnknownError,
     )
+    from aiokafka.record.default_records import DefaultRecordBatchBuilder
 except ImportError as exc:  # pragma: no cover - exercised without the extra installed
     raise ImportError("the Kafka transport needs aiokafka: pip install 'iambus[kafka]'") from exc
 
@@ -155,7 +162,17 @@ logger = logging.getLogger(__name__)
 
 _Client: TypeAlias = AIOKafkaProducer | AIOKafkaConsumer | AIOKafkaAdminClient
 
-ENVELOPE = "iambus-envelope"  # the envelope's fields but its payload, as JSON
+# The envelope's fields but its payload (the record's value), a header each, readable by
+# any Kafka client; the optional ones only when set.
+ID = "iambus-id"
+NAME = "iambus-name"
+CONTENT_TYPE = "iambus-content-type"
+CREATED_AT = "iambus-created-at"  # Unix time in seconds, as Python's repr() writes it
+CORRELATION_ID = "iambus-correlation-id"
+CAUSATION_ID = "iambus-causation-id"
+REPLY_TO = "iambus-reply-to"
+KEY = "iambus-key"  # (the record's key too, except on a reply or a dead letter)
+HEADERS = "iambus-headers"  # the envelope's own headers: a JSON object of strings
 ONLY_GROUP = "iambus-group"  # on a replayed record: the one group it is for
 DEAD_LETTER = "iambus-dead-letter"  # on a dead letter: address, group, failure, time
 # On a record of a retry topic (besides ONLY_GROUP, the group it is for):
@@ -183,6 +200,16 @@ _HOLD = 1.0  # seconds every partition may be held before the consumer pauses th
 _LONGEST_WAIT = 86_400.0
 PARK_AGAIN = 1.0  # seconds before a record whose dead letter could not be stored comes back
 _COMPACT = json.JSONEncoder(separators=(",", ":"))
+_MAX_REQUEST = 1_048_576  # the producer's max_request_size (aiokafka's default, set)
+
+
+@dataclass(slots=True, eq=False)
+class _Outgoing:
+    """Records sent to one partition, as one record batch (aiokafka's ``BatchBuilder``);
+    each send waits for the broker's ack of the batch (see ``_batched``)."""
+
+    builder: Any
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
 
 
 @dataclass(slots=True, eq=False)
@@ -304,6 +331,12 @@ class KafkaTransport(Transport):
         self._producer: AIOKafkaProducer | None = None
         self._admin: AIOKafkaAdminClient | None = None
         self._topics: set[str] = set()  # created (or found) by this transport
+        self._names: dict[str, str] = {}  # address -> its topic (checked once)
+        # (topic, partition) -> its batches not handed to aiokafka yet, and the partitions
+        # with a batch at aiokafka (see _batched).
+        self._outgoing: dict[tuple[str, int], deque[_Outgoing]] = {}
+        self._sending: set[tuple[str, int]] = set()
+        self._counts: dict[str, int] = {}  # topic -> partitions, until the metadata changes
         self._turns: dict[str, int] = {}  # topic -> unkeyed envelopes sent to it so far
         self._groups: dict[tuple[str, str], _Group] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -369,6 +402,7 @@ class KafkaTransport(Transport):
             enable_idempotence=self.idempotent,
             request_timeout_ms=ms,
             linger_ms=0,
+            max_request_size=_MAX_REQUEST,
             **self._security,
         )
         admin = AIOKafkaAdminClient(
@@ -396,7 +430,11 @@ class KafkaTransport(Transport):
             if isinstance(exc, KafkaError | OSError | TimeoutError):
                 raise TransportError(f"{self.url}: connect failed: {_describe(exc)}") from exc
             raise
+        producer.client.cluster.add_listener(self._metadata_changed)
         self._producer, self._admin = producer, admin
+
+    def _metadata_changed(self, _cluster: object) -> None:
+        self._counts.clear()  # (a topic may have more partitions now)
 
     async def close(self) -> None:
         groups = list(self._groups.values())
@@ -409,10 +447,18 @@ class KafkaTransport(Transport):
         if producer is not None:
             with contextlib.suppress(KafkaError, OSError):
                 await producer.stop()
+        for queue in self._outgoing.values():  # (sends still waiting: none go now)
+            for out in queue:
+                for waiter in out.waiters:
+                    if not waiter.done():
+                        waiter.set_exception(TransportError(f"{self.url} closed"))
+        self._outgoing.clear()
+        self._sending.clear()
         if admin is not None:
             with contextlib.suppress(KafkaError, OSError):
                 await admin.close()
         self._topics.clear()
+        self._counts.clear()
 
     async def destroy(self) -> int:
         """Delete this namespace's topics (the consumer groups stay). Returns how many.
@@ -432,22 +478,37 @@ class KafkaTransport(Transport):
             async with self._translate("delete topics"):
                 await admin.delete_topics(mine)
         self._topics.clear()
+        self._counts.clear()
         return len(mine)
 
     # -- sending ------------------------------------------------------------------------
 
     async def send(self, address: str, envelope: Envelope) -> None:
-        await self._produce(address, envelope, [])
+        await self._produce(address, envelope, ())
 
     async def _produce(
-        self, address: str, envelope: Envelope, extra: list[tuple[str, bytes]]
+        self, address: str, envelope: Envelope, extra: Sequence[tuple[str, bytes]]
     ) -> None:
-        topic = self.topic(address)
-        await self._ensure_topic(topic, self.partitions)
+        # The path of every send: no per-call name check, coroutine or context manager
+        # that a dict lookup or a try can do instead (CPU per event is what limits a
+        # process's publishing rate).
+        topic = self._names.get(address)
+        if topic is None:
+            topic = self._names[address] = self.topic(address)
+        if topic not in self._topics:
+            await self._ensure_topic(topic, self.partitions)
         producer = self._client()
         key = envelope.key
-        async with self._translate("send"):
-            count = len(await producer.partitions_for(topic))
+        headers = _headers(envelope)
+        if extra:
+            headers.extend(extra)
+        try:
+            # The partition count as the producer's metadata has it: kept until the
+            # metadata next changes (aiokafka refreshes it on its schedule and after
+            # errors; see open()).
+            count = self._counts.get(topic)
+            if count is None:
+                count = self._counts[topic] = len(await producer.partitions_for(topic))
             if key is not None:
                 slot = partition(key, count)
             else:  # in turn, from a random first: every consumer of a group gets a share
@@ -456,13 +517,91 @@ class KafkaTransport(Transport):
                     turn = random.randrange(count)
                 self._turns[topic] = turn + 1
                 slot = turn % count
-            await producer.send_and_wait(
-                topic,
-                envelope.payload,
-                key=None if key is None else key.encode(),
-                partition=slot,
-                headers=[(ENVELOPE, _fields(envelope)), *extra],
+            await self._batched(
+                producer, topic, slot, None if key is None else key.encode(), envelope, headers
             )
+        except (KafkaError, OSError, TimeoutError) as exc:
+            raise TransportError(f"{self.url}: send failed: {_describe(exc)}") from exc
+
+    async def _batched(
+        self,
+        producer: AIOKafkaProducer,
+        topic: str,
+        slot: int,
+        key: bytes | None,
+        envelope: Envelope,
+        headers: list[tuple[str, bytes]],
+    ) -> None:
+        """Produce one record and return once the broker acked it (``send_and_wait``, in
+        effect), in a record batch built here with the other records sent to its
+        partition meanwhile.
+
+        aiokafka batches records too, but its per-record path (metadata checks, a future
+        and a size estimate per record, ...) cost more CPU than the rest of a send here;
+        a batch built here goes through it once. As aiokafka does with its own batches,
+        a partition has one batch at a time with aiokafka (from the end of the turn of
+        the event loop that opened it until the broker acked it); what is sent to it
+        meanwhile waits in the next batch. Acks, retries and idempotence are aiokafka's,
+        per batch: a batch the broker refuses fails every send in it.
+        """
+        value = envelope.payload
+        tp = (topic, slot)
+        queue = self._outgoing.get(tp)
+        if queue is None:
+            queue = self._outgoing[tp] = deque()
+        if (
+            queue
+            and queue[-1].builder.append(timestamp=None, key=key, value=value, headers=headers)
+            is not None
+        ):
+            out = queue[-1]
+        else:  # none open, or that one is full
+            # The first record of a batch: an empty batch takes one of any size.
+            size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers)
+            if size > _MAX_REQUEST:  # aiokafka refuses it, saying why, failing no other
+                await producer.send_and_wait(topic, value, key=key, partition=slot, headers=headers)
+                return
+            out = _Outgoing(producer.create_batch())
+            out.builder.append(timestamp=None, key=key, value=value, headers=headers)
+            queue.append(out)
+            if tp not in self._sending:  # none with aiokafka: this one goes after this turn
+                self._sending.add(tp)
+                asyncio.get_running_loop().call_soon(self._flush, producer, tp)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        out.waiters.append(waiter)
+        await waiter
+
+    def _flush(self, producer: AIOKafkaProducer, tp: tuple[str, int]) -> None:
+        """Hand the next batch of ``tp`` to aiokafka, or mark it as having none there."""
+        queue = self._outgoing.get(tp)
+        if not queue:
+            self._outgoing.pop(tp, None)
+            self._sending.discard(tp)
+            return
+        self._spawn(self._produce_batch(producer, tp, queue.popleft()))
+
+    async def _produce_batch(
+        self, producer: AIOKafkaProducer, tp: tuple[str, int], out: _Outgoing
+    ) -> None:
+        try:
+            acked = await producer.send_batch(out.builder, tp[0], partition=tp[1])
+            await acked
+        except BaseException as exc:  # every send of the batch hears it
+            for waiter in out.waiters:
+                if waiter.done():
+                    continue  # (its send was cancelled: the record may still go)
+                if isinstance(exc, asyncio.CancelledError):
+                    waiter.cancel()
+                else:
+                    waiter.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            for waiter in out.waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+        finally:
+            self._flush(producer, tp)  # the partition's next batch, filled meanwhile
 
     async def _ensure_topic(self, topic: str, partitions: int) -> None:
         if topic in self._topics:
@@ -809,7 +948,7 @@ class KafkaTransport(Transport):
                 record.envelope.payload,
                 partition=tp.partition % count,
                 headers=[
-                    (ENVELOPE, _fields(record.envelope)),
+                    *_headers(record.envelope),
                     (ONLY_GROUP, state.group.encode()),
                     (ATTEMPT, str(record.attempt + 1).encode()),
                     (NOT_BEFORE, f"{time.time() + max(delay, 0.0):.3f}".encode()),
@@ -880,7 +1019,7 @@ class KafkaTransport(Transport):
                 key=key.encode(),
                 partition=0,  # (should the topic have more, made by another client)
                 headers=[
-                    (ENVELOPE, _fields(record.envelope)),
+                    *_headers(record.envelope),
                     (DEAD_LETTER, _COMPACT.encode(letter).encode()),
                 ],
             )
@@ -1059,7 +1198,7 @@ class KafkaTransport(Transport):
                 envelope.payload,
                 key=token.encode(),
                 partition=0,
-                headers=[(ENVELOPE, _fields(envelope))],
+                headers=_headers(envelope),
             )
 
     async def _listen(self) -> None:
@@ -1429,24 +1568,63 @@ class _KafkaDelivery:
         return f"<delivery {self.envelope.name} #{self.attempt} to {state.group}@{state.address}>"
 
 
-def _fields(envelope: Envelope) -> bytes:
-    fields = envelope.to_fields()
-    del fields["payload"]
-    return _COMPACT.encode(fields).encode()
+def _headers(envelope: Envelope) -> list[tuple[str, bytes]]:
+    """The record headers that carry ``envelope`` (its payload is the record's value)."""
+    headers = [
+        (ID, envelope.id.encode()),
+        (NAME, envelope.name.encode()),
+        (CONTENT_TYPE, envelope.content_type.encode()),
+        (CREATED_AT, repr(envelope.created_at).encode()),
+    ]
+    if envelope.correlation_id is not None:
+        headers.append((CORRELATION_ID, envelope.correlation_id.encode()))
+    if envelope.causation_id is not None:
+        headers.append((CAUSATION_ID, envelope.causation_id.encode()))
+    if envelope.reply_to is not None:
+        headers.append((REPLY_TO, envelope.reply_to.encode()))
+    if envelope.key is not None:
+        headers.append((KEY, envelope.key.encode()))
+    if envelope.headers:
+        headers.append((HEADERS, _COMPACT.encode(dict(envelope.headers)).encode()))
+    return headers
 
 
 def _envelope(headers: dict[str, bytes], value: bytes | None) -> Envelope:
-    raw = headers.get(ENVELOPE)
-    if raw is None:
-        raise SerializationError(f"no envelope: no {ENVELOPE} header; value {value!r:.80}")
+    """The envelope a record carries (``headers``: its headers by name), or a
+    SerializationError saying what is missing or malformed."""
+    get = headers.get
+    envelope_id, name, at = get(ID), get(NAME), get(CREATED_AT)
+    if envelope_id is None or name is None or at is None:
+        missing = next(
+            h for h, v in ((ID, envelope_id), (NAME, name), (CREATED_AT, at)) if v is None
+        )
+        raise SerializationError(f"no envelope: no {missing} header; value {value!r:.80}")
+    content_type, corr, cause = get(CONTENT_TYPE), get(CORRELATION_ID), get(CAUSATION_ID)
+    reply, key, own = get(REPLY_TO), get(KEY), get(HEADERS)
     try:
-        fields = json.loads(raw)
-    except ValueError as exc:
-        raise SerializationError(f"malformed {ENVELOPE} header {raw!r:.200}: {exc}") from exc
-    if not isinstance(fields, dict):
-        raise SerializationError(f"malformed {ENVELOPE} header {raw!r:.200}: not an object")
-    fields["payload"] = value or b""
-    return Envelope.from_fields(fields)
+        envelope = Envelope(
+            id=envelope_id.decode(),
+            name=name.decode(),
+            payload=value or b"",
+            content_type=content_type.decode() if content_type else "application/json",
+            created_at=float(at),
+            correlation_id=None if corr is None else corr.decode(),
+            causation_id=None if cause is None else cause.decode(),
+            reply_to=None if reply is None else reply.decode(),
+            key=None if key is None else key.decode(),
+            headers=json.loads(own) if own else {},
+        )
+    except ValueError as exc:  # (a UnicodeDecodeError is one)
+        shown = {h: v for h, v in headers.items() if h.startswith("iambus-")}
+        raise SerializationError(f"malformed envelope headers {shown!r:.300}: {exc}") from exc
+    if own and not (
+        type(envelope.headers) is dict
+        and all(type(k) is str and type(v) is str for k, v in envelope.headers.items())
+    ):
+        raise SerializationError(
+            f"malformed {HEADERS} header {own!r:.200}: not a JSON object of strings"
+        )
+    return envelope
 
 
 def _retry_headers(headers: dict[str, bytes]) -> tuple[int, float, bytes | None]:
@@ -1471,7 +1649,7 @@ def _raw(record: ConsumerRecord[Any, Any], headers: dict[str, bytes]) -> Envelop
         payload=record.value or b"",
         content_type="application/x-iambus-raw-message",
         key=None if record.key is None else record.key.decode(errors="replace"),
-        headers={k: v.decode(errors="replace") for k, v in headers.items() if k != ENVELOPE},
+        headers={k: v.decode(errors="replace") for k, v in headers.items()},
     )
 
 
