@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from iambus.envelope import Envelope
-from iambus.errors import ImproperlyConfigured, TransportError
+from iambus.errors import ImproperlyConfigured, MessageRefused, TransportError
 from iambus.transports import Delivery, Failure, Transport, connect
 
 from .conftest import Bus, receive_some, require
@@ -1493,3 +1493,15 @@ async def test_a_close_while_the_reply_listener_starts_leaves_no_listener(
             await asking
         assert transport._listening is None
         assert transport._listener is None
+
+
+async def test_a_record_too_large_is_refused_for_good_and_the_others_go() -> None:
+    # MessageRefused (not a plain TransportError): the outbox's relay parks such a row at
+    # once, where a refusal alone in its pass looked like an outage, retried for ever.
+    async with _transports(1, partitions=1) as (transport,):
+        await transport.declare("a", "g", from_start=False)
+        with pytest.raises(MessageRefused, match=r"max_request_size \(1,048,576 bytes\)"):
+            await transport.send("a", Envelope(name="Big", payload=b"x" * 2_000_000))
+        await transport.send("a", _ping(1))
+        [delivery] = await _receive(transport, 1)
+        assert _n(delivery) == 1

@@ -122,6 +122,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from ..envelope import Envelope
 from ..errors import (
     ImproperlyConfigured,
+    MessageRefused,
     SerializationError,
     TransportError,
     check_count,
@@ -149,6 +150,7 @@ try:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import (
         KafkaError,
+        MessageSizeTooLargeError,
         TopicAlreadyExistsError,
         UnknownError,
     )
@@ -520,6 +522,12 @@ class KafkaTransport(Transport):
             await self._batched(
                 producer, topic, slot, None if key is None else key.encode(), envelope, headers
             )
+        except MessageSizeTooLargeError as exc:
+            raise MessageRefused(
+                f"{self.url}: send failed: the record is larger than the producer's "
+                f"max_request_size ({_MAX_REQUEST:,} bytes) or the topic's max.message.bytes "
+                f"takes; send a smaller one (a reference to the data, say): {_describe(exc)}"
+            ) from exc
         except (KafkaError, OSError, TimeoutError) as exc:
             raise TransportError(f"{self.url}: send failed: {_describe(exc)}") from exc
 
