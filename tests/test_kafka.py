@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from iambus.envelope import Envelope
-from iambus.errors import ImproperlyConfigured, MessageRefused, TransportError
+from iambus.errors import ImproperlyConfigured, MessageRefused, SerializationError, TransportError
 from iambus.transports import Delivery, Failure, Transport, connect
 
 from .conftest import Bus, receive_some, require
@@ -1505,3 +1505,13 @@ async def test_a_record_too_large_is_refused_for_good_and_the_others_go() -> Non
         await transport.send("a", _ping(1))
         [delivery] = await _receive(transport, 1)
         assert _n(delivery) == 1
+
+
+async def test_an_empty_content_type_round_trips_and_a_field_not_utf8_is_refused() -> None:
+    async with _transports(1, partitions=1) as (transport,):
+        await transport.declare("a", "g", from_start=False)
+        await transport.send("a", Envelope(name="Ping", payload=b"1", content_type=""))
+        [delivery] = await _receive(transport, 1)
+        assert delivery.envelope.content_type == ""
+        with pytest.raises(SerializationError, match="not UTF-8"):
+            await transport.send("a", Envelope(name="bad\udc80", payload=b""))

@@ -501,7 +501,13 @@ class KafkaTransport(Transport):
             await self._ensure_topic(topic, self.partitions)
         producer = self._client()
         key = envelope.key
-        headers = _headers(envelope)
+        try:
+            headers = _headers(envelope)
+            encoded_key = None if key is None else key.encode()
+        except UnicodeEncodeError as exc:  # (a lone surrogate in a name, an id...)
+            raise SerializationError(
+                f"{self.url}: cannot send {envelope.name!r}: a field is not UTF-8: {exc}"
+            ) from exc
         if extra:
             headers.extend(extra)
         try:
@@ -519,9 +525,9 @@ class KafkaTransport(Transport):
                     turn = random.randrange(count)
                 self._turns[topic] = turn + 1
                 slot = turn % count
-            await self._batched(
-                producer, topic, slot, None if key is None else key.encode(), envelope, headers
-            )
+            if producer is not self._producer:  # closed (and maybe opened again) meanwhile
+                raise TransportError(f"{self.url}: closed while sending")
+            await self._batched(producer, topic, slot, encoded_key, envelope, headers)
         except MessageSizeTooLargeError as exc:
             raise MessageRefused(
                 f"{self.url}: send failed: the record is larger than the producer's "
@@ -595,13 +601,17 @@ class KafkaTransport(Transport):
             acked = await producer.send_batch(out.builder, tp[0], partition=tp[1])
             await acked
         except BaseException as exc:  # every send of the batch hears it
+            heard: BaseException = exc
+            if isinstance(exc, asyncio.CancelledError):
+                # (the batch's task, not a send, was cancelled: the loop ends, say)
+                heard = KafkaError("the batch's send was cancelled")
+            elif isinstance(exc, MessageSizeTooLargeError) and len(out.waiters) > 1:
+                # Too large for the topic as a batch: which record is at fault is not
+                # known, so none is refused for good (a retry may batch them otherwise).
+                heard = KafkaError(f"a batch of {len(out.waiters)} records refused: {exc}")
             for waiter in out.waiters:
-                if waiter.done():
-                    continue  # (its send was cancelled: the record may still go)
-                if isinstance(exc, asyncio.CancelledError):
-                    waiter.cancel()
-                else:
-                    waiter.set_exception(exc)
+                if not waiter.done():  # (done: its send was cancelled; the record may go)
+                    waiter.set_exception(heard)
             if not isinstance(exc, Exception):
                 raise
         else:
@@ -1614,7 +1624,7 @@ def _envelope(headers: dict[str, bytes], value: bytes | None) -> Envelope:
             id=envelope_id.decode(),
             name=name.decode(),
             payload=value or b"",
-            content_type=content_type.decode() if content_type else "application/json",
+            content_type="application/json" if content_type is None else content_type.decode(),
             created_at=float(at),
             correlation_id=None if corr is None else corr.decode(),
             causation_id=None if cause is None else cause.decode(),
