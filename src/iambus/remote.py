@@ -317,7 +317,6 @@ class Remote:
             ) from exc
         finally:
             look.cancel()
-        into = result_type(mkey)
         if answer.headers.get(STATUS) == "error":
             owner = self.routes.owner(mkey)
             details = json.loads(answer.payload)
@@ -329,6 +328,7 @@ class Remote:
                 error_type=details["type"],
                 remote_message=details["message"],
             )
+        into = result_type(mkey)
         if into is None or into is type(None):
             # Command[None]: nothing to return, even if the handler returned an event (to
             # publish it) or some value the caller declared it does not want.

@@ -63,12 +63,7 @@ from typing import Any
 
 from .engine import Followups, followups, in_worker, outside_workers
 from .envelope import Envelope, current_envelope
-from .errors import (
-    ImproperlyConfigured,
-    SerializationError,
-    TransportError,
-    TransportRefused,
-)
+from .errors import ImproperlyConfigured, SerializationError, TransportError, TransportRefused
 from .logs import message_fields
 from .messages import result_type
 from .remote import SENDER, Remote
