@@ -581,7 +581,11 @@ class NatsTransport(Transport):
         nc = self._client()
         # The server holds headers and body together to max_payload, nats-py the body
         # alone: a message over it by its headers would cost the connection.
-        size = len(payload) + _HEADER_FRAME + sum(len(k) + len(v) + 4 for k, v in headers.items())
+        size = (
+            len(payload)
+            + _HEADER_FRAME
+            + sum(len(k) + len(v.encode()) + 4 for k, v in headers.items())
+        )
         if size > nc.max_payload:
             raise self._error("publish", MaxPayloadError())
         self._tokens += 1
