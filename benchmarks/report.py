@@ -24,7 +24,7 @@ def cpu_model() -> str:
 
 def humanize(rate: float) -> str:
     for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if rate >= limit:
+        if rate >= limit * 0.9995:  # (999.6 would print as 1e+03 in the unit below)
             return f"{rate / limit:.3g}{suffix}"
     return f"{rate:.3g}"
 

@@ -18,6 +18,7 @@ from iambus.errors import (
     HandlerSignatureError,
     IambusError,
     ImproperlyConfigured,
+    MessageRefused,
     NotSettled,
     ProviderConflict,
     RegistrationClosed,
@@ -39,6 +40,7 @@ ALL_ERRORS = [
     HandlerSignatureError,
     IambusError,
     ImproperlyConfigured,
+    MessageRefused,
     NotSettled,
     ProviderConflict,
     RegistrationClosed,
@@ -176,3 +178,10 @@ async def test_sending_after_stop_raises_dispatcher_stopped() -> None:
 
     with pytest.raises(DispatcherStopped, match=r"dispatcher was stopped.*call dp\.start\(\)"):
         await dp.query(Ping())
+
+
+def test_a_message_refused_is_a_transport_error_but_no_refusal_of_the_connection() -> None:
+    # Caught where a failed send is (TransportError); not TransportRefused, which stops a
+    # worker for good: one message too large must not stop anything.
+    assert issubclass(MessageRefused, TransportError)
+    assert not issubclass(MessageRefused, TransportRefused)
