@@ -887,8 +887,11 @@ class RabbitMQTransport(Transport):
                     failing = True
             finally:
                 if channel is not None:
+                    # Bounded: on a connection that is recovering (the stream deleted
+                    # under it, say), a channel's close waits for the recovery.
                     with contextlib.suppress(Exception):
-                        await channel.close()
+                        async with asyncio.timeout(1.0):
+                            await channel.close()
             await asyncio.sleep(pause)
 
     async def _on_record(self, message: DeliveredMessage) -> None:
