@@ -57,10 +57,11 @@ def test_metadata_matches_the_ddl() -> None:
     db = Database(POSTGRES_DSN, schema="s", prefix="p_")
     metadata = db.metadata()
     assert sorted(metadata.tables) == ["s.p_inbox", "s.p_outbox"]
-    outbox = metadata.tables["s.p_outbox"]
-    for line in db.ddl().split("CREATE TABLE")[1].split(");")[0].splitlines()[1:]:
-        column = line.split()[0]
-        assert column in outbox.columns, column
+    tables = db.ddl().split("CREATE TABLE")[1:]
+    for name, table in zip(["s.p_outbox", "s.p_inbox"], tables, strict=True):
+        lines = table.split(");")[0].splitlines()[1:]
+        columns = [line.split()[0] for line in lines if not line.strip().startswith("PRIMARY")]
+        assert sorted(columns) == sorted(metadata.tables[name].columns.keys()), name
 
 
 async def test_create_is_idempotent_and_check_names_what_is_missing() -> None:
@@ -81,6 +82,34 @@ async def test_create_is_idempotent_and_check_names_what_is_missing() -> None:
             await conn.execute(f"ALTER TABLE {db.inbox} DROP COLUMN handled_at")
         with pytest.raises(ImproperlyConfigured, match=r"t_inbox has no column\(s\) handled_at"):
             await db.check()
+    finally:
+        async with db.connection() as conn:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await db.close()
+
+
+async def test_init_adds_the_answer_columns_to_an_inbox_of_an_older_shape() -> None:
+    require("postgres")
+    schema = f"test_{uuid.uuid4().hex[:10]}"
+    db = Database(POSTGRES_DSN, schema=schema)
+    try:
+        await db.create()
+        async with db.connection() as conn:
+            await conn.execute(f"INSERT INTO {db.inbox} (message_id, handler) VALUES ('m', 'h')")
+            await conn.execute(
+                f"ALTER TABLE {db.inbox} DROP COLUMN answer, DROP COLUMN answer_type"
+            )
+        with pytest.raises(
+            ImproperlyConfigured,
+            match=rf"iambus_inbox has no column\(s\) answer, answer_type: .*"
+            rf"`iambus db init --database DSN --schema {schema}` adds them",
+        ):
+            await db.check()
+        await db.create()  # iambus db init
+        await db.check()
+        async with db.connection() as conn:
+            kept = await conn.fetch(f"SELECT message_id, answer FROM {db.inbox}")
+        assert [tuple(row) for row in kept] == [("m", None)]  # the records are kept
     finally:
         async with db.connection() as conn:
             await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

@@ -208,14 +208,11 @@ async def test_a_skipped_redelivery_of_a_command_without_result_answers_done(
     assert await charges(database) == [7]
 
 
-async def test_a_skipped_redelivery_of_a_command_with_a_result_is_not_answered(
-    database: Database,
-) -> None:
-    """Its result was not kept; an error answer could overtake the first run's answer on
-    its way (a slow first delivery, redelivered after claim_after): no answer."""
+async def refunds(database: Database, runs: list[int]) -> tuple[MemoryTransport, Dispatcher]:
+    """Billing on a transport of its own (returned), with a RefundCharge handler that
+    records the refund and answers 42 + the order id."""
     await make_charges(database)
     transport = MemoryTransport()
-    runs: list[int] = []
     server = billing(database, runs)
     server.remote.transport = transport  # type: ignore[union-attr]
 
@@ -223,14 +220,54 @@ async def test_a_skipped_redelivery_of_a_command_with_a_result_is_not_answered(
     async def refund(command: RefundCharge, conn: asyncpg.Connection) -> int:
         runs.append(command.order_id)
         await conn.execute(f'INSERT INTO "{database.schema}".charges VALUES ($1)', command.order_id)
-        return 42
+        return 42 + command.order_id
 
+    return transport, server
+
+
+async def test_a_skipped_redelivery_of_a_command_with_a_result_answers_the_kept_result(
+    database: Database,
+) -> None:
+    """The first run kept its answer in its inbox record, in its transaction; a middleware
+    failed after the commit: the retry runs nothing and answers with the kept result."""
+    runs: list[int] = []
+    transport, server = await refunds(database, runs)
     server.commands.add_middleware(fails_once_after_the_commit())
+    client = Dispatcher(transport=transport, service="web", routes={RefundCharge: "billing"})
+    async with server, client:
+        assert await client.execute(RefundCharge(8), timeout=5) == 50
+        await server.join()
+    assert runs == [8]
+    assert await charges(database) == [8]
+    async with database.connection() as conn:
+        kept = await conn.fetch(f"SELECT answer, answer_type FROM {database.inbox}")
+    assert [(bytes(row["answer"]), row["answer_type"]) for row in kept] == [
+        (b"50", "application/json")
+    ]
+
+
+async def test_a_skipped_redelivery_of_a_command_whose_record_kept_no_answer_is_not_answered(
+    database: Database,
+) -> None:
+    """A record without an answer (an older version's, or a result that did not encode):
+    no answer, since an error answer could overtake the first run's on its way."""
+    runs: list[int] = []
+    transport, server = await refunds(database, runs)
+    failing = fails_once_after_the_commit()
+
+    async def forget_answers(message: Any, call_next: Any, context: Any) -> Any:
+        try:
+            return await failing(message, call_next, context)
+        finally:  # committed: the record now holds what one of an older version holds
+            async with database.connection() as conn:
+                await conn.execute(f"UPDATE {database.inbox} SET answer = NULL, answer_type = NULL")
+
+    server.commands.add_middleware(forget_answers)
     client = Dispatcher(transport=transport, service="web", routes={RefundCharge: "billing"})
     async with server, client:
         with pytest.raises(RequestTimeout, match="may still be carried out"):
             await client.execute(RefundCharge(8), timeout=0.5)
-        assert await client.execute(RefundCharge(9), timeout=5) == 42  # a fresh one answers
+        assert await client.execute(RefundCharge(9), timeout=5) == 51  # a fresh one answers
         await server.join()
     assert runs == [8, 9]
     assert await charges(database) == [8, 9]

@@ -70,7 +70,14 @@ INBOX_COLUMNS = (
     ("message_id", "text NOT NULL"),
     ("handler", "text NOT NULL"),
     ("handled_at", "timestamptz NOT NULL DEFAULT now()"),
+    # The answer a command's requester was sent (its payload and content type), kept to
+    # answer a redelivery the record skips; NULL for events and commands without one.
+    ("answer", "bytea"),
+    ("answer_type", "text"),
 )
+ADDED_INBOX_COLUMNS = ("answer", "answer_type")
+"""Inbox columns added after the table's first shape: ``ddl()`` adds them to an older
+table (they are nullable), so ``iambus db init`` migrates it."""
 
 
 class Database:
@@ -164,6 +171,11 @@ class Database:
             f"(lane, position) WHERE parked_at IS NULL;"
         )
         lines.append(_create(self.inbox, INBOX_COLUMNS, primary_key="message_id, handler"))
+        columns = dict(INBOX_COLUMNS)
+        added = ", ".join(
+            f"ADD COLUMN IF NOT EXISTS {name} {columns[name]}" for name in ADDED_INBOX_COLUMNS
+        )
+        lines.append(f"ALTER TABLE {self.inbox} {added};")
         lines.append(
             f'CREATE INDEX IF NOT EXISTS "{self.prefix}inbox_handled_at" ON {self.inbox} '
             f"(handled_at);"
@@ -224,6 +236,8 @@ class Database:
                 nullable=False,
                 server_default=sa.func.now(),
             ),
+            sa.Column("answer", sa.LargeBinary),
+            sa.Column("answer_type", sa.Text),
             sa.Index(f"{self.prefix}inbox_handled_at", "handled_at"),
             schema=self.schema,
         )
@@ -260,9 +274,13 @@ class Database:
                 if missing:
                     raise ImproperlyConfigured(
                         f"the table {where} has no column(s) {', '.join(missing)}: it was "
-                        f"made by another version or by hand; compare it with "
-                        f"Database.ddl(), and migrate it (or drop it and run `iambus db "
-                        f"init`)"
+                        f"made by another version or by hand; "
+                        + (
+                            f"`iambus db init --database DSN{self._options()}` adds them"
+                            if set(missing) <= set(ADDED_INBOX_COLUMNS)
+                            else "compare it with Database.ddl(), and migrate it (or drop "
+                            "it and run `iambus db init`)"
+                        )
                     )
 
     def _options(self) -> str:

@@ -9,6 +9,12 @@ the handler again; one delivered twice at once waits on the first's uncommitted 
 then finds it. If the handler fails, its transaction rolls back, record included, and the
 message is retried as any other. So a message's effects in the database are applied once.
 
+A command whose requester waits for its result (a routed ``execute()``) also keeps the
+answer it is sent in its record (``keep_answer``), in the same transaction; a redelivery
+the record skips is answered with it (``kept_answer``), so a requester whose first answer
+was lost (its worker died after the commit, or a middleware failed after it) still gets
+the result instead of a timeout.
+
 Records are kept ``Database(inbox_retention=...)`` seconds (a week by default), longer
 than any broker redelivers a message; ``purge`` deletes older ones (each relay does it
 once an hour, in a task of its own, in chunks, skipped while another relay purges).
@@ -21,7 +27,7 @@ from typing import Any
 
 from .database import Database
 
-__all__ = ["claim", "purge"]
+__all__ = ["claim", "keep_answer", "kept_answer", "purge"]
 
 PURGE_CHUNK = 10_000  # records deleted per statement
 PURGE_LOCK = -1  # the second key of the purge's advisory lock (the relays' lanes are 0..15)
@@ -37,6 +43,37 @@ async def claim(conn: Any, database: Database, message_id: str, handler: str) ->
         handler,
     )
     return bool(status == "INSERT 0 1")
+
+
+async def keep_answer(
+    conn: Any, database: Database, message_id: str, handler: str, answer: tuple[bytes, str]
+) -> None:
+    """Keep ``answer`` (payload, content type: what the requester of command
+    ``message_id`` is sent) in ``handler``'s record of it, claimed in ``conn``'s
+    transaction."""
+    await conn.execute(
+        f"UPDATE {database.inbox} SET answer = $3, answer_type = $4 "
+        f"WHERE message_id = $1 AND handler = $2",
+        message_id,
+        handler,
+        *answer,
+    )
+
+
+async def kept_answer(
+    conn: Any, database: Database, message_id: str, handler: str
+) -> tuple[bytes, str] | None:
+    """The answer kept in ``handler``'s record of ``message_id`` (payload, content type),
+    or None: none was kept (an event, a command without a result, a record of an older
+    version, or a result that did not encode)."""
+    row = await conn.fetchrow(
+        f"SELECT answer, answer_type FROM {database.inbox} WHERE message_id = $1 AND handler = $2",
+        message_id,
+        handler,
+    )
+    if row is None or row["answer"] is None:
+        return None
+    return bytes(row["answer"]), row["answer_type"]
 
 
 async def purge(conn: Any, database: Database, *, stopping: asyncio.Event | None = None) -> int:

@@ -90,6 +90,12 @@ def message_name(key: MessageKey) -> str:
     return explicit if isinstance(explicit, str) else key.__qualname__
 
 
+def result_unread(key: MessageKey) -> bool:
+    """Whether a requester of ``key`` ignores its result (a ``Command[None]``: its answer
+    carries nothing)."""
+    return result_type(key) in (None, type(None))
+
+
 @functools.cache  # read for every routed request and every answer; a class's R is fixed
 def result_type(key: MessageKey) -> Any:
     """``R`` of a ``Query[R]`` / ``Command[R]`` subclass, or ``Any`` when not declared.

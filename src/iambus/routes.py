@@ -28,9 +28,9 @@ from typing import Any
 
 from .database import Database
 from .envelope import Envelope
-from .errors import ImproperlyConfigured
+from .errors import ImproperlyConfigured, SerializationError
 from .handlers import Handler, Invoke, Kind
-from .messages import Command, MessageKey, Query, describe, message_key
+from .messages import Command, MessageKey, Query, describe, message_key, result_unread
 from .middleware import Context, Middleware, compose
 from .remote import Remote, RemoteRoute
 from .retry import Retry
@@ -99,7 +99,7 @@ class Route:
     ) -> Any:
         """Run the chain on ``message``; ``delivered``: the envelope it came in, from a
         transport, recorded in the inbox under ``inbox`` (the subscription's group: one
-        per handler and service) by a unit of work. Returns ``ALREADY_HANDLED`` when the
+        per handler and service) by a unit of work. Returns an ``AlreadyHandled`` when the
         inbox found it applied already (a redelivery: nothing ran)."""
         call = Call()
         if self.collects:
@@ -115,7 +115,7 @@ class Route:
                 await run_later(call.later)
             raise
         if call.skipped:
-            return ALREADY_HANDLED
+            return ALREADY_HANDLED if call.answer is None else AlreadyHandled(call.answer)
         if not call.taken and (call.sink or result is not None):
             table = self.table
             # A result of a type in ``quiet`` is no event without a response_event: that
@@ -143,20 +143,22 @@ class Route:
         it), else it is left to ``run``, as without a unit."""
         table = self.table
         unit = table.open_unit()
+        delivered = call.delivered
         # The inbox records what changes something: commands and events, not queries.
-        if (
-            unit is not None
-            and call.delivered is not None
-            and self.kind != "query"
-            and not await self._claim(unit, call.delivered, call.inbox or self.name)
-        ):
-            call.taken = call.skipped = True
-            return None
+        if unit is not None and delivered is not None and self.kind != "query":
+            inbox = call.inbox or self.name
+            if not await self._claim(unit, delivered, inbox):
+                call.taken = call.skipped = True
+                if self._answered(delivered, message):
+                    call.answer = await unit.kept_answer(delivered.id, inbox)
+                return None
         if self.collects:
             result = await self.invoke(message, call.sink)
         else:
             result = await self.invoke(message)
         if unit is not None:
+            if result is not None and self._answered(delivered, message):
+                await self._keep_answer(unit, delivered, call.inbox or self.name, result)
             routes = table.published_to(result, message, self.response_event)
             sink = call.sink
             call.taken = True
@@ -165,6 +167,29 @@ class Route:
             if sink or routes:
                 await table.emit(sink, result, routes, context.key)
         return result
+
+    def _answered(self, delivered: Envelope | None, message: Any) -> bool:
+        """Whether ``delivered`` is a command whose requester waits for its result."""
+        return (
+            self.kind == "command"
+            and delivered is not None
+            and delivered.reply_to is not None
+            and not result_unread(type(message))
+        )
+
+    async def _keep_answer(
+        self, unit: UnitOfWork, request: Envelope | None, inbox: str, result: Any
+    ) -> None:
+        """Keep in the inbox what the requester of ``request`` is sent for ``result``;
+        nothing when it does not encode (the worker tells the requester why)."""
+        remote = self.table.remote
+        if remote is None or request is None:
+            return
+        try:
+            answer = remote.answer(request, result)
+        except SerializationError:
+            return
+        await unit.keep_answer(request.id, inbox, (answer.payload, answer.content_type))
 
     async def _claim(self, unit: UnitOfWork, delivered: Envelope, inbox: str) -> bool:
         if await unit.claim(delivered.id, inbox):
@@ -189,15 +214,22 @@ class Route:
             return await self._into_unit(message, context, call)
 
 
-class _AlreadyHandled:
-    __slots__ = ()
+class AlreadyHandled:
+    """What ``Route.run`` returns for a delivery the inbox found applied already (nothing
+    ran), with the ``answer`` (payload, content type) an earlier run kept for its
+    requester, if any."""
+
+    __slots__ = ("answer",)
+
+    def __init__(self, answer: tuple[bytes, str] | None = None) -> None:
+        self.answer = answer
 
     def __repr__(self) -> str:
-        return "ALREADY_HANDLED"
+        return "ALREADY_HANDLED" if self.answer is None else "AlreadyHandled(<kept answer>)"
 
 
-ALREADY_HANDLED: Any = _AlreadyHandled()
-"""What ``Route.run`` returns for a delivery the inbox found applied already."""
+ALREADY_HANDLED: Any = AlreadyHandled()
+"""``AlreadyHandled`` without a kept answer."""
 
 
 class Call:
@@ -213,6 +245,7 @@ class Call:
     taken = False  # True once a unit of work took what the handler emitted
     skipped = False  # True when the inbox found ``delivered`` applied already
     later: list[Later] | None = None  # in-process work a unit of work left to its commit
+    answer: tuple[bytes, str] | None = None  # the answer a skipped delivery's record kept
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,7 +60,7 @@ from typing import Any, Protocol
 from .database import Database
 from .envelope import Envelope
 from .errors import ImproperlyConfigured, TransactionFailed
-from .inbox import claim
+from .inbox import claim, keep_answer, kept_answer
 from .outbox import Outgoing, write
 from .providers import Factory
 
@@ -171,6 +171,21 @@ class UnitOfWork:
         if new:
             self._claimed.add((message_id, handler))
         return new
+
+    async def keep_answer(self, message_id: str, handler: str, answer: tuple[bytes, str]) -> None:
+        """Keep ``answer`` (payload, content type) in the inbox record this unit claimed
+        for ``message_id``: a redelivery the record skips is answered with it."""
+        try:
+            await keep_answer(await self.connection(), self.database, message_id, handler, answer)
+        except Exception as exc:
+            raise explained(exc, self.database, "keep the answer in the inbox") from exc
+
+    async def kept_answer(self, message_id: str, handler: str) -> tuple[bytes, str] | None:
+        """The answer kept with an earlier run's inbox record of ``message_id``, if any."""
+        try:
+            return await kept_answer(await self.connection(), self.database, message_id, handler)
+        except Exception as exc:
+            raise explained(exc, self.database, "read the answer kept in the inbox") from exc
 
 
 def _driver_connection(session: Any) -> Any:

@@ -65,10 +65,10 @@ from .engine import Followups, followups, in_worker, outside_workers
 from .envelope import Envelope, current_envelope
 from .errors import ImproperlyConfigured, SerializationError, TransportError, TransportRefused
 from .logs import message_fields
-from .messages import result_type
+from .messages import result_unread
 from .remote import SENDER, Remote
 from .retry import Retry
-from .routes import ALREADY_HANDLED, Subscription
+from .routes import AlreadyHandled, Subscription
 from .telemetry import Outcome, Processing, Settlement, Telemetry, system_of
 from .transports import (
     ANNOUNCE_TTL,
@@ -95,7 +95,6 @@ SENDERS = 1024  # sender clocks remembered at most
 SKEW = 300.0  # seconds two hosts' clocks may disagree (Kerberos allows as much)
 BUG_FAILURES, BUG_SPAN = 10, 30.0  # receives failing by a bug in a row, and for how long
 STOP_GRACE = 1.0  # seconds a stop's deadline is followed by for each of its two clean-ups
-_DISCARDED = (None, type(None))  # result types whose value a requester does not read
 
 
 @dataclass(frozen=True, slots=True)
@@ -637,15 +636,19 @@ class Worker:
         finally:
             followups.reset(counted)
             current_envelope.reset(token)
-        if result is ALREADY_HANDLED:
-            # A redelivery the inbox recorded as applied: nothing ran. A Command[None]'s
-            # requester still waiting (the first run's answer was lost: its worker died
-            # after the commit, or a middleware failed) is told it is done: the answer
-            # the first run gave or would give, so either may come first. A command with
-            # a result is not answered: its result was not kept, and an error could
-            # overtake the first run's answer on its way.
-            if envelope.reply_to and result_type(sub.message) in _DISCARDED:
-                await self._tell(envelope, self.remote.answer(envelope, None, empty=True))
+        if isinstance(result, AlreadyHandled):
+            # A redelivery the inbox recorded as applied: nothing ran. A requester still
+            # waiting (the first run's answer was lost: its worker died after the commit,
+            # or a middleware failed) gets the answer the first run gave or would give,
+            # so either may come first: a Command[None]'s "done", or the result the first
+            # run kept in its record. Without one kept (a record of an older version, a
+            # result that did not encode) it is not answered: an error answer could
+            # overtake the first run's on its way.
+            if envelope.reply_to:
+                if result_unread(sub.message):
+                    await self._tell(envelope, self.remote.answer(envelope, None, empty=True))
+                elif result.answer is not None:
+                    await self._tell(envelope, self.remote.kept_answer(envelope, *result.answer))
             await delivery.ack()
             return
         unanswered: Exception | None = None
@@ -712,7 +715,7 @@ class Worker:
             )
 
     def _answer(self, sub: Subscription, request: Envelope, result: Any) -> Envelope:
-        if result_type(sub.message) in _DISCARDED:
+        if result_unread(sub.message):
             # Command[None]: the requester returns None without reading the answer, so
             # whatever the handler returned is not encoded (it may not encode at all).
             return self.remote.answer(request, None, empty=True)
