@@ -99,17 +99,41 @@ async def test_init_adds_the_answer_columns_to_an_inbox_of_an_older_shape() -> N
             await conn.execute(
                 f"ALTER TABLE {db.inbox} DROP COLUMN answer, DROP COLUMN answer_type"
             )
-        with pytest.raises(
-            ImproperlyConfigured,
-            match=rf"iambus_inbox has no column\(s\) answer, answer_type: .*"
-            rf"`iambus db init --database DSN --schema {schema}` adds them",
-        ):
-            await db.check()
-        await db.create()  # iambus db init
-        await db.check()
+        await db.check()  # a warning, not an error: answers are not kept (test_inbox)
         async with db.connection() as conn:
-            kept = await conn.fetch(f"SELECT message_id, answer FROM {db.inbox}")
-        assert [tuple(row) for row in kept] == [("m", None)]  # the records are kept
+            assert not await db.answers_kept(conn)
+        await db.create()  # iambus db init
+        again = Database(POSTGRES_DSN, schema=schema)  # (a restart)
+        try:
+            await again.check()
+            async with again.connection() as conn:
+                assert await again.answers_kept(conn)
+                kept = await conn.fetch(f"SELECT message_id, answer FROM {db.inbox}")
+            assert [tuple(row) for row in kept] == [("m", None)]  # the records are kept
+        finally:
+            await again.close()
+    finally:
+        async with db.connection() as conn:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await db.close()
+
+
+async def test_init_leaves_an_inbox_of_the_current_shape_unlocked() -> None:
+    """The step of `iambus db init` that adds the answer columns alters nothing once
+    they are there: it does not queue behind a handler's open transaction on the inbox
+    (and block every read of the inbox behind it)."""
+    require("postgres")
+    schema = f"test_{uuid.uuid4().hex[:10]}"
+    db = Database(POSTGRES_DSN, schema=schema)
+    try:
+        await db.create()
+        async with db.connection() as holder, holder.transaction():
+            await holder.execute(f"INSERT INTO {db.inbox} (message_id, handler) VALUES ('m', 'h')")
+            async with db.connection() as conn:
+                (adding,) = [line for line in db.ddl().splitlines() if line.startswith("DO ")]
+                await conn.execute("SET lock_timeout = '2s'")
+                await conn.execute(adding)  # fails on the lock's timeout if it took it
+                await conn.execute("RESET lock_timeout")
     finally:
         async with db.connection() as conn:
             await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

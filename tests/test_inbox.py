@@ -25,15 +25,20 @@ class RefundCharge(Command[int]):
     order_id: int
 
 
-def billing(database: Database, runs: list[int]) -> Dispatcher:
+@dataclass(frozen=True, slots=True)
+class MaybeRefund(Command[int | None]):
+    order_id: int
+
+
+def billing(database: Database, runs: list[int], *, relay: bool = False) -> Dispatcher:
     """Service billing: its Charge handler records the charge in its table, and in ``runs``
     each time it runs; it fails on the first run of a ``fail_first`` charge."""
     dp = Dispatcher(
         transport=MemoryTransport(),
         service="billing",
-        routes={Charge: "billing", RefundCharge: "billing"},
+        routes={Charge: "billing", RefundCharge: "billing", MaybeRefund: "billing"},
         database=database,
-        relay=False,
+        relay=relay,
         retry=Retry(attempts=3, backoff=0.01),
     )
 
@@ -208,12 +213,14 @@ async def test_a_skipped_redelivery_of_a_command_without_result_answers_done(
     assert await charges(database) == [7]
 
 
-async def refunds(database: Database, runs: list[int]) -> tuple[MemoryTransport, Dispatcher]:
+async def refunds(
+    database: Database, runs: list[int], *, relay: bool = False
+) -> tuple[MemoryTransport, Dispatcher]:
     """Billing on a transport of its own (returned), with a RefundCharge handler that
     records the refund and answers 42 + the order id."""
     await make_charges(database)
     transport = MemoryTransport()
-    server = billing(database, runs)
+    server = billing(database, runs, relay=relay)
     server.remote.transport = transport  # type: ignore[union-attr]
 
     @server.commands.register(RefundCharge)
@@ -271,6 +278,70 @@ async def test_a_skipped_redelivery_of_a_command_whose_record_kept_no_answer_is_
         await server.join()
     assert runs == [8, 9]
     assert await charges(database) == [8, 9]
+
+
+async def test_a_kept_result_is_returned_through_the_middleware_again(
+    database: Database,
+) -> None:
+    """A middleware outside the unit changes the result (x 2): the first answer says
+    100. Answered from the record after the first answer was lost, it says 100 too: the
+    kept result is the handler's, and the middleware returns it again."""
+    runs: list[int] = []
+    transport, server = await refunds(database, runs)
+
+    async def doubles(message: Any, call_next: Any, context: Any) -> Any:
+        return 2 * await call_next(message)
+
+    server.commands.add_middleware(fails_once_after_the_commit())
+    server.commands.add_middleware(doubles)  # inside the one failing: sees the skip too
+    client = Dispatcher(transport=transport, service="web", routes={RefundCharge: "billing"})
+    async with server, client:
+        assert await client.execute(RefundCharge(8), timeout=5) == 100
+        await server.join()
+    assert runs == [8]
+
+
+async def test_a_kept_none_result_is_answered(database: Database) -> None:
+    """A Command[int | None] whose handler returned None: None is kept, and answered."""
+    await make_charges(database)
+    transport = MemoryTransport()
+    runs: list[int] = []
+    server = billing(database, runs)
+    server.remote.transport = transport  # type: ignore[union-attr]
+
+    @server.commands.register(MaybeRefund)
+    async def refund(command: MaybeRefund, conn: asyncpg.Connection) -> int | None:
+        runs.append(command.order_id)
+        await conn.execute(f'INSERT INTO "{database.schema}".charges VALUES ($1)', command.order_id)
+        return None
+
+    server.commands.add_middleware(fails_once_after_the_commit())
+    client = Dispatcher(transport=transport, service="web", routes={MaybeRefund: "billing"})
+    async with server, client:
+        assert await client.execute(MaybeRefund(8), timeout=5) is None
+        await server.join()
+    assert runs == [8]
+
+
+async def test_an_inbox_of_the_earlier_shape_keeps_no_answers_and_says_so(
+    database: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Deployed before `iambus db init` added the answer columns: the service starts
+    (relay included), commands run and answer as before, and a warning says what to run."""
+    runs: list[int] = []
+    transport, server = await refunds(database, runs, relay=True)  # its start checks
+    async with database.connection() as conn:
+        await conn.execute(
+            f"ALTER TABLE {database.inbox} DROP COLUMN answer, DROP COLUMN answer_type"
+        )
+    client = Dispatcher(transport=transport, service="web", routes={RefundCharge: "billing"})
+    async with server, client:
+        assert await client.execute(RefundCharge(8), timeout=5) == 50
+        await server.join()
+    assert await charges(database) == [8]
+    warned = [r.getMessage() for r in caplog.records if "answer, answer_type" in r.getMessage()]
+    assert warned, "no warning named the missing columns"
+    assert all("iambus db init" in message for message in warned)
 
 
 async def test_a_query_writes_no_inbox_record(database: Database) -> None:

@@ -126,6 +126,7 @@ class Database:
         self.inbox_retention = float(inbox_retention)
         self._pool: Any = source if self.kind == "asyncpg-pool" else None
         self._owned_pool = False
+        self._answers: bool | None = None  # the inbox keeps answers (None: not known yet)
         self._notifying: asyncio.Task[None] | None = None  # a NOTIFY on its way
         self._notify_again = False  # asked for while one was on its way
 
@@ -171,11 +172,18 @@ class Database:
             f"(lane, position) WHERE parked_at IS NULL;"
         )
         lines.append(_create(self.inbox, INBOX_COLUMNS, primary_key="message_id, handler"))
+        # Added to an inbox of the earlier shape; the check first, as an ALTER TABLE
+        # locks the table (ACCESS EXCLUSIVE) even when it adds nothing.
         columns = dict(INBOX_COLUMNS)
         added = ", ".join(
             f"ADD COLUMN IF NOT EXISTS {name} {columns[name]}" for name in ADDED_INBOX_COLUMNS
         )
-        lines.append(f"ALTER TABLE {self.inbox} {added};")
+        lines.append(
+            f"DO $$ BEGIN IF (SELECT count(*) FROM pg_attribute WHERE attrelid = "
+            f"'{self.inbox}'::regclass AND attname IN ({_quoted(ADDED_INBOX_COLUMNS)}) AND "
+            f"NOT attisdropped) < {len(ADDED_INBOX_COLUMNS)} THEN "
+            f"ALTER TABLE {self.inbox} {added}; END IF; END $$;"
+        )
         lines.append(
             f'CREATE INDEX IF NOT EXISTS "{self.prefix}inbox_handled_at" ON {self.inbox} '
             f"(handled_at);"
@@ -271,17 +279,44 @@ class Database:
                         f"Database.ddl() / Database.metadata() in your migrations)"
                     )
                 missing = [name for name, _ in columns if name not in found]
-                if missing:
+                if missing and set(missing) <= set(ADDED_INBOX_COLUMNS):
+                    self._answers = False
+                    self._no_answers(where)
+                elif missing:
                     raise ImproperlyConfigured(
                         f"the table {where} has no column(s) {', '.join(missing)}: it was "
-                        f"made by another version or by hand; "
-                        + (
-                            f"`iambus db init --database DSN{self._options()}` adds them"
-                            if set(missing) <= set(ADDED_INBOX_COLUMNS)
-                            else "compare it with Database.ddl(), and migrate it (or drop "
-                            "it and run `iambus db init`)"
-                        )
+                        f"made by another version or by hand; compare it with "
+                        f"Database.ddl(), and migrate it (or drop it and run `iambus db "
+                        f"init`)"
                     )
+
+    async def answers_kept(self, conn: Any) -> bool:
+        """Whether the inbox has the columns that keep a command's answer (an inbox of the
+        earlier shape has not: answers are not kept, as before, with a warning once).
+        Learnt once, on ``conn``; a table migrated meanwhile is seen after a restart."""
+        if self._answers is None:
+            found = await conn.fetchval(
+                "SELECT count(*) FROM information_schema.columns WHERE table_schema = "
+                "coalesce($1, current_schema()) AND table_name = $2 AND column_name = ANY($3)",
+                self.schema,
+                f"{self.prefix}inbox",
+                list(ADDED_INBOX_COLUMNS),
+            )
+            self._answers = found == len(ADDED_INBOX_COLUMNS)
+            if not self._answers:
+                self._no_answers(self.inbox)
+        return self._answers
+
+    def _no_answers(self, where: str) -> None:
+        logger.warning(
+            "iambus: the inbox %s has no columns %s (made by an earlier version): commands' "
+            "answers are not kept, and a redelivery the inbox skips is not answered; add "
+            "them with `iambus db init --database DSN%s` (or Database.ddl() / .metadata() "
+            "in your migrations), then restart",
+            where,
+            ", ".join(ADDED_INBOX_COLUMNS),
+            self._options(),
+        )
 
     def _options(self) -> str:
         schema = f" --schema {self.schema}" if self.schema else ""
@@ -411,6 +446,10 @@ class Database:
             await self.open()
         async with self._pool.acquire() as conn:
             yield conn
+
+
+def _quoted(names: tuple[str, ...]) -> str:
+    return ", ".join(f"'{name}'" for name in names)
 
 
 def _create(table: str, columns: tuple[tuple[str, str], ...], primary_key: str = "") -> str:

@@ -454,16 +454,10 @@ class Remote:
     def answer(self, request: Envelope, result: Any, *, empty: bool = False) -> Envelope:
         """The reply to ``request`` carrying ``result`` (``empty``: nothing, for a
         requester that does not read it: a ``Command[None]``)."""
-        payload = b"" if empty else self.codec.encode(result)
-        return self.kept_answer(request, payload, self.codec.content_type)
-
-    @staticmethod
-    def kept_answer(request: Envelope, payload: bytes, content_type: str) -> Envelope:
-        """The reply to ``request`` carrying a result encoded already (kept in the inbox)."""
         return Envelope(
             name=f"{request.name}.result",
-            payload=payload,
-            content_type=content_type,
+            payload=b"" if empty else self.codec.encode(result),
+            content_type=self.codec.content_type,
             correlation_id=request.id,
             causation_id=request.id,
             headers={STATUS: "ok"},

@@ -30,7 +30,15 @@ from .database import Database
 from .envelope import Envelope
 from .errors import ImproperlyConfigured, SerializationError
 from .handlers import Handler, Invoke, Kind
-from .messages import Command, MessageKey, Query, describe, message_key, result_unread
+from .messages import (
+    Command,
+    MessageKey,
+    Query,
+    describe,
+    message_key,
+    result_type,
+    result_unread,
+)
 from .middleware import Context, Middleware, compose
 from .remote import Remote, RemoteRoute
 from .retry import Retry
@@ -115,7 +123,7 @@ class Route:
                 await run_later(call.later)
             raise
         if call.skipped:
-            return ALREADY_HANDLED if call.answer is None else AlreadyHandled(call.answer)
+            return AlreadyHandled(result) if call.answered else ALREADY_HANDLED
         if not call.taken and (call.sink or result is not None):
             table = self.table
             # A result of a type in ``quiet`` is no event without a response_event: that
@@ -150,14 +158,14 @@ class Route:
             if not await self._claim(unit, delivered, inbox):
                 call.taken = call.skipped = True
                 if self._answered(delivered, message):
-                    call.answer = await unit.kept_answer(delivered.id, inbox)
+                    return await self._kept_result(unit, delivered, inbox, message, call)
                 return None
         if self.collects:
             result = await self.invoke(message, call.sink)
         else:
             result = await self.invoke(message)
         if unit is not None:
-            if result is not None and self._answered(delivered, message):
+            if self._answered(delivered, message):
                 await self._keep_answer(unit, delivered, call.inbox or self.name, result)
             routes = table.published_to(result, message, self.response_event)
             sink = call.sink
@@ -174,7 +182,7 @@ class Route:
             self.kind == "command"
             and delivered is not None
             and delivered.reply_to is not None
-            and not result_unread(type(message))
+            and not result_unread(message_key(message))
         )
 
     async def _keep_answer(
@@ -186,10 +194,43 @@ class Route:
         if remote is None or request is None:
             return
         try:
-            answer = remote.answer(request, result)
+            payload = remote.codec.encode(result)
         except SerializationError:
             return
-        await unit.keep_answer(request.id, inbox, (answer.payload, answer.content_type))
+        await unit.keep_answer(request.id, inbox, (payload, remote.codec.content_type))
+
+    async def _kept_result(
+        self, unit: UnitOfWork, request: Envelope, inbox: str, message: Any, call: Call
+    ) -> Any:
+        """The result an earlier run of ``request`` kept in its inbox record, decoded, for
+        the middleware to return as it did the first run's (``call.answered``); None
+        when none was kept or it no longer decodes."""
+        kept = await unit.kept_answer(request.id, inbox)
+        remote = self.table.remote
+        if kept is None or remote is None:
+            return None
+        payload, content_type = kept
+        try:
+            if content_type != remote.codec.content_type:
+                raise SerializationError(
+                    f"kept as {content_type}, and this service's codec reads "
+                    f"{remote.codec.content_type}"
+                )
+            result = remote.codec.decode(
+                payload, result_type(message_key(message)), name=f"{request.name}.result"
+            )
+        except SerializationError as exc:
+            logger.warning(
+                "iambus: the answer %s kept for %s (id %s) does not decode (%s): its "
+                "requester is not answered",
+                inbox,
+                request.name,
+                request.id,
+                exc,
+            )
+            return None
+        call.answered = True
+        return result
 
     async def _claim(self, unit: UnitOfWork, delivered: Envelope, inbox: str) -> bool:
         if await unit.claim(delivered.id, inbox):
@@ -216,20 +257,21 @@ class Route:
 
 class AlreadyHandled:
     """What ``Route.run`` returns for a delivery the inbox found applied already (nothing
-    ran), with the ``answer`` (payload, content type) an earlier run kept for its
-    requester, if any."""
+    ran). ``answered``: an earlier run kept its result for the requester, and ``result``
+    is it, as the middleware returned it again."""
 
-    __slots__ = ("answer",)
+    __slots__ = ("answered", "result")
 
-    def __init__(self, answer: tuple[bytes, str] | None = None) -> None:
-        self.answer = answer
+    def __init__(self, result: Any = None, *, answered: bool = True) -> None:
+        self.answered = answered
+        self.result = result
 
     def __repr__(self) -> str:
-        return "ALREADY_HANDLED" if self.answer is None else "AlreadyHandled(<kept answer>)"
+        return f"AlreadyHandled({self.result!r})" if self.answered else "ALREADY_HANDLED"
 
 
-ALREADY_HANDLED: Any = AlreadyHandled()
-"""``AlreadyHandled`` without a kept answer."""
+ALREADY_HANDLED: Any = AlreadyHandled(answered=False)
+"""``AlreadyHandled`` without a kept result."""
 
 
 class Call:
@@ -245,7 +287,7 @@ class Call:
     taken = False  # True once a unit of work took what the handler emitted
     skipped = False  # True when the inbox found ``delivered`` applied already
     later: list[Later] | None = None  # in-process work a unit of work left to its commit
-    answer: tuple[bytes, str] | None = None  # the answer a skipped delivery's record kept
+    answered = False  # True when a skipped delivery's result is the one its record kept
 
 
 @dataclass(frozen=True, slots=True)

@@ -174,16 +174,22 @@ class UnitOfWork:
 
     async def keep_answer(self, message_id: str, handler: str, answer: tuple[bytes, str]) -> None:
         """Keep ``answer`` (payload, content type) in the inbox record this unit claimed
-        for ``message_id``: a redelivery the record skips is answered with it."""
+        for ``message_id``: a redelivery the record skips is answered with it. Nothing
+        with an inbox of the earlier shape (see ``Database.answers_kept``)."""
         try:
-            await keep_answer(await self.connection(), self.database, message_id, handler, answer)
+            conn = await self.connection()
+            if await self.database.answers_kept(conn):
+                await keep_answer(conn, self.database, message_id, handler, answer)
         except Exception as exc:
             raise explained(exc, self.database, "keep the answer in the inbox") from exc
 
     async def kept_answer(self, message_id: str, handler: str) -> tuple[bytes, str] | None:
         """The answer kept with an earlier run's inbox record of ``message_id``, if any."""
         try:
-            return await kept_answer(await self.connection(), self.database, message_id, handler)
+            conn = await self.connection()
+            if not await self.database.answers_kept(conn):
+                return None
+            return await kept_answer(conn, self.database, message_id, handler)
         except Exception as exc:
             raise explained(exc, self.database, "read the answer kept in the inbox") from exc
 
@@ -212,6 +218,12 @@ def explained(exc: Exception, database: Database, doing: str) -> Exception:
         return ImproperlyConfigured(
             f"cannot {doing}: {exc}. Create iambus's tables ({database.outbox}, "
             f"{database.inbox}) with `iambus db init`, or Database.ddl() in your migrations"
+        )
+    if name == "UndefinedColumnError":
+        return ImproperlyConfigured(
+            f"cannot {doing}: {exc}. iambus's tables ({database.outbox}, {database.inbox}) "
+            f"are of another version's shape: compare them with Database.ddl() and migrate "
+            f"them (`iambus db init` adds the inbox's answer columns)"
         )
     if name in ("InFailedSQLTransactionError", "PendingRollbackError"):
         return TransactionFailed(

@@ -641,14 +641,21 @@ class Worker:
             # waiting (the first run's answer was lost: its worker died after the commit,
             # or a middleware failed) gets the answer the first run gave or would give,
             # so either may come first: a Command[None]'s "done", or the result the first
-            # run kept in its record. Without one kept (a record of an older version, a
-            # result that did not encode) it is not answered: an error answer could
-            # overtake the first run's on its way.
-            if envelope.reply_to:
-                if result_unread(sub.message):
-                    await self._tell(envelope, self.remote.answer(envelope, None, empty=True))
-                elif result.answer is not None:
-                    await self._tell(envelope, self.remote.kept_answer(envelope, *result.answer))
+            # run kept in its record (returned through the middleware again). Without one
+            # kept (a record of an older version, a result that did not encode) it is not
+            # answered: an error answer could overtake the first run's on its way.
+            if envelope.reply_to and (result.answered or result_unread(sub.message)):
+                try:
+                    answer = self._answer(sub, envelope, result.result)
+                except SerializationError as exc:
+                    logger.warning(
+                        "iambus: could not answer the requester of %s (id %s), applied already: %s",
+                        envelope.name,
+                        envelope.id,
+                        exc,
+                    )
+                else:
+                    await self._tell(envelope, answer)
             await delivery.ack()
             return
         unanswered: Exception | None = None
