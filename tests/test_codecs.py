@@ -605,6 +605,12 @@ def test_msgspec_encode_errors_are_serialization_errors() -> None:
 # --- decode errors ---------------------------------------------------------------------
 
 
+def test_decode_takes_whitespace_around_the_json() -> None:
+    assert codec.decode(b' \n{"a": [1, "x"]}\t ', dict[str, Any], name="m") == {"a": [1, "x"]}
+    assert codec.decode(b'{"a":1}', dict[str, int], name="m") == {"a": 1}
+    assert codec.decode(b"5 ", int, name="m") == 5
+
+
 def order_body(**changes: Any) -> bytes:
     payload = json.loads(codec.encode(ORDER))
     for path, value in changes.items():
@@ -700,6 +706,8 @@ def order_body(**changes: Any) -> bytes:
         (b"", r"cannot decode OrderPlaced: invalid JSON: Expecting value", json.JSONDecodeError),
         (b"{'a': 1}", r"cannot decode OrderPlaced: invalid JSON: ", json.JSONDecodeError),
         (b"\xff\xfe\x00", r"cannot decode OrderPlaced: invalid JSON: ", UnicodeDecodeError),
+        (order_body() + b" x", r"invalid JSON: Extra data: line 1 column", json.JSONDecodeError),
+        (b" \n", r"cannot decode OrderPlaced: invalid JSON: Expecting value", json.JSONDecodeError),
     ],
     ids=[
         "missing",
@@ -719,6 +727,8 @@ def order_body(**changes: Any) -> bytes:
         "empty",
         "not-json",
         "not-utf8",
+        "trailing-data",
+        "whitespace-only",
     ],
 )
 def test_decode_errors_name_the_message_the_path_and_the_expectation(
