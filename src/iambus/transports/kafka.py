@@ -586,40 +586,64 @@ class KafkaTransport(Transport):
         await waiter
 
     def _flush(self, producer: AIOKafkaProducer, tp: tuple[str, int]) -> None:
-        """Hand the next batch of ``tp`` to aiokafka, or mark it as having none there."""
-        queue = self._outgoing.get(tp)
-        if not queue:
-            self._outgoing.pop(tp, None)
-            self._sending.discard(tp)
-            return
-        self._spawn(self._produce_batch(producer, tp, queue.popleft()))
+        """Start handing the batches of ``tp`` to aiokafka (see ``_produce_batches``)."""
+        self._spawn(self._produce_batches(producer, tp))
 
-    async def _produce_batch(
-        self, producer: AIOKafkaProducer, tp: tuple[str, int], out: _Outgoing
-    ) -> None:
+    async def _produce_batches(self, producer: AIOKafkaProducer, tp: tuple[str, int]) -> None:
+        """Hand the batches of ``tp`` to aiokafka one at a time, each once the one before
+        it was acked, until none is left; wake each batch's sends once it is acked.
+
+        The next batch goes to aiokafka before the sends of the acked one are woken: so it
+        leaves in the very next produce request, instead of after what those senders go on
+        to do in the same turns of the event loop (sending their next messages: at 100 in
+        flight, ~1 ms of CPU before the request went out).
+        """
+        queue = self._outgoing.get(tp, deque())
+        out = queue.popleft() if queue else None
+        following: _Outgoing | None = None
         try:
-            acked = await producer.send_batch(out.builder, tp[0], partition=tp[1])
-            await acked
-        except BaseException as exc:  # every send of the batch hears it
-            heard: BaseException = exc
-            if isinstance(exc, asyncio.CancelledError):
-                # (the batch's task, not a send, was cancelled: the loop ends, say)
-                heard = KafkaError("the batch's send was cancelled")
-            elif isinstance(exc, MessageSizeTooLargeError) and len(out.waiters) > 1:
-                # Too large for the topic as a batch: which record is at fault is not
-                # known, so none is refused for good (a retry may batch them otherwise).
-                heard = KafkaError(f"a batch of {len(out.waiters)} records refused: {exc}")
-            for waiter in out.waiters:
-                if not waiter.done():  # (done: its send was cancelled; the record may go)
-                    waiter.set_exception(heard)
-            if not isinstance(exc, Exception):
-                raise
-        else:
-            for waiter in out.waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+            acked = None if out is None else await self._submit(producer, tp, out)
+            while out is not None:
+                failure: Exception | None = None
+                try:
+                    if isinstance(acked, Exception):
+                        raise acked
+                    assert acked is not None  # (a batch handed over has its ack or failure)
+                    await acked
+                except Exception as exc:  # every send of the batch hears it
+                    failure = exc
+                following = queue.popleft() if queue else None
+                following_acked = (
+                    None if following is None else await self._submit(producer, tp, following)
+                )
+                _wake(out, failure)
+                out, acked, following = following, following_acked, None
+        except asyncio.CancelledError:
+            # (the batch's task, not a send, was cancelled: the loop ends, say)
+            for batch in (out, following):
+                if batch is not None:
+                    _wake(batch, KafkaError("the batch's send was cancelled"))
+            raise
         finally:
-            self._flush(producer, tp)  # the partition's next batch, filled meanwhile
+            if queue:  # (cancelled: the batches still waiting go in a task of their own)
+                self._flush(producer, tp)
+            else:
+                if self._outgoing.get(tp) is queue:
+                    del self._outgoing[tp]
+                self._sending.discard(tp)
+
+    @staticmethod
+    async def _submit(
+        producer: AIOKafkaProducer, tp: tuple[str, int], out: _Outgoing
+    ) -> asyncio.Future[Any] | Exception:
+        """Hand ``out`` to aiokafka: the future of its ack, or why aiokafka refused it."""
+        try:
+            acked: asyncio.Future[Any] = await producer.send_batch(
+                out.builder, tp[0], partition=tp[1]
+            )
+        except Exception as exc:
+            return exc
+        return acked
 
     async def _ensure_topic(self, topic: str, partitions: int) -> None:
         if topic in self._topics:
@@ -1584,6 +1608,21 @@ class _KafkaDelivery:
     def __repr__(self) -> str:
         state = self._state
         return f"<delivery {self.envelope.name} #{self.attempt} to {state.group}@{state.address}>"
+
+
+def _wake(out: _Outgoing, failure: Exception | None) -> None:
+    """Tell the sends of the batch ``out`` how it went (None: acked)."""
+    if isinstance(failure, MessageSizeTooLargeError) and len(out.waiters) > 1:
+        # Too large for the topic as a batch: which record is at fault is not known, so
+        # none is refused for good (a retry may batch them otherwise).
+        failure = KafkaError(f"a batch of {len(out.waiters)} records refused: {failure}")
+    for waiter in out.waiters:
+        if waiter.done():  # (its send was cancelled: the record may still go)
+            continue
+        if failure is None:
+            waiter.set_result(None)
+        else:
+            waiter.set_exception(failure)
 
 
 def _headers(envelope: Envelope) -> list[tuple[str, bytes]]:
