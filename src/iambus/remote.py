@@ -28,7 +28,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from .codecs import Codec
@@ -509,13 +509,20 @@ class RemoteRoute:
     def context_for(self, key: str | None) -> Context:
         return self.context if key is None else Context(self.kind, self.name, key)
 
-    async def run(self, message: Any, key: str | None, timeout: float | None = None) -> Any:
-        """A command or query: its owner's answer. An event: sent."""
-        if self.kind == "event":
-            await self.remote.send("event", message, key)
-            return None
-        return await self.remote.request(self.kind, message, key, timeout)
+    # run and send hand back the remote's own coroutine, not one of theirs: a frame less
+    # on a routed send's way to the broker's ack (each frame between a sending task and
+    # the wait it resumes from costs it ~1 µs).
 
-    async def send(self, message: Any, key: str | None, id: str | None = None) -> None:
+    def run(
+        self, message: Any, key: str | None, timeout: float | None = None
+    ) -> Coroutine[Any, Any, Any]:
+        """A command or query: its owner's answer. An event: sent (None)."""
+        if self.kind == "event":
+            return self.remote.send("event", message, key)
+        return self.remote.request(self.kind, message, key, timeout)
+
+    def send(
+        self, message: Any, key: str | None, id: str | None = None
+    ) -> Coroutine[Any, Any, None]:
         """Hand the message to the transport; return once the broker has it."""
-        await self.remote.send(self.kind, message, key, id)
+        return self.remote.send(self.kind, message, key, id)
