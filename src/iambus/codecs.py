@@ -38,7 +38,7 @@ from collections.abc import MutableSet as AbstractMutableSet
 from collections.abc import Set as AbstractSet
 from datetime import date, datetime, time
 from decimal import Decimal
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from typing import Any, Literal, Protocol, TypeVar, Union, runtime_checkable
 from uuid import UUID
 
@@ -276,6 +276,8 @@ def _dataclass_encoder(cls: type) -> _Encoder:
         values = get(value)
         if single:
             values = (values,)
+        if _NATIVE.issuperset(map(type, values)):  # (the common case, in C: no loop here)
+            return dict(zip(names, values, strict=True))
         out = {}
         for name, item in zip(names, values, strict=True):
             cls = type(item)
@@ -767,30 +769,47 @@ def _dataclass_decoder(tp: Any, cls: type, args: tuple[Any, ...], pending: _Pend
     # is registered first so that a recursive type (children: list[Tree]) finds itself.
     plan: list[tuple[str, type | None, _Decoder | None, bool]] = []
     what = f"{_describe(tp)} (an object)"
+    # When every field is a plain str, int, bool or float (filled in below): the fields'
+    # names, their types, and a C call fetching their values from the JSON object.
+    fast: Callable[[dict[str, Any]], tuple[Any, ...]] | None = None
+    names: tuple[str, ...] = ()
+    exact_types: tuple[type, ...] = ()
 
     def decode(value: Any) -> Any:
         if type(value) is not dict:
             raise _expected(what, value)
-        kwargs = {}
-        for name, exact, decoder, required in plan:
-            raw = value.get(name, _MISSING)
-            if type(raw) is exact:  # a str, int, bool or float field: no call needed
-                kwargs[name] = raw
-                continue
-            if raw is _MISSING:
-                if required:
-                    failure = _Failure("missing required field")
-                    failure.segments.append("." + name)
-                    raise failure
-                continue  # the dataclass fills in its default
-            if decoder is None:
-                kwargs[name] = raw
-                continue
+        kwargs = None
+        if fast is not None:
+            # Every field a str, int, bool or float, each there with exactly its type:
+            # taken as they are, checked in C (anything else: the loop below says why).
             try:
-                kwargs[name] = decoder(raw)
-            except _Failure as failure:
-                failure.segments.append("." + name)
-                raise
+                raws = fast(value)
+            except KeyError:
+                raws = ()
+            if tuple(map(type, raws)) == exact_types:
+                # (no other key in it: the object itself is the keyword arguments)
+                kwargs = value if len(value) == len(names) else dict(zip(names, raws, strict=True))
+        if kwargs is None:
+            kwargs = {}
+            for name, exact, decoder, required in plan:
+                raw = value.get(name, _MISSING)
+                if type(raw) is exact:  # a str, int, bool or float field: no call needed
+                    kwargs[name] = raw
+                    continue
+                if raw is _MISSING:
+                    if required:
+                        failure = _Failure("missing required field")
+                        failure.segments.append("." + name)
+                        raise failure
+                    continue  # the dataclass fills in its default
+                if decoder is None:
+                    kwargs[name] = raw
+                    continue
+                try:
+                    kwargs[name] = decoder(raw)
+                except _Failure as failure:
+                    failure.segments.append("." + name)
+                    raise
         try:
             return cls(**kwargs)
         except Exception as exc:  # __post_init__ validation, typically
@@ -822,6 +841,11 @@ def _dataclass_decoder(tp: Any, cls: type, args: tuple[Any, ...], pending: _Pend
         )
         exact = hint if hint in (str, int, bool, float) else None
         plan.append((field.name, exact, decoder, required))
+    if plan and all(exact is not None for _, exact, _, _ in plan):
+        names = tuple(name for name, _, _, _ in plan)
+        exact_types = tuple(exact for _, exact, _, _ in plan if exact is not None)
+        getter = itemgetter(*names)
+        fast = getter if len(names) > 1 else lambda value: (getter(value),)
     return decode
 
 
