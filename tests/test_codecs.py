@@ -605,6 +605,40 @@ def test_msgspec_encode_errors_are_serialization_errors() -> None:
 # --- decode errors ---------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Reading:
+    sensor: str
+    value: float
+    count: int
+    ok: bool
+
+
+def test_a_dataclass_of_plain_fields_round_trips_and_is_checked_as_any_other() -> None:
+    reading = Reading("t1", 0.5, 3, True)
+    body = codec.encode(reading)
+    assert body == b'{"sensor":"t1","value":0.5,"count":3,"ok":true}'
+    assert codec.decode(body, Reading, name="R") == reading
+    # Another key (a newer producer's field) is ignored; an int where a float goes is one.
+    assert codec.decode(body[:-1] + b',"new":[1]}', Reading, name="R") == reading
+    taken = codec.decode(body.replace(b"0.5", b"2"), Reading, name="R")
+    assert taken == Reading("t1", 2.0, 3, True)
+    assert type(taken.value) is float
+    with pytest.raises(SerializationError, match=r"R\.count: expected int, got boolean true$"):
+        codec.decode(body.replace(b'"count":3', b'"count":true'), Reading, name="R")
+    with pytest.raises(SerializationError, match=r"R\.ok: missing required field$"):
+        codec.decode(body.replace(b',"ok":true', b""), Reading, name="R")
+    # A value of a subclass or an enum still goes through its own encoder.
+    assert codec.encode(Reading(Color.RED, 1.0, 0, False)) == (  # type: ignore[arg-type]
+        b'{"sensor":"red","value":1.0,"count":0,"ok":false}'
+    )
+
+
+def test_decode_takes_whitespace_around_the_json() -> None:
+    assert codec.decode(b' \n{"a": [1, "x"]}\t ', dict[str, Any], name="m") == {"a": [1, "x"]}
+    assert codec.decode(b'{"a":1}', dict[str, int], name="m") == {"a": 1}
+    assert codec.decode(b"5 ", int, name="m") == 5
+
+
 def order_body(**changes: Any) -> bytes:
     payload = json.loads(codec.encode(ORDER))
     for path, value in changes.items():
@@ -700,6 +734,8 @@ def order_body(**changes: Any) -> bytes:
         (b"", r"cannot decode OrderPlaced: invalid JSON: Expecting value", json.JSONDecodeError),
         (b"{'a': 1}", r"cannot decode OrderPlaced: invalid JSON: ", json.JSONDecodeError),
         (b"\xff\xfe\x00", r"cannot decode OrderPlaced: invalid JSON: ", UnicodeDecodeError),
+        (order_body() + b" x", r"invalid JSON: Extra data: line 1 column", json.JSONDecodeError),
+        (b" \n", r"cannot decode OrderPlaced: invalid JSON: Expecting value", json.JSONDecodeError),
     ],
     ids=[
         "missing",
@@ -719,6 +755,8 @@ def order_body(**changes: Any) -> bytes:
         "empty",
         "not-json",
         "not-utf8",
+        "trailing-data",
+        "whitespace-only",
     ],
 )
 def test_decode_errors_name_the_message_the_path_and_the_expectation(

@@ -785,6 +785,22 @@ async def test_sends_to_a_partition_share_a_record_batch_and_each_waits_for_its_
         await asyncio.gather(first, *later)
         assert batches == [1, 20]
 
+        # The next batch goes to aiokafka before the sends of the acked one return: it
+        # leaves in the next produce request, not after what those senders do next.
+        gate, batches[:] = asyncio.Event(), []
+
+        async def send_and_look() -> list[int]:
+            await transport.send("a", _ping(71))
+            return list(batches)  # the batches handed to aiokafka as the send returned
+
+        looked = asyncio.create_task(send_and_look())
+        await asyncio.sleep(0.05)
+        queued = asyncio.create_task(transport.send("a", _ping(72)))
+        await asyncio.sleep(0)
+        gate.set()
+        assert await looked == [1, 1]
+        await queued
+
         async def refused(*args: Any, **kwargs: Any) -> Any:
             raise KafkaConnectionError("the broker went away")
 

@@ -88,6 +88,11 @@ class Followups:
         self._lost = True
         self._wake()
 
+    @property
+    def idle(self) -> bool:
+        """Whether ``wait()`` would return True at once: no job left, none dropped."""
+        return not self._left and not self._lost
+
     async def wait(self) -> bool:
         """Return once every job counted here has run: True; False once one was dropped."""
         while self._left and not self._lost:

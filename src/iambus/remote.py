@@ -28,7 +28,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from .codecs import Codec
@@ -171,15 +171,30 @@ class Remote:
         name = self.registry.name_of(message_key(message))
         parent = current_envelope.get()
         envelope_id = new_id() if id is None else id
+        # A message sent while none is handled starts a conversation of its own.
+        correlation_id = (parent.correlation_id or parent.id) if parent else envelope_id
+        causation_id = parent.id if parent is not None else None
+        if not fields:  # every send: positional, in the fields' order (~0.4 µs less)
+            return Envelope(
+                name,
+                self.codec.encode(message),
+                self.codec.content_type,
+                envelope_id,
+                correlation_id,
+                causation_id,
+                time.time(),
+                None,
+                key,
+                {},
+            )
         return Envelope(
             id=envelope_id,
             name=name,
             payload=self.codec.encode(message),
             content_type=self.codec.content_type,
             key=key,
-            # A message sent while none is handled starts a conversation of its own.
-            correlation_id=(parent.correlation_id or parent.id) if parent else envelope_id,
-            causation_id=parent.id if parent is not None else None,
+            correlation_id=correlation_id,
+            causation_id=causation_id,
             **fields,
         )
 
@@ -509,13 +524,20 @@ class RemoteRoute:
     def context_for(self, key: str | None) -> Context:
         return self.context if key is None else Context(self.kind, self.name, key)
 
-    async def run(self, message: Any, key: str | None, timeout: float | None = None) -> Any:
-        """A command or query: its owner's answer. An event: sent."""
-        if self.kind == "event":
-            await self.remote.send("event", message, key)
-            return None
-        return await self.remote.request(self.kind, message, key, timeout)
+    # run and send hand back the remote's own coroutine, not one of theirs: a frame less
+    # on a routed send's way to the broker's ack (each frame between a sending task and
+    # the wait it resumes from costs it ~1 µs).
 
-    async def send(self, message: Any, key: str | None, id: str | None = None) -> None:
+    def run(
+        self, message: Any, key: str | None, timeout: float | None = None
+    ) -> Coroutine[Any, Any, Any]:
+        """A command or query: its owner's answer. An event: sent (None)."""
+        if self.kind == "event":
+            return self.remote.send("event", message, key)
+        return self.remote.request(self.kind, message, key, timeout)
+
+    def send(
+        self, message: Any, key: str | None, id: str | None = None
+    ) -> Coroutine[Any, Any, None]:
         """Hand the message to the transport; return once the broker has it."""
-        await self.remote.send(self.kind, message, key, id)
+        return self.remote.send(self.kind, message, key, id)

@@ -674,7 +674,8 @@ class Worker:
                         await self._failed(sub, delivery, message, exc)
                     return
                 unanswered = exc
-        if not await self._ran(background, sub, envelope):
+        # (Most handlers queue no background work: no coroutine to find that out.)
+        if not background.idle and not await self._ran(background, sub, envelope):
             return
         if unanswered is not None:
             await self._unanswered(sub, delivery, message, unanswered)

@@ -114,7 +114,7 @@ import ssl
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeAlias
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -488,17 +488,27 @@ class KafkaTransport(Transport):
     async def send(self, address: str, envelope: Envelope) -> None:
         await self._produce(address, envelope, ())
 
-    async def _produce(
+    def _produce(
         self, address: str, envelope: Envelope, extra: Sequence[tuple[str, bytes]]
-    ) -> None:
-        # The path of every send: no per-call name check, coroutine or context manager
-        # that a dict lookup or a try can do instead (CPU per event is what limits a
-        # process's publishing rate).
+    ) -> Awaitable[None]:
+        """Produce one record; what to await for the broker's ack (``acks=all``).
+
+        The path of every send, written for CPU per event (what limits a process's
+        publishing rate): no per-call name check, coroutine or context manager that a
+        dict lookup or a try can do instead. A send awaits its batch's ack (a future)
+        itself, with no coroutine of ours in between: each frame between the sending
+        task and the wait it resumes from cost it ~1 µs. What needs the broker first (a
+        topic this transport has not made or found yet, its partition count) goes
+        through ``_produce_first``.
+        """
         topic = self._names.get(address)
         if topic is None:
             topic = self._names[address] = self.topic(address)
-        if topic not in self._topics:
-            await self._ensure_topic(topic, self.partitions)
+        # The partition count as the producer's metadata has it: kept until the metadata
+        # next changes (aiokafka refreshes it on its schedule and after errors; see open()).
+        count = self._counts.get(topic)
+        if count is None or topic not in self._topics:
+            return self._produce_first(address, envelope, extra, topic)
         producer = self._client()
         key = envelope.key
         try:
@@ -510,45 +520,44 @@ class KafkaTransport(Transport):
             ) from exc
         if extra:
             headers.extend(extra)
-        try:
-            # The partition count as the producer's metadata has it: kept until the
-            # metadata next changes (aiokafka refreshes it on its schedule and after
-            # errors; see open()).
-            count = self._counts.get(topic)
-            if count is None:
-                count = self._counts[topic] = len(await producer.partitions_for(topic))
-            if key is not None:
-                slot = partition(key, count)
-            else:  # in turn, from a random first: every consumer of a group gets a share
-                turn = self._turns.get(topic)
-                if turn is None:
-                    turn = random.randrange(count)
-                self._turns[topic] = turn + 1
-                slot = turn % count
-            if producer is not self._producer:  # closed (and maybe opened again) meanwhile
-                raise TransportError(f"{self.url}: closed while sending")
-            await self._batched(producer, topic, slot, encoded_key, envelope, headers)
-        except MessageSizeTooLargeError as exc:
-            raise MessageRefused(
-                f"{self.url}: send failed: the record is larger than the producer's "
-                f"max_request_size ({_MAX_REQUEST:,} bytes) or the topic's max.message.bytes "
-                f"takes; send a smaller one (a reference to the data, say): {_describe(exc)}"
-            ) from exc
-        except (KafkaError, OSError, TimeoutError) as exc:
-            raise TransportError(f"{self.url}: send failed: {_describe(exc)}") from exc
+        if key is not None:
+            slot = partition(key, count)
+        else:  # in turn, from a random first: every consumer of a group gets a share
+            turn = self._turns.get(topic)
+            if turn is None:
+                turn = random.randrange(count)
+            self._turns[topic] = turn + 1
+            slot = turn % count
+        return self._batched(producer, topic, slot, encoded_key, envelope.payload, headers)
 
-    async def _batched(
+    async def _produce_first(
+        self, address: str, envelope: Envelope, extra: Sequence[tuple[str, bytes]], topic: str
+    ) -> None:
+        """``_produce``, once the topic is made (or found) and its partition count known."""
+        if topic not in self._topics:
+            await self._ensure_topic(topic, self.partitions)
+        producer = self._client()
+        if topic not in self._counts:
+            try:
+                self._counts[topic] = len(await producer.partitions_for(topic))
+            except (KafkaError, OSError, TimeoutError) as exc:
+                raise self._refusal(exc, 1) from exc
+        if producer is not self._producer:  # closed (and maybe opened again) meanwhile
+            raise TransportError(f"{self.url}: closed while sending")
+        await self._produce(address, envelope, extra)
+
+    def _batched(
         self,
         producer: AIOKafkaProducer,
         topic: str,
         slot: int,
         key: bytes | None,
-        envelope: Envelope,
+        value: bytes,
         headers: list[tuple[str, bytes]],
-    ) -> None:
-        """Produce one record and return once the broker acked it (``send_and_wait``, in
-        effect), in a record batch built here with the other records sent to its
-        partition meanwhile.
+    ) -> Awaitable[None]:
+        """Produce one record; a future that is done once the broker acked it (with the
+        error to raise, if it failed), in a record batch built here with the other
+        records sent to its partition meanwhile.
 
         aiokafka batches records too, but its per-record path (metadata checks, a future
         and a size estimate per record, ...) cost more CPU than the rest of a send here;
@@ -558,7 +567,6 @@ class KafkaTransport(Transport):
         meanwhile waits in the next batch. Acks, retries and idempotence are aiokafka's,
         per batch: a batch the broker refuses fails every send in it.
         """
-        value = envelope.payload
         tp = (topic, slot)
         queue = self._outgoing.get(tp)
         if queue is None:
@@ -573,8 +581,7 @@ class KafkaTransport(Transport):
             # The first record of a batch: an empty batch takes one of any size.
             size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers)
             if size > _MAX_REQUEST:  # aiokafka refuses it, saying why, failing no other
-                await producer.send_and_wait(topic, value, key=key, partition=slot, headers=headers)
-                return
+                return self._send_alone(producer, topic, slot, key, value, headers)
             out = _Outgoing(producer.create_batch())
             out.builder.append(timestamp=None, key=key, value=value, headers=headers)
             queue.append(out)
@@ -583,43 +590,115 @@ class KafkaTransport(Transport):
                 asyncio.get_running_loop().call_soon(self._flush, producer, tp)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         out.waiters.append(waiter)
-        await waiter
+        return waiter
+
+    async def _send_alone(
+        self,
+        producer: AIOKafkaProducer,
+        topic: str,
+        slot: int,
+        key: bytes | None,
+        value: bytes,
+        headers: list[tuple[str, bytes]],
+    ) -> None:
+        """One record through aiokafka's own path (one too large for a batch of ours)."""
+        try:
+            await producer.send_and_wait(topic, value, key=key, partition=slot, headers=headers)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            raise self._refusal(exc, 1) from exc
+
+    def _refusal(self, exc: BaseException, records: int) -> Exception:
+        """What a send hears when the batch of ``records`` its record went in failed with
+        the driver's ``exc`` (its ``__cause__``)."""
+        if not isinstance(exc, KafkaError | OSError | TimeoutError):
+            return exc if isinstance(exc, Exception) else KafkaError(repr(exc))
+        error: Exception
+        if isinstance(exc, MessageSizeTooLargeError) and records == 1:
+            error = MessageRefused(
+                f"{self.url}: send failed: the record is larger than the producer's "
+                f"max_request_size ({_MAX_REQUEST:,} bytes) or the topic's max.message.bytes "
+                f"takes; send a smaller one (a reference to the data, say): {_describe(exc)}"
+            )
+        elif isinstance(exc, MessageSizeTooLargeError):
+            # Too large for the topic as a batch: which record is at fault is not known,
+            # so none is refused for good (a retry may batch them otherwise).
+            error = TransportError(
+                f"{self.url}: send failed: a batch of {records} records refused: {_describe(exc)}"
+            )
+        else:
+            error = TransportError(f"{self.url}: send failed: {_describe(exc)}")
+        error.__cause__ = exc
+        return error
 
     def _flush(self, producer: AIOKafkaProducer, tp: tuple[str, int]) -> None:
-        """Hand the next batch of ``tp`` to aiokafka, or mark it as having none there."""
-        queue = self._outgoing.get(tp)
-        if not queue:
-            self._outgoing.pop(tp, None)
-            self._sending.discard(tp)
-            return
-        self._spawn(self._produce_batch(producer, tp, queue.popleft()))
+        """Start handing the batches of ``tp`` to aiokafka (see ``_produce_batches``)."""
+        self._spawn(self._produce_batches(producer, tp))
 
-    async def _produce_batch(
-        self, producer: AIOKafkaProducer, tp: tuple[str, int], out: _Outgoing
-    ) -> None:
+    async def _produce_batches(self, producer: AIOKafkaProducer, tp: tuple[str, int]) -> None:
+        """Hand the batches of ``tp`` to aiokafka one at a time, each once the one before
+        it was acked, until none is left; wake each batch's sends once it is acked.
+
+        The next batch goes to aiokafka before the sends of the acked one are woken: so it
+        leaves in the very next produce request, instead of after what those senders go on
+        to do in the same turns of the event loop (sending their next messages: at 100 in
+        flight, ~1 ms of CPU before the request went out).
+        """
+        queue = self._outgoing.get(tp, deque())
+        out = queue.popleft() if queue else None
+        following: _Outgoing | None = None
         try:
-            acked = await producer.send_batch(out.builder, tp[0], partition=tp[1])
-            await acked
-        except BaseException as exc:  # every send of the batch hears it
-            heard: BaseException = exc
-            if isinstance(exc, asyncio.CancelledError):
-                # (the batch's task, not a send, was cancelled: the loop ends, say)
-                heard = KafkaError("the batch's send was cancelled")
-            elif isinstance(exc, MessageSizeTooLargeError) and len(out.waiters) > 1:
-                # Too large for the topic as a batch: which record is at fault is not
-                # known, so none is refused for good (a retry may batch them otherwise).
-                heard = KafkaError(f"a batch of {len(out.waiters)} records refused: {exc}")
-            for waiter in out.waiters:
-                if not waiter.done():  # (done: its send was cancelled; the record may go)
-                    waiter.set_exception(heard)
-            if not isinstance(exc, Exception):
-                raise
-        else:
-            for waiter in out.waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+            acked = None if out is None else await self._submit(producer, tp, out)
+            while out is not None:
+                failure: Exception | None = None
+                try:
+                    if isinstance(acked, Exception):
+                        raise acked
+                    assert acked is not None  # (a batch handed over has its ack or failure)
+                    await acked
+                except Exception as exc:  # every send of the batch hears it
+                    failure = exc
+                following = queue.popleft() if queue else None
+                following_acked = (
+                    None if following is None else await self._submit(producer, tp, following)
+                )
+                self._wake(out, failure)
+                out, acked, following = following, following_acked, None
+        except asyncio.CancelledError:
+            # (the batch's task, not a send, was cancelled: the loop ends, say)
+            for batch in (out, following):
+                if batch is not None:
+                    self._wake(batch, KafkaError("the batch's send was cancelled"))
+            raise
         finally:
-            self._flush(producer, tp)  # the partition's next batch, filled meanwhile
+            if queue:  # (cancelled: the batches still waiting go in a task of their own)
+                self._flush(producer, tp)
+            else:
+                if self._outgoing.get(tp) is queue:
+                    del self._outgoing[tp]
+                self._sending.discard(tp)
+
+    @staticmethod
+    async def _submit(
+        producer: AIOKafkaProducer, tp: tuple[str, int], out: _Outgoing
+    ) -> asyncio.Future[Any] | Exception:
+        """Hand ``out`` to aiokafka: the future of its ack, or why aiokafka refused it."""
+        try:
+            acked: asyncio.Future[Any] = await producer.send_batch(
+                out.builder, tp[0], partition=tp[1]
+            )
+        except Exception as exc:
+            return exc
+        return acked
+
+    def _wake(self, out: _Outgoing, failure: BaseException | None) -> None:
+        """Tell the sends of the batch ``out`` how it went (None: acked)."""
+        for waiter in out.waiters:
+            if waiter.done():  # (its send was cancelled: the record may still go)
+                continue
+            if failure is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(self._refusal(failure, len(out.waiters)))
 
     async def _ensure_topic(self, topic: str, partitions: int) -> None:
         if topic in self._topics:
@@ -1620,17 +1699,17 @@ def _envelope(headers: dict[str, bytes], value: bytes | None) -> Envelope:
     content_type, corr, cause = get(CONTENT_TYPE), get(CORRELATION_ID), get(CAUSATION_ID)
     reply, key, own = get(REPLY_TO), get(KEY), get(HEADERS)
     try:
-        envelope = Envelope(
-            id=envelope_id.decode(),
-            name=name.decode(),
-            payload=value or b"",
-            content_type="application/json" if content_type is None else content_type.decode(),
-            created_at=float(at),
-            correlation_id=None if corr is None else corr.decode(),
-            causation_id=None if cause is None else cause.decode(),
-            reply_to=None if reply is None else reply.decode(),
-            key=None if key is None else key.decode(),
-            headers=json.loads(own) if own else {},
+        envelope = Envelope(  # (positional, in the fields' order: ~0.4 µs less per record)
+            name.decode(),
+            value or b"",
+            "application/json" if content_type is None else content_type.decode(),
+            envelope_id.decode(),
+            None if corr is None else corr.decode(),
+            None if cause is None else cause.decode(),
+            float(at),
+            None if reply is None else reply.decode(),
+            None if key is None else key.decode(),
+            json.loads(own) if own else {},
         )
     except ValueError as exc:  # (a UnicodeDecodeError is one)
         shown = {h: v for h, v in headers.items() if h.startswith("iambus-")}
