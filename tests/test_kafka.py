@@ -812,6 +812,42 @@ async def test_sends_to_a_partition_share_a_record_batch_and_each_waits_for_its_
         assert all("send failed: " in str(r) and "went away" in str(r) for r in results)
 
 
+async def test_an_acked_send_returns_while_the_next_batch_is_handed_to_aiokafka() -> None:
+    """A send returns once the broker acked its batch, whatever the partition's next
+    batch is doing: handing that one to aiokafka (``send_batch``) may wait, on metadata
+    it has to fetch again for one (up to the request timeout), and the acked sends must
+    not wait with it (review of b558228: they are woken only after it)."""
+    async with _transports(1, partitions=1) as (transport,):
+        await transport.send("a", _ping(0))  # the topic made, its partition count known
+        producer = transport._client()
+        real = producer.send_batch
+        first_in, let_first, let_second = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        calls = 0
+
+        async def held(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                first_in.set()
+                await let_first.wait()
+            else:
+                await let_second.wait()  # (aiokafka waiting for the topic's metadata, say)
+            return await real(*args, **kwargs)
+
+        producer.send_batch = held  # type: ignore[method-assign]
+        first = asyncio.create_task(transport.send("a", _ping(1)))
+        await first_in.wait()  # batch 1 is being handed over: what follows goes in batch 2
+        second = asyncio.create_task(transport.send("a", _ping(2)))
+        await asyncio.sleep(0)
+        let_first.set()
+        try:
+            done, _ = await asyncio.wait({first}, timeout=5)
+            assert done == {first}, "the acked send waited for the next batch's hand-over"
+        finally:
+            let_second.set()
+            await asyncio.gather(first, second)
+
+
 async def test_the_partition_count_is_read_again_after_the_metadata_changes() -> None:
     """Sends keep a topic's partition count from the producer's metadata, not asking per
     send; every metadata update (aiokafka's periodic refresh, or one after an error)

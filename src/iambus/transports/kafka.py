@@ -638,14 +638,17 @@ class KafkaTransport(Transport):
         """Hand the batches of ``tp`` to aiokafka one at a time, each once the one before
         it was acked, until none is left; wake each batch's sends once it is acked.
 
-        The next batch goes to aiokafka before the sends of the acked one are woken: so it
-        leaves in the very next produce request, instead of after what those senders go on
-        to do in the same turns of the event loop (sending their next messages: at 100 in
-        flight, ~1 ms of CPU before the request went out).
+        The next batch's hand-over starts (a task) before the sends of the acked one are
+        woken: so it leaves in the very next produce request, instead of after what those
+        senders go on to do in the same turns of the event loop (sending their next
+        messages: at 100 in flight, ~1 ms of CPU before the request went out). They are
+        woken before it is awaited: a hand-over that waits (for the topic's metadata, for
+        room in aiokafka's buffer) holds back no send the broker has answered.
         """
         queue = self._outgoing.get(tp, deque())
         out = queue.popleft() if queue else None
         following: _Outgoing | None = None
+        submitting: asyncio.Task[asyncio.Future[Any] | Exception] | None = None
         try:
             acked = None if out is None else await self._submit(producer, tp, out)
             while out is not None:
@@ -658,13 +661,18 @@ class KafkaTransport(Transport):
                 except Exception as exc:  # every send of the batch hears it
                     failure = exc
                 following = queue.popleft() if queue else None
-                following_acked = (
-                    None if following is None else await self._submit(producer, tp, following)
-                )
+                if following is not None:
+                    submitting = asyncio.get_running_loop().create_task(
+                        self._submit(producer, tp, following)
+                    )
                 self._wake(out, failure)
-                out, acked, following = following, following_acked, None
+                out = None
+                following_acked = None if submitting is None else await submitting
+                out, acked, following, submitting = following, following_acked, None, None
         except asyncio.CancelledError:
             # (the batch's task, not a send, was cancelled: the loop ends, say)
+            if submitting is not None:
+                submitting.cancel()
             for batch in (out, following):
                 if batch is not None:
                     self._wake(batch, KafkaError("the batch's send was cancelled"))
