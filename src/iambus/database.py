@@ -258,19 +258,13 @@ class Database:
 
     async def check(self) -> None:
         """Raise ``ImproperlyConfigured`` naming what is missing when a table is absent or
-        lacks a column iambus uses, with the command that creates them."""
+        lacks a column iambus uses, with the command that creates them. (An inbox of the
+        earlier shape, without the answer columns, only gets a warning: see
+        ``answers_kept``.)"""
+        outbox, inbox = f"{self.prefix}outbox", f"{self.prefix}inbox"
         async with self.connection() as conn:
-            for table, columns in (
-                (f"{self.prefix}outbox", OUTBOX_COLUMNS),
-                (f"{self.prefix}inbox", INBOX_COLUMNS),
-            ):
-                rows = await conn.fetch(
-                    "SELECT column_name FROM information_schema.columns "
-                    "WHERE table_schema = coalesce($1, current_schema()) AND table_name = $2",
-                    self.schema,
-                    table,
-                )
-                found = {row["column_name"] for row in rows}
+            for table, columns in ((outbox, OUTBOX_COLUMNS), (inbox, INBOX_COLUMNS)):
+                found = await self._columns(conn, table)
                 where = f"{self.schema}.{table}" if self.schema else table
                 if not found:
                     raise ImproperlyConfigured(
@@ -279,10 +273,10 @@ class Database:
                         f"Database.ddl() / Database.metadata() in your migrations)"
                     )
                 missing = [name for name, _ in columns if name not in found]
-                if missing and set(missing) <= set(ADDED_INBOX_COLUMNS):
-                    self._answers = False
-                    self._no_answers(where)
-                elif missing:
+                if table == inbox:
+                    self._learn_answers(found, where)
+                    missing = [name for name in missing if name not in ADDED_INBOX_COLUMNS]
+                if missing:
                     raise ImproperlyConfigured(
                         f"the table {where} has no column(s) {', '.join(missing)}: it was "
                         f"made by another version or by hand; compare it with "
@@ -290,22 +284,30 @@ class Database:
                         f"init`)"
                     )
 
+    async def _columns(self, conn: Any, table: str) -> set[str]:
+        """The columns of ``table`` (a name of this database's schema); none: no table."""
+        rows = await conn.fetch(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = coalesce($1, current_schema()) AND table_name = $2",
+            self.schema,
+            table,
+        )
+        return {row["column_name"] for row in rows}
+
     async def answers_kept(self, conn: Any) -> bool:
         """Whether the inbox has the columns that keep a command's answer (an inbox of the
         earlier shape has not: answers are not kept, as before, with a warning once).
-        Learnt once, on ``conn``; a table migrated meanwhile is seen after a restart."""
+        Learnt once (here, on ``conn``, or by ``check``); a table migrated meanwhile is
+        seen after a restart."""
         if self._answers is None:
-            found = await conn.fetchval(
-                "SELECT count(*) FROM information_schema.columns WHERE table_schema = "
-                "coalesce($1, current_schema()) AND table_name = $2 AND column_name = ANY($3)",
-                self.schema,
-                f"{self.prefix}inbox",
-                list(ADDED_INBOX_COLUMNS),
-            )
-            self._answers = found == len(ADDED_INBOX_COLUMNS)
-            if not self._answers:
-                self._no_answers(self.inbox)
-        return self._answers
+            self._learn_answers(await self._columns(conn, f"{self.prefix}inbox"), self.inbox)
+        return self._answers is True
+
+    def _learn_answers(self, found: set[str], where: str) -> None:
+        kept = set(ADDED_INBOX_COLUMNS) <= found
+        if not kept and self._answers is not False:  # (said once)
+            self._no_answers(where)
+        self._answers = kept
 
     def _no_answers(self, where: str) -> None:
         logger.warning(

@@ -151,22 +151,25 @@ class Route:
         it), else it is left to ``run``, as without a unit."""
         table = self.table
         unit = table.open_unit()
-        delivered = call.delivered
+        delivered, inbox = call.delivered, call.inbox or self.name
         # The inbox records what changes something: commands and events, not queries.
-        if unit is not None and delivered is not None and self.kind != "query":
-            inbox = call.inbox or self.name
-            if not await self._claim(unit, delivered, inbox):
-                call.taken = call.skipped = True
-                if self._answered(delivered, message):
-                    return await self._kept_result(unit, delivered, inbox, message, call)
-                return None
+        if (
+            unit is not None
+            and delivered is not None
+            and self.kind != "query"
+            and not await self._claim(unit, delivered, inbox)
+        ):
+            call.taken = call.skipped = True
+            if self._answered(delivered, message):
+                return await self._kept_result(unit, delivered, inbox, message, call)
+            return None
         if self.collects:
             result = await self.invoke(message, call.sink)
         else:
             result = await self.invoke(message)
         if unit is not None:
             if self._answered(delivered, message):
-                await self._keep_answer(unit, delivered, call.inbox or self.name, result)
+                await self._keep_answer(unit, delivered, inbox, result)
             routes = table.published_to(result, message, self.response_event)
             sink = call.sink
             call.taken = True
