@@ -6,13 +6,14 @@ import asyncio
 import contextlib
 import socket
 import uuid
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from iambus import ImproperlyConfigured
-from iambus.database import Database
+from iambus.database import DEFAULT_PREFIX, Database
 
 from .conftest import POSTGRES_DSN, require
 
@@ -64,11 +65,23 @@ def test_metadata_matches_the_ddl() -> None:
         assert sorted(columns) == sorted(metadata.tables[name].columns.keys()), name
 
 
-async def test_create_is_idempotent_and_check_names_what_is_missing() -> None:
+@contextlib.asynccontextmanager
+async def fresh_database(prefix: str = DEFAULT_PREFIX) -> AsyncIterator[Database]:
+    """A Database on PostgreSQL in a schema of its own, dropped at the end."""
     require("postgres")
     schema = f"test_{uuid.uuid4().hex[:10]}"
-    db = Database(POSTGRES_DSN, schema=schema, prefix="t_")
+    db = Database(POSTGRES_DSN, schema=schema, prefix=prefix)
     try:
+        yield db
+    finally:
+        async with db.connection() as conn:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await db.close()
+
+
+async def test_create_is_idempotent_and_check_names_what_is_missing() -> None:
+    async with fresh_database(prefix="t_") as db:
+        schema = db.schema
         with pytest.raises(
             ImproperlyConfigured,
             match=rf"{schema}.t_outbox does not exist.*"
@@ -82,17 +95,10 @@ async def test_create_is_idempotent_and_check_names_what_is_missing() -> None:
             await conn.execute(f"ALTER TABLE {db.inbox} DROP COLUMN handled_at")
         with pytest.raises(ImproperlyConfigured, match=r"t_inbox has no column\(s\) handled_at"):
             await db.check()
-    finally:
-        async with db.connection() as conn:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        await db.close()
 
 
 async def test_init_adds_the_answer_columns_to_an_inbox_of_an_older_shape() -> None:
-    require("postgres")
-    schema = f"test_{uuid.uuid4().hex[:10]}"
-    db = Database(POSTGRES_DSN, schema=schema)
-    try:
+    async with fresh_database() as db:
         await db.create()
         async with db.connection() as conn:
             await conn.execute(f"INSERT INTO {db.inbox} (message_id, handler) VALUES ('m', 'h')")
@@ -103,7 +109,7 @@ async def test_init_adds_the_answer_columns_to_an_inbox_of_an_older_shape() -> N
         async with db.connection() as conn:
             assert not await db.answers_kept(conn)
         await db.create()  # iambus db init
-        again = Database(POSTGRES_DSN, schema=schema)  # (a restart)
+        again = Database(POSTGRES_DSN, schema=db.schema)  # (a restart)
         try:
             await again.check()
             async with again.connection() as conn:
@@ -112,20 +118,13 @@ async def test_init_adds_the_answer_columns_to_an_inbox_of_an_older_shape() -> N
             assert [tuple(row) for row in kept] == [("m", None)]  # the records are kept
         finally:
             await again.close()
-    finally:
-        async with db.connection() as conn:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        await db.close()
 
 
 async def test_init_leaves_an_inbox_of_the_current_shape_unlocked() -> None:
     """The step of `iambus db init` that adds the answer columns alters nothing once
     they are there: it does not queue behind a handler's open transaction on the inbox
     (and block every read of the inbox behind it)."""
-    require("postgres")
-    schema = f"test_{uuid.uuid4().hex[:10]}"
-    db = Database(POSTGRES_DSN, schema=schema)
-    try:
+    async with fresh_database() as db:
         await db.create()
         async with db.connection() as holder, holder.transaction():
             await holder.execute(f"INSERT INTO {db.inbox} (message_id, handler) VALUES ('m', 'h')")
@@ -134,10 +133,6 @@ async def test_init_leaves_an_inbox_of_the_current_shape_unlocked() -> None:
                 await conn.execute("SET lock_timeout = '2s'")
                 await conn.execute(adding)  # fails on the lock's timeout if it took it
                 await conn.execute("RESET lock_timeout")
-    finally:
-        async with db.connection() as conn:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        await db.close()
 
 
 async def test_an_engine_gives_its_driver_connection(database: Database) -> None:
