@@ -3,6 +3,7 @@
 import asyncio
 import random
 from dataclasses import dataclass
+from typing import Any
 
 from iambus import Dispatcher, Limits
 
@@ -327,3 +328,54 @@ async def test_follow_ups_of_a_delivery_dropped_at_close_are_reported_lost():
     followups.set(None)
     assert await asyncio.wait_for(done.wait(), 1) is True
     await engine.close()
+
+
+async def test_start_task_runs_a_coroutine_that_never_waits_at_once_where_python_can() -> None:
+    import contextvars
+    import sys
+
+    from iambus.engine import start_task
+
+    seen = contextvars.ContextVar("seen", default="outside")
+    context = contextvars.copy_context()
+    context.run(seen.set, "given")
+
+    async def quick() -> str:
+        return seen.get()
+
+    task = start_task(quick(), context=context)
+    # 3.12+: eager, finished before start_task returned; 3.11: a plain task, not run yet.
+    assert task.done() is (sys.version_info >= (3, 12))
+    assert await task == "given"  # in the context given, either way
+
+    async def slow() -> str:
+        await asyncio.sleep(0)
+        return "slept"
+
+    waiting = start_task(slow())
+    assert not waiting.done()
+    assert await waiting == "slept"
+
+
+async def test_start_task_uses_the_task_factory_set_on_the_loop() -> None:
+    from iambus.engine import start_task
+
+    loop = asyncio.get_running_loop()
+    made: list[asyncio.Task[object]] = []
+
+    def factory(loop: Any, coro: Any, **kwargs: Any) -> Any:
+        task = asyncio.Task(coro, loop=loop, **kwargs)
+        made.append(task)
+        return task
+
+    async def quick() -> int:
+        return 1
+
+    loop.set_task_factory(factory)
+    try:
+        task = start_task(quick())
+        assert made == [task]
+        assert not task.done()  # the factory's plain task, not an eager one
+        assert await task == 1
+    finally:
+        loop.set_task_factory(None)

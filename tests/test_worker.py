@@ -1418,6 +1418,7 @@ async def test_stop_keeps_one_deadline_when_a_handler_a_receive_and_close_hang(c
 
     hanging = asyncio.Event()  # set: receives hang, as a driver read ignoring its cancel
     released = asyncio.Event()  # set at the end: whatever still hangs ends
+    receive_hangs = asyncio.Event()  # a receive hangs now
 
     async def hang() -> None:
         while not released.is_set():
@@ -1430,6 +1431,7 @@ async def test_stop_keeps_one_deadline_when_a_handler_a_receive_and_close_hang(c
         async def receive(self, *args: Any, **kwargs: Any) -> Any:
             if not hanging.is_set():
                 return await super().receive(*args, **kwargs)
+            receive_hangs.set()
             await hang()
             return []
 
@@ -1451,6 +1453,9 @@ async def test_stop_keeps_one_deadline_when_a_handler_a_receive_and_close_hang(c
     await billing.__aenter__()
     await billing.publish(OrderPlaced(1))
     await asyncio.wait_for(started.wait(), 5)
+    # (3.12+: the handler starts eagerly, in the receive loop's turn: the loop's next
+    # receive comes after this wakes up.)
+    await asyncio.wait_for(receive_hangs.wait(), 5)
     timeout = 1.0
     began = time.monotonic()
     try:

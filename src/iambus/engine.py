@@ -29,8 +29,8 @@ import contextvars
 import logging
 import sys
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Hashable
+from typing import Any, TypeVar
 
 from .envelope import Envelope, current_envelope
 from .errors import DispatcherStopped
@@ -39,6 +39,25 @@ from .unit_of_work import current_unit
 __all__ = ["Engine", "Followups"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_eager = getattr(asyncio, "eager_task_factory", None)
+
+
+def start_task(
+    coro: Coroutine[Any, Any, T], *, context: contextvars.Context | None = None
+) -> asyncio.Task[T]:
+    """A task running ``coro`` (in ``context``, if given), started eagerly where Python
+    can (3.12+): its first step runs at once, so a coroutine that never waits finishes
+    here, without being scheduled, and the task is done when this returns. A task factory
+    set on the loop is used as it is (3.11: plain tasks)."""
+    loop = asyncio.get_running_loop()
+    if _eager is not None and loop.get_task_factory() is None:
+        task: asyncio.Task[T] = _eager(loop, coro, context=context)
+        return task
+    return loop.create_task(coro, context=context)
+
 
 JobFn = Callable[[Any, Any], Awaitable[Any]]
 # Called with (exception, message, key) when an awaited job fails after its caller left.

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .database import Database
+from .engine import start_task
 from .envelope import Envelope
 from .errors import ImproperlyConfigured, SerializationError
 from .handlers import Handler, Invoke, Kind
@@ -714,8 +715,7 @@ class RouteTable:
     def _spread(self, fan: _FanOut) -> None:
         # Runs only if a handler of ``fan`` suspended: start the rest as tasks.
         fan.tasks = [
-            _start_task(self._run_one(route, fan.event, fan.key))
-            for route in fan.routes[fan.next :]
+            start_task(self._run_one(route, fan.event, fan.key)) for route in fan.routes[fan.next :]
         ]
         fan.next = fan.total
 
@@ -743,19 +743,6 @@ class _FanOut:
         self.next = 0
         self.tasks: list[asyncio.Task[None]] | None = None
         self.failures: list[tuple[Route, BaseException]] = []
-
-
-_eager = getattr(asyncio, "eager_task_factory", None)
-
-
-def _start_task(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-    # 3.12+: an eager task runs its first step at once; a handler that does not wait
-    # then finishes without ever being scheduled. 3.11 has only plain tasks.
-    loop = asyncio.get_running_loop()
-    if _eager is not None:
-        task: asyncio.Task[None] = _eager(loop, coro)
-        return task
-    return loop.create_task(coro)
 
 
 def _group(

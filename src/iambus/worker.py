@@ -61,7 +61,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from .engine import Followups, followups, in_worker, outside_workers
+from .engine import Followups, followups, in_worker, outside_workers, start_task
 from .envelope import Envelope, current_envelope
 from .errors import ImproperlyConfigured, SerializationError, TransportError, TransportRefused
 from .logs import message_fields
@@ -339,7 +339,6 @@ class Worker:
 
     async def _consume(self, sub: Subscription) -> None:
         transport = self.remote.transport
-        loop = asyncio.get_running_loop()
         # Handlers run marked as "in a worker": while the dispatcher drains they may
         # still send (what they send is part of the work), and a stop() from one of them
         # is deferred instead of waiting for itself. They are no engine jobs: their
@@ -392,9 +391,13 @@ class Worker:
             else:
                 self._busy.discard(sub)
             for delivery in deliveries:
-                task = loop.create_task(self._process(sub, delivery), context=context.copy())
-                self._inflight.add(task)
-                task.add_done_callback(self._inflight.discard)
+                # Eager where Python can (3.12+): a delivery whose handler never waits is
+                # handled and settled right here, and its task is done already (no turn of
+                # the event loop to start it, none to tell that it ended: ~3 µs a message).
+                task = start_task(self._process(sub, delivery), context=context.copy())
+                if not task.done():
+                    self._inflight.add(task)
+                    task.add_done_callback(self._inflight.discard)
             if deliveries:
                 # Let the handlers just started run first (up to their first wait): the
                 # next receive's own work would otherwise delay a query's answer.
