@@ -1177,6 +1177,52 @@ async def test_a_retry_waiting_out_its_delay_holds_its_retry_partition_only() ->
         assert state.parts[retry_tp].commit_point() == 0  # held at the retry
 
 
+async def test_a_retry_taken_in_while_the_backlog_is_read_is_counted_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # backlog() read the retry partition's position from the broker (nothing fetched of
+    # it yet: its start), then, after more round trips, counted what the consumer held
+    # waiting out a delay: the retry record taken in meanwhile was counted by both
+    # (retrying=2, seen in the conformance check). Here the group's consumer takes the
+    # record in right after backlog() asked where that partition stands.
+    async with _transports(1, partitions=1) as (transport,):
+        await transport.declare("a", "g", from_start=False)
+        await transport.send("a", _ping(1))
+        [first] = await _receive(transport, 1)
+        state = transport._groups[("a", "g")]
+        assert state.consumer is not None
+        group_consumer = state.consumer
+        retry_tp = TopicPartition(transport.retry_topic("a", "g"), 0)
+        group_consumer.pause(retry_tp)  # (not fetched until backlog() asked, below)
+        await first.retry(30.0)
+        side_consumer = transport._side_consumer
+
+        def watched(group_id: str | None = None) -> AIOKafkaConsumer:
+            consumer = side_consumer(group_id)
+            committed = consumer.committed
+
+            async def committed_then_taken_in(tp: TopicPartition) -> int | None:
+                offset: int | None = await committed(tp)
+                if tp == retry_tp:
+                    group_consumer.resume(retry_tp)
+                    await until(
+                        lambda: any(r.timer for r in state.parts[retry_tp].unsettled.values()),
+                        10,
+                        "the retry taken in, waiting out its delay",
+                    )
+                return offset
+
+            consumer.committed = committed_then_taken_in  # type: ignore[method-assign]
+            return consumer
+
+        monkeypatch.setattr(transport, "_side_consumer", watched)
+        backlog = await transport.backlog("a", "g")
+        assert (backlog.waiting, backlog.in_flight, backlog.retrying) == (0, 0, 1)
+        monkeypatch.undo()
+        backlog = await transport.backlog("a", "g")  # (the record held: from what was fetched)
+        assert (backlog.waiting, backlog.in_flight, backlog.retrying) == (0, 0, 1)
+
+
 async def test_a_retry_outlives_its_process_with_its_attempt() -> None:
     """A retry read and waiting out its delay when its process goes is the next
     consumer's, as the same attempt (not attempt 1 of the original)."""

@@ -1449,11 +1449,15 @@ class KafkaTransport(Transport):
             consumer.assign(tps)
             ends = await consumer.end_offsets(tps)
             starts = await consumer.beginning_offsets(tps)
+            # What this transport holds and where it fetched to, read in one go: a record
+            # its consumer takes in while the committed offsets are asked for below is
+            # counted there (after the position), not in what it holds too.
+            fetched = {tp: part.fetched for tp, part in parts.items()}
+            held = [record for part in parts.values() for record in part.unsettled.values()]
+            delayed = sum(record.timer is not None for record in held)
             for tp in tps:
-                part = parts.get(tp)
-                if part is not None and part.fetched is not None:
-                    position: int | None = part.fetched
-                else:
+                position = fetched.get(tp)
+                if position is None:
                     position = await consumer.committed(tp)
                 if position is None and tp.topic == retry_topic:
                     position = starts[tp]  # (a group reads its retry topic from its start)
@@ -1461,8 +1465,6 @@ class KafkaTransport(Transport):
                     lag[tp.topic] += max(ends[tp] - position, 0)
         if state is None:
             return Backlog(waiting=lag[topic], in_flight=None, retrying=lag[retry_topic])
-        held = [record for part in parts.values() for record in part.unsettled.values()]
-        delayed = sum(record.timer is not None for record in held)
         return Backlog(
             waiting=lag[topic], in_flight=len(held) - delayed, retrying=lag[retry_topic] + delayed
         )
