@@ -1570,6 +1570,103 @@ async def test_a_start_that_never_ends_is_cut_and_does_not_hold_close(
     assert not transport._background
 
 
+def _connected(client: Any) -> list[Any]:
+    """The connections an aiokafka client holds open."""
+    inner = client.client if isinstance(client, AIOKafkaProducer) else client._client
+    return [conn for conn in inner._conns.values() if conn.connected()]
+
+
+@pytest.mark.parametrize("cut", ["a group's consumer", "the producer"])
+async def test_a_close_cancelled_midway_still_stops_every_client(
+    cut: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # close() cancelled (a deadline, a stopping task) while it stopped a group's consumer
+    # or the producer cut that stop halfway: aiokafka marks a client closed as its stop
+    # begins, so nothing stopped it again, and its connections and background tasks ran
+    # on (the producer was never stopped at all when the cut came before it).
+    leaked: list[str] = []
+    monkeypatch.setattr("sys.unraisablehook", lambda u: leaked.append(repr(u.exc_value)))
+    async with _transports(1, partitions=1) as (transport,):
+        await transport.declare("a", "g", from_start=False)
+        await transport.send("a", _ping(1))
+        [delivery] = await _receive(transport, 1)
+        await delivery.ack()
+        state = transport._groups[("a", "g")]
+        producer, admin, consumer = transport._producer, transport._admin, state.consumer
+        assert producer is not None
+        assert admin is not None
+        assert consumer is not None
+        clients = [producer, admin, consumer]
+        closing = asyncio.ensure_future(transport.close())
+        # Every turn of the loop until that stop has begun, then the cancel, in its midst.
+        while not (consumer._closed if cut == "a group's consumer" else producer._closed):
+            assert not closing.done(), "closed before the cut"
+            await asyncio.sleep(0)
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        assert [client for client in clients if _connected(client)] == []
+        assert [client for client in clients if not client._closed] == []
+        running = asyncio.all_tasks() - {asyncio.current_task()}
+        assert [task for task in running if not task.done()] == []
+        assert transport._producer is None
+        assert not transport._background
+        gc.collect()
+    assert leaked == []
+
+
+async def test_a_cancelled_close_waits_its_timeout_at_most_and_open_waits_for_the_rest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A close cancelled midway goes on stopping in the background; the caller waits for
+    # it `timeout` seconds at most (here a consumer's stop hangs), and an open() meanwhile
+    # opens after it, not before its end closed the transport again.
+    require("kafka")
+    namespace = f"test-{uuid.uuid4().hex[:10]}"
+    transport = KafkaTransport(_url(namespace, 1), timeout=0.5)
+    release = asyncio.Event()
+    await transport.open()
+    try:
+        await transport.declare("a", "g", from_start=False)
+        assert await transport.receive("a", "g", consumer="c", limit=1, wait=0.1) == []
+        state = transport._groups[("a", "g")]
+        consumer, old_producer = state.consumer, transport._producer
+        assert consumer is not None
+        assert old_producer is not None
+        stop = AIOKafkaConsumer.stop
+
+        async def hung_stop(self: AIOKafkaConsumer) -> None:
+            await release.wait()
+            await stop(self)
+
+        monkeypatch.setattr(AIOKafkaConsumer, "stop", hung_stop)
+        closing = asyncio.ensure_future(transport.close())
+        await until(lambda: state.consumer is None, 5, "the close stopping the consumer")
+        closing.cancel()
+        cancelled = time.monotonic()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        assert 0.4 < time.monotonic() - cancelled < 2.0  # its timeout (0.5 s), no more
+        assert transport._producer is old_producer  # (not stopped yet: the close runs on)
+        opening = asyncio.ensure_future(transport.open())
+        release.set()
+        await opening
+        monkeypatch.undo()
+        assert consumer._closed
+        assert old_producer._closed
+        assert _connected(consumer) == _connected(old_producer) == []
+        assert transport._producer not in (None, old_producer)
+        await transport.send("a", _ping(1))  # open
+    finally:
+        release.set()
+        monkeypatch.undo()
+        await transport.close()
+    cleaner = KafkaTransport(_url(namespace, 1))
+    await cleaner.open()
+    await cleaner.destroy()
+    await cleaner.close()
+
+
 async def test_a_close_while_the_reply_listener_starts_leaves_no_listener(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -342,6 +342,7 @@ class KafkaTransport(Transport):
         self._turns: dict[str, int] = {}  # topic -> unkeyed envelopes sent to it so far
         self._groups: dict[tuple[str, str], _Group] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._closing: asyncio.Task[None] | None = None  # close()'s work (see close)
         # Request/reply: this transport's reply topic, its listener, the requests waiting.
         self._reply_topic = f"{self.namespace}-reply-{uuid.uuid4().hex[:16]}"
         self._replies: dict[str, asyncio.Future[Envelope]] = {}
@@ -393,6 +394,9 @@ class KafkaTransport(Transport):
     # -- lifecycle --------------------------------------------------------------------
 
     async def open(self) -> None:
+        closing = self._closing
+        if closing is not None:  # a close cancelled midway runs on: open after it
+            await asyncio.wait({closing})
         if self._producer is not None:
             return
         name = self.client_name or client_name()
@@ -418,7 +422,7 @@ class KafkaTransport(Transport):
                     started.append(client)
         except BaseException as exc:
             for client in started:
-                await _stopped(client)
+                await self._stopped(client)
             if isinstance(exc, UnknownError) and self.idempotent:
                 raise TransportError(
                     f"{self.url}: the broker refused the idempotent producer ({exc}); a "
@@ -439,6 +443,32 @@ class KafkaTransport(Transport):
         self._counts.clear()  # (a topic may have more partitions now)
 
     async def close(self) -> None:
+        """Stop the groups' consumers (committing what was settled), the reply listener,
+        the producer and the admin client.
+
+        A close that is cancelled (a deadline, a stopping task) still stops them all: the
+        work runs as a task of its own that the cancellation does not reach, and close()
+        waits for it ``timeout`` seconds at most before it raises (a second cancellation:
+        not at all); what is left then runs on in the background, and ``open()`` waits
+        for it. Cut halfway, aiokafka's stop never ends (a client is marked closed as its
+        stop begins: stopped again, it does nothing), leaving its connections and tasks.
+        """
+        closing = self._closing
+        if closing is None:
+            closing = self._closing = asyncio.ensure_future(self._close())
+            closing.add_done_callback(self._closed)
+        try:
+            await asyncio.shield(closing)
+        except asyncio.CancelledError:
+            if not closing.done():
+                await asyncio.wait({closing}, timeout=self.timeout)
+            raise
+
+    def _closed(self, closing: asyncio.Task[None]) -> None:
+        if self._closing is closing:
+            self._closing = None  # (a close after this one starts anew)
+
+    async def _close(self) -> None:
         groups = list(self._groups.values())
         self._groups.clear()
         await asyncio.gather(*(self._stop_group(state) for state in groups))
@@ -447,8 +477,7 @@ class KafkaTransport(Transport):
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         if producer is not None:
-            with contextlib.suppress(KafkaError, OSError):
-                await producer.stop()
+            await self._stopped(producer)
         for queue in self._outgoing.values():  # (sends still waiting: none go now)
             for out in queue:
                 for waiter in out.waiters:
@@ -457,8 +486,7 @@ class KafkaTransport(Transport):
         self._outgoing.clear()
         self._sending.clear()
         if admin is not None:
-            with contextlib.suppress(KafkaError, OSError):
-                await admin.close()
+            await self._stopped(admin)
         self._topics.clear()
         self._counts.clear()
 
@@ -771,7 +799,7 @@ class KafkaTransport(Transport):
             async with self._translate("start consumer"):
                 await self._start(consumer)
             if self._groups.get((address, group)) is not state:  # closed meanwhile
-                await _stopped(consumer)
+                await self._stopped(consumer)
                 raise TransportError(f"{self.url}: closed while a consumer of {topic} started")
             consumer.subscribe([topic, retry_topic], listener=_Rebalance(self, state))
             state.consumer = consumer
@@ -802,7 +830,7 @@ class KafkaTransport(Transport):
             state.parts.clear()
             state.ready.clear()
             state.arrived.set()
-            await _stopped(consumer)
+            await self._stopped(consumer)
 
     # -- receiving ------------------------------------------------------------------
 
@@ -1359,7 +1387,7 @@ class KafkaTransport(Transport):
             return
         listening.cancel()
         await asyncio.gather(listening, return_exceptions=True)
-        await _stopped(listener)
+        await self._stopped(listener)
         await self._drop_reply_topic()  # the reply topic goes with its listener
 
     async def _drop_reply_topic(self) -> None:
@@ -1589,7 +1617,7 @@ class KafkaTransport(Transport):
             await asyncio.shield(starting)
         except BaseException:
             if starting.done():
-                await _stopped(client)
+                await self._stopped(client)
             else:
                 self._spawn(_finish(starting, client, self.timeout))
             raise
@@ -1601,7 +1629,7 @@ class KafkaTransport(Transport):
         try:
             yield consumer
         finally:
-            await _stopped(consumer)
+            await self._stopped(consumer)
 
     def _client(self) -> AIOKafkaProducer:
         if self._producer is None:
@@ -1613,10 +1641,17 @@ class KafkaTransport(Transport):
         assert self._admin is not None
         return self._admin
 
-    def _spawn(self, work: Any) -> None:
+    async def _stopped(self, client: _Client) -> None:
+        """Stop ``client``, whatever state it is in (one that failed to start too). The
+        stop is a background task that a cancelled caller leaves running (``close()``
+        waits for it): cut halfway, aiokafka's stop never ends (see ``close``)."""
+        await asyncio.shield(self._spawn(_stop(client)))
+
+    def _spawn(self, work: Any) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.ensure_future(work)
         self._background.add(task)
         task.add_done_callback(self._done)
+        return task
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._background.discard(task)
@@ -1760,7 +1795,7 @@ def _raw(record: ConsumerRecord[Any, Any], headers: dict[str, bytes]) -> Envelop
     )
 
 
-async def _stopped(client: _Client) -> None:
+async def _stop(client: _Client) -> None:
     """Stop ``client``, whatever state it is in (one that failed to start too)."""
     with contextlib.suppress(KafkaError, OSError):
         if isinstance(client, AIOKafkaAdminClient):
@@ -1782,7 +1817,7 @@ async def _finish(starting: asyncio.Future[None], client: _Client, within: float
             await asyncio.wait({starting}, timeout=1.0)
         if starting.done() and not starting.cancelled():
             starting.exception()  # (retrieved: the start's own failure is not news)
-        await _stopped(client)
+        await _stop(client)
 
 
 def _letter_id(address: str, group: str, envelope_id: str) -> str:
