@@ -947,11 +947,153 @@ def test_encode_errors_name_the_path_and_the_type(value: Any, message: str) -> N
         codec.encode(value)
 
 
-def test_a_cyclic_value_cannot_be_encoded() -> None:
+class Ratio(float):
+    pass
+
+
+class BrokenMapping(Mapping[str, int]):  # its own code raises a ValueError
+    def __getitem__(self, key: str) -> int:
+        raise KeyError(key)
+
+    def __iter__(self) -> typing.Iterator[str]:
+        raise ValueError("the mapping is closed")
+
+    def __len__(self) -> int:
+        return 0
+
+    def items(self) -> typing.ItemsView[str, int]:
+        raise ValueError("the mapping is closed")
+
+
+HUGE = 10**5000  # more digits than Python's default int_max_str_digits (4300)
+TOO_LONG = (
+    r"the int has about 5001 digits, more than Python writes as text "
+    r"\(sys\.get_int_max_str_digits\(\) is 4300\); make the field a Decimal or a str, or "
+    r"raise the limit with sys\.set_int_max_str_digits\(\)"
+)
+SURROGATE = r"the str holds a lone surrogate \('\\ud800' at index 1\), which UTF-8 cannot encode"
+
+
+# A dataclass of plain str/int/bool/float values (One, Point) encodes on the fast path,
+# one with a list field (Page, Defaults) on the general one: the errors must be the same.
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (One(HUGE), r"cannot encode One\.only: " + TOO_LONG),
+        (Page([1, HUGE], 2), r"cannot encode Page\.items\[1\]: " + TOO_LONG),
+        ({HUGE: "x"}, r"cannot encode dict: the dict key: " + TOO_LONG),
+        (Defaults("a\ud800"), r"cannot encode Defaults\.name: " + SURROGATE),
+        (Page(["ok", "a\ud800"], 2), r"cannot encode Page\.items\[1\]: " + SURROGATE),
+        ({"a\ud800": 1}, r"cannot encode dict: the dict key 'a\\ud800': " + SURROGATE),
+        (Card("card", "4\ud800"), r"cannot encode Card\.number: " + SURROGATE),
+        (BrokenMapping(), r"cannot encode BrokenMapping: the mapping is closed$"),
+    ],
+    ids=[
+        "int-fast",
+        "int-general",
+        "int-key",
+        "str-fast",
+        "str-general",
+        "str-key",
+        "str-2",
+        "other",
+    ],
+)
+def test_encode_errors_say_what_json_cannot_write(value: Any, message: str) -> None:
+    with pytest.raises(SerializationError, match=message) as caught:
+        codec.encode(value)
+    assert "NaN" not in str(caught.value)
+    assert isinstance(caught.value.__cause__, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (
+            Point(1.0, float("-inf")),
+            r"cannot encode Point\.y: JSON has no NaN or Infinity \(got -inf\)",
+        ),
+        (
+            Page([1.0, float("nan")], 2),
+            r"cannot encode Page\.items\[1\]: JSON has no NaN or Infinity \(got nan\)",
+        ),
+        ([Ratio("nan")], r"cannot encode list\[0\]: JSON has no NaN or Infinity \(got nan\)"),
+    ],
+    ids=["fast", "general", "float-subclass"],
+)
+def test_nan_and_infinity_cannot_be_encoded(value: Any, message: str) -> None:
+    with pytest.raises(SerializationError, match=message + r"; send a finite number, or None"):
+        codec.encode(value)
+
+
+def test_a_cyclic_value_is_named_as_such() -> None:
     cyclic: list[Any] = []
     cyclic.append(cyclic)
-    with pytest.raises(SerializationError, match=r"cannot encode list: nested too deeply"):
-        codec.encode(cyclic)
+    loop = Defaults("loop")
+    loop.labels.append(loop)  # type: ignore[arg-type]
+    for value, where in ((cyclic, r"list\[0\]"), (loop, r"Defaults\.labels\[0\]")):
+        with pytest.raises(
+            SerializationError,
+            match=rf"cannot encode {where}: a circular reference .*; JSON cannot express one: "
+            r"break the cycle",
+        ) as caught:
+            codec.encode(value)
+        assert isinstance(caught.value.__cause__, RecursionError)
+
+
+def test_a_value_nested_too_deeply_is_not_called_cyclic() -> None:
+    deep: list[Any] = []
+    inner = deep
+    for _ in range(5000):
+        inner.append([])
+        inner = inner[0]
+    with pytest.raises(
+        SerializationError, match=r"cannot encode list: nested too deeply"
+    ) as caught:
+        codec.encode(deep)
+    assert "circular" not in str(caught.value)
+    assert "cyclic" not in str(caught.value)
+    assert "flatten it" in str(caught.value)
+
+
+def test_a_cyclic_pydantic_model_says_to_break_the_cycle() -> None:
+    pydantic = pytest.importorskip("pydantic")
+
+    class Folder(pydantic.BaseModel):
+        children: list[Any]
+
+    folder = Folder(children=[])
+    folder.children.append(folder)
+    with pytest.raises(
+        SerializationError,
+        match=r"cannot encode .*Folder: pydantic cannot encode it: Circular reference detected "
+        r".*; break the cycle",
+    ):
+        codec.encode(folder)
+
+
+# Python's json reads NaN, Infinity and -Infinity; they are not JSON, and encode refuses
+# to write them. Point decodes on the fast path, Page (a list field) on the general one.
+@pytest.mark.parametrize(
+    ("body", "into", "message"),
+    [
+        (b'{"x":1.5,"y":NaN}', Point, r"cannot decode Msg\.y: the payload holds NaN, "),
+        (b'{"items":[1.0,Infinity],"total":2}', Page[float], r"Msg\.items\[1\]: .* Infinity, "),
+        (b'{"items":[{"x":1,"y":-Infinity}],"total":1}', Page[Point], r"Msg\.items\[0\]\.y: "),
+        (b' {"x": NaN, "y": 1} ', Point, r"cannot decode Msg\.x: the payload holds NaN, "),
+        (b"-Infinity", float, r"cannot decode Msg: the payload holds -Infinity, "),
+        (b'{"x":NaN,"y":', Point, r"cannot decode Msg: the payload holds NaN, "),  # then cut
+        (b'{"payload":NaN,"meta":{},"rows":[]}', Loose, r"cannot decode Msg\.payload: "),
+    ],
+    ids=["fast", "general", "nested", "whitespace", "root", "cut", "any"],
+)
+def test_nan_and_infinity_are_not_decoded(body: bytes, into: Any, message: str) -> None:
+    with pytest.raises(
+        SerializationError,
+        match=message + r".*which is not JSON \(JSON has no NaN or Infinity\); the sender must "
+        r"write a finite number, or null$",
+    ):
+        codec.decode(body, into, name="Msg")
 
 
 def test_subclasses_of_builtins_encode_as_the_builtin() -> None:

@@ -33,7 +33,15 @@ import math
 import sys
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping, MutableMapping, MutableSequence, Sequence
+from collections.abc import (
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    MutableMapping,
+    MutableSequence,
+    Sequence,
+)
 from collections.abc import MutableSet as AbstractMutableSet
 from collections.abc import Set as AbstractSet
 from datetime import date, datetime, time
@@ -78,20 +86,19 @@ class JsonCodec:
 
     def encode(self, value: Any) -> bytes:
         try:
-            return _dumps(_encode(value)).encode()
+            tree = _encode(value)
         except _Failure as failure:
             raise failure.error("encode", type(value).__qualname__) from failure.cause
-        except ValueError as exc:
-            # allow_nan=False: only a NaN or an infinite float gets here.
-            where = _nonfinite_path(_encode(value))
-            raise SerializationError(
-                f"cannot encode {type(value).__qualname__}{where}: "
-                f"JSON has no NaN or Infinity ({exc})"
-            ) from exc
         except RecursionError as exc:
-            raise SerializationError(
-                f"cannot encode {type(value).__qualname__}: nested too deeply (or cyclic)"
-            ) from exc
+            raise _too_deep(value) from exc
+        except ValueError as exc:  # from the value's own code (a Mapping's items(), ...)
+            raise SerializationError(f"cannot encode {type(value).__qualname__}: {exc}") from exc
+        try:
+            return _dumps(tree).encode()
+        except ValueError as exc:  # (UnicodeEncodeError too) json, or UTF-8, cannot write it
+            raise _unwritable(tree, exc).error("encode", type(value).__qualname__) from exc
+        except RecursionError as exc:  # pragma: no cover - _encode has the deeper stack
+            raise _too_deep(value) from exc
 
     def decode(self, data: bytes, into: Any, *, name: str) -> Any:
         try:
@@ -105,6 +112,8 @@ class JsonCodec:
                 value = _loads(data.decode())  # JSON between systems is UTF-8 (RFC 8259)
             except ValueError as exc:
                 raise SerializationError(f"cannot decode {name}: invalid JSON: {exc}") from exc
+            except _NonFiniteConstant as exc:
+                raise _nonfinite_in(data, name, exc.args[0]) from None
             return value if decoder is None else decoder(value)
         except _Failure as failure:
             raise failure.error("decode", name) from failure.cause
@@ -157,8 +166,37 @@ def _json_writer() -> Callable[[Any], str]:
     return write if same else _ENCODER.encode
 
 
+class _NonFiniteConstant(Exception):
+    """NaN, Infinity or -Infinity in a payload (not a ValueError: _loads retries those)."""
+
+
+def _refuse_constant(constant: str) -> Any:
+    raise _NonFiniteConstant(constant)
+
+
+class _Constant(str):
+    """Marks where a NaN or an Infinity was (the error path's second reading only)."""
+
+
+def _nonfinite_in(data: bytes, name: str, constant: str) -> SerializationError:
+    # Read again, with the constants as markers, to say where the first one is.
+    try:
+        tree = json.loads(data, parse_constant=_Constant)
+        found = _find_leaf(tree, lambda value: "" if type(value) is _Constant else None)
+    except (ValueError, RecursionError):  # invalid after it too, or deep: say no more
+        found = None
+    where = "".join(found[0]) if found is not None else ""
+    return SerializationError(
+        f"cannot decode {name}{where}: the payload holds {constant}, which is not JSON "
+        "(JSON has no NaN or Infinity); the sender must write a finite number, or null"
+    )
+
+
 _dumps = _json_writer()
-_DECODER = json.JSONDecoder()
+# Python reads NaN, Infinity and -Infinity by default; they are not JSON, and this codec
+# refuses to write them, so it refuses to read them too. Called only when a payload
+# holds one: no cost to any other.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
 _read = _DECODER.decode
 # The decoder's scanner (C): one JSON value at an index, and the index after it.
 _scan: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
@@ -317,7 +355,10 @@ def _encode_mapping(value: Mapping[Any, Any]) -> dict[str, Any]:
 def _encode_key(key: Any) -> str:
     raw = key._value_ if isinstance(key, enum.Enum) else key
     if isinstance(raw, str | int | UUID) and not isinstance(raw, bool):
-        return str(raw)
+        try:
+            return str(raw)
+        except ValueError as exc:  # an int with more digits than Python turns into text
+            raise _Failure(_key_reason(raw, _unwritable_number(raw)), exc) from exc
     raise _Failure(
         f"cannot encode the dict key {key!r} ({_describe(type(key))}): "
         "keys must be str, int, UUID, or an Enum with str or int values"
@@ -328,7 +369,13 @@ def _encode_pydantic(value: Any) -> Any:
     try:
         return value.model_dump(mode="json")
     except Exception as exc:
-        raise _Failure(f"pydantic cannot encode it: {exc}", exc) from exc
+        # pydantic finds cycles itself: "Circular reference detected (id repeated)".
+        fix = (
+            "; break the cycle, e.g. send an id in place of the value"
+            if "Circular reference" in str(exc)
+            else ""
+        )
+        raise _Failure(f"pydantic cannot encode it: {exc}{fix}", exc) from exc
 
 
 def _msgspec_encoder(msgspec: types.ModuleType) -> _Encoder:
@@ -343,23 +390,152 @@ def _msgspec_encoder(msgspec: types.ModuleType) -> _Encoder:
     return encode
 
 
-def _nonfinite_path(tree: Any) -> str:
-    """The path, in an encoded tree, of the first NaN or infinite float ("-": none)."""
-    if type(tree) is float and not math.isfinite(tree):
-        return ""
+# --- encode errors: found after the fact, so that encoding checks nothing up front ------
+
+
+def _unwritable(tree: Any, exc: ValueError) -> _Failure:
+    """Why json (or UTF-8, for a ``UnicodeEncodeError``) could not write ``tree``, and where.
+
+    Looks for the first value, in the order json writes them, of the kind that can raise
+    ``exc``; anything else keeps ``exc``'s own text.
+    """
+    check = _lone_surrogate if isinstance(exc, UnicodeEncodeError) else _unwritable_number
+    found = _find_leaf(tree, check)
+    if found is None:
+        return _Failure(str(exc), exc)
+    failure = _Failure(found[1], exc)
+    failure.segments.extend(reversed(found[0]))
+    return failure
+
+
+def _find_leaf(tree: Any, check: Callable[[Any], str | None]) -> tuple[list[str], str] | None:
+    """The path to the first value (or dict key) in an encoded tree that ``check``
+    explains, and its explanation."""
     if type(tree) is dict:
-        items: Iterable[tuple[Any, Any]] = tree.items()
-    elif type(tree) is list:
-        items = enumerate(tree)
-    else:
-        return "-"
-    for key, item in items:
-        where = _nonfinite_path(item)
-        if where != "-":
-            if type(key) is int:
-                return f"[{key}]{where}"
-            return (f".{key}" if key.isidentifier() else f"[{key!r}]") + where
-    return "-"
+        for key, item in tree.items():
+            reason = check(key)
+            if reason is not None:
+                return [], _key_reason(key, reason)
+            found = _find_leaf(item, check)
+            if found is not None:
+                found[0].insert(0, f".{key}" if str(key).isidentifier() else f"[{key!r}]")
+                return found
+        return None
+    if type(tree) is list:
+        for index, item in enumerate(tree):
+            found = _find_leaf(item, check)
+            if found is not None:
+                found[0].insert(0, f"[{index}]")
+                return found
+        return None
+    reason = check(tree)
+    return None if reason is None else ([], reason)
+
+
+def _unwritable_number(value: Any) -> str | None:
+    if isinstance(value, float) and not math.isfinite(value):
+        return (
+            f"JSON has no NaN or Infinity (got {float(value)!r}); send a finite number, "
+            "or None where there is no value"
+        )
+    if isinstance(value, int):
+        try:
+            int.__repr__(value)
+        except ValueError:
+            return (
+                f"the int has about {int(abs(value).bit_length() * math.log10(2)) + 1} digits, "
+                "more than Python writes as text (sys.get_int_max_str_digits() is "
+                f"{sys.get_int_max_str_digits()}); make the field a Decimal or a str, or "
+                "raise the limit with sys.set_int_max_str_digits() in sender and receiver"
+            )
+    return None
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        return (
+            f"the str holds a lone surrogate ({value[exc.start]!r} at index {exc.start}), "
+            "which UTF-8 cannot encode (decoding with errors='surrogateescape' makes them); "
+            "clean it with text.encode('utf-8', 'replace').decode(), or send the raw data "
+            "as bytes"
+        )
+    return None
+
+
+def _key_reason(key: Any, reason: str | None) -> str:
+    if isinstance(key, int):  # (one too long to show)
+        return f"the dict key: {reason}"
+    text = repr(key)
+    return f"the dict key {text[:40] + '...' if len(text) > 43 else text}: {reason}"
+
+
+def _too_deep(value: Any) -> SerializationError:
+    root = type(value).__qualname__
+    where = _cycle(value)
+    if where is not None:
+        return SerializationError(
+            f"cannot encode {root}{where}: a circular reference (this refers back to a value "
+            "that contains it); JSON cannot express one: break the cycle, e.g. send an id "
+            "in place of the value"
+        )
+    return SerializationError(
+        f"cannot encode {root}: nested too deeply (more levels than Python's recursion "
+        "limit allows); flatten it, e.g. into a list of items that refer to their parent"
+    )
+
+
+def _cycle(value: Any) -> str | None:
+    """The path at which ``value`` first contains one of its own containers, or None.
+
+    Iterative: it runs after a RecursionError. Follows what _encode follows: dataclass
+    fields, enum values, lists, tuples, sets, mappings, msgspec Struct fields.
+    """
+    children = _children(value)
+    if children is None:
+        return None
+    stack = [(value, "", children)]
+    open_ids = {id(value)}
+    done: set[int] = set()  # shared, and already searched
+    while stack:
+        node, path, children = stack[-1]
+        for segment, child in children:
+            if id(child) in open_ids:
+                return path + segment
+            if id(child) in done:
+                continue
+            grandchildren = _children(child)
+            if grandchildren is not None:
+                open_ids.add(id(child))
+                stack.append((child, path + segment, grandchildren))
+                break
+        else:
+            stack.pop()
+            open_ids.discard(id(node))
+            done.add(id(node))
+    return None
+
+
+def _children(value: Any) -> Iterator[tuple[str, Any]] | None:
+    if isinstance(value, str | bytes | bytearray | int | float) and not isinstance(
+        value, enum.Enum
+    ):
+        return None
+    if isinstance(value, enum.Enum):
+        return iter([("", value._value_)])
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return ((f".{f.name}", getattr(value, f.name)) for f in dataclasses.fields(value))
+    if isinstance(value, list | tuple | set | frozenset):
+        return ((f"[{index}]", item) for index, item in enumerate(value))
+    if isinstance(value, Mapping):
+        return ((f"[{key!r}]", item) for key, item in value.items())
+    names = getattr(type(value), "__struct_fields__", None)  # a msgspec Struct
+    if type(names) is tuple:
+        return ((f".{name}", getattr(value, name)) for name in names)
+    return None
 
 
 # --- decoding: follows the type asked for --------------------------------------------
