@@ -1124,6 +1124,22 @@ def test_a_recursion_error_of_the_value_s_own_code_is_a_serialization_error() ->
         codec.encode(Recursing())
 
 
+def test_a_nan_deeper_than_python_s_stack_is_a_serialization_error() -> None:
+    # msgspec builds the tree in C (3.12+: its C stack goes deeper than Python's): json
+    # met the NaN, and the search for its path ran out of Python's stack, escaping bare.
+    msgspec = pytest.importorskip("msgspec")
+
+    class Holder(msgspec.Struct):
+        data: Any
+
+    deep: Any = [float("nan")]
+    for _ in range(sys.getrecursionlimit() + 100):
+        deep = [deep]
+    # (3.11: msgspec itself finds it too deep.)
+    with pytest.raises(SerializationError, match=r"cannot encode .*Holder: (.*nan|nested too)"):
+        codec.encode(Holder(data=deep))
+
+
 def test_a_cyclic_pydantic_model_says_to_break_the_cycle() -> None:
     pydantic = pytest.importorskip("pydantic")
 

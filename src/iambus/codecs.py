@@ -97,7 +97,7 @@ class JsonCodec:
             return _dumps(tree).encode()
         except ValueError as exc:  # (UnicodeEncodeError too) json, or UTF-8, cannot write it
             raise _unwritable(tree, exc).error("encode", type(value).__qualname__) from exc
-        except RecursionError as exc:  # pragma: no cover - _encode has the deeper stack
+        except RecursionError as exc:  # a tree msgspec built in C may be deeper than _encode goes
             raise _too_deep(value) from exc
 
     def decode(self, data: bytes, into: Any, *, name: str) -> Any:
@@ -400,7 +400,10 @@ def _unwritable(tree: Any, exc: ValueError) -> _Failure:
     ``exc``; anything else keeps ``exc``'s own text.
     """
     check = _lone_surrogate if isinstance(exc, UnicodeEncodeError) else _unwritable_number
-    found = _find_leaf(tree, check)
+    try:
+        found = _find_leaf(tree, check)
+    except RecursionError:  # a tree deeper than _encode's stack: msgspec builds it in C
+        found = None
     if found is None:
         return _Failure(str(exc), exc)
     failure = _Failure(found[1], exc)
