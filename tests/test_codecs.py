@@ -1056,6 +1056,90 @@ def test_a_value_nested_too_deeply_is_not_called_cyclic() -> None:
     assert "flatten it" in str(caught.value)
 
 
+@dataclass
+class Link:
+    value: int
+    next: Link | None
+
+
+def test_a_long_linked_value_is_said_too_deep_without_memory_in_the_square_of_its_length() -> None:
+    import tracemalloc
+
+    # Looking for a cycle after the RecursionError kept the whole path at every level:
+    # 20,000 links took a GB (and 60,000 would take ten).
+    head = None
+    for n in range(20_000):
+        head = Link(n, head)
+    tracemalloc.start()
+    try:
+        with pytest.raises(SerializationError, match=r"cannot encode Link: nested too deeply"):
+            codec.encode(head)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 50_000_000
+
+
+class Endless(Mapping[str, Any]):
+    """A tree made as it is read (a view of something bigger, say): every level is new."""
+
+    deepest = 0
+
+    def __init__(self, depth: int = 0) -> None:
+        self.depth = depth
+        Endless.deepest = max(Endless.deepest, depth)
+
+    def __getitem__(self, key: str) -> Any:
+        return Endless(self.depth + 1) if self.depth < 200_000 else 0
+
+    def __iter__(self) -> Any:
+        return iter(["child"])
+
+    def __len__(self) -> int:
+        return 1
+
+
+def test_a_value_made_as_it_is_read_is_said_too_deep_without_reading_it_all() -> None:
+    # (Endless without an end, the search for a cycle went on until memory ran out.)
+    Endless.deepest = 0
+    with pytest.raises(SerializationError, match=r"cannot encode Endless: nested too deeply"):
+        codec.encode(Endless())
+    assert Endless.deepest <= 10 * sys.getrecursionlimit() + 1
+
+
+class Recursing(Mapping[str, Any]):
+    def __getitem__(self, key: str) -> Any:
+        return self[key]  # a bug of its own: recurses for ever
+
+    def __iter__(self) -> Any:
+        return iter(["a"])
+
+    def __len__(self) -> int:
+        return 1
+
+
+def test_a_recursion_error_of_the_value_s_own_code_is_a_serialization_error() -> None:
+    # The search for a cycle ran the value's code again, and its RecursionError escaped.
+    with pytest.raises(SerializationError, match=r"cannot encode Recursing: nested too deeply"):
+        codec.encode(Recursing())
+
+
+def test_a_nan_deeper_than_python_s_stack_is_a_serialization_error() -> None:
+    # msgspec builds the tree in C (3.12+: its C stack goes deeper than Python's): json
+    # met the NaN, and the search for its path ran out of Python's stack, escaping bare.
+    msgspec = pytest.importorskip("msgspec")
+
+    class Holder(msgspec.Struct):
+        data: Any
+
+    deep: Any = [float("nan")]
+    for _ in range(sys.getrecursionlimit() + 100):
+        deep = [deep]
+    # (3.11: msgspec itself finds it too deep.)
+    with pytest.raises(SerializationError, match=r"cannot encode .*Holder: (.*nan|nested too)"):
+        codec.encode(Holder(data=deep))
+
+
 def test_a_cyclic_pydantic_model_says_to_break_the_cycle() -> None:
     pydantic = pytest.importorskip("pydantic")
 

@@ -97,7 +97,7 @@ class JsonCodec:
             return _dumps(tree).encode()
         except ValueError as exc:  # (UnicodeEncodeError too) json, or UTF-8, cannot write it
             raise _unwritable(tree, exc).error("encode", type(value).__qualname__) from exc
-        except RecursionError as exc:  # pragma: no cover - _encode has the deeper stack
+        except RecursionError as exc:  # a tree msgspec built in C may be deeper than _encode goes
             raise _too_deep(value) from exc
 
     def decode(self, data: bytes, into: Any, *, name: str) -> Any:
@@ -400,7 +400,10 @@ def _unwritable(tree: Any, exc: ValueError) -> _Failure:
     ``exc``; anything else keeps ``exc``'s own text.
     """
     check = _lone_surrogate if isinstance(exc, UnicodeEncodeError) else _unwritable_number
-    found = _find_leaf(tree, check)
+    try:
+        found = _find_leaf(tree, check)
+    except RecursionError:  # a tree deeper than _encode's stack: msgspec builds it in C
+        found = None
     if found is None:
         return _Failure(str(exc), exc)
     failure = _Failure(found[1], exc)
@@ -475,7 +478,10 @@ def _key_reason(key: Any, reason: str | None) -> str:
 
 def _too_deep(value: Any) -> SerializationError:
     root = type(value).__qualname__
-    where = _cycle(value)
+    try:
+        where = _cycle(value)
+    except Exception:  # the value's own code failed again (its RecursionError, say)
+        where = None
     if where is not None:
         return SerializationError(
             f"cannot encode {root}{where}: a circular reference (this refers back to a value "
@@ -492,7 +498,11 @@ def _cycle(value: Any) -> str | None:
     """The path at which ``value`` first contains one of its own containers, or None.
 
     Iterative: it runs after a RecursionError. Follows what _encode follows: dataclass
-    fields, enum values, lists, tuples, sets, mappings, msgspec Struct fields.
+    fields, enum values, lists, tuples, sets, mappings, msgspec Struct fields. Each level
+    keeps its own segment (the path is joined once, if found: a path per level would take
+    memory in the square of the depth, a GB for a linked list 20,000 long), and the walk
+    stops past ten times the recursion limit: a value made as it is read (a Mapping whose
+    items are new objects at every level) can be endless, and is nested too deeply anyway.
     """
     children = _children(value)
     if children is None:
@@ -500,17 +510,20 @@ def _cycle(value: Any) -> str | None:
     stack = [(value, "", children)]
     open_ids = {id(value)}
     done: set[int] = set()  # shared, and already searched
+    deepest = 10 * sys.getrecursionlimit()
     while stack:
-        node, path, children = stack[-1]
+        node, _, children = stack[-1]
         for segment, child in children:
             if id(child) in open_ids:
-                return path + segment
+                return "".join(level[1] for level in stack) + segment
             if id(child) in done:
                 continue
             grandchildren = _children(child)
             if grandchildren is not None:
+                if len(stack) >= deepest:
+                    return None
                 open_ids.add(id(child))
-                stack.append((child, path + segment, grandchildren))
+                stack.append((child, segment, grandchildren))
                 break
         else:
             stack.pop()
