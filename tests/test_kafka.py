@@ -1620,8 +1620,11 @@ async def test_a_cancelled_close_waits_its_timeout_at_most_and_open_waits_for_th
 ) -> None:
     # A close cancelled midway goes on stopping in the background; the caller waits for
     # it `timeout` seconds at most (here a consumer's stop hangs), and an open() meanwhile
-    # opens after it, not before its end closed the transport again.
+    # opens after it, not before its end closed the transport again; CLOSE_WAIT seconds
+    # at most, then it says so (it hung with a client's stop that hangs).
     require("kafka")
+    from iambus.transports import kafka
+
     namespace = f"test-{uuid.uuid4().hex[:10]}"
     transport = KafkaTransport(_url(namespace, 1), timeout=0.5)
     release = asyncio.Event()
@@ -1648,6 +1651,12 @@ async def test_a_cancelled_close_waits_its_timeout_at_most_and_open_waits_for_th
             await closing
         assert 0.4 < time.monotonic() - cancelled < 2.0  # its timeout (0.5 s), no more
         assert transport._producer is old_producer  # (not stopped yet: the close runs on)
+        monkeypatch.setattr(kafka, "CLOSE_WAIT", 0.5)
+        began = time.monotonic()
+        with pytest.raises(TransportError, match="still stopping its Kafka clients"):
+            await transport.open()
+        assert 0.4 < time.monotonic() - began < 2.0  # CLOSE_WAIT (0.5 s here), no more
+        monkeypatch.setattr(kafka, "CLOSE_WAIT", 30.0)
         opening = asyncio.ensure_future(transport.open())
         release.set()
         await opening

@@ -201,6 +201,7 @@ _HOLD = 1.0  # seconds every partition may be held before the consumer pauses th
 # out would hold its retry partition's buffer and commit for that long.
 _LONGEST_WAIT = 86_400.0
 PARK_AGAIN = 1.0  # seconds before a record whose dead letter could not be stored comes back
+CLOSE_WAIT = 30.0  # seconds an open() waits for a close cancelled midway (still stopping)
 _COMPACT = json.JSONEncoder(separators=(",", ":"))
 _MAX_REQUEST = 1_048_576  # the producer's max_request_size (aiokafka's default, set)
 
@@ -396,7 +397,13 @@ class KafkaTransport(Transport):
     async def open(self) -> None:
         closing = self._closing
         if closing is not None:  # a close cancelled midway runs on: open after it
-            await asyncio.wait({closing})
+            await asyncio.wait({closing}, timeout=CLOSE_WAIT)
+            if not closing.done():
+                raise TransportError(
+                    f"{self.url}: the close before this open() is still stopping its Kafka "
+                    f"clients after {CLOSE_WAIT:g} s; open again later (a broker that "
+                    "does not answer makes aiokafka's stop wait for its request timeout)"
+                )
         if self._producer is not None:
             return
         name = self.client_name or client_name()
@@ -462,16 +469,35 @@ class KafkaTransport(Transport):
         except asyncio.CancelledError:
             if not closing.done():
                 await asyncio.wait({closing}, timeout=self.timeout)
+            # Its caller is gone: a failure of what runs on is logged, not lost.
+            closing.add_done_callback(self._unheard)
             raise
 
     def _closed(self, closing: asyncio.Task[None]) -> None:
         if self._closing is closing:
             self._closing = None  # (a close after this one starts anew)
 
+    def _unheard(self, closing: asyncio.Task[None]) -> None:
+        if not closing.cancelled() and (exc := closing.exception()) is not None:
+            logger.warning("iambus: %s: closing failed after it was cancelled: %r", self.url, exc)
+
     async def _close(self) -> None:
         groups = list(self._groups.values())
         self._groups.clear()
-        await asyncio.gather(*(self._stop_group(state) for state in groups))
+        # One group's failing stop must not keep the others, the producer and the admin
+        # client from stopping.
+        stops = await asyncio.gather(
+            *(self._stop_group(state) for state in groups), return_exceptions=True
+        )
+        for state, stop in zip(groups, stops, strict=True):
+            if isinstance(stop, BaseException):
+                logger.warning(
+                    "iambus: %s: stopping the consumer of %s for %s failed: %r",
+                    self.url,
+                    state.address,
+                    state.group,
+                    stop,
+                )
         await self._unlisten()
         producer, admin, self._producer, self._admin = self._producer, self._admin, None, None
         if self._background:
