@@ -399,8 +399,9 @@ class Worker:
                     self._inflight.add(task)
                     task.add_done_callback(self._inflight.discard)
             if deliveries:
-                # Let the handlers just started run first (up to their first wait): the
-                # next receive's own work would otherwise delay a query's answer.
+                # Let the handlers just started run first (3.11: up to their first wait;
+                # 3.12+ ran them so far already, and now their next steps): the next
+                # receive's own work would otherwise delay a query's answer.
                 await asyncio.sleep(0)
 
     def _give_up(
