@@ -1687,3 +1687,81 @@ async def test_a_group_recorded_after_the_first_keyed_send_misses_nothing_sent_l
         assert b"1" in got, got
     finally:
         await sender.close()
+
+
+async def _cut_registry_read(transport: RabbitMQTransport, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read the registry and cancel the read while its consume is on the wire, as a
+    dispatcher's close cancels its background registry reads (and a timeout a slow one)."""
+    import aiormq
+
+    registry = f"{transport.namespace}.registry"
+    real = aiormq.Channel.basic_consume
+    reading: asyncio.Task[Any] | None = None
+
+    async def consume_then_cut(self: aiormq.Channel, queue: str, *args: Any, **kwargs: Any) -> Any:
+        call = asyncio.ensure_future(real(self, queue, *args, **kwargs))
+        if queue == registry and reading is not None:
+            for _ in range(3):  # Basic.Consume goes out; its ConsumeOk is a round trip away
+                await asyncio.sleep(0)
+            reading.cancel()
+        return await call
+
+    with monkeypatch.context() as patched:
+        patched.setattr(aiormq.Channel, "basic_consume", consume_then_cut)
+        reading = asyncio.create_task(transport.instances())
+        with pytest.raises(asyncio.CancelledError):
+            await reading
+
+
+async def test_close_after_typical_use_and_a_registry_read_cut_short_is_quick(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The cut read's channel was closed by aiormq without waiting for the broker, and no
+    # longer read: the records the broker had sent on it filled its 10-frame buffer, and
+    # the connection's reader waited there for good. close() took 3 s (the directory
+    # follower's channel close given up after 1 s, then 2 s of aiormq waiting for the
+    # broker's Close-Ok), or hung for good cancelling a consumer that had not left.
+    require("rabbitmq")
+    for turn in range(3):
+        transport = RabbitMQTransport(URL, namespace=f"test-{uuid.uuid4().hex[:8]}")
+        await transport.open()
+        try:
+            for n in range(5):  # more records than that buffer holds, sent at the cut
+                await transport.announce(_instance(n))
+            await transport.declare("a", "g", from_start=False)
+            await transport.send("a", _ping(turn))
+            await transport.send("a", Envelope(name="Ping", payload=b"", key="k"))
+            for delivery in await _take(transport, 2):
+                await delivery.ack()
+            if turn:
+                await transport.leave("c")  # a worker that stopped, its consumers gone
+            await _cut_registry_read(transport, monkeypatch)
+        finally:
+            started = time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await transport.close()
+            took = time.monotonic() - started
+            cleaner = RabbitMQTransport(URL, namespace=transport.namespace)
+            await cleaner.open()
+            cleaner._declared |= transport._declared
+            await cleaner.destroy()
+            await cleaner.close()
+        assert took < 1.5, f"close() took {took:.2f} s"
+
+
+async def test_a_registry_read_cut_short_leaves_the_connection_working(
+    transport: RabbitMQTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Cut as above, the read left every later call on the connection hanging, until the
+    # heartbeat gave the connection up (minutes).
+    for n in range(5):
+        await transport.announce(_instance(n))
+    await transport.declare("a", "g", from_start=False)
+    for turn in range(3):
+        await _cut_registry_read(transport, monkeypatch)
+        async with asyncio.timeout(5):
+            await transport.send("a", _ping(turn))
+            [delivery] = await _take(transport, 1)
+            await delivery.ack()
+            assert len(await transport.instances()) == 5

@@ -95,7 +95,7 @@ import string
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -208,6 +208,9 @@ class _Consumer:
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     consuming_on: Any = None  # the AMQP channel the consume was issued on
     lanes_on: Any = None  # the AMQP channel the partition queues are consumed on
+    # Partition queue -> the AMQP channel it is consumed on: the consumes that went
+    # through before a receive was cancelled amid them are not issued twice.
+    lanes_consumed: dict[str, Any] = field(default_factory=dict)
     last_seen: float = field(default_factory=time.monotonic)
     receiving: int = 0
     retrying: set[asyncio.Task[None]] = field(default_factory=set)  # keyed retries waiting
@@ -865,10 +868,13 @@ class RabbitMQTransport(Transport):
                     await channel.set_qos(prefetch_count=DIRECTORY_PREFETCH)
                     ch = await channel.get_underlay_channel()
                     start = self._directory_next
-                    await ch.basic_consume(
-                        name,
-                        self._on_record,
-                        arguments={"x-stream-offset": "first" if start is None else start},
+                    await _unbroken(
+                        ch.basic_consume(
+                            name,
+                            self._on_record,
+                            arguments={"x-stream-offset": "first" if start is None else start},
+                        ),
+                        timeout=self.timeout,
                     )
                 failing, young = False, 0
                 with contextlib.suppress(Exception):
@@ -1090,7 +1096,6 @@ class RabbitMQTransport(Transport):
         ch = await self._ready(state.channel)
         if state.consuming_on is not ch:
             await self._subscribe(state, ch, state.queue, None)
-            state.consuming_on = ch
         if not keyed:
             return
         sent_with = self._keyed_sends.get(address, self.partitions)
@@ -1120,6 +1125,8 @@ class RabbitMQTransport(Transport):
             pause = SPREAD / self.partitions if began else 0.0
             for n in random.sample(range(self.partitions), self.partitions):
                 name = self._lane(address, group, n)
+                if state.lanes_consumed.get(name) is lanes:
+                    continue
                 await self._subscribe(state, lanes, name, name)
                 if pause:
                     await asyncio.sleep(pause)
@@ -1128,12 +1135,22 @@ class RabbitMQTransport(Transport):
     async def _subscribe(
         self, state: _Consumer, ch: aiormq.abc.AbstractChannel, queue: str, lane: str | None
     ) -> None:
+        """Consume ``queue`` on ``ch``, and note it in ``state`` (even when the caller is
+        cancelled meanwhile: the consume is carried through, see ``_unbroken``)."""
         arguments: dict[str, Any] | None = None
         if lane is not None:
             arguments = {"x-priority": random.randrange(1 << 16)}
+
+        async def consume() -> None:
+            await ch.basic_consume(queue, _putter(state, lane), arguments=arguments)
+            if lane is None:
+                state.consuming_on = ch
+            else:
+                state.lanes_consumed[queue] = ch
+
         try:
             async with self._translate(f"consume {queue}"):
-                await ch.basic_consume(queue, _putter(state, lane), arguments=arguments)
+                await _unbroken(consume(), timeout=self.timeout)
         except TransportError as exc:
             if isinstance(exc.__cause__, aiormq.exceptions.ChannelNotFoundEntity):
                 address, group, _ = state.key
@@ -1493,7 +1510,7 @@ class RabbitMQTransport(Transport):
             if ch is not None and not ch.is_closed:
                 async with self._translate("cancel a consumer"):
                     for tag in list(ch.consumers):
-                        await ch.basic_cancel(tag)
+                        await _unbroken(ch.basic_cancel(tag), timeout=self.timeout)
                 for message in buffered:
                     if message.channel.is_closed:
                         self._unhand(state, message, None)
@@ -1668,11 +1685,11 @@ class RabbitMQTransport(Transport):
             try:
                 await channel.set_qos(prefetch_count=500)
                 ch = await channel.get_underlay_channel()
-                await ch.basic_consume(
-                    queue,
-                    put,
-                    no_ack=False,
-                    arguments={"x-stream-offset": "first"},
+                await _unbroken(
+                    ch.basic_consume(
+                        queue, put, no_ack=False, arguments={"x-stream-offset": "first"}
+                    ),
+                    timeout=self.timeout,
                 )
                 while True:
                     async with asyncio.timeout(self.timeout):
@@ -2016,6 +2033,33 @@ def _redelivered(message: DeliveredMessage) -> bool:
 
 def _live(channel: aiormq.abc.AbstractChannel | None) -> bool:
     return channel is not None and not channel.is_closed
+
+
+_T = TypeVar("_T")
+
+
+async def _unbroken(call: Awaitable[_T], *, timeout: float) -> _T:
+    """``await call``; a caller cancelled meanwhile waits for the call to end (at most
+    ``timeout``), then is cancelled.
+
+    For the consumes and consumer cancels of channels that receive: aiormq answers a call
+    cancelled halfway by closing its channel without waiting for the broker, and the
+    ``close()`` that follows (ours, in a ``finally``) stops reading the channel at once.
+    What the broker delivered on it before it saw the close (a stream read from its
+    start: every record) then fills the channel's buffer of 10 frames, and the
+    connection's reader waits on that buffer for good: every call on the connection hangs
+    until aiormq's heartbeat check gives it up (minutes), and the transport's close took
+    3 s (the directory follower's channel close given up after 1 s, then aiormq's 2 s
+    wait for a Close-Ok it can no longer read). A dispatcher's close cancels its registry
+    reads: they came to that.
+    """
+    task = asyncio.ensure_future(call)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if not task.done():
+            await asyncio.wait([task], timeout=timeout)
+        raise
 
 
 _K = TypeVar("_K")
