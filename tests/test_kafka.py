@@ -1440,6 +1440,17 @@ async def test_the_backlog_makes_no_topic() -> None:
         )
 
 
+def _hold(monkeypatch: pytest.MonkeyPatch, method: str, released: asyncio.Event) -> None:
+    """Hold every ``AIOKafkaConsumer.<method>`` until ``released`` is set, then run it."""
+    real = getattr(AIOKafkaConsumer, method)
+
+    async def held(self: AIOKafkaConsumer) -> None:
+        await released.wait()
+        await real(self)
+
+    monkeypatch.setattr(AIOKafkaConsumer, method, held)
+
+
 async def test_a_consumer_that_starts_while_its_transport_closes_is_stopped(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -1447,15 +1458,9 @@ async def test_a_consumer_that_starts_while_its_transport_closes_is_stopped(
     # that started after it ran on, fetching, for ever. (The start is held until the
     # close is done: the real consumer, started late.)
     closed = asyncio.Event()
-    start = AIOKafkaConsumer.start
-
-    async def late_start(self: AIOKafkaConsumer) -> None:
-        await closed.wait()
-        await start(self)
-
     async with _transports(1, partitions=1) as (transport,):
         await transport.declare("a", "g", from_start=False)
-        monkeypatch.setattr(AIOKafkaConsumer, "start", late_start)
+        _hold(monkeypatch, "start", closed)
         receiving = asyncio.ensure_future(
             transport.receive("a", "g", consumer="c", limit=1, wait=5.0)
         )
@@ -1719,3 +1724,32 @@ async def test_an_empty_content_type_round_trips_and_a_field_not_utf8_is_refused
         assert delivery.envelope.content_type == ""
         with pytest.raises(SerializationError, match="not UTF-8"):
             await transport.send("a", Envelope(name="bad\udc80", payload=b""))
+
+
+async def test_a_receive_while_the_transport_closes_starts_no_consumer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # close() stops the groups it found as it began: a receive of another group meanwhile
+    # (a close cancelled by a deadline runs on in the background, a group's stop waits
+    # for the broker) started a consumer that ran on after close(), fetching, holding
+    # its partitions, and handing out deliveries of a closed transport.
+    release = asyncio.Event()
+    async with _transports(1, partitions=1) as (transport,):
+        for group in ("g1", "g2"):
+            await transport.declare("a", group, from_start=True)
+        await transport.send("a", _ping(1))
+        assert await transport.receive("a", "g1", consumer="c", limit=1, wait=5.0)
+        _hold(monkeypatch, "stop", release)
+        closing = asyncio.ensure_future(transport.close())
+        await until(lambda: not transport._groups, 5, "close() to take the groups")
+        try:
+            with pytest.raises(TransportError, match="is closing"):
+                await transport.receive("a", "g2", consumer="c", limit=1, wait=5.0)
+        finally:
+            release.set()
+            await closing
+            monkeypatch.undo()
+            running = [s for s in transport._groups.values() if s.consumer is not None]
+            for state in running:
+                await transport._stop_group(state)
+        assert not running

@@ -1765,3 +1765,46 @@ async def test_a_registry_read_cut_short_leaves_the_connection_working(
             [delivery] = await _take(transport, 1)
             await delivery.ack()
             assert len(await transport.instances()) == 5
+
+
+async def test_a_registry_read_cancelled_as_its_channel_closes_leaves_the_connection_up(
+    transport: RabbitMQTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # aiormq answers a Channel.Close cancelled before the broker's Close-Ok with a
+    # second Channel.Close; the broker, done with the first, closed the whole connection
+    # for it (504 "expected 'channel.open'"): the next send failed, every consumer and
+    # request on the connection with it. The cancel lands a few turns of the loop after
+    # the read's channel starts closing: at some of them, between the Close and its
+    # Close-Ok (a round trip).
+    import aio_pika
+
+    real = aio_pika.RobustChannel.close
+    reading: asyncio.Task[Any] | None = None
+    ticks = 0
+    cuts: set[asyncio.Task[None]] = set()
+
+    async def close_then_cut(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if reading is not None and asyncio.current_task() is reading:
+
+            async def cut() -> None:
+                for _ in range(ticks):
+                    await asyncio.sleep(0)
+                reading.cancel()
+
+            cuts.add(asyncio.ensure_future(cut()))
+        return await real(self, *args, **kwargs)
+
+    for n in range(5):
+        await transport.announce(_instance(n))
+    await transport.declare("a", "g", from_start=False)
+    for ticks in range(30):
+        with monkeypatch.context() as patched:
+            patched.setattr(aio_pika.RobustChannel, "close", close_then_cut)
+            reading = asyncio.create_task(transport.instances())
+            with contextlib.suppress(asyncio.CancelledError):
+                await reading
+        async with asyncio.timeout(5):
+            await transport.send("a", _ping(ticks))
+            [delivery] = await _take(transport, 1)
+            await delivery.ack()
+    assert len(await transport.instances()) == 5

@@ -797,6 +797,13 @@ class KafkaTransport(Transport):
                     await consumer.commit(fresh)
 
     async def _group(self, address: str, group: str) -> _Group:
+        if self._closing is not None:
+            # close() took the groups it stops when it began: a consumer started now
+            # would run on after it, fetching and holding its partitions.
+            raise TransportError(
+                f"{self.url} is closing: no consumer of {address!r} for {group!r} starts "
+                f"now; open() it again after close() to receive"
+            )
         state = self._groups.get((address, group))
         if state is None:
             state = self._groups[(address, group)] = _Group(address, group)

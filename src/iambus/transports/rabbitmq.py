@@ -516,8 +516,7 @@ class RabbitMQTransport(Transport):
                 task.cancel()
             await asyncio.gather(*consumer.retrying, return_exceptions=True)
             for channel in (consumer.channel, consumer.lanes):
-                with contextlib.suppress(Exception):
-                    await channel.close()
+                await _shut(channel, within=self.timeout)
         ch = await self._ready(self._admin)
         names = {*self._declared, self._dead}
         names |= {f"{self.namespace}.delay.{ms}" for ms in self._delays}
@@ -707,8 +706,7 @@ class RabbitMQTransport(Transport):
                     await ch.queue_declare(lock, exclusive=True)
                 break
             except TransportError as exc:
-                with contextlib.suppress(Exception):
-                    await channel.close()
+                await _shut(channel, within=self.timeout)
                 if not isinstance(exc.__cause__, aiormq.exceptions.ChannelLockedResource):
                     raise
                 await asyncio.sleep(0.5)  # another instance is moving them
@@ -717,8 +715,7 @@ class RabbitMQTransport(Transport):
         finally:
             with contextlib.suppress(Exception):
                 await ch.queue_delete(lock)
-            with contextlib.suppress(Exception):
-                await channel.close()
+            await _shut(channel, within=self.timeout)
 
     async def _move_held(self, address: str, group: str, held: str) -> None:
         ch = await self._ready(self._admin)
@@ -893,11 +890,10 @@ class RabbitMQTransport(Transport):
                     failing = True
             finally:
                 if channel is not None:
-                    # Bounded: on a connection that is recovering (the stream deleted
-                    # under it, say), a channel's close waits for the recovery.
-                    with contextlib.suppress(Exception):
-                        async with asyncio.timeout(1.0):
-                            await channel.close()
+                    # Waited for 1 s at most: on a connection that is recovering (the
+                    # stream deleted under it, say), a channel's close waits for the
+                    # recovery (it goes on alone then, not cut: see _shut).
+                    await _shut(channel, within=1.0)
             await asyncio.sleep(pause)
 
     async def _on_record(self, message: DeliveredMessage) -> None:
@@ -1065,8 +1061,7 @@ class RabbitMQTransport(Transport):
             try:
                 lanes = await self._new_channel()
             except BaseException:
-                with contextlib.suppress(Exception):
-                    await channel.close()
+                await _shut(channel, within=self.timeout)
                 raise
             try:
                 async with self._translate("set a consumer's prefetch"):
@@ -1075,8 +1070,7 @@ class RabbitMQTransport(Transport):
                     await lanes.set_qos(prefetch_count=1)
             except BaseException:
                 for made in (channel, lanes):
-                    with contextlib.suppress(Exception):
-                        await made.close()
+                    await _shut(made, within=self.timeout)
                 raise
             state = _Consumer(key, self._queue(address, group), channel, lanes)
             self._consumers[key] = state
@@ -1476,8 +1470,7 @@ class RabbitMQTransport(Transport):
             await self._retire_lanes(state)
             await self._retire_group(state)
         finally:
-            with contextlib.suppress(Exception):
-                await state.channel.close()
+            await _shut(state.channel, within=self.timeout)
 
     async def _retire_lanes(self, state: _Consumer) -> None:
         """Hand back what the consumer buffered from partition queues, close their channel."""
@@ -1496,8 +1489,7 @@ class RabbitMQTransport(Transport):
                 attempt = _own_attempt(message.header.properties.headers or {})
                 await self._pass_on(message, lane, attempt, handback=True)
         finally:
-            with contextlib.suppress(Exception):
-                await state.lanes.close()
+            await _shut(state.lanes, within=self.timeout)
 
     async def _retire_group(self, state: _Consumer) -> None:
         """Stop consuming the group's queue, give back what was buffered from it as copies
@@ -1531,8 +1523,7 @@ class RabbitMQTransport(Transport):
                     )
                     await self._ack_message(message)
         finally:
-            with contextlib.suppress(Exception):
-                await state.channel.close()
+            await _shut(state.channel, within=self.timeout)
 
     # -- request/reply --------------------------------------------------------------
 
@@ -1701,8 +1692,7 @@ class RabbitMQTransport(Transport):
                     if H_MARK not in headers:
                         records.append(message)
             finally:
-                with contextlib.suppress(Exception):
-                    await channel.close()
+                await _shut(channel, within=self.timeout)
         return records
 
     # -- registry and backlog ---------------------------------------------------------
@@ -1748,8 +1738,7 @@ class RabbitMQTransport(Transport):
                 try:
                     await channel.declare_queue(name, exclusive=True)
                 finally:
-                    with contextlib.suppress(Exception):
-                        await channel.close()
+                    await _shut(channel, within=self.timeout)
         except TransportError as exc:
             if isinstance(exc.__cause__, aiormq.exceptions.ChannelLockedResource):
                 raise TransportError(
@@ -1818,7 +1807,7 @@ class RabbitMQTransport(Transport):
                 try:
                     await channel.queue_delete(self._alive(instance.id))
                 finally:
-                    await channel.close()
+                    await _shut(channel, within=self.timeout)
 
     async def _announced(self) -> dict[str, tuple[Instance, int]]:
         """Every instance the registry stream holds that did not withdraw, by id, with
@@ -1900,8 +1889,7 @@ class RabbitMQTransport(Transport):
                         found.append(True)
         finally:
             if channel is not None and not channel.is_closed:
-                with contextlib.suppress(Exception):
-                    await channel.close()
+                await _shut(channel, within=self.timeout)
         return found
 
     # -- internals --------------------------------------------------------------------
@@ -2060,6 +2048,33 @@ async def _unbroken(call: Awaitable[_T], *, timeout: float) -> _T:
         if not task.done():
             await asyncio.wait([task], timeout=timeout)
         raise
+
+
+async def _shut(channel: Any, *, within: float) -> None:
+    """Close ``channel`` (its errors ignored), waiting ``within`` seconds at most, and
+    never cut the close: a caller cancelled meanwhile still waits for it (within the same
+    bound), then is cancelled; a close that outlasts the bound goes on by itself.
+
+    aiormq answers a Channel.Close cancelled before the broker's Close-Ok by sending a
+    second Channel.Close; the broker, done with the first, takes it for a frame on a
+    closed channel and closes the whole connection (504 "CHANNEL_ERROR - expected
+    'channel.open'"): a registry read cancelled as its channel closed (a timeout, a
+    dispatcher's close) failed every consumer, publish and request of the transport.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    closing = asyncio.ensure_future(channel.close())
+    closing.add_done_callback(_retrieved)
+    try:
+        await asyncio.wait([closing], timeout=within)
+    except asyncio.CancelledError:
+        await asyncio.wait([closing], timeout=max(deadline - loop.time(), 0.0))
+        raise
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # (a close left to itself fails unheard, as it was suppressed)
 
 
 _K = TypeVar("_K")
