@@ -1681,6 +1681,44 @@ async def test_a_cancelled_close_waits_its_timeout_at_most_and_open_waits_for_th
     await cleaner.close()
 
 
+async def test_a_close_failing_after_its_callers_were_cancelled_is_logged_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Nobody hears the failure of a close whose callers were all cancelled: it is logged,
+    # once however many callers there were.
+    require("kafka")
+    transport = KafkaTransport(_url(f"test-{uuid.uuid4().hex[:10]}", 1), timeout=0.2)
+    release = asyncio.Event()
+    await transport.open()
+    try:
+
+        async def failing_unlisten() -> None:
+            await release.wait()
+            raise RuntimeError("the listener's stop failed")
+
+        monkeypatch.setattr(transport, "_unlisten", failing_unlisten)
+        callers = [asyncio.ensure_future(transport.close()) for _ in range(2)]
+        await until(lambda: transport._closing is not None, 5, "the close to start")
+        closing = transport._closing
+        assert closing is not None
+        for caller in callers:
+            caller.cancel()
+        for caller in callers:
+            with pytest.raises(asyncio.CancelledError):
+                await caller
+        with caplog.at_level(logging.WARNING, logger="iambus.transports.kafka"):
+            release.set()
+            await asyncio.wait({closing})
+            await asyncio.sleep(0)  # (its done callbacks run)
+        said = [r for r in caplog.records if "closing failed after it was cancelled" in r.message]
+        assert len(said) == 1, caplog.text
+        assert "the listener's stop failed" in said[0].message
+    finally:
+        release.set()
+        monkeypatch.undo()
+        await transport.close()  # a close anew: stops what the failed one left
+
+
 async def test_a_close_while_the_reply_listener_starts_leaves_no_listener(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

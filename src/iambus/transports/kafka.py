@@ -469,7 +469,9 @@ class KafkaTransport(Transport):
         except asyncio.CancelledError:
             if not closing.done():
                 await asyncio.wait({closing}, timeout=self.timeout)
-            # Its caller is gone: a failure of what runs on is logged, not lost.
+            # Its caller is gone: a failure of what runs on is logged, not lost (once,
+            # however many callers were cancelled).
+            closing.remove_done_callback(self._unheard)
             closing.add_done_callback(self._unheard)
             raise
 
@@ -482,22 +484,7 @@ class KafkaTransport(Transport):
             logger.warning("iambus: %s: closing failed after it was cancelled: %r", self.url, exc)
 
     async def _close(self) -> None:
-        groups = list(self._groups.values())
-        self._groups.clear()
-        # One group's failing stop must not keep the others, the producer and the admin
-        # client from stopping.
-        stops = await asyncio.gather(
-            *(self._stop_group(state) for state in groups), return_exceptions=True
-        )
-        for state, stop in zip(groups, stops, strict=True):
-            if isinstance(stop, BaseException):
-                logger.warning(
-                    "iambus: %s: stopping the consumer of %s for %s failed: %r",
-                    self.url,
-                    state.address,
-                    state.group,
-                    stop,
-                )
+        await self._stop_groups()
         await self._unlisten()
         producer, admin, self._producer, self._admin = self._producer, self._admin, None, None
         if self._background:
@@ -521,9 +508,7 @@ class KafkaTransport(Transport):
 
         The groups this transport consumes stop first (they commit what they settled)."""
         admin = self._admin_client()
-        groups = list(self._groups.values())
-        self._groups.clear()
-        await asyncio.gather(*(self._stop_group(state) for state in groups))
+        await self._stop_groups()
         async with self._translate("list topics"):
             topics = await admin.list_topics()
         await self._unlisten()
@@ -840,6 +825,25 @@ class KafkaTransport(Transport):
             state.fetching = asyncio.create_task(self._fetch(state), name=f"kafka fetch {topic}")
             state.committing = asyncio.create_task(self._commit_loop(state))
         return state
+
+    async def _stop_groups(self) -> None:
+        """Stop every group's consumer (each commits what was settled). One that fails is
+        logged: it must not keep the others (nor, in close(), the producer and the admin
+        client) from stopping."""
+        groups = list(self._groups.values())
+        self._groups.clear()
+        stops = await asyncio.gather(
+            *(self._stop_group(state) for state in groups), return_exceptions=True
+        )
+        for state, stop in zip(groups, stops, strict=True):
+            if isinstance(stop, BaseException):
+                logger.warning(
+                    "iambus: %s: stopping the consumer of %s for %s failed: %r",
+                    self.url,
+                    state.address,
+                    state.group,
+                    stop,
+                )
 
     async def _stop_group(self, state: _Group) -> None:
         for task in (state.fetching, state.committing):
