@@ -1018,20 +1018,34 @@ def _producer_fails(transport: KafkaTransport) -> Iterator[None]:
         producer.send_and_wait = real  # type: ignore[method-assign]
 
 
+def _key_per_partition(partitions: int) -> dict[int, str]:
+    """A key that lands on each partition, by partition number."""
+    from iambus.partitions import partition
+
+    return {partition(f"k{n}", partitions): f"k{n}" for n in range(20)}
+
+
+async def _one_out_per_partition(
+    transport: KafkaTransport, keys: dict[int, str]
+) -> dict[str, Delivery]:
+    """Two records on each of partitions 0 and 1 (n = 0, 1 first of each key, then 2, 3),
+    the first of each handed out to consumer ``c`` and left unsettled; by key."""
+    await transport.declare("a", "g", from_start=False)
+    for n, number in enumerate((0, 1, 0, 1)):
+        await transport.send("a", _ping(n, key=keys[number]))
+    held = {d.envelope.key: d for d in await _receive(transport, 2)}
+    assert sorted(_n(d) for d in held.values()) == [0, 1]
+    return held
+
+
 async def test_a_partition_back_with_a_delivery_still_out_keeps_its_key_waiting() -> None:
     """A rebalance that gives a partition back to the consumer whose handler still holds
     one of its records (past the grace): that record is not delivered again meanwhile,
     nor its key's next one. (A partition that went to another consumer in between is
     delivered anew: that is Kafka's.)"""
-    from iambus.partitions import partition
-
-    keys = {partition(f"k{n}", 2): f"k{n}" for n in range(20)}
+    keys = _key_per_partition(2)
     async with _transports(2, partitions=2, claim_after=1.0) as (first, second):
-        await first.declare("a", "g", from_start=False)
-        for n, number in enumerate((0, 1, 0, 1)):  # 0, 1: first of each key; 2, 3: next
-            await first.send("a", _ping(n, key=keys[number]))
-        held = {d.envelope.key: d for d in await _receive(first, 2)}
-        assert sorted(_n(d) for d in held.values()) == [0, 1]
+        held = await _one_out_per_partition(first, keys)
         joining = asyncio.create_task(second.receive("a", "g", consumer="s", limit=5, wait=10))
         await until(lambda: len(_owned(first)) == 1, 20, "a rebalance")
         [kept] = _owned(first)  # the partition the first consumer keeps
@@ -1046,6 +1060,54 @@ async def test_a_partition_back_with_a_delivery_still_out_keeps_its_key_waiting(
         await held[keys[kept]].ack()
         [after] = await _receive(first, 1)
         assert _n(after) == 2 + kept
+
+
+@pytest.mark.parametrize("late_ack", ["while away", "after"])
+async def test_a_worker_leaving_while_its_partition_is_away_gives_its_record_back(
+    monkeypatch: pytest.MonkeyPatch, late_ack: str
+) -> None:
+    """A worker stops (``leave()``) during a rebalance, after its partitions were revoked
+    with its records still out, before they were assigned again: a record of a partition
+    that comes back is delivered anew, not taken for one its handler still holds (it
+    never settles: lost until a restart, its key's next record held for ever), and the
+    leaving worker's late ack settles nothing, whether it comes while the partition is
+    away (it was skipped as acked) or after (it released the key's next record)."""
+    keys = _key_per_partition(2)
+    async with _transports(2, partitions=2, claim_after=1.0) as (first, second):
+        held = await _one_out_per_partition(first, keys)
+        revoked, left = asyncio.Event(), asyncio.Event()
+        revoke = first._revoked
+
+        async def revoke_then_wait(state: Any, tps: list[TopicPartition]) -> None:
+            await revoke(state, tps)
+            if not revoked.is_set():  # the first rebalance waits for the worker's leave
+                revoked.set()
+                await asyncio.wait_for(left.wait(), 10)
+
+        monkeypatch.setattr(first, "_revoked", revoke_then_wait)
+        joining = asyncio.create_task(second.receive("a", "g", consumer="s", limit=5, wait=10))
+        await asyncio.wait_for(revoked.wait(), 20)
+        state = first._groups[("a", "g")]
+        assert {tp.partition for tp in state.away} == {0, 1}  # held past the grace
+        await first.leave("c")  # the worker stops, its handlers cut short
+        if late_ack == "while away":
+            for delivery in held.values():
+                await delivery.ack()
+        left.set()
+        await until(lambda: len(_owned(first)) == 1, 20, "a rebalance")
+        [kept] = _owned(first)
+        again: list[Delivery] = []
+        deadline = time.monotonic() + 10
+        while not again and time.monotonic() < deadline:
+            again = await first.receive("a", "g", consumer="d", limit=5, wait=0.2)
+        assert [_n(d) for d in again] == [kept], "the record given back never came again"
+        await held[keys[kept]].ack()  # (late, from the worker that left: settles nothing)
+        beside = await first.receive("a", "g", consumer="d", limit=5, wait=0.5)
+        assert beside == []  # its key's next waits for it
+        await again[0].ack()
+        [after] = await first.receive("a", "g", consumer="d", limit=5, wait=5)
+        assert _n(after) == 2 + kept
+        await joining
 
 
 async def test_a_buffer_of_one_record_still_goes_on() -> None:

@@ -1211,7 +1211,8 @@ class KafkaTransport(Transport):
 
     async def leave(self, consumer: str) -> None:
         """Give back what ``consumer`` holds unsettled: each goes to the group's next
-        receive at once, attempt + 1, still ahead of its key's next one; then commit what
+        receive at once, attempt + 1, still ahead of its key's next one (one of a
+        partition away in a rebalance: once fetched again, attempt 1); then commit what
         was settled."""
         for state in self._groups.values():
             back = [
@@ -1228,6 +1229,15 @@ class KafkaTransport(Transport):
             if back:
                 state.arrived.set()
                 state.settled.set()  # (a revoke waiting for handed-out records: back)
+            # Held while their partition is away (revoked, not yet assigned again): left
+            # held, one that came back would be taken for a delivery still being handled
+            # and never handed out again (its key's next held, its offset never committed
+            # past). Given back, it is a delivery anew when fetched again (see _back).
+            for away in state.away.values():
+                for record in away.values():
+                    if record.holder == consumer:
+                        record.holder = None
+                        record.handout += 1  # (a late settle of it: ignored)
         # What was settled is committed now, not at the commit loop's next turn: a worker
         # that stops leaves a transport passed in open, and its process may end next.
         for state in list(self._groups.values()):
