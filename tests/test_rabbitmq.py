@@ -1808,3 +1808,126 @@ async def test_a_registry_read_cancelled_as_its_channel_closes_leaves_the_connec
             [delivery] = await _take(transport, 1)
             await delivery.ack()
     assert len(await transport.instances()) == 5
+
+
+async def _leave_cut_short(
+    transport: RabbitMQTransport, monkeypatch: pytest.MonkeyPatch, consumer: str
+) -> None:
+    """``leave(consumer)`` cancelled as it publishes the first copy of its buffer."""
+    real = transport._publish_raw
+    handing_back = asyncio.Event()
+
+    async def stuck(*args: Any, **kwargs: Any) -> Any:
+        if asyncio.current_task() is leaving:
+            handing_back.set()
+            await asyncio.Event().wait()  # cut here, before the copy is published
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(transport, "_publish_raw", stuck)
+    leaving = asyncio.create_task(transport.leave(consumer))
+    async with asyncio.timeout(5):
+        await handing_back.wait()
+    leaving.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await leaving
+
+
+async def test_a_retirement_cut_short_does_not_count_what_it_had_not_handed_back(
+    transport: RabbitMQTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A retirement cancelled as it handed its buffer back (a worker stopped with a
+    # deadline) closed the channel with the rest of the buffer unacked, never recorded as
+    # given back: the quorum queue returned them counted, each as a failed attempt.
+    await transport.declare("a", "g", from_start=False)
+    for n in range(3):
+        await transport.send("a", _ping(n))
+    transport.prefetch = 3
+    [first] = await _take(transport, 1, consumer="stopping")
+    await first.ack()
+    stopping = transport._consumers[("a", "g", "stopping")]
+    await until(lambda: len(stopping.inbox) == 2, 10, "two in the stopping buffer")
+    await _leave_cut_short(transport, monkeypatch, "stopping")
+    got = await _take(transport, 2, consumer="alive")
+    assert sorted(d.attempt for d in got) == [1, 1]
+    for delivery in got:
+        await delivery.ack()
+
+
+async def test_receives_at_once_on_one_consumer_consume_once(
+    transport: RabbitMQTransport,
+) -> None:
+    # Two receives starting together on a new consumer both issued Basic.Consume on its
+    # channel: two consumers there, each with the prefetch, held twice what it should.
+    await transport.declare("a", "g", from_start=False)
+    for n in range(4):
+        await transport.send("a", _ping(n))
+    transport.prefetch = 1
+    transport.claim_after = 60  # (not retired by the sweeper meanwhile)
+    got = await asyncio.gather(
+        *(transport.receive("a", "g", consumer="c", limit=1, wait=0.3) for _ in range(2))
+    )
+    [held] = [delivery for batch in got for delivery in batch]
+    assert (await transport.backlog("a", "g")).waiting == 3
+    state = transport._consumers[("a", "g", "c")]
+    assert len(state.inbox) == 0
+    await held.ack()
+    for _ in range(3):  # prefetch 1: one at a time
+        [delivery] = await _take(transport, 1)
+        assert delivery.attempt == 1
+        await delivery.ack()
+
+
+async def test_a_consume_answered_after_its_cancelled_receive_gave_up_is_issued_once(
+    transport: RabbitMQTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The consume of a cancelled receive goes on after the receive's bound (timeout):
+    # the next receive, seeing no consume answered yet, issued one more on the same
+    # channel, the first one then answered as well: two consumers, twice the prefetch.
+    import aiormq
+
+    real = aiormq.Channel.basic_consume
+    late: list[bool] = []
+
+    async def answered_late(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not late:
+            late.append(True)
+            await asyncio.sleep(0.6)  # the broker answers after the receive's bound
+        return await real(self, *args, **kwargs)
+
+    await transport.declare("a", "g", from_start=False)
+    for n in range(4):
+        await transport.send("a", _ping(n))
+    transport.prefetch = 1
+    transport.timeout = 0.3
+    transport.claim_after = 60  # (not retired by the sweeper meanwhile)
+    monkeypatch.setattr(aiormq.Channel, "basic_consume", answered_late)
+    receiving = asyncio.create_task(transport.receive("a", "g", consumer="c", limit=1, wait=5))
+    await until(lambda: bool(late), 5, "the consume issued")
+    receiving.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await receiving
+    [held] = await transport.receive("a", "g", consumer="c", limit=1, wait=2)
+    await asyncio.sleep(0.3)  # (a second consumer's delivery would have come by now)
+    assert (await transport.backlog("a", "g")).waiting == 3
+    assert len(transport._consumers[("a", "g", "c")].inbox) == 0
+    await held.ack()
+
+
+async def test_a_retirement_cut_short_does_not_count_what_its_partitions_had_not_handed_back(
+    transport: RabbitMQTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As above, from partition queues: what was not handed back yet returned redelivered,
+    # and came again as a copy counting a failed attempt.
+    await transport.declare("a", "g", from_start=False)
+    for n, key in enumerate(_apart(transport, 3)):
+        await transport.send("a", _keyed(n, key))
+    [first] = await _take(transport, 1, consumer="stopping")
+    await first.ack()
+    stopping = transport._consumers[("a", "g", "stopping")]
+    await until(lambda: len(stopping.inbox) == 2, 10, "two in the stopping buffer")
+    await _leave_cut_short(transport, monkeypatch, "stopping")
+    got = await _take(transport, 2, consumer="alive")
+    assert sorted(d.attempt for d in got) == [1, 1]
+    for delivery in got:
+        await delivery.ack()
+    assert await transport.receive("a", "g", consumer="alive", limit=10, wait=0.5) == []

@@ -211,6 +211,13 @@ class _Consumer:
     # Partition queue -> the AMQP channel it is consumed on: the consumes that went
     # through before a receive was cancelled amid them are not issued twice.
     lanes_consumed: dict[str, Any] = field(default_factory=dict)
+    # One _consume at a time: two receives starting together each issued Basic.Consume,
+    # two consumers on the channel, each with the prefetch (twice the deliveries held).
+    consume_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Queue -> (AMQP channel, the consume issued on it, not answered yet): a consume
+    # carried on past a cancelled caller's bound (see _unbroken) is waited for by the
+    # next receive, not issued a second time.
+    subscribing: dict[str, tuple[Any, asyncio.Future[None]]] = field(default_factory=dict)
     last_seen: float = field(default_factory=time.monotonic)
     receiving: int = 0
     retrying: set[asyncio.Task[None]] = field(default_factory=set)  # keyed retries waiting
@@ -1079,8 +1086,12 @@ class RabbitMQTransport(Transport):
     async def _consume(self, state: _Consumer) -> None:
         """Start consuming on the consumer's channels, again when one was reopened; the
         partition queues once keyed envelopes are sent to the address."""
-        address, group, _ = state.key
         await self._directory()
+        async with state.consume_lock:
+            await self._consume_now(state)
+
+    async def _consume_now(self, state: _Consumer) -> None:
+        address, group, _ = state.key
         keyed = address in self._keyed_sends or (address, group) in self._lanes
         if _live(state.consuming_on) and (_live(state.lanes_on) or not keyed):
             return
@@ -1142,9 +1153,21 @@ class RabbitMQTransport(Transport):
             else:
                 state.lanes_consumed[queue] = ch
 
+        issued = state.subscribing.get(queue)
+        if issued is None or issued[0] is not ch or issued[1].done():
+            task = asyncio.ensure_future(consume())
+            issued = (ch, task)
+            state.subscribing[queue] = issued
+            task.add_done_callback(_retrieved)
+
+            def done(_: asyncio.Future[None], issued: Any = issued) -> None:
+                if state.subscribing.get(queue) is issued:
+                    del state.subscribing[queue]
+
+            task.add_done_callback(done)
         try:
             async with self._translate(f"consume {queue}"):
-                await _unbroken(consume(), timeout=self.timeout)
+                await _unbroken(issued[1], timeout=self.timeout)
         except TransportError as exc:
             if isinstance(exc.__cause__, aiormq.exceptions.ChannelNotFoundEntity):
                 address, group, _ = state.key
@@ -1470,32 +1493,41 @@ class RabbitMQTransport(Transport):
             await self._retire_lanes(state)
             await self._retire_group(state)
         finally:
+            # Cut short (cancelled, a failed publish): what is still buffered goes back
+            # with the channels, and is not counted where it comes again.
+            self._unhand_buffer(state)
             await _shut(state.channel, within=self.timeout)
 
     async def _retire_lanes(self, state: _Consumer) -> None:
         """Hand back what the consumer buffered from partition queues, close their channel."""
-        buffered = [(message, lane) for message, lane in state.inbox if lane is not None]
+        buffered = deque((message, lane) for message, lane in state.inbox if lane is not None)
         state.inbox = deque((message, lane) for message, lane in state.inbox if lane is None)
         try:
-            for message, lane in buffered:
+            while buffered:
+                message, lane = buffered[0]
                 assert lane is not None
-                if _redelivered(message):
-                    continue  # a redelivered one still has a return to count
-                if message.channel.is_closed or message.header.properties.priority:
-                    # A copy (priority 1) returns to its place, first, and counted
-                    # (its hand-back copy would come after it); here, not counted.
-                    self._unhand(state, message, lane)
+                if not _redelivered(message) and not (
+                    # A copy (priority 1) returns to its place, first, and counted (its
+                    # hand-back copy would come after it): here, not counted (below).
+                    message.channel.is_closed or message.header.properties.priority
+                ):
+                    attempt = _own_attempt(message.header.properties.headers or {})
+                    await self._pass_on(message, lane, attempt, handback=True)
+                    buffered.popleft()  # (its return is dropped behind the copy)
                     continue
-                attempt = _own_attempt(message.header.properties.headers or {})
-                await self._pass_on(message, lane, attempt, handback=True)
+                buffered.popleft()
+                self._unhand(state, message, lane)  # (a redelivered one is still counted)
         finally:
+            # Cut short: the rest returns with the channel, not handed out.
+            for message, lane in buffered:
+                self._unhand(state, message, lane)
             await _shut(state.lanes, within=self.timeout)
 
     async def _retire_group(self, state: _Consumer) -> None:
         """Stop consuming the group's queue, give back what was buffered from it as copies
         with their attempt, close the channel."""
         address, group, _ = state.key
-        buffered = [message for message, lane in state.inbox if lane is None]
+        buffered = deque(message for message, lane in state.inbox if lane is None)
         state.inbox = deque((message, lane) for message, lane in state.inbox if lane is not None)
         ch = state.consuming_on
         try:
@@ -1503,27 +1535,40 @@ class RabbitMQTransport(Transport):
                 async with self._translate("cancel a consumer"):
                     for tag in list(ch.consumers):
                         await _unbroken(ch.basic_cancel(tag), timeout=self.timeout)
-                for message in buffered:
-                    if message.channel.is_closed:
-                        self._unhand(state, message, None)
-                        continue
-                    headers = dict(message.header.properties.headers or {})
-                    given_back = self._unhanded.pop(_returned(state.queue, message), 0)
-                    if "x-delivery-count" in headers or not _redelivered(message):
-                        headers[H_ATTEMPT] = _attempt(headers) - given_back
-                    else:  # a classic queue's "again": one return, counted unless ours
-                        headers[H_ATTEMPT] = _attempt(headers) + (0 if given_back else 1)
-                    headers.pop("x-delivery-count", None)
-                    message.header.properties.headers = headers
-                    await self._publish_raw(
-                        self._direct,
-                        self._queue(address, group),
-                        message.body,
-                        message.header.properties,
-                    )
-                    await self._ack_message(message)
+                # (and what was delivered before the broker took the cancel)
+                buffered += (message for message, lane in state.inbox if lane is None)
+                state.inbox = deque((m, lane) for m, lane in state.inbox if lane is not None)
+            while buffered and not buffered[0].channel.is_closed:
+                message = buffered[0]
+                returned = _returned(state.queue, message)
+                given_back = self._unhanded.get(returned, 0)
+                properties = copy.copy(message.header.properties)  # (the key stays as it is)
+                headers = dict(properties.headers or {})
+                if "x-delivery-count" in headers or not _redelivered(message):
+                    headers[H_ATTEMPT] = _attempt(headers) - given_back
+                else:  # a classic queue's "again": one return, counted unless ours
+                    headers[H_ATTEMPT] = _attempt(headers) + (0 if given_back else 1)
+                headers.pop("x-delivery-count", None)
+                properties.headers = headers
+                await self._publish_raw(
+                    self._direct, self._queue(address, group), message.body, properties
+                )
+                await self._ack_message(message)
+                buffered.popleft()
+                self._unhanded.pop(returned, None)
         finally:
+            # What was not handed back as a copy (its channel gone, or the retirement cut
+            # short: cancelled, a publish that failed) returns with the channel: counted
+            # by the broker, not an attempt (a copy published but not acked: a duplicate).
+            for message in buffered:
+                self._unhand(state, message, None)
             await _shut(state.channel, within=self.timeout)
+
+    def _unhand_buffer(self, state: _Consumer) -> None:
+        """``state``'s channels are closing: what it buffered returns unhanded."""
+        inbox, state.inbox = state.inbox, deque()
+        for message, lane in inbox:
+            self._unhand(state, message, lane)
 
     # -- request/reply --------------------------------------------------------------
 
