@@ -1853,3 +1853,46 @@ async def test_a_receive_while_the_transport_closes_starts_no_consumer(
             for state in running:
                 await transport._stop_group(state)
         assert not running
+
+
+async def test_a_record_back_from_a_rebalance_settled_behind_a_duplicate_frees_its_key() -> None:
+    """A partition comes back with a record still out (past the grace) behind an earlier
+    record of its key that was settled but not committed past (an older record of
+    another key held the commit point): that earlier one comes again (at least once),
+    ahead of the held one in its key's queue. The held one settled first stayed in that
+    queue: the duplicate's settle then handed it out again (acked already), and its
+    settle, finding nothing unsettled, never took it off: its key stuck for good."""
+    from iambus.partitions import partition
+
+    two: dict[int, list[str]] = {0: [], 1: []}
+    for n in range(50):
+        keys = two[partition(f"k{n}", 2)]
+        if len(keys) < 2:
+            keys.append(f"k{n}")
+    async with _transports(2, partitions=2, claim_after=1.0) as (first, second):
+        await first.declare("a", "g", from_start=False)
+        for p in (0, 1):  # offsets 0: another key's, held; 1: acked; 2: held past the grace
+            other, key = two[p]
+            await first.send("a", _ping(10 * p, key=other))
+            await first.send("a", _ping(10 * p + 1, key=key))
+            await first.send("a", _ping(10 * p + 2, key=key))
+        heads = await _receive(first, 4)
+        assert sorted(_n(d) for d in heads) == [0, 1, 10, 11]
+        for delivery in heads:
+            if _n(delivery) % 10 == 1:
+                await delivery.ack()
+        late = {_n(d) // 10: d for d in await _receive(first, 2)}
+        assert sorted(late) == [0, 1]
+        joining = asyncio.create_task(second.receive("a", "g", consumer="s", limit=5, wait=10))
+        await until(lambda: len(_owned(first)) == 1, 20, "a rebalance")
+        [kept] = _owned(first)
+        await joining
+        await late[kept].ack()  # its handler ends once the partition is back
+        await first.send("a", _ping(10 * kept + 3, key=two[kept][1]))
+        seen: list[int] = []
+        deadline = time.monotonic() + 5
+        while 10 * kept + 3 not in seen and time.monotonic() < deadline:
+            for delivery in await first.receive("a", "g", consumer="d", limit=5, wait=0.2):
+                seen.append(_n(delivery))
+                await delivery.ack()
+        assert seen == [10 * kept + 1, 10 * kept + 3]  # (1 again: not committed past)

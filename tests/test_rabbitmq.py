@@ -1931,3 +1931,46 @@ async def test_a_retirement_cut_short_does_not_count_what_its_partitions_had_not
     for delivery in got:
         await delivery.ack()
     assert await transport.receive("a", "g", consumer="alive", limit=10, wait=0.5) == []
+
+
+async def test_a_left_consumer_does_not_count_what_its_partitions_sent_as_it_retired(
+    transport: RabbitMQTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # leave() with a keyed retry waiting retires the partition channel later
+    # (_retire_lanes_later), without _retire's last look at the buffer: a delivery that
+    # reached the consumer while its buffer was being handed back (after it was taken)
+    # returned with the channel, never recorded as unhanded, and came again as a copy
+    # counting a failed attempt it never had.
+    transport.claim_after = 60  # (not retired by the sweeper meanwhile)
+    await transport.declare("a", "g", from_start=False)
+    retried_key, buffered_key, late_key = _apart(transport, 3)
+    await transport.send("a", _keyed(0, retried_key))
+    [retried] = await _take(transport, 1, consumer="leaving")
+    await retried.retry(0.5)  # keeps the partition channel open until it is due
+    await transport.send("a", _keyed(1, buffered_key))
+    state = transport._consumers[("a", "g", "leaving")]
+    await until(lambda: len(state.inbox) == 1, 10, "one in the leaving buffer")
+
+    real = transport._pass_on
+    arrived: list[bool] = []
+
+    async def late_arrival(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("handback") and not arrived:
+            # As the buffer is handed back, a message for another partition arrives.
+            await transport.send("a", _keyed(2, late_key))
+            await until(lambda: bool(state.inbox), 10, "the late one in the leaving buffer")
+            arrived.append(True)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(transport, "_pass_on", late_arrival)
+    await transport.leave("leaving")
+    await until(lambda: not transport._leaving, 10, "the partitions retired")
+    assert arrived
+    got = await _take(transport, 3, consumer="staying", within=10)
+    assert sorted((d.envelope.payload, d.attempt) for d in got) == [
+        (b"0", 2),  # (its retry: the channel's close gave it back, counted)
+        (b"1", 1),
+        (b"2", 1),
+    ]
+    for delivery in got:
+        await delivery.ack()

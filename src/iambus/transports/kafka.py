@@ -1072,6 +1072,11 @@ class KafkaTransport(Transport):
                     state.arrived.set()
                 else:
                     del part.keys[record.key]
+            elif queue and record in queue:
+                # Out of turn: back from a rebalance behind a duplicate of an earlier record
+                # of its key (see _back). Left in the queue, that one's settle would hand
+                # it out again, and its own settle then finds nothing: the key stuck.
+                queue.remove(record)
         if part.held and len(part.unsettled) <= self._buffered // 2:
             part.held = False
             if part.paused:

@@ -1496,7 +1496,12 @@ class RabbitMQTransport(Transport):
             # Cut short (cancelled, a failed publish): what is still buffered goes back
             # with the channels, and is not counted where it comes again.
             self._unhand_buffer(state)
-            await _shut(state.channel, within=self.timeout)
+            try:
+                await _shut(state.channel, within=self.timeout)
+            finally:
+                # (the group's consumer was not cancelled if the partitions' hand-back was
+                # cut: it may deliver until the channel is closed)
+                self._unhand_buffer(state)
 
     async def _retire_lanes(self, state: _Consumer) -> None:
         """Hand back what the consumer buffered from partition queues, close their channel."""
@@ -1521,7 +1526,14 @@ class RabbitMQTransport(Transport):
             # Cut short: the rest returns with the channel, not handed out.
             for message, lane in buffered:
                 self._unhand(state, message, lane)
-            await _shut(state.lanes, within=self.timeout)
+            # Partition consumers are not cancelled: what they delivered after the buffer
+            # was taken (a message sent meanwhile) returns with the channel too. Not only
+            # _retire looks again: leave() with a keyed retry waiting retires them alone.
+            self._unhand_buffer(state, lanes=True)
+            try:
+                await _shut(state.lanes, within=self.timeout)
+            finally:
+                self._unhand_buffer(state, lanes=True)
 
     async def _retire_group(self, state: _Consumer) -> None:
         """Stop consuming the group's queue, give back what was buffered from it as copies
@@ -1562,13 +1574,22 @@ class RabbitMQTransport(Transport):
             # by the broker, not an attempt (a copy published but not acked: a duplicate).
             for message in buffered:
                 self._unhand(state, message, None)
-            await _shut(state.channel, within=self.timeout)
+            self._unhand_buffer(state, lanes=False)  # (delivered during a cut cancel)
+            try:
+                await _shut(state.channel, within=self.timeout)
+            finally:
+                self._unhand_buffer(state, lanes=False)
 
-    def _unhand_buffer(self, state: _Consumer) -> None:
-        """``state``'s channels are closing: what it buffered returns unhanded."""
-        inbox, state.inbox = state.inbox, deque()
-        for message, lane in inbox:
-            self._unhand(state, message, lane)
+    def _unhand_buffer(self, state: _Consumer, *, lanes: bool | None = None) -> None:
+        """``state``'s channels are closing (``lanes``: only the partition channel; False:
+        only the group's): what it buffered from them returns unhanded."""
+        kept: deque[tuple[DeliveredMessage, str | None]] = deque()
+        for message, lane in state.inbox:
+            if lanes is None or (lane is not None) == lanes:
+                self._unhand(state, message, lane)
+            else:
+                kept.append((message, lane))
+        state.inbox = kept
 
     # -- request/reply --------------------------------------------------------------
 
