@@ -1855,13 +1855,14 @@ async def test_a_receive_while_the_transport_closes_starts_no_consumer(
         assert not running
 
 
-async def test_a_record_back_from_a_rebalance_settled_behind_a_duplicate_frees_its_key() -> None:
+async def test_a_record_back_from_a_rebalance_keeps_its_key_one_at_a_time() -> None:
     """A partition comes back with a record still out (past the grace) behind an earlier
     record of its key that was settled but not committed past (an older record of
-    another key held the commit point): that earlier one comes again (at least once),
-    ahead of the held one in its key's queue. The held one settled first stayed in that
-    queue: the duplicate's settle then handed it out again (acked already), and its
-    settle, finding nothing unsettled, never took it off: its key stuck for good."""
+    another key held the commit point): that earlier one comes again (at least once).
+    It waits for the held one: it was handed out at once, two of one key out together.
+    (And when it was ahead of the held one in its key's queue, the held one settled
+    first stayed there: the duplicate's settle then handed it out again, acked already,
+    and its settle, finding nothing unsettled, never took it off: its key stuck.)"""
     from iambus.partitions import partition
 
     two: dict[int, list[str]] = {0: [], 1: []}
@@ -1887,6 +1888,15 @@ async def test_a_record_back_from_a_rebalance_settled_behind_a_duplicate_frees_i
         await until(lambda: len(_owned(first)) == 1, 20, "a rebalance")
         [kept] = _owned(first)
         await joining
+        state = first._groups[("a", "g")]
+        [part] = [
+            p
+            for tp, p in state.parts.items()
+            if (tp.topic, tp.partition) == (first.topic("a"), kept)
+        ]
+        await until(lambda: 1 in part.unsettled, 20, "the earlier record fetched again")
+        # Its key's held record is still out: nothing of that key may be handed out.
+        assert await first.receive("a", "g", consumer="d", limit=5, wait=0.3) == []
         await late[kept].ack()  # its handler ends once the partition is back
         await first.send("a", _ping(10 * kept + 3, key=two[kept][1]))
         seen: list[int] = []

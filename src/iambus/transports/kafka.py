@@ -1050,7 +1050,17 @@ class KafkaTransport(Transport):
         old.part = part
         part.unsettled[offset] = old
         if old.key is not None:
-            part.keys.setdefault(old.key, deque()).append(old)
+            queue = part.keys.setdefault(old.key, deque())
+            head = queue[0] if queue else None
+            if head is not None and head.holder is None and head in state.ready:
+                # An earlier record of its key came again (settled before the partition
+                # went, not committed past: fetched anew from the commit point), taken in
+                # just now and not handed out yet: it waits for this one, still being
+                # handled, as a key's records do (one out at a time).
+                state.ready.remove(head)
+                queue.appendleft(old)
+            else:
+                queue.append(old)
         return True
 
     # -- settling (called by deliveries) ----------------------------------------------
