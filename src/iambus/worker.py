@@ -393,7 +393,8 @@ class Worker:
             for delivery in deliveries:
                 # Eager where Python can (3.12+): a delivery whose handler never waits is
                 # handled and settled right here, and its task is done already (no turn of
-                # the event loop to start it, none to tell that it ended: ~3 µs a message).
+                # the event loop to start it, none to tell that it ended: 7 % of the
+                # instructions of a Kafka message end to end, counted with callgrind).
                 task = start_task(self._process(sub, delivery), context=context.copy())
                 if not task.done():
                     self._inflight.add(task)
