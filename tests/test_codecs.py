@@ -11,7 +11,7 @@ import json
 import subprocess
 import sys
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta, timezone
 from decimal import Decimal, InvalidOperation
@@ -986,7 +986,10 @@ SURROGATE = r"the str holds a lone surrogate \('\\ud800' at index 1\), which UTF
         (Page(["ok", "a\ud800"], 2), r"cannot encode Page\.items\[1\]: " + SURROGATE),
         ({"a\ud800": 1}, r"cannot encode dict: the dict key 'a\\ud800': " + SURROGATE),
         (Card("card", "4\ud800"), r"cannot encode Card\.number: " + SURROGATE),
-        (BrokenMapping(), r"cannot encode BrokenMapping: the mapping is closed$"),
+        (
+            BrokenMapping(),
+            r"cannot encode BrokenMapping: reading it raised ValueError: the mapping is closed$",
+        ),
     ],
     ids=[
         "int-fast",
@@ -1178,6 +1181,237 @@ def test_nan_and_infinity_are_not_decoded(body: bytes, into: Any, message: str) 
         r"write a finite number, or null$",
     ):
         codec.decode(body, into, name="Msg")
+
+
+LONG = "7" * 5000  # a JSON number with more digits than int() reads (4300 by default)
+
+
+@dataclass(frozen=True)
+class Amounts:
+    total: Decimal
+    parts: dict[str, list[int]]
+
+
+# Python's json reads such a number with int(), which refuses it; the error said "invalid
+# JSON" with no path (other decode errors name one).
+@pytest.mark.parametrize(
+    ("body", "into", "where"),
+    [
+        (f'{{"only":{LONG}}}', One, r"Msg\.only"),
+        (f'{{"items":[1,-{LONG}],"total":2}}', Page[int], r"Msg\.items\[1\]"),
+        (f'{{"total":{LONG},"parts":{{}}}}', Amounts, r"Msg\.total"),
+        (f'{{"total":"1","parts":{{"a b":[0,{LONG}]}}}}', Amounts, r"Msg\.parts\['a b'\]\[1\]"),
+        (
+            f'{{"payload":1,"meta":{{"x":{{"y":{LONG}}}}},"rows":[]}}',
+            Loose,
+            r"Msg\.meta\['x'\]\['y'\]",
+        ),
+        (LONG, int, r"Msg"),
+    ],
+    ids=["fast", "general", "decimal", "dict", "any", "root"],
+)
+def test_an_integer_too_long_to_read_names_its_path(body: str, into: Any, where: str) -> None:
+    with pytest.raises(
+        SerializationError,
+        match=rf"cannot decode {where}: the payload holds an integer of 5000 digits, more than "
+        r"Python reads as an int \(sys\.get_int_max_str_digits\(\) is 4300\); the sender must "
+        r"send it as a string \(a str or Decimal field\), or raise the limit with "
+        r"sys\.set_int_max_str_digits\(\) in the receiver$",
+    ) as caught:
+        codec.decode(body.encode(), into, name="Msg")
+    assert isinstance(caught.value.__cause__, ValueError)
+
+
+def test_an_int_dict_key_too_long_to_read_says_so() -> None:
+    # It said "expected int key (a decimal string)", of a decimal string.
+    with pytest.raises(
+        SerializationError,
+        match=r"cannot decode Msg\['7{40}'\.\.\.\]: the key is an integer of 5000 digits, more "
+        r"than Python reads as an int \(sys\.get_int_max_str_digits\(\) is 4300\); make the key "
+        r"a str, or raise the limit",
+    ) as caught:
+        codec.decode(f'{{"{LONG}":1}}'.encode(), dict[int, int], name="Msg")
+    assert isinstance(caught.value.__cause__, ValueError)
+
+
+@dataclass(slots=True)
+class Slotted:
+    a: int
+    b: int
+
+
+@dataclass
+class Plain:
+    a: int
+    tags: list[str]
+
+
+@dataclass
+class Stock:
+    count: int
+
+
+class Lazy(Stock):
+    """A field replaced by a property whose own code fails."""
+
+    @property  # type: ignore[override]
+    def count(self) -> int:
+        return 100 // self._stored
+
+    @count.setter
+    def count(self, value: int) -> None:
+        self._stored = value
+
+
+class Unset(Stock):
+    @property  # type: ignore[override]
+    def count(self) -> int:
+        return self._missing  # type: ignore[attr-defined,no-any-return]
+
+    @count.setter
+    def count(self, value: int) -> None:
+        pass
+
+
+def _half_made(cls: type, **values: Any) -> Any:
+    value = object.__new__(cls)
+    for name, item in values.items():
+        setattr(value, name, item)
+    return value
+
+
+NOT_SET = (
+    r"the field is not set \('{cls}' object has no attribute '{name}'\): the object was made "
+    r"without its __init__ \(object\.__new__, say\) or the attribute deleted; set every field "
+    r"before sending it$"
+)
+
+
+# Reading a field escaped encode as the bare exception (an AttributeError, say).
+@pytest.mark.parametrize(
+    ("value", "message", "cause"),
+    [
+        (
+            _half_made(Slotted, a=1),
+            r"cannot encode Slotted\.b: " + NOT_SET.format(cls="Slotted", name="b"),
+            AttributeError,
+        ),
+        (
+            [Plain(1, []), _half_made(Plain, a=2)],
+            r"cannot encode list\[1\]\.tags: " + NOT_SET.format(cls="Plain", name="tags"),
+            AttributeError,
+        ),
+        (
+            {"stock": [Lazy(0)]},
+            r"cannot encode dict\['stock'\]\[0\]\.count: reading it raised ZeroDivisionError: "
+            r"integer division or modulo by zero$",
+            ZeroDivisionError,
+        ),
+        (
+            Unset(1),
+            r"cannot encode Unset\.count: reading it raised AttributeError: 'Unset' object has "
+            r"no attribute '_missing'$",
+            AttributeError,
+        ),
+    ],
+    ids=["slots-fast", "general", "property", "property-attribute"],
+)
+def test_a_field_that_cannot_be_read_names_the_type_the_path_and_the_cause(
+    value: Any, message: str, cause: type[Exception]
+) -> None:
+    with pytest.raises(SerializationError, match=message) as caught:
+        codec.encode(value)
+    assert type(caught.value.__cause__) is cause
+
+
+# One scheme for paths in every error: an attribute is .name, a dict key ['key'], an item
+# [0]. A dict's keys were written .key when json, not the codec, met the value.
+@pytest.mark.parametrize(
+    ("action", "message"),
+    [
+        (
+            lambda: codec.encode({"a": {"b": float("nan")}}),
+            r"cannot encode dict\['a'\]\['b'\]: JSON has no NaN",
+        ),
+        (
+            lambda: codec.encode(Loose(1, {"a": "x\ud800"}, [])),
+            r"cannot encode Loose\.meta\['a'\]: the str holds a lone surrogate",
+        ),
+        (
+            lambda: codec.decode(
+                b'{"payload":1,"meta":{"a":{"b":NaN}},"rows":[]}', Loose, name="M"
+            ),
+            r"cannot decode M\.meta\['a'\]\['b'\]: the payload holds NaN",
+        ),
+        (
+            lambda: codec.decode(b'{"items":[{"x":1,"y":NaN}],"total":1}', Page[Point], name="M"),
+            r"cannot decode M\.items\[0\]\.y: the payload holds NaN",
+        ),
+        (
+            lambda: codec.decode(
+                b'{"items":[],"total":1,"first":{"k":[NaN]}}',
+                Page[dict[str, list[float]]],
+                name="M",
+            ),
+            r"cannot decode M\.first\['k'\]\[0\]: the payload holds NaN",
+        ),
+    ],
+    ids=["encode-nan", "encode-surrogate", "decode-nan", "decode-generic", "decode-union"],
+)
+def test_paths_write_attributes_dict_keys_and_items_one_way(
+    action: Callable[[], Any], message: str
+) -> None:
+    with pytest.raises(SerializationError, match=message):
+        action()
+
+
+def test_a_cycle_through_a_dict_key_is_written_as_the_key_json_would_have() -> None:
+    cyclic: dict[int, Any] = {}
+    cyclic[7] = [cyclic]
+    with pytest.raises(SerializationError, match=r"cannot encode dict\['7'\]\[0\]: a circular"):
+        codec.encode(cyclic)
+
+
+def test_a_long_dict_key_is_cut_in_the_path() -> None:
+    # The whole key went into the message: a 5,000-character key, 5,000 characters of path.
+    key = "k" * 5000
+    with pytest.raises(SerializationError) as caught:
+        codec.decode(f'{{"{key}":"x"}}'.encode(), dict[str, int], name="M")
+    message = str(caught.value)
+    assert message.startswith("cannot decode M['" + "k" * 40 + "'...]: expected int, got string")
+    assert len(message) < 200
+    with pytest.raises(SerializationError) as caught:
+        codec.encode({key: Customer("x")})
+    assert str(caught.value).startswith("cannot encode dict['" + "k" * 40 + "'...]: Customer")
+
+
+def test_pydantic_errors_write_dict_keys_and_union_members_in_the_same_scheme() -> None:
+    pydantic = pytest.importorskip("pydantic")
+
+    class Inner(pydantic.BaseModel):
+        limits: dict[str, int]
+
+    class Outer(pydantic.BaseModel):
+        inner: Inner | None = None
+        either: list[int] | int = 0
+
+    with pytest.raises(SerializationError, match=r"cannot decode M\.inner\.limits\['a b'\]: "):
+        codec.decode(b'{"inner":{"limits":{"a b":"x"}}}', Outer, name="M")
+    # (pydantic puts the member it tried, 'list[int]', in the location: not a field)
+    with pytest.raises(SerializationError, match=r"cannot decode M\.either\[1\]: Input should be"):
+        codec.decode(b'{"either":[1,"x"]}', Outer, name="M")
+
+
+@pytest.mark.parametrize("data", ['{"a":1}', memoryview(b'{"a":1}')], ids=["str", "memoryview"])
+def test_a_payload_that_is_not_bytes_is_a_serialization_error(data: Any) -> None:
+    # (it escaped as "AttributeError: 'str' object has no attribute 'decode'")
+    with pytest.raises(
+        SerializationError,
+        match=rf"cannot decode M: expected the payload as bytes, got {type(data).__name__}; pass "
+        r"bytes",
+    ):
+        codec.decode(data, dict[str, int], name="M")
+    assert codec.decode(bytearray(b'{"a":1}'), dict[str, int], name="M") == {"a": 1}
 
 
 def test_subclasses_of_builtins_encode_as_the_builtin() -> None:

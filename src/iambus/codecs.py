@@ -91,12 +91,12 @@ class JsonCodec:
             raise failure.error("encode", type(value).__qualname__) from failure.cause
         except RecursionError as exc:
             raise _too_deep(value) from exc
-        except ValueError as exc:  # from the value's own code (a Mapping's items(), ...)
-            raise SerializationError(f"cannot encode {type(value).__qualname__}: {exc}") from exc
+        except Exception as exc:  # from the value's own code: a field, a Mapping's items()
+            raise _unreadable(value, exc).error("encode", type(value).__qualname__) from exc
         try:
             return _dumps(tree).encode()
         except ValueError as exc:  # (UnicodeEncodeError too) json, or UTF-8, cannot write it
-            raise _unwritable(tree, exc).error("encode", type(value).__qualname__) from exc
+            raise _unwritable(value, tree, exc).error("encode", type(value).__qualname__) from exc
         except RecursionError as exc:  # a tree msgspec built in C may be deeper than _encode goes
             raise _too_deep(value) from exc
 
@@ -110,10 +110,17 @@ class JsonCodec:
                 decoder = _decoder_for(into)
             try:
                 value = _loads(data.decode())  # JSON between systems is UTF-8 (RFC 8259)
-            except ValueError as exc:
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise SerializationError(f"cannot decode {name}: invalid JSON: {exc}") from exc
+            except ValueError as exc:  # int(): a number with more digits than Python reads
+                raise _too_long_in(data, into, name, exc) from exc
             except _NonFiniteConstant as exc:
-                raise _nonfinite_in(data, name, exc.args[0]) from None
+                raise _nonfinite_in(data, into, name, exc.args[0]) from None
+            except AttributeError as exc:  # data.decode(): not bytes
+                raise SerializationError(
+                    f"cannot decode {name}: expected the payload as bytes, got "
+                    f"{type(data).__qualname__}; pass bytes (text.encode(), bytes(view))"
+                ) from exc
             return value if decoder is None else decoder(value)
         except _Failure as failure:
             raise failure.error("decode", name) from failure.cause
@@ -178,17 +185,53 @@ class _Constant(str):
     """Marks where a NaN or an Infinity was (the error path's second reading only)."""
 
 
-def _nonfinite_in(data: bytes, name: str, constant: str) -> SerializationError:
-    # Read again, with the constants as markers, to say where the first one is.
+class _LongNumber(str):
+    """Marks an integer with more digits than ``int()`` reads (as above)."""
+
+
+def _int_or_long(digits: str) -> Any:
     try:
-        tree = json.loads(data, parse_constant=_Constant)
-        found = _find_leaf(tree, lambda value: "" if type(value) is _Constant else None)
+        return int(digits)
+    except ValueError:
+        return _LongNumber(digits)
+
+
+def _payload_path(data: bytes, into: Any, marker: type[str]) -> tuple[str, str] | None:
+    """Where in ``data`` (read as ``into``) the first value ``json`` refused is, and its
+    text: the payload is read again with the refused values as markers."""
+    try:
+        tree = json.loads(data, parse_constant=_Constant, parse_int=_int_or_long)
+        found = _find_in_json(tree, into, lambda value: value if type(value) is marker else None)
     except (ValueError, RecursionError):  # invalid after it too, or deep: say no more
-        found = None
-    where = "".join(found[0]) if found is not None else ""
+        return None
+    return None if found is None else ("".join(found[0]), found[1])
+
+
+def _nonfinite_in(data: bytes, into: Any, name: str, constant: str) -> SerializationError:
+    found = _payload_path(data, into, _Constant)
+    where = found[0] if found is not None else ""
     return SerializationError(
         f"cannot decode {name}{where}: the payload holds {constant}, which is not JSON "
         "(JSON has no NaN or Infinity); the sender must write a finite number, or null"
+    )
+
+
+def _too_long_in(data: bytes, into: Any, name: str, exc: ValueError) -> SerializationError:
+    found = _payload_path(data, into, _LongNumber)
+    if found is None:
+        return SerializationError(f"cannot decode {name}: invalid JSON: {exc}")
+    where, digits = found
+    return SerializationError(
+        f"cannot decode {name}{where}: the payload holds an integer {_too_many_digits(digits)}; "
+        "the sender must send it as a string (a str or Decimal field), or raise the limit "
+        "with sys.set_int_max_str_digits() in the receiver"
+    )
+
+
+def _too_many_digits(digits: str) -> str:
+    return (
+        f"of {len(digits.lstrip('-'))} digits, more than Python reads as an int "
+        f"(sys.get_int_max_str_digits() is {sys.get_int_max_str_digits()})"
     )
 
 
@@ -347,7 +390,7 @@ def _encode_mapping(value: Mapping[Any, Any]) -> dict[str, Any]:
         try:
             out[text] = item if type(item) in _NATIVE else _encode(item)
         except _Failure as failure:
-            failure.segments.append(f"[{text!r}]")
+            failure.segments.append(_key_segment(text))
             raise
     return out
 
@@ -393,46 +436,88 @@ def _msgspec_encoder(msgspec: types.ModuleType) -> _Encoder:
 # --- encode errors: found after the fact, so that encoding checks nothing up front ------
 
 
-def _unwritable(tree: Any, exc: ValueError) -> _Failure:
-    """Why json (or UTF-8, for a ``UnicodeEncodeError``) could not write ``tree``, and where.
+def _unwritable(value: Any, tree: Any, exc: ValueError) -> _Failure:
+    """Why json (or UTF-8, for a ``UnicodeEncodeError``) could not write ``tree``, the
+    encoding of ``value``, and where.
 
-    Looks for the first value, in the order json writes them, of the kind that can raise
-    ``exc``; anything else keeps ``exc``'s own text.
+    Looks for the first value of the kind that can raise ``exc``: in ``value``, whose
+    parts name themselves (a field, a key); else in ``tree`` (a part pydantic or msgspec
+    built). Anything else keeps ``exc``'s own text.
     """
     check = _lone_surrogate if isinstance(exc, UnicodeEncodeError) else _unwritable_number
     try:
-        found = _find_leaf(tree, check)
-    except RecursionError:  # a tree deeper than _encode's stack: msgspec builds it in C
+        found = _find_in_value(value, check)
+        if found is None or found[1] is None:
+            found = _find_in_json(tree, Any, check)
+    except Exception:  # the value's own code, or a tree deeper than the stack (msgspec's)
         found = None
-    if found is None:
+    if found is None or found[1] is None:
         return _Failure(str(exc), exc)
     failure = _Failure(found[1], exc)
     failure.segments.extend(reversed(found[0]))
     return failure
 
 
-def _find_leaf(tree: Any, check: Callable[[Any], str | None]) -> tuple[list[str], str] | None:
-    """The path to the first value (or dict key) in an encoded tree that ``check``
-    explains, and its explanation."""
-    if type(tree) is dict:
-        for key, item in tree.items():
-            reason = check(key)
-            if reason is not None:
-                return [], _key_reason(key, reason)
-            found = _find_leaf(item, check)
-            if found is not None:
-                found[0].insert(0, f".{key}" if str(key).isidentifier() else f"[{key!r}]")
-                return found
+def _unreadable(value: Any, exc: Exception) -> _Failure:
+    """Where reading ``value`` raised ``exc`` (its own code: a property, a field never set,
+    a Mapping's ``items()``), found by reading it again in the order ``_encode`` does."""
+    try:
+        found = _find_in_value(value, _nothing_wrong)
+    except Exception:  # it failed otherwise this time
+        found = None
+    segments = found[0] if found is not None else []
+    # An attribute error naming the field itself (not one a property's code ran into).
+    if isinstance(exc, AttributeError) and segments[-1:] == [f".{exc.name}"]:
+        reason = (
+            f"the field is not set ({exc}): the object was made without its __init__ "
+            "(object.__new__, say) or the attribute deleted; set every field before sending it"
+        )
+    else:
+        reason = f"reading it raised {type(exc).__name__}: {exc}"
+    failure = _Failure(reason, exc)
+    failure.segments.extend(reversed(segments))
+    return failure
+
+
+def _nothing_wrong(value: Any) -> None:
+    return None
+
+
+class _Unreadable(Exception):
+    """Reading a part of a value raised (the error path's second reading only)."""
+
+    def __init__(self, segment: str) -> None:
+        super().__init__(segment)
+        self.segment = segment
+
+
+# The first part of a value that a check explains, or that raised when read: its path
+# (segments, outermost first) and the check's reason, or None where reading raised.
+_Found = tuple[list[str], str | None]
+
+
+def _find_in_value(value: Any, check: Callable[[Any], str | None]) -> _Found | None:
+    """The first value (or dict key) in ``value``, in the order ``_encode`` reads them,
+    that ``check`` explains or whose reading raises, and its path."""
+    reason = check(value)
+    if reason is not None:
+        return [], reason
+    children = _children(value)
+    if children is None:
         return None
-    if type(tree) is list:
-        for index, item in enumerate(tree):
-            found = _find_leaf(item, check)
+    try:
+        for segment, child, key in children:
+            if key is not _MISSING:
+                reason = check(key._value_ if isinstance(key, enum.Enum) else key)
+                if reason is not None:
+                    return [], _key_reason(key, reason)
+            found = _find_in_value(child, check)
             if found is not None:
-                found[0].insert(0, f"[{index}]")
+                found[0].insert(0, segment)
                 return found
-        return None
-    reason = check(tree)
-    return None if reason is None else ([], reason)
+    except _Unreadable as unreadable:
+        return ([unreadable.segment] if unreadable.segment else []), None
+    return None
 
 
 def _unwritable_number(value: Any) -> str | None:
@@ -513,7 +598,7 @@ def _cycle(value: Any) -> str | None:
     deepest = 10 * sys.getrecursionlimit()
     while stack:
         node, _, children = stack[-1]
-        for segment, child in children:
+        for segment, child, _ in children:
             if id(child) in open_ids:
                 return "".join(level[1] for level in stack) + segment
             if id(child) in done:
@@ -532,22 +617,172 @@ def _cycle(value: Any) -> str | None:
     return None
 
 
-def _children(value: Any) -> Iterator[tuple[str, Any]] | None:
+def _children(value: Any) -> Iterator[tuple[str, Any, Any]] | None:
+    """The parts ``_encode`` reads from ``value``, in its order: (path segment, part, dict
+    key or _MISSING); None for a value without parts. A read that raises raises
+    ``_Unreadable`` with the segment it was for."""
     if isinstance(value, str | bytes | bytearray | int | float) and not isinstance(
         value, enum.Enum
     ):
         return None
     if isinstance(value, enum.Enum):
-        return iter([("", value._value_)])
+        return iter([("", value._value_, _MISSING)])
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return ((f".{f.name}", getattr(value, f.name)) for f in dataclasses.fields(value))
+        return _attributes(value, [field.name for field in dataclasses.fields(value)])
     if isinstance(value, list | tuple | set | frozenset):
-        return ((f"[{index}]", item) for index, item in enumerate(value))
+        return ((f"[{index}]", item, _MISSING) for index, item in enumerate(value))
     if isinstance(value, Mapping):
-        return ((f"[{key!r}]", item) for key, item in value.items())
+        return _items(value)
     names = getattr(type(value), "__struct_fields__", None)  # a msgspec Struct
     if type(names) is tuple:
-        return ((f".{name}", getattr(value, name)) for name in names)
+        return _attributes(value, names)
+    fields = getattr(type(value), "__pydantic_fields__", None)  # a pydantic model
+    if type(fields) is dict:
+        return _attributes(value, list(fields))
+    return None
+
+
+def _attributes(value: Any, names: Iterable[str]) -> Iterator[tuple[str, Any, Any]]:
+    for name in names:
+        try:
+            item = getattr(value, name)
+        except Exception as exc:
+            raise _Unreadable("." + name) from exc
+        yield "." + name, item, _MISSING
+
+
+def _items(value: Mapping[Any, Any]) -> Iterator[tuple[str, Any, Any]]:
+    try:
+        for key, item in value.items():
+            yield _key_segment(_key_text(key)), item, key
+    except _Unreadable:
+        raise
+    except Exception as exc:
+        raise _Unreadable("") from exc
+
+
+def _key_text(key: Any) -> str:
+    """A dict key as ``_encode_key`` writes it (the error path: never raises)."""
+    raw = key._value_ if isinstance(key, enum.Enum) else key
+    try:
+        return str(raw)
+    except Exception:  # an int too long to write, or the key's own __str__
+        return "..."
+
+
+def _key_segment(key: str) -> str:
+    """How a dict key shows in a path: ``['sku']``, and a long one cut: ``['abc'...]``."""
+    return f"[{key!r}]" if len(key) <= 40 else f"[{key[:40]!r}...]"
+
+
+def _find_in_json(
+    tree: Any, into: Any, check: Callable[[Any], str | None]
+) -> tuple[list[str], str] | None:
+    """The path to the first value (or object key) in a JSON tree that ``check``
+    explains, and its explanation. ``into``, the type the tree is read as (or Any),
+    tells a field (``.name``) from a dict key (``['key']``)."""
+    if type(tree) is dict:
+        for key, item in tree.items():
+            reason = check(key)
+            if reason is not None:
+                return [], _key_reason(key, reason)
+            segment, item_type = _json_member(into, key)
+            found = _find_in_json(item, item_type, check)
+            if found is not None:
+                found[0].insert(0, segment)
+                return found
+        return None
+    if type(tree) is list:
+        for index, item in enumerate(tree):
+            found = _find_in_json(item, _json_item_type(into, index), check)
+            if found is not None:
+                found[0].insert(0, f"[{index}]")
+                return found
+        return None
+    reason = check(tree)
+    return None if reason is None else ([], reason)
+
+
+# Reading a type expression for the error paths only (a path through a payload): the
+# decoders compiled for the hot path keep no such map.
+
+
+def _json_member(into: Any, key: str) -> tuple[str, Any]:
+    """The path segment of ``key`` in a JSON object read as ``into``, and the type of
+    its value."""
+    into = _shaped(into, _is_object)
+    fields = _json_fields(into)
+    if fields is not None:
+        return ("." + key, fields[key]) if key in fields else (_key_segment(key), Any)
+    args = typing.get_args(into)
+    return _key_segment(key), args[1] if len(args) == 2 else Any
+
+
+def _json_item_type(into: Any, index: int) -> Any:
+    into = _shaped(into, _is_array)
+    args = typing.get_args(into)
+    if typing.get_origin(into) is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+        return args[index] if index < len(args) else Any
+    return args[0] if args else Any
+
+
+def _shaped(tp: Any, fits: Callable[[type], bool]) -> Any:
+    """``tp`` without Annotated, NewType or a type alias; of a union, the first member
+    whose class ``fits`` (Any if none does)."""
+    if isinstance(tp, typing.NewType):
+        return _shaped(tp.__supertype__, fits)
+    if isinstance(tp, TypeVar):
+        return Any if tp.__bound__ is None else _shaped(tp.__bound__, fits)
+    alias_type = getattr(typing, "TypeAliasType", None)  # Python >= 3.12
+    if alias_type is not None and isinstance(tp, alias_type):  # pragma: no cover
+        return _shaped(tp.__value__, fits)
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        return _shaped(typing.get_args(tp)[0], fits)
+    if origin is Union or origin is types.UnionType:
+        for arg in typing.get_args(tp):
+            member = _shaped(arg, fits)
+            cls = typing.get_origin(member) or member
+            if isinstance(cls, type) and fits(cls):
+                return member
+        return Any
+    return tp
+
+
+def _is_object(cls: type) -> bool:
+    return issubclass(cls, Mapping) or _json_fields(cls) is not None
+
+
+def _is_array(cls: type) -> bool:
+    return issubclass(cls, list | tuple | set | frozenset | Sequence | AbstractSet) and not (
+        issubclass(cls, str | bytes | bytearray)
+    )
+
+
+def _json_fields(tp: Any) -> dict[str, Any] | None:
+    """The fields of a dataclass, pydantic model or msgspec Struct by their JSON names,
+    with their types; None for any other type."""
+    cls = typing.get_origin(tp) or tp
+    if not isinstance(cls, type):
+        return None
+    if dataclasses.is_dataclass(cls):
+        try:
+            hints = typing.get_type_hints(cls)
+        except Exception:
+            hints = {}
+        typevars = dict(zip(getattr(cls, "__parameters__", ()), typing.get_args(tp), strict=False))
+        return {
+            field.name: _substitute(hints.get(field.name, Any), typevars)
+            for field in dataclasses.fields(cls)
+        }
+    pydantic_fields = getattr(cls, "__pydantic_fields__", None)
+    if type(pydantic_fields) is dict:
+        return {info.alias or name: info.annotation for name, info in pydantic_fields.items()} | {
+            name: info.annotation for name, info in pydantic_fields.items()
+        }
+    msgspec = sys.modules.get("msgspec")
+    if msgspec is not None and issubclass(cls, msgspec.Struct):
+        return {field.encode_name: field.type for field in msgspec.structs.fields(cls)}
     return None
 
 
@@ -926,7 +1161,13 @@ def _compile_key(tp: Any) -> _Decoder | None:
 def _decode_int_key(key: str) -> int:
     try:
         number = int(key)
-    except ValueError:
+    except ValueError as exc:
+        if key.lstrip("-").isdigit():  # decimal, but longer than int() reads
+            raise _Failure(
+                f"the key is an integer {_too_many_digits(key)}; make the key a str, or raise "
+                "the limit with sys.set_int_max_str_digits() in the receiver",
+                exc,
+            ) from exc
         number = None
     if number is None or str(number) != key:
         raise _expected("int key (a decimal string)", key)
@@ -946,7 +1187,7 @@ def _dict_decoder(tp: Any, key: _Decoder | None, item: _Decoder | None) -> _Deco
             try:
                 out[text if key is None else key(text)] = x if item is None else item(x)
             except _Failure as failure:
-                failure.segments.append(f"[{text!r}]")
+                failure.segments.append(_key_segment(text))
                 raise
         return out
 
@@ -1063,12 +1304,44 @@ def _pydantic_decoder(cls: type, pydantic: types.ModuleType) -> _Decoder:
             if exc.error_count() > 1:
                 reason += f" (and {exc.error_count() - 1} more)"
             failure = _Failure(reason, exc)
-            failure.segments.extend(
-                reversed([f"[{p}]" if type(p) is int else f".{p}" for p in first["loc"]])
-            )
+            failure.segments.extend(reversed(_pydantic_path(cls, first["loc"])))
             raise failure from exc
 
     return decode
+
+
+def _pydantic_path(cls: type, loc: Iterable[int | str]) -> list[str]:
+    """A pydantic error's location as path segments: ``('lines', 0, 'qty')`` is
+    ``.lines[0].qty``, and a dict's key is ``['key']``. Of a union (``int | list[int]``)
+    pydantic names the member tried (``'list[int]'``): not a segment."""
+    segments = []
+    tp: Any = cls
+    for part in loc:
+        if type(part) is int:
+            segments.append(f"[{part}]")
+            tp = _json_item_type(tp, part)
+            continue
+        members = _union_members(tp)
+        if len(members) > 1:  # the member's tag
+            tp = next((m for m in members if part in (_describe(m), _tag(m))), Any)
+            continue
+        segment, tp = _json_member(tp, str(part))
+        segments.append(segment)
+    return segments
+
+
+def _union_members(tp: Any) -> list[Any]:
+    while typing.get_origin(tp) is typing.Annotated:
+        tp = typing.get_args(tp)[0]
+    origin = typing.get_origin(tp)
+    if origin is Union or origin is types.UnionType:
+        return [arg for arg in typing.get_args(tp) if arg is not _NoneType]
+    return [tp]
+
+
+def _tag(tp: Any) -> str | None:
+    name = getattr(tp, "__name__", None)
+    return name if isinstance(name, str) else None
 
 
 def _msgspec_decoder(cls: type, msgspec: types.ModuleType) -> _Decoder:
