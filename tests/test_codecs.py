@@ -1434,3 +1434,16 @@ def test_unions_that_differ_only_in_order_keep_their_own_order() -> None:
         assert type(codec.decode(b"[1]", list[int | float], name="A")[0]) is int
         assert type(codec.decode(b"[1]", list[float | int], name="B")[0]) is float
         assert type(codec.decode(b"1", typing.Union[float, int], name="C")) is float  # noqa: UP007
+
+
+def test_dict_keys_that_write_the_same_text_are_refused_not_lost() -> None:
+    @dataclass
+    class Stock:
+        counts: dict[Any, str]
+
+    with pytest.raises(SerializationError) as caught:
+        JsonCodec().encode(Stock({1: "a", "1": "b"}))
+    message = str(caught.value)
+    assert "Stock.counts" in message
+    assert "1 and '1' are both written as '1'" in message
+    assert "one value would be lost" in message

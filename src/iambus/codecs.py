@@ -392,7 +392,22 @@ def _encode_mapping(value: Mapping[Any, Any]) -> dict[str, Any]:
         except _Failure as failure:
             failure.segments.append(_key_segment(text))
             raise
+    if len(out) != len(value):  # two keys wrote the same text: one value would be lost
+        raise _Failure(_colliding(value))
     return out
+
+
+def _colliding(value: Mapping[Any, Any]) -> str:
+    seen: dict[str, Any] = {}
+    for key in value:
+        text = key if type(key) is str else _encode_key(key)
+        if text in seen:
+            return (
+                f"the dict keys {seen[text]!r} and {key!r} are both written as {text!r}, so "
+                "one value would be lost; use keys that differ as text (all str, or all int)"
+            )
+        seen[text] = key
+    return f"the mapping changed while it was encoded ({len(value)} keys)"
 
 
 def _encode_key(key: Any) -> str:
