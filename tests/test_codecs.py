@@ -733,7 +733,7 @@ def order_body(**changes: Any) -> bytes:
         ),
         (b"", r"cannot decode OrderPlaced: invalid JSON: Expecting value", json.JSONDecodeError),
         (b"{'a': 1}", r"cannot decode OrderPlaced: invalid JSON: ", json.JSONDecodeError),
-        (b"\xff\xfe\x00", r"cannot decode OrderPlaced: invalid JSON: ", UnicodeDecodeError),
+        (b"\xff\xfe\x00", r"OrderPlaced: the payload is not UTF-8", UnicodeDecodeError),
         (order_body() + b" x", r"invalid JSON: Extra data: line 1 column", json.JSONDecodeError),
         (b" \n", r"cannot decode OrderPlaced: invalid JSON: Expecting value", json.JSONDecodeError),
     ],
@@ -1447,3 +1447,12 @@ def test_dict_keys_that_write_the_same_text_are_refused_not_lost() -> None:
     assert "Stock.counts" in message
     assert "1 and '1' are both written as '1'" in message
     assert "one value would be lost" in message
+
+
+def test_a_payload_that_is_not_utf8_says_so() -> None:
+    @dataclass
+    class Note:
+        text: str
+
+    with pytest.raises(SerializationError, match=r"cannot decode Note: the payload is not UTF-8"):
+        JsonCodec().decode('{"text": "caf\u00e9"}'.encode("latin-1"), Note, name="Note")

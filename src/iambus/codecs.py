@@ -110,7 +110,12 @@ class JsonCodec:
                 decoder = _decoder_for(into)
             try:
                 value = _loads(data.decode())  # JSON between systems is UTF-8 (RFC 8259)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            except UnicodeDecodeError as exc:
+                raise SerializationError(
+                    f"cannot decode {name}: the payload is not UTF-8 text, as JSON between "
+                    f"systems must be ({exc}); the sender must encode its text as UTF-8"
+                ) from exc
+            except json.JSONDecodeError as exc:
                 raise SerializationError(f"cannot decode {name}: invalid JSON: {exc}") from exc
             except ValueError as exc:  # int(): a number with more digits than Python reads
                 raise _too_long_in(data, into, name, exc) from exc
