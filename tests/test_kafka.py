@@ -1855,14 +1855,13 @@ async def test_a_receive_while_the_transport_closes_starts_no_consumer(
         assert not running
 
 
-async def test_a_record_back_from_a_rebalance_keeps_its_key_one_at_a_time() -> None:
-    """A partition comes back with a record still out (past the grace) behind an earlier
-    record of its key that was settled but not committed past (an older record of
-    another key held the commit point): that earlier one comes again (at least once).
-    It waits for the held one: it was handed out at once, two of one key out together.
-    (And when it was ahead of the held one in its key's queue, the held one settled
-    first stayed there: the duplicate's settle then handed it out again, acked already,
-    and its settle, finding nothing unsettled, never took it off: its key stuck.)"""
+async def _settled_behind_held(
+    transport: KafkaTransport,
+) -> tuple[dict[int, list[str]], dict[int, Delivery]]:
+    """On partitions 0 and 1 of address ``a`` (p = the partition): at offset 0 a record of
+    one key (10 * p), handed out and held; at 1, E (10 * p + 1) of another key, acked; at
+    2, H (10 * p + 2), E's key's next, handed out and held. The two keys of each
+    partition, and H by partition."""
     from iambus.partitions import partition
 
     two: dict[int, list[str]] = {0: [], 1: []}
@@ -1870,39 +1869,129 @@ async def test_a_record_back_from_a_rebalance_keeps_its_key_one_at_a_time() -> N
         keys = two[partition(f"k{n}", 2)]
         if len(keys) < 2:
             keys.append(f"k{n}")
+    await transport.declare("a", "g", from_start=False)
+    for p in (0, 1):
+        other, key = two[p]
+        await transport.send("a", _ping(10 * p, key=other))
+        await transport.send("a", _ping(10 * p + 1, key=key))
+        await transport.send("a", _ping(10 * p + 2, key=key))
+    heads = await _receive(transport, 4)
+    assert sorted(_n(d) for d in heads) == [0, 1, 10, 11]
+    for delivery in heads:
+        if _n(delivery) % 10 == 1:
+            await delivery.ack()
+    late = {_n(d) // 10: d for d in await _receive(transport, 2)}
+    assert sorted(late) == [0, 1]
+    return two, late
+
+
+class _SplitFetch:
+    """Patched over a transport's ``_next``: the records of address ``a`` from offset 2 up
+    are held back, and the fetch after the one that held them back waits, once the fetch
+    task took in what came before (``taken``), until ``go``; then fetches are as before."""
+
+    def __init__(self, transport: KafkaTransport) -> None:
+        self.fetch = transport._next
+        self.topic = transport.topic("a")
+        self.taken, self.go = asyncio.Event(), asyncio.Event()
+        self.later: dict[TopicPartition, list[Any]] = {}
+
+    async def __call__(self, state: Any, consumer: AIOKafkaConsumer) -> dict[TopicPartition, Any]:
+        if self.later:  # (the fetch task takes in all it got before it fetches again)
+            self.taken.set()
+            await self.go.wait()
+            batches = dict(self.later)
+            self.later.clear()
+            return batches
+        batches = await self.fetch(state, consumer)
+        if self.go.is_set():
+            return batches
+        for tp, records in list(batches.items()):
+            if tp.topic == self.topic and any(r.offset >= 2 for r in records):
+                self.later[tp] = [r for r in records if r.offset >= 2]
+                batches[tp] = [r for r in records if r.offset < 2]
+        return batches
+
+
+def _partition_of(transport: KafkaTransport, number: int) -> Any:
+    """What the transport's consumer of group ``g`` holds of partition ``number`` of ``a``."""
+    state = transport._groups[("a", "g")]
+    [part] = [
+        p
+        for tp, p in state.parts.items()
+        if (tp.topic, tp.partition) == (transport.topic("a"), number)
+    ]
+    return part
+
+
+@pytest.mark.parametrize("fetches", ["one fetch", "two fetches"])
+async def test_a_partition_back_from_a_rebalance_skips_what_was_settled(
+    monkeypatch: pytest.MonkeyPatch, fetches: str
+) -> None:
+    """A partition comes back to its consumer with a record H still out (past the grace)
+    behind an earlier record E of its key that was settled but not committed past (an
+    older record of another key held the commit point): fetched again from there, E is
+    skipped (handled already), whether it comes in the fetch that brings H back or in
+    an earlier one, and H stays the one delivery of its key until it settles. (E came
+    again: handed out at once when fetched before H, two of one key out together, the
+    earlier after the later.)"""
     async with _transports(2, partitions=2, claim_after=1.0) as (first, second):
-        await first.declare("a", "g", from_start=False)
-        for p in (0, 1):  # offsets 0: another key's, held; 1: acked; 2: held past the grace
-            other, key = two[p]
-            await first.send("a", _ping(10 * p, key=other))
-            await first.send("a", _ping(10 * p + 1, key=key))
-            await first.send("a", _ping(10 * p + 2, key=key))
-        heads = await _receive(first, 4)
-        assert sorted(_n(d) for d in heads) == [0, 1, 10, 11]
-        for delivery in heads:
-            if _n(delivery) % 10 == 1:
-                await delivery.ack()
-        late = {_n(d) // 10: d for d in await _receive(first, 2)}
-        assert sorted(late) == [0, 1]
+        two, late = await _settled_behind_held(first)
+        split = _SplitFetch(first)
+        if fetches == "two fetches":
+            monkeypatch.setattr(first, "_next", split)
         joining = asyncio.create_task(second.receive("a", "g", consumer="s", limit=5, wait=10))
         await until(lambda: len(_owned(first)) == 1, 20, "a rebalance")
         [kept] = _owned(first)
         await joining
-        state = first._groups[("a", "g")]
-        [part] = [
-            p
-            for tp, p in state.parts.items()
-            if (tp.topic, tp.partition) == (first.topic("a"), kept)
-        ]
-        await until(lambda: 1 in part.unsettled, 20, "the earlier record fetched again")
+        part = _partition_of(first, kept)
+        if fetches == "two fetches":
+            await asyncio.wait_for(split.taken.wait(), 20)  # E fetched again, H not yet
+            assert part.fetched == 2
+            assert await first.receive("a", "g", consumer="d", limit=5, wait=0) == []
+            split.go.set()
+        await until(lambda: (part.fetched or 0) >= 3, 20, "the partition fetched again")
         # Its key's held record is still out: nothing of that key may be handed out.
         assert await first.receive("a", "g", consumer="d", limit=5, wait=0.3) == []
         await late[kept].ack()  # its handler ends once the partition is back
         await first.send("a", _ping(10 * kept + 3, key=two[kept][1]))
         seen: list[int] = []
-        deadline = time.monotonic() + 5
-        while 10 * kept + 3 not in seen and time.monotonic() < deadline:
-            for delivery in await first.receive("a", "g", consumer="d", limit=5, wait=0.2):
-                seen.append(_n(delivery))
-                await delivery.ack()
-        assert seen == [10 * kept + 1, 10 * kept + 3]  # (1 again: not committed past)
+        await _ack_all(first, seen, 1)
+        assert seen == [10 * kept + 3]  # (E not again: settled before the rebalance)
+        assert not first._groups[("a", "g")].away  # (fetched past what it had)
+
+
+async def test_a_partition_back_and_gone_again_before_it_was_fetched_through_skips_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A partition comes back and is revoked again before it was fetched again past what
+    it had fetched before (here: up to its held record H): what was known of the
+    records not fetched again still holds once it is back again (H was delivered anew
+    beside its handler). And a partition that another member had meanwhile is
+    delivered again from its commit point, what this consumer settled of it too."""
+    async with _transports(2, partitions=2, claim_after=1.0) as (first, second):
+        two, late = await _settled_behind_held(first)
+        split = _SplitFetch(first)
+        monkeypatch.setattr(first, "_next", split)
+        joining = asyncio.create_task(second.receive("a", "g", consumer="s", limit=5, wait=10))
+        await until(lambda: len(_owned(first)) == 1, 20, "a rebalance")
+        [kept] = _owned(first)
+        await joining  # (the other partition's records handed out there, never settled)
+        await asyncio.wait_for(split.taken.wait(), 20)  # E fetched again, H not yet
+        await second.close()  # the only member left: both partitions come (back) here
+        await until(lambda: len(_owned(first)) == 2, 20, "the partitions back")
+        split.later.clear()  # (fetched for the assignment before: aiokafka drops them)
+        split.go.set()
+        part = _partition_of(first, kept)
+        await until(lambda: (part.fetched or 0) >= 3, 20, "the partition fetched again")
+        gone = 1 - kept
+        seen: list[int] = []
+        await _ack_all(first, seen, 3)
+        # The kept partition's: nothing (its records held, or settled); the other's: all
+        # three again, E too, in its key's order.
+        assert sorted(seen) == [10 * gone, 10 * gone + 1, 10 * gone + 2]
+        assert seen.index(10 * gone + 1) < seen.index(10 * gone + 2)
+        await late[kept].ack()
+        await first.send("a", _ping(10 * kept + 3, key=two[kept][1]))
+        [after] = await _receive(first, 1)
+        assert _n(after) == 10 * kept + 3

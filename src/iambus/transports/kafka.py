@@ -55,7 +55,10 @@ group starts with the namespace (default ``iambus``; letters, digits, ``_`` and 
   not handed out is dropped, the deliveries handed out get ``claim_after / 2`` (at most
   5 s) to settle, the committed offsets are written, then the partitions go. A
   delivery settled after its partition went is not committed here; the new owner
-  delivers it again (attempt 1, or its retry record's). There is no per-delivery
+  delivers it again (attempt 1, or its retry record's). A partition that comes back
+  with no other member having had it is fetched again from its commit point, but what
+  this consumer settled of it is skipped, and a record still being handled stays that
+  delivery (its key waits for it), whatever the fetch boundaries. There is no per-delivery
   reclaim: an unsettled delivery of a live consumer holds its key (and its partition's
   committed offset) until it is settled or its process dies;
 * ``retry(delay)`` of an **unkeyed** record produces it (``acks=all``) to the group's
@@ -259,6 +262,17 @@ class _Partition:
 
 
 @dataclass(slots=True, eq=False)
+class _Away:
+    """What a consumer knew of a partition as it was revoked, kept until the partition is
+    assigned to another member or fetched again past ``end``: of the offsets below
+    ``end``, those in ``unsettled`` were not settled then (handed out, or not yet); every
+    other one was (handled: fetched again from the commit point, skipped)."""
+
+    end: int  # the offset after the last record fetched before it went
+    unsettled: dict[int, _Record]
+
+
+@dataclass(slots=True, eq=False)
 class _Group:
     """One consumer group on one address, as this transport consumes it."""
 
@@ -276,10 +290,10 @@ class _Group:
     committing: asyncio.Task[None] | None = None
     failed: BaseException | None = None  # what ended the fetch task
     starting: asyncio.Lock = field(default_factory=asyncio.Lock)
-    # Records still being handled when their partition was revoked (after the grace), by
-    # partition and offset: should the partition come back, they are the same deliveries
-    # (their keys wait for them), not new ones.
-    away: dict[TopicPartition, dict[int, _Record]] = field(default_factory=dict)
+    # Partitions revoked from this consumer, until assigned to another or fetched again
+    # past what was fetched before: should one come back, what was settled is not
+    # delivered again, and what is still being handled stays that delivery (see _back).
+    away: dict[TopicPartition, _Away] = field(default_factory=dict)
 
 
 class KafkaTransport(Transport):
@@ -865,6 +879,7 @@ class KafkaTransport(Transport):
             for part in state.parts.values():
                 part.revoke()
             state.parts.clear()
+            state.away.clear()  # (a consumer started later fetches from the commits)
             state.ready.clear()
             state.arrived.set()
             await self._stopped(consumer)
@@ -1035,32 +1050,28 @@ class KafkaTransport(Transport):
 
     def _back(self, state: _Group, part: _Partition, offset: int) -> bool:
         """Whether the record at ``offset`` of a partition that came back is one of ours
-        still: settled while the partition was away (handled: skipped), or still being
-        handled (the same delivery again: its key waits for it, as before)."""
+        still: settled before it went or while it was away (handled: skipped), or still
+        being handled (the same delivery again: its key waits for it, as before).
+
+        Whatever the fetch boundaries, then, a held record is its key's first again: the
+        key's earlier records were all settled (one of a key is out at a time) and are
+        skipped. (Delivered anew, one would go out beside it, the earlier after it.)"""
         away = state.away.get(part.tp)
-        old = None if away is None else away.pop(offset, None)
-        if away is not None and not away:
-            del state.away[part.tp]
-        if old is None:
+        if away is None:
             return False
-        if offset not in old.part.unsettled:
-            return True  # acked while away (its new owner would have delivered it again)
+        if offset + 1 >= away.end:  # (fetched past what it had: nothing more to know)
+            del state.away[part.tp]
+            if offset >= away.end:
+                return False
+        old = away.unsettled.pop(offset, None)
+        if old is None or offset not in old.part.unsettled:
+            return True  # settled before it went, or acked while away
         if old.holder is None:
-            return False  # given back while away (a retry, a leave): a delivery anew
+            return False  # not out, or given back while away (a retry, a leave): anew
         old.part = part
         part.unsettled[offset] = old
         if old.key is not None:
-            queue = part.keys.setdefault(old.key, deque())
-            head = queue[0] if queue else None
-            if head is not None and head.holder is None and head in state.ready:
-                # An earlier record of its key came again (settled before the partition
-                # went, not committed past: fetched anew from the commit point), taken in
-                # just now and not handed out yet: it waits for this one, still being
-                # handled, as a key's records do (one out at a time).
-                state.ready.remove(head)
-                queue.appendleft(old)
-            else:
-                queue.append(old)
+            part.keys.setdefault(old.key, deque()).append(old)
         return True
 
     # -- settling (called by deliveries) ----------------------------------------------
@@ -1082,11 +1093,6 @@ class KafkaTransport(Transport):
                     state.arrived.set()
                 else:
                     del part.keys[record.key]
-            elif queue and record in queue:
-                # Out of turn: back from a rebalance behind a duplicate of an earlier record
-                # of its key (see _back). Left in the queue, that one's settle would hand
-                # it out again, and its own settle then finds nothing: the key stuck.
-                queue.remove(record)
         if part.held and len(part.unsettled) <= self._buffered // 2:
             part.held = False
             if part.paused:
@@ -1249,7 +1255,7 @@ class KafkaTransport(Transport):
             # and never handed out again (its key's next held, its offset never committed
             # past). Given back, it is a delivery anew when fetched again (see _back).
             for away in state.away.values():
-                for record in away.values():
+                for record in away.unsettled.values():
                     if record.holder == consumer:
                         record.holder = None
                         record.handout += 1  # (a late settle of it: ignored)
@@ -1329,15 +1335,26 @@ class KafkaTransport(Transport):
                 logger.warning("iambus: %s: commit before a rebalance failed: %r", self.url, exc)
         for part in gone:
             part.revoke()
-            held = {r.offset: r for r in part.unsettled.values() if r.holder is not None}
-            if held:
-                state.away[part.tp] = held
+            self._remember(state, part)
             state.parts.pop(part.tp, None)
         state.room.set()  # (a fetch waiting for a held partition: it may be gone)
 
+    @staticmethod
+    def _remember(state: _Group, part: _Partition) -> None:
+        """Keep what ``part``, revoked, settled and holds, should it come back (_back)."""
+        before = state.away.get(part.tp)
+        if before is not None:
+            # Back and gone again before it was fetched past what it had before: that
+            # knowledge still holds above what it fetched since (below, this time's).
+            before.unsettled.update(part.unsettled)
+        elif part.fetched is not None:
+            state.away[part.tp] = _Away(part.fetched, dict(part.unsettled))
+
     def _assigned(self, state: _Group, tps: list[TopicPartition]) -> None:
         for tp in [tp for tp in state.away if tp not in tps]:
-            del state.away[tp]  # another consumer has it: it delivers them again
+            # Another member has it: it delivers what was not committed past, settled
+            # here or not (and so does this consumer, should the partition come back).
+            del state.away[tp]
         for tp in tps:
             if tp not in state.parts:
                 state.parts[tp] = _Partition(tp)
