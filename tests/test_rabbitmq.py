@@ -1906,7 +1906,11 @@ async def test_a_consume_answered_after_its_cancelled_receive_gave_up_is_issued_
     receiving.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await receiving
-    [held] = await transport.receive("a", "g", consumer="c", limit=1, wait=2)
+    async with asyncio.timeout(5):
+        while True:  # (a receive waits `timeout` at most for that consume's answer too)
+            with contextlib.suppress(TransportError):
+                [held] = await transport.receive("a", "g", consumer="c", limit=1, wait=2)
+                break
     await asyncio.sleep(0.3)  # (a second consumer's delivery would have come by now)
     assert (await transport.backlog("a", "g")).waiting == 3
     assert len(transport._consumers[("a", "g", "c")].inbox) == 0
@@ -2103,3 +2107,36 @@ async def test_a_receive_cancelled_as_it_copies_a_redelivered_keyed_message_copi
     assert await transport.receive("a", "g", consumer="c", limit=10, wait=0.3) == []
     with pytest.raises(TransportError, match="channel closed"):
         await lost.ack()
+
+
+async def test_a_consume_the_broker_does_not_answer_fails_the_receive_after_timeout(
+    transport: RabbitMQTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # While a memory or disk alarm lasts, RabbitMQ stops reading a connection that
+    # publishes, and checks no heartbeat on it: a consume issued then is not answered
+    # until the alarm ends. The receive waited for it as long, whatever its `wait` (a
+    # worker's receive loop stuck, its health fine), and so did every later receive of
+    # the consumer. Here the driver holds the consume as such a connection would.
+    import aiormq
+
+    real = aiormq.Channel.basic_consume
+    answer = asyncio.Event()
+
+    async def unanswered(self: Any, *args: Any, **kwargs: Any) -> Any:
+        await answer.wait()
+        return await real(self, *args, **kwargs)
+
+    await transport.declare("a", "g", from_start=False)
+    await transport.send("a", _ping(1))
+    transport.timeout = 0.3
+    transport.claim_after = 60  # (not retired by the sweeper meanwhile)
+    monkeypatch.setattr(aiormq.Channel, "basic_consume", unanswered)
+    async with asyncio.timeout(5):
+        for _ in range(2):  # the second waits for the same consume: none issued again
+            with pytest.raises(TransportError, match="did not answer"):
+                await transport.receive("a", "g", consumer="c", limit=1, wait=0.1)
+    answer.set()
+    [delivery] = await _take(transport, 1)
+    await delivery.ack()
+    state = transport._consumers[("a", "g", "c")]
+    assert len((await state.channel.get_underlay_channel()).consumers) == 1

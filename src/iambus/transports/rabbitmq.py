@@ -1217,7 +1217,20 @@ class RabbitMQTransport(Transport):
             task.add_done_callback(done)
         try:
             async with self._translate(f"consume {queue}"):
-                await _unbroken(issued[1], timeout=self.timeout)
+                try:
+                    await _unbroken(issued[1], timeout=self.timeout, bounded=True)
+                except TimeoutError:
+                    # RabbitMQ stops reading a connection that publishes while a memory
+                    # or disk alarm lasts, and checks no heartbeat on it meanwhile: the
+                    # receive (and each of the consumer's next ones, behind consume_lock)
+                    # waited for the answer that long, whatever its `wait`. It fails now,
+                    # as any call waiting for the connection does; the next one waits
+                    # for this consume again (state.subscribing), not issuing a second.
+                    raise TransportError(
+                        f"{self.url}: the broker did not answer the consume of {queue!r} "
+                        f"within {self.timeout} s (a connection it blocks for a memory or "
+                        f"disk alarm?); the next receive waits for it again"
+                    ) from None
         except TransportError as exc:
             if isinstance(exc.__cause__, aiormq.exceptions.ChannelNotFoundEntity):
                 address, group, _ = state.key
@@ -2207,9 +2220,10 @@ def _live(channel: aiormq.abc.AbstractChannel | None) -> bool:
 _T = TypeVar("_T")
 
 
-async def _unbroken(call: Awaitable[_T], *, timeout: float) -> _T:
+async def _unbroken(call: Awaitable[_T], *, timeout: float, bounded: bool = False) -> _T:
     """``await call``; a caller cancelled meanwhile waits for the call to end (at most
-    ``timeout``), then is cancelled.
+    ``timeout``), then is cancelled. ``bounded``: a caller waits ``timeout`` at most in
+    any case, then gets ``TimeoutError``; the call goes on by itself.
 
     For the consumes and consumer cancels of channels that receive: aiormq answers a call
     cancelled halfway by closing its channel without waiting for the broker, and the
@@ -2224,7 +2238,8 @@ async def _unbroken(call: Awaitable[_T], *, timeout: float) -> _T:
     """
     task = asyncio.ensure_future(call)
     try:
-        return await asyncio.shield(task)
+        async with asyncio.timeout(timeout if bounded else None):
+            return await asyncio.shield(task)
     except asyncio.CancelledError:
         if not task.done():
             await asyncio.wait([task], timeout=timeout)
