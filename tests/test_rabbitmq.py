@@ -1906,7 +1906,11 @@ async def test_a_consume_answered_after_its_cancelled_receive_gave_up_is_issued_
     receiving.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await receiving
-    [held] = await transport.receive("a", "g", consumer="c", limit=1, wait=2)
+    async with asyncio.timeout(5):
+        while True:  # (a receive waits `timeout` at most for that consume's answer too)
+            with contextlib.suppress(TransportError):
+                [held] = await transport.receive("a", "g", consumer="c", limit=1, wait=2)
+                break
     await asyncio.sleep(0.3)  # (a second consumer's delivery would have come by now)
     assert (await transport.backlog("a", "g")).waiting == 3
     assert len(transport._consumers[("a", "g", "c")].inbox) == 0
@@ -1974,3 +1978,165 @@ async def test_a_left_consumer_does_not_count_what_its_partitions_sent_as_it_ret
     ]
     for delivery in got:
         await delivery.ack()
+
+
+async def _break(channel: Any) -> None:
+    """Fail a consumer's channel (a channel error): what it held returns to its queues,
+    redelivered; the robust channel opens again by itself."""
+    underlay = await channel.get_underlay_channel()
+    with pytest.raises(Exception, match="NOT_FOUND"):
+        await underlay.queue_declare(f"missing-{uuid.uuid4().hex}", passive=True)
+
+
+def _gate(
+    monkeypatch: pytest.MonkeyPatch,
+    transport: RabbitMQTransport,
+    step: str,
+    when: Any,
+    *,
+    after: bool = False,
+) -> tuple[asyncio.Event, asyncio.Event]:
+    """Hold the transport's ``step`` (a method), where ``when(*args)`` holds, before it
+    runs (``after``: once it ran) until the second event is set; the first is set as it
+    is held."""
+    real = getattr(transport, step)
+    reached, go = asyncio.Event(), asyncio.Event()
+
+    async def gated(*args: Any, **kwargs: Any) -> Any:
+        held = when(*args)
+        if held and not after:
+            reached.set()
+            await go.wait()
+        outcome = await real(*args, **kwargs)
+        if held and after:
+            reached.set()
+            await go.wait()
+        return outcome
+
+    monkeypatch.setattr(transport, step, gated)
+    return reached, go
+
+
+async def _cancelled_amid(
+    receiving: asyncio.Task[Any], reached: asyncio.Event, go: asyncio.Event
+) -> None:
+    async with asyncio.timeout(5):
+        await reached.wait()
+    receiving.cancel()
+    go.set()  # (the step, if it still runs, goes on)
+    with pytest.raises(asyncio.CancelledError):
+        await receiving
+
+
+@pytest.mark.parametrize("source", ["partition", "classic group"])
+async def test_a_receive_cancelled_amid_a_hand_out_gives_back_what_it_had_taken(
+    transport: RabbitMQTransport, monkeypatch: pytest.MonkeyPatch, source: str
+) -> None:
+    # A receive cancelled (a worker stopping, a timeout around it) while a message that
+    # is no envelope was being dead-lettered lost the deliveries it had already taken:
+    # neither buffered nor handed to anyone, unacked on a live channel, a partition
+    # stuck. The one taken here was returned unhanded before (a channel error): given
+    # back to the buffer, it must not be counted as a further attempt either (a lane or
+    # a classic queue only says "redelivered": such a one is copied with attempt + 1).
+    import aio_pika
+
+    transport.claim_after = 60  # (not retired by the sweeper meanwhile)
+    transport.prefetch = 10
+    transport.queue_type = "quorum" if source == "partition" else "classic"
+    await transport.declare("a", "g", from_start=False)
+    state = await transport._consumer("a", "g", "c", 10)
+    if source == "partition":
+        first_key, key = _apart(transport, 2)
+        await transport.send("a", _keyed(0, first_key))  # the consumer takes the partitions
+        [first] = await _take(transport, 1)
+        await first.ack()
+        channel = state.lanes
+    else:
+        key, channel = None, state.channel
+        await transport._consume(state)
+    await transport.send("a", Envelope(name="Ping", payload=b"1", key=key))
+    await until(lambda: len(state.inbox) == 1, 10, "it in the buffer")
+    await _break(channel)  # it returns unhanded ...
+    await transport._consume(state)  # ... and comes again, redelivered, once consumed again
+    await until(lambda: len(state.inbox) == 1, 10, "it back in the buffer")
+    async with _side_channel() as side:
+        exchange = await side.get_exchange(transport.namespace, ensure=False)
+        await exchange.publish(aio_pika.Message(b"raw bytes", type="Ping"), routing_key="a")
+    await until(lambda: len(state.inbox) == 2, 10, "the raw one in the buffer after it")
+    reached, go = _gate(monkeypatch, transport, "_park", lambda *args: True)
+    receiving = asyncio.create_task(transport.receive("a", "g", consumer="c", limit=10, wait=5))
+    await _cancelled_amid(receiving, reached, go)
+    monkeypatch.undo()
+    again = await _take(transport, 1, within=2)
+    assert _what(again) == [(key, b"1", 1)]  # handed out, once, the same attempt
+    await again[0].ack()
+    await transport.send("a", Envelope(name="Ping", payload=b"2", key=key))  # (its key goes on)
+    [following] = await _take(transport, 1)
+    assert _what([following]) == [(key, b"2", 1)]
+    await following.ack()
+    [letter] = await transport.dead_letters()  # the raw one, parked once
+    assert letter.envelope.payload == b"raw bytes"
+    assert await transport.receive("a", "g", consumer="c", limit=10, wait=0.3) == []
+
+
+async def test_a_receive_cancelled_as_it_copies_a_redelivered_keyed_message_copies_it_once(
+    transport: RabbitMQTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A redelivered keyed message is replaced by a copy with attempt + 1 before it is
+    # handed out. A receive cancelled amid that copy left the original unacked on a live
+    # channel: its partition stuck (the copy published behind it); and were it simply
+    # given to the next receive, it would be copied a second time: handled twice.
+    from iambus.partitions import partition
+
+    transport.claim_after = 60  # (not retired by the sweeper meanwhile)
+    await transport.declare("a", "g", from_start=False)
+    for n in range(2):
+        await transport.send("a", _keyed(n, "k"))
+    [lost] = await _take(transport, 1)  # handed out, never settled ...
+    state = transport._consumers[("a", "g", "c")]
+    await _break(state.lanes)  # ... and back in its partition queue, redelivered
+    lane = transport._lane("a", "g", partition("k", transport.partitions))
+    # held once the copy is published (confirmed), before the original is acked
+    reached, go = _gate(
+        monkeypatch, transport, "_publish_raw", lambda _, route, *__: route == lane, after=True
+    )
+    receiving = asyncio.create_task(transport.receive("a", "g", consumer="c", limit=10, wait=5))
+    await _cancelled_amid(receiving, reached, go)
+    monkeypatch.undo()
+    assert await _keyed_in_order(transport, 2, within=5) == [(b"0", 2), (b"1", 1)]
+    assert await transport.receive("a", "g", consumer="c", limit=10, wait=0.3) == []
+    with pytest.raises(TransportError, match="channel closed"):
+        await lost.ack()
+
+
+async def test_a_consume_the_broker_does_not_answer_fails_the_receive_after_timeout(
+    transport: RabbitMQTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # While a memory or disk alarm lasts, RabbitMQ stops reading a connection that
+    # publishes, and checks no heartbeat on it: a consume issued then is not answered
+    # until the alarm ends. The receive waited for it as long, whatever its `wait` (a
+    # worker's receive loop stuck, its health fine), and so did every later receive of
+    # the consumer. Here the driver holds the consume as such a connection would.
+    import aiormq
+
+    real = aiormq.Channel.basic_consume
+    answer = asyncio.Event()
+
+    async def unanswered(self: Any, *args: Any, **kwargs: Any) -> Any:
+        await answer.wait()
+        return await real(self, *args, **kwargs)
+
+    await transport.declare("a", "g", from_start=False)
+    await transport.send("a", _ping(1))
+    transport.timeout = 0.3
+    transport.claim_after = 60  # (not retired by the sweeper meanwhile)
+    monkeypatch.setattr(aiormq.Channel, "basic_consume", unanswered)
+    async with asyncio.timeout(5):
+        for _ in range(2):  # the second waits for the same consume: none issued again
+            with pytest.raises(TransportError, match="did not answer"):
+                await transport.receive("a", "g", consumer="c", limit=1, wait=0.1)
+    answer.set()
+    [delivery] = await _take(transport, 1)
+    await delivery.ack()
+    state = transport._consumers[("a", "g", "c")]
+    assert len((await state.channel.get_underlay_channel()).consumers) == 1

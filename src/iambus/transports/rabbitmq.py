@@ -30,7 +30,9 @@ queue name starts with the namespace (default ``iambus``). How the seam maps ont
 * a retry or dead letter whose copy the broker does not confirm (a nack, a confirm
   timeout) gives the delivery back (``basic.nack``, requeue) while its channel is open:
   it comes again as a further attempt instead of staying with a consumer that lives on;
-  a message whose hand-out needs such a copy stays in the buffer for the next receive;
+  a message whose hand-out needs such a copy stays in the buffer for the next receive,
+  and so does what a receive cancelled on the way had taken (a copy it was publishing
+  is carried through first);
 * dead letters are records in the stream queue ``<ns>.dead``; replaying or purging one
   appends a tombstone, so listing them never takes them from anyone;
 * ``request`` / ``reply`` use direct reply-to (``amq.rabbitmq.reply-to``): no queue per
@@ -95,7 +97,7 @@ import string
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -1020,40 +1022,88 @@ class RabbitMQTransport(Transport):
         state.receiving += 1
         try:
             await self._consume(state)
-            out: list[Delivery] = []
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + wait
-            while len(out) < limit:
-                if not state.inbox:
-                    if out or loop.time() >= deadline:
-                        break
-                    state.arrived.clear()
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(deadline - loop.time()):
-                            await state.arrived.wait()
-                    await self._consume(state)  # (woken by keyed sends that started)
-                    continue
-                message, lane = state.inbox.popleft()
-                if message.channel.is_closed:
-                    self._unhand(state, message, lane)  # the broker has requeued it
-                    continue
-                try:
-                    delivery = await self._delivery(state, address, group, message, lane)
-                except TransportError as exc:
-                    # What handing it out needed (a copy, a dead letter) did not reach the
-                    # broker: it stays here, unacked, for a later receive to try again —
-                    # dropped, it would hold its partition (or a prefetch slot) for good.
-                    state.inbox.append((message, lane))
-                    if not out:
-                        raise
-                    logger.warning("iambus: %s; tried again at the next receive", exc)
-                    break
-                if delivery is not None:
-                    out.append(delivery)
+            out: list[_RabbitDelivery] = []
+            try:
+                await self._hand_out(state, address, group, out, limit, wait)
+            except BaseException:
+                # Cancelled (a worker stopping, a timeout around the receive) or failed
+                # amid a hand-out: what it took goes back, as it was, to the head of the
+                # buffer for the next receive. Lost here, it would stay unacked on a live
+                # channel until the consumer's retirement: for a partition queue (prefetch
+                # 1), its key stuck that long.
+                self._put_back(state, out)
+                raise
             return out
         finally:
             state.receiving -= 1
             state.last_seen = time.monotonic()
+
+    async def _hand_out(
+        self,
+        state: _Consumer,
+        address: str,
+        group: str,
+        out: list[_RabbitDelivery],
+        limit: int,
+        wait: float,
+    ) -> None:
+        """Hand out the consumer's buffer into ``out`` (up to ``limit``), waiting ``wait``
+        seconds at most for a first delivery."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while len(out) < limit:
+            if not state.inbox:
+                if out or loop.time() >= deadline:
+                    break
+                state.arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(deadline - loop.time()):
+                        await state.arrived.wait()
+                await self._consume(state)  # (woken by keyed sends that started)
+                continue
+            message, lane = state.inbox.popleft()
+            if message.channel.is_closed:
+                self._unhand(state, message, lane)  # the broker has requeued it
+                continue
+            try:
+                delivery = await self._delivery(state, address, group, message, lane)
+            except TransportError as exc:
+                # What handing it out needed (a copy, a dead letter) did not reach the
+                # broker: it stays here, unacked, for a later receive to try again —
+                # dropped, it would hold its partition (or a prefetch slot) for good. At
+                # the back: one whose copy keeps failing does not hold up the others.
+                state.inbox.append((message, lane))
+                if not out:
+                    raise
+                logger.warning("iambus: %s; tried again at the next receive", exc)
+                break
+            except asyncio.CancelledError:
+                raise  # (_dispose saw to the message: settled, or back in the buffer)
+            except BaseException:
+                state.inbox.append((message, lane))  # (another error: kept all the same)
+                raise
+            if delivery is not None:
+                out.append(delivery)
+
+    def _put_back(self, state: _Consumer, out: list[_RabbitDelivery]) -> None:
+        """``out`` was not handed out after all: back to the head of the buffer, in order,
+        as if never taken. The next receive judges each again (``_delivery``), which is
+        safe as what judging a message handed out did is undone here or harmless: a
+        delivery that used up the record of its unhanded return (``_unhanded``: a lane's
+        or classic queue's redelivery not counted) gets it back — else it would be counted
+        as a further attempt, copied with attempt + 1; a quorum queue's count is read, not
+        used up (the record goes at the ack); a hand-back copy's note that its original is
+        superseded (``_superseded``) is written again, the same. Nothing was published nor
+        acked for a message handed out: a message that needed that (a copy with attempt
+        + 1, a dead letter, an ack of a superseded original) is never in ``out``."""
+        for delivery in reversed(out):
+            message, lane = delivery._message, delivery._lane
+            if delivery._took:
+                key = _returned(lane or state.queue, message)
+                _remember(self._unhanded, key, self._unhanded.get(key, 0) + delivery._took)
+            state.inbox.appendleft((message, lane))
+        if out:
+            state.arrived.set()
 
     async def _consumer(self, address: str, group: str, consumer: str, limit: int) -> _Consumer:
         key = (address, group, consumer)
@@ -1167,7 +1217,20 @@ class RabbitMQTransport(Transport):
             task.add_done_callback(done)
         try:
             async with self._translate(f"consume {queue}"):
-                await _unbroken(issued[1], timeout=self.timeout)
+                try:
+                    await _unbroken(issued[1], timeout=self.timeout, bounded=True)
+                except TimeoutError:
+                    # RabbitMQ stops reading a connection that publishes while a memory
+                    # or disk alarm lasts, and checks no heartbeat on it meanwhile: the
+                    # receive (and each of the consumer's next ones, behind consume_lock)
+                    # waited for the answer that long, whatever its `wait`. It fails now,
+                    # as any call waiting for the connection does; the next one waits
+                    # for this consume again (state.subscribing), not issuing a second.
+                    raise TransportError(
+                        f"{self.url}: the broker did not answer the consume of {queue!r} "
+                        f"within {self.timeout} s (a connection it blocks for a memory or "
+                        f"disk alarm?); the next receive waits for it again"
+                    ) from None
         except TransportError as exc:
             if isinstance(exc.__cause__, aiormq.exceptions.ChannelNotFoundEntity):
                 address, group, _ = state.key
@@ -1209,27 +1272,37 @@ class RabbitMQTransport(Transport):
         group: str,
         message: DeliveredMessage,
         lane: str | None,
-    ) -> Delivery | None:
+    ) -> _RabbitDelivery | None:
         """A delivery, or None: a message that is no envelope is parked at once; one from a
-        partition queue may be replaced by a copy counting its attempt (``_lane_attempt``)."""
+        partition queue may be replaced by a copy counting its attempt (``_lane_attempt``).
+
+        Its only awaits are such steps, each through ``_dispose``: cancelled, it has seen
+        to ``message`` (settled, or back in the buffer). Any other error leaves
+        ``message`` as it was, for ``receive`` to keep.
+        """
         properties = message.header.properties
         headers: Mapping[str, Any] = properties.headers or {}
         attempt = _own_attempt(headers)
         returned = None
+        took = 0  # the record of an unhanded return the hand-out used up (see _put_back)
         if lane is not None:
-            counted = await self._lane_attempt(message, lane, attempt)
+            counted = await self._lane_attempt(state, message, lane, attempt)
             if counted is None:
                 return None
-            attempt = counted
+            attempt, took = counted
         elif "x-delivery-count" in headers:  # the quorum queue had it out before
             returned = _returned(state.queue, message)
             attempt += int(headers["x-delivery-count"]) - self._unhanded.get(returned, 0)
-        elif _redelivered(message) and not self._unhanded.pop(_returned(state.queue, message), 0):
-            # A classic queue says "again", not how often: counted by a copy with attempt
-            # + 1 (at the back: the group's queue keeps no order), so that a message that
-            # kills its workers ends up dead-lettered instead of looping.
-            await self._pass_on(message, state.queue, attempt + 1)
-            return None
+        elif _redelivered(message):
+            took = self._unhanded.pop(_returned(state.queue, message), 0)
+            if not took:
+                # A classic queue says "again", not how often: counted by a copy with
+                # attempt + 1 (at the back: the group's queue keeps no order), so that a
+                # message that kills its workers ends up dead-lettered instead of looping.
+                await self._dispose(
+                    state, message, lane, self._pass_on(message, state.queue, attempt + 1)
+                )
+                return None
         try:
             envelope = _envelope(properties, message.body)
         except SerializationError as exc:
@@ -1240,17 +1313,20 @@ class RabbitMQTransport(Transport):
                 content_type="application/x-iambus-raw-message",
             )
             failure = Failure("iambus.errors.SerializationError", str(exc), "", attempt)
-            await self._park(
-                _RabbitDelivery(self, state, address, group, message, raw, attempt, lane, returned),
-                failure,
+            parked = _RabbitDelivery(
+                self, state, address, group, message, raw, attempt, lane, returned
             )
+            await self._dispose(state, message, lane, self._park(parked, failure))
             return None
         return _RabbitDelivery(
-            self, state, address, group, message, envelope, attempt, lane, returned
+            self, state, address, group, message, envelope, attempt, lane, returned, took
         )
 
-    async def _lane_attempt(self, message: DeliveredMessage, lane: str, attempt: int) -> int | None:
-        """The attempt of a message from a partition queue, or None if it is not handed out.
+    async def _lane_attempt(
+        self, state: _Consumer, message: DeliveredMessage, lane: str, attempt: int
+    ) -> tuple[int, int] | None:
+        """The attempt of a message from a partition queue and the count of the record of
+        its unhanded return that it used up, or None if it is not handed out.
 
         A classic queue says *redelivered*, not how often: a redelivered message is
         replaced by a copy carrying its attempt + 1, at the head of the queue (priority
@@ -1262,14 +1338,63 @@ class RabbitMQTransport(Transport):
         if handback:
             _remember(self._superseded, original, 1)
         if not _redelivered(message):
-            return attempt
+            return attempt, 0
         if not handback and self._superseded.pop(original, 0):
-            await self._ack_message(message)
+            await self._dispose(state, message, lane, self._ack_message(message))
             return None
-        if self._unhanded.pop(_returned(lane, message), 0):
-            return attempt
-        await self._pass_on(message, lane, attempt + 1)
+        took = self._unhanded.pop(_returned(lane, message), 0)
+        if took:
+            return attempt, took
+        await self._dispose(state, message, lane, self._pass_on(message, lane, attempt + 1))
         return None
+
+    async def _dispose(
+        self,
+        state: _Consumer,
+        message: DeliveredMessage,
+        lane: str | None,
+        step: Coroutine[Any, Any, None],
+    ) -> None:
+        """Run ``step``, which settles ``message`` instead of handing it out (a copy or a
+        dead letter, confirmed, then its ack; or its ack alone), to its end even if the
+        receive is cancelled meanwhile.
+
+        Cut halfway, a copy could be out with ``message`` unacked: kept, it would hold its
+        partition (the copy behind it) or a prefetch slot; given to the next receive, it
+        would be copied again. So a cancelled receive waits for the step (``timeout`` at
+        most; past that it goes on by itself), then is cancelled; a step that fails then
+        puts ``message`` back in the buffer, as a failed step does in ``receive``.
+        """
+        task = asyncio.ensure_future(step)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            try:
+                if not task.done():
+                    await asyncio.wait([task], timeout=self.timeout)
+            finally:  # (cancelled again as it waits: the step goes on all the same)
+                task.add_done_callback(lambda done: self._disposed(state, message, lane, done))
+            raise
+
+    def _disposed(
+        self,
+        state: _Consumer,
+        message: DeliveredMessage,
+        lane: str | None,
+        step: asyncio.Future[None],
+    ) -> None:
+        """A step of ``_dispose`` whose receive was cancelled ended: if it failed, the
+        message goes back to the buffer (or, its channel gone, is noted as unhanded)."""
+        error = None if step.cancelled() else step.exception()
+        if not step.cancelled() and error is None:
+            return
+        if message.channel.is_closed:
+            self._unhand(state, message, lane)
+            return
+        if error is not None:
+            logger.warning("iambus: %s; tried again at the next receive", error)
+        state.inbox.append((message, lane))
+        state.arrived.set()
 
     async def _pass_on(
         self, message: DeliveredMessage, lane: str, attempt: int, *, handback: bool = False
@@ -2022,6 +2147,7 @@ class _RabbitDelivery:
         "_lane",
         "_message",
         "_returned",
+        "_took",
         "_transport",
         "attempt",
         "envelope",
@@ -2038,6 +2164,7 @@ class _RabbitDelivery:
         attempt: int,
         lane: str | None,
         returned: tuple[str, str | None, int, bool] | None,
+        took: int = 0,
     ) -> None:
         self._transport = transport
         self._consumer = consumer
@@ -2048,6 +2175,7 @@ class _RabbitDelivery:
         self.attempt = attempt
         self._lane = lane  # the partition queue it came from, or None
         self._returned = returned  # its key in the transport's _unhanded, if redelivered
+        self._took = took  # what it used up of _unhanded (a lane's, classic queue's return)
 
     async def ack(self) -> None:
         await self._transport._ack(self)
@@ -2092,9 +2220,10 @@ def _live(channel: aiormq.abc.AbstractChannel | None) -> bool:
 _T = TypeVar("_T")
 
 
-async def _unbroken(call: Awaitable[_T], *, timeout: float) -> _T:
+async def _unbroken(call: Awaitable[_T], *, timeout: float, bounded: bool = False) -> _T:
     """``await call``; a caller cancelled meanwhile waits for the call to end (at most
-    ``timeout``), then is cancelled.
+    ``timeout``), then is cancelled. ``bounded``: a caller waits ``timeout`` at most in
+    any case, then gets ``TimeoutError``; the call goes on by itself.
 
     For the consumes and consumer cancels of channels that receive: aiormq answers a call
     cancelled halfway by closing its channel without waiting for the broker, and the
@@ -2109,7 +2238,8 @@ async def _unbroken(call: Awaitable[_T], *, timeout: float) -> _T:
     """
     task = asyncio.ensure_future(call)
     try:
-        return await asyncio.shield(task)
+        async with asyncio.timeout(timeout if bounded else None):
+            return await asyncio.shield(task)
     except asyncio.CancelledError:
         if not task.done():
             await asyncio.wait([task], timeout=timeout)
