@@ -739,6 +739,30 @@ async def test_a_broker_that_takes_nothing_parks_nothing(
     assert await Relay(database, transport).run_once() == 2
 
 
+async def test_a_refused_row_deleted_by_hand_meanwhile_keeps_the_sent_rows_deleted(
+    database: Database, transport: MemoryTransport
+) -> None:
+    refused, other = envelope(0, key="a"), envelope(1, key="b")
+    await commit(database, refused, other)
+
+    class DeletedThenRefused:
+        """Refuses ``refused`` once an operator has deleted its row (SQL, as the docs
+        say to drop a row for good) while the relay had it in hand."""
+
+        url = "deleting+" + transport.url
+
+        async def send(self, address: str, e: Envelope) -> None:
+            if e.id == refused.id:
+                async with database.connection() as conn:
+                    await conn.execute(f"DELETE FROM {database.outbox} WHERE message_id = $1", e.id)
+                raise TransportError("the broker refused it (a test's doing)")
+            await transport.send(address, e)
+
+    assert await Relay(database, DeletedThenRefused()).run_once() == 1
+    assert [n_of(e) for e in await rest(transport)] == [1]
+    assert await count_rows(database) == 0  # the row sent was deleted: not sent again
+
+
 async def _empty(database: Database) -> bool:
     return await count_rows(database) == 0
 

@@ -396,25 +396,29 @@ class Relay:
         """Rows the broker refused while it took others: one more failed attempt each;
         the ``FAILED_SENDS``-th parks the row (one too large for the broker fails for
         ever). One warning for the pass, not one per row."""
-        counts = []
+        charged = []
         for row, exc in failed:
             reason = f"{type(exc).__name__}: {exc}"
             attempts = await conn.fetchval(self._charge_sql, row["position"], reason, FAILED_SENDS)
-            counts.append(attempts)
+            if attempts is None:
+                continue  # deleted meanwhile (by hand): nothing to charge, nor to roll back
+            charged.append((row, exc, attempts))
             if attempts >= FAILED_SENDS:
                 self._log_parked(row, reason)
-        row, exc = failed[0]
+        if not charged:
+            return
+        row, exc, attempts = charged[0]
         logger.warning(
             "relay %s: %d row(s) failed to send while other rows went out: they stay, in "
             "order, and a row is parked after %d such failures (the first: row %s, message "
             "%s to %s, failure %d: %s: %s)",
             self.database.outbox,
-            len(failed),
+            len(charged),
             FAILED_SENDS,
             row["position"],
             row["message_id"],
             row["address"],
-            counts[0],
+            attempts,
             type(exc).__name__,
             exc,
         )
