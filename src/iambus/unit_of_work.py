@@ -60,7 +60,7 @@ from typing import Any, Protocol
 from .database import Database
 from .envelope import Envelope
 from .errors import ImproperlyConfigured, TransactionFailed
-from .inbox import claim, keep_answer, kept_answer
+from .inbox import claim, claim_again, keep_answer, kept_answer
 from .outbox import Outgoing, write
 from .providers import Factory
 
@@ -161,11 +161,14 @@ class UnitOfWork:
     async def claim(self, message_id: str, handler: str) -> bool:
         """Record ``handler`` applying ``message_id`` in the inbox; False: it did already
         (in an earlier transaction: a claim made in this one is this attempt's own, as
-        when a middleware runs the handler again inside one unit)."""
-        if (message_id, handler) in self._claimed:
-            return True
+        when a middleware runs the handler again inside one unit, made again if a
+        savepoint rolled it back)."""
+        again = (message_id, handler) in self._claimed
         try:
-            new = await claim(await self.connection(), self.database, message_id, handler)
+            conn = await self.connection()
+            if again:  # (a savepoint may have rolled the first claim back)
+                return await claim_again(conn, self.database, message_id, handler)
+            new = await claim(conn, self.database, message_id, handler)
         except Exception as exc:
             raise explained(exc, self.database, "record the message in the inbox") from exc
         if new:
