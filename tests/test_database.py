@@ -97,6 +97,30 @@ async def test_create_is_idempotent_and_check_names_what_is_missing() -> None:
             await db.check()
 
 
+async def test_check_finds_the_tables_where_the_search_path_finds_them(
+    database: Database,
+) -> None:
+    """Without a schema, iambus's SQL names its tables unqualified: the first schema of
+    the search_path that has them (not the first that exists, current_schema()) is the
+    one check() looks at, as a schema of the user's own comes first by default
+    ("$user", public) and the tables may be in a later one."""
+    assert database.schema is not None
+    empty = f"{database.schema}_mine"
+    path = f'"{empty}", "{database.schema}"'
+    on_path = Database(POSTGRES_DSN, pool={"server_settings": {"search_path": path}})
+    try:
+        async with on_path.connection() as conn:
+            await conn.execute(f'CREATE SCHEMA "{empty}"')
+            assert await conn.fetchval("SELECT current_schema()") == empty
+        await on_path.check()  # the tables the SQL below finds
+        async with on_path.connection() as conn:
+            await conn.fetchval(f"SELECT count(*) FROM {on_path.outbox}")
+    finally:
+        async with on_path.connection() as conn:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{empty}"')
+        await on_path.close()
+
+
 async def test_init_adds_the_answer_columns_to_an_inbox_of_an_older_shape() -> None:
     async with fresh_database() as db:
         await db.create()

@@ -261,21 +261,22 @@ class Database:
         lacks a column iambus uses, with the command that creates them. (An inbox of the
         earlier shape, without the answer columns, only gets a warning: see
         ``answers_kept``.)"""
-        outbox, inbox = f"{self.prefix}outbox", f"{self.prefix}inbox"
         async with self.connection() as conn:
-            for table, columns in ((outbox, OUTBOX_COLUMNS), (inbox, INBOX_COLUMNS)):
-                found = await self._columns(conn, table)
+            for name, columns in (("outbox", OUTBOX_COLUMNS), ("inbox", INBOX_COLUMNS)):
+                found = await self._columns(conn, self._table(name))
+                table = f"{self.prefix}{name}"
                 where = f"{self.schema}.{table}" if self.schema else table
                 if not found:
+                    looked = "" if self.schema else " in the search_path"
                     raise ImproperlyConfigured(
-                        f"the table {where} does not exist; create iambus's tables with "
-                        f"`iambus db init --database DSN{self._options()}` (or apply "
+                        f"the table {where} does not exist{looked}; create iambus's tables "
+                        f"with `iambus db init --database DSN{self._options()}` (or apply "
                         f"Database.ddl() / Database.metadata() in your migrations)"
                     )
-                missing = [name for name, _ in columns if name not in found]
-                if table == inbox:
+                missing = [column for column, _ in columns if column not in found]
+                if name == "inbox":
                     self._learn_answers(found, where)
-                    missing = [name for name in missing if name not in ADDED_INBOX_COLUMNS]
+                    missing = [column for column in missing if column not in ADDED_INBOX_COLUMNS]
                 if missing:
                     raise ImproperlyConfigured(
                         f"the table {where} has no column(s) {', '.join(missing)}: it was "
@@ -285,14 +286,14 @@ class Database:
                     )
 
     async def _columns(self, conn: Any, table: str) -> set[str]:
-        """The columns of ``table`` (a name of this database's schema); none: no table."""
+        """The columns of ``table`` (quoted, as the SQL names it: without a schema, the
+        first of the search_path that has it); none: no table."""
         rows = await conn.fetch(
-            "SELECT column_name FROM information_schema.columns "
-            "WHERE table_schema = coalesce($1, current_schema()) AND table_name = $2",
-            self.schema,
+            "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass($1) "
+            "AND attnum > 0 AND NOT attisdropped",
             table,
         )
-        return {row["column_name"] for row in rows}
+        return {row["attname"] for row in rows}
 
     async def answers_kept(self, conn: Any) -> bool:
         """Whether the inbox has the columns that keep a command's answer (an inbox of the
@@ -300,7 +301,7 @@ class Database:
         Learnt once (here, on ``conn``, or by ``check``); a table migrated meanwhile is
         seen after a restart."""
         if self._answers is None:
-            self._learn_answers(await self._columns(conn, f"{self.prefix}inbox"), self.inbox)
+            self._learn_answers(await self._columns(conn, self.inbox), self.inbox)
         return self._answers is True
 
     def _learn_answers(self, found: set[str], where: str) -> None:
