@@ -7,6 +7,8 @@ from typing import Any
 
 import asyncpg
 import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from iambus import Command, Dispatcher, Query, RequestTimeout, Retry
 from iambus.database import Database
@@ -93,6 +95,42 @@ async def test_a_failed_attempt_leaves_no_record_and_is_retried(database: Databa
     dp = billing(database, runs)
     async with dp:
         await dp.send(Charge(3, fail_first=True), id="m-3")
+        await dp.join()
+    assert runs == [3, 3]  # the retry ran: the failed attempt's record rolled back
+    assert await charges(database) == [3]
+    assert [message for message, _ in await inbox(database)] == ["m-3"]
+
+
+async def test_a_failed_attempt_on_a_sqlalchemy_session_leaves_no_record(
+    database: Database, engine: AsyncEngine
+) -> None:
+    """The inbox record is written on the driver connection under the session before
+    any statement of SQLAlchemy's: it must be in the session's transaction (which the
+    driver begins lazily), or it commits alone and the retry of a failed attempt is
+    skipped as a redelivery: the message is lost."""
+    await make_charges(database)
+    dp = Dispatcher(
+        transport=MemoryTransport(),
+        service="billing",
+        routes={Charge: "billing"},
+        database=Database(engine, schema=database.schema),
+        relay=False,
+        retry=Retry(attempts=3, backoff=0.01),
+    )
+    runs: list[int] = []
+
+    @dp.commands.register(Charge)
+    async def charge(command: Charge, session: AsyncSession) -> None:
+        runs.append(command.order_id)
+        await session.execute(
+            text(f'INSERT INTO "{database.schema}".charges VALUES (:id)'),
+            {"id": command.order_id},
+        )
+        if len(runs) == 1:
+            raise RuntimeError("card network down")
+
+    async with dp:
+        await dp.send(Charge(3), id="m-3")
         await dp.join()
     assert runs == [3, 3]  # the retry ran: the failed attempt's record rolled back
     assert await charges(database) == [3]

@@ -198,8 +198,15 @@ class UnitOfWork:
 
 
 def _driver_connection(session: Any) -> Any:
-    """The asyncpg connection under a (sync) SQLAlchemy session's transaction."""
-    return session.connection().connection.driver_connection
+    """The asyncpg connection under a (sync) SQLAlchemy session's transaction, in that
+    transaction: SQLAlchemy's asyncpg adapter begins it on the driver connection only at
+    its first statement, and until then iambus's statements there would each commit on
+    their own (an inbox record kept by a rollback, outbox rows sent for one)."""
+    connection = session.connection()
+    driver = connection.connection.driver_connection
+    if not driver.is_in_transaction():
+        connection.exec_driver_sql("SELECT 1")  # (nothing begins on an autocommit engine)
+    return driver
 
 
 def open_unit(owner: object) -> UnitOfWork | None:
