@@ -1177,6 +1177,36 @@ async def test_a_relay_on_a_pool_too_small_says_so_once(
     assert "came free within 0.05 s: its pool is too small" in warning
 
 
+async def test_a_start_cancelled_while_it_waits_to_listen_leaves_no_task(
+    database: Database,
+    transport: MemoryTransport,
+    own_pool: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """start() waits for the first LISTEN; cancelled meanwhile (a dispatcher's start cut
+    short), it leaves no listening task behind, which nothing would ever stop."""
+    monkeypatch.setattr("iambus.relay.ACQUIRE_TIMEOUT", 60)
+    pool = await own_pool(max_size=1)
+    on_pool = Database(pool, schema=database.schema)
+    await on_pool.check()
+
+    async def checked() -> None:
+        pass
+
+    monkeypatch.setattr(on_pool, "check", checked)  # (it needs the connection held below)
+    relay = Relay(on_pool, transport)
+    async with on_pool.connection():  # the listener waits for it
+        starting = asyncio.create_task(relay.start())
+        await until(_true(lambda: relay._listener is not None), "the listener started")
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        listening = [t for t in asyncio.all_tasks() if t.get_name() == "iambus-relay-listen"]
+        assert all(task.done() for task in listening), listening
+    assert not relay.running
+    await relay.stop()
+
+
 # -- housekeeping -------------------------------------------------------------------------
 
 

@@ -285,9 +285,15 @@ class Relay:
         if self.listen:
             ready = asyncio.Event()
             self._listener = asyncio.create_task(self._listen(ready), name="iambus-relay-listen")
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(START_LISTEN_WAIT):
-                    await ready.wait()
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(START_LISTEN_WAIT):
+                        await ready.wait()
+            except BaseException:  # cancelled: nothing would ever stop the listener
+                listener, self._listener = self._listener, None
+                listener.cancel()
+                await asyncio.wait([listener])
+                raise
         self._task = asyncio.create_task(self._run(), name="iambus-relay")
         self._purger = asyncio.create_task(self._purge_every(), name="iambus-relay-purge")
 
