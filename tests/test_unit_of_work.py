@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Optional
 import asyncpg
 import pytest
 from sqlalchemy import text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -429,6 +429,45 @@ async def test_a_failed_transaction_is_named_and_rolled_back(orders: Database) -
 
     async with dp:
         with pytest.raises(TransactionFailed, match="had failed already"):
+            await dp.execute(PlaceOrder(1))
+    assert await order_ids(orders) == []
+
+
+async def test_a_failed_transaction_that_sends_nothing_is_named_too(orders: Database) -> None:
+    """A handler that caught a statement's error and sends nothing: PostgreSQL answers
+    the commit of its aborted transaction with a rollback, and no error. The unit says
+    so instead of returning as if its writes were committed (a delivery would be acked,
+    and its writes lost)."""
+    dp = shop(orders)
+
+    @dp.commands.register(PlaceOrder)
+    async def place(command: PlaceOrder, conn: asyncpg.Connection) -> int:
+        await conn.execute(f'INSERT INTO "{orders.schema}".orders VALUES (1)')
+        with contextlib.suppress(asyncpg.DivisionByZeroError):
+            await conn.execute("SELECT 1/0")
+        return 0
+
+    await fails_to_commit(dp, orders)
+
+
+async def test_a_failed_sqlalchemy_transaction_that_sends_nothing_is_named_too(
+    orders: Database, engine: AsyncEngine
+) -> None:
+    dp = shop(Database(engine, schema=orders.schema))
+
+    @dp.commands.register(PlaceOrder)
+    async def place(command: PlaceOrder, session: AsyncSession) -> int:
+        await session.execute(text(f'INSERT INTO "{orders.schema}".orders VALUES (1)'))
+        with contextlib.suppress(DBAPIError):
+            await session.execute(text("SELECT 1/0"))
+        return 0
+
+    await fails_to_commit(dp, orders)
+
+
+async def fails_to_commit(dp: Dispatcher, orders: Database) -> None:
+    async with dp:
+        with pytest.raises(TransactionFailed, match=r"cannot commit.*had failed already"):
             await dp.execute(PlaceOrder(1))
     assert await order_ids(orders) == []
 

@@ -158,6 +158,20 @@ class UnitOfWork:
                 raise explained(exc, self.database, "write to the outbox") from exc
             self.wrote = True
 
+    async def check_not_failed(self) -> None:
+        """Raise ``TransactionFailed`` when a statement of the unit's transaction failed
+        (its error caught): PostgreSQL answers the commit of an aborted transaction with a
+        rollback, and no error. (One statement: a unit that wrote outbox rows has just
+        found out, and needs none.)"""
+        try:
+            conn = self._raw
+            if conn is None:  # a session iambus wrote nothing on: SQLAlchemy's own
+                conn = await self.session.run_sync(_driver_of)
+            if conn.is_in_transaction():  # (nothing ran in a transaction yet: none failed)
+                await conn.execute("SELECT 1")
+        except Exception as exc:
+            raise explained(exc, self.database, "commit the unit of work") from exc
+
     async def claim(self, message_id: str, handler: str) -> bool:
         """Record ``handler`` applying ``message_id`` in the inbox; False: it did already
         (in an earlier transaction: a claim made in this one is this attempt's own, as
@@ -195,6 +209,11 @@ class UnitOfWork:
             return await kept_answer(conn, self.database, message_id, handler)
         except Exception as exc:
             raise explained(exc, self.database, "read the answer kept in the inbox") from exc
+
+
+def _driver_of(session: Any) -> Any:
+    """The asyncpg connection under a (sync) SQLAlchemy session, as it is."""
+    return session.connection().connection.driver_connection
 
 
 def _driver_connection(session: Any) -> Any:
@@ -347,6 +366,8 @@ class Scope:
                 # the caller's transaction has its NOTIFY delivered at the caller's.
                 await unit.flush(notify=not self._owns)
                 if self._owns:
+                    if not unit.wrote:
+                        await unit.check_not_failed()
                     await self._commit(unit.session)
                     if unit.wrote:
                         self.database.notify_relays()
