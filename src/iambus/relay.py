@@ -327,8 +327,10 @@ class Relay:
         for task in pending:
             task.cancel()
         _, pending = await asyncio.wait(pending, timeout=STOP_GRACE)
-        if pending:
+        if pending:  # (they end once they see the stop: it stays set)
             logger.warning("relay %s: still unwinding after its stop", self.database.outbox)
+        else:
+            self._stopping.clear()  # run_once() works on a stopped relay
         _retrieve([task for task in tasks if task.done()])
 
     async def __aenter__(self) -> Relay:
