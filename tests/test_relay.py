@@ -946,7 +946,7 @@ async def test_a_relay_cancelled_mid_batch_loses_nothing(
 
 
 async def test_a_stop_cut_short_by_its_deadline_does_not_hang_and_loses_nothing(
-    database: Database, transport: MemoryTransport
+    database: Database, transport: MemoryTransport, caplog: pytest.LogCaptureFixture
 ) -> None:
     await commit(database, *(envelope(n, key="order-1") for n in range(5)))
     stalling = Stalling(transport, through=2)
@@ -959,6 +959,9 @@ async def test_a_stop_cut_short_by_its_deadline_does_not_hang_and_loses_nothing(
     await relay.stop(began + 0.2)
     assert loop.time() - began < 0.2 + STOP_GRACE + 1  # (+ 1: a loaded machine's lag)
     assert not relay.running
+    # One warning, the stop's: not a pass failing on the connections the stop closed.
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "cut short at its stop deadline" in warning
     assert await count_rows(database) == 5
     stalling.go.set()
     assert await relay.run_once() == 5  # a stopped relay's pass by hand, as after any stop

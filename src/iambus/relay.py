@@ -256,6 +256,7 @@ class Relay:
         self._idle = asyncio.Event()  # the loop waits between passes (tests watch it)
         self._listening = False
         self._held: set[Any] = set()  # connections in use, closed by a stop cut short
+        self._cut = False  # a stop was cut short: its connections were closed
 
     def __repr__(self) -> str:
         return f"<Relay {self.database.outbox} -> {self.transport.url}>"
@@ -282,6 +283,7 @@ class Relay:
             raise ImproperlyConfigured(f"{self!r} is already running: stop() it first")
         await self.database.check()
         self._stopping.clear()
+        self._cut = False
         if self.listen:
             ready = asyncio.Event()
             self._listener = asyncio.create_task(self._listen(ready), name="iambus-relay-listen")
@@ -322,6 +324,7 @@ class Relay:
             "the outbox and is sent again (duplicates with the same envelope ids)",
             self.database.outbox,
         )
+        self._cut = True
         for conn in list(self._held):
             conn.terminate()  # nothing waits for the database: its side rolls back
         for task in pending:
@@ -474,6 +477,9 @@ class Relay:
             try:
                 sent, more = await self._pass()
             except Exception as exc:
+                if self._cut:  # the stop closed its connections: no failure of the pass
+                    logger.debug("%s: the pass cut short by the stop ended with %r", where, exc)
+                    return
                 delay = sending.failed(exc)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
