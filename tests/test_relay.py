@@ -945,6 +945,27 @@ async def test_a_relay_cancelled_mid_batch_loses_nothing(
     assert got == [0, 1, 2, *range(10)]  # at least once: the 3 sent before are duplicates
 
 
+async def test_a_send_that_never_returns_does_not_hold_its_lanes_for_ever(
+    database: Database,
+    transport: MemoryTransport,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A broker gone silent (a connection the network lost without a word) leaves a send
+    hanging: the pass gives it up instead of holding its lanes, and its transaction open,
+    for as long, and another relay (or the next pass) sends the row."""
+    monkeypatch.setattr("iambus.relay.SEND_TIMEOUT", 0.2)
+    await commit(database, envelope(1, key="k"), envelope(2, key="k"))
+    silent = Stalling(transport, through=0)
+    async with asyncio.timeout(10):  # (for ever, before)
+        with pytest.raises(TransportError, match=r"did not return within 0\.2 s"):
+            await Relay(database, silent).run_once()
+    assert "did not return within 0.2 s" in caplog.text
+    assert await count_rows(database) == 2
+    assert await Relay(database, transport).run_once() == 2
+    assert [n_of(e) for e in await rest(transport)] == [1, 2]
+
+
 async def test_a_stop_cut_short_by_its_deadline_does_not_hang_and_loses_nothing(
     database: Database, transport: MemoryTransport, caplog: pytest.LogCaptureFixture
 ) -> None:

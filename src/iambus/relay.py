@@ -150,6 +150,11 @@ ACQUIRE_TIMEOUT = 10.0
 FAILED_SENDS = 5
 """Failed sends after which a row is parked, counted only in passes where the broker took
 other rows (a broker that takes nothing is an outage, and parks nothing)."""
+SEND_TIMEOUT = 30.0
+"""Seconds a batch waits for news of its sends once it has read its rows: when none of
+them returned meanwhile (a broker gone silent, a connection the network lost without a
+word), they are given up (cancelled; their rows stay, and are sent again by a later
+pass), so that its lanes and its transaction are not held for as long as they hang."""
 PASS_SECONDS = 1.0
 """Seconds a pass goes on from batch to batch for, at most: then it ends (its sends
 returned, its lanes unlocked), and the next pass takes the lanes with rows, those that
@@ -677,6 +682,7 @@ class _Pass:
         self.arrived = asyncio.Event()  # rows were read (or the last of them)
         self.changed = asyncio.Event()  # a sender has news for the batch (see _send)
         self.read = 0  # rows the batch being read has read
+        self.returned = 0  # sends returned (the batch waits for news of them)
         self.cursor: Any = None
         self.done = False  # the batch reads no more rows
         self.sent = 0  # rows sent and deleted by committed batches
@@ -716,7 +722,7 @@ class _Pass:
             if self.unlocked:
                 raise ConnectionError("the connection that held the pass's lanes was closed")
             for task in self.senders:
-                if task.exception() is not None:
+                if not task.cancelled() and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]  # (a sender's bug, not lost)
         except BaseException:
             self.lost = self.unlocked or _lost(conn) or _lost(self.holder)
@@ -763,9 +769,29 @@ class _Pass:
                 return True
             if not self.active:
                 return False
-            await self.changed.wait()
+            returned = self.returned
+            try:
+                async with asyncio.timeout(SEND_TIMEOUT):
+                    await self.changed.wait()
+            except TimeoutError:
+                if self.returned == returned:
+                    self._give_up()
+                continue
             if len(outcome.sent) - outcome.deleted >= DELETE_CHUNK:
                 await self._delete(outcome)
+
+    def _give_up(self) -> None:
+        """Cancel the sends under way: none returned within ``SEND_TIMEOUT``."""
+        hung = [task for task in self.senders if not task.done()]
+        error = TransportError(
+            f"{len(hung)} send(s) did not return within {SEND_TIMEOUT:g} s: given up "
+            f"(their rows stay in the outbox, and are sent again)"
+        )
+        logger.warning("relay %s: %s", self.relay.database.outbox, error)
+        if self.failure is None:
+            self.failure = error
+        for task in hung:
+            task.cancel()
 
     def _handing(self) -> bool:
         """Whether few enough rows are left to start for the batch to hand over: half a
@@ -895,6 +921,8 @@ class _Pass:
                             # A driver that cancelled its own future (its connection
                             # closed): a failed send, not the relay's end.
                             raise TransportError(f"the send was cancelled: {exc!r}") from exc
+                        finally:
+                            self.returned += 1  # (news: the batch waits SEND_TIMEOUT for it)
                     except (SerializationError, ImproperlyConfigured, MessageRefused) as exc:
                         self.outcome.parked.append((row, exc))  # the chain goes on
                     except Exception as exc:
