@@ -97,6 +97,56 @@ async def test_create_is_idempotent_and_check_names_what_is_missing() -> None:
             await db.check()
 
 
+async def test_check_names_the_columns_of_a_type_iambus_cannot_write() -> None:
+    """A table made by hand with a column of another type: said at the check (a relay's
+    start), not by the driver at the first write (``invalid input for query argument
+    $6: b'...' (expected str, got bytes)``). Types that work as well are taken."""
+    async with fresh_database(prefix="t_") as db:
+        await db.create()
+        async with db.connection() as conn:
+            await conn.execute(
+                f"ALTER TABLE {db.outbox} ALTER COLUMN address TYPE varchar(200), "
+                f"ALTER COLUMN lane TYPE integer"
+            )
+        await db.check()  # they work
+        async with db.connection() as conn:
+            await conn.execute(
+                f"ALTER TABLE {db.outbox} ALTER COLUMN payload TYPE text USING '', "
+                f"ALTER COLUMN created_at TYPE timestamptz USING now()"
+            )
+        with pytest.raises(
+            ImproperlyConfigured,
+            match=r"t_outbox has column\(s\) of another type: payload is text \(iambus's is "
+            r"bytea\), created_at is timestamp with time zone \(iambus's is double "
+            r"precision\).*Database.ddl\(\)",
+        ):
+            await db.check()
+
+
+async def test_check_finds_the_tables_where_the_search_path_finds_them(
+    database: Database,
+) -> None:
+    """Without a schema, iambus's SQL names its tables unqualified: the first schema of
+    the search_path that has them (not the first that exists, current_schema()) is the
+    one check() looks at, as a schema of the user's own comes first by default
+    ("$user", public) and the tables may be in a later one."""
+    assert database.schema is not None
+    empty = f"{database.schema}_mine"
+    path = f'"{empty}", "{database.schema}"'
+    on_path = Database(POSTGRES_DSN, pool={"server_settings": {"search_path": path}})
+    try:
+        async with on_path.connection() as conn:
+            await conn.execute(f'CREATE SCHEMA "{empty}"')
+            assert await conn.fetchval("SELECT current_schema()") == empty
+        await on_path.check()  # the tables the SQL below finds
+        async with on_path.connection() as conn:
+            await conn.fetchval(f"SELECT count(*) FROM {on_path.outbox}")
+    finally:
+        async with on_path.connection() as conn:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{empty}"')
+        await on_path.close()
+
+
 async def test_init_adds_the_answer_columns_to_an_inbox_of_an_older_shape() -> None:
     async with fresh_database() as db:
         await db.create()

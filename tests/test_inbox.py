@@ -7,11 +7,14 @@ from typing import Any
 
 import asyncpg
 import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from iambus import Command, Dispatcher, Query, RequestTimeout, Retry
 from iambus.database import Database
-from iambus.inbox import claim, purge
+from iambus.inbox import claim, claim_again, purge
 from iambus.transports.memory import MemoryTransport
+from iambus.unit_of_work import current_connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +101,42 @@ async def test_a_failed_attempt_leaves_no_record_and_is_retried(database: Databa
     assert [message for message, _ in await inbox(database)] == ["m-3"]
 
 
+async def test_a_failed_attempt_on_a_sqlalchemy_session_leaves_no_record(
+    database: Database, engine: AsyncEngine
+) -> None:
+    """The inbox record is written on the driver connection under the session before
+    any statement of SQLAlchemy's: it must be in the session's transaction (which the
+    driver begins lazily), or it commits alone and the retry of a failed attempt is
+    skipped as a redelivery: the message is lost."""
+    await make_charges(database)
+    dp = Dispatcher(
+        transport=MemoryTransport(),
+        service="billing",
+        routes={Charge: "billing"},
+        database=Database(engine, schema=database.schema),
+        relay=False,
+        retry=Retry(attempts=3, backoff=0.01),
+    )
+    runs: list[int] = []
+
+    @dp.commands.register(Charge)
+    async def charge(command: Charge, session: AsyncSession) -> None:
+        runs.append(command.order_id)
+        await session.execute(
+            text(f'INSERT INTO "{database.schema}".charges VALUES (:id)'),
+            {"id": command.order_id},
+        )
+        if len(runs) == 1:
+            raise RuntimeError("card network down")
+
+    async with dp:
+        await dp.send(Charge(3), id="m-3")
+        await dp.join()
+    assert runs == [3, 3]  # the retry ran: the failed attempt's record rolled back
+    assert await charges(database) == [3]
+    assert [message for message, _ in await inbox(database)] == ["m-3"]
+
+
 async def test_claim_and_purge(database: Database) -> None:
     async with database.connection() as conn:
         async with conn.transaction():
@@ -112,6 +151,30 @@ async def test_claim_and_purge(database: Database) -> None:
         assert [r["handler"] for r in await conn.fetch(f"SELECT * FROM {database.inbox}")] == [
             "other"
         ]
+
+
+async def test_claim_again_is_true_for_this_transactions_record_only(database: Database) -> None:
+    async with (
+        database.connection() as conn,
+        database.connection() as other,
+        conn.transaction(),
+    ):
+        assert await claim(conn, database, "m", "h") is True
+        assert await claim_again(conn, database, "m", "h") is True  # still this one's
+        savepoint = conn.transaction()
+        await savepoint.start()
+        assert await claim_again(conn, database, "m", "h") is True
+        await savepoint.rollback()  # (the first record stays: made before it)
+        assert await claim_again(conn, database, "m", "h") is True
+
+        savepoint = conn.transaction()
+        await savepoint.start()
+        assert await claim(conn, database, "n", "h") is True
+        await savepoint.rollback()  # the record is gone: a redelivery takes its place
+        async with other.transaction():
+            assert await claim(other, database, "n", "h") is True
+        assert await claim_again(conn, database, "n", "h") is False
+        assert await claim_again(conn, database, "p", "h") is True  # (none yet: made)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,18 +215,24 @@ async def test_two_handlers_of_one_name_each_have_their_record(database: Databas
     assert await inbox(database) == [("m-1", name), ("m-1", f"{name}#2")]
 
 
-async def test_a_unit_opened_by_a_middleware_records_the_delivery(database: Database) -> None:
-    await make_charges(database)
+def billing_in_units(database: Database) -> Dispatcher:
+    """Service billing, its events handled in a unit of work a middleware opens."""
     dp = Dispatcher(
         transport=MemoryTransport(), service="billing", routes=CHARGED, database=database
     )
-    runs: list[int] = []
 
     async def in_transaction(message: Any, call_next: Any, context: Any) -> Any:
         async with database.connection() as conn, dp.unit_of_work(conn):
             return await call_next(message)
 
     dp.events.add_middleware(in_transaction)
+    return dp
+
+
+async def test_a_unit_opened_by_a_middleware_records_the_delivery(database: Database) -> None:
+    await make_charges(database)
+    dp = billing_in_units(database)
+    runs: list[int] = []
 
     @dp.events.register(Charged)
     async def apply(event: Charged, conn: asyncpg.Connection) -> None:
@@ -175,6 +244,45 @@ async def test_a_unit_opened_by_a_middleware_records_the_delivery(database: Data
         await dp.send(Charged(1), id="m-1")
         await dp.join()
     assert runs == [1]
+    assert await charges(database) == [1]
+
+
+async def test_a_run_retried_in_a_savepoint_of_its_unit_keeps_its_record(
+    database: Database,
+) -> None:
+    """A middleware retries the handler inside the unit another opened, each attempt in
+    a savepoint (as docs/unit_of_work.md advises around what may fail): the failed
+    attempt's savepoint rolls back its inbox record, and the attempt that commits must
+    record the message again, or a redelivery applies it twice."""
+    await make_charges(database)
+    dp = billing_in_units(database)
+    runs: list[int] = []
+
+    async def retry_in_a_savepoint(message: Any, call_next: Any, context: Any) -> Any:
+        conn = await current_connection()
+        try:
+            async with conn.transaction():
+                return await call_next(message)
+        except RuntimeError:
+            async with conn.transaction():
+                return await call_next(message)
+
+    dp.events.add_middleware(retry_in_a_savepoint)
+
+    @dp.events.register(Charged)
+    async def apply(event: Charged, conn: asyncpg.Connection) -> None:
+        runs.append(event.order_id)
+        await conn.execute(f'INSERT INTO "{database.schema}".charges VALUES ($1)', event.order_id)
+        if len(runs) == 1:
+            raise RuntimeError("a deadlock, say: worth another try")
+
+    async with dp:
+        await dp.send(Charged(1), id="m-1")
+        await dp.join()
+        assert [message for message, _ in await inbox(database)] == ["m-1"]
+        await dp.send(Charged(1), id="m-1")  # a redelivery: skipped
+        await dp.join()
+    assert runs == [1, 1]
     assert await charges(database) == [1]
 
 

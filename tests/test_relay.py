@@ -739,6 +739,30 @@ async def test_a_broker_that_takes_nothing_parks_nothing(
     assert await Relay(database, transport).run_once() == 2
 
 
+async def test_a_refused_row_deleted_by_hand_meanwhile_keeps_the_sent_rows_deleted(
+    database: Database, transport: MemoryTransport
+) -> None:
+    refused, other = envelope(0, key="a"), envelope(1, key="b")
+    await commit(database, refused, other)
+
+    class DeletedThenRefused:
+        """Refuses ``refused`` once an operator has deleted its row (SQL, as the docs
+        say to drop a row for good) while the relay had it in hand."""
+
+        url = "deleting+" + transport.url
+
+        async def send(self, address: str, e: Envelope) -> None:
+            if e.id == refused.id:
+                async with database.connection() as conn:
+                    await conn.execute(f"DELETE FROM {database.outbox} WHERE message_id = $1", e.id)
+                raise TransportError("the broker refused it (a test's doing)")
+            await transport.send(address, e)
+
+    assert await Relay(database, DeletedThenRefused()).run_once() == 1
+    assert [n_of(e) for e in await rest(transport)] == [1]
+    assert await count_rows(database) == 0  # the row sent was deleted: not sent again
+
+
 async def _empty(database: Database) -> bool:
     return await count_rows(database) == 0
 
@@ -921,8 +945,29 @@ async def test_a_relay_cancelled_mid_batch_loses_nothing(
     assert got == [0, 1, 2, *range(10)]  # at least once: the 3 sent before are duplicates
 
 
+async def test_a_send_that_never_returns_does_not_hold_its_lanes_for_ever(
+    database: Database,
+    transport: MemoryTransport,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A broker gone silent (a connection the network lost without a word) leaves a send
+    hanging: the pass gives it up instead of holding its lanes, and its transaction open,
+    for as long, and another relay (or the next pass) sends the row."""
+    monkeypatch.setattr("iambus.relay.SEND_TIMEOUT", 0.2)
+    await commit(database, envelope(1, key="k"), envelope(2, key="k"))
+    silent = Stalling(transport, through=0)
+    async with asyncio.timeout(10):  # (for ever, before)
+        with pytest.raises(TransportError, match=r"did not return within 0\.2 s"):
+            await Relay(database, silent).run_once()
+    assert "did not return within 0.2 s" in caplog.text
+    assert await count_rows(database) == 2
+    assert await Relay(database, transport).run_once() == 2
+    assert [n_of(e) for e in await rest(transport)] == [1, 2]
+
+
 async def test_a_stop_cut_short_by_its_deadline_does_not_hang_and_loses_nothing(
-    database: Database, transport: MemoryTransport
+    database: Database, transport: MemoryTransport, caplog: pytest.LogCaptureFixture
 ) -> None:
     await commit(database, *(envelope(n, key="order-1") for n in range(5)))
     stalling = Stalling(transport, through=2)
@@ -935,8 +980,12 @@ async def test_a_stop_cut_short_by_its_deadline_does_not_hang_and_loses_nothing(
     await relay.stop(began + 0.2)
     assert loop.time() - began < 0.2 + STOP_GRACE + 1  # (+ 1: a loaded machine's lag)
     assert not relay.running
+    # One warning, the stop's: not a pass failing on the connections the stop closed.
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "cut short at its stop deadline" in warning
     assert await count_rows(database) == 5
-    assert await Relay(database, transport).run_once() == 5
+    stalling.go.set()
+    assert await relay.run_once() == 5  # a stopped relay's pass by hand, as after any stop
 
 
 async def test_a_relay_whose_connections_are_terminated_carries_on(
@@ -1151,6 +1200,36 @@ async def test_a_relay_on_a_pool_too_small_says_so_once(
     [warning] = [m for m in logged(logging.WARNING) if "a pass failed" in m]
     assert "no connection of <Database asyncpg-pool" in warning
     assert "came free within 0.05 s: its pool is too small" in warning
+
+
+async def test_a_start_cancelled_while_it_waits_to_listen_leaves_no_task(
+    database: Database,
+    transport: MemoryTransport,
+    own_pool: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """start() waits for the first LISTEN; cancelled meanwhile (a dispatcher's start cut
+    short), it leaves no listening task behind, which nothing would ever stop."""
+    monkeypatch.setattr("iambus.relay.ACQUIRE_TIMEOUT", 60)
+    pool = await own_pool(max_size=1)
+    on_pool = Database(pool, schema=database.schema)
+    await on_pool.check()
+
+    async def checked() -> None:
+        pass
+
+    monkeypatch.setattr(on_pool, "check", checked)  # (it needs the connection held below)
+    relay = Relay(on_pool, transport)
+    async with on_pool.connection():  # the listener waits for it
+        starting = asyncio.create_task(relay.start())
+        await until(_true(lambda: relay._listener is not None), "the listener started")
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        listening = [t for t in asyncio.all_tasks() if t.get_name() == "iambus-relay-listen"]
+        assert all(task.done() for task in listening), listening
+    assert not relay.running
+    await relay.stop()
 
 
 # -- housekeeping -------------------------------------------------------------------------

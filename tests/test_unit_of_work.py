@@ -13,12 +13,14 @@ import contextlib
 import json
 import traceback
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import asyncpg
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from iambus import (
     AbstractHandler,
@@ -152,6 +154,38 @@ async def test_a_handlers_writes_and_its_events_commit_together(
     ]
     # Nothing reached the transport: the relay sends it, once committed.
     assert dp.remote is not None
+
+
+async def test_orm_writes_flushed_at_the_commit_and_the_events_commit_together(
+    orders: Database, engine: AsyncEngine
+) -> None:
+    """The handler of the module's example: it adds an ORM object (flushed by the
+    commit, the session's first statement) and publishes an event (an outbox row written
+    before it, on the driver connection). The row is in the session's transaction: when
+    the commit fails, no event of it stays to be sent."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Order(Base):
+        __tablename__ = "orders"
+        __table_args__: ClassVar[dict[str, Any]] = {"schema": orders.schema}
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    dp = shop(Database(engine, schema=orders.schema))
+
+    @dp.commands.register(PlaceOrder)
+    async def place(command: PlaceOrder, session: AsyncSession) -> int:
+        session.add(Order(id=command.order_id))
+        await dp.publish(OrderPlaced(command.order_id))
+        return command.order_id
+
+    async with dp:
+        assert await dp.execute(PlaceOrder(1)) == 1
+        with pytest.raises(IntegrityError):  # order 1 again: its commit fails
+            await dp.execute(PlaceOrder(1))
+    assert await order_ids(orders) == [1]
+    assert [json.loads(r["payload"]) for r in await outbox(orders)] == [{"order_id": 1}]
 
 
 async def test_a_routed_message_in_a_unit_goes_to_the_outbox_not_the_broker(
@@ -395,6 +429,45 @@ async def test_a_failed_transaction_is_named_and_rolled_back(orders: Database) -
 
     async with dp:
         with pytest.raises(TransactionFailed, match="had failed already"):
+            await dp.execute(PlaceOrder(1))
+    assert await order_ids(orders) == []
+
+
+async def test_a_failed_transaction_that_sends_nothing_is_named_too(orders: Database) -> None:
+    """A handler that caught a statement's error and sends nothing: PostgreSQL answers
+    the commit of its aborted transaction with a rollback, and no error. The unit says
+    so instead of returning as if its writes were committed (a delivery would be acked,
+    and its writes lost)."""
+    dp = shop(orders)
+
+    @dp.commands.register(PlaceOrder)
+    async def place(command: PlaceOrder, conn: asyncpg.Connection) -> int:
+        await conn.execute(f'INSERT INTO "{orders.schema}".orders VALUES (1)')
+        with contextlib.suppress(asyncpg.DivisionByZeroError):
+            await conn.execute("SELECT 1/0")
+        return 0
+
+    await fails_to_commit(dp, orders)
+
+
+async def test_a_failed_sqlalchemy_transaction_that_sends_nothing_is_named_too(
+    orders: Database, engine: AsyncEngine
+) -> None:
+    dp = shop(Database(engine, schema=orders.schema))
+
+    @dp.commands.register(PlaceOrder)
+    async def place(command: PlaceOrder, session: AsyncSession) -> int:
+        await session.execute(text(f'INSERT INTO "{orders.schema}".orders VALUES (1)'))
+        with contextlib.suppress(DBAPIError):
+            await session.execute(text("SELECT 1/0"))
+        return 0
+
+    await fails_to_commit(dp, orders)
+
+
+async def fails_to_commit(dp: Dispatcher, orders: Database) -> None:
+    async with dp:
+        with pytest.raises(TransactionFailed, match=r"cannot commit.*had failed already"):
             await dp.execute(PlaceOrder(1))
     assert await order_ids(orders) == []
 

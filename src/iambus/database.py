@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import re
 import urllib.parse
@@ -75,6 +76,18 @@ INBOX_COLUMNS = (
     ("answer", "bytea"),
     ("answer_type", "text"),
 )
+TYPES = {
+    "bigint": ("bigint", "integer"),
+    "smallint": ("smallint", "integer", "bigint"),
+    "integer": ("integer", "bigint"),
+    "text": ("text", "character varying"),
+    "bytea": ("bytea",),
+    "jsonb": ("jsonb",),
+    "double precision": ("double precision",),
+    "timestamptz": ("timestamp with time zone", "timestamp without time zone"),
+}
+"""The types a column may have, by the type in its SQL above (PostgreSQL's names, without
+length: a table made by hand with ``varchar`` or ``integer`` works as well)."""
 ADDED_INBOX_COLUMNS = ("answer", "answer_type")
 """Inbox columns added after the table's first shape: ``ddl()`` adds them to an older
 table (they are nullable), so ``iambus db init`` migrates it."""
@@ -261,21 +274,34 @@ class Database:
         lacks a column iambus uses, with the command that creates them. (An inbox of the
         earlier shape, without the answer columns, only gets a warning: see
         ``answers_kept``.)"""
-        outbox, inbox = f"{self.prefix}outbox", f"{self.prefix}inbox"
         async with self.connection() as conn:
-            for table, columns in ((outbox, OUTBOX_COLUMNS), (inbox, INBOX_COLUMNS)):
-                found = await self._columns(conn, table)
+            for name, columns in (("outbox", OUTBOX_COLUMNS), ("inbox", INBOX_COLUMNS)):
+                found = await self._columns(conn, self._table(name))
+                table = f"{self.prefix}{name}"
                 where = f"{self.schema}.{table}" if self.schema else table
                 if not found:
+                    looked = "" if self.schema else " in the search_path"
                     raise ImproperlyConfigured(
-                        f"the table {where} does not exist; create iambus's tables with "
-                        f"`iambus db init --database DSN{self._options()}` (or apply "
+                        f"the table {where} does not exist{looked}; create iambus's tables "
+                        f"with `iambus db init --database DSN{self._options()}` (or apply "
                         f"Database.ddl() / Database.metadata() in your migrations)"
                     )
-                missing = [name for name, _ in columns if name not in found]
-                if table == inbox:
+                missing = [column for column, _ in columns if column not in found]
+                wrong = [
+                    f"{column} is {found[column]} (iambus's is {_type_of(sql)})"
+                    for column, sql in columns
+                    if column in found and found[column] not in TYPES[_type_of(sql)]
+                ]
+                if wrong:
+                    raise ImproperlyConfigured(
+                        f"the table {where} has column(s) of another type: "
+                        f"{', '.join(wrong)}: it was made by another version or by hand; "
+                        f"compare it with Database.ddl(), and migrate it (or drop it and "
+                        f"run `iambus db init`)"
+                    )
+                if name == "inbox":
                     self._learn_answers(found, where)
-                    missing = [name for name in missing if name not in ADDED_INBOX_COLUMNS]
+                    missing = [column for column in missing if column not in ADDED_INBOX_COLUMNS]
                 if missing:
                     raise ImproperlyConfigured(
                         f"the table {where} has no column(s) {', '.join(missing)}: it was "
@@ -284,15 +310,15 @@ class Database:
                         f"init`)"
                     )
 
-    async def _columns(self, conn: Any, table: str) -> set[str]:
-        """The columns of ``table`` (a name of this database's schema); none: no table."""
+    async def _columns(self, conn: Any, table: str) -> dict[str, str]:
+        """The columns of ``table`` (quoted, as the SQL names it: without a schema, the
+        first of the search_path that has it), with their types; none: no table."""
         rows = await conn.fetch(
-            "SELECT column_name FROM information_schema.columns "
-            "WHERE table_schema = coalesce($1, current_schema()) AND table_name = $2",
-            self.schema,
+            "SELECT attname, format_type(atttypid, NULL) AS type FROM pg_attribute "
+            "WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped",
             table,
         )
-        return {row["column_name"] for row in rows}
+        return {row["attname"]: row["type"] for row in rows}
 
     async def answers_kept(self, conn: Any) -> bool:
         """Whether the inbox has the columns that keep a command's answer (an inbox of the
@@ -300,11 +326,11 @@ class Database:
         Learnt once (here, on ``conn``, or by ``check``); a table migrated meanwhile is
         seen after a restart."""
         if self._answers is None:
-            self._learn_answers(await self._columns(conn, f"{self.prefix}inbox"), self.inbox)
+            self._learn_answers(await self._columns(conn, self.inbox), self.inbox)
         return self._answers is True
 
-    def _learn_answers(self, found: set[str], where: str) -> None:
-        kept = set(ADDED_INBOX_COLUMNS) <= found
+    def _learn_answers(self, found: dict[str, str], where: str) -> None:
+        kept = set(ADDED_INBOX_COLUMNS) <= found.keys()
         if not kept and self._answers is not False:  # (said once)
             self._no_answers(where)
         self._answers = kept
@@ -448,6 +474,11 @@ class Database:
             await self.open()
         async with self._pool.acquire() as conn:
             yield conn
+
+
+def _type_of(sql: str) -> str:
+    """The type of a column's SQL (its words before the first in capitals)."""
+    return " ".join(itertools.takewhile(str.islower, sql.split()))
 
 
 def _quoted(names: tuple[str, ...]) -> str:

@@ -27,7 +27,7 @@ from typing import Any
 
 from .database import Database
 
-__all__ = ["claim", "keep_answer", "kept_answer", "purge"]
+__all__ = ["claim", "claim_again", "keep_answer", "kept_answer", "purge"]
 
 PURGE_CHUNK = 10_000  # records deleted per statement
 PURGE_LOCK = -1  # the second key of the purge's advisory lock (the relays' lanes are 0..15)
@@ -43,6 +43,24 @@ async def claim(conn: Any, database: Database, message_id: str, handler: str) ->
         handler,
     )
     return bool(status == "INSERT 0 1")
+
+
+async def claim_again(conn: Any, database: Database, message_id: str, handler: str) -> bool:
+    """``claim`` once more in the transaction that claimed it (a middleware running the
+    handler again): True while the record is this transaction's, made again if a
+    savepoint rolled it back; False when a record of another transaction took its place
+    meanwhile (a redelivery that waited on the first record, then committed its own)."""
+    # A record this transaction made has its start time: now() (another's, its own).
+    return bool(
+        await conn.fetchval(
+            f"WITH made AS (INSERT INTO {database.inbox} (message_id, handler) "
+            f"VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING 1) "
+            f"SELECT EXISTS (SELECT FROM made) OR EXISTS (SELECT FROM {database.inbox} "
+            f"WHERE message_id = $1 AND handler = $2 AND handled_at = now())",
+            message_id,
+            handler,
+        )
+    )
 
 
 async def keep_answer(

@@ -150,6 +150,11 @@ ACQUIRE_TIMEOUT = 10.0
 FAILED_SENDS = 5
 """Failed sends after which a row is parked, counted only in passes where the broker took
 other rows (a broker that takes nothing is an outage, and parks nothing)."""
+SEND_TIMEOUT = 30.0
+"""Seconds a batch waits for news of its sends once it has read its rows: when none of
+them returned meanwhile (a broker gone silent, a connection the network lost without a
+word), they are given up (cancelled; their rows stay, and are sent again by a later
+pass), so that its lanes and its transaction are not held for as long as they hang."""
 PASS_SECONDS = 1.0
 """Seconds a pass goes on from batch to batch for, at most: then it ends (its sends
 returned, its lanes unlocked), and the next pass takes the lanes with rows, those that
@@ -256,6 +261,7 @@ class Relay:
         self._idle = asyncio.Event()  # the loop waits between passes (tests watch it)
         self._listening = False
         self._held: set[Any] = set()  # connections in use, closed by a stop cut short
+        self._cut = False  # a stop was cut short: its connections were closed
 
     def __repr__(self) -> str:
         return f"<Relay {self.database.outbox} -> {self.transport.url}>"
@@ -282,12 +288,19 @@ class Relay:
             raise ImproperlyConfigured(f"{self!r} is already running: stop() it first")
         await self.database.check()
         self._stopping.clear()
+        self._cut = False
         if self.listen:
             ready = asyncio.Event()
             self._listener = asyncio.create_task(self._listen(ready), name="iambus-relay-listen")
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(START_LISTEN_WAIT):
-                    await ready.wait()
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(START_LISTEN_WAIT):
+                        await ready.wait()
+            except BaseException:  # cancelled: nothing would ever stop the listener
+                listener, self._listener = self._listener, None
+                listener.cancel()
+                await asyncio.wait([listener])
+                raise
         self._task = asyncio.create_task(self._run(), name="iambus-relay")
         self._purger = asyncio.create_task(self._purge_every(), name="iambus-relay-purge")
 
@@ -316,13 +329,16 @@ class Relay:
             "the outbox and is sent again (duplicates with the same envelope ids)",
             self.database.outbox,
         )
+        self._cut = True
         for conn in list(self._held):
             conn.terminate()  # nothing waits for the database: its side rolls back
         for task in pending:
             task.cancel()
         _, pending = await asyncio.wait(pending, timeout=STOP_GRACE)
-        if pending:
+        if pending:  # (they end once they see the stop: it stays set)
             logger.warning("relay %s: still unwinding after its stop", self.database.outbox)
+        else:
+            self._stopping.clear()  # run_once() works on a stopped relay
         _retrieve([task for task in tasks if task.done()])
 
     async def __aenter__(self) -> Relay:
@@ -396,25 +412,29 @@ class Relay:
         """Rows the broker refused while it took others: one more failed attempt each;
         the ``FAILED_SENDS``-th parks the row (one too large for the broker fails for
         ever). One warning for the pass, not one per row."""
-        counts = []
+        charged = []
         for row, exc in failed:
             reason = f"{type(exc).__name__}: {exc}"
             attempts = await conn.fetchval(self._charge_sql, row["position"], reason, FAILED_SENDS)
-            counts.append(attempts)
+            if attempts is None:
+                continue  # deleted meanwhile (by hand): nothing to charge, nor to roll back
+            charged.append((row, exc, attempts))
             if attempts >= FAILED_SENDS:
                 self._log_parked(row, reason)
-        row, exc = failed[0]
+        if not charged:
+            return
+        row, exc, attempts = charged[0]
         logger.warning(
             "relay %s: %d row(s) failed to send while other rows went out: they stay, in "
             "order, and a row is parked after %d such failures (the first: row %s, message "
             "%s to %s, failure %d: %s: %s)",
             self.database.outbox,
-            len(failed),
+            len(charged),
             FAILED_SENDS,
             row["position"],
             row["message_id"],
             row["address"],
-            counts[0],
+            attempts,
             type(exc).__name__,
             exc,
         )
@@ -462,6 +482,9 @@ class Relay:
             try:
                 sent, more = await self._pass()
             except Exception as exc:
+                if self._cut:  # the stop closed its connections: no failure of the pass
+                    logger.debug("%s: the pass cut short by the stop ended with %r", where, exc)
+                    return
                 delay = sending.failed(exc)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
@@ -659,6 +682,7 @@ class _Pass:
         self.arrived = asyncio.Event()  # rows were read (or the last of them)
         self.changed = asyncio.Event()  # a sender has news for the batch (see _send)
         self.read = 0  # rows the batch being read has read
+        self.returned = 0  # sends returned (the batch waits for news of them)
         self.cursor: Any = None
         self.done = False  # the batch reads no more rows
         self.sent = 0  # rows sent and deleted by committed batches
@@ -698,7 +722,7 @@ class _Pass:
             if self.unlocked:
                 raise ConnectionError("the connection that held the pass's lanes was closed")
             for task in self.senders:
-                if task.exception() is not None:
+                if not task.cancelled() and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]  # (a sender's bug, not lost)
         except BaseException:
             self.lost = self.unlocked or _lost(conn) or _lost(self.holder)
@@ -745,9 +769,29 @@ class _Pass:
                 return True
             if not self.active:
                 return False
-            await self.changed.wait()
+            returned = self.returned
+            try:
+                async with asyncio.timeout(SEND_TIMEOUT):
+                    await self.changed.wait()
+            except TimeoutError:
+                if self.returned == returned:
+                    self._give_up()
+                continue
             if len(outcome.sent) - outcome.deleted >= DELETE_CHUNK:
                 await self._delete(outcome)
+
+    def _give_up(self) -> None:
+        """Cancel the sends under way: none returned within ``SEND_TIMEOUT``."""
+        hung = [task for task in self.senders if not task.done()]
+        error = TransportError(
+            f"{len(hung)} send(s) did not return within {SEND_TIMEOUT:g} s: given up "
+            f"(their rows stay in the outbox, and are sent again)"
+        )
+        logger.warning("relay %s: %s", self.relay.database.outbox, error)
+        if self.failure is None:
+            self.failure = error
+        for task in hung:
+            task.cancel()
 
     def _handing(self) -> bool:
         """Whether few enough rows are left to start for the batch to hand over: half a
@@ -877,6 +921,8 @@ class _Pass:
                             # A driver that cancelled its own future (its connection
                             # closed): a failed send, not the relay's end.
                             raise TransportError(f"the send was cancelled: {exc!r}") from exc
+                        finally:
+                            self.returned += 1  # (news: the batch waits SEND_TIMEOUT for it)
                     except (SerializationError, ImproperlyConfigured, MessageRefused) as exc:
                         self.outcome.parked.append((row, exc))  # the chain goes on
                     except Exception as exc:

@@ -60,7 +60,7 @@ from typing import Any, Protocol
 from .database import Database
 from .envelope import Envelope
 from .errors import ImproperlyConfigured, TransactionFailed
-from .inbox import claim, keep_answer, kept_answer
+from .inbox import claim, claim_again, keep_answer, kept_answer
 from .outbox import Outgoing, write
 from .providers import Factory
 
@@ -158,14 +158,31 @@ class UnitOfWork:
                 raise explained(exc, self.database, "write to the outbox") from exc
             self.wrote = True
 
+    async def check_not_failed(self) -> None:
+        """Raise ``TransactionFailed`` when a statement of the unit's transaction failed
+        (its error caught): PostgreSQL answers the commit of an aborted transaction with a
+        rollback, and no error. (One statement: a unit that wrote outbox rows has just
+        found out, and needs none.)"""
+        try:
+            conn = self._raw
+            if conn is None:  # a session iambus wrote nothing on: SQLAlchemy's own
+                conn = await self.session.run_sync(_driver_of)
+            if conn.is_in_transaction():  # (nothing ran in a transaction yet: none failed)
+                await conn.execute("SELECT 1")
+        except Exception as exc:
+            raise explained(exc, self.database, "commit the unit of work") from exc
+
     async def claim(self, message_id: str, handler: str) -> bool:
         """Record ``handler`` applying ``message_id`` in the inbox; False: it did already
         (in an earlier transaction: a claim made in this one is this attempt's own, as
-        when a middleware runs the handler again inside one unit)."""
-        if (message_id, handler) in self._claimed:
-            return True
+        when a middleware runs the handler again inside one unit, made again if a
+        savepoint rolled it back)."""
+        again = (message_id, handler) in self._claimed
         try:
-            new = await claim(await self.connection(), self.database, message_id, handler)
+            conn = await self.connection()
+            if again:  # (a savepoint may have rolled the first claim back)
+                return await claim_again(conn, self.database, message_id, handler)
+            new = await claim(conn, self.database, message_id, handler)
         except Exception as exc:
             raise explained(exc, self.database, "record the message in the inbox") from exc
         if new:
@@ -194,9 +211,21 @@ class UnitOfWork:
             raise explained(exc, self.database, "read the answer kept in the inbox") from exc
 
 
-def _driver_connection(session: Any) -> Any:
-    """The asyncpg connection under a (sync) SQLAlchemy session's transaction."""
+def _driver_of(session: Any) -> Any:
+    """The asyncpg connection under a (sync) SQLAlchemy session, as it is."""
     return session.connection().connection.driver_connection
+
+
+def _driver_connection(session: Any) -> Any:
+    """The asyncpg connection under a (sync) SQLAlchemy session's transaction, in that
+    transaction: SQLAlchemy's asyncpg adapter begins it on the driver connection only at
+    its first statement, and until then iambus's statements there would each commit on
+    their own (an inbox record kept by a rollback, outbox rows sent for one)."""
+    connection = session.connection()
+    driver = connection.connection.driver_connection
+    if not driver.is_in_transaction():
+        connection.exec_driver_sql("SELECT 1")  # (nothing begins on an autocommit engine)
+    return driver
 
 
 def open_unit(owner: object) -> UnitOfWork | None:
@@ -337,6 +366,8 @@ class Scope:
                 # the caller's transaction has its NOTIFY delivered at the caller's.
                 await unit.flush(notify=not self._owns)
                 if self._owns:
+                    if not unit.wrote:
+                        await unit.check_not_failed()
                     await self._commit(unit.session)
                     if unit.wrote:
                         self.database.notify_relays()
