@@ -944,3 +944,27 @@ async def test_a_message_over_max_payload_by_its_headers_is_refused_and_the_link
     assert nc.stats["reconnects"] == 0
     [got] = await receive_some(transport, 1)
     assert len(got.envelope.payload) == room
+
+
+async def test_a_message_whose_envelope_line_nests_too_deep_is_parked_and_the_rest_flow(
+    transport: NatsTransport,
+) -> None:
+    # json.loads raises RecursionError, not ValueError, on a deep nesting: the message
+    # must be parked like any other that is no envelope, not fail every receive.
+    await transport.declare("a", "g", from_start=False)
+    deep_line = b"[" * 20_000 + b"\npayload"
+    fields = {"id": "x", "name": "Ping", "at": "1", "headers": "[" * 20_000}
+    deep_headers = json.dumps(fields).encode() + b"\npayload"
+    await transport.send("a", _ping(1))
+    await transport._jetstream().publish(transport.subject("a"), deep_line)
+    await transport._jetstream().publish(transport.subject("a"), deep_headers)
+    await transport.send("a", _ping(2))
+    got = await receive_some(transport, 2)
+    assert [d.envelope.payload for d in got] == [b"1", b"2"]
+    for delivery in got:
+        await delivery.ack()
+    letters = await transport.dead_letters()
+    assert [letter.envelope.payload for letter in letters] == [deep_line, deep_headers]
+    for letter in letters:
+        assert letter.failure.error_type == "iambus.errors.SerializationError"
+        assert "deep" in letter.failure.message or "recursion" in letter.failure.message

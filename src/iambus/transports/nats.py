@@ -1588,6 +1588,8 @@ def _from_json(raw: str | bytes, payload: bytes, what: str) -> Envelope:
         fields = json.loads(raw)
     except ValueError as exc:
         raise SerializationError(f"malformed {what} {raw!r}: {exc}") from exc
+    except RecursionError as exc:  # not a ValueError: it would fail every receive
+        raise SerializationError(f"malformed {what} {raw!r}: JSON nested too deep") from exc
     if not isinstance(fields, dict):
         raise SerializationError(f"malformed {what} {raw!r}: not a JSON object")
     fields["payload"] = payload
