@@ -968,3 +968,29 @@ async def test_a_message_whose_envelope_line_nests_too_deep_is_parked_and_the_re
     for letter in letters:
         assert letter.failure.error_type == "iambus.errors.SerializationError"
         assert "deep" in letter.failure.message or "recursion" in letter.failure.message
+
+
+async def test_a_failure_too_long_for_a_header_is_parked_cut_short(
+    transport: NatsTransport,
+) -> None:
+    # The failure travels in a header, and the server refuses headers over 64 KiB: an
+    # exception with a long message (or a long malformed line) could never be parked,
+    # and came back for ever.
+    await transport.declare("a", "g", from_start=False)
+    await transport.send("a", _ping(1))
+    long_line = b"{" + b"x" * 100_000 + b"\npayload"
+    await transport._jetstream().publish(transport.subject("a"), long_line)
+    await transport.send("a", _ping(2))
+    got = await receive_some(transport, 2)
+    assert [d.envelope.payload for d in got] == [b"1", b"2"]
+    await got[0].dead_letter(Failure("app.Error", "why " * 50_000, "Traceback\n", 1, "h"))
+    await got[1].ack()
+    raw, failed = await transport.dead_letters()  # (the raw one parked as received)
+    assert raw.envelope.payload == long_line
+    assert raw.failure.message.startswith("malformed envelope line b'{xxx")
+    assert failed.envelope.payload == b"1"
+    assert failed.failure.message.startswith("why why")
+    assert failed.failure.message.endswith("characters cut)")
+    assert len(failed.failure.message) < 20_000
+    assert (failed.failure.error_type, failed.failure.handler) == ("app.Error", "h")
+    assert await receive_some(transport, 1, wait=0.5) == []  # both settled

@@ -1066,13 +1066,7 @@ class NatsTransport(Transport):
         self, key: str, address: str, group: str, envelope: Envelope, failure: Failure
     ) -> None:
         """Store a dead letter (``key``: its ``Nats-Msg-Id``)."""
-        record = {
-            "address": address,
-            "group": group,
-            "failed_at": time.time(),
-            "failure": dataclasses.asdict(failure),
-        }
-        headers = {MSG_ID: key, DEAD_LETTER: json.dumps(record, separators=(",", ":"))}
+        headers = {MSG_ID: key, DEAD_LETTER: _dead_record(address, group, failure)}
         await self._publish(self._dead_subject(), _framed(envelope), headers)
 
     # -- request/reply --------------------------------------------------------------
@@ -1622,6 +1616,38 @@ def _kv_key(text: str) -> str:
     """A key-value bucket's key for ``text``: readable, and unique by a digest."""
     digest = hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()[:16]
     return f"{_NOT_IN_NAME.sub('_', text)[:60]}_{digest}"
+
+
+_RECORD_MAX = 32_000  # bytes of a dead letter's record: the server refuses 64 KiB of headers
+
+
+def _dead_record(address: str, group: str, failure: Failure) -> str:
+    """The ``Iambus-Dead-Letter`` header: where a dead letter was going, and its failure,
+    whose message and traceback are cut short to fit in a header (a failure that did not
+    fit was refused, and its message came back for ever instead of being parked)."""
+    for cut in (None, 8_000, 1_000):
+        if cut is not None:
+            failure = dataclasses.replace(
+                failure,
+                message=_cut_short(failure.message, cut),
+                traceback=failure.traceback[-cut:],  # the innermost frames
+            )
+        record = {
+            "address": address,
+            "group": group,
+            "failed_at": time.time(),
+            "failure": dataclasses.asdict(failure),
+        }
+        text = json.dumps(record, separators=(",", ":"))
+        if len(text) <= _RECORD_MAX:
+            break
+    return text
+
+
+def _cut_short(text: str, keep: int) -> str:
+    if len(text) <= keep:
+        return text
+    return f"{text[:keep]}... ({len(text) - keep:,} characters cut)"
 
 
 def _dead_letter(seq: int, headers: dict[str, str], payload: bytes) -> DeadLetter:
