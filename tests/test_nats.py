@@ -994,3 +994,67 @@ async def test_a_failure_too_long_for_a_header_is_parked_cut_short(
     assert len(failed.failure.message) < 20_000
     assert (failed.failure.error_type, failed.failure.handler) == ("app.Error", "h")
     assert await receive_some(transport, 1, wait=0.5) == []  # both settled
+
+
+async def test_a_message_that_cannot_be_parked_holds_back_nothing_behind_it() -> None:
+    # A raw message at max_payload is no envelope, and its dead letter (the same body
+    # and a failure header) is over the limit: parking it fails. The messages taken
+    # with it must still go out, now, not after claim_after.
+    async with _two(claim_after=30) as (transport, _):
+        await transport.declare("a", "g", from_start=False)
+        nc = transport._nc
+        assert nc is not None
+        raw = b"x" * (nc.max_payload - 100)
+        await transport._jetstream().publish(transport.subject("a"), raw)
+        await transport.send("a", _ping(1))
+        await transport.send("a", Envelope(name="Ping", payload=b"k", key="key-1"))
+        got: list[Delivery] = []
+        deadline = time.monotonic() + 10
+        while len(got) < 2 and time.monotonic() < deadline:
+            with contextlib.suppress(TransportError):
+                got += await transport.receive("a", "g", consumer="c", limit=10, wait=0.2)
+        assert sorted(d.envelope.payload for d in got) == [b"1", b"k"]
+        for delivery in got:
+            await delivery.ack()
+
+
+class _SlowToPark(NatsTransport):
+    """A transport whose dead letters never get stored: its receive can be cancelled
+    while it parks a message that is no envelope."""
+
+    parking: asyncio.Event
+
+    async def _bury(self, *args: object) -> None:
+        self.parking.set()
+        await asyncio.Event().wait()
+
+
+async def test_a_receive_cancelled_while_parking_gives_back_what_it_took() -> None:
+    require("nats")
+    namespace = f"test-{uuid.uuid4().hex[:10]}"
+    stopping = _SlowToPark(NATS, namespace=namespace, claim_after=60)
+    stopping.parking = asyncio.Event()
+    other = NatsTransport(NATS, namespace=namespace, claim_after=60)
+    await stopping.open()
+    await other.open()
+    try:
+        await stopping.declare("a", "g", from_start=False)
+        # A first receive leaves a pull waiting on each lane; they bring the raw message
+        # and the keyed one, and the next receive takes both together.
+        assert await stopping.receive("a", "g", consumer="w", limit=10, wait=0) == []
+        await stopping._jetstream().publish(stopping.subject("a"), b"raw")
+        await stopping.send("a", Envelope(name="Ping", payload=b"k", key="key-1"))
+        buffer = stopping._groups["a", "g"].buffer
+        await until(lambda: len(buffer) == 2, 10, "both pulled")
+        receiving = asyncio.create_task(stopping.receive("a", "g", consumer="w", limit=10, wait=5))
+        await stopping.parking.wait()
+        receiving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await receiving
+        # Given back (once the pulls that brought them are over), not after claim_after.
+        got = await receive_some(other, 1, wait=20)
+        assert [d.envelope.payload for d in got] == [b"k"]
+    finally:
+        await other.destroy()
+        await stopping.close()
+        await other.close()

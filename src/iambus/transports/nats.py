@@ -719,15 +719,7 @@ class NatsTransport(Transport):
                                 await state.arrived.wait()
                         self._client()  # closed meanwhile
                         continue
-                    out: list[Delivery] = []
-                    for request in asked:
-                        delivery = await self._asked_delivery(state, request)
-                        if delivery is not None:
-                            out.append(delivery)
-                    for entry in messages:
-                        delivery = await self._delivery(address, group, entry)
-                        if delivery is not None:
-                            out.append(delivery)
+                    out = await self._deliveries(state, asked, messages)
                     if out:
                         self._hand(consumer, out)
                     if out or time.monotonic() >= deadline:
@@ -746,6 +738,54 @@ class NatsTransport(Transport):
             finally:
                 state.receiving = False
                 self._schedule_release(state)
+
+    async def _deliveries(
+        self, state: _Group, asked: list[_Asked], messages: list[_Held]
+    ) -> list[Delivery]:
+        """The deliveries of what a receive took. One settled here that fails to be (a
+        message that is no envelope, parked; a replay for another group, acked) comes
+        back later and holds back none of the rest; cancelled midway, what is left goes
+        back where it was taken from (and from there to another consumer)."""
+        out: list[Delivery] = []
+        settled: list[_Asked] = []  # requests dead-lettered here
+        try:
+            for request in asked:
+                try:
+                    delivery = await self._asked_delivery(state, request)
+                except Exception as exc:
+                    logger.warning(
+                        "iambus: could not park a request on %s; into the stream with it: %s",
+                        state.address,
+                        exc,
+                    )
+                    settled.append(request)
+                    self._background_task(self._hand_over(state, request))
+                    continue
+                if delivery is None:
+                    settled.append(request)
+                else:
+                    out.append(delivery)
+            for entry in messages:
+                try:
+                    delivery = await self._delivery(state.address, state.group, entry)
+                except Exception as exc:  # left unsettled: it comes back after claim_after
+                    logger.warning(
+                        "iambus: could not settle a message on %s for %s; it comes back "
+                        "after claim_after: %s",
+                        state.address,
+                        state.group,
+                        exc,
+                    )
+                    continue
+                if delivery is not None:
+                    out.append(delivery)
+        except BaseException:  # cancelled: nothing was handed out
+            state.asked[:0] = [request for request in asked if request not in settled]
+            state.buffer.extendleft(
+                reversed([entry for entry in messages if not entry.message._ackd])
+            )
+            raise
+        return out
 
     def _hand(self, consumer: str, out: list[Delivery]) -> None:
         handed = [message for message in self._handed.get(consumer, ()) if not message.is_acked]
