@@ -1058,3 +1058,26 @@ async def test_a_receive_cancelled_while_parking_gives_back_what_it_took() -> No
         await other.destroy()
         await stopping.close()
         await other.close()
+
+
+async def test_a_core_request_its_consumer_leaves_unsettled_goes_to_the_stream() -> None:
+    # A worker stopping cancels its receives and a handler still running, then calls
+    # leave(): what it was handed goes to the group's other consumers, a request that
+    # came over core NATS too (it was lost: its requester timed out).
+    async with _two(claim_after=30) as (stopping, other):
+        await stopping.declare("a", "g", from_start=True)
+        assert await stopping.receive("a", "g", consumer="w", limit=1, wait=0.1) == []
+        asking = asyncio.create_task(other.request("a", _ping(4), timeout=20))
+        [handed] = await receive_some(stopping, 1)
+        assert handed.envelope.payload == b"4"
+        # The worker stops: its receive is cancelled, then it leaves.
+        group = stopping._groups[("a", "g")]
+        waiting = asyncio.create_task(stopping.receive("a", "g", consumer="c", limit=1, wait=5))
+        await until(lambda: group.receiving, 10, "the receive to run")
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await stopping.leave("c")  # (receive_some's consumer)
+        [delivery] = await _answer(other, 1, wait=10)
+        assert delivery.envelope.payload == b"4"
+        assert (await asking).payload == b"4"

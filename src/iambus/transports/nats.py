@@ -316,6 +316,7 @@ class NatsTransport(Transport):
         # Messages handed out to each consumer name and maybe not settled yet, for
         # leave() (settled ones are dropped at the consumer's next receive).
         self._handed: dict[str, list[Msg]] = {}
+        self._handed_asked: dict[str, list[_AskedDelivery]] = {}  # the same, over core NATS
         self._lanes: dict[str, _Lane] = {}  # consumer name -> lane
         self._pulls: dict[str, _Pull] = {}  # reply token -> open pull
         self._tokens = 0
@@ -475,6 +476,7 @@ class NatsTransport(Transport):
         nc, self._nc, self._js = self._nc, None, None
         self._groups.clear()
         self._handed.clear()
+        self._handed_asked.clear()
         self._lanes.clear()
         self._pulls.clear()
         self._streams_ready = False
@@ -791,16 +793,27 @@ class NatsTransport(Transport):
         handed = [message for message in self._handed.get(consumer, ()) if not message.is_acked]
         handed += (d._message for d in out if isinstance(d, _NatsDelivery))
         self._handed[consumer] = handed
+        asked = [d for d in self._handed_asked.get(consumer, ()) if not d.settled]
+        asked += (d for d in out if isinstance(d, _AskedDelivery))
+        if asked:
+            self._handed_asked[consumer] = asked
+        else:
+            self._handed_asked.pop(consumer, None)
 
     async def leave(self, consumer: str) -> None:
         """Hand back (``NAK`` without delay: attempt + 1) what ``consumer`` was handed and
         did not settle: its partitions pass on now, not after ``claim_after``."""
         handed = self._handed.pop(consumer, [])
+        asked = self._handed_asked.pop(consumer, [])
         if self._nc is None:
             return
         for message in handed:
             if not message.is_acked:
                 await self._nak_now(message)
+        for delivery in asked:  # a request over core NATS: into the stream with it
+            if not delivery.settled:
+                delivery.settled = True
+                await self._hand_over(delivery._state, delivery._request)
 
     def _group(self, address: str, group: str) -> _Group:
         state = self._groups.get((address, group))
@@ -1542,7 +1555,7 @@ class _NatsDelivery:
 class _AskedDelivery:
     """A request that came over core NATS: nothing to ack; not redelivered if lost."""
 
-    __slots__ = ("_request", "_state", "_transport", "attempt", "envelope")
+    __slots__ = ("_request", "_state", "_transport", "attempt", "envelope", "settled")
 
     def __init__(
         self, transport: NatsTransport, state: _Group, request: _Asked, envelope: Envelope
@@ -1552,17 +1565,20 @@ class _AskedDelivery:
         self._request = request
         self.envelope = envelope
         self.attempt = request.attempt
+        self.settled = False  # (else leave() puts it into the stream)
 
     async def ack(self) -> None:
-        pass  # core NATS keeps nothing to settle
+        self.settled = True  # core NATS keeps nothing to settle
 
     async def retry(self, delay: float) -> None:
         self._transport._retry_asked(self._state, self._request, delay)
+        self.settled = True
 
     async def dead_letter(self, failure: Failure) -> None:
         state = self._state
         key = f"dead:{self._transport.durable(state.address, state.group)}:r:{self.envelope.id}"
         await self._transport._bury(key, state.address, state.group, self.envelope, failure)
+        self.settled = True
 
     def __repr__(self) -> str:
         state = self._state
