@@ -1081,3 +1081,38 @@ async def test_a_core_request_its_consumer_leaves_unsettled_goes_to_the_stream()
         [delivery] = await _answer(other, 1, wait=10)
         assert delivery.envelope.payload == b"4"
         assert (await asking).payload == b"4"
+
+
+@pytest.mark.parametrize(
+    ("stream", "retention"), [("M", "workqueue"), ("M", "interest"), ("D", "interest")]
+)
+async def test_a_stream_made_with_other_retention_is_a_clear_error(
+    stream: str, retention: str
+) -> None:
+    # A work-queue stream refuses a second group on an address ("filtered consumer not
+    # unique", retried for ever as an outage); an interest stream drops what no consumer
+    # waits for: a group declared later, and every dead letter.
+    require("nats")
+    import nats as nats_py
+    from nats.js.api import RetentionPolicy
+
+    namespace = f"test-{uuid.uuid4().hex[:10]}"
+    name = f"{stream}_{namespace}"
+    subjects = [f"{namespace}.m.>", f"{namespace}.k.>"] if stream == "M" else [f"{namespace}.dead"]
+    client = await nats_py.connect(NATS)
+    js = client.jetstream()
+    await js.add_stream(name=name, subjects=subjects, retention=RetentionPolicy(retention))
+    transport = NatsTransport(NATS, namespace=namespace)
+    try:
+        with pytest.raises(
+            ImproperlyConfigured,
+            match=rf"stream '{name}' has {retention} retention; iambus needs limits .*"
+            rf"nats stream rm {name}",
+        ):
+            await transport.open()
+    finally:
+        for made in (f"M_{namespace}", f"D_{namespace}"):
+            with contextlib.suppress(Exception):
+                await js.delete_stream(made)
+        await client.close()
+        await transport.close()

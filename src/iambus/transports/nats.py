@@ -522,6 +522,17 @@ class NatsTransport(Transport):
                 except NotFoundError:
                     pass
                 else:
+                    retention = info.config.retention  # (nats-py gives the name, a str)
+                    retention = getattr(retention, "value", retention)
+                    if retention not in (None, RetentionPolicy.LIMITS.value):
+                        # A work queue refuses a second group on an address; an interest
+                        # stream drops what no consumer waits for (dead letters, all).
+                        raise ImproperlyConfigured(
+                            f"{self.url}: stream {name!r} has {retention} retention; "
+                            f"iambus needs limits retention (each group reads every message, "
+                            f"kept until trimmed): delete it (nats stream rm {name}) to let "
+                            f"iambus make it again, or pick another namespace"
+                        )
                     have = list(info.config.subjects or [])
                     if not set(subjects) <= set(have):  # made before keyed subjects existed
                         config = dataclasses.replace(
