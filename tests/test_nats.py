@@ -1116,3 +1116,23 @@ async def test_a_stream_made_with_other_retention_is_a_clear_error(
                 await js.delete_stream(made)
         await client.close()
         await transport.close()
+
+
+async def test_a_cancelled_close_still_closes_the_connection(transport: NatsTransport) -> None:
+    # A close cancelled midway (a shutdown with a deadline, a second Ctrl-C) left its
+    # connection open, its reader and pinger tasks running, for ever.
+    await transport.declare("a", "g", from_start=False)
+    assert await transport.receive("a", "g", consumer="c", limit=1, wait=0) == []  # listens
+    nc = transport._nc
+    assert nc is not None
+    closing = asyncio.create_task(transport.close())
+    await asyncio.sleep(0)  # it runs up to its first wait on the server
+    assert not closing.done()
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    await until(lambda: nc.is_closed, 10, "the connection to be closed")
+    with pytest.raises(TransportError, match="not open"):
+        await transport.send("a", _ping(1))
+    await transport.open()  # and it opens again
+    await transport.send("a", _ping(2))

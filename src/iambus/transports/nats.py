@@ -326,6 +326,7 @@ class NatsTransport(Transport):
         self._streams_ready = False
         self._first_error: asyncio.Future[Exception] | None = None  # while connecting
         self._lost: float | None = None  # disconnected since (monotonic), reconnecting
+        self._closing: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url}>"
@@ -374,6 +375,8 @@ class NatsTransport(Transport):
     # -- lifecycle ------------------------------------------------------------------
 
     async def open(self) -> None:
+        if self._closing is not None:  # a close cancelled midway: it ends first
+            await asyncio.shield(self._closing)
         if self._nc is not None:
             return
         self._lost = None  # (an outage of an earlier connection set it)
@@ -433,6 +436,20 @@ class NatsTransport(Transport):
             raise
 
     async def close(self) -> None:
+        # Run to its end even if the caller is cancelled: a close cut short left the
+        # connection open, its tasks running, and what it held in limbo.
+        if self._closing is None:
+            self._closing = closing = asyncio.get_running_loop().create_task(self._close())
+            closing.add_done_callback(self._closed)
+        await asyncio.shield(self._closing)
+
+    def _closed(self, closing: asyncio.Task[None]) -> None:
+        if self._closing is closing:
+            self._closing = None
+        if not closing.cancelled() and closing.exception() is not None:
+            logger.debug("iambus: closing %s failed: %r", self.url, closing.exception())
+
+    async def _close(self) -> None:
         if self._nc is not None:
             # Requests that came over core NATS and were never handed out go into the
             # stream, where another instance of their group gets them.
