@@ -1136,3 +1136,25 @@ async def test_a_cancelled_close_still_closes_the_connection(transport: NatsTran
         await transport.send("a", _ping(1))
     await transport.open()  # and it opens again
     await transport.send("a", _ping(2))
+
+
+async def test_an_unreadable_record_among_the_dead_letters_is_skipped_and_logged(
+    transport: NatsTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Something else published on the dead-letter subject: listing (iambus dlq, iambus
+    # status) and replaying failed on it with a KeyError.
+    await transport.declare("a", "g", from_start=False)
+    for n in (1, 2):
+        await transport.send("a", _ping(n))
+    first, second = await receive_some(transport, 2)
+    failure = Failure("builtins.ValueError", "no", "", 1)
+    await first.dead_letter(failure)
+    junk = await transport._jetstream().publish(f"{transport.namespace}.dead", b"junk")
+    await second.dead_letter(failure)
+    with caplog.at_level(logging.ERROR, logger="iambus.transports.nats"):
+        letters = await transport.dead_letters()
+        assert [letter.envelope.payload for letter in letters] == [b"1", b"2"]
+        assert await transport.replay([str(junk.seq)]) == 0
+    assert f"dead letter {junk.seq} in {transport.dead_stream} is unreadable" in caplog.text
+    assert await transport.replay([letter.id for letter in letters]) == 2
+    assert await transport.purge() == 1  # the junk

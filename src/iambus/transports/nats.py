@@ -1334,7 +1334,9 @@ class NatsTransport(Transport):
                 raise
             if raw.seq is None:  # pragma: no cover - the server always names it
                 break
-            out.append(_dead_letter(raw.seq, raw.headers or {}, raw.data or b""))
+            letter = _dead_letter(self.dead_stream, raw.seq, raw.headers or {}, raw.data or b"")
+            if letter is not None:
+                out.append(letter)
             seq = raw.seq + 1
         return out
 
@@ -1351,7 +1353,11 @@ class NatsTransport(Transport):
                 if isinstance(exc.__cause__, NotFoundError):
                     continue
                 raise
-            letter = _dead_letter(int(letter_id), raw.headers or {}, raw.data or b"")
+            letter = _dead_letter(
+                self.dead_stream, int(letter_id), raw.headers or {}, raw.data or b""
+            )
+            if letter is None:
+                continue
             headers = {MSG_ID: f"replay:{letter.id}:{letter.envelope.id}", ONLY_GROUP: letter.group}
             key = letter.envelope.key
             subject = (
@@ -1734,16 +1740,31 @@ def _cut_short(text: str, keep: int) -> str:
     return f"{text[:keep]}... ({len(text) - keep:,} characters cut)"
 
 
-def _dead_letter(seq: int, headers: dict[str, str], payload: bytes) -> DeadLetter:
-    record = json.loads(headers[DEAD_LETTER])
-    return DeadLetter(
-        id=str(seq),
-        address=record["address"],
-        group=record["group"],
-        envelope=_unframed(headers, payload),
-        failure=Failure(**record["failure"]),
-        failed_at=float(record["failed_at"]),
-    )
+def _dead_letter(
+    stream: str, seq: int, headers: dict[str, str], payload: bytes
+) -> DeadLetter | None:
+    """The dead letter stored at ``seq``; None (logged) for a message that is none."""
+    try:
+        record = json.loads(headers[DEAD_LETTER])
+        return DeadLetter(
+            id=str(seq),
+            address=str(record["address"]),
+            group=str(record["group"]),
+            envelope=_unframed(headers, payload),
+            failure=Failure(**record["failure"]),
+            failed_at=float(record["failed_at"]),
+        )
+    except (KeyError, ValueError, TypeError, RecursionError, SerializationError) as exc:
+        logger.error(
+            "iambus: dead letter %d in %s is unreadable (skipped; `nats stream rmm %s %d` "
+            "deletes it): %r",
+            seq,
+            stream,
+            stream,
+            seq,
+            exc,
+        )
+        return None
 
 
 def _refused(exc: BaseException) -> bool:
