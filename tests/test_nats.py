@@ -996,15 +996,20 @@ async def test_a_failure_too_long_for_a_header_is_parked_cut_short(
     assert await receive_some(transport, 1, wait=0.5) == []  # both settled
 
 
+def _max_payload(transport: NatsTransport) -> int:
+    """The largest message the server takes, headers included."""
+    nc = transport._nc
+    assert nc is not None
+    return nc.max_payload
+
+
 async def test_a_message_that_cannot_be_parked_holds_back_nothing_behind_it() -> None:
     # A raw message at max_payload is no envelope, and its dead letter (the same body
     # and a failure header) is over the limit: parking it fails. The messages taken
     # with it must still go out, now, not after claim_after.
     async with _two(claim_after=30) as (transport, _):
         await transport.declare("a", "g", from_start=False)
-        nc = transport._nc
-        assert nc is not None
-        raw = b"x" * (nc.max_payload - 100)
+        raw = b"x" * (_max_payload(transport) - 100)
         await transport._jetstream().publish(transport.subject("a"), raw)
         await transport.send("a", _ping(1))
         await transport.send("a", Envelope(name="Ping", payload=b"k", key="key-1"))
@@ -1158,3 +1163,21 @@ async def test_an_unreadable_record_among_the_dead_letters_is_skipped_and_logged
     assert f"dead letter {junk.seq} in {transport.dead_stream} is unreadable" in caplog.text
     assert await transport.replay([letter.id for letter in letters]) == 2
     assert await transport.purge() == 1  # the junk
+
+
+async def test_a_large_message_is_parked_with_its_failure_cut_to_the_room_left(
+    transport: NatsTransport,
+) -> None:
+    # Its dead letter is its body plus a header with the failure: a message a few KB
+    # under max_payload, failing with a traceback of a few KB, was refused for ever.
+    await transport.declare("a", "g", from_start=False)
+    room = _max_payload(transport) - 3_000
+    await transport.send("a", Envelope(name="Ping", payload=b"x" * room))
+    [delivery] = await receive_some(transport, 1)
+    failure = Failure("app.Error", "why " * 1_000, "Traceback\n" + "  frame\n" * 500, 1, "h")
+    await delivery.dead_letter(failure)
+    [letter] = await transport.dead_letters()
+    assert letter.envelope.payload == delivery.envelope.payload
+    assert letter.failure.message.startswith("why why")
+    assert (letter.failure.error_type, letter.failure.handler) == ("app.Error", "h")
+    assert await receive_some(transport, 1, wait=0.5) == []  # acked

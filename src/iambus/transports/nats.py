@@ -1147,8 +1147,13 @@ class NatsTransport(Transport):
         self, key: str, address: str, group: str, envelope: Envelope, failure: Failure
     ) -> None:
         """Store a dead letter (``key``: its ``Nats-Msg-Id``)."""
-        headers = {MSG_ID: key, DEAD_LETTER: _dead_record(address, group, failure)}
-        await self._publish(self._dead_subject(), _framed(envelope), headers)
+        body = _framed(envelope)
+        # The room max_payload leaves for the failure (counted as _store counts it): a
+        # large message's dead letter fits with its failure cut short.
+        room = self._client().max_payload - len(body) - _HEADER_FRAME
+        room -= len(MSG_ID) + len(key.encode()) + 4 + len(DEAD_LETTER) + 4
+        headers = {MSG_ID: key, DEAD_LETTER: _dead_record(address, group, failure, room)}
+        await self._publish(self._dead_subject(), body, headers)
 
     # -- request/reply --------------------------------------------------------------
 
@@ -1711,16 +1716,20 @@ def _kv_key(text: str) -> str:
 _RECORD_MAX = 32_000  # bytes of a dead letter's record: the server refuses 64 KiB of headers
 
 
-def _dead_record(address: str, group: str, failure: Failure) -> str:
+def _dead_record(address: str, group: str, failure: Failure, room: int) -> str:
     """The ``Iambus-Dead-Letter`` header: where a dead letter was going, and its failure,
-    whose message and traceback are cut short to fit in a header (a failure that did not
-    fit was refused, and its message came back for ever instead of being parked)."""
-    for cut in (None, 8_000, 1_000):
+    whose message and traceback are cut short to fit in a header and in the ``room``
+    (bytes) its message leaves (a failure that did not fit was refused, and its message
+    came back for ever instead of being parked)."""
+    most = min(_RECORD_MAX, room)
+    original = failure
+    for cut in (None, 8_000, 1_000, 100, 0):
         if cut is not None:
             failure = dataclasses.replace(
-                failure,
-                message=_cut_short(failure.message, cut),
-                traceback=failure.traceback[-cut:],  # the innermost frames
+                original,
+                message=_cut_short(original.message, cut),
+                # the innermost frames
+                traceback=original.traceback[len(original.traceback) - cut :],
             )
         record = {
             "address": address,
@@ -1729,9 +1738,9 @@ def _dead_record(address: str, group: str, failure: Failure) -> str:
             "failure": dataclasses.asdict(failure),
         }
         text = json.dumps(record, separators=(",", ":"))
-        if len(text) <= _RECORD_MAX:
+        if len(text) <= most:
             break
-    return text
+    return text  # (still over the room: the server refuses it, MessageRefused)
 
 
 def _cut_short(text: str, keep: int) -> str:
