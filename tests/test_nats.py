@@ -1181,3 +1181,20 @@ async def test_a_large_message_is_parked_with_its_failure_cut_to_the_room_left(
     assert letter.failure.message.startswith("why why")
     assert (letter.failure.error_type, letter.failure.handler) == ("app.Error", "h")
     assert await receive_some(transport, 1, wait=0.5) == []  # acked
+
+
+async def test_a_message_whose_time_is_out_of_range_is_parked_and_the_rest_flow(
+    transport: NatsTransport,
+) -> None:
+    # float() of a huge integer raises OverflowError, not ValueError: it failed every
+    # receive instead of being parked as no envelope.
+    await transport.declare("a", "g", from_start=False)
+    line = json.dumps({"id": "x", "name": "Ping", "at": 10**400}).encode()
+    await transport.send("a", _ping(1))
+    await transport._jetstream().publish(transport.subject("a"), line + b"\npayload")
+    await transport.send("a", _ping(2))
+    got = await receive_some(transport, 2)
+    assert [d.envelope.payload for d in got] == [b"1", b"2"]
+    [letter] = await transport.dead_letters()
+    assert letter.failure.error_type == "iambus.errors.SerializationError"
+    assert "too large" in letter.failure.message

@@ -186,7 +186,7 @@ def _from_any(cls: type[Envelope], fields: Fields) -> Envelope:
             key=_optional(get("key")),
             headers=json.loads(headers) if headers else {},
         )
-    except (ValueError, TypeError, UnicodeDecodeError, RecursionError) as exc:
+    except (ValueError, TypeError, UnicodeDecodeError, OverflowError, RecursionError) as exc:
         raise SerializationError(f"malformed envelope {dict(fields)!r}: {exc}") from exc
     return _checked(envelope)
 
