@@ -805,6 +805,8 @@ class NatsTransport(Transport):
                         state.address,
                         state.group,
                         exc,
+                        # not the broker's: a bug, show where
+                        exc_info=None if isinstance(exc, TransportError) else exc,
                     )
                     continue
                 if delivery is not None:
