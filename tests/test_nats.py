@@ -1198,3 +1198,31 @@ async def test_a_message_whose_time_is_out_of_range_is_parked_and_the_rest_flow(
     [letter] = await transport.dead_letters()
     assert letter.failure.error_type == "iambus.errors.SerializationError"
     assert "too large" in letter.failure.message
+
+
+async def test_a_changed_claim_after_applies_to_groups_declared_before() -> None:
+    # ack_wait is claim_after: a group declared with a short one kept it when the next
+    # deployment raised it (for slower handlers), and its deliveries were redelivered
+    # while they were handled, keyed ones out of order.
+    require("nats")
+    namespace = f"test-{uuid.uuid4().hex[:10]}"
+    before = NatsTransport(NATS, namespace=namespace, claim_after=0.5)
+    await before.open()
+    await before.declare("a", "g", from_start=False)
+    await before.close()
+    after = NatsTransport(NATS, namespace=namespace, claim_after=30)
+    await after.open()
+    try:
+        await after.declare("a", "g", from_start=False)
+        js = after._jetstream()
+        for name in (after.durable("a", "g"), after.durable("a", "g", 3)):
+            info = await js.consumer_info(after.stream, name)
+            assert info.config.ack_wait == 30
+        await after.send("a", Envelope(name="Ping", payload=b"k", key="key-1"))
+        [delivery] = await receive_some(after, 1)
+        # not redelivered after 0.5 s while it is handled
+        assert await receive_some(after, 1, wait=2) == []
+        await delivery.ack()
+    finally:
+        await after.destroy()
+        await after.close()

@@ -685,10 +685,23 @@ class NatsTransport(Transport):
         js = self._jetstream()
         async with self._translate("create consumer"):
             try:
-                await js.consumer_info(self.stream, durable)
-                return False
+                info = await js.consumer_info(self.stream, durable)
             except NotFoundError:
                 pass
+            else:
+                had = info.config.ack_wait
+                if had is None or abs(had - self.claim_after) > 1e-6:
+                    # claim_after changed since it was made: a shorter ack_wait would
+                    # redeliver what is still being handled (a key's next out beside it).
+                    logger.info(
+                        "iambus: consumer %s: ack_wait %ss -> claim_after %ss",
+                        durable,
+                        had,
+                        self.claim_after,
+                    )
+                    config = dataclasses.replace(info.config, ack_wait=self.claim_after)
+                    await js.add_consumer(self.stream, config)
+                return False
             config = ConsumerConfig(
                 durable_name=durable,
                 filter_subject=subject,
