@@ -961,6 +961,11 @@ class NatsTransport(Transport):
             message, arrived, lane = entry.message, entry.arrived, entry.lane
             if now - arrived < hold:
                 out.append(entry)
+                if now - arrived > self.claim_after / 10:
+                    # The server's ack_wait runs from when it sent it: start it again,
+                    # so that the handler has claim_after from now, not what is left.
+                    with contextlib.suppress(NatsError, OSError):
+                        await message.in_progress()
                 if lane.partition is not None and lane.newest() is None:
                     # Pull the partition's next one now: the server holds it back until
                     # this one is settled, then sends it without waiting for a receive.
