@@ -1244,3 +1244,25 @@ async def test_a_delivery_has_claim_after_from_when_it_is_handed_out() -> None:
         assert await receive_some(other, 1, wait=3) == []
         await delivery.ack()
         assert await receive_some(busy, 1, wait=0.5) == []  # (its pull would have it)
+
+
+async def test_why_a_large_message_is_no_envelope_is_said_in_a_few_lines(
+    transport: NatsTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The reason quoted the whole line, or every field with the payload: a log line
+    # (and a dead letter's failure) of up to a megabyte.
+    await transport.declare("a", "g", from_start=False)
+    long_line = b"{" + b"x" * 100_000 + b"\npayload"
+    bad_field = json.dumps({"id": 1, "name": "Ping", "at": "1"}).encode() + b"\n" + b"y" * 100_000
+    bad_time = json.dumps({"id": "x", "name": "Ping", "at": "z" * 100_000}).encode() + b"\n"
+    for body in (long_line, bad_field, bad_time):
+        await transport._jetstream().publish(transport.subject("a"), body)
+    await transport.send("a", _ping(1))
+    with caplog.at_level(logging.ERROR, logger="iambus.transports.nats"):
+        [delivery] = await receive_some(transport, 1)
+    assert delivery.envelope.payload == b"1"
+    letters = await transport.dead_letters()
+    assert [letter.envelope.payload for letter in letters] == [long_line, bad_field, bad_time]
+    for letter in letters:
+        assert len(letter.failure.message) < 1_000, letter.failure.message[:100]
+    assert all(len(record.getMessage()) < 1_500 for record in caplog.records)

@@ -187,7 +187,7 @@ def _from_any(cls: type[Envelope], fields: Fields) -> Envelope:
             headers=json.loads(headers) if headers else {},
         )
     except (ValueError, TypeError, UnicodeDecodeError, OverflowError, RecursionError) as exc:
-        raise SerializationError(f"malformed envelope {dict(fields)!r}: {exc}") from exc
+        raise SerializationError(f"malformed envelope {dict(fields)!r:.300}: {exc!s:.300}") from exc
     return _checked(envelope)
 
 

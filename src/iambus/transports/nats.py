@@ -1693,14 +1693,15 @@ def _raw_letter(message: Msg, exc: SerializationError, attempt: int) -> tuple[En
 
 
 def _from_json(raw: str | bytes, payload: bytes, what: str) -> Envelope:
+    shown = raw[:200]  # (a line of a megabyte is no message to log)
     try:
         fields = json.loads(raw)
     except ValueError as exc:
-        raise SerializationError(f"malformed {what} {raw!r}: {exc}") from exc
+        raise SerializationError(f"malformed {what} {shown!r}: {exc}") from exc
     except RecursionError as exc:  # not a ValueError: it would fail every receive
-        raise SerializationError(f"malformed {what} {raw!r}: JSON nested too deep") from exc
+        raise SerializationError(f"malformed {what} {shown!r}: JSON nested too deep") from exc
     if not isinstance(fields, dict):
-        raise SerializationError(f"malformed {what} {raw!r}: not a JSON object")
+        raise SerializationError(f"malformed {what} {shown!r}: not a JSON object")
     fields["payload"] = payload
     return Envelope.from_fields(fields)
 
