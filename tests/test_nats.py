@@ -1232,16 +1232,19 @@ async def test_a_delivery_has_claim_after_from_when_it_is_handed_out() -> None:
     # What waits in the buffer (the worker busy) is handed out up to claim_after / 2
     # after the server sent it: its handler had only what was left of the server's
     # ack_wait, and a key's message was redelivered while it was still handled.
-    async with _two(claim_after=4) as (busy, other):
+    async with _two(claim_after=6) as (busy, other):
         await busy.declare("a", "g", from_start=False)
         assert await busy.receive("a", "g", consumer="c", limit=1, wait=0) == []
         await busy.send("a", Envelope(name="Ping", payload=b"k", key="key-1"))
         group = busy._groups["a", "g"]
         await until(lambda: bool(group.buffer), 10, "the message to be pulled")
-        await asyncio.sleep(1.5)  # the worker is busy: it waits in the buffer (< 2 s)
+        # The worker is busy: the message waits in the buffer (under claim_after / 2,
+        # over a tenth of it).
+        await asyncio.sleep(1.5)
         [delivery] = await busy.receive("a", "g", consumer="c", limit=1, wait=1)
-        # Its handler takes 3 s, under claim_after: it is not delivered again meanwhile.
-        assert await receive_some(other, 1, wait=3) == []
+        # Its handler takes 4.75 s, under claim_after (but past the server's first
+        # ack_wait): it is not delivered again meanwhile.
+        assert await receive_some(other, 1, wait=4.75) == []
         await delivery.ack()
         assert await receive_some(busy, 1, wait=0.5) == []  # (its pull would have it)
 
