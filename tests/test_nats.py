@@ -944,3 +944,328 @@ async def test_a_message_over_max_payload_by_its_headers_is_refused_and_the_link
     assert nc.stats["reconnects"] == 0
     [got] = await receive_some(transport, 1)
     assert len(got.envelope.payload) == room
+
+
+async def test_a_message_whose_envelope_line_nests_too_deep_is_parked_and_the_rest_flow(
+    transport: NatsTransport,
+) -> None:
+    # json.loads raises RecursionError, not ValueError, on a deep nesting: the message
+    # must be parked like any other that is no envelope, not fail every receive.
+    await transport.declare("a", "g", from_start=False)
+    deep_line = b"[" * 20_000 + b"\npayload"
+    fields = {"id": "x", "name": "Ping", "at": "1", "headers": "[" * 20_000}
+    deep_headers = json.dumps(fields).encode() + b"\npayload"
+    await transport.send("a", _ping(1))
+    await transport._jetstream().publish(transport.subject("a"), deep_line)
+    await transport._jetstream().publish(transport.subject("a"), deep_headers)
+    await transport.send("a", _ping(2))
+    got = await receive_some(transport, 2)
+    assert [d.envelope.payload for d in got] == [b"1", b"2"]
+    for delivery in got:
+        await delivery.ack()
+    letters = await transport.dead_letters()
+    assert [letter.envelope.payload for letter in letters] == [deep_line, deep_headers]
+    for letter in letters:
+        assert letter.failure.error_type == "iambus.errors.SerializationError"
+        assert "deep" in letter.failure.message or "recursion" in letter.failure.message
+
+
+async def test_a_failure_too_long_for_a_header_is_parked_cut_short(
+    transport: NatsTransport,
+) -> None:
+    # The failure travels in a header, and the server refuses headers over 64 KiB: an
+    # exception with a long message (or a long malformed line) could never be parked,
+    # and came back for ever.
+    await transport.declare("a", "g", from_start=False)
+    await transport.send("a", _ping(1))
+    long_line = b"{" + b"x" * 100_000 + b"\npayload"
+    await transport._jetstream().publish(transport.subject("a"), long_line)
+    await transport.send("a", _ping(2))
+    got = await receive_some(transport, 2)
+    assert [d.envelope.payload for d in got] == [b"1", b"2"]
+    await got[0].dead_letter(Failure("app.Error", "why " * 50_000, "Traceback\n", 1, "h"))
+    await got[1].ack()
+    raw, failed = await transport.dead_letters()  # (the raw one parked as received)
+    assert raw.envelope.payload == long_line
+    assert raw.failure.message.startswith("malformed envelope line b'{xxx")
+    assert failed.envelope.payload == b"1"
+    assert failed.failure.message.startswith("why why")
+    assert failed.failure.message.endswith("characters cut)")
+    assert len(failed.failure.message) < 20_000
+    assert (failed.failure.error_type, failed.failure.handler) == ("app.Error", "h")
+    assert await receive_some(transport, 1, wait=0.5) == []  # both settled
+
+
+def _max_payload(transport: NatsTransport) -> int:
+    """The largest message the server takes, headers included."""
+    nc = transport._nc
+    assert nc is not None
+    return nc.max_payload
+
+
+async def test_a_message_that_cannot_be_parked_holds_back_nothing_behind_it() -> None:
+    # A raw message at max_payload is no envelope, and its dead letter (the same body
+    # and a failure header) is over the limit: parking it fails. The messages taken
+    # with it must still go out, now, not after claim_after.
+    async with _two(claim_after=30) as (transport, _):
+        await transport.declare("a", "g", from_start=False)
+        raw = b"x" * (_max_payload(transport) - 100)
+        await transport._jetstream().publish(transport.subject("a"), raw)
+        await transport.send("a", _ping(1))
+        await transport.send("a", Envelope(name="Ping", payload=b"k", key="key-1"))
+        got: list[Delivery] = []
+        deadline = time.monotonic() + 10
+        while len(got) < 2 and time.monotonic() < deadline:
+            with contextlib.suppress(TransportError):
+                got += await transport.receive("a", "g", consumer="c", limit=10, wait=0.2)
+        assert sorted(d.envelope.payload for d in got) == [b"1", b"k"]
+        for delivery in got:
+            await delivery.ack()
+
+
+class _SlowToPark(NatsTransport):
+    """A transport whose dead letters never get stored: its receive can be cancelled
+    while it parks a message that is no envelope."""
+
+    parking: asyncio.Event
+
+    async def _bury(self, *args: object) -> None:
+        self.parking.set()
+        await asyncio.Event().wait()
+
+
+async def test_a_receive_cancelled_while_parking_gives_back_what_it_took() -> None:
+    require("nats")
+    namespace = f"test-{uuid.uuid4().hex[:10]}"
+    stopping = _SlowToPark(NATS, namespace=namespace, claim_after=60)
+    stopping.parking = asyncio.Event()
+    other = NatsTransport(NATS, namespace=namespace, claim_after=60)
+    await stopping.open()
+    await other.open()
+    try:
+        await stopping.declare("a", "g", from_start=False)
+        # A first receive leaves a pull waiting on each lane; they bring the raw message
+        # and the keyed one, and the next receive takes both together.
+        assert await stopping.receive("a", "g", consumer="w", limit=10, wait=0) == []
+        await stopping._jetstream().publish(stopping.subject("a"), b"raw")
+        await stopping.send("a", Envelope(name="Ping", payload=b"k", key="key-1"))
+        buffer = stopping._groups["a", "g"].buffer
+        await until(lambda: len(buffer) == 2, 10, "both pulled")
+        receiving = asyncio.create_task(stopping.receive("a", "g", consumer="w", limit=10, wait=5))
+        await stopping.parking.wait()
+        receiving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await receiving
+        # Given back (once the pulls that brought them are over), not after claim_after.
+        got = await receive_some(other, 1, wait=20)
+        assert [d.envelope.payload for d in got] == [b"k"]
+    finally:
+        await other.destroy()
+        await stopping.close()
+        await other.close()
+
+
+async def test_a_core_request_its_consumer_leaves_unsettled_goes_to_the_stream() -> None:
+    # A worker stopping cancels its receives and a handler still running, then calls
+    # leave(): what it was handed goes to the group's other consumers, a request that
+    # came over core NATS too (it was lost: its requester timed out).
+    async with _two(claim_after=30) as (stopping, other):
+        await stopping.declare("a", "g", from_start=True)
+        assert await stopping.receive("a", "g", consumer="w", limit=1, wait=0.1) == []
+        asking = asyncio.create_task(other.request("a", _ping(4), timeout=20))
+        [handed] = await receive_some(stopping, 1)
+        assert handed.envelope.payload == b"4"
+        # The worker stops: its receive is cancelled, then it leaves.
+        group = stopping._groups[("a", "g")]
+        waiting = asyncio.create_task(stopping.receive("a", "g", consumer="c", limit=1, wait=5))
+        await until(lambda: group.receiving, 10, "the receive to run")
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await stopping.leave("c")  # (receive_some's consumer)
+        [delivery] = await _answer(other, 1, wait=10)
+        assert delivery.envelope.payload == b"4"
+        assert (await asking).payload == b"4"
+
+
+@pytest.mark.parametrize(
+    ("stream", "retention"), [("M", "workqueue"), ("M", "interest"), ("D", "interest")]
+)
+async def test_a_stream_made_with_other_retention_is_a_clear_error(
+    stream: str, retention: str
+) -> None:
+    # A work-queue stream refuses a second group on an address ("filtered consumer not
+    # unique", retried for ever as an outage); an interest stream drops what no consumer
+    # waits for: a group declared later, and every dead letter.
+    require("nats")
+    import nats as nats_py
+    from nats.js.api import RetentionPolicy
+
+    namespace = f"test-{uuid.uuid4().hex[:10]}"
+    name = f"{stream}_{namespace}"
+    subjects = [f"{namespace}.m.>", f"{namespace}.k.>"] if stream == "M" else [f"{namespace}.dead"]
+    client = await nats_py.connect(NATS)
+    js = client.jetstream()
+    await js.add_stream(name=name, subjects=subjects, retention=RetentionPolicy(retention))
+    transport = NatsTransport(NATS, namespace=namespace)
+    try:
+        with pytest.raises(
+            ImproperlyConfigured,
+            match=rf"stream '{name}' has {retention} retention; iambus needs limits .*"
+            rf"nats stream rm {name}",
+        ):
+            await transport.open()
+    finally:
+        for made in (f"M_{namespace}", f"D_{namespace}"):
+            with contextlib.suppress(Exception):
+                await js.delete_stream(made)
+        await client.close()
+        await transport.close()
+
+
+async def test_a_cancelled_close_still_closes_the_connection(transport: NatsTransport) -> None:
+    # A close cancelled midway (a shutdown with a deadline, a second Ctrl-C) left its
+    # connection open, its reader and pinger tasks running, for ever.
+    await transport.declare("a", "g", from_start=False)
+    assert await transport.receive("a", "g", consumer="c", limit=1, wait=0) == []  # listens
+    nc = transport._nc
+    assert nc is not None
+    closing = asyncio.create_task(transport.close())
+    await asyncio.sleep(0)  # it runs up to its first wait on the server
+    assert not closing.done()
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    await until(lambda: nc.is_closed, 10, "the connection to be closed")
+    with pytest.raises(TransportError, match="not open"):
+        await transport.send("a", _ping(1))
+    await transport.open()  # and it opens again
+    await transport.send("a", _ping(2))
+
+
+async def test_an_unreadable_record_among_the_dead_letters_is_skipped_and_logged(
+    transport: NatsTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Something else published on the dead-letter subject: listing (iambus dlq, iambus
+    # status) and replaying failed on it with a KeyError.
+    await transport.declare("a", "g", from_start=False)
+    for n in (1, 2):
+        await transport.send("a", _ping(n))
+    first, second = await receive_some(transport, 2)
+    failure = Failure("builtins.ValueError", "no", "", 1)
+    await first.dead_letter(failure)
+    junk = await transport._jetstream().publish(f"{transport.namespace}.dead", b"junk")
+    await second.dead_letter(failure)
+    with caplog.at_level(logging.ERROR, logger="iambus.transports.nats"):
+        letters = await transport.dead_letters()
+        assert [letter.envelope.payload for letter in letters] == [b"1", b"2"]
+        assert await transport.replay([str(junk.seq)]) == 0
+    assert f"dead letter {junk.seq} in {transport.dead_stream} is unreadable" in caplog.text
+    assert await transport.replay([letter.id for letter in letters]) == 2
+    assert await transport.purge() == 1  # the junk
+
+
+async def test_a_large_message_is_parked_with_its_failure_cut_to_the_room_left(
+    transport: NatsTransport,
+) -> None:
+    # Its dead letter is its body plus a header with the failure: a message a few KB
+    # under max_payload, failing with a traceback of a few KB, was refused for ever.
+    await transport.declare("a", "g", from_start=False)
+    room = _max_payload(transport) - 3_000
+    await transport.send("a", Envelope(name="Ping", payload=b"x" * room))
+    [delivery] = await receive_some(transport, 1)
+    failure = Failure("app.Error", "why " * 1_000, "Traceback\n" + "  frame\n" * 500, 1, "h")
+    await delivery.dead_letter(failure)
+    [letter] = await transport.dead_letters()
+    assert letter.envelope.payload == delivery.envelope.payload
+    assert letter.failure.message.startswith("why why")
+    assert (letter.failure.error_type, letter.failure.handler) == ("app.Error", "h")
+    assert await receive_some(transport, 1, wait=0.5) == []  # acked
+
+
+async def test_a_message_whose_time_is_out_of_range_is_parked_and_the_rest_flow(
+    transport: NatsTransport,
+) -> None:
+    # float() of a huge integer raises OverflowError, not ValueError: it failed every
+    # receive instead of being parked as no envelope.
+    await transport.declare("a", "g", from_start=False)
+    line = json.dumps({"id": "x", "name": "Ping", "at": 10**400}).encode()
+    await transport.send("a", _ping(1))
+    await transport._jetstream().publish(transport.subject("a"), line + b"\npayload")
+    await transport.send("a", _ping(2))
+    got = await receive_some(transport, 2)
+    assert [d.envelope.payload for d in got] == [b"1", b"2"]
+    [letter] = await transport.dead_letters()
+    assert letter.failure.error_type == "iambus.errors.SerializationError"
+    assert "too large" in letter.failure.message
+
+
+async def test_a_changed_claim_after_applies_to_groups_declared_before() -> None:
+    # ack_wait is claim_after: a group declared with a short one kept it when the next
+    # deployment raised it (for slower handlers), and its deliveries were redelivered
+    # while they were handled, keyed ones out of order.
+    require("nats")
+    namespace = f"test-{uuid.uuid4().hex[:10]}"
+    before = NatsTransport(NATS, namespace=namespace, claim_after=0.5)
+    await before.open()
+    await before.declare("a", "g", from_start=False)
+    await before.close()
+    after = NatsTransport(NATS, namespace=namespace, claim_after=30)
+    await after.open()
+    try:
+        await after.declare("a", "g", from_start=False)
+        js = after._jetstream()
+        for name in (after.durable("a", "g"), after.durable("a", "g", 3)):
+            info = await js.consumer_info(after.stream, name)
+            assert info.config.ack_wait == 30
+        await after.send("a", Envelope(name="Ping", payload=b"k", key="key-1"))
+        [delivery] = await receive_some(after, 1)
+        # not redelivered after 0.5 s while it is handled
+        assert await receive_some(after, 1, wait=2) == []
+        await delivery.ack()
+    finally:
+        await after.destroy()
+        await after.close()
+
+
+async def test_a_delivery_has_claim_after_from_when_it_is_handed_out() -> None:
+    # What waits in the buffer (the worker busy) is handed out up to claim_after / 2
+    # after the server sent it: its handler had only what was left of the server's
+    # ack_wait, and a key's message was redelivered while it was still handled.
+    async with _two(claim_after=6) as (busy, other):
+        await busy.declare("a", "g", from_start=False)
+        assert await busy.receive("a", "g", consumer="c", limit=1, wait=0) == []
+        await busy.send("a", Envelope(name="Ping", payload=b"k", key="key-1"))
+        group = busy._groups["a", "g"]
+        await until(lambda: bool(group.buffer), 10, "the message to be pulled")
+        # The worker is busy: the message waits in the buffer (under claim_after / 2,
+        # over a tenth of it).
+        await asyncio.sleep(1.5)
+        [delivery] = await busy.receive("a", "g", consumer="c", limit=1, wait=1)
+        # Its handler takes 4.75 s, under claim_after (but past the server's first
+        # ack_wait): it is not delivered again meanwhile.
+        assert await receive_some(other, 1, wait=4.75) == []
+        await delivery.ack()
+        assert await receive_some(busy, 1, wait=0.5) == []  # (its pull would have it)
+
+
+async def test_why_a_large_message_is_no_envelope_is_said_in_a_few_lines(
+    transport: NatsTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The reason quoted the whole line, or every field with the payload: a log line
+    # (and a dead letter's failure) of up to a megabyte.
+    await transport.declare("a", "g", from_start=False)
+    long_line = b"{" + b"x" * 100_000 + b"\npayload"
+    bad_field = json.dumps({"id": 1, "name": "Ping", "at": "1"}).encode() + b"\n" + b"y" * 100_000
+    bad_time = json.dumps({"id": "x", "name": "Ping", "at": "z" * 100_000}).encode() + b"\n"
+    for body in (long_line, bad_field, bad_time):
+        await transport._jetstream().publish(transport.subject("a"), body)
+    await transport.send("a", _ping(1))
+    with caplog.at_level(logging.ERROR, logger="iambus.transports.nats"):
+        [delivery] = await receive_some(transport, 1)
+    assert delivery.envelope.payload == b"1"
+    letters = await transport.dead_letters()
+    assert [letter.envelope.payload for letter in letters] == [long_line, bad_field, bad_time]
+    for letter in letters:
+        assert len(letter.failure.message) < 1_000, letter.failure.message[:100]
+    assert all(len(record.getMessage()) < 1_500 for record in caplog.records)

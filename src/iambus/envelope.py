@@ -186,8 +186,8 @@ def _from_any(cls: type[Envelope], fields: Fields) -> Envelope:
             key=_optional(get("key")),
             headers=json.loads(headers) if headers else {},
         )
-    except (ValueError, TypeError, UnicodeDecodeError) as exc:
-        raise SerializationError(f"malformed envelope {dict(fields)!r}: {exc}") from exc
+    except (ValueError, TypeError, UnicodeDecodeError, OverflowError, RecursionError) as exc:
+        raise SerializationError(f"malformed envelope {dict(fields)!r:.300}: {exc!s:.300}") from exc
     return _checked(envelope)
 
 
@@ -209,7 +209,7 @@ def _from_bytes(cls: type[Envelope], fields: Mapping[bytes, bytes]) -> Envelope:
             key=key.decode() if key is not None else None,
             headers=json.loads(headers) if headers else {},
         )
-    except (KeyError, ValueError, TypeError, UnicodeDecodeError, AttributeError):
+    except (KeyError, ValueError, TypeError, UnicodeDecodeError, AttributeError, RecursionError):
         return _from_any(cls, fields)
     return _checked(envelope) if headers else envelope
 
@@ -244,7 +244,7 @@ def _from_text(cls: type[Envelope], fields: dict[str, bytes | str]) -> Envelope 
             key=key,  # type: ignore[arg-type]
             headers=json.loads(headers) if headers else {},
         )
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return _checked(envelope) if headers else envelope
 

@@ -316,6 +316,7 @@ class NatsTransport(Transport):
         # Messages handed out to each consumer name and maybe not settled yet, for
         # leave() (settled ones are dropped at the consumer's next receive).
         self._handed: dict[str, list[Msg]] = {}
+        self._handed_asked: dict[str, list[_AskedDelivery]] = {}  # the same, over core NATS
         self._lanes: dict[str, _Lane] = {}  # consumer name -> lane
         self._pulls: dict[str, _Pull] = {}  # reply token -> open pull
         self._tokens = 0
@@ -325,6 +326,7 @@ class NatsTransport(Transport):
         self._streams_ready = False
         self._first_error: asyncio.Future[Exception] | None = None  # while connecting
         self._lost: float | None = None  # disconnected since (monotonic), reconnecting
+        self._closing: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url}>"
@@ -373,6 +375,8 @@ class NatsTransport(Transport):
     # -- lifecycle ------------------------------------------------------------------
 
     async def open(self) -> None:
+        if self._closing is not None:  # a close cancelled midway: it ends first
+            await asyncio.shield(self._closing)
         if self._nc is not None:
             return
         self._lost = None  # (an outage of an earlier connection set it)
@@ -432,6 +436,20 @@ class NatsTransport(Transport):
             raise
 
     async def close(self) -> None:
+        # Run to its end even if the caller is cancelled: a close cut short left the
+        # connection open, its tasks running, and what it held in limbo.
+        if self._closing is None:
+            self._closing = closing = asyncio.get_running_loop().create_task(self._close())
+            closing.add_done_callback(self._closed)
+        await asyncio.shield(self._closing)
+
+    def _closed(self, closing: asyncio.Task[None]) -> None:
+        if self._closing is closing:
+            self._closing = None
+        if not closing.cancelled() and closing.exception() is not None:
+            logger.debug("iambus: closing %s failed: %r", self.url, closing.exception())
+
+    async def _close(self) -> None:
         if self._nc is not None:
             # Requests that came over core NATS and were never handed out go into the
             # stream, where another instance of their group gets them.
@@ -475,6 +493,7 @@ class NatsTransport(Transport):
         nc, self._nc, self._js = self._nc, None, None
         self._groups.clear()
         self._handed.clear()
+        self._handed_asked.clear()
         self._lanes.clear()
         self._pulls.clear()
         self._streams_ready = False
@@ -520,6 +539,17 @@ class NatsTransport(Transport):
                 except NotFoundError:
                     pass
                 else:
+                    retention = info.config.retention  # (nats-py gives the name, a str)
+                    retention = getattr(retention, "value", retention)
+                    if retention not in (None, RetentionPolicy.LIMITS.value):
+                        # A work queue refuses a second group on an address; an interest
+                        # stream drops what no consumer waits for (dead letters, all).
+                        raise ImproperlyConfigured(
+                            f"{self.url}: stream {name!r} has {retention} retention; "
+                            f"iambus needs limits retention (each group reads every message, "
+                            f"kept until trimmed): delete it (nats stream rm {name}) to let "
+                            f"iambus make it again, or pick another namespace"
+                        )
                     have = list(info.config.subjects or [])
                     if not set(subjects) <= set(have):  # made before keyed subjects existed
                         config = dataclasses.replace(
@@ -655,10 +685,23 @@ class NatsTransport(Transport):
         js = self._jetstream()
         async with self._translate("create consumer"):
             try:
-                await js.consumer_info(self.stream, durable)
-                return False
+                info = await js.consumer_info(self.stream, durable)
             except NotFoundError:
                 pass
+            else:
+                had = info.config.ack_wait
+                if had is None or abs(had - self.claim_after) > 1e-6:
+                    # claim_after changed since it was made: a shorter ack_wait would
+                    # redeliver what is still being handled (a key's next out beside it).
+                    logger.info(
+                        "iambus: consumer %s: ack_wait %ss -> claim_after %ss",
+                        durable,
+                        had,
+                        self.claim_after,
+                    )
+                    config = dataclasses.replace(info.config, ack_wait=self.claim_after)
+                    await js.add_consumer(self.stream, config)
+                return False
             config = ConsumerConfig(
                 durable_name=durable,
                 filter_subject=subject,
@@ -719,15 +762,7 @@ class NatsTransport(Transport):
                                 await state.arrived.wait()
                         self._client()  # closed meanwhile
                         continue
-                    out: list[Delivery] = []
-                    for request in asked:
-                        delivery = await self._asked_delivery(state, request)
-                        if delivery is not None:
-                            out.append(delivery)
-                    for entry in messages:
-                        delivery = await self._delivery(address, group, entry)
-                        if delivery is not None:
-                            out.append(delivery)
+                    out = await self._deliveries(state, asked, messages)
                     if out:
                         self._hand(consumer, out)
                     if out or time.monotonic() >= deadline:
@@ -747,20 +782,81 @@ class NatsTransport(Transport):
                 state.receiving = False
                 self._schedule_release(state)
 
+    async def _deliveries(
+        self, state: _Group, asked: list[_Asked], messages: list[_Held]
+    ) -> list[Delivery]:
+        """The deliveries of what a receive took. One settled here that fails to be (a
+        message that is no envelope, parked; a replay for another group, acked) comes
+        back later and holds back none of the rest; cancelled midway, what is left goes
+        back where it was taken from (and from there to another consumer)."""
+        out: list[Delivery] = []
+        settled: list[_Asked] = []  # requests dead-lettered here
+        try:
+            for request in asked:
+                try:
+                    delivery = await self._asked_delivery(state, request)
+                except Exception as exc:
+                    logger.warning(
+                        "iambus: could not park a request on %s; into the stream with it: %s",
+                        state.address,
+                        exc,
+                    )
+                    settled.append(request)
+                    self._background_task(self._hand_over(state, request))
+                    continue
+                if delivery is None:
+                    settled.append(request)
+                else:
+                    out.append(delivery)
+            for entry in messages:
+                try:
+                    delivery = await self._delivery(state.address, state.group, entry)
+                except Exception as exc:  # left unsettled: it comes back after claim_after
+                    logger.warning(
+                        "iambus: could not settle a message on %s for %s; it comes back "
+                        "after claim_after: %s",
+                        state.address,
+                        state.group,
+                        exc,
+                        # not the broker's: a bug, show where
+                        exc_info=None if isinstance(exc, TransportError) else exc,
+                    )
+                    continue
+                if delivery is not None:
+                    out.append(delivery)
+        except BaseException:  # cancelled: nothing was handed out
+            state.asked[:0] = [request for request in asked if request not in settled]
+            state.buffer.extendleft(
+                reversed([entry for entry in messages if not entry.message._ackd])
+            )
+            raise
+        return out
+
     def _hand(self, consumer: str, out: list[Delivery]) -> None:
         handed = [message for message in self._handed.get(consumer, ()) if not message.is_acked]
         handed += (d._message for d in out if isinstance(d, _NatsDelivery))
         self._handed[consumer] = handed
+        asked = [d for d in self._handed_asked.get(consumer, ()) if not d.settled]
+        asked += (d for d in out if isinstance(d, _AskedDelivery))
+        if asked:
+            self._handed_asked[consumer] = asked
+        else:
+            self._handed_asked.pop(consumer, None)
 
     async def leave(self, consumer: str) -> None:
         """Hand back (``NAK`` without delay: attempt + 1) what ``consumer`` was handed and
         did not settle: its partitions pass on now, not after ``claim_after``."""
         handed = self._handed.pop(consumer, [])
+        asked = self._handed_asked.pop(consumer, [])
         if self._nc is None:
             return
         for message in handed:
             if not message.is_acked:
                 await self._nak_now(message)
+        for delivery in asked:  # a request over core NATS: into the stream with it
+            if not delivery.settled:
+                delivery.settled = True
+                await self._hand_over(delivery._state, delivery._request)
 
     def _group(self, address: str, group: str) -> _Group:
         state = self._groups.get((address, group))
@@ -865,6 +961,11 @@ class NatsTransport(Transport):
             message, arrived, lane = entry.message, entry.arrived, entry.lane
             if now - arrived < hold:
                 out.append(entry)
+                if now - arrived > self.claim_after / 10:
+                    # The server's ack_wait runs from when it sent it: start it again,
+                    # so that the handler has claim_after from now, not what is left.
+                    with contextlib.suppress(NatsError, OSError):
+                        await message.in_progress()
                 if lane.partition is not None and lane.newest() is None:
                     # Pull the partition's next one now: the server holds it back until
                     # this one is settled, then sends it without waiting for a receive.
@@ -1066,14 +1167,13 @@ class NatsTransport(Transport):
         self, key: str, address: str, group: str, envelope: Envelope, failure: Failure
     ) -> None:
         """Store a dead letter (``key``: its ``Nats-Msg-Id``)."""
-        record = {
-            "address": address,
-            "group": group,
-            "failed_at": time.time(),
-            "failure": dataclasses.asdict(failure),
-        }
-        headers = {MSG_ID: key, DEAD_LETTER: json.dumps(record, separators=(",", ":"))}
-        await self._publish(self._dead_subject(), _framed(envelope), headers)
+        body = _framed(envelope)
+        # The room max_payload leaves for the failure (counted as _store counts it): a
+        # large message's dead letter fits with its failure cut short.
+        room = self._client().max_payload - len(body) - _HEADER_FRAME
+        room -= len(MSG_ID) + len(key.encode()) + 4 + len(DEAD_LETTER) + 4
+        headers = {MSG_ID: key, DEAD_LETTER: _dead_record(address, group, failure, room)}
+        await self._publish(self._dead_subject(), body, headers)
 
     # -- request/reply --------------------------------------------------------------
 
@@ -1259,7 +1359,9 @@ class NatsTransport(Transport):
                 raise
             if raw.seq is None:  # pragma: no cover - the server always names it
                 break
-            out.append(_dead_letter(raw.seq, raw.headers or {}, raw.data or b""))
+            letter = _dead_letter(self.dead_stream, raw.seq, raw.headers or {}, raw.data or b"")
+            if letter is not None:
+                out.append(letter)
             seq = raw.seq + 1
         return out
 
@@ -1276,7 +1378,11 @@ class NatsTransport(Transport):
                 if isinstance(exc.__cause__, NotFoundError):
                     continue
                 raise
-            letter = _dead_letter(int(letter_id), raw.headers or {}, raw.data or b"")
+            letter = _dead_letter(
+                self.dead_stream, int(letter_id), raw.headers or {}, raw.data or b""
+            )
+            if letter is None:
+                continue
             headers = {MSG_ID: f"replay:{letter.id}:{letter.envelope.id}", ONLY_GROUP: letter.group}
             key = letter.envelope.key
             subject = (
@@ -1508,7 +1614,7 @@ class _NatsDelivery:
 class _AskedDelivery:
     """A request that came over core NATS: nothing to ack; not redelivered if lost."""
 
-    __slots__ = ("_request", "_state", "_transport", "attempt", "envelope")
+    __slots__ = ("_request", "_state", "_transport", "attempt", "envelope", "settled")
 
     def __init__(
         self, transport: NatsTransport, state: _Group, request: _Asked, envelope: Envelope
@@ -1518,17 +1624,20 @@ class _AskedDelivery:
         self._request = request
         self.envelope = envelope
         self.attempt = request.attempt
+        self.settled = False  # (else leave() puts it into the stream)
 
     async def ack(self) -> None:
-        pass  # core NATS keeps nothing to settle
+        self.settled = True  # core NATS keeps nothing to settle
 
     async def retry(self, delay: float) -> None:
         self._transport._retry_asked(self._state, self._request, delay)
+        self.settled = True
 
     async def dead_letter(self, failure: Failure) -> None:
         state = self._state
         key = f"dead:{self._transport.durable(state.address, state.group)}:r:{self.envelope.id}"
         await self._transport._bury(key, state.address, state.group, self.envelope, failure)
+        self.settled = True
 
     def __repr__(self) -> str:
         state = self._state
@@ -1584,12 +1693,15 @@ def _raw_letter(message: Msg, exc: SerializationError, attempt: int) -> tuple[En
 
 
 def _from_json(raw: str | bytes, payload: bytes, what: str) -> Envelope:
+    shown = raw[:200]  # (a line of a megabyte is no message to log)
     try:
         fields = json.loads(raw)
     except ValueError as exc:
-        raise SerializationError(f"malformed {what} {raw!r}: {exc}") from exc
+        raise SerializationError(f"malformed {what} {shown!r}: {exc}") from exc
+    except RecursionError as exc:  # not a ValueError: it would fail every receive
+        raise SerializationError(f"malformed {what} {shown!r}: JSON nested too deep") from exc
     if not isinstance(fields, dict):
-        raise SerializationError(f"malformed {what} {raw!r}: not a JSON object")
+        raise SerializationError(f"malformed {what} {shown!r}: not a JSON object")
     fields["payload"] = payload
     return Envelope.from_fields(fields)
 
@@ -1622,16 +1734,67 @@ def _kv_key(text: str) -> str:
     return f"{_NOT_IN_NAME.sub('_', text)[:60]}_{digest}"
 
 
-def _dead_letter(seq: int, headers: dict[str, str], payload: bytes) -> DeadLetter:
-    record = json.loads(headers[DEAD_LETTER])
-    return DeadLetter(
-        id=str(seq),
-        address=record["address"],
-        group=record["group"],
-        envelope=_unframed(headers, payload),
-        failure=Failure(**record["failure"]),
-        failed_at=float(record["failed_at"]),
-    )
+_RECORD_MAX = 32_000  # bytes of a dead letter's record: the server refuses 64 KiB of headers
+
+
+def _dead_record(address: str, group: str, failure: Failure, room: int) -> str:
+    """The ``Iambus-Dead-Letter`` header: where a dead letter was going, and its failure,
+    whose message and traceback are cut short to fit in a header and in the ``room``
+    (bytes) its message leaves (a failure that did not fit was refused, and its message
+    came back for ever instead of being parked)."""
+    most = min(_RECORD_MAX, room)
+    original = failure
+    for cut in (None, 8_000, 1_000, 100, 0):
+        if cut is not None:
+            failure = dataclasses.replace(
+                original,
+                message=_cut_short(original.message, cut),
+                # the innermost frames
+                traceback=original.traceback[len(original.traceback) - cut :],
+            )
+        record = {
+            "address": address,
+            "group": group,
+            "failed_at": time.time(),
+            "failure": dataclasses.asdict(failure),
+        }
+        text = json.dumps(record, separators=(",", ":"))
+        if len(text) <= most:
+            break
+    return text  # (still over the room: the server refuses it, MessageRefused)
+
+
+def _cut_short(text: str, keep: int) -> str:
+    if len(text) <= keep:
+        return text
+    return f"{text[:keep]}... ({len(text) - keep:,} characters cut)"
+
+
+def _dead_letter(
+    stream: str, seq: int, headers: dict[str, str], payload: bytes
+) -> DeadLetter | None:
+    """The dead letter stored at ``seq``; None (logged) for a message that is none."""
+    try:
+        record = json.loads(headers[DEAD_LETTER])
+        return DeadLetter(
+            id=str(seq),
+            address=str(record["address"]),
+            group=str(record["group"]),
+            envelope=_unframed(headers, payload),
+            failure=Failure(**record["failure"]),
+            failed_at=float(record["failed_at"]),
+        )
+    except (KeyError, ValueError, TypeError, RecursionError, SerializationError) as exc:
+        logger.error(
+            "iambus: dead letter %d in %s is unreadable (skipped; `nats stream rmm %s %d` "
+            "deletes it): %r",
+            seq,
+            stream,
+            stream,
+            seq,
+            exc,
+        )
+        return None
 
 
 def _refused(exc: BaseException) -> bool:
