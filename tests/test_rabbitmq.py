@@ -2028,6 +2028,20 @@ async def _cancelled_amid(
         await receiving
 
 
+async def _raw_then_held_receive(
+    transport: RabbitMQTransport, state: Any, monkeypatch: pytest.MonkeyPatch
+) -> tuple[asyncio.Event, asyncio.Event]:
+    """A message that is no envelope into ``state``'s buffer, behind the one there, and
+    its dead-lettering held (``_gate``) for the receive that comes next."""
+    import aio_pika
+
+    async with _side_channel() as side:
+        exchange = await side.get_exchange(transport.namespace, ensure=False)
+        await exchange.publish(aio_pika.Message(b"raw bytes", type="Ping"), routing_key="a")
+    await until(lambda: len(state.inbox) == 2, 10, "the raw one in the buffer after it")
+    return _gate(monkeypatch, transport, "_park", lambda *args: True)
+
+
 @pytest.mark.parametrize("source", ["partition", "classic group"])
 async def test_a_receive_cancelled_amid_a_hand_out_gives_back_what_it_had_taken(
     transport: RabbitMQTransport, monkeypatch: pytest.MonkeyPatch, source: str
@@ -2038,8 +2052,6 @@ async def test_a_receive_cancelled_amid_a_hand_out_gives_back_what_it_had_taken(
     # stuck. The one taken here was returned unhanded before (a channel error): given
     # back to the buffer, it must not be counted as a further attempt either (a lane or
     # a classic queue only says "redelivered": such a one is copied with attempt + 1).
-    import aio_pika
-
     transport.claim_after = 60  # (not retired by the sweeper meanwhile)
     transport.prefetch = 10
     transport.queue_type = "quorum" if source == "partition" else "classic"
@@ -2059,11 +2071,7 @@ async def test_a_receive_cancelled_amid_a_hand_out_gives_back_what_it_had_taken(
     await _break(channel)  # it returns unhanded ...
     await transport._consume(state)  # ... and comes again, redelivered, once consumed again
     await until(lambda: len(state.inbox) == 1, 10, "it back in the buffer")
-    async with _side_channel() as side:
-        exchange = await side.get_exchange(transport.namespace, ensure=False)
-        await exchange.publish(aio_pika.Message(b"raw bytes", type="Ping"), routing_key="a")
-    await until(lambda: len(state.inbox) == 2, 10, "the raw one in the buffer after it")
-    reached, go = _gate(monkeypatch, transport, "_park", lambda *args: True)
+    reached, go = await _raw_then_held_receive(transport, state, monkeypatch)
     receiving = asyncio.create_task(transport.receive("a", "g", consumer="c", limit=10, wait=5))
     await _cancelled_amid(receiving, reached, go)
     monkeypatch.undo()
@@ -2140,3 +2148,39 @@ async def test_a_consume_the_broker_does_not_answer_fails_the_receive_after_time
     await delivery.ack()
     state = transport._consumers[("a", "g", "c")]
     assert len((await state.channel.get_underlay_channel()).consumers) == 1
+
+
+async def test_what_a_receive_cancelled_amid_a_hand_out_took_is_not_counted_if_its_consumer_left(
+    transport: RabbitMQTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A receive cancelled amid a settling step of its hand-out (here: dead-lettering a
+    # message that is no envelope) waits for that step, `timeout` at most; a worker
+    # stopping waits RECEIVE_WAIT + 2 s for its receive loops, then leaves: the
+    # consumer's channels close and what the receive had taken returns to its queues,
+    # never handed out. Put back into the retired consumer's buffer, nobody noted it
+    # unhanded: where it came again, it was counted as a further attempt.
+    transport.claim_after = 60  # (not retired by the sweeper meanwhile)
+    transport.prefetch = 10
+    await transport.declare("a", "g", from_start=False)
+    state = await transport._consumer("a", "g", "c", 10)
+    first_key, key = _apart(transport, 2)
+    await transport.send("a", _keyed(0, first_key))  # the consumer takes the partitions
+    [first] = await _take(transport, 1)
+    await first.ack()
+    await transport.send("a", Envelope(name="Ping", payload=b"1", key=key))
+    await until(lambda: len(state.inbox) == 1, 10, "it in the buffer")
+    reached, go = await _raw_then_held_receive(transport, state, monkeypatch)
+    receiving = asyncio.create_task(transport.receive("a", "g", consumer="c", limit=10, wait=5))
+    async with asyncio.timeout(5):
+        await reached.wait()
+    receiving.cancel()
+    await transport.leave("c")  # (the worker's stop, its receive loop not ended yet)
+    go.set()
+    with pytest.raises(asyncio.CancelledError):
+        await receiving
+    monkeypatch.undo()
+    again = await _take(transport, 1, consumer="d")
+    assert _what(again) == [(key, b"1", 1)]  # never handed out: not a further attempt
+    await again[0].ack()
+    [letter] = await transport.dead_letters()  # the raw one, parked once
+    assert letter.envelope.payload == b"raw bytes"

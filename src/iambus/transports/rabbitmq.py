@@ -1095,12 +1095,20 @@ class RabbitMQTransport(Transport):
         used up (the record goes at the ack); a hand-back copy's note that its original is
         superseded (``_superseded``) is written again, the same. Nothing was published nor
         acked for a message handed out: a message that needed that (a copy with attempt
-        + 1, a dead letter, an ack of a superseded original) is never in ``out``."""
+        + 1, a dead letter, an ack of a superseded original) is never in ``out``.
+
+        One whose channel closed meanwhile (the consumer retired by a worker's stop while
+        the receive waited for a settling step) is back in its queue: noted as unhanded,
+        not to be counted where it comes again — the buffer of a retired consumer is
+        never read again."""
         for delivery in reversed(out):
             message, lane = delivery._message, delivery._lane
             if delivery._took:
                 key = _returned(lane or state.queue, message)
                 _remember(self._unhanded, key, self._unhanded.get(key, 0) + delivery._took)
+            if message.channel.is_closed:
+                self._unhand(state, message, lane)
+                continue
             state.inbox.appendleft((message, lane))
         if out:
             state.arrived.set()
