@@ -8,7 +8,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -2018,11 +2018,19 @@ def _gate(
 
 
 async def _cancelled_amid(
-    receiving: asyncio.Task[Any], reached: asyncio.Event, go: asyncio.Event
+    receiving: asyncio.Task[Any],
+    reached: asyncio.Event,
+    go: asyncio.Event,
+    *,
+    meanwhile: Callable[[], Awaitable[Any]] | None = None,
 ) -> None:
+    """Cancel ``receiving`` once held (``_gate``), run ``meanwhile`` while it waits for the
+    held step, then let the step go on."""
     async with asyncio.timeout(5):
         await reached.wait()
     receiving.cancel()
+    if meanwhile is not None:
+        await meanwhile()
     go.set()  # (the step, if it still runs, goes on)
     with pytest.raises(asyncio.CancelledError):
         await receiving
@@ -2171,16 +2179,57 @@ async def test_what_a_receive_cancelled_amid_a_hand_out_took_is_not_counted_if_i
     await until(lambda: len(state.inbox) == 1, 10, "it in the buffer")
     reached, go = await _raw_then_held_receive(transport, state, monkeypatch)
     receiving = asyncio.create_task(transport.receive("a", "g", consumer="c", limit=10, wait=5))
-    async with asyncio.timeout(5):
-        await reached.wait()
-    receiving.cancel()
-    await transport.leave("c")  # (the worker's stop, its receive loop not ended yet)
-    go.set()
-    with pytest.raises(asyncio.CancelledError):
-        await receiving
+    # the worker's stop: it leaves, its receive loop not ended yet
+    await _cancelled_amid(receiving, reached, go, meanwhile=lambda: transport.leave("c"))
     monkeypatch.undo()
     again = await _take(transport, 1, consumer="d")
     assert _what(again) == [(key, b"1", 1)]  # never handed out: not a further attempt
     await again[0].ack()
     [letter] = await transport.dead_letters()  # the raw one, parked once
     assert letter.envelope.payload == b"raw bytes"
+
+
+@pytest.mark.parametrize("source", ["partition", "classic group"])
+async def test_a_redelivered_message_copied_as_its_consumer_leaves_is_handed_out_once(
+    transport: RabbitMQTransport, monkeypatch: pytest.MonkeyPatch, source: str
+) -> None:
+    # A receive cancelled amid the copy of a redelivered message (attempt + 1: a keyed
+    # one, or one of a classic group) carries the copy through, then acks the original.
+    # A worker's stop does not wait that long for its receive loops: it leaves, and the
+    # channel closes between the copy and the ack. The original, not acked, came back
+    # and was copied a second time: the message handed out twice.
+    from iambus.partitions import partition
+
+    transport.claim_after = 60  # (not retired by the sweeper meanwhile)
+    transport.queue_type = "quorum" if source == "partition" else "classic"
+    await transport.declare("a", "g", from_start=False)
+    key = "k" if source == "partition" else None
+    for n in range(2):
+        await transport.send("a", Envelope(name="Ping", payload=str(n).encode(), key=key))
+    assert len(await _take(transport, 1)) == 1  # handed out, never settled ...
+    state = transport._consumers[("a", "g", "c")]
+    if source == "partition":
+        route = transport._lane("a", "g", partition("k", transport.partitions))
+        await _break(state.lanes)  # ... and back in its queue, redelivered
+    else:
+        route = state.queue
+        await _break(state.channel)
+    # held once the copy is published (confirmed), before the original is acked
+    reached, go = _gate(
+        monkeypatch, transport, "_publish_raw", lambda _, to, *__: to == route, after=True
+    )
+    receiving = asyncio.create_task(transport.receive("a", "g", consumer="c", limit=1, wait=5))
+    # the worker's stop: it leaves, its receive loop not ended yet
+    await _cancelled_amid(receiving, reached, go, meanwhile=lambda: transport.leave("c"))
+    monkeypatch.undo()
+    seen: list[tuple[bytes, int]] = []
+    deadline = time.monotonic() + 5
+    while len(seen) < 2 and time.monotonic() < deadline:
+        for delivery in await transport.receive("a", "g", consumer="d", limit=10, wait=0.2):
+            seen.append((delivery.envelope.payload, delivery.attempt))
+            await delivery.ack()
+    seen += [
+        (delivery.envelope.payload, delivery.attempt)
+        for delivery in await transport.receive("a", "g", consumer="d", limit=10, wait=0.5)
+    ]
+    assert sorted(seen) == [(b"0", 2), (b"1", 1)]
