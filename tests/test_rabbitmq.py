@@ -2158,15 +2158,12 @@ async def test_a_consume_the_broker_does_not_answer_fails_the_receive_after_time
     assert len((await state.channel.get_underlay_channel()).consumers) == 1
 
 
-async def test_what_a_receive_cancelled_amid_a_hand_out_took_is_not_counted_if_its_consumer_left(
+async def _keyed_taken_raw_held(
     transport: RabbitMQTransport, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A receive cancelled amid a settling step of its hand-out (here: dead-lettering a
-    # message that is no envelope) waits for that step, `timeout` at most; a worker
-    # stopping waits RECEIVE_WAIT + 2 s for its receive loops, then leaves: the
-    # consumer's channels close and what the receive had taken returns to its queues,
-    # never handed out. Put back into the retired consumer's buffer, nobody noted it
-    # unhanded: where it came again, it was counted as a further attempt.
+) -> tuple[Any, str, asyncio.Task[Any], asyncio.Event, asyncio.Event]:
+    """Consumer ``c`` holding the partitions, a keyed message (payload ``1``) and then one
+    that is no envelope in its buffer, and a receive of both started, to be held as it
+    dead-letters the second (``_gate``): the consumer, the key, the receive, the gate."""
     transport.claim_after = 60  # (not retired by the sweeper meanwhile)
     transport.prefetch = 10
     await transport.declare("a", "g", from_start=False)
@@ -2179,6 +2176,19 @@ async def test_what_a_receive_cancelled_amid_a_hand_out_took_is_not_counted_if_i
     await until(lambda: len(state.inbox) == 1, 10, "it in the buffer")
     reached, go = await _raw_then_held_receive(transport, state, monkeypatch)
     receiving = asyncio.create_task(transport.receive("a", "g", consumer="c", limit=10, wait=5))
+    return state, key, receiving, reached, go
+
+
+async def test_what_a_receive_cancelled_amid_a_hand_out_took_is_not_counted_if_its_consumer_left(
+    transport: RabbitMQTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A receive cancelled amid a settling step of its hand-out (here: dead-lettering a
+    # message that is no envelope) waits for that step, `timeout` at most; a worker
+    # stopping waits RECEIVE_WAIT + 2 s for its receive loops, then leaves: the
+    # consumer's channels close and what the receive had taken returns to its queues,
+    # never handed out. Put back into the retired consumer's buffer, nobody noted it
+    # unhanded: where it came again, it was counted as a further attempt.
+    _, key, receiving, reached, go = await _keyed_taken_raw_held(transport, monkeypatch)
     # the worker's stop: it leaves, its receive loop not ended yet
     await _cancelled_amid(receiving, reached, go, meanwhile=lambda: transport.leave("c"))
     monkeypatch.undo()
@@ -2233,3 +2243,23 @@ async def test_a_redelivered_message_copied_as_its_consumer_leaves_is_handed_out
         for delivery in await transport.receive("a", "g", consumer="d", limit=10, wait=0.5)
     ]
     assert sorted(seen) == [(b"0", 2), (b"1", 1)]
+
+
+async def test_a_delivery_whose_channel_closes_while_its_receive_goes_on_is_not_handed_out(
+    transport: RabbitMQTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A receive that took a delivery goes on with the buffer: the next message may need
+    # a step first (here: dead-lettering one that is no envelope). Should the taken
+    # delivery's channel close meanwhile, the broker has it back: handed out all the
+    # same, its handler ran on a delivery it cannot settle, and it came again counted
+    # as a further attempt.
+    state, key, receiving, reached, go = await _keyed_taken_raw_held(transport, monkeypatch)
+    async with asyncio.timeout(5):
+        await reached.wait()
+    await _break(state.lanes)  # the keyed one, taken, returns to its queue
+    go.set()
+    assert await receiving == []
+    monkeypatch.undo()
+    again = await _take(transport, 1)
+    assert _what(again) == [(key, b"1", 1)]  # never handed out: not a further attempt
+    await again[0].ack()

@@ -1035,6 +1035,13 @@ class RabbitMQTransport(Transport):
                 # 1), its key stuck that long.
                 self._put_back(state, out)
                 raise
+            # A channel that closed while the hand-out went on (awaiting a later message's
+            # copy or dead letter) gave its deliveries back to the broker: handed out,
+            # their handlers would run on what comes again, counted as a further attempt.
+            gone = [delivery for delivery in out if delivery._message.channel.is_closed]
+            if gone:
+                self._put_back(state, gone)  # (noted as never handed out)
+                out = [delivery for delivery in out if delivery not in gone]
             return out
         finally:
             state.receiving -= 1
