@@ -8,7 +8,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -2018,14 +2018,36 @@ def _gate(
 
 
 async def _cancelled_amid(
-    receiving: asyncio.Task[Any], reached: asyncio.Event, go: asyncio.Event
+    receiving: asyncio.Task[Any],
+    reached: asyncio.Event,
+    go: asyncio.Event,
+    *,
+    meanwhile: Callable[[], Awaitable[Any]] | None = None,
 ) -> None:
+    """Cancel ``receiving`` once held (``_gate``), run ``meanwhile`` while it waits for the
+    held step, then let the step go on."""
     async with asyncio.timeout(5):
         await reached.wait()
     receiving.cancel()
+    if meanwhile is not None:
+        await meanwhile()
     go.set()  # (the step, if it still runs, goes on)
     with pytest.raises(asyncio.CancelledError):
         await receiving
+
+
+async def _raw_then_held_receive(
+    transport: RabbitMQTransport, state: Any, monkeypatch: pytest.MonkeyPatch
+) -> tuple[asyncio.Event, asyncio.Event]:
+    """A message that is no envelope into ``state``'s buffer, behind the one there, and
+    its dead-lettering held (``_gate``) for the receive that comes next."""
+    import aio_pika
+
+    async with _side_channel() as side:
+        exchange = await side.get_exchange(transport.namespace, ensure=False)
+        await exchange.publish(aio_pika.Message(b"raw bytes", type="Ping"), routing_key="a")
+    await until(lambda: len(state.inbox) == 2, 10, "the raw one in the buffer after it")
+    return _gate(monkeypatch, transport, "_park", lambda *args: True)
 
 
 @pytest.mark.parametrize("source", ["partition", "classic group"])
@@ -2038,8 +2060,6 @@ async def test_a_receive_cancelled_amid_a_hand_out_gives_back_what_it_had_taken(
     # stuck. The one taken here was returned unhanded before (a channel error): given
     # back to the buffer, it must not be counted as a further attempt either (a lane or
     # a classic queue only says "redelivered": such a one is copied with attempt + 1).
-    import aio_pika
-
     transport.claim_after = 60  # (not retired by the sweeper meanwhile)
     transport.prefetch = 10
     transport.queue_type = "quorum" if source == "partition" else "classic"
@@ -2059,11 +2079,7 @@ async def test_a_receive_cancelled_amid_a_hand_out_gives_back_what_it_had_taken(
     await _break(channel)  # it returns unhanded ...
     await transport._consume(state)  # ... and comes again, redelivered, once consumed again
     await until(lambda: len(state.inbox) == 1, 10, "it back in the buffer")
-    async with _side_channel() as side:
-        exchange = await side.get_exchange(transport.namespace, ensure=False)
-        await exchange.publish(aio_pika.Message(b"raw bytes", type="Ping"), routing_key="a")
-    await until(lambda: len(state.inbox) == 2, 10, "the raw one in the buffer after it")
-    reached, go = _gate(monkeypatch, transport, "_park", lambda *args: True)
+    reached, go = await _raw_then_held_receive(transport, state, monkeypatch)
     receiving = asyncio.create_task(transport.receive("a", "g", consumer="c", limit=10, wait=5))
     await _cancelled_amid(receiving, reached, go)
     monkeypatch.undo()
@@ -2140,3 +2156,110 @@ async def test_a_consume_the_broker_does_not_answer_fails_the_receive_after_time
     await delivery.ack()
     state = transport._consumers[("a", "g", "c")]
     assert len((await state.channel.get_underlay_channel()).consumers) == 1
+
+
+async def _keyed_taken_raw_held(
+    transport: RabbitMQTransport, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Any, str, asyncio.Task[Any], asyncio.Event, asyncio.Event]:
+    """Consumer ``c`` holding the partitions, a keyed message (payload ``1``) and then one
+    that is no envelope in its buffer, and a receive of both started, to be held as it
+    dead-letters the second (``_gate``): the consumer, the key, the receive, the gate."""
+    transport.claim_after = 60  # (not retired by the sweeper meanwhile)
+    transport.prefetch = 10
+    await transport.declare("a", "g", from_start=False)
+    state = await transport._consumer("a", "g", "c", 10)
+    first_key, key = _apart(transport, 2)
+    await transport.send("a", _keyed(0, first_key))  # the consumer takes the partitions
+    [first] = await _take(transport, 1)
+    await first.ack()
+    await transport.send("a", Envelope(name="Ping", payload=b"1", key=key))
+    await until(lambda: len(state.inbox) == 1, 10, "it in the buffer")
+    reached, go = await _raw_then_held_receive(transport, state, monkeypatch)
+    receiving = asyncio.create_task(transport.receive("a", "g", consumer="c", limit=10, wait=5))
+    return state, key, receiving, reached, go
+
+
+async def test_what_a_receive_cancelled_amid_a_hand_out_took_is_not_counted_if_its_consumer_left(
+    transport: RabbitMQTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A receive cancelled amid a settling step of its hand-out (here: dead-lettering a
+    # message that is no envelope) waits for that step, `timeout` at most; a worker
+    # stopping waits RECEIVE_WAIT + 2 s for its receive loops, then leaves: the
+    # consumer's channels close and what the receive had taken returns to its queues,
+    # never handed out. Put back into the retired consumer's buffer, nobody noted it
+    # unhanded: where it came again, it was counted as a further attempt.
+    _, key, receiving, reached, go = await _keyed_taken_raw_held(transport, monkeypatch)
+    # the worker's stop: it leaves, its receive loop not ended yet
+    await _cancelled_amid(receiving, reached, go, meanwhile=lambda: transport.leave("c"))
+    monkeypatch.undo()
+    again = await _take(transport, 1, consumer="d")
+    assert _what(again) == [(key, b"1", 1)]  # never handed out: not a further attempt
+    await again[0].ack()
+    [letter] = await transport.dead_letters()  # the raw one, parked once
+    assert letter.envelope.payload == b"raw bytes"
+
+
+@pytest.mark.parametrize("source", ["partition", "classic group"])
+async def test_a_redelivered_message_copied_as_its_consumer_leaves_is_handed_out_once(
+    transport: RabbitMQTransport, monkeypatch: pytest.MonkeyPatch, source: str
+) -> None:
+    # A receive cancelled amid the copy of a redelivered message (attempt + 1: a keyed
+    # one, or one of a classic group) carries the copy through, then acks the original.
+    # A worker's stop does not wait that long for its receive loops: it leaves, and the
+    # channel closes between the copy and the ack. The original, not acked, came back
+    # and was copied a second time: the message handed out twice.
+    from iambus.partitions import partition
+
+    transport.claim_after = 60  # (not retired by the sweeper meanwhile)
+    transport.queue_type = "quorum" if source == "partition" else "classic"
+    await transport.declare("a", "g", from_start=False)
+    key = "k" if source == "partition" else None
+    for n in range(2):
+        await transport.send("a", Envelope(name="Ping", payload=str(n).encode(), key=key))
+    assert len(await _take(transport, 1)) == 1  # handed out, never settled ...
+    state = transport._consumers[("a", "g", "c")]
+    if source == "partition":
+        route = transport._lane("a", "g", partition("k", transport.partitions))
+        await _break(state.lanes)  # ... and back in its queue, redelivered
+    else:
+        route = state.queue
+        await _break(state.channel)
+    # held once the copy is published (confirmed), before the original is acked
+    reached, go = _gate(
+        monkeypatch, transport, "_publish_raw", lambda _, to, *__: to == route, after=True
+    )
+    receiving = asyncio.create_task(transport.receive("a", "g", consumer="c", limit=1, wait=5))
+    # the worker's stop: it leaves, its receive loop not ended yet
+    await _cancelled_amid(receiving, reached, go, meanwhile=lambda: transport.leave("c"))
+    monkeypatch.undo()
+    seen: list[tuple[bytes, int]] = []
+    deadline = time.monotonic() + 5
+    while len(seen) < 2 and time.monotonic() < deadline:
+        for delivery in await transport.receive("a", "g", consumer="d", limit=10, wait=0.2):
+            seen.append((delivery.envelope.payload, delivery.attempt))
+            await delivery.ack()
+    seen += [
+        (delivery.envelope.payload, delivery.attempt)
+        for delivery in await transport.receive("a", "g", consumer="d", limit=10, wait=0.5)
+    ]
+    assert sorted(seen) == [(b"0", 2), (b"1", 1)]
+
+
+async def test_a_delivery_whose_channel_closes_while_its_receive_goes_on_is_not_handed_out(
+    transport: RabbitMQTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A receive that took a delivery goes on with the buffer: the next message may need
+    # a step first (here: dead-lettering one that is no envelope). Should the taken
+    # delivery's channel close meanwhile, the broker has it back: handed out all the
+    # same, its handler ran on a delivery it cannot settle, and it came again counted
+    # as a further attempt.
+    state, key, receiving, reached, go = await _keyed_taken_raw_held(transport, monkeypatch)
+    async with asyncio.timeout(5):
+        await reached.wait()
+    await _break(state.lanes)  # the keyed one, taken, returns to its queue
+    go.set()
+    assert await receiving == []
+    monkeypatch.undo()
+    again = await _take(transport, 1)
+    assert _what(again) == [(key, b"1", 1)]  # never handed out: not a further attempt
+    await again[0].ack()

@@ -317,7 +317,9 @@ class RabbitMQTransport(Transport):
         # that their return is not counted as an attempt when it comes back here:
         # (queue, message id, attempt header, hand-back copy?) -> how many times.
         self._unhanded: dict[tuple[str, str | None, int, bool], int] = {}
-        # Lane deliveries whose hand-back copy came first: the original is dropped.
+        # Lane deliveries whose hand-back copy came first, and deliveries (of a lane or a
+        # classic group queue) copied with attempt + 1 as their channel closed, before
+        # their ack: the original, back unacked, is dropped (see _pass_on).
         self._superseded: dict[tuple[str, str | None, int], int] = {}
         # The registry's own connection, not robust: it holds the exclusive queues of the
         # instances announced here (their ids). A robust one would declare them again on
@@ -1033,6 +1035,13 @@ class RabbitMQTransport(Transport):
                 # 1), its key stuck that long.
                 self._put_back(state, out)
                 raise
+            # A channel that closed while the hand-out went on (awaiting a later message's
+            # copy or dead letter) gave its deliveries back to the broker: handed out,
+            # their handlers would run on what comes again, counted as a further attempt.
+            gone = [delivery for delivery in out if delivery._message.channel.is_closed]
+            if gone:
+                self._put_back(state, gone)  # (noted as never handed out)
+                out = [delivery for delivery in out if delivery not in gone]
             return out
         finally:
             state.receiving -= 1
@@ -1095,12 +1104,20 @@ class RabbitMQTransport(Transport):
         used up (the record goes at the ack); a hand-back copy's note that its original is
         superseded (``_superseded``) is written again, the same. Nothing was published nor
         acked for a message handed out: a message that needed that (a copy with attempt
-        + 1, a dead letter, an ack of a superseded original) is never in ``out``."""
+        + 1, a dead letter, an ack of a superseded original) is never in ``out``.
+
+        One whose channel closed meanwhile (the consumer retired by a worker's stop while
+        the receive waited for a settling step) is back in its queue: noted as unhanded,
+        not to be counted where it comes again — the buffer of a retired consumer is
+        never read again."""
         for delivery in reversed(out):
             message, lane = delivery._message, delivery._lane
             if delivery._took:
                 key = _returned(lane or state.queue, message)
                 _remember(self._unhanded, key, self._unhanded.get(key, 0) + delivery._took)
+            if message.channel.is_closed:
+                self._unhand(state, message, lane)
+                continue
             state.inbox.appendleft((message, lane))
         if out:
             state.arrived.set()
@@ -1294,6 +1311,10 @@ class RabbitMQTransport(Transport):
             returned = _returned(state.queue, message)
             attempt += int(headers["x-delivery-count"]) - self._unhanded.get(returned, 0)
         elif _redelivered(message):
+            if self._superseded.pop((state.queue, properties.message_id, attempt), 0):
+                # its copy (attempt + 1) went out as its channel closed: see _pass_on
+                await self._dispose(state, message, lane, self._ack_message(message))
+                return None
             took = self._unhanded.pop(_returned(state.queue, message), 0)
             if not took:
                 # A classic queue says "again", not how often: counted by a copy with
@@ -1331,7 +1352,8 @@ class RabbitMQTransport(Transport):
         A classic queue says *redelivered*, not how often: a redelivered message is
         replaced by a copy carrying its attempt + 1, at the head of the queue (priority
         ``FIRST``), which is handed out instead. Not counted: one this process gave back
-        unhandled, and one whose hand-back copy came first (dropped: a duplicate).
+        unhandled, and one whose hand-back copy came first, or whose copy went out as
+        its channel closed (dropped: a duplicate).
         """
         handback = H_HANDBACK in (message.header.properties.headers or {})
         original = (lane, message.header.properties.message_id, attempt)
@@ -1418,8 +1440,19 @@ class RabbitMQTransport(Transport):
         properties.headers = headers
         properties.priority = FIRST
         await self._publish_raw("", lane, message.body, properties)
-        if not handback:
-            await self._ack_message(message)
+        if handback:
+            return
+        if message.channel.is_closed:
+            # Closed as the copy went out (its consumer retired amid the receive that
+            # waited for this copy, a lost connection): the broker has ``message`` back,
+            # unacked. Where it comes back here, it is dropped as its copy's duplicate
+            # (``_superseded``). Not one without an id: another such would be dropped.
+            if properties.message_id is not None:
+                own = _own_attempt(message.header.properties.headers or {})
+                original = (lane, properties.message_id, own)
+                _remember(self._superseded, original, 1)
+            return
+        await self._ack_message(message)
 
     async def _ack_message(self, message: DeliveredMessage) -> None:
         if message.channel.is_closed:
