@@ -1995,3 +1995,48 @@ async def test_a_partition_back_and_gone_again_before_it_was_fetched_through_ski
         await first.send("a", _ping(10 * kept + 3, key=two[kept][1]))
         [after] = await _receive(first, 1)
         assert _n(after) == 10 * kept + 3
+
+
+def _rejoin(transport: KafkaTransport) -> dict[TopicPartition, Any]:
+    """Make the consumer of group ``g`` of address ``a`` rejoin its group (a rebalance that
+    gives every partition back to it, as when a member of the group comes or goes); the
+    partitions it had, to see them replaced (see _back_again)."""
+    state = transport._groups[("a", "g")]
+    before = dict(state.parts)
+    assert state.consumer is not None
+    state.consumer._coordinator.request_rejoin()
+    return before
+
+
+async def _back_again(transport: KafkaTransport, before: dict[TopicPartition, Any]) -> None:
+    """Until every partition of ``before`` was revoked and assigned again."""
+    state = transport._groups[("a", "g")]
+    await until(
+        lambda: all(state.parts.get(tp) not in (None, part) for tp, part in before.items()),
+        20,
+        "the partitions back",
+    )
+
+
+async def test_a_partition_back_with_all_it_had_settled_and_committed_is_not_remembered() -> None:
+    """A rebalance that gives the partitions back to their consumer, everything of them
+    settled and committed: nothing is fetched again below what was fetched, so there is
+    nothing to remember. (It was remembered until the partition was fetched again past
+    it: for an idle partition, for good, and every record of every partition went
+    through _back meanwhile.)"""
+    keys = _key_per_partition(2)
+    async with _transports(1, partitions=2) as (transport,):
+        await transport.declare("a", "g", from_start=False)
+        for p in (0, 1):
+            await transport.send("a", _ping(p, key=keys[p]))
+        seen: list[int] = []
+        await _ack_all(transport, seen, 2)
+        state = transport._groups[("a", "g")]
+        await until(
+            lambda: all(p.committed == p.fetched for p in state.parts.values()), 10, "the commits"
+        )
+        await _back_again(transport, _rejoin(transport))
+        await transport.send("a", _ping(2, key=keys[1]))  # (partition 0 stays idle)
+        await _ack_all(transport, seen, 3)
+        assert seen == [0, 1, 2] or seen == [1, 0, 2]
+        assert not state.away

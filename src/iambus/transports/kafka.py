@@ -1347,7 +1347,10 @@ class KafkaTransport(Transport):
             # Back and gone again before it was fetched past what it had before: that
             # knowledge still holds above what it fetched since (below, this time's).
             before.unsettled.update(part.unsettled)
-        elif part.fetched is not None:
+        elif part.fetched is not None and part.committed != part.fetched:
+            # (Its end committed, nothing is unsettled and nothing below it comes again:
+            # remembered, an idle partition would be for good, and every record taken in
+            # would go through _back meanwhile.)
             state.away[part.tp] = _Away(part.fetched, dict(part.unsettled))
 
     def _assigned(self, state: _Group, tps: list[TopicPartition]) -> None:
