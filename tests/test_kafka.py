@@ -2040,3 +2040,30 @@ async def test_a_partition_back_with_all_it_had_settled_and_committed_is_not_rem
         await _ack_all(transport, seen, 3)
         assert seen == [0, 1, 2] or seen == [1, 0, 2]
         assert not state.away
+
+
+async def test_a_record_settled_out_of_turn_leaves_its_key_queue(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A guard for a state the transport never makes (one record of a key out at a time):
+    a record settled while an earlier one of its key is still first in the key's queue
+    leaves the queue, with an error logged, instead of being handed out again later and
+    holding its key for good behind a settle that never comes."""
+    async with _transports(1) as (transport,):
+        await transport.declare("a", "g", from_start=False)
+        for n in range(3):
+            await transport.send("a", _ping(n, key="k"))
+        [first] = await _receive(transport, 1)
+        part = _partition_of(transport, 0)
+        await until(lambda: len(part.keys.get("k", ())) == 3, 10, "the key's three records")
+        second = part.keys["k"][1]
+        state = transport._groups[("a", "g")]
+        with caplog.at_level(logging.ERROR, logger="iambus"):
+            transport._settle(state, second)  # out of turn: the first is still out
+        assert "settled out of turn" in caplog.text
+        assert second not in part.keys["k"]
+        await first.ack()
+        seen: list[int] = []
+        await _ack_all(transport, seen, 1)
+        assert seen == [2]  # the third, once; the second is not handed out again
+        assert "k" not in part.keys  # the key's queue is empty: nothing waits for good

@@ -1093,6 +1093,17 @@ class KafkaTransport(Transport):
                     state.arrived.set()
                 else:
                     del part.keys[record.key]
+            elif queue and record in queue:
+                # Out of turn: cannot happen while one record of a key is out at a time
+                # (see _back). Left in its queue it would be handed out again, and its
+                # key would wait for good behind a settle that never comes: taken out.
+                logger.error(
+                    "iambus: %s: a record of key %r was settled out of turn (a bug: please "
+                    "report it); its key goes on",
+                    self.url,
+                    record.key,
+                )
+                queue.remove(record)
         if part.held and len(part.unsettled) <= self._buffered // 2:
             part.held = False
             if part.paused:
