@@ -32,6 +32,7 @@ from iambus import (
     Query,
     TransactionFailed,
     WouldDeadlock,
+    unit_of_work,
 )
 from iambus.database import Database
 from iambus.relay import Relay
@@ -448,6 +449,50 @@ async def test_a_failed_transaction_that_sends_nothing_is_named_too(orders: Data
         return 0
 
     await fails_to_commit(dp, orders)
+
+
+RESET = "SELECT pg_advisory_unlock_all();\nCLOSE ALL;\nUNLISTEN *;\nRESET ALL;"
+
+
+async def test_an_asyncpg_unit_finds_an_aborted_transaction_without_a_statement_more(
+    orders: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On asyncpg the COMMIT's own answer tells an aborted transaction (PostgreSQL
+    answers it with ROLLBACK): a unit sends its handler's statements and the COMMIT,
+    nothing more. Where asyncpg's transaction is not as iambus knows it (a later
+    asyncpg), a SELECT 1 before the commit finds it out instead."""
+    dp = shop(orders)
+    sent: list[str] = []
+
+    def log(query: Any) -> None:  # what the unit sends after its handler's INSERT
+        if query.query.startswith("INSERT"):
+            sent.clear()
+        elif RESET not in sent:
+            sent.append(query.query)
+
+    @dp.commands.register(PlaceOrder)
+    async def place(command: PlaceOrder, conn: asyncpg.Connection) -> int:
+        conn.add_query_logger(log)  # (one logger however often added: a pool may lend it again)
+        await conn.execute(f'INSERT INTO "{orders.schema}".orders VALUES ($1)', command.order_id)
+        return command.order_id
+
+    async with dp:
+        assert await dp.execute(PlaceOrder(1)) == 1
+        await asyncio.sleep(0)  # (the logger is called soon after each statement)
+        assert sent == ["COMMIT;", RESET]  # (RESET: the pool's, as the connection goes back)
+        assert await order_ids(orders) == [1]
+        monkeypatch.setattr(unit_of_work, "_commit_reader", lambda tx: None)
+        assert await dp.execute(PlaceOrder(2)) == 2
+        await asyncio.sleep(0)
+        assert sent == ["SELECT 1", "COMMIT;", RESET]
+    assert await order_ids(orders) == [1, 2]
+
+
+async def test_an_aborted_transaction_is_found_where_asyncpg_is_not_as_iambus_knows_it(
+    orders: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(unit_of_work, "_commit_reader", lambda tx: None)
+    await test_a_failed_transaction_that_sends_nothing_is_named_too(orders)
 
 
 async def test_a_failed_sqlalchemy_transaction_that_sends_nothing_is_named_too(

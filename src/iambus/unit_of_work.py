@@ -366,9 +366,7 @@ class Scope:
                 # the caller's transaction has its NOTIFY delivered at the caller's.
                 await unit.flush(notify=not self._owns)
                 if self._owns:
-                    if not unit.wrote:
-                        await unit.check_not_failed()
-                    await self._commit(unit.session)
+                    await self._commit(unit)
                     if unit.wrote:
                         self.database.notify_relays()
         except BaseException as error:
@@ -390,11 +388,30 @@ class Scope:
             return
         await run_later(unit.later)
 
-    async def _commit(self, session: Any) -> None:
-        if _is_sqlalchemy(session):
-            await session.commit()
-        else:
-            await self._tx.commit()
+    async def _commit(self, unit: UnitOfWork) -> None:
+        """Commit; ``TransactionFailed`` if a statement whose error the handler caught had
+        aborted the transaction (PostgreSQL answers the ``COMMIT`` of an aborted
+        transaction with a rollback, and no error: the writes would be lost unseen)."""
+        reading = None if _is_sqlalchemy(unit.session) else _commit_reader(self._tx)
+        if reading is None:
+            # One statement more finds out (an outbox row written found out already).
+            if not unit.wrote:
+                await unit.check_not_failed()
+            if _is_sqlalchemy(unit.session):
+                await unit.session.commit()
+            else:
+                await self._tx.commit()
+            return
+        status = await reading()
+        if status != "COMMIT":
+            raise TransactionFailed(
+                f"cannot commit the unit of work: its transaction had failed already (a "
+                f"statement in it raised, and the error was caught), and PostgreSQL rolled "
+                f"it back at the commit ({status}): none of its writes were kept. Let the "
+                f"error end the unit (it "
+                f"rolls back and the delivery is retried), or roll back to a savepoint "
+                f"(connection.transaction() / session.begin_nested()) around what may fail"
+            )
 
     async def _rollback(self, session: Any) -> None:
         try:
@@ -412,6 +429,41 @@ class Scope:
             # and the handler's frames would be lost from what the worker logs.
             tb = exc.__traceback__ if exc else None
             await made.__aexit__(type(exc) if exc else None, exc, tb)
+
+
+def _commit_reader(tx: Any) -> Callable[[], Awaitable[str]] | None:
+    """A commit of the asyncpg transaction ``tx`` that returns the ``COMMIT``'s status
+    (``ROLLBACK`` for an aborted transaction), or None where ``tx`` is not as this
+    knows it.
+
+    asyncpg's ``Transaction.commit()`` drops that status; finding an aborted transaction
+    out otherwise costs a round trip per unit of work (a ``SELECT 1`` before the
+    commit: 1.04x → 1.2x the direct handler for a unit without events). So the
+    ``COMMIT`` is sent here, and the transaction left in the state asyncpg's own commit
+    leaves it in (its private ``_state``, and the connection's ``_top_xact``, as in
+    asyncpg 0.29 to 0.32); a later asyncpg whose transaction differs gets the round trip.
+    """
+    try:
+        from asyncpg.transaction import TransactionState
+
+        conn = tx._connection
+        if tx._nested or tx._state is not TransactionState.STARTED or conn._top_xact is not tx:
+            return None
+        states = (TransactionState.COMMITTED, TransactionState.ROLLEDBACK)
+    except (ImportError, AttributeError):
+        return None
+
+    async def commit() -> str:
+        conn._top_xact = None
+        try:
+            status = str(await conn.execute("COMMIT;"))
+        except BaseException:
+            tx._state = TransactionState.FAILED
+            raise
+        tx._state = states[0] if status == "COMMIT" else states[1]
+        return status
+
+    return commit
 
 
 async def run_later(later: list[Later]) -> None:
