@@ -82,12 +82,13 @@ TYPES = {
     "integer": ("integer", "bigint"),
     "text": ("text", "character varying"),
     "bytea": ("bytea",),
-    "jsonb": ("jsonb",),
+    "jsonb": ("jsonb", "json"),
     "double precision": ("double precision",),
     "timestamptz": ("timestamp with time zone", "timestamp without time zone"),
 }
 """The types a column may have, by the type in its SQL above (PostgreSQL's names, without
-length: a table made by hand with ``varchar`` or ``integer`` works as well)."""
+length: a table made by hand with ``varchar``, ``integer`` or ``json`` works as well:
+PostgreSQL casts ``jsonb`` to ``json`` on assignment, and both read as text)."""
 ADDED_INBOX_COLUMNS = ("answer", "answer_type")
 """Inbox columns added after the table's first shape: ``ddl()`` adds them to an older
 table (they are nullable), so ``iambus db init`` migrates it."""
