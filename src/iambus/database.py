@@ -313,9 +313,13 @@ class Database:
 
     async def _columns(self, conn: Any, table: str) -> dict[str, str]:
         """The columns of ``table`` (quoted, as the SQL names it: without a schema, the
-        first of the search_path that has it), with their types; none: no table."""
+        first of the search_path that has it), with their types; none: no table.
+        ``handled_at``'s type says its precision when it keeps less than microseconds:
+        a unit of work tells the inbox record it made by ``handled_at = now()``
+        (``inbox.claim_again``), which a rounded time never equals."""
         rows = await conn.fetch(
-            "SELECT attname, format_type(atttypid, NULL) AS type FROM pg_attribute "
+            "SELECT attname, format_type(atttypid, CASE WHEN attname = 'handled_at' AND "
+            "atttypmod BETWEEN 0 AND 5 THEN atttypmod END) AS type FROM pg_attribute "
             "WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped",
             table,
         )
