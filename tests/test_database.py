@@ -12,8 +12,12 @@ import asyncpg
 import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from iambus import ImproperlyConfigured
+from iambus import Envelope, ImproperlyConfigured
 from iambus.database import DEFAULT_PREFIX, Database
+from iambus.inbox import claim, claim_again
+from iambus.outbox import Outgoing, write
+from iambus.relay import Relay
+from iambus.transports.memory import MemoryTransport
 
 from .conftest import POSTGRES_DSN, require
 
@@ -121,6 +125,49 @@ async def test_check_names_the_columns_of_a_type_iambus_cannot_write() -> None:
             r"precision\).*Database.ddl\(\)",
         ):
             await db.check()
+
+
+async def test_check_takes_json_headers_which_work(database: Database) -> None:
+    """An outbox made by hand (or a migration's ``sa.JSON``) with ``json`` headers: iambus
+    writes them through a cast PostgreSQL makes on assignment, and reads their text, as
+    of ``jsonb``: check() takes it, and a relay (whose start checks) sends them."""
+    async with database.connection() as conn:
+        await conn.execute(f"ALTER TABLE {database.outbox} ALTER COLUMN headers TYPE json")
+    await database.check()
+    transport = MemoryTransport()
+    await transport.declare("things", "g", from_start=True)
+    sent = [Envelope("T", b"{}", headers={"tenant": "7"}), Envelope("T", b"{}")]
+    async with database.connection() as conn, conn.transaction():
+        await write(conn, database, [Outgoing("things", e) for e in sent])
+    assert await Relay(database, transport).run_once() == 2
+    got = await transport.receive("things", "g", consumer="c", limit=2, wait=0)
+    assert [dict(delivery.envelope.headers) for delivery in got] == [{"tenant": "7"}, {}]
+
+
+async def test_check_refuses_an_inbox_whose_handled_at_drops_the_microseconds(
+    database: Database,
+) -> None:
+    """A unit of work that runs a handler again tells the inbox record it made from a
+    redelivery's by ``handled_at = now()`` (``inbox.claim_again``): a column rounded to
+    whole seconds never equals it, and the attempt run again would be skipped as a
+    redelivery (the message lost). Its other timestamps may be rounded."""
+    async with database.connection() as conn:
+        await conn.execute(
+            f"ALTER TABLE {database.outbox} ALTER COLUMN stored_at TYPE timestamptz(0)"
+        )
+        await database.check()  # works
+        await conn.execute(
+            f"ALTER TABLE {database.inbox} ALTER COLUMN handled_at TYPE timestamptz(0)"
+        )
+        async with conn.transaction():  # what it breaks
+            assert await claim(conn, database, "m", "h") is True
+            assert await claim_again(conn, database, "m", "h") is False
+    with pytest.raises(
+        ImproperlyConfigured,
+        match=r"inbox has column\(s\) of another type: handled_at is timestamp\(0\) with "
+        r"time zone \(iambus's is timestamptz\)",
+    ):
+        await database.check()
 
 
 async def test_check_finds_the_tables_where_the_search_path_finds_them(

@@ -177,6 +177,25 @@ async def test_claim_again_is_true_for_this_transactions_record_only(database: D
         assert await claim_again(conn, database, "p", "h") is True  # (none yet: made)
 
 
+async def test_claim_again_knows_its_record_whatever_the_columns_default(
+    database: Database,
+) -> None:
+    """An inbox made elsewhere may default handled_at to another clock (Django's
+    ``db_default=Now()`` is ``STATEMENT_TIMESTAMP()``): the claim sets it to the
+    transaction's time itself, by which claim_again knows this transaction's record (or
+    a handler run again in its unit is skipped as a redelivery: the message lost)."""
+    async with database.connection() as conn:
+        await conn.execute(
+            f"ALTER TABLE {database.inbox} "
+            f"ALTER COLUMN handled_at SET DEFAULT statement_timestamp()"
+        )
+        await database.check()
+        async with conn.transaction():
+            await conn.execute("SELECT pg_sleep(0.001)")  # (a statement after the BEGIN)
+            assert await claim(conn, database, "m", "h") is True
+            assert await claim_again(conn, database, "m", "h") is True
+
+
 @dataclass(frozen=True, slots=True)
 class Charged:  # a routed event
     order_id: int

@@ -510,6 +510,34 @@ async def test_a_failed_sqlalchemy_transaction_that_sends_nothing_is_named_too(
     await fails_to_commit(dp, orders)
 
 
+async def test_a_sqlalchemy_unit_that_never_used_its_session_takes_no_connection(
+    orders: Database,
+) -> None:
+    """A unit on a SQLAlchemy session its handler never used has nothing to commit, and
+    needs none of the pool's connections: it does not wait for one (while every one is
+    busy: the pool's timeout, and the handler's success turned into a failure)."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    small = create_async_engine(
+        POSTGRES_DSN.replace("postgresql://", "postgresql+asyncpg://"),
+        pool_size=1,
+        max_overflow=0,
+        pool_timeout=1,
+    )
+    dp = shop(Database(small, schema=orders.schema))
+
+    @dp.commands.register(PlaceOrder, unit_of_work=True)
+    async def place(command: PlaceOrder) -> int:
+        return command.order_id  # (in-process work only: no statement)
+
+    try:
+        async with dp, small.connect() as busy:
+            await busy.execute(text("SELECT 1"))  # the pool's one connection, in use
+            assert await dp.execute(PlaceOrder(7)) == 7
+    finally:
+        await small.dispose()
+
+
 async def fails_to_commit(dp: Dispatcher, orders: Database) -> None:
     async with dp:
         with pytest.raises(TransactionFailed, match=r"cannot commit.*had failed already"):

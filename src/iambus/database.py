@@ -82,12 +82,13 @@ TYPES = {
     "integer": ("integer", "bigint"),
     "text": ("text", "character varying"),
     "bytea": ("bytea",),
-    "jsonb": ("jsonb",),
+    "jsonb": ("jsonb", "json"),
     "double precision": ("double precision",),
     "timestamptz": ("timestamp with time zone", "timestamp without time zone"),
 }
 """The types a column may have, by the type in its SQL above (PostgreSQL's names, without
-length: a table made by hand with ``varchar`` or ``integer`` works as well)."""
+length: a table made by hand with ``varchar``, ``integer`` or ``json`` works as well:
+PostgreSQL casts ``jsonb`` to ``json`` on assignment, and both read as text)."""
 ADDED_INBOX_COLUMNS = ("answer", "answer_type")
 """Inbox columns added after the table's first shape: ``ddl()`` adds them to an older
 table (they are nullable), so ``iambus db init`` migrates it."""
@@ -312,9 +313,13 @@ class Database:
 
     async def _columns(self, conn: Any, table: str) -> dict[str, str]:
         """The columns of ``table`` (quoted, as the SQL names it: without a schema, the
-        first of the search_path that has it), with their types; none: no table."""
+        first of the search_path that has it), with their types; none: no table.
+        ``handled_at``'s type says its precision when it keeps less than microseconds:
+        a unit of work tells the inbox record it made by ``handled_at = now()``
+        (``inbox.claim_again``), which a rounded time never equals."""
         rows = await conn.fetch(
-            "SELECT attname, format_type(atttypid, NULL) AS type FROM pg_attribute "
+            "SELECT attname, format_type(atttypid, CASE WHEN attname = 'handled_at' AND "
+            "atttypmod BETWEEN 0 AND 5 THEN atttypmod END) AS type FROM pg_attribute "
             "WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped",
             table,
         )

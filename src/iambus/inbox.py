@@ -36,9 +36,11 @@ PURGE_LOCK = -1  # the second key of the purge's advisory lock (the relays' lane
 async def claim(conn: Any, database: Database, message_id: str, handler: str) -> bool:
     """Record that ``handler`` (a subscription's group) applies message ``message_id``, in
     ``conn``'s transaction; False when it was recorded already (a redelivery: skip it)."""
+    # handled_at set here, not by the column's default (a table made elsewhere may have
+    # another): claim_again knows this transaction's record by it.
     status = await conn.execute(
-        f"INSERT INTO {database.inbox} (message_id, handler) VALUES ($1, $2) "
-        f"ON CONFLICT DO NOTHING",
+        f"INSERT INTO {database.inbox} (message_id, handler, handled_at) "
+        f"VALUES ($1, $2, now()) ON CONFLICT DO NOTHING",
         message_id,
         handler,
     )
@@ -53,8 +55,8 @@ async def claim_again(conn: Any, database: Database, message_id: str, handler: s
     # A record this transaction made has its start time: now() (another's, its own).
     return bool(
         await conn.fetchval(
-            f"WITH made AS (INSERT INTO {database.inbox} (message_id, handler) "
-            f"VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING 1) "
+            f"WITH made AS (INSERT INTO {database.inbox} (message_id, handler, handled_at) "
+            f"VALUES ($1, $2, now()) ON CONFLICT DO NOTHING RETURNING 1) "
             f"SELECT EXISTS (SELECT FROM made) OR EXISTS (SELECT FROM {database.inbox} "
             f"WHERE message_id = $1 AND handler = $2 AND handled_at = now())",
             message_id,

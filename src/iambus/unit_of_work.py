@@ -165,9 +165,10 @@ class UnitOfWork:
         found out, and needs none.)"""
         try:
             conn = self._raw
-            if conn is None:  # a session iambus wrote nothing on: SQLAlchemy's own
+            if conn is None:  # a session iambus wrote nothing on: SQLAlchemy's own, if any
                 conn = await self.session.run_sync(_driver_of)
-            if conn.is_in_transaction():  # (nothing ran in a transaction yet: none failed)
+            # (nothing ran in a transaction yet: none failed)
+            if conn is not None and conn.is_in_transaction():
                 await conn.execute("SELECT 1")
         except Exception as exc:
             raise explained(exc, self.database, "commit the unit of work") from exc
@@ -212,7 +213,13 @@ class UnitOfWork:
 
 
 def _driver_of(session: Any) -> Any:
-    """The asyncpg connection under a (sync) SQLAlchemy session, as it is."""
+    """The asyncpg connection under a (sync) SQLAlchemy session, as it is; None when the
+    session holds none (nothing used it: asking for one would take one of the pool's,
+    waiting for it while all are busy)."""
+    transaction = session.get_transaction()
+    # (SessionTransaction.connections, public from SQLAlchemy 2.1.7, reads this dict)
+    if transaction is None or not transaction._connections:
+        return None
     return session.connection().connection.driver_connection
 
 
