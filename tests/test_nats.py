@@ -1200,6 +1200,22 @@ async def test_a_message_whose_time_is_out_of_range_is_parked_and_the_rest_flow(
     assert "too large" in letter.failure.message
 
 
+@pytest.mark.parametrize("at", ['"1e999"', '"nan"', "-Infinity"])
+async def test_a_message_whose_time_is_no_finite_number_is_parked(
+    transport: NatsTransport, at: str
+) -> None:
+    # Read as inf or nan, it was handed out: with a deadline, its query "expired", and
+    # so did every later query of its sender for a while (their age read against it).
+    await transport.declare("a", "g", from_start=False)
+    line = b'{"id":"x","name":"Ping","at":%s,"headers":"{\\"deadline\\":\\"1\\"}"}' % at.encode()
+    await transport._jetstream().publish(transport.subject("a"), line + b"\npayload")
+    await transport.send("a", _ping(1))
+    got = await receive_some(transport, 1)
+    assert [d.envelope.payload for d in got] == [b"1"]
+    [letter] = await transport.dead_letters()
+    assert "no finite time" in letter.failure.message
+
+
 async def test_a_changed_claim_after_applies_to_groups_declared_before() -> None:
     # ack_wait is claim_after: a group declared with a short one kept it when the next
     # deployment raised it (for slower handlers), and its deliveries were redelivered
