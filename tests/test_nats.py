@@ -56,12 +56,14 @@ def _ping(n: int) -> Envelope:
 
 
 @contextlib.asynccontextmanager
-async def _two(*, claim_after: float) -> AsyncIterator[tuple[NatsTransport, NatsTransport]]:
+async def _two(
+    *, claim_after: float, second_claim_after: float | None = None
+) -> AsyncIterator[tuple[NatsTransport, NatsTransport]]:
     """Two open transports on one fresh namespace (two processes); deleted and closed after."""
     require("nats")
     namespace = f"test-{uuid.uuid4().hex[:10]}"
     first = NatsTransport(NATS, namespace=namespace, claim_after=claim_after)
-    second = NatsTransport(NATS, namespace=namespace, claim_after=claim_after)
+    second = NatsTransport(NATS, namespace=namespace, claim_after=second_claim_after or claim_after)
     await first.open()
     await second.open()
     try:
@@ -1242,6 +1244,23 @@ async def test_a_changed_claim_after_applies_to_groups_declared_before() -> None
     finally:
         await after.destroy()
         await after.close()
+
+
+async def test_an_instance_with_an_older_claim_after_does_not_put_it_back_on_reconnect() -> None:
+    # A deployment raised claim_after; an instance still running the old one checks its
+    # groups' consumers again after a reconnect (or a pull gone silent under load): that
+    # set ack_wait back to its claim_after, and the new instances' deliveries were
+    # redelivered while still handled. Only a declare (a worker starting) changes it.
+    async with _two(claim_after=0.5, second_claim_after=30) as (old, new):
+        await old.declare("a", "g", from_start=False)
+        assert await old.receive("a", "g", consumer="c", limit=1, wait=0) == []
+        await new.declare("a", "g", from_start=False)
+        await old._on_reconnect()  # (what the driver calls once it is connected again)
+        assert await old.receive("a", "g", consumer="c", limit=1, wait=0) == []
+        js = new._jetstream()
+        for name in (new.durable("a", "g"), new.durable("a", "g", 3)):
+            info = await js.consumer_info(new.stream, name)
+            assert info.config.ack_wait == 30, name
 
 
 async def test_a_delivery_has_claim_after_from_when_it_is_handed_out() -> None:
