@@ -1267,20 +1267,28 @@ async def test_a_delivery_has_claim_after_from_when_it_is_handed_out() -> None:
     # What waits in the buffer (the worker busy) is handed out up to claim_after / 2
     # after the server sent it: its handler had only what was left of the server's
     # ack_wait, and a key's message was redelivered while it was still handled.
-    async with _two(claim_after=6) as (busy, other):
+    # What is tested is time passing (the server's ack_wait), so it sleeps: each step is
+    # timed from what the test measured, with a second or more to spare either way.
+    claim_after = 8.0
+    async with _two(claim_after=claim_after) as (busy, other):
         await busy.declare("a", "g", from_start=False)
         assert await busy.receive("a", "g", consumer="c", limit=1, wait=0) == []
         await busy.send("a", Envelope(name="Ping", payload=b"k", key="key-1"))
         group = busy._groups["a", "g"]
         await until(lambda: bool(group.buffer), 10, "the message to be pulled")
-        # The worker is busy: the message waits in the buffer (under claim_after / 2,
-        # over a tenth of it).
-        await asyncio.sleep(1.5)
+        sent = group.buffer[0].arrived  # (the server sent it a moment before)
+        # The worker is busy: the message waits in the buffer, past a tenth of
+        # claim_after; it is handed out before claim_after / 2 (a second to spare).
+        await asyncio.sleep(sent + claim_after * 3 / 8 - time.monotonic())
         [delivery] = await busy.receive("a", "g", consumer="c", limit=1, wait=1)
-        # Its handler takes 4.75 s, under claim_after (but past the server's first
-        # ack_wait): it is not delivered again meanwhile.
-        assert await receive_some(other, 1, wait=4.75) == []
+        handed = time.monotonic()
+        assert handed - sent < claim_after / 2, "handed out too late to tell (the load?)"
+        # Its handler runs a second past the server's first ack_wait, and (by two
+        # seconds or so) under claim_after from when it was handed out: it is not
+        # delivered again meanwhile.
+        assert await receive_some(other, 1, wait=sent + claim_after + 1 - time.monotonic()) == []
         await delivery.ack()
+        assert time.monotonic() < handed + claim_after, "acked too late to tell (the load?)"
         assert await receive_some(busy, 1, wait=0.5) == []  # (its pull would have it)
 
 
