@@ -1167,6 +1167,23 @@ async def test_an_unreadable_record_among_the_dead_letters_is_skipped_and_logged
     assert await transport.purge() == 1  # the junk
 
 
+@pytest.mark.parametrize("failed_at", [10**400, "nan", "1e999"])
+async def test_a_dead_letter_failed_at_no_finite_time_is_skipped_too(
+    transport: NatsTransport, failed_at: int | str
+) -> None:
+    # float() of a huge integer raises OverflowError, not ValueError: it failed listing
+    # (iambus dlq, iambus status) and replaying; inf or nan failed showing it.
+    from iambus.transports import nats
+
+    failure = {"error_type": "E", "message": "", "traceback": "", "attempts": 1}
+    record = {"address": "a", "group": "g", "failed_at": failed_at, "failure": failure}
+    headers = {nats.DEAD_LETTER: json.dumps(record)}
+    body = nats._framed(_ping(1))
+    await transport._jetstream().publish(f"{transport.namespace}.dead", body, headers=headers)
+    assert await transport.dead_letters() == []
+    assert await transport.replay(["1"]) == 0
+
+
 async def test_a_large_message_is_parked_with_its_failure_cut_to_the_room_left(
     transport: NatsTransport,
 ) -> None:
