@@ -408,6 +408,27 @@ async def test_keys_run_concurrently_within_one_partition_each_in_order() -> Non
         assert sorted(seen[None]) == [100, 101, 102]
 
 
+async def test_a_record_whose_time_is_no_finite_number_is_dead_lettered() -> None:
+    # float() reads "1e999" as inf and "nan" as nan: such a record was handed out, and
+    # a query with a deadline read from it expired unanswered (so did its sender's next).
+    async with _transports(1, partitions=1) as (transport,):
+        await transport.declare("a", "g", from_start=False)
+        async with _producer() as producer:
+            fields = dict(kafka._headers(_ping(0)))
+            for bad in (b"1e999", b"nan"):
+                headers = list({**fields, kafka.CREATED_AT: bad}.items())
+                await producer.send_and_wait(transport.topic("a"), b"?", headers=headers)
+        await transport.send("a", _ping(1))
+        [delivery] = await _receive(transport, 1)
+        assert _n(delivery) == 1
+        await delivery.ack()
+        deadline = time.monotonic() + 10
+        while len(letters := await transport.dead_letters()) < 2:
+            assert time.monotonic() < deadline, f"expected 2 dead letters, got {letters}"
+            await asyncio.sleep(0.05)
+        assert all("no finite time" in d.failure.message for d in letters), letters
+
+
 async def test_a_record_that_is_no_envelope_is_dead_lettered_and_the_rest_flows() -> None:
     async with _transports(1, partitions=1) as (transport,):
         await transport.declare("a", "g", from_start=False)

@@ -1835,6 +1835,8 @@ def _envelope(headers: dict[str, bytes], value: bytes | None) -> Envelope:
             None if key is None else key.decode(),
             json.loads(own) if own else {},
         )
+        if not math.isfinite(envelope.created_at):  # "1e999", "nan": no time
+            raise ValueError(f"{CREATED_AT} {at!r:.40} is no finite time")
     except ValueError as exc:  # (a UnicodeDecodeError is one)
         shown = {h: v for h, v in headers.items() if h.startswith("iambus-")}
         raise SerializationError(f"malformed envelope headers {shown!r:.300}: {exc}") from exc
