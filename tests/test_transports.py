@@ -416,6 +416,26 @@ async def _redis(claim_after: float = 0.3):  # type: ignore[no-untyped-def]
     return made
 
 
+async def test_redis_parks_an_entry_whose_time_is_no_finite_number() -> None:
+    # float() reads "1e999" as inf: the entry was handed out as sent at inf.
+    transport = await _redis()
+    try:
+        await transport.declare("a", "g", from_start=False)
+        client = transport._client()
+        await client.xadd(
+            transport._stream("a"), {"id": "x", "name": "Ping", "at": "1e999", "payload": "{}"}
+        )
+        await transport.send("a", _ping(2))
+        got = await transport.receive("a", "g", consumer="c", limit=10, wait=1)
+        assert [d.envelope.payload for d in got] == [b"2"]
+        await got[0].ack()
+        [letter] = await transport.dead_letters()
+        assert "no finite time" in letter.failure.message
+    finally:
+        await transport.destroy()
+        await transport.close()
+
+
 async def test_redis_parks_an_entry_that_is_no_envelope_and_delivers_the_rest() -> None:
     transport = await _redis()
     try:
