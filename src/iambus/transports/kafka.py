@@ -1616,15 +1616,25 @@ class KafkaTransport(Transport):
         headers = dict(record.headers or ())
         try:
             info = json.loads(headers[DEAD_LETTER])
+            failed_at = float(info["failed_at"])
+            if not math.isfinite(failed_at):
+                raise ValueError(f"failed_at {failed_at} is no time")
             letters[letter_id] = DeadLetter(
                 id=letter_id,
                 address=str(info["address"]),
                 group=str(info["group"]),
                 envelope=_envelope(headers, record.value),
                 failure=Failure(**info["failure"]),
-                failed_at=float(info["failed_at"]),
+                failed_at=failed_at,
             )
-        except (KeyError, TypeError, ValueError, SerializationError) as exc:
+        except (
+            KeyError,
+            TypeError,
+            ValueError,
+            OverflowError,  # a failed_at too large for a float
+            RecursionError,  # JSON nested too deep
+            SerializationError,
+        ) as exc:
             logger.warning("iambus: skipping a malformed dead letter %r: %s", letter_id, exc)
 
     async def dead_letters(self, *, limit: int = 100) -> list[DeadLetter]:
@@ -1837,9 +1847,10 @@ def _envelope(headers: dict[str, bytes], value: bytes | None) -> Envelope:
         )
         if not math.isfinite(envelope.created_at):  # "1e999", "nan": no time
             raise ValueError(f"{CREATED_AT} {at!r:.40} is no finite time")
-    except ValueError as exc:  # (a UnicodeDecodeError is one)
+    except (ValueError, RecursionError) as exc:  # (a UnicodeDecodeError is a ValueError)
         shown = {h: v for h, v in headers.items() if h.startswith("iambus-")}
-        raise SerializationError(f"malformed envelope headers {shown!r:.300}: {exc}") from exc
+        why = f"{HEADERS} nested too deep" if isinstance(exc, RecursionError) else exc
+        raise SerializationError(f"malformed envelope headers {shown!r:.300}: {why}") from exc
     if own and not (
         type(envelope.headers) is dict
         and all(type(k) is str and type(v) is str for k, v in envelope.headers.items())
