@@ -135,6 +135,7 @@ from ..errors import (
 from ..partitions import partition, partitions_option
 from . import (
     ANNOUNCE_TTL,
+    UNREADABLE,
     Backlog,
     Capability,
     DeadLetter,
@@ -143,6 +144,7 @@ from . import (
     Instance,
     Transport,
     client_name,
+    failed_at,
     plain_namespace,
     redact,
 )
@@ -1616,25 +1618,15 @@ class KafkaTransport(Transport):
         headers = dict(record.headers or ())
         try:
             info = json.loads(headers[DEAD_LETTER])
-            failed_at = float(info["failed_at"])
-            if not math.isfinite(failed_at):
-                raise ValueError(f"failed_at {failed_at} is no time")
             letters[letter_id] = DeadLetter(
                 id=letter_id,
                 address=str(info["address"]),
                 group=str(info["group"]),
                 envelope=_envelope(headers, record.value),
                 failure=Failure(**info["failure"]),
-                failed_at=failed_at,
+                failed_at=failed_at(info["failed_at"]),
             )
-        except (
-            KeyError,
-            TypeError,
-            ValueError,
-            OverflowError,  # a failed_at too large for a float
-            RecursionError,  # JSON nested too deep
-            SerializationError,
-        ) as exc:
+        except UNREADABLE as exc:
             logger.warning("iambus: skipping a malformed dead letter %r: %s", letter_id, exc)
 
     async def dead_letters(self, *, limit: int = 100) -> list[DeadLetter]:

@@ -142,6 +142,7 @@ from ..errors import (
 from ..partitions import partition, partitions_option
 from . import (
     ANNOUNCE_TTL,
+    UNREADABLE,
     Backlog,
     Capability,
     DeadLetter,
@@ -150,6 +151,7 @@ from . import (
     Instance,
     Transport,
     client_name,
+    failed_at,
     plain_namespace,
     redact,
 )
@@ -1781,25 +1783,15 @@ def _dead_letter(
     """The dead letter stored at ``seq``; None (logged) for a message that is none."""
     try:
         record = json.loads(headers[DEAD_LETTER])
-        failed_at = float(record["failed_at"])
-        if not math.isfinite(failed_at):
-            raise ValueError(f"failed_at {failed_at} is no time")
         return DeadLetter(
             id=str(seq),
             address=str(record["address"]),
             group=str(record["group"]),
             envelope=_unframed(headers, payload),
             failure=Failure(**record["failure"]),
-            failed_at=failed_at,
+            failed_at=failed_at(record["failed_at"]),
         )
-    except (
-        KeyError,
-        ValueError,
-        TypeError,
-        OverflowError,
-        RecursionError,
-        SerializationError,
-    ) as exc:
+    except UNREADABLE as exc:
         logger.error(
             "iambus: dead letter %d in %s is unreadable (skipped; `nats stream rmm %s %d` "
             "deletes it): %r",
