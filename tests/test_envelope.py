@@ -1,9 +1,11 @@
+import math
 import os
 import random
 import subprocess
 import sys
 import time
 import uuid
+from typing import Any
 
 import pytest
 
@@ -125,3 +127,20 @@ def test_decoded_json_fields_of_other_types_take_the_general_path() -> None:
     )
     as_text = {**envelope.to_fields(), "payload": "{}"}  # a str payload is encoded
     assert Envelope.from_fields(as_text) == envelope
+
+
+@pytest.mark.parametrize("at", ["1e999", "-1e999", "inf", "nan", "Infinity", 1e999, math.nan])
+@pytest.mark.parametrize("form", ["text", "bytes", "mixed"])
+def test_a_time_that_is_no_finite_number_is_a_serialization_error(
+    at: str | float, form: str
+) -> None:
+    # float() reads "1e999" as inf and "nan" as nan: such an envelope passed, and a query
+    # with a deadline read from it poisoned how old its sender's queries look (every one
+    # after it "expired" unanswered); RabbitMQ cannot even stamp it (int(inf)).
+    fields: dict[Any, Any] = {"id": "1", "name": "x", "payload": b"{}", "at": at}
+    if form == "bytes" and isinstance(at, str):
+        fields = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in fields.items()}
+    elif form == "mixed":
+        fields["corr"] = b"c"  # the general path
+    with pytest.raises(SerializationError, match="'at' is no finite time"):
+        Envelope.from_fields(fields)

@@ -408,6 +408,55 @@ async def test_keys_run_concurrently_within_one_partition_each_in_order() -> Non
         assert sorted(seen[None]) == [100, 101, 102]
 
 
+async def test_a_record_whose_time_is_no_finite_number_is_dead_lettered() -> None:
+    # float() reads "1e999" as inf and "nan" as nan: such a record was handed out, and
+    # a query with a deadline read from it expired unanswered (so did its sender's next).
+    async with _transports(1, partitions=1) as (transport,):
+        await transport.declare("a", "g", from_start=False)
+        async with _producer() as producer:
+            fields = dict(kafka._headers(_ping(0)))
+            for bad in (b"1e999", b"nan"):
+                headers = list({**fields, kafka.CREATED_AT: bad}.items())
+                await producer.send_and_wait(transport.topic("a"), b"?", headers=headers)
+        await transport.send("a", _ping(1))
+        [delivery] = await _receive(transport, 1)
+        assert _n(delivery) == 1
+        await delivery.ack()
+        deadline = time.monotonic() + 10
+        while len(letters := await transport.dead_letters()) < 2:
+            assert time.monotonic() < deadline, f"expected 2 dead letters, got {letters}"
+            await asyncio.sleep(0.05)
+        assert all("no finite time" in d.failure.message for d in letters), letters
+
+
+async def test_a_dead_letter_nested_too_deep_or_failed_at_no_time_is_skipped_when_listed() -> None:
+    # Written by some other client: an OverflowError (a failed_at too large for a float)
+    # or a RecursionError (JSON nested too deep) failed dead_letters() and replay().
+    async with _transports(1, partitions=1) as (transport,):
+        await transport.declare("a", "g", from_start=False)
+        assert await transport.dead_letters() == []  # (and its topic made)
+        fields = dict(kafka._headers(_ping(0)))
+        failure = {"error_type": "E", "message": "", "traceback": "", "attempts": 1}
+        record = {"address": "a", "group": "g", "failed_at": 1.0, "failure": failure}
+        bad = [
+            {**fields, kafka.DEAD_LETTER: json.dumps({**record, "failed_at": 10**400}).encode()},
+            {**fields, kafka.DEAD_LETTER: json.dumps({**record, "failed_at": "nan"}).encode()},
+            {**fields, kafka.DEAD_LETTER: b"[" * 100_000},
+            {
+                **fields,
+                kafka.DEAD_LETTER: json.dumps(record).encode(),
+                kafka.HEADERS: b"[" * 100_000,
+            },
+        ]
+        async with _producer() as producer:
+            for n, headers in enumerate(bad):
+                await producer.send_and_wait(
+                    transport.dead_topic, b"?", key=b"odd%d" % n, headers=list(headers.items())
+                )
+        assert await transport.dead_letters() == []
+        assert await transport.replay([f"odd{n}" for n in range(len(bad))]) == 0
+
+
 async def test_a_record_that_is_no_envelope_is_dead_lettered_and_the_rest_flows() -> None:
     async with _transports(1, partitions=1) as (transport,):
         await transport.declare("a", "g", from_start=False)

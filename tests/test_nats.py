@@ -56,12 +56,14 @@ def _ping(n: int) -> Envelope:
 
 
 @contextlib.asynccontextmanager
-async def _two(*, claim_after: float) -> AsyncIterator[tuple[NatsTransport, NatsTransport]]:
+async def _two(
+    *, claim_after: float, second_claim_after: float | None = None
+) -> AsyncIterator[tuple[NatsTransport, NatsTransport]]:
     """Two open transports on one fresh namespace (two processes); deleted and closed after."""
     require("nats")
     namespace = f"test-{uuid.uuid4().hex[:10]}"
     first = NatsTransport(NATS, namespace=namespace, claim_after=claim_after)
-    second = NatsTransport(NATS, namespace=namespace, claim_after=claim_after)
+    second = NatsTransport(NATS, namespace=namespace, claim_after=second_claim_after or claim_after)
     await first.open()
     await second.open()
     try:
@@ -1165,6 +1167,23 @@ async def test_an_unreadable_record_among_the_dead_letters_is_skipped_and_logged
     assert await transport.purge() == 1  # the junk
 
 
+@pytest.mark.parametrize("failed_at", [10**400, "nan", "1e999"])
+async def test_a_dead_letter_failed_at_no_finite_time_is_skipped_too(
+    transport: NatsTransport, failed_at: int | str
+) -> None:
+    # float() of a huge integer raises OverflowError, not ValueError: it failed listing
+    # (iambus dlq, iambus status) and replaying; inf or nan failed showing it.
+    from iambus.transports import nats
+
+    failure = {"error_type": "E", "message": "", "traceback": "", "attempts": 1}
+    record = {"address": "a", "group": "g", "failed_at": failed_at, "failure": failure}
+    headers = {nats.DEAD_LETTER: json.dumps(record)}
+    body = nats._framed(_ping(1))
+    await transport._jetstream().publish(f"{transport.namespace}.dead", body, headers=headers)
+    assert await transport.dead_letters() == []
+    assert await transport.replay(["1"]) == 0
+
+
 async def test_a_large_message_is_parked_with_its_failure_cut_to_the_room_left(
     transport: NatsTransport,
 ) -> None:
@@ -1200,6 +1219,22 @@ async def test_a_message_whose_time_is_out_of_range_is_parked_and_the_rest_flow(
     assert "too large" in letter.failure.message
 
 
+@pytest.mark.parametrize("at", ['"1e999"', '"nan"', "-Infinity"])
+async def test_a_message_whose_time_is_no_finite_number_is_parked(
+    transport: NatsTransport, at: str
+) -> None:
+    # Read as inf or nan, it was handed out: with a deadline, its query "expired", and
+    # so did every later query of its sender for a while (their age read against it).
+    await transport.declare("a", "g", from_start=False)
+    line = b'{"id":"x","name":"Ping","at":%s,"headers":"{\\"deadline\\":\\"1\\"}"}' % at.encode()
+    await transport._jetstream().publish(transport.subject("a"), line + b"\npayload")
+    await transport.send("a", _ping(1))
+    got = await receive_some(transport, 1)
+    assert [d.envelope.payload for d in got] == [b"1"]
+    [letter] = await transport.dead_letters()
+    assert "no finite time" in letter.failure.message
+
+
 async def test_a_changed_claim_after_applies_to_groups_declared_before() -> None:
     # ack_wait is claim_after: a group declared with a short one kept it when the next
     # deployment raised it (for slower handlers), and its deliveries were redelivered
@@ -1228,24 +1263,49 @@ async def test_a_changed_claim_after_applies_to_groups_declared_before() -> None
         await after.close()
 
 
+async def test_an_instance_with_an_older_claim_after_does_not_put_it_back_on_reconnect() -> None:
+    # A deployment raised claim_after; an instance still running the old one checks its
+    # groups' consumers again after a reconnect (or a pull gone silent under load): that
+    # set ack_wait back to its claim_after, and the new instances' deliveries were
+    # redelivered while still handled. Only a declare (a worker starting) changes it.
+    async with _two(claim_after=0.5, second_claim_after=30) as (old, new):
+        await old.declare("a", "g", from_start=False)
+        assert await old.receive("a", "g", consumer="c", limit=1, wait=0) == []
+        await new.declare("a", "g", from_start=False)
+        await old._on_reconnect()  # (what the driver calls once it is connected again)
+        assert await old.receive("a", "g", consumer="c", limit=1, wait=0) == []
+        js = new._jetstream()
+        for name in (new.durable("a", "g"), new.durable("a", "g", 3)):
+            info = await js.consumer_info(new.stream, name)
+            assert info.config.ack_wait == 30, name
+
+
 async def test_a_delivery_has_claim_after_from_when_it_is_handed_out() -> None:
     # What waits in the buffer (the worker busy) is handed out up to claim_after / 2
     # after the server sent it: its handler had only what was left of the server's
     # ack_wait, and a key's message was redelivered while it was still handled.
-    async with _two(claim_after=6) as (busy, other):
+    # What is tested is time passing (the server's ack_wait), so it sleeps: each step is
+    # timed from what the test measured, with a second or more to spare either way.
+    claim_after = 8.0
+    async with _two(claim_after=claim_after) as (busy, other):
         await busy.declare("a", "g", from_start=False)
         assert await busy.receive("a", "g", consumer="c", limit=1, wait=0) == []
         await busy.send("a", Envelope(name="Ping", payload=b"k", key="key-1"))
         group = busy._groups["a", "g"]
         await until(lambda: bool(group.buffer), 10, "the message to be pulled")
-        # The worker is busy: the message waits in the buffer (under claim_after / 2,
-        # over a tenth of it).
-        await asyncio.sleep(1.5)
+        sent = group.buffer[0].arrived  # (the server sent it a moment before)
+        # The worker is busy: the message waits in the buffer, past a tenth of
+        # claim_after; it is handed out before claim_after / 2 (a second to spare).
+        await asyncio.sleep(sent + claim_after * 3 / 8 - time.monotonic())
         [delivery] = await busy.receive("a", "g", consumer="c", limit=1, wait=1)
-        # Its handler takes 4.75 s, under claim_after (but past the server's first
-        # ack_wait): it is not delivered again meanwhile.
-        assert await receive_some(other, 1, wait=4.75) == []
+        handed = time.monotonic()
+        assert handed - sent < claim_after / 2, "handed out too late to tell (the load?)"
+        # Its handler runs a second past the server's first ack_wait, and (by two
+        # seconds or so) under claim_after from when it was handed out: it is not
+        # delivered again meanwhile.
+        assert await receive_some(other, 1, wait=sent + claim_after + 1 - time.monotonic()) == []
         await delivery.ack()
+        assert time.monotonic() < handed + claim_after, "acked too late to tell (the load?)"
         assert await receive_some(busy, 1, wait=0.5) == []  # (its pull would have it)
 
 

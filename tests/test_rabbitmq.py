@@ -173,6 +173,37 @@ async def test_a_message_that_is_no_envelope_is_parked_and_the_rest_flow(
     assert "headers" in odd_letter.failure.message
 
 
+@pytest.mark.parametrize(
+    ("headers", "why"),
+    [
+        ({"x-iambus-at": "1", "x-iambus-headers": "[" * 100_000}, "nested too deep"),
+        ({"x-iambus-at": "1e999"}, "no finite time"),
+        ({"x-iambus-at": "nan"}, "no finite time"),
+    ],
+)
+async def test_a_message_whose_envelope_nests_too_deep_or_has_no_time_is_parked(
+    transport: RabbitMQTransport, headers: dict[str, str], why: str
+) -> None:
+    # As on NATS: user headers nested too deep raised RecursionError out of receive (the
+    # message was never parked), and an "at" of inf or nan passed as a time.
+    import aio_pika
+
+    await transport.declare("a", "g", from_start=False)
+    assert transport._connection is not None
+    channel = await transport._connection.channel()
+    exchange = await channel.get_exchange(transport.namespace, ensure=False)
+    odd = aio_pika.Message(b"{}", type="Ping", message_id="m-1", headers=dict(headers))
+    await exchange.publish(odd, routing_key="a")
+    await channel.close()
+    await transport.send("a", _ping(2))
+    got = await _take(transport, 1)
+    assert [d.envelope.payload for d in got] == [b"2"]
+    await got[0].ack()
+    [letter] = await transport.dead_letters()
+    assert why in letter.failure.message
+    assert len(letter.failure.message) < 1_000
+
+
 async def test_dead_letters_are_listed_without_being_taken(transport: RabbitMQTransport) -> None:
     await transport.declare("a", "g", from_start=False)
     for n in range(3):

@@ -22,6 +22,7 @@ from iambus.transports import (
     Capability,
     DeadLetterCounter,
     DeadLetterStore,
+    Failure,
     Link,
     Monitor,
     Registry,
@@ -414,6 +415,52 @@ async def _redis(claim_after: float = 0.3):  # type: ignore[no-untyped-def]
     )
     await made.open()
     return made
+
+
+async def test_redis_parks_an_entry_whose_time_is_no_finite_number() -> None:
+    # float() reads "1e999" as inf: the entry was handed out as sent at inf.
+    transport = await _redis()
+    try:
+        await transport.declare("a", "g", from_start=False)
+        client = transport._client()
+        await client.xadd(
+            transport._stream("a"), {"id": "x", "name": "Ping", "at": "1e999", "payload": "{}"}
+        )
+        await transport.send("a", _ping(2))
+        got = await transport.receive("a", "g", consumer="c", limit=10, wait=1)
+        assert [d.envelope.payload for d in got] == [b"2"]
+        await got[0].ack()
+        [letter] = await transport.dead_letters()
+        assert "no finite time" in letter.failure.message
+    finally:
+        await transport.destroy()
+        await transport.close()
+
+
+async def test_redis_an_unreadable_dead_letter_is_skipped_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Something else wrote on the dead-letter stream: listing (iambus dlq, iambus status)
+    # and replaying failed on it (a KeyError); a time of inf failed showing it.
+    transport = await _redis()
+    try:
+        await transport.declare("a", "g", from_start=False)
+        await transport.send("a", _ping(1))
+        [delivery] = await transport.receive("a", "g", consumer="c", limit=1, wait=1)
+        client = transport._client()
+        junk = (await client.xadd(transport._dead(), {"x": "y"})).decode()
+        good = {"dl.address": "a", "dl.group": "g", "dl.failure": "{}", **_ping(2).to_fields()}
+        late = (await client.xadd(transport._dead(), {**good, "dl.at": "1e999"})).decode()
+        await delivery.dead_letter(Failure("builtins.ValueError", "no", "", 1))
+        with caplog.at_level(logging.ERROR, logger="iambus.transports.redis"):
+            [letter] = await transport.dead_letters()
+            assert letter.envelope.payload == b"1"
+            assert await transport.replay([junk, late]) == 0
+        assert f"dead letter {junk} in {transport._dead()} is unreadable" in caplog.text
+        assert await transport.replay([letter.id]) == 1
+    finally:
+        await transport.destroy()
+        await transport.close()
 
 
 async def test_redis_parks_an_entry_that_is_no_envelope_and_delivers_the_rest() -> None:

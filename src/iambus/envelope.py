@@ -29,6 +29,7 @@ import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from math import isfinite
 from typing import Any
 
 from .errors import SerializationError
@@ -179,7 +180,7 @@ def _from_any(cls: type[Envelope], fields: Fields) -> Envelope:
             name=_text(_required(get("name"), "name")),
             payload=payload.encode() if isinstance(payload, str) else payload,
             content_type=_text(get("ct") or "application/json"),
-            created_at=float(_number(_required(get("at"), "at"))),
+            created_at=_time(_number(_required(get("at"), "at"))),
             correlation_id=_optional(get("corr")),
             causation_id=_optional(get("cause")),
             reply_to=_optional(get("reply")),
@@ -211,6 +212,8 @@ def _from_bytes(cls: type[Envelope], fields: Mapping[bytes, bytes]) -> Envelope:
         )
     except (KeyError, ValueError, TypeError, UnicodeDecodeError, AttributeError, RecursionError):
         return _from_any(cls, fields)
+    if not isfinite(envelope.created_at):
+        return _from_any(cls, fields)  # names it
     return _checked(envelope) if headers else envelope
 
 
@@ -246,6 +249,8 @@ def _from_text(cls: type[Envelope], fields: dict[str, bytes | str]) -> Envelope 
         )
     except (ValueError, RecursionError):
         return None
+    if not isfinite(envelope.created_at):
+        return None  # the general path names it
     return _checked(envelope) if headers else envelope
 
 
@@ -271,6 +276,15 @@ def _text(value: object) -> str:
     # Decoded JSON from elsewhere may hold anything: a list as a correlation id would
     # pass through and break whoever looks it up.
     raise TypeError(f"expected text, got {type(value).__name__} {value!r}")
+
+
+def _time(value: str | float) -> float:
+    # float() reads "1e999" as inf and "nan" as nan: no time a message was sent at (an
+    # age or a deadline read from it would be infinite, or never compare).
+    at = float(value)
+    if not isfinite(at):
+        raise ValueError(f"the field 'at' is no finite time: {value!r:.40}")
+    return at
 
 
 def _number(value: object) -> str | float:

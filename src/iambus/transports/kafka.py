@@ -135,6 +135,7 @@ from ..errors import (
 from ..partitions import partition, partitions_option
 from . import (
     ANNOUNCE_TTL,
+    UNREADABLE,
     Backlog,
     Capability,
     DeadLetter,
@@ -143,6 +144,7 @@ from . import (
     Instance,
     Transport,
     client_name,
+    failed_at,
     plain_namespace,
     redact,
 )
@@ -1636,9 +1638,9 @@ class KafkaTransport(Transport):
                 group=str(info["group"]),
                 envelope=_envelope(headers, record.value),
                 failure=Failure(**info["failure"]),
-                failed_at=float(info["failed_at"]),
+                failed_at=failed_at(info["failed_at"]),
             )
-        except (KeyError, TypeError, ValueError, SerializationError) as exc:
+        except UNREADABLE as exc:
             logger.warning("iambus: skipping a malformed dead letter %r: %s", letter_id, exc)
 
     async def dead_letters(self, *, limit: int = 100) -> list[DeadLetter]:
@@ -1849,9 +1851,12 @@ def _envelope(headers: dict[str, bytes], value: bytes | None) -> Envelope:
             None if key is None else key.decode(),
             json.loads(own) if own else {},
         )
-    except ValueError as exc:  # (a UnicodeDecodeError is one)
+        if not math.isfinite(envelope.created_at):  # "1e999", "nan": no time
+            raise ValueError(f"{CREATED_AT} {at!r:.40} is no finite time")
+    except (ValueError, RecursionError) as exc:  # (a UnicodeDecodeError is a ValueError)
         shown = {h: v for h, v in headers.items() if h.startswith("iambus-")}
-        raise SerializationError(f"malformed envelope headers {shown!r:.300}: {exc}") from exc
+        why = f"{HEADERS} nested too deep" if isinstance(exc, RecursionError) else exc
+        raise SerializationError(f"malformed envelope headers {shown!r:.300}: {why}") from exc
     if own and not (
         type(envelope.headers) is dict
         and all(type(k) is str and type(v) is str for k, v in envelope.headers.items())

@@ -142,6 +142,7 @@ from ..errors import (
 from ..partitions import partition, partitions_option
 from . import (
     ANNOUNCE_TTL,
+    UNREADABLE,
     Backlog,
     Capability,
     DeadLetter,
@@ -150,6 +151,7 @@ from . import (
     Instance,
     Transport,
     client_name,
+    failed_at,
     plain_namespace,
     redact,
 )
@@ -663,10 +665,13 @@ class NatsTransport(Transport):
             answer.set_result(message)
 
     async def declare(self, address: str, group: str, *, from_start: bool) -> None:
-        await self._declare(address, group, from_start=from_start)
+        await self._declare(address, group, from_start=from_start, update=True)
 
-    async def _declare(self, address: str, group: str, *, from_start: bool) -> set[str]:
-        """Declare the group's consumers; returns the names of those it had to create."""
+    async def _declare(
+        self, address: str, group: str, *, from_start: bool, update: bool
+    ) -> set[str]:
+        """Declare the group's consumers; returns the names of those it had to create
+        (``update``: give those that exist this transport's claim_after)."""
         if not self._streams_ready:
             await self._ensure_streams()
         lanes: list[tuple[str, str, bool]] = [
@@ -675,12 +680,12 @@ class NatsTransport(Transport):
         for n in range(self.partitions):
             lanes.append((self.durable(address, group, n), self.keyed_subject(address, n), True))
         created = await asyncio.gather(
-            *(self._declare_consumer(*lane, from_start=from_start) for lane in lanes)
+            *(self._declare_consumer(*lane, from_start=from_start, update=update) for lane in lanes)
         )
         return {name for (name, _, _), made in zip(lanes, created, strict=True) if made}
 
     async def _declare_consumer(
-        self, durable: str, subject: str, keyed: bool, *, from_start: bool
+        self, durable: str, subject: str, keyed: bool, *, from_start: bool, update: bool
     ) -> bool:
         js = self._jetstream()
         async with self._translate("create consumer"):
@@ -690,7 +695,7 @@ class NatsTransport(Transport):
                 pass
             else:
                 had = info.config.ack_wait
-                if had is None or abs(had - self.claim_after) > 1e-6:
+                if update and (had is None or abs(had - self.claim_after) > 1e-6):
                     # claim_after changed since it was made: a shorter ack_wait would
                     # redeliver what is still being handled (a key's next out beside it).
                     logger.info(
@@ -1087,7 +1092,9 @@ class NatsTransport(Transport):
     async def _declare_again(self, state: _Group) -> None:
         """Make sure a group's consumers exist; one that is missing is declared again."""
         self._streams_ready = False  # it may have gone with its stream
-        missing = await self._declare(state.address, state.group, from_start=True)
+        # Not their ack_wait: an instance still on an older claim_after would put it
+        # back over the one a later deployment declared.
+        missing = await self._declare(state.address, state.group, from_start=True, update=False)
         state.check = False
         if missing:
             logger.warning(
@@ -1782,9 +1789,9 @@ def _dead_letter(
             group=str(record["group"]),
             envelope=_unframed(headers, payload),
             failure=Failure(**record["failure"]),
-            failed_at=float(record["failed_at"]),
+            failed_at=failed_at(record["failed_at"]),
         )
-    except (KeyError, ValueError, TypeError, RecursionError, SerializationError) as exc:
+    except UNREADABLE as exc:
         logger.error(
             "iambus: dead letter %d in %s is unreadable (skipped; `nats stream rmm %s %d` "
             "deletes it): %r",

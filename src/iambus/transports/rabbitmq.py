@@ -2434,15 +2434,20 @@ def _envelope(properties: spec.Basic.Properties, body: bytes) -> Envelope:
             key=_optional(headers.get(H_KEY)),
             headers=json.loads(_text(user)) if user else {},
         )
-    except (KeyError, ValueError, TypeError, UnicodeDecodeError) as exc:
+        if not math.isfinite(envelope.created_at):  # "1e999", "nan": no time
+            raise ValueError(f"{H_AT} {headers[H_AT]!r:.40} is no finite time")
+    except (KeyError, ValueError, TypeError, UnicodeDecodeError, RecursionError) as exc:
+        # (not a ValueError: a RecursionError would fail every receive)
+        why = f"{H_HEADERS} nested too deep" if isinstance(exc, RecursionError) else exc
         raise SerializationError(
-            f"malformed envelope (AMQP properties {properties!r}): {exc}"
+            f"malformed envelope (AMQP properties {properties!r:.300}): {why}"
         ) from exc
     if not isinstance(envelope.headers, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in envelope.headers.items()
     ):
         raise SerializationError(
-            f"malformed envelope headers {envelope.headers!r}: expected a JSON object of strings"
+            f"malformed envelope headers {envelope.headers!r:.300}: "
+            f"expected a JSON object of strings"
         )
     return envelope
 

@@ -117,6 +117,7 @@ from ..errors import (
 from ..partitions import partition, partitions_option
 from . import (
     ANNOUNCE_TTL,
+    UNREADABLE,
     Backlog,
     Capability,
     DeadLetter,
@@ -125,6 +126,7 @@ from . import (
     Instance,
     Transport,
     client_name,
+    failed_at,
     redact,
 )
 
@@ -1076,7 +1078,8 @@ class RedisTransport(Transport):
     async def dead_letters(self, *, limit: int = 100) -> list[DeadLetter]:
         async with self._translate("XRANGE"):
             rows: Any = await self._client().xrange(self._dead(), count=limit)
-        return [_dead_letter(entry_id, fields) for entry_id, fields in rows]
+        letters = (_dead_letter(self._dead(), entry_id, fields) for entry_id, fields in rows)
+        return [letter for letter in letters if letter is not None]
 
     async def dead_letter_counts(self) -> dict[tuple[str, str], int]:
         # Paged through the dead-letter stream reading two fields of each entry: nothing
@@ -1103,7 +1106,9 @@ class RedisTransport(Transport):
                 rows: Any = await client.xrange(self._dead(), min=letter_id, max=letter_id)
                 if not rows:
                     continue
-                letter = _dead_letter(*rows[0])
+                letter = _dead_letter(self._dead(), *rows[0])
+                if letter is None:
+                    continue
                 fields: Any = letter.envelope.to_fields()
                 async with client.pipeline(transaction=True) as pipe:
                     if letter.envelope.key is None:
@@ -1455,17 +1460,29 @@ def _with_reply_to(envelope: Envelope, channel: str) -> Envelope:
     return dataclasses.replace(envelope, reply_to=channel)
 
 
-def _dead_letter(entry_id: Any, fields: Any) -> DeadLetter:
-    get = {_text(k): v for k, v in fields.items()}
-    failure = json.loads(get.pop("dl.failure"))
-    address, group = _text(get.pop("dl.address")), _text(get.pop("dl.group"))
-    failed_at = float(_text(get.pop("dl.at")))
-    get.pop(_PARTITION, None)
-    return DeadLetter(
-        id=_text(entry_id),
-        address=address,
-        group=group,
-        envelope=Envelope.from_fields(get),
-        failure=Failure(**failure),
-        failed_at=failed_at,
-    )
+def _dead_letter(stream: str, entry_id: Any, fields: Any) -> DeadLetter | None:
+    """The dead letter of an entry of ``stream``; None (logged) for an entry that is none."""
+    try:
+        get = {_text(k): v for k, v in fields.items()}
+        failure = json.loads(get.pop("dl.failure"))
+        address, group = _text(get.pop("dl.address")), _text(get.pop("dl.group"))
+        failed = failed_at(_text(get.pop("dl.at")))
+        get.pop(_PARTITION, None)
+        return DeadLetter(
+            id=_text(entry_id),
+            address=address,
+            group=group,
+            envelope=Envelope.from_fields(get),
+            failure=Failure(**failure),
+            failed_at=failed,
+        )
+    except UNREADABLE as exc:
+        logger.error(
+            "iambus: dead letter %s in %s is unreadable (skipped; `XDEL %s %s` deletes it): %r",
+            _text(entry_id),
+            stream,
+            stream,
+            _text(entry_id),
+            exc,
+        )
+        return None
