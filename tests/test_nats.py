@@ -1090,6 +1090,22 @@ async def test_a_core_request_its_consumer_leaves_unsettled_goes_to_the_stream()
         assert (await asking).payload == b"4"
 
 
+async def test_a_core_request_handed_out_and_unsettled_at_close_goes_to_the_stream() -> None:
+    # A transport closed without leave() (not by a worker: by its owner) hands what it
+    # was handed over core NATS and did not settle to the stream, as leave() does (it was
+    # dropped: its requester waited until its timeout).
+    async with _two(claim_after=30) as (closing, other):
+        await closing.declare("a", "g", from_start=True)
+        assert await closing.receive("a", "g", consumer="w", limit=1, wait=0.1) == []
+        asking = asyncio.create_task(other.request("a", _ping(5), timeout=20))
+        [handed] = await receive_some(closing, 1)
+        assert handed.envelope.payload == b"5"
+        await closing.close()
+        [delivery] = await _answer(other, 1, wait=10)
+        assert delivery.envelope.payload == b"5"
+        assert (await asking).payload == b"5"
+
+
 @pytest.mark.parametrize(
     ("stream", "retention"), [("M", "workqueue"), ("M", "interest"), ("D", "interest")]
 )

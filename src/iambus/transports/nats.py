@@ -463,6 +463,11 @@ class NatsTransport(Transport):
             for subscription in subscriptions:
                 with contextlib.suppress(NatsError, OSError, TimeoutError):
                     await subscription.unsubscribe()
+            # Those handed out and not settled too, as leave() hands them over: closed
+            # without it, their requesters would wait until their timeout.
+            unsettled = [d for ds in self._handed_asked.values() for d in ds if not d.settled]
+            for delivery in unsettled:
+                delivery.settled = True
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.timeout):
                     await asyncio.gather(
@@ -470,7 +475,8 @@ class NatsTransport(Transport):
                             self._hand_over(state, asked)
                             for state in self._groups.values()
                             for asked in state.asked
-                        )
+                        ),
+                        *(self._hand_over(d._state, d._request) for d in unsettled),
                     )
             for state in self._groups.values():
                 state.asked.clear()
