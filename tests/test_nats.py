@@ -1067,16 +1067,26 @@ async def test_a_receive_cancelled_while_parking_gives_back_what_it_took() -> No
         await other.close()
 
 
+async def _core_request_handed_out(
+    answering: NatsTransport, other: NatsTransport, n: int
+) -> asyncio.Task[Envelope]:
+    """``other`` asks ``_ping(n)`` over core NATS; ``answering`` (listening, group ``g``
+    of address ``a``) has it handed out to consumer ``c`` and leaves it unsettled. The
+    request's task."""
+    await answering.declare("a", "g", from_start=True)
+    assert await answering.receive("a", "g", consumer="w", limit=1, wait=0.1) == []
+    asking = asyncio.create_task(other.request("a", _ping(n), timeout=20))
+    [handed] = await receive_some(answering, 1)
+    assert handed.envelope.payload == str(n).encode()
+    return asking
+
+
 async def test_a_core_request_its_consumer_leaves_unsettled_goes_to_the_stream() -> None:
     # A worker stopping cancels its receives and a handler still running, then calls
     # leave(): what it was handed goes to the group's other consumers, a request that
     # came over core NATS too (it was lost: its requester timed out).
     async with _two(claim_after=30) as (stopping, other):
-        await stopping.declare("a", "g", from_start=True)
-        assert await stopping.receive("a", "g", consumer="w", limit=1, wait=0.1) == []
-        asking = asyncio.create_task(other.request("a", _ping(4), timeout=20))
-        [handed] = await receive_some(stopping, 1)
-        assert handed.envelope.payload == b"4"
+        asking = await _core_request_handed_out(stopping, other, 4)
         # The worker stops: its receive is cancelled, then it leaves.
         group = stopping._groups[("a", "g")]
         waiting = asyncio.create_task(stopping.receive("a", "g", consumer="c", limit=1, wait=5))
@@ -1095,11 +1105,7 @@ async def test_a_core_request_handed_out_and_unsettled_at_close_goes_to_the_stre
     # was handed over core NATS and did not settle to the stream, as leave() does (it was
     # dropped: its requester waited until its timeout).
     async with _two(claim_after=30) as (closing, other):
-        await closing.declare("a", "g", from_start=True)
-        assert await closing.receive("a", "g", consumer="w", limit=1, wait=0.1) == []
-        asking = asyncio.create_task(other.request("a", _ping(5), timeout=20))
-        [handed] = await receive_some(closing, 1)
-        assert handed.envelope.payload == b"5"
+        asking = await _core_request_handed_out(closing, other, 5)
         await closing.close()
         [delivery] = await _answer(other, 1, wait=10)
         assert delivery.envelope.payload == b"5"
