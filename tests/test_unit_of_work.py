@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import traceback
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
@@ -40,6 +41,7 @@ from iambus.transports.memory import MemoryTransport
 from iambus.unit_of_work import Connection, Session
 
 from .conftest import POSTGRES_DSN
+from .processes import until
 
 
 @dataclass(frozen=True, slots=True)
@@ -493,6 +495,98 @@ async def test_an_aborted_transaction_is_found_where_asyncpg_is_not_as_iambus_kn
 ) -> None:
     monkeypatch.setattr(unit_of_work, "_commit_reader", lambda tx: None)
     await test_a_failed_transaction_that_sends_nothing_is_named_too(orders)
+
+
+@contextlib.asynccontextmanager
+async def one_connection(orders: Database) -> AsyncIterator[tuple[Database, list[Any]]]:
+    """``orders`` with a pool of one connection (what a unit gives back is what the next
+    one gets), and what asyncpg tells its event loop's exception handler meanwhile
+    ("Resetting connection with an active transaction", as a connection in a transaction
+    goes back to the pool)."""
+    database = Database(POSTGRES_DSN, schema=orders.schema, pool={"max_size": 1})
+    told: list[Any] = []
+    loop = asyncio.get_running_loop()
+    handler = loop.get_exception_handler()
+    loop.set_exception_handler(lambda loop, context: told.append(context))
+    try:
+        yield database, told
+    finally:
+        loop.set_exception_handler(handler)
+        await database.close()
+
+
+async def test_an_asyncpg_units_own_commit_keeps_savepoints_and_leaves_its_connection_clean(
+    orders: Database,
+) -> None:
+    """The COMMIT iambus sends for asyncpg (see _commit_reader) behaves as asyncpg's own:
+    a handler's savepoints (released, or rolled back to after an error) commit with the
+    unit, and a connection whose COMMIT PostgreSQL answered with ROLLBACK goes back to
+    the pool out of any transaction, asyncpg's as well as the server's."""
+    table = f'"{orders.schema}".orders'
+    async with one_connection(orders) as (database, told):
+        dp = shop(database)
+
+        @dp.commands.register(PlaceOrder)
+        async def place(command: PlaceOrder, conn: asyncpg.Connection) -> int:
+            async with conn.transaction():  # a savepoint, released
+                await conn.execute(f"INSERT INTO {table} VALUES ($1)", command.order_id)
+            with contextlib.suppress(asyncpg.UniqueViolationError):
+                async with conn.transaction():  # a savepoint, rolled back to
+                    await conn.execute(f"INSERT INTO {table} VALUES ($1)", command.order_id)
+            if command.fail:  # the transaction aborted, the error caught
+                with contextlib.suppress(asyncpg.DivisionByZeroError):
+                    await conn.execute("SELECT 1/0")
+            return command.order_id
+
+        async with dp:
+            assert await dp.execute(PlaceOrder(1)) == 1
+            with pytest.raises(TransactionFailed, match="rolled it back at the commit"):
+                await dp.execute(PlaceOrder(2, fail=True))
+            async with database.connection() as conn:  # the pool's only connection
+                assert not conn.is_in_transaction()
+                async with conn.transaction():  # (top-level: asyncpg knows of no other)
+                    await conn.execute(f"INSERT INTO {table} VALUES (3)")
+            assert await dp.execute(PlaceOrder(4)) == 4
+    assert await order_ids(orders) == [1, 3, 4]
+    assert told == []
+
+
+async def test_an_asyncpg_unit_cancelled_while_its_commit_waits_leaves_no_transaction(
+    orders: Database,
+) -> None:
+    """Cancelled while its COMMIT is in flight (here: a deferred trigger waits for a
+    lock), a unit leaves the transaction as asyncpg's own commit would: its connection
+    goes back to the pool once the server has answered, out of any transaction."""
+    table = f'"{orders.schema}".orders'
+    async with orders.connection() as conn:
+        await conn.execute(
+            f'CREATE FUNCTION "{orders.schema}".waits() RETURNS trigger LANGUAGE plpgsql '
+            f"AS $$ BEGIN PERFORM pg_advisory_xact_lock(7171); RETURN NULL; END $$; "
+            f"CREATE CONSTRAINT TRIGGER waits AFTER INSERT ON {table} DEFERRABLE "
+            f'INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION "{orders.schema}".waits()'
+        )
+    waiting = "SELECT count(*) > 0 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+    async with one_connection(orders) as (database, told):
+        dp = shop(database)
+
+        @dp.commands.register(PlaceOrder)
+        async def place(command: PlaceOrder, conn: asyncpg.Connection) -> int:
+            await conn.execute(f"INSERT INTO {table} VALUES ($1)", command.order_id)
+            return command.order_id
+
+        async with dp, orders.connection() as holder:
+            await holder.execute("SELECT pg_advisory_lock(7171)")
+            placing = asyncio.create_task(dp.execute(PlaceOrder(1)))
+            await until(lambda: holder.fetchval(waiting), 10, "the COMMIT to wait for the lock")
+            placing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await placing  # (its connection went back once the COMMIT was cancelled)
+            await holder.execute("SELECT pg_advisory_unlock(7171)")
+            async with database.connection() as conn:  # the pool's only connection
+                assert not conn.is_in_transaction()
+            assert await dp.execute(PlaceOrder(2)) == 2
+    assert await order_ids(orders) == [2]
+    assert told == []
 
 
 async def test_a_failed_sqlalchemy_transaction_that_sends_nothing_is_named_too(
