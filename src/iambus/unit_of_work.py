@@ -409,7 +409,10 @@ class Scope:
             else:
                 await self._tx.commit()
             return
-        status = await reading()
+        try:
+            status = await reading()
+        finally:
+            self._tx = None  # its COMMIT went out: nothing left to roll back
         if status != "COMMIT":
             raise TransactionFailed(
                 f"cannot commit the unit of work: its transaction had failed already (a "
@@ -424,7 +427,7 @@ class Scope:
         try:
             if _is_sqlalchemy(session):
                 await session.rollback()
-            else:
+            elif self._tx is not None:
                 await self._tx.rollback()
         except Exception:  # the connection may be gone: the server has rolled it back
             logger.debug("iambus: rolling back a unit of work failed", exc_info=True)
