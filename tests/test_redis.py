@@ -15,7 +15,7 @@ import json
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -1044,3 +1044,229 @@ async def test_redis_leave_or_close_hands_on_an_unkeyed_delivery_at_once(how: st
             assert seen == {n: 2 if n == number(left) else 1 for n in range(6)}
         finally:
             await stopping.close()
+
+
+# -- connections that die silently --------------------------------------------------------
+
+
+class BlackHole:
+    """A TCP forwarder to Redis that ``cut()`` turns into a black hole, as a NAT or a
+    firewall that dropped its state (or a host gone without a RST) does: its connections
+    stay open, but no byte passes any more (or, ``cut("answers")``, none from Redis: the
+    commands arrive, their answers are lost). A cut connection stays cut, as a dropped NAT
+    mapping does; those made after ``restore()`` forward again. Only this test's own
+    connections are affected, not the other clients of the shared Redis."""
+
+    def __init__(self) -> None:
+        self.cut_off: str | None = None  # None, "both" or "answers"
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._cut: list[list[str | None]] = []  # each connection's own cut
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        return f"redis://127.0.0.1:{port}/0"
+
+    async def __aenter__(self) -> BlackHole:
+        require("redis")
+        self._server = await asyncio.start_server(self._connected, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for writer in self._writers:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        await self._server.wait_closed()
+
+    def cut(self, lost: str = "both") -> None:
+        """From now on, the open connections (and new ones) pass nothing (or no answer)."""
+        self.cut_off = lost
+        for state in self._cut:
+            state[0] = lost
+
+    def restore(self) -> None:
+        """Connections made from now on forward again; the cut ones stay cut."""
+        self.cut_off = None
+
+    async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        redis_reader, redis_writer = await asyncio.open_connection("127.0.0.1", 6379)
+        self._writers += [writer, redis_writer]
+        state: list[str | None] = [self.cut_off]
+        self._cut.append(state)
+        for source, sink, answers in ((reader, redis_writer, False), (redis_reader, writer, True)):
+            task = asyncio.get_running_loop().create_task(self._pass(source, sink, state, answers))
+            self._tasks.add(task)
+
+    @staticmethod
+    async def _pass(
+        source: asyncio.StreamReader,
+        sink: asyncio.StreamWriter,
+        state: list[str | None],
+        answers: bool,
+    ) -> None:
+        with contextlib.suppress(OSError):
+            while data := await source.read(65536):
+                if state[0] == "both" or (state[0] == "answers" and answers):
+                    continue  # swallowed: the peer never hears of it
+                sink.write(data)
+                await sink.drain()
+        sink.close()
+
+
+@contextlib.asynccontextmanager
+async def through(hole: BlackHole, **options: Any) -> AsyncIterator[Any]:
+    """An open RedisTransport connected through ``hole``, on a namespace of its own,
+    destroyed at the end (over a direct connection: the hole may be cut)."""
+    from iambus.transports.redis import RedisTransport
+
+    namespace = f"test-{uuid.uuid4().hex[:12]}"
+    made = RedisTransport(f"{hole.url}?namespace={namespace}", claim_after=1.0, **options)
+    await made.open()
+    try:
+        yield made
+    finally:
+        hole.restore()
+        await made.close()
+        cleaner = RedisTransport(f"{REDIS}?namespace={namespace}")
+        await cleaner.open()
+        await cleaner.destroy()
+        await cleaner.close()
+
+
+async def fails_within(seconds: float, command: Awaitable[Any]) -> TransportError:
+    """The TransportError ``command`` raised, within ``seconds`` (the test's own bound:
+    without one the command would wait as long as TCP retransmits, ~15 min)."""
+    started = time.monotonic()
+    with pytest.raises(TransportError) as caught:
+        async with asyncio.timeout(seconds * 3):  # hung: TimeoutError, not TransportError
+            await command
+    took = time.monotonic() - started
+    assert took < seconds, f"it failed, but after {took:.1f} s, not within {seconds} s"
+    return caught.value
+
+
+@pytest.mark.parametrize("lost", ["both", "answers"])
+async def test_redis_a_send_on_a_silently_dead_connection_fails_within_the_timeout(
+    lost: str,
+) -> None:
+    # timeout=1.5 + block=0.2: no answer for 1.7 s fails the command (redis-py 8's own
+    # default would take 5 s; redis-py 5-7 have none and wait for TCP, ~15 min).
+    async with BlackHole() as hole, through(hole, timeout=1.5, block=0.2) as made:
+        await made.declare("a", "g", from_start=False)
+        await made.send("a", ping(1))
+        hole.cut(lost)
+        error = await fails_within(4, made.send("a", ping(2)))
+        assert str(error).startswith(f"{made.url}: XADD failed: no answer within 1.7 s")
+        assert "raise the transport's timeout (?timeout=)" in str(error)
+        # The connection that timed out was dropped: the next send connects again.
+        hole.restore()
+        async with asyncio.timeout(5):
+            await made.send("a", ping(3))
+        got = []
+        async with asyncio.timeout(10):
+            while len(got) < (3 if lost == "answers" else 2):
+                got += await made.receive("a", "g", consumer="c", limit=10, wait=0.2)
+        # At least once: a send that raised may still have been stored (its answer was
+        # lost, not its command); a sender that sends it again makes a duplicate.
+        assert sorted(number(d) for d in got) == ([1, 2, 3] if lost == "answers" else [1, 3])
+
+
+async def test_redis_a_receive_or_ack_on_a_silently_dead_connection_fails_within_the_timeout() -> (
+    None
+):
+    async with BlackHole() as hole, through(hole, timeout=1.5, block=0.2) as made:
+        await made.declare("a", "g", from_start=False)
+        await made.send("a", ping(1))
+        [held] = await receive_some(made, "c")
+        hole.cut()
+        await fails_within(4, made.receive("a", "g", consumer="c", limit=10, wait=0.5))
+        await fails_within(4, held.ack())
+        hole.restore()
+        # The ack that failed left the delivery pending: another consumer gets it again
+        # after claim_after (attempt 2), over a connection made anew.
+        [again] = await receive_some(made, "c2")
+        assert (number(again), again.attempt) == (1, 2)
+        await again.ack()
+        assert await pending(made) == 0
+
+
+async def test_redis_a_receive_may_block_longer_than_the_drivers_default_socket_timeout() -> None:
+    # redis-py 8 gives each connection a 5 s socket timeout unless told otherwise: an
+    # XREADGROUP blocking longer than that failed every quiet receive.
+    async with opened(block=5.5) as made:
+        await made.declare("a", "g", from_start=False)
+        started = time.monotonic()
+        assert await made.receive("a", "g", consumer="c", limit=10, wait=5.5) == []
+        assert time.monotonic() - started >= 5.5
+        await made.send("a", ping(1))
+        [got] = await receive_some(made, "c")
+        assert number(got) == 1
+
+
+def test_redis_timeout_comes_from_the_constructor_or_the_url_and_is_checked() -> None:
+    from iambus.errors import ImproperlyConfigured
+    from iambus.transports.redis import RedisTransport
+
+    assert RedisTransport(REDIS).timeout == 10.0
+    assert RedisTransport(f"{REDIS}?timeout=2.5").timeout == 2.5
+    assert RedisTransport(f"{REDIS}?timeout=2.5", timeout=4).timeout == 4  # like partitions
+    for bad in ("0", "-1", "inf", "nan", "soon", " "):
+        with pytest.raises(ImproperlyConfigured, match=r"timeout in 'redis://.*' must be a pos"):
+            RedisTransport(f"{REDIS}?timeout={bad}")
+    for wrong in (0, -1.0, float("inf"), "10", True):
+        with pytest.raises(ImproperlyConfigured, match=r"timeout must be seconds \(a number > 0"):
+            RedisTransport(REDIS, timeout=wrong)
+    for derived in ("socket_timeout", "socket_connect_timeout"):
+        with pytest.raises(ImproperlyConfigured, match=rf"{derived} is set by the transport"):
+            RedisTransport(f"{REDIS}?{derived}=5")
+
+
+async def test_redis_a_requester_whose_reply_subscription_died_silently_subscribes_again() -> None:
+    # The reply listener only reads: on a connection that died silently it heard nothing
+    # for ever, and every request timed out although the network was fine again.
+    from iambus.envelope import Envelope
+    from iambus.transports.redis import RedisTransport
+
+    async with BlackHole() as hole, through(hole, timeout=1.5, block=0.2) as asker:
+        replier = RedisTransport(f"{REDIS}?namespace={asker.namespace}", block=0.1)
+        await replier.open()
+        await replier.declare("a", "g", from_start=False)
+        done = asyncio.Event()
+
+        async def answer() -> None:
+            # Stopped by the flag, not by cancel(): on Python 3.11 redis-py can swallow
+            # a cancellation (asyncio.wait_for around its socket write).
+            while not done.is_set():
+                for delivery in await replier.receive("a", "g", consumer="c", limit=10, wait=0.2):
+                    to = delivery.envelope.reply_to
+                    assert to is not None
+                    pong = Envelope(name="Pong", payload=b"ok", correlation_id=delivery.envelope.id)
+                    await replier.reply(to, pong)
+                    await delivery.ack()
+
+        async def answered() -> bool:
+            try:
+                return (await asker.request("a", ping(0), timeout=1)).payload == b"ok"
+            except (TimeoutError, TransportError):  # its send, or its answer, was lost
+                return False
+
+        answering = asyncio.create_task(answer())
+        try:
+            assert await answered()
+            hole.cut()
+            assert not await answered()
+            hole.restore()
+            await until(answered, 15, "an answer once the network is back")
+        finally:
+            done.set()
+            await answering
+            await replier.close()

@@ -512,7 +512,7 @@ def resolve(url: str) -> tuple[str, str, str, dict[str, Any]]:
     query = parse_qsl(parts.query, keep_blank_values=True)
     claim_after = [value for name, value in query if name == "claim_after"]
     if claim_after:
-        options["claim_after"] = _seconds(claim_after[-1], url)
+        options["claim_after"] = url_seconds(claim_after[-1], url)
         rest = [(name, value) for name, value in query if name != "claim_after"]
         url = urlunsplit(parts._replace(query=urlencode(rest)))
     module_name, class_name, _extra = _SCHEMES[scheme]
@@ -604,13 +604,14 @@ def _secret(parameter: str) -> bool:
     return any(word in name for word in _SECRET_PARAMETERS)
 
 
-def _seconds(text: str, url: str) -> float:
+def url_seconds(text: str, url: str, option: str = "claim_after") -> float:
+    """``?option=text`` of ``url`` as seconds above 0, else ``ImproperlyConfigured``."""
     try:
         value = float(text)
     except ValueError:
         value = -1.0
     if not 0 < value < float("inf"):
         raise ImproperlyConfigured(
-            f"claim_after in {redact(url)!r} must be a positive number of seconds, got {text!r}"
+            f"{option} in {redact(url)!r} must be a positive number of seconds, got {text!r}"
         )
     return value

@@ -87,7 +87,11 @@ Trimming: each stream is capped near ``max_length`` entries (``XADD MAXLEN ~``, 
 1,000,000). Entries stay in the stream after they are acked, until the cap pushes them
 out; a group lagging more than ``max_length`` entries behind would lose the oldest, so
 size it well above any backlog you expect (pointers count toward the address's
-stream). Driver errors surface as ``TransportError``. The Lua scripts touch several keys
+stream). Driver errors surface as ``TransportError``. A command without Redis's answer
+for ``timeout`` (default 10, also ``?timeout=``) plus ``block`` seconds fails, and its
+connection is dropped (a connection that died silently); the connect timeout is
+``timeout``; TCP keepalive is on; the reply listener pings a quiet subscription (see
+docs/redis.md). The Lua scripts touch several keys
 each: the transport needs a single Redis (or a replicated primary), not Redis Cluster.
 """
 
@@ -97,6 +101,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+import socket
 import time
 import uuid
 from collections import Counter
@@ -128,11 +134,13 @@ from . import (
     client_name,
     failed_at,
     redact,
+    url_seconds,
 )
 
 try:
     import redis.asyncio as aioredis
     from redis.exceptions import AuthenticationError, NoPermissionError, RedisError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError as exc:  # pragma: no cover - exercised without the extra installed
     raise ImportError("the Redis transport needs redis-py: pip install 'iambus[redis]'") from exc
 
@@ -142,6 +150,9 @@ logger = logging.getLogger(__name__)
 
 RETRY_OWNER = "__retry__"
 CLOSE_WAIT = 5.0  # seconds close() waits for the sends and acks in flight
+TIMEOUT = 10.0  # default seconds a command may go without Redis's answer (beyond its block)
+# Driver options the transport derives from its own timeout (and block): not in the URL.
+_DERIVED = ("socket_timeout", "socket_connect_timeout")
 
 # A send waiting in the coalescer: stream, fields, and for a keyed one its pointer
 # (the address's stream, the pointer's fields).
@@ -410,16 +421,25 @@ class RedisTransport(Transport):
         max_length: int = 1_000_000,
         max_connections: int = 64,
         partitions: int | None = None,
+        timeout: float | None = None,
         client_name: str | None = None,
     ) -> None:
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
+        for driver_option in _DERIVED:
+            if driver_option in query:
+                raise ImproperlyConfigured(
+                    f"{redact(url)}: {driver_option} is set by the transport from its timeout "
+                    f"and block; give ?timeout=SECONDS (or timeout=...) instead"
+                )
         if namespace is not None:
             check_name("namespace", namespace)
         self.namespace = namespace or query.pop("namespace", None) or "iambus"
         if ":" in self.namespace or not self.namespace:
             raise ImproperlyConfigured(f"a Redis namespace may not contain ':': {self.namespace!r}")
         self.partitions = partitions_option(partitions, query)
+        in_url = query.pop("timeout", None)
+        self.timeout = _timeout_option(timeout, in_url, url)
         self._driver_url = urlunsplit(parts._replace(query=urlencode(query)))
         self.url = redact(url)
         self.client_name = client_name  # None: the dispatcher's service names it on open
@@ -460,6 +480,15 @@ class RedisTransport(Transport):
             max_connections=self.max_connections,
             timeout=None,
             client_name=self.client_name or client_name(),  # CLIENT SETNAME on each
+            # A connection that dies silently (a NAT or firewall dropping it, a host gone
+            # without a RST) would leave a command waiting as long as TCP retransmits
+            # (~15 min). The longest answer the transport waits for is an XREADGROUP
+            # blocking `block` seconds; `timeout` more and the command fails, and redis-py
+            # drops the connection, so the next command connects again.
+            socket_timeout=self.timeout + self.block,
+            socket_connect_timeout=self.timeout,
+            socket_keepalive=True,  # an idle pooled connection's death is noticed too
+            socket_keepalive_options=_keepalive(self.timeout),
         )
         client = aioredis.Redis(connection_pool=pool)
         async with self._translate("connect"):
@@ -1043,7 +1072,7 @@ class RedisTransport(Transport):
                 await pubsub.subscribe(self._reply_channel)
                 if not self._listening.done():
                     self._listening.set_result(None)
-                async for message in _messages(pubsub):
+                async for message in _messages(pubsub, self.timeout):
                     try:
                         answer = _reply_of(message)
                     except SerializationError as exc:
@@ -1243,6 +1272,13 @@ class RedisTransport(Transport):
                 f"{self.url}: {what} refused: {exc} (check the user and password in the URL, "
                 f"and the user's ACL rules)"
             )
+        elif isinstance(exc, RedisTimeoutError):
+            error = TransportError(
+                f"{self.url}: {what} failed: no answer within {self.timeout + self.block:g} s "
+                f"(timeout={self.timeout:g} + block={self.block:g}); the connection was "
+                f"dropped and the next command connects again. Check the network path to "
+                f"Redis; if Redis is only slow, raise the transport's timeout (?timeout=)"
+            )
         else:
             error = TransportError(f"{self.url}: {what} failed: {exc}")
         error.__cause__ = exc
@@ -1400,6 +1436,23 @@ class _Coalescer:
             self._next()
 
 
+def _timeout_option(given: float | None, in_url: str | None, url: str) -> float:
+    """The ``timeout`` option: the keyword when given (as ``namespace`` and ``partitions``),
+    else ``?timeout=`` of the URL, else ``TIMEOUT``."""
+    if given is not None or in_url is None:
+        return check_seconds("timeout", TIMEOUT if given is None else given)
+    return url_seconds(in_url, url, "timeout")
+
+
+def _keepalive(timeout: float) -> dict[int, int]:
+    """TCP keepalive: a dead idle connection is closed after about ``2 * timeout``."""
+    interval = max(1, math.ceil(timeout / 3))
+    wanted = {"TCP_KEEPIDLE": math.ceil(timeout), "TCP_KEEPINTVL": interval, "TCP_KEEPCNT": 3}
+    # (macOS names TCP_KEEPIDLE TCP_KEEPALIVE; a platform may lack any of them)
+    names = {**wanted, "TCP_KEEPALIVE": wanted["TCP_KEEPIDLE"]}
+    return {getattr(socket, name): value for name, value in names.items() if hasattr(socket, name)}
+
+
 def _fail(futures: list[asyncio.Future[Any]], error: Exception) -> None:
     for future in futures:
         if not future.done():
@@ -1432,11 +1485,24 @@ def _streams(read: Any) -> list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes
     return [(key, entries) for key, entries in read]
 
 
-async def _messages(pubsub: Any) -> AsyncIterator[bytes]:
+async def _messages(pubsub: Any, timeout: float) -> AsyncIterator[bytes]:
+    """The messages of ``pubsub``. A subscription only reads, so a connection that died
+    silently would look like a quiet channel forever: after ``timeout`` s without a word
+    it is pinged, and without the pong ``timeout`` s later it is given up."""
+    heard = time.monotonic()
+    pinged: float | None = None
     while True:
         message = await pubsub.get_message(timeout=1.0)
-        if message is not None and message.get("type") == "message":
-            yield message["data"]
+        now = time.monotonic()
+        if message is not None:
+            heard, pinged = now, None
+            if message.get("type") == "message":
+                yield message["data"]
+        elif pinged is not None and now - pinged > timeout:
+            raise TransportError(f"no answer to a PING within {timeout:g} s")
+        elif pinged is None and now - heard > timeout:
+            pinged = now
+            await pubsub.ping()
 
 
 def _reply_of(message: bytes) -> Envelope:
