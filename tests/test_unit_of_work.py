@@ -515,6 +515,13 @@ async def one_connection(orders: Database) -> AsyncIterator[tuple[Database, list
         await database.close()
 
 
+def resets(told: list[Any]) -> list[str]:
+    """What asyncpg told of connections going back to the pool in a transaction (not its
+    other news: a COMMIT cancelled in flight, say, has it open a connection to send the
+    server a cancel request, whose end it may report as a future never retrieved)."""
+    return [str(c.get("message")) for c in told if "transaction" in str(c.get("message"))]
+
+
 async def test_an_asyncpg_units_own_commit_keeps_savepoints_and_leaves_its_connection_clean(
     orders: Database,
 ) -> None:
@@ -548,7 +555,7 @@ async def test_an_asyncpg_units_own_commit_keeps_savepoints_and_leaves_its_conne
                     await conn.execute(f"INSERT INTO {table} VALUES (3)")
             assert await dp.execute(PlaceOrder(4)) == 4
     assert await order_ids(orders) == [1, 3, 4]
-    assert told == []
+    assert resets(told) == []
 
 
 async def test_an_asyncpg_unit_cancelled_while_its_commit_waits_leaves_no_transaction(
@@ -586,7 +593,7 @@ async def test_an_asyncpg_unit_cancelled_while_its_commit_waits_leaves_no_transa
                 assert not conn.is_in_transaction()
             assert await dp.execute(PlaceOrder(2)) == 2
     assert await order_ids(orders) == [2]
-    assert told == []
+    assert resets(told) == []
 
 
 async def test_a_failed_sqlalchemy_transaction_that_sends_nothing_is_named_too(
