@@ -1270,3 +1270,14 @@ async def test_redis_a_requester_whose_reply_subscription_died_silently_subscrib
             done.set()
             await answering
             await replier.close()
+
+
+@pytest.mark.parametrize("timeout", [32767, 40_000, 1e9])
+async def test_redis_a_long_timeout_still_connects(timeout: float) -> None:
+    # The keepalive derived from timeout: Linux refuses TCP_KEEPIDLE/KEEPINTVL above
+    # 32767 s (EINVAL), which failed every connect of a transport with a long timeout.
+    async with opened(timeout=timeout) as made:
+        await made.declare("a", "g", from_start=False)
+        await made.send("a", ping(1))
+        [got] = await receive_some(made, "c")
+        assert number(got) == 1

@@ -151,6 +151,7 @@ logger = logging.getLogger(__name__)
 RETRY_OWNER = "__retry__"
 CLOSE_WAIT = 5.0  # seconds close() waits for the sends and acks in flight
 TIMEOUT = 10.0  # default seconds a command may go without Redis's answer (beyond its block)
+KEEPALIVE_MAX = 32767  # seconds: the longest TCP keepalive idle time and interval (Linux)
 # Driver options the transport derives from its own timeout (and block): not in the URL.
 _DERIVED = ("socket_timeout", "socket_connect_timeout")
 
@@ -1447,7 +1448,10 @@ def _timeout_option(given: float | None, in_url: str | None, url: str) -> float:
 def _keepalive(timeout: float) -> dict[int, int]:
     """TCP keepalive: a dead idle connection is closed after about ``2 * timeout``."""
     interval = max(1, math.ceil(timeout / 3))
-    wanted = {"TCP_KEEPIDLE": math.ceil(timeout), "TCP_KEEPINTVL": interval, "TCP_KEEPCNT": 3}
+    # Linux refuses (EINVAL: no connection at all) an idle time or interval above
+    # 32767 s; a longer timeout keeps probing at that bound.
+    idle, interval = min(math.ceil(timeout), KEEPALIVE_MAX), min(interval, KEEPALIVE_MAX)
+    wanted = {"TCP_KEEPIDLE": idle, "TCP_KEEPINTVL": interval, "TCP_KEEPCNT": 3}
     # (macOS names TCP_KEEPIDLE TCP_KEEPALIVE; a platform may lack any of them)
     names = {**wanted, "TCP_KEEPALIVE": wanted["TCP_KEEPIDLE"]}
     return {getattr(socket, name): value for name, value in names.items() if hasattr(socket, name)}
