@@ -1281,3 +1281,34 @@ async def test_redis_a_long_timeout_still_connects(timeout: float) -> None:
         await made.send("a", ping(1))
         [got] = await receive_some(made, "c")
         assert number(got) == 1
+
+
+async def test_redis_close_ends_a_reply_listener_that_swallowed_its_cancellation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # On Python 3.11 redis-py wraps each socket write in asyncio.wait_for, which returns
+    # the write's result (and drops the cancellation) when the cancel comes as the write
+    # ends: a listener cancelled in its PING went on listening, and close() waited for it
+    # for ever. Here the first PING drops the cancel, deterministically.
+    from redis.asyncio.client import PubSub
+
+    pinging = asyncio.Event()
+    real_ping = PubSub.ping
+
+    async def ping_dropping_a_cancel(self: Any, *args: Any) -> Any:
+        if not pinging.is_set():
+            pinging.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.Event().wait()  # as wait_for on 3.11 when the write was done
+        return await real_ping(self, *args)
+
+    monkeypatch.setattr(PubSub, "ping", ping_dropping_a_cancel)
+    async with opened(timeout=1.0, block=1.0) as made:
+        asking = asyncio.create_task(made.request("a", ping(0), timeout=25))
+        async with asyncio.timeout(15):
+            await pinging.wait()  # a quiet subscription: pinged after timeout s
+        async with asyncio.timeout(10):  # hung: TimeoutError
+            await made.close()
+        with pytest.raises(TransportError, match="closed while waiting"):
+            await asking
+        await made.open()  # for opened()'s destroy

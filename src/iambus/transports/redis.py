@@ -150,6 +150,7 @@ logger = logging.getLogger(__name__)
 
 RETRY_OWNER = "__retry__"
 CLOSE_WAIT = 5.0  # seconds close() waits for the sends and acks in flight
+CANCEL_AGAIN = 0.1  # seconds before a task that ignored its cancellation is cancelled again
 TIMEOUT = 10.0  # default seconds a command may go without Redis's answer (beyond its block)
 KEEPALIVE_MAX = 32767  # seconds: the longest TCP keepalive idle time and interval (Linux)
 # Driver options the transport derives from its own timeout (and block): not in the URL.
@@ -507,8 +508,7 @@ class RedisTransport(Transport):
 
     async def close(self) -> None:
         if self._listener is not None:
-            self._listener.cancel()
-            await asyncio.gather(self._listener, return_exceptions=True)
+            await _cancelled(self._listener)
             self._listener = self._listening = None
         # Sends and acks issued before close() go out (their flushes are not left running).
         unsent = TransportError(f"{self.url}: closed before it could send or ack")
@@ -1455,6 +1455,17 @@ def _keepalive(timeout: float) -> dict[int, int]:
     # (macOS names TCP_KEEPIDLE TCP_KEEPALIVE; a platform may lack any of them)
     names = {**wanted, "TCP_KEEPALIVE": wanted["TCP_KEEPIDLE"]}
     return {getattr(socket, name): value for name, value in names.items() if hasattr(socket, name)}
+
+
+async def _cancelled(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait for its end. Cancelled again as long as it runs: on Python
+    3.11 redis-py's ``asyncio.wait_for`` around a socket write drops a cancellation that
+    comes as the write ends, and the task goes on."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=CANCEL_AGAIN)
+    if not task.cancelled():
+        task.exception()  # retrieved: no "never retrieved" warning
 
 
 def _fail(futures: list[asyncio.Future[Any]], error: Exception) -> None:
