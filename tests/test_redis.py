@@ -1255,17 +1255,19 @@ async def test_redis_a_requester_whose_reply_subscription_died_silently_subscrib
 
         async def answered() -> bool:
             try:
-                return (await asker.request("a", ping(0), timeout=1)).payload == b"ok"
+                return (await asker.request("a", ping(0), timeout=2)).payload == b"ok"
             except (TimeoutError, TransportError):  # its send, or its answer, was lost
                 return False
 
         answering = asyncio.create_task(answer())
         try:
-            assert await answered()
+            # A loaded machine may miss one answer's 2 s: the path is shown working when
+            # any is answered.
+            await until(answered, 10, "an answer before the cut")
             hole.cut()
             assert not await answered()
             hole.restore()
-            await until(answered, 15, "an answer once the network is back")
+            await until(answered, 18, "an answer once the network is back")
         finally:
             done.set()
             await answering
