@@ -1314,3 +1314,40 @@ async def test_redis_close_ends_a_reply_listener_that_swallowed_its_cancellation
         with pytest.raises(TransportError, match="closed while waiting"):
             await asking
         await made.open()  # for opened()'s destroy
+
+
+async def test_redis_a_request_as_close_begins_fails_instead_of_hanging() -> None:
+    # close() cancelled the reply listener before it had subscribed: the request waiting
+    # for the subscription waited for ever (its timeout counts only once it has sent).
+    async with opened() as made:
+        asking = asyncio.create_task(made.request("a", ping(1), timeout=5))
+        closing = asyncio.create_task(made.close())
+        async with asyncio.timeout(10):  # hung: TimeoutError
+            with pytest.raises(TransportError, match="clos"):
+                await asking
+            await closing
+        await made.open()  # for opened()'s destroy
+
+
+async def test_redis_a_request_while_close_drains_leaves_no_reply_listener_behind() -> None:
+    # close() stopped the reply listener first, then waited for the sends in flight: a
+    # request made meanwhile started a new listener, which close() left running.
+    def listeners() -> list[asyncio.Task[Any]]:
+        return [t for t in asyncio.all_tasks() if "_receive_replies" in repr(t.get_coro())]
+
+    async with BlackHole() as hole, through(hole, timeout=2, block=0.2) as made:
+        await made.declare("a", "g", from_start=False)
+        hole.cut("answers")  # the connections open now get no answer any more
+        sending = asyncio.create_task(made.send("a", ping(1)))  # in flight for 2.2 s
+        await asyncio.sleep(0)
+        hole.restore()  # those made from now on answer
+        closing = asyncio.create_task(made.close())  # waits for the send in flight
+        await asyncio.sleep(0)
+        async with asyncio.timeout(15):
+            with pytest.raises(TransportError, match="clos"):
+                await made.request("a", ping(2), timeout=10)
+            await closing
+        with pytest.raises(TransportError):
+            await sending
+        assert listeners() == []
+        await made.open()  # for through()'s close

@@ -507,15 +507,19 @@ class RedisTransport(Transport):
         }
 
     async def close(self) -> None:
-        if self._listener is not None:
-            await _cancelled(self._listener)
-            self._listener = self._listening = None
         # Sends and acks issued before close() go out (their flushes are not left running).
         unsent = TransportError(f"{self.url}: closed before it could send or ack")
         for coalescer in (self._sends, self._acks):
             await coalescer.drain(CLOSE_WAIT, unsent)
         # Nothing new from here on: its flush would outlive close(), its reply be lost.
         self._closing = True
+        # The reply listener last: one a request started meanwhile is stopped too.
+        if self._listener is not None:
+            await _cancelled(self._listener)
+        if self._listening is not None and not self._listening.done():
+            # (cancelled before it had subscribed: the request waiting for that fails)
+            self._listening.set_exception(TransportError(f"{self.url}: closed while waiting"))
+        self._listener = self._listening = None
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(TransportError(f"{self.url}: closed while waiting"))
@@ -1039,6 +1043,7 @@ class RedisTransport(Transport):
     # -- request/reply --------------------------------------------------------------
 
     async def request(self, address: str, envelope: Envelope, *, timeout: float) -> Envelope:
+        self._open_for("request")  # no listener started on a closing transport
         await self._listen()
         future: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
         self._waiting[envelope.id] = future
@@ -1066,13 +1071,14 @@ class RedisTransport(Transport):
         await asyncio.shield(self._listening)
 
     async def _receive_replies(self) -> None:
-        assert self._listening is not None
+        listening = self._listening
+        assert listening is not None
         while True:
             pubsub = self._client().pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self._reply_channel)
-                if not self._listening.done():
-                    self._listening.set_result(None)
+                if not listening.done():
+                    listening.set_result(None)
                 async for message in _messages(pubsub, self.timeout):
                     try:
                         answer = _reply_of(message)
@@ -1086,10 +1092,10 @@ class RedisTransport(Transport):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if not self._listening.done():
+                if not listening.done():
                     error = TransportError(f"{self.url}: subscribing for replies failed: {exc}")
                     error.__cause__ = exc
-                    self._listening.set_exception(error)
+                    listening.set_exception(error)
                     # The next request starts a new listener instead of failing forever.
                     self._listening = self._listener = None
                     return
