@@ -1351,3 +1351,12 @@ async def test_redis_a_request_while_close_drains_leaves_no_reply_listener_behin
             await sending
         assert listeners() == []
         await made.open()  # for through()'s close
+
+
+async def test_redis_a_request_on_a_transport_not_open_raises() -> None:
+    # Its reply listener died on the closed client before it had subscribed, and the
+    # request waited for that subscription for ever.
+    made = transport_for(f"test-{uuid.uuid4().hex[:12]}")
+    async with asyncio.timeout(10):  # hung: TimeoutError
+        with pytest.raises(TransportError, match=r"is not open; await transport\.open"):
+            await made.request("a", ping(1), timeout=5)
