@@ -150,7 +150,9 @@ logger = logging.getLogger(__name__)
 
 RETRY_OWNER = "__retry__"
 CLOSE_WAIT = 5.0  # seconds close() waits for the sends and acks in flight
+CANCEL_AGAIN = 0.1  # seconds before a task that ignored its cancellation is cancelled again
 TIMEOUT = 10.0  # default seconds a command may go without Redis's answer (beyond its block)
+KEEPALIVE_MAX = 32767  # seconds: the longest TCP keepalive idle time and interval (Linux)
 # Driver options the transport derives from its own timeout (and block): not in the URL.
 _DERIVED = ("socket_timeout", "socket_connect_timeout")
 
@@ -505,16 +507,19 @@ class RedisTransport(Transport):
         }
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            await asyncio.gather(self._listener, return_exceptions=True)
-            self._listener = self._listening = None
         # Sends and acks issued before close() go out (their flushes are not left running).
         unsent = TransportError(f"{self.url}: closed before it could send or ack")
         for coalescer in (self._sends, self._acks):
             await coalescer.drain(CLOSE_WAIT, unsent)
         # Nothing new from here on: its flush would outlive close(), its reply be lost.
         self._closing = True
+        # The reply listener last: one a request started meanwhile is stopped too.
+        if self._listener is not None:
+            await _cancelled(self._listener)
+        if self._listening is not None and not self._listening.done():
+            # (cancelled before it had subscribed: the request waiting for that fails)
+            self._listening.set_exception(TransportError(f"{self.url}: closed while waiting"))
+        self._listener = self._listening = None
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(TransportError(f"{self.url}: closed while waiting"))
@@ -1038,6 +1043,7 @@ class RedisTransport(Transport):
     # -- request/reply --------------------------------------------------------------
 
     async def request(self, address: str, envelope: Envelope, *, timeout: float) -> Envelope:
+        self._open_for("request")  # no listener started on a closing transport
         await self._listen()
         future: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
         self._waiting[envelope.id] = future
@@ -1065,13 +1071,14 @@ class RedisTransport(Transport):
         await asyncio.shield(self._listening)
 
     async def _receive_replies(self) -> None:
-        assert self._listening is not None
+        listening = self._listening
+        assert listening is not None
         while True:
             pubsub = self._client().pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self._reply_channel)
-                if not self._listening.done():
-                    self._listening.set_result(None)
+                if not listening.done():
+                    listening.set_result(None)
                 async for message in _messages(pubsub, self.timeout):
                     try:
                         answer = _reply_of(message)
@@ -1085,10 +1092,10 @@ class RedisTransport(Transport):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if not self._listening.done():
+                if not listening.done():
                     error = TransportError(f"{self.url}: subscribing for replies failed: {exc}")
                     error.__cause__ = exc
-                    self._listening.set_exception(error)
+                    listening.set_exception(error)
                     # The next request starts a new listener instead of failing forever.
                     self._listening = self._listener = None
                     return
@@ -1447,10 +1454,24 @@ def _timeout_option(given: float | None, in_url: str | None, url: str) -> float:
 def _keepalive(timeout: float) -> dict[int, int]:
     """TCP keepalive: a dead idle connection is closed after about ``2 * timeout``."""
     interval = max(1, math.ceil(timeout / 3))
-    wanted = {"TCP_KEEPIDLE": math.ceil(timeout), "TCP_KEEPINTVL": interval, "TCP_KEEPCNT": 3}
+    # Linux refuses (EINVAL: no connection at all) an idle time or interval above
+    # 32767 s; a longer timeout keeps probing at that bound.
+    idle, interval = min(math.ceil(timeout), KEEPALIVE_MAX), min(interval, KEEPALIVE_MAX)
+    wanted = {"TCP_KEEPIDLE": idle, "TCP_KEEPINTVL": interval, "TCP_KEEPCNT": 3}
     # (macOS names TCP_KEEPIDLE TCP_KEEPALIVE; a platform may lack any of them)
     names = {**wanted, "TCP_KEEPALIVE": wanted["TCP_KEEPIDLE"]}
     return {getattr(socket, name): value for name, value in names.items() if hasattr(socket, name)}
+
+
+async def _cancelled(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait for its end. Cancelled again as long as it runs: on Python
+    3.11 redis-py's ``asyncio.wait_for`` around a socket write drops a cancellation that
+    comes as the write ends, and the task goes on."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=CANCEL_AGAIN)
+    if not task.cancelled():
+        task.exception()  # retrieved: no "never retrieved" warning
 
 
 def _fail(futures: list[asyncio.Future[Any]], error: Exception) -> None:
