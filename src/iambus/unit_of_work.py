@@ -418,9 +418,9 @@ class Scope:
                 f"cannot commit the unit of work: its transaction had failed already (a "
                 f"statement in it raised, and the error was caught), and PostgreSQL rolled "
                 f"it back at the commit ({status}): none of its writes were kept. Let the "
-                f"error end the unit (it "
-                f"rolls back and the delivery is retried), or roll back to a savepoint "
-                f"(connection.transaction() / session.begin_nested()) around what may fail"
+                f"error end the unit (it rolls back and the delivery is retried), or roll "
+                f"back to a savepoint (connection.transaction() / session.begin_nested()) "
+                f"around what may fail"
             )
 
     async def _rollback(self, session: Any) -> None:
