@@ -966,6 +966,39 @@ async def test_a_send_that_never_returns_does_not_hold_its_lanes_for_ever(
     assert [n_of(e) for e in await rest(transport)] == [1, 2]
 
 
+async def test_a_row_whose_send_always_hangs_is_parked_and_its_key_goes_on(
+    database: Database, transport: MemoryTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A send given up (no answer within SEND_TIMEOUT) while the broker takes other rows
+    is a failed attempt of its row, as a refusal is: parked after FAILED_SENDS, its key's
+    next rows go on. (It was never charged: its key waited behind it for good.)"""
+    monkeypatch.setattr("iambus.relay.SEND_TIMEOUT", 0.2)
+    poison, healthy = keys_in_lanes(2)
+    hangs = envelope(0, key=poison)
+    await commit(database, hangs, envelope(1, key=poison))
+
+    class Hanging:
+        url = "hanging+" + transport.url
+
+        async def send(self, address: str, e: Envelope) -> None:
+            if e.id == hangs.id:
+                await asyncio.Event().wait()  # no answer, ever
+            await transport.send(address, e)
+
+    relay = Relay(database, Hanging())
+    for n in range(FAILED_SENDS):
+        await commit(database, envelope(100 + n, key=healthy))
+        async with asyncio.timeout(10):
+            with contextlib.suppress(TransportError):  # (the pass says what it gave up)
+                await relay.run_once()
+        assert [n_of(e) for e in await rest(transport)] == [100 + n]
+    [row] = await parked(database)
+    assert (row.message_id, row.attempts) == (hangs.id, FAILED_SENDS)
+    assert "did not return within 0.2 s" in row.error
+    assert await relay.run_once() == 1  # the key's next row, behind it until it was parked
+    assert [n_of(e) for e in await rest(transport)] == [1]
+
+
 async def test_a_stop_cut_short_by_its_deadline_does_not_hang_and_loses_nothing(
     database: Database, transport: MemoryTransport, caplog: pytest.LogCaptureFixture
 ) -> None:

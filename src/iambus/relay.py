@@ -154,7 +154,8 @@ SEND_TIMEOUT = 30.0
 """Seconds a batch waits for news of its sends once it has read its rows: when none of
 them returned meanwhile (a broker gone silent, a connection the network lost without a
 word), they are given up (cancelled; their rows stay, and are sent again by a later
-pass), so that its lanes and its transaction are not held for as long as they hang."""
+pass, each charged a failed attempt as a refused row is), so that its lanes and its
+transaction are not held for as long as they hang."""
 PASS_SECONDS = 1.0
 """Seconds a pass goes on from batch to batch for, at most: then it ends (its sends
 returned, its lanes unlocked), and the next pass takes the lanes with rows, those that
@@ -687,6 +688,7 @@ class _Pass:
         self.done = False  # the batch reads no more rows
         self.sent = 0  # rows sent and deleted by committed batches
         self.failure: Exception | None = None  # the first send that failed
+        self.given_up: TransportError | None = None  # why its hung sends were cancelled
         self.more = False  # the last batch was full or cut: more may wait
         self.unlocked = False  # ``holder`` was closed: the lanes are free
         self.lost = False  # the pass failed as a connection of it was closed
@@ -790,6 +792,7 @@ class _Pass:
         logger.warning("relay %s: %s", self.relay.database.outbox, error)
         if self.failure is None:
             self.failure = error
+        self.given_up = error
         for task in hung:
             task.cancel()
 
@@ -917,6 +920,14 @@ class _Pass:
                         except asyncio.CancelledError as exc:
                             task = asyncio.current_task()
                             if task is None or task.cancelling():
+                                if self.given_up is not None:
+                                    # Given up: a failed attempt like a refusal (charged
+                                    # while the broker takes other rows, parked after
+                                    # FAILED_SENDS): a row whose send always hangs must
+                                    # not hold its key up for ever.
+                                    self.outcome.failed.append((row, self.given_up))
+                                    if key is not None:
+                                        self.failed.add(key)
                                 raise  # the relay's own: it stops
                             # A driver that cancelled its own future (its connection
                             # closed): a failed send, not the relay's end.
