@@ -966,6 +966,19 @@ async def test_a_send_that_never_returns_does_not_hold_its_lanes_for_ever(
     assert [n_of(e) for e in await rest(transport)] == [1, 2]
 
 
+class HangingOn:
+    """Sends with ``transport``, except ``hangs``, whose send never returns."""
+
+    def __init__(self, hangs: Envelope, transport: Transport) -> None:
+        self.hangs, self.transport = hangs, transport
+        self.url = "hanging+" + transport.url
+
+    async def send(self, address: str, e: Envelope) -> None:
+        if e.id == self.hangs.id:
+            await asyncio.Event().wait()  # no answer, ever
+        await self.transport.send(address, e)
+
+
 async def test_a_row_whose_send_always_hangs_is_parked_and_its_key_goes_on(
     database: Database, transport: MemoryTransport, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -977,15 +990,7 @@ async def test_a_row_whose_send_always_hangs_is_parked_and_its_key_goes_on(
     hangs = envelope(0, key=poison)
     await commit(database, hangs, envelope(1, key=poison))
 
-    class Hanging:
-        url = "hanging+" + transport.url
-
-        async def send(self, address: str, e: Envelope) -> None:
-            if e.id == hangs.id:
-                await asyncio.Event().wait()  # no answer, ever
-            await transport.send(address, e)
-
-    relay = Relay(database, Hanging())
+    relay = Relay(database, HangingOn(hangs, transport))
     for n in range(FAILED_SENDS):
         await commit(database, envelope(100 + n, key=healthy))
         async with asyncio.timeout(10):
@@ -997,6 +1002,58 @@ async def test_a_row_whose_send_always_hangs_is_parked_and_its_key_goes_on(
     assert "did not return within 0.2 s" in row.error
     assert await relay.run_once() == 1  # the key's next row, behind it until it was parked
     assert [n_of(e) for e in await rest(transport)] == [1]
+
+
+async def test_a_send_given_up_after_a_handover_is_charged_once_and_holds_its_key(
+    database: Database, transport: MemoryTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A send started by a batch and given up in a later one (the batch handed over
+    meanwhile) is charged once, in the batch that gave it up; its key's next row, behind
+    it, is not sent in that pass, and the other rows are."""
+    monkeypatch.setattr("iambus.relay.SEND_TIMEOUT", 0.2)
+    [key] = keys_in_lanes(1)
+    hangs, behind = envelope(0, key=key), envelope(1, key=key)
+    await commit(database, hangs, behind, *(envelope(10 + n) for n in range(9)))
+
+    async with asyncio.timeout(10):
+        with contextlib.suppress(TransportError):
+            await Relay(database, HangingOn(hangs, transport), batch=2, in_flight=2).run_once()
+    assert sorted(n_of(e) for e in await rest(transport)) == list(range(10, 19))
+    async with database.connection() as conn:
+        rows = await conn.fetch(f"SELECT message_id, attempts FROM {database.outbox}")
+    assert {row["message_id"]: row["attempts"] for row in rows} == {hangs.id: 1, behind.id: 0}
+
+
+async def test_a_stop_cut_short_after_a_send_was_given_up_charges_nothing(
+    database: Database, transport: MemoryTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A given-up send still unwinding when a stop is cut short: the batch rolls back,
+    its charge with it (the row is not charged for the stop)."""
+    monkeypatch.setattr("iambus.relay.SEND_TIMEOUT", 0.2)
+    poison, healthy = keys_in_lanes(2)
+    hangs = envelope(0, key=poison)
+    await commit(database, hangs, envelope(1, key=poison), envelope(2, key=healthy))
+    unwinding = asyncio.Event()
+
+    class Lingering:
+        url = "lingering+" + transport.url
+
+        async def send(self, address: str, e: Envelope) -> None:
+            if e.id == hangs.id:
+                try:
+                    await asyncio.Event().wait()  # no answer, ever
+                except asyncio.CancelledError:
+                    unwinding.set()
+                    await asyncio.Event().wait()  # and slow to give up
+            await transport.send(address, e)
+
+    relay = Relay(database, Lingering(), listen=False)
+    await relay.start()
+    await unwinding.wait()
+    await relay.stop(deadline=asyncio.get_running_loop().time())
+    async with database.connection() as conn:
+        assert await conn.fetchval(f"SELECT max(attempts) FROM {database.outbox}") == 0
+        assert await conn.fetchval(f"SELECT count(*) FROM {database.outbox}") == 3
 
 
 async def test_a_stop_cut_short_by_its_deadline_does_not_hang_and_loses_nothing(
