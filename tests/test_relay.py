@@ -1024,6 +1024,34 @@ async def test_a_send_given_up_after_a_handover_is_charged_once_and_holds_its_ke
     assert {row["message_id"]: row["attempts"] for row in rows} == {hangs.id: 1, behind.id: 0}
 
 
+async def test_the_sends_under_way_as_the_broker_goes_silent_are_not_charged(
+    database: Database, transport: MemoryTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker took rows, then went silent (a connection lost without a word): the
+    sends under way then are given up, and charged nothing, as an outage's are (the
+    broker took no send begun after them). They were charged an attempt each."""
+    monkeypatch.setattr("iambus.relay.SEND_TIMEOUT", 0.2)
+    await commit(database, *(envelope(n) for n in range(4)))
+
+    class GoesSilent:
+        url = "silent+" + transport.url
+        calls = 0
+
+        async def send(self, address: str, e: Envelope) -> None:
+            self.calls += 1
+            if self.calls > 2:
+                await asyncio.Event().wait()  # silent from the 3rd send on
+            await transport.send(address, e)
+
+    async with asyncio.timeout(10):
+        with contextlib.suppress(TransportError):
+            await Relay(database, GoesSilent()).run_once()
+    assert len(await rest(transport)) == 2
+    async with database.connection() as conn:
+        attempts = await conn.fetch(f"SELECT attempts FROM {database.outbox}")
+    assert [row["attempts"] for row in attempts] == [0, 0]
+
+
 async def test_a_stop_cut_short_after_a_send_was_given_up_charges_nothing(
     database: Database, transport: MemoryTransport, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -154,8 +154,9 @@ SEND_TIMEOUT = 30.0
 """Seconds a batch waits for news of its sends once it has read its rows: when none of
 them returned meanwhile (a broker gone silent, a connection the network lost without a
 word), they are given up (cancelled; their rows stay, and are sent again by a later
-pass, each charged a failed attempt as a refused row is), so that its lanes and its
-transaction are not held for as long as they hang."""
+pass, each charged a failed attempt as a refused row is when the broker took a send
+begun after it), so that its lanes and its transaction are not held for as long as they
+hang."""
 PASS_SECONDS = 1.0
 """Seconds a pass goes on from batch to batch for, at most: then it ends (its sends
 returned, its lanes unlocked), and the next pass takes the lanes with rows, those that
@@ -689,6 +690,8 @@ class _Pass:
         self.sent = 0  # rows sent and deleted by committed batches
         self.failure: Exception | None = None  # the first send that failed
         self.given_up: TransportError | None = None  # why its hung sends were cancelled
+        self.begun = 0  # sends begun: each send's number, in the order they began
+        self.taken = 0  # the number of the latest begun send the broker took
         self.more = False  # the last batch was full or cut: more may wait
         self.unlocked = False  # ``holder`` was closed: the lanes are free
         self.lost = False  # the pass failed as a connection of it was closed
@@ -911,6 +914,8 @@ class _Pass:
                         and (unstarted == handover or left + size > half)
                     ):
                         self.changed.set()  # (it was not handing before this row)
+                    self.begun += 1
+                    begun = self.begun
                     try:
                         try:
                             if telemetry is None:
@@ -920,14 +925,16 @@ class _Pass:
                         except asyncio.CancelledError as exc:
                             task = asyncio.current_task()
                             if task is None or task.cancelling():
-                                if self.given_up is not None:
-                                    # Given up: a failed attempt like a refusal (charged
-                                    # while the broker takes other rows, parked after
-                                    # FAILED_SENDS): a row whose send always hangs must
-                                    # not hold its key up for ever.
+                                if self.given_up is not None and key is not None:
+                                    self.failed.add(key)  # (its next rows wait behind it)
+                                if self.given_up is not None and self.taken > begun:
+                                    # Given up while the broker took a send begun after
+                                    # it: a failed attempt of its row like a refusal
+                                    # (parked after FAILED_SENDS): a row whose send
+                                    # always hangs must not hold its key up for ever.
+                                    # (Not when the broker went silent as it was under
+                                    # way: an outage, nobody's fault.)
                                     self.outcome.failed.append((row, self.given_up))
-                                    if key is not None:
-                                        self.failed.add(key)
                                 raise  # the relay's own: it stops
                             # A driver that cancelled its own future (its connection
                             # closed): a failed send, not the relay's end.
@@ -944,6 +951,7 @@ class _Pass:
                             self.failed.add(key)
                         break  # the key's next rows wait behind this one
                     else:
+                        self.taken = max(self.taken, begun)
                         # (the batch open now: the one before may have committed)
                         outcome = self.outcome
                         sent = outcome.sent
