@@ -34,7 +34,7 @@ from typing import Any
 
 from .errors import SerializationError
 
-__all__ = ["Envelope", "current_envelope", "new_id"]
+__all__ = ["Envelope", "current_envelope", "finite_time", "new_id"]
 
 
 # The envelope whose handler is running (set by the worker), for correlation.
@@ -180,7 +180,7 @@ def _from_any(cls: type[Envelope], fields: Fields) -> Envelope:
             name=_text(_required(get("name"), "name")),
             payload=payload.encode() if isinstance(payload, str) else payload,
             content_type=_text(get("ct") or "application/json"),
-            created_at=_time(_number(_required(get("at"), "at"))),
+            created_at=finite_time(_number(_required(get("at"), "at")), "the field 'at'"),
             correlation_id=_optional(get("corr")),
             causation_id=_optional(get("cause")),
             reply_to=_optional(get("reply")),
@@ -203,7 +203,7 @@ def _from_bytes(cls: type[Envelope], fields: Mapping[bytes, bytes]) -> Envelope:
             name=fields[b"name"].decode(),
             payload=fields[b"payload"],
             content_type=(fields.get(b"ct") or b"application/json").decode(),
-            created_at=float(fields[b"at"]),
+            created_at=finite_time(fields[b"at"], "at"),
             correlation_id=corr.decode() if corr is not None else None,
             causation_id=cause.decode() if cause is not None else None,
             reply_to=reply.decode() if reply is not None else None,
@@ -211,9 +211,7 @@ def _from_bytes(cls: type[Envelope], fields: Mapping[bytes, bytes]) -> Envelope:
             headers=json.loads(headers) if headers else {},
         )
     except (KeyError, ValueError, TypeError, UnicodeDecodeError, AttributeError, RecursionError):
-        return _from_any(cls, fields)
-    if not isfinite(envelope.created_at):
-        return _from_any(cls, fields)  # names it
+        return _from_any(cls, fields)  # (names what is wrong)
     return _checked(envelope) if headers else envelope
 
 
@@ -240,7 +238,7 @@ def _from_text(cls: type[Envelope], fields: dict[str, bytes | str]) -> Envelope 
             name=name,
             payload=payload,
             content_type=ct,
-            created_at=float(at),
+            created_at=finite_time(at, "at"),
             correlation_id=corr,  # type: ignore[arg-type]
             causation_id=cause,  # type: ignore[arg-type]
             reply_to=reply,  # type: ignore[arg-type]
@@ -248,9 +246,7 @@ def _from_text(cls: type[Envelope], fields: dict[str, bytes | str]) -> Envelope 
             headers=json.loads(headers) if headers else {},
         )
     except (ValueError, RecursionError):
-        return None
-    if not isfinite(envelope.created_at):
-        return None  # the general path names it
+        return None  # the general path names what is wrong
     return _checked(envelope) if headers else envelope
 
 
@@ -278,12 +274,15 @@ def _text(value: object) -> str:
     raise TypeError(f"expected text, got {type(value).__name__} {value!r}")
 
 
-def _time(value: str | float) -> float:
-    # float() reads "1e999" as inf and "nan" as nan: no time a message was sent at (an
-    # age or a deadline read from it would be infinite, or never compare).
-    at = float(value)
+def finite_time(value: object, what: str) -> float:
+    """``value`` (a number, or its text) as seconds since the epoch; a ``ValueError``
+    naming ``what`` for one that is no number or no finite one (``float()`` reads
+    "1e999" as inf and "nan" as nan: no time a message was sent or failed at; an age or
+    a deadline read from it would be infinite, or never compare), an ``OverflowError``
+    for an integer too large for a float."""
+    at = float(value)  # type: ignore[arg-type]  # (what is no number raises)
     if not isfinite(at):
-        raise ValueError(f"the field 'at' is no finite time: {value!r:.40}")
+        raise ValueError(f"{what} is no finite time: {value!r:.40}")
     return at
 
 

@@ -85,7 +85,6 @@ import abc
 import enum
 import importlib
 import json
-import math
 import os
 import re
 import socket
@@ -522,15 +521,6 @@ def resolve(url: str) -> tuple[str, str, str, dict[str, Any]]:
 # What reading a stored dead letter raises when something else wrote it (or wrote it
 # otherwise): that one is skipped, logged, instead of failing the listing and replays.
 UNREADABLE = (KeyError, ValueError, TypeError, OverflowError, RecursionError, SerializationError)
-
-
-def failed_at(value: object) -> float:
-    """A stored dead letter's time of failure; a ValueError (or OverflowError, for an
-    integer too large) for one that is no finite time."""
-    at = float(value)  # type: ignore[arg-type]  # (what is no number raises)
-    if not math.isfinite(at):
-        raise ValueError(f"failed at {value!r:.40}: no time")
-    return at
 
 
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_-]+")

@@ -122,7 +122,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TypeAlias
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from ..envelope import Envelope
+from ..envelope import Envelope, finite_time
 from ..errors import (
     ImproperlyConfigured,
     MessageRefused,
@@ -144,7 +144,6 @@ from . import (
     Instance,
     Transport,
     client_name,
-    failed_at,
     plain_namespace,
     redact,
 )
@@ -1638,7 +1637,7 @@ class KafkaTransport(Transport):
                 group=str(info["group"]),
                 envelope=_envelope(headers, record.value),
                 failure=Failure(**info["failure"]),
-                failed_at=failed_at(info["failed_at"]),
+                failed_at=finite_time(info["failed_at"], "failed_at"),
             )
         except UNREADABLE as exc:
             logger.warning("iambus: skipping a malformed dead letter %r: %s", letter_id, exc)
@@ -1846,13 +1845,11 @@ def _envelope(headers: dict[str, bytes], value: bytes | None) -> Envelope:
             envelope_id.decode(),
             None if corr is None else corr.decode(),
             None if cause is None else cause.decode(),
-            float(at),
+            finite_time(at, CREATED_AT),
             None if reply is None else reply.decode(),
             None if key is None else key.decode(),
             json.loads(own) if own else {},
         )
-        if not math.isfinite(envelope.created_at):  # "1e999", "nan": no time
-            raise ValueError(f"{CREATED_AT} {at!r:.40} is no finite time")
     except (ValueError, RecursionError) as exc:  # (a UnicodeDecodeError is a ValueError)
         shown = {h: v for h, v in headers.items() if h.startswith("iambus-")}
         why = f"{HEADERS} nested too deep" if isinstance(exc, RecursionError) else exc

@@ -129,7 +129,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from ..envelope import Envelope
+from ..envelope import Envelope, finite_time
 from ..errors import (
     ImproperlyConfigured,
     MessageRefused,
@@ -151,7 +151,6 @@ from . import (
     Instance,
     Transport,
     client_name,
-    failed_at,
     plain_namespace,
     redact,
 )
@@ -1795,7 +1794,7 @@ def _dead_letter(
             group=str(record["group"]),
             envelope=_unframed(headers, payload),
             failure=Failure(**record["failure"]),
-            failed_at=failed_at(record["failed_at"]),
+            failed_at=finite_time(record["failed_at"], "failed_at"),
         )
     except UNREADABLE as exc:
         logger.error(

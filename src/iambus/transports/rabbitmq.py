@@ -102,7 +102,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from ..envelope import Envelope, new_id
+from ..envelope import Envelope, finite_time, new_id
 from ..errors import (
     ImproperlyConfigured,
     SerializationError,
@@ -2427,15 +2427,13 @@ def _envelope(properties: spec.Basic.Properties, body: bytes) -> Envelope:
             name=properties.message_type,
             payload=body,
             content_type=properties.content_type or "application/json",
-            created_at=float(_text(headers[H_AT])),
+            created_at=finite_time(_text(headers[H_AT]), H_AT),
             correlation_id=properties.correlation_id,
             causation_id=_optional(headers.get(H_CAUSE)),
             reply_to=properties.reply_to,
             key=_optional(headers.get(H_KEY)),
             headers=json.loads(_text(user)) if user else {},
         )
-        if not math.isfinite(envelope.created_at):  # "1e999", "nan": no time
-            raise ValueError(f"{H_AT} {headers[H_AT]!r:.40} is no finite time")
     except (KeyError, ValueError, TypeError, UnicodeDecodeError, RecursionError) as exc:
         # (not a ValueError: a RecursionError would fail every receive)
         why = f"{H_HEADERS} nested too deep" if isinstance(exc, RecursionError) else exc

@@ -110,7 +110,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from ..envelope import Envelope
+from ..envelope import Envelope, finite_time
 from ..errors import (
     ImproperlyConfigured,
     SerializationError,
@@ -132,7 +132,6 @@ from . import (
     Instance,
     Transport,
     client_name,
-    failed_at,
     redact,
     url_seconds,
 )
@@ -1553,7 +1552,7 @@ def _dead_letter(stream: str, entry_id: Any, fields: Any) -> DeadLetter | None:
         get = {_text(k): v for k, v in fields.items()}
         failure = json.loads(get.pop("dl.failure"))
         address, group = _text(get.pop("dl.address")), _text(get.pop("dl.group"))
-        failed = failed_at(_text(get.pop("dl.at")))
+        failed = finite_time(_text(get.pop("dl.at")), "dl.at")
         get.pop(_PARTITION, None)
         return DeadLetter(
             id=_text(entry_id),
