@@ -925,16 +925,17 @@ class _Pass:
                         except asyncio.CancelledError as exc:
                             task = asyncio.current_task()
                             if task is None or task.cancelling():
-                                if self.given_up is not None and key is not None:
-                                    self.failed.add(key)  # (its next rows wait behind it)
-                                if self.given_up is not None and self.taken > begun:
-                                    # Given up while the broker took a send begun after
-                                    # it: a failed attempt of its row like a refusal
-                                    # (parked after FAILED_SENDS): a row whose send
-                                    # always hangs must not hold its key up for ever.
-                                    # (Not when the broker went silent as it was under
-                                    # way: an outage, nobody's fault.)
-                                    self.outcome.failed.append((row, self.given_up))
+                                if self.given_up is not None:
+                                    if key is not None:
+                                        self.failed.add(key)  # (its next rows wait)
+                                    if self.taken > begun:
+                                        # Given up while the broker took a send begun
+                                        # after it: a failed attempt of its row like a
+                                        # refusal (parked after FAILED_SENDS): a row
+                                        # whose send always hangs must not hold its key
+                                        # up for ever. (Not when the broker went silent
+                                        # as it was under way: an outage, nobody's fault.)
+                                        self.outcome.failed.append((row, self.given_up))
                                 raise  # the relay's own: it stops
                             # A driver that cancelled its own future (its connection
                             # closed): a failed send, not the relay's end.
